@@ -1,0 +1,87 @@
+//! The bundled example worker: a small HTTP server that says which worker
+//! answered. It speaks the whole worker contract through `herd-sdk`: takes
+//! its socket from fd 3 or `PORT`, sends `READY=1`, and on SIGTERM stops
+//! accepting, finishes in-flight requests, then exits.
+//!
+//! Routes: `/` (hello), `/slow?ms=N` (answers after N ms), `/crash` (exits 1).
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::signal::unix::{SignalKind, signal};
+
+fn main() {
+    if let Err(e) = serve() {
+        eprintln!("herd-demo: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn serve() -> Result<(), Box<dyn std::error::Error>> {
+    let std_listener = herd_sdk::listener(3000)?;
+    std_listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    let id = herd_sdk::worker_id().map_or("-".to_string(), |i| i.to_string());
+    println!("listening on {}", listener.local_addr()?);
+    herd_sdk::ready()?;
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let id = id.clone();
+        let svc = hyper::service::service_fn(move |req| handle(req, id.clone()));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    println!("draining");
+    graceful.shutdown().await;
+    println!("stopped");
+    Ok(())
+}
+
+async fn handle(req: Request<Incoming>, id: String) -> Result<Response<Full<Bytes>>, Infallible> {
+    let pid = std::process::id();
+    let body = match req.uri().path() {
+        "/slow" => {
+            let ms = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("ms="))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1000);
+            println!("slow request started ({ms} ms)");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            format!("slow done by worker {id} (pid {pid})\n")
+        }
+        "/crash" => {
+            eprintln!("crashing on request");
+            std::process::exit(1);
+        }
+        _ => format!("hello from worker {id} (pid {pid})\n"),
+    };
+    Ok(Response::builder()
+        .header("x-herd-worker", id.as_str())
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+}

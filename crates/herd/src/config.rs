@@ -1,0 +1,527 @@
+//! Settings: `herd.toml` merged under the command line, validated into one
+//! [`Settings`] value before anything is bound or spawned.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::RunArgs;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{col}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    ParseNoSpan { path: PathBuf, message: String },
+    #[error("no command given: put the server program after `--`, e.g. `herd run -- node server.js`")]
+    NoCommand,
+    #[error("command not found: {0}")]
+    NotFound(String),
+    #[error("not an executable file: {0}")]
+    NotExecutable(String),
+    #[error("--cwd {0}: not a directory")]
+    BadCwd(PathBuf),
+    #[error("invalid name {0:?}: use letters, digits, '.', '_' or '-' (at most 64)")]
+    BadName(String),
+}
+
+/// How workers share the port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The master listens and relays each connection to a worker's private port.
+    Proxy,
+    /// One SO_REUSEPORT socket per worker slot, kept by the master across restarts.
+    Reuseport,
+    /// One listening socket inherited by every worker.
+    Shared,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Proxy => "proxy",
+            Mode::Reuseport => "reuseport",
+            Mode::Shared => "shared",
+        }
+    }
+
+    /// Whether workers get the listening socket as fd 3.
+    pub fn passes_fd(self) -> bool {
+        !matches!(self, Mode::Proxy)
+    }
+}
+
+/// A duration written like `500ms`, `5s`, `2m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| format!("{e} (write durations like 500ms, 5s, 2m)"))
+    }
+}
+
+impl TryFrom<String> for Dur {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// Worker count: a positive number or all usable CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "InstancesRepr")]
+pub enum Instances {
+    Max,
+    Count(usize),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum InstancesRepr {
+    N(i64),
+    S(String),
+}
+
+const INSTANCES_HINT: &str = "must be a positive number or `max`";
+
+impl FromStr for Instances {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("max") {
+            return Ok(Instances::Max);
+        }
+        match s.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Instances::Count(n)),
+            _ => Err(INSTANCES_HINT.into()),
+        }
+    }
+}
+
+impl TryFrom<InstancesRepr> for Instances {
+    type Error = String;
+    fn try_from(r: InstancesRepr) -> Result<Self, String> {
+        match r {
+            InstancesRepr::N(n) if n > 0 => Ok(Instances::Count(n as usize)),
+            InstancesRepr::N(_) => Err(INSTANCES_HINT.into()),
+            InstancesRepr::S(s) => s.parse(),
+        }
+    }
+}
+
+/// The public address: `PORT`, `HOST:PORT` or `[V6]:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "ListenRepr")]
+pub struct ListenAddr(pub SocketAddr);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ListenRepr {
+    Port(i64),
+    S(String),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Ok(port) = s.parse::<u16>() {
+            return Ok(ListenAddr(SocketAddr::from(([0, 0, 0, 0], port))));
+        }
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(ListenAddr(addr));
+        }
+        // A host name such as `localhost:8000`: resolve it once, at start-up.
+        match s.to_socket_addrs() {
+            Ok(mut addrs) => addrs
+                .next()
+                .map(ListenAddr)
+                .ok_or_else(|| format!("{s:?} resolves to no address")),
+            Err(_) => Err(format!(
+                "{s:?} is not PORT, HOST:PORT or [V6]:PORT (port 0-65535)"
+            )),
+        }
+    }
+}
+
+impl TryFrom<ListenRepr> for ListenAddr {
+    type Error = String;
+    fn try_from(r: ListenRepr) -> Result<Self, String> {
+        match r {
+            ListenRepr::Port(p) => p.to_string().parse(),
+            ListenRepr::S(s) => s.parse(),
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One `--env KEY=VAL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvPair(pub String, pub String);
+
+impl FromStr for EnvPair {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+                Ok(EnvPair(k.to_string(), v.to_string()))
+            }
+            _ => Err("expected KEY=VAL".into()),
+        }
+    }
+}
+
+/// `herd.toml`: the same keys as the long flags, plus `command` and `[env]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub name: Option<String>,
+    pub listen: Option<ListenAddr>,
+    pub instances: Option<Instances>,
+    pub mode: Option<Mode>,
+    pub kill_timeout: Option<Dur>,
+    pub ready_timeout: Option<Dur>,
+    pub wait_ready: Option<bool>,
+    pub restart_delay: Option<Dur>,
+    pub max_restart_delay: Option<Dur>,
+    pub max_restarts: Option<u32>,
+    pub min_uptime: Option<Dur>,
+    pub cwd: Option<PathBuf>,
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+impl FileConfig {
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => {
+                let (line, col) = line_col(text, span.start);
+                ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    line,
+                    col,
+                    message: e.message().trim().replace('\n', " "),
+                }
+            }
+            None => ConfigError::ParseNoSpan {
+                path: path.to_path_buf(),
+                message: e.message().trim().replace('\n', " "),
+            },
+        })
+    }
+
+    /// `--config FILE` must exist; otherwise `./herd.toml` is read if present.
+    pub fn load(explicit: Option<&Path>) -> Result<(Self, Option<PathBuf>), ConfigError> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let p = PathBuf::from("herd.toml");
+                if !p.is_file() {
+                    return Ok((FileConfig::default(), None));
+                }
+                p
+            }
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Ok((Self::parse(&path, &text)?, Some(path)))
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Everything the master needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub instances: usize,
+    pub mode: Mode,
+    pub kill_timeout: Duration,
+    pub ready_timeout: Duration,
+    pub wait_ready: bool,
+    pub restart_delay: Duration,
+    pub max_restart_delay: Duration,
+    pub max_restarts: u32,
+    pub min_uptime: Duration,
+    pub cwd: Option<PathBuf>,
+    /// Extra worker environment, in the order given (later wins).
+    pub env: Vec<(String, String)>,
+    /// The command as given; `program` is its first word resolved to a path.
+    pub command: Vec<OsString>,
+    pub program: PathBuf,
+}
+
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 8000));
+
+impl Settings {
+    pub fn resolve(args: RunArgs) -> Result<Settings, ConfigError> {
+        let (file, _) = FileConfig::load(args.config.as_deref())?;
+        let command: Vec<OsString> = if !args.command.is_empty() {
+            args.command
+        } else {
+            file.command
+                .unwrap_or_default()
+                .into_iter()
+                .map(OsString::from)
+                .collect()
+        };
+        if command.is_empty() || command[0].is_empty() {
+            return Err(ConfigError::NoCommand);
+        }
+        let cwd = args.cwd.or(file.cwd);
+        if let Some(dir) = &cwd {
+            if !dir.is_dir() {
+                return Err(ConfigError::BadCwd(dir.clone()));
+            }
+        }
+        let mut env: Vec<(String, String)> = file.env.into_iter().collect();
+        env.extend(args.env.into_iter().map(|EnvPair(k, v)| (k, v)));
+        let path_var = env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| OsString::from(v))
+            .or_else(|| std::env::var_os("PATH"));
+        let program = resolve_program(&command[0], cwd.as_deref(), path_var.as_deref())?;
+        let name = match args.name.or(file.name) {
+            Some(n) => validate_name(n)?,
+            None => derive_name(&command),
+        };
+        let instances = match args.instances.or(file.instances).unwrap_or(Instances::Max) {
+            Instances::Max => crate::cpus::usable(),
+            Instances::Count(n) => n,
+        };
+        let d = |cli: Option<Dur>, file: Option<Dur>, default: Duration| {
+            cli.or(file).map_or(default, |d| d.0)
+        };
+        Ok(Settings {
+            name,
+            listen: args.listen.or(file.listen).map_or(DEFAULT_LISTEN, |l| l.0),
+            instances,
+            mode: args.mode.or(file.mode).unwrap_or(Mode::Proxy),
+            kill_timeout: d(args.kill_timeout, file.kill_timeout, Duration::from_secs(5)),
+            ready_timeout: d(args.ready_timeout, file.ready_timeout, Duration::from_secs(30)),
+            wait_ready: args.wait_ready || file.wait_ready.unwrap_or(false),
+            restart_delay: d(args.restart_delay, file.restart_delay, Duration::from_millis(100)),
+            max_restart_delay: d(
+                args.max_restart_delay,
+                file.max_restart_delay,
+                Duration::from_secs(10),
+            ),
+            max_restarts: args.max_restarts.or(file.max_restarts).unwrap_or(5),
+            min_uptime: d(args.min_uptime, file.min_uptime, Duration::from_secs(1)),
+            cwd,
+            env,
+            command,
+            program,
+        })
+    }
+}
+
+fn validate_name(n: String) -> Result<String, ConfigError> {
+    let ok = !n.is_empty()
+        && n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok { Ok(n) } else { Err(ConfigError::BadName(n)) }
+}
+
+/// `node server.js` → `server`, `./api` → `api`: what PM2 users expect to see.
+fn derive_name(command: &[OsString]) -> String {
+    const INTERPRETERS: &[&str] = &[
+        "node", "nodejs", "bun", "deno", "python", "python3", "ruby", "php", "perl", "java",
+        "uv", "npx", "sh", "bash",
+    ];
+    let stem = |s: &OsString| {
+        Path::new(s)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let prog = stem(&command[0]);
+    let pick = if INTERPRETERS.contains(&prog.as_str()) {
+        command[1..]
+            .iter()
+            .find(|a| !a.to_string_lossy().starts_with('-'))
+            .map(stem)
+            .unwrap_or(prog)
+    } else {
+        prog
+    };
+    let clean: String = pick
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    if clean.is_empty() { "app".into() } else { clean }
+}
+
+/// Finds the program the way `execvp` would, so a typo fails before any
+/// socket is bound. A name with a slash is taken relative to the workers' cwd.
+fn resolve_program(
+    word: &OsString,
+    cwd: Option<&Path>,
+    path_var: Option<&std::ffi::OsStr>,
+) -> Result<PathBuf, ConfigError> {
+    let shown = word.to_string_lossy().into_owned();
+    let p = Path::new(word);
+    if word.as_encoded_bytes().contains(&b'/') {
+        let full = match cwd {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_path_buf(),
+        };
+        return match check_executable(&full) {
+            Exec::Yes => Ok(std::path::absolute(&full).unwrap_or(full)),
+            Exec::Missing => Err(ConfigError::NotFound(shown)),
+            Exec::NotExecutable => Err(ConfigError::NotExecutable(shown)),
+        };
+    }
+    let mut found_non_exec = false;
+    for dir in std::env::split_paths(path_var.unwrap_or_default()) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        let cand = dir.join(p);
+        match check_executable(&cand) {
+            Exec::Yes => return Ok(cand),
+            Exec::NotExecutable => found_non_exec = true,
+            Exec::Missing => {}
+        }
+    }
+    if found_non_exec {
+        Err(ConfigError::NotExecutable(shown))
+    } else {
+        Err(ConfigError::NotFound(shown))
+    }
+}
+
+enum Exec {
+    Yes,
+    Missing,
+    NotExecutable,
+}
+
+fn check_executable(p: &Path) -> Exec {
+    match std::fs::metadata(p) {
+        Err(_) => Exec::Missing,
+        Ok(m) if !m.is_file() => Exec::NotExecutable,
+        Ok(_) => match nix::unistd::access(p, nix::unistd::AccessFlags::X_OK) {
+            Ok(()) => Exec::Yes,
+            Err(_) => Exec::NotExecutable,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_values_like_the_flags() {
+        assert_eq!("max".parse::<Instances>(), Ok(Instances::Max));
+        assert_eq!("3".parse::<Instances>(), Ok(Instances::Count(3)));
+        assert!("0".parse::<Instances>().is_err());
+        assert!("abc".parse::<Instances>().is_err());
+        assert_eq!(
+            "9000".parse::<ListenAddr>().unwrap().0,
+            "0.0.0.0:9000".parse().unwrap()
+        );
+        assert_eq!(
+            "[::1]:80".parse::<ListenAddr>().unwrap().0,
+            "[::1]:80".parse().unwrap()
+        );
+        assert!("70000".parse::<ListenAddr>().is_err());
+        assert_eq!("500ms".parse::<Dur>().unwrap().0, Duration::from_millis(500));
+        assert_eq!("2m".parse::<Dur>().unwrap().0, Duration::from_secs(120));
+        assert!("5".parse::<Dur>().is_err());
+    }
+
+    #[test]
+    fn file_errors_name_the_line() {
+        let text = "mode = \"proxy\"\ninstances = 0\n";
+        let e = FileConfig::parse(Path::new("herd.toml"), text).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("herd.toml:2:"), "{msg}");
+        assert!(msg.contains("positive number"), "{msg}");
+        assert!(!msg.contains('\n'));
+
+        let e = FileConfig::parse(Path::new("h.toml"), "a = 1\nlisten = [\n").unwrap_err();
+        assert!(e.to_string().starts_with("h.toml:"), "{e}");
+        let e = FileConfig::parse(Path::new("h.toml"), "\n\nbogus = 1\n").unwrap_err();
+        assert!(e.to_string().starts_with("h.toml:3:1:"), "{e}");
+    }
+
+    #[test]
+    fn file_accepts_every_key() {
+        let text = r#"
+            name = "api"
+            listen = "127.0.0.1:9000"
+            instances = "max"
+            mode = "reuseport"
+            kill-timeout = "3s"
+            ready-timeout = "10s"
+            wait-ready = true
+            restart-delay = "50ms"
+            max-restart-delay = "5s"
+            max-restarts = 3
+            min-uptime = "2s"
+            cwd = "/tmp"
+            command = ["node", "server.js"]
+            [env]
+            NODE_ENV = "production"
+        "#;
+        let c = FileConfig::parse(Path::new("herd.toml"), text).unwrap();
+        assert_eq!(c.mode, Some(Mode::Reuseport));
+        assert_eq!(c.instances, Some(Instances::Max));
+        assert_eq!(c.kill_timeout, Some(Dur(Duration::from_secs(3))));
+        assert_eq!(c.env.get("NODE_ENV").map(String::as_str), Some("production"));
+    }
+
+    #[test]
+    fn names_come_from_the_script() {
+        let c = |v: &[&str]| derive_name(&v.iter().map(OsString::from).collect::<Vec<_>>());
+        assert_eq!(c(&["node", "server.js"]), "server");
+        assert_eq!(c(&["python3", "-u", "app.py"]), "app");
+        assert_eq!(c(&["./target/release/api"]), "api");
+    }
+}

@@ -1,0 +1,111 @@
+//! Kills worker process groups when the master dies, even by `kill -9`.
+//!
+//! A worker's own process gets SIGKILL from the kernel when the master dies
+//! (parent-death signal, see `sys`), but its children — `npm start` runs
+//! `sh` which runs `node` — do not. The guardian is a tiny `herd __guard`
+//! process, in a process group of its own, that learns each worker's group
+//! over a pipe and, when the pipe closes because the master is gone,
+//! SIGKILLs every group it still knows.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, Command, Stdio};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// The master's handle on its guardian.
+pub struct Guardian {
+    child: Option<(Child, ChildStdin)>,
+    groups: BTreeSet<u32>,
+}
+
+impl Guardian {
+    pub fn spawn() -> std::io::Result<Guardian> {
+        let mut g = Guardian {
+            child: None,
+            groups: BTreeSet::new(),
+        };
+        g.respawn()?;
+        Ok(g)
+    }
+
+    fn respawn(&mut self) -> std::io::Result<()> {
+        if let Some((mut c, _)) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("__guard")
+            .stdin(Stdio::piped())
+            .process_group(0)
+            .spawn()?;
+        let Some(mut stdin) = child.stdin.take() else {
+            return Err(std::io::Error::other("guardian has no stdin"));
+        };
+        for g in &self.groups {
+            writeln!(stdin, "+{g}")?;
+        }
+        self.child = Some((child, stdin));
+        Ok(())
+    }
+
+    pub fn watch(&mut self, pgid: u32) {
+        self.groups.insert(pgid);
+        self.send(&format!("+{pgid}\n"));
+    }
+
+    pub fn forget(&mut self, pgid: u32) {
+        self.groups.remove(&pgid);
+        self.send(&format!("-{pgid}\n"));
+    }
+
+    fn send(&mut self, line: &str) {
+        let ok = match &mut self.child {
+            Some((_, stdin)) => stdin.write_all(line.as_bytes()).is_ok(),
+            None => false,
+        };
+        if !ok {
+            // Killed by someone: start another, told every group still alive.
+            tracing::warn!("the guardian process died; starting a new one");
+            if let Err(e) = self.respawn() {
+                tracing::error!("cannot restart the guardian process: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Guardian {
+    fn drop(&mut self) {
+        // Closing its stdin lets the guardian kill what is left, then exit.
+        if let Some((mut child, stdin)) = self.child.take() {
+            drop(stdin);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `herd __guard`: reads `+PGID` / `-PGID` lines until EOF, then SIGKILLs
+/// every group still listed.
+pub fn run() -> i32 {
+    let mut groups = BTreeSet::new();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let (op, n) = line.split_at(line.len().min(1));
+        let Ok(pgid) = n.parse::<i32>() else { continue };
+        match op {
+            "+" if pgid > 1 => {
+                groups.insert(pgid);
+            }
+            "-" => {
+                groups.remove(&pgid);
+            }
+            _ => {}
+        }
+    }
+    for g in groups {
+        let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+    }
+    0
+}

@@ -1,0 +1,15 @@
+//! herd's master: supervises a cluster of worker processes on one port.
+//!
+//! `unsafe` is denied everywhere but in [`sys`], the fork/exec plumbing.
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod cpus;
+pub mod guardian;
+pub mod listen;
+pub mod output;
+pub mod proxy;
+pub mod rundir;
+pub mod supervise;
+pub mod sys;

@@ -1,0 +1,83 @@
+//! Binding the public port, once per mode, before any worker starts, so a
+//! port in use is reported at once and nothing is left running.
+
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Mode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Kernel cap applies (`net.core.somaxconn`); ask for plenty.
+const BACKLOG: i32 = 4096;
+
+/// The master's listening sockets for one cluster.
+pub enum Listeners {
+    /// Accepted by the master and relayed (non-blocking, for tokio).
+    Proxy(std::net::TcpListener),
+    /// One blocking socket that every worker inherits as fd 3.
+    Shared(Socket),
+    /// One blocking SO_REUSEPORT socket per worker slot, each inherited as
+    /// fd 3 by that slot's worker and kept here across its restarts.
+    ReusePort(Vec<Socket>),
+}
+
+impl Listeners {
+    pub fn bind(mode: Mode, addr: SocketAddr, slots: usize) -> Result<Self, ListenError> {
+        match mode {
+            Mode::Proxy => {
+                let s = socket(addr, false)?;
+                s.set_nonblocking(true).map_err(|e| err(addr, e))?;
+                Ok(Listeners::Proxy(s.into()))
+            }
+            Mode::Shared => Ok(Listeners::Shared(socket(addr, false)?)),
+            Mode::Reuseport => {
+                let first = socket(addr, true)?;
+                // With port 0 the kernel picks one; the other slots must join it.
+                let addr = local_addr(&first).unwrap_or(addr);
+                let mut all = vec![first];
+                for _ in 1..slots {
+                    all.push(socket(addr, true)?);
+                }
+                Ok(Listeners::ReusePort(all))
+            }
+        }
+    }
+
+    /// The address actually bound (resolves port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listeners::Proxy(l) => l.local_addr().ok(),
+            Listeners::Shared(s) => local_addr(s),
+            Listeners::ReusePort(v) => v.first().and_then(local_addr),
+        }
+    }
+}
+
+fn local_addr(s: &Socket) -> Option<SocketAddr> {
+    s.local_addr().ok()?.as_socket()
+}
+
+fn err(addr: SocketAddr, source: std::io::Error) -> ListenError {
+    ListenError::Bind { addr, source }
+}
+
+fn socket(addr: SocketAddr, reuse_port: bool) -> Result<Socket, ListenError> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| err(addr, e))?;
+    s.set_reuse_address(true).map_err(|e| err(addr, e))?;
+    if reuse_port {
+        s.set_reuse_port(true).map_err(|e| err(addr, e))?;
+    }
+    s.bind(&addr.into()).map_err(|e| err(addr, e))?;
+    s.listen(BACKLOG).map_err(|e| err(addr, e))?;
+    Ok(s)
+}

@@ -1,0 +1,632 @@
+//! The supervisor: one task that owns every worker slot and reacts to
+//! events (exits, readiness, timers, signals). No locks — the only shared
+//! state it writes is the ready-backend list the proxy reads.
+
+use std::ffi::OsString;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::net::UnixDatagram;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Mode, Settings};
+use crate::guardian::Guardian;
+use crate::listen::{ListenError, Listeners};
+use crate::output::{Output, Stream};
+use crate::proxy::{Active, Backends, Proxy};
+use crate::rundir::{RunDir, RunDirError};
+use crate::sys::{self, ExecSpec};
+use herd_sdk::env as contract;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
+    #[error("cannot start the guardian process: {0}")]
+    Guardian(std::io::Error),
+    #[error("cannot handle signals: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot start {command}: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Sys(#[from] sys::SysError),
+}
+
+/// In fd modes a worker that never speaks sd_notify is taken as ready after this.
+const FD_READY_GRACE: Duration = Duration::from_secs(1);
+/// Interval of the proxy-mode port probe.
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+
+enum Event {
+    Exited {
+        slot: usize,
+        epoch: u64,
+        status: std::io::Result<ExitStatus>,
+    },
+    Ready {
+        slot: usize,
+        epoch: u64,
+    },
+    ReadyTimeout {
+        slot: usize,
+        epoch: u64,
+    },
+    Restart {
+        slot: usize,
+    },
+}
+
+struct Worker {
+    epoch: u64,
+    pid: u32,
+    started: Instant,
+    ready: bool,
+    port: Option<u16>,
+    failed_start: bool,
+    notify_path: PathBuf,
+    tasks: Vec<AbortHandle>,
+}
+
+#[derive(Default)]
+struct Slot {
+    worker: Option<Worker>,
+    quick_exits: u32,
+}
+
+pub struct Supervisor {
+    s: Settings,
+    listeners: Option<Listeners>,
+    rundir: RunDir,
+    guardian: Guardian,
+    output: Output,
+    slots: Vec<Slot>,
+    next_epoch: u64,
+    tx: mpsc::UnboundedSender<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
+    backends: Arc<Backends>,
+    active: Arc<Active>,
+    stop_accepting: CancellationToken,
+    all_ready_once: bool,
+    exit_code: i32,
+}
+
+/// Runs the cluster until it is stopped; returns the process exit code.
+///
+/// Must be awaited on the main thread (the `#[tokio::main]` future): the
+/// kernel's parent-death signal fires when the *thread* that forked a
+/// worker exits, and the main thread lives exactly as long as the master.
+pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
+    raise_nofile();
+    let listeners = Listeners::bind(s.mode, s.listen, s.instances)?;
+    let bound = listeners.local_addr().unwrap_or(s.listen);
+    let rundir = RunDir::create()?;
+    let guardian = Guardian::spawn().map_err(SuperviseError::Guardian)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(SuperviseError::Signals)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(SuperviseError::Signals)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut sup = Supervisor {
+        slots: (0..s.instances).map(|_| Slot::default()).collect(),
+        s,
+        listeners: Some(listeners),
+        rundir,
+        guardian,
+        output: Output::start(),
+        next_epoch: 0,
+        tx,
+        rx,
+        backends: Arc::new(Backends::default()),
+        active: Arc::new(Active::default()),
+        stop_accepting: CancellationToken::new(),
+        all_ready_once: false,
+        exit_code: 0,
+    };
+    tracing::info!(
+        "{}: {} workers, {} mode, listening on {bound}",
+        sup.s.name,
+        sup.s.instances,
+        sup.s.mode.as_str()
+    );
+    if let Some(Listeners::Proxy(l)) = &sup.listeners {
+        let std_listener = l.try_clone().map_err(|source| ListenError::Bind {
+            addr: bound,
+            source,
+        })?;
+        let listener = tokio::net::TcpListener::from_std(std_listener)
+            .map_err(|source| ListenError::Bind { addr: bound, source })?;
+        let proxy = Arc::new(Proxy {
+            backends: sup.backends.clone(),
+            active: sup.active.clone(),
+            wait_for_backend: sup.s.ready_timeout,
+        });
+        tokio::spawn(proxy.serve(listener, sup.stop_accepting.clone()));
+    }
+    for slot in 0..sup.slots.len() {
+        if let Err(e) = sup.spawn(slot) {
+            sup.shutdown(&mut sigint, &mut sigterm).await;
+            return Err(e);
+        }
+    }
+
+    loop {
+        tokio::select! {
+            Some(ev) = sup.rx.recv() => {
+                if sup.handle(ev) {
+                    break;
+                }
+            }
+            _ = sigint.recv() => {
+                tracing::info!("SIGINT: stopping gracefully (again to stop now)");
+                break;
+            }
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM: stopping gracefully (again to stop now)");
+                break;
+            }
+        }
+    }
+    sup.shutdown(&mut sigint, &mut sigterm).await;
+    Ok(sup.exit_code)
+}
+
+impl Supervisor {
+    /// Returns true when the cluster must stop.
+    fn handle(&mut self, ev: Event) -> bool {
+        match ev {
+            Event::Ready { slot, epoch } => self.on_ready(slot, epoch),
+            Event::ReadyTimeout { slot, epoch } => {
+                let limit = self.s.ready_timeout;
+                if let Some(w) = self.current(slot, epoch) {
+                    tracing::warn!(
+                        "worker {slot} (pid {}) not ready within {:?}; killing it",
+                        w.pid,
+                        limit
+                    );
+                    w.failed_start = true;
+                    let pid = w.pid;
+                    kill_group(pid, Signal::SIGKILL);
+                }
+            }
+            Event::Exited { slot, epoch, status } => return self.on_exit(slot, epoch, status),
+            Event::Restart { slot } => {
+                if self.slots[slot].worker.is_none() {
+                    if let Err(e) = self.spawn(slot) {
+                        tracing::error!("worker {slot}: {e}");
+                        return self.count_quick_exit(slot, &e.to_string());
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    fn current(&mut self, slot: usize, epoch: u64) -> Option<&mut Worker> {
+        self.slots[slot].worker.as_mut().filter(|w| w.epoch == epoch)
+    }
+
+    fn on_ready(&mut self, slot: usize, epoch: u64) {
+        let Some(w) = self.current(slot, epoch) else {
+            return;
+        };
+        w.ready = true;
+        let pid = w.pid;
+        tracing::info!("worker {slot} ready (pid {pid})");
+        self.publish();
+        if !self.all_ready_once
+            && self
+                .slots
+                .iter()
+                .all(|s| s.worker.as_ref().is_some_and(|w| w.ready))
+        {
+            self.all_ready_once = true;
+            tracing::info!("all {} workers ready", self.slots.len());
+            // Tell systemd (Type=notify) when herd itself runs under it.
+            let _ = herd_sdk::ready();
+        }
+    }
+
+    fn on_exit(&mut self, slot: usize, epoch: u64, status: std::io::Result<ExitStatus>) -> bool {
+        let Some(w) = self.slots[slot].worker.take_if(|w| w.epoch == epoch) else {
+            return false;
+        };
+        self.retire(&w);
+        self.publish();
+        let uptime = w.started.elapsed();
+        let how = match &status {
+            Ok(st) => describe(st),
+            Err(e) => format!("could not be waited for ({e})"),
+        };
+        let quick = w.failed_start || uptime < self.s.min_uptime;
+        if !quick {
+            self.slots[slot].quick_exits = 0;
+        }
+        tracing::warn!(
+            "worker {slot} (pid {}) {how} after {:.1?}",
+            w.pid,
+            Duration::from_millis(uptime.as_millis() as u64)
+        );
+        if quick {
+            self.count_quick_exit(slot, &how)
+        } else {
+            self.schedule_restart(slot, self.s.restart_delay);
+            false
+        }
+    }
+
+    /// Records one quick exit; true once the slot is in a crash loop.
+    fn count_quick_exit(&mut self, slot: usize, how: &str) -> bool {
+        let n = {
+            let sl = &mut self.slots[slot];
+            sl.quick_exits += 1;
+            sl.quick_exits
+        };
+        if n > self.s.max_restarts {
+            tracing::error!(
+                "crash loop: worker {slot} exited {n} times in a row, each within {:?} of starting (last: {how}); giving up. Fix the program, or raise --max-restarts / lower --min-uptime",
+                self.s.min_uptime
+            );
+            self.exit_code = 1;
+            return true;
+        }
+        let backoff = self
+            .s
+            .restart_delay
+            .saturating_mul(1u32 << (n - 1).min(20))
+            .min(self.s.max_restart_delay);
+        self.schedule_restart(slot, backoff);
+        false
+    }
+
+    fn schedule_restart(&self, slot: usize, delay: Duration) {
+        tracing::info!("restarting worker {slot} in {delay:?}");
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(Event::Restart { slot });
+        });
+    }
+
+    /// Cleans up after a worker's main process exited.
+    fn retire(&mut self, w: &Worker) {
+        for t in &w.tasks {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&w.notify_path);
+        // Whatever the worker left behind in its group is of no use now and
+        // may hold the port: a worker is its whole process group.
+        kill_group(w.pid, Signal::SIGKILL);
+        self.guardian.forget(w.pid);
+    }
+
+    fn publish(&self) {
+        if self.s.mode != Mode::Proxy {
+            return;
+        }
+        let ready = self
+            .slots
+            .iter()
+            .filter_map(|s| s.worker.as_ref())
+            .filter(|w| w.ready)
+            .filter_map(|w| w.port)
+            .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p)))
+            .collect();
+        self.backends.publish(ready);
+    }
+
+    fn spawn(&mut self, slot: usize) -> Result<(), SuperviseError> {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let spawn_err = |source: std::io::Error| SuperviseError::Spawn {
+            command: self.s.command[0].to_string_lossy().into_owned(),
+            source,
+        };
+        let port = match self.s.mode {
+            Mode::Proxy => Some(free_port().map_err(spawn_err)?),
+            _ => None,
+        };
+        let notify_path = self.rundir.path().join(format!("n{slot}.{epoch}"));
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).map_err(spawn_err)?;
+
+        let mut env = worker_env(&self.s, slot, port, &notify_path);
+        let mut fds = Vec::new();
+        if let Some(fd) = self.listen_fd(slot) {
+            fds.push((fd, 3));
+            env.push((contract::LISTEN_FDS.into(), "1".into()));
+            env.push((contract::LISTEN_FDNAMES.into(), "herd".into()));
+        }
+        let mut cmd = tokio::process::Command::new(&self.s.program);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        if let Some(dir) = &self.s.cwd {
+            cmd.current_dir(dir);
+        }
+        sys::install(
+            &mut cmd,
+            ExecSpec {
+                program: self.s.program.clone(),
+                argv: self.s.command.clone(),
+                env,
+                fds,
+                parent: std::process::id() as i32,
+            },
+        )?;
+        let mut child = cmd.spawn().map_err(|e| {
+            let _ = std::fs::remove_file(&notify_path);
+            spawn_err(e)
+        })?;
+        let pid = child.id().unwrap_or(0);
+        self.guardian.watch(pid);
+        if let Some(out) = child.stdout.take() {
+            self.output.pipe(slot, Stream::Out, out);
+        }
+        if let Some(err) = child.stderr.take() {
+            self.output.pipe(slot, Stream::Err, err);
+        }
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = tx.send(Event::Exited { slot, epoch, status });
+        });
+        let readiness = tokio::spawn(readiness(
+            notify,
+            self.probe(port),
+            self.s.ready_timeout,
+            self.tx.clone(),
+            slot,
+            epoch,
+        ));
+        tracing::info!("worker {slot} started (pid {pid})");
+        self.slots[slot].worker = Some(Worker {
+            epoch,
+            pid,
+            started: Instant::now(),
+            ready: false,
+            port,
+            failed_start: false,
+            notify_path,
+            tasks: vec![readiness.abort_handle()],
+        });
+        Ok(())
+    }
+
+    fn listen_fd(&self, slot: usize) -> Option<i32> {
+        match self.listeners.as_ref()? {
+            Listeners::Proxy(_) => None,
+            Listeners::Shared(s) => Some(s.as_raw_fd()),
+            Listeners::ReusePort(v) => v.get(slot).map(|s| s.as_raw_fd()),
+        }
+    }
+
+    fn probe(&self, port: Option<u16>) -> Probe {
+        match (self.s.wait_ready, port) {
+            (true, _) => Probe::NotifyOnly,
+            (false, Some(p)) => Probe::Port(p),
+            (false, None) => Probe::Grace(FD_READY_GRACE.min(self.s.ready_timeout)),
+        }
+    }
+
+    fn live_workers(&self) -> usize {
+        self.slots.iter().filter(|s| s.worker.is_some()).count()
+    }
+
+    fn signal_all(&self, sig: Signal) {
+        for w in self.slots.iter().filter_map(|s| s.worker.as_ref()) {
+            kill_group(w.pid, sig);
+        }
+    }
+
+    /// Stop accepting, drain relayed connections, SIGTERM every worker
+    /// group, SIGKILL what is left after `--kill-timeout`. A second signal
+    /// skips straight to SIGKILL.
+    async fn shutdown(
+        &mut self,
+        sigint: &mut tokio::signal::unix::Signal,
+        sigterm: &mut tokio::signal::unix::Signal,
+    ) {
+        self.stop_accepting.cancel();
+        let grace = self.s.kill_timeout;
+        let mut hurry = false;
+        if self.s.mode == Mode::Proxy && self.active.get() > 0 {
+            tracing::info!("waiting for {} open connections", self.active.get());
+            let active = self.active.clone();
+            tokio::select! {
+                _ = active.drained() => {}
+                _ = tokio::time::sleep(grace) => {
+                    tracing::warn!("{} connections still open after {grace:?}", active.get());
+                }
+                _ = sigint.recv() => hurry = true,
+                _ = sigterm.recv() => hurry = true,
+            }
+        }
+        if !hurry {
+            self.signal_all(Signal::SIGTERM);
+            let deadline = tokio::time::Instant::now() + grace;
+            while self.live_workers() > 0 {
+                tokio::select! {
+                    Some(ev) = self.rx.recv() => self.handle_while_stopping(ev),
+                    _ = tokio::time::sleep_until(deadline) => {
+                        tracing::warn!("workers still running after {grace:?}; sending SIGKILL");
+                        break;
+                    }
+                    _ = sigint.recv() => break,
+                    _ = sigterm.recv() => break,
+                }
+            }
+        }
+        self.signal_all(Signal::SIGKILL);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.live_workers() > 0 {
+            tokio::select! {
+                Some(ev) = self.rx.recv() => self.handle_while_stopping(ev),
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        // Master copies of the listening sockets go last, so queued
+        // connections are served by draining workers as long as possible.
+        self.listeners = None;
+        tracing::info!("{}: stopped", self.s.name);
+    }
+
+    fn handle_while_stopping(&mut self, ev: Event) {
+        if let Event::Exited { slot, epoch, status } = ev {
+            if let Some(w) = self.slots[slot].worker.take_if(|w| w.epoch == epoch) {
+                self.retire(&w);
+                let how = status.map_or_else(|e| e.to_string(), |s| describe(&s));
+                tracing::info!("worker {slot} (pid {}) {how}", w.pid);
+            }
+        }
+    }
+}
+
+enum Probe {
+    /// Ready when the worker's private port accepts a connection.
+    Port(u16),
+    /// Ready after a fixed grace (fd modes: the kernel queues meanwhile).
+    Grace(Duration),
+    /// Only `READY=1` counts (`--wait-ready`).
+    NotifyOnly,
+}
+
+/// Reports a worker ready on `READY=1` or when its probe passes, whichever
+/// comes first, or a timeout; then keeps reading so later sd_notify
+/// messages from the worker do not fail.
+async fn readiness(
+    sock: UnixDatagram,
+    probe: Probe,
+    timeout: Duration,
+    tx: mpsc::UnboundedSender<Event>,
+    slot: usize,
+    epoch: u64,
+) {
+    let mut buf = vec![0u8; 4096];
+    let notified = async {
+        loop {
+            match sock.recv(&mut buf).await {
+                Ok(n) if buf[..n].split(|&b| b == b'\n').any(|l| l == b"READY=1") => return,
+                Ok(_) => {}
+                Err(_) => std::future::pending::<()>().await,
+            }
+        }
+    };
+    let probed = async {
+        match probe {
+            Probe::Port(p) => loop {
+                if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, p))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                tokio::time::sleep(PROBE_EVERY).await;
+            },
+            Probe::Grace(d) => tokio::time::sleep(d).await,
+            Probe::NotifyOnly => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::time::timeout(timeout, async {
+        tokio::select! {
+            _ = notified => {}
+            _ = probed => {}
+        }
+    })
+    .await;
+    let ev = match outcome {
+        Ok(()) => Event::Ready { slot, epoch },
+        Err(_) => Event::ReadyTimeout { slot, epoch },
+    };
+    let _ = tx.send(ev);
+    while sock.recv(&mut buf).await.is_ok() {}
+}
+
+/// The worker's environment: the master's, minus protocol variables meant
+/// for herd itself, plus the user's `--env`, plus the worker contract
+/// (which wins, since herd depends on it).
+fn worker_env(
+    s: &Settings,
+    slot: usize,
+    port: Option<u16>,
+    notify: &std::path::Path,
+) -> Vec<(OsString, OsString)> {
+    const STRIP: &[&str] = &[
+        contract::LISTEN_FDS,
+        contract::LISTEN_PID,
+        contract::LISTEN_FDNAMES,
+        contract::NOTIFY_SOCKET,
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+    ];
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !STRIP.iter().any(|s| k == s))
+        .collect();
+    let mut set = |k: &str, v: OsString| {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.into(), v));
+    };
+    for (k, v) in &s.env {
+        set(k, v.into());
+    }
+    set(contract::WORKER_ID, slot.to_string().into());
+    set(contract::NODE_APP_INSTANCE, slot.to_string().into());
+    set(contract::WORKERS, s.instances.to_string().into());
+    set(contract::NAME, s.name.clone().into());
+    set(contract::NOTIFY_SOCKET, notify.as_os_str().to_owned());
+    if let Some(p) = port {
+        set(contract::PORT, p.to_string().into());
+    }
+    env
+}
+
+/// A loopback port free right now, for a proxy-mode worker to bind.
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+fn kill_group(pgid: u32, sig: Signal) {
+    if pgid > 1 {
+        let _ = killpg(Pid::from_raw(pgid as i32), sig);
+    }
+}
+
+fn describe(st: &ExitStatus) -> String {
+    if let Some(code) = st.code() {
+        format!("exited with code {code}")
+    } else if let Some(sig) = st.signal() {
+        match Signal::try_from(sig) {
+            Ok(s) => format!("was killed by {}", s.as_str()),
+            Err(_) => format!("was killed by signal {sig}"),
+        }
+    } else {
+        format!("ended ({st})")
+    }
+}
+
+/// More connections than the usual soft limit of 1024, at no cost.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!("cannot raise RLIMIT_NOFILE: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The only module with `unsafe`: the code that runs in a worker between
+//! `fork` and `exec`.
+//!
+//! Why it exists: systemd's socket-activation protocol wants `LISTEN_PID`
+//! to be the worker's *own* pid, which only the child knows, and the worker
+//! must be put in its own process group, armed with a parent-death signal
+//! and given its inherited fds at fixed numbers before it runs any code.
+//!
+//! Everything that allocates is done in the parent ([`prepare`]); the child
+//! only makes async-signal-safe calls (setpgid, prctl, getppid, fcntl, dup2,
+//! getpid, execve) on memory prepared before the fork, as
+//! `CommandExt::pre_exec` requires in a multi-threaded program.
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, OsString};
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    #[error("argument or environment contains a NUL byte: {0:?}")]
+    Nul(String),
+}
+
+/// What a worker process is turned into right after `fork`.
+pub struct ExecSpec {
+    pub program: PathBuf,
+    pub argv: Vec<OsString>,
+    /// The worker's whole environment; `LISTEN_PID` is added when `fds` is not empty.
+    pub env: Vec<(OsString, OsString)>,
+    /// `(fd in the master, fd number in the worker)`; the master's fds must
+    /// stay open until the spawn returns.
+    pub fds: Vec<(RawFd, RawFd)>,
+    /// The master's pid: a child that finds another parent was orphaned
+    /// before it could arm its parent-death signal, and gives up.
+    pub parent: i32,
+}
+
+/// Pointers into buffers owned by the same value, read or written only in
+/// the child after `fork`, where no other thread exists.
+struct Prepared {
+    program: CString,
+    _strings: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    /// `LISTEN_PID=` followed by room for the digits and a NUL.
+    listen_pid: Option<(Box<[u8]>, *mut u8)>,
+    fds: Vec<(RawFd, RawFd)>,
+    scratch: Vec<RawFd>,
+    parent: libc::pid_t,
+}
+
+// SAFETY: the raw pointers point into heap buffers owned by this same value
+// (`_strings`, `listen_pid`), which never move or change in the parent; the
+// child mutates them only after `fork`, in its own copy of memory.
+unsafe impl Send for Prepared {}
+unsafe impl Sync for Prepared {}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+fn cstring(v: Vec<u8>) -> Result<CString, SysError> {
+    CString::new(v).map_err(|e| {
+        let v = e.into_vec();
+        SysError::Nul(String::from_utf8_lossy(&v).into_owned())
+    })
+}
+
+fn prepare(spec: ExecSpec) -> Result<Prepared, SysError> {
+    let program = cstring(spec.program.into_os_string().into_vec())?;
+    let mut strings = Vec::new();
+    let mut argv = Vec::with_capacity(spec.argv.len() + 1);
+    for a in spec.argv {
+        let c = cstring(a.into_vec())?;
+        argv.push(c.as_ptr());
+        strings.push(c);
+    }
+    argv.push(std::ptr::null());
+    let mut envp = Vec::with_capacity(spec.env.len() + 2);
+    for (k, v) in spec.env {
+        let mut kv = k.into_vec();
+        kv.push(b'=');
+        kv.extend(v.into_vec());
+        let c = cstring(kv)?;
+        envp.push(c.as_ptr());
+        strings.push(c);
+    }
+    let listen_pid = if spec.fds.is_empty() {
+        None
+    } else {
+        let mut buf = vec![0u8; LISTEN_PID_PREFIX.len() + 24].into_boxed_slice();
+        buf[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+        let ptr = buf.as_mut_ptr();
+        envp.push(ptr as *const libc::c_char);
+        Some((buf, ptr))
+    };
+    envp.push(std::ptr::null());
+    let scratch = vec![-1; spec.fds.len()];
+    Ok(Prepared {
+        program,
+        _strings: strings,
+        argv,
+        envp,
+        listen_pid,
+        fds: spec.fds,
+        scratch,
+        parent: spec.parent,
+    })
+}
+
+/// Arranges for `cmd` to exec `spec` in a new process group with a
+/// parent-death signal; the program, arguments and environment set on `cmd`
+/// itself are not used. Stdio, cwd and the signal mask are still `cmd`'s.
+pub fn install(cmd: &mut tokio::process::Command, spec: ExecSpec) -> Result<(), SysError> {
+    let mut p = prepare(spec)?;
+    // SAFETY: the closure runs in the child after fork and before exec; it
+    // calls only async-signal-safe functions and touches only memory that
+    // `prepare` allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || child_setup(&mut p));
+    }
+    Ok(())
+}
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn child_setup(p: &mut Prepared) -> io::Result<()> {
+    // SAFETY: each call is async-signal-safe and given valid pointers or plain ints.
+    unsafe {
+        // Own group: the master signals the worker and all its children at once,
+        // and a terminal's Ctrl-C reaches only the master, which then drains.
+        check(libc::setpgid(0, 0))?;
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+        if libc::getppid() != p.parent {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        // Move each fd to a number above every target first, so that
+        // placing one cannot overwrite the source of another.
+        let floor = p.fds.iter().map(|&(_, t)| t).max().unwrap_or(2) + 1;
+        for (i, &(src, _)) in p.fds.iter().enumerate() {
+            p.scratch[i] = check(libc::fcntl(src, libc::F_DUPFD_CLOEXEC, floor))?;
+        }
+        for (i, &(_, target)) in p.fds.iter().enumerate() {
+            // dup2 leaves the new fd without FD_CLOEXEC: it survives exec.
+            check(libc::dup2(p.scratch[i], target))?;
+        }
+        if let Some((_, ptr)) = &p.listen_pid {
+            write_decimal(*ptr, LISTEN_PID_PREFIX.len(), libc::getpid() as u64);
+        }
+        libc::execve(p.program.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
+    }
+    Err(io::Error::last_os_error())
+}
+
+/// Writes `n` and a NUL at `buf + at`, without allocating.
+///
+/// # Safety
+/// `buf` must have room for 21 more bytes after `at`.
+unsafe fn write_decimal(buf: *mut u8, at: usize, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: the caller guarantees room for 20 digits and a NUL.
+        unsafe { *buf.add(at + i) = digits[len - 1 - i] };
+    }
+    // SAFETY: as above.
+    unsafe { *buf.add(at + len) = 0 };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_is_nul_terminated() {
+        let mut b = [b'x'; 32];
+        unsafe { write_decimal(b.as_mut_ptr(), 3, 40213) };
+        assert_eq!(&b[..9], b"xxx40213\0");
+        unsafe { write_decimal(b.as_mut_ptr(), 0, 0) };
+        assert_eq!(&b[..2], b"0\0");
+    }
+
+    #[test]
+    fn nul_in_env_is_an_error() {
+        let spec = ExecSpec {
+            program: "/bin/true".into(),
+            argv: vec!["true".into()],
+            env: vec![("A".into(), "b\0c".into())],
+            fds: vec![],
+            parent: 1,
+        };
+        assert!(matches!(prepare(spec), Err(SysError::Nul(_))));
+    }
+}

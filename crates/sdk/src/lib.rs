@@ -1,0 +1,136 @@
+//! Worker-side helpers for programs run by herd.
+//!
+//! A herd worker is any program; this crate only saves Rust workers from
+//! re-implementing the contract herd documents in its README: where the
+//! listening socket comes from (`LISTEN_FDS` or `PORT`) and how to say
+//! "ready" (systemd's `sd_notify` datagram on `NOTIFY_SOCKET`).
+#![forbid(unsafe_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixDatagram;
+
+/// Names of the environment variables that make up the worker contract.
+///
+/// The master sets them and workers read them, so both sides take the
+/// names from here.
+pub mod env {
+    /// Stable slot number of this worker, `0..HERD_WORKERS`, kept across restarts.
+    pub const WORKER_ID: &str = "HERD_WORKER_ID";
+    /// PM2's name for the worker id, exported too so PM2-aware apps keep working.
+    pub const NODE_APP_INSTANCE: &str = "NODE_APP_INSTANCE";
+    /// How many worker slots the cluster has.
+    pub const WORKERS: &str = "HERD_WORKERS";
+    /// The cluster's name.
+    pub const NAME: &str = "HERD_NAME";
+    /// The private loopback port to serve on (proxy mode).
+    pub const PORT: &str = "PORT";
+    /// systemd's readiness socket (`READY=1`).
+    pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+    /// systemd socket activation: number of passed fds, starting at fd 3.
+    pub const LISTEN_FDS: &str = "LISTEN_FDS";
+    /// systemd socket activation: the pid the fds are meant for.
+    pub const LISTEN_PID: &str = "LISTEN_PID";
+    /// systemd socket activation: colon-separated names of the passed fds.
+    pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+}
+
+/// Why a worker could not get its listener.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("LISTEN_FDS is set but fd 3 is not a TCP listener: {0}")]
+    InheritedFd(std::io::Error),
+    #[error("PORT={0:?} is not a port number")]
+    BadPort(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// This worker's slot number, if it runs under herd.
+pub fn worker_id() -> Option<u32> {
+    std::env::var(env::WORKER_ID).ok()?.parse().ok()
+}
+
+/// The listening socket this worker should serve on.
+///
+/// Prefers an inherited socket (fd 3, `shared` and `reuseport` modes, or
+/// systemd); otherwise binds `PORT` — on loopback when run by herd, since the
+/// master is then the only client — or `fallback_port` on all interfaces.
+/// The returned listener is blocking, as std creates them.
+pub fn listener(fallback_port: u16) -> Result<TcpListener, Error> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() > 0 {
+        if let Some(l) = fds.take_tcp_listener(0).map_err(Error::InheritedFd)? {
+            return Ok(l);
+        }
+    }
+    let under_herd = std::env::var_os(env::WORKER_ID).is_some();
+    let port = match std::env::var(env::PORT) {
+        Ok(p) => p.trim().parse::<u16>().map_err(|_| Error::BadPort(p))?,
+        Err(_) => fallback_port,
+    };
+    let ip = if under_herd { [127, 0, 0, 1] } else { [0, 0, 0, 0] };
+    let addr = SocketAddr::from((ip, port));
+    TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })
+}
+
+/// Sends one `sd_notify` message (e.g. `"READY=1"`); a no-op without `NOTIFY_SOCKET`.
+///
+/// Supports filesystem paths and Linux abstract names (`@name`), like libsystemd.
+pub fn notify(state: &str) -> std::io::Result<()> {
+    let Some(path) = std::env::var_os(env::NOTIFY_SOCKET) else {
+        return Ok(());
+    };
+    let sock = UnixDatagram::unbound()?;
+    let bytes = path.as_encoded_bytes();
+    if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        sock.send_to_addr(state.as_bytes(), &addr)?;
+    } else {
+        sock.send_to(state.as_bytes(), &path)?;
+    }
+    Ok(())
+}
+
+/// Tells herd (or systemd) this worker is ready to serve.
+pub fn ready() -> std::io::Result<()> {
+    notify("READY=1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_reaches_a_path_socket() {
+        let dir = std::env::temp_dir().join(format!("herd-sdk-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("n.sock");
+        let _ = std::fs::remove_file(&path);
+        let rx = UnixDatagram::bind(&path).unwrap();
+        // `set_var` is `unsafe` in edition 2024, so the sender is a child
+        // test process given NOTIFY_SOCKET in its environment.
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::child_sends_ready", "--nocapture"])
+            .env(env::NOTIFY_SOCKET, &path)
+            .env("HERD_SDK_CHILD", "1")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut buf = [0u8; 64];
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn child_sends_ready() {
+        if std::env::var_os("HERD_SDK_CHILD").is_none() {
+            return; // A helper run by `notify_reaches_a_path_socket`, not a test of its own.
+        }
+        ready().unwrap();
+    }
+}
