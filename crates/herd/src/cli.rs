@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run COMMAND as a cluster of workers on one port, in the foreground.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Internal: the helper that kills worker process groups if the master dies.
     #[command(name = "__guard", hide = true)]
     Guard,

@@ -29,7 +29,9 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     ParseNoSpan { path: PathBuf, message: String },
-    #[error("no command given: put the server program after `--`, e.g. `herd run -- node server.js`")]
+    #[error(
+        "no command given: put the server program after `--`, e.g. `herd run -- node server.js`"
+    )]
     NoCommand,
     #[error("command not found: {0}")]
     NotFound(String),
@@ -288,8 +290,10 @@ pub struct Settings {
     pub program: PathBuf,
 }
 
-pub const DEFAULT_LISTEN: SocketAddr =
-    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 8000));
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::UNSPECIFIED,
+    8000,
+));
 
 impl Settings {
     pub fn resolve(args: RunArgs) -> Result<Settings, ConfigError> {
@@ -307,10 +311,10 @@ impl Settings {
             return Err(ConfigError::NoCommand);
         }
         let cwd = args.cwd.or(file.cwd);
-        if let Some(dir) = &cwd {
-            if !dir.is_dir() {
-                return Err(ConfigError::BadCwd(dir.clone()));
-            }
+        if let Some(dir) = &cwd
+            && !dir.is_dir()
+        {
+            return Err(ConfigError::BadCwd(dir.clone()));
         }
         let mut env: Vec<(String, String)> = file.env.into_iter().collect();
         env.extend(args.env.into_iter().map(|EnvPair(k, v)| (k, v)));
@@ -338,9 +342,17 @@ impl Settings {
             instances,
             mode: args.mode.or(file.mode).unwrap_or(Mode::Proxy),
             kill_timeout: d(args.kill_timeout, file.kill_timeout, Duration::from_secs(5)),
-            ready_timeout: d(args.ready_timeout, file.ready_timeout, Duration::from_secs(30)),
+            ready_timeout: d(
+                args.ready_timeout,
+                file.ready_timeout,
+                Duration::from_secs(30),
+            ),
             wait_ready: args.wait_ready || file.wait_ready.unwrap_or(false),
-            restart_delay: d(args.restart_delay, file.restart_delay, Duration::from_millis(100)),
+            restart_delay: d(
+                args.restart_delay,
+                file.restart_delay,
+                Duration::from_millis(100),
+            ),
             max_restart_delay: d(
                 args.max_restart_delay,
                 file.max_restart_delay,
@@ -361,14 +373,18 @@ fn validate_name(n: String) -> Result<String, ConfigError> {
         && n.len() <= 64
         && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok { Ok(n) } else { Err(ConfigError::BadName(n)) }
+    if ok {
+        Ok(n)
+    } else {
+        Err(ConfigError::BadName(n))
+    }
 }
 
 /// `node server.js` → `server`, `./api` → `api`: what PM2 users expect to see.
 fn derive_name(command: &[OsString]) -> String {
     const INTERPRETERS: &[&str] = &[
-        "node", "nodejs", "bun", "deno", "python", "python3", "ruby", "php", "perl", "java",
-        "uv", "npx", "sh", "bash",
+        "node", "nodejs", "bun", "deno", "python", "python3", "ruby", "php", "perl", "java", "uv",
+        "npx",
     ];
     let stem = |s: &OsString| {
         Path::new(s)
@@ -391,7 +407,11 @@ fn derive_name(command: &[OsString]) -> String {
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         .take(64)
         .collect();
-    if clean.is_empty() { "app".into() } else { clean }
+    if clean.is_empty() {
+        "app".into()
+    } else {
+        clean
+    }
 }
 
 /// Finds the program the way `execvp` would, so a typo fails before any
@@ -471,7 +491,10 @@ mod tests {
             "[::1]:80".parse().unwrap()
         );
         assert!("70000".parse::<ListenAddr>().is_err());
-        assert_eq!("500ms".parse::<Dur>().unwrap().0, Duration::from_millis(500));
+        assert_eq!(
+            "500ms".parse::<Dur>().unwrap().0,
+            Duration::from_millis(500)
+        );
         assert_eq!("2m".parse::<Dur>().unwrap().0, Duration::from_secs(120));
         assert!("5".parse::<Dur>().is_err());
     }
@@ -514,7 +537,10 @@ mod tests {
         assert_eq!(c.mode, Some(Mode::Reuseport));
         assert_eq!(c.instances, Some(Instances::Max));
         assert_eq!(c.kill_timeout, Some(Dur(Duration::from_secs(3))));
-        assert_eq!(c.env.get("NODE_ENV").map(String::as_str), Some("production"));
+        assert_eq!(
+            c.env.get("NODE_ENV").map(String::as_str),
+            Some("production")
+        );
     }
 
     #[test]

@@ -141,8 +141,14 @@ mod tests {
     #[test]
     fn v2_quota_on_an_ancestor_counts() {
         let root = tree("v2");
-        write(root.join("sys/fs/cgroup/app.slice/cpu.max"), "250000 100000\n");
-        write(root.join("sys/fs/cgroup/app.slice/web/cpu.max"), "max 100000\n");
+        write(
+            root.join("sys/fs/cgroup/app.slice/cpu.max"),
+            "250000 100000\n",
+        );
+        write(
+            root.join("sys/fs/cgroup/app.slice/web/cpu.max"),
+            "max 100000\n",
+        );
         let mi = "30 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
         let cg = "0::/app.slice/web\n";
         assert_eq!(cgroup_quota(mi, cg, &root), Some(2.5));

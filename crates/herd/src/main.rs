@@ -17,10 +17,11 @@ fn main() -> ExitCode {
         Command::Guard => ExitCode::from(herd::guardian::run() as u8),
         Command::Run(args) => {
             init_logging();
-            match run(args) {
+            match run(*args) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
-                    eprintln!("herd: error: {e:#}");
+                    // Each error already names its cause: print the top one only.
+                    eprintln!("herd: error: {e}");
                     ExitCode::from(1)
                 }
             }

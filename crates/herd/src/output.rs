@@ -52,7 +52,11 @@ impl Output {
             let mut reader = BufReader::new(reader);
             loop {
                 let mut line = prefix.clone();
-                match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line).await {
+                match (&mut reader)
+                    .take(MAX_LINE)
+                    .read_until(b'\n', &mut line)
+                    .await
+                {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
                         if line.last() != Some(&b'\n') {

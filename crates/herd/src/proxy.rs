@@ -84,7 +84,7 @@ impl Proxy {
                     let me = self.clone();
                     let rr = rr.clone();
                     tokio::spawn(async move {
-                        me.relay(client, &*rr).await;
+                        me.relay(client, &rr).await;
                         drop(guard);
                     });
                 }
@@ -125,7 +125,10 @@ impl Proxy {
             }
             drop(list);
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                tracing::warn!("no ready worker within {:?}; closing a connection", self.wait_for_backend);
+                tracing::warn!(
+                    "no ready worker within {:?}; closing a connection",
+                    self.wait_for_backend
+                );
                 return None;
             }
         }

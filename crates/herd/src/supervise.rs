@@ -135,19 +135,17 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         all_ready_once: false,
         exit_code: 0,
     };
-    tracing::info!(
-        "{}: {} workers, {} mode, listening on {bound}",
-        sup.s.name,
-        sup.s.instances,
-        sup.s.mode.as_str()
-    );
     if let Some(Listeners::Proxy(l)) = &sup.listeners {
         let std_listener = l.try_clone().map_err(|source| ListenError::Bind {
             addr: bound,
             source,
         })?;
-        let listener = tokio::net::TcpListener::from_std(std_listener)
-            .map_err(|source| ListenError::Bind { addr: bound, source })?;
+        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|source| {
+            ListenError::Bind {
+                addr: bound,
+                source,
+            }
+        })?;
         let proxy = Arc::new(Proxy {
             backends: sup.backends.clone(),
             active: sup.active.clone(),
@@ -161,6 +159,13 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             return Err(e);
         }
     }
+    tracing::info!(
+        "{}: {} worker{}, {} mode, listening on {bound}",
+        sup.s.name,
+        sup.s.instances,
+        if sup.s.instances == 1 { "" } else { "s" },
+        sup.s.mode.as_str()
+    );
 
     loop {
         tokio::select! {
@@ -180,6 +185,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         }
     }
     sup.shutdown(&mut sigint, &mut sigterm).await;
+    tracing::info!("{}: stopped", sup.s.name);
     Ok(sup.exit_code)
 }
 
@@ -201,13 +207,17 @@ impl Supervisor {
                     kill_group(pid, Signal::SIGKILL);
                 }
             }
-            Event::Exited { slot, epoch, status } => return self.on_exit(slot, epoch, status),
+            Event::Exited {
+                slot,
+                epoch,
+                status,
+            } => return self.on_exit(slot, epoch, status),
             Event::Restart { slot } => {
-                if self.slots[slot].worker.is_none() {
-                    if let Err(e) = self.spawn(slot) {
-                        tracing::error!("worker {slot}: {e}");
-                        return self.count_quick_exit(slot, &e.to_string());
-                    }
+                if self.slots[slot].worker.is_none()
+                    && let Err(e) = self.spawn(slot)
+                {
+                    tracing::error!("worker {slot}: {e}");
+                    return self.count_quick_exit(slot, &e.to_string());
                 }
             }
         }
@@ -215,7 +225,10 @@ impl Supervisor {
     }
 
     fn current(&mut self, slot: usize, epoch: u64) -> Option<&mut Worker> {
-        self.slots[slot].worker.as_mut().filter(|w| w.epoch == epoch)
+        self.slots[slot]
+            .worker
+            .as_mut()
+            .filter(|w| w.epoch == epoch)
     }
 
     fn on_ready(&mut self, slot: usize, epoch: u64) {
@@ -233,7 +246,7 @@ impl Supervisor {
                 .all(|s| s.worker.as_ref().is_some_and(|w| w.ready))
         {
             self.all_ready_once = true;
-            tracing::info!("all {} workers ready", self.slots.len());
+            tracing::info!("all workers ready ({})", self.slots.len());
             // Tell systemd (Type=notify) when herd itself runs under it.
             let _ = herd_sdk::ready();
         }
@@ -382,7 +395,11 @@ impl Supervisor {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
-            let _ = tx.send(Event::Exited { slot, epoch, status });
+            let _ = tx.send(Event::Exited {
+                slot,
+                epoch,
+                status,
+            });
         });
         let readiness = tokio::spawn(readiness(
             notify,
@@ -481,16 +498,19 @@ impl Supervisor {
         // Master copies of the listening sockets go last, so queued
         // connections are served by draining workers as long as possible.
         self.listeners = None;
-        tracing::info!("{}: stopped", self.s.name);
     }
 
     fn handle_while_stopping(&mut self, ev: Event) {
-        if let Event::Exited { slot, epoch, status } = ev {
-            if let Some(w) = self.slots[slot].worker.take_if(|w| w.epoch == epoch) {
-                self.retire(&w);
-                let how = status.map_or_else(|e| e.to_string(), |s| describe(&s));
-                tracing::info!("worker {slot} (pid {}) {how}", w.pid);
-            }
+        if let Event::Exited {
+            slot,
+            epoch,
+            status,
+        } = ev
+            && let Some(w) = self.slots[slot].worker.take_if(|w| w.epoch == epoch)
+        {
+            self.retire(&w);
+            let how = status.map_or_else(|e| e.to_string(), |s| describe(&s));
+            tracing::info!("worker {slot} (pid {}) {how}", w.pid);
         }
     }
 }
@@ -622,11 +642,10 @@ fn describe(st: &ExitStatus) -> String {
 /// More connections than the usual soft limit of 1024, at no cost.
 fn raise_nofile() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::debug!("cannot raise RLIMIT_NOFILE: {e}");
-            }
-        }
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::debug!("cannot raise RLIMIT_NOFILE: {e}");
     }
 }

@@ -61,17 +61,21 @@ pub fn worker_id() -> Option<u32> {
 /// The returned listener is blocking, as std creates them.
 pub fn listener(fallback_port: u16) -> Result<TcpListener, Error> {
     let mut fds = listenfd::ListenFd::from_env();
-    if fds.len() > 0 {
-        if let Some(l) = fds.take_tcp_listener(0).map_err(Error::InheritedFd)? {
-            return Ok(l);
-        }
+    if fds.len() > 0
+        && let Some(l) = fds.take_tcp_listener(0).map_err(Error::InheritedFd)?
+    {
+        return Ok(l);
     }
     let under_herd = std::env::var_os(env::WORKER_ID).is_some();
     let port = match std::env::var(env::PORT) {
         Ok(p) => p.trim().parse::<u16>().map_err(|_| Error::BadPort(p))?,
         Err(_) => fallback_port,
     };
-    let ip = if under_herd { [127, 0, 0, 1] } else { [0, 0, 0, 0] };
+    let ip = if under_herd {
+        [127, 0, 0, 1]
+    } else {
+        [0, 0, 0, 0]
+    };
     let addr = SocketAddr::from((ip, port));
     TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })
 }

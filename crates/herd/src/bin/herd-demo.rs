@@ -3,7 +3,8 @@
 //! its socket from fd 3 or `PORT`, sends `READY=1`, and on SIGTERM stops
 //! accepting, finishes in-flight requests, then exits.
 //!
-//! Routes: `/` (hello), `/slow?ms=N` (answers after N ms), `/crash` (exits 1).
+//! Routes: `/` (hello), `/slow?ms=N` (answers after N ms), `/crash` (exits 1),
+//! `/env` (the worker-contract variables it was given).
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -25,6 +26,8 @@ fn main() {
 
 #[tokio::main(flavor = "current_thread")]
 async fn serve() -> Result<(), Box<dyn std::error::Error>> {
+    // Snapshot the contract first: taking fd 3 clears LISTEN_* from the env.
+    let contract = contract_env();
     let std_listener = herd_sdk::listener(3000)?;
     std_listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(std_listener)?;
@@ -45,9 +48,10 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
             _ = int.recv() => break,
         };
         let id = id.clone();
-        let svc = hyper::service::service_fn(move |req| handle(req, id.clone()));
-        let conn = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), svc);
+        let contract = contract.clone();
+        let svc = hyper::service::service_fn(move |req| handle(req, id.clone(), contract.clone()));
+        let conn =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
@@ -60,7 +64,30 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn handle(req: Request<Incoming>, id: String) -> Result<Response<Full<Bytes>>, Infallible> {
+fn contract_env() -> std::sync::Arc<str> {
+    use herd_sdk::env::*;
+    let mut out = format!("pid={}\n", std::process::id());
+    for k in [
+        WORKER_ID,
+        NODE_APP_INSTANCE,
+        WORKERS,
+        NAME,
+        PORT,
+        LISTEN_FDS,
+        LISTEN_PID,
+        LISTEN_FDNAMES,
+        NOTIFY_SOCKET,
+    ] {
+        out += &format!("{k}={}\n", std::env::var(k).unwrap_or_default());
+    }
+    out.into()
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    id: String,
+    contract: std::sync::Arc<str>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let pid = std::process::id();
     let body = match req.uri().path() {
         "/slow" => {
@@ -74,6 +101,7 @@ async fn handle(req: Request<Incoming>, id: String) -> Result<Response<Full<Byte
             tokio::time::sleep(Duration::from_millis(ms)).await;
             format!("slow done by worker {id} (pid {pid})\n")
         }
+        "/env" => contract.to_string(),
         "/crash" => {
             eprintln!("crashing on request");
             std::process::exit(1);

@@ -1,0 +1,402 @@
+//! The real `herd` binary supervising real workers on loopback.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+
+const MODES: [&str; 3] = ["proxy", "shared", "reuseport"];
+const T: Duration = Duration::from_secs(20);
+
+fn env_of(body: &str) -> BTreeMap<String, String> {
+    body.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn every_mode_serves_with_every_worker() {
+    for mode in MODES {
+        let h = Herd::start(&["-i", "3", "--mode", mode], &[DEMO]);
+        h.wait_ready(3);
+        let pids = h.worker_pids(3);
+        assert_eq!(pids.iter().collect::<BTreeSet<_>>().len(), 3, "{mode}");
+        // Each worker got its own contract: slot id, PM2's alias, and in fd
+        // modes LISTEN_PID equal to its own pid (strict readers check it).
+        let mut seen = BTreeSet::new();
+        assert!(wait_until(T, || {
+            let (_, body) = h.get("/env").unwrap();
+            let env = env_of(&body);
+            assert_eq!(env["HERD_WORKER_ID"], env["NODE_APP_INSTANCE"]);
+            assert_eq!(env["HERD_WORKERS"], "3");
+            assert!(!env["NOTIFY_SOCKET"].is_empty());
+            if mode == "proxy" {
+                assert!(env["PORT"].parse::<u16>().is_ok());
+                assert_eq!(env["LISTEN_FDS"], "");
+            } else {
+                assert_eq!(env["LISTEN_FDS"], "1");
+                assert_eq!(env["LISTEN_PID"], env["pid"], "{mode}");
+                assert_eq!(env["LISTEN_FDNAMES"], "herd");
+            }
+            seen.insert(env["HERD_WORKER_ID"].clone());
+            seen.len() == 3
+        }));
+        // Worker output comes out prefixed with the worker id.
+        for id in 0..3 {
+            assert!(
+                h.log().contains(&format!("[{id}] listening on")),
+                "{}",
+                h.log()
+            );
+        }
+    }
+}
+
+#[test]
+fn proxy_spreads_connections_round_robin() {
+    let h = Herd::start(&["-i", "3"], &[DEMO]);
+    h.wait_ready(3);
+    let mut counts = BTreeMap::new();
+    for _ in 0..30 {
+        let (status, body) = h.get("/").unwrap();
+        assert_eq!(status, 200);
+        *counts.entry(parse_hello(&body).0).or_insert(0) += 1;
+    }
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), [10, 10, 10]);
+}
+
+#[test]
+fn killed_worker_is_replaced_in_its_slot() {
+    for mode in ["proxy", "reuseport"] {
+        let h = Herd::start(&["-i", "2", "--mode", mode], &[DEMO]);
+        h.wait_ready(2);
+        let before = h.worker_pids(2);
+        signal(before[1], "KILL");
+        assert!(h.wait_log("worker 1 (pid", T));
+        assert!(
+            h.wait_log("was killed by SIGKILL", T),
+            "exit reason not logged:\n{}",
+            h.log()
+        );
+        assert!(
+            wait_until(T, || {
+                let now = h.worker_pids(2);
+                now[0] == before[0] && now[1] != before[1] && alive(now[1])
+            }),
+            "slot 1 not replaced in {mode} mode; log:\n{}",
+            h.log()
+        );
+    }
+}
+
+#[test]
+fn reuseport_serves_connections_queued_on_a_dead_workers_socket() {
+    let h = Herd::start(&["-i", "2", "--mode", "reuseport"], &[DEMO]);
+    h.wait_ready(2);
+    let before = h.worker_pids(2);
+    // Freeze worker 0: connections the kernel hashes to its socket now wait
+    // in that socket's accept queue.
+    signal(before[0], "STOP");
+    let conns: Vec<TcpStream> = (0..24)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    // Kill it while they are queued; the master keeps the socket and hands
+    // it to the replacement, which must serve every one of them.
+    signal(before[0], "KILL");
+    let mut served_by = BTreeMap::new();
+    for s in conns {
+        let (status, body) = read_response(s).expect("a queued connection was lost");
+        assert_eq!(status, 200);
+        *served_by.entry(parse_hello(&body)).or_insert(0) += 1;
+    }
+    let replacement_served = served_by
+        .keys()
+        .any(|&(id, pid)| id == 0 && pid != before[0]);
+    assert!(
+        replacement_served,
+        "no connection was served by the replacement: {served_by:?}"
+    );
+}
+
+#[test]
+fn graceful_stop_completes_an_in_flight_slow_request() {
+    for mode in MODES {
+        let mut h = Herd::start(&["-i", "2", "--mode", mode], &[DEMO]);
+        h.wait_ready(2);
+        let pids = h.worker_pids(2);
+        let port = h.port;
+        let req = std::thread::spawn(move || http_get(port, "/slow?ms=1500"));
+        assert!(h.wait_log("slow request started", T), "{}", h.log());
+        h.signal("TERM");
+        let (status, body) = req.join().unwrap().expect("in-flight request failed");
+        assert_eq!(status, 200, "{mode}");
+        assert!(body.starts_with("slow done"), "{mode}: {body}");
+        let st = h.wait_exit(T).expect("master did not exit");
+        assert_eq!(st.code(), Some(0), "{mode}; log:\n{}", h.log());
+        assert!(pids.iter().all(|&p| !alive(p)));
+        // New connections are refused once stopped.
+        assert!(TcpStream::connect(("127.0.0.1", h.port)).is_err());
+    }
+}
+
+#[test]
+fn second_signal_stops_at_once() {
+    let mut h = Herd::start(&["-i", "1", "--kill-timeout", "30s"], &[DEMO]);
+    h.wait_ready(1);
+    let port = h.port;
+    let req = std::thread::spawn(move || http_get(port, "/slow?ms=20000"));
+    assert!(h.wait_log("slow request started", T));
+    h.signal("INT");
+    assert!(
+        h.wait_log("waiting for 1 open connections", T),
+        "{}",
+        h.log()
+    );
+    h.signal("INT");
+    let st = h
+        .wait_exit(Duration::from_secs(10))
+        .expect("did not stop at once");
+    assert_eq!(st.code(), Some(0));
+    assert!(
+        req.join().unwrap().is_err(),
+        "the slow request cannot have completed"
+    );
+}
+
+#[test]
+fn no_worker_survives_kill_9_of_the_master() {
+    // Directly in every mode, and behind a shell that stays as the worker's
+    // parent (the `npm start` case), so the real server is the master's
+    // grandchild. The wrapper runs in proxy mode: behind a forking wrapper
+    // LISTEN_PID names the shell, and strict readers rightly ignore fd 3.
+    let wrapped = format!("{DEMO}; exit 0");
+    let cases = MODES
+        .iter()
+        .map(|&m| (m, vec![DEMO]))
+        .chain([("proxy", vec!["sh", "-c", wrapped.as_str()])]);
+    for (mode, cmd) in cases {
+        {
+            let mut h = Herd::start(&["-i", "2", "--mode", mode], &cmd);
+            h.wait_ready(2);
+            let pids = h.worker_pids(2);
+            h.signal("KILL");
+            h.wait_exit(T).unwrap();
+            assert!(
+                wait_until(Duration::from_secs(5), || pids.iter().all(|&p| !alive(p))),
+                "workers {pids:?} outlived the master ({mode}, {cmd:?})"
+            );
+            assert!(
+                wait_until(Duration::from_secs(5), || TcpStream::connect((
+                    "127.0.0.1",
+                    h.port
+                ))
+                .is_err()),
+                "port still served after the master died ({mode})"
+            );
+        }
+    }
+}
+
+#[test]
+fn crash_loop_stops_with_a_clear_message() {
+    let mut h = Herd::start(
+        &["-i", "2", "--max-restarts", "3", "--restart-delay", "10ms"],
+        &["sh", "-c", "echo booting; exit 3"],
+    );
+    let st = h.wait_exit(T).expect("crash loop did not stop the cluster");
+    assert_eq!(st.code(), Some(1));
+    let log = h.log();
+    assert!(log.contains("crash loop"), "{log}");
+    assert!(log.contains("exited with code 3"), "{log}");
+    assert!(log.contains("[0] booting"), "{log}");
+}
+
+#[test]
+fn a_worker_that_never_gets_ready_is_replaced() {
+    // --wait-ready: only READY=1 counts, and `sleep` never sends it.
+    let mut h = Herd::start(
+        &[
+            "-i",
+            "1",
+            "--wait-ready",
+            "--ready-timeout",
+            "300ms",
+            "--max-restarts",
+            "1",
+            "--restart-delay",
+            "10ms",
+        ],
+        &["sleep", "60"],
+    );
+    assert!(h.wait_log("not ready within", T), "{}", h.log());
+    let st = h
+        .wait_exit(T)
+        .expect("never-ready workers must end in a crash loop");
+    assert_eq!(st.code(), Some(1));
+}
+
+#[test]
+fn node_and_python_apps_serve_in_every_mode() {
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let node = examples.join("node/hello.js");
+    let python = examples.join("python/app.py");
+    let apps = [
+        (["node", node.to_str().unwrap()], "hello from node worker"),
+        (
+            ["python3", python.to_str().unwrap()],
+            "hello from python worker",
+        ),
+    ];
+    for (cmd, greeting) in apps {
+        for mode in MODES {
+            let h = Herd::start(&["-i", "2", "--mode", mode], &cmd);
+            h.wait_ready(2);
+            let pids = h.worker_pids(2);
+            assert_ne!(pids[0], pids[1]);
+            let (_, body) = h.get("/").unwrap();
+            assert!(body.starts_with(greeting), "{mode}: {body}");
+        }
+    }
+}
+
+#[test]
+fn instances_max_honours_the_affinity_mask() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let h = Herd::spawn(
+        std::process::Command::new("taskset").args([
+            "-c", "0", HERD, "run", "--listen", &listen, "-i", "max", "--", DEMO,
+        ]),
+        port,
+    );
+    h.wait_ready(1);
+    assert!(h.log().contains(": 1 worker, proxy mode"), "{}", h.log());
+}
+
+#[test]
+fn config_file_is_read_and_flags_override_it() {
+    let dir = std::env::temp_dir().join(format!("herd-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("herd.toml");
+    let port = free_port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"fromfile\"\nlisten = \"127.0.0.1:{port}\"\ninstances = 3\nmode = \"shared\"\n\
+             command = [\"{DEMO}\"]\n[env]\nGREETING = \"hi\"\n"
+        ),
+    )
+    .unwrap();
+    let h = Herd::spawn(
+        std::process::Command::new(HERD).args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "-i",
+            "2",
+        ]),
+        port,
+    );
+    h.wait_ready(2);
+    let log = h.log();
+    assert!(log.contains("fromfile: 2 workers, shared mode"), "{log}");
+    let (_, body) = h.get("/env").unwrap();
+    assert!(body.contains("HERD_NAME=fromfile"), "{body}");
+    drop(h);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Every bad input: one line on stderr, a non-zero exit, no panic.
+fn assert_one_line_error(args: &[&str], expect: &str) {
+    let (code, err) = run_fail(args);
+    assert_ne!(code, 0, "{args:?} succeeded");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?} gave:\n{err}");
+    assert!(
+        err.contains(expect),
+        "{args:?}: expected {expect:?} in {err:?}"
+    );
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    assert_one_line_error(
+        &["run", "--mode", "bogus", "--", DEMO],
+        "invalid value 'bogus'",
+    );
+    assert_one_line_error(
+        &["run", "--bogus", "--", DEMO],
+        "unexpected argument '--bogus'",
+    );
+    assert_one_line_error(&["run", "-i", "0", "--", DEMO], "positive number");
+    assert_one_line_error(&["run", "-i", "abc", "--", DEMO], "positive number");
+    assert_one_line_error(&["run", "--listen", "99999", "--", DEMO], "not PORT");
+    assert_one_line_error(&["run", "--kill-timeout", "5", "--", DEMO], "500ms");
+    assert_one_line_error(&["run"], "no command given");
+    assert_one_line_error(
+        &["run", "--", "no-such-program-xyz"],
+        "command not found: no-such-program-xyz",
+    );
+    let plain = std::env::temp_dir().join(format!("herd-noexec-{}", std::process::id()));
+    std::fs::write(&plain, "not a program").unwrap();
+    assert_one_line_error(
+        &["run", "--", plain.to_str().unwrap()],
+        "not an executable file",
+    );
+    std::fs::remove_file(&plain).unwrap();
+    assert_one_line_error(
+        &["run", "--cwd", "/no/such/dir", "--", DEMO],
+        "not a directory",
+    );
+    assert_one_line_error(&["frobnicate"], "unrecognized subcommand");
+}
+
+#[test]
+fn port_in_use_is_an_error_before_any_worker_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for mode in MODES {
+        let (code, err) = run_fail(&["run", "--listen", &addr, "--mode", mode, "--", DEMO]);
+        assert_ne!(code, 0);
+        assert_eq!(err.trim_end().lines().count(), 1, "{mode}: {err}");
+        assert!(
+            err.contains("cannot listen on") && err.contains("in use"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn malformed_config_names_the_line() {
+    let dir = std::env::temp_dir().join(format!("herd-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "mode = \"proxy\"\ninstances = \n").unwrap();
+    let (code, err) = run_fail(&["run", "--config", cfg.to_str().unwrap(), "--", DEMO]);
+    assert_ne!(code, 0);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("bad.toml:2:"), "{err}");
+    std::fs::write(&cfg, "mode = \"fast\"\n").unwrap();
+    let (_, err) = run_fail(&["run", "--config", cfg.to_str().unwrap(), "--", DEMO]);
+    assert!(
+        err.contains("bad.toml:1:") && err.contains("proxy"),
+        "{err}"
+    );
+    let (_, err) = run_fail(&["run", "--config", "/no/such.toml", "--", DEMO]);
+    assert!(err.contains("cannot read /no/such.toml"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

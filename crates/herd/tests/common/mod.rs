@@ -1,0 +1,230 @@
+//! Test harness: runs the real `herd` binary against real worker programs
+//! on loopback. Every wait polls a condition with a deadline.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const HERD: &str = env!("CARGO_BIN_EXE_herd");
+pub const DEMO: &str = env!("CARGO_BIN_EXE_herd-demo");
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `herd run`, its output collected as it comes.
+pub struct Herd {
+    pub child: Child,
+    pub port: u16,
+    log: Arc<Mutex<String>>,
+}
+
+impl Herd {
+    /// `herd run --listen 127.0.0.1:PORT ARGS... -- CMD...`
+    pub fn start(args: &[&str], cmd: &[&str]) -> Herd {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec!["run", "--listen", &listen];
+        all.extend_from_slice(args);
+        all.push("--");
+        all.extend_from_slice(cmd);
+        Self::spawn(Command::new(HERD).args(&all), port)
+    }
+
+    pub fn spawn(cmd: &mut Command, port: u16) -> Herd {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn herd");
+        let log = Arc::new(Mutex::new(String::new()));
+        for r in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines() {
+                    let Ok(line) = line else { break };
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        Herd { child, port, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the output contains `needle` at least `times` times.
+    pub fn wait_log_n(&self, needle: &str, times: usize, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().matches(needle).count() >= times)
+    }
+
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_log_n(needle, 1, timeout)
+    }
+
+    /// Waits for "all workers ready (N)", failing the test with the log if not.
+    pub fn wait_ready(&self, n: usize) {
+        let needle = format!("all workers ready ({n})");
+        assert!(
+            self.wait_log(&needle, Duration::from_secs(20)),
+            "cluster not ready; log:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.port, path)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        signal(self.child.id(), sig);
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
+    }
+
+    /// Asks until every one of `n` worker ids has answered `/`; returns pid per id.
+    pub fn worker_pids(&self, n: usize) -> Vec<u32> {
+        let mut pids = vec![0u32; n];
+        let ok = wait_until(Duration::from_secs(20), || {
+            if let Ok((200, body)) = self.get("/") {
+                let (id, pid) = parse_hello(&body);
+                if id < n {
+                    pids[id] = pid;
+                }
+            }
+            pids.iter().all(|&p| p != 0)
+        });
+        assert!(
+            ok,
+            "not every worker answered: {pids:?}\nlog:\n{}",
+            self.log()
+        );
+        pids
+    }
+}
+
+impl Drop for Herd {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.signal("TERM");
+            if self.wait_exit(Duration::from_secs(10)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+/// `hello from worker N (pid P)` → (N, P).
+pub fn parse_hello(body: &str) -> (usize, u32) {
+    let id = body
+        .split("worker ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(usize::MAX);
+    let pid = body
+        .split("pid ")
+        .nth(1)
+        .and_then(|s| {
+            s.trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    (id, pid)
+}
+
+/// One request on a fresh connection; returns status and body.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    read_response(s)
+}
+
+pub fn read_response(mut s: TcpStream) -> std::io::Result<(u16, String)> {
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP response: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// Alive and not a zombie (a reparented zombie may never be reaped here).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Runs `herd ARGS` expecting a quick failure; returns (exit code, stderr).
+pub fn run_fail(args: &[&str]) -> (i32, String) {
+    let out = Command::new(HERD)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    (code, String::from_utf8_lossy(&out.stderr).into_owned())
+}
