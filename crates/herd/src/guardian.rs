@@ -36,7 +36,8 @@ impl Guardian {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let mut child = Command::new(std::env::current_exe()?)
+        // /proc/self/exe still works when the binary was replaced on disk.
+        let mut child = Command::new("/proc/self/exe")
             .arg("__guard")
             .stdin(Stdio::piped())
             .process_group(0)

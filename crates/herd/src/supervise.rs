@@ -348,7 +348,7 @@ impl Supervisor {
             source,
         };
         let port = match self.s.mode {
-            Mode::Proxy => Some(free_port().map_err(spawn_err)?),
+            Mode::Proxy => Some(self.free_port().map_err(spawn_err)?),
             _ => None,
         };
         let notify_path = self.rundir.path().join(format!("n{slot}.{epoch}"));
@@ -423,6 +423,25 @@ impl Supervisor {
         Ok(())
     }
 
+    /// A loopback port free right now and not given to a live worker that
+    /// may not have bound it yet, for a proxy-mode worker to serve on.
+    fn free_port(&self) -> std::io::Result<u16> {
+        for _ in 0..16 {
+            let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+                .local_addr()?
+                .port();
+            let taken = self
+                .slots
+                .iter()
+                .filter_map(|s| s.worker.as_ref())
+                .any(|w| w.port == Some(port));
+            if !taken {
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::other("no free loopback port"))
+    }
+
     fn listen_fd(&self, slot: usize) -> Option<i32> {
         match self.listeners.as_ref()? {
             Listeners::Proxy(_) => None,
@@ -458,6 +477,11 @@ impl Supervisor {
         sigterm: &mut tokio::signal::unix::Signal,
     ) {
         self.stop_accepting.cancel();
+        if matches!(self.listeners, Some(Listeners::Proxy(_))) {
+            // Refuse new connections now rather than queue them for no one;
+            // the accept loop drops its clone as it sees the cancellation.
+            self.listeners = None;
+        }
         let grace = self.s.kill_timeout;
         let mut hurry = false;
         if self.s.mode == Mode::Proxy && self.active.get() > 0 {
@@ -495,8 +519,8 @@ impl Supervisor {
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        // Master copies of the listening sockets go last, so queued
-        // connections are served by draining workers as long as possible.
+        // In fd modes the master's copies go last: workers still drain
+        // the queues, and a reuseport slot's queue lives as long as its socket.
         self.listeners = None;
     }
 
@@ -611,13 +635,6 @@ fn worker_env(
         set(contract::PORT, p.to_string().into());
     }
     env
-}
-
-/// A loopback port free right now, for a proxy-mode worker to bind.
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
 }
 
 fn kill_group(pgid: u32, sig: Signal) {

@@ -139,6 +139,13 @@ fn graceful_stop_completes_an_in_flight_slow_request() {
         let req = std::thread::spawn(move || http_get(port, "/slow?ms=1500"));
         assert!(h.wait_log("slow request started", T), "{}", h.log());
         h.signal("TERM");
+        if mode == "proxy" {
+            // While draining, the proxy refuses new connections at once.
+            assert!(
+                wait_until(T, || TcpStream::connect(("127.0.0.1", port)).is_err()),
+                "still accepting while draining"
+            );
+        }
         let (status, body) = req.join().unwrap().expect("in-flight request failed");
         assert_eq!(status, 200, "{mode}");
         assert!(body.starts_with("slow done"), "{mode}: {body}");
@@ -172,6 +179,56 @@ fn second_signal_stops_at_once() {
         req.join().unwrap().is_err(),
         "the slow request cannot have completed"
     );
+}
+
+#[test]
+fn a_worker_ignoring_sigterm_is_killed_after_the_kill_timeout() {
+    let mut h = Herd::start(
+        &["-i", "1", "--mode", "shared", "--kill-timeout", "300ms"],
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; echo up; while :; do sleep 0.05; done",
+        ],
+    );
+    h.wait_ready(1);
+    h.signal("TERM");
+    let st = h.wait_exit(T).expect("master did not exit");
+    assert_eq!(st.code(), Some(0));
+    let log = h.log();
+    assert!(log.contains("sending SIGKILL"), "{log}");
+    assert!(log.contains("was killed by SIGKILL"), "{log}");
+}
+
+#[test]
+fn master_raises_its_open_file_limit() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let h = Herd::spawn(
+        std::process::Command::new("prlimit").args([
+            "--nofile=256:4096",
+            HERD,
+            "run",
+            "--listen",
+            &listen,
+            "-i",
+            "1",
+            "--",
+            DEMO,
+        ]),
+        port,
+    );
+    h.wait_ready(1);
+    let pid = h.worker_pids(1)[0];
+    for p in [h.child.id(), pid] {
+        let limits = std::fs::read_to_string(format!("/proc/{p}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+        assert_eq!(nums, ["4096", "4096"], "pid {p}: {line}");
+    }
 }
 
 #[test]
@@ -282,6 +339,48 @@ fn instances_max_honours_the_affinity_mask() {
     );
     h.wait_ready(1);
     assert!(h.log().contains(": 1 worker, proxy mode"), "{}", h.log());
+}
+
+/// A cgroup with a CPU quota of half a CPU, where this machine allows
+/// creating one (root, writable cgroup v1 `cpu` or v2 controller).
+fn half_cpu_cgroup() -> Option<(PathBuf, PathBuf)> {
+    let name = format!("herd-test-{}", std::process::id());
+    let v1 = PathBuf::from("/sys/fs/cgroup/cpu").join(&name);
+    if std::fs::create_dir(&v1).is_ok() {
+        if std::fs::write(v1.join("cpu.cfs_quota_us"), "50000").is_ok() {
+            return Some((v1.clone(), v1.join("cgroup.procs")));
+        }
+        let _ = std::fs::remove_dir(&v1);
+    }
+    let v2 = PathBuf::from("/sys/fs/cgroup").join(&name);
+    if std::fs::create_dir(&v2).is_ok() {
+        if std::fs::write(v2.join("cpu.max"), "50000 100000").is_ok() {
+            return Some((v2.clone(), v2.join("cgroup.procs")));
+        }
+        let _ = std::fs::remove_dir(&v2);
+    }
+    None
+}
+
+#[test]
+fn instances_max_honours_a_cgroup_cpu_quota() {
+    let Some((dir, procs)) = half_cpu_cgroup() else {
+        eprintln!("not checked here: cannot create a cgroup with a CPU quota (needs root)");
+        return;
+    };
+    let port = free_port();
+    let script = format!(
+        "echo $$ > {} && exec {HERD} run --listen 127.0.0.1:{port} -i max -- {DEMO}",
+        procs.display()
+    );
+    let mut h = Herd::spawn(std::process::Command::new("sh").args(["-c", &script]), port);
+    h.wait_ready(1);
+    assert!(h.log().contains(": 1 worker, proxy mode"), "{}", h.log());
+    assert_eq!(h.get("/").unwrap().0, 200);
+    h.signal("TERM");
+    h.wait_exit(T).expect("master did not stop");
+    // The cgroup can be removed once its processes are gone.
+    assert!(wait_until(T, || std::fs::remove_dir(&dir).is_ok()));
 }
 
 #[test]
