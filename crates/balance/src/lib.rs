@@ -1,92 +1,229 @@
 //! herd's balancing core: which backend gets the next connection or request.
 //!
-//! Pure library — no I/O, no clocks, no global state — so the master's proxy
-//! and any Rust service doing client-side balancing share the same picks.
-//! Strategies are small types behind [`Pick`].
+//! A pure library — no I/O, no clock, no global state, no allocation per
+//! pick — shared by herd's proxy and by Rust services balancing their own
+//! outgoing calls across remote nodes (see `examples/rpc_client.rs`).
+//!
+//! - [`Backend`]: state that outlives pool changes (in-flight, passive
+//!   health, draining, response-time estimate), behind `Arc`.
+//! - [`Strategy`]: how one backend is chosen; small types, one per strategy.
+//! - [`Balancer`]: a backend list plus a strategy, with nginx-style backups.
+//!
+//! Time and randomness come in through [`Ctx`], so tests replay exactly.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod backend;
+mod ring;
+mod strategy;
 
-/// A balancing strategy over `n` eligible backends, indexed `0..n`.
-///
-/// `pick` takes `&self` so one strategy is shared by every connection
-/// without a lock; strategies keep their own state in atomics.
-pub trait Pick: Send + Sync {
-    /// The index of the backend to use, or `None` when `n == 0`.
-    fn pick(&self, n: usize) -> Option<usize>;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+pub use backend::{Backend, BackendConfig, Lease};
+pub use strategy::{ConsistentHash, Ewma, LeastConn, Random2, RoundRobin, Strategy, Weighted};
+
+/// Nanoseconds on the caller's monotonic clock.
+pub type Nanos = u64;
+
+/// What a pick may depend on besides backend state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ctx<'a> {
+    /// Now, on the same clock as every other call.
+    pub now: Nanos,
+    /// Fresh random bits (`random2`, `ewma`).
+    pub rand: u64,
+    /// The hash key (`ip-hash`, `hash:*`): client address, header or cookie value.
+    pub key: Option<&'a [u8]>,
 }
 
-/// Each backend in turn.
-#[derive(Debug, Default)]
-pub struct RoundRobin {
-    next: AtomicUsize,
+/// A strategy by name, as written on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StrategyKind {
+    RoundRobin,
+    Weighted,
+    LeastConn,
+    Random2,
+    Ewma,
+    IpHash,
+    HeaderHash(String),
+    CookieHash(String),
 }
 
-impl Pick for RoundRobin {
-    fn pick(&self, n: usize) -> Option<usize> {
-        if n == 0 {
-            return None;
-        }
-        Some(self.next.fetch_add(1, Ordering::Relaxed) % n)
+/// Where a hashing strategy's key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    None,
+    ClientIp,
+    /// A request header, name in lower case.
+    Header(String),
+    Cookie(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown strategy {0:?}: use round-robin, weighted, least-conn, random2, ewma, ip-hash, hash:header:NAME or hash:cookie:NAME"
+)]
+pub struct UnknownStrategy(pub String);
+
+impl FromStr for StrategyKind {
+    type Err = UnknownStrategy;
+    fn from_str(s: &str) -> Result<Self, UnknownStrategy> {
+        let bad = || UnknownStrategy(s.to_string());
+        Ok(match s {
+            "round-robin" => StrategyKind::RoundRobin,
+            "weighted" => StrategyKind::Weighted,
+            "least-conn" => StrategyKind::LeastConn,
+            "random2" => StrategyKind::Random2,
+            "ewma" => StrategyKind::Ewma,
+            "ip-hash" => StrategyKind::IpHash,
+            _ => match s.split_once(':') {
+                Some(("hash", rest)) => match rest.split_once(':') {
+                    Some(("header", name)) if valid_token(name) => {
+                        StrategyKind::HeaderHash(name.to_ascii_lowercase())
+                    }
+                    Some(("cookie", name)) if valid_token(name) => {
+                        StrategyKind::CookieHash(name.to_string())
+                    }
+                    _ => return Err(bad()),
+                },
+                _ => return Err(bad()),
+            },
+        })
     }
 }
 
-/// nginx's smooth weighted round-robin, picks for picks.
-///
-/// nginx recomputes `current += weight; pick max; current -= total` under a
-/// lock on every request. The sequence is periodic with period `sum(weights)`,
-/// so it is computed once here and a pick is an atomic increment and a load.
-#[derive(Debug)]
-pub struct SmoothWeighted {
-    backends: usize,
-    cycle: Vec<u32>,
-    next: AtomicUsize,
+fn valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-impl SmoothWeighted {
-    /// Weights of zero are treated as 1, as nginx does not accept 0.
-    pub fn new(weights: &[u32]) -> Self {
-        let weights: Vec<i64> = weights.iter().map(|&w| i64::from(w.max(1))).collect();
-        let total: i64 = weights.iter().sum();
-        let mut current = vec![0i64; weights.len()];
-        let mut cycle = Vec::with_capacity(total as usize);
-        for _ in 0..total {
-            let mut best = 0;
-            for i in 0..weights.len() {
-                current[i] += weights[i];
-                // Strictly greater: on a tie the earlier backend wins, like nginx.
-                if current[i] > current[best] {
-                    best = i;
-                }
+impl fmt::Display for StrategyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StrategyKind::RoundRobin => f.write_str("round-robin"),
+            StrategyKind::Weighted => f.write_str("weighted"),
+            StrategyKind::LeastConn => f.write_str("least-conn"),
+            StrategyKind::Random2 => f.write_str("random2"),
+            StrategyKind::Ewma => f.write_str("ewma"),
+            StrategyKind::IpHash => f.write_str("ip-hash"),
+            StrategyKind::HeaderHash(h) => write!(f, "hash:header:{h}"),
+            StrategyKind::CookieHash(c) => write!(f, "hash:cookie:{c}"),
+        }
+    }
+}
+
+impl StrategyKind {
+    pub fn build(&self, backends: &[Arc<Backend>]) -> Box<dyn Strategy> {
+        match self {
+            StrategyKind::RoundRobin => Box::new(RoundRobin::default()),
+            StrategyKind::Weighted => Box::new(Weighted::new(backends)),
+            StrategyKind::LeastConn => Box::new(LeastConn::default()),
+            StrategyKind::Random2 => Box::new(Random2),
+            StrategyKind::Ewma => Box::new(Ewma),
+            StrategyKind::IpHash | StrategyKind::HeaderHash(_) | StrategyKind::CookieHash(_) => {
+                Box::new(ConsistentHash::new(backends))
             }
-            current[best] -= total;
-            cycle.push(best as u32);
-        }
-        SmoothWeighted {
-            backends: weights.len(),
-            cycle,
-            next: AtomicUsize::new(0),
         }
     }
 
-    /// How many backends the weights were given for.
-    pub fn len(&self) -> usize {
-        self.backends
+    pub fn key_source(&self) -> KeySource {
+        match self {
+            StrategyKind::IpHash => KeySource::ClientIp,
+            StrategyKind::HeaderHash(h) => KeySource::Header(h.clone()),
+            StrategyKind::CookieHash(c) => KeySource::Cookie(c.clone()),
+            _ => KeySource::None,
+        }
+    }
+}
+
+/// Why no backend could be picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PickError {
+    #[error("no backends configured")]
+    Empty,
+    #[error("every backend is down or draining")]
+    AllDown,
+}
+
+/// A backend list with its strategy. Rebuild it when the list changes; the
+/// `Arc<Backend>`s carry their state over.
+pub struct Balancer {
+    primaries: Vec<Arc<Backend>>,
+    backups: Vec<Arc<Backend>>,
+    strategy: Box<dyn Strategy>,
+    backup_strategy: RoundRobin,
+    kind: StrategyKind,
+    scanned: AtomicUsize,
+}
+
+impl Balancer {
+    pub fn new(kind: StrategyKind, backends: Vec<Arc<Backend>>) -> Balancer {
+        let (backups, primaries): (Vec<_>, Vec<_>) =
+            backends.into_iter().partition(|b| b.config().backup);
+        Balancer {
+            strategy: kind.build(&primaries),
+            primaries,
+            backups,
+            backup_strategy: RoundRobin::default(),
+            kind,
+            scanned: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn kind(&self) -> &StrategyKind {
+        &self.kind
+    }
+
+    /// Primaries first, then backups.
+    pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.primaries.iter().chain(self.backups.iter())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.backends == 0
+        self.primaries.is_empty() && self.backups.is_empty()
     }
-}
 
-impl Pick for SmoothWeighted {
-    /// `n` must equal the number of weights given to [`SmoothWeighted::new`].
-    fn pick(&self, n: usize) -> Option<usize> {
-        if n == 0 || self.cycle.is_empty() {
-            return None;
+    /// Picks an available backend and takes a lease on it. Backups are
+    /// used only when no primary is available; when nothing is, this fails
+    /// at once rather than returning a backend known to be down.
+    pub fn pick(&self, ctx: &Ctx<'_>) -> Result<Lease, PickError> {
+        self.pick_except(ctx, None)
+    }
+
+    /// Like [`Balancer::pick`], avoiding `avoid` (the backend that just
+    /// failed, on a retry) unless it is the only one available.
+    pub fn pick_except(&self, ctx: &Ctx<'_>, avoid: Option<&Backend>) -> Result<Lease, PickError> {
+        if self.is_empty() {
+            return Err(PickError::Empty);
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.cycle.len();
-        Some(self.cycle[i] as usize % n)
+        let is_avoided = |b: &Backend| avoid.is_some_and(|a| std::ptr::eq(a, b));
+        let mut candidate = None;
+        if let Some(i) = self.strategy.pick(&self.primaries, ctx) {
+            let b = &self.primaries[i];
+            if !is_avoided(b) {
+                return Ok(b.lease_at(i, ctx.now));
+            }
+            candidate = Some(i);
+            // Look for any other available primary, round the list.
+            let n = self.primaries.len();
+            let start = self.scanned.fetch_add(1, Relaxed) % n;
+            for k in 0..n {
+                let j = (start + k) % n;
+                let b = &self.primaries[j];
+                if !is_avoided(b) && b.available(ctx.now) {
+                    return Ok(b.lease_at(j, ctx.now));
+                }
+            }
+        }
+        if let Some(i) = self.backup_strategy.pick(&self.backups, ctx) {
+            return Ok(self.backups[i].lease_at(self.primaries.len() + i, ctx.now));
+        }
+        candidate
+            .map(|i| self.primaries[i].lease_at(i, ctx.now))
+            .ok_or(PickError::AllDown)
     }
 }
 
@@ -94,21 +231,154 @@ impl Pick for SmoothWeighted {
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_robin_visits_each_in_turn() {
-        let rr = RoundRobin::default();
-        let got: Vec<_> = (0..7).map(|_| rr.pick(3).unwrap()).collect();
-        assert_eq!(got, [0, 1, 2, 0, 1, 2, 0]);
-        assert_eq!(rr.pick(0), None);
+    fn pool(weights: &[u32]) -> Vec<Arc<Backend>> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                Arc::new(Backend::new(
+                    format!("10.0.0.{i}:80"),
+                    BackendConfig {
+                        weight: w,
+                        ..Default::default()
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn names(b: &Balancer, n: usize) -> String {
+        (0..n)
+            .map(|_| {
+                let l = b.pick(&Ctx::default()).unwrap();
+                let last = l.backend().name().split('.').nth(3).unwrap();
+                (b'a' + last.split(':').next().unwrap().parse::<u8>().unwrap()) as char
+            })
+            .collect()
     }
 
     #[test]
-    fn weighted_shares_are_exact_over_a_cycle() {
-        let w = SmoothWeighted::new(&[5, 1, 1]);
-        let mut counts = [0; 3];
-        for _ in 0..700 {
-            counts[w.pick(3).unwrap()] += 1;
+    fn parses_strategy_names() {
+        for s in [
+            "round-robin",
+            "weighted",
+            "least-conn",
+            "random2",
+            "ewma",
+            "ip-hash",
+            "hash:header:x-user",
+            "hash:cookie:session",
+        ] {
+            assert_eq!(s.parse::<StrategyKind>().unwrap().to_string(), s);
         }
-        assert_eq!(counts, [500, 100, 100]);
+        assert!("hash:header:".parse::<StrategyKind>().is_err());
+        assert!("hash:body:x".parse::<StrategyKind>().is_err());
+        assert!("fastest".parse::<StrategyKind>().is_err());
+    }
+
+    #[test]
+    fn round_robin_visits_each_in_turn_and_skips_down_ones() {
+        let bs = pool(&[1, 1, 1]);
+        let b = Balancer::new(StrategyKind::RoundRobin, bs.clone());
+        assert_eq!(names(&b, 6), "abcabc");
+        bs[1].set_draining(true);
+        assert_eq!(names(&b, 4), "acac");
+    }
+
+    #[test]
+    fn weighted_is_nginx_sequence() {
+        let b = Balancer::new(StrategyKind::Weighted, pool(&[5, 1, 1]));
+        assert_eq!(names(&b, 7), "aabacaa");
+    }
+
+    #[test]
+    fn backups_only_when_primaries_are_down() {
+        let mut bs = pool(&[1, 1]);
+        bs.push(Arc::new(Backend::new(
+            "10.0.0.2:80",
+            BackendConfig {
+                backup: true,
+                ..Default::default()
+            },
+        )));
+        let b = Balancer::new(StrategyKind::RoundRobin, bs.clone());
+        assert_eq!(names(&b, 4), "abab");
+        bs[0].set_healthy(false);
+        bs[1].set_healthy(false);
+        assert_eq!(names(&b, 2), "cc");
+        bs[2].set_healthy(false);
+        assert_eq!(b.pick(&Ctx::default()).unwrap_err(), PickError::AllDown);
+        let empty = Balancer::new(StrategyKind::RoundRobin, vec![]);
+        assert_eq!(empty.pick(&Ctx::default()).unwrap_err(), PickError::Empty);
+    }
+
+    #[test]
+    fn pick_except_avoids_the_failed_backend() {
+        let bs = pool(&[1, 1]);
+        let b = Balancer::new(StrategyKind::RoundRobin, bs.clone());
+        for _ in 0..4 {
+            let l = b.pick_except(&Ctx::default(), Some(&bs[0])).unwrap();
+            assert!(Arc::ptr_eq(l.backend(), &bs[1]));
+        }
+        bs[1].set_draining(true);
+        // The avoided one is still better than nothing.
+        let l = b.pick_except(&Ctx::default(), Some(&bs[0])).unwrap();
+        assert!(Arc::ptr_eq(l.backend(), &bs[0]));
+    }
+
+    #[test]
+    fn least_conn_prefers_the_idle_backend() {
+        let bs = pool(&[1, 1, 1]);
+        let b = Balancer::new(StrategyKind::LeastConn, bs.clone());
+        let _busy: Vec<_> = (0..3)
+            .map(|_| bs[0].lease(0))
+            .chain([bs[2].lease(0)])
+            .collect();
+        for _ in 0..3 {
+            let l = b.pick(&Ctx::default()).unwrap();
+            assert!(Arc::ptr_eq(l.backend(), &bs[1]));
+        }
+    }
+
+    #[test]
+    fn ewma_steers_away_from_a_slow_backend() {
+        let bs = pool(&[1, 1]);
+        let b = Balancer::new(StrategyKind::Ewma, bs.clone());
+        bs[0].lease(0).success(200_000_000); // 200ms
+        bs[1].lease(0).success(1_000_000); // 1ms
+        let ctx = Ctx {
+            now: 200_000_000,
+            rand: 0x0000_0001_0000_0000,
+            key: None,
+        };
+        for r in 0..50u64 {
+            let l = b
+                .pick(&Ctx {
+                    rand: r.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    ..ctx
+                })
+                .unwrap();
+            assert!(Arc::ptr_eq(l.backend(), &bs[1]));
+        }
+    }
+
+    #[test]
+    fn hash_keys_stick_and_fall_back_without_a_key() {
+        let b = Balancer::new("hash:header:x-user".parse().unwrap(), pool(&[1, 1, 1]));
+        let pick = |k: &str| {
+            b.pick(&Ctx {
+                key: Some(k.as_bytes()),
+                ..Default::default()
+            })
+            .unwrap()
+            .backend()
+            .name()
+            .to_string()
+        };
+        let first = pick("alice");
+        for _ in 0..10 {
+            assert_eq!(pick("alice"), first);
+        }
+        assert!(b.pick(&Ctx::default()).is_ok());
     }
 }

@@ -1,7 +1,9 @@
-//! Smooth weighted round-robin must reproduce sequences recorded from a real
-//! nginx 1.22.1 (see `tests/data/nginx_swrr.json`, copied from `shared/testdata`).
+//! `weighted` must reproduce sequences recorded from a real nginx 1.22.1
+//! (`tests/data/nginx_swrr.json`, copied from `shared/testdata`).
 
-use herd_balance::{Pick, SmoothWeighted};
+use std::sync::Arc;
+
+use herd_balance::{Backend, BackendConfig, Balancer, Ctx, StrategyKind};
 
 #[test]
 fn matches_nginx_sequences() {
@@ -16,11 +18,31 @@ fn matches_nginx_sequences() {
             .iter()
             .map(|w| w.as_u64().unwrap() as u32)
             .collect();
+        let backends: Vec<_> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| {
+                let name = ((b'a' + i as u8) as char).to_string();
+                Arc::new(Backend::new(
+                    name,
+                    BackendConfig {
+                        weight,
+                        ..Default::default()
+                    },
+                ))
+            })
+            .collect();
+        let b = Balancer::new(StrategyKind::Weighted, backends);
         let want = case["sequence"].as_str().unwrap();
-        let swrr = SmoothWeighted::new(&weights);
         let got: String = want
             .chars()
-            .map(|_| (b'a' + swrr.pick(weights.len()).unwrap() as u8) as char)
+            .map(|_| {
+                b.pick(&Ctx::default())
+                    .unwrap()
+                    .backend()
+                    .name()
+                    .to_string()
+            })
             .collect();
         assert_eq!(got, want, "weights {weights:?}");
     }

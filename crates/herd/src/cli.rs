@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Dur, EnvPair, Instances, ListenAddr, Mode};
+use crate::config::{Dur, EnvPair, Instances, ListenAddr, Mode, Protocol, Size};
+use crate::upstream::UpstreamSpec;
+use herd_balance::StrategyKind;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,6 +75,49 @@ pub struct RunArgs {
     /// Extra environment for the workers, KEY=VAL (repeatable).
     #[arg(long = "env", value_name = "KEY=VAL")]
     pub env: Vec<EnvPair>,
+    /// Balancing strategy: round-robin, weighted, least-conn, random2, ewma,
+    /// ip-hash, hash:header:NAME, hash:cookie:NAME [default: round-robin].
+    #[arg(long, value_name = "STRATEGY")]
+    pub balance: Option<StrategyKind>,
+    /// What the proxy speaks: `http` balances per request, `tcp` per connection [default: http].
+    #[arg(long, value_enum)]
+    pub protocol: Option<Protocol>,
+    /// A remote backend: ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,backup] (repeatable).
+    #[arg(long = "upstream", value_name = "SPEC")]
+    pub upstreams: Vec<UpstreamSpec>,
+    /// Active health check: `GET PATH` must answer 2xx/3xx [default: a TCP connect].
+    #[arg(long, value_name = "PATH")]
+    pub health_path: Option<String>,
+    /// Time between health checks; 0 turns them off [default: 2s].
+    #[arg(long, value_name = "DUR")]
+    pub health_interval: Option<Dur>,
+    /// Time a health check may take [default: 1s].
+    #[arg(long, value_name = "DUR")]
+    pub health_timeout: Option<Dur>,
+    /// Passed checks in a row that bring a backend back [default: 2].
+    #[arg(long, value_name = "N")]
+    pub health_rise: Option<u32>,
+    /// Failed checks in a row that take a backend out [default: 3].
+    #[arg(long, value_name = "N")]
+    pub health_fall: Option<u32>,
+    /// Time to connect to a backend [default: 5s].
+    #[arg(long, value_name = "DUR")]
+    pub connect_timeout: Option<Dur>,
+    /// Time for a backend to start answering a request [default: 60s].
+    #[arg(long, value_name = "DUR")]
+    pub response_timeout: Option<Dur>,
+    /// Time for a client to send a request head once begun (then 408) [default: 10s].
+    #[arg(long, value_name = "DUR")]
+    pub header_timeout: Option<Dur>,
+    /// Time a keep-alive client connection may sit idle [default: 60s].
+    #[arg(long, value_name = "DUR")]
+    pub idle_timeout: Option<Dur>,
+    /// Largest request head (request line + headers), e.g. 16k (then 431) [default: 16k].
+    #[arg(long, value_name = "SIZE")]
+    pub max_header_size: Option<Size>,
+    /// Most request headers (then 431) [default: 100].
+    #[arg(long, value_name = "N")]
+    pub max_headers: Option<usize>,
     /// The server program and its arguments (put them after `--`).
     #[arg(trailing_var_arg = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,

@@ -12,6 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cli::RunArgs;
+use crate::http::{HttpConfig, guard::Limits};
+use crate::upstream::{HealthConfig, UpstreamSpec};
+use herd_balance::StrategyKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -30,9 +33,11 @@ pub enum ConfigError {
     #[error("{path}: {message}")]
     ParseNoSpan { path: PathBuf, message: String },
     #[error(
-        "no command given: put the server program after `--`, e.g. `herd run -- node server.js`"
+        "no command given: put the server program after `--` (e.g. `herd run -- node server.js`), or give --upstream"
     )]
     NoCommand,
+    #[error("{0} needs --mode proxy")]
+    NeedsProxy(&'static str),
     #[error("command not found: {0}")]
     NotFound(String),
     #[error("not an executable file: {0}")]
@@ -67,6 +72,59 @@ impl Mode {
     /// Whether workers get the listening socket as fd 3.
     pub fn passes_fd(self) -> bool {
         !matches!(self, Mode::Proxy)
+    }
+}
+
+/// What proxy mode speaks to clients and backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 and h2c: balanced per request, with retries and forwarding headers.
+    Http,
+    /// Bytes: balanced per connection.
+    Tcp,
+}
+
+/// A byte size written like `16384`, `16k`, `16KiB`, `1m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "SizeRepr")]
+pub struct Size(pub usize);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    N(i64),
+    S(String),
+}
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1024,
+            "m" | "mb" | "mib" => 1024 * 1024,
+            _ => return Err(format!("{s:?} is not a size (write 16384, 16k or 1m)")),
+        };
+        num.parse::<usize>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .filter(|&n| n > 0)
+            .map(Size)
+            .ok_or_else(|| format!("{s:?} is not a size (write 16384, 16k or 1m)"))
+    }
+}
+
+impl TryFrom<SizeRepr> for Size {
+    type Error = String;
+    fn try_from(r: SizeRepr) -> Result<Self, String> {
+        match r {
+            SizeRepr::N(n) => n.to_string().parse(),
+            SizeRepr::S(s) => s.parse(),
+        }
     }
 }
 
@@ -219,6 +277,27 @@ pub struct FileConfig {
     pub command: Option<Vec<String>>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "strategy")]
+    pub balance: Option<StrategyKind>,
+    pub protocol: Option<Protocol>,
+    #[serde(default)]
+    pub upstream: Vec<UpstreamSpec>,
+    pub health_path: Option<String>,
+    pub health_interval: Option<Dur>,
+    pub health_timeout: Option<Dur>,
+    pub health_rise: Option<u32>,
+    pub health_fall: Option<u32>,
+    pub connect_timeout: Option<Dur>,
+    pub response_timeout: Option<Dur>,
+    pub header_timeout: Option<Dur>,
+    pub idle_timeout: Option<Dur>,
+    pub max_header_size: Option<Size>,
+    pub max_headers: Option<usize>,
+}
+
+fn strategy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StrategyKind>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 impl FileConfig {
@@ -285,9 +364,16 @@ pub struct Settings {
     pub cwd: Option<PathBuf>,
     /// Extra worker environment, in the order given (later wins).
     pub env: Vec<(String, String)>,
-    /// The command as given; `program` is its first word resolved to a path.
+    /// The command as given; `program` is its first word resolved to a
+    /// path. Empty for a pure load balancer (upstreams only).
     pub command: Vec<OsString>,
     pub program: PathBuf,
+    pub balance: StrategyKind,
+    pub protocol: Protocol,
+    pub upstreams: Vec<UpstreamSpec>,
+    pub health: HealthConfig,
+    pub http: HttpConfig,
+    pub connect_timeout: Duration,
 }
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
@@ -307,8 +393,27 @@ impl Settings {
                 .map(OsString::from)
                 .collect()
         };
-        if command.is_empty() || command[0].is_empty() {
+        let upstreams = if args.upstreams.is_empty() {
+            file.upstream
+        } else {
+            args.upstreams
+        };
+        if command.first().is_none_or(|c| c.is_empty()) && upstreams.is_empty() {
             return Err(ConfigError::NoCommand);
+        }
+        let mode = args.mode.or(file.mode).unwrap_or(Mode::Proxy);
+        let balance = args.balance.or(file.balance);
+        let protocol = args.protocol.or(file.protocol);
+        if mode != Mode::Proxy {
+            if !upstreams.is_empty() {
+                return Err(ConfigError::NeedsProxy("--upstream"));
+            }
+            if balance.is_some() {
+                return Err(ConfigError::NeedsProxy("--balance"));
+            }
+            if protocol.is_some() {
+                return Err(ConfigError::NeedsProxy("--protocol"));
+            }
         }
         let cwd = args.cwd.or(file.cwd);
         if let Some(dir) = &cwd
@@ -324,23 +429,79 @@ impl Settings {
             .find(|(k, _)| k == "PATH")
             .map(|(_, v)| OsString::from(v))
             .or_else(|| std::env::var_os("PATH"));
-        let program = resolve_program(&command[0], cwd.as_deref(), path_var.as_deref())?;
+        let program = match command.first() {
+            Some(word) => resolve_program(word, cwd.as_deref(), path_var.as_deref())?,
+            None => PathBuf::new(),
+        };
         let name = match args.name.or(file.name) {
             Some(n) => validate_name(n)?,
+            None if command.is_empty() => "lb".to_string(),
             None => derive_name(&command),
         };
         let instances = match args.instances.or(file.instances).unwrap_or(Instances::Max) {
+            _ if command.is_empty() => 0,
             Instances::Max => crate::cpus::usable(),
             Instances::Count(n) => n,
         };
         let d = |cli: Option<Dur>, file: Option<Dur>, default: Duration| {
             cli.or(file).map_or(default, |d| d.0)
         };
+        let ready_timeout = d(
+            args.ready_timeout,
+            file.ready_timeout,
+            Duration::from_secs(30),
+        );
+        let connect_timeout = d(
+            args.connect_timeout,
+            file.connect_timeout,
+            Duration::from_secs(5),
+        );
+        let health = HealthConfig {
+            path: args.health_path.or(file.health_path),
+            interval: d(
+                args.health_interval,
+                file.health_interval,
+                Duration::from_secs(2),
+            ),
+            timeout: d(
+                args.health_timeout,
+                file.health_timeout,
+                Duration::from_secs(1),
+            ),
+            rise: args.health_rise.or(file.health_rise).unwrap_or(2).max(1),
+            fall: args.health_fall.or(file.health_fall).unwrap_or(3).max(1),
+        };
+        let http = HttpConfig {
+            connect_timeout,
+            response_timeout: d(
+                args.response_timeout,
+                file.response_timeout,
+                Duration::from_secs(60),
+            ),
+            limits: Limits {
+                max_head: args
+                    .max_header_size
+                    .or(file.max_header_size)
+                    .map_or(16 * 1024, |s| s.0),
+                max_headers: args.max_headers.or(file.max_headers).unwrap_or(100).max(1),
+                header_timeout: d(
+                    args.header_timeout,
+                    file.header_timeout,
+                    Duration::from_secs(10),
+                ),
+                idle_timeout: d(
+                    args.idle_timeout,
+                    file.idle_timeout,
+                    Duration::from_secs(60),
+                ),
+            },
+            wait_for_backend: ready_timeout,
+        };
         Ok(Settings {
             name,
             listen: args.listen.or(file.listen).map_or(DEFAULT_LISTEN, |l| l.0),
             instances,
-            mode: args.mode.or(file.mode).unwrap_or(Mode::Proxy),
+            mode,
             kill_timeout: d(args.kill_timeout, file.kill_timeout, Duration::from_secs(5)),
             ready_timeout: d(
                 args.ready_timeout,
@@ -364,6 +525,12 @@ impl Settings {
             env,
             command,
             program,
+            balance: balance.unwrap_or(StrategyKind::RoundRobin),
+            protocol: protocol.unwrap_or(Protocol::Http),
+            upstreams,
+            health,
+            http,
+            connect_timeout,
         })
     }
 }

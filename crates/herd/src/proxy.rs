@@ -1,33 +1,22 @@
-//! Proxy mode: the master accepts on the public port and relays each
-//! connection, byte for byte, to a ready worker's private loopback port.
+//! Proxy mode's front door: the master accepts on the public port and
+//! either relays bytes to a target (`--protocol tcp`, one pick per
+//! connection) or hands the connection to the HTTP proxy (one pick per
+//! request).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use herd_balance::{Pick, RoundRobin};
+use herd_balance::{Backend, Ctx};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// The ready workers, republished by the supervisor on every change and read
-/// lock-free by every accepted connection.
-#[derive(Default)]
-pub struct Backends {
-    list: ArcSwap<Vec<SocketAddr>>,
-    changed: Notify,
-}
+use crate::http::{HttpProxy, ip_key};
+use crate::upstream::Upstreams;
 
-impl Backends {
-    pub fn publish(&self, ready: Vec<SocketAddr>) {
-        self.list.store(Arc::new(ready));
-        self.changed.notify_waiters();
-    }
-}
-
-/// Open relayed connections, so a graceful stop can wait for them.
+/// Open client connections, so a graceful stop can wait for them.
 #[derive(Default)]
 pub struct Active {
     count: AtomicUsize,
@@ -61,76 +50,112 @@ impl Drop for ActiveGuard {
     }
 }
 
-pub struct Proxy {
-    pub backends: Arc<Backends>,
-    pub active: Arc<Active>,
-    /// How long a connection waits for some worker to be ready.
-    pub wait_for_backend: Duration,
+pub enum Protocol {
+    Http(Arc<HttpProxy>),
+    Tcp(Arc<TcpProxy>),
 }
 
-impl Proxy {
-    /// Accepts until `stop` is cancelled, then drops the listener.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        let rr = Arc::new(RoundRobin::default());
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok((client, _)) => {
-                    self.active.count.fetch_add(1, Ordering::AcqRel);
-                    let guard = ActiveGuard(self.active.clone());
-                    let me = self.clone();
-                    let rr = rr.clone();
-                    tokio::spawn(async move {
-                        me.relay(client, &rr).await;
-                        drop(guard);
-                    });
+/// Accepts until `stop` is cancelled, then drops the listener; HTTP
+/// connections are told to finish in-flight requests and close.
+pub async fn serve(
+    listener: TcpListener,
+    proto: Protocol,
+    active: Arc<Active>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                active.count.fetch_add(1, Ordering::AcqRel);
+                let guard = ActiveGuard(active.clone());
+                match &proto {
+                    Protocol::Http(h) => {
+                        let (h, stop) = (h.clone(), stop.clone());
+                        tokio::spawn(async move {
+                            h.serve_conn(client, peer, stop).await;
+                            drop(guard);
+                        });
+                    }
+                    Protocol::Tcp(t) => {
+                        let t = t.clone();
+                        tokio::spawn(async move {
+                            t.relay(client, peer).await;
+                            drop(guard);
+                        });
+                    }
                 }
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     }
+}
 
-    async fn relay(&self, mut client: TcpStream, picker: &RoundRobin) {
-        let Some(mut upstream) = self.connect(picker).await else {
-            return; // Dropping the client closes it: no worker could take it.
-        };
-        let _ = client.set_nodelay(true);
-        let _ = upstream.set_nodelay(true);
-        // Relays both ways; on EOF from one side it shuts down writing to the
-        // other (half-close), and returns when both directions are done.
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    }
+pub struct TcpProxy {
+    pub up: Arc<Upstreams>,
+    pub connect_timeout: Duration,
+    /// How long a connection waits for a first worker to be ready.
+    pub wait_for_backend: Duration,
+}
 
-    /// Connects to a ready worker, trying the others if one refuses (it may
-    /// have just died), and waiting a bounded time when none is ready.
-    async fn connect(&self, picker: &RoundRobin) -> Option<TcpStream> {
+/// Targets tried per connection before giving up on it.
+const MAX_TRIES: usize = 3;
+
+impl TcpProxy {
+    async fn relay(&self, mut client: TcpStream, peer: SocketAddr) {
+        let key = ip_key(peer);
+        let mut avoid: Option<Arc<Backend>> = None;
         let deadline = tokio::time::Instant::now() + self.wait_for_backend;
-        loop {
-            let changed = self.backends.changed.notified();
-            let list = self.backends.list.load();
-            for _ in 0..list.len() {
-                let Some(i) = picker.pick(list.len()) else {
-                    break;
-                };
-                if let Ok(s) = TcpStream::connect(list[i]).await {
-                    return Some(s);
+        let mut tries = 0;
+        while tries < MAX_TRIES {
+            let changed = self.up.changed();
+            let pool = self.up.current();
+            let ctx = Ctx {
+                now: self.up.now(),
+                rand: fastrand::u64(..),
+                key: Some(key.as_slice()),
+            };
+            let lease = match pool.balancer.pick_except(&ctx, avoid.as_deref()) {
+                Ok(l) => l,
+                Err(_) => {
+                    // None ready yet (start-up, restarts): wait a bounded time.
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        tracing::warn!(
+                            "no ready backend within {:?}; closing a connection",
+                            self.wait_for_backend
+                        );
+                        return;
+                    }
+                    continue;
                 }
+            };
+            tries += 1;
+            let target = pool.targets[lease.index()].clone();
+            drop(pool);
+            let connect =
+                tokio::time::timeout(self.connect_timeout, TcpStream::connect(target.addr));
+            match connect.await {
+                Ok(Ok(mut upstream)) => {
+                    lease.success(self.up.now());
+                    let _ = client.set_nodelay(true);
+                    let _ = upstream.set_nodelay(true);
+                    // Both ways; EOF on one side shuts down writing to the
+                    // other (half-close); returns when both are done.
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    return; // The lease, held until now, counts this connection.
+                }
+                Ok(Err(e)) => tracing::debug!("{}: connect failed: {e}", target.label),
+                Err(_) => tracing::debug!("{}: connect timed out", target.label),
             }
-            drop(list);
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                tracing::warn!(
-                    "no ready worker within {:?}; closing a connection",
-                    self.wait_for_backend
-                );
-                return None;
-            }
+            lease.failure(self.up.now());
+            avoid = Some(lease.backend().clone());
         }
     }
 }

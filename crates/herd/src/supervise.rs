@@ -19,13 +19,16 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Mode, Settings};
+use crate::config::{Mode, Protocol, Settings};
 use crate::guardian::Guardian;
+use crate::http::HttpProxy;
 use crate::listen::{ListenError, Listeners};
 use crate::output::{Output, Stream};
-use crate::proxy::{Active, Backends, Proxy};
+use crate::proxy::{self, Active, TcpProxy};
 use crate::rundir::{RunDir, RunDirError};
 use crate::sys::{self, ExecSpec};
+use crate::upstream::{self, Target, Upstreams};
+use herd_balance::BackendConfig;
 use herd_sdk::env as contract;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,8 @@ struct Worker {
     started: Instant,
     ready: bool,
     port: Option<u16>,
+    /// Proxy mode: this worker as a balancing target.
+    target: Option<Arc<Target>>,
     failed_start: bool,
     notify_path: PathBuf,
     tasks: Vec<AbortHandle>,
@@ -98,7 +103,7 @@ pub struct Supervisor {
     next_epoch: u64,
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
-    backends: Arc<Backends>,
+    up: Arc<Upstreams>,
     active: Arc<Active>,
     stop_accepting: CancellationToken,
     all_ready_once: bool,
@@ -119,6 +124,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(SuperviseError::Signals)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(SuperviseError::Signals)?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let up = Arc::new(Upstreams::new(s.balance.clone(), &s.upstreams));
     let mut sup = Supervisor {
         slots: (0..s.instances).map(|_| Slot::default()).collect(),
         s,
@@ -129,7 +135,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         next_epoch: 0,
         tx,
         rx,
-        backends: Arc::new(Backends::default()),
+        up,
         active: Arc::new(Active::default()),
         stop_accepting: CancellationToken::new(),
         all_ready_once: false,
@@ -146,18 +152,43 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 source,
             }
         })?;
-        let proxy = Arc::new(Proxy {
-            backends: sup.backends.clone(),
-            active: sup.active.clone(),
-            wait_for_backend: sup.s.ready_timeout,
-        });
-        tokio::spawn(proxy.serve(listener, sup.stop_accepting.clone()));
+        let proto = match sup.s.protocol {
+            Protocol::Http => proxy::Protocol::Http(Arc::new(HttpProxy {
+                up: sup.up.clone(),
+                cfg: sup.s.http.clone(),
+            })),
+            Protocol::Tcp => proxy::Protocol::Tcp(Arc::new(TcpProxy {
+                up: sup.up.clone(),
+                connect_timeout: sup.s.connect_timeout,
+                wait_for_backend: sup.s.ready_timeout,
+            })),
+        };
+        tokio::spawn(proxy::serve(
+            listener,
+            proto,
+            sup.active.clone(),
+            sup.stop_accepting.clone(),
+        ));
+        tokio::spawn(upstream::health_loop(sup.up.clone(), sup.s.health.clone()));
     }
     for slot in 0..sup.slots.len() {
         if let Err(e) = sup.spawn(slot) {
             sup.shutdown(&mut sigint, &mut sigterm).await;
             return Err(e);
         }
+    }
+    if !sup.s.upstreams.is_empty() {
+        tracing::info!(
+            "{}: {} upstream{}, balance {}",
+            sup.s.name,
+            sup.s.upstreams.len(),
+            if sup.s.upstreams.len() == 1 { "" } else { "s" },
+            sup.s.balance
+        );
+    }
+    if sup.slots.is_empty() {
+        sup.all_ready_once = true;
+        tracing::info!("all workers ready (0)");
     }
     tracing::info!(
         "{}: {} worker{}, {} mode, listening on {bound}",
@@ -334,10 +365,9 @@ impl Supervisor {
             .iter()
             .filter_map(|s| s.worker.as_ref())
             .filter(|w| w.ready)
-            .filter_map(|w| w.port)
-            .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p)))
+            .filter_map(|w| w.target.clone())
             .collect();
-        self.backends.publish(ready);
+        self.up.set_workers(ready);
     }
 
     fn spawn(&mut self, slot: usize) -> Result<(), SuperviseError> {
@@ -410,12 +440,21 @@ impl Supervisor {
             epoch,
         ));
         tracing::info!("worker {slot} started (pid {pid})");
+        let target = port.map(|p| {
+            Arc::new(Target::new(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, p)),
+                format!("worker-{slot}"),
+                format!("worker {slot}"),
+                BackendConfig::default(),
+            ))
+        });
         self.slots[slot].worker = Some(Worker {
             epoch,
             pid,
             started: Instant::now(),
             ready: false,
             port,
+            target,
             failed_start: false,
             notify_path,
             tasks: vec![readiness.abort_handle()],

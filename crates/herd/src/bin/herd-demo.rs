@@ -4,7 +4,8 @@
 //! accepting, finishes in-flight requests, then exits.
 //!
 //! Routes: `/` (hello), `/slow?ms=N` (answers after N ms), `/crash` (exits 1),
-//! `/env` (the worker-contract variables it was given).
+//! `/env` (the worker-contract variables it was given), `/headers` (the
+//! request head as received).
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -102,6 +103,13 @@ async fn handle(
             format!("slow done by worker {id} (pid {pid})\n")
         }
         "/env" => contract.to_string(),
+        "/headers" => {
+            let mut out = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+            for (k, v) in req.headers() {
+                out += &format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes()));
+            }
+            out
+        }
         "/crash" => {
             eprintln!("crashing on request");
             std::process::exit(1);

@@ -1,0 +1,449 @@
+//! The HTTP proxy (proxy mode, `--protocol http`): balances per request
+//! over keep-alive connections to each target, HTTP/1.1 and h2c from
+//! clients, websockets through upgrades.
+
+pub mod guard;
+pub mod pool;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use herd_balance::{Backend, Ctx, KeySource, PickError};
+use hyper::body::{Body, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::upstream::{Pool, Target, Upstreams};
+use pool::{ReqBody, RespBody, Sender};
+
+/// Timeouts and limits of the HTTP proxy.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub connect_timeout: Duration,
+    /// Time for a backend to start answering (response headers).
+    pub response_timeout: Duration,
+    pub limits: guard::Limits,
+    /// How long a request waits for a first worker to be ready.
+    pub wait_for_backend: Duration,
+}
+
+pub struct HttpProxy {
+    pub up: Arc<Upstreams>,
+    pub cfg: HttpConfig,
+}
+
+/// Attempts per request, as nginx's `proxy_next_upstream_tries` but bounded.
+const MAX_TRIES: usize = 3;
+
+impl HttpProxy {
+    /// Serves one client connection until it closes or `stop` asks it to
+    /// finish its in-flight requests and close.
+    pub async fn serve_conn(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        stop: CancellationToken,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(guard::Guard::new(stream, self.cfg.limits));
+        let me = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let me = me.clone();
+            async move { Ok::<_, std::convert::Infallible>(me.handle(req, peer).await) }
+        });
+        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            // A client may shut down its sending side and still await answers.
+            .half_close(true)
+            .timer(TokioTimer::new())
+            .max_buf_size(self.cfg.limits.max_head.max(8192) + 8192)
+            .max_headers(self.cfg.limits.max_headers);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(self.cfg.limits.max_head as u32);
+        let conn = b.serve_connection_with_upgrades(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = stop.cancelled() => {
+                // Finish what is in flight, close idle keep-alive at once.
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
+        let upgrade = is_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        prepare_request_head(&mut parts, peer, upgrade);
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        );
+        let body_failed = Arc::new(AtomicBool::new(false));
+        let has_body = !body.is_end_stream();
+        // A request without a body can be replayed on another backend if
+        // the first dies before answering; one with a body cannot.
+        let replay = (idempotent && !has_body && !upgrade).then(|| clone_head(&parts));
+        let mut next = Some(Request::from_parts(
+            parts,
+            if has_body {
+                ReqBody::Client {
+                    inner: body,
+                    failed: body_failed.clone(),
+                }
+            } else {
+                ReqBody::Empty
+            },
+        ));
+        let key_source = self.up.kind().key_source();
+        let mut avoid: Option<Arc<Backend>> = None;
+        for _ in 0..MAX_TRIES {
+            let Some(pool) = self.pool().await else {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "no worker is ready\n");
+            };
+            let Some(req) = next.take() else { break };
+            let lease = {
+                let key = hash_key(&key_source, req.headers(), peer);
+                let ctx = Ctx {
+                    now: self.up.now(),
+                    rand: fastrand::u64(..),
+                    key: key.as_ref().map(|k| k.as_slice()),
+                };
+                match pool.balancer.pick_except(&ctx, avoid.as_deref()) {
+                    Ok(l) => l,
+                    Err(PickError::AllDown | PickError::Empty) => {
+                        return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n");
+                    }
+                }
+            };
+            let target = pool.targets[lease.index()].clone();
+            let outcome = self.send(&target, req, upgrade).await;
+            let now = self.up.now();
+            match outcome {
+                Sent::Answer(mut resp, sender) => {
+                    lease.success(now);
+                    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    strip_hop_by_hop(resp.headers_mut(), switching);
+                    if switching {
+                        if let Some(client) = client_upgrade {
+                            let backend = hyper::upgrade::on(&mut resp);
+                            tokio::spawn(tunnel(client, backend, lease));
+                        }
+                        return resp.map(|_| RespBody::Full(None));
+                    }
+                    let back = sender.map(|s| (s, target));
+                    return resp.map(|inner| RespBody::Backend {
+                        inner,
+                        lease: Some(lease),
+                        back,
+                    });
+                }
+                Sent::Unsent(req, why) => {
+                    // Nothing reached the backend: any request may go elsewhere.
+                    tracing::debug!("{}: {why}; trying another backend", target.label);
+                    lease.failure(now);
+                    avoid = Some(lease.backend().clone());
+                    next = Some(req);
+                }
+                Sent::Failed(why, timed_out) => {
+                    if body_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        return error(StatusCode::BAD_REQUEST, "bad request body\n");
+                    }
+                    lease.failure(now);
+                    tracing::debug!("{}: {why}", target.label);
+                    match &replay {
+                        Some(head) => {
+                            avoid = Some(lease.backend().clone());
+                            next = Some(Request::from_parts(clone_head(head), ReqBody::Empty));
+                        }
+                        None if timed_out => {
+                            return error(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "backend did not answer in time\n",
+                            );
+                        }
+                        None => return error(StatusCode::BAD_GATEWAY, "backend failed\n"),
+                    }
+                }
+            }
+        }
+        error(StatusCode::BAD_GATEWAY, "no backend could answer\n")
+    }
+
+    /// The current pool; while it is empty (no worker ready yet), waits a
+    /// bounded time for one.
+    async fn pool(&self) -> Option<Arc<Pool>> {
+        let deadline = tokio::time::Instant::now() + self.cfg.wait_for_backend;
+        loop {
+            let changed = self.up.changed();
+            let pool = self.up.current();
+            if !pool.targets.is_empty() {
+                return Some(pool);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    async fn send(&self, target: &Arc<Target>, mut req: Request<ReqBody>, upgrade: bool) -> Sent {
+        // A pooled connection the backend has meanwhile closed gives the
+        // request back unsent; then one fresh connection is tried.
+        let mut pooled = if upgrade {
+            None
+        } else {
+            target.conns.take().await
+        };
+        loop {
+            let from_pool = pooled.is_some();
+            let mut sender = match pooled.take() {
+                Some(s) => s,
+                None => match pool::connect(target, self.cfg.connect_timeout, upgrade).await {
+                    Ok(s) => s,
+                    Err(e) => return Sent::Unsent(req, e.to_string()),
+                },
+            };
+            let sending = sender.try_send_request(req);
+            let res = match tokio::time::timeout(self.cfg.response_timeout, sending).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Sent::Failed(
+                        format!("no response within {:?}", self.cfg.response_timeout),
+                        true,
+                    );
+                }
+            };
+            match res {
+                Ok(resp) => {
+                    let reusable = !upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
+                    if resp.body().is_end_stream() && reusable {
+                        target.conns.put(sender);
+                        return Sent::Answer(resp, None);
+                    }
+                    return Sent::Answer(resp, reusable.then_some(sender));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) if from_pool => req = back,
+                    Some(back) => return Sent::Unsent(back, e.into_error().to_string()),
+                    None => {
+                        let err = e.into_error();
+                        return Sent::Failed(err.to_string(), err.is_timeout());
+                    }
+                },
+            }
+        }
+    }
+}
+
+enum Sent {
+    /// Response headers arrived; the sender goes back to the pool when the
+    /// body ends (`None`: it already went back, or cannot be reused).
+    Answer(Response<Incoming>, Option<Sender>),
+    /// The request never left: safe to send elsewhere.
+    Unsent(Request<ReqBody>, String),
+    /// Sent, then failed (reset, malformed response, timeout).
+    Failed(String, bool),
+}
+
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    lease: herd_balance::Lease,
+) {
+    if let (Ok(c), Ok(b)) = (client.await, backend.await) {
+        let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+        let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+    }
+    drop(lease); // Counted as in flight for as long as the tunnel lasts.
+}
+
+fn error(status: StatusCode, body: &'static str) -> Response<RespBody> {
+    let mut r = Response::new(RespBody::text(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes headers meant for one hop only, including those the sender
+/// listed in `Connection`; an upgrade keeps `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            h.remove(&name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        h.remove(name);
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// Turns the client's request head into the one sent to a backend.
+fn prepare_request_head(parts: &mut hyper::http::request::Parts, peer: SocketAddr, upgrade: bool) {
+    // h2 clients give the host as :authority; HTTP/1.1 backends want Host.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    parts.uri = path
+        .parse::<Uri>()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    add_forwarding(&mut parts.headers, peer);
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// `X-Forwarded-For` and `Forwarded` get this hop appended; an
+/// `X-Forwarded-Proto`/`-Host` set by a proxy in front is kept.
+fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_canonical();
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    if !h.contains_key(&X_FORWARDED_PROTO) {
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    let host = h.get(header::HOST).cloned();
+    if let Some(host) = &host
+        && !h.contains_key(&X_FORWARDED_HOST)
+    {
+        h.insert(X_FORWARDED_HOST, host.clone());
+    }
+    let node = if ip.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip.to_string()
+    };
+    let mut elem = format!("for={node};proto=http");
+    if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
+        elem.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+    }
+    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {elem}"),
+        None => elem,
+    };
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        h.insert(header::FORWARDED, v);
+    }
+}
+
+fn clone_head(p: &hyper::http::request::Parts) -> hyper::http::request::Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = p.method.clone();
+    *r.uri_mut() = p.uri.clone();
+    *r.version_mut() = p.version;
+    *r.headers_mut() = p.headers.clone();
+    r.into_parts().0
+}
+
+/// The key a hashing strategy balances on: borrowed from the request, or
+/// the client address on the stack.
+pub enum Key<'a> {
+    Ip([u8; 16], usize),
+    Bytes(&'a [u8]),
+}
+
+impl Key<'_> {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Key::Ip(b, n) => &b[..*n],
+            Key::Bytes(b) => b,
+        }
+    }
+}
+
+pub fn ip_key(peer: SocketAddr) -> Key<'static> {
+    let mut b = [0u8; 16];
+    match peer.ip().to_canonical() {
+        std::net::IpAddr::V4(v4) => {
+            b[..4].copy_from_slice(&v4.octets());
+            Key::Ip(b, 4)
+        }
+        std::net::IpAddr::V6(v6) => Key::Ip(v6.octets(), 16),
+    }
+}
+
+fn hash_key<'a>(src: &KeySource, h: &'a HeaderMap, peer: SocketAddr) -> Option<Key<'a>> {
+    match src {
+        KeySource::None => None,
+        KeySource::ClientIp => Some(ip_key(peer)),
+        KeySource::Header(name) => h.get(name.as_str()).map(|v| Key::Bytes(v.as_bytes())),
+        KeySource::Cookie(name) => h
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(';'))
+            .find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == name).then_some(Key::Bytes(v.as_bytes()))
+            }),
+    }
+}
