@@ -5,7 +5,8 @@
 //!
 //! Routes: `/` (hello), `/slow?ms=N` (answers after N ms), `/crash` (exits 1),
 //! `/env` (the worker-contract variables it was given), `/headers` (the
-//! request head as received).
+//! request head as received), `/healthz`. `HERD_DEMO_DELAY_MS` delays every
+//! answer (a slow backend, for trying the balancing strategies).
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -33,6 +34,10 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     std_listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(std_listener)?;
     let id = herd_sdk::worker_id().map_or("-".to_string(), |i| i.to_string());
+    let delay = std::env::var("HERD_DEMO_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
     println!("listening on {}", listener.local_addr()?);
     herd_sdk::ready()?;
 
@@ -50,7 +55,15 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         };
         let id = id.clone();
         let contract = contract.clone();
-        let svc = hyper::service::service_fn(move |req| handle(req, id.clone(), contract.clone()));
+        let svc = hyper::service::service_fn(move |req| {
+            let (id, contract) = (id.clone(), contract.clone());
+            async move {
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
+                handle(req, id, contract).await
+            }
+        });
         let conn =
             hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
@@ -103,6 +116,7 @@ async fn handle(
             format!("slow done by worker {id} (pid {pid})\n")
         }
         "/env" => contract.to_string(),
+        "/healthz" => "ok\n".to_string(),
         "/headers" => {
             let mut out = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
             for (k, v) in req.headers() {

@@ -110,6 +110,8 @@ impl HttpProxy {
         ));
         let key_source = self.up.kind().key_source();
         let mut avoid: Option<Arc<Backend>> = None;
+        // What the client gets if no retry succeeds (nginx answers 502 then).
+        let mut last = (StatusCode::BAD_GATEWAY, "no backend could answer\n");
         for _ in 0..MAX_TRIES {
             let Some(pool) = self.pool().await else {
                 return error(StatusCode::SERVICE_UNAVAILABLE, "no worker is ready\n");
@@ -124,6 +126,9 @@ impl HttpProxy {
                 };
                 match pool.balancer.pick_except(&ctx, avoid.as_deref()) {
                     Ok(l) => l,
+                    Err(PickError::AllDown | PickError::Empty) if avoid.is_some() => {
+                        return error(last.0, last.1);
+                    }
                     Err(PickError::AllDown | PickError::Empty) => {
                         return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n");
                     }
@@ -154,6 +159,7 @@ impl HttpProxy {
                 Sent::Unsent(req, why) => {
                     // Nothing reached the backend: any request may go elsewhere.
                     tracing::debug!("{}: {why}; trying another backend", target.label);
+                    last = (StatusCode::BAD_GATEWAY, "could not connect to a backend\n");
                     lease.failure(now);
                     avoid = Some(lease.backend().clone());
                     next = Some(req);
@@ -164,23 +170,25 @@ impl HttpProxy {
                     }
                     lease.failure(now);
                     tracing::debug!("{}: {why}", target.label);
+                    last = if timed_out {
+                        (
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "backend did not answer in time\n",
+                        )
+                    } else {
+                        (StatusCode::BAD_GATEWAY, "backend failed\n")
+                    };
                     match &replay {
                         Some(head) => {
                             avoid = Some(lease.backend().clone());
                             next = Some(Request::from_parts(clone_head(head), ReqBody::Empty));
                         }
-                        None if timed_out => {
-                            return error(
-                                StatusCode::GATEWAY_TIMEOUT,
-                                "backend did not answer in time\n",
-                            );
-                        }
-                        None => return error(StatusCode::BAD_GATEWAY, "backend failed\n"),
+                        None => return error(last.0, last.1),
                     }
                 }
             }
         }
-        error(StatusCode::BAD_GATEWAY, "no backend could answer\n")
+        error(last.0, last.1)
     }
 
     /// The current pool; while it is empty (no worker ready yet), waits a

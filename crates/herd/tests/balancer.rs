@@ -1,0 +1,459 @@
+//! The HTTP-aware proxy and its strategies, end to end: the real `herd`
+//! binary in front of real backend processes on loopback.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A demo server run on its own (not under herd), as a remote upstream.
+struct Upstream {
+    child: Child,
+    port: u16,
+}
+
+impl Upstream {
+    fn start(env: &[(&str, &str)]) -> Upstream {
+        let port = free_port();
+        let child = Command::new(DEMO)
+            .env("PORT", port.to_string())
+            .env_remove("HERD_WORKER_ID")
+            .env_remove("NOTIFY_SOCKET")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", port)).is_ok()));
+        Upstream { child, port }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn spec(&self, params: &str) -> String {
+        format!("--upstream=127.0.0.1:{}{params}", self.port)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `herd run` as a pure load balancer over `args` (upstreams and options).
+fn lb(args: &[&str]) -> Herd {
+    let h = Herd::start(args, &[]);
+    h.wait_ready(0);
+    h
+}
+
+/// One raw request on a fresh connection; the whole answer as text.
+fn raw(port: u16, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn get_with(port: u16, path: &str, headers: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n");
+    let text = raw(port, req.as_bytes());
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        text.split_once("\r\n\r\n").map_or("", |x| x.1).to_string(),
+    )
+}
+
+fn served_by(body: &str) -> u32 {
+    parse_hello(body).1
+}
+
+#[test]
+fn weighted_split_is_exact_over_700_requests() {
+    let ups: Vec<_> = (0..3).map(|_| Upstream::start(&[])).collect();
+    let h = lb(&[
+        "--balance",
+        "weighted",
+        &ups[0].spec(",weight=5"),
+        &ups[1].spec(",weight=1"),
+        &ups[2].spec(",weight=1"),
+    ]);
+    let mut counts = BTreeMap::new();
+    for _ in 0..700 {
+        let (status, body) = h.get("/").unwrap();
+        assert_eq!(status, 200);
+        *counts.entry(served_by(&body)).or_insert(0) += 1;
+    }
+    let got: Vec<_> = ups
+        .iter()
+        .map(|u| counts.get(&u.pid()).copied().unwrap_or(0))
+        .collect();
+    assert_eq!(got, [500, 100, 100]);
+}
+
+#[test]
+fn header_hash_sticks_and_moves_only_a_dead_backends_keys() {
+    let mut ups: Vec<_> = (0..3).map(|_| Upstream::start(&[])).collect();
+    let specs: Vec<_> = ups.iter().map(|u| u.spec("")).collect();
+    let mut args = vec!["--balance", "hash:header:x-user"];
+    args.extend(specs.iter().map(String::as_str));
+    let h = lb(&args);
+    let who = |user: usize| {
+        let (status, body) = get_with(h.port, "/", &format!("X-User: user-{user}\r\n"));
+        assert_eq!(status, 200);
+        served_by(&body)
+    };
+    let before: Vec<u32> = (0..40).map(who).collect();
+    for (user, &pid) in before.iter().enumerate() {
+        assert_eq!(who(user), pid, "user-{user} moved while nothing changed");
+    }
+    let pids: BTreeSet<_> = before.iter().collect();
+    assert_eq!(pids.len(), 3, "40 users should reach all 3 backends");
+    let dead = ups.remove(1);
+    let dead_pid = dead.pid();
+    drop(dead);
+    for (user, &pid) in before.iter().enumerate() {
+        let now = who(user);
+        if pid == dead_pid {
+            assert_ne!(now, dead_pid);
+        } else {
+            assert_eq!(now, pid, "user-{user} moved though its backend lives");
+        }
+    }
+}
+
+/// Share of `n` requests, from 8 concurrent clients, served by `slow`.
+fn slow_share(h: &Herd, slow: u32, n: usize) -> f64 {
+    let port = h.port;
+    let per = n / 8;
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..per)
+                    .filter(|_| served_by(&http_get(port, "/").unwrap().1) == slow)
+                    .count()
+            })
+        })
+        .collect();
+    let hits: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    hits as f64 / (per * 8) as f64
+}
+
+#[test]
+fn least_conn_and_ewma_steer_away_from_a_slow_backend() {
+    let fast = Upstream::start(&[]);
+    let slow = Upstream::start(&[("HERD_DEMO_DELAY_MS", "200")]);
+    for strategy in ["least-conn", "ewma"] {
+        let h = lb(&["--balance", strategy, &fast.spec(""), &slow.spec("")]);
+        let share = slow_share(&h, slow.pid(), 80);
+        assert!(
+            share < 0.25,
+            "{strategy} sent {:.0}% to the slow backend",
+            share * 100.0
+        );
+    }
+    // The control: round-robin does not look at load.
+    let h = lb(&["--balance", "round-robin", &fast.spec(""), &slow.spec("")]);
+    let share = slow_share(&h, slow.pid(), 40);
+    assert!((0.4..=0.6).contains(&share), "round-robin gave {share}");
+}
+
+#[test]
+fn health_checks_take_a_backend_out_and_bring_it_back() {
+    let ups: Vec<_> = (0..2).map(|_| Upstream::start(&[])).collect();
+    let h = lb(&[
+        "--health-path",
+        "/healthz",
+        "--health-interval",
+        "100ms",
+        "--health-timeout",
+        "100ms",
+        "--health-fall",
+        "2",
+        "--health-rise",
+        "2",
+        &ups[0].spec(""),
+        &ups[1].spec(""),
+    ]);
+    signal(ups[1].pid(), "STOP"); // alive, accepting into its backlog, never answering
+    let out = format!("upstream 127.0.0.1:{} is unhealthy", ups[1].port);
+    assert!(h.wait_log(&out, T), "{}", h.log());
+    for _ in 0..20 {
+        let (status, body) = h.get("/").unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(served_by(&body), ups[0].pid());
+    }
+    signal(ups[1].pid(), "CONT");
+    let back = format!("upstream 127.0.0.1:{} is healthy again", ups[1].port);
+    assert!(h.wait_log(&back, T), "{}", h.log());
+    let seen: BTreeSet<_> = (0..10).map(|_| served_by(&h.get("/").unwrap().1)).collect();
+    assert!(
+        seen.contains(&ups[1].pid()),
+        "the backend did not get traffic back"
+    );
+}
+
+#[test]
+fn connect_failures_are_retried_on_another_backend() {
+    let live = Upstream::start(&[]);
+    let dead = free_port(); // nothing listens there
+    // max_fails=0 keeps the dead one in rotation, so every other request
+    // first tries it and must be retried.
+    let dead_spec = format!("--upstream=127.0.0.1:{dead},max_fails=0");
+    let h = lb(&[&dead_spec, &live.spec("")]);
+    for i in 0..20 {
+        let (status, _) = h.get("/").unwrap();
+        assert_eq!(status, 200, "GET {i}");
+        let post = raw(
+            h.port,
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        );
+        assert!(post.starts_with("HTTP/1.1 200"), "POST {i}: {post}");
+    }
+}
+
+#[test]
+fn no_healthy_backend_fails_fast_with_a_short_answer() {
+    let dead = free_port();
+    let h = lb(&[&format!("--upstream=127.0.0.1:{dead}")]);
+    for _ in 0..3 {
+        let start = Instant::now();
+        let (status, body) = h.get("/").unwrap();
+        assert!(status == 502 || status == 503, "{status}");
+        assert!(body.len() < 100, "{body}");
+        assert!(start.elapsed() < Duration::from_secs(3));
+    }
+}
+
+/// A backend that answers every request with `answer` and closes.
+fn fake_backend(answer: &'static [u8]) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let _ = c.write_all(answer);
+                if answer.starts_with(b"HTTP/1.1 101") {
+                    // Echo whatever comes through the tunnel.
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = r.get_mut().read(&mut buf) {
+                        if n == 0 || c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_malformed_backend_answer_is_a_502() {
+    let bad = fake_backend(b"THIS IS NOT HTTP\r\n\r\n");
+    let h = lb(&[&format!("--upstream=127.0.0.1:{bad}")]);
+    let (status, _) = h.get("/").unwrap();
+    assert_eq!(status, 502);
+    let post = raw(
+        h.port,
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    );
+    assert!(post.starts_with("HTTP/1.1 50"), "{post}");
+}
+
+#[test]
+fn hostile_requests_get_an_answer_and_everyone_else_is_served() {
+    let h = Herd::start(&["-i", "2", "--header-timeout", "300ms"], &[DEMO]);
+    h.wait_ready(2);
+    // A slow client is in progress the whole time.
+    let mut slowloris = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    slowloris
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-A: ")
+        .unwrap();
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many = format!("GET / HTTP/1.1\r\nHost: t\r\n{many}\r\n");
+    let cases: [(&[u8], &str); 7] = [
+        (
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "400",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+            "400",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            "400",
+        ),
+        (b"GET / HTTP/1.1 EXTRA WORDS\r\nHost: t\r\n\r\n", "400"),
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", "400"),
+        (big.as_bytes(), "431"),
+        (many.as_bytes(), "431"),
+    ];
+    for (bytes, want) in cases {
+        let answer = raw(h.port, bytes);
+        let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(60)]).into_owned();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {want}")),
+            "{shown:?} got {answer:?}"
+        );
+        // The connection was closed after the answer (read_to_end returned).
+        let (status, _) = h.get("/").unwrap();
+        assert_eq!(status, 200, "after {shown:?}");
+    }
+    // The slow client gets 408 once the header timeout passes.
+    slowloris.set_read_timeout(Some(T)).unwrap();
+    let mut answer = String::new();
+    let _ = slowloris.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    // Valid pipelined requests, chunked then plain, are both answered.
+    let answer = raw(
+        h.port,
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+}
+
+#[test]
+fn forwarding_headers_are_added_and_hop_by_hop_ones_removed() {
+    let h = Herd::start(&["-i", "1"], &[DEMO]);
+    h.wait_ready(1);
+    let (status, body) = get_with(
+        h.port,
+        "/headers",
+        "X-Forwarded-For: 10.9.9.9\r\nConnection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n",
+    );
+    assert_eq!(status, 200);
+    let body = body.to_ascii_lowercase();
+    for want in [
+        "x-forwarded-for: 10.9.9.9, 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: test",
+        "forwarded: for=127.0.0.1;proto=http;host=\"test\"",
+        "host: test",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in\n{body}");
+    }
+    for gone in ["x-secret", "keep-alive", "proxy-connection", "connection:"] {
+        assert!(!body.contains(gone), "{gone:?} was forwarded:\n{body}");
+    }
+}
+
+#[test]
+fn websocket_style_upgrades_are_tunnelled() {
+    let port = fake_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+    );
+    let h = lb(&[&format!("--upstream=127.0.0.1:{port}")]);
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for msg in [&b"ping"[..], b"second message"] {
+        s.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    }
+}
+
+#[test]
+fn tcp_protocol_balances_connections() {
+    let h = Herd::start(&["-i", "2", "--protocol", "tcp"], &[DEMO]);
+    h.wait_ready(2);
+    let mut counts = BTreeMap::new();
+    for _ in 0..10 {
+        *counts
+            .entry(parse_hello(&h.get("/").unwrap().1).0)
+            .or_insert(0) += 1;
+    }
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), [5, 5]);
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    use http_body_util::{BodyExt, Empty};
+    let h = Herd::start(&["-i", "1"], &[DEMO]);
+    h.wait_ready(1);
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", h.port))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(format!("http://127.0.0.1:{}/headers", h.port))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    // The backend got HTTP/1.1 with a Host taken from the h2 authority.
+    assert!(body.contains("HTTP/1.1"), "{body}");
+    assert!(
+        body.contains(&format!("host: 127.0.0.1:{}", h.port)),
+        "{body}"
+    );
+}
+
+#[test]
+fn balancer_flags_are_checked() {
+    let (code, err) = run_fail(&["run", "--balance", "fastest", "--", DEMO]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown strategy"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let (code, err) = run_fail(&["run", "--upstream", "127.0.0.1:1,weight=0"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("weight"), "{err}");
+    let (code, err) = run_fail(&[
+        "run",
+        "--mode",
+        "shared",
+        "--upstream",
+        "127.0.0.1:1",
+        "--",
+        DEMO,
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("needs --mode proxy"), "{err}");
+}
