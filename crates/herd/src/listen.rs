@@ -21,8 +21,10 @@ const BACKLOG: i32 = 4096;
 
 /// The master's listening sockets for one cluster.
 pub enum Listeners {
-    /// Accepted by the master and relayed (non-blocking, for tokio).
-    Proxy(std::net::TcpListener),
+    /// Accepted by the master's proxy threads, one SO_REUSEPORT socket
+    /// each, so the kernel spreads connections without a shared accept
+    /// queue (non-blocking, for tokio).
+    Proxy(Vec<std::net::TcpListener>),
     /// One blocking socket that every worker inherits as fd 3.
     Shared(Socket),
     /// One blocking SO_REUSEPORT socket per worker slot, each inherited as
@@ -31,12 +33,19 @@ pub enum Listeners {
 }
 
 impl Listeners {
+    /// `slots` is the number of workers (reuseport) or proxy threads (proxy).
     pub fn bind(mode: Mode, addr: SocketAddr, slots: usize) -> Result<Self, ListenError> {
         match mode {
             Mode::Proxy => {
-                let s = socket(addr, false)?;
-                s.set_nonblocking(true).map_err(|e| err(addr, e))?;
-                Ok(Listeners::Proxy(s.into()))
+                let mut all = Vec::new();
+                let mut addr = addr;
+                for _ in 0..slots.max(1) {
+                    let s = socket(addr, true)?;
+                    s.set_nonblocking(true).map_err(|e| err(addr, e))?;
+                    addr = local_addr(&s).unwrap_or(addr);
+                    all.push(s.into());
+                }
+                Ok(Listeners::Proxy(all))
             }
             Mode::Shared => Ok(Listeners::Shared(socket(addr, false)?)),
             Mode::Reuseport => {
@@ -55,7 +64,7 @@ impl Listeners {
     /// The address actually bound (resolves port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match self {
-            Listeners::Proxy(l) => l.local_addr().ok(),
+            Listeners::Proxy(v) => v.first().and_then(|l| l.local_addr().ok()),
             Listeners::Shared(s) => local_addr(s),
             Listeners::ReusePort(v) => v.first().and_then(local_addr),
         }

@@ -31,9 +31,10 @@ fn main() -> ExitCode {
 
 fn run(args: herd::cli::RunArgs) -> anyhow::Result<i32> {
     let settings = Settings::resolve(args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // The supervisor's work is light; the proxy runs its own per-CPU
+    // runtimes (see `supervise::start_proxy`).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("herd")
         .build()?;
     // `block_on` keeps the supervisor on the main thread (see `supervise::run`).
     Ok(rt.block_on(herd::supervise::run(settings))?)

@@ -50,9 +50,54 @@ impl Drop for ActiveGuard {
     }
 }
 
+#[derive(Clone)]
 pub enum Protocol {
     Http(Arc<HttpProxy>),
     Tcp(Arc<TcpProxy>),
+}
+
+thread_local! {
+    /// Which proxy thread this is (0 elsewhere): picks the connection-pool shard.
+    static THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// This thread's index among the proxy threads, 1-based; 0 off them.
+pub fn thread_index() -> usize {
+    THREAD.with(|t| t.get())
+}
+
+/// Runs the proxy on one thread per listener, each with its own
+/// single-threaded runtime, as nginx runs one event loop per worker: a
+/// client connection, its backend connections and their tasks then stay
+/// on one thread, and a request never waits for a cross-thread wake-up.
+pub fn start_threads(
+    listeners: Vec<std::net::TcpListener>,
+    proto: Protocol,
+    active: Arc<Active>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    for (i, l) in listeners.into_iter().enumerate() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (proto, active, stop) = (proto.clone(), active.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name(format!("herd-proxy-{i}"))
+            .spawn(move || {
+                THREAD.with(|t| t.set(i + 1));
+                rt.block_on(async move {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => serve(l, proto, active.clone(), stop).await,
+                        Err(e) => tracing::error!("proxy thread {i} cannot listen: {e}"),
+                    }
+                    // Connections this thread still serves live on its runtime:
+                    // keep it running while they drain (the master exits when
+                    // they are done or its drain time-out passes).
+                    active.drained().await;
+                });
+            })?;
+    }
+    Ok(())
 }
 
 /// Accepts until `stop` is cancelled, then drops the listener; HTTP

@@ -117,7 +117,12 @@ pub struct Supervisor {
 /// worker exits, and the main thread lives exactly as long as the master.
 pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     raise_nofile();
-    let listeners = Listeners::bind(s.mode, s.listen, s.instances)?;
+    let proxy_threads = crate::cpus::usable();
+    let listen_slots = match s.mode {
+        Mode::Proxy => proxy_threads,
+        _ => s.instances,
+    };
+    let listeners = Listeners::bind(s.mode, s.listen, listen_slots)?;
     let bound = listeners.local_addr().unwrap_or(s.listen);
     let rundir = RunDir::create()?;
     let guardian = Guardian::spawn().map_err(SuperviseError::Guardian)?;
@@ -141,17 +146,14 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         all_ready_once: false,
         exit_code: 0,
     };
-    if let Some(Listeners::Proxy(l)) = &sup.listeners {
-        let std_listener = l.try_clone().map_err(|source| ListenError::Bind {
-            addr: bound,
-            source,
-        })?;
-        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|source| {
-            ListenError::Bind {
+    if let Some(Listeners::Proxy(socks)) = &sup.listeners {
+        let mut listeners = Vec::new();
+        for l in socks {
+            listeners.push(l.try_clone().map_err(|source| ListenError::Bind {
                 addr: bound,
                 source,
-            }
-        })?;
+            })?);
+        }
         let proto = match sup.s.protocol {
             Protocol::Http => proxy::Protocol::Http(Arc::new(HttpProxy {
                 up: sup.up.clone(),
@@ -163,12 +165,16 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 wait_for_backend: sup.s.ready_timeout,
             })),
         };
-        tokio::spawn(proxy::serve(
-            listener,
+        proxy::start_threads(
+            listeners,
             proto,
             sup.active.clone(),
             sup.stop_accepting.clone(),
-        ));
+        )
+        .map_err(|source| ListenError::Bind {
+            addr: bound,
+            source,
+        })?;
         tokio::spawn(upstream::health_loop(sup.up.clone(), sup.s.health.clone()));
     }
     for slot in 0..sup.slots.len() {

@@ -136,8 +136,16 @@ fn check_head(head: &[u8], max_headers: usize, first: bool) -> Result<State, &'s
     if first && head.starts_with(b"PRI * HTTP/2.0") {
         return Ok(State::Opaque); // h2c prior knowledge
     }
-    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut req = httparse::Request::new(&mut headers);
+    // On the stack for the usual limits; a larger limit costs an allocation.
+    let mut stack = [httparse::EMPTY_HEADER; 128];
+    let mut heap = Vec::new();
+    let headers: &mut [httparse::Header<'_>] = if max_headers <= stack.len() {
+        &mut stack[..max_headers]
+    } else {
+        heap.resize(max_headers, httparse::EMPTY_HEADER);
+        &mut heap
+    };
+    let mut req = httparse::Request::new(headers);
     match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(BAD_REQUEST),

@@ -60,6 +60,7 @@ impl HttpProxy {
         b.http1()
             // A client may shut down its sending side and still await answers.
             .half_close(true)
+            .writev(false)
             .timer(TokioTimer::new())
             .max_buf_size(self.cfg.limits.max_head.max(8192) + 8192)
             .max_headers(self.cfg.limits.max_headers);
@@ -210,11 +211,7 @@ impl HttpProxy {
     async fn send(&self, target: &Arc<Target>, mut req: Request<ReqBody>, upgrade: bool) -> Sent {
         // A pooled connection the backend has meanwhile closed gives the
         // request back unsent; then one fresh connection is tried.
-        let mut pooled = if upgrade {
-            None
-        } else {
-            target.conns.take().await
-        };
+        let mut pooled = if upgrade { None } else { target.conns.take() };
         loop {
             let from_pool = pooled.is_some();
             let mut sender = match pooled.take() {

@@ -25,35 +25,50 @@ const MAX_IDLE: usize = 128;
 /// and a request sent on one they are closing fails.
 const MAX_IDLE_FOR: Duration = Duration::from_secs(2);
 
-#[derive(Default)]
+/// Idle connections, one shard per proxy thread: a connection's task runs
+/// on the thread that opened it, so it is only reused there.
 pub struct ConnPool {
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    shards: Box<[Mutex<Vec<Idle>>]>,
+}
+
+/// A connection and when it went idle.
+type Idle = (Sender, Instant);
+
+impl Default for ConnPool {
+    fn default() -> Self {
+        let n = crate::cpus::usable() + 1;
+        ConnPool {
+            shards: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
 }
 
 impl ConnPool {
+    fn shard(&self) -> &Mutex<Vec<Idle>> {
+        &self.shards[crate::proxy::thread_index() % self.shards.len()]
+    }
+
     /// A pooled connection ready for a request, if one is.
-    pub async fn take(&self) -> Option<Sender> {
-        loop {
-            let (mut s, at) = {
-                let mut idle = self.idle.lock().ok()?;
-                idle.pop()?
-            };
+    pub fn take(&self) -> Option<Sender> {
+        let mut idle = self.shard().lock().ok()?;
+        while let Some((mut s, at)) = idle.pop() {
             if s.is_closed() || at.elapsed() > MAX_IDLE_FOR {
                 continue;
             }
-            // Usually ready at once; right after a response it may take a poll.
-            match tokio::time::timeout(Duration::from_millis(50), s.ready()).await {
-                Ok(Ok(())) => return Some(s),
-                _ => continue,
+            // Ready unless its last response is still being wound up.
+            let waker = std::task::Waker::noop();
+            if let Poll::Ready(Ok(())) = s.poll_ready(&mut Context::from_waker(waker)) {
+                return Some(s);
             }
         }
+        None
     }
 
     pub fn put(&self, s: Sender) {
         if s.is_closed() {
             return;
         }
-        let Ok(mut idle) = self.idle.lock() else {
+        let Ok(mut idle) = self.shard().lock() else {
             return;
         };
         if idle.len() < MAX_IDLE {
@@ -84,6 +99,7 @@ pub async fn connect(
         .map_err(|_| ConnectError::Timeout(timeout))??;
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .writev(false)
         .handshake::<_, ReqBody>(TokioIo::new(stream))
         .await?;
     if upgrades {
