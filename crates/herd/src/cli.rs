@@ -25,9 +25,49 @@ pub struct Cli {
 pub enum Command {
     /// Run COMMAND as a cluster of workers on one port, in the foreground.
     Run(Box<RunArgs>),
+    /// Show the workers of a running cluster (like `pm2 list`).
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Zero-downtime rolling reload: replace workers one at a time.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop and start every worker at once (not zero-downtime).
+    Restart {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Set the number of workers: N, +K or -K.
+    Scale {
+        #[command(flatten)]
+        target: Target,
+        #[arg(value_name = "N|+K|-K", allow_hyphen_values = true)]
+        n: String,
+    },
+    /// Stop a running cluster gracefully.
+    Stop {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the running herd clusters of this user.
+    List,
     /// Internal: the helper that kills worker process groups if the master dies.
     #[command(name = "__guard", hide = true)]
     Guard,
+}
+
+/// Which running cluster a command is for.
+#[derive(Debug, Args, Default)]
+pub struct Target {
+    /// The cluster's name [default: the only one running].
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// Every option is also a `herd.toml` key of the same name; flags win.

@@ -4,7 +4,9 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod control;
 pub mod cpus;
 pub mod guardian;
 pub mod http;

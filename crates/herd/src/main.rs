@@ -15,6 +15,18 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Guard => ExitCode::from(herd::guardian::run() as u8),
+        cmd @ (Command::Status { .. }
+        | Command::Reload { .. }
+        | Command::Restart { .. }
+        | Command::Scale { .. }
+        | Command::Stop { .. }
+        | Command::List) => match herd::client::run(cmd) {
+            Ok(code) => ExitCode::from(code as u8),
+            Err(e) => {
+                eprintln!("herd: error: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Run(args) => {
             init_logging();
             match run(*args) {

@@ -199,6 +199,7 @@ impl TcpProxy {
             match connect.await {
                 Ok(Ok(mut upstream)) => {
                     lease.success(self.up.now());
+                    target.count_served();
                     let _ = client.set_nodelay(true);
                     let _ = upstream.set_nodelay(true);
                     // Both ways; EOF on one side shuts down writing to the

@@ -50,7 +50,9 @@ impl Drop for RunDir {
     }
 }
 
-fn base_dir() -> PathBuf {
+/// `$XDG_RUNTIME_DIR/herd` or `/tmp/herd-<uid>`: control sockets live
+/// here, each master's private directory below.
+pub fn base_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if Path::new(&d).is_dir() => Path::new(&d).join("herd"),
         _ => std::env::temp_dir().join(format!("herd-{}", nix::unistd::geteuid())),

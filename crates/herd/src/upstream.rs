@@ -8,7 +8,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -29,6 +29,8 @@ pub struct Target {
     pub conns: ConnPool,
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
+    /// Requests (HTTP) or connections (TCP) it has been given.
+    served: AtomicU64,
 }
 
 impl Target {
@@ -42,7 +44,16 @@ impl Target {
             conns: ConnPool::default(),
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
+            served: AtomicU64::new(0),
         }
+    }
+
+    pub fn count_served(&self) {
+        self.served.fetch_add(1, Relaxed);
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.served.load(Relaxed)
     }
 }
 

@@ -73,6 +73,10 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     }
     drop(listener);
     println!("draining");
+    // hyper's graceful shutdown closes connections that are idle, and one
+    // accepted a moment ago may not have had its request read yet: give
+    // such connections a moment, so the request already sent is served.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     graceful.shutdown().await;
     println!("stopped");
     Ok(())

@@ -141,6 +141,7 @@ impl HttpProxy {
             match outcome {
                 Sent::Answer(mut resp, sender) => {
                     lease.success(now);
+                    target.count_served();
                     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                     strip_hop_by_hop(resp.headers_mut(), switching);
                     if switching {

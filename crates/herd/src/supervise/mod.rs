@@ -19,7 +19,10 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
+mod ops;
+
 use crate::config::{Mode, Protocol, Settings};
+use crate::control::{self, Call, ControlError};
 use crate::guardian::Guardian;
 use crate::http::HttpProxy;
 use crate::listen::{ListenError, Listeners};
@@ -48,6 +51,8 @@ pub enum SuperviseError {
     },
     #[error(transparent)]
     Sys(#[from] sys::SysError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
 }
 
 /// In fd modes a worker that never speaks sd_notify is taken as ready after this.
@@ -57,21 +62,38 @@ const PROBE_EVERY: Duration = Duration::from_millis(50);
 
 enum Event {
     Exited {
-        slot: usize,
         epoch: u64,
         status: std::io::Result<ExitStatus>,
     },
     Ready {
-        slot: usize,
         epoch: u64,
     },
     ReadyTimeout {
-        slot: usize,
         epoch: u64,
     },
     Restart {
         slot: usize,
     },
+    /// A retiring worker has no request in flight any more (or the wait
+    /// timed out): time for SIGTERM.
+    Drained {
+        epoch: u64,
+    },
+    /// `--kill-timeout` after SIGTERM: SIGKILL if it is still there.
+    KillCheck {
+        epoch: u64,
+    },
+}
+
+/// Where a worker of a given epoch is.
+#[derive(Clone, Copy)]
+enum Place {
+    /// Serving its slot.
+    Current(usize),
+    /// Starting to replace its slot's worker (rolling reload).
+    Next(usize),
+    /// Leaving: index into `retiring`.
+    Retiring(usize),
 }
 
 struct Worker {
@@ -85,12 +107,18 @@ struct Worker {
     failed_start: bool,
     notify_path: PathBuf,
     tasks: Vec<AbortHandle>,
+    /// Last CPU sample for `status`: (when, utime+stime ticks, requests).
+    sample: Option<(Instant, u64, u64)>,
 }
 
 #[derive(Default)]
 struct Slot {
     worker: Option<Worker>,
+    /// The replacement a rolling reload is starting.
+    next: Option<Worker>,
     quick_exits: u32,
+    restarts: u64,
+    last_exit: Option<String>,
 }
 
 pub struct Supervisor {
@@ -108,6 +136,10 @@ pub struct Supervisor {
     stop_accepting: CancellationToken,
     all_ready_once: bool,
     exit_code: i32,
+    /// Workers on their way out: drained, then SIGTERM, then SIGKILL.
+    retiring: Vec<(usize, Worker)>,
+    reload: Option<ops::Reload>,
+    started: Instant,
 }
 
 /// Runs the cluster until it is stopped; returns the process exit code.
@@ -126,8 +158,17 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let bound = listeners.local_addr().unwrap_or(s.listen);
     let rundir = RunDir::create()?;
     let guardian = Guardian::spawn().map_err(SuperviseError::Guardian)?;
+    let (control_listener, control_path) = control::bind(&s.name)?;
+    let _control_file = RemoveOnDrop(control_path);
     let mut sigint = signal(SignalKind::interrupt()).map_err(SuperviseError::Signals)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(SuperviseError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(SuperviseError::Signals)?;
+    let mut sigttin =
+        signal(SignalKind::from_raw(libc::SIGTTIN)).map_err(SuperviseError::Signals)?;
+    let mut sigttou =
+        signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(SuperviseError::Signals)?;
+    let (calls_tx, mut calls) = mpsc::unbounded_channel::<Call>();
+    tokio::spawn(control::serve(control_listener, calls_tx));
     let (tx, rx) = mpsc::unbounded_channel();
     let up = Arc::new(Upstreams::new(s.balance.clone(), &s.upstreams));
     let mut sup = Supervisor {
@@ -145,6 +186,9 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         stop_accepting: CancellationToken::new(),
         all_ready_once: false,
         exit_code: 0,
+        retiring: Vec::new(),
+        reload: None,
+        started: Instant::now(),
     };
     if let Some(Listeners::Proxy(socks)) = &sup.listeners {
         let mut listeners = Vec::new();
@@ -219,6 +263,17 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 tracing::info!("SIGTERM: stopping gracefully (again to stop now)");
                 break;
             }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: rolling reload");
+                sup.reload_start(None);
+            }
+            _ = sigttin.recv() => sup.scale_signal(1),
+            _ = sigttou.recv() => sup.scale_signal(-1),
+            Some(call) = calls.recv() => {
+                if sup.on_call(call) {
+                    break;
+                }
+            }
         }
     }
     sup.shutdown(&mut sigint, &mut sigterm).await;
@@ -230,35 +285,106 @@ impl Supervisor {
     /// Returns true when the cluster must stop.
     fn handle(&mut self, ev: Event) -> bool {
         match ev {
-            Event::Ready { slot, epoch } => self.on_ready(slot, epoch),
-            Event::ReadyTimeout { slot, epoch } => {
+            Event::Ready { epoch } => match self.place(epoch) {
+                Some(Place::Current(slot)) => self.on_ready(slot, epoch),
+                Some(Place::Next(slot)) => self.reload_swap(slot),
+                _ => {}
+            },
+            Event::ReadyTimeout { epoch } => {
                 let limit = self.s.ready_timeout;
-                if let Some(w) = self.current(slot, epoch) {
-                    tracing::warn!(
-                        "worker {slot} (pid {}) not ready within {:?}; killing it",
-                        w.pid,
-                        limit
-                    );
-                    w.failed_start = true;
-                    let pid = w.pid;
-                    kill_group(pid, Signal::SIGKILL);
+                match self.place(epoch) {
+                    Some(Place::Current(slot)) => {
+                        if let Some(w) = self.slots[slot].worker.as_mut() {
+                            tracing::warn!(
+                                "worker {slot} (pid {}) not ready within {limit:?}; killing it",
+                                w.pid
+                            );
+                            w.failed_start = true;
+                            kill_group(w.pid, Signal::SIGKILL);
+                        }
+                    }
+                    Some(Place::Next(slot)) => {
+                        self.reload_abort(
+                            slot,
+                            &format!("the new worker was not ready within {limit:?}"),
+                        );
+                    }
+                    _ => {}
                 }
             }
-            Event::Exited {
-                slot,
-                epoch,
-                status,
-            } => return self.on_exit(slot, epoch, status),
+            Event::Exited { epoch, status } => match self.place(epoch) {
+                Some(Place::Current(slot)) => return self.on_exit(slot, epoch, status),
+                Some(Place::Next(slot)) => {
+                    // Already gone: clean up here, no further event will come.
+                    if let Some(w) = self.slots[slot].next.take() {
+                        self.retire(&w);
+                    }
+                    let how = status.map_or_else(|e| e.to_string(), |s| describe(&s));
+                    self.reload_fail(&format!(
+                        "worker {slot}: the new worker {how} before it was ready"
+                    ));
+                }
+                Some(Place::Retiring(i)) => {
+                    let (slot, w) = self.retiring.remove(i);
+                    self.retire(&w);
+                    let how = status.map_or_else(|e| e.to_string(), |s| describe(&s));
+                    tracing::info!("worker {slot} (pid {}) {how} (retired)", w.pid);
+                    self.reload_old_gone(epoch);
+                }
+                None => {}
+            },
             Event::Restart { slot } => {
-                if self.slots[slot].worker.is_none()
+                if slot < self.slots.len()
+                    && self.slots[slot].worker.is_none()
                     && let Err(e) = self.spawn(slot)
                 {
                     tracing::error!("worker {slot}: {e}");
                     return self.count_quick_exit(slot, &e.to_string());
                 }
             }
+            Event::Drained { epoch } => {
+                if let Some(Place::Retiring(i)) = self.place(epoch) {
+                    kill_group(self.retiring[i].1.pid, Signal::SIGTERM);
+                    self.after(self.s.kill_timeout, Event::KillCheck { epoch });
+                }
+            }
+            Event::KillCheck { epoch } => {
+                if let Some(Place::Retiring(i)) = self.place(epoch) {
+                    let w = &self.retiring[i].1;
+                    tracing::warn!(
+                        "worker {} (pid {}) still running after SIGTERM; SIGKILL",
+                        self.retiring[i].0,
+                        w.pid
+                    );
+                    kill_group(w.pid, Signal::SIGKILL);
+                }
+            }
         }
         false
+    }
+
+    fn place(&self, epoch: u64) -> Option<Place> {
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.worker.as_ref().is_some_and(|w| w.epoch == epoch) {
+                return Some(Place::Current(i));
+            }
+            if s.next.as_ref().is_some_and(|w| w.epoch == epoch) {
+                return Some(Place::Next(i));
+            }
+        }
+        self.retiring
+            .iter()
+            .position(|(_, w)| w.epoch == epoch)
+            .map(Place::Retiring)
+    }
+
+    /// Sends `ev` to the supervisor after `delay`.
+    fn after(&self, delay: Duration, ev: Event) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(ev);
+        });
     }
 
     fn current(&mut self, slot: usize, epoch: u64) -> Option<&mut Worker> {
@@ -301,6 +427,8 @@ impl Supervisor {
             Err(e) => format!("could not be waited for ({e})"),
         };
         let quick = w.failed_start || uptime < self.s.min_uptime;
+        self.slots[slot].last_exit = Some(how.clone());
+        self.slots[slot].restarts += 1;
         if !quick {
             self.slots[slot].quick_exits = 0;
         }
@@ -343,11 +471,7 @@ impl Supervisor {
 
     fn schedule_restart(&self, slot: usize, delay: Duration) {
         tracing::info!("restarting worker {slot} in {delay:?}");
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = tx.send(Event::Restart { slot });
-        });
+        self.after(delay, Event::Restart { slot });
     }
 
     /// Cleans up after a worker's main process exited.
@@ -376,7 +500,15 @@ impl Supervisor {
         self.up.set_workers(ready);
     }
 
+    /// Starts a worker for `slot` as its current one.
     fn spawn(&mut self, slot: usize) -> Result<(), SuperviseError> {
+        let w = self.start(slot)?;
+        self.slots[slot].worker = Some(w);
+        Ok(())
+    }
+
+    /// Starts a worker process for `slot`; the caller places it.
+    fn start(&mut self, slot: usize) -> Result<Worker, SuperviseError> {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         let spawn_err = |source: std::io::Error| SuperviseError::Spawn {
@@ -431,18 +563,13 @@ impl Supervisor {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
-            let _ = tx.send(Event::Exited {
-                slot,
-                epoch,
-                status,
-            });
+            let _ = tx.send(Event::Exited { epoch, status });
         });
         let readiness = tokio::spawn(readiness(
             notify,
             self.probe(port),
             self.s.ready_timeout,
             self.tx.clone(),
-            slot,
             epoch,
         ));
         tracing::info!("worker {slot} started (pid {pid})");
@@ -454,7 +581,7 @@ impl Supervisor {
                 BackendConfig::default(),
             ))
         });
-        self.slots[slot].worker = Some(Worker {
+        Ok(Worker {
             epoch,
             pid,
             started: Instant::now(),
@@ -464,8 +591,8 @@ impl Supervisor {
             failed_start: false,
             notify_path,
             tasks: vec![readiness.abort_handle()],
-        });
-        Ok(())
+            sample: None,
+        })
     }
 
     /// A loopback port free right now and not given to a live worker that
@@ -478,7 +605,8 @@ impl Supervisor {
             let taken = self
                 .slots
                 .iter()
-                .filter_map(|s| s.worker.as_ref())
+                .flat_map(|s| s.worker.iter().chain(s.next.iter()))
+                .chain(self.retiring.iter().map(|(_, w)| w))
                 .any(|w| w.port == Some(port));
             if !taken {
                 return Ok(port);
@@ -503,12 +631,19 @@ impl Supervisor {
         }
     }
 
+    fn all_workers(&self) -> impl Iterator<Item = &Worker> {
+        self.slots
+            .iter()
+            .flat_map(|s| s.worker.iter().chain(s.next.iter()))
+            .chain(self.retiring.iter().map(|(_, w)| w))
+    }
+
     fn live_workers(&self) -> usize {
-        self.slots.iter().filter(|s| s.worker.is_some()).count()
+        self.all_workers().count()
     }
 
     fn signal_all(&self, sig: Signal) {
-        for w in self.slots.iter().filter_map(|s| s.worker.as_ref()) {
+        for w in self.all_workers() {
             kill_group(w.pid, sig);
         }
     }
@@ -570,17 +705,29 @@ impl Supervisor {
     }
 
     fn handle_while_stopping(&mut self, ev: Event) {
-        if let Event::Exited {
-            slot,
-            epoch,
-            status,
-        } = ev
-            && let Some(w) = self.slots[slot].worker.take_if(|w| w.epoch == epoch)
-        {
+        let Event::Exited { epoch, status } = ev else {
+            return;
+        };
+        let w = match self.place(epoch) {
+            Some(Place::Current(slot)) => self.slots[slot].worker.take().map(|w| (slot, w)),
+            Some(Place::Next(slot)) => self.slots[slot].next.take().map(|w| (slot, w)),
+            Some(Place::Retiring(i)) => Some(self.retiring.remove(i)),
+            None => None,
+        };
+        if let Some((slot, w)) = w {
             self.retire(&w);
             let how = status.map_or_else(|e| e.to_string(), |s| describe(&s));
             tracing::info!("worker {slot} (pid {}) {how}", w.pid);
         }
+    }
+}
+
+/// Removes a file (the control socket) when the master ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -601,7 +748,6 @@ async fn readiness(
     probe: Probe,
     timeout: Duration,
     tx: mpsc::UnboundedSender<Event>,
-    slot: usize,
     epoch: u64,
 ) {
     let mut buf = vec![0u8; 4096];
@@ -637,8 +783,8 @@ async fn readiness(
     })
     .await;
     let ev = match outcome {
-        Ok(()) => Event::Ready { slot, epoch },
-        Err(_) => Event::ReadyTimeout { slot, epoch },
+        Ok(()) => Event::Ready { epoch },
+        Err(_) => Event::ReadyTimeout { epoch },
     };
     let _ = tx.send(ev);
     while sock.recv(&mut buf).await.is_ok() {}

@@ -1,0 +1,245 @@
+//! The control socket: how `herd status`, `reload`, `scale`… reach a
+//! running master. A Unix socket, mode 0600, in herd's runtime directory
+//! (`<name>.sock`); newline-delimited JSON, one request line per
+//! connection, answered by zero or more `{"progress": …}` lines and one
+//! final line with `"ok"`. Only the same user (or root) is answered.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::rundir;
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("a cluster named {0:?} is already running (its control socket answers)")]
+    NameTaken(String),
+    #[error("cannot create control socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no herd cluster is running{0}")]
+    NotRunning(String),
+    #[error("several herd clusters are running ({0}); pick one with --name")]
+    Ambiguous(String),
+    #[error("cannot reach cluster {name:?}: {source}")]
+    Connect {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("the master closed the connection without an answer")]
+    NoAnswer,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One request, as the JSON object `{"cmd": "...", ...}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// Per-worker state and stats.
+    Status,
+    /// Zero-downtime rolling replacement of every worker.
+    Reload,
+    /// Stop and start every worker (not zero-downtime).
+    Restart,
+    /// `n`: a count (`"4"`), or a change (`"+2"`, `"-1"`).
+    Scale { n: String },
+    /// Graceful stop of the whole cluster.
+    Stop,
+}
+
+/// A request on its way to the supervisor, with where its answer lines go.
+pub struct Call {
+    pub req: Request,
+    pub reply: mpsc::UnboundedSender<Value>,
+}
+
+/// Path of the control socket for cluster `name`.
+pub fn socket_path(name: &str) -> PathBuf {
+    rundir::base_dir().join(format!("{name}.sock"))
+}
+
+/// Binds the control socket, refusing if a live master already holds the name.
+pub fn bind(name: &str) -> Result<(UnixListener, PathBuf), ControlError> {
+    let path = socket_path(name);
+    if StdUnixStream::connect(&path).is_ok() {
+        return Err(ControlError::NameTaken(name.to_string()));
+    }
+    let _ = std::fs::remove_file(&path);
+    let bind_err = |source| ControlError::Bind {
+        path: path.clone(),
+        source,
+    };
+    let listener = UnixListener::bind(&path).map_err(bind_err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok((listener, path))
+}
+
+/// Serves the control socket, passing each request to the supervisor.
+pub async fn serve(listener: UnixListener, calls: mpsc::UnboundedSender<Call>) {
+    let me = nix::unistd::geteuid().as_raw();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let allowed = stream
+            .peer_cred()
+            .map(|c| c.uid() == me || c.uid() == 0)
+            .unwrap_or(false);
+        if !allowed {
+            continue; // Dropping it closes the connection unanswered.
+        }
+        tokio::spawn(answer(stream, calls.clone()));
+    }
+}
+
+async fn answer(stream: UnixStream, calls: mpsc::UnboundedSender<Call>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(read).take(MAX_LINE as u64 + 1);
+    let reply = |v: Value| {
+        let mut s = v.to_string();
+        s.push('\n');
+        s
+    };
+    let first = match reader.read_until(b'\n', &mut line).await {
+        Ok(0) | Err(_) => return,
+        Ok(_) if line.len() > MAX_LINE => Err(format!("request longer than {MAX_LINE} bytes")),
+        Ok(_) => serde_json::from_slice::<Request>(&line).map_err(|e| {
+            let known = "status, reload, restart, scale, stop";
+            format!("bad request: {e} (commands: {known})")
+        }),
+    };
+    let req = match first {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = write
+                .write_all(reply(serde_json::json!({"ok": false, "error": e})).as_bytes())
+                .await;
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if calls.send(Call { req, reply: tx }).is_err() {
+        return;
+    }
+    while let Some(v) = rx.recv().await {
+        if write.write_all(reply(v).as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The control sockets of running clusters: (name, path). Stale sockets of
+/// masters that died are removed on the way.
+pub fn running() -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(rundir::base_dir()) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".sock"))
+        else {
+            continue;
+        };
+        if StdUnixStream::connect(&path).is_ok() {
+            out.push((name.to_string(), path.clone()));
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The cluster to talk to: `name`, or the only one running.
+pub fn find(name: Option<&str>) -> Result<(String, PathBuf), ControlError> {
+    let all = running();
+    match name {
+        Some(n) => all
+            .into_iter()
+            .find(|(m, _)| m == n)
+            .ok_or_else(|| ControlError::NotRunning(format!(" under the name {n:?}"))),
+        None => match all.len() {
+            0 => Err(ControlError::NotRunning(String::new())),
+            1 => Ok(all.into_iter().next().unwrap_or_default()),
+            _ => Err(ControlError::Ambiguous(
+                all.iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )),
+        },
+    }
+}
+
+/// Sends `req` and calls `progress` for each progress line; returns the
+/// final answer, or its `error` as `Failed`.
+pub fn call(
+    name: &str,
+    path: &Path,
+    req: &Request,
+    mut progress: impl FnMut(&str),
+) -> Result<Value, ControlError> {
+    let connect_err = |source| ControlError::Connect {
+        name: name.to_string(),
+        source,
+    };
+    let mut s = StdUnixStream::connect(path).map_err(connect_err)?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))
+        .map_err(connect_err)?;
+    let mut line = serde_json::to_string(req).unwrap_or_default();
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(connect_err)?;
+    for l in BufReader::new(s).lines() {
+        let l = l.map_err(connect_err)?;
+        let v: Value = serde_json::from_str(&l).map_err(|_| ControlError::NoAnswer)?;
+        if let Some(p) = v.get("progress").and_then(Value::as_str) {
+            progress(p);
+            continue;
+        }
+        return match v.get("ok").and_then(Value::as_bool) {
+            Some(true) => Ok(v),
+            _ => Err(ControlError::Failed(
+                v.get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("request failed")
+                    .to_string(),
+            )),
+        };
+    }
+    Err(ControlError::NoAnswer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_json_objects() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"scale","n":"+2"}"#).unwrap();
+        assert_eq!(r, Request::Scale { n: "+2".into() });
+        assert_eq!(
+            serde_json::to_string(&Request::Reload).unwrap(),
+            r#"{"cmd":"reload"}"#
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+    }
+}

@@ -1,0 +1,378 @@
+//! Operations on a running cluster: rolling reload, restart, scaling and
+//! status, driven by the control socket and by signals.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Event, Slot, Supervisor, Worker, kill_group};
+use crate::config::Mode;
+use crate::control::{Call, Request};
+use crate::listen::Listeners;
+
+/// A rolling reload in progress: one slot at a time, new worker ready
+/// before the old one leaves, old one gone before the next slot starts.
+pub(super) struct Reload {
+    todo: VecDeque<usize>,
+    wait: Wait,
+    reply: Option<UnboundedSender<Value>>,
+    replaced: usize,
+    started: Instant,
+}
+
+enum Wait {
+    NewReady,
+    OldExit(u64),
+}
+
+impl Supervisor {
+    /// Handles a control request; true when the cluster must stop.
+    pub(super) fn on_call(&mut self, call: Call) -> bool {
+        let Call { req, reply } = call;
+        match req {
+            Request::Status => {
+                let _ = reply.send(self.status());
+            }
+            Request::Reload => self.reload_start(Some(reply)),
+            Request::Restart => {
+                let n = self.restart_all();
+                let _ = reply.send(json!({"ok": true, "restarted": n}));
+            }
+            Request::Scale { n } => {
+                let answer = match self.scale(&n) {
+                    Ok(to) => json!({"ok": true, "workers": to}),
+                    Err(e) => json!({"ok": false, "error": e}),
+                };
+                let _ = reply.send(answer);
+            }
+            Request::Stop => {
+                tracing::info!("stop requested on the control socket");
+                let _ = reply.send(json!({"ok": true, "stopping": true}));
+                return true;
+            }
+        }
+        false
+    }
+
+    pub(super) fn reload_start(&mut self, reply: Option<UnboundedSender<Value>>) {
+        if self.reload.is_some() {
+            let msg = "a reload is already running; wait for it to finish";
+            tracing::warn!("{msg}");
+            if let Some(r) = reply {
+                let _ = r.send(json!({"ok": false, "error": msg}));
+            }
+            return;
+        }
+        let n = self.slots.len();
+        tracing::info!("rolling reload of {n} workers");
+        if let Some(r) = &reply {
+            let _ = r.send(json!({"progress": format!("reloading {n} workers, one at a time")}));
+        }
+        self.reload = Some(Reload {
+            todo: (0..n).collect(),
+            wait: Wait::NewReady,
+            reply,
+            replaced: 0,
+            started: Instant::now(),
+        });
+        self.reload_next();
+    }
+
+    fn progress(&self, msg: String) {
+        tracing::info!("reload: {msg}");
+        if let Some(Reload { reply: Some(r), .. }) = &self.reload {
+            let _ = r.send(json!({ "progress": msg }));
+        }
+    }
+
+    /// Starts the next slot's replacement, or finishes.
+    fn reload_next(&mut self) {
+        loop {
+            let Some(r) = self.reload.as_mut() else {
+                return;
+            };
+            let Some(slot) = r.todo.pop_front() else {
+                let r = self.reload.take();
+                if let Some(r) = r {
+                    let took = r.started.elapsed();
+                    tracing::info!("reload done: {} workers replaced in {took:.1?}", r.replaced);
+                    if let Some(reply) = r.reply {
+                        let _ = reply.send(json!({"ok": true, "replaced": r.replaced}));
+                    }
+                }
+                return;
+            };
+            if slot >= self.slots.len() {
+                continue; // scaled down meanwhile
+            }
+            match self.start(slot) {
+                Ok(w) => {
+                    self.progress(format!("worker {slot}: new worker started (pid {})", w.pid));
+                    self.slots[slot].next = Some(w);
+                    if let Some(r) = self.reload.as_mut() {
+                        r.wait = Wait::NewReady;
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.reload_fail(&format!("worker {slot}: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The new worker of `slot` is ready: it takes the slot's traffic and
+    /// the old one retires.
+    pub(super) fn reload_swap(&mut self, slot: usize) {
+        let Some(mut new) = self.slots[slot].next.take() else {
+            return;
+        };
+        new.ready = true;
+        let new_pid = new.pid;
+        let old = self.slots[slot].worker.replace(new);
+        self.slots[slot].restarts += 1;
+        self.publish();
+        match old {
+            Some(old) => {
+                self.progress(format!(
+                    "worker {slot}: pid {new_pid} ready and serving; pid {} draining",
+                    old.pid
+                ));
+                let epoch = old.epoch;
+                self.begin_retire(slot, old);
+                if let Some(r) = self.reload.as_mut() {
+                    r.wait = Wait::OldExit(epoch);
+                }
+            }
+            None => {
+                self.progress(format!("worker {slot}: pid {new_pid} ready and serving"));
+                self.reload_done_with_slot();
+            }
+        }
+    }
+
+    /// A retired worker exited; if the reload waited on it, go on.
+    pub(super) fn reload_old_gone(&mut self, epoch: u64) {
+        if matches!(self.reload, Some(Reload { wait: Wait::OldExit(e), .. }) if e == epoch) {
+            self.reload_done_with_slot();
+        }
+    }
+
+    fn reload_done_with_slot(&mut self) {
+        if let Some(r) = self.reload.as_mut() {
+            r.replaced += 1;
+        }
+        self.reload_next();
+    }
+
+    /// The new worker of `slot` is still running but will not do: kill it
+    /// (its exit is handled as a retiring worker's), keep the old ones.
+    pub(super) fn reload_abort(&mut self, slot: usize, why: &str) {
+        if let Some(w) = self.slots[slot].next.take() {
+            kill_group(w.pid, Signal::SIGKILL);
+            self.retiring.push((slot, w));
+        }
+        self.reload_fail(&format!("worker {slot}: {why}"));
+    }
+
+    pub(super) fn reload_fail(&mut self, why: &str) {
+        let msg = format!("reload aborted: {why}; the old workers keep serving");
+        tracing::error!("{msg}");
+        if let Some(Reload { reply: Some(r), .. }) = self.reload.take() {
+            let _ = r.send(json!({"ok": false, "error": msg}));
+        }
+    }
+
+    /// Takes `w` out of traffic and lets it finish: in proxy mode it gets
+    /// SIGTERM once its in-flight requests are done (at most
+    /// `--kill-timeout`); in fd modes at once, as the worker itself drains.
+    pub(super) fn begin_retire(&mut self, slot: usize, w: Worker) {
+        let epoch = w.epoch;
+        let target = w.target.clone();
+        self.retiring.push((slot, w));
+        let tx = self.tx.clone();
+        let limit = self.s.kill_timeout;
+        tokio::spawn(async move {
+            if let Some(t) = target {
+                t.backend.set_draining(true);
+                // A request may have picked it just before it left the pool.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let deadline = Instant::now() + limit;
+                while t.backend.in_flight() > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let _ = tx.send(Event::Drained { epoch });
+        });
+    }
+
+    /// Every worker stopped and started again at once (not zero-downtime).
+    fn restart_all(&mut self) -> usize {
+        let mut n = 0;
+        for slot in 0..self.slots.len() {
+            if let Some(old) = self.slots[slot].worker.take() {
+                self.begin_retire(slot, old);
+                n += 1;
+            }
+            self.slots[slot].restarts += 1;
+            if let Err(e) = self.spawn(slot) {
+                tracing::error!("worker {slot}: {e}");
+                self.after(self.s.restart_delay, Event::Restart { slot });
+            }
+        }
+        self.publish();
+        tracing::info!("restarted {n} workers");
+        n
+    }
+
+    pub(super) fn scale_signal(&mut self, delta: i64) {
+        let n = format!("{delta:+}");
+        match self.scale(&n) {
+            Ok(to) => tracing::info!("scaled to {to} workers"),
+            Err(e) => tracing::warn!("cannot scale {n}: {e}"),
+        }
+    }
+
+    /// `n` is a count or a change (`+2`, `-1`); returns the new count.
+    fn scale(&mut self, n: &str) -> Result<usize, String> {
+        if self.s.command.is_empty() {
+            return Err("this cluster has no workers (upstreams only)".into());
+        }
+        if self.reload.is_some() {
+            return Err("a reload is running; scale after it".into());
+        }
+        let now = self.slots.len() as i64;
+        let t = n.trim();
+        let to = if let Some(d) = t.strip_prefix('+') {
+            d.parse::<i64>().map(|d| now + d)
+        } else if let Some(d) = t.strip_prefix('-') {
+            d.parse::<i64>().map(|d| now - d)
+        } else {
+            t.parse::<i64>()
+        }
+        .map_err(|_| format!("{n:?} is not a count (N, +K or -K)"))?;
+        if to < 1 {
+            return Err(format!(
+                "cannot scale to {to}: a cluster needs at least 1 worker (use `herd stop`)"
+            ));
+        }
+        if to > 4096 {
+            return Err(format!("cannot scale to {to}: at most 4096 workers"));
+        }
+        let to = to as usize;
+        self.s.instances = to;
+        while self.slots.len() < to {
+            let slot = self.slots.len();
+            if let Some(Listeners::ReusePort(socks)) = &mut self.listeners {
+                let addr = socks
+                    .first()
+                    .and_then(|s| s.local_addr().ok())
+                    .and_then(|a| a.as_socket())
+                    .unwrap_or(self.s.listen);
+                match Listeners::bind(Mode::Reuseport, addr, 1) {
+                    Ok(Listeners::ReusePort(mut one)) => socks.append(&mut one),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            self.slots.push(Slot::default());
+            if let Err(e) = self.spawn(slot) {
+                self.slots.pop();
+                return Err(e.to_string());
+            }
+        }
+        while self.slots.len() > to {
+            let slot = self.slots.len() - 1;
+            if let Some(s) = self.slots.pop() {
+                for w in s.worker.into_iter().chain(s.next) {
+                    self.begin_retire(slot, w);
+                }
+            }
+            if let Some(Listeners::ReusePort(socks)) = &mut self.listeners {
+                socks.truncate(to);
+            }
+        }
+        self.publish();
+        Ok(to)
+    }
+
+    /// `herd status`: per-worker state and stats, as JSON.
+    fn status(&mut self) -> Value {
+        let ticks = procfs::ticks_per_second() as f64;
+        let page = procfs::page_size();
+        let mut rows = Vec::new();
+        let mut entries: Vec<(usize, &mut Worker, &'static str)> = Vec::new();
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if let Some(w) = s.worker.as_mut() {
+                let state = if w.ready { "ready" } else { "starting" };
+                entries.push((i, w, state));
+            }
+            if let Some(w) = s.next.as_mut() {
+                entries.push((i, w, "starting"));
+            }
+        }
+        for (i, w) in self.retiring.iter_mut() {
+            entries.push((*i, w, "stopping"));
+        }
+        for (slot, w, state) in entries {
+            let stat = procfs::process::Process::new(w.pid as i32)
+                .and_then(|p| p.stat())
+                .ok();
+            let cpu_ticks = stat.as_ref().map_or(0, |s| s.utime + s.stime);
+            let rss = stat.as_ref().map_or(0, |s| s.rss * page);
+            let requests = w.target.as_ref().map(|t| t.requests());
+            let now = Instant::now();
+            let (cpu, rps) = match w.sample {
+                Some((at, t0, r0)) => {
+                    let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                    (
+                        (cpu_ticks.saturating_sub(t0)) as f64 / ticks / secs * 100.0,
+                        requests.map(|r| r.saturating_sub(r0) as f64 / secs),
+                    )
+                }
+                None => {
+                    let secs = w.started.elapsed().as_secs_f64().max(1e-3);
+                    (
+                        cpu_ticks as f64 / ticks / secs * 100.0,
+                        requests.map(|r| r as f64 / secs),
+                    )
+                }
+            };
+            w.sample = Some((now, cpu_ticks, requests.unwrap_or(0)));
+            rows.push(json!({
+                "id": slot,
+                "pid": w.pid,
+                "state": state,
+                "uptime": w.started.elapsed().as_secs_f64(),
+                "restarts": 0,
+                "cpu": (cpu * 10.0).round() / 10.0,
+                "memory": rss,
+                "connections": w.target.as_ref().map(|t| t.backend.in_flight()),
+                "requests": requests,
+                "rps": rps.map(|r| (r * 10.0).round() / 10.0),
+                "last_exit": Value::Null,
+            }));
+        }
+        for row in rows.iter_mut() {
+            let id = row["id"].as_u64().unwrap_or(0) as usize;
+            if let Some(s) = self.slots.get(id) {
+                row["restarts"] = json!(s.restarts);
+                row["last_exit"] = json!(s.last_exit);
+            }
+        }
+        json!({
+            "ok": true,
+            "name": self.s.name,
+            "pid": std::process::id(),
+            "mode": self.s.mode.as_str(),
+            "listen": self.s.listen.to_string(),
+            "uptime": self.started.elapsed().as_secs_f64(),
+            "reloading": self.reload.is_some(),
+            "workers": rows,
+        })
+    }
+}

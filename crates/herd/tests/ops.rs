@@ -1,0 +1,314 @@
+//! Operating a running cluster through the control socket and signals.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A unique cluster name per test, so tests running at once do not meet.
+fn name(tag: &str) -> String {
+    format!("t-{tag}-{}", std::process::id())
+}
+
+fn herd(args: &[&str]) -> Output {
+    Command::new(HERD)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// One request on a keep-alive connection: status, body.
+fn keepalive_get(s: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String)> {
+    s.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")?;
+    let mut line = String::new();
+    s.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut len = 0;
+    loop {
+        let mut h = String::new();
+        s.read_line(&mut h)?;
+        if h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// 8 clients requesting in a loop until `stop`; returns (ok, failures).
+fn load(
+    port: u16,
+    keepalive: bool,
+    stop: Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(usize, Vec<String>)>> {
+    (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut good, mut bad) = (0, Vec::new());
+                let mut conn: Option<BufReader<TcpStream>> = None;
+                while !stop.load(Ordering::Relaxed) && good + bad.len() < 100_000 {
+                    let res = if keepalive {
+                        if conn.is_none() {
+                            let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                            s.set_read_timeout(Some(T)).unwrap();
+                            conn = Some(BufReader::new(s));
+                        }
+                        keepalive_get(conn.as_mut().unwrap())
+                    } else {
+                        http_get(port, "/")
+                    };
+                    match res {
+                        Ok((200, _)) => good += 1,
+                        Ok((code, body)) => bad.push(format!("{code} {body}")),
+                        Err(e) => {
+                            bad.push(e.to_string());
+                            conn = None;
+                        }
+                    }
+                }
+                (good, bad)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn rolling_reload_under_load_loses_nothing_in_every_mode() {
+    for mode in ["proxy", "shared", "reuseport"] {
+        let n = name(&format!("reload-{mode}"));
+        let h = Herd::start(&["--name", &n, "-i", "3", "--mode", mode], &[DEMO]);
+        h.wait_ready(3);
+        let before: BTreeSet<u32> = h.worker_pids(3).into_iter().collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = load(h.port, mode == "proxy", stop.clone());
+        std::thread::sleep(Duration::from_millis(200)); // load running before the reload
+        let out = herd(&["reload", "--name", &n]);
+        let text = ok(&out);
+        assert!(text.contains("reloaded 3 workers"), "{text}");
+        assert!(text.contains("worker 2: pid"), "progress per slot: {text}");
+        stop.store(true, Ordering::Relaxed);
+        let mut good = 0;
+        for c in clients {
+            let (g, bad) = c.join().unwrap();
+            assert!(
+                bad.is_empty(),
+                "{mode}: failed requests during reload: {bad:?}"
+            );
+            good += g;
+        }
+        assert!(good > 50, "{mode}: only {good} requests made");
+        let after: BTreeSet<u32> = h.worker_pids(3).into_iter().collect();
+        assert!(
+            before.is_disjoint(&after),
+            "{mode}: not every worker was replaced"
+        );
+    }
+}
+
+#[test]
+fn status_reports_every_worker() {
+    let n = name("status");
+    let h = Herd::start(&["--name", &n, "-i", "2"], &[DEMO]);
+    h.wait_ready(2);
+    let pids = h.worker_pids(2);
+    let out = herd(&["status", "--name", &n, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let workers = v["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2);
+    for (i, w) in workers.iter().enumerate() {
+        for key in [
+            "pid",
+            "state",
+            "uptime",
+            "restarts",
+            "cpu",
+            "memory",
+            "connections",
+            "requests",
+        ] {
+            assert!(w.get(key).is_some(), "missing {key} in {w}");
+        }
+        assert_eq!(w["pid"].as_u64(), Some(pids[i] as u64));
+        assert_eq!(w["state"], "ready");
+        assert!(w["memory"].as_u64().unwrap() > 0);
+        assert!(w["requests"].as_u64().unwrap() >= 1);
+    }
+    let table = ok(&herd(&["status", "--name", &n]));
+    assert!(
+        table.contains("ready") && table.contains(&pids[0].to_string()),
+        "{table}"
+    );
+    // The only cluster of this name is found by `list` too.
+    assert!(ok(&herd(&["list"])).contains(&n));
+}
+
+#[test]
+fn scale_up_and_down_and_signals() {
+    let n = name("scale");
+    let mut h = Herd::start(&["--name", &n, "-i", "2", "--mode", "reuseport"], &[DEMO]);
+    h.wait_ready(2);
+    assert!(ok(&herd(&["scale", "--name", &n, "4"])).contains("4 workers"));
+    h.worker_pids(4);
+    assert!(ok(&herd(&["scale", "--name", &n, "-1"])).contains("3 workers"));
+    let count = || {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&herd(&["status", "--name", &n, "--json"]))).unwrap();
+        v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == "ready")
+            .count()
+    };
+    assert!(wait_until(T, || count() == 3));
+    h.signal("TTIN");
+    assert!(wait_until(T, || count() == 4), "SIGTTIN adds a worker");
+    h.signal("TTOU");
+    assert!(wait_until(T, || count() == 3), "SIGTTOU removes one");
+    let before: BTreeSet<u32> = h.worker_pids(3).into_iter().collect();
+    h.signal("HUP");
+    assert!(h.wait_log("reload done", T), "SIGHUP reloads: {}", h.log());
+    let after: BTreeSet<u32> = h.worker_pids(3).into_iter().collect();
+    assert!(before.is_disjoint(&after));
+    assert!(ok(&herd(&["stop", "--name", &n])).contains("stopping"));
+    assert_eq!(h.wait_exit(T).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn a_reload_whose_new_worker_fails_leaves_the_old_ones_serving() {
+    let n = name("badreload");
+    let mark = std::env::temp_dir().join(format!("herd-fail-{}", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let script = format!(
+        "if [ -e {} ]; then echo broken; exit 3; fi; exec {DEMO}",
+        mark.display()
+    );
+    let h = Herd::start(&["--name", &n, "-i", "2"], &["sh", "-c", &script]);
+    h.wait_ready(2);
+    let before = h.worker_pids(2);
+    std::fs::write(&mark, "").unwrap();
+    let out = herd(&["reload", "--name", &n]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reload aborted") && err.contains("old workers keep serving"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    for _ in 0..10 {
+        let (status, body) = h.get("/").unwrap();
+        assert_eq!(status, 200);
+        assert!(before.contains(&parse_hello(&body).1));
+    }
+    std::fs::remove_file(&mark).unwrap();
+    // Nothing is left behind: a stop is prompt.
+    let mut h = h;
+    h.signal("TERM");
+    assert!(
+        h.wait_exit(Duration::from_secs(3)).is_some(),
+        "stop waited for a ghost worker"
+    );
+}
+
+#[test]
+fn a_reload_during_a_reload_is_refused() {
+    let n = name("twice");
+    let mark = std::env::temp_dir().join(format!("herd-slow-{}", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let script = format!(
+        "if [ -e {} ]; then sleep 1; fi; exec {DEMO}",
+        mark.display()
+    );
+    let h = Herd::start(&["--name", &n, "-i", "2"], &["sh", "-c", &script]);
+    h.wait_ready(2);
+    std::fs::write(&mark, "").unwrap();
+    let first = {
+        let n = n.clone();
+        std::thread::spawn(move || herd(&["reload", "--name", &n]))
+    };
+    assert!(h.wait_log("rolling reload of 2 workers", T));
+    let second = herd(&["reload", "--name", &n]);
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already running"));
+    ok(&first.join().unwrap());
+    assert_eq!(h.get("/").unwrap().0, 200);
+    std::fs::remove_file(&mark).unwrap();
+}
+
+#[test]
+fn bad_control_input_gets_a_clear_error() {
+    let n = name("badctl");
+    let h = Herd::start(&["--name", &n, "-i", "1"], &[DEMO]);
+    h.wait_ready(1);
+    let err = |args: &[&str]| {
+        let out = herd(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let e = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(e.trim_end().lines().count(), 1, "{args:?}: {e}");
+        e
+    };
+    assert!(err(&["frobnicate"]).contains("unrecognized subcommand"));
+    assert!(err(&["status", "--name", "no-such-cluster"]).contains("no herd cluster is running"));
+    assert!(err(&["scale", "--name", &n, "0"]).contains("at least 1 worker"));
+    assert!(err(&["scale", "--name", &n, "lots"]).contains("not a count"));
+    // Raw protocol: malformed JSON, an unknown command, an oversized line.
+    let sock = herd::control::socket_path(&n);
+    let ask = |line: &[u8]| {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let _ = s.write_all(line);
+        let mut answer = String::new();
+        let _ = BufReader::new(s).read_line(&mut answer);
+        answer
+    };
+    assert!(ask(b"{not json\n").contains("\"ok\":false"));
+    assert!(ask(b"{\"cmd\":\"explode\"}\n").contains("bad request"));
+    let mut big = vec![b'x'; 100_000];
+    big.push(b'\n');
+    assert!(ask(&big).contains("longer than"));
+    // The cluster keeps serving through all of it.
+    assert_eq!(h.get("/").unwrap().0, 200);
+}
+
+#[test]
+fn two_clusters_cannot_share_a_name() {
+    let n = name("dup");
+    let h = Herd::start(&["--name", &n, "-i", "1"], &[DEMO]);
+    h.wait_ready(1);
+    let (code, err) = run_fail(&["run", "--name", &n, "--listen", "127.0.0.1:0", "--", DEMO]);
+    assert_ne!(code, 0);
+    assert!(err.contains("already running"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
