@@ -351,6 +351,8 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub name: String,
+    /// Whether the name was given (`--name`/`name =`) rather than derived.
+    pub name_given: bool,
     pub listen: SocketAddr,
     pub instances: usize,
     pub mode: Mode,
@@ -433,6 +435,7 @@ impl Settings {
             Some(word) => resolve_program(word, cwd.as_deref(), path_var.as_deref())?,
             None => PathBuf::new(),
         };
+        let name_given = args.name.is_some() || file.name.is_some();
         let name = match args.name.or(file.name) {
             Some(n) => validate_name(n)?,
             None if command.is_empty() => "lb".to_string(),
@@ -499,6 +502,7 @@ impl Settings {
         };
         Ok(Settings {
             name,
+            name_given,
             listen: args.listen.or(file.listen).map_or(DEFAULT_LISTEN, |l| l.0),
             instances,
             mode,

@@ -72,6 +72,29 @@ pub fn socket_path(name: &str) -> PathBuf {
     rundir::base_dir().join(format!("{name}.sock"))
 }
 
+/// Binds the control socket under `name`. A given name that a live master
+/// holds is an error; a derived one takes the first free `name-2`, `name-3`…
+/// Returns the listener, its path and the name used.
+pub fn bind_name(name: &str, given: bool) -> Result<(UnixListener, PathBuf, String), ControlError> {
+    if given {
+        let (l, p) = bind(name)?;
+        return Ok((l, p, name.to_string()));
+    }
+    for i in 1..1000 {
+        let candidate = if i == 1 {
+            name.to_string()
+        } else {
+            format!("{name}-{i}")
+        };
+        match bind(&candidate) {
+            Ok((l, p)) => return Ok((l, p, candidate)),
+            Err(ControlError::NameTaken(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ControlError::NameTaken(name.to_string()))
+}
+
 /// Binds the control socket, refusing if a live master already holds the name.
 pub fn bind(name: &str) -> Result<(UnixListener, PathBuf), ControlError> {
     let path = socket_path(name);

@@ -312,3 +312,30 @@ fn two_clusters_cannot_share_a_name() {
     assert!(err.contains("already running"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn a_derived_name_in_use_gets_a_suffix() {
+    let base = name("derived");
+    // Copy the demo under a unique name so the derived name is this test's own.
+    let dir = std::env::temp_dir().join(format!("herd-derived-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prog = dir.join(&base);
+    std::fs::copy(DEMO, &prog).unwrap();
+    let a = Herd::start(&["-i", "1"], &[prog.to_str().unwrap()]);
+    a.wait_ready(1);
+    let b = Herd::start(&["-i", "1"], &[prog.to_str().unwrap()]);
+    b.wait_ready(1);
+    assert!(
+        a.log().contains(&format!("{base}: 1 worker")),
+        "{}",
+        a.log()
+    );
+    assert!(
+        b.log().contains(&format!("{base}-2: 1 worker")),
+        "{}",
+        b.log()
+    );
+    assert!(ok(&herd(&["status", "--name", &format!("{base}-2")])).contains("ready"));
+    drop((a, b));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
