@@ -109,6 +109,13 @@ pub struct RunArgs {
     /// A worker that exits sooner than this after starting counts as a crash loop step [default: 1s].
     #[arg(long, value_name = "DUR")]
     pub min_uptime: Option<Dur>,
+    /// Replace a worker gracefully once its RSS stays above SIZE for 3 s (e.g. 300M).
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<Size>,
+    /// Give workers WATCHDOG_USEC; one that sent WATCHDOG=1 and then goes quiet
+    /// this long is killed and replaced.
+    #[arg(long, value_name = "DUR")]
+    pub watchdog: Option<Dur>,
     /// Working directory of the workers.
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<PathBuf>,

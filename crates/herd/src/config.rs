@@ -107,6 +107,7 @@ impl FromStr for Size {
             "" | "b" => 1,
             "k" | "kb" | "kib" => 1024,
             "m" | "mb" | "mib" => 1024 * 1024,
+            "g" | "gb" | "gib" => 1024 * 1024 * 1024,
             _ => return Err(format!("{s:?} is not a size (write 16384, 16k or 1m)")),
         };
         num.parse::<usize>()
@@ -293,6 +294,8 @@ pub struct FileConfig {
     pub idle_timeout: Option<Dur>,
     pub max_header_size: Option<Size>,
     pub max_headers: Option<usize>,
+    pub max_memory: Option<Size>,
+    pub watchdog: Option<Dur>,
 }
 
 fn strategy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StrategyKind>, D::Error> {
@@ -376,6 +379,8 @@ pub struct Settings {
     pub health: HealthConfig,
     pub http: HttpConfig,
     pub connect_timeout: Duration,
+    pub max_memory: Option<u64>,
+    pub watchdog: Option<Duration>,
 }
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
@@ -535,6 +540,12 @@ impl Settings {
             health,
             http,
             connect_timeout,
+            max_memory: args.max_memory.or(file.max_memory).map(|s| s.0 as u64),
+            watchdog: args
+                .watchdog
+                .or(file.watchdog)
+                .map(|d| d.0)
+                .filter(|d| !d.is_zero()),
         })
     }
 }

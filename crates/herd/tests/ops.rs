@@ -339,3 +339,54 @@ fn a_derived_name_in_use_gets_a_suffix() {
     drop((a, b));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_worker_above_max_memory_is_replaced_gracefully() {
+    let h = Herd::start(&["-i", "1", "--max-memory", "48M"], &[DEMO]);
+    h.wait_ready(1);
+    let before = h.worker_pids(1)[0];
+    let (status, body) = h.get("/alloc?mb=80").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(h.wait_log("above --max-memory", T), "{}", h.log());
+    assert!(
+        wait_until(T, || h.worker_pids(1)[0] != before),
+        "not replaced: {}",
+        h.log()
+    );
+    assert_eq!(h.get("/").unwrap().0, 200);
+}
+
+#[test]
+fn a_worker_that_stops_pinging_its_watchdog_is_replaced() {
+    let script = r#"
+import os, socket, time
+print("watchdog", os.environ.get("WATCHDOG_USEC"), flush=True)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+for _ in range(3):
+    s.sendto(b"WATCHDOG=1", os.environ["NOTIFY_SOCKET"])
+    time.sleep(0.1)
+print("hanging", flush=True)
+time.sleep(3600)
+"#;
+    let h = Herd::start(
+        &[
+            "-i",
+            "1",
+            "--mode",
+            "shared",
+            "--watchdog",
+            "500ms",
+            "--min-uptime",
+            "100ms",
+        ],
+        &["python3", "-c", script],
+    );
+    assert!(h.wait_log("[0] watchdog 500000", T), "{}", h.log());
+    assert!(h.wait_log("missed its watchdog", T), "{}", h.log());
+    assert!(
+        h.wait_log_n("[0] hanging", 2, T),
+        "not replaced: {}",
+        h.log()
+    );
+}

@@ -5,7 +5,8 @@
 //!
 //! Routes: `/` (hello), `/slow?ms=N` (answers after N ms), `/crash` (exits 1),
 //! `/env` (the worker-contract variables it was given), `/headers` (the
-//! request head as received), `/healthz`. `HERD_DEMO_DELAY_MS` delays every
+//! request head as received), `/healthz`, `/alloc?mb=N` (keeps N more MiB,
+//! to try `--max-memory`). `HERD_DEMO_DELAY_MS` delays every
 //! answer (a slow backend, for trying the balancing strategies).
 #![forbid(unsafe_code)]
 
@@ -109,18 +110,23 @@ async fn handle(
     let pid = std::process::id();
     let body = match req.uri().path() {
         "/slow" => {
-            let ms = req
-                .uri()
-                .query()
-                .and_then(|q| q.strip_prefix("ms="))
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(1000);
+            let ms = query_num(req.uri().query(), "ms=").unwrap_or(1000);
             println!("slow request started ({ms} ms)");
             tokio::time::sleep(Duration::from_millis(ms)).await;
             format!("slow done by worker {id} (pid {pid})\n")
         }
         "/env" => contract.to_string(),
         "/healthz" => "ok\n".to_string(),
+        "/alloc" => {
+            static HELD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+            let mb = query_num(req.uri().query(), "mb=").unwrap_or(10) as usize;
+            let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+            held.push(vec![1u8; mb << 20]); // written, so resident
+            format!(
+                "holding {} MiB\n",
+                held.iter().map(Vec::len).sum::<usize>() >> 20
+            )
+        }
         "/headers" => {
             let mut out = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
             for (k, v) in req.headers() {
@@ -138,4 +144,9 @@ async fn handle(
         .header("x-herd-worker", id.as_str())
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+}
+
+fn query_num(q: Option<&str>, key: &str) -> Option<u64> {
+    q?.split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.parse().ok())
 }

@@ -9,6 +9,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
@@ -109,6 +110,11 @@ struct Worker {
     tasks: Vec<AbortHandle>,
     /// Last CPU sample for `status`: (when, utime+stime ticks, requests).
     sample: Option<(Instant, u64, u64)>,
+    /// When it last sent WATCHDOG=1, in ms on `Supervisor::started` (+1; 0 = never).
+    pings: Arc<AtomicU64>,
+    /// Ticks in a row its RSS was above `--max-memory`.
+    over_memory: u32,
+    watchdog_fired: bool,
 }
 
 #[derive(Default)]
@@ -171,6 +177,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(SuperviseError::Signals)?;
     let (calls_tx, mut calls) = mpsc::unbounded_channel::<Call>();
     tokio::spawn(control::serve(control_listener, calls_tx));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (tx, rx) = mpsc::unbounded_channel();
     let up = Arc::new(Upstreams::new(s.balance.clone(), &s.upstreams));
     let mut sup = Supervisor {
@@ -271,6 +279,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             }
             _ = sigttin.recv() => sup.scale_signal(1),
             _ = sigttou.recv() => sup.scale_signal(-1),
+            _ = tick.tick() => sup.on_tick(),
             Some(call) = calls.recv() => {
                 if sup.on_call(call) {
                     break;
@@ -567,12 +576,14 @@ impl Supervisor {
             let status = child.wait().await;
             let _ = tx.send(Event::Exited { epoch, status });
         });
+        let pings = Arc::new(AtomicU64::new(0));
         let readiness = tokio::spawn(readiness(
             notify,
             self.probe(port),
             self.s.ready_timeout,
             self.tx.clone(),
             epoch,
+            (pings.clone(), self.started),
         ));
         tracing::info!("worker {slot} started (pid {pid})");
         let target = port.map(|p| {
@@ -594,6 +605,9 @@ impl Supervisor {
             notify_path,
             tasks: vec![readiness.abort_handle()],
             sample: None,
+            pings,
+            over_memory: 0,
+            watchdog_fired: false,
         })
     }
 
@@ -751,12 +765,28 @@ async fn readiness(
     timeout: Duration,
     tx: mpsc::UnboundedSender<Event>,
     epoch: u64,
+    (pings, clock): (Arc<AtomicU64>, Instant),
 ) {
     let mut buf = vec![0u8; 4096];
+    // Reads one message; true if it says READY=1. Records WATCHDOG=1 pings.
+    let read = |buf: &[u8]| {
+        let mut ready = false;
+        for line in buf.split(|&b| b == b'\n') {
+            match line {
+                b"READY=1" => ready = true,
+                b"WATCHDOG=1" => {
+                    let ms = clock.elapsed().as_millis() as u64 + 1;
+                    pings.store(ms, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        ready
+    };
     let notified = async {
         loop {
             match sock.recv(&mut buf).await {
-                Ok(n) if buf[..n].split(|&b| b == b'\n').any(|l| l == b"READY=1") => return,
+                Ok(n) if read(&buf[..n]) => return,
                 Ok(_) => {}
                 Err(_) => std::future::pending::<()>().await,
             }
@@ -789,7 +819,11 @@ async fn readiness(
         Err(_) => Event::ReadyTimeout { epoch },
     };
     let _ = tx.send(ev);
-    while sock.recv(&mut buf).await.is_ok() {}
+    // Keep reading for the worker's life: watchdog pings, and so that its
+    // later sd_notify calls do not fail.
+    while let Ok(n) = sock.recv(&mut buf).await {
+        read(&buf[..n]);
+    }
 }
 
 /// The worker's environment: the master's, minus protocol variables meant
@@ -824,6 +858,9 @@ fn worker_env(
     set(contract::WORKERS, s.instances.to_string().into());
     set(contract::NAME, s.name.clone().into());
     set(contract::NOTIFY_SOCKET, notify.as_os_str().to_owned());
+    if let Some(w) = s.watchdog {
+        set("WATCHDOG_USEC", w.as_micros().to_string().into());
+    }
     if let Some(p) = port {
         set(contract::PORT, p.to_string().into());
     }

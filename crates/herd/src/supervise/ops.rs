@@ -57,6 +57,47 @@ impl Supervisor {
         false
     }
 
+    /// Once a second: the watchdog, and `--max-memory`.
+    pub(super) fn on_tick(&mut self) {
+        let now_ms = self.started.elapsed().as_millis() as u64 + 1;
+        let page = procfs::page_size();
+        let mut over = Vec::new();
+        for (slot, s) in self.slots.iter_mut().enumerate() {
+            let Some(w) = s.worker.as_mut() else { continue };
+            if let Some(limit) = self.s.watchdog {
+                let last = w.pings.load(std::sync::atomic::Ordering::Relaxed);
+                let quiet = now_ms.saturating_sub(last);
+                if last > 0 && quiet > limit.as_millis() as u64 && !w.watchdog_fired {
+                    tracing::warn!(
+                        "worker {slot} (pid {}) missed its watchdog: no WATCHDOG=1 for {:?}; killing it",
+                        w.pid,
+                        Duration::from_millis(quiet)
+                    );
+                    w.watchdog_fired = true;
+                    kill_group(w.pid, Signal::SIGKILL);
+                }
+            }
+            if let (Some(max), true) = (self.s.max_memory, w.ready) {
+                let rss = procfs::process::Process::new(w.pid as i32)
+                    .and_then(|p| p.stat())
+                    .map_or(0, |st| st.rss * page);
+                w.over_memory = if rss > max { w.over_memory + 1 } else { 0 };
+                if w.over_memory == 3 {
+                    tracing::warn!(
+                        "worker {slot} (pid {}) uses {} MiB, above --max-memory ({} MiB) for 3 s; replacing it",
+                        w.pid,
+                        rss >> 20,
+                        max >> 20
+                    );
+                    over.push(slot);
+                }
+            }
+        }
+        if !over.is_empty() && self.reload.is_none() {
+            self.reload_slots(over, None);
+        }
+    }
+
     pub(super) fn reload_start(&mut self, reply: Option<UnboundedSender<Value>>) {
         if self.reload.is_some() {
             let msg = "a reload is already running; wait for it to finish";
@@ -66,13 +107,18 @@ impl Supervisor {
             }
             return;
         }
-        let n = self.slots.len();
+        self.reload_slots((0..self.slots.len()).collect(), reply);
+    }
+
+    /// Rolling replacement of `slots`, one at a time.
+    fn reload_slots(&mut self, slots: Vec<usize>, reply: Option<UnboundedSender<Value>>) {
+        let n = slots.len();
         tracing::info!("rolling reload of {n} workers");
         if let Some(r) = &reply {
             let _ = r.send(json!({"progress": format!("reloading {n} workers, one at a time")}));
         }
         self.reload = Some(Reload {
-            todo: (0..n).collect(),
+            todo: slots.into(),
             wait: Wait::NewReady,
             reply,
             replaced: 0,
