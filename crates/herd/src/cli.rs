@@ -25,6 +25,19 @@ pub struct Cli {
 pub enum Command {
     /// Run COMMAND as a cluster of workers on one port, in the foreground.
     Run(Box<RunArgs>),
+    /// Like `run`, in the background, logging to a file; returns once ready.
+    Start(Box<RunArgs>),
+    /// Show a cluster's log (herd's own lines and worker output).
+    Logs {
+        #[command(flatten)]
+        target: Target,
+        /// Keep printing new lines as they come.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the last lines to show first.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+    },
     /// Show the workers of a running cluster (like `pm2 list`).
     Status {
         #[command(flatten)]
@@ -71,7 +84,7 @@ pub struct Target {
 }
 
 /// Every option is also a `herd.toml` key of the same name; flags win.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args, Default, Clone)]
 pub struct RunArgs {
     /// Config file (default: ./herd.toml when present).
     #[arg(long, value_name = "FILE")]
@@ -116,6 +129,15 @@ pub struct RunArgs {
     /// this long is killed and replaced.
     #[arg(long, value_name = "DUR")]
     pub watchdog: Option<Dur>,
+    /// Write herd's log and worker output to FILE instead of stdout/stderr.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Rotate the log file past this size [default: 10M].
+    #[arg(long, value_name = "SIZE")]
+    pub log_max_size: Option<Size>,
+    /// Rotated log files kept (FILE.1 … FILE.N) [default: 3].
+    #[arg(long, value_name = "N")]
+    pub log_keep: Option<u32>,
     /// Working directory of the workers.
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<PathBuf>,

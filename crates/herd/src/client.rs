@@ -14,7 +14,9 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         Command::Restart { target } => (target, Request::Restart),
         Command::Scale { target, n } => (target, Request::Scale { n }),
         Command::Stop { target } => (target, Request::Stop),
-        Command::Run(_) | Command::Guard => return Ok(2),
+        Command::Run(_) | Command::Start(_) | Command::Logs { .. } | Command::Guard => {
+            return Ok(2);
+        }
     };
     let (name, path) = control::find(target.name.as_deref())?;
     let answer = control::call(&name, &path, &req, |p| println!("{p}"))?;

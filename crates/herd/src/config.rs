@@ -296,6 +296,9 @@ pub struct FileConfig {
     pub max_headers: Option<usize>,
     pub max_memory: Option<Size>,
     pub watchdog: Option<Dur>,
+    pub log_file: Option<PathBuf>,
+    pub log_max_size: Option<Size>,
+    pub log_keep: Option<u32>,
 }
 
 fn strategy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StrategyKind>, D::Error> {
@@ -381,6 +384,10 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub max_memory: Option<u64>,
     pub watchdog: Option<Duration>,
+    /// `--log-file`, with its rotation size and how many old files to keep.
+    pub log_file: Option<PathBuf>,
+    pub log_max_size: u64,
+    pub log_keep: u32,
 }
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
@@ -546,6 +553,12 @@ impl Settings {
                 .or(file.watchdog)
                 .map(|d| d.0)
                 .filter(|d| !d.is_zero()),
+            log_file: args.log_file.or(file.log_file),
+            log_max_size: args
+                .log_max_size
+                .or(file.log_max_size)
+                .map_or(10 << 20, |s| s.0 as u64),
+            log_keep: args.log_keep.or(file.log_keep).unwrap_or(3),
         })
     }
 }

@@ -27,9 +27,42 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Start(args) => match herd::start::start(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("herd: error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Logs {
+            target,
+            follow,
+            lines,
+        } => match herd::start::logs(target.name.as_deref(), lines, follow) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("herd: error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::Run(args) => {
+            // Settings first: the log file may come from herd.toml.
+            let settings = match Settings::resolve(*args) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("herd: error: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            if let Some(path) = &settings.log_file
+                && let Err(e) =
+                    herd::logfile::install(path, settings.log_max_size, settings.log_keep)
+            {
+                eprintln!("herd: error: cannot open log file {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
             init_logging();
-            match run(*args) {
+            match run(settings) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
                     // Each error already names its cause: print the top one only.
@@ -41,8 +74,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: herd::cli::RunArgs) -> anyhow::Result<i32> {
-    let settings = Settings::resolve(args)?;
+fn run(settings: Settings) -> anyhow::Result<i32> {
     // The supervisor's work is light; the proxy runs its own per-CPU
     // runtimes (see `supervise::start_proxy`).
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -74,10 +106,16 @@ fn usage_error(e: clap::Error) -> ExitCode {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_target(false);
+    if herd::logfile::installed() {
+        fmt.with_ansi(false)
+            .with_writer(|| herd::logfile::Writer)
+            .init();
+    } else {
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init();
+    }
 }

@@ -30,6 +30,9 @@ impl Output {
             .name("herd-output".into())
             .spawn(move || {
                 while let Some((stream, line)) = rx.blocking_recv() {
+                    if crate::logfile::write(&line) {
+                        continue;
+                    }
                     // A closed stdout must not stop the cluster: drop the line.
                     let _ = match stream {
                         Stream::Out => std::io::stdout().lock().write_all(&line),

@@ -390,3 +390,54 @@ time.sleep(3600)
         h.log()
     );
 }
+
+#[test]
+fn start_runs_in_the_background_and_logs_to_a_rotated_file() {
+    let n = name("start");
+    let state = std::env::temp_dir().join(format!("herd-state-{}", std::process::id()));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    // The worker prints ~3 KiB at start, so a 1 KiB limit must rotate.
+    let script = format!(
+        "i=0; while [ $i -lt 100 ]; do echo \"line $i of start-up noise\"; i=$((i+1)); done; exec {DEMO}"
+    );
+    let herd_env = |args: &[&str]| {
+        Command::new(HERD)
+            .args(args)
+            .env("XDG_STATE_HOME", &state)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = herd_env(&[
+        "start",
+        "--name",
+        &n,
+        "--listen",
+        &listen,
+        "-i",
+        "2",
+        "--log-max-size",
+        "1k",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let text = ok(&out);
+    assert!(
+        text.contains("started") && text.contains("2 workers"),
+        "{text}"
+    );
+    // `herd start` has returned; the cluster serves on.
+    assert_eq!(http_get(port, "/").unwrap().0, 200);
+    let log = state.join("herd").join(format!("{n}.log"));
+    assert!(log.is_file());
+    let rotated = state.join("herd").join(format!("{n}.log.1"));
+    assert!(rotated.is_file(), "no rotation at 1k");
+    let shown = ok(&herd_env(&["logs", "--name", &n, "-n", "5"]));
+    assert_eq!(shown.lines().count(), 5, "{shown}");
+    assert!(ok(&herd_env(&["stop", "--name", &n])).contains("stopping"));
+    assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", port)).is_err()));
+    let _ = std::fs::remove_dir_all(&state);
+}

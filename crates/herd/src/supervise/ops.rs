@@ -418,6 +418,7 @@ impl Supervisor {
             "listen": self.s.listen.to_string(),
             "uptime": self.started.elapsed().as_secs_f64(),
             "reloading": self.reload.is_some(),
+            "log_file": self.s.log_file.as_ref().map(|p| p.display().to_string()),
             "workers": rows,
         })
     }

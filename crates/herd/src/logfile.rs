@@ -1,0 +1,107 @@
+//! A log file rotated by size, shared by herd's own log and worker output
+//! (`--log-file`, which `herd start` always sets).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+pub struct RotatingFile {
+    path: PathBuf,
+    max: u64,
+    keep: u32,
+    file: File,
+    size: u64,
+}
+
+static LOG: OnceLock<Mutex<RotatingFile>> = OnceLock::new();
+
+/// Sends all later log and worker output to `path`.
+pub fn install(path: &Path, max: u64, keep: u32) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let size = file.metadata()?.len();
+    let _ = LOG.set(Mutex::new(RotatingFile {
+        path: path.to_path_buf(),
+        max: max.max(1024),
+        keep: keep.max(1),
+        file,
+        size,
+    }));
+    Ok(())
+}
+
+pub fn installed() -> bool {
+    LOG.get().is_some()
+}
+
+/// Writes whole lines to the log file; false if none is installed.
+pub fn write(bytes: &[u8]) -> bool {
+    let Some(log) = LOG.get() else {
+        return false;
+    };
+    if let Ok(mut f) = log.lock() {
+        f.write(bytes);
+    }
+    true
+}
+
+impl RotatingFile {
+    fn write(&mut self, bytes: &[u8]) {
+        if self.size > 0 && self.size + bytes.len() as u64 > self.max {
+            self.rotate();
+        }
+        if self.file.write_all(bytes).is_ok() {
+            self.size += bytes.len() as u64;
+        }
+    }
+
+    /// `log` → `log.1` → `log.2` …, keeping `keep` old files.
+    fn rotate(&mut self) {
+        let name = |i: u32| {
+            let mut p = self.path.clone().into_os_string();
+            p.push(format!(".{i}"));
+            PathBuf::from(p)
+        };
+        let _ = std::fs::remove_file(name(self.keep));
+        for i in (1..self.keep).rev() {
+            let _ = std::fs::rename(name(i), name(i + 1));
+        }
+        let _ = std::fs::rename(&self.path, name(1));
+        if let Ok(f) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+        {
+            self.file = f;
+            self.size = 0;
+        }
+    }
+}
+
+/// `tracing` writer that goes to the log file.
+pub struct Writer;
+
+impl Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        write(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where `herd start` keeps a cluster's log: `$XDG_STATE_HOME/herd/NAME.log`,
+/// else `~/.local/state/herd/NAME.log`, else the runtime directory.
+pub fn default_path(name: &str) -> PathBuf {
+    let dir = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .map(|d| d.join("herd"))
+        .unwrap_or_else(crate::rundir::base_dir);
+    dir.join(format!("{name}.log"))
+}

@@ -1,0 +1,160 @@
+//! `herd start` (a master in the background, logging to a file) and
+//! `herd logs`.
+
+use std::ffi::OsString;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::cli::RunArgs;
+use crate::config::Settings;
+use crate::control::{self, Request};
+
+/// Validates the options here, in the foreground, then runs `herd run` in
+/// its own process group with a log file, and returns once every worker is
+/// ready (or fails with the log's last lines if the master gives up).
+pub fn start(args: &RunArgs) -> anyhow::Result<()> {
+    let s = Settings::resolve(args.clone())?;
+    let running: Vec<String> = control::running().into_iter().map(|(n, _)| n).collect();
+    let name = if s.name_given {
+        if running.contains(&s.name) {
+            bail!("a cluster named {:?} is already running", s.name);
+        }
+        s.name.clone()
+    } else {
+        (1..1000)
+            .map(|i| {
+                if i == 1 {
+                    s.name.clone()
+                } else {
+                    format!("{}-{i}", s.name)
+                }
+            })
+            .find(|n| !running.contains(n))
+            .context("no free cluster name")?
+    };
+    let log = s
+        .log_file
+        .clone()
+        .unwrap_or_else(|| crate::logfile::default_path(&name));
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let at = argv.iter().position(|a| a == "start").unwrap_or(0);
+    argv[at] = "run".into();
+    let mut extra: Vec<OsString> = Vec::new();
+    if args.name.is_none() {
+        extra.extend(["--name".into(), name.clone().into()]);
+    }
+    if args.log_file.is_none() {
+        extra.extend(["--log-file".into(), log.clone().into()]);
+    }
+    argv.splice(at + 1..at + 1, extra);
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let mut child = Command::new("/proc/self/exe")
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        // Its own group: a Ctrl-C in this terminal is not for it.
+        .process_group(0)
+        .spawn()
+        .context("cannot start the master")?;
+    let deadline = Instant::now() + s.ready_timeout + Duration::from_secs(10);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            bail!(
+                "the master exited ({st}) before the cluster was ready; last lines of {}:\n{}",
+                log.display(),
+                tail(&log, 10).unwrap_or_default()
+            );
+        }
+        if let Ok((_, path)) = control::find(Some(&name)) {
+            if let Ok(v) = control::call(&name, &path, &Request::Status, |_| {}) {
+                let workers = v["workers"].as_array().cloned().unwrap_or_default();
+                let ready = workers.iter().filter(|w| w["state"] == "ready").count();
+                if ready == s.instances {
+                    println!(
+                        "{name}: started, master pid {}, {ready} workers, {} mode on {}; logs: {}",
+                        child.id(),
+                        v["mode"].as_str().unwrap_or("?"),
+                        v["listen"].as_str().unwrap_or("?"),
+                        log.display()
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the cluster is not ready yet (pid {}); see `herd status --name {name}` and {}",
+                child.id(),
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Prints the last `lines` lines of a cluster's log; with `follow`, keeps
+/// printing what is appended, across rotations.
+pub fn logs(name: Option<&str>, lines: usize, follow: bool) -> anyhow::Result<()> {
+    let path = match control::find(name) {
+        Ok((n, sock)) => {
+            let v = control::call(&n, &sock, &Request::Status, |_| {})?;
+            match v["log_file"].as_str() {
+                Some(p) => PathBuf::from(p),
+                None => {
+                    bail!("cluster {n:?} logs to its terminal (it was not started with --log-file)")
+                }
+            }
+        }
+        Err(e) => match name {
+            Some(n) => crate::logfile::default_path(n),
+            None => return Err(e.into()),
+        },
+    };
+    print!(
+        "{}",
+        tail(&path, lines).with_context(|| format!("cannot read {}", path.display()))?
+    );
+    if !follow {
+        return Ok(());
+    }
+    let mut pos = std::fs::metadata(&path)?.len();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.len() < pos {
+            pos = 0; // rotated: the file is new
+        }
+        if meta.len() > pos {
+            let mut f = std::fs::File::open(&path)?;
+            f.seek(SeekFrom::Start(pos))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            pos += buf.len() as u64;
+            print!("{}", String::from_utf8_lossy(&buf));
+        }
+    }
+}
+
+/// The last `n` lines of a file.
+fn tail(path: &Path, n: usize) -> std::io::Result<String> {
+    let text = std::fs::read(path)?;
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(n);
+    Ok(lines[from..].iter().map(|l| format!("{l}\n")).collect())
+}
