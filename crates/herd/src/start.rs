@@ -78,20 +78,20 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
                 tail(&log, 10).unwrap_or_default()
             );
         }
-        if let Ok((_, path)) = control::find(Some(&name)) {
-            if let Ok(v) = control::call(&name, &path, &Request::Status, |_| {}) {
-                let workers = v["workers"].as_array().cloned().unwrap_or_default();
-                let ready = workers.iter().filter(|w| w["state"] == "ready").count();
-                if ready == s.instances {
-                    println!(
-                        "{name}: started, master pid {}, {ready} workers, {} mode on {}; logs: {}",
-                        child.id(),
-                        v["mode"].as_str().unwrap_or("?"),
-                        v["listen"].as_str().unwrap_or("?"),
-                        log.display()
-                    );
-                    return Ok(());
-                }
+        if let Ok((_, path)) = control::find(Some(&name))
+            && let Ok(v) = control::call(&name, &path, &Request::Status, |_| {})
+        {
+            let workers = v["workers"].as_array().cloned().unwrap_or_default();
+            let ready = workers.iter().filter(|w| w["state"] == "ready").count();
+            if ready == s.instances {
+                println!(
+                    "{name}: started, master pid {}, {ready} workers, {} mode on {}; logs: {}",
+                    child.id(),
+                    v["mode"].as_str().unwrap_or("?"),
+                    v["listen"].as_str().unwrap_or("?"),
+                    log.display()
+                );
+                return Ok(());
             }
         }
         if Instant::now() > deadline {
