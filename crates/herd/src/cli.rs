@@ -68,6 +68,19 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Send MESSAGE (JSON, or else a string) to worker ID's message channel.
+    Send {
+        #[command(flatten)]
+        target: Target,
+        id: usize,
+        message: String,
+    },
+    /// Send MESSAGE (JSON, or else a string) to every worker's message channel.
+    Broadcast {
+        #[command(flatten)]
+        target: Target,
+        message: String,
+    },
     /// List the running herd clusters of this user.
     List,
     /// Internal: the helper that kills worker process groups if the master dies.

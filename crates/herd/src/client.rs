@@ -14,6 +14,23 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         Command::Restart { target } => (target, Request::Restart),
         Command::Scale { target, n } => (target, Request::Scale { n }),
         Command::Stop { target } => (target, Request::Stop),
+        Command::Send {
+            target,
+            id,
+            message,
+        } => (
+            target,
+            Request::Send {
+                id,
+                message: as_json(&message),
+            },
+        ),
+        Command::Broadcast { target, message } => (
+            target,
+            Request::Broadcast {
+                message: as_json(&message),
+            },
+        ),
         Command::Run(_) | Command::Start(_) | Command::Logs { .. } | Command::Guard => {
             return Ok(2);
         }
@@ -34,6 +51,11 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             answer["workers"].as_u64().unwrap_or(0)
         ),
         Request::Stop => println!("{name}: stopping"),
+        Request::Send { id, .. } => println!("{name}: delivered to worker {id}"),
+        Request::Broadcast { .. } => println!(
+            "{name}: delivered to {} workers",
+            answer["delivered"].as_u64().unwrap_or(0)
+        ),
         Request::Status => {}
     }
     Ok(0)
@@ -110,6 +132,11 @@ fn list() -> Result<i32, ControlError> {
         }
     }
     Ok(0)
+}
+
+/// A message as given on the command line: JSON if it parses, else a string.
+fn as_json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_string()))
 }
 
 fn duration(secs: f64) -> String {

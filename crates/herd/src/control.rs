@@ -59,6 +59,10 @@ pub enum Request {
     Scale { n: String },
     /// Graceful stop of the whole cluster.
     Stop,
+    /// A message to one worker's channel (`HERD_IPC_FD`).
+    Send { id: usize, message: Value },
+    /// A message to every worker's channel.
+    Broadcast { message: Value },
 }
 
 /// A request on its way to the supervisor, with where its answer lines go.
@@ -142,7 +146,7 @@ async fn answer(stream: UnixStream, calls: mpsc::UnboundedSender<Call>) {
         Ok(0) | Err(_) => return,
         Ok(_) if line.len() > MAX_LINE => Err(format!("request longer than {MAX_LINE} bytes")),
         Ok(_) => serde_json::from_slice::<Request>(&line).map_err(|e| {
-            let known = "status, reload, restart, scale, stop";
+            let known = "status, reload, restart, scale, stop, send, broadcast";
             format!("bad request: {e} (commands: {known})")
         }),
     };

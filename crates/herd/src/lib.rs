@@ -10,6 +10,7 @@ pub mod control;
 pub mod cpus;
 pub mod guardian;
 pub mod http;
+pub mod ipc;
 pub mod listen;
 pub mod logfile;
 pub mod output;

@@ -20,6 +20,8 @@ fn main() -> ExitCode {
         | Command::Restart { .. }
         | Command::Scale { .. }
         | Command::Stop { .. }
+        | Command::Send { .. }
+        | Command::Broadcast { .. }
         | Command::List) => match herd::client::run(cmd) {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {

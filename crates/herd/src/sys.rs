@@ -28,8 +28,10 @@ pub enum SysError {
 pub struct ExecSpec {
     pub program: PathBuf,
     pub argv: Vec<OsString>,
-    /// The worker's whole environment; `LISTEN_PID` is added when `fds` is not empty.
+    /// The worker's whole environment; `LISTEN_PID` is added when `listen_pid`.
     pub env: Vec<(OsString, OsString)>,
+    /// Whether `fds` include listening sockets (socket activation).
+    pub listen_pid: bool,
     /// `(fd in the master, fd number in the worker)`; the master's fds must
     /// stay open until the spawn returns.
     pub fds: Vec<(RawFd, RawFd)>,
@@ -86,7 +88,7 @@ fn prepare(spec: ExecSpec) -> Result<Prepared, SysError> {
         envp.push(c.as_ptr());
         strings.push(c);
     }
-    let listen_pid = if spec.fds.is_empty() {
+    let listen_pid = if !spec.listen_pid {
         None
     } else {
         let mut buf = vec![0u8; LISTEN_PID_PREFIX.len() + 24].into_boxed_slice();
@@ -201,6 +203,7 @@ mod tests {
             program: "/bin/true".into(),
             argv: vec!["true".into()],
             env: vec![("A".into(), "b\0c".into())],
+            listen_pid: false,
             fds: vec![],
             parent: 1,
         };

@@ -441,3 +441,98 @@ fn start_runs_in_the_background_and_logs_to_a_rotated_file() {
     assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", port)).is_err()));
     let _ = std::fs::remove_dir_all(&state);
 }
+
+#[test]
+fn workers_exchange_messages_in_python_and_node() {
+    let examples = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let py = examples.join("python/ipc.py");
+    let js = examples.join("node/ipc.js");
+    for (lang, cmd) in [
+        ("python", ["python3", py.to_str().unwrap()]),
+        ("node", ["node", js.to_str().unwrap()]),
+    ] {
+        let n = name(&format!("ipc-{lang}"));
+        let mut h = Herd::start(&["--name", &n, "-i", "2", "--mode", "shared"], &cmd);
+        h.wait_ready(2);
+        assert!(h.wait_log("[1] ready", T));
+        // CLI → one worker.
+        assert!(
+            ok(&herd(&["send", "--name", &n, "0", r#"{"hello":1}"#]))
+                .contains("delivered to worker 0")
+        );
+        let got = |slot: usize, needle: &str| {
+            let prefix = format!("[{slot}] got");
+            wait_until(T, || {
+                h.log()
+                    .lines()
+                    .any(|l| l.starts_with(&prefix) && l.contains(needle))
+            })
+        };
+        assert!(got(0, "hello") && got(0, "cli"), "{lang}: {}", h.log());
+        // CLI → everyone.
+        assert!(
+            ok(&herd(&["broadcast", "--name", &n, "all-hands"])).contains("delivered to 2 workers")
+        );
+        assert!(
+            got(0, "all-hands") && got(1, "all-hands"),
+            "{lang}: {}",
+            h.log()
+        );
+        // Worker → worker, and a worker's broadcast (the config-update pattern).
+        ok(&herd(&[
+            "send",
+            "--name",
+            &n,
+            "0",
+            r#"{"do":"send","to":1,"data":"psst"}"#,
+        ]));
+        assert!(got(1, "psst"), "{lang}: {}", h.log());
+        ok(&herd(&[
+            "send",
+            "--name",
+            &n,
+            "1",
+            r#"{"do":"broadcast","data":"config-v2"}"#,
+        ]));
+        assert!(got(0, "config-v2"), "{lang}: {}", h.log());
+        // A message to a worker that is not there comes back to its sender.
+        ok(&herd(&[
+            "send",
+            "--name",
+            &n,
+            "0",
+            r#"{"do":"send","to":9,"data":"lost"}"#,
+        ]));
+        assert!(got(0, "worker 9 is not running"), "{lang}: {}", h.log());
+        let out = herd(&["send", "--name", &n, "7", "hi"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("worker 7 is not running"));
+        // A stop is announced on the channel before SIGTERM.
+        h.signal("TERM");
+        assert!(
+            got(0, "shutdown") && got(1, "shutdown"),
+            "{lang}: {}",
+            h.log()
+        );
+        assert_eq!(h.wait_exit(T).and_then(|s| s.code()), Some(0));
+    }
+}
+
+#[test]
+fn the_demo_hears_messages_through_the_rust_sdk() {
+    let n = name("ipc-rust");
+    let h = Herd::start(&["--name", &n, "-i", "1"], &[DEMO]);
+    h.wait_ready(1);
+    ok(&herd(&[
+        "send",
+        "--name",
+        &n,
+        "0",
+        r#"{"reload-config":true}"#,
+    ]));
+    assert!(
+        h.wait_log(r#"[0] message from "cli": {"reload-config":true}"#, T),
+        "{}",
+        h.log()
+    );
+}

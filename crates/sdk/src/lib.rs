@@ -2,9 +2,18 @@
 //!
 //! A herd worker is any program; this crate only saves Rust workers from
 //! re-implementing the contract herd documents in its README: where the
-//! listening socket comes from (`LISTEN_FDS` or `PORT`) and how to say
-//! "ready" (systemd's `sd_notify` datagram on `NOTIFY_SOCKET`).
-#![forbid(unsafe_code)]
+//! listening socket comes from (`LISTEN_FDS` or `PORT`), how to say
+//! "ready" (systemd's `sd_notify` datagram on `NOTIFY_SOCKET`), and the
+//! message channel to the master (`HERD_IPC_FD`).
+//!
+//! `unsafe` is denied everywhere but in the one line that adopts the
+//! channel's inherited fd (`fd` module).
+#![deny(unsafe_code)]
+
+mod channel;
+mod fd;
+
+pub use channel::{Channel, Incoming, channel};
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixDatagram;
@@ -32,6 +41,8 @@ pub mod env {
     pub const LISTEN_PID: &str = "LISTEN_PID";
     /// systemd socket activation: colon-separated names of the passed fds.
     pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+    /// The fd of the worker's message channel to the master.
+    pub const IPC_FD: &str = "HERD_IPC_FD";
 }
 
 /// Why a worker could not get its listener.

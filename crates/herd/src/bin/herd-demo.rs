@@ -40,6 +40,23 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
     println!("listening on {}", listener.local_addr()?);
+    // Messages from `herd send`/`broadcast` and other workers, on a thread
+    // of their own (the channel is blocking).
+    if let Some(mut ch) = herd_sdk::channel()? {
+        std::thread::spawn(move || {
+            while let Ok(Some(msg)) = ch.recv() {
+                match msg {
+                    herd_sdk::Incoming::Message { from, data } => {
+                        println!("message from {from}: {data}")
+                    }
+                    herd_sdk::Incoming::Shutdown => println!("shutdown notice"),
+                    herd_sdk::Incoming::Undeliverable { error, .. } => {
+                        println!("undeliverable: {error}")
+                    }
+                }
+            }
+        });
+    }
     herd_sdk::ready()?;
 
     let mut term = signal(SignalKind::terminate())?;

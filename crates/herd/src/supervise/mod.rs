@@ -84,6 +84,11 @@ enum Event {
     KillCheck {
         epoch: u64,
     },
+    /// A line from a worker's message channel.
+    Message {
+        epoch: u64,
+        msg: Result<serde_json::Value, String>,
+    },
 }
 
 /// Where a worker of a given epoch is.
@@ -115,6 +120,7 @@ struct Worker {
     /// Ticks in a row its RSS was above `--max-memory`.
     over_memory: u32,
     watchdog_fired: bool,
+    ipc: Option<crate::ipc::Channel>,
 }
 
 #[derive(Default)]
@@ -353,10 +359,19 @@ impl Supervisor {
                     return self.count_quick_exit(slot, &e.to_string());
                 }
             }
+            Event::Message { epoch, msg } => self.on_message(epoch, msg),
             Event::Drained { epoch } => {
                 if let Some(Place::Retiring(i)) = self.place(epoch) {
-                    kill_group(self.retiring[i].1.pid, Signal::SIGTERM);
-                    self.after(self.s.kill_timeout, Event::KillCheck { epoch });
+                    let w = &self.retiring[i].1;
+                    let notice = w.ipc.as_ref().map(|ch| ch.shutdown_notice());
+                    let (pid, tx, grace) = (w.pid, self.tx.clone(), self.s.kill_timeout);
+                    // The notice first, then SIGTERM, then SIGKILL after the grace.
+                    tokio::spawn(async move {
+                        crate::ipc::notice_written(notice).await;
+                        kill_group(pid, Signal::SIGTERM);
+                        tokio::time::sleep(grace).await;
+                        let _ = tx.send(Event::KillCheck { epoch });
+                    });
                 }
             }
             Event::KillCheck { epoch } => {
@@ -536,11 +551,21 @@ impl Supervisor {
 
         let mut env = worker_env(&self.s, slot, port, &notify_path);
         let mut fds = Vec::new();
-        if let Some(fd) = self.listen_fd(slot) {
-            fds.push((fd, 3));
-            env.push((contract::LISTEN_FDS.into(), "1".into()));
-            env.push((contract::LISTEN_FDNAMES.into(), "herd".into()));
-        }
+        let listen_pid = match self.listen_fd(slot) {
+            Some(fd) => {
+                fds.push((fd, 3));
+                env.push((contract::LISTEN_FDS.into(), "1".into()));
+                env.push((contract::LISTEN_FDNAMES.into(), "herd".into()));
+                true
+            }
+            None => false,
+        };
+        let (ipc_master, ipc_worker) = crate::ipc::pair().map_err(spawn_err)?;
+        fds.push((crate::ipc::raw(&ipc_worker), crate::ipc::WORKER_FD));
+        env.push((
+            "HERD_IPC_FD".into(),
+            crate::ipc::WORKER_FD.to_string().into(),
+        ));
         let mut cmd = tokio::process::Command::new(&self.s.program);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -555,6 +580,7 @@ impl Supervisor {
                 program: self.s.program.clone(),
                 argv: self.s.command.clone(),
                 env,
+                listen_pid,
                 fds,
                 parent: std::process::id() as i32,
             },
@@ -563,8 +589,16 @@ impl Supervisor {
             let _ = std::fs::remove_file(&notify_path);
             spawn_err(e)
         })?;
+        drop(ipc_worker); // the worker has its copy at fd 4
         let pid = child.id().unwrap_or(0);
         self.guardian.watch(pid);
+        let ipc = {
+            let tx = self.tx.clone();
+            crate::ipc::start(ipc_master, move |msg| {
+                let _ = tx.send(Event::Message { epoch, msg });
+            })
+            .ok()
+        };
         if let Some(out) = child.stdout.take() {
             self.output.pipe(slot, Stream::Out, out);
         }
@@ -608,6 +642,7 @@ impl Supervisor {
             pings,
             over_memory: 0,
             watchdog_fired: false,
+            ipc,
         })
     }
 
@@ -693,6 +728,13 @@ impl Supervisor {
             }
         }
         if !hurry {
+            let notices: Vec<_> = self
+                .all_workers()
+                .filter_map(|w| w.ipc.as_ref().map(|ch| ch.shutdown_notice()))
+                .collect();
+            for n in notices {
+                crate::ipc::notice_written(Some(n)).await;
+            }
             self.signal_all(Signal::SIGTERM);
             let deadline = tokio::time::Instant::now() + grace;
             while self.live_workers() > 0 {

@@ -48,6 +48,22 @@ impl Supervisor {
                 };
                 let _ = reply.send(answer);
             }
+            Request::Send { id, message } => {
+                let from = json!("cli");
+                let answer = match self.deliver(id, &from, &message) {
+                    Ok(()) => json!({"ok": true, "delivered": 1}),
+                    Err(e) => json!({"ok": false, "error": e}),
+                };
+                let _ = reply.send(answer);
+            }
+            Request::Broadcast { message } => {
+                let (n, failed) = self.broadcast(None, &json!("cli"), &message);
+                let _ = reply.send(if failed.is_empty() {
+                    json!({"ok": true, "delivered": n})
+                } else {
+                    json!({"ok": false, "delivered": n, "error": failed.join("; ")})
+                });
+            }
             Request::Stop => {
                 tracing::info!("stop requested on the control socket");
                 let _ = reply.send(json!({"ok": true, "stopping": true}));
@@ -55,6 +71,92 @@ impl Supervisor {
             }
         }
         false
+    }
+
+    /// Delivers `data` to worker `id`'s channel.
+    fn deliver(&self, id: usize, from: &Value, data: &Value) -> Result<(), String> {
+        let w = self
+            .slots
+            .get(id)
+            .and_then(|s| s.worker.as_ref())
+            .ok_or_else(|| format!("worker {id} is not running"))?;
+        let ch = w
+            .ipc
+            .as_ref()
+            .ok_or_else(|| format!("worker {id} has no message channel"))?;
+        ch.send(&json!({"type": "message", "from": from, "data": data}))
+            .map_err(|e| format!("worker {id} cannot receive: {e}"))
+    }
+
+    /// Delivers to every worker but `except`; returns (delivered, failures).
+    fn broadcast(&self, except: Option<usize>, from: &Value, data: &Value) -> (usize, Vec<String>) {
+        let (mut n, mut failed) = (0, Vec::new());
+        for id in (0..self.slots.len()).filter(|&i| Some(i) != except) {
+            match self.deliver(id, from, data) {
+                Ok(()) => n += 1,
+                Err(e) => failed.push(e),
+            }
+        }
+        (n, failed)
+    }
+
+    /// A message from a worker's channel.
+    pub(super) fn on_message(&mut self, epoch: u64, msg: Result<Value, String>) {
+        let Some(slot) = (match self.place(epoch) {
+            Some(super::Place::Current(s) | super::Place::Next(s)) => Some(s),
+            Some(super::Place::Retiring(i)) => Some(self.retiring[i].0),
+            None => None,
+        }) else {
+            return;
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("worker {slot}: {e}");
+                return;
+            }
+        };
+        let from = json!(slot);
+        let data = msg.get("data").cloned().unwrap_or(Value::Null);
+        let failures: Vec<(Option<u64>, String)> = match msg.get("type").and_then(Value::as_str) {
+            Some("master") => {
+                tracing::info!("worker {slot} says: {data}");
+                Vec::new()
+            }
+            Some("send") => match msg.get("to").and_then(Value::as_u64) {
+                Some(to) => self
+                    .deliver(to as usize, &from, &data)
+                    .err()
+                    .map(|e| (Some(to), e))
+                    .into_iter()
+                    .collect(),
+                None => vec![(None, "\"send\" needs \"to\": a worker id".to_string())],
+            },
+            Some("broadcast") => self
+                .broadcast(Some(slot), &from, &data)
+                .1
+                .into_iter()
+                .map(|e| (None, e))
+                .collect(),
+            other => vec![(
+                None,
+                format!("unknown message type {other:?} (send, broadcast, master)"),
+            )],
+        };
+        // Never lost silently: the sender hears of every failed delivery.
+        let sender = self
+            .slots
+            .get(slot)
+            .and_then(|s| s.worker.as_ref())
+            .and_then(|w| w.ipc.as_ref());
+        for (to, error) in failures {
+            tracing::debug!("worker {slot}: undeliverable: {error}");
+            if let Some(ch) = sender {
+                let _ = ch.send(
+                    &json!({"type": "undeliverable", "to": to, "data": data, "error": error}),
+                );
+            }
+        }
     }
 
     /// Once a second: the watchdog, and `--max-memory`.
