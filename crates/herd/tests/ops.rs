@@ -536,3 +536,26 @@ fn the_demo_hears_messages_through_the_rust_sdk() {
         h.log()
     );
 }
+
+#[test]
+fn restart_replaces_every_worker_at_once() {
+    let n = name("restart");
+    let h = Herd::start(&["--name", &n, "-i", "2"], &[DEMO]);
+    h.wait_ready(2);
+    let before: BTreeSet<u32> = h.worker_pids(2).into_iter().collect();
+    assert!(ok(&herd(&["restart", "--name", &n])).contains("restarted 2 workers"));
+    assert!(wait_until(T, || {
+        let now: BTreeSet<u32> = h.worker_pids(2).into_iter().collect();
+        before.is_disjoint(&now)
+    }));
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&herd(&["status", "--name", &n, "--json"]))).unwrap();
+    assert!(
+        v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["restarts"] == 1),
+        "{v}"
+    );
+}
