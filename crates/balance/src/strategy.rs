@@ -22,6 +22,12 @@ fn below(r: u32, n: usize) -> usize {
     ((u64::from(r) * n as u64) >> 32) as usize
 }
 
+/// Whose turn it is among `n` backends: the rotating start of a scan.
+#[inline]
+fn turn(next: &AtomicUsize, n: usize) -> Option<usize> {
+    (n > 0).then(|| next.fetch_add(1, Relaxed) % n)
+}
+
 /// The first available backend at or after `start`, wrapping around.
 #[inline]
 fn first_available(backends: &[Arc<Backend>], start: usize, now: Nanos) -> Option<usize> {
@@ -41,10 +47,7 @@ impl Strategy for RoundRobin {
     #[inline]
     fn pick(&self, backends: &[Arc<Backend>], ctx: &Ctx<'_>) -> Option<usize> {
         let n = backends.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.next.fetch_add(1, Relaxed) % n;
+        let start = turn(&self.next, n)?;
         let i = first_available(backends, start, ctx.now)?;
         if i != start {
             // Move the turn past the skipped ones, or the backend after a
@@ -146,10 +149,7 @@ impl Strategy for LeastConn {
     #[inline]
     fn pick(&self, backends: &[Arc<Backend>], ctx: &Ctx<'_>) -> Option<usize> {
         let n = backends.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.next.fetch_add(1, Relaxed) % n;
+        let start = turn(&self.next, n)?;
         let mut best: Option<(usize, u64, u64)> = None;
         for i in (start..n).chain(0..start) {
             let b = &backends[i];

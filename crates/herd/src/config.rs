@@ -48,6 +48,24 @@ pub enum ConfigError {
     BadName(String),
 }
 
+/// A value TOML may give as a number or a string (`instances = 4` or
+/// `"max"`); either way it is parsed as the command line would parse it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrStr {
+    N(i64),
+    S(String),
+}
+
+impl NumOrStr {
+    fn parse<T: FromStr<Err = String>>(self) -> Result<T, String> {
+        match self {
+            NumOrStr::N(n) => n.to_string().parse(),
+            NumOrStr::S(s) => s.parse(),
+        }
+    }
+}
+
 /// How workers share the port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,15 +105,8 @@ pub enum Protocol {
 
 /// A byte size written like `16384`, `16k`, `16KiB`, `1m`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "SizeRepr")]
+#[serde(try_from = "NumOrStr")]
 pub struct Size(pub usize);
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum SizeRepr {
-    N(i64),
-    S(String),
-}
 
 impl FromStr for Size {
     type Err = String;
@@ -119,13 +130,10 @@ impl FromStr for Size {
     }
 }
 
-impl TryFrom<SizeRepr> for Size {
+impl TryFrom<NumOrStr> for Size {
     type Error = String;
-    fn try_from(r: SizeRepr) -> Result<Self, String> {
-        match r {
-            SizeRepr::N(n) => n.to_string().parse(),
-            SizeRepr::S(s) => s.parse(),
-        }
+    fn try_from(r: NumOrStr) -> Result<Self, String> {
+        r.parse()
     }
 }
 
@@ -152,17 +160,10 @@ impl TryFrom<String> for Dur {
 
 /// Worker count: a positive number or all usable CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "InstancesRepr")]
+#[serde(try_from = "NumOrStr")]
 pub enum Instances {
     Max,
     Count(usize),
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum InstancesRepr {
-    N(i64),
-    S(String),
 }
 
 const INSTANCES_HINT: &str = "must be a positive number or `max`";
@@ -181,28 +182,17 @@ impl FromStr for Instances {
     }
 }
 
-impl TryFrom<InstancesRepr> for Instances {
+impl TryFrom<NumOrStr> for Instances {
     type Error = String;
-    fn try_from(r: InstancesRepr) -> Result<Self, String> {
-        match r {
-            InstancesRepr::N(n) if n > 0 => Ok(Instances::Count(n as usize)),
-            InstancesRepr::N(_) => Err(INSTANCES_HINT.into()),
-            InstancesRepr::S(s) => s.parse(),
-        }
+    fn try_from(r: NumOrStr) -> Result<Self, String> {
+        r.parse()
     }
 }
 
 /// The public address: `PORT`, `HOST:PORT` or `[V6]:PORT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "ListenRepr")]
+#[serde(try_from = "NumOrStr")]
 pub struct ListenAddr(pub SocketAddr);
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ListenRepr {
-    Port(i64),
-    S(String),
-}
 
 impl FromStr for ListenAddr {
     type Err = String;
@@ -227,13 +217,10 @@ impl FromStr for ListenAddr {
     }
 }
 
-impl TryFrom<ListenRepr> for ListenAddr {
+impl TryFrom<NumOrStr> for ListenAddr {
     type Error = String;
-    fn try_from(r: ListenRepr) -> Result<Self, String> {
-        match r {
-            ListenRepr::Port(p) => p.to_string().parse(),
-            ListenRepr::S(s) => s.parse(),
-        }
+    fn try_from(r: NumOrStr) -> Result<Self, String> {
+        r.parse()
     }
 }
 

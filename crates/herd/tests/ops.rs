@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -66,15 +66,17 @@ fn keepalive_get(s: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String)>
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// 8 clients requesting in a loop until `stop`; returns (ok, failures).
+/// 8 clients requesting in a loop until `stop`, counting answers in
+/// `done`; each returns (ok, failures).
 fn load(
     port: u16,
     keepalive: bool,
     stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
 ) -> Vec<std::thread::JoinHandle<(usize, Vec<String>)>> {
     (0..8)
         .map(|_| {
-            let stop = stop.clone();
+            let (stop, done) = (stop.clone(), done.clone());
             std::thread::spawn(move || {
                 let (mut good, mut bad) = (0, Vec::new());
                 let mut conn: Option<BufReader<TcpStream>> = None;
@@ -89,6 +91,7 @@ fn load(
                     } else {
                         http_get(port, "/")
                     };
+                    done.fetch_add(1, Ordering::Relaxed);
                     match res {
                         Ok((200, _)) => good += 1,
                         Ok((code, body)) => bad.push(format!("{code} {body}")),
@@ -112,8 +115,10 @@ fn rolling_reload_under_load_loses_nothing_in_every_mode() {
         h.wait_ready(3);
         let before: BTreeSet<u32> = h.worker_pids(3).into_iter().collect();
         let stop = Arc::new(AtomicBool::new(false));
-        let clients = load(h.port, mode == "proxy", stop.clone());
-        std::thread::sleep(Duration::from_millis(200)); // load running before the reload
+        let done = Arc::new(AtomicUsize::new(0));
+        let clients = load(h.port, mode == "proxy", stop.clone(), done.clone());
+        // The load is running before the reload begins.
+        assert!(wait_until(T, || done.load(Ordering::Relaxed) >= 40));
         let out = herd(&["reload", "--name", &n]);
         let text = ok(&out);
         assert!(text.contains("reloaded 3 workers"), "{text}");

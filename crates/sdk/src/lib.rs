@@ -129,9 +129,8 @@ mod tests {
         // `set_var` is `unsafe` in edition 2024, so the sender is a child
         // test process given NOTIFY_SOCKET in its environment.
         let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "tests::child_sends_ready", "--nocapture"])
+            .args(["--exact", "tests::child_sends_ready", "--ignored", "--nocapture"])
             .env(env::NOTIFY_SOCKET, &path)
-            .env("HERD_SDK_CHILD", "1")
             .status()
             .unwrap();
         assert!(status.success());
@@ -142,10 +141,9 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "a helper: notify_reaches_a_path_socket runs it with NOTIFY_SOCKET set"]
     fn child_sends_ready() {
-        if std::env::var_os("HERD_SDK_CHILD").is_none() {
-            return; // A helper run by `notify_reaches_a_path_socket`, not a test of its own.
-        }
+        assert!(std::env::var_os(env::NOTIFY_SOCKET).is_some());
         ready().unwrap();
     }
 }
