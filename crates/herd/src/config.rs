@@ -576,11 +576,7 @@ fn derive_name(command: &[OsString]) -> String {
     };
     let prog = stem(&command[0]);
     let pick = if INTERPRETERS.contains(&prog.as_str()) {
-        command[1..]
-            .iter()
-            .find(|a| !a.to_string_lossy().starts_with('-'))
-            .map(stem)
-            .unwrap_or(prog)
+        script_name(&command[1..]).unwrap_or(prog)
     } else {
         prog
     };
@@ -594,6 +590,34 @@ fn derive_name(command: &[OsString]) -> String {
     } else {
         clean
     }
+}
+
+/// The script or module an interpreter runs: `app.js` in `node app.js`,
+/// `mod` in `python -m mod`; none for inline code (`-e`, `-c`).
+fn script_name(args: &[OsString]) -> Option<String> {
+    const TAKES_VALUE: &[&str] = &["-r", "--require", "--import", "--loader", "-W", "-X"];
+    const INLINE: &[&str] = &["-e", "--eval", "-p", "--print", "-c"];
+    let mut it = args.iter().map(|a| a.to_string_lossy());
+    while let Some(a) = it.next() {
+        if a == "-m" {
+            return it
+                .next()
+                .map(|m| m.rsplit('.').next().unwrap_or(&m).to_string());
+        }
+        if INLINE.contains(&a.as_ref()) {
+            return None;
+        }
+        if TAKES_VALUE.contains(&a.as_ref()) {
+            it.next();
+            continue;
+        }
+        if !a.starts_with('-') {
+            return Path::new(a.as_ref())
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned());
+        }
+    }
+    None
 }
 
 /// Finds the program the way `execvp` would, so a typo fails before any
@@ -731,5 +755,8 @@ mod tests {
         assert_eq!(c(&["node", "server.js"]), "server");
         assert_eq!(c(&["python3", "-u", "app.py"]), "app");
         assert_eq!(c(&["./target/release/api"]), "api");
+        assert_eq!(c(&["node", "-r", "dotenv/config", "server.js"]), "server");
+        assert_eq!(c(&["python3", "-m", "uvicorn", "main:app"]), "uvicorn");
+        assert_eq!(c(&["node", "-e", "require('http')"]), "node");
     }
 }

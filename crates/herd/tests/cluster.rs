@@ -500,3 +500,30 @@ fn malformed_config_names_the_line() {
     assert!(err.contains("cannot read /no/such.toml"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_worker_listening_on_ipv6_loopback_only_is_proxied_there() {
+    // As a Node app binding `localhost` does where that resolves to ::1.
+    let script = r#"
+import os, socket
+from http.server import HTTPServer, BaseHTTPRequestHandler
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"hello over ::1\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+class V6(HTTPServer):
+    address_family = socket.AF_INET6
+V6(("::1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+    let h = Herd::start(
+        &["-i", "1", "--ready-timeout", "10s"],
+        &["python3", "-c", script],
+    );
+    h.wait_ready(1);
+    let (status, body) = h.get("/").unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body, "hello over ::1\n");
+}

@@ -129,7 +129,12 @@ mod tests {
         // `set_var` is `unsafe` in edition 2024, so the sender is a child
         // test process given NOTIFY_SOCKET in its environment.
         let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "tests::child_sends_ready", "--ignored", "--nocapture"])
+            .args([
+                "--exact",
+                "tests::child_sends_ready",
+                "--ignored",
+                "--nocapture",
+            ])
             .env(env::NOTIFY_SOCKET, &path)
             .status()
             .unwrap();

@@ -3,7 +3,7 @@
 //! state it writes is the ready-backend list the proxy reads.
 
 use std::ffi::OsString;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -68,6 +68,8 @@ enum Event {
     },
     Ready {
         epoch: u64,
+        /// The loopback address the port probe reached, if it did.
+        addr: Option<SocketAddr>,
     },
     ReadyTimeout {
         epoch: u64,
@@ -302,9 +304,19 @@ impl Supervisor {
     /// Returns true when the cluster must stop.
     fn handle(&mut self, ev: Event) -> bool {
         match ev {
-            Event::Ready { epoch } => match self.place(epoch) {
-                Some(Place::Current(slot)) => self.on_ready(slot, epoch),
-                Some(Place::Next(slot)) => self.reload_swap(slot),
+            Event::Ready { epoch, addr } => match self.place(epoch) {
+                Some(Place::Current(slot)) => {
+                    if let Some(w) = self.slots[slot].worker.as_mut() {
+                        w.serving_at(addr);
+                    }
+                    self.on_ready(slot, epoch);
+                }
+                Some(Place::Next(slot)) => {
+                    if let Some(w) = self.slots[slot].next.as_mut() {
+                        w.serving_at(addr);
+                    }
+                    self.reload_swap(slot);
+                }
                 _ => {}
             },
             Event::ReadyTimeout { epoch } => {
@@ -780,6 +792,25 @@ impl Supervisor {
     }
 }
 
+impl Worker {
+    /// A worker that listens on `[::1]` only (Node binding `localhost` where
+    /// it resolves to ::1) is proxied there rather than to 127.0.0.1.
+    fn serving_at(&mut self, addr: Option<SocketAddr>) {
+        let (Some(addr), Some(t)) = (addr, &self.target) else {
+            return;
+        };
+        if t.addr != addr {
+            let (name, label) = (t.backend.name().to_string(), t.label.clone());
+            self.target = Some(Arc::new(Target::new(
+                addr,
+                name,
+                label,
+                t.backend.config().clone(),
+            )));
+        }
+    }
+}
+
 /// Removes a file (the control socket) when the master ends.
 struct RemoveOnDrop(PathBuf);
 
@@ -837,27 +868,33 @@ async fn readiness(
     let probed = async {
         match probe {
             Probe::Port(p) => loop {
-                if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, p))
-                    .await
-                    .is_ok()
-                {
-                    return;
+                for ip in [
+                    IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ] {
+                    let addr = SocketAddr::new(ip, p);
+                    if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                        return Some(addr);
+                    }
                 }
                 tokio::time::sleep(PROBE_EVERY).await;
             },
-            Probe::Grace(d) => tokio::time::sleep(d).await,
+            Probe::Grace(d) => {
+                tokio::time::sleep(d).await;
+                None
+            }
             Probe::NotifyOnly => std::future::pending().await,
         }
     };
     let outcome = tokio::time::timeout(timeout, async {
         tokio::select! {
-            _ = notified => {}
-            _ = probed => {}
+            _ = notified => None,
+            addr = probed => addr,
         }
     })
     .await;
     let ev = match outcome {
-        Ok(()) => Event::Ready { epoch },
+        Ok(addr) => Event::Ready { epoch, addr },
         Err(_) => Event::ReadyTimeout { epoch },
     };
     let _ = tx.send(ev);
