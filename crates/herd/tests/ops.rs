@@ -564,3 +564,29 @@ fn restart_replaces_every_worker_at_once() {
         "{v}"
     );
 }
+
+#[test]
+fn killing_workers_under_load_fails_no_request_in_proxy_mode() {
+    let n = name("chaos");
+    let h = Herd::start(&["--name", &n, "-i", "3"], &[DEMO]);
+    h.wait_ready(3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients = load(h.port, true, stop.clone(), done.clone());
+    for round in 1..=3 {
+        let at = done.load(Ordering::Relaxed);
+        assert!(wait_until(T, || done.load(Ordering::Relaxed) >= at + 100));
+        let victim = h.worker_pids(3)[round % 3];
+        signal(victim, "KILL");
+        // Wait until its replacement serves before the next round.
+        assert!(wait_until(T, || !h.worker_pids(3).contains(&victim)));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let (_, bad) = c.join().unwrap();
+        assert!(
+            bad.is_empty(),
+            "failed requests while workers were killed: {bad:?}"
+        );
+    }
+}
