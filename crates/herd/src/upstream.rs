@@ -125,8 +125,15 @@ impl Upstreams {
         self.changed.notify_waiters();
     }
 
+    /// The pool, to hold across awaits (costs a shared refcount bump).
     pub fn current(&self) -> Arc<Pool> {
         self.pool.load_full()
+    }
+
+    /// The pool for a moment, without touching its shared refcount: the
+    /// per-request path picks under this and keeps only the target.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<Pool>> {
+        self.pool.load()
     }
 
     /// Resolves after the next `set_workers`. Create it before looking at

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::upstream::{Pool, Target, Upstreams};
+use crate::upstream::{Target, Upstreams};
 use pool::{ReqBody, RespBody, Sender};
 
 /// Timeouts and limits of the HTTP proxy.
@@ -114,11 +114,12 @@ impl HttpProxy {
         // What the client gets if no retry succeeds (nginx answers 502 then).
         let mut last = (StatusCode::BAD_GATEWAY, "no backend could answer\n");
         for _ in 0..MAX_TRIES {
-            let Some(pool) = self.pool().await else {
+            if !self.some_target().await {
                 return error(StatusCode::SERVICE_UNAVAILABLE, "no worker is ready\n");
-            };
+            }
             let Some(req) = next.take() else { break };
-            let lease = {
+            let (lease, target) = {
+                let pool = self.up.peek();
                 let key = hash_key(&key_source, req.headers(), peer);
                 let ctx = Ctx {
                     now: self.up.now(),
@@ -126,7 +127,10 @@ impl HttpProxy {
                     key: key.as_ref().map(|k| k.as_slice()),
                 };
                 match pool.balancer.pick_except(&ctx, avoid.as_deref()) {
-                    Ok(l) => l,
+                    Ok(l) => {
+                        let t = pool.targets[l.index()].clone();
+                        (l, t)
+                    }
                     Err(PickError::AllDown | PickError::Empty) if avoid.is_some() => {
                         return error(last.0, last.1);
                     }
@@ -135,7 +139,6 @@ impl HttpProxy {
                     }
                 }
             };
-            let target = pool.targets[lease.index()].clone();
             let outcome = self.send(&target, req, upgrade).await;
             let now = self.up.now();
             match outcome {
@@ -193,18 +196,20 @@ impl HttpProxy {
         error(last.0, last.1)
     }
 
-    /// The current pool; while it is empty (no worker ready yet), waits a
-    /// bounded time for one.
-    async fn pool(&self) -> Option<Arc<Pool>> {
+    /// Whether there is a target; while there is none (no worker ready
+    /// yet), waits a bounded time for one.
+    async fn some_target(&self) -> bool {
+        if !self.up.peek().targets.is_empty() {
+            return true;
+        }
         let deadline = tokio::time::Instant::now() + self.cfg.wait_for_backend;
         loop {
             let changed = self.up.changed();
-            let pool = self.up.current();
-            if !pool.targets.is_empty() {
-                return Some(pool);
+            if !self.up.peek().targets.is_empty() {
+                return true;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return None;
+                return false;
             }
         }
     }

@@ -28,8 +28,13 @@ const MAX_IDLE_FOR: Duration = Duration::from_secs(2);
 /// Idle connections, one shard per proxy thread: a connection's task runs
 /// on the thread that opened it, so it is only reused there.
 pub struct ConnPool {
-    shards: Box<[Mutex<Vec<Idle>>]>,
+    shards: Box<[Shard]>,
 }
+
+/// One thread's idle connections, on a cache line of its own so that two
+/// proxy threads never contend for one (false sharing).
+#[repr(align(128))]
+struct Shard(Mutex<Vec<Idle>>);
 
 /// A connection and when it went idle.
 type Idle = (Sender, Instant);
@@ -38,14 +43,14 @@ impl Default for ConnPool {
     fn default() -> Self {
         let n = crate::cpus::usable() + 1;
         ConnPool {
-            shards: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+            shards: (0..n).map(|_| Shard(Mutex::new(Vec::new()))).collect(),
         }
     }
 }
 
 impl ConnPool {
     fn shard(&self) -> &Mutex<Vec<Idle>> {
-        &self.shards[crate::proxy::thread_index() % self.shards.len()]
+        &self.shards[crate::proxy::thread_index() % self.shards.len()].0
     }
 
     /// A pooled connection ready for a request, if one is.
