@@ -590,3 +590,23 @@ fn killing_workers_under_load_fails_no_request_in_proxy_mode() {
         );
     }
 }
+
+#[test]
+fn status_counts_open_connections_in_fd_modes() {
+    let n = name("conns");
+    let h = Herd::start(&["--name", &n, "-i", "1", "--mode", "shared"], &[DEMO]);
+    h.wait_ready(1);
+    let conns = || {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&herd(&["status", "--name", &n, "--json"]))).unwrap();
+        v["workers"][0]["connections"].as_u64()
+    };
+    assert_eq!(conns(), Some(0));
+    let s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut kept = BufReader::new(s);
+    assert_eq!(keepalive_get(&mut kept).unwrap().0, 200);
+    assert_eq!(conns(), Some(1), "one keep-alive connection is open");
+    drop(kept);
+    assert!(wait_until(T, || conns() == Some(0)));
+}

@@ -450,6 +450,8 @@ impl Supervisor {
 
     /// `herd status`: per-worker state and stats, as JSON.
     fn status(&mut self) -> Value {
+        // fd modes: the worker's established TCP connections, from /proc.
+        let established = (self.s.mode != Mode::Proxy).then(established_inodes);
         let ticks = procfs::ticks_per_second() as f64;
         let page = procfs::page_size();
         let mut rows = Vec::new();
@@ -499,7 +501,11 @@ impl Supervisor {
                 "restarts": 0,
                 "cpu": (cpu * 10.0).round() / 10.0,
                 "memory": rss,
-                "connections": w.target.as_ref().map(|t| t.backend.in_flight()),
+                "connections": match (&w.target, &established) {
+                    (Some(t), _) => Some(t.backend.in_flight() as usize),
+                    (None, Some(est)) => Some(connections_of(w.pid, est)),
+                    (None, None) => None,
+                },
                 "requests": requests,
                 "rps": rps.map(|r| (r * 10.0).round() / 10.0),
                 "last_exit": Value::Null,
@@ -524,4 +530,25 @@ impl Supervisor {
             "workers": rows,
         })
     }
+}
+
+/// Inodes of every established TCP socket in this network namespace.
+fn established_inodes() -> std::collections::HashSet<u64> {
+    let v4 = procfs::net::tcp().unwrap_or_default();
+    let v6 = procfs::net::tcp6().unwrap_or_default();
+    v4.into_iter()
+        .chain(v6)
+        .filter(|e| e.state == procfs::net::TcpState::Established)
+        .map(|e| e.inode)
+        .collect()
+}
+
+/// How many established TCP connections process `pid` holds.
+fn connections_of(pid: u32, established: &std::collections::HashSet<u64>) -> usize {
+    let Ok(fds) = procfs::process::Process::new(pid as i32).and_then(|p| p.fd()) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|fd| matches!(fd.target, procfs::process::FDTarget::Socket(i) if established.contains(&i)))
+        .count()
 }
