@@ -35,6 +35,15 @@ pub enum Listeners {
 impl Listeners {
     /// `slots` is the number of workers (reuseport) or proxy threads (proxy).
     pub fn bind(mode: Mode, addr: SocketAddr, slots: usize) -> Result<Self, ListenError> {
+        // SO_REUSEPORT lets another process of this user bind the same port
+        // and silently share it. A plain bind first makes "in use" an error.
+        let addr = match mode {
+            Mode::Proxy | Mode::Reuseport => {
+                let probe = socket(addr, false)?;
+                local_addr(&probe).unwrap_or(addr)
+            }
+            Mode::Shared => addr,
+        };
         match mode {
             Mode::Proxy => {
                 let mut all = Vec::new();

@@ -478,6 +478,15 @@ fn port_in_use_is_an_error_before_any_worker_starts() {
             "{err}"
         );
     }
+    // Nor can a second herd share a port through SO_REUSEPORT.
+    for mode in MODES {
+        let first = Herd::start(&["-i", "1", "--mode", mode], &[DEMO]);
+        first.wait_ready(1);
+        let addr = format!("127.0.0.1:{}", first.port);
+        let (code, err) = run_fail(&["run", "--listen", &addr, "--mode", mode, "--", DEMO]);
+        assert_ne!(code, 0, "{mode}: a second herd bound the same port");
+        assert!(err.contains("in use"), "{mode}: {err}");
+    }
 }
 
 #[test]

@@ -219,12 +219,32 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Runs `herd ARGS` expecting a quick failure; returns (exit code, stderr).
+/// A herd still running after 15 s is killed and reported as code 0, so a
+/// test expecting failure fails instead of hanging.
 pub fn run_fail(args: &[&str]) -> (i32, String) {
-    let out = Command::new(HERD)
+    let mut child = Command::new(HERD)
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let code = out.status.code().unwrap_or(-1);
-    (code, String::from_utf8_lossy(&out.stderr).into_owned())
+    let mut status = None;
+    wait_until(Duration::from_secs(15), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let code = match status {
+        Some(st) => st.code().unwrap_or(-1),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            0
+        }
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (code, err)
 }
