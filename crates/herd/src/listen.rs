@@ -70,6 +70,16 @@ impl Listeners {
         }
     }
 
+    /// Reuseport mode, scaling up: one more socket on the port this
+    /// cluster already holds (no in-use probe: the port is ours).
+    pub fn add_reuseport(&mut self, fallback: SocketAddr) -> Result<(), ListenError> {
+        if let Listeners::ReusePort(socks) = self {
+            let addr = socks.first().and_then(local_addr).unwrap_or(fallback);
+            socks.push(socket(addr, true)?);
+        }
+        Ok(())
+    }
+
     /// The address actually bound (resolves port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match self {

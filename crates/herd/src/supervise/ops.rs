@@ -415,17 +415,8 @@ impl Supervisor {
         self.s.instances = to;
         while self.slots.len() < to {
             let slot = self.slots.len();
-            if let Some(Listeners::ReusePort(socks)) = &mut self.listeners {
-                let addr = socks
-                    .first()
-                    .and_then(|s| s.local_addr().ok())
-                    .and_then(|a| a.as_socket())
-                    .unwrap_or(self.s.listen);
-                match Listeners::bind(Mode::Reuseport, addr, 1) {
-                    Ok(Listeners::ReusePort(mut one)) => socks.append(&mut one),
-                    Ok(_) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
+            if let Some(l) = &mut self.listeners {
+                l.add_reuseport(self.s.listen).map_err(|e| e.to_string())?;
             }
             self.slots.push(Slot::default());
             if let Err(e) = self.spawn(slot) {
