@@ -158,7 +158,7 @@ pub struct Supervisor {
 
 /// Runs the cluster until it is stopped; returns the process exit code.
 ///
-/// Must be awaited on the main thread (the `#[tokio::main]` future): the
+/// Must be awaited on the main thread (`main` runs it with `block_on`): the
 /// kernel's parent-death signal fires when the *thread* that forked a
 /// worker exits, and the main thread lives exactly as long as the master.
 pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
