@@ -457,3 +457,56 @@ fn balancer_flags_are_checked() {
     assert_ne!(code, 0);
     assert!(err.contains("needs --mode proxy"), "{err}");
 }
+
+/// A backend that reads the whole request body before answering 200.
+fn body_reading_backend() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut len = 0usize;
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    line.clear();
+                }
+                let mut body = vec![0; len];
+                if r.read_exact(&mut body).is_ok() {
+                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_stalled_request_body_times_out_with_408() {
+    let port = body_reading_backend();
+    let h = lb(&[
+        &format!("--upstream=127.0.0.1:{port}"),
+        "--idle-timeout",
+        "400ms",
+    ]);
+    // A whole body goes through.
+    let ok = raw(
+        h.port,
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    // Half a body, then silence.
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nhel")
+        .unwrap();
+    let start = Instant::now();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+}

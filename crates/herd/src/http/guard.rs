@@ -26,7 +26,8 @@ pub struct Limits {
     pub max_headers: usize,
     /// Time to send a whole request head once it has begun.
     pub header_timeout: Duration,
-    /// Time a keep-alive connection may wait for its next request.
+    /// Time a keep-alive connection may wait for its next request, and a
+    /// request body for its next bytes (then the request fails with 408).
     pub idle_timeout: Duration,
 }
 
@@ -79,6 +80,8 @@ pub struct Guard<IO> {
     timer: Pin<Box<Sleep>>,
     /// Whether the timer is the header timeout (answer 408) or idle (just close).
     timer_is_header: bool,
+    /// In a body: whether the timer is counting a wait for the client's next bytes.
+    body_wait: bool,
 }
 
 impl<IO> Guard<IO> {
@@ -96,6 +99,7 @@ impl<IO> Guard<IO> {
             // the header timeout; once bytes come, the same timeout answers 408.
             timer: Box::pin(tokio::time::sleep(limits.header_timeout)),
             timer_is_header: false,
+            body_wait: false,
         }
     }
 
@@ -311,6 +315,32 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Guard<IO> {
         Poll::Ready(Ok(rb.filled().len()))
     }
 
+    /// `fill` for body bytes: a client that sends none for `idle_timeout`
+    /// fails the read with `TimedOut` (nginx's `client_body_timeout`).
+    fn fill_body(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        match self.fill(cx) {
+            Poll::Pending => {
+                if !self.body_wait {
+                    self.body_wait = true;
+                    let d = self.limits.idle_timeout;
+                    self.timer.as_mut().reset(Instant::now() + d);
+                }
+                if self.timer.as_mut().poll(cx).is_ready() {
+                    self.state = State::Closed;
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request body timed out",
+                    )));
+                }
+                Poll::Pending
+            }
+            done => {
+                self.body_wait = false;
+                done
+            }
+        }
+    }
+
     /// Hands `buf[start..start+n]` to the reader.
     fn give(&mut self, out: &mut ReadBuf<'_>, n: usize) {
         let n = n.min(out.remaining());
@@ -371,7 +401,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<IO> {
                     me.reset_timer(false);
                 }
                 State::Fixed(n) => {
-                    if me.start == me.buf.len() && ready!(me.fill(cx))? == 0 {
+                    if me.start == me.buf.len() && ready!(me.fill_body(cx))? == 0 {
                         return Poll::Ready(Ok(())); // EOF mid-body: hyper reports it
                     }
                     let k = ((me.buf.len() - me.start) as u64).min(n) as usize;
@@ -381,7 +411,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<IO> {
                     return Poll::Ready(Ok(()));
                 }
                 State::Chunked(mut st) => {
-                    if me.start == me.buf.len() && ready!(me.fill(cx))? == 0 {
+                    if me.start == me.buf.len() && ready!(me.fill_body(cx))? == 0 {
                         return Poll::Ready(Ok(())); // EOF mid-body: hyper reports it
                     }
                     let avail = (me.buf.len() - me.start).min(out.remaining());

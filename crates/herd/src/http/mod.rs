@@ -7,7 +7,6 @@ pub mod pool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use herd_balance::{Backend, Ctx, KeySource, PickError};
@@ -93,8 +92,8 @@ impl HttpProxy {
                 | Method::DELETE
                 | Method::TRACE
         );
-        let body_failed = Arc::new(AtomicBool::new(false));
         let has_body = !body.is_end_stream();
+        let body_failed = has_body.then(|| Arc::new(pool::BodyFailure::default()));
         // A request without a body can be replayed on another backend if
         // the first dies before answering; one with a body cannot.
         let replay = (idempotent && !has_body && !upgrade).then(|| clone_head(&parts));
@@ -103,7 +102,7 @@ impl HttpProxy {
             if has_body {
                 ReqBody::Client {
                     inner: body,
-                    failed: body_failed.clone(),
+                    failed: body_failed.clone().unwrap_or_default(),
                 }
             } else {
                 ReqBody::Empty
@@ -170,8 +169,12 @@ impl HttpProxy {
                     next = Some(req);
                 }
                 Sent::Failed(why, timed_out) => {
-                    if body_failed.load(std::sync::atomic::Ordering::Relaxed) {
-                        return error(StatusCode::BAD_REQUEST, "bad request body\n");
+                    match body_failed.as_ref().and_then(|f| f.timed_out()) {
+                        Some(true) => {
+                            return error(StatusCode::REQUEST_TIMEOUT, "request body timed out\n");
+                        }
+                        Some(false) => return error(StatusCode::BAD_REQUEST, "bad request body\n"),
+                        None => {}
                     }
                     lease.failure(now);
                     tracing::debug!("{}: {why}", target.label);
