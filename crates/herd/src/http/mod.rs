@@ -323,6 +323,22 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes headers meant for one hop only, including those the sender
 /// listed in `Connection`; an upgrade keeps `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    if h.contains_key(header::CONNECTION) {
+        strip_listed(h, keep_upgrade);
+    }
+    for name in &HOP_BY_HOP {
+        h.remove(name);
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// Removes the headers named in `Connection` (it allocates, so only when
+/// there is one).
+fn strip_listed(h: &mut HeaderMap, keep_upgrade: bool) {
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -335,14 +351,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
             h.remove(&name);
         }
     }
-    for name in &HOP_BY_HOP {
-        h.remove(name);
-    }
-    if keep_upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::UPGRADE);
-    }
 }
 
 /// Turns the client's request head into the one sent to a backend.
@@ -354,14 +362,10 @@ fn prepare_request_head(parts: &mut hyper::http::request::Parts, peer: SocketAdd
     {
         parts.headers.insert(header::HOST, v);
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    parts.uri = path
-        .parse::<Uri>()
-        .unwrap_or_else(|_| Uri::from_static("/"));
+    // Origin form for the backend; PathAndQuery is shared bytes, no copy.
+    let mut uri = hyper::http::uri::Parts::default();
+    uri.path_and_query = parts.uri.path_and_query().cloned();
+    parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     add_forwarding(&mut parts.headers, peer);
