@@ -76,13 +76,22 @@ pub fn socket_path(name: &str) -> PathBuf {
     rundir::base_dir().join(format!("{name}.sock"))
 }
 
+/// Holds a cluster name for as long as it lives: an exclusive `flock` on
+/// `<name>.lock`, which the kernel releases even on `kill -9`.
+pub struct NameLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
 /// Binds the control socket under `name`. A given name that a live master
 /// holds is an error; a derived one takes the first free `name-2`, `name-3`…
-/// Returns the listener, its path and the name used.
-pub fn bind_name(name: &str, given: bool) -> Result<(UnixListener, PathBuf, String), ControlError> {
+/// Returns the listener, its path, the name used and the lock on it.
+pub fn bind_name(
+    name: &str,
+    given: bool,
+) -> Result<(UnixListener, PathBuf, String, NameLock), ControlError> {
     if given {
-        let (l, p) = bind(name)?;
-        return Ok((l, p, name.to_string()));
+        let (l, p, lock) = bind(name)?;
+        return Ok((l, p, name.to_string(), lock));
     }
     for i in 1..1000 {
         let candidate = if i == 1 {
@@ -91,7 +100,7 @@ pub fn bind_name(name: &str, given: bool) -> Result<(UnixListener, PathBuf, Stri
             format!("{name}-{i}")
         };
         match bind(&candidate) {
-            Ok((l, p)) => return Ok((l, p, candidate)),
+            Ok((l, p, lock)) => return Ok((l, p, candidate, lock)),
             Err(ControlError::NameTaken(_)) => continue,
             Err(e) => return Err(e),
         }
@@ -99,20 +108,35 @@ pub fn bind_name(name: &str, given: bool) -> Result<(UnixListener, PathBuf, Stri
     Err(ControlError::NameTaken(name.to_string()))
 }
 
-/// Binds the control socket, refusing if a live master already holds the name.
-pub fn bind(name: &str) -> Result<(UnixListener, PathBuf), ControlError> {
+/// Claims `name` (its lock), then binds its control socket. Checking for a
+/// live socket and then binding would race with another master starting
+/// under the same name; the lock makes the claim atomic.
+pub fn bind(name: &str) -> Result<(UnixListener, PathBuf, NameLock), ControlError> {
+    use nix::fcntl::{Flock, FlockArg};
     let path = socket_path(name);
-    if StdUnixStream::connect(&path).is_ok() {
-        return Err(ControlError::NameTaken(name.to_string()));
-    }
-    let _ = std::fs::remove_file(&path);
     let bind_err = |source| ControlError::Bind {
         path: path.clone(),
         source,
     };
+    let lock_path = path.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(bind_err)?;
+    let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            return Err(ControlError::NameTaken(name.to_string()));
+        }
+        Err((_, e)) => return Err(bind_err(e.into())),
+    };
+    // The name is ours: any socket file left under it is stale.
+    let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(bind_err)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-    Ok((listener, path))
+    Ok((listener, path, NameLock { _lock: lock }))
 }
 
 /// Serves the control socket, passing each request to the supervisor.
@@ -258,6 +282,33 @@ pub fn call(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn only_one_claimant_of_a_name_wins() {
+        std::fs::create_dir_all(rundir::base_dir()).unwrap();
+        let name = format!("race-{}", std::process::id());
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(16));
+        let rt = tokio::runtime::Handle::current();
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (barrier, rt, name) = (barrier.clone(), rt.clone(), name.clone());
+                std::thread::spawn(move || {
+                    let _in = rt.enter();
+                    barrier.wait();
+                    bind(&name).ok()
+                })
+            })
+            .collect();
+        let won: Vec<_> = threads
+            .into_iter()
+            .filter_map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(won.len(), 1, "several masters claimed one name");
+        let (_listener, path, _lock) = &won[0];
+        assert!(path.exists(), "the winner's socket was removed");
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(path.with_extension("lock"));
+    }
 
     #[test]
     fn requests_are_json_objects() {

@@ -610,3 +610,27 @@ fn status_counts_open_connections_in_fd_modes() {
     drop(kept);
     assert!(wait_until(T, || conns() == Some(0)));
 }
+
+#[test]
+fn masters_starting_at_once_under_one_name_all_get_a_name() {
+    let base = name("race");
+    let dir = std::env::temp_dir().join(format!("herd-race-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prog = dir.join(&base);
+    std::fs::copy(DEMO, &prog).unwrap();
+    let prog = prog.to_str().unwrap().to_string();
+    let herds: Vec<Herd> = (0..4)
+        .map(|_| Herd::start(&["-i", "1"], &[&prog]))
+        .collect();
+    let mut names = BTreeSet::new();
+    for h in &herds {
+        h.wait_ready(1);
+        let log = h.log();
+        let line = log.lines().find(|l| l.contains(": 1 worker,")).unwrap();
+        let name = line.split_whitespace().find(|w| w.ends_with(':')).unwrap();
+        names.insert(name.trim_end_matches(':').to_string());
+    }
+    assert_eq!(names.len(), 4, "{names:?}");
+    drop(herds);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -172,7 +172,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let bound = listeners.local_addr().unwrap_or(s.listen);
     let rundir = RunDir::create()?;
     let guardian = Guardian::spawn().map_err(SuperviseError::Guardian)?;
-    let (control_listener, control_path, name) = control::bind_name(&s.name, s.name_given)?;
+    let (control_listener, control_path, name, _name_lock) =
+        control::bind_name(&s.name, s.name_given)?;
     let mut s = s;
     s.name = name;
     let _control_file = RemoveOnDrop(control_path);
