@@ -285,7 +285,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn only_one_claimant_of_a_name_wins() {
-        std::fs::create_dir_all(rundir::base_dir()).unwrap();
+        // As a master makes it: mode 0700 (herd refuses one open to others).
+        let _dir = rundir::RunDir::create().unwrap();
         let name = format!("race-{}", std::process::id());
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(16));
         let rt = tokio::runtime::Handle::current();
