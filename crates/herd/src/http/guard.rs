@@ -82,6 +82,9 @@ pub struct Guard<IO> {
     timer_is_header: bool,
     /// In a body: whether the timer is counting a wait for the client's next bytes.
     body_wait: bool,
+    /// Whether response bytes went out since the last request head: then a
+    /// 408 of ours would corrupt that response, and the connection just ends.
+    answered: bool,
 }
 
 impl<IO> Guard<IO> {
@@ -100,6 +103,7 @@ impl<IO> Guard<IO> {
             timer: Box::pin(tokio::time::sleep(limits.header_timeout)),
             timer_is_header: false,
             body_wait: false,
+            answered: false,
         }
     }
 
@@ -127,6 +131,7 @@ impl<IO> Guard<IO> {
         match check_head(head, self.limits.max_headers, self.first) {
             Ok(next) => {
                 self.first = false;
+                self.answered = false;
                 self.release = self.start + len;
                 self.after = next;
             }
@@ -315,9 +320,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Guard<IO> {
         Poll::Ready(Ok(rb.filled().len()))
     }
 
-    /// `fill` for body bytes: a client that sends none for `idle_timeout`
-    /// fails the read with `TimedOut` (nginx's `client_body_timeout`).
-    fn fill_body(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// `fill` for body bytes. A client that sends none for `idle_timeout`
+    /// (nginx's `client_body_timeout`) gets 408 from here and the read side
+    /// ends: hyper would drop the connection on a read error before any
+    /// answer of the handler's could be written. `Ok(None)`: timed out.
+    fn fill_body(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<usize>>> {
         match self.fill(cx) {
             Poll::Pending => {
                 if !self.body_wait {
@@ -326,17 +333,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Guard<IO> {
                     self.timer.as_mut().reset(Instant::now() + d);
                 }
                 if self.timer.as_mut().poll(cx).is_ready() {
-                    self.state = State::Closed;
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "request body timed out",
-                    )));
+                    if self.answered {
+                        self.state = State::Closed;
+                    } else {
+                        self.reject(TIMEOUT);
+                    }
+                    return Poll::Ready(Ok(None));
                 }
                 Poll::Pending
             }
-            done => {
+            Poll::Ready(r) => {
                 self.body_wait = false;
-                done
+                Poll::Ready(r.map(Some))
             }
         }
     }
@@ -401,8 +409,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<IO> {
                     me.reset_timer(false);
                 }
                 State::Fixed(n) => {
-                    if me.start == me.buf.len() && ready!(me.fill_body(cx))? == 0 {
-                        return Poll::Ready(Ok(())); // EOF mid-body: hyper reports it
+                    if me.start == me.buf.len() {
+                        match ready!(me.fill_body(cx))? {
+                            None => continue,                      // timed out: answer, then EOF
+                            Some(0) => return Poll::Ready(Ok(())), // EOF mid-body: hyper reports it
+                            Some(_) => {}
+                        }
                     }
                     let k = ((me.buf.len() - me.start) as u64).min(n) as usize;
                     let k = k.min(out.remaining());
@@ -411,8 +423,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<IO> {
                     return Poll::Ready(Ok(()));
                 }
                 State::Chunked(mut st) => {
-                    if me.start == me.buf.len() && ready!(me.fill_body(cx))? == 0 {
-                        return Poll::Ready(Ok(())); // EOF mid-body: hyper reports it
+                    if me.start == me.buf.len() {
+                        match ready!(me.fill_body(cx))? {
+                            None => continue,                      // timed out: answer, then EOF
+                            Some(0) => return Poll::Ready(Ok(())), // EOF mid-body: hyper reports it
+                            Some(_) => {}
+                        }
                     }
                     let avail = (me.buf.len() - me.start).min(out.remaining());
                     match scan_chunks(&mut st, &me.buf[me.start..me.start + avail]) {
@@ -476,6 +492,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guard<IO> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.answered = true;
         // A response is going out: the idle clock starts after it.
         if self.state == State::Head && self.start == self.buf.len() && !self.timer_is_header {
             let d = self.limits.idle_timeout;
@@ -497,6 +514,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guard<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.answered = true;
         if self.state == State::Head && self.start == self.buf.len() && !self.timer_is_header {
             let d = self.limits.idle_timeout;
             self.timer.as_mut().reset(Instant::now() + d);

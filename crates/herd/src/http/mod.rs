@@ -7,6 +7,7 @@ pub mod pool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use herd_balance::{Backend, Ctx, KeySource, PickError};
@@ -93,7 +94,7 @@ impl HttpProxy {
                 | Method::TRACE
         );
         let has_body = !body.is_end_stream();
-        let body_failed = has_body.then(|| Arc::new(pool::BodyFailure::default()));
+        let body_failed = has_body.then(|| Arc::new(AtomicBool::new(false)));
         // A request without a body can be replayed on another backend if
         // the first dies before answering; one with a body cannot.
         let replay = (idempotent && !has_body && !upgrade).then(|| clone_head(&parts));
@@ -169,12 +170,12 @@ impl HttpProxy {
                     next = Some(req);
                 }
                 Sent::Failed(why, timed_out) => {
-                    match body_failed.as_ref().and_then(|f| f.timed_out()) {
-                        Some(true) => {
-                            return error(StatusCode::REQUEST_TIMEOUT, "request body timed out\n");
-                        }
-                        Some(false) => return error(StatusCode::BAD_REQUEST, "bad request body\n"),
-                        None => {}
+                    // (A stalled body was already answered 408 by the guard.)
+                    if body_failed
+                        .as_ref()
+                        .is_some_and(|f| f.load(Ordering::Relaxed))
+                    {
+                        return error(StatusCode::BAD_REQUEST, "bad request body\n");
                     }
                     lease.failure(now);
                     tracing::debug!("{}: {why}", target.label);

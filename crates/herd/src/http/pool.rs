@@ -2,7 +2,7 @@
 //! through them.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -119,46 +119,14 @@ pub async fn connect(
     Ok(sender)
 }
 
-/// Why a client's request body could not be read, if it could not.
-#[derive(Default)]
-pub struct BodyFailure(std::sync::atomic::AtomicU8);
-
-impl BodyFailure {
-    const BROKEN: u8 = 1;
-    const TIMED_OUT: u8 = 2;
-
-    fn record(&self, e: &hyper::Error) {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-        let mut why = Self::BROKEN;
-        while let Some(err) = source {
-            if err
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-            {
-                why = Self::TIMED_OUT;
-            }
-            source = err.source();
-        }
-        self.0.store(why, Ordering::Relaxed);
-    }
-
-    /// `None` while the body is fine; else whether it timed out.
-    pub fn timed_out(&self) -> Option<bool> {
-        match self.0.load(Ordering::Relaxed) {
-            0 => None,
-            v => Some(v == Self::TIMED_OUT),
-        }
-    }
-}
-
 /// The body of a request on its way to a backend.
 pub enum ReqBody {
     Empty,
-    /// The client's body; `failed` records why reading it failed, so a
-    /// broken or stalled upload is told apart from a broken backend.
+    /// The client's body; `failed` is set if reading it fails, so a broken
+    /// upload is told apart from a broken backend.
     Client {
         inner: Incoming,
-        failed: Arc<BodyFailure>,
+        failed: Arc<AtomicBool>,
     },
 }
 
@@ -174,8 +142,8 @@ impl Body for ReqBody {
             ReqBody::Empty => Poll::Ready(None),
             ReqBody::Client { inner, failed } => {
                 let r = Pin::new(inner).poll_frame(cx);
-                if let Poll::Ready(Some(Err(e))) = &r {
-                    failed.record(e);
+                if let Poll::Ready(Some(Err(_))) = &r {
+                    failed.store(true, Ordering::Relaxed);
                 }
                 r
             }
