@@ -242,38 +242,66 @@ fn no_healthy_backend_fails_fast_with_a_short_answer() {
     }
 }
 
-/// A backend that answers every request with `answer` and closes.
-fn fake_backend(answer: &'static [u8]) -> u16 {
+/// A raw backend: for each connection, reads the request head and calls
+/// `serve` with the connection and the request's Content-Length.
+fn raw_backend(serve: fn(BufReader<TcpStream>, TcpStream, usize)) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for c in l.incoming() {
-            let Ok(mut c) = c else { continue };
+            let Ok(c) = c else { continue };
             std::thread::spawn(move || {
                 let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut len = 0usize;
                 let mut line = String::new();
                 while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
                     line.clear();
                 }
-                let _ = c.write_all(answer);
-                if answer.starts_with(b"HTTP/1.1 101") {
-                    // Echo whatever comes through the tunnel.
-                    let mut buf = [0u8; 1024];
-                    while let Ok(n) = r.get_mut().read(&mut buf) {
-                        if n == 0 || c.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                }
+                serve(r, c, len);
             });
         }
     });
     port
 }
 
+/// A backend whose every answer is not HTTP.
+fn garbage_backend() -> u16 {
+    raw_backend(|_, mut c, _| {
+        let _ = c.write_all(b"THIS IS NOT HTTP\r\n\r\n");
+    })
+}
+
+/// A backend that switches protocols and then echoes whatever comes.
+fn echo_upgrade_backend() -> u16 {
+    raw_backend(|mut r, mut c, _| {
+        let _ = c.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+        );
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = r.get_mut().read(&mut buf) {
+            if n == 0 || c.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// A backend that reads the whole request body before answering 200.
+fn body_reading_backend() -> u16 {
+    raw_backend(|mut r, mut c, len| {
+        let mut body = vec![0; len];
+        if r.read_exact(&mut body).is_ok() {
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+        }
+    })
+}
+
 #[test]
 fn a_malformed_backend_answer_is_a_502() {
-    let bad = fake_backend(b"THIS IS NOT HTTP\r\n\r\n");
+    let bad = garbage_backend();
     let h = lb(&[&format!("--upstream=127.0.0.1:{bad}")]);
     let (status, _) = h.get("/").unwrap();
     assert_eq!(status, 502);
@@ -368,9 +396,7 @@ fn forwarding_headers_are_added_and_hop_by_hop_ones_removed() {
 
 #[test]
 fn websocket_style_upgrades_are_tunnelled() {
-    let port = fake_backend(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
-    );
+    let port = echo_upgrade_backend();
     let h = lb(&[&format!("--upstream=127.0.0.1:{port}")]);
     let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
@@ -456,33 +482,6 @@ fn balancer_flags_are_checked() {
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("needs --mode proxy"), "{err}");
-}
-
-/// A backend that reads the whole request body before answering 200.
-fn body_reading_backend() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { continue };
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(c.try_clone().unwrap());
-                let mut len = 0usize;
-                let mut line = String::new();
-                while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                    line.clear();
-                }
-                let mut body = vec![0; len];
-                if r.read_exact(&mut body).is_ok() {
-                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
-                }
-            });
-        }
-    });
-    port
 }
 
 #[test]
