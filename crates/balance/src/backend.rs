@@ -12,6 +12,7 @@ use crate::Nanos;
 const DRAINING: u8 = 1;
 const UNHEALTHY: u8 = 2;
 const FAILED: u8 = 4;
+const BUSY: u8 = 8;
 
 /// Response-time estimate used before a backend has answered anything.
 const DEFAULT_RTT_NS: f64 = 1_000_000.0;
@@ -105,7 +106,7 @@ impl Backend {
         if s == 0 {
             return true;
         }
-        if s & (DRAINING | UNHEALTHY) != 0 {
+        if s & (DRAINING | UNHEALTHY | BUSY) != 0 {
             return false;
         }
         now >= self.down_until.load(Relaxed) && self.in_flight.load(Relaxed) == 0
@@ -114,6 +115,20 @@ impl Backend {
     /// Draining backends get no new picks; leases already taken run on.
     pub fn set_draining(&self, on: bool) {
         self.set_flag(DRAINING, on);
+    }
+
+    /// A backend that cannot take more for now (its queue is full) is
+    /// skipped like a draining one until this is cleared.
+    pub fn set_busy(&self, on: bool) {
+        self.set_flag(BUSY, on);
+    }
+
+    /// For callers that learn a backend's load from the backend itself
+    /// (herd's dispatch mode: counts its workers report) instead of
+    /// holding leases: sets what `in_flight` and least-conn see. Do not mix
+    /// with outstanding leases on the same backend.
+    pub fn set_load(&self, n: u32) {
+        self.in_flight.store(n, Relaxed);
     }
 
     /// Set by active health checks.

@@ -200,6 +200,14 @@ pub struct RunArgs {
     /// Most request headers (then 431) [default: 100].
     #[arg(long, value_name = "N")]
     pub max_headers: Option<usize>,
+    /// Preload herd's Node module (NODE_OPTIONS=--require) even though the
+    /// command is not `node` itself (e.g. a script with a `#!` line)
+    /// [default: on when the command is node].
+    #[arg(long, conflicts_with = "no_node_shim")]
+    pub node_shim: bool,
+    /// Do not preload herd's Node module into a `node` command.
+    #[arg(long)]
+    pub no_node_shim: bool,
     /// The server program and its arguments (put them after `--`).
     #[arg(trailing_var_arg = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,

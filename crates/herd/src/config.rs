@@ -38,6 +38,10 @@ pub enum ConfigError {
     NoCommand,
     #[error("{0} needs --mode proxy")]
     NeedsProxy(&'static str),
+    #[error(
+        "--balance {0} needs per-request information the master does not have in dispatch mode; use round-robin, least-conn, random2 or ip-hash (or --mode proxy)"
+    )]
+    NotForDispatch(String),
     #[error("command not found: {0}")]
     NotFound(String),
     #[error("not an executable file: {0}")]
@@ -76,6 +80,9 @@ pub enum Mode {
     Reuseport,
     /// One listening socket inherited by every worker.
     Shared,
+    /// The master accepts and passes each connection's fd to a worker
+    /// (Node cluster's round-robin, for any language).
+    Dispatch,
 }
 
 impl Mode {
@@ -84,12 +91,13 @@ impl Mode {
             Mode::Proxy => "proxy",
             Mode::Reuseport => "reuseport",
             Mode::Shared => "shared",
+            Mode::Dispatch => "dispatch",
         }
     }
 
     /// Whether workers get the listening socket as fd 3.
     pub fn passes_fd(self) -> bool {
-        !matches!(self, Mode::Proxy)
+        matches!(self, Mode::Shared | Mode::Reuseport)
     }
 }
 
@@ -286,6 +294,7 @@ pub struct FileConfig {
     pub log_file: Option<PathBuf>,
     pub log_max_size: Option<Size>,
     pub log_keep: Option<u32>,
+    pub node_shim: Option<bool>,
 }
 
 fn strategy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StrategyKind>, D::Error> {
@@ -375,6 +384,8 @@ pub struct Settings {
     pub log_file: Option<PathBuf>,
     pub log_max_size: u64,
     pub log_keep: u32,
+    /// Preload herd's Node module into the workers (`NODE_OPTIONS=--require`).
+    pub node_shim: bool,
 }
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
@@ -409,8 +420,21 @@ impl Settings {
             if !upstreams.is_empty() {
                 return Err(ConfigError::NeedsProxy("--upstream"));
             }
-            if balance.is_some() {
-                return Err(ConfigError::NeedsProxy("--balance"));
+            match (&balance, mode) {
+                (None, _) => {}
+                (
+                    Some(
+                        StrategyKind::RoundRobin
+                        | StrategyKind::LeastConn
+                        | StrategyKind::Random2
+                        | StrategyKind::IpHash,
+                    ),
+                    Mode::Dispatch,
+                ) => {}
+                (Some(b), Mode::Dispatch) => {
+                    return Err(ConfigError::NotForDispatch(b.to_string()));
+                }
+                (Some(_), _) => return Err(ConfigError::NeedsProxy("--balance")),
             }
             if protocol.is_some() {
                 return Err(ConfigError::NeedsProxy("--protocol"));
@@ -433,6 +457,12 @@ impl Settings {
         let program = match command.first() {
             Some(word) => resolve_program(word, cwd.as_deref(), path_var.as_deref())?,
             None => PathBuf::new(),
+        };
+        let node_shim = match (args.node_shim, args.no_node_shim, file.node_shim) {
+            (true, _, _) => true,
+            (_, true, _) => false,
+            (_, _, Some(on)) => on,
+            _ => is_node(&program),
         };
         let name_given = args.name.is_some() || file.name.is_some();
         let name = match args.name.or(file.name) {
@@ -546,8 +576,22 @@ impl Settings {
                 .or(file.log_max_size)
                 .map_or(10 << 20, |s| s.0 as u64),
             log_keep: args.log_keep.or(file.log_keep).unwrap_or(3),
+            node_shim,
         })
     }
+}
+
+/// Whether `program` is Node itself (`node`, `nodejs`, `node20`…), the
+/// case where herd preloads its shim without being asked.
+fn is_node(program: &Path) -> bool {
+    program
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| {
+            n == "nodejs"
+                || n.strip_prefix("node")
+                    .is_some_and(|v| v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+        })
 }
 
 fn validate_name(n: String) -> Result<String, ConfigError> {

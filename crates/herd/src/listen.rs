@@ -30,6 +30,9 @@ pub enum Listeners {
     /// One blocking SO_REUSEPORT socket per worker slot, each inherited as
     /// fd 3 by that slot's worker and kept here across its restarts.
     ReusePort(Vec<Socket>),
+    /// Accepted by the master's dispatch thread (non-blocking), whose
+    /// connections are passed to workers.
+    Dispatch(std::net::TcpListener),
 }
 
 impl Listeners {
@@ -42,7 +45,7 @@ impl Listeners {
                 let probe = socket(addr, false)?;
                 local_addr(&probe).unwrap_or(addr)
             }
-            Mode::Shared => addr,
+            Mode::Shared | Mode::Dispatch => addr,
         };
         match mode {
             Mode::Proxy => {
@@ -57,6 +60,11 @@ impl Listeners {
                 Ok(Listeners::Proxy(all))
             }
             Mode::Shared => Ok(Listeners::Shared(socket(addr, false)?)),
+            Mode::Dispatch => {
+                let s = socket(addr, false)?;
+                s.set_nonblocking(true).map_err(|e| err(addr, e))?;
+                Ok(Listeners::Dispatch(s.into()))
+            }
             Mode::Reuseport => {
                 let first = socket(addr, true)?;
                 // With port 0 the kernel picks one; the other slots must join it.
@@ -86,6 +94,7 @@ impl Listeners {
             Listeners::Proxy(v) => v.first().and_then(|l| l.local_addr().ok()),
             Listeners::Shared(s) => local_addr(s),
             Listeners::ReusePort(v) => v.first().and_then(local_addr),
+            Listeners::Dispatch(l) => l.local_addr().ok(),
         }
     }
 }

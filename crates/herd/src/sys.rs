@@ -1,5 +1,6 @@
 //! The only module with `unsafe`: the code that runs in a worker between
-//! `fork` and `exec`.
+//! `fork` and `exec`, and passing a connection's fd to a worker
+//! ([`send_fd`], dispatch mode).
 //!
 //! Why it exists: systemd's socket-activation protocol wants `LISTEN_PID`
 //! to be the worker's *own* pid, which only the child knows, and the worker
@@ -184,6 +185,76 @@ unsafe fn write_decimal(buf: *mut u8, at: usize, mut n: u64) {
     unsafe { *buf.add(at + len) = 0 };
 }
 
+/// Sends `data` with `fd` attached (`SCM_RIGHTS`) on the Unix socket
+/// `sock`, without blocking and without allocating (nix's `sendmsg`
+/// allocates its control buffer on every call; this is the dispatch hot path).
+///
+/// A message this small is queued whole or not at all, so the fd always
+/// travels with its line: `Ok(n)` is `data.len()`, a full socket is
+/// `WouldBlock`.
+pub fn send_fd(sock: RawFd, data: &[u8], fd: RawFd) -> io::Result<usize> {
+    const FD_SPACE: usize = std::mem::size_of::<RawFd>();
+    // Room for one cmsghdr plus one fd, aligned as cmsghdr requires.
+    #[repr(C)]
+    union Cmsg {
+        _align: libc::cmsghdr,
+        buf: [u8; 64],
+    }
+    let mut cmsg = Cmsg { buf: [0; 64] };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
+    let (space, len) = unsafe {
+        (
+            libc::CMSG_SPACE(FD_SPACE as u32) as usize,
+            libc::CMSG_LEN(FD_SPACE as u32) as usize,
+        )
+    };
+    debug_assert!(space <= 64);
+    // SAFETY: `cmsg` outlives the call and has `space` bytes, aligned for
+    // cmsghdr; CMSG_FIRSTHDR returns a pointer into it since
+    // msg_controllen >= sizeof(cmsghdr); the fd is copied into its data area.
+    unsafe {
+        msg.msg_control = cmsg.buf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        let hdr = libc::CMSG_FIRSTHDR(&msg);
+        (*hdr).cmsg_level = libc::SOL_SOCKET;
+        (*hdr).cmsg_type = libc::SCM_RIGHTS;
+        (*hdr).cmsg_len = len as _;
+        std::ptr::copy_nonoverlapping(
+            (&fd as *const RawFd).cast::<u8>(),
+            libc::CMSG_DATA(hdr),
+            FD_SPACE,
+        );
+        let n = libc::sendmsg(sock, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+/// Registers a socket with the tokio reactor, for a raw `accept` loop
+/// (dispatch mode accepts with std so that an accepted connection, which
+/// only passes through, is never registered with epoll).
+///
+/// Sound for the std socket types this is used with: they own their fd for
+/// their whole life and never replace it, which is what `register` needs.
+pub fn watch(
+    listener: std::net::TcpListener,
+) -> io::Result<tokio::io::unix::AsyncFd<std::net::TcpListener>> {
+    // SAFETY: `TcpListener` owns its fd until dropped, and the `AsyncFd`
+    // owns the listener, so the registration never outlives the fd.
+    unsafe { tokio::io::unix::AsyncFd::register(listener) }.map_err(|e| e.into_parts().1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +279,46 @@ mod tests {
             parent: 1,
         };
         assert!(matches!(prepare(spec), Err(SysError::Nul(_))));
+    }
+
+    #[test]
+    fn fd_arrives_with_its_line() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut x, y) = UnixStream::pair().unwrap();
+        assert_eq!(
+            send_fd(a.as_raw_fd(), b"hello\n", y.as_raw_fd()).unwrap(),
+            6
+        );
+        drop(y);
+        let mut buf = [0u8; 16];
+        let mut cmsg = nix::cmsg_space!([RawFd; 2]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let r = nix::sys::socket::recvmsg::<()>(
+            b.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        let fds: Vec<RawFd> = r
+            .cmsgs()
+            .unwrap()
+            .filter_map(|c| match c {
+                nix::sys::socket::ControlMessageOwned::ScmRights(f) => Some(f),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(r.bytes, 6);
+        assert_eq!(fds.len(), 1);
+        // The received fd is the other end of x: writing to it reaches x.
+        let mut got = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+        got.write_all(b"ok").unwrap();
+        let mut two = [0u8; 2];
+        x.read_exact(&mut two).unwrap();
+        assert_eq!(&two, b"ok");
     }
 }

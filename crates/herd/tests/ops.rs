@@ -109,7 +109,7 @@ fn load(
 
 #[test]
 fn rolling_reload_under_load_loses_nothing_in_every_mode() {
-    for mode in ["proxy", "shared", "reuseport"] {
+    for mode in ["proxy", "shared", "reuseport", "dispatch"] {
         let n = name(&format!("reload-{mode}"));
         let h = Herd::start(&["--name", &n, "-i", "3", "--mode", mode], &[DEMO]);
         h.wait_ready(3);

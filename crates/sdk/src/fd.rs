@@ -1,7 +1,8 @@
-//! The only `unsafe` in this crate: taking ownership of the inherited
-//! message-channel fd. Sound because `channel()` does it at most once per
-//! process (an atomic flag), only for the fd herd names in `HERD_IPC_FD`,
-//! and only after checking that fd is an open Unix socket.
+//! The only `unsafe` in this crate: taking ownership of fds herd gave this
+//! process. Sound because `channel()`/`dispatch()` adopt their inherited fd
+//! at most once per process (an atomic flag), only the fd herd names, and
+//! only after checking it is an open socket; and because a received
+//! `SCM_RIGHTS` fd is new in this process and owned by no one else.
 #![allow(unsafe_code)]
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -17,4 +18,11 @@ pub(crate) fn adopt_socket(fd: RawFd) -> Option<OwnedFd> {
     // nothing else in this process owns it: herd placed it for this worker
     // and `channel()` hands it out once.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Owns an fd the kernel just installed in this process (`SCM_RIGHTS`).
+pub(crate) fn adopt_received(fd: RawFd) -> OwnedFd {
+    // SAFETY: recvmsg created this fd for us a moment ago; nothing else in
+    // the process knows its number, so this is its only owner.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }

@@ -4,16 +4,21 @@
 //! re-implementing the contract herd documents in its README: where the
 //! listening socket comes from (`LISTEN_FDS` or `PORT`), how to say
 //! "ready" (systemd's `sd_notify` datagram on `NOTIFY_SOCKET`), and the
-//! message channel to the master (`HERD_IPC_FD`).
+//! message channel to the master (`HERD_IPC_FD`), and, in dispatch mode,
+//! the connections the master hands over (`HERD_DISPATCH_FD`).
 //!
 //! `unsafe` is denied everywhere but in the one line that adopts the
 //! channel's inherited fd (`fd` module).
 #![deny(unsafe_code)]
 
 mod channel;
+mod dispatch;
 mod fd;
 
 pub use channel::{Channel, Incoming, channel};
+#[cfg(feature = "tokio")]
+pub use dispatch::AsyncDispatch;
+pub use dispatch::{ConnGuard, Dispatch, dispatch};
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixDatagram;
@@ -43,6 +48,14 @@ pub mod env {
     pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
     /// The fd of the worker's message channel to the master.
     pub const IPC_FD: &str = "HERD_IPC_FD";
+    /// Dispatch mode: the fd of the socket connections arrive on.
+    pub const DISPATCH_FD: &str = "HERD_DISPATCH_FD";
+    /// Dispatch mode with `least-conn`: report open-connection counts.
+    pub const REPORT_OPEN: &str = "HERD_REPORT_OPEN";
+    /// How the cluster shares its port: proxy, shared, reuseport or dispatch.
+    pub const MODE: &str = "HERD_MODE";
+    /// The cluster's public address (`HOST:PORT`).
+    pub const LISTEN: &str = "HERD_LISTEN";
 }
 
 /// Why a worker could not get its listener.
@@ -110,8 +123,10 @@ pub fn notify(state: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Tells herd (or systemd) this worker is ready to serve.
+/// Tells herd (or systemd) this worker is ready to serve; in dispatch
+/// mode, once [`dispatch()`] was taken, also on the dispatch socket.
 pub fn ready() -> std::io::Result<()> {
+    dispatch::say_listening()?;
     notify("READY=1")
 }
 

@@ -31,15 +31,24 @@ fn main() {
 async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     // Snapshot the contract first: taking fd 3 clears LISTEN_* from the env.
     let contract = contract_env();
-    let std_listener = herd_sdk::listener(3000)?;
-    std_listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    let mut source = match herd_sdk::dispatch()? {
+        // Dispatch mode: the master hands over each connection.
+        Some(d) => Source::Dispatch(d.into_async()?),
+        None => {
+            let std_listener = herd_sdk::listener(3000)?;
+            std_listener.set_nonblocking(true)?;
+            Source::Listener(tokio::net::TcpListener::from_std(std_listener)?)
+        }
+    };
     let id = herd_sdk::worker_id().map_or("-".to_string(), |i| i.to_string());
     let delay = std::env::var("HERD_DEMO_DELAY_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
-    println!("listening on {}", listener.local_addr()?);
+    match &source {
+        Source::Listener(l) => println!("listening on {}", l.local_addr()?),
+        Source::Dispatch(_) => println!("taking connections from herd (dispatch)"),
+    }
     // Messages from `herd send`/`broadcast` and other workers, on a thread
     // of their own (the channel is blocking).
     if let Some(mut ch) = herd_sdk::channel()? {
@@ -63,9 +72,10 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let mut int = signal(SignalKind::interrupt())?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => match a {
+        let (stream, open) = tokio::select! {
+            a = source.accept() => match a {
                 Ok(a) => a,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => break,
                 Err(_) => continue,
             },
             _ = term.recv() => break,
@@ -87,9 +97,10 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(open); // counted closed (least-conn in dispatch mode)
         });
     }
-    drop(listener);
+    drop(source);
     println!("draining");
     // hyper's graceful shutdown closes connections that are idle, and one
     // accepted a moment ago may not have had its request read yet: give
@@ -98,6 +109,23 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     graceful.shutdown().await;
     println!("stopped");
     Ok(())
+}
+
+/// Where connections come from: a listening socket, or the master.
+enum Source {
+    Listener(tokio::net::TcpListener),
+    Dispatch(herd_sdk::AsyncDispatch),
+}
+
+impl Source {
+    async fn accept(
+        &mut self,
+    ) -> std::io::Result<(tokio::net::TcpStream, Option<herd_sdk::ConnGuard>)> {
+        match self {
+            Source::Listener(l) => l.accept().await.map(|(s, _)| (s, None)),
+            Source::Dispatch(d) => d.accept().await.map(|(s, g)| (s, Some(g))),
+        }
+    }
 }
 
 fn contract_env() -> std::sync::Arc<str> {
@@ -113,6 +141,8 @@ fn contract_env() -> std::sync::Arc<str> {
         LISTEN_PID,
         LISTEN_FDNAMES,
         NOTIFY_SOCKET,
+        MODE,
+        DISPATCH_FD,
     ] {
         out += &format!("{k}={}\n", std::env::var(k).unwrap_or_default());
     }

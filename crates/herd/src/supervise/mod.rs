@@ -24,6 +24,7 @@ mod ops;
 
 use crate::config::{Mode, Protocol, Settings};
 use crate::control::{self, Call, ControlError};
+use crate::dispatch::{DispatchError, Dispatcher, PeerInfo};
 use crate::guardian::Guardian;
 use crate::http::HttpProxy;
 use crate::listen::{ListenError, Listeners};
@@ -54,6 +55,10 @@ pub enum SuperviseError {
     Sys(#[from] sys::SysError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+    #[error("cannot write the Node preload module: {0}")]
+    NodeShim(std::io::Error),
 }
 
 /// In fd modes a worker that never speaks sd_notify is taken as ready after this.
@@ -123,6 +128,8 @@ struct Worker {
     over_memory: u32,
     watchdog_fired: bool,
     ipc: Option<crate::ipc::Channel>,
+    /// Dispatch mode: its hand-off counts.
+    dispatch: Option<Arc<PeerInfo>>,
 }
 
 #[derive(Default)]
@@ -154,6 +161,9 @@ pub struct Supervisor {
     retiring: Vec<(usize, Worker)>,
     reload: Option<ops::Reload>,
     started: Instant,
+    dispatcher: Option<Dispatcher>,
+    /// `NODE_OPTIONS` preloading herd's Node module, when it is used.
+    node_options: Option<OsString>,
 }
 
 /// Runs the cluster until it is stopped; returns the process exit code.
@@ -176,6 +186,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         control::bind_name(&s.name, s.name_given)?;
     let mut s = s;
     s.name = name;
+    s.listen = bound;
     let _control_file = RemoveOnDrop(control_path);
     let mut sigint = signal(SignalKind::interrupt()).map_err(SuperviseError::Signals)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(SuperviseError::Signals)?;
@@ -190,6 +201,25 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (tx, rx) = mpsc::unbounded_channel();
     let up = Arc::new(Upstreams::new(s.balance.clone(), &s.upstreams));
+    let dispatcher = match &listeners {
+        Listeners::Dispatch(l) => {
+            let l = l.try_clone().map_err(|source| ListenError::Bind {
+                addr: bound,
+                source,
+            })?;
+            let tx = tx.clone();
+            Some(Dispatcher::start(l, s.balance.clone(), move |epoch| {
+                let _ = tx.send(Event::Ready { epoch, addr: None });
+            })?)
+        }
+        _ => None,
+    };
+    let node_options = if s.node_shim && !s.command.is_empty() {
+        let path = crate::node::write_shim(rundir.path()).map_err(SuperviseError::NodeShim)?;
+        Some(crate::node::node_options(&path, &s.env))
+    } else {
+        None
+    };
     let mut sup = Supervisor {
         slots: (0..s.instances).map(|_| Slot::default()).collect(),
         s,
@@ -208,6 +238,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         retiring: Vec::new(),
         reload: None,
         started: Instant::now(),
+        dispatcher,
+        node_options,
     };
     if let Some(Listeners::Proxy(socks)) = &sup.listeners {
         let mut listeners = Vec::new();
@@ -324,9 +356,15 @@ impl Supervisor {
                 let limit = self.s.ready_timeout;
                 match self.place(epoch) {
                     Some(Place::Current(slot)) => {
-                        if let Some(w) = self.slots[slot].worker.as_mut() {
+                        let dispatch = self.s.mode == Mode::Dispatch;
+                        if let Some(w) = self.slots[slot].worker.as_mut().filter(|w| !w.ready) {
+                            let hint = if dispatch {
+                                " (in dispatch mode a worker says READY=1, or takes connections on HERD_DISPATCH_FD; see the README)"
+                            } else {
+                                ""
+                            };
                             tracing::warn!(
-                                "worker {slot} (pid {}) not ready within {limit:?}; killing it",
+                                "worker {slot} (pid {}) not ready within {limit:?}; killing it{hint}",
                                 w.pid
                             );
                             w.failed_start = true;
@@ -437,6 +475,9 @@ impl Supervisor {
         let Some(w) = self.current(slot, epoch) else {
             return;
         };
+        if w.ready {
+            return; // READY=1 and a dispatch `listening` line both came
+        }
         w.ready = true;
         let pid = w.pid;
         tracing::info!("worker {slot} ready (pid {pid})");
@@ -523,9 +564,23 @@ impl Supervisor {
         // may hold the port: a worker is its whole process group.
         kill_group(w.pid, Signal::SIGKILL);
         self.guardian.forget(w.pid);
+        if let Some(d) = &self.dispatcher {
+            d.remove(w.epoch);
+        }
     }
 
     fn publish(&self) {
+        if let Some(d) = &self.dispatcher {
+            let ready = self
+                .slots
+                .iter()
+                .filter_map(|s| s.worker.as_ref())
+                .filter(|w| w.ready)
+                .map(|w| w.epoch)
+                .collect();
+            d.serving(ready);
+            return;
+        }
         if self.s.mode != Mode::Proxy {
             return;
         }
@@ -563,7 +618,30 @@ impl Supervisor {
         let notify = UnixDatagram::bind(&notify_path).map_err(spawn_err)?;
 
         let mut env = worker_env(&self.s, slot, port, &notify_path);
+        if let Some(opts) = &self.node_options {
+            env.retain(|(k, _)| k != "NODE_OPTIONS");
+            env.push(("NODE_OPTIONS".into(), opts.clone()));
+        }
         let mut fds = Vec::new();
+        // Dispatch mode: the worker's end of its hand-off socket at fd 3,
+        // which Node also opens as its IPC channel.
+        let dispatch_pair = match self.dispatcher {
+            Some(_) => {
+                let (master, worker) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
+                fds.push((worker.as_raw_fd(), crate::dispatch::WORKER_FD));
+                let fd = crate::dispatch::WORKER_FD.to_string();
+                env.push((contract::DISPATCH_FD.into(), fd.clone().into()));
+                if self.node_options.is_some() {
+                    env.push(("NODE_CHANNEL_FD".into(), fd.into()));
+                    env.push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()));
+                }
+                if self.s.balance == herd_balance::StrategyKind::LeastConn {
+                    env.push((contract::REPORT_OPEN.into(), "1".into()));
+                }
+                Some((master, worker))
+            }
+            None => None,
+        };
         let listen_pid = match self.listen_fd(slot) {
             Some(fd) => {
                 fds.push((fd, 3));
@@ -603,6 +681,14 @@ impl Supervisor {
             spawn_err(e)
         })?;
         drop(ipc_worker); // the worker has its copy at fd 4
+        let dispatch = dispatch_pair.map(|(master, worker)| {
+            drop(worker);
+            let info = PeerInfo::new(slot);
+            if let Some(d) = &self.dispatcher {
+                d.add(epoch, master, info.clone());
+            }
+            info
+        });
         let pid = child.id().unwrap_or(0);
         self.guardian.watch(pid);
         let ipc = {
@@ -656,6 +742,7 @@ impl Supervisor {
             over_memory: 0,
             watchdog_fired: false,
             ipc,
+            dispatch,
         })
     }
 
@@ -684,11 +771,13 @@ impl Supervisor {
             Listeners::Proxy(_) => None,
             Listeners::Shared(s) => Some(s.as_raw_fd()),
             Listeners::ReusePort(v) => v.get(slot).map(|s| s.as_raw_fd()),
+            Listeners::Dispatch(_) => None,
         }
     }
 
     fn probe(&self, port: Option<u16>) -> Probe {
         match (self.s.wait_ready, port) {
+            _ if self.s.mode == Mode::Dispatch => Probe::Dispatch,
             (true, _) => Probe::NotifyOnly,
             (false, Some(p)) => Probe::Port(p),
             (false, None) => Probe::Grace(FD_READY_GRACE.min(self.s.ready_timeout)),
@@ -728,6 +817,18 @@ impl Supervisor {
         }
         let grace = self.s.kill_timeout;
         let mut hurry = false;
+        if let Some(d) = &self.dispatcher {
+            // Every connection already accepted goes to a worker first.
+            tokio::select! {
+                _ = d.stop() => {}
+                _ = tokio::time::sleep(grace) => {
+                    tracing::warn!("accepted connections still not taken by a worker after {grace:?}");
+                }
+                _ = sigint.recv() => hurry = true,
+                _ = sigterm.recv() => hurry = true,
+            }
+            self.listeners = None;
+        }
         if self.s.mode == Mode::Proxy && self.active.get() > 0 {
             tracing::info!("waiting for {} open connections", self.active.get());
             let active = self.active.clone();
@@ -828,6 +929,10 @@ enum Probe {
     Grace(Duration),
     /// Only `READY=1` counts (`--wait-ready`).
     NotifyOnly,
+    /// Dispatch mode: only the worker's `listening` line on its dispatch
+    /// socket counts (the dispatcher reports it), since a worker that says
+    /// READY=1 but never reads that socket would strand connections.
+    Dispatch,
 }
 
 /// Reports a worker ready on `READY=1` or when its probe passes, whichever
@@ -857,10 +962,11 @@ async fn readiness(
         }
         ready
     };
+    let heed_ready = !matches!(probe, Probe::Dispatch);
     let notified = async {
         loop {
             match sock.recv(&mut buf).await {
-                Ok(n) if read(&buf[..n]) => return,
+                Ok(n) if read(&buf[..n]) && heed_ready => return,
                 Ok(_) => {}
                 Err(_) => std::future::pending::<()>().await,
             }
@@ -884,7 +990,7 @@ async fn readiness(
                 tokio::time::sleep(d).await;
                 None
             }
-            Probe::NotifyOnly => std::future::pending().await,
+            Probe::NotifyOnly | Probe::Dispatch => std::future::pending().await,
         }
     };
     let outcome = tokio::time::timeout(timeout, async {
@@ -916,6 +1022,13 @@ fn worker_env(
     notify: &std::path::Path,
 ) -> Vec<(OsString, OsString)> {
     const STRIP: &[&str] = &[
+        // Node's IPC variables: only meaningful with the fd they name,
+        // which a worker never inherits from herd's own parent.
+        "NODE_CHANNEL_FD",
+        "NODE_CHANNEL_SERIALIZATION_MODE",
+        "NODE_UNIQUE_ID",
+        contract::DISPATCH_FD,
+        contract::REPORT_OPEN,
         contract::LISTEN_FDS,
         contract::LISTEN_PID,
         contract::LISTEN_FDNAMES,
@@ -937,6 +1050,8 @@ fn worker_env(
     set(contract::NODE_APP_INSTANCE, slot.to_string().into());
     set(contract::WORKERS, s.instances.to_string().into());
     set(contract::NAME, s.name.clone().into());
+    set(contract::MODE, s.mode.as_str().into());
+    set(contract::LISTEN, s.listen.to_string().into());
     set(contract::NOTIFY_SOCKET, notify.as_os_str().to_owned());
     if let Some(w) = s.watchdog {
         set("WATCHDOG_USEC", w.as_micros().to_string().into());

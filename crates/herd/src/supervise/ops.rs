@@ -341,10 +341,22 @@ impl Supervisor {
     pub(super) fn begin_retire(&mut self, slot: usize, w: Worker) {
         let epoch = w.epoch;
         let target = w.target.clone();
+        let dispatch = w.dispatch.clone();
         self.retiring.push((slot, w));
         let tx = self.tx.clone();
         let limit = self.s.kill_timeout;
         tokio::spawn(async move {
+            if let Some(d) = dispatch {
+                // Out of the serving list already; wait for its answers to
+                // what it was handed, so SIGTERM never races a hand-off.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let deadline = Instant::now() + limit;
+                while d.outstanding.load(std::sync::atomic::Ordering::Relaxed) > 0
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
             if let Some(t) = target {
                 t.backend.set_draining(true);
                 // A request may have picked it just before it left the pool.

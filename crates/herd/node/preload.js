@@ -1,0 +1,150 @@
+// herd's Node preload, loaded into workers with NODE_OPTIONS=--require.
+//
+// It lets an unmodified app that calls `server.listen(3000)` take part in
+// herd's port sharing. The first listen() on a TCP port (not 0) is the
+// app's public server, and depends on HERD_MODE:
+//   dispatch   the server binds nothing; connections arrive on Node's IPC
+//              channel (NODE_CHANNEL_FD) as handles the master accepted
+//   shared,    the server listens on the inherited socket, fd 3
+//   reuseport
+//   proxy      the server listens on 127.0.0.1:$PORT, where herd relays to
+// On SIGTERM/SIGINT (when the app has no handler of its own) that server
+// stops taking connections, finishes the ones it has, and the process exits.
+'use strict';
+(() => {
+  const mode = process.env.HERD_MODE;
+  if (!mode || process.env.HERD_WORKER_ID === undefined) return;
+  const net = require('net');
+  const origListen = net.Server.prototype.listen;
+  const servers = new Set();
+  let claimed = false;
+  let stopping = false;
+  let dispatch = null; // { server, handle, onconnection }
+  let open = 0;
+  const reportOpen = process.env.HERD_REPORT_OPEN === '1';
+
+  const send = (msg) => {
+    if (process.connected && typeof process.send === 'function') {
+      try { process.send(msg); } catch (_) { /* the master is gone */ }
+    }
+  };
+
+  // The TCP port a listen() call asks for, or null (path, fd, handle, none).
+  const portOf = (args) => {
+    const a = args[0];
+    const isPort = (p) => (typeof p === 'number' || (typeof p === 'string' && /^\d+$/.test(p))) && Number(p) > 0;
+    if (isPort(a)) return Number(a);
+    if (a && typeof a === 'object' && !Array.isArray(a) && a.path === undefined &&
+        a.fd === undefined && a.handle === undefined && a._handle === undefined && isPort(a.port)) {
+      return Number(a.port);
+    }
+    return null;
+  };
+
+  const track = (server) => {
+    servers.add(server);
+    server.on('connection', (socket) => {
+      open++;
+      socket.once('close', () => {
+        open--;
+        if (reportOpen && dispatch) send({ herd: 'open', open });
+      });
+    });
+  };
+
+  const parseAddr = (s) => {
+    const m = /^\[?([^\]]*)\]?:(\d+)$/.exec(s || '');
+    if (!m) return { address: '0.0.0.0', family: 'IPv4', port: 0 };
+    const v6 = m[1].includes(':');
+    return { address: m[1], family: v6 ? 'IPv6' : 'IPv4', port: Number(m[2]) };
+  };
+
+  // Dispatch: a stand-in for the listening handle, as Node's cluster
+  // round-robin gives its workers; net's own connection handler is
+  // attached to it by _listen2, so sockets are counted and closed as usual.
+  const listenDispatch = (server, cb) => {
+    if (typeof server._listen2 !== 'function' || !process.channel) {
+      throw new Error('herd: dispatch mode needs Node with its IPC channel (run node directly, not through npm)');
+    }
+    const addr = parseAddr(process.env.HERD_LISTEN);
+    const handle = {
+      listen: () => 0,
+      close: () => { stopDispatch(); },
+      getsockname: (out) => { Object.assign(out, addr); return 0; },
+      ref: () => {},
+      unref: () => {},
+    };
+    if (cb) server.once('listening', cb);
+    server._handle = handle;
+    server._listen2(addr.address, addr.port, addr.family === 'IPv6' ? 6 : 4, 511);
+    dispatch = { server, handle, onconnection: handle.onconnection };
+    process.channel.ref();
+    send({ herd: 'listening' });
+  };
+
+  const stopDispatch = () => {
+    if (!dispatch || dispatch.stopped) return;
+    dispatch.stopped = true;
+    send({ herd: 'closed' });
+    // Handles already on their way are still served (see below); then the
+    // channel no longer keeps the process alive.
+    setTimeout(() => { if (process.channel) process.channel.unref(); }, 100).unref();
+  };
+
+  process.on('internalMessage', (msg, handle) => {
+    if (!msg || msg.cmd !== 'NODE_HERD_CONN' || !handle) return;
+    if (!dispatch) { handle.close(); return; }
+    // Even after the app closed its server: an accepted connection is served.
+    dispatch.onconnection.call(dispatch.handle, 0, handle);
+  });
+
+  net.Server.prototype.listen = function herdListen(...args) {
+    const port = claimed ? null : portOf(args);
+    if (port === null) return origListen.apply(this, args);
+    claimed = true;
+    const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
+    const backlog = args.find((a, i) => i > 0 && typeof a === 'number');
+    track(this);
+    if (mode === 'dispatch' && process.env.HERD_DISPATCH_FD) {
+      delete process.env.HERD_DISPATCH_FD;
+      listenDispatch(this, cb);
+      return this;
+    }
+    if ((mode === 'shared' || mode === 'reuseport') && process.env.LISTEN_FDS) {
+      delete process.env.LISTEN_FDS;
+      delete process.env.LISTEN_PID;
+      delete process.env.LISTEN_FDNAMES;
+      return origListen.call(this, { fd: 3, backlog }, cb);
+    }
+    if (mode === 'proxy' && process.env.PORT) {
+      return origListen.call(this, { port: Number(process.env.PORT), host: '127.0.0.1', backlog }, cb);
+    }
+    return origListen.apply(this, args);
+  };
+
+  const onSignal = (sig) => {
+    if (stopping) return;
+    stopping = true;
+    const theirs = process.listenerCount(sig) > 1;
+    if (servers.size === 0 && !theirs) {
+      // Not a server herd knows of: die of the signal, as without us.
+      process.removeAllListeners(sig);
+      process.kill(process.pid, sig);
+      return;
+    }
+    stopDispatch();
+    for (const s of servers) {
+      try { s.close(); } catch (_) { /* already closed */ }
+    }
+    if (theirs) return; // the app's own handler decides when to exit
+    // Idle keep-alive connections close now, busy ones once they answer.
+    setInterval(() => {
+      for (const s of servers) {
+        if (typeof s.closeIdleConnections === 'function') s.closeIdleConnections();
+      }
+      if (open === 0) process.exit(0);
+    }, 20);
+  };
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+  process.on('SIGINT', () => onSignal('SIGINT'));
+})();

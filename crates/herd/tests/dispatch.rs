@@ -1,0 +1,276 @@
+//! Dispatch mode: the master accepts and passes each connection's fd to a
+//! worker. Real processes, real sockets, real signals.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn example(rel: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(rel)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// One request on a connection that stays open: the worker id that answered.
+fn request_on(s: &mut BufReader<TcpStream>) -> usize {
+    s.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut len = 0;
+    let mut line = String::new();
+    s.read_line(&mut line).unwrap();
+    assert!(line.contains(" 200 "), "{line}");
+    loop {
+        let mut h = String::new();
+        s.read_line(&mut h).unwrap();
+        if h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).unwrap();
+    parse_hello(&String::from_utf8_lossy(&body)).0
+}
+
+fn open_conn(port: u16) -> BufReader<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    BufReader::new(s)
+}
+
+#[test]
+fn round_robin_spread_is_exact_over_1000_connections() {
+    let h = Herd::start(&["-i", "3", "--mode", "dispatch"], &[DEMO]);
+    h.wait_ready(3);
+    let mut counts = BTreeMap::new();
+    for _ in 0..1000 {
+        let (status, body) = h.get("/").unwrap();
+        assert_eq!(status, 200);
+        *counts.entry(parse_hello(&body).0).or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (id, n) in &counts {
+        assert!((333..=334).contains(n), "worker {id} got {n}: {counts:?}");
+    }
+}
+
+#[test]
+fn least_conn_steers_new_connections_away_from_a_busy_worker() {
+    let name = format!("t-lc-{}", std::process::id());
+    let h = Herd::start(
+        &[
+            "--name",
+            &name,
+            "-i",
+            "1",
+            "--mode",
+            "dispatch",
+            "--balance",
+            "least-conn",
+        ],
+        &[DEMO],
+    );
+    h.wait_ready(1);
+    // Worker 0 holds 12 open connections.
+    let mut held: Vec<_> = (0..12).map(|_| open_conn(h.port)).collect();
+    for c in held.iter_mut() {
+        assert_eq!(request_on(c), 0);
+    }
+    let out = Command::new(HERD)
+        .args(["scale", "--name", &name, "2"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(h.wait_log("worker 1 ready", T), "{}", h.log());
+    // Every new connection goes to the idle newcomer until it holds as many.
+    let mut fresh: Vec<_> = (0..8).map(|_| open_conn(h.port)).collect();
+    let ids: Vec<usize> = fresh.iter_mut().map(request_on).collect();
+    assert_eq!(ids, vec![1; 8], "{}", h.log());
+    // Closed connections are reported: once worker 0 drops to 2 open, new
+    // connections go back to it.
+    held.truncate(2);
+    assert!(wait_until(T, || {
+        let mut c = open_conn(h.port);
+        let id = request_on(&mut c);
+        fresh.push(c);
+        id == 0
+    }));
+}
+
+#[test]
+fn a_worker_killed_with_connections_handed_but_not_taken_loses_none() {
+    let h = Herd::start(&["-i", "2", "--mode", "dispatch"], &[DEMO]);
+    h.wait_ready(2);
+    let pids = h.worker_pids(2);
+    // Worker 0 freezes: what the master hands it stays unanswered.
+    signal(pids[0], "STOP");
+    let port = h.port;
+    let clients: Vec<_> = (0..10)
+        .map(|_| std::thread::spawn(move || http_get(port, "/")))
+        .collect();
+    // Round-robin gives worker 1 its half, which it answers.
+    assert!(wait_until(T, || clients
+        .iter()
+        .filter(|c| c.is_finished())
+        .count()
+        >= 5));
+    assert!(
+        clients.iter().filter(|c| c.is_finished()).count() < 10,
+        "the frozen worker cannot have answered"
+    );
+    signal(pids[0], "KILL");
+    for c in clients {
+        let (status, body) = c.join().unwrap().expect("an accepted connection was lost");
+        assert_eq!(status, 200);
+        assert_ne!(
+            parse_hello(&body).1,
+            pids[0],
+            "answered by the killed worker"
+        );
+    }
+    assert!(h.wait_log("worker 0 ready", T));
+}
+
+#[test]
+fn unmodified_node_app_serves_in_every_mode() {
+    let app = example("node/plain.js");
+    for mode in ["dispatch", "shared", "reuseport", "proxy"] {
+        let h = Herd::start(&["-i", "2", "--mode", mode], &["node", &app]);
+        h.wait_ready(2);
+        for _ in 0..20 {
+            let (status, body) = h.get("/").unwrap();
+            assert_eq!((status, body.as_str()), (200, "Hello, World!\n"), "{mode}");
+        }
+        let log = h.log();
+        // Both workers run: neither failed to bind port 3000.
+        assert!(log.contains("[0] Server running"), "{mode}: {log}");
+        assert!(log.contains("[1] Server running"), "{mode}: {log}");
+        assert!(!log.contains("exited"), "{mode}: {log}");
+        assert!(!log.contains("EADDRINUSE"), "{mode}: {log}");
+    }
+}
+
+#[test]
+fn node_app_spreads_and_stops_gracefully_in_dispatch_mode() {
+    let app = example("node/hello.js");
+    let mut h = Herd::start(&["-i", "2", "--mode", "dispatch"], &["node", &app]);
+    h.wait_ready(2);
+    let pids = h.worker_pids(2);
+    let mut seen = BTreeMap::new();
+    for _ in 0..10 {
+        let (_, body) = h.get("/").unwrap();
+        *seen.entry(parse_hello(&body).0).or_insert(0) += 1;
+    }
+    assert_eq!(seen.values().copied().collect::<Vec<_>>(), [5, 5]);
+    h.signal("TERM");
+    let st = h.wait_exit(T).expect("master did not exit");
+    assert_eq!(st.code(), Some(0), "{}", h.log());
+    assert!(pids.iter().all(|&p| !alive(p)));
+}
+
+#[test]
+fn python_example_serves_through_dispatch() {
+    let app = example("python/dispatch.py");
+    let h = Herd::start(&["-i", "2", "--mode", "dispatch"], &["python3", &app]);
+    h.wait_ready(2);
+    let pids = h.worker_pids(2);
+    assert_ne!(pids[0], pids[1]);
+    let (_, body) = h.get("/").unwrap();
+    assert!(body.starts_with("hello from python worker"), "{body}");
+}
+
+#[test]
+fn a_worker_that_never_takes_connections_is_not_ready_in_dispatch_mode() {
+    // app.py says READY=1 but binds its own port: it would strand every
+    // connection handed to it, so it never counts as ready.
+    let app = example("python/app.py");
+    let h = Herd::start(
+        &[
+            "-i",
+            "1",
+            "--mode",
+            "dispatch",
+            "--ready-timeout",
+            "1s",
+            "--max-restarts",
+            "0",
+        ],
+        &["python3", &app],
+    );
+    assert!(h.wait_log("not ready within", T), "{}", h.log());
+    assert!(h.log().contains("HERD_DISPATCH_FD"), "{}", h.log());
+}
+
+#[test]
+fn reloading_an_unmodified_node_app_fails_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let app = example("node/plain.js");
+    let name = format!("t-nodereload-{}", std::process::id());
+    for mode in ["dispatch", "shared"] {
+        let h = Herd::start(
+            &["--name", &name, "-i", "2", "--mode", mode],
+            &["node", &app],
+        );
+        h.wait_ready(2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..6)
+            .map(|_| {
+                let (stop, done, port) = (stop.clone(), done.clone(), h.port);
+                std::thread::spawn(move || {
+                    let mut bad = Vec::new();
+                    while !stop.load(Ordering::Relaxed) && bad.len() < 100 {
+                        match http_get(port, "/") {
+                            Ok((200, _)) => {}
+                            Ok((code, body)) => bad.push(format!("{code} {body}")),
+                            Err(e) => bad.push(e.to_string()),
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    bad
+                })
+            })
+            .collect();
+        assert!(wait_until(T, || done.load(Ordering::Relaxed) >= 50));
+        let out = Command::new(HERD)
+            .args(["reload", "--name", &name])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{mode}: {out:?}\n{}", h.log());
+        let before = done.load(Ordering::Relaxed);
+        assert!(wait_until(T, || done.load(Ordering::Relaxed) >= before + 50));
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            let bad = c.join().unwrap();
+            assert!(
+                bad.is_empty(),
+                "{mode}: failed during reload: {bad:?}\n{}",
+                h.log()
+            );
+        }
+        // The old workers left through the preload's graceful stop.
+        assert_eq!(
+            h.log().matches("exited with code 0 (retired)").count(),
+            2,
+            "{mode}: {}",
+            h.log()
+        );
+    }
+}
