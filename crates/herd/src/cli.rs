@@ -123,7 +123,8 @@ pub struct RunArgs {
     /// Only sd_notify READY=1 marks a worker ready (no port probe, no grace).
     #[arg(long)]
     pub wait_ready: bool,
-    /// First delay before restarting a crashed worker; doubles per quick crash [default: 100ms].
+    /// Delay before restarting a worker after a quick exit; doubles per quick exit in a row
+    /// (a worker that ran at least --min-uptime comes back at once) [default: 100ms].
     #[arg(long, value_name = "DUR")]
     pub restart_delay: Option<Dur>,
     /// Cap of the restart back-off [default: 10s].

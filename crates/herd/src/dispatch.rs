@@ -212,6 +212,7 @@ async fn run(
     on_listening: Box<dyn Fn(u64)>,
 ) {
     let room = Rc::new(Notify::new());
+    let stop = Rc::new(Notify::new());
     let st: Shared = Rc::new(RefCell::new(State {
         balancer: Balancer::new(kind.clone(), Vec::new()),
         kind,
@@ -227,7 +228,12 @@ async fn run(
         on_listening,
     }));
     let acceptor = match crate::sys::watch(listener) {
-        Ok(l) => Some(tokio::task::spawn_local(accept_loop(l, st.clone(), room))),
+        Ok(l) => Some(tokio::task::spawn_local(accept_loop(
+            l,
+            st.clone(),
+            room,
+            stop.clone(),
+        ))),
         Err(e) => {
             tracing::error!("dispatch: cannot watch the listening socket: {e}");
             None
@@ -280,13 +286,14 @@ async fn run(
                 }
             }
             Cmd::Stop(done) => {
-                if let Some(a) = &acceptor {
-                    a.abort(); // drops the listening socket
-                }
                 let mut s = st.borrow_mut();
                 s.stopped = true;
                 s.stopping = Some(done);
-                s.check_stopped();
+                match &acceptor {
+                    // It takes what is queued, closes, then checks.
+                    Some(a) if !a.is_finished() => stop.notify_one(),
+                    _ => s.check_stopped(),
+                }
             }
         }
     }
@@ -296,20 +303,26 @@ async fn accept_loop(
     listener: tokio::io::unix::AsyncFd<TcpListener>,
     st: Shared,
     room: Rc<Notify>,
+    stop: Rc<Notify>,
 ) {
     loop {
         let full = room.notified();
         if st.borrow().pending.len() >= PENDING_MAX {
-            full.await;
-            continue;
+            tokio::select! {
+                _ = full => continue,
+                _ = stop.notified() => break,
+            }
         }
         drop(full);
-        let mut guard = match listener.readable().await {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!("dispatch: listening socket failed: {e}");
-                return;
-            }
+        let mut guard = tokio::select! {
+            g = listener.readable() => match g {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!("dispatch: listening socket failed: {e}");
+                    break;
+                }
+            },
+            _ = stop.notified() => break,
         };
         let mut drained = false;
         let mut failed = None;
@@ -350,6 +363,29 @@ async fn accept_loop(
             tokio::task::yield_now().await;
         }
     }
+    drain_backlog(listener.get_ref(), &st);
+}
+
+/// The last step of [`accept_loop`] on stop: what the kernel has already
+/// queued was accepted from the client's point of view, so it is taken
+/// and handed out too (bounded, in case of a flood), then the socket closes.
+fn drain_backlog(listener: &TcpListener, st: &Shared) {
+    let mut s = st.borrow_mut();
+    for _ in 0..PENDING_MAX * 4 {
+        match listener.accept() {
+            Ok((stream, peer)) => s.dispatch(Conn {
+                fd: stream.into(),
+                peer,
+            }),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Interrupted | ErrorKind::ConnectionAborted
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    s.check_stopped();
 }
 
 /// Reads one worker's answers until its socket closes.

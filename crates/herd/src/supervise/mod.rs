@@ -520,7 +520,9 @@ impl Supervisor {
         if quick {
             self.count_quick_exit(slot, &how)
         } else {
-            self.schedule_restart(slot, self.s.restart_delay);
+            // A worker that ran a while comes back at once (as under PM2);
+            // the back-off is for crash loops.
+            self.schedule_restart(slot, Duration::ZERO);
             false
         }
     }
@@ -818,7 +820,10 @@ impl Supervisor {
         let grace = self.s.kill_timeout;
         let mut hurry = false;
         if let Some(d) = &self.dispatcher {
-            // Every connection already accepted goes to a worker first.
+            // The dispatch thread's copy of the listening socket is then the
+            // last: it takes what the kernel queued, closes, and every
+            // connection accepted goes to a worker before any SIGTERM.
+            self.listeners = None;
             tokio::select! {
                 _ = d.stop() => {}
                 _ = tokio::time::sleep(grace) => {
@@ -827,7 +832,6 @@ impl Supervisor {
                 _ = sigint.recv() => hurry = true,
                 _ = sigterm.recv() => hurry = true,
             }
-            self.listeners = None;
         }
         if self.s.mode == Mode::Proxy && self.active.get() > 0 {
             tracing::info!("waiting for {} open connections", self.active.get());
