@@ -41,6 +41,15 @@
     return null;
   };
 
+  // Ready: Node cannot send sd_notify's Unix datagram, so the line goes
+  // on herd's message channel (fd 4), written without taking the fd over
+  // (the app may read that channel itself).
+  const sayReady = () => {
+    const fd = Number(process.env.HERD_IPC_FD);
+    if (!fd) return;
+    try { require('fs').writeSync(fd, '{"type":"listening"}\n'); } catch (_) { /* no channel */ }
+  };
+
   const track = (server) => {
     servers.add(server);
     server.on('connection', (socket) => {
@@ -63,8 +72,8 @@
   // round-robin gives its workers; net's own connection handler is
   // attached to it by _listen2, so sockets are counted and closed as usual.
   const listenDispatch = (server, cb) => {
-    if (typeof server._listen2 !== 'function' || !process.channel) {
-      throw new Error('herd: dispatch mode needs Node with its IPC channel (run node directly, not through npm)');
+    if (typeof server._listen2 !== 'function') {
+      throw new Error('herd: this Node version has no net.Server._listen2; use --mode shared or proxy');
     }
     const addr = parseAddr(process.env.HERD_LISTEN);
     const handle = {
@@ -105,11 +114,13 @@
     const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
     const backlog = args.find((a, i) => i > 0 && typeof a === 'number');
     track(this);
-    if (mode === 'dispatch' && process.env.HERD_DISPATCH_FD) {
+    // A Node child of the worker inherits the variables but not the channel.
+    if (mode === 'dispatch' && process.env.HERD_DISPATCH_FD && process.channel) {
       delete process.env.HERD_DISPATCH_FD;
       listenDispatch(this, cb);
       return this;
     }
+    if (mode !== 'dispatch') this.once('listening', sayReady);
     if ((mode === 'shared' || mode === 'reuseport') && process.env.LISTEN_FDS) {
       delete process.env.LISTEN_FDS;
       delete process.env.LISTEN_PID;

@@ -116,6 +116,18 @@ impl Supervisor {
                 return;
             }
         };
+        // `ready` is READY=1 by another road (Node cannot send Unix
+        // datagrams); `listening` (herd's Node preload) is as weak as a
+        // passed port probe. In dispatch mode only the dispatch socket's
+        // `listening` counts.
+        let kind = msg.get("type").and_then(Value::as_str);
+        if matches!(kind, Some("ready" | "listening")) {
+            let weak = kind == Some("listening");
+            if self.s.mode != Mode::Dispatch && !(weak && self.s.wait_ready) {
+                self.handle(Event::Ready { epoch, addr: None });
+            }
+            return;
+        }
         let from = json!(slot);
         let data = msg.get("data").cloned().unwrap_or(Value::Null);
         let failures: Vec<(Option<u64>, String)> = match msg.get("type").and_then(Value::as_str) {
@@ -140,7 +152,9 @@ impl Supervisor {
                 .collect(),
             other => vec![(
                 None,
-                format!("unknown message type {other:?} (send, broadcast, master)"),
+                format!(
+                    "unknown message type {other:?} (send, broadcast, master, ready, listening)"
+                ),
             )],
         };
         // Never lost silently: the sender hears of every failed delivery.
