@@ -54,8 +54,10 @@ pub fn dispatch() -> io::Result<Option<Dispatch>> {
 
 /// Keep it as long as its connection is open: dropping it counts the
 /// connection closed (least-conn balancing).
+#[derive(Debug)]
 pub struct ConnGuard(Arc<Counter>);
 
+#[derive(Debug)]
 struct Counter {
     open: AtomicU32,
     /// For reports; `None` when the master does not want them.
@@ -73,6 +75,7 @@ impl Drop for ConnGuard {
 }
 
 /// Lines and fds read so far, paired up in order.
+#[derive(Debug)]
 struct Inbox {
     buf: Vec<u8>,
     fds: VecDeque<OwnedFd>,
@@ -129,6 +132,7 @@ impl Inbox {
 }
 
 /// The worker's end of the dispatch socket (blocking).
+#[derive(Debug)]
 pub struct Dispatch {
     sock: UnixStream,
     inbox: Inbox,
@@ -199,6 +203,7 @@ fn closed() -> io::Error {
 
 /// [`Dispatch`] for tokio: yields `tokio::net::TcpStream`s.
 #[cfg(feature = "tokio")]
+#[derive(Debug)]
 pub struct AsyncDispatch {
     sock: tokio::net::UnixStream,
     inbox: Inbox,
@@ -250,5 +255,70 @@ impl AsyncDispatch {
     /// ([`crate::ready`] does this too).
     pub async fn listening(&self) -> io::Result<()> {
         self.write_all(LISTENING).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read};
+    use std::net::TcpListener;
+    use std::os::fd::AsFd;
+
+    const CONN: &[u8] =
+        b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"cmd\":\"NODE_HERD_CONN\"}}\n";
+
+    /// Sends one connection line with `fd` attached, as the master does.
+    fn hand(sock: &UnixStream, fd: impl AsFd) {
+        use nix::sys::socket::{ControlMessage, sendmsg};
+        let raw = [fd.as_fd().as_raw_fd()];
+        let iov = [std::io::IoSlice::new(CONN)];
+        let n = sendmsg::<()>(
+            sock.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(n, CONN.len());
+    }
+
+    #[test]
+    fn handed_connections_come_out_as_streams_and_are_acked_in_order() {
+        let (master, worker) = UnixStream::pair().unwrap();
+        let mut d = Dispatch::new(worker, true).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(std::net::TcpStream::connect(addr).unwrap());
+            let (accepted, _) = listener.accept().unwrap();
+            hand(&master, &accepted);
+        }
+        let mut answers = BufReader::new(master.try_clone().unwrap());
+        let mut guards = Vec::new();
+        for (i, client) in clients.iter_mut().enumerate() {
+            let (mut stream, guard) = d.accept().unwrap();
+            guards.push(guard);
+            let mut line = String::new();
+            answers.read_line(&mut line).unwrap();
+            assert_eq!(line.as_bytes(), ACK, "connection {i}");
+            // The stream is the client's connection, in the order handed.
+            stream.write_all(&[i as u8]).unwrap();
+            let mut b = [0u8; 1];
+            client.read_exact(&mut b).unwrap();
+            assert_eq!(b[0], i as u8);
+        }
+        // Closing one reports the open count (least-conn).
+        drop(guards.pop());
+        let mut line = String::new();
+        answers.read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"herd\":\"open\",\"open\":2}\n");
+        // The master closing its end ends accept with ConnectionAborted.
+        drop(answers);
+        drop(master);
+        let err = d.accept().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
     }
 }
