@@ -7,7 +7,9 @@
 //! `/env` (the worker-contract variables it was given), `/headers` (the
 //! request head as received), `/healthz`, `/alloc?mb=N` (keeps N more MiB,
 //! to try `--max-memory`). `HERD_DEMO_DELAY_MS` delays every
-//! answer (a slow backend, for trying the balancing strategies).
+//! answer (a slow backend, for trying the balancing strategies). With
+//! `BENCH_DIR` set (by `bench/run`) it records that it is ready and how
+//! many requests it served, as `bench/apps/hello.js` does.
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -67,6 +69,9 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     herd_sdk::ready()?;
+    if let Ok(dir) = std::env::var("BENCH_DIR") {
+        bench_stats(std::path::PathBuf::from(dir));
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -149,12 +154,29 @@ fn contract_env() -> std::sync::Arc<str> {
     out.into()
 }
 
+static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `BENCH_DIR/ready/PID` now, and `BENCH_DIR/count/PID` every 100 ms.
+fn bench_stats(dir: std::path::PathBuf) {
+    let pid = std::process::id().to_string();
+    let _ = std::fs::write(dir.join("ready").join(&pid), "");
+    tokio::spawn(async move {
+        let path = dir.join("count").join(&pid);
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let n = SERVED.load(std::sync::atomic::Ordering::Relaxed);
+            let _ = std::fs::write(&path, n.to_string());
+        }
+    });
+}
+
 async fn handle(
     req: Request<Incoming>,
     id: String,
     contract: std::sync::Arc<str>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let pid = std::process::id();
+    SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let body = match req.uri().path() {
         "/slow" => {
             let ms = query_num(req.uri().query(), "ms=").unwrap_or(1000);

@@ -1,0 +1,769 @@
+"""herd side by side with Node cluster, PM2, nginx and HAProxy.
+
+`bench/run` measures throughput, latency, the balancing process's CPU and
+fairness; `bench/chaos` measures failed requests across reloads and kills.
+Both write their raw results under bench/results/ and regenerate
+docs/BENCHMARKS.md and its charts from whatever results exist.
+Only loopback is used; every peer is installed from the package registries.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+TOOLS = BENCH / ".tools"
+HERD = ROOT / "target/release/herd"
+DEMO = ROOT / "target/release/herd-demo"
+PLOT = BENCH / "plot/target/release/herd-bench-plot"
+FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+HELLO_JS = BENCH / "apps/hello.js"
+CLUSTER_JS = BENCH / "apps/node-cluster.js"
+WRK_LUA = BENCH / "apps/report.lua"
+WORKERS = 2
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+# ---------------------------------------------------------------- set-up
+
+def ensure_tools():
+    """Installs what is missing: Debian's wrk, nginx, haproxy, Node and a
+    font for the charts, and PM2 from the npm registry (into bench/.tools)."""
+    need = []
+    for cmd, pkg in [("wrk", "wrk"), ("nginx", "nginx"), ("haproxy", "haproxy"), ("node", "nodejs"), ("npm", "npm")]:
+        if not shutil.which(cmd) and not Path("/usr/sbin", cmd).exists():
+            need.append(pkg)
+    if not FONT.exists():
+        need.append("fonts-dejavu-core")
+    if need:
+        log("installing:", *need)
+        run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
+        run(["apt-get", "install", "-y", "-qq", *need], stdout=subprocess.DEVNULL,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    os.environ["PATH"] += ":/usr/sbin"
+    if not pm2_bin().exists():
+        log("installing pm2 from the npm registry")
+        TOOLS.mkdir(parents=True, exist_ok=True)
+        run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(TOOLS), "pm2@7"],
+            stdout=subprocess.DEVNULL)
+    log("building herd and the chart drawer")
+    run(["cargo", "build", "--release", "-q", "-p", "herd"], cwd=ROOT)
+    run(["cargo", "build", "--release", "-q", "--manifest-path", str(BENCH / "plot/Cargo.toml")], cwd=ROOT)
+
+
+def pm2_bin():
+    return TOOLS / "node_modules/.bin/pm2"
+
+
+def version(cmd):
+    """The first version number a command prints about itself."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        m = re.search(r"\d+\.\d+(\.\d+)?", out.stdout + out.stderr)
+        return m.group(0) if m else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def accepts(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def ticks(pids):
+    total = 0
+    for p in pids:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])  # utime + stime, children excluded
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def alive(pid):
+    try:
+        st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return st != "Z"
+    except OSError:
+        return False
+
+
+def children(pid):
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------- setups
+
+class Setup:
+    """One way of running WORKERS copies of an app behind one port."""
+
+    def __init__(self, name, app, kind, herd=False):
+        self.name, self.app, self.kind, self.herd = name, app, kind, herd
+        self.procs, self.port, self.dir = [], None, None
+
+    def app_cmd(self):
+        return ["node", str(HELLO_JS)] if self.app == "node" else [str(DEMO)]
+
+    def spawn(self, cmd, env=None, **kw):
+        p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL),
+                             start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def start(self, workdir):
+        self.dir = Path(tempfile.mkdtemp(dir=workdir))
+        (self.dir / "ready").mkdir()
+        (self.dir / "count").mkdir()
+        self.port = free_port()
+        env = {"BENCH_DIR": str(self.dir)}
+        n = WORKERS
+        k = self.kind
+        if k == "direct":
+            n = 1
+            self.spawn(self.app_cmd(), {**env, "PORT": str(self.port)})
+            self.balancer = lambda: []
+        elif k in ("nginx", "haproxy"):
+            ports = [free_port() for _ in range(WORKERS)]
+            for bp in ports:
+                self.spawn(self.app_cmd(), {**env, "PORT": str(bp)})
+            if k == "nginx":
+                conf = self.dir / "nginx.conf"
+                up = "".join(f"server 127.0.0.1:{bp}; " for bp in ports)
+                conf.write_text(f"""worker_processes {os.cpu_count()};
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/nginx.err warn;
+daemon off;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  upstream backends {{ {up} keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{self.port} backlog=4096;
+    location / {{
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+    }}
+  }}
+}}
+""")
+                master = self.spawn(["nginx", "-c", str(conf), "-p", str(self.dir)])
+                self.balancer = lambda: [master.pid, *children(master.pid)]
+            else:
+                cfg = self.dir / "haproxy.cfg"
+                servers = "".join(f"  server s{i} 127.0.0.1:{bp}\n" for i, bp in enumerate(ports))
+                cfg.write_text(f"""global
+  nbthread {os.cpu_count()}
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:{self.port}
+  default_backend be
+backend be
+  balance roundrobin
+  http-reuse always
+{servers}""")
+                hp = self.spawn(["haproxy", "-f", str(cfg)])
+                self.balancer = lambda: [hp.pid]
+        elif k.startswith("herd-"):
+            mode = k[len("herd-"):]
+            args = [str(HERD), "run", "--listen", f"127.0.0.1:{self.port}", "-i", str(WORKERS),
+                    "--name", f"bench-{os.getpid()}-{self.app}-{mode}", "--health-interval", "0"]
+            if mode == "tcp":
+                args += ["--mode", "proxy", "--protocol", "tcp"]
+            else:
+                args += ["--mode", mode]
+            master = self.spawn([*args, "--", *self.app_cmd()], env)
+            self.balancer = lambda: [master.pid]
+            self.master = master
+        elif k.startswith("node-cluster-"):
+            policy = k[len("node-cluster-"):]
+            primary = self.spawn(["node", str(CLUSTER_JS)],
+                                 {**env, "PORT": str(self.port), "WORKERS": str(WORKERS),
+                                  "NODE_CLUSTER_SCHED_POLICY": policy})
+            self.balancer = lambda: [primary.pid]
+            self.master = primary
+        elif k == "pm2":
+            self.pm2_home = self.dir / "pm2"
+            self.pm2_env = {**os.environ, **env, "PM2_HOME": str(self.pm2_home), "PORT": str(self.port)}
+            run([str(pm2_bin()), "start", str(HELLO_JS), "-i", str(WORKERS), "--name", "bench"],
+                env=self.pm2_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            god = lambda: int((self.pm2_home / "pm2.pid").read_text().strip())
+            self.balancer = lambda: [god()]
+            self.master_pid = god
+        wait_for(lambda: len(self.ready_pids()) >= n, 30, f"{self.name} workers")
+        wait_for(lambda: accepts(self.port), 30, f"{self.name} port")
+
+    def ready_pids(self):
+        return [int(p.name) for p in (self.dir / "ready").iterdir() if alive(int(p.name))]
+
+    def counts(self):
+        out = {}
+        for p in (self.dir / "count").iterdir():
+            try:
+                out[p.name] = int(p.read_text() or 0)
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def stop(self):
+        if self.kind == "pm2":
+            subprocess.run([str(pm2_bin()), "kill"], env=self.pm2_env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        # Workers that outlived their parent (there should be none).
+        for pid in self.ready_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.procs = []
+
+
+def setups():
+    out = []
+    for app in ("node", "rust"):
+        out.append(Setup(f"{app} direct (1 process)", app, "direct"))
+        if app == "node":
+            out += [Setup("node cluster rr", app, "node-cluster-rr"),
+                    Setup("node cluster none", app, "node-cluster-none"),
+                    Setup("pm2 -i 2", app, "pm2")]
+        out += [Setup("nginx", app, "nginx"), Setup("haproxy", app, "haproxy")]
+        for m in ("proxy", "tcp", "shared", "reuseport", "dispatch"):
+            out.append(Setup(f"herd {m}", app, f"herd-{m}", herd=True))
+    return out
+
+
+# The herd setup each peer is compared with: the one built the same way.
+REFERENCE = {
+    "direct": "herd-dispatch", "node-cluster-rr": "herd-dispatch", "pm2": "herd-dispatch",
+    "node-cluster-none": "herd-shared", "nginx": "herd-proxy", "haproxy": "herd-proxy",
+}
+
+LOADS = [("keep-alive", 16), ("keep-alive", 128), ("new connection", 16), ("new connection", 128)]
+
+
+def wrk(port, load, conns, secs):
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{secs}s", "-s", str(WRK_LUA), f"http://127.0.0.1:{port}/"]
+    if load == "new connection":
+        cmd[1:1] = ["-H", "Connection: close"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = re.search(r"LAT (\d+) (\d+) (\d+) (\d+)", out)
+    err = re.search(r"ERR (\d+) (\d+) (\d+) (\d+) (\d+)", out)
+    return {"rps": rps, "p50": int(lat.group(1)), "p99": int(lat.group(2)), "p999": int(lat.group(3)),
+            "requests": int(lat.group(4)), "errors": sum(int(x) for x in err.groups())}
+
+
+def bench(args):
+    ensure_tools()
+    work = Path(tempfile.mkdtemp(prefix="herd-bench-"))
+    rows = []
+    all_setups = [s for s in setups() if not args.only or any(o in s.kind or o in s.app for o in args.only)]
+    t0 = time.monotonic()
+    try:
+        for r in range(args.rounds):
+            for s in all_setups:
+                log(f"round {r + 1}/{args.rounds}: {s.app} / {s.name}")
+                s.start(work)
+                try:
+                    for load, conns in LOADS:
+                        before_c, before_t = s.counts(), ticks(s.balancer())
+                        res = wrk(s.port, load, conns, args.secs)
+                        after_t = ticks(s.balancer())
+                        time.sleep(0.15)  # the apps write their counts every 100 ms
+                        after_c = s.counts()
+                        served = [after_c[k] - before_c.get(k, 0) for k in after_c]
+                        served = [x for x in served if x > 0] or [0]
+                        fair = (max(served) / min(served)) if len(served) > 1 and min(served) > 0 else None
+                        cpu = None if s.kind == "direct" else (after_t - before_t) / HZ / max(res["requests"], 1) * 1e5
+                        rows.append({"app": s.app, "setup": s.name, "kind": s.kind, "herd": s.herd,
+                                     "load": load, "conns": conns, "round": r, **res,
+                                     "cpu_s_per_100k": cpu, "fairness": fair})
+                finally:
+                    s.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = machine(args, time.monotonic() - t0)
+    (RESULTS / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report()
+
+
+def machine(args, took):
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+        "command": "bench/" + args.cmd + " " + " ".join(sys.argv[2:]), "seconds": round(took),
+        "versions": {
+            "herd": version([str(HERD), "--version"]), "node": version(["node", "--version"]),
+            "pm2": version([str(pm2_bin()), "--version"]) if pm2_bin().exists() else "?",
+            "nginx": version(["nginx", "-v"]), "haproxy": version(["haproxy", "-v"]),
+            "wrk": version(["wrk", "--version"]),
+        },
+    }
+
+
+# ---------------------------------------------------------------- chaos
+
+def load_gen(port, conns=8):
+    """A wrk run in the background with a new connection per request;
+    stopped by SIGINT, it still prints its summary."""
+    cmd = ["wrk", "-t2", f"-c{conns}", "-d600s", "-H", "Connection: close", "-s", str(WRK_LUA),
+           f"http://127.0.0.1:{port}/"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def load_result(p):
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=30)[0]
+    lat = re.search(r"LAT (\d+) (\d+) (\d+) (\d+)", out)
+    err = re.search(r"ERR (\d+) (\d+) (\d+) (\d+) (\d+)", out)
+    if not lat:
+        return {"requests": 0, "errors": None}
+    return {"requests": int(lat.group(4)), "errors": sum(int(x) for x in err.groups())}
+
+
+def reload_cmd(s):
+    if s.kind == "pm2":
+        return [str(pm2_bin()), "reload", "bench"], s.pm2_env
+    name = f"bench-{os.getpid()}-{s.app}-{s.kind[len('herd-'):]}"
+    return [str(HERD), "reload", "--name", name], None
+
+
+def chaos(args):
+    ensure_tools()
+    work = Path(tempfile.mkdtemp(prefix="herd-chaos-"))
+    rows = []
+    t0 = time.monotonic()
+    n = args.times
+    try:
+        # Rolling reloads under load.
+        for kind in ["herd-proxy", "herd-shared", "herd-reuseport", "herd-dispatch", "pm2"]:
+            s = Setup(kind.replace("-", " "), "node", kind, herd=kind.startswith("herd"))
+            log(f"chaos: {n} reloads, {s.name}")
+            s.start(work)
+            try:
+                wrk(s.port, "keep-alive", 16, 1)
+                lg = load_gen(s.port)
+                time.sleep(0.5)
+                took = []
+                for _ in range(n):
+                    cmd, env = reload_cmd(s)
+                    t = time.monotonic()
+                    run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    took.append(time.monotonic() - t)
+                time.sleep(0.5)
+                res = load_result(lg)
+                rows.append({"test": "reload", "setup": s.name, "herd": s.herd, "times": n, **res,
+                             "per_event": None if res["errors"] is None else res["errors"] / n,
+                             "seconds": statistics.median(took)})
+            finally:
+                s.stop()
+        # kill -9 of one worker under load.
+        for kind in ["herd-proxy", "herd-shared", "herd-reuseport", "herd-dispatch", "node-cluster-rr", "pm2"]:
+            s = Setup(kind.replace("-", " "), "node", kind, herd=kind.startswith("herd"))
+            log(f"chaos: {n} worker kills, {s.name}")
+            s.start(work)
+            try:
+                lg = load_gen(s.port)
+                time.sleep(0.5)
+                back = []
+                for _ in range(n):
+                    before = set(s.ready_pids())
+                    victim = sorted(before)[0]
+                    t = time.monotonic()
+                    os.kill(victim, signal.SIGKILL)
+                    # Serving again: a new worker has said it is listening.
+                    wait_for(lambda: set(s.ready_pids()) - before, 30, "a replacement")
+                    back.append(time.monotonic() - t)
+                    (s.dir / "ready" / str(victim)).unlink(missing_ok=True)
+                    # Let the newcomer pass the supervisors' minimum uptime (1 s
+                    # in herd and PM2), or the next kill is a crash loop step.
+                    time.sleep(1.2)
+                res = load_result(lg)
+                rows.append({"test": "kill-worker", "setup": s.name, "herd": s.herd, "times": n, **res,
+                             "per_event": None if res["errors"] is None else res["errors"] / n,
+                             "seconds": statistics.median(back)})
+            finally:
+                s.stop()
+        # kill -9 of the master.
+        for kind in ["herd-proxy", "herd-shared", "herd-reuseport", "herd-dispatch", "node-cluster-rr", "pm2"]:
+            s = Setup(kind.replace("-", " "), "node", kind, herd=kind.startswith("herd"))
+            log(f"chaos: kill -9 of the master, {s.name}")
+            s.start(work)
+            try:
+                workers = s.ready_pids()
+                master = s.master_pid() if kind == "pm2" else s.master.pid
+                os.kill(master, signal.SIGKILL)
+                time.sleep(2)
+                left = [p for p in workers if alive(p)]
+                rows.append({"test": "kill-master", "setup": s.name, "herd": s.herd,
+                             "workers": len(workers), "surviving": len(left)})
+            finally:
+                s.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = machine(args, time.monotonic() - t0)
+    (RESULTS / "chaos.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report()
+
+
+# ---------------------------------------------------------------- report
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def f(v, unit=""):
+    if v is None:
+        return "–"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}{unit}"
+    if abs(v) >= 10:
+        return f"{v:.1f}{unit}"
+    return f"{v:.2f}{unit}"
+
+
+def summarize(rows):
+    """(app, setup, load, conns) -> medians and spread over rounds."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["app"], r["setup"], r["load"], r["conns"]), []).append(r)
+    out = {}
+    for k, rs in groups.items():
+        out[k] = {
+            "kind": rs[0]["kind"], "herd": rs[0]["herd"], "n": len(rs),
+            "rps": med(r["rps"] for r in rs), "lo": min(r["rps"] for r in rs), "hi": max(r["rps"] for r in rs),
+            "p50": med(r["p50"] for r in rs), "p99": med(r["p99"] for r in rs), "p999": med(r["p999"] for r in rs),
+            "cpu": med(r["cpu_s_per_100k"] for r in rs), "fair": med(r["fairness"] for r in rs),
+            "errors": sum(r["errors"] for r in rs),
+        }
+    return out
+
+
+def reference(summary, app, kind, load, conns):
+    if kind.startswith("herd-"):
+        return None
+    ref = REFERENCE.get(kind)
+    for (a, _s, l, c), v in summary.items():
+        if a == app and l == load and c == conns and v["kind"] == ref:
+            return v, ref.replace("-", " ")
+    return None
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b not in (None, 0) else "–"
+
+
+def report():
+    bench_f, chaos_f = RESULTS / "bench.json", RESULTS / "chaos.json"
+    doc = ["# Benchmarks", "",
+           "Generated by `bench/run` and `bench/chaos` (do not edit by hand). Every peer runs the same",
+           f"apps with the same worker count ({WORKERS}) on the same machine, on loopback, in one run.", ""]
+    charts = []
+    headline = []
+    readme = []
+    if bench_f.exists():
+        data = json.loads(bench_f.read_text())
+        m, rows = data["meta"], data["rows"]
+        summary = summarize(rows)
+        doc += machine_lines(m)
+        doc += ["## Throughput, latency, balancer CPU, fairness", "",
+                "Apps: `bench/apps/hello.js` (the hello-world server from Node's docs, port from `$PORT`) and "
+                "`herd-demo` (a small hyper server). Load: `wrk -t2`, keep-alive or `Connection: close` (a new "
+                "connection per request), 16 and 128 connections; setups interleaved, each run repeated per round; "
+                "figures are medians, req/s with the min–max spread. **CPU** is the balancing process's own CPU "
+                "seconds (utime+stime from `/proc/PID/stat`, children excluded) per 100k requests: herd's master, "
+                "Node's primary, PM2's daemon, nginx's and HAProxy's processes; in `shared` and `reuseport` herd's "
+                "master does not touch connections. **Fair** is the busiest worker's request count over the least "
+                "busy one's (1.00 is perfect). **vs herd** divides the peer's figure by that of the herd mode built "
+                "the same way (named in the column): below 1.00 the peer is slower (req/s) or cheaper (CPU).", ""]
+        for app, title in (("node", "Node hello"), ("rust", "Rust hello (herd-demo)")):
+            panels = []
+            for load, conns in LOADS:
+                keys = [k for k in summary if k[0] == app and k[2] == load and k[3] == conns]
+                if not keys:
+                    continue
+                doc += [f"### {title}: {load}, {conns} connections", "",
+                        "| setup | req/s | spread | vs herd | p50 ms | p99 ms | p99.9 ms | CPU s/100k | vs herd | fair | errors |",
+                        "|---|---|---|---|---|---|---|---|---|---|---|"]
+                bars = []
+                for k in sorted(keys, key=lambda k: -summary[k]["rps"]):
+                    v = summary[k]
+                    ref = reference(summary, app, v["kind"], load, conns)
+                    vs_rps = f"{ratio(v['rps'], ref[0]['rps'])} ({ref[1]})" if ref else "–"
+                    vs_cpu = ratio(v["cpu"], ref[0]["cpu"]) if ref else "–"
+                    name = f"**{k[1]}**" if v["herd"] else k[1]
+                    doc.append(f"| {name} | {f(v['rps'])} | {f(v['lo'])}–{f(v['hi'])} | {vs_rps} | "
+                               f"{f(v['p50'] / 1000)} | {f(v['p99'] / 1000)} | {f(v['p999'] / 1000)} | "
+                               f"{f(v['cpu'])} | {vs_cpu} | {f(v['fair'])} | {v['errors']} |")
+                    bars.append({"label": k[1], "value": v["rps"], "lo": v["lo"], "hi": v["hi"], "herd": v["herd"]})
+                doc.append("")
+                panels.append({"title": f"{load}, {conns} connections", "bars": bars[::-1]})
+            if panels:
+                out = f"docs/bench-{app}.png"
+                charts.append({"out": str(ROOT / out), "title": f"{title}: requests/s ({WORKERS} workers)",
+                               "unit": "requests/s", "panels": panels})
+                doc += [f"![{title}](bench-{app}.png)", ""]
+        # Balancer CPU chart, new connection per request at 128 (the master's heaviest case).
+        cpu_panels = []
+        for app in ("node", "rust"):
+            bars = [{"label": k[1], "value": v["cpu"], "lo": v["cpu"], "hi": v["cpu"], "herd": v["herd"]}
+                    for k, v in summary.items()
+                    if k[0] == app and k[2] == "new connection" and k[3] == 128 and v["cpu"] is not None]
+            if bars:
+                cpu_panels.append({"title": f"{app} app, new connection per request, 128",
+                                   "bars": sorted(bars, key=lambda b: b["value"])})
+        if cpu_panels:
+            charts.append({"out": str(ROOT / "docs/bench-cpu.png"),
+                           "title": "Balancing process CPU seconds per 100k requests (lower is better)",
+                           "unit": "CPU s / 100k requests", "panels": cpu_panels})
+            doc += ["![balancer CPU](bench-cpu.png)", ""]
+        headline = headlines(summary)
+        readme += readme_table(summary, data["meta"])
+        doc += ["## Where herd wins and loses", ""] + [f"- {h}" for h in headline] + [""]
+    if chaos_f.exists():
+        data = json.loads(chaos_f.read_text())
+        m, rows = data["meta"], data["rows"]
+        readme += readme_chaos(rows, m)
+        doc += ["## Chaos", ""] + machine_lines(m)
+        doc += ["Node hello app, 2 workers, under a constant `wrk -t2 -c8` load with a new connection per "
+                "request. Failed = connection errors, resets, timeouts and non-2xx answers, as wrk counts them.", ""]
+        rl = [r for r in rows if r["test"] == "reload"]
+        if rl:
+            doc += [f"**Rolling reload**, {rl[0]['times']} times in a row:", "",
+                    "| setup | requests | failed | failed per reload | failed per 100k requests | median reload time s |",
+                    "|---|---|---|---|---|---|"]
+            doc += [f"| {('**' + r['setup'] + '**') if r['herd'] else r['setup']} | {r['requests']:,} | "
+                    f"{r['errors']} | {f(r['per_event'])} | {f(per_100k(r))} | {f(r['seconds'])} |" for r in rl]
+            doc.append("")
+        kw = [r for r in rows if r["test"] == "kill-worker"]
+        if kw:
+            doc += [f"**`kill -9` of one worker**, {kw[0]['times']} times (time until a replacement listens):", "",
+                    "| setup | requests | failed | failed per kill | failed per 100k requests | median time to serve again s |",
+                    "|---|---|---|---|---|---|"]
+            doc += [f"| {('**' + r['setup'] + '**') if r['herd'] else r['setup']} | {r['requests']:,} | "
+                    f"{r['errors']} | {f(r['per_event'])} | {f(per_100k(r))} | {f(r['seconds'])} |" for r in kw]
+            doc += ["", "A worker killed with `kill -9` takes the connections it was serving with it, in every "
+                    "setup; herd's proxy mode alone retries those requests on another worker. The faster a setup "
+                    "serves, the more connections a worker holds at the moment it dies, so the failures are also "
+                    "given per 100k requests served during the run."]
+            doc.append("")
+        km = [r for r in rows if r["test"] == "kill-master"]
+        if km:
+            doc += ["**`kill -9` of the master** (herd's master, Node's primary, PM2's daemon): worker processes "
+                    "still alive 2 s later (target 0):", "", "| setup | workers | surviving |", "|---|---|---|"]
+            doc += [f"| {('**' + r['setup'] + '**') if r['herd'] else r['setup']} | {r['workers']} | {r['surviving']} |"
+                    for r in km]
+            doc.append("")
+        panels = []
+        for test, title in (("reload", "failed requests per reload"), ("kill-worker", "failed requests per worker kill")):
+            bars = [{"label": r["setup"], "value": r["per_event"] or 0.0, "lo": r["per_event"] or 0.0,
+                     "hi": r["per_event"] or 0.0, "herd": r["herd"]} for r in rows if r["test"] == test]
+            if bars:
+                panels.append({"title": title, "bars": bars})
+        if panels:
+            charts.append({"out": str(ROOT / "docs/bench-chaos.png"), "title": "Chaos: failed requests (lower is better)",
+                           "unit": "failed requests", "panels": panels})
+            doc += ["![chaos](bench-chaos.png)", ""]
+    doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 8 minutes)",
+            "bench/chaos    # reloads and kills under load (about 4 minutes)", "```", "",
+            "Both install what they need (Debian's `wrk`, `nginx`, `haproxy`, `nodejs`; `pm2` from the npm "
+            "registry into `bench/.tools`) and build herd in release mode. `bench/run --rounds 5 --secs 3` "
+            "measures longer."]
+    (ROOT / "docs/BENCHMARKS.md").write_text("\n".join(doc) + "\n")
+    update_readme(readme)
+    if charts:
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as spec:
+            spec.write(json.dumps(charts))
+            spec.flush()
+            run([str(PLOT), spec.name, str(FONT)])
+    log("wrote docs/BENCHMARKS.md")
+    for h in headline:
+        log(" ", h)
+
+
+PAIRS = [("node", "herd-dispatch", "node-cluster-rr", "Node cluster (round-robin)"),
+         ("node", "herd-dispatch", "pm2", "PM2 cluster mode"),
+         ("node", "herd-shared", "node-cluster-none", "Node cluster (SCHED_NONE)"),
+         ("node", "herd-proxy", "nginx", "nginx"), ("node", "herd-proxy", "haproxy", "HAProxy"),
+         ("rust", "herd-proxy", "nginx", "nginx"), ("rust", "herd-proxy", "haproxy", "HAProxy")]
+
+
+def readme_table(summary, meta):
+    """The README's summary: 128 connections, both loads, herd against each peer."""
+    def get(app, kind, load):
+        for k, v in summary.items():
+            if k[0] == app and v["kind"] == kind and k[2] == load and k[3] == 128:
+                return v
+        return None
+    out = [f"From `bench/run` on {meta['date']} ({meta['cpus']} CPUs, {WORKERS} workers, 128 connections; "
+           "medians of the interleaved rounds; full tables in [docs/BENCHMARKS.md](docs/BENCHMARKS.md)):", "",
+           "| app | load | herd mode | peer | herd req/s | peer req/s | herd ÷ peer | balancer CPU, herd ÷ peer |",
+           "|---|---|---|---|---|---|---|---|"]
+    for app, hk, pk, pname in PAIRS:
+        for load in ("keep-alive", "new connection"):
+            h, p = get(app, hk, load), get(app, pk, load)
+            if not h or not p:
+                continue
+            cpu = f"{h['cpu'] / p['cpu']:.2f}" if h["cpu"] is not None and p["cpu"] else "–"
+            out.append(f"| {app} | {load} | {hk[5:]} | {pname} | {f(h['rps'])} | {f(p['rps'])} | "
+                       f"**{h['rps'] / p['rps']:.2f}** | {cpu} |")
+    return out + [""]
+
+
+def per_100k(r):
+    return None if r.get("errors") is None or not r.get("requests") else r["errors"] / r["requests"] * 1e5
+
+
+def readme_chaos(rows, meta):
+    out = [f"From `bench/chaos` on {meta['date']} (Node app, 2 workers, new connection per request, 20 of each):", "",
+           "| setup | failed per reload | failed per worker `kill -9` | … per 100k requests | time to serve again s | workers left 2 s after `kill -9` of the master |",
+           "|---|---|---|---|---|---|"]
+    names = []
+    for r in rows:
+        if r["setup"] not in names:
+            names.append(r["setup"])
+    for n in names:
+        def row(test):
+            return next((r for r in rows if r["setup"] == n and r["test"] == test), {})
+        left = row("kill-master").get("surviving")
+        kill = row("kill-worker")
+        out.append(f"| {n} | {f(row('reload').get('per_event'))} | {f(kill.get('per_event'))} | "
+                   f"{f(per_100k(kill) if kill else None)} | {f(kill.get('seconds'))} | {'–' if left is None else left} |")
+    return out + [""]
+
+
+def update_readme(lines):
+    """Replaces the block between the bench markers in README.md."""
+    path = ROOT / "README.md"
+    text = path.read_text()
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    if begin not in text or end not in text or not lines:
+        return
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(head + begin + "\n" + "\n".join(lines) + end + tail)
+
+
+def machine_lines(m):
+    v = m["versions"]
+    return [f"Run {m['date']} with `{m['command'].strip()}` ({m['seconds']} s): {m['cpus']} CPUs ({m['cpu']}), "
+            f"Linux {m['kernel']}; herd {v['herd']}, Node {v['node']}, PM2 {v['pm2']}, nginx {v['nginx']}, "
+            f"HAProxy {v['haproxy']}, wrk {v['wrk']}. The load generator shares the CPUs "
+            "with what it measures, so compare ratios within this run, not across runs.", ""]
+
+
+def headlines(summary):
+    """The comparisons a user asks about first, as plain sentences."""
+    out = []
+
+    def get(app, kind, load, conns):
+        for k, v in summary.items():
+            if k[0] == app and v["kind"] == kind and k[2] == load and k[3] == conns:
+                return v
+        return None
+
+    for app, hk, pk, pname in PAIRS:
+        for load, conns in LOADS:
+            h, p = get(app, hk, load, conns), get(app, pk, load, conns)
+            if not h or not p:
+                continue
+            r = h["rps"] / p["rps"]
+            word = "wins" if r >= 1.0 else "loses"
+            cpu = ""
+            if h["cpu"] is not None and p["cpu"] not in (None, 0):
+                cpu = f"; its balancer CPU per request is {h['cpu'] / p['cpu']:.2f}× {pname}'s"
+            out.append(f"{app} app, {load}, {conns} conns: herd {hk[5:]} {word} against {pname}: "
+                       f"{r:.2f}× its requests/s{cpu}.")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(prog="bench")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("run")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--secs", type=int, default=1)
+    b.add_argument("--only", nargs="*", help="setup kinds or apps to run (e.g. dispatch node-cluster)")
+    c = sub.add_parser("chaos")
+    c.add_argument("--times", type=int, default=20)
+    sub.add_parser("report")
+    args = ap.parse_args()
+    if args.cmd == "run":
+        bench(args)
+    elif args.cmd == "chaos":
+        chaos(args)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
