@@ -727,6 +727,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn node_is_recognised_by_its_name() {
+        for yes in ["node", "/usr/bin/node", "nodejs", "/opt/node20", "node22.1"] {
+            assert!(is_node(Path::new(yes)), "{yes}");
+        }
+        for no in ["nodemon", "python3", "/usr/bin/npm", "node-gyp", "bun"] {
+            assert!(!is_node(Path::new(no)), "{no}");
+        }
+    }
+
+    #[test]
     fn parses_values_like_the_flags() {
         assert_eq!("max".parse::<Instances>(), Ok(Instances::Max));
         assert_eq!("3".parse::<Instances>(), Ok(Instances::Count(3)));

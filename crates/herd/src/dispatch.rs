@@ -169,7 +169,7 @@ impl Peer {
     /// The oldest unanswered connection is the worker's now: close our copy.
     fn took(&mut self) {
         if self.outstanding.pop_front().is_some() {
-            self.taken_since += 1;
+            self.taken_since = self.taken_since.saturating_add(1);
             self.info.taken.fetch_add(1, Relaxed);
         }
     }
@@ -177,9 +177,12 @@ impl Peer {
     fn update(&self) {
         let out = self.outstanding.len() as u32;
         self.info.outstanding.store(out, Relaxed);
-        self.info
-            .backend
-            .set_load(self.open + self.taken_since + out);
+        // A worker that never reports counts as holding all it took.
+        self.info.backend.set_load(
+            self.open
+                .saturating_add(self.taken_since)
+                .saturating_add(out),
+        );
         self.info
             .backend
             .set_busy(self.refused || self.outstanding.len() >= WINDOW);
@@ -198,8 +201,8 @@ struct State {
     rng: fastrand::Rng,
     /// Wakes the accept loop paused on a full `pending`.
     room: Rc<Notify>,
+    /// Set by a stop request until it is answered.
     stopping: Option<oneshot::Sender<()>>,
-    stopped: bool,
     on_listening: Box<dyn Fn(u64)>,
 }
 
@@ -224,7 +227,6 @@ async fn run(
         rng: fastrand::Rng::new(),
         room: room.clone(),
         stopping: None,
-        stopped: false,
         on_listening,
     }));
     let acceptor = match crate::sys::watch(listener) {
@@ -287,7 +289,6 @@ async fn run(
             }
             Cmd::Stop(done) => {
                 let mut s = st.borrow_mut();
-                s.stopped = true;
                 s.stopping = Some(done);
                 match &acceptor {
                     // It takes what is queued, closes, then checks.
@@ -571,7 +572,7 @@ impl State {
 
     /// Resolves a pending stop once nothing accepted is left unanswered.
     fn check_stopped(&mut self) {
-        if !self.stopped {
+        if self.stopping.is_none() {
             return;
         }
         let live = self.peers.iter().any(|p| !p.refused);

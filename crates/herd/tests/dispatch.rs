@@ -274,3 +274,53 @@ fn reloading_an_unmodified_node_app_fails_no_request() {
         );
     }
 }
+
+#[test]
+fn node_shim_reaches_node_behind_a_wrapper_when_asked() {
+    let app = example("node/plain.js");
+    let script = format!("exec node {app}");
+    let h = Herd::start(
+        &["-i", "2", "--mode", "dispatch", "--node-shim"],
+        &["sh", "-c", &script],
+    );
+    h.wait_ready(2);
+    let (status, body) = h.get("/").unwrap();
+    assert_eq!((status, body.as_str()), (200, "Hello, World!\n"));
+}
+
+#[test]
+fn the_preloads_listening_is_not_ready_under_wait_ready_but_a_ready_message_is() {
+    // The preload says `listening` (as weak as a port probe): --wait-ready
+    // waits for the app's own word.
+    let app = example("node/plain.js");
+    let h = Herd::start(
+        &[
+            "-i",
+            "1",
+            "--mode",
+            "shared",
+            "--wait-ready",
+            "--ready-timeout",
+            "1s",
+            "--max-restarts",
+            "0",
+        ],
+        &["node", &app],
+    );
+    assert!(h.wait_log("not ready within", T), "{}", h.log());
+    // A worker that writes {"type":"ready"} on its message channel is ready.
+    let py = "import os, socket\n\
+              s = socket.socket(fileno=3)\n\
+              os.write(4, b'{\"type\":\"ready\"}\\n')\n\
+              while True:\n\
+              \x20   c, _ = s.accept()\n\
+              \x20   c.recv(4096)\n\
+              \x20   c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 3\\r\\nConnection: close\\r\\n\\r\\nok\\n')\n\
+              \x20   c.close()\n";
+    let h = Herd::start(
+        &["-i", "1", "--mode", "shared", "--wait-ready"],
+        &["python3", "-c", py],
+    );
+    h.wait_ready(1);
+    assert_eq!(h.get("/").unwrap(), (200, "ok\n".to_string()));
+}
