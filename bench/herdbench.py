@@ -388,6 +388,13 @@ def load_result(p):
     return {"requests": int(lat.group(4)), "errors": sum(int(x) for x in err.groups())}
 
 
+def event_row(test, s, n, res, seconds):
+    """A chaos result: n events under one load run, and how long each took."""
+    return {"test": test, "setup": s.name, "herd": s.herd, "times": n, **res,
+            "per_event": None if res["errors"] is None else res["errors"] / n,
+            "seconds": statistics.median(seconds)}
+
+
 def reload_cmd(s):
     if s.kind == "pm2":
         return [str(pm2_bin()), "reload", "bench"], s.pm2_env
@@ -418,10 +425,7 @@ def chaos(args):
                     run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     took.append(time.monotonic() - t)
                 time.sleep(0.5)
-                res = load_result(lg)
-                rows.append({"test": "reload", "setup": s.name, "herd": s.herd, "times": n, **res,
-                             "per_event": None if res["errors"] is None else res["errors"] / n,
-                             "seconds": statistics.median(took)})
+                rows.append(event_row("reload", s, n, load_result(lg), took))
             finally:
                 s.stop()
         # kill -9 of one worker under load.
@@ -445,10 +449,7 @@ def chaos(args):
                     # Let the newcomer pass the supervisors' minimum uptime (1 s
                     # in herd and PM2), or the next kill is a crash loop step.
                     time.sleep(1.2)
-                res = load_result(lg)
-                rows.append({"test": "kill-worker", "setup": s.name, "herd": s.herd, "times": n, **res,
-                             "per_event": None if res["errors"] is None else res["errors"] / n,
-                             "seconds": statistics.median(back)})
+                rows.append(event_row("kill-worker", s, n, load_result(lg), back))
             finally:
                 s.stop()
         # kill -9 of the master.

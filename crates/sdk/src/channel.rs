@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use serde_json::{Value, json};
 
@@ -32,16 +32,7 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// The channel, if this process runs under herd; `None` on a second call.
 pub fn channel() -> std::io::Result<Option<Channel>> {
-    let Some(fd) = std::env::var(crate::env::IPC_FD)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-    else {
-        return Ok(None);
-    };
-    if TAKEN.swap(true, Ordering::SeqCst) {
-        return Ok(None);
-    }
-    match crate::fd::adopt_socket(fd) {
+    match crate::fd::take_inherited(crate::env::IPC_FD, &TAKEN) {
         Some(owned) => Channel::new(UnixStream::from(owned)).map(Some),
         None => Ok(None),
     }

@@ -34,16 +34,7 @@ pub(crate) fn say_listening() -> io::Result<()> {
 /// The dispatch socket, if this worker runs in herd's dispatch mode;
 /// `None` otherwise or on a second call.
 pub fn dispatch() -> io::Result<Option<Dispatch>> {
-    let Some(fd) = std::env::var(crate::env::DISPATCH_FD)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-    else {
-        return Ok(None);
-    };
-    if TAKEN.swap(true, Ordering::SeqCst) {
-        return Ok(None);
-    }
-    let Some(owned) = crate::fd::adopt_socket(fd) else {
+    let Some(owned) = crate::fd::take_inherited(crate::env::DISPATCH_FD, &TAKEN) else {
         return Ok(None);
     };
     let report = std::env::var(crate::env::REPORT_OPEN).is_ok_and(|v| v == "1");

@@ -8,6 +8,16 @@
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 
+/// The inherited socket whose fd number the variable `var` holds, taken at
+/// most once per process (`taken`).
+pub(crate) fn take_inherited(var: &str, taken: &std::sync::atomic::AtomicBool) -> Option<OwnedFd> {
+    let fd = std::env::var(var).ok()?.parse::<RawFd>().ok()?;
+    if taken.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return None;
+    }
+    adopt_socket(fd)
+}
+
 /// Adopts `fd` if it is an open socket.
 pub(crate) fn adopt_socket(fd: RawFd) -> Option<OwnedFd> {
     let meta = std::fs::metadata(format!("/proc/self/fd/{fd}")).ok()?;
