@@ -78,7 +78,7 @@ fn proxy_spreads_connections_round_robin() {
 
 #[test]
 fn killed_worker_is_replaced_in_its_slot() {
-    for mode in ["proxy", "reuseport"] {
+    for mode in ["proxy", "reuseport", "dispatch"] {
         let h = Herd::start(&["-i", "2", "--mode", mode], &[DEMO]);
         h.wait_ready(2);
         let before = h.worker_pids(2);

@@ -62,6 +62,9 @@ impl HttpProxy {
             .half_close(true)
             .writev(false)
             .timer(TokioTimer::new())
+            // The guard times request heads (and answers 408): no second
+            // timer per request in hyper.
+            .header_read_timeout(None)
             .max_buf_size(self.cfg.limits.max_head.max(8192) + 8192)
             .max_headers(self.cfg.limits.max_headers);
         b.http2()
