@@ -545,7 +545,8 @@ def report():
                 "Node's primary, PM2's daemon, nginx's and HAProxy's processes; in `shared` and `reuseport` herd's "
                 "master does not touch connections. **Fair** is the busiest worker's request count over the least "
                 "busy one's (1.00 is perfect). **vs herd** divides the peer's figure by that of the herd mode built "
-                "the same way (named in the column): below 1.00 the peer is slower (req/s) or cheaper (CPU).", ""]
+                "the same way (named in the column), and the other figures of a peer carry the same ratio in "
+                "brackets: below 1.00× the peer is slower (req/s), quicker (latency), cheaper (CPU) or fairer.", ""]
         for app, title in (("node", "Node hello"), ("rust", "Rust hello (herd-demo)")):
             panels = []
             for load, conns in LOADS:
@@ -553,18 +554,23 @@ def report():
                 if not keys:
                     continue
                 doc += [f"### {title}: {load}, {conns} connections", "",
-                        "| setup | req/s | spread | vs herd | p50 ms | p99 ms | p99.9 ms | CPU s/100k | vs herd | fair | errors |",
-                        "|---|---|---|---|---|---|---|---|---|---|---|"]
+                        "| setup | req/s | spread | vs herd | p50 ms | p99 ms | p99.9 ms | CPU s/100k | fair | errors |",
+                        "|---|---|---|---|---|---|---|---|---|---|"]
                 bars = []
                 for k in sorted(keys, key=lambda k: -summary[k]["rps"]):
                     v = summary[k]
                     ref = reference(summary, app, v["kind"], load, conns)
-                    vs_rps = f"{ratio(v['rps'], ref[0]['rps'])} ({ref[1]})" if ref else "–"
-                    vs_cpu = ratio(v["cpu"], ref[0]["cpu"]) if ref else "–"
+                    r = ref[0] if ref else None
+
+                    def vs(key, scale=1.0):
+                        # A figure, then (×the reference herd mode's) for peers.
+                        val = f(None if v[key] is None else v[key] / scale)
+                        return f"{val} ({ratio(v[key], r[key])}×)" if r and ratio(v[key], r[key]) != "–" else val
+                    vs_rps = f"{ratio(v['rps'], r['rps'])}× ({ref[1]})" if r else "–"
                     name = f"**{k[1]}**" if v["herd"] else k[1]
                     doc.append(f"| {name} | {f(v['rps'])} | {f(v['lo'])}–{f(v['hi'])} | {vs_rps} | "
-                               f"{f(v['p50'] / 1000)} | {f(v['p99'] / 1000)} | {f(v['p999'] / 1000)} | "
-                               f"{f(v['cpu'])} | {vs_cpu} | {f(v['fair'])} | {v['errors']} |")
+                               f"{vs('p50', 1000)} | {vs('p99', 1000)} | {vs('p999', 1000)} | "
+                               f"{vs('cpu')} | {vs('fair')} | {v['errors']} |")
                     bars.append({"label": k[1], "value": v["rps"], "lo": v["lo"], "hi": v["hi"], "herd": v["herd"]})
                 doc.append("")
                 panels.append({"title": f"{load}, {conns} connections", "bars": bars[::-1]})
@@ -624,6 +630,7 @@ def report():
             doc += [f"| {('**' + r['setup'] + '**') if r['herd'] else r['setup']} | {r['workers']} | {r['surviving']} |"
                     for r in km]
             doc.append("")
+        doc += ["Compared with the peers, plainly:", ""] + [f"- {c}" for c in chaos_lines(rows)] + [""]
         panels = []
         for test, title in (("reload", "failed requests per reload"), ("kill-worker", "failed requests per worker kill")):
             bars = [{"label": r["setup"], "value": r["per_event"] or 0.0, "lo": r["per_event"] or 0.0,
@@ -712,6 +719,28 @@ def update_readme(lines):
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
     path.write_text(head + begin + "\n" + "\n".join(lines) + end + tail)
+
+
+def chaos_lines(rows):
+    """Each herd setup against the best peer on each chaos figure."""
+    out = []
+    for test, what, key in (("reload", "failed requests per reload", "per_event"),
+                            ("kill-worker", "failed requests per worker kill", "per_event"),
+                            ("kill-worker", "time until a killed worker's slot serves again", "seconds")):
+        rs = [r for r in rows if r["test"] == test and r.get(key) is not None]
+        peers = [r for r in rs if not r["herd"]]
+        if not peers:
+            continue
+        best = min(peers, key=lambda r: r[key])
+        show = (lambda x: f"{x * 1000:.0f} ms") if key == "seconds" else f
+        for r in (r for r in rs if r["herd"]):
+            verdict = "loses" if show(r[key]) != show(best[key]) and r[key] > best[key] else "is at least as good"
+            out.append(f"herd {r['setup'][5:]} {verdict} on {what}: {show(r[key])} against "
+                       f"{best['setup']}'s {show(best[key])}.")
+    for r in rows:
+        if r["test"] == "kill-master" and r["surviving"]:
+            out.append(f"{r['setup']}: {r['surviving']} of {r['workers']} workers outlived a `kill -9` of the master.")
+    return out
 
 
 def machine_lines(m):
