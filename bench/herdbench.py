@@ -769,7 +769,9 @@ def headlines(summary):
             r = h["rps"] / p["rps"]
             word = "wins" if r >= 1.0 else "loses"
             cpu = ""
-            if h["cpu"] is not None and p["cpu"] not in (None, 0):
+            if h["cpu"] is not None and h["cpu"] < 0.005:
+                cpu = "; herd's master used no measurable CPU"
+            elif h["cpu"] is not None and p["cpu"] not in (None, 0):
                 cpu = f"; its balancer CPU per request is {h['cpu'] / p['cpu']:.2f}× {pname}'s"
             out.append(f"{app} app, {load}, {conns} conns: herd {hk[5:]} {word} against {pname}: "
                        f"{r:.2f}× its requests/s{cpu}.")
