@@ -641,8 +641,8 @@ def report():
             charts.append({"out": str(ROOT / "docs/bench-chaos.png"), "title": "Chaos: failed requests (lower is better)",
                            "unit": "failed requests", "panels": panels})
             doc += ["![chaos](bench-chaos.png)", ""]
-    doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 8 minutes)",
-            "bench/chaos    # reloads and kills under load (about 4 minutes)", "```", "",
+    doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 5 minutes, plus the first build)",
+            "bench/chaos    # reloads and kills under load (about 5 minutes)", "```", "",
             "Both install what they need (Debian's `wrk`, `nginx`, `haproxy`, `nodejs`; `pm2` from the npm "
             "registry into `bench/.tools`) and build herd in release mode. `bench/run --rounds 5 --secs 3` "
             "measures longer."]
