@@ -23,7 +23,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -33,6 +33,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use herd_balance::{Backend, BackendConfig, Balancer, Ctx, StrategyKind};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::http::ip_key;
@@ -153,7 +155,10 @@ struct Conn {
 
 struct Peer {
     key: u64,
-    chan: Rc<tokio::net::UnixStream>,
+    /// Registered for readability only: herd never waits to write (a full
+    /// socket marks the worker busy), and write interest would wake this
+    /// thread each time a worker reads a connection off its socket.
+    chan: Rc<AsyncFd<UnixStream>>,
     info: Arc<PeerInfo>,
     /// Handed and unanswered, oldest first: the master's copies.
     outstanding: VecDeque<Conn>,
@@ -229,7 +234,7 @@ async fn run(
         stopping: None,
         on_listening,
     }));
-    let acceptor = match crate::sys::watch(listener) {
+    let acceptor = match crate::sys::watch(listener, Interest::READABLE) {
         Ok(l) => Some(tokio::task::spawn_local(accept_loop(
             l,
             st.clone(),
@@ -246,7 +251,7 @@ async fn run(
             Cmd::Add { key, chan, info } => {
                 let chan = match chan
                     .set_nonblocking(true)
-                    .and_then(|()| tokio::net::UnixStream::from_std(chan))
+                    .and_then(|()| crate::sys::watch(chan, Interest::READABLE))
                 {
                     Ok(c) => Rc::new(c),
                     Err(e) => {
@@ -390,19 +395,20 @@ fn drain_backlog(listener: &TcpListener, st: &Shared) {
 }
 
 /// Reads one worker's answers until its socket closes.
-async fn read_answers(key: u64, chan: Rc<tokio::net::UnixStream>, st: Shared) {
+async fn read_answers(key: u64, chan: Rc<AsyncFd<UnixStream>>, st: Shared) {
     let mut buf = vec![0u8; LINE_MAX];
     let mut filled = 0;
     let mut skipping = false;
     loop {
-        if chan.readable().await.is_err() {
+        let Ok(mut ready) = chan.readable().await else {
             break;
-        }
-        let n = match chan.try_read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-            Err(_) => break,
+        };
+        let n = match ready.try_io(|c| c.get_ref().read(&mut buf[filled..])) {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => continue,
+            Ok(Err(_)) => break,
+            Err(_would_block) => continue,
         };
         filled += n;
         let mut s = st.borrow_mut();

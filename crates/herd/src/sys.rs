@@ -241,18 +241,24 @@ pub fn send_fd(sock: RawFd, data: &[u8], fd: RawFd) -> io::Result<usize> {
     }
 }
 
-/// Registers a socket with the tokio reactor, for a raw `accept` loop
-/// (dispatch mode accepts with std so that an accepted connection, which
-/// only passes through, is never registered with epoll).
-///
-/// Sound for the std socket types this is used with: they own their fd for
-/// their whole life and never replace it, which is what `register` needs.
-pub fn watch(
-    listener: std::net::TcpListener,
-) -> io::Result<tokio::io::unix::AsyncFd<std::net::TcpListener>> {
-    // SAFETY: `TcpListener` owns its fd until dropped, and the `AsyncFd`
-    // owns the listener, so the registration never outlives the fd.
-    unsafe { tokio::io::unix::AsyncFd::register(listener) }.map_err(|e| e.into_parts().1)
+/// Std sockets that own their fd for their whole life and never replace
+/// it: what tokio's `AsyncFd::register_with_interest` requires.
+pub trait OwnsFd: std::os::fd::AsRawFd {}
+impl OwnsFd for std::net::TcpListener {}
+impl OwnsFd for std::os::unix::net::UnixStream {}
+
+/// Registers a std socket with the tokio reactor for `interest` only.
+/// Dispatch mode uses it for a raw `accept` loop (an accepted connection,
+/// which only passes through, is never registered with epoll) and to read
+/// workers' answers without write interest (see `dispatch::Peer::chan`).
+pub fn watch<T: OwnsFd>(
+    sock: T,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `OwnsFd` types own their fd until dropped, and the `AsyncFd`
+    // owns the socket, so the registration never outlives the fd.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(sock, interest) }
+        .map_err(|e| e.into_parts().1)
 }
 
 #[cfg(test)]
