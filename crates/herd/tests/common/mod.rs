@@ -174,10 +174,10 @@ pub fn parse_hello(body: &str) -> (usize, u32) {
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )?;
+    // One write: `write!` on a bare socket sends each piece of the format
+    // separately, and a minimal server may answer (and close) after the first.
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())?;
     read_response(s)
 }
 
