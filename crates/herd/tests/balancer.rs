@@ -316,11 +316,20 @@ fn a_malformed_backend_answer_is_a_502() {
 fn hostile_requests_get_an_answer_and_everyone_else_is_served() {
     let h = Herd::start(&["-i", "2", "--header-timeout", "300ms"], &[DEMO]);
     h.wait_ready(2);
-    // A slow client is in progress the whole time.
-    let mut slowloris = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
-    slowloris
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-A: ")
-        .unwrap();
+    // Slow clients are in progress the whole time: one inside its headers,
+    // and two whose first bytes could still be HTTP/2's preface.
+    let slow: Vec<TcpStream> = [
+        &b"GET / HTTP/1.1\r\nHost: t\r\nX-A: "[..],
+        b"P",
+        b"PRI * HT",
+    ]
+    .iter()
+    .map(|start| {
+        let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+        s.write_all(start).unwrap();
+        s
+    })
+    .collect();
     let big = format!(
         "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
         "a".repeat(20_000)
@@ -356,11 +365,13 @@ fn hostile_requests_get_an_answer_and_everyone_else_is_served() {
         let (status, _) = h.get("/").unwrap();
         assert_eq!(status, 200, "after {shown:?}");
     }
-    // The slow client gets 408 once the header timeout passes.
-    slowloris.set_read_timeout(Some(T)).unwrap();
-    let mut answer = String::new();
-    let _ = slowloris.read_to_string(&mut answer);
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    // The slow clients get 408 once the header timeout passes.
+    for mut s in slow {
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    }
     // Valid pipelined requests, chunked then plain, are both answered.
     let answer = raw(
         h.port,

@@ -305,7 +305,41 @@ fn size_done(value: u64) -> Chunk {
     }
 }
 
+/// How a prior-knowledge h2c connection begins (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
 impl<IO: AsyncRead + AsyncWrite + Unpin> Guard<IO> {
+    /// Reads until the first bytes tell HTTP/2's preface from an HTTP/1
+    /// request (the first byte usually does), keeping them for hyper, so
+    /// the protocol is chosen without a second look at the socket. EOF, an
+    /// error or the header timeout answer `false`: the HTTP/1 path then
+    /// meets them again and handles them as always.
+    pub fn poll_is_h2(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        loop {
+            let seen = self.pending();
+            let n = seen.len().min(H2_PREFACE.len());
+            if seen[..n] != H2_PREFACE[..n] {
+                return Poll::Ready(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Poll::Ready(true);
+            }
+            if n > 0 && !self.timer_is_header {
+                self.reset_timer(true);
+            }
+            match self.fill(cx) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(false),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => {
+                    return match self.timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(false),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+    }
+
     /// Reads more of the socket into `buf`; Ok(0) is EOF.
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.start > 0 && self.start == self.buf.len() {

@@ -6,6 +6,7 @@ pub mod guard;
 pub mod pool;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -37,6 +38,22 @@ pub struct HttpProxy {
     pub cfg: HttpConfig,
 }
 
+/// Headers hyper parses without a `max_headers` setting.
+const HYPER_MAX_HEADERS: usize = 100;
+
+/// Serves `conn` until it ends; once `stop` is cancelled it is told to
+/// finish what is in flight, close idle keep-alive at once, and is awaited.
+async fn drive<F: Future>(conn: F, shutdown: impl FnOnce(Pin<&mut F>), stop: &CancellationToken) {
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.cancelled() => {
+            shutdown(conn.as_mut());
+            let _ = conn.await;
+        }
+    }
+}
+
 /// Attempts per request, as nginx's `proxy_next_upstream_tries` but bounded.
 const MAX_TRIES: usize = 3;
 
@@ -50,14 +67,36 @@ impl HttpProxy {
         stop: CancellationToken,
     ) {
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(guard::Guard::new(stream, self.cfg.limits));
+        let mut guard = guard::Guard::new(stream, self.cfg.limits);
+        // The guard reads the first bytes anyway: it tells h2c from HTTP/1,
+        // where hyper-util's `auto` would read and replay them, which made
+        // hyper's first read short and regrow its buffer on every connection.
+        let h2 = tokio::select! {
+            h2 = std::future::poll_fn(|cx| guard.poll_is_h2(cx)) => h2,
+            _ = stop.cancelled() => return, // nothing sent yet: close
+        };
+        let io = TokioIo::new(guard);
         let me = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let me = me.clone();
             async move { Ok::<_, std::convert::Infallible>(me.handle(req, peer).await) }
         });
-        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        b.http1()
+        if h2 {
+            // Boxed: it is rare, and the connection's task stays small.
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(self.cfg.limits.max_head as u32)
+                .serve_connection(io, svc);
+            drive(
+                Box::pin(conn),
+                |c| c.get_mut().as_mut().graceful_shutdown(),
+                &stop,
+            )
+            .await;
+            return;
+        }
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b
             // A client may shut down its sending side and still await answers.
             .half_close(true)
             .writev(false)
@@ -65,21 +104,15 @@ impl HttpProxy {
             // The guard times request heads (and answers 408): no second
             // timer per request in hyper.
             .header_read_timeout(None)
-            .max_buf_size(self.cfg.limits.max_head.max(8192) + 8192)
-            .max_headers(self.cfg.limits.max_headers);
-        b.http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(self.cfg.limits.max_head as u32);
-        let conn = b.serve_connection_with_upgrades(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = stop.cancelled() => {
-                // Finish what is in flight, close idle keep-alive at once.
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
+            .max_buf_size(self.cfg.limits.max_head.max(8192) + 8192);
+        // The guard refuses heads with more headers than the limit. Within
+        // hyper's default of 100 hyper needs no setting, which spares it
+        // building a 100-entry array by value for every request.
+        if self.cfg.limits.max_headers > HYPER_MAX_HEADERS {
+            b.max_headers(self.cfg.limits.max_headers);
         }
+        let conn = b.serve_connection(io, svc).with_upgrades();
+        drive(conn, |c| c.graceful_shutdown(), &stop).await;
     }
 
     async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
