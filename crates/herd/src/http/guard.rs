@@ -12,6 +12,7 @@
 //! through: h2 frames carry their own lengths.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -145,17 +146,18 @@ fn check_head(head: &[u8], max_headers: usize, first: bool) -> Result<State, &'s
     if first && head.starts_with(b"PRI * HTTP/2.0") {
         return Ok(State::Opaque); // h2c prior knowledge
     }
-    // On the stack for the usual limits; a larger limit costs an allocation.
-    let mut stack = [httparse::EMPTY_HEADER; 128];
+    // On the stack for the usual limits, a larger limit costs an allocation;
+    // uninitialized either way, as httparse fills only what it parses.
+    let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
     let mut heap = Vec::new();
-    let headers: &mut [httparse::Header<'_>] = if max_headers <= stack.len() {
+    let headers = if max_headers <= stack.len() {
         &mut stack[..max_headers]
     } else {
-        heap.resize(max_headers, httparse::EMPTY_HEADER);
-        &mut heap
+        heap.reserve_exact(max_headers);
+        &mut heap.spare_capacity_mut()[..max_headers]
     };
-    let mut req = httparse::Request::new(headers);
-    match req.parse(head) {
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, headers) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(BAD_REQUEST),
         Err(httparse::Error::TooManyHeaders) => return Err(TOO_LARGE),
@@ -305,6 +307,9 @@ fn size_done(value: u64) -> Chunk {
     }
 }
 
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 4096;
+
 /// How a prior-knowledge h2c connection begins (RFC 9113, 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
@@ -347,11 +352,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Guard<IO> {
             self.start = 0;
             self.release = 0;
         }
-        let mut chunk = [0u8; 4096];
-        let mut rb = ReadBuf::new(&mut chunk);
-        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
-        self.buf.extend_from_slice(rb.filled());
-        Poll::Ready(Ok(rb.filled().len()))
+        // Straight into the buffer's spare room: nothing to zero or copy.
+        self.buf.reserve(READ_SIZE);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
     /// `fill` for body bytes. A client that sends none for `idle_timeout`

@@ -413,14 +413,18 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// `X-Forwarded-For` and `Forwarded` get this hop appended; an
-/// `X-Forwarded-Proto`/`-Host` set by a proxy in front is kept.
+/// `X-Forwarded-Proto`/`-Host` set by a proxy in front is kept. Each value
+/// is written once into a buffer the header then owns (no copy).
 fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
+    use std::fmt::Write;
     let ip = peer.ip().to_canonical();
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let mut xff = String::with_capacity(48);
+    if let Some(prev) = h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        xff.push_str(prev);
+        xff.push_str(", ");
+    }
+    let _ = write!(xff, "{ip}");
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
         h.insert(X_FORWARDED_FOR, v);
     }
     if !h.contains_key(&X_FORWARDED_PROTO) {
@@ -432,20 +436,22 @@ fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
     {
         h.insert(X_FORWARDED_HOST, host.clone());
     }
-    let node = if ip.is_ipv6() {
-        format!("\"[{ip}]\"")
-    } else {
-        ip.to_string()
-    };
-    let mut elem = format!("for={node};proto=http");
-    if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
-        elem.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+    let mut fwd = String::with_capacity(96);
+    if let Some(prev) = h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        fwd.push_str(prev);
+        fwd.push_str(", ");
     }
-    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {elem}"),
-        None => elem,
+    let _ = if ip.is_ipv6() {
+        write!(fwd, "for=\"[{ip}]\";proto=http")
+    } else {
+        write!(fwd, "for={ip};proto=http")
     };
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
+    if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
+        fwd.push_str(";host=\"");
+        fwd.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
+        fwd.push('"');
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
         h.insert(header::FORWARDED, v);
     }
 }
@@ -500,5 +506,30 @@ fn hash_key<'a>(src: &KeySource, h: &'a HeaderMap, peer: SocketAddr) -> Option<K
                 let (k, v) = kv.trim().split_once('=')?;
                 (k == name).then_some(Key::Bytes(v.as_bytes()))
             }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_appends_this_hop_in_each_form() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a\"b\\c:80"));
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
+        add_forwarding(&mut h, "[2001:db8::7]:5000".parse().unwrap());
+        assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::7");
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=10.0.0.1, for=\"[2001:db8::7]\";proto=http;host=\"abc:80\""
+        );
+        assert_eq!(h[&X_FORWARDED_HOST], "a\"b\\c:80");
+        // An IPv4 client seen through a v4-mapped address is written as v4.
+        let mut h = HeaderMap::new();
+        add_forwarding(&mut h, "[::ffff:192.0.2.9]:1".parse().unwrap());
+        assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.9");
+        assert_eq!(h[header::FORWARDED], "for=192.0.2.9;proto=http");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
     }
 }
