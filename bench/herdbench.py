@@ -326,6 +326,10 @@ def bench(args):
                 log(f"round {r + 1}/{args.rounds}: {s.app} / {s.name}")
                 s.start(work)
                 try:
+                    # Unmeasured, the same for every setup: JIT-compiled
+                    # runtimes (Node) and connection pools settle first.
+                    if args.warmup > 0:
+                        wrk(s.port, "new connection", 16, args.warmup)
                     for load, conns in LOADS:
                         before_c, before_t = s.counts(), ticks(s.balancer())
                         res = wrk(s.port, load, conns, args.secs)
@@ -539,7 +543,8 @@ def report():
         doc += ["## Throughput, latency, balancer CPU, fairness", "",
                 "Apps: `bench/apps/hello.js` (the hello-world server from Node's docs, port from `$PORT`) and "
                 "`herd-demo` (a small hyper server). Load: `wrk -t2`, keep-alive or `Connection: close` (a new "
-                "connection per request), 16 and 128 connections; setups interleaved, each run repeated per round; "
+                "connection per request), 16 and 128 connections, after one unmeasured second of load per start; setups "
+                "interleaved, each run repeated per round; "
                 "figures are medians, req/s with the min–max spread. **CPU** is the balancing process's own CPU "
                 "seconds (utime+stime from `/proc/PID/stat`, children excluded) per 100k requests: herd's master, "
                 "Node's primary, PM2's daemon, nginx's and HAProxy's processes; in `shared` and `reuseport` herd's "
@@ -644,8 +649,8 @@ def report():
     doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 5 minutes, plus the first build)",
             "bench/chaos    # reloads and kills under load (about 5 minutes)", "```", "",
             "Both install what they need (Debian's `wrk`, `nginx`, `haproxy`, `nodejs`; `pm2` from the npm "
-            "registry into `bench/.tools`) and build herd in release mode. `bench/run --rounds 5 --secs 3` "
-            "measures longer."]
+            "registry into `bench/.tools`) and build herd in release mode. Each start of a setup gets one "
+            "unmeasured second of load first (`--warmup`). `bench/run --rounds 5 --secs 3` measures longer."]
     (ROOT / "docs/BENCHMARKS.md").write_text("\n".join(doc) + "\n")
     update_readme(readme)
     if charts:
@@ -784,6 +789,7 @@ def main():
     b = sub.add_parser("run")
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--secs", type=int, default=1)
+    b.add_argument("--warmup", type=int, default=1, help="unmeasured seconds of load after each start")
     b.add_argument("--only", nargs="*", help="setup kinds or apps to run (e.g. dispatch node-cluster)")
     c = sub.add_parser("chaos")
     c.add_argument("--times", type=int, default=20)
