@@ -7,6 +7,7 @@ docs/BENCHMARKS.md and its charts from whatever results exist.
 Only loopback is used; every peer is installed from the package registries.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -70,6 +71,39 @@ def ensure_tools():
     log("building herd and the chart drawer")
     run(["cargo", "build", "--release", "-q", "-p", "herd"], cwd=ROOT)
     run(["cargo", "build", "--release", "-q", "--manifest-path", str(BENCH / "plot/Cargo.toml")], cwd=ROOT)
+
+
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+@contextlib.contextmanager
+def no_autogroup():
+    """The scheduler's autogroup shares CPU between sessions rather than
+    threads. Every process a setup starts has a session of its own, so a
+    setup that is one process tree (herd, Node cluster, PM2) would share one
+    slice against wrk's, while nginx and each of its backends got one each:
+    herd's proxy measured 25% slower that way. Off for the run, then
+    restored. Yields the state the run had ("off", or "on" if it could not
+    be changed)."""
+    try:
+        before = AUTOGROUP.read_text().strip()
+    except OSError:
+        yield "off"  # a kernel without autogroup
+        return
+    if before == "0":
+        yield "off"
+        return
+    try:
+        AUTOGROUP.write_text("0")
+    except OSError:
+        log("warning: cannot turn the scheduler's autogroup off (needs root): setups of several "
+            "process trees (nginx, HAProxy and their backends) get more CPU than one tree (herd)")
+        yield "on"
+        return
+    try:
+        yield "off"
+    finally:
+        AUTOGROUP.write_text(before)
 
 
 def pm2_bin():
@@ -320,7 +354,9 @@ def bench(args):
     rows = []
     all_setups = [s for s in setups() if not args.only or any(o in s.kind or o in s.app for o in args.only)]
     t0 = time.monotonic()
-    try:
+    with contextlib.ExitStack() as stack:
+        autogroup = stack.enter_context(no_autogroup())
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
         for r in range(args.rounds):
             for s in all_setups:
                 log(f"round {r + 1}/{args.rounds}: {s.app} / {s.name}")
@@ -345,15 +381,13 @@ def bench(args):
                                      "cpu_s_per_100k": cpu, "fairness": fair})
                 finally:
                     s.stop()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = machine(args, time.monotonic() - t0)
+    meta = machine(args, time.monotonic() - t0, autogroup)
     (RESULTS / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     report()
 
 
-def machine(args, took):
+def machine(args, took, autogroup):
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -363,6 +397,7 @@ def machine(args, took):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
         "command": "bench/" + args.cmd + " " + " ".join(sys.argv[2:]), "seconds": round(took),
+        "autogroup": autogroup,
         "versions": {
             "herd": version([str(HERD), "--version"]), "node": version(["node", "--version"]),
             "pm2": version([str(pm2_bin()), "--version"]) if pm2_bin().exists() else "?",
@@ -412,7 +447,9 @@ def chaos(args):
     rows = []
     t0 = time.monotonic()
     n = args.times
-    try:
+    with contextlib.ExitStack() as stack:
+        autogroup = stack.enter_context(no_autogroup())
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
         # Rolling reloads under load.
         for kind in ["herd-proxy", "herd-shared", "herd-reuseport", "herd-dispatch", "pm2"]:
             s = Setup(kind.replace("-", " "), "node", kind, herd=kind.startswith("herd"))
@@ -471,10 +508,8 @@ def chaos(args):
                              "workers": len(workers), "surviving": len(left)})
             finally:
                 s.stop()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = machine(args, time.monotonic() - t0)
+    meta = machine(args, time.monotonic() - t0, autogroup)
     (RESULTS / "chaos.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     report()
 
@@ -752,8 +787,16 @@ def machine_lines(m):
     v = m["versions"]
     return [f"Run {m['date']} with `{m['command'].strip()}` ({m['seconds']} s): {m['cpus']} CPUs ({m['cpu']}), "
             f"Linux {m['kernel']}; herd {v['herd']}, Node {v['node']}, PM2 {v['pm2']}, nginx {v['nginx']}, "
-            f"HAProxy {v['haproxy']}, wrk {v['wrk']}. The load generator shares the CPUs "
-            "with what it measures, so compare ratios within this run, not across runs.", ""]
+            f"HAProxy {v['haproxy']}, wrk {v['wrk']}; the scheduler's autogroup "
+            f"{m.get('autogroup', 'on')}{AUTOGROUP_NOTE.get(m.get('autogroup', 'on'), '')}. The load generator "
+            "shares the CPUs with what it measures, so compare ratios within this run, not across runs.", ""]
+
+
+AUTOGROUP_NOTE = {
+    "off": " (every process competes on its own)",
+    "on": " (it could not be turned off: setups of several process trees, such as nginx and its backends, "
+          "got more CPU against wrk than one tree, such as herd and its workers)",
+}
 
 
 def headlines(summary):
