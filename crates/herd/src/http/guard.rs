@@ -143,7 +143,7 @@ impl<IO> Guard<IO> {
 
 /// What follows a valid head, or the error response for an invalid one.
 fn check_head(head: &[u8], max_headers: usize, first: bool) -> Result<State, &'static [u8]> {
-    if first && head.starts_with(b"PRI * HTTP/2.0") {
+    if first && head.starts_with(H2_PREFACE) {
         return Ok(State::Opaque); // h2c prior knowledge
     }
     // On the stack for the usual limits, a larger limit costs an allocation;
@@ -307,7 +307,7 @@ fn size_done(value: u64) -> Chunk {
     }
 }
 
-/// Bytes asked of the socket per read.
+/// Room made in the buffer before each read.
 const READ_SIZE: usize = 4096;
 
 /// How a prior-knowledge h2c connection begins (RFC 9113, 3.4).
