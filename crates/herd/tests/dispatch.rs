@@ -324,3 +324,74 @@ fn the_preloads_listening_is_not_ready_under_wait_ready_but_a_ready_message_is()
     h.wait_ready(1);
     assert_eq!(h.get("/").unwrap(), (200, "ok\n".to_string()));
 }
+
+/// A dispatch worker that answers correctly but mixes junk into its
+/// answers: lines longer than the master reads, invalid JSON and UTF-8,
+/// acks and nacks for nothing, open counts out of range.
+const JUNK_WORKER: &str = r#"
+import os, socket, threading
+JUNK = [b"x" * 10000 + b"\n", b"not json\n", b"\xff\xfe\x00\n", b'{"herd":null}\n',
+        b'{"cmd":"NODE_HANDLE_ACK"}\n' * 3, b'{"cmd":"NODE_HANDLE_NACK"}\n' * 3,
+        b'{"herd":"open","open":-5}\n', b'{"herd":"open","open":"many"}\n',
+        b'{"herd":"open","open":4294967295}\n', b'{"cmd":1,"herd":[]}\n']
+chan = socket.socket(fileno=int(os.environ["HERD_DISPATCH_FD"]))
+lock = threading.Lock()
+def send(b):
+    with lock:
+        chan.sendall(b)
+for j in JUNK:
+    send(j)
+send(b'{"herd":"listening"}\n')
+def serve(conn):
+    body = f"hello from worker {os.environ['HERD_WORKER_ID']} (pid {os.getpid()})\n".encode()
+    conn.recv(4096)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    conn.close()
+buf, fds, n = b"", [], 0
+while True:
+    data, new, _, _ = socket.recv_fds(chan, 4096, 16)
+    if not data and not new:
+        break
+    fds.extend(new)
+    buf += data
+    while b"\n" in buf:
+        line, buf = buf.split(b"\n", 1)
+        if b"NODE_HANDLE" in line and fds:
+            conn = socket.socket(fileno=fds.pop(0))
+            # The ack, then junk right behind it, in one write.
+            send(b'{"cmd":"NODE_HANDLE_ACK"}\n' + JUNK[n % len(JUNK)])
+            n += 1
+            threading.Thread(target=serve, args=(conn,)).start()
+"#;
+
+#[test]
+fn junk_from_a_worker_neither_stops_the_master_nor_loses_a_connection() {
+    for balance in ["round-robin", "least-conn"] {
+        let mut h = Herd::start(
+            &["-i", "2", "--mode", "dispatch", "--balance", balance],
+            &["python3", "-c", JUNK_WORKER],
+        );
+        h.wait_ready(2);
+        let mut seen = BTreeMap::new();
+        for _ in 0..40 {
+            let (status, body) = h.get("/").expect("a connection was lost");
+            assert_eq!(status, 200, "{balance}: {body}");
+            *seen.entry(parse_hello(&body).0).or_insert(0) += 1;
+        }
+        // Round-robin stays exact; least-conn follows the (junk) counts the
+        // workers report, so there only the answers are checked.
+        if balance == "round-robin" {
+            assert_eq!(
+                seen.values().copied().collect::<Vec<_>>(),
+                [20, 20],
+                "{seen:?}"
+            );
+        }
+        assert!(
+            matches!(h.child.try_wait(), Ok(None)),
+            "{balance}: the master exited\n{}",
+            h.log()
+        );
+        assert!(!h.log().contains("panicked"), "{balance}: {}", h.log());
+    }
+}
