@@ -241,11 +241,17 @@ pub fn send_fd(sock: RawFd, data: &[u8], fd: RawFd) -> io::Result<usize> {
     }
 }
 
-/// Std sockets that own their fd for their whole life and never replace
-/// it: what tokio's `AsyncFd::register_with_interest` requires.
-pub trait OwnsFd: std::os::fd::AsRawFd {}
-impl OwnsFd for std::net::TcpListener {}
-impl OwnsFd for std::os::unix::net::UnixStream {}
+/// Sockets that own their fd for their whole life and never replace it:
+/// what tokio's `AsyncFd::register_with_interest` requires.
+///
+/// # Safety
+/// An implementor's `as_raw_fd` must name one open fd that it owns until it
+/// is dropped. `unsafe` so that only this module can vouch for a type.
+pub unsafe trait OwnsFd: std::os::fd::AsRawFd {}
+// SAFETY: std's sockets own their fd from creation to drop.
+unsafe impl OwnsFd for std::net::TcpListener {}
+// SAFETY: as above.
+unsafe impl OwnsFd for std::os::unix::net::UnixStream {}
 
 /// Registers a std socket with the tokio reactor for `interest` only.
 /// Dispatch mode uses it for a raw `accept` loop (an accepted connection,
