@@ -36,23 +36,23 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         }
     };
     let (name, path) = control::find(target.name.as_deref())?;
-    let answer = control::call(&name, &path, &req, |p| println!("{p}"))?;
+    let answer = control::call(&name, &path, &req, |p| crate::outln!("{p}"))?;
     match req {
-        Request::Reload => println!(
+        Request::Reload => crate::outln!(
             "{name}: reloaded {} workers",
             answer["replaced"].as_u64().unwrap_or(0)
         ),
-        Request::Restart => println!(
+        Request::Restart => crate::outln!(
             "{name}: restarted {} workers",
             answer["restarted"].as_u64().unwrap_or(0)
         ),
-        Request::Scale { .. } => println!(
+        Request::Scale { .. } => crate::outln!(
             "{name}: {} workers",
             answer["workers"].as_u64().unwrap_or(0)
         ),
-        Request::Stop => println!("{name}: stopping"),
-        Request::Send { id, .. } => println!("{name}: delivered to worker {id}"),
-        Request::Broadcast { .. } => println!(
+        Request::Stop => crate::outln!("{name}: stopping"),
+        Request::Send { id, .. } => crate::outln!("{name}: delivered to worker {id}"),
+        Request::Broadcast { .. } => crate::outln!(
             "{name}: delivered to {} workers",
             answer["delivered"].as_u64().unwrap_or(0)
         ),
@@ -65,10 +65,10 @@ fn status(name: Option<&str>, as_json: bool) -> Result<i32, ControlError> {
     let (name, path) = control::find(name)?;
     let v = control::call(&name, &path, &Request::Status, |_| {})?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        crate::outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(0);
     }
-    println!(
+    crate::outln!(
         "{name}: {} mode on {}, master pid {}, up {}{}",
         v["mode"].as_str().unwrap_or("?"),
         v["listen"].as_str().unwrap_or("?"),
@@ -80,16 +80,25 @@ fn status(name: Option<&str>, as_json: bool) -> Result<i32, ControlError> {
             ""
         }
     );
-    println!(
+    crate::outln!(
         "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>6}  {:>7}  {:>5}  {:>9}  {:>7}  last exit",
-        "id", "pid", "state", "uptime", "restarts", "cpu", "memory", "conns", "requests", "req/s"
+        "id",
+        "pid",
+        "state",
+        "uptime",
+        "restarts",
+        "cpu",
+        "memory",
+        "conns",
+        "requests",
+        "req/s"
     );
     for w in v["workers"].as_array().into_iter().flatten() {
         let opt = |k: &str| match &w[k] {
             Value::Null => "-".to_string(),
             x => x.to_string(),
         };
-        println!(
+        crate::outln!(
             "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>5.1}%  {:>7}  {:>5}  {:>9}  {:>7}  {}",
             opt("id"),
             opt("pid"),
@@ -110,16 +119,20 @@ fn status(name: Option<&str>, as_json: bool) -> Result<i32, ControlError> {
 fn list() -> Result<i32, ControlError> {
     let all = control::running();
     if all.is_empty() {
-        println!("no herd cluster is running");
+        crate::outln!("no herd cluster is running");
         return Ok(0);
     }
-    println!(
+    crate::outln!(
         "{:<24}  {:>7}  {:>7}  {:<9}  {:<22}  uptime",
-        "name", "pid", "workers", "mode", "listen"
+        "name",
+        "pid",
+        "workers",
+        "mode",
+        "listen"
     );
     for (name, path) in all {
         match control::call(&name, &path, &Request::Status, |_| {}) {
-            Ok(v) => println!(
+            Ok(v) => crate::outln!(
                 "{:<24}  {:>7}  {:>7}  {:<9}  {:<22}  {}",
                 name,
                 v["pid"].to_string(),
@@ -128,7 +141,7 @@ fn list() -> Result<i32, ControlError> {
                 v["listen"].as_str().unwrap_or("?"),
                 duration(v["uptime"].as_f64().unwrap_or(0.0))
             ),
-            Err(e) => println!("{name:<24}  (not answering: {e})"),
+            Err(e) => crate::outln!("{name:<24}  (not answering: {e})"),
         }
     }
     Ok(0)

@@ -90,6 +90,13 @@ impl Drop for Guardian {
 /// `herd __guard`: reads `+PGID` / `-PGID` lines until EOF, then SIGKILLs
 /// every group still listed.
 pub fn run() -> i32 {
+    // Its job is to outlive the master: only the pipe's end (or SIGKILL)
+    // ends it. A `pkill herd` stops the master, whose exit closes the pipe.
+    use Signal::*;
+    crate::sys::ignore_signals(&[
+        SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO,
+        SIGPWR, SIGXCPU, SIGPIPE,
+    ]);
     let mut groups = BTreeSet::new();
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod cpus;
 pub mod dispatch;

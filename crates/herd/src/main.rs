@@ -32,14 +32,14 @@ fn main() -> ExitCode {
         | Command::List) => match herd::client::run(cmd) {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {
-                eprintln!("herd: error: {e}");
+                herd::errln!("herd: error: {e}");
                 ExitCode::from(1)
             }
         },
         Command::Start(args) => match herd::start::start(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("herd: error: {e:#}");
+                herd::errln!("herd: error: {e:#}");
                 ExitCode::from(1)
             }
         },
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
         } => match herd::start::logs(target.name.as_deref(), lines, follow) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("herd: error: {e:#}");
+                herd::errln!("herd: error: {e:#}");
                 ExitCode::from(1)
             }
         },
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             let settings = match Settings::resolve(*args) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("herd: error: {e}");
+                    herd::errln!("herd: error: {e}");
                     return ExitCode::from(1);
                 }
             };
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
                 && let Err(e) =
                     herd::logfile::install(path, settings.log_max_size, settings.log_keep)
             {
-                eprintln!("herd: error: cannot open log file {}: {e}", path.display());
+                herd::errln!("herd: error: cannot open log file {}: {e}", path.display());
                 return ExitCode::from(1);
             }
             init_logging();
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
                     // Each error already names its cause: print the top one only.
-                    eprintln!("herd: error: {e}");
+                    herd::errln!("herd: error: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -106,7 +106,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid usage");
             let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("herd: error: {first} (see `herd --help`)");
+            herd::errln!("herd: error: {first} (see `herd --help`)");
             ExitCode::from(2)
         }
     }
@@ -115,9 +115,12 @@ fn usage_error(e: clap::Error) -> ExitCode {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // tracing reports a failed write with `eprintln!`, which panics when
+    // stderr itself is the closed pipe: a lost log line must stay lost.
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .log_internal_errors(false);
     if herd::logfile::installed() {
         fmt.with_ansi(false)
             .with_writer(|| herd::logfile::Writer)

@@ -84,7 +84,7 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
             let workers = v["workers"].as_array().cloned().unwrap_or_default();
             let ready = workers.iter().filter(|w| w["state"] == "ready").count();
             if ready == s.instances {
-                println!(
+                crate::outln!(
                     "{name}: started, master pid {}, {ready} workers, {} mode on {}; logs: {}",
                     child.id(),
                     v["mode"].as_str().unwrap_or("?"),
@@ -123,11 +123,9 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool) -> anyhow::Result<()
             None => return Err(e.into()),
         },
     };
-    print!(
-        "{}",
-        tail(&path, lines).with_context(|| format!("cannot read {}", path.display()))?
-    );
-    if !follow {
+    let last = tail(&path, lines).with_context(|| format!("cannot read {}", path.display()))?;
+    // A reader that went away (`herd logs -f | head`) ends the command.
+    if crate::console::out_bytes(last.as_bytes()).is_err() || !follow {
         return Ok(());
     }
     let mut pos = std::fs::metadata(&path)?.len();
@@ -145,7 +143,9 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool) -> anyhow::Result<()
             let mut buf = Vec::new();
             f.read_to_end(&mut buf)?;
             pos += buf.len() as u64;
-            print!("{}", String::from_utf8_lossy(&buf));
+            if crate::console::out_bytes(&buf).is_err() {
+                return Ok(());
+            }
         }
     }
 }

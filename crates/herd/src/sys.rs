@@ -1,6 +1,6 @@
 //! The only module with `unsafe`: the code that runs in a worker between
 //! `fork` and `exec`, and passing a connection's fd to a worker
-//! ([`send_fd`], dispatch mode).
+//! ([`send_fd`], dispatch mode), and the guardian's ignored signals.
 //!
 //! Why it exists: systemd's socket-activation protocol wants `LISTEN_PID`
 //! to be the worker's *own* pid, which only the child knows, and the worker
@@ -183,6 +183,17 @@ unsafe fn write_decimal(buf: *mut u8, at: usize, mut n: u64) {
     }
     // SAFETY: as above.
     unsafe { *buf.add(at + len) = 0 };
+}
+
+/// Sets `sigs` to `SIG_IGN`. Only for a process that execs nothing (the
+/// guardian): an ignored disposition is inherited through `exec`.
+pub fn ignore_signals(sigs: &[nix::sys::signal::Signal]) {
+    use nix::sys::signal::{SigHandler, signal};
+    for &s in sigs {
+        // SAFETY: SIG_IGN installs no handler, so no code runs in signal
+        // context; the call only changes this process's disposition.
+        let _ = unsafe { signal(s, SigHandler::SigIgn) };
+    }
 }
 
 /// Sends `data` with `fd` attached (`SCM_RIGHTS`) on the Unix socket

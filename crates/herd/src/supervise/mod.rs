@@ -21,6 +21,9 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 mod ops;
+mod signals;
+
+use signals::StopSignals;
 
 use crate::config::{Mode, Protocol, Settings};
 use crate::control::{self, Call, ControlError};
@@ -188,8 +191,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     s.name = name;
     s.listen = bound;
     let _control_file = RemoveOnDrop(control_path);
-    let mut sigint = signal(SignalKind::interrupt()).map_err(SuperviseError::Signals)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(SuperviseError::Signals)?;
+    let mut stop = StopSignals::new().map_err(SuperviseError::Signals)?;
+    signals::log_unused();
     let mut sighup = signal(SignalKind::hangup()).map_err(SuperviseError::Signals)?;
     let mut sigttin =
         signal(SignalKind::from_raw(libc::SIGTTIN)).map_err(SuperviseError::Signals)?;
@@ -274,7 +277,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     }
     for slot in 0..sup.slots.len() {
         if let Err(e) = sup.spawn(slot) {
-            sup.shutdown(&mut sigint, &mut sigterm).await;
+            sup.shutdown(&mut stop).await;
             return Err(e);
         }
     }
@@ -306,12 +309,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                     break;
                 }
             }
-            _ = sigint.recv() => {
-                tracing::info!("SIGINT: stopping gracefully (again to stop now)");
-                break;
-            }
-            _ = sigterm.recv() => {
-                tracing::info!("SIGTERM: stopping gracefully (again to stop now)");
+            sig = stop.recv() => {
+                tracing::info!("{sig}: stopping gracefully (again to stop now)");
                 break;
             }
             _ = sighup.recv() => {
@@ -328,7 +327,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             }
         }
     }
-    sup.shutdown(&mut sigint, &mut sigterm).await;
+    sup.shutdown(&mut stop).await;
     tracing::info!("{}: stopped", sup.s.name);
     Ok(sup.exit_code)
 }
@@ -806,11 +805,7 @@ impl Supervisor {
     /// Stop accepting, drain relayed connections, SIGTERM every worker
     /// group, SIGKILL what is left after `--kill-timeout`. A second signal
     /// skips straight to SIGKILL.
-    async fn shutdown(
-        &mut self,
-        sigint: &mut tokio::signal::unix::Signal,
-        sigterm: &mut tokio::signal::unix::Signal,
-    ) {
+    async fn shutdown(&mut self, stop: &mut StopSignals) {
         self.stop_accepting.cancel();
         if matches!(self.listeners, Some(Listeners::Proxy(_))) {
             // Refuse new connections now rather than queue them for no one;
@@ -829,8 +824,7 @@ impl Supervisor {
                 _ = tokio::time::sleep(grace) => {
                     tracing::warn!("accepted connections still not taken by a worker after {grace:?}");
                 }
-                _ = sigint.recv() => hurry = true,
-                _ = sigterm.recv() => hurry = true,
+                _ = stop.recv() => hurry = true,
             }
         }
         if self.s.mode == Mode::Proxy && self.active.get() > 0 {
@@ -841,8 +835,7 @@ impl Supervisor {
                 _ = tokio::time::sleep(grace) => {
                     tracing::warn!("{} connections still open after {grace:?}", active.get());
                 }
-                _ = sigint.recv() => hurry = true,
-                _ = sigterm.recv() => hurry = true,
+                _ = stop.recv() => hurry = true,
             }
         }
         if !hurry {
@@ -862,8 +855,7 @@ impl Supervisor {
                         tracing::warn!("workers still running after {grace:?}; sending SIGKILL");
                         break;
                     }
-                    _ = sigint.recv() => break,
-                    _ = sigterm.recv() => break,
+                    _ = stop.recv() => break,
                 }
             }
         }

@@ -77,6 +77,15 @@ impl Herd {
         Herd { child, port, log }
     }
 
+    /// A herd whose output the test reads (or closes) itself.
+    pub fn adopt(child: Child, port: u16) -> Herd {
+        Herd {
+            child,
+            port,
+            log: Arc::default(),
+        }
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }

@@ -1,0 +1,38 @@
+//! Printing that cannot panic.
+//!
+//! `println!` and `eprintln!` panic when the write fails (a closed pipe: `herd
+//! run … | head`, a terminal that went away, a full disk). A master must
+//! outlive its terminal and its log pipeline, and a CLI piped into `head`
+//! should end quietly, so herd prints only through these.
+
+use std::fmt;
+use std::io::{self, Write};
+
+/// `println!` that drops the line when stdout is gone.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{ let _ = $crate::console::out(format_args!($($arg)*)); }};
+}
+
+/// `eprintln!` that drops the line when stderr is gone.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {{ let _ = $crate::console::err(format_args!($($arg)*)); }};
+}
+
+/// One line on stdout; the error tells a follower (`herd logs -f`) to stop.
+pub fn out(args: fmt::Arguments) -> io::Result<()> {
+    writeln!(io::stdout().lock(), "{args}")
+}
+
+/// One line on stderr.
+pub fn err(args: fmt::Arguments) -> io::Result<()> {
+    writeln!(io::stderr().lock(), "{args}")
+}
+
+/// Raw bytes on stdout, flushed (a follower's reader wants them now).
+pub fn out_bytes(bytes: &[u8]) -> io::Result<()> {
+    let mut o = io::stdout().lock();
+    o.write_all(bytes)?;
+    o.flush()
+}

@@ -1,0 +1,235 @@
+//! The master never dies of its surroundings: a closed terminal or log
+//! pipe, a stray signal. Each test runs the real binary and checks that
+//! the cluster goes on serving and ends cleanly.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// Waits until worker 0 answers with a pid other than `old`; returns it.
+fn new_pid_of_worker_0(h: &Herd, old: u32) -> u32 {
+    let mut pid = 0;
+    let ok = wait_until(T, || {
+        if let Ok((200, body)) = h.get("/") {
+            pid = parse_hello(&body).1;
+        }
+        pid != 0 && pid != old
+    });
+    assert!(ok, "worker 0 was not replaced (still pid {old})");
+    pid
+}
+
+#[test]
+fn closed_stdout_and_stderr_do_not_stop_the_master() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(HERD)
+        .args(["run", "--listen", &listen, "-i", "1", "--", DEMO])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stdout closed at once; stderr read until the cluster is ready, then
+    // closed too, as `herd run … 2>&1 | head -3` does.
+    drop(child.stdout.take());
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let mut seen = String::new();
+    while !seen.contains("all workers ready (1)") {
+        line.clear();
+        if err.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("herd ended before it was ready:\n{seen}");
+        }
+        seen.push_str(&line);
+    }
+    drop(err);
+    let h = Herd::adopt(child, port);
+
+    // Each of these makes the master and the workers write.
+    let first = h.worker_pids(1)[0];
+    signal(first, "KILL");
+    let second = new_pid_of_worker_0(&h, first);
+    h.signal("HUP");
+    new_pid_of_worker_0(&h, second);
+    let mut h = h;
+    assert!(
+        h.child.try_wait().unwrap().is_none(),
+        "the master died when its output pipes closed"
+    );
+
+    h.signal("TERM");
+    let st = h.wait_exit(T).expect("master did not stop");
+    assert_eq!(st.code(), Some(0), "master exit: {st}");
+}
+
+/// `herd ARGS` with its stdout a pipe nobody reads any more.
+fn cli_into_closed_pipe(args: &[&str], xdg: &Path) -> std::process::Child {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(HERD)
+        .args(args)
+        .env("XDG_RUNTIME_DIR", xdg)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn cli_output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempdir("cli-pipe");
+    let name = format!("pipe-{}", std::process::id());
+    let log = dir.join("herd.log");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let log_arg = log.to_string_lossy().into_owned();
+    let args = [
+        "run",
+        "--name",
+        &name,
+        "--listen",
+        &listen,
+        "-i",
+        "1",
+        "--log-file",
+        &log_arg,
+        "--",
+        DEMO,
+    ];
+    let h = Herd::spawn(
+        Command::new(HERD).args(args).env("XDG_RUNTIME_DIR", &dir),
+        port,
+    );
+    let pid0 = h.worker_pids(1)[0];
+
+    for args in [
+        vec!["list"],
+        vec!["status", "--name", &name],
+        vec!["status", "--name", &name, "--json"],
+        vec!["logs", "--name", &name],
+    ] {
+        let mut c = cli_into_closed_pipe(&args, &dir);
+        assert_quiet_exit(&mut c, &args);
+    }
+
+    // A follower ends once it has something to write and nobody reads.
+    let args = ["logs", "--name", &name, "-f"];
+    let mut c = cli_into_closed_pipe(&args, &dir);
+    h.signal("HUP"); // a reload writes log lines
+    new_pid_of_worker_0(&h, pid0);
+    assert_quiet_exit(&mut c, &args);
+}
+
+fn assert_quiet_exit(c: &mut std::process::Child, args: &[&str]) {
+    let mut status = None;
+    wait_until(T, || {
+        status = c.try_wait().unwrap();
+        status.is_some()
+    });
+    let Some(st) = status else {
+        let _ = c.kill();
+        panic!("`herd {}` kept running with nobody reading", args.join(" "));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(c.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(
+        st.success() && !err.contains("panicked"),
+        "`herd {}` into a closed pipe: {st}, stderr: {err}",
+        args.join(" ")
+    );
+}
+
+#[test]
+fn signals_herd_does_not_use_are_logged_and_ignored() {
+    let dir = tempdir("signals");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let h = Herd::spawn(
+        Command::new(HERD)
+            .args(["run", "--listen", &listen, "-i", "1", "--", DEMO])
+            .env("XDG_RUNTIME_DIR", &dir),
+        port,
+    );
+    h.wait_ready(1);
+    let master = h.child.id();
+    let rundir = dir.join("herd").join(master.to_string());
+    assert!(rundir.is_dir(), "no run directory {}", rundir.display());
+
+    for sig in ["USR2", "USR1", "ALRM", "PWR", "VTALRM", "RTMIN+3"] {
+        h.signal(sig);
+    }
+    for name in [
+        "SIGUSR2",
+        "SIGUSR1",
+        "SIGALRM",
+        "SIGPWR",
+        "SIGVTALRM",
+        "SIGRTMIN+3",
+    ] {
+        assert!(
+            h.wait_log(&format!("{name} received"), T),
+            "{name} not logged:\n{}",
+            h.log()
+        );
+    }
+    // The guardian, which must outlive the master, ignores them too.
+    let guardian = children(master)
+        .into_iter()
+        .find(|p| cmdline(*p).contains("__guard"))
+        .expect("no guardian process");
+    for sig in ["USR2", "TERM", "INT", "HUP"] {
+        signal(guardian, sig);
+    }
+    assert!(alive(master), "a stray signal killed the master");
+    assert_eq!(h.get("/").map(|r| r.0).ok(), Some(200));
+    assert!(alive(guardian), "a stray signal killed the guardian");
+
+    // SIGQUIT stops gracefully, as in nginx, and the run directory goes.
+    let mut h = h;
+    h.signal("QUIT");
+    let st = h.wait_exit(T).expect("SIGQUIT did not stop the master");
+    assert_eq!(st.code(), Some(0), "exit after SIGQUIT: {st}\n{}", h.log());
+    assert!(h.log().contains("SIGQUIT: stopping gracefully"));
+    assert!(!rundir.exists(), "run directory left behind");
+    assert!(
+        wait_until(T, || !alive(guardian)),
+        "the guardian outlived the master"
+    );
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("herd-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    d
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(s) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
