@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::UpstreamSpec;
 use crate::config::{Dur, EnvPair, Instances, ListenAddr, Mode, Protocol, Size};
-use crate::upstream::UpstreamSpec;
 use herd_balance::StrategyKind;
 
 #[derive(Debug, Parser)]

@@ -12,9 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cli::RunArgs;
-use crate::http::{HttpConfig, guard::Limits};
-use crate::upstream::{HealthConfig, UpstreamSpec};
-use herd_balance::StrategyKind;
+use herd_balance::{BackendConfig, StrategyKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -386,6 +384,107 @@ pub struct Settings {
     pub log_keep: u32,
     /// Preload herd's Node module into the workers (`NODE_OPTIONS=--require`).
     pub node_shim: bool,
+}
+
+/// `--upstream ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,backup]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSpec {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub config: BackendConfig,
+}
+
+impl FromStr for UpstreamSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',').map(str::trim);
+        let name = parts.next().unwrap_or_default().to_string();
+        let addr = name
+            .to_socket_addrs()
+            .map_err(|e| format!("{name:?}: {e} (expected HOST:PORT)"))?
+            .next()
+            .ok_or_else(|| format!("{name:?} resolves to no address"))?;
+        let mut config = BackendConfig::default();
+        for p in parts {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let num = || {
+                v.parse::<u32>()
+                    .map_err(|_| format!("{k}={v:?}: expected a whole number"))
+            };
+            match k {
+                "weight" => {
+                    config.weight = num()?;
+                    if config.weight == 0 {
+                        return Err("weight must be at least 1".into());
+                    }
+                }
+                "max_fails" => config.max_fails = num()?,
+                "fail_timeout" => {
+                    let d: Dur = v.parse()?;
+                    config.fail_timeout = d.0.as_nanos() as u64;
+                }
+                "backup" if v.is_empty() => config.backup = true,
+                _ => {
+                    return Err(format!(
+                        "unknown upstream parameter {p:?} (weight=N, max_fails=N, fail_timeout=DUR, backup)"
+                    ));
+                }
+            }
+        }
+        Ok(UpstreamSpec { name, addr, config })
+    }
+}
+
+impl TryFrom<String> for UpstreamSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for UpstreamSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Active health checking (`--health-*`).
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// `None`: a TCP connect is the check. `Some(path)`: `GET path` must answer 2xx or 3xx.
+    pub path: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Passes in a row that bring a target back.
+    pub rise: u32,
+    /// Failures in a row that take it out.
+    pub fall: u32,
+}
+
+/// Timeouts and limits of the HTTP proxy.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub connect_timeout: Duration,
+    /// Time for a backend to start answering (response headers), and
+    /// between two reads of its answer (nginx's `proxy_read_timeout`).
+    pub response_timeout: Duration,
+    pub limits: Limits,
+    /// How long a request waits for a first worker to be ready.
+    pub wait_for_backend: Duration,
+}
+
+/// What a client may send, and how slowly.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Request line plus headers, in bytes.
+    pub max_head: usize,
+    pub max_headers: usize,
+    /// Time to send a whole request head once it has begun.
+    pub header_timeout: Duration,
+    /// Time a keep-alive connection may wait for its next request, and a
+    /// request body for its next bytes (then the request fails with 408).
+    pub idle_timeout: Duration,
 }
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
@@ -812,5 +911,20 @@ mod tests {
         assert_eq!(c(&["node", "-r", "dotenv/config", "server.js"]), "server");
         assert_eq!(c(&["python3", "-m", "uvicorn", "main:app"]), "uvicorn");
         assert_eq!(c(&["node", "-e", "require('http')"]), "node");
+    }
+
+    #[test]
+    fn parses_upstream_specs() {
+        let u: UpstreamSpec = "127.0.0.1:8080,weight=3,max_fails=2,fail_timeout=30s,backup"
+            .parse()
+            .unwrap();
+        assert_eq!(u.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(u.config.weight, 3);
+        assert_eq!(u.config.max_fails, 2);
+        assert_eq!(u.config.fail_timeout, 30_000_000_000);
+        assert!(u.config.backup);
+        assert!("127.0.0.1:1,weight=0".parse::<UpstreamSpec>().is_err());
+        assert!("127.0.0.1:1,colour=red".parse::<UpstreamSpec>().is_err());
+        assert!("nohost".parse::<UpstreamSpec>().is_err());
     }
 }

@@ -37,7 +37,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::http::ip_key;
+use crate::proxy::ip_key;
 
 /// The worker's fd number for its end of the dispatch socket.
 pub const WORKER_FD: i32 = 3;

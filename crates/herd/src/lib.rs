@@ -11,7 +11,6 @@ pub mod control;
 pub mod cpus;
 pub mod dispatch;
 pub mod guardian;
-pub mod http;
 pub mod ipc;
 pub mod listen;
 pub mod logfile;

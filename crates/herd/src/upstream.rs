@@ -5,11 +5,10 @@
 //! goes away; each `Target` (with its `Arc<Backend>` state and its idle
 //! connections) lives on across those rebuilds.
 
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::str::FromStr;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use herd_balance::{Backend, BackendConfig, Balancer, StrategyKind};
@@ -17,7 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::http::pool::ConnPool;
+use crate::config::{HealthConfig, UpstreamSpec};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// One place a connection or request can be sent.
 pub struct Target {
@@ -25,8 +26,9 @@ pub struct Target {
     pub backend: Arc<Backend>,
     /// For logs: `worker 2` or `upstream 10.0.0.5:80`.
     pub label: String,
-    /// Idle keep-alive connections (HTTP protocol).
-    pub conns: ConnPool,
+    /// Unique for the process's life: the proxy threads' idle connections
+    /// to this target are filed under it.
+    pub id: u64,
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
     /// Requests (HTTP) or connections (TCP) it has been given.
@@ -41,7 +43,7 @@ impl Target {
             addr,
             backend: Arc::new(Backend::new(name, cfg)),
             label,
-            conns: ConnPool::default(),
+            id: NEXT_ID.fetch_add(1, Relaxed),
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
             served: AtomicU64::new(0),
@@ -148,82 +150,6 @@ impl Upstreams {
     }
 }
 
-/// `--upstream ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,backup]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamSpec {
-    pub name: String,
-    pub addr: SocketAddr,
-    pub config: BackendConfig,
-}
-
-impl FromStr for UpstreamSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut parts = s.split(',').map(str::trim);
-        let name = parts.next().unwrap_or_default().to_string();
-        let addr = name
-            .to_socket_addrs()
-            .map_err(|e| format!("{name:?}: {e} (expected HOST:PORT)"))?
-            .next()
-            .ok_or_else(|| format!("{name:?} resolves to no address"))?;
-        let mut config = BackendConfig::default();
-        for p in parts {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            let num = || {
-                v.parse::<u32>()
-                    .map_err(|_| format!("{k}={v:?}: expected a whole number"))
-            };
-            match k {
-                "weight" => {
-                    config.weight = num()?;
-                    if config.weight == 0 {
-                        return Err("weight must be at least 1".into());
-                    }
-                }
-                "max_fails" => config.max_fails = num()?,
-                "fail_timeout" => {
-                    let d: crate::config::Dur = v.parse()?;
-                    config.fail_timeout = d.0.as_nanos() as u64;
-                }
-                "backup" if v.is_empty() => config.backup = true,
-                _ => {
-                    return Err(format!(
-                        "unknown upstream parameter {p:?} (weight=N, max_fails=N, fail_timeout=DUR, backup)"
-                    ));
-                }
-            }
-        }
-        Ok(UpstreamSpec { name, addr, config })
-    }
-}
-
-impl TryFrom<String> for UpstreamSpec {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for UpstreamSpec {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// Active health checking (`--health-*`).
-#[derive(Debug, Clone)]
-pub struct HealthConfig {
-    /// `None`: a TCP connect is the check. `Some(path)`: `GET path` must answer 2xx or 3xx.
-    pub path: Option<String>,
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// Passes in a row that bring a target back.
-    pub rise: u32,
-    /// Failures in a row that take it out.
-    pub fall: u32,
-}
-
 /// Checks every target of the current pool each interval, taking targets
 /// out after `fall` failures in a row and back after `rise` passes.
 pub async fn health_loop(up: Arc<Upstreams>, cfg: HealthConfig) {
@@ -309,24 +235,4 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), String> {
     tokio::time::timeout(cfg.timeout, work)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", cfg.timeout)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_upstream_specs() {
-        let u: UpstreamSpec = "127.0.0.1:8080,weight=3,max_fails=2,fail_timeout=30s,backup"
-            .parse()
-            .unwrap();
-        assert_eq!(u.addr, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(u.config.weight, 3);
-        assert_eq!(u.config.max_fails, 2);
-        assert_eq!(u.config.fail_timeout, 30_000_000_000);
-        assert!(u.config.backup);
-        assert!("127.0.0.1:1,weight=0".parse::<UpstreamSpec>().is_err());
-        assert!("127.0.0.1:1,colour=red".parse::<UpstreamSpec>().is_err());
-        assert!("nohost".parse::<UpstreamSpec>().is_err());
-    }
 }

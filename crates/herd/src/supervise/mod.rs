@@ -29,10 +29,9 @@ use crate::config::{Mode, Protocol, Settings};
 use crate::control::{self, Call, ControlError};
 use crate::dispatch::{DispatchError, Dispatcher, PeerInfo};
 use crate::guardian::Guardian;
-use crate::http::HttpProxy;
 use crate::listen::{ListenError, Listeners};
 use crate::output::{Output, Stream};
-use crate::proxy::{self, Active, TcpProxy};
+use crate::proxy::{self, Active, HttpProxy, TcpProxy};
 use crate::rundir::{RunDir, RunDirError};
 use crate::sys::{self, ExecSpec};
 use crate::upstream::{self, Target, Upstreams};
@@ -253,10 +252,9 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             })?);
         }
         let proto = match sup.s.protocol {
-            Protocol::Http => proxy::Protocol::Http(Arc::new(HttpProxy {
-                up: sup.up.clone(),
-                cfg: sup.s.http.clone(),
-            })),
+            Protocol::Http => {
+                proxy::Protocol::Http(Arc::new(HttpProxy::new(sup.up.clone(), sup.s.http.clone())))
+            }
             Protocol::Tcp => proxy::Protocol::Tcp(Arc::new(TcpProxy {
                 up: sup.up.clone(),
                 connect_timeout: sup.s.connect_timeout,

@@ -1,121 +1,119 @@
-//! The HTTP proxy (proxy mode, `--protocol http`): balances per request
-//! over keep-alive connections to each target, HTTP/1.1 and h2c from
-//! clients, websockets through upgrades.
+//! Prior-knowledge h2c from clients, through hyper's HTTP/2 server: each
+//! stream is balanced on its own and sent to a backend over HTTP/1.1 with
+//! hyper's client. HTTP/1 clients take the engine in [`super::h1`].
 
-pub mod guard;
-pub mod pool;
-
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use herd_balance::{Backend, Ctx, KeySource, PickError};
-use hyper::body::{Body, Incoming};
+use bytes::Bytes;
+use herd_balance::{Backend, Ctx, KeySource, Lease, PickError};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::upstream::{Target, Upstreams};
-use pool::{ReqBody, RespBody, Sender};
+use super::conns::IdleMap;
+use super::{HttpProxy, Key, ip_key};
+use crate::upstream::Target;
 
-/// Timeouts and limits of the HTTP proxy.
-#[derive(Debug, Clone)]
-pub struct HttpConfig {
-    pub connect_timeout: Duration,
-    /// Time for a backend to start answering (response headers).
-    pub response_timeout: Duration,
-    pub limits: guard::Limits,
-    /// How long a request waits for a first worker to be ready.
-    pub wait_for_backend: Duration,
-}
+type Sender = SendRequest<ReqBody>;
 
-pub struct HttpProxy {
-    pub up: Arc<Upstreams>,
-    pub cfg: HttpConfig,
-}
+/// Attempts per request, as nginx's `proxy_next_upstream_tries` but bounded.
+const MAX_TRIES: usize = 3;
 
-/// Headers hyper parses without a `max_headers` setting.
-const HYPER_MAX_HEADERS: usize = 100;
-
-/// Serves `conn` until it ends; once `stop` is cancelled it is told to
-/// finish what is in flight, close idle keep-alive at once, and is awaited.
-async fn drive<F: Future>(conn: F, shutdown: impl FnOnce(Pin<&mut F>), stop: &CancellationToken) {
+/// Serves an h2c connection whose first bytes (`prefix`) were already read.
+pub async fn serve(
+    p: Arc<HttpProxy>,
+    io: TcpStream,
+    prefix: Vec<u8>,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let io = TokioIo::new(Prefixed { prefix, at: 0, io });
+    let me = p.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let me = me.clone();
+        async move { Ok::<_, std::convert::Infallible>(me.handle_h2(req, peer).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_header_list_size(p.cfg.limits.max_head as u32)
+        .serve_connection(io, svc);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
         _ = stop.cancelled() => {
-            shutdown(conn.as_mut());
+            conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
     }
 }
 
-/// Attempts per request, as nginx's `proxy_next_upstream_tries` but bounded.
-const MAX_TRIES: usize = 3;
+/// The socket, with the bytes already read from it put back in front.
+struct Prefixed {
+    prefix: Vec<u8>,
+    at: usize,
+    io: TcpStream,
+}
 
-impl HttpProxy {
-    /// Serves one client connection until it closes or `stop` asks it to
-    /// finish its in-flight requests and close.
-    pub async fn serve_conn(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        stop: CancellationToken,
-    ) {
-        let _ = stream.set_nodelay(true);
-        let mut guard = guard::Guard::new(stream, self.cfg.limits);
-        // The guard reads the first bytes anyway: it tells h2c from HTTP/1,
-        // where hyper-util's `auto` would read and replay them, which made
-        // hyper's first read short and regrow its buffer on every connection.
-        let h2 = tokio::select! {
-            h2 = std::future::poll_fn(|cx| guard.poll_is_h2(cx)) => h2,
-            _ = stop.cancelled() => return, // nothing sent yet: close
-        };
-        let io = TokioIo::new(guard);
-        let me = self.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let me = me.clone();
-            async move { Ok::<_, std::convert::Infallible>(me.handle(req, peer).await) }
-        });
-        if h2 {
-            // Boxed: it is rare, and the connection's task stays small.
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(self.cfg.limits.max_head as u32)
-                .serve_connection(io, svc);
-            drive(
-                Box::pin(conn),
-                |c| c.get_mut().as_mut().graceful_shutdown(),
-                &stop,
-            )
-            .await;
-            return;
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
         }
-        let mut b = hyper::server::conn::http1::Builder::new();
-        b
-            // A client may shut down its sending side and still await answers.
-            .half_close(true)
-            .writev(false)
-            .timer(TokioTimer::new())
-            // The guard times request heads (and answers 408): no second
-            // timer per request in hyper.
-            .header_read_timeout(None)
-            .max_buf_size(self.cfg.limits.max_head.max(8192) + 8192);
-        // The guard refuses heads with more headers than the limit. Within
-        // hyper's default of 100 hyper needs no setting, which spares it
-        // building a 100-entry array by value for every request.
-        if self.cfg.limits.max_headers > HYPER_MAX_HEADERS {
-            b.max_headers(self.cfg.limits.max_headers);
-        }
-        let conn = b.serve_connection(io, svc).with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), &stop).await;
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl HttpProxy {
+    async fn handle_h2(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -145,7 +143,7 @@ impl HttpProxy {
                 ReqBody::Empty
             },
         ));
-        let key_source = self.up.kind().key_source();
+        let key_source = &self.key_source;
         let mut avoid: Option<Arc<Backend>> = None;
         // What the client gets if no retry succeeds (nginx answers 502 then).
         let mut last = (StatusCode::BAD_GATEWAY, "no backend could answer\n");
@@ -156,7 +154,7 @@ impl HttpProxy {
             let Some(req) = next.take() else { break };
             let (lease, target) = {
                 let pool = self.up.peek();
-                let key = hash_key(&key_source, req.headers(), peer);
+                let key = hash_key(key_source, req.headers(), peer);
                 let ctx = Ctx {
                     now: self.up.now(),
                     rand: fastrand::u64(..),
@@ -236,33 +234,15 @@ impl HttpProxy {
         error(last.0, last.1)
     }
 
-    /// Whether there is a target; while there is none (no worker ready
-    /// yet), waits a bounded time for one.
-    async fn some_target(&self) -> bool {
-        if !self.up.peek().targets.is_empty() {
-            return true;
-        }
-        let deadline = tokio::time::Instant::now() + self.cfg.wait_for_backend;
-        loop {
-            let changed = self.up.changed();
-            if !self.up.peek().targets.is_empty() {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return false;
-            }
-        }
-    }
-
     async fn send(&self, target: &Arc<Target>, mut req: Request<ReqBody>, upgrade: bool) -> Sent {
         // A pooled connection the backend has meanwhile closed gives the
         // request back unsent; then one fresh connection is tried.
-        let mut pooled = if upgrade { None } else { target.conns.take() };
+        let mut pooled = if upgrade { None } else { take(target.id) };
         loop {
             let from_pool = pooled.is_some();
             let mut sender = match pooled.take() {
                 Some(s) => s,
-                None => match pool::connect(target, self.cfg.connect_timeout, upgrade).await {
+                None => match connect(target, self.cfg.connect_timeout, upgrade).await {
                     Ok(s) => s,
                     Err(e) => return Sent::Unsent(req, e.to_string()),
                 },
@@ -281,7 +261,7 @@ impl HttpProxy {
                 Ok(resp) => {
                     let reusable = !upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
                     if resp.body().is_end_stream() && reusable {
-                        target.conns.put(sender);
+                        put(target.id, sender);
                         return Sent::Answer(resp, None);
                     }
                     return Sent::Answer(resp, reusable.then_some(sender));
@@ -465,33 +445,6 @@ fn clone_head(p: &hyper::http::request::Parts) -> hyper::http::request::Parts {
     r.into_parts().0
 }
 
-/// The key a hashing strategy balances on: borrowed from the request, or
-/// the client address on the stack.
-pub enum Key<'a> {
-    Ip([u8; 16], usize),
-    Bytes(&'a [u8]),
-}
-
-impl Key<'_> {
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            Key::Ip(b, n) => &b[..*n],
-            Key::Bytes(b) => b,
-        }
-    }
-}
-
-pub fn ip_key(peer: SocketAddr) -> Key<'static> {
-    let mut b = [0u8; 16];
-    match peer.ip().to_canonical() {
-        std::net::IpAddr::V4(v4) => {
-            b[..4].copy_from_slice(&v4.octets());
-            Key::Ip(b, 4)
-        }
-        std::net::IpAddr::V6(v6) => Key::Ip(v6.octets(), 16),
-    }
-}
-
 fn hash_key<'a>(src: &KeySource, h: &'a HeaderMap, peer: SocketAddr) -> Option<Key<'a>> {
     match src {
         KeySource::None => None,
@@ -506,6 +459,188 @@ fn hash_key<'a>(src: &KeySource, h: &'a HeaderMap, peer: SocketAddr) -> Option<K
                 let (k, v) = kv.trim().split_once('=')?;
                 (k == name).then_some(Key::Bytes(v.as_bytes()))
             }),
+    }
+}
+
+thread_local! {
+    /// This thread's idle hyper client connections, by target id.
+    static IDLE: RefCell<IdleMap<Sender>> = const { RefCell::new(IdleMap::new()) };
+}
+
+/// A pooled connection ready for a request, if one is.
+fn take(target: u64) -> Option<Sender> {
+    IDLE.with(|m| {
+        m.borrow_mut().take(target, |s| {
+            // Ready unless closed or its last response is still being wound up.
+            let waker = std::task::Waker::noop();
+            !s.is_closed()
+                && matches!(
+                    s.poll_ready(&mut Context::from_waker(waker)),
+                    Poll::Ready(Ok(()))
+                )
+        })
+    })
+}
+
+fn put(target: u64, s: Sender) {
+    if !s.is_closed() {
+        IDLE.with(|m| m.borrow_mut().put(target, s));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connect failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] hyper::Error),
+}
+
+/// Opens an HTTP/1.1 connection to `target`; `upgrades` keeps it usable for
+/// a `101 Switching Protocols` tunnel.
+async fn connect(
+    target: &Target,
+    timeout: Duration,
+    upgrades: bool,
+) -> Result<Sender, ConnectError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(target.addr))
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))??;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .writev(false)
+        .handshake::<_, ReqBody>(TokioIo::new(stream))
+        .await?;
+    if upgrades {
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+    } else {
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    Ok(sender)
+}
+
+/// The body of a request on its way to a backend.
+pub enum ReqBody {
+    Empty,
+    /// The client's body; `failed` is set if reading it fails, so a broken
+    /// upload is told apart from a broken backend.
+    Client {
+        inner: Incoming,
+        failed: Arc<AtomicBool>,
+    },
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Empty => Poll::Ready(None),
+            ReqBody::Client { inner, failed } => {
+                let r = Pin::new(inner).poll_frame(cx);
+                if let Poll::Ready(Some(Err(_))) = &r {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                r
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Client { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Client { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// The body of a response on its way to a client.
+pub enum RespBody {
+    /// A short answer of herd's own (errors).
+    Full(Option<Bytes>),
+    /// A backend's body. The lease is held until it ends, so in-flight
+    /// counts cover the whole transfer; then the connection goes back to
+    /// its pool.
+    Backend {
+        inner: Incoming,
+        lease: Option<Lease>,
+        back: Option<(Sender, Arc<Target>)>,
+    },
+}
+
+impl RespBody {
+    pub fn text(s: &'static str) -> RespBody {
+        RespBody::Full(Some(Bytes::from_static(s.as_bytes())))
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RespBody::Backend { inner, lease, back } => {
+                let r = Pin::new(&mut *inner).poll_frame(cx);
+                match &r {
+                    Poll::Ready(None) => {
+                        if let Some((s, t)) = back.take() {
+                            put(t.id, s);
+                        }
+                        lease.take();
+                    }
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => {
+                        // hyper stops polling once the length is reached.
+                        if let Some((s, t)) = back.take() {
+                            put(t.id, s);
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        // Broken mid-body: the connection is not reusable.
+                        back.take();
+                        lease.take();
+                    }
+                    _ => {}
+                }
+                r
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Full(b) => b.is_none(),
+            RespBody::Backend { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            RespBody::Full(None) => SizeHint::with_exact(0),
+            RespBody::Backend { inner, .. } => inner.size_hint(),
+        }
     }
 }
 

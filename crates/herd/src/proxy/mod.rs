@@ -1,20 +1,29 @@
-//! Proxy mode's front door: the master accepts on the public port and
-//! either relays bytes to a target (`--protocol tcp`, one pick per
-//! connection) or hands the connection to the HTTP proxy (one pick per
-//! request).
+//! Proxy mode: the master accepts on the public port on one thread per
+//! CPU and either relays bytes to a target (`--protocol tcp`, one pick per
+//! connection, [`tcp`]) or proxies HTTP (one pick per request): HTTP/1.1
+//! through herd's own engine ([`h1`], heads parsed once by [`head`]),
+//! prior-knowledge h2c through hyper ([`h2`]).
+
+mod chunked;
+mod conns;
+mod h1;
+mod h2;
+pub mod head;
+mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use herd_balance::{Backend, Ctx};
-use tokio::net::{TcpListener, TcpStream};
+use herd_balance::{Backend, Ctx, KeySource, Lease, PickError};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{HttpProxy, ip_key};
-use crate::upstream::Upstreams;
+use crate::config::HttpConfig;
+use crate::upstream::{Target, Upstreams};
+pub use tcp::TcpProxy;
 
 /// Open client connections, so a graceful stop can wait for them.
 #[derive(Default)]
@@ -90,10 +99,14 @@ pub fn start_threads(
                     // timer is due sooner than the driver's next planned wake.
                     // Every request sets a time-out timer; a steady short tick
                     // keeps them all later than that, and saves a syscall each.
+                    // The same tick closes idle backend connections now and then.
                     tokio::spawn(async {
                         let mut tick = tokio::time::interval(Duration::from_millis(100));
-                        loop {
+                        for n in 0u64.. {
                             tick.tick().await;
+                            if n % 10 == 0 {
+                                conns::sweep();
+                            }
                         }
                     });
                     match TcpListener::from_std(l) {
@@ -131,7 +144,7 @@ pub async fn serve(
                     Protocol::Http(h) => {
                         let (h, stop) = (h.clone(), stop.clone());
                         tokio::spawn(async move {
-                            h.serve_conn(client, peer, stop).await;
+                            h1::serve(h, client, peer, stop).await;
                             drop(guard);
                         });
                     }
@@ -153,65 +166,83 @@ pub async fn serve(
     }
 }
 
-pub struct TcpProxy {
+/// The HTTP proxy's shared state: where requests go, and its limits.
+pub struct HttpProxy {
     pub up: Arc<Upstreams>,
-    pub connect_timeout: Duration,
-    /// How long a connection waits for a first worker to be ready.
-    pub wait_for_backend: Duration,
+    pub cfg: HttpConfig,
+    /// Where the strategy's hash key comes from, worked out once.
+    key_source: KeySource,
 }
 
-/// Targets tried per connection before giving up on it.
-const MAX_TRIES: usize = 3;
-
-impl TcpProxy {
-    async fn relay(&self, mut client: TcpStream, peer: SocketAddr) {
-        let key = ip_key(peer);
-        let mut avoid: Option<Arc<Backend>> = None;
-        let deadline = tokio::time::Instant::now() + self.wait_for_backend;
-        let mut tries = 0;
-        while tries < MAX_TRIES {
-            let changed = self.up.changed();
-            let pool = self.up.current();
-            let ctx = Ctx {
-                now: self.up.now(),
-                rand: fastrand::u64(..),
-                key: Some(key.as_slice()),
-            };
-            let lease = match pool.balancer.pick_except(&ctx, avoid.as_deref()) {
-                Ok(l) => l,
-                Err(_) => {
-                    // None ready yet (start-up, restarts): wait a bounded time.
-                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                        tracing::warn!(
-                            "no ready backend within {:?}; closing a connection",
-                            self.wait_for_backend
-                        );
-                        return;
-                    }
-                    continue;
-                }
-            };
-            tries += 1;
-            let target = pool.targets[lease.index()].clone();
-            drop(pool);
-            let connect =
-                tokio::time::timeout(self.connect_timeout, TcpStream::connect(target.addr));
-            match connect.await {
-                Ok(Ok(mut upstream)) => {
-                    lease.success(self.up.now());
-                    target.count_served();
-                    let _ = client.set_nodelay(true);
-                    let _ = upstream.set_nodelay(true);
-                    // Both ways; EOF on one side shuts down writing to the
-                    // other (half-close); returns when both are done.
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                    return; // The lease, held until now, counts this connection.
-                }
-                Ok(Err(e)) => tracing::debug!("{}: connect failed: {e}", target.label),
-                Err(_) => tracing::debug!("{}: connect timed out", target.label),
-            }
-            lease.failure(self.up.now());
-            avoid = Some(lease.backend().clone());
+impl HttpProxy {
+    pub fn new(up: Arc<Upstreams>, cfg: HttpConfig) -> HttpProxy {
+        let key_source = up.kind().key_source();
+        HttpProxy {
+            up,
+            cfg,
+            key_source,
         }
+    }
+
+    /// Whether there is a target; while there is none (no worker ready
+    /// yet), waits a bounded time for one.
+    async fn some_target(&self) -> bool {
+        if !self.up.peek().targets.is_empty() {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + self.cfg.wait_for_backend;
+        loop {
+            let changed = self.up.changed();
+            if !self.up.peek().targets.is_empty() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Picks a target for one request; the lease counts it in flight.
+    fn pick(
+        &self,
+        key: Option<&Key<'_>>,
+        avoid: Option<&Backend>,
+    ) -> Result<(Lease, Arc<Target>), PickError> {
+        let pool = self.up.peek();
+        let ctx = Ctx {
+            now: self.up.now(),
+            rand: fastrand::u64(..),
+            key: key.map(Key::as_slice),
+        };
+        let lease = pool.balancer.pick_except(&ctx, avoid)?;
+        let target = pool.targets[lease.index()].clone();
+        Ok((lease, target))
+    }
+}
+
+/// The key a hashing strategy balances on: borrowed from the request, or
+/// the client address on the stack.
+pub enum Key<'a> {
+    Ip([u8; 16], usize),
+    Bytes(&'a [u8]),
+}
+
+impl Key<'_> {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Key::Ip(b, n) => &b[..*n],
+            Key::Bytes(b) => b,
+        }
+    }
+}
+
+pub fn ip_key(peer: SocketAddr) -> Key<'static> {
+    let mut b = [0u8; 16];
+    match peer.ip().to_canonical() {
+        std::net::IpAddr::V4(v4) => {
+            b[..4].copy_from_slice(&v4.octets());
+            Key::Ip(b, 4)
+        }
+        std::net::IpAddr::V6(v6) => Key::Ip(v6.octets(), 16),
     }
 }

@@ -1,0 +1,859 @@
+//! The HTTP/1.1 proxy path: each request head and each response head is
+//! parsed once ([`head`]) and the bytes are forwarded, not rebuilt.
+//!
+//! Life of a client connection: wait for bytes holding no buffer; take a
+//! buffer from the thread's pool, read the head, check it; pick a backend,
+//! take an idle connection to it from this thread's pool (or connect),
+//! write the edited head and the body bytes already read in one vectored
+//! write; relay the rest of the body while waiting for the answer's head;
+//! write the answer's head, relay its body by its framing; give the backend
+//! connection back to the pool and the buffers back to the thread; wait for
+//! the next request.
+//!
+//! Retries follow nginx's rules: a request that never reached a backend
+//! goes to another one whatever its method; one that was sent goes again
+//! only if it is idempotent and has no body; nothing is retried once
+//! answer bytes have reached the client. An idle pooled connection that
+//! the backend closed is replaced by a fresh one without counting against
+//! the backend.
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::chunked::Chunked;
+use super::head::{self, Asked, Framing, H2_PREFACE, Refusal, Response};
+use super::{HttpProxy, Key, conns};
+use crate::upstream::Target;
+
+/// Attempts per request, as nginx's `proxy_next_upstream_tries` but bounded.
+const MAX_TRIES: usize = 3;
+/// How long a refused client may keep sending before the connection is
+/// closed (nginx's lingering close): closing with unread input resets the
+/// connection, and the client would lose the answer.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Bytes read from the client and not yet used. Holds no memory while the
+/// connection is idle.
+#[derive(Default)]
+struct Inbox {
+    v: Vec<u8>,
+    start: usize,
+}
+
+impl Inbox {
+    fn pending(&self) -> &[u8] {
+        &self.v[self.start..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start >= self.v.len() {
+            self.v.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Gives the buffer back to the thread when nothing is pending.
+    fn release_if_empty(&mut self) {
+        if self.start >= self.v.len() {
+            conns::give_back(std::mem::take(&mut self.v));
+            self.start = 0;
+        }
+    }
+
+    /// One read from `io`; `Ok(0)` is EOF. A read with no room left is a
+    /// caller's error (heads are bounded below the capacity).
+    fn try_fill(&mut self, io: &TcpStream, cap: usize) -> io::Result<usize> {
+        if self.v.capacity() == 0 {
+            self.v = conns::buffer(cap);
+        }
+        if self.v.len() == self.v.capacity() && self.start > 0 {
+            self.v.drain(..self.start);
+            self.start = 0;
+        }
+        if self.v.len() == self.v.capacity() {
+            return Err(io::Error::other("request buffer full"));
+        }
+        io.try_read_buf(&mut self.v)
+    }
+}
+
+/// Capacity of every buffer: a whole head of the largest size allowed,
+/// and room to read body bytes behind it.
+fn buffer_size(p: &HttpProxy) -> usize {
+    p.cfg.limits.max_head.max(8192) + 8192
+}
+
+enum Head {
+    Complete(usize),
+    H2,
+    Close,
+    Refuse(Refusal),
+}
+
+enum Outcome {
+    KeepAlive,
+    Close,
+    /// Close, after discarding what the client is still sending.
+    Linger,
+}
+
+/// Serves one client connection until it closes, or until `stop` and
+/// the request in flight (which is answered with `Connection: close`) is done.
+pub async fn serve(
+    p: Arc<HttpProxy>,
+    mut io: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let _ = io.set_nodelay(true);
+    let mut inbox = Inbox::default();
+    let mut first = true;
+    loop {
+        let len = match read_head(&p, &io, &mut inbox, first, &stop).await {
+            Head::Complete(len) => len,
+            Head::H2 => {
+                // Boxed: rare, and the connection's task stays small.
+                let prefix = inbox.pending().to_vec();
+                inbox.release_if_empty();
+                conns::give_back(std::mem::take(&mut inbox.v));
+                Box::pin(super::h2::serve(p, io, prefix, peer, stop)).await;
+                return;
+            }
+            Head::Close => break,
+            Head::Refuse(r) => {
+                let _ = write_all(&io, r.response(), p.cfg.limits.idle_timeout).await;
+                linger(&mut io, &mut inbox, buffer_size(&p)).await;
+                break;
+            }
+        };
+        first = false;
+        // Boxed, so an idle connection's task holds only this loop's state.
+        match Box::pin(exchange(&p, &mut io, &mut inbox, len, peer, &stop)).await {
+            Outcome::KeepAlive => inbox.release_if_empty(),
+            Outcome::Close => break,
+            Outcome::Linger => {
+                linger(&mut io, &mut inbox, buffer_size(&p)).await;
+                break;
+            }
+        }
+    }
+    conns::give_back(std::mem::take(&mut inbox.v));
+}
+
+/// Reads until `inbox` holds a complete request head.
+async fn read_head(
+    p: &HttpProxy,
+    io: &TcpStream,
+    inbox: &mut Inbox,
+    first: bool,
+    stop: &CancellationToken,
+) -> Head {
+    let limits = p.cfg.limits;
+    let idle_until = Instant::now()
+        + if first {
+            limits.header_timeout
+        } else {
+            limits.idle_timeout
+        };
+    // Once a head has begun, the header timeout runs from then.
+    let mut head_until: Option<Instant> = None;
+    let mut scanned = 0;
+    loop {
+        let pending = inbox.pending();
+        if !pending.is_empty() {
+            let n = pending.len().min(H2_PREFACE.len());
+            let maybe_h2 = first && pending[..n] == H2_PREFACE[..n];
+            if maybe_h2 && n == H2_PREFACE.len() {
+                return Head::H2;
+            }
+            if !maybe_h2 && let Some(end) = head::head_end(pending, scanned) {
+                if end > limits.max_head {
+                    return Head::Refuse(Refusal::TooLarge);
+                }
+                return Head::Complete(end);
+            }
+            if pending.len() >= limits.max_head {
+                return Head::Refuse(Refusal::TooLarge);
+            }
+            scanned = pending.len();
+            head_until.get_or_insert(Instant::now() + limits.header_timeout);
+        }
+        // Read what is there first: the readiness tokio cached makes this
+        // free when nothing is.
+        match inbox.try_fill(io, buffer_size(p)) {
+            Ok(0) => return Head::Close,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => inbox.release_if_empty(),
+            Err(_) => return Head::Close,
+        }
+        let ready = match head_until {
+            Some(until) => tokio::time::timeout_at(until, io.readable()).await,
+            // Idle: a graceful stop closes the connection at once.
+            None => tokio::select! {
+                r = tokio::time::timeout_at(idle_until, io.readable()) => r,
+                _ = stop.cancelled() => return Head::Close,
+            },
+        };
+        match ready {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Head::Close,
+            // Nothing sent at all: close quietly; a head begun: 408.
+            Err(_) if head_until.is_none() => return Head::Close,
+            Err(_) => return Head::Refuse(Refusal::Timeout),
+        }
+    }
+}
+
+/// What is left of the request body after the bytes sent with the head.
+#[derive(Clone, Copy)]
+enum BodyLeft {
+    Done,
+    Length(u64),
+    Chunked(Chunked),
+}
+
+/// How relaying the rest of the request body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyEnd {
+    Done,
+    /// The client closed before the end of its body.
+    ClientGone,
+    /// The client sent nothing for `--idle-timeout`.
+    ClientStalled,
+    BadChunk,
+    /// The backend stopped taking it (it may still have answered).
+    BackendGone,
+}
+
+/// How waiting for the answer's head ended.
+enum HeadWait {
+    Got(usize, Response),
+    TimedOut,
+    /// The connection ended or broke; `quiet`: before any answer byte.
+    Closed {
+        quiet: bool,
+    },
+    Malformed,
+}
+
+/// One request: sent to a backend (again, if allowed), answered.
+async fn exchange(
+    p: &HttpProxy,
+    io: &mut TcpStream,
+    inbox: &mut Inbox,
+    head_len: usize,
+    peer: SocketAddr,
+    stop: &CancellationToken,
+) -> Outcome {
+    let cap = buffer_size(p);
+    let limits = p.cfg.limits;
+    let mut out = conns::buffer(cap);
+    let parsed = head::request(
+        &inbox.pending()[..head_len],
+        limits.max_headers,
+        peer,
+        &p.key_source,
+        &mut out,
+    );
+    let req = match parsed {
+        Ok(r) => r,
+        Err(refusal) => {
+            conns::give_back(out);
+            let _ = write_all(io, refusal.response(), limits.idle_timeout).await;
+            return Outcome::Linger;
+        }
+    };
+    // The key outlives the head's bytes (the buffer is reused for the body).
+    let key_bytes = req.key.map(|(a, b)| inbox.pending()[a..b].to_vec());
+    let key = match &key_bytes {
+        Some(b) => Some(Key::Bytes(b)),
+        None if p.key_source == herd_balance::KeySource::ClientIp => Some(super::ip_key(peer)),
+        None => None,
+    };
+    inbox.consume(head_len);
+
+    // Body bytes that came with the head go out with it.
+    let pending = inbox.pending();
+    let (in_buf, left) = match req.body {
+        Framing::None | Framing::UntilClose => (0, BodyLeft::Done),
+        Framing::Length(n) => {
+            let k = (pending.len() as u64).min(n);
+            let left = if k == n {
+                BodyLeft::Done
+            } else {
+                BodyLeft::Length(n - k)
+            };
+            (k as usize, left)
+        }
+        Framing::Chunked => {
+            let mut c = Chunked::new(limits.max_head);
+            match c.scan(pending, |_| {}) {
+                Ok(k) if c.is_done() => (k, BodyLeft::Done),
+                Ok(k) => (k, BodyLeft::Chunked(c)),
+                Err(_) => {
+                    conns::give_back(out);
+                    let _ =
+                        write_all(io, Refusal::BadRequest.response(), limits.idle_timeout).await;
+                    return Outcome::Linger;
+                }
+            }
+        }
+    };
+    let bodiless = req.body == Framing::None;
+    let replay = req.idempotent && bodiless;
+    let asked = Asked {
+        head_method: req.head_method,
+        upgrade: req.upgrade,
+        http10: req.http10,
+        keep_alive: req.keep_alive && !stop.is_cancelled(),
+    };
+    // Our own answers keep the connection if the whole request was read.
+    let own_keep = asked.keep_alive && matches!(left, BodyLeft::Done);
+
+    let mut avoid: Option<Arc<herd_balance::Backend>> = None;
+    let mut last: (u16, &str, &str) = (502, "Bad Gateway", "no backend could answer\n");
+    let mut tries = 0;
+    let mut stale_retries = 0;
+    let mut skip_pool = req.upgrade;
+    'attempt: loop {
+        if tries >= MAX_TRIES {
+            return answer(io, out, last, own_keep, limits.idle_timeout).await;
+        }
+        if !p.some_target().await {
+            let no = (503, "Service Unavailable", "no worker is ready\n");
+            return answer(io, out, no, own_keep, limits.idle_timeout).await;
+        }
+        let (lease, target) = match p.pick(key.as_ref(), avoid.as_deref()) {
+            Ok(x) => x,
+            Err(_) if avoid.is_some() => {
+                return answer(io, out, last, own_keep, limits.idle_timeout).await;
+            }
+            Err(_) => {
+                let no = (503, "Service Unavailable", "no healthy backend\n");
+                return answer(io, out, no, own_keep, limits.idle_timeout).await;
+            }
+        };
+        tries += 1;
+
+        // A connection, and the head (with the body bytes at hand) on it.
+        let mut pooled = if skip_pool {
+            None
+        } else {
+            conns::take(target.id)
+        };
+        let (b, was_pooled) = loop {
+            let (b, was_pooled) = match pooled.take() {
+                Some(b) => (b, true),
+                None => match connect(&target, p.cfg.connect_timeout).await {
+                    Ok(b) => (b, false),
+                    Err(e) => {
+                        tracing::debug!("{}: {e}; trying another backend", target.label);
+                        lease.failure(p.up.now());
+                        avoid = Some(lease.backend().clone());
+                        last = (502, "Bad Gateway", "could not connect to a backend\n");
+                        continue 'attempt;
+                    }
+                },
+            };
+            let body = &inbox.pending()[..in_buf];
+            match write_two(&b, &out, body, p.cfg.response_timeout).await {
+                Ok(()) => break (b, was_pooled),
+                // Closed while idle: a fresh connection, not a failure.
+                Err(_) if was_pooled => continue,
+                Err(e) => {
+                    tracing::debug!("{}: sending failed: {e}", target.label);
+                    lease.failure(p.up.now());
+                    avoid = Some(lease.backend().clone());
+                    last = (502, "Bad Gateway", "backend failed\n");
+                    continue 'attempt;
+                }
+            }
+        };
+
+        // The rest of the body, while the answer's head is awaited.
+        let mut rbuf = conns::buffer(cap);
+        let client: &TcpStream = io;
+        let mut body_end = BodyEnd::Done;
+        let wait = {
+            let head_fut = read_answer_head(
+                &b,
+                &mut rbuf,
+                client,
+                asked,
+                &mut out,
+                p.cfg.response_timeout,
+            );
+            tokio::pin!(head_fut);
+            if matches!(left, BodyLeft::Done) {
+                inbox.consume(in_buf);
+                head_fut.await
+            } else {
+                let body_fut = send_body(client, inbox, in_buf, &b, left, cap, p);
+                tokio::pin!(body_fut);
+                tokio::select! {
+                    w = &mut head_fut => {
+                        body_end = BodyEnd::BackendGone; // answered early: the rest is not sent
+                        w
+                    }
+                    e = &mut body_fut => {
+                        body_end = e;
+                        match e {
+                            BodyEnd::Done | BodyEnd::BackendGone => head_fut.await,
+                            BodyEnd::ClientGone => HeadWait::Closed { quiet: false },
+                            BodyEnd::ClientStalled | BodyEnd::BadChunk => HeadWait::Malformed,
+                        }
+                    }
+                }
+            }
+        };
+        let now = p.up.now();
+        let (len, resp) = match wait {
+            HeadWait::Got(len, resp) => (len, resp),
+            _ if matches!(body_end, BodyEnd::ClientGone) => {
+                conns::give_back(rbuf);
+                conns::give_back(out);
+                return Outcome::Close;
+            }
+            _ if matches!(body_end, BodyEnd::ClientStalled | BodyEnd::BadChunk) => {
+                conns::give_back(rbuf);
+                conns::give_back(out);
+                let r = if body_end == BodyEnd::BadChunk {
+                    Refusal::BadRequest
+                } else {
+                    Refusal::Timeout
+                };
+                let _ = write_all(io, r.response(), limits.idle_timeout).await;
+                return Outcome::Linger;
+            }
+            HeadWait::Closed { quiet: true } if was_pooled && replay && stale_retries == 0 => {
+                // The backend closed the idle connection as the request went
+                // out: once more on a fresh connection, not a failure.
+                conns::give_back(rbuf);
+                stale_retries += 1;
+                tries -= 1;
+                skip_pool = true;
+                drop(lease);
+                continue 'attempt;
+            }
+            wait => {
+                conns::give_back(rbuf);
+                lease.failure(now);
+                last = match wait {
+                    HeadWait::TimedOut => {
+                        (504, "Gateway Timeout", "backend did not answer in time\n")
+                    }
+                    _ => (502, "Bad Gateway", "backend failed\n"),
+                };
+                tracing::debug!("{}: {}", target.label, last.2.trim_end());
+                if replay {
+                    avoid = Some(lease.backend().clone());
+                    continue 'attempt;
+                }
+                let keep = own_keep && body_end == BodyEnd::Done;
+                return answer(io, out, last, keep, limits.idle_timeout).await;
+            }
+        };
+        lease.success(now);
+        target.count_served();
+        let body_sent = body_end == BodyEnd::Done;
+        if !body_sent && resp.client_keep_alive {
+            // Answered before the whole body came: the connection cannot
+            // find the next request, so this answer closes it.
+            let closing = Asked {
+                keep_alive: false,
+                ..asked
+            };
+            let _ = head::response(&rbuf, closing, &mut out);
+        }
+
+        if resp.status == 101 {
+            let ok = write_two(io, &out, &rbuf[len..], limits.idle_timeout)
+                .await
+                .is_ok()
+                && write_all(&b, inbox.pending(), p.cfg.response_timeout)
+                    .await
+                    .is_ok();
+            conns::give_back(rbuf);
+            conns::give_back(out);
+            conns::give_back(std::mem::take(&mut inbox.v));
+            inbox.start = 0;
+            if ok {
+                let mut b = b;
+                let _ = tokio::io::copy_bidirectional(io, &mut b).await;
+            }
+            drop(lease); // In flight for as long as the tunnel lasts.
+            return Outcome::Close;
+        }
+
+        let relayed = relay_answer(p, io, &b, &mut rbuf, len, &out, &resp).await;
+        conns::give_back(rbuf);
+        conns::give_back(out);
+        if relayed == Relayed::Complete && resp.backend_keep_alive && body_sent {
+            conns::put(target.id, b);
+        }
+        drop(lease);
+        return match relayed {
+            Relayed::Failed => Outcome::Close,
+            _ if !body_sent => Outcome::Linger,
+            _ if resp.client_keep_alive => Outcome::KeepAlive,
+            _ => Outcome::Close,
+        };
+    }
+}
+
+/// Relays the rest of the request body from the client to the backend.
+/// `in_buf` bytes at the inbox's front were already sent with the head.
+async fn send_body(
+    client: &TcpStream,
+    inbox: &mut Inbox,
+    in_buf: usize,
+    b: &TcpStream,
+    mut left: BodyLeft,
+    cap: usize,
+    p: &HttpProxy,
+) -> BodyEnd {
+    inbox.consume(in_buf);
+    let idle = p.cfg.limits.idle_timeout;
+    loop {
+        if matches!(left, BodyLeft::Done) {
+            return BodyEnd::Done;
+        }
+        if inbox.pending().is_empty() {
+            match read_some(client, inbox, cap, idle).await {
+                Ok(0) => return BodyEnd::ClientGone,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return BodyEnd::ClientStalled,
+                Err(_) => return BodyEnd::ClientGone,
+            }
+        }
+        let pending = inbox.pending();
+        let k = match &mut left {
+            BodyLeft::Done => 0,
+            BodyLeft::Length(n) => {
+                let k = (pending.len() as u64).min(*n);
+                *n -= k;
+                if *n == 0 {
+                    left = BodyLeft::Done;
+                }
+                k as usize
+            }
+            BodyLeft::Chunked(c) => match c.scan(pending, |_| {}) {
+                Ok(k) => {
+                    if c.is_done() {
+                        left = BodyLeft::Done;
+                    }
+                    k
+                }
+                Err(_) => return BodyEnd::BadChunk,
+            },
+        };
+        if write_all(b, &inbox.pending()[..k], p.cfg.response_timeout)
+            .await
+            .is_err()
+        {
+            return BodyEnd::BackendGone;
+        }
+        inbox.consume(k);
+    }
+}
+
+/// Reads the answer's head into `rbuf`; interim (1xx) answers go on to
+/// the client as they come (an HTTP/1.0 client gets none).
+async fn read_answer_head(
+    b: &TcpStream,
+    rbuf: &mut Vec<u8>,
+    client: &TcpStream,
+    asked: Asked,
+    out: &mut Vec<u8>,
+    timeout: Duration,
+) -> HeadWait {
+    let cap = rbuf.capacity();
+    let mut quiet = true;
+    loop {
+        match read_some_vec(b, rbuf, timeout).await {
+            Ok(0) => return HeadWait::Closed { quiet },
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return HeadWait::TimedOut,
+            Err(_) => return HeadWait::Closed { quiet },
+        }
+        loop {
+            match head::response(rbuf, asked, out) {
+                Ok(Some((len, resp))) if resp.interim => {
+                    quiet = false;
+                    if !asked.http10 {
+                        let _ = write_all(client, out, timeout).await;
+                    }
+                    rbuf.drain(..len);
+                }
+                Ok(Some((len, resp))) => return HeadWait::Got(len, resp),
+                Ok(None) if rbuf.len() >= cap => return HeadWait::Malformed,
+                Ok(None) => break,
+                Err(_) => return HeadWait::Malformed,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Relayed {
+    /// The body ended where its framing said, nothing after it.
+    Complete,
+    /// Delivered, but the backend connection cannot be reused.
+    Unreusable,
+    /// Broken off: the client connection must close.
+    Failed,
+}
+
+/// Writes the answer's head (`out`) and relays its body by its framing.
+async fn relay_answer(
+    p: &HttpProxy,
+    client: &TcpStream,
+    b: &TcpStream,
+    rbuf: &mut Vec<u8>,
+    head_len: usize,
+    out: &[u8],
+    resp: &Response,
+) -> Relayed {
+    let to_client = p.cfg.limits.idle_timeout;
+    let from_backend = p.cfg.response_timeout;
+    match resp.body {
+        Framing::None => {
+            let extra = rbuf.len() > head_len;
+            if write_all(client, out, to_client).await.is_err() {
+                return Relayed::Failed;
+            }
+            if extra {
+                Relayed::Unreusable
+            } else {
+                Relayed::Complete
+            }
+        }
+        Framing::Length(n) => {
+            let first = ((rbuf.len() - head_len) as u64).min(n) as usize;
+            let extra = rbuf.len() - head_len > first;
+            if write_two(client, out, &rbuf[head_len..head_len + first], to_client)
+                .await
+                .is_err()
+            {
+                return Relayed::Failed;
+            }
+            let mut left = n - first as u64;
+            let mut extra = extra;
+            while left > 0 {
+                rbuf.clear();
+                match read_some_vec(b, rbuf, from_backend).await {
+                    Ok(0) | Err(_) => return Relayed::Failed,
+                    Ok(got) => {
+                        let k = (got as u64).min(left) as usize;
+                        extra |= got > k;
+                        left -= k as u64;
+                        if write_all(client, &rbuf[..k], to_client).await.is_err() {
+                            return Relayed::Failed;
+                        }
+                    }
+                }
+            }
+            if extra {
+                Relayed::Unreusable
+            } else {
+                Relayed::Complete
+            }
+        }
+        Framing::Chunked => {
+            let mut c = Chunked::new(p.cfg.limits.max_head);
+            let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
+            let mut from = head_len;
+            let mut head: &[u8] = out;
+            loop {
+                spans.clear();
+                let data = &rbuf[from..];
+                let k = match c.scan(data, |r| {
+                    if resp.dechunk {
+                        spans.push(r)
+                    }
+                }) {
+                    Ok(k) => k,
+                    Err(_) => return Relayed::Failed,
+                };
+                let sent = if resp.dechunk {
+                    let mut w = write_all(client, head, to_client).await;
+                    for r in &spans {
+                        if w.is_ok() {
+                            w = write_all(client, &data[r.clone()], to_client).await;
+                        }
+                    }
+                    w
+                } else {
+                    write_two(client, head, &data[..k], to_client).await
+                };
+                if sent.is_err() {
+                    return Relayed::Failed;
+                }
+                head = &[];
+                if c.is_done() {
+                    return if k < data.len() {
+                        Relayed::Unreusable
+                    } else {
+                        Relayed::Complete
+                    };
+                }
+                rbuf.clear();
+                from = 0;
+                match read_some_vec(b, rbuf, from_backend).await {
+                    Ok(0) | Err(_) => return Relayed::Failed,
+                    Ok(_) => {}
+                }
+            }
+        }
+        Framing::UntilClose => {
+            if write_two(client, out, &rbuf[head_len..], to_client)
+                .await
+                .is_err()
+            {
+                return Relayed::Failed;
+            }
+            loop {
+                rbuf.clear();
+                match read_some_vec(b, rbuf, from_backend).await {
+                    Ok(0) => return Relayed::Unreusable,
+                    Err(_) => return Relayed::Failed,
+                    Ok(_) => {
+                        if write_all(client, rbuf, to_client).await.is_err() {
+                            return Relayed::Failed;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A short answer of herd's own; gives `out` back.
+async fn answer(
+    io: &TcpStream,
+    mut out: Vec<u8>,
+    (status, reason, body): (u16, &str, &str),
+    keep: bool,
+    timeout: Duration,
+) -> Outcome {
+    head::error_response(&mut out, status, reason, body, keep);
+    let ok = write_all(io, &out, timeout).await.is_ok();
+    conns::give_back(out);
+    match (ok, keep) {
+        (true, true) => Outcome::KeepAlive,
+        (true, false) => Outcome::Linger,
+        (false, _) => Outcome::Close,
+    }
+}
+
+async fn connect(t: &Target, timeout: Duration) -> io::Result<TcpStream> {
+    let s = tokio::time::timeout(timeout, TcpStream::connect(t.addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {timeout:?}"),
+            )
+        })??;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// One read into the inbox, waiting up to `timeout` for bytes.
+async fn read_some(
+    io: &TcpStream,
+    inbox: &mut Inbox,
+    cap: usize,
+    timeout: Duration,
+) -> io::Result<usize> {
+    let mut until = None;
+    loop {
+        match inbox.try_fill(io, cap) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            r => return r,
+        }
+        let until = *until.get_or_insert_with(|| Instant::now() + timeout);
+        tokio::time::timeout_at(until, io.readable())
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    }
+}
+
+/// One read appended to `v` (which has room), waiting up to `timeout`.
+async fn read_some_vec(io: &TcpStream, v: &mut Vec<u8>, timeout: Duration) -> io::Result<usize> {
+    if v.len() == v.capacity() {
+        return Err(io::Error::other("buffer full"));
+    }
+    let mut until = None;
+    loop {
+        match io.try_read_buf(v) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            r => return r,
+        }
+        let until = *until.get_or_insert_with(|| Instant::now() + timeout);
+        tokio::time::timeout_at(until, io.readable())
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    }
+}
+
+/// Writes all of `data`, waiting up to `timeout` each time the socket is full.
+async fn write_all(io: &TcpStream, data: &[u8], timeout: Duration) -> io::Result<()> {
+    write_two(io, data, &[], timeout).await
+}
+
+/// Writes `a` then `b`, in one `writev` when the socket takes them.
+async fn write_two(io: &TcpStream, a: &[u8], b: &[u8], timeout: Duration) -> io::Result<()> {
+    let mut bufs = [IoSlice::new(a), IoSlice::new(b)];
+    let mut slices: &mut [IoSlice<'_>] = &mut bufs;
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        let r = if slices.len() == 1 {
+            io.try_write(&slices[0])
+        } else {
+            io.try_write_vectored(slices)
+        };
+        match r {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::timeout(timeout, io.writable())
+                    .await
+                    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Closes the sending side, then reads and drops what the client still
+/// sends for up to [`LINGER`], so the answer reaches it before the close.
+async fn linger(io: &mut TcpStream, inbox: &mut Inbox, cap: usize) {
+    let _ = io.shutdown().await;
+    let until = Instant::now() + LINGER;
+    loop {
+        inbox.v.clear();
+        inbox.start = 0;
+        match inbox.try_fill(io, cap) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+        match tokio::time::timeout_at(until, io.readable()).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+    }
+    conns::give_back(std::mem::take(&mut inbox.v));
+    inbox.start = 0;
+}

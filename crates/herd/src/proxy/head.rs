@@ -1,0 +1,878 @@
+//! Request and response heads: each parsed once (httparse), checked by RFC
+//! 9112's framing rules, and written for the next hop by copying the bytes
+//! received, with only the edits a proxy must make (hop-by-hop headers
+//! out, forwarding headers in). No header map, no per-header allocation.
+//!
+//! Pure: bytes in, bytes and a verdict out, so every rule is unit tested.
+
+use std::io::Write;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+
+use herd_balance::KeySource;
+
+/// A request herd answers itself, and closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest,
+    TooLarge,
+    Timeout,
+    NotAllowed,
+}
+
+impl Refusal {
+    pub fn response(self) -> &'static [u8] {
+        match self {
+            Refusal::BadRequest => b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\nConnection: close\r\n\r\nbad request\n",
+            Refusal::TooLarge => b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 23\r\nConnection: close\r\n\r\nrequest head too large\n",
+            Refusal::Timeout => b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 16\r\nConnection: close\r\n\r\nrequest timeout\n",
+            Refusal::NotAllowed => b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain\r\nContent-Length: 19\r\nAllow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\nConnection: close\r\n\r\nmethod not allowed\n",
+        }
+    }
+}
+
+/// A backend's answer that cannot be relayed (herd answers 502).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed response head")]
+pub struct BadResponse;
+
+/// How a message's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Responses only: the body runs until the backend closes.
+    UntilClose,
+}
+
+/// What the proxy needs to know of a request after its head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub body: Framing,
+    pub http10: bool,
+    /// The client wants the connection kept open after the answer.
+    pub keep_alive: bool,
+    /// `Upgrade` with `Connection: upgrade` (WebSocket and the like).
+    pub upgrade: bool,
+    /// HEAD: the answer has no body whatever its headers say.
+    pub head_method: bool,
+    /// Safe to send twice (RFC 9110, 9.2.2).
+    pub idempotent: bool,
+    /// The bytes a hashing strategy balances on, from the head.
+    pub key: Option<(usize, usize)>,
+}
+
+/// What the proxy needs to know of a response after its head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: Framing,
+    /// 1xx other than 101: another head follows.
+    pub interim: bool,
+    /// The backend connection may carry another request.
+    pub backend_keep_alive: bool,
+    /// The client connection stays open after this answer.
+    pub client_keep_alive: bool,
+    /// A chunked body goes to an HTTP/1.0 client without its chunk framing.
+    pub dechunk: bool,
+}
+
+/// Most headers a response may have.
+const MAX_RESPONSE_HEADERS: usize = 128;
+
+/// The end of a head in `b` (just past its blank line), looking from
+/// `from` on so a head arriving byte by byte is not rescanned.
+pub fn head_end(b: &[u8], from: usize) -> Option<usize> {
+    let mut i = from.saturating_sub(3);
+    while let Some(p) = b[i..].iter().position(|&c| c == b'\n') {
+        let nl = i + p;
+        match b.get(nl + 1) {
+            Some(b'\n') => return Some(nl + 2),
+            Some(b'\r') if b.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
+            _ => i = nl + 1,
+        }
+    }
+    None
+}
+
+/// How the first bytes of a connection begin HTTP/2 (RFC 9113, 3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Headers a proxy consumes or replaces, by lower-case name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Known {
+    ContentLength,
+    TransferEncoding,
+    Host,
+    Connection,
+    /// Hop-by-hop: `Keep-Alive`, `Proxy-Connection`, `TE`, `Proxy-Authorization`.
+    HopByHop,
+    Trailer,
+    Upgrade,
+    XForwardedFor,
+    XForwardedProto,
+    XForwardedHost,
+    Forwarded,
+    Other,
+}
+
+fn classify(name: &str) -> Known {
+    let n = name.as_bytes();
+    let is = |s: &str| n.eq_ignore_ascii_case(s.as_bytes());
+    // Lengths first: most names are neither, and this rejects them cheaply.
+    match n.len() {
+        2 if is("te") => Known::HopByHop,
+        4 if is("host") => Known::Host,
+        7 if is("upgrade") => Known::Upgrade,
+        7 if is("trailer") => Known::Trailer,
+        9 if is("forwarded") => Known::Forwarded,
+        10 if is("connection") => Known::Connection,
+        10 if is("keep-alive") => Known::HopByHop,
+        14 if is("content-length") => Known::ContentLength,
+        15 if is("x-forwarded-for") => Known::XForwardedFor,
+        16 if is("proxy-connection") => Known::HopByHop,
+        16 if is("x-forwarded-host") => Known::XForwardedHost,
+        17 if is("transfer-encoding") => Known::TransferEncoding,
+        17 if is("x-forwarded-proto") => Known::XForwardedProto,
+        19 if is("proxy-authorization") => Known::HopByHop,
+        _ => Known::Other,
+    }
+}
+
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty())
+}
+
+fn trim(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// What the `Connection` headers say, and which other headers they name.
+#[derive(Default)]
+struct ConnectionTokens<'a> {
+    close: bool,
+    keep_alive: bool,
+    upgrade: bool,
+    /// The header values, to look up listed names in (rarely more than one).
+    values: [&'a [u8]; 4],
+    count: usize,
+    /// More `Connection` lines than `values` holds: then every unknown
+    /// header is checked against all of them through `overflow`.
+    overflow: bool,
+}
+
+impl<'a> ConnectionTokens<'a> {
+    fn add(&mut self, v: &'a [u8]) {
+        for t in tokens(v) {
+            if t.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if t.eq_ignore_ascii_case(b"upgrade") {
+                self.upgrade = true;
+            }
+        }
+        if self.count < self.values.len() {
+            self.values[self.count] = v;
+            self.count += 1;
+        } else {
+            self.overflow = true;
+        }
+    }
+
+    /// Whether a `Connection` header names `name` (so it is hop-by-hop).
+    fn lists(&self, name: &str, all: &[httparse::Header<'a>]) -> bool {
+        let named = |v: &[u8]| tokens(v).any(|t| t.eq_ignore_ascii_case(name.as_bytes()));
+        if self.overflow {
+            return all
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+                .any(|h| named(h.value));
+        }
+        self.values[..self.count].iter().any(|v| named(v))
+    }
+}
+
+/// A `Content-Length` value: digits only.
+fn content_length(v: &[u8]) -> Option<u64> {
+    let v = trim(v);
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Whether a `Transfer-Encoding` value ends in `chunked`, and writes its
+/// codings normalized (lower case, `, `-separated) to `norm`.
+fn transfer_coding(v: &[u8], norm: &mut Vec<u8>) -> bool {
+    let mut last_chunked = false;
+    for t in tokens(v) {
+        if !norm.is_empty() {
+            norm.extend_from_slice(b", ");
+        }
+        norm.extend(t.iter().map(u8::to_ascii_lowercase));
+        last_chunked = t.eq_ignore_ascii_case(b"chunked");
+    }
+    last_chunked
+}
+
+/// Parses the complete request head `head` (through its blank line),
+/// checks it, and writes the head to send to a backend into `out`.
+pub fn request(
+    head: &[u8],
+    max_headers: usize,
+    peer: SocketAddr,
+    key_source: &KeySource,
+    out: &mut Vec<u8>,
+) -> Result<Request, Refusal> {
+    // Uninitialized: httparse fills only what it parses.
+    let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
+    let mut heap = Vec::new();
+    let storage = if max_headers <= stack.len() {
+        &mut stack[..max_headers]
+    } else {
+        heap.reserve_exact(max_headers);
+        &mut heap.spare_capacity_mut()[..max_headers]
+    };
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, storage) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(Refusal::BadRequest),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooLarge),
+        Err(_) => return Err(Refusal::BadRequest),
+    }
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(Refusal::BadRequest);
+    };
+    if method == "CONNECT" {
+        return Err(Refusal::NotAllowed);
+    }
+    let http10 = version == 0;
+    let headers: &[httparse::Header<'_>] = req.headers;
+
+    let mut conn = ConnectionTokens::default();
+    let mut length: Option<u64> = None;
+    let mut te = false;
+    let mut chunked = false;
+    let mut te_norm = Vec::new();
+    let mut host: Option<&[u8]> = None;
+    let mut has_upgrade = false;
+    let mut xfp = false;
+    let mut xfh = false;
+    for h in headers {
+        match classify(h.name) {
+            Known::ContentLength => {
+                let n = content_length(h.value).ok_or(Refusal::BadRequest)?;
+                if length.is_some() {
+                    return Err(Refusal::BadRequest); // repeated: a smuggling shape
+                }
+                length = Some(n);
+            }
+            Known::TransferEncoding => {
+                te = true;
+                chunked = transfer_coding(h.value, &mut te_norm);
+            }
+            Known::Host => {
+                if host.is_some() {
+                    return Err(Refusal::BadRequest); // two hosts: RFC 9112, 3.2
+                }
+                host = Some(h.value);
+            }
+            Known::Connection => conn.add(h.value),
+            Known::Upgrade => has_upgrade = true,
+            Known::XForwardedProto => xfp = true,
+            Known::XForwardedHost => xfh = true,
+            _ => {}
+        }
+    }
+    // Ambiguous framing is the request-smuggling shape: refuse it.
+    if te && (length.is_some() || !chunked || http10) {
+        return Err(Refusal::BadRequest);
+    }
+    // Absolute form: the target's authority is the host (RFC 9112, 3.2.2).
+    let (path, authority) = split_target(target)?;
+    if host.is_none() && authority.is_none() && !http10 {
+        return Err(Refusal::BadRequest);
+    }
+    let host = authority.or(host);
+    let upgrade = has_upgrade && conn.upgrade && !http10;
+    let body = if chunked {
+        Framing::Chunked
+    } else {
+        match length {
+            Some(0) | None => Framing::None,
+            Some(n) => Framing::Length(n),
+        }
+    };
+
+    // The backend's head.
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(a) = authority {
+        put(out, "Host", a);
+    }
+    let mut xff: Option<&[u8]> = None;
+    let mut xff_more = false;
+    let mut fwd: Option<&[u8]> = None;
+    let mut fwd_more = false;
+    for h in headers {
+        match classify(h.name) {
+            Known::Host if authority.is_some() => {}
+            Known::ContentLength | Known::TransferEncoding | Known::Connection => {}
+            Known::HopByHop => {}
+            Known::Upgrade if !upgrade => {}
+            Known::Trailer if !chunked => {}
+            Known::XForwardedFor => {
+                xff_more |= xff.is_some();
+                xff.get_or_insert(h.value);
+            }
+            Known::Forwarded => {
+                fwd_more |= fwd.is_some();
+                fwd.get_or_insert(h.value);
+            }
+            Known::Other if conn.count > 0 && conn.lists(h.name, headers) => {}
+            _ => put(out, h.name, h.value),
+        }
+    }
+    match body {
+        Framing::Chunked => put(out, "Transfer-Encoding", &te_norm),
+        Framing::Length(n) => {
+            out.extend_from_slice(b"Content-Length: ");
+            let _ = write!(out, "{n}");
+            out.extend_from_slice(b"\r\n");
+        }
+        // An explicit zero stays: some servers want it on a POST.
+        _ if length == Some(0) => put(out, "Content-Length", b"0"),
+        _ => {}
+    }
+    if upgrade {
+        put(out, "Connection", b"upgrade");
+    }
+    let ip = peer.ip().to_canonical();
+    // X-Forwarded-For and Forwarded: earlier hops (every line, in order), then this one.
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if xff.is_some() {
+        join_all(out, headers, "x-forwarded-for", xff_more, xff);
+        out.extend_from_slice(b", ");
+    }
+    let _ = write!(out, "{ip}\r\n");
+    if !xfp {
+        put(out, "X-Forwarded-Proto", b"http");
+    }
+    if !xfh && let Some(h) = host {
+        put(out, "X-Forwarded-Host", h);
+    }
+    out.extend_from_slice(b"Forwarded: ");
+    if fwd.is_some() {
+        join_all(out, headers, "forwarded", fwd_more, fwd);
+        out.extend_from_slice(b", ");
+    }
+    let _ = if ip.is_ipv6() {
+        write!(out, "for=\"[{ip}]\";proto=http")
+    } else {
+        write!(out, "for={ip};proto=http")
+    };
+    if let Some(h) = host {
+        out.extend_from_slice(b";host=\"");
+        out.extend(h.iter().filter(|&&c| c != b'"' && c != b'\\'));
+        out.push(b'"');
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+
+    let key = hash_key(key_source, headers, head);
+    Ok(Request {
+        body,
+        http10,
+        keep_alive: if http10 {
+            conn.keep_alive && !conn.close
+        } else {
+            !conn.close
+        },
+        upgrade,
+        head_method: method == "HEAD",
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+        ),
+        key,
+    })
+}
+
+/// Writes the values of every `name` header joined by `, `.
+fn join_all(
+    out: &mut Vec<u8>,
+    headers: &[httparse::Header<'_>],
+    name: &str,
+    several: bool,
+    first: Option<&[u8]>,
+) {
+    if !several {
+        out.extend_from_slice(first.unwrap_or_default());
+        return;
+    }
+    let mut sep = false;
+    for h in headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)) {
+        if sep {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(h.value);
+        sep = true;
+    }
+}
+
+fn put(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Splits a request target into the origin-form path and, for the
+/// absolute form, its authority.
+fn split_target(t: &str) -> Result<(&str, Option<&[u8]>), Refusal> {
+    if t.starts_with('/') || t == "*" {
+        return Ok((t, None));
+    }
+    let rest = t
+        .strip_prefix("http://")
+        .or_else(|| t.strip_prefix("https://"))
+        .or_else(|| {
+            let lower = t.get(..8)?.to_ascii_lowercase();
+            if lower.starts_with("http://") {
+                t.get(7..)
+            } else if lower == "https://" {
+                t.get(8..)
+            } else {
+                None
+            }
+        })
+        .ok_or(Refusal::BadRequest)?;
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(Refusal::BadRequest);
+    }
+    // "http://h?q" would need a "/" inserted: rare enough to refuse.
+    let path = match path.as_bytes().first() {
+        None => "/",
+        Some(b'/') => path,
+        Some(_) => return Err(Refusal::BadRequest),
+    };
+    Ok((path, Some(authority.as_bytes())))
+}
+
+/// Where in `head` the hashing strategy's key is.
+fn hash_key(
+    src: &KeySource,
+    headers: &[httparse::Header<'_>],
+    head: &[u8],
+) -> Option<(usize, usize)> {
+    let at = |v: &[u8]| {
+        let start = v.as_ptr() as usize - head.as_ptr() as usize;
+        (start, start + v.len())
+    };
+    match src {
+        KeySource::None | KeySource::ClientIp => None,
+        KeySource::Header(name) => headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| at(h.value)),
+        KeySource::Cookie(name) => headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+            .flat_map(|h| h.value.split(|&b| b == b';'))
+            .find_map(|kv| {
+                let kv = trim(kv);
+                let eq = kv.iter().position(|&b| b == b'=')?;
+                (trim(&kv[..eq]) == name.as_bytes()).then(|| at(trim(&kv[eq + 1..])))
+            }),
+    }
+}
+
+/// The request's context for reading its answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked {
+    pub head_method: bool,
+    pub upgrade: bool,
+    pub http10: bool,
+    /// The client's connection stays open if the answer allows it.
+    pub keep_alive: bool,
+}
+
+/// Parses a backend's response head. `Ok(None)`: not complete yet. The
+/// head for the client goes to `out`.
+pub fn response(
+    buf: &[u8],
+    asked: Asked,
+    out: &mut Vec<u8>,
+) -> Result<Option<(usize, Response)>, BadResponse> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(BadResponse),
+    };
+    let (Some(status), Some(version)) = (resp.code, resp.version) else {
+        return Err(BadResponse);
+    };
+    let reason = resp.reason.unwrap_or("");
+    let headers: &[httparse::Header<'_>] = resp.headers;
+    let mut conn = ConnectionTokens::default();
+    let mut length: Option<Option<u64>> = None;
+    let mut te = false;
+    let mut chunked = false;
+    let mut te_norm = Vec::new();
+    for h in headers {
+        match classify(h.name) {
+            Known::ContentLength => {
+                let n = content_length(h.value);
+                // Repeats must agree; a bad one leaves the length unknown.
+                length = match length {
+                    None => Some(n),
+                    Some(prev) if prev == n => Some(n),
+                    Some(_) => Some(None),
+                };
+            }
+            Known::TransferEncoding => {
+                te = true;
+                chunked = transfer_coding(h.value, &mut te_norm);
+            }
+            Known::Connection => conn.add(h.value),
+            _ => {}
+        }
+    }
+    let interim = (100..200).contains(&status) && status != 101;
+    let switching = status == 101;
+    if switching && !asked.upgrade {
+        return Err(BadResponse); // a protocol switch nobody asked for
+    }
+    let body = if asked.head_method || interim || switching || status == 204 || status == 304 {
+        Framing::None
+    } else if te {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        match length {
+            Some(Some(0)) => Framing::None,
+            Some(Some(n)) => Framing::Length(n),
+            Some(None) => return Err(BadResponse), // no way to tell where it ends
+            None => Framing::UntilClose,
+        }
+    };
+    let backend_keep_alive = !switching
+        && body != Framing::UntilClose
+        && !(te && length.is_some())
+        && if version == 0 {
+            conn.keep_alive && !conn.close
+        } else {
+            !conn.close
+        };
+    let dechunk = body == Framing::Chunked && asked.http10;
+    let client_keep_alive =
+        !interim && !switching && asked.keep_alive && body != Framing::UntilClose && !dechunk;
+    let pass_chunked = body == Framing::Chunked && !dechunk;
+
+    out.clear();
+    let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+    for h in headers {
+        match classify(h.name) {
+            Known::Connection | Known::HopByHop | Known::TransferEncoding => {}
+            Known::ContentLength if te => {}
+            Known::Upgrade if !switching => {}
+            Known::Trailer if !pass_chunked => {}
+            Known::Other if conn.count > 0 && conn.lists(h.name, headers) => {}
+            _ => put(out, h.name, h.value),
+        }
+    }
+    if pass_chunked {
+        put(out, "Transfer-Encoding", &te_norm);
+    }
+    if switching {
+        put(out, "Connection", b"upgrade");
+    } else if !interim {
+        if !client_keep_alive {
+            put(out, "Connection", b"close");
+        } else if asked.http10 {
+            put(out, "Connection", b"keep-alive");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some((
+        len,
+        Response {
+            status,
+            body,
+            interim,
+            backend_keep_alive,
+            client_keep_alive,
+            dechunk,
+        },
+    )))
+}
+
+/// A short answer of herd's own.
+pub fn error_response(out: &mut Vec<u8>, status: u16, reason: &str, body: &str, keep_alive: bool) {
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{}\r\n{body}",
+        body.len(),
+        if keep_alive {
+            ""
+        } else {
+            "Connection: close\r\n"
+        }
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> SocketAddr {
+        "192.0.2.7:5000".parse().unwrap()
+    }
+
+    fn req(head: &str) -> Result<(Request, String), Refusal> {
+        let mut out = Vec::new();
+        let r = request(head.as_bytes(), 100, peer(), &KeySource::None, &mut out)?;
+        Ok((r, String::from_utf8(out).unwrap()))
+    }
+
+    #[test]
+    fn a_plain_get_is_copied_with_forwarding_headers() {
+        let (r, out) = req("GET /a?b HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n").unwrap();
+        assert_eq!(r.body, Framing::None);
+        assert!(r.keep_alive && r.idempotent && !r.upgrade);
+        assert_eq!(
+            out,
+            "GET /a?b HTTP/1.1\r\nHost: example\r\nAccept: */*\r\nX-Forwarded-For: 192.0.2.7\r\n\
+             X-Forwarded-Proto: http\r\nX-Forwarded-Host: example\r\n\
+             Forwarded: for=192.0.2.7;proto=http;host=\"example\"\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_earlier_hops_are_kept() {
+        let (r, out) = req(
+            "POST / HTTP/1.1\r\nHost: h\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\n\
+             Keep-Alive: 5\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n\
+             Forwarded: for=10.0.0.1\r\nX-Forwarded-Proto: https\r\nContent-Length: 3\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r.body, Framing::Length(3));
+        assert!(!r.keep_alive && !r.idempotent);
+        let lower = out.to_ascii_lowercase();
+        for gone in ["x-secret", "keep-alive", "te:", "connection"] {
+            assert!(!lower.contains(gone), "{gone} in {out}");
+        }
+        assert!(
+            out.contains("X-Forwarded-For: 10.0.0.1, 10.0.0.2, 192.0.2.7\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("Forwarded: for=10.0.0.1, for=192.0.2.7;proto=http;host=\"h\"\r\n"));
+        assert!(out.contains("X-Forwarded-Proto: https\r\n") && !out.contains("proto: http\r"));
+        assert!(out.contains("Content-Length: 3\r\n"));
+    }
+
+    #[test]
+    fn framing_that_two_parsers_could_read_differently_is_refused() {
+        for bad in [
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nX: a\r\n b\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nX: a\0b\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1 EXTRA\r\nHost: h\r\n\r\n",
+            "GET  / HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET / HTTP/1.2\r\nHost: h\r\n\r\n",
+            "GET ftp://x/ HTTP/1.1\r\nHost: h\r\n\r\n",
+        ] {
+            assert_eq!(req(bad).err(), Some(Refusal::BadRequest), "{bad:?}");
+        }
+        assert_eq!(
+            req("CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n").err(),
+            Some(Refusal::NotAllowed)
+        );
+    }
+
+    #[test]
+    fn chunked_is_forwarded_normalized() {
+        let (r, out) =
+            req("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\ntransfer-encoding: Chunked\r\n\r\n").unwrap();
+        assert_eq!(r.body, Framing::Chunked);
+        assert!(
+            out.contains("Transfer-Encoding: gzip, chunked\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_with_its_host() {
+        let (_, out) =
+            req("GET http://Example.com:81/p?q HTTP/1.1\r\nHost: other\r\n\r\n").unwrap();
+        assert!(
+            out.starts_with("GET /p?q HTTP/1.1\r\nHost: Example.com:81\r\n"),
+            "{out}"
+        );
+        assert!(!out.contains("other"), "{out}");
+        let (_, out) = req("GET http://e HTTP/1.1\r\n\r\n").unwrap();
+        assert!(out.starts_with("GET / HTTP/1.1\r\nHost: e\r\n"), "{out}");
+    }
+
+    #[test]
+    fn http10_and_upgrades() {
+        let (r, _) = req("GET / HTTP/1.0\r\n\r\n").unwrap();
+        assert!(r.http10 && !r.keep_alive);
+        let (r, _) = req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+        assert!(r.keep_alive);
+        let (r, out) =
+            req("GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                .unwrap();
+        assert!(r.upgrade);
+        assert!(out.contains("Upgrade: websocket\r\n") && out.contains("Connection: upgrade\r\n"));
+        let (r, out) = req("GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n").unwrap();
+        assert!(!r.upgrade && !out.contains("websocket"), "{out}");
+    }
+
+    #[test]
+    fn hash_keys_point_into_the_head() {
+        let head = "GET / HTTP/1.1\r\nHost: h\r\nCookie: a=1; sid=xyz ; b=2\r\nX-User: bob\r\n\r\n";
+        let mut out = Vec::new();
+        let key = |src| {
+            request(head.as_bytes(), 100, peer(), &src, &mut Vec::new())
+                .unwrap()
+                .key
+                .map(|(a, b)| &head[a..b])
+        };
+        assert_eq!(key(KeySource::Cookie("sid".into())), Some("xyz"));
+        assert_eq!(key(KeySource::Header("x-user".into())), Some("bob"));
+        assert_eq!(key(KeySource::Cookie("none".into())), None);
+        let _ = request(head.as_bytes(), 100, peer(), &KeySource::None, &mut out);
+    }
+
+    fn resp(head: &str, asked: Asked) -> Result<(Response, String), BadResponse> {
+        let mut out = Vec::new();
+        let (n, r) = response(head.as_bytes(), asked, &mut out)?.ok_or(BadResponse)?;
+        assert_eq!(n, head.len());
+        Ok((r, String::from_utf8(out).unwrap()))
+    }
+
+    const GET11: Asked = Asked {
+        head_method: false,
+        upgrade: false,
+        http10: false,
+        keep_alive: true,
+    };
+
+    #[test]
+    fn responses_are_framed_as_rfc_9112_says() {
+        let (r, out) = resp(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: x\r\n\r\n",
+            GET11,
+        )
+        .unwrap();
+        assert_eq!(r.body, Framing::Length(5));
+        assert!(r.backend_keep_alive && r.client_keep_alive);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+        let (r, _) = resp(
+            "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+            GET11,
+        )
+        .unwrap();
+        assert_eq!(r.body, Framing::None);
+        let head = Asked {
+            head_method: true,
+            ..GET11
+        };
+        let (r, out) = resp("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", head).unwrap();
+        assert_eq!(r.body, Framing::None);
+        assert!(out.contains("Content-Length: 5"));
+        let (r, out) = resp("HTTP/1.1 200 OK\r\n\r\n", GET11).unwrap();
+        assert_eq!(r.body, Framing::UntilClose);
+        assert!(!r.backend_keep_alive && !r.client_keep_alive);
+        assert!(out.ends_with("Connection: close\r\n\r\n"));
+        let (r, out) =
+            resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\nTrailer: X\r\n\r\n", GET11)
+                .unwrap();
+        assert_eq!(r.body, Framing::Chunked);
+        assert!(
+            !r.backend_keep_alive,
+            "TE with CL: the backend connection is not reused"
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nTrailer: X\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        assert!(
+            resp(
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                GET11
+            )
+            .is_err()
+        );
+        let (r, _) = resp("HTTP/1.1 100 Continue\r\n\r\n", GET11).unwrap();
+        assert!(r.interim);
+        assert!(
+            resp(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+                GET11
+            )
+            .is_err()
+        );
+        assert!(resp("NOT HTTP\r\n\r\n", GET11).is_err());
+    }
+
+    #[test]
+    fn http10_clients_get_no_chunks() {
+        let asked = Asked {
+            http10: true,
+            keep_alive: true,
+            ..GET11
+        };
+        let (r, out) = resp(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            asked,
+        )
+        .unwrap();
+        assert!(r.dechunk && !r.client_keep_alive);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        let (r, out) = resp("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n", asked).unwrap();
+        assert!(r.client_keep_alive);
+        assert!(out.ends_with("Connection: keep-alive\r\n\r\n"));
+    }
+
+    #[test]
+    fn head_end_resumes_where_it_stopped() {
+        let b = b"GET / HTTP/1.1\r\nHost: h\r\n\r\nBODY";
+        for from in 0..b.len() - 4 {
+            assert_eq!(head_end(b, from), Some(b.len() - 4), "from {from}");
+        }
+        assert_eq!(head_end(b"GET / HTTP/1.1\n\nX", 0), Some(16));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: h\r\n", 0), None);
+    }
+}

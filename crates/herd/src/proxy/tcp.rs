@@ -1,0 +1,75 @@
+//! The TCP proxy (`--protocol tcp`): one pick per connection, then bytes
+//! both ways with half-close.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_balance::{Backend, Ctx};
+use tokio::net::TcpStream;
+
+use super::ip_key;
+use crate::upstream::Upstreams;
+
+pub struct TcpProxy {
+    pub up: Arc<Upstreams>,
+    pub connect_timeout: Duration,
+    /// How long a connection waits for a first worker to be ready.
+    pub wait_for_backend: Duration,
+}
+
+/// Targets tried per connection before giving up on it.
+const MAX_TRIES: usize = 3;
+
+impl TcpProxy {
+    pub(super) async fn relay(&self, mut client: TcpStream, peer: SocketAddr) {
+        let key = ip_key(peer);
+        let mut avoid: Option<Arc<Backend>> = None;
+        let deadline = tokio::time::Instant::now() + self.wait_for_backend;
+        let mut tries = 0;
+        while tries < MAX_TRIES {
+            let changed = self.up.changed();
+            let pool = self.up.current();
+            let ctx = Ctx {
+                now: self.up.now(),
+                rand: fastrand::u64(..),
+                key: Some(key.as_slice()),
+            };
+            let lease = match pool.balancer.pick_except(&ctx, avoid.as_deref()) {
+                Ok(l) => l,
+                Err(_) => {
+                    // None ready yet (start-up, restarts): wait a bounded time.
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        tracing::warn!(
+                            "no ready backend within {:?}; closing a connection",
+                            self.wait_for_backend
+                        );
+                        return;
+                    }
+                    continue;
+                }
+            };
+            tries += 1;
+            let target = pool.targets[lease.index()].clone();
+            drop(pool);
+            let connect =
+                tokio::time::timeout(self.connect_timeout, TcpStream::connect(target.addr));
+            match connect.await {
+                Ok(Ok(mut upstream)) => {
+                    lease.success(self.up.now());
+                    target.count_served();
+                    let _ = client.set_nodelay(true);
+                    let _ = upstream.set_nodelay(true);
+                    // Both ways; EOF on one side shuts down writing to the
+                    // other (half-close); returns when both are done.
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    return; // The lease, held until now, counts this connection.
+                }
+                Ok(Err(e)) => tracing::debug!("{}: connect failed: {e}", target.label),
+                Err(_) => tracing::debug!("{}: connect timed out", target.label),
+            }
+            lease.failure(self.up.now());
+            avoid = Some(lease.backend().clone());
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The HTTP/1.1 proxy engine against scripted raw backends: the protocol
+//! corners (pipelining, half-close, 100-continue, bodiless answers,
+//! HTTP/1.0 clients, trailers) and backend connection reuse.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+type Handler = dyn Fn(&str, &mut BufReader<TcpStream>, &mut TcpStream) -> bool + Send + Sync;
+
+/// A backend that reads each request head on a connection and lets
+/// `handle` answer it; `handle` returns whether to keep the connection.
+/// Returns the port and counts of connections accepted and closed.
+fn backend(handle: Arc<Handler>) -> (u16, Arc<AtomicUsize>) {
+    let (port, conns, _) = backend_counting(handle);
+    (port, conns)
+}
+
+fn backend_counting(handle: Arc<Handler>) -> (u16, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (counted, closes) = (conns.clone(), closed.clone());
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            counted.fetch_add(1, Ordering::SeqCst);
+            let (handle, closes) = (handle.clone(), closes.clone());
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                serve_one(&handle, &mut r, &mut c);
+                drop((r, c));
+                closes.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (port, conns, closed)
+}
+
+fn serve_one(handle: &Arc<Handler>, r: &mut BufReader<TcpStream>, c: &mut TcpStream) {
+    loop {
+        let mut head = String::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        if !handle(&head, r, c) {
+            return;
+        }
+    }
+}
+
+fn lb(port: u16, extra: &[&str]) -> Herd {
+    let up = format!("--upstream=127.0.0.1:{port}");
+    // No health checks: they would count as backend connections.
+    let mut args = vec![up.as_str(), "--health-interval", "0"];
+    args.extend_from_slice(extra);
+    let h = Herd::start(&args, &[]);
+    assert!(
+        wait_until(T, || TcpStream::connect(("127.0.0.1", h.port)).is_ok()),
+        "herd did not listen; log:\n{}",
+        h.log()
+    );
+    h
+}
+
+fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s
+}
+
+/// Reads one response (head and a Content-Length or chunked body) from `r`.
+fn read_one(r: &mut BufReader<TcpStream>) -> (String, Vec<u8>) {
+    let mut head = String::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "EOF in head: {head:?}");
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let lower = head.to_ascii_lowercase();
+    let mut body = Vec::new();
+    if let Some(v) = lower.split("content-length:").nth(1) {
+        let n: usize = v.lines().next().unwrap().trim().parse().unwrap();
+        let bodiless = head.starts_with("HTTP/1.1 204") || head.starts_with("HTTP/1.1 304");
+        if !bodiless {
+            body.resize(n, 0);
+            r.read_exact(&mut body).unwrap();
+        }
+    } else if lower.contains("transfer-encoding: chunked") {
+        // Keep the raw chunked bytes, trailers included.
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            body.extend_from_slice(line.as_bytes());
+            let size =
+                usize::from_str_radix(line.trim_end().split(';').next().unwrap(), 16).unwrap();
+            if size == 0 {
+                loop {
+                    line.clear();
+                    r.read_line(&mut line).unwrap();
+                    body.extend_from_slice(line.as_bytes());
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                break;
+            }
+            let mut chunk = vec![0; size + 2];
+            r.read_exact(&mut chunk).unwrap();
+            body.extend_from_slice(&chunk);
+        }
+    }
+    (head, body)
+}
+
+fn ok(c: &mut TcpStream, body: &str) {
+    let _ = write!(
+        c,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+fn content_length(head: &str) -> usize {
+    head.to_ascii_lowercase()
+        .split("content-length:")
+        .nth(1)
+        .and_then(|v| v.lines().next())
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order_on_one_backend_connection() {
+    let (port, conns) = backend(Arc::new(
+        |head: &str, r: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            let mut body = vec![0; content_length(head)];
+            r.read_exact(&mut body).unwrap();
+            let path = head.split_whitespace().nth(1).unwrap().to_string();
+            ok(c, &format!("{path} {}", String::from_utf8_lossy(&body)));
+            true
+        },
+    ));
+    let h = lb(port, &[]);
+    let mut s = connect(h.port);
+    s.write_all(
+        b"GET /1 HTTP/1.1\r\nHost: t\r\n\r\nPOST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nbodyGET /3 HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    for want in ["/1 ", "/2 body", "/3 "] {
+        let (head, body) = read_one(&mut r);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(String::from_utf8_lossy(&body), want);
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "the backend connection was not reused"
+    );
+}
+
+#[test]
+fn a_half_closed_client_still_gets_its_answer() {
+    let (port, _) = backend(Arc::new(
+        |_: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            ok(c, "answer");
+            true
+        },
+    ));
+    let h = lb(port, &[]);
+    let mut s = connect(h.port);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    assert!(
+        all.starts_with("HTTP/1.1 200") && all.ends_with("answer"),
+        "{all:?}"
+    );
+}
+
+#[test]
+fn expect_100_continue_is_relayed_before_the_body() {
+    let (port, _) = backend(Arc::new(
+        |head: &str, r: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            if head.to_ascii_lowercase().contains("expect: 100-continue") {
+                c.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
+            }
+            let mut body = vec![0; content_length(head)];
+            r.read_exact(&mut body).unwrap();
+            ok(c, &format!("got {}", String::from_utf8_lossy(&body)));
+            true
+        },
+    ));
+    let h = lb(port, &[]);
+    let mut s = connect(h.port);
+    s.write_all(b"PUT /f HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "HTTP/1.1 100 Continue\r\n");
+    r.read_line(&mut line).unwrap();
+    s.write_all(b"hello").unwrap();
+    let (head, body) = read_one(&mut r);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"got hello");
+}
+
+#[test]
+fn head_204_and_304_answers_have_no_body_and_keep_the_connection() {
+    let (port, conns) = backend(Arc::new(
+        |head: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            let answer: &[u8] = match head.split_whitespace().nth(1).unwrap() {
+                "/204" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                "/304" => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                // HEAD: the length of the body a GET would get, and no body.
+                _ => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            };
+            c.write_all(answer).unwrap();
+            true
+        },
+    ));
+    let h = lb(port, &[]);
+    let mut s = connect(h.port);
+    s.write_all(
+        b"GET /204 HTTP/1.1\r\nHost: t\r\n\r\nGET /304 HTTP/1.1\r\nHost: t\r\n\r\nHEAD /h HTTP/1.1\r\nHost: t\r\n\r\nGET /204 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let heads: Vec<&str> = all.split("\r\n\r\n").filter(|p| !p.is_empty()).collect();
+    assert_eq!(heads.len(), 4, "{all:?}");
+    for (h, want) in heads.iter().zip(["204", "304", "200", "204"]) {
+        assert!(h.starts_with(&format!("HTTP/1.1 {want}")), "{all:?}");
+    }
+    assert!(heads[2].contains("Content-Length: 5"), "{all:?}");
+    assert_eq!(conns.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn an_http10_client_gets_a_chunked_answer_without_chunks() {
+    let (port, _) = backend(Arc::new(
+        |_: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            c.write_all(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-T: 1\r\n\r\n",
+        )
+        .unwrap();
+            true
+        },
+    ));
+    let h = lb(port, &[]);
+    let mut s = connect(h.port);
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{all:?}");
+    assert!(!head.to_ascii_lowercase().contains("chunked"), "{all:?}");
+    assert_eq!(body, "hello, world");
+}
+
+#[test]
+fn chunked_bodies_and_trailers_pass_both_ways() {
+    // The backend answers with the raw chunked body it received, as chunked.
+    let (port, _) = backend(Arc::new(
+        |head: &str, r: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            assert!(head.contains("Transfer-Encoding: chunked\r\n"), "{head}");
+            let mut raw = Vec::new();
+            while !raw.ends_with(b"\r\n\r\n") {
+                let mut line = Vec::new();
+                r.read_until(b'\n', &mut line).unwrap();
+                raw.extend_from_slice(&line);
+            }
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nTrailer: X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+                raw.len()
+            );
+            c.write_all(&raw).unwrap();
+            c.write_all(b"\r\n0\r\nX-Sum: 42\r\n\r\n").unwrap();
+            true
+        },
+    ));
+    let h = lb(port, &[]);
+    let mut s = connect(h.port);
+    let sent = b"4\r\nabcd\r\n3;x=y\r\nefg\r\n0\r\nX-Client-Trailer: yes\r\n\r\n";
+    s.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    s.write_all(sent).unwrap();
+    let mut r = BufReader::new(s);
+    let (head, body) = read_one(&mut r);
+    assert!(head.contains("Trailer: X-Sum"), "{head}");
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains(&String::from_utf8_lossy(sent).into_owned()),
+        "{body:?}"
+    );
+    assert!(body.ends_with("0\r\nX-Sum: 42\r\n\r\n"), "{body:?}");
+}
+
+#[test]
+fn a_backend_closing_idle_connections_costs_no_request() {
+    // One answer per connection, keep-alive advertised, then the backend
+    // closes: the pooled connection is stale by the next request.
+    let (port, conns, closed) = backend_counting(Arc::new(
+        |_: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            ok(c, "fine");
+            false
+        },
+    ));
+    // One failure would take the only backend out for 10 s.
+    let up = format!("--upstream=127.0.0.1:{port},max_fails=1,fail_timeout=10s");
+    let h = Herd::start(&[&up, "--health-interval", "0"], &[]);
+    assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", h.port)).is_ok()));
+    let mut s = connect(h.port);
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for i in 0..6 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let (head, body) = read_one(&mut r);
+        assert!(head.starts_with("HTTP/1.1 200"), "request {i}: {head}");
+        assert_eq!(body, b"fine");
+        // The backend has closed the connection herd pooled.
+        assert!(wait_until(T, || closed.load(Ordering::SeqCst) > i));
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 6);
+}
+
+#[test]
+fn a_client_sending_a_large_refused_request_still_reads_the_answer() {
+    let (port, _) = backend(Arc::new(
+        |_: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            ok(c, "x");
+            true
+        },
+    ));
+    let h = lb(port, &[]);
+    let mut s = connect(h.port);
+    // A bad framing answered 400 at once, while 256 KiB of body follow.
+    s.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+        .unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = [b'a'; 16 * 1024];
+        for _ in 0..16 {
+            if w.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let _ = writer.join();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
