@@ -387,6 +387,117 @@ def bench(args):
     report()
 
 
+def rss_kib(pids):
+    """Resident memory of the processes, in KiB (VmRSS)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def hold_idle(port, n):
+    """Opens n keep-alive connections, each making one request and reading its
+    answer, then leaves them open and idle. Returns the sockets."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 4096)), hard))
+    socks = []
+    req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(req)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise RuntimeError("connection closed before its answer")
+            got += chunk
+        socks.append(s)
+    return socks
+
+
+def idle(args):
+    """RSS per idle keep-alive client connection of each HTTP balancer, then
+    throughput with those connections still open."""
+    ensure_tools()
+    work = Path(tempfile.mkdtemp(prefix="herd-idle-"))
+    rows = []
+    kinds = [("nginx", "nginx"), ("haproxy", "haproxy"), ("herd proxy", "herd-proxy")]
+    with contextlib.ExitStack() as stack:
+        autogroup = stack.enter_context(no_autogroup())
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        for r in range(args.rounds):
+            for name, kind in kinds:
+                s = Setup(name, "rust", kind, herd=kind.startswith("herd"))
+                log(f"round {r + 1}/{args.rounds}: {name}, {args.conns} idle connections")
+                s.start(work)
+                try:
+                    wrk(s.port, "keep-alive", 16, 1)  # pools and buffers settle first
+                    time.sleep(0.5)
+                    before = rss_kib(s.balancer())
+                    socks = hold_idle(s.port, args.conns)
+                    time.sleep(1.0)
+                    after = rss_kib(s.balancer())
+                    load = wrk(s.port, "keep-alive", 64, args.secs)
+                    still = 0
+                    for sock in socks:
+                        try:
+                            sock.setblocking(False)
+                            still += sock.recv(1) != b""
+                        except BlockingIOError:
+                            still += 1
+                        except OSError:
+                            pass
+                        sock.close()
+                    rows.append({"setup": name, "kind": kind, "round": r, "conns": args.conns,
+                                 "rss_before_kib": before, "rss_after_kib": after,
+                                 "bytes_per_conn": (after - before) * 1024 / args.conns,
+                                 "rps_with_idle": load["rps"], "p99_with_idle": load["p99"],
+                                 "idle_still_open": still})
+                finally:
+                    s.stop()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "conns": args.conns, "rounds": args.rounds, "secs": args.secs, "autogroup_off": autogroup,
+            "versions": {"nginx": version(["nginx", "-v"]), "haproxy": version(["haproxy", "-v"])}}
+    (RESULTS / "idle.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report()
+
+
+def idle_lines():
+    f = RESULTS / "idle.json"
+    if not f.exists():
+        return []
+    data = json.loads(f.read_text())
+    m, rows = data["meta"], data["rows"]
+    out = ["## Memory per idle client connection", "",
+           f"Run {m['date']}, {m['rounds']} rounds. Each balancer (in front of the same two `herd-demo` "
+           f"backends) gets {m['conns']:,} keep-alive client connections that each make one request, read the "
+           "answer and then sit idle. **Bytes/conn** is the growth of the balancing processes' RSS (all of "
+           "nginx's, HAProxy's process, herd's master) divided by the connection count (median of rounds). "
+           f"Then `wrk -c64` runs for {m['secs']} s with the idle connections still open.", "",
+           "| setup | bytes/conn | vs herd | RSS before → after (MiB) | req/s with idle conns open | p99 ms | idle conns still open |",
+           "|---|---|---|---|---|---|---|"]
+    by = {}
+    for r in rows:
+        by.setdefault(r["setup"], []).append(r)
+    herd = by.get("herd proxy")
+    herd_b = med([r["bytes_per_conn"] for r in herd]) if herd else None
+    for name, rs in by.items():
+        b = med([r["bytes_per_conn"] for r in rs])
+        vs = f"{b / herd_b:.2f}×" if herd_b and name != "herd proxy" else "–"
+        out.append(f"| {'**' + name + '**' if name == 'herd proxy' else name} | {b:,.0f} | {vs} | "
+                   f"{med([r['rss_before_kib'] for r in rs]) / 1024:.1f} → {med([r['rss_after_kib'] for r in rs]) / 1024:.1f} | "
+                   f"{med([r['rps_with_idle'] for r in rs]):,.0f} | {med([r['p99_with_idle'] for r in rs]) / 1000:.2f} | "
+                   f"{min(r['idle_still_open'] for r in rs):,} |")
+    return out + [""]
+
+
 def machine(args, took, autogroup):
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -681,7 +792,9 @@ def report():
             charts.append({"out": str(ROOT / "docs/bench-chaos.png"), "title": "Chaos: failed requests (lower is better)",
                            "unit": "failed requests", "panels": panels})
             doc += ["![chaos](bench-chaos.png)", ""]
+    doc += idle_lines()
     doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 5 minutes, plus the first build)",
+            "bench/idle     # memory per idle client connection (about 1 minute)",
             "bench/chaos    # reloads and kills under load (about 5 minutes)", "```", "",
             "Both install what they need (Debian's `wrk`, `nginx`, `haproxy`, `nodejs`; `pm2` from the npm "
             "registry into `bench/.tools`) and build herd in release mode. Each start of a setup gets one "
@@ -836,12 +949,18 @@ def main():
     b.add_argument("--only", nargs="*", help="setup kinds or apps to run (e.g. dispatch node-cluster)")
     c = sub.add_parser("chaos")
     c.add_argument("--times", type=int, default=20)
+    i = sub.add_parser("idle")
+    i.add_argument("--conns", type=int, default=10000)
+    i.add_argument("--rounds", type=int, default=3)
+    i.add_argument("--secs", type=int, default=3)
     sub.add_parser("report")
     args = ap.parse_args()
     if args.cmd == "run":
         bench(args)
     elif args.cmd == "chaos":
         chaos(args)
+    elif args.cmd == "idle":
+        idle(args)
     else:
         report()
 

@@ -69,6 +69,10 @@ pub enum Request {
 pub struct Call {
     pub req: Request,
     pub reply: mpsc::UnboundedSender<Value>,
+    /// Resolves once every reply has been written (the connection's task
+    /// ends): a master stopping on request waits for it, so the caller
+    /// gets its answer even when there is nothing to drain.
+    pub written: tokio::sync::oneshot::Receiver<()>,
 }
 
 /// Path of the control socket for cluster `name`.
@@ -184,7 +188,16 @@ async fn answer(stream: UnixStream, calls: mpsc::UnboundedSender<Call>) {
         }
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    if calls.send(Call { req, reply: tx }).is_err() {
+    // Dropped when this task ends, which resolves `written`.
+    let (_written, written) = tokio::sync::oneshot::channel::<()>();
+    if calls
+        .send(Call {
+            req,
+            reply: tx,
+            written,
+        })
+        .is_err()
+    {
         return;
     }
     while let Some(v) = rx.recv().await {

@@ -378,3 +378,26 @@ fn a_client_sending_a_large_refused_request_still_reads_the_answer() {
         String::from_utf8_lossy(&answer)
     );
 }
+
+#[test]
+fn herd_stop_answers_for_a_cluster_of_upstreams_only() {
+    let (port, _) = backend(Arc::new(
+        |_: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            ok(c, "x");
+            true
+        },
+    ));
+    let name = format!("ups-{}", std::process::id());
+    let mut h = lb(port, &["--name", &name]);
+    let out = std::process::Command::new(HERD)
+        .args(["stop", "--name", &name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "herd stop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = h.wait_exit(T).expect("the master did not stop");
+    assert_eq!(st.code(), Some(0));
+}

@@ -9,6 +9,8 @@ mod conns;
 mod h1;
 mod h2;
 pub mod head;
+#[cfg(test)]
+mod props;
 mod tcp;
 
 use std::net::SocketAddr;

@@ -166,6 +166,8 @@ pub struct Supervisor {
     dispatcher: Option<Dispatcher>,
     /// `NODE_OPTIONS` preloading herd's Node module, when it is used.
     node_options: Option<OsString>,
+    /// A `herd stop` caller's connection, answered before the master exits.
+    stop_reply: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// Runs the cluster until it is stopped; returns the process exit code.
@@ -242,6 +244,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         started: Instant::now(),
         dispatcher,
         node_options,
+        stop_reply: None,
     };
     if let Some(Listeners::Proxy(socks)) = &sup.listeners {
         let mut listeners = Vec::new();
@@ -326,6 +329,9 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         }
     }
     sup.shutdown(&mut stop).await;
+    if let Some(written) = sup.stop_reply.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), written).await;
+    }
     tracing::info!("{}: stopped", sup.s.name);
     Ok(sup.exit_code)
 }

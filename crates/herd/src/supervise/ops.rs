@@ -31,7 +31,11 @@ enum Wait {
 impl Supervisor {
     /// Handles a control request; true when the cluster must stop.
     pub(super) fn on_call(&mut self, call: Call) -> bool {
-        let Call { req, reply } = call;
+        let Call {
+            req,
+            reply,
+            written,
+        } = call;
         match req {
             Request::Status => {
                 let _ = reply.send(self.status());
@@ -67,6 +71,7 @@ impl Supervisor {
             Request::Stop => {
                 tracing::info!("stop requested on the control socket");
                 let _ = reply.send(json!({"ok": true, "stopping": true}));
+                self.stop_reply = Some(written);
                 return true;
             }
         }
