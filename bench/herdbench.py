@@ -234,6 +234,7 @@ http {{
                 servers = "".join(f"  server s{i} 127.0.0.1:{bp}\n" for i, bp in enumerate(ports))
                 cfg.write_text(f"""global
   nbthread {os.cpu_count()}
+  maxconn 9900
 defaults
   mode http
   timeout connect 5s
@@ -383,6 +384,14 @@ def bench(args):
                     s.stop()
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = machine(args, time.monotonic() - t0, autogroup)
+    old = RESULTS / "bench.json"
+    if args.only and old.exists():
+        # A partial re-run replaces only its own setups' rows.
+        prev = json.loads(old.read_text())
+        ran = {(s.app, s.kind) for s in all_setups}
+        rows = [r for r in prev["rows"] if (r["app"], r["kind"]) not in ran] + rows
+        meta["rerun"] = {"only": args.only, "date": meta["date"], "command": meta["command"]}
+        meta = {**prev["meta"], "rerun": meta["rerun"]}
     (RESULTS / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     report()
 
@@ -467,6 +476,89 @@ def idle(args):
             "versions": {"nginx": version(["nginx", "-v"]), "haproxy": version(["haproxy", "-v"])}}
     (RESULTS / "idle.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     report()
+
+
+def strace_count(pids, work):
+    """Starts `strace -c -f` on each pid; returns a function that stops them
+    and gives the total number of syscalls they counted."""
+    procs = []
+    for i, pid in enumerate(pids):
+        out = work / f"strace-{pid}-{i}.txt"
+        procs.append((subprocess.Popen(["strace", "-c", "-f", "-q", "-o", str(out), "-p", str(pid)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out))
+    time.sleep(1.0)  # attached to every thread
+
+    def stop():
+        total = 0
+        by_name = {}
+        for p, out in procs:
+            p.send_signal(signal.SIGINT)
+            p.wait(timeout=30)
+            for line in out.read_text().splitlines():
+                parts = line.split()
+                # "% time seconds usecs/call calls [errors] syscall"
+                if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                    calls = int(parts[3])
+                    by_name[parts[-1]] = by_name.get(parts[-1], 0) + calls
+                    total += calls
+        return total, by_name
+    return stop
+
+
+def syscalls(args):
+    """Syscalls per request of each HTTP balancer, counted by strace under
+    the same wrk load (strace slows them; only the counts matter)."""
+    ensure_tools()
+    if not shutil.which("strace"):
+        run(["apt-get", "install", "-y", "-qq", "strace"], stdout=subprocess.DEVNULL)
+    work = Path(tempfile.mkdtemp(prefix="herd-strace-"))
+    rows = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        for name, kind in [("nginx", "nginx"), ("haproxy", "haproxy"), ("herd proxy", "herd-proxy")]:
+            s = Setup(name, "rust", kind, herd=kind.startswith("herd"))
+            s.start(work)
+            try:
+                for load in ("keep-alive", "new connection"):
+                    wrk(s.port, load, 16, 1)
+                    pids = s.balancer()
+                    if kind == "nginx":  # the workers do the work; the master waits
+                        pids = [p for p in pids if p != pids[0]]
+                    stop = strace_count(pids, work)
+                    res = wrk(s.port, load, 16, args.secs)
+                    total, by_name = stop()
+                    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
+                    rows.append({"setup": name, "kind": kind, "load": load, "requests": res["requests"],
+                                 "syscalls": total, "per_request": total / max(res["requests"], 1),
+                                 "top": {k: round(v / max(res["requests"], 1), 2) for k, v in top}})
+                    log(f"{name}, {load}: {rows[-1]['per_request']:.2f} syscalls/request {rows[-1]['top']}")
+            finally:
+                s.stop()
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "secs": args.secs}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "syscalls.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report()
+
+
+def syscall_lines():
+    f = RESULTS / "syscalls.json"
+    if not f.exists():
+        return []
+    data = json.loads(f.read_text())
+    m, rows = data["meta"], data["rows"]
+    out = ["## Syscalls per request", "",
+           f"Run {m['date']} with `bench/syscalls`: `strace -c -f` attached to each balancer (nginx's workers, "
+           f"HAProxy's process, herd's master) while `wrk -c16` runs for {m['secs']} s against the Rust app; "
+           "calls counted over requests served. strace slows everything down, so only the counts mean anything.", "",
+           "| setup | load | syscalls/request | vs herd | most frequent (per request) |", "|---|---|---|---|---|"]
+    herd = {r["load"]: r["per_request"] for r in rows if r["kind"] == "herd-proxy"}
+    for r in rows:
+        h = herd.get(r["load"])
+        vs = f"{r['per_request'] / h:.2f}×" if h and r["kind"] != "herd-proxy" else "–"
+        top = ", ".join(f"{k} {v}" for k, v in r["top"].items())
+        name = f"**{r['setup']}**" if r["kind"] == "herd-proxy" else r["setup"]
+        out.append(f"| {name} | {r['load']} | {r['per_request']:.2f} | {vs} | {top} |")
+    return out + [""]
 
 
 def idle_lines():
@@ -793,8 +885,10 @@ def report():
                            "unit": "failed requests", "panels": panels})
             doc += ["![chaos](bench-chaos.png)", ""]
     doc += idle_lines()
+    doc += syscall_lines()
     doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 5 minutes, plus the first build)",
-            "bench/idle     # memory per idle client connection (about 1 minute)",
+            "bench/idle     # memory per idle client connection (about 2 minutes)",
+            "bench/syscalls # syscalls per request under strace (about 1 minute)",
             "bench/chaos    # reloads and kills under load (about 5 minutes)", "```", "",
             "Both install what they need (Debian's `wrk`, `nginx`, `haproxy`, `nodejs`; `pm2` from the npm "
             "registry into `bench/.tools`) and build herd in release mode. Each start of a setup gets one "
@@ -902,7 +996,10 @@ def machine_lines(m):
             f"Linux {m['kernel']}; herd {v['herd']}, Node {v['node']}, PM2 {v['pm2']}, nginx {v['nginx']}, "
             f"HAProxy {v['haproxy']}, wrk {v['wrk']}; the scheduler's autogroup "
             f"{m.get('autogroup', 'on')}{AUTOGROUP_NOTE.get(m.get('autogroup', 'on'), '')}. The load generator "
-            "shares the CPUs with what it measures, so compare ratios within this run, not across runs.", ""]
+            "shares the CPUs with what it measures, so compare ratios within this run, not across runs."] + (
+        [f"The setups matching `{' '.join(m['rerun']['only'])}` were measured again on {m['rerun']['date']} with "
+         f"`{m['rerun']['command'].strip()}`, side by side in that run; their rows replace the earlier ones."]
+        if "rerun" in m else []) + [""]
 
 
 AUTOGROUP_NOTE = {
@@ -939,7 +1036,15 @@ def headlines(summary):
     return out
 
 
+def raise_nofile():
+    """Every setup inherits the highest open-file limit allowed (bench/idle)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, hard), hard))
+
+
 def main():
+    raise_nofile()
     ap = argparse.ArgumentParser(prog="bench")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("run")
@@ -950,9 +1055,13 @@ def main():
     c = sub.add_parser("chaos")
     c.add_argument("--times", type=int, default=20)
     i = sub.add_parser("idle")
-    i.add_argument("--conns", type=int, default=10000)
+    # HAProxy wants two fds per connection of its maxconn, and this
+    # machine's hard limit is 20,000: 9,000 fits every peer.
+    i.add_argument("--conns", type=int, default=9000)
     i.add_argument("--rounds", type=int, default=3)
     i.add_argument("--secs", type=int, default=3)
+    y = sub.add_parser("syscalls")
+    y.add_argument("--secs", type=int, default=3)
     sub.add_parser("report")
     args = ap.parse_args()
     if args.cmd == "run":
@@ -961,6 +1070,8 @@ def main():
         chaos(args)
     elif args.cmd == "idle":
         idle(args)
+    elif args.cmd == "syscalls":
+        syscalls(args)
     else:
         report()
 

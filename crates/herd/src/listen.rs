@@ -54,6 +54,8 @@ impl Listeners {
                 for _ in 0..slots.max(1) {
                     let s = socket(addr, true)?;
                     s.set_nonblocking(true).map_err(|e| err(addr, e))?;
+                    // Accepted sockets inherit it: no setsockopt per connection.
+                    s.set_tcp_nodelay(true).map_err(|e| err(addr, e))?;
                     addr = local_addr(&s).unwrap_or(addr);
                     all.push(s.into());
                 }

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -81,7 +81,7 @@ impl Inbox {
         if self.v.len() == self.v.capacity() {
             return Err(io::Error::other("request buffer full"));
         }
-        io.try_read_buf(&mut self.v)
+        read_drained(io, &mut self.v)
     }
 }
 
@@ -113,7 +113,7 @@ pub async fn serve(
     peer: SocketAddr,
     stop: CancellationToken,
 ) {
-    let _ = io.set_nodelay(true);
+    // TCP_NODELAY comes from the listening socket (see `listen`).
     let mut inbox = Inbox::default();
     let mut first = true;
     loop {
@@ -787,6 +787,23 @@ async fn read_some(
     }
 }
 
+/// One read appended to `v` (which has room). A read shorter than the
+/// room emptied the socket's queue: the readiness tokio cached is cleared
+/// then, which spares the read that would only say "would block" (half of
+/// the reads of a keep-alive request). Safe with edge-triggered epoll:
+/// bytes arriving after the read raise a new event, and tokio never clears
+/// the "closed" readiness, so a FIN is not missed.
+fn read_drained(io: &TcpStream, v: &mut Vec<u8>) -> io::Result<usize> {
+    let room = v.capacity() - v.len();
+    let n = io.try_read_buf(v)?;
+    if n > 0 && n < room {
+        let _ = io.try_io(Interest::READABLE, || {
+            Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+        });
+    }
+    Ok(n)
+}
+
 /// One read appended to `v` (which has room), waiting up to `timeout`.
 async fn read_some_vec(io: &TcpStream, v: &mut Vec<u8>, timeout: Duration) -> io::Result<usize> {
     if v.len() == v.capacity() {
@@ -794,7 +811,7 @@ async fn read_some_vec(io: &TcpStream, v: &mut Vec<u8>, timeout: Duration) -> io
     }
     let mut until = None;
     loop {
-        match io.try_read_buf(v) {
+        match read_drained(io, v) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             r => return r,
         }

@@ -58,7 +58,6 @@ impl TcpProxy {
                 Ok(Ok(mut upstream)) => {
                     lease.success(self.up.now());
                     target.count_served();
-                    let _ = client.set_nodelay(true);
                     let _ = upstream.set_nodelay(true);
                     // Both ways; EOF on one side shuts down writing to the
                     // other (half-close); returns when both are done.
