@@ -482,7 +482,7 @@ impl State {
     }
 
     fn hand(&mut self, c: Conn) -> Result<(), Conn> {
-        let key = ip_key(c.peer);
+        let key = ip_key(c.peer.ip());
         for _ in 0..=self.order.len() {
             let ctx = Ctx {
                 now: self.now(),

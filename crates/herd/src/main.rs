@@ -8,13 +8,6 @@ use clap::error::ErrorKind;
 use herd::cli::{Cli, Command};
 use herd::config::Settings;
 
-/// The proxy allocates and frees buffers and header maps for every
-/// connection and request; glibc's malloc spent a quarter of the proxy's
-/// user CPU coalescing them (`malloc_consolidate`), mimalloc's per-thread
-/// free lists do not.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

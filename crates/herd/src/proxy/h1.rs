@@ -18,16 +18,17 @@
 //! the backend.
 
 use std::io::{self, IoSlice};
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::chunked::Chunked;
+use super::deadline::{Deadline, Woke};
 use super::head::{self, Asked, Framing, H2_PREFACE, Refusal, Response};
 use super::{HttpProxy, Key, conns};
 use crate::upstream::Target;
@@ -107,64 +108,76 @@ enum Outcome {
 
 /// Serves one client connection until it closes, or until `stop` and
 /// the request in flight (which is answered with `Connection: close`) is done.
-pub async fn serve(
+/// `active` counts the connection until then.
+///
+/// A plain `fn` returning an `async move` block, not an `async fn`: an
+/// `async fn` keeps each argument twice in its state (rustc issue 62958),
+/// and this state is what every idle connection holds.
+#[allow(clippy::manual_async_fn)] // on purpose, as said above
+pub fn serve(
     p: Arc<HttpProxy>,
     mut io: TcpStream,
-    peer: SocketAddr,
+    peer: IpAddr,
     stop: CancellationToken,
-) {
+    active: super::ActiveGuard,
+) -> impl Future<Output = ()> + Send {
     // TCP_NODELAY comes from the listening socket (see `listen`).
-    let mut inbox = Inbox::default();
-    let mut first = true;
-    loop {
-        let len = match read_head(&p, &io, &mut inbox, first, &stop).await {
-            Head::Complete(len) => len,
-            Head::H2 => {
-                // Boxed: rare, and the connection's task stays small.
-                let prefix = inbox.pending().to_vec();
-                inbox.release_if_empty();
-                conns::give_back(std::mem::take(&mut inbox.v));
-                Box::pin(super::h2::serve(p, io, prefix, peer, stop)).await;
-                return;
-            }
-            Head::Close => break,
-            Head::Refuse(r) => {
-                let _ = write_all(&io, r.response(), p.cfg.limits.idle_timeout).await;
-                linger(&mut io, &mut inbox, buffer_size(&p)).await;
-                break;
-            }
-        };
-        first = false;
-        // Boxed, so an idle connection's task holds only this loop's state.
-        match Box::pin(exchange(&p, &mut io, &mut inbox, len, peer, &stop)).await {
-            Outcome::KeepAlive => inbox.release_if_empty(),
-            Outcome::Close => break,
-            Outcome::Linger => {
-                linger(&mut io, &mut inbox, buffer_size(&p)).await;
-                break;
+    async move {
+        let _active = active;
+        let mut inbox = Inbox::default();
+        let mut first = true;
+        loop {
+            let len = match read_head(&p, &io, &mut inbox, first).await {
+                Head::Complete(len) => len,
+                Head::H2 => {
+                    // Boxed: rare, and the connection's task stays small.
+                    let prefix = inbox.pending().to_vec();
+                    inbox.release_if_empty();
+                    conns::give_back(std::mem::take(&mut inbox.v));
+                    Box::pin(super::h2::serve(p, io, prefix, peer, stop)).await;
+                    return;
+                }
+                Head::Close => break,
+                Head::Refuse(r) => {
+                    // Boxed, like every rare path: an idle task stays small.
+                    Box::pin(refuse(&p, &mut io, &mut inbox, r)).await;
+                    break;
+                }
+            };
+            first = false;
+            // Boxed, so an idle connection's task holds only this loop's state.
+            match Box::pin(exchange(&p, &mut io, &mut inbox, len, peer, &stop)).await {
+                Outcome::KeepAlive => inbox.release_if_empty(),
+                Outcome::Close => break,
+                Outcome::Linger => {
+                    Box::pin(linger(&mut io, &mut inbox, buffer_size(&p))).await;
+                    break;
+                }
             }
         }
+        conns::give_back(std::mem::take(&mut inbox.v));
     }
-    conns::give_back(std::mem::take(&mut inbox.v));
 }
 
-/// Reads until `inbox` holds a complete request head.
-async fn read_head(
-    p: &HttpProxy,
-    io: &TcpStream,
-    inbox: &mut Inbox,
-    first: bool,
-    stop: &CancellationToken,
-) -> Head {
-    let limits = p.cfg.limits;
+/// Answers a refused request and closes after a lingering read.
+async fn refuse(p: &HttpProxy, io: &mut TcpStream, inbox: &mut Inbox, r: Refusal) {
+    let _ = write_all(io, r.response(), p.cfg.limits.idle_timeout).await;
+    linger(io, inbox, buffer_size(p)).await;
+}
+
+/// Reads until `inbox` holds a complete request head. The wait holds no
+/// timer and no buffer: a deadline slot (see [`Deadline`]) and the socket.
+async fn read_head(p: &HttpProxy, io: &TcpStream, inbox: &mut Inbox, first: bool) -> Head {
+    let limits = &p.cfg.limits;
     let idle_until = Instant::now()
         + if first {
             limits.header_timeout
         } else {
             limits.idle_timeout
         };
+    let mut wait: Option<Deadline> = None;
     // Once a head has begun, the header timeout runs from then.
-    let mut head_until: Option<Instant> = None;
+    let mut begun = false;
     let mut scanned = 0;
     loop {
         let pending = inbox.pending();
@@ -184,7 +197,14 @@ async fn read_head(
                 return Head::Refuse(Refusal::TooLarge);
             }
             scanned = pending.len();
-            head_until.get_or_insert(Instant::now() + limits.header_timeout);
+            if !begun {
+                begun = true;
+                let until = Instant::now() + limits.header_timeout;
+                match &wait {
+                    Some(w) => w.reset(until, false),
+                    None => wait = Some(Deadline::new(until, false)),
+                }
+            }
         }
         // Read what is there first: the readiness tokio cached makes this
         // free when nothing is.
@@ -194,20 +214,18 @@ async fn read_head(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => inbox.release_if_empty(),
             Err(_) => return Head::Close,
         }
-        let ready = match head_until {
-            Some(until) => tokio::time::timeout_at(until, io.readable()).await,
-            // Idle: a graceful stop closes the connection at once.
-            None => tokio::select! {
-                r = tokio::time::timeout_at(idle_until, io.readable()) => r,
-                _ = stop.cancelled() => return Head::Close,
-            },
-        };
-        match ready {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Head::Close,
+        // Idle (nothing begun): a graceful stop closes the connection at once.
+        let w = wait.get_or_insert_with(|| Deadline::new(idle_until, true));
+        let woke = std::future::poll_fn(|cx| match io.poll_read_ready(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map_err(|_| Woke::Expired).map(|()| None)),
+            Poll::Pending => w.poll(cx).map(|why| Ok(Some(why))),
+        })
+        .await;
+        match woke {
+            Ok(None) => {}
             // Nothing sent at all: close quietly; a head begun: 408.
-            Err(_) if head_until.is_none() => return Head::Close,
-            Err(_) => return Head::Refuse(Refusal::Timeout),
+            Ok(Some(Woke::Expired)) if begun => return Head::Refuse(Refusal::Timeout),
+            Ok(Some(_)) | Err(_) => return Head::Close,
         }
     }
 }
@@ -250,7 +268,7 @@ async fn exchange(
     io: &mut TcpStream,
     inbox: &mut Inbox,
     head_len: usize,
-    peer: SocketAddr,
+    peer: IpAddr,
     stop: &CancellationToken,
 ) -> Outcome {
     let cap = buffer_size(p);
@@ -767,6 +785,21 @@ async fn connect(t: &Target, timeout: Duration) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// Waits until `ready` is, or `until` passes (`TimedOut`).
+async fn ready_by(
+    until: Instant,
+    mut ready: impl FnMut(&mut Context<'_>) -> Poll<io::Result<()>>,
+) -> io::Result<()> {
+    let d = Deadline::new(until, false);
+    std::future::poll_fn(|cx| match ready(cx) {
+        Poll::Ready(r) => Poll::Ready(r),
+        Poll::Pending => d
+            .poll(cx)
+            .map(|_| Err(io::Error::from(io::ErrorKind::TimedOut))),
+    })
+    .await
+}
+
 /// One read into the inbox, waiting up to `timeout` for bytes.
 async fn read_some(
     io: &TcpStream,
@@ -781,9 +814,7 @@ async fn read_some(
             r => return r,
         }
         let until = *until.get_or_insert_with(|| Instant::now() + timeout);
-        tokio::time::timeout_at(until, io.readable())
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        ready_by(until, |cx| io.poll_read_ready(cx)).await?;
     }
 }
 
@@ -816,9 +847,7 @@ async fn read_some_vec(io: &TcpStream, v: &mut Vec<u8>, timeout: Duration) -> io
             r => return r,
         }
         let until = *until.get_or_insert_with(|| Instant::now() + timeout);
-        tokio::time::timeout_at(until, io.readable())
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        ready_by(until, |cx| io.poll_read_ready(cx)).await?;
     }
 }
 
@@ -842,9 +871,7 @@ async fn write_two(io: &TcpStream, a: &[u8], b: &[u8], timeout: Duration) -> io:
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut slices, n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tokio::time::timeout(timeout, io.writable())
-                    .await
-                    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                ready_by(Instant::now() + timeout, |cx| io.poll_write_ready(cx)).await?;
             }
             Err(e) => return Err(e),
         }
@@ -866,11 +893,55 @@ async fn linger(io: &mut TcpStream, inbox: &mut Inbox, cap: usize) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => break,
         }
-        match tokio::time::timeout_at(until, io.readable()).await {
-            Ok(Ok(())) => {}
-            _ => break,
+        if ready_by(until, |cx| io.poll_read_ready(cx)).await.is_err() {
+            break;
         }
     }
     conns::give_back(std::mem::take(&mut inbox.v));
     inbox.start = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::config::{HttpConfig, Limits};
+    use crate::upstream::Upstreams;
+
+    /// What an idle client connection's task holds is this future, a
+    /// socket and a deadline slot: keep it small (the memory benchmark
+    /// measures the rest).
+    #[tokio::test]
+    async fn an_idle_connection_holds_a_small_future() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let secs = Duration::from_secs(1);
+        let cfg = HttpConfig {
+            connect_timeout: secs,
+            response_timeout: secs,
+            limits: Limits {
+                max_head: 16384,
+                max_headers: 100,
+                header_timeout: secs,
+                idle_timeout: secs,
+            },
+            wait_for_backend: secs,
+        };
+        let up = Arc::new(Upstreams::new(herd_balance::StrategyKind::RoundRobin, &[]));
+        let p = Arc::new(super::HttpProxy::new(up, cfg));
+        let active = crate::proxy::ActiveGuard::new(Arc::default());
+        let f = super::serve(
+            p,
+            s,
+            addr.ip(),
+            tokio_util::sync::CancellationToken::new(),
+            active,
+        );
+        let size = std::mem::size_of_val(&f);
+        // With tokio's task header and trailer (112 bytes) the task then
+        // fits in 384 bytes (tasks are 128-aligned); bench/idle measures all.
+        assert!(size <= 256, "the connection future grew to {size} bytes");
+    }
 }

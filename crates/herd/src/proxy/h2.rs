@@ -3,7 +3,7 @@
 //! hyper's client. HTTP/1 clients take the engine in [`super::h1`].
 
 use std::cell::RefCell;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +35,7 @@ pub async fn serve(
     p: Arc<HttpProxy>,
     io: TcpStream,
     prefix: Vec<u8>,
-    peer: SocketAddr,
+    peer: IpAddr,
     stop: CancellationToken,
 ) {
     let io = TokioIo::new(Prefixed { prefix, at: 0, io });
@@ -113,7 +113,7 @@ impl AsyncWrite for Prefixed {
 }
 
 impl HttpProxy {
-    async fn handle_h2(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
+    async fn handle_h2(&self, mut req: Request<Incoming>, peer: IpAddr) -> Response<RespBody> {
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -371,7 +371,7 @@ fn strip_listed(h: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// Turns the client's request head into the one sent to a backend.
-fn prepare_request_head(parts: &mut hyper::http::request::Parts, peer: SocketAddr, upgrade: bool) {
+fn prepare_request_head(parts: &mut hyper::http::request::Parts, peer: IpAddr, upgrade: bool) {
     // h2 clients give the host as :authority; HTTP/1.1 backends want Host.
     if !parts.headers.contains_key(header::HOST)
         && let Some(a) = parts.uri.authority()
@@ -395,9 +395,9 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// `X-Forwarded-For` and `Forwarded` get this hop appended; an
 /// `X-Forwarded-Proto`/`-Host` set by a proxy in front is kept. Each value
 /// is written once into a buffer the header then owns (no copy).
-fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
+fn add_forwarding(h: &mut HeaderMap, peer: IpAddr) {
     use std::fmt::Write;
-    let ip = peer.ip().to_canonical();
+    let ip = peer.to_canonical();
     let mut xff = String::with_capacity(48);
     if let Some(prev) = h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         xff.push_str(prev);
@@ -445,7 +445,7 @@ fn clone_head(p: &hyper::http::request::Parts) -> hyper::http::request::Parts {
     r.into_parts().0
 }
 
-fn hash_key<'a>(src: &KeySource, h: &'a HeaderMap, peer: SocketAddr) -> Option<Key<'a>> {
+fn hash_key<'a>(src: &KeySource, h: &'a HeaderMap, peer: IpAddr) -> Option<Key<'a>> {
     match src {
         KeySource::None => None,
         KeySource::ClientIp => Some(ip_key(peer)),
@@ -653,7 +653,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("a\"b\\c:80"));
         h.insert(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
-        add_forwarding(&mut h, "[2001:db8::7]:5000".parse().unwrap());
+        add_forwarding(&mut h, "2001:db8::7".parse().unwrap());
         assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::7");
         assert_eq!(
             h[header::FORWARDED],
@@ -662,7 +662,7 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_HOST], "a\"b\\c:80");
         // An IPv4 client seen through a v4-mapped address is written as v4.
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, "[::ffff:192.0.2.9]:1".parse().unwrap());
+        add_forwarding(&mut h, "::ffff:192.0.2.9".parse().unwrap());
         assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.9");
         assert_eq!(h[header::FORWARDED], "for=192.0.2.9;proto=http");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use herd_balance::KeySource;
 
@@ -228,7 +228,7 @@ fn transfer_coding(v: &[u8], norm: &mut Vec<u8>) -> bool {
 pub fn request(
     head: &[u8],
     max_headers: usize,
-    peer: SocketAddr,
+    peer: IpAddr,
     key_source: &KeySource,
     out: &mut Vec<u8>,
 ) -> Result<Request, Refusal> {
@@ -358,7 +358,7 @@ pub fn request(
     if upgrade {
         put(out, "Connection", b"upgrade");
     }
-    let ip = peer.ip().to_canonical();
+    let ip = peer.to_canonical();
     // X-Forwarded-For and Forwarded: earlier hops (every line, in order), then this one.
     out.extend_from_slice(b"X-Forwarded-For: ");
     if xff.is_some() {
@@ -651,8 +651,8 @@ pub fn error_response(out: &mut Vec<u8>, status: u16, reason: &str, body: &str, 
 mod tests {
     use super::*;
 
-    fn peer() -> SocketAddr {
-        "192.0.2.7:5000".parse().unwrap()
+    fn peer() -> IpAddr {
+        "192.0.2.7".parse().unwrap()
     }
 
     fn req(head: &str) -> Result<(Request, String), Refusal> {

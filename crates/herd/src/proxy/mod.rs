@@ -6,6 +6,7 @@
 
 mod chunked;
 mod conns;
+mod deadline;
 mod h1;
 mod h2;
 pub mod head;
@@ -13,7 +14,6 @@ pub mod head;
 mod props;
 mod tcp;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -51,7 +51,15 @@ impl Active {
     }
 }
 
-struct ActiveGuard(Arc<Active>);
+/// Counts a connection in [`Active`] for as long as it lives.
+pub(crate) struct ActiveGuard(Arc<Active>);
+
+impl ActiveGuard {
+    pub(crate) fn new(active: Arc<Active>) -> ActiveGuard {
+        active.count.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(active)
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -101,11 +109,13 @@ pub fn start_threads(
                     // timer is due sooner than the driver's next planned wake.
                     // Every request sets a time-out timer; a steady short tick
                     // keeps them all later than that, and saves a syscall each.
-                    // The same tick closes idle backend connections now and then.
+                    // The same tick ends the connections' waits whose deadline
+                    // passed, and closes idle backend connections now and then.
                     tokio::spawn(async {
                         let mut tick = tokio::time::interval(Duration::from_millis(100));
                         for n in 0u64.. {
                             tick.tick().await;
+                            deadline::sweep(std::time::Instant::now());
                             if n % 10 == 0 {
                                 conns::sweep();
                             }
@@ -115,6 +125,8 @@ pub fn start_threads(
                         Ok(l) => serve(l, proto, active.clone(), stop).await,
                         Err(e) => tracing::error!("proxy thread {i} cannot listen: {e}"),
                     }
+                    // Stopping: this thread's idle connections close now.
+                    deadline::stop();
                     // Connections this thread still serves live on its runtime:
                     // keep it running while they drain (the master exits when
                     // they are done or its drain time-out passes).
@@ -140,15 +152,12 @@ pub async fn serve(
         };
         match accepted {
             Ok((client, peer)) => {
-                active.count.fetch_add(1, Ordering::AcqRel);
-                let guard = ActiveGuard(active.clone());
+                let guard = ActiveGuard::new(active.clone());
                 match &proto {
                     Protocol::Http(h) => {
-                        let (h, stop) = (h.clone(), stop.clone());
-                        tokio::spawn(async move {
-                            h1::serve(h, client, peer, stop).await;
-                            drop(guard);
-                        });
+                        // No wrapper future: what the task holds while the
+                        // connection is idle is `serve`'s state alone.
+                        tokio::spawn(h1::serve(h.clone(), client, peer.ip(), stop.clone(), guard));
                     }
                     Protocol::Tcp(t) => {
                         let t = t.clone();
@@ -238,9 +247,9 @@ impl Key<'_> {
     }
 }
 
-pub fn ip_key(peer: SocketAddr) -> Key<'static> {
+pub fn ip_key(ip: std::net::IpAddr) -> Key<'static> {
     let mut b = [0u8; 16];
-    match peer.ip().to_canonical() {
+    match ip.to_canonical() {
         std::net::IpAddr::V4(v4) => {
             b[..4].copy_from_slice(&v4.octets());
             Key::Ip(b, 4)

@@ -23,7 +23,7 @@ const MAX_TRIES: usize = 3;
 
 impl TcpProxy {
     pub(super) async fn relay(&self, mut client: TcpStream, peer: SocketAddr) {
-        let key = ip_key(peer);
+        let key = ip_key(peer.ip());
         let mut avoid: Option<Arc<Backend>> = None;
         let deadline = tokio::time::Instant::now() + self.wait_for_backend;
         let mut tries = 0;

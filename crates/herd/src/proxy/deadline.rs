@@ -1,0 +1,246 @@
+//! Time-outs of one proxy thread's connections, without a timer each.
+//!
+//! An idle keep-alive connection should cost almost nothing, and a tokio
+//! timer (a 112-byte `Sleep`, plus its wheel entry behind a lock) and a
+//! cancellation waiter were most of what one held. Instead, a connection
+//! that waits registers its deadline and waker here (a 24-byte slot, reused
+//! after it), and the thread's 100 ms tick wakes those whose deadline has
+//! passed; a graceful stop wakes the idle ones at once. Deadlines are
+//! therefore kept to within a tick (never early), which time-outs of
+//! seconds do not mind.
+//!
+//! Thread-local like the runtime it serves: a slot is made, polled and
+//! dropped on the thread whose tick sweeps it.
+
+use std::cell::RefCell;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// 24 bytes: one per waiting connection, so it is kept small.
+struct Slot {
+    waker: Option<Waker>,
+    /// In ticks since the thread's epoch, rounded up.
+    deadline: u32,
+    /// Woken by a graceful stop too (an idle connection).
+    idle: bool,
+    used: bool,
+}
+
+struct Slots {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    stopping: bool,
+    epoch: Instant,
+}
+
+/// The sweep's period, and so the deadlines' resolution.
+const TICK: Duration = Duration::from_millis(100);
+
+impl Slots {
+    /// Ticks from the epoch to `t`, rounded up (a deadline is never early).
+    fn ticks_until(&self, t: Instant) -> u32 {
+        let d = t.saturating_duration_since(self.epoch);
+        u32::try_from(d.as_nanos().div_ceil(TICK.as_nanos())).unwrap_or(u32::MAX)
+    }
+
+    /// Whole ticks elapsed at `t`.
+    fn ticks_at(&self, t: Instant) -> u32 {
+        let d = t.saturating_duration_since(self.epoch);
+        u32::try_from(d.as_nanos() / TICK.as_nanos()).unwrap_or(u32::MAX)
+    }
+}
+
+thread_local! {
+    static SLOTS: RefCell<Slots> = RefCell::new(Slots {
+        slots: Vec::new(),
+        free: Vec::new(),
+        stopping: false,
+        epoch: Instant::now(),
+    });
+}
+
+/// Why a wait ended without its event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woke {
+    Expired,
+    /// The proxy is stopping gracefully (idle waits only).
+    Stopping,
+}
+
+/// A registered deadline; unregistered when dropped.
+pub struct Deadline {
+    index: u32,
+}
+
+impl Deadline {
+    /// `idle`: a graceful stop ends the wait too.
+    pub fn new(deadline: Instant, idle: bool) -> Deadline {
+        SLOTS.with(|s| {
+            let s = &mut *s.borrow_mut();
+            let slot = Slot {
+                deadline: s.ticks_until(deadline),
+                waker: None,
+                idle,
+                used: true,
+            };
+            let index = match s.free.pop() {
+                Some(i) => {
+                    s.slots[i as usize] = slot;
+                    i
+                }
+                None => {
+                    s.slots.push(slot);
+                    (s.slots.len() - 1) as u32
+                }
+            };
+            Deadline { index }
+        })
+    }
+
+    /// Moves the deadline (a head has begun: now it is the header time-out)
+    /// and whether a stop ends the wait.
+    pub fn reset(&self, deadline: Instant, idle: bool) {
+        SLOTS.with(|s| {
+            let s = &mut *s.borrow_mut();
+            let ticks = s.ticks_until(deadline);
+            if let Some(slot) = s.slots.get_mut(self.index as usize) {
+                slot.deadline = ticks;
+                slot.idle = idle;
+            }
+        });
+    }
+
+    /// Ready once the deadline has passed (or, for an idle wait, the proxy
+    /// stops); otherwise keeps `cx`'s waker for the tick to wake.
+    pub fn poll(&self, cx: &mut Context<'_>) -> Poll<Woke> {
+        SLOTS.with(|s| {
+            let s = &mut *s.borrow_mut();
+            let stopping = s.stopping;
+            let now = s.ticks_at(Instant::now());
+            let Some(slot) = s.slots.get_mut(self.index as usize) else {
+                return Poll::Ready(Woke::Expired);
+            };
+            if slot.idle && stopping {
+                return Poll::Ready(Woke::Stopping);
+            }
+            if now >= slot.deadline {
+                return Poll::Ready(Woke::Expired);
+            }
+            match &slot.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => slot.waker = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        let _ = SLOTS.try_with(|s| {
+            let s = &mut *s.borrow_mut();
+            if let Some(slot) = s.slots.get_mut(self.index as usize)
+                && slot.used
+            {
+                slot.used = false;
+                slot.waker = None;
+                s.free.push(self.index);
+            }
+        });
+    }
+}
+
+/// Wakes every wait whose deadline has passed (the thread's tick).
+pub fn sweep(now: Instant) {
+    SLOTS.with(|s| {
+        let s = &mut *s.borrow_mut();
+        let now = s.ticks_at(now);
+        for slot in &mut s.slots {
+            if slot.used
+                && slot.deadline <= now
+                && let Some(w) = slot.waker.take()
+            {
+                w.wake();
+            }
+        }
+        // Give memory back after a crowd has gone.
+        if s.free.len() > 1024 && s.free.len() * 2 > s.slots.len() {
+            while s.slots.last().is_some_and(|l| !l.used) {
+                s.slots.pop();
+            }
+            let len = s.slots.len() as u32;
+            s.free.retain(|&i| i < len);
+        }
+    });
+}
+
+/// A graceful stop: idle waits end now, and every later one at once.
+pub fn stop() {
+    SLOTS.with(|s| {
+        let s = &mut *s.borrow_mut();
+        s.stopping = true;
+        for slot in &mut s.slots {
+            if slot.used
+                && slot.idle
+                && let Some(w) = slot.waker.take()
+            {
+                w.wake();
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+    use std::time::Duration;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_sweep_wakes_what_expired_and_a_stop_what_is_idle() {
+        // Thread-local state: a thread of its own, so tests do not meet.
+        std::thread::spawn(|| {
+            let count = Arc::new(Count(AtomicUsize::new(0)));
+            let waker = Waker::from(count.clone());
+            let mut cx = Context::from_waker(&waker);
+            let now = Instant::now();
+            // Due within the first tick after the thread's epoch (now).
+            let soon = Deadline::new(now + Duration::from_millis(1), false);
+            let later = Deadline::new(now + Duration::from_secs(60), true);
+            assert_eq!(std::mem::size_of::<Slot>(), 24);
+            assert!(soon.poll(&mut cx).is_pending());
+            assert!(later.poll(&mut cx).is_pending());
+            sweep(now);
+            assert_eq!(count.0.load(Ordering::SeqCst), 0);
+            sweep(now + TICK * 2);
+            assert_eq!(count.0.load(Ordering::SeqCst), 1);
+            std::thread::sleep(TICK * 2);
+            assert_eq!(soon.poll(&mut cx), Poll::Ready(Woke::Expired));
+            let busy = Deadline::new(now + Duration::from_secs(60), false);
+            assert!(busy.poll(&mut cx).is_pending());
+            stop();
+            assert_eq!(
+                count.0.load(Ordering::SeqCst),
+                2,
+                "only the idle wait is woken"
+            );
+            assert_eq!(later.poll(&mut cx), Poll::Ready(Woke::Stopping));
+            assert!(busy.poll(&mut cx).is_pending());
+            // Slots are reused once dropped.
+            let i = later.index;
+            drop(later);
+            assert_eq!(Deadline::new(now, false).index, i);
+        })
+        .join()
+        .unwrap();
+    }
+}
