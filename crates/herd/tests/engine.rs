@@ -401,3 +401,44 @@ fn herd_stop_answers_for_a_cluster_of_upstreams_only() {
     let st = h.wait_exit(T).expect("the master did not stop");
     assert_eq!(st.code(), Some(0));
 }
+
+#[test]
+fn a_retry_after_an_interim_answer_sends_the_request_itself() {
+    // A sends 103 Early Hints and dies; B checks that what it gets is the
+    // client's request (not the 103 head) and answers.
+    let (a, a_hits) = backend(Arc::new(
+        |_: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            let _ = c.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n");
+            false
+        },
+    ));
+    let (b, _) = backend(Arc::new(
+        |head: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            if head.starts_with("GET /page HTTP/1.1\r\n") {
+                ok(c, "from b");
+            } else {
+                let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            }
+            true
+        },
+    ));
+    let ua = format!("--upstream=127.0.0.1:{a}");
+    let ub = format!("--upstream=127.0.0.1:{b}");
+    let h = Herd::start(&[&ua, &ub, "--health-interval", "0"], &[]);
+    assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", h.port)).is_ok()));
+    for _ in 0..4 {
+        let mut s = connect(h.port);
+        s.write_all(b"GET /page HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut all = String::new();
+        s.read_to_string(&mut all).unwrap();
+        assert!(
+            all.contains("HTTP/1.1 200") && all.ends_with("from b"),
+            "{all:?}"
+        );
+    }
+    assert!(
+        a_hits.load(Ordering::SeqCst) >= 1,
+        "backend A was never tried"
+    );
+}

@@ -148,8 +148,10 @@ pub fn serve(
             // Boxed, so an idle connection's task holds only this loop's state.
             match Box::pin(exchange(&p, &mut io, &mut inbox, len, peer, &stop)).await {
                 Outcome::KeepAlive => inbox.release_if_empty(),
-                Outcome::Close => break,
-                Outcome::Linger => {
+                Outcome::Close if inbox.pending().is_empty() => break,
+                // Unread pipelined requests: closing now would reset the
+                // connection, and the client could lose the last answer.
+                Outcome::Close | Outcome::Linger => {
                     Box::pin(linger(&mut io, &mut inbox, buffer_size(&p))).await;
                     break;
                 }
@@ -398,6 +400,9 @@ async fn exchange(
 
         // The rest of the body, while the answer's head is awaited.
         let mut rbuf = conns::buffer(cap);
+        // The answer's head for the client: `out` keeps the request's head
+        // for a retry, even after a 1xx went to the client.
+        let mut rout = conns::buffer(cap);
         let client: &TcpStream = io;
         let mut body_end = BodyEnd::Done;
         let wait = {
@@ -406,7 +411,7 @@ async fn exchange(
                 &mut rbuf,
                 client,
                 asked,
-                &mut out,
+                &mut rout,
                 p.cfg.response_timeout,
             );
             tokio::pin!(head_fut);
@@ -437,11 +442,13 @@ async fn exchange(
             HeadWait::Got(len, resp) => (len, resp),
             _ if matches!(body_end, BodyEnd::ClientGone) => {
                 conns::give_back(rbuf);
+                conns::give_back(rout);
                 conns::give_back(out);
                 return Outcome::Close;
             }
             _ if matches!(body_end, BodyEnd::ClientStalled | BodyEnd::BadChunk) => {
                 conns::give_back(rbuf);
+                conns::give_back(rout);
                 conns::give_back(out);
                 let r = if body_end == BodyEnd::BadChunk {
                     Refusal::BadRequest
@@ -455,6 +462,7 @@ async fn exchange(
                 // The backend closed the idle connection as the request went
                 // out: once more on a fresh connection, not a failure.
                 conns::give_back(rbuf);
+                conns::give_back(rout);
                 stale_retries += 1;
                 tries -= 1;
                 skip_pool = true;
@@ -463,6 +471,7 @@ async fn exchange(
             }
             wait => {
                 conns::give_back(rbuf);
+                conns::give_back(rout);
                 lease.failure(now);
                 last = match wait {
                     HeadWait::TimedOut => {
@@ -489,18 +498,19 @@ async fn exchange(
                 keep_alive: false,
                 ..asked
             };
-            let _ = head::response(&rbuf, closing, &mut out);
+            let _ = head::response(&rbuf, closing, &mut rout);
         }
+        conns::give_back(out);
 
         if resp.status == 101 {
-            let ok = write_two(io, &out, &rbuf[len..], limits.idle_timeout)
+            let ok = write_two(io, &rout, &rbuf[len..], limits.idle_timeout)
                 .await
                 .is_ok()
                 && write_all(&b, inbox.pending(), p.cfg.response_timeout)
                     .await
                     .is_ok();
             conns::give_back(rbuf);
-            conns::give_back(out);
+            conns::give_back(rout);
             conns::give_back(std::mem::take(&mut inbox.v));
             inbox.start = 0;
             if ok {
@@ -511,9 +521,9 @@ async fn exchange(
             return Outcome::Close;
         }
 
-        let relayed = relay_answer(p, io, &b, &mut rbuf, len, &out, &resp).await;
+        let relayed = relay_answer(p, io, &b, &mut rbuf, len, &rout, &resp).await;
         conns::give_back(rbuf);
-        conns::give_back(out);
+        conns::give_back(rout);
         if relayed == Relayed::Complete && resp.backend_keep_alive && body_sent {
             conns::put(target.id, b);
         }

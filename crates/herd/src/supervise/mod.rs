@@ -659,7 +659,7 @@ impl Supervisor {
         let (ipc_master, ipc_worker) = crate::ipc::pair().map_err(spawn_err)?;
         fds.push((crate::ipc::raw(&ipc_worker), crate::ipc::WORKER_FD));
         env.push((
-            "HERD_IPC_FD".into(),
+            contract::IPC_FD.into(),
             crate::ipc::WORKER_FD.to_string().into(),
         ));
         let mut cmd = tokio::process::Command::new(&self.s.program);
