@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use crate::cli::Command;
-use crate::control::{self, ControlError, Request};
+use crate::control::{self, ControlError, Done, Request, Status};
 
 /// Runs one control command; returns the exit code.
 pub fn run(cmd: Command) -> Result<i32, ControlError> {
@@ -36,26 +36,17 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         }
     };
     let (name, path) = control::find(target.name.as_deref())?;
-    let answer = control::call(&name, &path, &req, |p| crate::outln!("{p}"))?;
+    let answer: Done = control::call(&name, &path, &req, |p| crate::outln!("{p}"))?;
+    let n = |v: Option<usize>| v.unwrap_or(0);
     match req {
-        Request::Reload => crate::outln!(
-            "{name}: reloaded {} workers",
-            answer["replaced"].as_u64().unwrap_or(0)
-        ),
-        Request::Restart => crate::outln!(
-            "{name}: restarted {} workers",
-            answer["restarted"].as_u64().unwrap_or(0)
-        ),
-        Request::Scale { .. } => crate::outln!(
-            "{name}: {} workers",
-            answer["workers"].as_u64().unwrap_or(0)
-        ),
+        Request::Reload => crate::outln!("{name}: reloaded {} workers", n(answer.replaced)),
+        Request::Restart => crate::outln!("{name}: restarted {} workers", n(answer.restarted)),
+        Request::Scale { .. } => crate::outln!("{name}: {} workers", n(answer.workers)),
         Request::Stop => crate::outln!("{name}: stopping"),
         Request::Send { id, .. } => crate::outln!("{name}: delivered to worker {id}"),
-        Request::Broadcast { .. } => crate::outln!(
-            "{name}: delivered to {} workers",
-            answer["delivered"].as_u64().unwrap_or(0)
-        ),
+        Request::Broadcast { .. } => {
+            crate::outln!("{name}: delivered to {} workers", n(answer.delivered))
+        }
         Request::Status => {}
     }
     Ok(0)
@@ -63,22 +54,18 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
 
 fn status(name: Option<&str>, as_json: bool) -> Result<i32, ControlError> {
     let (name, path) = control::find(name)?;
-    let v = control::call(&name, &path, &Request::Status, |_| {})?;
+    let v: Status = control::call(&name, &path, &Request::Status, |_| {})?;
     if as_json {
         crate::outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(0);
     }
     crate::outln!(
         "{name}: {} mode on {}, master pid {}, up {}{}",
-        v["mode"].as_str().unwrap_or("?"),
-        v["listen"].as_str().unwrap_or("?"),
-        v["pid"],
-        duration(v["uptime"].as_f64().unwrap_or(0.0)),
-        if v["reloading"].as_bool() == Some(true) {
-            " (reloading)"
-        } else {
-            ""
-        }
+        v.mode,
+        v.listen,
+        v.pid,
+        duration(v.uptime),
+        if v.reloading { " (reloading)" } else { "" }
     );
     crate::outln!(
         "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>6}  {:>7}  {:>5}  {:>9}  {:>7}  last exit",
@@ -93,24 +80,24 @@ fn status(name: Option<&str>, as_json: bool) -> Result<i32, ControlError> {
         "requests",
         "req/s"
     );
-    for w in v["workers"].as_array().into_iter().flatten() {
-        let opt = |k: &str| match &w[k] {
-            Value::Null => "-".to_string(),
-            x => x.to_string(),
-        };
+    fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+        v.map_or_else(|| "-".to_string(), |v| v.to_string())
+    }
+    for w in &v.workers {
+        let state = serde_json::to_value(w.state).unwrap_or_default();
         crate::outln!(
             "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>5.1}%  {:>7}  {:>5}  {:>9}  {:>7}  {}",
-            opt("id"),
-            opt("pid"),
-            w["state"].as_str().unwrap_or("?"),
-            duration(w["uptime"].as_f64().unwrap_or(0.0)),
-            opt("restarts"),
-            w["cpu"].as_f64().unwrap_or(0.0),
-            bytes(w["memory"].as_u64().unwrap_or(0)),
-            opt("connections"),
-            opt("requests"),
-            opt("rps"),
-            w["last_exit"].as_str().unwrap_or("-"),
+            w.id,
+            w.pid,
+            state.as_str().unwrap_or("?"),
+            duration(w.uptime),
+            w.restarts,
+            w.cpu,
+            bytes(w.memory),
+            opt(w.connections),
+            opt(w.requests),
+            opt(w.rps),
+            w.last_exit.as_deref().unwrap_or("-"),
         );
     }
     Ok(0)
@@ -131,15 +118,15 @@ fn list() -> Result<i32, ControlError> {
         "listen"
     );
     for (name, path) in all {
-        match control::call(&name, &path, &Request::Status, |_| {}) {
+        match control::call::<Status>(&name, &path, &Request::Status, |_| {}) {
             Ok(v) => crate::outln!(
                 "{:<24}  {:>7}  {:>7}  {:<9}  {:<22}  {}",
                 name,
-                v["pid"].to_string(),
-                v["workers"].as_array().map_or(0, Vec::len),
-                v["mode"].as_str().unwrap_or("?"),
-                v["listen"].as_str().unwrap_or("?"),
-                duration(v["uptime"].as_f64().unwrap_or(0.0))
+                v.pid,
+                v.workers.len(),
+                v.mode,
+                v.listen,
+                duration(v.uptime)
             ),
             Err(e) => crate::outln!("{name:<24}  (not answering: {e})"),
         }

@@ -65,10 +65,119 @@ pub enum Request {
     Broadcast { message: Value },
 }
 
+/// The last line of every answer but `status`'s: `ok`, and what was done.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Done {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `restart`: workers restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted: Option<usize>,
+    /// `reload`: workers replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<usize>,
+    /// `scale`: the worker count now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// `send`, `broadcast`: workers the message reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopping: Option<bool>,
+}
+
+impl Done {
+    pub fn ok() -> Done {
+        Done {
+            ok: true,
+            ..Done::default()
+        }
+    }
+
+    pub fn failed(error: impl Into<String>) -> Done {
+        Done {
+            ok: false,
+            error: Some(error.into()),
+            ..Done::default()
+        }
+    }
+}
+
+/// `status`'s answer (`herd status --json` prints it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub ok: bool,
+    pub name: String,
+    pub pid: u32,
+    pub mode: String,
+    pub listen: String,
+    /// Seconds.
+    pub uptime: f64,
+    pub reloading: bool,
+    pub log_file: Option<String>,
+    pub workers: Vec<WorkerRow>,
+}
+
+/// One worker process in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerRow {
+    /// Its slot.
+    pub id: usize,
+    pub pid: u32,
+    pub state: WorkerState,
+    /// Seconds.
+    pub uptime: f64,
+    /// Restarts of its slot.
+    pub restarts: u64,
+    /// Percent of one CPU since the last `status`.
+    pub cpu: f64,
+    /// RSS in bytes.
+    pub memory: u64,
+    /// Requests in flight (proxy) or established TCP connections (fd modes).
+    pub connections: Option<usize>,
+    /// Proxy mode only.
+    pub requests: Option<u64>,
+    pub rps: Option<f64>,
+    /// How its slot's previous worker ended.
+    pub last_exit: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    Starting,
+    Ready,
+    Stopping,
+}
+
+/// One line of an answer, as the master sends it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Line {
+    Progress { progress: String },
+    Done(Done),
+    Status(Box<Status>),
+}
+
+impl Line {
+    pub fn progress(msg: impl Into<String>) -> Line {
+        Line::Progress {
+            progress: msg.into(),
+        }
+    }
+}
+
+impl From<Done> for Line {
+    fn from(d: Done) -> Line {
+        Line::Done(d)
+    }
+}
+
 /// A request on its way to the supervisor, with where its answer lines go.
 pub struct Call {
     pub req: Request,
-    pub reply: mpsc::UnboundedSender<Value>,
+    pub reply: mpsc::UnboundedSender<Line>,
     /// Resolves once every reply has been written (the connection's task
     /// ends): a master stopping on request waits for it, so the caller
     /// gets its answer even when there is nothing to drain.
@@ -165,8 +274,8 @@ async fn answer(stream: UnixStream, calls: mpsc::UnboundedSender<Call>) {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_LINE as u64 + 1);
-    let reply = |v: Value| {
-        let mut s = v.to_string();
+    let reply = |l: &Line| {
+        let mut s = serde_json::to_string(l).unwrap_or_default();
         s.push('\n');
         s
     };
@@ -182,7 +291,7 @@ async fn answer(stream: UnixStream, calls: mpsc::UnboundedSender<Call>) {
         Ok(r) => r,
         Err(e) => {
             let _ = write
-                .write_all(reply(serde_json::json!({"ok": false, "error": e})).as_bytes())
+                .write_all(reply(&Done::failed(e).into()).as_bytes())
                 .await;
             return;
         }
@@ -200,8 +309,8 @@ async fn answer(stream: UnixStream, calls: mpsc::UnboundedSender<Call>) {
     {
         return;
     }
-    while let Some(v) = rx.recv().await {
-        if write.write_all(reply(v).as_bytes()).await.is_err() {
+    while let Some(l) = rx.recv().await {
+        if write.write_all(reply(&l).as_bytes()).await.is_err() {
             return;
         }
     }
@@ -256,12 +365,14 @@ pub fn find(name: Option<&str>) -> Result<(String, PathBuf), ControlError> {
 
 /// Sends `req` and calls `progress` for each progress line; returns the
 /// final answer, or its `error` as `Failed`.
-pub fn call(
+/// Sends `req` and returns its final line as `T` ([`Done`] or [`Status`]),
+/// passing progress lines to `progress`.
+pub fn call<T: serde::de::DeserializeOwned>(
     name: &str,
     path: &Path,
     req: &Request,
     mut progress: impl FnMut(&str),
-) -> Result<Value, ControlError> {
+) -> Result<T, ControlError> {
     let connect_err = |source| ControlError::Connect {
         name: name.to_string(),
         source,
@@ -280,7 +391,7 @@ pub fn call(
             continue;
         }
         return match v.get("ok").and_then(Value::as_bool) {
-            Some(true) => Ok(v),
+            Some(true) => serde_json::from_value(v).map_err(|_| ControlError::NoAnswer),
             _ => Err(ControlError::Failed(
                 v.get("error")
                     .and_then(Value::as_str)
@@ -295,6 +406,82 @@ pub fn call(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The wire format the README documents, pinned: scripts read it.
+    #[test]
+    fn answers_keep_their_documented_json() {
+        let status = Status {
+            ok: true,
+            name: "api".into(),
+            pid: 42,
+            mode: "proxy".into(),
+            listen: "0.0.0.0:8000".into(),
+            uptime: 1.5,
+            reloading: false,
+            log_file: None,
+            workers: vec![WorkerRow {
+                id: 0,
+                pid: 43,
+                state: WorkerState::Ready,
+                uptime: 1.0,
+                restarts: 2,
+                cpu: 0.5,
+                memory: 1024,
+                connections: Some(1),
+                requests: Some(10),
+                rps: None,
+                last_exit: Some("exited with status 1".into()),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&Line::Status(Box::new(status))).unwrap(),
+            r#"{"ok":true,"name":"api","pid":42,"mode":"proxy","listen":"0.0.0.0:8000","uptime":1.5,"reloading":false,"log_file":null,"workers":[{"id":0,"pid":43,"state":"ready","uptime":1.0,"restarts":2,"cpu":0.5,"memory":1024,"connections":1,"requests":10,"rps":null,"last_exit":"exited with status 1"}]}"#
+        );
+        let lines = [
+            (
+                Line::progress("reloading 2 workers"),
+                r#"{"progress":"reloading 2 workers"}"#,
+            ),
+            (
+                Done {
+                    replaced: Some(2),
+                    ..Done::ok()
+                }
+                .into(),
+                r#"{"ok":true,"replaced":2}"#,
+            ),
+            (
+                Done {
+                    workers: Some(4),
+                    ..Done::ok()
+                }
+                .into(),
+                r#"{"ok":true,"workers":4}"#,
+            ),
+            (
+                Done {
+                    stopping: Some(true),
+                    ..Done::ok()
+                }
+                .into(),
+                r#"{"ok":true,"stopping":true}"#,
+            ),
+            (
+                Done {
+                    delivered: Some(1),
+                    ..Done::failed("worker 3 is not running")
+                }
+                .into(),
+                r#"{"ok":false,"error":"worker 3 is not running","delivered":1}"#,
+            ),
+        ];
+        for (line, json) in lines {
+            assert_eq!(serde_json::to_string(&line).unwrap(), json);
+        }
+        // And the CLI reads them back.
+        let d: Done = serde_json::from_str(r#"{"ok":true,"restarted":3}"#).unwrap();
+        assert_eq!(d.restarted, Some(3));
+    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn only_one_claimant_of_a_name_wins() {

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 
 use crate::cli::RunArgs;
 use crate::config::Settings;
-use crate::control::{self, Request};
+use crate::control::{self, Request, Status, WorkerState};
 
 /// Validates the options here, in the foreground, then runs `herd run` in
 /// its own process group with a log file, and returns once every worker is
@@ -79,16 +79,19 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
             );
         }
         if let Ok((_, path)) = control::find(Some(&name))
-            && let Ok(v) = control::call(&name, &path, &Request::Status, |_| {})
+            && let Ok(v) = control::call::<Status>(&name, &path, &Request::Status, |_| {})
         {
-            let workers = v["workers"].as_array().cloned().unwrap_or_default();
-            let ready = workers.iter().filter(|w| w["state"] == "ready").count();
+            let ready = v
+                .workers
+                .iter()
+                .filter(|w| w.state == WorkerState::Ready)
+                .count();
             if ready == s.instances {
                 crate::outln!(
                     "{name}: started, master pid {}, {ready} workers, {} mode on {}; logs: {}",
                     child.id(),
-                    v["mode"].as_str().unwrap_or("?"),
-                    v["listen"].as_str().unwrap_or("?"),
+                    v.mode,
+                    v.listen,
                     log.display()
                 );
                 return Ok(());
@@ -110,8 +113,8 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
 pub fn logs(name: Option<&str>, lines: usize, follow: bool) -> anyhow::Result<()> {
     let path = match control::find(name) {
         Ok((n, sock)) => {
-            let v = control::call(&n, &sock, &Request::Status, |_| {})?;
-            match v["log_file"].as_str() {
+            let v: Status = control::call(&n, &sock, &Request::Status, |_| {})?;
+            match v.log_file {
                 Some(p) => PathBuf::from(p),
                 None => {
                     bail!("cluster {n:?} logs to its terminal (it was not started with --log-file)")

@@ -10,7 +10,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Event, Slot, Supervisor, Worker, kill_group};
 use crate::config::Mode;
-use crate::control::{Call, Request};
+use crate::control::{Call, Done, Line, Request, Status, WorkerRow, WorkerState};
 use crate::listen::Listeners;
 
 /// A rolling reload in progress: one slot at a time, new worker ready
@@ -18,7 +18,7 @@ use crate::listen::Listeners;
 pub(super) struct Reload {
     todo: VecDeque<usize>,
     wait: Wait,
-    reply: Option<UnboundedSender<Value>>,
+    reply: Option<UnboundedSender<Line>>,
     replaced: usize,
     started: Instant,
 }
@@ -38,39 +38,61 @@ impl Supervisor {
         } = call;
         match req {
             Request::Status => {
-                let _ = reply.send(self.status());
+                let _ = reply.send(Line::Status(Box::new(self.status())));
             }
             Request::Reload => self.reload_start(Some(reply)),
             Request::Restart => {
                 let n = self.restart_all();
-                let _ = reply.send(json!({"ok": true, "restarted": n}));
+                let _ = reply.send(
+                    Done {
+                        restarted: Some(n),
+                        ..Done::ok()
+                    }
+                    .into(),
+                );
             }
             Request::Scale { n } => {
                 let answer = match self.scale(&n) {
-                    Ok(to) => json!({"ok": true, "workers": to}),
-                    Err(e) => json!({"ok": false, "error": e}),
+                    Ok(to) => Done {
+                        workers: Some(to),
+                        ..Done::ok()
+                    },
+                    Err(e) => Done::failed(e),
                 };
-                let _ = reply.send(answer);
+                let _ = reply.send(answer.into());
             }
             Request::Send { id, message } => {
                 let from = json!("cli");
                 let answer = match self.deliver(id, &from, &message) {
-                    Ok(()) => json!({"ok": true, "delivered": 1}),
-                    Err(e) => json!({"ok": false, "error": e}),
+                    Ok(()) => Done {
+                        delivered: Some(1),
+                        ..Done::ok()
+                    },
+                    Err(e) => Done::failed(e),
                 };
-                let _ = reply.send(answer);
+                let _ = reply.send(answer.into());
             }
             Request::Broadcast { message } => {
                 let (n, failed) = self.broadcast(None, &json!("cli"), &message);
-                let _ = reply.send(if failed.is_empty() {
-                    json!({"ok": true, "delivered": n})
-                } else {
-                    json!({"ok": false, "delivered": n, "error": failed.join("; ")})
-                });
+                let answer = Done {
+                    delivered: Some(n),
+                    ..if failed.is_empty() {
+                        Done::ok()
+                    } else {
+                        Done::failed(failed.join("; "))
+                    }
+                };
+                let _ = reply.send(answer.into());
             }
             Request::Stop => {
                 tracing::info!("stop requested on the control socket");
-                let _ = reply.send(json!({"ok": true, "stopping": true}));
+                let _ = reply.send(
+                    Done {
+                        stopping: Some(true),
+                        ..Done::ok()
+                    }
+                    .into(),
+                );
                 self.stop_reply = Some(written);
                 return true;
             }
@@ -219,12 +241,12 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn reload_start(&mut self, reply: Option<UnboundedSender<Value>>) {
+    pub(super) fn reload_start(&mut self, reply: Option<UnboundedSender<Line>>) {
         if self.reload.is_some() {
             let msg = "a reload is already running; wait for it to finish";
             tracing::warn!("{msg}");
             if let Some(r) = reply {
-                let _ = r.send(json!({"ok": false, "error": msg}));
+                let _ = r.send(Done::failed(msg).into());
             }
             return;
         }
@@ -232,11 +254,13 @@ impl Supervisor {
     }
 
     /// Rolling replacement of `slots`, one at a time.
-    fn reload_slots(&mut self, slots: Vec<usize>, reply: Option<UnboundedSender<Value>>) {
+    fn reload_slots(&mut self, slots: Vec<usize>, reply: Option<UnboundedSender<Line>>) {
         let n = slots.len();
         tracing::info!("rolling reload of {n} workers");
         if let Some(r) = &reply {
-            let _ = r.send(json!({"progress": format!("reloading {n} workers, one at a time")}));
+            let _ = r.send(Line::progress(format!(
+                "reloading {n} workers, one at a time"
+            )));
         }
         self.reload = Some(Reload {
             todo: slots.into(),
@@ -251,7 +275,7 @@ impl Supervisor {
     fn progress(&self, msg: String) {
         tracing::info!("reload: {msg}");
         if let Some(Reload { reply: Some(r), .. }) = &self.reload {
-            let _ = r.send(json!({ "progress": msg }));
+            let _ = r.send(Line::progress(msg));
         }
     }
 
@@ -267,7 +291,13 @@ impl Supervisor {
                     let took = r.started.elapsed();
                     tracing::info!("reload done: {} workers replaced in {took:.1?}", r.replaced);
                     if let Some(reply) = r.reply {
-                        let _ = reply.send(json!({"ok": true, "replaced": r.replaced}));
+                        let _ = reply.send(
+                            Done {
+                                replaced: Some(r.replaced),
+                                ..Done::ok()
+                            }
+                            .into(),
+                        );
                     }
                 }
                 return;
@@ -350,7 +380,7 @@ impl Supervisor {
         let msg = format!("reload aborted: {why}; the old workers keep serving");
         tracing::error!("{msg}");
         if let Some(Reload { reply: Some(r), .. }) = self.reload.take() {
-            let _ = r.send(json!({"ok": false, "error": msg}));
+            let _ = r.send(Done::failed(msg).into());
         }
     }
 
@@ -471,24 +501,34 @@ impl Supervisor {
     }
 
     /// `herd status`: per-worker state and stats, as JSON.
-    fn status(&mut self) -> Value {
+    fn status(&mut self) -> Status {
         // fd modes: the worker's established TCP connections, from /proc.
         let established = (self.s.mode != Mode::Proxy).then(established_inodes);
         let ticks = procfs::ticks_per_second() as f64;
         let page = procfs::page_size();
         let mut rows = Vec::new();
-        let mut entries: Vec<(usize, &mut Worker, &'static str)> = Vec::new();
+        // What each slot has seen, for every worker of it.
+        let history: Vec<(u64, Option<String>)> = self
+            .slots
+            .iter()
+            .map(|s| (s.restarts, s.last_exit.clone()))
+            .collect();
+        let mut entries: Vec<(usize, &mut Worker, WorkerState)> = Vec::new();
         for (i, s) in self.slots.iter_mut().enumerate() {
             if let Some(w) = s.worker.as_mut() {
-                let state = if w.ready { "ready" } else { "starting" };
+                let state = if w.ready {
+                    WorkerState::Ready
+                } else {
+                    WorkerState::Starting
+                };
                 entries.push((i, w, state));
             }
             if let Some(w) = s.next.as_mut() {
-                entries.push((i, w, "starting"));
+                entries.push((i, w, WorkerState::Starting));
             }
         }
         for (i, w) in self.retiring.iter_mut() {
-            entries.push((*i, w, "stopping"));
+            entries.push((*i, w, WorkerState::Stopping));
         }
         for (slot, w, state) in entries {
             let stat = procfs::process::Process::new(w.pid as i32)
@@ -515,42 +555,36 @@ impl Supervisor {
                 }
             };
             w.sample = Some((now, cpu_ticks, requests.unwrap_or(0)));
-            rows.push(json!({
-                "id": slot,
-                "pid": w.pid,
-                "state": state,
-                "uptime": w.started.elapsed().as_secs_f64(),
-                "restarts": 0,
-                "cpu": (cpu * 10.0).round() / 10.0,
-                "memory": rss,
-                "connections": match (&w.target, &established) {
+            let (restarts, last_exit) = history.get(slot).cloned().unwrap_or_default();
+            rows.push(WorkerRow {
+                id: slot,
+                pid: w.pid,
+                state,
+                uptime: w.started.elapsed().as_secs_f64(),
+                restarts,
+                cpu: (cpu * 10.0).round() / 10.0,
+                memory: rss,
+                connections: match (&w.target, &established) {
                     (Some(t), _) => Some(t.backend.in_flight() as usize),
                     (None, Some(est)) => Some(connections_of(w.pid, est)),
                     (None, None) => None,
                 },
-                "requests": requests,
-                "rps": rps.map(|r| (r * 10.0).round() / 10.0),
-                "last_exit": Value::Null,
-            }));
+                requests,
+                rps: rps.map(|r| (r * 10.0).round() / 10.0),
+                last_exit,
+            });
         }
-        for row in rows.iter_mut() {
-            let id = row["id"].as_u64().unwrap_or(0) as usize;
-            if let Some(s) = self.slots.get(id) {
-                row["restarts"] = json!(s.restarts);
-                row["last_exit"] = json!(s.last_exit);
-            }
+        Status {
+            ok: true,
+            name: self.s.name.clone(),
+            pid: std::process::id(),
+            mode: self.s.mode.as_str().to_string(),
+            listen: self.s.listen.to_string(),
+            uptime: self.started.elapsed().as_secs_f64(),
+            reloading: self.reload.is_some(),
+            log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),
+            workers: rows,
         }
-        json!({
-            "ok": true,
-            "name": self.s.name,
-            "pid": std::process::id(),
-            "mode": self.s.mode.as_str(),
-            "listen": self.s.listen.to_string(),
-            "uptime": self.started.elapsed().as_secs_f64(),
-            "reloading": self.reload.is_some(),
-            "log_file": self.s.log_file.as_ref().map(|p| p.display().to_string()),
-            "workers": rows,
-        })
     }
 }
 
