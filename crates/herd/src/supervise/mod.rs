@@ -122,8 +122,6 @@ struct Worker {
     failed_start: bool,
     notify_path: PathBuf,
     tasks: Vec<AbortHandle>,
-    /// Last CPU sample for `status`: (when, utime+stime ticks, requests).
-    sample: Option<(Instant, u64, u64)>,
     /// When it last sent WATCHDOG=1, in ms on `Supervisor::started` (+1; 0 = never).
     pings: Arc<AtomicU64>,
     /// Ticks in a row its RSS was above `--max-memory`.
@@ -168,6 +166,8 @@ pub struct Supervisor {
     node_options: Option<OsString>,
     /// A `herd stop` caller's connection, answered before the master exits.
     stop_reply: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// CPU samples of `herd status`, kept by the blocking task that reads `/proc`.
+    samples: ops::Samples,
 }
 
 /// Runs the cluster until it is stopped; returns the process exit code.
@@ -245,6 +245,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         dispatcher,
         node_options,
         stop_reply: None,
+        samples: ops::Samples::default(),
     };
     if let Some(Listeners::Proxy(socks)) = &sup.listeners {
         let mut listeners = Vec::new();
@@ -742,7 +743,6 @@ impl Supervisor {
             failed_start: false,
             notify_path,
             tasks: vec![readiness.abort_handle()],
-            sample: None,
             pings,
             over_memory: 0,
             watchdog_fired: false,

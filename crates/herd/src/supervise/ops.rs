@@ -1,7 +1,7 @@
 //! Operations on a running cluster: rolling reload, restart, scaling and
 //! status, driven by the control socket and by signals.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -37,9 +37,7 @@ impl Supervisor {
             written,
         } = call;
         match req {
-            Request::Status => {
-                let _ = reply.send(Line::Status(Box::new(self.status())));
-            }
+            Request::Status => self.status(reply),
             Request::Reload => self.reload_start(Some(reply)),
             Request::Restart => {
                 let n = self.restart_all();
@@ -500,37 +498,98 @@ impl Supervisor {
         Ok(to)
     }
 
-    /// `herd status`: per-worker state and stats, as JSON.
-    fn status(&mut self) -> Status {
-        // fd modes: the worker's established TCP connections, from /proc.
-        let established = (self.s.mode != Mode::Proxy).then(established_inodes);
-        let ticks = procfs::ticks_per_second() as f64;
-        let page = procfs::page_size();
-        let mut rows = Vec::new();
-        // What each slot has seen, for every worker of it.
-        let history: Vec<(u64, Option<String>)> = self
-            .slots
-            .iter()
-            .map(|s| (s.restarts, s.last_exit.clone()))
-            .collect();
-        let mut entries: Vec<(usize, &mut Worker, WorkerState)> = Vec::new();
-        for (i, s) in self.slots.iter_mut().enumerate() {
-            if let Some(w) = s.worker.as_mut() {
-                let state = if w.ready {
-                    WorkerState::Ready
-                } else {
-                    WorkerState::Starting
-                };
-                entries.push((i, w, state));
+    /// `herd status`: what the supervisor knows is gathered here; what
+    /// `/proc` says (CPU, memory, connections: a read of every TCP socket
+    /// in fd modes) is read on a blocking thread, which then answers.
+    fn status(&self, reply: UnboundedSender<Line>) {
+        let mut probes = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            let mut add = |w: &Worker, state| {
+                probes.push(Probe {
+                    slot: i,
+                    pid: w.pid,
+                    state,
+                    started: w.started,
+                    target: w.target.clone(),
+                    restarts: s.restarts,
+                    last_exit: s.last_exit.clone(),
+                })
+            };
+            if let Some(w) = &s.worker {
+                add(
+                    w,
+                    if w.ready {
+                        WorkerState::Ready
+                    } else {
+                        WorkerState::Starting
+                    },
+                );
             }
-            if let Some(w) = s.next.as_mut() {
-                entries.push((i, w, WorkerState::Starting));
+            if let Some(w) = &s.next {
+                add(w, WorkerState::Starting);
             }
         }
-        for (i, w) in self.retiring.iter_mut() {
-            entries.push((*i, w, WorkerState::Stopping));
+        for (i, w) in &self.retiring {
+            let s = self.slots.get(*i);
+            probes.push(Probe {
+                slot: *i,
+                pid: w.pid,
+                state: WorkerState::Stopping,
+                started: w.started,
+                target: w.target.clone(),
+                restarts: s.map_or(0, |s| s.restarts),
+                last_exit: s.and_then(|s| s.last_exit.clone()),
+            });
         }
-        for (slot, w, state) in entries {
+        let mut status = Status {
+            ok: true,
+            name: self.s.name.clone(),
+            pid: std::process::id(),
+            mode: self.s.mode.as_str().to_string(),
+            listen: self.s.listen.to_string(),
+            uptime: self.started.elapsed().as_secs_f64(),
+            reloading: self.reload.is_some(),
+            log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),
+            workers: Vec::new(),
+        };
+        let fd_mode = self.s.mode != Mode::Proxy;
+        let samples = self.samples.clone();
+        tokio::task::spawn_blocking(move || {
+            status.workers = measure(probes, fd_mode, &samples);
+            let _ = reply.send(Line::Status(Box::new(status)));
+        });
+    }
+}
+
+/// Inodes of every established TCP socket in this network namespace.
+/// A worker as `status` reports it, gathered on the supervisor thread.
+struct Probe {
+    slot: usize,
+    pid: u32,
+    state: WorkerState,
+    started: Instant,
+    target: Option<std::sync::Arc<crate::upstream::Target>>,
+    restarts: u64,
+    last_exit: Option<String>,
+}
+
+/// Last CPU sample of each worker for `status`, by pid: (when, utime+stime
+/// ticks, requests). Rates are over the time since the previous `status`.
+pub(super) type Samples = std::sync::Arc<std::sync::Mutex<HashMap<u32, (Instant, u64, u64)>>>;
+
+/// Reads `/proc` for each worker (blocking; off the supervisor thread).
+fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRow> {
+    // fd modes: the worker's established TCP connections, from /proc.
+    let established = fd_mode.then(established_inodes);
+    let ticks = procfs::ticks_per_second() as f64;
+    let page = procfs::page_size();
+    let Ok(mut samples) = samples.lock() else {
+        return Vec::new();
+    };
+    samples.retain(|pid, _| probes.iter().any(|p| p.pid == *pid));
+    probes
+        .into_iter()
+        .map(|w| {
             let stat = procfs::process::Process::new(w.pid as i32)
                 .and_then(|p| p.stat())
                 .ok();
@@ -538,8 +597,8 @@ impl Supervisor {
             let rss = stat.as_ref().map_or(0, |s| s.rss * page);
             let requests = w.target.as_ref().map(|t| t.requests());
             let now = Instant::now();
-            let (cpu, rps) = match w.sample {
-                Some((at, t0, r0)) => {
+            let (cpu, rps) = match samples.get(&w.pid) {
+                Some(&(at, t0, r0)) => {
                     let secs = now.duration_since(at).as_secs_f64().max(1e-3);
                     (
                         (cpu_ticks.saturating_sub(t0)) as f64 / ticks / secs * 100.0,
@@ -554,14 +613,13 @@ impl Supervisor {
                     )
                 }
             };
-            w.sample = Some((now, cpu_ticks, requests.unwrap_or(0)));
-            let (restarts, last_exit) = history.get(slot).cloned().unwrap_or_default();
-            rows.push(WorkerRow {
-                id: slot,
+            samples.insert(w.pid, (now, cpu_ticks, requests.unwrap_or(0)));
+            WorkerRow {
+                id: w.slot,
                 pid: w.pid,
-                state,
+                state: w.state,
                 uptime: w.started.elapsed().as_secs_f64(),
-                restarts,
+                restarts: w.restarts,
                 cpu: (cpu * 10.0).round() / 10.0,
                 memory: rss,
                 connections: match (&w.target, &established) {
@@ -571,24 +629,12 @@ impl Supervisor {
                 },
                 requests,
                 rps: rps.map(|r| (r * 10.0).round() / 10.0),
-                last_exit,
-            });
-        }
-        Status {
-            ok: true,
-            name: self.s.name.clone(),
-            pid: std::process::id(),
-            mode: self.s.mode.as_str().to_string(),
-            listen: self.s.listen.to_string(),
-            uptime: self.started.elapsed().as_secs_f64(),
-            reloading: self.reload.is_some(),
-            log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),
-            workers: rows,
-        }
-    }
+                last_exit: w.last_exit,
+            }
+        })
+        .collect()
 }
 
-/// Inodes of every established TCP socket in this network namespace.
 fn established_inodes() -> std::collections::HashSet<u64> {
     let v4 = procfs::net::tcp().unwrap_or_default();
     let v6 = procfs::net::tcp6().unwrap_or_default();
