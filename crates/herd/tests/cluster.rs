@@ -299,6 +299,10 @@ fn a_worker_that_never_gets_ready_is_replaced() {
             "1",
             "--restart-delay",
             "10ms",
+            // It runs longer than this before it is killed: the crash loop
+            // must not blame --min-uptime (issue 18, item 3).
+            "--min-uptime",
+            "100ms",
         ],
         &["sleep", "60"],
     );
@@ -307,6 +311,13 @@ fn a_worker_that_never_gets_ready_is_replaced() {
         .wait_exit(T)
         .expect("never-ready workers must end in a crash loop");
     assert_eq!(st.code(), Some(1));
+    let log = h.log();
+    assert!(
+        log.contains("crash loop: worker 0 was not ready within 300ms, 2 times in a row")
+            && log.contains("--ready-timeout")
+            && !log.contains("--min-uptime"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -21,8 +21,10 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 mod ops;
+mod policy;
 mod signals;
 
+use policy::{Decision, Ending, RestartPolicy};
 use signals::StopSignals;
 
 use crate::config::{Mode, Protocol, Settings};
@@ -137,7 +139,8 @@ struct Slot {
     worker: Option<Worker>,
     /// The replacement a rolling reload is starting.
     next: Option<Worker>,
-    quick_exits: u32,
+    /// Its quick exits in a row, for the restart policy.
+    record: policy::Record,
     restarts: u64,
     last_exit: Option<String>,
 }
@@ -411,7 +414,7 @@ impl Supervisor {
                     && let Err(e) = self.spawn(slot)
                 {
                     tracing::error!("worker {slot}: {e}");
-                    return self.count_quick_exit(slot, &e.to_string());
+                    return self.on_end(slot, &Ending::SpawnFailed { why: e.to_string() });
                 }
             }
             Event::Message { epoch, msg } => self.on_message(epoch, msg),
@@ -510,49 +513,42 @@ impl Supervisor {
             Ok(st) => describe(st),
             Err(e) => format!("could not be waited for ({e})"),
         };
-        let quick = w.failed_start || uptime < self.s.min_uptime;
         self.slots[slot].last_exit = Some(how.clone());
         self.slots[slot].restarts += 1;
-        if !quick {
-            self.slots[slot].quick_exits = 0;
-        }
         tracing::warn!(
             "worker {slot} (pid {}) {how} after {:.1?}",
             w.pid,
             Duration::from_millis(uptime.as_millis() as u64)
         );
-        if quick {
-            self.count_quick_exit(slot, &how)
+        let ending = if w.failed_start {
+            Ending::NotReady
         } else {
-            // A worker that ran a while comes back at once (as under PM2);
-            // the back-off is for crash loops.
-            self.schedule_restart(slot, Duration::ZERO);
-            false
-        }
+            Ending::Exited { ran: uptime, how }
+        };
+        self.on_end(slot, &ending)
     }
 
-    /// Records one quick exit; true once the slot is in a crash loop.
-    fn count_quick_exit(&mut self, slot: usize, how: &str) -> bool {
-        let n = {
-            let sl = &mut self.slots[slot];
-            sl.quick_exits += 1;
-            sl.quick_exits
+    /// Carries out the restart policy's decision for a slot whose worker
+    /// ended; true when the cluster must stop (a crash loop).
+    fn on_end(&mut self, slot: usize, ending: &Ending) -> bool {
+        let policy = RestartPolicy {
+            min_uptime: self.s.min_uptime,
+            restart_delay: self.s.restart_delay,
+            max_restart_delay: self.s.max_restart_delay,
+            max_restarts: self.s.max_restarts,
+            ready_timeout: self.s.ready_timeout,
         };
-        if n > self.s.max_restarts {
-            tracing::error!(
-                "crash loop: worker {slot} exited {n} times in a row, each within {:?} of starting (last: {how}); giving up. Fix the program, or raise --max-restarts / lower --min-uptime",
-                self.s.min_uptime
-            );
-            self.exit_code = 1;
-            return true;
+        match policy.on_end(slot, &mut self.slots[slot].record, ending) {
+            Decision::Restart { after } => {
+                self.schedule_restart(slot, after);
+                false
+            }
+            Decision::CrashLoop { message } => {
+                tracing::error!("{message}");
+                self.exit_code = 1;
+                true
+            }
         }
-        let backoff = self
-            .s
-            .restart_delay
-            .saturating_mul(1u32 << (n - 1).min(20))
-            .min(self.s.max_restart_delay);
-        self.schedule_restart(slot, backoff);
-        false
     }
 
     fn schedule_restart(&self, slot: usize, delay: Duration) {
