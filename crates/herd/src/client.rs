@@ -42,7 +42,13 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         Request::Reload => crate::outln!("{name}: reloaded {} workers", n(answer.replaced)),
         Request::Restart => crate::outln!("{name}: restarted {} workers", n(answer.restarted)),
         Request::Scale { .. } => crate::outln!("{name}: {} workers", n(answer.workers)),
-        Request::Stop => crate::outln!("{name}: stopping"),
+        Request::Stop => {
+            crate::outln!("{name}: stopping");
+            if let Some(pid) = answer.pid {
+                wait_exit(&name, pid)?;
+            }
+            crate::outln!("{name}: stopped");
+        }
         Request::Send { id, .. } => crate::outln!("{name}: delivered to worker {id}"),
         Request::Broadcast { .. } => {
             crate::outln!("{name}: delivered to {} workers", n(answer.delivered))
@@ -132,6 +138,44 @@ fn list() -> Result<i32, ControlError> {
         }
     }
     Ok(0)
+}
+
+/// How long `herd stop` waits for the master to drain and exit.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits until the master `pid` has exited, as `pm2 stop` does, so the
+/// name is free again once `herd stop` returns; says so every 5 s.
+fn wait_exit(name: &str, pid: u32) -> Result<(), ControlError> {
+    let start = std::time::Instant::now();
+    let mut said = 0;
+    while alive(pid) {
+        let waited = start.elapsed();
+        if waited > STOP_WAIT {
+            return Err(ControlError::Failed(format!(
+                "the master (pid {pid}) is still running after {STOP_WAIT:?}"
+            )));
+        }
+        if waited.as_secs() / 5 > said {
+            said = waited.as_secs() / 5;
+            crate::outln!(
+                "{name}: waiting for the master (pid {pid}) to finish its requests and exit ({}s)",
+                waited.as_secs()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Whether `pid` runs (a zombie, exited but not yet reaped, does not).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// A message as given on the command line: JSON if it parses, else a string.

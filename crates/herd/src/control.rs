@@ -85,6 +85,9 @@ pub struct Done {
     pub delivered: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopping: Option<bool>,
+    /// `stop`: the master's pid, for the caller to wait for its exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 impl Done {

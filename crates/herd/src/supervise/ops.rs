@@ -87,6 +87,7 @@ impl Supervisor {
                 let _ = reply.send(
                     Done {
                         stopping: Some(true),
+                        pid: Some(std::process::id()),
                         ..Done::ok()
                     }
                     .into(),
