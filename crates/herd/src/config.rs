@@ -571,7 +571,7 @@ impl Settings {
         };
         let instances = match args.instances.or(file.instances).unwrap_or(Instances::Max) {
             _ if command.is_empty() => 0,
-            Instances::Max => crate::cpus::usable(),
+            Instances::Max => crate::os::cpus::usable(),
             Instances::Count(n) => n,
         };
         let d = |cli: Option<Dur>, file: Option<Dur>, default: Duration| {

@@ -234,7 +234,7 @@ async fn run(
         stopping: None,
         on_listening,
     }));
-    let acceptor = match crate::sys::watch(listener, Interest::READABLE) {
+    let acceptor = match crate::os::sys::watch(listener, Interest::READABLE) {
         Ok(l) => Some(tokio::task::spawn_local(accept_loop(
             l,
             st.clone(),
@@ -251,7 +251,7 @@ async fn run(
             Cmd::Add { key, chan, info } => {
                 let chan = match chan
                     .set_nonblocking(true)
-                    .and_then(|()| crate::sys::watch(chan, Interest::READABLE))
+                    .and_then(|()| crate::os::sys::watch(chan, Interest::READABLE))
                 {
                     Ok(c) => Rc::new(c),
                     Err(e) => {
@@ -498,7 +498,7 @@ impl State {
                 return Err(c);
             };
             let p = &mut self.peers[pi];
-            match crate::sys::send_fd(p.chan.as_raw_fd(), CONN_LINE, c.fd.as_raw_fd()) {
+            match crate::os::sys::send_fd(p.chan.as_raw_fd(), CONN_LINE, c.fd.as_raw_fd()) {
                 Ok(_) => {
                     p.outstanding.push_back(c);
                     p.update();

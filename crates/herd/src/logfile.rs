@@ -102,6 +102,6 @@ pub fn default_path(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
         .map(|d| d.join("herd"))
-        .unwrap_or_else(crate::rundir::base_dir);
+        .unwrap_or_else(crate::os::rundir::base_dir);
     dir.join(format!("{name}.log"))
 }

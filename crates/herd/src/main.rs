@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     match cli.command {
-        Command::Guard => ExitCode::from(herd::guardian::run() as u8),
+        Command::Guard => ExitCode::from(herd::os::guardian::run() as u8),
         cmd @ (Command::Status { .. }
         | Command::Reload { .. }
         | Command::Restart { .. }
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         | Command::Stop { .. }
         | Command::Send { .. }
         | Command::Broadcast { .. }
-        | Command::List) => match herd::client::run(cmd) {
+        | Command::List) => match herd::control::client::run(cmd) {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {
                 herd::errln!("herd: error: {e}");

@@ -30,12 +30,12 @@ use signals::StopSignals;
 use crate::config::{Mode, Protocol, Settings};
 use crate::control::{self, Call, ControlError};
 use crate::dispatch::{DispatchError, Dispatcher, PeerInfo};
-use crate::guardian::Guardian;
-use crate::listen::{ListenError, Listeners};
+use crate::os::guardian::Guardian;
+use crate::os::listen::{ListenError, Listeners};
+use crate::os::rundir::{RunDir, RunDirError};
+use crate::os::sys::{self, ExecSpec};
 use crate::output::{Output, Stream};
 use crate::proxy::{self, Active, HttpProxy, TcpProxy};
-use crate::rundir::{RunDir, RunDirError};
-use crate::sys::{self, ExecSpec};
 use crate::upstream::{self, Target, Upstreams};
 use herd_balance::BackendConfig;
 use herd_sdk::env as contract;
@@ -180,7 +180,7 @@ pub struct Supervisor {
 /// worker exits, and the main thread lives exactly as long as the master.
 pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     raise_nofile();
-    let proxy_threads = crate::cpus::usable();
+    let proxy_threads = crate::os::cpus::usable();
     let listen_slots = match s.mode {
         Mode::Proxy => proxy_threads,
         _ => s.instances,

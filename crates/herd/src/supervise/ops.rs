@@ -11,7 +11,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::{Event, Slot, Supervisor, Worker, kill_group};
 use crate::config::Mode;
 use crate::control::{Call, Done, Line, Request, Status, WorkerRow, WorkerState};
-use crate::listen::Listeners;
+use crate::os::listen::Listeners;
 
 /// A rolling reload in progress: one slot at a time, new worker ready
 /// before the old one leaves, old one gone before the next slot starts.
