@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::RunArgs;
 use herd_balance::{BackendConfig, StrategyKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -252,47 +251,175 @@ impl FromStr for EnvPair {
     }
 }
 
-/// `herd.toml`: the same keys as the long flags, plus `command` and `[env]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileConfig {
-    pub name: Option<String>,
-    pub listen: Option<ListenAddr>,
-    pub instances: Option<Instances>,
-    pub mode: Option<Mode>,
-    pub kill_timeout: Option<Dur>,
-    pub ready_timeout: Option<Dur>,
-    pub wait_ready: Option<bool>,
-    pub restart_delay: Option<Dur>,
-    pub max_restart_delay: Option<Dur>,
-    pub max_restarts: Option<u32>,
-    pub min_uptime: Option<Dur>,
-    pub cwd: Option<PathBuf>,
-    pub command: Option<Vec<String>>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
+/// Merges a layer of settings over the one below it (flags over the file).
+pub trait Layer {
+    fn over(self, below: Self) -> Self;
+}
+
+impl<T> Layer for Option<T> {
+    fn over(self, below: Self) -> Self {
+        self.or(below)
+    }
+}
+
+/// `--env` adds to `[env]`; a key given in both takes the flag's value.
+impl Layer for Vec<EnvPair> {
+    fn over(self, below: Self) -> Self {
+        let mut all = below;
+        all.extend(self);
+        all
+    }
+}
+
+/// Declares [`Options`] and its merge from one list of fields, so a new
+/// setting is one field (with its flag and its doc) and nothing else.
+macro_rules! options {
+    ($( $(#[$attr:meta])* $field:ident : $ty:ty, )*) => {
+        /// Every setting of `herd run`, each both a flag and a `herd.toml`
+        /// key of the same name (`--kill-timeout` / `kill-timeout`), unset
+        /// unless given; [`Settings::resolve`] applies the defaults.
+        #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+        pub struct Options {
+            $( $(#[$attr])* pub $field: $ty, )*
+        }
+
+        impl Layer for Options {
+            fn over(self, below: Options) -> Options {
+                Options { $( $field: self.$field.over(below.$field), )* }
+            }
+        }
+    };
+}
+
+options! {
+    /// Name of the cluster (default: derived from the command).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where clients connect: PORT, HOST:PORT or [V6]:PORT [default: 0.0.0.0:8000].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<ListenAddr>,
+    /// Number of workers, or `max` for the usable CPUs [default: max].
+    #[arg(short = 'i', long = "instances", value_name = "N|max")]
+    instances: Option<Instances>,
+    /// How workers share the port [default: proxy].
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// Grace between SIGTERM and SIGKILL, and for draining on stop [default: 5s].
+    #[arg(long, value_name = "DUR")]
+    kill_timeout: Option<Dur>,
+    /// How long a new worker may take to become ready [default: 30s].
+    #[arg(long, value_name = "DUR")]
+    ready_timeout: Option<Dur>,
+    /// Only sd_notify READY=1 marks a worker ready (no port probe, no grace).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    wait_ready: Option<bool>,
+    /// Delay before restarting a worker after a quick exit; doubles per quick exit in a row
+    /// (a worker that ran at least --min-uptime comes back at once) [default: 100ms].
+    #[arg(long, value_name = "DUR")]
+    restart_delay: Option<Dur>,
+    /// Cap of the restart back-off [default: 10s].
+    #[arg(long, value_name = "DUR")]
+    max_restart_delay: Option<Dur>,
+    /// Quick exits in a row a slot may have before herd gives up [default: 5].
+    #[arg(long, value_name = "N")]
+    max_restarts: Option<u32>,
+    /// A worker that exits sooner than this after starting counts as a crash loop step [default: 1s].
+    #[arg(long, value_name = "DUR")]
+    min_uptime: Option<Dur>,
+    /// Replace a worker gracefully once its RSS stays above SIZE for 3 s (e.g. 300M).
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<Size>,
+    /// Give workers WATCHDOG_USEC; one that sent WATCHDOG=1 and then goes quiet
+    /// this long is killed and replaced.
+    #[arg(long, value_name = "DUR")]
+    watchdog: Option<Dur>,
+    /// Write herd's log and worker output to FILE instead of stdout/stderr.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// Rotate the log file past this size [default: 10M].
+    #[arg(long, value_name = "SIZE")]
+    log_max_size: Option<Size>,
+    /// Rotated log files kept (FILE.1 … FILE.N) [default: 3].
+    #[arg(long, value_name = "N")]
+    log_keep: Option<u32>,
+    /// Working directory of the workers.
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<PathBuf>,
+    /// Extra environment for the workers, KEY=VAL (repeatable; `[env]` in the file).
+    #[arg(long = "env", value_name = "KEY=VAL")]
+    #[serde(default, deserialize_with = "env_table")]
+    env: Vec<EnvPair>,
+    /// Balancing strategy: round-robin, weighted, least-conn, random2, ewma,
+    /// ip-hash, hash:header:NAME, hash:cookie:NAME [default: round-robin].
+    #[arg(long, value_name = "STRATEGY")]
     #[serde(default, deserialize_with = "strategy")]
-    pub balance: Option<StrategyKind>,
-    pub protocol: Option<Protocol>,
-    #[serde(default)]
-    pub upstream: Vec<UpstreamSpec>,
-    pub health_path: Option<String>,
-    pub health_interval: Option<Dur>,
-    pub health_timeout: Option<Dur>,
-    pub health_rise: Option<u32>,
-    pub health_fall: Option<u32>,
-    pub connect_timeout: Option<Dur>,
-    pub response_timeout: Option<Dur>,
-    pub header_timeout: Option<Dur>,
-    pub idle_timeout: Option<Dur>,
-    pub max_header_size: Option<Size>,
-    pub max_headers: Option<usize>,
-    pub max_memory: Option<Size>,
-    pub watchdog: Option<Dur>,
-    pub log_file: Option<PathBuf>,
-    pub log_max_size: Option<Size>,
-    pub log_keep: Option<u32>,
-    pub node_shim: Option<bool>,
+    balance: Option<StrategyKind>,
+    /// What the proxy speaks: `http` balances per request, `tcp` per connection [default: http].
+    #[arg(long, value_enum)]
+    protocol: Option<Protocol>,
+    /// A remote backend: ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,backup]
+    /// (repeatable; `upstream = [...]` in the file).
+    #[arg(long = "upstream", value_name = "SPEC")]
+    #[serde(rename = "upstream")]
+    upstreams: Option<Vec<UpstreamSpec>>,
+    /// Active health check: `GET PATH` must answer 2xx/3xx [default: a TCP connect].
+    #[arg(long, value_name = "PATH")]
+    health_path: Option<String>,
+    /// Time between health checks; 0 turns them off [default: 2s].
+    #[arg(long, value_name = "DUR")]
+    health_interval: Option<Dur>,
+    /// Time a health check may take [default: 1s].
+    #[arg(long, value_name = "DUR")]
+    health_timeout: Option<Dur>,
+    /// Passed checks in a row that bring a backend back [default: 2].
+    #[arg(long, value_name = "N")]
+    health_rise: Option<u32>,
+    /// Failed checks in a row that take a backend out [default: 3].
+    #[arg(long, value_name = "N")]
+    health_fall: Option<u32>,
+    /// Time to connect to a backend [default: 5s].
+    #[arg(long, value_name = "DUR")]
+    connect_timeout: Option<Dur>,
+    /// Time for a backend to start answering a request, and between two reads of its
+    /// answer [default: 60s].
+    #[arg(long, value_name = "DUR")]
+    response_timeout: Option<Dur>,
+    /// Time for a client to send a request head once begun (then 408) [default: 10s].
+    #[arg(long, value_name = "DUR")]
+    header_timeout: Option<Dur>,
+    /// Time a keep-alive client connection may sit idle [default: 60s].
+    #[arg(long, value_name = "DUR")]
+    idle_timeout: Option<Dur>,
+    /// Largest request head (request line + headers), e.g. 16k (then 431) [default: 16k].
+    #[arg(long, value_name = "SIZE")]
+    max_header_size: Option<Size>,
+    /// Most request headers (then 431) [default: 100].
+    #[arg(long, value_name = "N")]
+    max_headers: Option<usize>,
+    /// Preload herd's Node module (NODE_OPTIONS=--require) even though the
+    /// command is not `node` itself (e.g. a script with a `#!` line); `=false`
+    /// turns it off [default: on when the command is node].
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    node_shim: Option<bool>,
+    /// The server program and its arguments (put them after `--`).
+    #[arg(trailing_var_arg = true, value_name = "COMMAND")]
+    #[serde(default, deserialize_with = "command_words")]
+    command: Option<Vec<OsString>>,
+}
+
+/// `[env]` in the file: a table of strings.
+fn env_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EnvPair>, D::Error> {
+    let t = BTreeMap::<String, String>::deserialize(d)?;
+    Ok(t.into_iter().map(|(k, v)| EnvPair(k, v)).collect())
+}
+
+/// `command = ["node", "server.js"]` in the file.
+fn command_words<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<OsString>>, D::Error> {
+    let words = Vec::<String>::deserialize(d)?;
+    Ok(Some(words.into_iter().map(OsString::from).collect()))
 }
 
 fn strategy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StrategyKind>, D::Error> {
@@ -300,7 +427,8 @@ fn strategy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StrategyKin
     s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
-impl FileConfig {
+impl Options {
+    /// Reads a `herd.toml`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| match e.span() {
             Some(span) => {
@@ -326,7 +454,7 @@ impl FileConfig {
             None => {
                 let p = PathBuf::from("herd.toml");
                 if !p.is_file() {
-                    return Ok((FileConfig::default(), None));
+                    return Ok((Options::default(), None));
                 }
                 p
             }
@@ -492,29 +620,48 @@ pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::ne
     8000,
 ));
 
+/// The defaults, in one place (the flags' help repeats them).
+mod default {
+    use std::time::Duration;
+
+    pub const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const RESTART_DELAY: Duration = Duration::from_millis(100);
+    pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(10);
+    pub const MAX_RESTARTS: u32 = 5;
+    pub const MIN_UPTIME: Duration = Duration::from_secs(1);
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+    pub const HEALTH_RISE: u32 = 2;
+    pub const HEALTH_FALL: u32 = 3;
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const MAX_HEADER_SIZE: usize = 16 * 1024;
+    pub const MAX_HEADERS: usize = 100;
+    pub const LOG_MAX_SIZE: u64 = 10 << 20;
+    pub const LOG_KEEP: u32 = 3;
+}
+
 impl Settings {
-    pub fn resolve(args: RunArgs) -> Result<Settings, ConfigError> {
-        let (file, _) = FileConfig::load(args.config.as_deref())?;
-        let command: Vec<OsString> = if !args.command.is_empty() {
-            args.command
-        } else {
-            file.command
-                .unwrap_or_default()
-                .into_iter()
-                .map(OsString::from)
-                .collect()
-        };
-        let upstreams = if args.upstreams.is_empty() {
-            file.upstream
-        } else {
-            args.upstreams
-        };
+    /// Validates `flags` layered over the config file (`config`, else
+    /// `./herd.toml` when present). `no_node_shim` is `--no-node-shim`.
+    pub fn resolve(
+        flags: Options,
+        config: Option<&Path>,
+        no_node_shim: bool,
+    ) -> Result<Settings, ConfigError> {
+        let (file, _) = Options::load(config)?;
+        let o = flags.over(file);
+        let command = o.command.unwrap_or_default();
+        let upstreams = o.upstreams.unwrap_or_default();
         if command.first().is_none_or(|c| c.is_empty()) && upstreams.is_empty() {
             return Err(ConfigError::NoCommand);
         }
-        let mode = args.mode.or(file.mode).unwrap_or(Mode::Proxy);
-        let balance = args.balance.or(file.balance);
-        let protocol = args.protocol.or(file.protocol);
+        let mode = o.mode.unwrap_or(Mode::Proxy);
+        let balance = o.balance;
+        let protocol = o.protocol;
         if mode != Mode::Proxy {
             if !upstreams.is_empty() {
                 return Err(ConfigError::NeedsProxy("--upstream"));
@@ -539,14 +686,13 @@ impl Settings {
                 return Err(ConfigError::NeedsProxy("--protocol"));
             }
         }
-        let cwd = args.cwd.or(file.cwd);
+        let cwd = o.cwd;
         if let Some(dir) = &cwd
             && !dir.is_dir()
         {
             return Err(ConfigError::BadCwd(dir.clone()));
         }
-        let mut env: Vec<(String, String)> = file.env.into_iter().collect();
-        env.extend(args.env.into_iter().map(|EnvPair(k, v)| (k, v)));
+        let env: Vec<(String, String)> = o.env.into_iter().map(|EnvPair(k, v)| (k, v)).collect();
         let path_var = env
             .iter()
             .rev()
@@ -557,102 +703,56 @@ impl Settings {
             Some(word) => resolve_program(word, cwd.as_deref(), path_var.as_deref())?,
             None => PathBuf::new(),
         };
-        let node_shim = match (args.node_shim, args.no_node_shim, file.node_shim) {
-            (true, _, _) => true,
-            (_, true, _) => false,
-            (_, _, Some(on)) => on,
+        let node_shim = match (no_node_shim, o.node_shim) {
+            (true, _) => false,
+            (_, Some(on)) => on,
             _ => is_node(&program),
         };
-        let name_given = args.name.is_some() || file.name.is_some();
-        let name = match args.name.or(file.name) {
+        let name_given = o.name.is_some();
+        let name = match o.name {
             Some(n) => validate_name(n)?,
             None if command.is_empty() => "lb".to_string(),
             None => derive_name(&command),
         };
-        let instances = match args.instances.or(file.instances).unwrap_or(Instances::Max) {
+        let instances = match o.instances.unwrap_or(Instances::Max) {
             _ if command.is_empty() => 0,
             Instances::Max => crate::os::cpus::usable(),
             Instances::Count(n) => n,
         };
-        let d = |cli: Option<Dur>, file: Option<Dur>, default: Duration| {
-            cli.or(file).map_or(default, |d| d.0)
-        };
-        let ready_timeout = d(
-            args.ready_timeout,
-            file.ready_timeout,
-            Duration::from_secs(30),
-        );
-        let connect_timeout = d(
-            args.connect_timeout,
-            file.connect_timeout,
-            Duration::from_secs(5),
-        );
+        let d = |v: Option<Dur>, default: Duration| v.map_or(default, |d| d.0);
+        let ready_timeout = d(o.ready_timeout, default::READY_TIMEOUT);
+        let connect_timeout = d(o.connect_timeout, default::CONNECT_TIMEOUT);
         let health = HealthConfig {
-            path: args.health_path.or(file.health_path),
-            interval: d(
-                args.health_interval,
-                file.health_interval,
-                Duration::from_secs(2),
-            ),
-            timeout: d(
-                args.health_timeout,
-                file.health_timeout,
-                Duration::from_secs(1),
-            ),
-            rise: args.health_rise.or(file.health_rise).unwrap_or(2).max(1),
-            fall: args.health_fall.or(file.health_fall).unwrap_or(3).max(1),
+            path: o.health_path,
+            interval: d(o.health_interval, default::HEALTH_INTERVAL),
+            timeout: d(o.health_timeout, default::HEALTH_TIMEOUT),
+            rise: o.health_rise.unwrap_or(default::HEALTH_RISE).max(1),
+            fall: o.health_fall.unwrap_or(default::HEALTH_FALL).max(1),
         };
         let http = HttpConfig {
             connect_timeout,
-            response_timeout: d(
-                args.response_timeout,
-                file.response_timeout,
-                Duration::from_secs(60),
-            ),
+            response_timeout: d(o.response_timeout, default::RESPONSE_TIMEOUT),
             limits: Limits {
-                max_head: args
-                    .max_header_size
-                    .or(file.max_header_size)
-                    .map_or(16 * 1024, |s| s.0),
-                max_headers: args.max_headers.or(file.max_headers).unwrap_or(100).max(1),
-                header_timeout: d(
-                    args.header_timeout,
-                    file.header_timeout,
-                    Duration::from_secs(10),
-                ),
-                idle_timeout: d(
-                    args.idle_timeout,
-                    file.idle_timeout,
-                    Duration::from_secs(60),
-                ),
+                max_head: o.max_header_size.map_or(default::MAX_HEADER_SIZE, |s| s.0),
+                max_headers: o.max_headers.unwrap_or(default::MAX_HEADERS).max(1),
+                header_timeout: d(o.header_timeout, default::HEADER_TIMEOUT),
+                idle_timeout: d(o.idle_timeout, default::IDLE_TIMEOUT),
             },
             wait_for_backend: ready_timeout,
         };
         Ok(Settings {
             name,
             name_given,
-            listen: args.listen.or(file.listen).map_or(DEFAULT_LISTEN, |l| l.0),
+            listen: o.listen.map_or(DEFAULT_LISTEN, |l| l.0),
             instances,
             mode,
-            kill_timeout: d(args.kill_timeout, file.kill_timeout, Duration::from_secs(5)),
-            ready_timeout: d(
-                args.ready_timeout,
-                file.ready_timeout,
-                Duration::from_secs(30),
-            ),
-            wait_ready: args.wait_ready || file.wait_ready.unwrap_or(false),
-            restart_delay: d(
-                args.restart_delay,
-                file.restart_delay,
-                Duration::from_millis(100),
-            ),
-            max_restart_delay: d(
-                args.max_restart_delay,
-                file.max_restart_delay,
-                Duration::from_secs(10),
-            ),
-            max_restarts: args.max_restarts.or(file.max_restarts).unwrap_or(5),
-            min_uptime: d(args.min_uptime, file.min_uptime, Duration::from_secs(1)),
+            kill_timeout: d(o.kill_timeout, default::KILL_TIMEOUT),
+            ready_timeout,
+            wait_ready: o.wait_ready.unwrap_or(false),
+            restart_delay: d(o.restart_delay, default::RESTART_DELAY),
+            max_restart_delay: d(o.max_restart_delay, default::MAX_RESTART_DELAY),
+            max_restarts: o.max_restarts.unwrap_or(default::MAX_RESTARTS),
+            min_uptime: d(o.min_uptime, default::MIN_UPTIME),
             cwd,
             env,
             command,
@@ -663,18 +763,11 @@ impl Settings {
             health,
             http,
             connect_timeout,
-            max_memory: args.max_memory.or(file.max_memory).map(|s| s.0 as u64),
-            watchdog: args
-                .watchdog
-                .or(file.watchdog)
-                .map(|d| d.0)
-                .filter(|d| !d.is_zero()),
-            log_file: args.log_file.or(file.log_file),
-            log_max_size: args
-                .log_max_size
-                .or(file.log_max_size)
-                .map_or(10 << 20, |s| s.0 as u64),
-            log_keep: args.log_keep.or(file.log_keep).unwrap_or(3),
+            max_memory: o.max_memory.map(|s| s.0 as u64),
+            watchdog: o.watchdog.map(|d| d.0).filter(|d| !d.is_zero()),
+            log_file: o.log_file,
+            log_max_size: o.log_max_size.map_or(default::LOG_MAX_SIZE, |s| s.0 as u64),
+            log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),
             node_shim,
         })
     }
@@ -861,15 +954,15 @@ mod tests {
     #[test]
     fn file_errors_name_the_line() {
         let text = "mode = \"proxy\"\ninstances = 0\n";
-        let e = FileConfig::parse(Path::new("herd.toml"), text).unwrap_err();
+        let e = Options::parse(Path::new("herd.toml"), text).unwrap_err();
         let msg = e.to_string();
         assert!(msg.starts_with("herd.toml:2:"), "{msg}");
         assert!(msg.contains("positive number"), "{msg}");
         assert!(!msg.contains('\n'));
 
-        let e = FileConfig::parse(Path::new("h.toml"), "a = 1\nlisten = [\n").unwrap_err();
+        let e = Options::parse(Path::new("h.toml"), "a = 1\nlisten = [\n").unwrap_err();
         assert!(e.to_string().starts_with("h.toml:"), "{e}");
-        let e = FileConfig::parse(Path::new("h.toml"), "\n\nbogus = 1\n").unwrap_err();
+        let e = Options::parse(Path::new("h.toml"), "\n\nbogus = 1\n").unwrap_err();
         assert!(e.to_string().starts_with("h.toml:3:1:"), "{e}");
     }
 
@@ -892,14 +985,40 @@ mod tests {
             [env]
             NODE_ENV = "production"
         "#;
-        let c = FileConfig::parse(Path::new("herd.toml"), text).unwrap();
+        let c = Options::parse(Path::new("herd.toml"), text).unwrap();
         assert_eq!(c.mode, Some(Mode::Reuseport));
         assert_eq!(c.instances, Some(Instances::Max));
         assert_eq!(c.kill_timeout, Some(Dur(Duration::from_secs(3))));
+        assert_eq!(c.env, [EnvPair("NODE_ENV".into(), "production".into())]);
+    }
+
+    #[test]
+    fn flags_layer_over_the_file() {
+        let file = Options::parse(
+            Path::new("herd.toml"),
+            "mode = \"shared\"\nkill-timeout = \"3s\"\nupstream = [\"127.0.0.1:1\"]\n[env]\nA = \"file\"\nB = \"file\"\n",
+        )
+        .unwrap();
+        let flags = Options {
+            kill_timeout: Some(Dur(Duration::from_secs(9))),
+            env: vec![EnvPair("B".into(), "flag".into())],
+            ..Options::default()
+        };
+        let o = flags.over(file);
         assert_eq!(
-            c.env.get("NODE_ENV").map(String::as_str),
-            Some("production")
+            o.kill_timeout,
+            Some(Dur(Duration::from_secs(9))),
+            "the flag wins"
         );
+        assert_eq!(o.mode, Some(Mode::Shared), "the file fills in");
+        assert_eq!(o.upstreams.map(|u| u.len()), Some(1));
+        // --env adds to [env]; the flag's B comes last, so it wins.
+        let env: Vec<_> = o
+            .env
+            .iter()
+            .map(|EnvPair(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(env, ["A=file", "B=file", "B=flag"]);
     }
 
     #[test]

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => {
             // Settings first: the log file may come from herd.toml.
-            let settings = match Settings::resolve(*args) {
+            let settings = match args.resolve() {
                 Ok(s) => s,
                 Err(e) => {
                     herd::errln!("herd: error: {e}");

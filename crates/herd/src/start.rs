@@ -11,14 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::cli::RunArgs;
-use crate::config::Settings;
 use crate::control::{self, Request, Status, WorkerState};
 
 /// Validates the options here, in the foreground, then runs `herd run` in
 /// its own process group with a log file, and returns once every worker is
 /// ready (or fails with the log's last lines if the master gives up).
 pub fn start(args: &RunArgs) -> anyhow::Result<()> {
-    let s = Settings::resolve(args.clone())?;
+    let s = args.clone().resolve()?;
     let running: Vec<String> = control::running().into_iter().map(|(n, _)| n).collect();
     let name = if s.name_given {
         if running.contains(&s.name) {
@@ -48,10 +47,10 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
     let at = argv.iter().position(|a| a == "start").unwrap_or(0);
     argv[at] = "run".into();
     let mut extra: Vec<OsString> = Vec::new();
-    if args.name.is_none() {
+    if args.opts.name.is_none() {
         extra.extend(["--name".into(), name.clone().into()]);
     }
-    if args.log_file.is_none() {
+    if args.opts.log_file.is_none() {
         extra.extend(["--log-file".into(), log.clone().into()]);
     }
     argv.splice(at + 1..at + 1, extra);
