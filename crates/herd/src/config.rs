@@ -1,5 +1,9 @@
 //! Settings: `herd.toml` merged under the command line, validated into one
 //! [`Settings`] value before anything is bound or spawned.
+//!
+//! Long because each setting's value type (durations, sizes, addresses,
+//! upstream specs) is parsed here, beside `Options` and `Settings::resolve`:
+//! one file to read for one setting.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

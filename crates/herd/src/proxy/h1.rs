@@ -16,6 +16,9 @@
 //! answer bytes have reached the client. An idle pooled connection that
 //! the backend closed is replaced by a fresh one without counting against
 //! the backend.
+//!
+//! Long on purpose: a connection's whole life (head, exchange, body relay,
+//! retries, lingering close) reads top to bottom in one file.
 
 use std::io::{self, IoSlice};
 use std::net::IpAddr;

@@ -1,6 +1,9 @@
 //! Prior-knowledge h2c from clients, through hyper's HTTP/2 server: each
 //! stream is balanced on its own and sent to a backend over HTTP/1.1 with
 //! hyper's client. HTTP/1 clients take the engine in [`super::h1`].
+//!
+//! Long because hyper's body types and client pool live here too, used by
+//! nothing else.
 
 use std::cell::RefCell;
 use std::net::IpAddr;

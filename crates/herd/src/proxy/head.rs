@@ -4,6 +4,9 @@
 //! out, forwarding headers in). No header map, no per-header allocation.
 //!
 //! Pure: bytes in, bytes and a verdict out, so every rule is unit tested.
+//!
+//! Requests and responses share one file: they share the header
+//! classification and the writers. A third of it is tests.
 
 use std::io::Write;
 use std::mem::MaybeUninit;
