@@ -110,6 +110,15 @@ def pm2_bin():
     return TOOLS / "node_modules/.bin/pm2"
 
 
+def pm2_version():
+    """From its package.json: `pm2 --version` starts a PM2 daemon under the
+    default PM2_HOME and leaves it running."""
+    try:
+        return json.loads((TOOLS / "node_modules/pm2/package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
 def version(cmd):
     """The first version number a command prints about itself."""
     try:
@@ -603,7 +612,7 @@ def machine(args, took, autogroup):
         "autogroup": autogroup,
         "versions": {
             "herd": version([str(HERD), "--version"]), "node": version(["node", "--version"]),
-            "pm2": version([str(pm2_bin()), "--version"]) if pm2_bin().exists() else "?",
+            "pm2": pm2_version(),
             "nginx": version(["nginx", "-v"]), "haproxy": version(["haproxy", "-v"]),
             "wrk": version(["wrk", "--version"]),
         },

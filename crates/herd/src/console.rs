@@ -36,3 +36,22 @@ pub fn out_bytes(bytes: &[u8]) -> io::Result<()> {
     o.write_all(bytes)?;
     o.flush()
 }
+
+/// "1 worker", "3 workers": counts in messages read as English.
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_agree_with_their_noun() {
+        assert_eq!(super::count(1, "worker"), "1 worker");
+        assert_eq!(super::count(0, "worker"), "0 workers");
+        assert_eq!(super::count(3, "worker"), "3 workers");
+    }
+}

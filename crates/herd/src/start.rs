@@ -54,6 +54,9 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
         extra.extend(["--log-file".into(), log.clone().into()]);
     }
     argv.splice(at + 1..at + 1, extra);
+    // Where this run's lines begin: a failure shows only those, not the
+    // end of an older run in the same file.
+    let ours_from = std::fs::metadata(&log).map_or(0, |m| m.len());
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -74,7 +77,7 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
             bail!(
                 "the master exited ({st}) before the cluster was ready; last lines of {}:\n{}",
                 log.display(),
-                tail(&log, 10).unwrap_or_default()
+                tail_from(&log, ours_from, 10).unwrap_or_default()
             );
         }
         if let Ok((_, path)) = control::find(Some(&name))
@@ -87,8 +90,9 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
                 .count();
             if ready == s.instances {
                 crate::outln!(
-                    "{name}: started, master pid {}, {ready} workers, {} mode on {}; logs: {}",
+                    "{name}: started, master pid {}, {}, {} mode on {}; logs: {}",
                     child.id(),
+                    crate::console::count(ready, "worker"),
                     v.mode,
                     v.listen,
                     log.display()
@@ -122,7 +126,21 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool) -> anyhow::Result<()
         }
         Err(e) => match name {
             Some(n) => crate::logfile::default_path(n),
-            None => return Err(e.into()),
+            // No cluster runs: the log `herd start` left, if it is the only one.
+            None => match stopped_logs().as_slice() {
+                [one] => one.clone(),
+                [] => return Err(e.into()),
+                many => {
+                    let names: Vec<String> = many
+                        .iter()
+                        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                        .collect();
+                    bail!(
+                        "no herd cluster is running; logs of stopped ones: {} (pick one with --name)",
+                        names.join(", ")
+                    )
+                }
+            },
         },
     };
     let last = tail(&path, lines).with_context(|| format!("cannot read {}", path.display()))?;
@@ -152,9 +170,37 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool) -> anyhow::Result<()
     }
 }
 
+/// The logs `herd start` writes by default (`NAME.log`, rotated files left out).
+fn stopped_logs() -> Vec<PathBuf> {
+    let Some(dir) = crate::logfile::default_path("x")
+        .parent()
+        .map(Path::to_path_buf)
+    else {
+        return Vec::new();
+    };
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log") && p.is_file())
+        .collect();
+    logs.sort();
+    logs
+}
+
 /// The last `n` lines of a file.
 fn tail(path: &Path, n: usize) -> std::io::Result<String> {
-    let text = std::fs::read(path)?;
+    tail_from(path, 0, n)
+}
+
+/// The last `n` lines of a file among those after byte `from` (all of
+/// them if the file is shorter: it was rotated in between).
+fn tail_from(path: &Path, from: u64, n: usize) -> std::io::Result<String> {
+    let mut text = std::fs::read(path)?;
+    if (from as usize) <= text.len() {
+        text.drain(..from as usize);
+    }
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
     let from = lines.len().saturating_sub(n);

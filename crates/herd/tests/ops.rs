@@ -187,6 +187,9 @@ fn scale_up_and_down_and_signals() {
     assert!(ok(&herd(&["scale", "--name", &n, "4"])).contains("4 workers"));
     h.worker_pids(4);
     assert!(ok(&herd(&["scale", "--name", &n, "-1"])).contains("3 workers"));
+    // One worker reads as one (issue 18, item 12); back to 3 after.
+    assert!(ok(&herd(&["scale", "--name", &n, "1"])).ends_with(": 1 worker\n"));
+    assert!(ok(&herd(&["scale", "--name", &n, "3"])).contains("3 workers"));
     let count = || {
         let v: serde_json::Value =
             serde_json::from_str(&ok(&herd(&["status", "--name", &n, "--json"]))).unwrap();
@@ -458,6 +461,25 @@ fn start_runs_in_the_background_and_logs_to_a_rotated_file() {
         assert!(text.contains("started"), "{text}");
     }
     assert!(ok(&herd_env(&["stop", "--name", &n])).contains("stopped"));
+    // With no cluster running, `herd logs` shows the one log there is
+    // (issue 18, item 8). A runtime dir of its own: no other test's cluster.
+    let runtime = state.join("run");
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::fs::set_permissions(
+        &runtime,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let out = Command::new(HERD)
+        .args(["logs", "-n", "3"])
+        .env("XDG_STATE_HOME", &state)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = ok(&out);
+    assert_eq!(shown.lines().count(), 3, "{shown}");
+    assert!(shown.contains("stopped"), "{shown}");
     let _ = std::fs::remove_dir_all(&state);
 }
 
@@ -647,4 +669,31 @@ fn masters_starting_at_once_under_one_name_all_get_a_name() {
     assert_eq!(names.len(), 4, "{names:?}");
     drop(herds);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn start_on_a_port_in_use_shows_only_its_own_log_lines() {
+    // Issue 18, item 5: the failure showed the end of an older run first.
+    let n = name("inuse");
+    let state = std::env::temp_dir().join(format!("herd-state-inuse-{}", std::process::id()));
+    let dir = state.join("herd");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{n}.log")),
+        "an older run said this\n".repeat(20),
+    )
+    .unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(HERD)
+        .args(["start", "--name", &n, "--listen", &addr, "--", DEMO])
+        .env("XDG_STATE_HOME", &state)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    assert!(!err.contains("older run"), "{err}");
+    let _ = std::fs::remove_dir_all(&state);
 }

@@ -37,11 +37,11 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
     };
     let (name, path) = control::find(target.name.as_deref())?;
     let answer: Done = control::call(&name, &path, &req, |p| crate::outln!("{p}"))?;
-    let n = |v: Option<usize>| v.unwrap_or(0);
+    let n = |v: Option<usize>| crate::console::count(v.unwrap_or(0), "worker");
     match req {
-        Request::Reload => crate::outln!("{name}: reloaded {} workers", n(answer.replaced)),
-        Request::Restart => crate::outln!("{name}: restarted {} workers", n(answer.restarted)),
-        Request::Scale { .. } => crate::outln!("{name}: {} workers", n(answer.workers)),
+        Request::Reload => crate::outln!("{name}: reloaded {}", n(answer.replaced)),
+        Request::Restart => crate::outln!("{name}: restarted {}", n(answer.restarted)),
+        Request::Scale { .. } => crate::outln!("{name}: {}", n(answer.workers)),
         Request::Stop => {
             crate::outln!("{name}: stopping");
             if let Some(pid) = answer.pid {
@@ -51,7 +51,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         }
         Request::Send { id, .. } => crate::outln!("{name}: delivered to worker {id}"),
         Request::Broadcast { .. } => {
-            crate::outln!("{name}: delivered to {} workers", n(answer.delivered))
+            crate::outln!("{name}: delivered to {}", n(answer.delivered))
         }
         Request::Status => {}
     }

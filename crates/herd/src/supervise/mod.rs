@@ -552,7 +552,11 @@ impl Supervisor {
     }
 
     fn schedule_restart(&self, slot: usize, delay: Duration) {
-        tracing::info!("restarting worker {slot} in {delay:?}");
+        if delay.is_zero() {
+            tracing::info!("restarting worker {slot} now");
+        } else {
+            tracing::info!("restarting worker {slot} in {delay:?}");
+        }
         self.after(delay, Event::Restart { slot });
     }
 

@@ -10,6 +10,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Event, Slot, Supervisor, Worker, kill_group};
 use crate::config::Mode;
+use crate::console::count;
 use crate::control::{Call, Done, Line, Request, Status, WorkerRow, WorkerState};
 use crate::os::listen::Listeners;
 
@@ -255,10 +256,11 @@ impl Supervisor {
     /// Rolling replacement of `slots`, one at a time.
     fn reload_slots(&mut self, slots: Vec<usize>, reply: Option<UnboundedSender<Line>>) {
         let n = slots.len();
-        tracing::info!("rolling reload of {n} workers");
+        tracing::info!("rolling reload of {}", count(n, "worker"));
         if let Some(r) = &reply {
             let _ = r.send(Line::progress(format!(
-                "reloading {n} workers, one at a time"
+                "reloading {}, one at a time",
+                count(n, "worker")
             )));
         }
         self.reload = Some(Reload {
@@ -288,7 +290,10 @@ impl Supervisor {
                 let r = self.reload.take();
                 if let Some(r) = r {
                     let took = r.started.elapsed();
-                    tracing::info!("reload done: {} workers replaced in {took:.1?}", r.replaced);
+                    tracing::info!(
+                        "reload done: {} replaced in {took:.1?}",
+                        count(r.replaced, "worker")
+                    );
                     if let Some(reply) = r.reply {
                         let _ = reply.send(
                             Done {
@@ -433,14 +438,14 @@ impl Supervisor {
             }
         }
         self.publish();
-        tracing::info!("restarted {n} workers");
+        tracing::info!("restarted {}", count(n, "worker"));
         n
     }
 
     pub(super) fn scale_signal(&mut self, delta: i64) {
         let n = format!("{delta:+}");
         match self.scale(&n) {
-            Ok(to) => tracing::info!("scaled to {to} workers"),
+            Ok(to) => tracing::info!("scaled to {}", count(to, "worker")),
             Err(e) => tracing::warn!("cannot scale {n}: {e}"),
         }
     }
@@ -542,6 +547,8 @@ impl Supervisor {
                 last_exit: s.and_then(|s| s.last_exit.clone()),
             });
         }
+        // By slot, so a scale-down's retiring workers sit with their slot.
+        probes.sort_by_key(|p| p.slot);
         let mut status = Status {
             ok: true,
             name: self.s.name.clone(),
