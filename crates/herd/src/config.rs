@@ -51,6 +51,8 @@ pub enum ConfigError {
     BadCwd(PathBuf),
     #[error("invalid name {0:?}: use letters, digits, '.', '_' or '-' (at most 64)")]
     BadName(String),
+    #[error("script not found: {script} (looked in {dir})")]
+    NoScript { script: String, dir: String },
 }
 
 /// A value TOML may give as a number or a string (`instances = 4` or
@@ -173,9 +175,11 @@ impl TryFrom<String> for Dur {
 pub enum Instances {
     Max,
     Count(usize),
+    /// `-N`: all usable CPUs but N (at least one worker), as PM2's `-i -1`.
+    AllBut(usize),
 }
 
-const INSTANCES_HINT: &str = "must be a positive number or `max`";
+const INSTANCES_HINT: &str = "must be a positive number, `max`, or -N (all CPUs but N)";
 
 impl FromStr for Instances {
     type Err = String;
@@ -183,6 +187,12 @@ impl FromStr for Instances {
         let s = s.trim();
         if s.eq_ignore_ascii_case("max") {
             return Ok(Instances::Max);
+        }
+        if let Some(n) = s.strip_prefix('-') {
+            return match n.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(Instances::AllBut(n)),
+                _ => Err(INSTANCES_HINT.into()),
+            };
         }
         match s.parse::<usize>() {
             Ok(n) if n > 0 => Ok(Instances::Count(n)),
@@ -303,8 +313,9 @@ options! {
     /// Where clients connect: PORT, HOST:PORT or [V6]:PORT [default: 0.0.0.0:8000].
     #[arg(long, value_name = "ADDR")]
     listen: Option<ListenAddr>,
-    /// Number of workers, or `max` for the usable CPUs [default: max].
-    #[arg(short = 'i', long = "instances", value_name = "N|max")]
+    /// Number of workers, `max` for the usable CPUs, or -N for all of them but N
+    /// (at least one) [default: max].
+    #[arg(short = 'i', long = "instances", value_name = "N|max|-N", allow_negative_numbers = true)]
     instances: Option<Instances>,
     /// How workers share the port [default: proxy].
     #[arg(long, value_enum)]
@@ -707,6 +718,7 @@ impl Settings {
             Some(word) => resolve_program(word, cwd.as_deref(), path_var.as_deref())?,
             None => PathBuf::new(),
         };
+        check_script(&program, &command, cwd.as_deref())?;
         let node_shim = match (no_node_shim, o.node_shim) {
             (true, _) => false,
             (_, Some(on)) => on,
@@ -722,6 +734,7 @@ impl Settings {
             _ if command.is_empty() => 0,
             Instances::Max => crate::os::cpus::usable(),
             Instances::Count(n) => n,
+            Instances::AllBut(k) => crate::os::cpus::usable().saturating_sub(k).max(1),
         };
         let d = |v: Option<Dur>, default: Duration| v.map_or(default, |d| d.0);
         let ready_timeout = d(o.ready_timeout, default::READY_TIMEOUT);
@@ -775,6 +788,70 @@ impl Settings {
             node_shim,
         })
     }
+}
+
+/// `node app.js`, `python3 app.py`: the common mistake of a missing script
+/// is told in one line before anything starts (PM2's "Script not found"),
+/// instead of a crash loop of the interpreter's stack traces. Only a plain
+/// script argument is checked: not `-e`/`-c` code, nor `-m` modules.
+fn check_script(
+    program: &Path,
+    command: &[OsString],
+    cwd: Option<&Path>,
+) -> Result<(), ConfigError> {
+    let name = program.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let python = name.starts_with("python");
+    if !is_node(program) && !python {
+        return Ok(());
+    }
+    // Options that take the next word as their value.
+    let takes_value: &[&str] = if python {
+        &["-W", "-X", "--check-hash-based-pycs"]
+    } else {
+        &[
+            "-r",
+            "--require",
+            "--import",
+            "--loader",
+            "--experimental-loader",
+            "--env-file",
+            "--input-type",
+            "--conditions",
+            "-C",
+            "--title",
+        ]
+    };
+    let inline: &[&str] = if python {
+        &["-c", "-m"]
+    } else {
+        &["-e", "--eval", "-p", "--print"]
+    };
+    let mut args = command.iter().skip(1).filter_map(|a| a.to_str());
+    let script = loop {
+        let Some(a) = args.next() else { return Ok(()) };
+        if inline.contains(&a) || a == "-" {
+            return Ok(());
+        }
+        if takes_value.contains(&a) {
+            args.next();
+            continue;
+        }
+        if a.starts_with('-') {
+            continue;
+        }
+        break a;
+    };
+    let dir = cwd.map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    if dir.join(script).exists() {
+        return Ok(());
+    }
+    Err(ConfigError::NoScript {
+        script: script.to_string(),
+        dir: std::fs::canonicalize(&dir)
+            .unwrap_or(dir)
+            .display()
+            .to_string(),
+    })
 }
 
 /// Whether `program` is Node itself (`node`, `nodejs`, `node20`…), the
@@ -936,6 +1013,8 @@ mod tests {
     fn parses_values_like_the_flags() {
         assert_eq!("max".parse::<Instances>(), Ok(Instances::Max));
         assert_eq!("3".parse::<Instances>(), Ok(Instances::Count(3)));
+        assert_eq!("-1".parse::<Instances>(), Ok(Instances::AllBut(1)));
+        assert!("-0".parse::<Instances>().is_err());
         assert!("0".parse::<Instances>().is_err());
         assert!("abc".parse::<Instances>().is_err());
         assert_eq!(
@@ -1023,6 +1102,36 @@ mod tests {
             .map(|EnvPair(k, v)| format!("{k}={v}"))
             .collect();
         assert_eq!(env, ["A=file", "B=file", "B=flag"]);
+    }
+
+    #[test]
+    fn a_missing_script_is_named_before_anything_starts() {
+        let node = Path::new("/usr/bin/node");
+        let words = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let e = check_script(node, &words(&["node", "nope.js"]), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("script not found: nope.js (looked in /"),
+            "{e}"
+        );
+        let e = check_script(
+            node,
+            &words(&["node", "-r", "dotenv/config", "nope.js"]),
+            None,
+        );
+        assert!(e.is_err(), "the value of -r is not the script");
+        for fine in [
+            &["node", "-e", "1"][..],
+            &["node"],
+            &["node", "--inspect"],
+            &["node", "Cargo.toml"], // exists in the crate's directory
+        ] {
+            assert!(check_script(node, &words(fine), None).is_ok(), "{fine:?}");
+        }
+        let py = Path::new("/usr/bin/python3");
+        assert!(check_script(py, &words(&["python3", "-m", "http.server"]), None).is_ok());
+        assert!(check_script(py, &words(&["python3", "-u", "nope.py"]), None).is_err());
+        assert!(check_script(Path::new("/bin/sh"), &words(&["sh", "nope.sh"]), None).is_ok());
     }
 
     #[test]

@@ -99,10 +99,36 @@ fn usage_error(e: clap::Error) -> ExitCode {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid usage");
             let first = first.strip_prefix("error: ").unwrap_or(first);
-            herd::errln!("herd: error: {first} (see `herd --help`)");
+            herd::errln!("herd: error: {first}{} (see `herd --help`)", hints(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// What clap knows that would fix the mistake, for the same line: the
+/// valid values (`--mode cluster`), the nearest command or flag (`stauts`).
+fn hints(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let mut out = String::new();
+    if let Some(ContextValue::Strings(v)) = e.get(ContextKind::ValidValue)
+        && !v.is_empty()
+    {
+        out.push_str(&format!("; valid: {}", v.join(", ")));
+    }
+    for kind in [
+        ContextKind::SuggestedSubcommand,
+        ContextKind::SuggestedArg,
+        ContextKind::SuggestedValue,
+    ] {
+        match e.get(kind) {
+            Some(ContextValue::String(s)) => out.push_str(&format!("; did you mean `{s}`?")),
+            Some(ContextValue::Strings(v)) if !v.is_empty() => {
+                out.push_str(&format!("; did you mean `{}`?", v.join("` or `")))
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 fn init_logging() {

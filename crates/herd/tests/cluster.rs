@@ -361,6 +361,21 @@ fn instances_max_honours_the_affinity_mask() {
     assert!(h.log().contains(": 1 worker, proxy mode"), "{}", h.log());
 }
 
+#[test]
+fn instances_minus_n_leaves_n_cpus_free() {
+    // PM2's `-i -1`: all usable CPUs but one; two CPUs give one worker.
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let h = Herd::spawn(
+        std::process::Command::new("taskset").args([
+            "-c", "0,1", HERD, "run", "--listen", &listen, "-i", "-1", "--", DEMO,
+        ]),
+        port,
+    );
+    h.wait_ready(1);
+    assert!(h.log().contains(": 1 worker, proxy mode"), "{}", h.log());
+}
+
 /// A cgroup with a CPU quota of half a CPU, where this machine allows
 /// creating one (root, writable cgroup v1 `cpu` or v2 controller).
 fn half_cpu_cgroup() -> Option<(PathBuf, PathBuf)> {
@@ -461,6 +476,15 @@ fn bad_input_gets_one_clear_line() {
         &["run", "--bogus", "--", DEMO],
         "unexpected argument '--bogus'",
     );
+    // PM2 habits get the way out in the same line (issue 18, item 10).
+    assert_one_line_error(
+        &["run", "--mode", "cluster", "--", DEMO],
+        "valid: proxy, reuseport, shared, dispatch",
+    );
+    assert_one_line_error(&["stauts"], "`status`");
+    // A missing script: one line before anything starts (issue 18, item 9).
+    assert_one_line_error(&["run", "--", "node", "nope.js"], "script not found: nope.js");
+    assert_one_line_error(&["run", "--instance", "2", "--", DEMO], "`--instances`");
     assert_one_line_error(&["run", "-i", "0", "--", DEMO], "positive number");
     assert_one_line_error(&["run", "-i", "abc", "--", DEMO], "positive number");
     assert_one_line_error(&["run", "--listen", "99999", "--", DEMO], "not PORT");
