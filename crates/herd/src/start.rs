@@ -2,7 +2,8 @@
 //! `herd logs`.
 
 use std::ffi::OsString;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -143,31 +144,60 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool) -> anyhow::Result<()
             },
         },
     };
-    let last = tail(&path, lines).with_context(|| format!("cannot read {}", path.display()))?;
+    // Opened once, read through the handle: a rotation renames this file
+    // to FILE.1, and its last lines are read from the handle before the
+    // new FILE is followed (`tail -F`), so no line is lost at a rotation.
+    let mut f =
+        std::fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut text = Vec::new();
+    f.read_to_end(&mut text)?;
+    let last = last_lines(&text, lines);
     // A reader that went away (`herd logs -f | head`) ends the command.
     if crate::console::out_bytes(last.as_bytes()).is_err() || !follow {
         return Ok(());
     }
-    let mut pos = std::fs::metadata(&path)?.len();
+    let mut buf = Vec::new();
     loop {
-        std::thread::sleep(Duration::from_millis(200));
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if meta.len() < pos {
-            pos = 0; // rotated: the file is new
-        }
-        if meta.len() > pos {
-            let mut f = std::fs::File::open(&path)?;
-            f.seek(SeekFrom::Start(pos))?;
-            let mut buf = Vec::new();
-            f.read_to_end(&mut buf)?;
-            pos += buf.len() as u64;
+        buf.clear();
+        f.read_to_end(&mut buf)?;
+        if !buf.is_empty() {
             if crate::console::out_bytes(&buf).is_err() {
                 return Ok(());
             }
+            continue;
         }
+        // Drained. If the path is another file now, it was rotated: the
+        // old one was read to its end just above, so switch.
+        if let (Ok(now), Ok(ours)) = (std::fs::metadata(&path), f.metadata())
+            && (now.ino(), now.dev()) != (ours.ino(), ours.dev())
+            && let Ok(next) = std::fs::File::open(&path)
+        {
+            // Ours is FILE.k now; FILE.k-1 … FILE.1 came after it, whole.
+            let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.ino(), m.dev()));
+            let ours = Some((ours.ino(), ours.dev()));
+            let k = (1..=MAX_ROTATED).find(|&i| id(&rotated(&path, i)) == ours);
+            for i in (1..k.unwrap_or(1)).rev() {
+                if let Ok(whole) = std::fs::read(rotated(&path, i))
+                    && crate::console::out_bytes(&whole).is_err()
+                {
+                    return Ok(());
+                }
+            }
+            f = next;
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Rotated files looked through when following a log.
+const MAX_ROTATED: u32 = 100;
+
+/// `FILE.i`, as `logfile` rotates.
+fn rotated(path: &Path, i: u32) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{i}"));
+    PathBuf::from(p)
 }
 
 /// The logs `herd start` writes by default (`NAME.log`, rotated files left out).
@@ -189,11 +219,6 @@ fn stopped_logs() -> Vec<PathBuf> {
     logs
 }
 
-/// The last `n` lines of a file.
-fn tail(path: &Path, n: usize) -> std::io::Result<String> {
-    tail_from(path, 0, n)
-}
-
 /// The last `n` lines of a file among those after byte `from` (all of
 /// them if the file is shorter: it was rotated in between).
 fn tail_from(path: &Path, from: u64, n: usize) -> std::io::Result<String> {
@@ -201,8 +226,13 @@ fn tail_from(path: &Path, from: u64, n: usize) -> std::io::Result<String> {
     if (from as usize) <= text.len() {
         text.drain(..from as usize);
     }
-    let text = String::from_utf8_lossy(&text);
+    Ok(last_lines(&text, n))
+}
+
+/// The last `n` lines of `text`.
+fn last_lines(text: &[u8], n: usize) -> String {
+    let text = String::from_utf8_lossy(text);
     let lines: Vec<&str> = text.lines().collect();
     let from = lines.len().saturating_sub(n);
-    Ok(lines[from..].iter().map(|l| format!("{l}\n")).collect())
+    lines[from..].iter().map(|l| format!("{l}\n")).collect()
 }

@@ -483,7 +483,10 @@ fn bad_input_gets_one_clear_line() {
     );
     assert_one_line_error(&["stauts"], "`status`");
     // A missing script: one line before anything starts (issue 18, item 9).
-    assert_one_line_error(&["run", "--", "node", "nope.js"], "script not found: nope.js");
+    assert_one_line_error(
+        &["run", "--", "node", "nope.js"],
+        "script not found: nope.js",
+    );
     assert_one_line_error(&["run", "--instance", "2", "--", DEMO], "`--instances`");
     assert_one_line_error(&["run", "-i", "0", "--", DEMO], "positive number");
     assert_one_line_error(&["run", "-i", "abc", "--", DEMO], "positive number");

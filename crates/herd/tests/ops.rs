@@ -697,3 +697,84 @@ fn start_on_a_port_in_use_shows_only_its_own_log_lines() {
     assert!(!err.contains("older run"), "{err}");
     let _ = std::fs::remove_dir_all(&state);
 }
+
+#[test]
+fn logs_follow_loses_no_line_at_a_rotation() {
+    // Issue 18, item 4: `herd logs -f` skipped the lines written between
+    // its last read and each rotation.
+    let n = name("follow");
+    let state = std::env::temp_dir().join(format!("herd-state-follow-{}", std::process::id()));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    // A background loop in the worker prints numbered lines for a while;
+    // with a 1 KiB limit the log rotates every ~80 lines.
+    let script = format!(
+        "(i=0; while [ $i -lt 1500 ]; do echo \"seq $i\"; i=$((i+1)); sleep 0.002; done) & exec {DEMO}"
+    );
+    let env = |c: &mut Command| {
+        c.env("XDG_STATE_HOME", &state).stdin(Stdio::null());
+    };
+    let mut start = Command::new(HERD);
+    start.args([
+        "start",
+        "--name",
+        &n,
+        "--listen",
+        &listen,
+        "-i",
+        "1",
+        "--log-max-size",
+        "1k",
+        "--log-keep",
+        "50",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    env(&mut start);
+    ok(&start.output().unwrap());
+    let mut follow = Command::new(HERD);
+    follow
+        .args(["logs", "--name", &n, "-f", "-n", "0"])
+        .stdout(Stdio::piped());
+    env(&mut follow);
+    let mut child = follow.spawn().unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if let Some(k) = line
+                .split("seq ")
+                .nth(1)
+                .and_then(|k| k.trim().parse::<u32>().ok())
+            {
+                let _ = tx.send(k);
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + T;
+    while seen.last() != Some(&1499) && std::time::Instant::now() < deadline {
+        if let Ok(k) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(k);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut stop = Command::new(HERD);
+    stop.args(["stop", "--name", &n]);
+    env(&mut stop);
+    let _ = stop.output();
+    let _ = std::fs::remove_dir_all(&state);
+    assert_eq!(seen.last(), Some(&1499), "the follower never saw the end");
+    let first = seen[0];
+    let expected: Vec<u32> = (first..=1499).collect();
+    assert!(
+        seen == expected,
+        "lines missing or out of order after seq {first}: {} seen of {}",
+        seen.len(),
+        expected.len()
+    );
+    assert!(1499 - first > 300, "followed too little to cross rotations");
+}
