@@ -598,3 +598,68 @@ V6(("::1", int(os.environ["PORT"])), H).serve_forever()
     assert_eq!(status, 200);
     assert_eq!(body, "hello over ::1\n");
 }
+
+/// Whether `cmd` runs here (the Python servers come from PyPI; `.ci/run`
+/// installs them).
+fn installed(cmd: &str) -> bool {
+    std::process::Command::new(cmd)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn the_readmes_gunicorn_and_uvicorn_commands_serve() {
+    // Issue 18, item 11: every third-party command the README shows runs.
+    if !installed("gunicorn") || !installed("uvicorn") {
+        panic!("gunicorn and uvicorn are needed (pip install gunicorn uvicorn; .ci/run does)");
+    }
+    let dir = std::env::temp_dir().join(format!("herd-wsgi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("wsgi.py"),
+        "def app(environ, start_response):\n    start_response('200 OK', [('Content-Type', 'text/plain')])\n    return [b'wsgi ok']\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("asgi.py"),
+        "async def app(scope, receive, send):\n    if scope['type'] != 'http':\n        return\n    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n    await send({'type': 'http.response.body', 'body': b'asgi ok'})\n",
+    )
+    .unwrap();
+    let cwd = dir.to_string_lossy().into_owned();
+    let cases: [(&str, &[&str], &str); 6] = [
+        ("shared", &["gunicorn", "wsgi:app"], "wsgi ok"),
+        ("reuseport", &["gunicorn", "wsgi:app"], "wsgi ok"),
+        ("proxy", &["gunicorn", "wsgi:app"], "wsgi ok"),
+        ("shared", &["uvicorn", "--fd", "3", "asgi:app"], "asgi ok"),
+        (
+            "reuseport",
+            &["uvicorn", "--fd", "3", "asgi:app"],
+            "asgi ok",
+        ),
+        (
+            "proxy",
+            &["sh", "-c", "exec uvicorn --port $PORT asgi:app"],
+            "asgi ok",
+        ),
+    ];
+    for (mode, cmd, want) in cases {
+        let h = Herd::start(&["-i", "1", "--mode", mode, "--cwd", &cwd], cmd);
+        let mut body = String::new();
+        let served = wait_until(T, || {
+            if let Ok((200, b)) = h.get("/") {
+                body = b;
+                return true;
+            }
+            false
+        });
+        assert!(
+            served && body.contains(want),
+            "{mode} {cmd:?}: {body:?}\n{}",
+            h.log()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
