@@ -10,6 +10,12 @@
 //   proxy      the server listens on 127.0.0.1:$PORT, where herd relays to
 // On SIGTERM/SIGINT (when the app has no handler of its own) that server
 // stops taking connections, finishes the ones it has, and the process exits.
+//
+// Messages, as a PM2 or cluster app expects them: process.send(msg) goes
+// to herd's message channel (fd 4) in every mode, as {"type":"send"|
+// "broadcast"|"master",…} when msg is one of those, else as a "master"
+// message; and once the app listens for process 'message' events, herd's
+// messages (herd send, herd broadcast, other workers) arrive as them.
 'use strict';
 (() => {
   const mode = process.env.HERD_MODE;
@@ -23,11 +29,50 @@
   let open = 0;
   const reportOpen = process.env.HERD_REPORT_OPEN === '1';
 
+  // Node's own channel: in dispatch mode the dispatch socket, for the
+  // dispatch protocol only (the app's process.send goes to fd 4, below).
+  const nodeSend = typeof process.send === 'function' ? process.send.bind(process) : null;
   const send = (msg) => {
-    if (process.connected && typeof process.send === 'function') {
-      try { process.send(msg); } catch (_) { /* the master is gone */ }
+    if (process.connected && nodeSend) {
+      try { nodeSend(msg); } catch (_) { /* the master is gone */ }
     }
   };
+
+  // herd's message channel, opened only when the app uses messages (an
+  // app that reads fd 4 itself, as examples/node/ipc.js does, keeps it).
+  const ipcFd = Number(process.env.HERD_IPC_FD);
+  let channel = null;
+  const openChannel = () => {
+    if (channel || !ipcFd) return channel;
+    channel = new net.Socket({ fd: ipcFd, readable: true, writable: true });
+    channel.unref();
+    let buf = '';
+    channel.on('data', (d) => {
+      buf += d;
+      for (let i; (i = buf.indexOf('\n')) >= 0; buf = buf.slice(i + 1)) {
+        let m;
+        try { m = JSON.parse(buf.slice(0, i)); } catch (_) { continue; }
+        if (m && m.type === 'message') process.emit('message', m.data, undefined, m.from);
+        else if (m && m.type === 'undeliverable') process.emit('message', m, undefined);
+      }
+    });
+    channel.on('error', () => { /* the master is gone */ });
+    return channel;
+  };
+  if (ipcFd) {
+    process.send = (msg, handle, options, cb) => {
+      const done = [handle, options, cb].find((f) => typeof f === 'function');
+      const herdTypes = ['send', 'broadcast', 'master', 'ready'];
+      const line = msg && typeof msg === 'object' && herdTypes.includes(msg.type)
+        ? msg
+        : { type: 'master', data: msg };
+      const ch = openChannel();
+      const ok = ch ? ch.write(JSON.stringify(line) + '\n') : false;
+      if (done) process.nextTick(done, ch ? null : new Error('no herd channel'));
+      return ok;
+    };
+    process.on('newListener', (event) => { if (event === 'message') openChannel(); });
+  }
 
   // The TCP port a listen() call asks for, or null (path, fd, handle, none).
   const portOf = (args) => {

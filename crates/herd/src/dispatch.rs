@@ -552,7 +552,11 @@ impl State {
             return;
         }
         let Ok(a) = serde_json::from_slice::<Answer<'_>>(line) else {
-            return; // the app's own process.send() traffic
+            // Not the dispatch protocol: an app's own process.send() when
+            // herd's Node preload is not there to send it on fd 4 instead.
+            let shown = String::from_utf8_lossy(&line[..line.len().min(200)]);
+            tracing::debug!("ignored a line on a worker's dispatch socket: {shown}");
+            return;
         };
         match (a.cmd, a.herd) {
             (Some("NODE_HANDLE_ACK"), _) => p.took(),

@@ -778,3 +778,42 @@ fn logs_follow_loses_no_line_at_a_rotation() {
     );
     assert!(1499 - first > 300, "followed too little to cross rotations");
 }
+
+#[test]
+fn a_node_app_uses_process_send_and_message_in_every_mode() {
+    // Issue 18, item 6: process.send was dropped in dispatch mode, and
+    // process.on('message') never fired in any mode.
+    let app = r#"
+        const http = require('http');
+        let last = 'none';
+        process.on('message', (m) => { last = JSON.stringify(m); });
+        http.createServer((req, res) => {
+          if (req.url === '/tell') process.send({ note: 'from the app' });
+          res.end(last);
+        }).listen(3000);
+    "#;
+    for mode in ["dispatch", "proxy", "shared"] {
+        let n = name(&format!("nodemsg-{mode}"));
+        let h = Herd::start(
+            &["--name", &n, "-i", "1", "--mode", mode],
+            &["node", "-e", app],
+        );
+        h.wait_ready(1);
+        ok(&herd(&["send", "--name", &n, "0", r#"{"x":1}"#]));
+        let mut body = String::new();
+        assert!(
+            wait_until(T, || {
+                body = h.get("/").map(|r| r.1).unwrap_or_default();
+                body.contains(r#"{"x":1}"#)
+            }),
+            "{mode}: the message never arrived: {body:?}\n{}",
+            h.log()
+        );
+        let _ = h.get("/tell");
+        assert!(
+            h.wait_log(r#"worker 0 says: {"note":"from the app"}"#, T),
+            "{mode}: process.send was lost:\n{}",
+            h.log()
+        );
+    }
+}
