@@ -27,7 +27,7 @@ pub enum Command {
     /// Show a cluster's log (herd's own lines and worker output).
     Logs {
         #[command(flatten)]
-        target: Target,
+        target: Named,
         /// Keep printing new lines as they come.
         #[arg(short, long)]
         follow: bool,
@@ -35,23 +35,23 @@ pub enum Command {
         #[arg(short = 'n', long, default_value_t = 50)]
         lines: usize,
     },
-    /// Show the workers of a running cluster (like `pm2 list`).
+    /// Show the workers of a running cluster (like `pm2 list`); `all`: every one.
     Status {
         #[command(flatten)]
-        target: Target,
+        target: Named,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Zero-downtime rolling reload: replace workers one at a time.
+    /// Zero-downtime rolling reload: replace workers one at a time; `all`: every cluster.
     Reload {
         #[command(flatten)]
-        target: Target,
+        target: Named,
     },
-    /// Stop and start every worker at once (not zero-downtime).
+    /// Stop and start every worker at once (not zero-downtime); `all`: every cluster.
     Restart {
         #[command(flatten)]
-        target: Target,
+        target: Named,
     },
     /// Set the number of workers: N, +K or -K.
     Scale {
@@ -60,10 +60,10 @@ pub enum Command {
         #[arg(value_name = "N|+K|-K", allow_hyphen_values = true)]
         n: String,
     },
-    /// Stop a running cluster gracefully.
+    /// Stop a running cluster gracefully; `all`: every cluster.
     Stop {
         #[command(flatten)]
-        target: Target,
+        target: Named,
     },
     /// Send MESSAGE (JSON, or else a string) to worker ID's message channel.
     Send {
@@ -79,7 +79,11 @@ pub enum Command {
         message: String,
     },
     /// List the running herd clusters of this user.
-    List,
+    List {
+        /// Print JSON (every cluster's status) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: the helper that kills worker process groups if the master dies.
     #[command(name = "__guard", hide = true)]
     Guard,
@@ -91,6 +95,29 @@ pub struct Target {
     /// The cluster's name [default: the only one running].
     #[arg(long)]
     pub name: Option<String>,
+}
+
+/// A cluster named by `--name` or, as PM2 users type it, by a word:
+/// `herd stop api`, `herd reload all`.
+#[derive(Debug, Args, Default)]
+pub struct Named {
+    /// The cluster's name [default: the only one running].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The cluster's name, or `all`.
+    #[arg(value_name = "NAME", conflicts_with = "name")]
+    pub cluster: Option<String>,
+}
+
+impl Named {
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref().or(self.cluster.as_deref())
+    }
+
+    /// `all`: every running cluster.
+    pub fn is_all(&self) -> bool {
+        self.name() == Some("all")
+    }
 }
 
 /// `herd run` and `herd start`: the settings, plus what only a flag can say.

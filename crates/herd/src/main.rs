@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         | Command::Stop { .. }
         | Command::Send { .. }
         | Command::Broadcast { .. }
-        | Command::List) => match herd::control::client::run(cmd) {
+        | Command::List { .. }) => match herd::control::client::run(cmd) {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {
                 herd::errln!("herd: error: {e}");
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
             target,
             follow,
             lines,
-        } => match herd::start::logs(target.name.as_deref(), lines, follow) {
+        } => match herd::start::logs(target.name(), lines, follow) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 herd::errln!("herd: error: {e:#}");

@@ -817,3 +817,66 @@ fn a_node_app_uses_process_send_and_message_in_every_mode() {
         );
     }
 }
+
+#[test]
+fn clusters_are_named_as_pm2_users_type_them_and_all_means_every_one() {
+    // Issue 18's PM2 habits: `herd stop api`, `herd reload all`,
+    // `herd list --json`. A runtime dir of its own: `all` means only these.
+    let runtime = std::env::temp_dir().join(format!("herd-run-all-{}", std::process::id()));
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::fs::set_permissions(
+        &runtime,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let cli = |args: &[&str]| {
+        Command::new(HERD)
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert_eq!(ok(&cli(&["status", "--json"])).trim(), "[]");
+    let mut clusters: Vec<Herd> = ["alpha", "beta"]
+        .iter()
+        .map(|n| {
+            let port = free_port();
+            let listen = format!("127.0.0.1:{port}");
+            let h = Herd::spawn(
+                Command::new(HERD)
+                    .args([
+                        "run", "--name", n, "--listen", &listen, "-i", "1", "--", DEMO,
+                    ])
+                    .env("XDG_RUNTIME_DIR", &runtime),
+                port,
+            );
+            h.wait_ready(1);
+            h
+        })
+        .collect();
+    assert!(ok(&cli(&["status", "alpha"])).starts_with("alpha: proxy mode"));
+    let list: serde_json::Value = serde_json::from_str(&ok(&cli(&["list", "--json"]))).unwrap();
+    let names: BTreeSet<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, BTreeSet::from(["alpha", "beta"]));
+    let reloaded = ok(&cli(&["reload", "all"]));
+    assert!(
+        reloaded.contains("alpha: reloaded 1 worker")
+            && reloaded.contains("beta: reloaded 1 worker"),
+        "{reloaded}"
+    );
+    let stopped = ok(&cli(&["stop", "all"]));
+    assert!(
+        stopped.contains("alpha: stopped") && stopped.contains("beta: stopped"),
+        "{stopped}"
+    );
+    for h in &mut clusters {
+        assert_eq!(h.wait_exit(T).and_then(|s| s.code()), Some(0));
+    }
+    let _ = std::fs::remove_dir_all(&runtime);
+}

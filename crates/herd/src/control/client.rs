@@ -7,26 +7,27 @@ use crate::control::{self, ControlError, Done, Request, Status};
 
 /// Runs one control command; returns the exit code.
 pub fn run(cmd: Command) -> Result<i32, ControlError> {
-    let (target, req) = match cmd {
-        Command::Status { target, json } => return status(target.name.as_deref(), json),
-        Command::List => return list(),
-        Command::Reload { target } => (target, Request::Reload),
-        Command::Restart { target } => (target, Request::Restart),
-        Command::Scale { target, n } => (target, Request::Scale { n }),
-        Command::Stop { target } => (target, Request::Stop),
+    let (name, req) = match cmd {
+        Command::Status { target, json } if target.is_all() => return status_all(json),
+        Command::Status { target, json } => return status(target.name(), json),
+        Command::List { json } => return list(json),
+        Command::Reload { target } => (target.name().map(str::to_string), Request::Reload),
+        Command::Restart { target } => (target.name().map(str::to_string), Request::Restart),
+        Command::Stop { target } => (target.name().map(str::to_string), Request::Stop),
+        Command::Scale { target, n } => (target.name, Request::Scale { n }),
         Command::Send {
             target,
             id,
             message,
         } => (
-            target,
+            target.name,
             Request::Send {
                 id,
                 message: as_json(&message),
             },
         ),
         Command::Broadcast { target, message } => (
-            target,
+            target.name,
             Request::Broadcast {
                 message: as_json(&message),
             },
@@ -35,8 +36,28 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             return Ok(2);
         }
     };
-    let (name, path) = control::find(target.name.as_deref())?;
-    let answer: Done = control::call(&name, &path, &req, |p| crate::outln!("{p}"))?;
+    if name.as_deref() == Some("all") {
+        let all = control::running();
+        if all.is_empty() {
+            crate::outln!("no herd cluster is running");
+        }
+        let mut code = 0;
+        for (name, path) in all {
+            if let Err(e) = one(&name, &path, &req) {
+                crate::errln!("herd: error: {name}: {e}");
+                code = 1;
+            }
+        }
+        return Ok(code);
+    }
+    let (name, path) = control::find(name.as_deref())?;
+    one(&name, &path, &req)?;
+    Ok(0)
+}
+
+/// One request to one cluster, and what it did, in a line.
+fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlError> {
+    let answer: Done = control::call(name, path, req, |p| crate::outln!("{p}"))?;
     let n = |v: Option<usize>| crate::console::count(v.unwrap_or(0), "worker");
     match req {
         Request::Reload => crate::outln!("{name}: reloaded {}", n(answer.replaced)),
@@ -45,7 +66,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         Request::Stop => {
             crate::outln!("{name}: stopping");
             if let Some(pid) = answer.pid {
-                wait_exit(&name, pid)?;
+                wait_exit(name, pid)?;
             }
             crate::outln!("{name}: stopped");
         }
@@ -55,16 +76,48 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         }
         Request::Status => {}
     }
-    Ok(0)
+    Ok(())
 }
 
 fn status(name: Option<&str>, as_json: bool) -> Result<i32, ControlError> {
-    let (name, path) = control::find(name)?;
+    let (name, path) = match control::find(name) {
+        Ok(found) => found,
+        // `--json` answers in JSON even with no cluster (as `pm2 jlist`).
+        Err(ControlError::NotRunning(_)) if as_json && name.is_none() => {
+            crate::outln!("[]");
+            return Ok(0);
+        }
+        Err(e) => return Err(e),
+    };
     let v: Status = control::call(&name, &path, &Request::Status, |_| {})?;
     if as_json {
         crate::outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        return Ok(0);
+    } else {
+        table(&name, &v);
     }
+    Ok(0)
+}
+
+/// `herd status all`, `herd list --json`: every running cluster.
+fn status_all(as_json: bool) -> Result<i32, ControlError> {
+    let all: Vec<Status> = control::running()
+        .into_iter()
+        .filter_map(|(n, p)| control::call(&n, &p, &Request::Status, |_| {}).ok())
+        .collect();
+    if as_json {
+        crate::outln!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
+    } else if all.is_empty() {
+        crate::outln!("no herd cluster is running");
+    } else {
+        for v in &all {
+            table(&v.name, v);
+        }
+    }
+    Ok(0)
+}
+
+/// A cluster's workers as a table.
+fn table(name: &str, v: &Status) {
     crate::outln!(
         "{name}: {} mode on {}, master pid {}, up {}{}",
         v.mode,
@@ -106,10 +159,12 @@ fn status(name: Option<&str>, as_json: bool) -> Result<i32, ControlError> {
             w.last_exit.as_deref().unwrap_or("-"),
         );
     }
-    Ok(0)
 }
 
-fn list() -> Result<i32, ControlError> {
+fn list(as_json: bool) -> Result<i32, ControlError> {
+    if as_json {
+        return status_all(true);
+    }
     let all = control::running();
     if all.is_empty() {
         crate::outln!("no herd cluster is running");
