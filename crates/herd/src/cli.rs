@@ -97,6 +97,36 @@ pub struct Target {
     pub name: Option<String>,
 }
 
+/// Parses the command line. `herd start app.js -i max --name api`, as PM2
+/// users type it: when the command is a script (`app.js`, `app.py`…) and
+/// no `--` was given, the words after the script are herd's options, and
+/// the script is the whole command.
+pub fn parse() -> Result<Cli, clap::Error> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = Cli::try_parse_from(&argv)?;
+    if argv.iter().any(|a| a == "--") {
+        return Ok(cli);
+    }
+    let words = match &cli.command {
+        Command::Run(a) | Command::Start(a) => a.opts.command.clone().unwrap_or_default(),
+        _ => return Ok(cli),
+    };
+    let script_first = words
+        .first()
+        .and_then(|w| w.to_str())
+        .is_some_and(crate::config::is_script_name);
+    if !script_first || words.len() < 2 || words.len() > argv.len() {
+        return Ok(cli);
+    }
+    // The command is the tail of argv: move the script behind a `--`.
+    let at = argv.len() - words.len();
+    let mut again = argv[..at].to_vec();
+    again.extend(argv[at + 1..].iter().cloned());
+    again.push("--".into());
+    again.push(words[0].clone());
+    Cli::try_parse_from(again)
+}
+
 /// A cluster named by `--name` or, as PM2 users type it, by a word:
 /// `herd stop api`, `herd reload all`.
 #[derive(Debug, Args, Default)]
@@ -136,6 +166,39 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub fn resolve(self) -> Result<Settings, crate::config::ConfigError> {
+        if let Some(flag) = self.flag_after_command() {
+            return Err(crate::config::ConfigError::FlagAfterCommand(flag));
+        }
         Settings::resolve(self.opts, self.config.as_deref(), self.no_node_shim)
+    }
+
+    /// A flag of herd's among the command's words when no `--` separated
+    /// them (`herd start app.js --listen 9000`): it would go to the app
+    /// unseen, so it is an error instead.
+    fn flag_after_command(&self) -> Option<String> {
+        use clap::CommandFactory;
+        if std::env::args_os().any(|a| a == "--") {
+            return None;
+        }
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run")?;
+        let ours = |w: &str| {
+            let (flag, _) = w.split_once('=').unwrap_or((w, ""));
+            run.get_arguments().any(|a| {
+                flag.strip_prefix("--")
+                    .is_some_and(|l| a.get_long() == Some(l))
+                    || flag
+                        .strip_prefix('-')
+                        .and_then(|s| s.chars().next())
+                        .is_some_and(|c| flag.len() == 2 && a.get_short() == Some(c))
+            })
+        };
+        let words = self.opts.command.as_deref().unwrap_or_default();
+        words
+            .iter()
+            .skip(1)
+            .filter_map(|w| w.to_str())
+            .find(|w| ours(w))
+            .map(str::to_string)
     }
 }

@@ -53,6 +53,10 @@ pub enum ConfigError {
     BadName(String),
     #[error("script not found: {script} (looked in {dir})")]
     NoScript { script: String, dir: String },
+    #[error(
+        "{0} comes after the command: put herd's options before it, and the app's own after `--`"
+    )]
+    FlagAfterCommand(String),
 }
 
 /// A value TOML may give as a number or a string (`instances = 4` or
@@ -670,6 +674,21 @@ impl Settings {
         let (file, _) = Options::load(config)?;
         let o = flags.over(file);
         let command = o.command.unwrap_or_default();
+        if let Some(first) = command.first().and_then(|w| w.to_str())
+            && is_script_name(first)
+            && !o
+                .cwd
+                .as_deref()
+                .unwrap_or(Path::new("."))
+                .join(first)
+                .exists()
+        {
+            return Err(ConfigError::NoScript {
+                script: first.to_string(),
+                dir: shown_dir(o.cwd.as_deref()),
+            });
+        }
+        let command = with_interpreter(command, o.cwd.as_deref());
         let upstreams = o.upstreams.unwrap_or_default();
         if command.first().is_none_or(|c| c.is_empty()) && upstreams.is_empty() {
             return Err(ConfigError::NoCommand);
@@ -790,6 +809,53 @@ impl Settings {
     }
 }
 
+/// `herd start app.js`, as `pm2 start app.js`: a script that is not an
+/// executable with a `#!` line runs with the interpreter its extension names.
+fn with_interpreter(mut command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsString> {
+    let Some(first) = command.first() else {
+        return command;
+    };
+    let path = cwd.map_or_else(|| PathBuf::from(first), |d| d.join(first));
+    if !path.is_file() || matches!(check_executable(&path), Exec::Yes) && has_shebang(&path) {
+        return command;
+    }
+    let interpreter = match path.extension().and_then(|e| e.to_str()) {
+        _ if !is_script_name(&path.to_string_lossy()) => return command,
+        Some("js" | "mjs" | "cjs") => "node",
+        Some("py") => "python3",
+        Some("rb") => "ruby",
+        Some("pl") => "perl",
+        Some("php") => "php",
+        Some("sh") => "sh",
+        _ => return command,
+    };
+    command.insert(0, interpreter.into());
+    command
+}
+
+/// A file name an interpreter runs (`app.js`, `main.py`…).
+pub(crate) fn is_script_name(word: &str) -> bool {
+    [".js", ".mjs", ".cjs", ".py", ".rb", ".pl", ".php", ".sh"]
+        .iter()
+        .any(|ext| word.ends_with(ext))
+}
+
+/// A directory as an error names it: absolute when it can be.
+fn shown_dir(cwd: Option<&Path>) -> String {
+    let dir = cwd.map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    std::fs::canonicalize(&dir)
+        .unwrap_or(dir)
+        .display()
+        .to_string()
+}
+
+fn has_shebang(path: &Path) -> bool {
+    let mut head = [0u8; 2];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok_and(|()| &head == b"#!")
+}
+
 /// `node app.js`, `python3 app.py`: the common mistake of a missing script
 /// is told in one line before anything starts (PM2's "Script not found"),
 /// instead of a crash loop of the interpreter's stack traces. Only a plain
@@ -847,10 +913,7 @@ fn check_script(
     }
     Err(ConfigError::NoScript {
         script: script.to_string(),
-        dir: std::fs::canonicalize(&dir)
-            .unwrap_or(dir)
-            .display()
-            .to_string(),
+        dir: shown_dir(cwd),
     })
 }
 
@@ -1102,6 +1165,31 @@ mod tests {
             .map(|EnvPair(k, v)| format!("{k}={v}"))
             .collect();
         assert_eq!(env, ["A=file", "B=file", "B=flag"]);
+    }
+
+    #[test]
+    fn a_script_runs_with_its_interpreter() {
+        let words = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let dir = std::env::temp_dir().join(format!("herd-interp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("app.js"), "1").unwrap();
+        std::fs::write(dir.join("app.py"), "1").unwrap();
+        let got = with_interpreter(words(&["app.js", "--port", "1"]), Some(&dir));
+        assert_eq!(got, words(&["node", "app.js", "--port", "1"]));
+        assert_eq!(
+            with_interpreter(words(&["app.py"]), Some(&dir)),
+            words(&["python3", "app.py"])
+        );
+        // Programs on PATH and missing files are left alone.
+        assert_eq!(
+            with_interpreter(words(&["node", "app.js"]), Some(&dir)),
+            words(&["node", "app.js"])
+        );
+        assert_eq!(
+            with_interpreter(words(&["nope.js"]), Some(&dir)),
+            words(&["nope.js"])
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

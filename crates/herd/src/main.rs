@@ -3,13 +3,12 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
-use herd::cli::{Cli, Command};
+use herd::cli::Command;
 use herd::config::Settings;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match herd::cli::parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };

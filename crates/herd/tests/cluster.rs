@@ -482,6 +482,13 @@ fn bad_input_gets_one_clear_line() {
         "valid: proxy, reuseport, shared, dispatch",
     );
     assert_one_line_error(&["stauts"], "`status`");
+    // PM2 habits: herd's flags after the script are not passed on unseen,
+    // and a missing script file is named.
+    assert_one_line_error(
+        &["run", DEMO, "--listen", "9000"],
+        "--listen comes after the command",
+    );
+    assert_one_line_error(&["run", "nope.js"], "script not found: nope.js");
     // A missing script: one line before anything starts (issue 18, item 9).
     assert_one_line_error(
         &["run", "--", "node", "nope.js"],
@@ -662,4 +669,31 @@ fn the_readmes_gunicorn_and_uvicorn_commands_serve() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_script_runs_with_the_interpreter_its_extension_names() {
+    // `herd start app.js`, as `pm2 start app.js`: no `node` needed, and
+    // herd's options may follow the script, as PM2's do.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/node/hello.js");
+    let h = Herd::start(&["-i", "1"], &[script]);
+    h.wait_ready(1);
+    let (status, body) = h.get("/").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(h.log().contains("hello: 1 worker"), "{}", h.log());
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let pm2_order = Herd::spawn(
+        std::process::Command::new(HERD).args([
+            "run", script, "-i", "1", "--listen", &listen, "--name", "pm2ish",
+        ]),
+        port,
+    );
+    pm2_order.wait_ready(1);
+    assert!(
+        pm2_order.log().contains("pm2ish: 1 worker"),
+        "{}",
+        pm2_order.log()
+    );
+    assert_eq!(pm2_order.get("/").unwrap().0, 200);
 }
