@@ -115,6 +115,9 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
 /// Prints the last `lines` lines of a cluster's log; with `follow`, keeps
 /// printing what is appended, across rotations.
 pub fn logs(name: Option<&str>, lines: usize, follow: bool) -> anyhow::Result<()> {
+    if name == Some("all") {
+        bail!("herd logs shows one cluster's log: name it (herd list shows them)");
+    }
     let path = match control::find(name) {
         Ok((n, sock)) => {
             let v: Status = control::call(&n, &sock, &Request::Status, |_| {})?;

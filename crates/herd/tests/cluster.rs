@@ -489,6 +489,7 @@ fn bad_input_gets_one_clear_line() {
         "--listen comes after the command",
     );
     assert_one_line_error(&["run", "nope.js"], "script not found: nope.js");
+    assert_one_line_error(&["logs", "all"], "shows one cluster's log");
     // A missing script: one line before anything starts (issue 18, item 9).
     assert_one_line_error(
         &["run", "--", "node", "nope.js"],
