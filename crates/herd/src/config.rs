@@ -324,9 +324,12 @@ options! {
     /// How workers share the port [default: proxy].
     #[arg(long, value_enum)]
     mode: Option<Mode>,
-    /// Grace between SIGTERM and SIGKILL, and for draining on stop [default: 5s].
+    /// Grace between SIGTERM and SIGKILL [default: 5s].
     #[arg(long, value_name = "DUR")]
     kill_timeout: Option<Dur>,
+    /// How long a leaving worker (or, on stop, the proxy) may take to finish its requests before SIGTERM [default: 5s].
+    #[arg(long, value_name = "DUR")]
+    drain_timeout: Option<Dur>,
     /// How long a new worker may take to become ready [default: 30s].
     #[arg(long, value_name = "DUR")]
     ready_timeout: Option<Dur>,
@@ -504,6 +507,7 @@ pub struct Settings {
     pub instances: usize,
     pub mode: Mode,
     pub kill_timeout: Duration,
+    pub drain_timeout: Duration,
     pub ready_timeout: Duration,
     pub wait_ready: bool,
     pub restart_delay: Duration,
@@ -644,6 +648,7 @@ mod default {
     use std::time::Duration;
 
     pub const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
     pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
     pub const RESTART_DELAY: Duration = Duration::from_millis(100);
     pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(10);
@@ -783,6 +788,7 @@ impl Settings {
             instances,
             mode,
             kill_timeout: d(o.kill_timeout, default::KILL_TIMEOUT),
+            drain_timeout: d(o.drain_timeout, default::DRAIN_TIMEOUT),
             ready_timeout,
             wait_ready: o.wait_ready.unwrap_or(false),
             restart_delay: d(o.restart_delay, default::RESTART_DELAY),

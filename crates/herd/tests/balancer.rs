@@ -294,7 +294,12 @@ fn body_reading_backend() -> u16 {
     raw_backend(|mut r, mut c, len| {
         let mut body = vec![0; len];
         if r.read_exact(&mut body).is_ok() {
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+            // It closes after one answer, so it says so: otherwise the
+            // proxy may pool the connection and lose the race with the FIN
+            // (as nginx and HAProxy would), which is not what is tested here.
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
+            );
         }
     })
 }

@@ -164,7 +164,7 @@ fn graceful_stop_completes_an_in_flight_slow_request() {
 
 #[test]
 fn second_signal_stops_at_once() {
-    let mut h = Herd::start(&["-i", "1", "--kill-timeout", "30s"], &[DEMO]);
+    let mut h = Herd::start(&["-i", "1", "--drain-timeout", "30s"], &[DEMO]);
     h.wait_ready(1);
     let port = h.port;
     let req = std::thread::spawn(move || http_get(port, "/slow?ms=20000"));
@@ -188,6 +188,50 @@ fn second_signal_stops_at_once() {
 }
 
 #[test]
+fn a_retiring_worker_gets_sigterm_after_the_drain_timeout_and_sigkill_after_the_kill_timeout() {
+    // The demo drains on SIGTERM: it would wait for its 20 s request.
+    let mut h = Herd::start(
+        &[
+            "-i",
+            "1",
+            "--drain-timeout",
+            "300ms",
+            "--kill-timeout",
+            "1s",
+        ],
+        &[DEMO],
+    );
+    h.wait_ready(1);
+    let old = h.worker_pids(1);
+    let port = h.port;
+    let req = std::thread::spawn(move || http_get(port, "/slow?ms=20000"));
+    assert!(h.wait_log("slow request started", T), "{}", h.log());
+    let started = std::time::Instant::now();
+    h.signal("HUP");
+    assert!(h.wait_log("reload done", T), "{}", h.log());
+    let took = started.elapsed();
+    let log = h.log();
+    assert!(
+        log.contains("still busy after 300ms of draining; SIGTERM"),
+        "{log}"
+    );
+    assert!(
+        log.contains("still running 1s after SIGTERM; SIGKILL"),
+        "{log}"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "the retirement took {took:?}"
+    );
+    assert!(!alive(old[0]), "the old worker is gone");
+    // The request itself is retried on the new worker (a GET, as nginx
+    // does): it is not waited for here.
+    drop(req);
+    h.signal("TERM");
+    assert_eq!(h.wait_exit(T).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
 fn a_worker_ignoring_sigterm_is_killed_after_the_kill_timeout() {
     let mut h = Herd::start(
         &["-i", "1", "--mode", "shared", "--kill-timeout", "300ms"],
@@ -202,7 +246,10 @@ fn a_worker_ignoring_sigterm_is_killed_after_the_kill_timeout() {
     let st = h.wait_exit(T).expect("master did not exit");
     assert_eq!(st.code(), Some(0));
     let log = h.log();
-    assert!(log.contains("sending SIGKILL"), "{log}");
+    assert!(
+        log.contains("still running 300ms after SIGTERM; SIGKILL"),
+        "{log}"
+    );
     assert!(log.contains("was killed by SIGKILL"), "{log}");
 }
 

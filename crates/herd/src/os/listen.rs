@@ -80,12 +80,14 @@ impl Listeners {
         }
     }
 
-    /// Reuseport mode, scaling up: one more socket on the port this
-    /// cluster already holds (no in-use probe: the port is ours).
-    pub fn add_reuseport(&mut self, fallback: SocketAddr) -> Result<(), ListenError> {
+    /// Reuseport mode, scaling up: a socket for each of `n` slots, on the
+    /// port this cluster already holds (no in-use probe: the port is ours).
+    pub fn ensure_reuseport(&mut self, n: usize, fallback: SocketAddr) -> Result<(), ListenError> {
         if let Listeners::ReusePort(socks) = self {
             let addr = socks.first().and_then(local_addr).unwrap_or(fallback);
-            socks.push(socket(addr, true)?);
+            while socks.len() < n {
+                socks.push(socket(addr, true)?);
+            }
         }
         Ok(())
     }

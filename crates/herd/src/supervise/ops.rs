@@ -1,33 +1,18 @@
-//! Operations on a running cluster: rolling reload, restart, scaling and
-//! status, driven by the control socket and by signals.
+//! The control socket's requests, worker messages and `herd status`: what
+//! the machine decides goes to it; delivery and `/proc` reads are here.
 
-use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::Instant;
 
-use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Event, Slot, Supervisor, Worker, kill_group};
+use super::Supervisor;
+use super::machine::{self, Input, State};
 use crate::config::Mode;
 use crate::console::count;
 use crate::control::{Call, Done, Line, Request, Status, WorkerRow, WorkerState};
 use crate::os::listen::Listeners;
-
-/// A rolling reload in progress: one slot at a time, new worker ready
-/// before the old one leaves, old one gone before the next slot starts.
-pub(super) struct Reload {
-    todo: VecDeque<usize>,
-    wait: Wait,
-    reply: Option<UnboundedSender<Line>>,
-    replaced: usize,
-    started: Instant,
-}
-
-enum Wait {
-    NewReady,
-    OldExit(u64),
-}
 
 impl Supervisor {
     /// Handles a control request; true when the cluster must stop.
@@ -39,27 +24,14 @@ impl Supervisor {
         } = call;
         match req {
             Request::Status => self.status(reply),
-            Request::Reload => self.reload_start(Some(reply)),
-            Request::Restart => {
-                let n = self.restart_all();
-                let _ = reply.send(
-                    Done {
-                        restarted: Some(n),
-                        ..Done::ok()
-                    }
-                    .into(),
-                );
-            }
-            Request::Scale { n } => {
-                let answer = match self.scale(&n) {
-                    Ok(to) => Done {
-                        workers: Some(to),
-                        ..Done::ok()
-                    },
-                    Err(e) => Done::failed(e),
-                };
-                let _ = reply.send(answer.into());
-            }
+            Request::Reload => self.apply(Input::Reload { slots: None }, Some(reply)),
+            Request::Restart => self.apply(Input::Restart, Some(reply)),
+            Request::Scale { n } => match self.scale_to(&n) {
+                Ok(to) => self.scale(to, reply),
+                Err(e) => {
+                    let _ = reply.send(Done::failed(e).into());
+                }
+            },
             Request::Send { id, message } => {
                 let from = json!("cli");
                 let answer = match self.deliver(id, &from, &message) {
@@ -103,9 +75,9 @@ impl Supervisor {
     /// Delivers `data` to worker `id`'s channel.
     fn deliver(&self, id: usize, from: &Value, data: &Value) -> Result<(), String> {
         let w = self
-            .slots
-            .get(id)
-            .and_then(|s| s.worker.as_ref())
+            .m
+            .current(id)
+            .and_then(|w| self.procs.get(&w.epoch))
             .ok_or_else(|| format!("worker {id} is not running"))?;
         let ch = w
             .ipc
@@ -118,7 +90,7 @@ impl Supervisor {
     /// Delivers to every worker but `except`; returns (delivered, failures).
     fn broadcast(&self, except: Option<usize>, from: &Value, data: &Value) -> (usize, Vec<String>) {
         let (mut n, mut failed) = (0, Vec::new());
-        for id in (0..self.slots.len()).filter(|&i| Some(i) != except) {
+        for id in (0..self.m.instances()).filter(|&i| Some(i) != except) {
             match self.deliver(id, from, data) {
                 Ok(()) => n += 1,
                 Err(e) => failed.push(e),
@@ -129,11 +101,7 @@ impl Supervisor {
 
     /// A message from a worker's channel.
     pub(super) fn on_message(&mut self, epoch: u64, msg: Result<Value, String>) {
-        let Some(slot) = (match self.place(epoch) {
-            Some(super::Place::Current(s) | super::Place::Next(s)) => Some(s),
-            Some(super::Place::Retiring(i)) => Some(self.retiring[i].0),
-            None => None,
-        }) else {
+        let Some(slot) = self.m.find(epoch).map(|w| w.slot) else {
             return;
         };
         let msg = match msg {
@@ -151,7 +119,7 @@ impl Supervisor {
         if matches!(kind, Some("ready" | "listening")) {
             let weak = kind == Some("listening");
             if self.s.mode != Mode::Dispatch && !(weak && self.s.wait_ready) {
-                self.handle(Event::Ready { epoch, addr: None });
+                self.apply(Input::Ready { epoch }, None);
             }
             return;
         }
@@ -185,11 +153,7 @@ impl Supervisor {
             )],
         };
         // Never lost silently: the sender hears of every failed delivery.
-        let sender = self
-            .slots
-            .get(slot)
-            .and_then(|s| s.worker.as_ref())
-            .and_then(|w| w.ipc.as_ref());
+        let sender = self.procs.get(&epoch).and_then(|p| p.ipc.as_ref());
         for (to, error) in failures {
             tracing::debug!("worker {slot}: undeliverable: {error}");
             if let Some(ch) = sender {
@@ -200,353 +164,86 @@ impl Supervisor {
         }
     }
 
-    /// Once a second: the watchdog, and `--max-memory`.
+    /// Once a second: a memory sample of each serving worker for `--max-memory`.
     pub(super) fn on_tick(&mut self) {
-        let now_ms = self.started.elapsed().as_millis() as u64 + 1;
+        if self.s.max_memory.is_none() {
+            return;
+        }
         let page = procfs::page_size();
-        let mut over = Vec::new();
-        for (slot, s) in self.slots.iter_mut().enumerate() {
-            let Some(w) = s.worker.as_mut() else { continue };
-            if let Some(limit) = self.s.watchdog {
-                let last = w.pings.load(std::sync::atomic::Ordering::Relaxed);
-                let quiet = now_ms.saturating_sub(last);
-                if last > 0 && quiet > limit.as_millis() as u64 && !w.watchdog_fired {
-                    tracing::warn!(
-                        "worker {slot} (pid {}) missed its watchdog: no WATCHDOG=1 for {:?}; killing it",
-                        w.pid,
-                        Duration::from_millis(quiet)
-                    );
-                    w.watchdog_fired = true;
-                    kill_group(w.pid, Signal::SIGKILL);
-                }
-            }
-            if let (Some(max), true) = (self.s.max_memory, w.ready) {
-                let rss = procfs::process::Process::new(w.pid as i32)
-                    .and_then(|p| p.stat())
-                    .map_or(0, |st| st.rss * page);
-                w.over_memory = if rss > max { w.over_memory + 1 } else { 0 };
-                if w.over_memory == 3 {
-                    tracing::warn!(
-                        "worker {slot} (pid {}) uses {} MiB, above --max-memory ({} MiB) for 3 s; replacing it",
-                        w.pid,
-                        rss >> 20,
-                        max >> 20
-                    );
-                    over.push(slot);
-                }
-            }
+        let samples: Vec<_> = self
+            .m
+            .serving()
+            .filter_map(|w| {
+                let p = self.procs.get(&w.epoch)?;
+                let st = procfs::process::Process::new(p.pid as i32).and_then(|p| p.stat());
+                Some((w.epoch, st.map_or(0, |st| st.rss * page)))
+            })
+            .collect();
+        for (epoch, rss) in samples {
+            self.apply(Input::Memory { epoch, rss }, None);
         }
-        if !over.is_empty() && self.reload.is_none() {
-            self.reload_slots(over, None);
-        }
-    }
-
-    pub(super) fn reload_start(&mut self, reply: Option<UnboundedSender<Line>>) {
-        if self.reload.is_some() {
-            let msg = "a reload is already running; wait for it to finish";
-            tracing::warn!("{msg}");
-            if let Some(r) = reply {
-                let _ = r.send(Done::failed(msg).into());
-            }
-            return;
-        }
-        self.reload_slots((0..self.slots.len()).collect(), reply);
-    }
-
-    /// Rolling replacement of `slots`, one at a time.
-    fn reload_slots(&mut self, slots: Vec<usize>, reply: Option<UnboundedSender<Line>>) {
-        let n = slots.len();
-        tracing::info!("rolling reload of {}", count(n, "worker"));
-        if let Some(r) = &reply {
-            let _ = r.send(Line::progress(format!(
-                "reloading {}, one at a time",
-                count(n, "worker")
-            )));
-        }
-        self.reload = Some(Reload {
-            todo: slots.into(),
-            wait: Wait::NewReady,
-            reply,
-            replaced: 0,
-            started: Instant::now(),
-        });
-        self.reload_next();
-    }
-
-    fn progress(&self, msg: String) {
-        tracing::info!("reload: {msg}");
-        if let Some(Reload { reply: Some(r), .. }) = &self.reload {
-            let _ = r.send(Line::progress(msg));
-        }
-    }
-
-    /// Starts the next slot's replacement, or finishes.
-    fn reload_next(&mut self) {
-        loop {
-            let Some(r) = self.reload.as_mut() else {
-                return;
-            };
-            let Some(slot) = r.todo.pop_front() else {
-                let r = self.reload.take();
-                if let Some(r) = r {
-                    let took = r.started.elapsed();
-                    tracing::info!(
-                        "reload done: {} replaced in {took:.1?}",
-                        count(r.replaced, "worker")
-                    );
-                    if let Some(reply) = r.reply {
-                        let _ = reply.send(
-                            Done {
-                                replaced: Some(r.replaced),
-                                ..Done::ok()
-                            }
-                            .into(),
-                        );
-                    }
-                }
-                return;
-            };
-            if slot >= self.slots.len() {
-                continue; // scaled down meanwhile
-            }
-            match self.start(slot) {
-                Ok(w) => {
-                    self.progress(format!("worker {slot}: new worker started (pid {})", w.pid));
-                    self.slots[slot].next = Some(w);
-                    if let Some(r) = self.reload.as_mut() {
-                        r.wait = Wait::NewReady;
-                    }
-                    return;
-                }
-                Err(e) => {
-                    self.reload_fail(&format!("worker {slot}: {e}"));
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The new worker of `slot` is ready: it takes the slot's traffic and
-    /// the old one retires.
-    pub(super) fn reload_swap(&mut self, slot: usize) {
-        let Some(mut new) = self.slots[slot].next.take() else {
-            return;
-        };
-        new.ready = true;
-        let new_pid = new.pid;
-        let old = self.slots[slot].worker.replace(new);
-        self.slots[slot].restarts += 1;
-        self.publish();
-        match old {
-            Some(old) => {
-                self.progress(format!(
-                    "worker {slot}: pid {new_pid} ready and serving; pid {} draining",
-                    old.pid
-                ));
-                let epoch = old.epoch;
-                self.begin_retire(slot, old);
-                if let Some(r) = self.reload.as_mut() {
-                    r.wait = Wait::OldExit(epoch);
-                }
-            }
-            None => {
-                self.progress(format!("worker {slot}: pid {new_pid} ready and serving"));
-                self.reload_done_with_slot();
-            }
-        }
-    }
-
-    /// A retired worker exited; if the reload waited on it, go on.
-    pub(super) fn reload_old_gone(&mut self, epoch: u64) {
-        if matches!(self.reload, Some(Reload { wait: Wait::OldExit(e), .. }) if e == epoch) {
-            self.reload_done_with_slot();
-        }
-    }
-
-    fn reload_done_with_slot(&mut self) {
-        if let Some(r) = self.reload.as_mut() {
-            r.replaced += 1;
-        }
-        self.reload_next();
-    }
-
-    /// The new worker of `slot` is still running but will not do: kill it
-    /// (its exit is handled as a retiring worker's), keep the old ones.
-    pub(super) fn reload_abort(&mut self, slot: usize, why: &str) {
-        if let Some(w) = self.slots[slot].next.take() {
-            kill_group(w.pid, Signal::SIGKILL);
-            self.retiring.push((slot, w));
-        }
-        self.reload_fail(&format!("worker {slot}: {why}"));
-    }
-
-    pub(super) fn reload_fail(&mut self, why: &str) {
-        let msg = format!("reload aborted: {why}; the old workers keep serving");
-        tracing::error!("{msg}");
-        if let Some(Reload { reply: Some(r), .. }) = self.reload.take() {
-            let _ = r.send(Done::failed(msg).into());
-        }
-    }
-
-    /// Takes `w` out of traffic and lets it finish: in proxy mode it gets
-    /// SIGTERM once its in-flight requests are done (at most
-    /// `--kill-timeout`); in fd modes at once, as the worker itself drains.
-    pub(super) fn begin_retire(&mut self, slot: usize, w: Worker) {
-        let epoch = w.epoch;
-        let target = w.target.clone();
-        let dispatch = w.dispatch.clone();
-        self.retiring.push((slot, w));
-        let tx = self.tx.clone();
-        let limit = self.s.kill_timeout;
-        tokio::spawn(async move {
-            if let Some(d) = dispatch {
-                // Out of the serving list already; wait for its answers to
-                // what it was handed, so SIGTERM never races a hand-off.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let deadline = Instant::now() + limit;
-                while d.outstanding.load(std::sync::atomic::Ordering::Relaxed) > 0
-                    && Instant::now() < deadline
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-            if let Some(t) = target {
-                t.backend.set_draining(true);
-                // A request may have picked it just before it left the pool.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let deadline = Instant::now() + limit;
-                while t.backend.in_flight() > 0 && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-            let _ = tx.send(Event::Drained { epoch });
-        });
-    }
-
-    /// Every worker stopped and started again at once (not zero-downtime).
-    fn restart_all(&mut self) -> usize {
-        let mut n = 0;
-        for slot in 0..self.slots.len() {
-            if let Some(old) = self.slots[slot].worker.take() {
-                self.begin_retire(slot, old);
-                n += 1;
-            }
-            self.slots[slot].restarts += 1;
-            if let Err(e) = self.spawn(slot) {
-                tracing::error!("worker {slot}: {e}");
-                self.after(self.s.restart_delay, Event::Restart { slot });
-            }
-        }
-        self.publish();
-        tracing::info!("restarted {}", count(n, "worker"));
-        n
     }
 
     pub(super) fn scale_signal(&mut self, delta: i64) {
         let n = format!("{delta:+}");
-        match self.scale(&n) {
-            Ok(to) => tracing::info!("scaled to {}", count(to, "worker")),
-            Err(e) => tracing::warn!("cannot scale {n}: {e}"),
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        match self.scale_to(&n) {
+            Ok(to) => self.scale(to, tx),
+            Err(e) => {
+                let _ = tx.send(Done::failed(e).into());
+            }
+        }
+        match rx.try_recv() {
+            Ok(Line::Done(d)) if d.ok => {
+                tracing::info!("scaled to {}", count(d.workers.unwrap_or(0), "worker"))
+            }
+            Ok(Line::Done(d)) => {
+                tracing::warn!("cannot scale {n}: {}", d.error.unwrap_or_default())
+            }
+            _ => {}
         }
     }
 
-    /// `n` is a count or a change (`+2`, `-1`); returns the new count.
-    fn scale(&mut self, n: &str) -> Result<usize, String> {
+    /// `n` as `herd scale` gives it: the worker count it asks for.
+    fn scale_to(&self, n: &str) -> Result<usize, String> {
         if self.s.command.is_empty() {
             return Err("this cluster has no workers (upstreams only)".into());
         }
-        if self.reload.is_some() {
-            return Err("a reload is running; scale after it".into());
+        machine::scale_target(n, self.m.instances())
+    }
+
+    fn scale(&mut self, to: usize, reply: UnboundedSender<Line>) {
+        self.apply(Input::Scale { to }, Some(reply));
+        // Slots scaled away take their reuseport socket with them.
+        if let Some(Listeners::ReusePort(socks)) = &mut self.listeners {
+            socks.truncate(self.m.instances().max(1));
         }
-        let now = self.slots.len() as i64;
-        let t = n.trim();
-        let to = if let Some(d) = t.strip_prefix('+') {
-            d.parse::<i64>().map(|d| now + d)
-        } else if let Some(d) = t.strip_prefix('-') {
-            d.parse::<i64>().map(|d| now - d)
-        } else {
-            t.parse::<i64>()
-        }
-        .map_err(|_| format!("{n:?} is not a count (N, +K or -K)"))?;
-        if to < 1 {
-            return Err(format!(
-                "cannot scale to {to}: a cluster needs at least 1 worker (use `herd stop`)"
-            ));
-        }
-        if to > 4096 {
-            return Err(format!("cannot scale to {to}: at most 4096 workers"));
-        }
-        let to = to as usize;
-        self.s.instances = to;
-        while self.slots.len() < to {
-            let slot = self.slots.len();
-            if let Some(l) = &mut self.listeners {
-                l.add_reuseport(self.s.listen).map_err(|e| e.to_string())?;
-            }
-            self.slots.push(Slot::default());
-            if let Err(e) = self.spawn(slot) {
-                self.slots.pop();
-                return Err(e.to_string());
-            }
-        }
-        while self.slots.len() > to {
-            let slot = self.slots.len() - 1;
-            if let Some(s) = self.slots.pop() {
-                for w in s.worker.into_iter().chain(s.next) {
-                    self.begin_retire(slot, w);
-                }
-            }
-            if let Some(Listeners::ReusePort(socks)) = &mut self.listeners {
-                socks.truncate(to);
-            }
-        }
-        self.publish();
-        Ok(to)
     }
 
     /// `herd status`: what the supervisor knows is gathered here; what
     /// `/proc` says (CPU, memory, connections: a read of every TCP socket
     /// in fd modes) is read on a blocking thread, which then answers.
     fn status(&self, reply: UnboundedSender<Line>) {
-        let mut probes = Vec::new();
-        for (i, s) in self.slots.iter().enumerate() {
-            let mut add = |w: &Worker, state| {
-                probes.push(Probe {
-                    slot: i,
+        let mut probes: Vec<Probe> = self
+            .m
+            .workers()
+            .map(|w| {
+                let (restarts, last_exit) = self.m.history(w.slot);
+                Probe {
+                    slot: w.slot,
                     pid: w.pid,
-                    state,
-                    started: w.started,
-                    target: w.target.clone(),
-                    restarts: s.restarts,
-                    last_exit: s.last_exit.clone(),
-                })
-            };
-            if let Some(w) = &s.worker {
-                add(
-                    w,
-                    if w.ready {
-                        WorkerState::Ready
-                    } else {
-                        WorkerState::Starting
+                    state: match w.state {
+                        State::Starting { .. } => WorkerState::Starting,
+                        State::Serving => WorkerState::Ready,
+                        State::Draining { .. } | State::Terminating { .. } => WorkerState::Stopping,
                     },
-                );
-            }
-            if let Some(w) = &s.next {
-                add(w, WorkerState::Starting);
-            }
-        }
-        for (i, w) in &self.retiring {
-            let s = self.slots.get(*i);
-            probes.push(Probe {
-                slot: *i,
-                pid: w.pid,
-                state: WorkerState::Stopping,
-                started: w.started,
-                target: w.target.clone(),
-                restarts: s.map_or(0, |s| s.restarts),
-                last_exit: s.and_then(|s| s.last_exit.clone()),
-            });
-        }
+                    started: w.started,
+                    target: self.procs.get(&w.epoch).and_then(|p| p.target.clone()),
+                    restarts,
+                    last_exit: last_exit.map(str::to_string),
+                }
+            })
+            .collect();
         // By slot, so a scale-down's retiring workers sit with their slot.
         probes.sort_by_key(|p| p.slot);
         let mut status = Status {
@@ -556,7 +253,7 @@ impl Supervisor {
             mode: self.s.mode.as_str().to_string(),
             listen: self.s.listen.to_string(),
             uptime: self.started.elapsed().as_secs_f64(),
-            reloading: self.reload.is_some(),
+            reloading: self.m.reloading(),
             log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),
             workers: Vec::new(),
         };

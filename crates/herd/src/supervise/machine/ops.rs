@@ -1,0 +1,207 @@
+//! The machine's operations: rolling reload, restart, scale, stop, and the
+//! `--max-memory` replacement, which is a one-slot reload.
+
+use std::time::Instant;
+
+use super::{Action, Answer, Epoch, Machine, Reload, Slot, State, all_mut, terminate};
+use crate::console::count;
+
+impl Machine {
+    pub(super) fn memory(&mut self, epoch: Epoch, rss: u64, now: Instant) {
+        let Some(max) = self.limits.max_memory else {
+            return;
+        };
+        let Some(w) = self.slots.iter_mut().find_map(|s| {
+            s.current
+                .as_mut()
+                .filter(|w| w.epoch == epoch && w.state == State::Serving)
+        }) else {
+            return;
+        };
+        w.over_memory = if rss > max { w.over_memory + 1 } else { 0 };
+        if w.over_memory != 3 {
+            return;
+        }
+        tracing::warn!(
+            "worker {} (pid {}) uses {} MiB, above --max-memory ({} MiB) for 3 samples; replacing it",
+            w.slot,
+            w.pid,
+            rss >> 20,
+            max >> 20
+        );
+        let slot = w.slot;
+        match self.reload.as_mut() {
+            None => self.reload(Some(vec![slot]), now),
+            // A running reload takes it on, unless it is replacing it now.
+            Some(r) => {
+                if !r.todo.contains(&slot) && self.slots[slot].next.is_none() {
+                    r.todo.push_back(slot);
+                }
+            }
+        }
+    }
+
+    pub(super) fn progress(&mut self, msg: String) {
+        tracing::info!("reload: {msg}");
+        self.out.push(Action::Progress(msg));
+    }
+
+    pub(super) fn reload(&mut self, slots: Option<Vec<usize>>, now: Instant) {
+        if let Some(why) = self.busy("reload") {
+            tracing::warn!("{why}");
+            self.out.push(Action::ReloadFailed(why));
+            return;
+        }
+        let slots = slots.unwrap_or_else(|| (0..self.slots.len()).collect());
+        let n = count(slots.len(), "worker");
+        tracing::info!("rolling reload of {n}");
+        self.out.push(Action::ReloadBegun);
+        self.progress(format!("reloading {n}, one at a time"));
+        self.reload = Some(Reload {
+            todo: slots.into(),
+            waiting_on: None,
+            replaced: 0,
+            started: now,
+        });
+        self.reload_next(now);
+    }
+
+    /// Why `what` cannot run now, if it cannot.
+    pub(super) fn busy(&self, what: &str) -> Option<String> {
+        if self.stopping {
+            Some(format!("cannot {what}: the cluster is stopping"))
+        } else if self.reload.is_some() {
+            Some(format!(
+                "a reload is already running; {what} once it is done"
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// One slot is done; go on with the next.
+    pub(super) fn reload_step(&mut self, now: Instant) {
+        if let Some(r) = self.reload.as_mut() {
+            r.replaced += 1;
+            r.waiting_on = None;
+        }
+        self.reload_next(now);
+    }
+
+    /// Starts the next slot's replacement, or finishes.
+    pub(super) fn reload_next(&mut self, now: Instant) {
+        loop {
+            let Some(r) = self.reload.as_mut() else {
+                return;
+            };
+            match r.todo.pop_front() {
+                Some(slot) if slot < self.slots.len() => {
+                    let w = self.new_worker(slot, now);
+                    self.slots[slot].next = Some(w);
+                    return;
+                }
+                Some(_) => continue, // scaled down meanwhile
+                None => break,
+            }
+        }
+        if let Some(r) = self.reload.take() {
+            let took = now.saturating_duration_since(r.started);
+            tracing::info!(
+                "reload done: {} replaced in {took:.1?}",
+                count(r.replaced, "worker")
+            );
+            self.out.push(Action::ReloadDone {
+                replaced: r.replaced,
+            });
+        }
+    }
+
+    pub(super) fn reload_fail(&mut self, why: &str) {
+        if self.reload.take().is_some() {
+            let msg = format!("reload aborted: {why}; the old workers keep serving");
+            tracing::error!("{msg}");
+            self.out.push(Action::ReloadFailed(msg));
+        }
+    }
+
+    pub(super) fn restart(&mut self, now: Instant) {
+        if let Some(why) = self.busy("restart") {
+            self.out.push(Action::Answer(Err(why)));
+            return;
+        }
+        let mut n = 0;
+        for slot in 0..self.slots.len() {
+            if let Some(old) = self.slots[slot].current.take() {
+                self.retire(old, now);
+                n += 1;
+            }
+            self.slots[slot].restarts += 1;
+            self.spawn_current(slot, now);
+        }
+        self.out.push(Action::Publish);
+        tracing::info!("restarted {}", count(n, "worker"));
+        self.out.push(Action::Answer(Ok(Answer::Restarted(n))));
+    }
+
+    pub(super) fn scale(&mut self, to: usize, now: Instant) {
+        if let Some(why) = self.busy("scale") {
+            self.out.push(Action::Answer(Err(why)));
+            return;
+        }
+        while self.slots.len() < to {
+            self.slots.push(Slot::default());
+            self.spawn_current(self.slots.len() - 1, now);
+        }
+        while self.slots.len() > to {
+            if let Some(s) = self.slots.pop() {
+                for w in s.current.into_iter().chain(s.next) {
+                    self.retire(w, now);
+                }
+            }
+        }
+        self.out.push(Action::Publish);
+        self.out.push(Action::Answer(Ok(Answer::Scaled(to))));
+    }
+
+    pub(super) fn stop(&mut self, now: Instant) {
+        self.stopping = true;
+        if self.reload.take().is_some() {
+            self.out.push(Action::ReloadFailed(
+                "reload aborted: the cluster is stopping".into(),
+            ));
+        }
+        let kill_timeout = self.limits.kill_timeout;
+        for s in &mut self.slots {
+            s.restart_at = None;
+        }
+        let out = &mut self.out;
+        for w in all_mut(&mut self.slots, &mut self.retiring) {
+            if !matches!(w.state, State::Terminating { .. }) {
+                terminate(w, now, kill_timeout, out);
+            }
+        }
+    }
+}
+
+/// `n` as `herd scale` takes it: a count, or a change (`+2`, `-1`) from `now`.
+pub fn scale_target(n: &str, now: usize) -> Result<usize, String> {
+    let now = now as i64;
+    let t = n.trim();
+    let to = if let Some(d) = t.strip_prefix('+') {
+        d.parse::<i64>().map(|d| now + d)
+    } else if let Some(d) = t.strip_prefix('-') {
+        d.parse::<i64>().map(|d| now - d)
+    } else {
+        t.parse::<i64>()
+    }
+    .map_err(|_| format!("{n:?} is not a count (N, +K or -K)"))?;
+    if to < 1 {
+        return Err(format!(
+            "cannot scale to {to}: a cluster needs at least 1 worker (use `herd stop`)"
+        ));
+    }
+    if to > 4096 {
+        return Err(format!("cannot scale to {to}: at most 4096 workers"));
+    }
+    Ok(to as usize)
+}

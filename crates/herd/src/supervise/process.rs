@@ -1,0 +1,448 @@
+//! A worker's process, as mechanism only (the machine decides when):
+//! starting it (its private port or inherited socket, notify socket,
+//! message channel, dispatch socket, environment, and the task that reports
+//! it ready), publishing it, watching it drain, signalling it, releasing
+//! what it held.
+
+use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::net::UnixDatagram;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use super::machine::Epoch;
+use super::{Event, SuperviseError, Supervisor};
+use crate::config::{Mode, Settings};
+use crate::dispatch::PeerInfo;
+use crate::os::listen::Listeners;
+use crate::os::sys::{self, ExecSpec};
+use crate::output::Stream;
+use crate::upstream::Target;
+use herd_balance::BackendConfig;
+use herd_sdk::env as contract;
+
+/// In fd modes a worker that never speaks sd_notify is taken as ready after this.
+const FD_READY_GRACE: Duration = Duration::from_secs(1);
+/// Interval of the proxy-mode port probe.
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+
+/// What the driver holds for a live worker process, by epoch.
+pub(super) struct Proc {
+    pub pid: u32,
+    pub port: Option<u16>,
+    /// Proxy mode: this worker as a balancing target.
+    pub target: Option<Arc<Target>>,
+    pub notify_path: PathBuf,
+    pub tasks: Vec<AbortHandle>,
+    pub ipc: Option<crate::ipc::Channel>,
+    /// Dispatch mode: its hand-off counts.
+    pub dispatch: Option<Arc<PeerInfo>>,
+}
+
+impl Proc {
+    /// A worker that listens on `[::1]` only (Node binding `localhost` where
+    /// it resolves to ::1) is proxied there rather than to 127.0.0.1.
+    pub(super) fn serving_at(&mut self, addr: Option<SocketAddr>) {
+        let (Some(addr), Some(t)) = (addr, &self.target) else {
+            return;
+        };
+        if t.addr != addr {
+            let (name, label) = (t.backend.name().to_string(), t.label.clone());
+            self.target = Some(Arc::new(Target::new(
+                addr,
+                name,
+                label,
+                t.backend.config().clone(),
+            )));
+        }
+    }
+}
+
+impl Supervisor {
+    /// Starts the process of worker `epoch` in `slot`; returns its pid.
+    pub(super) fn spawn(&mut self, slot: usize, epoch: Epoch) -> Result<u32, SuperviseError> {
+        let spawn_err = |source: std::io::Error| SuperviseError::Spawn {
+            command: self.s.command[0].to_string_lossy().into_owned(),
+            source,
+        };
+        let port = match self.s.mode {
+            Mode::Proxy => Some(self.free_port().map_err(spawn_err)?),
+            _ => None,
+        };
+        let notify_path = self.rundir.path().join(format!("n{slot}.{epoch}"));
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).map_err(spawn_err)?;
+
+        let mut env = worker_env(&self.s, slot, self.m.instances(), port, &notify_path);
+        if let Some(opts) = &self.node_options {
+            env.retain(|(k, _)| k != "NODE_OPTIONS");
+            env.push(("NODE_OPTIONS".into(), opts.clone()));
+        }
+        let mut fds = Vec::new();
+        // Dispatch mode: the worker's end of its hand-off socket at fd 3,
+        // which Node also opens as its IPC channel.
+        let dispatch_pair = match self.dispatcher {
+            Some(_) => {
+                let (master, worker) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
+                fds.push((worker.as_raw_fd(), crate::dispatch::WORKER_FD));
+                let fd = crate::dispatch::WORKER_FD.to_string();
+                env.push((contract::DISPATCH_FD.into(), fd.clone().into()));
+                if self.node_options.is_some() {
+                    env.push(("NODE_CHANNEL_FD".into(), fd.into()));
+                    env.push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()));
+                }
+                if self.s.balance == herd_balance::StrategyKind::LeastConn {
+                    env.push((contract::REPORT_OPEN.into(), "1".into()));
+                }
+                Some((master, worker))
+            }
+            None => None,
+        };
+        if let Some(l) = &mut self.listeners {
+            // Reuseport mode: a slot added by scaling gets its socket.
+            l.ensure_reuseport(slot + 1, self.s.listen)?;
+        }
+        let listen_pid = match self.listen_fd(slot) {
+            Some(fd) => {
+                fds.push((fd, 3));
+                env.push((contract::LISTEN_FDS.into(), "1".into()));
+                env.push((contract::LISTEN_FDNAMES.into(), "herd".into()));
+                true
+            }
+            None => false,
+        };
+        let (ipc_master, ipc_worker) = crate::ipc::pair().map_err(spawn_err)?;
+        fds.push((crate::ipc::raw(&ipc_worker), crate::ipc::WORKER_FD));
+        env.push((
+            contract::IPC_FD.into(),
+            crate::ipc::WORKER_FD.to_string().into(),
+        ));
+        let mut cmd = tokio::process::Command::new(&self.s.program);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        if let Some(dir) = &self.s.cwd {
+            cmd.current_dir(dir);
+        }
+        sys::install(
+            &mut cmd,
+            ExecSpec {
+                program: self.s.program.clone(),
+                argv: self.s.command.clone(),
+                env,
+                listen_pid,
+                fds,
+                parent: std::process::id() as i32,
+            },
+        )?;
+        let mut child = cmd.spawn().map_err(|e| {
+            let _ = std::fs::remove_file(&notify_path);
+            spawn_err(e)
+        })?;
+        drop(ipc_worker); // the worker has its copy at fd 4
+        let dispatch = dispatch_pair.map(|(master, worker)| {
+            drop(worker);
+            let info = PeerInfo::new(slot);
+            if let Some(d) = &self.dispatcher {
+                d.add(epoch, master, info.clone());
+            }
+            info
+        });
+        let pid = child.id().unwrap_or(0);
+        self.guardian.watch(pid);
+        let ipc = {
+            let tx = self.tx.clone();
+            crate::ipc::start(ipc_master, move |msg| {
+                let _ = tx.send(Event::Message { epoch, msg });
+            })
+            .ok()
+        };
+        if let Some(out) = child.stdout.take() {
+            self.output.pipe(slot, Stream::Out, out);
+        }
+        if let Some(err) = child.stderr.take() {
+            self.output.pipe(slot, Stream::Err, err);
+        }
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = tx.send(Event::Exited { epoch, status });
+        });
+        let readiness = tokio::spawn(readiness(notify, self.probe(port), self.tx.clone(), epoch));
+        let target = port.map(|p| {
+            Arc::new(Target::new(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, p)),
+                format!("worker-{slot}"),
+                format!("worker {slot}"),
+                BackendConfig::default(),
+            ))
+        });
+        self.procs.insert(
+            epoch,
+            Proc {
+                pid,
+                port,
+                target,
+                notify_path,
+                tasks: vec![readiness.abort_handle()],
+                ipc,
+                dispatch,
+            },
+        );
+        Ok(pid)
+    }
+
+    /// A loopback port free right now and not given to a live worker that
+    /// may not have bound it yet, for a proxy-mode worker to serve on.
+    fn free_port(&self) -> std::io::Result<u16> {
+        for _ in 0..16 {
+            let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+                .local_addr()?
+                .port();
+            let taken = self.procs.values().any(|p| p.port == Some(port));
+            if !taken {
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::other("no free loopback port"))
+    }
+
+    pub(super) fn listen_fd(&self, slot: usize) -> Option<i32> {
+        match self.listeners.as_ref()? {
+            Listeners::Proxy(_) => None,
+            Listeners::Shared(s) => Some(s.as_raw_fd()),
+            Listeners::ReusePort(v) => v.get(slot).map(|s| s.as_raw_fd()),
+            Listeners::Dispatch(_) => None,
+        }
+    }
+
+    fn probe(&self, port: Option<u16>) -> Probe {
+        match (self.s.wait_ready, port) {
+            _ if self.s.mode == Mode::Dispatch => Probe::Dispatch,
+            (true, _) => Probe::NotifyOnly,
+            (false, Some(p)) => Probe::Port(p),
+            (false, None) => Probe::Grace(FD_READY_GRACE.min(self.s.ready_timeout)),
+        }
+    }
+
+    /// Republishes the serving workers to the dispatcher or the proxy.
+    pub(super) fn publish(&self) {
+        let serving = self.m.serving().map(|w| w.epoch);
+        if let Some(d) = &self.dispatcher {
+            d.serving(serving.collect());
+        } else if self.s.mode == Mode::Proxy {
+            let targets = serving
+                .filter_map(|e| self.procs.get(&e)?.target.clone())
+                .collect();
+            self.up.set_workers(targets);
+        }
+    }
+
+    /// Waits, off the supervisor, until a worker out of traffic has nothing
+    /// in flight: in proxy mode its requests, in dispatch mode its
+    /// unanswered hand-offs; in the other fd modes the worker drains itself.
+    /// The machine bounds the wait with `--drain-timeout`.
+    pub(super) fn drain(&mut self, epoch: Epoch) {
+        let tx = self.tx.clone();
+        let Some(p) = self.procs.get_mut(&epoch) else {
+            return;
+        };
+        let (target, dispatch) = (p.target.clone(), p.dispatch.clone());
+        let task = tokio::spawn(async move {
+            if let Some(d) = dispatch {
+                // Out of the serving list already; wait for its answers to
+                // what it was handed, so SIGTERM never races a hand-off.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while d.outstanding.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            if let Some(t) = target {
+                t.backend.set_draining(true);
+                // A request may have picked it just before it left the pool.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while t.backend.in_flight() > 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let _ = tx.send(Event::Drained { epoch });
+        });
+        // Ends with the worker, if it exits first (killed after the time-out).
+        p.tasks.push(task.abort_handle());
+    }
+
+    /// The shutdown notice on the worker's channel, then SIGTERM.
+    pub(super) fn terminate(&self, epoch: Epoch) {
+        let Some(p) = self.procs.get(&epoch) else {
+            return;
+        };
+        let notice = p.ipc.as_ref().map(|ch| ch.shutdown_notice());
+        let pid = p.pid;
+        tokio::spawn(async move {
+            crate::ipc::notice_written(notice).await;
+            kill_group(pid, Signal::SIGTERM);
+        });
+    }
+
+    /// Releases what a worker whose process exited held.
+    pub(super) fn forget(&mut self, epoch: Epoch) {
+        let Some(p) = self.procs.remove(&epoch) else {
+            return;
+        };
+        for t in &p.tasks {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&p.notify_path);
+        // Whatever the worker left behind in its group is of no use now and
+        // may hold the port: a worker is its whole process group.
+        kill_group(p.pid, Signal::SIGKILL);
+        self.guardian.forget(p.pid);
+        if let Some(d) = &self.dispatcher {
+            d.remove(epoch);
+        }
+    }
+}
+
+enum Probe {
+    /// Ready when the worker's private port accepts a connection.
+    Port(u16),
+    /// Ready after a fixed grace (fd modes: the kernel queues meanwhile).
+    Grace(Duration),
+    /// Only `READY=1` counts (`--wait-ready`).
+    NotifyOnly,
+    /// Dispatch mode: only the worker's `listening` line on its dispatch
+    /// socket counts (the dispatcher reports it), since a worker that says
+    /// READY=1 but never reads that socket would strand connections.
+    Dispatch,
+}
+
+/// Reports the worker ready on `READY=1` or when its probe passes,
+/// whichever comes first (the machine times it out), and each `WATCHDOG=1`;
+/// keeps reading for the worker's life so its sd_notify calls never fail.
+async fn readiness(
+    sock: UnixDatagram,
+    probe: Probe,
+    tx: mpsc::UnboundedSender<Event>,
+    epoch: Epoch,
+) {
+    let mut buf = vec![0u8; 4096];
+    // Reads one message; true if it says READY=1. Reports WATCHDOG=1.
+    let read = |buf: &[u8]| {
+        let mut ready = false;
+        for line in buf.split(|&b| b == b'\n') {
+            match line {
+                b"READY=1" => ready = true,
+                b"WATCHDOG=1" => {
+                    let _ = tx.send(Event::Pinged { epoch });
+                }
+                _ => {}
+            }
+        }
+        ready
+    };
+    let heed_ready = !matches!(probe, Probe::Dispatch);
+    let notified = async {
+        loop {
+            match sock.recv(&mut buf).await {
+                Ok(n) if read(&buf[..n]) && heed_ready => return,
+                Ok(_) => {}
+                Err(_) => std::future::pending::<()>().await,
+            }
+        }
+    };
+    let probed = async {
+        match probe {
+            Probe::Port(p) => loop {
+                for ip in [
+                    IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ] {
+                    let addr = SocketAddr::new(ip, p);
+                    if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                        return Some(addr);
+                    }
+                }
+                tokio::time::sleep(PROBE_EVERY).await;
+            },
+            Probe::Grace(d) => {
+                tokio::time::sleep(d).await;
+                None
+            }
+            Probe::NotifyOnly | Probe::Dispatch => std::future::pending().await,
+        }
+    };
+    let addr = tokio::select! {
+        _ = notified => None,
+        addr = probed => addr,
+    };
+    let _ = tx.send(Event::Ready { epoch, addr });
+    while let Ok(n) = sock.recv(&mut buf).await {
+        read(&buf[..n]);
+    }
+}
+
+/// The worker's environment: the master's, minus protocol variables meant
+/// for herd itself, plus the user's `--env`, plus the worker contract
+/// (which wins, since herd depends on it).
+fn worker_env(
+    s: &Settings,
+    slot: usize,
+    workers: usize,
+    port: Option<u16>,
+    notify: &std::path::Path,
+) -> Vec<(OsString, OsString)> {
+    const STRIP: &[&str] = &[
+        // Node's IPC variables: only meaningful with the fd they name,
+        // which a worker never inherits from herd's own parent.
+        "NODE_CHANNEL_FD",
+        "NODE_CHANNEL_SERIALIZATION_MODE",
+        "NODE_UNIQUE_ID",
+        contract::DISPATCH_FD,
+        contract::REPORT_OPEN,
+        contract::LISTEN_FDS,
+        contract::LISTEN_PID,
+        contract::LISTEN_FDNAMES,
+        contract::NOTIFY_SOCKET,
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+    ];
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !STRIP.iter().any(|s| k == s))
+        .collect();
+    let mut set = |k: &str, v: OsString| {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.into(), v));
+    };
+    for (k, v) in &s.env {
+        set(k, v.into());
+    }
+    set(contract::WORKER_ID, slot.to_string().into());
+    set(contract::NODE_APP_INSTANCE, slot.to_string().into());
+    set(contract::WORKERS, workers.to_string().into());
+    set(contract::NAME, s.name.clone().into());
+    set(contract::MODE, s.mode.as_str().into());
+    set(contract::LISTEN, s.listen.to_string().into());
+    set(contract::NOTIFY_SOCKET, notify.as_os_str().to_owned());
+    if let Some(w) = s.watchdog {
+        set("WATCHDOG_USEC", w.as_micros().to_string().into());
+    }
+    if let Some(p) = port {
+        set(contract::PORT, p.to_string().into());
+    }
+    env
+}
+
+pub(super) fn kill_group(pgid: u32, sig: Signal) {
+    if pgid > 1 {
+        let _ = killpg(Pid::from_raw(pgid as i32), sig);
+    }
+}
