@@ -267,7 +267,7 @@ unsafe impl OwnsFd for std::os::unix::net::UnixStream {}
 /// Registers a std socket with the tokio reactor for `interest` only.
 /// Dispatch mode uses it for a raw `accept` loop (an accepted connection,
 /// which only passes through, is never registered with epoll) and to read
-/// workers' answers without write interest (see `dispatch::Peer::chan`).
+/// workers' answers without write interest (see `dispatch::handoff::Peer::chan`).
 pub fn watch<T: OwnsFd>(
     sock: T,
     interest: tokio::io::Interest,
