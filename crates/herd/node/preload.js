@@ -10,6 +10,9 @@
 //   proxy      the server listens on 127.0.0.1:$PORT, where herd relays to
 // On SIGTERM/SIGINT (when the app has no handler of its own) that server
 // stops taking connections, finishes the ones it has, and the process exits.
+// Whoever stops an HTTP server, its keep-alive clients are let go without
+// an error: each answer from then on says `Connection: close`, and a
+// connection idle for a second is closed (see drainHttp).
 //
 // Messages, as a PM2 or cluster app expects them: process.send(msg) goes
 // to herd's message channel (fd 4) in every mode, as {"type":"send"|
@@ -63,8 +66,9 @@
     process.send = (msg, handle, options, cb) => {
       const done = [handle, options, cb].find((f) => typeof f === 'function');
       const herdTypes = ['send', 'broadcast', 'master', 'ready'];
-      const line = msg && typeof msg === 'object' && herdTypes.includes(msg.type)
-        ? msg
+      // process.send('ready') is PM2's wait_ready signal.
+      const line = msg === 'ready' ? { type: 'ready' }
+        : msg && typeof msg === 'object' && herdTypes.includes(msg.type) ? msg
         : { type: 'master', data: msg };
       const ch = openChannel();
       const ok = ch ? ch.write(JSON.stringify(line) + '\n') : false;
@@ -93,6 +97,46 @@
     const fd = Number(process.env.HERD_IPC_FD);
     if (!fd) return;
     try { require('fs').writeSync(fd, '{"type":"listening"}\n'); } catch (_) { /* no channel */ }
+  };
+
+  // Keep-alive clients across a stop (HAProxy's soft stop): once an HTTP
+  // server stops (herd's SIGTERM, or the app's own server.close(), which
+  // since Node 19 closes idle connections at once), every answer says
+  // `Connection: close`, so each client closes after its next request
+  // rather than send it on a connection the server is closing; a
+  // connection still idle after a grace is closed then.
+  // In proxy mode the only client is herd, which has already stopped
+  // sending to this worker and retries a pooled connection that closes.
+  const IDLE_GRACE_MS = mode === 'proxy' ? 0 : 1000;
+  const drained = new WeakSet();
+  const drainHttp = (server) => {
+    const closeIdle = server.closeIdleConnections;
+    if (typeof closeIdle !== 'function') return; // not HTTP, or Node < 18.2
+    if (drained.has(server)) return;
+    drained.add(server);
+    const inflight = new Set();
+    let draining = false;
+    let graceOver = false;
+    server.prependListener('request', (req, res) => {
+      if (draining) {
+        res.setHeader('Connection', 'close');
+        return;
+      }
+      inflight.add(res);
+      res.once('close', () => inflight.delete(res));
+      res.once('finish', () => inflight.delete(res));
+    });
+    server.closeIdleConnections = function herdCloseIdle() {
+      if (!draining) {
+        draining = true;
+        for (const res of inflight) {
+          if (!res.headersSent) res.setHeader('Connection', 'close');
+        }
+        inflight.clear();
+        setTimeout(() => { graceOver = true; closeIdle.call(server); }, IDLE_GRACE_MS).unref();
+      }
+      if (graceOver) closeIdle.call(server);
+    };
   };
 
   const track = (server) => {
@@ -153,6 +197,18 @@
   });
 
   net.Server.prototype.listen = function herdListen(...args) {
+    // Every HTTP server the app starts, whatever it listens on (an app
+    // may take fd 3 itself), lets its keep-alive clients go gently.
+    drainHttp(this);
+    const a0 = args[0];
+    if (!claimed && (mode === 'shared' || mode === 'reuseport') &&
+        a0 && typeof a0 === 'object' && Number(a0.fd) === 3) {
+      // The app takes herd's socket itself: it is the public server.
+      claimed = true;
+      track(this);
+      this.once('listening', sayReady);
+      return origListen.apply(this, args);
+    }
     const port = claimed ? null : portOf(args);
     if (port === null) return origListen.apply(this, args);
     claimed = true;
@@ -193,7 +249,7 @@
       try { s.close(); } catch (_) { /* already closed */ }
     }
     if (theirs) return; // the app's own handler decides when to exit
-    // Idle keep-alive connections close now, busy ones once they answer.
+    // Busy connections close once they answer, idle ones after the grace.
     setInterval(() => {
       for (const s of servers) {
         if (typeof s.closeIdleConnections === 'function') s.closeIdleConnections();

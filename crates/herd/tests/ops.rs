@@ -39,8 +39,9 @@ fn ok(out: &Output) -> String {
     text
 }
 
-/// One request on a keep-alive connection: status, body.
-fn keepalive_get(s: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String)> {
+/// One request on a keep-alive connection: status, body, and whether the
+/// server said `Connection: close`.
+fn keepalive_get(s: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String, bool)> {
     s.get_mut()
         .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")?;
     let mut line = String::new();
@@ -50,24 +51,30 @@ fn keepalive_get(s: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String)>
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let mut len = 0;
+    let (mut len, mut close) = (0, false);
     loop {
         let mut h = String::new();
-        s.read_line(&mut h)?;
-        if h == "\r\n" || h.is_empty() {
+        if s.read_line(&mut h)? == 0 {
+            return Err(std::io::Error::other("closed inside an answer's head"));
+        }
+        if h == "\r\n" {
             break;
         }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+        let h = h.to_ascii_lowercase();
+        if let Some(v) = h.strip_prefix("content-length:") {
             len = v.trim().parse().unwrap_or(0);
         }
+        close |= h.starts_with("connection:") && h.contains("close");
     }
     let mut body = vec![0; len];
     s.read_exact(&mut body)?;
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), close))
 }
 
 /// 8 clients requesting in a loop until `stop`, counting answers in
-/// `done`; each returns (ok, failures).
+/// `done`; each returns (ok, failures). Keep-alive clients behave as wrk
+/// does: a connection the server closes between two requests is a failure
+/// unless the server said `Connection: close`.
 fn load(
     port: u16,
     keepalive: bool,
@@ -87,7 +94,11 @@ fn load(
                             s.set_read_timeout(Some(T)).unwrap();
                             conn = Some(BufReader::new(s));
                         }
-                        keepalive_get(conn.as_mut().unwrap())
+                        let r = keepalive_get(conn.as_mut().unwrap());
+                        if matches!(r, Ok((_, _, true))) {
+                            conn = None;
+                        }
+                        r.map(|(status, body, _)| (status, body))
                     } else {
                         http_get(port, "/")
                     };
@@ -116,7 +127,8 @@ fn rolling_reload_under_load_loses_nothing_in_every_mode() {
         let before: BTreeSet<u32> = h.worker_pids(3).into_iter().collect();
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicUsize::new(0));
-        let clients = load(h.port, mode == "proxy", stop.clone(), done.clone());
+        // Keep-alive clients in every mode: the demo drains with herd_sdk::Drain.
+        let clients = load(h.port, true, stop.clone(), done.clone());
         // The load is running before the reload begins.
         assert!(wait_until(T, || done.load(Ordering::Relaxed) >= 40));
         let out = herd(&["reload", "--name", &n]);
@@ -139,6 +151,50 @@ fn rolling_reload_under_load_loses_nothing_in_every_mode() {
             before.is_disjoint(&after),
             "{mode}: not every worker was replaced"
         );
+    }
+}
+
+#[test]
+fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
+    // Issue 14: the old worker closed idle keep-alive connections while
+    // clients were sending on them (about 40 errors per reload in fd modes).
+    // hello.js is unmodified and calls server.close() on SIGTERM itself
+    // (herd's Node preload does the rest); app.py drains by itself.
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+    let node = format!("{examples}/node/hello.js");
+    let python = format!("{examples}/python/app.py");
+    for (lang, cmd) in [("node", &node), ("python3", &python)] {
+        for mode in ["proxy", "shared", "reuseport", "dispatch"] {
+            if lang == "python3" && mode == "dispatch" {
+                continue; // app.py takes a listening socket, not dispatched ones
+            }
+            let n = name(&format!("karl-{lang}-{mode}"));
+            let h = Herd::start(&["--name", &n, "-i", "2", "--mode", mode], &[lang, cmd]);
+            h.wait_ready(2);
+            let stop = Arc::new(AtomicBool::new(false));
+            let done = Arc::new(AtomicUsize::new(0));
+            let clients = load(h.port, true, stop.clone(), done.clone());
+            assert!(wait_until(T, || done.load(Ordering::Relaxed) >= 40));
+            for _ in 0..3 {
+                let text = ok(&herd(&["reload", "--name", &n]));
+                assert!(text.contains("reloaded 2 workers"), "{text}");
+            }
+            stop.store(true, Ordering::Relaxed);
+            let (mut good, mut bad) = (0, Vec::new());
+            for c in clients {
+                let (g, b) = c.join().unwrap();
+                good += g;
+                bad.extend(b);
+            }
+            assert!(
+                bad.is_empty(),
+                "{lang} {mode}: {} of {} keep-alive requests failed across 3 reloads: {:?}",
+                bad.len(),
+                good + bad.len(),
+                &bad[..bad.len().min(5)]
+            );
+            assert!(good > 100, "{lang} {mode}: only {good} requests made");
+        }
     }
 }
 
@@ -815,6 +871,35 @@ fn a_node_app_uses_process_send_and_message_in_every_mode() {
             "{mode}: process.send was lost:\n{}",
             h.log()
         );
+    }
+}
+
+#[test]
+fn process_send_ready_counts_as_ready_as_under_pm2_wait_ready() {
+    // With --wait-ready the preload's own `listening` does not count: only
+    // the app's word does, here PM2's idiom, in every mode.
+    let app = r#"
+        require('http').createServer((req, res) => res.end('up'))
+          .listen(3000, () => setTimeout(() => process.send('ready'), 200));
+    "#;
+    for mode in ["proxy", "shared", "dispatch"] {
+        let n = name(&format!("pm2ready-{mode}"));
+        let h = Herd::start(
+            &[
+                "--name",
+                &n,
+                "-i",
+                "1",
+                "--mode",
+                mode,
+                "--wait-ready",
+                "--ready-timeout",
+                "20s",
+            ],
+            &["node", "-e", app],
+        );
+        assert!(h.wait_log("worker 0 ready", T), "{mode}:\n{}", h.log());
+        assert_eq!(h.get("/").map(|r| r.1).unwrap_or_default(), "up", "{mode}");
     }
 }
 

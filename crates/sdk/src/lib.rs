@@ -5,7 +5,8 @@
 //! listening socket comes from (`LISTEN_FDS` or `PORT`), how to say
 //! "ready" (systemd's `sd_notify` datagram on `NOTIFY_SOCKET`), and the
 //! message channel to the master (`HERD_IPC_FD`), and, in dispatch mode,
-//! the connections the master hands over (`HERD_DISPATCH_FD`).
+//! the connections the master hands over (`HERD_DISPATCH_FD`); and
+//! [`Drain`], which lets keep-alive clients go without an error on stop.
 //!
 //! `unsafe` is denied everywhere but in the one line that adopts the
 //! channel's inherited fd (`fd` module).
@@ -13,12 +14,14 @@
 
 mod channel;
 mod dispatch;
+mod drain;
 mod fd;
 
 pub use channel::{Channel, Incoming, channel};
 #[cfg(feature = "tokio")]
 pub use dispatch::AsyncDispatch;
 pub use dispatch::{ConnGuard, Dispatch, dispatch};
+pub use drain::{Drain, IDLE_GRACE};
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixDatagram;

@@ -1,7 +1,8 @@
 //! The bundled example worker: a small HTTP server that says which worker
 //! answered. It speaks the whole worker contract through `herd-sdk`: takes
 //! its socket from fd 3 or `PORT`, sends `READY=1`, and on SIGTERM stops
-//! accepting, finishes in-flight requests, then exits.
+//! accepting, finishes in-flight requests, lets its keep-alive clients go
+//! with `herd_sdk::Drain`, then exits.
 //!
 //! Routes: `/` (hello), `/slow?ms=N` (answers after N ms), `/crash` (exits 1),
 //! `/env` (the worker-contract variables it was given), `/headers` (the
@@ -76,6 +77,7 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let drain = herd_sdk::Drain::new();
     loop {
         let (stream, open) = tokio::select! {
             a = source.accept() => match a {
@@ -88,13 +90,21 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         };
         let id = id.clone();
         let contract = contract.clone();
+        let drain = drain.clone();
         let svc = hyper::service::service_fn(move |req| {
-            let (id, contract) = (id.clone(), contract.clone());
+            let (id, contract, drain) = (id.clone(), contract.clone(), drain.clone());
             async move {
                 if let Some(d) = delay {
                     tokio::time::sleep(d).await;
                 }
-                handle(req, id, contract).await
+                let mut res = handle(req, id, contract).await?;
+                if drain.close_after_answer() {
+                    res.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(res)
             }
         });
         let conn =
@@ -106,11 +116,20 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     drop(source);
+    drain.start();
     println!("draining");
-    // hyper's graceful shutdown closes connections that are idle, and one
-    // accepted a moment ago may not have had its request read yet: give
-    // such connections a moment, so the request already sent is served.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Keep-alive clients get `Connection: close` with their next answer;
+    // the connections still idle after the grace (at least a moment, for
+    // one accepted just now whose request is not read yet) are closed by
+    // hyper's graceful shutdown, which also waits for the busy ones.
+    let now = std::time::Instant::now();
+    let idle_close = drain
+        .idle_deadline()
+        .unwrap_or(now)
+        .max(now + Duration::from_millis(100));
+    while graceful.count() > 0 && std::time::Instant::now() < idle_close {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     graceful.shutdown().await;
     println!("stopped");
     Ok(())
