@@ -65,7 +65,7 @@
   if (ipcFd) {
     process.send = (msg, handle, options, cb) => {
       const done = [handle, options, cb].find((f) => typeof f === 'function');
-      const herdTypes = ['send', 'broadcast', 'master', 'ready'];
+      const herdTypes = ['send', 'broadcast', 'master', 'ready', 'replace'];
       // process.send('ready') is PM2's wait_ready signal.
       const line = msg === 'ready' ? { type: 'ready' }
         : msg && typeof msg === 'object' && herdTypes.includes(msg.type) ? msg

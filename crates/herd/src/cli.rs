@@ -78,6 +78,16 @@ pub enum Command {
         target: Target,
         message: String,
     },
+    /// Send SIGNAL to worker ID's main process, or to every worker's (like `pm2 sendSignal`).
+    Signal {
+        #[command(flatten)]
+        target: Target,
+        /// SIGUSR2, USR2 or 12.
+        signal: String,
+        /// A worker id, or `all`.
+        #[arg(value_name = "ID|all", default_value = "all")]
+        id: String,
+    },
     /// List the running herd clusters of this user.
     List {
         /// Print JSON (every cluster's status) instead of a table.

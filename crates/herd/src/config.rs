@@ -57,6 +57,12 @@ pub enum ConfigError {
         "{0} comes after the command: put herd's options before it, and the app's own after `--`"
     )]
     FlagAfterCommand(String),
+    #[error("--watch {0}: no such file or directory")]
+    BadWatch(PathBuf),
+    #[error("--watch-ignore {pattern:?}: {message}")]
+    BadGlob { pattern: String, message: String },
+    #[error("--watch needs a command: there are no workers to reload")]
+    WatchWithoutCommand,
 }
 
 /// A value TOML may give as a number or a string (`instances = 4` or
@@ -356,6 +362,17 @@ options! {
     /// this long is killed and replaced.
     #[arg(long, value_name = "DUR")]
     watchdog: Option<Dur>,
+    /// Rolling reload when files change (PM2's --watch): `--watch` watches the
+    /// working directory, `--watch=PATH` a file or directory (repeatable).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = ".", value_name = "PATH")]
+    watch: Option<Vec<PathBuf>>,
+    /// Changes to paths matching GLOB do not count (repeatable; node_modules,
+    /// .git and *.log never do).
+    #[arg(long, value_name = "GLOB")]
+    watch_ignore: Option<Vec<String>>,
+    /// Quiet time after the last change before the reload [default: 1s].
+    #[arg(long, value_name = "DUR")]
+    watch_delay: Option<Dur>,
     /// Write herd's log and worker output to FILE instead of stdout/stderr.
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
@@ -529,6 +546,10 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub max_memory: Option<u64>,
     pub watchdog: Option<Duration>,
+    /// `--watch`, absolute.
+    pub watch: Vec<PathBuf>,
+    pub watch_ignore: Vec<String>,
+    pub watch_delay: Duration,
     /// `--log-file`, with its rotation size and how many old files to keep.
     pub log_file: Option<PathBuf>,
     pub log_max_size: u64,
@@ -648,6 +669,7 @@ mod default {
     use std::time::Duration;
 
     pub const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const WATCH_DELAY: Duration = Duration::from_secs(1);
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
     pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
     pub const RESTART_DELAY: Duration = Duration::from_millis(100);
@@ -731,6 +753,25 @@ impl Settings {
         {
             return Err(ConfigError::BadCwd(dir.clone()));
         }
+        let watch = o.watch.unwrap_or_default();
+        let base = match &cwd {
+            Some(dir) => dir.clone(),
+            None => std::env::current_dir().unwrap_or_default(),
+        };
+        let watch = watch
+            .into_iter()
+            .map(|p| {
+                let full = base.join(&p);
+                full.canonicalize().map_err(|_| ConfigError::BadWatch(p))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let watch_ignore = o.watch_ignore.unwrap_or_default();
+        for g in &watch_ignore {
+            globset::Glob::new(g).map_err(|e| ConfigError::BadGlob {
+                pattern: g.clone(),
+                message: e.kind().to_string(),
+            })?;
+        }
         let env: Vec<(String, String)> = o.env.into_iter().map(|EnvPair(k, v)| (k, v)).collect();
         let path_var = env
             .iter()
@@ -748,6 +789,9 @@ impl Settings {
             (_, Some(on)) => on,
             _ => is_node(&program),
         };
+        if !watch.is_empty() && command.is_empty() {
+            return Err(ConfigError::WatchWithoutCommand);
+        }
         let name_given = o.name.is_some();
         let name = match o.name {
             Some(n) => validate_name(n)?,
@@ -807,6 +851,9 @@ impl Settings {
             connect_timeout,
             max_memory: o.max_memory.map(|s| s.0 as u64),
             watchdog: o.watchdog.map(|d| d.0).filter(|d| !d.is_zero()),
+            watch,
+            watch_ignore,
+            watch_delay: d(o.watch_delay, default::WATCH_DELAY),
             log_file: o.log_file,
             log_max_size: o.log_max_size.map_or(default::LOG_MAX_SIZE, |s| s.0 as u64),
             log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),

@@ -17,3 +17,4 @@ pub mod proxy;
 pub mod start;
 pub mod supervise;
 pub mod upstream;
+pub mod watch;

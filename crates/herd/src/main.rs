@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         | Command::Stop { .. }
         | Command::Send { .. }
         | Command::Broadcast { .. }
+        | Command::Signal { .. }
         | Command::List { .. }) => match herd::control::client::run(cmd) {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {

@@ -516,6 +516,18 @@ fn assert_one_line_error(args: &[&str], expect: &str) {
 #[test]
 fn bad_input_gets_one_clear_line() {
     assert_one_line_error(
+        &["run", "--watch=no/such/dir", "--", DEMO],
+        "--watch no/such/dir: no such file or directory",
+    );
+    assert_one_line_error(
+        &["run", "--watch", "--watch-ignore", "a[", "--", DEMO],
+        "--watch-ignore \"a[\"",
+    );
+    assert_one_line_error(
+        &["run", "--watch", "--upstream", "127.0.0.1:1"],
+        "--watch needs a command",
+    );
+    assert_one_line_error(
         &["run", "--mode", "bogus", "--", DEMO],
         "invalid value 'bogus'",
     );

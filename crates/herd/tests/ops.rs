@@ -904,6 +904,149 @@ fn process_send_ready_counts_as_ready_as_under_pm2_wait_ready() {
 }
 
 #[test]
+fn a_worker_that_asks_to_be_replaced_hands_over_without_a_failed_request() {
+    // The Node idiom: process.send({type: 'replace'}), here on GET /replace.
+    let app = r#"
+        const id = process.env.HERD_WORKER_ID;
+        require('http').createServer((req, res) => {
+          if (req.url === '/replace' && id === '1') process.send({ type: 'replace' });
+          res.end(`hello from worker ${id} (pid ${process.pid})
+`);
+        }).listen(3000);
+    "#;
+    for mode in ["proxy", "shared"] {
+        let n = name(&format!("replace-{mode}"));
+        let h = Herd::start(
+            &["--name", &n, "-i", "2", "--mode", mode],
+            &["node", "-e", app],
+        );
+        h.wait_ready(2);
+        let before = h.worker_pids(2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let clients = load(h.port, true, stop.clone(), done.clone());
+        assert!(wait_until(T, || done.load(Ordering::Relaxed) >= 40));
+        assert!(
+            wait_until(T, || {
+                let _ = h.get("/replace");
+                h.log().contains("worker 1 (pid") && h.log().contains("asked to be replaced")
+            }),
+            "{mode}: {}",
+            h.log()
+        );
+        assert!(
+            h.wait_log("reload done: 1 worker replaced", T),
+            "{mode}: {}",
+            h.log()
+        );
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            let (_, bad) = c.join().unwrap();
+            assert!(bad.is_empty(), "{mode}: {bad:?}");
+        }
+        assert!(!alive(before[1]), "{mode}: the asking worker is gone");
+        let after = h.worker_pids(2);
+        assert_eq!(after[0], before[0], "{mode}: worker 0 untouched");
+        assert_ne!(after[1], before[1]);
+    }
+}
+
+#[test]
+fn watch_reloads_on_a_change_and_not_on_an_ignored_one() {
+    let dir = std::env::temp_dir().join(format!("herd-watch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("node_modules/dep")).unwrap();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    let app =
+        |v: &str| format!("require('http').createServer((q, r) => r.end('{v}')).listen(3000);\n");
+    std::fs::write(dir.join("server.js"), app("v1")).unwrap();
+    let n = name("watch");
+    let dir_s = dir.to_str().unwrap();
+    let h = Herd::start(
+        &[
+            "--name",
+            &n,
+            "-i",
+            "2",
+            "--cwd",
+            dir_s,
+            "--watch",
+            "--watch-ignore",
+            "tmp",
+            "--watch-delay",
+            "300ms",
+        ],
+        &["node", "server.js"],
+    );
+    h.wait_ready(2);
+    assert!(h.wait_log("for changes", T), "{}", h.log());
+    assert_eq!(h.get("/").unwrap().1, "v1");
+    // Ignored writes first: were they seen, the reload would name them.
+    std::fs::write(dir.join("node_modules/dep/index.js"), "x").unwrap();
+    std::fs::write(dir.join("tmp/scratch"), "x").unwrap();
+    std::fs::write(dir.join("app.log"), "x").unwrap();
+    std::fs::write(dir.join("server.js"), app("v2")).unwrap();
+    assert!(h.wait_log("reload done", T), "{}", h.log());
+    let log = h.log();
+    assert!(log.contains("server.js changed: rolling reload"), "{log}");
+    assert_eq!(
+        log.matches("rolling reload of").count(),
+        1,
+        "one reload: {log}"
+    );
+    assert!(wait_until(T, || h.get("/").is_ok_and(|r| r.1 == "v2")));
+    // A directory created after the start is a change, and is watched too.
+    std::fs::create_dir_all(dir.join("src/new")).unwrap();
+    assert!(h.wait_log_n("reload done", 2, T), "{}", h.log());
+    std::fs::write(dir.join("src/new/lib.js"), "x").unwrap();
+    assert!(
+        h.wait_log("lib.js changed: rolling reload", T),
+        "{}",
+        h.log()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn herd_signal_reaches_one_worker_or_all() {
+    let app = r#"
+        process.on('SIGUSR2', () => console.log('got SIGUSR2'));
+        require('http').createServer((req, res) => res.end('up')).listen(3000);
+    "#;
+    let n = name("signal");
+    let h = Herd::start(&["--name", &n, "-i", "2"], &["node", "-e", app]);
+    h.wait_ready(2);
+    let out = ok(&herd(&["signal", "--name", &n, "SIGUSR2", "1"]));
+    assert!(out.contains("SIGUSR2 sent to 1 worker"), "{out}");
+    assert!(h.wait_log("[1] got SIGUSR2", T), "{}", h.log());
+    assert!(!h.log().contains("[0] got SIGUSR2"), "only worker 1");
+    let out = ok(&herd(&["signal", "--name", &n, "usr2"]));
+    assert!(out.contains("SIGUSR2 sent to 2 workers"), "{out}");
+    assert!(h.wait_log("[0] got SIGUSR2", T), "{}", h.log());
+    for (args, why) in [
+        (vec!["signal", "--name", &n, "SIGNOPE"], "not a signal"),
+        (
+            vec!["signal", "--name", &n, "USR2", "7"],
+            "there is no worker 7",
+        ),
+        (vec!["signal", "--name", &n, "USR2", "x"], "not a worker id"),
+    ] {
+        let out = herd(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+    assert_eq!(
+        h.get("/").map(|r| r.1).unwrap_or_default(),
+        "up",
+        "both still serve"
+    );
+}
+
+#[test]
 fn clusters_are_named_as_pm2_users_type_them_and_all_means_every_one() {
     // Issue 18's PM2 habits: `herd stop api`, `herd reload all`,
     // `herd list --json`. A runtime dir of its own: `all` means only these.

@@ -87,6 +87,13 @@ impl Channel {
         self.write(json!({"type": "master", "data": data}))
     }
 
+    /// Asks the master for a replacement: it starts one, waits until it is
+    /// ready, then drains and stops this worker (for a worker in a state
+    /// it cannot recover from).
+    pub fn replace_me(&mut self) -> std::io::Result<()> {
+        self.write(json!({"type": "replace"}))
+    }
+
     fn write(&mut self, v: Value) -> std::io::Result<()> {
         let mut line = v.to_string();
         line.push('\n');

@@ -32,6 +32,17 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
                 message: as_json(&message),
             },
         ),
+        Command::Signal { target, signal, id } => {
+            let signal = control::parse_signal(&signal).map_err(ControlError::Usage)?;
+            let id = match id.as_str() {
+                "all" => None,
+                n => Some(n.parse().map_err(|_| {
+                    ControlError::Usage(format!("{n:?} is not a worker id (a number, or all)"))
+                })?),
+            };
+            let signal = signal.as_str().to_string();
+            (target.name, Request::Signal { signal, id })
+        }
         Command::Run(_) | Command::Start(_) | Command::Logs { .. } | Command::Guard => {
             return Ok(2);
         }
@@ -73,6 +84,9 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
         Request::Send { id, .. } => crate::outln!("{name}: delivered to worker {id}"),
         Request::Broadcast { .. } => {
             crate::outln!("{name}: delivered to {}", n(answer.delivered))
+        }
+        Request::Signal { signal, .. } => {
+            crate::outln!("{name}: {signal} sent to {}", n(answer.signalled))
         }
         Request::Status => {}
     }

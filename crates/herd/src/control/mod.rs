@@ -7,7 +7,7 @@
 pub mod client;
 mod protocol;
 
-pub use protocol::{Done, Line, Request, Status, WorkerRow, WorkerState};
+pub use protocol::{Done, Line, Request, Status, WorkerRow, WorkerState, parse_signal};
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -47,6 +47,8 @@ pub enum ControlError {
     NoAnswer,
     #[error("{0}")]
     Failed(String),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// A request on its way to the supervisor, with where its answer lines go.
@@ -395,5 +397,27 @@ mod tests {
             r#"{"cmd":"reload"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+        let r: Request = serde_json::from_str(r#"{"cmd":"signal","signal":"SIGUSR2"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Signal {
+                signal: "SIGUSR2".into(),
+                id: None
+            }
+        );
+    }
+
+    #[test]
+    fn signals_are_named_as_kill_takes_them() {
+        use nix::sys::signal::Signal;
+        for s in ["SIGUSR2", "USR2", "usr2", "12"] {
+            assert_eq!(parse_signal(s), Ok(Signal::SIGUSR2), "{s}");
+        }
+        assert!(
+            parse_signal("SIGNOPE")
+                .unwrap_err()
+                .contains("not a signal")
+        );
+        assert!(parse_signal("99").is_err());
     }
 }

@@ -24,6 +24,12 @@ pub enum Request {
     Send { id: usize, message: Value },
     /// A message to every worker's channel.
     Broadcast { message: Value },
+    /// A signal (`"SIGUSR2"`) to worker `id`'s main process, or to every worker's.
+    Signal {
+        signal: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<usize>,
+    },
 }
 
 /// The last line of every answer but `status`'s: `ok`, and what was done.
@@ -44,6 +50,9 @@ pub struct Done {
     /// `send`, `broadcast`: workers the message reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered: Option<usize>,
+    /// `signal`: workers signalled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signalled: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopping: Option<bool>,
     /// `stop`: the master's pid, for the caller to wait for its exit.
@@ -136,4 +145,22 @@ impl From<Done> for Line {
     fn from(d: Done) -> Line {
         Line::Done(d)
     }
+}
+
+/// A signal as `herd signal` takes it: `SIGUSR2`, `USR2`, `usr2` or `12`.
+pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
+    use nix::sys::signal::Signal;
+    let t = s.trim();
+    let sig = if let Ok(n) = t.parse::<i32>() {
+        Signal::try_from(n).ok()
+    } else {
+        let up = t.to_ascii_uppercase();
+        let full = if up.starts_with("SIG") {
+            up
+        } else {
+            format!("SIG{up}")
+        };
+        full.parse::<Signal>().ok()
+    };
+    sig.ok_or_else(|| format!("{s:?} is not a signal (for example SIGUSR2, USR2 or 12)"))
 }

@@ -116,6 +116,10 @@ pub enum Input {
     Pinged {
         epoch: Epoch,
     },
+    /// The worker asked to be replaced (`{"type":"replace"}`).
+    Replace {
+        epoch: Epoch,
+    },
     /// A sample of the worker's resident memory, in bytes.
     Memory {
         epoch: Epoch,
@@ -240,6 +244,7 @@ impl Machine {
                 }
             }
             Input::Memory { epoch, rss } => self.memory(epoch, rss, now),
+            Input::Replace { epoch } => self.replace(epoch, now),
             Input::Drained { epoch } => {
                 if let Some(w) = self.retiring.iter_mut().find(|w| w.epoch == epoch)
                     && matches!(w.state, State::Draining { .. })

@@ -63,6 +63,8 @@ pub enum SuperviseError {
     Dispatch(#[from] DispatchError),
     #[error("cannot write the Node preload module: {0}")]
     NodeShim(std::io::Error),
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
 }
 
 /// What the worker tasks report to the supervisor.
@@ -80,6 +82,8 @@ enum Event {
     Pinged { epoch: Epoch },
     /// A retiring worker has no request in flight any more.
     Drained { epoch: Epoch },
+    /// `--watch`: a file changed.
+    Changed(PathBuf),
     /// A line from a worker's message channel.
     Message {
         epoch: Epoch,
@@ -113,6 +117,9 @@ pub struct Supervisor {
     stop_reply: Option<tokio::sync::oneshot::Receiver<()>>,
     /// CPU samples of `herd status`, kept by the blocking task that reads `/proc`.
     samples: ops::Samples,
+    /// `--watch`: when the reload is due (the changes are quiet by then),
+    /// and the first path that changed.
+    watch_due: Option<(Instant, PathBuf)>,
     /// While the cluster starts: workers that could not be spawned, which
     /// fail the run rather than go to the restart policy.
     startup_failures: Option<Vec<(Epoch, SuperviseError)>>,
@@ -212,6 +219,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         stop_reply: None,
         samples: ops::Samples::default(),
         startup_failures: Some(Vec::new()),
+        watch_due: None,
     };
     if let Some(Listeners::Proxy(socks)) = &sup.listeners {
         let mut listeners = Vec::new();
@@ -263,6 +271,26 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             sup.s.balance
         );
     }
+    if !sup.s.watch.is_empty() {
+        let log = sup
+            .s
+            .log_file
+            .iter()
+            .map(|f| std::path::absolute(f).unwrap_or(f.clone()));
+        let ignore =
+            crate::watch::Ignore::new(&sup.s.watch, &sup.s.watch_ignore, &log.collect::<Vec<_>>())?;
+        let tx = sup.tx.clone();
+        crate::watch::start(sup.s.watch.clone(), ignore, move |p| {
+            tx.send(Event::Changed(p)).is_ok()
+        })?;
+        let shown: Vec<_> = sup
+            .s
+            .watch
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        tracing::info!("watching {} for changes", shown.join(", "));
+    }
     tracing::info!(
         "{}: {} worker{}, {} mode, listening on {bound}",
         sup.s.name,
@@ -287,6 +315,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             _ = sigttou.recv() => sup.scale_signal(-1),
             _ = tick.tick() => sup.on_tick(),
             _ = sleep_until(deadline) => sup.apply(Input::Timer, None),
+            _ = sleep_until(sup.watch_due.as_ref().map(|d| d.0)) => sup.on_watch_due(),
             Some(call) = calls.recv() => {
                 if sup.on_call(call) {
                     break;
@@ -329,7 +358,26 @@ impl Supervisor {
             Event::Pinged { epoch } => self.apply(Input::Pinged { epoch }, None),
             Event::Drained { epoch } => self.apply(Input::Drained { epoch }, None),
             Event::Message { epoch, msg } => self.on_message(epoch, msg),
+            // Debounced: the reload waits for the changes to be quiet.
+            Event::Changed(path) => {
+                let due = Instant::now() + self.s.watch_delay;
+                let first = self.watch_due.take().map_or(path, |(_, p)| p);
+                self.watch_due = Some((due, first));
+            }
         }
+    }
+
+    fn on_watch_due(&mut self) {
+        let Some((_, path)) = self.watch_due.take() else {
+            return;
+        };
+        if self.m.reloading() {
+            // After the running reload, so the new code is what serves.
+            self.watch_due = Some((Instant::now() + self.s.watch_delay, path));
+            return;
+        }
+        tracing::info!("{} changed: rolling reload", path.display());
+        self.apply(Input::Reload { slots: None }, None);
     }
 
     /// Feeds `input` to the machine and carries out its actions, feeding

@@ -43,6 +43,16 @@ impl Supervisor {
                 };
                 let _ = reply.send(answer.into());
             }
+            Request::Signal { signal, id } => {
+                let answer = match self.signal(&signal, id) {
+                    Ok(n) => Done {
+                        signalled: Some(n),
+                        ..Done::ok()
+                    },
+                    Err(e) => Done::failed(e),
+                };
+                let _ = reply.send(answer.into());
+            }
             Request::Broadcast { message } => {
                 let (n, failed) = self.broadcast(None, &json!("cli"), &message);
                 let answer = Done {
@@ -70,6 +80,38 @@ impl Supervisor {
             }
         }
         false
+    }
+
+    /// `herd signal`: to the main process of worker `id`, or of every
+    /// current worker (not its group: a signal such as SIGUSR2 would kill
+    /// the helpers of a wrapper that do not handle it).
+    fn signal(&self, name: &str, id: Option<usize>) -> Result<usize, String> {
+        let sig = crate::control::parse_signal(name)?;
+        let ids: Vec<usize> = match id {
+            Some(id) if id >= self.m.instances() => {
+                return Err(format!(
+                    "there is no worker {id} ({} running)",
+                    count(self.m.instances(), "worker")
+                ));
+            }
+            Some(id) => vec![id],
+            None => (0..self.m.instances()).collect(),
+        };
+        let mut sent = 0;
+        for id in ids {
+            let Some(w) = self.m.current(id).filter(|w| w.pid > 0) else {
+                continue;
+            };
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), sig) {
+                Ok(()) => sent += 1,
+                Err(e) => tracing::warn!("worker {id} (pid {}): cannot send {sig}: {e}", w.pid),
+            }
+        }
+        tracing::info!("{sig} sent to {}", count(sent, "worker"));
+        if sent == 0 {
+            return Err(format!("{sig} reached no worker"));
+        }
+        Ok(sent)
     }
 
     /// Delivers `data` to worker `id`'s channel.
@@ -126,6 +168,10 @@ impl Supervisor {
         let from = json!(slot);
         let data = msg.get("data").cloned().unwrap_or(Value::Null);
         let failures: Vec<(Option<u64>, String)> = match msg.get("type").and_then(Value::as_str) {
+            Some("replace") => {
+                self.apply(Input::Replace { epoch }, None);
+                Vec::new()
+            }
             Some("master") => {
                 tracing::info!("worker {slot} says: {data}");
                 Vec::new()
@@ -148,7 +194,7 @@ impl Supervisor {
             other => vec![(
                 None,
                 format!(
-                    "unknown message type {other:?} (send, broadcast, master, ready, listening)"
+                    "unknown message type {other:?} (send, broadcast, master, replace, ready, listening)"
                 ),
             )],
         };

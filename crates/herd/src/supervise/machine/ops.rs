@@ -30,9 +30,40 @@ impl Machine {
             max >> 20
         );
         let slot = w.slot;
+        self.replace_slot(slot, now);
+    }
+
+    /// A worker asked to be replaced: its successor first, as in a reload.
+    pub(super) fn replace(&mut self, epoch: Epoch, now: Instant) {
+        let Some(w) = self
+            .slots
+            .iter()
+            .filter_map(|s| s.current.as_ref())
+            .find(|w| w.epoch == epoch)
+        else {
+            return;
+        };
+        if w.state != State::Serving {
+            tracing::info!(
+                "worker {} (pid {}) asked to be replaced before it was ready; not replaced",
+                w.slot,
+                w.pid
+            );
+            return;
+        }
+        tracing::info!("worker {} (pid {}) asked to be replaced", w.slot, w.pid);
+        let slot = w.slot;
+        self.replace_slot(slot, now);
+    }
+
+    /// A one-slot reload, or a running reload takes the slot on (unless it
+    /// is replacing it now).
+    fn replace_slot(&mut self, slot: usize, now: Instant) {
+        if self.stopping {
+            return;
+        }
         match self.reload.as_mut() {
             None => self.reload(Some(vec![slot]), now),
-            // A running reload takes it on, unless it is replacing it now.
             Some(r) => {
                 if !r.todo.contains(&slot) && self.slots[slot].next.is_none() {
                     r.todo.push_back(slot);

@@ -468,3 +468,20 @@ fn scale_targets() {
     );
     assert!(scale_target("many", 2).unwrap_err().contains("not a count"));
 }
+
+#[test]
+fn a_worker_that_asks_to_be_replaced_serves_until_its_successor_is_ready() {
+    let (mut h, e) = H::serving(2, limits());
+    let out = h.on(Input::Replace { epoch: e[1] });
+    assert!(has(&out, &Action::ReloadBegun));
+    assert_eq!(spawns(&out), [(1, 3)]);
+    assert_eq!(h.serving_epochs(), e, "it serves until then");
+    let out = h.on(Input::Ready { epoch: 3 });
+    assert!(has(&out, &Action::Drain { epoch: e[1] }));
+    assert_eq!(h.serving_epochs(), [e[0], 3]);
+    // Asking again while being replaced, or before being ready, does nothing.
+    assert!(h.on(Input::Replace { epoch: e[1] }).is_empty());
+    let (mut h, _) = H::serving(1, limits());
+    h.on(Input::Restart);
+    assert!(h.on(Input::Replace { epoch: 2 }).is_empty());
+}
