@@ -78,6 +78,19 @@ pub enum Command {
         target: Target,
         message: String,
     },
+    /// Start a new version beside the running one: a canary that gets PERCENT of the
+    /// requests, or a blue-green set that takes all of them once ready.
+    Deploy(Box<DeployArgs>),
+    /// The deploy's version replaces the running one (a rolling reload).
+    Promote {
+        #[command(flatten)]
+        target: Named,
+    },
+    /// Stop the deploy's workers; all traffic returns to the running version.
+    Rollback {
+        #[command(flatten)]
+        target: Named,
+    },
     /// Send SIGNAL to worker ID's main process, or to every worker's (like `pm2 sendSignal`).
     Signal {
         #[command(flatten)]
@@ -97,6 +110,53 @@ pub enum Command {
     /// Internal: the helper that kills worker process groups if the master dies.
     #[command(name = "__guard", hide = true)]
     Guard,
+}
+
+/// `herd deploy`: what the new version runs (unset parts as the running
+/// version has them), how traffic reaches it, and when to promote or roll
+/// it back by itself.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Send PERCENT of the requests (connections in dispatch mode) to the new version.
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        required_unless_present = "blue_green",
+        conflicts_with = "blue_green"
+    )]
+    pub canary: Option<u8>,
+    /// Start a full set of new workers; switch all traffic to them once all are ready.
+    #[arg(long)]
+    pub blue_green: bool,
+    /// What keeps a user on one version: ip, header:NAME or cookie:NAME [default: none, per request].
+    #[arg(long, value_name = "ip|header:NAME|cookie:NAME")]
+    pub by: Option<String>,
+    /// Working directory of the new version.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+    /// Environment added for the new version, KEY=VAL (repeatable).
+    #[arg(long = "env", value_name = "KEY=VAL")]
+    pub env: Vec<String>,
+    /// New workers to start [default: canary: PERCENT of the workers, at least 1; blue-green: as many as run].
+    #[arg(short = 'i', long = "instances", value_name = "N")]
+    pub workers: Option<usize>,
+    /// Roll back when the new version's 5xx rate over the window is above PERCENT and the running one's.
+    #[arg(long, value_name = "PERCENT")]
+    pub max_error_rate: Option<f64>,
+    /// Roll back when the new version's p99 over the window is above DUR and the running one's.
+    #[arg(long, value_name = "DUR")]
+    pub max_p99: Option<crate::config::Dur>,
+    /// Promote once the new version has been healthy this long.
+    #[arg(long, value_name = "DUR")]
+    pub promote_after: Option<crate::config::Dur>,
+    /// The analysis window [default: 30s].
+    #[arg(long, value_name = "DUR")]
+    pub window: Option<crate::config::Dur>,
+    /// The new version's command [default: the running one's].
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 /// Which running cluster a command is for.

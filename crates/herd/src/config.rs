@@ -773,17 +773,7 @@ impl Settings {
             })?;
         }
         let env: Vec<(String, String)> = o.env.into_iter().map(|EnvPair(k, v)| (k, v)).collect();
-        let path_var = env
-            .iter()
-            .rev()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| OsString::from(v))
-            .or_else(|| std::env::var_os("PATH"));
-        let program = match command.first() {
-            Some(word) => resolve_program(word, cwd.as_deref(), path_var.as_deref())?,
-            None => PathBuf::new(),
-        };
-        check_script(&program, &command, cwd.as_deref())?;
+        let program = program_of(&command, cwd.as_deref(), &env)?;
         let node_shim = match (no_node_shim, o.node_shim) {
             (true, _) => false,
             (_, Some(on)) => on,
@@ -860,6 +850,80 @@ impl Settings {
             node_shim,
         })
     }
+}
+
+/// What one release runs: `herd run`'s command, or a `herd deploy`'s.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub command: Vec<OsString>,
+    pub program: PathBuf,
+    pub cwd: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Release {
+    /// Resolves `command` in `cwd` as `herd run` resolves its own: a script
+    /// runs with its interpreter; the program must exist and be executable.
+    pub fn resolve(
+        command: Vec<OsString>,
+        cwd: Option<PathBuf>,
+        env: Vec<(String, String)>,
+    ) -> Result<Release, ConfigError> {
+        if let Some(dir) = &cwd
+            && !dir.is_dir()
+        {
+            return Err(ConfigError::BadCwd(dir.clone()));
+        }
+        if let Some(first) = command.first().and_then(|w| w.to_str())
+            && is_script_name(first)
+            && !cwd
+                .as_deref()
+                .unwrap_or(Path::new("."))
+                .join(first)
+                .exists()
+        {
+            return Err(ConfigError::NoScript {
+                script: first.to_string(),
+                dir: shown_dir(cwd.as_deref()),
+            });
+        }
+        if command.is_empty() {
+            return Err(ConfigError::NoCommand);
+        }
+        let command = with_interpreter(command, cwd.as_deref());
+        let program = program_of(&command, cwd.as_deref(), &env)?;
+        Ok(Release {
+            command,
+            program,
+            cwd,
+            env,
+        })
+    }
+
+    pub fn is_node(&self) -> bool {
+        is_node(&self.program)
+    }
+}
+
+/// The program `command` runs, looked up in `PATH` (the workers' own, if
+/// `env` sets one), and checked.
+fn program_of(
+    command: &[OsString],
+    cwd: Option<&Path>,
+    env: &[(String, String)],
+) -> Result<PathBuf, ConfigError> {
+    let path_var = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| OsString::from(v))
+        .or_else(|| std::env::var_os("PATH"));
+    let program = match command.first() {
+        Some(word) => resolve_program(word, cwd, path_var.as_deref())?,
+        None => PathBuf::new(),
+    };
+    check_script(&program, command, cwd)?;
+    Ok(program)
 }
 
 /// `herd start app.js`, as `pm2 start app.js`: a script that is not an

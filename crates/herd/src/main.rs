@@ -22,6 +22,9 @@ fn main() -> ExitCode {
         | Command::Send { .. }
         | Command::Broadcast { .. }
         | Command::Signal { .. }
+        | Command::Deploy(_)
+        | Command::Promote { .. }
+        | Command::Rollback { .. }
         | Command::List { .. }) => match herd::control::client::run(cmd) {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {

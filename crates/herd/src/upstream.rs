@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use herd_balance::{Backend, BackendConfig, Balancer, StrategyKind};
+use herd_balance::{
+    Backend, BackendConfig, Balancer, Ctx, KeySource, Lease, PickError, StrategyKind,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -59,26 +61,265 @@ impl Target {
     }
 }
 
-/// A balancer with the targets it picks from, in the balancer's order.
+/// A balancer with the targets it picks from, in the balancer's order,
+/// and, during a deploy, the new version's beside them.
 pub struct Pool {
     pub balancer: Balancer,
     pub targets: Vec<Arc<Target>>,
+    canary: Option<Canary>,
+}
+
+/// A deploy's share of the traffic: `percent` of the requests (or
+/// connections) go to the new version's workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    pub percent: u8,
+    /// What keeps a user on one version: a hash of the client address, a
+    /// header or a cookie; `KeySource::None` splits at random.
+    pub by: KeySource,
+}
+
+struct Canary {
+    balancer: Balancer,
+    targets: Vec<Arc<Target>>,
+    split: Split,
+    /// The stable version's, then the new one's.
+    stats: [Arc<VersionStats>; 2],
+}
+
+/// What a pick chose: the lease counts the request in flight; `stats` is
+/// its version's, during a deploy.
+pub struct Picked {
+    pub lease: Lease,
+    pub target: Arc<Target>,
+    pub stats: Option<Arc<VersionStats>>,
 }
 
 impl Pool {
     fn new(kind: &StrategyKind, targets: Vec<Arc<Target>>) -> Pool {
-        // The balancer lists primaries, then backups, each in given order.
-        let (backups, mut ordered): (Vec<_>, Vec<_>) =
-            targets.into_iter().partition(|t| t.backend.config().backup);
-        ordered.extend(backups);
-        let balancer = Balancer::new(
-            kind.clone(),
-            ordered.iter().map(|t| t.backend.clone()).collect(),
-        );
+        let (balancer, targets) = balanced(kind, targets);
         Pool {
             balancer,
-            targets: ordered,
+            targets,
+            canary: None,
         }
+    }
+
+    /// No target at all, of any version.
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty() && self.canary.as_ref().is_none_or(|c| c.targets.is_empty())
+    }
+
+    pub fn all_targets(&self) -> impl Iterator<Item = &Arc<Target>> {
+        self.targets
+            .iter()
+            .chain(self.canary.iter().flat_map(|c| c.targets.iter()))
+    }
+
+    /// What the deploy's split hashes on (`None` without a deploy).
+    pub fn split_source(&self) -> &KeySource {
+        self.canary
+            .as_ref()
+            .map_or(&KeySource::None, |c| &c.split.by)
+    }
+
+    /// Picks a target. During a deploy the split chooses the version first
+    /// (by `split_key`, else at random) and the strategy a target in it; a
+    /// version with nothing to pick gives way to the other.
+    pub fn pick(
+        &self,
+        ctx: &Ctx<'_>,
+        avoid: Option<&Backend>,
+        split_key: Option<&[u8]>,
+    ) -> Result<Picked, PickError> {
+        let Some(c) = &self.canary else {
+            let lease = self.balancer.pick_except(ctx, avoid)?;
+            let target = self.targets[lease.index()].clone();
+            return Ok(Picked {
+                lease,
+                target,
+                stats: None,
+            });
+        };
+        let bucket = split_key.map_or_else(next_bucket, |k| bucket_hash(k) % 100);
+        let new_first = bucket < u64::from(c.split.percent);
+        let mut err = PickError::Empty;
+        for new in [new_first, !new_first] {
+            let (b, t, stats) = if new {
+                (&c.balancer, &c.targets, &c.stats[1])
+            } else {
+                (&self.balancer, &self.targets, &c.stats[0])
+            };
+            match b.pick_except(ctx, avoid) {
+                Ok(lease) => {
+                    let target = t[lease.index()].clone();
+                    return Ok(Picked {
+                        lease,
+                        target,
+                        stats: Some(stats.clone()),
+                    });
+                }
+                Err(e) => err = e,
+            }
+        }
+        Err(err)
+    }
+}
+
+thread_local! {
+    static TURN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The split's bucket (0..100) for a request without a key: each run of
+/// 100 on a thread takes every bucket once (37 is prime to 100, so the
+/// order interleaves), so the new version gets its share exactly, not
+/// just on average.
+pub(crate) fn next_bucket() -> u64 {
+    TURN.with(|t| {
+        let n = t.get();
+        t.set(n.wrapping_add(1));
+        n % 100 * 37 % 100
+    })
+}
+
+/// FNV-1a: stable across runs and hosts, so a key keeps its version.
+pub(crate) fn bucket_hash(key: &[u8]) -> u64 {
+    key.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The balancer lists primaries, then backups, each in given order.
+fn balanced(kind: &StrategyKind, targets: Vec<Arc<Target>>) -> (Balancer, Vec<Arc<Target>>) {
+    let (backups, mut ordered): (Vec<_>, Vec<_>) =
+        targets.into_iter().partition(|t| t.backend.config().backup);
+    ordered.extend(backups);
+    let balancer = Balancer::new(
+        kind.clone(),
+        ordered.iter().map(|t| t.backend.clone()).collect(),
+    );
+    (balancer, ordered)
+}
+
+/// Requests, 5xx answers and latencies of one version during a deploy,
+/// counted by the proxy threads; the supervisor samples them.
+pub struct VersionStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    /// Time to the answer's head, in half-octaves of microseconds.
+    pub latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+pub const LATENCY_BUCKETS: usize = 64;
+
+impl Default for VersionStats {
+    fn default() -> Self {
+        VersionStats {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl VersionStats {
+    /// One answer: its status (or 502/504 when none came) and its latency.
+    pub fn record(&self, status: u16, micros: u64) {
+        self.requests.fetch_add(1, Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        self.latency[latency_bucket(micros)].fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Sample {
+        Sample {
+            requests: self.requests.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            latency: std::array::from_fn(|i| self.latency[i].load(Relaxed)),
+        }
+    }
+}
+
+/// [`VersionStats`] at one moment; differences of two are a window's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub requests: u64,
+    pub errors: u64,
+    pub latency: [u64; LATENCY_BUCKETS],
+}
+
+impl Default for Sample {
+    fn default() -> Self {
+        Sample {
+            requests: 0,
+            errors: 0,
+            latency: [0; LATENCY_BUCKETS],
+        }
+    }
+}
+
+impl Sample {
+    /// What happened between `earlier` and this one.
+    pub fn since(&self, earlier: &Sample) -> Sample {
+        Sample {
+            requests: self.requests.saturating_sub(earlier.requests),
+            errors: self.errors.saturating_sub(earlier.errors),
+            latency: std::array::from_fn(|i| self.latency[i].saturating_sub(earlier.latency[i])),
+        }
+    }
+
+    /// 5xx answers per request, in percent.
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            return 0.0;
+        }
+        self.errors as f64 * 100.0 / self.requests as f64
+    }
+
+    /// The 99th percentile latency, as the upper bound of its bucket.
+    pub fn p99(&self) -> Option<std::time::Duration> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = total - total / 100; // the 99th percent's last request
+        let mut seen = 0;
+        for (i, n) in self.latency.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(std::time::Duration::from_micros(bucket_top(i)));
+            }
+        }
+        None
+    }
+}
+
+/// Bucket of a latency: two per power of two.
+fn latency_bucket(us: u64) -> usize {
+    if us < 2 {
+        return us as usize;
+    }
+    let l = 63 - us.leading_zeros() as usize; // floor(log2)
+    let half = ((us >> (l - 1)) & 1) as usize;
+    (2 * l + half).min(LATENCY_BUCKETS - 1)
+}
+
+/// The largest latency in bucket `i`.
+fn bucket_top(i: usize) -> u64 {
+    if i < 2 {
+        return i as u64;
+    }
+    if i == LATENCY_BUCKETS - 1 {
+        return u64::MAX; // everything longer
+    }
+    let (l, half) = (i / 2, i % 2);
+    // Bucket (l, 0) holds [2^l, 1.5*2^l), (l, 1) holds [1.5*2^l, 2^(l+1)).
+    let base = 1u64 << l.min(62);
+    if half == 0 {
+        base + base / 2 - 1
+    } else {
+        2 * base - 1
     }
 }
 
@@ -86,6 +327,8 @@ impl Pool {
 pub struct Upstreams {
     kind: StrategyKind,
     remote: Vec<Arc<Target>>,
+    /// The versions' counts during a deploy, kept across pool rebuilds.
+    stats: std::sync::Mutex<Option<[Arc<VersionStats>; 2]>>,
     pool: ArcSwap<Pool>,
     changed: Notify,
     /// The clock every pick, lease and health check uses.
@@ -109,6 +352,7 @@ impl Upstreams {
         Upstreams {
             kind,
             remote,
+            stats: std::sync::Mutex::new(None),
             pool: ArcSwap::from_pointee(pool),
             changed: Notify::new(),
             epoch: Instant::now(),
@@ -119,12 +363,33 @@ impl Upstreams {
         &self.kind
     }
 
-    /// Ready workers first, then the remote upstreams.
-    pub fn set_workers(&self, workers: Vec<Arc<Target>>) {
+    /// Ready workers first, then the remote upstreams; during a deploy,
+    /// the new version's ready workers and the split.
+    pub fn set_workers(&self, workers: Vec<Arc<Target>>, new: Option<(Vec<Arc<Target>>, Split)>) {
         let mut all = workers;
         all.extend(self.remote.iter().cloned());
-        self.pool.store(Arc::new(Pool::new(&self.kind, all)));
+        let mut pool = Pool::new(&self.kind, all);
+        let mut kept = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        match new {
+            Some((targets, split)) => {
+                let stats = kept.get_or_insert_with(Default::default).clone();
+                let (balancer, targets) = balanced(&self.kind, targets);
+                pool.canary = Some(Canary {
+                    balancer,
+                    targets,
+                    split,
+                    stats,
+                });
+            }
+            None => *kept = None,
+        }
+        self.pool.store(Arc::new(pool));
         self.changed.notify_waiters();
+    }
+
+    /// The versions' counts (stable, new) during a deploy.
+    pub fn version_stats(&self) -> Option<[Arc<VersionStats>; 2]> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The pool, to hold across awaits (costs a shared refcount bump).
@@ -162,7 +427,7 @@ pub async fn health_loop(up: Arc<Upstreams>, cfg: HealthConfig) {
         tick.tick().await;
         let pool = up.current();
         let mut checks = tokio::task::JoinSet::new();
-        for t in &pool.targets {
+        for t in pool.all_targets() {
             let (t, cfg) = (t.clone(), cfg.clone());
             checks.spawn(async move {
                 let res = check(&t, &cfg).await;
@@ -235,4 +500,97 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), String> {
     tokio::time::timeout(cfg.timeout, work)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", cfg.timeout)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_hold_what_they_say() {
+        for us in [0u64, 1, 2, 3, 5, 100, 1_000, 12_345, 1 << 40] {
+            let b = latency_bucket(us);
+            assert!(us <= bucket_top(b), "{us} above its bucket {b}");
+            assert!(
+                b == 0 || us > bucket_top(b - 1),
+                "{us} belongs lower than {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn p99_and_error_rate_of_a_window() {
+        let s = VersionStats::default();
+        for _ in 0..990 {
+            s.record(200, 1_000);
+        }
+        for _ in 0..10 {
+            s.record(503, 100_000);
+        }
+        let before = Sample::default();
+        let w = s.snapshot().since(&before);
+        assert_eq!(w.requests, 1000);
+        assert!((w.error_rate() - 1.0).abs() < 1e-9);
+        let p99 = w.p99().unwrap().as_micros() as u64;
+        assert!((1_000..1_600).contains(&p99), "{p99}");
+        s.record(200, 100_000);
+        let p99 = s.snapshot().since(&before).p99().unwrap().as_micros();
+        assert!(p99 >= 100_000, "the slow 1% now: {p99}");
+    }
+
+    #[test]
+    fn the_split_sends_its_percent_and_a_key_always_the_same_way() {
+        let t = |name: &str| {
+            Arc::new(Target::new(
+                "127.0.0.1:1".parse().unwrap(),
+                name.into(),
+                name.into(),
+                BackendConfig::default(),
+            ))
+        };
+        let up = Upstreams::new(StrategyKind::RoundRobin, &[]);
+        let split = Split {
+            percent: 20,
+            by: KeySource::None,
+        };
+        up.set_workers(vec![t("old")], Some((vec![t("new")], split)));
+        let pool = up.current();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut new = 0;
+        for _ in 0..10_000 {
+            let ctx = Ctx {
+                now: 0,
+                rand: rng.u64(..),
+                key: None,
+            };
+            let p = pool.pick(&ctx, None, None).unwrap();
+            new += usize::from(p.target.label == "new");
+        }
+        assert_eq!(new, 2_000, "exactly the share");
+        let ctx = Ctx {
+            now: 0,
+            rand: 0,
+            key: None,
+        };
+        let first = pool
+            .pick(&ctx, None, Some(b"user-42"))
+            .unwrap()
+            .target
+            .label
+            .clone();
+        for r in 0..100u64 {
+            let ctx = Ctx {
+                now: 0,
+                rand: r.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                key: None,
+            };
+            assert_eq!(
+                pool.pick(&ctx, None, Some(b"user-42"))
+                    .unwrap()
+                    .target
+                    .label,
+                first
+            );
+        }
+    }
 }

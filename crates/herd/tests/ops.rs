@@ -3,10 +3,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -14,109 +14,6 @@ use std::time::Duration;
 use common::*;
 
 const T: Duration = Duration::from_secs(30);
-
-/// A unique cluster name per test, so tests running at once do not meet.
-fn name(tag: &str) -> String {
-    format!("t-{tag}-{}", std::process::id())
-}
-
-fn herd(args: &[&str]) -> Output {
-    Command::new(HERD)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "failed: {}{}",
-        text,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
-/// One request on a keep-alive connection: status, body, and whether the
-/// server said `Connection: close`.
-fn keepalive_get(s: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String, bool)> {
-    s.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")?;
-    let mut line = String::new();
-    s.read_line(&mut line)?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let (mut len, mut close) = (0, false);
-    loop {
-        let mut h = String::new();
-        if s.read_line(&mut h)? == 0 {
-            return Err(std::io::Error::other("closed inside an answer's head"));
-        }
-        if h == "\r\n" {
-            break;
-        }
-        let h = h.to_ascii_lowercase();
-        if let Some(v) = h.strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-        close |= h.starts_with("connection:") && h.contains("close");
-    }
-    let mut body = vec![0; len];
-    s.read_exact(&mut body)?;
-    Ok((status, String::from_utf8_lossy(&body).into_owned(), close))
-}
-
-/// 8 clients requesting in a loop until `stop`, counting answers in
-/// `done`; each returns (ok, failures). Keep-alive clients behave as wrk
-/// does: a connection the server closes between two requests is a failure
-/// unless the server said `Connection: close`.
-fn load(
-    port: u16,
-    keepalive: bool,
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicUsize>,
-) -> Vec<std::thread::JoinHandle<(usize, Vec<String>)>> {
-    (0..8)
-        .map(|_| {
-            let (stop, done) = (stop.clone(), done.clone());
-            std::thread::spawn(move || {
-                let (mut good, mut bad) = (0, Vec::new());
-                let mut conn: Option<BufReader<TcpStream>> = None;
-                while !stop.load(Ordering::Relaxed) && good + bad.len() < 100_000 {
-                    let res = if keepalive {
-                        if conn.is_none() {
-                            let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-                            s.set_read_timeout(Some(T)).unwrap();
-                            conn = Some(BufReader::new(s));
-                        }
-                        let r = keepalive_get(conn.as_mut().unwrap());
-                        if matches!(r, Ok((_, _, true))) {
-                            conn = None;
-                        }
-                        r.map(|(status, body, _)| (status, body))
-                    } else {
-                        http_get(port, "/")
-                    };
-                    done.fetch_add(1, Ordering::Relaxed);
-                    match res {
-                        Ok((200, _)) => good += 1,
-                        Ok((code, body)) => bad.push(format!("{code} {body}")),
-                        Err(e) => {
-                            bad.push(e.to_string());
-                            conn = None;
-                        }
-                    }
-                }
-                (good, bad)
-            })
-        })
-        .collect()
-}
 
 #[test]
 fn rolling_reload_under_load_loses_nothing_in_every_mode() {

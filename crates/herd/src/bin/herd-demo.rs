@@ -8,7 +8,10 @@
 //! `/env` (the worker-contract variables it was given), `/headers` (the
 //! request head as received), `/healthz`, `/alloc?mb=N` (keeps N more MiB,
 //! to try `--max-memory`). `HERD_DEMO_DELAY_MS` delays every
-//! answer (a slow backend, for trying the balancing strategies). With
+//! answer (a slow backend, for trying the balancing strategies);
+//! `HERD_DEMO_STATUS` sets every answer's status (a broken release, for
+//! trying `herd deploy --max-error-rate`); `HERD_DEMO_TAG` is shown by
+//! `/env` (a release's mark). With
 //! `BENCH_DIR` set (by `bench/run`) it records that it is ready and how
 //! many requests it served, as `bench/apps/hello.js` does.
 #![forbid(unsafe_code)]
@@ -167,6 +170,7 @@ fn contract_env() -> std::sync::Arc<str> {
         NOTIFY_SOCKET,
         MODE,
         DISPATCH_FD,
+        "HERD_DEMO_TAG",
     ] {
         out += &format!("{k}={}\n", std::env::var(k).unwrap_or_default());
     }
@@ -228,7 +232,12 @@ async fn handle(
         }
         _ => format!("hello from worker {id} (pid {pid})\n"),
     };
+    let status = std::env::var("HERD_DEMO_STATUS")
+        .ok()
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(200);
     Ok(Response::builder()
+        .status(status)
         .header("x-herd-worker", id.as_str())
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))

@@ -43,6 +43,35 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             let signal = signal.as_str().to_string();
             (target.name, Request::Signal { signal, id })
         }
+        Command::Deploy(d) => {
+            let d = *d;
+            let cwd = match d.cwd {
+                Some(c) => Some(
+                    std::path::absolute(&c)
+                        .map_err(|e| ControlError::Usage(format!("--cwd {}: {e}", c.display())))?
+                        .display()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let ms = |v: Option<crate::config::Dur>| v.map(|d| d.0.as_millis() as u64);
+            let plan = control::DeployPlan {
+                canary: d.canary,
+                blue_green: d.blue_green,
+                by: d.by,
+                cwd,
+                env: d.env,
+                command: d.command,
+                workers: d.workers,
+                max_error_rate: d.max_error_rate,
+                max_p99_ms: ms(d.max_p99),
+                promote_after_ms: ms(d.promote_after),
+                window_ms: ms(d.window),
+            };
+            (d.target.name, Request::Deploy(Box::new(plan)))
+        }
+        Command::Promote { target } => (target.name().map(str::to_string), Request::Promote),
+        Command::Rollback { target } => (target.name().map(str::to_string), Request::Rollback),
         Command::Run(_) | Command::Start(_) | Command::Logs { .. } | Command::Guard => {
             return Ok(2);
         }
@@ -88,6 +117,15 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
         Request::Signal { signal, .. } => {
             crate::outln!("{name}: {signal} sent to {}", n(answer.signalled))
         }
+        Request::Deploy(_) => crate::outln!(
+            "{name}: deploying: {} of the new version started (see `herd status`)",
+            n(answer.deployed)
+        ),
+        Request::Promote => crate::outln!("{name}: promoted ({} replaced)", n(answer.replaced)),
+        Request::Rollback => crate::outln!(
+            "{name}: rolled back ({} of the new version stopping)",
+            n(answer.rolled_back)
+        ),
         Request::Status => {}
     }
     Ok(())
@@ -156,11 +194,18 @@ fn table(name: &str, v: &Status) {
     fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
         v.map_or_else(|| "-".to_string(), |v| v.to_string())
     }
+    let deploying = v.deploy.is_some();
     for w in &v.workers {
         let state = serde_json::to_value(w.state).unwrap_or_default();
+        // During a deploy the id says which version: `3 v2`.
+        let id = if deploying {
+            format!("{} v{}", w.id, w.version)
+        } else {
+            w.id.to_string()
+        };
         crate::outln!(
             "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>5.1}%  {:>7}  {:>5}  {:>9}  {:>7}  {}",
-            w.id,
+            id,
             w.pid,
             state.as_str().unwrap_or("?"),
             duration(w.uptime),
@@ -172,6 +217,37 @@ fn table(name: &str, v: &Status) {
             opt(w.rps),
             w.last_exit.as_deref().unwrap_or("-"),
         );
+    }
+    if let Some(d) = &v.deploy {
+        deploy_table(d);
+    }
+}
+
+/// A deploy's versions, under the workers of `herd status`.
+fn deploy_table(d: &control::DeployStatus) {
+    crate::outln!(
+        "deploy: {}, {}% of traffic to the new version, split {}",
+        d.kind,
+        d.percent,
+        d.by
+    );
+    fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+        v.map_or_else(|| "-".to_string(), |v| v.to_string())
+    }
+    for r in &d.versions {
+        crate::outln!(
+            "  v{:<3} {:<6}  {:>2} workers  {:>8} requests  {:>6}% 5xx  p99 {:>8} ms  {}",
+            r.version,
+            r.role,
+            r.workers,
+            opt(r.requests),
+            opt(r.error_rate),
+            opt(r.p99_ms),
+            r.command
+        );
+    }
+    if let Some(a) = &d.analysis {
+        crate::outln!("  analysis: {a}");
     }
 }
 

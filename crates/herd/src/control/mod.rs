@@ -7,7 +7,10 @@
 pub mod client;
 mod protocol;
 
-pub use protocol::{Done, Line, Request, Status, WorkerRow, WorkerState, parse_signal};
+pub use protocol::{
+    DeployPlan, DeployStatus, Done, Line, Request, Status, VersionRow, WorkerRow, WorkerState,
+    parse_signal,
+};
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -298,6 +301,7 @@ mod tests {
             log_file: None,
             workers: vec![WorkerRow {
                 id: 0,
+                version: 0,
                 pid: 43,
                 state: WorkerState::Ready,
                 uptime: 1.0,
@@ -309,6 +313,7 @@ mod tests {
                 rps: None,
                 last_exit: Some("exited with status 1".into()),
             }],
+            deploy: None,
         };
         assert_eq!(
             serde_json::to_string(&Line::Status(Box::new(status))).unwrap(),

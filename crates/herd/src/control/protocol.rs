@@ -24,6 +24,12 @@ pub enum Request {
     Send { id: usize, message: Value },
     /// A message to every worker's channel.
     Broadcast { message: Value },
+    /// Start a new version beside the running one (canary or blue-green).
+    Deploy(Box<DeployPlan>),
+    /// The deploy's version replaces the running one (a rolling reload).
+    Promote,
+    /// The deploy's workers leave; all traffic returns to the running version.
+    Rollback,
     /// A signal (`"SIGUSR2"`) to worker `id`'s main process, or to every worker's.
     Signal {
         signal: String,
@@ -50,6 +56,12 @@ pub struct Done {
     /// `send`, `broadcast`: workers the message reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered: Option<usize>,
+    /// `deploy`: workers of the new version started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed: Option<usize>,
+    /// `rollback`: workers of the new version stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<usize>,
     /// `signal`: workers signalled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signalled: Option<usize>,
@@ -90,6 +102,83 @@ pub struct Status {
     pub reloading: bool,
     pub log_file: Option<String>,
     pub workers: Vec<WorkerRow>,
+    /// A deploy in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<DeployStatus>,
+}
+
+/// `herd deploy`'s request: what the new version runs (each unset part as
+/// the running version has it, `env` added to its environment) and how
+/// traffic reaches it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeployPlan {
+    /// Percent of the requests for the new version; unset with `blue_green`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u8>,
+    /// A full set of new workers that takes all traffic once all are ready.
+    #[serde(default)]
+    pub blue_green: bool,
+    /// `ip`, `header:NAME` or `cookie:NAME`: what keeps a user on one
+    /// version; unset: each request at random.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// `KEY=VAL`, added to the running version's environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// New workers to start (canary: the share of the workers, at least 1;
+    /// blue-green: as many as run now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// Roll back when the new version's 5xx rate (percent) over the window
+    /// passes this and the running version's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    /// Roll back when the new version's p99 over the window passes this
+    /// and the running version's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ms: Option<u64>,
+    /// Promote once the new version has been healthy this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promote_after_ms: Option<u64>,
+    /// The analysis window [default: 30 s].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_ms: Option<u64>,
+}
+
+/// A deploy in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeployStatus {
+    /// `canary` or `blue-green`.
+    pub kind: String,
+    /// Share of the traffic the new version gets now, in percent.
+    pub percent: u8,
+    /// `random`, `ip`, `header:NAME` or `cookie:NAME`.
+    pub by: String,
+    /// The running version, then the new one.
+    pub versions: Vec<VersionRow>,
+    /// What the automatic analysis sees, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<String>,
+}
+
+/// One version in [`DeployStatus`]; figures over the analysis window
+/// (proxy mode).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionRow {
+    pub version: u32,
+    /// `stable` or `new`.
+    pub role: String,
+    pub command: String,
+    pub workers: usize,
+    pub requests: Option<u64>,
+    /// 5xx answers, percent of requests.
+    pub error_rate: Option<f64>,
+    pub p99_ms: Option<f64>,
 }
 
 /// One worker process in [`Status`].
@@ -97,6 +186,9 @@ pub struct Status {
 pub struct WorkerRow {
     /// Its slot.
     pub id: usize,
+    /// The release it runs: 0 is the cluster's first, each deploy adds one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u32,
     pub pid: u32,
     pub state: WorkerState,
     /// Seconds.
@@ -163,4 +255,8 @@ pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
         full.parse::<Signal>().ok()
     };
     sig.ok_or_else(|| format!("{s:?} is not a signal (for example SIGUSR2, USR2 or 12)"))
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }

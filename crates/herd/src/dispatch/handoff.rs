@@ -72,10 +72,11 @@ impl Peer {
 pub(super) struct State {
     pub(super) kind: StrategyKind,
     pub(super) peers: Vec<Peer>,
-    pub(super) balancer: Balancer,
-    /// Balancer index → index into `peers`.
-    pub(super) order: Vec<usize>,
-    pub(super) serving: Vec<u64>,
+    /// The serving workers: the cluster's, and a deploy's new ones.
+    pub(super) groups: [Serving; 2],
+    /// A deploy's split: percent of connections to the new workers, and
+    /// whether by client address (else at random).
+    pub(super) split: Option<(u8, bool)>,
     pub(super) pending: VecDeque<Conn>,
     pub(super) clock: Instant,
     pub(super) rng: fastrand::Rng,
@@ -88,22 +89,42 @@ pub(super) struct State {
 
 pub(super) type Shared = Rc<RefCell<State>>;
 
+/// Workers that may get connections, with the balancer over them.
+pub(super) struct Serving {
+    pub(super) keys: Vec<u64>,
+    pub(super) balancer: Balancer,
+    /// Balancer index → index into `peers`.
+    pub(super) order: Vec<usize>,
+}
+
+impl Serving {
+    pub(super) fn new(kind: &StrategyKind) -> Serving {
+        Serving {
+            keys: Vec::new(),
+            balancer: Balancer::new(kind.clone(), Vec::new()),
+            order: Vec::new(),
+        }
+    }
+}
+
 impl State {
     pub(super) fn now(&self) -> u64 {
         self.clock.elapsed().as_nanos() as u64
     }
 
-    /// The balancer over the serving workers that still have a socket.
+    /// The balancers over the serving workers that still have a socket.
     pub(super) fn rebuild(&mut self) {
-        self.order.clear();
-        let mut backends = Vec::with_capacity(self.serving.len());
-        for key in &self.serving {
-            if let Some(i) = self.peers.iter().position(|p| p.key == *key) {
-                self.order.push(i);
-                backends.push(self.peers[i].info.backend.clone());
+        for g in &mut self.groups {
+            g.order.clear();
+            let mut backends = Vec::with_capacity(g.keys.len());
+            for key in &g.keys {
+                if let Some(i) = self.peers.iter().position(|p| p.key == *key) {
+                    g.order.push(i);
+                    backends.push(self.peers[i].info.backend.clone());
+                }
             }
+            g.balancer = Balancer::new(self.kind.clone(), backends);
         }
-        self.balancer = Balancer::new(self.kind.clone(), backends);
     }
 
     /// Hands `c` to a worker, or queues it until one can take it.
@@ -113,20 +134,41 @@ impl State {
         }
     }
 
-    pub(super) fn hand(&mut self, c: Conn) -> Result<(), Conn> {
+    /// During a deploy the split picks the workers' group first (the
+    /// other one takes the connection if none of the first can).
+    pub(super) fn hand(&mut self, mut c: Conn) -> Result<(), Conn> {
+        let Some((percent, by_ip)) = self.split else {
+            return self.hand_in(0, c);
+        };
+        let bucket = if by_ip {
+            crate::upstream::bucket_hash(ip_key(c.peer.ip()).as_slice()) % 100
+        } else {
+            crate::upstream::next_bucket()
+        };
+        let first = usize::from(bucket < u64::from(percent));
+        for g in [first, 1 - first] {
+            match self.hand_in(g, c) {
+                Ok(()) => return Ok(()),
+                Err(back) => c = back,
+            }
+        }
+        Err(c)
+    }
+
+    fn hand_in(&mut self, g: usize, c: Conn) -> Result<(), Conn> {
         let key = ip_key(c.peer.ip());
-        for _ in 0..=self.order.len() {
+        for _ in 0..=self.groups[g].order.len() {
             let ctx = Ctx {
                 now: self.now(),
                 rand: self.rng.u64(..),
                 key: Some(key.as_slice()),
             };
-            let Ok(lease) = self.balancer.pick(&ctx) else {
+            let Ok(lease) = self.groups[g].balancer.pick(&ctx) else {
                 return Err(c);
             };
             let bi = lease.index();
             drop(lease); // the load comes from the worker's counts, not leases
-            let Some(&pi) = self.order.get(bi) else {
+            let Some(&pi) = self.groups[g].order.get(bi) else {
                 return Err(c);
             };
             let p = &mut self.peers[pi];

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Instant;
 
-use herd_balance::{Backend, BackendConfig, Balancer, StrategyKind};
+use herd_balance::{Backend, BackendConfig, StrategyKind};
 use tokio::io::Interest;
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -43,7 +43,8 @@ mod wire;
 
 pub use wire::WORKER_FD;
 
-use handoff::{Peer, Shared, State};
+use crate::upstream::Split;
+use handoff::{Peer, Serving, Shared, State};
 
 /// Connections a worker may hold unanswered before it is skipped.
 pub const WINDOW: usize = 32;
@@ -87,8 +88,9 @@ enum Cmd {
         chan: UnixStream,
         info: Arc<PeerInfo>,
     },
-    /// The workers that may get connections now, in slot order.
-    Serving(Vec<u64>),
+    /// The workers that may get connections now, in slot order, and a
+    /// deploy's new ones with its split.
+    Serving(Vec<u64>, Option<(Vec<u64>, Split)>),
     Remove(u64),
     Stop(oneshot::Sender<()>),
 }
@@ -127,8 +129,10 @@ impl Dispatcher {
         let _ = self.tx.send(Cmd::Add { key, chan, info });
     }
 
-    pub fn serving(&self, keys: Vec<u64>) {
-        let _ = self.tx.send(Cmd::Serving(keys));
+    /// The serving workers; during a deploy also the new version's and the
+    /// split (per connection: at random, or by client address).
+    pub fn serving(&self, keys: Vec<u64>, new: Option<(Vec<u64>, Split)>) {
+        let _ = self.tx.send(Cmd::Serving(keys, new));
     }
 
     /// The worker exited: what it had not answered goes to others.
@@ -155,11 +159,10 @@ async fn run(
     let room = Rc::new(Notify::new());
     let stop = Rc::new(Notify::new());
     let st: Shared = Rc::new(RefCell::new(State {
-        balancer: Balancer::new(kind.clone(), Vec::new()),
+        groups: [Serving::new(&kind), Serving::new(&kind)],
+        split: None,
         kind,
         peers: Vec::new(),
-        order: Vec::new(),
-        serving: Vec::new(),
         pending: VecDeque::with_capacity(PENDING_MAX),
         clock: Instant::now(),
         rng: fastrand::Rng::new(),
@@ -210,9 +213,14 @@ async fn run(
                 s.peers.push(p);
                 s.rebuild();
             }
-            Cmd::Serving(keys) => {
+            Cmd::Serving(keys, new) => {
                 let mut s = st.borrow_mut();
-                s.serving = keys;
+                s.groups[0].keys = keys;
+                s.split = new.as_ref().map(|(_, split)| {
+                    let by_ip = split.by == herd_balance::KeySource::ClientIp;
+                    (split.percent, by_ip)
+                });
+                s.groups[1].keys = new.map(|(k, _)| k).unwrap_or_default();
                 s.rebuild();
                 s.flush();
             }

@@ -279,13 +279,18 @@ async fn exchange(
     let cap = buffer_size(p);
     let limits = p.cfg.limits;
     let mut out = conns::buffer(cap);
+    let pool = p.up.peek();
+    let split_source = pool.split_source();
     let parsed = head::request(
         &inbox.pending()[..head_len],
         limits.max_headers,
         peer,
         &p.key_source,
+        split_source,
         &mut out,
     );
+    let split_by_ip = *split_source == herd_balance::KeySource::ClientIp;
+    drop(pool);
     let req = match parsed {
         Ok(r) => r,
         Err(refusal) => {
@@ -299,6 +304,13 @@ async fn exchange(
     let key = match &key_bytes {
         Some(b) => Some(Key::Bytes(b)),
         None if p.key_source == herd_balance::KeySource::ClientIp => Some(super::ip_key(peer)),
+        None => None,
+    };
+    // Only during a deploy that splits by a key.
+    let split_bytes = req.split_key.map(|(a, b)| inbox.pending()[a..b].to_vec());
+    let split = match &split_bytes {
+        Some(b) => Some(Key::Bytes(b)),
+        None if split_by_ip => Some(super::ip_key(peer)),
         None => None,
     };
     inbox.consume(head_len);
@@ -354,8 +366,9 @@ async fn exchange(
             let no = (503, "Service Unavailable", "no worker is ready\n");
             return answer(io, out, no, own_keep, limits.idle_timeout).await;
         }
-        let (lease, target) = match p.pick(key.as_ref(), avoid.as_deref()) {
-            Ok(x) => x,
+        let started = p.up.now();
+        let (lease, target, stats) = match p.pick(key.as_ref(), split.as_ref(), avoid.as_deref()) {
+            Ok(x) => (x.lease, x.target, x.stats),
             Err(_) if avoid.is_some() => {
                 return answer(io, out, last, own_keep, limits.idle_timeout).await;
             }
@@ -482,6 +495,9 @@ async fn exchange(
                     }
                     _ => (502, "Bad Gateway", "backend failed\n"),
                 };
+                if let Some(s) = &stats {
+                    s.record(last.0, now.saturating_sub(started) / 1000);
+                }
                 tracing::debug!("{}: {}", target.label, last.2.trim_end());
                 if replay {
                     avoid = Some(lease.backend().clone());
@@ -493,6 +509,9 @@ async fn exchange(
         };
         lease.success(now);
         target.count_served();
+        if let Some(s) = &stats {
+            s.record(resp.status, now.saturating_sub(started) / 1000);
+        }
         let body_sent = body_end == BodyEnd::Done;
         if !body_sent && resp.client_keep_alive {
             // Answered before the whole body came: the connection cannot

@@ -158,16 +158,14 @@ impl HttpProxy {
             let (lease, target) = {
                 let pool = self.up.peek();
                 let key = hash_key(key_source, req.headers(), peer);
+                let split = hash_key(pool.split_source(), req.headers(), peer);
                 let ctx = Ctx {
                     now: self.up.now(),
                     rand: fastrand::u64(..),
                     key: key.as_ref().map(|k| k.as_slice()),
                 };
-                match pool.balancer.pick_except(&ctx, avoid.as_deref()) {
-                    Ok(l) => {
-                        let t = pool.targets[l.index()].clone();
-                        (l, t)
-                    }
+                match pool.pick(&ctx, avoid.as_deref(), split.as_ref().map(|k| k.as_slice())) {
+                    Ok(p) => (p.lease, p.target),
                     Err(PickError::AllDown | PickError::Empty) if avoid.is_some() => {
                         return error(last.0, last.1);
                     }

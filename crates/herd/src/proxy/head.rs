@@ -64,6 +64,8 @@ pub struct Request {
     pub idempotent: bool,
     /// The bytes a hashing strategy balances on, from the head.
     pub key: Option<(usize, usize)>,
+    /// The bytes a deploy's split hashes on, from the head.
+    pub split_key: Option<(usize, usize)>,
 }
 
 /// What the proxy needs to know of a response after its head.
@@ -233,6 +235,7 @@ pub fn request(
     max_headers: usize,
     peer: IpAddr,
     key_source: &KeySource,
+    split_source: &KeySource,
     out: &mut Vec<u8>,
 ) -> Result<Request, Refusal> {
     // Uninitialized: httparse fills only what it parses.
@@ -393,6 +396,7 @@ pub fn request(
     out.extend_from_slice(b"\r\n\r\n");
 
     let key = hash_key(key_source, headers, head);
+    let split_key = hash_key(split_source, headers, head);
     Ok(Request {
         body,
         http10,
@@ -408,6 +412,7 @@ pub fn request(
             "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
         ),
         key,
+        split_key,
     })
 }
 
@@ -660,7 +665,14 @@ mod tests {
 
     fn req(head: &str) -> Result<(Request, String), Refusal> {
         let mut out = Vec::new();
-        let r = request(head.as_bytes(), 100, peer(), &KeySource::None, &mut out)?;
+        let r = request(
+            head.as_bytes(),
+            100,
+            peer(),
+            &KeySource::None,
+            &KeySource::None,
+            &mut out,
+        )?;
         Ok((r, String::from_utf8(out).unwrap()))
     }
 
@@ -773,15 +785,29 @@ mod tests {
         let head = "GET / HTTP/1.1\r\nHost: h\r\nCookie: a=1; sid=xyz ; b=2\r\nX-User: bob\r\n\r\n";
         let mut out = Vec::new();
         let key = |src| {
-            request(head.as_bytes(), 100, peer(), &src, &mut Vec::new())
-                .unwrap()
-                .key
-                .map(|(a, b)| &head[a..b])
+            request(
+                head.as_bytes(),
+                100,
+                peer(),
+                &src,
+                &KeySource::None,
+                &mut Vec::new(),
+            )
+            .unwrap()
+            .key
+            .map(|(a, b)| &head[a..b])
         };
         assert_eq!(key(KeySource::Cookie("sid".into())), Some("xyz"));
         assert_eq!(key(KeySource::Header("x-user".into())), Some("bob"));
         assert_eq!(key(KeySource::Cookie("none".into())), None);
-        let _ = request(head.as_bytes(), 100, peer(), &KeySource::None, &mut out);
+        let _ = request(
+            head.as_bytes(),
+            100,
+            peer(),
+            &KeySource::None,
+            &KeySource::None,
+            &mut out,
+        );
     }
 
     fn resp(head: &str, asked: Asked) -> Result<(Response, String), BadResponse> {

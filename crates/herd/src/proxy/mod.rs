@@ -18,13 +18,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use herd_balance::{Backend, Ctx, KeySource, Lease, PickError};
+use herd_balance::{Backend, Ctx, KeySource, PickError};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpConfig;
-use crate::upstream::{Target, Upstreams};
+use crate::upstream::{Picked, Upstreams};
 pub use tcp::TcpProxy;
 
 /// Open client connections, so a graceful stop can wait for them.
@@ -198,13 +198,13 @@ impl HttpProxy {
     /// Whether there is a target; while there is none (no worker ready
     /// yet), waits a bounded time for one.
     async fn some_target(&self) -> bool {
-        if !self.up.peek().targets.is_empty() {
+        if !self.up.peek().is_empty() {
             return true;
         }
         let deadline = tokio::time::Instant::now() + self.cfg.wait_for_backend;
         loop {
             let changed = self.up.changed();
-            if !self.up.peek().targets.is_empty() {
+            if !self.up.peek().is_empty() {
                 return true;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -214,20 +214,20 @@ impl HttpProxy {
     }
 
     /// Picks a target for one request; the lease counts it in flight.
+    /// `split` is what a deploy's split hashes on, if it has a key.
     fn pick(
         &self,
         key: Option<&Key<'_>>,
+        split: Option<&Key<'_>>,
         avoid: Option<&Backend>,
-    ) -> Result<(Lease, Arc<Target>), PickError> {
+    ) -> Result<Picked, PickError> {
         let pool = self.up.peek();
         let ctx = Ctx {
             now: self.up.now(),
             rand: fastrand::u64(..),
             key: key.map(Key::as_slice),
         };
-        let lease = pool.balancer.pick_except(&ctx, avoid)?;
-        let target = pool.targets[lease.index()].clone();
-        Ok((lease, target))
+        pool.pick(&ctx, avoid, split.map(Key::as_slice))
     }
 }
 

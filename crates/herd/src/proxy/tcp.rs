@@ -35,8 +35,11 @@ impl TcpProxy {
                 rand: fastrand::u64(..),
                 key: Some(key.as_slice()),
             };
-            let lease = match pool.balancer.pick_except(&ctx, avoid.as_deref()) {
-                Ok(l) => l,
+            // A deploy's split by client address holds per connection too.
+            let split = (*pool.split_source() == herd_balance::KeySource::ClientIp)
+                .then_some(key.as_slice());
+            let (lease, target) = match pool.pick(&ctx, avoid.as_deref(), split) {
+                Ok(p) => (p.lease, p.target),
                 Err(_) => {
                     // None ready yet (start-up, restarts): wait a bounded time.
                     if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -50,7 +53,6 @@ impl TcpProxy {
                 }
             };
             tries += 1;
-            let target = pool.targets[lease.index()].clone();
             drop(pool);
             let connect =
                 tokio::time::timeout(self.connect_timeout, TcpStream::connect(target.addr));

@@ -70,10 +70,22 @@ pub enum State {
     Terminating { kill_at: Option<Instant> },
 }
 
+/// Which set of slots a worker belongs to: the cluster's own, or a
+/// deploy's new ones (canary or blue-green) beside them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Group {
+    #[default]
+    Stable,
+    New,
+}
+
 #[derive(Debug, Clone)]
 pub struct Worker {
     pub epoch: Epoch,
     pub slot: usize,
+    pub group: Group,
+    /// The release it runs (the driver keeps each one's command and environment).
+    pub version: u32,
     /// 0 until the driver reports it started.
     pub pid: u32,
     pub state: State,
@@ -86,6 +98,7 @@ pub struct Worker {
 
 #[derive(Debug, Default)]
 struct Slot {
+    group: Group,
     current: Option<Worker>,
     next: Option<Worker>,
     record: Record,
@@ -145,6 +158,17 @@ pub enum Input {
     Scale {
         to: usize,
     },
+    /// Start `workers` new slots running `version` beside the others.
+    Deploy {
+        version: u32,
+        workers: usize,
+    },
+    /// The deploy's version replaces the stable slots' (a rolling reload),
+    /// then the deploy's slots leave.
+    Promote,
+    /// The deploy's slots leave; stable slots running another version than
+    /// the stable one (a promote that was aborted) are reloaded back.
+    Rollback,
     /// Stop: SIGTERM to every worker, SIGKILL after `--kill-timeout`.
     Stop,
     /// Stop now: SIGKILL to every worker.
@@ -158,6 +182,7 @@ pub enum Action {
     Spawn {
         slot: usize,
         epoch: Epoch,
+        version: u32,
     },
     /// The set of serving workers changed: republish it.
     Publish,
@@ -196,6 +221,18 @@ pub enum Action {
 pub enum Answer {
     Restarted(usize),
     Scaled(usize),
+    Deployed(usize),
+    RolledBack(usize),
+}
+
+/// A deploy in progress: its new slots run `new`; `old` is the stable
+/// version it started from, to return to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deploying {
+    pub old: u32,
+    pub new: u32,
+    /// A promote's reload is running.
+    pub promoting: bool,
 }
 
 struct Reload {
@@ -214,6 +251,9 @@ pub struct Machine {
     next_epoch: Epoch,
     all_ready_once: bool,
     stopping: bool,
+    /// The version stable slots start.
+    stable_version: u32,
+    deploy: Option<Deploying>,
     out: Vec<Action>,
 }
 
@@ -227,6 +267,8 @@ impl Machine {
             next_epoch: 0,
             all_ready_once: false,
             stopping: false,
+            stable_version: 0,
+            deploy: None,
             out: Vec::new(),
         }
     }
@@ -257,6 +299,9 @@ impl Machine {
             Input::Reload { slots } => self.reload(slots, now),
             Input::Restart => self.restart(now),
             Input::Scale { to } => self.scale(to, now),
+            Input::Deploy { version, workers } => self.deploy(version, workers, now),
+            Input::Promote => self.promote(now),
+            Input::Rollback => self.rollback(now),
             Input::Stop => self.stop(now),
             Input::Hurry => {
                 let out = &mut self.out;
@@ -329,6 +374,26 @@ impl Machine {
         self.reload.is_some()
     }
 
+    pub fn deploying(&self) -> Option<Deploying> {
+        self.deploy
+    }
+
+    /// The version stable slots start now.
+    pub fn stable_version(&self) -> u32 {
+        self.stable_version
+    }
+
+    /// Whether every slot of `group` has a serving worker (and there is one).
+    pub fn group_serving(&self, group: Group) -> bool {
+        let mut slots = self.slots.iter().filter(|s| s.group == group).peekable();
+        slots.peek().is_some()
+            && slots.all(|s| {
+                s.current
+                    .as_ref()
+                    .is_some_and(|w| w.state == State::Serving)
+            })
+    }
+
     pub fn live(&self) -> usize {
         self.workers().count()
     }
@@ -339,13 +404,21 @@ impl Machine {
 
     fn new_worker(&mut self, slot: usize, now: Instant) -> Worker {
         self.next_epoch += 1;
+        let group = self.slots[slot].group;
+        let version = match (group, self.deploy) {
+            (Group::New, Some(d)) => d.new,
+            _ => self.stable_version,
+        };
         self.out.push(Action::Spawn {
             slot,
             epoch: self.next_epoch,
+            version,
         });
         Worker {
             epoch: self.next_epoch,
             slot,
+            group,
+            version,
             pid: 0,
             state: State::Starting {
                 deadline: now + self.limits.restart.ready_timeout,

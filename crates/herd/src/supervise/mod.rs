@@ -6,7 +6,6 @@
 //! serving list the proxy and the dispatcher read.
 
 use std::collections::{HashMap, VecDeque};
-use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -18,6 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio_util::sync::CancellationToken;
 
+mod deploy;
 mod machine;
 mod ops;
 mod policy;
@@ -26,7 +26,7 @@ mod signals;
 
 use machine::{Action, Answer, Epoch, Input, Limits, Machine};
 use policy::RestartPolicy;
-use process::{Proc, kill_group};
+use process::{Proc, Spec, kill_group};
 use signals::StopSignals;
 
 use crate::config::{Mode, Protocol, Settings};
@@ -109,8 +109,13 @@ pub struct Supervisor {
     give_up: bool,
     started: Instant,
     dispatcher: Option<Dispatcher>,
-    /// `NODE_OPTIONS` preloading herd's Node module, when it is used.
-    node_options: Option<OsString>,
+    /// The releases workers run, by version: 0 is `herd run`'s own, others
+    /// come with `herd deploy`.
+    specs: HashMap<u32, Arc<Spec>>,
+    /// Where herd's Node preload was written, for releases that use it.
+    node_shim: Option<PathBuf>,
+    /// A canary or blue-green deploy in progress.
+    rollout: Option<deploy::Rollout>,
     /// Who asked for the running reload, told its progress and outcome.
     reload_reply: Option<UnboundedSender<Line>>,
     /// A `herd stop` caller's connection, answered before the master exits.
@@ -173,11 +178,23 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         }
         _ => None,
     };
-    let node_options = if s.node_shim && !s.command.is_empty() {
-        let path = crate::node::write_shim(rundir.path()).map_err(SuperviseError::NodeShim)?;
-        Some(crate::node::node_options(&path, &s.env))
-    } else {
+    let node_shim = if s.command.is_empty() {
         None
+    } else {
+        Some(crate::node::write_shim(rundir.path()).map_err(SuperviseError::NodeShim)?)
+    };
+    let stable = crate::config::Release {
+        command: s.command.clone(),
+        program: s.program.clone(),
+        cwd: s.cwd.clone(),
+        env: s.env.clone(),
+    };
+    let stable = Spec {
+        node_options: node_shim
+            .as_ref()
+            .filter(|_| s.node_shim)
+            .map(|p| crate::node::node_options(p, &stable.env)),
+        release: stable,
     };
     let limits = Limits {
         restart: RestartPolicy {
@@ -214,7 +231,9 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         give_up: false,
         started: Instant::now(),
         dispatcher,
-        node_options,
+        specs: HashMap::from([(0, Arc::new(stable))]),
+        node_shim,
+        rollout: None,
         reload_reply: None,
         stop_reply: None,
         samples: ops::Samples::default(),
@@ -388,7 +407,11 @@ impl Supervisor {
         while let Some(input) = inputs.pop_front() {
             for action in self.m.on(input, Instant::now()) {
                 match action {
-                    Action::Spawn { slot, epoch } => match self.spawn(slot, epoch) {
+                    Action::Spawn {
+                        slot,
+                        epoch,
+                        version,
+                    } => match self.spawn(slot, epoch, version) {
                         Ok(pid) => inputs.push_back(Input::Started { epoch, pid }),
                         Err(e) => match &mut self.startup_failures {
                             Some(failed) => failed.push((epoch, e)),
@@ -439,6 +462,14 @@ impl Supervisor {
                             },
                             Ok(Answer::Scaled(n)) => Done {
                                 workers: Some(n),
+                                ..Done::ok()
+                            },
+                            Ok(Answer::Deployed(n)) => Done {
+                                deployed: Some(n),
+                                ..Done::ok()
+                            },
+                            Ok(Answer::RolledBack(n)) => Done {
+                                rolled_back: Some(n),
                                 ..Done::ok()
                             },
                             Err(e) => Done::failed(e),

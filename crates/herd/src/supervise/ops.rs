@@ -7,11 +7,16 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::Supervisor;
-use super::machine::{self, Input, State};
+use herd_balance::KeySource;
+
+use super::machine::{self, Group, Input, State};
+use super::process::Spec;
+use super::{Supervisor, deploy};
 use crate::config::Mode;
 use crate::console::count;
-use crate::control::{Call, Done, Line, Request, Status, WorkerRow, WorkerState};
+use crate::control::{
+    Call, DeployPlan, DeployStatus, Done, Line, Request, Status, VersionRow, WorkerRow, WorkerState,
+};
 use crate::os::listen::Listeners;
 
 impl Supervisor {
@@ -43,6 +48,15 @@ impl Supervisor {
                 };
                 let _ = reply.send(answer.into());
             }
+            Request::Deploy(plan) => self.deploy(*plan, reply),
+            // Answered as a reload: progress, then the workers replaced.
+            Request::Promote => {
+                if let Some(r) = &mut self.rollout {
+                    r.promoting = true;
+                }
+                self.apply(Input::Promote, Some(reply));
+            }
+            Request::Rollback => self.apply(Input::Rollback, Some(reply)),
             Request::Signal { signal, id } => {
                 let answer = match self.signal(&signal, id) {
                     Ok(n) => Done {
@@ -210,8 +224,10 @@ impl Supervisor {
         }
     }
 
-    /// Once a second: a memory sample of each serving worker for `--max-memory`.
+    /// Once a second: the deploy's analysis, and a memory sample of each
+    /// serving worker for `--max-memory`.
     pub(super) fn on_tick(&mut self) {
+        self.analyse();
         if self.s.max_memory.is_none() {
             return;
         }
@@ -277,6 +293,7 @@ impl Supervisor {
                 let (restarts, last_exit) = self.m.history(w.slot);
                 Probe {
                     slot: w.slot,
+                    version: w.version,
                     pid: w.pid,
                     state: match w.state {
                         State::Starting { .. } => WorkerState::Starting,
@@ -302,6 +319,7 @@ impl Supervisor {
             reloading: self.m.reloading(),
             log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),
             workers: Vec::new(),
+            deploy: self.deploy_status(),
         };
         let fd_mode = self.s.mode != Mode::Proxy;
         let samples = self.samples.clone();
@@ -316,6 +334,7 @@ impl Supervisor {
 /// A worker as `status` reports it, gathered on the supervisor thread.
 struct Probe {
     slot: usize,
+    version: u32,
     pid: u32,
     state: WorkerState,
     started: Instant,
@@ -367,6 +386,7 @@ fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRo
             samples.insert(w.pid, (now, cpu_ticks, requests.unwrap_or(0)));
             WorkerRow {
                 id: w.slot,
+                version: w.version,
                 pid: w.pid,
                 state: w.state,
                 uptime: w.started.elapsed().as_secs_f64(),
@@ -404,4 +424,189 @@ fn connections_of(pid: u32, established: &std::collections::HashSet<u64>) -> usi
     fds.flatten()
         .filter(|fd| matches!(fd.target, procfs::process::FDTarget::Socket(i) if established.contains(&i)))
         .count()
+}
+
+impl Supervisor {
+    /// `herd deploy`: the new release, its workers, its share of traffic.
+    fn deploy(&mut self, plan: DeployPlan, reply: UnboundedSender<Line>) {
+        match self.plan_release(&plan) {
+            Ok((spec, by, workers)) => {
+                let version = self.specs.keys().max().map_or(1, |v| v + 1);
+                self.specs.insert(version, std::sync::Arc::new(spec));
+                let now = Instant::now();
+                let shown = deploy::shown_by(&by);
+                let rollout = deploy::Rollout::new(plan, version, by, now);
+                tracing::info!(
+                    "deploy: version {version}, {}, {} new, split {shown}",
+                    rollout.kind(),
+                    count(workers, "worker")
+                );
+                self.rollout = Some(rollout);
+                self.apply(Input::Deploy { version, workers }, Some(reply));
+                if self.m.deploying().is_none_or(|d| d.new != version) {
+                    // Refused (a reload or another deploy is running).
+                    self.rollout = None;
+                    self.specs.remove(&version);
+                }
+            }
+            Err(e) => {
+                let _ = reply.send(Done::failed(e).into());
+            }
+        }
+    }
+
+    /// Checks a deploy against this cluster's mode; resolves what it runs.
+    fn plan_release(&self, plan: &DeployPlan) -> Result<(Spec, KeySource, usize), String> {
+        if self.s.command.is_empty() {
+            return Err("this cluster has no workers (upstreams only)".into());
+        }
+        match (plan.canary, plan.blue_green) {
+            (Some(_), true) | (None, false) => {
+                return Err("give one of --canary PERCENT and --blue-green".into());
+            }
+            (Some(p), _) if p > 100 => return Err(format!("--canary {p}: at most 100")),
+            _ => {}
+        }
+        let by = deploy::split_by(plan.by.as_deref())?;
+        let analysed = plan.max_error_rate.is_some() || plan.max_p99_ms.is_some();
+        match self.s.mode {
+            Mode::Proxy => {}
+            _ if analysed => {
+                return Err(
+                    "--max-error-rate and --max-p99 need proxy mode (herd sees no HTTP answer in the fd modes)"
+                        .into(),
+                );
+            }
+            Mode::Dispatch if matches!(by, KeySource::Header(_) | KeySource::Cookie(_)) => {
+                return Err(
+                    "dispatch mode splits connections at random or --by ip (no header is read)"
+                        .into(),
+                );
+            }
+            Mode::Shared | Mode::Reuseport if plan.by.is_some() || plan.blue_green => {
+                return Err(format!(
+                    "in {} mode the kernel spreads connections over all workers: the split is by worker count (--canary with -i), so no --by or --blue-green",
+                    self.s.mode.as_str()
+                ));
+            }
+            _ => {}
+        }
+        let stable = &self.specs[&0];
+        let running = self.specs.get(&self.m.stable_version()).unwrap_or(stable);
+        let mut env = running.release.env.clone();
+        for kv in &plan.env {
+            let (k, v) = kv
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| format!("--env {kv:?}: use KEY=VAL"))?;
+            env.push((k.to_string(), v.to_string()));
+        }
+        let command = if plan.command.is_empty() {
+            running.release.command.clone()
+        } else {
+            plan.command.iter().map(Into::into).collect()
+        };
+        let cwd = plan
+            .cwd
+            .as_ref()
+            .map(std::path::PathBuf::from)
+            .or_else(|| running.release.cwd.clone());
+        let release =
+            crate::config::Release::resolve(command, cwd, env).map_err(|e| e.to_string())?;
+        let shim = release.is_node() && (self.s.node_shim || !stable.release.is_node());
+        let node_options = self
+            .node_shim
+            .as_ref()
+            .filter(|_| shim)
+            .map(|p| crate::node::node_options(p, &release.env));
+        let stable_slots = self
+            .m
+            .workers()
+            .filter(|w| w.group == Group::Stable)
+            .map(|w| w.slot)
+            .max()
+            .map_or(self.m.instances(), |m| m + 1);
+        let workers = match (plan.workers, plan.canary) {
+            (Some(n), _) => n,
+            (None, Some(p)) => (stable_slots * usize::from(p)).div_ceil(100).max(1),
+            (None, None) => stable_slots,
+        };
+        Ok((
+            Spec {
+                release,
+                node_options,
+            },
+            by,
+            workers,
+        ))
+    }
+
+    /// The deploy's analysis, once a second: rolls back or promotes.
+    fn analyse(&mut self) {
+        let Some(r) = &mut self.rollout else {
+            return;
+        };
+        if self.m.deploying().is_some_and(|d| d.promoting) {
+            return;
+        }
+        let now = Instant::now();
+        if let Some([a, b]) = self.up.version_stats() {
+            r.sample(now, [a.snapshot(), b.snapshot()]);
+        }
+        match r.verdict(now) {
+            deploy::Verdict::Wait => {}
+            deploy::Verdict::Rollback(why) => {
+                tracing::warn!("deploy: rolling back version {}: {why}", r.version);
+                self.apply(Input::Rollback, None);
+            }
+            deploy::Verdict::Promote => {
+                r.promoting = true;
+                tracing::info!(
+                    "deploy: version {} healthy for --promote-after; promoting",
+                    r.version
+                );
+                self.apply(Input::Promote, None);
+            }
+        }
+    }
+
+    fn deploy_status(&self) -> Option<DeployStatus> {
+        let r = self.rollout.as_ref()?;
+        let d = self.m.deploying()?;
+        let window = self
+            .up
+            .version_stats()
+            .map(|[a, b]| r.window_to(&[a.snapshot(), b.snapshot()]));
+        let row = |role: &str, group: Group, version: u32, i: usize| {
+            let w = window.as_ref().map(|w| &w[i]);
+            VersionRow {
+                version,
+                role: role.to_string(),
+                command: self.specs.get(&version).map_or(String::new(), |s| {
+                    s.release
+                        .command
+                        .iter()
+                        .map(|w| w.to_string_lossy())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                }),
+                workers: self.m.workers().filter(|w| w.group == group).count(),
+                requests: w.map(|w| w.requests),
+                error_rate: w.map(|w| (w.error_rate() * 10.0).round() / 10.0),
+                p99_ms: w
+                    .and_then(|w| w.p99())
+                    .map(|d| (d.as_secs_f64() * 1e4).round() / 10.0),
+            }
+        };
+        Some(DeployStatus {
+            kind: r.kind().to_string(),
+            percent: r.percent(self.m.group_serving(Group::New)),
+            by: deploy::shown_by(&r.by),
+            versions: vec![
+                row("stable", Group::Stable, d.old, 0),
+                row("new", Group::New, d.new, 1),
+            ],
+            analysis: r.summary.clone(),
+        })
+    }
 }

@@ -18,14 +18,14 @@ use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use super::machine::Epoch;
+use super::machine::{Epoch, Group};
 use super::{Event, SuperviseError, Supervisor};
 use crate::config::{Mode, Settings};
 use crate::dispatch::PeerInfo;
 use crate::os::listen::Listeners;
 use crate::os::sys::{self, ExecSpec};
 use crate::output::Stream;
-use crate::upstream::Target;
+use crate::upstream::{Split, Target};
 use herd_balance::BackendConfig;
 use herd_sdk::env as contract;
 
@@ -33,6 +33,13 @@ use herd_sdk::env as contract;
 const FD_READY_GRACE: Duration = Duration::from_secs(1);
 /// Interval of the proxy-mode port probe.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
+
+/// A release as the driver starts it: what to run, and `NODE_OPTIONS`
+/// with herd's preload when it is a Node program.
+pub(super) struct Spec {
+    pub release: crate::config::Release,
+    pub node_options: Option<OsString>,
+}
 
 /// What the driver holds for a live worker process, by epoch.
 pub(super) struct Proc {
@@ -68,9 +75,20 @@ impl Proc {
 
 impl Supervisor {
     /// Starts the process of worker `epoch` in `slot`; returns its pid.
-    pub(super) fn spawn(&mut self, slot: usize, epoch: Epoch) -> Result<u32, SuperviseError> {
+    pub(super) fn spawn(
+        &mut self,
+        slot: usize,
+        epoch: Epoch,
+        version: u32,
+    ) -> Result<u32, SuperviseError> {
+        let Some(spec) = self.specs.get(&version).cloned() else {
+            return Err(SuperviseError::Spawn {
+                command: format!("version {version}"),
+                source: std::io::Error::other("no such release"),
+            });
+        };
         let spawn_err = |source: std::io::Error| SuperviseError::Spawn {
-            command: self.s.command[0].to_string_lossy().into_owned(),
+            command: spec.release.command[0].to_string_lossy().into_owned(),
             source,
         };
         let port = match self.s.mode {
@@ -81,8 +99,15 @@ impl Supervisor {
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).map_err(spawn_err)?;
 
-        let mut env = worker_env(&self.s, slot, self.m.instances(), port, &notify_path);
-        if let Some(opts) = &self.node_options {
+        let mut env = worker_env(
+            &self.s,
+            &spec.release.env,
+            slot,
+            self.m.instances(),
+            port,
+            &notify_path,
+        );
+        if let Some(opts) = &spec.node_options {
             env.retain(|(k, _)| k != "NODE_OPTIONS");
             env.push(("NODE_OPTIONS".into(), opts.clone()));
         }
@@ -95,7 +120,7 @@ impl Supervisor {
                 fds.push((worker.as_raw_fd(), crate::dispatch::WORKER_FD));
                 let fd = crate::dispatch::WORKER_FD.to_string();
                 env.push((contract::DISPATCH_FD.into(), fd.clone().into()));
-                if self.node_options.is_some() {
+                if spec.node_options.is_some() {
                     env.push(("NODE_CHANNEL_FD".into(), fd.into()));
                     env.push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()));
                 }
@@ -125,19 +150,19 @@ impl Supervisor {
             contract::IPC_FD.into(),
             crate::ipc::WORKER_FD.to_string().into(),
         ));
-        let mut cmd = tokio::process::Command::new(&self.s.program);
+        let mut cmd = tokio::process::Command::new(&spec.release.program);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(false);
-        if let Some(dir) = &self.s.cwd {
+        if let Some(dir) = &spec.release.cwd {
             cmd.current_dir(dir);
         }
         sys::install(
             &mut cmd,
             ExecSpec {
-                program: self.s.program.clone(),
-                argv: self.s.command.clone(),
+                program: spec.release.program.clone(),
+                argv: spec.release.command.clone(),
                 env,
                 listen_pid,
                 fds,
@@ -234,16 +259,35 @@ impl Supervisor {
         }
     }
 
-    /// Republishes the serving workers to the dispatcher or the proxy.
-    pub(super) fn publish(&self) {
-        let serving = self.m.serving().map(|w| w.epoch);
+    /// Republishes the serving workers to the dispatcher or the proxy,
+    /// with a deploy's new workers and split apart.
+    pub(super) fn publish(&mut self) {
+        if self.m.deploying().is_none() {
+            self.rollout = None; // promoted or rolled back
+        }
+        let split = self.rollout.as_ref().map(|r| Split {
+            percent: r.percent(self.m.group_serving(Group::New)),
+            by: r.by.clone(),
+        });
+        let of = |g: Group| -> Vec<Epoch> {
+            self.m
+                .serving()
+                .filter(|w| w.group == g)
+                .map(|w| w.epoch)
+                .collect()
+        };
+        let (stable, new) = (of(Group::Stable), of(Group::New));
         if let Some(d) = &self.dispatcher {
-            d.serving(serving.collect());
+            d.serving(stable, split.map(|s| (new, s)));
         } else if self.s.mode == Mode::Proxy {
-            let targets = serving
-                .filter_map(|e| self.procs.get(&e)?.target.clone())
-                .collect();
-            self.up.set_workers(targets);
+            let targets = |epochs: Vec<Epoch>| -> Vec<_> {
+                epochs
+                    .iter()
+                    .filter_map(|e| self.procs.get(e)?.target.clone())
+                    .collect()
+            };
+            self.up
+                .set_workers(targets(stable), split.map(|s| (targets(new), s)));
         }
     }
 
@@ -395,6 +439,7 @@ async fn readiness(
 /// (which wins, since herd depends on it).
 fn worker_env(
     s: &Settings,
+    release_env: &[(String, String)],
     slot: usize,
     workers: usize,
     port: Option<u16>,
@@ -422,7 +467,7 @@ fn worker_env(
         env.retain(|(ek, _)| ek != k);
         env.push((k.into(), v));
     };
-    for (k, v) in &s.env {
+    for (k, v) in release_env {
         set(k, v.into());
     }
     set(contract::WORKER_ID, slot.to_string().into());

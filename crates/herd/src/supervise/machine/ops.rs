@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use super::{Action, Answer, Epoch, Machine, Reload, Slot, State, all_mut, terminate};
+use super::{
+    Action, Answer, Deploying, Epoch, Group, Machine, Reload, Slot, State, all_mut, terminate,
+};
 use crate::console::count;
 
 impl Machine {
@@ -136,6 +138,15 @@ impl Machine {
             }
         }
         if let Some(r) = self.reload.take() {
+            if self.deploy.is_some_and(|d| d.promoting) {
+                let n = self.retire_new_slots(now);
+                self.deploy = None;
+                self.progress(format!(
+                    "promoted version {}; the deploy's {} leaving",
+                    self.stable_version,
+                    count(n, "worker")
+                ));
+            }
             let took = now.saturating_duration_since(r.started);
             tracing::info!(
                 "reload done: {} replaced in {took:.1?}",
@@ -148,6 +159,12 @@ impl Machine {
     }
 
     pub(super) fn reload_fail(&mut self, why: &str) {
+        if let Some(d) = self.deploy.as_mut().filter(|d| d.promoting) {
+            // Slots already replaced keep the new version: `herd promote`
+            // again goes on, `herd rollback` brings them back.
+            d.promoting = false;
+            self.stable_version = d.old;
+        }
         if self.reload.take().is_some() {
             let msg = format!("reload aborted: {why}; the old workers keep serving");
             tracing::error!("{msg}");
@@ -179,6 +196,11 @@ impl Machine {
             self.out.push(Action::Answer(Err(why)));
             return;
         }
+        if self.deploy.is_some() {
+            let why = "a deploy is running; promote it or roll it back, then scale";
+            self.out.push(Action::Answer(Err(why.into())));
+            return;
+        }
         while self.slots.len() < to {
             self.slots.push(Slot::default());
             self.spawn_current(self.slots.len() - 1, now);
@@ -192,6 +214,110 @@ impl Machine {
         }
         self.out.push(Action::Publish);
         self.out.push(Action::Answer(Ok(Answer::Scaled(to))));
+    }
+
+    pub(super) fn deploy(&mut self, version: u32, workers: usize, now: Instant) {
+        let refused = match (self.busy("deploy"), self.deploy) {
+            (Some(why), _) => Some(why),
+            (None, Some(_)) => {
+                Some("a deploy is already running; promote it or roll it back first".into())
+            }
+            (None, None) if workers == 0 => Some("a deploy needs at least 1 worker".into()),
+            (None, None) => None,
+        };
+        if let Some(why) = refused {
+            self.out.push(Action::Answer(Err(why)));
+            return;
+        }
+        self.deploy = Some(Deploying {
+            old: self.stable_version,
+            new: version,
+            promoting: false,
+        });
+        tracing::info!(
+            "deploy: starting {} of version {version}",
+            count(workers, "worker")
+        );
+        for _ in 0..workers {
+            self.slots.push(Slot {
+                group: Group::New,
+                ..Slot::default()
+            });
+            self.spawn_current(self.slots.len() - 1, now);
+        }
+        self.out.push(Action::Answer(Ok(Answer::Deployed(workers))));
+    }
+
+    /// Answered as a reload: progress, then done or failed.
+    pub(super) fn promote(&mut self, now: Instant) {
+        let Some(d) = self.deploy else {
+            self.out.push(Action::ReloadFailed(
+                "nothing to promote: no deploy is running".into(),
+            ));
+            return;
+        };
+        if let Some(why) = self.busy("promote") {
+            self.out.push(Action::ReloadFailed(why));
+            return;
+        }
+        let stable: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].group == Group::Stable)
+            .collect();
+        tracing::info!("promote: version {} replaces version {}", d.new, d.old);
+        self.stable_version = d.new;
+        self.deploy = Some(Deploying {
+            promoting: true,
+            ..d
+        });
+        self.reload(Some(stable), now);
+    }
+
+    pub(super) fn rollback(&mut self, now: Instant) {
+        let Some(d) = self.deploy else {
+            let why = "nothing to roll back: no deploy is running";
+            self.out.push(Action::Answer(Err(why.into())));
+            return;
+        };
+        if let Some(why) = self.busy("roll back") {
+            self.out.push(Action::Answer(Err(why)));
+            return;
+        }
+        let n = self.retire_new_slots(now);
+        self.deploy = None;
+        self.stable_version = d.old;
+        tracing::info!(
+            "rollback: version {}'s {} leaving",
+            d.new,
+            count(n, "worker")
+        );
+        self.out.push(Action::Answer(Ok(Answer::RolledBack(n))));
+        // After an aborted promote, some stable slots run the new version.
+        let mixed: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| {
+                self.slots[i]
+                    .current
+                    .as_ref()
+                    .is_some_and(|w| w.version != self.stable_version)
+            })
+            .collect();
+        if !mixed.is_empty() {
+            self.reload(Some(mixed), now);
+        }
+    }
+
+    /// The deploy's slots (always the last ones) leave.
+    fn retire_new_slots(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        while self.slots.last().is_some_and(|s| s.group == Group::New) {
+            if let Some(s) = self.slots.pop() {
+                for w in s.current.into_iter().chain(s.next) {
+                    self.retire(w, now);
+                    n += 1;
+                }
+            }
+        }
+        self.out.push(Action::Publish);
+        n
     }
 
     pub(super) fn stop(&mut self, now: Instant) {

@@ -96,7 +96,7 @@ fn spawns(actions: &[Action]) -> Vec<(usize, Epoch)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Spawn { slot, epoch } => Some((*slot, *epoch)),
+            Action::Spawn { slot, epoch, .. } => Some((*slot, *epoch)),
             _ => None,
         })
         .collect()
@@ -484,4 +484,95 @@ fn a_worker_that_asks_to_be_replaced_serves_until_its_successor_is_ready() {
     let (mut h, _) = H::serving(1, limits());
     h.on(Input::Restart);
     assert!(h.on(Input::Replace { epoch: 2 }).is_empty());
+}
+
+fn versions(actions: &[Action]) -> Vec<(usize, u32)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Spawn { slot, version, .. } => Some((*slot, *version)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_deploy_adds_new_slots_beside_the_stable_ones_and_promote_replaces_them() {
+    let (mut h, stable) = H::serving(2, limits());
+    let out = h.on(Input::Deploy {
+        version: 7,
+        workers: 1,
+    });
+    assert_eq!(versions(&out), [(2, 7)]);
+    assert!(has(&out, &Action::Answer(Ok(Answer::Deployed(1)))));
+    h.on(Input::Ready { epoch: 3 });
+    assert!(h.m.group_serving(Group::New));
+    assert_eq!(
+        h.m.serving()
+            .map(|w| (w.group, w.version))
+            .collect::<Vec<_>>(),
+        [(Group::Stable, 0), (Group::Stable, 0), (Group::New, 7)]
+    );
+    // Nothing else that changes slots meanwhile.
+    assert!(matches!(
+        &h.on(Input::Deploy {
+            version: 8,
+            workers: 1
+        })[..],
+        [Action::Answer(Err(_))]
+    ));
+    assert!(matches!(
+        &h.on(Input::Scale { to: 4 })[..],
+        [Action::Answer(Err(_))]
+    ));
+    // A restart of a new slot runs the new version again.
+    let out = h.at(5000).exit(3);
+    assert_eq!(versions(&out), [(2, 7)]);
+    h.on(Input::Ready { epoch: 4 });
+
+    // Promote: the stable slots are reloaded with version 7, then the
+    // deploy's slot leaves.
+    let out = h.on(Input::Promote);
+    assert!(has(&out, &Action::ReloadBegun));
+    assert_eq!(versions(&out), [(0, 7)]);
+    h.on(Input::Ready { epoch: 5 });
+    let out = h.exit(stable[0]);
+    assert_eq!(versions(&out), [(1, 7)]);
+    h.on(Input::Ready { epoch: 6 });
+    let out = h.exit(stable[1]);
+    assert!(
+        has(&out, &Action::Drain { epoch: 4 }),
+        "the deploy's worker leaves"
+    );
+    assert!(has(&out, &Action::ReloadDone { replaced: 2 }));
+    assert_eq!(h.m.deploying(), None);
+    assert_eq!(h.m.instances(), 2);
+    assert_eq!(h.m.stable_version(), 7);
+    assert_eq!(h.serving_epochs(), [5, 6]);
+}
+
+#[test]
+fn rollback_stops_the_new_slots_and_undoes_a_promote_that_was_aborted() {
+    let (mut h, stable) = H::serving(2, limits());
+    h.on(Input::Deploy {
+        version: 3,
+        workers: 1,
+    });
+    h.on(Input::Ready { epoch: 3 });
+    h.on(Input::Promote);
+    // Slot 0 takes version 3, slot 1's new worker never becomes ready.
+    h.on(Input::Ready { epoch: 4 });
+    h.at(100).exit(stable[0]);
+    let out = h.timer(100 + 2000);
+    assert!(out.iter().any(|a| matches!(a, Action::ReloadFailed(_))));
+    assert_eq!(h.m.stable_version(), 0, "back to the old version");
+    let out = h.on(Input::Rollback);
+    assert!(has(&out, &Action::Answer(Ok(Answer::RolledBack(1)))));
+    assert!(has(&out, &Action::Drain { epoch: 3 }));
+    // Slot 0 runs version 3: reloaded back to version 0.
+    assert_eq!(versions(&out), [(0, 0)]);
+    assert_eq!(h.m.deploying(), None);
+    assert!(
+        matches!(&h.on(Input::Rollback)[..], [Action::Answer(Err(m))] if m.contains("nothing to roll back"))
+    );
 }

@@ -1,0 +1,278 @@
+//! Canary and blue-green releases: `herd deploy`, `promote`, `rollback`,
+//! and the automatic analysis, with real workers under real load.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// GET `path` with extra header lines; (status, body).
+fn get_with(port: u16, path: &str, headers: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(T))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    Ok((status, body))
+}
+
+/// The worker id that answered `/`.
+fn who(port: u16, headers: &str) -> usize {
+    get_with(port, "/", headers).map_or(usize::MAX, |(_, b)| parse_hello(&b).0)
+}
+
+fn status_json(n: &str) -> serde_json::Value {
+    let out = ok(&herd(&["status", "--name", n, "--json"]));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Stops a keep-alive load and asserts that none of its requests failed.
+fn no_failures(stop: &AtomicBool, clients: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>) {
+    stop.store(true, Ordering::Relaxed);
+    let mut bad = Vec::new();
+    for c in clients {
+        bad.extend(c.join().unwrap().1);
+    }
+    assert!(
+        bad.is_empty(),
+        "{} failed: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+}
+
+#[test]
+fn a_canary_gets_its_share_and_a_user_stays_on_one_version() {
+    let n = name("canary");
+    let h = Herd::start(&["--name", &n, "-i", "2"], &[DEMO]);
+    h.wait_ready(2);
+    let out = ok(&herd(&["deploy", "--name", &n, "--canary", "20"]));
+    assert!(out.contains("1 worker of the new version started"), "{out}");
+    assert!(h.wait_log("worker 2 ready", T), "{}", h.log());
+    let new = (0..2000).filter(|_| who(h.port, "") == 2).count();
+    assert!((360..=440).contains(&new), "{new} of 2000 to a 20% canary");
+    let st = status_json(&n);
+    assert_eq!(st["deploy"]["kind"], "canary");
+    assert_eq!(st["deploy"]["percent"], 20);
+    assert_eq!(st["deploy"]["versions"][1]["workers"], 1);
+    // Figures over the analysis window (here: since its first sample).
+    let v = &st["deploy"]["versions"][1];
+    assert!(
+        v["requests"].as_u64().unwrap() > 0 && v["p99_ms"].as_f64().is_some(),
+        "{st}"
+    );
+    assert_eq!(v["error_rate"], 0.0, "{st}");
+
+    // Sticky: by a header, each user always gets the same version.
+    let out = ok(&herd(&["rollback", "--name", &n]));
+    assert!(out.contains("rolled back"), "{out}");
+    ok(&herd(&[
+        "deploy",
+        "--name",
+        &n,
+        "--canary",
+        "30",
+        "--by",
+        "header:x-user",
+    ]));
+    assert!(h.wait_log_n("worker 2 ready", 2, T), "{}", h.log());
+    let mut on_new = 0;
+    for user in 0..40 {
+        let header = format!("X-User: user-{user}\r\n");
+        let first = who(h.port, &header) == 2;
+        for _ in 0..5 {
+            assert_eq!(
+                who(h.port, &header) == 2,
+                first,
+                "user {user} changed version"
+            );
+        }
+        on_new += usize::from(first);
+    }
+    assert!(
+        (1..40).contains(&on_new),
+        "{on_new} of 40 users on the canary"
+    );
+}
+
+#[test]
+fn a_canary_that_answers_500s_is_rolled_back_by_itself() {
+    let n = name("autoroll");
+    let h = Herd::start(&["--name", &n, "-i", "2"], &[DEMO]);
+    h.wait_ready(2);
+    ok(&herd(&[
+        "deploy",
+        "--name",
+        &n,
+        "--canary",
+        "50",
+        "--env",
+        "HERD_DEMO_STATUS=500",
+        "--max-error-rate",
+        "5",
+        "--window",
+        "3s",
+    ]));
+    assert!(h.wait_log("worker 2 ready", T), "{}", h.log());
+    let mut saw_500 = false;
+    assert!(
+        wait_until(T, || {
+            saw_500 |= get_with(h.port, "/", "").is_ok_and(|r| r.0 == 500);
+            h.log().contains("rolling back version 1")
+        }),
+        "{}",
+        h.log()
+    );
+    assert!(saw_500, "the canary was never asked");
+    assert!(h.log().contains("5xx rate is"), "{}", h.log());
+    assert!(wait_until(T, || status_json(&n).get("deploy").is_none()));
+    for _ in 0..50 {
+        assert_eq!(
+            get_with(h.port, "/", "").unwrap().0,
+            200,
+            "all traffic back on the old version"
+        );
+    }
+}
+
+#[test]
+fn promote_and_rollback_under_keepalive_load_fail_nothing() {
+    for mode in ["proxy", "dispatch"] {
+        let n = name(&format!("promote-{mode}"));
+        let h = Herd::start(&["--name", &n, "-i", "2", "--mode", mode], &[DEMO]);
+        h.wait_ready(2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let clients = load(h.port, true, stop.clone(), done.clone());
+        assert!(wait_until(T, || done.load(Ordering::Relaxed) >= 40));
+
+        let canary = [
+            "deploy",
+            "--name",
+            &n,
+            "--canary",
+            "50",
+            "--env",
+            "HERD_DEMO_TAG=v2",
+        ];
+        ok(&herd(&canary));
+        assert!(h.wait_log("worker 2 ready", T), "{mode}: {}", h.log());
+        ok(&herd(&["rollback", "--name", &n]));
+        assert!(h.wait_log("(retired)", T), "{mode}: {}", h.log());
+        ok(&herd(&canary));
+        assert!(h.wait_log_n("worker 2 ready", 2, T), "{mode}: {}", h.log());
+        let out = ok(&herd(&["promote", "--name", &n]));
+        assert!(
+            out.contains("promoted (2 workers replaced)"),
+            "{mode}: {out}"
+        );
+        let seen = done.load(Ordering::Relaxed);
+        assert!(wait_until(T, || done.load(Ordering::Relaxed) > seen + 100));
+        no_failures(&stop, clients);
+
+        let st = status_json(&n);
+        assert!(st.get("deploy").is_none(), "{st}");
+        let workers = st["workers"].as_array().unwrap();
+        assert!(
+            wait_until(T, || status_json(&n)["workers"].as_array().unwrap().len()
+                == 2),
+            "the deploy's worker left: {workers:?}"
+        );
+        for _ in 0..10 {
+            let (_, env) = get_with(h.port, "/env", "").unwrap();
+            assert!(
+                env.contains("HERD_DEMO_TAG=v2"),
+                "{mode}: an old worker answered: {env}"
+            );
+        }
+    }
+}
+
+#[test]
+fn blue_green_switches_all_traffic_at_once_and_promote_keeps_it_on_the_new_version() {
+    let n = name("bluegreen");
+    let h = Herd::start(&["--name", &n, "-i", "2"], &[DEMO]);
+    h.wait_ready(2);
+    let out = ok(&herd(&[
+        "deploy",
+        "--name",
+        &n,
+        "--blue-green",
+        "--env",
+        "HERD_DEMO_TAG=green",
+    ]));
+    assert!(out.contains("2 workers of the new version"), "{out}");
+    assert!(
+        wait_until(T, || status_json(&n)["deploy"]["percent"] == 100),
+        "{}",
+        h.log()
+    );
+    for _ in 0..40 {
+        assert!(who(h.port, "") >= 2, "all traffic on the green set");
+    }
+    ok(&herd(&["promote", "--name", &n]));
+    for _ in 0..20 {
+        let (_, env) = get_with(h.port, "/env", "").unwrap();
+        assert!(env.contains("HERD_DEMO_TAG=green"), "{env}");
+    }
+}
+
+#[test]
+fn dispatch_splits_connections_and_the_fd_modes_refuse_what_they_cannot_do() {
+    let n = name("dsplit");
+    let h = Herd::start(&["--name", &n, "-i", "2", "--mode", "dispatch"], &[DEMO]);
+    h.wait_ready(2);
+    ok(&herd(&["deploy", "--name", &n, "--canary", "25"]));
+    assert!(h.wait_log("worker 2 ready", T), "{}", h.log());
+    let new = (0..400).filter(|_| who(h.port, "") == 2).count();
+    assert!(
+        (92..=108).contains(&new),
+        "{new} of 400 connections to a 25% canary"
+    );
+    for (args, why) in [
+        (
+            vec!["--canary", "10", "--by", "header:x-user"],
+            "dispatch mode splits connections",
+        ),
+        (
+            vec!["--canary", "10", "--max-error-rate", "5"],
+            "need proxy mode",
+        ),
+        (vec!["--canary", "10"], "a deploy is already running"),
+    ] {
+        let mut all = vec!["deploy", "--name", &n];
+        all.extend(args);
+        let out = herd(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{all:?}: {err}");
+    }
+
+    let s = name("ssplit");
+    let h = Herd::start(&["--name", &s, "-i", "1", "--mode", "shared"], &[DEMO]);
+    h.wait_ready(1);
+    let out = herd(&["deploy", "--name", &s, "--canary", "50", "--by", "ip"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the split is by worker count"), "{err}");
+    ok(&herd(&["deploy", "--name", &s, "--canary", "50"]));
+    assert!(h.wait_log("worker 1 ready", T), "{}", h.log());
+    assert!(
+        wait_until(T, || who(h.port, "") == 1),
+        "the new worker takes connections"
+    );
+}
