@@ -209,6 +209,10 @@ fn blue_green_switches_all_traffic_at_once_and_promote_keeps_it_on_the_new_versi
     let n = name("bluegreen");
     let h = Herd::start(&["--name", &n, "-i", "2"], &[DEMO]);
     h.wait_ready(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients = load(h.port, true, stop.clone(), done.clone());
+    assert!(wait_until(T, || done.load(Ordering::Relaxed) >= 40));
     let out = ok(&herd(&[
         "deploy",
         "--name",
@@ -227,6 +231,7 @@ fn blue_green_switches_all_traffic_at_once_and_promote_keeps_it_on_the_new_versi
         assert!(who(h.port, "") >= 2, "all traffic on the green set");
     }
     ok(&herd(&["promote", "--name", &n]));
+    no_failures(&stop, clients);
     for _ in 0..20 {
         let (_, env) = get_with(h.port, "/env", "").unwrap();
         assert!(env.contains("HERD_DEMO_TAG=green"), "{env}");

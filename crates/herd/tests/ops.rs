@@ -772,6 +772,48 @@ fn a_node_app_uses_process_send_and_message_in_every_mode() {
 }
 
 #[test]
+fn a_node_process_send_broadcast_reaches_the_other_workers_in_every_mode() {
+    // The seed's config-update pattern, unmodified Node.
+    let app = r#"
+        const id = process.env.HERD_WORKER_ID;
+        let heard = 'nothing';
+        process.on('message', (m, _h, from) => { heard = `${JSON.stringify(m)} from ${from}`; });
+        require('http').createServer((req, res) => {
+          if (req.url === '/tell') process.send({ type: 'broadcast', data: { config: 'v2' } });
+          res.end(`worker ${id} heard ${heard}`);
+        }).listen(3000);
+    "#;
+    for mode in ["proxy", "shared", "dispatch"] {
+        let n = name(&format!("nodebcast-{mode}"));
+        let h = Herd::start(
+            &["--name", &n, "-i", "2", "--mode", mode],
+            &["node", "-e", app],
+        );
+        h.wait_ready(2);
+        let (_, body) = h.get("/tell").unwrap();
+        let teller: usize = body["worker ".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let other = format!(
+            "worker {} heard {{\"config\":\"v2\"}} from {teller}",
+            1 - teller
+        );
+        let mut last = String::new();
+        assert!(
+            wait_until(T, || {
+                last = h.get("/").map(|r| r.1).unwrap_or_default();
+                last == other
+            }),
+            "{mode}: {last:?}, wanted {other:?}\n{}",
+            h.log()
+        );
+    }
+}
+
+#[test]
 fn process_send_ready_counts_as_ready_as_under_pm2_wait_ready() {
     // With --wait-ready the preload's own `listening` does not count: only
     // the app's word does, here PM2's idiom, in every mode.
