@@ -701,20 +701,7 @@ impl Settings {
         let (file, _) = Options::load(config)?;
         let o = flags.over(file);
         let command = o.command.unwrap_or_default();
-        if let Some(first) = command.first().and_then(|w| w.to_str())
-            && is_script_name(first)
-            && !o
-                .cwd
-                .as_deref()
-                .unwrap_or(Path::new("."))
-                .join(first)
-                .exists()
-        {
-            return Err(ConfigError::NoScript {
-                script: first.to_string(),
-                dir: shown_dir(o.cwd.as_deref()),
-            });
-        }
+        script_exists(&command, o.cwd.as_deref())?;
         let command = with_interpreter(command, o.cwd.as_deref());
         let upstreams = o.upstreams.unwrap_or_default();
         if command.first().is_none_or(|c| c.is_empty()) && upstreams.is_empty() {
@@ -874,19 +861,7 @@ impl Release {
         {
             return Err(ConfigError::BadCwd(dir.clone()));
         }
-        if let Some(first) = command.first().and_then(|w| w.to_str())
-            && is_script_name(first)
-            && !cwd
-                .as_deref()
-                .unwrap_or(Path::new("."))
-                .join(first)
-                .exists()
-        {
-            return Err(ConfigError::NoScript {
-                script: first.to_string(),
-                dir: shown_dir(cwd.as_deref()),
-            });
-        }
+        script_exists(&command, cwd.as_deref())?;
         if command.is_empty() {
             return Err(ConfigError::NoCommand);
         }
@@ -903,6 +878,20 @@ impl Release {
     pub fn is_node(&self) -> bool {
         is_node(&self.program)
     }
+}
+
+/// A command that starts with a script name (`app.js`) needs the script.
+fn script_exists(command: &[OsString], cwd: Option<&Path>) -> Result<(), ConfigError> {
+    if let Some(first) = command.first().and_then(|w| w.to_str())
+        && is_script_name(first)
+        && !cwd.unwrap_or(Path::new(".")).join(first).exists()
+    {
+        return Err(ConfigError::NoScript {
+            script: first.to_string(),
+            dir: shown_dir(cwd),
+        });
+    }
+    Ok(())
 }
 
 /// The program `command` runs, looked up in `PATH` (the workers' own, if
