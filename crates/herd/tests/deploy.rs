@@ -281,3 +281,43 @@ fn dispatch_splits_connections_and_the_fd_modes_refuse_what_they_cannot_do() {
         "the new worker takes connections"
     );
 }
+
+#[test]
+fn a_canary_healthy_for_promote_after_is_promoted_by_itself() {
+    let n = name("autopromote");
+    let h = Herd::start(&["--name", &n, "-i", "1"], &[DEMO]);
+    h.wait_ready(1);
+    ok(&herd(&[
+        "deploy",
+        "--name",
+        &n,
+        "--canary",
+        "50",
+        "--env",
+        "HERD_DEMO_TAG=v2",
+        "--max-error-rate",
+        "5",
+        "--window",
+        "2s",
+        "--promote-after",
+        "1s",
+    ]));
+    assert!(
+        wait_until(T, || {
+            let _ = get_with(h.port, "/", "");
+            h.log().contains("reload done")
+        }),
+        "{}",
+        h.log()
+    );
+    assert!(
+        h.log().contains("healthy for --promote-after; promoting"),
+        "{}",
+        h.log()
+    );
+    assert!(wait_until(T, || status_json(&n).get("deploy").is_none()));
+    assert!(wait_until(T, || {
+        get_with(h.port, "/env", "").is_ok_and(|r| r.1.contains("HERD_DEMO_TAG=v2"))
+            && status_json(&n)["workers"].as_array().unwrap().len() == 1
+    }));
+}
