@@ -63,6 +63,10 @@ pub enum ConfigError {
     BadGlob { pattern: String, message: String },
     #[error("--watch needs a command: there are no workers to reload")]
     WatchWithoutCommand,
+    #[error(
+        "--admin {0} is not a loopback address: give --admin-token (or HERD_ADMIN_TOKEN) so that only you can use it"
+    )]
+    AdminNeedsToken(SocketAddr),
 }
 
 /// A value TOML may give as a number or a string (`instances = 4` or
@@ -373,6 +377,16 @@ options! {
     /// Quiet time after the last change before the reload [default: 1s].
     #[arg(long, value_name = "DUR")]
     watch_delay: Option<Dur>,
+    /// Admin listener for /metrics (Prometheus) and /status: ADDR, off by default;
+    /// a non-loopback ADDR needs --admin-token.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<ListenAddr>,
+    /// Bearer token the admin listener requires (or HERD_ADMIN_TOKEN).
+    #[arg(long, value_name = "TOKEN", env = "HERD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Serve /metrics without the token (the rest still needs it).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    admin_public_metrics: Option<bool>,
     /// Write herd's log and worker output to FILE instead of stdout/stderr.
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
@@ -546,6 +560,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub max_memory: Option<u64>,
     pub watchdog: Option<Duration>,
+    pub admin: Option<AdminConfig>,
     /// `--watch`, absolute.
     pub watch: Vec<PathBuf>,
     pub watch_ignore: Vec<String>,
@@ -644,6 +659,19 @@ pub struct HttpConfig {
     pub limits: Limits,
     /// How long a request waits for a first worker to be ready.
     pub wait_for_backend: Duration,
+    /// Count each answer's status class and latency per backend (for
+    /// `/metrics`; off without `--admin`, so the proxy does no extra work).
+    pub record: bool,
+}
+
+/// The admin listener (`--admin`).
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    /// Required as `Authorization: Bearer TOKEN` when set.
+    pub token: Option<String>,
+    /// `/metrics` without the token.
+    pub public_metrics: bool,
 }
 
 /// What a client may send, and how slowly.
@@ -801,6 +829,18 @@ impl Settings {
                 idle_timeout: d(o.idle_timeout, default::IDLE_TIMEOUT),
             },
             wait_for_backend: ready_timeout,
+            record: o.admin.is_some(),
+        };
+        let admin = match o.admin {
+            Some(ListenAddr(addr)) if !addr.ip().is_loopback() && o.admin_token.is_none() => {
+                return Err(ConfigError::AdminNeedsToken(addr));
+            }
+            Some(ListenAddr(addr)) => Some(AdminConfig {
+                addr,
+                token: o.admin_token.filter(|t| !t.is_empty()),
+                public_metrics: o.admin_public_metrics.unwrap_or(false),
+            }),
+            None => None,
         };
         Ok(Settings {
             name,
@@ -828,6 +868,7 @@ impl Settings {
             connect_timeout,
             max_memory: o.max_memory.map(|s| s.0 as u64),
             watchdog: o.watchdog.map(|d| d.0).filter(|d| !d.is_zero()),
+            admin,
             watch,
             watch_ignore,
             watch_delay: d(o.watch_delay, default::WATCH_DELAY),

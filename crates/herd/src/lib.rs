@@ -3,6 +3,7 @@
 //! `unsafe` is denied everywhere but in [`os::sys`], the fork/exec plumbing.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod console;

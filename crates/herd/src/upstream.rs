@@ -35,6 +35,8 @@ pub struct Target {
     fail_streak: AtomicU32,
     /// Requests (HTTP) or connections (TCP) it has been given.
     served: AtomicU64,
+    /// Its answers, when the proxy records them (`--admin`).
+    pub answers: AnswerStats,
 }
 
 impl Target {
@@ -49,6 +51,7 @@ impl Target {
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
             served: AtomicU64::new(0),
+            answers: AnswerStats::default(),
         }
     }
 
@@ -84,7 +87,7 @@ struct Canary {
     targets: Vec<Arc<Target>>,
     split: Split,
     /// The stable version's, then the new one's.
-    stats: [Arc<VersionStats>; 2],
+    stats: [Arc<AnswerStats>; 2],
 }
 
 /// What a pick chose: the lease counts the request in flight; `stats` is
@@ -92,7 +95,7 @@ struct Canary {
 pub struct Picked {
     pub lease: Lease,
     pub target: Arc<Target>,
-    pub stats: Option<Arc<VersionStats>>,
+    pub stats: Option<Arc<AnswerStats>>,
 }
 
 impl Pool {
@@ -201,34 +204,39 @@ fn balanced(kind: &StrategyKind, targets: Vec<Arc<Target>>) -> (Balancer, Vec<Ar
     (balancer, ordered)
 }
 
-/// Requests, 5xx answers and latencies of one version during a deploy,
-/// counted by the proxy threads; the supervisor samples them.
-pub struct VersionStats {
+/// Answers by status class and latency: of one version during a deploy
+/// (the analysis samples them), or of one target (for `/metrics`).
+pub struct AnswerStats {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
+    /// 1xx … 5xx.
+    pub classes: [AtomicU64; 5],
     /// Time to the answer's head, in half-octaves of microseconds.
     pub latency: [AtomicU64; LATENCY_BUCKETS],
 }
 
 pub const LATENCY_BUCKETS: usize = 64;
 
-impl Default for VersionStats {
+impl Default for AnswerStats {
     fn default() -> Self {
-        VersionStats {
+        AnswerStats {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            classes: std::array::from_fn(|_| AtomicU64::new(0)),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
 
-impl VersionStats {
+impl AnswerStats {
     /// One answer: its status (or 502/504 when none came) and its latency.
     pub fn record(&self, status: u16, micros: u64) {
         self.requests.fetch_add(1, Relaxed);
         if status >= 500 {
             self.errors.fetch_add(1, Relaxed);
         }
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.classes[class].fetch_add(1, Relaxed);
         self.latency[latency_bucket(micros)].fetch_add(1, Relaxed);
     }
 
@@ -241,7 +249,7 @@ impl VersionStats {
     }
 }
 
-/// [`VersionStats`] at one moment; differences of two are a window's.
+/// [`AnswerStats`] at one moment; differences of two are a window's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
     pub requests: u64,
@@ -295,6 +303,23 @@ impl Sample {
     }
 }
 
+/// Classic Prometheus histogram buckets from the half-octave ones: one
+/// bound per power of two from 64 µs to about 16.8 s, in seconds, with the
+/// count of answers at or under it.
+pub fn octave_buckets(latency: &[u64; LATENCY_BUCKETS]) -> Vec<(f64, u64)> {
+    let mut out = Vec::new();
+    let mut seen = 0;
+    for (i, n) in latency.iter().enumerate() {
+        seen += n;
+        // Bucket 2l+1 ends just under 2^(l+1) µs.
+        if i % 2 == 1 && (13..=49).contains(&i) {
+            out.push(((1u64 << (i / 2 + 1)) as f64 / 1e6, seen));
+        }
+    }
+    out.push((f64::INFINITY, seen));
+    out
+}
+
 /// Bucket of a latency: two per power of two.
 fn latency_bucket(us: u64) -> usize {
     if us < 2 {
@@ -328,7 +353,10 @@ pub struct Upstreams {
     kind: StrategyKind,
     remote: Vec<Arc<Target>>,
     /// The versions' counts during a deploy, kept across pool rebuilds.
-    stats: std::sync::Mutex<Option<[Arc<VersionStats>; 2]>>,
+    stats: std::sync::Mutex<Option<[Arc<AnswerStats>; 2]>>,
+    /// Requests sent again to another backend (or a fresh connection), when
+    /// the proxy records (`--admin`).
+    pub retries: AtomicU64,
     pool: ArcSwap<Pool>,
     changed: Notify,
     /// The clock every pick, lease and health check uses.
@@ -353,6 +381,7 @@ impl Upstreams {
             kind,
             remote,
             stats: std::sync::Mutex::new(None),
+            retries: AtomicU64::new(0),
             pool: ArcSwap::from_pointee(pool),
             changed: Notify::new(),
             epoch: Instant::now(),
@@ -388,7 +417,7 @@ impl Upstreams {
     }
 
     /// The versions' counts (stable, new) during a deploy.
-    pub fn version_stats(&self) -> Option<[Arc<VersionStats>; 2]> {
+    pub fn version_stats(&self) -> Option<[Arc<AnswerStats>; 2]> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -520,7 +549,7 @@ mod tests {
 
     #[test]
     fn p99_and_error_rate_of_a_window() {
-        let s = VersionStats::default();
+        let s = AnswerStats::default();
         for _ in 0..990 {
             s.record(200, 1_000);
         }

@@ -528,6 +528,10 @@ fn bad_input_gets_one_clear_line() {
         "--watch needs a command",
     );
     assert_one_line_error(
+        &["run", "--admin", "0.0.0.0:9100", "--", DEMO],
+        "is not a loopback address: give --admin-token",
+    );
+    assert_one_line_error(
         &["run", "--mode", "bogus", "--", DEMO],
         "invalid value 'bogus'",
     );

@@ -8,8 +8,8 @@ pub mod client;
 mod protocol;
 
 pub use protocol::{
-    DeployPlan, DeployStatus, Done, Line, Request, Status, VersionRow, WorkerRow, WorkerState,
-    parse_signal,
+    DeployPlan, DeployStatus, Done, Line, Reloads, Request, Status, VersionRow, WorkerRow,
+    WorkerState, parse_signal,
 };
 
 use std::io::{BufRead, BufReader, Write};
@@ -307,6 +307,7 @@ mod tests {
                 uptime: 1.0,
                 restarts: 2,
                 cpu: 0.5,
+                cpu_seconds: 2.0,
                 memory: 1024,
                 connections: Some(1),
                 requests: Some(10),
@@ -314,10 +315,14 @@ mod tests {
                 last_exit: Some("exited with status 1".into()),
             }],
             deploy: None,
+            reloads: Reloads {
+                done: 3,
+                aborted: 1,
+            },
         };
         assert_eq!(
             serde_json::to_string(&Line::Status(Box::new(status))).unwrap(),
-            r#"{"ok":true,"name":"api","pid":42,"mode":"proxy","listen":"0.0.0.0:8000","uptime":1.5,"reloading":false,"log_file":null,"workers":[{"id":0,"pid":43,"state":"ready","uptime":1.0,"restarts":2,"cpu":0.5,"memory":1024,"connections":1,"requests":10,"rps":null,"last_exit":"exited with status 1"}]}"#
+            r#"{"ok":true,"name":"api","pid":42,"mode":"proxy","listen":"0.0.0.0:8000","uptime":1.5,"reloading":false,"log_file":null,"workers":[{"id":0,"pid":43,"state":"ready","uptime":1.0,"restarts":2,"cpu":0.5,"cpu_seconds":2.0,"memory":1024,"connections":1,"requests":10,"rps":null,"last_exit":"exited with status 1"}],"reloads":{"done":3,"aborted":1}}"#
         );
         let lines = [
             (

@@ -105,6 +105,15 @@ pub struct Status {
     /// A deploy in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy: Option<DeployStatus>,
+    /// Rolling reloads that finished, and that were aborted.
+    #[serde(default)]
+    pub reloads: Reloads,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reloads {
+    pub done: u64,
+    pub aborted: u64,
 }
 
 /// `herd deploy`'s request: what the new version runs (each unset part as
@@ -197,6 +206,9 @@ pub struct WorkerRow {
     pub restarts: u64,
     /// Percent of one CPU since the last `status`.
     pub cpu: f64,
+    /// CPU time used in all (user and system), in seconds.
+    #[serde(default)]
+    pub cpu_seconds: f64,
     /// RSS in bytes.
     pub memory: u64,
     /// Requests in flight (proxy) or established TCP connections (fd modes).

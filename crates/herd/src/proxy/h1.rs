@@ -366,6 +366,10 @@ async fn exchange(
             let no = (503, "Service Unavailable", "no worker is ready\n");
             return answer(io, out, no, own_keep, limits.idle_timeout).await;
         }
+        if tries > 0 && p.cfg.record {
+            p.up.retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let started = p.up.now();
         let (lease, target, stats) = match p.pick(key.as_ref(), split.as_ref(), avoid.as_deref()) {
             Ok(x) => (x.lease, x.target, x.stats),
@@ -495,8 +499,12 @@ async fn exchange(
                     }
                     _ => (502, "Bad Gateway", "backend failed\n"),
                 };
+                let micros = now.saturating_sub(started) / 1000;
                 if let Some(s) = &stats {
-                    s.record(last.0, now.saturating_sub(started) / 1000);
+                    s.record(last.0, micros);
+                }
+                if p.cfg.record {
+                    target.answers.record(last.0, micros);
                 }
                 tracing::debug!("{}: {}", target.label, last.2.trim_end());
                 if replay {
@@ -509,8 +517,12 @@ async fn exchange(
         };
         lease.success(now);
         target.count_served();
+        let micros = now.saturating_sub(started) / 1000;
         if let Some(s) = &stats {
-            s.record(resp.status, now.saturating_sub(started) / 1000);
+            s.record(resp.status, micros);
+        }
+        if p.cfg.record {
+            target.answers.record(resp.status, micros);
         }
         let body_sent = body_end == BodyEnd::Done;
         if !body_sent && resp.client_keep_alive {
@@ -960,6 +972,7 @@ mod tests {
                 idle_timeout: secs,
             },
             wait_for_backend: secs,
+            record: false,
         };
         let up = Arc::new(Upstreams::new(herd_balance::StrategyKind::RoundRobin, &[]));
         let p = Arc::new(super::HttpProxy::new(up, cfg));

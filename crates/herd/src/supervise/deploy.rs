@@ -225,7 +225,7 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     fn counts(requests: u64, errors: u64, slow: u64) -> Sample {
-        let s = crate::upstream::VersionStats::default();
+        let s = crate::upstream::AnswerStats::default();
         for i in 0..requests {
             let status = if i < errors { 500 } else { 200 };
             let us = if i < slow { 900_000 } else { 2_000 };

@@ -65,6 +65,11 @@ pub enum SuperviseError {
     NodeShim(std::io::Error),
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
+    #[error("--admin {addr}: {source}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// What the worker tasks report to the supervisor.
@@ -116,6 +121,8 @@ pub struct Supervisor {
     node_shim: Option<PathBuf>,
     /// A canary or blue-green deploy in progress.
     rollout: Option<deploy::Rollout>,
+    /// For `/metrics`.
+    reloads: control::Reloads,
     /// Who asked for the running reload, told its progress and outcome.
     reload_reply: Option<UnboundedSender<Line>>,
     /// A `herd stop` caller's connection, answered before the master exits.
@@ -160,11 +167,28 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let mut sigttou =
         signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(SuperviseError::Signals)?;
     let (calls_tx, mut calls) = mpsc::unbounded_channel::<Call>();
+    let admin_calls = calls_tx.clone();
     tokio::spawn(control::serve(control_listener, calls_tx));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (tx, rx) = mpsc::unbounded_channel();
     let up = Arc::new(Upstreams::new(s.balance.clone(), &s.upstreams));
+    if let Some(admin) = &s.admin {
+        let l = std::net::TcpListener::bind(admin.addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|source| SuperviseError::Admin {
+                addr: admin.addr,
+                source,
+            })?;
+        tracing::info!("admin listener on {} (/metrics, /status)", admin.addr);
+        tokio::spawn(crate::admin::serve(
+            l,
+            admin.clone(),
+            admin_calls,
+            up.clone(),
+        ));
+    }
     let dispatcher = match &listeners {
         Listeners::Dispatch(l) => {
             let l = l.try_clone().map_err(|source| ListenError::Bind {
@@ -234,6 +258,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         specs: HashMap::from([(0, Arc::new(stable))]),
         node_shim,
         rollout: None,
+        reloads: control::Reloads::default(),
         reload_reply: None,
         stop_reply: None,
         samples: ops::Samples::default(),
@@ -441,6 +466,7 @@ impl Supervisor {
                         }
                     }
                     Action::ReloadDone { replaced } => {
+                        self.reloads.done += 1;
                         if let Some(r) = self.reload_reply.take() {
                             let done = Done {
                                 replaced: Some(replaced),
@@ -450,6 +476,9 @@ impl Supervisor {
                         }
                     }
                     Action::ReloadFailed(msg) => {
+                        if msg.starts_with("reload aborted") {
+                            self.reloads.aborted += 1;
+                        }
                         if let Some(r) = caller.take().or_else(|| self.reload_reply.take()) {
                             let _ = r.send(Done::failed(msg).into());
                         }

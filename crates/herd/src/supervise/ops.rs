@@ -320,6 +320,7 @@ impl Supervisor {
             log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),
             workers: Vec::new(),
             deploy: self.deploy_status(),
+            reloads: self.reloads,
         };
         let fd_mode = self.s.mode != Mode::Proxy;
         let samples = self.samples.clone();
@@ -392,6 +393,7 @@ fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRo
                 uptime: w.started.elapsed().as_secs_f64(),
                 restarts: w.restarts,
                 cpu: (cpu * 10.0).round() / 10.0,
+                cpu_seconds: cpu_ticks as f64 / ticks,
                 memory: rss,
                 connections: match (&w.target, &established) {
                     (Some(t), _) => Some(t.backend.in_flight() as usize),

@@ -459,6 +459,8 @@ fn worker_env(
         contract::NOTIFY_SOCKET,
         "WATCHDOG_USEC",
         "WATCHDOG_PID",
+        // The admin listener's secret is herd's, not the app's.
+        "HERD_ADMIN_TOKEN",
     ];
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !STRIP.iter().any(|s| k == s))

@@ -1,0 +1,187 @@
+//! The admin listener: `/metrics` read by Prometheus' own parser (the
+//! `prometheus_client` Python package), `/status`, and the token rules.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// GET `path` on `port` with an optional bearer token: (status, body).
+fn admin_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string(),
+    )
+}
+
+/// The samples of a Prometheus text exposition as Prometheus' own client
+/// library parses it: one `name{labels} value` line per sample, labels
+/// sorted, or the parser's error.
+fn parse_metrics(text: &str) -> Vec<String> {
+    let script = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+        print(f"{s.name}{{{labels}}} {s.value}")
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused it: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn value(samples: &[String], series: &str) -> f64 {
+    samples
+        .iter()
+        .find_map(|s| s.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {samples:#?}"))
+}
+
+fn sum(samples: &[String], prefix: &str, label: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.starts_with(prefix) && s.contains(label))
+        .filter_map(|s| s.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn metrics_parse_with_prometheus_own_parser_and_move_under_load() {
+    let admin = free_port();
+    let addr = format!("127.0.0.1:{admin}");
+    let h = Herd::start(&["-i", "2", "--admin", &addr], &[DEMO]);
+    h.wait_ready(2);
+    for _ in 0..50 {
+        assert_eq!(h.get("/").unwrap().0, 200);
+    }
+    let (code, text) = admin_get(admin, "/metrics", None);
+    assert_eq!(code, 200, "{text}");
+    let m = parse_metrics(&text);
+    assert_eq!(value(&m, "herd_workers{state=ready}"), 2.0);
+    assert!(value(&m, "herd_worker_resident_memory_bytes{worker=0}") > 1e5);
+    assert_eq!(value(&m, "herd_reloads_total{outcome=done}"), 0.0);
+    let ok_before = sum(&m, "herd_backend_requests_total", "code=2xx");
+    assert!(ok_before >= 50.0, "{ok_before}");
+    let count = sum(
+        &m,
+        "herd_backend_request_duration_seconds_count",
+        "backend=worker-",
+    );
+    assert_eq!(count, ok_before, "every answer is in the histogram");
+    assert!(m.iter().any(|s| {
+        s.starts_with("herd_backend_request_duration_seconds_bucket{backend=worker-0,le=+Inf}")
+    }));
+
+    // Under more load, and after a reload, the values move.
+    for _ in 0..30 {
+        h.get("/").unwrap();
+    }
+    let slow = std::thread::spawn({
+        let port = h.port;
+        move || http_get(port, "/slow?ms=1500")
+    });
+    assert!(h.wait_log("slow request started", T));
+    let m = parse_metrics(&admin_get(admin, "/metrics", None).1);
+    assert!(sum(&m, "herd_backend_requests_total", "code=2xx") >= ok_before + 30.0);
+    assert_eq!(
+        sum(&m, "herd_backend_in_flight", "backend=worker-"),
+        1.0,
+        "the slow one"
+    );
+    slow.join().unwrap().unwrap();
+    let out = herd(&["reload", "--name", &status_name(admin)]);
+    assert!(out.status.success());
+    let m = parse_metrics(&admin_get(admin, "/metrics", None).1);
+    assert_eq!(value(&m, "herd_reloads_total{outcome=done}"), 1.0);
+    assert_eq!(value(&m, "herd_worker_restarts_total{worker=1}"), 1.0);
+}
+
+/// The cluster's name, from `/status`.
+fn status_name(admin: u16) -> String {
+    let (_, body) = admin_get(admin, "/status", None);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["name"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn with_a_token_everything_needs_it_but_public_metrics() {
+    let admin = free_port();
+    let addr = format!("127.0.0.1:{admin}");
+    let h = Herd::start(
+        &["-i", "1", "--admin", &addr, "--admin-token", "s3cret"],
+        &[DEMO],
+    );
+    h.wait_ready(1);
+    assert_eq!(admin_get(admin, "/metrics", None).0, 401);
+    assert_eq!(admin_get(admin, "/metrics", Some("wrong!")).0, 401);
+    assert_eq!(admin_get(admin, "/metrics", Some("s3cret")).0, 200);
+    let (code, body) = admin_get(admin, "/status", Some("s3cret"));
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""workers":[{"#), "{body}");
+    drop(h);
+
+    let admin = free_port();
+    let addr = format!("0.0.0.0:{admin}");
+    let h = Herd::spawn(
+        std::process::Command::new(HERD)
+            .args([
+                "run",
+                "-i",
+                "1",
+                "--admin",
+                &addr,
+                "--admin-public-metrics",
+                "--listen",
+            ])
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .args(["--", DEMO])
+            .env("HERD_ADMIN_TOKEN", "from-env"),
+        0,
+    );
+    assert!(h.wait_log("all workers ready", T), "{}", h.log());
+    assert_eq!(admin_get(admin, "/metrics", None).0, 200, "public metrics");
+    assert_eq!(admin_get(admin, "/status", None).0, 401);
+    assert_eq!(admin_get(admin, "/status", Some("from-env")).0, 200);
+    assert_eq!(admin_get(admin, "/nope", Some("from-env")).0, 404);
+}
