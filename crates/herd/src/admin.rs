@@ -290,6 +290,18 @@ impl Collector for Scrape {
         }
         family(
             &mut enc,
+            "herd_access_log_dropped",
+            "Access log lines dropped because the writer fell behind.",
+            MetricType::Counter,
+            [(
+                Vec::new(),
+                ConstCounter::new(
+                    crate::proxy::access::DROPPED.load(std::sync::atomic::Ordering::Relaxed),
+                ),
+            )],
+        )?;
+        family(
+            &mut enc,
             "herd_proxy_retries",
             "Requests sent again, to another backend or on a fresh connection.",
             MetricType::Counter,

@@ -387,6 +387,12 @@ options! {
     /// Serve /metrics without the token (the rest still needs it).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     admin_public_metrics: Option<bool>,
+    /// Log each request (each connection with --protocol tcp) to FILE, or `-` for stdout.
+    #[arg(long, value_name = "FILE|-")]
+    access_log: Option<PathBuf>,
+    /// The access log's format: nginx's `combined`, or `json` [default: combined].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    access_log_format: Option<AccessLogFormat>,
     /// Write herd's log and worker output to FILE instead of stdout/stderr.
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
@@ -561,6 +567,7 @@ pub struct Settings {
     pub max_memory: Option<u64>,
     pub watchdog: Option<Duration>,
     pub admin: Option<AdminConfig>,
+    pub access_log: Option<AccessLogConfig>,
     /// `--watch`, absolute.
     pub watch: Vec<PathBuf>,
     pub watch_ignore: Vec<String>,
@@ -662,6 +669,26 @@ pub struct HttpConfig {
     /// Count each answer's status class and latency per backend (for
     /// `/metrics`; off without `--admin`, so the proxy does no extra work).
     pub record: bool,
+}
+
+/// The access log's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// nginx's `combined`.
+    Combined,
+    /// One JSON object per line, with timings and the backend.
+    Json,
+}
+
+/// `--access-log`.
+#[derive(Debug, Clone)]
+pub struct AccessLogConfig {
+    /// `None`: stdout (`-`).
+    pub path: Option<PathBuf>,
+    pub format: AccessLogFormat,
+    pub max_size: u64,
+    pub keep: u32,
 }
 
 /// The admin listener (`--admin`).
@@ -869,6 +896,12 @@ impl Settings {
             max_memory: o.max_memory.map(|s| s.0 as u64),
             watchdog: o.watchdog.map(|d| d.0).filter(|d| !d.is_zero()),
             admin,
+            access_log: o.access_log.map(|p| AccessLogConfig {
+                path: (p.as_os_str() != "-").then_some(p),
+                format: o.access_log_format.unwrap_or(AccessLogFormat::Combined),
+                max_size: o.log_max_size.map_or(default::LOG_MAX_SIZE, |s| s.0 as u64),
+                keep: o.log_keep.unwrap_or(default::LOG_KEEP),
+            }),
             watch,
             watch_ignore,
             watch_delay: d(o.watch_delay, default::WATCH_DELAY),

@@ -18,18 +18,7 @@ static LOG: OnceLock<Mutex<RotatingFile>> = OnceLock::new();
 
 /// Sends all later log and worker output to `path`.
 pub fn install(path: &Path, max: u64, keep: u32) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
-    let size = file.metadata()?.len();
-    let _ = LOG.set(Mutex::new(RotatingFile {
-        path: path.to_path_buf(),
-        max: max.max(1024),
-        keep: keep.max(1),
-        file,
-        size,
-    }));
+    let _ = LOG.set(Mutex::new(RotatingFile::open(path, max, keep)?));
     Ok(())
 }
 
@@ -49,6 +38,28 @@ pub fn write(bytes: &[u8]) -> bool {
 }
 
 impl RotatingFile {
+    /// Appends to `path` (creating it and its directory), rotating past
+    /// `max` bytes and keeping `keep` old files.
+    pub fn open(path: &Path, max: u64, keep: u32) -> std::io::Result<RotatingFile> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(RotatingFile {
+            path: path.to_path_buf(),
+            max: max.max(1024),
+            keep: keep.max(1),
+            file,
+            size,
+        })
+    }
+
+    /// Writes whole lines, rotating first if they would pass the size.
+    pub fn write_all_lines(&mut self, bytes: &[u8]) {
+        self.write(bytes);
+    }
+
     fn write(&mut self, bytes: &[u8]) {
         if self.size > 0 && self.size + bytes.len() as u64 > self.max {
             self.rotate();

@@ -185,3 +185,156 @@ fn with_a_token_everything_needs_it_but_public_metrics() {
     assert_eq!(admin_get(admin, "/status", Some("from-env")).0, 200);
     assert_eq!(admin_get(admin, "/nope", Some("from-env")).0, 404);
 }
+
+/// The access log's lines, once there are `n`.
+fn log_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let ok = wait_until(T, || {
+        lines = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.len() >= n
+    });
+    assert!(ok, "{} lines, not {n}: {lines:?}", lines.len());
+    lines
+}
+
+fn temp(tag: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("herd-access-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+#[test]
+fn the_access_log_has_every_field_in_json_and_in_nginx_combined() {
+    let json = temp("json");
+    let h = Herd::start(
+        &[
+            "-i",
+            "1",
+            "--access-log",
+            json.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+        &[DEMO],
+    );
+    h.wait_ready(1);
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"GET /slow?ms=60 HTTP/1.1\r\nHost: t\r\nUser-Agent: probe/1\r\nReferer: http://r/\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let body_len = answer.split_once("\r\n\r\n").unwrap().1.len() as u64;
+    let line = &log_lines(&json, 1)[0];
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["client"], "127.0.0.1", "{line}");
+    assert_eq!(
+        (v["method"].as_str(), v["path"].as_str()),
+        (Some("GET"), Some("/slow?ms=60"))
+    );
+    assert_eq!(
+        (v["protocol"].as_str(), v["status"].as_u64()),
+        (Some("HTTP/1.1"), Some(200))
+    );
+    assert_eq!(v["bytes"].as_u64(), Some(body_len), "{line}");
+    assert!(v["duration"].as_f64().unwrap() >= 0.06, "{line}");
+    let up = v["upstream_time"].as_f64().unwrap();
+    assert!(
+        up >= 0.06 && up <= v["duration"].as_f64().unwrap(),
+        "{line}"
+    );
+    assert!(
+        v["upstream"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{line}"
+    );
+    assert_eq!(
+        (v["worker"].as_str(), v["retries"].as_u64()),
+        (Some("worker-0"), Some(0))
+    );
+    assert_eq!(v["user_agent"], "probe/1");
+    assert_eq!(v["referer"], "http://r/");
+    let time = v["time"].as_str().unwrap();
+    assert!(
+        time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+        "{time}"
+    );
+    drop(h);
+
+    let combined = temp("combined");
+    let h = Herd::start(
+        &["-i", "1", "--access-log", combined.to_str().unwrap()],
+        &[DEMO],
+    );
+    h.wait_ready(1);
+    let (status, body) = h.get("/a%22b").unwrap();
+    let line = &log_lines(&combined, 1)[0];
+    let expect = format!(
+        "\"GET /a%22b HTTP/1.1\" {status} {} \"-\" \"-\"",
+        body.len()
+    );
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+    assert!(
+        line.contains(" +0000] ") && line.ends_with(&expect),
+        "{line}\n{expect}"
+    );
+    let _ = std::fs::remove_file(&json);
+    let _ = std::fs::remove_file(&combined);
+}
+
+#[test]
+fn the_access_log_has_a_line_per_tcp_connection_and_for_herds_own_answers() {
+    let path = temp("tcp");
+    let h = Herd::start(
+        &[
+            "-i",
+            "1",
+            "--protocol",
+            "tcp",
+            "--access-log",
+            path.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+        &[DEMO],
+    );
+    h.wait_ready(1);
+    let (_, body) = h.get("/").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&log_lines(&path, 1)[0]).unwrap();
+    assert_eq!(
+        (v["protocol"].as_str(), v["method"].as_str()),
+        (Some("TCP"), Some("-"))
+    );
+    assert_eq!(v["worker"], "worker-0");
+    assert!(
+        v["bytes"].as_u64().unwrap() > body.len() as u64,
+        "both ways: {v}"
+    );
+    drop(h);
+
+    // No backend answers: herd's own 502 is logged, with no worker.
+    let own = temp("own");
+    let h = Herd::start(
+        &[
+            "--upstream",
+            "127.0.0.1:1",
+            "--access-log",
+            own.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+        &[],
+    );
+    assert!(h.wait_log("listening on", T), "{}", h.log());
+    assert_eq!(h.get("/x").unwrap().0, 502);
+    let v: serde_json::Value = serde_json::from_str(&log_lines(&own, 1)[0]).unwrap();
+    assert_eq!(
+        (v["status"].as_u64(), v["worker"].is_null()),
+        (Some(502), true),
+        "{v}"
+    );
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&own);
+}

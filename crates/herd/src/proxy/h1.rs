@@ -287,6 +287,7 @@ async fn exchange(
         peer,
         &p.key_source,
         split_source,
+        p.log.is_some(),
         &mut out,
     );
     let split_by_ip = *split_source == herd_balance::KeySource::ClientIp;
@@ -299,6 +300,21 @@ async fn exchange(
             return Outcome::Linger;
         }
     };
+    // What the access log needs of the head, copied before it goes.
+    let logged = p.log.as_ref().map(|_| {
+        let h = &inbox.pending()[..head_len];
+        let s = |(a, b): (usize, usize)| String::from_utf8_lossy(&h[a..b]).into_owned();
+        Logged {
+            method: s(req.method),
+            target: s(req.target),
+            referer: req.referer.map(s),
+            user_agent: req.user_agent.map(s),
+            http10: req.http10,
+            peer,
+            at: std::time::SystemTime::now(),
+            started: p.up.now(),
+        }
+    });
     // The key outlives the head's bytes (the buffer is reused for the body).
     let key_bytes = req.key.map(|(a, b)| inbox.pending()[a..b].to_vec());
     let key = match &key_bytes {
@@ -360,10 +376,12 @@ async fn exchange(
     let mut skip_pool = req.upgrade;
     'attempt: loop {
         if tries >= MAX_TRIES {
+            note(p, &logged, last.0, 0, None, tries);
             return answer(io, out, last, own_keep, limits.idle_timeout).await;
         }
         if !p.some_target().await {
             let no = (503, "Service Unavailable", "no worker is ready\n");
+            note(p, &logged, no.0, 0, None, tries);
             return answer(io, out, no, own_keep, limits.idle_timeout).await;
         }
         if tries > 0 && p.cfg.record {
@@ -374,10 +392,12 @@ async fn exchange(
         let (lease, target, stats) = match p.pick(key.as_ref(), split.as_ref(), avoid.as_deref()) {
             Ok(x) => (x.lease, x.target, x.stats),
             Err(_) if avoid.is_some() => {
+                note(p, &logged, last.0, 0, None, tries);
                 return answer(io, out, last, own_keep, limits.idle_timeout).await;
             }
             Err(_) => {
                 let no = (503, "Service Unavailable", "no healthy backend\n");
+                note(p, &logged, no.0, 0, None, tries);
                 return answer(io, out, no, own_keep, limits.idle_timeout).await;
             }
         };
@@ -512,6 +532,7 @@ async fn exchange(
                     continue 'attempt;
                 }
                 let keep = own_keep && body_end == BodyEnd::Done;
+                note(p, &logged, last.0, 0, None, tries);
                 return answer(io, out, last, keep, limits.idle_timeout).await;
             }
         };
@@ -536,7 +557,9 @@ async fn exchange(
         }
         conns::give_back(out);
 
+        let upstream = Some((&*target, micros));
         if resp.status == 101 {
+            note(p, &logged, 101, 0, upstream, tries);
             let ok = write_two(io, &rout, &rbuf[len..], limits.idle_timeout)
                 .await
                 .is_ok()
@@ -555,7 +578,9 @@ async fn exchange(
             return Outcome::Close;
         }
 
-        let relayed = relay_answer(p, io, &b, &mut rbuf, len, &rout, &resp).await;
+        let mut sent = 0;
+        let relayed = relay_answer(p, io, &b, &mut rbuf, len, &rout, &resp, &mut sent).await;
+        note(p, &logged, resp.status, sent, upstream, tries);
         conns::give_back(rbuf);
         conns::give_back(rout);
         if relayed == Relayed::Complete && resp.backend_keep_alive && body_sent {
@@ -675,6 +700,8 @@ enum Relayed {
 }
 
 /// Writes the answer's head (`out`) and relays its body by its framing.
+// Each piece is borrowed apart from the others, so the caller keeps the rest.
+#[allow(clippy::too_many_arguments)]
 async fn relay_answer(
     p: &HttpProxy,
     client: &TcpStream,
@@ -683,6 +710,7 @@ async fn relay_answer(
     head_len: usize,
     out: &[u8],
     resp: &Response,
+    sent: &mut u64,
 ) -> Relayed {
     let to_client = p.cfg.limits.idle_timeout;
     let from_backend = p.cfg.response_timeout;
@@ -707,6 +735,7 @@ async fn relay_answer(
             {
                 return Relayed::Failed;
             }
+            *sent += first as u64;
             let mut left = n - first as u64;
             let mut extra = extra;
             while left > 0 {
@@ -720,6 +749,7 @@ async fn relay_answer(
                         if write_all(client, &rbuf[..k], to_client).await.is_err() {
                             return Relayed::Failed;
                         }
+                        *sent += k as u64;
                     }
                 }
             }
@@ -730,6 +760,7 @@ async fn relay_answer(
             }
         }
         Framing::Chunked => {
+            let body_sent = sent;
             let mut c = Chunked::new(p.cfg.limits.max_head);
             let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
             let mut from = head_len;
@@ -759,6 +790,11 @@ async fn relay_answer(
                 if sent.is_err() {
                     return Relayed::Failed;
                 }
+                *body_sent += if resp.dechunk {
+                    spans.iter().map(|r| r.len() as u64).sum::<u64>()
+                } else {
+                    k as u64
+                };
                 head = &[];
                 if c.is_done() {
                     return if k < data.len() {
@@ -782,6 +818,7 @@ async fn relay_answer(
             {
                 return Relayed::Failed;
             }
+            *sent += (rbuf.len() - head_len) as u64;
             loop {
                 rbuf.clear();
                 match read_some_vec(b, rbuf, from_backend).await {
@@ -791,6 +828,7 @@ async fn relay_answer(
                         if write_all(client, rbuf, to_client).await.is_err() {
                             return Relayed::Failed;
                         }
+                        *sent += rbuf.len() as u64;
                     }
                 }
             }
@@ -945,6 +983,50 @@ async fn linger(io: &mut TcpStream, inbox: &mut Inbox, cap: usize) {
     inbox.start = 0;
 }
 
+/// What the access log keeps of a request's head.
+struct Logged {
+    method: String,
+    target: String,
+    referer: Option<String>,
+    user_agent: Option<String>,
+    http10: bool,
+    peer: IpAddr,
+    at: std::time::SystemTime,
+    /// On the balancer's clock, ns.
+    started: u64,
+}
+
+/// One access log line, if the log is on: the answer's status and body
+/// bytes, the backend that gave it (and its time in µs), and the tries.
+fn note(
+    p: &HttpProxy,
+    l: &Option<Logged>,
+    status: u16,
+    bytes: u64,
+    backend: Option<(&Target, u64)>,
+    tries: usize,
+) {
+    let (Some(log), Some(l)) = (&p.log, l) else {
+        return;
+    };
+    log.write(&super::access::Entry {
+        at: l.at,
+        client: l.peer,
+        method: &l.method,
+        path: &l.target,
+        protocol: if l.http10 { "HTTP/1.0" } else { "HTTP/1.1" },
+        status,
+        bytes,
+        duration: Duration::from_nanos(p.up.now().saturating_sub(l.started)),
+        upstream: backend.map(|(t, _)| t.addr),
+        upstream_time: backend.map(|(_, us)| Duration::from_micros(us)),
+        worker: backend.map(|(t, _)| t.backend.name()),
+        retries: tries.saturating_sub(1) as u32,
+        referer: l.referer.as_deref(),
+        user_agent: l.user_agent.as_deref(),
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -975,7 +1057,7 @@ mod tests {
             record: false,
         };
         let up = Arc::new(Upstreams::new(herd_balance::StrategyKind::RoundRobin, &[]));
-        let p = Arc::new(super::HttpProxy::new(up, cfg));
+        let p = Arc::new(super::HttpProxy::new(up, cfg, None));
         let active = crate::proxy::ActiveGuard::new(Arc::default());
         let f = super::serve(
             p,

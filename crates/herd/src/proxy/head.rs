@@ -66,6 +66,12 @@ pub struct Request {
     pub key: Option<(usize, usize)>,
     /// The bytes a deploy's split hashes on, from the head.
     pub split_key: Option<(usize, usize)>,
+    /// The request line's method and target, in the head.
+    pub method: (usize, usize),
+    pub target: (usize, usize),
+    /// For the access log (when asked): `Referer` and `User-Agent`.
+    pub referer: Option<(usize, usize)>,
+    pub user_agent: Option<(usize, usize)>,
 }
 
 /// What the proxy needs to know of a response after its head.
@@ -236,6 +242,7 @@ pub fn request(
     peer: IpAddr,
     key_source: &KeySource,
     split_source: &KeySource,
+    log: bool,
     out: &mut Vec<u8>,
 ) -> Result<Request, Refusal> {
     // Uninitialized: httparse fills only what it parses.
@@ -397,6 +404,21 @@ pub fn request(
 
     let key = hash_key(key_source, headers, head);
     let split_key = hash_key(split_source, headers, head);
+    let at = |v: &[u8]| {
+        let start = v.as_ptr() as usize - head.as_ptr() as usize;
+        (start, start + v.len())
+    };
+    let named = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| at(h.value))
+    };
+    let (referer, user_agent) = if log {
+        (named("referer"), named("user-agent"))
+    } else {
+        (None, None)
+    };
     Ok(Request {
         body,
         http10,
@@ -413,6 +435,10 @@ pub fn request(
         ),
         key,
         split_key,
+        method: at(method.as_bytes()),
+        target: at(target.as_bytes()),
+        referer,
+        user_agent,
     })
 }
 
@@ -671,6 +697,7 @@ mod tests {
             peer(),
             &KeySource::None,
             &KeySource::None,
+            false,
             &mut out,
         )?;
         Ok((r, String::from_utf8(out).unwrap()))
@@ -791,6 +818,7 @@ mod tests {
                 peer(),
                 &src,
                 &KeySource::None,
+                false,
                 &mut Vec::new(),
             )
             .unwrap()
@@ -806,6 +834,7 @@ mod tests {
             peer(),
             &KeySource::None,
             &KeySource::None,
+            false,
             &mut out,
         );
     }

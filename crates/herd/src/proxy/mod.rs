@@ -4,6 +4,7 @@
 //! through herd's own engine ([`h1`], heads parsed once by [`head`]),
 //! prior-knowledge h2c through hyper ([`h2`]).
 
+pub mod access;
 mod chunked;
 mod conns;
 mod deadline;
@@ -183,15 +184,22 @@ pub struct HttpProxy {
     pub cfg: HttpConfig,
     /// Where the strategy's hash key comes from, worked out once.
     key_source: KeySource,
+    /// `--access-log`.
+    pub log: Option<Arc<access::AccessLog>>,
 }
 
 impl HttpProxy {
-    pub fn new(up: Arc<Upstreams>, cfg: HttpConfig) -> HttpProxy {
+    pub fn new(
+        up: Arc<Upstreams>,
+        cfg: HttpConfig,
+        log: Option<Arc<access::AccessLog>>,
+    ) -> HttpProxy {
         let key_source = up.kind().key_source();
         HttpProxy {
             up,
             cfg,
             key_source,
+            log,
         }
     }
 

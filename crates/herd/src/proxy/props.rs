@@ -181,7 +181,7 @@ proptest! {
         let Some(end) = head::head_end(head.as_bytes(), 0) else {
             return Ok(()); // never a complete head: herd waits, then 408/431
         };
-        let Ok(req) = head::request(&head.as_bytes()[..end], 100, peer, &KeySource::None, &KeySource::None, &mut out) else {
+        let Ok(req) = head::request(&head.as_bytes()[..end], 100, peer, &KeySource::None, &KeySource::None, false, &mut out) else {
             return Ok(()); // refused: 400
         };
         prop_assert_eq!(strict_framing(&out), req.body);

@@ -16,6 +16,8 @@ pub struct TcpProxy {
     pub connect_timeout: Duration,
     /// How long a connection waits for a first worker to be ready.
     pub wait_for_backend: Duration,
+    /// `--access-log`: one line per connection.
+    pub log: Option<Arc<super::access::AccessLog>>,
 }
 
 /// Targets tried per connection before giving up on it.
@@ -24,6 +26,7 @@ const MAX_TRIES: usize = 3;
 impl TcpProxy {
     pub(super) async fn relay(&self, mut client: TcpStream, peer: SocketAddr) {
         let key = ip_key(peer.ip());
+        let (at, started) = (std::time::SystemTime::now(), std::time::Instant::now());
         let mut avoid: Option<Arc<Backend>> = None;
         let deadline = tokio::time::Instant::now() + self.wait_for_backend;
         let mut tries = 0;
@@ -63,7 +66,26 @@ impl TcpProxy {
                     let _ = upstream.set_nodelay(true);
                     // Both ways; EOF on one side shuts down writing to the
                     // other (half-close); returns when both are done.
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    let connected = started.elapsed();
+                    let moved = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    if let Some(log) = &self.log {
+                        log.write(&super::access::Entry {
+                            at,
+                            client: peer.ip(),
+                            method: "-",
+                            path: "-",
+                            protocol: "TCP",
+                            status: 0,
+                            bytes: moved.map_or(0, |(a, b)| a + b),
+                            duration: started.elapsed(),
+                            upstream: Some(target.addr),
+                            upstream_time: Some(connected),
+                            worker: Some(target.backend.name()),
+                            retries: (tries - 1) as u32,
+                            referer: None,
+                            user_agent: None,
+                        });
+                    }
                     return; // The lease, held until now, counts this connection.
                 }
                 Ok(Err(e)) => tracing::debug!("{}: connect failed: {e}", target.label),

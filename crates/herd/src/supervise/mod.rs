@@ -65,6 +65,8 @@ pub enum SuperviseError {
     NodeShim(std::io::Error),
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
+    #[error("--access-log: {0}")]
+    AccessLog(std::io::Error),
     #[error("--admin {addr}: {source}")]
     Admin {
         addr: std::net::SocketAddr,
@@ -265,6 +267,12 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         startup_failures: Some(Vec::new()),
         watch_due: None,
     };
+    let access_log = match &sup.s.access_log {
+        Some(cfg) if sup.s.mode == Mode::Proxy => Some(Arc::new(
+            proxy::access::AccessLog::start(cfg).map_err(SuperviseError::AccessLog)?,
+        )),
+        _ => None,
+    };
     if let Some(Listeners::Proxy(socks)) = &sup.listeners {
         let mut listeners = Vec::new();
         for l in socks {
@@ -274,10 +282,13 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             })?);
         }
         let proto = match sup.s.protocol {
-            Protocol::Http => {
-                proxy::Protocol::Http(Arc::new(HttpProxy::new(sup.up.clone(), sup.s.http.clone())))
-            }
+            Protocol::Http => proxy::Protocol::Http(Arc::new(HttpProxy::new(
+                sup.up.clone(),
+                sup.s.http.clone(),
+                access_log.clone(),
+            ))),
             Protocol::Tcp => proxy::Protocol::Tcp(Arc::new(TcpProxy {
+                log: access_log.clone(),
                 up: sup.up.clone(),
                 connect_timeout: sup.s.connect_timeout,
                 wait_for_backend: sup.s.ready_timeout,
