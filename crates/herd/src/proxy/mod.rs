@@ -117,6 +117,7 @@ pub fn start_threads(
                         for n in 0u64.. {
                             tick.tick().await;
                             deadline::sweep(std::time::Instant::now());
+                            access::flush();
                             if n % 10 == 0 {
                                 conns::sweep();
                             }
