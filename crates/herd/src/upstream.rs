@@ -287,11 +287,16 @@ impl Sample {
 
     /// The 99th percentile latency, as the upper bound of its bucket.
     pub fn p99(&self) -> Option<std::time::Duration> {
+        self.quantile(99)
+    }
+
+    /// The `pct`th percentile latency, as the upper bound of its bucket.
+    pub fn quantile(&self, pct: u64) -> Option<std::time::Duration> {
         let total: u64 = self.latency.iter().sum();
         if total == 0 {
             return None;
         }
-        let rank = total - total / 100; // the 99th percent's last request
+        let rank = (total * pct).div_ceil(100).max(1);
         let mut seen = 0;
         for (i, n) in self.latency.iter().enumerate() {
             seen += n;
@@ -318,6 +323,44 @@ pub fn octave_buckets(latency: &[u64; LATENCY_BUCKETS]) -> Vec<(f64, u64)> {
     }
     out.push((f64::INFINITY, seen));
     out
+}
+
+/// Latency counts of each target, sampled by the supervisor every few
+/// seconds, so `herd status` can give p50 and p99 over the last minute.
+#[derive(Default)]
+pub struct LatencyWindow {
+    samples: std::collections::HashMap<u64, std::collections::VecDeque<(Instant, Sample)>>,
+}
+
+impl LatencyWindow {
+    /// How far back the window reaches.
+    pub const SPAN: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Takes a sample of every target of `pool`; forgets targets gone.
+    pub fn sample(&mut self, pool: &Pool, now: Instant) {
+        let live: Vec<_> = pool.all_targets().collect();
+        self.samples
+            .retain(|id, _| live.iter().any(|t| t.id == *id));
+        for t in live {
+            let q = self.samples.entry(t.id).or_default();
+            q.push_back((now, t.answers.snapshot()));
+            while q.len() > 1
+                && q.front()
+                    .is_some_and(|(at, _)| now.duration_since(*at) > Self::SPAN)
+            {
+                q.pop_front();
+            }
+        }
+    }
+
+    /// `t`'s answers since the oldest sample in the window (or its start).
+    pub fn of(&self, t: &Target) -> Sample {
+        let now = t.answers.snapshot();
+        match self.samples.get(&t.id).and_then(|q| q.front()) {
+            Some((_, first)) => now.since(first),
+            None => now,
+        }
+    }
 }
 
 /// Bucket of a latency: two per power of two.

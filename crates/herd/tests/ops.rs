@@ -128,6 +128,36 @@ fn status_reports_every_worker() {
         table.contains("ready") && table.contains(&pids[0].to_string()),
         "{table}"
     );
+    // p50 and p99 over the last minute (proxy mode): slow answers raise the p99.
+    for _ in 0..20 {
+        h.get("/").unwrap();
+    }
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let port = h.port;
+            std::thread::spawn(move || http_get(port, "/slow?ms=300"))
+        })
+        .collect();
+    for t in slow {
+        t.join().unwrap().unwrap();
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&herd(&["status", "--name", &n, "--json"]))).unwrap();
+    let p99: Vec<f64> = v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            let (p50, p99) = (w["p50_ms"].as_f64().unwrap(), w["p99_ms"].as_f64().unwrap());
+            assert!(p50 < 100.0 && p50 <= p99, "{w}");
+            p99
+        })
+        .collect();
+    assert!(
+        p99.iter().any(|&p| p >= 300.0),
+        "a slow answer in some p99: {p99:?}"
+    );
+    assert!(ok(&herd(&["status", "--name", &n])).contains("p99 ms"));
     // The only cluster of this name is found by `list` too.
     assert!(ok(&herd(&["list"])).contains(&n));
 }

@@ -179,7 +179,7 @@ fn table(name: &str, v: &Status) {
         if v.reloading { " (reloading)" } else { "" }
     );
     crate::outln!(
-        "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>6}  {:>7}  {:>5}  {:>9}  {:>7}  last exit",
+        "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>6}  {:>7}  {:>5}  {:>9}  {:>7}  {:>7}  last exit",
         "id",
         "pid",
         "state",
@@ -189,7 +189,8 @@ fn table(name: &str, v: &Status) {
         "memory",
         "conns",
         "requests",
-        "req/s"
+        "req/s",
+        "p99 ms"
     );
     fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
         v.map_or_else(|| "-".to_string(), |v| v.to_string())
@@ -204,7 +205,7 @@ fn table(name: &str, v: &Status) {
             w.id.to_string()
         };
         crate::outln!(
-            "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>5.1}%  {:>7}  {:>5}  {:>9}  {:>7}  {}",
+            "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>5.1}%  {:>7}  {:>5}  {:>9}  {:>7}  {:>7}  {}",
             id,
             w.pid,
             state.as_str().unwrap_or("?"),
@@ -215,6 +216,7 @@ fn table(name: &str, v: &Status) {
             opt(w.connections),
             opt(w.requests),
             opt(w.rps),
+            opt(w.p99_ms),
             w.last_exit.as_deref().unwrap_or("-"),
         );
     }

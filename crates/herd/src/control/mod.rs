@@ -312,6 +312,8 @@ mod tests {
                 connections: Some(1),
                 requests: Some(10),
                 rps: None,
+                p50_ms: None,
+                p99_ms: None,
                 last_exit: Some("exited with status 1".into()),
             }],
             deploy: None,

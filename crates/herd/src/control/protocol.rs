@@ -216,6 +216,11 @@ pub struct WorkerRow {
     /// Proxy mode only.
     pub requests: Option<u64>,
     pub rps: Option<f64>,
+    /// Proxy mode: time to the answer's head over the last minute, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
     /// How its slot's previous worker ended.
     pub last_exit: Option<String>,
 }

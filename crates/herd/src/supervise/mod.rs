@@ -125,6 +125,9 @@ pub struct Supervisor {
     rollout: Option<deploy::Rollout>,
     /// For `/metrics`.
     reloads: control::Reloads,
+    /// Each target's latency over the last minute, for `herd status`.
+    latency: crate::upstream::LatencyWindow,
+    ticks: u64,
     /// Who asked for the running reload, told its progress and outcome.
     reload_reply: Option<UnboundedSender<Line>>,
     /// A `herd stop` caller's connection, answered before the master exits.
@@ -261,6 +264,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         node_shim,
         rollout: None,
         reloads: control::Reloads::default(),
+        latency: Default::default(),
+        ticks: 0,
         reload_reply: None,
         stop_reply: None,
         samples: ops::Samples::default(),

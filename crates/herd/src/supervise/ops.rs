@@ -224,10 +224,15 @@ impl Supervisor {
         }
     }
 
-    /// Once a second: the deploy's analysis, and a memory sample of each
-    /// serving worker for `--max-memory`.
+    /// Once a second: the deploy's analysis, a latency sample every 5 s
+    /// (for `herd status`), and a memory sample of each serving worker for
+    /// `--max-memory`.
     pub(super) fn on_tick(&mut self) {
         self.analyse();
+        self.ticks += 1;
+        if self.s.mode == Mode::Proxy && self.ticks.is_multiple_of(5) {
+            self.latency.sample(&self.up.current(), Instant::now());
+        }
         if self.s.max_memory.is_none() {
             return;
         }
@@ -302,6 +307,11 @@ impl Supervisor {
                     },
                     started: w.started,
                     target: self.procs.get(&w.epoch).and_then(|p| p.target.clone()),
+                    recent: self
+                        .procs
+                        .get(&w.epoch)
+                        .and_then(|p| p.target.as_ref())
+                        .map(|t| self.latency.of(t)),
                     restarts,
                     last_exit: last_exit.map(str::to_string),
                 }
@@ -342,6 +352,8 @@ struct Probe {
     target: Option<std::sync::Arc<crate::upstream::Target>>,
     restarts: u64,
     last_exit: Option<String>,
+    /// Proxy mode: its answers over the last minute.
+    recent: Option<crate::upstream::Sample>,
 }
 
 /// Last CPU sample of each worker for `status`, by pid: (when, utime+stime
@@ -402,6 +414,8 @@ fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRo
                 },
                 requests,
                 rps: rps.map(|r| (r * 10.0).round() / 10.0),
+                p50_ms: w.recent.as_ref().and_then(|r| ms(r.quantile(50))),
+                p99_ms: w.recent.as_ref().and_then(|r| ms(r.quantile(99))),
                 last_exit: w.last_exit,
             }
         })
@@ -611,4 +625,9 @@ impl Supervisor {
             analysis: r.summary.clone(),
         })
     }
+}
+
+/// A latency in ms with 0.1 precision.
+fn ms(d: Option<std::time::Duration>) -> Option<f64> {
+    d.map(|d| (d.as_secs_f64() * 1e4).round() / 10.0)
 }
