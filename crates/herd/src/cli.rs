@@ -101,6 +101,11 @@ pub enum Command {
         #[arg(value_name = "ID|all", default_value = "all")]
         id: String,
     },
+    /// A terminal dashboard of a running cluster, like `pm2 monit`.
+    Monit {
+        #[command(flatten)]
+        target: Named,
+    },
     /// List the running herd clusters of this user.
     List {
         /// Print JSON (every cluster's status) instead of a table.

@@ -11,6 +11,7 @@ pub mod control;
 pub mod dispatch;
 pub mod ipc;
 pub mod logfile;
+pub mod monit;
 pub mod node;
 pub mod os;
 pub mod output;

@@ -14,6 +14,13 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Guard => ExitCode::from(herd::os::guardian::run() as u8),
+        Command::Monit { target } => match herd::monit::run(target.name()) {
+            Ok(code) => ExitCode::from(code as u8),
+            Err(e) => {
+                herd::errln!("herd: error: {e}");
+                ExitCode::from(1)
+            }
+        },
         cmd @ (Command::Status { .. }
         | Command::Reload { .. }
         | Command::Restart { .. }

@@ -1077,3 +1077,98 @@ fn clusters_are_named_as_pm2_users_type_them_and_all_means_every_one() {
     }
     let _ = std::fs::remove_dir_all(&runtime);
 }
+
+/// Runs tmux on a socket of this test's own.
+fn tmux(sock: &str, args: &[&str]) -> std::process::Output {
+    Command::new("tmux")
+        .arg("-L")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("tmux")
+}
+
+#[test]
+fn herd_monit_shows_the_workers_and_scales_and_quits_from_its_keys() {
+    let n = name("monit");
+    let h = Herd::start(&["--name", &n, "-i", "2"], &[DEMO]);
+    h.wait_ready(2);
+    let pids = h.worker_pids(2);
+    let sock = format!("herd-monit-{}", std::process::id());
+    let mut cmd = format!("exec env TERM=xterm-256color {HERD} monit {n}");
+    if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR") {
+        cmd = format!(
+            "exec env XDG_RUNTIME_DIR={} TERM=xterm-256color {HERD} monit {n}",
+            x.to_string_lossy()
+        );
+    }
+    let out = tmux(
+        &sock,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "m",
+            "-x",
+            "140",
+            "-y",
+            "40",
+            &cmd,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let screen = || {
+        String::from_utf8_lossy(&tmux(&sock, &["capture-pane", "-p", "-t", "m"]).stdout)
+            .into_owned()
+    };
+    let mut seen = String::new();
+    assert!(
+        wait_until(T, || {
+            seen = screen();
+            seen.contains(&pids[0].to_string()) && seen.contains(&pids[1].to_string())
+        }),
+        "{seen}"
+    );
+    assert!(
+        seen.contains(&format!("{n}: proxy mode")) && seen.contains("req/s"),
+        "{seen}"
+    );
+    // `+` scales up: a third worker row appears.
+    tmux(&sock, &["send-keys", "-t", "m", "+"]);
+    assert!(h.wait_log("worker 2 ready", T), "{}", h.log());
+    assert!(
+        wait_until(T, || {
+            seen = screen();
+            seen.lines().any(|l| l.trim_start().starts_with("2 "))
+        }),
+        "{seen}"
+    );
+    // ↓ then `R` replaces worker 1 (its successor first); `r` reloads all.
+    tmux(&sock, &["send-keys", "-t", "m", "Down", "R"]);
+    assert!(
+        h.wait_log("reload done: 1 worker replaced", T),
+        "{}",
+        h.log()
+    );
+    assert!(h.log().contains("worker 1: pid"), "{}", h.log());
+    tmux(&sock, &["send-keys", "-t", "m", "r"]);
+    assert!(
+        h.wait_log("reload done: 3 workers replaced", T),
+        "{}",
+        h.log()
+    );
+    // `q` quits and gives the terminal back.
+    tmux(&sock, &["send-keys", "-t", "m", "q"]);
+    assert!(
+        wait_until(T, || !tmux(&sock, &["has-session", "-t", "m"])
+            .status
+            .success()),
+        "monit did not quit: {}",
+        screen()
+    );
+    let _ = tmux(&sock, &["kill-server"]);
+}

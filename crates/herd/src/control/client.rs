@@ -70,6 +70,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             };
             (d.target.name, Request::Deploy(Box::new(plan)))
         }
+        Command::Monit { .. } => return Ok(2),
         Command::Promote { target } => (target.name().map(str::to_string), Request::Promote),
         Command::Rollback { target } => (target.name().map(str::to_string), Request::Rollback),
         Command::Run(_) | Command::Start(_) | Command::Logs { .. } | Command::Guard => {
@@ -126,6 +127,7 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
             "{name}: rolled back ({} of the new version stopping)",
             n(answer.rolled_back)
         ),
+        Request::Replace { id } => crate::outln!("{name}: worker {id} replaced"),
         Request::Status => {}
     }
     Ok(())

@@ -30,6 +30,9 @@ pub enum Request {
     Promote,
     /// The deploy's workers leave; all traffic returns to the running version.
     Rollback,
+    /// Replace worker `id`: its successor first, then it drains (as a
+    /// one-slot rolling reload).
+    Replace { id: usize },
     /// A signal (`"SIGUSR2"`) to worker `id`'s main process, or to every worker's.
     Signal {
         signal: String,

@@ -57,6 +57,20 @@ impl Supervisor {
                 self.apply(Input::Promote, Some(reply));
             }
             Request::Rollback => self.apply(Input::Rollback, Some(reply)),
+            // Answered as a reload of that one slot.
+            Request::Replace { id } => match self.m.current(id) {
+                Some(w) if self.m.workers().filter(|o| o.slot == id).count() == 1 => {
+                    let slots = Some(vec![w.slot]);
+                    self.apply(Input::Reload { slots }, Some(reply));
+                }
+                Some(_) => {
+                    let _ =
+                        reply.send(Done::failed(format!("worker {id} is being replaced")).into());
+                }
+                None => {
+                    let _ = reply.send(Done::failed(format!("there is no worker {id}")).into());
+                }
+            },
             Request::Signal { signal, id } => {
                 let answer = match self.signal(&signal, id) {
                     Ok(n) => Done {
