@@ -267,6 +267,14 @@ fn dispatch_splits_connections_and_the_fd_modes_refuse_what_they_cannot_do() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(why), "{all:?}: {err}");
     }
+    // A refused deploy leaves the running one as it was: still split.
+    let st = status_json(&n);
+    assert_eq!(st["deploy"]["percent"], 25, "{st}");
+    let new = (0..100).filter(|_| who(h.port, "") == 2).count();
+    assert!(
+        (20..=30).contains(&new),
+        "{new} of 100 after a refused deploy"
+    );
 
     let s = name("ssplit");
     let h = Herd::start(&["--name", &s, "-i", "1", "--mode", "shared"], &[DEMO]);

@@ -8,13 +8,21 @@
 //! above the limit *and* above the running version's (a backend that fails
 //! for everyone is not the release's fault), and promoted once it has been
 //! healthy for `--promote-after`.
+//!
+//! Over 500 lines with its tests, which are a third of it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use herd_balance::KeySource;
+use tokio::sync::mpsc::UnboundedSender;
 
-use crate::control::DeployPlan;
+use super::Supervisor;
+use super::machine::{Group, Input};
+use super::process::Spec;
+use crate::config::Mode;
+use crate::console::count;
+use crate::control::{DeployPlan, DeployStatus, Done, Line, VersionRow};
 use crate::upstream::Sample;
 
 /// The default analysis window.
@@ -215,6 +223,187 @@ pub(super) fn shown_by(by: &KeySource) -> String {
         KeySource::ClientIp => "ip".into(),
         KeySource::Header(n) => format!("header:{n}"),
         KeySource::Cookie(n) => format!("cookie:{n}"),
+    }
+}
+
+impl Supervisor {
+    /// `herd deploy`: the new release, its workers, its share of traffic.
+    pub(super) fn deploy(&mut self, plan: DeployPlan, reply: UnboundedSender<Line>) {
+        match self.plan_release(&plan) {
+            Ok((spec, by, workers)) => {
+                let version = self.specs.keys().max().map_or(1, |v| v + 1);
+                self.specs.insert(version, std::sync::Arc::new(spec));
+                let now = Instant::now();
+                let shown = shown_by(&by);
+                let rollout = Rollout::new(plan, version, by, now);
+                tracing::info!(
+                    "deploy: version {version}, {}, {} new, split {shown}",
+                    rollout.kind(),
+                    count(workers, "worker")
+                );
+                let previous = self.rollout.replace(rollout);
+                self.apply(Input::Deploy { version, workers }, Some(reply));
+                if self.m.deploying().is_none_or(|d| d.new != version) {
+                    // Refused (a reload or another deploy is running): the
+                    // running deploy, if any, goes on as it was.
+                    self.rollout = previous;
+                    self.specs.remove(&version);
+                }
+            }
+            Err(e) => {
+                let _ = reply.send(Done::failed(e).into());
+            }
+        }
+    }
+
+    /// Checks a deploy against this cluster's mode; resolves what it runs.
+    fn plan_release(&self, plan: &DeployPlan) -> Result<(Spec, KeySource, usize), String> {
+        if self.s.command.is_empty() {
+            return Err("this cluster has no workers (upstreams only)".into());
+        }
+        match (plan.canary, plan.blue_green) {
+            (Some(_), true) | (None, false) => {
+                return Err("give one of --canary PERCENT and --blue-green".into());
+            }
+            (Some(p), _) if p > 100 => return Err(format!("--canary {p}: at most 100")),
+            _ => {}
+        }
+        let by = split_by(plan.by.as_deref())?;
+        let analysed = plan.max_error_rate.is_some() || plan.max_p99_ms.is_some();
+        match self.s.mode {
+            Mode::Proxy => {}
+            _ if analysed => {
+                return Err(
+                    "--max-error-rate and --max-p99 need proxy mode (herd sees no HTTP answer in the fd modes)"
+                        .into(),
+                );
+            }
+            Mode::Dispatch if matches!(by, KeySource::Header(_) | KeySource::Cookie(_)) => {
+                return Err(
+                    "dispatch mode splits connections at random or --by ip (no header is read)"
+                        .into(),
+                );
+            }
+            Mode::Shared | Mode::Reuseport if plan.by.is_some() || plan.blue_green => {
+                return Err(format!(
+                    "in {} mode the kernel spreads connections over all workers: the split is by worker count (--canary with -i), so no --by or --blue-green",
+                    self.s.mode.as_str()
+                ));
+            }
+            _ => {}
+        }
+        let stable = &self.specs[&0];
+        let running = self.specs.get(&self.m.stable_version()).unwrap_or(stable);
+        let mut env = running.release.env.clone();
+        for kv in &plan.env {
+            let (k, v) = kv
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| format!("--env {kv:?}: use KEY=VAL"))?;
+            env.push((k.to_string(), v.to_string()));
+        }
+        let command = if plan.command.is_empty() {
+            running.release.command.clone()
+        } else {
+            plan.command.iter().map(Into::into).collect()
+        };
+        let cwd = plan
+            .cwd
+            .as_ref()
+            .map(std::path::PathBuf::from)
+            .or_else(|| running.release.cwd.clone());
+        let release =
+            crate::config::Release::resolve(command, cwd, env).map_err(|e| e.to_string())?;
+        let shim = release.is_node() && (self.s.node_shim || !stable.release.is_node());
+        let node_options = self
+            .node_shim
+            .as_ref()
+            .filter(|_| shim)
+            .map(|p| crate::node::node_options(p, &release.env));
+        // No deploy runs (else the machine refuses): every slot is stable.
+        let stable_slots = self.m.instances();
+        let workers = match (plan.workers, plan.canary) {
+            (Some(n), _) => n,
+            (None, Some(p)) => (stable_slots * usize::from(p)).div_ceil(100).max(1),
+            (None, None) => stable_slots,
+        };
+        Ok((
+            Spec {
+                release,
+                node_options,
+            },
+            by,
+            workers,
+        ))
+    }
+
+    /// The deploy's analysis, once a second: rolls back or promotes.
+    pub(super) fn analyse(&mut self) {
+        let Some(r) = &mut self.rollout else {
+            return;
+        };
+        if self.m.deploying().is_some_and(|d| d.promoting) {
+            return;
+        }
+        let now = Instant::now();
+        if let Some([a, b]) = self.up.version_stats() {
+            r.sample(now, [a.snapshot(), b.snapshot()]);
+        }
+        match r.verdict(now) {
+            Verdict::Wait => {}
+            Verdict::Rollback(why) => {
+                tracing::warn!("deploy: rolling back version {}: {why}", r.version);
+                self.apply(Input::Rollback, None);
+            }
+            Verdict::Promote => {
+                r.promoting = true;
+                tracing::info!(
+                    "deploy: version {} healthy for --promote-after; promoting",
+                    r.version
+                );
+                self.apply(Input::Promote, None);
+            }
+        }
+    }
+
+    pub(super) fn deploy_status(&self) -> Option<DeployStatus> {
+        let r = self.rollout.as_ref()?;
+        let d = self.m.deploying()?;
+        let window = self
+            .up
+            .version_stats()
+            .map(|[a, b]| r.window_to(&[a.snapshot(), b.snapshot()]));
+        let row = |role: &str, group: Group, version: u32, i: usize| {
+            let w = window.as_ref().map(|w| &w[i]);
+            VersionRow {
+                version,
+                role: role.to_string(),
+                command: self.specs.get(&version).map_or(String::new(), |s| {
+                    s.release
+                        .command
+                        .iter()
+                        .map(|w| w.to_string_lossy())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                }),
+                workers: self.m.workers().filter(|w| w.group == group).count(),
+                requests: w.map(|w| w.requests),
+                error_rate: w.map(|w| (w.error_rate() * 10.0).round() / 10.0),
+                p99_ms: w
+                    .and_then(|w| w.p99())
+                    .map(|d| (d.as_secs_f64() * 1e4).round() / 10.0),
+            }
+        };
+        Some(DeployStatus {
+            kind: r.kind().to_string(),
+            percent: r.percent(self.m.group_serving(Group::New)),
+            by: shown_by(&r.by),
+            versions: vec![
+                row("stable", Group::Stable, d.old, 0),
+                row("new", Group::New, d.new, 1),
+            ],
+            analysis: r.summary.clone(),
+        })
     }
 }
 

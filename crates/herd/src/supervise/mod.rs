@@ -4,6 +4,10 @@
 //! call) and feeds back what happened (exits, readiness, watchdog pings,
 //! drains, timers). No locks: the only shared state it writes is the
 //! serving list the proxy and the dispatcher read.
+//!
+//! Over 500 lines because `run` sets every part up in order (listeners,
+//! proxy threads, dispatcher, admin listener, watcher) and `apply` carries
+//! out every action the machine can ask for; each reads best whole.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
@@ -23,6 +27,7 @@ mod ops;
 mod policy;
 mod process;
 mod signals;
+mod stop;
 
 use machine::{Action, Answer, Epoch, Input, Limits, Machine};
 use policy::RestartPolicy;
@@ -387,6 +392,11 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     if let Some(written) = sup.stop_reply.take() {
         let _ = tokio::time::timeout(Duration::from_secs(1), written).await;
     }
+    if sup.s.access_log.is_some() && sup.s.mode == Mode::Proxy {
+        // The proxy threads hand their last lines over as they end; give
+        // the writer a moment to put them in the file.
+        std::thread::sleep(Duration::from_millis(150));
+    }
     tracing::info!("{}: stopped", sup.s.name);
     Ok(sup.exit_code)
 }
@@ -530,70 +540,6 @@ impl Supervisor {
                 }
             }
         }
-    }
-
-    /// Stop accepting and let the proxy and the dispatcher finish what they
-    /// took (up to `--drain-timeout`), then the machine's stop: SIGTERM to
-    /// every worker group, SIGKILL after `--kill-timeout`. A second stop
-    /// signal skips to SIGKILL.
-    async fn shutdown(&mut self, stop: &mut StopSignals) {
-        self.stop_accepting.cancel();
-        if matches!(self.listeners, Some(Listeners::Proxy(_))) {
-            // Refuse new connections now rather than queue them for no one;
-            // the accept loop drops its clone as it sees the cancellation.
-            self.listeners = None;
-        }
-        let grace = self.s.drain_timeout;
-        let mut hurry = false;
-        if let Some(d) = &self.dispatcher {
-            // The dispatch thread's copy of the listening socket is then the
-            // last: it takes what the kernel queued, closes, and every
-            // connection accepted goes to a worker before any SIGTERM.
-            self.listeners = None;
-            tokio::select! {
-                _ = d.stop() => {}
-                _ = tokio::time::sleep(grace) => {
-                    tracing::warn!("accepted connections still not taken by a worker after {grace:?}");
-                }
-                _ = stop.recv() => hurry = true,
-            }
-        }
-        if !hurry && self.s.mode == Mode::Proxy && self.active.get() > 0 {
-            tracing::info!("waiting for {} open connections", self.active.get());
-            let active = self.active.clone();
-            tokio::select! {
-                _ = active.drained() => {}
-                _ = tokio::time::sleep(grace) => {
-                    tracing::warn!("{} connections still open after {grace:?}", active.get());
-                }
-                _ = stop.recv() => hurry = true,
-            }
-        }
-        self.apply(Input::Stop, None);
-        if hurry {
-            self.apply(Input::Hurry, None);
-        }
-        // Bounded: SIGKILL comes at the latest a kill time-out from now.
-        let limit = tokio::time::Instant::now() + self.s.kill_timeout + Duration::from_secs(5);
-        while self.m.live() > 0 {
-            let deadline = self.m.next_deadline();
-            tokio::select! {
-                Some(ev) = self.rx.recv() => {
-                    if let Event::Exited { .. } = ev {
-                        self.on_event(ev);
-                    }
-                }
-                _ = sleep_until(deadline) => self.apply(Input::Timer, None),
-                _ = stop.recv() => self.apply(Input::Hurry, None),
-                _ = tokio::time::sleep_until(limit) => {
-                    tracing::warn!("{} still running after SIGKILL", crate::console::count(self.m.live(), "worker"));
-                    break;
-                }
-            }
-        }
-        // In fd modes the master's copies go last: workers still drain
-        // the queues, and a reuseport slot's queue lives as long as its socket.
-        self.listeners = None;
     }
 }
 
