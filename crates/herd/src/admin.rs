@@ -2,7 +2,7 @@
 //! (built with `prometheus-client`) and `/status` (the JSON of `herd status
 //! --json`). It asks the supervisor as the control socket does, so a scrape
 //! costs the supervisor one status answer, and it reads the proxy's
-//! per-backend counts, which the proxy keeps only while this listener is on.
+//! per-backend counts.
 //!
 //! Auth: with a token, every request needs `Authorization: Bearer TOKEN`
 //! (but `/metrics` with `--admin-public-metrics`); without one the listener

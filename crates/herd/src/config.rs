@@ -666,9 +666,6 @@ pub struct HttpConfig {
     pub limits: Limits,
     /// How long a request waits for a first worker to be ready.
     pub wait_for_backend: Duration,
-    /// Count each answer's status class and latency per backend (for
-    /// `/metrics` and `herd status`'s p50/p99: a few atomic adds per request).
-    pub record: bool,
 }
 
 /// The access log's format.
@@ -856,7 +853,6 @@ impl Settings {
                 idle_timeout: d(o.idle_timeout, default::IDLE_TIMEOUT),
             },
             wait_for_backend: ready_timeout,
-            record: true,
         };
         let admin = match o.admin {
             Some(ListenAddr(addr)) if !addr.ip().is_loopback() && o.admin_token.is_none() => {

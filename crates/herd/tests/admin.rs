@@ -13,25 +13,8 @@ const T: Duration = Duration::from_secs(30);
 
 /// GET `path` on `port` with an optional bearer token: (status, body).
 fn admin_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string(),
-    )
+    get_with(port, path, &auth).unwrap()
 }
 
 /// The samples of a Prometheus text exposition as Prometheus' own client

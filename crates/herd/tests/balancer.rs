@@ -67,20 +67,6 @@ fn raw(port: u16, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn get_with(port: u16, path: &str, headers: &str) -> (u16, String) {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n");
-    let text = raw(port, req.as_bytes());
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        text.split_once("\r\n\r\n").map_or("", |x| x.1).to_string(),
-    )
-}
-
 fn served_by(body: &str) -> u32 {
     parse_hello(body).1
 }
@@ -116,7 +102,7 @@ fn header_hash_sticks_and_moves_only_a_dead_backends_keys() {
     args.extend(specs.iter().map(String::as_str));
     let h = lb(&args);
     let who = |user: usize| {
-        let (status, body) = get_with(h.port, "/", &format!("X-User: user-{user}\r\n"));
+        let (status, body) = get_with(h.port, "/", &format!("X-User: user-{user}\r\n")).unwrap();
         assert_eq!(status, 200);
         served_by(&body)
     };
@@ -393,7 +379,7 @@ fn forwarding_headers_are_added_and_hop_by_hop_ones_removed() {
         h.port,
         "/headers",
         "X-Forwarded-For: 10.9.9.9\r\nConnection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n",
-    );
+    ).unwrap();
     assert_eq!(status, 200);
     let body = body.to_ascii_lowercase();
     for want in [

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -12,25 +10,6 @@ use std::time::Duration;
 use common::*;
 
 const T: Duration = Duration::from_secs(30);
-
-/// GET `path` with extra header lines; (status, body).
-fn get_with(port: u16, path: &str, headers: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(T))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
-    Ok((status, body))
-}
 
 /// The worker id that answered `/`.
 fn who(port: u16, headers: &str) -> usize {

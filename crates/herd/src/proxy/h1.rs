@@ -384,7 +384,7 @@ async fn exchange(
             note(p, &logged, no.0, 0, None, tries);
             return answer(io, out, no, own_keep, limits.idle_timeout).await;
         }
-        if tries > 0 && p.cfg.record {
+        if tries > 0 {
             p.up.retries
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -523,9 +523,7 @@ async fn exchange(
                 if let Some(s) = &stats {
                     s.record(last.0, micros);
                 }
-                if p.cfg.record {
-                    target.answers.record(last.0, micros);
-                }
+                target.answers.record(last.0, micros);
                 tracing::debug!("{}: {}", target.label, last.2.trim_end());
                 if replay {
                     avoid = Some(lease.backend().clone());
@@ -542,9 +540,7 @@ async fn exchange(
         if let Some(s) = &stats {
             s.record(resp.status, micros);
         }
-        if p.cfg.record {
-            target.answers.record(resp.status, micros);
-        }
+        target.answers.record(resp.status, micros);
         let body_sent = body_end == BodyEnd::Done;
         if !body_sent && resp.client_keep_alive {
             // Answered before the whole body came: the connection cannot
@@ -1054,7 +1050,6 @@ mod tests {
                 idle_timeout: secs,
             },
             wait_for_backend: secs,
-            record: false,
         };
         let up = Arc::new(Upstreams::new(herd_balance::StrategyKind::RoundRobin, &[]));
         let p = Arc::new(super::HttpProxy::new(up, cfg, None));
