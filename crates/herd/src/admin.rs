@@ -271,6 +271,15 @@ impl Collector for Scrape {
         )?;
         family(
             &mut enc,
+            "herd_restarts",
+            "New workers since the start, by why: exit, not_ready, spawn_failed, watchdog, reload, memory, replace, restart, deploy.",
+            MetricType::Counter,
+            s.restarts
+                .iter()
+                .map(|(cause, n)| (vec![("cause", cause.clone())], ConstCounter::new(*n))),
+        )?;
+        family(
+            &mut enc,
             "herd_reloads",
             "Rolling reloads by outcome.",
             MetricType::Counter,

@@ -327,6 +327,7 @@ mod tests {
             workers: vec![w(0, 5001), w(1, 5002)],
             deploy: None,
             reloads: Reloads::default(),
+            restarts: Default::default(),
         }
     }
 

@@ -117,6 +117,8 @@ fn metrics_parse_with_prometheus_own_parser_and_move_under_load() {
     assert!(out.status.success());
     let m = parse_metrics(&admin_get(admin, "/metrics", None).1);
     assert_eq!(value(&m, "herd_reloads_total{outcome=done}"), 1.0);
+    assert_eq!(value(&m, "herd_restarts_total{cause=reload}"), 2.0);
+    assert_eq!(value(&m, "herd_restarts_total{cause=exit}"), 0.0);
     assert_eq!(value(&m, "herd_worker_restarts_total{worker=1}"), 1.0);
 }
 

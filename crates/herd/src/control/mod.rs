@@ -321,6 +321,7 @@ mod tests {
                 done: 3,
                 aborted: 1,
             },
+            restarts: Default::default(),
         };
         assert_eq!(
             serde_json::to_string(&Line::Status(Box::new(status))).unwrap(),

@@ -111,6 +111,11 @@ pub struct Status {
     /// Rolling reloads that finished, and that were aborted.
     #[serde(default)]
     pub reloads: Reloads,
+    /// New workers since the start, by cause (`exit`, `not_ready`,
+    /// `spawn_failed`, `watchdog`, `reload`, `memory`, `replace`, `restart`,
+    /// `deploy`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub restarts: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -70,6 +70,53 @@ pub enum State {
     Terminating { kill_at: Option<Instant> },
 }
 
+/// Why a slot got a new worker, counted for `herd_restarts_total{cause}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// It exited or crashed.
+    Exit,
+    NotReady,
+    SpawnFailed,
+    Watchdog,
+    /// A rolling reload (`herd reload`, SIGHUP, `--watch`).
+    Reload,
+    Memory,
+    /// The worker, or `herd monit`, asked for it.
+    Replace,
+    /// `herd restart`.
+    Restart,
+    /// A deploy's promote or rollback.
+    Deploy,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 9] = [
+        Cause::Exit,
+        Cause::NotReady,
+        Cause::SpawnFailed,
+        Cause::Watchdog,
+        Cause::Reload,
+        Cause::Memory,
+        Cause::Replace,
+        Cause::Restart,
+        Cause::Deploy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Exit => "exit",
+            Cause::NotReady => "not_ready",
+            Cause::SpawnFailed => "spawn_failed",
+            Cause::Watchdog => "watchdog",
+            Cause::Reload => "reload",
+            Cause::Memory => "memory",
+            Cause::Replace => "replace",
+            Cause::Restart => "restart",
+            Cause::Deploy => "deploy",
+        }
+    }
+}
+
 /// Which set of slots a worker belongs to: the cluster's own, or a
 /// deploy's new ones (canary or blue-green) beside them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,6 +141,8 @@ pub struct Worker {
     over_memory: u32,
     /// Killed for not being ready: its exit is a quick one whatever its uptime.
     not_ready: bool,
+    /// Killed for missing its watchdog.
+    watchdog: bool,
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +201,10 @@ pub enum Input {
     /// Rolling reload of these slots (`None`: all).
     Reload {
         slots: Option<Vec<usize>>,
+    },
+    /// Replace this slot's worker on request (answered as a reload).
+    ReplaceSlot {
+        slot: usize,
     },
     /// Stop and start every worker at once.
     Restart,
@@ -236,7 +289,10 @@ pub struct Deploying {
 }
 
 struct Reload {
-    todo: VecDeque<usize>,
+    /// Slots still to replace, and why each.
+    todo: VecDeque<(usize, Cause)>,
+    /// Why the slot being replaced now is.
+    cause: Cause,
     /// The retiring worker whose exit lets the next slot start.
     waiting_on: Option<Epoch>,
     replaced: usize,
@@ -254,6 +310,8 @@ pub struct Machine {
     /// The version stable slots start.
     stable_version: u32,
     deploy: Option<Deploying>,
+    /// New workers by cause, in `Cause::ALL`'s order.
+    restarts_by: [u64; Cause::ALL.len()],
     out: Vec<Action>,
 }
 
@@ -269,6 +327,7 @@ impl Machine {
             stopping: false,
             stable_version: 0,
             deploy: None,
+            restarts_by: [0; Cause::ALL.len()],
             out: Vec::new(),
         }
     }
@@ -296,7 +355,8 @@ impl Machine {
             }
             Input::Exited { epoch, how } => self.exited(epoch, how, now),
             Input::Timer => self.timer(now),
-            Input::Reload { slots } => self.reload(slots, now),
+            Input::Reload { slots } => self.reload(slots, Cause::Reload, now),
+            Input::ReplaceSlot { slot } => self.reload(Some(vec![slot]), Cause::Replace, now),
             Input::Restart => self.restart(now),
             Input::Scale { to } => self.scale(to, now),
             Input::Deploy { version, workers } => self.deploy(version, workers, now),
@@ -383,6 +443,20 @@ impl Machine {
         self.stable_version
     }
 
+    /// New workers so far, by why.
+    pub fn restarts_by_cause(&self) -> impl Iterator<Item = (Cause, u64)> + '_ {
+        Cause::ALL
+            .iter()
+            .copied()
+            .zip(self.restarts_by.iter().copied())
+    }
+
+    fn count(&mut self, cause: Cause) {
+        if let Some(i) = Cause::ALL.iter().position(|&c| c == cause) {
+            self.restarts_by[i] += 1;
+        }
+    }
+
     /// Whether every slot of `group` has a serving worker (and there is one).
     pub fn group_serving(&self, group: Group) -> bool {
         let mut slots = self.slots.iter().filter(|s| s.group == group).peekable();
@@ -427,6 +501,7 @@ impl Machine {
             last_ping: None,
             over_memory: 0,
             not_ready: false,
+            watchdog: false,
         }
     }
 
@@ -472,6 +547,7 @@ impl Machine {
         if s.current.take_if(|w| w.epoch == epoch).is_some() {
             if !self.stopping {
                 tracing::error!("worker {slot}: {why}");
+                self.count(Cause::SpawnFailed);
                 self.on_end(slot, &Ending::SpawnFailed { why }, now);
             }
         } else if s.next.take_if(|w| w.epoch == epoch).is_some() {
@@ -499,6 +575,8 @@ impl Machine {
             let new_pid = new.pid;
             let old = s.current.replace(new);
             s.restarts += 1;
+            let cause = self.reload.as_ref().map_or(Cause::Reload, |r| r.cause);
+            self.count(cause);
             self.out.push(Action::Publish);
             match old {
                 Some(old) => {
@@ -579,6 +657,13 @@ impl Machine {
             );
             s.last_exit = Some(how.clone());
             s.restarts += 1;
+            self.count(if w.not_ready {
+                Cause::NotReady
+            } else if w.watchdog {
+                Cause::Watchdog
+            } else {
+                Cause::Exit
+            });
             let ending = if w.not_ready {
                 Ending::NotReady
             } else {
@@ -654,6 +739,7 @@ impl Machine {
                         if w.state == State::Serving {
                             self.out.push(Action::Publish);
                         }
+                        w.watchdog = true;
                         kill(w, &mut self.out);
                     }
                 }

@@ -55,8 +55,8 @@ impl Supervisor {
             // Answered as a reload of that one slot.
             Request::Replace { id } => match self.m.current(id) {
                 Some(w) if self.m.workers().filter(|o| o.slot == id).count() == 1 => {
-                    let slots = Some(vec![w.slot]);
-                    self.apply(Input::Reload { slots }, Some(reply));
+                    let slot = w.slot;
+                    self.apply(Input::ReplaceSlot { slot }, Some(reply));
                 }
                 Some(_) => {
                     let _ =
@@ -340,6 +340,11 @@ impl Supervisor {
             workers: Vec::new(),
             deploy: self.deploy_status(),
             reloads: self.reloads,
+            restarts: self
+                .m
+                .restarts_by_cause()
+                .map(|(c, n)| (c.as_str().to_string(), n))
+                .collect(),
         };
         let fd_mode = self.s.mode != Mode::Proxy;
         let samples = self.samples.clone();

@@ -4,7 +4,8 @@
 use std::time::Instant;
 
 use super::{
-    Action, Answer, Deploying, Epoch, Group, Machine, Reload, Slot, State, all_mut, terminate,
+    Action, Answer, Cause, Deploying, Epoch, Group, Machine, Reload, Slot, State, all_mut,
+    terminate,
 };
 use crate::console::count;
 
@@ -32,7 +33,7 @@ impl Machine {
             max >> 20
         );
         let slot = w.slot;
-        self.replace_slot(slot, now);
+        self.replace_slot(slot, Cause::Memory, now);
     }
 
     /// A worker asked to be replaced: its successor first, as in a reload.
@@ -55,20 +56,20 @@ impl Machine {
         }
         tracing::info!("worker {} (pid {}) asked to be replaced", w.slot, w.pid);
         let slot = w.slot;
-        self.replace_slot(slot, now);
+        self.replace_slot(slot, Cause::Replace, now);
     }
 
     /// A one-slot reload, or a running reload takes the slot on (unless it
     /// is replacing it now).
-    fn replace_slot(&mut self, slot: usize, now: Instant) {
+    fn replace_slot(&mut self, slot: usize, cause: Cause, now: Instant) {
         if self.stopping {
             return;
         }
         match self.reload.as_mut() {
-            None => self.reload(Some(vec![slot]), now),
+            None => self.reload(Some(vec![slot]), cause, now),
             Some(r) => {
-                if !r.todo.contains(&slot) && self.slots[slot].next.is_none() {
-                    r.todo.push_back(slot);
+                if !r.todo.iter().any(|&(s, _)| s == slot) && self.slots[slot].next.is_none() {
+                    r.todo.push_back((slot, cause));
                 }
             }
         }
@@ -79,7 +80,7 @@ impl Machine {
         self.out.push(Action::Progress(msg));
     }
 
-    pub(super) fn reload(&mut self, slots: Option<Vec<usize>>, now: Instant) {
+    pub(super) fn reload(&mut self, slots: Option<Vec<usize>>, cause: Cause, now: Instant) {
         if let Some(why) = self.busy("reload") {
             tracing::warn!("{why}");
             self.out.push(Action::ReloadFailed(why));
@@ -91,7 +92,8 @@ impl Machine {
         self.out.push(Action::ReloadBegun);
         self.progress(format!("reloading {n}, one at a time"));
         self.reload = Some(Reload {
-            todo: slots.into(),
+            todo: slots.into_iter().map(|s| (s, cause)).collect(),
+            cause,
             waiting_on: None,
             replaced: 0,
             started: now,
@@ -128,7 +130,8 @@ impl Machine {
                 return;
             };
             match r.todo.pop_front() {
-                Some(slot) if slot < self.slots.len() => {
+                Some((slot, cause)) if slot < self.slots.len() => {
+                    r.cause = cause;
                     let w = self.new_worker(slot, now);
                     self.slots[slot].next = Some(w);
                     return;
@@ -184,6 +187,7 @@ impl Machine {
                 n += 1;
             }
             self.slots[slot].restarts += 1;
+            self.count(Cause::Restart);
             self.spawn_current(slot, now);
         }
         self.out.push(Action::Publish);
@@ -269,7 +273,7 @@ impl Machine {
             promoting: true,
             ..d
         });
-        self.reload(Some(stable), now);
+        self.reload(Some(stable), Cause::Deploy, now);
     }
 
     pub(super) fn rollback(&mut self, now: Instant) {
@@ -301,7 +305,7 @@ impl Machine {
             })
             .collect();
         if !mixed.is_empty() {
-            self.reload(Some(mixed), now);
+            self.reload(Some(mixed), Cause::Deploy, now);
         }
     }
 

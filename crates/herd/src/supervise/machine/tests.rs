@@ -576,3 +576,42 @@ fn rollback_stops_the_new_slots_and_undoes_a_promote_that_was_aborted() {
         matches!(&h.on(Input::Rollback)[..], [Action::Answer(Err(m))] if m.contains("nothing to roll back"))
     );
 }
+
+#[test]
+fn new_workers_are_counted_by_why() {
+    let mut l = limits();
+    l.watchdog = Some(1000 * MS);
+    l.max_memory = Some(1);
+    let (mut h, e) = H::serving(2, l);
+    h.at(5000).exit(e[0]); // a crash: back at once (epoch 3)
+    h.on(Input::Ready { epoch: 3 });
+    h.on(Input::Pinged { epoch: e[1] });
+    h.timer(6000); // watchdog kills e[1]
+    h.at(6100).exit(e[1]); // epoch 4
+    h.on(Input::Ready { epoch: 4 });
+    for _ in 0..3 {
+        h.on(Input::Memory { epoch: 4, rss: 2 }); // a one-slot reload of slot 1 (epoch 5)
+    }
+    h.on(Input::Ready { epoch: 5 });
+    h.at(6200).exit(4);
+    h.on(Input::ReplaceSlot { slot: 0 }); // epoch 6
+    h.on(Input::Ready { epoch: 6 });
+    h.exit(3);
+    h.on(Input::Restart);
+    let by: std::collections::HashMap<_, _> =
+        h.m.restarts_by_cause()
+            .map(|(c, n)| (c.as_str(), n))
+            .collect();
+    assert_eq!(
+        (
+            by["exit"],
+            by["watchdog"],
+            by["memory"],
+            by["replace"],
+            by["restart"],
+            by["reload"]
+        ),
+        (1, 1, 1, 1, 2, 0),
+        "{by:?}"
+    );
+}
