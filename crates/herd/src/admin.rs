@@ -167,21 +167,15 @@ struct Scrape {
     retries: u64,
 }
 
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.label)
-    }
-}
-
-type Labels<'a> = Vec<(&'static str, String)>;
+type Labels = Vec<(&'static str, String)>;
 
 /// Writes one metric family: `name` with a value per label set.
-fn family<'a, M: EncodeMetric>(
+fn family<M: EncodeMetric>(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     kind: MetricType,
-    series: impl IntoIterator<Item = (Labels<'a>, M)>,
+    series: impl IntoIterator<Item = (Labels, M)>,
 ) -> Result<(), std::fmt::Error> {
     let mut e = enc.encode_descriptor(name, help, None, kind)?;
     for (labels, metric) in series {

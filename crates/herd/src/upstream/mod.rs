@@ -68,6 +68,13 @@ impl Target {
     }
 }
 
+/// A target shows as its label (`worker 2`, `upstream 10.0.0.5:80`).
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
 /// A balancer with the targets it picks from, in the balancer's order,
 /// and, during a deploy, the new version's beside them.
 pub struct Pool {
