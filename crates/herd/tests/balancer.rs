@@ -437,7 +437,11 @@ fn tcp_protocol_balances_connections() {
 #[tokio::test]
 async fn h2c_clients_are_served() {
     use http_body_util::{BodyExt, Empty};
-    let h = Herd::start(&["-i", "1"], &[DEMO]);
+    let admin = free_port();
+    let h = Herd::start(
+        &["-i", "1", "--admin", &format!("127.0.0.1:{admin}")],
+        &[DEMO],
+    );
     h.wait_ready(1);
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", h.port))
         .await
@@ -461,6 +465,12 @@ async fn h2c_clients_are_served() {
     assert!(
         body.contains(&format!("host: 127.0.0.1:{}", h.port)),
         "{body}"
+    );
+    // Counted per backend as HTTP/1.1 answers are.
+    let metrics = get_host(admin, "/metrics", "127.0.0.1", "").unwrap().1;
+    assert!(
+        metrics.contains("herd_backend_requests_total{backend=\"worker-0\",code=\"2xx\"} 1\n"),
+        "{metrics}"
     );
 }
 

@@ -143,7 +143,7 @@ pub fn serve(
                 Head::Close => break,
                 Head::Refuse(r) => {
                     // Boxed, like every rare path: an idle task stays small.
-                    Box::pin(refuse(&p, &mut io, &mut inbox, r)).await;
+                    Box::pin(refuse(&p, &mut io, &mut inbox, r, peer)).await;
                     break;
                 }
             };
@@ -165,7 +165,8 @@ pub fn serve(
 }
 
 /// Answers a refused request and closes after a lingering read.
-async fn refuse(p: &HttpProxy, io: &mut TcpStream, inbox: &mut Inbox, r: Refusal) {
+async fn refuse(p: &HttpProxy, io: &mut TcpStream, inbox: &mut Inbox, r: Refusal, peer: IpAddr) {
+    note_refused(p, peer, r);
     let _ = write_all(io, r.response(), p.cfg.limits.idle_timeout).await;
     linger(io, inbox, buffer_size(p)).await;
 }
@@ -296,6 +297,7 @@ async fn exchange(
         Ok(r) => r,
         Err(refusal) => {
             conns::give_back(out);
+            note_refused(p, peer, refusal);
             let _ = write_all(io, refusal.response(), limits.idle_timeout).await;
             return Outcome::Linger;
         }
@@ -351,6 +353,8 @@ async fn exchange(
                 Ok(k) => (k, BodyLeft::Chunked(c)),
                 Err(_) => {
                     conns::give_back(out);
+                    let (status, bytes) = Refusal::BadRequest.logged();
+                    note(p, &logged, status, bytes, None, 0);
                     let _ =
                         write_all(io, Refusal::BadRequest.response(), limits.idle_timeout).await;
                     return Outcome::Linger;
@@ -495,6 +499,8 @@ async fn exchange(
                 } else {
                     Refusal::Timeout
                 };
+                let (status, bytes) = r.logged();
+                note(p, &logged, status, bytes, None, tries);
                 let _ = write_all(io, r.response(), limits.idle_timeout).await;
                 return Outcome::Linger;
             }
@@ -576,6 +582,10 @@ async fn exchange(
 
         let mut sent = 0;
         let relayed = relay_answer(p, io, &b, &mut rbuf, len, &rout, &resp, &mut sent).await;
+        target
+            .answers
+            .bytes_to_client
+            .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
         note(p, &logged, resp.status, sent, upstream, tries);
         conns::give_back(rbuf);
         conns::give_back(rout);
@@ -990,6 +1000,31 @@ struct Logged {
     at: std::time::SystemTime,
     /// On the balancer's clock, ns.
     started: u64,
+}
+
+/// The access log line of a request refused before its head was read
+/// whole or understood: nginx's `"-"` for the request line.
+fn note_refused(p: &HttpProxy, peer: IpAddr, r: Refusal) {
+    let Some(log) = &p.log else {
+        return;
+    };
+    let (status, bytes) = r.logged();
+    log.write(&super::access::Entry {
+        at: std::time::SystemTime::now(),
+        client: peer,
+        method: "-",
+        path: "-",
+        protocol: "-",
+        status,
+        bytes,
+        duration: Duration::ZERO,
+        upstream: None,
+        upstream_time: None,
+        worker: None,
+        retries: 0,
+        referer: None,
+        user_agent: None,
+    });
 }
 
 /// One access log line, if the log is on: the answer's status and body

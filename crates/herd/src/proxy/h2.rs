@@ -155,7 +155,7 @@ impl HttpProxy {
                 return error(StatusCode::SERVICE_UNAVAILABLE, "no worker is ready\n");
             }
             let Some(req) = next.take() else { break };
-            let (lease, target) = {
+            let (lease, target, stats) = {
                 let pool = self.up.peek();
                 let key = hash_key(key_source, req.headers(), peer);
                 let split = hash_key(pool.split_source(), req.headers(), peer);
@@ -165,7 +165,7 @@ impl HttpProxy {
                     key: key.as_ref().map(|k| k.as_slice()),
                 };
                 match pool.pick(&ctx, avoid.as_deref(), split.as_ref().map(|k| k.as_slice())) {
-                    Ok(p) => (p.lease, p.target),
+                    Ok(p) => (p.lease, p.target, p.stats),
                     Err(PickError::AllDown | PickError::Empty) if avoid.is_some() => {
                         return error(last.0, last.1);
                     }
@@ -174,12 +174,23 @@ impl HttpProxy {
                     }
                 }
             };
+            let started = self.up.now();
             let outcome = self.send(&target, req, upgrade).await;
             let now = self.up.now();
+            // As the HTTP/1.1 path counts: per backend, and per version
+            // during a deploy.
+            let record = |status: u16| {
+                let micros = now.saturating_sub(started) / 1000;
+                if let Some(s) = &stats {
+                    s.record(status, micros);
+                }
+                target.answers.record(status, micros);
+            };
             match outcome {
                 Sent::Answer(mut resp, sender) => {
                     lease.success(now);
                     target.count_served();
+                    record(resp.status().as_u16());
                     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                     strip_hop_by_hop(resp.headers_mut(), switching);
                     if switching {
@@ -222,6 +233,7 @@ impl HttpProxy {
                     } else {
                         (StatusCode::BAD_GATEWAY, "backend failed\n")
                     };
+                    record(last.0.as_u16());
                     match &replay {
                         Some(head) => {
                             avoid = Some(lease.backend().clone());

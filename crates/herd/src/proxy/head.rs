@@ -24,6 +24,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The status and body length of [`Refusal::response`], for the access log.
+    pub fn logged(self) -> (u16, u64) {
+        match self {
+            Refusal::BadRequest => (400, 12),
+            Refusal::TooLarge => (431, 23),
+            Refusal::Timeout => (408, 16),
+            Refusal::NotAllowed => (405, 19),
+        }
+    }
+
     pub fn response(self) -> &'static [u8] {
         match self {
             Refusal::BadRequest => b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\nConnection: close\r\n\r\nbad request\n",
@@ -852,6 +862,21 @@ mod tests {
         http10: false,
         keep_alive: true,
     };
+
+    #[test]
+    fn a_refusal_logs_what_it_answers() {
+        for r in [
+            Refusal::BadRequest,
+            Refusal::TooLarge,
+            Refusal::Timeout,
+            Refusal::NotAllowed,
+        ] {
+            let text = std::str::from_utf8(r.response()).unwrap();
+            let (status, len) = r.logged();
+            assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+            assert_eq!(text.split_once("\r\n\r\n").unwrap().1.len() as u64, len);
+        }
+    }
 
     #[test]
     fn responses_are_framed_as_rfc_9112_says() {

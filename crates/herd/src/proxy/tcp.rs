@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use herd_balance::{Backend, Ctx};
@@ -68,6 +69,11 @@ impl TcpProxy {
                     // other (half-close); returns when both are done.
                     let connected = started.elapsed();
                     let moved = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    if let Ok((to_backend, to_client)) = moved {
+                        let a = &target.answers;
+                        a.bytes_to_backend.fetch_add(to_backend, Relaxed);
+                        a.bytes_to_client.fetch_add(to_client, Relaxed);
+                    }
                     if let Some(log) = &self.log {
                         log.write(&super::access::Entry {
                             at,

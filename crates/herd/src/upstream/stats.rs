@@ -17,6 +17,10 @@ pub struct AnswerStats {
     pub classes: [AtomicU64; 5],
     /// Time to the answer's head, in half-octaves of microseconds.
     pub latency: [AtomicU64; LATENCY_BUCKETS],
+    /// Bytes relayed from the backend to clients (HTTP: answer bodies) and,
+    /// in TCP mode, from clients to the backend.
+    pub bytes_to_client: AtomicU64,
+    pub bytes_to_backend: AtomicU64,
 }
 
 pub const LATENCY_BUCKETS: usize = 64;
@@ -28,6 +32,8 @@ impl Default for AnswerStats {
             errors: AtomicU64::new(0),
             classes: std::array::from_fn(|_| AtomicU64::new(0)),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            bytes_to_client: AtomicU64::new(0),
+            bytes_to_backend: AtomicU64::new(0),
         }
     }
 }

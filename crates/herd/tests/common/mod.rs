@@ -365,11 +365,21 @@ pub fn load(
 /// GET `path` with extra header lines (each ending in CRLF) on a new
 /// connection: (status, body).
 pub fn get_with(port: u16, path: &str, headers: &str) -> std::io::Result<(u16, String)> {
+    get_host(port, path, "test", headers)
+}
+
+/// [`get_with`] naming `host` in the `Host` header.
+pub fn get_host(
+    port: u16,
+    path: &str,
+    host: &str,
+    headers: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
     )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
