@@ -377,8 +377,8 @@ options! {
     /// Quiet time after the last change before the reload [default: 1s].
     #[arg(long, value_name = "DUR")]
     watch_delay: Option<Dur>,
-    /// Admin listener for /metrics (Prometheus) and /status: ADDR, off by default;
-    /// a non-loopback ADDR needs --admin-token.
+    /// Admin listener for the web dashboard (/), /metrics (Prometheus) and /status:
+    /// ADDR, off by default; a non-loopback ADDR needs --admin-token.
     #[arg(long, value_name = "ADDR")]
     admin: Option<ListenAddr>,
     /// Bearer token the admin listener requires (or HERD_ADMIN_TOKEN).

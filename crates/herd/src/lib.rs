@@ -18,5 +18,6 @@ pub mod output;
 pub mod proxy;
 pub mod start;
 pub mod supervise;
+pub mod tail;
 pub mod upstream;
 pub mod watch;

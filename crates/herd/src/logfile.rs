@@ -97,6 +97,7 @@ pub struct Writer;
 
 impl Write for Writer {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        crate::tail::push(buf);
         write(buf);
         Ok(buf.len())
     }

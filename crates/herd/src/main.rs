@@ -156,7 +156,7 @@ fn init_logging() {
             .init();
     } else {
         fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
+            .with_writer(|| herd::tail::Stderr)
             .init();
     }
 }

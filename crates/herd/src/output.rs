@@ -30,6 +30,7 @@ impl Output {
             .name("herd-output".into())
             .spawn(move || {
                 while let Some((stream, line)) = rx.blocking_recv() {
+                    crate::tail::push(&line);
                     if crate::logfile::write(&line) {
                         continue;
                     }

@@ -14,7 +14,7 @@ const T: Duration = Duration::from_secs(30);
 /// GET `path` on `port` with an optional bearer token: (status, body).
 fn admin_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    get_with(port, path, &auth).unwrap()
+    get_host(port, path, &format!("127.0.0.1:{port}"), &auth).unwrap()
 }
 
 /// The samples of a Prometheus text exposition as Prometheus' own client
@@ -95,6 +95,15 @@ fn metrics_parse_with_prometheus_own_parser_and_move_under_load() {
     assert!(m.iter().any(|s| {
         s.starts_with("herd_backend_request_duration_seconds_bucket{backend=worker-0,le=+Inf}")
     }));
+    // Each answer of the demo has a body of a few dozen bytes.
+    let bytes = sum(&m, "herd_backend_bytes_total", "direction=to_client");
+    assert!(bytes >= 50.0 * 10.0, "{bytes}");
+    assert_eq!(
+        sum(&m, "herd_backend_bytes_total", "direction=to_backend"),
+        0.0
+    );
+    assert_eq!(value(&m, "herd_listen_queue{}"), 0.0);
+    assert!(value(&m, "herd_listen_overflows_total{}") >= 0.0);
 
     // Under more load, and after a reload, the values move.
     for _ in 0..30 {
@@ -265,6 +274,17 @@ fn the_access_log_has_every_field_in_json_and_in_nginx_combined() {
         line.contains(" +0000] ") && line.ends_with(&expect),
         "{line}\n{expect}"
     );
+    // A smuggling probe is refused, and logged as nginx logs what it could
+    // not read: "-" for the request.
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let line = &log_lines(&combined, 2)[1];
+    assert!(line.ends_with("] \"-\" 400 12 \"-\" \"-\""), "{line}");
     let _ = std::fs::remove_file(&json);
     let _ = std::fs::remove_file(&combined);
 }
@@ -322,4 +342,93 @@ fn the_access_log_has_a_line_per_tcp_connection_and_for_herds_own_answers() {
     );
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&own);
+}
+
+#[test]
+fn the_accept_queue_shows_connections_no_worker_took_yet() {
+    let admin = free_port();
+    let addr = format!("127.0.0.1:{admin}");
+    let h = Herd::start(&["-i", "1", "--mode", "shared", "--admin", &addr], &[DEMO]);
+    h.wait_ready(1);
+    let pid = h.worker_pids(1)[0];
+    let queued = |admin| {
+        value(
+            &parse_metrics(&admin_get(admin, "/metrics", None).1),
+            "herd_listen_queue{}",
+        )
+    };
+    assert_eq!(queued(admin), 0.0);
+    // A stopped worker accepts nothing: the kernel queues the connections.
+    signal(pid, "STOP");
+    let conns: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(("127.0.0.1", h.port)).unwrap())
+        .collect();
+    assert!(
+        wait_until(T, || queued(admin) >= 20.0),
+        "queue: {}",
+        queued(admin)
+    );
+    signal(pid, "CONT");
+    for mut c in conns {
+        c.set_read_timeout(Some(T)).unwrap();
+        write!(c, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    assert!(wait_until(T, || queued(admin) == 0.0));
+}
+
+#[test]
+fn without_a_token_only_loopback_names_reach_the_admin_listener() {
+    let admin = free_port();
+    let addr = format!("127.0.0.1:{admin}");
+    let h = Herd::start(&["-i", "1", "--admin", &addr], &[DEMO]);
+    h.wait_ready(1);
+    // A page on another site that rebinds its name to 127.0.0.1 is refused.
+    let (code, body) = get_host(admin, "/status", "evil.example:80", "").unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("loopback"), "{body}");
+    assert_eq!(
+        get_host(admin, "/events", "evil.example", "").unwrap().0,
+        403
+    );
+    // Scrapers may name the host as they like: /metrics holds no secret.
+    assert_eq!(
+        get_host(admin, "/metrics", "metrics.internal:9100", "")
+            .unwrap()
+            .0,
+        200
+    );
+    for host in ["localhost:1", "127.0.0.1", "[::1]:9"] {
+        assert_eq!(
+            get_host(admin, "/status", host, "").unwrap().0,
+            200,
+            "{host}"
+        );
+    }
+    // Actions need JSON from the page's own origin.
+    let post = |headers: &str| {
+        let mut s = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        write!(
+            s,
+            "POST /api/scale HTTP/1.1\r\nHost: 127.0.0.1:{admin}\r\n{headers}Content-Length: 10\r\nConnection: close\r\n\r\n{{\"n\":\"+1\"}}"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    let form = post("Content-Type: application/x-www-form-urlencoded\r\n");
+    assert!(form.starts_with("HTTP/1.1 403"), "{form}");
+    let cross = post("Content-Type: application/json\r\nOrigin: http://evil.example\r\n");
+    assert!(cross.starts_with("HTTP/1.1 403"), "{cross}");
+    let own = post(&format!(
+        "Content-Type: application/json\r\nOrigin: http://127.0.0.1:{admin}\r\n"
+    ));
+    assert!(
+        own.starts_with("HTTP/1.1 200") && own.contains("\"workers\":2"),
+        "{own}"
+    );
 }

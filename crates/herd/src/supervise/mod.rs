@@ -191,7 +191,12 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 addr: admin.addr,
                 source,
             })?;
-        tracing::info!("admin listener on {} (/metrics, /status)", admin.addr);
+        crate::tail::enable();
+        tracing::info!(
+            "admin listener on {} (dashboard at http://{}/, /metrics, /status)",
+            admin.addr,
+            admin.addr
+        );
         tokio::spawn(crate::admin::serve(
             l,
             admin.clone(),
