@@ -389,6 +389,10 @@ fn herd_stop_answers_for_a_cluster_of_upstreams_only() {
     ));
     let name = format!("ups-{}", std::process::id());
     let mut h = lb(port, &["--name", &name]);
+    // The port opens before the control socket: wait for the latter.
+    assert!(wait_until(T, || herd(&["status", "--name", &name])
+        .status
+        .success()));
     let out = std::process::Command::new(HERD)
         .args(["stop", "--name", &name])
         .output()
