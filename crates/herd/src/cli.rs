@@ -1,6 +1,7 @@
 //! Command-line surface. Values are parsed into the same types the config
 //! file uses, so a bad value reads the same whichever way it was given.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -34,8 +35,18 @@ pub enum Command {
         /// How many of the last lines to show first.
         #[arg(short = 'n', long, default_value_t = 50)]
         lines: usize,
+        /// Show when each worker line was written (PM2's --time).
+        #[arg(long, visible_alias = "time")]
+        timestamps: bool,
+        /// Only the workers' stderr lines.
+        #[arg(long, conflicts_with = "out")]
+        err: bool,
+        /// Only the workers' stdout lines.
+        #[arg(long)]
+        out: bool,
     },
     /// Show the workers of a running cluster (like `pm2 list`); `all`: every one.
+    #[command(visible_alias = "describe")]
     Status {
         #[command(flatten)]
         target: Named,
@@ -47,6 +58,10 @@ pub enum Command {
     Reload {
         #[command(flatten)]
         target: Named,
+        /// The new workers run what the config file says now (command, cwd, env),
+        /// in this shell's environment, as PM2's --update-env.
+        #[arg(long)]
+        update_env: bool,
     },
     /// Stop and start every worker at once (not zero-downtime); `all`: every cluster.
     Restart {
@@ -54,13 +69,17 @@ pub enum Command {
         target: Named,
     },
     /// Set the number of workers: N, +K or -K.
+    ///
+    /// `herd scale api 4` names the cluster as PM2's `pm2 scale api 4` does.
     Scale {
         #[command(flatten)]
         target: Target,
-        #[arg(value_name = "N|+K|-K", allow_hyphen_values = true)]
-        n: String,
+        /// [NAME] N: the cluster (default: the only one running), then the count.
+        #[arg(value_name = "N|+K|-K", allow_hyphen_values = true, num_args = 1..=2, required = true)]
+        words: Vec<String>,
     },
     /// Stop a running cluster gracefully; `all`: every cluster.
+    #[command(visible_alias = "delete")]
     Stop {
         #[command(flatten)]
         target: Named,
@@ -106,7 +125,26 @@ pub enum Command {
         #[command(flatten)]
         target: Named,
     },
+    /// Record the running clusters (command, options, directory, environment), like `pm2 save`.
+    Save,
+    /// Start the clusters `herd save` recorded that are not running, like `pm2 resurrect`.
+    Resurrect,
+    /// Print a systemd unit that runs `herd resurrect` at boot, like `pm2 startup`.
+    Startup {
+        /// Write it (herd-USER.service) and enable it, instead of printing it.
+        #[arg(long)]
+        install: bool,
+        /// Where --install writes the unit.
+        #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
+        unit_dir: PathBuf,
+    },
+    /// Empty a cluster's log file (and drop its rotated ones), like `pm2 flush`; `all`: every one.
+    Flush {
+        #[command(flatten)]
+        target: Named,
+    },
     /// List the running herd clusters of this user.
+    #[command(visible_alias = "ls")]
     List {
         /// Print JSON (every cluster's status) instead of a table.
         #[arg(long)]
@@ -176,9 +214,86 @@ pub struct Target {
 /// users type it: when the command is a script (`app.js`, `app.py`…) and
 /// no `--` was given, the words after the script are herd's options, and
 /// the script is the whole command.
+///
+/// Also as PM2 users type them: `herd start ecosystem.config.js` (a config
+/// file where the command would be) and `--env production` (a bare name:
+/// the ecosystem file's `env_production`).
 pub fn parse() -> Result<Cli, clap::Error> {
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let cli = Cli::try_parse_from(&argv)?;
+    let argv = pm2_words(std::env::args_os().collect());
+    let mut cli = parse_script_first(&argv)?;
+    if let Command::Run(a) | Command::Start(a) = &mut cli.command {
+        a.argv = argv;
+    }
+    Ok(cli)
+}
+
+/// Rewrites `--env NAME` to `--env-profile NAME` and a lone config file in
+/// the command's place to `--config FILE`, for `run` and `start`.
+fn pm2_words(argv: Vec<OsString>) -> Vec<OsString> {
+    let at = 1;
+    if !argv.get(at).is_some_and(|a| a == "run" || a == "start") {
+        return argv;
+    }
+    let end = argv.iter().position(|a| a == "--").unwrap_or(argv.len());
+    let mut out: Vec<OsString> = argv[..=at].to_vec();
+    let mut i = at + 1;
+    while i < end {
+        let w = argv[i].to_str().unwrap_or("");
+        let bare = |v: &str| !v.is_empty() && !v.contains('=') && !v.starts_with('-');
+        if w == "--env" && argv.get(i + 1).and_then(|v| v.to_str()).is_some_and(bare) {
+            out.extend(["--env-profile".into(), argv[i + 1].clone()]);
+            i += 2;
+            continue;
+        }
+        if let Some(v) = w.strip_prefix("--env=").filter(|v| bare(v)) {
+            out.extend(["--env-profile".into(), v.into()]);
+            i += 1;
+            continue;
+        }
+        out.push(argv[i].clone());
+        i += 1;
+    }
+    out.extend(argv[end..].iter().cloned());
+    // A config file where the command goes: the first word that is neither
+    // a flag nor a flag's value names a config (`*.toml`, `*.json`,
+    // `*.config.js`).
+    if end == argv.len() {
+        let first = (at + 1..out.len()).find(|&i| {
+            let w = out[i].to_str().unwrap_or("");
+            !w.starts_with('-') && !out[i - 1].to_str().is_some_and(takes_value)
+        });
+        if let Some(i) = first
+            && out[i]
+                .to_str()
+                .is_some_and(crate::config::apps::is_config_name)
+        {
+            out.insert(i, "--config".into());
+        }
+    }
+    out
+}
+
+/// Whether `word` is a flag of `herd run` that takes the next word as its value.
+fn takes_value(word: &str) -> bool {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let Some(run) = cli.find_subcommand("run") else {
+        return false;
+    };
+    run.get_arguments().any(|a| {
+        let named = word
+            .strip_prefix("--")
+            .is_some_and(|l| a.get_long() == Some(l))
+            || word
+                .strip_prefix('-')
+                .and_then(|s| s.chars().next())
+                .is_some_and(|c| word.len() == 2 && a.get_short() == Some(c));
+        named && a.get_action().takes_values() && !a.is_require_equals_set()
+    })
+}
+
+fn parse_script_first(argv: &[OsString]) -> Result<Cli, clap::Error> {
+    let cli = Cli::try_parse_from(argv)?;
     if argv.iter().any(|a| a == "--") {
         return Ok(cli);
     }
@@ -228,9 +343,20 @@ impl Named {
 /// `herd run` and `herd start`: the settings, plus what only a flag can say.
 #[derive(Debug, Args, Default, Clone)]
 pub struct RunArgs {
-    /// Config file (default: ./herd.toml when present).
+    /// Config file: a herd.toml (default: ./herd.toml when present), or PM2's
+    /// ecosystem.config.js / .json; `herd start FILE` says the same.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The app to run when the config file holds several ([[app]] or apps[]);
+    /// PM2's --only says the same.
+    #[arg(long, value_name = "NAME", alias = "only")]
+    pub app: Option<String>,
+    /// `--env NAME`: the ecosystem file's env_NAME, over its env (as PM2's).
+    #[arg(long, value_name = "NAME", hide = true)]
+    pub env_profile: Option<String>,
+    /// The command line as parsed (after the PM2-style rewrites).
+    #[arg(skip)]
+    pub argv: Vec<OsString>,
     /// Do not preload herd's Node module into a `node` command.
     #[arg(long, conflicts_with = "node_shim")]
     pub no_node_shim: bool,
@@ -244,7 +370,12 @@ impl RunArgs {
         if let Some(flag) = self.flag_after_command() {
             return Err(crate::config::ConfigError::FlagAfterCommand(flag));
         }
-        Settings::resolve(self.opts, self.config.as_deref(), self.no_node_shim)
+        let from = crate::config::ConfigSource {
+            config: self.config.clone(),
+            app: self.app.clone(),
+            profile: self.env_profile.clone(),
+        };
+        Settings::resolve(self.opts, &from, self.no_node_shim)
     }
 
     /// A flag of herd's among the command's words when no `--` separated
@@ -275,5 +406,66 @@ impl RunArgs {
             .filter_map(|w| w.to_str())
             .find(|w| ours(w))
             .map(str::to_string)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pm2_words;
+
+    fn words(line: &str) -> Vec<String> {
+        pm2_words(line.split_whitespace().map(Into::into).collect())
+            .into_iter()
+            .map(|w| w.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn pm2_style_words_become_herds_flags() {
+        assert_eq!(
+            words("herd start ecosystem.config.js --env production"),
+            [
+                "herd",
+                "start",
+                "--config",
+                "ecosystem.config.js",
+                "--env-profile",
+                "production"
+            ]
+        );
+        assert_eq!(
+            words("herd start --env=staging -i 2 herd.toml"),
+            [
+                "herd",
+                "start",
+                "--env-profile",
+                "staging",
+                "-i",
+                "2",
+                "--config",
+                "herd.toml"
+            ]
+        );
+        // KEY=VAL stays an environment variable; a flag's value stays its value.
+        assert_eq!(
+            words("herd run --env A=1 --log-file x.json -- node a.js"),
+            [
+                "herd",
+                "run",
+                "--env",
+                "A=1",
+                "--log-file",
+                "x.json",
+                "--",
+                "node",
+                "a.js"
+            ]
+        );
+        // After `--`, everything is the app's.
+        assert_eq!(
+            words("herd run -- node a.js --env production"),
+            ["herd", "run", "--", "node", "a.js", "--env", "production"]
+        );
+        assert_eq!(words("herd status api"), ["herd", "status", "api"]);
     }
 }

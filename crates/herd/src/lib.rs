@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod console;

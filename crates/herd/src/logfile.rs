@@ -62,6 +62,12 @@ impl RotatingFile {
 
     fn write(&mut self, bytes: &[u8]) {
         if self.size > 0 && self.size + bytes.len() as u64 > self.max {
+            // `herd flush` may have emptied the file under us.
+            if let Ok(m) = self.file.metadata() {
+                self.size = m.len();
+            }
+        }
+        if self.size > 0 && self.size + bytes.len() as u64 > self.max {
             self.rotate();
         }
         if self.file.write_all(bytes).is_ok() {

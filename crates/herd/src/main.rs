@@ -50,13 +50,64 @@ fn main() -> ExitCode {
             target,
             follow,
             lines,
-        } => match herd::start::logs(target.name(), lines, follow) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                herd::errln!("herd: error: {e:#}");
-                ExitCode::from(1)
+            timestamps,
+            err,
+            out,
+        } => {
+            let only = match (err, out) {
+                (true, _) => Some(herd::output::Stream::Err),
+                (_, true) => Some(herd::output::Stream::Out),
+                _ => None,
+            };
+            let show = herd::start::Shown { timestamps, only };
+            finish(herd::start::logs(target.name(), lines, follow, show))
+        }
+        Command::Flush { target } => finish(herd::start::flush(target.name())),
+        Command::Save => finish(herd::boot::save().map_err(anyhow::Error::from).map(
+            |(names, path)| {
+                herd::outln!(
+                    "saved {} ({}) to {}; `herd resurrect` starts them again",
+                    herd::console::count(names.len(), "cluster"),
+                    names.join(", "),
+                    path.display()
+                );
+            },
+        )),
+        Command::Resurrect => finish(
+            herd::boot::resurrect(|line| herd::outln!("{line}"))
+                .map_err(anyhow::Error::from)
+                .map(|_| ()),
+        ),
+        Command::Startup { install, unit_dir } => {
+            let (user, uid) = herd::boot::whoami();
+            if !install {
+                return finish(
+                    herd::boot::unit(&user, uid)
+                        .map_err(anyhow::Error::from)
+                        .map(|text| {
+                            herd::outln!("{}", text.trim_end());
+                        }),
+                );
             }
-        },
+            finish(
+                herd::boot::install(&unit_dir, &user, uid)
+                    .map_err(anyhow::Error::from)
+                    .map(|(path, enabled)| {
+                        if enabled {
+                            herd::outln!(
+                                "wrote and enabled {}: at boot it runs `herd resurrect` as {user}",
+                                path.display()
+                            );
+                        } else {
+                            herd::outln!(
+                                "wrote {}; enable it with: systemctl daemon-reload && systemctl enable {}",
+                                path.display(),
+                                path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                            );
+                        }
+                    }),
+            )
+        }
         Command::Run(args) => {
             // Settings first: the log file may come from herd.toml.
             let settings = match args.resolve() {
@@ -82,6 +133,17 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// Exit 0, or print the error on one line and exit 1.
+fn finish(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            herd::errln!("herd: error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

@@ -227,7 +227,7 @@ fn watch(term: &mut DefaultTerminal, name: &str, path: &Path) -> Result<i32, Mon
                 next_poll = Instant::now();
                 None
             }
-            KeyCode::Char('r') => Some((Request::Reload, "reloading…")),
+            KeyCode::Char('r') => Some((Request::Reload { update_env: None }, "reloading…")),
             KeyCode::Char('+') => Some((Request::Scale { n: "+1".into() }, "scaling up…")),
             KeyCode::Char('-') => Some((Request::Scale { n: "-1".into() }, "scaling down…")),
             KeyCode::Char('R') => app

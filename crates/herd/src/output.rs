@@ -1,4 +1,5 @@
-//! Worker stdout/stderr, line by line, prefixed with the worker id.
+//! Worker stdout/stderr, line by line, prefixed with the worker id (and,
+//! in a log file, the time and `:err` for stderr: `… [2:err] text`).
 //!
 //! One writer thread owns the master's stdout and stderr, so whole lines
 //! never interleave and a slow terminal blocks no async task; readers wait
@@ -12,7 +13,7 @@ use tokio::sync::mpsc;
 /// Longer lines are cut into pieces of this size, each prefixed.
 const MAX_LINE: u64 = 16 * 1024;
 
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
     Out,
     Err,
@@ -20,16 +21,31 @@ pub enum Stream {
 
 #[derive(Clone)]
 pub struct Output {
-    tx: mpsc::Sender<(Stream, Vec<u8>)>,
+    tx: mpsc::Sender<(Stream, usize, Vec<u8>)>,
 }
 
 impl Output {
     pub fn start() -> Output {
-        let (tx, mut rx) = mpsc::channel::<(Stream, Vec<u8>)>(1024);
+        let (tx, mut rx) = mpsc::channel::<(Stream, usize, Vec<u8>)>(1024);
         std::thread::Builder::new()
             .name("herd-output".into())
             .spawn(move || {
-                while let Some((stream, line)) = rx.blocking_recv() {
+                let mut line = Vec::new();
+                while let Some((stream, slot, text)) = rx.blocking_recv() {
+                    line.clear();
+                    let _ = write!(line, "[{slot}] ");
+                    if crate::logfile::installed() {
+                        // The file keeps when, and which stream (`herd logs
+                        // --timestamps`, `--err`, `--out`).
+                        line.clear();
+                        let tag = match stream {
+                            Stream::Out => "",
+                            Stream::Err => ":err",
+                        };
+                        let now = crate::proxy::access::rfc3339(std::time::SystemTime::now());
+                        let _ = write!(line, "{now} [{slot}{tag}] ");
+                    }
+                    line.extend_from_slice(&text);
                     crate::tail::push(&line);
                     if crate::logfile::write(&line) {
                         continue;
@@ -51,11 +67,10 @@ impl Output {
         R: AsyncRead + Unpin + Send + 'static,
     {
         let tx = self.tx.clone();
-        let prefix = format!("[{slot}] ").into_bytes();
         tokio::spawn(async move {
             let mut reader = BufReader::new(reader);
             loop {
-                let mut line = prefix.clone();
+                let mut line = Vec::new();
                 match (&mut reader)
                     .take(MAX_LINE)
                     .read_until(b'\n', &mut line)
@@ -66,7 +81,7 @@ impl Output {
                         if line.last() != Some(&b'\n') {
                             line.push(b'\n');
                         }
-                        if tx.send((stream, line)).await.is_err() {
+                        if tx.send((stream, slot, line)).await.is_err() {
                             return;
                         }
                     }

@@ -14,11 +14,53 @@ use anyhow::{Context, bail};
 use crate::cli::RunArgs;
 use crate::control::{self, Request, Status, WorkerState};
 
+/// `herd start`: one cluster, or each app of a config file that holds
+/// several (`[[app]]` tables, an ecosystem file's `apps`), as `pm2 start
+/// ecosystem.config.js` does. One app failing does not stop the others.
+pub fn start(args: &RunArgs) -> anyhow::Result<()> {
+    let config = args
+        .config
+        .clone()
+        .or_else(|| Some(PathBuf::from("herd.toml")).filter(|p| p.is_file()));
+    let apps = match (&config, &args.app) {
+        (Some(path), None) => crate::config::apps::names(path, args.env_profile.as_deref())?,
+        _ => Vec::new(),
+    };
+    if apps.len() < 2 {
+        return start_one(args, true);
+    }
+    let mut failed = Vec::new();
+    for (i, app) in apps.iter().enumerate() {
+        let mut one = args.clone();
+        one.app = Some(app.clone());
+        one.argv.extend(["--app".into(), app.into()]);
+        if let Err(e) = start_one(&one, i == 0) {
+            crate::errln!("herd: {app}: {e:#}");
+            failed.push(app.as_str());
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} apps did not start: {}",
+            failed.len(),
+            apps.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Validates the options here, in the foreground, then runs `herd run` in
 /// its own process group with a log file, and returns once every worker is
 /// ready (or fails with the log's last lines if the master gives up).
-pub fn start(args: &RunArgs) -> anyhow::Result<()> {
+/// `warn`: print the config file's warnings (once for all its apps).
+fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
     let s = args.clone().resolve()?;
+    if warn {
+        for w in &s.warnings {
+            crate::errln!("herd: warning: {w}");
+        }
+    }
     let running: Vec<String> = control::running().into_iter().map(|(n, _)| n).collect();
     let name = if s.name_given {
         if running.contains(&s.name) {
@@ -44,9 +86,21 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut argv: Vec<OsString> = if args.argv.is_empty() {
+        std::env::args_os().skip(1).collect()
+    } else {
+        args.argv[1..].to_vec()
+    };
     let at = argv.iter().position(|a| a == "start").unwrap_or(0);
     argv[at] = "run".into();
+    // The command (if any) follows `--`; `--app` must come before it.
+    if let Some(dash) = argv.iter().position(|a| a == "--")
+        && let Some(app) = argv.iter().rposition(|a| a == "--app")
+        && app > dash
+    {
+        let pair: Vec<OsString> = argv.drain(app..app + 2).collect();
+        argv.splice(at + 1..at + 1, pair);
+    }
     let mut extra: Vec<OsString> = Vec::new();
     if args.opts.name.is_none() {
         extra.extend(["--name".into(), name.clone().into()]);
@@ -114,11 +168,119 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
 
 /// Prints the last `lines` lines of a cluster's log; with `follow`, keeps
 /// printing what is appended, across rotations.
-pub fn logs(name: Option<&str>, lines: usize, follow: bool) -> anyhow::Result<()> {
+pub fn logs(name: Option<&str>, lines: usize, follow: bool, show: Shown) -> anyhow::Result<()> {
     if name == Some("all") {
         bail!("herd logs shows one cluster's log: name it (herd list shows them)");
     }
-    let path = match control::find(name) {
+    let path = log_of(name)?;
+    // Opened once, read through the handle: a rotation renames this file
+    // to FILE.1, and its last lines are read from the handle before the
+    // new FILE is followed (`tail -F`), so no line is lost at a rotation.
+    let mut f =
+        std::fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut text = Vec::new();
+    f.read_to_end(&mut text)?;
+    let mut shown = Vec::new();
+    let mut partial = Vec::new();
+    show.filter(&text, &mut partial, &mut shown);
+    let last = last_lines(&shown, lines);
+    // A reader that went away (`herd logs -f | head`) ends the command.
+    if crate::console::out_bytes(last.as_bytes()).is_err() || !follow {
+        return Ok(());
+    }
+    let mut buf = Vec::new();
+    // What a follower prints of new bytes: whole lines, filtered.
+    let emit = |bytes: &[u8], partial: &mut Vec<u8>| {
+        let mut out = Vec::new();
+        show.filter(bytes, partial, &mut out);
+        out.is_empty() || crate::console::out_bytes(&out).is_ok()
+    };
+    loop {
+        buf.clear();
+        f.read_to_end(&mut buf)?;
+        if !buf.is_empty() {
+            if !emit(&buf, &mut partial) {
+                return Ok(());
+            }
+            continue;
+        }
+        // Drained. If the path is another file now, it was rotated: the
+        // old one was read to its end just above, so switch.
+        if let (Ok(now), Ok(ours)) = (std::fs::metadata(&path), f.metadata())
+            && (now.ino(), now.dev()) != (ours.ino(), ours.dev())
+            && let Ok(next) = std::fs::File::open(&path)
+        {
+            // Ours is FILE.k now; FILE.k-1 … FILE.1 came after it, whole.
+            let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.ino(), m.dev()));
+            let ours = Some((ours.ino(), ours.dev()));
+            let k = (1..=MAX_ROTATED).find(|&i| id(&rotated(&path, i)) == ours);
+            for i in (1..k.unwrap_or(1)).rev() {
+                if let Ok(whole) = std::fs::read(rotated(&path, i))
+                    && !emit(&whole, &mut partial)
+                {
+                    return Ok(());
+                }
+            }
+            f = next;
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What `herd logs` shows of each line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shown {
+    /// Keep the time at the start of worker lines.
+    pub timestamps: bool,
+    /// Only worker lines of this stream.
+    pub only: Option<crate::output::Stream>,
+}
+
+impl Shown {
+    /// Appends to `out` the whole lines of `partial` + `bytes` as shown;
+    /// keeps an unfinished last line in `partial`.
+    fn filter(&self, bytes: &[u8], partial: &mut Vec<u8>, out: &mut Vec<u8>) {
+        partial.extend_from_slice(bytes);
+        let Some(end) = partial.iter().rposition(|&b| b == b'\n') else {
+            return;
+        };
+        for line in partial[..=end].split_inclusive(|&b| b == b'\n') {
+            self.line(line, out);
+        }
+        partial.drain(..=end);
+    }
+
+    fn line(&self, line: &[u8], out: &mut Vec<u8>) {
+        // A worker line in the file: `TIME [ID] text` or `TIME [ID:err] text`.
+        let worker = line
+            .iter()
+            .position(|&b| b == b' ')
+            .filter(|&sp| {
+                line.get(sp + 1) == Some(&b'[') && line.first().is_some_and(u8::is_ascii_digit)
+            })
+            .map(|sp| {
+                let rest = &line[sp + 1..];
+                let close = rest.iter().position(|&b| b == b']').unwrap_or(0);
+                (sp, rest[..close].ends_with(b":err"))
+            });
+        match (self.only, worker) {
+            (Some(_), None) => return,
+            (Some(crate::output::Stream::Err), Some((_, false))) => return,
+            (Some(crate::output::Stream::Out), Some((_, true))) => return,
+            _ => {}
+        }
+        match worker {
+            Some((sp, _)) if !self.timestamps => out.extend_from_slice(&line[sp + 1..]),
+            _ => out.extend_from_slice(line),
+        }
+    }
+}
+
+/// The log file of cluster `name` (or of the only one running, or of the
+/// only one that left a log).
+fn log_of(name: Option<&str>) -> anyhow::Result<PathBuf> {
+    Ok(match control::find(name) {
         Ok((n, sock)) => {
             let v: Status = control::call(&n, &sock, &Request::Status, |_| {})?;
             match v.log_file {
@@ -146,51 +308,42 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool) -> anyhow::Result<()
                 }
             },
         },
-    };
-    // Opened once, read through the handle: a rotation renames this file
-    // to FILE.1, and its last lines are read from the handle before the
-    // new FILE is followed (`tail -F`), so no line is lost at a rotation.
-    let mut f =
-        std::fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut text = Vec::new();
-    f.read_to_end(&mut text)?;
-    let last = last_lines(&text, lines);
-    // A reader that went away (`herd logs -f | head`) ends the command.
-    if crate::console::out_bytes(last.as_bytes()).is_err() || !follow {
-        return Ok(());
-    }
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        f.read_to_end(&mut buf)?;
-        if !buf.is_empty() {
-            if crate::console::out_bytes(&buf).is_err() {
-                return Ok(());
-            }
-            continue;
-        }
-        // Drained. If the path is another file now, it was rotated: the
-        // old one was read to its end just above, so switch.
-        if let (Ok(now), Ok(ours)) = (std::fs::metadata(&path), f.metadata())
-            && (now.ino(), now.dev()) != (ours.ino(), ours.dev())
-            && let Ok(next) = std::fs::File::open(&path)
-        {
-            // Ours is FILE.k now; FILE.k-1 … FILE.1 came after it, whole.
-            let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.ino(), m.dev()));
-            let ours = Some((ours.ino(), ours.dev()));
-            let k = (1..=MAX_ROTATED).find(|&i| id(&rotated(&path, i)) == ours);
-            for i in (1..k.unwrap_or(1)).rev() {
-                if let Ok(whole) = std::fs::read(rotated(&path, i))
-                    && crate::console::out_bytes(&whole).is_err()
-                {
-                    return Ok(());
+    })
+}
+
+/// `herd flush`: empties the log of cluster `name` (none or `all`: of every
+/// running one) and removes its rotated files, as `pm2 flush` does. The
+/// master keeps appending to the same file.
+pub fn flush(name: Option<&str>) -> anyhow::Result<()> {
+    let paths = match name {
+        None | Some("all") => {
+            let mut paths = Vec::new();
+            for (n, sock) in control::running() {
+                let v: Status = control::call(&n, &sock, &Request::Status, |_| {})?;
+                if let Some(p) = v.log_file {
+                    paths.push(PathBuf::from(p));
                 }
             }
-            f = next;
-            continue;
+            if paths.is_empty() {
+                bail!("no running cluster logs to a file");
+            }
+            paths
         }
-        std::thread::sleep(Duration::from_millis(100));
+        Some(_) => vec![log_of(name)?],
+    };
+    for path in paths {
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
+            f.set_len(0)
+                .with_context(|| format!("cannot empty {}", path.display()))?;
+        }
+        for i in 1..=MAX_ROTATED {
+            if std::fs::remove_file(rotated(&path, i)).is_err() {
+                break;
+            }
+        }
+        crate::outln!("flushed {}", path.display());
     }
+    Ok(())
 }
 
 /// Rotated files looked through when following a log.

@@ -206,7 +206,7 @@ pub async fn act(
     };
     let args: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let ask = match action {
-        "reload" => Ask::Reload,
+        "reload" => Ask::Reload { update_env: None },
         "scale" => match args.get("n").and_then(|n| n.as_str()) {
             Some(n) => Ask::Scale { n: n.to_string() },
             None => return bad("scale needs {\"n\": \"+1\"}"),

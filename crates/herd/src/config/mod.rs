@@ -17,6 +17,8 @@ use serde::Deserialize;
 
 use herd_balance::{BackendConfig, StrategyKind};
 
+pub mod apps;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -67,6 +69,24 @@ pub enum ConfigError {
         "--admin {0} is not a loopback address: give --admin-token (or HERD_ADMIN_TOKEN) so that only you can use it"
     )]
     AdminNeedsToken(SocketAddr),
+    #[error(
+        "--env {0}: give KEY=VAL; a bare name picks env_{0} of an ecosystem file (herd start ecosystem.config.js --env {0})"
+    )]
+    Profile(String),
+    #[error("{path} has no app named {app:?}{}", if names.is_empty() { String::new() } else { format!(" (it has: {names})") })]
+    NoSuchApp {
+        app: String,
+        path: PathBuf,
+        names: String,
+    },
+    #[error(
+        "{path} holds several apps ({names}): `herd start {path}` starts them all; `herd run --app NAME` runs one"
+    )]
+    SeveralApps { path: PathBuf, names: String },
+    #[error("$PORT {0} (herd listens on $PORT when --listen is not given)")]
+    BadPort(String),
+    #[error("--increment-var PORT: in proxy mode herd gives each worker its own PORT")]
+    IncrementPort,
 }
 
 /// A value TOML may give as a number or a string (`instances = 4` or
@@ -324,7 +344,7 @@ options! {
     /// Name of the cluster (default: derived from the command).
     #[arg(long)]
     name: Option<String>,
-    /// Where clients connect: PORT, HOST:PORT or [V6]:PORT [default: 0.0.0.0:8000].
+    /// Where clients connect: PORT, HOST:PORT or [V6]:PORT [default: $PORT, else 0.0.0.0:8000].
     #[arg(long, value_name = "ADDR")]
     listen: Option<ListenAddr>,
     /// Number of workers, `max` for the usable CPUs, or -N for all of them but N
@@ -405,6 +425,10 @@ options! {
     /// Working directory of the workers.
     #[arg(long, value_name = "DIR")]
     cwd: Option<PathBuf>,
+    /// Give each worker NAME = its value (from --env or the environment, else 0) plus
+    /// the worker's id, as PM2's increment_var does.
+    #[arg(long, value_name = "NAME")]
+    increment_var: Option<String>,
     /// Extra environment for the workers, KEY=VAL (repeatable; `[env]` in the file).
     #[arg(long = "env", value_name = "KEY=VAL")]
     #[serde(default, deserialize_with = "env_table")]
@@ -506,23 +530,44 @@ impl Options {
         })
     }
 
-    /// `--config FILE` must exist; otherwise `./herd.toml` is read if present.
-    pub fn load(explicit: Option<&Path>) -> Result<(Self, Option<PathBuf>), ConfigError> {
+    /// The config file's options: `--config FILE` (which must exist),
+    /// else `./herd.toml` when present; of app `app` when the file holds
+    /// several. Also the warning for keys herd ignores, and the file used.
+    pub fn load(
+        explicit: Option<&Path>,
+        app: Option<&str>,
+        profile: Option<&str>,
+    ) -> Result<(Self, Option<String>, Option<PathBuf>), ConfigError> {
         let path = match explicit {
             Some(p) => p.to_path_buf(),
             None => {
                 let p = PathBuf::from("herd.toml");
                 if !p.is_file() {
-                    return Ok((Options::default(), None));
+                    if let Some(profile) = profile {
+                        return Err(ConfigError::Profile(profile.to_string()));
+                    }
+                    if let Some(app) = app {
+                        return Err(ConfigError::NoSuchApp {
+                            app: app.to_string(),
+                            path: "(no config file)".into(),
+                            names: String::new(),
+                        });
+                    }
+                    return Ok((Options::default(), None, None));
                 }
                 p
             }
         };
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        Ok((Self::parse(&path, &text)?, Some(path)))
+        if !path.is_file() {
+            // The read names the path and why.
+            std::fs::read(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let (opts, warning) = apps::select(&path, app, profile)?;
+        let full = path.canonicalize().unwrap_or(path);
+        Ok((opts, warning, Some(full)))
     }
 }
 
@@ -578,6 +623,15 @@ pub struct Settings {
     pub log_keep: u32,
     /// Preload herd's Node module into the workers (`NODE_OPTIONS=--require`).
     pub node_shim: bool,
+    /// `--increment-var`: NAME = its value + the worker's id.
+    pub increment_var: Option<String>,
+    /// To log at start: keys of the config file herd ignores.
+    pub warnings: Vec<String>,
+    pub source: ConfigSource,
+    /// The command line's options and `--no-node-shim`, to resolve again
+    /// over the file (`reload --update-env`).
+    pub flags: Options,
+    pub no_node_shim: bool,
 }
 
 /// `--upstream ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,backup]`.
@@ -747,10 +801,15 @@ impl Settings {
     /// `./herd.toml` when present). `no_node_shim` is `--no-node-shim`.
     pub fn resolve(
         flags: Options,
-        config: Option<&Path>,
+        from: &ConfigSource,
         no_node_shim: bool,
     ) -> Result<Settings, ConfigError> {
-        let (file, _) = Options::load(config)?;
+        let (file, warning, config) = Options::load(
+            from.config.as_deref(),
+            from.app.as_deref(),
+            from.profile.as_deref(),
+        )?;
+        let given = flags.clone();
         let o = flags.over(file);
         let command = o.command.unwrap_or_default();
         script_exists(&command, o.cwd.as_deref())?;
@@ -827,6 +886,9 @@ impl Settings {
             None if command.is_empty() => "lb".to_string(),
             None => derive_name(&command),
         };
+        if o.increment_var.as_deref() == Some("PORT") && mode == Mode::Proxy {
+            return Err(ConfigError::IncrementPort);
+        }
         let instances = match o.instances.unwrap_or(Instances::Max) {
             _ if command.is_empty() => 0,
             Instances::Max => crate::os::cpus::usable(),
@@ -868,7 +930,7 @@ impl Settings {
         Ok(Settings {
             name,
             name_given,
-            listen: o.listen.map_or(DEFAULT_LISTEN, |l| l.0),
+            listen: listen_default(o.listen)?,
             instances,
             mode,
             kill_timeout: d(o.kill_timeout, default::KILL_TIMEOUT),
@@ -905,7 +967,41 @@ impl Settings {
             log_max_size: o.log_max_size.map_or(default::LOG_MAX_SIZE, |s| s.0 as u64),
             log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),
             node_shim,
+            increment_var: o.increment_var,
+            warnings: warning.into_iter().collect(),
+            source: ConfigSource {
+                config,
+                app: from.app.clone(),
+                profile: from.profile.clone(),
+            },
+            flags: given,
+            no_node_shim,
         })
+    }
+}
+
+/// Where the settings came from besides the flags: the config file (made
+/// absolute once read), the app of it, and the ecosystem `env_NAME`.
+/// `reload --update-env` reads them again.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, Deserialize)]
+pub struct ConfigSource {
+    pub config: Option<PathBuf>,
+    pub app: Option<String>,
+    pub profile: Option<String>,
+}
+
+/// `--listen` (or the file's `listen`), else `$PORT` as platforms that
+/// assign the port set it (Heroku, Render, Cloud Run), else 0.0.0.0:8000.
+fn listen_default(given: Option<ListenAddr>) -> Result<SocketAddr, ConfigError> {
+    if let Some(l) = given {
+        return Ok(l.0);
+    }
+    match std::env::var("PORT") {
+        Ok(p) if !p.trim().is_empty() => p
+            .parse::<ListenAddr>()
+            .map(|l| l.0)
+            .map_err(|e| ConfigError::BadPort(format!("{p:?}: {e}"))),
+        _ => Ok(DEFAULT_LISTEN),
     }
 }
 
@@ -916,6 +1012,9 @@ pub struct Release {
     pub program: PathBuf,
     pub cwd: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    /// The environment `env` adds to: the master's own, unless `herd
+    /// reload --update-env` gave the caller's.
+    pub base_env: Option<Vec<(OsString, OsString)>>,
 }
 
 impl Release {
@@ -942,6 +1041,7 @@ impl Release {
             program,
             cwd,
             env,
+            base_env: None,
         })
     }
 

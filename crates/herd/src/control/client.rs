@@ -11,10 +11,35 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         Command::Status { target, json } if target.is_all() => return status_all(json),
         Command::Status { target, json } => return status(target.name(), json),
         Command::List { json } => return list(json),
-        Command::Reload { target } => (target.name().map(str::to_string), Request::Reload),
+        Command::Reload { target, update_env } => (
+            target.name().map(str::to_string),
+            Request::Reload {
+                update_env: update_env.then(|| {
+                    std::env::vars_os()
+                        .map(|(k, v)| {
+                            (
+                                k.to_string_lossy().into_owned(),
+                                v.to_string_lossy().into_owned(),
+                            )
+                        })
+                        .collect()
+                }),
+            },
+        ),
         Command::Restart { target } => (target.name().map(str::to_string), Request::Restart),
         Command::Stop { target } => (target.name().map(str::to_string), Request::Stop),
-        Command::Scale { target, n } => (target.name, Request::Scale { n }),
+        Command::Scale { target, mut words } => {
+            let n = words.pop().unwrap_or_default();
+            match (target.name, words.pop()) {
+                (Some(_), Some(_)) => {
+                    return Err(ControlError::Usage(
+                        "name the cluster once: `herd scale NAME N` or `herd scale --name NAME N`"
+                            .into(),
+                    ));
+                }
+                (name, word) => (name.or(word), Request::Scale { n }),
+            }
+        }
         Command::Send {
             target,
             id,
@@ -73,7 +98,14 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         Command::Monit { .. } => return Ok(2),
         Command::Promote { target } => (target.name().map(str::to_string), Request::Promote),
         Command::Rollback { target } => (target.name().map(str::to_string), Request::Rollback),
-        Command::Run(_) | Command::Start(_) | Command::Logs { .. } | Command::Guard => {
+        Command::Run(_)
+        | Command::Start(_)
+        | Command::Logs { .. }
+        | Command::Guard
+        | Command::Save
+        | Command::Resurrect
+        | Command::Startup { .. }
+        | Command::Flush { .. } => {
             return Ok(2);
         }
     };
@@ -101,7 +133,7 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
     let answer: Done = control::call(name, path, req, |p| crate::outln!("{p}"))?;
     let n = |v: Option<usize>| crate::console::count(v.unwrap_or(0), "worker");
     match req {
-        Request::Reload => crate::outln!("{name}: reloaded {}", n(answer.replaced)),
+        Request::Reload { .. } => crate::outln!("{name}: reloaded {}", n(answer.replaced)),
         Request::Restart => crate::outln!("{name}: restarted {}", n(answer.restarted)),
         Request::Scale { .. } => crate::outln!("{name}: {}", n(answer.workers)),
         Request::Stop => {

@@ -406,7 +406,7 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"cmd":"scale","n":"+2"}"#).unwrap();
         assert_eq!(r, Request::Scale { n: "+2".into() });
         assert_eq!(
-            serde_json::to_string(&Request::Reload).unwrap(),
+            serde_json::to_string(&Request::Reload { update_env: None }).unwrap(),
             r#"{"cmd":"reload"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());

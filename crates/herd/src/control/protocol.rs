@@ -12,8 +12,13 @@ use serde_json::Value;
 pub enum Request {
     /// Per-worker state and stats.
     Status,
-    /// Zero-downtime rolling replacement of every worker.
-    Reload,
+    /// Zero-downtime rolling replacement of every worker. With `update_env`
+    /// (the caller's environment), the new workers run what the config file
+    /// says now, in that environment (`herd reload --update-env`).
+    Reload {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        update_env: Option<std::collections::BTreeMap<String, String>>,
+    },
     /// Stop and start every worker (not zero-downtime).
     Restart,
     /// `n`: a count (`"4"`), or a change (`"+2"`, `"-1"`).

@@ -255,7 +255,7 @@ fn clf_time(t: SystemTime) -> String {
     format!("{d:02}/{m}/{y}:{h:02}:{mi:02}:{s:02} +0000")
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     let (y, mo, d, h, mi, s, ms) = civil(t);
     format!("{y}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
 }

@@ -312,8 +312,9 @@ impl Supervisor {
             .as_ref()
             .map(std::path::PathBuf::from)
             .or_else(|| running.release.cwd.clone());
-        let release =
+        let mut release =
             crate::config::Release::resolve(command, cwd, env).map_err(|e| e.to_string())?;
+        release.base_env = running.release.base_env.clone();
         let shim = release.is_node() && (self.s.node_shim || !stable.release.is_node());
         let node_options = self
             .node_shim

@@ -227,6 +227,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         program: s.program.clone(),
         cwd: s.cwd.clone(),
         env: s.env.clone(),
+        base_env: None,
     };
     let stable = Spec {
         node_options: node_shim
@@ -361,12 +362,19 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             .collect();
         tracing::info!("watching {} for changes", shown.join(", "));
     }
+    for w in &sup.s.warnings {
+        tracing::warn!("{w}");
+    }
     tracing::info!(
-        "{}: {} worker{}, {} mode, listening on {bound}",
+        "{}: {}, {} mode, listening on {bound}{}",
         sup.s.name,
-        sup.s.instances,
-        if sup.s.instances == 1 { "" } else { "s" },
-        sup.s.mode.as_str()
+        crate::console::count(sup.s.instances, "worker"),
+        sup.s.mode.as_str(),
+        sup.s
+            .source
+            .config
+            .as_ref()
+            .map_or(String::new(), |c| format!(" (config: {})", c.display()))
     );
 
     while !sup.give_up {

@@ -15,6 +15,45 @@ use crate::control::{Call, Done, Line, Request, Status, WorkerRow, WorkerState};
 use crate::os::listen::Listeners;
 
 impl Supervisor {
+    /// `herd reload --update-env`: the running version's next workers run
+    /// what the master's own command line and config file say now, in
+    /// `env` (the caller's environment). Other settings need a restart.
+    fn update_release(
+        &mut self,
+        env: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        if self.m.deploying().is_some() {
+            return Err("a deploy is in progress: promote or roll it back first".into());
+        }
+        let s = crate::config::Settings::resolve(
+            self.s.flags.clone(),
+            &self.s.source,
+            self.s.no_node_shim,
+        )
+        .map_err(|e| e.to_string())?;
+        let version = self.m.stable_version();
+        let release = crate::config::Release {
+            command: s.command,
+            program: s.program,
+            cwd: s.cwd,
+            env: s.env,
+            base_env: Some(env.into_iter().map(|(k, v)| (k.into(), v.into())).collect()),
+        };
+        let node_options = self
+            .node_shim
+            .as_ref()
+            .filter(|_| s.node_shim)
+            .map(|p| crate::node::node_options(p, &release.env));
+        self.specs.insert(
+            version,
+            std::sync::Arc::new(super::process::Spec {
+                release,
+                node_options,
+            }),
+        );
+        Ok(())
+    }
+
     /// Handles a control request; true when the cluster must stop.
     pub(super) fn on_call(&mut self, call: Call) -> bool {
         let Call {
@@ -24,7 +63,32 @@ impl Supervisor {
         } = call;
         match req {
             Request::Status => self.status(reply),
-            Request::Reload => self.apply(Input::Reload { slots: None }, Some(reply)),
+            Request::Reload { update_env } => {
+                let source = &self.s.source;
+                let config = source
+                    .config
+                    .as_ref()
+                    .map_or("no config file".to_string(), |c| {
+                        format!("config {}", c.display())
+                    });
+                match update_env {
+                    None => {
+                        let _ = reply.send(Line::progress(format!("reloading ({config})")));
+                    }
+                    Some(env) => match self.update_release(env) {
+                        Ok(()) => {
+                            let _ = reply.send(Line::progress(format!(
+                                "reloading with {config} read again and the caller's environment"
+                            )));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Done::failed(e).into());
+                            return false;
+                        }
+                    },
+                }
+                self.apply(Input::Reload { slots: None }, Some(reply))
+            }
             Request::Restart => self.apply(Input::Restart, Some(reply)),
             Request::Scale { n } => match self.scale_to(&n) {
                 Ok(to) => self.scale(to, reply),

@@ -101,7 +101,7 @@ impl Supervisor {
 
         let mut env = worker_env(
             &self.s,
-            &spec.release.env,
+            &spec.release,
             slot,
             self.m.instances(),
             port,
@@ -439,7 +439,7 @@ async fn readiness(
 /// (which wins, since herd depends on it).
 fn worker_env(
     s: &Settings,
-    release_env: &[(String, String)],
+    release: &crate::config::Release,
     slot: usize,
     workers: usize,
     port: Option<u16>,
@@ -462,14 +462,19 @@ fn worker_env(
         // The admin listener's secret is herd's, not the app's.
         "HERD_ADMIN_TOKEN",
     ];
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+    let base = match &release.base_env {
+        Some(env) => env.clone(),
+        None => std::env::vars_os().collect(),
+    };
+    let mut env: Vec<(OsString, OsString)> = base
+        .into_iter()
         .filter(|(k, _)| !STRIP.iter().any(|s| k == s))
         .collect();
     let mut set = |k: &str, v: OsString| {
         env.retain(|(ek, _)| ek != k);
         env.push((k.into(), v));
     };
-    for (k, v) in release_env {
+    for (k, v) in &release.env {
         set(k, v.into());
     }
     set(contract::WORKER_ID, slot.to_string().into());
@@ -484,6 +489,16 @@ fn worker_env(
     }
     if let Some(p) = port {
         set(contract::PORT, p.to_string().into());
+    }
+    // PM2's increment_var: NAME = its value + the worker's id.
+    if let Some(var) = &s.increment_var {
+        let base = env
+            .iter()
+            .find(|(k, _)| k == var.as_str())
+            .and_then(|(_, v)| v.to_str()?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        env.retain(|(k, _)| k != var.as_str());
+        env.push((var.into(), (base + slot as u64).to_string().into()));
     }
     env
 }

@@ -1,0 +1,287 @@
+//! Clusters that come back after a reboot, as PM2's `save`, `resurrect`
+//! and `startup`: `herd save` records each running master's command line,
+//! working directory and environment (read from `/proc`, so a cluster
+//! started any way is recorded as it really runs); `herd resurrect` starts
+//! the ones not running with `herd start`; `herd startup` writes the systemd
+//! unit that resurrects them at boot.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::{self, Request, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("no herd cluster is running: nothing to save")]
+    NothingRunning,
+    #[error("cannot read master {pid} of {name:?} from /proc: {source}")]
+    Proc {
+        name: String,
+        pid: u32,
+        source: std::io::Error,
+    },
+    #[error("{name}: {source}")]
+    Control {
+        name: String,
+        source: control::ControlError,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("nothing saved yet ({path} is missing): run `herd save` first")]
+    NoDump { path: PathBuf },
+    #[error("{path}: {message}")]
+    BadDump { path: PathBuf, message: String },
+    #[error("{0} of the saved clusters did not start")]
+    Failed(usize),
+    #[error(
+        "writing {0} needs root: sudo herd startup --install (or save the unit `herd startup` prints)"
+    )]
+    NeedsRoot(PathBuf),
+    #[error("cannot find herd's own binary: {0}")]
+    OwnBinary(std::io::Error),
+}
+
+/// One saved cluster.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Saved {
+    pub name: String,
+    /// The master's arguments after the program (`run …`), lossless as
+    /// bytes would be for every UTF-8 argument; others are replaced.
+    pub args: Vec<String>,
+    pub cwd: PathBuf,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct Dump {
+    clusters: Vec<Saved>,
+}
+
+/// Where `herd save` writes: beside the default logs
+/// (`$XDG_STATE_HOME/herd/dump.json`, else `~/.local/state/herd/dump.json`).
+pub fn dump_path() -> PathBuf {
+    crate::logfile::default_path("dump").with_extension("json")
+}
+
+/// `herd save`: records every running cluster; returns their names.
+pub fn save() -> Result<(Vec<String>, PathBuf), BootError> {
+    let running = control::running();
+    if running.is_empty() {
+        return Err(BootError::NothingRunning);
+    }
+    let mut dump = Dump::default();
+    for (name, path) in running {
+        let status: Status =
+            control::call(&name, &path, &Request::Status, |_| {}).map_err(|source| {
+                BootError::Control {
+                    name: name.clone(),
+                    source,
+                }
+            })?;
+        dump.clusters.push(read_master(&name, status.pid)?);
+    }
+    let path = dump_path();
+    let names = dump.clusters.iter().map(|c| c.name.clone()).collect();
+    let text = serde_json::to_string_pretty(&dump).unwrap_or_default();
+    write_private(&path, text.as_bytes()).map_err(|source| BootError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    Ok((names, path))
+}
+
+/// A master's command line, directory and environment, from `/proc`.
+fn read_master(name: &str, pid: u32) -> Result<Saved, BootError> {
+    let proc_err = |source| BootError::Proc {
+        name: name.to_string(),
+        pid,
+        source,
+    };
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    let cmdline = std::fs::read(dir.join("cmdline")).map_err(proc_err)?;
+    let environ = std::fs::read(dir.join("environ")).map_err(proc_err)?;
+    let cwd = std::fs::read_link(dir.join("cwd")).map_err(proc_err)?;
+    let words = |b: &[u8]| -> Vec<String> {
+        b.split(|&c| c == 0)
+            .filter(|w| !w.is_empty())
+            .map(|w| String::from_utf8_lossy(w).into_owned())
+            .collect()
+    };
+    let env = words(&environ)
+        .into_iter()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect();
+    Ok(Saved {
+        name: name.to_string(),
+        args: words(&cmdline).into_iter().skip(1).collect(),
+        cwd,
+        env,
+    })
+}
+
+/// Writes `bytes` to `path` readable by its owner only (the environment
+/// may hold secrets), through a temporary file so a reader never sees half.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `herd resurrect`: starts each saved cluster that is not running, as it
+/// was (`herd start` with its arguments, directory and environment).
+/// `report` gets a line per cluster.
+pub fn resurrect(mut report: impl FnMut(&str)) -> Result<usize, BootError> {
+    let path = dump_path();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(BootError::NoDump { path });
+        }
+        Err(source) => return Err(BootError::Write { path, source }),
+    };
+    let dump: Dump = serde_json::from_str(&text).map_err(|e| BootError::BadDump {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let exe = std::env::current_exe().map_err(BootError::OwnBinary)?;
+    let running: Vec<String> = control::running().into_iter().map(|(n, _)| n).collect();
+    let (mut started, mut failed) = (0, 0);
+    for c in &dump.clusters {
+        if running.contains(&c.name) {
+            report(&format!("{}: already running", c.name));
+            continue;
+        }
+        let mut args: Vec<OsString> = c.args.iter().map(OsString::from).collect();
+        match args.iter().position(|a| a == "run") {
+            Some(at) => args[at] = "start".into(),
+            None => {
+                report(&format!(
+                    "{}: not a `herd run` command line; skipped",
+                    c.name
+                ));
+                failed += 1;
+                continue;
+            }
+        }
+        let ok = std::process::Command::new(&exe)
+            .args(&args)
+            .current_dir(&c.cwd)
+            .env_clear()
+            .envs(&c.env)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            started += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        return Err(BootError::Failed(failed));
+    }
+    Ok(started)
+}
+
+/// The systemd unit `herd startup` prints: `herd resurrect` at boot as
+/// `user`, `herd stop all` at shutdown.
+pub fn unit(user: &str, uid: u32) -> Result<String, BootError> {
+    let exe = std::env::current_exe().map_err(BootError::OwnBinary)?;
+    let exe = exe.display();
+    let mut env = String::new();
+    for k in ["HOME", "PATH", "XDG_STATE_HOME", "XDG_RUNTIME_DIR"] {
+        if let Some(v) = std::env::var_os(k) {
+            // systemd's quoting: double quotes, with \ and " escaped.
+            let v = String::from_utf8_lossy(v.as_bytes())
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"");
+            env.push_str(&format!("Environment=\"{k}={v}\"\n"));
+        }
+    }
+    // The runtime directory (/run/user/UID), where herd keeps its control
+    // sockets, exists at boot only if this unit asks for it.
+    let runtime = if uid == 0 {
+        String::new()
+    } else {
+        format!("Requires=user-runtime-dir@{uid}.service\nAfter=user-runtime-dir@{uid}.service\n")
+    };
+    Ok(format!(
+        "# Written by `herd startup`: starts the clusters `herd save` recorded at boot.\n\
+         [Unit]\n\
+         Description=herd clusters of {user} (herd resurrect)\n\
+         Wants=network-online.target\n\
+         After=network-online.target\n\
+         {runtime}\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         RemainAfterExit=yes\n\
+         User={user}\n\
+         {env}\
+         ExecStart={exe} resurrect\n\
+         ExecReload={exe} reload all\n\
+         ExecStop={exe} stop all\n\
+         TimeoutStartSec=300\n\
+         TimeoutStopSec=120\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    ))
+}
+
+/// `herd startup --install`: writes the unit into `dir` as
+/// `herd-USER.service`, then enables it when `systemctl` is there.
+/// Returns the unit's path and whether it was enabled.
+pub fn install(dir: &Path, user: &str, uid: u32) -> Result<(PathBuf, bool), BootError> {
+    let text = unit(user, uid)?;
+    let path = dir.join(format!("herd-{user}.service"));
+    if let Err(source) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, &text)) {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            return Err(BootError::NeedsRoot(path));
+        }
+        return Err(BootError::Write { path, source });
+    }
+    let systemd = dir == Path::new("/etc/systemd/system");
+    let enabled = systemd
+        && std::process::Command::new("systemctl")
+            .arg("daemon-reload")
+            .status()
+            .is_ok_and(|s| s.success())
+        && std::process::Command::new("systemctl")
+            .args(["enable", &format!("herd-{user}.service")])
+            .status()
+            .is_ok_and(|s| s.success());
+    Ok((path, enabled))
+}
+
+/// The user herd runs as, and its uid.
+pub fn whoami() -> (String, u32) {
+    let uid = nix::unistd::geteuid();
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| uid.to_string());
+    (name, uid.as_raw())
+}

@@ -1,0 +1,519 @@
+//! Several apps in one file, each its own cluster: the `[[app]]` tables of a
+//! `herd.toml` (over the file's top-level keys), or PM2's ecosystem file
+//! (`ecosystem.config.js`, evaluated with `node`, or `.json`) with its keys
+//! mapped to herd's [`Options`]. Keys herd cannot honour are named in one
+//! warning, never ignored silently.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::{ConfigError, Dur, EnvPair, Instances, Layer, ListenAddr, Options, Size};
+
+/// What a config file holds: one cluster's options, or several apps.
+#[derive(Debug, Default)]
+pub struct FileApps {
+    /// The file's top level (a `herd.toml` without `[[app]]`), or nothing.
+    pub single: Option<Options>,
+    /// Each app, its name set, with the file's top level under it.
+    pub apps: Vec<Options>,
+    /// Keys herd does not honour, for one warning.
+    pub ignored: Vec<String>,
+}
+
+/// A file name `herd start FILE` reads as a config, as PM2 does.
+pub fn is_config_name(word: &str) -> bool {
+    [".toml", ".json", ".config.js", ".config.cjs", ".config.mjs"]
+        .iter()
+        .any(|ext| word.ends_with(ext))
+}
+
+fn is_toml(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "toml")
+}
+
+/// Reads `path`; `profile` picks `env_NAME` of an ecosystem file.
+pub fn read(path: &Path, profile: Option<&str>) -> Result<FileApps, ConfigError> {
+    let err = |message: String| ConfigError::ParseNoSpan {
+        path: path.to_path_buf(),
+        message,
+    };
+    if is_toml(path) {
+        if let Some(p) = profile {
+            return Err(ConfigError::Profile(p.to_string()));
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        return toml_apps(path, &text);
+    }
+    let dir = path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let value = if path.extension().is_some_and(|e| e == "json") {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| err(e.to_string()))?
+    } else {
+        evaluate_js(path)?
+    };
+    let list = match value {
+        Value::Object(mut o) if o.contains_key("apps") => o.remove("apps").unwrap_or_default(),
+        v @ Value::Array(_) => v,
+        v @ Value::Object(_) => Value::Array(vec![v]),
+        _ => return Err(err("no `apps` list in it".into())),
+    };
+    let Value::Array(list) = list else {
+        return Err(err("`apps` is not a list".into()));
+    };
+    // As PM2: an app without env_NAME runs with its env; a name no app
+    // knows is a typo.
+    if let Some(p) = profile
+        && !list.iter().any(|a| a.get(format!("env_{p}")).is_some())
+    {
+        return Err(err(format!("no app has env_{p} (for --env {p})")));
+    }
+    let mut out = FileApps::default();
+    for (i, app) in list.iter().enumerate() {
+        let Value::Object(app) = app else {
+            return Err(err(format!("apps[{i}] is not an object")));
+        };
+        let label = app
+            .get("name")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("apps[{i}]"), str::to_string);
+        let opts = ecosystem_app(app, &dir, profile, &label, &mut out.ignored)
+            .map_err(|m| err(format!("{label}: {m}")))?;
+        out.apps.push(opts);
+    }
+    if out.apps.is_empty() {
+        return Err(err("`apps` is empty".into()));
+    }
+    unique_names(path, &out.apps)?;
+    Ok(out)
+}
+
+/// A `herd.toml`: its top level, and each `[[app]]` over it.
+fn toml_apps(path: &Path, text: &str) -> Result<FileApps, ConfigError> {
+    let mut table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        // Syntax errors keep their line and column.
+        Err(_) => return Options::parse(path, text).map(|_| FileApps::default()),
+    };
+    let Some(apps) = table.remove("app") else {
+        return Ok(FileApps {
+            single: Some(Options::parse(path, text)?),
+            ..FileApps::default()
+        });
+    };
+    let at = |what: String, e: toml::de::Error| ConfigError::ParseNoSpan {
+        path: path.to_path_buf(),
+        message: format!("{what}: {}", e.message().trim().replace('\n', " ")),
+    };
+    let base: Options = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| at("top level".into(), e))?;
+    let toml::Value::Array(apps) = apps else {
+        return Err(ConfigError::ParseNoSpan {
+            path: path.to_path_buf(),
+            message: "`app` must be a list of tables: write [[app]]".into(),
+        });
+    };
+    let mut out = FileApps::default();
+    for (i, app) in apps.into_iter().enumerate() {
+        let label = app.get("name").and_then(toml::Value::as_str).map_or_else(
+            || format!("[[app]] #{}", i + 1),
+            |n| format!("[[app]] {n:?}"),
+        );
+        let opts: Options = app.try_into().map_err(|e| at(label.clone(), e))?;
+        if opts.name.is_none() {
+            return Err(ConfigError::ParseNoSpan {
+                path: path.to_path_buf(),
+                message: format!("{label} needs a name"),
+            });
+        }
+        out.apps.push(opts.over(base.clone()));
+    }
+    unique_names(path, &out.apps)?;
+    Ok(out)
+}
+
+fn unique_names(path: &Path, apps: &[Options]) -> Result<(), ConfigError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for a in apps {
+        if let Some(n) = &a.name
+            && !seen.insert(n)
+        {
+            return Err(ConfigError::ParseNoSpan {
+                path: path.to_path_buf(),
+                message: format!("two apps are named {n:?}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `module.exports` (or an ES module's default export) as JSON, from `node`.
+fn evaluate_js(path: &Path) -> Result<Value, ConfigError> {
+    const JS: &str = "import(require('url').pathToFileURL(process.argv[1]).href)\
+        .then((m) => { const c = m.default ?? m; process.stdout.write(JSON.stringify(c)); })\
+        .catch((e) => { console.error(String((e && e.message) || e).split('\\n')[0]); process.exit(1); });";
+    let full = path.canonicalize().map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let out = std::process::Command::new("node")
+        .args(["-e", JS])
+        .arg(&full)
+        .env_remove("NODE_OPTIONS")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| ConfigError::ParseNoSpan {
+            path: path.to_path_buf(),
+            message: format!(
+                "reading a .js ecosystem file needs node ({e}); write it as .json or herd.toml"
+            ),
+        })?;
+    if !out.status.success() {
+        return Err(ConfigError::ParseNoSpan {
+            path: path.to_path_buf(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| ConfigError::ParseNoSpan {
+        path: path.to_path_buf(),
+        message: format!("its export is not plain data: {e}"),
+    })
+}
+
+/// Keys that need nothing from herd: it always clusters, always merges
+/// the workers' output into one log, and always stamps it.
+const SILENT: &[&str] = &["exec_mode", "merge_logs", "combine_logs", "time"];
+
+/// One app of an ecosystem file as herd's options.
+fn ecosystem_app(
+    app: &Map<String, Value>,
+    dir: &Path,
+    profile: Option<&str>,
+    label: &str,
+    ignored: &mut Vec<String>,
+) -> Result<Options, String> {
+    let mut o = Options::default();
+    let text = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    };
+    let words = |v: &Value| -> Vec<String> {
+        match v {
+            Value::Array(a) => a.iter().filter_map(text).collect(),
+            v => text(v)
+                .map(|s| s.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default(),
+        }
+    };
+    // PM2's durations are milliseconds, or strings like "10s".
+    let ms = |key: &str, v: &Value| -> Result<Dur, String> {
+        match v {
+            Value::Number(n) => n
+                .as_u64()
+                .map(|n| Dur(std::time::Duration::from_millis(n)))
+                .ok_or_else(|| format!("{key}: {n} is not a number of milliseconds")),
+            Value::String(s) => s
+                .parse::<u64>()
+                .map(|n| Dur(std::time::Duration::from_millis(n)))
+                .or_else(|_| s.parse::<Dur>())
+                .map_err(|e| format!("{key}: {e}")),
+            _ => Err(format!("{key}: expected milliseconds")),
+        }
+    };
+    let profile_key = profile.map(|p| format!("env_{p}"));
+    let mut script: Option<String> = None;
+    let mut args: Vec<String> = Vec::new();
+    let mut interpreter: Option<String> = None;
+    let mut interpreter_args: Vec<String> = Vec::new();
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut profile_env: Vec<(String, String)> = Vec::new();
+    let mut cwd = dir.to_path_buf();
+    for (key, v) in app {
+        match key.as_str() {
+            "name" => o.name = text(v),
+            "script" => script = text(v),
+            "args" => args = words(v),
+            "interpreter" | "exec_interpreter" => interpreter = text(v),
+            "interpreter_args" | "node_args" => interpreter_args.extend(words(v)),
+            "cwd" => cwd = dir.join(text(v).unwrap_or_default()),
+            "instances" => {
+                o.instances = Some(match v {
+                    Value::Number(n) => match n.as_i64() {
+                        Some(0) => Instances::Max,
+                        Some(n) if n > 0 => Instances::Count(n as usize),
+                        Some(n) => Instances::AllBut(n.unsigned_abs() as usize),
+                        None => return Err(format!("instances: {n}?")),
+                    },
+                    v => text(v)
+                        .unwrap_or_default()
+                        .parse()
+                        .map_err(|e| format!("instances: {e}"))?,
+                })
+            }
+            "env" => env = env_of(v).ok_or("env must be an object")?,
+            k if Some(k) == profile_key.as_deref() => {
+                profile_env = env_of(v).ok_or_else(|| format!("{k} must be an object"))?
+            }
+            k if k.starts_with("env_") => {} // other profiles
+            "max_memory_restart" => {
+                let s = text(v).unwrap_or_default();
+                o.max_memory = Some(
+                    s.parse::<Size>()
+                        .map_err(|e| format!("max_memory_restart: {e}"))?,
+                );
+            }
+            "kill_timeout" => o.kill_timeout = Some(ms(key, v)?),
+            "listen_timeout" => o.ready_timeout = Some(ms(key, v)?),
+            "wait_ready" => o.wait_ready = v.as_bool(),
+            "min_uptime" => o.min_uptime = Some(ms(key, v)?),
+            "max_restarts" => o.max_restarts = v.as_u64().map(|n| n as u32),
+            "restart_delay" | "exp_backoff_restart_delay" => o.restart_delay = Some(ms(key, v)?),
+            "watch" => {
+                o.watch = match v {
+                    Value::Bool(false) => None,
+                    Value::Bool(true) => Some(vec![PathBuf::from(".")]),
+                    v => Some(words(v).into_iter().map(PathBuf::from).collect()),
+                }
+            }
+            "ignore_watch" => o.watch_ignore = Some(words(v)),
+            "watch_delay" => o.watch_delay = Some(ms(key, v)?),
+            "increment_var" => o.increment_var = text(v),
+            "log_file" => o.log_file = text(v).map(|f| dir.join(f)),
+            // herd always restarts; only `false` asks for what it cannot do.
+            "autorestart" if v.as_bool() != Some(false) => {}
+            k if SILENT.contains(&k) => {}
+            k => ignored.push(format!("{label}.{k}")),
+        }
+    }
+    // `env_production` over `env`.
+    for (k, v) in profile_env {
+        env.retain(|(ek, _)| *ek != k);
+        env.push((k, v));
+    }
+    // PM2 apps read their port from PORT; herd listens there for them and
+    // gives each worker its own (proxy) or the socket (fd modes).
+    if let Some(i) = env.iter().position(|(k, _)| k == "PORT") {
+        let (_, port) = env.remove(i);
+        o.listen = Some(
+            port.parse::<ListenAddr>()
+                .map_err(|e| format!("env PORT: {e}"))?,
+        );
+    }
+    o.env = env.into_iter().map(|(k, v)| EnvPair(k, v)).collect();
+    let script = script.ok_or("it has no script")?;
+    let mut command: Vec<OsString> = Vec::new();
+    match interpreter.as_deref() {
+        None | Some("none") if interpreter_args.is_empty() => {}
+        None => command.push(if script.ends_with(".py") {
+            "python3".into()
+        } else {
+            "node".into()
+        }),
+        Some("none") => return Err("interpreter_args need an interpreter".into()),
+        Some(i) => command.push(i.into()),
+    }
+    command.extend(interpreter_args.into_iter().map(OsString::from));
+    command.push(script.into());
+    command.extend(args.into_iter().map(OsString::from));
+    o.command = Some(command);
+    o.cwd = Some(cwd);
+    // PM2 starts one instance unless told otherwise; so does its file here.
+    o.instances.get_or_insert(Instances::Count(1));
+    Ok(o)
+}
+
+/// An `env` object: values as strings (numbers and booleans too).
+fn env_of(v: &Value) -> Option<Vec<(String, String)>> {
+    let Value::Object(m) = v else { return None };
+    Some(
+        m.iter()
+            .filter_map(|(k, v)| {
+                let s = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Null => return None,
+                    v => v.to_string(),
+                };
+                Some((k.clone(), s))
+            })
+            .collect(),
+    )
+}
+
+/// The options of `app` (or of the file's only one) from `path`, and the
+/// warning to give for keys herd ignores.
+pub fn select(
+    path: &Path,
+    app: Option<&str>,
+    profile: Option<&str>,
+) -> Result<(Options, Option<String>), ConfigError> {
+    let f = read(path, profile)?;
+    let warning = (!f.ignored.is_empty()).then(|| {
+        format!(
+            "{}: herd ignores these keys: {}",
+            path.display(),
+            f.ignored.join(", ")
+        )
+    });
+    if let Some(single) = f.single {
+        return match app {
+            Some(a) => Err(ConfigError::NoSuchApp {
+                app: a.to_string(),
+                path: path.to_path_buf(),
+                names: String::new(),
+            }),
+            None => Ok((single, warning)),
+        };
+    }
+    let names = || {
+        f.apps
+            .iter()
+            .filter_map(|a| a.name.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let picked = match app {
+        Some(a) => f.apps.iter().find(|o| o.name.as_deref() == Some(a)),
+        None if f.apps.len() == 1 => f.apps.first(),
+        None => {
+            return Err(ConfigError::SeveralApps {
+                path: path.to_path_buf(),
+                names: names(),
+            });
+        }
+    };
+    match picked {
+        Some(o) => Ok((o.clone(), warning)),
+        None => Err(ConfigError::NoSuchApp {
+            app: app.unwrap_or_default().to_string(),
+            path: path.to_path_buf(),
+            names: names(),
+        }),
+    }
+}
+
+/// The apps' names, when `path` holds apps (not a single cluster's options).
+pub fn names(path: &Path, profile: Option<&str>) -> Result<Vec<String>, ConfigError> {
+    let f = read(path, profile)?;
+    Ok(f.apps.iter().filter_map(|a| a.name.clone()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("herd-apps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn toml_apps_take_the_top_level_under_their_own_keys() {
+        let p = temp(
+            "two.toml",
+            "kill-timeout = \"2s\"\ninstances = 3\n[env]\nA = \"1\"\n\
+             [[app]]\nname = \"api\"\ncommand = [\"node\", \"api.js\"]\nlisten = 3000\n\
+             [[app]]\nname = \"web\"\ncommand = [\"node\", \"web.js\"]\ninstances = 1\n[app.env]\nB = \"2\"\n",
+        );
+        let (api, _) = select(&p, Some("api"), None).unwrap();
+        assert_eq!(api.instances, Some(Instances::Count(3)));
+        assert_eq!(api.kill_timeout.unwrap().0.as_secs(), 2);
+        let (web, _) = select(&p, Some("web"), None).unwrap();
+        assert_eq!(web.instances, Some(Instances::Count(1)));
+        let env: Vec<_> = web
+            .env
+            .iter()
+            .map(|EnvPair(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(env, ["A=1", "B=2"]);
+        assert_eq!(names(&p, None).unwrap(), ["api", "web"]);
+        let e = select(&p, None, None).unwrap_err().to_string();
+        assert!(e.contains("api, web"), "{e}");
+        let e = select(&p, Some("nope"), None).unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("api, web"), "{e}");
+    }
+
+    #[test]
+    fn toml_app_errors_name_the_app() {
+        let p = temp(
+            "bad.toml",
+            "[[app]]\nname = \"api\"\ncommand = [\"x\"]\nkill-timout = \"2s\"\n",
+        );
+        let e = select(&p, Some("api"), None).unwrap_err().to_string();
+        assert!(
+            e.contains("[[app]] \"api\"") && e.contains("kill-timout"),
+            "{e}"
+        );
+        let p = temp("anon.toml", "[[app]]\ncommand = [\"x\"]\n");
+        let e = select(&p, None, None).unwrap_err().to_string();
+        assert!(e.contains("needs a name"), "{e}");
+    }
+
+    #[test]
+    fn ecosystem_keys_map_to_herds_and_the_rest_are_named() {
+        let p = temp(
+            "ecosystem.json",
+            r#"{"apps": [{
+                "name": "api", "script": "server.js", "args": "--fast -v",
+                "instances": -1, "exec_mode": "cluster", "max_memory_restart": "300M",
+                "kill_timeout": 3000, "wait_ready": true, "listen_timeout": 8000,
+                "env": {"NODE_ENV": "development", "PORT": 3000, "DEBUG": true},
+                "env_production": {"NODE_ENV": "production"},
+                "watch": ["src"], "ignore_watch": ["tmp"], "increment_var": "SHARD",
+                "autorestart": false, "namespace": "x"
+            }, {"name": "worker", "script": "jobs.py", "cwd": "jobs"}]}"#,
+        );
+        let (api, warning) = select(&p, Some("api"), Some("production")).unwrap();
+        let cmd: Vec<_> = api.command.clone().unwrap();
+        assert_eq!(cmd, ["server.js", "--fast", "-v"]);
+        assert_eq!(api.instances, Some(Instances::AllBut(1)));
+        assert_eq!(api.max_memory.unwrap().0, 300 << 20);
+        assert_eq!(api.kill_timeout.unwrap().0.as_millis(), 3000);
+        assert_eq!(api.ready_timeout.unwrap().0.as_millis(), 8000);
+        assert_eq!(api.wait_ready, Some(true));
+        assert_eq!(api.listen.unwrap().0.port(), 3000);
+        let env: Vec<_> = api
+            .env
+            .iter()
+            .map(|EnvPair(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(env, ["DEBUG=true", "NODE_ENV=production"]);
+        assert_eq!(api.watch, Some(vec![PathBuf::from("src")]));
+        assert_eq!(api.increment_var.as_deref(), Some("SHARD"));
+        let warning = warning.unwrap();
+        assert!(
+            warning.contains("api.autorestart, api.namespace") && !warning.contains("exec_mode"),
+            "{warning}"
+        );
+        let (worker, _) = select(&p, Some("worker"), None).unwrap();
+        assert_eq!(worker.instances, Some(Instances::Count(1)));
+        assert!(worker.cwd.unwrap().ends_with("jobs"));
+        let e = select(&p, Some("api"), Some("staging"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("env_staging"), "{e}");
+    }
+
+    #[test]
+    fn config_names_are_told_from_scripts() {
+        assert!(is_config_name("ecosystem.config.js"));
+        assert!(is_config_name("herd.toml") && is_config_name("process.json"));
+        assert!(!is_config_name("app.js") && !is_config_name("server.py"));
+    }
+}

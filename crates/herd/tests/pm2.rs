@@ -1,0 +1,336 @@
+//! PM2 users' habits: the README's "Coming from PM2" commands, run as
+//! written and in order, in a copy of `examples/pm2/`; several apps in one
+//! `herd.toml`; `herd startup`'s unit checked by systemd's own verifier.
+//!
+//! Each test has its own runtime and state directories, so `herd list`,
+//! `herd save` and `herd stop all` see only its clusters.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A directory of its own, with `herd` first on PATH and private
+/// `XDG_RUNTIME_DIR` / `XDG_STATE_HOME`; stops its clusters when dropped.
+struct Sandbox {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Sandbox {
+    fn new(tag: &str) -> Sandbox {
+        let dir = std::env::temp_dir().join(format!("herd-pm2-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["app", "run", "state"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::set_permissions(
+            dir.join("run"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        Sandbox {
+            dir,
+            port: free_port(),
+        }
+    }
+
+    fn app(&self) -> PathBuf {
+        self.dir.join("app")
+    }
+
+    /// `sh -c LINE` in the app directory.
+    fn sh(&self, line: &str) -> Output {
+        let bin = Path::new(HERD).parent().unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Command::new("sh")
+            .args(["-c", line])
+            .current_dir(self.app())
+            .env("PATH", path)
+            .env("XDG_RUNTIME_DIR", self.dir.join("run"))
+            .env("XDG_STATE_HOME", self.dir.join("state"))
+            .env("PORT", self.port.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.sh("herd stop all");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The command lines of the README's "Coming from PM2" block.
+fn readme_commands() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let section = readme
+        .split("## Coming from PM2")
+        .nth(1)
+        .expect("the README has a Coming from PM2 section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a ```sh block in it");
+    block
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn body(port: u16) -> String {
+    let mut got = String::new();
+    wait_until(T, || match http_get(port, "/") {
+        Ok((200, b)) => {
+            got = b;
+            true
+        }
+        _ => false,
+    });
+    got
+}
+
+#[test]
+fn the_readme_pm2_commands_work_as_written() {
+    let sb = Sandbox::new("readme");
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pm2");
+    for f in ["app.js", "ecosystem.config.js"] {
+        std::fs::copy(Path::new(examples).join(f), sb.app().join(f)).unwrap();
+    }
+    // The example's ports, made free ones.
+    let (api, web) = (free_port(), free_port());
+    let eco = sb.app().join("ecosystem.config.js");
+    let js = std::fs::read_to_string(&eco)
+        .unwrap()
+        .replace("PORT: 3000", &format!("PORT: {api}"))
+        .replace("PORT: 3001", &format!("PORT: {web}"));
+    std::fs::write(&eco, js).unwrap();
+
+    let commands = readme_commands();
+    assert!(commands.len() >= 10, "{commands:?}");
+    for cmd in &commands {
+        let out = sb.sh(cmd);
+        let said = text(&out);
+        assert!(out.status.success(), "`{cmd}` failed:\n{said}");
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        match &words[1..] {
+            ["start", "app.js", ..] => {
+                assert!(said.contains("app: started"), "{said}");
+                assert!(body(sb.port).contains("from worker"), "`{cmd}`");
+            }
+            ["list"] => assert!(said.contains("app"), "{said}"),
+            ["logs", "app", ..] => assert!(said.contains("[0] listening on"), "{said}"),
+            ["reload", "app"] => assert!(said.contains("app: reloaded"), "{said}"),
+            ["scale", "app", n] => assert!(said.contains(&format!("app: {n} workers")), "{said}"),
+            ["describe", "app"] => {
+                // A row per worker (the third may still be starting).
+                let rows = said
+                    .lines()
+                    .filter(|l| {
+                        l.split_whitespace()
+                            .next()
+                            .is_some_and(|w| w.parse::<u32>().is_ok())
+                    })
+                    .count();
+                assert_eq!(rows, 3, "{said}");
+            }
+            ["stop", "app"] => {
+                assert!(said.contains("app: stopped"), "{said}");
+                assert!(http_get(sb.port, "/").is_err(), "still answering");
+            }
+            ["start", "ecosystem.config.js", ..] => {
+                assert!(
+                    said.contains("api: started") && said.contains("web: started"),
+                    "{said}"
+                );
+                assert!(
+                    body(api).starts_with("hello from production (production)"),
+                    "{}",
+                    body(api)
+                );
+                assert!(body(web).starts_with("web (development)"), "{}", body(web));
+            }
+            ["logs", "api", "--err", "--timestamps"] => {
+                let lines: Vec<&str> = said.lines().collect();
+                assert!(!lines.is_empty(), "no stderr lines");
+                for l in lines {
+                    assert!(
+                        l.starts_with("20") && l.contains(":err] started in production mode"),
+                        "{l}"
+                    );
+                }
+            }
+            ["reload", "all", "--update-env"] => {
+                assert!(
+                    said.contains("api: reloaded") && said.contains("web: reloaded"),
+                    "{said}"
+                );
+                // The config was read again with the same --env production.
+                assert!(
+                    body(api).starts_with("hello from production"),
+                    "{}",
+                    body(api)
+                );
+            }
+            ["save"] => assert!(said.contains("saved 2 clusters (api, web)"), "{said}"),
+            ["stop", "all"] => {
+                assert!(
+                    said.contains("api: stopped") && said.contains("web: stopped"),
+                    "{said}"
+                );
+                assert!(http_get(api, "/").is_err() && http_get(web, "/").is_err());
+            }
+            ["resurrect"] => {
+                assert!(
+                    said.contains("api: started") && said.contains("web: started"),
+                    "{said}"
+                );
+                assert!(
+                    body(api).starts_with("hello from production"),
+                    "{}",
+                    body(api)
+                );
+            }
+            ["startup"] => verify_unit(&said),
+            ["flush"] => assert!(
+                said.contains("api.log") && said.contains("web.log"),
+                "{said}"
+            ),
+            ["delete", "all"] => assert!(said.contains("stopped"), "{said}"),
+            _ => panic!("the test does not know what `{cmd}` should do: add a check"),
+        }
+    }
+    let listed = text(&sb.sh("herd list"));
+    assert!(listed.contains("no herd cluster"), "{listed}");
+}
+
+/// The unit `herd startup` printed resurrects at boot and passes
+/// `systemd-analyze verify` where systemd is installed.
+fn verify_unit(unit: &str) {
+    assert!(
+        unit.contains("[Service]") && unit.contains(" resurrect\n"),
+        "{unit}"
+    );
+    assert!(
+        unit.contains("ExecStop=") && unit.contains(" stop all"),
+        "{unit}"
+    );
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    if analyze.is_err() {
+        eprintln!("systemd-analyze is not installed: the unit is not verified");
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("herd-test-{}.service", std::process::id()));
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let said = text(&out);
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify: {said}\n{unit}"
+    );
+    assert!(
+        !said.contains("herd-test"),
+        "systemd-analyze complains: {said}"
+    );
+}
+
+#[test]
+fn several_apps_in_one_herd_toml_start_stop_and_report_each() {
+    let sb = Sandbox::new("toml");
+    let (a, b) = (free_port(), free_port());
+    std::fs::write(
+        sb.app().join("herd.toml"),
+        format!(
+            "instances = 2\n\
+             [[app]]\nname = \"one\"\ncommand = [\"{DEMO}\"]\nlisten = {a}\n\
+             [[app]]\nname = \"two\"\ncommand = [\"{DEMO}\"]\nlisten = {b}\ninstances = 1\n\
+             increment-var = \"SHARD\"\n[app.env]\nSHARD = \"10\"\n"
+        ),
+    )
+    .unwrap();
+    let out = sb.sh("herd start");
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("one: started") && said.contains("2 workers"),
+        "{said}"
+    );
+    assert!(
+        said.contains("two: started") && said.contains("1 worker,"),
+        "{said}"
+    );
+    assert!(body(a).contains("hello from worker"));
+    assert!(body(b).contains("hello from worker"));
+    let status = text(&sb.sh("herd status all"));
+    assert!(
+        status.contains("one:") && status.contains("two:"),
+        "{status}"
+    );
+    // One app in the foreground needs its name.
+    let out = sb.sh("herd run");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("several apps (one, two)"),
+        "{}",
+        text(&out)
+    );
+    // A second start finds both running and says so for each.
+    let out = sb.sh("herd start");
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(said.contains("2 of 2 apps did not start"), "{said}");
+    let out = sb.sh("herd stop all");
+    assert!(text(&out).contains("one: stopped") && text(&out).contains("two: stopped"));
+}
+
+#[test]
+fn increment_var_gives_each_worker_its_own_value() {
+    let sb = Sandbox::new("incr");
+    // The worker prints its SHARD at start: 10 + its id.
+    let out = sb.sh(&format!(
+        "herd start --name inc -i 2 --env SHARD=10 --increment-var SHARD -- sh -c 'echo shard=$SHARD; exec {DEMO}'"
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let logs = text(&sb.sh("herd logs inc --out"));
+    assert!(
+        logs.contains("[0] shard=10") && logs.contains("[1] shard=11"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("INFO"),
+        "--out shows worker lines only: {logs}"
+    );
+    let flushed = text(&sb.sh("herd flush inc"));
+    assert!(flushed.contains("flushed"), "{flushed}");
+    let logs = text(&sb.sh("herd logs inc"));
+    assert!(!logs.contains("shard="), "flushed: {logs}");
+    let e = text(&sb.sh(&format!("herd run --increment-var PORT -- {DEMO}")));
+    assert!(e.contains("its own PORT"), "{e}");
+}

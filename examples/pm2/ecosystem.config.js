@@ -1,0 +1,22 @@
+// A PM2 ecosystem file, as PM2 users write it. `herd start ecosystem.config.js`
+// starts each app as its own cluster; `--env production` applies env_production.
+module.exports = {
+  apps: [
+    {
+      name: 'api',
+      script: './app.js',
+      instances: 2,
+      exec_mode: 'cluster',
+      max_memory_restart: '300M',
+      kill_timeout: 3000,
+      env: { PORT: 3000, GREETING: 'hello' },
+      env_production: { NODE_ENV: 'production', GREETING: 'hello from production' },
+    },
+    {
+      name: 'web',
+      script: './app.js',
+      instances: 'max',
+      env: { PORT: 3001, GREETING: 'web' },
+    },
+  ],
+};
