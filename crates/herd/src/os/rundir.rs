@@ -1,7 +1,11 @@
 //! The master's private runtime directory, for its sd_notify sockets.
 //!
 //! `$XDG_RUNTIME_DIR/herd/<pid>` or `/tmp/herd-<uid>/<pid>`, mode 0700.
-//! Directories of masters that died without cleaning up are removed at start.
+//! Each master holds an exclusive `flock` on its directory's `lock` file for
+//! as long as it lives (the kernel drops it even on `kill -9`), so
+//! directories whose lock is free are stale and removed at start. A lock,
+//! not the pid: masters in other PID namespaces (containers sharing the
+//! directory) have pids this one cannot see, and may have the same pid.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -19,6 +23,7 @@ pub enum RunDirError {
 
 pub struct RunDir {
     path: PathBuf,
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl RunDir {
@@ -33,10 +38,37 @@ impl RunDir {
             return Err(RunDirError::Insecure(base));
         }
         remove_stale(&base);
-        let path = base.join(std::process::id().to_string());
-        let _ = std::fs::remove_dir_all(&path);
-        mkdir(&path)?;
-        Ok(RunDir { path })
+        let pid = std::process::id();
+        // Made and locked under a name no cleanup looks at, then renamed:
+        // no other master ever sees it unlocked.
+        let tmp = base.join(format!(".new-{pid}-{}", fastrand::u64(..)));
+        mkdir(&tmp)?;
+        let lock = lock(&tmp).map_err(|source| RunDirError::Create {
+            path: tmp.clone(),
+            source,
+        })?;
+        for i in 1..100 {
+            let name = match i {
+                1 => pid.to_string(),
+                i => format!("{pid}-{i}"),
+            };
+            let path = base.join(name);
+            if path.exists() {
+                // Another namespace's master with our pid keeps its own.
+                if self::lock(&path).is_err() {
+                    continue;
+                }
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            if std::fs::rename(&tmp, &path).is_ok() {
+                return Ok(RunDir { path, _lock: lock });
+            }
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        Err(RunDirError::Create {
+            path: base.join(pid.to_string()),
+            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -70,14 +102,39 @@ fn mkdir(p: &Path) -> Result<(), RunDirError> {
     }
 }
 
-/// Removes `<pid>` directories whose master no longer runs.
+/// Takes the directory's lock; an error when another master holds it.
+fn lock(dir: &Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| std::io::Error::from(e))
+}
+
+/// Removes the directories of masters that no longer run: their lock is
+/// free (or, from herd versions without one, their pid is gone).
 fn remove_stale(base: &Path) {
     let Ok(entries) = std::fs::read_dir(base) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        let ours = name.starts_with(|c: char| c.is_ascii_digit()) || name.starts_with(".new-");
+        if !e.path().is_dir() || !ours {
+            continue;
+        }
+        if e.path().join("lock").exists() {
+            if lock(&e.path()).is_ok() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+            continue;
+        }
+        let Ok(pid) = name.parse::<i32>() else {
             continue;
         };
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
