@@ -250,6 +250,91 @@ pub fn unit(user: &str, uid: u32) -> Result<String, BootError> {
     ))
 }
 
+/// systemd's quoting of one word of a command line: double quotes when
+/// needed, `\` and `"` escaped, `%` and `$` doubled (specifiers and
+/// variables would expand otherwise).
+fn exec_word(w: &str) -> String {
+    let w = w.replace('%', "%%").replace('$', "$$");
+    if !w.is_empty()
+        && !w
+            .contains(|c: char| c.is_whitespace() || c == '"' || c == '\\' || c == '\'' || c == ';')
+    {
+        return w;
+    }
+    format!("\"{}\"", w.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// `herd systemd NAME`: a `.socket` unit holding the port (so it stays
+/// open, and connections wait in its queue, while the master restarts) and
+/// a `Type=notify` `.service` running `herd run` on it, with systemd's
+/// watchdog fed by the supervisor loop. `run_args` are the words after
+/// `herd run`; `s` the settings they resolve to.
+pub fn service_units(
+    name: &str,
+    run_args: &[String],
+    s: &crate::config::Settings,
+    watchdog: std::time::Duration,
+) -> Result<(String, String), BootError> {
+    let exe = std::env::current_exe().map_err(BootError::OwnBinary)?;
+    let (user, _) = whoami();
+    let cwd = std::env::current_dir().map_err(BootError::OwnBinary)?;
+    let mut exec = vec![exe.display().to_string(), "run".into()];
+    exec.extend(run_args.iter().cloned());
+    let exec: Vec<String> = exec.iter().map(|w| exec_word(w)).collect();
+    let reuse = if s.mode == crate::config::Mode::Reuseport {
+        "ReusePort=yes\n"
+    } else {
+        ""
+    };
+    let socket = format!(
+        "# Written by `herd systemd {name}`: holds the port of herd cluster {name}.\n\
+         [Unit]\n\
+         Description=herd cluster {name}: its port\n\
+         \n\
+         [Socket]\n\
+         ListenStream={listen}\n\
+         Backlog=4096\n\
+         {reuse}\
+         \n\
+         [Install]\n\
+         WantedBy=sockets.target\n",
+        listen = s.listen,
+    );
+    let stop = s.drain_timeout + s.kill_timeout + std::time::Duration::from_secs(10);
+    let watchdog = match watchdog.as_secs() {
+        0 => String::new(),
+        n => format!("WatchdogSec={}s\n", n.max(2)),
+    };
+    let service = format!(
+        "# Written by `herd systemd {name}`: herd cluster {name} on {name}.socket.\n\
+         [Unit]\n\
+         Description=herd cluster {name}\n\
+         Requires={name}.socket\n\
+         After={name}.socket network-online.target\n\
+         Wants=network-online.target\n\
+         \n\
+         [Service]\n\
+         Type=notify\n\
+         NotifyAccess=main\n\
+         User={user}\n\
+         WorkingDirectory={cwd}\n\
+         ExecStart={exec}\n\
+         ExecReload=/bin/kill -HUP $MAINPID\n\
+         KillMode=mixed\n\
+         TimeoutStopSec={stop}s\n\
+         {watchdog}\
+         Restart=on-failure\n\
+         RestartSec=1s\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        cwd = exec_word(&cwd.display().to_string()),
+        exec = exec.join(" "),
+        stop = stop.as_secs(),
+    );
+    Ok((socket, service))
+}
+
 /// `herd startup --install`: writes the unit into `dir` as
 /// `herd-USER.service`, then enables it when `systemctl` is there.
 /// Returns the unit's path and whether it was enabled.

@@ -138,6 +138,9 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
         unit_dir: PathBuf,
     },
+    /// Print a systemd .service and .socket pair that runs a cluster with socket
+    /// activation (the port stays open while the master restarts).
+    Systemd(Box<SystemdArgs>),
     /// Empty a cluster's log file (and drop its rotated ones), like `pm2 flush`; `all`: every one.
     Flush {
         #[command(flatten)]
@@ -200,6 +203,23 @@ pub struct DeployArgs {
     /// The new version's command [default: the running one's].
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// `herd systemd NAME [RUN OPTIONS] -- COMMAND`.
+#[derive(Debug, Args)]
+pub struct SystemdArgs {
+    /// The units' name (NAME.service, NAME.socket) and the cluster's.
+    #[arg(value_name = "NAME")]
+    pub unit: String,
+    /// Write NAME.service and NAME.socket into DIR (e.g. /etc/systemd/system) instead of printing them.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// systemd's watchdog: restart the service when the master's supervisor stops answering this long; 0 turns it off.
+    #[arg(long, value_name = "DUR", default_value = "30s")]
+    pub watchdog_sec: crate::config::Dur,
+    /// The cluster: every option of `herd run`, then `--` and the command.
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// Which running cluster a command is for.

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
             let show = herd::start::Shown { timestamps, only };
             finish(herd::start::logs(target.name(), lines, follow, show))
         }
+        Command::Systemd(args) => finish(systemd(*args)),
         Command::Flush { target } => finish(herd::start::flush(target.name())),
         Command::Save => finish(herd::boot::save().map_err(anyhow::Error::from).map(
             |(names, path)| {
@@ -135,6 +136,65 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `herd systemd NAME [RUN OPTIONS] -- COMMAND`: checks the options as
+/// `herd run` would, then prints (or writes) the two units.
+fn systemd(args: herd::cli::SystemdArgs) -> anyhow::Result<()> {
+    let name = args.unit.clone();
+    // The words after NAME, but for this command's own options: they are
+    // `herd run`'s, and the cluster is named NAME.
+    let argv: Vec<String> = std::env::args().collect();
+    let after = argv
+        .iter()
+        .position(|a| *a == name)
+        .map_or(argv.len(), |i| i + 1);
+    let mut words = Vec::new();
+    let mut it = argv[after..].iter();
+    let mut past_dashes = false;
+    while let Some(w) = it.next() {
+        if !past_dashes && (w == "--dir" || w == "--watchdog-sec") {
+            it.next();
+            continue;
+        }
+        if !past_dashes && (w.starts_with("--dir=") || w.starts_with("--watchdog-sec=")) {
+            continue;
+        }
+        past_dashes |= w == "--";
+        words.push(w.clone());
+    }
+    let mut run = args.run;
+    if run.opts.name.is_none() {
+        run.opts.name = Some(name.clone());
+        words.splice(0..0, ["--name".to_string(), name.clone()]);
+    }
+    let settings = run.resolve()?;
+    let (socket, service) =
+        herd::boot::service_units(&name, &words, &settings, args.watchdog_sec.0)?;
+    match args.dir {
+        None => {
+            herd::outln!(
+                "# {name}.socket\n{socket}\n# {name}.service\n{}",
+                service.trim_end()
+            );
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)?;
+            for (file, text) in [
+                (format!("{name}.socket"), &socket),
+                (format!("{name}.service"), &service),
+            ] {
+                let path = dir.join(file);
+                std::fs::write(&path, text)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                herd::outln!("wrote {}", path.display());
+            }
+            herd::outln!(
+                "then: systemctl daemon-reload && systemctl enable --now {name}.socket {name}.service"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Exit 0, or print the error on one line and exit 1.

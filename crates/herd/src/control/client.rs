@@ -105,6 +105,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         | Command::Save
         | Command::Resurrect
         | Command::Startup { .. }
+        | Command::Systemd(_)
         | Command::Flush { .. } => {
             return Ok(2);
         }

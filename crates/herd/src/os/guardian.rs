@@ -52,6 +52,11 @@ impl Guardian {
         Ok(())
     }
 
+    /// Its pid, so that it is not taken for an adopted child.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|(c, _)| c.id())
+    }
+
     pub fn watch(&mut self, pgid: u32) {
         self.groups.insert(pgid);
         self.send(&format!("+{pgid}\n"));

@@ -14,6 +14,12 @@ pub enum ListenError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "reuseport mode on the socket systemd passed ({0}) needs ReusePort=yes in its .socket unit; or use --mode shared"
+    )]
+    NotReusePort(SocketAddr),
+    #[error("the socket systemd passed (LISTEN_FDS): {0}")]
+    Inherited(std::io::Error),
 }
 
 /// Kernel cap applies (`net.core.somaxconn`); ask for plenty.
@@ -72,6 +78,47 @@ impl Listeners {
                 // With port 0 the kernel picks one; the other slots must join it.
                 let addr = local_addr(&first).unwrap_or(addr);
                 let mut all = vec![first];
+                for _ in 1..slots {
+                    all.push(socket(addr, true)?);
+                }
+                Ok(Listeners::ReusePort(all))
+            }
+        }
+    }
+
+    /// The same as [`Listeners::bind`] on a socket systemd passed
+    /// (`LISTEN_FDS`): proxy threads share it, fd modes hand it on, and
+    /// reuseport mode joins it with sockets of its own, which the kernel
+    /// allows only when it has SO_REUSEPORT (`ReusePort=yes` in the unit).
+    pub fn adopt(mode: Mode, sock: Socket, slots: usize) -> Result<Self, ListenError> {
+        let addr = local_addr(&sock).unwrap_or(crate::config::DEFAULT_LISTEN);
+        let e = |source| err(addr, source);
+        match mode {
+            Mode::Proxy => {
+                sock.set_nonblocking(true).map_err(e)?;
+                sock.set_tcp_nodelay(true).map_err(e)?;
+                let first: std::net::TcpListener = sock.into();
+                let mut all = Vec::new();
+                for _ in 1..slots.max(1) {
+                    all.push(first.try_clone().map_err(e)?);
+                }
+                all.push(first);
+                Ok(Listeners::Proxy(all))
+            }
+            Mode::Shared => {
+                sock.set_nonblocking(false).map_err(e)?;
+                Ok(Listeners::Shared(sock))
+            }
+            Mode::Dispatch => {
+                sock.set_nonblocking(true).map_err(e)?;
+                Ok(Listeners::Dispatch(sock.into()))
+            }
+            Mode::Reuseport => {
+                if !sock.reuse_port().unwrap_or(false) {
+                    return Err(ListenError::NotReusePort(addr));
+                }
+                sock.set_nonblocking(false).map_err(e)?;
+                let mut all = vec![sock];
                 for _ in 1..slots {
                     all.push(socket(addr, true)?);
                 }

@@ -278,6 +278,58 @@ pub fn watch<T: OwnsFd>(
         .map_err(|e| e.into_parts().1)
 }
 
+/// The first socket systemd (or `systemd-socket-activate`) passed to this
+/// process (`LISTEN_FDS`, from fd 3), when `LISTEN_PID` names this process:
+/// a listening TCP socket, made close-on-exec so workers never inherit it
+/// by accident. `None` when there is none for us.
+pub fn inherited_listener() -> io::Result<Option<socket2::Socket>> {
+    use std::os::fd::FromRawFd;
+    const SD_LISTEN_FDS_START: RawFd = 3;
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let n = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    if !ours || n < 1 {
+        return Ok(None);
+    }
+    for fd in SD_LISTEN_FDS_START..SD_LISTEN_FDS_START + n {
+        // None of these is for a worker. SAFETY: F_SETFD on any fd number
+        // is harmless; a closed one fails with EBADF.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: fstat writes only into the zeroed struct it is given.
+    let is_socket = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(SD_LISTEN_FDS_START, &mut st) == 0
+            && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+    };
+    if !is_socket {
+        return Err(io::Error::other("LISTEN_FDS: fd 3 is not a socket"));
+    }
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(None);
+    }
+    // SAFETY: LISTEN_PID names this process, so the service manager passed
+    // fd 3 to it and nothing else in this process owns it; TAKEN makes this
+    // the only owner, the Socket from here on. (Workers never see the
+    // LISTEN_* variables: their environment drops them.)
+    let sock = unsafe { socket2::Socket::from_raw_fd(SD_LISTEN_FDS_START) };
+    let listening = sock.is_listener().unwrap_or(false);
+    let tcp = sock.local_addr().ok().and_then(|a| a.as_socket()).is_some();
+    if !listening || !tcp {
+        std::mem::forget(sock); // not ours to close either
+        return Err(io::Error::other(
+            "LISTEN_FDS: fd 3 is not a listening TCP socket (ListenStream= in the .socket unit)",
+        ));
+    }
+    Ok(Some(sock))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

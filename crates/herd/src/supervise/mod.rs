@@ -159,7 +159,14 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         Mode::Proxy => proxy_threads,
         _ => s.instances,
     };
-    let listeners = Listeners::bind(s.mode, s.listen, listen_slots)?;
+    // Under systemd socket activation the port is the .socket unit's, and
+    // stays open while the master restarts: connections wait in its queue.
+    let inherited = crate::os::sys::inherited_listener().map_err(ListenError::Inherited)?;
+    let activated = inherited.is_some();
+    let listeners = match inherited {
+        Some(sock) => Listeners::adopt(s.mode, sock, listen_slots)?,
+        None => Listeners::bind(s.mode, s.listen, listen_slots)?,
+    };
     let bound = listeners.local_addr().unwrap_or(s.listen);
     let rundir = RunDir::create()?;
     let guardian = Guardian::spawn().map_err(SuperviseError::Guardian)?;
@@ -176,6 +183,17 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         signal(SignalKind::from_raw(libc::SIGTTIN)).map_err(SuperviseError::Signals)?;
     let mut sigttou =
         signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(SuperviseError::Signals)?;
+    // Orphans of a worker's descendants come to herd (and, as a container's
+    // PID 1, every orphan does): SIGCHLD says one may need reaping.
+    if let Err(e) = crate::os::reaper::become_subreaper() {
+        tracing::warn!(
+            "cannot become a child subreaper ({e}): a worker's daemonized descendants will go to init"
+        );
+    }
+    let mut sigchld = signal(SignalKind::child()).map_err(SuperviseError::Signals)?;
+    // Under systemd with WatchdogSec=, the supervisor's own loop pings: a
+    // stuck loop stops the pings and systemd restarts the service.
+    let systemd_watchdog = systemd_watchdog();
     let (calls_tx, mut calls) = mpsc::unbounded_channel::<Call>();
     let admin_calls = calls_tx.clone();
     tokio::spawn(control::serve(control_listener, calls_tx));
@@ -331,6 +349,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             sup.apply(Input::SpawnFailed { epoch: *epoch, why }, None);
         }
         sup.shutdown(&mut stop).await;
+        sup.end_adopted();
         return Err(failures.swap_remove(0).1);
     }
     if !sup.s.upstreams.is_empty() {
@@ -366,10 +385,15 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         tracing::warn!("{w}");
     }
     tracing::info!(
-        "{}: {}, {} mode, listening on {bound}{}",
+        "{}: {}, {} mode, listening on {bound}{}{}",
         sup.s.name,
         crate::console::count(sup.s.instances, "worker"),
         sup.s.mode.as_str(),
+        if activated {
+            " (the socket systemd passed)"
+        } else {
+            ""
+        },
         sup.s
             .source
             .config
@@ -391,7 +415,14 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             }
             _ = sigttin.recv() => sup.scale_signal(1),
             _ = sigttou.recv() => sup.scale_signal(-1),
-            _ = tick.tick() => sup.on_tick(),
+            _ = tick.tick() => {
+                sup.on_tick();
+                sup.reap_adopted();
+                if systemd_watchdog {
+                    let _ = herd_sdk::notify("WATCHDOG=1");
+                }
+            }
+            _ = sigchld.recv() => sup.reap_adopted(),
             _ = sleep_until(deadline) => sup.apply(Input::Timer, None),
             _ = sleep_until(sup.watch_due.as_ref().map(|d| d.0)) => sup.on_watch_due(),
             Some(call) = calls.recv() => {
@@ -401,7 +432,9 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             }
         }
     }
+    let _ = herd_sdk::notify("STOPPING=1");
     sup.shutdown(&mut stop).await;
+    sup.end_adopted();
     if let Some(written) = sup.stop_reply.take() {
         let _ = tokio::time::timeout(Duration::from_secs(1), written).await;
     }
@@ -412,6 +445,28 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     }
     tracing::info!("{}: stopped", sup.s.name);
     Ok(sup.exit_code)
+}
+
+/// Whether systemd asked this process for watchdog pings (`WATCHDOG_USEC`,
+/// with `WATCHDOG_PID` unset or ours). The supervisor pings every second,
+/// so `WatchdogSec=` should be 2 s or more.
+fn systemd_watchdog() -> bool {
+    let usec = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let ours = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .is_none_or(|p| p == std::process::id());
+    match usec {
+        Some(us) if ours && std::env::var_os("NOTIFY_SOCKET").is_some() => {
+            if us < 2_000_000 {
+                tracing::warn!("WatchdogSec= under 2s: herd pings once a second");
+            }
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Sleeps until `at`, or forever.

@@ -23,6 +23,7 @@ use super::{Event, SuperviseError, Supervisor};
 use crate::config::{Mode, Settings};
 use crate::dispatch::PeerInfo;
 use crate::os::listen::Listeners;
+use crate::os::reaper;
 use crate::os::sys::{self, ExecSpec};
 use crate::output::Stream;
 use crate::upstream::{Split, Target};
@@ -345,13 +346,70 @@ impl Supervisor {
         for t in &p.tasks {
             t.abort();
         }
-        let _ = std::fs::remove_file(&p.notify_path);
         // Whatever the worker left behind in its group is of no use now and
-        // may hold the port: a worker is its whole process group.
+        // may hold the port: a worker is its whole process group, and the
+        // descendants that left the group (`setsid`, daemons) but were
+        // reparented to herd and still carry its NOTIFY_SOCKET.
         kill_group(p.pid, Signal::SIGKILL);
+        self.kill_left_behind(&p.notify_path);
+        let _ = std::fs::remove_file(&p.notify_path);
         self.guardian.forget(p.pid);
         if let Some(d) = &self.dispatcher {
             d.remove(epoch);
+        }
+    }
+}
+
+impl Supervisor {
+    /// The processes herd started itself: workers and the guardian.
+    fn known_pids(&self) -> std::collections::HashSet<u32> {
+        let mut known: std::collections::HashSet<u32> =
+            self.procs.values().map(|p| p.pid).collect();
+        known.extend(self.guardian.pid());
+        known
+    }
+
+    /// Reaps adopted children that exited (on SIGCHLD and each tick): as a
+    /// subreaper, and as a container's PID 1, nobody else will.
+    pub(super) fn reap_adopted(&mut self) {
+        for a in reaper::adopted(&self.known_pids()) {
+            if a.zombie {
+                tracing::debug!("reaped adopted process {}", a.pid);
+                reaper::reap(a.pid);
+            }
+        }
+    }
+
+    fn kill_left_behind(&self, notify_path: &std::path::Path) {
+        let mut tag = b"NOTIFY_SOCKET=".to_vec();
+        tag.extend_from_slice(notify_path.as_os_str().as_encoded_bytes());
+        for a in reaper::adopted(&self.known_pids()) {
+            if !a.zombie && reaper::has_env(a.pid, &tag) {
+                tracing::debug!("killing process {}, which a worker left behind", a.pid);
+                reaper::kill_now(a.pid);
+            }
+        }
+    }
+
+    /// At the end of a stop: every adopted process is a worker's leftover
+    /// or an orphan of the namespace herd is PID 1 of; none outlives the
+    /// cluster. Waits (up to a second) until they are reaped.
+    pub(super) fn end_adopted(&mut self) {
+        let known = self.known_pids();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let left = reaper::adopted(&known);
+            if left.is_empty() || std::time::Instant::now() > end {
+                return;
+            }
+            for a in left {
+                if a.zombie {
+                    reaper::reap(a.pid);
+                } else {
+                    reaper::kill_now(a.pid);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 }
