@@ -96,7 +96,19 @@ fn least_conn_steers_new_connections_away_from_a_busy_worker() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert!(h.wait_log("worker 1 ready", T), "{}", h.log());
+    // Ready in the supervisor's answer, so the dispatcher has it too (the
+    // log line comes a moment before the set is published).
+    assert!(
+        wait_until(T, || {
+            let out = herd(&["status", "--name", &name, "--json"]);
+            String::from_utf8_lossy(&out.stdout)
+                .matches("\"state\": \"ready\"")
+                .count()
+                == 2
+        }),
+        "{}",
+        h.log()
+    );
     // Every new connection goes to the idle newcomer until it holds as many.
     let mut fresh: Vec<_> = (0..8).map(|_| open_conn(h.port)).collect();
     let ids: Vec<usize> = fresh.iter_mut().map(request_on).collect();
