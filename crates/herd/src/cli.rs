@@ -78,6 +78,12 @@ pub enum Command {
         #[arg(value_name = "N|+K|-K", allow_hyphen_values = true, num_args = 1..=2, required = true)]
         words: Vec<String>,
     },
+    /// Re-execute the herd binary on disk in place (same pid and sockets; new workers),
+    /// as nginx's binary upgrade; `all`: every cluster.
+    Upgrade {
+        #[command(flatten)]
+        target: Named,
+    },
     /// Stop a running cluster gracefully; `all`: every cluster.
     #[command(visible_alias = "delete")]
     Stop {
@@ -377,6 +383,10 @@ pub struct RunArgs {
     /// The command line as parsed (after the PM2-style rewrites).
     #[arg(skip)]
     pub argv: Vec<OsString>,
+    /// Check the options and the config file, print what would run, and exit
+    /// (like `nginx -t`).
+    #[arg(long)]
+    pub check: bool,
     /// Do not preload herd's Node module into a `node` command.
     #[arg(long, conflicts_with = "node_shim")]
     pub no_node_shim: bool,

@@ -8,6 +8,8 @@ use herd::cli::Command;
 use herd::config::Settings;
 
 fn main() -> ExitCode {
+    // Before anything could replace the binary on disk (`herd upgrade`).
+    herd::os::sys::remember_exe();
     let cli = match herd::cli::parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
         | Command::Signal { .. }
         | Command::Deploy(_)
         | Command::Promote { .. }
+        | Command::Upgrade { .. }
         | Command::Rollback { .. }
         | Command::List { .. }) => match herd::control::client::run(cmd) {
             Ok(code) => ExitCode::from(code as u8),
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
             )
         }
         Command::Run(args) => {
+            let check = args.check;
             // Settings first: the log file may come from herd.toml.
             let settings = match args.resolve() {
                 Ok(s) => s,
@@ -118,6 +122,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
+            if check {
+                herd::outln!(
+                    "ok: {}: {}, {} mode on {}",
+                    settings.name,
+                    herd::console::count(settings.instances, "worker"),
+                    settings.mode.as_str(),
+                    settings.listen
+                );
+                return ExitCode::SUCCESS;
+            }
             if let Some(path) = &settings.log_file
                 && let Err(e) =
                     herd::logfile::install(path, settings.log_max_size, settings.log_keep)

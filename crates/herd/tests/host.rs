@@ -401,3 +401,115 @@ fn herd_systemd_writes_units_that_systemd_accepts() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn herd_upgrade_re_executes_in_place_under_load_in_every_mode() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    for mode in ["proxy", "shared", "reuseport", "dispatch"] {
+        let n = name(&format!("up-{mode}"));
+        let h = Herd::start(&["--mode", mode, "-i", "2", "--name", &n], &[DEMO]);
+        h.wait_ready(2);
+        let master = h.child.id();
+        let before = h.worker_pids(2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let clients = load(h.port, true, stop.clone(), done.clone());
+        assert!(wait_until(T, || done.load(Ordering::Relaxed) > 200));
+        let out = herd(&["upgrade", &n]);
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{mode}: {said}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            h.log()
+        );
+        assert!(
+            said.contains(&format!("upgraded in place (master pid {master} kept)")),
+            "{said}"
+        );
+        // Requests go on through the new workers.
+        let at = done.load(Ordering::Relaxed);
+        assert!(
+            wait_until(T, || done.load(Ordering::Relaxed) > at + 200),
+            "{mode}: stalled"
+        );
+        stop.store(true, Ordering::Relaxed);
+        let mut failed = Vec::new();
+        for c in clients {
+            failed.extend(c.join().unwrap().1);
+        }
+        assert!(
+            failed.is_empty(),
+            "{mode}: {} failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        assert!(alive(master) && h.child.id() == master);
+        let after = h.worker_pids(2);
+        assert!(
+            after.iter().all(|p| !before.contains(p)),
+            "{mode}: {before:?} → {after:?}"
+        );
+        assert!(h.log().contains("upgraded in place"), "{}", h.log());
+    }
+}
+
+#[test]
+fn an_upgrade_to_a_binary_that_cannot_run_the_cluster_changes_nothing() {
+    // A copy of herd runs the cluster; then a broken build replaces it on
+    // disk (renamed over it, as deploys do): the check refuses the upgrade.
+    let dir = std::env::temp_dir().join(format!("herd-up-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("herd");
+    std::fs::copy(HERD, &bin).unwrap();
+    let n = name("up-bad");
+    let port = free_port();
+    let mut cmd = Command::new(&bin);
+    cmd.args([
+        "run",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "-i",
+        "1",
+        "--name",
+        &n,
+        "--",
+        DEMO,
+    ]);
+    let h = Herd::spawn(&mut cmd, port);
+    h.wait_ready(1);
+    let before = h.worker_pids(1);
+    let broken = dir.join("herd.new");
+    std::fs::write(&broken, "#!/bin/sh\necho 'broken build' >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&broken, &bin).unwrap();
+    let out = herd(&["upgrade", &n]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot run this cluster") && err.contains("broken build"),
+        "{err}"
+    );
+    assert_eq!(h.get("/").unwrap().0, 200, "the old master serves on");
+    assert_eq!(h.worker_pids(1), before, "its workers were not touched");
+    assert!(!h.log().contains("re-executing"), "{}", h.log());
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigusr2_upgrades_in_place_as_nginx_does() {
+    let h = Herd::start(&["-i", "2", "--name", &name("usr2")], &[DEMO]);
+    h.wait_ready(2);
+    let before = h.worker_pids(2);
+    h.signal("USR2");
+    assert!(h.wait_log("upgraded in place", T), "{}", h.log());
+    assert!(h.wait_log_n("all workers ready (2)", 2, T), "{}", h.log());
+    let after = h.worker_pids(2);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} → {after:?}"
+    );
+    assert!(alive(h.child.id()));
+}

@@ -96,6 +96,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             (d.target.name, Request::Deploy(Box::new(plan)))
         }
         Command::Monit { .. } => return Ok(2),
+        Command::Upgrade { target } => (target.name().map(str::to_string), Request::Upgrade),
         Command::Promote { target } => (target.name().map(str::to_string), Request::Promote),
         Command::Rollback { target } => (target.name().map(str::to_string), Request::Rollback),
         Command::Run(_)
@@ -131,6 +132,9 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
 
 /// One request to one cluster, and what it did, in a line.
 fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlError> {
+    if *req == Request::Upgrade {
+        return upgrade(name, path);
+    }
     let answer: Done = control::call(name, path, req, |p| crate::outln!("{p}"))?;
     let n = |v: Option<usize>| crate::console::count(v.unwrap_or(0), "worker");
     match req {
@@ -161,7 +165,7 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
             n(answer.rolled_back)
         ),
         Request::Replace { id } => crate::outln!("{name}: worker {id} replaced"),
-        Request::Status => {}
+        Request::Status | Request::Upgrade => {}
     }
     Ok(())
 }
@@ -347,6 +351,66 @@ fn wait_exit(name: &str, pid: u32) -> Result<(), ControlError> {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// `herd upgrade`: the master answers with progress and then re-executes
+/// itself, closing the connection; the new one is known by its pid (the
+/// same) and its uptime (since the request), and done once its workers are
+/// ready.
+fn upgrade(name: &str, path: &std::path::Path) -> Result<(), ControlError> {
+    use crate::control::WorkerState;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+    let before: Status = control::call(name, path, &Request::Status, |_| {})?;
+    let workers = before
+        .workers
+        .iter()
+        .filter(|w| w.state != WorkerState::Stopping)
+        .count();
+    let asked = std::time::Instant::now();
+    match control::call::<Done>(name, path, &Request::Upgrade, |p| {
+        crate::outln!("{name}: {p}")
+    }) {
+        Ok(_) | Err(ControlError::NoAnswer) => {}
+        Err(e) => return Err(e),
+    }
+    loop {
+        match control::call::<Status>(name, path, &Request::Status, |_| {}) {
+            Ok(st) if st.pid != before.pid => {
+                return Err(ControlError::Failed(format!(
+                    "another master (pid {}) answers now",
+                    st.pid
+                )));
+            }
+            Ok(st) if st.uptime < asked.elapsed().as_secs_f64() + 0.5 => {
+                let ready = st
+                    .workers
+                    .iter()
+                    .filter(|w| w.state == WorkerState::Ready)
+                    .count();
+                if ready >= workers {
+                    crate::outln!(
+                        "{name}: upgraded in place (master pid {} kept), {}",
+                        st.pid,
+                        crate::console::count(ready, "worker")
+                    );
+                    return Ok(());
+                }
+            }
+            _ if !alive(before.pid) => {
+                return Err(ControlError::Failed(format!(
+                    "the master (pid {}) exited during the upgrade: see its log",
+                    before.pid
+                )));
+            }
+            _ => {}
+        }
+        if asked.elapsed() > WAIT {
+            return Err(ControlError::Failed(format!(
+                "the upgraded master is not ready after {WAIT:?}: see `herd status {name}`"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Whether `pid` runs (a zombie, exited but not yet reaped, does not).

@@ -75,6 +75,22 @@ pub struct NameLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
+impl NameLock {
+    /// The lock this process already holds on `file` (handed across
+    /// `herd upgrade`'s exec: the lock belongs to the open file, which
+    /// stayed open).
+    pub fn held(file: std::fs::File) -> Option<NameLock> {
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .ok()
+            .map(|l| NameLock { _lock: l })
+    }
+
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self._lock.as_raw_fd()
+    }
+}
+
 /// Binds the control socket under `name`. A given name that a live master
 /// holds is an error; a derived one takes the first free `name-2`, `name-3`…
 /// Returns the listener, its path, the name used and the lock on it.

@@ -25,6 +25,10 @@ pub enum Request {
     Scale { n: String },
     /// Graceful stop of the whole cluster.
     Stop,
+    /// Re-execute herd's binary on disk in place (same pid, sockets, name);
+    /// the workers are replaced. The answer is progress, then the
+    /// connection closes with the exec.
+    Upgrade,
     /// A message to one worker's channel (`HERD_IPC_FD`).
     Send { id: usize, message: Value },
     /// A message to every worker's channel.

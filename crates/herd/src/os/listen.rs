@@ -127,6 +127,26 @@ impl Listeners {
         }
     }
 
+    /// The sockets a master handed itself across `herd upgrade`'s exec, in
+    /// the order [`Listeners::fds`] gave them.
+    pub fn handed(mode: Mode, socks: Vec<Socket>) -> Result<Self, ListenError> {
+        let addr = socks
+            .first()
+            .and_then(local_addr)
+            .unwrap_or(crate::config::DEFAULT_LISTEN);
+        let e = |source| err(addr, source);
+        let mut socks = socks;
+        if socks.is_empty() {
+            return Err(e(std::io::Error::other("no socket was handed over")));
+        }
+        Ok(match mode {
+            Mode::Proxy => Listeners::Proxy(socks.into_iter().map(Into::into).collect()),
+            Mode::Shared => Listeners::Shared(socks.swap_remove(0)),
+            Mode::Dispatch => Listeners::Dispatch(socks.swap_remove(0).into()),
+            Mode::Reuseport => Listeners::ReusePort(socks),
+        })
+    }
+
     /// Reuseport mode, scaling up: a socket for each of `n` slots, on the
     /// port this cluster already holds (no in-use probe: the port is ours).
     pub fn ensure_reuseport(&mut self, n: usize, fallback: SocketAddr) -> Result<(), ListenError> {

@@ -330,6 +330,147 @@ pub fn inherited_listener() -> io::Result<Option<socket2::Socket>> {
     Ok(Some(sock))
 }
 
+/// The path of herd's binary, as it was when the master started (a binary
+/// replaced on disk since leaves `/proc/self/exe` naming the old inode).
+static EXE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Remembers where herd's binary is; call first thing in `main`.
+pub fn remember_exe() {
+    if let Ok(p) = std::env::current_exe() {
+        let _ = EXE.set(p);
+    }
+}
+
+/// The binary `herd upgrade` runs: the file at the path herd started from.
+pub fn exe_path() -> Option<std::path::PathBuf> {
+    EXE.get().cloned().map(|p| {
+        let s = p.to_string_lossy();
+        match s.strip_suffix(" (deleted)") {
+            Some(live) => std::path::PathBuf::from(live),
+            None => p,
+        }
+    })
+}
+
+/// Re-executes `exe` in this process (same pid) with this process's
+/// arguments and `extra` added to its environment, keeping `keep` open
+/// across the exec. Returns only if the exec failed.
+pub fn exec_self(exe: &std::path::Path, keep: &[RawFd], extra: &[(&str, String)]) -> io::Error {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    for &fd in keep {
+        // SAFETY: clearing FD_CLOEXEC on an fd this process owns and keeps
+        // open until the exec changes nothing else.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    }
+    let cstr = |b: &[u8]| CString::new(b).map_err(|_| io::Error::other("a NUL in an argument"));
+    let prog = match cstr(exe.as_os_str().as_bytes()) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let mut argv = Vec::new();
+    for a in std::env::args_os() {
+        match cstr(a.as_bytes()) {
+            Ok(c) => argv.push(c),
+            Err(e) => return e,
+        }
+    }
+    let mut env = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        if extra.iter().any(|(ek, _)| k == *ek) {
+            continue;
+        }
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        if let Ok(c) = CString::new(kv) {
+            env.push(c);
+        }
+    }
+    for (k, v) in extra {
+        if let Ok(c) = CString::new(format!("{k}={v}")) {
+            env.push(c);
+        }
+    }
+    match nix::unistd::execve(&prog, &argv, &env) {
+        Ok(never) => match never {},
+        Err(e) => io::Error::from(e),
+    }
+}
+
+/// The sockets and lock a master passed to itself across `herd upgrade`'s
+/// exec (`HERD_UPGRADE`, honoured only in the process it names).
+pub struct Handed {
+    /// The cluster's name (a derived one may have taken a `-2` suffix).
+    pub name: String,
+    pub listeners: Vec<socket2::Socket>,
+    pub control: std::os::unix::net::UnixListener,
+    pub lock: std::fs::File,
+}
+
+/// Takes what `HERD_UPGRADE` (`PID;control=FD;lock=FD;listen=FD,FD…`) says
+/// this process was handed, once.
+pub fn handed() -> Option<Handed> {
+    use std::os::fd::FromRawFd;
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let v = std::env::var("HERD_UPGRADE").ok()?;
+    let mut parts = v.split(';');
+    if parts.next()?.parse::<u32>().ok()? != std::process::id() {
+        return None;
+    }
+    let (mut control, mut lock, mut listen, mut name) = (None, None, Vec::new(), None);
+    for p in parts {
+        let (k, v) = p.split_once('=')?;
+        match k {
+            "name" => name = Some(v.to_string()),
+            "control" => control = v.parse::<RawFd>().ok(),
+            "lock" => lock = v.parse::<RawFd>().ok(),
+            "listen" => {
+                for fd in v.split(',').filter(|f| !f.is_empty()) {
+                    listen.push(fd.parse::<RawFd>().ok()?);
+                }
+            }
+            _ => {}
+        }
+    }
+    let (control, lock, name) = (control?, lock?, name?);
+    let valid = |fd: RawFd| {
+        nix::fcntl::fcntl(
+            // SAFETY: only asks whether the number is an open fd.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+            nix::fcntl::FcntlArg::F_GETFD,
+        )
+        .is_ok()
+    };
+    if !valid(control) || !valid(lock) || !listen.iter().all(|&fd| valid(fd)) {
+        return None;
+    }
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return None;
+    }
+    let keep_closed_on_exec = |fd: RawFd| {
+        // SAFETY: as in `exec_self`, on an fd this process owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    };
+    keep_closed_on_exec(control);
+    keep_closed_on_exec(lock);
+    listen.iter().for_each(|&fd| keep_closed_on_exec(fd));
+    // SAFETY: HERD_UPGRADE names this very process, which set these fds up
+    // for itself before its exec; nothing else here owns them, and TAKEN
+    // makes each the property of exactly one value from now on.
+    unsafe {
+        Some(Handed {
+            name,
+            listeners: listen
+                .into_iter()
+                .map(|fd| socket2::Socket::from_raw_fd(fd))
+                .collect(),
+            control: std::os::unix::net::UnixListener::from_raw_fd(control),
+            lock: std::fs::File::from_raw_fd(lock),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

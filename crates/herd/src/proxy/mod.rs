@@ -95,12 +95,14 @@ pub fn start_threads(
     proto: Protocol,
     active: Arc<Active>,
     stop: CancellationToken,
+    close_idle: CancellationToken,
 ) -> std::io::Result<()> {
     for (i, l) in listeners.into_iter().enumerate() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let (proto, active, stop) = (proto.clone(), active.clone(), stop.clone());
+        let close_idle = close_idle.clone();
         std::thread::Builder::new()
             .name(format!("herd-proxy-{i}"))
             .spawn(move || {
@@ -127,7 +129,12 @@ pub fn start_threads(
                         Ok(l) => serve(l, proto, active.clone(), stop).await,
                         Err(e) => tracing::error!("proxy thread {i} cannot listen: {e}"),
                     }
-                    // Stopping: this thread's idle connections close now.
+                    // Stopping: this thread's idle connections close now (on
+                    // an upgrade, once the others had their drain time).
+                    tokio::select! {
+                        _ = close_idle.cancelled() => {}
+                        _ = active.drained() => {}
+                    }
                     deadline::stop();
                     // Connections this thread still serves live on its runtime:
                     // keep it running while they drain (the master exits when

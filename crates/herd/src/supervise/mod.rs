@@ -28,6 +28,7 @@ mod policy;
 mod process;
 mod signals;
 mod stop;
+mod upgrade;
 
 use machine::{Action, Answer, Epoch, Input, Limits, Machine};
 use policy::RestartPolicy;
@@ -72,6 +73,8 @@ pub enum SuperviseError {
     Watch(#[from] crate::watch::WatchError),
     #[error("--access-log: {0}")]
     AccessLog(std::io::Error),
+    #[error("herd upgrade: what the old binary handed over is unusable: {0}")]
+    Handed(std::io::Error),
     #[error("--admin {addr}: {source}")]
     Admin {
         addr: std::net::SocketAddr,
@@ -116,6 +119,16 @@ pub struct Supervisor {
     up: Arc<Upstreams>,
     active: Arc<Active>,
     stop_accepting: CancellationToken,
+    /// Once cancelled, idle client connections close (with `stop_accepting`
+    /// on a stop; after the drain on an upgrade, which keeps them until
+    /// their next answer says `Connection: close`).
+    close_idle: CancellationToken,
+    /// The control socket's and the name lock's fds, kept across an upgrade.
+    control_fd: std::os::fd::RawFd,
+    lock_fd: std::os::fd::RawFd,
+    /// An upgrade asked for (`herd upgrade`, SIGUSR2): the binary, and the
+    /// caller's answer channel.
+    upgrading: Option<(PathBuf, Option<UnboundedSender<Line>>)>,
     exit_code: i32,
     /// The machine gave up (crash loop): the cluster stops.
     give_up: bool,
@@ -159,19 +172,39 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         Mode::Proxy => proxy_threads,
         _ => s.instances,
     };
+    // After `herd upgrade`'s exec: the sockets and name this very process
+    // held before it.
+    let mut handed = crate::os::sys::handed();
     // Under systemd socket activation the port is the .socket unit's, and
     // stays open while the master restarts: connections wait in its queue.
-    let inherited = crate::os::sys::inherited_listener().map_err(ListenError::Inherited)?;
+    let inherited = match &handed {
+        Some(_) => None,
+        None => crate::os::sys::inherited_listener().map_err(ListenError::Inherited)?,
+    };
     let activated = inherited.is_some();
-    let listeners = match inherited {
-        Some(sock) => Listeners::adopt(s.mode, sock, listen_slots)?,
-        None => Listeners::bind(s.mode, s.listen, listen_slots)?,
+    let listeners = match (inherited, handed.as_mut()) {
+        (_, Some(h)) => Listeners::handed(s.mode, std::mem::take(&mut h.listeners))?,
+        (Some(sock), None) => Listeners::adopt(s.mode, sock, listen_slots)?,
+        (None, None) => Listeners::bind(s.mode, s.listen, listen_slots)?,
     };
     let bound = listeners.local_addr().unwrap_or(s.listen);
     let rundir = RunDir::create()?;
     let guardian = Guardian::spawn().map_err(SuperviseError::Guardian)?;
-    let (control_listener, control_path, name, _name_lock) =
-        control::bind_name(&s.name, s.name_given)?;
+    let upgraded = handed.is_some();
+    let (control_listener, control_path, name, _name_lock) = match handed {
+        Some(h) => {
+            let path = control::socket_path(&h.name);
+            let lock = control::NameLock::held(h.lock)
+                .ok_or_else(|| SuperviseError::Handed(std::io::Error::other("the name lock")))?;
+            let _ = h.control.set_nonblocking(true);
+            let l =
+                tokio::net::UnixListener::from_std(h.control).map_err(SuperviseError::Handed)?;
+            (l, path, h.name, lock)
+        }
+        None => control::bind_name(&s.name, s.name_given)?,
+    };
+    let control_fd = std::os::fd::AsRawFd::as_raw_fd(&control_listener);
+    let lock_fd = _name_lock.fd();
     let mut s = s;
     s.name = name;
     s.listen = bound;
@@ -191,6 +224,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         );
     }
     let mut sigchld = signal(SignalKind::child()).map_err(SuperviseError::Signals)?;
+    let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(SuperviseError::Signals)?;
     // Under systemd with WatchdogSec=, the supervisor's own loop pings: a
     // stuck loop stops the pings and systemd restarts the service.
     let systemd_watchdog = systemd_watchdog();
@@ -285,6 +319,10 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         up,
         active: Arc::new(Active::default()),
         stop_accepting: CancellationToken::new(),
+        close_idle: CancellationToken::new(),
+        control_fd,
+        lock_fd,
+        upgrading: None,
         exit_code: 0,
         give_up: false,
         started: Instant::now(),
@@ -333,6 +371,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             proto,
             sup.active.clone(),
             sup.stop_accepting.clone(),
+            sup.close_idle.clone(),
         )
         .map_err(|source| ListenError::Bind {
             addr: bound,
@@ -384,6 +423,13 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     for w in &sup.s.warnings {
         tracing::warn!("{w}");
     }
+    if upgraded {
+        tracing::info!(
+            "upgraded in place to herd {} (master pid {} kept)",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id()
+        );
+    }
     tracing::info!(
         "{}: {}, {} mode, listening on {bound}{}{}",
         sup.s.name,
@@ -423,6 +469,14 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 }
             }
             _ = sigchld.recv() => sup.reap_adopted(),
+            _ = sigusr2.recv() => match sup.upgrade_check() {
+                Ok(exe) => {
+                    tracing::info!("SIGUSR2: upgrading herd in place");
+                    sup.upgrading = Some((exe, None));
+                    break;
+                }
+                Err(e) => tracing::error!("SIGUSR2: cannot upgrade: {e}"),
+            },
             _ = sleep_until(deadline) => sup.apply(Input::Timer, None),
             _ = sleep_until(sup.watch_due.as_ref().map(|d| d.0)) => sup.on_watch_due(),
             Some(call) = calls.recv() => {
@@ -431,6 +485,17 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 }
             }
         }
+    }
+    if let Some((exe, reply)) = sup.upgrading.take() {
+        if let Some(r) = &reply {
+            let _ = r.send(Line::progress(format!("re-executing {}", exe.display())));
+        }
+        drop(reply); // the caller then waits for the new master's status
+        let why = sup.upgrade(exe, &mut stop).await;
+        // The workers are gone: the master cannot go back. Exit non-zero;
+        // systemd's Restart=on-failure starts it again on the same socket.
+        tracing::error!("upgrade failed: {why}");
+        return Ok(1);
     }
     let _ = herd_sdk::notify("STOPPING=1");
     sup.shutdown(&mut stop).await;

@@ -152,6 +152,16 @@ impl Supervisor {
                 };
                 let _ = reply.send(answer.into());
             }
+            Request::Upgrade => match self.upgrade_check() {
+                Ok(exe) => {
+                    tracing::info!("upgrade requested on the control socket");
+                    self.upgrading = Some((exe, Some(reply)));
+                    return true;
+                }
+                Err(e) => {
+                    let _ = reply.send(Done::failed(e).into());
+                }
+            },
             Request::Stop => {
                 tracing::info!("stop requested on the control socket");
                 let _ = reply.send(

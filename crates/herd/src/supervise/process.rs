@@ -519,6 +519,8 @@ fn worker_env(
         "WATCHDOG_PID",
         // The admin listener's secret is herd's, not the app's.
         "HERD_ADMIN_TOKEN",
+        // What a master hands itself across `herd upgrade`.
+        "HERD_UPGRADE",
     ];
     let base = match &release.base_env {
         Some(env) => env.clone(),

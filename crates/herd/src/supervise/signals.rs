@@ -1,5 +1,6 @@
 //! The master's signals: which stop it, and which it only logs.
 //!
+//! SIGUSR2 upgrades herd in place (`herd upgrade`), as nginx's binary upgrade.
 //! Every signal whose default action would end the process is either used
 //! or caught and logged: a stray `kill -USR2` (PM2 users send it by habit)
 //! must not take a cluster down and leave its run directory behind. They
@@ -41,7 +42,6 @@ impl StopSignals {
 fn unused() -> Vec<(libc::c_int, String)> {
     let mut v: Vec<(libc::c_int, String)> = [
         (libc::SIGUSR1, "SIGUSR1"),
-        (libc::SIGUSR2, "SIGUSR2"),
         (libc::SIGALRM, "SIGALRM"),
         (libc::SIGVTALRM, "SIGVTALRM"),
         (libc::SIGPROF, "SIGPROF"),

@@ -48,6 +48,17 @@ impl Supervisor {
                 _ = stop.recv() => hurry = true,
             }
         }
+        self.close_idle.cancel();
+        self.stop_workers(stop, hurry).await;
+        // In fd modes the master's copies go last: workers still drain
+        // the queues, and a reuseport slot's queue lives as long as its socket.
+        self.listeners = None;
+    }
+
+    /// The machine's stop: SIGTERM to every worker group, SIGKILL after
+    /// `--kill-timeout` (at once on a second stop signal); returns when
+    /// they are gone.
+    pub(super) async fn stop_workers(&mut self, stop: &mut StopSignals, hurry: bool) {
         self.apply(Input::Stop, None);
         if hurry {
             self.apply(Input::Hurry, None);
@@ -70,8 +81,5 @@ impl Supervisor {
                 }
             }
         }
-        // In fd modes the master's copies go last: workers still drain
-        // the queues, and a reuseport slot's queue lives as long as its socket.
-        self.listeners = None;
     }
 }

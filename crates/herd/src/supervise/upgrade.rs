@@ -1,0 +1,112 @@
+//! `herd upgrade` and SIGUSR2: the master re-executes herd's binary on disk
+//! in place, keeping its pid (systemd and `herd list` keep seeing it), its
+//! listening sockets (open throughout, so connections wait in the kernel's
+//! queue, none refused) and its control socket and name.
+//!
+//! The workers are replaced, not taken over: they stop gracefully before
+//! the exec and the new master starts new ones. Taking over would mean
+//! handing every worker's output pipes, message channel, notify socket and
+//! dispatch channel across the exec, and a new binary may run workers
+//! differently; with the sockets kept, a restart of the workers loses no
+//! connection, it only delays the ones that arrive meanwhile.
+//!
+//! The new binary is checked first (`herd run --check` with this master's
+//! own arguments): if it cannot run this cluster, nothing stops and the
+//! command says why.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::Supervisor;
+use super::signals::StopSignals;
+use crate::os::listen::Listeners;
+
+impl Supervisor {
+    /// The binary to re-execute, once it has checked this cluster's options.
+    pub(super) fn upgrade_check(&self) -> Result<PathBuf, String> {
+        if self.m.deploying().is_some() {
+            return Err("a deploy is in progress: promote or roll it back first".into());
+        }
+        if self.reload_reply.is_some() {
+            return Err("a reload is in progress".into());
+        }
+        let exe = crate::os::sys::exe_path().ok_or("cannot tell where herd's binary is")?;
+        let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let Some(at) = args.iter().position(|a| a == "run") else {
+            return Err("this master was not started with `herd run`".into());
+        };
+        args.insert(at + 1, "--check".into());
+        let out = std::process::Command::new(&exe)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("NOTIFY_SOCKET")
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            let why = why.lines().last().unwrap_or("it failed").trim();
+            return Err(format!("{} cannot run this cluster: {why}", exe.display()));
+        }
+        Ok(exe)
+    }
+
+    /// Lets the proxy finish what it has (each connection's next answer says
+    /// `Connection: close`; idle ones close after `--drain-timeout`), stops
+    /// the workers gracefully, then execs `exe`. Returns only if the exec
+    /// failed, with why.
+    pub(super) async fn upgrade(&mut self, exe: PathBuf, stop: &mut StopSignals) -> String {
+        tracing::info!("upgrading in place: re-executing {}", exe.display());
+        let _ = herd_sdk::notify("RELOADING=1");
+        self.stop_accepting.cancel();
+        let grace = self.s.drain_timeout;
+        if let Some(d) = &self.dispatcher {
+            let _ = tokio::time::timeout(grace, d.stop()).await;
+        }
+        let active = self.active.clone();
+        if active.get() > 0 {
+            let _ = tokio::time::timeout(grace, active.drained()).await;
+        }
+        self.close_idle.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), active.drained()).await;
+        self.stop_workers(stop, false).await;
+        self.end_adopted();
+        // The output thread and the access log hand their last lines over.
+        std::thread::sleep(Duration::from_millis(150));
+        let mut listen: Vec<RawFd> = Vec::new();
+        if let Some(l) = &self.listeners {
+            listen = l.fds();
+        }
+        let handed = format!(
+            "{};name={};control={};lock={};listen={}",
+            std::process::id(),
+            self.s.name,
+            self.control_fd,
+            self.lock_fd,
+            listen
+                .iter()
+                .map(|fd| fd.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let mut keep = listen;
+        keep.extend([self.control_fd, self.lock_fd]);
+        let e = crate::os::sys::exec_self(&exe, &keep, &[("HERD_UPGRADE", handed)]);
+        format!("exec {}: {e}", exe.display())
+    }
+}
+
+impl Listeners {
+    /// The fds of the listening sockets the master holds.
+    pub fn fds(&self) -> Vec<RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            Listeners::Proxy(v) => v.iter().map(AsRawFd::as_raw_fd).collect(),
+            Listeners::Shared(s) => vec![s.as_raw_fd()],
+            Listeners::ReusePort(v) => v.iter().map(AsRawFd::as_raw_fd).collect(),
+            Listeners::Dispatch(l) => vec![l.as_raw_fd()],
+        }
+    }
+}
