@@ -240,6 +240,13 @@ use std::net::TcpStream;
 
 #[test]
 fn with_the_socket_held_outside_a_killed_master_loses_no_queued_request() {
+    held_socket_outlives_the_master("proxy", false);
+    // Reuseport mode joins the passed socket when it has SO_REUSEPORT
+    // (ReusePort=yes in a .socket unit).
+    held_socket_outlives_the_master("reuseport", true);
+}
+
+fn held_socket_outlives_the_master(mode: &str, reuse_port: bool) {
     // A holder keeps the listening socket, as a systemd .socket unit does,
     // and starts a master on it (fd 3, LISTEN_FDS) each time it is asked.
     let port = free_port();
@@ -248,16 +255,19 @@ fn with_the_socket_held_outside_a_killed_master_loses_no_queued_request() {
 import os, socket, subprocess, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if {reuse}:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 s.bind(("127.0.0.1", {port}))
 s.listen(4096)
 os.dup2(s.fileno(), 3)
-cmd = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" run -i 2 --name {name} -- "$1"'
+cmd = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" run --mode {mode} -i 2 --name {name} -- "$1"'
 for line in sys.stdin:
     p = subprocess.Popen(["sh", "-c", cmd, "{herd}", "{demo}"], pass_fds=(3,),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print(p.pid, flush=True)
 "#,
-        name = name("held"),
+        name = name(&format!("held-{mode}")),
+        reuse = if reuse_port { "True" } else { "False" },
         herd = HERD,
         demo = DEMO,
     );
@@ -280,7 +290,7 @@ for line in sys.stdin:
     let first = start();
     assert!(
         wait_until(T, || http_get(port, "/").is_ok_and(|(c, _)| c == 200)),
-        "the first master does not serve"
+        "{mode}: the first master does not serve"
     );
     // kill -9: the master and (through the guardian) its workers go; the
     // port stays open in the holder.
@@ -294,7 +304,7 @@ for line in sys.stdin:
     let second = start();
     for w in waiting {
         let (code, body) = w.join().unwrap().expect("a queued request was lost");
-        assert_eq!(code, 200, "{body}");
+        assert_eq!(code, 200, "{mode}: {body}");
     }
     signal(second, "TERM");
     assert!(wait_until(T, || !alive(second)));
