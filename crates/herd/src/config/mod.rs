@@ -85,6 +85,10 @@ pub enum ConfigError {
     SeveralApps { path: PathBuf, names: String },
     #[error("$PORT {0} (herd listens on $PORT when --listen is not given)")]
     BadPort(String),
+    #[error("--upstream-srv {0:?}: expected _SERVICE._PROTO.NAME[,weight=N…]")]
+    BadSrv(String),
+    #[error("--resolver {0:?}: expected IP or IP:PORT")]
+    BadResolver(String),
     #[error("--increment-var PORT: in proxy mode herd gives each worker its own PORT")]
     IncrementPort,
 }
@@ -446,6 +450,17 @@ options! {
     #[arg(long = "upstream", value_name = "SPEC")]
     #[serde(rename = "upstream")]
     upstreams: Option<Vec<UpstreamSpec>>,
+    /// Backends from DNS: NAME:PORT, each A/AAAA record one backend, resolved again
+    /// on the records' TTL; `,weight=N` etc. as for --upstream (repeatable).
+    #[arg(long, value_name = "NAME:PORT")]
+    upstream_dns: Option<Vec<Discovery>>,
+    /// Backends from a DNS SRV record: _SERVICE._PROTO.NAME, with its ports and weights;
+    /// the lowest priority serves, the others are backups (repeatable).
+    #[arg(long, value_name = "_SVC._PROTO.NAME")]
+    upstream_srv: Option<Vec<String>>,
+    /// DNS server for --upstream-dns and --upstream-srv: IP or IP:PORT [default: /etc/resolv.conf's].
+    #[arg(long, value_name = "ADDR")]
+    resolver: Option<String>,
     /// Active health check: `GET PATH` must answer 2xx/3xx [default: a TCP connect].
     #[arg(long, value_name = "PATH")]
     health_path: Option<String>,
@@ -606,6 +621,10 @@ pub struct Settings {
     pub balance: StrategyKind,
     pub protocol: Protocol,
     pub upstreams: Vec<UpstreamSpec>,
+    /// `--upstream-dns` and `--upstream-srv`: what to resolve, and how often.
+    pub discovery: Vec<Discovery>,
+    /// `--resolver`, else the system's (`/etc/resolv.conf`).
+    pub resolver: Option<SocketAddr>,
     pub health: HealthConfig,
     pub http: HttpConfig,
     pub connect_timeout: Duration,
@@ -640,6 +659,58 @@ pub struct UpstreamSpec {
     pub name: String,
     pub addr: SocketAddr,
     pub config: BackendConfig,
+}
+
+/// One DNS lookup whose answers are backends (`--upstream-dns`,
+/// `--upstream-srv`), with the parameters every backend it gives gets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discovery {
+    /// A host name (A/AAAA records), or an SRV name (`_svc._tcp.name`).
+    pub name: String,
+    /// `Some` for a host name; an SRV record gives each backend's port.
+    pub port: Option<u16>,
+    pub config: BackendConfig,
+}
+
+impl FromStr for Discovery {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (head, rest) = s.split_once(',').map_or((s, ""), |(h, r)| (h, r));
+        let (name, port) = head
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{head:?}: expected NAME:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{head:?}: {port:?} is not a port"))?;
+        if name.is_empty() {
+            return Err(format!("{head:?}: no name"));
+        }
+        // The parameters read as an --upstream's do.
+        let config = format!("127.0.0.1:1,{rest}")
+            .trim_end_matches(',')
+            .parse::<UpstreamSpec>()?
+            .config;
+        Ok(Discovery {
+            name: name.to_string(),
+            port: Some(port),
+            config,
+        })
+    }
+}
+
+impl TryFrom<String> for Discovery {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Discovery {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl FromStr for UpstreamSpec {
@@ -815,7 +886,40 @@ impl Settings {
         script_exists(&command, o.cwd.as_deref())?;
         let command = with_interpreter(command, o.cwd.as_deref());
         let upstreams = o.upstreams.unwrap_or_default();
-        if command.first().is_none_or(|c| c.is_empty()) && upstreams.is_empty() {
+        let mut discovery = o.upstream_dns.unwrap_or_default();
+        for srv in o.upstream_srv.unwrap_or_default() {
+            let (name, rest) = srv
+                .split_once(',')
+                .map_or((srv.as_str(), ""), |(h, r)| (h, r));
+            if !name.starts_with('_') {
+                return Err(ConfigError::BadSrv(srv.clone()));
+            }
+            let config = format!("127.0.0.1:1,{rest}")
+                .trim_end_matches(',')
+                .parse::<UpstreamSpec>()
+                .map_err(|e| ConfigError::BadSrv(format!("{srv}: {e}")))?
+                .config;
+            discovery.push(Discovery {
+                name: name.to_string(),
+                port: None,
+                config,
+            });
+        }
+        let resolver = match o.resolver {
+            None => None,
+            Some(r) => Some(
+                r.parse::<SocketAddr>()
+                    .or_else(|_| {
+                        r.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 53))
+                    })
+                    .map_err(|_| ConfigError::BadResolver(r.clone()))?,
+            ),
+        };
+        if command.first().is_none_or(|c| c.is_empty())
+            && upstreams.is_empty()
+            && discovery.is_empty()
+        {
             return Err(ConfigError::NoCommand);
         }
         let mode = o.mode.unwrap_or(Mode::Proxy);
@@ -824,6 +928,9 @@ impl Settings {
         if mode != Mode::Proxy {
             if !upstreams.is_empty() {
                 return Err(ConfigError::NeedsProxy("--upstream"));
+            }
+            if !discovery.is_empty() {
+                return Err(ConfigError::NeedsProxy("--upstream-dns and --upstream-srv"));
             }
             match (&balance, mode) {
                 (None, _) => {}
@@ -948,6 +1055,8 @@ impl Settings {
             balance: balance.unwrap_or(StrategyKind::RoundRobin),
             protocol: protocol.unwrap_or(Protocol::Http),
             upstreams,
+            discovery,
+            resolver,
             health,
             http,
             connect_timeout,

@@ -378,6 +378,13 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             source,
         })?;
         tokio::spawn(upstream::health_loop(sup.up.clone(), sup.s.health.clone()));
+        if !sup.s.discovery.is_empty() {
+            tokio::spawn(upstream::discover::run(
+                sup.up.clone(),
+                sup.s.discovery.clone(),
+                sup.s.resolver,
+            ));
+        }
     }
     sup.apply(Input::Start, None);
     let mut failures = sup.startup_failures.take().unwrap_or_default();

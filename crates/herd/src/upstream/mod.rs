@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 
 use crate::config::{HealthConfig, UpstreamSpec};
 
+pub mod discover;
 mod stats;
 pub use stats::{AnswerStats, LATENCY_BUCKETS, LatencyWindow, Sample, octave_buckets};
 
@@ -215,10 +216,23 @@ fn balanced(kind: &StrategyKind, targets: Vec<Arc<Target>>) -> (Balancer, Vec<Ar
     (balancer, ordered)
 }
 
+/// What `set_workers` takes: the ready workers, and a deploy's new ones.
+type WorkerSet = (Vec<Arc<Target>>, Option<(Vec<Arc<Target>>, Split)>);
+
+/// The remote backends: given on the command line, and found in DNS.
+struct Remote {
+    fixed: Vec<Arc<Target>>,
+    found: Vec<Arc<Target>>,
+}
+
 /// The current pool, swapped whole when it changes; readers never lock.
 pub struct Upstreams {
     kind: StrategyKind,
-    remote: Vec<Arc<Target>>,
+    /// `--upstream`s, then the backends DNS gave (`discover`).
+    remote: std::sync::Mutex<Remote>,
+    /// What the last `set_workers` was given, to rebuild the pool when
+    /// DNS changes the remote backends.
+    last: std::sync::Mutex<WorkerSet>,
     /// The versions' counts during a deploy, kept across pool rebuilds.
     stats: std::sync::Mutex<Option<[Arc<AnswerStats>; 2]>>,
     /// Requests sent again to another backend (or a fresh connection).
@@ -245,7 +259,11 @@ impl Upstreams {
         let pool = Pool::new(&kind, remote.clone());
         Upstreams {
             kind,
-            remote,
+            remote: std::sync::Mutex::new(Remote {
+                fixed: remote,
+                found: Vec::new(),
+            }),
+            last: std::sync::Mutex::new((Vec::new(), None)),
             stats: std::sync::Mutex::new(None),
             retries: AtomicU64::new(0),
             pool: ArcSwap::from_pointee(pool),
@@ -261,8 +279,13 @@ impl Upstreams {
     /// Ready workers first, then the remote upstreams; during a deploy,
     /// the new version's ready workers and the split.
     pub fn set_workers(&self, workers: Vec<Arc<Target>>, new: Option<(Vec<Arc<Target>>, Split)>) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = (workers.clone(), new.clone());
         let mut all = workers;
-        all.extend(self.remote.iter().cloned());
+        {
+            let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            all.extend(remote.fixed.iter().cloned());
+            all.extend(remote.found.iter().cloned());
+        }
         let mut pool = Pool::new(&self.kind, all);
         let mut kept = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         match new {
@@ -280,6 +303,47 @@ impl Upstreams {
         }
         self.pool.store(Arc::new(pool));
         self.changed.notify_waiters();
+    }
+
+    /// The backends DNS gives now (`discover`): a backend already known by
+    /// its address keeps its target (in-flight count, EWMA, health); one
+    /// that went drains through the leases its requests hold. Returns how
+    /// many came and went.
+    pub fn set_found(&self, found: Vec<(SocketAddr, String, BackendConfig)>) -> (usize, usize) {
+        let (came, went) = {
+            let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            let old = std::mem::take(&mut remote.found);
+            let mut next = Vec::new();
+            for (addr, label, cfg) in found {
+                match old
+                    .iter()
+                    .find(|t| t.addr == addr && *t.backend.config() == cfg)
+                {
+                    Some(t) => next.push(t.clone()),
+                    None => next.push(Arc::new(Target::new(
+                        addr,
+                        addr.to_string(),
+                        format!("upstream {addr} ({label})"),
+                        cfg,
+                    ))),
+                }
+            }
+            let came = next
+                .iter()
+                .filter(|t| !old.iter().any(|o| Arc::ptr_eq(o, t)))
+                .count();
+            let went = old
+                .iter()
+                .filter(|o| !next.iter().any(|t| Arc::ptr_eq(o, t)))
+                .count();
+            remote.found = next;
+            (came, went)
+        };
+        if came + went > 0 {
+            let (workers, new) = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            self.set_workers(workers, new);
+        }
+        (came, went)
     }
 
     /// The versions' counts (stable, new) during a deploy.
