@@ -263,13 +263,14 @@ fn log_tail(file: Option<&str>, id: Option<usize>, n: usize) -> Vec<String> {
     // The end of the file is enough.
     let from = text.len().saturating_sub(256 * 1024);
     let text = String::from_utf8_lossy(&text[from..]);
-    let mark = format!("[{id}] ");
     let mut lines: Vec<String> = text
         .lines()
         .rev()
-        .filter(|l| l.starts_with(&mark))
+        .filter_map(|l| {
+            let w = crate::output::worker_line(l.as_bytes())?;
+            (w.slot == id).then(|| l[w.tag_at..].to_string())
+        })
         .take(n)
-        .map(str::to_string)
         .collect();
     lines.reverse();
     lines
@@ -294,6 +295,22 @@ fn human_secs(s: f64) -> String {
 mod tests {
     use super::*;
     use crate::control::{Reloads, WorkerRow};
+
+    #[test]
+    fn the_log_pane_shows_the_picked_workers_lines_without_their_time() {
+        let path = std::env::temp_dir().join(format!("herd-monit-tail-{}.log", std::process::id()));
+        std::fs::write(
+            &path,
+            "2026-12-02T03:28:11.640000Z  INFO worker 0 ready (pid 1)\n\
+             2026-12-02T03:28:11.643Z [0] up\n\
+             2026-12-02T03:28:11.644Z [1] other\n\
+             2026-12-02T03:28:11.645Z [0:err] warned\n",
+        )
+        .unwrap();
+        let lines = log_tail(path.to_str(), Some(0), 6);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(lines, ["[0] up", "[0:err] warned"]);
+    }
     use ratatui::Terminal;
     use ratatui::backend::TestBackend;
 

@@ -19,6 +19,37 @@ pub enum Stream {
     Err,
 }
 
+/// A worker's line as the log file has it, `TIME [ID] text` or
+/// `TIME [ID:err] text` (or, from older files, without the time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerLine {
+    pub slot: usize,
+    pub stream: Stream,
+    /// Where `[ID…]` starts: the line from there has no time.
+    pub tag_at: usize,
+}
+
+/// Reads a log line's worker tag; `None` for herd's own lines.
+pub fn worker_line(line: &[u8]) -> Option<WorkerLine> {
+    let tag_at = match line.first()? {
+        b'[' => 0,
+        b'0'..=b'9' => line.iter().position(|&b| b == b' ')? + 1,
+        _ => return None,
+    };
+    let rest = line.get(tag_at..)?.strip_prefix(b"[")?;
+    let close = rest.iter().position(|&b| b == b']')?;
+    let (id, stream) = match rest[..close].strip_suffix(b":err") {
+        Some(id) => (id, Stream::Err),
+        None => (&rest[..close], Stream::Out),
+    };
+    let slot = std::str::from_utf8(id).ok()?.parse().ok()?;
+    Some(WorkerLine {
+        slot,
+        stream,
+        tag_at,
+    })
+}
+
 #[derive(Clone)]
 pub struct Output {
     tx: mpsc::Sender<(Stream, usize, Vec<u8>)>,
@@ -88,5 +119,23 @@ impl Output {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Stream, worker_line};
+
+    #[test]
+    fn worker_lines_are_told_from_herds_own() {
+        let l = worker_line(b"2026-12-02T03:28:11.643Z [12:err] boom").unwrap();
+        assert_eq!((l.slot, l.stream, l.tag_at), (12, Stream::Err, 25));
+        let l = worker_line(b"[3] up").unwrap();
+        assert_eq!((l.slot, l.stream, l.tag_at), (3, Stream::Out, 0));
+        assert_eq!(
+            worker_line(b"2026-12-02T03:28:11.643280Z  INFO worker 0 ready"),
+            None
+        );
+        assert_eq!(worker_line(b"[x] no"), None);
     }
 }

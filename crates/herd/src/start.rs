@@ -252,26 +252,14 @@ impl Shown {
     }
 
     fn line(&self, line: &[u8], out: &mut Vec<u8>) {
-        // A worker line in the file: `TIME [ID] text` or `TIME [ID:err] text`.
-        let worker = line
-            .iter()
-            .position(|&b| b == b' ')
-            .filter(|&sp| {
-                line.get(sp + 1) == Some(&b'[') && line.first().is_some_and(u8::is_ascii_digit)
-            })
-            .map(|sp| {
-                let rest = &line[sp + 1..];
-                let close = rest.iter().position(|&b| b == b']').unwrap_or(0);
-                (sp, rest[..close].ends_with(b":err"))
-            });
+        let worker = crate::output::worker_line(line);
         match (self.only, worker) {
             (Some(_), None) => return,
-            (Some(crate::output::Stream::Err), Some((_, false))) => return,
-            (Some(crate::output::Stream::Out), Some((_, true))) => return,
+            (Some(only), Some(w)) if w.stream != only => return,
             _ => {}
         }
         match worker {
-            Some((sp, _)) if !self.timestamps => out.extend_from_slice(&line[sp + 1..]),
+            Some(w) if !self.timestamps => out.extend_from_slice(&line[w.tag_at..]),
             _ => out.extend_from_slice(line),
         }
     }

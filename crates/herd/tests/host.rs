@@ -288,14 +288,23 @@ for line in sys.stdin:
         line.trim().parse().unwrap()
     };
     let first = start();
+    let mut workers = std::collections::BTreeMap::new();
     assert!(
-        wait_until(T, || http_get(port, "/").is_ok_and(|(c, _)| c == 200)),
-        "{mode}: the first master does not serve"
+        wait_until(T, || {
+            if let Ok((200, body)) = http_get(port, "/") {
+                let (id, pid) = parse_hello(&body);
+                workers.insert(id, pid);
+            }
+            workers.len() == 2
+        }),
+        "{mode}: the first master does not serve both workers"
     );
     // kill -9: the master and (through the guardian) its workers go; the
-    // port stays open in the holder.
+    // port stays open in the holder. (A reuseport worker's own socket on
+    // the port lives until the guardian has killed it, as systemd's
+    // KillMode kills what is left of a dead service before restarting it.)
     signal(first, "KILL");
-    assert!(wait_until(T, || !alive(first)));
+    assert!(wait_until(T, || !alive(first) && workers.values().all(|&p| !alive(p))));
     // Requests sent meanwhile wait in the kernel's queue…
     let waiting: Vec<_> = (0..20)
         .map(|_| std::thread::spawn(move || http_get(port, "/")))
@@ -303,7 +312,10 @@ for line in sys.stdin:
     // …and the next master answers every one.
     let second = start();
     for w in waiting {
-        let (code, body) = w.join().unwrap().expect("a queued request was lost");
+        let (code, body) = w
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{mode}: a queued request was lost: {e}"));
         assert_eq!(code, 200, "{mode}: {body}");
     }
     signal(second, "TERM");

@@ -685,17 +685,21 @@ impl FromStr for Discovery {
         if name.is_empty() {
             return Err(format!("{head:?}: no name"));
         }
-        // The parameters read as an --upstream's do.
-        let config = format!("127.0.0.1:1,{rest}")
-            .trim_end_matches(',')
-            .parse::<UpstreamSpec>()?
-            .config;
+        let config = backend_params(rest)?;
         Ok(Discovery {
             name: name.to_string(),
             port: Some(port),
             config,
         })
     }
+}
+
+/// `weight=N,max_fails=N,…` as an `--upstream` reads them.
+fn backend_params(list: &str) -> Result<BackendConfig, String> {
+    Ok(format!("127.0.0.1:1,{list}")
+        .trim_end_matches(',')
+        .parse::<UpstreamSpec>()?
+        .config)
 }
 
 impl TryFrom<String> for Discovery {
@@ -894,11 +898,8 @@ impl Settings {
             if !name.starts_with('_') {
                 return Err(ConfigError::BadSrv(srv.clone()));
             }
-            let config = format!("127.0.0.1:1,{rest}")
-                .trim_end_matches(',')
-                .parse::<UpstreamSpec>()
-                .map_err(|e| ConfigError::BadSrv(format!("{srv}: {e}")))?
-                .config;
+            let config =
+                backend_params(rest).map_err(|e| ConfigError::BadSrv(format!("{srv}: {e}")))?;
             discovery.push(Discovery {
                 name: name.to_string(),
                 port: None,
