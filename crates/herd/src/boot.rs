@@ -212,10 +212,12 @@ pub fn unit(user: &str, uid: u32) -> Result<String, BootError> {
     let mut env = String::new();
     for k in ["HOME", "PATH", "XDG_STATE_HOME", "XDG_RUNTIME_DIR"] {
         if let Some(v) = std::env::var_os(k) {
-            // systemd's quoting: double quotes, with \ and " escaped.
+            // systemd's quoting: double quotes, with \ and " escaped, and %
+            // doubled (a specifier otherwise).
             let v = String::from_utf8_lossy(v.as_bytes())
                 .replace('\\', "\\\\")
-                .replace('"', "\\\"");
+                .replace('"', "\\\"")
+                .replace('%', "%%");
             env.push_str(&format!("Environment=\"{k}={v}\"\n"));
         }
     }

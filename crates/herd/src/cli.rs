@@ -320,9 +320,6 @@ fn takes_value(word: &str) -> bool {
 
 fn parse_script_first(argv: &[OsString]) -> Result<Cli, clap::Error> {
     let cli = Cli::try_parse_from(argv)?;
-    if argv.iter().any(|a| a == "--") {
-        return Ok(cli);
-    }
     let words = match &cli.command {
         Command::Run(a) | Command::Start(a) => a.opts.command.clone().unwrap_or_default(),
         _ => return Ok(cli),
@@ -334,12 +331,24 @@ fn parse_script_first(argv: &[OsString]) -> Result<Cli, clap::Error> {
     if !script_first || words.len() < 2 || words.len() > argv.len() {
         return Ok(cli);
     }
-    // The command is the tail of argv: move the script behind a `--`.
+    // A `--` after the script (PM2's `pm2 start app.js -i 2 -- --port 9000`)
+    // is among the command's words; one before it (`herd run -- app.js …`)
+    // already made every word the app's.
+    let dash = words.iter().position(|w| w == "--");
+    if dash.is_none() && argv.iter().any(|a| a == "--") {
+        return Ok(cli);
+    }
+    // The command is the tail of argv: herd's options are the words after
+    // the script (up to a `--`), the app's arguments those after the `--`.
     let at = argv.len() - words.len();
     let mut again = argv[..at].to_vec();
-    again.extend(argv[at + 1..].iter().cloned());
+    let end = dash.unwrap_or(words.len());
+    again.extend(words[1..end].iter().cloned());
     again.push("--".into());
     again.push(words[0].clone());
+    if let Some(d) = dash {
+        again.extend(words[d + 1..].iter().cloned());
+    }
     Cli::try_parse_from(again)
 }
 
@@ -497,5 +506,41 @@ mod tests {
             ["herd", "run", "--", "node", "a.js", "--env", "production"]
         );
         assert_eq!(words("herd status api"), ["herd", "status", "api"]);
+    }
+
+    fn command_of(line: &str) -> (Option<String>, Vec<String>) {
+        let argv: Vec<super::OsString> = line.split_whitespace().map(Into::into).collect();
+        match super::parse_script_first(&argv).unwrap().command {
+            super::Command::Start(a) | super::Command::Run(a) => (
+                a.opts.name.clone(),
+                a.opts
+                    .command
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|w| w.to_string_lossy().into_owned())
+                    .collect(),
+            ),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn after_a_script_herds_options_come_first_and_the_apps_after_dashes() {
+        assert_eq!(
+            command_of("herd start app.js --name api -i 2 -- --port 9000"),
+            (
+                Some("api".into()),
+                vec!["app.js".into(), "--port".into(), "9000".into()]
+            )
+        );
+        assert_eq!(
+            command_of("herd start app.js --name api"),
+            (Some("api".into()), vec!["app.js".to_string()])
+        );
+        // Dashes first: all of it is the app's.
+        assert_eq!(
+            command_of("herd run -- app.js --name x"),
+            (None, vec!["app.js".into(), "--name".into(), "x".into()])
+        );
     }
 }
