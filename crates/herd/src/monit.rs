@@ -342,6 +342,7 @@ mod tests {
             reloading: false,
             log_file: None,
             workers: vec![w(0, 5001), w(1, 5002)],
+            upstreams: Vec::new(),
             deploy: None,
             reloads: Reloads::default(),
             restarts: Default::default(),

@@ -220,6 +220,21 @@ fn backends_follow_the_dns_records_and_two_fronts_agree_on_every_key() {
             h.log()
         );
     }
+    // `herd status` lists them, named by address and by the DNS name.
+    let st = herd(&["status", "--name", &name("dns-a"), "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let mut listed: Vec<String> = st["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    let want: Vec<String> = [3, 4, 5]
+        .iter()
+        .map(|i| format!("upstream {} (api.test)", addr(*i)))
+        .collect();
+    assert_eq!(listed, want);
     let (qa, qb) = (picks(a.port), picks(b.port));
     assert_eq!(qa, qb, "the fronts disagree after the change");
     for (k, before) in &pa {

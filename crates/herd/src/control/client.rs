@@ -259,6 +259,15 @@ fn table(name: &str, v: &Status) {
             w.last_exit.as_deref().unwrap_or("-"),
         );
     }
+    for u in &v.upstreams {
+        crate::outln!(
+            "{}: {}, {} in flight, {} requests",
+            u.name,
+            if u.healthy { "up" } else { "down" },
+            u.in_flight,
+            u.requests
+        );
+    }
     if let Some(d) = &v.deploy {
         deploy_table(d);
     }

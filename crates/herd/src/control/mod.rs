@@ -8,8 +8,8 @@ pub mod client;
 mod protocol;
 
 pub use protocol::{
-    DeployPlan, DeployStatus, Done, Line, Reloads, Request, Status, VersionRow, WorkerRow,
-    WorkerState, parse_signal,
+    DeployPlan, DeployStatus, Done, Line, Reloads, Request, Status, UpstreamRow, VersionRow,
+    WorkerRow, WorkerState, parse_signal,
 };
 
 use std::io::{BufRead, BufReader, Write};
@@ -332,6 +332,7 @@ mod tests {
                 p99_ms: None,
                 last_exit: Some("exited with status 1".into()),
             }],
+            upstreams: Vec::new(),
             deploy: None,
             reloads: Reloads {
                 done: 3,

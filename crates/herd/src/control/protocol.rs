@@ -117,6 +117,9 @@ pub struct Status {
     /// A deploy in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy: Option<DeployStatus>,
+    /// Proxy mode: the remote backends (`--upstream`, and those DNS gave).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<UpstreamRow>,
     /// Rolling reloads that finished, and that were aborted.
     #[serde(default)]
     pub reloads: Reloads,
@@ -205,6 +208,17 @@ pub struct VersionRow {
     /// 5xx answers, percent of requests.
     pub error_rate: Option<f64>,
     pub p99_ms: Option<f64>,
+}
+
+/// One remote backend in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UpstreamRow {
+    /// `upstream ADDR`, or `upstream ADDR (NAME)` when DNS gave it.
+    pub name: String,
+    pub healthy: bool,
+    pub in_flight: u32,
+    /// Requests (HTTP) or connections (TCP) it was given.
+    pub requests: u64,
 }
 
 /// One worker process in [`Status`].

@@ -412,6 +412,7 @@ impl Supervisor {
             reloading: self.m.reloading(),
             log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),
             workers: Vec::new(),
+            upstreams: self.up.remote_rows(),
             deploy: self.deploy_status(),
             reloads: self.reloads,
             restarts: self

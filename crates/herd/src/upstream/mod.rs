@@ -346,6 +346,22 @@ impl Upstreams {
         (came, went)
     }
 
+    /// The remote backends as `herd status` lists them.
+    pub fn remote_rows(&self) -> Vec<crate::control::UpstreamRow> {
+        let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        remote
+            .fixed
+            .iter()
+            .chain(&remote.found)
+            .map(|t| crate::control::UpstreamRow {
+                name: t.label.clone(),
+                healthy: t.backend.is_healthy(),
+                in_flight: t.backend.in_flight(),
+                requests: t.requests(),
+            })
+            .collect()
+    }
+
     /// The versions' counts (stable, new) during a deploy.
     pub fn version_stats(&self) -> Option<[Arc<AnswerStats>; 2]> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
