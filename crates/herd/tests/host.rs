@@ -280,6 +280,8 @@ for line in sys.stdin:
         .unwrap();
     let mut ask = py.stdin.take().unwrap();
     let mut pids = std::io::BufReader::new(py.stdout.take().unwrap());
+    // Whatever happens, the holder and the masters it started go with the test.
+    let _cleanup = Cleanup(py);
     let mut start = || -> u32 {
         use std::io::{BufRead, Write};
         writeln!(ask, "start").unwrap();
@@ -320,8 +322,28 @@ for line in sys.stdin:
     }
     signal(second, "TERM");
     assert!(wait_until(T, || !alive(second)));
-    let _ = py.kill();
-    let _ = py.wait();
+}
+
+/// Stops the masters the holder started, then the holder, so that a failed
+/// assertion leaves nothing running.
+struct Cleanup(std::process::Child);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let holder = self.0.id();
+        // The masters are the holder's children: stop them gracefully.
+        let kids = std::fs::read_to_string(format!("/proc/{holder}/task/{holder}/children"))
+            .unwrap_or_default();
+        for pid in kids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
+            signal(pid, "TERM");
+            wait_until(T, || !alive(pid));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
