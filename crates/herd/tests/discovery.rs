@@ -77,9 +77,19 @@ impl Drop for Dns {
     }
 }
 
+/// A process stopped when the test ends, whether it passed or not.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// HTTP servers on each of `addrs` (127.0.0.x:port) in one Python process,
 /// each answering "served by ADDR".
-fn backends(addrs: &[String]) -> Child {
+fn backends(addrs: &[String]) -> Killed {
     let script = r#"
 import http.server, sys, threading
 class H(http.server.BaseHTTPRequestHandler):
@@ -119,7 +129,7 @@ sys.stdin.read()
     )
     .unwrap();
     assert_eq!(line.trim(), "up");
-    c
+    Killed(c)
 }
 
 fn served_by(port: u16, key: &str) -> Option<String> {
@@ -162,7 +172,7 @@ fn picks(port: u16) -> BTreeMap<String, String> {
 fn backends_follow_the_dns_records_and_two_fronts_agree_on_every_key() {
     let bport = free_port();
     let addr = |i: u8| format!("127.0.0.{i}:{bport}");
-    let mut servers = backends(&[addr(2), addr(3), addr(4), addr(5)]);
+    let _servers = backends(&[addr(2), addr(3), addr(4), addr(5)]);
     let dns = Dns::start(
         "a",
         "127.0.0.2 api.test\n127.0.0.3 api.test\n127.0.0.4 api.test\n",
@@ -255,14 +265,12 @@ fn backends_follow_the_dns_records_and_two_fronts_agree_on_every_key() {
         a.log()
     );
     assert_eq!(picks(a.port), qa);
-    let _ = servers.kill();
-    let _ = servers.wait();
 }
 
 #[test]
 fn srv_records_give_ports_weights_and_backups() {
     let (p1, p2, p3) = (free_port(), free_port(), free_port());
-    let mut servers = backends(&[
+    let _servers = backends(&[
         format!("127.0.0.6:{p1}"),
         format!("127.0.0.7:{p2}"),
         format!("127.0.0.8:{p3}"),
@@ -316,8 +324,6 @@ fn srv_records_give_ports_weights_and_backups() {
         None,
         "the backup serves only when needed"
     );
-    let _ = servers.kill();
-    let _ = servers.wait();
 }
 
 #[test]
