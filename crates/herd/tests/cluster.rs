@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
+use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -760,4 +760,31 @@ fn a_script_runs_with_the_interpreter_its_extension_names() {
         pm2_order.log()
     );
     assert_eq!(pm2_order.get("/").unwrap().0, 200);
+}
+
+#[test]
+fn a_stop_closes_idle_keep_alive_connections_at_once() {
+    // A long drain time-out: a stop that waited on the idle connection
+    // would take it whole.
+    let mut h = Herd::start(&["-i", "1", "--drain-timeout", "30s"], &[DEMO]);
+    h.wait_ready(1);
+    let s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut idle = BufReader::new(s);
+    let (code, _, _) = keepalive_get(&mut idle).unwrap();
+    assert_eq!(code, 200);
+    let asked = std::time::Instant::now();
+    h.signal("TERM");
+    let mut rest = Vec::new();
+    let _ = idle.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        h.wait_exit(Duration::from_secs(30))
+            .is_some_and(|s| s.success())
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "the stop waited {:?} on an idle connection",
+        asked.elapsed()
+    );
 }

@@ -17,6 +17,9 @@ impl Supervisor {
     /// signal skips to SIGKILL.
     pub(super) async fn shutdown(&mut self, stop: &mut StopSignals) {
         self.stop_accepting.cancel();
+        // Idle client connections close at once on a stop (an upgrade
+        // instead gives them the drain time to send one more request).
+        self.close_idle.cancel();
         if matches!(self.listeners, Some(Listeners::Proxy(_))) {
             // Refuse new connections now rather than queue them for no one;
             // the accept loop drops its clone as it sees the cancellation.
@@ -48,7 +51,6 @@ impl Supervisor {
                 _ = stop.recv() => hurry = true,
             }
         }
-        self.close_idle.cancel();
         self.stop_workers(stop, hurry).await;
         // In fd modes the master's copies go last: workers still drain
         // the queues, and a reuseport slot's queue lives as long as its socket.
