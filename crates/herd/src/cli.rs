@@ -53,6 +53,9 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Every host's workers too (clusters started with --redis).
+        #[arg(long)]
+        all_hosts: bool,
     },
     /// Zero-downtime rolling reload: replace workers one at a time; `all`: every cluster.
     Reload {
@@ -90,11 +93,13 @@ pub enum Command {
         #[command(flatten)]
         target: Named,
     },
-    /// Send MESSAGE (JSON, or else a string) to worker ID's message channel.
+    /// Send MESSAGE (JSON, or else a string) to worker ID's message channel;
+    /// HOST/ID: a worker of the same cluster on another host (--redis).
     Send {
         #[command(flatten)]
         target: Target,
-        id: usize,
+        #[arg(value_name = "[HOST/]ID")]
+        id: String,
         message: String,
     },
     /// Send MESSAGE (JSON, or else a string) to every worker's message channel.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod dispatch;
+pub mod hosts;
 pub mod ipc;
 pub mod logfile;
 pub mod monit;

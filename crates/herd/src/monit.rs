@@ -346,6 +346,8 @@ mod tests {
             deploy: None,
             reloads: Reloads::default(),
             restarts: Default::default(),
+            host: None,
+            hosts: Vec::new(),
         }
     }
 

@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 /// What the master sends a worker.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
-    /// From `herd send`/`broadcast` (`from` is `"cli"`) or another worker (its id).
+    /// From `herd send`/`broadcast` (`from` is `"cli"`) or another worker (its
+    /// id); from another host, `"HOST/ID"` or `"HOST/cli"`.
     Message { from: Value, data: Value },
     /// A graceful stop of this worker begins (SIGTERM follows).
     Shutdown,
@@ -77,7 +78,14 @@ impl Channel {
         self.write(json!({"type": "send", "to": id, "data": data}))
     }
 
-    /// Sends `data` to every other worker (the config-update pattern).
+    /// Sends `data` to worker `id` of the same cluster on `host` (`--redis`);
+    /// if it cannot be delivered, an `Undeliverable` says why.
+    pub fn send_to_host(&mut self, host: &str, id: usize, data: Value) -> std::io::Result<()> {
+        self.write(json!({"type": "send", "to": format!("{host}/{id}"), "data": data}))
+    }
+
+    /// Sends `data` to every other worker (the config-update pattern), and
+    /// with `--redis` to every worker of the other hosts.
     pub fn broadcast(&mut self, data: Value) -> std::io::Result<()> {
         self.write(json!({"type": "broadcast", "data": data}))
     }

@@ -39,6 +39,8 @@ pub mod env {
     pub const WORKERS: &str = "HERD_WORKERS";
     /// The cluster's name.
     pub const NAME: &str = "HERD_NAME";
+    /// With `--redis`: this host's name, as other hosts address its workers (`HOST/ID`).
+    pub const HOST: &str = "HERD_HOST";
     /// The private loopback port to serve on (proxy mode).
     pub const PORT: &str = "PORT";
     /// systemd's readiness socket (`READY=1`).

@@ -89,6 +89,12 @@ pub enum ConfigError {
     BadSrv(String),
     #[error("--resolver {0:?}: expected IP or IP:PORT")]
     BadResolver(String),
+    #[error("--redis {url:?}: {message}")]
+    BadRedis { url: String, message: String },
+    #[error("--host-name {0:?}: expected 1 to 64 letters, digits, '.', '-' or '_'")]
+    BadHostName(String),
+    #[error("--host-name needs --redis: the name is this host's among those sharing Redis")]
+    HostNameWithoutRedis,
     #[error("--increment-var PORT: in proxy mode herd gives each worker its own PORT")]
     IncrementPort,
 }
@@ -461,6 +467,13 @@ options! {
     /// DNS server for --upstream-dns and --upstream-srv: IP or IP:PORT [default: /etc/resolv.conf's].
     #[arg(long, value_name = "ADDR")]
     resolver: Option<String>,
+    /// Redis for messages across hosts (redis://[:PASSWORD@]HOST[:PORT][/DB]): the
+    /// workers of clusters of this name on every host share broadcasts and `send HOST/ID`.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// This host's name among the hosts sharing --redis [default: the machine's hostname].
+    #[arg(long, value_name = "NAME")]
+    host_name: Option<String>,
     /// Active health check: `GET PATH` must answer 2xx/3xx [default: a TCP connect].
     #[arg(long, value_name = "PATH")]
     health_path: Option<String>,
@@ -625,6 +638,8 @@ pub struct Settings {
     pub discovery: Vec<Discovery>,
     /// `--resolver`, else the system's (`/etc/resolv.conf`).
     pub resolver: Option<SocketAddr>,
+    /// `--redis`: messages and status shared with the other hosts.
+    pub redis: Option<RedisConfig>,
     pub health: HealthConfig,
     pub http: HttpConfig,
     pub connect_timeout: Duration,
@@ -917,6 +932,11 @@ impl Settings {
                     .map_err(|_| ConfigError::BadResolver(r.clone()))?,
             ),
         };
+        let redis = match (o.redis, o.host_name) {
+            (None, Some(_)) => return Err(ConfigError::HostNameWithoutRedis),
+            (None, None) => None,
+            (Some(url), host) => Some(RedisConfig::new(url, host)?),
+        };
         if command.first().is_none_or(|c| c.is_empty())
             && upstreams.is_empty()
             && discovery.is_empty()
@@ -1058,6 +1078,7 @@ impl Settings {
             upstreams,
             discovery,
             resolver,
+            redis,
             health,
             http,
             connect_timeout,
@@ -1087,6 +1108,44 @@ impl Settings {
             flags: given,
             no_node_shim,
         })
+    }
+}
+
+/// `--redis` and `--host-name`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisConfig {
+    pub url: String,
+    pub host: String,
+}
+
+impl RedisConfig {
+    fn new(url: String, host: Option<String>) -> Result<RedisConfig, ConfigError> {
+        let bad = |message: String| ConfigError::BadRedis {
+            url: url.clone(),
+            message,
+        };
+        if url.starts_with("rediss://") {
+            return Err(bad(
+                "TLS (rediss://) is not supported; use redis:// on a private network".into(),
+            ));
+        }
+        redis::Client::open(url.as_str()).map_err(|e| bad(e.to_string()))?;
+        let host = match host {
+            Some(h) => h,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default(),
+        };
+        let valid = |h: &str| {
+            (1..=64).contains(&h.len())
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        };
+        if !valid(&host) {
+            return Err(ConfigError::BadHostName(host));
+        }
+        Ok(RedisConfig { url, host })
     }
 }
 

@@ -8,8 +8,12 @@ use crate::control::{self, ControlError, Done, Request, Status};
 /// Runs one control command; returns the exit code.
 pub fn run(cmd: Command) -> Result<i32, ControlError> {
     let (name, req) = match cmd {
-        Command::Status { target, json } if target.is_all() => return status_all(json),
-        Command::Status { target, json } => return status(target.name(), json),
+        Command::Status { target, json, .. } if target.is_all() => return status_all(json),
+        Command::Status {
+            target,
+            json,
+            all_hosts,
+        } => return status(target.name(), json, all_hosts),
         Command::List { json } => return list(json),
         Command::Reload { target, update_env } => (
             target.name().map(str::to_string),
@@ -44,13 +48,21 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             target,
             id,
             message,
-        } => (
-            target.name,
-            Request::Send {
-                id,
-                message: as_json(&message),
-            },
-        ),
+        } => {
+            let (host, id) = match crate::hosts::wire::parse(&id, None) {
+                Ok(crate::hosts::wire::Address::Local(id)) => (None, id),
+                Ok(crate::hosts::wire::Address::Remote { host, id }) => (Some(host), id),
+                Err(e) => return Err(ControlError::Usage(e)),
+            };
+            (
+                target.name,
+                Request::Send {
+                    id,
+                    host,
+                    message: as_json(&message),
+                },
+            )
+        }
         Command::Broadcast { target, message } => (
             target.name,
             Request::Broadcast {
@@ -148,10 +160,20 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
             }
             crate::outln!("{name}: stopped");
         }
-        Request::Send { id, .. } => crate::outln!("{name}: delivered to worker {id}"),
-        Request::Broadcast { .. } => {
-            crate::outln!("{name}: delivered to {}", n(answer.delivered))
+        Request::Send { id, host: None, .. } => {
+            crate::outln!("{name}: delivered to worker {id}")
         }
+        Request::Send {
+            id, host: Some(h), ..
+        } => crate::outln!("{name}: delivered to worker {id} on {h}"),
+        Request::Broadcast { .. } => match answer.hosts {
+            Some(k) => crate::outln!(
+                "{name}: delivered to {} here and to {}",
+                n(answer.delivered),
+                crate::console::count(k, "other host")
+            ),
+            None => crate::outln!("{name}: delivered to {}", n(answer.delivered)),
+        },
         Request::Signal { signal, .. } => {
             crate::outln!("{name}: {signal} sent to {}", n(answer.signalled))
         }
@@ -165,12 +187,12 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
             n(answer.rolled_back)
         ),
         Request::Replace { id } => crate::outln!("{name}: worker {id} replaced"),
-        Request::Status | Request::Upgrade => {}
+        Request::Status | Request::Hosts | Request::Upgrade => {}
     }
     Ok(())
 }
 
-fn status(name: Option<&str>, as_json: bool) -> Result<i32, ControlError> {
+fn status(name: Option<&str>, as_json: bool, all_hosts: bool) -> Result<i32, ControlError> {
     let (name, path) = match control::find(name) {
         Ok(found) => found,
         // `--json` answers in JSON even with no cluster (as `pm2 jlist`).
@@ -180,9 +202,25 @@ fn status(name: Option<&str>, as_json: bool) -> Result<i32, ControlError> {
         }
         Err(e) => return Err(e),
     };
-    let v: Status = control::call(&name, &path, &Request::Status, |_| {})?;
+    let req = if all_hosts {
+        Request::Hosts
+    } else {
+        Request::Status
+    };
+    let v: Status = control::call(&name, &path, &req, |_| {})?;
     if as_json {
         crate::outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else if all_hosts {
+        for h in &v.hosts {
+            match &h.status {
+                Some(s) => table(&format!("{}/{name}", h.host), s),
+                None => crate::outln!(
+                    "{}/{name}: no report for {} (stopped, or cut off from redis)",
+                    h.host,
+                    duration(h.age)
+                ),
+            }
+        }
     } else {
         table(&name, &v);
     }

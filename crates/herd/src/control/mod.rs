@@ -8,8 +8,8 @@ pub mod client;
 mod protocol;
 
 pub use protocol::{
-    DeployPlan, DeployStatus, Done, Line, Reloads, Request, Status, UpstreamRow, VersionRow,
-    WorkerRow, WorkerState, parse_signal,
+    DeployPlan, DeployStatus, Done, HostReport, Line, Reloads, Request, Status, UpstreamRow,
+    VersionRow, WorkerRow, WorkerState, parse_signal,
 };
 
 use std::io::{BufRead, BufReader, Write};
@@ -339,6 +339,8 @@ mod tests {
                 aborted: 1,
             },
             restarts: Default::default(),
+            host: None,
+            hosts: Vec::new(),
         };
         assert_eq!(
             serde_json::to_string(&Line::Status(Box::new(status))).unwrap(),

@@ -12,6 +12,8 @@ use serde_json::Value;
 pub enum Request {
     /// Per-worker state and stats.
     Status,
+    /// `status`, with every host's last report in `hosts` (`--redis`).
+    Hosts,
     /// Zero-downtime rolling replacement of every worker. With `update_env`
     /// (the caller's environment), the new workers run what the config file
     /// says now, in that environment (`herd reload --update-env`).
@@ -29,8 +31,14 @@ pub enum Request {
     /// the workers are replaced. The answer is progress, then the
     /// connection closes with the exec.
     Upgrade,
-    /// A message to one worker's channel (`HERD_IPC_FD`).
-    Send { id: usize, message: Value },
+    /// A message to one worker's channel (`HERD_IPC_FD`); with `host`, a
+    /// worker of the same cluster on that host (`--redis`).
+    Send {
+        id: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
+        message: Value,
+    },
     /// A message to every worker's channel.
     Broadcast { message: Value },
     /// Start a new version beside the running one (canary or blue-green).
@@ -68,6 +76,9 @@ pub struct Done {
     /// `send`, `broadcast`: workers the message reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered: Option<usize>,
+    /// `broadcast` with `--redis`: other hosts that heard it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<usize>,
     /// `deploy`: workers of the new version started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployed: Option<usize>,
@@ -128,6 +139,22 @@ pub struct Status {
     /// `deploy`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub restarts: std::collections::BTreeMap<String, u64>,
+    /// With `--redis`: this host's name among those sharing it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// `herd status --all-hosts`: every host's last report, this one's included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostReport>,
+}
+
+/// One host's entry in `herd status --all-hosts`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostReport {
+    pub host: String,
+    /// Seconds since its last report (one every 2 s).
+    pub age: f64,
+    /// Its status, unless the report expired (silent for 10 s).
+    pub status: Option<Box<Status>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

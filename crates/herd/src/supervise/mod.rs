@@ -104,6 +104,15 @@ enum Event {
         epoch: Epoch,
         msg: Result<serde_json::Value, String>,
     },
+    /// A message from another host (`--redis`).
+    Remote(crate::hosts::Incoming),
+    /// A worker's message did not reach another host: the worker hears why.
+    Undeliverable {
+        epoch: Epoch,
+        to: serde_json::Value,
+        data: serde_json::Value,
+        error: String,
+    },
 }
 
 pub struct Supervisor {
@@ -158,6 +167,8 @@ pub struct Supervisor {
     /// While the cluster starts: workers that could not be spawned, which
     /// fail the run rather than go to the restart policy.
     startup_failures: Option<Vec<(Epoch, SuperviseError)>>,
+    /// `--redis`: the link to the other hosts of this cluster name.
+    hosts: Option<crate::hosts::Hosts>,
 }
 
 /// Runs the cluster until it is stopped; returns the process exit code.
@@ -234,6 +245,12 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (tx, rx) = mpsc::unbounded_channel();
+    let hosts = s.redis.as_ref().map(|r| {
+        let tx = tx.clone();
+        crate::hosts::Hosts::start(r, &s.name, move |m| {
+            let _ = tx.send(Event::Remote(m));
+        })
+    });
     let up = Arc::new(Upstreams::new(s.balance.clone(), &s.upstreams));
     if let Some(admin) = &s.admin {
         let l = std::net::TcpListener::bind(admin.addr)
@@ -338,6 +355,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         samples: ops::Samples::default(),
         startup_failures: Some(Vec::new()),
         watch_due: None,
+        hosts,
     };
     let access_log = match &sup.s.access_log {
         Some(cfg) if sup.s.mode == Mode::Proxy => Some(Arc::new(
@@ -568,6 +586,13 @@ impl Supervisor {
             Event::Pinged { epoch } => self.apply(Input::Pinged { epoch }, None),
             Event::Drained { epoch } => self.apply(Input::Drained { epoch }, None),
             Event::Message { epoch, msg } => self.on_message(epoch, msg),
+            Event::Remote(m) => self.on_remote(m),
+            Event::Undeliverable {
+                epoch,
+                to,
+                data,
+                error,
+            } => self.undeliverable(epoch, &to, &data, &error),
             // Debounced: the reload waits for the changes to be quiet.
             Event::Changed(path) => {
                 let due = Instant::now() + self.s.watch_delay;

@@ -7,11 +7,13 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::Supervisor;
 use super::machine::{self, Input, State};
+use super::{Event, Supervisor};
 use crate::config::Mode;
 use crate::console::count;
 use crate::control::{Call, Done, Line, Request, Status, WorkerRow, WorkerState};
+use crate::hosts::Incoming;
+use crate::hosts::wire::{self, Address};
 use crate::os::listen::Listeners;
 
 impl Supervisor {
@@ -96,17 +98,7 @@ impl Supervisor {
                     let _ = reply.send(Done::failed(e).into());
                 }
             },
-            Request::Send { id, message } => {
-                let from = json!("cli");
-                let answer = match self.deliver(id, &from, &message) {
-                    Ok(()) => Done {
-                        delivered: Some(1),
-                        ..Done::ok()
-                    },
-                    Err(e) => Done::failed(e),
-                };
-                let _ = reply.send(answer.into());
-            }
+            Request::Send { id, host, message } => self.send(id, host, message, reply),
             Request::Deploy(plan) => self.deploy(*plan, reply),
             // Answered as a reload: progress, then the workers replaced.
             Request::Promote => {
@@ -140,18 +132,8 @@ impl Supervisor {
                 };
                 let _ = reply.send(answer.into());
             }
-            Request::Broadcast { message } => {
-                let (n, failed) = self.broadcast(None, &json!("cli"), &message);
-                let answer = Done {
-                    delivered: Some(n),
-                    ..if failed.is_empty() {
-                        Done::ok()
-                    } else {
-                        Done::failed(failed.join("; "))
-                    }
-                };
-                let _ = reply.send(answer.into());
-            }
+            Request::Broadcast { message } => self.cli_broadcast(message, reply),
+            Request::Hosts => self.all_hosts(reply),
             Request::Upgrade => match self.upgrade_check() {
                 Ok(exe) => {
                     tracing::info!("upgrade requested on the control socket");
@@ -264,7 +246,7 @@ impl Supervisor {
         }
         let from = json!(slot);
         let data = msg.get("data").cloned().unwrap_or(Value::Null);
-        let failures: Vec<(Option<u64>, String)> = match msg.get("type").and_then(Value::as_str) {
+        let failures: Vec<(Option<Value>, String)> = match msg.get("type").and_then(Value::as_str) {
             Some("replace") => {
                 self.apply(Input::Replace { epoch }, None);
                 Vec::new()
@@ -273,21 +255,45 @@ impl Supervisor {
                 tracing::info!("worker {slot} says: {data}");
                 Vec::new()
             }
-            Some("send") => match msg.get("to").and_then(Value::as_u64) {
-                Some(to) => self
-                    .deliver(to as usize, &from, &data)
-                    .err()
-                    .map(|e| (Some(to), e))
-                    .into_iter()
-                    .collect(),
-                None => vec![(None, "\"send\" needs \"to\": a worker id".to_string())],
+            Some("send") => match msg.get("to") {
+                None => vec![(
+                    None,
+                    "\"send\" needs \"to\": a worker id or HOST/ID".to_string(),
+                )],
+                Some(to) => match wire::address(to, self.own_host()) {
+                    Ok(Address::Local(id)) => self
+                        .deliver(id, &from, &data)
+                        .err()
+                        .map(|e| (Some(to.clone()), e))
+                        .into_iter()
+                        .collect(),
+                    Ok(Address::Remote { host, id }) => {
+                        self.remote_send(epoch, to.clone(), host, id, from, data.clone());
+                        Vec::new()
+                    }
+                    Err(e) => vec![(Some(to.clone()), e)],
+                },
             },
-            Some("broadcast") => self
-                .broadcast(Some(slot), &from, &data)
-                .1
-                .into_iter()
-                .map(|e| (None, e))
-                .collect(),
+            Some("broadcast") => {
+                if let Some(hosts) = self.hosts.clone() {
+                    let (tx, from, data) = (self.tx.clone(), from.clone(), data.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = hosts.broadcast(from, data.clone()).await {
+                            let _ = tx.send(Event::Undeliverable {
+                                epoch,
+                                to: Value::Null,
+                                data,
+                                error: format!("other hosts not reached: {e}"),
+                            });
+                        }
+                    });
+                }
+                self.broadcast(Some(slot), &from, &data)
+                    .1
+                    .into_iter()
+                    .map(|e| (None, e))
+                    .collect()
+            }
             other => vec![(
                 None,
                 format!(
@@ -296,15 +302,186 @@ impl Supervisor {
             )],
         };
         // Never lost silently: the sender hears of every failed delivery.
-        let sender = self.procs.get(&epoch).and_then(|p| p.ipc.as_ref());
         for (to, error) in failures {
-            tracing::debug!("worker {slot}: undeliverable: {error}");
-            if let Some(ch) = sender {
-                let _ = ch.send(
-                    &json!({"type": "undeliverable", "to": to, "data": data, "error": error}),
-                );
+            self.undeliverable(epoch, &to.unwrap_or(Value::Null), &data, &error);
+        }
+    }
+
+    /// Tells worker `epoch` that its message to `to` was not delivered.
+    pub(super) fn undeliverable(&self, epoch: u64, to: &Value, data: &Value, error: &str) {
+        tracing::debug!("worker epoch {epoch}: undeliverable: {error}");
+        if let Some(ch) = self.procs.get(&epoch).and_then(|p| p.ipc.as_ref()) {
+            let _ =
+                ch.send(&json!({"type": "undeliverable", "to": to, "data": data, "error": error}));
+        }
+    }
+
+    fn own_host(&self) -> Option<&str> {
+        self.hosts.as_ref().map(|h| h.host.as_str())
+    }
+
+    /// A worker's send to `HOST/ID`: a failure comes back as undeliverable.
+    fn remote_send(
+        &self,
+        epoch: u64,
+        to: Value,
+        host: String,
+        id: usize,
+        from: Value,
+        data: Value,
+    ) {
+        let Some(hosts) = self.hosts.clone() else {
+            self.undeliverable(
+                epoch,
+                &to,
+                &data,
+                &format!("{to} is on another host: start herd with --redis"),
+            );
+            return;
+        };
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            if let Err(error) = hosts.send(host, id, from, data.clone()).await {
+                let _ = tx.send(Event::Undeliverable {
+                    epoch,
+                    to,
+                    data,
+                    error,
+                });
+            }
+        });
+    }
+
+    /// `herd send [HOST/]ID`.
+    fn send(&self, id: usize, host: Option<String>, message: Value, reply: UnboundedSender<Line>) {
+        let from = json!("cli");
+        let delivered = |r: Result<(), String>| -> Line {
+            match r {
+                Ok(()) => Done {
+                    delivered: Some(1),
+                    ..Done::ok()
+                }
+                .into(),
+                Err(e) => Done::failed(e).into(),
+            }
+        };
+        let host = host.filter(|h| Some(h.as_str()) != self.own_host());
+        match (host, self.hosts.clone()) {
+            (None, _) => {
+                let _ = reply.send(delivered(self.deliver(id, &from, &message)));
+            }
+            (Some(h), None) => {
+                let _ = reply.send(delivered(Err(format!(
+                    "{h}/{id} is on another host: this cluster runs without --redis"
+                ))));
+            }
+            (Some(h), Some(hosts)) => {
+                tokio::spawn(async move {
+                    let _ = reply.send(delivered(hosts.send(h, id, from, message).await));
+                });
             }
         }
+    }
+
+    /// `herd broadcast`: this host's workers, then (`--redis`) the others'.
+    fn cli_broadcast(&self, message: Value, reply: UnboundedSender<Line>) {
+        let from = json!("cli");
+        let (n, failed) = self.broadcast(None, &from, &message);
+        let local = Done {
+            delivered: Some(n),
+            ..if failed.is_empty() {
+                Done::ok()
+            } else {
+                Done::failed(failed.join("; "))
+            }
+        };
+        let Some(hosts) = self.hosts.clone() else {
+            let _ = reply.send(local.into());
+            return;
+        };
+        tokio::spawn(async move {
+            let answer = match hosts.broadcast(from, message).await {
+                Ok(k) => Done {
+                    hosts: Some(k),
+                    ..local
+                },
+                Err(e) => Done {
+                    ok: false,
+                    error: Some(format!(
+                        "delivered to {} here{}, but other hosts not reached: {e}",
+                        count(n, "worker"),
+                        local
+                            .error
+                            .as_deref()
+                            .map(|l| format!(" ({l})"))
+                            .unwrap_or_default()
+                    )),
+                    ..local
+                },
+            };
+            let _ = reply.send(answer.into());
+        });
+    }
+
+    /// `herd status --all-hosts`: this host's status, with every host's report.
+    fn all_hosts(&self, reply: UnboundedSender<Line>) {
+        let Some(hosts) = self.hosts.clone() else {
+            let _ =
+                reply.send(Done::failed("--all-hosts: this cluster runs without --redis").into());
+            return;
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.status(tx);
+        tokio::spawn(async move {
+            let Some(Line::Status(mut st)) = rx.recv().await else {
+                return;
+            };
+            match hosts.reports().await {
+                Ok(r) => {
+                    st.hosts = r;
+                    let _ = reply.send(Line::Status(st));
+                }
+                Err(e) => {
+                    let _ = reply.send(Done::failed(format!("--all-hosts: {e}")).into());
+                }
+            }
+        });
+    }
+
+    /// A message from another host's master.
+    pub(super) fn on_remote(&mut self, m: Incoming) {
+        match m {
+            Incoming::Broadcast { from, data } => {
+                let (n, _) = self.broadcast(None, &from, &data);
+                tracing::debug!("broadcast from {from} delivered to {n} workers");
+            }
+            Incoming::Send {
+                host,
+                token,
+                to,
+                from,
+                data,
+            } => {
+                let error = self.deliver(to, &from, &data).err();
+                if let Some(hosts) = &self.hosts {
+                    hosts.ack(host, token, error);
+                }
+            }
+        }
+    }
+
+    /// Every 2 s with `--redis`: this host's status, for the others.
+    fn report(&self) {
+        let Some(hosts) = self.hosts.clone() else {
+            return;
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.status(tx);
+        tokio::spawn(async move {
+            if let Some(Line::Status(st)) = rx.recv().await {
+                hosts.report(&st);
+            }
+        });
     }
 
     /// Once a second: the deploy's analysis, a latency sample every 5 s
@@ -313,6 +490,9 @@ impl Supervisor {
     pub(super) fn on_tick(&mut self) {
         self.analyse();
         self.ticks += 1;
+        if self.ticks.is_multiple_of(2) {
+            self.report();
+        }
         if self.s.mode == Mode::Proxy && self.ticks.is_multiple_of(5) {
             self.latency.sample(&self.up.current(), Instant::now());
         }
@@ -420,6 +600,8 @@ impl Supervisor {
                 .restarts_by_cause()
                 .map(|(c, n)| (c.as_str().to_string(), n))
                 .collect(),
+            host: self.own_host().map(str::to_string),
+            hosts: Vec::new(),
         };
         let fd_mode = self.s.mode != Mode::Proxy;
         let samples = self.samples.clone();

@@ -544,6 +544,9 @@ fn worker_env(
     set(contract::MODE, s.mode.as_str().into());
     set(contract::LISTEN, s.listen.to_string().into());
     set(contract::NOTIFY_SOCKET, notify.as_os_str().to_owned());
+    if let Some(r) = &s.redis {
+        set(contract::HOST, r.host.clone().into());
+    }
     if let Some(w) = s.watchdog {
         set("WATCHDOG_USEC", w.as_micros().to_string().into());
     }
