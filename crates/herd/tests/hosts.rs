@@ -325,21 +325,8 @@ fn a_front_follows_dns_over_hosts_survives_a_cut_link_and_hosts_share_redis() {
         front.log()
     );
 
-    // Redis across hosts: a broadcast from a's CLI reaches b's worker, and
-    // b lists both hosts' workers.
-    assert!(
-        b.herd.wait_log("connected as host b", T),
-        "{}",
-        b.herd.log()
-    );
-    let out = ok(&a.cli(&["broadcast", "from-host-a"]));
-    assert!(out.contains("and to 1 other host"), "{out}");
-    assert!(
-        b.herd
-            .wait_log(r#"[0] got {"data":"from-host-a","from":"a/cli""#, T),
-        "{}",
-        b.herd.log()
-    );
+    // Redis across hosts: b lists both hosts' workers, and a broadcast from
+    // a's CLI reaches b's worker.
     let mut listed = String::new();
     assert!(
         wait_until(T, || {
@@ -348,6 +335,14 @@ fn a_front_follows_dns_over_hosts_survives_a_cut_link_and_hosts_share_redis() {
             listed.contains("a/app: proxy mode") && listed.contains("b/app: proxy mode")
         }),
         "{listed}"
+    );
+    let out = ok(&a.cli(&["broadcast", "from-host-a"]));
+    assert!(out.contains("and sent to 1 other host"), "{out}");
+    assert!(
+        b.herd
+            .wait_log(r#"[0] got {"data":"from-host-a","from":"a/cli""#, T),
+        "{}",
+        b.herd.log()
     );
 
     // Host a's cable is pulled under load: the front stops sending to it
@@ -405,7 +400,10 @@ fn a_front_follows_dns_over_hosts_survives_a_cut_link_and_hosts_share_redis() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(err.contains("host a"), "{err}");
-    // The cable goes back: a serves again, and its master rejoins Redis.
+    // A broadcast while a is away waits in the stream for it.
+    ok(&b.cli(&["broadcast", "while-a-was-away"]));
+    // The cable goes back: a serves again, its master rejoins Redis and
+    // reads what it missed.
     let back = Instant::now();
     net.link("a", true);
     assert!(
@@ -443,4 +441,10 @@ fn a_front_follows_dns_over_hosts_survives_a_cut_link_and_hosts_share_redis() {
         "{last}"
     );
     assert!(a.herd.wait_log("welcome-back", T), "{}", a.herd.log());
+    assert!(
+        a.herd
+            .wait_log(r#"[0] got {"data":"while-a-was-away","from":"b/cli""#, T),
+        "{}",
+        a.herd.log()
+    );
 }

@@ -121,10 +121,31 @@ fn workers_on_two_hosts_share_broadcasts_sends_and_status_through_redis() {
     let a = Host::start("msg", "a", &redis.url());
     let b = Host::start("msg", "b", &redis.url());
 
+    // Every host's workers, from either host (reports come every 2 s).
+    let mut listed = String::new();
+    assert!(
+        wait_until(T, || {
+            let o = b.cli(&["status", "--all-hosts", "--json"]);
+            listed = String::from_utf8_lossy(&o.stdout).into_owned();
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&listed) else {
+                return false;
+            };
+            let hosts = v["hosts"].as_array().cloned().unwrap_or_default();
+            let workers = |h: &str| {
+                hosts
+                    .iter()
+                    .find(|r| r["host"] == h)
+                    .and_then(|r| r["status"]["workers"].as_array().map(Vec::len))
+            };
+            v["host"] == "b" && workers("a") == Some(2) && workers("b") == Some(2)
+        }),
+        "{listed}"
+    );
+
     // The CLI on host a: every worker of both hosts hears a broadcast.
     let out = ok(&a.cli(&["broadcast", "hello-all"]));
     assert!(
-        out.contains("delivered to 2 workers here and to 1 other host"),
+        out.contains("delivered to 2 workers here and sent to 1 other host"),
         "{out}"
     );
     for id in [0, 1] {
@@ -178,26 +199,6 @@ fn workers_on_two_hosts_share_broadcasts_sends_and_status_through_redis() {
         stderr(&out)
     );
 
-    // Every host's workers, from either host (reports come every 2 s).
-    let mut listed = String::new();
-    assert!(
-        wait_until(T, || {
-            let o = b.cli(&["status", "--all-hosts", "--json"]);
-            listed = String::from_utf8_lossy(&o.stdout).into_owned();
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&listed) else {
-                return false;
-            };
-            let hosts = v["hosts"].as_array().cloned().unwrap_or_default();
-            let workers = |h: &str| {
-                hosts
-                    .iter()
-                    .find(|r| r["host"] == h)
-                    .and_then(|r| r["status"]["workers"].as_array().map(Vec::len))
-            };
-            v["host"] == "b" && workers("a") == Some(2) && workers("b") == Some(2)
-        }),
-        "{listed}"
-    );
     let table = ok(&a.cli(&["status", "--all-hosts"]));
     assert!(
         table.contains("a/app: proxy mode") && table.contains("b/app: proxy mode"),
@@ -265,7 +266,7 @@ fn without_redis_the_clusters_keep_serving_and_cross_host_requests_fail_with_the
         wait_until(Duration::from_secs(30), || {
             let o = a.cli(&["broadcast", "back-again"]);
             last = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
-            last.contains("and to 1 other host")
+            last.contains("and sent to 1 other host")
         }),
         "{last}"
     );

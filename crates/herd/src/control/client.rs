@@ -168,7 +168,7 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
         } => crate::outln!("{name}: delivered to worker {id} on {h}"),
         Request::Broadcast { .. } => match answer.hosts {
             Some(k) => crate::outln!(
-                "{name}: delivered to {} here and to {}",
+                "{name}: delivered to {} here and sent to {}",
                 n(answer.delivered),
                 crate::console::count(k, "other host")
             ),

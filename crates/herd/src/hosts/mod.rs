@@ -1,15 +1,16 @@
 //! `--redis`: the master's link to the masters of the same cluster name on
-//! other hosts. Broadcasts go on the bus channel, sends to a host's inbox
-//! channel (answered by an ack), and each master keeps its status under an
-//! expiring key for `herd status --all-hosts`.
+//! other hosts. Broadcasts go to a Redis stream trimmed to the last
+//! 10,000, which every master reads from where it left off, so a master
+//! cut off for a while catches up when it is back; sends go to a host's
+//! inbox channel (pub/sub) and are answered by an ack; each master keeps
+//! its status under an expiring key for `herd status --all-hosts`.
 //!
-//! Redis pub/sub delivers at most once: a host whose master is not
-//! subscribed at that moment misses a broadcast, and a send to it fails at
-//! once (PUBLISH counts no receiver). Sends are acknowledged, so their
-//! sender learns of every one that did not reach a worker. One task owns
-//! the link and reconnects with back-off; while Redis is down every
-//! cross-host request fails at once with the reason. The supervisor never
-//! awaits it and the proxy never touches it.
+//! A send to a host whose master is not subscribed fails at once (PUBLISH
+//! counts no receiver), and one that is not acknowledged within 2 s fails
+//! then, so its sender learns of every send that may not have reached a
+//! worker. One task owns the link and reconnects with back-off; while
+//! Redis is down every cross-host request fails at once with the reason.
+//! The supervisor never awaits it and the proxy never touches it.
 
 pub mod wire;
 
@@ -33,6 +34,10 @@ const REPORT_EVERY: Duration = Duration::from_secs(2);
 const STATUS_TTL_SECS: u64 = 10;
 /// Hosts silent this long leave the list of hosts.
 const FORGET_SECS: f64 = 3600.0;
+/// Broadcasts kept for masters that were away (trimmed approximately).
+const BACKLOG: u64 = 10_000;
+/// How long one read of the broadcast stream waits for an entry.
+const READ_BLOCK_MS: u64 = 1000;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -189,13 +194,20 @@ async fn run(
     };
     let mut delay = BACKOFF_MIN;
     let mut last_error = String::new();
+    // The last broadcast read: kept across reconnections, so what was
+    // broadcast meanwhile is read then. Empty until the first connection,
+    // which starts at the stream's end.
+    let mut last_read = String::new();
     loop {
-        let error = match Link::connect(&client, &keys, &cfg.host).await {
+        let error = match Link::connect(&client, &keys, &cfg.host, &mut last_read).await {
             Ok(link) => {
                 tracing::info!("redis {}: connected as host {}", cfg.url, cfg.host);
                 delay = BACKOFF_MIN;
                 last_error.clear();
-                match link.serve(&cfg.host, &mut cmds, &deliver).await {
+                match link
+                    .serve(&cfg.host, &mut cmds, &deliver, &mut last_read)
+                    .await
+                {
                     Ok(()) => return,
                     Err(e) => e,
                 }
@@ -225,13 +237,32 @@ async fn run(
     }
 }
 
-/// A connected link: commands on a multiplexed connection, subscriptions
-/// on a second one.
+/// A connected link: commands on a multiplexed connection, the blocking
+/// reads of the broadcast stream on a second, subscriptions on a third.
 struct Link {
     conn: MultiplexedConnection,
+    reader: MultiplexedConnection,
     sink: PubSubSink,
     stream: PubSubStream,
     keys: Keys,
+}
+
+/// One blocking read of the broadcast stream after `last`.
+async fn read_after(
+    mut reader: MultiplexedConnection,
+    key: String,
+    last: String,
+) -> redis::RedisResult<Option<redis::streams::StreamReadReply>> {
+    redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(100)
+        .arg("BLOCK")
+        .arg(READ_BLOCK_MS)
+        .arg("STREAMS")
+        .arg(key)
+        .arg(last)
+        .query_async(&mut reader)
+        .await
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -239,28 +270,54 @@ fn err(e: impl std::fmt::Display) -> String {
 }
 
 impl Link {
-    async fn connect(client: &redis::Client, keys: &Keys, host: &str) -> Result<Link, String> {
+    async fn connect(
+        client: &redis::Client,
+        keys: &Keys,
+        host: &str,
+        last_read: &mut String,
+    ) -> Result<Link, String> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(ANSWER_TIMEOUT))
             .set_response_timeout(Some(ANSWER_TIMEOUT));
-        let conn = client
+        let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(err)?;
+        let reader =
+            client
+                .get_multiplexed_async_connection_with_config(&config.set_response_timeout(Some(
+                    ANSWER_TIMEOUT + Duration::from_millis(READ_BLOCK_MS),
+                )))
+                .await
+                .map_err(err)?;
+        if last_read.is_empty() {
+            // A new master reads only what is broadcast from now on.
+            let newest: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+                .arg(keys.broadcasts())
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            *last_read = newest
+                .ids
+                .first()
+                .map_or_else(|| "0-0".to_string(), |e| e.id.clone());
+        }
         let pubsub = timeout(ANSWER_TIMEOUT, client.get_async_pubsub())
             .await
             .map_err(|_| "no answer within 2 s".to_string())?
             .map_err(err)?;
         let (mut sink, stream) = pubsub.split();
-        timeout(
-            ANSWER_TIMEOUT,
-            sink.subscribe(&[keys.bus(), keys.inbox(host)]),
-        )
-        .await
-        .map_err(|_| "no answer to SUBSCRIBE within 2 s".to_string())?
-        .map_err(err)?;
+        timeout(ANSWER_TIMEOUT, sink.subscribe(keys.inbox(host)))
+            .await
+            .map_err(|_| "no answer to SUBSCRIBE within 2 s".to_string())?
+            .map_err(err)?;
         Ok(Link {
             conn,
+            reader,
             sink,
             stream,
             keys: keys.clone(),
@@ -283,12 +340,41 @@ impl Link {
         host: &str,
         cmds: &mut mpsc::UnboundedReceiver<Cmd>,
         deliver: &Deliver,
+        last_read: &mut String,
     ) -> Result<(), String> {
         let mut pending = Pending::new();
         let mut token = 0u64;
         let mut tick = tokio::time::interval(REPORT_EVERY);
+        let (reader, stream_key) = (self.reader.clone(), self.keys.broadcasts());
+        let reading = |last: &str| {
+            Box::pin(read_after(
+                reader.clone(),
+                stream_key.clone(),
+                last.to_string(),
+            ))
+        };
+        let mut read = reading(last_read);
         let result = loop {
             tokio::select! {
+                r = &mut read => {
+                    match r {
+                        Ok(reply) => {
+                            for e in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                                let Some(redis::Value::BulkString(m)) = e.map.get("m") else { continue };
+                                match serde_json::from_slice::<Wire>(m) {
+                                    Ok(Wire::Broadcast { host: from_host, from, data }) if from_host != host => {
+                                        deliver(Incoming::Broadcast { from: wire::remote_sender(&from_host, &from), data })
+                                    }
+                                    Ok(_) => {}
+                                    Err(e) => tracing::debug!("redis: ignored a broadcast: {e}"),
+                                }
+                                *last_read = e.id;
+                            }
+                        }
+                        Err(e) => break Err(err(e)),
+                    }
+                    read = reading(last_read);
+                }
                 c = cmds.recv() => {
                     let Some(c) = c else { break Ok(()) };
                     if let Err(e) = self.on_cmd(host, c, &mut pending, &mut token).await {
@@ -299,10 +385,8 @@ impl Link {
                     let Some(m) = m else { break Err("the subscription connection closed".into()) };
                     match serde_json::from_slice::<Wire>(m.get_payload_bytes()) {
                         Ok(w) if w.host() == host => {}
-                        Ok(Wire::Broadcast { host: from_host, from, data }) => deliver(Incoming::Broadcast {
-                            from: wire::remote_sender(&from_host, &from),
-                            data,
-                        }),
+                        // Broadcasts come by the stream.
+                        Ok(Wire::Broadcast { .. }) => {}
                         Ok(Wire::Send { host: from_host, token, to, from, data }) => deliver(Incoming::Send {
                             from: wire::remote_sender(&from_host, &from),
                             host: from_host,
@@ -360,9 +444,8 @@ impl Link {
                     from,
                     data,
                 };
-                match self.publish(self.keys.bus(), &w).await {
-                    // Our own subscription is one of the receivers.
-                    Ok(n) => drop(done.send(Ok(n.saturating_sub(1)))),
+                match self.broadcast(host, &w).await {
+                    Ok(n) => drop(done.send(Ok(n))),
                     Err(e) => {
                         let _ = done.send(Err(format!("redis: {e}")));
                         return Err(e);
@@ -441,6 +524,30 @@ impl Link {
             },
         }
         Ok(())
+    }
+
+    /// Appends a broadcast to the stream; the other hosts that reported
+    /// lately (those expected to read it).
+    async fn broadcast(&mut self, host: &str, w: &Wire) -> Result<usize, String> {
+        let payload = serde_json::to_string(w).map_err(err)?;
+        let (alive,): (Vec<String>,) = redis::pipe()
+            .cmd("XADD")
+            .arg(self.keys.broadcasts())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(BACKLOG)
+            .arg("*")
+            .arg("m")
+            .arg(payload)
+            .ignore()
+            .cmd("ZRANGEBYSCORE")
+            .arg(self.keys.hosts())
+            .arg(unix_now() - STATUS_TTL_SECS as f64)
+            .arg("+inf")
+            .query_async(&mut self.conn)
+            .await
+            .map_err(err)?;
+        Ok(alive.iter().filter(|h| *h != host).count())
     }
 
     async fn reports(&mut self) -> Result<Vec<HostReport>, String> {

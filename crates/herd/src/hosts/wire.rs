@@ -9,7 +9,7 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Wire {
-    /// On the bus: for every worker of every other host.
+    /// On the broadcast stream: for every worker of every other host.
     Broadcast {
         host: String,
         from: Value,
@@ -52,9 +52,9 @@ impl Keys {
             prefix: format!("herd:{cluster}:"),
         }
     }
-    /// Broadcasts of every host.
-    pub fn bus(&self) -> String {
-        format!("{}bus", self.prefix)
+    /// Broadcasts of every host: a stream, each entry's field `m` a `Wire`.
+    pub fn broadcasts(&self) -> String {
+        format!("{}broadcasts", self.prefix)
     }
     /// Sends to, and acks for, one host.
     pub fn inbox(&self, host: &str) -> String {
@@ -163,7 +163,7 @@ mod tests {
         let ack: Wire = serde_json::from_str(r#"{"kind":"ack","host":"b","token":7}"#).unwrap();
         assert_eq!(ack.host(), "b");
         let k = Keys::new("api");
-        assert_eq!(k.bus(), "herd:api:bus");
+        assert_eq!(k.broadcasts(), "herd:api:broadcasts");
         assert_eq!(k.inbox("b"), "herd:api:host:b");
         assert_eq!(k.status("b"), "herd:api:status:b");
         assert_eq!(remote_sender("b", &json!(1)), json!("b/1"));
