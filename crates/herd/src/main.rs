@@ -123,6 +123,12 @@ fn main() -> ExitCode {
                 }
             };
             if check {
+                if let Some(t) = &settings.tls
+                    && let Err(e) = herd::proxy::tls::Tls::load(t.pairs.clone())
+                {
+                    herd::errln!("herd: error: {e}");
+                    return ExitCode::from(1);
+                }
                 herd::outln!(
                     "ok: {}: {}, {} mode on {}",
                     settings.name,

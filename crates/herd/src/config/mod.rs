@@ -95,6 +95,12 @@ pub enum ConfigError {
     BadHostName(String),
     #[error("--host-name needs --redis: the name is this host's among those sharing Redis")]
     HostNameWithoutRedis,
+    #[error("--tls-cert and --tls-key come in pairs: {certs} certificate(s), {keys} key(s)")]
+    TlsPairs { certs: usize, keys: usize },
+    #[error("--redirect-http needs --tls-cert and --tls-key")]
+    RedirectWithoutTls,
+    #[error("TLS is terminated in proxy mode with --protocol http only")]
+    TlsNeedsHttp,
     #[error("--increment-var PORT: in proxy mode herd gives each worker its own PORT")]
     IncrementPort,
 }
@@ -467,6 +473,16 @@ options! {
     /// DNS server for --upstream-dns and --upstream-srv: IP or IP:PORT [default: /etc/resolv.conf's].
     #[arg(long, value_name = "ADDR")]
     resolver: Option<String>,
+    /// TLS: a PEM certificate chain for --listen (repeatable, paired in order with
+    /// --tls-key; the first pair is the default, the others are picked by SNI).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<Vec<PathBuf>>,
+    /// The PEM private key of each --tls-cert, in the same order.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<Vec<PathBuf>>,
+    /// With TLS: also listen on ADDR (or PORT) for plain HTTP and answer 301 to https://.
+    #[arg(long, value_name = "ADDR")]
+    redirect_http: Option<ListenAddr>,
     /// Redis for messages across hosts (redis://[:PASSWORD@]HOST[:PORT][/DB]): the
     /// workers of clusters of this name on every host share broadcasts and `send HOST/ID`.
     #[arg(long, value_name = "URL")]
@@ -640,6 +656,8 @@ pub struct Settings {
     pub resolver: Option<SocketAddr>,
     /// `--redis`: messages and status shared with the other hosts.
     pub redis: Option<RedisConfig>,
+    /// `--tls-cert`/`--tls-key`: the listener speaks TLS.
+    pub tls: Option<TlsConfig>,
     pub health: HealthConfig,
     pub http: HttpConfig,
     pub connect_timeout: Duration,
@@ -932,6 +950,36 @@ impl Settings {
                     .map_err(|_| ConfigError::BadResolver(r.clone()))?,
             ),
         };
+        let tls = match (o.tls_cert, o.tls_key) {
+            (None, None) if o.redirect_http.is_some() => {
+                return Err(ConfigError::RedirectWithoutTls);
+            }
+            (None, None) => None,
+            (certs, keys) => {
+                let (certs, keys) = (certs.unwrap_or_default(), keys.unwrap_or_default());
+                if certs.len() != keys.len() || certs.is_empty() {
+                    return Err(ConfigError::TlsPairs {
+                        certs: certs.len(),
+                        keys: keys.len(),
+                    });
+                }
+                if o.mode.is_some_and(|m| m != Mode::Proxy) || o.protocol == Some(Protocol::Tcp) {
+                    return Err(ConfigError::TlsNeedsHttp);
+                }
+                let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+                Some(TlsConfig {
+                    pairs: certs
+                        .into_iter()
+                        .zip(keys)
+                        .map(|(cert, key)| TlsPair {
+                            cert: abs(cert),
+                            key: abs(key),
+                        })
+                        .collect(),
+                    redirect: o.redirect_http.map(|a| a.0),
+                })
+            }
+        };
         let redis = match (o.redis, o.host_name) {
             (None, Some(_)) => return Err(ConfigError::HostNameWithoutRedis),
             (None, None) => None,
@@ -1079,6 +1127,7 @@ impl Settings {
             discovery,
             resolver,
             redis,
+            tls,
             health,
             http,
             connect_timeout,
@@ -1109,6 +1158,21 @@ impl Settings {
             no_node_shim,
         })
     }
+}
+
+/// `--tls-cert`, `--tls-key`, `--redirect-http`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// The first is the default; absolute paths.
+    pub pairs: Vec<TlsPair>,
+    pub redirect: Option<SocketAddr>,
+}
+
+/// A certificate chain and its private key, as PEM files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `--redis` and `--host-name`.

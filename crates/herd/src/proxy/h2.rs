@@ -45,7 +45,7 @@ pub async fn serve(
     let me = p.clone();
     let svc = hyper::service::service_fn(move |req| {
         let me = me.clone();
-        async move { Ok::<_, std::convert::Infallible>(me.handle_h2(req, peer).await) }
+        async move { Ok::<_, std::convert::Infallible>(me.handle_h2(req, peer, false).await) }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -116,11 +116,18 @@ impl AsyncWrite for Prefixed {
 }
 
 impl HttpProxy {
-    async fn handle_h2(&self, mut req: Request<Incoming>, peer: IpAddr) -> Response<RespBody> {
+    /// One request from an h2c client, or (`tls`) from a client of herd's
+    /// TLS listener over HTTP/2 or HTTP/1.1.
+    pub(super) async fn handle_h2(
+        &self,
+        mut req: Request<Incoming>,
+        peer: IpAddr,
+        tls: bool,
+    ) -> Response<RespBody> {
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        prepare_request_head(&mut parts, peer, upgrade);
+        prepare_request_head(&mut parts, peer, upgrade, tls);
         let idempotent = matches!(
             parts.method,
             Method::GET
@@ -384,7 +391,12 @@ fn strip_listed(h: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// Turns the client's request head into the one sent to a backend.
-fn prepare_request_head(parts: &mut hyper::http::request::Parts, peer: IpAddr, upgrade: bool) {
+fn prepare_request_head(
+    parts: &mut hyper::http::request::Parts,
+    peer: IpAddr,
+    upgrade: bool,
+    tls: bool,
+) {
     // h2 clients give the host as :authority; HTTP/1.1 backends want Host.
     if !parts.headers.contains_key(header::HOST)
         && let Some(a) = parts.uri.authority()
@@ -398,7 +410,7 @@ fn prepare_request_head(parts: &mut hyper::http::request::Parts, peer: IpAddr, u
     parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    add_forwarding(&mut parts.headers, peer);
+    add_forwarding(&mut parts.headers, peer, tls);
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -406,9 +418,10 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// `X-Forwarded-For` and `Forwarded` get this hop appended; an
-/// `X-Forwarded-Proto`/`-Host` set by a proxy in front is kept. Each value
+/// `X-Forwarded-Proto`/`-Host` set by a proxy in front is kept, except
+/// that herd's own TLS listener says `https` (it is the edge). Each value
 /// is written once into a buffer the header then owns (no copy).
-fn add_forwarding(h: &mut HeaderMap, peer: IpAddr) {
+fn add_forwarding(h: &mut HeaderMap, peer: IpAddr, tls: bool) {
     use std::fmt::Write;
     let ip = peer.to_canonical();
     let mut xff = String::with_capacity(48);
@@ -420,9 +433,12 @@ fn add_forwarding(h: &mut HeaderMap, peer: IpAddr) {
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
         h.insert(X_FORWARDED_FOR, v);
     }
-    if !h.contains_key(&X_FORWARDED_PROTO) {
+    if tls {
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+    } else if !h.contains_key(&X_FORWARDED_PROTO) {
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
+    let proto = if tls { "https" } else { "http" };
     let host = h.get(header::HOST).cloned();
     if let Some(host) = &host
         && !h.contains_key(&X_FORWARDED_HOST)
@@ -435,9 +451,9 @@ fn add_forwarding(h: &mut HeaderMap, peer: IpAddr) {
         fwd.push_str(", ");
     }
     let _ = if ip.is_ipv6() {
-        write!(fwd, "for=\"[{ip}]\";proto=http")
+        write!(fwd, "for=\"[{ip}]\";proto={proto}")
     } else {
-        write!(fwd, "for={ip};proto=http")
+        write!(fwd, "for={ip};proto={proto}")
     };
     if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
         fwd.push_str(";host=\"");
@@ -666,7 +682,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("a\"b\\c:80"));
         h.insert(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
-        add_forwarding(&mut h, "2001:db8::7".parse().unwrap());
+        add_forwarding(&mut h, "2001:db8::7".parse().unwrap(), false);
         assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::7");
         assert_eq!(
             h[header::FORWARDED],
@@ -675,9 +691,15 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_HOST], "a\"b\\c:80");
         // An IPv4 client seen through a v4-mapped address is written as v4.
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, "::ffff:192.0.2.9".parse().unwrap());
+        add_forwarding(&mut h, "::ffff:192.0.2.9".parse().unwrap(), false);
         assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.9");
         assert_eq!(h[header::FORWARDED], "for=192.0.2.9;proto=http");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        // Behind herd's TLS listener the client's own claim is replaced.
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        add_forwarding(&mut h, "192.0.2.9".parse().unwrap(), true);
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[header::FORWARDED], "for=192.0.2.9;proto=https");
     }
 }

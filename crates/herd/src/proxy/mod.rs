@@ -14,6 +14,7 @@ pub mod head;
 #[cfg(test)]
 mod props;
 mod tcp;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -163,6 +164,15 @@ pub async fn serve(
             Ok((client, peer)) => {
                 let guard = ActiveGuard::new(active.clone());
                 match &proto {
+                    Protocol::Http(h) if h.tls.is_some() => {
+                        if let Some(tls) = h.tls.clone() {
+                            let (h, stop) = (h.clone(), stop.clone());
+                            tokio::spawn(async move {
+                                tls::serve(h, tls, client, peer.ip(), stop).await;
+                                drop(guard);
+                            });
+                        }
+                    }
                     Protocol::Http(h) => {
                         // No wrapper future: what the task holds while the
                         // connection is idle is `serve`'s state alone.
@@ -194,6 +204,8 @@ pub struct HttpProxy {
     key_source: KeySource,
     /// `--access-log`.
     pub log: Option<Arc<access::AccessLog>>,
+    /// `--tls-cert`: the listener speaks TLS.
+    pub tls: Option<Arc<tls::Tls>>,
 }
 
 impl HttpProxy {
@@ -208,6 +220,7 @@ impl HttpProxy {
             cfg,
             key_source,
             log,
+            tls: None,
         }
     }
 

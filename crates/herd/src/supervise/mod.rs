@@ -51,6 +51,13 @@ pub enum SuperviseError {
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error(transparent)]
+    Tls(#[from] crate::proxy::tls::TlsError),
+    #[error("--redirect-http {addr}: {source}")]
+    Redirect {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
     RunDir(#[from] RunDirError),
     #[error("cannot start the guardian process: {0}")]
     Guardian(std::io::Error),
@@ -169,6 +176,9 @@ pub struct Supervisor {
     startup_failures: Option<Vec<(Epoch, SuperviseError)>>,
     /// `--redis`: the link to the other hosts of this cluster name.
     hosts: Option<crate::hosts::Hosts>,
+    /// `--tls-cert`: the certificates, reloaded with the workers and when
+    /// their files change.
+    tls: Option<Arc<crate::proxy::tls::Tls>>,
 }
 
 /// Runs the cluster until it is stopped; returns the process exit code.
@@ -178,6 +188,11 @@ pub struct Supervisor {
 /// worker exits, and the main thread lives exactly as long as the master.
 pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     raise_nofile();
+    // Certificates first: a bad one stops the start before anything binds.
+    let tls = match &s.tls {
+        Some(t) => Some(Arc::new(crate::proxy::tls::Tls::load(t.pairs.clone())?)),
+        None => None,
+    };
     let proxy_threads = crate::os::cpus::usable();
     let listen_slots = match s.mode {
         Mode::Proxy => proxy_threads,
@@ -356,6 +371,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         startup_failures: Some(Vec::new()),
         watch_due: None,
         hosts,
+        tls,
     };
     let access_log = match &sup.s.access_log {
         Some(cfg) if sup.s.mode == Mode::Proxy => Some(Arc::new(
@@ -372,11 +388,11 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             })?);
         }
         let proto = match sup.s.protocol {
-            Protocol::Http => proxy::Protocol::Http(Arc::new(HttpProxy::new(
-                sup.up.clone(),
-                sup.s.http.clone(),
-                access_log.clone(),
-            ))),
+            Protocol::Http => {
+                let mut h = HttpProxy::new(sup.up.clone(), sup.s.http.clone(), access_log.clone());
+                h.tls = sup.tls.clone();
+                proxy::Protocol::Http(Arc::new(h))
+            }
             Protocol::Tcp => proxy::Protocol::Tcp(Arc::new(TcpProxy {
                 log: access_log.clone(),
                 up: sup.up.clone(),
@@ -396,6 +412,17 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             source,
         })?;
         tokio::spawn(upstream::health_loop(sup.up.clone(), sup.s.health.clone()));
+        if let Some(addr) = sup.s.tls.as_ref().and_then(|t| t.redirect) {
+            let redirect = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|source| SuperviseError::Redirect { addr, source })?;
+            tracing::info!(
+                "plain HTTP on {addr} redirects to https:// on port {}",
+                bound.port()
+            );
+            tokio::spawn(proxy::tls::redirect(redirect, bound.port()));
+        }
         if !sup.s.discovery.is_empty() {
             tokio::spawn(upstream::discover::run(
                 sup.up.clone(),
@@ -482,6 +509,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: rolling reload");
+                sup.reload_tls();
                 sup.apply(Input::Reload { slots: None }, None);
             }
             _ = sigttin.recv() => sup.scale_signal(1),

@@ -73,6 +73,7 @@ impl Supervisor {
                     .map_or("no config file".to_string(), |c| {
                         format!("config {}", c.display())
                     });
+                self.reload_tls();
                 match update_env {
                     None => {
                         let _ = reply.send(Line::progress(format!("reloading ({config})")));
@@ -307,6 +308,19 @@ impl Supervisor {
         }
     }
 
+    /// Loads the certificates again; a bad new pair leaves the old ones
+    /// serving, and says why.
+    pub(super) fn reload_tls(&self) {
+        let Some(tls) = &self.tls else { return };
+        match tls.reload() {
+            Ok(()) => tracing::info!("TLS certificates reloaded"),
+            Err(e) => {
+                tls.seen();
+                tracing::error!("{e}; the certificates in use stay");
+            }
+        }
+    }
+
     /// Tells worker `epoch` that its message to `to` was not delivered.
     pub(super) fn undeliverable(&self, epoch: u64, to: &Value, data: &Value, error: &str) {
         tracing::debug!("worker epoch {epoch}: undeliverable: {error}");
@@ -492,6 +506,10 @@ impl Supervisor {
         self.ticks += 1;
         if self.ticks.is_multiple_of(2) {
             self.report();
+            if self.tls.as_ref().is_some_and(|t| t.changed()) {
+                tracing::info!("a certificate or key file changed");
+                self.reload_tls();
+            }
         }
         if self.s.mode == Mode::Proxy && self.ticks.is_multiple_of(5) {
             self.latency.sample(&self.up.current(), Instant::now());

@@ -1,0 +1,360 @@
+//! TLS termination (rustls, ring): certificates and their reload, the SNI
+//! pick, and serving a TLS connection. ALPN offers `h2` and `http/1.1`;
+//! both are served through hyper (the handler h2c uses), since herd's own
+//! HTTP/1.1 engine works on the bare socket's readiness.
+//!
+//! The `ServerConfig` sits behind an `ArcSwap`: a reload swaps in a new one
+//! for the next handshakes while open connections keep theirs. Session
+//! tickets and the session cache outlive reloads, so resumption does too.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert, StoresServerSessions};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::HttpProxy;
+
+use crate::config::TlsPair as Pair;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("--tls-cert {0}: {1}")]
+    Cert(PathBuf, String),
+    #[error("--tls-key {0}: {1}")]
+    Key(PathBuf, String),
+    #[error("--tls-key {key} does not match --tls-cert {cert} ({reason})")]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("TLS: {0}")]
+    Setup(String),
+}
+
+/// The certificates in use, and what a reload needs to make new ones.
+pub struct Tls {
+    pairs: Vec<Pair>,
+    config: ArcSwap<rustls::ServerConfig>,
+    tickets: Arc<dyn ProducesTickets>,
+    sessions: Arc<dyn StoresServerSessions + Send + Sync>,
+    /// The files' modification times and sizes when last loaded.
+    stamps: std::sync::Mutex<Vec<Option<(SystemTime, u64)>>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("pairs", &self.pairs).finish()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads one pair: the chain (leaf first) and a key that matches it.
+fn load_pair(p: &Pair, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
+    let io = |e: std::io::Error| e.to_string();
+    let pem = std::fs::read(&p.cert).map_err(|e| TlsError::Cert(p.cert.clone(), io(e)))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Cert(p.cert.clone(), format!("not PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(TlsError::Cert(
+            p.cert.clone(),
+            "no CERTIFICATE in the file".into(),
+        ));
+    }
+    webpki::EndEntityCert::try_from(&chain[0])
+        .map_err(|e| TlsError::Cert(p.cert.clone(), format!("not a certificate: {e}")))?;
+    let pem = std::fs::read(&p.key).map_err(|e| TlsError::Key(p.key.clone(), io(e)))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| TlsError::Key(p.key.clone(), format!("no private key: {e}")))?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+            cert: p.cert.clone(),
+            key: p.key.clone(),
+            reason: "a different public key".into(),
+        },
+        other => TlsError::Key(p.key.clone(), other.to_string()),
+    })
+}
+
+fn stamp(p: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+impl Tls {
+    /// Loads every pair (an error names the file); the first is the default.
+    pub fn load(pairs: Vec<Pair>) -> Result<Tls, TlsError> {
+        let tickets =
+            rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Setup(e.to_string()))?;
+        let sessions: Arc<dyn StoresServerSessions + Send + Sync> =
+            rustls::server::ServerSessionMemoryCache::new(4096);
+        let stamps = Self::stamps_of(&pairs);
+        let config = Self::build(&pairs, &tickets, &sessions)?;
+        Ok(Tls {
+            pairs,
+            config: ArcSwap::from_pointee(config),
+            tickets,
+            sessions,
+            stamps: std::sync::Mutex::new(stamps),
+        })
+    }
+
+    fn stamps_of(pairs: &[Pair]) -> Vec<Option<(SystemTime, u64)>> {
+        pairs
+            .iter()
+            .flat_map(|p| [stamp(&p.cert), stamp(&p.key)])
+            .collect()
+    }
+
+    fn build(
+        pairs: &[Pair],
+        tickets: &Arc<dyn ProducesTickets>,
+        sessions: &Arc<dyn StoresServerSessions + Send + Sync>,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let provider = provider();
+        let mut keys = Vec::with_capacity(pairs.len());
+        for p in pairs {
+            keys.push(Arc::new(load_pair(p, &provider)?));
+        }
+        let mut c = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Setup(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Sni { keys }));
+        c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        c.ticketer = tickets.clone();
+        c.session_storage = sessions.clone();
+        Ok(c)
+    }
+
+    /// Loads the files again; on any error the certificates in use stay.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let stamps = Self::stamps_of(&self.pairs);
+        let c = Self::build(&self.pairs, &self.tickets, &self.sessions)?;
+        self.config.store(Arc::new(c));
+        if let Ok(mut s) = self.stamps.lock() {
+            *s = stamps;
+        }
+        Ok(())
+    }
+
+    /// Whether a file changed since it was last loaded (time or size).
+    pub fn changed(&self) -> bool {
+        let now = Self::stamps_of(&self.pairs);
+        self.stamps.lock().map(|s| *s != now).unwrap_or(false)
+    }
+
+    /// Remembers the files as they are now, so one bad change is reported once.
+    pub fn seen(&self) {
+        if let Ok(mut s) = self.stamps.lock() {
+            *s = Self::stamps_of(&self.pairs);
+        }
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config.load_full())
+    }
+}
+
+/// Picks the first pair whose certificate is valid for the client's SNI
+/// name, else the first pair (clients without SNI get it too, as nginx's
+/// default server).
+#[derive(Debug)]
+struct Sni {
+    keys: Vec<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for Sni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if self.keys.len() > 1
+            && let Some(name) = hello.server_name()
+            && let Ok(name) = ServerName::try_from(name)
+        {
+            for k in &self.keys {
+                let valid = k
+                    .end_entity_cert()
+                    .ok()
+                    .and_then(|c| webpki::EndEntityCert::try_from(c).ok())
+                    .is_some_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok());
+                if valid {
+                    return Some(k.clone());
+                }
+            }
+        }
+        self.keys.first().cloned()
+    }
+}
+
+/// Serves one TLS client connection: the handshake (bounded by the head
+/// time-out), then HTTP/2 or HTTP/1.1 as ALPN chose. A failed handshake
+/// (garbage, an old version, no common cipher) gets rustls's alert and
+/// ends this connection only.
+pub async fn serve(
+    p: Arc<HttpProxy>,
+    tls: Arc<Tls>,
+    io: TcpStream,
+    peer: IpAddr,
+    stop: CancellationToken,
+) {
+    let handshake = tls.acceptor().accept(io);
+    let stream = match tokio::time::timeout(p.cfg.limits.header_timeout, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake with {peer} failed: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = TokioIo::new(stream);
+    let me = p.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let me = me.clone();
+        async move { Ok::<_, std::convert::Infallible>(me.handle_h2(req, peer, true).await) }
+    });
+    if h2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(p.cfg.limits.max_head as u32)
+            .serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(p.cfg.limits.header_timeout)
+            .max_buf_size(p.cfg.limits.max_head.max(8192))
+            .serve_connection(io, svc)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+}
+
+/// `--redirect-http`: answers every request with a `301` to the same host
+/// and path over HTTPS on `https_port`, then closes.
+pub async fn redirect(listener: tokio::net::TcpListener, https_port: u16) {
+    loop {
+        let Ok((io, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), redirect_one(io, https_port)).await;
+        });
+    }
+}
+
+async fn redirect_one(mut io: TcpStream, https_port: u16) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    let answer = loop {
+        let n = io.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => break redirect_answer(&req, https_port),
+            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+            _ => break BAD_REQUEST.to_string(),
+        }
+    };
+    io.write_all(answer.as_bytes()).await?;
+    io.shutdown().await
+}
+
+const BAD_REQUEST: &str =
+    "HTTP/1.1 400 Bad Request\r\nContent-Length: 12\r\nConnection: close\r\n\r\nbad request\n";
+
+/// The `301` for a parsed request: `https://HOST[:PORT]PATH`.
+fn redirect_answer(req: &httparse::Request<'_, '_>, https_port: u16) -> String {
+    let host = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(str::trim)
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+        });
+    let path = req.path.unwrap_or("/");
+    let (Some(host), true) = (host, path.starts_with('/')) else {
+        return BAD_REQUEST.to_string();
+    };
+    // The host without its port ([v6] kept whole).
+    let name = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    let location = if https_port == 443 {
+        format!("https://{name}{path}")
+    } else {
+        format!("https://{name}:{https_port}{path}")
+    };
+    format!(
+        "HTTP/1.1 301 Moved Permanently\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(raw: &str, port: u16) -> String {
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut req = httparse::Request::new(&mut headers);
+        req.parse(raw.as_bytes()).unwrap();
+        redirect_answer(&req, port)
+    }
+
+    #[test]
+    fn redirects_keep_host_and_path_and_refuse_odd_hosts() {
+        let a = answer("GET /a?b=1 HTTP/1.1\r\nHost: example.com:8080\r\n\r\n", 443);
+        assert!(a.contains("Location: https://example.com/a?b=1\r\n"), "{a}");
+        let a = answer("GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", 8443);
+        assert!(a.contains("Location: https://[::1]:8443/\r\n"), "{a}");
+        let a = answer("GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n", 443);
+        assert!(a.contains("Location: https://[::1]/\r\n"), "{a}");
+        for bad in [
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: evil.com/x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\"b\r\n\r\n",
+            "GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            assert!(answer(bad, 443).starts_with("HTTP/1.1 400"), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! TLS termination with real clients: certificates made by `openssl` for
+//! a private CA, `curl --http1.1` and `--http2` through herd to the demo,
+//! `openssl s_client` for SNI, resumption and refused protocol versions,
+//! certificate reloads under load, the plain-HTTP redirect, and bad
+//! certificates refused before anything starts.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A private CA and leaf certificates for chosen names, in a temp dir.
+struct Pki {
+    dir: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("herd-tls-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-subj",
+                "/CN=herd test CA",
+                "-days",
+                "2",
+            ],
+        );
+        Pki { dir }
+    }
+
+    /// `NAME.crt` and `NAME.key` for the DNS name `NAME`, signed by the CA.
+    fn leaf(&self, name: &str) -> (PathBuf, PathBuf) {
+        std::fs::write(
+            self.dir.join(format!("{name}.ext")),
+            format!("subjectAltName=DNS:{name}\n"),
+        )
+        .unwrap();
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        );
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &format!("{name}.crt"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+        (
+            self.path(&format!("{name}.crt")),
+            self.path(&format!("{name}.key")),
+        )
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.join(f)
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `curl` to `https://NAME:PORT/PATH` (resolved to loopback), trusting the CA.
+fn curl(pki: &Pki, name: &str, port: u16, path: &str, extra: &[&str]) -> Output {
+    Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            s(&pki.path("ca.crt")),
+        ])
+        .args(["--resolve", &format!("{name}:{port}:127.0.0.1")])
+        .args(["-w", "\nhttp_version=%{http_version}"])
+        .args(extra)
+        .arg(format!("https://{name}:{port}{path}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl")
+}
+
+/// `openssl s_client` against 127.0.0.1:PORT with ARGS; its output.
+fn s_client(port: u16, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn tls_args(pairs: &[&(PathBuf, PathBuf)]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|(c, k)| {
+            [
+                "--tls-cert".into(),
+                s(c).to_string(),
+                "--tls-key".into(),
+                s(k).to_string(),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn https_with_alpn_sni_resumption_and_a_redirect_from_plain_http() {
+    let pki = Pki::new("main");
+    let a = pki.leaf("a.test");
+    let b = pki.leaf("b.test");
+    let redirect = free_port();
+    let mut args = tls_args(&[&a, &b]);
+    args.extend([
+        "--redirect-http".into(),
+        format!("127.0.0.1:{redirect}"),
+        "-i".into(),
+        "2".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(2);
+    let port = h.port;
+
+    // HTTP/1.1 and HTTP/2 by ALPN; the backend hears that the client used TLS.
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let out = curl(&pki, "a.test", port, "/headers", &[flag]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{flag}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains(&format!("http_version={version}")), "{text}");
+        assert!(text.contains("x-forwarded-proto: https"), "{text}");
+        assert!(text.contains("proto=https"), "{text}");
+    }
+    // Both workers serve TLS clients.
+    let mut seen = std::collections::BTreeSet::new();
+    assert!(wait_until(T, || {
+        let out = curl(&pki, "a.test", port, "/", &["--http2"]);
+        seen.insert(parse_hello(&String::from_utf8_lossy(&out.stdout)).0);
+        seen.len() == 2
+    }));
+    // SNI picks b's certificate (curl checks it against b.test); without
+    // SNI, or with a name no certificate has, the first pair answers.
+    let out = curl(&pki, "b.test", port, "/", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s_client(port, &["-servername", "b.test"]).contains("CN = b.test"));
+    assert!(s_client(port, &["-noservername"]).contains("CN = a.test"));
+    assert!(s_client(port, &["-servername", "other.test"]).contains("CN = a.test"));
+    // Resumption: TLS 1.2 by ticket.
+    let sess = pki.path("sess.pem");
+    let first = s_client(
+        port,
+        &["-tls1_2", "-servername", "a.test", "-sess_out", s(&sess)],
+    );
+    assert!(first.contains("New, TLSv1.2"), "{first}");
+    let again = s_client(
+        port,
+        &["-tls1_2", "-servername", "a.test", "-sess_in", s(&sess)],
+    );
+    assert!(again.contains("Reused, TLSv1.2"), "{again}");
+    // Old versions and garbage get an alert; the listener serves on.
+    let old = s_client(port, &["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]);
+    assert!(
+        old.contains("alert handshake failure") || old.contains("alert protocol version"),
+        "{old}"
+    );
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut raw, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut raw, &mut got);
+    assert!(
+        got.is_empty() || got[0] == 0x15,
+        "plain HTTP on the TLS port: {got:?}"
+    );
+    assert!(curl(&pki, "a.test", port, "/", &[]).status.success());
+
+    // Plain HTTP on --redirect-http: a 301 to the same host and path.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", redirect)).unwrap();
+    std::io::Write::write_all(&mut c, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut c, &mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "no Host header: {answer}"
+    );
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", redirect)).unwrap();
+    std::io::Write::write_all(
+        &mut c,
+        b"GET /some/path?q=1 HTTP/1.1\r\nHost: a.test:80\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut c, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 301"), "{answer}");
+    assert!(
+        answer.contains(&format!(
+            "Location: https://a.test:{port}/some/path?q=1\r\n"
+        )),
+        "{answer}"
+    );
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-L",
+            "--max-time",
+            "10",
+            "--cacert",
+            s(&pki.path("ca.crt")),
+        ])
+        .args(["--resolve", &format!("a.test:{redirect}:127.0.0.1")])
+        .args(["--resolve", &format!("a.test:{port}:127.0.0.1")])
+        .arg(format!("http://a.test:{redirect}/"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("hello from worker"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn certificates_reload_when_their_files_change_without_failing_a_request() {
+    let pki = Pki::new("reload");
+    let a = pki.leaf("a.test");
+    let c = pki.leaf("c.test");
+    let (cert, key) = (pki.path("live.crt"), pki.path("live.key"));
+    std::fs::copy(&a.0, &cert).unwrap();
+    std::fs::copy(&a.1, &key).unwrap();
+    let mut args = tls_args(&[&(cert.clone(), key.clone())]);
+    args.extend(["-i".into(), "1".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    let port = h.port;
+    assert!(s_client(port, &["-servername", "a.test"]).contains("CN = a.test"));
+
+    // Clients keep coming (new TLS connections) while the files change.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, failed, done) = (stop.clone(), failed.clone(), done.clone());
+            let ca = pki.path("ca.crt");
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && n < 5000 {
+                    n += 1;
+                    // Either name: the certificate in use has one of them.
+                    let out = Command::new("curl")
+                        .args(["-sS", "--max-time", "10", "--cacert", s(&ca), "-k"])
+                        .arg(format!("https://127.0.0.1:{port}/"))
+                        .output()
+                        .unwrap();
+                    if !String::from_utf8_lossy(&out.stdout).starts_with("hello from worker") {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    assert!(wait_until(T, || done.load(Ordering::Relaxed) > 20));
+
+    // A new pair (as certbot renews): served from the next handshake.
+    std::fs::copy(&c.1, &key).unwrap();
+    std::fs::copy(&c.0, &cert).unwrap();
+    assert!(
+        wait_until(T, || s_client(port, &["-servername", "c.test"])
+            .contains("CN = c.test")),
+        "{}",
+        h.log()
+    );
+    assert!(h.wait_log("TLS certificates reloaded", T));
+    // A key that does not match: refused, the certificate in use stays.
+    let refused = h.log().matches("does not match").count();
+    std::fs::copy(&a.1, &key).unwrap();
+    assert!(
+        h.wait_log_n("does not match", refused + 1, T),
+        "{}",
+        h.log()
+    );
+    assert!(s_client(port, &["-servername", "c.test"]).contains("CN = c.test"));
+    // Fixed, and reloaded by `herd reload` too.
+    std::fs::copy(&c.1, &key).unwrap();
+    let before = h.log().matches("TLS certificates reloaded").count();
+    h.signal("HUP");
+    assert!(
+        h.wait_log_n("TLS certificates reloaded", before + 1, T),
+        "{}",
+        h.log()
+    );
+    let counted = done.load(Ordering::Relaxed);
+    assert!(wait_until(T, || done.load(Ordering::Relaxed) > counted + 20));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "of {}",
+        done.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn bad_certificates_are_one_line_errors_before_anything_starts() {
+    let pki = Pki::new("bad");
+    let a = pki.leaf("a.test");
+    let b = pki.leaf("b.test");
+    let junk = pki.path("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let missing = pki.path("missing.pem");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (tls_args(&[&(missing.clone(), a.1.clone())]), "--tls-cert"),
+        (tls_args(&[&(junk.clone(), a.1.clone())]), "no CERTIFICATE"),
+        (tls_args(&[&(a.0.clone(), junk.clone())]), "--tls-key"),
+        (tls_args(&[&(a.0.clone(), b.1.clone())]), "does not match"),
+        (vec!["--tls-cert".into(), s(&a.0).into()], "come in pairs"),
+        (
+            vec!["--redirect-http".into(), "8080".into()],
+            "--redirect-http needs --tls-cert",
+        ),
+        (
+            [tls_args(&[&a]), vec!["--mode".into(), "shared".into()]].concat(),
+            "proxy mode with --protocol http only",
+        ),
+    ];
+    for (args, want) in cases {
+        for check in [true, false] {
+            let mut all: Vec<&str> = vec!["run", "--listen", "127.0.0.1:0"];
+            if check {
+                all.push("--check");
+            }
+            all.extend(args.iter().map(String::as_str));
+            all.extend(["--", DEMO]);
+            let (code, err) = run_fail(&all);
+            assert_eq!(code, 1, "{all:?}: {err}");
+            assert!(err.contains(want), "{all:?}: {err}");
+            assert_eq!(err.trim().lines().count(), 1, "{err}");
+        }
+    }
+}
+
+/// A TLS client (rustls) to 127.0.0.1:PORT for NAME, trusting the test CA.
+fn tls_client(
+    pki: &Pki,
+    port: u16,
+    name: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pki.path("ca.crt")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), name.to_string().try_into().unwrap())
+            .unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(T)).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+#[test]
+fn websocket_style_upgrades_are_tunnelled_over_tls() {
+    use std::io::{Read, Write};
+    // A backend that switches protocols, then echoes.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bport = backend.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in backend.incoming() {
+            let Ok(mut c) = c else { break };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if c.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                if !String::from_utf8_lossy(&head)
+                    .to_ascii_lowercase()
+                    .contains("upgrade: echo")
+                {
+                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+                    return;
+                }
+                let _ = c.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+                );
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let pki = Pki::new("upgrade");
+    let a = pki.leaf("a.test");
+    let mut args = tls_args(&[&a]);
+    args.push(format!("--upstream=127.0.0.1:{bport}"));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut all: Vec<&str> = vec!["run", "--listen", &listen];
+    all.extend(args.iter().map(String::as_str));
+    let h = Herd::spawn(Command::new(HERD).args(&all), port);
+    assert!(h.wait_log("listening on", T), "{}", h.log());
+
+    let mut s = tls_client(&pki, port, "a.test");
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    for msg in [&b"ping"[..], b"second message"] {
+        s.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    }
+}
