@@ -101,6 +101,8 @@ pub enum ConfigError {
     RedirectWithoutTls,
     #[error("TLS is terminated in proxy mode with --protocol http only")]
     TlsNeedsHttp,
+    #[error("--backend-protocol h2 is for proxy mode with --protocol http")]
+    H2NeedsHttp,
     #[error("--increment-var PORT: in proxy mode herd gives each worker its own PORT")]
     IncrementPort,
 }
@@ -483,6 +485,10 @@ options! {
     /// With TLS: also listen on ADDR (or PORT) for plain HTTP and answer 301 to https://.
     #[arg(long, value_name = "ADDR")]
     redirect_http: Option<ListenAddr>,
+    /// What the workers speak on their port: `h1` (HTTP/1.1) or `h2` (HTTP/2 with
+    /// prior knowledge, h2c) [default: h1].
+    #[arg(long, value_enum, value_name = "PROTOCOL")]
+    backend_protocol: Option<BackendProtocol>,
     /// Redis for messages across hosts (redis://[:PASSWORD@]HOST[:PORT][/DB]): the
     /// workers of clusters of this name on every host share broadcasts and `send HOST/ID`.
     #[arg(long, value_name = "URL")]
@@ -658,6 +664,8 @@ pub struct Settings {
     pub redis: Option<RedisConfig>,
     /// `--tls-cert`/`--tls-key`: the listener speaks TLS.
     pub tls: Option<TlsConfig>,
+    /// `--backend-protocol h2`: workers speak h2c.
+    pub workers_h2: bool,
     pub health: HealthConfig,
     pub http: HttpConfig,
     pub connect_timeout: Duration,
@@ -692,6 +700,8 @@ pub struct UpstreamSpec {
     pub name: String,
     pub addr: SocketAddr,
     pub config: BackendConfig,
+    /// `,h2`: it speaks HTTP/2 (h2c, prior knowledge).
+    pub h2: bool,
 }
 
 /// One DNS lookup whose answers are backends (`--upstream-dns`,
@@ -703,6 +713,8 @@ pub struct Discovery {
     /// `Some` for a host name; an SRV record gives each backend's port.
     pub port: Option<u16>,
     pub config: BackendConfig,
+    /// `,h2`: the backends it gives speak HTTP/2 (h2c).
+    pub h2: bool,
 }
 
 impl FromStr for Discovery {
@@ -718,21 +730,22 @@ impl FromStr for Discovery {
         if name.is_empty() {
             return Err(format!("{head:?}: no name"));
         }
-        let config = backend_params(rest)?;
+        let (config, h2) = backend_params(rest)?;
         Ok(Discovery {
             name: name.to_string(),
             port: Some(port),
             config,
+            h2,
         })
     }
 }
 
-/// `weight=N,max_fails=N,…` as an `--upstream` reads them.
-fn backend_params(list: &str) -> Result<BackendConfig, String> {
-    Ok(format!("127.0.0.1:1,{list}")
+/// `weight=N,max_fails=N,…,h2` as an `--upstream` reads them.
+fn backend_params(list: &str) -> Result<(BackendConfig, bool), String> {
+    let u = format!("127.0.0.1:1,{list}")
         .trim_end_matches(',')
-        .parse::<UpstreamSpec>()?
-        .config)
+        .parse::<UpstreamSpec>()?;
+    Ok((u.config, u.h2))
 }
 
 impl TryFrom<String> for Discovery {
@@ -761,6 +774,7 @@ impl FromStr for UpstreamSpec {
             .next()
             .ok_or_else(|| format!("{name:?} resolves to no address"))?;
         let mut config = BackendConfig::default();
+        let mut h2 = false;
         for p in parts {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             let num = || {
@@ -780,14 +794,20 @@ impl FromStr for UpstreamSpec {
                     config.fail_timeout = d.0.as_nanos() as u64;
                 }
                 "backup" if v.is_empty() => config.backup = true,
+                "h2" if v.is_empty() => h2 = true,
                 _ => {
                     return Err(format!(
-                        "unknown upstream parameter {p:?} (weight=N, max_fails=N, fail_timeout=DUR, backup)"
+                        "unknown upstream parameter {p:?} (weight=N, max_fails=N, fail_timeout=DUR, backup, h2)"
                     ));
                 }
             }
         }
-        Ok(UpstreamSpec { name, addr, config })
+        Ok(UpstreamSpec {
+            name,
+            addr,
+            config,
+            h2,
+        })
     }
 }
 
@@ -931,12 +951,13 @@ impl Settings {
             if !name.starts_with('_') {
                 return Err(ConfigError::BadSrv(srv.clone()));
             }
-            let config =
+            let (config, h2) =
                 backend_params(rest).map_err(|e| ConfigError::BadSrv(format!("{srv}: {e}")))?;
             discovery.push(Discovery {
                 name: name.to_string(),
                 port: None,
                 config,
+                h2,
             });
         }
         let resolver = match o.resolver {
@@ -950,6 +971,12 @@ impl Settings {
                     .map_err(|_| ConfigError::BadResolver(r.clone()))?,
             ),
         };
+        let workers_h2 = o.backend_protocol == Some(BackendProtocol::H2);
+        if workers_h2
+            && (o.mode.is_some_and(|m| m != Mode::Proxy) || o.protocol == Some(Protocol::Tcp))
+        {
+            return Err(ConfigError::H2NeedsHttp);
+        }
         let tls = match (o.tls_cert, o.tls_key) {
             (None, None) if o.redirect_http.is_some() => {
                 return Err(ConfigError::RedirectWithoutTls);
@@ -1128,6 +1155,7 @@ impl Settings {
             resolver,
             redis,
             tls,
+            workers_h2,
             health,
             http,
             connect_timeout,
@@ -1158,6 +1186,14 @@ impl Settings {
             no_node_shim,
         })
     }
+}
+
+/// `--backend-protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    H1,
+    H2,
 }
 
 /// `--tls-cert`, `--tls-key`, `--redirect-http`.

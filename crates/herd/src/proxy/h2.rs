@@ -1,6 +1,9 @@
-//! Prior-knowledge h2c from clients, through hyper's HTTP/2 server: each
-//! stream is balanced on its own and sent to a backend over HTTP/1.1 with
-//! hyper's client. HTTP/1 clients take the engine in [`super::h1`].
+//! The proxy path through hyper: prior-knowledge h2c clients, TLS clients
+//! ([`super::tls`]), and every client when some backend speaks HTTP/2.
+//! Each request (each HTTP/2 stream) is balanced on its own and sent to a
+//! backend with hyper's client: HTTP/1.1, or HTTP/2 (h2c, one multiplexed
+//! connection per backend and proxy thread) to a backend marked `h2`.
+//! Otherwise HTTP/1 clients take the engine in [`super::h1`].
 //!
 //! Long because hyper's body types and client pool live here too, used by
 //! nothing else.
@@ -47,10 +50,7 @@ pub async fn serve(
         let me = me.clone();
         async move { Ok::<_, std::convert::Infallible>(me.handle_h2(req, peer, false).await) }
     });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .max_header_list_size(p.cfg.limits.max_head as u32)
-        .serve_connection(io, svc);
+    let conn = http2_server(&p).serve_connection(io, svc);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
@@ -59,6 +59,54 @@ pub async fn serve(
             let _ = conn.await;
         }
     }
+}
+
+/// Serves a plain connection through hyper, HTTP/1.1 or h2c by its first
+/// bytes: the path when some backend speaks HTTP/2, which herd's own
+/// HTTP/1.1 engine does not.
+pub async fn serve_any(p: Arc<HttpProxy>, io: TcpStream, peer: IpAddr, stop: CancellationToken) {
+    let me = p.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let me = me.clone();
+        async move { Ok::<_, std::convert::Infallible>(me.handle_h2(req, peer, false).await) }
+    });
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(p.cfg.limits.header_timeout)
+        .max_buf_size(p.cfg.limits.max_head.max(8192));
+    // The same limits as `http2_server` (the auto builder has its own type).
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(p.cfg.limits.max_head as u32)
+        .max_pending_accept_reset_streams(Some(32));
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Streams one HTTP/2 client may have open at once.
+const MAX_STREAMS: u32 = 256;
+
+/// hyper's HTTP/2 server as herd runs it for clients: at most 256 streams
+/// at once, a header list no larger than `--max-head` (a CONTINUATION
+/// flood ends there), and h2's limit on streams a client resets before
+/// they are served (a rapid-reset flood gets GOAWAY). Settings and ping
+/// floods are bounded by h2's own queues of pending acks.
+pub(super) fn http2_server(p: &HttpProxy) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(p.cfg.limits.max_head as u32)
+        .max_pending_accept_reset_streams(Some(32));
+    b
 }
 
 /// The socket, with the bytes already read from it put back in front.
@@ -127,7 +175,16 @@ impl HttpProxy {
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        // gRPC needs `te: trailers` on HTTP/2; every other TE is hop-by-hop.
+        let te_trailers = parts
+            .headers
+            .get_all(header::TE)
+            .iter()
+            .any(|v| has_token(v, "trailers"));
         prepare_request_head(&mut parts, peer, upgrade, tls);
+        if te_trailers {
+            parts.extensions.insert(TeTrailers);
+        }
         let idempotent = matches!(
             parts.method,
             Method::GET
@@ -254,7 +311,65 @@ impl HttpProxy {
         error(last.0, last.1)
     }
 
+    /// To an h2c backend: on this thread's connection to it, or a new one
+    /// (once more if the pooled one turns out closed).
+    async fn send_h2(&self, target: &Arc<Target>, mut req: Request<ReqBody>) -> Sent {
+        to_h2(&mut req, target);
+        let mut fresh = false;
+        let mut pooled = H2.with(|m| m.borrow().get(&target.id).cloned());
+        loop {
+            let mut sender = match pooled.take() {
+                Some(s) if !s.is_closed() => s,
+                _ => {
+                    fresh = true;
+                    match connect_h2(target, self.cfg.connect_timeout).await {
+                        Ok(s) => s,
+                        Err(e) => return Sent::Unsent(req, e.to_string()),
+                    }
+                }
+            };
+            if let Err(e) = sender.ready().await {
+                if fresh {
+                    return Sent::Unsent(req, e.to_string());
+                }
+                continue;
+            }
+            let sending = sender.try_send_request(req);
+            H2.with(|m| m.borrow_mut().insert(target.id, sender));
+            let res = match tokio::time::timeout(self.cfg.response_timeout, sending).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Sent::Failed(
+                        format!("no response within {:?}", self.cfg.response_timeout),
+                        true,
+                    );
+                }
+            };
+            match res {
+                Ok(mut resp) => {
+                    // What the client's hyper server writes (HTTP/2 ignores it).
+                    *resp.version_mut() = Version::HTTP_11;
+                    return Sent::Answer(resp, None);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) if !fresh => req = back,
+                    Some(back) => return Sent::Unsent(back, e.into_error().to_string()),
+                    None => {
+                        let err = e.into_error();
+                        return Sent::Failed(err.to_string(), err.is_timeout());
+                    }
+                },
+            }
+        }
+    }
+
     async fn send(&self, target: &Arc<Target>, mut req: Request<ReqBody>, upgrade: bool) -> Sent {
+        if target.h2 {
+            if upgrade {
+                return Sent::Failed("an upgrade cannot go to an HTTP/2 backend".into(), false);
+            }
+            return self.send_h2(target, req).await;
+        }
         // A pooled connection the backend has meanwhile closed gives the
         // request back unsent; then one fresh connection is tried.
         let mut pooled = if upgrade { None } else { take(target.id) };
@@ -494,6 +609,61 @@ fn hash_key<'a>(src: &KeySource, h: &'a HeaderMap, peer: IpAddr) -> Option<Key<'
 thread_local! {
     /// This thread's idle hyper client connections, by target id.
     static IDLE: RefCell<IdleMap<Sender>> = const { RefCell::new(IdleMap::new()) };
+    /// This thread's HTTP/2 connection to each h2c backend (multiplexed:
+    /// shared by its requests, replaced once closed).
+    static H2: RefCell<std::collections::HashMap<u64, H2Sender>> =
+        RefCell::new(std::collections::HashMap::new());
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<ReqBody>;
+
+/// The client asked for trailers (`te: trailers`), as gRPC clients do.
+#[derive(Clone, Copy)]
+struct TeTrailers;
+
+/// An HTTP/1.1-shaped request head made fit for HTTP/2: the host goes to
+/// `:authority` (from `Host`, else the backend's address), `te: trailers`
+/// is kept when the client sent it.
+fn to_h2(req: &mut Request<ReqBody>, target: &Target) {
+    let authority = req
+        .headers_mut()
+        .remove(header::HOST)
+        .and_then(|h| h.to_str().ok().map(str::to_string))
+        .unwrap_or_else(|| target.addr.to_string());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    if let Ok(uri) = Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()
+    {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_2;
+    if req.extensions().get::<TeTrailers>().is_some() {
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Opens an h2c (prior knowledge) connection to `target`.
+async fn connect_h2(target: &Target, timeout: Duration) -> Result<H2Sender, ConnectError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(target.addr))
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))??;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake::<_, ReqBody>(TokioIo::new(stream))
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 /// A pooled connection ready for a request, if one is.

@@ -173,6 +173,13 @@ pub async fn serve(
                             });
                         }
                     }
+                    Protocol::Http(h) if h.h2_backends => {
+                        let (h, stop) = (h.clone(), stop.clone());
+                        tokio::spawn(async move {
+                            h2::serve_any(h, client, peer.ip(), stop).await;
+                            drop(guard);
+                        });
+                    }
                     Protocol::Http(h) => {
                         // No wrapper future: what the task holds while the
                         // connection is idle is `serve`'s state alone.
@@ -206,6 +213,8 @@ pub struct HttpProxy {
     pub log: Option<Arc<access::AccessLog>>,
     /// `--tls-cert`: the listener speaks TLS.
     pub tls: Option<Arc<tls::Tls>>,
+    /// Some backend speaks HTTP/2: every client goes through hyper.
+    pub h2_backends: bool,
 }
 
 impl HttpProxy {
@@ -221,6 +230,7 @@ impl HttpProxy {
             key_source,
             log,
             tls: None,
+            h2_backends: false,
         }
     }
 

@@ -391,6 +391,9 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             Protocol::Http => {
                 let mut h = HttpProxy::new(sup.up.clone(), sup.s.http.clone(), access_log.clone());
                 h.tls = sup.tls.clone();
+                h.h2_backends = sup.s.workers_h2
+                    || sup.s.upstreams.iter().any(|u| u.h2)
+                    || sup.s.discovery.iter().any(|d| d.h2);
                 proxy::Protocol::Http(Arc::new(h))
             }
             Protocol::Tcp => proxy::Protocol::Tcp(Arc::new(TcpProxy {

@@ -64,12 +64,10 @@ impl Proc {
         };
         if t.addr != addr {
             let (name, label) = (t.backend.name().to_string(), t.label.clone());
-            self.target = Some(Arc::new(Target::new(
-                addr,
-                name,
-                label,
-                t.backend.config().clone(),
-            )));
+            let h2 = t.h2;
+            self.target = Some(Arc::new(
+                Target::new(addr, name, label, t.backend.config().clone()).speaking_h2(h2),
+            ));
         }
     }
 }
@@ -205,12 +203,15 @@ impl Supervisor {
         });
         let readiness = tokio::spawn(readiness(notify, self.probe(port), self.tx.clone(), epoch));
         let target = port.map(|p| {
-            Arc::new(Target::new(
-                SocketAddr::from((Ipv4Addr::LOCALHOST, p)),
-                format!("worker-{slot}"),
-                format!("worker {slot}"),
-                BackendConfig::default(),
-            ))
+            Arc::new(
+                Target::new(
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, p)),
+                    format!("worker-{slot}"),
+                    format!("worker {slot}"),
+                    BackendConfig::default(),
+                )
+                .speaking_h2(self.s.workers_h2),
+            )
         });
         self.procs.insert(
             epoch,

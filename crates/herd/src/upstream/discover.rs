@@ -23,7 +23,8 @@ pub const MIN_WAIT: Duration = Duration::from_secs(1);
 /// …and no later than this.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
-type Found = Vec<(SocketAddr, String, BackendConfig)>;
+/// Address, the name it was found under, its parameters, whether it speaks h2c.
+type Found = Vec<(SocketAddr, String, BackendConfig, bool)>;
 
 /// Resolves `lookups` until the master ends, publishing what they give.
 pub async fn run(up: Arc<Upstreams>, lookups: Vec<Discovery>, server: Option<SocketAddr>) {
@@ -124,7 +125,14 @@ async fn resolve(
         let until = ips.valid_until();
         let found = ips
             .iter()
-            .map(|ip| (SocketAddr::new(ip, port), l.name.clone(), l.config.clone()))
+            .map(|ip| {
+                (
+                    SocketAddr::new(ip, port),
+                    l.name.clone(),
+                    l.config.clone(),
+                    l.h2,
+                )
+            })
             .collect();
         return Ok((dedup(found), until));
     }
@@ -147,7 +155,12 @@ async fn resolve(
         cfg.weight = cfg.weight.max(1) * u32::from(s.weight().max(1));
         cfg.backup = cfg.backup || s.priority() > best;
         for ip in ips.iter() {
-            found.push((SocketAddr::new(ip, s.port()), l.name.clone(), cfg.clone()));
+            found.push((
+                SocketAddr::new(ip, s.port()),
+                l.name.clone(),
+                cfg.clone(),
+                l.h2,
+            ));
         }
     }
     Ok((dedup(found), until))

@@ -35,6 +35,8 @@ pub struct Target {
     /// Unique for the process's life: the proxy threads' idle connections
     /// to this target are filed under it.
     pub id: u64,
+    /// It speaks HTTP/2 with prior knowledge (h2c), not HTTP/1.1.
+    pub h2: bool,
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
     /// Requests (HTTP) or connections (TCP) it has been given.
@@ -53,11 +55,18 @@ impl Target {
             backend: Arc::new(Backend::new(name, cfg)),
             label,
             id: NEXT_ID.fetch_add(1, Relaxed),
+            h2: false,
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
             served: AtomicU64::new(0),
             answers: AnswerStats::default(),
         }
+    }
+
+    /// Marks it as an h2c backend (`,h2`, `--backend-protocol h2`).
+    pub fn speaking_h2(mut self, h2: bool) -> Target {
+        self.h2 = h2;
+        self
     }
 
     pub fn count_served(&self) {
@@ -248,12 +257,15 @@ impl Upstreams {
         let remote: Vec<Arc<Target>> = remote
             .iter()
             .map(|u| {
-                Arc::new(Target::new(
-                    u.addr,
-                    u.name.clone(),
-                    format!("upstream {}", u.name),
-                    u.config.clone(),
-                ))
+                Arc::new(
+                    Target::new(
+                        u.addr,
+                        u.name.clone(),
+                        format!("upstream {}", u.name),
+                        u.config.clone(),
+                    )
+                    .speaking_h2(u.h2),
+                )
             })
             .collect();
         let pool = Pool::new(&kind, remote.clone());
@@ -309,23 +321,29 @@ impl Upstreams {
     /// its address keeps its target (in-flight count, EWMA, health); one
     /// that went drains through the leases its requests hold. Returns how
     /// many came and went.
-    pub fn set_found(&self, found: Vec<(SocketAddr, String, BackendConfig)>) -> (usize, usize) {
+    pub fn set_found(
+        &self,
+        found: Vec<(SocketAddr, String, BackendConfig, bool)>,
+    ) -> (usize, usize) {
         let (came, went) = {
             let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
             let old = std::mem::take(&mut remote.found);
             let mut next = Vec::new();
-            for (addr, label, cfg) in found {
+            for (addr, label, cfg, h2) in found {
                 match old
                     .iter()
-                    .find(|t| t.addr == addr && *t.backend.config() == cfg)
+                    .find(|t| t.addr == addr && *t.backend.config() == cfg && t.h2 == h2)
                 {
                     Some(t) => next.push(t.clone()),
-                    None => next.push(Arc::new(Target::new(
-                        addr,
-                        addr.to_string(),
-                        format!("upstream {addr} ({label})"),
-                        cfg,
-                    ))),
+                    None => next.push(Arc::new(
+                        Target::new(
+                            addr,
+                            addr.to_string(),
+                            format!("upstream {addr} ({label})"),
+                            cfg,
+                        )
+                        .speaking_h2(h2),
+                    )),
                 }
             }
             let came = next
@@ -445,6 +463,9 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), String> {
         let Some(path) = &cfg.path else {
             return Ok(());
         };
+        if t.h2 {
+            return check_h2(s, t, path).await;
+        }
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: herd-health-check\r\nConnection: close\r\n\r\n",
             t.addr
@@ -475,6 +496,31 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), String> {
     tokio::time::timeout(cfg.timeout, work)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", cfg.timeout)))
+}
+
+/// `GET PATH` to an h2c backend.
+async fn check_h2(s: TcpStream, t: &Target, path: &str) -> Result<(), String> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(s))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(format!("http://{}{path}", t.addr))
+        .header(hyper::header::USER_AGENT, "herd-health-check")
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    let code = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("GET {path}: {e}"))?
+        .status()
+        .as_u16();
+    if (200..400).contains(&code) {
+        Ok(())
+    } else {
+        Err(format!("GET {path} answered {code}"))
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,248 @@
+//! HTTP/2 towards backends and gRPC through herd, with real servers and
+//! clients: Node's `http2` module as an h2c worker and upstream, curl over
+//! HTTP/1.1, h2c and TLS, Python's grpcio for unary and streaming calls
+//! (balanced per call, errors and deadlines, cancellation, reloads and
+//! stops during a stream), and raw HTTP/2 frames for a rapid-reset flood.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn example(p: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(p)
+        .display()
+        .to_string()
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn h2c_workers_and_upstreams_serve_http1_h2c_and_are_health_checked_over_http2() {
+    let js = example("node/h2.js");
+    let h = Herd::start(&["-i", "2", "--backend-protocol", "h2"], &["node", &js]);
+    h.wait_ready(2);
+    let url = format!("http://127.0.0.1:{}/", h.port);
+    // An HTTP/1.1 client and an h2c one; the worker is reached over HTTP/2.
+    let one = curl(&["--http1.1", &url]);
+    assert!(one.starts_with("HTTP/2.0 worker"), "{one}");
+    assert!(one.trim_end().ends_with(" http"), "{one}");
+    let two = curl(&["--http2-prior-knowledge", "-w", "%{http_version}", &url]);
+    assert!(
+        two.starts_with("HTTP/2.0 worker") && two.ends_with('2'),
+        "{two}"
+    );
+    // Each request is balanced on its own (round-robin: both workers).
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let (status, body) = h.get("/").unwrap();
+        assert_eq!(status, 200);
+        // (Chunked: the worker's answer had no length.)
+        seen.insert(body.contains("worker 0"));
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // An upstream marked h2, health-checked with GET over HTTP/2: a 404
+    // takes it out (an HTTP/1.1 check would get no answer at all).
+    let port = free_port();
+    let mut node = Command::new("node")
+        .arg(&js)
+        .env("PORT", port.to_string())
+        .env("HERD_WORKER_ID", "up")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(T, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        port
+    ))
+    .is_ok()));
+    let lb = Herd::start(
+        &[
+            &format!("--upstream=127.0.0.1:{port},h2"),
+            "--health-path",
+            "/missing",
+            "--health-interval",
+            "200ms",
+        ],
+        &[],
+    );
+    assert!(lb.wait_log("listening on", T), "{}", lb.log());
+    assert!(lb.wait_log("GET /missing answered 404", T), "{}", lb.log());
+    let lb2 = Herd::start(
+        &[
+            &format!("--upstream=127.0.0.1:{port},h2"),
+            "--health-path",
+            "/healthz",
+        ],
+        &[],
+    );
+    assert!(lb2.wait_log("listening on", T));
+    let body = curl(&[&format!("http://127.0.0.1:{}/", lb2.port)]);
+    assert!(body.starts_with("HTTP/2.0 worker up"), "{body}");
+    let _ = node.kill();
+    let _ = node.wait();
+}
+
+/// Runs examples/grpc/client.py against PORT; its JSON report.
+fn grpc_client(port: u16) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(example("grpc/client.py"))
+        .arg(format!("127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// One long server stream (N messages, 50 ms apart) in the background.
+fn long_stream(port: u16, n: usize) -> std::process::Child {
+    let mut c = Command::new("python3")
+        .arg(example("grpc/client.py"))
+        .args([format!("127.0.0.1:{port}"), "long".into(), n.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for "started": the call is on its way.
+    let mut first = [0u8; 8];
+    c.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"started\n");
+    c
+}
+
+fn stream_result(c: std::process::Child) -> String {
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn grpc_calls_are_balanced_per_call_with_trailers_deadlines_and_cancellation() {
+    let py = example("grpc/server.py");
+    let n = name("grpc");
+    let h = Herd::start(
+        &["--name", &n, "-i", "2", "--backend-protocol", "h2"],
+        &["python3", &py],
+    );
+    h.wait_ready(2);
+    let r = grpc_client(h.port);
+    // One channel (one HTTP/2 connection to herd), yet every call picks.
+    assert_eq!(r["unary"]["worker 0"], 10, "{r}");
+    assert_eq!(r["unary"]["worker 1"], 10, "{r}");
+    assert_eq!(
+        r["stream_lengths"],
+        serde_json::json!([5, 5, 5, 5, 5, 5]),
+        "{r}"
+    );
+    assert_eq!(r["stream_workers"]["worker 0"], 3, "{r}");
+    assert_eq!(
+        r["stream_mixed"], false,
+        "a stream stays on its worker: {r}"
+    );
+    // The status and message travel in the trailers, intact.
+    assert_eq!(
+        r["error"],
+        serde_json::json!(["NOT_FOUND", "no such thing"]),
+        "{r}"
+    );
+    assert_eq!(r["deadline"][0], "DEADLINE_EXCEEDED", "{r}");
+    assert!(r["deadline"][1].as_f64().unwrap() < 2.0, "{r}");
+    // The client's RST_STREAM reaches the worker: its stream stops.
+    assert_eq!(r["cancelled_after"], 2, "{r}");
+    assert!(h.wait_log("stream cancelled after", T), "{}", h.log());
+
+    // A reload during a stream: the stream finishes on its old worker.
+    let c = long_stream(h.port, 40);
+    let start = Instant::now();
+    ok(&herd(&["reload", "--name", &n]));
+    assert_eq!(stream_result(c), "40");
+    assert!(start.elapsed() > Duration::from_millis(1500));
+}
+
+#[test]
+fn a_stop_lets_an_http2_stream_finish() {
+    let py = example("grpc/server.py");
+    let n = name("grpc-stop");
+    let mut h = Herd::start(
+        &["--name", &n, "-i", "1", "--backend-protocol", "h2"],
+        &["python3", &py],
+    );
+    h.wait_ready(1);
+    let c = long_stream(h.port, 30);
+    h.signal("TERM");
+    assert_eq!(stream_result(c), "30");
+    assert_eq!(h.wait_exit(T).and_then(|s| s.code()), Some(0));
+}
+
+/// An HTTP/2 frame: length, type, flags, stream id, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn a_rapid_reset_flood_closes_that_connection_only() {
+    let js = example("node/h2.js");
+    let h = Herd::start(&["-i", "1", "--backend-protocol", "h2"], &["node", &js]);
+    h.wait_ready(1);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[])); // SETTINGS
+    // GET / (HPACK: :method GET, :scheme http, :path /, :authority a),
+    // reset at once, 5,000 times.
+    let block = [0x82, 0x86, 0x84, 0x41, 0x01, b'a'];
+    for i in 0..5000u32 {
+        let id = 2 * i + 1;
+        out.extend(frame(1, 0x4 | 0x1, id, &block)); // HEADERS, END_HEADERS|END_STREAM
+        out.extend(frame(3, 0, id, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    let _ = s.write_all(&out);
+    // herd answers with GOAWAY and closes this connection.
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let mut at = 0;
+    let mut goaway = false;
+    while at + 9 <= got.len() {
+        let len = (got[at] as usize) << 16 | (got[at + 1] as usize) << 8 | got[at + 2] as usize;
+        goaway |= got[at + 3] == 7;
+        at += 9 + len;
+    }
+    assert!(goaway, "no GOAWAY in {} bytes", got.len());
+    // Everyone else is served.
+    let body = curl(&[
+        "--http2-prior-knowledge",
+        &format!("http://127.0.0.1:{}/", h.port),
+    ]);
+    assert!(body.starts_with("HTTP/2.0 worker 0"), "{body}");
+}
