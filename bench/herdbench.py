@@ -599,6 +599,189 @@ def idle_lines():
     return out + [""]
 
 
+
+# ---------------------------------------------------------------- edge: TLS and HTTP/2
+
+EDGE_LOADS = [("https keep-alive", 64), ("https new connection", 16), ("h2 over TLS", 16)]
+
+
+def make_cert(d):
+    """A self-signed EC certificate for localhost: cert.pem, key.pem, both.pem (HAProxy)."""
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-days", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (d / "both.pem").write_text((d / "cert.pem").read_text() + (d / "key.pem").read_text())
+
+
+class EdgeSetup(Setup):
+    """TLS terminated by herd, nginx or HAProxy in front of two herd-demo backends."""
+
+    def start(self, workdir):
+        self.dir = Path(tempfile.mkdtemp(dir=workdir))
+        (self.dir / "ready").mkdir()
+        (self.dir / "count").mkdir()
+        make_cert(self.dir)
+        self.port = free_port()
+        env = {"BENCH_DIR": str(self.dir)}
+        cert, key = self.dir / "cert.pem", self.dir / "key.pem"
+        if self.kind == "herd-proxy":
+            master = self.spawn([str(HERD), "run", "--listen", f"127.0.0.1:{self.port}", "-i", str(WORKERS),
+                                 "--name", f"bench-edge-{os.getpid()}", "--health-interval", "0",
+                                 "--tls-cert", str(cert), "--tls-key", str(key), "--", str(DEMO)], env)
+            self.balancer = lambda: [master.pid]
+        else:
+            ports = [free_port() for _ in range(WORKERS)]
+            for bp in ports:
+                self.spawn([str(DEMO)], {**env, "PORT": str(bp)})
+            if self.kind == "nginx":
+                conf = self.dir / "nginx.conf"
+                up = "".join(f"server 127.0.0.1:{bp}; " for bp in ports)
+                conf.write_text(f"""worker_processes {os.cpu_count()};
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/nginx.err warn;
+daemon off;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  upstream backends {{ {up} keepalive 128; }}
+  # 1,000 by default: then each keep-alive (and HTTP/2) client would
+  # reconnect, with a full handshake, every 1,000 requests.
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{self.port} ssl http2 backlog=4096;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:10m;
+    location / {{
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+    }}
+  }}
+}}
+""")
+                master = self.spawn(["nginx", "-c", str(conf), "-p", str(self.dir)])
+                self.balancer = lambda: [master.pid, *children(master.pid)]
+            else:
+                cfg = self.dir / "haproxy.cfg"
+                servers = "".join(f"  server s{i} 127.0.0.1:{bp}\n" for i, bp in enumerate(ports))
+                cfg.write_text(f"""global
+  nbthread {os.cpu_count()}
+  maxconn 9900
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:{self.port} ssl crt {self.dir / "both.pem"} alpn h2,http/1.1
+  default_backend be
+backend be
+  balance roundrobin
+  http-reuse always
+{servers}""")
+                hp = self.spawn(["haproxy", "-f", str(cfg)])
+                self.balancer = lambda: [hp.pid]
+        wait_for(lambda: len(self.ready_pids()) >= WORKERS, 30, f"{self.name} workers")
+        wait_for(lambda: accepts(self.port), 30, f"{self.name} port")
+
+
+def h2load(port, conns, secs):
+    """h2load over TLS (ALPN h2), 10 streams per connection, for SECS seconds."""
+    out = subprocess.run(["h2load", "-c", str(conns), "-m", "10", "-t", "2", "-D", str(secs),
+                          f"https://localhost:{port}/"], capture_output=True, text=True, timeout=secs + 60).stdout
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    if not (done and rps):
+        raise RuntimeError(f"h2load said: {out[-500:]}")
+    return {"rps": float(rps.group(1)), "requests": int(done.group(2)),
+            "errors": int(done.group(3)) + int(done.group(4)), "p50": None, "p99": None, "p999": None}
+
+
+def edge(args):
+    ensure_tools()
+    for tool, pkg in (("h2load", "nghttp2-client"), ("openssl", "openssl")):
+        if not shutil.which(tool):
+            run(["apt-get", "install", "-y", "-qq", pkg], stdout=subprocess.DEVNULL)
+    work = Path(tempfile.mkdtemp(prefix="herd-edge-"))
+    setups = [EdgeSetup("herd proxy", "rust", "herd-proxy", herd=True), EdgeSetup("nginx", "rust", "nginx"),
+              EdgeSetup("haproxy", "rust", "haproxy")]
+    rows = []
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        autogroup = stack.enter_context(no_autogroup())
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        for r in range(args.rounds):
+            for s in setups:
+                log(f"round {r + 1}/{args.rounds}: {s.name} (TLS)")
+                s.start(work)
+                try:
+                    h2load(s.port, 4, 1)  # warm-up, unmeasured
+                    for load, conns in EDGE_LOADS:
+                        before = ticks(s.balancer())
+                        if load.startswith("h2"):
+                            res = h2load(s.port, conns, args.secs)
+                        else:
+                            res = wrk_tls(s.port, load, conns, args.secs)
+                        cpu = (ticks(s.balancer()) - before) / HZ / max(res["requests"], 1) * 1e5
+                        rows.append({"setup": s.name, "kind": s.kind, "load": load, "conns": conns, "round": r,
+                                     **res, "cpu_s_per_100k": cpu})
+                finally:
+                    s.stop()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {**machine(args, time.monotonic() - t0, autogroup), "rounds": args.rounds, "secs": args.secs}
+    (RESULTS / "edge.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report()
+
+
+def wrk_tls(port, load, conns, secs):
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{secs}s", "-s", str(WRK_LUA), f"https://localhost:{port}/"]
+    if load.endswith("new connection"):
+        cmd[1:1] = ["-H", "Connection: close"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = re.search(r"LAT (\d+) (\d+) (\d+) (\d+)", out)
+    err = re.search(r"ERR (\d+) (\d+) (\d+) (\d+) (\d+)", out)
+    return {"rps": rps, "p50": int(lat.group(1)), "p99": int(lat.group(2)), "p999": int(lat.group(3)),
+            "requests": int(lat.group(4)), "errors": sum(int(x) for x in err.groups())}
+
+
+def edge_lines():
+    f = RESULTS / "edge.json"
+    if not f.exists():
+        return []
+    data = json.loads(f.read_text())
+    m, rows = data["meta"], data["rows"]
+    out = ["## TLS and HTTP/2 at the edge", "",
+           f"Run {m['date']} with `bench/edge` ({m['rounds']} rounds of {m['secs']} s, interleaved): herd, nginx and "
+           "HAProxy each terminate TLS (a P-256 ECDSA certificate, TLS 1.3, ALPN h2 and http/1.1) in front of two "
+           "`herd-demo` backends spoken to over HTTP/1.1. Loads: `wrk -t2` over HTTPS with keep-alive (64 "
+           "connections) and with a new connection, so a full handshake, per request (16), and `h2load` over TLS "
+           "(16 connections, 10 streams each). Medians; **CPU** as above, the balancing processes' CPU seconds per "
+           "100k requests; **vs herd** divides the peer's figure by herd's.", "",
+           "| load | setup | req/s | vs herd | p99 ms | CPU s/100k | vs herd | errors |", "|---|---|---|---|---|---|---|---|"]
+    for load, _ in EDGE_LOADS:
+        by = {}
+        for r in rows:
+            if r["load"] == load:
+                by.setdefault(r["setup"], []).append(r)
+        h = by.get("herd proxy")
+        if not h:
+            continue
+        h_rps, h_cpu = med([r["rps"] for r in h]), med([r["cpu_s_per_100k"] for r in h])
+        for name, rs in by.items():
+            rps, cpu = med([r["rps"] for r in rs]), med([r["cpu_s_per_100k"] for r in rs])
+            p99 = [r["p99"] for r in rs if r["p99"] is not None]
+            herd = name == "herd proxy"
+            out.append(f"| {load} | {'**' + name + '**' if herd else name} | {rps:,.0f} | "
+                       f"{'–' if herd else f'{rps / h_rps:.2f}×'} | {f'{med(p99) / 1000:.2f}' if p99 else '–'} | {cpu:.2f} | "
+                       f"{'–' if herd else f'{cpu / h_cpu:.2f}×'} | {sum(r['errors'] for r in rs)} |")
+    return out + [""]
+
+
 def machine(args, took, autogroup):
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -895,6 +1078,7 @@ def report():
             doc += ["![chaos](bench-chaos.png)", ""]
     doc += idle_lines()
     doc += syscall_lines()
+    doc += edge_lines()
     doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 5 minutes, plus the first build)",
             "bench/idle     # memory per idle client connection (about 2 minutes)",
             "bench/syscalls # syscalls per request under strace (about 1 minute)",
@@ -1071,6 +1255,9 @@ def main():
     i.add_argument("--secs", type=int, default=3)
     y = sub.add_parser("syscalls")
     y.add_argument("--secs", type=int, default=3)
+    e = sub.add_parser("edge")
+    e.add_argument("--rounds", type=int, default=3)
+    e.add_argument("--secs", type=int, default=3)
     sub.add_parser("report")
     args = ap.parse_args()
     if args.cmd == "run":
@@ -1081,6 +1268,8 @@ def main():
         idle(args)
     elif args.cmd == "syscalls":
         syscalls(args)
+    elif args.cmd == "edge":
+        edge(args)
     else:
         report()
 
