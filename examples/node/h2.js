@@ -3,7 +3,7 @@
 // scheme herd says the client used.
 const http2 = require('node:http2');
 
-const server = http2.createServer((req, res) => {
+const handler = (req, res) => {
   if (req.url === '/healthz') return res.end('ok\n');
   if (req.url === '/missing') {
     res.statusCode = 404;
@@ -11,5 +11,11 @@ const server = http2.createServer((req, res) => {
   }
   res.setHeader('content-type', 'text/plain');
   res.end(`HTTP/${req.httpVersion} worker ${process.env.HERD_WORKER_ID} ${req.headers['x-forwarded-proto']}\n`);
-});
+};
+// With TLS_CERT and TLS_KEY (PEM files): h2 over TLS only, as a remote
+// upstream `ADDR,h2,tls` would be.
+const fs = require('node:fs');
+const server = process.env.TLS_CERT
+  ? http2.createSecureServer({ cert: fs.readFileSync(process.env.TLS_CERT), key: fs.readFileSync(process.env.TLS_KEY) }, handler)
+  : http2.createServer(handler);
 server.listen(Number(process.env.PORT || 8000), '127.0.0.1');

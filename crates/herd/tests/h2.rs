@@ -246,3 +246,73 @@ fn a_rapid_reset_flood_closes_that_connection_only() {
     ]);
     assert!(body.starts_with("HTTP/2.0 worker 0"), "{body}");
 }
+
+#[test]
+fn upstreams_over_tls_get_h2_or_http1_by_alpn_and_their_certificates_checked() {
+    let pki = Pki::new("upstream");
+    let (cert, key) = pki.leaf("localhost");
+    // An h2-over-TLS upstream: Node's secure HTTP/2 server (no HTTP/1.1).
+    let port = free_port();
+    let js = example("node/h2.js");
+    let mut node = Command::new("node")
+        .arg(&js)
+        .env("PORT", port.to_string())
+        .env("HERD_WORKER_ID", "tls")
+        .env("TLS_CERT", &cert)
+        .env("TLS_KEY", &key)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(T, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        port
+    ))
+    .is_ok()));
+    let ca = pki.path("ca.crt");
+    let lb = Herd::start(
+        &[
+            &format!("--upstream=localhost:{port},h2,tls"),
+            "--upstream-ca",
+            s(&ca),
+        ],
+        &[],
+    );
+    assert!(lb.wait_log("listening on", T), "{}", lb.log());
+    let body = curl(&["--http1.1", &format!("http://127.0.0.1:{}/", lb.port)]);
+    assert!(body.starts_with("HTTP/2.0 worker tls"), "{body}");
+    // HTTP/1.1 over TLS: herd itself as the TLS backend, in front of the demo.
+    let backend = Herd::start(
+        &["-i", "1", "--tls-cert", s(&cert), "--tls-key", s(&key)],
+        &[DEMO],
+    );
+    backend.wait_ready(1);
+    let lb1 = Herd::start(
+        &[
+            &format!("--upstream=localhost:{},tls", backend.port),
+            "--upstream-ca",
+            s(&ca),
+        ],
+        &[],
+    );
+    assert!(lb1.wait_log("listening on", T));
+    let (status, body) = lb1.get("/headers").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("HTTP/1.1"), "{body}");
+    // The backend herd terminated TLS: it told the demo so.
+    assert!(body.contains("x-forwarded-proto: https"), "{body}");
+    // A certificate from another CA is refused: the client gets a 502.
+    let other = Pki::new("other");
+    let lb2 = Herd::start(
+        &[
+            &format!("--upstream=localhost:{},tls", backend.port),
+            "--upstream-ca",
+            s(&other.path("ca.crt")),
+        ],
+        &[],
+    );
+    assert!(lb2.wait_log("listening on", T));
+    let (status, _) = lb2.get("/").unwrap();
+    assert_eq!(status, 502);
+    let _ = node.kill();
+    let _ = node.wait();
+}

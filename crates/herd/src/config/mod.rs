@@ -485,6 +485,10 @@ options! {
     /// With TLS: also listen on ADDR (or PORT) for plain HTTP and answer 301 to https://.
     #[arg(long, value_name = "ADDR")]
     redirect_http: Option<ListenAddr>,
+    /// CA certificates (PEM) that upstreams marked `tls` are checked against
+    /// [default: the system's].
+    #[arg(long, value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
     /// What the workers speak on their port: `h1` (HTTP/1.1) or `h2` (HTTP/2 with
     /// prior knowledge, h2c) [default: h1].
     #[arg(long, value_enum, value_name = "PROTOCOL")]
@@ -666,6 +670,8 @@ pub struct Settings {
     pub tls: Option<TlsConfig>,
     /// `--backend-protocol h2`: workers speak h2c.
     pub workers_h2: bool,
+    /// `--upstream-ca`, absolute.
+    pub upstream_ca: Option<PathBuf>,
     pub health: HealthConfig,
     pub http: HttpConfig,
     pub connect_timeout: Duration,
@@ -700,8 +706,10 @@ pub struct UpstreamSpec {
     pub name: String,
     pub addr: SocketAddr,
     pub config: BackendConfig,
-    /// `,h2`: it speaks HTTP/2 (h2c, prior knowledge).
+    /// `,h2`: it speaks HTTP/2 (h2c, prior knowledge; over TLS, by ALPN).
     pub h2: bool,
+    /// `,tls`: herd speaks TLS to it.
+    pub tls: bool,
 }
 
 /// One DNS lookup whose answers are backends (`--upstream-dns`,
@@ -715,6 +723,8 @@ pub struct Discovery {
     pub config: BackendConfig,
     /// `,h2`: the backends it gives speak HTTP/2 (h2c).
     pub h2: bool,
+    /// `,tls`: herd speaks TLS to them (checked against NAME).
+    pub tls: bool,
 }
 
 impl FromStr for Discovery {
@@ -730,22 +740,22 @@ impl FromStr for Discovery {
         if name.is_empty() {
             return Err(format!("{head:?}: no name"));
         }
-        let (config, h2) = backend_params(rest)?;
+        let p = backend_params(rest)?;
         Ok(Discovery {
             name: name.to_string(),
             port: Some(port),
-            config,
-            h2,
+            config: p.config,
+            h2: p.h2,
+            tls: p.tls,
         })
     }
 }
 
-/// `weight=N,max_fails=N,…,h2` as an `--upstream` reads them.
-fn backend_params(list: &str) -> Result<(BackendConfig, bool), String> {
-    let u = format!("127.0.0.1:1,{list}")
+/// `weight=N,max_fails=N,…,h2,tls` as an `--upstream` reads them.
+fn backend_params(list: &str) -> Result<UpstreamSpec, String> {
+    format!("127.0.0.1:1,{list}")
         .trim_end_matches(',')
-        .parse::<UpstreamSpec>()?;
-    Ok((u.config, u.h2))
+        .parse::<UpstreamSpec>()
 }
 
 impl TryFrom<String> for Discovery {
@@ -774,7 +784,7 @@ impl FromStr for UpstreamSpec {
             .next()
             .ok_or_else(|| format!("{name:?} resolves to no address"))?;
         let mut config = BackendConfig::default();
-        let mut h2 = false;
+        let (mut h2, mut tls) = (false, false);
         for p in parts {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             let num = || {
@@ -795,9 +805,10 @@ impl FromStr for UpstreamSpec {
                 }
                 "backup" if v.is_empty() => config.backup = true,
                 "h2" if v.is_empty() => h2 = true,
+                "tls" if v.is_empty() => tls = true,
                 _ => {
                     return Err(format!(
-                        "unknown upstream parameter {p:?} (weight=N, max_fails=N, fail_timeout=DUR, backup, h2)"
+                        "unknown upstream parameter {p:?} (weight=N, max_fails=N, fail_timeout=DUR, backup, h2, tls)"
                     ));
                 }
             }
@@ -807,6 +818,7 @@ impl FromStr for UpstreamSpec {
             addr,
             config,
             h2,
+            tls,
         })
     }
 }
@@ -951,13 +963,13 @@ impl Settings {
             if !name.starts_with('_') {
                 return Err(ConfigError::BadSrv(srv.clone()));
             }
-            let (config, h2) =
-                backend_params(rest).map_err(|e| ConfigError::BadSrv(format!("{srv}: {e}")))?;
+            let p = backend_params(rest).map_err(|e| ConfigError::BadSrv(format!("{srv}: {e}")))?;
             discovery.push(Discovery {
                 name: name.to_string(),
                 port: None,
-                config,
-                h2,
+                config: p.config,
+                h2: p.h2,
+                tls: p.tls,
             });
         }
         let resolver = match o.resolver {
@@ -1156,6 +1168,7 @@ impl Settings {
             redis,
             tls,
             workers_h2,
+            upstream_ca: o.upstream_ca.map(|p| std::path::absolute(&p).unwrap_or(p)),
             health,
             http,
             connect_timeout,

@@ -322,7 +322,7 @@ impl HttpProxy {
                 Some(s) if !s.is_closed() => s,
                 _ => {
                     fresh = true;
-                    match connect_h2(target, self.cfg.connect_timeout).await {
+                    match connect_h2(target, self.cfg.connect_timeout, &self.client_tls).await {
                         Ok(s) => s,
                         Err(e) => return Sent::Unsent(req, e.to_string()),
                     }
@@ -377,7 +377,9 @@ impl HttpProxy {
             let from_pool = pooled.is_some();
             let mut sender = match pooled.take() {
                 Some(s) => s,
-                None => match connect(target, self.cfg.connect_timeout, upgrade).await {
+                None => match connect(target, self.cfg.connect_timeout, upgrade, &self.client_tls)
+                    .await
+                {
                     Ok(s) => s,
                     Err(e) => return Sent::Unsent(req, e.to_string()),
                 },
@@ -650,12 +652,13 @@ fn to_h2(req: &mut Request<ReqBody>, target: &Target) {
     }
 }
 
-/// Opens an h2c (prior knowledge) connection to `target`.
-async fn connect_h2(target: &Target, timeout: Duration) -> Result<H2Sender, ConnectError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(target.addr))
-        .await
-        .map_err(|_| ConnectError::Timeout(timeout))??;
-    let _ = stream.set_nodelay(true);
+/// Opens an HTTP/2 connection to `target` (h2c, or h2 over TLS).
+async fn connect_h2(
+    target: &Target,
+    timeout: Duration,
+    tls: &ClientTls,
+) -> Result<H2Sender, ConnectError> {
+    let stream = open(target, timeout, tls).await?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .handshake::<_, ReqBody>(TokioIo::new(stream))
@@ -697,17 +700,136 @@ pub enum ConnectError {
     Handshake(#[from] hyper::Error),
 }
 
+/// A connection to a backend: plain, or TLS for one marked `tls`.
+enum Wire {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Wire::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Wire::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_flush(cx),
+            Wire::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Wire::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Connects to `target`, with TLS if it is marked `tls` (ALPN: `h2` for
+/// an h2 backend, else `http/1.1`).
+async fn open(target: &Target, timeout: Duration, tls: &ClientTls) -> Result<Wire, ConnectError> {
+    let work = async {
+        let stream = TcpStream::connect(target.addr).await?;
+        let _ = stream.set_nodelay(true);
+        let Some(name) = &target.tls else {
+            return Ok(Wire::Plain(stream));
+        };
+        let cfg = if target.h2 { &tls.h2 } else { &tls.h1 };
+        let name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|e| std::io::Error::other(format!("TLS name {name:?}: {e}")))?;
+        let s = tokio_rustls::TlsConnector::from(cfg.clone())
+            .connect(name, stream)
+            .await?;
+        Ok(Wire::Tls(Box::new(s)))
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))?
+}
+
+/// The TLS client settings for backends marked `tls`: the roots their
+/// certificates must chain to (`--upstream-ca`, else the system's), and
+/// ALPN for each protocol.
+pub struct ClientTls {
+    h1: Arc<rustls::ClientConfig>,
+    h2: Arc<rustls::ClientConfig>,
+}
+
+impl ClientTls {
+    /// `system`: load the system's roots (only when some backend is `tls`
+    /// and no `--upstream-ca` is given).
+    pub fn new(ca: Option<&std::path::Path>, system: bool) -> Result<ClientTls, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(path) => {
+                for c in CertificateDer::pem_file_iter(path)
+                    .map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?
+                {
+                    let c = c.map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+                }
+                if roots.is_empty() {
+                    return Err(format!("--upstream-ca {}: no certificate", path.display()));
+                }
+            }
+            None if system => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+            }
+            None => {}
+        }
+        let make = |alpn: &[u8]| -> Result<Arc<rustls::ClientConfig>, String> {
+            let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+            c.alpn_protocols = vec![alpn.to_vec()];
+            Ok(Arc::new(c))
+        };
+        Ok(ClientTls {
+            h1: make(b"http/1.1")?,
+            h2: make(b"h2")?,
+        })
+    }
+}
+
 /// Opens an HTTP/1.1 connection to `target`; `upgrades` keeps it usable for
 /// a `101 Switching Protocols` tunnel.
 async fn connect(
     target: &Target,
     timeout: Duration,
     upgrades: bool,
+    tls: &ClientTls,
 ) -> Result<Sender, ConnectError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(target.addr))
-        .await
-        .map_err(|_| ConnectError::Timeout(timeout))??;
-    let _ = stream.set_nodelay(true);
+    let stream = open(target, timeout, tls).await?;
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .writev(false)
         .handshake::<_, ReqBody>(TokioIo::new(stream))

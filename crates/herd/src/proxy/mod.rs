@@ -9,7 +9,7 @@ mod chunked;
 mod conns;
 mod deadline;
 mod h1;
-mod h2;
+pub mod h2;
 pub mod head;
 #[cfg(test)]
 mod props;
@@ -213,8 +213,10 @@ pub struct HttpProxy {
     pub log: Option<Arc<access::AccessLog>>,
     /// `--tls-cert`: the listener speaks TLS.
     pub tls: Option<Arc<tls::Tls>>,
-    /// Some backend speaks HTTP/2: every client goes through hyper.
+    /// Some backend speaks HTTP/2 or TLS: every client goes through hyper.
     pub h2_backends: bool,
+    /// For backends marked `tls`.
+    pub client_tls: h2::ClientTls,
 }
 
 impl HttpProxy {
@@ -222,9 +224,11 @@ impl HttpProxy {
         up: Arc<Upstreams>,
         cfg: HttpConfig,
         log: Option<Arc<access::AccessLog>>,
+        client_tls: h2::ClientTls,
     ) -> HttpProxy {
         let key_source = up.kind().key_source();
         HttpProxy {
+            client_tls,
             up,
             cfg,
             key_source,

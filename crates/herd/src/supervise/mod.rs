@@ -52,6 +52,8 @@ pub enum SuperviseError {
     Listen(#[from] ListenError),
     #[error(transparent)]
     Tls(#[from] crate::proxy::tls::TlsError),
+    #[error("{0}")]
+    UpstreamTls(String),
     #[error("--redirect-http {addr}: {source}")]
     Redirect {
         addr: std::net::SocketAddr,
@@ -389,11 +391,24 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         }
         let proto = match sup.s.protocol {
             Protocol::Http => {
-                let mut h = HttpProxy::new(sup.up.clone(), sup.s.http.clone(), access_log.clone());
+                let s = &sup.s;
+                let tls_up = s.upstreams.iter().any(|u| u.tls) || s.discovery.iter().any(|d| d.tls);
+                let client_tls = proxy::h2::ClientTls::new(
+                    s.upstream_ca.as_deref(),
+                    tls_up && s.upstream_ca.is_none(),
+                )
+                .map_err(SuperviseError::UpstreamTls)?;
+                let mut h = HttpProxy::new(
+                    sup.up.clone(),
+                    s.http.clone(),
+                    access_log.clone(),
+                    client_tls,
+                );
                 h.tls = sup.tls.clone();
-                h.h2_backends = sup.s.workers_h2
-                    || sup.s.upstreams.iter().any(|u| u.h2)
-                    || sup.s.discovery.iter().any(|d| d.h2);
+                h.h2_backends = s.workers_h2
+                    || tls_up
+                    || s.upstreams.iter().any(|u| u.h2)
+                    || s.discovery.iter().any(|d| d.h2);
                 proxy::Protocol::Http(Arc::new(h))
             }
             Protocol::Tcp => proxy::Protocol::Tcp(Arc::new(TcpProxy {

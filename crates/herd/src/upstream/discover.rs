@@ -14,7 +14,7 @@ use hickory_resolver::Resolver;
 use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig};
 use hickory_resolver::name_server::TokioConnectionProvider;
 
-use super::Upstreams;
+use super::{Dialect, Upstreams};
 use crate::config::Discovery;
 use herd_balance::BackendConfig;
 
@@ -23,8 +23,8 @@ pub const MIN_WAIT: Duration = Duration::from_secs(1);
 /// …and no later than this.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
-/// Address, the name it was found under, its parameters, whether it speaks h2c.
-type Found = Vec<(SocketAddr, String, BackendConfig, bool)>;
+/// Address, the name it was found under, its parameters, how to speak to it.
+type Found = Vec<(SocketAddr, String, BackendConfig, Dialect)>;
 
 /// Resolves `lookups` until the master ends, publishing what they give.
 pub async fn run(up: Arc<Upstreams>, lookups: Vec<Discovery>, server: Option<SocketAddr>) {
@@ -130,7 +130,7 @@ async fn resolve(
                     SocketAddr::new(ip, port),
                     l.name.clone(),
                     l.config.clone(),
-                    l.h2,
+                    Dialect::of(l, &l.name),
                 )
             })
             .collect();
@@ -159,7 +159,7 @@ async fn resolve(
                 SocketAddr::new(ip, s.port()),
                 l.name.clone(),
                 cfg.clone(),
-                l.h2,
+                Dialect::of(l, target.trim_end_matches('.')),
             ));
         }
     }

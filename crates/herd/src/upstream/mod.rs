@@ -35,8 +35,10 @@ pub struct Target {
     /// Unique for the process's life: the proxy threads' idle connections
     /// to this target are filed under it.
     pub id: u64,
-    /// It speaks HTTP/2 with prior knowledge (h2c), not HTTP/1.1.
+    /// It speaks HTTP/2 (h2c, or h2 by ALPN over TLS), not HTTP/1.1.
     pub h2: bool,
+    /// `Some(name)`: herd speaks TLS to it, checking its certificate for `name`.
+    pub tls: Option<String>,
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
     /// Requests (HTTP) or connections (TCP) it has been given.
@@ -56,6 +58,7 @@ impl Target {
             label,
             id: NEXT_ID.fetch_add(1, Relaxed),
             h2: false,
+            tls: None,
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
             served: AtomicU64::new(0),
@@ -66,6 +69,13 @@ impl Target {
     /// Marks it as an h2c backend (`,h2`, `--backend-protocol h2`).
     pub fn speaking_h2(mut self, h2: bool) -> Target {
         self.h2 = h2;
+        self
+    }
+
+    /// How herd speaks to it (`,h2`, `,tls`).
+    pub fn speaking(mut self, d: Dialect) -> Target {
+        self.h2 = d.h2;
+        self.tls = d.tls;
         self
     }
 
@@ -252,6 +262,36 @@ pub struct Upstreams {
     epoch: Instant,
 }
 
+/// How herd speaks to a remote backend: HTTP/2 or not, TLS (and the name
+/// its certificate must hold) or not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dialect {
+    pub h2: bool,
+    pub tls: Option<String>,
+}
+
+impl Dialect {
+    /// A discovered backend's, its certificate checked for `name`.
+    pub fn of(l: &crate::config::Discovery, name: &str) -> Dialect {
+        Dialect {
+            h2: l.h2,
+            tls: l.tls.then(|| name.to_string()),
+        }
+    }
+
+    /// An `--upstream`'s: the name is its host, without the port.
+    fn of_spec(u: &UpstreamSpec) -> Dialect {
+        let host = match u.name.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+            None => u.name.as_str(),
+        };
+        Dialect {
+            h2: u.h2,
+            tls: u.tls.then(|| host.to_string()),
+        }
+    }
+}
+
 impl Upstreams {
     pub fn new(kind: StrategyKind, remote: &[UpstreamSpec]) -> Upstreams {
         let remote: Vec<Arc<Target>> = remote
@@ -264,7 +304,7 @@ impl Upstreams {
                         format!("upstream {}", u.name),
                         u.config.clone(),
                     )
-                    .speaking_h2(u.h2),
+                    .speaking(Dialect::of_spec(u)),
                 )
             })
             .collect();
@@ -323,17 +363,16 @@ impl Upstreams {
     /// many came and went.
     pub fn set_found(
         &self,
-        found: Vec<(SocketAddr, String, BackendConfig, bool)>,
+        found: Vec<(SocketAddr, String, BackendConfig, Dialect)>,
     ) -> (usize, usize) {
         let (came, went) = {
             let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
             let old = std::mem::take(&mut remote.found);
             let mut next = Vec::new();
-            for (addr, label, cfg, h2) in found {
-                match old
-                    .iter()
-                    .find(|t| t.addr == addr && *t.backend.config() == cfg && t.h2 == h2)
-                {
+            for (addr, label, cfg, d) in found {
+                match old.iter().find(|t| {
+                    t.addr == addr && *t.backend.config() == cfg && t.h2 == d.h2 && t.tls == d.tls
+                }) {
                     Some(t) => next.push(t.clone()),
                     None => next.push(Arc::new(
                         Target::new(
@@ -342,7 +381,7 @@ impl Upstreams {
                             format!("upstream {addr} ({label})"),
                             cfg,
                         )
-                        .speaking_h2(h2),
+                        .speaking(d),
                     )),
                 }
             }
@@ -463,6 +502,10 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), String> {
         let Some(path) = &cfg.path else {
             return Ok(());
         };
+        if t.tls.is_some() {
+            // (A TLS backend's check is the connect; `--health-path` is not sent.)
+            return Ok(());
+        }
         if t.h2 {
             return check_h2(s, t, path).await;
         }
