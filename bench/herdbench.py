@@ -181,6 +181,62 @@ def children(pid):
 
 # ---------------------------------------------------------------- setups
 
+def nginx_conf(d, port, ports, tls=None):
+    """nginx in front of PORTS (upstream keepalive); with TLS=(cert, key) it terminates TLS and HTTP/2."""
+    up = "".join(f"server 127.0.0.1:{bp}; " for bp in ports)
+    listen = f"listen 127.0.0.1:{port} backlog=4096;"
+    if tls:
+        # keepalive_requests is 1,000 by default: each keep-alive (and HTTP/2)
+        # client would reconnect, with a full handshake, every 1,000 requests.
+        listen = (f"listen 127.0.0.1:{port} ssl http2 backlog=4096;\n    ssl_certificate {tls[0]};\n"
+                  f"    ssl_certificate_key {tls[1]};\n    ssl_protocols TLSv1.2 TLSv1.3;\n"
+                  "    ssl_session_cache shared:SSL:10m;\n    keepalive_requests 1000000;")
+    conf = d / "nginx.conf"
+    conf.write_text(f"""worker_processes {os.cpu_count()};
+pid {d}/nginx.pid;
+error_log {d}/nginx.err warn;
+daemon off;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  upstream backends {{ {up} keepalive 128; }}
+  server {{
+    {listen}
+    location / {{
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+    }}
+  }}
+}}
+""")
+    return conf
+
+
+def haproxy_cfg(d, port, ports, tls_pem=None):
+    """HAProxy in front of PORTS (http-reuse always); with TLS_PEM it terminates TLS (ALPN h2, http/1.1)."""
+    servers = "".join(f"  server s{i} 127.0.0.1:{bp}\n" for i, bp in enumerate(ports))
+    bind = f"127.0.0.1:{port}" + (f" ssl crt {tls_pem} alpn h2,http/1.1" if tls_pem else "")
+    cfg = d / "haproxy.cfg"
+    cfg.write_text(f"""global
+  nbthread {os.cpu_count()}
+  maxconn 9900
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind {bind}
+  default_backend be
+backend be
+  balance roundrobin
+  http-reuse always
+{servers}""")
+    return cfg
+
+
 class Setup:
     """One way of running WORKERS copies of an app behind one port."""
 
@@ -215,47 +271,11 @@ class Setup:
             for bp in ports:
                 self.spawn(self.app_cmd(), {**env, "PORT": str(bp)})
             if k == "nginx":
-                conf = self.dir / "nginx.conf"
-                up = "".join(f"server 127.0.0.1:{bp}; " for bp in ports)
-                conf.write_text(f"""worker_processes {os.cpu_count()};
-pid {self.dir}/nginx.pid;
-error_log {self.dir}/nginx.err warn;
-daemon off;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off;
-  upstream backends {{ {up} keepalive 128; }}
-  server {{
-    listen 127.0.0.1:{self.port} backlog=4096;
-    location / {{
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-    }}
-  }}
-}}
-""")
+                conf = nginx_conf(self.dir, self.port, ports)
                 master = self.spawn(["nginx", "-c", str(conf), "-p", str(self.dir)])
                 self.balancer = lambda: [master.pid, *children(master.pid)]
             else:
-                cfg = self.dir / "haproxy.cfg"
-                servers = "".join(f"  server s{i} 127.0.0.1:{bp}\n" for i, bp in enumerate(ports))
-                cfg.write_text(f"""global
-  nbthread {os.cpu_count()}
-  maxconn 9900
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend fe
-  bind 127.0.0.1:{self.port}
-  default_backend be
-backend be
-  balance roundrobin
-  http-reuse always
-{servers}""")
+                cfg = haproxy_cfg(self.dir, self.port, ports)
                 hp = self.spawn(["haproxy", "-f", str(cfg)])
                 self.balancer = lambda: [hp.pid]
         elif k.startswith("herd-"):
@@ -635,54 +655,11 @@ class EdgeSetup(Setup):
             for bp in ports:
                 self.spawn([str(DEMO)], {**env, "PORT": str(bp)})
             if self.kind == "nginx":
-                conf = self.dir / "nginx.conf"
-                up = "".join(f"server 127.0.0.1:{bp}; " for bp in ports)
-                conf.write_text(f"""worker_processes {os.cpu_count()};
-pid {self.dir}/nginx.pid;
-error_log {self.dir}/nginx.err warn;
-daemon off;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off;
-  upstream backends {{ {up} keepalive 128; }}
-  # 1,000 by default: then each keep-alive (and HTTP/2) client would
-  # reconnect, with a full handshake, every 1,000 requests.
-  keepalive_requests 1000000;
-  server {{
-    listen 127.0.0.1:{self.port} ssl http2 backlog=4096;
-    ssl_certificate {cert};
-    ssl_certificate_key {key};
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_session_cache shared:SSL:10m;
-    location / {{
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-    }}
-  }}
-}}
-""")
+                conf = nginx_conf(self.dir, self.port, ports, tls=(cert, key))
                 master = self.spawn(["nginx", "-c", str(conf), "-p", str(self.dir)])
                 self.balancer = lambda: [master.pid, *children(master.pid)]
             else:
-                cfg = self.dir / "haproxy.cfg"
-                servers = "".join(f"  server s{i} 127.0.0.1:{bp}\n" for i, bp in enumerate(ports))
-                cfg.write_text(f"""global
-  nbthread {os.cpu_count()}
-  maxconn 9900
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend fe
-  bind 127.0.0.1:{self.port} ssl crt {self.dir / "both.pem"} alpn h2,http/1.1
-  default_backend be
-backend be
-  balance roundrobin
-  http-reuse always
-{servers}""")
+                cfg = haproxy_cfg(self.dir, self.port, ports, tls_pem=self.dir / "both.pem")
                 hp = self.spawn(["haproxy", "-f", str(cfg)])
                 self.balancer = lambda: [hp.pid]
         wait_for(lambda: len(self.ready_pids()) >= WORKERS, 30, f"{self.name} workers")

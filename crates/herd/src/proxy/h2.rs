@@ -51,14 +51,7 @@ pub async fn serve(
         async move { Ok::<_, std::convert::Infallible>(me.handle_h2(req, peer, false).await) }
     });
     let conn = http2_server(&p).serve_connection(io, svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
+    serve_gracefully!(conn, stop);
 }
 
 /// Serves a plain connection through hyper, HTTP/1.1 or h2c by its first
@@ -82,14 +75,7 @@ pub async fn serve_any(p: Arc<HttpProxy>, io: TcpStream, peer: IpAddr, stop: Can
         .max_header_list_size(p.cfg.limits.max_head as u32)
         .max_pending_accept_reset_streams(Some(32));
     let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
+    serve_gracefully!(conn, stop);
 }
 
 /// Streams one HTTP/2 client may have open at once.
@@ -311,6 +297,18 @@ impl HttpProxy {
         error(last.0, last.1)
     }
 
+    /// Awaits a backend's answer head for at most `--response-timeout`.
+    async fn head_within<T>(&self, sending: impl Future<Output = T>) -> Result<T, Sent> {
+        tokio::time::timeout(self.cfg.response_timeout, sending)
+            .await
+            .map_err(|_| {
+                Sent::Failed(
+                    format!("no response within {:?}", self.cfg.response_timeout),
+                    true,
+                )
+            })
+    }
+
     /// To an h2c backend: on this thread's connection to it, or a new one
     /// (once more if the pooled one turns out closed).
     async fn send_h2(&self, target: &Arc<Target>, mut req: Request<ReqBody>) -> Sent {
@@ -336,14 +334,9 @@ impl HttpProxy {
             }
             let sending = sender.try_send_request(req);
             H2.with(|m| m.borrow_mut().insert(target.id, sender));
-            let res = match tokio::time::timeout(self.cfg.response_timeout, sending).await {
+            let res = match self.head_within(sending).await {
                 Ok(r) => r,
-                Err(_) => {
-                    return Sent::Failed(
-                        format!("no response within {:?}", self.cfg.response_timeout),
-                        true,
-                    );
-                }
+                Err(timed_out) => return timed_out,
             };
             match res {
                 Ok(mut resp) => {
@@ -351,13 +344,9 @@ impl HttpProxy {
                     *resp.version_mut() = Version::HTTP_11;
                     return Sent::Answer(resp, None);
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(back) if !fresh => req = back,
-                    Some(back) => return Sent::Unsent(back, e.into_error().to_string()),
-                    None => {
-                        let err = e.into_error();
-                        return Sent::Failed(err.to_string(), err.is_timeout());
-                    }
+                Err(e) => match unsent_or_failed(e, !fresh) {
+                    Next::Again(back) => req = back,
+                    Next::Give(outcome) => return outcome,
                 },
             }
         }
@@ -385,14 +374,9 @@ impl HttpProxy {
                 },
             };
             let sending = sender.try_send_request(req);
-            let res = match tokio::time::timeout(self.cfg.response_timeout, sending).await {
+            let res = match self.head_within(sending).await {
                 Ok(r) => r,
-                Err(_) => {
-                    return Sent::Failed(
-                        format!("no response within {:?}", self.cfg.response_timeout),
-                        true,
-                    );
-                }
+                Err(timed_out) => return timed_out,
             };
             match res {
                 Ok(resp) => {
@@ -403,15 +387,33 @@ impl HttpProxy {
                     }
                     return Sent::Answer(resp, reusable.then_some(sender));
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(back) if from_pool => req = back,
-                    Some(back) => return Sent::Unsent(back, e.into_error().to_string()),
-                    None => {
-                        let err = e.into_error();
-                        return Sent::Failed(err.to_string(), err.is_timeout());
-                    }
+                Err(e) => match unsent_or_failed(e, from_pool) {
+                    Next::Again(back) => req = back,
+                    Next::Give(outcome) => return outcome,
                 },
             }
+        }
+    }
+}
+
+/// What follows a send that failed.
+enum Next {
+    /// It never left, and one more try on a fresh connection is allowed.
+    Again(Request<ReqBody>),
+    Give(Sent),
+}
+
+/// A failed send: `retry` allows one more try of a request that never left.
+fn unsent_or_failed(
+    mut e: hyper::client::conn::TrySendError<Request<ReqBody>>,
+    retry: bool,
+) -> Next {
+    match e.take_message() {
+        Some(back) if retry => Next::Again(back),
+        Some(back) => Next::Give(Sent::Unsent(back, e.into_error().to_string())),
+        None => {
+            let err = e.into_error();
+            Next::Give(Sent::Failed(err.to_string(), err.is_timeout()))
         }
     }
 }

@@ -4,6 +4,24 @@
 //! through herd's own engine ([`h1`], heads parsed once by [`head`]),
 //! prior-knowledge h2c through hyper ([`h2`]).
 
+/// Runs a hyper server connection until it ends; once `stop` is
+/// cancelled, it finishes its requests in flight (HTTP/2 clients get
+/// GOAWAY) and closes. A macro: hyper's connection types share no trait
+/// that covers the upgradeable ones.
+macro_rules! serve_gracefully {
+    ($conn:expr, $stop:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = $stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }};
+}
+
 pub mod access;
 mod chunked;
 mod conns;

@@ -228,14 +228,7 @@ pub async fn serve(
     });
     if h2 {
         let conn = super::h2::http2_server(&p).serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        serve_gracefully!(conn, stop);
     } else {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -243,14 +236,7 @@ pub async fn serve(
             .max_buf_size(p.cfg.limits.max_head.max(8192))
             .serve_connection(io, svc)
             .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        serve_gracefully!(conn, stop);
     }
 }
 
