@@ -366,8 +366,8 @@ REFERENCE = {
 LOADS = [("keep-alive", 16), ("keep-alive", 128), ("new connection", 16), ("new connection", 128)]
 
 
-def wrk(port, load, conns, secs):
-    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{secs}s", "-s", str(WRK_LUA), f"http://127.0.0.1:{port}/"]
+def wrk(port, load, conns, secs, url=None):
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{secs}s", "-s", str(WRK_LUA), url or f"http://127.0.0.1:{port}/"]
     if load == "new connection":
         cmd[1:1] = ["-H", "Connection: close"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60).stdout
@@ -715,15 +715,7 @@ def edge(args):
 
 
 def wrk_tls(port, load, conns, secs):
-    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{secs}s", "-s", str(WRK_LUA), f"https://localhost:{port}/"]
-    if load.endswith("new connection"):
-        cmd[1:1] = ["-H", "Connection: close"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    lat = re.search(r"LAT (\d+) (\d+) (\d+) (\d+)", out)
-    err = re.search(r"ERR (\d+) (\d+) (\d+) (\d+) (\d+)", out)
-    return {"rps": rps, "p50": int(lat.group(1)), "p99": int(lat.group(2)), "p999": int(lat.group(3)),
-            "requests": int(lat.group(4)), "errors": sum(int(x) for x in err.groups())}
+    return wrk(port, load.removeprefix("https "), conns, secs, url=f"https://localhost:{port}/")
 
 
 def edge_lines():

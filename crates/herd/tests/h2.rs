@@ -65,19 +65,7 @@ fn h2c_workers_and_upstreams_serve_http1_h2c_and_are_health_checked_over_http2()
 
     // An upstream marked h2, health-checked with GET over HTTP/2: a 404
     // takes it out (an HTTP/1.1 check would get no answer at all).
-    let port = free_port();
-    let mut node = Command::new("node")
-        .arg(&js)
-        .env("PORT", port.to_string())
-        .env("HERD_WORKER_ID", "up")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(wait_until(T, || std::net::TcpStream::connect((
-        "127.0.0.1",
-        port
-    ))
-    .is_ok()));
+    let (port, _node) = node_h2("up", &[]);
     let lb = Herd::start(
         &[
             &format!("--upstream=127.0.0.1:{port},h2"),
@@ -101,8 +89,37 @@ fn h2c_workers_and_upstreams_serve_http1_h2c_and_are_health_checked_over_http2()
     assert!(lb2.wait_log("listening on", T));
     let body = curl(&[&format!("http://127.0.0.1:{}/", lb2.port)]);
     assert!(body.starts_with("HTTP/2.0 worker up"), "{body}");
-    let _ = node.kill();
-    let _ = node.wait();
+}
+
+/// A process killed when the test ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// examples/node/h2.js outside herd, as worker ID, with extra environment;
+/// its port once it listens.
+fn node_h2(id: &str, env: &[(&str, &std::path::Path)]) -> (u16, Killed) {
+    let port = free_port();
+    let node = Command::new("node")
+        .arg(example("node/h2.js"))
+        .env("PORT", port.to_string())
+        .env("HERD_WORKER_ID", id)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let node = Killed(node);
+    assert!(wait_until(T, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        port
+    ))
+    .is_ok()));
+    (port, node)
 }
 
 /// Runs examples/grpc/client.py against PORT; its JSON report.
@@ -252,22 +269,7 @@ fn upstreams_over_tls_get_h2_or_http1_by_alpn_and_their_certificates_checked() {
     let pki = Pki::new("upstream");
     let (cert, key) = pki.leaf("localhost");
     // An h2-over-TLS upstream: Node's secure HTTP/2 server (no HTTP/1.1).
-    let port = free_port();
-    let js = example("node/h2.js");
-    let mut node = Command::new("node")
-        .arg(&js)
-        .env("PORT", port.to_string())
-        .env("HERD_WORKER_ID", "tls")
-        .env("TLS_CERT", &cert)
-        .env("TLS_KEY", &key)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(wait_until(T, || std::net::TcpStream::connect((
-        "127.0.0.1",
-        port
-    ))
-    .is_ok()));
+    let (port, _node) = node_h2("tls", &[("TLS_CERT", &cert), ("TLS_KEY", &key)]);
     let ca = pki.path("ca.crt");
     let lb = Herd::start(
         &[
@@ -313,6 +315,4 @@ fn upstreams_over_tls_get_h2_or_http1_by_alpn_and_their_certificates_checked() {
     assert!(lb2.wait_log("listening on", T));
     let (status, _) = lb2.get("/").unwrap();
     assert_eq!(status, 502);
-    let _ = node.kill();
-    let _ = node.wait();
 }
