@@ -316,3 +316,95 @@ fn upstreams_over_tls_get_h2_or_http1_by_alpn_and_their_certificates_checked() {
     let (status, _) = lb2.get("/").unwrap();
     assert_eq!(status, 502);
 }
+
+/// The master's resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn continuation_settings_and_ping_floods_cost_only_their_connection() {
+    let js = example("node/h2.js");
+    let h = Herd::start(&["-i", "1", "--backend-protocol", "h2"], &["node", &js]);
+    h.wait_ready(1);
+    let preface = || {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(4, 0, 0, &[]));
+        out
+    };
+    // CONTINUATION flood: one header block that never ends. herd stops
+    // reading it at the header-list limit and closes with GOAWAY.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = preface();
+    out.extend(frame(1, 0x1, 1, &[0x82, 0x86, 0x84, 0x41, 0x01, b'a'])); // HEADERS, no END_HEADERS
+    let mut literal = vec![0x00, 0x03, b'x', b'-', b'a', 0x7f, 0x00];
+    literal.extend(std::iter::repeat_n(b'a', 127));
+    for _ in 0..2000 {
+        out.extend(frame(9, 0, 1, &literal)); // CONTINUATION, no END_HEADERS
+    }
+    let _ = s.write_all(&out);
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.len() >= 9, "no answer to the CONTINUATION flood");
+
+    // Ping and settings floods, written without reading a single answer:
+    // herd keeps at most one answer pending per connection, so the flood
+    // runs into TCP back-pressure instead of herd's memory.
+    let before = rss_kib(h.child.id());
+    let flooders: Vec<_> = [6u8, 4u8]
+        .into_iter()
+        .map(|kind| {
+            let port = h.port;
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+                let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+                out.extend(frame(4, 0, 0, &[]));
+                let payload: &[u8] = if kind == 6 {
+                    &[7u8; 8]
+                } else {
+                    &[0, 3, 0, 0, 0, 100]
+                };
+                let one = frame(kind, 0, 0, payload);
+                for _ in 0..20_000 {
+                    out.extend_from_slice(&one);
+                }
+                let mut sent = 0;
+                for _ in 0..20 {
+                    if s.write_all(&out).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                (s, sent)
+            })
+        })
+        .collect();
+    // Meanwhile everyone else is served.
+    for _ in 0..20 {
+        let body = curl(&[
+            "--http2-prior-knowledge",
+            &format!("http://127.0.0.1:{}/", h.port),
+        ]);
+        assert!(body.starts_with("HTTP/2.0 worker 0"), "{body}");
+    }
+    let held: Vec<_> = flooders.into_iter().map(|t| t.join().unwrap()).collect();
+    let grown = rss_kib(h.child.id()).saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "the master grew by {grown} KiB under the floods"
+    );
+    drop(held);
+    let body = curl(&[
+        "--http2-prior-knowledge",
+        &format!("http://127.0.0.1:{}/", h.port),
+    ]);
+    assert!(body.starts_with("HTTP/2.0 worker 0"), "{body}");
+}

@@ -406,3 +406,48 @@ fn websocket_style_upgrades_are_tunnelled_over_tls() {
         assert_eq!(got, msg);
     }
 }
+
+#[test]
+fn hostile_http1_over_tls_gets_a_400_and_others_are_served() {
+    use std::io::{Read, Write};
+    let pki = Pki::new("hostile");
+    let a = pki.leaf("a.test");
+    let mut args = tls_args(&[&a]);
+    args.extend(["-i".into(), "1".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    // Transfer-Encoding beside Content-Length: framed by the chunks (the
+    // backend gets a request framed again), and the connection closes.
+    let mut s = tls_client(&pki, h.port, "a.test");
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.contains("connection: close"), "{text}");
+    assert_eq!(text.matches("http/1.1 ").count(), 1, "{text}");
+    for raw in [
+        &b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+    ] {
+        let mut s = tls_client(&pki, h.port, "a.test");
+        s.write_all(raw).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 400"),
+            "{:?}: {text}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    let out = curl(&pki, "a.test", h.port, "/", &[]);
+    assert!(out.status.success());
+}

@@ -158,6 +158,12 @@ impl HttpProxy {
         peer: IpAddr,
         tls: bool,
     ) -> Response<RespBody> {
+        if let Some(why) = refused_h1(&req) {
+            let mut r = error(StatusCode::BAD_REQUEST, why);
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -448,6 +454,15 @@ fn error(status: StatusCode, body: &'static str) -> Response<RespBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// What herd's own engine refuses in an HTTP/1.1 request and hyper's
+/// parser lets through: no `Host`. (hyper refuses obfuscated codings,
+/// duplicate lengths and bad chunks itself; `Transfer-Encoding` beside
+/// `Content-Length` it frames by the chunks and then closes.)
+fn refused_h1<B>(req: &Request<B>) -> Option<&'static str> {
+    (req.version() == Version::HTTP_11 && !req.headers().contains_key(header::HOST))
+        .then_some("missing Host header\n")
 }
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {
