@@ -49,6 +49,8 @@ pub enum StrategyKind {
     IpHash,
     HeaderHash(String),
     CookieHash(String),
+    /// The TLS server name a client asks for (`--protocol tcp`, pass-through).
+    SniHash,
 }
 
 /// Where a hashing strategy's key comes from.
@@ -59,11 +61,13 @@ pub enum KeySource {
     /// A request header, name in lower case.
     Header(String),
     Cookie(String),
+    /// The server name (SNI) of a TLS ClientHello.
+    Sni,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown strategy {0:?}: use round-robin, weighted, least-conn, random2, ewma, ip-hash, hash:header:NAME or hash:cookie:NAME"
+    "unknown strategy {0:?}: use round-robin, weighted, least-conn, random2, ewma, ip-hash, hash:header:NAME, hash:cookie:NAME or hash:sni"
 )]
 pub struct UnknownStrategy(pub String);
 
@@ -78,6 +82,7 @@ impl FromStr for StrategyKind {
             "random2" => StrategyKind::Random2,
             "ewma" => StrategyKind::Ewma,
             "ip-hash" => StrategyKind::IpHash,
+            "hash:sni" => StrategyKind::SniHash,
             _ => match s.split_once(':') {
                 Some(("hash", rest)) => match rest.split_once(':') {
                     Some(("header", name)) if valid_token(name) => {
@@ -111,6 +116,7 @@ impl fmt::Display for StrategyKind {
             StrategyKind::IpHash => f.write_str("ip-hash"),
             StrategyKind::HeaderHash(h) => write!(f, "hash:header:{h}"),
             StrategyKind::CookieHash(c) => write!(f, "hash:cookie:{c}"),
+            StrategyKind::SniHash => f.write_str("hash:sni"),
         }
     }
 }
@@ -123,9 +129,10 @@ impl StrategyKind {
             StrategyKind::LeastConn => Box::new(LeastConn::default()),
             StrategyKind::Random2 => Box::new(Random2),
             StrategyKind::Ewma => Box::new(Ewma),
-            StrategyKind::IpHash | StrategyKind::HeaderHash(_) | StrategyKind::CookieHash(_) => {
-                Box::new(ConsistentHash::new(backends))
-            }
+            StrategyKind::IpHash
+            | StrategyKind::HeaderHash(_)
+            | StrategyKind::CookieHash(_)
+            | StrategyKind::SniHash => Box::new(ConsistentHash::new(backends)),
         }
     }
 
@@ -134,6 +141,7 @@ impl StrategyKind {
             StrategyKind::IpHash => KeySource::ClientIp,
             StrategyKind::HeaderHash(h) => KeySource::Header(h.clone()),
             StrategyKind::CookieHash(c) => KeySource::Cookie(c.clone()),
+            StrategyKind::SniHash => KeySource::Sni,
             _ => KeySource::None,
         }
     }
@@ -268,6 +276,7 @@ mod tests {
             "ip-hash",
             "hash:header:x-user",
             "hash:cookie:session",
+            "hash:sni",
         ] {
             assert_eq!(s.parse::<StrategyKind>().unwrap().to_string(), s);
         }

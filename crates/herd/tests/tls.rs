@@ -451,3 +451,57 @@ fn hostile_http1_over_tls_gets_a_400_and_others_are_served() {
     let out = curl(&pki, "a.test", h.port, "/", &[]);
     assert!(out.status.success());
 }
+
+#[test]
+fn tls_passes_through_tcp_mode_balanced_by_server_name() {
+    let pki = Pki::new("sni");
+    let (cert, key) = pki.leaf("localhost");
+    let js = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/node/h2.js");
+    let envs = [
+        format!("TLS_CERT={}", s(&cert)),
+        format!("TLS_KEY={}", s(&key)),
+    ];
+    let h = Herd::start(
+        &[
+            "-i",
+            "3",
+            "--protocol",
+            "tcp",
+            "--balance",
+            "hash:sni",
+            "--env",
+            &envs[0],
+            "--env",
+            &envs[1],
+        ],
+        &["node", s(&js)],
+    );
+    h.wait_ready(3);
+    // The workers terminate TLS themselves: herd only reads the name.
+    let worker = |name: &str| {
+        let out = curl(&pki, name, h.port, "/", &["--http2", "-k"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            text.starts_with("HTTP/2.0 worker"),
+            "{name}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.split_whitespace().nth(2).unwrap_or("").to_string()
+    };
+    let mut by_name = std::collections::BTreeMap::new();
+    for i in 0..12 {
+        let name = format!("site{i}.test");
+        let first = worker(&name);
+        for _ in 0..3 {
+            assert_eq!(worker(&name), first, "{name} moved");
+        }
+        by_name.insert(name, first);
+    }
+    let used: std::collections::BTreeSet<_> = by_name.values().collect();
+    assert!(used.len() >= 2, "every name on one worker: {by_name:?}");
+    // Only TCP connections carry a name to pick by.
+    let flags = ["run", "--check", "--balance", "hash:sni", "--", DEMO];
+    let (code, err) = run_fail(&flags);
+    assert_eq!(code, 1);
+    assert!(err.contains("add --protocol tcp"), "{err}");
+}

@@ -103,6 +103,10 @@ pub enum ConfigError {
     TlsNeedsHttp,
     #[error("--backend-protocol h2 is for proxy mode with --protocol http")]
     H2NeedsHttp,
+    #[error(
+        "--balance hash:sni picks by the TLS server name of --protocol tcp connections: add --protocol tcp"
+    )]
+    SniNeedsTcp,
     #[error("--increment-var PORT: in proxy mode herd gives each worker its own PORT")]
     IncrementPort,
 }
@@ -452,7 +456,7 @@ options! {
     #[serde(default, deserialize_with = "env_table")]
     env: Vec<EnvPair>,
     /// Balancing strategy: round-robin, weighted, least-conn, random2, ewma,
-    /// ip-hash, hash:header:NAME, hash:cookie:NAME [default: round-robin].
+    /// ip-hash, hash:header:NAME, hash:cookie:NAME, hash:sni (--protocol tcp) [default: round-robin].
     #[arg(long, value_name = "STRATEGY")]
     #[serde(default, deserialize_with = "strategy")]
     balance: Option<StrategyKind>,
@@ -1033,6 +1037,9 @@ impl Settings {
         let mode = o.mode.unwrap_or(Mode::Proxy);
         let balance = o.balance;
         let protocol = o.protocol;
+        if balance == Some(StrategyKind::SniHash) && protocol != Some(Protocol::Tcp) {
+            return Err(ConfigError::SniNeedsTcp);
+        }
         if mode != Mode::Proxy {
             if !upstreams.is_empty() {
                 return Err(ConfigError::NeedsProxy("--upstream"));

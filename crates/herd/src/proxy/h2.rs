@@ -610,7 +610,7 @@ fn clone_head(p: &hyper::http::request::Parts) -> hyper::http::request::Parts {
 
 fn hash_key<'a>(src: &KeySource, h: &'a HeaderMap, peer: IpAddr) -> Option<Key<'a>> {
     match src {
-        KeySource::None => None,
+        KeySource::None | KeySource::Sni => None,
         KeySource::ClientIp => Some(ip_key(peer)),
         KeySource::Header(name) => h.get(name.as_str()).map(|v| Key::Bytes(v.as_bytes())),
         KeySource::Cookie(name) => h

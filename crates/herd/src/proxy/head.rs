@@ -528,7 +528,7 @@ fn hash_key(
         (start, start + v.len())
     };
     match src {
-        KeySource::None | KeySource::ClientIp => None,
+        KeySource::None | KeySource::ClientIp | KeySource::Sni => None,
         KeySource::Header(name) => headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case(name))

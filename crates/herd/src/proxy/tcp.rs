@@ -26,7 +26,19 @@ const MAX_TRIES: usize = 3;
 
 impl TcpProxy {
     pub(super) async fn relay(&self, mut client: TcpStream, peer: SocketAddr) {
-        let key = ip_key(peer.ip());
+        let ip = ip_key(peer.ip());
+        // `hash:sni`: the ClientHello is read first (and sent on as read).
+        let mut hello = Vec::new();
+        let sni = match self.up.kind() {
+            herd_balance::StrategyKind::SniHash => {
+                server_name(&mut client, &mut hello, self.wait_for_backend).await
+            }
+            _ => None,
+        };
+        let key = match &sni {
+            Some(name) => name.as_bytes(),
+            None => ip.as_slice(),
+        };
         let (at, started) = (std::time::SystemTime::now(), std::time::Instant::now());
         let mut avoid: Option<Arc<Backend>> = None;
         let deadline = tokio::time::Instant::now() + self.wait_for_backend;
@@ -37,11 +49,11 @@ impl TcpProxy {
             let ctx = Ctx {
                 now: self.up.now(),
                 rand: fastrand::u64(..),
-                key: Some(key.as_slice()),
+                key: Some(key),
             };
             // A deploy's split by client address holds per connection too.
             let split = (*pool.split_source() == herd_balance::KeySource::ClientIp)
-                .then_some(key.as_slice());
+                .then_some(ip.as_slice());
             let (lease, target) = match pool.pick(&ctx, avoid.as_deref(), split) {
                 Ok(p) => (p.lease, p.target),
                 Err(_) => {
@@ -65,6 +77,13 @@ impl TcpProxy {
                     lease.success(self.up.now());
                     target.count_served();
                     let _ = upstream.set_nodelay(true);
+                    if !hello.is_empty()
+                        && tokio::io::AsyncWriteExt::write_all(&mut upstream, &hello)
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
                     // Both ways; EOF on one side shuts down writing to the
                     // other (half-close); returns when both are done.
                     let connected = started.elapsed();
@@ -101,4 +120,43 @@ impl TcpProxy {
             avoid = Some(lease.backend().clone());
         }
     }
+}
+
+/// The largest ClientHello read for its server name.
+const MAX_HELLO: usize = 16 * 1024;
+
+/// Reads the client's TLS ClientHello into `hello` and returns the server
+/// name it asks for; `None` (and what was read stays in `hello`) when the
+/// client sends no name, is not TLS, or is slower than `timeout`.
+async fn server_name(
+    client: &mut TcpStream,
+    hello: &mut Vec<u8>,
+    timeout: Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut acceptor = rustls::server::Acceptor::default();
+    let until = tokio::time::Instant::now() + timeout;
+    let mut fed = 0;
+    while hello.len() < MAX_HELLO {
+        let n = tokio::time::timeout_at(until, client.read_buf(hello))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        let mut new = &hello[fed..];
+        while !new.is_empty() {
+            acceptor.read_tls(&mut new).ok()?;
+        }
+        fed = hello.len();
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                return accepted.client_hello().server_name().map(str::to_string);
+            }
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+    }
+    None
 }

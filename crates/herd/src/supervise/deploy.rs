@@ -223,6 +223,7 @@ pub(super) fn shown_by(by: &KeySource) -> String {
         KeySource::ClientIp => "ip".into(),
         KeySource::Header(n) => format!("header:{n}"),
         KeySource::Cookie(n) => format!("cookie:{n}"),
+        KeySource::Sni => "sni".into(),
     }
 }
 
