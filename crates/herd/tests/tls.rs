@@ -288,8 +288,9 @@ fn bad_certificates_are_one_line_errors_before_anything_starts() {
         (vec!["--tls-cert".into(), s(&a.0).into()], "come in pairs"),
         (
             vec!["--redirect-http".into(), "8080".into()],
-            "--redirect-http needs --tls-cert",
+            "need --tls-cert",
         ),
+        (vec!["--tls-strict-sni".into()], "need --tls-cert"),
         (
             [tls_args(&[&a]), vec!["--mode".into(), "shared".into()]].concat(),
             "proxy mode with --protocol http only",
@@ -504,4 +505,22 @@ fn tls_passes_through_tcp_mode_balanced_by_server_name() {
     let (code, err) = run_fail(&flags);
     assert_eq!(code, 1);
     assert!(err.contains("add --protocol tcp"), "{err}");
+}
+
+#[test]
+fn strict_sni_refuses_clients_without_a_known_name() {
+    let pki = Pki::new("strict");
+    let a = pki.leaf("a.test");
+    let mut args = tls_args(&[&a]);
+    args.extend(["--tls-strict-sni".into(), "-i".into(), "1".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    assert!(s_client(h.port, &["-servername", "a.test"]).contains("CN = a.test"));
+    for refused in [&["-noservername"][..], &["-servername", "other.test"]] {
+        let out = s_client(h.port, refused);
+        assert!(out.contains("alert"), "{refused:?}: {out}");
+        assert!(!out.contains("CN = a.test"), "{refused:?}: {out}");
+    }
+    assert!(curl(&pki, "a.test", h.port, "/", &[]).status.success());
 }

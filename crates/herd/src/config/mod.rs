@@ -97,7 +97,7 @@ pub enum ConfigError {
     HostNameWithoutRedis,
     #[error("--tls-cert and --tls-key come in pairs: {certs} certificate(s), {keys} key(s)")]
     TlsPairs { certs: usize, keys: usize },
-    #[error("--redirect-http needs --tls-cert and --tls-key")]
+    #[error("--redirect-http and --tls-strict-sni need --tls-cert and --tls-key")]
     RedirectWithoutTls,
     #[error("TLS is terminated in proxy mode with --protocol http only")]
     TlsNeedsHttp,
@@ -486,6 +486,10 @@ options! {
     /// The PEM private key of each --tls-cert, in the same order.
     #[arg(long, value_name = "FILE")]
     tls_key: Option<Vec<PathBuf>>,
+    /// With TLS: a client without SNI, or naming no certificate's host, gets an
+    /// alert instead of the first pair.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    tls_strict_sni: Option<bool>,
     /// With TLS: also listen on ADDR (or PORT) for plain HTTP and answer 301 to https://.
     #[arg(long, value_name = "ADDR")]
     redirect_http: Option<ListenAddr>,
@@ -994,7 +998,7 @@ impl Settings {
             return Err(ConfigError::H2NeedsHttp);
         }
         let tls = match (o.tls_cert, o.tls_key) {
-            (None, None) if o.redirect_http.is_some() => {
+            (None, None) if o.redirect_http.is_some() || o.tls_strict_sni.is_some() => {
                 return Err(ConfigError::RedirectWithoutTls);
             }
             (None, None) => None,
@@ -1020,6 +1024,7 @@ impl Settings {
                         })
                         .collect(),
                     redirect: o.redirect_http.map(|a| a.0),
+                    strict_sni: o.tls_strict_sni.unwrap_or(false),
                 })
             }
         };
@@ -1222,6 +1227,8 @@ pub struct TlsConfig {
     /// The first is the default; absolute paths.
     pub pairs: Vec<TlsPair>,
     pub redirect: Option<SocketAddr>,
+    /// `--tls-strict-sni`: no default pair.
+    pub strict_sni: bool,
 }
 
 /// A certificate chain and its private key, as PEM files.

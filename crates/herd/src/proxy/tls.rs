@@ -45,6 +45,7 @@ pub enum TlsError {
 /// The certificates in use, and what a reload needs to make new ones.
 pub struct Tls {
     pairs: Vec<Pair>,
+    strict: bool,
     config: ArcSwap<rustls::ServerConfig>,
     tickets: Arc<dyn ProducesTickets>,
     sessions: Arc<dyn StoresServerSessions + Send + Sync>,
@@ -96,15 +97,17 @@ fn stamp(p: &std::path::Path) -> Option<(SystemTime, u64)> {
 }
 
 impl Tls {
-    /// Loads every pair (an error names the file); the first is the default.
-    pub fn load(pairs: Vec<Pair>) -> Result<Tls, TlsError> {
+    /// Loads every pair (an error names the file); the first is the default
+    /// unless `strict` (`--tls-strict-sni`).
+    pub fn load(pairs: Vec<Pair>, strict: bool) -> Result<Tls, TlsError> {
         let tickets =
             rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Setup(e.to_string()))?;
         let sessions: Arc<dyn StoresServerSessions + Send + Sync> =
             rustls::server::ServerSessionMemoryCache::new(4096);
         let stamps = Self::stamps_of(&pairs);
-        let config = Self::build(&pairs, &tickets, &sessions)?;
+        let config = Self::build(&pairs, strict, &tickets, &sessions)?;
         Ok(Tls {
+            strict,
             pairs,
             config: ArcSwap::from_pointee(config),
             tickets,
@@ -122,6 +125,7 @@ impl Tls {
 
     fn build(
         pairs: &[Pair],
+        strict: bool,
         tickets: &Arc<dyn ProducesTickets>,
         sessions: &Arc<dyn StoresServerSessions + Send + Sync>,
     ) -> Result<rustls::ServerConfig, TlsError> {
@@ -134,7 +138,7 @@ impl Tls {
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| TlsError::Setup(e.to_string()))?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(Sni { keys }));
+            .with_cert_resolver(Arc::new(Sni { keys, strict }));
         c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         c.ticketer = tickets.clone();
         c.session_storage = sessions.clone();
@@ -144,7 +148,7 @@ impl Tls {
     /// Loads the files again; on any error the certificates in use stay.
     pub fn reload(&self) -> Result<(), TlsError> {
         let stamps = Self::stamps_of(&self.pairs);
-        let c = Self::build(&self.pairs, &self.tickets, &self.sessions)?;
+        let c = Self::build(&self.pairs, self.strict, &self.tickets, &self.sessions)?;
         self.config.store(Arc::new(c));
         if let Ok(mut s) = self.stamps.lock() {
             *s = stamps;
@@ -172,15 +176,17 @@ impl Tls {
 
 /// Picks the first pair whose certificate is valid for the client's SNI
 /// name, else the first pair (clients without SNI get it too, as nginx's
-/// default server).
+/// default server), or with `strict` none: the handshake then fails with
+/// an alert.
 #[derive(Debug)]
 struct Sni {
     keys: Vec<Arc<CertifiedKey>>,
+    strict: bool,
 }
 
 impl ResolvesServerCert for Sni {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        if self.keys.len() > 1
+        if (self.keys.len() > 1 || self.strict)
             && let Some(name) = hello.server_name()
             && let Ok(name) = ServerName::try_from(name)
         {
@@ -194,6 +200,9 @@ impl ResolvesServerCert for Sni {
                     return Some(k.clone());
                 }
             }
+        }
+        if self.strict {
+            return None;
         }
         self.keys.first().cloned()
     }
