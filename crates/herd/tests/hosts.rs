@@ -216,12 +216,7 @@ impl AppHost {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(HERD)
-            .env("XDG_RUNTIME_DIR", &self.dir)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        herd_in(&self.dir, args)
     }
 }
 

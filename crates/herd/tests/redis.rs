@@ -83,12 +83,7 @@ impl Host {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(HERD)
-            .env("XDG_RUNTIME_DIR", &self.dir)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        herd_in(&self.dir, args)
     }
 
     /// Waits until worker `id` printed a received message containing every needle.

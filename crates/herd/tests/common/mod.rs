@@ -273,6 +273,16 @@ pub fn herd(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The CLI with its own run directory (`XDG_RUNTIME_DIR`), as on another host.
+pub fn herd_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(HERD)
+        .env("XDG_RUNTIME_DIR", dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 pub fn ok(out: &Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
