@@ -41,7 +41,19 @@ fn curl(args: &[&str]) -> String {
 #[test]
 fn h2c_workers_and_upstreams_serve_http1_h2c_and_are_health_checked_over_http2() {
     let js = example("node/h2.js");
-    let h = Herd::start(&["-i", "2", "--backend-protocol", "h2"], &["node", &js]);
+    let h = Herd::start(
+        &[
+            "-i",
+            "2",
+            "--backend-protocol",
+            "h2",
+            "--access-log",
+            "-",
+            "--access-log-format",
+            "json",
+        ],
+        &["node", &js],
+    );
     h.wait_ready(2);
     let url = format!("http://127.0.0.1:{}/", h.port);
     // An HTTP/1.1 client and an h2c one; the worker is reached over HTTP/2.
@@ -62,6 +74,12 @@ fn h2c_workers_and_upstreams_serve_http1_h2c_and_are_health_checked_over_http2()
         seen.insert(body.contains("worker 0"));
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
+    // Each request has its access log line, with its protocol and worker.
+    for protocol in ["HTTP/1.1", "HTTP/2.0"] {
+        let want = format!(r#""protocol":"{protocol}","status":200"#);
+        assert!(h.wait_log(&want, T), "{}", h.log());
+    }
+    assert!(h.wait_log(r#""worker":"worker-1""#, T), "{}", h.log());
 
     // An upstream marked h2, health-checked with GET over HTTP/2: a 404
     // takes it out (an HTTP/1.1 check would get no answer at all).

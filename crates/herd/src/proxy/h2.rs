@@ -151,12 +151,63 @@ impl AsyncWrite for Prefixed {
 
 impl HttpProxy {
     /// One request from an h2c client, or (`tls`) from a client of herd's
-    /// TLS listener over HTTP/2 or HTTP/1.1.
+    /// TLS listener over HTTP/2 or HTTP/1.1; with `--access-log`, its line
+    /// once the answer's head is out (bytes: its `Content-Length`, if any).
     pub(super) async fn handle_h2(
+        &self,
+        req: Request<Incoming>,
+        peer: IpAddr,
+        tls: bool,
+    ) -> Response<RespBody> {
+        let Some(log) = self.log.clone() else {
+            return self.forward(req, peer, tls, &mut Served::default()).await;
+        };
+        let (at, started) = (std::time::SystemTime::now(), std::time::Instant::now());
+        let (method, version) = (req.method().clone(), req.version());
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        let header = |n: header::HeaderName| req.headers().get(n).cloned();
+        let (referer, agent) = (header(header::REFERER), header(header::USER_AGENT));
+        let mut served = Served::default();
+        let resp = self.forward(req, peer, tls, &mut served).await;
+        let text =
+            |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (referer, agent) = (text(&referer), text(&agent));
+        log.write(&super::access::Entry {
+            at,
+            client: peer,
+            method: method.as_str(),
+            path: &path,
+            protocol: match version {
+                Version::HTTP_2 => "HTTP/2.0",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            status: resp.status().as_u16(),
+            bytes: resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0),
+            duration: started.elapsed(),
+            upstream: served.target.as_ref().map(|t| t.addr),
+            upstream_time: served.upstream_time,
+            worker: served.target.as_ref().map(|t| t.backend.name()),
+            retries: served.retries,
+            referer: referer.as_deref(),
+            user_agent: agent.as_deref(),
+        });
+        resp
+    }
+
+    async fn forward(
         &self,
         mut req: Request<Incoming>,
         peer: IpAddr,
         tls: bool,
+        served: &mut Served,
     ) -> Response<RespBody> {
         if let Some(why) = refused_h1(&req) {
             let mut r = error(StatusCode::BAD_REQUEST, why);
@@ -206,7 +257,8 @@ impl HttpProxy {
         let mut avoid: Option<Arc<Backend>> = None;
         // What the client gets if no retry succeeds (nginx answers 502 then).
         let mut last = (StatusCode::BAD_GATEWAY, "no backend could answer\n");
-        for _ in 0..MAX_TRIES {
+        for tries in 0..MAX_TRIES {
+            served.retries = tries as u32;
             if !self.some_target().await {
                 return error(StatusCode::SERVICE_UNAVAILABLE, "no worker is ready\n");
             }
@@ -246,6 +298,8 @@ impl HttpProxy {
                 Sent::Answer(mut resp, sender) => {
                     lease.success(now);
                     target.count_served();
+                    served.upstream_time = Some(Duration::from_nanos(now.saturating_sub(started)));
+                    served.target = Some(target.clone());
                     record(resp.status().as_u16());
                     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                     strip_hop_by_hop(resp.headers_mut(), switching);
@@ -400,6 +454,14 @@ impl HttpProxy {
             }
         }
     }
+}
+
+/// For the access log: the backend that answered, when, after how many retries.
+#[derive(Default)]
+struct Served {
+    target: Option<Arc<Target>>,
+    upstream_time: Option<Duration>,
+    retries: u32,
 }
 
 /// What follows a send that failed.
