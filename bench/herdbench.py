@@ -184,10 +184,11 @@ def children(pid):
 def nginx_conf(d, port, ports, tls=None):
     """nginx in front of PORTS (upstream keepalive); with TLS=(cert, key) it terminates TLS and HTTP/2."""
     up = "".join(f"server 127.0.0.1:{bp}; " for bp in ports)
-    listen = f"listen 127.0.0.1:{port} backlog=4096;"
+    # keepalive_requests is 1,000 by default: each keep-alive (and HTTP/2)
+    # client would reconnect (with TLS, with a full handshake) every 1,000
+    # requests, which HAProxy and herd never ask of it.
+    listen = f"listen 127.0.0.1:{port} backlog=4096;\n    keepalive_requests 1000000;"
     if tls:
-        # keepalive_requests is 1,000 by default: each keep-alive (and HTTP/2)
-        # client would reconnect, with a full handshake, every 1,000 requests.
         listen = (f"listen 127.0.0.1:{port} ssl http2 backlog=4096;\n    ssl_certificate {tls[0]};\n"
                   f"    ssl_certificate_key {tls[1]};\n    ssl_protocols TLSv1.2 TLSv1.3;\n"
                   "    ssl_session_cache shared:SSL:10m;\n    keepalive_requests 1000000;")
