@@ -31,17 +31,8 @@ impl Dns {
         std::fs::write(&file, hosts).unwrap();
         let port = free_port();
         let child = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-                "--no-resolv",
-                "--no-hosts",
-                "--local-ttl=1",
-                "--conf-file=/dev/null",
-                "--pid-file=",
-                "--user=root",
-            ])
+            .args(DNSMASQ)
+            .arg("--listen-address=127.0.0.1")
             .arg(format!("--port={port}"))
             .arg(format!("--addn-hosts={}", file.display()))
             .args(extra)

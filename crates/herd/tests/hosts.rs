@@ -246,19 +246,10 @@ fn a_front_follows_dns_over_hosts_survives_a_cut_link_and_hosts_share_redis() {
     let records = net.dir.join("records");
     std::fs::write(&records, "10.77.0.2 app.test\n").unwrap();
     let mut dns = net.exec("i", "dnsmasq");
-    dns.args([
-        "--keep-in-foreground",
-        "--bind-interfaces",
-        "--no-resolv",
-        "--no-hosts",
-        "--local-ttl=1",
-        "--conf-file=/dev/null",
-        "--pid-file=",
-        "--user=root",
-        "--port=53",
-    ])
-    .arg(format!("--listen-address={INFRA}"))
-    .arg(format!("--addn-hosts={}", records.display()));
+    dns.args(DNSMASQ)
+        .arg("--port=53")
+        .arg(format!("--listen-address={INFRA}"))
+        .arg(format!("--addn-hosts={}", records.display()));
     let dns = quiet(dns);
     let mut redis = net.exec("i", "redis-server");
     redis.args([

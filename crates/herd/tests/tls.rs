@@ -392,20 +392,7 @@ fn websocket_style_upgrades_are_tunnelled_over_tls() {
         b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
     )
     .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    for msg in [&b"ping"[..], b"second message"] {
-        s.write_all(msg).unwrap();
-        let mut got = vec![0u8; msg.len()];
-        s.read_exact(&mut got).unwrap();
-        assert_eq!(got, msg);
-    }
+    expect_echo_tunnel(&mut s);
 }
 
 #[test]

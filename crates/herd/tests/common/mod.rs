@@ -283,6 +283,39 @@ pub fn herd_in(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// After an `Upgrade: echo` request on `s`: reads the answer's head (it
+/// must be `101` switching to `echo`), then checks that the tunnel echoes.
+pub fn expect_echo_tunnel(s: &mut (impl Read + Write)) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for msg in [&b"ping"[..], b"second message"] {
+        s.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    }
+}
+
+/// dnsmasq as the tests run it: in the foreground, answering only from the
+/// hosts file given with `--addn-hosts`, with a 1 s TTL.
+pub const DNSMASQ: [&str; 8] = [
+    "--keep-in-foreground",
+    "--bind-interfaces",
+    "--no-resolv",
+    "--no-hosts",
+    "--local-ttl=1",
+    "--conf-file=/dev/null",
+    "--pid-file=",
+    "--user=root",
+];
+
 pub fn ok(out: &Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
