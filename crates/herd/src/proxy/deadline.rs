@@ -9,6 +9,10 @@
 //! therefore kept to within a tick (never early), which time-outs of
 //! seconds do not mind.
 //!
+//! The tick also keeps the thread's coarse clock ([`now`], [`after`]):
+//! reading the real one costs more than the rest of a deadline's work, and
+//! a request used to read it several times.
+//!
 //! Thread-local like the runtime it serves: a slot is made, polled and
 //! dropped on the thread whose tick sweeps it.
 
@@ -31,6 +35,9 @@ struct Slots {
     free: Vec<u32>,
     stopping: bool,
     epoch: Instant,
+    /// The last sweep's time, and its whole ticks since the epoch.
+    swept_at: Instant,
+    swept: u32,
 }
 
 /// The sweep's period, and so the deadlines' resolution.
@@ -56,6 +63,8 @@ thread_local! {
         free: Vec::new(),
         stopping: false,
         epoch: Instant::now(),
+        swept_at: Instant::now(),
+        swept: 0,
     });
 }
 
@@ -116,7 +125,7 @@ impl Deadline {
         SLOTS.with(|s| {
             let s = &mut *s.borrow_mut();
             let stopping = s.stopping;
-            let now = s.ticks_at(Instant::now());
+            let now = s.swept;
             let Some(slot) = s.slots.get_mut(self.index as usize) else {
                 return Poll::Ready(Woke::Expired);
             };
@@ -154,7 +163,9 @@ impl Drop for Deadline {
 pub fn sweep(now: Instant) {
     SLOTS.with(|s| {
         let s = &mut *s.borrow_mut();
+        s.swept_at = s.swept_at.max(now);
         let now = s.ticks_at(now);
+        s.swept = now;
         for slot in &mut s.slots {
             if slot.used
                 && slot.deadline <= now
@@ -172,6 +183,17 @@ pub fn sweep(now: Instant) {
             s.free.retain(|&i| i < len);
         }
     });
+}
+
+/// The thread's coarse time: the last sweep's, at most a tick behind.
+pub fn now() -> Instant {
+    SLOTS.with(|s| s.borrow().swept_at)
+}
+
+/// A deadline `d` from now on the coarse clock: a tick later, so that it is
+/// not early however far behind the coarse clock is within its tick.
+pub fn after(d: Duration) -> Instant {
+    now() + TICK + d
 }
 
 /// A graceful stop: idle waits end now, and every later one at once.
@@ -223,12 +245,13 @@ mod tests {
             assert_eq!(count.0.load(Ordering::SeqCst), 0);
             sweep(now + TICK * 2);
             assert_eq!(count.0.load(Ordering::SeqCst), 1);
-            // The real clock passes its deadline's tick: wait for that, bounded.
-            let until = Instant::now() + Duration::from_secs(5);
-            while soon.poll(&mut cx).is_pending() && Instant::now() < until {
-                std::thread::yield_now();
-            }
+            // Polled after the sweep that passed its deadline.
             assert_eq!(soon.poll(&mut cx), Poll::Ready(Woke::Expired));
+            assert_eq!(super::now(), now + TICK * 2, "the coarse clock");
+            assert_eq!(
+                after(Duration::from_secs(1)),
+                now + TICK * 3 + Duration::from_secs(1)
+            );
             let busy = Deadline::new(now + Duration::from_secs(60), false);
             assert!(busy.poll(&mut cx).is_pending());
             stop();

@@ -751,7 +751,7 @@ async fn connect_h2(
 /// A pooled connection ready for a request, if one is.
 fn take(target: u64) -> Option<Sender> {
     IDLE.with(|m| {
-        m.borrow_mut().take(target, |s| {
+        m.borrow_mut().take(target, super::deadline::now(), |s| {
             // Ready unless closed or its last response is still being wound up.
             let waker = std::task::Waker::noop();
             !s.is_closed()
@@ -765,7 +765,7 @@ fn take(target: u64) -> Option<Sender> {
 
 fn put(target: u64, s: Sender) {
     if !s.is_closed() {
-        IDLE.with(|m| m.borrow_mut().put(target, s));
+        IDLE.with(|m| m.borrow_mut().put(target, s, super::deadline::now()));
     }
 }
 

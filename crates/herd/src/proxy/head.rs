@@ -371,7 +371,7 @@ pub fn request(
         Framing::Chunked => put(out, "Transfer-Encoding", &te_norm),
         Framing::Length(n) => {
             out.extend_from_slice(b"Content-Length: ");
-            let _ = write!(out, "{n}");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         // An explicit zero stays: some servers want it on a POST.
@@ -388,7 +388,8 @@ pub fn request(
         join_all(out, headers, "x-forwarded-for", xff_more, xff);
         out.extend_from_slice(b", ");
     }
-    let _ = write!(out, "{ip}\r\n");
+    put_ip(out, ip);
+    out.extend_from_slice(b"\r\n");
     if !xfp {
         put(out, "X-Forwarded-Proto", b"http");
     }
@@ -400,11 +401,15 @@ pub fn request(
         join_all(out, headers, "forwarded", fwd_more, fwd);
         out.extend_from_slice(b", ");
     }
-    let _ = if ip.is_ipv6() {
-        write!(out, "for=\"[{ip}]\";proto=http")
+    if ip.is_ipv6() {
+        out.extend_from_slice(b"for=\"[");
+        put_ip(out, ip);
+        out.extend_from_slice(b"]\";proto=http");
     } else {
-        write!(out, "for={ip};proto=http")
-    };
+        out.extend_from_slice(b"for=");
+        put_ip(out, ip);
+        out.extend_from_slice(b";proto=http");
+    }
     if let Some(h) = host {
         out.extend_from_slice(b";host=\"");
         out.extend(h.iter().filter(|&&c| c != b'"' && c != b'\\'));
@@ -450,6 +455,25 @@ pub fn request(
         referer,
         user_agent,
     })
+}
+
+/// Writes `ip` without `core::fmt`, which costs more than the rest of a
+/// head's edits (IPv6, rarer, still goes through it).
+fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut b = itoa::Buffer::new();
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(b.format(o).as_bytes());
+            }
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(out, "{ip}");
+        }
+    }
 }
 
 /// Writes the values of every `name` header joined by `, `.
@@ -639,7 +663,12 @@ pub fn response(
     let pass_chunked = body == Framing::Chunked && !dechunk;
 
     out.clear();
-    let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+    // httparse reads exactly three digits.
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
     for h in headers {
         match classify(h.name) {
             Known::Connection | Known::HopByHop | Known::TransferEncoding => {}
@@ -724,6 +753,22 @@ mod tests {
              X-Forwarded-Proto: http\r\nX-Forwarded-Host: example\r\n\
              Forwarded: for=192.0.2.7;proto=http;host=\"example\"\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.100.9",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            put_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string().as_bytes());
+        }
     }
 
     #[test]
