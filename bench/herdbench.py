@@ -207,7 +207,13 @@ http {{
       proxy_pass http://backends;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
-      proxy_set_header Host $host;
+      proxy_set_header Host $http_host;
+      # The forwarding headers herd's proxy adds, so every balancer sends
+      # the apps the same requests to parse.
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $http_host;
+      proxy_set_header Forwarded "for=$remote_addr;proto=$scheme;host=\\"$http_host\\"";
     }}
   }}
 }}
@@ -234,6 +240,11 @@ frontend fe
 backend be
   balance roundrobin
   http-reuse always
+  # The forwarding headers herd's proxy adds (see nginx_conf).
+  option forwardfor
+  http-request set-header X-Forwarded-Proto {"https" if tls_pem else "http"}
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request set-header Forwarded "for=%[src];proto={"https" if tls_pem else "http"};host=\\"%[req.hdr(host)]\\""
 {servers}""")
     return cfg
 
@@ -942,7 +953,10 @@ def report():
         doc += machine_lines(m)
         doc += ["## Throughput, latency, balancer CPU, fairness", "",
                 "Apps: `bench/apps/hello.js` (the hello-world server from Node's docs, port from `$PORT`) and "
-                "`herd-demo` (a small hyper server). Load: `wrk -t2`, keep-alive or `Connection: close` (a new "
+                "`herd-demo` (a small hyper server). nginx keeps upstream connections (`keepalive 128`) and client "
+                "ones (`keepalive_requests 1000000`), HAProxy has `http-reuse always`, and both add the forwarding "
+                "headers herd's proxy adds (`X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded`), so every balancer "
+                "sends the apps the same requests. Load: `wrk -t2`, keep-alive or `Connection: close` (a new "
                 "connection per request), 16 and 128 connections, after one unmeasured second of load per start; setups "
                 "interleaved, each run repeated per round; "
                 "figures are medians, req/s with the min–max spread. **CPU** is the balancing process's own CPU "
