@@ -1096,7 +1096,9 @@ def readme_table(summary, meta):
             if k[0] == app and v["kind"] == kind and k[2] == load and k[3] == 128:
                 return v
         return None
-    out = [f"From `bench/run` on {meta['date']} ({meta['cpus']} CPUs, {WORKERS} workers, 128 connections; "
+    again = (f"; the setups matching `{' '.join(meta['rerun']['only'])}` re-measured on {meta['rerun']['date']}"
+             if meta.get("rerun") else "")
+    out = [f"From `bench/run` on {meta['date']}{again} ({meta['cpus']} CPUs, {WORKERS} workers, 128 connections; "
            "medians of the interleaved rounds; full tables in [docs/BENCHMARKS.md](docs/BENCHMARKS.md)):", "",
            "| app | load | herd mode | peer | herd req/s | peer req/s | herd ÷ peer | balancer CPU, herd ÷ peer |",
            "|---|---|---|---|---|---|---|---|"]
@@ -1232,8 +1234,9 @@ def main():
     c = sub.add_parser("chaos")
     c.add_argument("--times", type=int, default=20)
     i = sub.add_parser("idle")
-    # HAProxy wants two fds per connection of its maxconn, and this
-    # machine's hard limit is 20,000: 9,000 fits every peer.
+    # HAProxy wants two fds per connection of its maxconn and will not start
+    # with fewer; the hard limit here is 20,000 and may not be raised (no
+    # CAP_SYS_RESOURCE): 9,000 fits every peer, 10,000 would not fit HAProxy.
     i.add_argument("--conns", type=int, default=9000)
     i.add_argument("--rounds", type=int, default=3)
     i.add_argument("--secs", type=int, default=3)
