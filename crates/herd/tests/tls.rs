@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -510,4 +510,60 @@ fn strict_sni_refuses_clients_without_a_known_name() {
         assert!(!out.contains("CN = a.test"), "{refused:?}: {out}");
     }
     assert!(curl(&pki, "a.test", h.port, "/", &[]).status.success());
+}
+
+#[test]
+fn idle_backend_connections_of_tls_clients_are_closed_after_a_while() {
+    use std::io::{Read, Write};
+    // A backend that answers one request with keep-alive, then reports when
+    // herd closes the connection.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bport = backend.local_addr().unwrap().port();
+    let (closed_tx, closed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in backend.incoming() {
+            let Ok(mut c) = c else { break };
+            let closed_tx = closed_tx.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if c.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+                let at = Instant::now();
+                let mut buf = [0u8; 64];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        let _ = closed_tx.send(at.elapsed());
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let pki = Pki::new("idle-backend");
+    let a = pki.leaf("a.test");
+    let mut args = tls_args(&[&a]);
+    args.push(format!("--upstream=127.0.0.1:{bport}"));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut all: Vec<&str> = vec!["run", "--listen", &listen, "--health-interval", "0"];
+    all.extend(args.iter().map(String::as_str));
+    let h = Herd::spawn(Command::new(HERD).args(&all), port);
+    assert!(h.wait_log("listening on", T), "{}", h.log());
+
+    let out = curl(&pki, "a.test", port, "/", &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("ok\n"),
+        "{out:?}"
+    );
+    // Kept for reuse for 2 s, then closed by the thread's sweep (once a second).
+    let idle = closed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("herd kept the idle backend connection open");
+    assert!(idle >= Duration::from_millis(1500), "closed after {idle:?}");
 }

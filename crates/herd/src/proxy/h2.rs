@@ -698,6 +698,14 @@ thread_local! {
 
 type H2Sender = hyper::client::conn::http2::SendRequest<ReqBody>;
 
+/// Closes this thread's hyper client connections idle too long (the tick,
+/// with [`super::conns::sweep`]), and forgets HTTP/2 connections that closed.
+pub fn sweep() {
+    let now = super::deadline::now();
+    IDLE.with(|m| m.borrow_mut().sweep(now));
+    H2.with(|m| m.borrow_mut().retain(|_, s| !s.is_closed()));
+}
+
 /// The client asked for trailers (`te: trailers`), as gRPC clients do.
 #[derive(Clone, Copy)]
 struct TeTrailers;

@@ -141,6 +141,7 @@ pub fn start_threads(
                             access::flush();
                             if n % 10 == 0 {
                                 conns::sweep();
+                                h2::sweep();
                             }
                         }
                     });
