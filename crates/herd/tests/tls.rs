@@ -339,15 +339,17 @@ fn tls_client(
     rustls::StreamOwned::new(conn, tcp)
 }
 
-#[test]
-fn websocket_style_upgrades_are_tunnelled_over_tls() {
-    use std::io::{Read, Write};
-    // A backend that switches protocols, then echoes.
+/// A plain TCP backend on a free port: each connection on its own thread,
+/// handed to `serve` with the request head read off it.
+fn raw_backend(serve: impl Fn(std::net::TcpStream, Vec<u8>) + Send + Sync + 'static) -> u16 {
+    use std::io::Read;
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let bport = backend.local_addr().unwrap().port();
+    let port = backend.local_addr().unwrap().port();
+    let serve = Arc::new(serve);
     std::thread::spawn(move || {
         for c in backend.incoming() {
             let Ok(mut c) = c else { break };
+            let serve = serve.clone();
             std::thread::spawn(move || {
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
@@ -357,35 +359,51 @@ fn websocket_style_upgrades_are_tunnelled_over_tls() {
                     }
                     head.push(byte[0]);
                 }
-                if !String::from_utf8_lossy(&head)
-                    .to_ascii_lowercase()
-                    .contains("upgrade: echo")
-                {
-                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
-                    return;
-                }
-                let _ = c.write_all(
-                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
-                );
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
+                serve(c, head);
             });
         }
     });
-    let pki = Pki::new("upgrade");
+    port
+}
+
+/// herd terminating TLS for `a.test` in front of the backend on BPORT.
+fn tls_in_front_of(name: &str, bport: u16) -> (Pki, Herd, u16) {
+    let pki = Pki::new(name);
     let a = pki.leaf("a.test");
     let mut args = tls_args(&[&a]);
     args.push(format!("--upstream=127.0.0.1:{bport}"));
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut all: Vec<&str> = vec!["run", "--listen", &listen];
+    let mut all: Vec<&str> = vec!["run", "--listen", &listen, "--health-interval", "0"];
     all.extend(args.iter().map(String::as_str));
     let h = Herd::spawn(Command::new(HERD).args(&all), port);
     assert!(h.wait_log("listening on", T), "{}", h.log());
+    (pki, h, port)
+}
+
+#[test]
+fn websocket_style_upgrades_are_tunnelled_over_tls() {
+    use std::io::{Read, Write};
+    // A backend that switches protocols, then echoes.
+    let bport = raw_backend(|mut c, head| {
+        if !String::from_utf8_lossy(&head)
+            .to_ascii_lowercase()
+            .contains("upgrade: echo")
+        {
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+            return;
+        }
+        let _ = c.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+        );
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 || c.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let (pki, _h, port) = tls_in_front_of("upgrade", bport);
 
     let mut s = tls_client(&pki, port, "a.test");
     s.write_all(
@@ -517,44 +535,19 @@ fn idle_backend_connections_of_tls_clients_are_closed_after_a_while() {
     use std::io::{Read, Write};
     // A backend that answers one request with keep-alive, then reports when
     // herd closes the connection.
-    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let bport = backend.local_addr().unwrap().port();
     let (closed_tx, closed) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for c in backend.incoming() {
-            let Ok(mut c) = c else { break };
-            let closed_tx = closed_tx.clone();
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if c.read_exact(&mut byte).is_err() {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
-                let at = Instant::now();
-                let mut buf = [0u8; 64];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 {
-                        let _ = closed_tx.send(at.elapsed());
-                        break;
-                    }
-                }
-            });
+    let bport = raw_backend(move |mut c, _head| {
+        let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+        let at = Instant::now();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                let _ = closed_tx.send(at.elapsed());
+                break;
+            }
         }
     });
-    let pki = Pki::new("idle-backend");
-    let a = pki.leaf("a.test");
-    let mut args = tls_args(&[&a]);
-    args.push(format!("--upstream=127.0.0.1:{bport}"));
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut all: Vec<&str> = vec!["run", "--listen", &listen, "--health-interval", "0"];
-    all.extend(args.iter().map(String::as_str));
-    let h = Herd::spawn(Command::new(HERD).args(&all), port);
-    assert!(h.wait_log("listening on", T), "{}", h.log());
+    let (pki, _h, port) = tls_in_front_of("idle-backend", bport);
 
     let out = curl(&pki, "a.test", port, "/", &[]);
     assert!(
