@@ -24,18 +24,11 @@ fn example(p: &str) -> String {
 }
 
 fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("curl");
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    output_ok(
+        Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(args),
+    )
 }
 
 #[test]

@@ -441,19 +441,29 @@ pub struct Pki {
     dir: PathBuf,
 }
 
-pub fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("openssl");
+/// Runs `cmd` with no input and asserts that it succeeded; its output.
+pub fn output_ok(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().expect("a test tool");
     assert!(
         out.status.success(),
-        "openssl {args:?}: {}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+pub fn openssl(dir: &Path, args: &[&str]) {
+    output_ok(Command::new("openssl").current_dir(dir).args(args));
+}
+
+/// A new P-256 key without a passphrase, for `openssl req`.
+const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
 
 impl Pki {
     pub fn new(tag: &str) -> Pki {
@@ -463,22 +473,20 @@ impl Pki {
         openssl(
             &dir,
             &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-subj",
-                "/CN=herd test CA",
-                "-days",
-                "2",
-            ],
+                &["req", "-x509"][..],
+                &EC_KEY,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-subj",
+                    "/CN=herd test CA",
+                    "-days",
+                    "2",
+                ],
+            ]
+            .concat(),
         );
         Pki { dir }
     }
@@ -493,19 +501,18 @@ impl Pki {
         openssl(
             &self.dir,
             &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={name}"),
-            ],
+                &["req"][..],
+                &EC_KEY,
+                &[
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            ]
+            .concat(),
         );
         openssl(
             &self.dir,
