@@ -187,9 +187,10 @@ def nginx_conf(d, port, ports, tls=None):
     # keepalive_requests is 1,000 by default: each keep-alive (and HTTP/2)
     # client would reconnect (with TLS, with a full handshake) every 1,000
     # requests, which HAProxy and herd never ask of it.
-    listen = f"listen 127.0.0.1:{port} backlog=4096;\n    keepalive_requests 1000000;"
+    # `deferred` (TCP_DEFER_ACCEPT), as herd's HTTP listener has by default.
+    listen = f"listen 127.0.0.1:{port} deferred backlog=4096;\n    keepalive_requests 1000000;"
     if tls:
-        listen = (f"listen 127.0.0.1:{port} ssl http2 backlog=4096;\n    ssl_certificate {tls[0]};\n"
+        listen = (f"listen 127.0.0.1:{port} ssl http2 deferred backlog=4096;\n    ssl_certificate {tls[0]};\n"
                   f"    ssl_certificate_key {tls[1]};\n    ssl_protocols TLSv1.2 TLSv1.3;\n"
                   "    ssl_session_cache shared:SSL:10m;\n    keepalive_requests 1000000;")
     conf = d / "nginx.conf"
@@ -224,7 +225,8 @@ http {{
 def haproxy_cfg(d, port, ports, tls_pem=None):
     """HAProxy in front of PORTS (http-reuse always); with TLS_PEM it terminates TLS (ALPN h2, http/1.1)."""
     servers = "".join(f"  server s{i} 127.0.0.1:{bp}\n" for i, bp in enumerate(ports))
-    bind = f"127.0.0.1:{port}" + (f" ssl crt {tls_pem} alpn h2,http/1.1" if tls_pem else "")
+    # defer-accept (TCP_DEFER_ACCEPT), as herd's HTTP listener has by default.
+    bind = f"127.0.0.1:{port} defer-accept" + (f" ssl crt {tls_pem} alpn h2,http/1.1" if tls_pem else "")
     cfg = d / "haproxy.cfg"
     cfg.write_text(f"""global
   nbthread {os.cpu_count()}
@@ -956,7 +958,8 @@ def report():
                 "`herd-demo` (a small hyper server). nginx keeps upstream connections (`keepalive 128`) and client "
                 "ones (`keepalive_requests 1000000`), HAProxy has `http-reuse always`, and both add the forwarding "
                 "headers herd's proxy adds (`X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded`), so every balancer "
-                "sends the apps the same requests. Load: `wrk -t2`, keep-alive or `Connection: close` (a new "
+                "sends the apps the same requests; both also defer accepting a connection until its first bytes "
+                "arrive (nginx's `deferred`, HAProxy's `defer-accept`), as herd's HTTP listener does by default. Load: `wrk -t2`, keep-alive or `Connection: close` (a new "
                 "connection per request), 16 and 128 connections, after one unmeasured second of load per start; setups "
                 "interleaved, each run repeated per round; "
                 "figures are medians, req/s with the min–max spread. **CPU** is the balancing process's own CPU "

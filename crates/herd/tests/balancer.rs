@@ -420,6 +420,70 @@ fn tcp_protocol_balances_connections() {
     assert_eq!(counts.values().copied().collect::<Vec<_>>(), [5, 5]);
 }
 
+/// A server that speaks first (SMTP, MySQL, Redis' replicas...) behind the
+/// TCP proxy: its greeting reaches a client that has not said anything, at
+/// once. The HTTP listener's deferred accept must not apply here, where it
+/// would hold such a client for a second or more.
+#[test]
+fn tcp_protocol_relays_a_greeting_to_a_silent_client_at_once() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.write_all(b"220 ready\r\n");
+        }
+    });
+    let h = lb(&["--protocol", "tcp", &format!("--upstream=127.0.0.1:{port}")]);
+    let start = Instant::now();
+    let s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert_eq!(line, "220 ready\r\n");
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(700),
+        "the greeting took {took:?}"
+    );
+}
+
+/// The HTTP listener accepts a connection only once its first bytes arrive
+/// (TCP_DEFER_ACCEPT, nginx's `deferred`): one wake-up per new connection
+/// instead of two, and clients that connect and say nothing hold nothing of
+/// herd's (the kernel keeps them half-open). They are still served when
+/// they speak.
+#[test]
+fn http_connections_are_accepted_when_their_request_arrives() {
+    let up = Upstream::start(&[]);
+    let h = lb(&[&format!("--upstream=127.0.0.1:{}", up.port)]);
+    let silent: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(("127.0.0.1", h.port)).unwrap())
+        .collect();
+    // The server's side of each is still a request in the kernel, not a
+    // socket herd accepted.
+    let filter = format!("sport = :{}", h.port);
+    let waiting = || {
+        let out = Command::new("ss")
+            .args(["-Htn", "state", "syn-recv", &filter])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert!(
+        wait_until(Duration::from_millis(800), || waiting() == silent.len()),
+        "{} of {} silent connections were waiting in the kernel",
+        waiting(),
+        silent.len()
+    );
+    for mut s in silent {
+        s.set_read_timeout(Some(T)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let (status, _) = read_response(s).unwrap();
+        assert_eq!(status, 200);
+    }
+}
+
 #[tokio::test]
 async fn h2c_clients_are_served() {
     use http_body_util::{BodyExt, Empty};
