@@ -484,6 +484,38 @@ fn http_connections_are_accepted_when_their_request_arrives() {
     }
 }
 
+/// Many clients write a request in pieces with Nagle's algorithm on (each
+/// piece after the first waits for the ACK of the one before). herd must
+/// acknowledge at once, as Linux does at a connection's start: a listener
+/// without TCP_QUICKACK (HAProxy's `tcp-smart-accept`) delays that ACK by
+/// 40 ms or more, on every such request.
+#[test]
+fn requests_written_in_pieces_with_nagle_on_are_not_held_up() {
+    let up = Upstream::start(&[]);
+    let h = lb(&[&format!("--upstream=127.0.0.1:{}", up.port)]);
+    let pieces = [
+        "GET / HTTP/1.1\r\n",
+        "Host: t\r\n",
+        "Connection: close\r\n",
+        "\r\n",
+    ];
+    let mut took: Vec<Duration> = (0..21)
+        .map(|_| {
+            let start = Instant::now();
+            let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            for piece in pieces {
+                s.write_all(piece.as_bytes()).unwrap();
+            }
+            assert_eq!(read_response(s).unwrap().0, 200);
+            start.elapsed()
+        })
+        .collect();
+    took.sort();
+    let median = took[took.len() / 2];
+    assert!(median < Duration::from_millis(20), "{took:?}");
+}
+
 #[tokio::test]
 async fn h2c_clients_are_served() {
     use http_body_util::{BodyExt, Empty};

@@ -201,12 +201,18 @@ sockopt_impl!(
     libc::c_int
 );
 
-/// For protocols where the client speaks first (HTTP): the kernel queues a
-/// connection for `accept` only once its first bytes arrived, so accepting
-/// it and reading its request take one wake-up instead of two (nginx's
+/// For a protocol where the client speaks first (`client_first`: HTTP,
+/// with or without TLS), `TCP_DEFER_ACCEPT`: the kernel queues a connection
+/// for `accept` only once its first bytes arrived, so accepting it and
+/// reading its request take one wake-up instead of two (nginx's
 /// `listen ... deferred`). A client that connects and says nothing is
-/// accepted after about `secs` anyway. `0` turns it off (TCP mode, where the
-/// server may speak first, and a socket handed over with it set).
-pub fn defer_accept(l: &std::net::TcpListener, secs: i32) -> std::io::Result<()> {
+/// accepted after about a second. Off otherwise (TCP mode, where the server
+/// may speak first; a socket handed over with it set).
+///
+/// Not HAProxy's other accept saving, no `TCP_QUICKACK` on the listener:
+/// a client that writes its request in pieces with Nagle on (many do) then
+/// waits for each delayed ACK, 40 ms or more per piece.
+pub fn client_speaks_first(l: &std::net::TcpListener, client_first: bool) -> std::io::Result<()> {
+    let secs: libc::c_int = if client_first { 1 } else { 0 };
     nix::sys::socket::setsockopt(l, TcpDeferAccept, &secs).map_err(std::io::Error::from)
 }

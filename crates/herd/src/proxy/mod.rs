@@ -117,13 +117,10 @@ pub fn start_threads(
     close_idle: CancellationToken,
 ) -> std::io::Result<()> {
     for (i, l) in listeners.into_iter().enumerate() {
-        let defer = if matches!(proto, Protocol::Http(_)) {
-            1
-        } else {
-            0
-        };
-        if let Err(e) = crate::os::listen::defer_accept(&l, defer) {
-            tracing::debug!("TCP_DEFER_ACCEPT: {e}");
+        let http = matches!(proto, Protocol::Http(_));
+        if let Err(e) = crate::os::listen::client_speaks_first(&l, http) {
+            // Only packets and wake-ups are lost: serve anyway.
+            tracing::debug!("listener options: {e}");
         }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
