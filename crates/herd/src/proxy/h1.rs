@@ -156,9 +156,9 @@ pub fn serve(
             match Box::pin(exchange(&p, &mut io, &mut inbox, len, peer, &stop)).await {
                 Outcome::KeepAlive => inbox.release_if_empty(),
                 Outcome::Close if inbox.pending().is_empty() => {
-                    // The FIN goes out now, with an answer `write_answer`
+                    // The FIN goes out now, with the answer `write_answer`
                     // held back: a close with unread input would send a
-                    // reset instead, and the held answer with it.
+                    // reset instead and drop that answer.
                     let _ = socket2::SockRef::from(&io).shutdown(std::net::Shutdown::Write);
                     break;
                 }
