@@ -198,7 +198,7 @@ def nginx_conf(d, port, ports, tls=None):
 pid {d}/nginx.pid;
 error_log {d}/nginx.err warn;
 daemon off;
-events {{ worker_connections 8192; }}
+events {{ worker_connections 16384; }}
 http {{
   access_log off;
   upstream backends {{ {up} keepalive 128; }}
@@ -473,6 +473,13 @@ def hold_idle(port, n):
     return socks
 
 
+# HAProxy wants two fds per connection of its maxconn and will not start
+# with fewer; the hard limit here is 20,000 and may not be raised (no
+# CAP_SYS_RESOURCE), so its maxconn is 9,900 (haproxy_cfg). Beside wrk's 64
+# connections it can hold this many idle ones; nginx and herd hold --conns.
+HAPROXY_IDLE = 9800
+
+
 def idle(args):
     """RSS per idle keep-alive client connection of each HTTP balancer, then
     throughput with those connections still open."""
@@ -486,13 +493,14 @@ def idle(args):
         for r in range(args.rounds):
             for name, kind in kinds:
                 s = Setup(name, "rust", kind, herd=kind.startswith("herd"))
-                log(f"round {r + 1}/{args.rounds}: {name}, {args.conns} idle connections")
+                n = min(args.conns, HAPROXY_IDLE) if kind == "haproxy" else args.conns
+                log(f"round {r + 1}/{args.rounds}: {name}, {n} idle connections")
                 s.start(work)
                 try:
                     wrk(s.port, "keep-alive", 16, 1)  # pools and buffers settle first
                     time.sleep(0.5)
                     before = rss_kib(s.balancer())
-                    socks = hold_idle(s.port, args.conns)
+                    socks = hold_idle(s.port, n)
                     time.sleep(1.0)
                     after = rss_kib(s.balancer())
                     load = wrk(s.port, "keep-alive", 64, args.secs)
@@ -506,9 +514,9 @@ def idle(args):
                         except OSError:
                             pass
                         sock.close()
-                    rows.append({"setup": name, "kind": kind, "round": r, "conns": args.conns,
+                    rows.append({"setup": name, "kind": kind, "round": r, "conns": n,
                                  "rss_before_kib": before, "rss_after_kib": after,
-                                 "bytes_per_conn": (after - before) * 1024 / args.conns,
+                                 "bytes_per_conn": (after - before) * 1024 / n,
                                  "rps_with_idle": load["rps"], "p99_with_idle": load["p99"],
                                  "idle_still_open": still})
                 finally:
@@ -548,6 +556,13 @@ def strace_count(pids, work):
     return stop
 
 
+def tcp_out_segs():
+    """TCP segments the machine has sent (`OutSegs` of /proc/net/snmp): on
+    loopback, every packet of the load generator, the balancer and the apps."""
+    lines = [l.split() for l in Path("/proc/net/snmp").read_text().splitlines() if l.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("OutSegs")])
+
+
 def syscalls(args):
     """Syscalls per request of each HTTP balancer, counted by strace under
     the same wrk load (strace slows them; only the counts matter)."""
@@ -564,6 +579,10 @@ def syscalls(args):
             try:
                 for load in ("keep-alive", "new connection"):
                     wrk(s.port, load, 16, 1)
+                    # Packets, without strace (whose delays could add ACKs).
+                    before = tcp_out_segs()
+                    plain = wrk(s.port, load, 16, 2)
+                    segs = (tcp_out_segs() - before) / max(plain["requests"], 1)
                     pids = s.balancer()
                     if kind == "nginx":  # the workers do the work; the master waits
                         pids = [p for p in pids if p != pids[0]]
@@ -573,6 +592,7 @@ def syscalls(args):
                     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
                     rows.append({"setup": name, "kind": kind, "load": load, "requests": res["requests"],
                                  "syscalls": total, "per_request": total / max(res["requests"], 1),
+                                 "segments": segs,
                                  "top": {k: round(v / max(res["requests"], 1), 2) for k, v in top}})
                     log(f"{name}, {load}: {rows[-1]['per_request']:.2f} syscalls/request {rows[-1]['top']}")
             finally:
@@ -592,15 +612,20 @@ def syscall_lines():
     out = ["## Syscalls per request", "",
            f"Run {m['date']} with `bench/syscalls`: `strace -c -f` attached to each balancer (nginx's workers, "
            f"HAProxy's process, herd's master) while `wrk -c16` runs for {m['secs']} s against the Rust app; "
-           "calls counted over requests served. strace slows everything down, so only the counts mean anything.", "",
-           "| setup | load | syscalls/request | vs herd | most frequent (per request) |", "|---|---|---|---|---|"]
+           "calls counted over requests served. strace slows everything down, so only the counts mean anything. "
+           "**TCP segments** per request are counted without strace, in 2 s of the same load just before: every "
+           "packet on loopback (client, balancer and apps; `OutSegs` of `/proc/net/snmp`), each of which costs the "
+           "kernel a trip through both sides' TCP stacks.", "",
+           "| setup | load | syscalls/request | vs herd | TCP segments/request | most frequent (per request) |",
+           "|---|---|---|---|---|---|"]
     herd = {r["load"]: r["per_request"] for r in rows if r["kind"] == "herd-proxy"}
     for r in rows:
         h = herd.get(r["load"])
         vs = f"{r['per_request'] / h:.2f}×" if h and r["kind"] != "herd-proxy" else "–"
         top = ", ".join(f"{k} {v}" for k, v in r["top"].items())
         name = f"**{r['setup']}**" if r["kind"] == "herd-proxy" else r["setup"]
-        out.append(f"| {name} | {r['load']} | {r['per_request']:.2f} | {vs} | {top} |")
+        segs = f"{r['segments']:.1f}" if "segments" in r else "–"
+        out.append(f"| {name} | {r['load']} | {r['per_request']:.2f} | {vs} | {segs} | {top} |")
     return out + [""]
 
 
@@ -612,12 +637,14 @@ def idle_lines():
     m, rows = data["meta"], data["rows"]
     out = ["## Memory per idle client connection", "",
            f"Run {m['date']}, {m['rounds']} rounds. Each balancer (in front of the same two `herd-demo` "
-           f"backends) gets {m['conns']:,} keep-alive client connections that each make one request, read the "
+           f"backends) gets {m['conns']:,} keep-alive client connections (**conns**: HAProxy at most "
+           f"{HAPROXY_IDLE:,}, as its `maxconn` must leave room for the load that follows and may not exceed "
+           "half this machine's 20,000-descriptor limit) that each make one request, read the "
            "answer and then sit idle. **Bytes/conn** is the growth of the balancing processes' RSS (all of "
            "nginx's, HAProxy's process, herd's master) divided by the connection count (median of rounds). "
            f"Then `wrk -c64` runs for {m['secs']} s with the idle connections still open.", "",
-           "| setup | bytes/conn | vs herd | RSS before → after (MiB) | req/s with idle conns open | p99 ms | idle conns still open |",
-           "|---|---|---|---|---|---|---|"]
+           "| setup | conns | bytes/conn | vs herd | RSS before → after (MiB) | req/s with idle conns open | p99 ms | idle conns still open |",
+           "|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in rows:
         by.setdefault(r["setup"], []).append(r)
@@ -626,7 +653,7 @@ def idle_lines():
     for name, rs in by.items():
         b = med([r["bytes_per_conn"] for r in rs])
         vs = f"{b / herd_b:.2f}×" if herd_b and name != "herd proxy" else "–"
-        out.append(f"| {'**' + name + '**' if name == 'herd proxy' else name} | {b:,.0f} | {vs} | "
+        out.append(f"| {'**' + name + '**' if name == 'herd proxy' else name} | {rs[0]['conns']:,} | {b:,.0f} | {vs} | "
                    f"{med([r['rss_before_kib'] for r in rs]) / 1024:.1f} → {med([r['rss_after_kib'] for r in rs]) / 1024:.1f} | "
                    f"{med([r['rps_with_idle'] for r in rs]):,.0f} | {med([r['p99_with_idle'] for r in rs]) / 1000:.2f} | "
                    f"{min(r['idle_still_open'] for r in rs):,} |")
@@ -1237,10 +1264,8 @@ def main():
     c = sub.add_parser("chaos")
     c.add_argument("--times", type=int, default=20)
     i = sub.add_parser("idle")
-    # HAProxy wants two fds per connection of its maxconn and will not start
-    # with fewer; the hard limit here is 20,000 and may not be raised (no
-    # CAP_SYS_RESOURCE): 9,000 fits every peer, 10,000 would not fit HAProxy.
-    i.add_argument("--conns", type=int, default=9000)
+    # HAProxy gets at most HAPROXY_IDLE of them (see there).
+    i.add_argument("--conns", type=int, default=10000)
     i.add_argument("--rounds", type=int, default=3)
     i.add_argument("--secs", type=int, default=3)
     y = sub.add_parser("syscalls")
