@@ -963,6 +963,44 @@ def reference(summary, app, kind, load, conns):
     return None
 
 
+# The proxy engine's targets (issue 11): herd's proxy against nginx and
+# HAProxy, per load. (label, how herd's figure compares, goal, met when)
+TARGETS = [("req/s ÷ nginx", "rps", "nginx", 1.2, "≥"), ("req/s ÷ HAProxy", "rps", "haproxy", 1.1, "≥"),
+           ("CPU ÷ cheaper peer", "cpu", "cheaper", 0.8, "≤"), ("p99 ÷ better peer", "p99", "better", 1.0, "≤")]
+
+
+def target_lines(summary):
+    """Per load, herd's proxy against the targets, and by how much it misses."""
+    by = {}
+    for (app, _s, load, conns), v in summary.items():
+        if v["kind"] in ("herd-proxy", "nginx", "haproxy"):
+            by.setdefault((app, load, conns), {})[v["kind"]] = v
+    out = ["## The proxy engine's targets", "",
+           "herd's proxy against the targets of its engine: req/s ≥ 1.2× nginx's and ≥ 1.1× HAProxy's, balancer "
+           "CPU per request ≤ 0.8× the cheaper peer's, p99 ≤ the better peer's. Each cell is herd's ratio, then "
+           "**met** or how far it is from the target.", "",
+           "| app | load | conns | " + " | ".join(f"{t[0]} (target {t[4]} {t[3]:.1f})" for t in TARGETS) + " |",
+           "|---|---|---|" + "---|" * len(TARGETS)]
+    met = [0] * len(TARGETS)
+    rows = [k for k in sorted(by) if len(by[k]) == 3]
+    for app, load, conns in rows:
+        v = by[(app, load, conns)]
+        cells = []
+        for i, (_label, key, peer, goal, sense) in enumerate(TARGETS):
+            peers = [v["nginx"][key], v["haproxy"][key]]
+            other = {"nginx": peers[0], "haproxy": peers[1]}.get(peer) or min(p for p in peers if p)
+            r = v["herd-proxy"][key] / other if other else None
+            if r is None:
+                cells.append("–")
+                continue
+            ok = r >= goal if sense == "≥" else r <= goal
+            met[i] += ok
+            cells.append(f"{r:.2f} **met**" if ok else f"{r:.2f} ({r - goal:+.2f})")
+        out.append(f"| {app} | {load} | {conns} | " + " | ".join(cells) + " |")
+    out += ["", "Met in " + ", ".join(f"{n} of {len(rows)} ({t[0]})" for n, t in zip(met, TARGETS)) + ".", ""]
+    return out
+
+
 def ratio(a, b):
     return f"{a / b:.2f}" if a is not None and b not in (None, 0) else "–"
 
@@ -1044,6 +1082,7 @@ def report():
             doc += ["![balancer CPU](bench-cpu.png)", ""]
         headline = headlines(summary)
         readme += readme_table(summary, data["meta"])
+        doc += target_lines(summary)
         doc += ["## Where herd wins and loses", ""] + [f"- {h}" for h in headline] + [""]
     if chaos_f.exists():
         data = json.loads(chaos_f.read_text())
@@ -1093,13 +1132,15 @@ def report():
     doc += idle_lines()
     doc += syscall_lines()
     doc += edge_lines()
-    doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 5 minutes, plus the first build)",
-            "bench/idle     # memory per idle client connection (about 2 minutes)",
-            "bench/syscalls # syscalls per request under strace (about 1 minute)",
+    doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 21 minutes, plus the first build)",
+            "bench/idle     # memory per idle client connection (about 3 minutes)",
+            "bench/syscalls # syscalls and TCP segments per request (about 2 minutes)",
+            "bench/edge     # TLS and HTTP/2 (about 2 minutes)",
             "bench/chaos    # reloads and kills under load (about 5 minutes)", "```", "",
-            "Both install what they need (Debian's `wrk`, `nginx`, `haproxy`, `nodejs`; `pm2` from the npm "
+            "They install what they need (Debian's `wrk`, `nginx`, `haproxy`, `nodejs`; `pm2` from the npm "
             "registry into `bench/.tools`) and build herd in release mode. Each start of a setup gets one "
-            "unmeasured second of load first (`--warmup`). `bench/run --rounds 5 --secs 3` measures longer."]
+            "unmeasured second of load first (`--warmup`). `bench/run` runs 3 rounds of 5 s per load; "
+            "`--rounds 5` measures longer (the last run), `--secs 2` is quicker (about 10 minutes)."]
     (ROOT / "docs/BENCHMARKS.md").write_text("\n".join(doc) + "\n")
     update_readme(readme)
     if charts:
@@ -1258,7 +1299,8 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("run")
     b.add_argument("--rounds", type=int, default=3)
-    b.add_argument("--secs", type=int, default=1)
+    # Rounds of 1 s left a spread between rounds larger than the margins.
+    b.add_argument("--secs", type=int, default=5)
     b.add_argument("--warmup", type=int, default=1, help="unmeasured seconds of load after each start")
     b.add_argument("--only", nargs="*", help="setup kinds or apps to run (e.g. dispatch node-cluster)")
     c = sub.add_parser("chaos")
