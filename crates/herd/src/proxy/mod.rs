@@ -179,9 +179,13 @@ pub async fn serve(
     active: Arc<Active>,
     stop: CancellationToken,
 ) {
+    // One wait for the stop, not one per accepted connection (each joins
+    // and leaves the token's waiter list under its lock).
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = &mut stopped => return,
             a = listener.accept() => a,
         };
         match accepted {
