@@ -24,12 +24,23 @@ def unary(request, context):
 
 
 def stream(request, context):
+    sent, finished = [0], [False]
+
+    # grpcio may stop pulling from this generator once the caller went away,
+    # so a check inside the loop alone could miss it: the callback runs when
+    # the call ends, however it ends.
+    def ended():
+        if not finished[0]:
+            print(f"stream cancelled after {sent[0]} messages", flush=True)
+
+    context.add_callback(ended)
     for i in range(int(request)):
         if not context.is_active():
-            print(f"stream cancelled after {i} messages", flush=True)
             return
         yield f"worker {WORKER} message {i}".encode()
+        sent[0] = i + 1
         time.sleep(0.05)
+    finished[0] = True
 
 
 handler = grpc.method_handlers_generic_handler(
