@@ -434,15 +434,23 @@ fn tcp_protocol_relays_a_greeting_to_a_silent_client_at_once() {
         }
     });
     let h = lb(&["--protocol", "tcp", &format!("--upstream=127.0.0.1:{port}")]);
-    let start = Instant::now();
-    let s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    assert_eq!(line, "220 ready\r\n");
-    let took = start.elapsed();
+    // The quickest of three, so a stalled test machine does not fail it; a
+    // deferred accept would make every one take a second or more.
+    let took: Vec<Duration> = (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).unwrap();
+            assert_eq!(line, "220 ready\r\n");
+            start.elapsed()
+        })
+        .collect();
     assert!(
-        took < Duration::from_millis(700),
+        took.iter()
+            .min()
+            .is_some_and(|t| *t < Duration::from_millis(500)),
         "the greeting took {took:?}"
     );
 }
