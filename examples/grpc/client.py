@@ -16,10 +16,13 @@ stream = channel.unary_stream("/herd.Test/Stream")
 out = {}
 
 if sys.argv[2:3] == ["long"]:
-    # `client.py ADDR long N`: one stream of N messages; prints how many came.
-    print("started", flush=True)
+    # `client.py ADDR long N`: one stream of N messages; says "started" once
+    # the first message came (the stream is in flight), then how many came.
     try:
-        print(sum(1 for _ in stream(sys.argv[3].encode(), timeout=60)), flush=True)
+        call = stream(sys.argv[3].encode(), timeout=60)
+        next(call)
+        print("started", flush=True)
+        print(1 + sum(1 for _ in call), flush=True)
     except grpc.RpcError as e:
         print(e.code().name, e.details(), flush=True)
     sys.exit(0)

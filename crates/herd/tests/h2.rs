@@ -159,7 +159,7 @@ fn long_stream(port: u16, n: usize) -> std::process::Child {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for "started": the call is on its way.
+    // Wait for "started": the stream is in flight (its first message came).
     let mut first = [0u8; 8];
     c.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
     assert_eq!(&first, b"started\n");
