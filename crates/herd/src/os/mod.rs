@@ -1,10 +1,13 @@
 //! The master's dealings with the operating system, apart from policy:
-//! fork/exec and fd passing (`sys`, the only `unsafe`), listening sockets
-//! (`listen`), the guardian process (`guardian`), usable CPUs (`cpus`),
-//! the private runtime directory (`rundir`) and adopted children (`reaper`).
+//! fork/exec and fd passing (`sys`), listening sockets (`listen`), client
+//! sockets that join the event loop only to wait (`lazy`), the guardian
+//! process (`guardian`), usable CPUs (`cpus`), the private runtime directory
+//! (`rundir`) and adopted children (`reaper`). `sys` and `lazy` are the only
+//! modules with `unsafe`.
 
 pub mod cpus;
 pub mod guardian;
+pub mod lazy;
 pub mod listen;
 pub mod reaper;
 pub mod rundir;

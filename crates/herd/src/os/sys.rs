@@ -1,6 +1,6 @@
-//! The only module with `unsafe`: the code that runs in a worker between
-//! `fork` and `exec`, and passing a connection's fd to a worker
-//! ([`send_fd`], dispatch mode), and the guardian's ignored signals.
+//! With `lazy`, the only modules with `unsafe`: the code that runs in a
+//! worker between `fork` and `exec`, and passing a connection's fd to a
+//! worker ([`send_fd`], dispatch mode), and the guardian's ignored signals.
 //!
 //! Why it exists: systemd's socket-activation protocol wants `LISTEN_PID`
 //! to be the worker's *own* pid, which only the child knows, and the worker

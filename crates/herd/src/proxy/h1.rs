@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +34,7 @@ use super::chunked::Chunked;
 use super::deadline::{self, Deadline, Woke};
 use super::head::{self, Asked, Framing, H2_PREFACE, Refusal, Response};
 use super::{HttpProxy, Key, conns};
+use crate::os::lazy::LazyStream;
 use crate::upstream::Target;
 
 /// Attempts per request, as nginx's `proxy_next_upstream_tries` but bounded.
@@ -78,7 +79,7 @@ impl Inbox {
 
     /// One read from `io`; `Ok(0)` is EOF. A read with no room left is a
     /// caller's error (heads are bounded below the capacity).
-    fn try_fill(&mut self, io: &TcpStream, cap: usize) -> io::Result<usize> {
+    fn try_fill(&mut self, io: &LazyStream, cap: usize) -> io::Result<usize> {
         if self.v.capacity() == 0 {
             self.v = conns::buffer(cap);
         }
@@ -90,6 +91,63 @@ impl Inbox {
             return Err(io::Error::other("request buffer full"));
         }
         read_drained(io, &mut self.v)
+    }
+}
+
+/// What the relay needs of a socket, the client's ([`LazyStream`]) and a
+/// backend's (tokio's) alike.
+trait Sock {
+    /// One read appended to `v`'s spare room; `Ok(0)` is EOF.
+    fn try_read_buf(&self, v: &mut Vec<u8>) -> io::Result<usize>;
+    /// The receive queue is empty: the next read waits for readiness.
+    fn forget_readable(&self);
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_write(&self, b: &[u8]) -> io::Result<usize>;
+    fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+impl Sock for TcpStream {
+    fn try_read_buf(&self, v: &mut Vec<u8>) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, v)
+    }
+    fn forget_readable(&self) {
+        let _ = self.try_io(Interest::READABLE, || {
+            Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+        });
+    }
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_write_ready(self, cx)
+    }
+    fn try_write(&self, b: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, b)
+    }
+    fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize> {
+        TcpStream::try_write_vectored(self, b)
+    }
+}
+
+impl Sock for LazyStream {
+    fn try_read_buf(&self, v: &mut Vec<u8>) -> io::Result<usize> {
+        LazyStream::try_read_buf(self, v)
+    }
+    fn forget_readable(&self) {
+        LazyStream::forget_readable(self)
+    }
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        LazyStream::poll_read_ready(self, cx)
+    }
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        LazyStream::poll_write_ready(self, cx)
+    }
+    fn try_write(&self, b: &[u8]) -> io::Result<usize> {
+        LazyStream::try_write(self, b)
+    }
+    fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize> {
+        LazyStream::try_write_vectored(self, b)
     }
 }
 
@@ -123,7 +181,7 @@ enum Outcome {
 #[allow(clippy::manual_async_fn)] // on purpose, as said above
 pub fn serve(
     p: Arc<HttpProxy>,
-    mut io: TcpStream,
+    mut io: LazyStream,
     peer: IpAddr,
     stop: CancellationToken,
     active: super::ActiveGuard,
@@ -141,7 +199,9 @@ pub fn serve(
                     let prefix = inbox.pending().to_vec();
                     inbox.release_if_empty();
                     conns::give_back(std::mem::take(&mut inbox.v));
-                    Box::pin(super::h2::serve(p, io, prefix, peer, stop)).await;
+                    if let Ok(io) = io.into_tokio() {
+                        Box::pin(super::h2::serve(p, io, prefix, peer, stop)).await;
+                    }
                     return;
                 }
                 Head::Close => break,
@@ -159,7 +219,7 @@ pub fn serve(
                     // The FIN goes out now, with the answer `write_answer`
                     // held back: a close with unread input would send a
                     // reset instead and drop that answer.
-                    let _ = socket2::SockRef::from(&io).shutdown(std::net::Shutdown::Write);
+                    let _ = io.shutdown_write();
                     break;
                 }
                 // Unread pipelined requests: closing now would reset the
@@ -175,7 +235,7 @@ pub fn serve(
 }
 
 /// Answers a refused request and closes after a lingering read.
-async fn refuse(p: &HttpProxy, io: &mut TcpStream, inbox: &mut Inbox, r: Refusal, peer: IpAddr) {
+async fn refuse(p: &HttpProxy, io: &mut LazyStream, inbox: &mut Inbox, r: Refusal, peer: IpAddr) {
     note_refused(p, peer, r);
     let _ = write_all(io, r.response(), p.cfg.limits.idle_timeout).await;
     linger(io, inbox, buffer_size(p)).await;
@@ -183,7 +243,7 @@ async fn refuse(p: &HttpProxy, io: &mut TcpStream, inbox: &mut Inbox, r: Refusal
 
 /// Reads until `inbox` holds a complete request head. The wait holds no
 /// timer and no buffer: a deadline slot (see [`Deadline`]) and the socket.
-async fn read_head(p: &HttpProxy, io: &TcpStream, inbox: &mut Inbox, first: bool) -> Head {
+async fn read_head(p: &HttpProxy, io: &LazyStream, inbox: &mut Inbox, first: bool) -> Head {
     let limits = &p.cfg.limits;
     let idle_until = deadline::after(if first {
         limits.header_timeout
@@ -280,7 +340,7 @@ enum HeadWait {
 /// One request: sent to a backend (again, if allowed), answered.
 async fn exchange(
     p: &HttpProxy,
-    io: &mut TcpStream,
+    io: &mut LazyStream,
     inbox: &mut Inbox,
     head_len: usize,
     peer: IpAddr,
@@ -465,7 +525,7 @@ async fn exchange(
         // The answer's head for the client: `out` keeps the request's head
         // for a retry, even after a 1xx went to the client.
         let mut rout = conns::buffer(cap);
-        let client: &TcpStream = io;
+        let client: &LazyStream = io;
         let mut body_end = BodyEnd::Done;
         let wait = {
             let head_fut = read_answer_head(
@@ -590,7 +650,7 @@ async fn exchange(
             conns::give_back(rout);
             conns::give_back(std::mem::take(&mut inbox.v));
             inbox.start = 0;
-            if ok {
+            if ok && let Ok(io) = io.registered_mut() {
                 let mut b = b;
                 let _ = tokio::io::copy_bidirectional(io, &mut b).await;
             }
@@ -623,7 +683,7 @@ async fn exchange(
 /// Relays the rest of the request body from the client to the backend.
 /// `in_buf` bytes at the inbox's front were already sent with the head.
 async fn send_body(
-    client: &TcpStream,
+    client: &LazyStream,
     inbox: &mut Inbox,
     in_buf: usize,
     b: &TcpStream,
@@ -681,7 +741,7 @@ async fn send_body(
 async fn read_answer_head(
     b: &TcpStream,
     rbuf: &mut Vec<u8>,
-    client: &TcpStream,
+    client: &LazyStream,
     asked: Asked,
     out: &mut Vec<u8>,
     timeout: Duration,
@@ -728,7 +788,7 @@ enum Relayed {
 #[allow(clippy::too_many_arguments)]
 async fn relay_answer(
     p: &HttpProxy,
-    client: &TcpStream,
+    client: &LazyStream,
     b: &TcpStream,
     rbuf: &mut Vec<u8>,
     head_len: usize,
@@ -872,7 +932,7 @@ async fn relay_answer(
 
 /// A short answer of herd's own; gives `out` back.
 async fn answer(
-    io: &TcpStream,
+    io: &LazyStream,
     mut out: Vec<u8>,
     (status, reason, body): (u16, &str, &str),
     keep: bool,
@@ -918,7 +978,7 @@ async fn ready_by(
 
 /// One read into the inbox, waiting up to `timeout` for bytes.
 async fn read_some(
-    io: &TcpStream,
+    io: &LazyStream,
     inbox: &mut Inbox,
     cap: usize,
     timeout: Duration,
@@ -940,19 +1000,17 @@ async fn read_some(
 /// the reads of a keep-alive request). Safe with edge-triggered epoll:
 /// bytes arriving after the read raise a new event, and tokio never clears
 /// the "closed" readiness, so a FIN is not missed.
-fn read_drained(io: &TcpStream, v: &mut Vec<u8>) -> io::Result<usize> {
+fn read_drained(io: &impl Sock, v: &mut Vec<u8>) -> io::Result<usize> {
     let room = v.capacity() - v.len();
     let n = io.try_read_buf(v)?;
     if n > 0 && n < room {
-        let _ = io.try_io(Interest::READABLE, || {
-            Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
-        });
+        io.forget_readable();
     }
     Ok(n)
 }
 
 /// One read appended to `v` (which has room), waiting up to `timeout`.
-async fn read_some_vec(io: &TcpStream, v: &mut Vec<u8>, timeout: Duration) -> io::Result<usize> {
+async fn read_some_vec(io: &impl Sock, v: &mut Vec<u8>, timeout: Duration) -> io::Result<usize> {
     if v.len() == v.capacity() {
         return Err(io::Error::other("buffer full"));
     }
@@ -968,13 +1026,13 @@ async fn read_some_vec(io: &TcpStream, v: &mut Vec<u8>, timeout: Duration) -> io
 }
 
 /// Writes all of `data`, waiting up to `timeout` each time the socket is full.
-async fn write_all(io: &TcpStream, data: &[u8], timeout: Duration) -> io::Result<()> {
+async fn write_all(io: &impl Sock, data: &[u8], timeout: Duration) -> io::Result<()> {
     write_two(io, data, &[], timeout).await
 }
 
 /// Writes `a` then `b`, in one `writev` when the socket takes them (one
 /// `send` when either is empty: cheaper in the kernel than a `writev`).
-async fn write_two(io: &TcpStream, a: &[u8], b: &[u8], timeout: Duration) -> io::Result<()> {
+async fn write_two(io: &impl Sock, a: &[u8], b: &[u8], timeout: Duration) -> io::Result<()> {
     let mut bufs = [IoSlice::new(a), IoSlice::new(b)];
     let mut slices: &mut [IoSlice<'_>] = match (a.is_empty(), b.is_empty()) {
         (_, true) => &mut bufs[..1],
@@ -1006,7 +1064,7 @@ async fn write_two(io: &TcpStream, a: &[u8], b: &[u8], timeout: Duration) -> io:
 /// with one ACK (two packets fewer per closed connection). What the socket
 /// does not take at once is written as [`write_all`] does.
 async fn write_answer(
-    io: &TcpStream,
+    io: &LazyStream,
     data: &[u8],
     keep: bool,
     timeout: Duration,
@@ -1014,9 +1072,7 @@ async fn write_answer(
     if keep {
         return write_all(io, data, timeout).await;
     }
-    let more =
-        || socket2::SockRef::from(io).send_with_flags(data, libc::MSG_MORE | libc::MSG_NOSIGNAL);
-    let n = match io.try_io(Interest::WRITABLE, more) {
+    let n = match io.try_send_flags(data, libc::MSG_MORE) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
@@ -1026,8 +1082,8 @@ async fn write_answer(
 
 /// Closes the sending side, then reads and drops what the client still
 /// sends for up to [`LINGER`], so the answer reaches it before the close.
-async fn linger(io: &mut TcpStream, inbox: &mut Inbox, cap: usize) {
-    let _ = io.shutdown().await;
+async fn linger(io: &mut LazyStream, inbox: &mut Inbox, cap: usize) {
+    let _ = io.shutdown_write();
     let until = deadline::after(LINGER);
     loop {
         inbox.v.clear();
@@ -1130,7 +1186,9 @@ mod tests {
     async fn an_idle_connection_holds_a_small_future() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let s = crate::os::lazy::LazyStream::new_for_test(mio::net::TcpStream::from_std(s));
         let secs = Duration::from_secs(1);
         let cfg = HttpConfig {
             connect_timeout: secs,

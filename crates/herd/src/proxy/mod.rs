@@ -39,11 +39,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use herd_balance::{Backend, Ctx, KeySource, PickError};
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpConfig;
+use crate::os::lazy::Listener;
 use crate::upstream::{Picked, Upstreams};
 pub use tcp::TcpProxy;
 
@@ -150,7 +150,7 @@ pub fn start_threads(
                             }
                         }
                     });
-                    match TcpListener::from_std(l) {
+                    match Listener::new(l) {
                         Ok(l) => serve(l, proto, active.clone(), stop).await,
                         Err(e) => tracing::error!("proxy thread {i} cannot listen: {e}"),
                     }
@@ -174,7 +174,7 @@ pub fn start_threads(
 /// Accepts until `stop` is cancelled, then drops the listener; HTTP
 /// connections are told to finish in-flight requests and close.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     proto: Protocol,
     active: Arc<Active>,
     stop: CancellationToken,
@@ -191,6 +191,24 @@ pub async fn serve(
         match accepted {
             Ok((client, peer)) => {
                 let guard = ActiveGuard::new(active.clone());
+                if let Protocol::Http(h) = &proto
+                    && h.tls.is_none()
+                    && !h.h2_backends
+                {
+                    // Joins the event loop only if it has to wait (a
+                    // `Connection: close` request seldom does): no wrapper
+                    // future, so an idle connection's task holds `serve`'s
+                    // state alone.
+                    tokio::spawn(h1::serve(h.clone(), client, peer.ip(), stop.clone(), guard));
+                    continue;
+                }
+                let client = match client.into_tokio() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("cannot serve a connection: {e}");
+                        continue;
+                    }
+                };
                 match &proto {
                     Protocol::Http(h) if h.tls.is_some() => {
                         if let Some(tls) = h.tls.clone() {
@@ -201,17 +219,12 @@ pub async fn serve(
                             });
                         }
                     }
-                    Protocol::Http(h) if h.h2_backends => {
+                    Protocol::Http(h) => {
                         let (h, stop) = (h.clone(), stop.clone());
                         tokio::spawn(async move {
                             h2::serve_any(h, client, peer.ip(), stop).await;
                             drop(guard);
                         });
-                    }
-                    Protocol::Http(h) => {
-                        // No wrapper future: what the task holds while the
-                        // connection is idle is `serve`'s state alone.
-                        tokio::spawn(h1::serve(h.clone(), client, peer.ip(), stop.clone(), guard));
                     }
                     Protocol::Tcp(t) => {
                         let t = t.clone();
