@@ -118,64 +118,6 @@ impl LazyStream {
         }
     }
 
-    /// One read appended to `v`'s spare room; `Ok(0)` is EOF.
-    pub fn try_read_buf(&self, v: &mut Vec<u8>) -> io::Result<usize> {
-        let Some(raw) = self.bare() else {
-            return self.registered()?.try_read_buf(v);
-        };
-        if self.drained.load(Ordering::Relaxed) {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let spare: &mut [MaybeUninit<u8>] = v.spare_capacity_mut();
-        let n = socket2::SockRef::from(raw).recv(spare)?;
-        // SAFETY: `recv` initialised the first `n` bytes of the spare room.
-        unsafe { v.set_len(v.len() + n) };
-        Ok(n)
-    }
-
-    /// The receive queue is known to be empty (a read came back short):
-    /// the next read waits for readiness instead of asking.
-    pub fn forget_readable(&self) {
-        match self.reg.get() {
-            None => self.drained.store(true, Ordering::Relaxed),
-            Some(Some(s)) => {
-                let _ = s.try_io(Interest::READABLE, || {
-                    Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
-                });
-            }
-            Some(None) => {}
-        }
-    }
-
-    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.registered() {
-            Ok(s) => s.poll_read_ready(cx),
-            Err(e) => Poll::Ready(Err(e)),
-        }
-    }
-
-    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.registered() {
-            Ok(s) => s.poll_write_ready(cx),
-            Err(e) => Poll::Ready(Err(e)),
-        }
-    }
-
-    pub fn try_write(&self, b: &[u8]) -> io::Result<usize> {
-        match self.bare() {
-            // std's `send` has MSG_NOSIGNAL.
-            Some(mut raw) => raw.write(b),
-            None => self.registered()?.try_write(b),
-        }
-    }
-
-    pub fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self.bare() {
-            Some(mut raw) => raw.write_vectored(b),
-            None => self.registered()?.try_write_vectored(b),
-        }
-    }
-
     /// One `send` with `flags` (and MSG_NOSIGNAL).
     pub fn try_send_flags(&self, b: &[u8], flags: libc::c_int) -> io::Result<usize> {
         let flags = flags | libc::MSG_NOSIGNAL;
@@ -210,6 +152,96 @@ impl LazyStream {
     }
 }
 
+/// What the proxy's relay needs of a socket: the client's
+/// ([`LazyStream`]) and a backend's (tokio's) alike.
+pub trait Socket {
+    /// One read appended to `v`'s spare room; `Ok(0)` is EOF.
+    fn try_read_buf(&self, v: &mut Vec<u8>) -> io::Result<usize>;
+    /// The receive queue is known to be empty (a read came back short): the
+    /// next read waits for readiness instead of asking the kernel.
+    fn forget_readable(&self);
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_write(&self, b: &[u8]) -> io::Result<usize>;
+    fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+impl Socket for TcpStream {
+    fn try_read_buf(&self, v: &mut Vec<u8>) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, v)
+    }
+    fn forget_readable(&self) {
+        let _ = self.try_io(Interest::READABLE, || {
+            Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+        });
+    }
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_write_ready(self, cx)
+    }
+    fn try_write(&self, b: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, b)
+    }
+    fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize> {
+        TcpStream::try_write_vectored(self, b)
+    }
+}
+
+impl Socket for LazyStream {
+    fn try_read_buf(&self, v: &mut Vec<u8>) -> io::Result<usize> {
+        let Some(raw) = self.bare() else {
+            return self.registered()?.try_read_buf(v);
+        };
+        if self.drained.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let spare: &mut [MaybeUninit<u8>] = v.spare_capacity_mut();
+        let n = socket2::SockRef::from(raw).recv(spare)?;
+        // SAFETY: `recv` initialised the first `n` bytes of the spare room.
+        unsafe { v.set_len(v.len() + n) };
+        Ok(n)
+    }
+
+    fn forget_readable(&self) {
+        match self.reg.get() {
+            None => self.drained.store(true, Ordering::Relaxed),
+            Some(Some(s)) => s.forget_readable(),
+            Some(None) => {}
+        }
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.registered() {
+            Ok(s) => s.poll_read_ready(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.registered() {
+            Ok(s) => s.poll_write_ready(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn try_write(&self, b: &[u8]) -> io::Result<usize> {
+        match self.bare() {
+            // std's `send` has MSG_NOSIGNAL.
+            Some(mut raw) => raw.write(b),
+            None => self.registered()?.try_write(b),
+        }
+    }
+
+    fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self.bare() {
+            Some(mut raw) => raw.write_vectored(b),
+            None => self.registered()?.try_write_vectored(b),
+        }
+    }
+}
+
 impl Drop for LazyStream {
     fn drop(&mut self) {
         if self.reg.get().is_none() {
@@ -225,7 +257,7 @@ mod tests {
     use std::io::{Read, Write};
     use std::time::Duration;
 
-    use super::{LazyStream, Listener};
+    use super::{LazyStream, Listener, Socket};
 
     async fn pair() -> (LazyStream, std::net::TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -276,7 +308,9 @@ mod tests {
         // Written before the registration: epoll reports it when the socket
         // is added, so the wait below still ends.
         c.write_all(b"late").unwrap();
-        std::future::poll_fn(|cx| s.poll_read_ready(cx)).await.unwrap();
+        std::future::poll_fn(|cx| s.poll_read_ready(cx))
+            .await
+            .unwrap();
         assert!(s.is_registered());
         read_until_would_block(&s, &mut v);
         assert_eq!(v, b"late");
@@ -303,7 +337,9 @@ mod tests {
         let mut v = Vec::with_capacity(8);
         let e = s.try_read_buf(&mut v).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
-        std::future::poll_fn(|cx| s.poll_read_ready(cx)).await.unwrap();
+        std::future::poll_fn(|cx| s.poll_read_ready(cx))
+            .await
+            .unwrap();
         read_until_would_block(&s, &mut v);
         assert_eq!(v, b"x");
     }
@@ -318,7 +354,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&b, b"h2");
-        tokio::io::AsyncWriteExt::write_all(&mut t, b"ok").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut t, b"ok")
+            .await
+            .unwrap();
         drop(t);
         let mut got = Vec::new();
         c.read_to_end(&mut got).unwrap();

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +33,7 @@ use super::chunked::Chunked;
 use super::deadline::{self, Deadline, Woke};
 use super::head::{self, Asked, Framing, H2_PREFACE, Refusal, Response};
 use super::{HttpProxy, Key, conns};
-use crate::os::lazy::LazyStream;
+use crate::os::lazy::{LazyStream, Socket};
 use crate::upstream::Target;
 
 /// Attempts per request, as nginx's `proxy_next_upstream_tries` but bounded.
@@ -91,63 +90,6 @@ impl Inbox {
             return Err(io::Error::other("request buffer full"));
         }
         read_drained(io, &mut self.v)
-    }
-}
-
-/// What the relay needs of a socket, the client's ([`LazyStream`]) and a
-/// backend's (tokio's) alike.
-trait Sock {
-    /// One read appended to `v`'s spare room; `Ok(0)` is EOF.
-    fn try_read_buf(&self, v: &mut Vec<u8>) -> io::Result<usize>;
-    /// The receive queue is empty: the next read waits for readiness.
-    fn forget_readable(&self);
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    fn try_write(&self, b: &[u8]) -> io::Result<usize>;
-    fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize>;
-}
-
-impl Sock for TcpStream {
-    fn try_read_buf(&self, v: &mut Vec<u8>) -> io::Result<usize> {
-        TcpStream::try_read_buf(self, v)
-    }
-    fn forget_readable(&self) {
-        let _ = self.try_io(Interest::READABLE, || {
-            Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
-        });
-    }
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        TcpStream::poll_read_ready(self, cx)
-    }
-    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        TcpStream::poll_write_ready(self, cx)
-    }
-    fn try_write(&self, b: &[u8]) -> io::Result<usize> {
-        TcpStream::try_write(self, b)
-    }
-    fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize> {
-        TcpStream::try_write_vectored(self, b)
-    }
-}
-
-impl Sock for LazyStream {
-    fn try_read_buf(&self, v: &mut Vec<u8>) -> io::Result<usize> {
-        LazyStream::try_read_buf(self, v)
-    }
-    fn forget_readable(&self) {
-        LazyStream::forget_readable(self)
-    }
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        LazyStream::poll_read_ready(self, cx)
-    }
-    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        LazyStream::poll_write_ready(self, cx)
-    }
-    fn try_write(&self, b: &[u8]) -> io::Result<usize> {
-        LazyStream::try_write(self, b)
-    }
-    fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize> {
-        LazyStream::try_write_vectored(self, b)
     }
 }
 
@@ -1000,7 +942,7 @@ async fn read_some(
 /// the reads of a keep-alive request). Safe with edge-triggered epoll:
 /// bytes arriving after the read raise a new event, and tokio never clears
 /// the "closed" readiness, so a FIN is not missed.
-fn read_drained(io: &impl Sock, v: &mut Vec<u8>) -> io::Result<usize> {
+fn read_drained(io: &impl Socket, v: &mut Vec<u8>) -> io::Result<usize> {
     let room = v.capacity() - v.len();
     let n = io.try_read_buf(v)?;
     if n > 0 && n < room {
@@ -1010,7 +952,7 @@ fn read_drained(io: &impl Sock, v: &mut Vec<u8>) -> io::Result<usize> {
 }
 
 /// One read appended to `v` (which has room), waiting up to `timeout`.
-async fn read_some_vec(io: &impl Sock, v: &mut Vec<u8>, timeout: Duration) -> io::Result<usize> {
+async fn read_some_vec(io: &impl Socket, v: &mut Vec<u8>, timeout: Duration) -> io::Result<usize> {
     if v.len() == v.capacity() {
         return Err(io::Error::other("buffer full"));
     }
@@ -1026,13 +968,13 @@ async fn read_some_vec(io: &impl Sock, v: &mut Vec<u8>, timeout: Duration) -> io
 }
 
 /// Writes all of `data`, waiting up to `timeout` each time the socket is full.
-async fn write_all(io: &impl Sock, data: &[u8], timeout: Duration) -> io::Result<()> {
+async fn write_all(io: &impl Socket, data: &[u8], timeout: Duration) -> io::Result<()> {
     write_two(io, data, &[], timeout).await
 }
 
 /// Writes `a` then `b`, in one `writev` when the socket takes them (one
 /// `send` when either is empty: cheaper in the kernel than a `writev`).
-async fn write_two(io: &impl Sock, a: &[u8], b: &[u8], timeout: Duration) -> io::Result<()> {
+async fn write_two(io: &impl Socket, a: &[u8], b: &[u8], timeout: Duration) -> io::Result<()> {
     let mut bufs = [IoSlice::new(a), IoSlice::new(b)];
     let mut slices: &mut [IoSlice<'_>] = match (a.is_empty(), b.is_empty()) {
         (_, true) => &mut bufs[..1],
