@@ -271,6 +271,14 @@ mod tests {
         (s, c)
     }
 
+    async fn readable(s: &LazyStream) {
+        let ready = std::future::poll_fn(|cx| s.poll_read_ready(cx));
+        tokio::time::timeout(Duration::from_secs(5), ready)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
     fn read_until_would_block(s: &LazyStream, v: &mut Vec<u8>) {
         loop {
             match s.try_read_buf(v) {
@@ -308,9 +316,7 @@ mod tests {
         // Written before the registration: epoll reports it when the socket
         // is added, so the wait below still ends.
         c.write_all(b"late").unwrap();
-        std::future::poll_fn(|cx| s.poll_read_ready(cx))
-            .await
-            .unwrap();
+        readable(&s).await;
         assert!(s.is_registered());
         read_until_would_block(&s, &mut v);
         assert_eq!(v, b"late");
@@ -337,9 +343,7 @@ mod tests {
         let mut v = Vec::with_capacity(8);
         let e = s.try_read_buf(&mut v).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
-        std::future::poll_fn(|cx| s.poll_read_ready(cx))
-            .await
-            .unwrap();
+        readable(&s).await;
         read_until_would_block(&s, &mut v);
         assert_eq!(v, b"x");
     }
