@@ -937,11 +937,12 @@ async fn read_some(
 }
 
 /// One read appended to `v` (which has room). A read shorter than the
-/// room emptied the socket's queue: the readiness tokio cached is cleared
-/// then, which spares the read that would only say "would block" (half of
-/// the reads of a keep-alive request). Safe with edge-triggered epoll:
-/// bytes arriving after the read raise a new event, and tokio never clears
-/// the "closed" readiness, so a FIN is not missed.
+/// room emptied the socket's queue: the socket forgets its readiness then
+/// (see [`Socket::forget_readable`]), which spares the read that would only
+/// say "would block" (half of the reads of a keep-alive request). Safe with
+/// edge-triggered epoll: bytes arriving after the read raise a new event,
+/// tokio never clears the "closed" readiness, and a bare client socket is
+/// registered before it waits, when epoll reports a FIN already there.
 fn read_drained(io: &impl Socket, v: &mut Vec<u8>) -> io::Result<usize> {
     let room = v.capacity() - v.len();
     let n = io.try_read_buf(v)?;
