@@ -162,6 +162,35 @@ fn graceful_stop_completes_an_in_flight_slow_request() {
     }
 }
 
+/// A keep-alive client whose request is in flight when a stop begins gets
+/// its answer with `Connection: close`, then the close, rather than an
+/// answer that invites another request.
+#[test]
+fn an_answer_in_flight_during_a_stop_closes_its_keep_alive_connection() {
+    let mut h = Herd::start(&["-i", "1"], &[DEMO]);
+    h.wait_ready(1);
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: herd\r\n\r\n")
+        .unwrap();
+    assert!(h.wait_log("slow request started", T), "{}", h.log());
+    h.signal("TERM");
+    // Read to the end: returns only once herd closed the connection.
+    let mut got = String::new();
+    s.read_to_string(&mut got)
+        .expect("no close after the answer");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let head = got
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    assert!(head.contains("\r\nconnection: close"), "{got}");
+    assert!(got.contains("slow done"), "{got}");
+    let st = h.wait_exit(T).expect("master did not exit");
+    assert_eq!(st.code(), Some(0), "{}", h.log());
+}
+
 #[test]
 fn second_signal_stops_at_once() {
     let mut h = Herd::start(&["-i", "1", "--drain-timeout", "30s"], &[DEMO]);

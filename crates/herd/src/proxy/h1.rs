@@ -27,7 +27,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::chunked::Chunked;
 use super::deadline::{self, Deadline, Woke};
@@ -113,8 +112,9 @@ enum Outcome {
     Linger,
 }
 
-/// Serves one client connection until it closes, or until `stop` and
-/// the request in flight (which is answered with `Connection: close`) is done.
+/// Serves one client connection until it closes, or until its thread
+/// stops accepting ([`super::stopping`]) and the request in flight (which
+/// is answered with `Connection: close`) is done.
 /// `active` counts the connection until then.
 ///
 /// A plain `fn` returning an `async move` block, not an `async fn`: an
@@ -125,7 +125,6 @@ pub fn serve(
     p: Arc<HttpProxy>,
     mut io: LazyStream,
     peer: IpAddr,
-    stop: CancellationToken,
     active: super::ActiveGuard,
 ) -> impl Future<Output = ()> + Send {
     // TCP_NODELAY comes from the listening socket (see `listen`).
@@ -142,6 +141,7 @@ pub fn serve(
                     inbox.release_if_empty();
                     conns::give_back(std::mem::take(&mut inbox.v));
                     if let Ok(io) = io.into_tokio() {
+                        let stop = super::stop_token();
                         Box::pin(super::h2::serve(p, io, prefix, peer, stop)).await;
                     }
                     return;
@@ -155,7 +155,7 @@ pub fn serve(
             };
             first = false;
             // Boxed, so an idle connection's task holds only this loop's state.
-            match Box::pin(exchange(&p, &mut io, &mut inbox, len, peer, &stop)).await {
+            match Box::pin(exchange(&p, &mut io, &mut inbox, len, peer)).await {
                 Outcome::KeepAlive => inbox.release_if_empty(),
                 Outcome::Close if inbox.pending().is_empty() => {
                     // The FIN goes out now, with the answer `write_answer`
@@ -286,7 +286,6 @@ async fn exchange(
     inbox: &mut Inbox,
     head_len: usize,
     peer: IpAddr,
-    stop: &CancellationToken,
 ) -> Outcome {
     let cap = buffer_size(p);
     let limits = p.cfg.limits;
@@ -379,7 +378,7 @@ async fn exchange(
         head_method: req.head_method,
         upgrade: req.upgrade,
         http10: req.http10,
-        keep_alive: req.keep_alive && !stop.is_cancelled(),
+        keep_alive: req.keep_alive && !super::stopping(),
     };
     // Our own answers keep the connection if the whole request was read.
     let own_keep = asked.keep_alive && matches!(left, BodyLeft::Done);
@@ -697,6 +696,12 @@ async fn read_answer_head(
             Err(e) if e.kind() == io::ErrorKind::TimedOut => return HeadWait::TimedOut,
             Err(_) => return HeadWait::Closed { quiet },
         }
+        // A stop that began while the request was out: this answer is the
+        // connection's last, and says so (as nginx's do once it is exiting).
+        let asked = Asked {
+            keep_alive: asked.keep_alive && !super::stopping(),
+            ..asked
+        };
         loop {
             match head::response(rbuf, asked, out) {
                 Ok(Some((len, resp))) if resp.interim => {
@@ -1148,13 +1153,7 @@ mod tests {
         let tls = crate::proxy::h2::ClientTls::new(None, false).unwrap();
         let p = Arc::new(super::HttpProxy::new(up, cfg, None, tls));
         let active = crate::proxy::ActiveGuard::new(Arc::default());
-        let f = super::serve(
-            p,
-            s,
-            addr.ip(),
-            tokio_util::sync::CancellationToken::new(),
-            active,
-        );
+        let f = super::serve(p, s, addr.ip(), active);
         let size = std::mem::size_of_val(&f);
         // With tokio's task header and trailer (112 bytes) the task then
         // fits in 384 bytes (tasks are 128-aligned); bench/idle measures all.

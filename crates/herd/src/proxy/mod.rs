@@ -98,6 +98,22 @@ pub enum Protocol {
 thread_local! {
     /// Which proxy thread this is (0 elsewhere): picks the connection-pool shard.
     static THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// This thread's accept loop ended: answers close their connections.
+    static STOPPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The stop, for the rare connection handed to hyper (h2c), which
+    /// needs to await it. HTTP/1.1 connections read [`stopping`] instead
+    /// of holding a clone each (a lock pair on a node every thread shares).
+    static STOP: std::cell::OnceCell<CancellationToken> = const { std::cell::OnceCell::new() };
+}
+
+/// Whether this proxy thread stopped accepting (a graceful stop began).
+pub fn stopping() -> bool {
+    STOPPING.with(|s| s.get())
+}
+
+/// The stop this proxy thread serves under.
+fn stop_token() -> CancellationToken {
+    STOP.with(|s| s.get().cloned().unwrap_or_default())
 }
 
 /// This thread's index among the proxy threads, 1-based; 0 off them.
@@ -131,6 +147,9 @@ pub fn start_threads(
             .name(format!("herd-proxy-{i}"))
             .spawn(move || {
                 THREAD.with(|t| t.set(i + 1));
+                STOP.with(|s| {
+                    let _ = s.set(stop.clone());
+                });
                 rt.block_on(async move {
                     // tokio wakes its driver through an eventfd whenever a new
                     // timer is due sooner than the driver's next planned wake.
@@ -154,6 +173,7 @@ pub fn start_threads(
                         Ok(l) => serve(l, proto, active.clone(), stop).await,
                         Err(e) => tracing::error!("proxy thread {i} cannot listen: {e}"),
                     }
+                    STOPPING.with(|s| s.set(true));
                     // Stopping: this thread's idle connections close now (on
                     // an upgrade, once the others had their drain time).
                     tokio::select! {
@@ -199,7 +219,7 @@ pub async fn serve(
                     // `Connection: close` request seldom does): no wrapper
                     // future, so an idle connection's task holds `serve`'s
                     // state alone.
-                    tokio::spawn(h1::serve(h.clone(), client, peer.ip(), stop.clone(), guard));
+                    tokio::spawn(h1::serve(h.clone(), client, peer.ip(), guard));
                     continue;
                 }
                 let client = match client.into_tokio() {
