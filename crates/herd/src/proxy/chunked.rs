@@ -4,8 +4,12 @@
 //!
 //! Stricter than the RFC's tolerance on purpose: every line ends in CRLF
 //! (no bare LF), nothing but `;` or CR follows the size digits (no
-//! whitespace), and extensions and trailers hold no control bytes. What a
-//! lenient backend and herd could read differently is refused instead.
+//! whitespace), extensions and trailers hold no control bytes, and each
+//! trailer line is `name:value` with a token name that is not a framing or
+//! routing field (`Content-Length`, `Transfer-Encoding`, `Host`, `Trailer`:
+//! RFC 9110, 6.5.1 forbids them there, and a backend that merged one into
+//! the head would frame the next message differently). What a lenient
+//! backend and herd could read differently is refused instead.
 
 use std::ops::Range;
 
@@ -26,6 +30,8 @@ enum State {
     DataLf,
     /// At the start of a trailer line (or the final empty line).
     TrailerStart,
+    /// In a trailer field's name.
+    TrailerName,
     TrailerLine,
     TrailerLf,
     EndLf,
@@ -39,7 +45,16 @@ pub struct Chunked {
     /// Trailer bytes seen, bounded by `max_trailer`.
     trailer: usize,
     max_trailer: usize,
+    /// The current trailer name's first bytes, lower-cased, and its length.
+    name: [u8; NAME_KEPT],
+    name_len: usize,
 }
+
+/// Enough of a name to tell the forbidden ones (`transfer-encoding`, 17).
+const NAME_KEPT: usize = 17;
+
+/// Trailer fields refused: framing and routing (RFC 9110, 6.5.1).
+const FORBIDDEN: [&[u8]; 4] = [b"content-length", b"transfer-encoding", b"host", b"trailer"];
 
 /// The body's framing is broken: the message cannot be delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -58,6 +73,8 @@ impl Chunked {
             },
             trailer: 0,
             max_trailer,
+            name: [0; NAME_KEPT],
+            name_len: 0,
         }
     }
 
@@ -129,8 +146,12 @@ impl Chunked {
                 },
                 State::TrailerStart => match b {
                     b'\r' => State::EndLf,
-                    _ => self.trailer_byte(b)?,
+                    _ => {
+                        self.name_len = 0;
+                        self.name_byte(b)?
+                    }
                 },
+                State::TrailerName => self.name_byte(b)?,
                 State::TrailerLine => self.trailer_byte(b)?,
                 State::TrailerLf => match b {
                     b'\n' => State::TrailerStart,
@@ -149,17 +170,48 @@ impl Chunked {
         Ok(i)
     }
 
-    fn trailer_byte(&mut self, b: u8) -> Result<State, BadChunk> {
+    /// A byte of a trailer field's name: a token, ended by `:` (no
+    /// whitespace before it, no obs-fold, no line without a colon).
+    fn name_byte(&mut self, b: u8) -> Result<State, BadChunk> {
+        self.count_trailer()?;
+        if b == b':' {
+            let name = &self.name[..self.name_len.min(NAME_KEPT)];
+            if self.name_len == 0 || (self.name_len <= NAME_KEPT && FORBIDDEN.contains(&name)) {
+                return Err(BadChunk);
+            }
+            return Ok(State::TrailerLine);
+        }
+        if !is_tchar(b) {
+            return Err(BadChunk);
+        }
+        if let Some(slot) = self.name.get_mut(self.name_len) {
+            *slot = b.to_ascii_lowercase();
+        }
+        self.name_len += 1;
+        Ok(State::TrailerName)
+    }
+
+    fn count_trailer(&mut self) -> Result<(), BadChunk> {
         self.trailer += 1;
         if self.trailer > self.max_trailer {
             return Err(BadChunk);
         }
+        Ok(())
+    }
+
+    fn trailer_byte(&mut self, b: u8) -> Result<State, BadChunk> {
+        self.count_trailer()?;
         match b {
             b'\r' => Ok(State::TrailerLf),
             b'\t' | 0x20..=0x7e | 0x80..=0xff => Ok(State::TrailerLine),
             _ => Err(BadChunk),
         }
     }
+}
+
+/// RFC 9110's `tchar`: what a field name is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]
@@ -206,20 +258,36 @@ mod tests {
     #[test]
     fn loose_framing_is_refused() {
         for bad in [
-            &b"5\nhello\r\n0\r\n\r\n"[..], // bare LF after the size
-            b"5\r\nhello\n0\r\n\r\n",      // bare LF after data
-            b"5 \r\nhello\r\n0\r\n\r\n",   // whitespace after the size
-            b"zz\r\n",                     // not hex
-            b"\r\n",                       // no digits
-            b"1234567890abcdef0\r\n",      // overflows
-            b"5;a\x00b\r\nhello\r\n",      // NUL in an extension
-            b"5;a\nb\r\nhello\r\n",        // LF in an extension
-            b"5\r\nhelloXY0\r\n\r\n",      // data longer than its size
-            b"0\r\nX: a\nb\r\n\r\n",       // bare LF in a trailer
-            b"0\r\n\n",                    // bare LF at the end
+            &b"5\nhello\r\n0\r\n\r\n"[..],     // bare LF after the size
+            b"5\r\nhello\n0\r\n\r\n",          // bare LF after data
+            b"5 \r\nhello\r\n0\r\n\r\n",       // whitespace after the size
+            b"zz\r\n",                         // not hex
+            b"\r\n",                           // no digits
+            b"1234567890abcdef0\r\n",          // overflows
+            b"5;a\x00b\r\nhello\r\n",          // NUL in an extension
+            b"5;a\nb\r\nhello\r\n",            // LF in an extension
+            b"5\r\nhelloXY0\r\n\r\n",          // data longer than its size
+            b"0\r\nX: a\nb\r\n\r\n",           // bare LF in a trailer
+            b"0\r\nX: a\r\n b\r\n\r\n",        // obs-fold in a trailer
+            b"0\r\nX : a\r\n\r\n",             // whitespace before the colon
+            b"0\r\nno colon\r\n\r\n",          // not a field
+            b"0\r\n: a\r\n\r\n",               // no name
+            b"0\r\nContent-Length: 5\r\n\r\n", // framing in a trailer
+            b"0\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"0\r\nX: 1\r\nHOST: evil\r\n\r\n", // routing in a trailer
+            b"0\r\n\n",                         // bare LF at the end
         ] {
             let mut c = Chunked::new(1024);
             assert_eq!(c.scan(bad, |_| {}), Err(BadChunk), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ordinary_trailers_pass() {
+        let body =
+            b"0\r\nX-Checksum: abc\r\nContent-Length-Hint: 5\r\nServer-Timing: db;dur=53\r\n\r\n";
+        for step in 1..body.len() {
+            assert_eq!(run(body, step).unwrap().0, body.len(), "step {step}");
         }
     }
 

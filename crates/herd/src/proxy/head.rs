@@ -161,7 +161,7 @@ fn classify(name: &str) -> Known {
     }
 }
 
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+fn tokens(v: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     v.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty())
 }
 
@@ -230,18 +230,19 @@ fn content_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
-/// Whether a `Transfer-Encoding` value ends in `chunked`, and writes its
-/// codings normalized (lower case, `, `-separated) to `norm`.
+/// Whether the `Transfer-Encoding` codings so far (this value after those
+/// already in `norm`) end in `chunked`, applied once only (RFC 9112, 6.1:
+/// `chunked, chunked` is no framing a backend reliably agrees on). Writes
+/// the codings normalized (lower case, `, `-separated) to `norm`.
 fn transfer_coding(v: &[u8], norm: &mut Vec<u8>) -> bool {
-    let mut last_chunked = false;
     for t in tokens(v) {
         if !norm.is_empty() {
             norm.extend_from_slice(b", ");
         }
         norm.extend(t.iter().map(u8::to_ascii_lowercase));
-        last_chunked = t.eq_ignore_ascii_case(b"chunked");
     }
-    last_chunked
+    let mut codings = tokens(norm);
+    codings.next_back() == Some(b"chunked") && codings.all(|t| t != b"chunked")
 }
 
 /// Parses the complete request head `head` (through its blank line),
@@ -638,6 +639,8 @@ pub fn response(
     } else if te {
         if chunked {
             Framing::Chunked
+        } else if tokens(&te_norm).filter(|t| *t == b"chunked").count() > 1 {
+            return Err(BadResponse); // chunked twice: no reliable framing
         } else {
             Framing::UntilClose
         }
@@ -804,6 +807,8 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \r\n\r\n",
             "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: h\r\nX: a\r\n b\r\n\r\n",
@@ -979,6 +984,24 @@ mod tests {
             .is_err()
         );
         assert!(resp("NOT HTTP\r\n\r\n", GET11).is_err());
+        assert!(
+            resp(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                GET11
+            )
+            .is_err(),
+            "chunked twice"
+        );
+        let (r, _) = resp(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            GET11,
+        )
+        .unwrap();
+        assert_eq!(
+            r.body,
+            Framing::UntilClose,
+            "not last: read until close (RFC 9112, 6.3)"
+        );
     }
 
     #[test]
