@@ -324,6 +324,12 @@ fn discovery_flags_are_checked() {
     assert!(err.contains("expected NAME:PORT"), "{err}");
     let (_, err) = run_fail(&["run", "--upstream-srv", "web.test"]);
     assert!(err.contains("_SERVICE._PROTO.NAME"), "{err}");
+    let (code, err) = run_fail(&["run", "--upstream-dns", "api..test:80"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a DNS name (an empty label)"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let (_, err) = run_fail(&["run", "--upstream-srv", "_http._tcp.web test"]);
+    assert!(err.contains("letters, digits, - and _ only"), "{err}");
     let (_, err) = run_fail(&["run", "--upstream-dns", "a.test:80", "--resolver", "nope"]);
     assert!(err.contains("--resolver"), "{err}");
     let (_, err) = run_fail(&[

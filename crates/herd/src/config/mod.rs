@@ -87,6 +87,8 @@ pub enum ConfigError {
     BadPort(String),
     #[error("--upstream-srv {0:?}: expected _SERVICE._PROTO.NAME[,weight=N…]")]
     BadSrv(String),
+    #[error("--upstream-srv: {0}")]
+    BadSrvName(String),
     #[error("--resolver {0:?}: expected IP or IP:PORT")]
     BadResolver(String),
     #[error("--redis {url:?}: {message}")]
@@ -745,9 +747,7 @@ impl FromStr for Discovery {
         let port: u16 = port
             .parse()
             .map_err(|_| format!("{head:?}: {port:?} is not a port"))?;
-        if name.is_empty() {
-            return Err(format!("{head:?}: no name"));
-        }
+        dns_name(name).map_err(|why| format!("{head:?}: {why}"))?;
         let p = backend_params(rest)?;
         Ok(Discovery {
             name: name.to_string(),
@@ -757,6 +757,38 @@ impl FromStr for Discovery {
             tls: p.tls,
         })
     }
+}
+
+/// Whether `name` can be looked up at all (RFC 1035's lengths; letters,
+/// digits, `-` and `_` in labels): a typo like `api..internal` is then a
+/// start-up error, not a lookup that fails every few seconds forever.
+fn dns_name(name: &str) -> Result<(), String> {
+    let n = name.strip_suffix('.').unwrap_or(name);
+    if n.is_empty() {
+        return Err("no name".into());
+    }
+    if n.len() > 253 {
+        return Err("a DNS name is at most 253 characters".into());
+    }
+    for label in n.split('.') {
+        if label.is_empty() {
+            return Err(format!("{name:?} is not a DNS name (an empty label)"));
+        }
+        if label.len() > 63 {
+            return Err(format!(
+                "{name:?} is not a DNS name (a label over 63 characters)"
+            ));
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "{name:?} is not a DNS name (letters, digits, - and _ only)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `weight=N,max_fails=N,…,h2,tls` as an `--upstream` reads them.
@@ -971,6 +1003,7 @@ impl Settings {
             if !name.starts_with('_') {
                 return Err(ConfigError::BadSrv(srv.clone()));
             }
+            dns_name(name).map_err(ConfigError::BadSrvName)?;
             let p = backend_params(rest).map_err(|e| ConfigError::BadSrv(format!("{srv}: {e}")))?;
             discovery.push(Discovery {
                 name: name.to_string(),
@@ -1642,6 +1675,32 @@ mod tests {
         for no in ["nodemon", "python3", "/usr/bin/npm", "node-gyp", "bun"] {
             assert!(!is_node(Path::new(no)), "{no}");
         }
+    }
+
+    #[test]
+    fn dns_names_are_checked_before_any_lookup() {
+        for ok in [
+            "api.internal",
+            "_http._tcp.svc.cluster.local.",
+            "a-b_c.example",
+            "bücher.example",
+        ] {
+            assert_eq!(dns_name(ok), Ok(()), "{ok}");
+        }
+        let long = format!("{}.example", "a".repeat(64));
+        for bad in [
+            "",
+            ".",
+            "api..internal",
+            ".api",
+            "a b.example",
+            "a/b",
+            &long,
+        ] {
+            assert!(dns_name(bad).is_err(), "{bad:?}");
+        }
+        assert!("api.internal:8080".parse::<Discovery>().is_ok());
+        assert!("api..internal:8080".parse::<Discovery>().is_err());
     }
 
     #[test]
