@@ -606,7 +606,20 @@ fn prepare_request_head(
     parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    strip_underscore_aliases(&mut parts.headers);
     add_forwarding(&mut parts.headers, peer, tls);
+}
+
+/// Drops `content_length`, `x_forwarded_for` and the like, as the HTTP/1.1
+/// path does (see `head::underscore_alias`); allocates only when one is there.
+fn strip_underscore_aliases(h: &mut HeaderMap) {
+    let alias = |k: &HeaderName| super::head::underscore_alias(k.as_str());
+    if h.keys().any(alias) {
+        let names: Vec<HeaderName> = h.keys().filter(|k| alias(k)).cloned().collect();
+        for name in names {
+            h.remove(&name);
+        }
+    }
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -1055,6 +1068,17 @@ impl Body for RespBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn underscore_aliases_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("x_forwarded_for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("transfer_encoding", HeaderValue::from_static("chunked"));
+        h.insert("my_header", HeaderValue::from_static("kept"));
+        strip_underscore_aliases(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["my_header"], "kept");
+    }
 
     #[test]
     fn forwarding_appends_this_hop_in_each_form() {

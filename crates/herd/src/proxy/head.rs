@@ -161,6 +161,23 @@ fn classify(name: &str) -> Known {
     }
 }
 
+/// Whether `name` is one of the headers herd frames by or sets, spelled
+/// with `_` for `-` (`Content_Length`, `X_Forwarded_For`). CGI-style servers
+/// (WSGI, Rack, PHP) read both spellings as one variable, so a client could
+/// reach the app's framing or forwarding through it: dropped, as nginx drops
+/// every name with `_` by default.
+pub(super) fn underscore_alias(name: &str) -> bool {
+    let n = name.as_bytes();
+    let mut dashed = [0u8; 19]; // the longest name `classify` knows
+    if n.len() > dashed.len() || !n.contains(&b'_') {
+        return false;
+    }
+    for (d, &b) in dashed.iter_mut().zip(n) {
+        *d = if b == b'_' { b'-' } else { b };
+    }
+    std::str::from_utf8(&dashed[..n.len()]).is_ok_and(|d| classify(d) != Known::Other)
+}
+
 fn tokens(v: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     v.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty())
 }
@@ -365,6 +382,7 @@ pub fn request(
                 fwd.get_or_insert(h.value);
             }
             Known::Other if conn.count > 0 && conn.lists(h.name, headers) => {}
+            Known::Other if underscore_alias(h.name) => {}
             _ => put(out, h.name, h.value),
         }
     }
@@ -826,6 +844,27 @@ mod tests {
             req("CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n").err(),
             Some(Refusal::NotAllowed)
         );
+    }
+
+    #[test]
+    fn underscore_spellings_of_framing_and_forwarding_headers_are_dropped() {
+        let (r, out) = req(
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nTransfer_Encoding: chunked\r\n\
+             content_length: 9\r\nX_Forwarded_For: 6.6.6.6\r\nX_Forwarded_Proto: https\r\n\
+             My_Header: kept\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r.body, Framing::Length(2));
+        for gone in [
+            "Transfer_Encoding",
+            "content_length",
+            "X_Forwarded_For",
+            "X_Forwarded_Proto",
+        ] {
+            assert!(!out.contains(gone), "{gone} in {out}");
+        }
+        assert!(out.contains("My_Header: kept\r\n"), "{out}");
+        assert!(out.contains("X-Forwarded-Proto: http\r\n"), "{out}");
     }
 
     #[test]
