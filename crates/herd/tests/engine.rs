@@ -446,3 +446,37 @@ fn a_retry_after_an_interim_answer_sends_the_request_itself() {
         "backend A was never tried"
     );
 }
+
+#[test]
+fn a_backend_writing_head_and_body_apart_is_not_held_by_delayed_acks() {
+    // Nagle's algorithm stays on (the default), as in Java's `HttpServer`:
+    // the body leaves only once the head is acknowledged.
+    let (port, conns) = backend(Arc::new(
+        |_: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+                .is_ok()
+                && c.write_all(b"hello").is_ok()
+        },
+    ));
+    let h = lb(port, &[]);
+    let s = connect(h.port);
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut took = Vec::new();
+    // More than the kernel's first quick ACKs of a new connection.
+    for _ in 0..40 {
+        let t = std::time::Instant::now();
+        w.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let (head, body) = read_one(&mut r);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"hello");
+        took.push(t.elapsed());
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 1, "one backend connection");
+    took.sort();
+    // A delayed ACK waits at least 40 ms on Linux.
+    assert!(
+        took[took.len() / 2] < Duration::from_millis(20),
+        "answers waited for delayed ACKs: {took:?}"
+    );
+}
