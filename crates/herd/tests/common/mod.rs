@@ -27,7 +27,28 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A port for herd to listen on, free when checked. Taken below the
+/// kernel's ephemeral range: a port from `bind(0)` is in that range, where
+/// any outgoing connection (tests make thousands) may take it before herd
+/// binds it ("Address already in use"). No two tests of a run get the same.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32768);
+    if low > 12_000 {
+        let span = low - 10_000;
+        // Each test binary starts elsewhere, so two runs rarely meet either.
+        let start = std::process::id() as usize * 7_919 % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (10_000 + (start + n) % span) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
