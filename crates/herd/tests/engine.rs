@@ -480,3 +480,41 @@ fn a_backend_writing_head_and_body_apart_is_not_held_by_delayed_acks() {
         "answers waited for delayed ACKs: {took:?}"
     );
 }
+
+/// An `Upgrade: h2c` request (what `curl --http2` sends) reaches the backend
+/// as a plain request: a backend that switched would own the connection's
+/// later requests, past herd's balancing, forwarding headers and log.
+#[test]
+fn h2c_upgrades_are_not_passed_to_the_backend() {
+    let (port, _) = backend(Arc::new(
+        |head: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            let lower = head.to_ascii_lowercase();
+            if lower.contains("upgrade: h2c") {
+                let _ = c.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+                );
+                return false;
+            }
+            ok(c, &lower);
+            true
+        },
+    ));
+    let h = lb(port, &[]);
+    let mut c = connect(h.port);
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    for _ in 0..2 {
+        c.write_all(
+            b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+        )
+        .unwrap();
+        let (head, body) = read_one(&mut r);
+        let seen = String::from_utf8_lossy(&body);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            !seen.contains("upgrade") && !seen.contains("http2-settings"),
+            "the backend saw: {seen}"
+        );
+        assert!(seen.contains("x-forwarded-for: 127.0.0.1"), "{seen}");
+    }
+}

@@ -414,6 +414,35 @@ fn websocket_style_upgrades_are_tunnelled_over_tls() {
 }
 
 #[test]
+fn h2c_upgrades_over_tls_are_not_passed_to_the_backend() {
+    use std::io::{Read, Write};
+    let bport = raw_backend(|mut c, head| {
+        let lower = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let _ = if lower.contains("upgrade") || lower.contains("http2-settings") {
+            c.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+            )
+        } else {
+            c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nplain\n")
+        };
+    });
+    let (pki, _h, port) = tls_in_front_of("h2c", bport);
+    let mut s = tls_client(&pki, port, "a.test");
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("plain\n"),
+        "{text}"
+    );
+}
+
+#[test]
 fn hostile_http1_over_tls_gets_a_400_and_others_are_served() {
     use std::io::{Read, Write};
     let pki = Pki::new("hostile");

@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::conns::IdleMap;
+use super::head;
 use super::{HttpProxy, Key, ip_key};
 use crate::upstream::Target;
 
@@ -527,9 +528,14 @@ fn refused_h1<B>(req: &Request<B>) -> Option<&'static str> {
         .then_some("missing Host header\n")
 }
 
+/// An HTTP/1.1 upgrade herd relays: not to HTTP/2 (see `head::is_h2_upgrade`).
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .any(|v| head::tokens(v.as_bytes()).any(|t| !head::is_h2_upgrade(t)))
         && req
             .headers()
             .get_all(header::CONNECTION)
@@ -543,7 +549,7 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -551,6 +557,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Removes headers meant for one hop only, including those the sender
@@ -564,6 +571,22 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if h.get_all(header::UPGRADE)
+            .iter()
+            .any(|v| head::tokens(v.as_bytes()).any(head::is_h2_upgrade))
+        {
+            let kept: Vec<HeaderValue> = h
+                .get_all(header::UPGRADE)
+                .iter()
+                .map(|v| head::upgrade_protocols(v.as_bytes()))
+                .filter(|v| !v.is_empty())
+                .filter_map(|v| HeaderValue::from_bytes(&v).ok())
+                .collect();
+            h.remove(header::UPGRADE);
+            for v in kept {
+                h.append(header::UPGRADE, v);
+            }
+        }
     } else {
         h.remove(header::UPGRADE);
     }
@@ -613,7 +636,7 @@ fn prepare_request_head(
 /// Drops `content_length`, `x_forwarded_for` and the like, as the HTTP/1.1
 /// path does (see `head::underscore_alias`); allocates only when one is there.
 fn strip_underscore_aliases(h: &mut HeaderMap) {
-    let alias = |k: &HeaderName| super::head::underscore_alias(k.as_str());
+    let alias = |k: &HeaderName| head::underscore_alias(k.as_str());
     if h.keys().any(alias) {
         let names: Vec<HeaderName> = h.keys().filter(|k| alias(k)).cloned().collect();
         for name in names {
@@ -1078,6 +1101,33 @@ mod tests {
         strip_underscore_aliases(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["my_header"], "kept");
+    }
+
+    #[test]
+    fn h2c_upgrades_are_not_relayed() {
+        let upgrade_req = |values: &[&'static str]| {
+            let mut b = Request::builder()
+                .uri("/")
+                .header(header::HOST, "h")
+                .header(header::CONNECTION, "Upgrade, HTTP2-Settings")
+                .header("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA");
+            for v in values {
+                b = b.header(header::UPGRADE, *v);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(!is_upgrade(&upgrade_req(&["h2c"])));
+        assert!(!is_upgrade(&upgrade_req(&["H2C, h2"])));
+        let req = upgrade_req(&["h2c", "websocket, h2c"]);
+        assert!(is_upgrade(&req));
+        let mut h = req.headers().clone();
+        strip_hop_by_hop(&mut h, true);
+        let ups: Vec<_> = h.get_all(header::UPGRADE).iter().collect();
+        assert_eq!(ups, ["websocket"]);
+        assert!(!h.contains_key("http2-settings"));
+        let mut h = upgrade_req(&["h2c"]).headers().clone();
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key(header::UPGRADE) && !h.contains_key("http2-settings"));
     }
 
     #[test]

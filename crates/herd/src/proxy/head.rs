@@ -127,7 +127,8 @@ enum Known {
     TransferEncoding,
     Host,
     Connection,
-    /// Hop-by-hop: `Keep-Alive`, `Proxy-Connection`, `TE`, `Proxy-Authorization`.
+    /// Hop-by-hop: `Keep-Alive`, `Proxy-Connection`, `TE`, `Proxy-Authorization`,
+    /// `HTTP2-Settings`.
     HopByHop,
     Trailer,
     Upgrade,
@@ -151,6 +152,7 @@ fn classify(name: &str) -> Known {
         10 if is("connection") => Known::Connection,
         10 if is("keep-alive") => Known::HopByHop,
         14 if is("content-length") => Known::ContentLength,
+        14 if is("http2-settings") => Known::HopByHop,
         15 if is("x-forwarded-for") => Known::XForwardedFor,
         16 if is("proxy-connection") => Known::HopByHop,
         16 if is("x-forwarded-host") => Known::XForwardedHost,
@@ -178,7 +180,31 @@ pub(super) fn underscore_alias(name: &str) -> bool {
     std::str::from_utf8(&dashed[..n.len()]).is_ok_and(|d| classify(d) != Known::Other)
 }
 
-fn tokens(v: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+/// Whether an `Upgrade` protocol is HTTP/2 (`h2c`, or `h2`, which RFC 9113
+/// forbids there). A backend that switched to it would take the client's
+/// later requests straight, past the proxy's balancing, forwarding headers
+/// and log ("h2c smuggling"); herd serves h2c itself, by prior knowledge.
+pub(super) fn is_h2_upgrade(protocol: &[u8]) -> bool {
+    let name = protocol.split(|&b| b == b'/').next().unwrap_or(protocol);
+    name.eq_ignore_ascii_case(b"h2c") || name.eq_ignore_ascii_case(b"h2")
+}
+
+/// An `Upgrade` value without its HTTP/2 protocols, borrowed when it has none.
+pub(super) fn upgrade_protocols(v: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !tokens(v).any(is_h2_upgrade) {
+        return v.into();
+    }
+    let mut kept = Vec::new();
+    for t in tokens(v).filter(|t| !is_h2_upgrade(t)) {
+        if !kept.is_empty() {
+            kept.extend_from_slice(b", ");
+        }
+        kept.extend_from_slice(t);
+    }
+    kept.into()
+}
+
+pub(super) fn tokens(v: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     v.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty())
 }
 
@@ -327,7 +353,7 @@ pub fn request(
                 host = Some(h.value);
             }
             Known::Connection => conn.add(h.value),
-            Known::Upgrade => has_upgrade = true,
+            Known::Upgrade => has_upgrade |= tokens(h.value).any(|t| !is_h2_upgrade(t)),
             Known::XForwardedProto => xfp = true,
             Known::XForwardedHost => xfh = true,
             _ => {}
@@ -372,6 +398,12 @@ pub fn request(
             Known::ContentLength | Known::TransferEncoding | Known::Connection => {}
             Known::HopByHop => {}
             Known::Upgrade if !upgrade => {}
+            Known::Upgrade => {
+                let kept = upgrade_protocols(h.value);
+                if !kept.is_empty() {
+                    put(out, h.name, &kept);
+                }
+            }
             Known::Trailer if !chunked => {}
             Known::XForwardedFor => {
                 xff_more |= xff.is_some();
@@ -904,6 +936,42 @@ mod tests {
         assert!(out.contains("Upgrade: websocket\r\n") && out.contains("Connection: upgrade\r\n"));
         let (r, out) = req("GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n").unwrap();
         assert!(!r.upgrade && !out.contains("websocket"), "{out}");
+    }
+
+    #[test]
+    fn h2c_upgrades_are_not_passed_on() {
+        // curl --http2 sends this; a backend that switched would own the
+        // connection's later requests.
+        let h2c = "GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                   Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n";
+        let (r, out) = req(h2c).unwrap();
+        assert!(!r.upgrade && r.keep_alive, "{out}");
+        let lower = out.to_ascii_lowercase();
+        assert!(
+            !lower.contains("upgrade") && !lower.contains("http2-settings"),
+            "{out}"
+        );
+        for v in ["H2C", "h2", "h2c, h2", " h2c/1 "] {
+            let head =
+                format!("GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: {v}\r\n\r\n");
+            let (r, out) = req(&head).unwrap();
+            assert!(
+                !r.upgrade && !out.to_ascii_lowercase().contains("upgrade"),
+                "{v}: {out}"
+            );
+        }
+        // Another protocol offered beside h2c still goes, without h2c.
+        let both = "GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\n\
+                    Upgrade: h2c, websocket\r\n\r\n";
+        let (r, out) = req(both).unwrap();
+        assert!(r.upgrade, "{out}");
+        assert!(
+            out.contains("Upgrade: websocket\r\n") && !out.contains("h2c"),
+            "{out}"
+        );
+        // An HTTP2-Settings header alone is hop-by-hop too.
+        let (_, out) = req("GET / HTTP/1.1\r\nHost: h\r\nHTTP2-Settings: x\r\n\r\n").unwrap();
+        assert!(!out.contains("HTTP2-Settings"), "{out}");
     }
 
     #[test]
