@@ -133,6 +133,8 @@ const HEADS: &[&str] = &[
     "GET / HTTP/1.1\nHost: h\n\n",
     "GET / HTTP/1.1\r\nHost: h\r\nX: a\0b\r\n\r\n",
     "GET / HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: evil.test/x?\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
     "GET / HTTP/1.1\r\n\r\n",
     "GET / HTTP/1.0\r\n\r\n",
     "GET http://h/abs HTTP/1.1\r\nHost: other\r\n\r\n",

@@ -471,6 +471,8 @@ fn hostile_http1_over_tls_gets_a_400_and_others_are_served() {
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n\r\n",
         b"GET / HTTP/1.1\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: evil.test/x?\r\n\r\n",
     ] {
         let mut s = tls_client(&pki, h.port, "a.test");
         s.write_all(raw).unwrap();

@@ -519,13 +519,19 @@ fn error(status: StatusCode, body: &'static str) -> Response<RespBody> {
     r
 }
 
-/// What herd's own engine refuses in an HTTP/1.1 request and hyper's
-/// parser lets through: no `Host`. (hyper refuses obfuscated codings,
-/// duplicate lengths and bad chunks itself; `Transfer-Encoding` beside
-/// `Content-Length` it frames by the chunks and then closes.)
+/// What herd's own engine refuses in a request and hyper's parser lets
+/// through: an HTTP/1.1 request without `Host`, and two or an invalid one
+/// (RFC 9112, 3.2). (hyper refuses obfuscated codings, duplicate lengths and
+/// bad chunks itself; `Transfer-Encoding` beside `Content-Length` it frames
+/// by the chunks and then closes.)
 fn refused_h1<B>(req: &Request<B>) -> Option<&'static str> {
-    (req.version() == Version::HTTP_11 && !req.headers().contains_key(header::HOST))
-        .then_some("missing Host header\n")
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == Version::HTTP_11 => Some("missing Host header\n"),
+        (Some(_), Some(_)) => Some("more than one Host header\n"),
+        (Some(h), None) if !head::valid_host(h.as_bytes()) => Some("invalid Host header\n"),
+        _ => None,
+    }
 }
 
 /// An HTTP/1.1 upgrade herd relays: not to HTTP/2 (see `head::is_h2_upgrade`).
@@ -1101,6 +1107,22 @@ mod tests {
         strip_underscore_aliases(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["my_header"], "kept");
+    }
+
+    #[test]
+    fn hosts_are_checked() {
+        let with = |hosts: &[&'static str]| {
+            let mut b = Request::builder().uri("/");
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            refused_h1(&b.body(()).unwrap())
+        };
+        assert_eq!(with(&["a.test:8443"]), None);
+        assert!(with(&[]).is_some());
+        assert!(with(&["a", "b"]).is_some());
+        assert!(with(&["a/b"]).is_some());
+        assert!(with(&["a b"]).is_some());
     }
 
     #[test]

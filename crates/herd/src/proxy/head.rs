@@ -347,8 +347,8 @@ pub fn request(
                 chunked = transfer_coding(h.value, &mut te_norm);
             }
             Known::Host => {
-                if host.is_some() {
-                    return Err(Refusal::BadRequest); // two hosts: RFC 9112, 3.2
+                if host.is_some() || !valid_host(h.value) {
+                    return Err(Refusal::BadRequest); // two or a bad one: RFC 9112, 3.2
                 }
                 host = Some(h.value);
             }
@@ -556,6 +556,34 @@ fn put(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Whether `v` is a valid `Host` (RFC 9110, 7.2: `uri-host [":" port]`, or
+/// empty): RFC 9112, 3.2 has a server refuse any other. A name with `/`, `@`,
+/// spaces or quotes would otherwise reach the app's links and redirects,
+/// and `X-Forwarded-Host`.
+pub(super) fn valid_host(v: &[u8]) -> bool {
+    // unreserved, sub-delims and `%` of pct-encoded (RFC 3986, 3.2.2).
+    let reg = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
+    let (host, port) = match v {
+        [b'[', ..] => match v.iter().position(|&b| b == b']') {
+            // IP-literal: IPv6 (with a zone) or IPvFuture.
+            Some(end) if v[1..end].iter().all(|b| reg(b) || *b == b':') => {
+                (&v[..=end], &v[end + 1..])
+            }
+            _ => return false,
+        },
+        _ => match v.iter().position(|&b| b == b':') {
+            Some(i) => (&v[..i], &v[i..]),
+            None => (v, &v[v.len()..]),
+        },
+    };
+    let port_ok = match port {
+        [] => true,
+        [b':', digits @ ..] => digits.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    port_ok && (host.first() == Some(&b'[') || host.iter().all(reg))
+}
+
 /// Splits a request target into the origin-form path and, for the
 /// absolute form, its authority.
 fn split_target(t: &str) -> Result<(&str, Option<&[u8]>), Refusal> {
@@ -580,7 +608,7 @@ fn split_target(t: &str) -> Result<(&str, Option<&[u8]>), Refusal> {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
     };
-    if authority.is_empty() || authority.contains('@') {
+    if authority.is_empty() || !valid_host(authority.as_bytes()) {
         return Err(Refusal::BadRequest);
     }
     // "http://h?q" would need a "/" inserted: rare enough to refuse.
@@ -921,6 +949,37 @@ mod tests {
         assert!(!out.contains("other"), "{out}");
         let (_, out) = req("GET http://e HTTP/1.1\r\n\r\n").unwrap();
         assert!(out.starts_with("GET / HTTP/1.1\r\nHost: e\r\n"), "{out}");
+    }
+
+    #[test]
+    fn a_host_must_be_a_host() {
+        for good in [
+            "a",
+            "",
+            "Example.com:8080",
+            "a_b.c-d~e",
+            "xn--bcher-kva.example",
+            "127.0.0.1:80",
+            "[::1]",
+            "[fe80::1%25eth0]:80",
+            "h:",
+        ] {
+            let head = format!("GET / HTTP/1.1\r\nHost: {good}\r\n\r\n");
+            assert!(req(&head).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "a b", "a/b", "a@b", "a\\b", "a\"b", "a<b", "a?b", "a#b", "a:80:90", "a:x", "[::1",
+            "[::1]x", "[::1]:y", "\u{e9}",
+        ] {
+            let head = format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n");
+            assert!(req(&head).is_err(), "{bad:?}");
+            // In a target, `/` and `?` end the authority.
+            let head = format!("GET http://{bad}/ HTTP/1.1\r\nHost: a\r\n\r\n");
+            assert!(
+                bad.contains(['/', '?']) || req(&head).is_err(),
+                "absolute {bad:?}"
+            );
+        }
     }
 
     #[test]
