@@ -112,6 +112,14 @@ impl Backend {
         now >= self.down_until.load(Relaxed) && self.in_flight.load(Relaxed) == 0
     }
 
+    /// Whether it could take work if passive health were ignored: not
+    /// draining, not unhealthy by active checks, not busy. (nginx never
+    /// takes the only server of a group out; see [`crate::Balancer`].)
+    #[inline]
+    pub fn usable_despite_failures(&self) -> bool {
+        self.status.load(Relaxed) & (DRAINING | UNHEALTHY | BUSY) == 0
+    }
+
     /// Draining backends get no new picks; leases already taken run on.
     pub fn set_draining(&self, on: bool) {
         self.set_flag(DRAINING, on);

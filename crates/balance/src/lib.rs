@@ -196,7 +196,10 @@ impl Balancer {
 
     /// Picks an available backend and takes a lease on it. Backups are
     /// used only when no primary is available; when nothing is, this fails
-    /// at once rather than returning a backend known to be down.
+    /// at once rather than returning a backend known to be down. As in
+    /// nginx, a lone backend (one primary, no backups) is never down by
+    /// passive health: failing fast would only turn its errors into 503s
+    /// for `fail_timeout` with nowhere else to go.
     pub fn pick(&self, ctx: &Ctx<'_>) -> Result<Lease, PickError> {
         self.pick_except(ctx, None)
     }
@@ -228,6 +231,12 @@ impl Balancer {
         }
         if let Some(i) = self.backup_strategy.pick(&self.backups, ctx) {
             return Ok(self.backups[i].lease_at(self.primaries.len() + i, ctx.now));
+        }
+        if let ([only], []) = (&self.primaries[..], &self.backups[..])
+            && candidate.is_none()
+            && only.usable_despite_failures()
+        {
+            return Ok(only.lease_at(0, ctx.now));
         }
         candidate
             .map(|i| self.primaries[i].lease_at(i, ctx.now))
@@ -283,6 +292,30 @@ mod tests {
         assert!("hash:header:".parse::<StrategyKind>().is_err());
         assert!("hash:body:x".parse::<StrategyKind>().is_err());
         assert!("fastest".parse::<StrategyKind>().is_err());
+    }
+
+    #[test]
+    fn a_lone_backend_is_not_taken_out_by_passive_health() {
+        let ctx = |now| Ctx {
+            now,
+            ..Ctx::default()
+        };
+        let bs = pool(&[1]);
+        let b = Balancer::new(StrategyKind::RoundRobin, bs.clone());
+        b.pick(&ctx(1)).unwrap().failure(2);
+        assert!(bs[0].is_failed());
+        // Picked anyway, and one success brings it back.
+        b.pick(&ctx(3)).unwrap().success(4);
+        assert!(!bs[0].is_failed());
+        // Draining or unhealthy still counts.
+        bs[0].set_healthy(false);
+        assert_eq!(b.pick(&ctx(5)).unwrap_err(), PickError::AllDown);
+        // With two, a failed one is skipped as before.
+        let bs = pool(&[1, 1]);
+        let b = Balancer::new(StrategyKind::RoundRobin, bs.clone());
+        bs[0].set_healthy(false);
+        b.pick(&ctx(1)).unwrap().failure(2);
+        assert_eq!(b.pick(&ctx(3)).unwrap_err(), PickError::AllDown);
     }
 
     #[test]

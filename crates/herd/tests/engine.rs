@@ -330,9 +330,12 @@ fn a_backend_closing_idle_connections_costs_no_request() {
             false
         },
     ));
-    // One failure would take the only backend out for 10 s.
+    // One failure would take the backend out for 10 s, and requests would
+    // then go to the backup, where nothing listens. (Without a backup a
+    // lone backend is never taken out, as in nginx.)
     let up = format!("--upstream=127.0.0.1:{port},max_fails=1,fail_timeout=10s");
-    let h = Herd::start(&[&up, "--health-interval", "0"], &[]);
+    let backup = format!("--upstream=127.0.0.1:{},backup", free_port());
+    let h = Herd::start(&[&up, &backup, "--health-interval", "0"], &[]);
     assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", h.port)).is_ok()));
     let mut s = connect(h.port);
     let mut r = BufReader::new(s.try_clone().unwrap());
@@ -517,4 +520,36 @@ fn h2c_upgrades_are_not_passed_to_the_backend() {
         );
         assert!(seen.contains("x-forwarded-for: 127.0.0.1"), "{seen}");
     }
+}
+
+/// As in nginx, the only backend is not taken out by one bad answer: the
+/// next request goes to it again instead of getting 503 for `fail_timeout`.
+#[test]
+fn a_lone_backend_is_not_taken_out_by_one_bad_answer() {
+    let bad = Arc::new(AtomicUsize::new(1));
+    let left = bad.clone();
+    let (port, _) = backend(Arc::new(
+        move |_: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            if left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                let _ = c.write_all(b"this is not HTTP\r\n\r\n");
+                return false;
+            }
+            ok(c, "fine");
+            true
+        },
+    ));
+    let h = lb(port, &[]);
+    let get = || {
+        let mut c = connect(h.port);
+        c.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        read_one(&mut BufReader::new(c)).0
+    };
+    let first = get();
+    assert!(first.starts_with("HTTP/1.1 502"), "{first}");
+    let second = get();
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
 }
