@@ -691,7 +691,11 @@ pub fn response(
     for h in headers {
         match classify(h.name) {
             Known::ContentLength => {
-                let n = content_length(h.value);
+                // `42, 42` is one length (RFC 9110, 8.6), as nginx and
+                // HAProxy read it; a request with it is refused instead.
+                let mut values = h.value.split(|&b| b == b',').map(content_length);
+                let first = values.next().flatten();
+                let n = first.filter(|_| values.all(|v| v == first));
                 // Repeats must agree; a bad one leaves the length unknown.
                 length = match length {
                     None => Some(n),
@@ -750,10 +754,20 @@ pub fn response(
     out.push(b' ');
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
+    let mut cl_written = false;
     for h in headers {
         match classify(h.name) {
             Known::Connection | Known::HopByHop | Known::TransferEncoding => {}
-            Known::ContentLength if te => {}
+            // Written once, as a number: repeats and `42, 42` agreed.
+            Known::ContentLength if te || cl_written => {}
+            Known::ContentLength => {
+                if let Some(Some(n)) = length {
+                    out.extend_from_slice(b"Content-Length: ");
+                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                cl_written = true;
+            }
             Known::Upgrade if !switching => {}
             Known::Trailer if !pass_chunked => {}
             Known::Other if conn.count > 0 && conn.lists(h.name, headers) => {}
@@ -1140,6 +1154,23 @@ mod tests {
             )
             .is_err()
         );
+        // Agreeing repeats, on lines or in a list, are one length, written once.
+        for same in [
+            "Content-Length: 5, 5\r\n",
+            "Content-Length: 5\r\nContent-Length: 5\r\n",
+            "Content-Length: 5,5\r\nContent-Length: 5\r\n",
+        ] {
+            let (r, out) = resp(&format!("HTTP/1.1 200 OK\r\n{same}\r\n"), GET11).unwrap();
+            assert_eq!(r.body, Framing::Length(5), "{same}");
+            assert_eq!(
+                out, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                "{same}"
+            );
+        }
+        for differ in ["5, 6", "5,", ", 5", "5, x"] {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {differ}\r\n\r\n");
+            assert!(resp(&head, GET11).is_err(), "{differ}");
+        }
         let (r, _) = resp("HTTP/1.1 100 Continue\r\n\r\n", GET11).unwrap();
         assert!(r.interim);
         assert!(
