@@ -6,7 +6,6 @@ use std::io::{ErrorKind, Read};
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
@@ -14,6 +13,7 @@ use tokio::sync::Notify;
 use super::handoff::{Conn, Shared};
 use super::wire::Lines;
 use super::{BATCH, PENDING_MAX};
+use crate::os::listen::AcceptErrors;
 
 pub(super) async fn accept_loop(
     listener: tokio::io::unix::AsyncFd<TcpListener>,
@@ -21,6 +21,7 @@ pub(super) async fn accept_loop(
     room: Rc<Notify>,
     stop: Rc<Notify>,
 ) {
+    let mut errors = AcceptErrors::default();
     loop {
         let full = room.notified();
         if st.borrow().pending.len() >= PENDING_MAX {
@@ -72,8 +73,8 @@ pub(super) async fn accept_loop(
         }
         if let Some(e) = failed {
             // EMFILE and friends: back off instead of spinning.
-            tracing::warn!("accept failed: {e}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            errors.warn(&e);
+            tokio::time::sleep(AcceptErrors::BACKOFF).await;
         } else if !drained {
             // More may be queued: let the answers in first.
             tokio::task::yield_now().await;

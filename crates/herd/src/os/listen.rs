@@ -217,3 +217,60 @@ pub fn client_speaks_first(l: &std::net::TcpListener, client_first: bool) -> std
     let secs: libc::c_int = if client_first { 1 } else { 0 };
     nix::sys::socket::setsockopt(l, TcpDeferAccept, &secs).map_err(std::io::Error::from)
 }
+
+/// What an accept loop does when `accept` fails for want of resources
+/// (EMFILE, ENFILE, ENOBUFS): it waits [`AcceptErrors::BACKOFF`] instead of
+/// spinning, and warns at most once per [`AcceptErrors::WARN_EVERY`] with how
+/// many failed since, rather than about 50 lines a second for as long as
+/// descriptors run short (nginx also waits, 500 ms, before it accepts again).
+#[derive(Debug, Default)]
+pub struct AcceptErrors {
+    warned_at: Option<std::time::Instant>,
+    failed: u64,
+}
+
+impl AcceptErrors {
+    pub const BACKOFF: std::time::Duration = std::time::Duration::from_millis(20);
+    pub const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Counts a failure at `now`; `Some(n)` when it is time to warn about
+    /// the `n` failures since the last warning (this one included).
+    pub fn failed(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.failed += 1;
+        let due = self
+            .warned_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= Self::WARN_EVERY);
+        if !due {
+            return None;
+        }
+        self.warned_at = Some(now);
+        Some(std::mem::take(&mut self.failed))
+    }
+
+    /// Counts `e` and warns if due.
+    pub fn warn(&mut self, e: &std::io::Error) {
+        match self.failed(std::time::Instant::now()) {
+            Some(1) => tracing::warn!("accept failed: {e}"),
+            Some(n) => tracing::warn!("accept failed {n} times since the last warning: {e}"),
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn accept_failures_warn_once_per_period_with_a_count() {
+        let mut a = AcceptErrors::default();
+        let t0 = Instant::now();
+        assert_eq!(a.failed(t0), Some(1));
+        for ms in 1..500 {
+            assert_eq!(a.failed(t0 + Duration::from_millis(ms * 20)), None);
+        }
+        assert_eq!(a.failed(t0 + AcceptErrors::WARN_EVERY), Some(500));
+        assert_eq!(a.failed(t0 + AcceptErrors::WARN_EVERY), None);
+    }
+}

@@ -203,6 +203,7 @@ pub async fn serve(
     // and leaves the token's waiter list under its lock).
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
+    let mut errors = crate::os::listen::AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
             _ = &mut stopped => return,
@@ -257,8 +258,8 @@ pub async fn serve(
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                errors.warn(&e);
+                tokio::time::sleep(crate::os::listen::AcceptErrors::BACKOFF).await;
             }
         }
     }
