@@ -593,7 +593,7 @@ async fn exchange(
             inbox.start = 0;
             if ok && let Ok(io) = io.registered_mut() {
                 let mut b = b;
-                let _ = tokio::io::copy_bidirectional(io, &mut b).await;
+                let _ = super::tunnel::relay(io, &mut b).await;
             }
             drop(lease); // In flight for as long as the tunnel lasts.
             return Outcome::Close;

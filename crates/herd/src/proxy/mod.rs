@@ -33,6 +33,7 @@ pub mod head;
 mod props;
 mod tcp;
 pub mod tls;
+mod tunnel;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -87,7 +87,7 @@ impl TcpProxy {
                     // Both ways; EOF on one side shuts down writing to the
                     // other (half-close); returns when both are done.
                     let connected = started.elapsed();
-                    let moved = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    let moved = super::tunnel::relay(&mut client, &mut upstream).await;
                     if let Ok((to_backend, to_client)) = moved {
                         let a = &target.answers;
                         a.bytes_to_backend.fetch_add(to_backend, Relaxed);
