@@ -503,8 +503,7 @@ async fn tunnel(
     lease: herd_balance::Lease,
 ) {
     if let (Ok(c), Ok(b)) = (client.await, backend.await) {
-        let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
-        let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+        let _ = super::tunnel::relay_io(TokioIo::new(c), TokioIo::new(b)).await;
     }
     drop(lease); // Counted as in flight for as long as the tunnel lasts.
 }

@@ -10,9 +10,8 @@ use std::io;
 use std::pin::pin;
 use std::task::Poll;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use super::conns;
 
@@ -28,7 +27,23 @@ pub async fn relay(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<(u64, u64
     tokio::try_join!(one_way(ar, bw), one_way(br, aw))
 }
 
-async fn one_way(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>) -> io::Result<u64> {
+/// [`relay`] for any two streams (hyper's upgraded connections, TLS ones
+/// among them): each is split behind tokio's lock, which [`relay`] avoids.
+pub async fn relay_io<A, B>(a: A, b: B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    tokio::try_join!(one_way(ar, bw), one_way(br, aw))
+}
+
+async fn one_way<R, W>(mut from: R, mut to: W) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut moved = 0;
     loop {
         // Each poll borrows a buffer and gives it back unless bytes came:
@@ -76,12 +91,21 @@ mod tests {
 
     #[tokio::test]
     async fn relays_both_ways_with_back_pressure_and_half_close() {
+        relays_both_ways(false).await;
+        relays_both_ways(true).await;
+    }
+
+    async fn relays_both_ways(generic: bool) {
         // client <-> (a relay b) <-> server
         let (mut client, a) = pair().await;
         let (b, mut server) = pair().await;
         let relay = tokio::spawn(async move {
             let (mut a, mut b) = (a, b);
-            relay(&mut a, &mut b).await
+            if generic {
+                relay_io(a, b).await
+            } else {
+                relay(&mut a, &mut b).await
+            }
         });
         // More than the socket buffers hold, so writes meet back-pressure.
         let big: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
