@@ -284,22 +284,7 @@ fn a_worker_ignoring_sigterm_is_killed_after_the_kill_timeout() {
 
 #[test]
 fn master_raises_its_open_file_limit() {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let h = Herd::spawn(
-        std::process::Command::new("prlimit").args([
-            "--nofile=256:4096",
-            HERD,
-            "run",
-            "--listen",
-            &listen,
-            "-i",
-            "1",
-            "--",
-            DEMO,
-        ]),
-        port,
-    );
+    let h = Herd::start_with_nofile("256:4096", &["-i", "1"], &[DEMO]);
     h.wait_ready(1);
     let pid = h.worker_pids(1)[0];
     for p in [h.child.id(), pid] {

@@ -238,22 +238,8 @@ fn running_out_of_descriptors_is_survived_and_not_a_log_flood() {
         eprintln!("skipped: prlimit (util-linux) is not installed");
         return;
     }
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let h = Herd::spawn(
-        Command::new("prlimit")
-            .args([
-                "--nofile=96:96",
-                HERD,
-                "run",
-                "--listen",
-                &listen,
-                "-i",
-                "1",
-            ])
-            .args(["--", DEMO]),
-        port,
-    );
+    let h = Herd::start_with_nofile("96:96", &["-i", "1"], &[DEMO]);
+    let port = h.port;
     h.wait_ready(1);
     // Each held client costs herd a descriptor, so these run it out.
     let mut held = Vec::new();

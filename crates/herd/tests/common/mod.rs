@@ -75,6 +75,19 @@ impl Herd {
         Self::spawn(Command::new(HERD).args(&all), port)
     }
 
+    /// [`Herd::start`] under `prlimit --nofile=SOFT:HARD` (util-linux).
+    pub fn start_with_nofile(nofile: &str, args: &[&str], cmd: &[&str]) -> Herd {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let limit = format!("--nofile={nofile}");
+        let mut c = Command::new("prlimit");
+        c.args([&limit, HERD, "run", "--listen", &listen])
+            .args(args)
+            .arg("--")
+            .args(cmd);
+        Self::spawn(&mut c, port)
+    }
+
     pub fn spawn(cmd: &mut Command, port: u16) -> Herd {
         let mut child = cmd
             .stdin(Stdio::null())
