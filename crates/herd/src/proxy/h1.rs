@@ -197,6 +197,13 @@ async fn read_head(p: &HttpProxy, io: &LazyStream, inbox: &mut Inbox, first: boo
     let mut begun = false;
     let mut scanned = 0;
     loop {
+        // Empty lines before a request line are skipped (RFC 9112, 2.2), as
+        // nginx and llhttp do: some clients send a CRLF after a POST body.
+        let blank = head::leading_blank_lines(inbox.pending());
+        if blank > 0 {
+            inbox.consume(blank);
+            scanned = 0;
+        }
         let pending = inbox.pending();
         if !pending.is_empty() {
             let n = pending.len().min(H2_PREFACE.len());

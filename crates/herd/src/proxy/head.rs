@@ -117,6 +117,18 @@ pub fn head_end(b: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// How many bytes of empty lines (CRLF or bare LF) begin `b`.
+pub fn leading_blank_lines(b: &[u8]) -> usize {
+    let mut i = 0;
+    loop {
+        match b.get(i..i + 2) {
+            Some(b"\r\n") => i += 2,
+            _ if b.get(i) == Some(&b'\n') => i += 1,
+            _ => return i,
+        }
+    }
+}
+
 /// How the first bytes of a connection begin HTTP/2 (RFC 9113, 3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -1228,5 +1240,18 @@ mod tests {
         }
         assert_eq!(head_end(b"GET / HTTP/1.1\n\nX", 0), Some(16));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: h\r\n", 0), None);
+    }
+
+    #[test]
+    fn leading_blank_lines_stop_at_anything_else() {
+        assert_eq!(leading_blank_lines(b"\r\n\r\n\nGET"), 5);
+        assert_eq!(leading_blank_lines(b"GET / HTTP/1.1\r\n"), 0);
+        assert_eq!(
+            leading_blank_lines(b"\r\n\r"),
+            2,
+            "a lone CR may be half a CRLF"
+        );
+        assert_eq!(leading_blank_lines(b"\r\r\n"), 0);
+        assert_eq!(leading_blank_lines(b" \r\n"), 0);
     }
 }
