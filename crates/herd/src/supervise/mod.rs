@@ -338,7 +338,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         watchdog: s.watchdog,
         max_memory: s.max_memory,
         not_ready_hint: if s.mode == Mode::Dispatch {
-            " (in dispatch mode a worker says READY=1, or takes connections on HERD_DISPATCH_FD; see the README)"
+            " (in dispatch mode a worker takes its connections from fd 3, HERD_DISPATCH_FD, and says {\"herd\":\"listening\"} there; READY=1 alone does not count. A server that binds a port itself, as gunicorn or uvicorn do, needs --mode proxy, shared or reuseport; see the README's Dispatch mode)"
         } else {
             ""
         },
