@@ -200,6 +200,45 @@ fn signals_herd_does_not_use_are_logged_and_ignored() {
     );
 }
 
+/// Someone kills the guardian: the master starts another at once (not at
+/// the next worker start), so a `kill -9` of the master afterwards still
+/// takes the workers' own children with it.
+#[test]
+fn a_killed_guardian_is_replaced_at_once() {
+    // The demo runs under a shell, as with `npm start`: only the guardian
+    // kills such a grandchild when the master dies.
+    let wrapped = format!("{DEMO}; exit 0");
+    let mut h = Herd::start(&["-i", "1"], &["sh", "-c", wrapped.as_str()]);
+    h.wait_ready(1);
+    let demo = h.worker_pids(1)[0];
+    let master = h.child.id();
+    let guardians = || -> Vec<u32> {
+        children(master)
+            .into_iter()
+            .filter(|&p| alive(p) && cmdline(p).contains("__guard"))
+            .collect()
+    };
+    let old = guardians();
+    assert_eq!(old.len(), 1, "guardians: {old:?}");
+    signal(old[0], "KILL");
+    let mut new = Vec::new();
+    assert!(
+        wait_until(T, || {
+            new = guardians();
+            new.len() == 1 && new != old
+        }),
+        "no new guardian after the old one was killed: {new:?}\n{}",
+        h.log()
+    );
+    assert!(h.log().contains("the guardian process died"), "{}", h.log());
+    h.signal("KILL");
+    h.wait_exit(T).expect("kill -9 did not end the master");
+    assert!(
+        wait_until(T, || !alive(demo)),
+        "the worker's child {demo} outlived the master"
+    );
+}
+
 fn tempdir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("herd-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);

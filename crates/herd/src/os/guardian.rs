@@ -67,6 +67,23 @@ impl Guardian {
         self.send(&format!("-{pgid}\n"));
     }
 
+    /// Starts another guardian if someone killed this one (on each SIGCHLD
+    /// and tick): until the next worker start it would otherwise sit as a
+    /// zombie, and a master killed meanwhile would leave its workers'
+    /// children behind.
+    pub fn check(&mut self) {
+        let dead = match &mut self.child {
+            Some((c, _)) => !matches!(c.try_wait(), Ok(None)),
+            None => false,
+        };
+        if dead {
+            tracing::warn!("the guardian process died; starting a new one");
+            if let Err(e) = self.respawn() {
+                tracing::error!("cannot restart the guardian process: {e}");
+            }
+        }
+    }
+
     fn send(&mut self, line: &str) {
         let ok = match &mut self.child {
             Some((_, stdin)) => stdin.write_all(line.as_bytes()).is_ok(),

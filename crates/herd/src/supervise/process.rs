@@ -373,6 +373,7 @@ impl Supervisor {
     /// Reaps adopted children that exited (on SIGCHLD and each tick): as a
     /// subreaper, and as a container's PID 1, nobody else will.
     pub(super) fn reap_adopted(&mut self) {
+        self.guardian.check();
         for a in reaper::adopted(&self.known_pids()) {
             if a.zombie {
                 tracing::debug!("reaped adopted process {}", a.pid);
