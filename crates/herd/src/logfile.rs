@@ -12,6 +12,8 @@ pub struct RotatingFile {
     keep: u32,
     file: File,
     size: u64,
+    /// Lines lost since writing began to fail (a full disk, say).
+    dropped: u64,
 }
 
 static LOG: OnceLock<Mutex<RotatingFile>> = OnceLock::new();
@@ -52,6 +54,7 @@ impl RotatingFile {
             keep: keep.max(1),
             file,
             size,
+            dropped: 0,
         })
     }
 
@@ -70,8 +73,32 @@ impl RotatingFile {
         if self.size > 0 && self.size + bytes.len() as u64 > self.max {
             self.rotate();
         }
-        if self.file.write_all(bytes).is_ok() {
-            self.size += bytes.len() as u64;
+        if self.dropped > 0 && self.file.write_all(b"\n").is_ok() {
+            // Writing works again: end a line cut off by the failure, and
+            // say in the file itself what is missing.
+            let note = format!(
+                "herd: {} lines were lost here: {} could not be written\n",
+                self.dropped,
+                self.path.display()
+            );
+            let _ = self.file.write_all(note.as_bytes());
+            self.size += 1 + note.len() as u64;
+            self.dropped = 0;
+        }
+        match self.file.write_all(bytes) {
+            Ok(()) => self.size += bytes.len() as u64,
+            Err(e) => {
+                if self.dropped == 0 {
+                    // Once per failing stretch, on stderr: herd's own log
+                    // may be this very file.
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "herd: cannot write to {}: {e}; its lines are dropped until it can",
+                        self.path.display()
+                    );
+                }
+                self.dropped += bytes.iter().filter(|&&b| b == b'\n').count().max(1) as u64;
+            }
         }
     }
 
@@ -122,4 +149,36 @@ pub fn default_path(name: &str) -> PathBuf {
         .map(|d| d.join("herd"))
         .unwrap_or_else(crate::os::rundir::base_dir);
     dir.join(format!("{name}.log"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk (`/dev/full` answers every write with ENOSPC) loses
+    /// lines, counts them, and says so in the file once writing works.
+    #[test]
+    fn lines_lost_to_a_full_disk_are_counted_and_noted() {
+        let dir = std::env::temp_dir().join(format!("herd-logfile-{}", std::process::id()));
+        let path = dir.join("app.log");
+        let mut f = RotatingFile::open(&path, 1 << 20, 1).unwrap();
+        f.write(b"before\n");
+        f.file = OpenOptions::new().append(true).open("/dev/full").unwrap();
+        f.write(b"lost 1\nlost 2\n");
+        f.write(b"lost 3\n");
+        assert_eq!(f.dropped, 3);
+        f.file = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write(b"after\n");
+        assert_eq!(f.dropped, 0);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "before");
+        assert!(
+            lines[2].starts_with("herd: 3 lines were lost here"),
+            "{text:?}"
+        );
+        assert_eq!(lines[3], "after");
+        assert_eq!(f.size, text.len() as u64);
+    }
 }
