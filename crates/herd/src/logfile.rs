@@ -91,11 +91,11 @@ impl RotatingFile {
                 if self.dropped == 0 {
                     // Once per failing stretch, on stderr: herd's own log
                     // may be this very file.
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "herd: cannot write to {}: {e}; its lines are dropped until it can",
+                    let say = format!(
+                        "herd: cannot write to {}: {e}; its lines are dropped until it can\n",
                         self.path.display()
                     );
+                    crate::output::emit(crate::output::Stream::Err, say.as_bytes());
                 }
                 self.dropped += bytes.iter().filter(|&&b| b == b'\n').count().max(1) as u64;
             }

@@ -3,9 +3,19 @@
 //!
 //! One writer thread owns the master's stdout and stderr, so whole lines
 //! never interleave and a slow terminal blocks no async task; readers wait
-//! on a bounded queue instead (back-pressure to the workers).
+//! on a bounded queue instead (back-pressure to the workers). An output
+//! nobody reads (a stopped pipe reader) is not waited for past [`PATIENCE`]:
+//! lines are then dropped and counted, and a note says how many once it
+//! reads again, so the supervisor, the proxy and the workers keep going.
 
 use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -81,11 +91,7 @@ impl Output {
                     if crate::logfile::write(&line) {
                         continue;
                     }
-                    // A closed stdout must not stop the cluster: drop the line.
-                    let _ = match stream {
-                        Stream::Out => std::io::stdout().lock().write_all(&line),
-                        Stream::Err => std::io::stderr().lock().write_all(&line),
-                    };
+                    emit(stream, &line);
                 }
             })
             .ok();
@@ -120,6 +126,85 @@ impl Output {
             }
         });
     }
+}
+
+/// How long a write waits for room in herd's stdout or stderr before
+/// taking the output as stuck and dropping lines until it drains.
+pub const PATIENCE: Duration = Duration::from_millis(500);
+
+/// At most this much per write: a pipe with room (POLLOUT) takes it whole.
+const PIPE_BUF: usize = 4096;
+
+/// Lines dropped since herd's output stopped taking them; while non-zero,
+/// writes do not wait.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Held while writing, so that room found for a line is still there.
+static WRITING: Mutex<()> = Mutex::new(());
+
+/// Writes whole lines to herd's stdout (`Out`) or stderr (`Err`) from any
+/// thread without blocking on a reader that stopped reading: after
+/// [`PATIENCE`] without room the lines are dropped and counted. A closed
+/// output drops them too.
+pub fn emit(stream: Stream, bytes: &[u8]) {
+    let (out, err) = (std::io::stdout(), std::io::stderr());
+    let fd = match stream {
+        Stream::Out => out.as_fd(),
+        Stream::Err => err.as_fd(),
+    };
+    let mut rest = bytes;
+    let patience = if DROPPED.load(Relaxed) > 0 {
+        Duration::ZERO
+    } else {
+        PATIENCE
+    };
+    let until = Instant::now() + patience;
+    while !rest.is_empty() {
+        // Wait without the lock, so another thread's wait does not add to this one's.
+        if !room(fd, until.saturating_duration_since(Instant::now())) {
+            DROPPED.fetch_add(lines(rest), Relaxed);
+            return;
+        }
+        let Ok(_writing) = WRITING.lock() else {
+            return;
+        };
+        if !room(fd, Duration::ZERO) {
+            continue;
+        }
+        let dropped = DROPPED.swap(0, Relaxed);
+        let wrote = if dropped > 0 {
+            let note = format!(
+                "herd: {dropped} lines of output were dropped: nobody read herd's output for {PATIENCE:?}\n"
+            );
+            nix::unistd::write(fd, note.as_bytes()).map(|_| 0)
+        } else {
+            nix::unistd::write(fd, &rest[..rest.len().min(PIPE_BUF)])
+        };
+        match wrote {
+            Ok(n) => rest = &rest[n..],
+            Err(Errno::EINTR) => {}
+            // Closed (EPIPE, EBADF) or failing: the line is lost, as it
+            // would be to a terminal that went away.
+            Err(_) => return,
+        }
+    }
+}
+
+/// Whether `fd` takes a write now, waiting up to `wait`.
+fn room(fd: std::os::fd::BorrowedFd<'_>, wait: Duration) -> bool {
+    let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+    loop {
+        let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            // Any event: writable, or an error the write will report.
+            Ok(n) => return n > 0,
+            Err(Errno::EINTR) => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+fn lines(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|&&b| b == b'\n').count().max(1) as u64
 }
 
 #[cfg(test)]

@@ -70,6 +70,57 @@ fn closed_stdout_and_stderr_do_not_stop_the_master() {
     assert_eq!(st.code(), Some(0), "master exit: {st}");
 }
 
+/// herd's output is a pipe whose reader stopped reading (a paused
+/// `| less`, a stuck log shipper), and a worker floods it: the master still
+/// restarts, reloads and stops, the workers still serve, and once the pipe
+/// is read again a note says how many lines were dropped.
+#[test]
+fn an_output_nobody_reads_stops_nothing() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (reader, writer) = std::io::pipe().unwrap();
+    // `yes` fills the pipe at once and goes on writing.
+    let flood = format!("yes flood & exec {DEMO}");
+    let child = Command::new(HERD)
+        .args([
+            "run", "--listen", &listen, "-i", "1", "--", "sh", "-c", &flood,
+        ])
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .spawn()
+        .unwrap();
+    let mut h = Herd::adopt(child, port);
+    let first = h.worker_pids(1)[0];
+    // The master logs this exit and the restart into the full pipe.
+    signal(first, "KILL");
+    let second = new_pid_of_worker_0(&h, first);
+    h.signal("HUP");
+    new_pid_of_worker_0(&h, second);
+    assert!(
+        h.child.try_wait().unwrap().is_none(),
+        "the master died with its output stuck"
+    );
+    // Read again: the next line herd writes comes after a note. (Read to
+    // the end, when herd and its guardian are gone.)
+    let reading = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut { reader }, &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    h.signal("TERM");
+    let st = h
+        .wait_exit(T)
+        .expect("the master did not stop with its output stuck");
+    assert_eq!(st.code(), Some(0), "master exit: {st}");
+    let out = reading.join().unwrap();
+    assert!(
+        out.contains("lines of output were dropped: nobody read herd's output"),
+        "no note of the dropped lines in {} bytes",
+        out.len()
+    );
+}
+
 /// `herd ARGS` with its stdout a pipe nobody reads any more.
 fn cli_into_closed_pipe(args: &[&str], xdg: &Path) -> std::process::Child {
     let (reader, writer) = std::io::pipe().unwrap();

@@ -164,8 +164,8 @@ struct Stdout;
 
 impl Sink for Stdout {
     fn put(&mut self, bytes: &[u8]) {
-        // A closed stdout drops the lines, as herd's own log does.
-        let _ = std::io::stdout().lock().write_all(bytes);
+        // A closed or stuck stdout drops the lines, as herd's own log does.
+        crate::output::emit(crate::output::Stream::Out, bytes);
     }
 }
 
