@@ -110,6 +110,9 @@ enum Outcome {
     Close,
     /// Close, after discarding what the client is still sending.
     Linger,
+    /// The backend switched protocols (101): relay bytes both ways, with
+    /// the exchange's state gone (an idle WebSocket holds only the tunnel).
+    Tunnel(Box<(TcpStream, herd_balance::Lease)>),
 }
 
 /// Serves one client connection until it closes, or until its thread
@@ -157,6 +160,15 @@ pub fn serve(
             // Boxed, so an idle connection's task holds only this loop's state.
             match Box::pin(exchange(&p, &mut io, &mut inbox, len, peer)).await {
                 Outcome::KeepAlive => inbox.release_if_empty(),
+                Outcome::Tunnel(t) => {
+                    let (mut b, lease) = *t;
+                    if let Ok(io) = io.registered_mut() {
+                        let _ = Box::pin(super::tunnel::relay(io, &mut b)).await;
+                    }
+                    drop(lease); // In flight for as long as the tunnel lasts.
+                    let _ = io.shutdown_write();
+                    break;
+                }
                 Outcome::Close if inbox.pending().is_empty() => {
                     // The FIN goes out now, with the answer `write_answer`
                     // held back: a close with unread input would send a
@@ -598,12 +610,10 @@ async fn exchange(
             conns::give_back(rout);
             conns::give_back(std::mem::take(&mut inbox.v));
             inbox.start = 0;
-            if ok && let Ok(io) = io.registered_mut() {
-                let mut b = b;
-                let _ = super::tunnel::relay(io, &mut b).await;
+            if !ok {
+                return Outcome::Close;
             }
-            drop(lease); // In flight for as long as the tunnel lasts.
-            return Outcome::Close;
+            return Outcome::Tunnel(Box::new((b, lease)));
         }
 
         let mut sent = 0;

@@ -24,14 +24,68 @@ pub struct TcpProxy {
 /// Targets tried per connection before giving up on it.
 const MAX_TRIES: usize = 3;
 
+/// A connection to a backend, made for one client.
+struct Opened {
+    upstream: TcpStream,
+    /// Held for the connection's life: it counts as in flight.
+    lease: herd_balance::Lease,
+    target: Arc<crate::upstream::Target>,
+    /// From accept to connected.
+    connected: Duration,
+    tries: usize,
+}
+
 impl TcpProxy {
     pub(super) async fn relay(&self, mut client: TcpStream, peer: SocketAddr) {
+        let (at, started) = (std::time::SystemTime::now(), std::time::Instant::now());
+        // Boxed: picking and connecting take more state than relaying, and
+        // the task keeps room for its largest state while the tunnel idles.
+        let Some(mut c) = Box::pin(self.open(&mut client, peer, started)).await else {
+            return;
+        };
+        // Both ways; EOF on one side shuts down writing to the other
+        // (half-close); returns when both are done.
+        let moved = super::tunnel::relay(&mut client, &mut c.upstream).await;
+        if let Ok((to_backend, to_client)) = moved {
+            let a = &c.target.answers;
+            a.bytes_to_backend.fetch_add(to_backend, Relaxed);
+            a.bytes_to_client.fetch_add(to_client, Relaxed);
+        }
+        if let Some(log) = &self.log {
+            log.write(&super::access::Entry {
+                at,
+                client: peer.ip(),
+                method: "-",
+                path: "-",
+                protocol: "TCP",
+                status: 0,
+                bytes: moved.map_or(0, |(a, b)| a + b),
+                duration: started.elapsed(),
+                upstream: Some(c.target.addr),
+                upstream_time: Some(c.connected),
+                worker: Some(c.target.backend.name()),
+                retries: (c.tries - 1) as u32,
+                referer: None,
+                user_agent: None,
+            });
+        }
+        drop(c.lease); // Held until now, it counted this connection.
+    }
+
+    /// Picks a backend and connects to it (another, up to [`MAX_TRIES`],
+    /// when that fails); `None` when none could be reached.
+    async fn open(
+        &self,
+        client: &mut TcpStream,
+        peer: SocketAddr,
+        started: std::time::Instant,
+    ) -> Option<Opened> {
         let ip = ip_key(peer.ip());
         // `hash:sni`: the ClientHello is read first (and sent on as read).
         let mut hello = Vec::new();
         let sni = match self.up.kind() {
             herd_balance::StrategyKind::SniHash => {
-                server_name(&mut client, &mut hello, self.wait_for_backend).await
+                server_name(client, &mut hello, self.wait_for_backend).await
             }
             _ => None,
         };
@@ -39,7 +93,6 @@ impl TcpProxy {
             Some(name) => name.as_bytes(),
             None => ip.as_slice(),
         };
-        let (at, started) = (std::time::SystemTime::now(), std::time::Instant::now());
         let mut avoid: Option<Arc<Backend>> = None;
         let deadline = tokio::time::Instant::now() + self.wait_for_backend;
         let mut tries = 0;
@@ -63,7 +116,7 @@ impl TcpProxy {
                             "no ready backend within {:?}; closing a connection",
                             self.wait_for_backend
                         );
-                        return;
+                        return None;
                     }
                     continue;
                 }
@@ -82,36 +135,15 @@ impl TcpProxy {
                             .await
                             .is_err()
                     {
-                        return;
+                        return None;
                     }
-                    // Both ways; EOF on one side shuts down writing to the
-                    // other (half-close); returns when both are done.
-                    let connected = started.elapsed();
-                    let moved = super::tunnel::relay(&mut client, &mut upstream).await;
-                    if let Ok((to_backend, to_client)) = moved {
-                        let a = &target.answers;
-                        a.bytes_to_backend.fetch_add(to_backend, Relaxed);
-                        a.bytes_to_client.fetch_add(to_client, Relaxed);
-                    }
-                    if let Some(log) = &self.log {
-                        log.write(&super::access::Entry {
-                            at,
-                            client: peer.ip(),
-                            method: "-",
-                            path: "-",
-                            protocol: "TCP",
-                            status: 0,
-                            bytes: moved.map_or(0, |(a, b)| a + b),
-                            duration: started.elapsed(),
-                            upstream: Some(target.addr),
-                            upstream_time: Some(connected),
-                            worker: Some(target.backend.name()),
-                            retries: (tries - 1) as u32,
-                            referer: None,
-                            user_agent: None,
-                        });
-                    }
-                    return; // The lease, held until now, counts this connection.
+                    return Some(Opened {
+                        upstream,
+                        lease,
+                        target,
+                        connected: started.elapsed(),
+                        tries,
+                    });
                 }
                 Ok(Err(e)) => tracing::debug!("{}: connect failed: {e}", target.label),
                 Err(_) => tracing::debug!("{}: connect timed out", target.label),
@@ -119,6 +151,7 @@ impl TcpProxy {
             lease.failure(self.up.now());
             avoid = Some(lease.backend().clone());
         }
+        None
     }
 }
 
