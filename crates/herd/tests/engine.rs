@@ -182,6 +182,56 @@ fn pipelined_requests_are_answered_in_order_on_one_backend_connection() {
     );
 }
 
+/// A head that arrives in pieces, as from a slow client: between pieces
+/// herd keeps only the bytes so far (the thread's buffer goes back), then
+/// reads on behind them. Short pieces, a long one, and a body behind.
+#[test]
+fn a_head_arriving_in_pieces_is_read_whole() {
+    let (port, _) = backend(Arc::new(
+        |head: &str, r: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            let mut body = vec![0; content_length(head)];
+            r.read_exact(&mut body).unwrap();
+            let x = head
+                .lines()
+                .find(|l| l.starts_with("X-Long: "))
+                .unwrap_or("");
+            ok(
+                c,
+                &format!(
+                    "{} {} {}",
+                    head.lines().next().unwrap(),
+                    x.len(),
+                    String::from_utf8_lossy(&body)
+                ),
+            );
+            true
+        },
+    ));
+    let h = lb(port, &[]);
+    let mut s = connect(h.port);
+    let long = format!("X-Long: {}\r\n", "v".repeat(3000));
+    let pieces = [
+        "PO".to_string(),
+        "ST /slow HTTP/1.1\r\nHo".to_string(),
+        "st: t\r\nContent-Length: 4\r\n".to_string(),
+        long,
+        "\r\nbo".to_string(),
+        "dy".to_string(),
+    ];
+    for p in &pieces {
+        s.write_all(p.as_bytes()).unwrap();
+        // A slow client: each piece its own read, and a wait between.
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let mut r = BufReader::new(s);
+    let (head, body) = read_one(&mut r);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "POST /slow HTTP/1.1 3008 body"
+    );
+}
+
 #[test]
 fn a_half_closed_client_still_gets_its_answer() {
     let (port, _) = backend(Arc::new(

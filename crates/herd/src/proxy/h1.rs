@@ -41,6 +41,9 @@ const MAX_TRIES: usize = 3;
 /// closed (nginx's lingering close): closing with unread input resets the
 /// connection, and the client would lose the answer.
 const LINGER: Duration = Duration::from_secs(2);
+/// A parked partial head (see [`Inbox::park`]) is at most half this; the
+/// thread's buffers are far larger.
+const PARKED_MAX: usize = 4096;
 /// Body bytes up to this size are copied behind the head they go with and
 /// sent in one `send`; larger ones go beside it in a `writev`. The copy is
 /// cheaper than the kernel's work for a second `iovec` below a few KiB.
@@ -70,16 +73,43 @@ impl Inbox {
     /// Gives the buffer back to the thread when nothing is pending.
     fn release_if_empty(&mut self) {
         if self.start >= self.v.len() {
-            conns::give_back(std::mem::take(&mut self.v));
-            self.start = 0;
+            self.give_back();
         }
+    }
+
+    /// Lets go of the buffer: a thread's one goes back to it, a parked
+    /// one is freed.
+    fn give_back(&mut self) {
+        let v = std::mem::take(&mut self.v);
+        if v.capacity() >= PARKED_MAX {
+            conns::give_back(v);
+        }
+        self.start = 0;
+    }
+
+    /// Before a wait with part of a head: keeps just those bytes in a
+    /// buffer of their size and gives the thread's buffer back, so a slow
+    /// client (or a slowloris one) holds about what it sent. The next read
+    /// takes a thread buffer again.
+    fn park(&mut self) {
+        let n = self.v.len() - self.start;
+        if n == 0 || n > PARKED_MAX / 2 || self.v.capacity() < PARKED_MAX {
+            return;
+        }
+        let parked = self.pending().to_vec();
+        conns::give_back(std::mem::replace(&mut self.v, parked));
+        self.start = 0;
     }
 
     /// One read from `io`; `Ok(0)` is EOF. A read with no room left is a
     /// caller's error (heads are bounded below the capacity).
     fn try_fill(&mut self, io: &LazyStream, cap: usize) -> io::Result<usize> {
-        if self.v.capacity() == 0 {
-            self.v = conns::buffer(cap);
+        if self.v.capacity() < cap {
+            // None, or a parked one: the bytes kept move to a thread buffer.
+            let mut v = conns::buffer(cap);
+            v.extend_from_slice(self.pending());
+            self.v = v;
+            self.start = 0;
         }
         if self.v.len() == self.v.capacity() && self.start > 0 {
             self.v.drain(..self.start);
@@ -142,7 +172,7 @@ pub fn serve(
                     // Boxed: rare, and the connection's task stays small.
                     let prefix = inbox.pending().to_vec();
                     inbox.release_if_empty();
-                    conns::give_back(std::mem::take(&mut inbox.v));
+                    inbox.give_back();
                     if let Ok(io) = io.into_tokio() {
                         let stop = super::stop_token();
                         Box::pin(super::h2::serve(p, io, prefix, peer, stop)).await;
@@ -184,7 +214,7 @@ pub fn serve(
                 }
             }
         }
-        conns::give_back(std::mem::take(&mut inbox.v));
+        inbox.give_back();
     }
 }
 
@@ -247,7 +277,10 @@ async fn read_head(p: &HttpProxy, io: &LazyStream, inbox: &mut Inbox, first: boo
         match inbox.try_fill(io, buffer_size(p)) {
             Ok(0) => return Head::Close,
             Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => inbox.release_if_empty(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                inbox.release_if_empty();
+                inbox.park();
+            }
             Err(_) => return Head::Close,
         }
         // Idle (nothing begun): a graceful stop closes the connection at once.
@@ -608,8 +641,7 @@ async fn exchange(
                     .is_ok();
             conns::give_back(rbuf);
             conns::give_back(rout);
-            conns::give_back(std::mem::take(&mut inbox.v));
-            inbox.start = 0;
+            inbox.give_back();
             if !ok {
                 return Outcome::Close;
             }
@@ -1109,7 +1141,7 @@ async fn linger(io: &mut LazyStream, inbox: &mut Inbox, cap: usize) {
             break;
         }
     }
-    conns::give_back(std::mem::take(&mut inbox.v));
+    inbox.give_back();
     inbox.start = 0;
 }
 
