@@ -97,7 +97,7 @@ impl RotatingFile {
                     );
                     crate::output::emit(crate::output::Stream::Err, say.as_bytes());
                 }
-                self.dropped += bytes.iter().filter(|&&b| b == b'\n').count().max(1) as u64;
+                self.dropped += crate::output::lines(bytes);
             }
         }
     }

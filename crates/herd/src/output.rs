@@ -203,7 +203,8 @@ fn room(fd: std::os::fd::BorrowedFd<'_>, wait: Duration) -> bool {
     }
 }
 
-fn lines(bytes: &[u8]) -> u64 {
+/// Lines in `bytes`, counting an unfinished one (for drop counts).
+pub fn lines(bytes: &[u8]) -> u64 {
     bytes.iter().filter(|&&b| b == b'\n').count().max(1) as u64
 }
 

@@ -190,15 +190,6 @@ pub fn serve(
             // Boxed, so an idle connection's task holds only this loop's state.
             match Box::pin(exchange(&p, &mut io, &mut inbox, len, peer)).await {
                 Outcome::KeepAlive => inbox.release_if_empty(),
-                Outcome::Tunnel(t) => {
-                    let (mut b, lease) = *t;
-                    if let Ok(io) = io.registered_mut() {
-                        let _ = Box::pin(super::tunnel::relay(io, &mut b)).await;
-                    }
-                    drop(lease); // In flight for as long as the tunnel lasts.
-                    let _ = io.shutdown_write();
-                    break;
-                }
                 Outcome::Close if inbox.pending().is_empty() => {
                     // The FIN goes out now, with the answer `write_answer`
                     // held back: a close with unread input would send a
@@ -206,15 +197,33 @@ pub fn serve(
                     let _ = io.shutdown_write();
                     break;
                 }
-                // Unread pipelined requests: closing now would reset the
-                // connection, and the client could lose the last answer.
-                Outcome::Close | Outcome::Linger => {
-                    Box::pin(linger(&mut io, &mut inbox, buffer_size(&p))).await;
+                // Boxed, like the exchange, and given the outcome by value:
+                // nothing of it stays in an idle connection's future.
+                end => {
+                    Box::pin(finish(&mut io, &mut inbox, end, buffer_size(&p))).await;
                     break;
                 }
             }
         }
         inbox.give_back();
+    }
+}
+
+/// Ends a connection after its last exchange: relays an upgraded one
+/// (after a 101) until both ways end, or closes with a lingering read
+/// (unread pipelined requests: closing at once would reset the
+/// connection, and the client could lose the last answer).
+async fn finish(io: &mut LazyStream, inbox: &mut Inbox, end: Outcome, cap: usize) {
+    match end {
+        Outcome::Tunnel(t) => {
+            let (mut b, lease) = *t;
+            if let Ok(io) = io.registered_mut() {
+                let _ = super::tunnel::relay(io, &mut b).await;
+            }
+            drop(lease); // In flight for as long as the tunnel lasts.
+            let _ = io.shutdown_write();
+        }
+        _ => linger(io, inbox, cap).await,
     }
 }
 
@@ -241,8 +250,9 @@ async fn read_head(p: &HttpProxy, io: &LazyStream, inbox: &mut Inbox, first: boo
     loop {
         // Empty lines before a request line are skipped (RFC 9112, 2.2), as
         // nginx and llhttp do: some clients send a CRLF after a POST body.
-        let blank = head::leading_blank_lines(inbox.pending());
-        if blank > 0 {
+        // (Scoped to the `if`: a local living across the wait below would
+        // grow every idle connection's future in debug builds.)
+        if let blank @ 1.. = head::leading_blank_lines(inbox.pending()) {
             inbox.consume(blank);
             scanned = 0;
         }
@@ -1142,7 +1152,6 @@ async fn linger(io: &mut LazyStream, inbox: &mut Inbox, cap: usize) {
         }
     }
     inbox.give_back();
-    inbox.start = 0;
 }
 
 /// What the access log keeps of a request's head.
