@@ -146,7 +146,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
             init_logging();
-            match run(settings) {
+            let ran = run(settings);
+            herd::output::farewell();
+            match ran {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
                     // Each error already names its cause: print the top one only.

@@ -172,10 +172,7 @@ pub fn emit(stream: Stream, bytes: &[u8]) {
         }
         let dropped = DROPPED.swap(0, Relaxed);
         let wrote = if dropped > 0 {
-            let note = format!(
-                "herd: {dropped} lines of output were dropped: nobody read herd's output for {PATIENCE:?}\n"
-            );
-            nix::unistd::write(fd, note.as_bytes()).map(|_| 0)
+            nix::unistd::write(fd, note(dropped).as_bytes()).map(|_| 0)
         } else {
             nix::unistd::write(fd, &rest[..rest.len().min(PIPE_BUF)])
         };
@@ -186,6 +183,28 @@ pub fn emit(stream: Stream, bytes: &[u8]) {
             // would be to a terminal that went away.
             Err(_) => return,
         }
+    }
+}
+
+/// Says how many lines were dropped.
+fn note(dropped: u64) -> String {
+    format!(
+        "herd: {dropped} lines of output were dropped: nobody read herd's output for {PATIENCE:?}\n"
+    )
+}
+
+/// At exit: if lines were dropped since herd last wrote, the note saying
+/// so, once stderr takes it (waiting up to [`PATIENCE`]). Herd's last
+/// lines were then among the dropped, and a reader that resumes (a
+/// `| less` scrolled on) would otherwise not know.
+pub fn farewell() {
+    let err = std::io::stderr();
+    let Ok(_writing) = WRITING.lock() else {
+        return;
+    };
+    let dropped = DROPPED.swap(0, Relaxed);
+    if dropped > 0 && room(err.as_fd(), PATIENCE) {
+        let _ = nix::unistd::write(err.as_fd(), note(dropped).as_bytes());
     }
 }
 

@@ -101,14 +101,20 @@ fn an_output_nobody_reads_stops_nothing() {
         h.child.try_wait().unwrap().is_none(),
         "the master died with its output stuck"
     );
-    // Read again: the next line herd writes comes after a note. (Read to
-    // the end, when herd and its guardian are gone.)
+    // Lines are dropped only once herd has waited its patience (0.5 s) on
+    // the full pipe, which the restarts above may have taken less than;
+    // nothing outside herd shows it, so the flood goes on that long.
+    let stuck = std::time::Instant::now();
+    wait_until(T, || stuck.elapsed() > Duration::from_secs(1));
+    // Stopped with its output still stuck, then read: the note comes with
+    // the next line herd writes, or on its way out. (Read to the end, when
+    // herd and its guardian are gone.)
+    h.signal("TERM");
     let reading = std::thread::spawn(move || {
         let mut out = Vec::new();
         let _ = std::io::Read::read_to_end(&mut { reader }, &mut out);
         String::from_utf8_lossy(&out).into_owned()
     });
-    h.signal("TERM");
     let st = h
         .wait_exit(T)
         .expect("the master did not stop with its output stuck");
