@@ -327,7 +327,7 @@ fn hostile_requests_get_an_answer_and_everyone_else_is_served() {
     );
     let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
     let many = format!("GET / HTTP/1.1\r\nHost: t\r\n{many}\r\n");
-    let cases: [(&[u8], &str); 7] = [
+    let cases: [(&[u8], &str); 8] = [
         (
             b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             "400",
@@ -341,6 +341,7 @@ fn hostile_requests_get_an_answer_and_everyone_else_is_served() {
             "400",
         ),
         (b"GET / HTTP/1.1 EXTRA WORDS\r\nHost: t\r\n\r\n", "400"),
+        (b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", "505"),
         (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", "400"),
         (big.as_bytes(), "431"),
         (many.as_bytes(), "431"),
@@ -367,6 +368,12 @@ fn hostile_requests_get_an_answer_and_everyone_else_is_served() {
     let answer = raw(
         h.port,
         b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    // A later HTTP/1 minor version is served as HTTP/1.1, kept alive.
+    let answer = raw(
+        h.port,
+        b"GET / HTTP/1.2\r\nHost: t\r\n\r\nGET / HTTP/1.9\r\nHost: t\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
 }

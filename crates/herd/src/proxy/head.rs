@@ -21,6 +21,8 @@ pub enum Refusal {
     TooLarge,
     Timeout,
     NotAllowed,
+    /// `HTTP/2.0` and above in an HTTP/1 request line.
+    Version,
 }
 
 impl Refusal {
@@ -31,6 +33,7 @@ impl Refusal {
             Refusal::TooLarge => (431, 23),
             Refusal::Timeout => (408, 16),
             Refusal::NotAllowed => (405, 19),
+            Refusal::Version => (505, 27),
         }
     }
 
@@ -40,6 +43,7 @@ impl Refusal {
             Refusal::TooLarge => b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 23\r\nConnection: close\r\n\r\nrequest head too large\n",
             Refusal::Timeout => b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 16\r\nConnection: close\r\n\r\nrequest timeout\n",
             Refusal::NotAllowed => b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain\r\nContent-Length: 19\r\nAllow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\nConnection: close\r\n\r\nmethod not allowed\n",
+            Refusal::Version => b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nConnection: close\r\n\r\nHTTP version not supported\n",
         }
     }
 }
@@ -126,6 +130,39 @@ pub fn leading_blank_lines(b: &[u8]) -> usize {
             _ if b.get(i) == Some(&b'\n') => i += 1,
             _ => return i,
         }
+    }
+}
+
+/// A well-formed request-line version httparse does not read.
+#[derive(Debug, PartialEq, Eq)]
+enum Later {
+    /// `HTTP/1.2`…`HTTP/1.9`: read as 1.1, the highest minor version herd
+    /// implements (RFC 9112, 2.3), as nginx and HAProxy do; `at` is the
+    /// minor digit's offset.
+    Minor(usize),
+    /// `HTTP/2.0` and above: 505 (RFC 9110, 15.6.6).
+    Major,
+}
+
+fn later_version(head: &[u8]) -> Option<Later> {
+    let end = head.iter().position(|&b| b == b'\n')?;
+    let line = &head[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    match line.get(line.len().checked_sub(9)?..)? {
+        b" HTTP/1.2" | b" HTTP/1.3" | b" HTTP/1.4" | b" HTTP/1.5" | b" HTTP/1.6" | b" HTTP/1.7"
+        | b" HTTP/1.8" | b" HTTP/1.9" => Some(Later::Minor(line.len() - 1)),
+        [
+            b' ',
+            b'H',
+            b'T',
+            b'T',
+            b'P',
+            b'/',
+            b'2'..=b'9',
+            b'.',
+            b'0'..=b'9',
+        ] => Some(Later::Major),
+        _ => None,
     }
 }
 
@@ -325,6 +362,18 @@ pub fn request(
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(Refusal::BadRequest),
         Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooLarge),
+        Err(httparse::Error::Version) => {
+            return match later_version(head) {
+                // Same length: offsets into the copy hold for `head`.
+                Some(Later::Minor(at)) => {
+                    let mut copy = head.to_vec();
+                    copy[at] = b'1';
+                    request(&copy, max_headers, peer, key_source, split_source, log, out)
+                }
+                Some(Later::Major) => Err(Refusal::Version),
+                None => Err(Refusal::BadRequest),
+            };
+        }
         Err(_) => return Err(Refusal::BadRequest),
     }
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
@@ -921,7 +970,6 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             "GET / HTTP/1.1 EXTRA\r\nHost: h\r\n\r\n",
             "GET  / HTTP/1.1\r\nHost: h\r\n\r\n",
-            "GET / HTTP/1.2\r\nHost: h\r\n\r\n",
             "GET ftp://x/ HTTP/1.1\r\nHost: h\r\n\r\n",
         ] {
             assert_eq!(req(bad).err(), Some(Refusal::BadRequest), "{bad:?}");
@@ -1112,12 +1160,37 @@ mod tests {
             Refusal::TooLarge,
             Refusal::Timeout,
             Refusal::NotAllowed,
+            Refusal::Version,
         ] {
             let text = std::str::from_utf8(r.response()).unwrap();
             let (status, len) = r.logged();
             assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
             assert_eq!(text.split_once("\r\n\r\n").unwrap().1.len() as u64, len);
         }
+    }
+
+    #[test]
+    fn later_http_1_minor_versions_are_read_as_1_1_and_later_majors_refused() {
+        let (r, out) = req("GET /a HTTP/1.2\r\nHost: h\r\nX-Up: 1\r\n\r\n").unwrap();
+        assert!(r.keep_alive && !r.http10);
+        assert_eq!(r.target, (4, 6));
+        assert!(
+            out.starts_with("GET /a HTTP/1.1\r\nHost: h\r\nX-Up: 1\r\n"),
+            "{out}"
+        );
+        assert!(req("GET / HTTP/1.9\nHost: h\n\n").is_ok());
+        for v in ["2.0", "3.0", "9.9"] {
+            let head = format!("GET / HTTP/{v}\r\nHost: h\r\n\r\n");
+            assert_eq!(req(&head).unwrap_err(), Refusal::Version, "{v}");
+        }
+        for bad in ["1.10", "0.9", "10.0", "1.x", "2", "2.0.1"] {
+            let head = format!("GET / HTTP/{bad}\r\nHost: h\r\n\r\n");
+            assert_eq!(req(&head).unwrap_err(), Refusal::BadRequest, "{bad}");
+        }
+        assert_eq!(
+            req("GET / http/1.2\r\nHost: h\r\n\r\n").unwrap_err(),
+            Refusal::BadRequest
+        );
     }
 
     #[test]
