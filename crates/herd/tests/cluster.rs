@@ -381,6 +381,26 @@ fn a_worker_that_never_gets_ready_is_replaced() {
     );
 }
 
+/// A server on a port of its own choosing (written in its code, a
+/// framework's default) is never ready: the log names the port it took and
+/// the one herd waits on, in time to read before the crash loop.
+#[test]
+fn a_worker_on_a_port_of_its_own_is_named() {
+    for (mode, says) in [
+        ("proxy", "Make it listen on $PORT"),
+        ("dispatch", "use --mode proxy, shared or reuseport"),
+    ] {
+        let own = free_port().to_string();
+        let h = Herd::start(
+            &["-i", "1", "--mode", mode],
+            &["python3", "-m", "http.server", "--bind", "127.0.0.1", &own],
+        );
+        let said = format!("it listens on 127.0.0.1:{own}");
+        assert!(h.wait_log(&said, T), "{mode}: {}", h.log());
+        assert!(h.log().contains(says), "{mode}: {}", h.log());
+    }
+}
+
 #[test]
 fn node_and_python_apps_serve_in_every_mode() {
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");

@@ -2,7 +2,8 @@
 //! fork/exec and fd passing (`sys`), listening sockets (`listen`), client
 //! sockets that join the event loop only to wait (`lazy`), the guardian
 //! process (`guardian`), usable CPUs (`cpus`), the private runtime directory
-//! (`rundir`) and adopted children (`reaper`). `sys` and `lazy` are the only
+//! (`rundir`), adopted children (`reaper`) and what a worker listens on
+//! (`sockets`). `sys` and `lazy` are the only
 //! modules with `unsafe`.
 
 pub mod cpus;
@@ -11,4 +12,5 @@ pub mod lazy;
 pub mod listen;
 pub mod reaper;
 pub mod rundir;
+pub mod sockets;
 pub mod sys;

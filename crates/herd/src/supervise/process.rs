@@ -34,6 +34,9 @@ use herd_sdk::env as contract;
 const FD_READY_GRACE: Duration = Duration::from_secs(1);
 /// Interval of the proxy-mode port probe.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
+/// A worker not ready this long after its start is looked at once: if it
+/// listens on a port of its own, the log says so (see [`elsewhere`]).
+const LOOK_AFTER: Duration = Duration::from_secs(2);
 
 /// A release as the driver starts it: what to run, and `NODE_OPTIONS`
 /// with herd's preload when it is a Node program.
@@ -201,7 +204,12 @@ impl Supervisor {
             let status = child.wait().await;
             let _ = tx.send(Event::Exited { epoch, status });
         });
-        let readiness = tokio::spawn(readiness(notify, self.probe(port), self.tx.clone(), epoch));
+        let readiness = tokio::spawn(readiness(
+            notify,
+            self.probe(port),
+            self.tx.clone(),
+            (epoch, slot, pid),
+        ));
         let target = port.map(|p| {
             Arc::new(
                 Target::new(
@@ -416,6 +424,7 @@ impl Supervisor {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Probe {
     /// Ready when the worker's private port accepts a connection.
     Port(u16),
@@ -436,7 +445,7 @@ async fn readiness(
     sock: UnixDatagram,
     probe: Probe,
     tx: mpsc::UnboundedSender<Event>,
-    epoch: Epoch,
+    (epoch, slot, pid): (Epoch, usize, u32),
 ) {
     let mut buf = vec![0u8; 4096];
     // Reads one message; true if it says READY=1. Reports WATCHDOG=1.
@@ -484,13 +493,54 @@ async fn readiness(
             Probe::NotifyOnly | Probe::Dispatch => std::future::pending().await,
         }
     };
+    // Never ends: only says, once, why a worker may not be ready.
+    let look = async {
+        tokio::time::sleep(LOOK_AFTER).await;
+        let pgid = i32::try_from(pid).unwrap_or(0);
+        let found = tokio::task::spawn_blocking(move || crate::os::sockets::listening(pgid));
+        if let Ok(found) = found.await
+            && let Some(why) = elsewhere(probe, &found)
+        {
+            tracing::warn!("worker {slot} (pid {pid}) is not ready after {LOOK_AFTER:?}: {why}");
+        }
+        std::future::pending::<()>().await
+    };
     let addr = tokio::select! {
         _ = notified => None,
         addr = probed => addr,
+        () = look => None,
     };
     let _ = tx.send(Event::Ready { epoch, addr });
     while let Ok(n) = sock.recv(&mut buf).await {
         read(&buf[..n]);
+    }
+}
+
+/// Why a worker that is not ready may never be, from the addresses its
+/// processes listen on: a server on a port of its own choosing (a port
+/// written in the code, a framework's default) while herd waits on another.
+fn elsewhere(probe: Probe, listening: &[SocketAddr]) -> Option<String> {
+    let shown = || {
+        let mut s: Vec<String> = listening.iter().take(3).map(|a| a.to_string()).collect();
+        if listening.len() > 3 {
+            s.push("…".into());
+        }
+        s.join(", ")
+    };
+    match probe {
+        Probe::Port(p) if !listening.is_empty() && listening.iter().all(|a| a.port() != p) => {
+            Some(format!(
+                "it listens on {}, but herd sends it requests on 127.0.0.1:{p}, its PORT. \
+                 Make it listen on $PORT (uvicorn: --port $PORT; Spring Boot: -Dserver.port=$PORT)",
+                shown()
+            ))
+        }
+        Probe::Dispatch if !listening.is_empty() => Some(format!(
+            "it listens on {} itself; dispatch mode hands connections only to a worker that \
+             speaks its protocol (herd's Node preload, herd-sdk). For this server use --mode proxy, shared or reuseport",
+            shown()
+        )),
+        _ => None,
     }
 }
 
@@ -571,5 +621,39 @@ fn worker_env(
 pub(super) fn kill_group(pgid: u32, sig: Signal) {
     if pgid > 1 {
         let _ = killpg(Pid::from_raw(pgid as i32), sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Probe, elsewhere};
+    use std::net::SocketAddr;
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_worker_on_a_port_of_its_own_is_named_and_one_on_its_port_is_not() {
+        let own = addrs(&["127.0.0.1:3000"]);
+        let why = elsewhere(Probe::Port(41000), &own).unwrap();
+        assert!(
+            why.contains("127.0.0.1:3000") && why.contains("127.0.0.1:41000"),
+            "{why}"
+        );
+        // Still binding, or on its port (any address), or one more port
+        // beside it (metrics): nothing to say.
+        assert_eq!(elsewhere(Probe::Port(41000), &[]), None);
+        let both = addrs(&["0.0.0.0:41000", "127.0.0.1:9090"]);
+        assert_eq!(elsewhere(Probe::Port(41000), &both), None);
+        assert_eq!(elsewhere(Probe::Port(41000), &addrs(&["[::]:41000"])), None);
+        // Dispatch mode: any port of its own is the wrong model.
+        let why = elsewhere(Probe::Dispatch, &own).unwrap();
+        assert!(why.contains("--mode proxy"), "{why}");
+        assert_eq!(elsewhere(Probe::Dispatch, &[]), None);
+        // fd modes are ready on their grace; --wait-ready waits on purpose.
+        assert_eq!(elsewhere(Probe::NotifyOnly, &own), None);
+        let many = addrs(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]);
+        assert!(elsewhere(Probe::Dispatch, &many).unwrap().contains(":3, …"));
     }
 }
