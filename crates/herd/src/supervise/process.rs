@@ -496,7 +496,10 @@ async fn readiness(
     // Never ends: only says, once, why a worker may not be ready.
     let look = async {
         tokio::time::sleep(LOOK_AFTER).await;
-        let pgid = i32::try_from(pid).unwrap_or(0);
+        let pgid = match i32::try_from(pid) {
+            Ok(p) if p > 0 => p,
+            _ => std::future::pending().await,
+        };
         let found = tokio::task::spawn_blocking(move || crate::os::sockets::listening(pgid));
         if let Ok(found) = found.await
             && let Some(why) = elsewhere(probe, &found)
