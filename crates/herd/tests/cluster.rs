@@ -399,6 +399,22 @@ fn a_worker_on_a_port_of_its_own_is_named() {
         assert!(h.wait_log(&said, T), "{mode}: {}", h.log());
         assert!(h.log().contains(says), "{mode}: {}", h.log());
     }
+    // Shared mode takes it as ready after its grace; the clients that
+    // wait on herd's port, never accepted, name it.
+    let own = free_port().to_string();
+    let h = Herd::start(
+        &["-i", "1", "--mode", "shared"],
+        &["python3", "-m", "http.server", "--bind", "127.0.0.1", &own],
+    );
+    h.wait_ready(1);
+    let mut waiting = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let said = format!("1 connection waited on 127.0.0.1:{}", h.port);
+    assert!(h.wait_log(&said, T), "{}", h.log());
+    let line = format!("worker 0 listens on 127.0.0.1:{own}. In shared mode");
+    assert!(h.log().contains(&line), "{}", h.log());
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! With `lazy`, the only modules with `unsafe`: the code that runs in a
 //! worker between `fork` and `exec`, and passing a connection's fd to a
-//! worker ([`send_fd`], dispatch mode), and the guardian's ignored signals.
+//! worker ([`send_fd`], dispatch mode), the guardian's ignored signals, and
+//! reading a listening socket's accept queue ([`accept_queue`]).
 //!
 //! Why it exists: systemd's socket-activation protocol wants `LISTEN_PID`
 //! to be the worker's *own* pid, which only the child knows, and the worker
@@ -282,6 +283,32 @@ pub fn watch<T: OwnsFd>(
 /// process (`LISTEN_FDS`, from fd 3), when `LISTEN_PID` names this process:
 /// a listening TCP socket, made close-on-exec so workers never inherit it
 /// by accident. `None` when there is none for us.
+/// Connections waiting in a listening socket's accept queue: `TCP_INFO`'s
+/// `tcpi_unacked`, which the kernel fills with the queue's length for a
+/// socket in LISTEN (`Recv-Q` of `ss -lnt`). One syscall, not a read of
+/// `/proc/net/tcp`, which grows with every socket of the host.
+pub fn accept_queue(fd: std::os::fd::BorrowedFd<'_>) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers, so all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which has
+    // that many, and `fd` is open for the call (borrowed).
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    // include/net/tcp_states.h: TCP_LISTEN (libc has no constant for it).
+    const LISTEN: u8 = 10;
+    let filled = std::mem::offset_of!(libc::tcp_info, tcpi_unacked) + 4;
+    (rc == 0 && len as usize >= filled && info.tcpi_state == LISTEN).then_some(info.tcpi_unacked)
+}
+
 pub fn inherited_listener() -> io::Result<Option<socket2::Socket>> {
     use std::os::fd::FromRawFd;
     const SD_LISTEN_FDS_START: RawFd = 3;
@@ -536,5 +563,26 @@ mod tests {
         let mut two = [0u8; 2];
         x.read_exact(&mut two).unwrap();
         assert_eq!(&two, b"ok");
+    }
+
+    #[test]
+    fn the_accept_queue_counts_connections_not_yet_accepted() {
+        use std::os::fd::AsFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(super::accept_queue(l.as_fd()), Some(0));
+        let addr = l.local_addr().unwrap();
+        let _a = std::net::TcpStream::connect(addr).unwrap();
+        let b = std::net::TcpStream::connect(addr).unwrap();
+        // The server's side of a handshake may finish just after connect returns.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while super::accept_queue(l.as_fd()) != Some(2) && std::time::Instant::now() < until {
+            std::thread::yield_now();
+        }
+        assert_eq!(super::accept_queue(l.as_fd()), Some(2));
+        let (taken, _) = l.accept().unwrap();
+        assert_eq!(super::accept_queue(l.as_fd()), Some(1));
+        // Not a listening socket: no answer.
+        assert_eq!(super::accept_queue(taken.as_fd()), None);
+        assert_eq!(super::accept_queue(b.as_fd()), None);
     }
 }

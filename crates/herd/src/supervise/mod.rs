@@ -27,6 +27,7 @@ mod ops;
 mod policy;
 mod process;
 mod signals;
+mod stall;
 mod stop;
 mod upgrade;
 
@@ -181,6 +182,8 @@ pub struct Supervisor {
     /// `--tls-cert`: the certificates, reloaded with the workers and when
     /// their files change.
     tls: Option<Arc<crate::proxy::tls::Tls>>,
+    /// Fd modes: each listening socket's accept queue, watched once a second.
+    stalls: Vec<stall::Stall>,
 }
 
 /// Runs the cluster until it is stopped; returns the process exit code.
@@ -377,6 +380,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         watch_due: None,
         hosts,
         tls,
+        stalls: Vec::new(),
     };
     let access_log = match &sup.s.access_log {
         Some(cfg) if sup.s.mode == Mode::Proxy => Some(Arc::new(

@@ -2,13 +2,14 @@
 //! the machine decides goes to it; delivery and `/proc` reads are here.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::machine::{self, Input, State};
-use super::{Event, Supervisor};
+use super::{Event, Supervisor, stall};
 use crate::config::Mode;
 use crate::console::count;
 use crate::control::{Call, Done, Line, Request, Status, WorkerRow, WorkerState};
@@ -503,6 +504,7 @@ impl Supervisor {
     /// `--max-memory`.
     pub(super) fn on_tick(&mut self) {
         self.analyse();
+        self.watch_accept_queues();
         self.ticks += 1;
         if self.ticks.is_multiple_of(2) {
             self.report();
@@ -529,6 +531,53 @@ impl Supervisor {
             .collect();
         for (epoch, rss) in samples {
             self.apply(Input::Memory { epoch, rss }, None);
+        }
+    }
+
+    /// Fd modes: a listening socket whose accept queue stalls (see
+    /// [`super::stall`]) while a worker listens on a port of its own is
+    /// logged: that worker serves there, not on fd 3, and clients of herd's
+    /// port wait. (A stall alone may be a saturated server: not said.)
+    fn watch_accept_queues(&mut self) {
+        let socks: &[socket2::Socket] = match &self.listeners {
+            Some(Listeners::Shared(s)) => std::slice::from_ref(s),
+            Some(Listeners::ReusePort(v)) => v,
+            _ => return,
+        };
+        self.stalls.resize_with(socks.len(), Default::default);
+        let now = Instant::now();
+        let mut stalled = Vec::new();
+        for (i, (sock, stall)) in socks.iter().zip(&mut self.stalls).enumerate() {
+            let queued = crate::os::sys::accept_queue(sock.as_fd()).unwrap_or(0);
+            if let Some(n) = stall.observe(now, queued) {
+                stalled.push((i, n));
+            }
+        }
+        for (i, n) in stalled {
+            let reuseport = matches!(self.listeners, Some(Listeners::ReusePort(_)));
+            let own = self.s.listen.port();
+            // Each worker on that socket (reuseport: the slot's), and what it
+            // listens on besides herd's port.
+            let elsewhere: Vec<(usize, Vec<std::net::SocketAddr>)> = self
+                .m
+                .serving()
+                .filter(|w| !reuseport || w.slot == i)
+                .map(|w| {
+                    let pgid = i32::try_from(w.pid).unwrap_or(0);
+                    let mut l = crate::os::sockets::listening(pgid);
+                    l.retain(|a| a.port() != own);
+                    (w.slot, l)
+                })
+                .filter(|(_, l)| !l.is_empty())
+                .collect();
+            if elsewhere.is_empty() {
+                continue;
+            }
+            let whose = reuseport.then_some(i);
+            tracing::warn!(
+                "{}",
+                stall::message(self.s.listen, whose, n, self.s.mode.as_str(), &elsewhere)
+            );
         }
     }
 
