@@ -399,6 +399,13 @@ fn a_worker_on_a_port_of_its_own_is_named() {
         assert!(h.wait_log(&said, T), "{mode}: {}", h.log());
         assert!(h.log().contains(says), "{mode}: {}", h.log());
     }
+    // One that binds late (a JVM) is named when it does.
+    let own = free_port().to_string();
+    let late = format!("sleep 3; exec python3 -m http.server --bind 127.0.0.1 {own}");
+    let h = Herd::start(&["-i", "1"], &["sh", "-c", &late]);
+    let said = format!("is not ready after 7s: it listens on 127.0.0.1:{own}");
+    assert!(h.wait_log(&said, T), "{}", h.log());
+    drop(h);
     // Shared mode takes it as ready after its grace; the clients that
     // wait on herd's port, never accepted, name it.
     let own = free_port().to_string();

@@ -34,9 +34,11 @@ use herd_sdk::env as contract;
 const FD_READY_GRACE: Duration = Duration::from_secs(1);
 /// Interval of the proxy-mode port probe.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
-/// A worker not ready this long after its start is looked at once: if it
-/// listens on a port of its own, the log says so (see [`elsewhere`]).
+/// A worker not ready this long after its start is looked at, and again
+/// each [`LOOK_EVERY`] (a JVM may bind late): the first time it listens on
+/// a port of its own, the log says so (see [`elsewhere`]).
 const LOOK_AFTER: Duration = Duration::from_secs(2);
+const LOOK_EVERY: Duration = Duration::from_secs(5);
 
 /// A release as the driver starts it: what to run, and `NODE_OPTIONS`
 /// with herd's preload when it is a Node program.
@@ -495,16 +497,22 @@ async fn readiness(
     };
     // Never ends: only says, once, why a worker may not be ready.
     let look = async {
-        tokio::time::sleep(LOOK_AFTER).await;
         let pgid = match i32::try_from(pid) {
             Ok(p) if p > 0 => p,
             _ => std::future::pending().await,
         };
-        let found = tokio::task::spawn_blocking(move || crate::os::sockets::listening(pgid));
-        if let Ok(found) = found.await
-            && let Some(why) = elsewhere(probe, &found)
-        {
-            tracing::warn!("worker {slot} (pid {pid}) is not ready after {LOOK_AFTER:?}: {why}");
+        let mut after = LOOK_AFTER;
+        tokio::time::sleep(after).await;
+        loop {
+            let found = tokio::task::spawn_blocking(move || crate::os::sockets::listening(pgid));
+            if let Ok(found) = found.await
+                && let Some(why) = elsewhere(probe, &found)
+            {
+                tracing::warn!("worker {slot} (pid {pid}) is not ready after {after:?}: {why}");
+                break;
+            }
+            tokio::time::sleep(LOOK_EVERY).await;
+            after += LOOK_EVERY;
         }
         std::future::pending::<()>().await
     };
