@@ -498,7 +498,8 @@ async fn readiness(
     // Never ends: only says, once, why a worker may not be ready.
     let look = async {
         let pgid = match i32::try_from(pid) {
-            Ok(p) if p > 0 => p,
+            // Only where herd waits on a port or a protocol (not on READY=1).
+            Ok(p) if p > 0 && matches!(probe, Probe::Port(_) | Probe::Dispatch) => p,
             _ => std::future::pending().await,
         };
         let mut after = LOOK_AFTER;
