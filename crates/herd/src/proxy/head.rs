@@ -424,6 +424,10 @@ pub fn request(
     if te && (length.is_some() || !chunked || http10) {
         return Err(Refusal::BadRequest);
     }
+    // `*` names the server, not a resource: OPTIONS only (RFC 9112, 3.2.4).
+    if target == "*" && method != "OPTIONS" {
+        return Err(Refusal::BadRequest);
+    }
     // Absolute form: the target's authority is the host (RFC 9112, 3.2.2).
     let (path, authority) = split_target(target)?;
     if host.is_none() && authority.is_none() && !http10 {
@@ -970,6 +974,7 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             "GET / HTTP/1.1 EXTRA\r\nHost: h\r\n\r\n",
             "GET  / HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET * HTTP/1.1\r\nHost: h\r\n\r\n",
             "GET ftp://x/ HTTP/1.1\r\nHost: h\r\n\r\n",
         ] {
             assert_eq!(req(bad).err(), Some(Refusal::BadRequest), "{bad:?}");
@@ -978,6 +983,8 @@ mod tests {
             req("CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n").err(),
             Some(Refusal::NotAllowed)
         );
+        let (_, out) = req("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        assert!(out.starts_with("OPTIONS * HTTP/1.1\r\n"), "{out}");
     }
 
     #[test]
