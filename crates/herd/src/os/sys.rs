@@ -279,10 +279,6 @@ pub fn watch<T: OwnsFd>(
         .map_err(|e| e.into_parts().1)
 }
 
-/// The first socket systemd (or `systemd-socket-activate`) passed to this
-/// process (`LISTEN_FDS`, from fd 3), when `LISTEN_PID` names this process:
-/// a listening TCP socket, made close-on-exec so workers never inherit it
-/// by accident. `None` when there is none for us.
 /// Connections waiting in a listening socket's accept queue: `TCP_INFO`'s
 /// `tcpi_unacked`, which the kernel fills with the queue's length for a
 /// socket in LISTEN (`Recv-Q` of `ss -lnt`). One syscall, not a read of
@@ -309,6 +305,10 @@ pub fn accept_queue(fd: std::os::fd::BorrowedFd<'_>) -> Option<u32> {
     (rc == 0 && len as usize >= filled && info.tcpi_state == LISTEN).then_some(info.tcpi_unacked)
 }
 
+/// The first socket systemd (or `systemd-socket-activate`) passed to this
+/// process (`LISTEN_FDS`, from fd 3), when `LISTEN_PID` names this process:
+/// a listening TCP socket, made close-on-exec so workers never inherit it
+/// by accident. `None` when there is none for us.
 pub fn inherited_listener() -> io::Result<Option<socket2::Socket>> {
     use std::os::fd::FromRawFd;
     const SD_LISTEN_FDS_START: RawFd = 3;
