@@ -37,6 +37,15 @@ pub fn listening(pgid: i32) -> Vec<SocketAddr> {
     out
 }
 
+/// Addresses for a log line: the first three, then `…`.
+pub fn shown(addrs: &[SocketAddr]) -> String {
+    let mut s: Vec<String> = addrs.iter().take(3).map(SocketAddr::to_string).collect();
+    if addrs.len() > 3 {
+        s.push("…".into());
+    }
+    s.join(", ")
+}
+
 fn sockets_of(p: &Process, inodes: &mut HashSet<u64>) {
     let Ok(fds) = p.fd() else {
         return;

@@ -553,9 +553,9 @@ impl Supervisor {
                 stalled.push((i, n));
             }
         }
+        let reuseport = matches!(self.listeners, Some(Listeners::ReusePort(_)));
+        let own = self.s.listen.port();
         for (i, n) in stalled {
-            let reuseport = matches!(self.listeners, Some(Listeners::ReusePort(_)));
-            let own = self.s.listen.port();
             // Each worker on that socket (reuseport: the slot's), and what it
             // listens on besides herd's port.
             let elsewhere: Vec<(usize, Vec<std::net::SocketAddr>)> = self

@@ -532,13 +532,7 @@ async fn readiness(
 /// processes listen on: a server on a port of its own choosing (a port
 /// written in the code, a framework's default) while herd waits on another.
 fn elsewhere(probe: Probe, listening: &[SocketAddr]) -> Option<String> {
-    let shown = || {
-        let mut s: Vec<String> = listening.iter().take(3).map(|a| a.to_string()).collect();
-        if listening.len() > 3 {
-            s.push("…".into());
-        }
-        s.join(", ")
-    };
+    let shown = || crate::os::sockets::shown(listening);
     match probe {
         Probe::Port(p) if !listening.is_empty() && listening.iter().all(|a| a.port() != p) => {
             Some(format!(

@@ -64,8 +64,8 @@ pub fn message(
     let workers: Vec<String> = elsewhere
         .iter()
         .map(|(slot, addrs)| {
-            let shown: Vec<String> = addrs.iter().take(3).map(|a| a.to_string()).collect();
-            format!("worker {slot} listens on {}", shown.join(", "))
+            let shown = crate::os::sockets::shown(addrs);
+            format!("worker {slot} listens on {shown}")
         })
         .collect();
     m.push_str(&workers.join(", "));
