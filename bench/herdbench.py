@@ -32,6 +32,7 @@ DEMO = ROOT / "target/release/herd-demo"
 PLOT = BENCH / "plot/target/release/herd-bench-plot"
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 HELLO_JS = BENCH / "apps/hello.js"
+SIZES_JS = BENCH / "apps/sizes.js"
 CLUSTER_JS = BENCH / "apps/node-cluster.js"
 WRK_LUA = BENCH / "apps/report.lua"
 WORKERS = 2
@@ -259,6 +260,8 @@ class Setup:
         self.procs, self.port, self.dir = [], None, None
 
     def app_cmd(self):
+        if self.app == "sizes":
+            return ["node", str(SIZES_JS)]
         return ["node", str(HELLO_JS)] if self.app == "node" else [str(DEMO)]
 
     def spawn(self, cmd, env=None, **kw):
@@ -380,11 +383,13 @@ REFERENCE = {
 LOADS = [("keep-alive", 16), ("keep-alive", 128), ("new connection", 16), ("new connection", 128)]
 
 
-def wrk(port, load, conns, secs, url=None):
+def wrk(port, load, conns, secs, url=None, post_kib=None):
+    """wrk through report.lua; POST_KIB makes every request a POST of that many KiB."""
     cmd = ["wrk", "-t2", f"-c{conns}", f"-d{secs}s", "-s", str(WRK_LUA), url or f"http://127.0.0.1:{port}/"]
     if load == "new connection":
         cmd[1:1] = ["-H", "Connection: close"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60).stdout
+    env = {**os.environ, "BENCH_POST_KIB": str(post_kib)} if post_kib else None
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60, env=env).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = re.search(r"LAT (\d+) (\d+) (\d+) (\d+)", out)
     err = re.search(r"ERR (\d+) (\d+) (\d+) (\d+) (\d+)", out)
@@ -666,6 +671,30 @@ def idle_lines():
 EDGE_LOADS = [("https keep-alive", 64), ("https new connection", 16), ("h2 over TLS", 16)]
 
 
+def tunnel_lines():
+    f = RESULTS / "tunnels.json"
+    if not f.exists():
+        return []
+    data = json.loads(f.read_text())
+    m, rows = data["meta"], data["rows"]
+    out = ["## Memory per idle tunnel", "",
+           f"Run {m['date']} with `bench/tunnels` ({m['conns']:,} connections, one run). A Python asyncio backend "
+           "answers every request with `101 Switching Protocols` and then echoes. Each client upgrades through "
+           "the balancer (herd's HTTP proxy, plain and behind its TLS listener; nginx with `proxy_set_header "
+           "Upgrade`; HAProxy), echoes 5 bytes once and sits idle; `herd --protocol tcp` relays the same "
+           "connections as plain TCP. **Bytes** is the balancing process's RSS growth divided by the connection "
+           "count, after 100 unmeasured tunnels.", "",
+           "| setup | idle tunnels | bytes per idle tunnel | RSS before → after (MiB) |", "|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['setup']} | {r['conns']:,} | {(r['after_kib'] - r['before_kib']) * 1024 / r['conns']:,.0f} | "
+                   f"{r['before_kib'] / 1024:.1f} → {r['after_kib'] / 1024:.1f} |")
+    return out + ["", "Before `proxy::tunnel` (tokio's `copy_bidirectional`, two 8 KiB buffers per tunnel for its "
+                  "whole life) the same clients cost herd 21,837 bytes per upgraded connection, 19,513 per TCP "
+                  "connection and 27,073 per TLS upgraded connection (3,000 of them, measured by hand on "
+                  "2026-12-02 with the binaries before and after). The allocator's layout moves these figures by "
+                  "a few hundred bytes from build to build.", ""]
+
+
 def make_cert(d):
     """A self-signed EC certificate for localhost: cert.pem, key.pem, both.pem (HAProxy)."""
     run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
@@ -789,6 +818,99 @@ def edge_lines():
             out.append(f"| {load} | {'**' + name + '**' if herd else name} | {rps:,.0f} | "
                        f"{'–' if herd else f'{rps / h_rps:.2f}×'} | {f'{med(p99) / 1000:.2f}' if p99 else '–'} | {cpu:.2f} | "
                        f"{'–' if herd else f'{cpu / h_cpu:.2f}×'} | {sum(r['errors'] for r in rs)} |")
+    return out + [""]
+
+
+# ---------------------------------------------------------------- bodies
+
+# (method, KiB): answers of 16 KiB to 1 MiB, uploads of 64 KiB and 1 MiB
+# (nginx's default client_max_body_size), keep-alive, 16 connections.
+BODY_LOADS = [("GET", 16), ("GET", 64), ("GET", 256), ("GET", 1024), ("POST", 64), ("POST", 1024)]
+BODY_CONNS = 16
+TEMP_FILE = re.compile(r"(upstream response|client request body) is buffered to a temporary file")
+
+
+def temp_files(setup):
+    """How many answers and uploads nginx has spooled to disk so far (its warnings)."""
+    f = setup.dir / "nginx.err"
+    if setup.kind != "nginx" or not f.exists():
+        return 0
+    return len(TEMP_FILE.findall(f.read_text(errors="replace")))
+
+
+def bodies(args):
+    ensure_tools()
+    work = Path(tempfile.mkdtemp(prefix="herd-bodies-"))
+    setups = [Setup("herd proxy", "sizes", "herd-proxy", herd=True), Setup("nginx", "sizes", "nginx"),
+              Setup("haproxy", "sizes", "haproxy")]
+    rows = []
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        autogroup = stack.enter_context(no_autogroup())
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        for r in range(args.rounds):
+            for s in setups:
+                log(f"round {r + 1}/{args.rounds}: {s.name} (bodies)")
+                s.start(work)
+                try:
+                    wrk(s.port, "keep-alive", BODY_CONNS, 1)  # warm-up, unmeasured
+                    for method, kib in BODY_LOADS:
+                        before, spooled = ticks(s.balancer()), temp_files(s)
+                        post = kib if method == "POST" else None
+                        res = wrk(s.port, "keep-alive", BODY_CONNS, args.secs,
+                                  url=f"http://127.0.0.1:{s.port}/{1 if post else kib}", post_kib=post)
+                        cpu = (ticks(s.balancer()) - before) / HZ / max(res["requests"], 1) * 1e5
+                        rows.append({"setup": s.name, "kind": s.kind, "method": method, "kib": kib, "round": r,
+                                     **res, "cpu_s_per_100k": cpu, "temp_files": temp_files(s) - spooled})
+                finally:
+                    s.stop()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {**machine(args, time.monotonic() - t0, autogroup), "rounds": args.rounds, "secs": args.secs}
+    (RESULTS / "bodies.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report()
+
+
+def size(kib):
+    return f"{kib // 1024} MiB" if kib >= 1024 else f"{kib} KiB"
+
+
+def bodies_lines():
+    f = RESULTS / "bodies.json"
+    if not f.exists():
+        return []
+    data = json.loads(f.read_text())
+    m, rows = data["meta"], data["rows"]
+    out = ["## Answers and uploads of real sizes", "",
+           f"Run {m['date']} with `bench/bodies` ({m['rounds']} rounds of {m['secs']} s, interleaved): herd's "
+           "proxy, nginx and HAProxy, configured as in the first section, in front of two Node workers of "
+           "`bench/apps/sizes.js`, which answer `GET /N` with N KiB (chunked) and read a request's whole body "
+           f"before answering. Load: `wrk -t2`, keep-alive, {BODY_CONNS} connections. **MB/s** counts the answers' "
+           "bodies (GET) or the uploads (POST). nginx runs with its defaults for bodies: it buffers answers "
+           "(`proxy_buffering`) and uploads (`proxy_request_buffering`) and writes what does not fit its buffers "
+           "to temporary files; **spooled** counts the answers and uploads it wrote to disk, from its own "
+           "warnings. herd and HAProxy stream both ways with bounded buffers. Medians; **CPU** as above, the "
+           "balancing processes' CPU seconds per 100k requests; **vs herd** divides the peer's figure by herd's.", "",
+           "| load | setup | req/s | MB/s | vs herd | p99 ms | CPU s/100k | vs herd | spooled | errors |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for method, kib in BODY_LOADS:
+        by = {}
+        for r in rows:
+            if (r["method"], r["kib"]) == (method, kib):
+                by.setdefault(r["setup"], []).append(r)
+        h = by.get("herd proxy")
+        if not h:
+            continue
+        h_rps, h_cpu = med([r["rps"] for r in h]), med([r["cpu_s_per_100k"] for r in h])
+        load = f"{method} {size(kib)}"
+        for name, rs in by.items():
+            rps, cpu = med([r["rps"] for r in rs]), med([r["cpu_s_per_100k"] for r in rs])
+            herd = name == "herd proxy"
+            spooled = sum(r["temp_files"] for r in rs) if rs[0]["kind"] == "nginx" else None
+            out.append(f"| {load} | {'**' + name + '**' if herd else name} | {rps:,.0f} | "
+                       f"{rps * kib * 1024 / 1e6:,.0f} | {'–' if herd else f'{rps / h_rps:.2f}×'} | "
+                       f"{med([r['p99'] for r in rs]) / 1000:.2f} | {cpu:.2f} | "
+                       f"{'–' if herd else f'{cpu / h_cpu:.2f}×'} | {'–' if spooled is None else f'{spooled:,}'} | "
+                       f"{sum(r['errors'] for r in rs)} |")
     return out + [""]
 
 
@@ -1008,7 +1130,7 @@ def ratio(a, b):
 def report():
     bench_f, chaos_f = RESULTS / "bench.json", RESULTS / "chaos.json"
     doc = ["# Benchmarks", "",
-           "Generated by `bench/run` and `bench/chaos` (do not edit by hand). Every peer runs the same",
+           "Generated by the scripts in `bench/` (see Reproduce; do not edit by hand). Every peer runs the same",
            f"apps with the same worker count ({WORKERS}) on the same machine, on loopback, in one run.", ""]
     charts = []
     headline = []
@@ -1130,12 +1252,16 @@ def report():
                            "unit": "failed requests", "panels": panels})
             doc += ["![chaos](bench-chaos.png)", ""]
     doc += idle_lines()
+    doc += tunnel_lines()
     doc += syscall_lines()
     doc += edge_lines()
+    doc += bodies_lines()
     doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 21 minutes, plus the first build)",
             "bench/idle     # memory per idle client connection (about 3 minutes)",
+            "bench/tunnels  # memory per idle WebSocket (plain and TLS) and TCP tunnel (about a minute)",
             "bench/syscalls # syscalls and TCP segments per request (about 2 minutes)",
             "bench/edge     # TLS and HTTP/2 (about 2 minutes)",
+            "bench/bodies   # answers and uploads of 16 KiB to 1 MiB (about 2 minutes)",
             "bench/chaos    # reloads and kills under load (about 5 minutes)", "```", "",
             "They install what they need (Debian's `wrk`, `nginx`, `haproxy`, `nodejs`; `pm2` from the npm "
             "registry into `bench/.tools`) and build herd in release mode. Each start of a setup gets one "
@@ -1143,7 +1269,9 @@ def report():
             "`--rounds 5` measures longer (the last run), `--secs 2` is quicker (about 10 minutes)."]
     (ROOT / "docs/BENCHMARKS.md").write_text("\n".join(doc) + "\n")
     update_readme(readme)
-    if charts:
+    if charts and not PLOT.exists():
+        log(f"charts not redrawn: {PLOT} is not built (any bench/run, bench/edge… builds it)")
+    elif charts:
         with tempfile.NamedTemporaryFile("w", suffix=".json") as spec:
             spec.write(json.dumps(charts))
             spec.flush()
@@ -1315,6 +1443,9 @@ def main():
     e = sub.add_parser("edge")
     e.add_argument("--rounds", type=int, default=3)
     e.add_argument("--secs", type=int, default=3)
+    o = sub.add_parser("bodies")
+    o.add_argument("--rounds", type=int, default=3)
+    o.add_argument("--secs", type=int, default=3)
     sub.add_parser("report")
     args = ap.parse_args()
     if args.cmd == "run":
@@ -1327,6 +1458,8 @@ def main():
         syscalls(args)
     elif args.cmd == "edge":
         edge(args)
+    elif args.cmd == "bodies":
+        bodies(args)
     else:
         report()
 
