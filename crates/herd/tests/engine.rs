@@ -605,3 +605,175 @@ fn a_lone_backend_is_not_taken_out_by_one_bad_answer() {
     let second = get();
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
 }
+
+/// A body larger than herd's buffers goes to the client in pieces, each
+/// but the last sent with `MSG_MORE` when the read before it filled the
+/// buffer (the kernel joins it with the next). A backend that pauses just
+/// after such a piece must not leave it held in the kernel (which would
+/// let it go only after about 200 ms): herd pushes it before it waits.
+#[test]
+fn a_body_piece_is_not_held_back_while_the_backend_pauses() {
+    // herd's relay buffer with the default --max-header-size (16 KiB + 8 KiB).
+    const BUF: usize = 24 * 1024;
+    const TOTAL: usize = 0x10000;
+    fn head_of(chunked: bool) -> &'static [u8] {
+        if chunked {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10000\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 65536\r\n\r\n"
+        }
+    }
+    // What the backend sends before it pauses fills exactly two of herd's reads.
+    fn part(chunked: bool) -> usize {
+        2 * BUF - head_of(chunked).len()
+    }
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let (port, _) = backend(Arc::new(
+        move |head: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            let chunked = head.starts_with("GET /chunked");
+            // No Nagle here: its wait for herd's (delayed) ACK is not what
+            // this test is about.
+            let _ = c.set_nodelay(true);
+            let mut first = head_of(chunked).to_vec();
+            first.resize(2 * BUF, b'a');
+            if c.write_all(&first).is_err() {
+                return false;
+            }
+            // Paused until the client has had every byte so far.
+            let _ = go_rx.lock().unwrap().recv_timeout(T);
+            let mut rest = vec![b'b'; TOTAL - part(chunked)];
+            if chunked {
+                rest.extend_from_slice(b"\r\n0\r\n\r\n");
+            }
+            c.write_all(&rest).is_ok()
+        },
+    ));
+    let h = lb(port, &[]);
+    let s = connect(h.port);
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut took = Vec::new();
+    for chunked in [false, true, false, true, false, true] {
+        let t = std::time::Instant::now();
+        let path = if chunked { "/chunked" } else { "/length" };
+        // One write: pieces would wait for ACKs under the client's Nagle.
+        w.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(r.read_line(&mut line).unwrap() > 0, "EOF in the head");
+            if line == "\r\n" {
+                break;
+            }
+        }
+        if chunked {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert_eq!(line, "10000\r\n");
+        }
+        let mut body = vec![0; part(chunked)];
+        r.read_exact(&mut body).unwrap();
+        took.push(t.elapsed());
+        assert!(body.iter().all(|&b| b == b'a'));
+        go_tx.send(()).unwrap();
+        let mut rest = vec![0; TOTAL - part(chunked) + if chunked { 7 } else { 0 }];
+        r.read_exact(&mut rest).unwrap();
+        assert!(rest[..TOTAL - part(chunked)].iter().all(|&b| b == b'b'));
+        if chunked {
+            assert_eq!(&rest[TOTAL - part(chunked)..], b"\r\n0\r\n\r\n");
+        }
+    }
+    took.sort();
+    assert!(
+        took[took.len() / 2] < Duration::from_millis(30),
+        "a piece waited in the kernel: {took:?}\nlog:\n{}",
+        h.log()
+    );
+}
+
+/// The same for an upload: a client that pauses after a piece that filled
+/// herd's buffer does not leave that piece held in the kernel on its way
+/// to the backend.
+#[test]
+fn an_upload_piece_is_not_held_back_while_the_client_pauses() {
+    const BUF: usize = 24 * 1024;
+    const TOTAL: usize = 0x10000;
+    fn head_of(chunked: bool) -> &'static [u8] {
+        if chunked {
+            b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n10000\r\n"
+        } else {
+            b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 65536\r\n\r\n"
+        }
+    }
+    // What the client sends before it pauses fills exactly two of herd's reads.
+    fn part(chunked: bool) -> usize {
+        2 * BUF - head_of(chunked).len()
+    }
+    // The backend reports how many body bytes it has after each read.
+    let (have_tx, have_rx) = std::sync::mpsc::channel::<usize>();
+    let have_tx = std::sync::Mutex::new(have_tx);
+    let (port, _) = backend(Arc::new(
+        move |h: &str, r: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            let chunked = h
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked");
+            if chunked {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+            }
+            let mut body = vec![0; TOTAL];
+            let mut have = 0;
+            while have < TOTAL {
+                match r.read(&mut body[have..]) {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => have += n,
+                }
+                let _ = have_tx.lock().unwrap().send(have);
+            }
+            if chunked {
+                let mut end = [0u8; 7];
+                if r.read_exact(&mut end).is_err() {
+                    return false;
+                }
+            }
+            ok(c, "got");
+            true
+        },
+    ));
+    let h = lb(port, &[]);
+    let s = connect(h.port);
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut took = Vec::new();
+    for chunked in [false, true, false, true, false, true] {
+        let mut first = head_of(chunked).to_vec();
+        first.resize(2 * BUF, b'a');
+        let t = std::time::Instant::now();
+        w.write_all(&first).unwrap();
+        // Paused until the backend has every byte so far.
+        loop {
+            let have = have_rx.recv_timeout(T).expect("the backend got too little");
+            if have >= part(chunked) {
+                break;
+            }
+        }
+        took.push(t.elapsed());
+        let mut rest = vec![b'b'; TOTAL - part(chunked)];
+        if chunked {
+            rest.extend_from_slice(b"\r\n0\r\n\r\n");
+        }
+        w.write_all(&rest).unwrap();
+        let (head, body) = read_one(&mut r);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"got");
+        while have_rx.try_recv().is_ok() {}
+    }
+    took.sort();
+    assert!(
+        took[took.len() / 2] < Duration::from_millis(30),
+        "a piece waited in the kernel: {took:?}\nlog:\n{}",
+        h.log()
+    );
+}

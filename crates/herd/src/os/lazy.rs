@@ -164,6 +164,12 @@ pub trait Socket {
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn try_write(&self, b: &[u8]) -> io::Result<usize>;
     fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// One `send` with `MSG_MORE`: the kernel may hold the bytes to join
+    /// them with the next (for about 200 ms at most).
+    fn try_write_more(&self, b: &[u8]) -> io::Result<usize>;
+    /// Sends at once what `MSG_MORE` held back: setting `TCP_NODELAY` (on
+    /// already) pushes the pending segment out.
+    fn push_held(&self) -> io::Result<()>;
 }
 
 impl Socket for TcpStream {
@@ -186,6 +192,14 @@ impl Socket for TcpStream {
     }
     fn try_write_vectored(&self, b: &[IoSlice<'_>]) -> io::Result<usize> {
         TcpStream::try_write_vectored(self, b)
+    }
+    fn try_write_more(&self, b: &[u8]) -> io::Result<usize> {
+        self.try_io(Interest::WRITABLE, || {
+            socket2::SockRef::from(self).send_with_flags(b, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+        })
+    }
+    fn push_held(&self) -> io::Result<()> {
+        self.set_nodelay(true)
     }
 }
 
@@ -238,6 +252,18 @@ impl Socket for LazyStream {
         match self.bare() {
             Some(mut raw) => raw.write_vectored(b),
             None => self.registered()?.try_write_vectored(b),
+        }
+    }
+
+    fn try_write_more(&self, b: &[u8]) -> io::Result<usize> {
+        self.try_send_flags(b, libc::MSG_MORE)
+    }
+
+    fn push_held(&self) -> io::Result<()> {
+        match self.reg.get() {
+            None => socket2::SockRef::from(&*self.raw).set_tcp_nodelay(true),
+            Some(Some(s)) => s.set_nodelay(true),
+            Some(None) => Err(gone()),
         }
     }
 }

@@ -693,18 +693,36 @@ async fn send_body(
 ) -> BodyEnd {
     inbox.consume(in_buf);
     let idle = p.cfg.limits.idle_timeout;
+    let mut held = false;
     loop {
         if matches!(left, BodyLeft::Done) {
             return BodyEnd::Done;
         }
         if inbox.pending().is_empty() {
-            match read_some(client, inbox, cap, idle).await {
+            // As for an answer (see `read_after_held`): what the backend's
+            // socket holds goes out before herd waits for the client.
+            let read = if held {
+                match inbox.try_fill(client, cap) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if b.push_held().is_err() {
+                            return BodyEnd::BackendGone;
+                        }
+                        read_some(client, inbox, cap, idle).await
+                    }
+                    r => r,
+                }
+            } else {
+                read_some(client, inbox, cap, idle).await
+            };
+            match read {
                 Ok(0) => return BodyEnd::ClientGone,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => return BodyEnd::ClientStalled,
                 Err(_) => return BodyEnd::ClientGone,
             }
         }
+        // A read that filled the buffer left more queued.
+        let full = inbox.v.len() == inbox.v.capacity();
         let pending = inbox.pending();
         let k = match &mut left {
             BodyLeft::Done => 0,
@@ -726,10 +744,14 @@ async fn send_body(
                 Err(_) => return BodyEnd::BadChunk,
             },
         };
-        if write_all(b, &inbox.pending()[..k], p.cfg.response_timeout)
-            .await
-            .is_err()
-        {
+        held = full && k == inbox.pending().len() && !matches!(left, BodyLeft::Done);
+        let data = &inbox.pending()[..k];
+        let w = if held {
+            write_held(b, data, p.cfg.response_timeout).await
+        } else {
+            write_all(b, data, p.cfg.response_timeout).await
+        };
+        if w.is_err() {
             return BodyEnd::BackendGone;
         }
         inbox.consume(k);
@@ -844,16 +866,30 @@ async fn relay_answer(
             }
             *sent += first as u64;
             let mut extra = extra;
+            let mut held = false;
             while left > 0 {
                 let last = rbuf.len();
                 rbuf.clear();
-                match read_rest(b, rbuf, from_backend, last).await {
+                let got = if held {
+                    read_after_held(b, rbuf, from_backend, client).await
+                } else {
+                    read_rest(b, rbuf, from_backend, last).await
+                };
+                match got {
                     Ok(0) | Err(_) => return Relayed::Failed,
                     Ok(got) => {
                         let k = (got as u64).min(left) as usize;
                         extra |= got > k;
                         left -= k as u64;
-                        if write_all(client, &rbuf[..k], to_client).await.is_err() {
+                        // A read that filled the buffer left more queued:
+                        // this piece may wait in the kernel for the next.
+                        held = left > 0 && got == rbuf.capacity();
+                        let w = if held {
+                            write_held(client, &rbuf[..k], to_client).await
+                        } else {
+                            write_all(client, &rbuf[..k], to_client).await
+                        };
+                        if w.is_err() {
                             return Relayed::Failed;
                         }
                         *sent += k as u64;
@@ -872,8 +908,11 @@ async fn relay_answer(
             let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
             let mut from = head_len;
             let mut head: &[u8] = out;
+            let mut held;
             loop {
                 spans.clear();
+                // As for a length: a read that filled the buffer left more queued.
+                let full = rbuf.len() == rbuf.capacity();
                 let data = &rbuf[from..];
                 let k = match c.scan(data, |r| {
                     if resp.dechunk {
@@ -883,6 +922,7 @@ async fn relay_answer(
                     Ok(k) => k,
                     Err(_) => return Relayed::Failed,
                 };
+                held = full && head.is_empty() && !resp.dechunk && !c.is_done();
                 let sent = if resp.dechunk {
                     let mut w = write_all(client, head, to_client).await;
                     for r in &spans {
@@ -891,6 +931,8 @@ async fn relay_answer(
                         }
                     }
                     w
+                } else if held {
+                    write_held(client, &data[..k], to_client).await
                 } else {
                     write_two(client, head, &data[..k], to_client).await
                 };
@@ -913,7 +955,12 @@ async fn relay_answer(
                 let last = rbuf.len();
                 rbuf.clear();
                 from = 0;
-                match read_rest(b, rbuf, from_backend, last).await {
+                let got = if held {
+                    read_after_held(b, rbuf, from_backend, client).await
+                } else {
+                    read_rest(b, rbuf, from_backend, last).await
+                };
+                match got {
                     Ok(0) | Err(_) => return Relayed::Failed,
                     Ok(_) => {}
                 }
@@ -1109,6 +1156,41 @@ async fn write_two(io: &impl Socket, a: &[u8], b: &[u8], timeout: Duration) -> i
         }
     }
     Ok(())
+}
+
+/// Writes `data`, a piece of a body that more follows at once, with
+/// `MSG_MORE` (as HAProxy forwards a body of known length): the kernel
+/// joins it with the next into full segments, so a large answer takes
+/// fewer packets, each waking the client once. What the socket does not
+/// take at once is written as [`write_all`] does, which sends it all.
+async fn write_held(io: &impl Socket, data: &[u8], timeout: Duration) -> io::Result<()> {
+    let n = match io.try_write_more(data) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if n == data.len() {
+        return Ok(());
+    }
+    write_all(io, &data[n..], timeout).await
+}
+
+/// The next read of a body after a [`write_held`] to `to`: if the sender
+/// has nothing more queued after all, what the kernel holds goes out
+/// before herd waits, so a sender that pauses never delays it.
+async fn read_after_held(
+    from: &TcpStream,
+    v: &mut Vec<u8>,
+    timeout: Duration,
+    to: &impl Socket,
+) -> io::Result<usize> {
+    match read_drained(from, v) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            to.push_held()?;
+            read_some_vec(from, v, timeout).await
+        }
+        r => r,
+    }
 }
 
 /// Writes a whole answer. One after which the connection closes goes with
