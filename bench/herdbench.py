@@ -608,12 +608,19 @@ def syscalls(args):
     report()
 
 
-def syscall_lines():
-    f = RESULTS / "syscalls.json"
+def results(name):
+    """The meta and rows of bench/results/NAME.json, or None before its first run."""
+    f = RESULTS / f"{name}.json"
     if not f.exists():
-        return []
+        return None
     data = json.loads(f.read_text())
-    m, rows = data["meta"], data["rows"]
+    return data["meta"], data["rows"]
+
+
+def syscall_lines():
+    if not (got := results("syscalls")):
+        return []
+    m, rows = got
     out = ["## Syscalls per request", "",
            f"Run {m['date']} with `bench/syscalls`: `strace -c -f` attached to each balancer (nginx's workers, "
            f"HAProxy's process, herd's master) while `wrk -c16` runs for {m['secs']} s against the Rust app; "
@@ -635,11 +642,9 @@ def syscall_lines():
 
 
 def idle_lines():
-    f = RESULTS / "idle.json"
-    if not f.exists():
+    if not (got := results("idle")):
         return []
-    data = json.loads(f.read_text())
-    m, rows = data["meta"], data["rows"]
+    m, rows = got
     out = ["## Memory per idle client connection", "",
            f"Run {m['date']}, {m['rounds']} rounds. Each balancer (in front of the same two `herd-demo` "
            f"backends) gets {m['conns']:,} keep-alive client connections (**conns**: HAProxy at most "
@@ -672,11 +677,9 @@ EDGE_LOADS = [("https keep-alive", 64), ("https new connection", 16), ("h2 over 
 
 
 def tunnel_lines():
-    f = RESULTS / "tunnels.json"
-    if not f.exists():
+    if not (got := results("tunnels")):
         return []
-    data = json.loads(f.read_text())
-    m, rows = data["meta"], data["rows"]
+    m, rows = got
     out = ["## Memory per idle tunnel", "",
            f"Run {m['date']} with `bench/tunnels` ({m['conns']:,} connections, one run). A Python asyncio backend "
            "answers every request with `101 Switching Protocols` and then echoes. Each client upgrades through "
@@ -748,14 +751,11 @@ def h2load(port, conns, secs):
             "errors": int(done.group(3)) + int(done.group(4)), "p50": None, "p99": None, "p999": None}
 
 
-def edge(args):
-    ensure_tools()
-    for tool, pkg in (("h2load", "nghttp2-client"), ("openssl", "openssl")):
-        if not shutil.which(tool):
-            run(["apt-get", "install", "-y", "-qq", pkg], stdout=subprocess.DEVNULL)
-    work = Path(tempfile.mkdtemp(prefix="herd-edge-"))
-    setups = [EdgeSetup("herd proxy", "rust", "herd-proxy", herd=True), EdgeSetup("nginx", "rust", "nginx"),
-              EdgeSetup("haproxy", "rust", "haproxy")]
+def interleaved(args, setups, what, measure, name):
+    """Starts each setup fresh in every round (setups interleaved), lets
+    MEASURE(setup, round) return its rows, then writes them and the run's
+    facts to bench/results/NAME.json and regenerates the report."""
+    work = Path(tempfile.mkdtemp(prefix=f"herd-{name}-"))
     rows = []
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -763,25 +763,54 @@ def edge(args):
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         for r in range(args.rounds):
             for s in setups:
-                log(f"round {r + 1}/{args.rounds}: {s.name} (TLS)")
+                log(f"round {r + 1}/{args.rounds}: {s.name} ({what})")
                 s.start(work)
                 try:
-                    h2load(s.port, 4, 1)  # warm-up, unmeasured
-                    for load, conns in EDGE_LOADS:
-                        before = ticks(s.balancer())
-                        if load.startswith("h2"):
-                            res = h2load(s.port, conns, args.secs)
-                        else:
-                            res = wrk_tls(s.port, load, conns, args.secs)
-                        cpu = (ticks(s.balancer()) - before) / HZ / max(res["requests"], 1) * 1e5
-                        rows.append({"setup": s.name, "kind": s.kind, "load": load, "conns": conns, "round": r,
-                                     **res, "cpu_s_per_100k": cpu})
+                    rows += measure(s, r)
                 finally:
                     s.stop()
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {**machine(args, time.monotonic() - t0, autogroup), "rounds": args.rounds, "secs": args.secs}
-    (RESULTS / "edge.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     report()
+
+
+def by_setup(rows, same):
+    """The rows for which SAME holds, by setup; herd's rows and their
+    median req/s and CPU (None when herd has none)."""
+    by = {}
+    for r in rows:
+        if same(r):
+            by.setdefault(r["setup"], []).append(r)
+    h = by.get("herd proxy")
+    if not h:
+        return by, None
+    return by, (med([r["rps"] for r in h]), med([r["cpu_s_per_100k"] for r in h]))
+
+
+def edge(args):
+    ensure_tools()
+    for tool, pkg in (("h2load", "nghttp2-client"), ("openssl", "openssl")):
+        if not shutil.which(tool):
+            run(["apt-get", "install", "-y", "-qq", pkg], stdout=subprocess.DEVNULL)
+    setups = [EdgeSetup("herd proxy", "rust", "herd-proxy", herd=True), EdgeSetup("nginx", "rust", "nginx"),
+              EdgeSetup("haproxy", "rust", "haproxy")]
+
+    def measure(s, r):
+        h2load(s.port, 4, 1)  # warm-up, unmeasured
+        rows = []
+        for load, conns in EDGE_LOADS:
+            before = ticks(s.balancer())
+            if load.startswith("h2"):
+                res = h2load(s.port, conns, args.secs)
+            else:
+                res = wrk_tls(s.port, load, conns, args.secs)
+            cpu = (ticks(s.balancer()) - before) / HZ / max(res["requests"], 1) * 1e5
+            rows.append({"setup": s.name, "kind": s.kind, "load": load, "conns": conns, "round": r,
+                         **res, "cpu_s_per_100k": cpu})
+        return rows
+
+    interleaved(args, setups, "TLS", measure, "edge")
 
 
 def wrk_tls(port, load, conns, secs):
@@ -789,11 +818,9 @@ def wrk_tls(port, load, conns, secs):
 
 
 def edge_lines():
-    f = RESULTS / "edge.json"
-    if not f.exists():
+    if not (got := results("edge")):
         return []
-    data = json.loads(f.read_text())
-    m, rows = data["meta"], data["rows"]
+    m, rows = got
     out = ["## TLS and HTTP/2 at the edge", "",
            f"Run {m['date']} with `bench/edge` ({m['rounds']} rounds of {m['secs']} s, interleaved): herd, nginx and "
            "HAProxy each terminate TLS (a P-256 ECDSA certificate, TLS 1.3, ALPN h2 and http/1.1) in front of two "
@@ -803,14 +830,10 @@ def edge_lines():
            "100k requests; **vs herd** divides the peer's figure by herd's.", "",
            "| load | setup | req/s | vs herd | p99 ms | CPU s/100k | vs herd | errors |", "|---|---|---|---|---|---|---|---|"]
     for load, _ in EDGE_LOADS:
-        by = {}
-        for r in rows:
-            if r["load"] == load:
-                by.setdefault(r["setup"], []).append(r)
-        h = by.get("herd proxy")
+        by, h = by_setup(rows, lambda r: r["load"] == load)
         if not h:
             continue
-        h_rps, h_cpu = med([r["rps"] for r in h]), med([r["cpu_s_per_100k"] for r in h])
+        h_rps, h_cpu = h
         for name, rs in by.items():
             rps, cpu = med([r["rps"] for r in rs]), med([r["cpu_s_per_100k"] for r in rs])
             p99 = [r["p99"] for r in rs if r["p99"] is not None]
@@ -840,34 +863,23 @@ def temp_files(setup):
 
 def bodies(args):
     ensure_tools()
-    work = Path(tempfile.mkdtemp(prefix="herd-bodies-"))
     setups = [Setup("herd proxy", "sizes", "herd-proxy", herd=True), Setup("nginx", "sizes", "nginx"),
               Setup("haproxy", "sizes", "haproxy")]
-    rows = []
-    t0 = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        autogroup = stack.enter_context(no_autogroup())
-        stack.callback(shutil.rmtree, work, ignore_errors=True)
-        for r in range(args.rounds):
-            for s in setups:
-                log(f"round {r + 1}/{args.rounds}: {s.name} (bodies)")
-                s.start(work)
-                try:
-                    wrk(s.port, "keep-alive", BODY_CONNS, 1)  # warm-up, unmeasured
-                    for method, kib in BODY_LOADS:
-                        before, spooled = ticks(s.balancer()), temp_files(s)
-                        post = kib if method == "POST" else None
-                        res = wrk(s.port, "keep-alive", BODY_CONNS, args.secs,
-                                  url=f"http://127.0.0.1:{s.port}/{1 if post else kib}", post_kib=post)
-                        cpu = (ticks(s.balancer()) - before) / HZ / max(res["requests"], 1) * 1e5
-                        rows.append({"setup": s.name, "kind": s.kind, "method": method, "kib": kib, "round": r,
-                                     **res, "cpu_s_per_100k": cpu, "temp_files": temp_files(s) - spooled})
-                finally:
-                    s.stop()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {**machine(args, time.monotonic() - t0, autogroup), "rounds": args.rounds, "secs": args.secs}
-    (RESULTS / "bodies.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    report()
+
+    def measure(s, r):
+        wrk(s.port, "keep-alive", BODY_CONNS, 1)  # warm-up, unmeasured
+        rows = []
+        for method, kib in BODY_LOADS:
+            before, spooled = ticks(s.balancer()), temp_files(s)
+            post = kib if method == "POST" else None
+            res = wrk(s.port, "keep-alive", BODY_CONNS, args.secs,
+                      url=f"http://127.0.0.1:{s.port}/{1 if post else kib}", post_kib=post)
+            cpu = (ticks(s.balancer()) - before) / HZ / max(res["requests"], 1) * 1e5
+            rows.append({"setup": s.name, "kind": s.kind, "method": method, "kib": kib, "round": r,
+                         **res, "cpu_s_per_100k": cpu, "temp_files": temp_files(s) - spooled})
+        return rows
+
+    interleaved(args, setups, "bodies", measure, "bodies")
 
 
 def size(kib):
@@ -875,11 +887,9 @@ def size(kib):
 
 
 def bodies_lines():
-    f = RESULTS / "bodies.json"
-    if not f.exists():
+    if not (got := results("bodies")):
         return []
-    data = json.loads(f.read_text())
-    m, rows = data["meta"], data["rows"]
+    m, rows = got
     out = ["## Answers and uploads of real sizes", "",
            f"Run {m['date']} with `bench/bodies` ({m['rounds']} rounds of {m['secs']} s, interleaved): herd's "
            "proxy, nginx and HAProxy, configured as in the first section, in front of two Node workers of "
@@ -893,14 +903,10 @@ def bodies_lines():
            "| load | setup | req/s | MB/s | vs herd | p99 ms | CPU s/100k | vs herd | spooled | errors |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for method, kib in BODY_LOADS:
-        by = {}
-        for r in rows:
-            if (r["method"], r["kib"]) == (method, kib):
-                by.setdefault(r["setup"], []).append(r)
-        h = by.get("herd proxy")
+        by, h = by_setup(rows, lambda r: (r["method"], r["kib"]) == (method, kib))
         if not h:
             continue
-        h_rps, h_cpu = med([r["rps"] for r in h]), med([r["cpu_s_per_100k"] for r in h])
+        h_rps, h_cpu = h
         load = f"{method} {size(kib)}"
         for name, rs in by.items():
             rps, cpu = med([r["rps"] for r in rs]), med([r["cpu_s_per_100k"] for r in rs])
