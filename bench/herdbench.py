@@ -846,9 +846,11 @@ def edge_lines():
 
 # ---------------------------------------------------------------- bodies
 
-# (method, KiB): answers of 16 KiB to 1 MiB, uploads of 64 KiB and 1 MiB
-# (nginx's default client_max_body_size), keep-alive, 16 connections.
-BODY_LOADS = [("GET", 16), ("GET", 64), ("GET", 256), ("GET", 1024), ("POST", 64), ("POST", 1024)]
+# (method, KiB, the answer's framing): answers of 16 KiB to 1 MiB (chunked,
+# and two with a Content-Length), uploads of 64 KiB and 1 MiB (nginx's
+# default client_max_body_size), keep-alive, 16 connections.
+BODY_LOADS = [("GET", 16, "chunked"), ("GET", 64, "chunked"), ("GET", 256, "chunked"), ("GET", 1024, "chunked"),
+              ("GET", 64, "length"), ("GET", 1024, "length"), ("POST", 64, None), ("POST", 1024, None)]
 BODY_CONNS = 16
 TEMP_FILE = re.compile(r"(upstream response|client request body) is buffered to a temporary file")
 
@@ -869,13 +871,14 @@ def bodies(args):
     def measure(s, r):
         wrk(s.port, "keep-alive", BODY_CONNS, 1)  # warm-up, unmeasured
         rows = []
-        for method, kib in BODY_LOADS:
+        for method, kib, framing in BODY_LOADS:
             before, spooled = ticks(s.balancer()), temp_files(s)
             post = kib if method == "POST" else None
+            path = "1" if post else f"{kib}{'?length' if framing == 'length' else ''}"
             res = wrk(s.port, "keep-alive", BODY_CONNS, args.secs,
-                      url=f"http://127.0.0.1:{s.port}/{1 if post else kib}", post_kib=post)
+                      url=f"http://127.0.0.1:{s.port}/{path}", post_kib=post)
             cpu = (ticks(s.balancer()) - before) / HZ / max(res["requests"], 1) * 1e5
-            rows.append({"setup": s.name, "kind": s.kind, "method": method, "kib": kib, "round": r,
+            rows.append({"setup": s.name, "kind": s.kind, "method": method, "kib": kib, "framing": framing, "round": r,
                          **res, "cpu_s_per_100k": cpu, "temp_files": temp_files(s) - spooled})
         return rows
 
@@ -893,8 +896,9 @@ def bodies_lines():
     out = ["## Answers and uploads of real sizes", "",
            f"Run {m['date']} with `bench/bodies` ({m['rounds']} rounds of {m['secs']} s, interleaved): herd's "
            "proxy, nginx and HAProxy, configured as in the first section, in front of two Node workers of "
-           "`bench/apps/sizes.js`, which answer `GET /N` with N KiB (chunked) and read a request's whole body "
-           f"before answering. Load: `wrk -t2`, keep-alive, {BODY_CONNS} connections. **MB/s** counts the answers' "
+           "`bench/apps/sizes.js`, which answer `GET /N` with N KiB (chunked, as Node frames a body written "
+           "after `writeHead`; `GET /N?length` with a `Content-Length`, as Express's `res.send` does) and read a "
+           f"request's whole body before answering. Load: `wrk -t2`, keep-alive, {BODY_CONNS} connections. **MB/s** counts the answers' "
            "bodies (GET) or the uploads (POST). nginx runs with its defaults for bodies: it buffers answers "
            "(`proxy_buffering`) and uploads (`proxy_request_buffering`) and writes what does not fit its buffers "
            "to temporary files; **spooled** counts the answers and uploads it wrote to disk, from its own "
@@ -902,12 +906,12 @@ def bodies_lines():
            "balancing processes' CPU seconds per 100k requests; **vs herd** divides the peer's figure by herd's.", "",
            "| load | setup | req/s | MB/s | vs herd | p99 ms | CPU s/100k | vs herd | spooled | errors |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    for method, kib in BODY_LOADS:
-        by, h = by_setup(rows, lambda r: (r["method"], r["kib"]) == (method, kib))
+    for method, kib, framing in BODY_LOADS:
+        by, h = by_setup(rows, lambda r: (r["method"], r["kib"], r.get("framing")) == (method, kib, framing))
         if not h:
             continue
         h_rps, h_cpu = h
-        load = f"{method} {size(kib)}"
+        load = f"{method} {size(kib)}{', Content-Length' if framing == 'length' else ''}"
         for name, rs in by.items():
             rps, cpu = med([r["rps"] for r in rs]), med([r["cpu_s_per_100k"] for r in rs])
             herd = name == "herd proxy"

@@ -1,7 +1,7 @@
 // Answers of real sizes for bench/bodies: GET /N answers N KiB (one
 // buffer, made once per size; chunked, as Node frames a body that follows
-// writeHead without a Content-Length), and any request with a body reads
-// it all and answers how many bytes it got. The port comes from $PORT; with
+// writeHead without a Content-Length; GET /N?length with one), and any
+// request with a body reads it all and answers how many bytes it got. The port comes from $PORT; with
 // $BENCH_DIR set it records that it listens and its request count, as
 // hello.js does.
 const http = require('node:http');
@@ -27,8 +27,11 @@ const server = http.createServer((req, res) => {
   req.on('end', () => {
     if (req.method === 'GET' || req.method === 'HEAD') {
       const kib = Math.min(Math.max(parseInt(req.url.slice(1), 10) || 1, 1), 16384);
-      res.writeHead(200, { 'Content-Type': 'application/octet-stream' });
-      res.end(answer(kib));
+      const body = answer(kib);
+      const head = { 'Content-Type': 'application/octet-stream' };
+      if (req.url.endsWith('?length')) head['Content-Length'] = body.length;
+      res.writeHead(200, head);
+      res.end(body);
     } else {
       res.writeHead(200, { 'Content-Type': 'text/plain' });
       res.end(`${got} bytes\n`);
