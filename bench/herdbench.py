@@ -1271,7 +1271,7 @@ def report():
             "bench/tunnels  # memory per idle WebSocket (plain and TLS) and TCP tunnel (about a minute)",
             "bench/syscalls # syscalls and TCP segments per request (about 2 minutes)",
             "bench/edge     # TLS and HTTP/2 (about 2 minutes)",
-            "bench/bodies   # answers and uploads of 16 KiB to 1 MiB (about 2 minutes)",
+            "bench/bodies   # answers and uploads of 16 KiB to 1 MiB (about 5 minutes)",
             "bench/chaos    # reloads and kills under load (about 5 minutes)", "```", "",
             "They install what they need (Debian's `wrk`, `nginx`, `haproxy`, `nodejs`; `pm2` from the npm "
             "registry into `bench/.tools`) and build herd in release mode. Each start of a setup gets one "
