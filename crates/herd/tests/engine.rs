@@ -606,16 +606,22 @@ fn a_lone_backend_is_not_taken_out_by_one_bad_answer() {
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
 }
 
-/// A 64 KiB body in two parts, as a sender that pauses between them sends
-/// it: `head` (with, for a chunked body, its one chunk's size line) and
-/// `a`s filling exactly two of herd's reads (its buffer is 24 KiB with the
+/// A 64 KiB message in two parts, as a sender that pauses between them
+/// sends it: `start` (its start line and headers but the framing), the
+/// framing (with, for a chunked body, its one chunk's size line) and `a`s
+/// filling exactly two of herd's reads (its buffer is 24 KiB with the
 /// default --max-header-size), then `b`s to the end (and the last chunk).
 /// Returns the parts and how many body bytes the first holds.
-fn paused_body(head: &[u8], chunked: bool) -> (Vec<u8>, Vec<u8>, usize) {
+fn paused_body(start: &str, chunked: bool) -> (Vec<u8>, Vec<u8>, usize) {
     const BUF: usize = 24 * 1024;
-    let mut first = head.to_vec();
+    let framing = if chunked {
+        "Transfer-Encoding: chunked\r\n\r\n10000\r\n"
+    } else {
+        "Content-Length: 65536\r\n\r\n"
+    };
+    let mut first = format!("{start}{framing}").into_bytes();
+    let before = 2 * BUF - first.len();
     first.resize(2 * BUF, b'a');
-    let before = 2 * BUF - head.len();
     let mut rest = vec![b'b'; 0x10000 - before];
     if chunked {
         rest.extend_from_slice(b"\r\n0\r\n\r\n");
@@ -630,21 +636,12 @@ fn paused_body(head: &[u8], chunked: bool) -> (Vec<u8>, Vec<u8>, usize) {
 /// let it go only after 40 to 200 ms): herd pushes it before it waits.
 #[test]
 fn a_body_piece_is_not_held_back_while_the_backend_pauses() {
-    fn answer(chunked: bool) -> (Vec<u8>, Vec<u8>, usize) {
-        if chunked {
-            paused_body(
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10000\r\n",
-                true,
-            )
-        } else {
-            paused_body(b"HTTP/1.1 200 OK\r\nContent-Length: 65536\r\n\r\n", false)
-        }
-    }
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let go_rx = std::sync::Mutex::new(go_rx);
     let (port, _) = backend(Arc::new(
         move |head: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
-            let (first, rest, _) = answer(head.starts_with("GET /chunked"));
+            let (first, rest, _) =
+                paused_body("HTTP/1.1 200 OK\r\n", head.starts_with("GET /chunked"));
             // No Nagle here: its wait for herd's (delayed) ACK is not what
             // this test is about.
             let _ = c.set_nodelay(true);
@@ -662,7 +659,7 @@ fn a_body_piece_is_not_held_back_while_the_backend_pauses() {
     let mut r = BufReader::new(s);
     let mut took = Vec::new();
     for chunked in [false, true, false, true, false, true] {
-        let (_, rest, before) = answer(chunked);
+        let (_, rest, before) = paused_body("HTTP/1.1 200 OK\r\n", chunked);
         let t = std::time::Instant::now();
         let path = if chunked { "/chunked" } else { "/length" };
         // One write: pieces would wait for ACKs under the client's Nagle.
@@ -703,19 +700,6 @@ fn a_body_piece_is_not_held_back_while_the_backend_pauses() {
 /// to the backend.
 #[test]
 fn an_upload_piece_is_not_held_back_while_the_client_pauses() {
-    fn upload(chunked: bool) -> (Vec<u8>, Vec<u8>, usize) {
-        if chunked {
-            paused_body(
-                b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n10000\r\n",
-                true,
-            )
-        } else {
-            paused_body(
-                b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 65536\r\n\r\n",
-                false,
-            )
-        }
-    }
     // The backend reports how many body bytes it has after each read.
     let (have_tx, have_rx) = std::sync::mpsc::channel::<usize>();
     let have_tx = std::sync::Mutex::new(have_tx);
@@ -753,7 +737,7 @@ fn an_upload_piece_is_not_held_back_while_the_client_pauses() {
     let mut r = BufReader::new(s);
     let mut took = Vec::new();
     for chunked in [false, true, false, true, false, true] {
-        let (first, rest, before) = upload(chunked);
+        let (first, rest, before) = paused_body("POST /up HTTP/1.1\r\nHost: t\r\n", chunked);
         let t = std::time::Instant::now();
         w.write_all(&first).unwrap();
         // Paused until the backend has every byte so far.
