@@ -561,6 +561,58 @@ fn strict_sni_refuses_clients_without_a_known_name() {
     assert!(curl(&pki, "a.test", h.port, "/", &[]).status.success());
 }
 
+/// A backend that writes an answer's head and body apart under Nagle's
+/// algorithm (Java's `HttpServer`, Perl's `HTTP::Daemon`) sends the body
+/// only once herd acknowledges the head; behind TLS (served through hyper)
+/// each answer waited 40 ms for the kernel's delayed ACK (22 req/s on a
+/// connection) until the backend wire acknowledged at once.
+#[test]
+fn a_backend_writing_head_and_body_apart_is_not_held_by_delayed_acks_over_tls() {
+    use std::io::{Read, Write};
+    let bport = raw_backend(|mut c, _head| {
+        // Nagle stays on, as in those servers; one connection, keep-alive.
+        loop {
+            if c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+                .and_then(|()| c.write_all(b"hello"))
+                .is_err()
+            {
+                return;
+            }
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if c.read_exact(&mut byte).is_err() {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+        }
+    });
+    let (pki, _h, port) = tls_in_front_of("nagle", bport);
+    let mut s = tls_client(&pki, port, "a.test");
+    let mut took = Vec::new();
+    // More than the kernel's first quick ACKs of a new connection.
+    for _ in 0..40 {
+        let t = Instant::now();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\nhello") {
+            s.read_exact(&mut byte).unwrap();
+            got.push(byte[0]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+        took.push(t.elapsed());
+    }
+    took.sort();
+    // A delayed ACK waits at least 40 ms on Linux.
+    assert!(
+        took[took.len() / 2] < Duration::from_millis(20),
+        "answers waited for delayed ACKs: {took:?}"
+    );
+}
+
 #[test]
 fn idle_backend_connections_of_tls_clients_are_closed_after_a_while() {
     use std::io::{Read, Write};

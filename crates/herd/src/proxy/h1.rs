@@ -1090,7 +1090,7 @@ async fn read_some_vec(io: &impl Socket, v: &mut Vec<u8>, timeout: Duration) -> 
 
 /// A last read from a backend shorter than this may have been a small
 /// write that the backend follows with another (see [`read_more`]).
-const QUICKACK_BELOW: usize = 16 * 1024;
+pub(super) const QUICKACK_BELOW: usize = 16 * 1024;
 
 /// More of an answer's body, after a read of `last` bytes: [`read_more`]
 /// when that read was small, else a plain [`read_some_vec`].

@@ -829,21 +829,71 @@ pub enum ConnectError {
 }
 
 /// A connection to a backend: plain, or TLS for one marked `tls`.
-enum Wire {
+struct Wire {
+    io: WireIo,
+    /// HTTP/1 (whose servers may write an answer in pieces under Nagle's
+    /// algorithm), not HTTP/2.
+    quickack: bool,
+    /// A small read brought part of an answer since herd last wrote: see
+    /// `poll_read`.
+    answering: bool,
+}
+
+enum WireIo {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl Wire {
+    fn new(io: WireIo, target: &Target) -> Wire {
+        Wire {
+            io,
+            quickack: !target.h2,
+            answering: false,
+        }
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match &self.io {
+            WireIo::Plain(s) => s,
+            WireIo::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
 impl AsyncRead for Wire {
+    /// When a small read (under [`super::h1::QUICKACK_BELOW`]) from an
+    /// HTTP/1 backend is followed by nothing, herd acknowledges at once (`TCP_QUICKACK`) before it
+    /// waits, as its own HTTP/1.1 engine does: a backend that writes an
+    /// answer's head and body apart under Nagle's algorithm (Java's
+    /// `HttpServer`, Perl's `HTTP::Daemon`) holds the body until that ACK,
+    /// which the kernel delays by 40 ms on a keep-alive connection. hyper
+    /// does not say where an answer ends, so this costs one syscall per
+    /// answer even when it came whole (hyper reads again on an idle
+    /// connection to notice it closing).
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Wire::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Wire::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        let me = self.get_mut();
+        let before = buf.filled().len();
+        let r = match &mut me.io {
+            WireIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            WireIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        match &r {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                me.answering = me.quickack && n > 0 && n < super::h1::QUICKACK_BELOW;
+            }
+            Poll::Pending if me.answering => {
+                me.answering = false;
+                let _ = socket2::SockRef::from(me.tcp()).set_tcp_quickack(true);
+            }
+            _ => {}
         }
+        r
     }
 }
 
@@ -853,23 +903,25 @@ impl AsyncWrite for Wire {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Wire::Plain(s) => Pin::new(s).poll_write(cx, data),
-            Wire::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        let me = self.get_mut();
+        me.answering = false;
+        match &mut me.io {
+            WireIo::Plain(s) => Pin::new(s).poll_write(cx, data),
+            WireIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Wire::Plain(s) => Pin::new(s).poll_flush(cx),
-            Wire::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().io {
+            WireIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            WireIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Wire::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Wire::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            WireIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            WireIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -881,7 +933,7 @@ async fn open(target: &Target, timeout: Duration, tls: &ClientTls) -> Result<Wir
         let stream = TcpStream::connect(target.addr).await?;
         let _ = stream.set_nodelay(true);
         let Some(name) = &target.tls else {
-            return Ok(Wire::Plain(stream));
+            return Ok(Wire::new(WireIo::Plain(stream), target));
         };
         let cfg = if target.h2 { &tls.h2 } else { &tls.h1 };
         let name = rustls::pki_types::ServerName::try_from(name.clone())
@@ -889,7 +941,7 @@ async fn open(target: &Target, timeout: Duration, tls: &ClientTls) -> Result<Wir
         let s = tokio_rustls::TlsConnector::from(cfg.clone())
             .connect(name, stream)
             .await?;
-        Ok(Wire::Tls(Box::new(s)))
+        Ok(Wire::new(WireIo::Tls(Box::new(s)), target))
     };
     tokio::time::timeout(timeout, work)
         .await
