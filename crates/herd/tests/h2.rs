@@ -419,3 +419,42 @@ fn continuation_settings_and_ping_floods_cost_only_their_connection() {
     ]);
     assert!(body.starts_with("HTTP/2.0 worker 0"), "{body}");
 }
+
+/// hyper keeps an HTTP/2 connection with no stream open for as long as the
+/// client does; herd closes it after `--idle-timeout` (GOAWAY), so clients
+/// that vanished without a FIN do not hold sockets for good. A request
+/// that takes longer than the time-out is not cut.
+#[test]
+fn idle_http2_connections_close_after_the_idle_timeout_but_slow_requests_finish() {
+    let h = Herd::start(&["-i", "1", "--idle-timeout", "1s"], &[DEMO]);
+    h.wait_ready(1);
+    // A client that says hello and then nothing (it never answers the
+    // PING of hyper's graceful GOAWAY either, as a vanished one would not).
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(4, 0, 0, &[])); // SETTINGS
+    s.write_all(&hello).unwrap();
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let took = t.elapsed();
+    let mut at = 0;
+    let mut goaway = false;
+    while at + 9 <= got.len() {
+        let len = (got[at] as usize) << 16 | (got[at + 1] as usize) << 8 | got[at + 2] as usize;
+        goaway |= got[at + 3] == 7;
+        at += 9 + len;
+    }
+    assert!(goaway, "no GOAWAY in {} bytes", got.len());
+    // The time-out, then as long again for the GOAWAY's answer.
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+        "closed after {took:?}"
+    );
+    let body = curl(&[
+        "--http2-prior-knowledge",
+        &format!("http://127.0.0.1:{}/slow?ms=2500", h.port),
+    ]);
+    assert!(body.starts_with("slow done by worker 0"), "{body}");
+}

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conns::IdleMap;
 use super::head;
+use super::idle::{Seen, Watched};
 use super::{HttpProxy, Key, ip_key};
 use crate::upstream::Target;
 
@@ -45,25 +46,19 @@ pub async fn serve(
     peer: IpAddr,
     stop: CancellationToken,
 ) {
-    let io = TokioIo::new(Prefixed { prefix, at: 0, io });
-    let me = p.clone();
-    let svc = hyper::service::service_fn(move |req| {
-        let me = me.clone();
-        async move { Ok::<_, std::convert::Infallible>(me.handle_h2(req, peer, false).await) }
-    });
+    let seen = Seen::new();
+    let io = TokioIo::new(Watched::new(Prefixed { prefix, at: 0, io }, &seen));
+    let svc = service(p.clone(), peer, false, seen.clone());
     let conn = http2_server(&p).serve_connection(io, svc);
-    serve_gracefully!(conn, stop);
+    serve_gracefully!(conn, stop, seen, p.cfg.limits.idle_timeout);
 }
 
 /// Serves a plain connection through hyper, HTTP/1.1 or h2c by its first
 /// bytes: the path when some backend speaks HTTP/2, which herd's own
 /// HTTP/1.1 engine does not.
 pub async fn serve_any(p: Arc<HttpProxy>, io: TcpStream, peer: IpAddr, stop: CancellationToken) {
-    let me = p.clone();
-    let svc = hyper::service::service_fn(move |req| {
-        let me = me.clone();
-        async move { Ok::<_, std::convert::Infallible>(me.handle_h2(req, peer, false).await) }
-    });
+    let seen = Seen::new();
+    let svc = service(p.clone(), peer, false, seen.clone());
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -75,8 +70,32 @@ pub async fn serve_any(p: Arc<HttpProxy>, io: TcpStream, peer: IpAddr, stop: Can
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(p.cfg.limits.max_head as u32)
         .max_pending_accept_reset_streams(Some(32));
-    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    serve_gracefully!(conn, stop);
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(Watched::new(io, &seen)), svc);
+    serve_gracefully!(conn, stop, seen, p.cfg.limits.idle_timeout);
+}
+
+/// hyper's service for one client connection: each request is handled by
+/// [`HttpProxy::handle_h2`] and counts as activity of the connection
+/// (`seen`) until its answer's head is out.
+pub(super) fn service(
+    me: Arc<HttpProxy>,
+    peer: IpAddr,
+    tls: bool,
+    seen: Arc<Seen>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<RespBody>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<Response<RespBody>, std::convert::Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |req| {
+        let (me, busy) = (me.clone(), seen.busy());
+        async move {
+            let answer = me.handle_h2(req, peer, tls).await;
+            drop(busy);
+            Ok(answer)
+        }
+    })
 }
 
 /// Streams one HTTP/2 client may have open at once.

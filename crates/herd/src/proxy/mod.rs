@@ -5,11 +5,12 @@
 //! prior-knowledge h2c through hyper ([`h2`]).
 
 /// Runs a hyper server connection until it ends; once `stop` is
-/// cancelled, it finishes its requests in flight (HTTP/2 clients get
+/// cancelled, or the connection has been idle (`seen`, see [`idle`]) for
+/// `--idle-timeout`, it finishes its requests in flight (HTTP/2 clients get
 /// GOAWAY) and closes. A macro: hyper's connection types share no trait
 /// that covers the upgradeable ones.
 macro_rules! serve_gracefully {
-    ($conn:expr, $stop:expr) => {{
+    ($conn:expr, $stop:expr, $seen:expr, $idle:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         tokio::select! {
@@ -17,6 +18,12 @@ macro_rules! serve_gracefully {
             _ = $stop.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
+            }
+            _ = $crate::proxy::idle::quiet_for(&$seen, $idle) => {
+                conn.as_mut().graceful_shutdown();
+                // A client that vanished never acknowledges HTTP/2's
+                // GOAWAY (hyper waits for its PING's answer): bounded.
+                let _ = tokio::time::timeout($idle, conn).await;
             }
         }
     }};
@@ -29,6 +36,7 @@ mod deadline;
 mod h1;
 pub mod h2;
 pub mod head;
+mod idle;
 #[cfg(test)]
 mod props;
 mod tcp;

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::HttpProxy;
+use super::idle::{Seen, Watched};
 
 use crate::config::TlsPair as Pair;
 
@@ -229,15 +230,13 @@ pub async fn serve(
         Err(_) => return,
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    let io = TokioIo::new(stream);
-    let me = p.clone();
-    let svc = hyper::service::service_fn(move |req| {
-        let me = me.clone();
-        async move { Ok::<_, std::convert::Infallible>(me.handle_h2(req, peer, true).await) }
-    });
+    let seen = Seen::new();
+    let io = TokioIo::new(Watched::new(stream, &seen));
+    let svc = super::h2::service(p.clone(), peer, true, seen.clone());
+    let idle = p.cfg.limits.idle_timeout;
     if h2 {
         let conn = super::h2::http2_server(&p).serve_connection(io, svc);
-        serve_gracefully!(conn, stop);
+        serve_gracefully!(conn, stop, seen, idle);
     } else {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -245,7 +244,7 @@ pub async fn serve(
             .max_buf_size(p.cfg.limits.max_head.max(8192))
             .serve_connection(io, svc)
             .with_upgrades();
-        serve_gracefully!(conn, stop);
+        serve_gracefully!(conn, stop, seen, idle);
     }
 }
 
