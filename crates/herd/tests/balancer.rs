@@ -439,6 +439,27 @@ fn tcp_protocol_balances_connections() {
     assert_eq!(counts.values().copied().collect::<Vec<_>>(), [5, 5]);
 }
 
+/// Tunnels (TCP mode, WebSocket) have no idle time-out, as a client may
+/// rightly stay silent for hours; so herd's end of every client connection
+/// carries the kernel's keep-alive probes, and one whose peer vanished
+/// without a FIN (its link down, in a network namespace: reset about 3
+/// minutes later, checked by hand) is not held for good. Here: the probe
+/// timer is armed on herd's end, inherited from the listener.
+#[test]
+fn client_connections_carry_keepalive_probes() {
+    let h = Herd::start(&["-i", "1", "--protocol", "tcp"], &[DEMO]);
+    h.wait_ready(1);
+    let c = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    let mine = c.local_addr().unwrap().port();
+    let filter = format!("( sport = :{} and dport = :{mine} )", h.port);
+    let mut seen = String::new();
+    let armed = wait_until(T, || {
+        seen = output_ok(Command::new("ss").args(["-tno", "state", "established", &filter]));
+        seen.contains("timer:(keepalive")
+    });
+    assert!(armed, "herd's end of the connection: {seen}");
+}
+
 /// A server that speaks first (SMTP, MySQL, Redis' replicas...) behind the
 /// TCP proxy: its greeting reaches a client that has not said anything, at
 /// once. The HTTP listener's deferred accept must not apply here, where it

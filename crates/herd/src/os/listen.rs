@@ -218,6 +218,27 @@ pub fn client_speaks_first(l: &std::net::TcpListener, client_first: bool) -> std
     nix::sys::socket::setsockopt(l, TcpDeferAccept, &secs).map_err(std::io::Error::from)
 }
 
+/// Keep-alive probes on every connection accepted from `l` (accepted
+/// sockets inherit them: no syscall per connection). A tunnel (TCP mode,
+/// WebSocket) has no idle time-out, as a client may rightly stay silent
+/// for hours; but one whose peer vanished without a FIN (a host gone, a
+/// NAT that forgot the flow) would hold its descriptors, and its backend
+/// connection, for good. The kernel probes a connection silent for
+/// [`PROBE_IDLE`] and resets it after [`PROBE_COUNT`] probes unanswered
+/// [`PROBE_EVERY`] apart; a live peer's kernel answers them, whatever its
+/// application does.
+pub fn probe_idle_peers(l: &std::net::TcpListener) -> std::io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(PROBE_IDLE)
+        .with_interval(PROBE_EVERY)
+        .with_retries(PROBE_COUNT);
+    socket2::SockRef::from(l).set_tcp_keepalive(&ka)
+}
+
+pub const PROBE_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
+pub const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+pub const PROBE_COUNT: u32 = 4;
+
 /// What an accept loop does when `accept` fails for want of resources
 /// (EMFILE, ENFILE, ENOBUFS): it waits [`AcceptErrors::BACKOFF`] instead of
 /// spinning, and warns at most once per [`AcceptErrors::WARN_EVERY`] with how

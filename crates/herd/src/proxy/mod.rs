@@ -143,7 +143,9 @@ pub fn start_threads(
 ) -> std::io::Result<()> {
     for (i, l) in listeners.into_iter().enumerate() {
         let http = matches!(proto, Protocol::Http(_));
-        if let Err(e) = crate::os::listen::client_speaks_first(&l, http) {
+        if let Err(e) = crate::os::listen::client_speaks_first(&l, http)
+            .and_then(|()| crate::os::listen::probe_idle_peers(&l))
+        {
             // Only packets and wake-ups are lost: serve anyway.
             tracing::debug!("listener options: {e}");
         }
