@@ -882,14 +882,14 @@ impl Wire {
 
 impl AsyncRead for Wire {
     /// When a small read (under [`super::h1::QUICKACK_BELOW`]) from an
-    /// HTTP/1 backend is followed by nothing, herd acknowledges at once (`TCP_QUICKACK`) before it
-    /// waits, as its own HTTP/1.1 engine does: a backend that writes an
-    /// answer's head and body apart under Nagle's algorithm (Java's
-    /// `HttpServer`, Perl's `HTTP::Daemon`) holds the body until that ACK,
-    /// which the kernel delays by 40 ms on a keep-alive connection. hyper
-    /// does not say where an answer ends, so this costs one syscall per
-    /// answer even when it came whole (hyper reads again on an idle
-    /// connection to notice it closing).
+    /// HTTP/1 backend is followed by nothing, herd acknowledges at once
+    /// (`TCP_QUICKACK`) before it waits, as its own HTTP/1.1 engine does: a
+    /// backend that writes an answer's head and body apart under Nagle's
+    /// algorithm (Java's `HttpServer`, Perl's `HTTP::Daemon`) holds the body
+    /// until that ACK, which the kernel delays by 40 ms on a keep-alive
+    /// connection. hyper does not say where an answer ends, so this costs
+    /// one syscall per answer even when it came whole (hyper reads again on
+    /// an idle connection to notice it closing).
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
