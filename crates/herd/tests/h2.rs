@@ -458,3 +458,52 @@ fn idle_http2_connections_close_after_the_idle_timeout_but_slow_requests_finish(
     ]);
     assert!(body.starts_with("slow done by worker 0"), "{body}");
 }
+
+/// The `:status` of the answer to a GET over h2c naming `authority`, with a
+/// `Host` header too when given: the first byte of the answer's header
+/// block (hyper indexes 200 as 0x88 and 400 as 0x8c in HPACK's table).
+fn h2c_status_byte(port: u16, authority: &str, host: Option<&str>) -> u8 {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // :method GET, :scheme http, :path / (indexed), then literals.
+    let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
+    block.extend_from_slice(authority.as_bytes());
+    if let Some(host) = host {
+        block.extend_from_slice(&[0x00, 4]);
+        block.extend_from_slice(b"host");
+        block.push(host.len() as u8);
+        block.extend_from_slice(host.as_bytes());
+    }
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[])); // SETTINGS
+    out.extend(frame(1, 0x4 | 0x1, 1, &block)); // HEADERS, END_HEADERS|END_STREAM
+    s.write_all(&out).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before an answer: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+        let mut at = 0;
+        while at + 9 <= got.len() {
+            let len = (got[at] as usize) << 16 | (got[at + 1] as usize) << 8 | got[at + 2] as usize;
+            let stream = u32::from_be_bytes([got[at + 5], got[at + 6], got[at + 7], got[at + 8]]);
+            if got[at + 3] == 1 && stream == 1 && at + 9 < got.len() {
+                return got[at + 9];
+            }
+            at += 9 + len;
+        }
+    }
+}
+
+/// RFC 9113, 8.3.1: a `Host` that differs from `:authority` makes a request
+/// malformed; forwarded, the backend would route by one host while herd
+/// logs and hashes by the other.
+#[test]
+fn an_http2_host_header_that_differs_from_the_authority_gets_400() {
+    let h = Herd::start(&["-i", "1"], &[DEMO]);
+    h.wait_ready(1);
+    assert_eq!(h2c_status_byte(h.port, "good", None), 0x88, "200");
+    assert_eq!(h2c_status_byte(h.port, "good", Some("good")), 0x88, "200");
+    assert_eq!(h2c_status_byte(h.port, "good", Some("evil")), 0x8c, "400");
+}

@@ -541,13 +541,24 @@ fn error(status: StatusCode, body: &'static str) -> Response<RespBody> {
 /// through: an HTTP/1.1 request without `Host`, and two or an invalid one
 /// (RFC 9112, 3.2). (hyper refuses obfuscated codings, duplicate lengths and
 /// bad chunks itself; `Transfer-Encoding` beside `Content-Length` it frames
-/// by the chunks and then closes.)
+/// by the chunks and then closes.) Also an HTTP/2 request whose `Host`
+/// differs from its `:authority` (RFC 9113, 8.3.1: malformed), which would
+/// have the backend and herd (its log, `hash:header:host`) see two hosts.
 fn refused_h1<B>(req: &Request<B>) -> Option<&'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (None, _) if req.version() == Version::HTTP_11 => Some("missing Host header\n"),
         (Some(_), Some(_)) => Some("more than one Host header\n"),
         (Some(h), None) if !head::valid_host(h.as_bytes()) => Some("invalid Host header\n"),
+        (Some(h), None)
+            if req.version() == Version::HTTP_2
+                && req
+                    .uri()
+                    .authority()
+                    .is_some_and(|a| !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes())) =>
+        {
+            Some("Host header differs from :authority\n")
+        }
         _ => None,
     }
 }
@@ -641,8 +652,9 @@ fn prepare_request_head(
     tls: bool,
 ) {
     // h2 clients give the host as :authority; HTTP/1.1 backends want Host.
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(a) = parts.uri.authority()
+    // An HTTP/1.1 request in absolute form names its host in the target,
+    // which wins over its Host header (RFC 9112, 3.2.2), as in herd's engine.
+    if let Some(a) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         parts.headers.insert(header::HOST, v);
@@ -1193,6 +1205,17 @@ mod tests {
         assert!(with(&["a", "b"]).is_some());
         assert!(with(&["a/b"]).is_some());
         assert!(with(&["a b"]).is_some());
+        let h2 = |authority: &str, host: &'static str| {
+            let req = Request::builder()
+                .version(Version::HTTP_2)
+                .uri(format!("https://{authority}/"))
+                .header(header::HOST, host)
+                .body(())
+                .unwrap();
+            refused_h1(&req)
+        };
+        assert_eq!(h2("a.test", "A.test"), None);
+        assert!(h2("good.test", "evil.test").is_some());
     }
 
     #[test]
@@ -1246,5 +1269,27 @@ mod tests {
         add_forwarding(&mut h, "192.0.2.9".parse().unwrap(), true);
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[header::FORWARDED], "for=192.0.2.9;proto=https");
+    }
+
+    #[test]
+    fn an_absolute_target_names_the_host_the_backend_gets() {
+        let head = |uri: &str| {
+            let (mut parts, ()) = Request::builder()
+                .uri(uri)
+                .header(header::HOST, "evil.test")
+                .body(())
+                .unwrap()
+                .into_parts();
+            prepare_request_head(&mut parts, "192.0.2.9".parse().unwrap(), false, true);
+            (parts.uri.to_string(), parts.headers[header::HOST].clone())
+        };
+        assert_eq!(
+            head("http://good.test/x?y"),
+            ("/x?y".to_string(), HeaderValue::from_static("good.test"))
+        );
+        assert_eq!(
+            head("/x"),
+            ("/x".to_string(), HeaderValue::from_static("evil.test"))
+        );
     }
 }
