@@ -497,8 +497,8 @@ fn h2c_status_byte(port: u16, authority: &str, host: Option<&str>) -> u8 {
 }
 
 /// RFC 9113, 8.3.1: a `Host` that differs from `:authority` makes a request
-/// malformed; forwarded, the backend would route by one host while herd
-/// logs and hashes by the other.
+/// malformed; forwarded, the backend would route by a host other than the
+/// one the request names.
 #[test]
 fn an_http2_host_header_that_differs_from_the_authority_gets_400() {
     let h = Herd::start(&["-i", "1"], &[DEMO]);

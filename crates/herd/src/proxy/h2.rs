@@ -542,8 +542,9 @@ fn error(status: StatusCode, body: &'static str) -> Response<RespBody> {
 /// (RFC 9112, 3.2). (hyper refuses obfuscated codings, duplicate lengths and
 /// bad chunks itself; `Transfer-Encoding` beside `Content-Length` it frames
 /// by the chunks and then closes.) Also an HTTP/2 request whose `Host`
-/// differs from its `:authority` (RFC 9113, 8.3.1: malformed), which would
-/// have the backend and herd (its log, `hash:header:host`) see two hosts.
+/// differs from its `:authority` (RFC 9113, 8.3.1: malformed): the backend
+/// would route by a host other than the one the request names (and a
+/// cache or the TLS name in front saw).
 fn refused_h1<B>(req: &Request<B>) -> Option<&'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
