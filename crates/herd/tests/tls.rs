@@ -565,7 +565,8 @@ fn strict_sni_refuses_clients_without_a_known_name() {
 /// algorithm (Java's `HttpServer`, Perl's `HTTP::Daemon`) sends the body
 /// only once herd acknowledges the head; behind TLS (served through hyper)
 /// each answer waited 40 ms for the kernel's delayed ACK (22 req/s on a
-/// connection) until the backend wire acknowledged at once.
+/// connection); now only the first on a backend connection, which teaches
+/// it to acknowledge at once.
 #[test]
 fn a_backend_writing_head_and_body_apart_is_not_held_by_delayed_acks_over_tls() {
     use std::io::{Read, Write};
