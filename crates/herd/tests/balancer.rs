@@ -460,6 +460,70 @@ fn client_connections_carry_keepalive_probes() {
     assert!(armed, "herd's end of the connection: {seen}");
 }
 
+/// An address of this host that is not loopback, on one end of a veth
+/// pair (this kernel may lack the dummy device); gone when dropped.
+struct DummyAddr {
+    dev: String,
+    ip: String,
+}
+
+impl DummyAddr {
+    fn new() -> DummyAddr {
+        let pid = std::process::id();
+        let dev = format!("hka{}", pid % 100_000);
+        let peer = format!("hkb{}", pid % 100_000);
+        let ip = format!("10.79.{}.{}", (pid >> 8) % 250 + 1, pid % 250 + 1);
+        for args in [
+            vec!["link", "add", &dev, "type", "veth", "peer", "name", &peer],
+            vec!["addr", "add", &format!("{ip}/32"), "dev", &dev],
+            vec!["link", "set", &dev, "up"],
+            vec!["link", "set", &peer, "up"],
+        ] {
+            let out = Command::new("ip")
+                .args(&args)
+                .output()
+                .expect("ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {args:?} (needs root): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        DummyAddr { dev, ip }
+    }
+}
+
+impl Drop for DummyAddr {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.dev]).output();
+    }
+}
+
+/// The same for herd's connection to an upstream on another host (here a
+/// non-loopback address of this one): a remote upstream that vanishes
+/// while its client is silent does not hold the tunnel for good. Workers
+/// and loopback upstreams get none (their kernel closes for them).
+#[test]
+fn tcp_mode_connections_to_remote_upstreams_carry_keepalive_probes() {
+    let addr = DummyAddr::new();
+    let l = TcpListener::bind((addr.ip.as_str(), 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<TcpStream> = l.incoming().flatten().collect();
+        drop(held);
+    });
+    let up = format!("--upstream={}:{port}", addr.ip);
+    let h = lb(&["--protocol", "tcp", &up]);
+    let _c = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    let filter = format!("( dst {}:{port} )", addr.ip);
+    let mut seen = String::new();
+    let armed = wait_until(T, || {
+        seen = output_ok(Command::new("ss").args(["-tno", "state", "established", &filter]));
+        seen.contains("timer:(keepalive")
+    });
+    assert!(armed, "herd's connection to the upstream: {seen}");
+}
+
 /// A server that speaks first (SMTP, MySQL, Redis' replicas...) behind the
 /// TCP proxy: its greeting reaches a client that has not said anything, at
 /// once. The HTTP listener's deferred accept must not apply here, where it

@@ -218,21 +218,21 @@ pub fn client_speaks_first(l: &std::net::TcpListener, client_first: bool) -> std
     nix::sys::socket::setsockopt(l, TcpDeferAccept, &secs).map_err(std::io::Error::from)
 }
 
-/// Keep-alive probes on every connection accepted from `l` (accepted
-/// sockets inherit them: no syscall per connection). A tunnel (TCP mode,
-/// WebSocket) has no idle time-out, as a client may rightly stay silent
-/// for hours; but one whose peer vanished without a FIN (a host gone, a
-/// NAT that forgot the flow) would hold its descriptors, and its backend
-/// connection, for good. The kernel probes a connection silent for
-/// [`PROBE_IDLE`] and resets it after [`PROBE_COUNT`] probes unanswered
-/// [`PROBE_EVERY`] apart; a live peer's kernel answers them, whatever its
-/// application does.
-pub fn probe_idle_peers(l: &std::net::TcpListener) -> std::io::Result<()> {
+/// Keep-alive probes on socket `s`; on a listener, on every connection
+/// accepted from it (accepted sockets inherit them: no syscall per
+/// connection). A tunnel (TCP mode, WebSocket) has no idle time-out, as a
+/// client may rightly stay silent for hours; but one whose peer vanished
+/// without a FIN (a host gone, a NAT that forgot the flow) would hold its
+/// descriptors, and the connection at its other end, for good. The kernel
+/// probes a connection silent for [`PROBE_IDLE`] and resets it after
+/// [`PROBE_COUNT`] probes unanswered [`PROBE_EVERY`] apart; a live peer's
+/// kernel answers them, whatever its application does.
+pub fn probe_idle_peers(s: &impl std::os::fd::AsFd) -> std::io::Result<()> {
     let ka = socket2::TcpKeepalive::new()
         .with_time(PROBE_IDLE)
         .with_interval(PROBE_EVERY)
         .with_retries(PROBE_COUNT);
-    socket2::SockRef::from(l).set_tcp_keepalive(&ka)
+    socket2::SockRef::from(s).set_tcp_keepalive(&ka)
 }
 
 pub const PROBE_IDLE: std::time::Duration = std::time::Duration::from_secs(120);

@@ -130,6 +130,11 @@ impl TcpProxy {
                     lease.success(self.up.now());
                     target.count_served();
                     let _ = upstream.set_nodelay(true);
+                    // A worker or a local upstream cannot vanish without its
+                    // kernel closing the connection; another host can.
+                    if !target.addr.ip().to_canonical().is_loopback() {
+                        let _ = crate::os::listen::probe_idle_peers(&upstream);
+                    }
                     if !hello.is_empty()
                         && tokio::io::AsyncWriteExt::write_all(&mut upstream, &hello)
                             .await
