@@ -238,6 +238,19 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Whether HTTP/2 frames `got` (from a connection's start) hold a GOAWAY.
+fn has_goaway(got: &[u8]) -> bool {
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        if got[at + 3] == 7 {
+            return true;
+        }
+        let len = (got[at] as usize) << 16 | (got[at + 1] as usize) << 8 | got[at + 2] as usize;
+        at += 9 + len;
+    }
+    false
+}
+
 #[test]
 fn a_rapid_reset_flood_closes_that_connection_only() {
     let js = example("node/h2.js");
@@ -259,14 +272,7 @@ fn a_rapid_reset_flood_closes_that_connection_only() {
     // herd answers with GOAWAY and closes this connection.
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
-    let mut at = 0;
-    let mut goaway = false;
-    while at + 9 <= got.len() {
-        let len = (got[at] as usize) << 16 | (got[at + 1] as usize) << 8 | got[at + 2] as usize;
-        goaway |= got[at + 3] == 7;
-        at += 9 + len;
-    }
-    assert!(goaway, "no GOAWAY in {} bytes", got.len());
+    assert!(has_goaway(&got), "no GOAWAY in {} bytes", got.len());
     // Everyone else is served.
     let body = curl(&[
         "--http2-prior-knowledge",
@@ -439,14 +445,7 @@ fn idle_http2_connections_close_after_the_idle_timeout_but_slow_requests_finish(
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
     let took = t.elapsed();
-    let mut at = 0;
-    let mut goaway = false;
-    while at + 9 <= got.len() {
-        let len = (got[at] as usize) << 16 | (got[at + 1] as usize) << 8 | got[at + 2] as usize;
-        goaway |= got[at + 3] == 7;
-        at += 9 + len;
-    }
-    assert!(goaway, "no GOAWAY in {} bytes", got.len());
+    assert!(has_goaway(&got), "no GOAWAY in {} bytes", got.len());
     // The time-out, then as long again for the GOAWAY's answer.
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(6),

@@ -342,7 +342,6 @@ fn tls_client(
 /// A plain TCP backend on a free port: each connection on its own thread,
 /// handed to `serve` with the request head read off it.
 fn raw_backend(serve: impl Fn(std::net::TcpStream, Vec<u8>) + Send + Sync + 'static) -> u16 {
-    use std::io::Read;
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = backend.local_addr().unwrap().port();
     let serve = Arc::new(serve);
@@ -351,19 +350,26 @@ fn raw_backend(serve: impl Fn(std::net::TcpStream, Vec<u8>) + Send + Sync + 'sta
             let Ok(mut c) = c else { break };
             let serve = serve.clone();
             std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if c.read_exact(&mut byte).is_err() {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if let Some(head) = read_head(&mut c) {
+                    serve(c, head);
                 }
-                serve(c, head);
             });
         }
     });
     port
+}
+
+/// A request head read off `c` byte by byte (so nothing after it is
+/// taken); `None` if the connection ends first.
+fn read_head(c: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut byte).ok()?;
+        head.push(byte[0]);
+    }
+    Some(head)
 }
 
 /// herd terminating TLS for `a.test` in front of the backend on BPORT.
@@ -579,13 +585,8 @@ fn a_backend_writing_head_and_body_apart_is_not_held_by_delayed_acks_over_tls() 
             {
                 return;
             }
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                if c.read_exact(&mut byte).is_err() {
-                    return;
-                }
-                head.push(byte[0]);
+            if read_head(&mut c).is_none() {
+                return;
             }
         }
     });
