@@ -429,7 +429,7 @@ fn continuation_settings_and_ping_floods_cost_only_their_connection() {
 /// hyper keeps an HTTP/2 connection with no stream open for as long as the
 /// client does; herd closes it after `--idle-timeout` (GOAWAY), so clients
 /// that vanished without a FIN do not hold sockets for good. A request
-/// that takes longer than the time-out is not cut.
+/// that takes longer than the time-out is not cut, nor a quiet answer.
 #[test]
 fn idle_http2_connections_close_after_the_idle_timeout_but_slow_requests_finish() {
     let h = Herd::start(&["-i", "1", "--idle-timeout", "1s"], &[DEMO]);
@@ -456,6 +456,34 @@ fn idle_http2_connections_close_after_the_idle_timeout_but_slow_requests_finish(
         &format!("http://127.0.0.1:{}/slow?ms=2500", h.port),
     ]);
     assert!(body.starts_with("slow done by worker 0"), "{body}");
+    // Nor an answer whose body goes quiet for longer (a gRPC subscription,
+    // server-sent events): its stream keeps the connection busy.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && c.read_exact(&mut byte).is_ok() {
+                head.push(byte[0]);
+            }
+            let _ = c
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst \r\n");
+            std::thread::sleep(Duration::from_millis(2500));
+            let _ = c.write_all(b"4\r\nlast\r\n0\r\n\r\n");
+        }
+    });
+    let up = format!("--upstream=127.0.0.1:{port}");
+    let quiet = Herd::start(
+        &["--idle-timeout", "1s", "--health-interval", "0", &up],
+        &[],
+    );
+    quiet.wait_ready(0);
+    let body = curl(&[
+        "--http2-prior-knowledge",
+        &format!("http://127.0.0.1:{}/", quiet.port),
+    ]);
+    assert_eq!(body, "first last");
 }
 
 /// The `:status` of the answer to a GET over h2c naming `authority`, with a

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conns::IdleMap;
 use super::head;
-use super::idle::{Seen, Watched};
+use super::idle::{Busy, Seen, Watched};
 use super::{HttpProxy, Key, ip_key};
 use crate::upstream::Target;
 
@@ -75,8 +75,9 @@ pub async fn serve_any(p: Arc<HttpProxy>, io: TcpStream, peer: IpAddr, stop: Can
 }
 
 /// hyper's service for one client connection: each request is handled by
-/// [`HttpProxy::handle_h2`] and counts as activity of the connection
-/// (`seen`) until its answer's head is out.
+/// [`HttpProxy::handle_h2`] and keeps the connection busy (`seen`) until
+/// its answer has been sent whole, so a quiet stream (a gRPC subscription,
+/// a long poll) is never taken for an idle connection.
 pub(super) fn service(
     me: Arc<HttpProxy>,
     peer: IpAddr,
@@ -84,18 +85,44 @@ pub(super) fn service(
     seen: Arc<Seen>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = Response<RespBody>,
+    Response = Response<Tracked>,
     Error = std::convert::Infallible,
-    Future = impl Future<Output = Result<Response<RespBody>, std::convert::Infallible>> + Send,
+    Future = impl Future<Output = Result<Response<Tracked>, std::convert::Infallible>> + Send,
 > + Clone {
     hyper::service::service_fn(move |req| {
         let (me, busy) = (me.clone(), seen.busy());
         async move {
             let answer = me.handle_h2(req, peer, tls).await;
-            drop(busy);
-            Ok(answer)
+            Ok(answer.map(|body| Tracked { body, _busy: busy }))
         }
     })
+}
+
+/// An answer's body that counts its connection busy until hyper drops it
+/// (sent whole, or its stream ended).
+pub(super) struct Tracked {
+    body: RespBody,
+    _busy: Busy,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Streams one HTTP/2 client may have open at once.

@@ -5,9 +5,9 @@
 //! client does: a client that vanished without a FIN (a phone gone off the
 //! network, a NAT that forgot the flow) held its socket, its TLS state and
 //! hyper's buffers for good. A connection is idle when no request is being
-//! handled and no byte went either way; after `--idle-timeout` of that it
-//! is shut down gracefully (HTTP/2: GOAWAY), as nginx's `keepalive_timeout`
-//! does.
+//! handled or answered (a quiet stream is not idle) and no byte went either
+//! way; after `--idle-timeout` of that it is shut down gracefully (HTTP/2:
+//! GOAWAY), as nginx's `keepalive_timeout` does.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -55,8 +55,8 @@ impl Seen {
         now.saturating_duration_since(last)
     }
 
-    /// Marks a request as being handled until the guard drops (its
-    /// answer's head is out; the body's bytes then count as activity).
+    /// Marks a request as being handled until the guard drops (its answer
+    /// sent whole).
     pub fn busy(self: &Arc<Seen>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
