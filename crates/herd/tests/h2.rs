@@ -335,15 +335,6 @@ fn upstreams_over_tls_get_h2_or_http1_by_alpn_and_their_certificates_checked() {
 }
 
 /// The master's resident memory in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn continuation_settings_and_ping_floods_cost_only_their_connection() {
     let js = example("node/h2.js");

@@ -1080,6 +1080,10 @@ impl ClientTls {
     }
 }
 
+/// The most hyper buffers of a backend's answer (its default, about
+/// 400 KiB, is what a client that stops reading a large answer held).
+const BACKEND_BUF: usize = 64 * 1024;
+
 /// Opens an HTTP/1.1 connection to `target`; `upgrades` keeps it usable for
 /// a `101 Switching Protocols` tunnel.
 async fn connect(
@@ -1091,6 +1095,7 @@ async fn connect(
     let stream = open(target, timeout, tls).await?;
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .writev(false)
+        .max_buf_size(BACKEND_BUF)
         .handshake::<_, ReqBody>(TokioIo::new(stream))
         .await?;
     if upgrades {
