@@ -143,11 +143,15 @@ pub fn start_threads(
 ) -> std::io::Result<()> {
     for (i, l) in listeners.into_iter().enumerate() {
         let http = matches!(proto, Protocol::Http(_));
-        if let Err(e) = crate::os::listen::client_speaks_first(&l, http)
-            .and_then(|()| crate::os::listen::probe_idle_peers(&l))
-        {
-            // Only packets and wake-ups are lost: serve anyway.
-            tracing::debug!("listener options: {e}");
+        for set in [
+            crate::os::listen::client_speaks_first(&l, http),
+            crate::os::listen::probe_idle_peers(&l),
+        ] {
+            if let Err(e) = set {
+                // Only packets, wake-ups or dead peers' sockets are at
+                // stake: serve anyway.
+                tracing::debug!("listener options: {e}");
+            }
         }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
