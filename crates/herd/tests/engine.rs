@@ -252,6 +252,97 @@ fn a_half_closed_client_still_gets_its_answer() {
     );
 }
 
+/// A backend that never answers: it says when a request came, then waits
+/// for its connection's EOF and says when that came (as a long poll whose
+/// client is gone would want to know).
+fn backend_seeing_eof() -> (u16, std::sync::mpsc::Receiver<std::time::Instant>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let (port, _) = backend(Arc::new(
+        move |_: &str, r: &mut BufReader<TcpStream>, _: &mut TcpStream| {
+            let _ = tx.lock().unwrap().send(std::time::Instant::now());
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest);
+            let _ = tx.lock().unwrap().send(std::time::Instant::now());
+            false
+        },
+    ));
+    (port, rx)
+}
+
+#[test]
+fn a_client_leaving_a_slow_answer_is_passed_on_to_the_backend() {
+    let (port, eof) = backend_seeing_eof();
+    let log = std::env::temp_dir().join(format!("herd-engine-499-{}", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let h = lb(
+        port,
+        &[
+            "--response-timeout",
+            "60s",
+            "--access-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    // One client closes (FIN), the other resets its connection.
+    for reset in [false, true] {
+        let mut s = connect(h.port);
+        s.write_all(b"GET /poll HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        eof.recv_timeout(T)
+            .expect("the request never reached the backend");
+        if reset {
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+        let left = std::time::Instant::now();
+        drop(s);
+        // Without the watch the backend would wait for the 60 s time-out.
+        let seen = eof
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the backend never saw its client leave");
+        assert!(
+            seen.duration_since(left) < Duration::from_secs(3),
+            "seen after {:?}",
+            seen.duration_since(left)
+        );
+    }
+    // Logged as nginx does (499), and nothing counted against the backend:
+    // it still serves.
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.matches("\" 499 ").count() == 2)),
+        "{:?}",
+        std::fs::read_to_string(&log)
+    );
+    assert!(!h.log().contains("unhealthy"), "{}", h.log());
+}
+
+#[test]
+fn a_half_closed_client_gets_a_slow_answer_from_a_backend_that_gives_it() {
+    let (port, _) = backend(Arc::new(
+        |_: &str, r: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            // The client's FIN comes through, and this backend answers anyway.
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest);
+            std::thread::sleep(Duration::from_millis(300));
+            ok(c, "late answer");
+            false
+        },
+    ));
+    let h = lb(port, &[]);
+    let mut s = connect(h.port);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    assert!(
+        all.starts_with("HTTP/1.1 200") && all.ends_with("late answer"),
+        "{all:?}"
+    );
+}
+
 #[test]
 fn expect_100_continue_is_relayed_before_the_body() {
     let (port, _) = backend(Arc::new(

@@ -48,6 +48,10 @@ const PARKED_MAX: usize = 4096;
 /// sent in one `send`; larger ones go beside it in a `writev`. The copy is
 /// cheaper than the kernel's work for a second `iovec` below a few KiB.
 const JOIN_MAX: usize = 4096;
+/// How long an answer is awaited before the client is watched for leaving
+/// too. Quicker answers, nearly all, spare the watch: it would cost an
+/// `epoll_ctl` for a client socket that is not registered yet.
+const WATCH_CLIENT_AFTER: Duration = Duration::from_secs(1);
 
 /// Bytes read from the client and not yet used. Holds no memory while the
 /// connection is idle.
@@ -530,6 +534,7 @@ async fn exchange(
         let mut rout = conns::buffer(cap);
         let client: &LazyStream = io;
         let mut body_end = BodyEnd::Done;
+        let mut left_us = Client::Here;
         let wait = {
             let head_fut = read_answer_head(
                 &b,
@@ -542,7 +547,9 @@ async fn exchange(
             tokio::pin!(head_fut);
             if matches!(left, BodyLeft::Done) {
                 inbox.consume(in_buf);
-                head_fut.await
+                let (w, c) = await_answer(head_fut, client, &b).await;
+                left_us = c;
+                w
             } else {
                 let body_fut = send_body(client, inbox, in_buf, &b, left, cap, p);
                 tokio::pin!(body_fut);
@@ -565,6 +572,15 @@ async fn exchange(
         let now = p.up.now();
         let (len, resp) = match wait {
             HeadWait::Got(len, resp) => (len, resp),
+            // The client left while its answer was awaited: nginx's 499. Not
+            // the backend's failure, and not to be retried.
+            _ if left_us != Client::Here => {
+                conns::give_back(rbuf);
+                conns::give_back(rout);
+                conns::give_back(out);
+                note(p, &logged, 499, 0, None, tries);
+                return Outcome::Close;
+            }
             _ if matches!(body_end, BodyEnd::ClientGone) => {
                 conns::give_back(rbuf);
                 conns::give_back(rout);
@@ -667,12 +683,15 @@ async fn exchange(
         note(p, &logged, resp.status, sent, upstream, tries);
         conns::give_back(rbuf);
         conns::give_back(rout);
-        if relayed == Relayed::Complete && resp.backend_keep_alive && body_sent {
+        let reusable = body_sent && left_us == Client::Here;
+        if relayed == Relayed::Complete && resp.backend_keep_alive && reusable {
             conns::put(target.id, b);
         }
         drop(lease);
         return match relayed {
             Relayed::Failed => Outcome::Close,
+            // Half-closed: no request can follow.
+            _ if left_us != Client::Here => Outcome::Close,
             _ if !body_sent => Outcome::Linger,
             _ if resp.client_keep_alive => Outcome::KeepAlive,
             _ => Outcome::Close,
@@ -805,6 +824,84 @@ async fn read_answer_head(
             }
         }
     }
+}
+
+/// Whether the client is still there while its answer is awaited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    Here,
+    /// It closed its sending side; the FIN went on to the backend.
+    HalfClosed,
+    /// Its connection broke (reset).
+    Gone,
+}
+
+/// Awaits the answer's head (`head`) and, once it has taken
+/// [`WATCH_CLIENT_AFTER`], watches the client as well, so that a client who
+/// gives up on a slow answer (a long poll, a report) does not leave its
+/// backend working for no one until the answer or `--response-timeout`.
+///
+/// A client that closes its side has its FIN passed on to the backend, which
+/// decides, as with no proxy between: most servers take it for the client
+/// leaving (Node's, uvicorn, Go's: the request is aborted, its handler told),
+/// and the wait ends when they close; others answer, and the answer reaches
+/// the half-closed client. A reset client ends the wait at once (the backend
+/// connection is then closed). Pipelined bytes end the watch: they wait their
+/// turn unread.
+async fn await_answer(
+    mut head: std::pin::Pin<&mut impl std::future::Future<Output = HeadWait>>,
+    client: &LazyStream,
+    b: &TcpStream,
+) -> (HeadWait, Client) {
+    #[derive(PartialEq)]
+    enum Watch {
+        NotYet,
+        On,
+        Off,
+    }
+    let mut watch = Watch::NotYet;
+    let mut timer: Option<Deadline> = None;
+    let mut state = Client::Here;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(w) = head.as_mut().poll(cx) {
+            return Poll::Ready((w, state));
+        }
+        loop {
+            match watch {
+                Watch::Off => return Poll::Pending,
+                Watch::NotYet => {
+                    let t = timer.get_or_insert_with(|| {
+                        Deadline::new(deadline::after(WATCH_CLIENT_AFTER), false)
+                    });
+                    if t.poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    timer = None;
+                    watch = Watch::On;
+                }
+                Watch::On => {
+                    let Ok(s) = client.registered() else {
+                        return Poll::Ready((HeadWait::Closed { quiet: false }, Client::Gone));
+                    };
+                    let mut one = [std::mem::MaybeUninit::uninit(); 1];
+                    let mut buf = tokio::io::ReadBuf::uninit(&mut one);
+                    match s.poll_peek(cx, &mut buf) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(0)) => {
+                            let _ = socket2::SockRef::from(b).shutdown(std::net::Shutdown::Write);
+                            state = Client::HalfClosed;
+                            watch = Watch::Off;
+                        }
+                        Poll::Ready(Ok(_)) => watch = Watch::Off,
+                        Poll::Ready(Err(_)) => {
+                            return Poll::Ready((HeadWait::Closed { quiet: false }, Client::Gone));
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
