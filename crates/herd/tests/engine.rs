@@ -320,6 +320,46 @@ fn a_client_leaving_a_slow_answer_is_passed_on_to_the_backend() {
 }
 
 #[test]
+fn a_client_leaving_a_quiet_stream_is_passed_on_to_the_backend() {
+    // An event stream: one event, then silence until the client goes.
+    let (tx, eof) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let (port, _) = backend(Arc::new(
+        move |_: &str, r: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n",
+            );
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest);
+            let _ = tx.lock().unwrap().send(std::time::Instant::now());
+            false
+        },
+    ));
+    let h = lb(port, &["--response-timeout", "60s"]);
+    let s = connect(h.port);
+    (&s).write_all(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(s);
+    let mut seen = String::new();
+    while !seen.ends_with("data: 1\n\n\r\n") {
+        assert!(r.read_line(&mut seen).unwrap() > 0, "{seen:?}");
+    }
+    let left = std::time::Instant::now();
+    drop(r);
+    // Without the watch the backend would keep the stream until its next
+    // event or the 60 s time-out.
+    let at = eof
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the backend never saw its client leave");
+    assert!(
+        at.duration_since(left) < Duration::from_secs(3),
+        "seen after {:?}",
+        at.duration_since(left)
+    );
+}
+
+#[test]
 fn a_half_closed_client_gets_a_slow_answer_from_a_backend_that_gives_it() {
     let (port, _) = backend(Arc::new(
         |_: &str, r: &mut BufReader<TcpStream>, c: &mut TcpStream| {

@@ -547,9 +547,8 @@ async fn exchange(
             tokio::pin!(head_fut);
             if matches!(left, BodyLeft::Done) {
                 inbox.consume(in_buf);
-                let (w, c) = await_answer(head_fut, client, &b).await;
-                left_us = c;
-                w
+                let gone = || HeadWait::Closed { quiet: false };
+                watching(head_fut, client, &b, &mut left_us, gone).await
             } else {
                 let body_fut = send_body(client, inbox, in_buf, &b, left, cap, p);
                 tokio::pin!(body_fut);
@@ -675,7 +674,18 @@ async fn exchange(
         }
 
         let mut sent = 0;
-        let relayed = relay_answer(p, io, &b, &mut rbuf, len, &mut rout, &resp, &mut sent).await;
+        let relayed = relay_answer(
+            p,
+            io,
+            &b,
+            &mut rbuf,
+            len,
+            &mut rout,
+            &resp,
+            &mut sent,
+            &mut left_us,
+        )
+        .await;
         target
             .answers
             .bytes_to_client
@@ -836,35 +846,45 @@ enum Client {
     Gone,
 }
 
-/// Awaits the answer's head (`head`) and, once it has taken
-/// [`WATCH_CLIENT_AFTER`], watches the client as well, so that a client who
-/// gives up on a slow answer (a long poll, a report) does not leave its
-/// backend working for no one until the answer or `--response-timeout`.
+/// Awaits `fut` (a wait on the backend: for the answer's head, or for more
+/// of its body) and, once it has taken [`WATCH_CLIENT_AFTER`], watches the
+/// client as well, so that a client who gives up on a slow answer (a long
+/// poll, a report, a quiet event stream) does not leave its backend working
+/// for no one until the answer or `--response-timeout`. Quicker waits, nearly
+/// all, cost a deadline slot and no syscall.
 ///
 /// A client that closes its side has its FIN passed on to the backend, which
 /// decides, as with no proxy between: most servers take it for the client
-/// leaving (Node's, uvicorn, Go's: the request is aborted, its handler told),
-/// and the wait ends when they close; others answer, and the answer reaches
-/// the half-closed client. A reset client ends the wait at once (the backend
-/// connection is then closed). Pipelined bytes end the watch: they wait their
-/// turn unread.
-async fn await_answer(
-    mut head: std::pin::Pin<&mut impl std::future::Future<Output = HeadWait>>,
+/// leaving (Node's, uvicorn, Go's: the request is aborted, its handler told)
+/// and close; others answer, and the answer reaches the half-closed client.
+/// A reset client ends the wait at once with `gone` (the caller closes the
+/// backend connection). Pipelined bytes end the watch: they wait their turn
+/// unread. `state` says what was seen; a client seen leaving is not watched
+/// again.
+async fn watching<T>(
+    fut: impl std::future::Future<Output = T>,
     client: &LazyStream,
     b: &TcpStream,
-) -> (HeadWait, Client) {
+    state: &mut Client,
+    gone: impl FnOnce() -> T,
+) -> T {
     #[derive(PartialEq)]
     enum Watch {
         NotYet,
         On,
         Off,
     }
-    let mut watch = Watch::NotYet;
+    let mut watch = if *state == Client::Here {
+        Watch::NotYet
+    } else {
+        Watch::Off
+    };
     let mut timer: Option<Deadline> = None;
-    let mut state = Client::Here;
+    let mut gone = Some(gone);
+    tokio::pin!(fut);
     std::future::poll_fn(|cx| {
-        if let Poll::Ready(w) = head.as_mut().poll(cx) {
-            return Poll::Ready((w, state));
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(v);
         }
         loop {
             match watch {
@@ -880,21 +900,26 @@ async fn await_answer(
                     watch = Watch::On;
                 }
                 Watch::On => {
-                    let Ok(s) = client.registered() else {
-                        return Poll::Ready((HeadWait::Closed { quiet: false }, Client::Gone));
-                    };
                     let mut one = [std::mem::MaybeUninit::uninit(); 1];
                     let mut buf = tokio::io::ReadBuf::uninit(&mut one);
-                    match s.poll_peek(cx, &mut buf) {
+                    let peeked = match client.registered() {
+                        Ok(s) => s.poll_peek(cx, &mut buf),
+                        Err(e) => Poll::Ready(Err(e)),
+                    };
+                    match peeked {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Ok(0)) => {
                             let _ = socket2::SockRef::from(b).shutdown(std::net::Shutdown::Write);
-                            state = Client::HalfClosed;
+                            *state = Client::HalfClosed;
                             watch = Watch::Off;
                         }
                         Poll::Ready(Ok(_)) => watch = Watch::Off,
                         Poll::Ready(Err(_)) => {
-                            return Poll::Ready((HeadWait::Closed { quiet: false }, Client::Gone));
+                            *state = Client::Gone;
+                            if let Some(g) = gone.take() {
+                                return Poll::Ready(g());
+                            }
+                            return Poll::Pending;
                         }
                     }
                 }
@@ -926,9 +951,11 @@ async fn relay_answer(
     out: &mut Vec<u8>,
     resp: &Response,
     sent: &mut u64,
+    left_us: &mut Client,
 ) -> Relayed {
     let to_client = p.cfg.limits.idle_timeout;
     let from_backend = p.cfg.response_timeout;
+    let gone = || Err(io::ErrorKind::ConnectionReset.into());
     match resp.body {
         Framing::None => {
             let extra = rbuf.len() > head_len;
@@ -968,9 +995,11 @@ async fn relay_answer(
                 let last = rbuf.len();
                 rbuf.clear();
                 let got = if held {
-                    read_after_held(b, rbuf, from_backend, client).await
+                    let read = read_after_held(b, rbuf, from_backend, client);
+                    watching(read, client, b, left_us, gone).await
                 } else {
-                    read_rest(b, rbuf, from_backend, last).await
+                    let read = read_rest(b, rbuf, from_backend, last);
+                    watching(read, client, b, left_us, gone).await
                 };
                 match got {
                     Ok(0) | Err(_) => return Relayed::Failed,
@@ -1053,9 +1082,11 @@ async fn relay_answer(
                 rbuf.clear();
                 from = 0;
                 let got = if held {
-                    read_after_held(b, rbuf, from_backend, client).await
+                    let read = read_after_held(b, rbuf, from_backend, client);
+                    watching(read, client, b, left_us, gone).await
                 } else {
-                    read_rest(b, rbuf, from_backend, last).await
+                    let read = read_rest(b, rbuf, from_backend, last);
+                    watching(read, client, b, left_us, gone).await
                 };
                 match got {
                     Ok(0) | Err(_) => return Relayed::Failed,
@@ -1074,7 +1105,8 @@ async fn relay_answer(
             loop {
                 let last = rbuf.len();
                 rbuf.clear();
-                match read_rest(b, rbuf, from_backend, last).await {
+                let read = read_rest(b, rbuf, from_backend, last);
+                match watching(read, client, b, left_us, gone).await {
                     Ok(0) => return Relayed::Unreusable,
                     Err(_) => return Relayed::Failed,
                     Ok(_) => {
