@@ -525,3 +525,34 @@ fn an_http2_host_header_that_differs_from_the_authority_gets_400() {
     assert_eq!(h2c_status_byte(h.port, "good", Some("good")), 0x88, "200");
     assert_eq!(h2c_status_byte(h.port, "good", Some("evil")), 0x8c, "400");
 }
+
+#[test]
+fn an_http2_client_that_leaves_before_its_answer_is_logged_499() {
+    let log = std::env::temp_dir().join(format!("herd-h2-499-{}", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let h = Herd::start(&["-i", "1", "--access-log", log.to_str().unwrap()], &[DEMO]);
+    h.wait_ready(1);
+    // curl gives up after 0.5 s on an answer that takes 5.
+    let gave_up = Command::new("curl")
+        .args(["-sS", "--max-time", "0.5", "--http2-prior-knowledge"])
+        .arg(format!("http://127.0.0.1:{}/slow?ms=5000", h.port))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!gave_up.success());
+    let body = curl(&[
+        "--http2-prior-knowledge",
+        &format!("http://127.0.0.1:{}/", h.port),
+    ]);
+    assert!(body.contains("worker 0"), "{body}");
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&log).is_ok_and(|l| {
+            l.contains("\"GET /slow?ms=5000 HTTP/2.0\" 499 0")
+                && l.contains("\"GET / HTTP/2.0\" 200")
+        })),
+        "{:?}",
+        std::fs::read_to_string(&log)
+    );
+    let _ = std::fs::remove_file(&log);
+}

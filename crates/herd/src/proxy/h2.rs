@@ -199,7 +199,8 @@ impl AsyncWrite for Prefixed {
 impl HttpProxy {
     /// One request from an h2c client, or (`tls`) from a client of herd's
     /// TLS listener over HTTP/2 or HTTP/1.1; with `--access-log`, its line
-    /// once the answer's head is out (bytes: its `Content-Length`, if any).
+    /// once the answer's head is out (bytes: its `Content-Length`, if any),
+    /// or nginx's 499 if the client leaves before (hyper then drops this).
     pub(super) async fn handle_h2(
         &self,
         req: Request<Incoming>,
@@ -209,43 +210,37 @@ impl HttpProxy {
         let Some(log) = self.log.clone() else {
             return self.forward(req, peer, tls, &mut Served::default()).await;
         };
-        let (at, started) = (std::time::SystemTime::now(), std::time::Instant::now());
-        let (method, version) = (req.method().clone(), req.version());
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-        let header = |n: header::HeaderName| req.headers().get(n).cloned();
-        let (referer, agent) = (header(header::REFERER), header(header::USER_AGENT));
-        let mut served = Served::default();
-        let resp = self.forward(req, peer, tls, &mut served).await;
-        let text =
-            |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map(str::to_string);
-        let (referer, agent) = (text(&referer), text(&agent));
-        log.write(&super::access::Entry {
-            at,
+        let text = |n: header::HeaderName| {
+            let v = req.headers().get(n)?;
+            v.to_str().ok().map(str::to_string)
+        };
+        let mut line = Line {
+            log,
+            at: std::time::SystemTime::now(),
+            started: std::time::Instant::now(),
             client: peer,
-            method: method.as_str(),
-            path: &path,
-            protocol: match version {
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            protocol: match req.version() {
                 Version::HTTP_2 => "HTTP/2.0",
                 Version::HTTP_10 => "HTTP/1.0",
                 _ => "HTTP/1.1",
             },
-            status: resp.status().as_u16(),
-            bytes: resp
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(0),
-            duration: started.elapsed(),
-            upstream: served.target.as_ref().map(|t| t.addr),
-            upstream_time: served.upstream_time,
-            worker: served.target.as_ref().map(|t| t.backend.name()),
-            retries: served.retries,
-            referer: referer.as_deref(),
-            user_agent: agent.as_deref(),
-        });
+            referer: text(header::REFERER),
+            user_agent: text(header::USER_AGENT),
+            served: Served::default(),
+            written: false,
+        };
+        let resp = self.forward(req, peer, tls, &mut line.served).await;
+        let bytes = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        line.write(resp.status().as_u16(), bytes);
         resp
     }
 
@@ -499,6 +494,53 @@ impl HttpProxy {
                     Next::Give(outcome) => return outcome,
                 },
             }
+        }
+    }
+}
+
+/// A hyper-served request's access log line, written with its answer's
+/// status, or with 499 if the request is dropped unanswered (its client left).
+struct Line {
+    log: Arc<super::access::AccessLog>,
+    at: std::time::SystemTime,
+    started: std::time::Instant,
+    client: IpAddr,
+    method: Method,
+    path: String,
+    protocol: &'static str,
+    referer: Option<String>,
+    user_agent: Option<String>,
+    served: Served,
+    written: bool,
+}
+
+impl Line {
+    fn write(&mut self, status: u16, bytes: u64) {
+        self.written = true;
+        let t = self.served.target.as_ref();
+        self.log.write(&super::access::Entry {
+            at: self.at,
+            client: self.client,
+            method: self.method.as_str(),
+            path: &self.path,
+            protocol: self.protocol,
+            status,
+            bytes,
+            duration: self.started.elapsed(),
+            upstream: t.map(|t| t.addr),
+            upstream_time: self.served.upstream_time,
+            worker: t.map(|t| t.backend.name()),
+            retries: self.served.retries,
+            referer: self.referer.as_deref(),
+            user_agent: self.user_agent.as_deref(),
+        });
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        if !self.written {
+            self.write(499, 0);
         }
     }
 }
