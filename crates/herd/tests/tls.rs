@@ -685,3 +685,77 @@ fn tls_clients_that_stop_reading_a_large_answer_hold_little_memory() {
         "20 stalled clients grew herd by {grown} KiB"
     );
 }
+
+/// One keep-alive request on `s`: its status line, read through the body
+/// (`Content-Length`).
+fn keepalive_request(s: &mut (impl std::io::Read + std::io::Write)) -> std::io::Result<String> {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")?;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_string();
+    let len: usize = head
+        .to_ascii_lowercase()
+        .split("content-length:")
+        .nth(1)
+        .and_then(|v| v.lines().next()?.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    s.read_exact(&mut body)?;
+    Ok(head.lines().next().unwrap_or("").to_string())
+}
+
+#[test]
+fn https_keepalive_clients_stay_for_the_idle_timeout_and_slow_heads_are_cut() {
+    use std::io::{Read, Write};
+    let pki = Pki::new("idlehead");
+    let a = pki.leaf("a.test");
+    let mut args = tls_args(&[&a]);
+    args.extend(["-i", "1", "--header-timeout", "1s", "--idle-timeout", "30s"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    // Idle past the header time-out, then a second request on the same
+    // connection (hyper's own header timer closed it after 1 s).
+    let mut s = tls_client(&pki, h.port, "a.test");
+    assert_eq!(keepalive_request(&mut s).unwrap(), "HTTP/1.1 200 OK");
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_millis(2500) {
+        // Nothing arrives meanwhile (no close, no alert): a read times out.
+        s.sock
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            other => panic!("the idle connection ended: {other:?}"),
+        }
+    }
+    s.sock.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(keepalive_request(&mut s).unwrap(), "HTTP/1.1 200 OK");
+    // A head begun and not finished (slowloris) is still cut after the
+    // header time-out, on a fresh connection and between requests alike.
+    let mut fresh = tls_client(&pki, h.port, "a.test");
+    let mut kept = s;
+    for c in [&mut fresh, &mut kept] {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Slow: ")
+            .unwrap();
+        c.flush().unwrap();
+    }
+    let t = Instant::now();
+    for c in [&mut fresh, &mut kept] {
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+    }
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "slow heads closed after {took:?}"
+    );
+}

@@ -50,7 +50,7 @@ pub async fn serve(
     let io = TokioIo::new(Watched::new(Prefixed { prefix, at: 0, io }, &seen));
     let svc = service(p.clone(), peer, false, seen.clone());
     let conn = http2_server(&p).serve_connection(io, svc);
-    serve_gracefully!(conn, stop, seen, p.cfg.limits.idle_timeout);
+    serve_gracefully!(conn, stop, seen, p.cfg.limits.idle_timeout, None);
 }
 
 /// Serves a plain connection through hyper, HTTP/1.1 or h2c by its first
@@ -60,9 +60,10 @@ pub async fn serve_any(p: Arc<HttpProxy>, io: TcpStream, peer: IpAddr, stop: Can
     let seen = Seen::new();
     let svc = service(p.clone(), peer, false, seen.clone());
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // The header time-out is `idle::watch`'s (hyper's also runs while idle).
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(p.cfg.limits.header_timeout)
+        .header_read_timeout(None)
         .max_buf_size(p.cfg.limits.max_head.max(8192));
     // The same limits as `http2_server` (the auto builder has its own type).
     b.http2()
@@ -71,7 +72,14 @@ pub async fn serve_any(p: Arc<HttpProxy>, io: TcpStream, peer: IpAddr, stop: Can
         .max_header_list_size(p.cfg.limits.max_head as u32)
         .max_pending_accept_reset_streams(Some(32));
     let conn = b.serve_connection_with_upgrades(TokioIo::new(Watched::new(io, &seen)), svc);
-    serve_gracefully!(conn, stop, seen, p.cfg.limits.idle_timeout);
+    let limits = p.cfg.limits;
+    serve_gracefully!(
+        conn,
+        stop,
+        seen,
+        limits.idle_timeout,
+        Some(limits.header_timeout)
+    );
 }
 
 /// hyper's service for one client connection: each request is handled by

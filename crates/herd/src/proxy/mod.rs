@@ -7,10 +7,11 @@
 /// Runs a hyper server connection until it ends; once `stop` is
 /// cancelled, or the connection has been idle (`seen`, see [`idle`]) for
 /// `--idle-timeout`, it finishes its requests in flight (HTTP/2 clients get
-/// GOAWAY) and closes. A macro: hyper's connection types share no trait
-/// that covers the upgradeable ones.
+/// GOAWAY) and closes; with a header time-out (HTTP/1), a head that takes
+/// longer closes it. A macro: hyper's connection types share no trait that
+/// covers the upgradeable ones.
 macro_rules! serve_gracefully {
-    ($conn:expr, $stop:expr, $seen:expr, $idle:expr) => {{
+    ($conn:expr, $stop:expr, $seen:expr, $idle:expr, $header:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         tokio::select! {
@@ -19,11 +20,14 @@ macro_rules! serve_gracefully {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }
-            _ = $crate::proxy::idle::quiet_for(&$seen, $idle) => {
-                conn.as_mut().graceful_shutdown();
-                // A client that vanished never acknowledges HTTP/2's
-                // GOAWAY (hyper waits for its PING's answer): bounded.
-                let _ = tokio::time::timeout($idle, conn).await;
+            ended = $crate::proxy::idle::watch(&$seen, $idle, $header) => {
+                // A head too slow: dropped, the connection closes.
+                if ended == $crate::proxy::idle::Ended::Idle {
+                    conn.as_mut().graceful_shutdown();
+                    // A client that vanished never acknowledges HTTP/2's
+                    // GOAWAY (hyper waits for its PING's answer): bounded.
+                    let _ = tokio::time::timeout($idle, conn).await;
+                }
             }
         }
     }};

@@ -236,15 +236,17 @@ pub async fn serve(
     let idle = p.cfg.limits.idle_timeout;
     if h2 {
         let conn = super::h2::http2_server(&p).serve_connection(io, svc);
-        serve_gracefully!(conn, stop, seen, idle);
+        serve_gracefully!(conn, stop, seen, idle, None);
     } else {
+        // The header time-out is `idle::watch`'s (hyper's also runs while idle).
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(p.cfg.limits.header_timeout)
+            .header_read_timeout(None)
             .max_buf_size(p.cfg.limits.max_head.max(8192))
             .serve_connection(io, svc)
             .with_upgrades();
-        serve_gracefully!(conn, stop, seen, idle);
+        let header = Some(p.cfg.limits.header_timeout);
+        serve_gracefully!(conn, stop, seen, idle, header);
     }
 }
 
