@@ -556,3 +556,81 @@ fn an_http2_client_that_leaves_before_its_answer_is_logged_499() {
     );
     let _ = std::fs::remove_file(&log);
 }
+
+#[test]
+fn answers_served_through_hyper_are_logged_when_sent_whole_and_their_bytes_counted() {
+    // A chunked answer (no Content-Length) in two pieces 300 ms apart.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read_exact(&mut byte).is_ok() {
+                    head.push(byte[0]);
+                }
+                let _ = c.write_all(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst \r\n",
+                );
+                std::thread::sleep(Duration::from_millis(300));
+                let _ = c.write_all(b"4\r\nlast\r\n0\r\n\r\n");
+            });
+        }
+    });
+    let log = std::env::temp_dir().join(format!("herd-h2-bytes-{}", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let admin = free_port();
+    let (up, admin_at) = (
+        format!("--upstream=127.0.0.1:{port}"),
+        format!("127.0.0.1:{admin}"),
+    );
+    let h = Herd::start(
+        &[
+            "--health-interval",
+            "0",
+            &up,
+            "--admin",
+            &admin_at,
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+        &[],
+    );
+    h.wait_ready(0);
+    let body = curl(&[
+        "--http2-prior-knowledge",
+        &format!("http://127.0.0.1:{}/", h.port),
+    ]);
+    assert_eq!(body, "first last");
+    let mut line = serde_json::Value::Null;
+    assert!(
+        wait_until(T, || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            match text.lines().next().map(serde_json::from_str) {
+                Some(Ok(v)) => {
+                    line = v;
+                    true
+                }
+                _ => false,
+            }
+        }),
+        "no access log line"
+    );
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["protocol"], "HTTP/2.0", "{line}");
+    // The body's bytes (it has no Content-Length), and the time to its end.
+    assert_eq!(line["bytes"], 10, "{line}");
+    assert!(line["duration"].as_f64().unwrap() >= 0.29, "{line}");
+    let (code, metrics) = http_get(admin, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let to_client: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("herd_backend_bytes_total{") && l.contains("to_client"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert_eq!(to_client, 10.0, "{metrics}");
+    let _ = std::fs::remove_file(&log);
+}

@@ -100,16 +100,21 @@ pub(super) fn service(
     hyper::service::service_fn(move |req| {
         let (me, busy) = (me.clone(), seen.busy());
         async move {
-            let answer = me.handle_h2(req, peer, tls).await;
-            Ok(answer.map(|body| Tracked { body, _busy: busy }))
+            let (answer, ending) = me.handle_h2(req, peer, tls).await;
+            Ok(answer.map(|body| Tracked {
+                body,
+                ending,
+                _busy: busy,
+            }))
         }
     })
 }
 
 /// An answer's body that counts its connection busy until hyper drops it
-/// (sent whole, or its stream ended).
+/// (sent whole, or its stream ended), and its bytes for its [`Ending`].
 pub(super) struct Tracked {
     body: RespBody,
+    ending: Ending,
     _busy: Busy,
 }
 
@@ -121,7 +126,14 @@ impl Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let me = self.get_mut();
+        let frame = Pin::new(&mut me.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &frame
+            && let Some(data) = f.data_ref()
+        {
+            me.ending.sent += data.len() as u64;
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -206,50 +218,27 @@ impl AsyncWrite for Prefixed {
 
 impl HttpProxy {
     /// One request from an h2c client, or (`tls`) from a client of herd's
-    /// TLS listener over HTTP/2 or HTTP/1.1; with `--access-log`, its line
-    /// once the answer's head is out (bytes: its `Content-Length`, if any),
-    /// or nginx's 499 if the client leaves before (hyper then drops this).
+    /// TLS listener over HTTP/2 or HTTP/1.1, and what its [`Ending`] will
+    /// report once its answer is sent whole (or nginx's 499 if this is
+    /// dropped unanswered: hyper drops it when the client leaves).
     pub(super) async fn handle_h2(
         &self,
         req: Request<Incoming>,
         peer: IpAddr,
         tls: bool,
-    ) -> Response<RespBody> {
-        let Some(log) = self.log.clone() else {
-            return self.forward(req, peer, tls, &mut Served::default()).await;
-        };
-        let text = |n: header::HeaderName| {
-            let v = req.headers().get(n)?;
-            v.to_str().ok().map(str::to_string)
-        };
-        let mut line = Line {
-            log,
-            at: std::time::SystemTime::now(),
-            started: std::time::Instant::now(),
-            client: peer,
-            method: req.method().clone(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
-            protocol: match req.version() {
-                Version::HTTP_2 => "HTTP/2.0",
-                Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            },
-            referer: text(header::REFERER),
-            user_agent: text(header::USER_AGENT),
+    ) -> (Response<RespBody>, Ending) {
+        let mut ending = Ending {
+            line: self
+                .log
+                .as_ref()
+                .map(|log| Box::new(Line::of(&req, log, peer))),
             served: Served::default(),
-            written: false,
+            status: 499,
+            sent: 0,
         };
-        let resp = self.forward(req, peer, tls, &mut line.served).await;
-        let bytes = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .unwrap_or(0);
-        line.write(resp.status().as_u16(), bytes);
-        resp
+        let resp = self.forward(req, peer, tls, &mut ending.served).await;
+        ending.status = resp.status().as_u16();
+        (resp, ending)
     }
 
     async fn forward(
@@ -506,8 +495,48 @@ impl HttpProxy {
     }
 }
 
-/// A hyper-served request's access log line, written with its answer's
-/// status, or with 499 if the request is dropped unanswered (its client left).
+/// What a hyper-served exchange reports when its answer's body is dropped
+/// (sent whole, or its stream or connection ended) or, unanswered, when
+/// the request is: the answer's bytes to its backend's counts and, with
+/// `--access-log`, its line, timed to the end as herd's engine does.
+pub(super) struct Ending {
+    line: Option<Box<Line>>,
+    served: Served,
+    /// 499 until the answer's head is known.
+    status: u16,
+    /// Body bytes handed to hyper for the client.
+    sent: u64,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        let t = self.served.target.as_ref();
+        if let Some(t) = t {
+            t.answers
+                .bytes_to_client
+                .fetch_add(self.sent, std::sync::atomic::Ordering::Relaxed);
+        }
+        let Some(l) = &self.line else { return };
+        l.log.write(&super::access::Entry {
+            at: l.at,
+            client: l.client,
+            method: l.method.as_str(),
+            path: &l.path,
+            protocol: l.protocol,
+            status: self.status,
+            bytes: self.sent,
+            duration: l.started.elapsed(),
+            upstream: t.map(|t| t.addr),
+            upstream_time: self.served.upstream_time,
+            worker: t.map(|t| t.backend.name()),
+            retries: self.served.retries,
+            referer: l.referer.as_deref(),
+            user_agent: l.user_agent.as_deref(),
+        });
+    }
+}
+
+/// What the access log needs of a request, copied before it goes on.
 struct Line {
     log: Arc<super::access::AccessLog>,
     at: std::time::SystemTime,
@@ -518,37 +547,31 @@ struct Line {
     protocol: &'static str,
     referer: Option<String>,
     user_agent: Option<String>,
-    served: Served,
-    written: bool,
 }
 
 impl Line {
-    fn write(&mut self, status: u16, bytes: u64) {
-        self.written = true;
-        let t = self.served.target.as_ref();
-        self.log.write(&super::access::Entry {
-            at: self.at,
-            client: self.client,
-            method: self.method.as_str(),
-            path: &self.path,
-            protocol: self.protocol,
-            status,
-            bytes,
-            duration: self.started.elapsed(),
-            upstream: t.map(|t| t.addr),
-            upstream_time: self.served.upstream_time,
-            worker: t.map(|t| t.backend.name()),
-            retries: self.served.retries,
-            referer: self.referer.as_deref(),
-            user_agent: self.user_agent.as_deref(),
-        });
-    }
-}
-
-impl Drop for Line {
-    fn drop(&mut self) {
-        if !self.written {
-            self.write(499, 0);
+    fn of(req: &Request<Incoming>, log: &Arc<super::access::AccessLog>, client: IpAddr) -> Line {
+        let text = |n: header::HeaderName| {
+            let v = req.headers().get(n)?;
+            v.to_str().ok().map(str::to_string)
+        };
+        Line {
+            log: log.clone(),
+            at: std::time::SystemTime::now(),
+            started: std::time::Instant::now(),
+            client,
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            protocol: match req.version() {
+                Version::HTTP_2 => "HTTP/2.0",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            referer: text(header::REFERER),
+            user_agent: text(header::USER_AGENT),
         }
     }
 }
