@@ -5,6 +5,16 @@ const http2 = require('node:http2');
 
 const handler = (req, res) => {
   if (req.url === '/healthz') return res.end('ok\n');
+  if (req.url === '/big') {
+    // 64 MiB in 64 KiB writes, as fast as the reader takes them.
+    const chunk = Buffer.alloc(64 * 1024, 120);
+    let left = 1024;
+    const pump = () => {
+      while (left-- > 0) if (!res.write(chunk)) return res.once('drain', pump);
+      res.end();
+    };
+    return pump();
+  }
   if (req.url === '/missing') {
     res.statusCode = 404;
     return res.end();

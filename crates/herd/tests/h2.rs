@@ -634,3 +634,45 @@ fn answers_served_through_hyper_are_logged_when_sent_whole_and_their_bytes_count
     assert_eq!(to_client, 10.0, "{metrics}");
     let _ = std::fs::remove_file(&log);
 }
+
+#[test]
+fn clients_that_stop_reading_an_http2_backends_answer_do_not_stall_the_others() {
+    let (port, _node) = node_h2("0", &[]);
+    let up = format!("--upstream=127.0.0.1:{port},h2");
+    let h = Herd::start(&["--health-interval", "0", &up], &[]);
+    h.wait_ready(0);
+    let before = rss_kib(h.child.id());
+    // 20 clients ask for 64 MiB each and then stop reading: over the two
+    // proxy threads' connections to the backend, several streams each.
+    let stalled: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+            socket2::SockRef::from(&s)
+                .set_recv_buffer_size(4096)
+                .unwrap();
+            s.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+            let mut first = [0u8; 12];
+            s.read_exact(&mut first).unwrap();
+            assert_eq!(&first, b"HTTP/1.1 200");
+            s
+        })
+        .collect();
+    // Their streams' windows fill (256 KiB each here; hyper's default of
+    // 2 MiB let three of them use up a connection's 5 MiB).
+    assert!(
+        wait_until(T, || rss_kib(h.child.id()) > before + 4 * 1024),
+        "the stalled answers never filled their windows: {} KiB more",
+        rss_kib(h.child.id()) - before
+    );
+    for _ in 0..4 {
+        let t = Instant::now();
+        let body = curl(&[&format!("http://127.0.0.1:{}/", h.port)]);
+        assert!(body.starts_with("HTTP/2.0 worker 0"), "{body}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+    // And they hold little: at most their windows and herd's buffers.
+    let grew = rss_kib(h.child.id()).saturating_sub(before);
+    assert!(grew < 20 * 700, "20 stalled answers hold {grew} KiB");
+    drop(stalled);
+}

@@ -912,6 +912,15 @@ fn to_h2(req: &mut Request<ReqBody>, target: &Target) {
     }
 }
 
+/// Flow-control windows towards HTTP/2 backends, as nginx's `grpc_pass`
+/// sets them: each stream may hold 256 KiB that its client has not taken
+/// yet, and the connection as a whole is not limited. With hyper's defaults
+/// (2 MiB a stream, 5 MiB the connection), three clients that stopped
+/// reading a streamed answer used up the connection's window, and every
+/// other request on that connection stalled behind them.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
 /// Opens an HTTP/2 connection to `target` (h2c, or h2 over TLS).
 async fn connect_h2(
     target: &Target,
@@ -921,6 +930,8 @@ async fn connect_h2(
     let stream = open(target, timeout, tls).await?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .handshake::<_, ReqBody>(TokioIo::new(stream))
         .await?;
     tokio::spawn(async move {
