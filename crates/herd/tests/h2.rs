@@ -749,3 +749,72 @@ fn an_http2_client_that_opens_many_streams_and_stops_reading_holds_little() {
     assert_eq!(body, "small");
     drop(s);
 }
+
+/// An h2c client (Python's `h2`): one upload to /slow, sent until flow
+/// control stops it, then a 5-byte POST to /fast on the same connection;
+/// prints how long that one took to be answered, or that it was not.
+const UPLOAD_THEN_SMALL: &str = r#"
+import socket, sys, time
+import h2.connection, h2.config, h2.events
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1]))); s.settimeout(0.2)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection(); s.sendall(c.data_to_send())
+def events():
+    try: d = s.recv(65536)
+    except socket.timeout: return []
+    ev = c.receive_data(d); s.sendall(c.data_to_send()); return ev
+c.send_headers(1, [(":method", "POST"), (":path", "/slow"), (":scheme", "http"), (":authority", "x"), ("content-length", str(64 << 20))])
+sent, start = 0, time.time()
+while time.time() - start < 3:
+    while True:
+        n = min(c.local_flow_control_window(1), c.max_outbound_frame_size, 16384)
+        if n <= 0: break
+        c.send_data(1, b"x" * n); sent += n
+    s.sendall(c.data_to_send()); events()
+c.send_headers(3, [(":method", "POST"), (":path", "/fast"), (":scheme", "http"), (":authority", "x"), ("content-length", "5")])
+start, body_sent = time.time(), False
+while time.time() - start < 5:
+    if not body_sent and c.local_flow_control_window(3) >= 5:
+        c.send_data(3, b"hello", end_stream=True); body_sent = True
+    s.sendall(c.data_to_send())
+    for e in events():
+        if isinstance(e, h2.events.ResponseReceived) and e.stream_id == 3:
+            print(f"answered after {time.time() - start:.2f} s (upload stalled after {sent} bytes)"); sys.exit(0)
+print(f"not answered (its body sent: {body_sent}; upload stalled after {sent} bytes)")
+"#;
+
+#[test]
+fn an_upload_its_backend_is_slow_to_take_does_not_stall_the_connections_other_requests() {
+    // /slow takes its request's head and then nothing; /fast reads its body.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read_exact(&mut byte).is_ok() {
+                    head.push(byte[0]);
+                }
+                if head.starts_with(b"POST /slow") {
+                    std::thread::sleep(Duration::from_secs(30));
+                    return;
+                }
+                let mut body = [0u8; 5];
+                let _ = c.read_exact(&mut body);
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            });
+        }
+    });
+    let up = format!("--upstream=127.0.0.1:{port}");
+    let h = Herd::start(&["--health-interval", "0", &up], &[]);
+    h.wait_ready(0);
+    let out = output_ok(
+        Command::new("python3")
+            .args(["-c", UPLOAD_THEN_SMALL])
+            .arg(h.port.to_string()),
+    );
+    // hyper's default (one 1 MiB window for the whole connection, used up
+    // by the stalled upload) left the small request's body unsent.
+    assert!(out.starts_with("answered after 0."), "{out}");
+}

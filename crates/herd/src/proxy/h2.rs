@@ -70,6 +70,8 @@ pub async fn serve_any(p: Arc<HttpProxy>, io: TcpStream, peer: IpAddr, stop: Can
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
         .max_send_buf_size(SEND_BUF)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(p.cfg.limits.max_head as u32)
         .max_pending_accept_reset_streams(Some(32));
     let conn = b.serve_connection_with_upgrades(TokioIo::new(Watched::new(io, &seen)), svc);
@@ -146,6 +148,18 @@ impl Body for Tracked {
     }
 }
 
+/// HTTP/2 flow-control windows, both ways, as nginx sets them: a stream
+/// may hold 256 KiB its reader has not taken yet, the connection as a whole
+/// is not limited. With one window for the whole connection, a stream whose
+/// reader stalls uses it up and every other stream stalls behind it:
+/// towards a backend, three clients that stopped reading a streamed answer
+/// (hyper's defaults there: 2 MiB a stream, 5 MiB the connection); from a
+/// client, one upload its backend was slow to take (1 MiB each), which held
+/// up every other request body on that connection (a gRPC channel's unary
+/// calls). A stream's 256 KiB is 25 MB/s at 10 ms of round trip.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
 /// Streams one HTTP/2 client may have open at once (nginx's default).
 const MAX_STREAMS: u32 = 128;
 /// What hyper may hold of each stream's answer while its client does not
@@ -164,6 +178,8 @@ pub(super) fn http2_server(p: &HttpProxy) -> hyper::server::conn::http2::Builder
     b.timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
         .max_send_buf_size(SEND_BUF)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(p.cfg.limits.max_head as u32)
         .max_pending_accept_reset_streams(Some(32));
     b
@@ -918,15 +934,6 @@ fn to_h2(req: &mut Request<ReqBody>, target: &Target) {
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
-
-/// Flow-control windows towards HTTP/2 backends, as nginx's `grpc_pass`
-/// sets them: each stream may hold 256 KiB that its client has not taken
-/// yet, and the connection as a whole is not limited. With hyper's defaults
-/// (2 MiB a stream, 5 MiB the connection), three clients that stopped
-/// reading a streamed answer used up the connection's window, and every
-/// other request on that connection stalled behind them.
-const STREAM_WINDOW: u32 = 256 * 1024;
-const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// Opens an HTTP/2 connection to `target` (h2c, or h2 over TLS).
 async fn connect_h2(
