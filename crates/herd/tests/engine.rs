@@ -234,22 +234,35 @@ fn a_head_arriving_in_pieces_is_read_whole() {
 
 #[test]
 fn a_half_closed_client_still_gets_its_answer() {
-    let (port, _) = backend(Arc::new(
+    let (quick, _) = backend(Arc::new(
         |_: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
             ok(c, "answer");
             true
         },
     ));
-    let h = lb(port, &[]);
-    let mut s = connect(h.port);
-    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    let mut all = String::new();
-    s.read_to_string(&mut all).unwrap();
-    assert!(
-        all.starts_with("HTTP/1.1 200") && all.ends_with("answer"),
-        "{all:?}"
-    );
+    // An answer slow enough that herd watches the client meanwhile: the
+    // client's FIN comes through, and this backend answers anyway.
+    let (slow, _) = backend(Arc::new(
+        |_: &str, r: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest);
+            std::thread::sleep(Duration::from_millis(300));
+            ok(c, "late answer");
+            false
+        },
+    ));
+    for (port, want) in [(quick, "answer"), (slow, "late answer")] {
+        let h = lb(port, &[]);
+        let mut s = connect(h.port);
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut all = String::new();
+        s.read_to_string(&mut all).unwrap();
+        assert!(
+            all.starts_with("HTTP/1.1 200") && all.ends_with(want),
+            "{all:?}"
+        );
+    }
 }
 
 /// A backend that never answers: it says when a request came, then waits
@@ -356,30 +369,6 @@ fn a_client_leaving_a_quiet_stream_is_passed_on_to_the_backend() {
         at.duration_since(left) < Duration::from_secs(3),
         "seen after {:?}",
         at.duration_since(left)
-    );
-}
-
-#[test]
-fn a_half_closed_client_gets_a_slow_answer_from_a_backend_that_gives_it() {
-    let (port, _) = backend(Arc::new(
-        |_: &str, r: &mut BufReader<TcpStream>, c: &mut TcpStream| {
-            // The client's FIN comes through, and this backend answers anyway.
-            let mut rest = Vec::new();
-            let _ = r.read_to_end(&mut rest);
-            std::thread::sleep(Duration::from_millis(300));
-            ok(c, "late answer");
-            false
-        },
-    ));
-    let h = lb(port, &[]);
-    let mut s = connect(h.port);
-    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    let mut all = String::new();
-    s.read_to_string(&mut all).unwrap();
-    assert!(
-        all.starts_with("HTTP/1.1 200") && all.ends_with("late answer"),
-        "{all:?}"
     );
 }
 

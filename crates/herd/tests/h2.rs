@@ -560,23 +560,11 @@ fn an_http2_client_that_leaves_before_its_answer_is_logged_499() {
 #[test]
 fn answers_served_through_hyper_are_logged_when_sent_whole_and_their_bytes_counted() {
     // A chunked answer (no Content-Length) in two pieces 300 ms apart.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && c.read_exact(&mut byte).is_ok() {
-                    head.push(byte[0]);
-                }
-                let _ = c.write_all(
-                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst \r\n",
-                );
-                std::thread::sleep(Duration::from_millis(300));
-                let _ = c.write_all(b"4\r\nlast\r\n0\r\n\r\n");
-            });
-        }
+    let port = raw_backend(|mut c, _head| {
+        let _ =
+            c.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst \r\n");
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = c.write_all(b"4\r\nlast\r\n0\r\n\r\n");
     });
     let log = std::env::temp_dir().join(format!("herd-h2-bytes-{}", std::process::id()));
     let _ = std::fs::remove_file(&log);
@@ -680,28 +668,17 @@ fn clients_that_stop_reading_an_http2_backends_answer_do_not_stall_the_others() 
 #[test]
 fn an_http2_client_that_opens_many_streams_and_stops_reading_holds_little() {
     // Every request but /small gets a 200 MiB answer, written as fast as it goes.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = accepted.clone();
-    std::thread::spawn(move || {
-        for mut c in l.incoming().flatten() {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && c.read_exact(&mut byte).is_ok() {
-                    head.push(byte[0]);
-                }
-                if head.starts_with(b"GET /small") {
-                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall");
-                    return;
-                }
-                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 209715200\r\n\r\n");
-                let chunk = vec![b'x'; 64 * 1024];
-                while c.write_all(&chunk).is_ok() {}
-            });
+    let port = raw_backend(move |mut c, head| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if head.starts_with(b"GET /small") {
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall");
+            return;
         }
+        let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 209715200\r\n\r\n");
+        let chunk = vec![b'x'; 64 * 1024];
+        while c.write_all(&chunk).is_ok() {}
     });
     let up = format!("--upstream=127.0.0.1:{port}");
     let h = Herd::start(&["--health-interval", "0", &up], &[]);
@@ -786,25 +763,14 @@ print(f"not answered (its body sent: {body_sent}; upload stalled after {sent} by
 #[test]
 fn an_upload_its_backend_is_slow_to_take_does_not_stall_the_connections_other_requests() {
     // /slow takes its request's head and then nothing; /fast reads its body.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && c.read_exact(&mut byte).is_ok() {
-                    head.push(byte[0]);
-                }
-                if head.starts_with(b"POST /slow") {
-                    std::thread::sleep(Duration::from_secs(30));
-                    return;
-                }
-                let mut body = [0u8; 5];
-                let _ = c.read_exact(&mut body);
-                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-            });
+    let port = raw_backend(|mut c, head| {
+        if head.starts_with(b"POST /slow") {
+            std::thread::sleep(Duration::from_secs(30));
+            return;
         }
+        let mut body = [0u8; 5];
+        let _ = c.read_exact(&mut body);
+        let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
     });
     let up = format!("--upstream=127.0.0.1:{port}");
     let h = Herd::start(&["--health-interval", "0", &up], &[]);

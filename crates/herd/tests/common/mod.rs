@@ -598,3 +598,35 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// A plain TCP backend on a free port: each connection on its own thread,
+/// handed to `serve` with the request head read off it.
+pub fn raw_backend(serve: impl Fn(std::net::TcpStream, Vec<u8>) + Send + Sync + 'static) -> u16 {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = backend.local_addr().unwrap().port();
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        for c in backend.incoming() {
+            let Ok(mut c) = c else { break };
+            let serve = serve.clone();
+            std::thread::spawn(move || {
+                if let Some(head) = read_head(&mut c) {
+                    serve(c, head);
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A request head read off `c` byte by byte (so nothing after it is
+/// taken); `None` if the connection ends first.
+pub fn read_head(c: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut byte).ok()?;
+        head.push(byte[0]);
+    }
+    Some(head)
+}
