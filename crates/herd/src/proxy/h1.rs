@@ -48,9 +48,10 @@ const PARKED_MAX: usize = 4096;
 /// sent in one `send`; larger ones go beside it in a `writev`. The copy is
 /// cheaper than the kernel's work for a second `iovec` below a few KiB.
 const JOIN_MAX: usize = 4096;
-/// How long an answer is awaited before the client is watched for leaving
-/// too. Quicker answers, nearly all, spare the watch: it would cost an
-/// `epoll_ctl` for a client socket that is not registered yet.
+/// How long a wait on the backend (for an answer's head, or for more of its
+/// body) lasts before the client is watched for leaving too (see
+/// [`watching`]). Quicker waits, nearly all, spare the watch: it would cost
+/// an `epoll_ctl` for a client socket that is not registered yet.
 const WATCH_CLIENT_AFTER: Duration = Duration::from_secs(1);
 
 /// Bytes read from the client and not yet used. Holds no memory while the

@@ -118,7 +118,7 @@ pub enum Ended {
     /// Idle for the idle time-out: shut it down gracefully.
     Idle,
     /// A request head took longer than the header time-out (slowloris):
-    /// close it, as nginx does (it logs 408 and sends nothing).
+    /// close it (hyper's own time-out sent nothing either).
     HeadTooSlow,
 }
 
