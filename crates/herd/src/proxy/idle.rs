@@ -25,6 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::deadline;
 
+const UNSEEN: u8 = 0;
+const HTTP1: u8 = 1;
+const HTTP2: u8 = 2;
+
 /// What a connection's watcher reads: when bytes last moved (on the proxy
 /// thread's coarse clock: no clock read per byte) and the requests being
 /// handled.
@@ -38,8 +42,8 @@ pub struct Seen {
     /// does (a client that connects and says nothing).
     head_since: AtomicU64,
     busy: AtomicUsize,
-    /// What the first bytes read were: 0 none yet, 1 HTTP/1, 2 HTTP/2's
-    /// preface (no heads to time then).
+    /// What the first bytes read were: [`UNSEEN`], [`HTTP1`] or [`HTTP2`]
+    /// (its preface: no heads to time then).
     protocol: AtomicU8,
 }
 
@@ -50,7 +54,7 @@ impl Seen {
             last: AtomicU64::new(0),
             head_since: AtomicU64::new(1),
             busy: AtomicUsize::new(0),
-            protocol: AtomicU8::new(0),
+            protocol: AtomicU8::new(UNSEEN),
         })
     }
 
@@ -64,8 +68,12 @@ impl Seen {
 
     /// Bytes came in (`bytes`): between requests, they begin a head.
     fn read(&self, bytes: &[u8]) {
-        if self.protocol.load(Ordering::Relaxed) == 0 {
-            let p = if bytes.starts_with(b"PRI ") { 2 } else { 1 };
+        if self.protocol.load(Ordering::Relaxed) == UNSEEN {
+            let p = if bytes.starts_with(b"PRI ") {
+                HTTP2
+            } else {
+                HTTP1
+            };
             self.protocol.store(p, Ordering::Relaxed);
         }
         let ms = self.touch();
@@ -76,7 +84,7 @@ impl Seen {
 
     /// How long a head has been coming in at `now`, if one has begun.
     fn head_at(&self, now: Instant) -> Option<Duration> {
-        if self.busy.load(Ordering::Relaxed) > 0 || self.protocol.load(Ordering::Relaxed) == 2 {
+        if self.busy.load(Ordering::Relaxed) > 0 || self.protocol.load(Ordering::Relaxed) == HTTP2 {
             return None;
         }
         let since = self.head_since.load(Ordering::Relaxed).checked_sub(1)?;
