@@ -452,12 +452,19 @@ fn client_connections_carry_keepalive_probes() {
     let c = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
     let mine = c.local_addr().unwrap().port();
     let filter = format!("( sport = :{} and dport = :{mine} )", h.port);
+    let (armed, seen) = keepalive_armed(&filter);
+    assert!(armed, "herd's end of the connection: {seen}");
+}
+
+/// Whether an established connection that `ss` FILTER selects gets its
+/// keep-alive timer armed (waited for), and what `ss` showed last.
+fn keepalive_armed(filter: &str) -> (bool, String) {
     let mut seen = String::new();
     let armed = wait_until(T, || {
-        seen = output_ok(Command::new("ss").args(["-tno", "state", "established", &filter]));
+        seen = output_ok(Command::new("ss").args(["-tno", "state", "established", filter]));
         seen.contains("timer:(keepalive")
     });
-    assert!(armed, "herd's end of the connection: {seen}");
+    (armed, seen)
 }
 
 /// An address of this host that is not loopback, on one end of a veth
@@ -516,11 +523,7 @@ fn tcp_mode_connections_to_remote_upstreams_carry_keepalive_probes() {
     let h = lb(&["--protocol", "tcp", &up]);
     let _c = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
     let filter = format!("( dst {}:{port} )", addr.ip);
-    let mut seen = String::new();
-    let armed = wait_until(T, || {
-        seen = output_ok(Command::new("ss").args(["-tno", "state", "established", &filter]));
-        seen.contains("timer:(keepalive")
-    });
+    let (armed, seen) = keepalive_armed(&filter);
     assert!(armed, "herd's connection to the upstream: {seen}");
 }
 
