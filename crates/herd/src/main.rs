@@ -287,7 +287,11 @@ fn hints(e: &clap::Error) -> String {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // rustls warns about what clients send (an IP address as SNI, as wrk
+    // and some health checkers do) once per connection: a line per
+    // handshake would flood the log under load.
+    let filter =
+        EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
     // tracing reports a failed write with `eprintln!`, which panics when
     // stderr itself is the closed pipe: a lost log line must stay lost.
     let fmt = tracing_subscriber::fmt()
