@@ -731,3 +731,115 @@ fn a_stalled_request_body_times_out_with_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+/// Python's `HTTPServer` with HTTP/1.1: keep-alive, one connection at a
+/// time, as Perl's `HTTP::Daemon` loop serves.
+const ONE_AT_A_TIME: &str = r#"
+import os
+from http.server import HTTPServer, BaseHTTPRequestHandler
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        b = f"pid {os.getpid()}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    def log_message(self, *a): pass
+HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+/// A worker that serves one connection at a time waits for the next
+/// request on the connection herd keeps open to it and accepts no other:
+/// requests on herd's other proxy thread, or a second at once, waited for
+/// that connection's idle time-out (2 s each), and once the worker's short
+/// accept queue filled, its health checks failed and it was taken out
+/// (503s). herd now finds such a worker and closes its connections to it
+/// after each answer.
+#[test]
+fn a_worker_serving_one_connection_at_a_time_is_not_left_waiting() {
+    let h = Herd::start(&["-i", "2"], &["python3", "-c", ONE_AT_A_TIME]);
+    h.wait_ready(2);
+    // One client after another, each on a new connection, as curl does:
+    // herd's two proxy threads take turns.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..12 {
+        let t = Instant::now();
+        let (status, body) = h.get("/").unwrap();
+        assert_eq!(status, 200, "{body}");
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_millis(900),
+        "a request took {slowest:?}"
+    );
+    // Then four keep-alive clients at once.
+    let port = h.port;
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = BufReader::new(TcpStream::connect(("127.0.0.1", port)).unwrap());
+                s.get_ref().set_read_timeout(Some(T)).unwrap();
+                let mut slowest = Duration::ZERO;
+                for _ in 0..25 {
+                    let t = Instant::now();
+                    let (status, body, _) = keepalive_get(&mut s).unwrap();
+                    assert_eq!(status, 200, "{body}");
+                    slowest = slowest.max(t.elapsed());
+                }
+                slowest
+            })
+        })
+        .collect();
+    for c in clients {
+        let slowest = c.join().unwrap();
+        assert!(
+            slowest < Duration::from_millis(900),
+            "a request took {slowest:?}"
+        );
+    }
+    let log = h.log();
+    assert!(log.contains("serves one connection at a time"), "{log}");
+    assert!(!log.contains("unhealthy"), "{log}");
+}
+
+/// The other side: a worker that is busy (Node's event loop in a long
+/// computation) leaves new connections unaccepted too, but it is running,
+/// not waiting on a connection, so herd keeps its connections to it.
+#[test]
+fn a_busy_worker_keeps_its_connections() {
+    let script = r#"
+const http = require('node:http');
+http.createServer((req, res) => {
+  if (req.url === '/spin') {
+    console.log('spinning');
+    const until = Date.now() + 1000;
+    while (Date.now() < until) {}
+  }
+  res.end('ok ' + req.url);
+}).listen(Number(process.env.PORT), '127.0.0.1');
+"#;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let h = Herd::spawn(
+        Command::new(HERD).env("HERD_LOG", "debug").args([
+            "run", "--listen", &listen, "-i", "1", "--", "node", "-e", script,
+        ]),
+        port,
+    );
+    h.wait_ready(1);
+    assert_eq!(h.get("/").unwrap().0, 200);
+    let spin = std::thread::spawn(move || http_get(port, "/spin"));
+    assert!(h.wait_log("spinning", T), "{}", h.log());
+    // Meanwhile, requests that need new connections to the worker.
+    let others: Vec<_> = (0..4)
+        .map(|_| std::thread::spawn(move || http_get(port, "/")))
+        .collect();
+    assert_eq!(spin.join().unwrap().unwrap().0, 200);
+    for o in others {
+        assert_eq!(o.join().unwrap().unwrap().0, 200);
+    }
+    let log = h.log();
+    assert!(log.contains("is busy"), "the check did not run:\n{log}");
+    assert!(!log.contains("one connection at a time"), "{log}");
+}

@@ -7,11 +7,15 @@
 //! An idle client connection holds no buffer: one is taken from here when
 //! its next request arrives and given back when the exchange ends.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
+
+use crate::upstream::Target;
+use crate::upstream::reuse::{self, Reuse};
 
 /// Idle connections kept per target and thread.
 const MAX_IDLE: usize = 128;
@@ -27,10 +31,14 @@ const MIN_FREE_BUFFERS: usize = 64;
 /// 24 KiB buffers each) and a quiet one gives the memory back.
 const MAX_FREE_BUFFERS: usize = 1024;
 
-/// Idle connections by target id, for one thread.
+/// Idle connections by target id, for one thread, each target's with
+/// its [`Reuse`] so the tick can close them when keeping stops.
 pub struct IdleMap<T> {
-    by_target: Vec<(u64, Vec<(T, Instant)>)>,
+    by_target: Vec<(u64, Arc<Reuse>, Idle<T>)>,
 }
+
+/// A target's idle connections, each with when it went idle.
+type Idle<T> = Vec<(T, Instant)>;
 
 impl<T> IdleMap<T> {
     pub const fn new() -> IdleMap<T> {
@@ -46,7 +54,7 @@ impl<T> IdleMap<T> {
         now: Instant,
         mut usable: impl FnMut(&mut T) -> bool,
     ) -> Option<T> {
-        let list = &mut self.by_target.iter_mut().find(|(id, _)| *id == target)?.1;
+        let list = &mut self.by_target.iter_mut().find(|(id, ..)| *id == target)?.2;
         while let Some((mut c, at)) = list.pop() {
             if now.saturating_duration_since(at) <= MAX_IDLE_FOR && usable(&mut c) {
                 return Some(c);
@@ -55,15 +63,19 @@ impl<T> IdleMap<T> {
         None
     }
 
-    pub fn put(&mut self, target: u64, c: T, now: Instant) {
-        let i = match self.by_target.iter().position(|(id, _)| *id == target) {
+    /// Keeps `c` unless `reuse` says not to (then it closes here).
+    pub fn put(&mut self, target: u64, reuse: &Arc<Reuse>, c: T, now: Instant) {
+        if !reuse.keeps(now) {
+            return;
+        }
+        let i = match self.by_target.iter().position(|(id, ..)| *id == target) {
             Some(i) => i,
             None => {
-                self.by_target.push((target, Vec::new()));
+                self.by_target.push((target, reuse.clone(), Vec::new()));
                 self.by_target.len() - 1
             }
         };
-        let list = &mut self.by_target[i].1;
+        let list = &mut self.by_target[i].2;
         if list.len() >= MAX_IDLE {
             list.remove(0);
         }
@@ -72,15 +84,23 @@ impl<T> IdleMap<T> {
 
     /// Closes connections idle too long, and forgets targets with none.
     pub fn sweep(&mut self, now: Instant) {
-        for (_, list) in &mut self.by_target {
+        for (_, _, list) in &mut self.by_target {
             list.retain(|(_, at)| now.saturating_duration_since(*at) <= MAX_IDLE_FOR);
         }
-        self.by_target.retain(|(_, l)| !l.is_empty());
+        self.release(now);
+    }
+
+    /// Closes the idle connections to targets no longer kept.
+    pub fn release(&mut self, now: Instant) {
+        self.by_target
+            .retain(|(_, reuse, l)| !l.is_empty() && reuse.keeps(now));
     }
 }
 
 thread_local! {
     static BACKENDS: RefCell<IdleMap<TcpStream>> = const { RefCell::new(IdleMap::new()) };
+    /// [`reuse::turned_off`] when this thread last released.
+    static RELEASED: Cell<u64> = const { Cell::new(0) };
     static BUFFERS: RefCell<FreeBuffers> = const { RefCell::new(FreeBuffers { free: Vec::new(), low: 0 }) };
 }
 
@@ -99,10 +119,76 @@ pub fn take(target: u64) -> Option<TcpStream> {
     BACKENDS.with(|m| m.borrow_mut().take(target, now, still_open))
 }
 
-/// Keeps `s` for the next request to `target` on this thread.
-pub fn put(target: u64, s: TcpStream) {
+/// Keeps `s` for the next request to `target` on this thread, unless
+/// connections to it are not kept (then `s` closes here).
+pub fn put(target: &Target, s: TcpStream) {
     let now = super::deadline::now();
-    BACKENDS.with(|m| m.borrow_mut().put(target, s, now));
+    BACKENDS.with(|m| m.borrow_mut().put(target.id, &target.reuse, s, now));
+}
+
+/// Closes this thread's idle connections to targets no longer kept, once
+/// some target stopped being kept (the tick, and the thread that found
+/// out, at once).
+pub fn release() {
+    let seen = reuse::turned_off();
+    if RELEASED.with(|r| r.replace(seen)) == seen {
+        return;
+    }
+    let now = super::deadline::now();
+    BACKENDS.with(|m| m.borrow_mut().release(now));
+    super::h2::release(now);
+}
+
+/// How long an answer on a connection just opened may take before
+/// [`check_accepted`] looks (a few ms for nearly every answer).
+pub const ACCEPT_CHECK_AFTER: Duration = Duration::from_millis(150);
+/// Looks at most this many times per request (3 s).
+pub const ACCEPT_CHECKS: u32 = 20;
+
+/// Looks at a backend whose answer on a connection just opened to it
+/// (`ours`, its local end) has taken [`ACCEPT_CHECK_AFTER`]; true if it is to
+/// be looked at again a while later. A worker that has not accepted the
+/// connection and sleeps meanwhile, its whole process tree, waits on
+/// something else than new connections: the next request on a connection
+/// herd keeps open to it, or some slow call, one connection at a time
+/// either way. Then connections to it are no longer kept (see [`Reuse`]):
+/// this thread closes its idle ones at once, the others at their next tick.
+/// A busy worker is looked at again while the connection waits; a remote
+/// upstream is not looked at.
+pub fn check_accepted(target: &Target, ours: Option<std::net::SocketAddr>) -> bool {
+    let (Some(ours), Some(pid)) = (ours, target.pid) else {
+        return false;
+    };
+    match crate::os::diag::accepted(ours, target.addr) {
+        Ok(Some(false)) => {}
+        Ok(_) => return false,
+        Err(e) => {
+            tracing::debug!("{}: {e}", target.label);
+            return false;
+        }
+    }
+    match crate::os::diag::asleep(pid) {
+        Some(true) => {}
+        Some(false) => {
+            tracing::debug!(
+                "{}: a new connection waits unaccepted; it is busy",
+                target.label
+            );
+            return true;
+        }
+        None => return false,
+    }
+    if let Some(d) = target.reuse.stop_keeping(super::deadline::now()) {
+        tracing::warn!(
+            "{} leaves a new connection unaccepted while it waits on another: it serves one \
+             connection at a time, so herd closes its connections to it after each answer \
+             (for {} s, then tries keeping them again)",
+            target.label,
+            d.as_secs()
+        );
+        release();
+    }
+    false
 }
 
 /// Closes what has been idle too long, and frees the buffers the last
@@ -170,9 +256,10 @@ mod tests {
     fn idle_map_is_lifo_per_target_and_bounded() {
         let mut m = IdleMap::new();
         let t = Instant::now();
-        m.put(1, "a", t);
-        m.put(2, "x", t);
-        m.put(1, "b", t);
+        let k = Arc::new(Reuse::default());
+        m.put(1, &k, "a", t);
+        m.put(2, &k, "x", t);
+        m.put(1, &k, "b", t);
         assert_eq!(m.take(1, t, |_| true), Some("b"));
         assert_eq!(
             m.take(1, t, |c| *c != "a"),
@@ -182,15 +269,15 @@ mod tests {
         assert_eq!(m.take(1, t, |_| true), None);
         assert_eq!(m.take(2, t, |_| true), Some("x"));
         for _ in 0..MAX_IDLE + 5 {
-            m.put(3, "y", t);
+            m.put(3, &k, "y", t);
         }
         let mut n = 0;
         while m.take(3, t, |_| true).is_some() {
             n += 1;
         }
         assert_eq!(n, MAX_IDLE);
-        m.put(4, "old", t);
-        m.put(4, "new", t + MAX_IDLE_FOR);
+        m.put(4, &k, "old", t);
+        m.put(4, &k, "new", t + MAX_IDLE_FOR);
         let later = t + MAX_IDLE_FOR + Duration::from_millis(1);
         m.sweep(later);
         assert_eq!(
@@ -200,6 +287,20 @@ mod tests {
         );
         m.sweep(later);
         assert!(m.by_target.is_empty());
+    }
+
+    #[test]
+    fn connections_to_a_target_no_longer_kept_close() {
+        let mut m = IdleMap::new();
+        let t = Instant::now();
+        let (one, other) = (Arc::new(Reuse::default()), Arc::new(Reuse::default()));
+        m.put(1, &one, "a", t);
+        m.put(2, &other, "x", t);
+        one.stop_keeping(t);
+        m.put(1, &one, "b", t);
+        m.release(t);
+        assert_eq!(m.take(1, t, |_| true), None, "a closed, b never kept");
+        assert_eq!(m.take(2, t, |_| true), Some("x"));
     }
 
     #[test]

@@ -549,6 +549,8 @@ async fn exchange(
             if matches!(left, BodyLeft::Done) {
                 inbox.consume(in_buf);
                 let gone = || HeadWait::Closed { quiet: false };
+                let fresh = (!was_pooled).then_some(&*target);
+                let head_fut = accept_checked(head_fut, fresh, &b);
                 watching(head_fut, client, &b, &mut left_us, gone).await
             } else {
                 let body_fut = send_body(client, inbox, in_buf, &b, left, cap, p);
@@ -696,7 +698,7 @@ async fn exchange(
         conns::give_back(rout);
         let reusable = body_sent && left_us == Client::Here;
         if relayed == Relayed::Complete && resp.backend_keep_alive && reusable {
-            conns::put(target.id, b);
+            conns::put(&target, b);
         }
         drop(lease);
         return match relayed {
@@ -835,6 +837,45 @@ async fn read_answer_head(
             }
         }
     }
+}
+
+/// Awaits `fut`, the answer's head on a connection just opened to `fresh`
+/// (`None`: a pooled one, nothing more to do). If the wait lasts
+/// [`conns::ACCEPT_CHECK_AFTER`] (to within the thread's tick), the worker
+/// is looked at ([`conns::check_accepted`]): one that serves a connection at
+/// a time has not accepted this one while herd keeps another open to it
+/// (see [`crate::upstream::reuse`]). Quicker answers, nearly all, cost a
+/// deadline slot. A request whose body is still being sent is not looked
+/// at (its wait is on the body).
+async fn accept_checked<T>(
+    fut: impl std::future::Future<Output = T>,
+    fresh: Option<&Target>,
+    b: &TcpStream,
+) -> T {
+    let mut fresh = fresh.filter(|t| t.pid.is_some() && t.reuse.keeps(deadline::now()));
+    let mut timer: Option<Deadline> = None;
+    let mut looks = 0;
+    tokio::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(v);
+        }
+        while let Some(t) = fresh {
+            let d = timer.get_or_insert_with(|| {
+                Deadline::new(deadline::now() + conns::ACCEPT_CHECK_AFTER, false)
+            });
+            if d.poll(cx).is_pending() {
+                break;
+            }
+            timer = None;
+            looks += 1;
+            if !conns::check_accepted(t, b.local_addr().ok()) || looks >= conns::ACCEPT_CHECKS {
+                fresh = None;
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Whether the client is still there while its answer is awaited.

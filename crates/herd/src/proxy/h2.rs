@@ -9,7 +9,7 @@
 //! nothing else.
 
 use std::cell::RefCell;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -486,16 +486,16 @@ impl HttpProxy {
         let mut pooled = if upgrade { None } else { take(target.id) };
         loop {
             let from_pool = pooled.is_some();
-            let mut sender = match pooled.take() {
-                Some(s) => s,
+            let (mut sender, fresh) = match pooled.take() {
+                Some(s) => (s, None),
                 None => match connect(target, self.cfg.connect_timeout, upgrade, &self.client_tls)
                     .await
                 {
-                    Ok(s) => s,
+                    Ok((s, ours)) => (s, ours.map(|o| (&**target, o))),
                     Err(e) => return Sent::Unsent(req, e.to_string()),
                 },
             };
-            let sending = sender.try_send_request(req);
+            let sending = accept_checked(sender.try_send_request(req), fresh);
             let res = match self.head_within(sending).await {
                 Ok(r) => r,
                 Err(timed_out) => return timed_out,
@@ -504,7 +504,7 @@ impl HttpProxy {
                 Ok(resp) => {
                     let reusable = !upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
                     if resp.body().is_end_stream() && reusable {
-                        put(target.id, sender);
+                        put(target, sender);
                         return Sent::Answer(resp, None);
                     }
                     return Sent::Answer(resp, reusable.then_some(sender));
@@ -516,6 +516,31 @@ impl HttpProxy {
             }
         }
     }
+}
+
+/// Awaits `fut`, an answer on a connection just opened (`fresh`: the target
+/// and the connection's local end), and asks the kernel whether the backend
+/// accepted it if that takes a moment, as herd's own engine does (see
+/// [`super::conns::check_accepted`]).
+async fn accept_checked<T>(
+    fut: impl Future<Output = T>,
+    fresh: Option<(&Target, SocketAddr)>,
+) -> T {
+    let now = super::deadline::now();
+    let Some((target, ours)) = fresh.filter(|(t, _)| t.pid.is_some() && t.reuse.keeps(now)) else {
+        return fut.await;
+    };
+    tokio::pin!(fut);
+    for _ in 0..super::conns::ACCEPT_CHECKS {
+        tokio::select! {
+            v = &mut fut => return v,
+            _ = tokio::time::sleep(super::conns::ACCEPT_CHECK_AFTER) => {}
+        }
+        if !super::conns::check_accepted(target, Some(ours)) {
+            break;
+        }
+    }
+    fut.await
 }
 
 /// What a hyper-served exchange reports when its answer's body is dropped
@@ -896,6 +921,11 @@ type H2Sender = hyper::client::conn::http2::SendRequest<ReqBody>;
 
 /// Closes this thread's hyper client connections idle too long (the tick,
 /// with [`super::conns::sweep`]), and forgets HTTP/2 connections that closed.
+/// Closes this thread's idle hyper connections to targets no longer kept.
+pub fn release(now: std::time::Instant) {
+    IDLE.with(|m| m.borrow_mut().release(now));
+}
+
 pub fn sweep() {
     let now = super::deadline::now();
     IDLE.with(|m| m.borrow_mut().sweep(now));
@@ -969,9 +999,10 @@ fn take(target: u64) -> Option<Sender> {
     })
 }
 
-fn put(target: u64, s: Sender) {
+fn put(target: &Target, s: Sender) {
     if !s.is_closed() {
-        IDLE.with(|m| m.borrow_mut().put(target, s, super::deadline::now()));
+        let now = super::deadline::now();
+        IDLE.with(|m| m.borrow_mut().put(target.id, &target.reuse, s, now));
     }
 }
 
@@ -1189,8 +1220,9 @@ async fn connect(
     timeout: Duration,
     upgrades: bool,
     tls: &ClientTls,
-) -> Result<Sender, ConnectError> {
+) -> Result<(Sender, Option<SocketAddr>), ConnectError> {
     let stream = open(target, timeout, tls).await?;
+    let ours = stream.tcp().local_addr().ok();
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .writev(false)
         .max_buf_size(BACKEND_BUF)
@@ -1205,7 +1237,7 @@ async fn connect(
             let _ = conn.await;
         });
     }
-    Ok(sender)
+    Ok((sender, ours))
 }
 
 /// The body of a request on its way to a backend.
@@ -1289,14 +1321,14 @@ impl Body for RespBody {
                 match &r {
                     Poll::Ready(None) => {
                         if let Some((s, t)) = back.take() {
-                            put(t.id, s);
+                            put(&t, s);
                         }
                         lease.take();
                     }
                     Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => {
                         // hyper stops polling once the length is reached.
                         if let Some((s, t)) = back.take() {
-                            put(t.id, s);
+                            put(&t, s);
                         }
                     }
                     Poll::Ready(Some(Err(_))) => {

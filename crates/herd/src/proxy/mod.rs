@@ -182,6 +182,7 @@ pub fn start_threads(
                             tick.tick().await;
                             deadline::sweep(std::time::Instant::now());
                             access::flush();
+                            conns::release();
                             if n % 10 == 0 {
                                 conns::sweep();
                                 h2::sweep();

@@ -333,6 +333,7 @@ impl Supervisor {
             Spec {
                 release,
                 node_options,
+                reuse: Default::default(),
             },
             by,
             workers,

@@ -327,6 +327,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             .filter(|_| s.node_shim)
             .map(|p| crate::node::node_options(p, &stable.env)),
         release: stable,
+        reuse: Default::default(),
     };
     let limits = Limits {
         restart: RestartPolicy {

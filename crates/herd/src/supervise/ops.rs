@@ -47,11 +47,16 @@ impl Supervisor {
             .as_ref()
             .filter(|_| s.node_shim)
             .map(|p| crate::node::node_options(p, &release.env));
+        let reuse = match self.specs.get(&version) {
+            Some(old) if old.release.command == release.command => old.reuse.clone(),
+            _ => Default::default(),
+        };
         self.specs.insert(
             version,
             std::sync::Arc::new(super::process::Spec {
                 release,
                 node_options,
+                reuse,
             }),
         );
         Ok(())

@@ -26,6 +26,7 @@ use crate::os::listen::Listeners;
 use crate::os::reaper;
 use crate::os::sys::{self, ExecSpec};
 use crate::output::Stream;
+use crate::upstream::reuse::Reuse;
 use crate::upstream::{Split, Target};
 use herd_balance::BackendConfig;
 use herd_sdk::env as contract;
@@ -45,6 +46,10 @@ const LOOK_EVERY: Duration = Duration::from_secs(5);
 pub(super) struct Spec {
     pub release: crate::config::Release,
     pub node_options: Option<OsString>,
+    /// Whether the proxy keeps idle connections to its workers: a program
+    /// found to serve one connection at a time is so in every slot and
+    /// after a restart.
+    pub reuse: Arc<Reuse>,
 }
 
 /// What the driver holds for a live worker process, by epoch.
@@ -71,7 +76,10 @@ impl Proc {
             let (name, label) = (t.backend.name().to_string(), t.label.clone());
             let h2 = t.h2;
             self.target = Some(Arc::new(
-                Target::new(addr, name, label, t.backend.config().clone()).speaking_h2(h2),
+                Target::new(addr, name, label, t.backend.config().clone())
+                    .speaking_h2(h2)
+                    .reusing(t.reuse.clone())
+                    .run_by(self.pid),
             ));
         }
     }
@@ -220,7 +228,9 @@ impl Supervisor {
                     format!("worker {slot}"),
                     BackendConfig::default(),
                 )
-                .speaking_h2(self.s.workers_h2),
+                .speaking_h2(self.s.workers_h2)
+                .reusing(spec.reuse.clone())
+                .run_by(pid),
             )
         });
         self.procs.insert(

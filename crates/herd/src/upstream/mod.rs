@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use crate::config::{HealthConfig, UpstreamSpec};
 
 pub mod discover;
+pub mod reuse;
 mod stats;
 pub use stats::{AnswerStats, LATENCY_BUCKETS, LatencyWindow, Sample, octave_buckets};
 
@@ -46,6 +47,11 @@ pub struct Target {
     /// Its answers by status class and latency (for `/metrics` and the
     /// p50/p99 of `herd status`: three atomic adds per request).
     pub answers: AnswerStats,
+    /// Whether idle connections to it are kept; shared with the proxy
+    /// threads' idle lists, which outlive nothing but their entries.
+    pub reuse: Arc<reuse::Reuse>,
+    /// A worker's process (not a remote upstream's).
+    pub pid: Option<u32>,
 }
 
 impl Target {
@@ -63,12 +69,26 @@ impl Target {
             fail_streak: AtomicU32::new(0),
             served: AtomicU64::new(0),
             answers: AnswerStats::default(),
+            reuse: Arc::default(),
+            pid: None,
         }
     }
 
     /// Marks it as an h2c backend (`,h2`, `--backend-protocol h2`).
     pub fn speaking_h2(mut self, h2: bool) -> Target {
         self.h2 = h2;
+        self
+    }
+
+    /// A worker, run by process `pid`.
+    pub fn run_by(mut self, pid: u32) -> Target {
+        self.pid = Some(pid);
+        self
+    }
+
+    /// Shares `reuse` with other targets (one program's workers).
+    pub fn reusing(mut self, reuse: Arc<reuse::Reuse>) -> Target {
+        self.reuse = reuse;
         self
     }
 

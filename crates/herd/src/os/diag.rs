@@ -1,0 +1,216 @@
+//! Whether a server on this host has accepted one of herd's connections
+//! yet, read from the kernel's socket table as `ss` reads it (`sock_diag`
+//! netlink). A connection the server has not accepted waits in its accept
+//! queue with no file behind it (inode 0). A server that serves one
+//! connection at a time leaves herd's new connections there while it
+//! waits for the next request on one herd keeps idle; see
+//! `upstream::Reuse`. Safe code: the request and the answer are plain
+//! bytes laid out as `linux/inet_diag.h` says. And whether such a server
+//! is asleep meanwhile (`/proc`), which tells it from a busy one.
+
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 1;
+/// `struct nlmsghdr`.
+const NL_HEADER: usize = 16;
+/// Where `idiag_inode` sits in `struct inet_diag_msg`: family, state,
+/// timer, retrans (4), the socket id (48), expires, rqueue, wqueue, uid.
+const INODE_AT: usize = 4 + 48 + 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiagError {
+    #[error("socket table: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("socket table: the kernel's answer is malformed")]
+    Malformed,
+    #[error("socket table: the kernel refused the query (errno {0})")]
+    Refused(i32),
+}
+
+/// Whether the server end of herd's connection from `ours` to `server` has
+/// been accepted: `None` if that end is not a socket of this host (a
+/// remote server, or the connection is gone).
+pub fn accepted(ours: SocketAddr, server: SocketAddr) -> Result<Option<bool>, DiagError> {
+    let s = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::DGRAM,
+        Some(Protocol::from(libc::NETLINK_SOCK_DIAG)),
+    )?;
+    // The kernel answers a single-socket query while it takes the request;
+    // the time-out only guards against a kernel that would not.
+    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    s.send(&query(server, ours))?;
+    let mut buf = [0u8; 512];
+    let n = (&s).read(&mut buf)?;
+    parse(&buf[..n])
+}
+
+/// Whether every thread of process `pid` and of all its descendants is
+/// asleep (state `S`): a server that is, while a connection waits in its
+/// accept queue, waits for something else than new connections, such as
+/// the next request on the one connection it serves. A busy server has a
+/// thread running (`R`) or in disk wait (`D`). `None` if `pid` is gone.
+pub fn asleep(pid: u32) -> Option<bool> {
+    /// Bounds the walk (a prefork server's children, their threads).
+    const MOST: usize = 512;
+    let mut todo = vec![pid];
+    let mut seen = 0;
+    while let Some(p) = todo.pop() {
+        let tasks = std::fs::read_dir(format!("/proc/{p}/task")).ok();
+        let Some(tasks) = tasks else {
+            if p == pid {
+                return None;
+            }
+            continue; // exited meanwhile
+        };
+        for t in tasks.flatten() {
+            seen += 1;
+            if seen > MOST {
+                return Some(false);
+            }
+            let dir = t.path();
+            let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+                continue;
+            };
+            // "pid (comm) S ...": the command may hold spaces and parentheses.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next());
+            if !matches!(state, Some('S') | Some('I')) {
+                return Some(false);
+            }
+            if let Ok(kids) = std::fs::read_to_string(dir.join("children")) {
+                todo.extend(
+                    kids.split_whitespace()
+                        .filter_map(|k| k.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    Some(true)
+}
+
+/// The request for the socket whose local end is `local` and remote end
+/// `remote`: `nlmsghdr` then `inet_diag_req_v2`, in host byte order but for
+/// ports and addresses.
+fn query(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+    let family = match local.ip() {
+        IpAddr::V4(_) => libc::AF_INET,
+        IpAddr::V6(_) => libc::AF_INET6,
+    };
+    let mut m = Vec::with_capacity(NL_HEADER + 56);
+    m.extend_from_slice(&((NL_HEADER + 56) as u32).to_ne_bytes());
+    m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    m.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    m.extend_from_slice(&[0; 8]); // sequence, port id
+    m.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    m.extend_from_slice(&local.port().to_be_bytes());
+    m.extend_from_slice(&remote.port().to_be_bytes());
+    for a in [local.ip(), remote.ip()] {
+        let mut b = [0u8; 16];
+        match a {
+            IpAddr::V4(v) => b[..4].copy_from_slice(&v.octets()),
+            IpAddr::V6(v) => b = v.octets(),
+        }
+        m.extend_from_slice(&b);
+    }
+    m.extend_from_slice(&0u32.to_ne_bytes()); // any interface
+    m.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    m
+}
+
+fn parse(m: &[u8]) -> Result<Option<bool>, DiagError> {
+    let u16_at = |i: usize| m.get(i..i + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    let u32_at = |i: usize| {
+        m.get(i..i + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    match u16_at(4).ok_or(DiagError::Malformed)? {
+        NLMSG_ERROR => match u32_at(NL_HEADER).ok_or(DiagError::Malformed)? as i32 {
+            0 => Err(DiagError::Malformed),
+            e if -e == libc::ENOENT => Ok(None),
+            e => Err(DiagError::Refused(-e)),
+        },
+        SOCK_DIAG_BY_FAMILY => {
+            let inode = u32_at(NL_HEADER + INODE_AT).ok_or(DiagError::Malformed)?;
+            Ok(Some(inode != 0))
+        }
+        _ => Err(DiagError::Malformed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn a_connection_is_seen_waiting_then_accepted() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = l.local_addr().unwrap();
+        let c = TcpStream::connect(server).unwrap();
+        let ours = c.local_addr().unwrap();
+        assert_eq!(accepted(ours, server).unwrap(), Some(false));
+        let (_s, _) = l.accept().unwrap();
+        assert_eq!(accepted(ours, server).unwrap(), Some(true));
+        let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(accepted(ours, nobody).unwrap(), None);
+    }
+
+    #[test]
+    fn over_ipv6_too() {
+        let Ok(l) = TcpListener::bind("[::1]:0") else {
+            return; // no IPv6 loopback here
+        };
+        let server = l.local_addr().unwrap();
+        let c = TcpStream::connect(server).unwrap();
+        let ours = c.local_addr().unwrap();
+        assert_eq!(accepted(ours, server).unwrap(), Some(false));
+        let (_s, _) = l.accept().unwrap();
+        assert_eq!(accepted(ours, server).unwrap(), Some(true));
+    }
+
+    #[test]
+    fn a_sleeping_process_tree_is_told_from_a_busy_one() {
+        let mut sleeper = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30; :"])
+            .spawn()
+            .unwrap();
+        let mut busy = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let (mut quiet, mut running) = (None, None);
+        while std::time::Instant::now() < deadline {
+            quiet = asleep(sleeper.id());
+            running = asleep(busy.id());
+            if quiet == Some(true) && running == Some(false) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for c in [&mut sleeper, &mut busy] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert_eq!((quiet, running), (Some(true), Some(false)));
+        assert_eq!(asleep(sleeper.id()), None, "gone");
+    }
+
+    #[test]
+    fn odd_answers_are_errors_not_panics() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&[0; 20]).is_err());
+        let mut short = vec![0u8; NL_HEADER];
+        short[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        assert!(parse(&short).is_err());
+    }
+}
