@@ -46,11 +46,23 @@ fn a_canary_gets_its_share_and_a_user_stays_on_one_version() {
     assert!(h.wait_log("worker 2 ready", T), "{}", h.log());
     let new = (0..2000).filter(|_| who(h.port, "") == 2).count();
     assert!((360..=440).contains(&new), "{new} of 2000 to a 20% canary");
-    let st = status_json(&n);
+    // Figures over the analysis window: since its first sample, which the
+    // once-a-second analysis may have taken after those requests (then
+    // more are needed).
+    let mut st = status_json(&n);
+    wait_until(T, || {
+        if st["deploy"]["versions"][1]["requests"] == 0 {
+            (0..20).for_each(|_| {
+                who(h.port, "");
+            });
+        }
+        st = status_json(&n);
+        let v = &st["deploy"]["versions"][1];
+        v["requests"].as_u64().is_some_and(|r| r > 0) && v["p99_ms"].as_f64().is_some()
+    });
     assert_eq!(st["deploy"]["kind"], "canary");
     assert_eq!(st["deploy"]["percent"], 20);
     assert_eq!(st["deploy"]["versions"][1]["workers"], 1);
-    // Figures over the analysis window (here: since its first sample).
     let v = &st["deploy"]["versions"][1];
     assert!(
         v["requests"].as_u64().unwrap() > 0 && v["p99_ms"].as_f64().is_some(),
