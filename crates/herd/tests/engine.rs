@@ -906,3 +906,74 @@ fn an_upload_piece_is_not_held_back_while_the_client_pauses() {
         h.log()
     );
 }
+
+/// `herd_backend_bytes_total` counts request bodies (joined to the head,
+/// and relayed after it) and upgraded tunnels' bytes both ways, per backend.
+#[test]
+fn request_bodies_and_tunnels_are_counted_per_backend() {
+    let port = raw_backend(|mut c, head| {
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        if head.contains("upgrade: websocket") {
+            let _ = c.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            );
+            let mut b = [0u8; 7];
+            if c.read_exact(&mut b).is_ok() {
+                let _ = c.write_all(&b);
+            }
+            return;
+        }
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        if c.read_exact(&mut body).is_ok() {
+            let _ =
+                c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    let admin = free_port();
+    let at = format!("127.0.0.1:{admin}");
+    let h = lb(port, &["--admin", &at]);
+    for n in [1000, 10_000] {
+        let mut s = connect(h.port);
+        let head = format!("POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {n}\r\n\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&vec![b'x'; n]).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+            "{answer}"
+        );
+    }
+    let mut s = connect(h.port);
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .unwrap();
+    let head = read_head(&mut s).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    s.write_all(b"7 bytes").unwrap();
+    let mut echo = [0u8; 7];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"7 bytes");
+    drop(s);
+    let counted = |dir: &str| -> f64 {
+        let (_, m) = http_get(admin, "/metrics").unwrap_or_default();
+        m.lines()
+            .filter(|l| l.starts_with("herd_backend_bytes_total{") && l.contains(dir))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        wait_until(T, || counted("to_backend") == 11_007.0
+            && counted("to_client") == 11.0),
+        "to_backend {} (want 11007), to_client {} (want 11)",
+        counted("to_backend"),
+        counted("to_client")
+    );
+}

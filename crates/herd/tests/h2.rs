@@ -559,8 +559,13 @@ fn an_http2_client_that_leaves_before_its_answer_is_logged_499() {
 
 #[test]
 fn answers_served_through_hyper_are_logged_when_sent_whole_and_their_bytes_counted() {
-    // A chunked answer (no Content-Length) in two pieces 300 ms apart.
+    // A chunked answer (no Content-Length) in two pieces 300 ms apart,
+    // after the request's body of 12 bytes.
     let port = raw_backend(|mut c, _head| {
+        let mut body = [0u8; 12];
+        if c.read_exact(&mut body).is_err() {
+            return;
+        }
         let _ =
             c.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst \r\n");
         std::thread::sleep(Duration::from_millis(300));
@@ -590,6 +595,8 @@ fn answers_served_through_hyper_are_logged_when_sent_whole_and_their_bytes_count
     h.wait_ready(0);
     let body = curl(&[
         "--http2-prior-knowledge",
+        "--data-binary",
+        "twelve bytes",
         &format!("http://127.0.0.1:{}/", h.port),
     ]);
     assert_eq!(body, "first last");
@@ -620,6 +627,12 @@ fn answers_served_through_hyper_are_logged_when_sent_whole_and_their_bytes_count
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("{metrics}"));
     assert_eq!(to_client, 10.0, "{metrics}");
+    let to_backend: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("herd_backend_bytes_total{") && l.contains("to_backend"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert_eq!(to_backend, 12.0, "the request's body; {metrics}");
     let _ = std::fs::remove_file(&log);
 }
 

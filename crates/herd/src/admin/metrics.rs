@@ -244,7 +244,7 @@ impl Collector for Scrape {
         family(
             &mut enc,
             "herd_backend_bytes",
-            "Bytes relayed per backend: to_client (HTTP: answer bodies; TCP: all), to_backend (TCP only).",
+            "Bytes relayed per backend: to_client (HTTP: answer bodies), to_backend (HTTP: request bodies); both count upgraded tunnels and TCP mode's bytes.",
             MetricType::Counter,
             self.targets.iter().flat_map(|t| {
                 let a = &t.answers;

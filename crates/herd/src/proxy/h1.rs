@@ -147,7 +147,7 @@ enum Outcome {
     Linger,
     /// The backend switched protocols (101): relay bytes both ways, with
     /// the exchange's state gone (an idle WebSocket holds only the tunnel).
-    Tunnel(Box<(TcpStream, herd_balance::Lease)>),
+    Tunnel(Box<(TcpStream, herd_balance::Lease, Arc<Target>)>),
 }
 
 /// Serves one client connection until it closes, or until its thread
@@ -221,9 +221,15 @@ pub fn serve(
 async fn finish(io: &mut LazyStream, inbox: &mut Inbox, end: Outcome, cap: usize) {
     match end {
         Outcome::Tunnel(t) => {
-            let (mut b, lease) = *t;
-            if let Ok(io) = io.registered_mut() {
-                let _ = super::tunnel::relay(io, &mut b).await;
+            let (mut b, lease, target) = *t;
+            if let Ok(io) = io.registered_mut()
+                && let Ok((to_backend, to_client)) = super::tunnel::relay(io, &mut b).await
+            {
+                let a = &target.answers;
+                a.bytes_to_backend
+                    .fetch_add(to_backend, std::sync::atomic::Ordering::Relaxed);
+                a.bytes_to_client
+                    .fetch_add(to_client, std::sync::atomic::Ordering::Relaxed);
             }
             drop(lease); // In flight for as long as the tunnel lasts.
             let _ = io.shutdown_write();
@@ -536,6 +542,8 @@ async fn exchange(
         let client: &LazyStream = io;
         let mut body_end = BodyEnd::Done;
         let mut left_us = Client::Here;
+        // The request body's bytes sent to this backend (after the head's).
+        let mut uploaded = in_buf as u64;
         let wait = {
             let head_fut = read_answer_head(
                 &b,
@@ -553,7 +561,7 @@ async fn exchange(
                 let head_fut = accept_checked(head_fut, fresh, &b);
                 watching(head_fut, client, &b, &mut left_us, gone).await
             } else {
-                let body_fut = send_body(client, inbox, in_buf, &b, left, cap, p);
+                let body_fut = send_body(client, inbox, in_buf, &b, left, cap, p, &mut uploaded);
                 tokio::pin!(body_fut);
                 tokio::select! {
                     w = &mut head_fut => {
@@ -673,7 +681,7 @@ async fn exchange(
             if !ok {
                 return Outcome::Close;
             }
-            return Outcome::Tunnel(Box::new((b, lease)));
+            return Outcome::Tunnel(Box::new((b, lease, target)));
         }
 
         let mut sent = 0;
@@ -693,6 +701,12 @@ async fn exchange(
             .answers
             .bytes_to_client
             .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+        if uploaded > 0 {
+            target
+                .answers
+                .bytes_to_backend
+                .fetch_add(uploaded, std::sync::atomic::Ordering::Relaxed);
+        }
         note(p, &logged, resp.status, sent, upstream, tries);
         conns::give_back(rbuf);
         conns::give_back(rout);
@@ -712,8 +726,10 @@ async fn exchange(
     }
 }
 
-/// Relays the rest of the request body from the client to the backend.
-/// `in_buf` bytes at the inbox's front were already sent with the head.
+/// Relays the rest of the request body from the client to the backend,
+/// adding what it sends to `sent`. `in_buf` bytes at the inbox's front were
+/// already sent with the head.
+#[allow(clippy::too_many_arguments)]
 async fn send_body(
     client: &LazyStream,
     inbox: &mut Inbox,
@@ -722,6 +738,7 @@ async fn send_body(
     mut left: BodyLeft,
     cap: usize,
     p: &HttpProxy,
+    sent: &mut u64,
 ) -> BodyEnd {
     inbox.consume(in_buf);
     let idle = p.cfg.limits.idle_timeout;
@@ -786,6 +803,7 @@ async fn send_body(
         if w.is_err() {
             return BodyEnd::BackendGone;
         }
+        *sent += k as u64;
         inbox.consume(k);
     }
 }

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -300,7 +300,8 @@ impl HttpProxy {
                 | Method::TRACE
         );
         let has_body = !body.is_end_stream();
-        let body_failed = has_body.then(|| Arc::new(AtomicBool::new(false)));
+        let upload = has_body.then(|| Arc::new(Upload::default()));
+        served.upload = upload.clone();
         // A request without a body can be replayed on another backend if
         // the first dies before answering; one with a body cannot.
         let replay = (idempotent && !has_body && !upgrade).then(|| clone_head(&parts));
@@ -309,7 +310,7 @@ impl HttpProxy {
             if has_body {
                 ReqBody::Client {
                     inner: body,
-                    failed: body_failed.clone().unwrap_or_default(),
+                    upload: upload.clone().unwrap_or_default(),
                 }
             } else {
                 ReqBody::Empty
@@ -368,7 +369,7 @@ impl HttpProxy {
                     if switching {
                         if let Some(client) = client_upgrade {
                             let backend = hyper::upgrade::on(&mut resp);
-                            tokio::spawn(tunnel(client, backend, lease));
+                            tokio::spawn(tunnel(client, backend, lease, target.clone()));
                         }
                         return resp.map(|_| RespBody::Full(None));
                     }
@@ -389,9 +390,9 @@ impl HttpProxy {
                 }
                 Sent::Failed(why, timed_out) => {
                     // (A stalled body was already answered 408 by the guard.)
-                    if body_failed
+                    if upload
                         .as_ref()
-                        .is_some_and(|f| f.load(Ordering::Relaxed))
+                        .is_some_and(|u| u.failed.load(Ordering::Relaxed))
                     {
                         return error(StatusCode::BAD_REQUEST, "bad request body\n");
                     }
@@ -563,6 +564,10 @@ impl Drop for Ending {
             t.answers
                 .bytes_to_client
                 .fetch_add(self.sent, std::sync::atomic::Ordering::Relaxed);
+            if let Some(u) = &self.served.upload {
+                let up = u.bytes.load(Ordering::Relaxed);
+                t.answers.bytes_to_backend.fetch_add(up, Ordering::Relaxed);
+            }
         }
         let Some(l) = &self.line else { return };
         l.log.write(&super::access::Entry {
@@ -630,6 +635,8 @@ struct Served {
     target: Option<Arc<Target>>,
     upstream_time: Option<Duration>,
     retries: u32,
+    /// The request body, if it has one.
+    upload: Option<Arc<Upload>>,
 }
 
 /// What follows a send that failed.
@@ -668,9 +675,15 @@ async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     backend: hyper::upgrade::OnUpgrade,
     lease: herd_balance::Lease,
+    target: Arc<Target>,
 ) {
-    if let (Ok(c), Ok(b)) = (client.await, backend.await) {
-        let _ = super::tunnel::relay_io(TokioIo::new(c), TokioIo::new(b)).await;
+    if let (Ok(c), Ok(b)) = (client.await, backend.await)
+        && let Ok((to_backend, to_client)) =
+            super::tunnel::relay_io(TokioIo::new(c), TokioIo::new(b)).await
+    {
+        let a = &target.answers;
+        a.bytes_to_backend.fetch_add(to_backend, Ordering::Relaxed);
+        a.bytes_to_client.fetch_add(to_client, Ordering::Relaxed);
     }
     drop(lease); // Counted as in flight for as long as the tunnel lasts.
 }
@@ -1243,12 +1256,19 @@ async fn connect(
 /// The body of a request on its way to a backend.
 pub enum ReqBody {
     Empty,
-    /// The client's body; `failed` is set if reading it fails, so a broken
-    /// upload is told apart from a broken backend.
     Client {
         inner: Incoming,
-        failed: Arc<AtomicBool>,
+        upload: Arc<Upload>,
     },
+}
+
+/// What became of a client's request body: `failed` is set if reading it
+/// fails, so a broken upload is told apart from a broken backend; `bytes`
+/// counts what went to the backend (its data frames), for its counts.
+#[derive(Default)]
+pub struct Upload {
+    failed: AtomicBool,
+    bytes: AtomicU64,
 }
 
 impl Body for ReqBody {
@@ -1261,10 +1281,16 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ReqBody::Empty => Poll::Ready(None),
-            ReqBody::Client { inner, failed } => {
+            ReqBody::Client { inner, upload } => {
                 let r = Pin::new(inner).poll_frame(cx);
-                if let Poll::Ready(Some(Err(_))) = &r {
-                    failed.store(true, Ordering::Relaxed);
+                match &r {
+                    Poll::Ready(Some(Err(_))) => upload.failed.store(true, Ordering::Relaxed),
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let Some(d) = f.data_ref() {
+                            upload.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {}
                 }
                 r
             }

@@ -17,8 +17,9 @@ pub struct AnswerStats {
     pub classes: [AtomicU64; 5],
     /// Time to the answer's head, in half-octaves of microseconds.
     pub latency: [AtomicU64; LATENCY_BUCKETS],
-    /// Bytes relayed from the backend to clients (HTTP: answer bodies) and,
-    /// in TCP mode, from clients to the backend.
+    /// Bytes relayed from the backend to clients (HTTP: answer bodies) and
+    /// from clients to it (HTTP: request bodies); both ways, upgraded
+    /// tunnels and TCP mode's connections.
     pub bytes_to_client: AtomicU64,
     pub bytes_to_backend: AtomicU64,
 }
