@@ -153,12 +153,15 @@ pub const ACCEPT_CHECKS: u32 = 20;
 /// herd keeps open to it, or some slow call, one connection at a time
 /// either way. Then connections to it are no longer kept (see [`Reuse`]):
 /// this thread closes its idle ones at once, the others at their next tick.
-/// A busy worker is looked at again while the connection waits; a remote
-/// upstream is not looked at.
+/// A busy worker is looked at again while the connection waits (one look
+/// per program per [`reuse::LOOK_EVERY`]); a remote upstream is not.
 pub fn check_accepted(target: &Target, ours: Option<std::net::SocketAddr>) -> bool {
     let (Some(ours), Some(pid)) = (ours, target.pid) else {
         return false;
     };
+    if !target.reuse.may_look(super::deadline::now()) {
+        return true; // another request just looked: later
+    }
     match crate::os::diag::accepted(ours, target.addr) {
         Ok(Some(false)) => {}
         Ok(_) => return false,

@@ -22,6 +22,10 @@ use std::time::{Duration, Instant};
 pub const OFF_FIRST: Duration = Duration::from_secs(30);
 /// The longest it stays off.
 pub const OFF_MOST: Duration = Duration::from_secs(600);
+/// At most one look at a program's workers this often, however many
+/// requests wait: a look reads `/proc` for each of their threads, and a
+/// burst of requests to a hung worker must not turn into a burst of those.
+pub const LOOK_EVERY: Duration = Duration::from_millis(50);
 
 static START: LazyLock<Instant> = LazyLock::new(Instant::now);
 /// Bumped each time a target stops being kept: every proxy thread's tick
@@ -34,12 +38,25 @@ pub struct Reuse {
     /// kept; 0: kept, the one load the per-request path makes.
     off_until: AtomicU64,
     relapses: AtomicU32,
+    /// When its workers were last looked at (as `off_until`).
+    looked_at: AtomicU64,
 }
 
 impl Reuse {
     pub fn keeps(&self, now: Instant) -> bool {
         let until = self.off_until.load(Relaxed);
         until == 0 || ms(now) >= until
+    }
+
+    /// Whether a look at its workers may be taken `now` (then it is
+    /// counted as taken), at most one per [`LOOK_EVERY`].
+    pub fn may_look(&self, now: Instant) -> bool {
+        let (t, last) = (ms(now), self.looked_at.load(Relaxed));
+        (last == 0 || t >= last + LOOK_EVERY.as_millis() as u64)
+            && self
+                .looked_at
+                .compare_exchange(last, t, Relaxed, Relaxed)
+                .is_ok()
     }
 
     /// Stops keeping connections from `now`; returns for how long, or
@@ -86,8 +103,20 @@ mod tests {
     }
 
     #[test]
+    fn one_look_per_while() {
+        let r = Reuse::default();
+        ms(Instant::now()); // the clock's start, before `t`
+        let t = Instant::now();
+        assert!(r.may_look(t));
+        assert!(!r.may_look(t));
+        assert!(!r.may_look(t + LOOK_EVERY - Duration::from_millis(1)));
+        assert!(r.may_look(t + LOOK_EVERY));
+    }
+
+    #[test]
     fn kept_until_stopped_then_again_once_the_while_is_over() {
         let r = Reuse::default();
+        ms(Instant::now()); // the clock's start, before `t`
         let t = Instant::now();
         assert!(r.keeps(t));
         let seen = turned_off();
