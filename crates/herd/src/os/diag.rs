@@ -51,6 +51,88 @@ pub fn accepted(ours: SocketAddr, server: SocketAddr) -> Result<Option<bool>, Di
     parse(&buf[..n])
 }
 
+/// How many connections the listening socket on `addr` (or on its port,
+/// any address) queues unaccepted (its backlog), from a dump of this host's
+/// listening TCP sockets: a server that serves one connection at a time
+/// leaves the others there, and the kernel drops the handshakes of any
+/// beyond (the client retries only a second later).
+pub fn listen_backlog(addr: SocketAddr) -> Result<Option<u32>, DiagError> {
+    const TCP_LISTEN: u32 = 10;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_DONE: u16 = 3;
+    let s = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::DGRAM,
+        Some(Protocol::from(libc::NETLINK_SOCK_DIAG)),
+    )?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let any = match addr.ip() {
+        IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        IpAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    };
+    let mut req = query(any, any);
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[NL_HEADER + 4..NL_HEADER + 8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    s.send(&req)?;
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut found = None;
+    // Bounded: a host has few listening sockets, a dump a few reads.
+    for _ in 0..1024 {
+        let n = (&s).read(&mut buf)?;
+        let mut m = &buf[..n];
+        while m.len() >= NL_HEADER {
+            let len = u32::from_ne_bytes([m[0], m[1], m[2], m[3]]) as usize;
+            let kind = u16::from_ne_bytes([m[4], m[5]]);
+            if len < NL_HEADER || len > m.len() {
+                return Err(DiagError::Malformed);
+            }
+            match kind {
+                NLMSG_DONE => return Ok(found),
+                NLMSG_ERROR => return parse(&m[..len]).map(|_| found),
+                SOCK_DIAG_BY_FAMILY => {
+                    let msg = &m[NL_HEADER..len];
+                    if let Some(backlog) = listener_backlog(msg, addr) {
+                        // An exact address beats the wildcard.
+                        if found.is_none() || listener_ip(msg, addr) {
+                            found = Some(backlog);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            m = &m[((len + 3) & !3).min(m.len())..]; // NLMSG_ALIGN
+        }
+    }
+    Ok(found)
+}
+
+/// The backlog of the listener in `msg` (an `inet_diag_msg`) if it listens
+/// on `addr`'s port, on its address or on every one.
+fn listener_backlog(msg: &[u8], addr: SocketAddr) -> Option<u32> {
+    let port = u16::from_be_bytes([*msg.get(4)?, *msg.get(5)?]);
+    if port != addr.port() {
+        return None;
+    }
+    let ip = msg.get(8..24)?;
+    let wildcard = ip.iter().all(|b| *b == 0);
+    if !wildcard && !listener_ip(msg, addr) {
+        return None;
+    }
+    // idiag_wqueue: a listener's backlog.
+    let w = msg.get(4 + 48 + 8..4 + 48 + 12)?;
+    Some(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
+}
+
+fn listener_ip(msg: &[u8], addr: SocketAddr) -> bool {
+    let Some(ip) = msg.get(8..24) else {
+        return false;
+    };
+    match addr.ip() {
+        IpAddr::V4(v) => ip[..4] == v.octets(),
+        IpAddr::V6(v) => ip == v.octets(),
+    }
+}
+
 /// Whether every thread of process `pid` and of all its descendants is
 /// asleep (state `S`): a server that is, while a connection waits in its
 /// accept queue, waits for something else than new connections, such as
@@ -162,6 +244,18 @@ mod tests {
         assert_eq!(accepted(ours, server).unwrap(), Some(true));
         let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(accepted(ours, nobody).unwrap(), None);
+    }
+
+    #[test]
+    fn a_listeners_backlog_is_read() {
+        let s = socket2::Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        s.listen(7).unwrap();
+        let addr = s.local_addr().unwrap().as_socket().unwrap();
+        assert_eq!(listen_backlog(addr).unwrap(), Some(7));
+        drop(s);
+        assert_eq!(listen_backlog(addr).unwrap(), None);
     }
 
     #[test]

@@ -139,6 +139,36 @@ pub fn release() {
     super::h2::release(now);
 }
 
+/// A slot for a new connection to `target`, if connections to it are not
+/// kept (see [`Reuse`]): such a worker serves one connection at a time and
+/// leaves the others in its accept queue, and the kernel drops the
+/// handshakes of any beyond its backlog, which their clients retry only a
+/// second later. So herd opens at most that many at once (read from the
+/// socket table once), and the others wait here, up to `wait`. `None`
+/// otherwise: a kept target (one load), or a backlog unknown.
+pub async fn serial_slot(
+    target: &Target,
+    wait: Duration,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if target.reuse.keeps(super::deadline::now()) || target.pid.is_none() {
+        return None;
+    }
+    let slots = target.slots.get_or_init(|| {
+        let backlog = crate::os::diag::listen_backlog(target.addr)
+            .ok()
+            .flatten()?;
+        // One place left for a health check's connection.
+        let n = (backlog as usize).saturating_sub(1).max(1);
+        tracing::debug!("{}: at most {n} connections at once", target.label);
+        Some(Arc::new(tokio::sync::Semaphore::new(n)))
+    });
+    let slots = slots.clone()?;
+    tokio::time::timeout(wait, slots.acquire_owned())
+        .await
+        .ok()?
+        .ok()
+}
+
 /// How long an answer on a connection just opened may take before
 /// [`check_accepted`] looks (a few ms for nearly every answer).
 pub const ACCEPT_CHECK_AFTER: Duration = Duration::from_millis(150);

@@ -501,6 +501,11 @@ async fn exchange(
         } else {
             conns::take(target.id)
         };
+        // Held until the exchange ends and its connection is closed.
+        let _slot = match pooled {
+            None => conns::serial_slot(&target, p.cfg.response_timeout).await,
+            Some(_) => None,
+        };
         let (b, was_pooled) = loop {
             let (b, was_pooled) = match pooled.take() {
                 Some(b) => (b, true),

@@ -52,6 +52,9 @@ pub struct Target {
     pub reuse: Arc<reuse::Reuse>,
     /// A worker's process (not a remote upstream's).
     pub pid: Option<u32>,
+    /// Once connections to it are not kept (see [`reuse`]): as many
+    /// connections at once as its accept queue holds, read once.
+    pub slots: std::sync::OnceLock<Option<Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Target {
@@ -71,6 +74,7 @@ impl Target {
             answers: AnswerStats::default(),
             reuse: Arc::default(),
             pid: None,
+            slots: std::sync::OnceLock::new(),
         }
     }
 
