@@ -621,18 +621,15 @@ fn answers_served_through_hyper_are_logged_when_sent_whole_and_their_bytes_count
     assert!(line["duration"].as_f64().unwrap() >= 0.29, "{line}");
     let (code, metrics) = http_get(admin, "/metrics").unwrap();
     assert_eq!(code, 200);
-    let to_client: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("herd_backend_bytes_total{") && l.contains("to_client"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{metrics}"));
-    assert_eq!(to_client, 10.0, "{metrics}");
-    let to_backend: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("herd_backend_bytes_total{") && l.contains("to_backend"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{metrics}"));
-    assert_eq!(to_backend, 12.0, "the request's body; {metrics}");
+    let bytes = |direction: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("herd_backend_bytes_total{") && l.contains(direction))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{metrics}"))
+    };
+    assert_eq!(bytes("to_client"), 10.0, "{metrics}");
+    assert_eq!(bytes("to_backend"), 12.0, "the request's body; {metrics}");
     let _ = std::fs::remove_file(&log);
 }
 

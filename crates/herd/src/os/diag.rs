@@ -37,14 +37,7 @@ pub enum DiagError {
 /// been accepted: `None` if that end is not a socket of this host (a
 /// remote server, or the connection is gone).
 pub fn accepted(ours: SocketAddr, server: SocketAddr) -> Result<Option<bool>, DiagError> {
-    let s = Socket::new(
-        Domain::from(libc::AF_NETLINK),
-        Type::DGRAM,
-        Some(Protocol::from(libc::NETLINK_SOCK_DIAG)),
-    )?;
-    // The kernel answers a single-socket query while it takes the request;
-    // the time-out only guards against a kernel that would not.
-    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let s = netlink()?;
     s.send(&query(server, ours))?;
     let mut buf = [0u8; 512];
     let n = (&s).read(&mut buf)?;
@@ -60,12 +53,7 @@ pub fn listen_backlog(addr: SocketAddr) -> Result<Option<u32>, DiagError> {
     const TCP_LISTEN: u32 = 10;
     const NLM_F_DUMP: u16 = 0x300;
     const NLMSG_DONE: u16 = 3;
-    let s = Socket::new(
-        Domain::from(libc::AF_NETLINK),
-        Type::DGRAM,
-        Some(Protocol::from(libc::NETLINK_SOCK_DIAG)),
-    )?;
-    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let s = netlink()?;
     let any = match addr.ip() {
         IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         IpAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
@@ -176,6 +164,18 @@ pub fn asleep(pid: u32) -> Option<bool> {
         }
     }
     Some(true)
+}
+
+/// A socket for one query. The kernel answers while it takes the request;
+/// the time-out only guards against a kernel that would not.
+fn netlink() -> Result<Socket, DiagError> {
+    let s = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::DGRAM,
+        Some(Protocol::from(libc::NETLINK_SOCK_DIAG)),
+    )?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    Ok(s)
 }
 
 /// The request for the socket whose local end is `local` and remote end
