@@ -233,15 +233,20 @@ mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
 
-    #[test]
-    fn a_connection_is_seen_waiting_then_accepted() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// A connection to `l` is seen waiting, then accepted.
+    fn waiting_then_accepted(l: TcpListener) -> SocketAddr {
         let server = l.local_addr().unwrap();
         let c = TcpStream::connect(server).unwrap();
         let ours = c.local_addr().unwrap();
         assert_eq!(accepted(ours, server).unwrap(), Some(false));
         let (_s, _) = l.accept().unwrap();
         assert_eq!(accepted(ours, server).unwrap(), Some(true));
+        ours
+    }
+
+    #[test]
+    fn a_connection_is_seen_waiting_then_accepted() {
+        let ours = waiting_then_accepted(TcpListener::bind("127.0.0.1:0").unwrap());
         let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(accepted(ours, nobody).unwrap(), None);
     }
@@ -263,12 +268,7 @@ mod tests {
         let Ok(l) = TcpListener::bind("[::1]:0") else {
             return; // no IPv6 loopback here
         };
-        let server = l.local_addr().unwrap();
-        let c = TcpStream::connect(server).unwrap();
-        let ours = c.local_addr().unwrap();
-        assert_eq!(accepted(ours, server).unwrap(), Some(false));
-        let (_s, _) = l.accept().unwrap();
-        assert_eq!(accepted(ours, server).unwrap(), Some(true));
+        waiting_then_accepted(l);
     }
 
     #[test]
