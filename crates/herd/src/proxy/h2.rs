@@ -489,9 +489,7 @@ impl HttpProxy {
             let from_pool = pooled.is_some();
             let (mut sender, fresh) = match pooled.take() {
                 Some(s) => (s, None),
-                None => match connect(target, self.cfg.connect_timeout, upgrade, &self.client_tls)
-                    .await
-                {
+                None => match connect(target, &self.cfg, upgrade, &self.client_tls).await {
                     Ok((s, ours)) => (s, ours.map(|o| (&**target, o))),
                     Err(e) => return Sent::Unsent(req, e.to_string()),
                 },
@@ -1230,11 +1228,13 @@ const BACKEND_BUF: usize = 64 * 1024;
 /// a `101 Switching Protocols` tunnel.
 async fn connect(
     target: &Target,
-    timeout: Duration,
+    cfg: &crate::config::HttpConfig,
     upgrades: bool,
     tls: &ClientTls,
 ) -> Result<(Sender, Option<SocketAddr>), ConnectError> {
-    let stream = open(target, timeout, tls).await?;
+    // Held by the connection's task: until it closes.
+    let slot = super::conns::serial_slot(target, cfg.response_timeout).await;
+    let stream = open(target, cfg.connect_timeout, tls).await?;
     let ours = stream.tcp().local_addr().ok();
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .writev(false)
@@ -1244,10 +1244,12 @@ async fn connect(
     if upgrades {
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
+            drop(slot);
         });
     } else {
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(slot);
         });
     }
     Ok((sender, ours))
