@@ -6,7 +6,8 @@
 //! waits for the next request on one herd keeps idle; see
 //! `upstream::Reuse`. Safe code: the request and the answer are plain
 //! bytes laid out as `linux/inet_diag.h` says. And whether such a server
-//! is asleep meanwhile (`/proc`), which tells it from a busy one.
+//! is asleep meanwhile (`/proc`, through `procfs`), which tells it from a
+//! busy one.
 
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
@@ -132,7 +133,9 @@ pub fn asleep(pid: u32) -> Option<bool> {
     let mut todo = vec![pid];
     let mut seen = 0;
     while let Some(p) = todo.pop() {
-        let tasks = std::fs::read_dir(format!("/proc/{p}/task")).ok();
+        let tasks = i32::try_from(p)
+            .ok()
+            .and_then(|p| procfs::process::Process::new(p).ok()?.tasks().ok());
         let Some(tasks) = tasks else {
             if p == pid {
                 return None;
@@ -144,22 +147,14 @@ pub fn asleep(pid: u32) -> Option<bool> {
             if seen > MOST {
                 return Some(false);
             }
-            let dir = t.path();
-            let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            let Ok(stat) = t.stat() else {
                 continue;
             };
-            // "pid (comm) S ...": the command may hold spaces and parentheses.
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, r)| r.trim_start().chars().next());
-            if !matches!(state, Some('S') | Some('I')) {
+            if !matches!(stat.state, 'S' | 'I') {
                 return Some(false);
             }
-            if let Ok(kids) = std::fs::read_to_string(dir.join("children")) {
-                todo.extend(
-                    kids.split_whitespace()
-                        .filter_map(|k| k.parse::<u32>().ok()),
-                );
+            if let Ok(kids) = t.children() {
+                todo.extend(kids);
             }
         }
     }

@@ -10,7 +10,9 @@
 //! worker sleeps (`os::diag`), the proxy stops keeping connections to that
 //! target (and to the other workers of its program, which share this) for a
 //! while and closes each after its answer, which is what nginx does with
-//! every backend unless told `keepalive`. Each relapse doubles the while,
+//! every backend unless told `keepalive`; meanwhile new connections to it
+//! are held to its backlog (`Target::slots`, `proxy::conns::serial_slot`),
+//! so the kernel drops none of their handshakes. Each relapse doubles the while,
 //! so a server that does this for good is asked again ever more rarely,
 //! and one that only stalled once gets its keep-alive back.
 
