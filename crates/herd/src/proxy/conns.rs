@@ -169,6 +169,12 @@ pub async fn serial_slot(
         .ok()
 }
 
+/// Whether answers on new connections to `target` are to be looked at
+/// ([`check_accepted`]): a worker's, while its connections are kept.
+pub fn looked_at(target: &Target) -> bool {
+    target.pid.is_some() && target.reuse.keeps(super::deadline::now())
+}
+
 /// How long an answer on a connection just opened may take before
 /// [`check_accepted`] looks (a few ms for nearly every answer).
 pub const ACCEPT_CHECK_AFTER: Duration = Duration::from_millis(150);

@@ -875,7 +875,7 @@ async fn accept_checked<T>(
     fresh: Option<&Target>,
     b: &TcpStream,
 ) -> T {
-    let mut fresh = fresh.filter(|t| t.pid.is_some() && t.reuse.keeps(deadline::now()));
+    let mut fresh = fresh.filter(|t| conns::looked_at(t));
     let mut timer: Option<Deadline> = None;
     let mut looks = 0;
     tokio::pin!(fut);

@@ -525,8 +525,7 @@ async fn accept_checked<T>(
     fut: impl Future<Output = T>,
     fresh: Option<(&Target, SocketAddr)>,
 ) -> T {
-    let now = super::deadline::now();
-    let Some((target, ours)) = fresh.filter(|(t, _)| t.pid.is_some() && t.reuse.keeps(now)) else {
+    let Some((target, ours)) = fresh.filter(|(t, _)| super::conns::looked_at(t)) else {
         return fut.await;
     };
     tokio::pin!(fut);
@@ -1235,7 +1234,8 @@ async fn connect(
     // Held by the connection's task: until it closes.
     let slot = super::conns::serial_slot(target, cfg.response_timeout).await;
     let stream = open(target, cfg.connect_timeout, tls).await?;
-    let ours = stream.tcp().local_addr().ok();
+    // Only a worker's connections are looked at (a syscall saved otherwise).
+    let ours = target.pid.and_then(|_| stream.tcp().local_addr().ok());
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .writev(false)
         .max_buf_size(BACKEND_BUF)

@@ -47,13 +47,13 @@ pub struct Target {
     /// Its answers by status class and latency (for `/metrics` and the
     /// p50/p99 of `herd status`: three atomic adds per request).
     pub answers: AnswerStats,
-    /// Whether idle connections to it are kept; shared with the proxy
-    /// threads' idle lists, which outlive nothing but their entries.
+    /// Whether idle connections to it are kept: shared by one program's
+    /// workers, and held by the proxy threads' idle lists.
     pub reuse: Arc<reuse::Reuse>,
     /// A worker's process (not a remote upstream's).
     pub pid: Option<u32>,
-    /// Once connections to it are not kept (see [`reuse`]): as many
-    /// connections at once as its accept queue holds, read once.
+    /// Once connections to it are not kept (see [`reuse`]): the most
+    /// herd opens at once, its backlog less one, read once.
     pub slots: std::sync::OnceLock<Option<Arc<tokio::sync::Semaphore>>>,
 }
 
