@@ -211,3 +211,37 @@ fn what_herd_forwards_node_parses_as_herd_did() {
         "too few requests reached the backend: {total_backend}"
     );
 }
+
+#[test]
+fn an_http10_request_without_host_is_answered_by_node() {
+    // HTTP/1.0 may leave out `Host`; herd sends it on as HTTP/1.1, which
+    // must have one, or Node answers 400 itself (not a parse error).
+    let Some((_node, nport)) = node_backend() else {
+        eprintln!("skipped: node is not installed");
+        return;
+    };
+    let h = Herd::start(
+        &[
+            &format!("--upstream=127.0.0.1:{nport}"),
+            "--health-interval",
+            "0",
+        ],
+        &[],
+    );
+    assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", h.port)).is_ok()));
+    for head in [
+        "GET / HTTP/1.0\r\n\r\n",
+        "OPTIONS / HTTP/1.0\r\nUser-Agent: check\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 200") && answers(&got) == (1, 1),
+            "{head:?}: {text}"
+        );
+    }
+}

@@ -422,6 +422,36 @@ fn h2c_upgrades_over_tls_are_not_passed_to_the_backend() {
 }
 
 #[test]
+fn an_http10_request_without_host_reaches_the_backend_with_one() {
+    use std::io::{Read, Write};
+    // Sent on as HTTP/1.1, which must name a host: the backend gets the
+    // address the client reached (a strict server answers 400 without).
+    let bport = raw_backend(|mut c, head| {
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let host = head
+            .lines()
+            .find_map(|l| l.strip_prefix("host: "))
+            .unwrap_or("none")
+            .to_string();
+        let _ = write!(
+            c,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{host}",
+            host.len()
+        );
+    });
+    let (pki, _h, port) = tls_in_front_of("http10", bport);
+    let mut s = tls_client(&pki, port, "a.test");
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.0 200") && text.ends_with(&format!("\r\n\r\n127.0.0.1:{port}")),
+        "{text}"
+    );
+}
+
+#[test]
 fn hostile_http1_over_tls_gets_a_400_and_others_are_served() {
     use std::io::{Read, Write};
     let pki = Pki::new("hostile");

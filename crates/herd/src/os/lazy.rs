@@ -111,6 +111,15 @@ impl LazyStream {
         s.ok_or_else(gone)
     }
 
+    /// The address the client connected to.
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match self.reg.get() {
+            None => self.raw.local_addr(),
+            Some(Some(s)) => s.local_addr(),
+            Some(None) => Err(gone()),
+        }
+    }
+
     fn bare(&self) -> Option<&std::net::TcpStream> {
         match self.reg.get() {
             None => Some(&self.raw),

@@ -385,6 +385,11 @@ async fn exchange(
             return Outcome::Linger;
         }
     };
+    if req.no_host
+        && let Ok(a) = io.local_addr()
+    {
+        head::add_host(&mut out, a.to_string().as_bytes());
+    }
     // What the access log needs of the head, copied before it goes.
     let logged = p.log.as_ref().map(|_| {
         let h = &inbox.pending()[..head_len];

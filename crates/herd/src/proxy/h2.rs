@@ -47,8 +47,9 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let seen = Seen::new();
+    let local = io.local_addr().ok();
     let io = TokioIo::new(Watched::new(Prefixed { prefix, at: 0, io }, &seen));
-    let svc = service(p.clone(), peer, false, seen.clone());
+    let svc = service(p.clone(), peer, local, false, seen.clone());
     let conn = http2_server(&p).serve_connection(io, svc);
     serve_gracefully!(conn, stop, seen, p.cfg.limits.idle_timeout, None);
 }
@@ -58,7 +59,7 @@ pub async fn serve(
 /// HTTP/1.1 engine does not.
 pub async fn serve_any(p: Arc<HttpProxy>, io: TcpStream, peer: IpAddr, stop: CancellationToken) {
     let seen = Seen::new();
-    let svc = service(p.clone(), peer, false, seen.clone());
+    let svc = service(p.clone(), peer, io.local_addr().ok(), false, seen.clone());
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // The header time-out is `idle::watch`'s (hyper's also runs while idle).
     b.http1()
@@ -92,6 +93,7 @@ pub async fn serve_any(p: Arc<HttpProxy>, io: TcpStream, peer: IpAddr, stop: Can
 pub(super) fn service(
     me: Arc<HttpProxy>,
     peer: IpAddr,
+    local: Option<SocketAddr>,
     tls: bool,
     seen: Arc<Seen>,
 ) -> impl hyper::service::Service<
@@ -103,7 +105,7 @@ pub(super) fn service(
     hyper::service::service_fn(move |req| {
         let (me, busy) = (me.clone(), seen.busy());
         async move {
-            let (answer, ending) = me.handle_h2(req, peer, tls).await;
+            let (answer, ending) = me.handle_h2(req, peer, local, tls).await;
             Ok(answer.map(|body| Tracked {
                 body,
                 ending,
@@ -248,6 +250,7 @@ impl HttpProxy {
         &self,
         req: Request<Incoming>,
         peer: IpAddr,
+        local: Option<SocketAddr>,
         tls: bool,
     ) -> (Response<RespBody>, Ending) {
         let mut ending = Ending {
@@ -259,7 +262,9 @@ impl HttpProxy {
             status: 499,
             sent: 0,
         };
-        let resp = self.forward(req, peer, tls, &mut ending.served).await;
+        let resp = self
+            .forward(req, peer, local, tls, &mut ending.served)
+            .await;
         ending.status = resp.status().as_u16();
         (resp, ending)
     }
@@ -268,6 +273,7 @@ impl HttpProxy {
         &self,
         mut req: Request<Incoming>,
         peer: IpAddr,
+        local: Option<SocketAddr>,
         tls: bool,
         served: &mut Served,
     ) -> Response<RespBody> {
@@ -286,7 +292,7 @@ impl HttpProxy {
             .get_all(header::TE)
             .iter()
             .any(|v| has_token(v, "trailers"));
-        prepare_request_head(&mut parts, peer, upgrade, tls);
+        prepare_request_head(&mut parts, peer, local, upgrade, tls);
         if te_trailers {
             parts.extensions.insert(TeTrailers);
         }
@@ -807,6 +813,7 @@ fn strip_listed(h: &mut HeaderMap, keep_upgrade: bool) {
 fn prepare_request_head(
     parts: &mut hyper::http::request::Parts,
     peer: IpAddr,
+    local: Option<SocketAddr>,
     upgrade: bool,
     tls: bool,
 ) {
@@ -826,6 +833,14 @@ fn prepare_request_head(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     strip_underscore_aliases(&mut parts.headers);
     add_forwarding(&mut parts.headers, peer, tls);
+    // None at all (HTTP/1.0 allows that; HTTP/1.1 does not): the address
+    // the client reached, as in herd's engine (`head::add_host`); not a
+    // forwarded host, since the client named none.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(v) = local.and_then(|a| HeaderValue::from_str(&a.to_string()).ok())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
 }
 
 /// Drops `content_length`, `x_forwarded_for` and the like, as the HTTP/1.1
@@ -1491,7 +1506,7 @@ mod tests {
                 .body(())
                 .unwrap()
                 .into_parts();
-            prepare_request_head(&mut parts, "192.0.2.9".parse().unwrap(), false, true);
+            prepare_request_head(&mut parts, "192.0.2.9".parse().unwrap(), None, false, true);
             (parts.uri.to_string(), parts.headers[header::HOST].clone())
         };
         assert_eq!(

@@ -86,6 +86,9 @@ pub struct Request {
     /// For the access log (when asked): `Referer` and `User-Agent`.
     pub referer: Option<(usize, usize)>,
     pub user_agent: Option<(usize, usize)>,
+    /// An HTTP/1.0 request without `Host`: the backend's head, sent as
+    /// HTTP/1.1, needs one ([`add_host`]), or a strict server answers 400.
+    pub no_host: bool,
 }
 
 /// What the proxy needs to know of a response after its head.
@@ -570,7 +573,21 @@ pub fn request(
         target: at(target.as_bytes()),
         referer,
         user_agent,
+        no_host: host.is_none(),
     })
+}
+
+/// Gives a backend's head written by [`request`] a `Host` line after its
+/// request line, for a request that had none: the address the client
+/// reached, as nginx falls back to the server's name.
+pub fn add_host(out: &mut Vec<u8>, host: &[u8]) {
+    let Some(line) = out.windows(2).position(|w| w == b"\r\n") else {
+        return;
+    };
+    let mut field = Vec::with_capacity(host.len() + 8);
+    put(&mut field, "Host", host);
+    let at = line + 2;
+    out.splice(at..at, field);
 }
 
 /// Writes `ip` without `core::fmt`, which costs more than the rest of a
@@ -1065,8 +1082,22 @@ mod tests {
 
     #[test]
     fn http10_and_upgrades() {
-        let (r, _) = req("GET / HTTP/1.0\r\n\r\n").unwrap();
-        assert!(r.http10 && !r.keep_alive);
+        let (r, out) = req("GET / HTTP/1.0\r\n\r\n").unwrap();
+        assert!(r.http10 && !r.keep_alive && r.no_host);
+        // Sent on as HTTP/1.1, which must name a host (RFC 9112, 3.2).
+        let mut out = out.into_bytes();
+        add_host(&mut out, b"127.0.0.1:8000");
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with("GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nX-Forwarded-For: "),
+            "{out}"
+        );
+        assert!(
+            !out.contains("X-Forwarded-Host") && !out.contains(";host="),
+            "{out}"
+        );
+        let (r, _) = req("GET / HTTP/1.0\r\nHost: h\r\n\r\n").unwrap();
+        assert!(!r.no_host);
         let (r, _) = req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
         assert!(r.keep_alive);
         let (r, out) =

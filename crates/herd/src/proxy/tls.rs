@@ -220,6 +220,7 @@ pub async fn serve(
     peer: IpAddr,
     stop: CancellationToken,
 ) {
+    let local = io.local_addr().ok();
     let handshake = tls.acceptor().accept(io);
     let stream = match tokio::time::timeout(p.cfg.limits.header_timeout, handshake).await {
         Ok(Ok(s)) => s,
@@ -232,7 +233,7 @@ pub async fn serve(
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let seen = Seen::new();
     let io = TokioIo::new(Watched::new(stream, &seen));
-    let svc = super::h2::service(p.clone(), peer, true, seen.clone());
+    let svc = super::h2::service(p.clone(), peer, local, true, seen.clone());
     let idle = p.cfg.limits.idle_timeout;
     if h2 {
         let conn = super::h2::http2_server(&p).serve_connection(io, svc);
