@@ -751,6 +751,27 @@ fn a_lone_backend_is_not_taken_out_by_one_bad_answer() {
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
 }
 
+/// A chunked answer malformed before any of it reached the client is a
+/// 502, as a malformed head is, not a connection closed without a word.
+#[test]
+fn a_chunked_answer_malformed_from_its_start_is_a_502() {
+    let (port, _) = backend(Arc::new(
+        |_: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            );
+            false
+        },
+    ));
+    let h = lb(port, &[]);
+    let mut c = connect(h.port);
+    c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut all = String::new();
+    let _ = c.read_to_string(&mut all);
+    assert!(all.starts_with("HTTP/1.1 502"), "{all:?}");
+    assert!(!all.contains("hello"), "{all:?}");
+}
+
 /// A 64 KiB message in two parts, as a sender that pauses between them
 /// sends it: `start` (its start line and headers but the framing), the
 /// framing (with, for a chunked body, its one chunk's size line) and `a`s

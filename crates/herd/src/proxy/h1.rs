@@ -717,8 +717,15 @@ async fn exchange(
                 .bytes_to_backend
                 .fetch_add(uploaded, std::sync::atomic::Ordering::Relaxed);
         }
-        note(p, &logged, resp.status, sent, upstream, tries);
         conns::give_back(rbuf);
+        if relayed == Relayed::Unsent {
+            tracing::debug!("{}: malformed chunked body", target.label);
+            let bad = (502, "Bad Gateway", "backend failed\n");
+            note(p, &logged, bad.0, 0, upstream, tries);
+            drop(lease);
+            return answer(io, rout, bad, false, limits.idle_timeout).await;
+        }
+        note(p, &logged, resp.status, sent, upstream, tries);
         conns::give_back(rout);
         let reusable = body_sent && left_us == Client::Here;
         if relayed == Relayed::Complete && resp.backend_keep_alive && reusable {
@@ -1007,6 +1014,9 @@ enum Relayed {
     Unreusable,
     /// Broken off: the client connection must close.
     Failed,
+    /// The backend's body was malformed before any byte reached the
+    /// client: herd answers 502 instead, as for a malformed head.
+    Unsent,
 }
 
 /// Writes the answer's head (`out`) and relays its body by its framing.
@@ -1116,6 +1126,7 @@ async fn relay_answer(
                     }
                 }) {
                     Ok(k) => k,
+                    Err(_) if !head.is_empty() => return Relayed::Unsent,
                     Err(_) => return Relayed::Failed,
                 };
                 held = full && head.is_empty() && !resp.dechunk && !c.is_done();
