@@ -325,8 +325,10 @@ fn cmdline(pid: u32) -> String {
 }
 
 /// Out of file descriptors: the proxy stops accepting for a moment instead
-/// of spinning, warns with a count instead of ~50 lines a second, and
-/// serves again once descriptors are free.
+/// of spinning, warns with a count instead of ~50 lines a second, does not
+/// take its workers for unhealthy (its checks could not be made; nginx
+/// counts no failure for its own shortage either), and serves again once
+/// descriptors are free.
 #[test]
 fn running_out_of_descriptors_is_survived_and_not_a_log_flood() {
     use std::io::{Read, Write};
@@ -334,8 +336,13 @@ fn running_out_of_descriptors_is_survived_and_not_a_log_flood() {
         eprintln!("skipped: prlimit (util-linux) is not installed");
         return;
     }
-    let h = Herd::start_with_nofile("96:96", &["-i", "1"], &[DEMO]);
-    let port = h.port;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut c = Command::new("prlimit");
+    c.args(["--nofile=96:96", HERD, "run", "--listen", &listen, "-i", "1"])
+        .args(["--health-interval", "100ms", "--health-fall", "2", "--", DEMO])
+        .env("HERD_LOG", "info,herd::upstream=debug");
+    let h = Herd::spawn(&mut c, port);
     h.wait_ready(1);
     // Each held client costs herd a descriptor, so these run it out.
     let mut held = Vec::new();
@@ -361,6 +368,14 @@ fn running_out_of_descriptors_is_survived_and_not_a_log_flood() {
     }
     let warnings = h.log().matches("accept failed").count();
     assert!(warnings <= 4, "{warnings} warnings:\n{}", h.log());
+    // Checks every 100 ms, two failures take a worker out: three checks
+    // that could not be made must not.
+    assert!(
+        wait_until(T, || h.log().matches("check not made").count() >= 3),
+        "{}",
+        h.log()
+    );
+    assert!(!h.log().contains("unhealthy"), "{}", h.log());
     drop(held);
     // Served again once descriptors are free.
     let ok = wait_until(T, || {
@@ -378,4 +393,5 @@ fn running_out_of_descriptors_is_survived_and_not_a_log_flood() {
         "not served after descriptors were freed; log:\n{}",
         h.log()
     );
+    assert!(!h.log().contains("unhealthy"), "{}", h.log());
 }

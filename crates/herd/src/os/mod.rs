@@ -15,3 +15,13 @@ pub mod reaper;
 pub mod rundir;
 pub mod sockets;
 pub mod sys;
+
+/// Whether `e` is herd's own shortage (descriptors, buffers, memory, local
+/// ports) rather than anything a backend did: a connect failing so says
+/// nothing of the backend's health, as nginx counts no failure for it.
+pub fn short_of_resources(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}

@@ -516,6 +516,11 @@ async fn exchange(
                 Some(b) => (b, true),
                 None => match connect(&target, p.cfg.connect_timeout).await {
                     Ok(b) => (b, false),
+                    Err(e) if super::own_shortage(&target.label, &e) => {
+                        let no = (503, "Service Unavailable", super::SHORTAGE);
+                        note(p, &logged, no.0, 0, None, tries);
+                        return answer(io, out, no, false, limits.idle_timeout).await;
+                    }
                     Err(e) => {
                         tracing::debug!("{}: {e}; trying another backend", target.label);
                         lease.failure(p.up.now());

@@ -386,6 +386,9 @@ impl HttpProxy {
                         back,
                     });
                 }
+                Sent::Shortage => {
+                    return error(StatusCode::SERVICE_UNAVAILABLE, super::SHORTAGE);
+                }
                 Sent::Unsent(req, why) => {
                     // Nothing reached the backend: any request may go elsewhere.
                     tracing::debug!("{}: {why}; trying another backend", target.label);
@@ -451,6 +454,7 @@ impl HttpProxy {
                     fresh = true;
                     match connect_h2(target, self.cfg.connect_timeout, &self.client_tls).await {
                         Ok(s) => s,
+                        Err(e) if e.shortage(target) => return Sent::Shortage,
                         Err(e) => return Sent::Unsent(req, e.to_string()),
                     }
                 }
@@ -497,6 +501,7 @@ impl HttpProxy {
                 Some(s) => (s, None),
                 None => match connect(target, &self.cfg, upgrade, &self.client_tls).await {
                     Ok((s, ours)) => (s, ours.map(|o| (&**target, o))),
+                    Err(e) if e.shortage(target) => return Sent::Shortage,
                     Err(e) => return Sent::Unsent(req, e.to_string()),
                 },
             };
@@ -670,6 +675,8 @@ enum Sent {
     Answer(Response<Incoming>, Option<Sender>),
     /// The request never left: safe to send elsewhere.
     Unsent(Request<ReqBody>, String),
+    /// herd could not open a connection ([`super::own_shortage`]).
+    Shortage,
     /// Sent, then failed (reset, malformed response, timeout).
     Failed(String, bool),
 }
@@ -1039,6 +1046,13 @@ pub enum ConnectError {
     Io(#[from] std::io::Error),
     #[error("handshake failed: {0}")]
     Handshake(#[from] hyper::Error),
+}
+
+impl ConnectError {
+    /// herd's own shortage, not `target`'s failure ([`super::own_shortage`]).
+    fn shortage(&self, target: &Target) -> bool {
+        matches!(self, ConnectError::Io(e) if super::own_shortage(&target.label, e))
+    }
 }
 
 /// A connection to a backend: plain, or TLS for one marked `tls`.

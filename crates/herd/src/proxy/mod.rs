@@ -372,6 +372,35 @@ impl Key<'_> {
     }
 }
 
+/// Whether a failed connect to `label` was herd's own shortage
+/// ([`crate::os::short_of_resources`]): then it is not the backend's
+/// failure, no other backend would do better, and the client gets a 503.
+/// Warns at most once per 10 s process-wide (it comes with load).
+pub(crate) fn own_shortage(label: &str, e: &std::io::Error) -> bool {
+    use std::sync::atomic::AtomicU64;
+    static WARNED_AT: AtomicU64 = AtomicU64::new(0);
+    if !crate::os::short_of_resources(e) {
+        return false;
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = WARNED_AT.load(Ordering::Relaxed);
+    if secs >= last + 10
+        && WARNED_AT
+            .compare_exchange(last, secs, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            "cannot open a connection to {label}: {e}; answering 503 (herd's own shortage, not counted against {label})"
+        );
+    }
+    true
+}
+
+/// The 503 of [`own_shortage`].
+pub(crate) const SHORTAGE: &str = "herd is short of descriptors or ports\n";
+
 pub fn ip_key(ip: std::net::IpAddr) -> Key<'static> {
     let mut b = [0u8; 16];
     match ip.to_canonical() {

@@ -150,6 +150,8 @@ impl TcpProxy {
                         tries,
                     });
                 }
+                // herd's own shortage: not the backend's failure.
+                Ok(Err(e)) if super::own_shortage(&target.label, &e) => return None,
                 Ok(Err(e)) => tracing::debug!("{}: connect failed: {e}", target.label),
                 Err(_) => tracing::debug!("{}: connect timed out", target.label),
             }

@@ -486,8 +486,13 @@ pub async fn health_loop(up: Arc<Upstreams>, cfg: HealthConfig) {
         for t in pool.all_targets() {
             let (t, cfg) = (t.clone(), cfg.clone());
             checks.spawn(async move {
-                let res = check(&t, &cfg).await;
-                record(&t, res, &cfg);
+                match check(&t, &cfg).await {
+                    Err(Failure::NotMade(e)) => {
+                        tracing::debug!("{}: check not made: {e}", t.label);
+                    }
+                    Err(Failure::Backend(why)) => record(&t, Err(why), &cfg),
+                    Ok(()) => record(&t, Ok(()), &cfg),
+                }
             });
         }
         while checks.join_next().await.is_some() {}
@@ -518,11 +523,30 @@ fn record(t: &Target, res: Result<(), String>, cfg: &HealthConfig) {
     }
 }
 
-async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), String> {
+/// Why a check did not pass.
+enum Failure {
+    /// The target's doing (or its network's): counts toward `fall`.
+    Backend(String),
+    /// herd could not open a connection (short of descriptors or ports):
+    /// nothing learnt of the target, nothing counted.
+    NotMade(std::io::Error),
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Failure {
+        Failure::Backend(why)
+    }
+}
+
+async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
     let work = async {
-        let mut s = TcpStream::connect(t.addr)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut s = TcpStream::connect(t.addr).await.map_err(|e| {
+            if crate::os::short_of_resources(&e) {
+                Failure::NotMade(e)
+            } else {
+                Failure::Backend(e.to_string())
+            }
+        })?;
         let Some(path) = &cfg.path else {
             return Ok(());
         };
@@ -531,7 +555,7 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), String> {
             return Ok(());
         }
         if t.h2 {
-            return check_h2(s, t, path).await;
+            return Ok(check_h2(s, t, path).await?);
         }
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: herd-health-check\r\nConnection: close\r\n\r\n",
@@ -556,13 +580,13 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), String> {
             .and_then(|c| c.parse::<u16>().ok())
         {
             Some(code) if (200..400).contains(&code) => Ok(()),
-            Some(code) => Err(format!("GET {path} answered {code}")),
-            None => Err(format!("GET {path}: no HTTP answer")),
+            Some(code) => Err(format!("GET {path} answered {code}").into()),
+            None => Err(format!("GET {path}: no HTTP answer").into()),
         }
     };
     tokio::time::timeout(cfg.timeout, work)
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {:?}", cfg.timeout)))
+        .unwrap_or_else(|_| Err(format!("no answer within {:?}", cfg.timeout).into()))
 }
 
 /// `GET PATH` to an h2c backend.
