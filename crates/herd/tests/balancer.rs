@@ -327,7 +327,8 @@ fn hostile_requests_get_an_answer_and_everyone_else_is_served() {
     );
     let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
     let many = format!("GET / HTTP/1.1\r\nHost: t\r\n{many}\r\n");
-    let cases: [(&[u8], &str); 8] = [
+    let long = format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(20_000));
+    let cases: [(&[u8], &str); 9] = [
         (
             b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             "400",
@@ -345,6 +346,7 @@ fn hostile_requests_get_an_answer_and_everyone_else_is_served() {
         (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", "400"),
         (big.as_bytes(), "431"),
         (many.as_bytes(), "431"),
+        (long.as_bytes(), "414"),
     ];
     for (bytes, want) in cases {
         let answer = raw(h.port, bytes);

@@ -339,9 +339,24 @@ fn running_out_of_descriptors_is_survived_and_not_a_log_flood() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut c = Command::new("prlimit");
-    c.args(["--nofile=96:96", HERD, "run", "--listen", &listen, "-i", "1"])
-        .args(["--health-interval", "100ms", "--health-fall", "2", "--", DEMO])
-        .env("HERD_LOG", "info,herd::upstream=debug");
+    c.args([
+        "--nofile=96:96",
+        HERD,
+        "run",
+        "--listen",
+        &listen,
+        "-i",
+        "1",
+    ])
+    .args([
+        "--health-interval",
+        "100ms",
+        "--health-fall",
+        "2",
+        "--",
+        DEMO,
+    ])
+    .env("HERD_LOG", "info,herd::upstream=debug");
     let h = Herd::spawn(&mut c, port);
     h.wait_ready(1);
     // Each held client costs herd a descriptor, so these run it out.

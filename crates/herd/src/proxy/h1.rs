@@ -276,12 +276,12 @@ async fn read_head(p: &HttpProxy, io: &LazyStream, inbox: &mut Inbox, first: boo
             }
             if !maybe_h2 && let Some(end) = head::head_end(pending, scanned) {
                 if end > limits.max_head {
-                    return Head::Refuse(Refusal::TooLarge);
+                    return Head::Refuse(head::too_large(pending, limits.max_head));
                 }
                 return Head::Complete(end);
             }
             if pending.len() >= limits.max_head {
-                return Head::Refuse(Refusal::TooLarge);
+                return Head::Refuse(head::too_large(pending, limits.max_head));
             }
             scanned = pending.len();
             if !begun {

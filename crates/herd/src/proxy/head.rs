@@ -19,6 +19,8 @@ use herd_balance::KeySource;
 pub enum Refusal {
     BadRequest,
     TooLarge,
+    /// A request line longer than the head's limit.
+    UriTooLong,
     Timeout,
     NotAllowed,
     /// `HTTP/2.0` and above in an HTTP/1 request line.
@@ -31,6 +33,7 @@ impl Refusal {
         match self {
             Refusal::BadRequest => (400, 12),
             Refusal::TooLarge => (431, 23),
+            Refusal::UriTooLong => (414, 17),
             Refusal::Timeout => (408, 16),
             Refusal::NotAllowed => (405, 19),
             Refusal::Version => (505, 27),
@@ -41,10 +44,21 @@ impl Refusal {
         match self {
             Refusal::BadRequest => b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\nConnection: close\r\n\r\nbad request\n",
             Refusal::TooLarge => b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 23\r\nConnection: close\r\n\r\nrequest head too large\n",
+            Refusal::UriTooLong => b"HTTP/1.1 414 URI Too Long\r\nContent-Type: text/plain\r\nContent-Length: 17\r\nConnection: close\r\n\r\nrequest too long\n",
             Refusal::Timeout => b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 16\r\nConnection: close\r\n\r\nrequest timeout\n",
             Refusal::NotAllowed => b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain\r\nContent-Length: 19\r\nAllow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\nConnection: close\r\n\r\nmethod not allowed\n",
             Refusal::Version => b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nConnection: close\r\n\r\nHTTP version not supported\n",
         }
+    }
+}
+
+/// The refusal of a head longer than `max`: 414 when its request line
+/// alone is (as nginx answers), else 431.
+pub fn too_large(head: &[u8], max: usize) -> Refusal {
+    if head[..head.len().min(max)].contains(&b'\n') {
+        Refusal::TooLarge
+    } else {
+        Refusal::UriTooLong
     }
 }
 
@@ -1192,10 +1206,20 @@ mod tests {
     };
 
     #[test]
+    fn a_long_request_line_is_414_and_long_headers_431() {
+        let line = format!("GET /{} HTTP/1.1\r\nHost: h\r\n\r\n", "a".repeat(100));
+        assert_eq!(too_large(line.as_bytes(), 64), Refusal::UriTooLong);
+        assert_eq!(too_large(&line.as_bytes()[..80], 64), Refusal::UriTooLong);
+        let headers = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(100));
+        assert_eq!(too_large(headers.as_bytes(), 64), Refusal::TooLarge);
+    }
+
+    #[test]
     fn a_refusal_logs_what_it_answers() {
         for r in [
             Refusal::BadRequest,
             Refusal::TooLarge,
+            Refusal::UriTooLong,
             Refusal::Timeout,
             Refusal::NotAllowed,
             Refusal::Version,
