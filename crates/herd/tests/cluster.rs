@@ -424,6 +424,30 @@ fn a_worker_on_a_port_of_its_own_is_named() {
     assert!(h.log().contains(&line), "{}", h.log());
 }
 
+/// A worker given fd 3 gets connections with `TCP_NODELAY` set, from the
+/// listening socket: one that writes an answer in two pieces without
+/// setting it (uvicorn takes fd 3 for a Unix socket) would otherwise wait
+/// on a delayed ACK, 40 ms per keep-alive answer.
+#[test]
+fn workers_given_fd_3_accept_connections_with_nodelay() {
+    const APP: &str = r#"
+import socket
+s = socket.socket(fileno=3)
+while True:
+    c, _ = s.accept()
+    c.recv(65536)
+    body = b"nodelay=%d" % c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    c.close()
+"#;
+    for mode in ["shared", "reuseport"] {
+        let h = Herd::start(&["-i", "1", "--mode", mode], &["python3", "-c", APP]);
+        h.wait_ready(1);
+        let (status, body) = h.get("/").unwrap();
+        assert_eq!((status, body.as_str()), (200, "nodelay=1"), "{mode}");
+    }
+}
+
 #[test]
 fn node_and_python_apps_serve_in_every_mode() {
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");

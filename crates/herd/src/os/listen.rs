@@ -60,8 +60,6 @@ impl Listeners {
                 for _ in 0..slots.max(1) {
                     let s = socket(addr, true)?;
                     s.set_nonblocking(true).map_err(|e| err(addr, e))?;
-                    // Accepted sockets inherit it: no setsockopt per connection.
-                    s.set_tcp_nodelay(true).map_err(|e| err(addr, e))?;
                     addr = local_addr(&s).unwrap_or(addr);
                     all.push(s.into());
                 }
@@ -93,10 +91,11 @@ impl Listeners {
     pub fn adopt(mode: Mode, sock: Socket, slots: usize) -> Result<Self, ListenError> {
         let addr = local_addr(&sock).unwrap_or(crate::config::DEFAULT_LISTEN);
         let e = |source| err(addr, source);
+        // As `socket` does for the sockets herd makes.
+        sock.set_tcp_nodelay(true).map_err(e)?;
         match mode {
             Mode::Proxy => {
                 sock.set_nonblocking(true).map_err(e)?;
-                sock.set_tcp_nodelay(true).map_err(e)?;
                 let first: std::net::TcpListener = sock.into();
                 let mut all = Vec::new();
                 for _ in 1..slots.max(1) {
@@ -185,6 +184,12 @@ fn socket(addr: SocketAddr, reuse_port: bool) -> Result<Socket, ListenError> {
     if reuse_port {
         s.set_reuse_port(true).map_err(|e| err(addr, e))?;
     }
+    // Accepted sockets inherit it, in the master and in workers: no
+    // setsockopt per connection, and a worker that writes an answer in two
+    // pieces without setting it itself (uvicorn given fd 3, which it takes
+    // for a Unix socket) does not wait on a delayed ACK, 40 ms per answer.
+    // Node, Go and nginx set it on every connection anyway.
+    s.set_tcp_nodelay(true).map_err(|e| err(addr, e))?;
     s.bind(&addr.into()).map_err(|e| err(addr, e))?;
     s.listen(BACKLOG).map_err(|e| err(addr, e))?;
     Ok(s)
