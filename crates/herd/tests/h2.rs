@@ -794,3 +794,62 @@ fn an_upload_its_backend_is_slow_to_take_does_not_stall_the_connections_other_re
     // by the stalled upload) left the small request's body unsent.
     assert!(out.starts_with("answered after 0."), "{out}");
 }
+
+/// An h2c client (Python's `h2`) that sends one request per stream with the
+/// pseudo-headers given as `name=value` arguments after the port, and prints
+/// each answer as `STATUS BODY` on a line.
+const REQUESTS: &str = r#"
+import socket, sys
+import h2.connection, h2.config, h2.events
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1]))); s.settimeout(10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+c.initiate_connection()
+for i, req in enumerate(sys.argv[2:]):
+    c.send_headers(2 * i + 1, [tuple(p.split("=", 1)) for p in req.split(",")], end_stream=True)
+s.sendall(c.data_to_send())
+status, body, done = {}, {}, 0
+while done < len(sys.argv) - 2:
+    d = s.recv(65536)
+    if not d: break
+    for e in c.receive_data(d):
+        if isinstance(e, h2.events.ResponseReceived): status[e.stream_id] = dict(e.headers)[b":status"].decode()
+        if isinstance(e, h2.events.DataReceived): body[e.stream_id] = body.get(e.stream_id, b"") + e.data
+        if isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)): done += 1
+    s.sendall(c.data_to_send())
+for k in sorted(status): print(status[k], body.get(k, b"").decode().strip())
+"#;
+
+/// An HTTP/2 request without `:authority` reaches an HTTP/1.1 backend with
+/// a `Host` (the address the client reached), which HTTP/1.1 requires; a
+/// CONNECT is refused with 405, as herd's HTTP/1.1 engine refuses it,
+/// instead of reaching the backend as `CONNECT  HTTP/1.1`.
+#[test]
+fn http2_requests_without_authority_get_a_host_and_connect_is_refused() {
+    let port = raw_backend(|mut c, head| {
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let host = head
+            .lines()
+            .find_map(|l| l.strip_prefix("host: "))
+            .unwrap_or("none")
+            .to_string();
+        let _ = write!(
+            c,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{host}",
+            host.len()
+        );
+    });
+    let up = format!("--upstream=127.0.0.1:{port}");
+    let h = Herd::start(&["--health-interval", "0", &up], &[]);
+    h.wait_ready(0);
+    let out = output_ok(
+        Command::new("python3")
+            .args(["-c", REQUESTS])
+            .arg(h.port.to_string())
+            .arg(":method=GET,:scheme=http,:path=/")
+            .arg(":method=CONNECT,:authority=example.test:443"),
+    );
+    assert_eq!(
+        out,
+        format!("200 127.0.0.1:{}\n405 method not allowed\n", h.port)
+    );
+}

@@ -283,6 +283,21 @@ impl HttpProxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return r;
         }
+        // Not a proxy for tunnels, as herd's engine answers (`Refusal::NotAllowed`):
+        // an HTTP/2 CONNECT has no path, and would reach the backend as
+        // `CONNECT  HTTP/1.1`.
+        if req.method() == Method::CONNECT {
+            let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            r.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+            );
+            if req.version() != Version::HTTP_2 {
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return r;
+        }
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
