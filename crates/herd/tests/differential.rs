@@ -67,6 +67,21 @@ fn node_backend() -> Option<(Node, u16)> {
     Some((node, port))
 }
 
+/// The Node backend, and herd listening in front of it.
+fn herd_before_node() -> Option<(Node, u16, Herd)> {
+    let (node, nport) = node_backend()?;
+    let h = Herd::start(
+        &[
+            &format!("--upstream=127.0.0.1:{nport}"),
+            "--health-interval",
+            "0",
+        ],
+        &[],
+    );
+    assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", h.port)).is_ok()));
+    Some((node, nport, h))
+}
+
 fn count(port: u16) -> (u64, u64) {
     let (_, body) = http_get(port, "/__count").unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -147,19 +162,10 @@ const HEADS: &[&str] = &[
 
 #[test]
 fn what_herd_forwards_node_parses_as_herd_did() {
-    let Some((_node, nport)) = node_backend() else {
+    let Some((_node, nport, h)) = herd_before_node() else {
         eprintln!("skipped: node is not installed");
         return;
     };
-    let h = Herd::start(
-        &[
-            &format!("--upstream=127.0.0.1:{nport}"),
-            "--health-interval",
-            "0",
-        ],
-        &[],
-    );
-    assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", h.port)).is_ok()));
     // Every head alone, then seeded random sequences of two or three.
     let mut cases: Vec<Vec<u8>> = HEADS.iter().map(|h| h.as_bytes().to_vec()).collect();
     let mut rng = fastrand::Rng::with_seed(0x4e52_4421);
@@ -216,19 +222,10 @@ fn what_herd_forwards_node_parses_as_herd_did() {
 fn an_http10_request_without_host_is_answered_by_node() {
     // HTTP/1.0 may leave out `Host`; herd sends it on as HTTP/1.1, which
     // must have one, or Node answers 400 itself (not a parse error).
-    let Some((_node, nport)) = node_backend() else {
+    let Some((_node, _, h)) = herd_before_node() else {
         eprintln!("skipped: node is not installed");
         return;
     };
-    let h = Herd::start(
-        &[
-            &format!("--upstream=127.0.0.1:{nport}"),
-            "--health-interval",
-            "0",
-        ],
-        &[],
-    );
-    assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", h.port)).is_ok()));
     for head in [
         "GET / HTTP/1.0\r\n\r\n",
         "OPTIONS / HTTP/1.0\r\nUser-Agent: check\r\n\r\n",

@@ -825,19 +825,7 @@ for k in sorted(status): print(status[k], body.get(k, b"").decode().strip())
 /// instead of reaching the backend as `CONNECT  HTTP/1.1`.
 #[test]
 fn http2_requests_without_authority_get_a_host_and_connect_is_refused() {
-    let port = raw_backend(|mut c, head| {
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        let host = head
-            .lines()
-            .find_map(|l| l.strip_prefix("host: "))
-            .unwrap_or("none")
-            .to_string();
-        let _ = write!(
-            c,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{host}",
-            host.len()
-        );
-    });
+    let port = host_echo_backend();
     let up = format!("--upstream=127.0.0.1:{port}");
     let h = Herd::start(&["--health-interval", "0", &up], &[]);
     h.wait_ready(0);

@@ -426,19 +426,7 @@ fn an_http10_request_without_host_reaches_the_backend_with_one() {
     use std::io::{Read, Write};
     // Sent on as HTTP/1.1, which must name a host: the backend gets the
     // address the client reached (a strict server answers 400 without).
-    let bport = raw_backend(|mut c, head| {
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        let host = head
-            .lines()
-            .find_map(|l| l.strip_prefix("host: "))
-            .unwrap_or("none")
-            .to_string();
-        let _ = write!(
-            c,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{host}",
-            host.len()
-        );
-    });
+    let bport = host_echo_backend();
     let (pki, _h, port) = tls_in_front_of("http10", bport);
     let mut s = tls_client(&pki, port, "a.test");
     s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();

@@ -619,6 +619,24 @@ pub fn raw_backend(serve: impl Fn(std::net::TcpStream, Vec<u8>) + Send + Sync + 
     port
 }
 
+/// A [`raw_backend`] that answers each request with the `Host` it got
+/// (`none` without one), so a test sees what herd sent on.
+pub fn host_echo_backend() -> u16 {
+    raw_backend(|mut c, head| {
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let host = head
+            .lines()
+            .find_map(|l| l.strip_prefix("host: "))
+            .unwrap_or("none")
+            .to_string();
+        let _ = write!(
+            c,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{host}",
+            host.len()
+        );
+    })
+}
+
 /// A request head read off `c` byte by byte (so nothing after it is
 /// taken); `None` if the connection ends first.
 pub fn read_head(c: &mut std::net::TcpStream) -> Option<Vec<u8>> {
