@@ -734,23 +734,6 @@ fn a_stalled_request_body_times_out_with_408() {
     assert!(start.elapsed() < Duration::from_secs(5));
 }
 
-/// Python's `HTTPServer` with HTTP/1.1: keep-alive, one connection at a
-/// time, as Perl's `HTTP::Daemon` loop serves.
-const ONE_AT_A_TIME: &str = r#"
-import os
-from http.server import HTTPServer, BaseHTTPRequestHandler
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        b = f"pid {os.getpid()}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(b)))
-        self.end_headers()
-        self.wfile.write(b)
-    def log_message(self, *a): pass
-HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"#;
-
 /// A worker that serves one connection at a time waits for the next
 /// request on the connection herd keeps open to it and accepts no other:
 /// requests on herd's other proxy thread, or a second at once, waited for

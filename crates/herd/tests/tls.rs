@@ -439,6 +439,35 @@ fn an_http10_request_without_host_reaches_the_backend_with_one() {
     );
 }
 
+/// Over TLS (hyper's path) as over plain HTTP (balancer.rs): a worker that
+/// serves one connection at a time is found, and requests on herd's
+/// other proxy thread do not wait for the idle connection it keeps.
+#[test]
+fn a_worker_serving_one_connection_at_a_time_is_found_over_tls() {
+    let pki = Pki::new("serial");
+    let a = pki.leaf("a.test");
+    let mut args = tls_args(&[&a]);
+    args.extend(["-i".into(), "2".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &["python3", "-c", ONE_AT_A_TIME]);
+    h.wait_ready(2);
+    let mut slowest = Duration::ZERO;
+    for _ in 0..12 {
+        let t = Instant::now();
+        let out = curl(&pki, "a.test", h.port, "/", &[]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.starts_with("pid "), "{text}");
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_millis(900),
+        "a request took {slowest:?}"
+    );
+    let log = h.log();
+    assert!(log.contains("serves one connection at a time"), "{log}");
+    assert!(!log.contains("unhealthy"), "{log}");
+}
+
 #[test]
 fn hostile_http1_over_tls_gets_a_400_and_others_are_served() {
     use std::io::{Read, Write};

@@ -648,3 +648,20 @@ pub fn read_head(c: &mut std::net::TcpStream) -> Option<Vec<u8>> {
     }
     Some(head)
 }
+
+/// Python's `HTTPServer` with HTTP/1.1: keep-alive, one connection at a
+/// time, as Perl's `HTTP::Daemon` loop serves.
+pub const ONE_AT_A_TIME: &str = r#"
+import os
+from http.server import HTTPServer, BaseHTTPRequestHandler
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        b = f"pid {os.getpid()}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    def log_message(self, *a): pass
+HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
