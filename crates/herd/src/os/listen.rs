@@ -249,6 +249,8 @@ pub const PROBE_COUNT: u32 = 4;
 /// spinning, and warns at most once per [`AcceptErrors::WARN_EVERY`] with how
 /// many failed since, rather than about 50 lines a second for as long as
 /// descriptors run short (nginx also waits, 500 ms, before it accepts again).
+/// Its count and period also throttle the proxy's warnings of connects to
+/// backends failing so (`proxy::own_shortage`).
 #[derive(Debug, Default)]
 pub struct AcceptErrors {
     warned_at: Option<std::time::Instant>,
@@ -256,6 +258,14 @@ pub struct AcceptErrors {
 }
 
 impl AcceptErrors {
+    /// For a `static` (`Default` is not `const`).
+    pub const fn new() -> AcceptErrors {
+        AcceptErrors {
+            warned_at: None,
+            failed: 0,
+        }
+    }
+
     pub const BACKOFF: std::time::Duration = std::time::Duration::from_millis(20);
     pub const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 

@@ -375,25 +375,25 @@ impl Key<'_> {
 /// Whether a failed connect to `label` was herd's own shortage
 /// ([`crate::os::short_of_resources`]): then it is not the backend's
 /// failure, no other backend would do better, and the client gets a 503.
-/// Warns at most once per 10 s process-wide (it comes with load).
+/// Warns with a count at most once per 10 s process-wide, as the accept
+/// loops do when descriptors run short (it comes with load).
 pub(crate) fn own_shortage(label: &str, e: &std::io::Error) -> bool {
-    use std::sync::atomic::AtomicU64;
-    static WARNED_AT: AtomicU64 = AtomicU64::new(0);
+    use crate::os::listen::AcceptErrors;
+    static FAILED: std::sync::Mutex<AcceptErrors> = std::sync::Mutex::new(AcceptErrors::new());
     if !crate::os::short_of_resources(e) {
         return false;
     }
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = WARNED_AT.load(Ordering::Relaxed);
-    if secs >= last + 10
-        && WARNED_AT
-            .compare_exchange(last, secs, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        tracing::warn!(
-            "cannot open a connection to {label}: {e}; answering 503 (herd's own shortage, not counted against {label})"
-        );
+    let due = FAILED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .failed(std::time::Instant::now());
+    let why = "answering 503 (herd's own shortage, not counted against a backend)";
+    match due {
+        Some(1) => tracing::warn!("cannot open a connection to {label}: {e}; {why}"),
+        Some(n) => tracing::warn!(
+            "{n} connections could not be opened since the last warning, the last to {label}: {e}; {why}"
+        ),
+        None => {}
     }
     true
 }
