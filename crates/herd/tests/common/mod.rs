@@ -263,6 +263,30 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// How many sockets listen on `port` (IPv4 and IPv6), from the kernel's
+/// tables: a process whose main thread is a zombie may still have threads
+/// exiting that hold its sockets open, so `alive` alone cannot tell that
+/// its listeners are gone.
+pub fn listeners(port: u16) -> usize {
+    let local = format!(":{port:04X} ");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(t).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|l| {
+                    let mut f = l.split_whitespace();
+                    let addr = f.nth(1).unwrap_or("");
+                    let state = f.nth(1).unwrap_or("");
+                    format!("{addr} ").ends_with(&local) && state == "0A"
+                })
+                .count()
+        })
+        .sum()
+}
+
 /// Runs `herd ARGS` expecting a quick failure; returns (exit code, stderr).
 /// A herd still running after 15 s is killed and reported as code 0, so a
 /// test expecting failure fails instead of hanging.
