@@ -763,13 +763,25 @@ fn a_chunked_answer_malformed_from_its_start_is_a_502() {
             false
         },
     ));
-    let h = lb(port, &[]);
+    let admin = free_port();
+    let at = format!("127.0.0.1:{admin}");
+    let h = lb(port, &["--admin", &at]);
     let mut c = connect(h.port);
     c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
     let mut all = String::new();
     let _ = c.read_to_string(&mut all);
     assert!(all.starts_with("HTTP/1.1 502"), "{all:?}");
     assert!(!all.contains("hello"), "{all:?}");
+    // Counted as what the client got, as a malformed head is: a 5xx.
+    let (_, m) = http_get(admin, "/metrics").unwrap();
+    let count = |class: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with("herd_backend_requests_total{"))
+            .filter(|l| l.contains(&format!("code=\"{class}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(count("5xx") >= 1.0 && count("2xx") == 0.0, "{m}");
 }
 
 /// A 64 KiB message in two parts, as a sender that pauses between them

@@ -594,6 +594,20 @@ async fn exchange(
                 }
             }
         };
+        // A chunked answer whose first bytes already break its framing is
+        // as malformed as a bad head: the backend's failure and a 502 (or a
+        // retry), counted as such, before anything reaches the client.
+        let wait = match wait {
+            HeadWait::Got(len, resp)
+                if resp.body == Framing::Chunked
+                    && Chunked::new(p.cfg.limits.max_head)
+                        .scan(&rbuf[len..], |_| {})
+                        .is_err() =>
+            {
+                HeadWait::Malformed
+            }
+            wait => wait,
+        };
         let now = p.up.now();
         let (len, resp) = match wait {
             HeadWait::Got(len, resp) => (len, resp),
@@ -723,13 +737,6 @@ async fn exchange(
                 .fetch_add(uploaded, std::sync::atomic::Ordering::Relaxed);
         }
         conns::give_back(rbuf);
-        if relayed == Relayed::Unsent {
-            tracing::debug!("{}: malformed chunked body", target.label);
-            let bad = (502, "Bad Gateway", "backend failed\n");
-            note(p, &logged, bad.0, 0, upstream, tries);
-            drop(lease);
-            return answer(io, rout, bad, false, limits.idle_timeout).await;
-        }
         note(p, &logged, resp.status, sent, upstream, tries);
         conns::give_back(rout);
         let reusable = body_sent && left_us == Client::Here;
@@ -1019,9 +1026,6 @@ enum Relayed {
     Unreusable,
     /// Broken off: the client connection must close.
     Failed,
-    /// The backend's body was malformed before any byte reached the
-    /// client: herd answers 502 instead, as for a malformed head.
-    Unsent,
 }
 
 /// Writes the answer's head (`out`) and relays its body by its framing.
@@ -1131,7 +1135,7 @@ async fn relay_answer(
                     }
                 }) {
                     Ok(k) => k,
-                    Err(_) if !head.is_empty() => return Relayed::Unsent,
+                    // (Not at the start: the caller checked that.)
                     Err(_) => return Relayed::Failed,
                 };
                 held = full && head.is_empty() && !resp.dechunk && !c.is_done();
