@@ -124,7 +124,7 @@ fn main() -> ExitCode {
             };
             if check {
                 if let Some(t) = &settings.tls
-                    && let Err(e) = herd::proxy::tls::Tls::load(t.pairs.clone(), t.strict_sni)
+                    && let Err(e) = herd::proxy::tls::Tls::load(t)
                 {
                     herd::errln!("herd: error: {e}");
                     return ExitCode::from(1);

@@ -57,7 +57,7 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
 fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
     let s = args.clone().resolve()?;
     if let Some(t) = &s.tls {
-        crate::proxy::tls::Tls::load(t.pairs.clone(), t.strict_sni)?;
+        crate::proxy::tls::Tls::load(t)?;
     }
     if warn {
         for w in &s.warnings {

@@ -1,8 +1,8 @@
 //! TLS termination with real clients: certificates made by `openssl` for
 //! a private CA, `curl --http1.1` and `--http2` through herd to the demo,
 //! `openssl s_client` for SNI, resumption and refused protocol versions,
-//! certificate reloads under load, the plain-HTTP redirect, and bad
-//! certificates refused before anything starts.
+//! certificate reloads under load, the plain-HTTP redirect, clients'
+//! certificates, and bad certificates refused before anything starts.
 
 mod common;
 
@@ -585,6 +585,56 @@ fn strict_sni_refuses_clients_without_a_known_name() {
         assert!(!out.contains("CN = a.test"), "{refused:?}: {out}");
     }
     assert!(curl(&pki, "a.test", h.port, "/", &[]).status.success());
+}
+
+/// `--tls-client-ca`: only clients with a certificate that CA signed get
+/// through (over HTTP/1.1 and HTTP/2, TLS 1.3 and 1.2); the backend is told
+/// which one in RFC 9440's `Client-Cert`, which no client can set itself.
+#[test]
+fn client_certificates_are_required_and_passed_on() {
+    use base64::Engine;
+    let pki = Pki::new("mtls");
+    let a = pki.leaf("a.test");
+    let alice = pki.leaf("alice");
+    let stranger = Pki::new("mtls-stranger").leaf("alice");
+    let mut args = tls_args(&[&a]);
+    args.extend(["--tls-client-ca", s(&pki.path("ca.crt")), "-i", "1"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    let der = Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in", s(&alice.0)])
+        .output()
+        .expect("openssl")
+        .stdout;
+    let field = format!(
+        "client-cert: :{}:",
+        base64::engine::general_purpose::STANDARD.encode(der)
+    );
+    let with = |cert: &(PathBuf, PathBuf), extra: &[&str]| {
+        let mut all = vec!["--cert", s(&cert.0), "--key", s(&cert.1)];
+        all.extend_from_slice(extra);
+        curl(&pki, "a.test", h.port, "/headers", &all)
+    };
+    for version in [&["--http1.1"][..], &["--http2"], &["--tls-max", "1.2"]] {
+        let out = curl(&pki, "a.test", h.port, "/", version);
+        assert!(
+            !out.status.success(),
+            "{version:?}: no certificate, yet served"
+        );
+        let out = with(&stranger, version);
+        assert!(
+            !out.status.success(),
+            "{version:?}: another CA's, yet served"
+        );
+        // A client's own Client-Cert is replaced by the one it presented.
+        let spoof = [version, &["-H", "Client-Cert: :Zm9v:"]].concat();
+        let out = with(&alice, &spoof);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{version:?}: {text}");
+        assert!(text.contains(&field), "{version:?}: {text}");
+        assert!(!text.contains("Zm9v"), "{version:?}: {text}");
+    }
 }
 
 /// A backend that writes an answer's head and body apart under Nagle's

@@ -99,7 +99,7 @@ pub enum ConfigError {
     HostNameWithoutRedis,
     #[error("--tls-cert and --tls-key come in pairs: {certs} certificate(s), {keys} key(s)")]
     TlsPairs { certs: usize, keys: usize },
-    #[error("--redirect-http and --tls-strict-sni need --tls-cert and --tls-key")]
+    #[error("--redirect-http, --tls-strict-sni and --tls-client-ca need --tls-cert and --tls-key")]
     RedirectWithoutTls,
     #[error("TLS is terminated in proxy mode with --protocol http only")]
     TlsNeedsHttp,
@@ -492,6 +492,10 @@ options! {
     /// alert instead of the first pair.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     tls_strict_sni: Option<bool>,
+    /// With TLS: accept only clients that present a certificate signed by one of
+    /// these CA certificates (PEM), as nginx's `ssl_verify_client on`.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
     /// With TLS: also listen on ADDR (or PORT) for plain HTTP and answer 301 to https://.
     #[arg(long, value_name = "ADDR")]
     redirect_http: Option<ListenAddr>,
@@ -1031,7 +1035,11 @@ impl Settings {
             return Err(ConfigError::H2NeedsHttp);
         }
         let tls = match (o.tls_cert, o.tls_key) {
-            (None, None) if o.redirect_http.is_some() || o.tls_strict_sni.is_some() => {
+            (None, None)
+                if o.redirect_http.is_some()
+                    || o.tls_strict_sni.is_some()
+                    || o.tls_client_ca.is_some() =>
+            {
                 return Err(ConfigError::RedirectWithoutTls);
             }
             (None, None) => None,
@@ -1058,6 +1066,7 @@ impl Settings {
                         .collect(),
                     redirect: o.redirect_http.map(|a| a.0),
                     strict_sni: o.tls_strict_sni.unwrap_or(false),
+                    client_ca: o.tls_client_ca.map(abs),
                 })
             }
         };
@@ -1262,6 +1271,8 @@ pub struct TlsConfig {
     pub redirect: Option<SocketAddr>,
     /// `--tls-strict-sni`: no default pair.
     pub strict_sni: bool,
+    /// `--tls-client-ca`: clients must present a certificate it signed.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// A certificate chain and its private key, as PEM files.

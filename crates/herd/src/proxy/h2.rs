@@ -49,7 +49,7 @@ pub async fn serve(
     let seen = Seen::new();
     let local = io.local_addr().ok();
     let io = TokioIo::new(Watched::new(Prefixed { prefix, at: 0, io }, &seen));
-    let svc = service(p.clone(), peer, local, false, seen.clone());
+    let svc = service(p.clone(), peer, local, Via::Plain, seen.clone());
     let conn = http2_server(&p).serve_connection(io, svc);
     serve_gracefully!(conn, stop, seen, p.cfg.limits.idle_timeout, None);
 }
@@ -59,7 +59,13 @@ pub async fn serve(
 /// HTTP/1.1 engine does not.
 pub async fn serve_any(p: Arc<HttpProxy>, io: TcpStream, peer: IpAddr, stop: CancellationToken) {
     let seen = Seen::new();
-    let svc = service(p.clone(), peer, io.local_addr().ok(), false, seen.clone());
+    let svc = service(
+        p.clone(),
+        peer,
+        io.local_addr().ok(),
+        Via::Plain,
+        seen.clone(),
+    );
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // The header time-out is `idle::watch`'s (hyper's also runs while idle).
     b.http1()
@@ -94,7 +100,7 @@ pub(super) fn service(
     me: Arc<HttpProxy>,
     peer: IpAddr,
     local: Option<SocketAddr>,
-    tls: bool,
+    via: Via,
     seen: Arc<Seen>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
@@ -103,9 +109,9 @@ pub(super) fn service(
     Future = impl Future<Output = Result<Response<Tracked>, std::convert::Infallible>> + Send,
 > + Clone {
     hyper::service::service_fn(move |req| {
-        let (me, busy) = (me.clone(), seen.busy());
+        let (me, busy, via) = (me.clone(), seen.busy(), via.clone());
         async move {
-            let (answer, ending) = me.handle_h2(req, peer, local, tls).await;
+            let (answer, ending) = me.handle_h2(req, peer, local, &via).await;
             Ok(answer.map(|body| Tracked {
                 body,
                 ending,
@@ -113,6 +119,16 @@ pub(super) fn service(
             }))
         }
     })
+}
+
+/// How a client reached herd: in plain text (h2c, or HTTP/1.1 while a
+/// backend speaks HTTP/2), or through herd's TLS listener, with the client
+/// certificate `--tls-client-ca` verified as RFC 9440's `Client-Cert`
+/// value (`:` base64 DER `:`), made once per connection.
+#[derive(Clone)]
+pub(super) enum Via {
+    Plain,
+    Tls(Option<HeaderValue>),
 }
 
 /// An answer's body that counts its connection busy until hyper drops it
@@ -251,7 +267,7 @@ impl HttpProxy {
         req: Request<Incoming>,
         peer: IpAddr,
         local: Option<SocketAddr>,
-        tls: bool,
+        via: &Via,
     ) -> (Response<RespBody>, Ending) {
         let mut ending = Ending {
             line: self
@@ -263,7 +279,7 @@ impl HttpProxy {
             sent: 0,
         };
         let resp = self
-            .forward(req, peer, local, tls, &mut ending.served)
+            .forward(req, peer, local, via, &mut ending.served)
             .await;
         ending.status = resp.status().as_u16();
         (resp, ending)
@@ -274,7 +290,7 @@ impl HttpProxy {
         mut req: Request<Incoming>,
         peer: IpAddr,
         local: Option<SocketAddr>,
-        tls: bool,
+        via: &Via,
         served: &mut Served,
     ) -> Response<RespBody> {
         if let Some(why) = refused_h1(&req) {
@@ -307,7 +323,7 @@ impl HttpProxy {
             .get_all(header::TE)
             .iter()
             .any(|v| has_token(v, "trailers"));
-        prepare_request_head(&mut parts, peer, local, upgrade, tls);
+        prepare_request_head(&mut parts, peer, local, upgrade, via);
         if te_trailers {
             parts.extensions.insert(TeTrailers);
         }
@@ -837,7 +853,7 @@ fn prepare_request_head(
     peer: IpAddr,
     local: Option<SocketAddr>,
     upgrade: bool,
-    tls: bool,
+    via: &Via,
 ) {
     // h2 clients give the host as :authority; HTTP/1.1 backends want Host.
     // An HTTP/1.1 request in absolute form names its host in the target,
@@ -854,7 +870,15 @@ fn prepare_request_head(
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     strip_underscore_aliases(&mut parts.headers);
-    add_forwarding(&mut parts.headers, peer, tls);
+    add_forwarding(&mut parts.headers, peer, matches!(via, Via::Tls(_)));
+    // Only herd, the TLS edge, says which certificate a client presented.
+    if let Via::Tls(cert) = via {
+        parts.headers.remove(&CLIENT_CERT);
+        parts.headers.remove(&CLIENT_CERT_CHAIN);
+        if let Some(v) = cert {
+            parts.headers.insert(CLIENT_CERT, v.clone());
+        }
+    }
     // None at all (HTTP/1.0 allows that; HTTP/1.1 does not): the address
     // the client reached, as in herd's engine (`head::add_host`); not a
     // forwarded host, since the client named none.
@@ -880,6 +904,8 @@ fn strip_underscore_aliases(h: &mut HeaderMap) {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const CLIENT_CERT: HeaderName = HeaderName::from_static("client-cert");
+const CLIENT_CERT_CHAIN: HeaderName = HeaderName::from_static("client-cert-chain");
 
 /// `X-Forwarded-For` and `Forwarded` get this hop appended; an
 /// `X-Forwarded-Proto`/`-Host` set by a proxy in front is kept, except
@@ -1527,6 +1553,34 @@ mod tests {
     }
 
     #[test]
+    fn only_herd_s_tls_listener_says_which_client_certificate_came() {
+        let sent = |via: &Via| {
+            let (mut parts, ()) = Request::builder()
+                .uri("/")
+                .header(header::HOST, "a.test")
+                .header("client-cert", ":Zm9v:")
+                .header("client-cert-chain", ":YmFy:")
+                .body(())
+                .unwrap()
+                .into_parts();
+            prepare_request_head(&mut parts, "192.0.2.9".parse().unwrap(), None, false, via);
+            let get = |n: &str| {
+                parts
+                    .headers
+                    .get(n)
+                    .map(|v| v.to_str().unwrap().to_string())
+            };
+            (get("client-cert"), get("client-cert-chain"))
+        };
+        // A proxy in front of a plain listener may have set them.
+        let kept = (Some(":Zm9v:".into()), Some(":YmFy:".into()));
+        assert_eq!(sent(&Via::Plain), kept);
+        assert_eq!(sent(&Via::Tls(None)), (None, None));
+        let verified = Via::Tls(Some(HeaderValue::from_static(":cXV4:")));
+        assert_eq!(sent(&verified), (Some(":cXV4:".into()), None));
+    }
+
+    #[test]
     fn an_absolute_target_names_the_host_the_backend_gets() {
         let head = |uri: &str| {
             let (mut parts, ()) = Request::builder()
@@ -1535,7 +1589,8 @@ mod tests {
                 .body(())
                 .unwrap()
                 .into_parts();
-            prepare_request_head(&mut parts, "192.0.2.9".parse().unwrap(), None, false, true);
+            let via = Via::Tls(None);
+            prepare_request_head(&mut parts, "192.0.2.9".parse().unwrap(), None, false, &via);
             (parts.uri.to_string(), parts.headers[header::HOST].clone())
         };
         assert_eq!(

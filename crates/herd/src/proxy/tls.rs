@@ -1,5 +1,6 @@
 //! TLS termination (rustls, ring): certificates and their reload, the SNI
-//! pick, and serving a TLS connection. ALPN offers `h2` and `http/1.1`;
+//! pick, clients' certificates (`--tls-client-ca`), and serving a TLS
+//! connection. ALPN offers `h2` and `http/1.1`;
 //! both are served through hyper (the handler h2c uses), since herd's own
 //! HTTP/1.1 engine works on the bare socket's readiness.
 //!
@@ -23,9 +24,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::HttpProxy;
+use super::h2::Via;
 use super::idle::{Seen, Watched};
 
-use crate::config::TlsPair as Pair;
+use crate::config::{TlsConfig, TlsPair as Pair};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -39,6 +41,8 @@ pub enum TlsError {
         key: PathBuf,
         reason: String,
     },
+    #[error("--tls-client-ca {0}: {1}")]
+    ClientCa(PathBuf, String),
     #[error("TLS: {0}")]
     Setup(String),
 }
@@ -47,6 +51,7 @@ pub enum TlsError {
 pub struct Tls {
     pairs: Vec<Pair>,
     strict: bool,
+    client_ca: Option<PathBuf>,
     config: ArcSwap<rustls::ServerConfig>,
     tickets: Arc<dyn ProducesTickets>,
     sessions: Arc<dyn StoresServerSessions + Send + Sync>,
@@ -92,6 +97,30 @@ fn load_pair(p: &Pair, provider: &CryptoProvider) -> Result<CertifiedKey, TlsErr
     })
 }
 
+/// `--tls-client-ca`: the verifier of client certificates, against the CA
+/// certificates in `path` (every one must parse: a typo is an error, not
+/// a CA fewer).
+fn client_verifier(
+    path: &std::path::Path,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let bad = |m: String| TlsError::ClientCa(path.to_path_buf(), m);
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| bad(format!("not PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad(format!("not a CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no CERTIFICATE in the file".into()));
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| bad(e.to_string()))
+}
+
 fn stamp(p: &std::path::Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(p).ok()?;
     Some((m.modified().ok()?, m.len()))
@@ -99,16 +128,18 @@ fn stamp(p: &std::path::Path) -> Option<(SystemTime, u64)> {
 
 impl Tls {
     /// Loads every pair (an error names the file); the first is the default
-    /// unless `strict` (`--tls-strict-sni`).
-    pub fn load(pairs: Vec<Pair>, strict: bool) -> Result<Tls, TlsError> {
+    /// unless `--tls-strict-sni`; and `--tls-client-ca`'s certificates.
+    pub fn load(t: &TlsConfig) -> Result<Tls, TlsError> {
         let tickets =
             rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Setup(e.to_string()))?;
         let sessions: Arc<dyn StoresServerSessions + Send + Sync> =
             rustls::server::ServerSessionMemoryCache::new(4096);
-        let stamps = Self::stamps_of(&pairs);
-        let config = Self::build(&pairs, strict, &tickets, &sessions)?;
+        let (pairs, strict, client_ca) = (t.pairs.clone(), t.strict_sni, t.client_ca.clone());
+        let stamps = Self::stamps_of(&pairs, client_ca.as_deref());
+        let config = Self::build(&pairs, strict, client_ca.as_deref(), &tickets, &sessions)?;
         Ok(Tls {
             strict,
+            client_ca,
             pairs,
             config: ArcSwap::from_pointee(config),
             tickets,
@@ -117,16 +148,21 @@ impl Tls {
         })
     }
 
-    fn stamps_of(pairs: &[Pair]) -> Vec<Option<(SystemTime, u64)>> {
+    fn stamps_of(
+        pairs: &[Pair],
+        client_ca: Option<&std::path::Path>,
+    ) -> Vec<Option<(SystemTime, u64)>> {
         pairs
             .iter()
             .flat_map(|p| [stamp(&p.cert), stamp(&p.key)])
+            .chain(client_ca.map(stamp))
             .collect()
     }
 
     fn build(
         pairs: &[Pair],
         strict: bool,
+        client_ca: Option<&std::path::Path>,
         tickets: &Arc<dyn ProducesTickets>,
         sessions: &Arc<dyn StoresServerSessions + Send + Sync>,
     ) -> Result<rustls::ServerConfig, TlsError> {
@@ -135,11 +171,14 @@ impl Tls {
         for p in pairs {
             keys.push(Arc::new(load_pair(p, &provider)?));
         }
-        let mut c = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| TlsError::Setup(e.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(Sni { keys, strict }));
+            .map_err(|e| TlsError::Setup(e.to_string()))?;
+        let builder = match client_ca {
+            Some(ca) => builder.with_client_cert_verifier(client_verifier(ca, provider)?),
+            None => builder.with_no_client_auth(),
+        };
+        let mut c = builder.with_cert_resolver(Arc::new(Sni { keys, strict }));
         c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         c.ticketer = tickets.clone();
         c.session_storage = sessions.clone();
@@ -148,8 +187,9 @@ impl Tls {
 
     /// Loads the files again; on any error the certificates in use stay.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let stamps = Self::stamps_of(&self.pairs);
-        let c = Self::build(&self.pairs, self.strict, &self.tickets, &self.sessions)?;
+        let ca = self.client_ca.as_deref();
+        let stamps = Self::stamps_of(&self.pairs, ca);
+        let c = Self::build(&self.pairs, self.strict, ca, &self.tickets, &self.sessions)?;
         self.config.store(Arc::new(c));
         if let Ok(mut s) = self.stamps.lock() {
             *s = stamps;
@@ -159,14 +199,14 @@ impl Tls {
 
     /// Whether a file changed since it was last loaded (time or size).
     pub fn changed(&self) -> bool {
-        let now = Self::stamps_of(&self.pairs);
+        let now = Self::stamps_of(&self.pairs, self.client_ca.as_deref());
         self.stamps.lock().map(|s| *s != now).unwrap_or(false)
     }
 
     /// Remembers the files as they are now, so one bad change is reported once.
     pub fn seen(&self) {
         if let Ok(mut s) = self.stamps.lock() {
-            *s = Self::stamps_of(&self.pairs);
+            *s = Self::stamps_of(&self.pairs, self.client_ca.as_deref());
         }
     }
 
@@ -231,9 +271,15 @@ pub async fn serve(
         Err(_) => return,
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| client_cert_field(leaf));
     let seen = Seen::new();
     let io = TokioIo::new(Watched::new(stream, &seen));
-    let svc = super::h2::service(p.clone(), peer, local, true, seen.clone());
+    let svc = super::h2::service(p.clone(), peer, local, Via::Tls(cert), seen.clone());
     let idle = p.cfg.limits.idle_timeout;
     if h2 {
         let conn = super::h2::http2_server(&p).serve_connection(io, svc);
@@ -249,6 +295,18 @@ pub async fn serve(
         let header = Some(p.cfg.limits.header_timeout);
         serve_gracefully!(conn, stop, seen, idle, header);
     }
+}
+
+/// RFC 9440's `Client-Cert` value: the certificate's DER as a structured
+/// field byte sequence (`:` base64 `:`). Only a certificate the verifier
+/// accepted gets here (without `--tls-client-ca` clients send none).
+fn client_cert_field(leaf: &CertificateDer<'_>) -> Option<hyper::header::HeaderValue> {
+    use base64::Engine;
+    let mut v = String::with_capacity(leaf.len() * 4 / 3 + 4);
+    v.push(':');
+    base64::engine::general_purpose::STANDARD.encode_string(leaf.as_ref(), &mut v);
+    v.push(':');
+    hyper::header::HeaderValue::from_str(&v).ok()
 }
 
 /// `--redirect-http`: answers every request with a `301` to the same host

@@ -195,10 +195,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     raise_nofile();
     // Certificates first: a bad one stops the start before anything binds.
     let tls = match &s.tls {
-        Some(t) => Some(Arc::new(crate::proxy::tls::Tls::load(
-            t.pairs.clone(),
-            t.strict_sni,
-        )?)),
+        Some(t) => Some(Arc::new(crate::proxy::tls::Tls::load(t)?)),
         None => None,
     };
     let proxy_threads = crate::os::cpus::usable();
