@@ -123,9 +123,7 @@ fn main() -> ExitCode {
                 }
             };
             if check {
-                if let Some(t) = &settings.tls
-                    && let Err(e) = herd::proxy::tls::Tls::load(t)
-                {
+                if let Err(e) = herd::proxy::check_tls(&settings) {
                     herd::errln!("herd: error: {e}");
                     return ExitCode::from(1);
                 }

@@ -56,9 +56,7 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
 /// `warn`: print the config file's warnings (once for all its apps).
 fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
     let s = args.clone().resolve()?;
-    if let Some(t) = &s.tls {
-        crate::proxy::tls::Tls::load(t)?;
-    }
+    crate::proxy::check_tls(&s).map_err(anyhow::Error::msg)?;
     if warn {
         for w in &s.warnings {
             crate::errln!("herd: warning: {w}");

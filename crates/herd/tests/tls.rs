@@ -298,6 +298,34 @@ fn bad_certificates_are_one_line_errors_before_anything_starts() {
         ),
         (vec!["--tls-strict-sni".into()], "need --tls-cert"),
         (
+            vec!["--tls-client-ca".into(), s(&a.0).into()],
+            "need --tls-cert",
+        ),
+        (
+            [
+                tls_args(&[&a]),
+                vec!["--tls-client-ca".into(), s(&junk).into()],
+            ]
+            .concat(),
+            "--tls-client-ca",
+        ),
+        (
+            vec!["--upstream-cert".into(), s(&a.0).into()],
+            "go together",
+        ),
+        (
+            ["--upstream-cert", s(&a.0), "--upstream-key", s(&b.1)]
+                .map(String::from)
+                .to_vec(),
+            "does not match --upstream-cert",
+        ),
+        (
+            ["--upstream-cert", s(&junk), "--upstream-key", s(&a.1)]
+                .map(String::from)
+                .to_vec(),
+            "--upstream-cert",
+        ),
+        (
             [tls_args(&[&a]), vec!["--mode".into(), "shared".into()]].concat(),
             "proxy mode with --protocol http only",
         ),
@@ -635,6 +663,50 @@ fn client_certificates_are_required_and_passed_on() {
         assert!(text.contains(&field), "{version:?}: {text}");
         assert!(!text.contains("Zm9v"), "{version:?}: {text}");
     }
+}
+
+/// `--upstream-cert`: herd shows its certificate to a `tls` upstream that
+/// asks for one (here herd itself with `--tls-client-ca`), as nginx's
+/// `proxy_ssl_certificate`; without it that upstream refuses herd (502).
+#[test]
+fn herd_presents_its_client_certificate_to_upstreams_that_ask() {
+    let pki = Pki::new("upcert");
+    let server = pki.leaf("localhost");
+    let client = pki.leaf("front");
+    let ca = pki.path("ca.crt");
+    let backend = Herd::start(
+        &[
+            "-i",
+            "1",
+            "--tls-cert",
+            s(&server.0),
+            "--tls-key",
+            s(&server.1),
+            "--tls-client-ca",
+            s(&ca),
+        ],
+        &[DEMO],
+    );
+    backend.wait_ready(1);
+    let upstream = format!("--upstream=localhost:{},tls", backend.port);
+    let front = |cert: &[&str]| {
+        let mut args = vec![upstream.as_str(), "--upstream-ca", s(&ca)];
+        args.extend_from_slice(cert);
+        let h = Herd::start(&args, &[]);
+        assert!(h.wait_log("listening on", T), "{}", h.log());
+        h
+    };
+    let with = front(&[
+        "--upstream-cert",
+        s(&client.0),
+        "--upstream-key",
+        s(&client.1),
+    ]);
+    let (status, body) = with.get("/headers").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("client-cert: :"), "{body}");
+    let without = front(&[]);
+    assert_eq!(without.get("/").unwrap().0, 502);
 }
 
 /// A backend that writes an answer's head and body apart under Nagle's

@@ -97,6 +97,8 @@ pub enum ConfigError {
     BadHostName(String),
     #[error("--host-name needs --redis: the name is this host's among those sharing Redis")]
     HostNameWithoutRedis,
+    #[error("--upstream-cert and --upstream-key go together")]
+    UpstreamPair,
     #[error("--tls-cert and --tls-key come in pairs: {certs} certificate(s), {keys} key(s)")]
     TlsPairs { certs: usize, keys: usize },
     #[error("--redirect-http, --tls-strict-sni and --tls-client-ca need --tls-cert and --tls-key")]
@@ -503,6 +505,13 @@ options! {
     /// [default: the system's].
     #[arg(long, value_name = "FILE")]
     upstream_ca: Option<PathBuf>,
+    /// A client certificate chain (PEM) that herd presents to upstreams marked
+    /// `tls` that ask for one, with --upstream-key (nginx's proxy_ssl_certificate).
+    #[arg(long, value_name = "FILE")]
+    upstream_cert: Option<PathBuf>,
+    /// The PEM private key of --upstream-cert.
+    #[arg(long, value_name = "FILE")]
+    upstream_key: Option<PathBuf>,
     /// What the workers speak on their port: `h1` (HTTP/1.1) or `h2` (HTTP/2 with
     /// prior knowledge, h2c) [default: h1].
     #[arg(long, value_enum, value_name = "PROTOCOL")]
@@ -686,6 +695,8 @@ pub struct Settings {
     pub workers_h2: bool,
     /// `--upstream-ca`, absolute.
     pub upstream_ca: Option<PathBuf>,
+    /// `--upstream-cert` and `--upstream-key`, absolute.
+    pub upstream_client: Option<TlsPair>,
     pub health: HealthConfig,
     pub http: HttpConfig,
     pub connect_timeout: Duration,
@@ -1070,6 +1081,14 @@ impl Settings {
                 })
             }
         };
+        let upstream_client = match (o.upstream_cert, o.upstream_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsPair {
+                cert: std::path::absolute(&cert).unwrap_or(cert),
+                key: std::path::absolute(&key).unwrap_or(key),
+            }),
+            _ => return Err(ConfigError::UpstreamPair),
+        };
         let redis = match (o.redis, o.host_name) {
             (None, Some(_)) => return Err(ConfigError::HostNameWithoutRedis),
             (None, None) => None,
@@ -1223,6 +1242,7 @@ impl Settings {
             tls,
             workers_h2,
             upstream_ca: o.upstream_ca.map(|p| std::path::absolute(&p).unwrap_or(p)),
+            upstream_client,
             health,
             http,
             connect_timeout,

@@ -1237,7 +1237,8 @@ async fn open(target: &Target, timeout: Duration, tls: &ClientTls) -> Result<Wir
 }
 
 /// The TLS client settings for backends marked `tls`: the roots their
-/// certificates must chain to (`--upstream-ca`, else the system's), and
+/// certificates must chain to (`--upstream-ca`, else the system's), the
+/// certificate herd shows those that ask for one (`--upstream-cert`), and
 /// ALPN for each protocol.
 pub struct ClientTls {
     h1: Arc<rustls::ClientConfig>,
@@ -1247,7 +1248,11 @@ pub struct ClientTls {
 impl ClientTls {
     /// `system`: load the system's roots (only when some backend is `tls`
     /// and no `--upstream-ca` is given).
-    pub fn new(ca: Option<&std::path::Path>, system: bool) -> Result<ClientTls, String> {
+    pub fn new(
+        ca: Option<&std::path::Path>,
+        system: bool,
+        client: Option<&crate::config::TlsPair>,
+    ) -> Result<ClientTls, String> {
         use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
@@ -1271,14 +1276,30 @@ impl ClientTls {
             }
             None => {}
         }
+        let client = match client {
+            Some(p) => Some((client_pair(p)?, p)),
+            None => None,
+        };
         let make = |alpn: &[u8]| -> Result<Arc<rustls::ClientConfig>, String> {
-            let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+            let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth();
+            .with_root_certificates(roots.clone());
+            let mut c = match &client {
+                Some(((chain, key), p)) => builder
+                    .with_client_auth_cert(chain.clone(), key.clone_key())
+                    .map_err(|e| match e {
+                        rustls::Error::InconsistentKeys(_) => format!(
+                            "--upstream-key {} does not match --upstream-cert {}",
+                            p.key.display(),
+                            p.cert.display()
+                        ),
+                        e => format!("--upstream-key {}: {e}", p.key.display()),
+                    })?,
+                None => builder.with_no_client_auth(),
+            };
             c.alpn_protocols = vec![alpn.to_vec()];
             Ok(Arc::new(c))
         };
@@ -1287,6 +1308,32 @@ impl ClientTls {
             h2: make(b"h2")?,
         })
     }
+}
+
+/// `--upstream-cert`'s chain and `--upstream-key`'s key, read as the
+/// listener's pairs are (an error names the file).
+fn client_pair(
+    p: &crate::config::TlsPair,
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert = |e: &dyn std::fmt::Display| format!("--upstream-cert {}: {e}", p.cert.display());
+    let chain = CertificateDer::pem_file_iter(&p.cert)
+        .map_err(|e| cert(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert(&e))?;
+    if chain.is_empty() {
+        return Err(cert(&"no CERTIFICATE in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&p.key)
+        .map_err(|e| format!("--upstream-key {}: no private key: {e}", p.key.display()))?;
+    Ok((chain, key))
 }
 
 /// The most hyper buffers of a backend's answer (its default, about

@@ -134,6 +134,17 @@ pub fn thread_index() -> usize {
     THREAD.with(|t| t.get())
 }
 
+/// What `herd run --check` and `herd start` check of TLS before anything
+/// starts, as the master does when it starts: the listener's certificates
+/// and `--upstream-ca`/`--upstream-cert`'s files (not the system's roots).
+pub fn check_tls(s: &crate::config::Settings) -> Result<(), String> {
+    if let Some(t) = &s.tls {
+        tls::Tls::load(t).map_err(|e| e.to_string())?;
+    }
+    h2::ClientTls::new(s.upstream_ca.as_deref(), false, s.upstream_client.as_ref())?;
+    Ok(())
+}
+
 /// Runs the proxy on one thread per listener, each with its own
 /// single-threaded runtime, as nginx runs one event loop per worker: a
 /// client connection, its backend connections and their tasks then stay

@@ -401,6 +401,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 let client_tls = proxy::h2::ClientTls::new(
                     s.upstream_ca.as_deref(),
                     tls_up && s.upstream_ca.is_none(),
+                    s.upstream_client.as_ref(),
                 )
                 .map_err(SuperviseError::UpstreamTls)?;
                 let mut h = HttpProxy::new(
