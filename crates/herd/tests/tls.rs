@@ -302,6 +302,10 @@ fn bad_certificates_are_one_line_errors_before_anything_starts() {
             "need --tls-cert",
         ),
         (
+            [tls_args(&[&a]), vec!["--tls-client-optional".into()]].concat(),
+            "needs --tls-client-ca",
+        ),
+        (
             [
                 tls_args(&[&a]),
                 vec!["--tls-client-ca".into(), s(&junk).into()],
@@ -625,9 +629,9 @@ fn client_certificates_are_required_and_passed_on() {
     let a = pki.leaf("a.test");
     let alice = pki.leaf("alice");
     let stranger = Pki::new("mtls-stranger").leaf("alice");
-    let mut args = tls_args(&[&a]);
-    args.extend(["--tls-client-ca", s(&pki.path("ca.crt")), "-i", "1"].map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut owned = tls_args(&[&a]);
+    owned.extend(["--tls-client-ca", s(&pki.path("ca.crt")), "-i", "1"].map(String::from));
+    let mut args: Vec<&str> = owned.iter().map(String::as_str).collect();
     let h = Herd::start(&args, &[DEMO]);
     h.wait_ready(1);
     let der = Command::new("openssl")
@@ -663,6 +667,62 @@ fn client_certificates_are_required_and_passed_on() {
         assert!(text.contains(&field), "{version:?}: {text}");
         assert!(!text.contains("Zm9v"), "{version:?}: {text}");
     }
+    // --tls-client-optional: no certificate is let through, without the
+    // field (and without the one the client sent); another CA's is not.
+    args.push("--tls-client-optional");
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    let out = curl(
+        &pki,
+        "a.test",
+        h.port,
+        "/headers",
+        &["-H", "Client-Cert: :Zm9v:"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("client-cert"), "{text}");
+    let stranger = ["--cert", s(&stranger.0), "--key", s(&stranger.1)];
+    assert!(
+        !curl(&pki, "a.test", h.port, "/", &stranger)
+            .status
+            .success()
+    );
+    let alice = ["--cert", s(&alice.0), "--key", s(&alice.1)];
+    let out = curl(&pki, "a.test", h.port, "/headers", &alice);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&field));
+}
+
+/// A resumed session keeps the client certificate it was made with, unchecked:
+/// once `--tls-client-ca`'s file changes (a CA removed), sessions made
+/// before do not resume, so every client is checked against the new one.
+#[test]
+fn sessions_made_before_the_client_ca_changed_do_not_resume() {
+    let pki = Pki::new("mtls-resume");
+    let a = pki.leaf("a.test");
+    let alice = pki.leaf("alice");
+    let other = Pki::new("mtls-resume-other");
+    let live = pki.path("live-ca.crt");
+    std::fs::copy(pki.path("ca.crt"), &live).unwrap();
+    let mut args = tls_args(&[&a]);
+    args.extend(["--tls-client-ca", s(&live), "-i", "1"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    let sess = pki.path("session.pem");
+    let cert = ["-cert", s(&alice.0), "-key", s(&alice.1)];
+    let first = s_client(
+        h.port,
+        &[&["-tls1_2", "-sess_out", s(&sess)][..], &cert].concat(),
+    );
+    assert!(first.contains("New,"), "{first}");
+    let resume = ["-tls1_2", "-sess_in", s(&sess)];
+    let again = s_client(h.port, &resume);
+    assert!(again.contains("Reused,"), "{again}");
+    std::fs::copy(other.path("ca.crt"), &live).unwrap();
+    assert!(h.wait_log("TLS certificates reloaded", T), "{}", h.log());
+    let after = s_client(h.port, &resume);
+    assert!(!after.contains("Reused,"), "{after}");
 }
 
 /// `--upstream-cert`: herd shows its certificate to a `tls` upstream that

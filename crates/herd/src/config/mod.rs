@@ -99,6 +99,8 @@ pub enum ConfigError {
     HostNameWithoutRedis,
     #[error("--upstream-cert and --upstream-key go together")]
     UpstreamPair,
+    #[error("--tls-client-optional needs --tls-client-ca")]
+    OptionalWithoutCa,
     #[error("--tls-cert and --tls-key come in pairs: {certs} certificate(s), {keys} key(s)")]
     TlsPairs { certs: usize, keys: usize },
     #[error("--redirect-http, --tls-strict-sni and --tls-client-ca need --tls-cert and --tls-key")]
@@ -498,6 +500,10 @@ options! {
     /// these CA certificates (PEM), as nginx's `ssl_verify_client on`.
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// With --tls-client-ca: a client may also come without a certificate (nginx's
+    /// `ssl_verify_client optional`); one it presents must still be valid.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    tls_client_optional: Option<bool>,
     /// With TLS: also listen on ADDR (or PORT) for plain HTTP and answer 301 to https://.
     #[arg(long, value_name = "ADDR")]
     redirect_http: Option<ListenAddr>,
@@ -1049,7 +1055,8 @@ impl Settings {
             (None, None)
                 if o.redirect_http.is_some()
                     || o.tls_strict_sni.is_some()
-                    || o.tls_client_ca.is_some() =>
+                    || o.tls_client_ca.is_some()
+                    || o.tls_client_optional.is_some() =>
             {
                 return Err(ConfigError::RedirectWithoutTls);
             }
@@ -1077,6 +1084,10 @@ impl Settings {
                         .collect(),
                     redirect: o.redirect_http.map(|a| a.0),
                     strict_sni: o.tls_strict_sni.unwrap_or(false),
+                    client_optional: match (&o.tls_client_ca, o.tls_client_optional) {
+                        (None, Some(_)) => return Err(ConfigError::OptionalWithoutCa),
+                        (_, optional) => optional.unwrap_or(false),
+                    },
                     client_ca: o.tls_client_ca.map(abs),
                 })
             }
@@ -1293,6 +1304,8 @@ pub struct TlsConfig {
     pub strict_sni: bool,
     /// `--tls-client-ca`: clients must present a certificate it signed.
     pub client_ca: Option<PathBuf>,
+    /// `--tls-client-optional`: or none at all.
+    pub client_optional: bool,
 }
 
 /// A certificate chain and its private key, as PEM files.

@@ -51,7 +51,8 @@ pub enum TlsError {
 pub struct Tls {
     pairs: Vec<Pair>,
     strict: bool,
-    client_ca: Option<PathBuf>,
+    /// `--tls-client-ca`, and whether a certificate is optional.
+    client_ca: Option<(PathBuf, bool)>,
     config: ArcSwap<rustls::ServerConfig>,
     tickets: Arc<dyn ProducesTickets>,
     sessions: Arc<dyn StoresServerSessions + Send + Sync>,
@@ -99,9 +100,10 @@ fn load_pair(p: &Pair, provider: &CryptoProvider) -> Result<CertifiedKey, TlsErr
 
 /// `--tls-client-ca`: the verifier of client certificates, against the CA
 /// certificates in `path` (every one must parse: a typo is an error, not
-/// a CA fewer).
+/// a CA fewer); with `optional`, a client may send none.
 fn client_verifier(
     path: &std::path::Path,
+    optional: bool,
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let bad = |m: String| TlsError::ClientCa(path.to_path_buf(), m);
@@ -116,9 +118,29 @@ fn client_verifier(
     if roots.is_empty() {
         return Err(bad("no CERTIFICATE in the file".into()));
     }
-    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-        .build()
-        .map_err(|e| bad(e.to_string()))
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let verifier = if optional {
+        verifier.allow_unauthenticated()
+    } else {
+        verifier
+    };
+    verifier.build().map_err(|e| bad(e.to_string()))
+}
+
+/// A new ticket key and an empty cache of 4,096 sessions: what lets
+/// clients resume the sessions made under them.
+#[allow(clippy::type_complexity)]
+fn resumption() -> Result<
+    (
+        Arc<dyn ProducesTickets>,
+        Arc<dyn StoresServerSessions + Send + Sync>,
+    ),
+    TlsError,
+> {
+    let tickets =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Setup(e.to_string()))?;
+    Ok((tickets, rustls::server::ServerSessionMemoryCache::new(4096)))
 }
 
 fn stamp(p: &std::path::Path) -> Option<(SystemTime, u64)> {
@@ -130,13 +152,11 @@ impl Tls {
     /// Loads every pair (an error names the file); the first is the default
     /// unless `--tls-strict-sni`; and `--tls-client-ca`'s certificates.
     pub fn load(t: &TlsConfig) -> Result<Tls, TlsError> {
-        let tickets =
-            rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Setup(e.to_string()))?;
-        let sessions: Arc<dyn StoresServerSessions + Send + Sync> =
-            rustls::server::ServerSessionMemoryCache::new(4096);
-        let (pairs, strict, client_ca) = (t.pairs.clone(), t.strict_sni, t.client_ca.clone());
-        let stamps = Self::stamps_of(&pairs, client_ca.as_deref());
-        let config = Self::build(&pairs, strict, client_ca.as_deref(), &tickets, &sessions)?;
+        let (tickets, sessions) = resumption()?;
+        let (pairs, strict) = (t.pairs.clone(), t.strict_sni);
+        let client_ca = t.client_ca.clone().map(|ca| (ca, t.client_optional));
+        let stamps = Self::stamps_of(&pairs, client_ca.as_ref());
+        let config = Self::build(&pairs, strict, client_ca.as_ref(), &tickets, &sessions)?;
         Ok(Tls {
             strict,
             client_ca,
@@ -150,19 +170,19 @@ impl Tls {
 
     fn stamps_of(
         pairs: &[Pair],
-        client_ca: Option<&std::path::Path>,
+        client_ca: Option<&(PathBuf, bool)>,
     ) -> Vec<Option<(SystemTime, u64)>> {
         pairs
             .iter()
             .flat_map(|p| [stamp(&p.cert), stamp(&p.key)])
-            .chain(client_ca.map(stamp))
+            .chain(client_ca.map(|(ca, _)| stamp(ca)))
             .collect()
     }
 
     fn build(
         pairs: &[Pair],
         strict: bool,
-        client_ca: Option<&std::path::Path>,
+        client_ca: Option<&(PathBuf, bool)>,
         tickets: &Arc<dyn ProducesTickets>,
         sessions: &Arc<dyn StoresServerSessions + Send + Sync>,
     ) -> Result<rustls::ServerConfig, TlsError> {
@@ -175,7 +195,9 @@ impl Tls {
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| TlsError::Setup(e.to_string()))?;
         let builder = match client_ca {
-            Some(ca) => builder.with_client_cert_verifier(client_verifier(ca, provider)?),
+            Some((ca, optional)) => {
+                builder.with_client_cert_verifier(client_verifier(ca, *optional, provider)?)
+            }
             None => builder.with_no_client_auth(),
         };
         let mut c = builder.with_cert_resolver(Arc::new(Sni { keys, strict }));
@@ -186,10 +208,18 @@ impl Tls {
     }
 
     /// Loads the files again; on any error the certificates in use stay.
+    /// Sessions resume across it, except with `--tls-client-ca`: a resumed
+    /// session keeps the client certificate it was made with unchecked, so a
+    /// client of a CA just removed would still get in; there every client
+    /// makes a full handshake once after a reload.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let ca = self.client_ca.as_deref();
+        let ca = self.client_ca.as_ref();
         let stamps = Self::stamps_of(&self.pairs, ca);
-        let c = Self::build(&self.pairs, self.strict, ca, &self.tickets, &self.sessions)?;
+        let (tickets, sessions) = match ca {
+            Some(_) => resumption()?,
+            None => (self.tickets.clone(), self.sessions.clone()),
+        };
+        let c = Self::build(&self.pairs, self.strict, ca, &tickets, &sessions)?;
         self.config.store(Arc::new(c));
         if let Ok(mut s) = self.stamps.lock() {
             *s = stamps;
@@ -199,14 +229,14 @@ impl Tls {
 
     /// Whether a file changed since it was last loaded (time or size).
     pub fn changed(&self) -> bool {
-        let now = Self::stamps_of(&self.pairs, self.client_ca.as_deref());
+        let now = Self::stamps_of(&self.pairs, self.client_ca.as_ref());
         self.stamps.lock().map(|s| *s != now).unwrap_or(false)
     }
 
     /// Remembers the files as they are now, so one bad change is reported once.
     pub fn seen(&self) {
         if let Ok(mut s) = self.stamps.lock() {
-            *s = Self::stamps_of(&self.pairs, self.client_ca.as_deref());
+            *s = Self::stamps_of(&self.pairs, self.client_ca.as_ref());
         }
     }
 
