@@ -1276,28 +1276,21 @@ impl ClientTls {
             }
             None => {}
         }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let client = match client {
-            Some(p) => Some((client_pair(p)?, p)),
+            Some(p) => Some(Arc::new(
+                super::tls::load_pair(p, &provider, super::tls::UPSTREAM)
+                    .map_err(|e| e.to_string())?,
+            )),
             None => None,
         };
         let make = |alpn: &[u8]| -> Result<Arc<rustls::ClientConfig>, String> {
-            let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots.clone());
+            let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots.clone());
             let mut c = match &client {
-                Some(((chain, key), p)) => builder
-                    .with_client_auth_cert(chain.clone(), key.clone_key())
-                    .map_err(|e| match e {
-                        rustls::Error::InconsistentKeys(_) => format!(
-                            "--upstream-key {} does not match --upstream-cert {}",
-                            p.key.display(),
-                            p.cert.display()
-                        ),
-                        e => format!("--upstream-key {}: {e}", p.key.display()),
-                    })?,
+                Some(key) => builder.with_client_cert_resolver(Arc::new(ClientCert(key.clone()))),
                 None => builder.with_no_client_auth(),
             };
             c.alpn_protocols = vec![alpn.to_vec()];
@@ -1310,30 +1303,23 @@ impl ClientTls {
     }
 }
 
-/// `--upstream-cert`'s chain and `--upstream-key`'s key, read as the
-/// listener's pairs are (an error names the file).
-fn client_pair(
-    p: &crate::config::TlsPair,
-) -> Result<
-    (
-        Vec<rustls::pki_types::CertificateDer<'static>>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    ),
-    String,
-> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let cert = |e: &dyn std::fmt::Display| format!("--upstream-cert {}: {e}", p.cert.display());
-    let chain = CertificateDer::pem_file_iter(&p.cert)
-        .map_err(|e| cert(&e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cert(&e))?;
-    if chain.is_empty() {
-        return Err(cert(&"no CERTIFICATE in the file"));
+/// `--upstream-cert`: the one certificate herd shows every upstream that
+/// asks for one.
+#[derive(Debug)]
+struct ClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
     }
-    let key = PrivateKeyDer::from_pem_file(&p.key)
-        .map_err(|e| format!("--upstream-key {}: no private key: {e}", p.key.display()))?;
-    Ok((chain, key))
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// The most hyper buffers of a backend's answer (its default, about

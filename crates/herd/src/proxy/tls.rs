@@ -31,12 +31,13 @@ use crate::config::{TlsConfig, TlsPair as Pair};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("--tls-cert {0}: {1}")]
-    Cert(PathBuf, String),
-    #[error("--tls-key {0}: {1}")]
-    Key(PathBuf, String),
-    #[error("--tls-key {key} does not match --tls-cert {cert} ({reason})")]
+    #[error("{flag} {path}: {why}", flag = .0.cert, path = .1.display(), why = .2)]
+    Cert(Flags, PathBuf, String),
+    #[error("{flag} {path}: {why}", flag = .0.key, path = .1.display(), why = .2)]
+    Key(Flags, PathBuf, String),
+    #[error("{kf} {key} does not match {cf} {cert} ({reason})", kf = .flags.key, cf = .flags.cert, key = .key.display(), cert = .cert.display())]
     Mismatch {
+        flags: Flags,
         cert: PathBuf,
         key: PathBuf,
         reason: String,
@@ -70,31 +71,54 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The flags a pair of files was given by, for errors that name them.
+#[derive(Debug, Clone, Copy)]
+pub struct Flags {
+    cert: &'static str,
+    key: &'static str,
+}
+
+/// `--tls-cert`/`--tls-key`: the listener's pairs.
+const LISTENER: Flags = Flags {
+    cert: "--tls-cert",
+    key: "--tls-key",
+};
+
+/// `--upstream-cert`/`--upstream-key`: what herd shows `tls` upstreams.
+pub(super) const UPSTREAM: Flags = Flags {
+    cert: "--upstream-cert",
+    key: "--upstream-key",
+};
+
 /// Reads one pair: the chain (leaf first) and a key that matches it.
-fn load_pair(p: &Pair, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
+pub(super) fn load_pair(
+    p: &Pair,
+    provider: &CryptoProvider,
+    flags: Flags,
+) -> Result<CertifiedKey, TlsError> {
     let io = |e: std::io::Error| e.to_string();
-    let pem = std::fs::read(&p.cert).map_err(|e| TlsError::Cert(p.cert.clone(), io(e)))?;
+    let cert = |m: String| TlsError::Cert(flags, p.cert.clone(), m);
+    let pem = std::fs::read(&p.cert).map_err(|e| cert(io(e)))?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Cert(p.cert.clone(), format!("not PEM: {e}")))?;
+        .map_err(|e| cert(format!("not PEM: {e}")))?;
     if chain.is_empty() {
-        return Err(TlsError::Cert(
-            p.cert.clone(),
-            "no CERTIFICATE in the file".into(),
-        ));
+        return Err(cert("no CERTIFICATE in the file".into()));
     }
     webpki::EndEntityCert::try_from(&chain[0])
-        .map_err(|e| TlsError::Cert(p.cert.clone(), format!("not a certificate: {e}")))?;
-    let pem = std::fs::read(&p.key).map_err(|e| TlsError::Key(p.key.clone(), io(e)))?;
-    let key = PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| TlsError::Key(p.key.clone(), format!("no private key: {e}")))?;
-    CertifiedKey::from_der(chain, key, provider).map_err(|e| match e {
+        .map_err(|e| cert(format!("not a certificate: {e}")))?;
+    let key = |m: String| TlsError::Key(flags, p.key.clone(), m);
+    let pem = std::fs::read(&p.key).map_err(|e| key(io(e)))?;
+    let der =
+        PrivateKeyDer::from_pem_slice(&pem).map_err(|e| key(format!("no private key: {e}")))?;
+    CertifiedKey::from_der(chain, der, provider).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+            flags,
             cert: p.cert.clone(),
             key: p.key.clone(),
             reason: "a different public key".into(),
         },
-        other => TlsError::Key(p.key.clone(), other.to_string()),
+        other => key(other.to_string()),
     })
 }
 
@@ -189,7 +213,7 @@ impl Tls {
         let provider = provider();
         let mut keys = Vec::with_capacity(pairs.len());
         for p in pairs {
-            keys.push(Arc::new(load_pair(p, &provider)?));
+            keys.push(Arc::new(load_pair(p, &provider, LISTENER)?));
         }
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
