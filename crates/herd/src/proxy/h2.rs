@@ -1253,22 +1253,11 @@ impl ClientTls {
         system: bool,
         client: Option<&crate::config::TlsPair>,
     ) -> Result<ClientTls, String> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         match ca {
             Some(path) => {
-                for c in CertificateDer::pem_file_iter(path)
-                    .map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?
-                {
-                    let c = c.map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
-                    roots
-                        .add(c)
-                        .map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
-                }
-                if roots.is_empty() {
-                    return Err(format!("--upstream-ca {}: no certificate", path.display()));
-                }
+                roots = super::tls::load_roots(path)
+                    .map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
             }
             None if system => {
                 let found = rustls_native_certs::load_native_certs();

@@ -122,26 +122,32 @@ pub(super) fn load_pair(
     })
 }
 
-/// `--tls-client-ca`: the verifier of client certificates, against the CA
-/// certificates in `path` (every one must parse: a typo is an error, not
-/// a CA fewer); with `optional`, a client may send none.
+/// The CA certificates in a PEM file (`--tls-client-ca`, `--upstream-ca`):
+/// every one must parse, so a typo is an error, not a CA fewer.
+pub(super) fn load_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("not PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("not a CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("no CERTIFICATE in the file".into());
+    }
+    Ok(roots)
+}
+
+/// `--tls-client-ca`: the verifier of client certificates against the CA
+/// certificates in `path`; with `optional`, a client may send none.
 fn client_verifier(
     path: &std::path::Path,
     optional: bool,
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let bad = |m: String| TlsError::ClientCa(path.to_path_buf(), m);
-    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| bad(format!("not PEM: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| bad(format!("not a CA certificate: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(bad("no CERTIFICATE in the file".into()));
-    }
+    let roots = load_roots(path).map_err(bad)?;
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
     let verifier = if optional {
