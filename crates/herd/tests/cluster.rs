@@ -765,8 +765,10 @@ fn installed(cmd: &str) -> bool {
 #[test]
 fn the_readmes_gunicorn_and_uvicorn_commands_serve() {
     // Issue 18, item 11: every third-party command the README shows runs.
-    if !installed("gunicorn") || !installed("uvicorn") {
-        panic!("gunicorn and uvicorn are needed (pip install gunicorn uvicorn; .ci/run does)");
+    if !installed("gunicorn") || !installed("uvicorn") || !installed("flask") {
+        panic!(
+            "gunicorn, uvicorn and flask are needed (pip install gunicorn uvicorn flask; .ci/run does)"
+        );
     }
     let dir = std::env::temp_dir().join(format!("herd-wsgi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -780,7 +782,34 @@ fn the_readmes_gunicorn_and_uvicorn_commands_serve() {
         "async def app(scope, receive, send):\n    if scope['type'] != 'http':\n        return\n    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n    await send({'type': 'http.response.body', 'body': b'asgi ok'})\n",
     )
     .unwrap();
+    std::fs::write(
+        dir.join("fl.py"),
+        "from flask import Flask\napp = Flask(__name__)\n@app.get('/')\ndef hi():\n    return 'flask ok'\n",
+    )
+    .unwrap();
     let cwd = dir.to_string_lossy().into_owned();
+    // Plain `uvicorn app:app` and `flask run`, two workers: each would bind
+    // its framework's default port but for UVICORN_PORT, UVICORN_FD and
+    // FLASK_RUN_PORT.
+    let plain: [(&str, &[&str], &str); 4] = [
+        ("proxy", &["uvicorn", "asgi:app"], "asgi ok"),
+        ("shared", &["uvicorn", "asgi:app"], "asgi ok"),
+        ("reuseport", &["uvicorn", "asgi:app"], "asgi ok"),
+        ("proxy", &["flask", "--app", "fl", "run"], "flask ok"),
+    ];
+    for (mode, cmd, want) in plain {
+        let h = Herd::start(&["-i", "2", "--mode", mode, "--cwd", &cwd], cmd);
+        h.wait_ready(2);
+        for _ in 0..4 {
+            let got = h.get("/");
+            assert!(
+                matches!(&got, Ok((200, b)) if b.contains(want)),
+                "{mode} {cmd:?}: {got:?}\n{}",
+                h.log()
+            );
+        }
+        assert!(!h.log().contains("already in use"), "{}", h.log());
+    }
     let cases: [(&str, &[&str], &str); 6] = [
         ("shared", &["gunicorn", "wsgi:app"], "wsgi ok"),
         ("reuseport", &["gunicorn", "wsgi:app"], "wsgi ok"),

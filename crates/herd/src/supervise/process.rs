@@ -152,6 +152,8 @@ impl Supervisor {
                 fds.push((fd, 3));
                 env.push((contract::LISTEN_FDS.into(), "1".into()));
                 env.push((contract::LISTEN_FDNAMES.into(), "herd".into()));
+                env.retain(|(k, _)| k != UVICORN_FD);
+                env.push((UVICORN_FD.into(), "3".into()));
                 true
             }
             None => false,
@@ -547,7 +549,7 @@ fn elsewhere(probe: Probe, listening: &[SocketAddr]) -> Option<String> {
         Probe::Port(p) if !listening.is_empty() && listening.iter().all(|a| a.port() != p) => {
             Some(format!(
                 "it listens on {}, but herd sends it requests on 127.0.0.1:{p}, its PORT. \
-                 Make it listen on $PORT (uvicorn: --port $PORT; Spring Boot: -Dserver.port=$PORT)",
+                 Make it listen on $PORT (hypercorn: --bind 127.0.0.1:$PORT; Django: runserver $PORT)",
                 shown()
             ))
         }
@@ -559,6 +561,21 @@ fn elsewhere(probe: Probe, listening: &[SocketAddr]) -> Option<String> {
         _ => None,
     }
 }
+
+/// Servers that default to a fixed port and ignore `PORT` but read a
+/// variable of their own: with these set, `herd run -i 2 -- uvicorn app:app`
+/// (or `flask run`, or a Spring Boot jar) serves on the port herd proxies
+/// to, instead of every worker fighting over the framework's default.
+const PORT_ALIASES: &[&str] = &[
+    "UVICORN_PORT",   // uvicorn's options come from UVICORN_* too
+    "FLASK_RUN_PORT", // `flask run`
+    "SERVER_PORT",    // Spring Boot's server.port
+];
+
+/// uvicorn's `--fd`, set when fd 3 is the listening socket (shared and
+/// reuseport modes): plain `uvicorn app:app` then accepts there instead of
+/// binding 127.0.0.1:8000. It wins over `--port` and `--host` in uvicorn.
+const UVICORN_FD: &str = "UVICORN_FD";
 
 /// The worker's environment: the master's, minus protocol variables meant
 /// for herd itself, plus the user's `--env`, plus the worker contract
@@ -619,7 +636,10 @@ fn worker_env(
         set("WATCHDOG_USEC", w.as_micros().to_string().into());
     }
     if let Some(p) = port {
-        set(contract::PORT, p.to_string().into());
+        let p: OsString = p.to_string().into();
+        for k in [contract::PORT].iter().chain(PORT_ALIASES) {
+            set(k, p.clone());
+        }
     }
     // PM2's increment_var: NAME = its value + the worker's id.
     if let Some(var) = &s.increment_var {
