@@ -314,6 +314,29 @@ fn bad_certificates_are_one_line_errors_before_anything_starts() {
             "--tls-client-ca",
         ),
         (
+            [
+                tls_args(&[&a]),
+                vec!["--tls-client-crl".into(), s(&junk).into()],
+            ]
+            .concat(),
+            "needs --tls-client-ca",
+        ),
+        (
+            [
+                tls_args(&[&a]),
+                [
+                    "--tls-client-ca",
+                    s(&pki.path("ca.crt")),
+                    "--tls-client-crl",
+                    s(&junk),
+                ]
+                .map(String::from)
+                .to_vec(),
+            ]
+            .concat(),
+            "--tls-client-crl",
+        ),
+        (
             vec!["--upstream-cert".into(), s(&a.0).into()],
             "go together",
         ),
@@ -691,6 +714,104 @@ fn client_certificates_are_required_and_passed_on() {
     let alice = ["--cert", s(&alice.0), "--key", s(&alice.1)];
     let out = curl(&pki, "a.test", h.port, "/headers", &alice);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&field));
+}
+
+/// A revocation list of PKI's CA, `NAME.crl`, revoking `revoked` (`openssl ca`
+/// with a database of its own) and valid for `secs` seconds.
+fn crl(pki: &Pki, name: &str, revoked: &[&PathBuf], secs: u32) -> PathBuf {
+    let db = pki.path(&format!("{name}.db"));
+    std::fs::create_dir_all(&db).unwrap();
+    std::fs::write(db.join("index.txt"), "").unwrap();
+    std::fs::write(db.join("crlnumber"), "01\n").unwrap();
+    let cnf = db.join("ca.cnf");
+    std::fs::write(
+        &cnf,
+        format!(
+            "[ca]\ndefault_ca = d\n[d]\ndatabase = {0}/index.txt\ncrlnumber = {0}/crlnumber\ndefault_md = sha256\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let ca = [
+        "-batch",
+        "-config",
+        s(&cnf),
+        "-keyfile",
+        "ca.key",
+        "-cert",
+        "ca.crt",
+    ];
+    for cert in revoked {
+        openssl(
+            &pki.path(""),
+            &[&["ca"][..], &ca, &["-revoke", s(cert)]].concat(),
+        );
+    }
+    let out = format!("{name}.crl");
+    let secs = secs.to_string();
+    openssl(
+        &pki.path(""),
+        &[
+            &["ca"][..],
+            &ca,
+            &["-gencrl", "-crlsec", &secs, "-out", &out],
+        ]
+        .concat(),
+    );
+    pki.path(&out)
+}
+
+/// `--tls-client-crl`, nginx's `ssl_crl`: a revoked certificate fails its
+/// handshake once the list that names it is in place (read again when it
+/// changes, as the certificates are), and so does every certificate once
+/// the list has expired or when it is not its CA's, as under OpenSSL.
+#[test]
+fn revoked_client_certificates_are_refused() {
+    let pki = Pki::new("crl");
+    let a = pki.leaf("a.test");
+    let alice = pki.leaf("alice");
+    let bob = pki.leaf("bob");
+    let live = pki.path("live.crl");
+    std::fs::copy(crl(&pki, "none", &[], 3600), &live).unwrap();
+    let mut args = tls_args(&[&a]);
+    args.extend(
+        [
+            "--tls-client-ca",
+            s(&pki.path("ca.crt")),
+            "--tls-client-crl",
+            s(&live),
+            "-i",
+            "1",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    let served = |who: &(PathBuf, PathBuf), version: &[&str]| {
+        let all = [&["--cert", s(&who.0), "--key", s(&who.1)][..], version].concat();
+        curl(&pki, "a.test", h.port, "/", &all).status.success()
+    };
+    assert!(served(&alice, &[]) && served(&bob, &[]));
+    let reloads = |n: usize| {
+        wait_until(T, || {
+            h.log().matches("TLS certificates reloaded").count() >= n
+        })
+    };
+    std::fs::copy(crl(&pki, "alice-out", &[&alice.0], 3600), &live).unwrap();
+    assert!(reloads(1), "{}", h.log());
+    for version in [&["--http1.1"][..], &["--http2"], &["--tls-max", "1.2"]] {
+        assert!(!served(&alice, version), "{version:?}: revoked, yet served");
+        assert!(served(&bob, version), "{version:?}: {}", h.log());
+    }
+    // Another CA's list says nothing of bob's certificate: refused.
+    std::fs::copy(crl(&Pki::new("crl-other"), "theirs", &[], 3600), &live).unwrap();
+    assert!(reloads(2), "{}", h.log());
+    assert!(!served(&bob, &[]));
+    // A list that expires a second after it was made: refused once it has.
+    std::fs::copy(crl(&pki, "brief", &[], 1), &live).unwrap();
+    assert!(reloads(3), "{}", h.log());
+    assert!(wait_until(T, || !served(&bob, &[])), "{}", h.log());
 }
 
 /// A resumed session keeps the client certificate it was made with, unchecked:

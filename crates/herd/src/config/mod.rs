@@ -101,9 +101,11 @@ pub enum ConfigError {
     UpstreamPair,
     #[error("--tls-client-optional needs --tls-client-ca")]
     OptionalWithoutCa,
+    #[error("--tls-client-crl needs --tls-client-ca")]
+    CrlWithoutCa,
     #[error("--tls-cert and --tls-key come in pairs: {certs} certificate(s), {keys} key(s)")]
     TlsPairs { certs: usize, keys: usize },
-    #[error("--redirect-http, --tls-strict-sni and --tls-client-ca need --tls-cert and --tls-key")]
+    #[error("--redirect-http, --tls-strict-sni and --tls-client-* need --tls-cert and --tls-key")]
     RedirectWithoutTls,
     #[error("TLS is terminated in proxy mode with --protocol http only")]
     TlsNeedsHttp,
@@ -504,6 +506,10 @@ options! {
     /// `ssl_verify_client optional`); one it presents must still be valid.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     tls_client_optional: Option<bool>,
+    /// With --tls-client-ca: certificate revocation lists (PEM, one per CA of the
+    /// chain) that refuse revoked client certificates, as nginx's `ssl_crl`.
+    #[arg(long, value_name = "FILE")]
+    tls_client_crl: Option<PathBuf>,
     /// With TLS: also listen on ADDR (or PORT) for plain HTTP and answer 301 to https://.
     #[arg(long, value_name = "ADDR")]
     redirect_http: Option<ListenAddr>,
@@ -1056,7 +1062,8 @@ impl Settings {
                 if o.redirect_http.is_some()
                     || o.tls_strict_sni.is_some()
                     || o.tls_client_ca.is_some()
-                    || o.tls_client_optional.is_some() =>
+                    || o.tls_client_optional.is_some()
+                    || o.tls_client_crl.is_some() =>
             {
                 return Err(ConfigError::RedirectWithoutTls);
             }
@@ -1087,6 +1094,10 @@ impl Settings {
                     client_optional: match (&o.tls_client_ca, o.tls_client_optional) {
                         (None, Some(_)) => return Err(ConfigError::OptionalWithoutCa),
                         (_, optional) => optional.unwrap_or(false),
+                    },
+                    client_crl: match (&o.tls_client_ca, o.tls_client_crl) {
+                        (None, Some(_)) => return Err(ConfigError::CrlWithoutCa),
+                        (_, crl) => crl.map(abs),
                     },
                     client_ca: o.tls_client_ca.map(abs),
                 })
@@ -1306,6 +1317,8 @@ pub struct TlsConfig {
     pub client_ca: Option<PathBuf>,
     /// `--tls-client-optional`: or none at all.
     pub client_optional: bool,
+    /// `--tls-client-crl`: revoked client certificates.
+    pub client_crl: Option<PathBuf>,
 }
 
 /// A certificate chain and its private key, as PEM files.

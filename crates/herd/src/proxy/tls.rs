@@ -1,5 +1,5 @@
 //! TLS termination (rustls, ring): certificates and their reload, the SNI
-//! pick, clients' certificates (`--tls-client-ca`), and serving a TLS
+//! pick, clients' certificates (`--tls-client-ca`, `--tls-client-crl`), and serving a TLS
 //! connection. ALPN offers `h2` and `http/1.1`;
 //! both are served through hyper (the handler h2c uses), since herd's own
 //! HTTP/1.1 engine works on the bare socket's readiness.
@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert, StoresServerSessions};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
@@ -44,6 +44,8 @@ pub enum TlsError {
     },
     #[error("--tls-client-ca {0}: {1}")]
     ClientCa(PathBuf, String),
+    #[error("--tls-client-crl {0}: {1}")]
+    ClientCrl(PathBuf, String),
     #[error("TLS: {0}")]
     Setup(String),
 }
@@ -52,8 +54,8 @@ pub enum TlsError {
 pub struct Tls {
     pairs: Vec<Pair>,
     strict: bool,
-    /// `--tls-client-ca`, and whether a certificate is optional.
-    client_ca: Option<(PathBuf, bool)>,
+    /// `--tls-client-ca` and what goes with it.
+    client_ca: Option<ClientAuth>,
     config: ArcSwap<rustls::ServerConfig>,
     tickets: Arc<dyn ProducesTickets>,
     sessions: Arc<dyn StoresServerSessions + Send + Sync>,
@@ -139,23 +141,48 @@ pub(super) fn load_roots(path: &std::path::Path) -> Result<rustls::RootCertStore
     Ok(roots)
 }
 
-/// `--tls-client-ca`: the verifier of client certificates against the CA
-/// certificates in `path`; with `optional`, a client may send none.
-fn client_verifier(
-    path: &std::path::Path,
+/// How clients' certificates are checked: `--tls-client-ca`,
+/// `--tls-client-optional`, `--tls-client-crl`.
+#[derive(Debug, Clone)]
+struct ClientAuth {
+    ca: PathBuf,
     optional: bool,
+    crl: Option<PathBuf>,
+}
+
+/// The verifier of client certificates against the CA certificates in
+/// `ca`; with `optional`, a client may send none. With revocation lists, as
+/// OpenSSL's checks under nginx's `ssl_crl`: every certificate of the
+/// client's chain below the CA needs its issuer's list, and an expired list
+/// refuses everyone until a fresh one replaces it.
+fn client_verifier(
+    auth: &ClientAuth,
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
-    let bad = |m: String| TlsError::ClientCa(path.to_path_buf(), m);
-    let roots = load_roots(path).map_err(bad)?;
-    let verifier =
+    let bad = |m: String| TlsError::ClientCa(auth.ca.clone(), m);
+    let roots = load_roots(&auth.ca).map_err(bad)?;
+    let mut verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-    let verifier = if optional {
-        verifier.allow_unauthenticated()
-    } else {
-        verifier
-    };
-    verifier.build().map_err(|e| bad(e.to_string()))
+    if auth.optional {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let bad_crl = |path: &PathBuf, m: String| TlsError::ClientCrl(path.clone(), m);
+    if let Some(path) = &auth.crl {
+        let pem = std::fs::read(path).map_err(|e| bad_crl(path, e.to_string()))?;
+        let crls: Vec<CertificateRevocationListDer<'static>> =
+            CertificateRevocationListDer::pem_slice_iter(&pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad_crl(path, format!("not PEM: {e}")))?;
+        if crls.is_empty() {
+            return Err(bad_crl(path, "no X509 CRL in the file".into()));
+        }
+        verifier = verifier.with_crls(crls).enforce_revocation_expiration();
+    }
+    // The roots were checked above: what fails here is a list.
+    verifier.build().map_err(|e| match &auth.crl {
+        Some(path) => bad_crl(path, e.to_string()),
+        None => bad(e.to_string()),
+    })
 }
 
 /// A new ticket key and an empty cache of 4,096 sessions: what lets
@@ -184,7 +211,11 @@ impl Tls {
     pub fn load(t: &TlsConfig) -> Result<Tls, TlsError> {
         let (tickets, sessions) = resumption()?;
         let (pairs, strict) = (t.pairs.clone(), t.strict_sni);
-        let client_ca = t.client_ca.clone().map(|ca| (ca, t.client_optional));
+        let client_ca = t.client_ca.clone().map(|ca| ClientAuth {
+            ca,
+            optional: t.client_optional,
+            crl: t.client_crl.clone(),
+        });
         let stamps = Self::stamps_of(&pairs, client_ca.as_ref());
         let config = Self::build(&pairs, strict, client_ca.as_ref(), &tickets, &sessions)?;
         Ok(Tls {
@@ -198,21 +229,19 @@ impl Tls {
         })
     }
 
-    fn stamps_of(
-        pairs: &[Pair],
-        client_ca: Option<&(PathBuf, bool)>,
-    ) -> Vec<Option<(SystemTime, u64)>> {
+    fn stamps_of(pairs: &[Pair], client: Option<&ClientAuth>) -> Vec<Option<(SystemTime, u64)>> {
         pairs
             .iter()
             .flat_map(|p| [stamp(&p.cert), stamp(&p.key)])
-            .chain(client_ca.map(|(ca, _)| stamp(ca)))
+            .chain(client.map(|c| stamp(&c.ca)))
+            .chain(client.and_then(|c| c.crl.as_deref()).map(stamp))
             .collect()
     }
 
     fn build(
         pairs: &[Pair],
         strict: bool,
-        client_ca: Option<&(PathBuf, bool)>,
+        client: Option<&ClientAuth>,
         tickets: &Arc<dyn ProducesTickets>,
         sessions: &Arc<dyn StoresServerSessions + Send + Sync>,
     ) -> Result<rustls::ServerConfig, TlsError> {
@@ -224,10 +253,8 @@ impl Tls {
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| TlsError::Setup(e.to_string()))?;
-        let builder = match client_ca {
-            Some((ca, optional)) => {
-                builder.with_client_cert_verifier(client_verifier(ca, *optional, provider)?)
-            }
+        let builder = match client {
+            Some(c) => builder.with_client_cert_verifier(client_verifier(c, provider)?),
             None => builder.with_no_client_auth(),
         };
         let mut c = builder.with_cert_resolver(Arc::new(Sni { keys, strict }));
@@ -240,7 +267,8 @@ impl Tls {
     /// Loads the files again; on any error the certificates in use stay.
     /// Sessions resume across it, except with `--tls-client-ca`: a resumed
     /// session keeps the client certificate it was made with unchecked, so a
-    /// client of a CA just removed would still get in; there every client
+    /// client of a CA just removed (or a certificate just revoked) would still
+    /// get in; there every client
     /// makes a full handshake once after a reload.
     pub fn reload(&self) -> Result<(), TlsError> {
         let ca = self.client_ca.as_ref();
