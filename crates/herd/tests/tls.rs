@@ -804,6 +804,13 @@ fn revoked_client_certificates_are_refused() {
         assert!(!served(&alice, version), "{version:?}: revoked, yet served");
         assert!(served(&bob, version), "{version:?}: {}", h.log());
     }
+    // Said in the log, once per 10 s at most.
+    assert!(
+        h.wait_log("refused the client certificate of 127.0.0.1", T),
+        "{}",
+        h.log()
+    );
+    assert_eq!(h.log().matches("refused the client certificate").count(), 1);
     // Another CA's list says nothing of bob's certificate: refused.
     std::fs::copy(crl(&Pki::new("crl-other"), "theirs", &[], 3600), &live).unwrap();
     assert!(reloads(2), "{}", h.log());

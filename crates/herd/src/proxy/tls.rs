@@ -337,6 +337,38 @@ impl ResolvesServerCert for Sni {
     }
 }
 
+/// The reason a handshake refused the client's certificate (missing,
+/// another CA's, expired, revoked), from rustls's error. Any other failure
+/// (garbage, an old version, no common cipher) is a scanner's as often as
+/// not, and stays at debug level.
+fn refused_certificate(e: &std::io::Error) -> Option<&rustls::Error> {
+    let r = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    matches!(
+        r,
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+    )
+    .then_some(r)
+}
+
+/// Says why a client certificate was refused (an operator's question with
+/// mutual TLS; nginx logs it at info level too), at most once per 10 s with
+/// a count, so a client retrying in a loop does not flood the log.
+fn note_refused_certificate(peer: IpAddr, why: &rustls::Error) {
+    use crate::os::listen::AcceptErrors;
+    static REFUSED: std::sync::Mutex<AcceptErrors> = std::sync::Mutex::new(AcceptErrors::new());
+    let due = REFUSED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .failed(std::time::Instant::now());
+    match due {
+        Some(1) => tracing::info!("refused the client certificate of {peer}: {why}"),
+        Some(n) => tracing::info!(
+            "refused {n} client certificates since the last such line, the last of {peer}: {why}"
+        ),
+        None => {}
+    }
+}
+
 /// Serves one TLS client connection: the handshake (bounded by the head
 /// time-out), then HTTP/2 or HTTP/1.1 as ALPN chose. A failed handshake
 /// (garbage, an old version, no common cipher) gets rustls's alert and
@@ -353,7 +385,10 @@ pub async fn serve(
     let stream = match tokio::time::timeout(p.cfg.limits.header_timeout, handshake).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::debug!("TLS handshake with {peer} failed: {e}");
+            match refused_certificate(&e) {
+                Some(why) => note_refused_certificate(peer, why),
+                None => tracing::debug!("TLS handshake with {peer} failed: {e}"),
+            }
             return;
         }
         Err(_) => return,
