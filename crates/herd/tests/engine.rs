@@ -1010,3 +1010,128 @@ fn request_bodies_and_tunnels_are_counted_per_backend() {
         counted("to_client")
     );
 }
+
+/// Reads a chunked body from `r` to its end; its payload length, or `None`
+/// if the connection ended first.
+fn read_chunked(r: &mut BufReader<TcpStream>) -> Option<usize> {
+    let mut total = 0;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let size = usize::from_str_radix(line.trim_end(), 16).ok()?;
+        if size == 0 {
+            loop {
+                line.clear();
+                if r.read_line(&mut line).ok()? == 0 {
+                    return None;
+                }
+                if line == "\r\n" {
+                    return Some(total);
+                }
+            }
+        }
+        let mut chunk = vec![0; size + 2];
+        r.read_exact(&mut chunk).ok()?;
+        total += size;
+    }
+}
+
+#[test]
+fn bodies_past_max_body_size_get_413_and_never_reach_the_backend_whole() {
+    // The backend reads each body whole before it answers, and counts
+    // the bodies it got whole.
+    let whole = Arc::new(AtomicUsize::new(0));
+    let counted = whole.clone();
+    let (port, conns, _) = backend_counting(Arc::new(
+        move |head: &str, r: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            let got = if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked")
+            {
+                match read_chunked(r) {
+                    Some(n) => n,
+                    None => return false,
+                }
+            } else {
+                let mut body = vec![0; content_length(head)];
+                if r.read_exact(&mut body).is_err() {
+                    return false;
+                }
+                body.len()
+            };
+            counted.fetch_add(1, Ordering::SeqCst);
+            ok(c, &format!("got {got}"));
+            true
+        },
+    ));
+    let h = lb(port, &["--max-body-size", "64k"]);
+    let limit = 64 * 1024;
+    // Sends HEAD, then BODY from another thread (the answer may come
+    // first); the whole answer, up to the connection's end.
+    let exchange = |head: String, body: Vec<u8>| -> String {
+        let mut s = connect(h.port);
+        s.write_all(head.as_bytes()).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            for piece in body.chunks(16 * 1024) {
+                if w.write_all(piece).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut r = BufReader::new(s);
+        let (head, body) = read_one(&mut r);
+        let _ = writer.join();
+        format!("{head}{}", String::from_utf8_lossy(&body))
+    };
+    let sized = |n: usize| {
+        exchange(
+            format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {n}\r\n\r\n"),
+            vec![b'a'; n],
+        )
+    };
+    let chunked = |n: usize| {
+        let mut body = Vec::new();
+        for piece in vec![b'a'; n].chunks(8 * 1024) {
+            body.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            body.extend_from_slice(piece);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+        exchange(
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+            body,
+        )
+    };
+    let answer = sized(limit);
+    assert!(answer.ends_with(&format!("got {limit}")), "{answer}");
+    let answer = chunked(limit);
+    assert!(answer.ends_with(&format!("got {limit}")), "{answer}");
+    assert_eq!(whole.load(Ordering::SeqCst), 2);
+    let backend_conns = conns.load(Ordering::SeqCst);
+    // A length past the limit: 413 before any backend hears of it, read by
+    // a client still sending.
+    let answer = sized(limit + 1);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("Connection: close"), "{answer}");
+    // With `Expect: 100-continue`, at once and without a 100.
+    let mut s = connect(h.port);
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    let (head, _) = read_one(&mut BufReader::new(s));
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert_eq!(conns.load(Ordering::SeqCst), backend_conns);
+    // A chunked body is cut where it passes the limit: the backend never
+    // gets it whole, and the client gets the 413.
+    let answer = chunked(1024 * 1024);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(whole.load(Ordering::SeqCst), 2);
+    // Everyone else is served as before.
+    assert!(sized(10).ends_with("got 10"));
+    assert_eq!(whole.load(Ordering::SeqCst), 3);
+}

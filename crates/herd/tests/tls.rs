@@ -1089,3 +1089,62 @@ fn https_keepalive_clients_stay_for_the_idle_timeout_and_slow_heads_are_cut() {
         "slow heads closed after {took:?}"
     );
 }
+
+/// `--max-body-size` on hyper's path (TLS clients): a length past it gets
+/// 413 over HTTP/1.1 and HTTP/2 before the backend hears of it, and the
+/// client, still sending, reads it (the rest is read and dropped for a
+/// while, as nginx's lingering close); a chunked body is cut where it
+/// passes the limit.
+#[test]
+fn tls_clients_bodies_past_max_body_size_get_413() {
+    let pki = Pki::new("maxbody");
+    let a = pki.leaf("a.test");
+    let mut args = tls_args(&[&a]);
+    args.extend(["--max-body-size", "64k", "-i", "1"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    let file = |n: usize| {
+        let p = pki.path(&format!("body-{n}"));
+        std::fs::write(&p, vec![b'a'; n]).unwrap();
+        p
+    };
+    let (fits, over, big) = (file(64 * 1024), file(64 * 1024 + 1), file(4 << 20));
+    let status = |body: &PathBuf, extra: &[&str]| {
+        let data = format!("@{}", body.display());
+        let all = [
+            &["-o", "/dev/null", "-w", "%{http_code}", "-H", "Expect:"][..],
+            extra,
+            &["--data-binary", &data],
+        ]
+        .concat();
+        // `-w` is given twice (curl()'s, then this one): the last wins.
+        let out = curl(&pki, "a.test", h.port, "/", &all);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for version in ["--http1.1", "--http2"] {
+        assert_eq!(status(&fits, &[version]), "200", "{version}");
+        assert_eq!(status(&over, &[version]), "413", "{version}");
+        assert_eq!(status(&big, &[version]), "413", "{version}");
+    }
+    // The demo's /slow answers after 3 s without reading the body: the
+    // limit is passed long before.
+    let out = curl(
+        &pki,
+        "a.test",
+        h.port,
+        "/slow?ms=3000",
+        &[
+            "--http1.1",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", big.display()),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "413");
+}

@@ -569,6 +569,10 @@ options! {
     /// Most request headers (then 431) [default: 100].
     #[arg(long, value_name = "N")]
     max_headers: Option<usize>,
+    /// Largest request body, e.g. 10M (then 413, as nginx's `client_max_body_size`);
+    /// 0 for none [default: none].
+    #[arg(long, value_name = "SIZE")]
+    max_body_size: Option<Size>,
     /// Preload herd's Node module (NODE_OPTIONS=--require) even though the
     /// command is not `node` itself (e.g. a script with a `#!` line); `=false`
     /// turns it off [default: on when the command is node].
@@ -965,6 +969,8 @@ pub struct Limits {
     /// Request line plus headers, in bytes.
     pub max_head: usize,
     pub max_headers: usize,
+    /// `--max-body-size`: the most body bytes a request may have.
+    pub max_body: Option<u64>,
     /// Time to send a whole request head once it has begun.
     pub header_timeout: Duration,
     /// Time a keep-alive connection may wait for its next request, and a
@@ -1221,6 +1227,7 @@ impl Settings {
             limits: Limits {
                 max_head: o.max_header_size.map_or(default::MAX_HEADER_SIZE, |s| s.0),
                 max_headers: o.max_headers.unwrap_or(default::MAX_HEADERS).max(1),
+                max_body: o.max_body_size.map(|s| s.0 as u64).filter(|&n| n > 0),
                 header_timeout: d(o.header_timeout, default::HEADER_TIMEOUT),
                 idle_timeout: d(o.idle_timeout, default::IDLE_TIMEOUT),
             },

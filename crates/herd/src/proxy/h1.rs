@@ -40,7 +40,7 @@ const MAX_TRIES: usize = 3;
 /// How long a refused client may keep sending before the connection is
 /// closed (nginx's lingering close): closing with unread input resets the
 /// connection, and the client would lose the answer.
-const LINGER: Duration = Duration::from_secs(2);
+pub(super) const LINGER: Duration = Duration::from_secs(2);
 /// A parked partial head (see [`Inbox::park`]) is at most half this; the
 /// thread's buffers are far larger.
 const PARKED_MAX: usize = 4096;
@@ -325,7 +325,8 @@ async fn read_head(p: &HttpProxy, io: &LazyStream, inbox: &mut Inbox, first: boo
 enum BodyLeft {
     Done,
     Length(u64),
-    Chunked(Chunked),
+    /// And the payload bytes seen so far, for `--max-body-size`.
+    Chunked(Chunked, u64),
 }
 
 /// How relaying the rest of the request body ended.
@@ -337,6 +338,8 @@ enum BodyEnd {
     /// The client sent nothing for `--idle-timeout`.
     ClientStalled,
     BadChunk,
+    /// Past `--max-body-size` (a chunked body; a length is checked first).
+    TooLarge,
     /// The backend stopped taking it (it may still have answered).
     BackendGone,
 }
@@ -423,8 +426,18 @@ async fn exchange(
 
     // Body bytes that came with the head go out with it.
     let pending = inbox.pending();
+    let too_large = |n: u64| limits.max_body.is_some_and(|max| n > max);
     let (in_buf, left) = match req.body {
         Framing::None | Framing::UntilClose => (0, BodyLeft::Done),
+        // Refused before any backend hears of it, as nginx does (and
+        // before `Expect: 100-continue` lets the body come).
+        Framing::Length(n) if too_large(n) => {
+            conns::give_back(out);
+            let (status, bytes) = Refusal::BodyTooLarge.logged();
+            note(p, &logged, status, bytes, None, 0);
+            let _ = write_all(io, Refusal::BodyTooLarge.response(), limits.idle_timeout).await;
+            return Outcome::Linger;
+        }
         Framing::Length(n) => {
             let k = (pending.len() as u64).min(n);
             let left = if k == n {
@@ -436,15 +449,20 @@ async fn exchange(
         }
         Framing::Chunked => {
             let mut c = Chunked::new(limits.max_head);
-            match c.scan(pending, |_| {}) {
-                Ok(k) if c.is_done() => (k, BodyLeft::Done),
-                Ok(k) => (k, BodyLeft::Chunked(c)),
-                Err(_) => {
+            let mut seen = 0u64;
+            let r = match c.scan(pending, |d| seen += d.len() as u64) {
+                Ok(_) if too_large(seen) => Err(Refusal::BodyTooLarge),
+                Ok(k) if c.is_done() => Ok((k, BodyLeft::Done)),
+                Ok(k) => Ok((k, BodyLeft::Chunked(c, seen))),
+                Err(_) => Err(Refusal::BadRequest),
+            };
+            match r {
+                Ok(r) => r,
+                Err(r) => {
                     conns::give_back(out);
-                    let (status, bytes) = Refusal::BadRequest.logged();
+                    let (status, bytes) = r.logged();
                     note(p, &logged, status, bytes, None, 0);
-                    let _ =
-                        write_all(io, Refusal::BadRequest.response(), limits.idle_timeout).await;
+                    let _ = write_all(io, r.response(), limits.idle_timeout).await;
                     return Outcome::Linger;
                 }
             }
@@ -588,7 +606,9 @@ async fn exchange(
                         match e {
                             BodyEnd::Done | BodyEnd::BackendGone => head_fut.await,
                             BodyEnd::ClientGone => HeadWait::Closed { quiet: false },
-                            BodyEnd::ClientStalled | BodyEnd::BadChunk => HeadWait::Malformed,
+                            BodyEnd::ClientStalled | BodyEnd::BadChunk | BodyEnd::TooLarge => {
+                                HeadWait::Malformed
+                            }
                         }
                     }
                 }
@@ -626,14 +646,19 @@ async fn exchange(
                 conns::give_back(out);
                 return Outcome::Close;
             }
-            _ if matches!(body_end, BodyEnd::ClientStalled | BodyEnd::BadChunk) => {
+            _ if matches!(
+                body_end,
+                BodyEnd::ClientStalled | BodyEnd::BadChunk | BodyEnd::TooLarge
+            ) =>
+            {
+                // The backend got part of a body: its connection closes.
                 conns::give_back(rbuf);
                 conns::give_back(rout);
                 conns::give_back(out);
-                let r = if body_end == BodyEnd::BadChunk {
-                    Refusal::BadRequest
-                } else {
-                    Refusal::Timeout
+                let r = match body_end {
+                    BodyEnd::BadChunk => Refusal::BadRequest,
+                    BodyEnd::TooLarge => Refusal::BodyTooLarge,
+                    _ => Refusal::Timeout,
                 };
                 let (status, bytes) = r.logged();
                 note(p, &logged, status, bytes, None, tries);
@@ -812,7 +837,11 @@ async fn send_body(
                 }
                 k as usize
             }
-            BodyLeft::Chunked(c) => match c.scan(pending, |_| {}) {
+            BodyLeft::Chunked(c, seen) => match c.scan(pending, |d| *seen += d.len() as u64) {
+                // What broke the limit is not sent.
+                Ok(_) if p.cfg.limits.max_body.is_some_and(|max| *seen > max) => {
+                    return BodyEnd::TooLarge;
+                }
                 Ok(k) => {
                     if c.is_done() {
                         left = BodyLeft::Done;
@@ -1549,6 +1578,7 @@ mod tests {
             limits: Limits {
                 max_head: 16384,
                 max_headers: 100,
+                max_body: None,
                 header_timeout: secs,
                 idle_timeout: secs,
             },

@@ -317,6 +317,7 @@ impl HttpProxy {
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        let version = parts.version;
         // gRPC needs `te: trailers` on HTTP/2; every other TE is hop-by-hop.
         let te_trailers = parts
             .headers
@@ -337,7 +338,18 @@ impl HttpProxy {
                 | Method::TRACE
         );
         let has_body = !body.is_end_stream();
-        let upload = has_body.then(|| Arc::new(Upload::default()));
+        let max = self.cfg.limits.max_body;
+        if max.is_some_and(|max| body.size_hint().lower() > max) {
+            // Its length says so: refused before any backend hears of it.
+            tokio::spawn(discard(body));
+            return too_large(version);
+        }
+        let upload = has_body.then(|| {
+            Arc::new(Upload {
+                max,
+                ..Upload::default()
+            })
+        });
         served.upload = upload.clone();
         // A request without a body can be replayed on another backend if
         // the first dies before answering; one with a body cannot.
@@ -346,7 +358,7 @@ impl HttpProxy {
             parts,
             if has_body {
                 ReqBody::Client {
-                    inner: body,
+                    inner: Some(body),
                     upload: upload.clone().unwrap_or_default(),
                 }
             } else {
@@ -429,6 +441,12 @@ impl HttpProxy {
                     next = Some(req);
                 }
                 Sent::Failed(why, timed_out) => {
+                    if upload
+                        .as_ref()
+                        .is_some_and(|u| u.too_large.load(Ordering::Relaxed))
+                    {
+                        return too_large(version);
+                    }
                     // (A stalled body was already answered 408 by the guard.)
                     if upload
                         .as_ref()
@@ -727,6 +745,27 @@ async fn tunnel(
         a.bytes_to_client.fetch_add(to_client, Ordering::Relaxed);
     }
     drop(lease); // Counted as in flight for as long as the tunnel lasts.
+}
+
+/// Reads and drops the rest of a refused body for a while (nginx's
+/// lingering close), so the client, still sending, reads its 413 rather
+/// than a reset.
+async fn discard(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    let _ = tokio::time::timeout(super::h1::LINGER, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+}
+
+/// `--max-body-size`'s 413; an HTTP/1.1 client's connection closes after it.
+fn too_large(version: Version) -> Response<RespBody> {
+    let mut r = error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+    if version != Version::HTTP_2 {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
 }
 
 fn error(status: StatusCode, body: &'static str) -> Response<RespBody> {
@@ -1351,57 +1390,77 @@ async fn connect(
 pub enum ReqBody {
     Empty,
     Client {
-        inner: Incoming,
+        /// `None` once it passed `--max-body-size` (then it is discarded).
+        inner: Option<Incoming>,
         upload: Arc<Upload>,
     },
 }
 
 /// What became of a client's request body: `failed` is set if reading it
-/// fails, so a broken upload is told apart from a broken backend; `bytes`
-/// counts what went to the backend (its data frames), for its counts.
+/// fails, so a broken upload is told apart from a broken backend, and
+/// `too_large` once it passes `max` (`--max-body-size`); `bytes` counts
+/// what went to the backend (its data frames), for its counts.
 #[derive(Default)]
 pub struct Upload {
     failed: AtomicBool,
+    too_large: AtomicBool,
+    max: Option<u64>,
     bytes: AtomicU64,
 }
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    /// The client's error, or its body's passing `--max-body-size`: either
+    /// way the request to the backend is broken off, never ended early.
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ReqBody::Empty => Poll::Ready(None),
-            ReqBody::Client { inner, upload } => {
-                let r = Pin::new(inner).poll_frame(cx);
-                match &r {
-                    Poll::Ready(Some(Err(_))) => upload.failed.store(true, Ordering::Relaxed),
-                    Poll::Ready(Some(Ok(f))) => {
-                        if let Some(d) = f.data_ref() {
-                            upload.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            ReqBody::Client { inner, upload } => match inner
+                .as_mut()
+                .map(|b| Pin::new(b).poll_frame(cx))
+                .unwrap_or(Poll::Ready(None))
+            {
+                Poll::Ready(Some(Err(e))) => {
+                    upload.failed.store(true, Ordering::Relaxed);
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Some(d) = f.data_ref() {
+                        let n = d.len() as u64;
+                        let total = upload.bytes.fetch_add(n, Ordering::Relaxed) + n;
+                        if upload.max.is_some_and(|max| total > max) {
+                            upload.too_large.store(true, Ordering::Relaxed);
+                            if let Some(rest) = inner.take() {
+                                tokio::spawn(discard(rest));
+                            }
+                            return Poll::Ready(Some(Err("request body too large".into())));
                         }
                     }
-                    _ => {}
+                    Poll::Ready(Some(Ok(f)))
                 }
-                r
-            }
+                other => other.map_err(Into::into),
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Empty => true,
-            ReqBody::Client { inner, .. } => inner.is_end_stream(),
+            ReqBody::Client { inner, .. } => inner.as_ref().is_none_or(Body::is_end_stream),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ReqBody::Empty => SizeHint::with_exact(0),
-            ReqBody::Client { inner, .. } => inner.size_hint(),
+            ReqBody::Client { inner, .. } => inner
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
         }
     }
 }

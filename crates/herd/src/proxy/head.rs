@@ -25,6 +25,8 @@ pub enum Refusal {
     NotAllowed,
     /// `HTTP/2.0` and above in an HTTP/1 request line.
     Version,
+    /// A body larger than `--max-body-size`.
+    BodyTooLarge,
 }
 
 impl Refusal {
@@ -37,6 +39,7 @@ impl Refusal {
             Refusal::Timeout => (408, 16),
             Refusal::NotAllowed => (405, 19),
             Refusal::Version => (505, 27),
+            Refusal::BodyTooLarge => (413, 23),
         }
     }
 
@@ -48,6 +51,7 @@ impl Refusal {
             Refusal::Timeout => b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 16\r\nConnection: close\r\n\r\nrequest timeout\n",
             Refusal::NotAllowed => b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain\r\nContent-Length: 19\r\nAllow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\nConnection: close\r\n\r\nmethod not allowed\n",
             Refusal::Version => b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nConnection: close\r\n\r\nHTTP version not supported\n",
+            Refusal::BodyTooLarge => b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain\r\nContent-Length: 23\r\nConnection: close\r\n\r\nrequest body too large\n",
         }
     }
 }
@@ -1223,6 +1227,7 @@ mod tests {
             Refusal::Timeout,
             Refusal::NotAllowed,
             Refusal::Version,
+            Refusal::BodyTooLarge,
         ] {
             let text = std::str::from_utf8(r.response()).unwrap();
             let (status, len) = r.logged();
