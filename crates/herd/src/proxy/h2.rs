@@ -341,7 +341,15 @@ impl HttpProxy {
         let max = self.cfg.limits.max_body;
         if max.is_some_and(|max| body.size_hint().lower() > max) {
             // Its length says so: refused before any backend hears of it.
-            tokio::spawn(discard(body));
+            // A client waiting for `100 Continue` sends nothing more (and
+            // reading the body would ask hyper to send one).
+            let waits = parts
+                .headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            if !waits {
+                tokio::spawn(discard(body));
+            }
             return too_large(version);
         }
         let upload = has_body.then(|| {
