@@ -1439,8 +1439,9 @@ impl Body for ReqBody {
                 }
                 Poll::Ready(Some(Ok(f))) => {
                     if let Some(d) = f.data_ref() {
+                        // One poller: a load and an add cannot race.
                         let n = d.len() as u64;
-                        let total = upload.bytes.fetch_add(n, Ordering::Relaxed) + n;
+                        let total = upload.bytes.load(Ordering::Relaxed) + n;
                         if upload.max.is_some_and(|max| total > max) {
                             upload.too_large.store(true, Ordering::Relaxed);
                             if let Some(rest) = inner.take() {
@@ -1448,6 +1449,7 @@ impl Body for ReqBody {
                             }
                             return Poll::Ready(Some(Err("request body too large".into())));
                         }
+                        upload.bytes.store(total, Ordering::Relaxed);
                     }
                     Poll::Ready(Some(Ok(f)))
                 }

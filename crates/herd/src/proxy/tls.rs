@@ -1,8 +1,8 @@
 //! TLS termination (rustls, ring): certificates and their reload, the SNI
-//! pick, clients' certificates (`--tls-client-ca`, `--tls-client-crl`), and serving a TLS
-//! connection. ALPN offers `h2` and `http/1.1`;
-//! both are served through hyper (the handler h2c uses), since herd's own
-//! HTTP/1.1 engine works on the bare socket's readiness.
+//! pick, clients' certificates (`--tls-client-ca`, `--tls-client-crl`),
+//! and serving a TLS connection. ALPN offers `h2` and `http/1.1`; both are
+//! served through hyper (the handler h2c uses), since herd's own HTTP/1.1
+//! engine works on the bare socket's readiness.
 //!
 //! The `ServerConfig` sits behind an `ArcSwap`: a reload swaps in a new one
 //! for the next handshakes while open connections keep theirs. Session
@@ -268,8 +268,7 @@ impl Tls {
     /// Sessions resume across it, except with `--tls-client-ca`: a resumed
     /// session keeps the client certificate it was made with unchecked, so a
     /// client of a CA just removed (or a certificate just revoked) would still
-    /// get in; there every client
-    /// makes a full handshake once after a reload.
+    /// get in; there every client makes a full handshake once after a reload.
     pub fn reload(&self) -> Result<(), TlsError> {
         let ca = self.client_ca.as_ref();
         let stamps = Self::stamps_of(&self.pairs, ca);
