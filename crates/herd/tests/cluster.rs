@@ -763,13 +763,21 @@ fn installed(cmd: &str) -> bool {
 }
 
 #[test]
-fn the_readmes_gunicorn_and_uvicorn_commands_serve() {
+fn the_readmes_python_and_perl_commands_serve() {
     // Issue 18, item 11: every third-party command the README shows runs.
     if !installed("gunicorn") || !installed("uvicorn") || !installed("flask") {
         panic!(
             "gunicorn, uvicorn and flask are needed (pip install gunicorn uvicorn flask; .ci/run does)"
         );
     }
+    let mojolicious = std::process::Command::new("perl")
+        .args(["-MMojolicious", "-e1"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        mojolicious,
+        "Mojolicious is needed (Debian's libmojolicious-perl; .ci/run installs it)"
+    );
     let dir = std::env::temp_dir().join(format!("herd-wsgi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -787,15 +795,24 @@ fn the_readmes_gunicorn_and_uvicorn_commands_serve() {
         "from flask import Flask\napp = Flask(__name__)\n@app.get('/')\ndef hi():\n    return 'flask ok'\n",
     )
     .unwrap();
+    std::fs::write(
+        dir.join("mojo.pl"),
+        "use Mojolicious::Lite;\nget '/' => sub { shift->render(text => 'mojo ok') };\napp->start;\n",
+    )
+    .unwrap();
     let cwd = dir.to_string_lossy().into_owned();
-    // Plain `uvicorn app:app` and `flask run`, two workers: each would bind
-    // its framework's default port but for UVICORN_PORT, UVICORN_FD and
-    // FLASK_RUN_PORT.
-    let plain: [(&str, &[&str], &str); 4] = [
+    // Plain `uvicorn app:app`, `flask run` and a Mojolicious daemon, two
+    // workers: each would bind its framework's default port but for
+    // UVICORN_PORT, UVICORN_FD, FLASK_RUN_PORT and MOJO_LISTEN.
+    let mojo: &[&str] = &["perl", "mojo.pl", "daemon"];
+    let plain: [(&str, &[&str], &str); 7] = [
         ("proxy", &["uvicorn", "asgi:app"], "asgi ok"),
         ("shared", &["uvicorn", "asgi:app"], "asgi ok"),
         ("reuseport", &["uvicorn", "asgi:app"], "asgi ok"),
         ("proxy", &["flask", "--app", "fl", "run"], "flask ok"),
+        ("proxy", mojo, "mojo ok"),
+        ("shared", mojo, "mojo ok"),
+        ("reuseport", mojo, "mojo ok"),
     ];
     for (mode, cmd, want) in plain {
         let h = Herd::start(&["-i", "2", "--mode", mode, "--cwd", &cwd], cmd);

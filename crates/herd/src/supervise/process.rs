@@ -152,8 +152,8 @@ impl Supervisor {
                 fds.push((fd, 3));
                 env.push((contract::LISTEN_FDS.into(), "1".into()));
                 env.push((contract::LISTEN_FDNAMES.into(), "herd".into()));
-                env.retain(|(k, _)| k != UVICORN_FD);
-                env.push((UVICORN_FD.into(), "3".into()));
+                env.retain(|(k, _)| !FD3_ALIASES.iter().any(|(a, _)| k == a));
+                env.extend(FD3_ALIASES.iter().map(|&(k, v)| (k.into(), v.into())));
                 true
             }
             None => false,
@@ -563,19 +563,25 @@ fn elsewhere(probe: Probe, listening: &[SocketAddr]) -> Option<String> {
 }
 
 /// Servers that default to a fixed port and ignore `PORT` but read a
-/// variable of their own: with these set, `herd run -i 2 -- uvicorn app:app`
-/// (or `flask run`, or a Spring Boot jar) serves on the port herd proxies
-/// to, instead of every worker fighting over the framework's default.
-const PORT_ALIASES: &[&str] = &[
-    "UVICORN_PORT",   // uvicorn's options come from UVICORN_* too
-    "FLASK_RUN_PORT", // `flask run`
-    "SERVER_PORT",    // Spring Boot's server.port
+/// variable of their own, each with what goes before the port: with these
+/// set, `herd run -i 2 -- uvicorn app:app` (or `flask run`, `perl app.pl
+/// daemon`, a Spring Boot jar) serves on the port herd proxies to, instead
+/// of every worker fighting over the framework's default.
+const PORT_ALIASES: &[(&str, &str)] = &[
+    ("UVICORN_PORT", ""),   // uvicorn's options come from UVICORN_* too
+    ("FLASK_RUN_PORT", ""), // `flask run`
+    ("MOJO_LISTEN", "http://127.0.0.1:"), // Mojolicious' daemon and prefork
+    ("SERVER_PORT", ""),    // Spring Boot's server.port
+    ("QUARKUS_HTTP_PORT", ""),
+    ("MICRONAUT_SERVER_PORT", ""),
+    ("ASPNETCORE_HTTP_PORTS", ""), // .NET 8 and later
 ];
 
-/// uvicorn's `--fd`, set when fd 3 is the listening socket (shared and
-/// reuseport modes): plain `uvicorn app:app` then accepts there instead of
-/// binding 127.0.0.1:8000. It wins over `--port` and `--host` in uvicorn.
-const UVICORN_FD: &str = "UVICORN_FD";
+/// The same servers' way to take a listening fd, set when fd 3 is one
+/// (shared and reuseport modes): plain `uvicorn app:app` then accepts
+/// there instead of binding 127.0.0.1:8000 (`--fd` wins over `--port` in
+/// uvicorn), and so does Mojolicious.
+const FD3_ALIASES: &[(&str, &str)] = &[("UVICORN_FD", "3"), ("MOJO_LISTEN", "http://*?fd=3")];
 
 /// The worker's environment: the master's, minus protocol variables meant
 /// for herd itself, plus the user's `--env`, plus the worker contract
@@ -636,9 +642,9 @@ fn worker_env(
         set("WATCHDOG_USEC", w.as_micros().to_string().into());
     }
     if let Some(p) = port {
-        let p: OsString = p.to_string().into();
-        for k in [contract::PORT].iter().chain(PORT_ALIASES) {
-            set(k, p.clone());
+        set(contract::PORT, p.to_string().into());
+        for (k, before) in PORT_ALIASES {
+            set(k, format!("{before}{p}").into());
         }
     }
     // PM2's increment_var: NAME = its value + the worker's id.
