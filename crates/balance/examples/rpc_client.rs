@@ -87,7 +87,11 @@ fn main() -> std::io::Result<()> {
                     lease.success(now());
                     *served.entry(addr).or_default() += 1;
                 }
-                Err(_) => lease.failure(now()),
+                Err(_) => {
+                    if lease.failure(now()) {
+                        println!("{addr} failed: marked down for fail_timeout");
+                    }
+                }
             }
         }
         println!("{label}:");

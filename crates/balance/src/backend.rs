@@ -223,15 +223,17 @@ impl Backend {
         self.set_flag(FAILED, false);
     }
 
-    fn record_failure(&self, now: Nanos) {
+    /// Whether this failure marked the backend failed (its `max_fails`
+    /// reached, or failing again while coming back).
+    fn record_failure(&self, now: Nanos) -> bool {
         if self.cfg.max_fails == 0 {
-            return;
+            return false;
         }
         if self.status.load(Relaxed) & FAILED != 0 {
             // Failed again while coming back: down for another period.
             self.down_until
                 .store(now.saturating_add(self.cfg.fail_timeout), Relaxed);
-            return;
+            return true;
         }
         let start = self.window_start.load(Relaxed);
         let fails = if now.saturating_sub(start) > self.cfg.fail_timeout || start == 0 {
@@ -246,7 +248,9 @@ impl Backend {
                 .store(now.saturating_add(self.cfg.fail_timeout), Relaxed);
             self.fails.store(0, Relaxed);
             self.set_flag(FAILED, true);
+            return true;
         }
+        false
     }
 }
 
@@ -281,8 +285,10 @@ impl Lease {
     }
 
     /// The backend failed (connect error, reset, timeout, malformed answer).
-    pub fn failure(&self, now: Nanos) {
-        self.backend.record_failure(now);
+    /// `true` when this failure marked it failed for `fail_timeout`, so the
+    /// caller can say so once rather than with every failure.
+    pub fn failure(&self, now: Nanos) -> bool {
+        self.backend.record_failure(now)
     }
 }
 
@@ -319,19 +325,22 @@ mod tests {
             ..Default::default()
         };
         let b = Arc::new(Backend::new("a", cfg));
-        b.lease(S).failure(S);
+        assert!(!b.lease(S).failure(S));
         assert!(b.available(S), "one failure of two allowed");
         // A second failure outside the window starts a new window.
-        b.lease(12 * S).failure(12 * S);
+        assert!(!b.lease(12 * S).failure(12 * S));
         assert!(b.available(12 * S));
-        b.lease(13 * S).failure(13 * S);
+        assert!(b.lease(13 * S).failure(13 * S), "this one marks it failed");
         assert!(!b.available(13 * S), "two failures within 10s: down");
         assert!(!b.available(22 * S));
         // Back after fail_timeout, one request at a time.
         assert!(b.available(23 * S));
         let probe = b.lease(23 * S);
         assert!(!b.available(23 * S), "only one probe while recovering");
-        probe.failure(24 * S);
+        assert!(
+            probe.failure(24 * S),
+            "a failed probe marks it failed again"
+        );
         drop(probe);
         assert!(!b.available(30 * S), "failed probe: down again");
         let probe = b.lease(35 * S);
@@ -349,7 +358,7 @@ mod tests {
         };
         let b = Arc::new(Backend::new("a", cfg));
         for i in 0..10 {
-            b.lease(i).failure(i);
+            assert!(!b.lease(i).failure(i));
         }
         assert!(b.available(10));
     }

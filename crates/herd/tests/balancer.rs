@@ -303,6 +303,51 @@ fn a_malformed_backend_answer_is_a_502() {
     assert!(post.starts_with("HTTP/1.1 50"), "{post}");
 }
 
+/// Why a backend failed reaches the log at warn level, as nginx's error
+/// log tells it: a refused connect, a malformed head and no answer in time
+/// each take their backend out (and say for how long); an answer broken off
+/// in its body is told too, though it counts as an answer.
+#[test]
+fn backend_failures_are_logged_with_why() {
+    let dead = free_port();
+    let bad = garbage_backend();
+    let mute = raw_backend(|mut r, _, _| {
+        let _ = r.get_mut().read_to_end(&mut Vec::new());
+    });
+    let cut = raw_backend(|_, mut c, _| {
+        let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok");
+    });
+    let ups: Vec<String> = [dead, bad, mute, cut]
+        .iter()
+        .map(|p| format!("--upstream=127.0.0.1:{p}"))
+        .collect();
+    let mut args = vec!["--response-timeout", "300ms"];
+    args.extend(ups.iter().map(String::as_str));
+    let h = lb(&args);
+    let told = [
+        format!("upstream 127.0.0.1:{dead}: cannot connect: Connection refused"),
+        format!("upstream 127.0.0.1:{bad}: sent an invalid answer head"),
+        format!("upstream 127.0.0.1:{mute}: no answer within 300ms; taken out for 10s"),
+        format!("upstream 127.0.0.1:{cut}: closed the connection before its answer's body ended"),
+    ];
+    for _ in 0..20 {
+        if told.iter().all(|t| h.log().contains(t.as_str())) {
+            break;
+        }
+        let _ = raw(
+            h.port,
+            b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        );
+    }
+    for t in &told {
+        assert!(h.wait_log(t, T), "{t}: {}", h.log());
+    }
+    assert!(
+        h.log()
+            .contains("Connection refused (os error 111); taken out for 10s (max_fails=1)")
+    );
+}
+
 #[test]
 fn hostile_requests_get_an_answer_and_everyone_else_is_served() {
     let h = Herd::start(&["-i", "2", "--header-timeout", "300ms"], &[DEMO]);

@@ -352,7 +352,8 @@ enum HeadWait {
     Closed {
         quiet: bool,
     },
-    Malformed,
+    /// Not an answer that can be relayed; why, for the log.
+    Malformed(&'static str),
 }
 
 /// One request: sent to a backend (again, if allowed), answered.
@@ -511,6 +512,7 @@ async fn exchange(
                 return answer(io, out, last, own_keep, limits.idle_timeout).await;
             }
             Err(_) => {
+                super::Told::none_available();
                 let no = (503, "Service Unavailable", "no healthy backend\n");
                 note(p, &logged, no.0, 0, None, tries);
                 return answer(io, out, no, own_keep, limits.idle_timeout).await;
@@ -540,8 +542,8 @@ async fn exchange(
                         return answer(io, out, no, false, limits.idle_timeout).await;
                     }
                     Err(e) => {
-                        tracing::debug!("{}: {e}; trying another backend", target.label);
-                        lease.failure(p.up.now());
+                        let why = format_args!("cannot connect: {e}");
+                        super::backend_failed(&p.up, &lease, &target.label, &why);
                         avoid = Some(lease.backend().clone());
                         last = (502, "Bad Gateway", "could not connect to a backend\n");
                         continue 'attempt;
@@ -558,8 +560,8 @@ async fn exchange(
                 // Closed while idle: a fresh connection, not a failure.
                 Err(_) if was_pooled => continue,
                 Err(e) => {
-                    tracing::debug!("{}: sending failed: {e}", target.label);
-                    lease.failure(p.up.now());
+                    let why = format_args!("sending the request failed: {e}");
+                    super::backend_failed(&p.up, &lease, &target.label, &why);
                     avoid = Some(lease.backend().clone());
                     last = (502, "Bad Gateway", "backend failed\n");
                     continue 'attempt;
@@ -607,7 +609,7 @@ async fn exchange(
                             BodyEnd::Done | BodyEnd::BackendGone => head_fut.await,
                             BodyEnd::ClientGone => HeadWait::Closed { quiet: false },
                             BodyEnd::ClientStalled | BodyEnd::BadChunk | BodyEnd::TooLarge => {
-                                HeadWait::Malformed
+                                HeadWait::Malformed("")
                             }
                         }
                     }
@@ -624,7 +626,7 @@ async fn exchange(
                         .scan(&rbuf[len..], |_| {})
                         .is_err() =>
             {
-                HeadWait::Malformed
+                HeadWait::Malformed("sent a malformed chunked body")
             }
             wait => wait,
         };
@@ -679,7 +681,16 @@ async fn exchange(
             wait => {
                 conns::give_back(rbuf);
                 conns::give_back(rout);
-                lease.failure(now);
+                let timeout = p.cfg.response_timeout;
+                let why = match wait {
+                    HeadWait::TimedOut => format!("no answer within {timeout:?}"),
+                    HeadWait::Malformed(why) => why.to_owned(),
+                    HeadWait::Closed { quiet: true } => {
+                        "closed the connection before answering".into()
+                    }
+                    _ => "closed the connection in the middle of its answer's head".into(),
+                };
+                super::backend_failed(&p.up, &lease, &target.label, &why);
                 last = match wait {
                     HeadWait::TimedOut => {
                         (504, "Gateway Timeout", "backend did not answer in time\n")
@@ -691,7 +702,6 @@ async fn exchange(
                     s.record(last.0, micros);
                 }
                 target.answers.record(last.0, micros);
-                tracing::debug!("{}: {}", target.label, last.2.trim_end());
                 if replay {
                     avoid = Some(lease.backend().clone());
                     continue 'attempt;
@@ -771,6 +781,10 @@ async fn exchange(
         drop(lease);
         return match relayed {
             Relayed::Failed => Outcome::Close,
+            Relayed::Cut(why) => {
+                super::Told::Cut.warn(&target.label, &why);
+                Outcome::Close
+            }
             // Half-closed: no request can follow.
             _ if left_us != Client::Here => Outcome::Close,
             _ if !body_sent => Outcome::Linger,
@@ -907,9 +921,17 @@ async fn read_answer_head(
                     rbuf.drain(..len);
                 }
                 Ok(Some((len, resp))) => return HeadWait::Got(len, resp),
-                Ok(None) if rbuf.len() >= cap => return HeadWait::Malformed,
+                Ok(None) if rbuf.len() >= cap => {
+                    return HeadWait::Malformed(
+                        "sent an answer head over --max-header-size plus 8 KiB",
+                    );
+                }
                 Ok(None) => break,
-                Err(_) => return HeadWait::Malformed,
+                Err(_) => {
+                    return HeadWait::Malformed(
+                        "sent an invalid answer head (or over 128 headers)",
+                    );
+                }
             }
         }
     }
@@ -1055,6 +1077,21 @@ enum Relayed {
     Unreusable,
     /// Broken off: the client connection must close.
     Failed,
+    /// Broken off by the backend (why, for the log); as `Failed`.
+    Cut(&'static str),
+}
+
+/// How a read of an answer's body that returned `got` ended it: the
+/// backend's doing unless the client left first.
+fn broken(got: &io::Result<usize>, left_us: Client) -> Relayed {
+    match got {
+        Ok(_) => Relayed::Cut("closed the connection before its answer's body ended"),
+        Err(_) if left_us != Client::Here => Relayed::Failed,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            Relayed::Cut("sent nothing more of its answer's body within --response-timeout")
+        }
+        Err(_) => Relayed::Cut("broke off its answer's body"),
+    }
 }
 
 /// Writes the answer's head (`out`) and relays its body by its framing.
@@ -1120,7 +1157,7 @@ async fn relay_answer(
                     watching(read, client, b, left_us, gone).await
                 };
                 match got {
-                    Ok(0) | Err(_) => return Relayed::Failed,
+                    Ok(0) | Err(_) => return broken(&got, *left_us),
                     Ok(got) => {
                         let k = (got as u64).min(left) as usize;
                         extra |= got > k;
@@ -1165,7 +1202,7 @@ async fn relay_answer(
                 }) {
                     Ok(k) => k,
                     // (Not at the start: the caller checked that.)
-                    Err(_) => return Relayed::Failed,
+                    Err(_) => return Relayed::Cut("sent a malformed chunked body"),
                 };
                 held = full && head.is_empty() && !resp.dechunk && !c.is_done();
                 let sent = if resp.dechunk {
@@ -1208,7 +1245,7 @@ async fn relay_answer(
                     watching(read, client, b, left_us, gone).await
                 };
                 match got {
-                    Ok(0) | Err(_) => return Relayed::Failed,
+                    Ok(0) | Err(_) => return broken(&got, *left_us),
                     Ok(_) => {}
                 }
             }
@@ -1227,7 +1264,7 @@ async fn relay_answer(
                 let read = read_rest(b, rbuf, from_backend, last);
                 match watching(read, client, b, left_us, gone).await {
                     Ok(0) => return Relayed::Unreusable,
-                    Err(_) => return Relayed::Failed,
+                    got @ Err(_) => return broken(&got, *left_us),
                     Ok(_) => {
                         if write_all(client, rbuf, to_client).await.is_err() {
                             return Relayed::Failed;

@@ -398,6 +398,7 @@ impl HttpProxy {
                         return error(last.0, last.1);
                     }
                     Err(PickError::AllDown | PickError::Empty) => {
+                        super::Told::none_available();
                         return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n");
                     }
                 }
@@ -442,9 +443,8 @@ impl HttpProxy {
                 }
                 Sent::Unsent(req, why) => {
                     // Nothing reached the backend: any request may go elsewhere.
-                    tracing::debug!("{}: {why}; trying another backend", target.label);
                     last = (StatusCode::BAD_GATEWAY, "could not connect to a backend\n");
-                    lease.failure(now);
+                    super::backend_failed(&self.up, &lease, &target.label, &why);
                     avoid = Some(lease.backend().clone());
                     next = Some(req);
                 }
@@ -462,8 +462,7 @@ impl HttpProxy {
                     {
                         return error(StatusCode::BAD_REQUEST, "bad request body\n");
                     }
-                    lease.failure(now);
-                    tracing::debug!("{}: {why}", target.label);
+                    super::backend_failed(&self.up, &lease, &target.label, &why);
                     last = if timed_out {
                         (
                             StatusCode::GATEWAY_TIMEOUT,

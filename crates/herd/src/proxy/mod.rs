@@ -409,6 +409,78 @@ pub(crate) fn own_shortage(label: &str, e: &std::io::Error) -> bool {
     true
 }
 
+/// A backend failed a request (`why`): passive health counts it (nginx's
+/// `max_fails`), and the operator is told, as nginx's error log tells
+/// "upstream timed out" or "upstream prematurely closed connection". A
+/// backend marked failed by it (at most once per `fail_timeout` each) is
+/// always told; other failures are throttled ([`Told`]).
+pub(crate) fn backend_failed(
+    up: &Upstreams,
+    lease: &herd_balance::Lease,
+    label: &str,
+    why: &dyn std::fmt::Display,
+) {
+    let marked = lease.failure(up.now());
+    // A lone backend is never taken out (see `Balancer::pick`).
+    if marked && up.peek().all_targets().nth(1).is_some() {
+        let cfg = lease.backend().config();
+        let out = Duration::from_nanos(cfg.fail_timeout);
+        tracing::warn!(
+            "{label}: {why}; taken out for {out:?} (max_fails={})",
+            cfg.max_fails
+        );
+        return;
+    }
+    Told::Failed.warn(label, why);
+}
+
+/// What the proxy tells of its backends' trouble. Each kind warns at once
+/// the first time, then at most once per 10 s process-wide with how many
+/// since, so a backend down under load costs a line per 10 s rather than
+/// one per request, and one kind does not hide another.
+#[derive(Clone, Copy)]
+pub(crate) enum Told {
+    /// A request failed on a backend before its answer began.
+    Failed,
+    /// A backend broke off an answer under way.
+    Cut,
+    /// No backend could be picked: a 503.
+    NoneAvailable,
+}
+
+impl Told {
+    pub(crate) fn warn(self, label: &str, why: &dyn std::fmt::Display) {
+        use crate::os::listen::AcceptErrors;
+        type Throttle = std::sync::Mutex<AcceptErrors>;
+        static TOLD: [Throttle; 3] = [const { Throttle::new(AcceptErrors::new()) }; 3];
+        let due = TOLD[self as usize]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .failed(std::time::Instant::now());
+        let what = match self {
+            Told::Failed => "backend failures",
+            Told::Cut => "answers broken off",
+            Told::NoneAvailable => "requests without a backend",
+        };
+        match due {
+            Some(1) => tracing::warn!("{label}: {why}"),
+            Some(n) => {
+                tracing::warn!("{n} {what} since the last warning, the last: {label}: {why}")
+            }
+            None => {}
+        }
+    }
+
+    /// Every backend is taken out, unhealthy or draining: a 503, told as
+    /// nginx tells "no live upstreams".
+    pub(crate) fn none_available() {
+        Told::NoneAvailable.warn(
+            "no backend is available",
+            &"all are taken out, unhealthy or draining; answering 503",
+        );
+    }
+}
+
 /// The 503 of [`own_shortage`].
 pub(crate) const SHORTAGE: &str = "herd is short of descriptors or ports\n";
 

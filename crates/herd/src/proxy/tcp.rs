@@ -152,10 +152,15 @@ impl TcpProxy {
                 }
                 // herd's own shortage: not the backend's failure.
                 Ok(Err(e)) if super::own_shortage(&target.label, &e) => return None,
-                Ok(Err(e)) => tracing::debug!("{}: connect failed: {e}", target.label),
-                Err(_) => tracing::debug!("{}: connect timed out", target.label),
+                Ok(Err(e)) => {
+                    let why = format_args!("cannot connect: {e}");
+                    super::backend_failed(&self.up, &lease, &target.label, &why);
+                }
+                Err(_) => {
+                    let why = format_args!("cannot connect within {:?}", self.connect_timeout);
+                    super::backend_failed(&self.up, &lease, &target.label, &why);
+                }
             }
-            lease.failure(self.up.now());
             avoid = Some(lease.backend().clone());
         }
         None
