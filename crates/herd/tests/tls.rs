@@ -353,6 +353,10 @@ fn bad_certificates_are_one_line_errors_before_anything_starts() {
             "--upstream-cert",
         ),
         (
+            vec!["--upstream-crl".into(), s(&junk).into()],
+            "--upstream-crl",
+        ),
+        (
             [tls_args(&[&a]), vec!["--mode".into(), "shared".into()]].concat(),
             "proxy mode with --protocol http only",
         ),
@@ -895,6 +899,77 @@ fn herd_presents_its_client_certificate_to_upstreams_that_ask() {
     assert!(body.contains("client-cert: :"), "{body}");
     let without = front(&[]);
     assert_eq!(without.get("/").unwrap().0, 502);
+}
+
+/// `--upstream-crl`, nginx's `proxy_ssl_crl`: a `tls` upstream whose
+/// certificate a list revokes is refused (502, and the log says why) once
+/// that list is in place, read again when its file changes; connections
+/// opened before are not used again; a list of another CA refuses every
+/// upstream, as under OpenSSL.
+#[test]
+fn revoked_upstream_certificates_are_refused() {
+    let pki = Pki::new("upcrl");
+    let server = pki.leaf("localhost");
+    let backend = Herd::start(
+        &[
+            "-i",
+            "1",
+            "--tls-cert",
+            s(&server.0),
+            "--tls-key",
+            s(&server.1),
+        ],
+        &[DEMO],
+    );
+    backend.wait_ready(1);
+    let live = pki.path("live.crl");
+    std::fs::copy(crl(&pki, "none", &[], 3600), &live).unwrap();
+    let upstream = format!("--upstream=localhost:{},tls", backend.port);
+    let ca = pki.path("ca.crt");
+    let h = Herd::start(
+        &[
+            upstream.as_str(),
+            "--upstream-ca",
+            s(&ca),
+            "--upstream-crl",
+            s(&live),
+        ],
+        &[],
+    );
+    assert!(h.wait_log("listening on", T), "{}", h.log());
+    assert_eq!(h.get("/").unwrap().0, 200, "{}", h.log());
+    let reloads = |n: usize| {
+        wait_until(T, || {
+            h.log()
+                .matches("upstream revocation lists reloaded")
+                .count()
+                >= n
+        })
+    };
+    std::fs::copy(crl(&pki, "revoked", &[&server.0], 3600), &live).unwrap();
+    assert!(reloads(1), "{}", h.log());
+    // The pooled connection is dropped on the proxy thread's next tick.
+    assert!(
+        wait_until(T, || h.get("/").is_ok_and(|(status, _)| status == 502)),
+        "{}",
+        h.log()
+    );
+    assert!(h.wait_log("Revoked", T), "{}", h.log());
+    std::fs::copy(crl(&pki, "clean", &[], 3600), &live).unwrap();
+    assert!(reloads(2), "{}", h.log());
+    assert!(
+        wait_until(T, || h.get("/").is_ok_and(|(status, _)| status == 200)),
+        "{}",
+        h.log()
+    );
+    // Another CA's list says nothing of the upstream's certificate.
+    std::fs::copy(crl(&Pki::new("upcrl-other"), "theirs", &[], 3600), &live).unwrap();
+    assert!(reloads(3), "{}", h.log());
+    assert!(
+        wait_until(T, || h.get("/").is_ok_and(|(status, _)| status == 502)),
+        "{}",
+        h.log()
+    );
 }
 
 /// A backend that writes an answer's head and body apart under Nagle's

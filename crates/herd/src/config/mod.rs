@@ -517,6 +517,10 @@ options! {
     /// [default: the system's].
     #[arg(long, value_name = "FILE")]
     upstream_ca: Option<PathBuf>,
+    /// Certificate revocation lists (PEM, one per CA of the chain) that refuse
+    /// upstreams with revoked certificates, as nginx's `proxy_ssl_crl`.
+    #[arg(long, value_name = "FILE")]
+    upstream_crl: Option<PathBuf>,
     /// A client certificate chain (PEM) that herd presents to upstreams marked
     /// `tls` that ask for one, with --upstream-key (nginx's proxy_ssl_certificate).
     #[arg(long, value_name = "FILE")]
@@ -711,6 +715,8 @@ pub struct Settings {
     pub workers_h2: bool,
     /// `--upstream-ca`, absolute.
     pub upstream_ca: Option<PathBuf>,
+    /// `--upstream-crl`, absolute.
+    pub upstream_crl: Option<PathBuf>,
     /// `--upstream-cert` and `--upstream-key`, absolute.
     pub upstream_client: Option<TlsPair>,
     pub health: HealthConfig,
@@ -1271,6 +1277,7 @@ impl Settings {
             tls,
             workers_h2,
             upstream_ca: o.upstream_ca.map(|p| std::path::absolute(&p).unwrap_or(p)),
+            upstream_crl: o.upstream_crl.map(|p| std::path::absolute(&p).unwrap_or(p)),
             upstream_client,
             health,
             http,

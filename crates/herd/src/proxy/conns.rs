@@ -90,6 +90,11 @@ impl<T> IdleMap<T> {
         self.release(now);
     }
 
+    /// Closes every idle connection.
+    pub fn clear(&mut self) {
+        self.by_target.clear();
+    }
+
     /// Closes the idle connections to targets no longer kept.
     pub fn release(&mut self, now: Instant) {
         self.by_target

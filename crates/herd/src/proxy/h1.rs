@@ -1622,7 +1622,7 @@ mod tests {
             wait_for_backend: secs,
         };
         let up = Arc::new(Upstreams::new(herd_balance::StrategyKind::RoundRobin, &[]));
-        let tls = crate::proxy::h2::ClientTls::new(None, false, None).unwrap();
+        let tls = Arc::new(crate::proxy::h2::ClientTls::new(Default::default()).unwrap());
         let p = Arc::new(super::HttpProxy::new(up, cfg, None, tls));
         let active = crate::proxy::ActiveGuard::new(Arc::default());
         let f = super::serve(p, s, addr.ip(), active);

@@ -1046,7 +1046,18 @@ pub fn release(now: std::time::Instant) {
 }
 
 pub fn sweep() {
+    thread_local! {
+        static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
     let now = super::deadline::now();
+    let generation = TLS_GENERATION.load(Ordering::Relaxed);
+    if GENERATION.with(|g| g.replace(generation)) != generation {
+        // Upstreams' revocation lists changed: no connection checked
+        // under the old ones is used again (streams under way finish).
+        IDLE.with(|m| m.borrow_mut().clear());
+        H2.with(|m| m.borrow_mut().clear());
+        return;
+    }
     IDLE.with(|m| m.borrow_mut().sweep(now));
     H2.with(|m| m.borrow_mut().retain(|_, s| !s.is_closed()));
 }
@@ -1269,10 +1280,10 @@ async fn open(target: &Target, timeout: Duration, tls: &ClientTls) -> Result<Wir
         let Some(name) = &target.tls else {
             return Ok(Wire::new(WireIo::Plain(stream), target));
         };
-        let cfg = if target.h2 { &tls.h2 } else { &tls.h1 };
+        let cfg = tls.config(target.h2);
         let name = rustls::pki_types::ServerName::try_from(name.clone())
             .map_err(|e| std::io::Error::other(format!("TLS name {name:?}: {e}")))?;
-        let s = tokio_rustls::TlsConnector::from(cfg.clone())
+        let s = tokio_rustls::TlsConnector::from(cfg)
             .connect(name, stream)
             .await?;
         Ok(Wire::new(WireIo::Tls(Box::new(s)), target))
@@ -1284,46 +1295,133 @@ async fn open(target: &Target, timeout: Duration, tls: &ClientTls) -> Result<Wir
 
 /// The TLS client settings for backends marked `tls`: the roots their
 /// certificates must chain to (`--upstream-ca`, else the system's), the
+/// revocation lists they are checked against (`--upstream-crl`), the
 /// certificate herd shows those that ask for one (`--upstream-cert`), and
-/// ALPN for each protocol.
+/// ALPN for each protocol. Lists expire and are replaced, so a change of
+/// their file is loaded while herd runs ([`ClientTls::reload`]).
 pub struct ClientTls {
+    made: arc_swap::ArcSwap<Made>,
+    files: ClientTlsFiles,
+    crl_stamp: std::sync::Mutex<Option<(std::time::SystemTime, u64)>>,
+}
+
+/// What [`ClientTls`] is made from.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTlsFiles {
+    pub ca: Option<std::path::PathBuf>,
+    /// Load the system's roots (only when some backend is `tls` and no
+    /// `--upstream-ca` is given).
+    pub system: bool,
+    pub client: Option<crate::config::TlsPair>,
+    pub crl: Option<std::path::PathBuf>,
+}
+
+struct Made {
     h1: Arc<rustls::ClientConfig>,
     h2: Arc<rustls::ClientConfig>,
 }
 
+/// Bumped by each reload of a [`ClientTls`]: proxy threads then drop their
+/// pooled backend connections, which were checked under the old lists.
+static TLS_GENERATION: AtomicU64 = AtomicU64::new(0);
+
 impl ClientTls {
-    /// `system`: load the system's roots (only when some backend is `tls`
-    /// and no `--upstream-ca` is given).
-    pub fn new(
-        ca: Option<&std::path::Path>,
-        system: bool,
-        client: Option<&crate::config::TlsPair>,
-    ) -> Result<ClientTls, String> {
+    pub fn new(files: ClientTlsFiles) -> Result<ClientTls, String> {
+        let crl_stamp = files.crl.as_deref().and_then(super::tls::stamp);
+        let made = Self::make(&files)?;
+        Ok(ClientTls {
+            made: arc_swap::ArcSwap::from_pointee(made),
+            files,
+            crl_stamp: std::sync::Mutex::new(crl_stamp),
+        })
+    }
+
+    pub fn has_crl(&self) -> bool {
+        self.files.crl.is_some()
+    }
+
+    /// Whether `--upstream-crl`'s file changed (time or size) since it was
+    /// last read.
+    pub fn changed(&self) -> bool {
+        let Some(path) = &self.files.crl else {
+            return false;
+        };
+        let now = super::tls::stamp(path);
+        self.crl_stamp.lock().map(|s| *s != now).unwrap_or(false)
+    }
+
+    /// Reads the files again. On an error the settings in use stay, and the
+    /// file is not read again until it changes once more. On success new
+    /// connections are checked under the new lists, and each proxy thread
+    /// closes its idle pooled ones on its next tick.
+    pub fn reload(&self) -> Result<(), String> {
+        if let Ok(mut s) = self.crl_stamp.lock() {
+            *s = self.files.crl.as_deref().and_then(super::tls::stamp);
+        }
+        self.made.store(Arc::new(Self::make(&self.files)?));
+        TLS_GENERATION.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn config(&self, h2: bool) -> Arc<rustls::ClientConfig> {
+        let made = self.made.load();
+        if h2 { &made.h2 } else { &made.h1 }.clone()
+    }
+
+    fn make(f: &ClientTlsFiles) -> Result<Made, String> {
         let mut roots = rustls::RootCertStore::empty();
-        match ca {
+        match &f.ca {
             Some(path) => {
                 roots = super::tls::load_roots(path)
                     .map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
             }
-            None if system => {
+            None if f.system => {
                 let found = rustls_native_certs::load_native_certs();
                 roots.add_parsable_certificates(found.certs);
             }
             None => {}
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let client = match client {
+        let client = match &f.client {
             Some(p) => Some(Arc::new(
                 super::tls::load_pair(p, &provider, super::tls::UPSTREAM)
                     .map_err(|e| e.to_string())?,
             )),
             None => None,
         };
+        // As nginx's `proxy_ssl_crl` (OpenSSL's checks): every certificate
+        // of the chain below the root needs its issuer's list, and an
+        // expired list fails every handshake until a fresh one replaces it.
+        // (No roots, as when `herd run --check` leaves out the system's:
+        // the file is checked, and no upstream could be trusted anyway.)
+        let verifier = match &f.crl {
+            Some(path) => {
+                let crls = super::tls::load_crls(path)
+                    .map_err(|e| format!("--upstream-crl {}: {e}", path.display()))?;
+                if roots.is_empty() {
+                    None
+                } else {
+                    let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                        Arc::new(roots.clone()),
+                        provider.clone(),
+                    )
+                    .with_crls(crls)
+                    .enforce_revocation_expiration()
+                    .build()
+                    .map_err(|e| format!("--upstream-crl {}: {e}", path.display()))?;
+                    Some(v)
+                }
+            }
+            None => None,
+        };
         let make = |alpn: &[u8]| -> Result<Arc<rustls::ClientConfig>, String> {
             let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots.clone());
+                .map_err(|e| e.to_string())?;
+            let builder = match &verifier {
+                Some(v) => builder.with_webpki_verifier(v.clone()),
+                None => builder.with_root_certificates(roots.clone()),
+            };
             let mut c = match &client {
                 Some(key) => builder.with_client_cert_resolver(Arc::new(ClientCert(key.clone()))),
                 None => builder.with_no_client_auth(),
@@ -1331,7 +1429,7 @@ impl ClientTls {
             c.alpn_protocols = vec![alpn.to_vec()];
             Ok(Arc::new(c))
         };
-        Ok(ClientTls {
+        Ok(Made {
             h1: make(b"http/1.1")?,
             h2: make(b"h2")?,
         })

@@ -136,13 +136,24 @@ pub fn thread_index() -> usize {
 
 /// What `herd run --check` and `herd start` check of TLS before anything
 /// starts, as the master does when it starts: the listener's certificates
-/// and `--upstream-ca`/`--upstream-cert`'s files (not the system's roots).
+/// and `--upstream-ca`/`--upstream-cert`/`--upstream-crl`'s files (not the system's roots).
 pub fn check_tls(s: &crate::config::Settings) -> Result<(), String> {
     if let Some(t) = &s.tls {
         tls::Tls::load(t).map_err(|e| e.to_string())?;
     }
-    h2::ClientTls::new(s.upstream_ca.as_deref(), false, s.upstream_client.as_ref())?;
+    h2::ClientTls::new(upstream_tls_files(s, false))?;
     Ok(())
+}
+
+/// `--upstream-ca`, `--upstream-cert`/`--upstream-key` and `--upstream-crl`;
+/// `system`: the system's roots when there is no `--upstream-ca`.
+pub fn upstream_tls_files(s: &crate::config::Settings, system: bool) -> h2::ClientTlsFiles {
+    h2::ClientTlsFiles {
+        ca: s.upstream_ca.clone(),
+        system: system && s.upstream_ca.is_none(),
+        client: s.upstream_client.clone(),
+        crl: s.upstream_crl.clone(),
+    }
 }
 
 /// Runs the proxy on one thread per listener, each with its own
@@ -309,7 +320,7 @@ pub struct HttpProxy {
     /// Some backend speaks HTTP/2 or TLS: every client goes through hyper.
     pub h2_backends: bool,
     /// For backends marked `tls`.
-    pub client_tls: h2::ClientTls,
+    pub client_tls: Arc<h2::ClientTls>,
 }
 
 impl HttpProxy {
@@ -317,7 +328,7 @@ impl HttpProxy {
         up: Arc<Upstreams>,
         cfg: HttpConfig,
         log: Option<Arc<access::AccessLog>>,
-        client_tls: h2::ClientTls,
+        client_tls: Arc<h2::ClientTls>,
     ) -> HttpProxy {
         let key_source = up.kind().key_source();
         HttpProxy {

@@ -168,14 +168,7 @@ fn client_verifier(
     }
     let bad_crl = |path: &PathBuf, m: String| TlsError::ClientCrl(path.clone(), m);
     if let Some(path) = &auth.crl {
-        let pem = std::fs::read(path).map_err(|e| bad_crl(path, e.to_string()))?;
-        let crls: Vec<CertificateRevocationListDer<'static>> =
-            CertificateRevocationListDer::pem_slice_iter(&pem)
-                .collect::<Result<_, _>>()
-                .map_err(|e| bad_crl(path, format!("not PEM: {e}")))?;
-        if crls.is_empty() {
-            return Err(bad_crl(path, "no X509 CRL in the file".into()));
-        }
+        let crls = load_crls(path).map_err(|m| bad_crl(path, m))?;
         verifier = verifier.with_crls(crls).enforce_revocation_expiration();
     }
     // The roots were checked above: what fails here is a list.
@@ -183,6 +176,22 @@ fn client_verifier(
         Some(path) => bad_crl(path, e.to_string()),
         None => bad(e.to_string()),
     })
+}
+
+/// The certificate revocation lists in a PEM file (`--tls-client-crl`,
+/// `--upstream-crl`): at least one.
+pub(super) fn load_crls(
+    path: &std::path::Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let crls: Vec<CertificateRevocationListDer<'static>> =
+        CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("not PEM: {e}"))?;
+    if crls.is_empty() {
+        return Err("no X509 CRL in the file".into());
+    }
+    Ok(crls)
 }
 
 /// A new ticket key and an empty cache of 4,096 sessions: what lets
@@ -200,7 +209,7 @@ fn resumption() -> Result<
     Ok((tickets, rustls::server::ServerSessionMemoryCache::new(4096)))
 }
 
-fn stamp(p: &std::path::Path) -> Option<(SystemTime, u64)> {
+pub(super) fn stamp(p: &std::path::Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(p).ok()?;
     Some((m.modified().ok()?, m.len()))
 }

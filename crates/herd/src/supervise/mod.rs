@@ -182,6 +182,9 @@ pub struct Supervisor {
     /// `--tls-cert`: the certificates, reloaded with the workers and when
     /// their files change.
     tls: Option<Arc<crate::proxy::tls::Tls>>,
+    /// The proxy's TLS to upstreams: `--upstream-crl` is read again when
+    /// its file changes.
+    upstream_tls: Option<Arc<crate::proxy::h2::ClientTls>>,
     /// Fd modes: each listening socket's accept queue, watched once a second.
     stalls: Vec<stall::Stall>,
 }
@@ -378,6 +381,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         watch_due: None,
         hosts,
         tls,
+        upstream_tls: None,
         stalls: Vec::new(),
     };
     let access_log = match &sup.s.access_log {
@@ -398,12 +402,10 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             Protocol::Http => {
                 let s = &sup.s;
                 let tls_up = s.upstreams.iter().any(|u| u.tls) || s.discovery.iter().any(|d| d.tls);
-                let client_tls = proxy::h2::ClientTls::new(
-                    s.upstream_ca.as_deref(),
-                    tls_up && s.upstream_ca.is_none(),
-                    s.upstream_client.as_ref(),
-                )
-                .map_err(SuperviseError::UpstreamTls)?;
+                let client_tls = proxy::h2::ClientTls::new(proxy::upstream_tls_files(s, tls_up))
+                    .map_err(SuperviseError::UpstreamTls)?;
+                let client_tls = Arc::new(client_tls);
+                sup.upstream_tls = Some(client_tls.clone());
                 let mut h = HttpProxy::new(
                     sup.up.clone(),
                     s.http.clone(),

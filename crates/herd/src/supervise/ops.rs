@@ -317,13 +317,26 @@ impl Supervisor {
     /// Loads the certificates again; a bad new pair leaves the old ones
     /// serving, and says why.
     pub(super) fn reload_tls(&self) {
-        let Some(tls) = &self.tls else { return };
-        match tls.reload() {
-            Ok(()) => tracing::info!("TLS certificates reloaded"),
-            Err(e) => {
-                tls.seen();
-                tracing::error!("{e}; the certificates in use stay");
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificates reloaded"),
+                Err(e) => {
+                    tls.seen();
+                    tracing::error!("{e}; the certificates in use stay");
+                }
             }
+        }
+        self.reload_upstream_crl();
+    }
+
+    /// `--upstream-crl` read again (on a reload, and when its file changes).
+    pub(super) fn reload_upstream_crl(&self) {
+        let Some(t) = self.upstream_tls.as_ref().filter(|t| t.has_crl()) else {
+            return;
+        };
+        match t.reload() {
+            Ok(()) => tracing::info!("upstream revocation lists reloaded"),
+            Err(e) => tracing::error!("{e}; the lists in use stay"),
         }
     }
 
@@ -516,6 +529,9 @@ impl Supervisor {
             if self.tls.as_ref().is_some_and(|t| t.changed()) {
                 tracing::info!("a certificate or key file changed");
                 self.reload_tls();
+            }
+            if self.upstream_tls.as_ref().is_some_and(|t| t.changed()) {
+                self.reload_upstream_crl();
             }
         }
         if self.s.mode == Mode::Proxy && self.ticks.is_multiple_of(5) {
