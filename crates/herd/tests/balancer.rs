@@ -306,7 +306,8 @@ fn a_malformed_backend_answer_is_a_502() {
 /// Why a backend failed reaches the log at warn level, as nginx's error
 /// log tells it: a refused connect, a malformed head and no answer in time
 /// each take their backend out (and say for how long); an answer broken off
-/// in its body is told too, though it counts as an answer.
+/// in its body is told too, though it counts as an answer. `herd status`
+/// shows which backends failed requests took out.
 #[test]
 fn backend_failures_are_logged_with_why() {
     let dead = free_port();
@@ -321,7 +322,16 @@ fn backend_failures_are_logged_with_why() {
         .iter()
         .map(|p| format!("--upstream=127.0.0.1:{p}"))
         .collect();
-    let mut args = vec!["--response-timeout", "300ms"];
+    let n = name("failures");
+    // (Health checks, which would take the dead one out too, stay out of it.)
+    let mut args = vec![
+        "--name",
+        &n,
+        "--response-timeout",
+        "300ms",
+        "--health-interval",
+        "60s",
+    ];
     args.extend(ups.iter().map(String::as_str));
     let h = lb(&args);
     let told = [
@@ -346,6 +356,16 @@ fn backend_failures_are_logged_with_why() {
         h.log()
             .contains("Connection refused (os error 111); taken out for 10s (max_fails=1)")
     );
+    let status = ok(&herd(&["status", "--name", &n]));
+    for (port, state) in [
+        (dead, "taken out (max_fails)"),
+        (bad, "taken out (max_fails)"),
+        (mute, "taken out (max_fails)"),
+        (cut, "up"),
+    ] {
+        let row = format!("upstream 127.0.0.1:{port}: {state},");
+        assert!(status.contains(&row), "{row}: {status}");
+    }
 }
 
 #[test]

@@ -290,6 +290,18 @@ impl Collector for Scrape {
                 )
             }),
         )?;
+        family(
+            &mut enc,
+            "herd_backend_taken_out",
+            "1 while failed requests (max_fails) keep the backend out, else 0.",
+            MetricType::Gauge,
+            self.targets.iter().map(|t| {
+                (
+                    backend(t),
+                    ConstGauge::new(i64::from(t.backend.is_failed())),
+                )
+            }),
+        )?;
         let mut e = enc.encode_descriptor(
             "herd_backend_request_duration_seconds",
             "Time from sending a request to its answer's head, per backend.",

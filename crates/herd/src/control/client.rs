@@ -301,7 +301,11 @@ fn table(name: &str, v: &Status) {
         crate::outln!(
             "{}: {}, {} in flight, {} requests",
             u.name,
-            if u.healthy { "up" } else { "down" },
+            match (u.healthy, u.taken_out) {
+                (false, _) => "down",
+                (true, true) => "taken out (max_fails)",
+                (true, false) => "up",
+            },
             u.in_flight,
             u.requests
         );

@@ -243,6 +243,10 @@ pub struct UpstreamRow {
     /// `upstream ADDR`, or `upstream ADDR (NAME)` when DNS gave it.
     pub name: String,
     pub healthy: bool,
+    /// Out by passive health (`max_fails` failures within `fail_timeout`)
+    /// until a request to it succeeds again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub taken_out: bool,
     pub in_flight: u32,
     /// Requests (HTTP) or connections (TCP) it was given.
     pub requests: u64,

@@ -608,6 +608,7 @@ async fn exchange(
                         match e {
                             BodyEnd::Done | BodyEnd::BackendGone => head_fut.await,
                             BodyEnd::ClientGone => HeadWait::Closed { quiet: false },
+                            // The client's doing: answered by `body_end` below.
                             BodyEnd::ClientStalled | BodyEnd::BadChunk | BodyEnd::TooLarge => {
                                 HeadWait::Malformed("")
                             }

@@ -437,6 +437,7 @@ impl Upstreams {
             .map(|t| crate::control::UpstreamRow {
                 name: t.label.clone(),
                 healthy: t.backend.is_healthy(),
+                taken_out: t.backend.is_failed(),
                 in_flight: t.backend.in_flight(),
                 requests: t.requests(),
             })
