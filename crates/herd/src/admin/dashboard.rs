@@ -74,6 +74,8 @@ struct Cluster {
 struct BackendRow {
     name: String,
     healthy: bool,
+    /// Out by passive health (`max_fails`) until a request succeeds.
+    taken_out: bool,
     in_flight: u32,
     rps: Option<f64>,
 }
@@ -138,6 +140,7 @@ async fn feed(tx: mpsc::Sender<Bytes>, calls: mpsc::UnboundedSender<Call>, up: A
             backends.push(BackendRow {
                 name: t.label.clone(),
                 healthy: t.backend.is_healthy(),
+                taken_out: t.backend.is_failed(),
                 in_flight: t.backend.in_flight(),
                 rps: delta.zip(secs).map(|(d, s)| d.requests as f64 / s),
             });
