@@ -196,6 +196,51 @@ fn health_checks_take_a_backend_out_and_bring_it_back() {
     );
 }
 
+/// A reload reads the config file's upstreams again, as nginx's reload
+/// reads its `upstream` blocks: `herd reload` and SIGHUP add and remove
+/// them without a restart; a file that no longer loads leaves them as they
+/// are, and the reload says so.
+#[test]
+fn a_reload_reads_the_upstreams_again() {
+    let (a, b) = (Upstream::start(&[]), Upstream::start(&[]));
+    let dir = std::env::temp_dir().join(format!("herd-reload-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("herd.toml");
+    let write = |ups: &[&Upstream], tail: &str| {
+        let list: Vec<String> = ups
+            .iter()
+            .map(|u| format!("\"127.0.0.1:{}\"", u.port))
+            .collect();
+        std::fs::write(&file, format!("upstream = [{}{tail}\n", list.join(", "))).unwrap();
+    };
+    write(&[&a], "]");
+    let n = name("reload-up");
+    let h = lb(&["--name", &n, "--config", file.to_str().unwrap()]);
+    let seen =
+        |h: &Herd| -> BTreeSet<u32> { (0..6).map(|_| served_by(&h.get("/").unwrap().1)).collect() };
+    assert_eq!(seen(&h), BTreeSet::from([a.pid()]));
+    write(&[&a, &b], "]");
+    let out = ok(&herd(&["reload", &n]));
+    assert!(
+        out.contains("upstreams read again: 1 came, 0 went"),
+        "{out}"
+    );
+    assert_eq!(seen(&h), BTreeSet::from([a.pid(), b.pid()]));
+    write(&[&b], ""); // unclosed
+    let out = ok(&herd(&["reload", &n]));
+    assert!(out.contains("upstreams not read again"), "{out}");
+    assert_eq!(seen(&h), BTreeSet::from([a.pid(), b.pid()]));
+    write(&[&b], "]");
+    h.signal("HUP");
+    assert!(
+        h.wait_log("upstreams read again: 0 came, 1 went", T),
+        "{}",
+        h.log()
+    );
+    assert_eq!(seen(&h), BTreeSet::from([b.pid()]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn connect_failures_are_retried_on_another_backend() {
     let live = Upstream::start(&[]);

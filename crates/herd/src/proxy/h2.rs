@@ -1301,7 +1301,7 @@ async fn open(target: &Target, timeout: Duration, tls: &ClientTls) -> Result<Wir
 /// their file is loaded while herd runs ([`ClientTls::reload`]).
 pub struct ClientTls {
     made: arc_swap::ArcSwap<Made>,
-    files: ClientTlsFiles,
+    files: std::sync::Mutex<ClientTlsFiles>,
     crl_stamp: std::sync::Mutex<Option<(std::time::SystemTime, u64)>>,
 }
 
@@ -1331,22 +1331,44 @@ impl ClientTls {
         let made = Self::make(&files)?;
         Ok(ClientTls {
             made: arc_swap::ArcSwap::from_pointee(made),
-            files,
+            files: std::sync::Mutex::new(files),
             crl_stamp: std::sync::Mutex::new(crl_stamp),
         })
     }
 
+    fn files(&self) -> ClientTlsFiles {
+        self.files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn has_crl(&self) -> bool {
-        self.files.crl.is_some()
+        self.files().crl.is_some()
+    }
+
+    /// A `tls` upstream came by a reload: without `--upstream-ca`, the
+    /// system's roots are loaded now if they were not at start.
+    pub fn trust_system_roots(&self) -> Result<(), String> {
+        let mut files = self.files();
+        if files.system || files.ca.is_some() {
+            return Ok(());
+        }
+        files.system = true;
+        self.made.store(Arc::new(Self::make(&files)?));
+        if let Ok(mut f) = self.files.lock() {
+            *f = files;
+        }
+        Ok(())
     }
 
     /// Whether `--upstream-crl`'s file changed (time or size) since it was
     /// last read.
     pub fn changed(&self) -> bool {
-        let Some(path) = &self.files.crl else {
+        let Some(path) = self.files().crl else {
             return false;
         };
-        let now = super::tls::stamp(path);
+        let now = super::tls::stamp(&path);
         self.crl_stamp.lock().map(|s| *s != now).unwrap_or(false)
     }
 
@@ -1355,10 +1377,11 @@ impl ClientTls {
     /// connections are checked under the new lists, and each proxy thread
     /// closes its idle pooled ones on its next tick.
     pub fn reload(&self) -> Result<(), String> {
+        let files = self.files();
         if let Ok(mut s) = self.crl_stamp.lock() {
-            *s = self.files.crl.as_deref().and_then(super::tls::stamp);
+            *s = files.crl.as_deref().and_then(super::tls::stamp);
         }
-        self.made.store(Arc::new(Self::make(&self.files)?));
+        self.made.store(Arc::new(Self::make(&files)?));
         TLS_GENERATION.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

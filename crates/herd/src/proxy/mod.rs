@@ -48,7 +48,7 @@ pub mod tls;
 mod tunnel;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use herd_balance::{Backend, Ctx, KeySource, PickError};
@@ -256,7 +256,7 @@ pub async fn serve(
                 let guard = ActiveGuard::new(active.clone());
                 if let Protocol::Http(h) = &proto
                     && h.tls.is_none()
-                    && !h.h2_backends
+                    && !h.h2_backends.load(Ordering::Relaxed)
                 {
                     // Joins the event loop only if it has to wait (a
                     // `Connection: close` request seldom does): no wrapper
@@ -318,7 +318,9 @@ pub struct HttpProxy {
     /// `--tls-cert`: the listener speaks TLS.
     pub tls: Option<Arc<tls::Tls>>,
     /// Some backend speaks HTTP/2 or TLS: every client goes through hyper.
-    pub h2_backends: bool,
+    /// Set once such an upstream comes (at start, or by a reload); never
+    /// cleared, as connections served by hyper may still send to one.
+    pub h2_backends: AtomicBool,
     /// For backends marked `tls`.
     pub client_tls: Arc<h2::ClientTls>,
 }
@@ -338,7 +340,7 @@ impl HttpProxy {
             key_source,
             log,
             tls: None,
-            h2_backends: false,
+            h2_backends: AtomicBool::new(false),
         }
     }
 

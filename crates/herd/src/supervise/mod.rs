@@ -182,9 +182,9 @@ pub struct Supervisor {
     /// `--tls-cert`: the certificates, reloaded with the workers and when
     /// their files change.
     tls: Option<Arc<crate::proxy::tls::Tls>>,
-    /// The proxy's TLS to upstreams: `--upstream-crl` is read again when
-    /// its file changes.
-    upstream_tls: Option<Arc<crate::proxy::h2::ClientTls>>,
+    /// The HTTP proxy's shared state: a reload changes its upstreams, and
+    /// `--upstream-crl` is read again when its file changes.
+    http: Option<Arc<HttpProxy>>,
     /// Fd modes: each listening socket's accept queue, watched once a second.
     stalls: Vec<stall::Stall>,
 }
@@ -381,7 +381,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         watch_due: None,
         hosts,
         tls,
-        upstream_tls: None,
+        http: None,
         stalls: Vec::new(),
     };
     let access_log = match &sup.s.access_log {
@@ -404,20 +404,22 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 let tls_up = s.upstreams.iter().any(|u| u.tls) || s.discovery.iter().any(|d| d.tls);
                 let client_tls = proxy::h2::ClientTls::new(proxy::upstream_tls_files(s, tls_up))
                     .map_err(SuperviseError::UpstreamTls)?;
-                let client_tls = Arc::new(client_tls);
-                sup.upstream_tls = Some(client_tls.clone());
                 let mut h = HttpProxy::new(
                     sup.up.clone(),
                     s.http.clone(),
                     access_log.clone(),
-                    client_tls,
+                    Arc::new(client_tls),
                 );
                 h.tls = sup.tls.clone();
-                h.h2_backends = s.workers_h2
+                let h2 = s.workers_h2
                     || tls_up
                     || s.upstreams.iter().any(|u| u.h2)
                     || s.discovery.iter().any(|d| d.h2);
-                proxy::Protocol::Http(Arc::new(h))
+                h.h2_backends
+                    .store(h2, std::sync::atomic::Ordering::Relaxed);
+                let h = Arc::new(h);
+                sup.http = Some(h.clone());
+                proxy::Protocol::Http(h)
             }
             Protocol::Tcp => proxy::Protocol::Tcp(Arc::new(TcpProxy {
                 log: access_log.clone(),
@@ -536,6 +538,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: rolling reload");
                 sup.reload_tls();
+                sup.reload_upstreams();
                 sup.apply(Input::Reload { slots: None }, None);
             }
             _ = sigttin.recv() => sup.scale_signal(1),

@@ -80,6 +80,9 @@ impl Supervisor {
                         format!("config {}", c.display())
                     });
                 self.reload_tls();
+                if let Some(m) = self.reload_upstreams() {
+                    let _ = reply.send(Line::progress(m));
+                }
                 match update_env {
                     None => {
                         let _ = reply.send(Line::progress(format!("reloading ({config})")));
@@ -329,9 +332,59 @@ impl Supervisor {
         self.reload_upstream_crl();
     }
 
+    /// The `--upstream`s read again from the master's command line and
+    /// config file on every reload, as nginx's reload reads its `upstream`
+    /// blocks again (other settings need a restart). A file that no longer
+    /// loads leaves them as they are. What to tell the caller, if anything.
+    pub(super) fn reload_upstreams(&self) -> Option<String> {
+        if self.s.mode != Mode::Proxy {
+            return None;
+        }
+        let resolved = crate::config::Settings::resolve(
+            self.s.flags.clone(),
+            &self.s.source,
+            self.s.no_node_shim,
+        );
+        let s = match resolved {
+            Ok(s) => s,
+            Err(e) => {
+                let m = format!("upstreams not read again: {e}");
+                tracing::error!("{m}");
+                return Some(m);
+            }
+        };
+        if let Some(h) = &self.http {
+            if s.upstreams.iter().any(|u| u.tls)
+                && let Err(e) = h.client_tls.trust_system_roots()
+            {
+                let m = format!("upstreams not read again: {e}");
+                tracing::error!("{m}");
+                return Some(m);
+            }
+            // Clients that connect from now on go through hyper, which
+            // speaks HTTP/2 and TLS to backends.
+            if s.upstreams.iter().any(|u| u.tls || u.h2) {
+                h.h2_backends
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let (came, went) = self.up.set_fixed(&s.upstreams);
+        if came + went == 0 {
+            return None;
+        }
+        let m = format!("upstreams read again: {came} came, {went} went");
+        tracing::info!("{m}");
+        Some(m)
+    }
+
     /// `--upstream-crl` read again (on a reload, and when its file changes).
     pub(super) fn reload_upstream_crl(&self) {
-        let Some(t) = self.upstream_tls.as_ref().filter(|t| t.has_crl()) else {
+        let Some(t) = self
+            .http
+            .as_ref()
+            .map(|h| &h.client_tls)
+            .filter(|t| t.has_crl())
+        else {
             return;
         };
         match t.reload() {
@@ -530,7 +583,7 @@ impl Supervisor {
                 tracing::info!("a certificate or key file changed");
                 self.reload_tls();
             }
-            if self.upstream_tls.as_ref().is_some_and(|t| t.changed()) {
+            if self.http.as_ref().is_some_and(|h| h.client_tls.changed()) {
                 self.reload_upstream_crl();
             }
         }

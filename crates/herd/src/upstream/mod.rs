@@ -316,22 +316,20 @@ impl Dialect {
     }
 }
 
+/// An `--upstream`'s target.
+fn fixed_target(u: &UpstreamSpec) -> Target {
+    Target::new(
+        u.addr,
+        u.name.clone(),
+        format!("upstream {}", u.name),
+        u.config.clone(),
+    )
+    .speaking(Dialect::of_spec(u))
+}
+
 impl Upstreams {
     pub fn new(kind: StrategyKind, remote: &[UpstreamSpec]) -> Upstreams {
-        let remote: Vec<Arc<Target>> = remote
-            .iter()
-            .map(|u| {
-                Arc::new(
-                    Target::new(
-                        u.addr,
-                        u.name.clone(),
-                        format!("upstream {}", u.name),
-                        u.config.clone(),
-                    )
-                    .speaking(Dialect::of_spec(u)),
-                )
-            })
-            .collect();
+        let remote: Vec<Arc<Target>> = remote.iter().map(|u| Arc::new(fixed_target(u))).collect();
         let pool = Pool::new(&kind, remote.clone());
         Upstreams {
             kind,
@@ -385,6 +383,46 @@ impl Upstreams {
     /// its address keeps its target (in-flight count, EWMA, health); one
     /// that went drains through the leases its requests hold. Returns how
     /// many came and went.
+    /// `--upstream`s read again (`herd reload`): an upstream kept as it was
+    /// (address, parameters, protocol) keeps its target, with its health
+    /// and counts; others come and go as DNS-found ones do. The number that
+    /// came and went.
+    pub fn set_fixed(&self, specs: &[UpstreamSpec]) -> (usize, usize) {
+        let (came, went) = {
+            let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            let old = std::mem::take(&mut remote.fixed);
+            let mut next = Vec::new();
+            for u in specs {
+                let d = Dialect::of_spec(u);
+                match old.iter().find(|t| {
+                    t.addr == u.addr
+                        && t.backend.name() == u.name
+                        && *t.backend.config() == u.config
+                        && t.h2 == d.h2
+                        && t.tls == d.tls
+                }) {
+                    Some(t) => next.push(t.clone()),
+                    None => next.push(Arc::new(fixed_target(u))),
+                }
+            }
+            let came = next
+                .iter()
+                .filter(|t| !old.iter().any(|o| Arc::ptr_eq(o, t)))
+                .count();
+            let went = old
+                .iter()
+                .filter(|o| !next.iter().any(|t| Arc::ptr_eq(o, t)))
+                .count();
+            remote.fixed = next;
+            (came, went)
+        };
+        if came + went > 0 {
+            let (workers, new) = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            self.set_workers(workers, new);
+        }
+        (came, went)
+    }
+
     pub fn set_found(
         &self,
         found: Vec<(SocketAddr, String, BackendConfig, Dialect)>,
