@@ -250,7 +250,8 @@ pub const PROBE_COUNT: u32 = 4;
 /// many failed since, rather than about 50 lines a second for as long as
 /// descriptors run short (nginx also waits, 500 ms, before it accepts again).
 /// Its count and period also throttle the proxy's warnings of connects to
-/// backends failing so (`proxy::own_shortage`).
+/// backends failing so (`proxy::own_shortage`), and of backends' failures
+/// (`proxy::Told`).
 #[derive(Debug, Default)]
 pub struct AcceptErrors {
     warned_at: Option<std::time::Instant>,

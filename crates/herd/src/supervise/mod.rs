@@ -538,6 +538,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: rolling reload");
                 sup.reload_tls();
+                sup.reload_upstream_crl();
                 sup.reload_upstreams();
                 sup.apply(Input::Reload { slots: None }, None);
             }

@@ -80,6 +80,7 @@ impl Supervisor {
                         format!("config {}", c.display())
                     });
                 self.reload_tls();
+                self.reload_upstream_crl();
                 if let Some(m) = self.reload_upstreams() {
                     let _ = reply.send(Line::progress(m));
                 }
@@ -320,16 +321,14 @@ impl Supervisor {
     /// Loads the certificates again; a bad new pair leaves the old ones
     /// serving, and says why.
     pub(super) fn reload_tls(&self) {
-        if let Some(tls) = &self.tls {
-            match tls.reload() {
-                Ok(()) => tracing::info!("TLS certificates reloaded"),
-                Err(e) => {
-                    tls.seen();
-                    tracing::error!("{e}; the certificates in use stay");
-                }
+        let Some(tls) = &self.tls else { return };
+        match tls.reload() {
+            Ok(()) => tracing::info!("TLS certificates reloaded"),
+            Err(e) => {
+                tls.seen();
+                tracing::error!("{e}; the certificates in use stay");
             }
         }
-        self.reload_upstream_crl();
     }
 
     /// The `--upstream`s read again from the master's command line and
