@@ -102,6 +102,103 @@ fn h2c_workers_and_upstreams_serve_http1_h2c_and_are_health_checked_over_http2()
     assert!(body.starts_with("HTTP/2.0 worker up"), "{body}");
 }
 
+/// An h2 upstream added by a reload (the config file's list read again):
+/// HTTP/1.1 clients, served until then by herd's own engine, which speaks
+/// neither HTTP/2 nor TLS to backends, reach it on their next connection.
+/// A keep-alive connection open across the reload still gets its answer
+/// (from a backend that engine can reach), told to close.
+#[test]
+fn an_h2_upstream_added_by_a_reload_is_reached_by_http1_clients() {
+    let plain = free_port();
+    let _demo = Killed(
+        Command::new(DEMO)
+            .env("PORT", plain.to_string())
+            .env_remove("HERD_WORKER_ID")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(T, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        plain
+    ))
+    .is_ok()));
+    let (h2, _node) = node_h2("up", &[]);
+    let dir = std::env::temp_dir().join(format!("herd-h2-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("herd.toml");
+    std::fs::write(&file, format!("upstream = [\"127.0.0.1:{plain}\"]\n")).unwrap();
+    let n = name("h2-reload");
+    let lb = Herd::start(&["--name", &n, "--config", file.to_str().unwrap()], &[]);
+    assert!(lb.wait_log("listening on", T), "{}", lb.log());
+    // Keep-alive connections open across the reload, each asking once
+    // before and once after; a POST is not retried elsewhere, so one sent
+    // to the h2 upstream over HTTP/1.1 would be a 502.
+    let mut open: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| {
+            let s = std::net::TcpStream::connect(("127.0.0.1", lb.port)).unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            s
+        })
+        .collect();
+    let ask = |s: &mut std::net::TcpStream| -> String {
+        s.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // One answer: its head, then its Content-Length's worth of body.
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let l = l.to_ascii_lowercase();
+                        l.strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap();
+                if body.len() >= len {
+                    return text;
+                }
+            }
+        }
+    };
+    for s in &mut open {
+        let first = ask(s);
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    }
+    std::fs::write(
+        &file,
+        format!("upstream = [\"127.0.0.1:{plain}\", \"127.0.0.1:{h2},h2\"]\n"),
+    )
+    .unwrap();
+    let out = ok(&herd(&["reload", &n]));
+    assert!(
+        out.contains("upstreams read again: 1 came, 0 went"),
+        "{out}"
+    );
+    for s in &mut open {
+        let answer = ask(s);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    let bodies: Vec<String> = (0..4)
+        .map(|_| curl(&[&format!("http://127.0.0.1:{}/", lb.port)]))
+        .collect();
+    assert!(
+        bodies.iter().any(|b| b.starts_with("HTTP/2.0 worker up")),
+        "{bodies:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A process killed when the test ends.
 struct Killed(std::process::Child);
 

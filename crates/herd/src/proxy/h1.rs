@@ -475,7 +475,11 @@ async fn exchange(
         head_method: req.head_method,
         upgrade: req.upgrade,
         http10: req.http10,
-        keep_alive: req.keep_alive && !super::stopping(),
+        // Once an upstream that speaks HTTP/2 or TLS came by a reload, the
+        // next request goes through hyper, on a new connection.
+        keep_alive: req.keep_alive
+            && !super::stopping()
+            && !p.h2_backends.load(std::sync::atomic::Ordering::Relaxed),
     };
     // Our own answers keep the connection if the whole request was read.
     let own_keep = asked.keep_alive && matches!(left, BodyLeft::Done);
@@ -519,6 +523,11 @@ async fn exchange(
             }
         };
         tries += 1;
+        if target.h2 || target.tls.is_some() {
+            // Came by a reload: this engine speaks neither (see `asked`).
+            avoid = Some(lease.backend().clone());
+            continue 'attempt;
+        }
 
         // A connection, and the head (with the body bytes at hand) on it.
         let mut pooled = if skip_pool {
