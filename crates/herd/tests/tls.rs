@@ -857,6 +857,16 @@ fn sessions_made_before_the_client_ca_changed_do_not_resume() {
     assert!(!after.contains("Reused,"), "{after}");
 }
 
+/// One demo worker behind herd speaking TLS with `pair`, and `extra`
+/// flags; ready.
+fn tls_demo(pair: &(PathBuf, PathBuf), extra: &[&str]) -> Herd {
+    let mut args = vec!["-i", "1", "--tls-cert", s(&pair.0), "--tls-key", s(&pair.1)];
+    args.extend_from_slice(extra);
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    h
+}
+
 /// `--upstream-cert`: herd shows its certificate to a `tls` upstream that
 /// asks for one (here herd itself with `--tls-client-ca`), as nginx's
 /// `proxy_ssl_certificate`; without it that upstream refuses herd (502).
@@ -866,20 +876,7 @@ fn herd_presents_its_client_certificate_to_upstreams_that_ask() {
     let server = pki.leaf("localhost");
     let client = pki.leaf("front");
     let ca = pki.path("ca.crt");
-    let backend = Herd::start(
-        &[
-            "-i",
-            "1",
-            "--tls-cert",
-            s(&server.0),
-            "--tls-key",
-            s(&server.1),
-            "--tls-client-ca",
-            s(&ca),
-        ],
-        &[DEMO],
-    );
-    backend.wait_ready(1);
+    let backend = tls_demo(&server, &["--tls-client-ca", s(&ca)]);
     let upstream = format!("--upstream=localhost:{},tls", backend.port);
     let front = |cert: &[&str]| {
         let mut args = vec![upstream.as_str(), "--upstream-ca", s(&ca)];
@@ -910,18 +907,7 @@ fn herd_presents_its_client_certificate_to_upstreams_that_ask() {
 fn revoked_upstream_certificates_are_refused() {
     let pki = Pki::new("upcrl");
     let server = pki.leaf("localhost");
-    let backend = Herd::start(
-        &[
-            "-i",
-            "1",
-            "--tls-cert",
-            s(&server.0),
-            "--tls-key",
-            s(&server.1),
-        ],
-        &[DEMO],
-    );
-    backend.wait_ready(1);
+    let backend = tls_demo(&server, &[]);
     let live = pki.path("live.crl");
     std::fs::copy(crl(&pki, "none", &[], 3600), &live).unwrap();
     let upstream = format!("--upstream=localhost:{},tls", backend.port);

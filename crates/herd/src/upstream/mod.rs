@@ -379,74 +379,73 @@ impl Upstreams {
         self.changed.notify_waiters();
     }
 
+    /// `--upstream`s read again (`herd reload`): one whose address,
+    /// parameters and protocol did not change keeps its target (health,
+    /// counts); others come and go as DNS-found ones do. Returns how many
+    /// came and went.
+    pub fn set_fixed(&self, specs: &[UpstreamSpec]) -> (usize, usize) {
+        self.replace(
+            |r| &mut r.fixed,
+            specs,
+            |t, u| {
+                let d = Dialect::of_spec(u);
+                t.addr == u.addr
+                    && t.backend.name() == u.name
+                    && *t.backend.config() == u.config
+                    && t.h2 == d.h2
+                    && t.tls == d.tls
+            },
+            fixed_target,
+        )
+    }
+
     /// The backends DNS gives now (`discover`): a backend already known by
     /// its address keeps its target (in-flight count, EWMA, health); one
     /// that went drains through the leases its requests hold. Returns how
     /// many came and went.
-    /// `--upstream`s read again (`herd reload`): an upstream kept as it was
-    /// (address, parameters, protocol) keeps its target, with its health
-    /// and counts; others come and go as DNS-found ones do. The number that
-    /// came and went.
-    pub fn set_fixed(&self, specs: &[UpstreamSpec]) -> (usize, usize) {
-        let (came, went) = {
-            let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-            let old = std::mem::take(&mut remote.fixed);
-            let mut next = Vec::new();
-            for u in specs {
-                let d = Dialect::of_spec(u);
-                match old.iter().find(|t| {
-                    t.addr == u.addr
-                        && t.backend.name() == u.name
-                        && *t.backend.config() == u.config
-                        && t.h2 == d.h2
-                        && t.tls == d.tls
-                }) {
-                    Some(t) => next.push(t.clone()),
-                    None => next.push(Arc::new(fixed_target(u))),
-                }
-            }
-            let came = next
-                .iter()
-                .filter(|t| !old.iter().any(|o| Arc::ptr_eq(o, t)))
-                .count();
-            let went = old
-                .iter()
-                .filter(|o| !next.iter().any(|t| Arc::ptr_eq(o, t)))
-                .count();
-            remote.fixed = next;
-            (came, went)
-        };
-        if came + went > 0 {
-            let (workers, new) = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            self.set_workers(workers, new);
-        }
-        (came, went)
-    }
-
     pub fn set_found(
         &self,
         found: Vec<(SocketAddr, String, BackendConfig, Dialect)>,
     ) -> (usize, usize) {
+        self.replace(
+            |r| &mut r.found,
+            found,
+            |t, (addr, _, cfg, d)| {
+                t.addr == *addr && *t.backend.config() == *cfg && t.h2 == d.h2 && t.tls == d.tls
+            },
+            |(addr, label, cfg, d)| {
+                Target::new(
+                    addr,
+                    addr.to_string(),
+                    format!("upstream {addr} ({label})"),
+                    cfg,
+                )
+                .speaking(d)
+            },
+        )
+    }
+
+    /// Replaces one list of remote targets with `wanted`: a wanted one that
+    /// `same` finds among the old keeps its target, others are made anew.
+    /// The pool is rebuilt if any came or went; returns how many.
+    fn replace<W>(
+        &self,
+        list: fn(&mut Remote) -> &mut Vec<Arc<Target>>,
+        wanted: impl IntoIterator<Item = W>,
+        same: impl Fn(&Target, &W) -> bool,
+        make: impl Fn(W) -> Target,
+    ) -> (usize, usize) {
         let (came, went) = {
             let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-            let old = std::mem::take(&mut remote.found);
-            let mut next = Vec::new();
-            for (addr, label, cfg, d) in found {
-                match old.iter().find(|t| {
-                    t.addr == addr && *t.backend.config() == cfg && t.h2 == d.h2 && t.tls == d.tls
-                }) {
-                    Some(t) => next.push(t.clone()),
-                    None => next.push(Arc::new(
-                        Target::new(
-                            addr,
-                            addr.to_string(),
-                            format!("upstream {addr} ({label})"),
-                            cfg,
-                        )
-                        .speaking(d),
-                    )),
-                }
-            }
+            let list = list(&mut remote);
+            let old = std::mem::take(list);
+            let next: Vec<Arc<Target>> = wanted
+                .into_iter()
+                .map(|w| match old.iter().find(|t| same(t, &w)) {
+                    Some(t) => t.clone(),
+                    None => Arc::new(make(w)),
+                })
+                .collect();
             let came = next
                 .iter()
                 .filter(|t| !old.iter().any(|o| Arc::ptr_eq(o, t)))
@@ -455,7 +454,7 @@ impl Upstreams {
                 .iter()
                 .filter(|o| !next.iter().any(|t| Arc::ptr_eq(o, t)))
                 .count();
-            remote.found = next;
+            *list = next;
             (came, went)
         };
         if came + went > 0 {
