@@ -478,6 +478,79 @@ fn an_http10_client_gets_a_chunked_answer_without_chunks() {
     assert_eq!(body, "hello, world");
 }
 
+/// The payload of a raw chunked body (no extensions or trailers).
+fn dechunk(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = raw;
+    loop {
+        let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
+        rest = &rest[nl + 2 + size + 2..];
+    }
+}
+
+/// An answer whose end is the backend's close (an HTTP/1.0 server, Python's
+/// `BaseHTTPRequestHandler` by default) goes to an HTTP/1.1 client chunked,
+/// so that client keeps its connection, as nginx does; an HTTP/1.0 client
+/// gets it as it came, and a backend reset shows as a body without its end.
+#[test]
+fn an_answer_ending_at_close_reaches_http11_clients_chunked() {
+    let (port, _) = backend(Arc::new(
+        |head: &str, _: &mut BufReader<TcpStream>, c: &mut TcpStream| {
+            c.write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+            if head.starts_with("GET /cut") {
+                socket2::SockRef::from(&*c)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                return false;
+            }
+            let _ = c.write_all(b", world");
+            std::thread::sleep(Duration::from_millis(30));
+            let _ = c.write_all(&[b'!'; 100_000]);
+            false
+        },
+    ));
+    let h = lb(port, &[]);
+    let want = [&b"hello, world"[..], &[b'!'; 100_000]].concat();
+    let mut r = BufReader::new(connect(h.port));
+    for path in ["/a", "/b"] {
+        write!(r.get_mut(), "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let (head, body) = read_one(&mut r);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.contains("Transfer-Encoding: chunked\r\n"), "{head}");
+        assert!(!head.to_ascii_lowercase().contains("connection"), "{head}");
+        assert!(dechunk(&body) == want, "{path}: {} bytes", body.len());
+    }
+
+    let mut s = connect(h.port);
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&all[..at]);
+    assert!(head.contains("Connection: close\r\n"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("chunked"), "{head}");
+    assert!(all[at..] == want[..], "{} bytes", all.len() - at);
+
+    let mut s = connect(h.port);
+    s.write_all(b"GET /cut HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n5\r\nhello\r\n"),
+        "no last chunk after a reset: {text:?}"
+    );
+}
+
 #[test]
 fn chunked_bodies_and_trailers_pass_both_ways() {
     // The backend answers with the raw chunked body it received, as chunked.

@@ -214,9 +214,30 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// Writes a chunk's size line (`{len:x}\r\n`) into `out`; returns its
+/// length. 18 bytes hold any `usize`'s.
+pub fn size_line(len: usize, out: &mut [u8; 18]) -> usize {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, d) in out[..digits].iter_mut().enumerate() {
+        *d = HEX[(len >> (4 * (digits - 1 - i))) & 0xf];
+    }
+    out[digits..digits + 2].copy_from_slice(b"\r\n");
+    digits + 2
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn size_lines_read_back() {
+        for len in [0, 1, 15, 16, 255, 4096, 65_535, 1 << 20, usize::MAX] {
+            let mut b = [0u8; 18];
+            let n = size_line(len, &mut b);
+            assert_eq!(&b[..n], format!("{len:x}\r\n").as_bytes());
+        }
+    }
 
     /// Scans `input` in pieces of `step` bytes; returns (bytes in the body,
     /// payload) or the error.

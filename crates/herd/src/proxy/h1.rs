@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use super::chunked::Chunked;
+use super::chunked::{self, Chunked};
 use super::deadline::{self, Deadline, Woke};
 use super::head::{self, Asked, Framing, H2_PREFACE, Refusal, Response};
 use super::{HttpProxy, Key, conns};
@@ -641,7 +641,7 @@ async fn exchange(
             wait => wait,
         };
         let now = p.up.now();
-        let (len, resp) = match wait {
+        let (len, mut resp) = match wait {
             HeadWait::Got(len, resp) => (len, resp),
             // The client left while its answer was awaited: nginx's 499. Not
             // the backend's failure, and not to be retried.
@@ -736,7 +736,10 @@ async fn exchange(
                 keep_alive: false,
                 ..asked
             };
-            let _ = head::response(&rbuf, closing, &mut rout);
+            // (A body until close is then not sent chunked either.)
+            if let Ok(Some((_, closed))) = head::response(&rbuf, closing, &mut rout) {
+                resp = closed;
+            }
         }
         conns::give_back(out);
 
@@ -1261,26 +1264,34 @@ async fn relay_answer(
             }
         }
         Framing::UntilClose => {
-            if write_two(client, out, &rbuf[head_len..], to_client)
-                .await
-                .is_err()
-            {
-                return Relayed::Failed;
-            }
-            *sent += (rbuf.len() - head_len) as u64;
+            let mut head: &[u8] = out;
+            let mut from = head_len;
             loop {
+                let w = if resp.rechunk {
+                    write_chunk(client, head, &rbuf[from..], to_client).await
+                } else {
+                    write_two(client, head, &rbuf[from..], to_client).await
+                };
+                if w.is_err() {
+                    return Relayed::Failed;
+                }
+                *sent += (rbuf.len() - from) as u64;
+                head = &[];
+                from = 0;
                 let last = rbuf.len();
                 rbuf.clear();
                 let read = read_rest(b, rbuf, from_backend, last);
                 match watching(read, client, b, left_us, gone).await {
+                    // The end; a client that got it chunked gets the last chunk.
+                    Ok(0) if resp.rechunk => {
+                        return match write_all(client, b"0\r\n\r\n", to_client).await {
+                            Ok(()) => Relayed::Unreusable,
+                            Err(_) => Relayed::Failed,
+                        };
+                    }
                     Ok(0) => return Relayed::Unreusable,
                     got @ Err(_) => return broken(&got, *left_us),
-                    Ok(_) => {
-                        if write_all(client, rbuf, to_client).await.is_err() {
-                            return Relayed::Failed;
-                        }
-                        *sent += rbuf.len() as u64;
-                    }
+                    Ok(_) => {}
                 }
             }
         }
@@ -1429,11 +1440,44 @@ async fn write_all(io: &impl Socket, data: &[u8], timeout: Duration) -> io::Resu
 /// `send` when either is empty: cheaper in the kernel than a `writev`).
 async fn write_two(io: &impl Socket, a: &[u8], b: &[u8], timeout: Duration) -> io::Result<()> {
     let mut bufs = [IoSlice::new(a), IoSlice::new(b)];
-    let mut slices: &mut [IoSlice<'_>] = match (a.is_empty(), b.is_empty()) {
+    let slices: &mut [IoSlice<'_>] = match (a.is_empty(), b.is_empty()) {
         (_, true) => &mut bufs[..1],
         (true, false) => &mut bufs[1..],
         (false, false) => &mut bufs,
     };
+    write_slices(io, slices, timeout).await
+}
+
+/// Writes `head` (may be empty), then `data` as one chunk of a chunked
+/// body (nothing when `data` is empty: an empty chunk would end the body),
+/// in one `writev`.
+async fn write_chunk(
+    io: &impl Socket,
+    head: &[u8],
+    data: &[u8],
+    timeout: Duration,
+) -> io::Result<()> {
+    if data.is_empty() {
+        return write_all(io, head, timeout).await;
+    }
+    let mut size = [0u8; 18];
+    let n = chunked::size_line(data.len(), &mut size);
+    let mut bufs = [
+        IoSlice::new(head),
+        IoSlice::new(&size[..n]),
+        IoSlice::new(data),
+        IoSlice::new(b"\r\n"),
+    ];
+    let from = usize::from(head.is_empty());
+    write_slices(io, &mut bufs[from..], timeout).await
+}
+
+/// Writes all of `slices`, waiting up to `timeout` each time the socket is full.
+async fn write_slices(
+    io: &impl Socket,
+    mut slices: &mut [IoSlice<'_>],
+    timeout: Duration,
+) -> io::Result<()> {
     IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
         let r = if slices.len() == 1 {

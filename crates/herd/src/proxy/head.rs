@@ -122,6 +122,9 @@ pub struct Response {
     pub client_keep_alive: bool,
     /// A chunked body goes to an HTTP/1.0 client without its chunk framing.
     pub dechunk: bool,
+    /// A body that ends when the backend closes goes to an HTTP/1.1 client
+    /// chunked, so that client's connection stays open (as nginx does).
+    pub rechunk: bool,
 }
 
 /// Most headers a response may have.
@@ -843,8 +846,14 @@ pub fn response(
             !conn.close
         };
     let dechunk = body == Framing::Chunked && asked.http10;
-    let client_keep_alive =
-        !interim && !switching && asked.keep_alive && body != Framing::UntilClose && !dechunk;
+    // Only without any Transfer-Encoding: `gzip` alone would need `gzip,
+    // chunked`, too rare to be worth it.
+    let rechunk = body == Framing::UntilClose && !te && asked.keep_alive && !asked.http10;
+    let client_keep_alive = !interim
+        && !switching
+        && asked.keep_alive
+        && (body != Framing::UntilClose || rechunk)
+        && !dechunk;
     let pass_chunked = body == Framing::Chunked && !dechunk;
 
     out.clear();
@@ -876,6 +885,8 @@ pub fn response(
     }
     if pass_chunked {
         put(out, "Transfer-Encoding", &te_norm);
+    } else if rechunk {
+        put(out, "Transfer-Encoding", b"chunked");
     }
     if switching {
         put(out, "Connection", b"upgrade");
@@ -896,6 +907,7 @@ pub fn response(
             backend_keep_alive,
             client_keep_alive,
             dechunk,
+            rechunk,
         },
     )))
 }
@@ -1285,7 +1297,20 @@ mod tests {
         assert!(out.contains("Content-Length: 5"));
         let (r, out) = resp("HTTP/1.1 200 OK\r\n\r\n", GET11).unwrap();
         assert_eq!(r.body, Framing::UntilClose);
-        assert!(!r.backend_keep_alive && !r.client_keep_alive);
+        assert!(r.rechunk && !r.backend_keep_alive && r.client_keep_alive);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let closing = Asked {
+            keep_alive: false,
+            ..GET11
+        };
+        let (r, out) = resp("HTTP/1.0 200 OK\r\n\r\n", closing).unwrap();
+        assert!(!r.rechunk && !r.client_keep_alive);
+        assert!(out.ends_with("Connection: close\r\n\r\n"));
+        let (r, out) = resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", GET11).unwrap();
+        assert!(
+            !r.rechunk && !r.client_keep_alive,
+            "gzip alone: until close"
+        );
         assert!(out.ends_with("Connection: close\r\n\r\n"));
         let (r, out) =
             resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\nTrailer: X\r\n\r\n", GET11)

@@ -397,7 +397,7 @@ pub fn keepalive_get(s: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Stri
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let (mut len, mut close) = (0, false);
+    let (mut len, mut close, mut chunked) = (0, false, false);
     loop {
         let mut h = String::new();
         if s.read_line(&mut h)? == 0 {
@@ -411,9 +411,27 @@ pub fn keepalive_get(s: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Stri
             len = v.trim().parse().unwrap_or(0);
         }
         close |= h.starts_with("connection:") && h.contains("close");
+        chunked |= h.starts_with("transfer-encoding:") && h.contains("chunked");
     }
-    let mut body = vec![0; len];
-    s.read_exact(&mut body)?;
+    let mut body = Vec::new();
+    if chunked {
+        // (No extensions or trailers: the tests' backends send none.)
+        loop {
+            let mut size = String::new();
+            s.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim_end(), 16)
+                .map_err(|_| std::io::Error::other(format!("bad chunk size {size:?}")))?;
+            let mut chunk = vec![0; n + 2];
+            s.read_exact(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        body.resize(len, 0);
+        s.read_exact(&mut body)?;
+    }
     Ok((status, String::from_utf8_lossy(&body).into_owned(), close))
 }
 
