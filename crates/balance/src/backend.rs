@@ -230,10 +230,13 @@ impl Backend {
             return false;
         }
         if self.status.load(Relaxed) & FAILED != 0 {
-            // Failed again while coming back: down for another period.
+            // Failed again: down for another period. Only news if it was
+            // coming back; requests in flight when it went down that fail
+            // too are the same outage.
+            let was_down = self.down_until.load(Relaxed) > now;
             self.down_until
                 .store(now.saturating_add(self.cfg.fail_timeout), Relaxed);
-            return true;
+            return !was_down;
         }
         let start = self.window_start.load(Relaxed);
         let fails = if now.saturating_sub(start) > self.cfg.fail_timeout || start == 0 {
@@ -330,8 +333,14 @@ mod tests {
         // A second failure outside the window starts a new window.
         assert!(!b.lease(12 * S).failure(12 * S));
         assert!(b.available(12 * S));
+        let in_flight = b.lease(13 * S);
         assert!(b.lease(13 * S).failure(13 * S), "this one marks it failed");
         assert!(!b.available(13 * S), "two failures within 10s: down");
+        assert!(
+            !in_flight.failure(13 * S),
+            "one in flight that fails too is not news"
+        );
+        drop(in_flight);
         assert!(!b.available(22 * S));
         // Back after fail_timeout, one request at a time.
         assert!(b.available(23 * S));
