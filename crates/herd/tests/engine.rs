@@ -410,7 +410,9 @@ fn expect_100_continue_is_relayed_before_the_body() {
             true
         },
     ));
-    let h = lb(port, &[]);
+    // Streamed: with the body read first, herd says `100` itself (see
+    // `a_slow_upload_does_not_hold_a_one_at_a_time_backend`).
+    let h = lb(port, &["--request-buffer", "0"]);
     let mut s = connect(h.port);
     s.write_all(b"PUT /f HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
         .unwrap();
@@ -982,7 +984,8 @@ fn an_upload_piece_is_not_held_back_while_the_client_pauses() {
             true
         },
     ));
-    let h = lb(port, &[]);
+    // (Streamed, not read whole first.)
+    let h = lb(port, &["--request-buffer", "0"]);
     let s = connect(h.port);
     let mut w = s.try_clone().unwrap();
     let mut r = BufReader::new(s);
@@ -1010,6 +1013,62 @@ fn an_upload_piece_is_not_held_back_while_the_client_pauses() {
         took[took.len() / 2] < Duration::from_millis(30),
         "a piece waited in the kernel: {took:?}\nlog:\n{}",
         h.log()
+    );
+}
+
+/// A backend that serves one connection at a time (gunicorn's sync
+/// worker, a preforking Perl server) is not held by a slow upload: herd
+/// reads a body of up to `--request-buffer` whole first, saying
+/// `100 Continue` itself to a client that waits for it, as nginx does.
+#[test]
+fn a_slow_upload_does_not_hold_a_one_at_a_time_backend() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (heads_tx, heads) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let Some(head) = read_head(&mut c) else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let mut body = vec![0; content_length(&head)];
+            if c.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let said = format!("got {}", body.len());
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{said}",
+                said.len()
+            );
+            let _ = heads_tx.send(head);
+        }
+    });
+    let h = lb(port, &[]);
+    let mut slow = connect(h.port);
+    slow.write_all(
+        b"POST /up HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+    )
+    .unwrap();
+    let mut go_on = [0u8; 25];
+    slow.read_exact(&mut go_on).unwrap();
+    assert_eq!(&go_on, b"HTTP/1.1 100 Continue\r\n\r\n");
+    slow.write_all(b"a").unwrap();
+    // While that body trickles, another client is served.
+    for _ in 0..3 {
+        let (status, body) = http_get(h.port, "/").unwrap();
+        assert_eq!((status, body.as_str()), (200, "got 0"));
+        assert!(!heads.recv_timeout(T).unwrap().contains("/up"));
+    }
+    slow.write_all(b"bcd").unwrap();
+    let (head, body) = read_one(&mut BufReader::new(slow));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"got 4");
+    let head = heads.recv_timeout(T).unwrap().to_ascii_lowercase();
+    assert!(
+        head.starts_with("post /up") && !head.contains("expect"),
+        "{head}"
     );
 }
 

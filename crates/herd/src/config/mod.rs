@@ -186,6 +186,28 @@ pub struct Size(pub usize);
 impl FromStr for Size {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        match s.parse::<SizeOrZero>()? {
+            SizeOrZero(0) => Err(format!("{s:?} is not a size (write 16384, 16k or 1m)")),
+            SizeOrZero(n) => Ok(Size(n)),
+        }
+    }
+}
+
+impl TryFrom<NumOrStr> for Size {
+    type Error = String;
+    fn try_from(r: NumOrStr) -> Result<Self, String> {
+        r.parse()
+    }
+}
+
+/// A [`Size`] that may be 0, for limits where 0 turns something off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "NumOrStr")]
+pub struct SizeOrZero(pub usize);
+
+impl FromStr for SizeOrZero {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
@@ -199,13 +221,12 @@ impl FromStr for Size {
         num.parse::<usize>()
             .ok()
             .and_then(|n| n.checked_mul(mult))
-            .filter(|&n| n > 0)
-            .map(Size)
+            .map(SizeOrZero)
             .ok_or_else(|| format!("{s:?} is not a size (write 16384, 16k or 1m)"))
     }
 }
 
-impl TryFrom<NumOrStr> for Size {
+impl TryFrom<NumOrStr> for SizeOrZero {
     type Error = String;
     fn try_from(r: NumOrStr) -> Result<Self, String> {
         r.parse()
@@ -576,7 +597,12 @@ options! {
     /// Largest request body, e.g. 10M (then 413, as nginx's `client_max_body_size`);
     /// 0 for none [default: none].
     #[arg(long, value_name = "SIZE")]
-    max_body_size: Option<Size>,
+    max_body_size: Option<SizeOrZero>,
+    /// Read a request body of up to SIZE whole before picking a backend, so a slow
+    /// upload holds herd's memory rather than a worker (nginx's `proxy_request_buffering`,
+    /// HAProxy's `http-buffer-request`); larger bodies stream; 0 streams all [default: 64k].
+    #[arg(long, value_name = "SIZE")]
+    request_buffer: Option<SizeOrZero>,
     /// Preload herd's Node module (NODE_OPTIONS=--require) even though the
     /// command is not `node` itself (e.g. a script with a `#!` line); `=false`
     /// turns it off [default: on when the command is node].
@@ -977,6 +1003,9 @@ pub struct Limits {
     pub max_headers: usize,
     /// `--max-body-size`: the most body bytes a request may have.
     pub max_body: Option<u64>,
+    /// `--request-buffer`: bodies up to this size are read whole before a
+    /// backend is picked (0: none).
+    pub request_buffer: usize,
     /// Time to send a whole request head once it has begun.
     pub header_timeout: Duration,
     /// Time a keep-alive connection may wait for its next request, and a
@@ -1010,6 +1039,7 @@ mod default {
     pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     pub const MAX_HEADER_SIZE: usize = 16 * 1024;
+    pub const REQUEST_BUFFER: usize = 64 * 1024;
     pub const MAX_HEADERS: usize = 100;
     pub const LOG_MAX_SIZE: u64 = 10 << 20;
     pub const LOG_KEEP: u32 = 3;
@@ -1234,6 +1264,7 @@ impl Settings {
                 max_head: o.max_header_size.map_or(default::MAX_HEADER_SIZE, |s| s.0),
                 max_headers: o.max_headers.unwrap_or(default::MAX_HEADERS).max(1),
                 max_body: o.max_body_size.map(|s| s.0 as u64).filter(|&n| n > 0),
+                request_buffer: o.request_buffer.map_or(default::REQUEST_BUFFER, |s| s.0),
                 header_timeout: d(o.header_timeout, default::HEADER_TIMEOUT),
                 idle_timeout: d(o.idle_timeout, default::IDLE_TIMEOUT),
             },
@@ -1737,6 +1768,24 @@ fn check_executable(p: &Path) -> Exec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_and_where_zero_is_allowed() {
+        assert_eq!("16k".parse::<Size>(), Ok(Size(16384)));
+        assert_eq!(" 1MiB".parse::<Size>(), Ok(Size(1 << 20)));
+        assert!(
+            "0".parse::<Size>().is_err(),
+            "a head or log size of 0 is a mistake"
+        );
+        assert_eq!(
+            "0".parse::<SizeOrZero>(),
+            Ok(SizeOrZero(0)),
+            "0 turns a limit off"
+        );
+        for bad in ["", "k", "-1", "1x", "99999999999999999999g"] {
+            assert!(bad.parse::<SizeOrZero>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn node_is_recognised_by_its_name() {

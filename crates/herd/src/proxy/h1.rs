@@ -469,6 +469,42 @@ async fn exchange(
             }
         }
     };
+    let mut left = left;
+    // The body read whole (or its first --request-buffer bytes), instead
+    // of the `in_buf` bytes at the inbox's front.
+    let mut whole: Option<Vec<u8>> = None;
+    let fits = match left {
+        BodyLeft::Done => false,
+        BodyLeft::Length(n) => in_buf as u64 + n <= limits.request_buffer as u64,
+        BodyLeft::Chunked(..) => limits.request_buffer > 0,
+    };
+    if fits && !req.upgrade {
+        if req.expect_continue && !req.http10 {
+            // The client waits for this before its body; the backend then
+            // gets the body with the head and no `Expect`.
+            let go_on = b"HTTP/1.1 100 Continue\r\n\r\n";
+            if write_all(io, go_on, limits.idle_timeout).await.is_err() {
+                conns::give_back(out);
+                return Outcome::Close;
+            }
+            head::drop_expect(&mut out);
+        }
+        match buffer_body(io, inbox, in_buf, &mut left, cap, &limits).await {
+            Ok(v) => whole = Some(v),
+            Err(None) => {
+                conns::give_back(out);
+                return Outcome::Close;
+            }
+            Err(Some(r)) => {
+                conns::give_back(out);
+                let (status, bytes) = r.logged();
+                note(p, &logged, status, bytes, None, 0);
+                let _ = write_all(io, r.response(), limits.idle_timeout).await;
+                return Outcome::Linger;
+            }
+        }
+    }
+    let in_buf = if whole.is_some() { 0 } else { in_buf };
     let bodiless = req.body == Framing::None;
     let replay = req.idempotent && bodiless;
     let asked = Asked {
@@ -485,9 +521,10 @@ async fn exchange(
     let own_keep = asked.keep_alive && matches!(left, BodyLeft::Done);
 
     // A small body already at hand joins the head: one `send`, not a `writev`.
-    let joined = in_buf > 0 && in_buf <= JOIN_MAX;
+    let at_hand = whole.as_ref().map_or(in_buf, Vec::len);
+    let joined = at_hand > 0 && at_hand <= JOIN_MAX;
     if joined {
-        out.extend_from_slice(&inbox.pending()[..in_buf]);
+        out.extend_from_slice(whole.as_deref().unwrap_or(&inbox.pending()[..in_buf]));
     }
     let mut avoid: Option<Arc<herd_balance::Backend>> = None;
     let mut last: (u16, &str, &str) = (502, "Bad Gateway", "no backend could answer\n");
@@ -561,6 +598,8 @@ async fn exchange(
             };
             let body = if joined {
                 &[][..]
+            } else if let Some(w) = &whole {
+                w
             } else {
                 &inbox.pending()[..in_buf]
             };
@@ -587,7 +626,7 @@ async fn exchange(
         let mut body_end = BodyEnd::Done;
         let mut left_us = Client::Here;
         // The request body's bytes sent to this backend (after the head's).
-        let mut uploaded = in_buf as u64;
+        let mut uploaded = at_hand as u64;
         let wait = {
             let head_fut = read_answer_head(
                 &b,
@@ -805,6 +844,65 @@ async fn exchange(
             _ => Outcome::Close,
         };
     }
+}
+
+/// nginx's `proxy_request_buffering` (HAProxy's `http-buffer-request`):
+/// reads a body of at most `--request-buffer` bytes whole before a backend
+/// is picked, so a slow upload holds herd's memory, not a worker that
+/// serves one request at a time (gunicorn's sync workers, preforking Perl
+/// or Ruby servers). Returns the body's bytes, from the `in_buf` at the
+/// inbox's front on; a chunked body found larger stops there, and `left`
+/// says what is still to stream. `Err(None)`: the client left;
+/// `Err(Some(_))`: refused.
+async fn buffer_body(
+    io: &LazyStream,
+    inbox: &mut Inbox,
+    in_buf: usize,
+    left: &mut BodyLeft,
+    cap: usize,
+    limits: &crate::config::Limits,
+) -> Result<Vec<u8>, Option<Refusal>> {
+    let size = match *left {
+        BodyLeft::Length(n) => in_buf + n as usize,
+        _ => (in_buf + cap).min(limits.request_buffer),
+    };
+    let mut whole = Vec::with_capacity(size);
+    whole.extend_from_slice(&inbox.pending()[..in_buf]);
+    inbox.consume(in_buf);
+    while !matches!(left, BodyLeft::Done) && whole.len() < limits.request_buffer {
+        if inbox.pending().is_empty() {
+            match read_some(io, inbox, cap, limits.idle_timeout).await {
+                Ok(0) => return Err(None),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(Some(Refusal::Timeout));
+                }
+                Err(_) => return Err(None),
+            }
+        }
+        let pending = inbox.pending();
+        let (k, done) = match left {
+            BodyLeft::Done => (0, true),
+            BodyLeft::Length(n) => {
+                let k = (pending.len() as u64).min(*n);
+                *n -= k;
+                (k as usize, *n == 0)
+            }
+            BodyLeft::Chunked(c, seen) => match c.scan(pending, |d| *seen += d.len() as u64) {
+                Ok(_) if limits.max_body.is_some_and(|max| *seen > max) => {
+                    return Err(Some(Refusal::BodyTooLarge));
+                }
+                Ok(k) => (k, c.is_done()),
+                Err(_) => return Err(Some(Refusal::BadRequest)),
+            },
+        };
+        whole.extend_from_slice(&pending[..k]);
+        inbox.consume(k);
+        if done {
+            *left = BodyLeft::Done;
+        }
+    }
+    Ok(whole)
 }
 
 /// Relays the rest of the request body from the client to the backend,
@@ -1670,6 +1768,7 @@ mod tests {
                 max_head: 16384,
                 max_headers: 100,
                 max_body: None,
+                request_buffer: 0,
                 header_timeout: secs,
                 idle_timeout: secs,
             },

@@ -107,6 +107,8 @@ pub struct Request {
     /// An HTTP/1.0 request without `Host`: the backend's head, sent as
     /// HTTP/1.1, needs one ([`add_host`]), or a strict server answers 400.
     pub no_host: bool,
+    /// `Expect: 100-continue`: the client waits for a `100` before its body.
+    pub expect_continue: bool,
 }
 
 /// What the proxy needs to know of a response after its head.
@@ -418,6 +420,7 @@ pub fn request(
     let mut has_upgrade = false;
     let mut xfp = false;
     let mut xfh = false;
+    let mut expect_continue = false;
     for h in headers {
         match classify(h.name) {
             Known::ContentLength => {
@@ -441,6 +444,9 @@ pub fn request(
             Known::Upgrade => has_upgrade |= tokens(h.value).any(|t| !is_h2_upgrade(t)),
             Known::XForwardedProto => xfp = true,
             Known::XForwardedHost => xfh = true,
+            Known::Other if h.name.len() == 6 && h.name.eq_ignore_ascii_case("expect") => {
+                expect_continue |= h.value.eq_ignore_ascii_case(b"100-continue");
+            }
             _ => {}
         }
     }
@@ -595,6 +601,7 @@ pub fn request(
         referer,
         user_agent,
         no_host: host.is_none(),
+        expect_continue,
     })
 }
 
@@ -609,6 +616,27 @@ pub fn add_host(out: &mut Vec<u8>, host: &[u8]) {
     put(&mut field, "Host", host);
     let at = line + 2;
     out.splice(at..at, field);
+}
+
+/// Takes `Expect` out of a backend's head written by [`request`]: herd
+/// said `100 Continue` itself and read the body, which the backend gets
+/// with the head (as nginx does when it buffers a body).
+pub fn drop_expect(out: &mut Vec<u8>) {
+    let mut at = match out.windows(2).position(|w| w == b"\r\n") {
+        Some(line) => line + 2,
+        None => return,
+    };
+    while let Some(len) = out[at..].windows(2).position(|w| w == b"\r\n") {
+        if len == 0 {
+            return; // the blank line
+        }
+        let line = &out[at..at + len];
+        if line.len() > 7 && line[..7].eq_ignore_ascii_case(b"expect:") {
+            out.drain(at..at + len + 2);
+        } else {
+            at += len + 2;
+        }
+    }
 }
 
 /// Writes `ip` without `core::fmt`, which costs more than the rest of a
@@ -1108,6 +1136,22 @@ mod tests {
                 "absolute {bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn expect_is_seen_and_can_be_taken_out() {
+        let head = "POST / HTTP/1.1\r\nHost: h\r\nEXPECT: 100-Continue\r\nContent-Length: 3\r\nX-Expected: 1\r\n\r\n";
+        let (r, out) = req(head).unwrap();
+        assert!(r.expect_continue);
+        let mut out = out.into_bytes();
+        drop_expect(&mut out);
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.to_ascii_lowercase().contains("expect:"), "{out}");
+        assert!(out.contains("Host: h\r\nX-Expected: 1\r\n"), "{out}");
+        assert!(out.contains("Content-Length: 3\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\n"), "{out}");
+        let (r, _) = req("POST / HTTP/1.1\r\nHost: h\r\nExpect: nothing\r\n\r\n").unwrap();
+        assert!(!r.expect_continue);
     }
 
     #[test]
