@@ -489,7 +489,14 @@ async fn exchange(
             }
             head::drop_expect(&mut out);
         }
-        match buffer_body(io, inbox, in_buf, &mut left, cap, &limits).await {
+        // The backend's head waits in a buffer of its size, not a thread's.
+        let parked = out.to_vec();
+        conns::give_back(std::mem::replace(&mut out, parked));
+        let read = buffer_body(io, inbox, in_buf, &mut left, cap, &limits).await;
+        let mut unparked = conns::buffer(cap);
+        unparked.extend_from_slice(&out);
+        out = unparked;
+        match read {
             Ok(v) => whole = Some(v),
             Err(None) => {
                 conns::give_back(out);
@@ -862,20 +869,34 @@ async fn buffer_body(
     cap: usize,
     limits: &crate::config::Limits,
 ) -> Result<Vec<u8>, Option<Refusal>> {
-    let size = match *left {
+    // The most this can hold: a length's exact size, else the limit and
+    // one read past it.
+    let most = match *left {
         BodyLeft::Length(n) => in_buf + n as usize,
-        _ => (in_buf + cap).min(limits.request_buffer),
+        _ => limits.request_buffer + cap,
     };
-    let mut whole = Vec::with_capacity(size);
+    // Grown as bytes come, not sized up front: a client that declares
+    // 64 KiB and sends a byte holds a byte.
+    let mut whole = Vec::with_capacity(in_buf.max(512).min(most));
     whole.extend_from_slice(&inbox.pending()[..in_buf]);
     inbox.consume(in_buf);
+    let mut until = None;
     while !matches!(left, BodyLeft::Done) && whole.len() < limits.request_buffer {
         if inbox.pending().is_empty() {
-            match read_some(io, inbox, cap, limits.idle_timeout).await {
+            match inbox.try_fill(io, cap) {
                 Ok(0) => return Err(None),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    return Err(Some(Refusal::Timeout));
+                Ok(_) => until = None,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Waits holding no thread buffer, only what was sent.
+                    inbox.release_if_empty();
+                    let by = *until.get_or_insert_with(|| deadline::after(limits.idle_timeout));
+                    match ready_by(by, |cx| io.poll_read_ready(cx)).await {
+                        Ok(()) => continue,
+                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                            return Err(Some(Refusal::Timeout));
+                        }
+                        Err(_) => return Err(None),
+                    }
                 }
                 Err(_) => return Err(None),
             }
@@ -896,6 +917,11 @@ async fn buffer_body(
                 Err(_) => return Err(Some(Refusal::BadRequest)),
             },
         };
+        let need = whole.len() + k;
+        if need > whole.capacity() {
+            let grown = need.max(whole.capacity() * 2).min(most.max(need));
+            whole.reserve_exact(grown - whole.len());
+        }
         whole.extend_from_slice(&pending[..k]);
         inbox.consume(k);
         if done {
