@@ -20,8 +20,8 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::signal::unix::{SignalKind, signal};
@@ -200,6 +200,19 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let pid = std::process::id();
     SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // A body is read (and dropped) before the answer: a server that answers
+    // without reading it closes the connection after, and the unread bytes
+    // turn that close into a reset, which a proxy counts as the worker's
+    // failure (nginx and herd both take it out for a while).
+    let (parts, mut body) = req.into_parts();
+    if !body.is_end_stream() {
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                break;
+            }
+        }
+    }
+    let req = Request::from_parts(parts, ());
     let body = match req.uri().path() {
         "/slow" => {
             let ms = query_num(req.uri().query(), "ms=").unwrap_or(1000);
