@@ -218,9 +218,22 @@ impl Backend {
         self.ewma_at.store(now, Relaxed);
     }
 
-    fn record_success(&self) {
+    /// A success of a request picked at `started`. A backend taken out
+    /// comes back only by a request picked after it went down (the probe,
+    /// or the lone backend's next): requests in flight when it went down
+    /// that succeed do not bring it back early (nginx's `accessed < checked`).
+    fn record_success(&self, started: Nanos) {
+        if self.status.load(Relaxed) & FAILED != 0 {
+            let went_down = self
+                .down_until
+                .load(Relaxed)
+                .saturating_sub(self.cfg.fail_timeout);
+            if started <= went_down {
+                return;
+            }
+            self.set_flag(FAILED, false);
+        }
         self.fails.store(0, Relaxed);
-        self.set_flag(FAILED, false);
     }
 
     /// Whether this failure marked the backend failed (its `max_fails`
@@ -284,7 +297,7 @@ impl Lease {
     pub fn success(&self, now: Nanos) {
         self.backend
             .observe_rtt(now.saturating_sub(self.started), now);
-        self.backend.record_success();
+        self.backend.record_success(self.started);
     }
 
     /// The backend failed (connect error, reset, timeout, malformed answer).
@@ -333,7 +346,7 @@ mod tests {
         // A second failure outside the window starts a new window.
         assert!(!b.lease(12 * S).failure(12 * S));
         assert!(b.available(12 * S));
-        let in_flight = b.lease(13 * S);
+        let (in_flight, done_later) = (b.lease(13 * S), b.lease(13 * S));
         assert!(b.lease(13 * S).failure(13 * S), "this one marks it failed");
         assert!(!b.available(13 * S), "two failures within 10s: down");
         assert!(
@@ -341,6 +354,12 @@ mod tests {
             "one in flight that fails too is not news"
         );
         drop(in_flight);
+        done_later.success(14 * S);
+        drop(done_later);
+        assert!(
+            !b.available(14 * S),
+            "one in flight that succeeds does not bring it back early"
+        );
         assert!(!b.available(22 * S));
         // Back after fail_timeout, one request at a time.
         assert!(b.available(23 * S));

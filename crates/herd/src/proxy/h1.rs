@@ -586,6 +586,10 @@ async fn exchange(
         };
         let (b, was_pooled) = loop {
             let (b, was_pooled) = match pooled.take() {
+                // A request that cannot be sent twice does not go out on a
+                // connection the backend has already closed (one that
+                // closes after each answer without saying so): a fresh one.
+                Some(b) if !replay && closed_by_peer(&b) => continue,
                 Some(b) => (b, true),
                 None => match connect(&target, p.cfg.connect_timeout).await {
                     Ok(b) => (b, false),
@@ -741,12 +745,23 @@ async fn exchange(
                 let why = match wait {
                     HeadWait::TimedOut => format!("no answer within {timeout:?}"),
                     HeadWait::Malformed(why) => why.to_owned(),
+                    HeadWait::Closed { quiet: true } if was_pooled => {
+                        "closed a kept-alive connection as a request that cannot be sent twice went out on it".into()
+                    }
                     HeadWait::Closed { quiet: true } => {
                         "closed the connection before answering".into()
                     }
                     _ => "closed the connection in the middle of its answer's head".into(),
                 };
-                super::backend_failed(&p.up, &lease, &target.label, &why);
+                if was_pooled && matches!(wait, HeadWait::Closed { quiet: true }) {
+                    // A server that closes after each answer without saying
+                    // so, or an idle time-out met by this request: not ill
+                    // health, and not counted (as nginx does not count an
+                    // error on a cached connection).
+                    super::Told::Failed.warn(&target.label, &why);
+                } else {
+                    super::backend_failed(&p.up, &lease, &target.label, &why);
+                }
                 last = match wait {
                     HeadWait::TimedOut => {
                         (504, "Gateway Timeout", "backend did not answer in time\n")
@@ -851,6 +866,17 @@ async fn exchange(
             _ => Outcome::Close,
         };
     }
+}
+
+/// Whether an idle backend connection has been closed (or has sent bytes
+/// nobody asked for): one `recv` with `MSG_PEEK`, which would block on a
+/// live connection.
+fn closed_by_peer(b: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    !matches!(
+        socket2::SockRef::from(b).peek(&mut byte),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
 }
 
 /// nginx's `proxy_request_buffering` (HAProxy's `http-buffer-request`):
