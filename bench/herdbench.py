@@ -902,7 +902,8 @@ def bodies_lines():
            "bodies (GET) or the uploads (POST). nginx runs with its defaults for bodies: it buffers answers "
            "(`proxy_buffering`) and uploads (`proxy_request_buffering`) and writes what does not fit its buffers "
            "to temporary files; **spooled** counts the answers and uploads it wrote to disk, from its own "
-           "warnings. herd and HAProxy stream both ways with bounded buffers. Medians; **CPU** as above, the "
+           "warnings. herd reads an upload of up to `--request-buffer` (64 KiB) whole in memory before it picks a "
+           "backend, and streams the rest and every answer with bounded buffers; HAProxy streams both ways. Medians; **CPU** as above, the "
            "balancing processes' CPU seconds per 100k requests; **vs herd** divides the peer's figure by herd's.", "",
            "| load | setup | req/s | MB/s | vs herd | p99 ms | CPU s/100k | vs herd | spooled | errors |",
            "|---|---|---|---|---|---|---|---|---|---|"]
