@@ -1022,29 +1022,7 @@ fn an_upload_piece_is_not_held_back_while_the_client_pauses() {
 /// `100 Continue` itself to a client that waits for it, as nginx does.
 #[test]
 fn a_slow_upload_does_not_hold_a_one_at_a_time_backend() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (heads_tx, heads) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { continue };
-            let Some(head) = read_head(&mut c) else {
-                continue;
-            };
-            let head = String::from_utf8_lossy(&head).into_owned();
-            let mut body = vec![0; content_length(&head)];
-            if c.read_exact(&mut body).is_err() {
-                continue;
-            }
-            let said = format!("got {}", body.len());
-            let _ = write!(
-                c,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{said}",
-                said.len()
-            );
-            let _ = heads_tx.send(head);
-        }
-    });
+    let (port, heads) = one_at_a_time_backend();
     let h = lb(port, &[]);
     let mut slow = connect(h.port);
     slow.write_all(

@@ -1156,6 +1156,39 @@ fn https_keepalive_clients_stay_for_the_idle_timeout_and_slow_heads_are_cut() {
 /// client, still sending, reads it (the rest is read and dropped for a
 /// while, as nginx's lingering close); a chunked body is cut where it
 /// passes the limit.
+/// Over TLS (hyper's path) too, a body of a known length up to
+/// `--request-buffer` is read whole before a backend is picked: a slow
+/// upload does not hold a backend that serves one connection at a time,
+/// over HTTP/1.1 or HTTP/2.
+#[test]
+fn tls_clients_slow_uploads_do_not_hold_a_one_at_a_time_backend() {
+    use std::io::{Read, Write};
+    let (bport, heads) = one_at_a_time_backend();
+    let (pki, _h, port) = tls_in_front_of("slowup", bport);
+    let mut slow = tls_client(&pki, port, "a.test");
+    slow.write_all(b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\n\r\na")
+        .unwrap();
+    slow.flush().unwrap();
+    // While that body trickles, other clients are served.
+    for version in ["--http1.1", "--http2"] {
+        let out = curl(&pki, "a.test", port, "/", &[version]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("got 0"), "{version}: {text}");
+        assert!(!heads.recv_timeout(T).unwrap().contains("/up"));
+    }
+    slow.write_all(b"bcd").unwrap();
+    slow.flush().unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"got 4") {
+        let n = slow.read(&mut buf).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    assert!(heads.recv_timeout(T).unwrap().starts_with("POST /up"));
+}
+
 #[test]
 fn tls_clients_bodies_past_max_body_size_get_413() {
     let pki = Pki::new("maxbody");

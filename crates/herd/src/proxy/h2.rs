@@ -352,9 +352,28 @@ impl HttpProxy {
             }
             return too_large(version);
         }
+        // As herd's own engine does (`h1::buffer_body`, nginx's
+        // `proxy_request_buffering`): a body of a known length up to
+        // `--request-buffer` is read whole before a backend is picked, so a
+        // slow upload never holds one. (A length-less body, a gRPC stream
+        // among them, streams.)
+        let buffer = self.cfg.limits.request_buffer as u64;
+        let (body, whole) = match body.size_hint().exact() {
+            Some(n) if has_body && !upgrade && n <= buffer => {
+                // Reading it lets hyper say `100 Continue`; the backend then
+                // gets the body with the head.
+                parts.headers.remove(header::EXPECT);
+                match read_whole(body, self.cfg.limits.idle_timeout, version).await {
+                    Ok(whole) => (None, Some(whole)),
+                    Err(refused) => return refused,
+                }
+            }
+            _ => (Some(body), None),
+        };
         let upload = has_body.then(|| {
             Arc::new(Upload {
                 max,
+                bytes: AtomicU64::new(whole.as_ref().map_or(0, |(d, _)| d.len() as u64)),
                 ..Upload::default()
             })
         });
@@ -364,13 +383,16 @@ impl HttpProxy {
         let replay = (idempotent && !has_body && !upgrade).then(|| clone_head(&parts));
         let mut next = Some(Request::from_parts(
             parts,
-            if has_body {
-                ReqBody::Client {
+            match (whole, body) {
+                (Some((data, trailers)), _) => ReqBody::Whole {
+                    data: Some(data),
+                    trailers,
+                },
+                (None, Some(body)) if has_body => ReqBody::Client {
                     inner: Some(body),
                     upload: upload.clone().unwrap_or_default(),
-                }
-            } else {
-                ReqBody::Empty
+                },
+                _ => ReqBody::Empty,
             },
         ));
         let key_source = &self.key_source;
@@ -766,6 +788,51 @@ async fn discard(mut body: Incoming) {
 }
 
 /// `--max-body-size`'s 413; an HTTP/1.1 client's connection closes after it.
+/// Reads a client's body whole, waiting at most `idle` for each frame
+/// (then 408, as for a stalled upload); its trailers are kept.
+async fn read_whole(
+    mut body: Incoming,
+    idle: Duration,
+    version: Version,
+) -> Result<(Bytes, Option<HeaderMap>), Response<RespBody>> {
+    let mut data = bytes::BytesMut::new();
+    let mut trailers = None;
+    loop {
+        match tokio::time::timeout(idle, http_body_util::BodyExt::frame(&mut body)).await {
+            Ok(None) => return Ok((data.freeze(), trailers)),
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            },
+            Ok(Some(Err(_))) => {
+                return Err(closing(
+                    StatusCode::BAD_REQUEST,
+                    "bad request body\n",
+                    version,
+                ));
+            }
+            Err(_) => {
+                return Err(closing(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request timeout\n",
+                    version,
+                ));
+            }
+        }
+    }
+}
+
+/// An error answer that also closes an HTTP/1 connection (an HTTP/2 one
+/// keeps its other streams).
+fn closing(status: StatusCode, body: &'static str, version: Version) -> Response<RespBody> {
+    let mut r = error(status, body);
+    if version != Version::HTTP_2 {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
 fn too_large(version: Version) -> Response<RespBody> {
     let mut r = error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     if version != Version::HTTP_2 {
@@ -1517,6 +1584,11 @@ async fn connect(
 /// The body of a request on its way to a backend.
 pub enum ReqBody {
     Empty,
+    /// Read whole from the client first (`--request-buffer`).
+    Whole {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
     Client {
         /// `None` once it passed `--max-body-size` (then it is discarded).
         inner: Option<Incoming>,
@@ -1548,6 +1620,13 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ReqBody::Empty => Poll::Ready(None),
+            ReqBody::Whole { data, trailers } => Poll::Ready(
+                data.take()
+                    .filter(|d| !d.is_empty())
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
             ReqBody::Client { inner, upload } => match inner
                 .as_mut()
                 .map(|b| Pin::new(b).poll_frame(cx))
@@ -1581,6 +1660,9 @@ impl Body for ReqBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Empty => true,
+            ReqBody::Whole { data, trailers } => {
+                data.as_ref().is_none_or(Bytes::is_empty) && trailers.is_none()
+            }
             ReqBody::Client { inner, .. } => inner.as_ref().is_none_or(Body::is_end_stream),
         }
     }
@@ -1588,6 +1670,9 @@ impl Body for ReqBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Whole { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             ReqBody::Client { inner, .. } => inner
                 .as_ref()
                 .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),

@@ -707,3 +707,39 @@ class H(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 "#;
+
+/// A backend that serves one connection at a time, one request on each
+/// (gunicorn's sync worker, a preforking server): it reads a head and the
+/// body its `Content-Length` gives, answers `got N` with `Connection:
+/// close`, and sends each head it served on the channel.
+pub fn one_at_a_time_backend() -> (u16, std::sync::mpsc::Receiver<String>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (heads_tx, heads) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let Some(head) = read_head(&mut c) else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let len = head
+                .to_ascii_lowercase()
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; len];
+            if c.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let said = format!("got {}", body.len());
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{said}",
+                said.len()
+            );
+            let _ = heads_tx.send(head);
+        }
+    });
+    (port, heads)
+}
