@@ -787,7 +787,6 @@ async fn discard(mut body: Incoming) {
     .await;
 }
 
-/// `--max-body-size`'s 413; an HTTP/1.1 client's connection closes after it.
 /// Reads a client's body whole, waiting at most `idle` for each frame
 /// (then 408, as for a stalled upload); its trailers are kept.
 async fn read_whole(
@@ -833,13 +832,13 @@ fn closing(status: StatusCode, body: &'static str, version: Version) -> Response
     r
 }
 
+/// `--max-body-size`'s 413; an HTTP/1.1 client's connection closes after it.
 fn too_large(version: Version) -> Response<RespBody> {
-    let mut r = error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
-    if version != Version::HTTP_2 {
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    r
+    closing(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request body too large\n",
+        version,
+    )
 }
 
 fn error(status: StatusCode, body: &'static str) -> Response<RespBody> {
