@@ -11,7 +11,7 @@
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -118,6 +118,10 @@ impl Output {
                         if line.last() != Some(&b'\n') {
                             line.push(b'\n');
                         }
+                        if !IN_USE_SAID.load(Relaxed) && says_in_use(&line) {
+                            IN_USE_SAID.store(true, Relaxed);
+                            tracing::warn!("{}", in_use_hint(slot));
+                        }
                         if tx.send((stream, slot, line)).await.is_err() {
                             return;
                         }
@@ -126,6 +130,34 @@ impl Output {
             }
         });
     }
+}
+
+/// Whether the hint of [`in_use_hint`] was given (once per master).
+static IN_USE_SAID: AtomicBool = AtomicBool::new(false);
+
+/// A line in which a server says it could not bind: `EADDRINUSE` as
+/// Python, Go, Java, PHP, Ruby and Node print it, or Django's "That port is
+/// already in use".
+fn says_in_use(line: &[u8]) -> bool {
+    let has = |what: &[u8]| {
+        line.windows(what.len())
+            .any(|w| w.eq_ignore_ascii_case(what))
+    };
+    has(b"already in use") || has(b"EADDRINUSE")
+}
+
+/// Why a worker that cannot bind may be crash-looping: the usual cause is
+/// a server that binds a port of its own choosing rather than the one herd
+/// gives it, so it fights herd and its siblings for it. herd passes the
+/// command to `exec` without a shell, so `$PORT` needs `sh -c`.
+fn in_use_hint(slot: usize) -> String {
+    format!(
+        "worker {slot} says an address is already in use. A server that binds a port of its own \
+         (one written in its code, or its framework's default such as 8000 or 3000) fights herd \
+         and the other workers for it. Make it listen on $PORT, which herd sets for each worker; \
+         herd runs the command without a shell, so for example: \
+         herd run -- sh -c 'exec python3 -m http.server $PORT'"
+    )
 }
 
 /// How long a write waits for room in herd's stdout or stderr before
@@ -229,7 +261,23 @@ pub fn lines(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{Stream, worker_line};
+    use super::{Stream, in_use_hint, says_in_use, worker_line};
+
+    #[test]
+    fn servers_that_cannot_bind_are_recognised() {
+        for line in [
+            "OSError: [Errno 98] Address already in use\n",
+            "Error: listen EADDRINUSE: address already in use :::3000",
+            "Error: That port is already in use.",
+            "listen tcp :8080: bind: address already in use",
+            "java.net.BindException: Address already in use",
+            "Errno::EADDRINUSE",
+        ] {
+            assert!(says_in_use(line.as_bytes()), "{line}");
+        }
+        assert!(!says_in_use(b"GET / 200 in 3 ms"));
+        assert!(in_use_hint(1).starts_with("worker 1 says"));
+    }
 
     #[test]
     fn worker_lines_are_told_from_herds_own() {

@@ -424,6 +424,33 @@ fn a_worker_on_a_port_of_its_own_is_named() {
     assert!(h.log().contains(&line), "{}", h.log());
 }
 
+/// Two workers of a server on a fixed port: the second cannot bind, and
+/// herd says why it crash-loops (once) with the `sh -c … $PORT` way out.
+#[test]
+fn a_worker_that_cannot_bind_gets_a_hint() {
+    let own = free_port().to_string();
+    let h = Herd::start(
+        &["-i", "2"],
+        &["python3", "-m", "http.server", "--bind", "127.0.0.1", &own],
+    );
+    assert!(
+        h.wait_log("says an address is already in use", T),
+        "{}",
+        h.log()
+    );
+    assert!(h.wait_log_n("exited with code 1", 3, T), "{}", h.log());
+    let log = h.log();
+    assert!(
+        log.contains("sh -c 'exec python3 -m http.server $PORT'"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("says an address is already in use").count(),
+        1,
+        "{log}"
+    );
+}
+
 /// A worker given fd 3 gets connections with `TCP_NODELAY` set, from the
 /// listening socket: one that writes an answer in two pieces without
 /// setting it (uvicorn takes fd 3 for a Unix socket) would otherwise wait

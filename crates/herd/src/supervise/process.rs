@@ -549,7 +549,9 @@ fn elsewhere(probe: Probe, listening: &[SocketAddr]) -> Option<String> {
         Probe::Port(p) if !listening.is_empty() && listening.iter().all(|a| a.port() != p) => {
             Some(format!(
                 "it listens on {}, but herd sends it requests on 127.0.0.1:{p}, its PORT. \
-                 Make it listen on $PORT (hypercorn: --bind 127.0.0.1:$PORT; Django: runserver $PORT)",
+                 Make it listen on $PORT, through a shell since herd runs the command without one \
+                 (hypercorn: sh -c 'exec hypercorn --bind 127.0.0.1:$PORT app:app'; Django: \
+                 sh -c 'exec python manage.py runserver $PORT')",
                 shown()
             ))
         }
