@@ -101,10 +101,7 @@ impl App {
             top,
         );
         let rows = s.workers.iter().map(|w| {
-            let state = serde_json::to_value(w.state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
+            let state = w.shown_state().to_string();
             Row::new(vec![
                 w.id.to_string(),
                 w.pid.to_string(),
@@ -331,6 +328,8 @@ mod tests {
             p50_ms: Some(1.0),
             p99_ms: Some(7.5),
             last_exit: None,
+            down: false,
+            taken_out: id == 1,
         };
         Status {
             ok: true,
@@ -379,6 +378,8 @@ mod tests {
             "7.5",
             "1h1m",
             "worker 1: req/s",
+            "5001     ready",
+            "5002     out ",
         ] {
             assert!(screen.contains(s), "{s:?} missing in:\n{screen}");
         }

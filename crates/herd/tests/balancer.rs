@@ -413,6 +413,59 @@ fn backend_failures_are_logged_with_why() {
     }
 }
 
+/// A worker that answers garbage is taken out, and `herd status` says so
+/// in its row (`out`) rather than `ready`, with what that means.
+#[test]
+fn a_worker_taken_out_is_shown_out_in_status() {
+    let app = r#"
+import os, socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(os.environ["PORT"]))); s.listen(64)
+bad = os.environ["HERD_WORKER_ID"] == "1"
+def serve(c):
+    with c:
+        while c.recv(65536):
+            c.sendall(b"garbage\r\n\r\n" if bad else b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"#;
+    let n = name("out");
+    let h = Herd::start(
+        &["-i", "2", "--name", &n, "--health-interval", "60s"],
+        &["python3", "-c", app],
+    );
+    h.wait_ready(2);
+    for _ in 0..4 {
+        let _ = raw(
+            h.port,
+            b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        );
+    }
+    assert!(h.wait_log("taken out for", T), "{}", h.log());
+    let status = ok(&herd(&["status", "--name", &n]));
+    let row = |id: &str| {
+        status
+            .lines()
+            .find(|l| l.trim_start().starts_with(id))
+            .unwrap_or_default()
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        (row("0 "), row("1 ")),
+        ("ready".into(), "out".into()),
+        "{status}"
+    );
+    assert!(
+        status.contains("out: taken out after failed requests"),
+        "{status}"
+    );
+    let json = ok(&herd(&["status", "--name", &n, "--json"]));
+    assert!(json.contains("\"taken_out\": true"), "{json}");
+}
+
 #[test]
 fn hostile_requests_get_an_answer_and_everyone_else_is_served() {
     let h = Herd::start(&["-i", "2", "--header-timeout", "300ms"], &[DEMO]);

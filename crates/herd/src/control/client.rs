@@ -274,7 +274,6 @@ fn table(name: &str, v: &Status) {
     }
     let deploying = v.deploy.is_some();
     for w in &v.workers {
-        let state = serde_json::to_value(w.state).unwrap_or_default();
         // During a deploy the id says which version: `3 v2`.
         let id = if deploying {
             format!("{} v{}", w.id, w.version)
@@ -285,7 +284,7 @@ fn table(name: &str, v: &Status) {
             "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>5.1}%  {:>7}  {:>5}  {:>9}  {:>7}  {:>7}  {}",
             id,
             w.pid,
-            state.as_str().unwrap_or("?"),
+            w.shown_state(),
             duration(w.uptime),
             w.restarts,
             w.cpu,
@@ -295,6 +294,14 @@ fn table(name: &str, v: &Status) {
             opt(w.rps),
             opt(w.p99_ms),
             w.last_exit.as_deref().unwrap_or("-"),
+        );
+    }
+    if v.workers.iter().any(|w| w.shown_state() == "down") {
+        crate::outln!("down: failing its health check; the proxy sends it nothing until it passes");
+    }
+    if v.workers.iter().any(|w| w.shown_state() == "out") {
+        crate::outln!(
+            "out: taken out after failed requests (max_fails); back when a request to it succeeds"
         );
     }
     for u in &v.upstreams {

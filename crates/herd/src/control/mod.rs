@@ -331,6 +331,8 @@ mod tests {
                 p50_ms: None,
                 p99_ms: None,
                 last_exit: Some("exited with status 1".into()),
+                down: false,
+                taken_out: false,
             }],
             upstreams: Vec::new(),
             deploy: None,

@@ -285,6 +285,28 @@ pub struct WorkerRow {
     pub p99_ms: Option<f64>,
     /// How its slot's previous worker ended.
     pub last_exit: Option<String>,
+    /// Proxy mode: failing its active health check, so given no requests.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub down: bool,
+    /// Proxy mode: out by passive health (`max_fails` failures within
+    /// `fail_timeout`) until a request to it succeeds again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub taken_out: bool,
+}
+
+impl WorkerRow {
+    /// Its state as `status` and `monit` show it: a ready worker the
+    /// proxy gives no requests says so (`down`, `out`), as HAProxy's stats
+    /// say DOWN of a server that is up as a process.
+    pub fn shown_state(&self) -> &'static str {
+        match self.state {
+            WorkerState::Ready if self.down => "down",
+            WorkerState::Ready if self.taken_out => "out",
+            WorkerState::Ready => "ready",
+            WorkerState::Starting => "starting",
+            WorkerState::Stopping => "stopping",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -828,6 +828,8 @@ fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRo
                 p50_ms: w.recent.as_ref().and_then(|r| ms(r.quantile(50))),
                 p99_ms: w.recent.as_ref().and_then(|r| ms(r.quantile(99))),
                 last_exit: w.last_exit,
+                down: w.target.as_ref().is_some_and(|t| !t.backend.is_healthy()),
+                taken_out: w.target.as_ref().is_some_and(|t| t.backend.is_failed()),
             }
         })
         .collect()
