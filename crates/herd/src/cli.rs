@@ -251,7 +251,7 @@ pub struct Target {
 /// the ecosystem file's `env_production`).
 pub fn parse() -> Result<Cli, clap::Error> {
     let argv = pm2_words(std::env::args_os().collect());
-    let mut cli = parse_script_first(&argv)?;
+    let (mut cli, argv) = parse_script_first(argv)?;
     if let Command::Run(a) | Command::Start(a) = &mut cli.command {
         a.argv = argv;
     }
@@ -323,25 +323,34 @@ fn takes_value(word: &str) -> bool {
     })
 }
 
-fn parse_script_first(argv: &[OsString]) -> Result<Cli, clap::Error> {
-    let cli = Cli::try_parse_from(argv)?;
+/// The command line as parsed, and the words that gave it (the master that
+/// `herd start` spawns parses those again).
+fn parse_script_first(argv: Vec<OsString>) -> Result<(Cli, Vec<OsString>), clap::Error> {
+    let cli = Cli::try_parse_from(&argv)?;
     let words = match &cli.command {
         Command::Run(a) | Command::Start(a) => a.opts.command.clone().unwrap_or_default(),
-        _ => return Ok(cli),
+        _ => return Ok((cli, argv)),
     };
     let script_first = words
         .first()
         .and_then(|w| w.to_str())
         .is_some_and(crate::config::is_script_name);
-    if !script_first || words.len() < 2 || words.len() > argv.len() {
-        return Ok(cli);
+    // PM2 reads any program this way (`pm2 start npm --name api -- start`),
+    // but only with `start`; a program's own flags (`node --inspect app.js`)
+    // are then left to it.
+    let program_first = matches!(cli.command, Command::Start(_))
+        && words
+            .first()
+            .is_some_and(|w| !w.to_string_lossy().starts_with('-'));
+    if !(script_first || program_first) || words.len() < 2 || words.len() > argv.len() {
+        return Ok((cli, argv));
     }
     // A `--` after the script (PM2's `pm2 start app.js -i 2 -- --port 9000`)
     // is among the command's words; one before it (`herd run -- app.js …`)
     // already made every word the app's.
     let dash = words.iter().position(|w| w == "--");
     if dash.is_none() && argv.iter().any(|a| a == "--") {
-        return Ok(cli);
+        return Ok((cli, argv));
     }
     // The command is the tail of argv: herd's options are the words after
     // the script (up to a `--`), the app's arguments those after the `--`.
@@ -350,11 +359,27 @@ fn parse_script_first(argv: &[OsString]) -> Result<Cli, clap::Error> {
     let end = dash.unwrap_or(words.len());
     again.extend(words[1..end].iter().cloned());
     again.push("--".into());
+    let command = again.len();
     again.push(words[0].clone());
     if let Some(d) = dash {
         again.extend(words[d + 1..].iter().cloned());
     }
-    Cli::try_parse_from(again)
+    let expected = again[command..].to_vec();
+    match Cli::try_parse_from(&again) {
+        // Every word between the program and the `--` was herd's: a stray
+        // one (`herd start node app.js --port 1`) would have become the command.
+        Ok(c) if command_of(&c) == Some(&expected) => Ok((c, again)),
+        Ok(_) => Ok((cli, argv)),
+        Err(e) if script_first => Err(e),
+        Err(_) => Ok((cli, argv)),
+    }
+}
+
+fn command_of(cli: &Cli) -> Option<&Vec<OsString>> {
+    match &cli.command {
+        Command::Run(a) | Command::Start(a) => a.opts.command.as_ref(),
+        _ => None,
+    }
 }
 
 /// A cluster named by `--name` or, as PM2 users type it, by a word:
@@ -515,7 +540,7 @@ mod tests {
 
     fn command_of(line: &str) -> (Option<String>, Vec<String>) {
         let argv: Vec<super::OsString> = line.split_whitespace().map(Into::into).collect();
-        match super::parse_script_first(&argv).unwrap().command {
+        match super::parse_script_first(argv).unwrap().0.command {
             super::Command::Start(a) | super::Command::Run(a) => (
                 a.opts.name.clone(),
                 a.opts
@@ -546,6 +571,38 @@ mod tests {
         assert_eq!(
             command_of("herd run -- app.js --name x"),
             (None, vec!["app.js".into(), "--name".into(), "x".into()])
+        );
+        // A stray word after the script keeps it all the app's.
+        assert_eq!(
+            command_of("herd start app.js foo"),
+            (None, vec!["app.js".into(), "foo".into()])
+        );
+    }
+
+    #[test]
+    fn herd_start_reads_any_program_as_pm2_start_does() {
+        let s = |v: &[&str]| v.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            command_of("herd start npm --name web -- run dev"),
+            (Some("web".into()), s(&["npm", "run", "dev"]))
+        );
+        assert_eq!(
+            command_of("herd start npm --name web"),
+            (Some("web".into()), s(&["npm"]))
+        );
+        // The program's own flags, and its script, stay its own.
+        assert_eq!(
+            command_of("herd start node --inspect app.js"),
+            (None, s(&["node", "--inspect", "app.js"]))
+        );
+        assert_eq!(
+            command_of("herd start node app.js --port 1"),
+            (None, s(&["node", "app.js", "--port", "1"]))
+        );
+        // `herd run` keeps its own syntax.
+        assert_eq!(
+            command_of("herd run npm --name web"),
+            (None, s(&["npm", "--name", "web"]))
         );
     }
 }

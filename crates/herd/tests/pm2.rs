@@ -226,6 +226,43 @@ fn the_readme_pm2_commands_work_as_written() {
     assert!(listed.contains("no herd cluster"), "{listed}");
 }
 
+/// `pm2 start npm --name web -- start` and `pm2 start "npm start"`: a
+/// program (not only a script) followed by herd's options, then its own
+/// after `--`; and a whole command line in one word, run through `sh -c`.
+/// (With `node` in npm's place: Debian's nodejs comes without npm.)
+#[test]
+fn a_program_with_options_after_it_and_a_one_word_command_line_start() {
+    let sb = Sandbox::new("program");
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pm2");
+    std::fs::copy(Path::new(examples).join("app.js"), sb.app().join("app.js")).unwrap();
+    let out = sb.sh("herd start node --name web -i 1 -- app.js");
+    let said = text(&out);
+    assert!(
+        out.status.success() && said.contains("web: started, master pid"),
+        "{said}"
+    );
+    assert!(said.contains("1 worker,"), "{said}");
+    assert!(body(sb.port).contains("from worker"), "{said}");
+    let out = sb.sh("herd stop web");
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = sb.sh("herd start 'node app.js'");
+    let said = text(&out);
+    assert!(
+        out.status.success() && said.contains("app: started"),
+        "{said}"
+    );
+    assert!(body(sb.port).contains("from worker"), "{said}");
+    // A program's own flags stay its own.
+    let out = sb.sh("herd stop all && herd start node --no-warnings app.js");
+    let said = text(&out);
+    assert!(
+        out.status.success() && said.contains("app: started"),
+        "{said}"
+    );
+    assert!(body(sb.port).contains("from worker"), "{said}");
+}
+
 /// The unit `herd startup` printed resurrects at boot and passes
 /// `systemd-analyze verify` where systemd is installed.
 fn verify_unit(unit: &str) {

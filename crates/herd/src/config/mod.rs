@@ -1060,7 +1060,7 @@ impl Settings {
         )?;
         let given = flags.clone();
         let o = flags.over(file);
-        let command = o.command.unwrap_or_default();
+        let command = one_line(o.command.unwrap_or_default(), o.cwd.as_deref());
         script_exists(&command, o.cwd.as_deref())?;
         let command = with_interpreter(command, o.cwd.as_deref());
         let upstreams = o.upstreams.unwrap_or_default();
@@ -1461,6 +1461,7 @@ impl Release {
         {
             return Err(ConfigError::BadCwd(dir.clone()));
         }
+        let command = one_line(command, cwd.as_deref());
         script_exists(&command, cwd.as_deref())?;
         if command.is_empty() {
             return Err(ConfigError::NoCommand);
@@ -1514,6 +1515,21 @@ fn program_of(
     };
     check_script(&program, command, cwd)?;
     Ok(program)
+}
+
+/// `herd start "npm run dev"`, as `pm2 start "npm run dev"`: a whole
+/// command line in one word that names no file runs through `sh -c`,
+/// which also expands its `$PORT`.
+fn one_line(command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsString> {
+    let [line] = command.as_slice() else {
+        return command;
+    };
+    let spaced = line.to_string_lossy().trim().contains(char::is_whitespace);
+    let path = cwd.map_or_else(|| PathBuf::from(line), |d| d.join(line));
+    if !spaced || path.exists() {
+        return command;
+    }
+    vec!["sh".into(), "-c".into(), line.clone()]
 }
 
 /// `herd start app.js`, as `pm2 start app.js`: a script that is not an
@@ -1662,6 +1678,21 @@ fn derive_name(command: &[OsString]) -> String {
             .unwrap_or_default()
     };
     let prog = stem(&command[0]);
+    // `sh -c 'exec python3 app.py $PORT'` is named as `python3 app.py`.
+    if matches!(prog.as_str(), "sh" | "bash" | "dash" | "zsh")
+        && command.get(1).is_some_and(|a| a == "-c")
+        && let Some(line) = command.get(2)
+    {
+        let words: Vec<OsString> = line
+            .to_string_lossy()
+            .split_whitespace()
+            .skip_while(|w| *w == "exec" || w.contains('='))
+            .map(OsString::from)
+            .collect();
+        if !words.is_empty() {
+            return derive_name(&words);
+        }
+    }
     let pick = if INTERPRETERS.contains(&prog.as_str()) {
         script_name(&command[1..]).unwrap_or(prog)
     } else {
@@ -1982,6 +2013,31 @@ mod tests {
         assert_eq!(c(&["node", "-r", "dotenv/config", "server.js"]), "server");
         assert_eq!(c(&["python3", "-m", "uvicorn", "main:app"]), "uvicorn");
         assert_eq!(c(&["node", "-e", "require('http')"]), "node");
+        assert_eq!(c(&["sh", "-c", "exec node app.js $PORT"]), "app");
+        assert_eq!(c(&["sh", "-c", "NODE_ENV=production npm start"]), "npm");
+        assert_eq!(c(&["bash", "-c", "  "]), "bash");
+    }
+
+    #[test]
+    fn a_command_line_in_one_word_runs_through_sh() {
+        let words = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let dir = std::env::temp_dir().join(format!("herd-line-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("my app.js"), "").unwrap();
+        assert_eq!(
+            one_line(words(&["npm run dev"]), Some(&dir)),
+            words(&["sh", "-c", "npm run dev"])
+        );
+        // A file of that name, or several words, stay as they are.
+        assert_eq!(
+            one_line(words(&["my app.js"]), Some(&dir)),
+            words(&["my app.js"])
+        );
+        assert_eq!(
+            one_line(words(&["npm", "start"]), None),
+            words(&["npm", "start"])
+        );
+        assert_eq!(one_line(words(&["./api"]), None), words(&["./api"]));
     }
 
     #[test]
