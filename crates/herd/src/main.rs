@@ -127,13 +127,7 @@ fn main() -> ExitCode {
                     herd::errln!("herd: error: {e}");
                     return ExitCode::from(1);
                 }
-                herd::outln!(
-                    "ok: {}: {}, {} mode on {}",
-                    settings.name,
-                    herd::console::count(settings.instances, "worker"),
-                    settings.mode.as_str(),
-                    settings.listen
-                );
+                herd::outln!("{}", herd::start::checked(&settings));
                 return ExitCode::SUCCESS;
             }
             if let Some(path) = &settings.log_file

@@ -50,6 +50,17 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `--check` prints of settings that passed (`nginx -t`'s "ok").
+pub fn checked(s: &crate::config::Settings) -> String {
+    format!(
+        "ok: {}: {}, {} mode on {}",
+        s.name,
+        crate::console::count(s.instances, "worker"),
+        s.mode.as_str(),
+        s.listen
+    )
+}
+
 /// Validates the options here, in the foreground, then runs `herd run` in
 /// its own process group with a log file, and returns once every worker is
 /// ready (or fails with the log's last lines if the master gives up).
@@ -61,6 +72,10 @@ fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
         for w in &s.warnings {
             crate::errln!("herd: warning: {w}");
         }
+    }
+    if args.check {
+        crate::outln!("{}", checked(&s));
+        return Ok(());
     }
     let running: Vec<String> = control::running().into_iter().map(|(n, _)| n).collect();
     let name = if s.name_given {

@@ -235,6 +235,14 @@ fn a_program_with_options_after_it_and_a_one_word_command_line_start() {
     let sb = Sandbox::new("program");
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pm2");
     std::fs::copy(Path::new(examples).join("app.js"), sb.app().join("app.js")).unwrap();
+    // `--check` checks and starts nothing, as with `herd run`.
+    let out = sb.sh("herd start --check node --name web -i 1 -- app.js && herd list");
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("ok: web: 1 worker, proxy mode") && said.contains("no herd cluster"),
+        "{said}"
+    );
     let out = sb.sh("herd start node --name web -i 1 -- app.js");
     let said = text(&out);
     assert!(
