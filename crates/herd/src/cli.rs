@@ -46,7 +46,7 @@ pub enum Command {
         out: bool,
     },
     /// Show the workers of a running cluster (like `pm2 list`); `all`: every one.
-    #[command(visible_alias = "describe")]
+    #[command(visible_aliases = ["describe", "show"])]
     Status {
         #[command(flatten)]
         target: Named,
@@ -250,7 +250,15 @@ pub struct Target {
 /// file where the command would be) and `--env production` (a bare name:
 /// the ecosystem file's `env_production`).
 pub fn parse() -> Result<Cli, clap::Error> {
-    let argv = pm2_words(std::env::args_os().collect());
+    let mut argv: Vec<OsString> = std::env::args_os().collect();
+    // `pm2 jlist` and `pm2 prettylist`: every cluster as JSON.
+    if argv
+        .get(1)
+        .is_some_and(|c| c == "jlist" || c == "prettylist")
+    {
+        argv.splice(1..2, ["list".into(), "--json".into()]);
+    }
+    let argv = pm2_words(argv);
     let (mut cli, argv) = parse_script_first(argv)?;
     if let Command::Run(a) | Command::Start(a) = &mut cli.command {
         a.argv = argv;
@@ -311,16 +319,19 @@ fn takes_value(word: &str) -> bool {
     let Some(run) = cli.find_subcommand("run") else {
         return false;
     };
-    run.get_arguments().any(|a| {
-        let named = word
-            .strip_prefix("--")
-            .is_some_and(|l| a.get_long() == Some(l))
-            || word
-                .strip_prefix('-')
-                .and_then(|s| s.chars().next())
-                .is_some_and(|c| word.len() == 2 && a.get_short() == Some(c));
-        named && a.get_action().takes_values() && !a.is_require_equals_set()
-    })
+    run.get_arguments()
+        .any(|a| named(a, word) && a.get_action().takes_values() && !a.is_require_equals_set())
+}
+
+/// Whether `flag` (`--long`, `-s`) names `arg`, by its name or an alias.
+fn named(arg: &clap::Arg, flag: &str) -> bool {
+    if let Some(long) = flag.strip_prefix("--") {
+        arg.get_long() == Some(long) || arg.get_all_aliases().is_some_and(|all| all.contains(&long))
+    } else {
+        let mut chars = flag.chars();
+        chars.next() == Some('-')
+            && matches!((chars.next(), chars.next()), (Some(c), None) if arg.get_short() == Some(c))
+    }
 }
 
 /// The command line as parsed, and the words that gave it (the master that
@@ -429,15 +440,41 @@ pub struct RunArgs {
     /// Do not preload herd's Node module into a `node` command.
     #[arg(long, conflicts_with = "node_shim")]
     pub no_node_shim: bool,
+    /// PM2's --interpreter: the program that runs the script (`bun`,
+    /// `python3.12`; `none`: the script runs itself).
+    #[arg(long, value_name = "PROGRAM")]
+    pub interpreter: Option<String>,
+    /// PM2's --node-args (or --interpreter-args): options for the
+    /// interpreter, before the script (`--node-args="--max-old-space-size=4096"`).
+    #[arg(
+        long,
+        value_name = "ARGS",
+        alias = "interpreter-args",
+        allow_hyphen_values = true
+    )]
+    pub node_args: Option<String>,
+    /// PM2's --time and --merge-logs: herd's log file has both already.
+    #[arg(long, hide = true)]
+    pub time: bool,
+    #[arg(long, hide = true)]
+    pub merge_logs: bool,
     /// Every setting, each also a `herd.toml` key of the same name; flags win.
     #[command(flatten)]
     pub opts: Options,
 }
 
 impl RunArgs {
-    pub fn resolve(self) -> Result<Settings, crate::config::ConfigError> {
+    pub fn resolve(mut self) -> Result<Settings, crate::config::ConfigError> {
         if let Some(flag) = self.flag_after_command() {
             return Err(crate::config::ConfigError::FlagAfterCommand(flag));
+        }
+        if let Some(command) = self
+            .opts
+            .command
+            .take_if(|_| self.interpreter.is_some() || self.node_args.is_some())
+        {
+            let args = self.node_args.as_deref().unwrap_or_default();
+            self.opts.command = Some(interpreted(command, self.interpreter.as_deref(), args));
         }
         let from = crate::config::ConfigSource {
             config: self.config.clone(),
@@ -459,14 +496,7 @@ impl RunArgs {
         let run = cli.find_subcommand("run")?;
         let ours = |w: &str| {
             let (flag, _) = w.split_once('=').unwrap_or((w, ""));
-            run.get_arguments().any(|a| {
-                flag.strip_prefix("--")
-                    .is_some_and(|l| a.get_long() == Some(l))
-                    || flag
-                        .strip_prefix('-')
-                        .and_then(|s| s.chars().next())
-                        .is_some_and(|c| flag.len() == 2 && a.get_short() == Some(c))
-            })
+            run.get_arguments().any(|a| named(a, flag))
         };
         let words = self.opts.command.as_deref().unwrap_or_default();
         words
@@ -475,6 +505,39 @@ impl RunArgs {
             .filter_map(|w| w.to_str())
             .find(|w| ours(w))
             .map(str::to_string)
+    }
+}
+
+/// The command with PM2's `--interpreter` and `--node-args` applied: the
+/// interpreter (given, else the script's by its extension) and its options
+/// go before the script; before a program that is not a script, only the
+/// options go after it (`herd start node --node-args=--inspect app.js`
+/// is `node --inspect app.js`).
+fn interpreted(mut command: Vec<OsString>, interpreter: Option<&str>, args: &str) -> Vec<OsString> {
+    let Some(first) = command.first() else {
+        return command;
+    };
+    let args = args.split_whitespace().map(OsString::from);
+    let script = crate::config::is_script_name(&first.to_string_lossy());
+    let interpreter = match interpreter {
+        Some("none") => None,
+        Some(i) => Some(i),
+        None if script => crate::config::interpreter_of(std::path::Path::new(first)),
+        None => None,
+    };
+    match interpreter {
+        Some(i) => {
+            let mut out = vec![OsString::from(i)];
+            out.extend(args);
+            out.extend(command);
+            out
+        }
+        None => {
+            let rest = command.split_off(1);
+            command.extend(args);
+            command.extend(rest);
+            command
+        }
     }
 }
 
@@ -577,6 +640,38 @@ mod tests {
             command_of("herd start app.js foo"),
             (None, vec!["app.js".into(), "foo".into()])
         );
+    }
+
+    #[test]
+    fn pm2s_interpreter_and_its_options_go_before_the_script() {
+        let w = |v: &[&str]| v.iter().map(super::OsString::from).collect::<Vec<_>>();
+        let i = |c: &[&str], interp, args| super::interpreted(w(c), interp, args);
+        assert_eq!(
+            i(
+                &["app.js", "--port", "1"],
+                None,
+                "--inspect --max-old-space-size=64"
+            ),
+            w(&[
+                "node",
+                "--inspect",
+                "--max-old-space-size=64",
+                "app.js",
+                "--port",
+                "1"
+            ])
+        );
+        assert_eq!(i(&["server.ts"], Some("bun"), ""), w(&["bun", "server.ts"]));
+        assert_eq!(
+            i(&["app.py"], Some("python3.12"), "-u"),
+            w(&["python3.12", "-u", "app.py"])
+        );
+        // A program: its options after it; `none`: no interpreter.
+        assert_eq!(
+            i(&["node", "app.js"], None, "--inspect"),
+            w(&["node", "--inspect", "app.js"])
+        );
+        assert_eq!(i(&["./api"], Some("none"), ""), w(&["./api"]));
     }
 
     #[test]

@@ -261,6 +261,45 @@ fn a_program_with_options_after_it_and_a_one_word_command_line_start() {
         "{said}"
     );
     assert!(body(sb.port).contains("from worker"), "{said}");
+    // PM2's spellings of herd's flags, and its interpreter options.
+    let out = sb.sh(
+        "herd stop all && herd start app.js -n api -i 1 --max-memory-restart 300M \
+         --node-args='--max-old-space-size=123 --no-deprecation' --time --merge-logs",
+    );
+    let said = text(&out);
+    assert!(
+        out.status.success() && said.contains("api: started"),
+        "{said}"
+    );
+    assert!(body(sb.port).contains("from worker"), "{said}");
+    let listed = text(&sb.sh("herd jlist && herd show api"));
+    assert!(listed.contains("\"name\": \"api\""), "{listed}");
+    let pid: u32 = listed
+        .lines()
+        .find_map(|l| {
+            l.trim_start()
+                .strip_prefix("0 ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no worker row: {listed}"));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert_eq!(
+        args[..4],
+        [
+            "node",
+            "--max-old-space-size=123",
+            "--no-deprecation",
+            "app.js"
+        ],
+        "{args:?}"
+    );
     // A program's own flags stay its own.
     let out = sb.sh("herd stop all && herd start node --no-warnings app.js");
     let said = text(&out);

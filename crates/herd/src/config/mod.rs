@@ -393,7 +393,7 @@ macro_rules! options {
 
 options! {
     /// Name of the cluster (default: derived from the command).
-    #[arg(long)]
+    #[arg(short = 'n', long)]
     name: Option<String>,
     /// Where clients connect: PORT, HOST:PORT or [V6]:PORT [default: $PORT, else 0.0.0.0:8000].
     #[arg(long, value_name = "ADDR")]
@@ -412,7 +412,7 @@ options! {
     #[arg(long, value_name = "DUR")]
     drain_timeout: Option<Dur>,
     /// How long a new worker may take to become ready [default: 30s].
-    #[arg(long, value_name = "DUR")]
+    #[arg(long, value_name = "DUR", alias = "listen-timeout")]
     ready_timeout: Option<Dur>,
     /// Only sd_notify READY=1 marks a worker ready (no port probe, no grace).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
@@ -431,7 +431,7 @@ options! {
     #[arg(long, value_name = "DUR")]
     min_uptime: Option<Dur>,
     /// Replace a worker gracefully once its RSS stays above SIZE for 3 s (e.g. 300M).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", alias = "max-memory-restart")]
     max_memory: Option<Size>,
     /// Give workers WATCHDOG_USEC; one that sent WATCHDOG=1 and then goes quiet
     /// this long is killed and replaced.
@@ -443,7 +443,7 @@ options! {
     watch: Option<Vec<PathBuf>>,
     /// Changes to paths matching GLOB do not count (repeatable; node_modules,
     /// .git and *.log never do).
-    #[arg(long, value_name = "GLOB")]
+    #[arg(long, value_name = "GLOB", alias = "ignore-watch")]
     watch_ignore: Option<Vec<String>>,
     /// Quiet time after the last change before the reload [default: 1s].
     #[arg(long, value_name = "DUR")]
@@ -465,7 +465,7 @@ options! {
     #[arg(long, value_enum, value_name = "FORMAT")]
     access_log_format: Option<AccessLogFormat>,
     /// Write herd's log and worker output to FILE instead of stdout/stderr.
-    #[arg(long, value_name = "FILE")]
+    #[arg(short = 'l', long, value_name = "FILE", alias = "log")]
     log_file: Option<PathBuf>,
     /// Rotate the log file past this size [default: 10M].
     #[arg(long, value_name = "SIZE")]
@@ -1542,18 +1542,27 @@ fn with_interpreter(mut command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsStr
     if !path.is_file() || matches!(check_executable(&path), Exec::Yes) && has_shebang(&path) {
         return command;
     }
-    let interpreter = match path.extension().and_then(|e| e.to_str()) {
-        _ if !is_script_name(&path.to_string_lossy()) => return command,
-        Some("js" | "mjs" | "cjs") => "node",
-        Some("py") => "python3",
-        Some("rb") => "ruby",
-        Some("pl") => "perl",
-        Some("php") => "php",
-        Some("sh") => "sh",
-        _ => return command,
+    let Some(interpreter) = interpreter_of(&path) else {
+        return command;
     };
     command.insert(0, interpreter.into());
     command
+}
+
+/// The interpreter a script's extension names (`app.js` → node).
+pub(crate) fn interpreter_of(script: &Path) -> Option<&'static str> {
+    if !is_script_name(&script.to_string_lossy()) {
+        return None;
+    }
+    match script.extension().and_then(|e| e.to_str()) {
+        Some("js" | "mjs" | "cjs") => Some("node"),
+        Some("py") => Some("python3"),
+        Some("rb") => Some("ruby"),
+        Some("pl") => Some("perl"),
+        Some("php") => Some("php"),
+        Some("sh") => Some("sh"),
+        _ => None,
+    }
 }
 
 /// A file name an interpreter runs (`app.js`, `main.py`…).
