@@ -22,6 +22,13 @@ pub const WORKER_FD: i32 = 4;
 pub const MAX_LINE: usize = 1 << 20;
 /// Messages queued for a worker that is not reading before sends fail.
 const QUEUE: usize = 1024;
+/// A worker's messages read but not yet handled by the supervisor: past
+/// this the reader stops reading, so a worker that floods its channel
+/// fills its own socket (and memory), never the master's.
+const UNHANDLED: usize = 256;
+
+/// Held with each message read until it is handled; see [`UNHANDLED`].
+pub type Credit = tokio::sync::OwnedSemaphorePermit;
 
 /// The master's handle on one worker's channel.
 pub struct Channel {
@@ -72,10 +79,11 @@ pub fn raw(fd: &OwnedFd) -> i32 {
 }
 
 /// Starts the reader and writer for a worker's channel: lines it sends are
-/// handed to `on_line` as parsed JSON (or an error text).
+/// handed to `on_line` as parsed JSON (or an error text), each with a
+/// [`Credit`] to drop once it is handled.
 pub fn start(
     master: std::os::unix::net::UnixStream,
-    on_line: impl Fn(Result<Value, String>) + Send + 'static,
+    on_line: impl Fn(Result<Value, String>, Credit) + Send + 'static,
 ) -> std::io::Result<Channel> {
     let stream = UnixStream::from_std(master)?;
     let (read, mut write) = stream.into_split();
@@ -90,9 +98,13 @@ pub fn start(
             }
         }
     });
+    let credits = std::sync::Arc::new(tokio::sync::Semaphore::new(UNHANDLED));
     tokio::spawn(async move {
         let mut r = BufReader::new(read);
         loop {
+            let Ok(credit) = credits.clone().acquire_owned().await else {
+                return;
+            };
             let mut line = Vec::new();
             match (&mut r)
                 .take(MAX_LINE as u64 + 1)
@@ -101,7 +113,10 @@ pub fn start(
             {
                 Ok(0) | Err(_) => return,
                 Ok(_) if line.len() > MAX_LINE && !line.ends_with(b"\n") => {
-                    on_line(Err(format!("message longer than {MAX_LINE} bytes dropped")));
+                    on_line(
+                        Err(format!("message longer than {MAX_LINE} bytes dropped")),
+                        credit,
+                    );
                     // Skip the rest of that line.
                     let mut rest = Vec::new();
                     let _ = r.read_until(b'\n', &mut rest).await;
@@ -109,6 +124,7 @@ pub fn start(
                 Ok(_) => on_line(
                     serde_json::from_slice::<Value>(&line)
                         .map_err(|e| format!("malformed message: {e}")),
+                    credit,
                 ),
             }
         }

@@ -410,3 +410,40 @@ fn running_out_of_descriptors_is_survived_and_not_a_log_flood() {
     );
     assert!(!h.log().contains("unhealthy"), "{}", h.log());
 }
+
+/// A worker that floods its message channel (here as fast as Python can
+/// write, each message one the master logs): the master reads no faster
+/// than it handles them, so its memory stays flat, and it keeps serving
+/// requests and `herd status`.
+#[test]
+fn a_worker_flooding_its_channel_costs_the_master_no_memory() {
+    let flood = format!(
+        r#"import os, subprocess
+subprocess.Popen(["{DEMO}"], pass_fds=(3,) if os.environ.get("LISTEN_FDS") else ())
+line = b'{{"type":"master","data":"{}"}}\n' * 1000
+while True:
+    os.write(int(os.environ["HERD_IPC_FD"]), line)
+"#,
+        "x".repeat(200)
+    );
+    let n = name("flood");
+    let h = Herd::start(&["-i", "1", "--name", &n], &["python3", "-c", &flood]);
+    h.wait_ready(1);
+    assert!(h.wait_log("worker 0 says: \"xxx", T), "{}", h.log());
+    let pid = h.child.id();
+    let before = rss_kib(pid);
+    let flooding = std::time::Instant::now();
+    let mut most = before;
+    wait_until(T, || {
+        most = most.max(rss_kib(pid));
+        flooding.elapsed() > Duration::from_secs(3)
+    });
+    // Unbounded, this grew by hundreds of MB in 3 s.
+    assert!(
+        most < before + 32 * 1024,
+        "master RSS {before} KiB → {most} KiB"
+    );
+    assert!(matches!(http_get(h.port, "/"), Ok((200, _))));
+    let status = ok(&herd(&["status", "--name", &n]));
+    assert!(status.contains("ready"), "{status}");
+}

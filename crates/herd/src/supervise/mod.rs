@@ -113,6 +113,8 @@ enum Event {
     Message {
         epoch: Epoch,
         msg: Result<serde_json::Value, String>,
+        /// Freed once handled: the worker's reader waits for it.
+        credit: crate::ipc::Credit,
     },
     /// A message from another host (`--redis`).
     Remote(crate::hosts::Incoming),
@@ -643,7 +645,10 @@ impl Supervisor {
             }
             Event::Pinged { epoch } => self.apply(Input::Pinged { epoch }, None),
             Event::Drained { epoch } => self.apply(Input::Drained { epoch }, None),
-            Event::Message { epoch, msg } => self.on_message(epoch, msg),
+            Event::Message { epoch, msg, credit } => {
+                self.on_message(epoch, msg);
+                drop(credit);
+            }
             Event::Remote(m) => self.on_remote(m),
             Event::Undeliverable {
                 epoch,

@@ -200,8 +200,8 @@ impl Supervisor {
         self.guardian.watch(pid);
         let ipc = {
             let tx = self.tx.clone();
-            crate::ipc::start(ipc_master, move |msg| {
-                let _ = tx.send(Event::Message { epoch, msg });
+            crate::ipc::start(ipc_master, move |msg, credit| {
+                let _ = tx.send(Event::Message { epoch, msg, credit });
             })
             .ok()
         };
