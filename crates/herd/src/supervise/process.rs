@@ -438,6 +438,9 @@ impl Supervisor {
     }
 }
 
+/// The finest a worker's `WATCHDOG=1` pings are told to the supervisor.
+const PING_EVERY: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Clone, Copy)]
 enum Probe {
     /// Ready when the worker's private port accepts a connection.
@@ -462,16 +465,25 @@ async fn readiness(
     (epoch, slot, pid): (Epoch, usize, u32),
 ) {
     let mut buf = vec![0u8; 4096];
-    // Reads one message; true if it says READY=1. Reports WATCHDOG=1.
+    // Reads one message; true if it says READY=1. Reports WATCHDOG=1, at
+    // most every PING_EVERY: a worker that pings in a loop floods no queue
+    // (the watchdog's periods are seconds).
+    let last_ping = std::sync::Mutex::new(None::<std::time::Instant>);
     let read = |buf: &[u8]| {
         let mut ready = false;
+        let mut pinged = false;
         for line in buf.split(|&b| b == b'\n') {
             match line {
                 b"READY=1" => ready = true,
-                b"WATCHDOG=1" => {
-                    let _ = tx.send(Event::Pinged { epoch });
-                }
+                b"WATCHDOG=1" => pinged = true,
                 _ => {}
+            }
+        }
+        if pinged && let Ok(mut last) = last_ping.lock() {
+            let now = std::time::Instant::now();
+            if last.is_none_or(|t| now.duration_since(t) >= PING_EVERY) {
+                *last = Some(now);
+                let _ = tx.send(Event::Pinged { epoch });
             }
         }
         ready
