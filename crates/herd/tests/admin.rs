@@ -432,3 +432,29 @@ fn without_a_token_only_loopback_names_reach_the_admin_listener() {
         "{own}"
     );
 }
+
+/// The admin listener may face the network (with a token): a client that
+/// sends half a head, or none, is let go after 10 s, and others are served
+/// meanwhile.
+#[test]
+fn admin_clients_that_never_finish_a_head_are_let_go() {
+    let admin = free_port();
+    let addr = format!("127.0.0.1:{admin}");
+    let h = Herd::start(&["-i", "1", "--admin", &addr], &[DEMO]);
+    h.wait_ready(1);
+    let idle = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    let mut half = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    half.write_all(b"GET /status HTTP/1.1\r\nHo").unwrap();
+    let since = std::time::Instant::now();
+    assert_eq!(admin_get(admin, "/status", None).0, 200);
+    for mut s in [idle, half] {
+        s.set_read_timeout(Some(T)).unwrap();
+        let n = s.read(&mut [0u8; 64]).unwrap_or(usize::MAX);
+        assert_eq!(n, 0, "not closed");
+    }
+    let took = since.elapsed();
+    assert!(
+        took > Duration::from_secs(9) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+}

@@ -34,6 +34,9 @@ use crate::upstream::Upstreams;
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// How long an admin client may take to send a request head.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the admin listener until the master ends.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -44,6 +47,9 @@ pub async fn serve(
     let cfg = Arc::new(cfg);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, the connection stays queued and accept
+            // fails again at once: wait rather than spin the supervisor's thread.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let (cfg, calls, up) = (cfg.clone(), calls.clone(), up.clone());
@@ -52,7 +58,11 @@ pub async fn serve(
                 let (cfg, calls, up) = (cfg.clone(), calls.clone(), up.clone());
                 async move { Ok::<_, Infallible>(answer(req, &cfg, calls, up).await) }
             });
+            // A client that never finishes a head (or sits idle between
+            // requests) is let go: the listener may face the network.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

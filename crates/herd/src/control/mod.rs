@@ -153,6 +153,9 @@ pub async fn serve(listener: UnixListener, calls: mpsc::UnboundedSender<Call>) {
     let me = nix::unistd::geteuid().as_raw();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, the connection stays queued and accept
+            // fails again at once: wait rather than spin the supervisor's thread.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let allowed = stream
