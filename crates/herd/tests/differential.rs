@@ -242,3 +242,48 @@ fn an_http10_request_without_host_is_answered_by_node() {
         );
     }
 }
+
+/// Node's own `clientError` handling (not the counting one above): after a
+/// request that asked for an upgrade and got an ordinary answer, Node
+/// neither answers nor closes on a malformed next request on that
+/// connection. herd does not keep such a connection, so the next request
+/// (here one Node cannot parse) gets Node's 400 at once, not a wait for
+/// `--response-timeout`.
+#[test]
+fn a_connection_that_asked_for_an_upgrade_is_not_reused() {
+    let port = free_port();
+    let plain = r#"
+require('http').createServer((q, r) => r.end('ok'))
+  .listen(+process.env.PORT, '127.0.0.1', () => console.log('listening'));
+"#;
+    let node = Command::new("node")
+        .args(["-e", plain])
+        .env("PORT", port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn();
+    let Ok(node) = node else {
+        eprintln!("skipped: node is not installed");
+        return;
+    };
+    let _node = Node(node);
+    assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", port)).is_ok()));
+    let h = Herd::start(&[&format!("--upstream=127.0.0.1:{port}")], &[]);
+    assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", h.port)).is_ok()));
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        first.starts_with("HTTP/1.1 200") && first.ends_with("ok"),
+        "{first}"
+    );
+    // Same client connection, so the same proxy thread and its pool.
+    s.write_all(b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let n = s.read(&mut buf).expect("no answer within 5 s");
+    let second = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(second.starts_with("HTTP/1.1 400"), "{second}");
+}

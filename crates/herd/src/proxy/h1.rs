@@ -848,7 +848,11 @@ async fn exchange(
         conns::give_back(rbuf);
         note(p, &logged, resp.status, sent, upstream, tries);
         conns::give_back(rout);
-        let reusable = body_sent && left_us == Client::Here;
+        // A request that asked for an upgrade and got an ordinary answer
+        // can leave the backend's parser expecting no more HTTP on that
+        // connection (Node's then neither answers nor closes on a bad next
+        // request): its connection is not kept.
+        let reusable = body_sent && left_us == Client::Here && !asked.upgrade;
         if relayed == Relayed::Complete && resp.backend_keep_alive && reusable {
             conns::put(&target, b);
         }
