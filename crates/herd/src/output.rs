@@ -148,15 +148,15 @@ fn says_in_use(line: &[u8]) -> bool {
 
 /// Why a worker that cannot bind may be crash-looping: the usual cause is
 /// a server that binds a port of its own choosing rather than the one herd
-/// gives it, so it fights herd and its siblings for it. herd passes the
-/// command to `exec` without a shell, so `$PORT` needs `sh -c`.
+/// gives it, so it fights herd and its siblings for it. `$PORT` in the
+/// command needs a shell: a command line in one word gets `sh -c`.
 fn in_use_hint(slot: usize) -> String {
     format!(
         "worker {slot} says an address is already in use. A server that binds a port of its own \
          (one written in its code, or its framework's default such as 8000 or 3000) fights herd \
          and the other workers for it. Make it listen on $PORT, which herd sets for each worker; \
-         herd runs the command without a shell, so for example: \
-         herd run -- sh -c 'exec python3 -m http.server $PORT'"
+         a command line in one word runs through a shell, which expands it: \
+         herd run -- 'python3 -m http.server $PORT'"
     )
 }
 

@@ -425,7 +425,8 @@ fn a_worker_on_a_port_of_its_own_is_named() {
 }
 
 /// Two workers of a server on a fixed port: the second cannot bind, and
-/// herd says why it crash-loops (once) with the `sh -c … $PORT` way out.
+/// herd says why it crash-loops (once) with the `'… $PORT'` way out, which
+/// then serves.
 #[test]
 fn a_worker_that_cannot_bind_gets_a_hint() {
     let own = free_port().to_string();
@@ -440,8 +441,9 @@ fn a_worker_that_cannot_bind_gets_a_hint() {
     );
     assert!(h.wait_log_n("exited with code 1", 3, T), "{}", h.log());
     let log = h.log();
+    let way_out = "python3 -m http.server --bind 127.0.0.1 $PORT";
     assert!(
-        log.contains("sh -c 'exec python3 -m http.server $PORT'"),
+        log.contains("herd run -- 'python3 -m http.server $PORT'"),
         "{log}"
     );
     assert_eq!(
@@ -449,6 +451,11 @@ fn a_worker_that_cannot_bind_gets_a_hint() {
         1,
         "{log}"
     );
+    drop(h);
+    // The way out, as the hint writes it: one word, through `sh -c`.
+    let h = Herd::start(&["-i", "2"], &[way_out]);
+    h.wait_ready(2);
+    assert!(matches!(http_get(h.port, "/"), Ok((200, _))), "{}", h.log());
 }
 
 /// A worker given fd 3 gets connections with `TCP_NODELAY` set, from the

@@ -561,9 +561,9 @@ fn elsewhere(probe: Probe, listening: &[SocketAddr]) -> Option<String> {
         Probe::Port(p) if !listening.is_empty() && listening.iter().all(|a| a.port() != p) => {
             Some(format!(
                 "it listens on {}, but herd sends it requests on 127.0.0.1:{p}, its PORT. \
-                 Make it listen on $PORT, through a shell since herd runs the command without one \
-                 (hypercorn: sh -c 'exec hypercorn --bind 127.0.0.1:$PORT app:app'; Django: \
-                 sh -c 'exec python manage.py runserver $PORT')",
+                 Make it listen on $PORT; a command line in one word runs through a shell, which \
+                 expands it (hypercorn: herd run -- 'hypercorn --bind 127.0.0.1:$PORT app:app'; \
+                 Django: herd run -- 'python manage.py runserver $PORT')",
                 shown()
             ))
         }
