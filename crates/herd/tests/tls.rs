@@ -498,6 +498,29 @@ fn an_http10_request_without_host_reaches_the_backend_with_one() {
     );
 }
 
+/// Over TLS (hyper's path) as over plain HTTP: a backend that breaks off
+/// its answer's body is named in the log, and the client sees the cut.
+#[test]
+fn an_answer_broken_off_over_tls_is_logged() {
+    use std::io::{Read, Write};
+    let bport = raw_backend(|mut c, _head| {
+        let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b");
+    });
+    let (pki, h, port) = tls_in_front_of("cut", bport);
+    let mut s = tls_client(&pki, port, "a.test");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("only ten b"),
+        "{text}"
+    );
+    let said = format!("upstream 127.0.0.1:{bport}: broke off its answer's body");
+    assert!(h.wait_log(&said, T), "{}", h.log());
+}
+
 /// Over TLS (hyper's path) as over plain HTTP (balancer.rs): a worker that
 /// serves one connection at a time is found, and requests on herd's
 /// other proxy thread do not wait for the idle connection it keeps.

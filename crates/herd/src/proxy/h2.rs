@@ -453,11 +453,11 @@ impl HttpProxy {
                         }
                         return resp.map(|_| RespBody::Full(None));
                     }
-                    let back = sender.map(|s| (s, target));
                     return resp.map(|inner| RespBody::Backend {
                         inner,
                         lease: Some(lease),
-                        back,
+                        back: sender,
+                        target,
                     });
                 }
                 Sent::Shortage => {
@@ -1689,7 +1689,8 @@ pub enum RespBody {
     Backend {
         inner: Incoming,
         lease: Option<Lease>,
-        back: Option<(Sender, Arc<Target>)>,
+        back: Option<Sender>,
+        target: Arc<Target>,
     },
 }
 
@@ -1709,25 +1710,34 @@ impl Body for RespBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            RespBody::Backend { inner, lease, back } => {
+            RespBody::Backend {
+                inner,
+                lease,
+                back,
+                target,
+            } => {
                 let r = Pin::new(&mut *inner).poll_frame(cx);
                 match &r {
                     Poll::Ready(None) => {
-                        if let Some((s, t)) = back.take() {
-                            put(&t, s);
+                        if let Some(s) = back.take() {
+                            put(target, s);
                         }
                         lease.take();
                     }
                     Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => {
                         // hyper stops polling once the length is reached.
-                        if let Some((s, t)) = back.take() {
-                            put(&t, s);
+                        if let Some(s) = back.take() {
+                            put(target, s);
                         }
                     }
-                    Poll::Ready(Some(Err(_))) => {
-                        // Broken mid-body: the connection is not reusable.
+                    Poll::Ready(Some(Err(e))) => {
+                        // Broken mid-body: the connection is not reusable,
+                        // and the log says so, as herd's own engine does.
                         back.take();
-                        lease.take();
+                        if lease.take().is_some() {
+                            let why = format_args!("broke off its answer's body: {e}");
+                            super::Told::Cut.warn(&target.label, &why);
+                        }
                     }
                     _ => {}
                 }
