@@ -1687,15 +1687,18 @@ fn derive_name(command: &[OsString]) -> String {
             .unwrap_or_default()
     };
     let prog = stem(&command[0]);
-    // `sh -c 'exec python3 app.py $PORT'` is named as `python3 app.py`.
+    // `sh -c 'exec python3 app.py $PORT'` is named as `python3 app.py`:
+    // what the last `exec` runs, else the line's first command.
     if matches!(prog.as_str(), "sh" | "bash" | "dash" | "zsh")
         && command.get(1).is_some_and(|a| a == "-c")
         && let Some(line) = command.get(2)
     {
-        let words: Vec<OsString> = line
-            .to_string_lossy()
-            .split_whitespace()
-            .skip_while(|w| *w == "exec" || w.contains('='))
+        let line = line.to_string_lossy();
+        let all: Vec<&str> = line.split_whitespace().collect();
+        let from = all.iter().rposition(|w| *w == "exec").map_or(0, |i| i + 1);
+        let words: Vec<OsString> = all[from..]
+            .iter()
+            .skip_while(|w| w.contains('='))
             .map(OsString::from)
             .collect();
         if !words.is_empty() {
@@ -2024,6 +2027,7 @@ mod tests {
         assert_eq!(c(&["node", "-e", "require('http')"]), "node");
         assert_eq!(c(&["sh", "-c", "exec node app.js $PORT"]), "app");
         assert_eq!(c(&["sh", "-c", "NODE_ENV=production npm start"]), "npm");
+        assert_eq!(c(&["sh", "-c", "sleep 1 & exec ./api --port $PORT"]), "api");
         assert_eq!(c(&["bash", "-c", "  "]), "bash");
     }
 
