@@ -430,15 +430,8 @@ while True:
     let h = Herd::start(&["-i", "1", "--name", &n], &["python3", "-c", &flood]);
     h.wait_ready(1);
     assert!(h.wait_log("worker 0 says: \"xxx", T), "{}", h.log());
-    let pid = h.child.id();
-    let before = rss_kib(pid);
-    let flooding = std::time::Instant::now();
-    let mut most = before;
-    wait_until(T, || {
-        most = most.max(rss_kib(pid));
-        flooding.elapsed() > Duration::from_secs(3)
-    });
     // Unbounded, this grew by hundreds of MB in 3 s.
+    let (before, most) = rss_over_3s(h.child.id());
     assert!(
         most < before + 32 * 1024,
         "master RSS {before} KiB → {most} KiB"
@@ -465,17 +458,23 @@ while True:
     );
     let h = Herd::start(&["-i", "1", "--watchdog", "5s"], &["python3", "-c", &ping]);
     h.wait_ready(1);
-    let pid = h.child.id();
-    let before = rss_kib(pid);
-    let pinging = std::time::Instant::now();
-    let mut most = before;
-    wait_until(T, || {
-        most = most.max(rss_kib(pid));
-        pinging.elapsed() > Duration::from_secs(3)
-    });
+    let (before, most) = rss_over_3s(h.child.id());
     assert!(
         most < before + 32 * 1024,
         "master RSS {before} KiB → {most} KiB"
     );
     assert!(matches!(http_get(h.port, "/"), Ok((200, _))));
+}
+
+/// `pid`'s RSS (KiB) now, and the most it reaches over the next 3 s of
+/// sampling: what a flood from a worker costs the master.
+fn rss_over_3s(pid: u32) -> (u64, u64) {
+    let before = rss_kib(pid);
+    let since = std::time::Instant::now();
+    let mut most = before;
+    wait_until(T, || {
+        most = most.max(rss_kib(pid));
+        since.elapsed() > Duration::from_secs(3)
+    });
+    (before, most)
 }
