@@ -538,6 +538,7 @@ async fn exchange(
     let mut tries = 0;
     let mut stale_retries = 0;
     let mut skip_pool = req.upgrade;
+    let mut replace_by = None;
     'attempt: loop {
         if tries >= MAX_TRIES {
             note(p, &logged, last.0, 0, None, tries);
@@ -554,7 +555,21 @@ async fn exchange(
         }
         let started = p.up.now();
         let (lease, target, stats) = match p.pick(key.as_ref(), split.as_ref(), avoid.as_deref()) {
+            // Back to the worker that just failed, as the only one left.
+            Ok(x)
+                if avoid
+                    .as_ref()
+                    .is_some_and(|a| Arc::ptr_eq(a, x.lease.backend()))
+                    && p.up.replaced(avoid.as_deref(), &mut replace_by).await =>
+            {
+                avoid = None;
+                continue 'attempt;
+            }
             Ok(x) => (x.lease, x.target, x.stats),
+            Err(_) if p.up.replaced(avoid.as_deref(), &mut replace_by).await => {
+                avoid = None;
+                continue 'attempt;
+            }
             Err(_) if avoid.is_some() => {
                 note(p, &logged, last.0, 0, None, tries);
                 return answer(io, out, last, own_keep, limits.idle_timeout).await;

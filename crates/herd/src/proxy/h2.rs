@@ -399,23 +399,39 @@ impl HttpProxy {
         let mut avoid: Option<Arc<Backend>> = None;
         // What the client gets if no retry succeeds (nginx answers 502 then).
         let mut last = (StatusCode::BAD_GATEWAY, "no backend could answer\n");
+        let mut replace_by = None;
         for tries in 0..MAX_TRIES {
             served.retries = tries as u32;
-            if !self.some_target().await {
-                return error(StatusCode::SERVICE_UNAVAILABLE, "no worker is ready\n");
-            }
             let Some(req) = next.take() else { break };
-            let (lease, target, stats) = {
-                let pool = self.up.peek();
-                let key = hash_key(key_source, req.headers(), peer);
-                let split = hash_key(pool.split_source(), req.headers(), peer);
-                let ctx = Ctx {
-                    now: self.up.now(),
-                    rand: fastrand::u64(..),
-                    key: key.as_ref().map(|k| k.as_slice()),
+            let (lease, target, stats) = loop {
+                if !self.some_target().await {
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "no worker is ready\n");
+                }
+                let picked = {
+                    let pool = self.up.peek();
+                    let key = hash_key(key_source, req.headers(), peer);
+                    let split = hash_key(pool.split_source(), req.headers(), peer);
+                    let ctx = Ctx {
+                        now: self.up.now(),
+                        rand: fastrand::u64(..),
+                        key: key.as_ref().map(|k| k.as_slice()),
+                    };
+                    pool.pick(&ctx, avoid.as_deref(), split.as_ref().map(|k| k.as_slice()))
                 };
-                match pool.pick(&ctx, avoid.as_deref(), split.as_ref().map(|k| k.as_slice())) {
-                    Ok(p) => (p.lease, p.target, p.stats),
+                match picked {
+                    // Back to the worker that just failed, as the only one left.
+                    Ok(p)
+                        if avoid
+                            .as_ref()
+                            .is_some_and(|a| Arc::ptr_eq(a, p.lease.backend()))
+                            && self.up.replaced(avoid.as_deref(), &mut replace_by).await =>
+                    {
+                        avoid = None;
+                    }
+                    Ok(p) => break (p.lease, p.target, p.stats),
+                    Err(_) if self.up.replaced(avoid.as_deref(), &mut replace_by).await => {
+                        avoid = None;
+                    }
                     Err(PickError::AllDown | PickError::Empty) if avoid.is_some() => {
                         return error(last.0, last.1);
                     }

@@ -96,6 +96,7 @@ impl TcpProxy {
         let mut avoid: Option<Arc<Backend>> = None;
         let deadline = tokio::time::Instant::now() + self.wait_for_backend;
         let mut tries = 0;
+        let mut replace_by = None;
         while tries < MAX_TRIES {
             let changed = self.up.changed();
             let pool = self.up.current();
@@ -108,6 +109,16 @@ impl TcpProxy {
             let split = (*pool.split_source() == herd_balance::KeySource::ClientIp)
                 .then_some(ip.as_slice());
             let (lease, target) = match pool.pick(&ctx, avoid.as_deref(), split) {
+                // Back to the worker that just failed, as the only one left.
+                Ok(p)
+                    if avoid
+                        .as_ref()
+                        .is_some_and(|a| Arc::ptr_eq(a, p.lease.backend()))
+                        && self.up.replaced(avoid.as_deref(), &mut replace_by).await =>
+                {
+                    avoid = None;
+                    continue;
+                }
                 Ok(p) => (p.lease, p.target),
                 Err(_) => {
                     // None ready yet (start-up, restarts): wait a bounded time.

@@ -27,6 +27,10 @@ pub use stats::{AnswerStats, LATENCY_BUCKETS, LatencyWindow, Sample, octave_buck
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// How long a request or connection that no target can take waits for the
+/// pool to change after a worker failed it: see [`Upstreams::replaced`].
+const REPLACE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// One place a connection or request can be sent.
 pub struct Target {
     pub addr: SocketAddr,
@@ -501,6 +505,38 @@ impl Upstreams {
     /// the pool so a change in between is not missed.
     pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.changed.notified()
+    }
+
+    /// After a worker failed a request or connection (`failed`, the
+    /// backend a retry avoids, which the pick gave back as the only one
+    /// left) or every worker is out: whether the pool changed by `until`
+    /// (set on first use, [`REPLACE_WAIT`] on), so it may go again. A
+    /// worker that died stays in the pool until the supervisor has seen
+    /// its exit, some milliseconds; retrying at once sent every request of
+    /// that moment to it again, and then a 502, though a replacement was
+    /// on its way. Remote upstreams fail fast, as in nginx.
+    pub async fn replaced(
+        &self,
+        failed: Option<&Backend>,
+        until: &mut Option<tokio::time::Instant>,
+    ) -> bool {
+        let changed = self.changed();
+        {
+            let pool = self.peek();
+            let mut targets = pool.all_targets();
+            match failed {
+                None if !targets.any(|t| t.pid.is_some()) => return false,
+                None => {}
+                Some(f) => match targets.find(|t| std::ptr::eq(&*t.backend, f)) {
+                    // Gone already: go again at once.
+                    None => return true,
+                    Some(t) if t.pid.is_none() => return false,
+                    Some(_) => {}
+                },
+            }
+        }
+        let by = *until.get_or_insert_with(|| tokio::time::Instant::now() + REPLACE_WAIT);
+        tokio::time::timeout_at(by, changed).await.is_ok()
     }
 
     /// Nanoseconds since the pool was created: the balancer's clock.
