@@ -106,7 +106,17 @@ fn toml_apps(path: &Path, text: &str) -> Result<FileApps, ConfigError> {
         // Syntax errors keep their line and column.
         Err(_) => return Options::parse(path, text).map(|_| FileApps::default()),
     };
-    let Some(apps) = table.remove("app") else {
+    // `[[apps]]` too, as PM2's ecosystem file names its list.
+    let apps = match (table.remove("app"), table.remove("apps")) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::ParseNoSpan {
+                path: path.to_path_buf(),
+                message: "both [[app]] and [[apps]] tables: use one of the two".into(),
+            });
+        }
+        (one, other) => one.or(other),
+    };
+    let Some(apps) = apps else {
         return Ok(FileApps {
             single: Some(Options::parse(path, text)?),
             ..FileApps::default()
@@ -463,6 +473,21 @@ mod tests {
         let p = temp("anon.toml", "[[app]]\ncommand = [\"x\"]\n");
         let e = select(&p, None, None).unwrap_err().to_string();
         assert!(e.contains("needs a name"), "{e}");
+    }
+
+    #[test]
+    fn toml_apps_may_be_spelled_as_pm2_names_its_list() {
+        let p = temp(
+            "pm2ish.toml",
+            "[[apps]]\nname = \"api\"\ncommand = [\"x\"]\n[[apps]]\nname = \"web\"\ncommand = [\"y\"]\n",
+        );
+        assert_eq!(names(&p, None).unwrap(), ["api", "web"]);
+        let p = temp(
+            "both.toml",
+            "[[app]]\nname = \"api\"\ncommand = [\"x\"]\n[[apps]]\nname = \"web\"\ncommand = [\"y\"]\n",
+        );
+        let e = select(&p, Some("api"), None).unwrap_err().to_string();
+        assert!(e.contains("both [[app]] and [[apps]]"), "{e}");
     }
 
     #[test]
