@@ -127,8 +127,8 @@ pub enum Command {
         target: Target,
         /// SIGUSR2, USR2 or 12.
         signal: String,
-        /// A worker id, or `all`.
-        #[arg(value_name = "ID|all", default_value = "all")]
+        /// A worker id, or `all`; without --name, a cluster's name (all its workers).
+        #[arg(value_name = "ID|all|NAME", default_value = "all")]
         id: String,
     },
     /// A terminal dashboard of a running cluster, like `pm2 monit`.

@@ -333,7 +333,16 @@ pub fn flush(name: Option<&str>) -> anyhow::Result<()> {
             }
             paths
         }
-        Some(_) => vec![log_of(name)?],
+        Some(n) => {
+            let path = log_of(name)?;
+            if !path.exists() {
+                bail!(
+                    "no log to flush: no cluster named {n:?} is running or has logged to {}",
+                    path.display()
+                );
+            }
+            vec![path]
+        }
     };
     for path in paths {
         if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {

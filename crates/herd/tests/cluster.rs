@@ -774,6 +774,10 @@ fn bad_input_gets_one_clear_line() {
     );
     assert_one_line_error(&["run", "nope.js"], "script not found: nope.js");
     assert_one_line_error(&["logs", "all"], "shows one cluster's log");
+    assert_one_line_error(
+        &["flush", "no-such-cluster-xyz"],
+        "no log to flush: no cluster named \"no-such-cluster-xyz\"",
+    );
     // A missing script: one line before anything starts (issue 18, item 9).
     assert_one_line_error(
         &["run", "--", "node", "nope.js"],

@@ -992,6 +992,10 @@ fn herd_signal_reaches_one_worker_or_all() {
     let out = ok(&herd(&["signal", "--name", &n, "usr2"]));
     assert!(out.contains("SIGUSR2 sent to 2 workers"), "{out}");
     assert!(h.wait_log("[0] got SIGUSR2", T), "{}", h.log());
+    // As `pm2 sendSignal SIGUSR2 api` is typed: the name where the id goes.
+    let out = ok(&herd(&["signal", "SIGUSR2", &n]));
+    assert!(out.contains("SIGUSR2 sent to 2 workers"), "{out}");
+    assert!(h.wait_log_n("[0] got SIGUSR2", 2, T), "{}", h.log());
     for (args, why) in [
         (vec!["signal", "--name", &n, "SIGNOPE"], "not a signal"),
         (

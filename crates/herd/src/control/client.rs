@@ -69,13 +69,24 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
                 message: as_json(&message),
             },
         ),
-        Command::Signal { target, signal, id } => {
+        Command::Signal {
+            mut target,
+            signal,
+            id,
+        } => {
             let signal = control::parse_signal(&signal).map_err(ControlError::Usage)?;
-            let id = match id.as_str() {
-                "all" => None,
-                n => Some(n.parse().map_err(|_| {
-                    ControlError::Usage(format!("{n:?} is not a worker id (a number, or all)"))
-                })?),
+            let id = match (id.as_str(), id.parse()) {
+                ("all", _) => None,
+                (_, Ok(n)) => Some(n),
+                // `pm2 sendSignal SIGUSR2 api`: a name where the id goes.
+                (n, Err(_)) if target.name.is_none() => {
+                    target.name = Some(n.to_string());
+                    None
+                }
+                (n, Err(_)) => {
+                    let e = format!("{n:?} is not a worker id (a number, or all)");
+                    return Err(ControlError::Usage(e));
+                }
             };
             let signal = signal.as_str().to_string();
             (target.name, Request::Signal { signal, id })
