@@ -95,6 +95,46 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     }
 }
 
+/// PM2's `cron_restart`, as a rolling reload: here every 2 s (six fields,
+/// seconds first), with keep-alive clients that see nothing of it.
+#[test]
+fn cron_restart_reloads_on_schedule_without_a_failed_request() {
+    let h = Herd::start(&["-i", "2", "--cron-restart", "*/2 * * * * *"], &[DEMO]);
+    h.wait_ready(2);
+    assert!(
+        h.log()
+            .contains("cron-restart */2 * * * * *: first reload at"),
+        "{}",
+        h.log()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients = load(h.port, true, stop.clone(), done.clone());
+    let before = h.worker_pids(2);
+    let reloads = h.log().matches("reload done").count();
+    assert!(h.wait_log_n("reload done", reloads + 2, T), "{}", h.log());
+    assert!(h.log().contains("cron-restart: rolling reload; next at"));
+    stop.store(true, Ordering::Relaxed);
+    let mut bad = Vec::new();
+    for c in clients {
+        bad.extend(c.join().unwrap().1);
+    }
+    assert!(
+        bad.is_empty(),
+        "{} failed: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    let after = h.worker_pids(2);
+    assert!(
+        before.iter().all(|p| !after.contains(p)),
+        "{before:?} {after:?}"
+    );
+    let (code, err) = run_fail(&["run", "--cron-restart", "at 3", "--", DEMO]);
+    assert!(code != 0 && err.contains("is not a cron pattern"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
 #[test]
 fn status_reports_every_worker() {
     let n = name("status");

@@ -301,6 +301,10 @@ fn ecosystem_app(
             }
             "ignore_watch" => o.watch_ignore = Some(words(v)),
             "watch_delay" => o.watch_delay = Some(ms(key, v)?),
+            "cron_restart" => {
+                let pattern = text(v).unwrap_or_default();
+                o.cron_restart = Some(pattern.parse().map_err(|e| format!("cron_restart: {e}"))?);
+            }
             "increment_var" => o.increment_var = text(v),
             "log_file" => o.log_file = text(v).map(|f| dir.join(f)),
             // herd always restarts; only `false` asks for what it cannot do.
@@ -501,7 +505,7 @@ mod tests {
                 "env": {"NODE_ENV": "development", "PORT": 3000, "DEBUG": true},
                 "env_production": {"NODE_ENV": "production"},
                 "watch": ["src"], "ignore_watch": ["tmp"], "increment_var": "SHARD",
-                "autorestart": false, "namespace": "x"
+                "autorestart": false, "namespace": "x", "cron_restart": "0 3 * * *"
             }, {"name": "worker", "script": "jobs.py", "cwd": "jobs"}]}"#,
         );
         let (api, warning) = select(&p, Some("api"), Some("production")).unwrap();
@@ -521,6 +525,7 @@ mod tests {
         assert_eq!(env, ["DEBUG=true", "NODE_ENV=production"]);
         assert_eq!(api.watch, Some(vec![PathBuf::from("src")]));
         assert_eq!(api.increment_var.as_deref(), Some("SHARD"));
+        assert_eq!(api.cron_restart.unwrap().0.pattern.to_string(), "0 3 * * *");
         let warning = warning.unwrap();
         assert!(
             warning.contains("api.autorestart, api.namespace") && !warning.contains("exec_mode"),

@@ -254,6 +254,31 @@ impl TryFrom<String> for Dur {
     }
 }
 
+/// A `--cron-restart` pattern (PM2's `cron_restart`), in local time: five
+/// fields, minute first, or six with seconds first, read by croner, the
+/// parser PM2 itself uses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "String")]
+pub struct CronSpec(pub croner::Cron);
+
+impl FromStr for CronSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.trim().parse().map(CronSpec).map_err(|e| {
+            format!(
+                "{s:?} is not a cron pattern: {e} (write 5 fields, minute first: \"0 3 * * *\")"
+            )
+        })
+    }
+}
+
+impl TryFrom<String> for CronSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
 /// Worker count: a positive number or all usable CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "NumOrStr")]
@@ -448,6 +473,10 @@ options! {
     /// Quiet time after the last change before the reload [default: 1s].
     #[arg(long, value_name = "DUR")]
     watch_delay: Option<Dur>,
+    /// Rolling reload at the times of a cron pattern, local time (PM2's
+    /// --cron-restart): "0 3 * * *" is every day at 03:00.
+    #[arg(long, value_name = "PATTERN", alias = "cron")]
+    cron_restart: Option<CronSpec>,
     /// Admin listener for the web dashboard (/), /metrics (Prometheus) and /status:
     /// ADDR, off by default; a non-loopback ADDR needs --admin-token.
     #[arg(long, value_name = "ADDR")]
@@ -756,6 +785,8 @@ pub struct Settings {
     pub watch: Vec<PathBuf>,
     pub watch_ignore: Vec<String>,
     pub watch_delay: Duration,
+    /// `--cron-restart`: a rolling reload at each of its times.
+    pub cron_restart: Option<CronSpec>,
     /// `--log-file`, with its rotation size and how many old files to keep.
     pub log_file: Option<PathBuf>,
     pub log_max_size: u64,
@@ -1325,6 +1356,7 @@ impl Settings {
             watch,
             watch_ignore,
             watch_delay: d(o.watch_delay, default::WATCH_DELAY),
+            cron_restart: o.cron_restart,
             log_file: o.log_file,
             log_max_size: o.log_max_size.map_or(default::LOG_MAX_SIZE, |s| s.0 as u64),
             log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),

@@ -21,6 +21,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio_util::sync::CancellationToken;
 
+mod cron;
 mod deploy;
 mod machine;
 mod ops;
@@ -176,6 +177,8 @@ pub struct Supervisor {
     /// `--watch`: when the reload is due (the changes are quiet by then),
     /// and the first path that changed.
     watch_due: Option<(Instant, PathBuf)>,
+    /// `--cron-restart`: when the next scheduled reload is due.
+    cron: Option<cron::Schedule<chrono::Local>>,
     /// While the cluster starts: workers that could not be spawned, which
     /// fail the run rather than go to the restart policy.
     startup_failures: Option<Vec<(Epoch, SuperviseError)>>,
@@ -349,6 +352,13 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             ""
         },
     };
+    let cron = s.cron_restart.clone().map(|c| {
+        let now = chrono::Local::now();
+        let c = cron::Schedule::new(c, &now);
+        let next = c.next_text();
+        tracing::info!("cron-restart {}: first reload at {next}", c.pattern());
+        c
+    });
     let mut sup = Supervisor {
         m: Machine::new(s.instances, limits),
         procs: HashMap::new(),
@@ -381,6 +391,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         samples: ops::Samples::default(),
         startup_failures: Some(Vec::new()),
         watch_due: None,
+        cron,
         hosts,
         tls,
         http: None,

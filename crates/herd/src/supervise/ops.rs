@@ -572,7 +572,26 @@ impl Supervisor {
     /// Once a second: the deploy's analysis, a latency sample every 5 s
     /// (for `herd status`), and a memory sample of each serving worker for
     /// `--max-memory`.
+    /// `--cron-restart`: a rolling reload when its time has come, unless
+    /// one is running (then this time is skipped, as its workers are new).
+    fn on_cron(&mut self) {
+        let Some(cron) = self.cron.as_mut() else {
+            return;
+        };
+        if !cron.due(&chrono::Local::now()) {
+            return;
+        }
+        let next = cron.next_text();
+        if self.m.reloading() {
+            tracing::info!("cron-restart: a reload is running, so none now; next at {next}");
+            return;
+        }
+        tracing::info!("cron-restart: rolling reload; next at {next}");
+        self.apply(Input::Reload { slots: None }, None);
+    }
+
     pub(super) fn on_tick(&mut self) {
+        self.on_cron();
         self.analyse();
         self.watch_accept_queues();
         self.ticks += 1;
