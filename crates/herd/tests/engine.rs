@@ -1336,3 +1336,71 @@ fn bodies_past_max_body_size_get_413_and_never_reach_the_backend_whole() {
     assert!(sized(10).ends_with("got 10"));
     assert_eq!(whole.load(Ordering::SeqCst), 3);
 }
+
+/// A backend that sends `100 Continue` without end: herd relays 16 interim
+/// answers at most per try (a GET is tried 3 times, as after any malformed
+/// answer), then answers 502 and drops the connection, on its own
+/// engine and on hyper's (h2c), instead of relaying them until
+/// `--response-timeout` at a whole CPU.
+#[test]
+fn a_backend_sending_interim_answers_without_end_gets_a_502_at_once() {
+    let port = raw_backend(|mut c, _head| {
+        let flood = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(1000);
+        while c.write_all(&flood).is_ok() {}
+    });
+    let h = lb(port, &["--response-timeout", "60s"]);
+    let started = std::time::Instant::now();
+    let mut s = connect(h.port);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    let interim = answer.matches("HTTP/1.1 100 Continue").count();
+    assert!(interim <= 3 * 16, "{interim} interim answers relayed");
+    assert!(
+        answer.contains("HTTP/1.1 502"),
+        "{}",
+        &answer[answer.len().saturating_sub(300)..]
+    );
+    let h2c = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://127.0.0.1:{}/", h.port))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&h2c.stdout), "502");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        h.wait_log("sent more than 16 interim (1xx) answers", T),
+        "{}",
+        h.log()
+    );
+    // Nothing is left spinning: the master is idle.
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", h.child.id())).unwrap();
+        let f: Vec<u64> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let (before, at) = (cpu(), std::time::Instant::now());
+    assert!(wait_until(T, || at.elapsed() >= Duration::from_secs(1)));
+    assert!(cpu() - before < 30, "{} ticks in 1 s", cpu() - before);
+}

@@ -354,7 +354,15 @@ enum HeadWait {
     },
     /// Not an answer that can be relayed; why, for the log.
     Malformed(&'static str),
+    /// An interim (1xx) answer could not be passed on: the client left.
+    ClientGone,
 }
+
+/// Interim (1xx) answers relayed for one request: a backend that sends
+/// them without end (a `100 Continue` in a loop) would keep a proxy thread
+/// busy relaying them, the response time-out never met. Real servers send
+/// one or two (`100`, `103`).
+pub(super) const MAX_INTERIM: usize = 16;
 
 /// One request: sent to a backend (again, if allowed), answered.
 async fn exchange(
@@ -710,7 +718,7 @@ async fn exchange(
             HeadWait::Got(len, resp) => (len, resp),
             // The client left while its answer was awaited: nginx's 499. Not
             // the backend's failure, and not to be retried.
-            _ if left_us != Client::Here => {
+            w if left_us != Client::Here || matches!(w, HeadWait::ClientGone) => {
                 conns::give_back(rbuf);
                 conns::give_back(rout);
                 conns::give_back(out);
@@ -1074,6 +1082,7 @@ async fn read_answer_head(
 ) -> HeadWait {
     let cap = rbuf.capacity();
     let mut quiet = true;
+    let mut interim = 0;
     loop {
         // The first wait (for the answer to begin) acknowledges as usual.
         let read = if rbuf.is_empty() {
@@ -1097,8 +1106,12 @@ async fn read_answer_head(
             match head::response(rbuf, asked, out) {
                 Ok(Some((len, resp))) if resp.interim => {
                     quiet = false;
-                    if !asked.http10 {
-                        let _ = write_all(client, out, timeout).await;
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return HeadWait::Malformed("sent more than 16 interim (1xx) answers");
+                    }
+                    if !asked.http10 && write_all(client, out, timeout).await.is_err() {
+                        return HeadWait::ClientGone;
                     }
                     rbuf.drain(..len);
                 }

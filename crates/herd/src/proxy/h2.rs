@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,7 +33,38 @@ use super::idle::{Busy, Seen, Watched};
 use super::{HttpProxy, Key, ip_key};
 use crate::upstream::Target;
 
-type Sender = SendRequest<ReqBody>;
+/// A hyper HTTP/1 connection to a backend, with the count of interim
+/// (1xx) answers to its current request, which its [`Wire`] reads: hyper
+/// skips any number of them, and a backend sending them without end would
+/// keep the thread parsing until `--response-timeout`.
+pub struct Sender {
+    send: SendRequest<ReqBody>,
+    interim: Arc<AtomicUsize>,
+}
+
+impl std::ops::Deref for Sender {
+    type Target = SendRequest<ReqBody>;
+    fn deref(&self) -> &Self::Target {
+        &self.send
+    }
+}
+
+impl std::ops::DerefMut for Sender {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.send
+    }
+}
+
+impl Sender {
+    /// Counts `req`'s interim answers, from zero.
+    fn count_interim(&self, req: &mut Request<ReqBody>) {
+        self.interim.store(0, Ordering::Relaxed);
+        let n = self.interim.clone();
+        hyper::ext::on_informational(req, move |_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+}
 
 /// Attempts per request, as nginx's `proxy_next_upstream_tries` but bounded.
 const MAX_TRIES: usize = 3;
@@ -599,6 +630,7 @@ impl HttpProxy {
                     Err(e) => return Sent::Unsent(req, e.to_string()),
                 },
             };
+            sender.count_interim(&mut req);
             let sending = accept_checked(sender.try_send_request(req), fresh);
             let res = match self.head_within(sending).await {
                 Ok(r) => r,
@@ -755,11 +787,20 @@ fn unsent_or_failed(
 ) -> Next {
     match e.take_message() {
         Some(back) if retry => Next::Again(back),
-        Some(back) => Next::Give(Sent::Unsent(back, e.into_error().to_string())),
+        Some(back) => Next::Give(Sent::Unsent(back, said(&e.into_error()))),
         None => {
             let err = e.into_error();
-            Next::Give(Sent::Failed(err.to_string(), err.is_timeout()))
+            Next::Give(Sent::Failed(said(&err), err.is_timeout()))
         }
+    }
+}
+
+/// hyper's error with its cause, for the log: `connection error: Connection
+/// reset by peer (os error 104)`, not `connection error` alone.
+fn said(e: &hyper::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
     }
 }
 
@@ -1248,6 +1289,8 @@ struct Wire {
     read_at: Option<std::time::Instant>,
     /// A small read brought part of an answer since herd last wrote.
     answering: bool,
+    /// HTTP/1: the current request's interim answers (see [`Sender`]).
+    interim: Option<Arc<AtomicUsize>>,
 }
 
 /// Two reads of one answer this far apart, with no write between, mean
@@ -1267,6 +1310,7 @@ impl Wire {
             in_pieces: false,
             read_at: None,
             answering: false,
+            interim: None,
         }
     }
 
@@ -1298,6 +1342,14 @@ impl AsyncRead for Wire {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let me = self.get_mut();
+        if me
+            .interim
+            .as_ref()
+            .is_some_and(|n| n.load(Ordering::Relaxed) > super::h1::MAX_INTERIM)
+        {
+            let e = "sent more than 16 interim (1xx) answers";
+            return Poll::Ready(Err(std::io::Error::other(e)));
+        }
         let before = buf.filled().len();
         let r = match &mut me.io {
             WireIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
@@ -1574,10 +1626,12 @@ async fn connect(
 ) -> Result<(Sender, Option<SocketAddr>), ConnectError> {
     // Held by the connection's task: until it closes.
     let slot = super::conns::serial_slot(target, cfg.response_timeout).await;
-    let stream = open(target, cfg.connect_timeout, tls).await?;
+    let mut stream = open(target, cfg.connect_timeout, tls).await?;
     // Only a worker's connections are looked at (a syscall saved otherwise).
     let ours = target.pid.and_then(|_| stream.tcp().local_addr().ok());
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+    let interim = Arc::new(AtomicUsize::new(0));
+    stream.interim = Some(interim.clone());
+    let (send, conn) = hyper::client::conn::http1::Builder::new()
         .writev(false)
         .max_buf_size(BACKEND_BUF)
         .handshake::<_, ReqBody>(TokioIo::new(stream))
@@ -1593,7 +1647,7 @@ async fn connect(
             drop(slot);
         });
     }
-    Ok((sender, ours))
+    Ok((Sender { send, interim }, ours))
 }
 
 /// The body of a request on its way to a backend.
