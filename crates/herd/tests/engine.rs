@@ -1404,3 +1404,33 @@ fn a_backend_sending_interim_answers_without_end_gets_a_502_at_once() {
     assert!(wait_until(T, || at.elapsed() >= Duration::from_secs(1)));
     assert!(cpu() - before < 30, "{} ticks in 1 s", cpu() - before);
 }
+
+/// A chunk size line whose extension never ends (`1;aaaa…`): a malformed
+/// body (a 502, or the answer cut if its head had gone out), not an
+/// answer streamed on with no data in it.
+#[test]
+fn an_endless_chunk_extension_is_a_malformed_answer() {
+    let port = raw_backend(|mut c, _head| {
+        let _ = c.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;");
+        let ext = vec![b'a'; 64 * 1024];
+        while c.write_all(&ext).is_ok() {}
+    });
+    let h = lb(port, &[]);
+    let mut s = connect(h.port);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 502") || answer.len() < 20 * 1024,
+        "{} bytes: {}",
+        answer.len(),
+        &answer[..answer.len().min(300)]
+    );
+    assert!(
+        h.wait_log("sent a malformed chunked body", T),
+        "{}",
+        h.log()
+    );
+}

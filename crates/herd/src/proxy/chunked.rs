@@ -42,7 +42,7 @@ enum State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunked {
     state: State,
-    /// Trailer bytes seen, bounded by `max_trailer`.
+    /// Trailer and chunk-extension bytes seen, bounded by `max_trailer`.
     trailer: usize,
     max_trailer: usize,
     /// The current trailer name's first bytes, lower-cased, and its length.
@@ -113,7 +113,12 @@ impl Chunked {
                 },
                 State::Ext { value } => match b {
                     b'\r' => State::SizeLf { value },
-                    b'\t' | 0x20..=0x7e | 0x80..=0xff => State::Ext { value },
+                    b'\t' | 0x20..=0x7e | 0x80..=0xff => {
+                        // Unbounded, an endless size line would stream on
+                        // with no data (hyper caps them at 16 KiB too).
+                        self.count_trailer()?;
+                        State::Ext { value }
+                    }
                     _ => return Err(BadChunk),
                 },
                 State::SizeLf { value } => match b {
@@ -266,6 +271,15 @@ mod tests {
             assert_eq!(&body[n..], b"NEXT", "step {step}");
             assert_eq!(payload, b"hello world");
         }
+    }
+
+    #[test]
+    fn extensions_count_against_the_trailer_budget() {
+        let long = format!("1;{}\r\nx\r\n0\r\n\r\n", "a".repeat(1000));
+        assert!(run(long.as_bytes(), 64).is_ok());
+        let endless = format!("1;{}", "a".repeat(1100));
+        let mut c = Chunked::new(1024);
+        assert_eq!(c.scan(endless.as_bytes(), |_| {}), Err(BadChunk));
     }
 
     #[test]
