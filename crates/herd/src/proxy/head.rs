@@ -812,6 +812,11 @@ pub fn response(
     let (Some(status), Some(version)) = (resp.code, resp.version) else {
         return Err(BadResponse);
     };
+    // httparse takes any three digits; under 100 is no status (RFC 9110,
+    // 15), and would reach the client as `HTTP/1.1 0`.
+    if status < 100 {
+        return Err(BadResponse);
+    }
     let reason = resp.reason.unwrap_or("");
     let headers: &[httparse::Header<'_>] = resp.headers;
     let mut conn = ConnectionTokens::default();
@@ -1339,6 +1344,10 @@ mod tests {
         let (r, out) = resp("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", head).unwrap();
         assert_eq!(r.body, Framing::None);
         assert!(out.contains("Content-Length: 5"));
+        for odd in ["000", "099"] {
+            let head = format!("HTTP/1.1 {odd} X\r\nContent-Length: 0\r\n\r\n");
+            assert!(resp(&head, GET11).is_err(), "{odd}");
+        }
         let (r, out) = resp("HTTP/1.1 200 OK\r\n\r\n", GET11).unwrap();
         assert_eq!(r.body, Framing::UntilClose);
         assert!(r.rechunk && !r.backend_keep_alive && r.client_keep_alive);
