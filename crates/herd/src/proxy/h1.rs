@@ -362,7 +362,7 @@ enum HeadWait {
 /// them without end (a `100 Continue` in a loop) would keep a proxy thread
 /// busy relaying them, the response time-out never met. Real servers send
 /// one or two (`100`, `103`).
-pub(super) const MAX_INTERIM: usize = 16;
+const MAX_INTERIM: usize = 16;
 
 /// One request: sent to a backend (again, if allowed), answered.
 async fn exchange(

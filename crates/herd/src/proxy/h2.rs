@@ -33,14 +33,28 @@ use super::idle::{Busy, Seen, Watched};
 use super::{HttpProxy, Key, ip_key};
 use crate::upstream::Target;
 
-/// A hyper HTTP/1 connection to a backend, with the count of interim
-/// (1xx) answers to its current request, which its [`Wire`] reads: hyper
-/// skips any number of them, and a backend sending them without end would
-/// keep the thread parsing until `--response-timeout`.
+/// A hyper HTTP/1 connection to a backend, with what its [`Wire`] has read
+/// of the current answer before its head.
 pub struct Sender {
     send: SendRequest<ReqBody>,
-    interim: Arc<AtomicUsize>,
+    head: Arc<HeadWatch>,
 }
+
+/// hyper skips any number of interim (1xx) answers: a backend sending them
+/// without end would keep the thread parsing them until
+/// `--response-timeout`. The [`Wire`] counts the bytes a request's answer
+/// brings before its head is delivered, and past [`BEFORE_HEAD`] fails the
+/// connection. Per request this costs two stores; per read, a load.
+#[derive(Default)]
+struct HeadWatch {
+    /// The current request's answer head was delivered (or none is awaited).
+    seen: AtomicBool,
+    bytes: AtomicUsize,
+}
+
+/// More than a head (`--max-header-size` is at most a few dozen KiB) and
+/// one read of hyper's buffer ([`BACKEND_BUF`]) together.
+const BEFORE_HEAD: usize = 512 * 1024;
 
 impl std::ops::Deref for Sender {
     type Target = SendRequest<ReqBody>;
@@ -56,13 +70,12 @@ impl std::ops::DerefMut for Sender {
 }
 
 impl Sender {
-    /// Counts `req`'s interim answers, from zero.
-    fn count_interim(&self, req: &mut Request<ReqBody>) {
-        self.interim.store(0, Ordering::Relaxed);
-        let n = self.interim.clone();
-        hyper::ext::on_informational(req, move |_| {
-            n.fetch_add(1, Ordering::Relaxed);
-        });
+    /// An answer's head is awaited (`false`) or was delivered (`true`).
+    fn head_seen(&self, seen: bool) {
+        if !seen {
+            self.head.bytes.store(0, Ordering::Relaxed);
+        }
+        self.head.seen.store(seen, Ordering::Relaxed);
     }
 }
 
@@ -630,12 +643,13 @@ impl HttpProxy {
                     Err(e) => return Sent::Unsent(req, e.to_string()),
                 },
             };
-            sender.count_interim(&mut req);
+            sender.head_seen(false);
             let sending = accept_checked(sender.try_send_request(req), fresh);
             let res = match self.head_within(sending).await {
                 Ok(r) => r,
                 Err(timed_out) => return timed_out,
             };
+            sender.head_seen(true);
             match res {
                 Ok(resp) => {
                     let reusable = !upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
@@ -1289,8 +1303,8 @@ struct Wire {
     read_at: Option<std::time::Instant>,
     /// A small read brought part of an answer since herd last wrote.
     answering: bool,
-    /// HTTP/1: the current request's interim answers (see [`Sender`]).
-    interim: Option<Arc<AtomicUsize>>,
+    /// HTTP/1 through hyper: what came before the answer's head.
+    head: Option<Arc<HeadWatch>>,
 }
 
 /// Two reads of one answer this far apart, with no write between, mean
@@ -1310,7 +1324,7 @@ impl Wire {
             in_pieces: false,
             read_at: None,
             answering: false,
-            interim: None,
+            head: None,
         }
     }
 
@@ -1342,19 +1356,21 @@ impl AsyncRead for Wire {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let me = self.get_mut();
-        if me
-            .interim
-            .as_ref()
-            .is_some_and(|n| n.load(Ordering::Relaxed) > super::h1::MAX_INTERIM)
-        {
-            let e = "sent more than 16 interim (1xx) answers";
-            return Poll::Ready(Err(std::io::Error::other(e)));
-        }
         let before = buf.filled().len();
         let r = match &mut me.io {
             WireIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             WireIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         };
+        if let (Poll::Ready(Ok(())), Some(h)) = (&r, &me.head)
+            && !h.seen.load(Ordering::Relaxed)
+        {
+            let n = buf.filled().len() - before;
+            if h.bytes.fetch_add(n, Ordering::Relaxed) + n > BEFORE_HEAD {
+                let e =
+                    "sent 512 KiB with no final answer head (interim (1xx) answers without end)";
+                return Poll::Ready(Err(std::io::Error::other(e)));
+            }
+        }
         match &r {
             Poll::Ready(Ok(())) if me.http1 => {
                 let n = buf.filled().len() - before;
@@ -1629,8 +1645,8 @@ async fn connect(
     let mut stream = open(target, cfg.connect_timeout, tls).await?;
     // Only a worker's connections are looked at (a syscall saved otherwise).
     let ours = target.pid.and_then(|_| stream.tcp().local_addr().ok());
-    let interim = Arc::new(AtomicUsize::new(0));
-    stream.interim = Some(interim.clone());
+    let head = Arc::new(HeadWatch::default());
+    stream.head = Some(head.clone());
     let (send, conn) = hyper::client::conn::http1::Builder::new()
         .writev(false)
         .max_buf_size(BACKEND_BUF)
@@ -1647,7 +1663,7 @@ async fn connect(
             drop(slot);
         });
     }
-    Ok((Sender { send, interim }, ours))
+    Ok((Sender { send, head }, ours))
 }
 
 /// The body of a request on its way to a backend.
