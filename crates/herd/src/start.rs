@@ -2,7 +2,7 @@
 //! `herd logs`.
 
 use std::ffi::OsString;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -220,7 +220,16 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool, show: Shown) -> anyh
             }
             continue;
         }
-        // Drained. If the path is another file now, it was rotated: the
+        // Drained. Emptied in place (`herd flush`, `truncate`): what is
+        // written from now on starts at its beginning, as `tail -F` reads.
+        if let (Ok(at), Ok(m)) = (f.stream_position(), f.metadata())
+            && m.len() < at
+        {
+            f.seek(std::io::SeekFrom::Start(0))?;
+            partial.clear();
+            continue;
+        }
+        // If the path is another file now, it was rotated: the
         // old one was read to its end just above, so switch.
         if let (Ok(now), Ok(ours)) = (std::fs::metadata(&path), f.metadata())
             && (now.ino(), now.dev()) != (ours.ino(), ours.dev())

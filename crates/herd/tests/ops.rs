@@ -721,6 +721,84 @@ fn start_on_a_port_in_use_shows_only_its_own_log_lines() {
     let _ = std::fs::remove_dir_all(&state);
 }
 
+/// `herd logs --name N -f -n 0`, and the numbers of its `seq K` lines as
+/// they come.
+fn follow_seqs(
+    n: &str,
+    env: &dyn Fn(&mut Command),
+) -> (std::process::Child, std::sync::mpsc::Receiver<u32>) {
+    let mut follow = Command::new(HERD);
+    follow
+        .args(["logs", "--name", n, "-f", "-n", "0"])
+        .stdout(Stdio::piped());
+    env(&mut follow);
+    let mut child = follow.spawn().unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if let Some(k) = line
+                .split("seq ")
+                .nth(1)
+                .and_then(|k| k.trim().parse::<u32>().ok())
+            {
+                let _ = tx.send(k);
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// `herd flush` empties the log in place; a follower goes on from its
+/// beginning (as `tail -F`), where it waited past the old end before.
+#[test]
+fn logs_follow_goes_on_after_a_flush() {
+    let n = name("flushfollow");
+    let state = std::env::temp_dir().join(format!("herd-state-flush-{}", std::process::id()));
+    // 600 lines at once, so the follower starts far into the file, then
+    // one every 5 ms.
+    let script = format!(
+        "(i=0; while [ $i -lt 3000 ]; do echo \"seq $i\"; i=$((i+1)); [ $i -gt 600 ] && sleep 0.005; done) & exec {DEMO}"
+    );
+    let env = |c: &mut Command| {
+        c.env("XDG_STATE_HOME", &state).stdin(Stdio::null());
+    };
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut start = Command::new(HERD);
+    start.args([
+        "start", "--name", &n, "--listen", &listen, "-i", "1", "--", "sh", "-c", &script,
+    ]);
+    env(&mut start);
+    ok(&start.output().unwrap());
+    let (mut child, rx) = follow_seqs(&n, &env);
+    let first = rx.recv_timeout(T).expect("no line followed");
+    let mut flush = Command::new(HERD);
+    flush.args(["flush", &n]);
+    env(&mut flush);
+    ok(&flush.output().unwrap());
+    let mut seen = vec![first];
+    let deadline = std::time::Instant::now() + T;
+    while seen.last() < Some(&(first + 300)) && std::time::Instant::now() < deadline {
+        if let Ok(k) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(k);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut stop = Command::new(HERD);
+    stop.args(["stop", "--name", &n]);
+    env(&mut stop);
+    let _ = stop.output();
+    let _ = std::fs::remove_dir_all(&state);
+    assert!(first > 600, "the follower started at seq {first}");
+    let last = seen.last().copied().unwrap_or(first);
+    assert!(last >= first + 300, "the follower stopped at seq {last}");
+    // Lines written between the follower's last read and the flush are
+    // gone with it (a 100 ms poll: some 20); none after it may be.
+    let gap = seen.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    assert!(gap < 60, "{gap} lines skipped after the flush: {seen:?}");
+}
+
 #[test]
 fn logs_follow_loses_no_line_at_a_rotation() {
     // Issue 18, item 4: `herd logs -f` skipped the lines written between
@@ -757,25 +835,7 @@ fn logs_follow_loses_no_line_at_a_rotation() {
     ]);
     env(&mut start);
     ok(&start.output().unwrap());
-    let mut follow = Command::new(HERD);
-    follow
-        .args(["logs", "--name", &n, "-f", "-n", "0"])
-        .stdout(Stdio::piped());
-    env(&mut follow);
-    let mut child = follow.spawn().unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            if let Some(k) = line
-                .split("seq ")
-                .nth(1)
-                .and_then(|k| k.trim().parse::<u32>().ok())
-            {
-                let _ = tx.send(k);
-            }
-        }
-    });
+    let (mut child, rx) = follow_seqs(&n, &env);
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + T;
     while seen.last() != Some(&1499) && std::time::Instant::now() < deadline {
