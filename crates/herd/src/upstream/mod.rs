@@ -508,32 +508,33 @@ impl Upstreams {
     }
 
     /// After a worker failed a request or connection (`failed`, the
-    /// backend a retry avoids, which the pick gave back as the only one
-    /// left) or every worker is out: whether the pool changed by `until`
-    /// (set on first use, [`REPLACE_WAIT`] on), so it may go again. A
-    /// worker that died stays in the pool until the supervisor has seen
-    /// its exit, some milliseconds; retrying at once sent every request of
-    /// that moment to it again, and then a 502, though a replacement was
-    /// on its way. Remote upstreams fail fast, as in nginx.
+    /// backend its retry avoids) and no other target can take it (the
+    /// pick gave `failed` back as the only one left, or nothing): whether
+    /// the pool changed by `until` (set on first use, [`REPLACE_WAIT`] on),
+    /// so the retry may go. A worker that died stays in the pool until the
+    /// supervisor has seen its exit, some milliseconds; retrying at once
+    /// sent every retry of that moment to it again, and then a 502, though
+    /// a replacement was on its way. A remote upstream is retried at once,
+    /// as in nginx, and a request that no worker has failed yet is not
+    /// held (every worker out by health: a 503 at once, as before).
     pub async fn replaced(
         &self,
         failed: Option<&Backend>,
         until: &mut Option<tokio::time::Instant>,
     ) -> bool {
+        let Some(failed) = failed else {
+            return false;
+        };
         let changed = self.changed();
+        match self
+            .peek()
+            .all_targets()
+            .find(|t| std::ptr::eq(&*t.backend, failed))
         {
-            let pool = self.peek();
-            let mut targets = pool.all_targets();
-            match failed {
-                None if !targets.any(|t| t.pid.is_some()) => return false,
-                None => {}
-                Some(f) => match targets.find(|t| std::ptr::eq(&*t.backend, f)) {
-                    // Gone already: go again at once.
-                    None => return true,
-                    Some(t) if t.pid.is_none() => return false,
-                    Some(_) => {}
-                },
-            }
+            // Gone already: go again at once.
+            None => return true,
+            Some(t) if t.pid.is_none() => return false,
+            Some(_) => {}
         }
         let by = *until.get_or_insert_with(|| tokio::time::Instant::now() + REPLACE_WAIT);
         tokio::time::timeout_at(by, changed).await.is_ok()
