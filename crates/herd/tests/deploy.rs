@@ -21,21 +21,6 @@ fn status_json(n: &str) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
-/// Stops a keep-alive load and asserts that none of its requests failed.
-fn no_failures(stop: &AtomicBool, clients: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>) {
-    stop.store(true, Ordering::Relaxed);
-    let mut bad = Vec::new();
-    for c in clients {
-        bad.extend(c.join().unwrap().1);
-    }
-    assert!(
-        bad.is_empty(),
-        "{} failed: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(5)]
-    );
-}
-
 #[test]
 fn a_canary_gets_its_share_and_a_user_stays_on_one_version() {
     let n = name("canary");

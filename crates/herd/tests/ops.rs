@@ -114,17 +114,7 @@ fn cron_restart_reloads_on_schedule_without_a_failed_request() {
     let reloads = h.log().matches("reload done").count();
     assert!(h.wait_log_n("reload done", reloads + 2, T), "{}", h.log());
     assert!(h.log().contains("cron-restart: rolling reload; next at"));
-    stop.store(true, Ordering::Relaxed);
-    let mut bad = Vec::new();
-    for c in clients {
-        bad.extend(c.join().unwrap().1);
-    }
-    assert!(
-        bad.is_empty(),
-        "{} failed: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(5)]
-    );
+    no_failures(&stop, clients);
     let after = h.worker_pids(2);
     assert!(
         before.iter().all(|p| !after.contains(p)),
@@ -749,6 +739,22 @@ fn follow_seqs(
     (child, rx)
 }
 
+/// Ends the follower, stops cluster `n` and removes its state directory.
+fn end_follow(
+    mut follower: std::process::Child,
+    n: &str,
+    env: &dyn Fn(&mut Command),
+    state: &std::path::Path,
+) {
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let mut stop = Command::new(HERD);
+    stop.args(["stop", "--name", n]);
+    env(&mut stop);
+    let _ = stop.output();
+    let _ = std::fs::remove_dir_all(state);
+}
+
 /// `herd flush` empties the log in place; a follower goes on from its
 /// beginning (as `tail -F`), where it waited past the old end before.
 #[test]
@@ -770,7 +776,7 @@ fn logs_follow_goes_on_after_a_flush() {
     ]);
     env(&mut start);
     ok(&start.output().unwrap());
-    let (mut child, rx) = follow_seqs(&n, &env);
+    let (child, rx) = follow_seqs(&n, &env);
     let first = rx.recv_timeout(T).expect("no line followed");
     let mut flush = Command::new(HERD);
     flush.args(["flush", &n]);
@@ -783,13 +789,7 @@ fn logs_follow_goes_on_after_a_flush() {
             seen.push(k);
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    let mut stop = Command::new(HERD);
-    stop.args(["stop", "--name", &n]);
-    env(&mut stop);
-    let _ = stop.output();
-    let _ = std::fs::remove_dir_all(&state);
+    end_follow(child, &n, &env, &state);
     assert!(first > 600, "the follower started at seq {first}");
     let last = seen.last().copied().unwrap_or(first);
     assert!(last >= first + 300, "the follower stopped at seq {last}");
@@ -835,7 +835,7 @@ fn logs_follow_loses_no_line_at_a_rotation() {
     ]);
     env(&mut start);
     ok(&start.output().unwrap());
-    let (mut child, rx) = follow_seqs(&n, &env);
+    let (child, rx) = follow_seqs(&n, &env);
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + T;
     while seen.last() != Some(&1499) && std::time::Instant::now() < deadline {
@@ -843,13 +843,7 @@ fn logs_follow_loses_no_line_at_a_rotation() {
             seen.push(k);
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    let mut stop = Command::new(HERD);
-    stop.args(["stop", "--name", &n]);
-    env(&mut stop);
-    let _ = stop.output();
-    let _ = std::fs::remove_dir_all(&state);
+    end_follow(child, &n, &env, &state);
     assert_eq!(seen.last(), Some(&1499), "the follower never saw the end");
     let first = seen[0];
     let expected: Vec<u32> = (first..=1499).collect();

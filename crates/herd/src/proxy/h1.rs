@@ -565,9 +565,7 @@ async fn exchange(
         let (lease, target, stats) = match p.pick(key.as_ref(), split.as_ref(), avoid.as_deref()) {
             // Back to the worker that just failed, as the only one left.
             Ok(x)
-                if avoid
-                    .as_ref()
-                    .is_some_and(|a| Arc::ptr_eq(a, x.lease.backend()))
+                if crate::upstream::Upstreams::came_back(&avoid, x.lease.backend())
                     && p.up.replaced(avoid.as_deref(), &mut replace_by).await =>
             {
                 avoid = None;

@@ -465,9 +465,7 @@ impl HttpProxy {
                 match picked {
                     // Back to the worker that just failed, as the only one left.
                     Ok(p)
-                        if avoid
-                            .as_ref()
-                            .is_some_and(|a| Arc::ptr_eq(a, p.lease.backend()))
+                        if crate::upstream::Upstreams::came_back(&avoid, p.lease.backend())
                             && self.up.replaced(avoid.as_deref(), &mut replace_by).await =>
                     {
                         avoid = None;

@@ -507,6 +507,12 @@ impl Upstreams {
         self.changed.notified()
     }
 
+    /// Whether a retry's pick gave back `avoid`, the backend that just
+    /// failed it, as the only one left (then see [`Upstreams::replaced`]).
+    pub fn came_back(avoid: &Option<Arc<Backend>>, picked: &Arc<Backend>) -> bool {
+        avoid.as_ref().is_some_and(|a| Arc::ptr_eq(a, picked))
+    }
+
     /// After a worker failed a request or connection (`failed`, the
     /// backend its retry avoids) and no other target can take it (the
     /// pick gave `failed` back as the only one left, or nothing): whether

@@ -482,6 +482,21 @@ pub fn load(
         .collect()
 }
 
+/// Stops [`load`]'s clients and asserts that none of their requests failed.
+pub fn no_failures(stop: &AtomicBool, clients: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>) {
+    stop.store(true, Ordering::Relaxed);
+    let mut bad = Vec::new();
+    for c in clients {
+        bad.extend(c.join().unwrap().1);
+    }
+    assert!(
+        bad.is_empty(),
+        "{} failed: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+}
+
 /// GET `path` with extra header lines (each ending in CRLF) on a new
 /// connection: (status, body).
 pub fn get_with(port: u16, path: &str, headers: &str) -> std::io::Result<(u16, String)> {
