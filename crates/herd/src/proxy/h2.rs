@@ -44,7 +44,8 @@ pub struct Sender {
 /// without end would keep the thread parsing them until
 /// `--response-timeout`. The [`Wire`] counts the bytes a request's answer
 /// brings before its head is delivered, and past [`BEFORE_HEAD`] fails the
-/// connection. Per request this costs two stores; per read, a load.
+/// connection. Per request this costs two stores; per read, a load (and
+/// an add until the head).
 #[derive(Default)]
 struct HeadWatch {
     /// The current request's answer head was delivered (or none is awaited).
@@ -52,8 +53,8 @@ struct HeadWatch {
     bytes: AtomicUsize,
 }
 
-/// More than a head (`--max-header-size` is at most a few dozen KiB) and
-/// one read of hyper's buffer ([`BACKEND_BUF`]) together.
+/// hyper parses no head larger than its buffer ([`BACKEND_BUF`], 64 KiB),
+/// so a real answer brings less than that before its head is delivered.
 const BEFORE_HEAD: usize = 512 * 1024;
 
 impl std::ops::Deref for Sender {

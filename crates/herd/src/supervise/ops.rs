@@ -569,9 +569,6 @@ impl Supervisor {
         });
     }
 
-    /// Once a second: the deploy's analysis, a latency sample every 5 s
-    /// (for `herd status`), and a memory sample of each serving worker for
-    /// `--max-memory`.
     /// `--cron-restart`: a rolling reload when its time has come, unless
     /// one is running (then this time is skipped, as its workers are new).
     fn on_cron(&mut self) {
@@ -590,6 +587,9 @@ impl Supervisor {
         self.apply(Input::Reload { slots: None }, None);
     }
 
+    /// Once a second: `--cron-restart`, the deploy's analysis, a latency
+    /// sample every 5 s (for `herd status`), and a memory sample of each
+    /// serving worker for `--max-memory`.
     pub(super) fn on_tick(&mut self) {
         self.on_cron();
         self.analyse();
