@@ -8,16 +8,17 @@
 //! SIGKILLs every group it still knows.
 
 use std::collections::BTreeSet;
+use std::io::PipeWriter;
 use std::io::{BufRead, Write};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 /// The master's handle on its guardian.
 pub struct Guardian {
-    child: Option<(Child, ChildStdin)>,
+    child: Option<(Child, PipeWriter)>,
     groups: BTreeSet<u32>,
 }
 
@@ -36,18 +37,20 @@ impl Guardian {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // The groups go into the pipe before the guardian exists: a master
+        // killed the moment a new guardian runs still leaves them in it.
+        let (reader, mut stdin) = std::io::pipe()?;
+        let mut known = String::new();
+        for g in &self.groups {
+            known.push_str(&format!("+{g}\n"));
+        }
+        stdin.write_all(known.as_bytes())?;
         // /proc/self/exe still works when the binary was replaced on disk.
-        let mut child = Command::new("/proc/self/exe")
+        let child = Command::new("/proc/self/exe")
             .arg("__guard")
-            .stdin(Stdio::piped())
+            .stdin(Stdio::from(reader))
             .process_group(0)
             .spawn()?;
-        let Some(mut stdin) = child.stdin.take() else {
-            return Err(std::io::Error::other("guardian has no stdin"));
-        };
-        for g in &self.groups {
-            writeln!(stdin, "+{g}")?;
-        }
         self.child = Some((child, stdin));
         Ok(())
     }
