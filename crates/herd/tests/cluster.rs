@@ -776,6 +776,7 @@ fn bad_input_gets_one_clear_line() {
     assert_one_line_error(&["run", "--instance", "2", "--", DEMO], "`--instances`");
     assert_one_line_error(&["run", "-i", "0", "--", DEMO], "positive number");
     assert_one_line_error(&["run", "-i", "abc", "--", DEMO], "positive number");
+    assert_one_line_error(&["run", "-i", "100000", "--", DEMO], "at most 4096");
     assert_one_line_error(&["run", "--listen", "99999", "--", DEMO], "not PORT");
     assert_one_line_error(&["run", "--kill-timeout", "5", "--", DEMO], "500ms");
     assert_one_line_error(&["run"], "no command given");

@@ -291,6 +291,10 @@ pub enum Instances {
 
 const INSTANCES_HINT: &str = "must be a positive number, `max`, or -N (all CPUs but N)";
 
+/// The most workers a cluster may have (`-i`, `herd scale`): a typo such
+/// as `-i 10000` would otherwise fork until the machine gives out.
+pub const MAX_WORKERS: usize = 4096;
+
 impl FromStr for Instances {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -305,6 +309,7 @@ impl FromStr for Instances {
             };
         }
         match s.parse::<usize>() {
+            Ok(n) if n > MAX_WORKERS => Err(format!("{n} workers: at most {MAX_WORKERS}")),
             Ok(n) if n > 0 => Ok(Instances::Count(n)),
             _ => Err(INSTANCES_HINT.into()),
         }

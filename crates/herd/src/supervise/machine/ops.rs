@@ -361,8 +361,9 @@ pub fn scale_target(n: &str, now: usize) -> Result<usize, String> {
             "cannot scale to {to}: a cluster needs at least 1 worker (use `herd stop`)"
         ));
     }
-    if to > 4096 {
-        return Err(format!("cannot scale to {to}: at most 4096 workers"));
+    if to > crate::config::MAX_WORKERS as i64 {
+        let most = crate::config::MAX_WORKERS;
+        return Err(format!("cannot scale to {to}: at most {most} workers"));
     }
     Ok(to as usize)
 }
