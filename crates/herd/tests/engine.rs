@@ -86,6 +86,15 @@ fn connect(port: u16) -> TcpStream {
     s
 }
 
+/// Sends `request` on a new connection and reads until herd closes it.
+fn whole_exchange(port: u16, request: &[u8]) -> String {
+    let mut s = connect(port);
+    s.write_all(request).unwrap();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    String::from_utf8_lossy(&all).into_owned()
+}
+
 /// Reads one response (head and a Content-Length or chunked body) from `r`.
 fn read_one(r: &mut BufReader<TcpStream>) -> (String, Vec<u8>) {
     let mut head = String::new();
@@ -540,12 +549,7 @@ fn an_answer_ending_at_close_reaches_http11_clients_chunked() {
     assert!(!head.to_ascii_lowercase().contains("chunked"), "{head}");
     assert!(all[at..] == want[..], "{} bytes", all.len() - at);
 
-    let mut s = connect(h.port);
-    s.write_all(b"GET /cut HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
-    let mut all = Vec::new();
-    let _ = s.read_to_end(&mut all);
-    let text = String::from_utf8_lossy(&all);
+    let text = whole_exchange(h.port, b"GET /cut HTTP/1.1\r\nHost: t\r\n\r\n");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(
         text.ends_with("\r\n\r\n5\r\nhello\r\n"),
@@ -1350,12 +1354,10 @@ fn a_backend_sending_interim_answers_without_end_gets_a_502_at_once() {
     });
     let h = lb(port, &["--response-timeout", "60s"]);
     let started = std::time::Instant::now();
-    let mut s = connect(h.port);
-    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = Vec::new();
-    let _ = s.read_to_end(&mut answer);
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = whole_exchange(
+        h.port,
+        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
     let interim = answer.matches("HTTP/1.1 100 Continue").count();
     assert!(interim <= 3 * 16, "{interim} interim answers relayed");
     assert!(
@@ -1416,12 +1418,10 @@ fn an_endless_chunk_extension_is_a_malformed_answer() {
         while c.write_all(&ext).is_ok() {}
     });
     let h = lb(port, &[]);
-    let mut s = connect(h.port);
-    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = Vec::new();
-    let _ = s.read_to_end(&mut answer);
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = whole_exchange(
+        h.port,
+        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
     assert!(
         answer.starts_with("HTTP/1.1 502") || answer.len() < 20 * 1024,
         "{} bytes: {}",
