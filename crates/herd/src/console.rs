@@ -46,8 +46,41 @@ pub fn count(n: usize, noun: &str) -> String {
     }
 }
 
+/// An error and its causes on one line, as `{:#}` prints them, but without
+/// a cause whose text the message above it already ends with: herd's error
+/// enums print their source (`cannot read X: {source}`) and also return it
+/// from `source()`, so `{:#}` would say it twice.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read x: {source}")]
+    struct Read {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_is_said_once() {
+        let e = anyhow::Error::from(Read {
+            source: std::io::Error::other("gone"),
+        })
+        .context("starting");
+        assert_eq!(super::chain(e.as_ref()), "starting: cannot read x: gone");
+    }
+
     #[test]
     fn counts_agree_with_their_noun() {
         assert_eq!(super::count(1, "worker"), "1 worker");

@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         Command::Start(args) => match herd::start::start(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                herd::errln!("herd: error: {e:#}");
+                herd::errln!("herd: error: {}", herd::console::chain(e.as_ref()));
                 ExitCode::from(1)
             }
         },
@@ -216,7 +216,7 @@ fn finish(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            herd::errln!("herd: error: {e:#}");
+            herd::errln!("herd: error: {}", herd::console::chain(e.as_ref()));
             ExitCode::from(1)
         }
     }

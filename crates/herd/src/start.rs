@@ -35,7 +35,7 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
         one.app = Some(app.clone());
         one.argv.extend(["--app".into(), app.into()]);
         if let Err(e) = start_one(&one, i == 0) {
-            crate::errln!("herd: {app}: {e:#}");
+            crate::errln!("herd: {app}: {}", crate::console::chain(e.as_ref()));
             failed.push(app.as_str());
         }
     }

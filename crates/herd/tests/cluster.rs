@@ -726,6 +726,11 @@ fn assert_one_line_error(args: &[&str], expect: &str) {
 
 #[test]
 fn bad_input_gets_one_clear_line() {
+    // The cause is said once, not once per layer that carries it.
+    assert_one_line_error(
+        &["start", "no/such/ecosystem.config.js"],
+        "herd: error: cannot read no/such/ecosystem.config.js: No such file or directory (os error 2)\n",
+    );
     assert_one_line_error(
         &["run", "--watch=no/such/dir", "--", DEMO],
         "--watch no/such/dir: no such file or directory",
