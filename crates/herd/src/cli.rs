@@ -70,6 +70,10 @@ pub enum Command {
     Restart {
         #[command(flatten)]
         target: Named,
+        /// The new workers run what the config file says now (command, cwd, env),
+        /// in this shell's environment, as PM2's --update-env.
+        #[arg(long)]
+        update_env: bool,
     },
     /// Set the number of workers: N, +K or -K.
     ///

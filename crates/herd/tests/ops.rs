@@ -612,6 +612,31 @@ fn restart_replaces_every_worker_at_once() {
             .all(|w| w["restarts"] == 1),
         "{v}"
     );
+    // `pm2 restart app --update-env`: the caller's environment reaches the
+    // new workers; without the flag they keep the one they were started in.
+    let tag = |h: &Herd| {
+        let (_, body) = h.get("/env").unwrap_or_default();
+        body.lines()
+            .find_map(|l| l.strip_prefix("HERD_DEMO_TAG="))
+            .map(str::to_string)
+    };
+    assert_eq!(tag(&h).as_deref(), Some(""));
+    let with_tag = |args: &[&str]| {
+        let out = Command::new(HERD)
+            .args(args)
+            .env("HERD_DEMO_TAG", "updated")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        ok(&out)
+    };
+    assert!(with_tag(&["restart", "--name", &n]).contains("restarted 2 workers"));
+    assert_eq!(tag(&h).as_deref(), Some(""));
+    assert!(with_tag(&["restart", "--name", &n, "--update-env"]).contains("restarted 2 workers"));
+    // Both workers: two answers in a row from the new environment.
+    assert!(wait_until(T, || {
+        tag(&h).as_deref() == Some("updated") && tag(&h).as_deref() == Some("updated")
+    }));
 }
 
 #[test]

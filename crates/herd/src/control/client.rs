@@ -18,19 +18,15 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         Command::Reload { target, update_env } => (
             target.name().map(str::to_string),
             Request::Reload {
-                update_env: update_env.then(|| {
-                    std::env::vars_os()
-                        .map(|(k, v)| {
-                            (
-                                k.to_string_lossy().into_owned(),
-                                v.to_string_lossy().into_owned(),
-                            )
-                        })
-                        .collect()
-                }),
+                update_env: update_env.then(caller_env),
             },
         ),
-        Command::Restart { target } => (target.name().map(str::to_string), Request::Restart),
+        Command::Restart { target, update_env } => (
+            target.name().map(str::to_string),
+            Request::Restart {
+                update_env: update_env.then(caller_env),
+            },
+        ),
         Command::Stop { target } => (target.name().map(str::to_string), Request::Stop),
         Command::Scale { target, mut words } => {
             let n = words.pop().unwrap_or_default();
@@ -162,7 +158,7 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
     let n = |v: Option<usize>| crate::console::count(v.unwrap_or(0), "worker");
     match req {
         Request::Reload { .. } => crate::outln!("{name}: reloaded {}", n(answer.replaced)),
-        Request::Restart => crate::outln!("{name}: restarted {}", n(answer.restarted)),
+        Request::Restart { .. } => crate::outln!("{name}: restarted {}", n(answer.restarted)),
         Request::Scale { .. } => crate::outln!("{name}: {}", n(answer.workers)),
         Request::Stop => {
             crate::outln!("{name}: stopping");
@@ -521,4 +517,16 @@ fn bytes(n: u64) -> String {
     } else {
         format!("{v:.1}{}", UNITS[u])
     }
+}
+
+/// This shell's environment, for `--update-env`.
+fn caller_env() -> std::collections::BTreeMap<String, String> {
+    std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect()
 }

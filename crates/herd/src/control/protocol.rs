@@ -21,8 +21,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         update_env: Option<std::collections::BTreeMap<String, String>>,
     },
-    /// Stop and start every worker (not zero-downtime).
-    Restart,
+    /// Stop and start every worker (not zero-downtime); `update_env` as for
+    /// `Reload` (`herd restart --update-env`).
+    Restart {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        update_env: Option<std::collections::BTreeMap<String, String>>,
+    },
     /// `n`: a count (`"4"`), or a change (`"+2"`, `"-1"`).
     Scale { n: String },
     /// Graceful stop of the whole cluster.

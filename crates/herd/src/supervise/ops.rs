@@ -18,13 +18,19 @@ use crate::hosts::wire::{self, Address};
 use crate::os::listen::Listeners;
 
 impl Supervisor {
-    /// `herd reload --update-env`: the running version's next workers run
+    /// `herd reload --update-env` (or `restart`): the running version's next workers run
     /// what the master's own command line and config file say now, in
     /// `env` (the caller's environment). Other settings need a restart.
     fn update_release(
         &mut self,
+        what: &str,
         env: std::collections::BTreeMap<String, String>,
     ) -> Result<(), String> {
+        // A refused reload must not leave its release behind for the
+        // replacements of the running one.
+        if let Some(why) = self.m.busy(what) {
+            return Err(why);
+        }
         if self.m.deploying().is_some() {
             return Err("a deploy is in progress: promote or roll it back first".into());
         }
@@ -88,7 +94,7 @@ impl Supervisor {
                     None => {
                         let _ = reply.send(Line::progress(format!("reloading ({config})")));
                     }
-                    Some(env) => match self.update_release(env) {
+                    Some(env) => match self.update_release("reload", env) {
                         Ok(()) => {
                             let _ = reply.send(Line::progress(format!(
                                 "reloading with {config} read again and the caller's environment"
@@ -102,7 +108,15 @@ impl Supervisor {
                 }
                 self.apply(Input::Reload { slots: None }, Some(reply))
             }
-            Request::Restart => self.apply(Input::Restart, Some(reply)),
+            Request::Restart { update_env } => {
+                if let Some(env) = update_env
+                    && let Err(e) = self.update_release("restart", env)
+                {
+                    let _ = reply.send(Done::failed(e).into());
+                    return false;
+                }
+                self.apply(Input::Restart, Some(reply))
+            }
             Request::Scale { n } => match self.scale_to(&n) {
                 Ok(to) => self.scale(to, reply),
                 Err(e) => {

@@ -102,7 +102,7 @@ impl Machine {
     }
 
     /// Why `what` cannot run now, if it cannot.
-    pub(super) fn busy(&self, what: &str) -> Option<String> {
+    pub(crate) fn busy(&self, what: &str) -> Option<String> {
         if self.stopping {
             Some(format!("cannot {what}: the cluster is stopping"))
         } else if self.reload.is_some() {
