@@ -189,6 +189,20 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool, show: Shown) -> anyh
         bail!("herd logs shows one cluster's log: name it (herd list shows them)");
     }
     let path = log_of(name)?;
+    if let Some(n) = name
+        && !path.exists()
+    {
+        let running: Vec<String> = control::running().into_iter().map(|(n, _)| n).collect();
+        bail!(
+            "no cluster named {n:?} is running or has logged to {} (running: {})",
+            path.display(),
+            if running.is_empty() {
+                "none".into()
+            } else {
+                running.join(", ")
+            }
+        );
+    }
     // Opened once, read through the handle: a rotation renames this file
     // to FILE.1, and its last lines are read from the handle before the
     // new FILE is followed (`tail -F`), so no line is lost at a rotation.

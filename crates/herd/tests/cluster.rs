@@ -726,6 +726,10 @@ fn assert_one_line_error(args: &[&str], expect: &str) {
 
 #[test]
 fn bad_input_gets_one_clear_line() {
+    assert_one_line_error(
+        &["logs", "no-such-cluster"],
+        "no cluster named \"no-such-cluster\" is running or has logged to ",
+    );
     // The cause is said once, not once per layer that carries it.
     assert_one_line_error(
         &["start", "no/such/ecosystem.config.js"],

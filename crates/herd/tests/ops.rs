@@ -612,6 +612,13 @@ fn restart_replaces_every_worker_at_once() {
             .all(|w| w["restarts"] == 1),
         "{v}"
     );
+    // A name no cluster has: the error names the ones that run.
+    let out = herd(&["restart", "no-such-cluster"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("(running: ") && err.contains(&n),
+        "{err}"
+    );
     // `pm2 restart app --update-env`: the caller's environment reaches the
     // new workers; without the flag they keep the one they were started in.
     let tag = |h: &Herd| {
