@@ -80,6 +80,35 @@ fn proxy_spreads_connections_round_robin() {
 /// until the supervisor has seen the exit, the dead worker is still in the
 /// proxy's pool. The requests of that moment wait for its replacement, as
 /// those that come once it is gone do, rather than getting a 502 or 503.
+/// A stopped (or stuck) worker still completes TCP handshakes in its
+/// kernel, so a connect check passed it and every other request waited on
+/// it for `--response-timeout`. It must accept the check's connection too.
+#[test]
+fn a_stopped_worker_is_taken_out_and_back_when_it_goes_on() {
+    let h = Herd::start(&["-i", "2", "--health-interval", "200ms"], &[DEMO]);
+    h.wait_ready(2);
+    let pids = h.worker_pids(2);
+    signal(pids[0], "STOP");
+    let out =
+        "worker 0 is unhealthy (3 checks failed, last: accepted no connection and answered nothing";
+    let taken_out = h.wait_log(out, T);
+    if !taken_out {
+        signal(pids[0], "CONT");
+    }
+    assert!(taken_out, "{}", h.log());
+    for _ in 0..20 {
+        let (status, body) = h.get("/").unwrap();
+        assert_eq!((status, parse_hello(&body).0), (200, 1), "{body}");
+    }
+    signal(pids[0], "CONT");
+    assert!(h.wait_log("worker 0 is healthy again", T), "{}", h.log());
+    assert!(wait_until(T, || h
+        .get("/")
+        .is_ok_and(|(_, b)| parse_hello(&b).0 == 0)));
+    // Busy is not stuck: the other worker stayed in throughout.
+    assert!(!h.log().contains("worker 1 is unhealthy"), "{}", h.log());
+}
+
 #[test]
 fn a_lone_workers_crash_under_keepalive_load_fails_no_request() {
     use std::sync::Arc;

@@ -114,6 +114,16 @@ impl Target {
     pub fn requests(&self) -> u64 {
         self.served.load(Relaxed)
     }
+
+    /// Moves whenever it answers: answers other than 5xx (herd's own 502
+    /// and 504 for it are counted there too), and bytes of answers, tunnels
+    /// and TCP mode it sent. Not bytes sent to it: its kernel takes those
+    /// while it is stopped.
+    fn progress(&self) -> u64 {
+        let a = &self.answers;
+        a.classes[..4].iter().map(|c| c.load(Relaxed)).sum::<u64>()
+            + a.bytes_to_client.load(Relaxed)
+    }
 }
 
 /// A target shows as its label (`worker 2`, `upstream 10.0.0.5:80`).
@@ -620,6 +630,8 @@ impl From<String> for Failure {
 }
 
 async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
+    let started = tokio::time::Instant::now();
+    let progress = t.progress();
     let work = async {
         let mut s = TcpStream::connect(t.addr).await.map_err(|e| {
             if crate::os::short_of_resources(&e) {
@@ -629,6 +641,10 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
             }
         })?;
         let Some(path) = &cfg.path else {
+            if let Some(pid) = t.pid {
+                let window = cfg.timeout.mul_f64(0.9);
+                return Ok(accepted_within(&s, t, pid, progress, started, window).await?);
+            }
             return Ok(());
         };
         if t.tls.is_some() {
@@ -668,6 +684,45 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
     tokio::time::timeout(cfg.timeout, work)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", cfg.timeout).into()))
+}
+
+/// A worker's TCP check: the kernel completes the handshake for a process
+/// that is stopped (SIGSTOP) or stuck in a loop, so a connect alone passes
+/// for a worker that serves nothing, and every request sent to it waits
+/// for `--response-timeout`. The worker must also accept the connection by
+/// `window` (most of `--health-timeout`; read from the socket table,
+/// `os::diag`). One that does not passes all the same if it answered
+/// anything meanwhile (busy, not stuck), or if it sleeps (a server of one
+/// connection at a time, waiting on another).
+async fn accepted_within(
+    s: &TcpStream,
+    t: &Target,
+    pid: u32,
+    progress: u64,
+    started: tokio::time::Instant,
+    window: std::time::Duration,
+) -> Result<(), String> {
+    const LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(25);
+    let Ok(ours) = s.local_addr() else {
+        return Ok(());
+    };
+    loop {
+        match crate::os::diag::accepted(ours, t.addr) {
+            Ok(Some(false)) => {}
+            // Accepted, not a socket of this host, or not known: passed.
+            _ => return Ok(()),
+        }
+        if started.elapsed() + LOOK_EVERY > window {
+            break;
+        }
+        tokio::time::sleep(LOOK_EVERY).await;
+    }
+    if t.progress() != progress || crate::os::diag::asleep(pid) != Some(false) {
+        return Ok(());
+    }
+    Err(format!(
+        "accepted no connection and answered nothing for {window:?}: stopped or stuck"
+    ))
 }
 
 /// `GET PATH` to an h2c backend.
