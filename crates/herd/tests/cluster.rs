@@ -82,13 +82,41 @@ fn proxy_spreads_connections_round_robin() {
 /// those that come once it is gone do, rather than getting a 502 or 503.
 /// A stopped (or stuck) worker still completes TCP handshakes in its
 /// kernel, so a connect check passed it and every other request waited on
-/// it for `--response-timeout`. It must accept the check's connection too.
+/// it for `--response-timeout`. It must accept the check's connection too,
+/// and requests it has not read go to the other worker once it is out.
 #[test]
 fn a_stopped_worker_is_taken_out_and_back_when_it_goes_on() {
-    let h = Herd::start(&["-i", "2", "--health-interval", "200ms"], &[DEMO]);
+    let h = Herd::start(
+        &[
+            "-i",
+            "2",
+            "--health-interval",
+            "200ms",
+            "--response-timeout",
+            "60s",
+        ],
+        &[DEMO],
+    );
     h.wait_ready(2);
     let pids = h.worker_pids(2);
     signal(pids[0], "STOP");
+    // Round-robin sends some of these to the stopped worker.
+    let port = h.port;
+    let waiting: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                let t0 = std::time::Instant::now();
+                (
+                    read_response(s).map(|(st, b)| (st, parse_hello(&b).0)),
+                    t0.elapsed(),
+                )
+            })
+        })
+        .collect();
     let out =
         "worker 0 is unhealthy (3 checks failed, last: accepted no connection and answered nothing";
     let taken_out = h.wait_log(out, T);
@@ -96,6 +124,17 @@ fn a_stopped_worker_is_taken_out_and_back_when_it_goes_on() {
         signal(pids[0], "CONT");
     }
     assert!(taken_out, "{}", h.log());
+    for w in waiting {
+        let (got, took) = w.join().unwrap();
+        assert_eq!(got.unwrap(), (200, 1), "after {took:?}");
+        assert!(took < Duration::from_secs(20), "{took:?}");
+    }
+    assert!(
+        h.log()
+            .contains("was taken out as stopped or stuck while a request waited on it"),
+        "{}",
+        h.log()
+    );
     for _ in 0..20 {
         let (status, body) = h.get("/").unwrap();
         assert_eq!((status, parse_hello(&body).0), (200, 1), "{body}");
@@ -107,6 +146,68 @@ fn a_stopped_worker_is_taken_out_and_back_when_it_goes_on() {
         .is_ok_and(|(_, b)| parse_hello(&b).0 == 0)));
     // Busy is not stuck: the other worker stayed in throughout.
     assert!(!h.log().contains("worker 1 is unhealthy"), "{}", h.log());
+}
+
+/// A worker whose event loop one request blocks: the requests behind it go
+/// to the other worker once it is out, and the one it is busy with is not
+/// sent again (it would block the other worker too).
+#[test]
+fn a_request_that_blocks_its_worker_runs_once_and_the_others_go_elsewhere() {
+    const SPIN: &str = "const http = require('http'); let spins = 0;
+        http.createServer((q, r) => {
+          if (q.url === '/spin') { spins++; const end = Date.now() + 8000; while (Date.now() < end) {} }
+          r.end(`worker ${process.env.HERD_WORKER_ID} spins=${spins}\\n`);
+        }).listen(Number(process.env.PORT));";
+    let h = Herd::start(
+        &["-i", "2", "--health-interval", "200ms"],
+        &["node", "-e", SPIN],
+    );
+    h.wait_ready(2);
+    let spins = |body: &str| -> u32 {
+        body.trim()
+            .rsplit("spins=")
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(99)
+    };
+    let port = h.port;
+    let spin = std::thread::spawn(move || http_get(port, "/spin"));
+    // Some of these wait behind /spin, on its worker.
+    let waiting: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            std::thread::spawn(move || {
+                let t0 = std::time::Instant::now();
+                (http_get(port, "/"), t0.elapsed())
+            })
+        })
+        .collect();
+    let (status, body) = spin.join().unwrap().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let busy = parse_hello(&body).0;
+    assert_eq!(spins(&body), 1, "{body}");
+    for w in waiting {
+        let (got, took) = w.join().unwrap();
+        let (status, body) = got.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_ne!(parse_hello(&body).0, busy, "{body} after {took:?}");
+    }
+    assert!(
+        h.log()
+            .contains("was taken out as stopped or stuck while a request waited on it"),
+        "{}",
+        h.log()
+    );
+    // /spin ran once: the other worker never had it.
+    assert!(h.wait_log("is healthy again", T), "{}", h.log());
+    let mut seen = BTreeMap::new();
+    assert!(wait_until(T, || {
+        if let Ok((200, b)) = h.get("/") {
+            seen.insert(parse_hello(&b).0, spins(&b));
+        }
+        seen.len() == 2
+    }));
+    assert_eq!(seen.values().sum::<u32>(), 1, "{seen:?}");
 }
 
 #[test]

@@ -23,6 +23,8 @@ const NL_HEADER: usize = 16;
 /// Where `idiag_inode` sits in `struct inet_diag_msg`: family, state,
 /// timer, retrans (4), the socket id (48), expires, rqueue, wqueue, uid.
 const INODE_AT: usize = 4 + 48 + 16;
+/// Where `idiag_rqueue` sits: after the id and `idiag_expires`.
+const RQUEUE_AT: usize = 4 + 48 + 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiagError {
@@ -38,6 +40,21 @@ pub enum DiagError {
 /// been accepted: `None` if that end is not a socket of this host (a
 /// remote server, or the connection is gone).
 pub fn accepted(ours: SocketAddr, server: SocketAddr) -> Result<Option<bool>, DiagError> {
+    Ok(server_end(ours, server)?.map(|e| e.accepted))
+}
+
+/// The server end of one of herd's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerEnd {
+    /// The server has accepted it.
+    pub accepted: bool,
+    /// Bytes herd sent that the server has not read yet.
+    pub unread: u32,
+}
+
+/// The server end of herd's connection from `ours` to `server`: `None` if
+/// it is not a socket of this host.
+pub fn server_end(ours: SocketAddr, server: SocketAddr) -> Result<Option<ServerEnd>, DiagError> {
     let s = netlink()?;
     s.send(&query(server, ours))?;
     let mut buf = [0u8; 512];
@@ -203,7 +220,7 @@ fn query(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
     m
 }
 
-fn parse(m: &[u8]) -> Result<Option<bool>, DiagError> {
+fn parse(m: &[u8]) -> Result<Option<ServerEnd>, DiagError> {
     let u16_at = |i: usize| m.get(i..i + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
     let u32_at = |i: usize| {
         m.get(i..i + 4)
@@ -217,7 +234,11 @@ fn parse(m: &[u8]) -> Result<Option<bool>, DiagError> {
         },
         SOCK_DIAG_BY_FAMILY => {
             let inode = u32_at(NL_HEADER + INODE_AT).ok_or(DiagError::Malformed)?;
-            Ok(Some(inode != 0))
+            let unread = u32_at(NL_HEADER + RQUEUE_AT).ok_or(DiagError::Malformed)?;
+            Ok(Some(ServerEnd {
+                accepted: inode != 0,
+                unread,
+            }))
         }
         _ => Err(DiagError::Malformed),
     }
@@ -244,6 +265,32 @@ mod tests {
         let ours = waiting_then_accepted(TcpListener::bind("127.0.0.1:0").unwrap());
         let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(accepted(ours, nobody).unwrap(), None);
+    }
+
+    #[test]
+    fn bytes_the_server_has_not_read_are_counted() {
+        use std::io::{Read, Write};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = l.local_addr().unwrap();
+        let mut c = TcpStream::connect(server).unwrap();
+        let ours = c.local_addr().unwrap();
+        c.write_all(b"hello").unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let end = |want: u32| {
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let e = server_end(ours, server).unwrap().unwrap();
+                if e.unread == want || std::time::Instant::now() > until {
+                    return e;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let seen = end(5);
+        assert!(seen.accepted && seen.unread == 5, "{seen:?}");
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(end(0).unread, 0);
     }
 
     #[test]

@@ -356,6 +356,9 @@ enum HeadWait {
     Malformed(&'static str),
     /// An interim (1xx) answer could not be passed on: the client left.
     ClientGone,
+    /// The health checks took the worker out as stopped or stuck while a
+    /// request that may be sent again waited on it (see [`unless_stuck`]).
+    Stuck,
 }
 
 /// Interim (1xx) answers relayed for one request: a backend that sends
@@ -674,6 +677,8 @@ async fn exchange(
                 let gone = || HeadWait::Closed { quiet: false };
                 let fresh = (!was_pooled).then_some(&*target);
                 let head_fut = accept_checked(head_fut, fresh, &b);
+                let head_fut =
+                    unless_stuck(head_fut, replay.then_some(&*target), &b, || HeadWait::Stuck);
                 watching(head_fut, client, &b, &mut left_us, gone).await
             } else {
                 let body_fut = send_body(client, inbox, in_buf, &b, left, cap, p, &mut uploaded);
@@ -765,6 +770,11 @@ async fn exchange(
                 let timeout = p.cfg.response_timeout;
                 let why = match wait {
                     HeadWait::TimedOut => format!("no answer within {timeout:?}"),
+                    HeadWait::Stuck => {
+                        "was taken out as stopped or stuck while a request waited on it; \
+                         the request goes to another"
+                            .into()
+                    }
                     HeadWait::Malformed(why) => why.to_owned(),
                     HeadWait::Closed { quiet: true } if was_pooled => {
                         "closed a kept-alive connection as a request that cannot be sent twice went out on it".into()
@@ -774,11 +784,14 @@ async fn exchange(
                     }
                     _ => "closed the connection in the middle of its answer's head".into(),
                 };
-                if was_pooled && matches!(wait, HeadWait::Closed { quiet: true }) {
+                if (was_pooled && matches!(wait, HeadWait::Closed { quiet: true }))
+                    || matches!(wait, HeadWait::Stuck)
+                {
                     // A server that closes after each answer without saying
                     // so, or an idle time-out met by this request: not ill
                     // health, and not counted (as nginx does not count an
-                    // error on a cached connection).
+                    // error on a cached connection). A stuck worker is out
+                    // by health already.
                     super::Told::Failed.warn(&target.label, &why);
                 } else {
                     super::backend_failed(&p.up, &lease, &target.label, &why);
@@ -1165,6 +1178,66 @@ async fn accept_checked<T>(
             }
         }
         Poll::Pending
+    })
+    .await
+}
+
+/// How often a request that has waited [`WATCH_CLIENT_AFTER`] on a
+/// worker's answer looks whether the worker was found stopped or stuck.
+const STUCK_LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// Ends the wait `fut` with `stuck()` once the health checks have taken
+/// `target` out as stopped or stuck ([`Target::is_stuck`]) and the worker
+/// has not read the request (on `b`) yet: a request that may be sent again
+/// then goes to another worker, rather than waiting on one that serves
+/// nothing until `--response-timeout`. The request a stuck worker has read
+/// is left to wait, as in nginx: it may be what keeps the worker busy, and
+/// sent on it would hold the next one too. Free for an answer within
+/// [`WATCH_CLIENT_AFTER`]: the first look waits for [`watching`]'s wake-up
+/// then, and only then is a deadline of its own taken. `None`: a request
+/// that cannot be sent twice.
+async fn unless_stuck<T>(
+    fut: impl std::future::Future<Output = T>,
+    target: Option<&Target>,
+    b: &TcpStream,
+    stuck: impl FnOnce() -> T,
+) -> T {
+    let target = target.filter(|t| t.pid.is_some());
+    let since = deadline::now();
+    let mut timer: Option<Deadline> = None;
+    let mut stuck = Some(stuck);
+    tokio::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(v);
+        }
+        let (Some(t), true) = (target, stuck.is_some()) else {
+            return Poll::Pending;
+        };
+        if timer.is_none() && deadline::now() < since + WATCH_CLIENT_AFTER {
+            return Poll::Pending;
+        }
+        loop {
+            if t.is_stuck() {
+                let unread = b
+                    .local_addr()
+                    .ok()
+                    .and_then(|ours| crate::os::diag::server_end(ours, t.addr).ok().flatten());
+                let take = stuck.take();
+                return match (unread, take) {
+                    (Some(e), Some(s)) if !e.accepted || e.unread > 0 => Poll::Ready(s()),
+                    // Read (or not known): this one waits, and is not
+                    // looked at again.
+                    _ => Poll::Pending,
+                };
+            }
+            let d = timer
+                .get_or_insert_with(|| Deadline::new(deadline::after(STUCK_LOOK_EVERY), false));
+            if d.poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            timer = None;
+        }
     })
     .await
 }

@@ -46,6 +46,8 @@ pub struct Target {
     pub tls: Option<String>,
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
+    /// Out by health checks that found it stopped or stuck (a worker).
+    stuck: std::sync::atomic::AtomicBool,
     /// Requests (HTTP) or connections (TCP) it has been given.
     served: AtomicU64,
     /// Its answers by status class and latency (for `/metrics` and the
@@ -73,6 +75,7 @@ impl Target {
             h2: false,
             tls: None,
             ok_streak: AtomicU32::new(0),
+            stuck: std::sync::atomic::AtomicBool::new(false),
             fail_streak: AtomicU32::new(0),
             served: AtomicU64::new(0),
             answers: AnswerStats::default(),
@@ -113,6 +116,12 @@ impl Target {
 
     pub fn requests(&self) -> u64 {
         self.served.load(Relaxed)
+    }
+
+    /// Out by health checks that found it stopped or stuck: requests
+    /// waiting on it that may be sent again go to another (`proxy::h1`).
+    pub fn is_stuck(&self) -> bool {
+        self.stuck.load(Relaxed)
     }
 
     /// Moves whenever it answers: answers other than 5xx (herd's own 502
@@ -581,7 +590,8 @@ pub async fn health_loop(up: Arc<Upstreams>, cfg: HealthConfig) {
                     Err(Failure::NotMade(e)) => {
                         tracing::debug!("{}: check not made: {e}", t.label);
                     }
-                    Err(Failure::Backend(why)) => record(&t, Err(why), &cfg),
+                    Err(Failure::Backend(why)) => record(&t, Err((why, false)), &cfg),
+                    Err(Failure::Stuck(why)) => record(&t, Err((why, true)), &cfg),
                     Ok(()) => record(&t, Ok(()), &cfg),
                 }
             });
@@ -590,17 +600,19 @@ pub async fn health_loop(up: Arc<Upstreams>, cfg: HealthConfig) {
     }
 }
 
-fn record(t: &Target, res: Result<(), String>, cfg: &HealthConfig) {
+/// `Err((why, stuck))`: `stuck` when the worker was found stopped or stuck.
+fn record(t: &Target, res: Result<(), (String, bool)>, cfg: &HealthConfig) {
     match res {
         Ok(()) => {
             t.fail_streak.store(0, Relaxed);
             let n = t.ok_streak.fetch_add(1, Relaxed) + 1;
             if !t.backend.is_healthy() && n >= cfg.rise {
+                t.stuck.store(false, Relaxed);
                 t.backend.set_healthy(true);
                 tracing::info!("{} is healthy again ({n} checks passed)", t.label);
             }
         }
-        Err(why) => {
+        Err((why, stuck)) => {
             t.ok_streak.store(0, Relaxed);
             let n = t.fail_streak.fetch_add(1, Relaxed) + 1;
             if t.backend.is_healthy() && n >= cfg.fall {
@@ -610,6 +622,9 @@ fn record(t: &Target, res: Result<(), String>, cfg: &HealthConfig) {
                     t.label
                 );
             }
+            if !t.backend.is_healthy() {
+                t.stuck.store(stuck, Relaxed);
+            }
         }
     }
 }
@@ -618,6 +633,9 @@ fn record(t: &Target, res: Result<(), String>, cfg: &HealthConfig) {
 enum Failure {
     /// The target's doing (or its network's): counts toward `fall`.
     Backend(String),
+    /// A worker that accepted nothing and answered nothing: the same, and
+    /// requests waiting on it are sent to another once it is out.
+    Stuck(String),
     /// herd could not open a connection (short of descriptors or ports):
     /// nothing learnt of the target, nothing counted.
     NotMade(std::io::Error),
@@ -643,7 +661,9 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
         let Some(path) = &cfg.path else {
             if let Some(pid) = t.pid {
                 let window = cfg.timeout.mul_f64(0.9);
-                return Ok(accepted_within(&s, t, pid, progress, started, window).await?);
+                return accepted_within(&s, t, pid, progress, started, window)
+                    .await
+                    .map_err(Failure::Stuck);
             }
             return Ok(());
         };
