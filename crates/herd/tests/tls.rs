@@ -524,6 +524,59 @@ fn an_answer_broken_off_over_tls_is_logged() {
 /// Over TLS (hyper's path) as over plain HTTP (balancer.rs): a worker that
 /// serves one connection at a time is found, and requests on herd's
 /// other proxy thread do not wait for the idle connection it keeps.
+/// hyper's path too: requests a stopped worker has not read go to the
+/// other worker once health checks take it out (see cluster.rs).
+#[test]
+fn requests_waiting_on_a_stopped_worker_go_to_the_other_over_tls() {
+    let pki = Pki::new("stopped");
+    let a = pki.leaf("a.test");
+    let mut args = tls_args(&[&a]);
+    args.extend(["-i", "2", "--health-interval", "200ms"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(2);
+    let mut pids = [0u32; 2];
+    assert!(wait_until(T, || {
+        let out = curl(&pki, "a.test", h.port, "/", &[]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (id, pid) = parse_hello(text.lines().next().unwrap_or_default());
+        if id < 2 {
+            pids[id] = pid;
+        }
+        pids.iter().all(|&p| p != 0)
+    }));
+    signal(pids[0], "STOP");
+    let pki = Arc::new(pki);
+    let port = h.port;
+    // Round-robin sends some of each to the stopped worker.
+    let waiting: Vec<_> = ["--http1.1", "--http2", "--http1.1", "--http2"]
+        .into_iter()
+        .map(|v| {
+            let pki = pki.clone();
+            std::thread::spawn(move || curl(&pki, "a.test", port, "/", &[v]))
+        })
+        .collect();
+    let outs: Vec<Output> = waiting.into_iter().map(|w| w.join().unwrap()).collect();
+    signal(pids[0], "CONT");
+    for out in outs {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && parse_hello(&text).0 == 1,
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let log = h.log();
+    assert!(
+        log.contains("unhealthy (3 checks failed, last: accepted no connection"),
+        "{log}"
+    );
+    assert!(
+        log.contains("was taken out as stopped or stuck while a request waited"),
+        "{log}"
+    );
+}
+
 #[test]
 fn a_worker_serving_one_connection_at_a_time_is_found_over_tls() {
     let pki = Pki::new("serial");

@@ -770,11 +770,7 @@ async fn exchange(
                 let timeout = p.cfg.response_timeout;
                 let why = match wait {
                     HeadWait::TimedOut => format!("no answer within {timeout:?}"),
-                    HeadWait::Stuck => {
-                        "was taken out as stopped or stuck while a request waited on it; \
-                         the request goes to another"
-                            .into()
-                    }
+                    HeadWait::Stuck => super::STUCK_WHY.into(),
                     HeadWait::Malformed(why) => why.to_owned(),
                     HeadWait::Closed { quiet: true } if was_pooled => {
                         "closed a kept-alive connection as a request that cannot be sent twice went out on it".into()
@@ -1182,10 +1178,6 @@ async fn accept_checked<T>(
     .await
 }
 
-/// How often a request that has waited [`WATCH_CLIENT_AFTER`] on a
-/// worker's answer looks whether the worker was found stopped or stuck.
-const STUCK_LOOK_EVERY: Duration = Duration::from_secs(1);
-
 /// Ends the wait `fut` with `stuck()` once the health checks have taken
 /// `target` out as stopped or stuck ([`Target::is_stuck`]) and the worker
 /// has not read the request (on `b`) yet: a request that may be sent again
@@ -1231,8 +1223,9 @@ async fn unless_stuck<T>(
                     _ => Poll::Pending,
                 };
             }
-            let d = timer
-                .get_or_insert_with(|| Deadline::new(deadline::after(STUCK_LOOK_EVERY), false));
+            let d = timer.get_or_insert_with(|| {
+                Deadline::new(deadline::after(super::STUCK_LOOK_EVERY), false)
+            });
             if d.poll(cx).is_pending() {
                 return Poll::Pending;
             }

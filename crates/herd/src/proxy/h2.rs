@@ -38,6 +38,8 @@ use crate::upstream::Target;
 pub struct Sender {
     send: SendRequest<ReqBody>,
     head: Arc<HeadWatch>,
+    /// The connection's local end, to a worker (see `head_within`).
+    ours: Option<SocketAddr>,
 }
 
 /// hyper skips any number of interim (1xx) answers: a backend sending them
@@ -485,7 +487,7 @@ impl HttpProxy {
                 }
             };
             let started = self.up.now();
-            let outcome = self.send(&target, req, upgrade).await;
+            let outcome = self.send(&target, req, upgrade, replay.is_some()).await;
             let now = self.up.now();
             // As the HTTP/1.1 path counts: per backend, and per version
             // during a deploy.
@@ -521,6 +523,18 @@ impl HttpProxy {
                 }
                 Sent::Shortage => {
                     return error(StatusCode::SERVICE_UNAVAILABLE, super::SHORTAGE);
+                }
+                // Only a replayable request is given up this way; the
+                // worker is out by health already, so nothing is counted.
+                Sent::Stuck => {
+                    super::Told::Failed.warn(&target.label, &super::STUCK_WHY);
+                    last = (StatusCode::BAD_GATEWAY, "backend failed\n");
+                    record(last.0.as_u16());
+                    let Some(head) = &replay else {
+                        return error(last.0, last.1);
+                    };
+                    avoid = Some(lease.backend().clone());
+                    next = Some(Request::from_parts(clone_head(head), ReqBody::Empty));
                 }
                 Sent::Unsent(req, why) => {
                     // Nothing reached the backend: any request may go elsewhere.
@@ -567,15 +581,47 @@ impl HttpProxy {
     }
 
     /// Awaits a backend's answer head for at most `--response-timeout`.
-    async fn head_within<T>(&self, sending: impl Future<Output = T>) -> Result<T, Sent> {
-        tokio::time::timeout(self.cfg.response_timeout, sending)
-            .await
-            .map_err(|_| {
-                Sent::Failed(
-                    format!("no response within {:?}", self.cfg.response_timeout),
-                    true,
-                )
-            })
+    /// With `stuck` (a request that may be sent again, on a plain
+    /// connection to a worker from `ours`), it looks each second whether
+    /// health checks took the worker out as stopped or stuck and the
+    /// worker has not read the request: then [`Sent::Stuck`], as herd's own
+    /// engine does (`h1::unless_stuck`). One timer either way until then.
+    async fn head_within<T>(
+        &self,
+        sending: impl Future<Output = T>,
+        stuck: Option<(&Target, SocketAddr)>,
+    ) -> Result<T, Sent> {
+        let until = tokio::time::Instant::now() + self.cfg.response_timeout;
+        let timed_out = || {
+            Sent::Failed(
+                format!("no response within {:?}", self.cfg.response_timeout),
+                true,
+            )
+        };
+        let Some((target, ours)) = stuck.filter(|(t, _)| t.pid.is_some()) else {
+            return tokio::time::timeout_at(until, sending)
+                .await
+                .map_err(|_| timed_out());
+        };
+        tokio::pin!(sending);
+        loop {
+            let look = (tokio::time::Instant::now() + super::STUCK_LOOK_EVERY).min(until);
+            if let Ok(v) = tokio::time::timeout_at(look, &mut sending).await {
+                return Ok(v);
+            }
+            if look >= until {
+                return Err(timed_out());
+            }
+            if target.is_stuck() {
+                return match crate::os::diag::server_end(ours, target.addr) {
+                    Ok(Some(e)) if !e.accepted || e.unread > 0 => Err(Sent::Stuck),
+                    // Read (or not known): it waits, as in nginx.
+                    _ => tokio::time::timeout_at(until, sending)
+                        .await
+                        .map_err(|_| timed_out()),
+                };
+            }
+        }
     }
 
     /// To an h2c backend: on this thread's connection to it, or a new one
@@ -604,7 +650,7 @@ impl HttpProxy {
             }
             let sending = sender.try_send_request(req);
             H2.with(|m| m.borrow_mut().insert(target.id, sender));
-            let res = match self.head_within(sending).await {
+            let res = match self.head_within(sending, None).await {
                 Ok(r) => r,
                 Err(timed_out) => return timed_out,
             };
@@ -622,7 +668,14 @@ impl HttpProxy {
         }
     }
 
-    async fn send(&self, target: &Arc<Target>, mut req: Request<ReqBody>, upgrade: bool) -> Sent {
+    /// `replayable`: the request may be sent twice (see [`Sent::Stuck`]).
+    async fn send(
+        &self,
+        target: &Arc<Target>,
+        mut req: Request<ReqBody>,
+        upgrade: bool,
+        replayable: bool,
+    ) -> Sent {
         if target.h2 {
             if upgrade {
                 return Sent::Failed("an upgrade cannot go to an HTTP/2 backend".into(), false);
@@ -643,8 +696,9 @@ impl HttpProxy {
                 },
             };
             sender.head_seen(false);
+            let stuck = sender.ours.filter(|_| replayable).map(|o| (&**target, o));
             let sending = accept_checked(sender.try_send_request(req), fresh);
-            let res = match self.head_within(sending).await {
+            let res = match self.head_within(sending, stuck).await {
                 Ok(r) => r,
                 Err(timed_out) => return timed_out,
             };
@@ -827,6 +881,9 @@ enum Sent {
     Shortage,
     /// Sent, then failed (reset, malformed response, timeout).
     Failed(String, bool),
+    /// Sent to a worker that health checks then took out as stopped or
+    /// stuck, which has not read it: it may go to another.
+    Stuck,
 }
 
 async fn tunnel(
@@ -1644,6 +1701,8 @@ async fn connect(
     let mut stream = open(target, cfg.connect_timeout, tls).await?;
     // Only a worker's connections are looked at (a syscall saved otherwise).
     let ours = target.pid.and_then(|_| stream.tcp().local_addr().ok());
+    // (TLS to a worker: its socket's unread bytes are not the request's.)
+    let plain = ours.filter(|_| target.tls.is_none());
     let head = Arc::new(HeadWatch::default());
     stream.head = Some(head.clone());
     let (send, conn) = hyper::client::conn::http1::Builder::new()
@@ -1662,7 +1721,14 @@ async fn connect(
             drop(slot);
         });
     }
-    Ok((Sender { send, head }, ours))
+    Ok((
+        Sender {
+            send,
+            head,
+            ours: plain,
+        },
+        ours,
+    ))
 }
 
 /// The body of a request on its way to a backend.

@@ -447,6 +447,16 @@ pub(crate) fn backend_failed(
     Told::Failed.warn(label, why);
 }
 
+/// How often a request that has waited a second on a worker's answer looks
+/// whether health checks took the worker out as stopped or stuck
+/// (`upstream::Target::is_stuck`); then, if the worker has not read it and
+/// it may be sent twice, it goes to another worker.
+pub(super) const STUCK_LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The log's word for such a request.
+pub(super) const STUCK_WHY: &str =
+    "was taken out as stopped or stuck while a request waited on it; the request goes to another";
+
 /// What the proxy tells of its backends' trouble. Each kind warns at once
 /// the first time, then at most once per 10 s process-wide with how many
 /// since, so a backend down under load costs a line per 10 s rather than
