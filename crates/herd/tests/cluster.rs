@@ -86,22 +86,20 @@ fn proxy_spreads_connections_round_robin() {
 /// and requests it has not read go to the other worker once it is out.
 #[test]
 fn a_stopped_worker_is_taken_out_and_back_when_it_goes_on() {
-    let h = Herd::start(
-        &[
-            "-i",
-            "2",
-            "--health-interval",
-            "200ms",
-            "--response-timeout",
-            "60s",
-        ],
-        &[DEMO],
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let h = Herd::spawn(
+        std::process::Command::new(HERD)
+            .env("HERD_LOG", "info,herd::upstream=debug")
+            .args(["run", "--listen", &listen, "-i", "2"])
+            .args(["--health-interval", "200ms", "--response-timeout", "60s"])
+            .args(["--", DEMO]),
+        port,
     );
     h.wait_ready(2);
     let pids = h.worker_pids(2);
     signal(pids[0], "STOP");
     // Round-robin sends some of these to the stopped worker.
-    let port = h.port;
     let waiting: Vec<_> = (0..4)
         .map(|_| {
             std::thread::spawn(move || {
@@ -139,6 +137,13 @@ fn a_stopped_worker_is_taken_out_and_back_when_it_goes_on() {
         let (status, body) = h.get("/").unwrap();
         assert_eq!((status, parse_hello(&body).0), (200, 1), "{body}");
     }
+    // The last one in stays in, stuck or not: out, it would leave every
+    // request a 503 (a CPU-bound app with every worker busy for long).
+    signal(pids[1], "STOP");
+    let kept = h.wait_log("worker 1: accepted no connection and answered nothing", T);
+    signal(pids[1], "CONT");
+    assert!(kept, "{}", h.log());
+    assert!(h.log().contains("kept in, as no other is"), "{}", h.log());
     signal(pids[0], "CONT");
     assert!(h.wait_log("worker 0 is healthy again", T), "{}", h.log());
     assert!(wait_until(T, || h

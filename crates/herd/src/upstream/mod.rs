@@ -48,6 +48,8 @@ pub struct Target {
     fail_streak: AtomicU32,
     /// Out by health checks that found it stopped or stuck (a worker).
     stuck: std::sync::atomic::AtomicBool,
+    /// [`Target::progress`] when its last health check began.
+    checked_progress: AtomicU64,
     /// Requests (HTTP) or connections (TCP) it has been given.
     served: AtomicU64,
     /// Its answers by status class and latency (for `/metrics` and the
@@ -76,6 +78,7 @@ impl Target {
             tls: None,
             ok_streak: AtomicU32::new(0),
             stuck: std::sync::atomic::AtomicBool::new(false),
+            checked_progress: AtomicU64::new(0),
             fail_streak: AtomicU32::new(0),
             served: AtomicU64::new(0),
             answers: AnswerStats::default(),
@@ -582,16 +585,36 @@ pub async fn health_loop(up: Arc<Upstreams>, cfg: HealthConfig) {
     loop {
         tick.tick().await;
         let pool = up.current();
+        // A stuck worker goes out only while another backend stays in to
+        // take its requests: with every worker busy for long (a CPU-bound
+        // app under load), taking them all out would answer 503 to all.
+        let staying = Arc::new(std::sync::atomic::AtomicUsize::new(
+            pool.all_targets()
+                .filter(|t| t.backend.is_healthy())
+                .count(),
+        ));
         let mut checks = tokio::task::JoinSet::new();
         for t in pool.all_targets() {
-            let (t, cfg) = (t.clone(), cfg.clone());
+            let (t, cfg, staying) = (t.clone(), cfg.clone(), staying.clone());
             checks.spawn(async move {
                 match check(&t, &cfg).await {
                     Err(Failure::NotMade(e)) => {
                         tracing::debug!("{}: check not made: {e}", t.label);
                     }
                     Err(Failure::Backend(why)) => record(&t, Err((why, false)), &cfg),
-                    Err(Failure::Stuck(why)) => record(&t, Err((why, true)), &cfg),
+                    Err(Failure::Stuck(why)) => {
+                        let goes_out =
+                            t.backend.is_healthy() && t.fail_streak.load(Relaxed) + 1 >= cfg.fall;
+                        if goes_out
+                            && staying
+                                .fetch_update(Relaxed, Relaxed, |n| (n > 1).then(|| n - 1))
+                                .is_err()
+                        {
+                            tracing::debug!("{}: {why}; kept in, as no other is", t.label);
+                            return;
+                        }
+                        record(&t, Err((why, true)), &cfg)
+                    }
                     Ok(()) => record(&t, Ok(()), &cfg),
                 }
             });
@@ -649,7 +672,10 @@ impl From<String> for Failure {
 
 async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
     let started = tokio::time::Instant::now();
-    let progress = t.progress();
+    // What it answered since the last check began counts, not only during
+    // this one: a worker busy with answers that take longer than a check
+    // is not stuck.
+    let progress = t.checked_progress.swap(t.progress(), Relaxed);
     let work = async {
         let mut s = TcpStream::connect(t.addr).await.map_err(|e| {
             if crate::os::short_of_resources(&e) {
