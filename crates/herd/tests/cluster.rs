@@ -163,8 +163,9 @@ fn a_request_that_blocks_its_worker_runs_once_and_the_others_go_elsewhere() {
           if (q.url === '/spin') { spins++; const end = Date.now() + 8000; while (Date.now() < end) {} }
           r.end(`worker ${process.env.HERD_WORKER_ID} spins=${spins}\\n`);
         }).listen(Number(process.env.PORT));";
+    let n = name("spin");
     let h = Herd::start(
-        &["-i", "2", "--health-interval", "200ms"],
+        &["--name", &n, "-i", "2", "--health-interval", "200ms"],
         &["node", "-e", SPIN],
     );
     h.wait_ready(2);
@@ -177,10 +178,17 @@ fn a_request_that_blocks_its_worker_runs_once_and_the_others_go_elsewhere() {
     };
     let port = h.port;
     let spin = std::thread::spawn(move || http_get(port, "/spin"));
-    // Some of these wait behind /spin, on its worker.
+    // /spin is in flight on its worker; some of these then wait behind it.
+    assert!(wait_until(T, || {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&herd(&["status", "--name", &n, "--json"])))
+                .unwrap_or_default();
+        v["workers"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["connections"] == 1))
+    }));
     let waiting: Vec<_> = (0..4)
         .map(|_| {
-            std::thread::sleep(Duration::from_millis(50));
             std::thread::spawn(move || {
                 let t0 = std::time::Instant::now();
                 (http_get(port, "/"), t0.elapsed())

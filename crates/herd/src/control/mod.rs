@@ -245,22 +245,14 @@ pub fn running() -> Vec<(String, PathBuf)> {
 pub fn find(name: Option<&str>) -> Result<(String, PathBuf), ControlError> {
     let all = running();
     match name {
-        Some(n) => {
-            let others = all
-                .iter()
-                .map(|(m, _)| m.as_str())
-                .collect::<Vec<_>>()
-                .join(", ");
-            all.iter()
-                .find(|(m, _)| m == n)
-                .cloned()
-                .ok_or_else(|| match others.is_empty() {
-                    true => ControlError::NotRunning(format!(" under the name {n:?}")),
-                    false => ControlError::NotRunning(format!(
-                        " under the name {n:?} (running: {others})"
-                    )),
-                })
-        }
+        Some(n) => all.iter().find(|(m, _)| m == n).cloned().ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|(m, _)| m.as_str()).collect();
+            let running = match names.as_slice() {
+                [] => String::new(),
+                some => format!(" (running: {})", some.join(", ")),
+            };
+            ControlError::NotRunning(format!(" under the name {n:?}{running}"))
+        }),
         None => match all.len() {
             0 => Err(ControlError::NotRunning(String::new())),
             1 => Ok(all.into_iter().next().unwrap_or_default()),
