@@ -3,7 +3,8 @@
 //! working directory and environment (read from `/proc`, so a cluster
 //! started any way is recorded as it really runs); `herd resurrect` starts
 //! the ones not running with `herd start`; `herd startup` writes the systemd
-//! unit that resurrects them at boot.
+//! unit that resurrects them at boot. `herd stop` records what it stops the
+//! same way, so `herd start NAME` brings it back, as `pm2 start NAME` does.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -42,6 +43,8 @@ pub enum BootError {
     BadDump { path: PathBuf, message: String },
     #[error("{0} of the saved clusters did not start")]
     Failed(usize),
+    #[error("{0} did not start")]
+    NotStarted(String),
     #[error(
         "writing {0} needs root: sudo herd startup --install (or save the unit `herd startup` prints)"
     )]
@@ -173,35 +176,130 @@ pub fn resurrect(mut report: impl FnMut(&str)) -> Result<usize, BootError> {
             report(&format!("{}: already running", c.name));
             continue;
         }
-        let mut args: Vec<OsString> = c.args.iter().map(OsString::from).collect();
-        match args.iter().position(|a| a == "run") {
-            Some(at) => args[at] = "start".into(),
-            None => {
-                report(&format!(
-                    "{}: not a `herd run` command line; skipped",
-                    c.name
-                ));
+        match start_saved(&exe, c) {
+            Ok(true) => started += 1,
+            Ok(false) => failed += 1,
+            Err(why) => {
+                report(&format!("{}: {why}; skipped", c.name));
                 failed += 1;
-                continue;
             }
-        }
-        let ok = std::process::Command::new(&exe)
-            .args(&args)
-            .current_dir(&c.cwd)
-            .env_clear()
-            .envs(&c.env)
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            started += 1;
-        } else {
-            failed += 1;
         }
     }
     if failed > 0 {
         return Err(BootError::Failed(failed));
     }
     Ok(started)
+}
+
+/// Starts one recorded cluster with `herd start`, in its directory and
+/// environment; whether it started (`herd start` says why not on stderr).
+fn start_saved(exe: &Path, c: &Saved) -> Result<bool, &'static str> {
+    let mut args: Vec<OsString> = c.args.iter().map(OsString::from).collect();
+    let at = args
+        .iter()
+        .position(|a| a == "run")
+        .ok_or("not a `herd run` command line")?;
+    args[at] = "start".into();
+    Ok(std::process::Command::new(exe)
+        .args(&args)
+        .current_dir(&c.cwd)
+        .env_clear()
+        .envs(&c.env)
+        .status()
+        .is_ok_and(|s| s.success()))
+}
+
+/// Where `herd stop` keeps the clusters it stopped: beside `dump.json`.
+fn stopped_path() -> PathBuf {
+    crate::logfile::default_path("stopped").with_extension("json")
+}
+
+/// The clusters `herd stop` ended and no `herd delete` forgot, as PM2
+/// keeps a stopped app in its list: `herd start NAME` or `herd restart
+/// NAME` starts one again as it ran, and `herd list` shows them. Empty
+/// when there is no record, or it cannot be read.
+pub fn stopped() -> Vec<Saved> {
+    std::fs::read_to_string(stopped_path())
+        .ok()
+        .and_then(|t| serde_json::from_str::<Dump>(&t).ok())
+        .map(|d| d.clusters)
+        .unwrap_or_default()
+}
+
+/// Changes the record of stopped clusters under a lock (two `herd stop`s
+/// at once both land).
+fn edit_stopped(change: impl FnOnce(&mut Vec<Saved>)) -> std::io::Result<()> {
+    let path = stopped_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path.with_extension("lock"))?;
+    lock.lock()?;
+    let mut all = stopped();
+    change(&mut all);
+    let text = serde_json::to_string_pretty(&Dump { clusters: all }).unwrap_or_default();
+    write_private(&path, text.as_bytes())
+}
+
+/// Records the running master `pid` of `name` before `herd stop` ends it.
+pub fn remember_stopped(name: &str, pid: u32) -> Result<(), BootError> {
+    let saved = read_master(name, pid)?;
+    edit_stopped(|all| {
+        all.retain(|c| c.name != name);
+        all.push(saved);
+    })
+    .map_err(|source| BootError::Write {
+        path: stopped_path(),
+        source,
+    })
+}
+
+/// `herd delete`: forgets the stopped cluster `name` (`None`: all of
+/// them); returns the names forgotten.
+pub fn forget_stopped(name: Option<&str>) -> Result<Vec<String>, BootError> {
+    let mut gone = Vec::new();
+    if stopped().iter().all(|c| name.is_some_and(|n| c.name != n)) {
+        return Ok(gone);
+    }
+    edit_stopped(|all| {
+        all.retain(|c| {
+            let forget = name.is_none_or(|n| c.name == n);
+            if forget {
+                gone.push(c.name.clone());
+            }
+            !forget
+        })
+    })
+    .map_err(|source| BootError::Write {
+        path: stopped_path(),
+        source,
+    })?;
+    Ok(gone)
+}
+
+/// Starts the stopped cluster `name` again as it ran (its options,
+/// directory and environment), as `pm2 start NAME` or `pm2 restart NAME`
+/// do for a stopped app. `Ok(false)`: no cluster of that name was stopped.
+pub fn start_stopped(name: &str) -> Result<bool, BootError> {
+    let Some(c) = stopped().into_iter().find(|c| c.name == name) else {
+        return Ok(false);
+    };
+    let exe = std::env::current_exe().map_err(BootError::OwnBinary)?;
+    match start_saved(&exe, &c) {
+        Ok(true) => {
+            forget_stopped(Some(name))?;
+            Ok(true)
+        }
+        Ok(false) => Err(BootError::NotStarted(name.to_string())),
+        Err(why) => Err(BootError::BadDump {
+            path: stopped_path(),
+            message: format!("{name}: {why}"),
+        }),
+    }
 }
 
 /// The systemd unit `herd startup` prints: `herd resurrect` at boot as

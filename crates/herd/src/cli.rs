@@ -24,6 +24,7 @@ pub enum Command {
     /// Run COMMAND as a cluster of workers on one port, in the foreground.
     Run(Box<RunArgs>),
     /// Like `run`, in the background, logging to a file; returns once ready.
+    /// `herd start NAME`: a stopped cluster again, as it ran.
     Start(Box<RunArgs>),
     /// Show a cluster's log (herd's own lines and worker output).
     Logs {
@@ -91,9 +92,16 @@ pub enum Command {
         #[command(flatten)]
         target: Named,
     },
-    /// Stop a running cluster gracefully; `all`: every cluster.
-    #[command(visible_alias = "delete")]
+    /// Stop a running cluster gracefully; `all`: every cluster. It stays listed
+    /// as stopped, and `herd start NAME` starts it again (`pm2 stop`).
     Stop {
+        #[command(flatten)]
+        target: Named,
+    },
+    /// Stop a cluster and forget it (`herd start NAME` no longer knows it),
+    /// like `pm2 delete`; `all`: every cluster.
+    #[command(visible_alias = "del")]
+    Delete {
         #[command(flatten)]
         target: Named,
     },
@@ -161,7 +169,7 @@ pub enum Command {
         #[command(flatten)]
         target: Named,
     },
-    /// List the running herd clusters of this user.
+    /// List the herd clusters of this user: the running ones, then the stopped ones.
     #[command(visible_alias = "ls")]
     List {
         /// Print JSON (every cluster's status) instead of a table.

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         | Command::Restart { .. }
         | Command::Scale { .. }
         | Command::Stop { .. }
+        | Command::Delete { .. }
         | Command::Send { .. }
         | Command::Broadcast { .. }
         | Command::Signal { .. }

@@ -18,6 +18,14 @@ use crate::control::{self, Request, Status, WorkerState};
 /// several (`[[app]]` tables, an ecosystem file's `apps`), as `pm2 start
 /// ecosystem.config.js` does. One app failing does not stop the others.
 pub fn start(args: &RunArgs) -> anyhow::Result<()> {
+    if let Some(name) = bare_name(args) {
+        if control::running().iter().any(|(n, _)| *n == name) {
+            bail!("{name} is already running (`herd reload {name}` replaces its workers)");
+        }
+        if crate::boot::start_stopped(&name)? {
+            return Ok(());
+        }
+    }
     let config = args
         .config
         .clone()
@@ -48,6 +56,23 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `herd start NAME`, NAME alone and no file of that name here: maybe a
+/// cluster's name, as `pm2 start NAME` takes it (a stopped one starts
+/// again as it ran).
+fn bare_name(args: &RunArgs) -> Option<String> {
+    let words: Vec<OsString> = if args.argv.is_empty() {
+        std::env::args_os().skip(1).collect()
+    } else {
+        args.argv[1..].to_vec()
+    };
+    let [start, name] = words.as_slice() else {
+        return None;
+    };
+    let name = name.to_str()?;
+    (start == "start" && args.config.is_none() && !name.contains('/') && !Path::new(name).exists())
+        .then(|| name.to_string())
 }
 
 /// What `--check` prints of settings that passed (`nginx -t`'s "ok").
@@ -168,6 +193,12 @@ fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
                     v.listen,
                     log.display()
                 );
+                // A stopped cluster of this name is superseded: `herd list`
+                // and `herd start NAME` would show or start the old one once
+                // this one ends some other way than by `herd stop`.
+                if let Err(e) = crate::boot::forget_stopped(Some(&name)) {
+                    crate::errln!("herd: warning: {e}");
+                }
                 return Ok(());
             }
         }

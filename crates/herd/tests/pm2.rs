@@ -159,6 +159,23 @@ fn the_readme_pm2_commands_work_as_written() {
             ["stop", "app"] => {
                 assert!(said.contains("app: stopped"), "{said}");
                 assert!(http_get(sb.port, "/").is_err(), "still answering");
+                let listed = text(&sb.sh("herd list"));
+                assert!(
+                    listed
+                        .lines()
+                        .any(|l| l.starts_with("app ") && l.ends_with("stopped")),
+                    "{listed}"
+                );
+            }
+            ["start", "app"] => {
+                assert!(said.contains("app: started"), "{said}");
+                assert!(body(sb.port).contains("from worker"), "`{cmd}`");
+            }
+            ["delete", "app"] => {
+                assert!(said.contains("app: stopped"), "{said}");
+                assert!(http_get(sb.port, "/").is_err(), "still answering");
+                let listed = text(&sb.sh("herd list"));
+                assert!(listed.contains("no herd cluster"), "{listed}");
             }
             ["start", "ecosystem.config.js", ..] => {
                 assert!(
@@ -224,6 +241,65 @@ fn the_readme_pm2_commands_work_as_written() {
     }
     let listed = text(&sb.sh("herd list"));
     assert!(listed.contains("no herd cluster"), "{listed}");
+}
+
+/// `pm2 stop api` keeps the app in PM2's list, and `pm2 start api` or
+/// `pm2 restart api` start it again as it ran: so do herd's, until
+/// `herd delete`.
+#[test]
+fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
+    let sb = Sandbox::new("stopped");
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pm2");
+    std::fs::copy(Path::new(examples).join("app.js"), sb.app().join("app.js")).unwrap();
+    let run = |line: &str| {
+        let out = sb.sh(line);
+        (out.status.success(), text(&out))
+    };
+    let (ok, said) = run("GREETING=first herd start app.js -n api -i 1");
+    assert!(ok && said.contains("api: started"), "{said}");
+    assert!(body(sb.port).starts_with("first"));
+
+    let (ok, said) = run("herd stop api && herd list && herd stop api");
+    assert!(ok, "{said}");
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("api ") && l.ends_with("stopped")),
+        "{said}"
+    );
+    assert!(said.contains("api: already stopped"), "{said}");
+    let (ok, said) = run("herd describe api");
+    assert!(
+        !ok && said.contains("`herd start api` starts it again"),
+        "{said}"
+    );
+
+    // From another directory and another environment: as it ran.
+    let (ok, said) = run("cd / && GREETING=second herd start api");
+    assert!(ok && said.contains("api: started"), "{said}");
+    assert!(body(sb.port).starts_with("first"), "{}", body(sb.port));
+    let (ok, said) = run("herd start api");
+    assert!(!ok && said.contains("api is already running"), "{said}");
+    let listed = run("herd list").1;
+    assert_eq!(
+        listed.lines().filter(|l| l.starts_with("api ")).count(),
+        1,
+        "{listed}"
+    );
+
+    let (ok, said) = run("herd stop api && herd restart api");
+    assert!(ok && said.contains("api: started"), "{said}");
+    assert!(body(sb.port).starts_with("first"));
+
+    let (ok, said) = run("herd delete api && herd list");
+    assert!(ok && said.contains("api: stopped"), "{said}");
+    assert!(said.contains("no herd cluster is running"), "{said}");
+    let (ok, said) = run("herd start api");
+    assert!(!ok && said.contains("command not found: api"), "{said}");
+
+    // `herd delete` of a stopped cluster forgets it without stopping anything.
+    let (ok, said) = run("herd start app.js -n web -i 1 && herd stop web && herd delete web");
+    assert!(ok && said.contains("web: deleted"), "{said}");
+    assert!(run("herd list").1.contains("no herd cluster"));
 }
 
 /// `pm2 start npm --name web -- start` and `pm2 start "npm start"`: a

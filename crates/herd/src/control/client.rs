@@ -28,6 +28,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             },
         ),
         Command::Stop { target } => (target.name().map(str::to_string), Request::Stop),
+        Command::Delete { target } => return delete(target.name()),
         Command::Scale { target, mut words } => {
             let n = words.pop().unwrap_or_default();
             match (target.name, words.pop()) {
@@ -144,8 +145,87 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         }
         return Ok(code);
     }
-    let (name, path) = control::find(name.as_deref())?;
+    if let Some(n) = name.as_deref()
+        && let Some(code) = stopped_one(n, &req)?
+    {
+        return Ok(code);
+    }
+    let (name, path) = find(name.as_deref())?;
     one(&name, &path, &req)?;
+    Ok(0)
+}
+
+/// `control::find`, whose error says so when the name is a stopped cluster.
+fn find(name: Option<&str>) -> Result<(String, std::path::PathBuf), ControlError> {
+    control::find(name).map_err(|e| match (e, name) {
+        (ControlError::NotRunning(_), Some(n)) if is_stopped(n) => ControlError::NotRunning(
+            format!(" under the name {n:?}: it was stopped; `herd start {n}` starts it again"),
+        ),
+        (e, _) => e,
+    })
+}
+
+fn is_stopped(name: &str) -> bool {
+    crate::boot::stopped().iter().any(|c| c.name == name)
+}
+
+/// A request to a cluster `herd stop` ended (and none of that name runs):
+/// a restart or reload starts it again, as PM2 does for a stopped app, and
+/// a stop has nothing to do. `None`: not such a cluster, or another request.
+fn stopped_one(name: &str, req: &Request) -> Result<Option<i32>, ControlError> {
+    if !is_stopped(name) || control::running().iter().any(|(n, _)| n == name) {
+        return Ok(None);
+    }
+    match req {
+        Request::Restart { .. } | Request::Reload { .. } => {
+            crate::boot::start_stopped(name).map_err(|e| ControlError::Failed(e.to_string()))?;
+            Ok(Some(0))
+        }
+        Request::Stop => {
+            crate::outln!("{name}: already stopped");
+            Ok(Some(0))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `herd delete`: stops the cluster if it runs, and forgets it, so `herd
+/// start NAME` and `herd list` no longer know it (`pm2 delete`).
+fn delete(name: Option<&str>) -> Result<i32, ControlError> {
+    let forget = |n: Option<&str>| {
+        crate::boot::forget_stopped(n).map_err(|e| ControlError::Failed(e.to_string()))
+    };
+    let running = control::running();
+    if name == Some("all") {
+        let mut code = 0;
+        for (n, path) in &running {
+            if let Err(e) = one(n, path, &Request::Stop) {
+                crate::errln!("herd: error: {n}: {e}");
+                code = 1;
+            }
+        }
+        let forgotten = forget(None)?;
+        for n in forgotten
+            .iter()
+            .filter(|n| !running.iter().any(|(m, _)| m == *n))
+        {
+            crate::outln!("{n}: deleted");
+        }
+        if running.is_empty() && forgotten.is_empty() {
+            crate::outln!("no herd cluster is running");
+        }
+        return Ok(code);
+    }
+    if let Some(n) = name
+        && !running.iter().any(|(m, _)| m == n)
+        && !forget(Some(n))?.is_empty()
+    {
+        crate::outln!("{n}: deleted");
+        return Ok(0);
+    }
+    let (n, path) = find(name)?;
+    one(&n, &path, &Request::Stop)?;
+    forget(Some(&n))?;
     Ok(0)
 }
 
@@ -153,6 +233,9 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
 fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlError> {
     if *req == Request::Upgrade {
         return upgrade(name, path);
+    }
+    if *req == Request::Stop {
+        remember(name, path);
     }
     let answer: Done = control::call(name, path, req, |p| crate::outln!("{p}"))?;
     let n = |v: Option<usize>| crate::console::count(v.unwrap_or(0), "worker");
@@ -200,7 +283,7 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
 }
 
 fn status(name: Option<&str>, as_json: bool, all_hosts: bool) -> Result<i32, ControlError> {
-    let (name, path) = match control::find(name) {
+    let (name, path) = match find(name) {
         Ok(found) => found,
         // `--json` answers in JSON even with no cluster (as `pm2 jlist`).
         Err(ControlError::NotRunning(_)) if as_json && name.is_none() => {
@@ -362,7 +445,12 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
         return status_all(true);
     }
     let all = control::running();
-    if all.is_empty() {
+    let stopped: Vec<String> = crate::boot::stopped()
+        .into_iter()
+        .map(|c| c.name)
+        .filter(|n| !all.iter().any(|(m, _)| m == n))
+        .collect();
+    if all.is_empty() && stopped.is_empty() {
         crate::outln!("no herd cluster is running");
         return Ok(0);
     }
@@ -388,7 +476,29 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
             Err(e) => crate::outln!("{name:<24}  (not answering: {e})"),
         }
     }
+    // As `pm2 list` shows a stopped app until `pm2 delete`.
+    for name in stopped {
+        crate::outln!(
+            "{:<24}  {:>7}  {:>7}  {:<9}  {:<22}  stopped",
+            name,
+            "-",
+            "-",
+            "-",
+            "-"
+        );
+    }
     Ok(0)
+}
+
+/// Records a cluster about to stop, for `herd start NAME` and `herd list`.
+/// A cluster that cannot be recorded stops all the same.
+fn remember(name: &str, path: &std::path::Path) {
+    let done = control::call::<Status>(name, path, &Request::Status, |_| {})
+        .map_err(|e| e.to_string())
+        .and_then(|s| crate::boot::remember_stopped(name, s.pid).map_err(|e| e.to_string()));
+    if let Err(e) = done {
+        crate::errln!("herd: warning: {name}: `herd start {name}` will not know it: {e}");
+    }
 }
 
 /// How long `herd stop` waits for the master to drain and exit.
