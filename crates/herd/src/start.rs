@@ -214,87 +214,171 @@ fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
 }
 
 /// Prints the last `lines` lines of a cluster's log; with `follow`, keeps
-/// printing what is appended, across rotations.
+/// printing what is appended, across rotations. With no name and several
+/// clusters running, or `all`, each running cluster's lines, each line
+/// after its cluster's name, as `pm2 logs` shows every app's.
 pub fn logs(name: Option<&str>, lines: usize, follow: bool, show: Shown) -> anyhow::Result<()> {
-    if name == Some("all") {
-        bail!("herd logs shows one cluster's log: name it (herd list shows them)");
+    let several = match name {
+        Some("all") => true,
+        None => control::running().len() > 1,
+        Some(_) => false,
+    };
+    let paths = if several {
+        let logs = running_logs()?;
+        if logs.is_empty() {
+            bail!("no herd cluster is running that logs to a file");
+        }
+        logs
+    } else {
+        vec![(String::new(), log_of_named(name)?)]
+    };
+    let width = paths.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let mut followed = Vec::new();
+    for (n, path) in paths {
+        let prefix = if several {
+            format!("{n:<width$} | ").into_bytes()
+        } else {
+            Vec::new()
+        };
+        // Opened once, read through the handle: a rotation renames this
+        // file to FILE.1, and its last lines are read from the handle
+        // before the new FILE is followed (`tail -F`), so no line is lost
+        // at a rotation.
+        let mut f = std::fs::File::open(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut text = Vec::new();
+        f.read_to_end(&mut text)?;
+        let mut shown = Vec::new();
+        let mut partial = Vec::new();
+        show.filter(&text, &mut partial, &mut shown, &prefix);
+        let last = last_lines(&shown, lines);
+        // A reader that went away (`herd logs -f | head`) ends the command.
+        if crate::console::out_bytes(last.as_bytes()).is_err() {
+            return Ok(());
+        }
+        followed.push(Followed {
+            path,
+            f,
+            partial,
+            prefix,
+        });
     }
+    if !follow {
+        return Ok(());
+    }
+    let mut buf = Vec::new();
+    loop {
+        let mut quiet = true;
+        for one in &mut followed {
+            match one.step(show, &mut buf)? {
+                Step::Printed => quiet = false,
+                Step::Quiet => {}
+                Step::ReaderGone => return Ok(()),
+            }
+        }
+        if quiet {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The log files of the running clusters, by name.
+fn running_logs() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut logs = Vec::new();
+    for (n, sock) in control::running() {
+        let v: Status = control::call(&n, &sock, &Request::Status, |_| {})?;
+        if let Some(p) = v.log_file {
+            logs.push((n, PathBuf::from(p)));
+        }
+    }
+    Ok(logs)
+}
+
+/// The log of `name` (or of the only cluster), with an error that lists
+/// the running clusters when there is none by that name.
+fn log_of_named(name: Option<&str>) -> anyhow::Result<PathBuf> {
     let path = log_of(name)?;
     if let Some(n) = name
         && !path.exists()
     {
         let running: Vec<String> = control::running().into_iter().map(|(n, _)| n).collect();
         bail!(
-            "no cluster named {n:?} is running or has logged to {} (running: {})",
+            "no cluster named {n:?} is running or has logged to {} (running: {}){}",
             path.display(),
             if running.is_empty() {
                 "none".into()
             } else {
                 running.join(", ")
-            }
+            },
+            control::id_hint(n)
         );
     }
-    // Opened once, read through the handle: a rotation renames this file
-    // to FILE.1, and its last lines are read from the handle before the
-    // new FILE is followed (`tail -F`), so no line is lost at a rotation.
-    let mut f =
-        std::fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut text = Vec::new();
-    f.read_to_end(&mut text)?;
-    let mut shown = Vec::new();
-    let mut partial = Vec::new();
-    show.filter(&text, &mut partial, &mut shown);
-    let last = last_lines(&shown, lines);
-    // A reader that went away (`herd logs -f | head`) ends the command.
-    if crate::console::out_bytes(last.as_bytes()).is_err() || !follow {
-        return Ok(());
-    }
-    let mut buf = Vec::new();
-    // What a follower prints of new bytes: whole lines, filtered.
-    let emit = |bytes: &[u8], partial: &mut Vec<u8>| {
-        let mut out = Vec::new();
-        show.filter(bytes, partial, &mut out);
-        out.is_empty() || crate::console::out_bytes(&out).is_ok()
-    };
-    loop {
+    Ok(path)
+}
+
+/// One log file `herd logs -f` follows.
+struct Followed {
+    path: PathBuf,
+    f: std::fs::File,
+    /// An unfinished last line, kept until its end arrives.
+    partial: Vec<u8>,
+    /// What goes before each line (the cluster's name, when several).
+    prefix: Vec<u8>,
+}
+
+enum Step {
+    Printed,
+    Quiet,
+    ReaderGone,
+}
+
+impl Followed {
+    /// Prints what was appended since the last step: across an emptying
+    /// (`herd flush`) and a rotation too.
+    fn step(&mut self, show: Shown, buf: &mut Vec<u8>) -> anyhow::Result<Step> {
+        let emit = |bytes: &[u8], partial: &mut Vec<u8>, prefix: &[u8]| {
+            let mut out = Vec::new();
+            show.filter(bytes, partial, &mut out, prefix);
+            out.is_empty() || crate::console::out_bytes(&out).is_ok()
+        };
         buf.clear();
-        f.read_to_end(&mut buf)?;
+        self.f.read_to_end(buf)?;
         if !buf.is_empty() {
-            if !emit(&buf, &mut partial) {
-                return Ok(());
+            if !emit(buf, &mut self.partial, &self.prefix) {
+                return Ok(Step::ReaderGone);
             }
-            continue;
+            return Ok(Step::Printed);
         }
         // Drained. Emptied in place (`herd flush`, `truncate`): what is
         // written from now on starts at its beginning, as `tail -F` reads.
-        if let (Ok(at), Ok(m)) = (f.stream_position(), f.metadata())
+        if let (Ok(at), Ok(m)) = (self.f.stream_position(), self.f.metadata())
             && m.len() < at
         {
-            f.seek(std::io::SeekFrom::Start(0))?;
-            partial.clear();
-            continue;
+            self.f.seek(std::io::SeekFrom::Start(0))?;
+            self.partial.clear();
+            return Ok(Step::Printed);
         }
         // If the path is another file now, it was rotated: the
         // old one was read to its end just above, so switch.
-        if let (Ok(now), Ok(ours)) = (std::fs::metadata(&path), f.metadata())
+        if let (Ok(now), Ok(ours)) = (std::fs::metadata(&self.path), self.f.metadata())
             && (now.ino(), now.dev()) != (ours.ino(), ours.dev())
-            && let Ok(next) = std::fs::File::open(&path)
+            && let Ok(next) = std::fs::File::open(&self.path)
         {
             // Ours is FILE.k now; FILE.k-1 … FILE.1 came after it, whole.
             let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.ino(), m.dev()));
             let ours = Some((ours.ino(), ours.dev()));
-            let k = (1..=MAX_ROTATED).find(|&i| id(&rotated(&path, i)) == ours);
+            let k = (1..=MAX_ROTATED).find(|&i| id(&rotated(&self.path, i)) == ours);
             for i in (1..k.unwrap_or(1)).rev() {
-                if let Ok(whole) = std::fs::read(rotated(&path, i))
-                    && !emit(&whole, &mut partial)
+                if let Ok(whole) = std::fs::read(rotated(&self.path, i))
+                    && !emit(&whole, &mut self.partial, &self.prefix)
                 {
-                    return Ok(());
+                    return Ok(Step::ReaderGone);
                 }
             }
-            f = next;
-            continue;
+            self.f = next;
+            return Ok(Step::Printed);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        Ok(Step::Quiet)
     }
 }
 
@@ -310,24 +394,26 @@ pub struct Shown {
 impl Shown {
     /// Appends to `out` the whole lines of `partial` + `bytes` as shown;
     /// keeps an unfinished last line in `partial`.
-    fn filter(&self, bytes: &[u8], partial: &mut Vec<u8>, out: &mut Vec<u8>) {
+    /// `prefix` goes before each line.
+    fn filter(&self, bytes: &[u8], partial: &mut Vec<u8>, out: &mut Vec<u8>, prefix: &[u8]) {
         partial.extend_from_slice(bytes);
         let Some(end) = partial.iter().rposition(|&b| b == b'\n') else {
             return;
         };
         for line in partial[..=end].split_inclusive(|&b| b == b'\n') {
-            self.line(line, out);
+            self.line(line, out, prefix);
         }
         partial.drain(..=end);
     }
 
-    fn line(&self, line: &[u8], out: &mut Vec<u8>) {
+    fn line(&self, line: &[u8], out: &mut Vec<u8>, prefix: &[u8]) {
         let worker = crate::output::worker_line(line);
         match (self.only, worker) {
             (Some(_), None) => return,
             (Some(only), Some(w)) if w.stream != only => return,
             _ => {}
         }
+        out.extend_from_slice(prefix);
         match worker {
             Some(w) if !self.timestamps => out.extend_from_slice(&line[w.tag_at..]),
             _ => out.extend_from_slice(line),

@@ -46,22 +46,25 @@ impl Sandbox {
 
     /// `sh -c LINE` in the app directory.
     fn sh(&self, line: &str) -> Output {
+        self.command(line).output().unwrap()
+    }
+
+    fn command(&self, line: &str) -> Command {
         let bin = Path::new(HERD).parent().unwrap();
         let path = format!(
             "{}:{}",
             bin.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        Command::new("sh")
-            .args(["-c", line])
+        let mut c = Command::new("sh");
+        c.args(["-c", line])
             .current_dir(self.app())
             .env("PATH", path)
             .env("XDG_RUNTIME_DIR", self.dir.join("run"))
             .env("XDG_STATE_HOME", self.dir.join("state"))
             .env("PORT", self.port.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+            .stdin(Stdio::null());
+        c
     }
 }
 
@@ -258,6 +261,12 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     let (ok, said) = run("GREETING=first herd start app.js -n api -i 1");
     assert!(ok && said.contains("api: started"), "{said}");
     assert!(body(sb.port).starts_with("first"));
+    // `pm2 restart 0`: herd's clusters have names, and the error says so.
+    let (ok, said) = run("herd restart 0");
+    assert!(
+        !ok && said.contains("(running: api); clusters go by name here, not by PM2's numeric id"),
+        "{said}"
+    );
 
     let (ok, said) = run("herd stop api && herd list && herd stop api");
     assert!(ok, "{said}");
@@ -453,6 +462,53 @@ fn several_apps_in_one_herd_toml_start_stop_and_report_each() {
         status.contains("one:") && status.contains("two:"),
         "{status}"
     );
+    // `pm2 logs`: every app's lines, each after its name.
+    let logs = text(&sb.sh("herd logs --lines 50"));
+    for app in ["one", "two"] {
+        assert!(
+            logs.lines()
+                .any(|l| l.starts_with(&format!("{app} | ")) && l.contains("all workers ready")),
+            "{logs}"
+        );
+    }
+    assert!(
+        logs.lines()
+            .all(|l| l.starts_with("one | ") || l.starts_with("two | ")),
+        "{logs}"
+    );
+    // And `-f` follows them all.
+    let mut follow = sb
+        .command("exec herd logs all -f --lines 1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut each = |what: &str| {
+        wait_until(T, || {
+            while let Ok(l) = rx.try_recv() {
+                seen.push(l);
+            }
+            ["one | ", "two | "]
+                .iter()
+                .all(|app| seen.iter().any(|l| l.starts_with(app) && l.contains(what)))
+        })
+    };
+    // Each file's last line, then what the reloads add to both.
+    let started = each("");
+    let reloaded = started && sb.sh("herd reload all").status.success() && each("reload done");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(reloaded, "started: {started}; {seen:#?}");
     // One app in the foreground needs its name.
     let out = sb.sh("herd run");
     assert!(!out.status.success());

@@ -251,7 +251,7 @@ pub fn find(name: Option<&str>) -> Result<(String, PathBuf), ControlError> {
                 [] => String::new(),
                 some => format!(" (running: {})", some.join(", ")),
             };
-            ControlError::NotRunning(format!(" under the name {n:?}{running}"))
+            ControlError::NotRunning(format!(" under the name {n:?}{running}{}", id_hint(n)))
         }),
         None => match all.len() {
             0 => Err(ControlError::NotRunning(String::new())),
@@ -266,8 +266,16 @@ pub fn find(name: Option<&str>) -> Result<(String, PathBuf), ControlError> {
     }
 }
 
-/// Sends `req` and calls `progress` for each progress line; returns the
-/// final answer, or its `error` as `Failed`.
+/// What to say after a name that is a number (`herd restart 0`, typed as
+/// PM2's `pm2 restart 0`): clusters have names, not ids.
+pub fn id_hint(name: &str) -> &'static str {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+        "; clusters go by name here, not by PM2's numeric id"
+    } else {
+        ""
+    }
+}
+
 /// Sends `req` and returns its final line as `T` ([`Done`] or [`Status`]),
 /// passing progress lines to `progress`.
 pub fn call<T: serde::de::DeserializeOwned>(
