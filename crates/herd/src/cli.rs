@@ -58,7 +58,8 @@ pub enum Command {
         #[arg(long)]
         all_hosts: bool,
     },
-    /// Zero-downtime rolling reload: replace workers one at a time; `all`: every cluster.
+    /// Zero-downtime rolling reload: replace workers one at a time; `all`: every cluster;
+    /// a config file: each of its apps, starting those not running (`pm2 startOrReload`).
     Reload {
         #[command(flatten)]
         target: Named,
@@ -66,8 +67,12 @@ pub enum Command {
         /// in this shell's environment, as PM2's --update-env.
         #[arg(long)]
         update_env: bool,
+        /// With a config file: its env_NAME for the apps it starts (as `herd start FILE --env NAME`).
+        #[arg(long, value_name = "NAME")]
+        env: Option<String>,
     },
-    /// Stop and start every worker at once (not zero-downtime); `all`: every cluster.
+    /// Stop and start every worker at once (not zero-downtime); `all`: every cluster;
+    /// a config file: each of its apps, starting those not running (`pm2 startOrRestart`).
     Restart {
         #[command(flatten)]
         target: Named,
@@ -75,6 +80,9 @@ pub enum Command {
         /// in this shell's environment, as PM2's --update-env.
         #[arg(long)]
         update_env: bool,
+        /// With a config file: its env_NAME for the apps it starts (as `herd start FILE --env NAME`).
+        #[arg(long, value_name = "NAME")]
+        env: Option<String>,
     },
     /// Set the number of workers: N, +K or -K.
     ///
@@ -92,14 +100,14 @@ pub enum Command {
         #[command(flatten)]
         target: Named,
     },
-    /// Stop a running cluster gracefully; `all`: every cluster. It stays listed
-    /// as stopped, and `herd start NAME` starts it again (`pm2 stop`).
+    /// Stop a running cluster gracefully; `all`: every cluster; a config file: each of
+    /// its apps. It stays listed as stopped, and `herd start NAME` starts it again (`pm2 stop`).
     Stop {
         #[command(flatten)]
         target: Named,
     },
     /// Stop a cluster and forget it (`herd start NAME` no longer knows it),
-    /// like `pm2 delete`; `all`: every cluster.
+    /// like `pm2 delete`; `all`: every cluster; a config file: each of its apps.
     #[command(visible_alias = "del")]
     Delete {
         #[command(flatten)]
@@ -269,6 +277,15 @@ pub fn parse() -> Result<Cli, clap::Error> {
         .is_some_and(|c| c == "jlist" || c == "prettylist")
     {
         argv.splice(1..2, ["list".into(), "--json".into()]);
+    }
+    // `pm2 startOrReload ecosystem.config.js` (deploy scripts' line): a
+    // reload by file starts the apps that are not running.
+    if let Some(c) = argv.get_mut(1) {
+        if c == "startOrReload" || c == "startOrGracefulReload" {
+            *c = "reload".into();
+        } else if c == "startOrRestart" {
+            *c = "restart".into();
+        }
     }
     let argv = pm2_words(argv);
     let (mut cli, argv) = parse_script_first(argv)?;

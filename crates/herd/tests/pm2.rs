@@ -311,6 +311,62 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     assert!(run("herd list").1.contains("no herd cluster"));
 }
 
+/// A config file where a name goes, as deploy scripts use PM2's:
+/// `pm2 startOrReload ecosystem.config.js --env production`, and `pm2
+/// reload|restart|stop|delete ecosystem.config.js`, act on each of its apps.
+#[test]
+fn a_config_file_names_its_apps_for_reload_restart_stop_and_delete() {
+    let sb = Sandbox::new("byfile");
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pm2");
+    for f in ["app.js", "ecosystem.config.js"] {
+        std::fs::copy(Path::new(examples).join(f), sb.app().join(f)).unwrap();
+    }
+    let (api, web) = (free_port(), free_port());
+    let eco = sb.app().join("ecosystem.config.js");
+    let js = std::fs::read_to_string(&eco)
+        .unwrap()
+        .replace("PORT: 3000", &format!("PORT: {api}"))
+        .replace("PORT: 3001", &format!("PORT: {web}"))
+        .replace("instances: 'max'", "instances: 1");
+    std::fs::write(&eco, js).unwrap();
+    let run = |line: &str| {
+        let out = sb.sh(line);
+        (out.status.success(), text(&out))
+    };
+    let both = |said: &str, what: &str| {
+        said.contains(&format!("api: {what}")) && said.contains(&format!("web: {what}"))
+    };
+
+    let (ok, said) = run("herd startOrReload ecosystem.config.js --env production");
+    assert!(ok && both(&said, "started"), "{said}");
+    assert!(
+        body(api).starts_with("hello from production"),
+        "{}",
+        body(api)
+    );
+    let (ok, said) = run("herd reload ecosystem.config.js");
+    assert!(ok && both(&said, "reloaded"), "{said}");
+
+    // The apps not running start; the others restart.
+    let (ok, said) =
+        run("herd stop web && herd startOrRestart ecosystem.config.js --env production");
+    assert!(
+        ok && said.contains("api: restarted") && said.contains("web: started"),
+        "{said}"
+    );
+    assert!(body(web).starts_with("web"), "{}", body(web));
+
+    let (ok, said) = run("herd stop ecosystem.config.js && herd list");
+    assert!(ok && both(&said, "stopped"), "{said}");
+    let rows = said
+        .lines()
+        .filter(|l| (l.starts_with("api ") || l.starts_with("web ")) && l.ends_with(" stopped"));
+    assert_eq!(rows.count(), 2, "{said}");
+    let (ok, said) = run("herd delete ecosystem.config.js && herd list");
+    assert!(ok && both(&said, "deleted"), "{said}");
+    assert!(said.contains("no herd cluster is running"), "{said}");
+}
+
 /// `pm2 start npm --name web -- start` and `pm2 start "npm start"`: a
 /// program (not only a script) followed by herd's options, then its own
 /// after `--`; and a whole command line in one word, run through `sh -c`.

@@ -15,20 +15,46 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             all_hosts,
         } => return status(target.name(), json, all_hosts),
         Command::List { json } => return list(json),
-        Command::Reload { target, update_env } => (
-            target.name().map(str::to_string),
-            Request::Reload {
+        Command::Reload {
+            target,
+            update_env,
+            env,
+        } => {
+            let req = Request::Reload {
                 update_env: update_env.then(caller_env),
-            },
-        ),
-        Command::Restart { target, update_env } => (
-            target.name().map(str::to_string),
-            Request::Restart {
+            };
+            if let Some(file) = config_file(target.name()) {
+                return by_file(file, env.as_deref(), &req, false);
+            }
+            if env.is_some() {
+                return Err(env_without_file());
+            }
+            (target.name().map(str::to_string), req)
+        }
+        Command::Restart {
+            target,
+            update_env,
+            env,
+        } => {
+            let req = Request::Restart {
                 update_env: update_env.then(caller_env),
-            },
-        ),
-        Command::Stop { target } => (target.name().map(str::to_string), Request::Stop),
-        Command::Delete { target } => return delete(target.name()),
+            };
+            if let Some(file) = config_file(target.name()) {
+                return by_file(file, env.as_deref(), &req, false);
+            }
+            if env.is_some() {
+                return Err(env_without_file());
+            }
+            (target.name().map(str::to_string), req)
+        }
+        Command::Stop { target } => match config_file(target.name()) {
+            Some(file) => return by_file(file, None, &Request::Stop, false),
+            None => (target.name().map(str::to_string), Request::Stop),
+        },
+        Command::Delete { target } => match config_file(target.name()) {
+            Some(file) => return by_file(file, None, &Request::Stop, true),
+            None => return delete(target.name()),
+        },
         Command::Scale { target, mut words } => {
             let n = words.pop().unwrap_or_default();
             match (target.name, words.pop()) {
@@ -153,6 +179,96 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
     let (name, path) = find(name.as_deref())?;
     one(&name, &path, &req)?;
     Ok(0)
+}
+
+fn env_without_file() -> ControlError {
+    ControlError::Usage(
+        "--env NAME picks a config file's env_NAME: name the file (`herd reload ecosystem.config.js --env NAME`)".into(),
+    )
+}
+
+/// A name that is a config file here (`ecosystem.config.js`, `herd.toml`),
+/// as PM2 takes one where a name goes.
+fn config_file(name: Option<&str>) -> Option<&str> {
+    name.filter(|n| crate::config::apps::is_config_name(n) && std::path::Path::new(n).is_file())
+}
+
+/// `herd reload ecosystem.config.js` (restart, stop; `delete`: a stop that
+/// also forgets): the request for each app of the file. A reload or restart
+/// starts the apps that are not running, with the file's `env_NAME` for
+/// `--env NAME`, as PM2's `reload` of a file (and `startOrReload`) does.
+fn by_file(
+    file: &str,
+    profile: Option<&str>,
+    req: &Request,
+    delete: bool,
+) -> Result<i32, ControlError> {
+    let usage = |e: &dyn std::fmt::Display| ControlError::Usage(format!("{file}: {e}"));
+    let path = std::path::Path::new(file);
+    let named = crate::config::apps::names(path, profile).map_err(|e| usage(&e))?;
+    // An ecosystem file of one app may leave its name to its script.
+    let (names, several) = if named.is_empty() {
+        let args = crate::cli::RunArgs {
+            config: Some(path.to_path_buf()),
+            env_profile: profile.map(str::to_string),
+            ..Default::default()
+        };
+        (vec![args.resolve().map_err(|e| usage(&e))?.name], false)
+    } else {
+        let several = named.len() > 1;
+        (named, several)
+    };
+    let running = control::running();
+    let mut code = 0;
+    for name in &names {
+        let done = match running.iter().find(|(n, _)| n == name) {
+            Some((_, sock)) if delete => one(name, sock, &Request::Stop).and_then(|()| {
+                crate::boot::forget_stopped(Some(name))
+                    .map(|_| ())
+                    .map_err(|e| ControlError::Failed(e.to_string()))
+            }),
+            Some((_, sock)) => one(name, sock, req),
+            None => match req {
+                Request::Reload { .. } | Request::Restart { .. } => {
+                    start_app(file, several.then_some(name.as_str()), profile)
+                }
+                _ if delete => {
+                    match crate::boot::forget_stopped(Some(name)) {
+                        Ok(gone) if !gone.is_empty() => crate::outln!("{name}: deleted"),
+                        _ => crate::outln!("{name}: not running"),
+                    }
+                    Ok(())
+                }
+                _ => {
+                    crate::outln!("{name}: not running");
+                    Ok(())
+                }
+            },
+        };
+        if let Err(e) = done {
+            crate::errln!("herd: error: {name}: {e}");
+            code = 1;
+        }
+    }
+    Ok(code)
+}
+
+/// `herd start FILE [--app NAME] [--env PROFILE]`, its output passed on.
+fn start_app(file: &str, app: Option<&str>, profile: Option<&str>) -> Result<(), ControlError> {
+    let exe = std::env::current_exe().map_err(|e| ControlError::Failed(e.to_string()))?;
+    let mut c = std::process::Command::new(exe);
+    c.args(["start", file]);
+    if let Some(app) = app {
+        c.args(["--app", app]);
+    }
+    if let Some(p) = profile {
+        c.args(["--env", p]);
+    }
+    match c.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(_) => Err(ControlError::Failed("did not start".into())),
+        Err(e) => Err(ControlError::Failed(format!("cannot run herd start: {e}"))),
+    }
 }
 
 /// `control::find`, whose error says so when the name is a stopped cluster.
