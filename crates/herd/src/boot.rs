@@ -282,12 +282,19 @@ pub fn forget_stopped(name: Option<&str>) -> Result<Vec<String>, BootError> {
 }
 
 /// Starts the stopped cluster `name` again as it ran (its options,
-/// directory and environment), as `pm2 start NAME` or `pm2 restart NAME`
-/// do for a stopped app. `Ok(false)`: no cluster of that name was stopped.
-pub fn start_stopped(name: &str) -> Result<bool, BootError> {
-    let Some(c) = stopped().into_iter().find(|c| c.name == name) else {
+/// directory and environment; `env`: this one instead, for
+/// `--update-env`), as `pm2 start NAME` or `pm2 restart NAME` do for a
+/// stopped app. `Ok(false)`: no cluster of that name was stopped.
+pub fn start_stopped(
+    name: &str,
+    env: Option<&BTreeMap<String, String>>,
+) -> Result<bool, BootError> {
+    let Some(mut c) = stopped().into_iter().find(|c| c.name == name) else {
         return Ok(false);
     };
+    if let Some(env) = env {
+        c.env = env.clone();
+    }
     let exe = std::env::current_exe().map_err(BootError::OwnBinary)?;
     match start_saved(&exe, &c) {
         Ok(true) => {

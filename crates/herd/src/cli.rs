@@ -45,9 +45,15 @@ pub enum Command {
         /// Only the workers' stdout lines.
         #[arg(long)]
         out: bool,
+        /// PM2's --nostream (print and exit, which herd logs does without -f) and
+        /// --raw (herd's worker lines carry no prefix to strip): accepted, change nothing.
+        #[arg(long, hide = true)]
+        nostream: bool,
+        #[arg(long, hide = true)]
+        raw: bool,
     },
     /// Show the workers of a running cluster (like `pm2 list`); `all`: every one.
-    #[command(visible_aliases = ["describe", "show"])]
+    #[command(visible_aliases = ["describe", "show", "info"])]
     Status {
         #[command(flatten)]
         target: Named,

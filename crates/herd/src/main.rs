@@ -57,6 +57,7 @@ fn main() -> ExitCode {
             timestamps,
             err,
             out,
+            ..
         } => {
             let only = match (err, out) {
                 (true, _) => Some(herd::output::Stream::Err),
@@ -257,6 +258,11 @@ fn usage_error(e: clap::Error) -> ExitCode {
 fn hints(e: &clap::Error) -> String {
     use clap::error::{ContextKind, ContextValue};
     let mut out = String::new();
+    if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg)
+        && let Some(hint) = pm2_hint(arg)
+    {
+        return format!("; {hint}");
+    }
     if let Some(ContextValue::Strings(v)) = e.get(ContextKind::ValidValue)
         && !v.is_empty()
     {
@@ -276,6 +282,22 @@ fn hints(e: &clap::Error) -> String {
         }
     }
     out
+}
+
+/// What herd does instead of a PM2 flag it does not take.
+fn pm2_hint(arg: &str) -> Option<&'static str> {
+    let flag = arg.split(['=', ' ']).next().unwrap_or(arg);
+    Some(match flag {
+        "-o" | "--output" | "-e" | "--error" => {
+            "herd writes the workers' stdout and stderr to one log file (--log-file FILE); `herd logs --out` and `herd logs --err` show each"
+        }
+        "--log-date-format" => "herd's log lines always carry their time (ISO 8601, UTC)",
+        "--no-autorestart" => {
+            "herd always restarts a worker that exits; a crash loop stops the cluster (--max-restarts)"
+        }
+        "--no-daemon" => "`herd run` runs in the foreground, `herd start` in the background",
+        _ => return None,
+    })
 }
 
 fn init_logging() {

@@ -22,7 +22,7 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
         if control::running().iter().any(|(n, _)| *n == name) {
             bail!("{name} is already running (`herd reload {name}` replaces its workers)");
         }
-        if crate::boot::start_stopped(&name)? {
+        if crate::boot::start_stopped(&name, None)? {
             return Ok(());
         }
     }

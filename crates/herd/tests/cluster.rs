@@ -915,7 +915,15 @@ fn bad_input_gets_one_clear_line() {
         "--listen comes after the command",
     );
     assert_one_line_error(&["run", "nope.js"], "script not found: nope.js");
-    assert_one_line_error(&["logs", "all"], "shows one cluster's log");
+    // PM2 flags herd has no use for say what herd does instead.
+    assert_one_line_error(
+        &["start", "app.js", "-o", "out.log"],
+        "unexpected argument '-o' found; herd writes the workers' stdout and stderr to one log file",
+    );
+    assert_one_line_error(
+        &["start", "app.js", "--no-autorestart"],
+        "herd always restarts a worker that exits",
+    );
     assert_one_line_error(
         &["flush", "no-such-cluster-xyz"],
         "no log to flush: no cluster named \"no-such-cluster-xyz\"",

@@ -298,6 +298,10 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     let (ok, said) = run("herd stop api && herd restart api");
     assert!(ok && said.contains("api: started"), "{said}");
     assert!(body(sb.port).starts_with("first"));
+    // `--update-env`: this shell's environment instead of the recorded one.
+    let (ok, said) = run("herd stop api && GREETING=third herd reload api --update-env");
+    assert!(ok && said.contains("api: started"), "{said}");
+    assert!(body(sb.port).starts_with("third"), "{}", body(sb.port));
 
     let (ok, said) = run("herd delete api && herd list");
     assert!(ok && said.contains("api: stopped"), "{said}");

@@ -293,8 +293,9 @@ fn stopped_one(name: &str, req: &Request) -> Result<Option<i32>, ControlError> {
         return Ok(None);
     }
     match req {
-        Request::Restart { .. } | Request::Reload { .. } => {
-            crate::boot::start_stopped(name).map_err(|e| ControlError::Failed(e.to_string()))?;
+        Request::Restart { update_env } | Request::Reload { update_env } => {
+            crate::boot::start_stopped(name, update_env.as_ref())
+                .map_err(|e| ControlError::Failed(e.to_string()))?;
             Ok(Some(0))
         }
         Request::Stop => {
