@@ -193,20 +193,22 @@ pub fn resurrect(mut report: impl FnMut(&str)) -> Result<usize, BootError> {
 
 /// Starts one recorded cluster with `herd start`, in its directory and
 /// environment; whether it started (`herd start` says why not on stderr).
-fn start_saved(exe: &Path, c: &Saved) -> Result<bool, &'static str> {
+fn start_saved(exe: &Path, c: &Saved) -> Result<bool, String> {
     let mut args: Vec<OsString> = c.args.iter().map(OsString::from).collect();
     let at = args
         .iter()
         .position(|a| a == "run")
         .ok_or("not a `herd run` command line")?;
     args[at] = "start".into();
-    Ok(std::process::Command::new(exe)
+    // A directory gone since is the likely cause of a failed spawn.
+    let status = std::process::Command::new(exe)
         .args(&args)
         .current_dir(&c.cwd)
         .env_clear()
         .envs(&c.env)
         .status()
-        .is_ok_and(|s| s.success()))
+        .map_err(|e| format!("cannot start it in {}: {e}", c.cwd.display()))?;
+    Ok(status.success())
 }
 
 /// Where `herd stop` keeps the clusters it stopped: beside `dump.json`.

@@ -143,7 +143,17 @@ fn the_readme_pm2_commands_work_as_written() {
                 assert!(said.contains("app: started"), "{said}");
                 assert!(body(sb.port).contains("from worker"), "`{cmd}`");
             }
-            ["list"] => assert!(said.contains("app"), "{said}"),
+            ["list"] => {
+                // `pm2 ls`'s columns: restarts, CPU and memory too.
+                let row = said
+                    .lines()
+                    .find(|l| l.starts_with("app "))
+                    .unwrap_or_default();
+                assert!(
+                    said.contains("restarts") && row.contains("%") && row.contains("M"),
+                    "{said}"
+                );
+            }
             ["logs", "app", ..] => assert!(said.contains("[0] listening on"), "{said}"),
             ["reload", "app"] => assert!(said.contains("app: reloaded"), "{said}"),
             ["scale", "app", n] => assert!(said.contains(&format!("app: {n} workers")), "{said}"),

@@ -572,22 +572,30 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
         return Ok(0);
     }
     crate::outln!(
-        "{:<24}  {:>7}  {:>7}  {:<9}  {:<22}  uptime",
+        "{:<24}  {:>7}  {:>7}  {:<9}  {:<22}  {:>8}  {:>6}  {:>8}  uptime",
         "name",
         "pid",
         "workers",
         "mode",
-        "listen"
+        "listen",
+        "restarts",
+        "cpu",
+        "memory"
     );
     for (name, path) in all {
         match control::call::<Status>(&name, &path, &Request::Status, |_| {}) {
+            // The workers' restarts, CPU and memory summed, as `pm2 ls`
+            // shows them per process.
             Ok(v) => crate::outln!(
-                "{:<24}  {:>7}  {:>7}  {:<9}  {:<22}  {}",
+                "{:<24}  {:>7}  {:>7}  {:<9}  {:<22}  {:>8}  {:>5.1}%  {:>8}  {}",
                 name,
                 v.pid,
                 v.workers.len(),
                 v.mode,
                 v.listen,
+                v.workers.iter().map(|w| w.restarts).sum::<u64>(),
+                v.workers.iter().map(|w| w.cpu).sum::<f64>(),
+                bytes(v.workers.iter().map(|w| w.memory).sum()),
                 duration(v.uptime)
             ),
             Err(e) => crate::outln!("{name:<24}  (not answering: {e})"),
@@ -596,8 +604,10 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
     // As `pm2 list` shows a stopped app until `pm2 delete`.
     for name in stopped {
         crate::outln!(
-            "{:<24}  {:>7}  {:>7}  {:<9}  {:<22}  stopped",
-            name,
+            "{name:<24}  {:>7}  {:>7}  {:<9}  {:<22}  {:>8}  {:>6}  {:>8}  stopped",
+            "-",
+            "-",
+            "-",
             "-",
             "-",
             "-",
