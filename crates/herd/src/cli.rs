@@ -324,6 +324,12 @@ fn pm2_words(argv: Vec<OsString>) -> Vec<OsString> {
             i += 1;
             continue;
         }
+        // PM2's spelling of `--autorestart=false`.
+        if w == "--no-autorestart" {
+            out.push("--autorestart=false".into());
+            i += 1;
+            continue;
+        }
         out.push(argv[i].clone());
         i += 1;
     }

@@ -292,9 +292,6 @@ fn pm2_hint(arg: &str) -> Option<&'static str> {
             "herd writes the workers' stdout and stderr to one log file (--log-file FILE); `herd logs --out` and `herd logs --err` show each"
         }
         "--log-date-format" => "herd's log lines always carry their time (ISO 8601, UTC)",
-        "--no-autorestart" => {
-            "herd always restarts a worker that exits; a crash loop stops the cluster (--max-restarts)"
-        }
         "--no-daemon" => "`herd run` runs in the foreground, `herd start` in the background",
         _ => return None,
     })

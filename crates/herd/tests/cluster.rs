@@ -585,6 +585,30 @@ fn crash_loop_stops_with_a_clear_message() {
     assert!(log.contains("[0] booting"), "{log}");
 }
 
+/// PM2's `--no-autorestart` (`autorestart: false`): a worker that ends
+/// stays down, the others serve, and the cluster ends with the last one.
+#[test]
+fn without_autorestart_ended_workers_stay_down_and_the_last_ends_the_cluster() {
+    let mut h = Herd::start(&["-i", "2", "--no-autorestart"], &[DEMO]);
+    h.wait_ready(2);
+    let pids = h.worker_pids(2);
+    signal(pids[0], "KILL");
+    assert!(
+        h.wait_log("worker 0 stays down (--autorestart=false)", T),
+        "{}",
+        h.log()
+    );
+    for _ in 0..4 {
+        let (code, body) = h.get("/").unwrap();
+        assert!(code == 200 && body.contains("worker 1"), "{code} {body}");
+    }
+    signal(pids[1], "KILL");
+    let st = h.wait_exit(T).expect("the cluster did not end");
+    assert_eq!(st.code(), Some(0), "{}", h.log());
+    assert!(h.log().contains("no worker is left"), "{}", h.log());
+    assert!(!h.log().contains("restarting worker"), "{}", h.log());
+}
+
 #[test]
 fn a_worker_that_never_gets_ready_is_replaced() {
     // --wait-ready: only READY=1 counts, and `sleep` never sends it.
@@ -919,10 +943,6 @@ fn bad_input_gets_one_clear_line() {
     assert_one_line_error(
         &["start", "app.js", "-o", "out.log"],
         "unexpected argument '-o' found; herd writes the workers' stdout and stderr to one log file",
-    );
-    assert_one_line_error(
-        &["start", "app.js", "--no-autorestart"],
-        "herd always restarts a worker that exits",
     );
     assert_one_line_error(
         &["flush", "no-such-cluster-xyz"],

@@ -307,8 +307,7 @@ fn ecosystem_app(
             }
             "increment_var" => o.increment_var = text(v),
             "log_file" => o.log_file = text(v).map(|f| dir.join(f)),
-            // herd always restarts; only `false` asks for what it cannot do.
-            "autorestart" if v.as_bool() != Some(false) => {}
+            "autorestart" => o.autorestart = v.as_bool(),
             k if SILENT.contains(&k) => {}
             k => ignored.push(format!("{label}.{k}")),
         }
@@ -526,9 +525,12 @@ mod tests {
         assert_eq!(api.watch, Some(vec![PathBuf::from("src")]));
         assert_eq!(api.increment_var.as_deref(), Some("SHARD"));
         assert_eq!(api.cron_restart.unwrap().0.pattern.to_string(), "0 3 * * *");
+        assert_eq!(api.autorestart, Some(false));
         let warning = warning.unwrap();
         assert!(
-            warning.contains("api.autorestart, api.namespace") && !warning.contains("exec_mode"),
+            warning.contains("ignores these keys: api.namespace")
+                && !warning.contains("autorestart")
+                && !warning.contains("exec_mode"),
             "{warning}"
         );
         let (worker, _) = select(&p, Some("worker"), None).unwrap();

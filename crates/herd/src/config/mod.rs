@@ -447,6 +447,10 @@ options! {
     /// Only sd_notify READY=1 marks a worker ready (no port probe, no grace).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     wait_ready: Option<bool>,
+    /// `--autorestart=false` (PM2's --no-autorestart, `autorestart: false`): a worker that
+    /// exits is not started again, and the cluster stops once none is left [default: true].
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    autorestart: Option<bool>,
     /// Delay before restarting a worker after a quick exit; doubles per quick exit in a row
     /// (a worker that ran at least --min-uptime comes back at once) [default: 100ms].
     #[arg(long, value_name = "DUR")]
@@ -749,6 +753,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub ready_timeout: Duration,
     pub wait_ready: bool,
+    /// `--autorestart=false`: a worker that exits stays down.
+    pub autorestart: bool,
     pub restart_delay: Duration,
     pub max_restart_delay: Duration,
     pub max_restarts: u32,
@@ -1327,6 +1333,7 @@ impl Settings {
             drain_timeout: d(o.drain_timeout, default::DRAIN_TIMEOUT),
             ready_timeout,
             wait_ready: o.wait_ready.unwrap_or(false),
+            autorestart: o.autorestart.unwrap_or(true),
             restart_delay: d(o.restart_delay, default::RESTART_DELAY),
             max_restart_delay: d(o.max_restart_delay, default::MAX_RESTART_DELAY),
             max_restarts: o.max_restarts.unwrap_or(default::MAX_RESTARTS),

@@ -268,6 +268,8 @@ pub enum Action {
     Answer(Result<Answer, String>),
     /// Give up and stop the cluster with this message.
     CrashLoop(String),
+    /// `--autorestart=false`: every worker has ended; stop the cluster.
+    AllEnded,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -695,6 +697,17 @@ impl Machine {
             Decision::CrashLoop { message } => {
                 tracing::error!("{message}");
                 self.out.push(Action::CrashLoop(message));
+            }
+            Decision::StayDown => {
+                tracing::info!("worker {slot} stays down (--autorestart=false)");
+                let left = self
+                    .slots
+                    .iter()
+                    .any(|s| s.current.is_some() || s.next.is_some() || s.restart_at.is_some());
+                if !left && self.reload.is_none() {
+                    tracing::info!("no worker is left (--autorestart=false): stopping");
+                    self.out.push(Action::AllEnded);
+                }
             }
         }
     }

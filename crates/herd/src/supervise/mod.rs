@@ -341,6 +341,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             max_restart_delay: s.max_restart_delay,
             max_restarts: s.max_restarts,
             ready_timeout: s.ready_timeout,
+            autorestart: s.autorestart,
         },
         drain_timeout: s.drain_timeout,
         kill_timeout: s.kill_timeout,
@@ -776,6 +777,7 @@ impl Supervisor {
                         self.exit_code = 1;
                         self.give_up = true;
                     }
+                    Action::AllEnded => self.give_up = true,
                 }
             }
         }

@@ -8,7 +8,8 @@
 //! never ready, or could not be started) is a quick exit: it comes back
 //! after `restart_delay`, doubled with each quick exit in a row up to
 //! `max_restart_delay`, and one more than `max_restarts` in a row is a crash
-//! loop, which stops the cluster.
+//! loop, which stops the cluster. With `--autorestart=false` (PM2's
+//! `autorestart: false`) an ended worker stays down.
 
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ pub struct RestartPolicy {
     pub max_restart_delay: Duration,
     pub max_restarts: u32,
     pub ready_timeout: Duration,
+    /// `false` (`--autorestart=false`): an ended worker stays down.
+    pub autorestart: bool,
 }
 
 /// How a worker's life ended.
@@ -47,11 +50,16 @@ pub enum Decision {
     Restart { after: Duration },
     /// Stop the cluster; `message` names the cause and what to change.
     CrashLoop { message: String },
+    /// Leave the slot empty (`--autorestart=false`, PM2's `autorestart: false`).
+    StayDown,
 }
 
 impl RestartPolicy {
     /// Decides what follows `ending` for a slot with `record`, which it updates.
     pub fn on_end(&self, slot: usize, record: &mut Record, ending: &Ending) -> Decision {
+        if !self.autorestart {
+            return Decision::StayDown;
+        }
         let quick = match ending {
             Ending::Exited { ran, .. } => *ran < self.min_uptime,
             Ending::NotReady | Ending::SpawnFailed { .. } => true,
@@ -107,6 +115,7 @@ mod tests {
             max_restart_delay: 1000 * MS,
             max_restarts: 5,
             ready_timeout: 2000 * MS,
+            autorestart: true,
         }
     }
 
@@ -193,6 +202,28 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("--ready-timeout") && !message.contains("--min-uptime"));
+    }
+
+    #[test]
+    fn without_autorestart_every_ending_stays_down() {
+        let p = RestartPolicy {
+            autorestart: false,
+            ..policy()
+        };
+        let mut r = Record::default();
+        for ending in [
+            Ending::Exited {
+                ran: 5000 * MS,
+                how: "exited with code 0".into(),
+            },
+            Ending::Exited {
+                ran: MS,
+                how: "exited with code 1".into(),
+            },
+            Ending::NotReady,
+        ] {
+            assert_eq!(p.on_end(0, &mut r, &ending), Decision::StayDown);
+        }
     }
 
     #[test]

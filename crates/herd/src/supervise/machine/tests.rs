@@ -12,6 +12,7 @@ fn limits() -> Limits {
             max_restart_delay: 1000 * MS,
             max_restarts: 5,
             ready_timeout: 2000 * MS,
+            autorestart: true,
         },
         drain_timeout: 3000 * MS,
         kill_timeout: 5000 * MS,
@@ -164,6 +165,22 @@ fn one_more_quick_exit_than_max_restarts_is_a_crash_loop() {
     let msg = crash_loop(&out).expect("crash loop");
     assert!(msg.contains("worker 0 exited 6 times in a row"), "{msg}");
     assert_eq!(h.m.history(0).0, 6, "restarts counted");
+}
+
+#[test]
+fn without_autorestart_ended_workers_stay_down_and_the_last_one_ends_the_cluster() {
+    let mut l = limits();
+    l.restart.autorestart = false;
+    let (mut h, e) = H::serving(2, l);
+    let out = h.at(5000).exit(e[0]);
+    assert!(spawns(&out).is_empty() && h.deadline().is_none(), "{out:?}");
+    assert!(!has(&out, &Action::AllEnded), "worker 1 still serves");
+    assert_eq!(h.serving_epochs(), [e[1]]);
+    let out = h.at(5010).exit(e[1]);
+    assert!(
+        spawns(&out).is_empty() && has(&out, &Action::AllEnded),
+        "{out:?}"
+    );
 }
 
 #[test]
