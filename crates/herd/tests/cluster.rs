@@ -232,10 +232,9 @@ fn a_lone_workers_crash_under_keepalive_load_fails_no_request() {
     // Odd rounds kill a worker that ran past --min-uptime (restarted at
     // once), even ones a young one (restarted after the back-off); never
     // two young ones in a row, which would be a crash loop.
-    let crash = |round: usize, done: Option<&AtomicUsize>| {
-        let count = || done.map_or(0, |d| d.load(Ordering::Relaxed));
+    // Each round first waits for `more` answers since the last one.
+    let crash = |round: usize, count: &dyn Fn() -> usize, more: usize| {
         let (seen, up) = (count(), std::time::Instant::now());
-        let more = if done.is_some() { 200 } else { 0 };
         let grown = Duration::from_millis(if round % 2 == 1 { 300 } else { 0 });
         assert!(wait_until(T, || count() >= seen + more && up.elapsed() >= grown));
         let pid = h.worker_pids(1)[0];
@@ -249,8 +248,9 @@ fn a_lone_workers_crash_under_keepalive_load_fails_no_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
     let clients = load(h.port, true, stop.clone(), done.clone());
+    let answered = || done.load(Ordering::Relaxed);
     for round in 0..4 {
-        crash(round, Some(&done));
+        crash(round, &answered, 200);
     }
     let seen = done.load(Ordering::Relaxed);
     assert!(wait_until(T, || done.load(Ordering::Relaxed) > seen + 200));
@@ -266,22 +266,37 @@ fn a_lone_workers_crash_under_keepalive_load_fails_no_request() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("python3");
+    // Its count so far, which it writes beside the stop file.
+    let count_file = std::path::PathBuf::from(format!("{}.n", s(&stop_file)));
+    let answered = || {
+        std::fs::read_to_string(&count_file)
+            .ok()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
     for round in 1..3 {
-        crash(round, None);
+        crash(round, &answered, 20);
     }
+    let last = answered();
+    assert!(
+        wait_until(T, || answered() >= last + 20),
+        "h2c: no answers after the last crash"
+    );
     std::fs::write(&stop_file, "").unwrap();
     let out = client.wait_with_output().expect("python3");
     let _ = std::fs::remove_file(&stop_file);
+    let _ = std::fs::remove_file(&count_file);
     let said = String::from_utf8_lossy(&out.stdout);
     let ok: usize = said
         .strip_prefix("ok ")
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("h2c: {said}\nlog:\n{}", h.log()));
-    assert!(ok > 100, "{said}");
+    assert!(ok >= last + 20, "{said}");
 }
 
 /// GETs over one h2c connection, one after another, until the file named
-/// by the second argument exists: `ok N`, or what went wrong.
+/// by the second argument exists: `ok N`, or what went wrong. Every 10
+/// answers, the count so far goes to that name plus `.n`.
 const H2_IN_A_ROW: &str = r#"
 import os, socket, sys, h2.connection, h2.config, h2.events
 port, stop = int(sys.argv[1]), sys.argv[2]
@@ -312,6 +327,10 @@ while not os.path.exists(stop) and ok < 100000:
     if status != b"200":
         sys.exit(print(f"status {status.decode()} after {ok}"))
     ok += 1
+    if ok % 10 == 0:
+        with open(stop + ".n.tmp", "w") as f:
+            f.write(str(ok))
+        os.replace(stop + ".n.tmp", stop + ".n")
 print(f"ok {ok}")
 "#;
 
