@@ -44,6 +44,23 @@ impl Sandbox {
         self.dir.join("app")
     }
 
+    /// A copy of `examples/pm2/` with its apps on free ports (`edit` changes
+    /// the ecosystem file further); returns the api's and the web's ports.
+    fn pm2_example(&self, edit: impl FnOnce(String) -> String) -> (u16, u16) {
+        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pm2");
+        for f in ["app.js", "ecosystem.config.js"] {
+            std::fs::copy(Path::new(examples).join(f), self.app().join(f)).unwrap();
+        }
+        let (api, web) = (free_port(), free_port());
+        let eco = self.app().join("ecosystem.config.js");
+        let js = std::fs::read_to_string(&eco)
+            .unwrap()
+            .replace("PORT: 3000", &format!("PORT: {api}"))
+            .replace("PORT: 3001", &format!("PORT: {web}"));
+        std::fs::write(&eco, edit(js)).unwrap();
+        (api, web)
+    }
+
     /// `sh -c LINE` in the app directory.
     fn sh(&self, line: &str) -> Output {
         self.command(line).output().unwrap()
@@ -118,18 +135,7 @@ fn body(port: u16) -> String {
 #[test]
 fn the_readme_pm2_commands_work_as_written() {
     let sb = Sandbox::new("readme");
-    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pm2");
-    for f in ["app.js", "ecosystem.config.js"] {
-        std::fs::copy(Path::new(examples).join(f), sb.app().join(f)).unwrap();
-    }
-    // The example's ports, made free ones.
-    let (api, web) = (free_port(), free_port());
-    let eco = sb.app().join("ecosystem.config.js");
-    let js = std::fs::read_to_string(&eco)
-        .unwrap()
-        .replace("PORT: 3000", &format!("PORT: {api}"))
-        .replace("PORT: 3001", &format!("PORT: {web}"));
-    std::fs::write(&eco, js).unwrap();
+    let (api, web) = sb.pm2_example(|js| js);
 
     let commands = readme_commands();
     assert!(commands.len() >= 10, "{commands:?}");
@@ -331,18 +337,7 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
 #[test]
 fn a_config_file_names_its_apps_for_reload_restart_stop_and_delete() {
     let sb = Sandbox::new("byfile");
-    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pm2");
-    for f in ["app.js", "ecosystem.config.js"] {
-        std::fs::copy(Path::new(examples).join(f), sb.app().join(f)).unwrap();
-    }
-    let (api, web) = (free_port(), free_port());
-    let eco = sb.app().join("ecosystem.config.js");
-    let js = std::fs::read_to_string(&eco)
-        .unwrap()
-        .replace("PORT: 3000", &format!("PORT: {api}"))
-        .replace("PORT: 3001", &format!("PORT: {web}"))
-        .replace("instances: 'max'", "instances: 1");
-    std::fs::write(&eco, js).unwrap();
+    let (api, web) = sb.pm2_example(|js| js.replace("instances: 'max'", "instances: 1"));
     let run = |line: &str| {
         let out = sb.sh(line);
         (out.status.success(), text(&out))
