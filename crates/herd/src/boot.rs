@@ -62,6 +62,9 @@ pub struct Saved {
     pub args: Vec<String>,
     pub cwd: PathBuf,
     pub env: BTreeMap<String, String>,
+    /// Stopped by a crash loop (`herd list`: errored, as PM2 says).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub errored: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]
@@ -131,6 +134,7 @@ fn read_master(name: &str, pid: u32) -> Result<Saved, BootError> {
         args: words(&cmdline).into_iter().skip(1).collect(),
         cwd,
         env,
+        errored: false,
     })
 }
 
@@ -247,9 +251,13 @@ fn edit_stopped(change: impl FnOnce(&mut Vec<Saved>)) -> std::io::Result<()> {
     write_private(&path, text.as_bytes())
 }
 
-/// Records the running master `pid` of `name` before `herd stop` ends it.
-pub fn remember_stopped(name: &str, pid: u32) -> Result<(), BootError> {
-    let saved = read_master(name, pid)?;
+/// Records the running master `pid` of `name` before `herd stop` ends it,
+/// or as it gives up by itself (`errored`: on a crash loop).
+pub fn remember_stopped(name: &str, pid: u32, errored: bool) -> Result<(), BootError> {
+    let saved = Saved {
+        errored,
+        ..read_master(name, pid)?
+    };
     edit_stopped(|all| {
         all.retain(|c| c.name != name);
         all.push(saved);

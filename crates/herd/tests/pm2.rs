@@ -329,6 +329,35 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     let (ok, said) = run("herd start app.js -n web -i 1 && herd stop web && herd delete web");
     assert!(ok && said.contains("web: deleted"), "{said}");
     assert!(run("herd list").1.contains("no herd cluster"));
+
+    // Ended by themselves: a crash loop is listed as errored (PM2's word),
+    // a cluster whose last worker ended under --no-autorestart as stopped;
+    // both start again by name.
+    let listed = |name: &str, state: &str| {
+        let said = run("herd list").1;
+        said.lines()
+            .any(|l| l.starts_with(&format!("{name} ")) && l.ends_with(state))
+    };
+    let (ok, said) =
+        run("herd start -n bad -i 1 --max-restarts 1 --restart-delay 10ms -- sh -c 'exit 3'");
+    assert!(!ok && said.contains("crash loop"), "{said}");
+    assert!(listed("bad", "errored"), "{}", run("herd list").1);
+    let (ok, said) =
+        run("herd start app.js -n job -i 1 --no-autorestart && herd signal SIGKILL job");
+    assert!(ok, "{said}");
+    assert!(
+        wait_until(T, || listed("job", "stopped")),
+        "{}",
+        run("herd list").1
+    );
+    let (ok, said) = run("herd start job");
+    assert!(ok && said.contains("job: started"), "{said}");
+    let (ok, said) = run("herd delete all && herd list");
+    assert!(
+        ok && said.contains("job: stopped") && said.contains("bad: deleted"),
+        "{said}"
+    );
+    assert!(said.contains("no herd cluster is running"), "{said}");
 }
 
 /// A config file where a name goes, as deploy scripts use PM2's:

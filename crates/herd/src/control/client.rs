@@ -562,10 +562,9 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
         return status_all(true);
     }
     let all = control::running();
-    let stopped: Vec<String> = crate::boot::stopped()
+    let stopped: Vec<_> = crate::boot::stopped()
         .into_iter()
-        .map(|c| c.name)
-        .filter(|n| !all.iter().any(|(m, _)| m == n))
+        .filter(|c| !all.iter().any(|(m, _)| *m == c.name))
         .collect();
     if all.is_empty() && stopped.is_empty() {
         crate::outln!("no herd cluster is running");
@@ -601,17 +600,19 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
             Err(e) => crate::outln!("{name:<24}  (not answering: {e})"),
         }
     }
-    // As `pm2 list` shows a stopped app until `pm2 delete`.
-    for name in stopped {
+    // As `pm2 list` shows a stopped (or errored) app until `pm2 delete`.
+    for c in stopped {
         crate::outln!(
-            "{name:<24}  {:>7}  {:>7}  {:<9}  {:<22}  {:>8}  {:>6}  {:>8}  stopped",
+            "{:<24}  {:>7}  {:>7}  {:<9}  {:<22}  {:>8}  {:>6}  {:>8}  {}",
+            c.name,
             "-",
             "-",
             "-",
             "-",
             "-",
             "-",
-            "-"
+            "-",
+            if c.errored { "errored" } else { "stopped" }
         );
     }
     Ok(0)
@@ -622,7 +623,7 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
 fn remember(name: &str, path: &std::path::Path) {
     let done = control::call::<Status>(name, path, &Request::Status, |_| {})
         .map_err(|e| e.to_string())
-        .and_then(|s| crate::boot::remember_stopped(name, s.pid).map_err(|e| e.to_string()));
+        .and_then(|s| crate::boot::remember_stopped(name, s.pid, false).map_err(|e| e.to_string()));
     if let Err(e) = done {
         crate::errln!("herd: warning: {name}: `herd start {name}` will not know it: {e}");
     }

@@ -605,6 +605,15 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         // the writer a moment to put them in the file.
         std::thread::sleep(Duration::from_millis(150));
     }
+    if sup.give_up {
+        // Ended by itself (a crash loop, or --autorestart=false with no
+        // worker left): `herd list` shows it, `herd restart NAME` starts it
+        // again, as PM2 keeps an errored or stopped app.
+        let errored = sup.exit_code != 0;
+        if let Err(e) = crate::boot::remember_stopped(&sup.s.name, std::process::id(), errored) {
+            tracing::debug!("not recorded as stopped: {e}");
+        }
+    }
     tracing::info!("{}: stopped", sup.s.name);
     Ok(sup.exit_code)
 }
