@@ -4,7 +4,8 @@
 //! started any way is recorded as it really runs); `herd resurrect` starts
 //! the ones not running with `herd start`; `herd startup` writes the systemd
 //! unit that resurrects them at boot. `herd stop` records what it stops the
-//! same way, so `herd start NAME` brings it back, as `pm2 start NAME` does.
+//! same way (and a master that stops by itself records itself), so `herd
+//! start NAME` brings it back, as `pm2 start NAME` does.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -215,13 +216,13 @@ fn start_saved(exe: &Path, c: &Saved) -> Result<bool, String> {
     Ok(status.success())
 }
 
-/// Where `herd stop` keeps the clusters it stopped: beside `dump.json`.
+/// Where the stopped clusters are kept: beside `dump.json`.
 fn stopped_path() -> PathBuf {
     crate::logfile::default_path("stopped").with_extension("json")
 }
 
-/// The clusters `herd stop` ended and no `herd delete` forgot, as PM2
-/// keeps a stopped app in its list: `herd start NAME` or `herd restart
+/// The clusters that `herd stop` ended, or that stopped by themselves, and
+/// that no `herd delete` forgot, as PM2 keeps a stopped app in its list: `herd start NAME` or `herd restart
 /// NAME` starts one again as it ran, and `herd list` shows them. Empty
 /// when there is no record, or it cannot be read.
 pub fn stopped() -> Vec<Saved> {
