@@ -226,7 +226,7 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool, show: Shown) -> anyh
     let paths = if several {
         let logs = running_logs()?;
         if logs.is_empty() {
-            bail!("no herd cluster is running that logs to a file");
+            bail!("no running cluster logs to a file");
         }
         logs
     } else {
@@ -461,13 +461,7 @@ fn log_of(name: Option<&str>) -> anyhow::Result<PathBuf> {
 pub fn flush(name: Option<&str>) -> anyhow::Result<()> {
     let paths = match name {
         None | Some("all") => {
-            let mut paths = Vec::new();
-            for (n, sock) in control::running() {
-                let v: Status = control::call(&n, &sock, &Request::Status, |_| {})?;
-                if let Some(p) = v.log_file {
-                    paths.push(PathBuf::from(p));
-                }
-            }
+            let paths: Vec<PathBuf> = running_logs()?.into_iter().map(|(_, p)| p).collect();
             if paths.is_empty() {
                 bail!("no running cluster logs to a file");
             }
