@@ -384,6 +384,8 @@ fn a_config_file_names_its_apps_for_reload_restart_stop_and_delete() {
     );
     let (ok, said) = run("herd reload ecosystem.config.js");
     assert!(ok && both(&said, "reloaded"), "{said}");
+    let (ok, said) = run("herd reload api --env production");
+    assert!(!ok && said.contains("name the file"), "{said}");
 
     // The apps not running start; the others restart.
     let (ok, said) =

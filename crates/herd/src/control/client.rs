@@ -23,11 +23,8 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             let req = Request::Reload {
                 update_env: update_env.then(caller_env),
             };
-            if let Some(file) = config_file(target.name()) {
-                return by_file(file, env.as_deref(), &req, false);
-            }
-            if env.is_some() {
-                return Err(env_without_file());
+            if let Some(code) = replace_by_file(target.name(), env.as_deref(), &req)? {
+                return Ok(code);
             }
             (target.name().map(str::to_string), req)
         }
@@ -39,11 +36,8 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             let req = Request::Restart {
                 update_env: update_env.then(caller_env),
             };
-            if let Some(file) = config_file(target.name()) {
-                return by_file(file, env.as_deref(), &req, false);
-            }
-            if env.is_some() {
-                return Err(env_without_file());
+            if let Some(code) = replace_by_file(target.name(), env.as_deref(), &req)? {
+                return Ok(code);
             }
             (target.name().map(str::to_string), req)
         }
@@ -181,10 +175,20 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
     Ok(0)
 }
 
-fn env_without_file() -> ControlError {
-    ControlError::Usage(
-        "--env NAME picks a config file's env_NAME: name the file (`herd reload ecosystem.config.js --env NAME`)".into(),
-    )
+/// A reload or restart of a config file's apps (`Some`: its exit code);
+/// `None`: NAME is a cluster's. `--env` goes with a file only.
+fn replace_by_file(
+    name: Option<&str>,
+    env: Option<&str>,
+    req: &Request,
+) -> Result<Option<i32>, ControlError> {
+    match (config_file(name), env) {
+        (Some(file), env) => by_file(file, env, req, false).map(Some),
+        (None, Some(_)) => Err(ControlError::Usage(
+            "--env NAME picks a config file's env_NAME: name the file (`herd reload ecosystem.config.js --env NAME`)".into(),
+        )),
+        (None, None) => Ok(None),
+    }
 }
 
 /// A name that is a config file here (`ecosystem.config.js`, `herd.toml`),
