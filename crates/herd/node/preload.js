@@ -10,6 +10,7 @@
 //   proxy      the server listens on 127.0.0.1:$PORT, where herd relays to
 // On SIGTERM/SIGINT (when the app has no handler of its own) that server
 // stops taking connections, finishes the ones it has, and the process exits.
+// An app that handles SIGINT only (PM2's stop signal) gets SIGINT for SIGTERM.
 // Whoever stops an HTTP server, its keep-alive clients are let go without
 // an error: each answer from then on says `Connection: close`, and a
 // connection idle for a second is closed (see drainHttp).
@@ -237,7 +238,11 @@
   const onSignal = (sig) => {
     if (stopping) return;
     stopping = true;
-    const theirs = process.listenerCount(sig) > 1;
+    // An app written for PM2 handles SIGINT, PM2's stop signal, and leaves
+    // SIGTERM, herd's, to Node's default (dying at once): it gets a SIGINT.
+    const relay = sig === 'SIGTERM' && process.listenerCount(sig) === 1 &&
+      process.listenerCount('SIGINT') > 1;
+    const theirs = relay || process.listenerCount(sig) > 1;
     if (servers.size === 0 && !theirs) {
       // Not a server herd knows of: die of the signal, as without us.
       process.removeAllListeners(sig);
@@ -248,6 +253,7 @@
     for (const s of servers) {
       try { s.close(); } catch (_) { /* already closed */ }
     }
+    if (relay) process.emit('SIGINT', 'SIGINT');
     if (theirs) return; // the app's own handler decides when to exit
     // Busy connections close once they answer, idle ones after the grace.
     setInterval(() => {

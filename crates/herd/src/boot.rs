@@ -50,6 +50,10 @@ pub enum BootError {
         "writing {0} needs root: sudo herd startup --install (or save the unit `herd startup` prints)"
     )]
     NeedsRoot(PathBuf),
+    #[error(
+        "in fork mode herd opens no port, so there is no .socket unit to hold it: use `herd startup` (herd save, then herd resurrect at boot)"
+    )]
+    ForkHasNoSocket,
     #[error("cannot find herd's own binary: {0}")]
     OwnBinary(std::io::Error),
 }
@@ -393,6 +397,9 @@ pub fn service_units(
     s: &crate::config::Settings,
     watchdog: std::time::Duration,
 ) -> Result<(String, String), BootError> {
+    if s.mode == crate::config::Mode::Fork {
+        return Err(BootError::ForkHasNoSocket);
+    }
     let exe = std::env::current_exe().map_err(BootError::OwnBinary)?;
     let (user, _) = whoami();
     let cwd = std::env::current_dir().map_err(BootError::OwnBinary)?;

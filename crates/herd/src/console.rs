@@ -46,6 +46,16 @@ pub fn count(n: usize, noun: &str) -> String {
     }
 }
 
+/// "proxy mode on 0.0.0.0:8000", or "fork mode (no port)": fork mode's
+/// address is a placeholder no one listens on.
+pub fn served(mode: &str, listen: &str) -> String {
+    if mode == crate::config::Mode::Fork.as_str() {
+        format!("{mode} mode (no port)")
+    } else {
+        format!("{mode} mode on {listen}")
+    }
+}
+
 /// An error and its causes on one line, as `{:#}` prints them, but without
 /// a cause whose text the message above it already ends with: herd's error
 /// enums print their source (`cannot read X: {source}`) and also return it

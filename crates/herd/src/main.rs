@@ -268,6 +268,14 @@ fn hints(e: &clap::Error) -> String {
     {
         out.push_str(&format!("; valid: {}", v.join(", ")));
     }
+    if let (Some(ContextValue::String(arg)), Some(ContextValue::String(v))) = (
+        e.get(ContextKind::InvalidArg),
+        e.get(ContextKind::InvalidValue),
+    ) && arg.starts_with("--mode")
+        && v.starts_with("cluster")
+    {
+        out.push_str("; PM2's cluster mode is herd's default, proxy: leave --mode out");
+    }
     for kind in [
         ContextKind::SuggestedSubcommand,
         ContextKind::SuggestedArg,
@@ -293,6 +301,7 @@ fn pm2_hint(arg: &str) -> Option<&'static str> {
         }
         "--log-date-format" => "herd's log lines always carry their time (ISO 8601, UTC)",
         "--no-daemon" => "`herd run` runs in the foreground, `herd start` in the background",
+        "-w" | "--workers" => "the worker count is -i N (--instances), as PM2's",
         _ => return None,
     })
 }

@@ -87,10 +87,9 @@ impl App {
         let total: f64 = s.workers.iter().filter_map(|w| w.rps).sum();
         f.render_widget(
             Paragraph::new(format!(
-                "{}: {} mode on {} · master pid {} · up {} · {} workers · {:.0} req/s{}",
+                "{}: {} · master pid {} · up {} · {} workers · {:.0} req/s{}",
                 s.name,
-                s.mode,
-                s.listen,
+                crate::console::served(&s.mode, &s.listen),
                 s.pid,
                 human_secs(s.uptime),
                 s.workers.len(),

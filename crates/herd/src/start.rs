@@ -78,11 +78,10 @@ fn bare_name(args: &RunArgs) -> Option<String> {
 /// What `--check` prints of settings that passed (`nginx -t`'s "ok").
 pub fn checked(s: &crate::config::Settings) -> String {
     format!(
-        "ok: {}: {}, {} mode on {}",
+        "ok: {}: {}, {}",
         s.name,
         crate::console::count(s.instances, "worker"),
-        s.mode.as_str(),
-        s.listen
+        crate::console::served(s.mode.as_str(), &s.listen.to_string())
     )
 }
 
@@ -186,11 +185,10 @@ fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
                 .count();
             if ready == s.instances {
                 crate::outln!(
-                    "{name}: started, master pid {}, {}, {} mode on {}; logs: {}",
+                    "{name}: started, master pid {}, {}, {}; logs: {}",
                     child.id(),
                     crate::console::count(ready, "worker"),
-                    v.mode,
-                    v.listen,
+                    crate::console::served(&v.mode, &v.listen),
                     log.display()
                 );
                 // A stopped cluster of this name is superseded: `herd list`

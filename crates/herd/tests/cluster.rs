@@ -948,7 +948,12 @@ fn bad_input_gets_one_clear_line() {
     // PM2 habits get the way out in the same line (issue 18, item 10).
     assert_one_line_error(
         &["run", "--mode", "cluster", "--", DEMO],
-        "valid: proxy, reuseport, shared, dispatch",
+        "valid: proxy, reuseport, shared, dispatch, fork; PM2's cluster mode is herd's default",
+    );
+    assert_one_line_error(&["run", "-w", "4", "--", DEMO], "-i N (--instances)");
+    assert_one_line_error(
+        &["run", "--mode", "fork", "--listen", "9000", "--", DEMO],
+        "in fork mode herd opens no port",
     );
     assert_one_line_error(&["stauts"], "`status`");
     // PM2 habits: herd's flags after the script are not passed on unseen,
@@ -1248,4 +1253,90 @@ fn a_stop_closes_idle_keep_alive_connections_at_once() {
         "the stop waited {:?} on an idle connection",
         asked.elapsed()
     );
+}
+
+/// Fork mode (PM2's): a program that serves no port runs as it is, with its
+/// own `PORT` untouched, and a reload or restart stops each worker before
+/// its successor starts, so even one that binds a fixed port of its own
+/// (two at once would fail) is reloaded and restarted.
+#[test]
+fn fork_mode_runs_programs_as_they_are_and_stops_each_worker_before_its_successor() {
+    const PROGRAM: &str = r#"
+import os, signal, socket, sys, time
+me = os.environ['HERD_WORKER_ID'] + ' ' + str(os.getpid())
+def say(what):
+    with open(os.environ['JOURNAL'], 'a') as f:
+        f.write(what + ' ' + me + '\n')
+s = socket.socket()
+s.bind(('127.0.0.1', int(os.environ['PORT'])))
+s.listen()
+say('start port=%s listen=%s' % (os.environ['PORT'], os.environ.get('HERD_LISTEN', '-')))
+signal.signal(signal.SIGTERM, lambda *_: (say('stop'), sys.exit(0)))
+while True:
+    time.sleep(1)
+"#;
+    let journal = std::env::temp_dir().join(format!("herd-fork-{}", std::process::id()));
+    let _ = std::fs::remove_file(&journal);
+    let read = || std::fs::read_to_string(&journal).unwrap_or_default();
+    let port = free_port().to_string();
+    let cluster = name("fork");
+    let h = Herd::spawn(
+        std::process::Command::new(HERD)
+            .env("PORT", &port)
+            .env("JOURNAL", &journal)
+            .args(["run", "--mode", "fork", "--name", &cluster, "--"])
+            .args(["python3", "-c", PROGRAM]),
+        0,
+    );
+    h.wait_ready(1);
+    assert!(
+        h.log().contains("1 worker, fork mode (no port)"),
+        "{}",
+        h.log()
+    );
+    assert!(
+        wait_until(T, || read()
+            .starts_with(&format!("start port={port} listen=- 0 "))),
+        "its own PORT, no HERD_LISTEN: {}",
+        read()
+    );
+    let said = ok(&herd(&["reload", &cluster]));
+    assert!(said.contains("reloaded 1 worker"), "{said}\n{}", h.log());
+    let said = ok(&herd(&["restart", &cluster]));
+    assert!(said.contains("restarted 1 worker"), "{said}");
+    assert!(
+        wait_until(T, || read().lines().count() == 5),
+        "{}\n{}",
+        read(),
+        h.log()
+    );
+    // Each stop before the next start: start A, stop A, start B, stop B, start C.
+    let words: Vec<Vec<String>> = read()
+        .lines()
+        .map(|l| l.split(' ').map(str::to_string).collect())
+        .collect();
+    let kinds: Vec<&str> = words.iter().map(|w| w[0].as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["start", "stop", "start", "stop", "start"],
+        "{}",
+        read()
+    );
+    let pid = |i: usize| words[i].last().cloned().unwrap_or_default();
+    assert!(pid(0) == pid(1) && pid(2) == pid(3) && pid(0) != pid(2) && pid(2) != pid(4));
+    assert!(!h.log().contains("Address already in use"), "{}", h.log());
+    let listed = ok(&herd(&["list"]));
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(&cluster))
+        .unwrap_or("");
+    assert!(row.contains(" fork ") && row.contains(" - "), "{listed}");
+    // Deploys split traffic, which fork mode has none of.
+    let refused = herd(&["deploy", "--name", &cluster, "--canary", "10"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("fork mode has no traffic"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(&journal);
 }

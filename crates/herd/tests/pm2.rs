@@ -407,6 +407,48 @@ fn a_config_file_names_its_apps_for_reload_restart_stop_and_delete() {
     assert!(said.contains("no herd cluster is running"), "{said}");
 }
 
+/// An ecosystem file's app without a port (a queue consumer) runs in fork
+/// mode, as PM2 runs it, beside the clusters; written for PM2, it stops on
+/// SIGINT, which herd's Node preload gives it for herd's SIGTERM.
+#[test]
+fn an_app_without_a_port_runs_in_fork_mode_and_gets_pm2s_stop_signal() {
+    let sb = Sandbox::new("fork");
+    let (api, _) = sb.pm2_example(|js| {
+        js.replace("instances: 'max'", "instances: 1").replace(
+            "  ],\n};",
+            "    { name: 'jobs', script: './jobs.js' },\n  ],\n};",
+        )
+    });
+    std::fs::write(
+        sb.app().join("jobs.js"),
+        "let n = 0;\nsetInterval(() => console.log('job', ++n), 100);\n\
+         process.on('SIGINT', () => { console.log('finishing the current job'); process.exit(0); });\n",
+    )
+    .unwrap();
+    let run = |line: &str| {
+        let out = sb.sh(line);
+        (out.status.success(), text(&out))
+    };
+    let (ok, said) = run("herd start ecosystem.config.js");
+    assert!(
+        ok && said.contains("jobs: started") && said.contains("1 worker, fork mode (no port)"),
+        "{said}"
+    );
+    assert!(body(api).starts_with("hello"), "{}", body(api));
+    let (_, said) = run("herd list");
+    let row = said.lines().find(|l| l.starts_with("jobs ")).unwrap_or("");
+    assert!(row.contains(" fork ") && row.contains(" - "), "{said}");
+    let (ok, said) = run("herd reload jobs && herd stop jobs");
+    assert!(ok && said.contains("jobs: reloaded 1 worker"), "{said}");
+    let log = std::fs::read_to_string(sb.dir.join("state/herd/jobs.log")).unwrap_or_default();
+    assert_eq!(
+        log.matches("finishing the current job").count(),
+        2,
+        "once for the reload, once for the stop:\n{log}"
+    );
+    assert!(log.contains("[0] job 1"), "{log}");
+}
+
 /// `pm2 start npm --name web -- start` and `pm2 start "npm start"`: a
 /// program (not only a script) followed by herd's options, then its own
 /// after `--`; and a whole command line in one word, run through `sh -c`.

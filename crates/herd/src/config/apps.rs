@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::{ConfigError, Dur, EnvPair, Instances, Layer, ListenAddr, Options, Size};
+use super::{ConfigError, Dur, EnvPair, Instances, Layer, ListenAddr, Mode, Options, Size};
 
 /// What a config file holds: one cluster's options, or several apps.
 #[derive(Debug, Default)]
@@ -202,9 +202,9 @@ fn evaluate_js(path: &Path) -> Result<Value, ConfigError> {
     })
 }
 
-/// Keys that need nothing from herd: it always clusters, always merges
-/// the workers' output into one log, and always stamps it.
-const SILENT: &[&str] = &["exec_mode", "merge_logs", "combine_logs", "time"];
+/// Keys that need nothing from herd: it always merges the workers' output
+/// into one log, and always stamps it.
+const SILENT: &[&str] = &["merge_logs", "combine_logs", "time"];
 
 /// One app of an ecosystem file as herd's options.
 fn ecosystem_app(
@@ -252,6 +252,7 @@ fn ecosystem_app(
     let mut env: Vec<(String, String)> = Vec::new();
     let mut profile_env: Vec<(String, String)> = Vec::new();
     let mut cwd = dir.to_path_buf();
+    let mut fork: Option<bool> = None;
     for (key, v) in app {
         match key.as_str() {
             "name" => o.name = text(v),
@@ -308,6 +309,13 @@ fn ecosystem_app(
             "increment_var" => o.increment_var = text(v),
             "log_file" => o.log_file = text(v).map(|f| dir.join(f)),
             "autorestart" => o.autorestart = v.as_bool(),
+            "exec_mode" => {
+                fork = match text(v).as_deref() {
+                    Some("fork" | "fork_mode") => Some(true),
+                    Some("cluster" | "cluster_mode") => Some(false),
+                    _ => return Err("exec_mode: expected \"cluster\" or \"fork\"".into()),
+                }
+            }
             k if SILENT.contains(&k) => {}
             k => ignored.push(format!("{label}.{k}")),
         }
@@ -317,9 +325,19 @@ fn ecosystem_app(
         env.retain(|(ek, _)| *ek != k);
         env.push((k, v));
     }
+    // PM2 runs an app in fork mode unless told otherwise. herd clusters an
+    // app whose port it knows, and runs the others as PM2 would: a program
+    // without PORT serves none (a queue consumer) or binds its own.
+    let port_known = env.iter().any(|(k, _)| k == "PORT");
+    if fork.unwrap_or(!port_known) {
+        o.mode = Some(Mode::Fork);
+    }
     // PM2 apps read their port from PORT; herd listens there for them and
-    // gives each worker its own (proxy) or the socket (fd modes).
-    if let Some(i) = env.iter().position(|(k, _)| k == "PORT") {
+    // gives each worker its own (proxy) or the socket (fd modes). In fork
+    // mode the program binds it itself, as under PM2.
+    if let Some(i) = env.iter().position(|(k, _)| k == "PORT")
+        && o.mode != Some(Mode::Fork)
+    {
         let (_, port) = env.remove(i);
         o.listen = Some(
             port.parse::<ListenAddr>()
@@ -540,6 +558,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("env_staging"), "{e}");
+    }
+
+    #[test]
+    fn apps_run_in_fork_mode_as_pm2_runs_them_unless_herd_knows_their_port() {
+        let p = temp(
+            "modes.json",
+            r#"{"apps": [
+                {"name": "api", "script": "a.js", "env": {"PORT": 3000}},
+                {"name": "jobs", "script": "jobs.js", "instances": 2},
+                {"name": "legacy", "script": "l.js", "exec_mode": "fork", "env": {"PORT": 4000}},
+                {"name": "lb", "script": "b.js", "exec_mode": "cluster_mode"}
+            ]}"#,
+        );
+        let mode = |app| select(&p, Some(app), None).unwrap().0.mode;
+        assert_eq!(mode("api"), None, "a known port: herd's default, a cluster");
+        assert_eq!(
+            mode("jobs"),
+            Some(Mode::Fork),
+            "no port: PM2's default, fork"
+        );
+        assert_eq!(mode("lb"), None, "exec_mode cluster is herd's default");
+        let (legacy, _) = select(&p, Some("legacy"), None).unwrap();
+        assert_eq!(legacy.mode, Some(Mode::Fork));
+        assert!(legacy.listen.is_none(), "the program binds PORT itself");
+        assert!(
+            legacy
+                .env
+                .iter()
+                .any(|EnvPair(k, v)| k == "PORT" && v == "4000")
+        );
+        let p = temp(
+            "bad.json",
+            r#"{"apps": [{"name": "bad", "script": "c.js", "exec_mode": "threads"}]}"#,
+        );
+        let e = select(&p, None, None).unwrap_err().to_string();
+        assert!(e.contains("exec_mode"), "{e}");
     }
 
     #[test]

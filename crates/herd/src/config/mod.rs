@@ -117,6 +117,10 @@ pub enum ConfigError {
     SniNeedsTcp,
     #[error("--increment-var PORT: in proxy mode herd gives each worker its own PORT")]
     IncrementPort,
+    #[error(
+        "--listen with --mode fork: in fork mode herd opens no port and the program binds its own; drop --listen (or use another --mode)"
+    )]
+    ListenInFork,
 }
 
 /// A value TOML may give as a number or a string (`instances = 4` or
@@ -150,6 +154,9 @@ pub enum Mode {
     /// The master accepts and passes each connection's fd to a worker
     /// (Node cluster's round-robin, for any language).
     Dispatch,
+    /// No port: each worker runs as it is, as in PM2's fork mode (a queue
+    /// consumer, a scheduler, or a server that binds its own port).
+    Fork,
 }
 
 impl Mode {
@@ -159,6 +166,7 @@ impl Mode {
             Mode::Reuseport => "reuseport",
             Mode::Shared => "shared",
             Mode::Dispatch => "dispatch",
+            Mode::Fork => "fork",
         }
     }
 
@@ -429,10 +437,11 @@ options! {
     #[arg(long, value_name = "ADDR")]
     listen: Option<ListenAddr>,
     /// Number of workers, `max` for the usable CPUs, or -N for all of them but N
-    /// (at least one) [default: max].
+    /// (at least one) [default: max; 1 in fork mode].
     #[arg(short = 'i', long = "instances", value_name = "N|max|-N", allow_negative_numbers = true)]
     instances: Option<Instances>,
-    /// How workers share the port [default: proxy].
+    /// How workers share the port [default: proxy]; `fork`: no port, for a
+    /// program that serves none or binds its own (1 worker by default).
     #[arg(long, value_enum)]
     mode: Option<Mode>,
     /// Grace between SIGTERM and SIGKILL [default: 5s].
@@ -1283,7 +1292,16 @@ impl Settings {
         if o.increment_var.as_deref() == Some("PORT") && mode == Mode::Proxy {
             return Err(ConfigError::IncrementPort);
         }
-        let instances = match o.instances.unwrap_or(Instances::Max) {
+        if mode == Mode::Fork && o.listen.is_some() {
+            return Err(ConfigError::ListenInFork);
+        }
+        // Fork mode runs programs that are not a cluster's workers by nature
+        // (a scheduler must not run twice): one unless asked, as in PM2.
+        let default_instances = match mode {
+            Mode::Fork => Instances::Count(1),
+            _ => Instances::Max,
+        };
+        let instances = match o.instances.unwrap_or(default_instances) {
             _ if command.is_empty() => 0,
             Instances::Max => crate::os::cpus::usable(),
             Instances::Count(n) => n,
@@ -1326,7 +1344,11 @@ impl Settings {
         Ok(Settings {
             name,
             name_given,
-            listen: listen_default(o.listen)?,
+            // Fork mode: unused, and a $PORT meant for the program is not herd's.
+            listen: match mode {
+                Mode::Fork => DEFAULT_LISTEN,
+                _ => listen_default(o.listen)?,
+            },
             instances,
             mode,
             kill_timeout: d(o.kill_timeout, default::KILL_TIMEOUT),

@@ -459,9 +459,8 @@ fn status_all(as_json: bool) -> Result<i32, ControlError> {
 /// A cluster's workers as a table.
 fn table(name: &str, v: &Status) {
     crate::outln!(
-        "{name}: {} mode on {}, master pid {}, up {}{}",
-        v.mode,
-        v.listen,
+        "{name}: {}, master pid {}, up {}{}",
+        crate::console::served(&v.mode, &v.listen),
         v.pid,
         duration(v.uptime),
         if v.reloading { " (reloading)" } else { "" }

@@ -20,6 +20,8 @@ pub enum ListenError {
     NotReusePort(SocketAddr),
     #[error("the socket systemd passed (LISTEN_FDS): {0}")]
     Inherited(std::io::Error),
+    #[error("systemd passed a socket, but in fork mode herd opens no port; use another --mode")]
+    ForkTakesNoSocket,
 }
 
 /// Kernel cap applies (`net.core.somaxconn`); ask for plenty.
@@ -39,6 +41,8 @@ pub enum Listeners {
     /// Accepted by the master's dispatch thread (non-blocking), whose
     /// connections are passed to workers.
     Dispatch(std::net::TcpListener),
+    /// Fork mode: no port; each program binds its own, if any.
+    None,
 }
 
 impl Listeners {
@@ -51,7 +55,7 @@ impl Listeners {
                 let probe = socket(addr, false)?;
                 local_addr(&probe).unwrap_or(addr)
             }
-            Mode::Shared | Mode::Dispatch => addr,
+            Mode::Shared | Mode::Dispatch | Mode::Fork => addr,
         };
         match mode {
             Mode::Proxy => {
@@ -81,6 +85,7 @@ impl Listeners {
                 }
                 Ok(Listeners::ReusePort(all))
             }
+            Mode::Fork => Ok(Listeners::None),
         }
     }
 
@@ -123,12 +128,16 @@ impl Listeners {
                 }
                 Ok(Listeners::ReusePort(all))
             }
+            Mode::Fork => Err(ListenError::ForkTakesNoSocket),
         }
     }
 
     /// The sockets a master handed itself across `herd upgrade`'s exec, in
     /// the order [`Listeners::fds`] gave them.
     pub fn handed(mode: Mode, socks: Vec<Socket>) -> Result<Self, ListenError> {
+        if mode == Mode::Fork {
+            return Ok(Listeners::None);
+        }
         let addr = socks
             .first()
             .and_then(local_addr)
@@ -143,6 +152,7 @@ impl Listeners {
             Mode::Shared => Listeners::Shared(socks.swap_remove(0)),
             Mode::Dispatch => Listeners::Dispatch(socks.swap_remove(0).into()),
             Mode::Reuseport => Listeners::ReusePort(socks),
+            Mode::Fork => Listeners::None,
         })
     }
 
@@ -165,6 +175,7 @@ impl Listeners {
             Listeners::Shared(s) => local_addr(s),
             Listeners::ReusePort(v) => v.first().and_then(local_addr),
             Listeners::Dispatch(l) => l.local_addr().ok(),
+            Listeners::None => None,
         }
     }
 }

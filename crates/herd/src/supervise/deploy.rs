@@ -273,6 +273,12 @@ impl Supervisor {
         let analysed = plan.max_error_rate.is_some() || plan.max_p99_ms.is_some();
         match self.s.mode {
             Mode::Proxy => {}
+            Mode::Fork => {
+                return Err(
+                    "fork mode has no traffic to split: move to a new version with herd reload (--update-env for a new environment)"
+                        .into(),
+                );
+            }
             _ if analysed => {
                 return Err(
                     "--max-error-rate and --max-p99 need proxy mode (herd sees no HTTP answer in the fd modes)"

@@ -29,6 +29,13 @@
 //! highest ones. Neither runs during a reload, and nothing starts after
 //! [`Input::Stop`].
 //!
+//! With [`Limits::stop_first`] (fork mode, where a program may bind a port
+//! of its own) a slot's old worker exits before its successor starts, as
+//! PM2 restarts fork-mode apps: a reload stops one slot's worker, starts
+//! the new one as the slot's current (the restart policy applies to it),
+//! and goes on to the next slot once it is ready; `restart` stops them all
+//! and starts each successor as its predecessor exits.
+//!
 //! Over 500 lines because each state and every way out of it read best in
 //! one file; the operations (reload, restart, scale, stop) are in [`ops`].
 
@@ -54,6 +61,8 @@ pub struct Limits {
     pub max_memory: Option<u64>,
     /// Added to the "not ready" warning (what readiness means in this mode).
     pub not_ready_hint: &'static str,
+    /// A successor starts only once its predecessor exited (fork mode).
+    pub stop_first: bool,
 }
 
 /// Where a worker is in its life.
@@ -154,6 +163,8 @@ struct Slot {
     restarts: u64,
     last_exit: Option<String>,
     restart_at: Option<Instant>,
+    /// Stop-first: start this slot's worker once this retiring one exits.
+    start_after: Option<Epoch>,
 }
 
 /// What happened, as the driver reports it, or what was asked.
@@ -297,6 +308,9 @@ struct Reload {
     cause: Cause,
     /// The retiring worker whose exit lets the next slot start.
     waiting_on: Option<Epoch>,
+    /// Stop-first: the slot's new current worker, whose readiness lets
+    /// the next slot start.
+    fresh: Option<Epoch>,
     replaced: usize,
     started: Instant,
 }
@@ -549,6 +563,7 @@ impl Machine {
         if s.current.take_if(|w| w.epoch == epoch).is_some() {
             if !self.stopping {
                 tracing::error!("worker {slot}: {why}");
+                self.fresh_failed(slot, epoch, &why);
                 self.count(Cause::SpawnFailed);
                 self.on_end(slot, &Ending::SpawnFailed { why }, now);
             }
@@ -568,9 +583,17 @@ impl Machine {
         };
         if let Some(w) = s.current.as_mut().filter(|w| w.epoch == epoch) {
             w.state = State::Serving;
-            tracing::info!("worker {slot} ready (pid {})", w.pid);
+            let pid = w.pid;
+            tracing::info!("worker {slot} ready (pid {pid})");
             self.out.push(Action::Publish);
             self.check_all_ready();
+            if let Some(r) = self.reload.as_mut()
+                && r.fresh == Some(epoch)
+            {
+                r.fresh = None;
+                self.progress(format!("worker {slot}: pid {pid} ready"));
+                self.reload_step(now);
+            }
         } else if let Some(mut new) = s.next.take_if(|w| w.epoch == epoch) {
             // A rolling reload's new worker takes the slot; the old one leaves.
             new.state = State::Serving;
@@ -631,6 +654,7 @@ impl Machine {
         if let Some(i) = self.retiring.iter().position(|w| w.epoch == epoch) {
             let w = self.retiring.remove(i);
             tracing::info!("worker {slot} (pid {}) {how} (retired)", w.pid);
+            self.successor(epoch, now);
             if self
                 .reload
                 .as_ref()
@@ -666,6 +690,11 @@ impl Machine {
             } else {
                 Cause::Exit
             });
+            self.fresh_failed(
+                slot,
+                epoch,
+                &format!("the new worker {how} before it was ready"),
+            );
             let ending = if w.not_ready {
                 Ending::NotReady
             } else {
@@ -700,10 +729,12 @@ impl Machine {
             }
             Decision::StayDown => {
                 tracing::info!("worker {slot} stays down (--autorestart=false)");
-                let left = self
-                    .slots
-                    .iter()
-                    .any(|s| s.current.is_some() || s.next.is_some() || s.restart_at.is_some());
+                let left = self.slots.iter().any(|s| {
+                    s.current.is_some()
+                        || s.next.is_some()
+                        || s.restart_at.is_some()
+                        || s.start_after.is_some()
+                });
                 if !left && self.reload.is_none() {
                     tracing::info!("no worker is left (--autorestart=false): stopping");
                     self.out.push(Action::AllEnded);

@@ -347,11 +347,17 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         kill_timeout: s.kill_timeout,
         watchdog: s.watchdog,
         max_memory: s.max_memory,
-        not_ready_hint: if s.mode == Mode::Dispatch {
-            " (in dispatch mode a worker takes its connections from fd 3, HERD_DISPATCH_FD, and says {\"herd\":\"listening\"} there; READY=1 alone does not count. A server that binds a port itself, as gunicorn or uvicorn do, needs --mode proxy, shared or reuseport; see the README's Dispatch mode)"
-        } else {
-            ""
+        not_ready_hint: match s.mode {
+            Mode::Dispatch => {
+                " (in dispatch mode a worker takes its connections from fd 3, HERD_DISPATCH_FD, and says {\"herd\":\"listening\"} there; READY=1 alone does not count. A server that binds a port itself, as gunicorn or uvicorn do, needs --mode proxy, shared or reuseport; see the README's Dispatch mode)"
+            }
+            Mode::Fork => "",
+            _ if s.wait_ready => "",
+            _ => {
+                " (it has not listened; a program that serves no port, as a queue consumer, runs with --mode fork)"
+            }
         },
+        stop_first: s.mode == Mode::Fork,
     };
     let cron = s.cron_restart.clone().map(|c| {
         let now = chrono::Local::now();
@@ -525,10 +531,13 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         );
     }
     tracing::info!(
-        "{}: {}, {} mode, listening on {bound}{}{}",
+        "{}: {}, {}{}{}",
         sup.s.name,
         crate::console::count(sup.s.instances, "worker"),
-        sup.s.mode.as_str(),
+        match sup.s.mode {
+            Mode::Fork => crate::console::served(sup.s.mode.as_str(), ""),
+            m => format!("{} mode, listening on {bound}", m.as_str()),
+        },
         if activated {
             " (the socket systemd passed)"
         } else {

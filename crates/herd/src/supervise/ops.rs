@@ -760,7 +760,10 @@ impl Supervisor {
             name: self.s.name.clone(),
             pid: std::process::id(),
             mode: self.s.mode.as_str().to_string(),
-            listen: self.s.listen.to_string(),
+            listen: match self.s.mode {
+                Mode::Fork => "-".into(),
+                _ => self.s.listen.to_string(),
+            },
             uptime: self.started.elapsed().as_secs_f64(),
             reloading: self.m.reloading(),
             log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),

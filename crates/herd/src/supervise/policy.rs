@@ -92,7 +92,7 @@ impl RestartPolicy {
                 self.min_uptime
             ),
             Ending::NotReady => format!(
-                "crash loop: worker {slot} was not ready within {:?}, {n} times in a row; giving up. Check that it listens (or sends READY=1 with --wait-ready), or raise --ready-timeout",
+                "crash loop: worker {slot} was not ready within {:?}, {n} times in a row; giving up. Check that it listens (or sends READY=1 with --wait-ready), or raise --ready-timeout; a program that serves no port (a queue consumer, a scheduler) runs with --mode fork",
                 self.ready_timeout
             ),
             Ending::SpawnFailed { why } => format!(

@@ -270,7 +270,7 @@ impl Supervisor {
             Listeners::Proxy(_) => None,
             Listeners::Shared(s) => Some(s.as_raw_fd()),
             Listeners::ReusePort(v) => v.get(slot).map(|s| s.as_raw_fd()),
-            Listeners::Dispatch(_) => None,
+            Listeners::Dispatch(_) | Listeners::None => None,
         }
     }
 
@@ -647,7 +647,9 @@ fn worker_env(
     set(contract::WORKERS, workers.to_string().into());
     set(contract::NAME, s.name.clone().into());
     set(contract::MODE, s.mode.as_str().into());
-    set(contract::LISTEN, s.listen.to_string().into());
+    if s.mode != Mode::Fork {
+        set(contract::LISTEN, s.listen.to_string().into());
+    }
     set(contract::NOTIFY_SOCKET, notify.as_os_str().to_owned());
     if let Some(r) = &s.redis {
         set(contract::HOST, r.host.clone().into());

@@ -107,6 +107,7 @@ impl Listeners {
             Listeners::Shared(s) => vec![s.as_raw_fd()],
             Listeners::ReusePort(v) => v.iter().map(AsRawFd::as_raw_fd).collect(),
             Listeners::Dispatch(l) => vec![l.as_raw_fd()],
+            Listeners::None => Vec::new(),
         }
     }
 }

@@ -95,6 +95,7 @@ impl Machine {
             todo: slots.into_iter().map(|s| (s, cause)).collect(),
             cause,
             waiting_on: None,
+            fresh: None,
             replaced: 0,
             started: now,
         });
@@ -108,6 +109,10 @@ impl Machine {
         } else if self.reload.is_some() {
             Some(format!(
                 "a reload is already running; {what} once it is done"
+            ))
+        } else if self.slots.iter().any(|s| s.start_after.is_some()) {
+            Some(format!(
+                "a restart is still stopping workers; {what} once they are back"
             ))
         } else {
             None
@@ -132,8 +137,14 @@ impl Machine {
             match r.todo.pop_front() {
                 Some((slot, cause)) if slot < self.slots.len() => {
                     r.cause = cause;
-                    let w = self.new_worker(slot, now);
-                    self.slots[slot].next = Some(w);
+                    if !self.limits.stop_first {
+                        let w = self.new_worker(slot, now);
+                        self.slots[slot].next = Some(w);
+                    } else if let Some(pid) = self.stop_then_start(slot, cause, now) {
+                        self.progress(format!(
+                            "worker {slot}: stopping pid {pid}; its successor starts once it has exited"
+                        ));
+                    }
                     return;
                 }
                 Some(_) => continue, // scaled down meanwhile
@@ -161,6 +172,63 @@ impl Machine {
         }
     }
 
+    /// Stop-first: `slot`'s worker leaves, and its successor starts as the
+    /// slot's current once it has exited (at once if the slot has none).
+    /// The pid of the worker stopped, if any.
+    fn stop_then_start(&mut self, slot: usize, cause: Cause, now: Instant) -> Option<u32> {
+        let s = &mut self.slots[slot];
+        s.restart_at = None;
+        s.restarts += 1;
+        self.count(cause);
+        let Some(old) = self.slots[slot].current.take() else {
+            self.start_fresh(slot, now);
+            return None;
+        };
+        if old.state == State::Serving {
+            self.out.push(Action::Publish);
+        }
+        let pid = old.pid;
+        self.slots[slot].start_after = Some(old.epoch);
+        self.retire(old, now);
+        Some(pid)
+    }
+
+    /// Stop-first: a retiring worker exited; its slot's successor starts.
+    pub(super) fn successor(&mut self, exited: Epoch, now: Instant) {
+        let Some(slot) = self
+            .slots
+            .iter()
+            .position(|s| s.start_after == Some(exited))
+        else {
+            return;
+        };
+        self.slots[slot].start_after = None;
+        if !self.stopping {
+            self.start_fresh(slot, now);
+        }
+    }
+
+    /// Starts `slot`'s current worker; a stop-first reload waits for it.
+    /// (While one runs, nothing else stops workers: see [`Machine::busy`].)
+    fn start_fresh(&mut self, slot: usize, now: Instant) {
+        if self.slots[slot].current.is_some() {
+            return;
+        }
+        self.spawn_current(slot, now);
+        let epoch = self.slots[slot].current.as_ref().map(|w| w.epoch);
+        if let Some(r) = self.reload.as_mut() {
+            r.fresh = epoch;
+        }
+    }
+
+    /// Stop-first: the reload's new worker ended before it was ready. The
+    /// restart policy takes it on as any worker's end; the reload stops.
+    pub(super) fn fresh_failed(&mut self, slot: usize, epoch: Epoch, why: &str) {
+        if self.reload.as_ref().is_some_and(|r| r.fresh == Some(epoch)) {
+            self.reload_fail(&format!("worker {slot}: {why}"));
+        }
+    }
+
     pub(super) fn reload_fail(&mut self, why: &str) {
         if let Some(d) = self.deploy.as_mut().filter(|d| d.promoting) {
             // Slots already replaced keep the new version: `herd promote`
@@ -169,7 +237,13 @@ impl Machine {
             self.stable_version = d.old;
         }
         if self.reload.take().is_some() {
-            let msg = format!("reload aborted: {why}; the old workers keep serving");
+            let msg = if self.limits.stop_first {
+                format!(
+                    "reload aborted: {why}; it is restarted as after a crash, and the slots not reached keep their workers"
+                )
+            } else {
+                format!("reload aborted: {why}; the old workers keep serving")
+            };
             tracing::error!("{msg}");
             self.out.push(Action::ReloadFailed(msg));
         }
@@ -182,6 +256,10 @@ impl Machine {
         }
         let mut n = 0;
         for slot in 0..self.slots.len() {
+            if self.limits.stop_first {
+                n += usize::from(self.stop_then_start(slot, Cause::Restart, now).is_some());
+                continue;
+            }
             if let Some(old) = self.slots[slot].current.take() {
                 self.retire(old, now);
                 n += 1;

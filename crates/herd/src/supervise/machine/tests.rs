@@ -19,6 +19,7 @@ fn limits() -> Limits {
         watchdog: None,
         max_memory: None,
         not_ready_hint: "",
+        stop_first: false,
     }
 }
 
@@ -250,6 +251,86 @@ fn a_rolling_reload_replaces_one_slot_at_a_time_never_serving_fewer() {
     assert!(has(&out, &Action::ReloadDone { replaced: 2 }));
     assert!(!h.m.reloading());
     assert_eq!(h.serving_epochs(), [3, 4]);
+}
+
+fn stop_first() -> Limits {
+    Limits {
+        stop_first: true,
+        ..limits()
+    }
+}
+
+#[test]
+fn stop_first_a_reload_stops_each_slots_worker_before_its_successor_starts() {
+    let (mut h, old) = H::serving(2, stop_first());
+    let out = h.at(10).on(Input::Reload { slots: None });
+    assert!(
+        spawns(&out).is_empty(),
+        "not while the old one runs: {out:?}"
+    );
+    assert!(has(&out, &Action::Drain { epoch: old[0] }) && has(&out, &Action::Publish));
+    assert_eq!(h.serving_epochs(), [old[1]], "the other slot serves on");
+    h.at(20).on(Input::Drained { epoch: old[0] });
+    let out = h.at(30).exit(old[0]);
+    assert_eq!(spawns(&out), [(0, 3)], "once it has exited");
+    assert_eq!(h.m.current(0).map(|w| w.epoch), Some(3));
+    assert!(h.m.reloading());
+    // The next slot waits for this one's successor to be ready.
+    let out = h.at(40).on(Input::Ready { epoch: 3 });
+    assert!(has(&out, &Action::Drain { epoch: old[1] }), "{out:?}");
+    h.on(Input::Drained { epoch: old[1] });
+    assert_eq!(spawns(&h.at(50).exit(old[1])), [(1, 4)]);
+    let out = h.at(60).on(Input::Ready { epoch: 4 });
+    assert!(has(&out, &Action::ReloadDone { replaced: 2 }), "{out:?}");
+    assert_eq!(h.serving_epochs(), [3, 4]);
+    assert_eq!(h.m.history(0).0, 1, "counted as a restart");
+}
+
+#[test]
+fn stop_first_a_successor_that_fails_is_restarted_by_the_policy_and_ends_the_reload() {
+    let (mut h, old) = H::serving(2, stop_first());
+    h.at(10).on(Input::Reload {
+        slots: Some(vec![1, 0]),
+    });
+    h.on(Input::Drained { epoch: old[1] });
+    assert_eq!(spawns(&h.at(20).exit(old[1])), [(1, 3)]);
+    let out = h.at(30).exit(3);
+    assert!(out.iter().any(|a| matches!(a,
+        Action::ReloadFailed(m) if m.contains("worker 1: the new worker exited with code 1") && m.contains("restarted as after a crash"))), "{out:?}");
+    assert!(!h.m.reloading());
+    assert_eq!(h.deadline(), Some(130), "the policy's back-off");
+    assert_eq!(spawns(&h.timer(130)), [(1, 4)]);
+    assert_eq!(h.serving_epochs(), [old[0]], "slot 0 was not reached");
+}
+
+#[test]
+fn stop_first_a_restart_starts_each_successor_as_its_predecessor_exits() {
+    let (mut h, old) = H::serving(2, stop_first());
+    let out = h.at(10).on(Input::Restart);
+    assert!(spawns(&out).is_empty(), "{out:?}");
+    assert!(has(&out, &Action::Answer(Ok(Answer::Restarted(2)))));
+    assert!(
+        matches!(&h.on(Input::Reload { slots: None })[..], [Action::ReloadFailed(m)] if m.contains("still stopping")),
+        "nothing else until they are back"
+    );
+    h.on(Input::Drained { epoch: old[1] });
+    assert_eq!(spawns(&h.at(20).exit(old[1])), [(1, 3)]);
+    h.on(Input::Drained { epoch: old[0] });
+    assert_eq!(spawns(&h.at(30).exit(old[0])), [(0, 4)]);
+    h.on(Input::Ready { epoch: 3 });
+    h.on(Input::Ready { epoch: 4 });
+    assert_eq!(h.serving_epochs(), [4, 3]);
+    assert!(h.m.busy("reload").is_none());
+}
+
+#[test]
+fn stop_first_a_stop_during_the_gap_starts_nothing() {
+    let (mut h, old) = H::serving(1, stop_first());
+    h.at(10).on(Input::Restart);
+    h.on(Input::Stop);
+    let out = h.at(20).exit(old[0]);
+    assert!(spawns(&out).is_empty(), "{out:?}");
+    assert_eq!(h.m.live(), 0);
 }
 
 #[test]
