@@ -277,6 +277,12 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     let (ok, said) = run("GREETING=first herd start app.js -n api -i 1");
     assert!(ok && said.contains("api: started"), "{said}");
     assert!(body(sb.port).starts_with("first"));
+    let (_, said) = run("herd jlist");
+    let listed: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
+    assert!(
+        listed[0]["status"] == "online" && listed[0]["workers"].as_array().map(Vec::len) == Some(1),
+        "{said}"
+    );
     // `pm2 restart 0`: herd's clusters have names, and the error says so.
     let (ok, said) = run("herd restart 0");
     assert!(
@@ -292,6 +298,13 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
         "{said}"
     );
     assert!(said.contains("api: already stopped"), "{said}");
+    // `pm2 jlist` lists stopped apps too.
+    let (ok, said) = run("herd jlist");
+    let listed: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
+    assert!(
+        ok && listed[0]["name"] == "api" && listed[0]["status"] == "stopped",
+        "{said}"
+    );
     let (ok, said) = run("herd describe api");
     assert!(
         !ok && said.contains("`herd start api` starts it again"),

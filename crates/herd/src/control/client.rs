@@ -438,7 +438,7 @@ fn status(name: Option<&str>, as_json: bool, all_hosts: bool) -> Result<i32, Con
     Ok(0)
 }
 
-/// `herd status all`, `herd list --json`: every running cluster.
+/// `herd status all`: every running cluster.
 fn status_all(as_json: bool) -> Result<i32, ControlError> {
     let all: Vec<Status> = control::running()
         .into_iter()
@@ -561,14 +561,35 @@ fn deploy_table(d: &control::DeployStatus) {
 }
 
 fn list(as_json: bool) -> Result<i32, ControlError> {
-    if as_json {
-        return status_all(true);
-    }
     let all = control::running();
     let stopped: Vec<_> = crate::boot::stopped()
         .into_iter()
         .filter(|c| !all.iter().any(|(m, _)| *m == c.name))
         .collect();
+    if as_json {
+        // Each running cluster's status with `"status": "online"`, then the
+        // stopped ones, as `pm2 jlist` lists both with PM2's words.
+        let mut out: Vec<Value> = all
+            .iter()
+            .filter_map(|(n, p)| control::call::<Status>(n, p, &Request::Status, |_| {}).ok())
+            .filter_map(|v| serde_json::to_value(v).ok())
+            .map(|mut v| {
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("status".into(), "online".into());
+                }
+                v
+            })
+            .collect();
+        out.extend(stopped.iter().map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "status": if c.errored { "errored" } else { "stopped" },
+                "workers": [],
+            })
+        }));
+        crate::outln!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return Ok(0);
+    }
     if all.is_empty() && stopped.is_empty() {
         crate::outln!("no herd cluster is running");
         return Ok(0);
