@@ -169,6 +169,18 @@ fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + s.ready_timeout + Duration::from_secs(10);
     loop {
         if let Some(st) = child.try_wait()? {
+            // A job run once (PM2's `--no-autorestart` script): its workers
+            // ended before it could be seen ready, and the master with them.
+            if st.success() && !s.autorestart {
+                crate::outln!(
+                    "{name}: ran and ended: every worker ended (--autorestart=false), so the master stopped; `herd list` shows it as stopped. Last lines of {}:\n{}",
+                    log.display(),
+                    tail_from(&log, ours_from, 10)
+                        .unwrap_or_default()
+                        .trim_end()
+                );
+                return Ok(());
+            }
             bail!(
                 "the master exited ({st}) before the cluster was ready; last lines of {}:\n{}",
                 log.display(),

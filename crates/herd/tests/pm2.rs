@@ -365,6 +365,16 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     );
     let (ok, said) = run("herd start job");
     assert!(ok && said.contains("job: started"), "{said}");
+    // A script run once (`pm2 start migrate.js --no-autorestart`) ends
+    // before it could be seen ready: that is its success, with its output.
+    let (ok, said) = run(
+        "echo \"console.log('migrated')\" > once.js && herd start once.js --mode fork --no-autorestart",
+    );
+    assert!(
+        ok && said.contains("once: ran and ended") && said.contains("[0] migrated"),
+        "{said}"
+    );
+    assert!(listed("once", "stopped"), "{}", run("herd list").1);
     let (ok, said) = run("herd delete all && herd list");
     assert!(
         ok && said.contains("job: stopped") && said.contains("bad: deleted"),
