@@ -1258,11 +1258,12 @@ fn a_stop_closes_idle_keep_alive_connections_at_once() {
 /// Fork mode (PM2's): a program that serves no port runs as it is, with its
 /// own `PORT` untouched, and a reload or restart stops each worker before
 /// its successor starts, so even one that binds a fixed port of its own
-/// (two at once would fail) is reloaded and restarted.
+/// (two at once would fail) is reloaded and restarted. Written for PM2, it
+/// stops on SIGINT: `--kill-signal INT`.
 #[test]
 fn fork_mode_runs_programs_as_they_are_and_stops_each_worker_before_its_successor() {
     const PROGRAM: &str = r#"
-import os, signal, socket, sys, time
+import os, socket, time
 me = os.environ['HERD_WORKER_ID'] + ' ' + str(os.getpid())
 def say(what):
     with open(os.environ['JOURNAL'], 'a') as f:
@@ -1271,9 +1272,11 @@ s = socket.socket()
 s.bind(('127.0.0.1', int(os.environ['PORT'])))
 s.listen()
 say('start port=%s listen=%s' % (os.environ['PORT'], os.environ.get('HERD_LISTEN', '-')))
-signal.signal(signal.SIGTERM, lambda *_: (say('stop'), sys.exit(0)))
-while True:
-    time.sleep(1)
+try:
+    while True:
+        time.sleep(1)
+except KeyboardInterrupt:  # SIGINT, as PM2 stops a program
+    say('stop')
 "#;
     let journal = std::env::temp_dir().join(format!("herd-fork-{}", std::process::id()));
     let _ = std::fs::remove_file(&journal);
@@ -1284,7 +1287,8 @@ while True:
         std::process::Command::new(HERD)
             .env("PORT", &port)
             .env("JOURNAL", &journal)
-            .args(["run", "--mode", "fork", "--name", &cluster, "--"])
+            .args(["run", "--mode", "fork", "--kill-signal", "INT"])
+            .args(["--name", &cluster, "--"])
             .args(["python3", "-c", PROGRAM]),
         0,
     );

@@ -262,6 +262,43 @@ impl TryFrom<String> for Dur {
     }
 }
 
+/// A signal as `herd signal` takes it: `SIGUSR2`, `USR2`, `usr2` or `12`.
+pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
+    use nix::sys::signal::Signal;
+    let t = s.trim();
+    let sig = if let Ok(n) = t.parse::<i32>() {
+        Signal::try_from(n).ok()
+    } else {
+        let up = t.to_ascii_uppercase();
+        let full = if up.starts_with("SIG") {
+            up
+        } else {
+            format!("SIG{up}")
+        };
+        full.parse::<Signal>().ok()
+    };
+    sig.ok_or_else(|| format!("{s:?} is not a signal (for example SIGUSR2, USR2 or 12)"))
+}
+
+/// `--kill-signal`: what stops a worker (systemd's `KillSignal=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct KillSignal(pub nix::sys::signal::Signal);
+
+impl FromStr for KillSignal {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_signal(s).map(KillSignal)
+    }
+}
+
+impl TryFrom<String> for KillSignal {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
 /// A `--cron-restart` pattern (PM2's `cron_restart`), in local time: five
 /// fields, minute first, or six with seconds first, read by croner, the
 /// parser PM2 itself uses.
@@ -444,9 +481,12 @@ options! {
     /// program that serves none or binds its own (1 worker by default).
     #[arg(long, value_enum)]
     mode: Option<Mode>,
-    /// Grace between SIGTERM and SIGKILL [default: 5s].
+    /// Grace between the kill signal and SIGKILL [default: 5s].
     #[arg(long, value_name = "DUR")]
     kill_timeout: Option<Dur>,
+    /// The signal that stops a worker [default: SIGTERM]; PM2 sends SIGINT.
+    #[arg(long, value_name = "SIGNAL")]
+    kill_signal: Option<KillSignal>,
     /// How long a leaving worker (or, on stop, the proxy) may take to finish its requests before SIGTERM [default: 5s].
     #[arg(long, value_name = "DUR")]
     drain_timeout: Option<Dur>,
@@ -759,6 +799,8 @@ pub struct Settings {
     pub instances: usize,
     pub mode: Mode,
     pub kill_timeout: Duration,
+    /// `--kill-signal`: what stops a worker (then SIGKILL after `kill_timeout`).
+    pub kill_signal: nix::sys::signal::Signal,
     pub drain_timeout: Duration,
     pub ready_timeout: Duration,
     pub wait_ready: bool,
@@ -1352,6 +1394,9 @@ impl Settings {
             instances,
             mode,
             kill_timeout: d(o.kill_timeout, default::KILL_TIMEOUT),
+            kill_signal: o
+                .kill_signal
+                .map_or(nix::sys::signal::Signal::SIGTERM, |k| k.0),
             drain_timeout: d(o.drain_timeout, default::DRAIN_TIMEOUT),
             ready_timeout,
             wait_ready: o.wait_ready.unwrap_or(false),

@@ -344,23 +344,7 @@ impl From<Done> for Line {
     }
 }
 
-/// A signal as `herd signal` takes it: `SIGUSR2`, `USR2`, `usr2` or `12`.
-pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
-    use nix::sys::signal::Signal;
-    let t = s.trim();
-    let sig = if let Ok(n) = t.parse::<i32>() {
-        Signal::try_from(n).ok()
-    } else {
-        let up = t.to_ascii_uppercase();
-        let full = if up.starts_with("SIG") {
-            up
-        } else {
-            format!("SIG{up}")
-        };
-        full.parse::<Signal>().ok()
-    };
-    sig.ok_or_else(|| format!("{s:?} is not a signal (for example SIGUSR2, USR2 or 12)"))
-}
+pub use crate::config::parse_signal;
 
 fn is_zero(v: &u32) -> bool {
     *v == 0

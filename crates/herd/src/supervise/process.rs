@@ -354,10 +354,10 @@ impl Supervisor {
             return;
         };
         let notice = p.ipc.as_ref().map(|ch| ch.shutdown_notice());
-        let pid = p.pid;
+        let (pid, signal) = (p.pid, self.s.kill_signal);
         tokio::spawn(async move {
             crate::ipc::notice_written(notice).await;
-            kill_group(pid, Signal::SIGTERM);
+            kill_group(pid, signal);
         });
     }
 
