@@ -158,7 +158,7 @@ fn with_a_token_everything_needs_it_but_public_metrics() {
     let admin = free_port();
     let addr = format!("0.0.0.0:{admin}");
     let h = Herd::spawn(
-        std::process::Command::new(HERD)
+        herd_cmd()
             .args([
                 "run",
                 "-i",

@@ -975,7 +975,7 @@ http.createServer((req, res) => {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let h = Herd::spawn(
-        Command::new(HERD).env("HERD_LOG", "debug").args([
+        herd_cmd().env("HERD_LOG", "debug").args([
             "run", "--listen", &listen, "-i", "1", "--", "node", "-e", script,
         ]),
         port,

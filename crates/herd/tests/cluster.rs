@@ -89,7 +89,7 @@ fn a_stopped_worker_is_taken_out_and_back_when_it_goes_on() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let h = Herd::spawn(
-        std::process::Command::new(HERD)
+        herd_cmd()
             .env("HERD_LOG", "info,herd::upstream=debug")
             .args(["run", "--listen", &listen, "-i", "2"])
             .args(["--health-interval", "200ms", "--response-timeout", "60s"])
@@ -877,13 +877,7 @@ fn config_file_is_read_and_flags_override_it() {
     )
     .unwrap();
     let h = Herd::spawn(
-        std::process::Command::new(HERD).args([
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "-i",
-            "2",
-        ]),
+        herd_cmd().args(["run", "--config", cfg.to_str().unwrap(), "-i", "2"]),
         port,
     );
     h.wait_ready(2);
@@ -1214,7 +1208,7 @@ fn a_script_runs_with_the_interpreter_its_extension_names() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let pm2_order = Herd::spawn(
-        std::process::Command::new(HERD).args([
+        herd_cmd().args([
             "run", script, "-i", "1", "--listen", &listen, "--name", "pm2ish",
         ]),
         port,
@@ -1284,7 +1278,7 @@ except KeyboardInterrupt:  # SIGINT, as PM2 stops a program
     let port = free_port().to_string();
     let cluster = name("fork");
     let h = Herd::spawn(
-        std::process::Command::new(HERD)
+        herd_cmd()
             .env("PORT", &port)
             .env("JOURNAL", &journal)
             .args(["run", "--mode", "fork", "--kill-signal", "INT"])

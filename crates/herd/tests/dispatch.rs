@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -90,7 +90,7 @@ fn least_conn_steers_new_connections_away_from_a_busy_worker() {
     for c in held.iter_mut() {
         assert_eq!(request_on(c), 0);
     }
-    let out = Command::new(HERD)
+    let out = herd_cmd()
         .args(["scale", "--name", &name, "2"])
         .stdin(Stdio::null())
         .output()
@@ -260,7 +260,7 @@ fn reloading_an_unmodified_node_app_fails_no_request() {
             })
             .collect();
         assert!(wait_until(T, || done.load(Ordering::Relaxed) >= 50));
-        let out = Command::new(HERD)
+        let out = herd_cmd()
             .args(["reload", "--name", &name])
             .stdin(Stdio::null())
             .output()

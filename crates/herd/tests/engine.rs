@@ -672,10 +672,7 @@ fn herd_stop_answers_for_a_cluster_of_upstreams_only() {
     assert!(wait_until(T, || herd(&["status", "--name", &name])
         .status
         .success()));
-    let out = std::process::Command::new(HERD)
-        .args(["stop", "--name", &name])
-        .output()
-        .unwrap();
+    let out = herd_cmd().args(["stop", "--name", &name]).output().unwrap();
     assert!(
         out.status.success(),
         "herd stop: {}",

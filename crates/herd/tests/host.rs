@@ -365,7 +365,7 @@ fn under_systemd_herd_says_ready_pings_the_watchdog_and_says_stopping() {
     let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(T)).unwrap();
     let port = free_port();
-    let mut cmd = Command::new(HERD);
+    let mut cmd = herd_cmd();
     cmd.args([
         "run",
         "--listen",

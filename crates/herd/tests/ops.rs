@@ -423,7 +423,7 @@ fn start_runs_in_the_background_and_logs_to_a_rotated_file() {
         "i=0; while [ $i -lt 100 ]; do echo \"line $i of start-up noise\"; i=$((i+1)); done; exec {DEMO}"
     );
     let herd_env = |args: &[&str]| {
-        Command::new(HERD)
+        herd_cmd()
             .args(args)
             .env("XDG_STATE_HOME", &state)
             .stdin(Stdio::null())
@@ -483,7 +483,7 @@ fn start_runs_in_the_background_and_logs_to_a_rotated_file() {
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
     )
     .unwrap();
-    let out = Command::new(HERD)
+    let out = herd_cmd()
         .args(["logs", "-n", "3"])
         .env("XDG_STATE_HOME", &state)
         .env("XDG_RUNTIME_DIR", &runtime)
@@ -629,7 +629,7 @@ fn restart_replaces_every_worker_at_once() {
     };
     assert_eq!(tag(&h).as_deref(), Some(""));
     let with_tag = |args: &[&str]| {
-        let out = Command::new(HERD)
+        let out = herd_cmd()
             .args(args)
             .env("HERD_DEMO_TAG", "updated")
             .stdin(Stdio::null())
@@ -730,7 +730,7 @@ fn start_on_a_port_in_use_shows_only_its_own_log_lines() {
     .unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = Command::new(HERD)
+    let out = herd_cmd()
         .args(["start", "--name", &n, "--listen", &addr, "--", DEMO])
         .env("XDG_STATE_HOME", &state)
         .stdin(Stdio::null())
@@ -749,7 +749,7 @@ fn follow_seqs(
     n: &str,
     env: &dyn Fn(&mut Command),
 ) -> (std::process::Child, std::sync::mpsc::Receiver<u32>) {
-    let mut follow = Command::new(HERD);
+    let mut follow = herd_cmd();
     follow
         .args(["logs", "--name", n, "-f", "-n", "0"])
         .stdout(Stdio::piped());
@@ -780,7 +780,7 @@ fn end_follow(
 ) {
     let _ = follower.kill();
     let _ = follower.wait();
-    let mut stop = Command::new(HERD);
+    let mut stop = herd_cmd();
     stop.args(["stop", "--name", n]);
     env(&mut stop);
     let _ = stop.output();
@@ -802,7 +802,7 @@ fn logs_follow_goes_on_after_a_flush() {
         c.env("XDG_STATE_HOME", &state).stdin(Stdio::null());
     };
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut start = Command::new(HERD);
+    let mut start = herd_cmd();
     start.args([
         "start", "--name", &n, "--listen", &listen, "-i", "1", "--", "sh", "-c", &script,
     ]);
@@ -810,7 +810,7 @@ fn logs_follow_goes_on_after_a_flush() {
     ok(&start.output().unwrap());
     let (child, rx) = follow_seqs(&n, &env);
     let first = rx.recv_timeout(T).expect("no line followed");
-    let mut flush = Command::new(HERD);
+    let mut flush = herd_cmd();
     flush.args(["flush", &n]);
     env(&mut flush);
     ok(&flush.output().unwrap());
@@ -847,7 +847,7 @@ fn logs_follow_loses_no_line_at_a_rotation() {
     let env = |c: &mut Command| {
         c.env("XDG_STATE_HOME", &state).stdin(Stdio::null());
     };
-    let mut start = Command::new(HERD);
+    let mut start = herd_cmd();
     start.args([
         "start",
         "--name",
@@ -1148,8 +1148,10 @@ fn herd_signal_reaches_one_worker_or_all() {
 #[test]
 fn clusters_are_named_as_pm2_users_type_them_and_all_means_every_one() {
     // Issue 18's PM2 habits: `herd stop api`, `herd reload all`,
-    // `herd list --json`. A runtime dir of its own: `all` means only these.
+    // `herd list --json`. Runtime and state dirs of its own: `all` means
+    // only these, and `herd list` shows no cluster other tests stopped.
     let runtime = std::env::temp_dir().join(format!("herd-run-all-{}", std::process::id()));
+    let state = runtime.join("state");
     std::fs::create_dir_all(&runtime).unwrap();
     std::fs::set_permissions(
         &runtime,
@@ -1157,9 +1159,10 @@ fn clusters_are_named_as_pm2_users_type_them_and_all_means_every_one() {
     )
     .unwrap();
     let cli = |args: &[&str]| {
-        Command::new(HERD)
+        herd_cmd()
             .args(args)
             .env("XDG_RUNTIME_DIR", &runtime)
+            .env("XDG_STATE_HOME", &state)
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -1171,11 +1174,12 @@ fn clusters_are_named_as_pm2_users_type_them_and_all_means_every_one() {
             let port = free_port();
             let listen = format!("127.0.0.1:{port}");
             let h = Herd::spawn(
-                Command::new(HERD)
+                herd_cmd()
                     .args([
                         "run", "--name", n, "--listen", &listen, "-i", "1", "--", DEMO,
                     ])
-                    .env("XDG_RUNTIME_DIR", &runtime),
+                    .env("XDG_RUNTIME_DIR", &runtime)
+                    .env("XDG_STATE_HOME", &state),
                 port,
             );
             h.wait_ready(1);

@@ -65,7 +65,7 @@ impl Host {
         let port = free_port();
         let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hosts/app.py");
         let herd = Herd::spawn(
-            Command::new(HERD)
+            herd_cmd()
                 .env("XDG_RUNTIME_DIR", &dir)
                 .args(["run", "--name", "app", "-i", "2", "--host-name", host])
                 .args(["--redis", redis, "--listen", &format!("127.0.0.1:{port}")])

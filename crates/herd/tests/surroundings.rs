@@ -30,7 +30,7 @@ fn new_pid_of_worker_0(h: &Herd, old: u32) -> u32 {
 fn closed_stdout_and_stderr_do_not_stop_the_master() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(HERD)
+    let mut child = herd_cmd()
         .args(["run", "--listen", &listen, "-i", "1", "--", DEMO])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -81,7 +81,7 @@ fn an_output_nobody_reads_stops_nothing() {
     let (reader, writer) = std::io::pipe().unwrap();
     // `yes` fills the pipe at once and goes on writing.
     let flood = format!("yes flood & exec {DEMO}");
-    let child = Command::new(HERD)
+    let child = herd_cmd()
         .args([
             "run", "--listen", &listen, "-i", "1", "--", "sh", "-c", &flood,
         ])
@@ -131,7 +131,7 @@ fn an_output_nobody_reads_stops_nothing() {
 fn cli_into_closed_pipe(args: &[&str], xdg: &Path) -> std::process::Child {
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    Command::new(HERD)
+    herd_cmd()
         .args(args)
         .env("XDG_RUNTIME_DIR", xdg)
         .stdin(Stdio::null())
@@ -162,10 +162,7 @@ fn cli_output_into_a_closed_pipe_ends_quietly() {
         "--",
         DEMO,
     ];
-    let h = Herd::spawn(
-        Command::new(HERD).args(args).env("XDG_RUNTIME_DIR", &dir),
-        port,
-    );
+    let h = Herd::spawn(herd_cmd().args(args).env("XDG_RUNTIME_DIR", &dir), port);
     let pid0 = h.worker_pids(1)[0];
 
     for args in [
@@ -211,7 +208,7 @@ fn signals_herd_does_not_use_are_logged_and_ignored() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let h = Herd::spawn(
-        Command::new(HERD)
+        herd_cmd()
             .args(["run", "--listen", &listen, "-i", "1", "--", DEMO])
             .env("XDG_RUNTIME_DIR", &dir),
         port,

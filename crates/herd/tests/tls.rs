@@ -414,7 +414,7 @@ fn tls_in_front_of(name: &str, bport: u16) -> (Pki, Herd, u16) {
     let listen = format!("127.0.0.1:{port}");
     let mut all: Vec<&str> = vec!["run", "--listen", &listen, "--health-interval", "0"];
     all.extend(args.iter().map(String::as_str));
-    let h = Herd::spawn(Command::new(HERD).args(&all), port);
+    let h = Herd::spawn(herd_cmd().args(&all), port);
     assert!(h.wait_log("listening on", T), "{}", h.log());
     (pki, h, port)
 }

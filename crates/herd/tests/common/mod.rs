@@ -11,6 +11,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const HERD: &str = env!("CARGO_BIN_EXE_herd");
+
+/// `herd`, with a state directory of this test binary's own unless the
+/// test gives one: `herd stop` records what it stopped there, and a test's
+/// clusters must not show up in the `herd list` of the user running it (or
+/// of another test).
+pub fn herd_cmd() -> Command {
+    let mut c = Command::new(HERD);
+    c.env("XDG_STATE_HOME", test_state());
+    c
+}
+
+fn test_state() -> PathBuf {
+    std::env::temp_dir().join(format!("herd-test-state-{}", std::process::id()))
+}
 pub const DEMO: &str = env!("CARGO_BIN_EXE_herd-demo");
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
@@ -72,7 +86,7 @@ impl Herd {
         all.extend_from_slice(args);
         all.push("--");
         all.extend_from_slice(cmd);
-        Self::spawn(Command::new(HERD).args(&all), port)
+        Self::spawn(herd_cmd().args(&all), port)
     }
 
     /// [`Herd::start`] under `prlimit --nofile=SOFT:HARD` (util-linux).
@@ -81,6 +95,7 @@ impl Herd {
         let listen = format!("127.0.0.1:{port}");
         let limit = format!("--nofile={nofile}");
         let mut c = Command::new("prlimit");
+        c.env("XDG_STATE_HOME", test_state());
         c.args([&limit, HERD, "run", "--listen", &listen])
             .args(args)
             .arg("--")
@@ -291,7 +306,7 @@ pub fn listeners(port: u16) -> usize {
 /// A herd still running after 15 s is killed and reported as code 0, so a
 /// test expecting failure fails instead of hanging.
 pub fn run_fail(args: &[&str]) -> (i32, String) {
-    let mut child = Command::new(HERD)
+    let mut child = herd_cmd()
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -324,16 +339,12 @@ pub fn name(tag: &str) -> String {
 }
 
 pub fn herd(args: &[&str]) -> Output {
-    Command::new(HERD)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    herd_cmd().args(args).stdin(Stdio::null()).output().unwrap()
 }
 
 /// The CLI with its own run directory (`XDG_RUNTIME_DIR`), as on another host.
 pub fn herd_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(HERD)
+    herd_cmd()
         .env("XDG_RUNTIME_DIR", dir)
         .args(args)
         .stdin(Stdio::null())
