@@ -1,5 +1,6 @@
 // A PM2 ecosystem file, as PM2 users write it. `herd start ecosystem.config.js`
 // starts each app as its own cluster; `--env production` applies env_production.
+// `jobs` serves no port: it runs in fork mode, as PM2 would run it.
 module.exports = {
   apps: [
     {
@@ -17,6 +18,11 @@ module.exports = {
       script: './app.js',
       instances: 'max',
       env: { PORT: 3001, GREETING: 'web' },
+    },
+    {
+      // No port: a worker of the queue, run in fork mode.
+      name: 'jobs',
+      script: './jobs.js',
     },
   ],
 };
