@@ -94,10 +94,13 @@
   // Ready: Node cannot send sd_notify's Unix datagram, so the line goes
   // on herd's message channel (fd 4), written without taking the fd over
   // (the app may read that channel itself).
-  const sayReady = () => {
+  // `asked`: the port the app's own listen() named, for herd to say where
+  // the app is served when that is elsewhere (a port written in its code).
+  const sayReady = (asked) => {
     const fd = Number(process.env.HERD_IPC_FD);
     if (!fd) return;
-    try { require('fs').writeSync(fd, '{"type":"listening"}\n'); } catch (_) { /* no channel */ }
+    const msg = JSON.stringify(asked ? { type: 'listening', port: asked } : { type: 'listening' });
+    try { require('fs').writeSync(fd, msg + '\n'); } catch (_) { /* no channel */ }
   };
 
   // Keep-alive clients across a stop (HAProxy's soft stop): once an HTTP
@@ -207,7 +210,7 @@
       // The app takes herd's socket itself: it is the public server.
       claimed = true;
       track(this);
-      this.once('listening', sayReady);
+      this.once('listening', () => sayReady());
       return origListen.apply(this, args);
     }
     const port = claimed ? null : portOf(args);
@@ -222,7 +225,7 @@
       listenDispatch(this, cb);
       return this;
     }
-    if (mode !== 'dispatch') this.once('listening', sayReady);
+    if (mode !== 'dispatch') this.once('listening', () => sayReady(port));
     if ((mode === 'shared' || mode === 'reuseport') && process.env.LISTEN_FDS) {
       delete process.env.LISTEN_FDS;
       delete process.env.LISTEN_PID;

@@ -1205,6 +1205,8 @@ fn a_script_runs_with_the_interpreter_its_extension_names() {
     let (status, body) = h.get("/").unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(h.log().contains("hello: 1 worker"), "{}", h.log());
+    // It listens on its PORT, as herd asks: no hint about a port of its own.
+    assert!(!h.log().contains("asks for port"), "{}", h.log());
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let pm2_order = Herd::spawn(

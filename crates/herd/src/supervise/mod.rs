@@ -192,6 +192,8 @@ pub struct Supervisor {
     http: Option<Arc<HttpProxy>>,
     /// Fd modes: each listening socket's accept queue, watched once a second.
     stalls: Vec<stall::Stall>,
+    /// A Node app's own port (written in its code) was named in the log.
+    port_hinted: bool,
 }
 
 /// Runs the cluster until it is stopped; returns the process exit code.
@@ -403,6 +405,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         tls,
         http: None,
         stalls: Vec::new(),
+        port_hinted: false,
     };
     let access_log = match &sup.s.access_log {
         Some(cfg) if sup.s.mode == Mode::Proxy => Some(Arc::new(

@@ -233,6 +233,25 @@ impl Supervisor {
             .map_err(|e| format!("worker {id} cannot receive: {e}"))
     }
 
+    /// Proxy mode: a Node app whose own `listen()` names a port other than
+    /// its `PORT` (one written in its code, as apps run under PM2's cluster
+    /// mode may have) is served on herd's port instead: the log says so
+    /// once, with how to keep the app's port.
+    fn port_hint(&mut self, epoch: u64, slot: usize, asked: u64) {
+        let Some(given) = self.procs.get(&epoch).and_then(|p| p.port) else {
+            return; // fd modes: no PORT was given to ignore
+        };
+        let public = u64::from(self.s.listen.port());
+        if self.port_hinted || asked == u64::from(given) || asked == public {
+            return;
+        }
+        self.port_hinted = true;
+        tracing::warn!(
+            "worker {slot}: the app asks for port {asked} in its code; herd serves it on {} (--listen), not on {asked}. To keep port {asked}, give --listen {asked} (in an ecosystem file, env.PORT: {asked})",
+            self.s.listen
+        );
+    }
+
     /// Delivers to every worker but `except`; returns (delivered, failures).
     fn broadcast(&self, except: Option<usize>, from: &Value, data: &Value) -> (usize, Vec<String>) {
         let (mut n, mut failed) = (0, Vec::new());
@@ -262,6 +281,11 @@ impl Supervisor {
         // passed port probe. In dispatch mode only the dispatch socket's
         // `listening` counts.
         let kind = msg.get("type").and_then(Value::as_str);
+        if kind == Some("listening")
+            && let Some(asked) = msg.get("port").and_then(Value::as_u64)
+        {
+            self.port_hint(epoch, slot, asked);
+        }
         if matches!(kind, Some("ready" | "listening")) {
             let weak = kind == Some("listening");
             if self.s.mode != Mode::Dispatch && !(weak && self.s.wait_ready) {
