@@ -663,6 +663,20 @@ fn a_worker_that_never_gets_ready_is_replaced() {
     );
 }
 
+/// A program that listens nowhere (a queue consumer started without
+/// `--mode fork`, as `pm2 start worker.js` would run it) is pointed at fork
+/// mode long before `--ready-timeout` ends the wait.
+#[test]
+fn a_worker_that_listens_nowhere_is_pointed_at_fork_mode() {
+    let h = Herd::start(&["-i", "1", "--ready-timeout", "30s"], &["sleep", "60"]);
+    assert!(h.wait_log("it listens on no port yet", T), "{}", h.log());
+    let log = h.log();
+    assert!(
+        log.contains("runs with --mode fork") && !log.contains("killing it"),
+        "{log}"
+    );
+}
+
 /// A server on a port of its own choosing (written in its code, a
 /// framework's default) is never ready: the log names the port it took and
 /// the one herd waits on, in time to read before the crash loop.

@@ -40,6 +40,10 @@ const PROBE_EVERY: Duration = Duration::from_millis(50);
 /// a port of its own, the log says so (see [`elsewhere`]).
 const LOOK_AFTER: Duration = Duration::from_secs(2);
 const LOOK_EVERY: Duration = Duration::from_secs(5);
+/// A worker that still listens nowhere this long after its start may
+/// serve no port at all: the log says so once (see [`nowhere`]). Later than
+/// [`LOOK_AFTER`]: many servers take seconds to bind, and say nothing wrong.
+const NOWHERE_AFTER: Duration = Duration::from_secs(7);
 
 /// A release as the driver starts it: what to run, and `NODE_OPTIONS`
 /// with herd's preload when it is a Node program.
@@ -527,14 +531,21 @@ async fn readiness(
             _ => std::future::pending().await,
         };
         let mut after = LOOK_AFTER;
+        let mut said_nowhere = false;
         tokio::time::sleep(after).await;
         loop {
             let found = tokio::task::spawn_blocking(move || crate::os::sockets::listening(pgid));
-            if let Ok(found) = found.await
-                && let Some(why) = elsewhere(probe, &found)
-            {
+            let Ok(found) = found.await else { break };
+            if let Some(why) = elsewhere(probe, &found) {
                 tracing::warn!("worker {slot} (pid {pid}) is not ready after {after:?}: {why}");
                 break;
+            }
+            if after >= NOWHERE_AFTER
+                && !said_nowhere
+                && let Some(why) = nowhere(probe, &found)
+            {
+                said_nowhere = true;
+                tracing::warn!("worker {slot} (pid {pid}) is not ready after {after:?}: {why}");
             }
             tokio::time::sleep(LOOK_EVERY).await;
             after += LOOK_EVERY;
@@ -571,6 +582,18 @@ fn elsewhere(probe: Probe, listening: &[SocketAddr]) -> Option<String> {
             "it listens on {} itself; dispatch mode hands connections only to a worker that \
              speaks its protocol (herd's Node preload, herd-sdk). For this server use --mode proxy, shared or reuseport",
             shown()
+        )),
+        _ => None,
+    }
+}
+
+/// Why a worker herd waits on to listen may never do so: it listens
+/// nowhere (a queue consumer, a bot, a script run as a server).
+fn nowhere(probe: Probe, listening: &[SocketAddr]) -> Option<String> {
+    match probe {
+        Probe::Port(p) if listening.is_empty() => Some(format!(
+            "it listens on no port yet, and herd waits until it listens on its PORT ({p}), up to --ready-timeout. \
+             A program that serves no port (a queue consumer, a scheduler) runs with --mode fork"
         )),
         _ => None,
     }
@@ -684,7 +707,7 @@ pub(super) fn kill_group(pgid: u32, sig: Signal) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Probe, elsewhere};
+    use super::{Probe, elsewhere, nowhere};
     use std::net::SocketAddr;
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
@@ -713,5 +736,20 @@ mod tests {
         assert_eq!(elsewhere(Probe::NotifyOnly, &own), None);
         let many = addrs(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]);
         assert!(elsewhere(Probe::Dispatch, &many).unwrap().contains(":3, …"));
+    }
+
+    #[test]
+    fn a_worker_that_listens_nowhere_is_pointed_at_fork_mode() {
+        let why = nowhere(Probe::Port(41000), &[]).unwrap();
+        assert!(
+            why.contains("(41000)") && why.contains("--mode fork"),
+            "{why}"
+        );
+        // Listening somewhere is `elsewhere`'s case; fd modes wait on a grace.
+        assert_eq!(
+            nowhere(Probe::Port(41000), &addrs(&["127.0.0.1:3000"])),
+            None
+        );
+        assert_eq!(nowhere(Probe::Grace(std::time::Duration::ZERO), &[]), None);
     }
 }
