@@ -214,9 +214,12 @@ fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             bail!(
-                "the cluster is not ready yet (pid {}); see `herd status --name {name}` and {}",
+                "the cluster is not ready yet (pid {}); see `herd status --name {name}`; last lines of {}:\n{}",
                 child.id(),
-                log.display()
+                log.display(),
+                tail_from(&log, ours_from, 10)
+                    .unwrap_or_default()
+                    .trim_end()
             );
         }
         std::thread::sleep(Duration::from_millis(100));
