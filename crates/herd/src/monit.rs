@@ -92,7 +92,7 @@ impl App {
                 crate::console::served(&s.mode, &s.listen),
                 s.pid,
                 human_secs(s.uptime),
-                s.workers.len(),
+                s.workers.iter().filter(|w| w.state.has_process()).count(),
                 total,
                 if s.reloading { " · reloading" } else { "" }
             ))

@@ -608,7 +608,8 @@ fn crash_loop_stops_with_a_clear_message() {
 /// stays down, the others serve, and the cluster ends with the last one.
 #[test]
 fn without_autorestart_ended_workers_stay_down_and_the_last_ends_the_cluster() {
-    let mut h = Herd::start(&["-i", "2", "--no-autorestart"], &[DEMO]);
+    let n = name("noauto");
+    let mut h = Herd::start(&["-i", "2", "--no-autorestart", "--name", &n], &[DEMO]);
     h.wait_ready(2);
     let pids = h.worker_pids(2);
     signal(pids[0], "KILL");
@@ -616,6 +617,26 @@ fn without_autorestart_ended_workers_stay_down_and_the_last_ends_the_cluster() {
         h.wait_log("worker 0 stays down (--autorestart=false)", T),
         "{}",
         h.log()
+    );
+    // `herd status` lists the empty slot, as `pm2 ls` lists a stopped app.
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&herd(&["status", "--name", &n, "--json"]))).unwrap();
+    let w0 = &st["workers"][0];
+    assert!(
+        w0["id"] == 0 && w0["state"] == "stopped" && w0["pid"] == 0,
+        "{st}"
+    );
+    assert!(
+        w0["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("SIGKILL")),
+        "{st}"
+    );
+    assert_eq!(st["workers"][1]["state"], "ready", "{st}");
+    let table = ok(&herd(&["status", "--name", &n]));
+    assert!(
+        table.contains("stopped: no process, and none starts"),
+        "{table}"
     );
     for _ in 0..4 {
         let (code, body) = h.get("/").unwrap();

@@ -100,11 +100,11 @@ impl Collector for Scrape {
                 ConstGauge::new(1i64),
             )],
         )?;
-        let states = ["starting", "ready", "stopping"];
+        let states = ["starting", "ready", "stopping", "waiting", "stopped"];
         family(
             &mut enc,
             "herd_workers",
-            "Worker processes by state.",
+            "Workers by state (waiting, stopped: a slot without a process).",
             MetricType::Gauge,
             states.map(|st| {
                 let n = s

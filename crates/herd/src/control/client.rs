@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use crate::cli::Command;
-use crate::control::{self, ControlError, Done, Request, Status};
+use crate::control::{self, ControlError, Done, Request, Status, WorkerState};
 
 /// Runs one control command; returns the exit code.
 pub fn run(cmd: Command) -> Result<i32, ControlError> {
@@ -490,6 +490,25 @@ fn table(name: &str, v: &Status) {
         } else {
             w.id.to_string()
         };
+        if !w.state.has_process() {
+            // An empty slot: what it had, and how it ended.
+            crate::outln!(
+                "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>6}  {:>7}  {:>5}  {:>9}  {:>7}  {:>7}  {}",
+                id,
+                "-",
+                w.shown_state(),
+                "-",
+                w.restarts,
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                w.last_exit.as_deref().unwrap_or("-"),
+            );
+            continue;
+        }
         crate::outln!(
             "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>5.1}%  {:>7}  {:>5}  {:>9}  {:>7}  {:>7}  {}",
             id,
@@ -504,6 +523,14 @@ fn table(name: &str, v: &Status) {
             opt(w.rps),
             opt(w.p99_ms),
             w.last_exit.as_deref().unwrap_or("-"),
+        );
+    }
+    if v.workers.iter().any(|w| w.state == WorkerState::Waiting) {
+        crate::outln!("waiting: no process; the next one starts after the back-off");
+    }
+    if v.workers.iter().any(|w| w.state == WorkerState::Stopped) {
+        crate::outln!(
+            "stopped: no process, and none starts (--autorestart=false); herd reload or restart starts one"
         );
     }
     if v.workers.iter().any(|w| w.shown_state() == "down") {
@@ -613,7 +640,7 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
                 "{:<24}  {:>7}  {:>7}  {:<9}  {:<22}  {:>8}  {:>5.1}%  {:>8}  {}",
                 name,
                 v.pid,
-                v.workers.len(),
+                v.workers.iter().filter(|w| w.state.has_process()).count(),
                 v.mode,
                 v.listen,
                 v.workers.iter().map(|w| w.restarts).sum::<u64>(),
@@ -685,13 +712,12 @@ fn wait_exit(name: &str, pid: u32) -> Result<(), ControlError> {
 /// same) and its uptime (since the request), and done once its workers are
 /// ready.
 fn upgrade(name: &str, path: &std::path::Path) -> Result<(), ControlError> {
-    use crate::control::WorkerState;
     const WAIT: std::time::Duration = std::time::Duration::from_secs(120);
     let before: Status = control::call(name, path, &Request::Status, |_| {})?;
     let workers = before
         .workers
         .iter()
-        .filter(|w| w.state != WorkerState::Stopping)
+        .filter(|w| w.state != WorkerState::Stopping && w.state.has_process())
         .count();
     let asked = std::time::Instant::now();
     match control::call::<Done>(name, path, &Request::Upgrade, |p| {

@@ -309,6 +309,8 @@ impl WorkerRow {
             WorkerState::Ready => "ready",
             WorkerState::Starting => "starting",
             WorkerState::Stopping => "stopping",
+            WorkerState::Waiting => "waiting",
+            WorkerState::Stopped => "stopped",
         }
     }
 }
@@ -319,6 +321,22 @@ pub enum WorkerState {
     Starting,
     Ready,
     Stopping,
+    /// A slot without a process whose next one is due (a restart's
+    /// back-off, or its predecessor still exiting): PM2's "waiting restart".
+    Waiting,
+    /// A slot without a process that stays so (`--autorestart=false`, or
+    /// the cluster stopping): PM2's "stopped".
+    Stopped,
+}
+
+impl WorkerState {
+    /// Whether a process runs in this state (the others are empty slots).
+    pub fn has_process(self) -> bool {
+        matches!(
+            self,
+            WorkerState::Starting | WorkerState::Ready | WorkerState::Stopping
+        )
+    }
 }
 
 /// One line of an answer, as the master sends it.

@@ -435,6 +435,28 @@ impl Machine {
             .filter(|w| w.state == State::Serving)
     }
 
+    /// Slots with no worker starting or serving: each one's index, the
+    /// version it runs, and whether a worker is due (after a back-off, or
+    /// once its predecessor has exited).
+    pub fn empty_slots(&self) -> impl Iterator<Item = (usize, u32, bool)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.current.is_none() && s.next.is_none())
+            .map(|(i, s)| {
+                let due = s.restart_at.is_some() || s.start_after.is_some();
+                (i, self.version_of(s.group), due)
+            })
+    }
+
+    /// The version a slot of `group` starts.
+    fn version_of(&self, group: Group) -> u32 {
+        match (group, self.deploy) {
+            (Group::New, Some(d)) => d.new,
+            _ => self.stable_version,
+        }
+    }
+
     /// A slot's restarts and how its last worker ended.
     pub fn history(&self, slot: usize) -> (u64, Option<&str>) {
         self.slots
@@ -495,10 +517,7 @@ impl Machine {
     fn new_worker(&mut self, slot: usize, now: Instant) -> Worker {
         self.next_epoch += 1;
         let group = self.slots[slot].group;
-        let version = match (group, self.deploy) {
-            (Group::New, Some(d)) => d.new,
-            _ => self.stable_version,
-        };
+        let version = self.version_of(group);
         self.out.push(Action::Spawn {
             slot,
             epoch: self.next_epoch,

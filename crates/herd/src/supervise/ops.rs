@@ -777,6 +777,27 @@ impl Supervisor {
                 }
             })
             .collect();
+        // A slot without a process has its row too, as `pm2 ls` lists a
+        // stopped app: waiting for its restart, or down for good.
+        let empty: Vec<(usize, u32, bool)> = self.m.empty_slots().collect();
+        for (slot, version, due) in empty {
+            let (restarts, last_exit) = self.m.history(slot);
+            probes.push(Probe {
+                slot,
+                version,
+                pid: 0,
+                state: if due {
+                    WorkerState::Waiting
+                } else {
+                    WorkerState::Stopped
+                },
+                started: Instant::now(),
+                target: None,
+                recent: None,
+                restarts,
+                last_exit: last_exit.map(str::to_string),
+            });
+        }
         // By slot, so a scale-down's retiring workers sit with their slot.
         probes.sort_by_key(|p| p.slot);
         let mut status = Status {

@@ -177,11 +177,34 @@ fn without_autorestart_ended_workers_stay_down_and_the_last_one_ends_the_cluster
     assert!(spawns(&out).is_empty() && h.deadline().is_none(), "{out:?}");
     assert!(!has(&out, &Action::AllEnded), "worker 1 still serves");
     assert_eq!(h.serving_epochs(), [e[1]]);
+    assert_eq!(
+        h.m.empty_slots().collect::<Vec<_>>(),
+        [(0, 0, false)],
+        "down for good"
+    );
     let out = h.at(5010).exit(e[1]);
     assert!(
         spawns(&out).is_empty() && has(&out, &Action::AllEnded),
         "{out:?}"
     );
+}
+
+#[test]
+fn an_empty_slot_is_told_apart_waiting_for_its_restart_or_stopped() {
+    let (mut h, e) = H::serving(2, limits());
+    assert_eq!(h.m.empty_slots().count(), 0);
+    h.at(10).exit(e[1]);
+    assert_eq!(
+        h.m.empty_slots().collect::<Vec<_>>(),
+        [(1, 0, true)],
+        "a back-off runs"
+    );
+    h.timer(110);
+    assert_eq!(h.m.empty_slots().count(), 0, "its successor is starting");
+    // Stop-first: between a worker's exit and its successor's start.
+    let (mut h, _) = H::serving(1, stop_first());
+    h.at(10).on(Input::Restart);
+    assert_eq!(h.m.empty_slots().collect::<Vec<_>>(), [(0, 0, true)]);
 }
 
 #[test]
