@@ -487,7 +487,7 @@ options! {
     /// The signal that stops a worker [default: SIGTERM]; PM2 sends SIGINT.
     #[arg(long, value_name = "SIGNAL")]
     kill_signal: Option<KillSignal>,
-    /// How long a leaving worker (or, on stop, the proxy) may take to finish its requests before SIGTERM [default: 5s].
+    /// How long a leaving worker (or, on stop, the proxy) may take to finish its requests before the kill signal [default: 5s].
     #[arg(long, value_name = "DUR")]
     drain_timeout: Option<Dur>,
     /// How long a new worker may take to become ready [default: 30s].
