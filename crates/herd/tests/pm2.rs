@@ -682,14 +682,16 @@ fn several_apps_in_one_herd_toml_start_stop_and_report_each() {
 #[test]
 fn increment_var_gives_each_worker_its_own_value() {
     let sb = Sandbox::new("incr");
-    // The worker prints its SHARD at start: 10 + its id.
+    // The worker prints its SHARD at start: 10 + its id; and its id under
+    // the name --instance-var gives, instead of NODE_APP_INSTANCE.
     let out = sb.sh(&format!(
-        "herd start --name inc -i 2 --env SHARD=10 --increment-var SHARD -- sh -c 'echo shard=$SHARD; exec {DEMO}'"
+        "herd start --name inc -i 2 --env SHARD=10 --increment-var SHARD --instance-var INSTANCE_ID \
+         -- sh -c 'echo shard=$SHARD id=$INSTANCE_ID nai=${{NODE_APP_INSTANCE:-none}}; exec {DEMO}'"
     ));
     assert!(out.status.success(), "{}", text(&out));
     let logs = text(&sb.sh("herd logs inc --out"));
     assert!(
-        logs.contains("[0] shard=10") && logs.contains("[1] shard=11"),
+        logs.contains("[0] shard=10 id=0 nai=none") && logs.contains("[1] shard=11 id=1 nai=none"),
         "{logs}"
     );
     assert!(

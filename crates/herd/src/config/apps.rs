@@ -307,6 +307,7 @@ fn ecosystem_app(
                 o.cron_restart = Some(pattern.parse().map_err(|e| format!("cron_restart: {e}"))?);
             }
             "increment_var" => o.increment_var = text(v),
+            "instance_var" => o.instance_var = text(v),
             "log_file" => o.log_file = text(v).map(|f| dir.join(f)),
             "autorestart" => o.autorestart = v.as_bool(),
             "exec_mode" => {
@@ -522,6 +523,7 @@ mod tests {
                 "env": {"NODE_ENV": "development", "PORT": 3000, "DEBUG": true},
                 "env_production": {"NODE_ENV": "production"},
                 "watch": ["src"], "ignore_watch": ["tmp"], "increment_var": "SHARD",
+                "instance_var": "INSTANCE_ID",
                 "autorestart": false, "namespace": "x", "cron_restart": "0 3 * * *"
             }, {"name": "worker", "script": "jobs.py", "cwd": "jobs"}]}"#,
         );
@@ -542,6 +544,7 @@ mod tests {
         assert_eq!(env, ["DEBUG=true", "NODE_ENV=production"]);
         assert_eq!(api.watch, Some(vec![PathBuf::from("src")]));
         assert_eq!(api.increment_var.as_deref(), Some("SHARD"));
+        assert_eq!(api.instance_var.as_deref(), Some("INSTANCE_ID"));
         assert_eq!(api.cron_restart.unwrap().0.pattern.to_string(), "0 3 * * *");
         assert_eq!(api.autorestart, Some(false));
         let warning = warning.unwrap();

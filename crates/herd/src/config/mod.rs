@@ -567,6 +567,11 @@ options! {
     /// the worker's id, as PM2's increment_var does.
     #[arg(long, value_name = "NAME")]
     increment_var: Option<String>,
+    /// The variable that carries the worker's id besides HERD_WORKER_ID
+    /// [default: NODE_APP_INSTANCE], as PM2's instance_var (node-config reads
+    /// NODE_APP_INSTANCE for a file per instance).
+    #[arg(long, value_name = "NAME")]
+    instance_var: Option<String>,
     /// Extra environment for the workers, KEY=VAL (repeatable; `[env]` in the file).
     #[arg(long = "env", value_name = "KEY=VAL")]
     #[serde(default, deserialize_with = "env_table")]
@@ -857,6 +862,9 @@ pub struct Settings {
     pub node_shim: bool,
     /// `--increment-var`: NAME = its value + the worker's id.
     pub increment_var: Option<String>,
+    /// `--instance-var`: where the worker's id goes besides HERD_WORKER_ID
+    /// (`None`: NODE_APP_INSTANCE).
+    pub instance_var: Option<String>,
     /// To log at start: keys of the config file herd ignores.
     pub warnings: Vec<String>,
     pub source: ConfigSource,
@@ -1441,6 +1449,7 @@ impl Settings {
             log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),
             node_shim,
             increment_var: o.increment_var,
+            instance_var: o.instance_var,
             warnings: warning.into_iter().collect(),
             source: ConfigSource {
                 config,

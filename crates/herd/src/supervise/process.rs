@@ -666,7 +666,11 @@ fn worker_env(
         set(k, v.into());
     }
     set(contract::WORKER_ID, slot.to_string().into());
-    set(contract::NODE_APP_INSTANCE, slot.to_string().into());
+    let instance_var = s.instance_var.as_deref();
+    set(
+        instance_var.unwrap_or(contract::NODE_APP_INSTANCE),
+        slot.to_string().into(),
+    );
     set(contract::WORKERS, workers.to_string().into());
     set(contract::NAME, s.name.clone().into());
     set(contract::MODE, s.mode.as_str().into());
