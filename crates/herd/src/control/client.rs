@@ -490,35 +490,19 @@ fn table(name: &str, v: &Status) {
         } else {
             w.id.to_string()
         };
-        if !w.state.has_process() {
-            // An empty slot: what it had, and how it ended.
-            crate::outln!(
-                "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>6}  {:>7}  {:>5}  {:>9}  {:>7}  {:>7}  {}",
-                id,
-                "-",
-                w.shown_state(),
-                "-",
-                w.restarts,
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                w.last_exit.as_deref().unwrap_or("-"),
-            );
-            continue;
-        }
+        // An empty slot (waiting, stopped) has no process to measure.
+        let live = w.state.has_process();
+        let or_dash = |s: String| if live { s } else { "-".to_string() };
         crate::outln!(
-            "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>5.1}%  {:>7}  {:>5}  {:>9}  {:>7}  {:>7}  {}",
+            "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>6}  {:>7}  {:>5}  {:>9}  {:>7}  {:>7}  {}",
             id,
-            w.pid,
+            or_dash(w.pid.to_string()),
             w.shown_state(),
-            duration(w.uptime),
+            or_dash(duration(w.uptime)),
             w.restarts,
-            w.cpu,
-            bytes(w.memory),
-            opt(w.connections),
+            or_dash(format!("{:.1}%", w.cpu)),
+            or_dash(bytes(w.memory)),
+            or_dash(opt(w.connections)),
             opt(w.requests),
             opt(w.rps),
             opt(w.p99_ms),
@@ -526,7 +510,9 @@ fn table(name: &str, v: &Status) {
         );
     }
     if v.workers.iter().any(|w| w.state == WorkerState::Waiting) {
-        crate::outln!("waiting: no process; the next one starts after the back-off");
+        crate::outln!(
+            "waiting: no process; the next one is due (after the back-off, or once the one before it exited)"
+        );
     }
     if v.workers.iter().any(|w| w.state == WorkerState::Stopped) {
         crate::outln!(
