@@ -779,8 +779,7 @@ impl Supervisor {
             .collect();
         // A slot without a process has its row too, as `pm2 ls` lists a
         // stopped app: waiting for its restart, or down for good.
-        let empty: Vec<(usize, u32, bool)> = self.m.empty_slots().collect();
-        for (slot, version, due) in empty {
+        for (slot, version, due) in self.m.empty_slots() {
             let (restarts, last_exit) = self.m.history(slot);
             probes.push(Probe {
                 slot,
