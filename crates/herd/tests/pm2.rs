@@ -61,6 +61,13 @@ impl Sandbox {
         (api, web)
     }
 
+    /// `sh -c LINE` in the app directory: whether it succeeded, and what
+    /// it said on stdout and stderr.
+    fn run(&self, line: &str) -> (bool, String) {
+        let out = self.sh(line);
+        (out.status.success(), text(&out))
+    }
+
     /// `sh -c LINE` in the app directory.
     fn sh(&self, line: &str) -> Output {
         self.command(line).output().unwrap()
@@ -273,10 +280,7 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     let sb = Sandbox::new("stopped");
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pm2");
     std::fs::copy(Path::new(examples).join("app.js"), sb.app().join("app.js")).unwrap();
-    let run = |line: &str| {
-        let out = sb.sh(line);
-        (out.status.success(), text(&out))
-    };
+    let run = |line: &str| sb.run(line);
     let (ok, said) = run("GREETING=first herd start app.js -n api -i 1");
     assert!(ok && said.contains("api: started"), "{said}");
     assert!(body(sb.port).starts_with("first"));
@@ -393,10 +397,7 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
 fn a_config_file_names_its_apps_for_reload_restart_stop_and_delete() {
     let sb = Sandbox::new("byfile");
     let (api, web) = sb.pm2_example(|js| js.replace("instances: 'max'", "instances: 1"));
-    let run = |line: &str| {
-        let out = sb.sh(line);
-        (out.status.success(), text(&out))
-    };
+    let run = |line: &str| sb.run(line);
     let both = |said: &str, what: &str| {
         said.contains(&format!("api: {what}")) && said.contains(&format!("web: {what}"))
     };
@@ -441,10 +442,7 @@ fn a_config_file_names_its_apps_for_reload_restart_stop_and_delete() {
 fn an_app_without_a_port_runs_in_fork_mode_and_gets_pm2s_stop_signal() {
     let sb = Sandbox::new("fork");
     let (api, _) = sb.pm2_example(|js| js.replace("instances: 'max'", "instances: 1"));
-    let run = |line: &str| {
-        let out = sb.sh(line);
-        (out.status.success(), text(&out))
-    };
+    let run = |line: &str| sb.run(line);
     let (ok, said) = run("herd start ecosystem.config.js");
     assert!(
         ok && said.contains("jobs: started") && said.contains("1 worker, fork mode (no port)"),
