@@ -692,6 +692,58 @@ fn status_counts_open_connections_in_fd_modes() {
     assert!(wait_until(T, || conns() == Some(0)));
 }
 
+/// `conns` counts the connections clients opened to the worker, not the
+/// worker's own (a database, a queue): a fork-mode program that holds one
+/// outgoing connection and serves a port of its own.
+#[test]
+fn status_counts_only_client_connections() {
+    const PROGRAM: &str = r#"
+import os, socket
+db = socket.create_connection(('127.0.0.1', int(os.environ['DB_PORT'])))
+s = socket.socket()
+s.bind(('127.0.0.1', int(os.environ['OWN_PORT'])))
+s.listen()
+held = []
+while True:
+    held.append(s.accept()[0])
+"#;
+    let db = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let db_port = db.local_addr().unwrap().port().to_string();
+    let own = free_port();
+    let n = name("clientconns");
+    let h = Herd::spawn(
+        herd_cmd()
+            .env("DB_PORT", &db_port)
+            .env("OWN_PORT", own.to_string())
+            .args(["run", "--mode", "fork", "--name", &n, "--"])
+            .args(["python3", "-c", PROGRAM]),
+        0,
+    );
+    db.set_nonblocking(true).unwrap();
+    let mut db_side = None;
+    assert!(
+        wait_until(T, || {
+            db_side = db_side.take().or_else(|| db.accept().ok());
+            db_side.is_some()
+        }),
+        "{}",
+        h.log()
+    );
+    h.wait_ready(1);
+    let conns = || {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&herd(&["status", "--name", &n, "--json"]))).unwrap();
+        v["workers"][0]["connections"].as_u64()
+    };
+    assert_eq!(
+        conns(),
+        Some(0),
+        "its outgoing connection is not a client's"
+    );
+    let _client = TcpStream::connect(("127.0.0.1", own)).unwrap();
+    assert!(wait_until(T, || conns() == Some(1)), "{:?}", conns());
+}
+
 #[test]
 fn masters_starting_at_once_under_one_name_all_get_a_name() {
     let base = name("race");

@@ -832,7 +832,6 @@ impl Supervisor {
     }
 }
 
-/// Inodes of every established TCP socket in this network namespace.
 /// A worker as `status` reports it, gathered on the supervisor thread.
 struct Probe {
     slot: usize,
@@ -853,7 +852,7 @@ pub(super) type Samples = std::sync::Arc<std::sync::Mutex<HashMap<u32, (Instant,
 
 /// Reads `/proc` for each worker (blocking; off the supervisor thread).
 fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRow> {
-    // fd modes: the worker's established TCP connections, from /proc.
+    // fd and fork modes: the worker's client connections, from /proc.
     let established = fd_mode.then(established_inodes);
     let ticks = procfs::ticks_per_second() as f64;
     let page = procfs::page_size();
@@ -915,17 +914,27 @@ fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRo
         .collect()
 }
 
+/// Inodes of the established TCP connections that clients opened: those
+/// whose local port is one something listens on. A worker's own outgoing
+/// connections (a database, a queue, an API) have an ephemeral local port,
+/// and are not what `conns` means.
 fn established_inodes() -> std::collections::HashSet<u64> {
+    use procfs::net::TcpState;
     let v4 = procfs::net::tcp().unwrap_or_default();
     let v6 = procfs::net::tcp6().unwrap_or_default();
-    v4.into_iter()
-        .chain(v6)
-        .filter(|e| e.state == procfs::net::TcpState::Established)
+    let all: Vec<_> = v4.into_iter().chain(v6).collect();
+    let listening: std::collections::HashSet<u16> = all
+        .iter()
+        .filter(|e| e.state == TcpState::Listen)
+        .map(|e| e.local_address.port())
+        .collect();
+    all.into_iter()
+        .filter(|e| e.state == TcpState::Established && listening.contains(&e.local_address.port()))
         .map(|e| e.inode)
         .collect()
 }
 
-/// How many established TCP connections process `pid` holds.
+/// How many client connections (see [`established_inodes`]) process `pid` holds.
 fn connections_of(pid: u32, established: &std::collections::HashSet<u64>) -> usize {
     let Ok(fds) = procfs::process::Process::new(pid as i32).and_then(|p| p.fd()) else {
         return 0;
