@@ -44,6 +44,9 @@ const LOOK_EVERY: Duration = Duration::from_secs(5);
 /// serve no port at all: the log says so once (see [`nowhere`]). Later than
 /// [`LOOK_AFTER`]: many servers take seconds to bind, and say nothing wrong.
 const NOWHERE_AFTER: Duration = Duration::from_secs(7);
+/// Whether a worker of this master has said [`nowhere`]'s hint: it is about
+/// the program, so it is said once, not once per worker of a cluster.
+static SAID_NOWHERE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// A release as the driver starts it: what to run, and `NODE_OPTIONS`
 /// with herd's preload when it is a Node program.
@@ -531,7 +534,6 @@ async fn readiness(
             _ => std::future::pending().await,
         };
         let mut after = LOOK_AFTER;
-        let mut said_nowhere = false;
         tokio::time::sleep(after).await;
         loop {
             let found = tokio::task::spawn_blocking(move || crate::os::sockets::listening(pgid));
@@ -541,10 +543,9 @@ async fn readiness(
                 break;
             }
             if after >= NOWHERE_AFTER
-                && !said_nowhere
                 && let Some(why) = nowhere(probe, &found)
+                && !SAID_NOWHERE.swap(true, std::sync::atomic::Ordering::Relaxed)
             {
-                said_nowhere = true;
                 tracing::warn!("worker {slot} (pid {pid}) is not ready after {after:?}: {why}");
             }
             tokio::time::sleep(LOOK_EVERY).await;
