@@ -302,6 +302,29 @@ fn pm2_hint(arg: &str) -> Option<&'static str> {
         "--log-date-format" => "herd's log lines always carry their time (ISO 8601, UTC)",
         "--no-daemon" => "`herd run` runs in the foreground, `herd start` in the background",
         "-w" | "--workers" => "the worker count is -i N (--instances), as PM2's",
+        "--exp-backoff-restart-delay" => {
+            "herd always backs off: --restart-delay DUR is the first delay (100ms), doubled after each quick exit up to --max-restart-delay (10s)"
+        }
+        "-c" => "PM2's -c is --cron-restart (or --cron) here",
+        "--namespace" => {
+            "herd has no namespaces: name each cluster (--name), and `all` in herd's commands means every cluster"
+        }
+        "-f" | "--force" => {
+            "a second cluster of the same program needs a name (--name) and a port (--listen) of its own"
+        }
+        "--uid" | "--gid" | "--user" => {
+            "workers run as the user that runs herd: run herd as that user (`herd startup`, run as that user, writes its User=)"
+        }
+        "--attach" => {
+            "`herd run` stays in the foreground with the log; `herd logs NAME -f` follows a started one"
+        }
+        "-x" | "--execute-command" => "herd runs any command as it is: herd start -- ./my-script",
+        "--no-vizion" | "--no-pmx" | "--no-automation" | "--disable-trace" | "--trace" => {
+            "herd has no PM2 agent, tracing or version-control probe to turn on or off: drop the flag"
+        }
+        "--source-map-support" => {
+            "Node's own --enable-source-maps does that: --node-args=--enable-source-maps"
+        }
         _ => return None,
     })
 }

@@ -1005,6 +1005,14 @@ fn bad_input_gets_one_clear_line() {
         "unexpected argument '-o' found; herd writes the workers' stdout and stderr to one log file",
     );
     assert_one_line_error(
+        &["start", "app.js", "--exp-backoff-restart-delay=100"],
+        "herd always backs off: --restart-delay DUR",
+    );
+    assert_one_line_error(
+        &["start", "app.js", "--no-vizion"],
+        "unexpected argument '--no-vizion' found; herd has no PM2 agent",
+    );
+    assert_one_line_error(
         &["flush", "no-such-cluster-xyz"],
         "no log to flush: no cluster named \"no-such-cluster-xyz\"",
     );
@@ -1018,7 +1026,11 @@ fn bad_input_gets_one_clear_line() {
     assert_one_line_error(&["run", "-i", "abc", "--", DEMO], "positive number");
     assert_one_line_error(&["run", "-i", "100000", "--", DEMO], "at most 4096");
     assert_one_line_error(&["run", "--listen", "99999", "--", DEMO], "not PORT");
-    assert_one_line_error(&["run", "--kill-timeout", "5", "--", DEMO], "500ms");
+    assert_one_line_error(
+        &["run", "--kill-timeout", "3000", "--", DEMO],
+        "a duration needs a unit: 3000ms (PM2's numbers are milliseconds) or 3000s",
+    );
+    assert_one_line_error(&["run", "--kill-timeout", "5x", "--", DEMO], "500ms");
     assert_one_line_error(&["run"], "no command given");
     assert_one_line_error(
         &["run", "--", "no-such-program-xyz"],

@@ -249,7 +249,15 @@ pub struct Dur(pub Duration);
 impl FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        humantime::parse_duration(s.trim())
+        let s = s.trim();
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            // PM2's flags take bare milliseconds; guessing would turn a
+            // 3-second timeout into 50 minutes, or the other way round.
+            return Err(format!(
+                "a duration needs a unit: {s}ms (PM2's numbers are milliseconds) or {s}s"
+            ));
+        }
+        humantime::parse_duration(s)
             .map(Dur)
             .map_err(|e| format!("{e} (write durations like 500ms, 5s, 2m)"))
     }
