@@ -494,6 +494,10 @@ pub struct RunArgs {
         allow_hyphen_values = true
     )]
     pub node_args: Option<String>,
+    /// PM2's --update-env: `herd start NAME --update-env` starts a stopped
+    /// cluster in this shell's environment; a new cluster takes it anyway.
+    #[arg(long, hide = true)]
+    pub update_env: bool,
     /// PM2's --time and --merge-logs: herd's log file has both already.
     #[arg(long, hide = true)]
     pub time: bool,

@@ -18,11 +18,12 @@ use crate::control::{self, Request, Status, WorkerState};
 /// several (`[[app]]` tables, an ecosystem file's `apps`), as `pm2 start
 /// ecosystem.config.js` does. One app failing does not stop the others.
 pub fn start(args: &RunArgs) -> anyhow::Result<()> {
-    if let Some(name) = bare_name(args) {
+    if let Some((name, update_env)) = bare_name(args) {
         if control::running().iter().any(|(n, _)| *n == name) {
             bail!("{name} is already running (`herd reload {name}` replaces its workers)");
         }
-        if crate::boot::start_stopped(&name, None)? {
+        let env = update_env.then(control::client::caller_env);
+        if crate::boot::start_stopped(&name, env.as_ref())? {
             return Ok(());
         }
     }
@@ -58,21 +59,23 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `herd start NAME`, NAME alone and no file of that name here: maybe a
-/// cluster's name, as `pm2 start NAME` takes it (a stopped one starts
-/// again as it ran).
-fn bare_name(args: &RunArgs) -> Option<String> {
-    let words: Vec<OsString> = if args.argv.is_empty() {
-        std::env::args_os().skip(1).collect()
-    } else {
-        args.argv[1..].to_vec()
-    };
+/// `herd start NAME`, NAME alone (with PM2's `--update-env` or not) and
+/// no file of that name here: maybe a cluster's name, as `pm2 start NAME`
+/// takes it (a stopped one starts again as it ran, or in this shell's
+/// environment with `--update-env`).
+fn bare_name(args: &RunArgs) -> Option<(String, bool)> {
+    // The words as typed: the PM2-style rewrite of `start NAME --update-env`
+    // reads NAME as a program (`start --update-env -- NAME`).
+    let mut words: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let before = words.len();
+    words.retain(|w| w != "--update-env");
+    let update_env = words.len() < before;
     let [start, name] = words.as_slice() else {
         return None;
     };
     let name = name.to_str()?;
     (start == "start" && args.config.is_none() && !name.contains('/') && !Path::new(name).exists())
-        .then(|| name.to_string())
+        .then(|| (name.to_string(), update_env))
 }
 
 /// What `--check` prints of settings that passed (`nginx -t`'s "ok").

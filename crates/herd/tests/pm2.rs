@@ -338,6 +338,10 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     let (ok, said) = run("herd stop api && GREETING=third herd reload api --update-env");
     assert!(ok && said.contains("api: started"), "{said}");
     assert!(body(sb.port).starts_with("third"), "{}", body(sb.port));
+    // `pm2 start api --update-env`, as deploy scripts have it.
+    let (ok, said) = run("herd stop api && GREETING=fourth herd start api --update-env");
+    assert!(ok && said.contains("api: started"), "{said}");
+    assert!(body(sb.port).starts_with("fourth"), "{}", body(sb.port));
 
     let (ok, said) = run("herd delete api && herd list");
     assert!(ok && said.contains("api: stopped"), "{said}");

@@ -794,7 +794,7 @@ fn bytes(n: u64) -> String {
 }
 
 /// This shell's environment, for `--update-env`.
-fn caller_env() -> std::collections::BTreeMap<String, String> {
+pub(crate) fn caller_env() -> std::collections::BTreeMap<String, String> {
     std::env::vars_os()
         .map(|(k, v)| {
             (
