@@ -1,10 +1,29 @@
 //! A log file rotated by size, shared by herd's own log and worker output
-//! (`--log-file`, which `herd start` always sets).
+//! (`--log-file`, which `herd start` always sets), and the access log.
+//!
+//! A file moved or deleted under herd (logrotate without `copytruncate`,
+//! an operator's `mv`) is reopened at its path within a second, on the
+//! next write, and at once after SIGUSR1 ([`reopen_all`]), as nginx does:
+//! otherwise herd would go on writing into the renamed file for ever.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How often a file's path is compared with the open file (one `stat`).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Bumped by [`reopen_all`]; a file that sees a new value reopens.
+static REOPEN: AtomicU64 = AtomicU64::new(0);
+
+/// Every log file reopens its path on its next write (SIGUSR1).
+pub fn reopen_all() {
+    REOPEN.fetch_add(1, Ordering::Relaxed);
+}
 
 pub struct RotatingFile {
     path: PathBuf,
@@ -14,6 +33,10 @@ pub struct RotatingFile {
     size: u64,
     /// Lines lost since writing began to fail (a full disk, say).
     dropped: u64,
+    /// When the path was last compared with the open file.
+    checked: Instant,
+    /// The [`REOPEN`] value this file has acted on.
+    reopened: u64,
 }
 
 static LOG: OnceLock<Mutex<RotatingFile>> = OnceLock::new();
@@ -55,7 +78,41 @@ impl RotatingFile {
             file,
             size,
             dropped: 0,
+            checked: Instant::now(),
+            reopened: REOPEN.load(Ordering::Relaxed),
         })
+    }
+
+    /// Opens the path anew when asked to (SIGUSR1), or when it no longer
+    /// names the open file (moved or deleted), checked once a second. If
+    /// it cannot be opened, the old file keeps the lines.
+    fn reopen_if_moved(&mut self) {
+        let asked = REOPEN.load(Ordering::Relaxed);
+        let now = Instant::now();
+        if asked == self.reopened && now.duration_since(self.checked) < CHECK_EVERY {
+            return;
+        }
+        self.checked = now;
+        if asked == self.reopened {
+            let same = match (std::fs::metadata(&self.path), self.file.metadata()) {
+                (Ok(p), Ok(f)) => p.dev() == f.dev() && p.ino() == f.ino(),
+                (Err(_), _) => false,
+                // The open file cannot be asked: leave it.
+                (Ok(_), Err(_)) => true,
+            };
+            if same {
+                return;
+            }
+        }
+        self.reopened = asked;
+        if let Ok(f) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+        {
+            self.size = f.metadata().map_or(0, |m| m.len());
+            self.file = f;
+        }
     }
 
     /// Writes whole lines, rotating first if they would pass the size.
@@ -64,6 +121,7 @@ impl RotatingFile {
     }
 
     fn write(&mut self, bytes: &[u8]) {
+        self.reopen_if_moved();
         if self.size > 0 && self.size + bytes.len() as u64 > self.max {
             // `herd flush` may have emptied the file under us.
             if let Ok(m) = self.file.metadata() {
@@ -154,6 +212,27 @@ pub fn default_path(name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file renamed under herd is noticed at the next check (time passed
+    /// in), and a new one is written at the path; the renamed one keeps
+    /// what came before.
+    #[test]
+    fn a_moved_file_is_reopened_at_its_path() {
+        let dir = std::env::temp_dir().join(format!("herd-logmove-{}", std::process::id()));
+        let path = dir.join("app.log");
+        let mut f = RotatingFile::open(&path, 1 << 20, 1).unwrap();
+        f.write(b"before\n");
+        std::fs::rename(&path, dir.join("app.log.1")).unwrap();
+        f.write(b"within the second\n");
+        assert!(!path.exists(), "checked before its second");
+        f.checked -= CHECK_EVERY;
+        f.write(b"after\n");
+        let now = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(dir.join("app.log.1")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(now, "after\n");
+        assert_eq!(old, "before\nwithin the second\n");
+    }
 
     /// A full disk (`/dev/full` answers every write with ENOSPC) loses
     /// lines, counts them, and says so in the file once writing works.

@@ -218,11 +218,12 @@ fn signals_herd_does_not_use_are_logged_and_ignored() {
     let rundir = dir.join("herd").join(master.to_string());
     assert!(rundir.is_dir(), "no run directory {}", rundir.display());
 
-    // (SIGUSR2 upgrades herd in place: see tests/host.rs.)
-    for sig in ["USR1", "ALRM", "PWR", "VTALRM", "RTMIN+3"] {
+    // (SIGUSR2 upgrades herd in place: see tests/host.rs; SIGUSR1 reopens
+    // the log files: see below.)
+    for sig in ["ALRM", "PWR", "VTALRM", "RTMIN+3"] {
         h.signal(sig);
     }
-    for name in ["SIGUSR1", "SIGALRM", "SIGPWR", "SIGVTALRM", "SIGRTMIN+3"] {
+    for name in ["SIGALRM", "SIGPWR", "SIGVTALRM", "SIGRTMIN+3"] {
         assert!(
             h.wait_log(&format!("{name} received"), T),
             "{name} not logged:\n{}",
@@ -252,6 +253,56 @@ fn signals_herd_does_not_use_are_logged_and_ignored() {
         wait_until(T, || !alive(guardian)),
         "the guardian outlived the master"
     );
+}
+
+/// logrotate (without `copytruncate`) renames the log files: herd writes
+/// to new files at their paths, by itself within a second (the access
+/// log here), and at once on SIGUSR1, as nginx does (the main log).
+#[test]
+fn log_files_moved_away_are_reopened_at_their_paths() {
+    let dir = tempdir("logrotate");
+    let (log, access) = (dir.join("herd.log"), dir.join("access.log"));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let h = Herd::spawn(
+        herd_cmd()
+            .args(["run", "--listen", &listen, "-i", "1", "--log-file"])
+            .arg(&log)
+            .arg("--access-log")
+            .arg(&access)
+            .args(["--", DEMO])
+            .env("XDG_RUNTIME_DIR", &dir),
+        port,
+    );
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(
+        wait_until(T, || read(&log).contains("all workers ready (1)")),
+        "{}",
+        read(&log)
+    );
+    assert_eq!(h.get("/").map(|r| r.0).ok(), Some(200));
+    assert!(wait_until(T, || read(&access).contains("GET / ")));
+    std::fs::rename(&access, dir.join("access.log.1")).unwrap();
+    std::fs::rename(&log, dir.join("herd.log.1")).unwrap();
+
+    assert!(
+        wait_until(T, || {
+            let _ = h.get("/moved");
+            read(&access).contains("GET /moved ")
+        }),
+        "no new access log at {}",
+        access.display()
+    );
+    h.signal("USR1");
+    assert!(
+        wait_until(T, || read(&log)
+            .contains("SIGUSR1 received: log files reopened")),
+        "no new log at {}; the old one:\n{}",
+        log.display(),
+        read(&dir.join("herd.log.1"))
+    );
+    assert_eq!(h.get("/").map(|r| r.0).ok(), Some(200));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Someone kills the guardian: the master starts another at once (not at

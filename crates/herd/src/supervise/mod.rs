@@ -251,6 +251,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     s.listen = bound;
     let _control_file = RemoveOnDrop(control_path);
     let mut stop = StopSignals::new().map_err(SuperviseError::Signals)?;
+    signals::reopen_logs_on_usr1();
     signals::log_unused();
     let mut sighup = signal(SignalKind::hangup()).map_err(SuperviseError::Signals)?;
     let mut sigttin =

@@ -1,6 +1,7 @@
 //! The master's signals: which stop it, and which it only logs.
 //!
-//! SIGUSR2 upgrades herd in place (`herd upgrade`), as nginx's binary upgrade.
+//! SIGUSR2 upgrades herd in place (`herd upgrade`), as nginx's binary upgrade;
+//! SIGUSR1 reopens the log files, as nginx's does.
 //! Every signal whose default action would end the process is either used
 //! or caught and logged: a stray `kill -USR2` (PM2 users send it by habit)
 //! must not take a cluster down and leave its run directory behind. They
@@ -41,7 +42,6 @@ impl StopSignals {
 /// Signals herd has no use for, by number and name.
 fn unused() -> Vec<(libc::c_int, String)> {
     let mut v: Vec<(libc::c_int, String)> = [
-        (libc::SIGUSR1, "SIGUSR1"),
         (libc::SIGALRM, "SIGALRM"),
         (libc::SIGVTALRM, "SIGVTALRM"),
         (libc::SIGPROF, "SIGPROF"),
@@ -58,6 +58,22 @@ fn unused() -> Vec<(libc::c_int, String)> {
     let (lo, hi) = (libc::SIGRTMIN(), libc::SIGRTMAX());
     v.extend((lo..=hi).map(|n| (n, format!("SIGRTMIN+{}", n - lo))));
     v
+}
+
+/// SIGUSR1 reopens the log files at their paths (after logrotate moved
+/// them; herd also notices a moved file by itself within a second).
+pub fn reopen_logs_on_usr1() {
+    match signal(SignalKind::user_defined1()) {
+        Ok(mut s) => {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    crate::logfile::reopen_all();
+                    tracing::info!("SIGUSR1 received: log files reopened");
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot catch SIGUSR1: {e}"),
+    }
 }
 
 /// Catches every signal in [`unused`] and logs each arrival. Must run
