@@ -263,6 +263,11 @@ fn hints(e: &clap::Error) -> String {
     {
         return format!("; {hint}");
     }
+    if let Some(ContextValue::String(cmd)) = e.get(ContextKind::InvalidSubcommand)
+        && let Some(hint) = pm2_command_hint(cmd)
+    {
+        return format!("; {hint}");
+    }
     if let Some(ContextValue::Strings(v)) = e.get(ContextKind::ValidValue)
         && !v.is_empty()
     {
@@ -324,6 +329,31 @@ fn pm2_hint(arg: &str) -> Option<&'static str> {
         }
         "--source-map-support" => {
             "Node's own --enable-source-maps does that: --node-args=--enable-source-maps"
+        }
+        _ => return None,
+    })
+}
+
+/// What herd does instead of a PM2 command it does not have.
+fn pm2_command_hint(cmd: &str) -> Option<&'static str> {
+    Some(match cmd {
+        "kill" => {
+            "herd has no daemon that outlives its clusters: `herd stop all` ends every one (`herd delete all` forgets them too)"
+        }
+        "update" => {
+            "`herd upgrade all` re-executes each cluster's master with the herd binary on disk"
+        }
+        "unstartup" => "`systemctl disable herd-USER` undoes `herd startup --install`",
+        "ping" => "`herd list` shows which clusters are running",
+        "sendSignal" => {
+            "`herd signal SIGNAL NAME` (or `herd signal SIGNAL ID --name NAME` for one worker)"
+        }
+        "dump" => "`herd save` records the running clusters",
+        "reloadLogs" => {
+            "herd rotates its log files itself (--log-max-size, --log-keep), reopens one that logrotate moved within a second, and at once on SIGUSR1"
+        }
+        "env" => {
+            "`herd describe NAME` shows a cluster's workers; its environment is the one it was started in"
         }
         _ => return None,
     })

@@ -1008,6 +1008,7 @@ fn bad_input_gets_one_clear_line() {
         &["start", "app.js", "--exp-backoff-restart-delay=100"],
         "herd always backs off: --restart-delay DUR",
     );
+    assert_one_line_error(&["kill"], "`herd stop all` ends every one");
     assert_one_line_error(
         &["start", "app.js", "--no-vizion"],
         "unexpected argument '--no-vizion' found; herd has no PM2 agent",
