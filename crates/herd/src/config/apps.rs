@@ -124,7 +124,7 @@ fn toml_apps(path: &Path, text: &str) -> Result<FileApps, ConfigError> {
     };
     let at = |what: String, e: toml::de::Error| ConfigError::ParseNoSpan {
         path: path.to_path_buf(),
-        message: format!("{what}: {}", e.message().trim().replace('\n', " ")),
+        message: format!("{what}: {}", super::toml_message(&e)),
     };
     let base: Options = toml::Value::Table(table)
         .try_into()
@@ -489,7 +489,8 @@ mod tests {
         );
         let e = select(&p, Some("api"), None).unwrap_err().to_string();
         assert!(
-            e.contains("[[app]] \"api\"") && e.contains("kill-timout"),
+            e.contains("[[app]] \"api\"")
+                && e.ends_with("unknown key `kill-timout`; did you mean `kill-timeout`?"),
             "{e}"
         );
         let p = temp("anon.toml", "[[app]]\ncommand = [\"x\"]\n");

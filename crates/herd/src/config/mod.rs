@@ -243,8 +243,27 @@ impl TryFrom<NumOrStr> for SizeOrZero {
 
 /// A duration written like `500ms`, `5s`, `2m`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[serde(try_from = "DurWritten")]
 pub struct Dur(pub Duration);
+
+/// A duration as a config file may write it: a number is read only to say
+/// which unit it needs (`kill-timeout = 3000`, from PM2's milliseconds).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DurWritten {
+    Text(String),
+    Number(u64),
+}
+
+impl TryFrom<DurWritten> for Dur {
+    type Error = String;
+    fn try_from(w: DurWritten) -> Result<Self, String> {
+        match w {
+            DurWritten::Text(s) => s.parse(),
+            DurWritten::Number(n) => n.to_string().parse(),
+        }
+    }
+}
 
 impl FromStr for Dur {
     type Err = String;
@@ -260,13 +279,6 @@ impl FromStr for Dur {
         humantime::parse_duration(s)
             .map(Dur)
             .map_err(|e| format!("{e} (write durations like 500ms, 5s, 2m)"))
-    }
-}
-
-impl TryFrom<String> for Dur {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
     }
 }
 
@@ -733,6 +745,30 @@ fn strategy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StrategyKin
     s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
+/// A TOML error's message on one line; for a misspelt key, the nearest
+/// key herd knows (as clap suggests a flag) instead of every one of them.
+pub(crate) fn toml_message(e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message;
+    };
+    let Some((key, known)) = rest.split_once("`, expected one of ") else {
+        return message;
+    };
+    let nearest = known
+        .split(", ")
+        .map(|k| k.trim_matches('`'))
+        .map(|k| (strsim::jaro_winkler(key, k), k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match nearest {
+        Some((_, k)) => format!("unknown key `{key}`; did you mean `{k}`?"),
+        None => format!(
+            "unknown key `{key}` (the keys are herd run's long options without their dashes: `kill-timeout`, `instances`…)"
+        ),
+    }
+}
+
 impl Options {
     /// Reads a `herd.toml`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
@@ -743,12 +779,12 @@ impl Options {
                     path: path.to_path_buf(),
                     line,
                     col,
-                    message: e.message().trim().replace('\n', " "),
+                    message: toml_message(&e),
                 }
             }
             None => ConfigError::ParseNoSpan {
                 path: path.to_path_buf(),
-                message: e.message().trim().replace('\n', " "),
+                message: toml_message(&e),
             },
         })
     }
@@ -2032,6 +2068,31 @@ mod tests {
         assert!(e.to_string().starts_with("h.toml:"), "{e}");
         let e = Options::parse(Path::new("h.toml"), "\n\nbogus = 1\n").unwrap_err();
         assert!(e.to_string().starts_with("h.toml:3:1:"), "{e}");
+        assert!(
+            e.to_string().ends_with("unknown key `bogus` (the keys are herd run's long options without their dashes: `kill-timeout`, `instances`…)"),
+            "{e}"
+        );
+        // A misspelt key gets the nearest one, not the list of all of them.
+        let e = Options::parse(Path::new("h.toml"), "comand = [\"node\"]\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "h.toml:1:1: unknown key `comand`; did you mean `command`?"
+        );
+        let e = Options::parse(Path::new("h.toml"), "kill_timeout = \"5s\"\n").unwrap_err();
+        assert!(
+            e.to_string().ends_with("did you mean `kill-timeout`?"),
+            "{e}"
+        );
+        // PM2's bare milliseconds: the unit it needs, not "expected a string".
+        let e = Options::parse(Path::new("h.toml"), "kill-timeout = 3000\n").unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "a duration needs a unit: 3000ms (PM2's numbers are milliseconds) or 3000s"
+            ),
+            "{e}"
+        );
+        let c = Options::parse(Path::new("h.toml"), "kill-timeout = \"3s\"\n").unwrap();
+        assert_eq!(c.kill_timeout, Some(Dur(Duration::from_secs(3))));
     }
 
     #[test]
