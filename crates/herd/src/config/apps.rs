@@ -206,6 +206,44 @@ fn evaluate_js(path: &Path) -> Result<Value, ConfigError> {
 /// into one log, and always stamps it.
 const SILENT: &[&str] = &["merge_logs", "combine_logs", "time"];
 
+/// The ecosystem keys herd reads (the arms of `ecosystem_app`), for the
+/// nearest one to a misspelt key.
+#[rustfmt::skip]
+const READ: &[&str] = &[
+    "name", "script", "args", "interpreter", "exec_interpreter", "interpreter_args", "node_args",
+    "cwd", "instances", "env", "max_memory_restart", "kill_timeout", "listen_timeout",
+    "wait_ready", "min_uptime", "max_restarts", "restart_delay", "exp_backoff_restart_delay",
+    "watch", "ignore_watch", "watch_delay", "cron_restart", "increment_var", "instance_var",
+    "log_file", "autorestart", "exec_mode",
+];
+
+/// PM2's own keys that herd does not read: ignored, but not misspelt
+/// (`namespace` is not a misspelt `name`).
+#[rustfmt::skip]
+const PM2_ONLY: &[&str] = &[
+    "namespace", "out_file", "error_file", "output", "error", "log", "log_date_format", "log_type",
+    "pid_file", "vizion", "post_update", "force", "source_map_support",
+    "disable_source_map_support", "filter_env", "append_env_to_name", "treekill",
+    "shutdown_with_message", "automation", "pmx", "autostart", "user", "uid", "gid",
+    "deep_monitoring", "trace", "disable_trace", "port", "max", "stop_exit_codes",
+];
+
+/// `app.key`, with the key herd reads that it is probably a misspelling of.
+fn ignored_key(label: &str, key: &str) -> String {
+    let near = (!PM2_ONLY.contains(&key))
+        .then(|| {
+            READ.iter()
+                .map(|k| (strsim::jaro_winkler(key, k), *k))
+                .filter(|(score, _)| *score > 0.85)
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+        })
+        .flatten();
+    match near {
+        Some((_, k)) => format!("{label}.{key} (did you mean {k}?)"),
+        None => format!("{label}.{key}"),
+    }
+}
+
 /// One app of an ecosystem file as herd's options.
 fn ecosystem_app(
     app: &Map<String, Value>,
@@ -318,7 +356,7 @@ fn ecosystem_app(
                 }
             }
             k if SILENT.contains(&k) => {}
-            k => ignored.push(format!("{label}.{k}")),
+            k => ignored.push(ignored_key(label, k)),
         }
     }
     // `env_production` over `env`.
@@ -525,7 +563,8 @@ mod tests {
                 "env_production": {"NODE_ENV": "production"},
                 "watch": ["src"], "ignore_watch": ["tmp"], "increment_var": "SHARD",
                 "instance_var": "INSTANCE_ID",
-                "autorestart": false, "namespace": "x", "cron_restart": "0 3 * * *"
+                "autorestart": false, "namespace": "x", "cron_restart": "0 3 * * *",
+                "instaces": 4
             }, {"name": "worker", "script": "jobs.py", "cwd": "jobs"}]}"#,
         );
         let (api, warning) = select(&p, Some("api"), Some("production")).unwrap();
@@ -550,8 +589,10 @@ mod tests {
         assert_eq!(api.autorestart, Some(false));
         let warning = warning.unwrap();
         assert!(
-            warning.contains("ignores these keys: api.namespace")
-                && !warning.contains("autorestart")
+            // PM2's own key as it is; a misspelt one with the key meant.
+            warning.ends_with(
+                "ignores these keys: api.instaces (did you mean instances?), api.namespace"
+            ) && !warning.contains("autorestart")
                 && !warning.contains("exec_mode"),
             "{warning}"
         );
