@@ -269,7 +269,8 @@ impl FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        // 0 needs no unit (`--health-interval 0` turns checks off).
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && s.bytes().any(|b| b != b'0') {
             // PM2's flags take bare milliseconds; guessing would turn a
             // 3-second timeout into 50 minutes, or the other way round.
             return Err(format!(
@@ -2093,6 +2094,10 @@ mod tests {
         );
         let c = Options::parse(Path::new("h.toml"), "kill-timeout = \"3s\"\n").unwrap();
         assert_eq!(c.kill_timeout, Some(Dur(Duration::from_secs(3))));
+        // 0 needs no unit (`--health-interval 0` turns checks off).
+        assert_eq!("0".parse::<Dur>(), Ok(Dur(Duration::ZERO)));
+        let c = Options::parse(Path::new("h.toml"), "health-interval = 0\n").unwrap();
+        assert_eq!(c.health_interval, Some(Dur(Duration::ZERO)));
     }
 
     #[test]
