@@ -790,9 +790,36 @@ fn start_on_a_port_in_use_shows_only_its_own_log_lines() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("in use"), "{err}");
+    assert!(
+        err.contains(&format!("in use by pid {} (", std::process::id())),
+        "who holds the port: {err}"
+    );
     assert!(!err.contains("older run"), "{err}");
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// `herd start other.js` on the port a running cluster has (both on the
+/// default port): the line names that cluster and the way out.
+#[test]
+fn a_port_another_cluster_holds_names_that_cluster() {
+    let n = name("holder");
+    let h = Herd::start(&["--name", &n, "-i", "1"], &[DEMO]);
+    h.wait_ready(1);
+    let listen = format!("127.0.0.1:{}", h.port);
+    let out = herd_cmd()
+        .args(["run", "--listen", &listen, "-i", "1", "--", DEMO])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!(
+                "in use by herd cluster \"{n}\"; give this one a port of its own with --listen"
+            )),
+        "{err}"
+    );
+    assert_eq!(h.get("/").map(|r| r.0).ok(), Some(200));
 }
 
 /// `herd logs --name N -f -n 0`, and the numbers of its `seq K` lines as

@@ -1,6 +1,7 @@
 //! Which TCP addresses a worker's processes listen on, read from `/proc`:
 //! for the hint when a worker is not ready because it serves on a port of
-//! its own choosing instead of the one herd gave it.
+//! its own choosing instead of the one herd gave it; and which processes
+//! hold the port herd itself could not take.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -46,6 +47,34 @@ pub fn shown(addrs: &[SocketAddr]) -> String {
     s.join(", ")
 }
 
+/// The processes (pids, in `/proc`'s order) holding a socket that listens
+/// on TCP `port` at any address. Empty when `/proc` cannot tell (another
+/// user's processes, or none).
+pub fn holders_of(port: u16) -> Vec<u32> {
+    let tables = [procfs::net::tcp(), procfs::net::tcp6()];
+    let wanted: HashSet<u64> = tables
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.state == TcpState::Listen && e.local_address.port() == port)
+        .map(|e| e.inode)
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    all.flatten()
+        .filter(|p| {
+            let mut held = HashSet::new();
+            sockets_of(p, &mut held);
+            !held.is_disjoint(&wanted)
+        })
+        .filter_map(|p| u32::try_from(p.pid).ok())
+        .collect()
+}
+
 fn sockets_of(p: &Process, inodes: &mut HashSet<u64>) {
     let Ok(fds) = p.fd() else {
         return;
@@ -67,5 +96,14 @@ mod tests {
         assert!(super::listening(pgid).contains(&addr));
         drop(l);
         assert!(!super::listening(pgid).contains(&addr));
+    }
+
+    #[test]
+    fn the_holder_of_a_port_is_found() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(super::holders_of(port).contains(&std::process::id()));
+        drop(l);
+        assert!(!super::holders_of(port).contains(&std::process::id()));
     }
 }

@@ -52,6 +52,11 @@ use crate::upstream::{self, Upstreams};
 pub enum SuperviseError {
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error("cannot listen on {addr}: in use by {holder}")]
+    PortTaken {
+        addr: std::net::SocketAddr,
+        holder: String,
+    },
     #[error(transparent)]
     Tls(#[from] crate::proxy::tls::TlsError),
     #[error("{0}")]
@@ -91,6 +96,42 @@ pub enum SuperviseError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// A port in use names who holds it, so that the way out is on the same
+/// line: often another herd cluster (`herd start other.js` on the default
+/// port), or the app itself started by hand.
+fn taken(e: ListenError) -> SuperviseError {
+    let ListenError::Bind { addr, source } = &e else {
+        return e.into();
+    };
+    if source.kind() != std::io::ErrorKind::AddrInUse {
+        return e.into();
+    }
+    let pids = crate::os::sockets::holders_of(addr.port());
+    let cluster = control::running().into_iter().find_map(|(name, path)| {
+        let st = control::call::<control::Status>(&name, &path, &control::Request::Status, |_| {})
+            .ok()?;
+        pids.contains(&st.pid).then_some(name)
+    });
+    let holder = match (cluster, pids.first()) {
+        (Some(name), _) => format!(
+            "herd cluster {name:?}; give this one a port of its own with --listen (`herd reload {name}` replaces that one's workers)"
+        ),
+        (None, Some(pid)) => {
+            let cmd = procfs::process::Process::new(*pid as i32)
+                .and_then(|p| p.cmdline())
+                .map(|c| c.join(" "))
+                .unwrap_or_default();
+            let cmd: String = cmd.chars().take(60).collect();
+            format!("pid {pid} ({cmd}); give herd another port with --listen")
+        }
+        (None, None) => "another process; give herd another port with --listen".to_string(),
+    };
+    SuperviseError::PortTaken {
+        addr: *addr,
+        holder,
+    }
 }
 
 /// What the worker tasks report to the supervisor.
@@ -226,7 +267,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let listeners = match (inherited, handed.as_mut()) {
         (_, Some(h)) => Listeners::handed(s.mode, std::mem::take(&mut h.listeners))?,
         (Some(sock), None) => Listeners::adopt(s.mode, sock, listen_slots)?,
-        (None, None) => Listeners::bind(s.mode, s.listen, listen_slots)?,
+        (None, None) => Listeners::bind(s.mode, s.listen, listen_slots).map_err(taken)?,
     };
     let bound = listeners.local_addr().unwrap_or(s.listen);
     let rundir = RunDir::create()?;
