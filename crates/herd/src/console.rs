@@ -56,6 +56,16 @@ pub fn served(mode: &str, listen: &str) -> String {
     }
 }
 
+/// A command's words on one line, for people (`herd status`, a deploy's
+/// versions): not quoted for a shell.
+pub fn command_line(words: &[std::ffi::OsString]) -> String {
+    words
+        .iter()
+        .map(|w| w.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// An error and its causes on one line, as `{:#}` prints them, but without
 /// a cause whose text the message above it already ends with: herd's error
 /// enums print their source (`cannot read X: {source}`) and also return it

@@ -337,6 +337,8 @@ mod tests {
             mode: "proxy".into(),
             listen: "0.0.0.0:8000".into(),
             uptime: 3700.0,
+            command: None,
+            cwd: None,
             reloading: false,
             log_file: None,
             workers: vec![w(0, 5001), w(1, 5002)],

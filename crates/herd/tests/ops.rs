@@ -153,9 +153,17 @@ fn status_reports_every_worker() {
         assert!(w["memory"].as_u64().unwrap() > 0);
         assert!(w["requests"].as_u64().unwrap() >= 1);
     }
+    // What runs where, as `pm2 describe` shows it.
+    assert_eq!(v["command"], DEMO, "{v}");
+    let here = std::env::current_dir().unwrap();
+    assert_eq!(v["cwd"].as_str(), here.to_str(), "{v}");
     let table = ok(&herd(&["status", "--name", &n]));
     assert!(
         table.contains("ready") && table.contains(&pids[0].to_string()),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("command: {DEMO}; cwd: {}; log: ", here.display())),
         "{table}"
     );
     // p50 and p99 over the last minute (proxy mode): slow answers raise the p99.

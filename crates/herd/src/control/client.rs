@@ -465,6 +465,14 @@ fn table(name: &str, v: &Status) {
         duration(v.uptime),
         if v.reloading { " (reloading)" } else { "" }
     );
+    // `pm2 describe`'s script path, exec cwd and log path.
+    if let Some(command) = &v.command {
+        crate::outln!(
+            "command: {command}; cwd: {}; log: {}",
+            v.cwd.as_deref().unwrap_or("-"),
+            v.log_file.as_deref().unwrap_or("stderr")
+        );
+    }
     crate::outln!(
         "{:>3}  {:>7}  {:<8}  {:>7}  {:>8}  {:>6}  {:>7}  {:>5}  {:>9}  {:>7}  {:>7}  last exit",
         "id",

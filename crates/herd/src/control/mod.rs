@@ -328,6 +328,8 @@ mod tests {
             mode: "proxy".into(),
             listen: "0.0.0.0:8000".into(),
             uptime: 1.5,
+            command: None,
+            cwd: None,
             reloading: false,
             log_file: None,
             workers: vec![WorkerRow {

@@ -128,6 +128,12 @@ pub struct Status {
     pub uptime: f64,
     pub reloading: bool,
     pub log_file: Option<String>,
+    /// What the workers run (the running version's command line) and where
+    /// (`pm2 describe`'s script path and exec cwd); none with only upstreams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
     pub workers: Vec<WorkerRow>,
     /// A deploy in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -388,12 +388,7 @@ impl Supervisor {
                 version,
                 role: role.to_string(),
                 command: self.specs.get(&version).map_or(String::new(), |s| {
-                    s.release
-                        .command
-                        .iter()
-                        .map(|w| w.to_string_lossy())
-                        .collect::<Vec<_>>()
-                        .join(" ")
+                    crate::console::command_line(&s.release.command)
                 }),
                 workers: self.m.workers().filter(|w| w.group == group).count(),
                 requests: w.map(|w| w.requests),

@@ -799,6 +799,11 @@ impl Supervisor {
         }
         // By slot, so a scale-down's retiring workers sit with their slot.
         probes.sort_by_key(|p| p.slot);
+        // No command: a cluster of upstreams only.
+        let running = self
+            .specs
+            .get(&self.m.stable_version())
+            .filter(|s| !s.release.command.is_empty());
         let mut status = Status {
             ok: true,
             name: self.s.name.clone(),
@@ -811,6 +816,15 @@ impl Supervisor {
             uptime: self.started.elapsed().as_secs_f64(),
             reloading: self.m.reloading(),
             log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),
+            command: running.map(|s| crate::console::command_line(&s.release.command)),
+            cwd: running
+                .and_then(|s| {
+                    s.release
+                        .cwd
+                        .clone()
+                        .or_else(|| std::env::current_dir().ok())
+                })
+                .map(|d| d.display().to_string()),
             workers: Vec::new(),
             upstreams: self.up.remote_rows(),
             deploy: self.deploy_status(),
