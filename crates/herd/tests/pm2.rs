@@ -550,6 +550,45 @@ fn a_program_with_options_after_it_and_a_one_word_command_line_start() {
     assert!(body(sb.port).contains("from worker"), "{said}");
 }
 
+/// Express's generated layout: `script: './bin/www'`, a file without an
+/// extension whose `#!/usr/bin/env node` line PM2 honours, executable or
+/// not. It runs with node and herd's preload: its hard-coded
+/// `listen(3000)` is served on herd's port, by two workers.
+#[test]
+fn an_express_bin_www_runs_with_node_and_herds_preload() {
+    let sb = Sandbox::new("www");
+    std::fs::create_dir_all(sb.app().join("bin")).unwrap();
+    std::fs::write(
+        sb.app().join("bin/www"),
+        "#!/usr/bin/env node\n\
+         require('http').createServer((q, r) => r.end('www ' + process.pid + '\\n')).listen(3000);\n",
+    )
+    .unwrap();
+    std::fs::write(
+        sb.app().join("ecosystem.config.js"),
+        format!(
+            "module.exports = {{ apps: [{{ name: 'www', script: './bin/www', instances: 2, \
+             exec_mode: 'cluster', env: {{ PORT: {} }} }}] }};\n",
+            sb.port
+        ),
+    )
+    .unwrap();
+    for mode in [0o644, 0o755] {
+        std::fs::set_permissions(
+            sb.app().join("bin/www"),
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .unwrap();
+        let (ok, said) = sb.run("herd start ecosystem.config.js");
+        assert!(ok && said.contains("www: started"), "mode {mode:o}: {said}");
+        let pids: std::collections::BTreeSet<String> = (0..6).map(|_| body(sb.port)).collect();
+        assert_eq!(pids.len(), 2, "mode {mode:o}: two workers answer: {pids:?}");
+        assert!(pids.iter().all(|b| b.starts_with("www ")), "{pids:?}");
+        let (ok, said) = sb.run("herd delete www");
+        assert!(ok, "{said}");
+    }
+}
+
 /// The unit `herd startup` printed resurrects at boot and passes
 /// `systemd-analyze verify` where systemd is installed.
 fn verify_unit(unit: &str) {

@@ -1698,20 +1698,53 @@ fn one_line(command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsString> {
 }
 
 /// `herd start app.js`, as `pm2 start app.js`: a script that is not an
-/// executable with a `#!` line runs with the interpreter its extension names.
+/// executable runs with the interpreter its `#!` line names, else the one
+/// its extension names. Express's `bin/www` (no extension, `#!/usr/bin/env
+/// node`) runs with node even when executable, as PM2 runs it: herd's Node
+/// preload then applies, which it would not to `./bin/www` itself.
 fn with_interpreter(mut command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsString> {
     let Some(first) = command.first() else {
         return command;
     };
     let path = cwd.map_or_else(|| PathBuf::from(first), |d| d.join(first));
-    if !path.is_file() || matches!(check_executable(&path), Exec::Yes) && has_shebang(&path) {
+    if !path.is_file() {
         return command;
     }
-    let Some(interpreter) = interpreter_of(&path) else {
-        return command;
+    let executable = matches!(check_executable(&path), Exec::Yes);
+    let interpreter = match shebang_of(&path) {
+        Some(words) if !executable || words.first().is_some_and(|w| is_node(Path::new(w))) => words,
+        Some(_) => return command,
+        None => match interpreter_of(&path) {
+            Some(i) => vec![i.into()],
+            None => return command,
+        },
     };
-    command.insert(0, interpreter.into());
+    command.splice(0..0, interpreter);
     command
+}
+
+/// The interpreter and its options a script's `#!` line names, with
+/// `/usr/bin/env` (and its `-S`) left out: `#!/usr/bin/env node` → `node`.
+fn shebang_of(path: &Path) -> Option<Vec<OsString>> {
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|&b| b == b'\n')?];
+    let mut words = std::str::from_utf8(line)
+        .ok()?
+        .split_whitespace()
+        .peekable();
+    if words
+        .peek()
+        .is_some_and(|w| Path::new(w).file_name().is_some_and(|n| n == "env"))
+    {
+        words.next();
+        words.next_if(|w| *w == "-S");
+    }
+    let words: Vec<OsString> = words.map(OsString::from).collect();
+    (!words.is_empty()).then_some(words)
 }
 
 /// The interpreter a script's extension names (`app.js` → node).
@@ -1744,13 +1777,6 @@ fn shown_dir(cwd: Option<&Path>) -> String {
         .unwrap_or(dir)
         .display()
         .to_string()
-}
-
-fn has_shebang(path: &Path) -> bool {
-    let mut head = [0u8; 2];
-    std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-        .is_ok_and(|()| &head == b"#!")
 }
 
 /// `node app.js`, `python3 app.py`: the common mistake of a missing script
@@ -2176,6 +2202,39 @@ mod tests {
         assert_eq!(
             with_interpreter(words(&["nope.js"]), Some(&dir)),
             words(&["nope.js"])
+        );
+        // No extension: its `#!` line says (Express's bin/www), executable
+        // or not when that is node; another executable runs as it is.
+        use std::os::unix::fs::PermissionsExt;
+        let file = |name: &str, text: &str, mode: u32| {
+            std::fs::write(dir.join(name), text).unwrap();
+            std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        };
+        file("www", "#!/usr/bin/env node\nrequire('x')\n", 0o644);
+        assert_eq!(
+            with_interpreter(words(&["www", "-v"]), Some(&dir)),
+            words(&["node", "www", "-v"])
+        );
+        file("www", "#!/usr/bin/env node\nrequire('x')\n", 0o755);
+        assert_eq!(
+            with_interpreter(words(&["www"]), Some(&dir)),
+            words(&["node", "www"])
+        );
+        file("tool", "#!/usr/bin/env -S python3 -u\nprint(1)\n", 0o644);
+        assert_eq!(
+            with_interpreter(words(&["tool"]), Some(&dir)),
+            words(&["python3", "-u", "tool"])
+        );
+        file("tool", "#!/bin/sh\nexec x\n", 0o755);
+        assert_eq!(
+            with_interpreter(words(&["tool"]), Some(&dir)),
+            words(&["tool"])
+        );
+        file("plain", "no line\n", 0o644);
+        assert_eq!(
+            with_interpreter(words(&["plain"]), Some(&dir)),
+            words(&["plain"])
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
