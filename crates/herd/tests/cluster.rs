@@ -1023,7 +1023,10 @@ fn bad_input_gets_one_clear_line() {
         "script not found: nope.js",
     );
     assert_one_line_error(&["run", "--instance", "2", "--", DEMO], "`--instances`");
-    assert_one_line_error(&["run", "-i", "0", "--", DEMO], "positive number");
+    assert_one_line_error(
+        &["run", "-i", "0", "--", DEMO],
+        "positive number, `max`, or -N (all CPUs but N); PM2's 0 is `max` here",
+    );
     assert_one_line_error(&["run", "-i", "abc", "--", DEMO], "positive number");
     assert_one_line_error(&["run", "-i", "100000", "--", DEMO], "at most 4096");
     assert_one_line_error(&["run", "--listen", "99999", "--", DEMO], "not PORT");

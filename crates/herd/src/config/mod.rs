@@ -377,6 +377,8 @@ impl FromStr for Instances {
         match s.parse::<usize>() {
             Ok(n) if n > MAX_WORKERS => Err(format!("{n} workers: at most {MAX_WORKERS}")),
             Ok(n) if n > 0 => Ok(Instances::Count(n)),
+            // PM2 reads 0 as all CPUs; herd asks for the word.
+            Ok(_) => Err(format!("{INSTANCES_HINT}; PM2's 0 is `max` here")),
             _ => Err(INSTANCES_HINT.into()),
         }
     }
