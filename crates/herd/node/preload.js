@@ -11,6 +11,8 @@
 // On SIGTERM/SIGINT (when the app has no handler of its own) that server
 // stops taking connections, finishes the ones it has, and the process exits.
 // An app that handles SIGINT only (PM2's stop signal) gets SIGINT for SIGTERM.
+// Under --kill-signal none (PM2's shutdown_with_message) herd's shutdown
+// notice comes as process.on('message') 'shutdown', with no signal after it.
 // Whoever stops an HTTP server, its keep-alive clients are let go without
 // an error: each answer from then on says `Connection: close`, and a
 // connection idle for a second is closed (see drainHttp).
@@ -45,6 +47,9 @@
   // herd's message channel, opened only when the app uses messages (an
   // app that reads fd 4 itself, as examples/node/ipc.js does, keeps it).
   const ipcFd = Number(process.env.HERD_IPC_FD);
+  // --kill-signal none (PM2's shutdown_with_message): no signal follows
+  // herd's shutdown notice, so the channel is read from the start.
+  const byMessage = process.env.HERD_SHUTDOWN_MESSAGE === '1';
   let channel = null;
   const openChannel = () => {
     if (channel || !ipcFd) return channel;
@@ -58,6 +63,7 @@
         try { m = JSON.parse(buf.slice(0, i)); } catch (_) { continue; }
         if (m && m.type === 'message') process.emit('message', m.data, undefined, m.from);
         else if (m && m.type === 'undeliverable') process.emit('message', m, undefined);
+        else if (m && m.type === 'shutdown' && byMessage) onShutdownMessage();
       }
     });
     channel.on('error', () => { /* the master is gone */ });
@@ -77,6 +83,7 @@
       return ok;
     };
     process.on('newListener', (event) => { if (event === 'message') openChannel(); });
+    if (byMessage) openChannel();
   }
 
   // The TCP port a listen() call asks for, or null (path, fd, handle, none).
@@ -265,6 +272,20 @@
       }
       if (open === 0) process.exit(0);
     }, 20);
+  };
+  // The notice without a signal: an app written for PM2's
+  // shutdown_with_message gets process.on('message') 'shutdown' and exits
+  // by itself once its servers stopped taking connections; one that does
+  // not listen for messages is stopped as on SIGTERM.
+  const onShutdownMessage = () => {
+    if (process.listenerCount('message') === 0) return onSignal('SIGTERM');
+    if (stopping) return;
+    stopping = true;
+    stopDispatch();
+    for (const s of servers) {
+      try { s.close(); } catch (_) { /* already closed */ }
+    }
+    process.emit('message', 'shutdown');
   };
   process.on('SIGTERM', () => onSignal('SIGTERM'));
   process.on('SIGINT', () => onSignal('SIGINT'));

@@ -324,9 +324,14 @@ fn pm2_words(argv: Vec<OsString>) -> Vec<OsString> {
             i += 1;
             continue;
         }
-        // PM2's spelling of `--autorestart=false`.
+        // PM2's spellings of `--autorestart=false` and `--kill-signal none`.
         if w == "--no-autorestart" {
             out.push("--autorestart=false".into());
+            i += 1;
+            continue;
+        }
+        if w == "--shutdown-with-message" {
+            out.push("--kill-signal=none".into());
             i += 1;
             continue;
         }

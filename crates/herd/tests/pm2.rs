@@ -589,6 +589,46 @@ fn an_express_bin_www_runs_with_node_and_herds_preload() {
     }
 }
 
+/// PM2's `shutdown_with_message`: no signal, a `'shutdown'` process
+/// message that the app answers by cleaning up and exiting by itself
+/// (`--kill-signal none`), on reload and on stop.
+#[test]
+fn shutdown_with_message_asks_the_app_by_message_alone() {
+    let sb = Sandbox::new("swm");
+    let journal = sb.app().join("journal");
+    std::fs::write(
+        sb.app().join("app.js"),
+        "const fs = require('fs');\n\
+         require('http').createServer((q, r) => r.end('ok')).listen(process.env.PORT);\n\
+         process.on('message', (m) => {\n\
+           if (m !== 'shutdown') return;\n\
+           fs.appendFileSync('journal', 'shutdown ' + process.pid + '\\n');\n\
+           setTimeout(() => { fs.appendFileSync('journal', 'cleaned ' + process.pid + '\\n'); process.exit(0); }, 200);\n\
+         });\n",
+    )
+    .unwrap();
+    std::fs::write(
+        sb.app().join("ecosystem.config.js"),
+        format!(
+            "module.exports = {{ apps: [{{ name: 'swm', script: 'app.js', instances: 2, \
+             exec_mode: 'cluster', shutdown_with_message: true, env: {{ PORT: {} }} }}] }};\n",
+            sb.port
+        ),
+    )
+    .unwrap();
+    let (ok, said) = sb.run("herd start ecosystem.config.js && herd reload swm && herd stop swm");
+    assert!(ok && said.contains("swm: stopped"), "{said}");
+    let read = std::fs::read_to_string(&journal).unwrap_or_default();
+    let count = |word: &str| read.lines().filter(|l| l.starts_with(word)).count();
+    // Two workers replaced by the reload, then two stopped: each cleaned up.
+    assert_eq!((count("shutdown "), count("cleaned ")), (4, 4), "{read}");
+    let log = sb.run("herd logs swm --lines 100").1;
+    assert!(
+        log.matches("exited with code 0").count() >= 4 && !log.contains("SIGKILL"),
+        "{log}"
+    );
+}
+
 /// The unit `herd startup` printed resurrects at boot and passes
 /// `systemd-analyze verify` where systemd is installed.
 fn verify_unit(unit: &str) {

@@ -59,6 +59,9 @@ pub mod env {
     pub const REPORT_OPEN: &str = "HERD_REPORT_OPEN";
     /// How the cluster shares its port: proxy, shared, reuseport or dispatch.
     pub const MODE: &str = "HERD_MODE";
+    /// `1` when no signal follows the `shutdown` message (`--kill-signal
+    /// none`): the worker exits by itself, or is killed after the time-out.
+    pub const SHUTDOWN_MESSAGE: &str = "HERD_SHUTDOWN_MESSAGE";
     /// The cluster's public address (`HOST:PORT`).
     pub const LISTEN: &str = "HERD_LISTEN";
 }

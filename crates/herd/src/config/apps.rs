@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::{ConfigError, Dur, EnvPair, Instances, Layer, ListenAddr, Mode, Options, Size};
+use super::{
+    ConfigError, Dur, EnvPair, Instances, KillSignal, Layer, ListenAddr, Mode, Options, Size,
+};
 
 /// What a config file holds: one cluster's options, or several apps.
 #[derive(Debug, Default)]
@@ -214,7 +216,7 @@ const READ: &[&str] = &[
     "cwd", "instances", "env", "max_memory_restart", "kill_timeout", "listen_timeout",
     "wait_ready", "min_uptime", "max_restarts", "restart_delay", "exp_backoff_restart_delay",
     "watch", "ignore_watch", "watch_delay", "cron_restart", "increment_var", "instance_var",
-    "log_file", "autorestart", "exec_mode",
+    "log_file", "autorestart", "exec_mode", "shutdown_with_message",
 ];
 
 /// PM2's own keys that herd does not read: ignored, but not misspelt
@@ -224,7 +226,7 @@ const PM2_ONLY: &[&str] = &[
     "namespace", "out_file", "error_file", "output", "error", "log", "log_date_format", "log_type",
     "pid_file", "vizion", "post_update", "force", "source_map_support",
     "disable_source_map_support", "filter_env", "append_env_to_name", "treekill",
-    "shutdown_with_message", "automation", "pmx", "autostart", "user", "uid", "gid",
+    "automation", "pmx", "autostart", "user", "uid", "gid",
     "deep_monitoring", "trace", "disable_trace", "port", "max", "stop_exit_codes",
 ];
 
@@ -348,6 +350,11 @@ fn ecosystem_app(
             "instance_var" => o.instance_var = text(v),
             "log_file" => o.log_file = text(v).map(|f| dir.join(f)),
             "autorestart" => o.autorestart = v.as_bool(),
+            // No signal: the shutdown message alone (`--kill-signal none`).
+            "shutdown_with_message" if v.as_bool() == Some(true) => {
+                o.kill_signal = Some(KillSignal(None));
+            }
+            "shutdown_with_message" => {}
             "exec_mode" => {
                 fork = match text(v).as_deref() {
                     Some("fork" | "fork_mode") => Some(true),
@@ -564,7 +571,7 @@ mod tests {
                 "watch": ["src"], "ignore_watch": ["tmp"], "increment_var": "SHARD",
                 "instance_var": "INSTANCE_ID",
                 "autorestart": false, "namespace": "x", "cron_restart": "0 3 * * *",
-                "instaces": 4
+                "instaces": 4, "shutdown_with_message": true
             }, {"name": "worker", "script": "jobs.py", "cwd": "jobs"}]}"#,
         );
         let (api, warning) = select(&p, Some("api"), Some("production")).unwrap();
@@ -587,6 +594,7 @@ mod tests {
         assert_eq!(api.instance_var.as_deref(), Some("INSTANCE_ID"));
         assert_eq!(api.cron_restart.unwrap().0.pattern.to_string(), "0 3 * * *");
         assert_eq!(api.autorestart, Some(false));
+        assert_eq!(api.kill_signal, Some(KillSignal(None)));
         let warning = warning.unwrap();
         assert!(
             // PM2's own key as it is; a misspelt one with the key meant.

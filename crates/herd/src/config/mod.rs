@@ -301,15 +301,21 @@ pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
     sig.ok_or_else(|| format!("{s:?} is not a signal (for example SIGUSR2, USR2 or 12)"))
 }
 
-/// `--kill-signal`: what stops a worker (systemd's `KillSignal=`).
+/// `--kill-signal`: what stops a worker (systemd's `KillSignal=`); `none`:
+/// only the shutdown message on its channel (PM2's `shutdown_with_message`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
-pub struct KillSignal(pub nix::sys::signal::Signal);
+pub struct KillSignal(pub Option<nix::sys::signal::Signal>);
 
 impl FromStr for KillSignal {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        parse_signal(s).map(KillSignal)
+        if s.trim().eq_ignore_ascii_case("none") {
+            return Ok(KillSignal(None));
+        }
+        parse_signal(s)
+            .map(|sig| KillSignal(Some(sig)))
+            .map_err(|e| format!("{e}, or none"))
     }
 }
 
@@ -507,7 +513,8 @@ options! {
     /// Grace between the kill signal and SIGKILL [default: 5s].
     #[arg(long, value_name = "DUR")]
     kill_timeout: Option<Dur>,
-    /// The signal that stops a worker [default: SIGTERM]; PM2 sends SIGINT.
+    /// The signal that stops a worker [default: SIGTERM]; PM2 sends SIGINT;
+    /// `none`: only the shutdown message (PM2's shutdown_with_message).
     #[arg(long, value_name = "SIGNAL")]
     kill_signal: Option<KillSignal>,
     /// How long a leaving worker (or, on stop, the proxy) may take to finish its requests before the kill signal [default: 5s].
@@ -851,8 +858,9 @@ pub struct Settings {
     pub instances: usize,
     pub mode: Mode,
     pub kill_timeout: Duration,
-    /// `--kill-signal`: what stops a worker (then SIGKILL after `kill_timeout`).
-    pub kill_signal: nix::sys::signal::Signal,
+    /// `--kill-signal`: what stops a worker (then SIGKILL after `kill_timeout`);
+    /// none: only the shutdown message on its channel.
+    pub kill_signal: Option<nix::sys::signal::Signal>,
     pub drain_timeout: Duration,
     pub ready_timeout: Duration,
     pub wait_ready: bool,
@@ -1451,7 +1459,7 @@ impl Settings {
             kill_timeout: d(o.kill_timeout, default::KILL_TIMEOUT),
             kill_signal: o
                 .kill_signal
-                .map_or(nix::sys::signal::Signal::SIGTERM, |k| k.0),
+                .map_or(Some(nix::sys::signal::Signal::SIGTERM), |k| k.0),
             drain_timeout: d(o.drain_timeout, default::DRAIN_TIMEOUT),
             ready_timeout,
             wait_ready: o.wait_ready.unwrap_or(false),

@@ -355,7 +355,9 @@ impl Supervisor {
         p.tasks.push(task.abort_handle());
     }
 
-    /// The shutdown notice on the worker's channel, then SIGTERM.
+    /// The shutdown notice on the worker's channel, then the kill signal
+    /// (SIGTERM; none with `--kill-signal none`, where the notice alone asks
+    /// the worker to exit, and SIGKILL follows after `--kill-timeout`).
     pub(super) fn terminate(&self, epoch: Epoch) {
         let Some(p) = self.procs.get(&epoch) else {
             return;
@@ -364,7 +366,9 @@ impl Supervisor {
         let (pid, signal) = (p.pid, self.s.kill_signal);
         tokio::spawn(async move {
             crate::ipc::notice_written(notice).await;
-            kill_group(pid, signal);
+            if let Some(signal) = signal {
+                kill_group(pid, signal);
+            }
         });
     }
 
@@ -640,6 +644,7 @@ fn worker_env(
         "NODE_UNIQUE_ID",
         contract::DISPATCH_FD,
         contract::REPORT_OPEN,
+        contract::SHUTDOWN_MESSAGE,
         contract::LISTEN_FDS,
         contract::LISTEN_PID,
         contract::LISTEN_FDNAMES,
@@ -675,6 +680,9 @@ fn worker_env(
     set(contract::WORKERS, workers.to_string().into());
     set(contract::NAME, s.name.clone().into());
     set(contract::MODE, s.mode.as_str().into());
+    if s.kill_signal.is_none() {
+        set(contract::SHUTDOWN_MESSAGE, "1".into());
+    }
     if s.mode != Mode::Fork {
         set(contract::LISTEN, s.listen.to_string().into());
     }
