@@ -76,6 +76,9 @@ pub enum Command {
         /// With a config file: its env_NAME for the apps it starts (as `herd start FILE --env NAME`).
         #[arg(long, value_name = "NAME")]
         env: Option<String>,
+        /// With a config file: only these of its apps, comma-separated (PM2's --only).
+        #[arg(long, value_name = "NAME[,NAME]", alias = "app")]
+        only: Option<String>,
     },
     /// Stop and start every worker at once (not zero-downtime); `all`: every cluster;
     /// a config file: each of its apps, starting those not running (`pm2 startOrRestart`).
@@ -89,6 +92,9 @@ pub enum Command {
         /// With a config file: its env_NAME for the apps it starts (as `herd start FILE --env NAME`).
         #[arg(long, value_name = "NAME")]
         env: Option<String>,
+        /// With a config file: only these of its apps, comma-separated (PM2's --only).
+        #[arg(long, value_name = "NAME[,NAME]", alias = "app")]
+        only: Option<String>,
     },
     /// Set the number of workers: N, +K or -K.
     ///
@@ -111,6 +117,9 @@ pub enum Command {
     Stop {
         #[command(flatten)]
         target: Named,
+        /// With a config file: only these of its apps, comma-separated (PM2's --only).
+        #[arg(long, value_name = "NAME[,NAME]", alias = "app")]
+        only: Option<String>,
     },
     /// Stop a cluster and forget it (`herd start NAME` no longer knows it),
     /// like `pm2 delete`; `all`: every cluster; a config file: each of its apps.
@@ -118,6 +127,9 @@ pub enum Command {
     Delete {
         #[command(flatten)]
         target: Named,
+        /// With a config file: only these of its apps, comma-separated (PM2's --only).
+        #[arg(long, value_name = "NAME[,NAME]", alias = "app")]
+        only: Option<String>,
     },
     /// Send MESSAGE (JSON, or else a string) to worker ID's message channel;
     /// HOST/ID: a worker of the same cluster on another host (--redis).

@@ -33,6 +33,13 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
         .or_else(|| Some(PathBuf::from("herd.toml")).filter(|p| p.is_file()));
     let apps = match (&config, &args.app) {
         (Some(path), None) => crate::config::apps::names(path, args.env_profile.as_deref())?,
+        // PM2's `--only api,worker`: each of them.
+        (Some(_), Some(list)) if list.contains(',') => list
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect(),
         _ => Vec::new(),
     };
     if apps.len() < 2 {
@@ -42,6 +49,7 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
     for (i, app) in apps.iter().enumerate() {
         let mut one = args.clone();
         one.app = Some(app.clone());
+        one.argv = without_app(&args.argv);
         one.argv.extend(["--app".into(), app.into()]);
         if let Err(e) = start_one(&one, i == 0) {
             crate::errln!("herd: {app}: {}", crate::console::chain(e.as_ref()));
@@ -57,6 +65,27 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The command line without its `--app`/`--only` choice, for one app's
+/// master to be given its own.
+fn without_app(argv: &[OsString]) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut words = argv.iter();
+    while let Some(w) = words.next() {
+        if w == "--" {
+            out.push(w.clone());
+            out.extend(words.by_ref().cloned());
+            break;
+        }
+        let s = w.to_string_lossy();
+        if s == "--app" || s == "--only" {
+            words.next();
+        } else if !(s.starts_with("--app=") || s.starts_with("--only=")) {
+            out.push(w.clone());
+        }
+    }
+    out
 }
 
 /// `herd start NAME`, NAME alone (with PM2's `--update-env` or not) and

@@ -427,6 +427,29 @@ fn a_config_file_names_its_apps_for_reload_restart_stop_and_delete() {
     );
     assert!(body(web).starts_with("web"), "{}", body(web));
 
+    // PM2's `--only`: some of the file's apps (comma-separated).
+    let (ok, said) = run("herd reload ecosystem.config.js --only web");
+    assert!(
+        ok && said.contains("web: reloaded") && !said.contains("api:") && !said.contains("jobs:"),
+        "{said}"
+    );
+    let (ok, said) = run("herd stop ecosystem.config.js --only api,jobs");
+    assert!(
+        ok && said.contains("api: stopped") && !said.contains("web:"),
+        "{said}"
+    );
+    let (ok, said) = run("herd reload ecosystem.config.js --only nope");
+    assert!(
+        !ok && said.contains("no app named \"nope\" (it has: api, web, jobs)"),
+        "{said}"
+    );
+    let (ok, said) =
+        run("herd stop ecosystem.config.js && herd start ecosystem.config.js --only api,web");
+    assert!(
+        ok && both(&said, "started") && !said.contains("jobs: started"),
+        "{said}"
+    );
+
     let (ok, said) = run("herd stop ecosystem.config.js && herd list");
     assert!(ok && both(&said, "stopped"), "{said}");
     let rows = said

@@ -19,11 +19,16 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             target,
             update_env,
             env,
+            only,
         } => {
             let req = Request::Reload {
                 update_env: update_env.then(caller_env),
             };
-            if let Some(code) = replace_by_file(target.name(), env.as_deref(), &req)? {
+            let picked = Picked {
+                profile: env.as_deref(),
+                only: only.as_deref(),
+            };
+            if let Some(code) = replace_by_file(target.name(), picked, &req)? {
                 return Ok(code);
             }
             (target.name().map(str::to_string), req)
@@ -32,21 +37,32 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             target,
             update_env,
             env,
+            only,
         } => {
             let req = Request::Restart {
                 update_env: update_env.then(caller_env),
             };
-            if let Some(code) = replace_by_file(target.name(), env.as_deref(), &req)? {
+            let picked = Picked {
+                profile: env.as_deref(),
+                only: only.as_deref(),
+            };
+            if let Some(code) = replace_by_file(target.name(), picked, &req)? {
                 return Ok(code);
             }
             (target.name().map(str::to_string), req)
         }
-        Command::Stop { target } => match config_file(target.name()) {
-            Some(file) => return by_file(file, None, &Request::Stop, false),
+        Command::Stop { target, only } => match config_file(target.name()) {
+            Some(file) => {
+                return by_file(file, Picked::only(only.as_deref()), &Request::Stop, false);
+            }
+            None if only.is_some() => return Err(only_with_file()),
             None => (target.name().map(str::to_string), Request::Stop),
         },
-        Command::Delete { target } => match config_file(target.name()) {
-            Some(file) => return by_file(file, None, &Request::Stop, true),
+        Command::Delete { target, only } => match config_file(target.name()) {
+            Some(file) => {
+                return by_file(file, Picked::only(only.as_deref()), &Request::Stop, true);
+            }
+            None if only.is_some() => return Err(only_with_file()),
             None => return delete(target.name()),
         },
         Command::Scale { target, mut words } => {
@@ -175,19 +191,44 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
     Ok(0)
 }
 
+/// What a command by config file picks of it: `--env NAME` (its
+/// `env_NAME`) and `--only` (some of its apps), as PM2's deploy lines have
+/// them (`pm2 reload ecosystem.config.js --only api --env production`).
+#[derive(Clone, Copy, Default)]
+struct Picked<'a> {
+    profile: Option<&'a str>,
+    only: Option<&'a str>,
+}
+
+impl<'a> Picked<'a> {
+    fn only(only: Option<&'a str>) -> Self {
+        Picked {
+            profile: None,
+            only,
+        }
+    }
+}
+
+fn only_with_file() -> ControlError {
+    ControlError::Usage(
+        "--only picks apps of a config file: name the file (`herd reload ecosystem.config.js --only api`)".into(),
+    )
+}
+
 /// A reload or restart of a config file's apps (`Some`: its exit code);
-/// `None`: NAME is a cluster's. `--env` goes with a file only.
+/// `None`: NAME is a cluster's. `--env` and `--only` go with a file only.
 fn replace_by_file(
     name: Option<&str>,
-    env: Option<&str>,
+    picked: Picked<'_>,
     req: &Request,
 ) -> Result<Option<i32>, ControlError> {
-    match (config_file(name), env) {
-        (Some(file), env) => by_file(file, env, req, false).map(Some),
-        (None, Some(_)) => Err(ControlError::Usage(
+    match (config_file(name), picked) {
+        (Some(file), picked) => by_file(file, picked, req, false).map(Some),
+        (None, Picked { profile: Some(_), .. }) => Err(ControlError::Usage(
             "--env NAME picks a config file's env_NAME: name the file (`herd reload ecosystem.config.js --env NAME`)".into(),
         )),
-        (None, None) => Ok(None),
+        (None, Picked { only: Some(_), .. }) => Err(only_with_file()),
+        (None, _) => Ok(None),
     }
 }
 
@@ -203,15 +244,16 @@ fn config_file(name: Option<&str>) -> Option<&str> {
 /// `--env NAME`, as PM2's `reload` of a file (and `startOrReload`) does.
 fn by_file(
     file: &str,
-    profile: Option<&str>,
+    picked: Picked<'_>,
     req: &Request,
     delete: bool,
 ) -> Result<i32, ControlError> {
+    let profile = picked.profile;
     let usage = |e: &dyn std::fmt::Display| ControlError::Usage(format!("{file}: {e}"));
     let path = std::path::Path::new(file);
     let named = crate::config::apps::names(path, profile).map_err(|e| usage(&e))?;
     // An ecosystem file of one app may leave its name to its script.
-    let (names, several) = if named.is_empty() {
+    let (mut names, several) = if named.is_empty() {
         let args = crate::cli::RunArgs {
             config: Some(path.to_path_buf()),
             env_profile: profile.map(str::to_string),
@@ -222,6 +264,20 @@ fn by_file(
         let several = named.len() > 1;
         (named, several)
     };
+    if let Some(only) = picked.only {
+        let wanted: Vec<&str> = only
+            .split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .collect();
+        if let Some(unknown) = wanted.iter().find(|w| !names.iter().any(|n| n == *w)) {
+            return Err(usage(&format!(
+                "no app named {unknown:?} (it has: {})",
+                names.join(", ")
+            )));
+        }
+        names.retain(|n| wanted.contains(&n.as_str()));
+    }
     let running = control::running();
     let mut code = 0;
     for name in &names {
