@@ -196,7 +196,7 @@ pub enum Command {
         target: Named,
     },
     /// List the herd clusters of this user: the running ones, then the stopped ones.
-    #[command(visible_alias = "ls")]
+    #[command(visible_alias = "ls", aliases = ["l", "ps"])]
     List {
         /// Print JSON (every cluster's status) instead of a table.
         #[arg(long)]

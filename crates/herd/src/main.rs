@@ -355,6 +355,9 @@ fn pm2_command_hint(cmd: &str) -> Option<&'static str> {
         "env" => {
             "`herd describe NAME` shows a cluster's workers; its environment is the one it was started in"
         }
+        "init" | "ecosystem" => {
+            "herd reads PM2's ecosystem files as they are (`herd start ecosystem.config.js`), and a herd.toml is a few lines (see the README)"
+        }
         _ => return None,
     })
 }

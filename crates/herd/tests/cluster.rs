@@ -1009,6 +1009,7 @@ fn bad_input_gets_one_clear_line() {
         "herd always backs off: --restart-delay DUR",
     );
     assert_one_line_error(&["kill"], "`herd stop all` ends every one");
+    assert_one_line_error(&["init"], "herd reads PM2's ecosystem files as they are");
     assert_one_line_error(
         &["start", "app.js", "--no-vizion"],
         "unexpected argument '--no-vizion' found; herd has no PM2 agent",

@@ -324,6 +324,12 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     assert!(body(sb.port).starts_with("first"), "{}", body(sb.port));
     let (ok, said) = run("herd start api");
     assert!(!ok && said.contains("api is already running"), "{said}");
+    // `pm2 ps` and `pm2 l`, PM2's other names for its list.
+    let (ok, said) = run("herd ps && herd l");
+    assert!(
+        ok && said.lines().filter(|l| l.starts_with("api ")).count() == 2,
+        "{said}"
+    );
     let listed = run("herd list").1;
     assert_eq!(
         listed.lines().filter(|l| l.starts_with("api ")).count(),
