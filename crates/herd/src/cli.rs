@@ -76,9 +76,8 @@ pub enum Command {
         /// With a config file: its env_NAME for the apps it starts (as `herd start FILE --env NAME`).
         #[arg(long, value_name = "NAME")]
         env: Option<String>,
-        /// With a config file: only these of its apps, comma-separated (PM2's --only).
-        #[arg(long, value_name = "NAME[,NAME]", alias = "app")]
-        only: Option<String>,
+        #[command(flatten)]
+        only: Only,
     },
     /// Stop and start every worker at once (not zero-downtime); `all`: every cluster;
     /// a config file: each of its apps, starting those not running (`pm2 startOrRestart`).
@@ -92,9 +91,8 @@ pub enum Command {
         /// With a config file: its env_NAME for the apps it starts (as `herd start FILE --env NAME`).
         #[arg(long, value_name = "NAME")]
         env: Option<String>,
-        /// With a config file: only these of its apps, comma-separated (PM2's --only).
-        #[arg(long, value_name = "NAME[,NAME]", alias = "app")]
-        only: Option<String>,
+        #[command(flatten)]
+        only: Only,
     },
     /// Set the number of workers: N, +K or -K.
     ///
@@ -117,9 +115,8 @@ pub enum Command {
     Stop {
         #[command(flatten)]
         target: Named,
-        /// With a config file: only these of its apps, comma-separated (PM2's --only).
-        #[arg(long, value_name = "NAME[,NAME]", alias = "app")]
-        only: Option<String>,
+        #[command(flatten)]
+        only: Only,
     },
     /// Stop a cluster and forget it (`herd start NAME` no longer knows it),
     /// like `pm2 delete`; `all`: every cluster; a config file: each of its apps.
@@ -127,9 +124,8 @@ pub enum Command {
     Delete {
         #[command(flatten)]
         target: Named,
-        /// With a config file: only these of its apps, comma-separated (PM2's --only).
-        #[arg(long, value_name = "NAME[,NAME]", alias = "app")]
-        only: Option<String>,
+        #[command(flatten)]
+        only: Only,
     },
     /// Send MESSAGE (JSON, or else a string) to worker ID's message channel;
     /// HOST/ID: a worker of the same cluster on another host (--redis).
@@ -449,6 +445,14 @@ fn command_of(cli: &Cli) -> Option<&Vec<OsString>> {
         Command::Run(a) | Command::Start(a) => a.opts.command.as_ref(),
         _ => None,
     }
+}
+
+/// `--only`: with a config file, only some of its apps (PM2's `--only`).
+#[derive(Debug, Args, Default)]
+pub struct Only {
+    /// With a config file: only these of its apps, comma-separated (PM2's --only).
+    #[arg(long = "only", value_name = "NAME[,NAME]", alias = "app")]
+    pub apps: Option<String>,
 }
 
 /// A cluster named by `--name` or, as PM2 users type it, by a word:

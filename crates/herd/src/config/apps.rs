@@ -232,14 +232,14 @@ const PM2_ONLY: &[&str] = &[
 
 /// `app.key`, with the key herd reads that it is probably a misspelling of.
 fn ignored_key(label: &str, key: &str) -> String {
-    let near = (!PM2_ONLY.contains(&key))
-        .then(|| {
-            READ.iter()
-                .map(|k| (strsim::jaro_winkler(key, k), *k))
-                .filter(|(score, _)| *score > 0.85)
-                .max_by(|a, b| a.0.total_cmp(&b.0))
-        })
-        .flatten();
+    let near = if PM2_ONLY.contains(&key) {
+        None
+    } else {
+        READ.iter()
+            .map(|k| (strsim::jaro_winkler(key, k), *k))
+            .filter(|(score, _)| *score > 0.85)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+    };
     match near {
         Some((_, k)) => format!("{label}.{key} (did you mean {k}?)"),
         None => format!("{label}.{key}"),

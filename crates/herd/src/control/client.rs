@@ -26,7 +26,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             };
             let picked = Picked {
                 profile: env.as_deref(),
-                only: only.as_deref(),
+                only: only.apps.as_deref(),
             };
             if let Some(code) = replace_by_file(target.name(), picked, &req)? {
                 return Ok(code);
@@ -44,7 +44,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             };
             let picked = Picked {
                 profile: env.as_deref(),
-                only: only.as_deref(),
+                only: only.apps.as_deref(),
             };
             if let Some(code) = replace_by_file(target.name(), picked, &req)? {
                 return Ok(code);
@@ -53,16 +53,26 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         }
         Command::Stop { target, only } => match config_file(target.name()) {
             Some(file) => {
-                return by_file(file, Picked::only(only.as_deref()), &Request::Stop, false);
+                return by_file(
+                    file,
+                    Picked::only(only.apps.as_deref()),
+                    &Request::Stop,
+                    false,
+                );
             }
-            None if only.is_some() => return Err(only_with_file()),
+            None if only.apps.is_some() => return Err(only_with_file()),
             None => (target.name().map(str::to_string), Request::Stop),
         },
         Command::Delete { target, only } => match config_file(target.name()) {
             Some(file) => {
-                return by_file(file, Picked::only(only.as_deref()), &Request::Stop, true);
+                return by_file(
+                    file,
+                    Picked::only(only.apps.as_deref()),
+                    &Request::Stop,
+                    true,
+                );
             }
-            None if only.is_some() => return Err(only_with_file()),
+            None if only.apps.is_some() => return Err(only_with_file()),
             None => return delete(target.name()),
         },
         Command::Scale { target, mut words } => {

@@ -109,7 +109,13 @@ fn taken(e: ListenError) -> SuperviseError {
         return e.into();
     }
     let pids = crate::os::sockets::holders_of(addr.port());
-    let cluster = control::running().into_iter().find_map(|(name, path)| {
+    // Another cluster's master holds its port; only then are they asked.
+    let clusters = if pids.is_empty() {
+        Vec::new()
+    } else {
+        control::running()
+    };
+    let cluster = clusters.into_iter().find_map(|(name, path)| {
         let st = control::call::<control::Status>(&name, &path, &control::Request::Status, |_| {})
             .ok()?;
         pids.contains(&st.pid).then_some(name)
