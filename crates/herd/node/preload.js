@@ -7,7 +7,10 @@
 //              channel (NODE_CHANNEL_FD) as handles the master accepted
 //   shared,    the server listens on the inherited socket, fd 3
 //   reuseport
-//   proxy      the server listens on 127.0.0.1:$PORT, where herd relays to
+//   proxy      the server listens on 127.0.0.1:$HERD_PORT, where herd relays
+//              to it. With no PORT set (herd serves the app on the port its
+//              code names, as PM2's cluster mode does), a listen() that
+//              names no port (`listen(process.env.PORT)`) is that server too.
 // On SIGTERM/SIGINT (when the app has no handler of its own) that server
 // stops taking connections, finishes the ones it has, and the process exits.
 // An app that handles SIGINT only (PM2's stop signal) gets SIGINT for SIGTERM.
@@ -34,6 +37,10 @@
   let dispatch = null; // { server, handle, onconnection }
   let open = 0;
   const reportOpen = process.env.HERD_REPORT_OPEN === '1';
+  // Proxy mode: the worker's private port. Without PORT (read now, before
+  // the app's dotenv may set it) the app's own port is the public one.
+  const privatePort = process.env.HERD_PORT || process.env.PORT;
+  const appPort = mode === 'proxy' && !process.env.PORT && !!privatePort;
 
   // Node's own channel: in dispatch mode the dispatch socket, for the
   // dispatch protocol only (the app's process.send goes to fd 4, below).
@@ -97,16 +104,32 @@
     }
     return null;
   };
+  // The host a listen() call names, if any.
+  const hostOf = (args) => {
+    const a = args[0];
+    if (a && typeof a === 'object') return typeof a.host === 'string' ? a.host : undefined;
+    return typeof args[1] === 'string' ? args[1] : undefined;
+  };
+  // A listen() that names no port, path, fd or handle (Node picks a port).
+  const namesNothing = (args) => {
+    const a = args[0];
+    if (a === undefined || a === null || typeof a === 'function') return true;
+    if (a && typeof a === 'object') {
+      return a.path === undefined && a.fd === undefined && a.handle === undefined &&
+        a._handle === undefined && (a.port === undefined || Number(a.port) === 0);
+    }
+    return Number(a) === 0 && String(a).trim() !== '';
+  };
 
   // Ready: Node cannot send sd_notify's Unix datagram, so the line goes
   // on herd's message channel (fd 4), written without taking the fd over
   // (the app may read that channel itself).
   // `asked`: the port the app's own listen() named, for herd to say where
   // the app is served when that is elsewhere (a port written in its code).
-  const sayReady = (asked) => {
+  const sayReady = (asked, host) => {
     const fd = Number(process.env.HERD_IPC_FD);
     if (!fd) return;
-    const msg = JSON.stringify(asked ? { type: 'listening', port: asked } : { type: 'listening' });
+    const msg = JSON.stringify(asked ? { type: 'listening', port: asked, host } : { type: 'listening' });
     try { require('fs').writeSync(fd, msg + '\n'); } catch (_) { /* no channel */ }
   };
 
@@ -221,7 +244,9 @@
       return origListen.apply(this, args);
     }
     const port = claimed ? null : portOf(args);
-    if (port === null) return origListen.apply(this, args);
+    if (port === null && !(appPort && !claimed && namesNothing(args))) {
+      return origListen.apply(this, args);
+    }
     claimed = true;
     const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
     const backlog = args.find((a, i) => i > 0 && typeof a === 'number');
@@ -232,15 +257,16 @@
       listenDispatch(this, cb);
       return this;
     }
-    if (mode !== 'dispatch') this.once('listening', () => sayReady(port));
+    const host = hostOf(args);
+    if (mode !== 'dispatch') this.once('listening', () => sayReady(port, host));
     if ((mode === 'shared' || mode === 'reuseport') && process.env.LISTEN_FDS) {
       delete process.env.LISTEN_FDS;
       delete process.env.LISTEN_PID;
       delete process.env.LISTEN_FDNAMES;
       return origListen.call(this, { fd: 3, backlog }, cb);
     }
-    if (mode === 'proxy' && process.env.PORT) {
-      return origListen.call(this, { port: Number(process.env.PORT), host: '127.0.0.1', backlog }, cb);
+    if (mode === 'proxy' && privatePort) {
+      return origListen.call(this, { port: Number(privatePort), host: '127.0.0.1', backlog }, cb);
     }
     return origListen.apply(this, args);
   };

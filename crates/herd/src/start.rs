@@ -113,7 +113,15 @@ pub fn checked(s: &crate::config::Settings) -> String {
         "ok: {}: {}, {}",
         s.name,
         crate::console::count(s.instances, "worker"),
-        crate::console::served(s.mode.as_str(), &s.listen.to_string())
+        if s.port_from_app {
+            format!(
+                "{} mode on the port the app's listen() names (else {})",
+                s.mode.as_str(),
+                s.listen
+            )
+        } else {
+            crate::console::served(s.mode.as_str(), &s.listen.to_string())
+        }
     )
 }
 

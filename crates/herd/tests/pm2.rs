@@ -618,6 +618,66 @@ fn an_express_bin_www_runs_with_node_and_herds_preload() {
     }
 }
 
+/// PM2's cluster mode serves an app on the port its code names, and so
+/// does herd when no port is given (`--listen`, `$PORT`, `env.PORT`): the
+/// workers' `PORT` stays unset, so `process.env.PORT || N` reads N, and the
+/// host a `listen()` names is kept.
+#[test]
+fn with_no_port_given_a_node_app_is_served_on_the_port_its_code_names() {
+    let sb = Sandbox::new("ownport");
+    let (own, local) = (free_port(), free_port());
+    std::fs::write(
+        sb.app().join("web.js"),
+        format!(
+            "require('http').createServer((q, r) => r.end('web ' + process.pid + ' PORT=' + process.env.PORT))\n\
+             .listen(process.env.PORT || {own});\n"
+        ),
+    )
+    .unwrap();
+    let (ok, said) = sb.run("unset PORT; herd start web.js -i 2");
+    assert!(
+        ok && said.contains(&format!("proxy mode on 0.0.0.0:{own};")),
+        "{said}"
+    );
+    let answers: std::collections::BTreeSet<String> = (0..8).map(|_| body(own)).collect();
+    assert_eq!(answers.len(), 2, "two workers answer: {answers:?}");
+    assert!(
+        answers.iter().all(|b| b.ends_with(" PORT=undefined")),
+        "{answers:?}"
+    );
+    // The same app again: its port is taken, and the error says by whom.
+    let (ok, said) = sb.run("unset PORT; herd start web.js -i 2");
+    assert!(
+        !ok && said.contains(&format!(
+            "cannot listen on 0.0.0.0:{own}: in use by herd cluster \"web\""
+        )),
+        "{said}"
+    );
+    // An ecosystem app in cluster mode without env.PORT, on the host too.
+    std::fs::write(
+        sb.app().join("local.js"),
+        format!(
+            "require('http').createServer((q, r) => r.end('local'))\n\
+             .listen({local}, '127.0.0.1');\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        sb.app().join("ecosystem.config.js"),
+        "module.exports = { apps: [{ name: 'local', script: 'local.js', instances: 2, \
+         exec_mode: 'cluster' }] };\n",
+    )
+    .unwrap();
+    let (ok, said) = sb.run("unset PORT; herd start ecosystem.config.js");
+    assert!(
+        ok && said.contains(&format!("proxy mode on 127.0.0.1:{local};")),
+        "{said}"
+    );
+    assert_eq!(body(local), "local");
+    let (ok, said) = sb.run("herd status local");
+    assert!(ok && said.contains(&format!("127.0.0.1:{local}")), "{said}");
+}
+
 /// PM2's `shutdown_with_message`: no signal, a `'shutdown'` process
 /// message that the app answers by cleaning up and exiting by itself
 /// (`--kill-signal none`), on reload and on stop.

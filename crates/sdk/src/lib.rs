@@ -43,6 +43,10 @@ pub mod env {
     pub const HOST: &str = "HERD_HOST";
     /// The private loopback port to serve on (proxy mode).
     pub const PORT: &str = "PORT";
+    /// Proxy mode: the same private port, also set when `PORT` is not (a
+    /// Node app served on the port its code names, whose `PORT` stays
+    /// unset as under PM2; herd's Node preload listens here for it).
+    pub const PRIVATE_PORT: &str = "HERD_PORT";
     /// systemd's readiness socket (`READY=1`).
     pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
     /// systemd socket activation: number of passed fds, starting at fd 3.

@@ -855,6 +855,11 @@ pub struct Settings {
     /// Whether the name was given (`--name`/`name =`) rather than derived.
     pub name_given: bool,
     pub listen: SocketAddr,
+    /// No port was given (`--listen`, the file, `$PORT`) for a Node app in
+    /// proxy mode: herd serves it on the port its own `listen()` names, as
+    /// PM2's cluster mode does, and binds only once the first worker said
+    /// which (`listen` is the fallback when it names none).
+    pub port_from_app: bool,
     pub instances: usize,
     pub mode: Mode,
     pub kill_timeout: Duration,
@@ -1449,6 +1454,12 @@ impl Settings {
         Ok(Settings {
             name,
             name_given,
+            port_from_app: mode == Mode::Proxy
+                && node_shim
+                && !command.is_empty()
+                && o.listen.is_none()
+                && tls.is_none()
+                && std::env::var_os("PORT").is_none_or(|p| p.is_empty()),
             // Fork mode: unused, and a $PORT meant for the program is not herd's.
             listen: match mode {
                 Mode::Fork => DEFAULT_LISTEN,

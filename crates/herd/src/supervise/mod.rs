@@ -26,6 +26,7 @@ mod deploy;
 mod machine;
 mod ops;
 mod policy;
+mod port;
 mod process;
 mod signals;
 mod stall;
@@ -241,6 +242,10 @@ pub struct Supervisor {
     stalls: Vec<stall::Stall>,
     /// A Node app's own port (written in its code) was named in the log.
     port_hinted: bool,
+    /// `port_from_app` until the first worker names its port.
+    awaiting_port: Option<port::AwaitingPort>,
+    /// What ended the master after its start (the app's port was taken).
+    failed: Option<SuperviseError>,
 }
 
 /// Runs the cluster until it is stopped; returns the process exit code.
@@ -273,6 +278,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let listeners = match (inherited, handed.as_mut()) {
         (_, Some(h)) => Listeners::handed(s.mode, std::mem::take(&mut h.listeners))?,
         (Some(sock), None) => Listeners::adopt(s.mode, sock, listen_slots)?,
+        // Bound once the first worker names its port (`on_port`).
+        (None, None) if s.port_from_app => Listeners::None,
         (None, None) => Listeners::bind(s.mode, s.listen, listen_slots).map_err(taken)?,
     };
     let bound = listeners.local_addr().unwrap_or(s.listen);
@@ -454,6 +461,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         http: None,
         stalls: Vec::new(),
         port_hinted: false,
+        awaiting_port: None,
+        failed: None,
     };
     let access_log = match &sup.s.access_log {
         Some(cfg) if sup.s.mode == Mode::Proxy => Some(Arc::new(
@@ -461,14 +470,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         )),
         _ => None,
     };
-    if let Some(Listeners::Proxy(socks)) = &sup.listeners {
-        let mut listeners = Vec::new();
-        for l in socks {
-            listeners.push(l.try_clone().map_err(|source| ListenError::Bind {
-                addr: bound,
-                source,
-            })?);
-        }
+    if sup.s.mode == Mode::Proxy {
         let proto = match sup.s.protocol {
             Protocol::Http => {
                 let s = &sup.s;
@@ -499,17 +501,16 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 wait_for_backend: sup.s.ready_timeout,
             })),
         };
-        proxy::start_threads(
-            listeners,
-            proto,
-            sup.active.clone(),
-            sup.stop_accepting.clone(),
-            sup.close_idle.clone(),
-        )
-        .map_err(|source| ListenError::Bind {
-            addr: bound,
-            source,
-        })?;
+        match &sup.listeners {
+            Some(Listeners::Proxy(_)) => sup.serve(proto)?,
+            _ => {
+                sup.awaiting_port = Some(port::AwaitingPort {
+                    proto,
+                    held: Vec::new(),
+                    since: None,
+                })
+            }
+        }
         tokio::spawn(upstream::health_loop(sup.up.clone(), sup.s.health.clone()));
         if let Some(addr) = sup.s.tls.as_ref().and_then(|t| t.redirect) {
             let redirect = std::net::TcpListener::bind(addr)
@@ -587,6 +588,10 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         crate::console::count(sup.s.instances, "worker"),
         match sup.s.mode {
             Mode::Fork => crate::console::served(sup.s.mode.as_str(), ""),
+            m if sup.awaiting_port.is_some() => format!(
+                "{} mode, to listen on the port the app's listen() names (else {bound}; --listen picks one)",
+                m.as_str()
+            ),
             m => format!("{} mode, listening on {bound}", m.as_str()),
         },
         if activated {
@@ -657,6 +662,9 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let _ = herd_sdk::notify("STOPPING=1");
     sup.shutdown(&mut stop).await;
     sup.end_adopted();
+    if let Some(e) = sup.failed.take() {
+        return Err(e);
+    }
     if let Some(written) = sup.stop_reply.take() {
         let _ = tokio::time::timeout(Duration::from_secs(1), written).await;
     }
@@ -722,7 +730,9 @@ impl Supervisor {
                 if let Some(p) = self.procs.get_mut(&epoch) {
                     p.serving_at(addr);
                 }
-                self.apply(Input::Ready { epoch }, None);
+                if !self.hold_ready(epoch) {
+                    self.apply(Input::Ready { epoch }, None);
+                }
             }
             Event::Pinged { epoch } => self.apply(Input::Pinged { epoch }, None),
             Event::Drained { epoch } => self.apply(Input::Drained { epoch }, None),

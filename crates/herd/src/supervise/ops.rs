@@ -281,14 +281,23 @@ impl Supervisor {
         // passed port probe. In dispatch mode only the dispatch socket's
         // `listening` counts.
         let kind = msg.get("type").and_then(Value::as_str);
-        if kind == Some("listening")
-            && let Some(asked) = msg.get("port").and_then(Value::as_u64)
-        {
-            self.port_hint(epoch, slot, asked);
+        if kind == Some("listening") {
+            let asked = msg.get("port").and_then(Value::as_u64);
+            let host = msg.get("host").and_then(Value::as_str);
+            self.on_port(Some(epoch), asked, host);
+            if self.failed.is_some() {
+                return;
+            }
+            if let Some(asked) = asked {
+                self.port_hint(epoch, slot, asked);
+            }
         }
         if matches!(kind, Some("ready" | "listening")) {
             let weak = kind == Some("listening");
-            if self.s.mode != Mode::Dispatch && !(weak && self.s.wait_ready) {
+            if self.s.mode != Mode::Dispatch
+                && !(weak && self.s.wait_ready)
+                && !self.hold_ready(epoch)
+            {
                 self.apply(Input::Ready { epoch }, None);
             }
             return;
@@ -629,6 +638,7 @@ impl Supervisor {
     /// sample every 5 s (for `herd status`), and a memory sample of each
     /// serving worker for `--max-memory`.
     pub(super) fn on_tick(&mut self) {
+        self.port_named_none();
         self.on_cron();
         self.analyse();
         self.watch_accept_queues();
@@ -811,6 +821,7 @@ impl Supervisor {
             mode: self.s.mode.as_str().to_string(),
             listen: match self.s.mode {
                 Mode::Fork => "-".into(),
+                _ if self.awaiting_port.is_some() => "the port the app names (not yet)".into(),
                 _ => self.s.listen.to_string(),
             },
             uptime: self.started.elapsed().as_secs_f64(),

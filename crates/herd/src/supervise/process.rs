@@ -124,6 +124,7 @@ impl Supervisor {
             slot,
             self.m.instances(),
             port,
+            self.awaiting_port.is_none(),
             &notify_path,
         );
         if let Some(opts) = &spec.node_options {
@@ -634,6 +635,7 @@ fn worker_env(
     slot: usize,
     workers: usize,
     port: Option<u16>,
+    listen_known: bool,
     notify: &std::path::Path,
 ) -> Vec<(OsString, OsString)> {
     const STRIP: &[&str] = &[
@@ -643,6 +645,7 @@ fn worker_env(
         "NODE_CHANNEL_SERIALIZATION_MODE",
         "NODE_UNIQUE_ID",
         contract::DISPATCH_FD,
+        contract::PRIVATE_PORT,
         contract::REPORT_OPEN,
         contract::SHUTDOWN_MESSAGE,
         contract::LISTEN_FDS,
@@ -683,7 +686,7 @@ fn worker_env(
     if s.kill_signal.is_none() {
         set(contract::SHUTDOWN_MESSAGE, "1".into());
     }
-    if s.mode != Mode::Fork {
+    if s.mode != Mode::Fork && listen_known {
         set(contract::LISTEN, s.listen.to_string().into());
     }
     set(contract::NOTIFY_SOCKET, notify.as_os_str().to_owned());
@@ -694,9 +697,13 @@ fn worker_env(
         set("WATCHDOG_USEC", w.as_micros().to_string().into());
     }
     if let Some(p) = port {
-        set(contract::PORT, p.to_string().into());
-        for (k, before) in PORT_ALIASES {
-            set(k, format!("{before}{p}").into());
+        set(contract::PRIVATE_PORT, p.to_string().into());
+        // The app's own port: `process.env.PORT || 3000` must read 3000.
+        if !s.port_from_app {
+            set(contract::PORT, p.to_string().into());
+            for (k, before) in PORT_ALIASES {
+                set(k, format!("{before}{p}").into());
+            }
         }
     }
     // PM2's increment_var: NAME = its value + the worker's id.

@@ -31,6 +31,9 @@ impl Supervisor {
         if self.reload_reply.is_some() {
             return Err("a reload is in progress".into());
         }
+        if self.awaiting_port.is_some() {
+            return Err("the app has not named its port yet".into());
+        }
         let exe = crate::os::sys::exe_path().ok_or("cannot tell where herd's binary is")?;
         let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
         let Some(at) = args.iter().position(|a| a == "run") else {

@@ -1,0 +1,138 @@
+//! The app's own port (`Settings::port_from_app`): a Node app run with no
+//! port given is served where its `listen()` says, as under PM2's cluster
+//! mode, so the master binds only once the first worker has said where.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::{Input, SuperviseError, Supervisor, taken};
+use crate::config::Mode;
+use crate::os::listen::{ListenError, Listeners};
+use crate::proxy;
+
+/// A worker ready by a port probe whose port message has not come: after
+/// this, the app is taken to name none and gets `--listen`'s default.
+const NAMES_NONE_AFTER: Duration = Duration::from_secs(1);
+
+/// What starts serving once the app's port is known.
+pub(super) struct AwaitingPort {
+    pub(super) proto: proxy::Protocol,
+    /// Workers found ready before the port was known; ready once it is.
+    pub(super) held: Vec<u64>,
+    pub(super) since: Option<Instant>,
+}
+
+/// Where the app's `listen(port, host)` asked to be, in herd's terms: an
+/// address literal or `localhost` is kept; any other host (`::`, a name)
+/// gets herd's default address.
+pub(super) fn app_addr(port: u16, host: Option<&str>, default: IpAddr) -> SocketAddr {
+    let ip = match host {
+        Some("localhost") => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        Some(h) => match h.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => ip,
+            _ => default,
+        },
+        None => default,
+    };
+    SocketAddr::new(ip, port)
+}
+
+impl Supervisor {
+    /// Starts the proxy threads on the bound listeners.
+    pub(super) fn serve(&mut self, proto: proxy::Protocol) -> Result<(), SuperviseError> {
+        let addr = self.s.listen;
+        let bind_err = |source| ListenError::Bind { addr, source };
+        let Some(Listeners::Proxy(socks)) = &self.listeners else {
+            return Ok(());
+        };
+        let mut listeners = Vec::new();
+        for l in socks {
+            listeners.push(l.try_clone().map_err(bind_err)?);
+        }
+        proxy::start_threads(
+            listeners,
+            proto,
+            self.active.clone(),
+            self.stop_accepting.clone(),
+            self.close_idle.clone(),
+        )
+        .map_err(bind_err)?;
+        Ok(())
+    }
+
+    /// Holds a worker's readiness while the port is not known yet; false
+    /// when there is nothing to wait for.
+    pub(super) fn hold_ready(&mut self, epoch: u64) -> bool {
+        let Some(w) = &mut self.awaiting_port else {
+            return false;
+        };
+        w.held.push(epoch);
+        w.since.get_or_insert_with(Instant::now);
+        true
+    }
+
+    /// Once a second: a worker is ready but no port was named.
+    pub(super) fn port_named_none(&mut self) {
+        if let Some(w) = &self.awaiting_port
+            && w.since.is_some_and(|t| t.elapsed() >= NAMES_NONE_AFTER)
+        {
+            self.on_port(None, None, None);
+        }
+    }
+
+    /// A worker's app named its port (`asked`, or none: it took `PORT`'s
+    /// place): bind there, serve, and let the held workers be ready. A
+    /// port that cannot be bound ends the master as at start.
+    pub(super) fn on_port(&mut self, epoch: Option<u64>, asked: Option<u64>, host: Option<&str>) {
+        let Some(wait) = self.awaiting_port.take() else {
+            return;
+        };
+        let private = epoch.and_then(|e| self.procs.get(&e)).and_then(|p| p.port);
+        let named = asked
+            .and_then(|a| u16::try_from(a).ok())
+            .filter(|&p| Some(p) != private);
+        let addr = named.map_or(self.s.listen, |p| app_addr(p, host, self.s.listen.ip()));
+        let bound = Listeners::bind(Mode::Proxy, addr, crate::os::cpus::usable())
+            .map_err(taken)
+            .and_then(|l| {
+                self.s.listen = l.local_addr().unwrap_or(addr);
+                self.listeners = Some(l);
+                self.serve(wait.proto)
+            });
+        if let Err(e) = bound {
+            self.failed = Some(e);
+            self.give_up = true;
+            return;
+        }
+        tracing::info!(
+            "listening on {}{}",
+            self.s.listen,
+            if named.is_some() {
+                ", the port the app's listen() names"
+            } else {
+                ""
+            }
+        );
+        for epoch in wait.held {
+            self.apply(Input::Ready { epoch }, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_apps_host_is_kept_unless_it_means_everywhere() {
+        let any: IpAddr = "0.0.0.0".parse().unwrap();
+        let at = |h| app_addr(3000, h, any).to_string();
+        assert_eq!(at(None), "0.0.0.0:3000");
+        assert_eq!(at(Some("127.0.0.1")), "127.0.0.1:3000");
+        assert_eq!(at(Some("localhost")), "127.0.0.1:3000");
+        assert_eq!(at(Some("::")), "0.0.0.0:3000");
+        assert_eq!(at(Some("0.0.0.0")), "0.0.0.0:3000");
+        assert_eq!(at(Some("::1")), "[::1]:3000");
+        assert_eq!(at(Some("example.com")), "0.0.0.0:3000");
+    }
+}
