@@ -358,6 +358,24 @@ fn pm2_command_hint(cmd: &str) -> Option<&'static str> {
         "init" | "ecosystem" => {
             "herd reads PM2's ecosystem files as they are (`herd start ecosystem.config.js`), and a herd.toml is a few lines (see the README)"
         }
+        "install" | "uninstall" | "module:generate" => {
+            "herd has no modules: what pm2-logrotate does is built in (--log-max-size, --log-keep; SIGUSR1 reopens the log files), and --admin ADDR serves /metrics and a web dashboard"
+        }
+        "set" | "get" | "conf" | "config" => {
+            "herd's settings are its options, on the command line or in herd.toml (pm2-logrotate's max_size and retain are --log-max-size and --log-keep)"
+        }
+        "reset" => {
+            "a master counts its workers' restarts from its start: `herd stop NAME && herd start NAME` starts them at 0"
+        }
+        "link" | "unlink" | "plus" | "open" => {
+            "herd has no hosted dashboard: --admin ADDR serves a web dashboard and Prometheus /metrics, and `herd monit` runs in the terminal"
+        }
+        "report" => {
+            "`herd status all --json` and `herd logs NAME` show what a report would (`herd --version` for the version)"
+        }
+        "trigger" => {
+            "`herd send ID MESSAGE --name NAME` delivers MESSAGE to worker ID, which gets it as process.on('message')"
+        }
         _ => return None,
     })
 }

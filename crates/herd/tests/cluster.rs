@@ -1011,6 +1011,14 @@ fn bad_input_gets_one_clear_line() {
     assert_one_line_error(&["kill"], "`herd stop all` ends every one");
     assert_one_line_error(&["init"], "herd reads PM2's ecosystem files as they are");
     assert_one_line_error(
+        &["install", "pm2-logrotate"],
+        "herd has no modules: what pm2-logrotate does is built in (--log-max-size, --log-keep",
+    );
+    assert_one_line_error(
+        &["reset", "api"],
+        "`herd stop NAME && herd start NAME` starts them at 0",
+    );
+    assert_one_line_error(
         &["start", "app.js", "--no-vizion"],
         "unexpected argument '--no-vizion' found; herd has no PM2 agent",
     );
