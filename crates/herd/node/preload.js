@@ -110,15 +110,15 @@
     if (a && typeof a === 'object') return typeof a.host === 'string' ? a.host : undefined;
     return typeof args[1] === 'string' ? args[1] : undefined;
   };
-  // A listen() that names no port, path, fd or handle (Node picks a port).
+  // A listen() that names no port, path, fd or handle: none, 0, or the
+  // NaN of `Number(process.env.PORT)` (which alone would throw).
+  const noPort = (p) => p === undefined || p === null ||
+    (typeof p === 'number' && (p === 0 || Number.isNaN(p))) || p === '0';
   const namesNothing = (args) => {
     const a = args[0];
-    if (a === undefined || a === null || typeof a === 'function') return true;
-    if (a && typeof a === 'object') {
-      return a.path === undefined && a.fd === undefined && a.handle === undefined &&
-        a._handle === undefined && (a.port === undefined || Number(a.port) === 0);
-    }
-    return Number(a) === 0 && String(a).trim() !== '';
+    if (typeof a === 'function' || noPort(a)) return true;
+    return !!a && typeof a === 'object' && a.path === undefined && a.fd === undefined &&
+      a.handle === undefined && a._handle === undefined && noPort(a.port);
   };
 
   // Ready: Node cannot send sd_notify's Unix datagram, so the line goes

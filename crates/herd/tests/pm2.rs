@@ -676,6 +676,21 @@ fn with_no_port_given_a_node_app_is_served_on_the_port_its_code_names() {
     assert_eq!(body(local), "local");
     let (ok, said) = sb.run("herd status local");
     assert!(ok && said.contains(&format!("127.0.0.1:{local}")), "{said}");
+    // `Number(process.env.PORT)` names no port (NaN, which alone would
+    // throw): herd's default, 0.0.0.0:8000, when nothing else holds it.
+    if std::net::TcpListener::bind("0.0.0.0:8000").is_ok() {
+        std::fs::write(
+            sb.app().join("nan.js"),
+            "require('http').createServer((q, r) => r.end('nan'))\n\
+             .listen(Number(process.env.PORT));\n",
+        )
+        .unwrap();
+        let (ok, said) = sb.run("unset PORT; herd start nan.js -i 2");
+        assert!(ok && said.contains("proxy mode on 0.0.0.0:8000;"), "{said}");
+        assert_eq!(body(8000), "nan");
+        let (ok, said) = sb.run("herd delete nan");
+        assert!(ok, "{said}");
+    }
 }
 
 /// PM2's `shutdown_with_message`: no signal, a `'shutdown'` process
