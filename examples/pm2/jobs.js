@@ -1,5 +1,5 @@
 // A queue consumer as PM2 users write one. It serves no port, so herd runs
-// it in fork mode, as PM2 does (its app has no env.PORT and no exec_mode),
+// it in fork mode, as PM2 does (its app has no env.PORT, exec_mode or instances),
 // and it finishes its job on SIGINT, PM2's stop signal, which herd's Node
 // preload gives an app that handles SIGINT only.
 let n = 0;

@@ -653,7 +653,14 @@ fn with_no_port_given_a_node_app_is_served_on_the_port_its_code_names() {
         )),
         "{said}"
     );
-    // An ecosystem app in cluster mode without env.PORT, on the host too.
+    // Ecosystem apps without env.PORT: in cluster mode (PM2's default for a
+    // Node app with `instances`), on the host too; a queue consumer, which
+    // never listens, keeps running with no port, as PM2 runs it.
+    std::fs::write(
+        sb.app().join("jobs.js"),
+        "setInterval(() => console.log('job done'), 200);\n",
+    )
+    .unwrap();
     std::fs::write(
         sb.app().join("local.js"),
         format!(
@@ -664,18 +671,29 @@ fn with_no_port_given_a_node_app_is_served_on_the_port_its_code_names() {
     .unwrap();
     std::fs::write(
         sb.app().join("ecosystem.config.js"),
-        "module.exports = { apps: [{ name: 'local', script: 'local.js', instances: 2, \
-         exec_mode: 'cluster' }] };\n",
+        "module.exports = { apps: [{ name: 'local', script: 'local.js', instances: 2 }, \
+         { name: 'jobs', script: 'jobs.js', instances: 2, exec_mode: 'cluster' }] };\n",
     )
     .unwrap();
     let (ok, said) = sb.run("unset PORT; herd start ecosystem.config.js");
     assert!(
-        ok && said.contains(&format!("proxy mode on 127.0.0.1:{local};")),
+        ok && said.contains(&format!("proxy mode on 127.0.0.1:{local};"))
+            && said.contains("jobs: started")
+            && said.contains("proxy mode on the app's port (none yet)"),
         "{said}"
     );
     assert_eq!(body(local), "local");
     let (ok, said) = sb.run("herd status local");
     assert!(ok && said.contains(&format!("127.0.0.1:{local}")), "{said}");
+    let (ok, said) = sb.run("herd reload jobs && herd status jobs");
+    assert!(
+        ok && said
+            .lines()
+            .filter(|l| l.split_whitespace().nth(2) == Some("ready"))
+            .count()
+            == 2,
+        "{said}"
+    );
     // `Number(process.env.PORT)` names no port (NaN, which alone would
     // throw): herd's default, 0.0.0.0:8000, when nothing else holds it.
     if std::net::TcpListener::bind("0.0.0.0:8000").is_ok() {

@@ -371,11 +371,25 @@ fn ecosystem_app(
         env.retain(|(ek, _)| *ek != k);
         env.push((k, v));
     }
-    // PM2 runs an app in fork mode unless told otherwise. herd clusters an
-    // app whose port it knows, and runs the others as PM2 would: a program
-    // without PORT serves none (a queue consumer) or binds its own.
+    // PM2's default exec_mode: cluster for a Node app that names its
+    // `instances`, else fork. herd also clusters any app whose port it
+    // knows. A Node cluster without PORT is served on the port its code
+    // names, and one that never listens (a queue consumer) runs as in fork
+    // mode (see `supervise::port`).
     let port_known = env.iter().any(|(k, _)| k == "PORT");
-    if fork.unwrap_or(!port_known) {
+    let node = match interpreter.as_deref() {
+        Some("none") => false,
+        Some(i) => super::is_node(Path::new(i)),
+        // By its extension, else its `#!` line (Express's `bin/www`).
+        None => script.as_ref().is_some_and(|s| {
+            super::interpreter_of(Path::new(s)) == Some("node")
+                || super::with_interpreter(vec![s.into()], Some(&cwd))
+                    .first()
+                    .is_some_and(|p| super::is_node(Path::new(p)))
+        }),
+    };
+    let pm2_cluster = node && o.instances.is_some();
+    if fork.unwrap_or(!(port_known || pm2_cluster)) {
         o.mode = Some(Mode::Fork);
     }
     // PM2 apps read their port from PORT; herd listens there for them and
@@ -619,7 +633,10 @@ mod tests {
             "modes.json",
             r#"{"apps": [
                 {"name": "api", "script": "a.js", "env": {"PORT": 3000}},
-                {"name": "jobs", "script": "jobs.js", "instances": 2},
+                {"name": "jobs", "script": "jobs.js"},
+                {"name": "workers", "script": "w.js", "instances": 2},
+                {"name": "py", "script": "w.py", "instances": 2},
+                {"name": "bin", "script": "w", "interpreter": "none", "instances": 2},
                 {"name": "legacy", "script": "l.js", "exec_mode": "fork", "env": {"PORT": 4000}},
                 {"name": "lb", "script": "b.js", "exec_mode": "cluster_mode"}
             ]}"#,
@@ -629,8 +646,15 @@ mod tests {
         assert_eq!(
             mode("jobs"),
             Some(Mode::Fork),
-            "no port: PM2's default, fork"
+            "no port, no instances: PM2's default, fork"
         );
+        assert_eq!(
+            mode("workers"),
+            None,
+            "a Node app with instances: PM2's default, cluster"
+        );
+        assert_eq!(mode("py"), Some(Mode::Fork), "not Node: fork, as in PM2");
+        assert_eq!(mode("bin"), Some(Mode::Fork), "interpreter none: fork");
         assert_eq!(mode("lb"), None, "exec_mode cluster is herd's default");
         let (legacy, _) = select(&p, Some("legacy"), None).unwrap();
         assert_eq!(legacy.mode, Some(Mode::Fork));

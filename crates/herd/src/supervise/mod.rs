@@ -730,7 +730,8 @@ impl Supervisor {
                 if let Some(p) = self.procs.get_mut(&epoch) {
                     p.serving_at(addr);
                 }
-                if !self.hold_ready(epoch) {
+                // Listening on its private port before its port message came.
+                if addr.is_none() || !self.hold_ready(epoch) {
                     self.apply(Input::Ready { epoch }, None);
                 }
             }

@@ -294,10 +294,7 @@ impl Supervisor {
         }
         if matches!(kind, Some("ready" | "listening")) {
             let weak = kind == Some("listening");
-            if self.s.mode != Mode::Dispatch
-                && !(weak && self.s.wait_ready)
-                && !self.hold_ready(epoch)
-            {
+            if self.s.mode != Mode::Dispatch && !(weak && self.s.wait_ready) {
                 self.apply(Input::Ready { epoch }, None);
             }
             return;
@@ -821,7 +818,7 @@ impl Supervisor {
             mode: self.s.mode.as_str().to_string(),
             listen: match self.s.mode {
                 Mode::Fork => "-".into(),
-                _ if self.awaiting_port.is_some() => "the port the app names (not yet)".into(),
+                _ if self.awaiting_port.is_some() => "the app's port (none yet)".into(),
                 _ => self.s.listen.to_string(),
             },
             uptime: self.started.elapsed().as_secs_f64(),

@@ -60,8 +60,9 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Holds a worker's readiness while the port is not known yet; false
-    /// when there is nothing to wait for.
+    /// Holds the readiness of a worker found listening on its private port
+    /// while the port is not known yet; false when there is nothing to wait
+    /// for. (A worker ready otherwise, by a grace, serves no port yet.)
     pub(super) fn hold_ready(&mut self, epoch: u64) -> bool {
         let Some(w) = &mut self.awaiting_port else {
             return false;

@@ -286,6 +286,9 @@ impl Supervisor {
         match (self.s.wait_ready, port) {
             _ if self.s.mode == Mode::Dispatch => Probe::Dispatch,
             (true, _) => Probe::NotifyOnly,
+            (false, Some(p)) if self.awaiting_port.is_some() => {
+                Probe::PortOrGrace(p, FD_READY_GRACE.min(self.s.ready_timeout))
+            }
             (false, Some(p)) => Probe::Port(p),
             (false, None) => Probe::Grace(FD_READY_GRACE.min(self.s.ready_timeout)),
         }
@@ -457,6 +460,10 @@ const PING_EVERY: Duration = Duration::from_millis(50);
 enum Probe {
     /// Ready when the worker's private port accepts a connection.
     Port(u16),
+    /// The same, or after a grace: while a Node app's own port is not
+    /// known, a worker that never listens (a queue consumer, as PM2's
+    /// cluster mode runs one) is ready as in fork mode.
+    PortOrGrace(u16, Duration),
     /// Ready after a fixed grace (fd modes: the kernel queues meanwhile).
     Grace(Duration),
     /// Only `READY=1` counts (`--wait-ready`).
@@ -465,6 +472,22 @@ enum Probe {
     /// socket counts (the dispatcher reports it), since a worker that says
     /// READY=1 but never reads that socket would strand connections.
     Dispatch,
+}
+
+/// Where the worker's private port first accepts a connection.
+async fn port_open(p: u16) -> SocketAddr {
+    loop {
+        for ip in [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
+            let addr = SocketAddr::new(ip, p);
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return addr;
+            }
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
 }
 
 /// Reports the worker ready on `READY=1` or when its probe passes,
@@ -512,17 +535,10 @@ async fn readiness(
     };
     let probed = async {
         match probe {
-            Probe::Port(p) => loop {
-                for ip in [
-                    IpAddr::V4(Ipv4Addr::LOCALHOST),
-                    IpAddr::V6(Ipv6Addr::LOCALHOST),
-                ] {
-                    let addr = SocketAddr::new(ip, p);
-                    if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                        return Some(addr);
-                    }
-                }
-                tokio::time::sleep(PROBE_EVERY).await;
+            Probe::Port(p) => Some(port_open(p).await),
+            Probe::PortOrGrace(p, d) => tokio::select! {
+                addr = port_open(p) => Some(addr),
+                () = tokio::time::sleep(d) => None,
             },
             Probe::Grace(d) => {
                 tokio::time::sleep(d).await;
