@@ -46,6 +46,10 @@ pub fn count(n: usize, noun: &str) -> String {
     }
 }
 
+/// `listen` in a status while a Node app's own port is not known yet
+/// (`Settings::port_from_app`; a queue consumer's stays so).
+pub const NO_PORT_YET: &str = "the app's port (none yet)";
+
 /// "proxy mode on 0.0.0.0:8000", or "fork mode (no port)": fork mode's
 /// address is a placeholder no one listens on.
 pub fn served(mode: &str, listen: &str) -> String {

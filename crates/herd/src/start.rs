@@ -14,6 +14,10 @@ use anyhow::{Context, bail};
 use crate::cli::RunArgs;
 use crate::control::{self, Request, Status, WorkerState};
 
+/// How long `herd start` waits, once every worker is ready, for a Node app
+/// to name its own port (see `supervise::port`).
+const PORT_WAIT: Duration = Duration::from_secs(3);
+
 /// `herd start`: one cluster, or each app of a config file that holds
 /// several (`[[app]]` tables, an ecosystem file's `apps`), as `pm2 start
 /// ecosystem.config.js` does. One app failing does not stop the others.
@@ -207,6 +211,7 @@ fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
         .spawn()
         .context("cannot start the master")?;
     let deadline = Instant::now() + s.ready_timeout + Duration::from_secs(10);
+    let mut port_wait: Option<Instant> = None;
     loop {
         if let Some(st) = child.try_wait()? {
             // A job run once (PM2's `--no-autorestart` script): its workers
@@ -235,7 +240,12 @@ fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
                 .iter()
                 .filter(|w| w.state == WorkerState::Ready)
                 .count();
-            if ready == s.instances {
+            // A Node app slow to listen() is ready (as a queue consumer
+            // would be) before herd knows its port: wait a little for it.
+            let port_due = ready == s.instances
+                && v.listen == crate::console::NO_PORT_YET
+                && *port_wait.get_or_insert_with(|| Instant::now() + PORT_WAIT) > Instant::now();
+            if ready == s.instances && !port_due {
                 crate::outln!(
                     "{name}: started, master pid {}, {}, {}; logs: {}",
                     child.id(),

@@ -818,7 +818,7 @@ impl Supervisor {
             mode: self.s.mode.as_str().to_string(),
             listen: match self.s.mode {
                 Mode::Fork => "-".into(),
-                _ if self.awaiting_port.is_some() => "the app's port (none yet)".into(),
+                _ if self.awaiting_port.is_some() => crate::console::NO_PORT_YET.into(),
                 _ => self.s.listen.to_string(),
             },
             uptime: self.started.elapsed().as_secs_f64(),
