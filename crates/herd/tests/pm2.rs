@@ -634,7 +634,7 @@ fn with_no_port_given_a_node_app_is_served_on_the_port_its_code_names() {
         ),
     )
     .unwrap();
-    let (ok, said) = sb.run("unset PORT; herd start web.js -i 2");
+    let (ok, said) = sb.run("unset PORT; herd start web.js -i 2 --name zweb");
     assert!(
         ok && said.contains(&format!("proxy mode on 0.0.0.0:{own};")),
         "{said}"
@@ -645,11 +645,12 @@ fn with_no_port_given_a_node_app_is_served_on_the_port_its_code_names() {
         answers.iter().all(|b| b.ends_with(" PORT=undefined")),
         "{answers:?}"
     );
-    // The same app again: its port is taken, and the error says by whom.
-    let (ok, said) = sb.run("unset PORT; herd start web.js -i 2");
+    // The same app again: its port is taken, and the error says by whom
+    // (asking every cluster but itself, `web`, listed before `zweb`).
+    let (ok, said) = sb.run("unset PORT; timeout 60 herd start web.js -i 2");
     assert!(
         !ok && said.contains(&format!(
-            "cannot listen on 0.0.0.0:{own}: in use by herd cluster \"web\""
+            "cannot listen on 0.0.0.0:{own}: in use by herd cluster \"zweb\""
         )),
         "{said}"
     );

@@ -102,7 +102,9 @@ pub enum SuperviseError {
 /// A port in use names who holds it, so that the way out is on the same
 /// line: often another herd cluster (`herd start other.js` on the default
 /// port), or the app itself started by hand.
-fn taken(e: ListenError) -> SuperviseError {
+/// `own`: this master's name once its control socket is up, which it must
+/// not ask (it would wait on itself).
+fn taken(e: ListenError, own: &str) -> SuperviseError {
     let ListenError::Bind { addr, source } = &e else {
         return e.into();
     };
@@ -117,6 +119,9 @@ fn taken(e: ListenError) -> SuperviseError {
         control::running()
     };
     let cluster = clusters.into_iter().find_map(|(name, path)| {
+        if name == own {
+            return None;
+        }
         let st = control::call::<control::Status>(&name, &path, &control::Request::Status, |_| {})
             .ok()?;
         pids.contains(&st.pid).then_some(name)
@@ -280,7 +285,9 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         (Some(sock), None) => Listeners::adopt(s.mode, sock, listen_slots)?,
         // Bound once the first worker names its port (`on_port`).
         (None, None) if s.port_from_app => Listeners::None,
-        (None, None) => Listeners::bind(s.mode, s.listen, listen_slots).map_err(taken)?,
+        (None, None) => {
+            Listeners::bind(s.mode, s.listen, listen_slots).map_err(|e| taken(e, ""))?
+        }
     };
     let bound = listeners.local_addr().unwrap_or(s.listen);
     let rundir = RunDir::create()?;

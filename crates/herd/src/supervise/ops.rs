@@ -288,7 +288,8 @@ impl Supervisor {
             if self.failed.is_some() {
                 return;
             }
-            if let Some(asked) = asked {
+            // Still without a port (it could not be bound): nothing to hint.
+            if let Some(asked) = asked.filter(|_| self.awaiting_port.is_none()) {
                 self.port_hint(epoch, slot, asked);
             }
         }

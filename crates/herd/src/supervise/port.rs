@@ -13,6 +13,8 @@ use crate::proxy;
 /// A worker ready by a port probe whose port message has not come: after
 /// this, the app is taken to name none and gets `--listen`'s default.
 const NAMES_NONE_AFTER: Duration = Duration::from_secs(1);
+/// Until then a port that cannot be bound is a failure to start.
+const AT_START: Duration = Duration::from_secs(10);
 
 /// What starts serving once the app's port is known.
 pub(super) struct AwaitingPort {
@@ -83,9 +85,11 @@ impl Supervisor {
 
     /// A worker's app named its port (`asked`, or none: it took `PORT`'s
     /// place): bind there, serve, and let the held workers be ready. A
-    /// port that cannot be bound ends the master as at start.
+    /// port that cannot be bound ends the master as at start; later (a
+    /// queue consumer reloaded into a server) it is logged, the cluster runs
+    /// on without a port, and the next worker to listen tries again.
     pub(super) fn on_port(&mut self, epoch: Option<u64>, asked: Option<u64>, host: Option<&str>) {
-        let Some(wait) = self.awaiting_port.take() else {
+        let Some(mut wait) = self.awaiting_port.take() else {
             return;
         };
         let private = epoch.and_then(|e| self.procs.get(&e)).and_then(|p| p.port);
@@ -93,17 +97,30 @@ impl Supervisor {
             .and_then(|a| u16::try_from(a).ok())
             .filter(|&p| Some(p) != private);
         let addr = named.map_or(self.s.listen, |p| app_addr(p, host, self.s.listen.ip()));
-        let bound = Listeners::bind(Mode::Proxy, addr, crate::os::cpus::usable())
-            .map_err(taken)
-            .and_then(|l| {
-                self.s.listen = l.local_addr().unwrap_or(addr);
-                self.listeners = Some(l);
-                self.serve(wait.proto)
-            });
-        if let Err(e) = bound {
-            self.failed = Some(e);
-            self.give_up = true;
-            return;
+        let listeners = match Listeners::bind(Mode::Proxy, addr, crate::os::cpus::usable()) {
+            Ok(l) => l,
+            Err(e) if self.started.elapsed() >= AT_START => {
+                tracing::error!(
+                    "{}; the cluster stays without a port",
+                    taken(e, &self.s.name)
+                );
+                wait.since = None;
+                let held = std::mem::take(&mut wait.held);
+                self.awaiting_port = Some(wait);
+                for epoch in held {
+                    self.apply(Input::Ready { epoch }, None);
+                }
+                return;
+            }
+            Err(e) => {
+                let e = taken(e, &self.s.name);
+                return self.fail(e);
+            }
+        };
+        self.s.listen = listeners.local_addr().unwrap_or(addr);
+        self.listeners = Some(listeners);
+        if let Err(e) = self.serve(wait.proto) {
+            return self.fail(e);
         }
         tracing::info!(
             "listening on {}{}",
@@ -117,6 +134,11 @@ impl Supervisor {
         for epoch in wait.held {
             self.apply(Input::Ready { epoch }, None);
         }
+    }
+
+    fn fail(&mut self, e: SuperviseError) {
+        self.failed = Some(e);
+        self.give_up = true;
     }
 }
 
