@@ -515,6 +515,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                     proto,
                     held: Vec::new(),
                     since: None,
+                    unbound: false,
                 })
             }
         }

@@ -22,6 +22,9 @@ pub(super) struct AwaitingPort {
     /// Workers found ready before the port was known; ready once it is.
     pub(super) held: Vec<u64>,
     pub(super) since: Option<Instant>,
+    /// The port named could not be bound (after the start): readiness is
+    /// no longer held, nor the default bound in its place.
+    pub(super) unbound: bool,
 }
 
 /// Where the app's `listen(port, host)` asked to be, in herd's terms: an
@@ -66,7 +69,7 @@ impl Supervisor {
     /// while the port is not known yet; false when there is nothing to wait
     /// for. (A worker ready otherwise, by a grace, serves no port yet.)
     pub(super) fn hold_ready(&mut self, epoch: u64) -> bool {
-        let Some(w) = &mut self.awaiting_port else {
+        let Some(w) = self.awaiting_port.as_mut().filter(|w| !w.unbound) else {
             return false;
         };
         w.held.push(epoch);
@@ -105,6 +108,7 @@ impl Supervisor {
                     taken(e, &self.s.name)
                 );
                 wait.since = None;
+                wait.unbound = true;
                 let held = std::mem::take(&mut wait.held);
                 self.awaiting_port = Some(wait);
                 for epoch in held {
