@@ -125,6 +125,26 @@ fn cron_restart_reloads_on_schedule_without_a_failed_request() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
+/// A master that does not answer (stopped here with SIGSTOP) gets a
+/// one-line error after a while, not a `herd status` that waits forever.
+#[test]
+fn status_of_a_stuck_master_says_so() {
+    let n = name("stuck");
+    let mut h = Herd::start(&["--name", &n, "-i", "1"], &[DEMO]);
+    h.wait_ready(1);
+    signal(h.child.id(), "STOP");
+    let (code, err) = run_fail(&["status", "--name", &n]);
+    signal(h.child.id(), "CONT");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("the master of {n:?} did not answer within 10s")),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    h.signal("TERM");
+    assert!(h.wait_exit(T).is_some_and(|st| st.success()));
+}
+
 #[test]
 fn status_reports_every_worker() {
     let n = name("status");

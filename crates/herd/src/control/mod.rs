@@ -48,6 +48,10 @@ pub enum ControlError {
     },
     #[error("the master closed the connection without an answer")]
     NoAnswer,
+    #[error(
+        "the master of {name:?} did not answer within {secs}s: it may be stuck (its log says what it did last)"
+    )]
+    Unresponsive { name: String, secs: u64 },
     #[error("{0}")]
     Failed(String),
     #[error("{0}")]
@@ -276,6 +280,9 @@ pub fn id_hint(name: &str) -> &'static str {
     }
 }
 
+/// How long a status may take before its master is called stuck.
+const STATUS_WITHIN: Duration = Duration::from_secs(10);
+
 /// Sends `req` and returns its final line as `T` ([`Done`] or [`Status`]),
 /// passing progress lines to `progress`.
 pub fn call<T: serde::de::DeserializeOwned>(
@@ -291,11 +298,25 @@ pub fn call<T: serde::de::DeserializeOwned>(
     let mut s = StdUnixStream::connect(path).map_err(connect_err)?;
     s.set_write_timeout(Some(Duration::from_secs(5)))
         .map_err(connect_err)?;
+    // A status is answered at once by a master that is not stuck; other
+    // requests (a reload) take as long as they take, with progress lines.
+    if matches!(req, Request::Status) {
+        s.set_read_timeout(Some(STATUS_WITHIN))
+            .map_err(connect_err)?;
+    }
     let mut line = serde_json::to_string(req).unwrap_or_default();
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(connect_err)?;
     for l in BufReader::new(s).lines() {
-        let l = l.map_err(connect_err)?;
+        let l = l.map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                ControlError::Unresponsive {
+                    name: name.to_string(),
+                    secs: STATUS_WITHIN.as_secs(),
+                }
+            }
+            _ => connect_err(e),
+        })?;
         let v: Value = serde_json::from_str(&l).map_err(|_| ControlError::NoAnswer)?;
         if let Some(p) = v.get("progress").and_then(Value::as_str) {
             progress(p);
