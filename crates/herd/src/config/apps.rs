@@ -389,7 +389,10 @@ fn ecosystem_app(
         }),
     };
     let pm2_cluster = node && o.instances.is_some();
-    if fork.unwrap_or(!(port_known || pm2_cluster)) {
+    // `increment_var: 'PORT'` (PM2's docs pair it with cluster mode): each
+    // instance binds a port of its own, 3000, 3001…, which is fork mode.
+    let own_ports = o.increment_var.as_deref() == Some("PORT");
+    if own_ports || fork.unwrap_or(!(port_known || pm2_cluster)) {
         o.mode = Some(Mode::Fork);
     }
     // PM2 apps read their port from PORT; herd listens there for them and
@@ -637,6 +640,8 @@ mod tests {
                 {"name": "workers", "script": "w.js", "instances": 2},
                 {"name": "py", "script": "w.py", "instances": 2},
                 {"name": "bin", "script": "w", "interpreter": "none", "instances": 2},
+                {"name": "own", "script": "o.js", "instances": 4, "exec_mode": "cluster",
+                 "increment_var": "PORT", "env": {"PORT": 3000}},
                 {"name": "legacy", "script": "l.js", "exec_mode": "fork", "env": {"PORT": 4000}},
                 {"name": "lb", "script": "b.js", "exec_mode": "cluster_mode"}
             ]}"#,
@@ -655,6 +660,9 @@ mod tests {
         );
         assert_eq!(mode("py"), Some(Mode::Fork), "not Node: fork, as in PM2");
         assert_eq!(mode("bin"), Some(Mode::Fork), "interpreter none: fork");
+        let (own, _) = select(&p, Some("own"), None).unwrap();
+        assert_eq!(own.mode, Some(Mode::Fork), "a port per instance: fork");
+        assert!(own.listen.is_none(), "each instance binds its own PORT");
         assert_eq!(mode("lb"), None, "exec_mode cluster is herd's default");
         let (legacy, _) = select(&p, Some("legacy"), None).unwrap();
         assert_eq!(legacy.mode, Some(Mode::Fork));
