@@ -111,6 +111,33 @@ fn bare_name(args: &RunArgs) -> Option<(String, bool)> {
         .then(|| (name.to_string(), update_env))
 }
 
+/// `herd start app.js` while cluster `app` runs that very command in the
+/// same directory: refused, as PM2 refuses to launch a script twice, with
+/// what to do instead (a second cluster of it would only fight for its port).
+fn already_running(s: &crate::config::Settings) -> anyhow::Result<()> {
+    let Ok((_, path)) = control::find(Some(&s.name)) else {
+        return Ok(());
+    };
+    let Ok(st) = control::call::<Status>(&s.name, &path, &Request::Status, |_| {}) else {
+        return Ok(());
+    };
+    let here = s.cwd.clone().or_else(|| std::env::current_dir().ok());
+    let same_dir = match (&st.cwd, here) {
+        (Some(theirs), Some(ours)) => {
+            std::fs::canonicalize(theirs).ok() == std::fs::canonicalize(ours).ok()
+        }
+        _ => false,
+    };
+    let command = crate::console::command_line(&s.command);
+    if same_dir && st.command.as_deref() == Some(command.as_str()) {
+        bail!(
+            "{name:?} already runs `{command}` here: `herd reload {name}` replaces its workers (`herd restart {name}` restarts them); a second cluster of it needs --name and a --listen of its own",
+            name = s.name
+        );
+    }
+    Ok(())
+}
+
 /// What `--check` prints of settings that passed (`nginx -t`'s "ok").
 pub fn checked(s: &crate::config::Settings) -> String {
     format!(
@@ -152,6 +179,9 @@ fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
         }
         s.name.clone()
     } else {
+        if running.contains(&s.name) {
+            already_running(&s)?;
+        }
         (1..1000)
             .map(|i| {
                 if i == 1 {

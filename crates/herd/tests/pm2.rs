@@ -654,6 +654,15 @@ fn with_no_port_given_a_node_app_is_served_on_the_port_its_code_names() {
         )),
         "{said}"
     );
+    // Launched twice by the same name, as PM2 refuses it: what to do instead.
+    let (other, third) = (free_port(), free_port());
+    let (ok, said) = sb.run(&format!("herd start web.js -i 1 --listen {other}"));
+    assert!(ok, "{said}");
+    let (ok, said) = sb.run(&format!("herd start web.js -i 1 --listen {third}"));
+    assert!(
+        !ok && said.contains("\"web\" already runs `node web.js` here: `herd reload web`"),
+        "{said}"
+    );
     // Ecosystem apps without env.PORT: in cluster mode (PM2's default for a
     // Node app with `instances`), on the host too; a queue consumer, which
     // never listens, keeps running with no port, as PM2 runs it.
