@@ -682,6 +682,9 @@ fn worker_env(
     let mut env: Vec<(OsString, OsString)> = base
         .into_iter()
         .filter(|(k, _)| !STRIP.iter().any(|s| k == s))
+        // Served on the app's own port, whose PORT stays unset (a `reload
+        // --update-env` from a shell with PORT set changes nothing).
+        .filter(|(k, _)| !(s.port_from_app && k == contract::PORT))
         .collect();
     let mut set = |k: &str, v: OsString| {
         env.retain(|(ek, _)| ek != k);
