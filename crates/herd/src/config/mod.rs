@@ -499,7 +499,8 @@ options! {
     /// Name of the cluster (default: derived from the command).
     #[arg(short = 'n', long)]
     name: Option<String>,
-    /// Where clients connect: PORT, HOST:PORT or [V6]:PORT [default: $PORT, else 0.0.0.0:8000].
+    /// Where clients connect: PORT, HOST:PORT or [V6]:PORT [default: $PORT, else for a Node app
+    /// in proxy mode the port its listen() names, else 0.0.0.0:8000].
     #[arg(long, value_name = "ADDR")]
     listen: Option<ListenAddr>,
     /// Number of workers, `max` for the usable CPUs, or -N for all of them but N
