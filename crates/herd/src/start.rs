@@ -616,13 +616,45 @@ fn stopped_logs() -> Vec<PathBuf> {
 }
 
 /// The last `n` lines of a file among those after byte `from` (all of
-/// them if the file is shorter: it was rotated in between).
+/// them if the file is shorter: it was rotated in between), after herd's
+/// own warnings from those lines: its hints ("make it listen on $PORT")
+/// come before a crash loop's tracebacks push them out of the tail.
 fn tail_from(path: &Path, from: u64, n: usize) -> std::io::Result<String> {
     let mut text = std::fs::read(path)?;
     if (from as usize) <= text.len() {
         text.drain(..from as usize);
     }
-    Ok(last_lines(&text, n))
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    let cut = lines.len().saturating_sub(n);
+    let mut shown: Vec<&str> = Vec::new();
+    let mut out = String::new();
+    for line in &lines[..cut] {
+        if let Some(msg) = hint(line)
+            && shown.len() < MAX_HINTS
+            && !shown.contains(&msg)
+        {
+            shown.push(msg);
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for line in &lines[cut..] {
+        out.push_str(line);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// How many of herd's warnings a failed start repeats at most.
+const MAX_HINTS: usize = 3;
+
+/// The message of a warning of herd's own (not a worker's line, nor the
+/// report of an exit, which the tail shows anyway).
+fn hint(line: &str) -> Option<&str> {
+    let (stamp, msg) = line.split_once("  WARN ")?;
+    let report = msg.contains(") exited ") || msg.contains(") was killed by ");
+    (!stamp.contains(' ') && !report).then_some(msg)
 }
 
 /// The last `n` lines of `text`.
@@ -631,4 +663,37 @@ fn last_lines(text: &[u8], n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let from = lines.len().saturating_sub(n);
     lines[from..].iter().map(|l| format!("{l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_start_repeats_herds_hints_before_the_tail() {
+        let path = std::env::temp_dir().join(format!("herd-tail-{}.log", std::process::id()));
+        let mut log = String::from("old run\n");
+        let from = log.len() as u64;
+        log.push_str("2026-12-04T13:20:55.078Z  INFO worker 0 started (pid 1)\n");
+        for _ in 0..2 {
+            log.push_str(
+                "2026-12-04T13:20:55.210Z  WARN worker 0 says an address is already in use\n",
+            );
+            log.push_str("2026-12-04T13:20:55.221Z  WARN worker 0 (pid 1) exited with code 1\n");
+            log.push_str("2026-12-04T13:20:55.221Z [0:err]  WARN from the app\n");
+        }
+        for i in 0..3 {
+            log.push_str(&format!("2026-12-04T13:20:58.948Z [0:err] traceback {i}\n"));
+        }
+        std::fs::write(&path, &log).unwrap();
+        let shown = tail_from(&path, from, 3).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            shown,
+            "2026-12-04T13:20:55.210Z  WARN worker 0 says an address is already in use\n\
+             2026-12-04T13:20:58.948Z [0:err] traceback 0\n\
+             2026-12-04T13:20:58.948Z [0:err] traceback 1\n\
+             2026-12-04T13:20:58.948Z [0:err] traceback 2\n"
+        );
+    }
 }
