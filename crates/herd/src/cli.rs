@@ -482,7 +482,7 @@ impl Named {
 #[derive(Debug, Args, Default, Clone)]
 pub struct RunArgs {
     /// Config file: a herd.toml (default: ./herd.toml when present), or PM2's
-    /// ecosystem.config.js / .json; `herd start FILE` says the same.
+    /// ecosystem.config.js / .json / .yml; `herd start FILE` says the same.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The app to run when the config file holds several ([[app]] or apps[]);

@@ -495,6 +495,66 @@ fn an_app_without_a_port_runs_in_fork_mode_and_gets_pm2s_stop_signal() {
     );
 }
 
+/// PM2's YAML app declaration (`pm2-runtime process.yml` in PM2's Docker
+/// guide): `herd start process.yml` and `herd run --config process.yml`
+/// serve it; a YAML error is one line, naming where.
+#[test]
+fn a_yaml_process_file_starts_and_runs_as_pm2_runtime_runs_it() {
+    let sb = Sandbox::new("yaml");
+    sb.pm2_example(|js| js);
+    let port = free_port();
+    let yml = format!(
+        "# PM2's process.yml\napps:\n  - name: api\n    script: app.js\n    instances: 2\n    env:\n      PORT: {port}\n      GREETING: yes\n"
+    );
+    std::fs::write(sb.app().join("process.yml"), yml).unwrap();
+    let (ok, said) = sb.run("herd start process.yml");
+    assert!(
+        ok && said.contains("api: started") && said.contains("2 workers"),
+        "{said}"
+    );
+    // YAML 1.2 as js-yaml reads it: `yes` is a string, not `true`.
+    assert!(
+        body(port).starts_with("yes (development)"),
+        "{}",
+        body(port)
+    );
+    let (ok, said) = sb.run("herd reload process.yml && herd delete process.yml");
+    assert!(
+        ok && said.contains("api: reloaded") && said.contains("api: deleted"),
+        "{said}"
+    );
+
+    // In the foreground, as a container's entry point.
+    let mut fg = sb
+        .command("exec herd run --config process.yml")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(body(port).starts_with("yes"), "{}", body(port));
+    signal(fg.id(), "TERM");
+    let mut status = None;
+    wait_until(T, || {
+        status = fg.try_wait().unwrap();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = fg.kill();
+    }
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+
+    std::fs::write(
+        sb.app().join("bad.yaml"),
+        "apps:\n - name: a\n  script: b\n",
+    )
+    .unwrap();
+    let (ok, said) = sb.run("herd start bad.yaml");
+    assert!(
+        !ok && said.contains("line 3") && said.trim_end().lines().count() == 1,
+        "{said}"
+    );
+}
+
 /// `pm2 start npm --name web -- start` and `pm2 start "npm start"`: a
 /// program (not only a script) followed by herd's options, then its own
 /// after `--`; and a whole command line in one word, run through `sh -c`.

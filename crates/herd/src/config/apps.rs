@@ -1,6 +1,7 @@
 //! Several apps in one file, each its own cluster: the `[[app]]` tables of a
 //! `herd.toml` (over the file's top-level keys), or PM2's ecosystem file
-//! (`ecosystem.config.js`, evaluated with `node`, or `.json`) with its keys
+//! (`ecosystem.config.js`, evaluated with `node`, `.json`, or `.yml` as
+//! `pm2-runtime process.yml` reads it) with its keys
 //! mapped to herd's [`Options`]. Keys herd cannot honour are named in one
 //! warning, never ignored silently.
 
@@ -26,9 +27,17 @@ pub struct FileApps {
 
 /// A file name `herd start FILE` reads as a config, as PM2 does.
 pub fn is_config_name(word: &str) -> bool {
-    [".toml", ".json", ".config.js", ".config.cjs", ".config.mjs"]
-        .iter()
-        .any(|ext| word.ends_with(ext))
+    [
+        ".toml",
+        ".json",
+        ".yml",
+        ".yaml",
+        ".config.js",
+        ".config.cjs",
+        ".config.mjs",
+    ]
+    .iter()
+    .any(|ext| word.ends_with(ext))
 }
 
 fn is_toml(path: &Path) -> bool {
@@ -56,12 +65,17 @@ pub fn read(path: &Path, profile: Option<&str>) -> Result<FileApps, ConfigError>
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_default();
-    let value = if path.extension().is_some_and(|e| e == "json") {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let value = if ["json", "yml", "yaml"].contains(&ext) {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|e| err(e.to_string()))?
+        if ext == "json" {
+            serde_json::from_str(&text).map_err(|e| err(e.to_string()))?
+        } else {
+            from_yaml(&text).map_err(|e| err(e.to_string()))?
+        }
     } else {
         evaluate_js(path)?
     };
@@ -99,6 +113,16 @@ pub fn read(path: &Path, profile: Option<&str>) -> Result<FileApps, ConfigError>
     }
     unique_names(path, &out.apps)?;
     Ok(out)
+}
+
+/// A YAML app declaration read as PM2 reads it (js-yaml, YAML 1.2): only
+/// `true` and `false` are booleans, so an app named `y` or `no` keeps its
+/// name; errors in one line, without the source snippet.
+fn from_yaml(text: &str) -> Result<Value, serde_saphyr::Error> {
+    serde_saphyr::from_str_with_options(
+        text,
+        serde_saphyr::options! { strict_booleans: true, with_snippet: false },
+    )
 }
 
 /// A `herd.toml`: its top level, and each `[[app]]` over it.
@@ -682,9 +706,33 @@ mod tests {
     }
 
     #[test]
+    fn yaml_app_declarations_read_as_pm2_runtime_reads_them() {
+        let p = temp(
+            "process.yml",
+            "apps:\n  - name: no\n    script: server.js\n    args: [\"--fast\", 1]\n    instances: max\n    exec_mode: cluster\n    env:\n      PORT: 3100\n      ON: yes\n",
+        );
+        let (app, warning) = select(&p, None, None).unwrap();
+        assert_eq!(warning, None);
+        assert_eq!(app.name.as_deref(), Some("no"));
+        assert_eq!(app.command.unwrap(), ["server.js", "--fast", "1"]);
+        assert_eq!(app.instances, Some(Instances::Max));
+        assert_eq!(app.listen.unwrap().0.port(), 3100);
+        let env: Vec<_> = app
+            .env
+            .iter()
+            .map(|EnvPair(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(env, ["ON=yes"]);
+        let bad = temp("bad.yaml", "apps:\n - name: a\n  script: b\n");
+        let e = select(&bad, None, None).unwrap_err().to_string();
+        assert!(e.contains("line 3") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
     fn config_names_are_told_from_scripts() {
         assert!(is_config_name("ecosystem.config.js"));
         assert!(is_config_name("herd.toml") && is_config_name("process.json"));
+        assert!(is_config_name("process.yml") && is_config_name("ecosystem.yaml"));
         assert!(!is_config_name("app.js") && !is_config_name("server.py"));
     }
 }

@@ -294,7 +294,7 @@ fn by_file(
         let done = match running.iter().find(|(n, _)| n == name) {
             Some((_, sock)) if delete => one(name, sock, &Request::Stop).and_then(|()| {
                 crate::boot::forget_stopped(Some(name))
-                    .map(|_| ())
+                    .map(|_| crate::outln!("{name}: deleted"))
                     .map_err(|e| ControlError::Failed(e.to_string()))
             }),
             Some((_, sock)) => one(name, sock, req),
@@ -392,10 +392,7 @@ fn delete(name: Option<&str>) -> Result<i32, ControlError> {
             }
         }
         let forgotten = forget(None)?;
-        for n in forgotten
-            .iter()
-            .filter(|n| !running.iter().any(|(m, _)| m == *n))
-        {
+        for n in &forgotten {
             crate::outln!("{n}: deleted");
         }
         if running.is_empty() && forgotten.is_empty() {
@@ -413,6 +410,7 @@ fn delete(name: Option<&str>) -> Result<i32, ControlError> {
     let (n, path) = find(name)?;
     one(&n, &path, &Request::Stop)?;
     forget(Some(&n))?;
+    crate::outln!("{n}: deleted");
     Ok(0)
 }
 
