@@ -201,7 +201,36 @@ pub enum Command {
     /// Internal: the helper that kills worker process groups if the master dies.
     #[command(name = "__guard", hide = true)]
     Guard,
+    /// Serve a directory's files over HTTP as a cluster, like `pm2 serve`:
+    /// `herd serve [DIR] [PORT] [--spa]`, named static-page-server-PORT.
+    /// Other options are herd start's (-i, --name, --watch …).
+    #[command(after_help = SERVE_HELP)]
+    Serve {
+        /// The directory [default: the current one].
+        dir: Option<PathBuf>,
+        /// The port [default: 8080].
+        port: Option<u16>,
+        /// Answer a path that names no file with the homepage (client-side routing).
+        #[arg(long)]
+        spa: bool,
+        /// The homepage, relative to DIR.
+        #[arg(long, value_name = "FILE", default_value = "/index.html")]
+        homepage: String,
+        /// Ask for this user name (HTTP basic authentication), with --basic-auth-password.
+        #[arg(long, value_name = "USER", requires = "basic_auth_password")]
+        basic_auth_username: Option<String>,
+        #[arg(long, value_name = "PASSWORD", requires = "basic_auth_username")]
+        basic_auth_password: Option<String>,
+        /// herd start's options.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        rest: Vec<OsString>,
+    },
+    /// Internal: the static file server a `herd serve` cluster runs as its workers.
+    #[command(name = "static-files", hide = true)]
+    StaticFiles,
 }
+
+const SERVE_HELP: &str = "Also as a PM2 ecosystem app: script: 'serve' with env PM2_SERVE_PATH, PM2_SERVE_PORT, PM2_SERVE_SPA, PM2_SERVE_HOMEPAGE.";
 
 /// `herd deploy`: what the new version runs (unset parts as the running
 /// version has them), how traffic reaches it, and when to promote or roll
@@ -301,12 +330,119 @@ pub fn parse() -> Result<Cli, clap::Error> {
             *c = "restart".into();
         }
     }
+    let argv = serve_words(argv)?;
     let argv = pm2_words(argv);
     let (mut cli, argv) = parse_script_first(argv)?;
     if let Command::Run(a) | Command::Start(a) = &mut cli.command {
         a.argv = argv;
     }
     Ok(cli)
+}
+
+/// `herd serve [DIR] [PORT] [--spa] [herd start's options]` (PM2's `pm2
+/// serve`) as the `herd start` it stands for: a cluster named
+/// static-page-server-PORT on PORT whose workers are herd's static file
+/// server, told what to serve by PM2's own variables.
+fn serve_words(argv: Vec<OsString>) -> Result<Vec<OsString>, clap::Error> {
+    if argv.get(1).is_none_or(|c| c != "serve") || argv.iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(argv);
+    }
+    // herd serve's own words, then the rest as herd start's options.
+    let mut own = vec![argv[0].clone(), argv[1].clone()];
+    let mut rest: Vec<OsString> = Vec::new();
+    let serve_flags = [
+        "--spa",
+        "--homepage",
+        "--basic-auth-username",
+        "--basic-auth-password",
+    ];
+    let mut positional = 0;
+    let mut i = 2;
+    while i < argv.len() {
+        let w = argv[i].to_str().unwrap_or("");
+        let flag = w.split('=').next().unwrap_or(w);
+        if serve_flags.contains(&flag) {
+            own.push(argv[i].clone());
+            if flag != "--spa"
+                && !w.contains('=')
+                && let Some(v) = argv.get(i + 1)
+            {
+                own.push(v.clone());
+                i += 1;
+            }
+        } else if !w.starts_with('-') && positional < 2 {
+            own.push(argv[i].clone());
+            positional += 1;
+        } else {
+            rest.push(argv[i].clone());
+            if takes_value(w)
+                && !w.contains('=')
+                && let Some(v) = argv.get(i + 1)
+            {
+                rest.push(v.clone());
+                i += 1;
+            }
+        }
+        i += 1;
+    }
+    let Command::Serve {
+        dir,
+        port,
+        spa,
+        homepage,
+        basic_auth_username,
+        basic_auth_password,
+        ..
+    } = Cli::try_parse_from(&own)?.command
+    else {
+        return Ok(argv);
+    };
+    let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
+    if !dir.is_dir() {
+        return Err(clap::Error::raw(
+            clap::error::ErrorKind::ValueValidation,
+            format!("{}: no such directory to serve\n", dir.display()),
+        ));
+    }
+    let port = port.unwrap_or(8080);
+    let exe = crate::os::sys::exe_path().unwrap_or_else(|| PathBuf::from("herd"));
+    let mut out: Vec<OsString> = vec![argv[0].clone(), "start".into()];
+    let given = |f: &str| {
+        rest.iter().any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == f || a.starts_with(&format!("{f}=")))
+        })
+    };
+    if !given("--name") && !given("-n") {
+        out.extend(["--name".into(), format!("static-page-server-{port}").into()]);
+    }
+    if !given("--listen") && !given("-l") {
+        out.extend(["--listen".into(), port.to_string().into()]);
+    }
+    if !given("--instances") && !given("-i") {
+        // `pm2 serve` runs one process.
+        out.extend(["-i".into(), "1".into()]);
+    }
+    let mut env = vec![
+        format!("PM2_SERVE_PATH={}", dir.display()),
+        format!("PM2_SERVE_PORT={port}"),
+        format!("PM2_SERVE_HOMEPAGE={homepage}"),
+    ];
+    if spa {
+        env.push("PM2_SERVE_SPA=true".into());
+    }
+    if let (Some(u), Some(p)) = (basic_auth_username, basic_auth_password) {
+        env.push("PM2_SERVE_BASIC_AUTH=true".into());
+        env.push(format!("PM2_SERVE_BASIC_AUTH_USERNAME={u}"));
+        env.push(format!("PM2_SERVE_BASIC_AUTH_PASSWORD={p}"));
+    }
+    for e in env {
+        out.extend(["--env".into(), e.into()]);
+    }
+    out.extend(rest);
+    out.extend(["--".into(), exe.into(), "static-files".into()]);
+    Ok(out)
 }
 
 /// Rewrites `--env NAME` to `--env-profile NAME` and a lone config file in

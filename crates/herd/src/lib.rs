@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod boot;
+pub mod builtin;
 pub mod cli;
 pub mod config;
 pub mod console;

@@ -16,6 +16,15 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Guard => ExitCode::from(herd::os::guardian::run() as u8),
+        Command::StaticFiles => match herd::builtin::files::run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                herd::errln!("herd static-files: {e}");
+                ExitCode::from(1)
+            }
+        },
+        // Rewritten to `herd start` by the parser; reached only through --help.
+        Command::Serve { .. } => ExitCode::SUCCESS,
         Command::Monit { target } => match herd::monit::run(target.name()) {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {
@@ -349,7 +358,10 @@ fn pm2_command_hint(cmd: &str) -> Option<&'static str> {
             "`herd signal SIGNAL NAME` (or `herd signal SIGNAL ID --name NAME` for one worker)"
         }
         "dump" => "`herd save` records the running clusters",
-        "reloadLogs" => {
+        "web" => {
+            "--admin ADDR (on herd run/start) serves a web dashboard, /status as JSON and Prometheus /metrics"
+        }
+        "reloadLogs" | "logrotate" => {
             "herd rotates its log files itself (--log-max-size, --log-keep), reopens one that logrotate moved within a second, and at once on SIGUSR1"
         }
         "env" => {

@@ -555,6 +555,126 @@ fn a_yaml_process_file_starts_and_runs_as_pm2_runtime_runs_it() {
     );
 }
 
+/// The whole answer to one raw request (head and body).
+fn raw(port: u16, req: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `pm2 serve DIR PORT --spa` and PM2's `script: 'serve'`: a directory's
+/// files, never a file outside it or a dot-file, with what browsers and
+/// players ask of a file server (304, one range, HEAD, a directory's
+/// index); the rest of the command line is `herd start`'s.
+#[test]
+fn serve_gives_a_directorys_files_as_pm2_serve_does() {
+    let sb = Sandbox::new("serve");
+    let site = sb.app().join("site");
+    std::fs::create_dir_all(site.join("docs")).unwrap();
+    std::fs::write(site.join("index.html"), "<h1>home</h1>").unwrap();
+    std::fs::write(site.join("app.css"), "body{}").unwrap();
+    std::fs::write(site.join("docs/index.html"), "docs").unwrap();
+    std::fs::write(site.join(".env"), "SECRET=1").unwrap();
+    std::fs::write(sb.app().join("outside.txt"), "outside").unwrap();
+    let port = free_port();
+    let get = |path: &str, headers: &str| {
+        raw(
+            port,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"),
+        )
+    };
+
+    let (ok, said) = sb.run(&format!("unset PORT; herd serve site {port} --spa -i 2"));
+    assert!(
+        ok && said.contains(&format!("static-page-server-{port}: started"))
+            && said.contains("2 workers"),
+        "{said}"
+    );
+    let home = get("/", "");
+    assert!(
+        home.starts_with("HTTP/1.1 200")
+            && home.contains("text/html")
+            && home.ends_with("<h1>home</h1>"),
+        "{home}"
+    );
+    // Client-side routes get the homepage; a dot-file is as absent.
+    assert!(get("/users/42", "").ends_with("<h1>home</h1>"));
+    assert!(!get("/.env", "").contains("SECRET"));
+    for escape in [
+        "/../outside.txt",
+        "/%2e%2e/outside.txt",
+        "/docs/..%2f..%2foutside.txt",
+    ] {
+        let a = get(escape, "");
+        assert!(
+            !a.contains("outside") || a.starts_with("HTTP/1.1 4"),
+            "{escape}: {a}"
+        );
+        assert!(!a.ends_with("outside"), "{escape}: {a}");
+    }
+    let css = get("/app.css", "");
+    assert!(css.contains("text/css") && css.ends_with("body{}"), "{css}");
+    let tag = css
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .expect("an ETag")
+        .to_string();
+    assert!(get("/app.css", &format!("If-None-Match: {tag}\r\n")).starts_with("HTTP/1.1 304"));
+    let part = get("/app.css", "Range: bytes=0-3\r\n");
+    assert!(
+        part.starts_with("HTTP/1.1 206") && part.contains("bytes 0-3/6") && part.ends_with("body"),
+        "{part}"
+    );
+    let head = raw(
+        port,
+        "HEAD /app.css HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.ends_with("\r\n\r\n"),
+        "{head}"
+    );
+    let dir = get("/docs", "");
+    assert!(
+        dir.starts_with("HTTP/1.1 301") && dir.contains("location: /docs/"),
+        "{dir}"
+    );
+    assert!(get("/docs/", "").ends_with("docs"));
+    let (ok, said) = sb.run(&format!("herd reload static-page-server-{port}"));
+    assert!(ok && said.contains("reloaded 2 workers"), "{said}");
+    assert!(get("/", "").ends_with("<h1>home</h1>"));
+
+    // A typo'd directory is one line, at once.
+    let (ok, said) = sb.run("herd serve nosuch 8099");
+    assert!(!ok && said.contains("no such directory to serve"), "{said}");
+
+    // PM2's ecosystem form, with basic authentication.
+    let port2 = free_port();
+    let eco = format!(
+        r#"{{"apps": [{{"name": "files", "script": "serve", "env": {{"PM2_SERVE_PATH": "site", "PM2_SERVE_PORT": {port2}, "PM2_SERVE_BASIC_AUTH": "true", "PM2_SERVE_BASIC_AUTH_USERNAME": "u", "PM2_SERVE_BASIC_AUTH_PASSWORD": "p"}}}}]}}"#
+    );
+    std::fs::write(sb.app().join("files.json"), eco).unwrap();
+    let (ok, said) = sb.run("herd start files.json");
+    assert!(ok && said.contains("files: started"), "{said}");
+    let denied = raw(
+        port2,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        denied.starts_with("HTTP/1.1 401") && denied.contains("www-authenticate: Basic"),
+        "{denied}"
+    );
+    // "u:p" in base64.
+    let let_in = raw(
+        port2,
+        "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic dTpw\r\nConnection: close\r\n\r\n",
+    );
+    assert!(let_in.ends_with("<h1>home</h1>"), "{let_in}");
+}
+
 /// `pm2 start npm --name web -- start` and `pm2 start "npm start"`: a
 /// program (not only a script) followed by herd's options, then its own
 /// after `--`; and a whole command line in one word, run through `sh -c`.

@@ -23,8 +23,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio::signal::unix::{SignalKind, signal};
 
 fn main() {
     if let Err(e) = serve() {
@@ -37,24 +35,14 @@ fn main() {
 async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     // Snapshot the contract first: taking fd 3 clears LISTEN_* from the env.
     let contract = contract_env();
-    let mut source = match herd_sdk::dispatch()? {
-        // Dispatch mode: the master hands over each connection.
-        Some(d) => Source::Dispatch(d.into_async()?),
-        None => {
-            let std_listener = herd_sdk::listener(3000)?;
-            std_listener.set_nonblocking(true)?;
-            Source::Listener(tokio::net::TcpListener::from_std(std_listener)?)
-        }
-    };
+    // Dispatch mode: the master hands over each connection; else fd 3 or PORT.
+    let source = herd::builtin::Source::take(3000)?;
     let id = herd_sdk::worker_id().map_or("-".to_string(), |i| i.to_string());
     let delay = std::env::var("HERD_DEMO_DELAY_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
-    match &source {
-        Source::Listener(l) => println!("listening on {}", l.local_addr()?),
-        Source::Dispatch(_) => println!("taking connections from herd (dispatch)"),
-    }
+    println!("{}", source.describe());
     // Messages from `herd send`/`broadcast` and other workers, on a thread
     // of their own (the channel is blocking).
     if let Some(mut ch) = herd_sdk::channel()? {
@@ -72,87 +60,24 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
             }
         });
     }
-    herd_sdk::ready()?;
     if let Ok(dir) = std::env::var("BENCH_DIR") {
         bench_stats(std::path::PathBuf::from(dir));
     }
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let drain = herd_sdk::Drain::new();
-    loop {
-        let (stream, open) = tokio::select! {
-            a = source.accept() => match a {
-                Ok(a) => a,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => break,
-                Err(_) => continue,
-            },
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        };
-        let id = id.clone();
-        let contract = contract.clone();
-        let drain = drain.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let (id, contract, drain) = (id.clone(), contract.clone(), drain.clone());
-            async move {
-                if let Some(d) = delay {
-                    tokio::time::sleep(d).await;
-                }
-                let mut res = handle(req, id, contract).await?;
-                if drain.close_after_answer() {
-                    res.headers_mut().insert(
-                        hyper::header::CONNECTION,
-                        hyper::header::HeaderValue::from_static("close"),
-                    );
-                }
-                Ok::<_, Infallible>(res)
+    let handler = move |req| {
+        let (id, contract) = (id.clone(), contract.clone());
+        async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
             }
-        });
-        let conn =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(open); // counted closed (least-conn in dispatch mode)
-        });
-    }
-    drop(source);
-    drain.start();
-    println!("draining");
-    // Keep-alive clients get `Connection: close` with their next answer;
-    // the connections still idle after the grace (at least a moment, for
-    // one accepted just now whose request is not read yet) are closed by
-    // hyper's graceful shutdown, which also waits for the busy ones.
-    let now = std::time::Instant::now();
-    let idle_close = drain
-        .idle_deadline()
-        .unwrap_or(now)
-        .max(now + Duration::from_millis(100));
-    while graceful.count() > 0 && std::time::Instant::now() < idle_close {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    graceful.shutdown().await;
-    println!("stopped");
-    Ok(())
-}
-
-/// Where connections come from: a listening socket, or the master.
-enum Source {
-    Listener(tokio::net::TcpListener),
-    Dispatch(herd_sdk::AsyncDispatch),
-}
-
-impl Source {
-    async fn accept(
-        &mut self,
-    ) -> std::io::Result<(tokio::net::TcpStream, Option<herd_sdk::ConnGuard>)> {
-        match self {
-            Source::Listener(l) => l.accept().await.map(|(s, _)| (s, None)),
-            Source::Dispatch(d) => d.accept().await.map(|(s, g)| (s, Some(g))),
+            match handle(req, id, contract).await {
+                Ok(res) => res,
+                Err(never) => match never {},
+            }
         }
-    }
+    };
+    herd::builtin::serve(source, handler).await?;
+    Ok(())
 }
 
 fn contract_env() -> std::sync::Arc<str> {

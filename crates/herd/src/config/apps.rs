@@ -400,6 +400,24 @@ fn ecosystem_app(
     // knows. A Node cluster without PORT is served on the port its code
     // names, and one that never listens (a queue consumer) runs as in fork
     // mode (see `supervise::port`).
+    // PM2's `script: 'serve'`: its static file server (herd's, which reads
+    // the same PM2_SERVE_* variables), one process on PM2_SERVE_PORT.
+    if script.as_deref() == Some("serve") && interpreter.is_none() {
+        let port = env
+            .iter()
+            .find(|(k, _)| k == "PM2_SERVE_PORT")
+            .map_or("8080", |(_, v)| v.as_str());
+        o.listen = Some(
+            port.parse::<ListenAddr>()
+                .map_err(|e| format!("env PM2_SERVE_PORT: {e}"))?,
+        );
+        let exe = crate::os::sys::exe_path().unwrap_or_else(|| PathBuf::from("herd"));
+        o.command = Some(vec![exe.into(), "static-files".into()]);
+        o.env = env.into_iter().map(|(k, v)| EnvPair(k, v)).collect();
+        o.cwd = Some(cwd);
+        o.instances.get_or_insert(Instances::Count(1));
+        return Ok(o);
+    }
     let port_known = env.iter().any(|(k, _)| k == "PORT");
     let node = match interpreter.as_deref() {
         Some("none") => false,

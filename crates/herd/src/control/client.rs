@@ -169,6 +169,8 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         | Command::Start(_)
         | Command::Logs { .. }
         | Command::Guard
+        | Command::Serve { .. }
+        | Command::StaticFiles
         | Command::Save
         | Command::Resurrect
         | Command::Startup { .. }
