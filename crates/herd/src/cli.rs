@@ -210,6 +210,9 @@ pub enum Command {
         dir: Option<PathBuf>,
         /// The port [default: 8080].
         port: Option<u16>,
+        /// The port, as PM2's --port.
+        #[arg(long = "port", value_name = "PORT", conflicts_with = "port")]
+        port_option: Option<u16>,
         /// Answer a path that names no file with the homepage (client-side routing).
         #[arg(long)]
         spa: bool,
@@ -352,6 +355,7 @@ fn serve_words(argv: Vec<OsString>) -> Result<Vec<OsString>, clap::Error> {
     let mut rest: Vec<OsString> = Vec::new();
     let serve_flags = [
         "--spa",
+        "--port",
         "--homepage",
         "--basic-auth-username",
         "--basic-auth-password",
@@ -386,8 +390,9 @@ fn serve_words(argv: Vec<OsString>) -> Result<Vec<OsString>, clap::Error> {
         i += 1;
     }
     let Command::Serve {
-        dir,
-        port,
+        mut dir,
+        mut port,
+        port_option,
         spa,
         homepage,
         basic_auth_username,
@@ -397,6 +402,16 @@ fn serve_words(argv: Vec<OsString>) -> Result<Vec<OsString>, clap::Error> {
     else {
         return Ok(argv);
     };
+    // `herd serve 8080`: a lone number that is no directory is the port.
+    if port.is_none()
+        && port_option.is_none()
+        && let Some(n) = dir.as_ref().and_then(|d| d.to_str()?.parse::<u16>().ok())
+        && dir.as_ref().is_some_and(|d| !d.is_dir())
+    {
+        port = Some(n);
+        dir = None;
+    }
+    let port = port_option.or(port);
     let dir = dir.unwrap_or_else(|| PathBuf::from("."));
     let dir = std::path::absolute(&dir).unwrap_or(dir);
     if !dir.is_dir() {
@@ -745,7 +760,50 @@ fn interpreted(mut command: Vec<OsString>, interpreter: Option<&str>, args: &str
 
 #[cfg(test)]
 mod tests {
-    use super::pm2_words;
+    use super::{pm2_words, serve_words};
+
+    fn serve(line: &str) -> String {
+        let argv = line.split_whitespace().map(Into::into).collect();
+        match serve_words(argv) {
+            Ok(out) => out
+                .iter()
+                .map(|w| w.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" "),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    #[test]
+    fn serve_becomes_the_start_of_a_file_server_cluster() {
+        // Run from the crate's directory: `src` is a directory, `9001` is not.
+        let out = serve("herd serve src 9001 --spa -i 2 --watch");
+        assert!(
+            out.starts_with(
+                "herd start --name static-page-server-9001 --listen 9001 --env PM2_SERVE_PATH=/"
+            ) && out.contains("/src --env PM2_SERVE_PORT=9001")
+                && out.contains("--env PM2_SERVE_SPA=true -i 2 --watch -- ")
+                && out.ends_with(" static-files"),
+            "{out}"
+        );
+        let out = serve("herd serve 9002 --name web");
+        assert!(
+            out.starts_with("herd start --listen 9002 -i 1 --env PM2_SERVE_PATH=")
+                && out.contains(
+                    "PM2_SERVE_PORT=9002 --env PM2_SERVE_HOMEPAGE=/index.html --name web --"
+                ),
+            "{out}"
+        );
+        let out = serve("herd serve --port 9003 --basic-auth-username u --basic-auth-password p");
+        assert!(
+            out.contains("--listen 9003")
+                && out.contains("PM2_SERVE_BASIC_AUTH=true --env PM2_SERVE_BASIC_AUTH_USERNAME=u --env PM2_SERVE_BASIC_AUTH_PASSWORD=p"),
+            "{out}"
+        );
+        assert!(serve("herd serve --basic-auth-username u").starts_with("error:"));
+        assert!(serve("herd serve no-such-dir").contains("no such directory to serve"));
+        assert_eq!(serve("herd serve --help"), "herd serve --help");
+    }
 
     fn words(line: &str) -> Vec<String> {
         pm2_words(line.split_whitespace().map(Into::into).collect())
