@@ -45,6 +45,10 @@ pub enum Command {
         /// Only the workers' stdout lines.
         #[arg(long)]
         out: bool,
+        /// Each line as a JSON object (message, timestamp, type, process_id,
+        /// app_name), as `pm2 logs --json`.
+        #[arg(long)]
+        json: bool,
         /// PM2's --nostream (print and exit, which herd logs does without -f) and
         /// --raw (herd's worker lines carry no prefix to strip): accepted, change nothing.
         #[arg(long, hide = true)]

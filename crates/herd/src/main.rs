@@ -66,6 +66,7 @@ fn main() -> ExitCode {
             timestamps,
             err,
             out,
+            json,
             ..
         } => {
             let only = match (err, out) {
@@ -73,7 +74,11 @@ fn main() -> ExitCode {
                 (_, true) => Some(herd::output::Stream::Out),
                 _ => None,
             };
-            let show = herd::start::Shown { timestamps, only };
+            let show = herd::start::Shown {
+                timestamps,
+                only,
+                json,
+            };
             finish(herd::start::logs(target.name(), lines, follow, show))
         }
         Command::Systemd(args) => finish(systemd(*args)),

@@ -328,7 +328,16 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool, show: Shown) -> anyh
     let width = paths.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     let mut followed = Vec::new();
     for (n, path) in paths {
-        let prefix = if several {
+        // With --json, the app's name for each object instead.
+        let prefix = if show.json {
+            let stem = || path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            match (several, name) {
+                (true, _) => n.clone(),
+                (false, Some(one)) => one.to_string(),
+                (false, None) => stem().unwrap_or_default(),
+            }
+            .into_bytes()
+        } else if several {
             format!("{n:<width$} | ").into_bytes()
         } else {
             Vec::new()
@@ -482,6 +491,8 @@ pub struct Shown {
     pub timestamps: bool,
     /// Only worker lines of this stream.
     pub only: Option<crate::output::Stream>,
+    /// Each line as a JSON object, as `pm2 logs --json` prints them.
+    pub json: bool,
 }
 
 impl Shown {
@@ -506,11 +517,78 @@ impl Shown {
             (Some(only), Some(w)) if w.stream != only => return,
             _ => {}
         }
+        if self.json {
+            json_line(line, worker, prefix, out);
+            return;
+        }
         out.extend_from_slice(prefix);
         match worker {
             Some(w) if !self.timestamps => out.extend_from_slice(&line[w.tag_at..]),
             _ => out.extend_from_slice(line),
         }
+    }
+}
+
+/// One log line as PM2's `pm2 logs --json` object: `message`, `timestamp`,
+/// `type` (`out`, `err`, or `herd` for herd's own lines, with their
+/// `level`), `process_id` (the worker's id) and `app_name`.
+fn json_line(
+    line: &[u8],
+    worker: Option<crate::output::WorkerLine>,
+    app: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end_matches(['\n', '\r']);
+    let mut obj = serde_json::Map::new();
+    let stamp = |before: &str| {
+        let t = before.trim();
+        (!t.is_empty()).then(|| serde_json::Value::from(t))
+    };
+    match worker {
+        Some(w) => {
+            let rest = &text[w.tag_at.min(text.len())..];
+            let message = rest.split_once("] ").map_or("", |(_, m)| m);
+            obj.insert("message".into(), message.into());
+            if let Some(t) = stamp(&text[..w.tag_at.min(text.len())]) {
+                obj.insert("timestamp".into(), t);
+            }
+            let kind = match w.stream {
+                crate::output::Stream::Out => "out",
+                crate::output::Stream::Err => "err",
+            };
+            obj.insert("type".into(), kind.into());
+            obj.insert("process_id".into(), w.slot.into());
+        }
+        None => {
+            // herd's own: `TIME  LEVEL message`.
+            let parsed = text.split_once(' ').and_then(|(t, rest)| {
+                let rest = rest.trim_start();
+                let (level, message) = rest.split_once(' ')?;
+                ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"]
+                    .contains(&level)
+                    .then_some((t, level, message))
+            });
+            match parsed {
+                Some((t, level, message)) => {
+                    obj.insert("message".into(), message.into());
+                    obj.insert("timestamp".into(), t.into());
+                    obj.insert("type".into(), "herd".into());
+                    obj.insert("level".into(), level.into());
+                }
+                None => {
+                    obj.insert("message".into(), text.into());
+                    obj.insert("type".into(), "herd".into());
+                }
+            }
+        }
+    }
+    obj.insert(
+        "app_name".into(),
+        String::from_utf8_lossy(app).into_owned().into(),
+    );
+    if serde_json::to_writer(&mut *out, &obj).is_ok() {
+        out.push(b'\n');
     }
 }
 
@@ -668,6 +746,39 @@ fn last_lines(text: &[u8], n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_logs_read_as_pm2s() {
+        let show = Shown {
+            json: true,
+            ..Shown::default()
+        };
+        let mut out = Vec::new();
+        let mut partial = Vec::new();
+        let log = "2026-12-04T13:47:41.031Z [1:err] boom \"x\"\n\
+                   2026-12-04T13:47:40.898345Z  WARN worker 1 exited\n\
+                   [0] no time\n";
+        show.filter(log.as_bytes(), &mut partial, &mut out, b"api");
+        let lines: Vec<serde_json::Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines[0],
+            serde_json::json!({"message": "boom \"x\"", "timestamp": "2026-12-04T13:47:41.031Z",
+                "type": "err", "process_id": 1, "app_name": "api"})
+        );
+        assert_eq!(
+            lines[1],
+            serde_json::json!({"message": "worker 1 exited", "timestamp": "2026-12-04T13:47:40.898345Z",
+                "type": "herd", "level": "WARN", "app_name": "api"})
+        );
+        assert_eq!(
+            lines[2],
+            serde_json::json!({"message": "no time", "type": "out", "process_id": 0, "app_name": "api"})
+        );
+    }
 
     #[test]
     fn a_failed_start_repeats_herds_hints_before_the_tail() {
