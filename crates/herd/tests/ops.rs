@@ -486,6 +486,16 @@ fn start_runs_in_the_background_and_logs_to_a_rotated_file() {
     assert!(rotated.is_file(), "no rotation at 1k");
     let shown = ok(&herd_env(&["logs", "--name", &n, "-n", "5"]));
     assert_eq!(shown.lines().count(), 5, "{shown}");
+    // `pm2 logs --json`: one object per line, each naming its app.
+    let json = ok(&herd_env(&["logs", "--name", &n, "-n", "5", "--json"]));
+    assert_eq!(json.lines().count(), 5, "{json}");
+    for line in json.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(
+            v["app_name"] == n.as_str() && v["message"].is_string(),
+            "{line}"
+        );
+    }
     // `herd stop` returns once the master is gone (issue 18, item 2), so
     // the same name and port start again at once, as with `pm2 stop`.
     let start_again = [
