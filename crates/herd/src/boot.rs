@@ -20,7 +20,9 @@ use crate::control::{self, Request, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("no herd cluster is running: nothing to save")]
+    #[error(
+        "no herd cluster is running: nothing to save (`herd save --force` saves the empty list, so that `herd resurrect` starts nothing)"
+    )]
     NothingRunning,
     #[error("cannot read master {pid} of {name:?} from /proc: {source}")]
     Proc {
@@ -84,9 +86,9 @@ pub fn dump_path() -> PathBuf {
 }
 
 /// `herd save`: records every running cluster; returns their names.
-pub fn save() -> Result<(Vec<String>, PathBuf), BootError> {
+pub fn save(force: bool) -> Result<(Vec<String>, PathBuf), BootError> {
     let running = control::running();
-    if running.is_empty() {
+    if running.is_empty() && !force {
         return Err(BootError::NothingRunning);
     }
     let mut dump = Dump::default();
@@ -179,6 +181,12 @@ pub fn resurrect(mut report: impl FnMut(&str)) -> Result<usize, BootError> {
     })?;
     let exe = std::env::current_exe().map_err(BootError::OwnBinary)?;
     let running: Vec<String> = control::running().into_iter().map(|(n, _)| n).collect();
+    if dump.clusters.is_empty() {
+        report(&format!(
+            "{} lists no cluster (saved with `herd save --force`): nothing to start",
+            path.display()
+        ));
+    }
     let (mut started, mut failed) = (0, 0);
     for c in &dump.clusters {
         if running.contains(&c.name) {

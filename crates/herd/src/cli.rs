@@ -175,11 +175,19 @@ pub enum Command {
         target: Named,
     },
     /// Record the running clusters (command, options, directory, environment), like `pm2 save`.
-    Save,
+    Save {
+        /// Save even when none runs (an empty list: `herd resurrect` then starts nothing).
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
     /// Start the clusters `herd save` recorded that are not running, like `pm2 resurrect`.
     Resurrect,
     /// Print a systemd unit that runs `herd resurrect` at boot, like `pm2 startup`.
     Startup {
+        /// PM2's platform word (`pm2 startup systemd`): systemd, or a distribution that
+        /// runs it (ubuntu, debian, centos, redhat, fedora, arch, amazon, oracle).
+        #[arg(value_name = "PLATFORM")]
+        platform: Option<String>,
         /// Write it (herd-USER.service) and enable it, instead of printing it.
         #[arg(long)]
         install: bool,

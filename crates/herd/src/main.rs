@@ -83,22 +83,46 @@ fn main() -> ExitCode {
         }
         Command::Systemd(args) => finish(systemd(*args)),
         Command::Flush { target } => finish(herd::start::flush(target.name())),
-        Command::Save => finish(herd::boot::save().map_err(anyhow::Error::from).map(
-            |(names, path)| {
-                herd::outln!(
-                    "saved {} ({}) to {}; `herd resurrect` starts them again",
-                    herd::console::count(names.len(), "cluster"),
-                    names.join(", "),
-                    path.display()
-                );
-            },
-        )),
+        Command::Save { force } => finish(
+            herd::boot::save(force)
+                .map_err(anyhow::Error::from)
+                .map(|(names, path)| {
+                    if names.is_empty() {
+                        herd::outln!(
+                            "saved an empty list to {}; `herd resurrect` starts nothing",
+                            path.display()
+                        );
+                        return;
+                    }
+                    herd::outln!(
+                        "saved {} ({}) to {}; `herd resurrect` starts them again",
+                        herd::console::count(names.len(), "cluster"),
+                        names.join(", "),
+                        path.display()
+                    );
+                }),
+        ),
         Command::Resurrect => finish(
             herd::boot::resurrect(|line| herd::outln!("{line}"))
                 .map_err(anyhow::Error::from)
                 .map(|_| ()),
         ),
-        Command::Startup { install, unit_dir } => {
+        Command::Startup {
+            platform,
+            install,
+            unit_dir,
+        } => {
+            // PM2 names the init system; herd writes systemd's unit only.
+            const SYSTEMD: &[&str] = &[
+                "systemd", "ubuntu", "debian", "centos", "redhat", "rhel", "fedora", "arch",
+                "amazon", "oracle", "rocky", "alma",
+            ];
+            if let Some(p) = platform.filter(|p| !SYSTEMD.contains(&p.as_str())) {
+                herd::errln!(
+                    "herd: error: herd startup writes a systemd unit only, not one for {p}; under another init system, run `herd resurrect` as this user at boot"
+                );
+                return ExitCode::from(2);
+            }
             let (user, uid) = herd::boot::whoami();
             if !install {
                 return finish(

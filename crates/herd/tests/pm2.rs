@@ -555,6 +555,27 @@ fn a_yaml_process_file_starts_and_runs_as_pm2_runtime_runs_it() {
     );
 }
 
+/// PM2's `pm2 startup systemd` and `pm2 save --force` (an empty list, so
+/// that nothing comes back at boot).
+#[test]
+fn startup_takes_pm2s_platform_word_and_save_force_saves_nothing() {
+    let sb = Sandbox::new("platform");
+    let (ok, said) = sb.run("herd startup ubuntu");
+    assert!(ok && said.contains("ExecStart="), "{said}");
+    let (ok, said) = sb.run("herd startup launchd");
+    assert!(
+        !ok && said.contains("systemd unit only") && said.lines().count() == 1,
+        "{said}"
+    );
+    let (ok, said) = sb.run("herd save");
+    assert!(!ok && said.contains("--force"), "{said}");
+    let (ok, said) = sb.run("herd save --force && herd resurrect");
+    assert!(
+        ok && said.contains("saved an empty list") && said.contains("nothing to start"),
+        "{said}"
+    );
+}
+
 /// The whole answer to one raw request (head and body).
 fn raw(port: u16, req: &str) -> String {
     use std::io::{Read, Write};

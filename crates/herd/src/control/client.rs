@@ -171,7 +171,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
         | Command::Guard
         | Command::Serve { .. }
         | Command::StaticFiles
-        | Command::Save
+        | Command::Save { .. }
         | Command::Resurrect
         | Command::Startup { .. }
         | Command::Systemd(_)
