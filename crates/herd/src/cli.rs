@@ -328,7 +328,56 @@ pub struct Target {
 /// file where the command would be) and `--env production` (a bare name:
 /// the ecosystem file's `env_production`).
 pub fn parse() -> Result<Cli, clap::Error> {
-    let mut argv: Vec<OsString> = std::env::args_os().collect();
+    parse_from(std::env::args_os().collect())
+}
+
+/// The command line, once per cluster it names: `herd stop api web` (as
+/// `pm2 stop api web`) is `herd stop api`, then `herd stop web`.
+pub fn parse_each() -> Result<Vec<Cli>, clap::Error> {
+    split_names(std::env::args_os().collect())
+        .into_iter()
+        .map(parse_from)
+        .collect()
+}
+
+/// The commands that act on clusters by name and take several (PM2's
+/// variadic `stop|restart|reload|delete <name...>`).
+const BY_NAMES: &[&str] = &[
+    "stop", "restart", "reload", "delete", "del", "flush", "upgrade",
+];
+
+/// One command line per cluster named, when several are.
+fn split_names(argv: Vec<OsString>) -> Vec<Vec<OsString>> {
+    if !argv
+        .get(1)
+        .and_then(|c| c.to_str())
+        .is_some_and(|c| BY_NAMES.contains(&c))
+    {
+        return vec![argv];
+    }
+    let takes = ["--name", "--env", "--only", "--app"];
+    let names: Vec<usize> = (2..argv.len())
+        .filter(|&i| {
+            let w = argv[i].to_str().unwrap_or("");
+            !w.starts_with('-') && !argv[i - 1].to_str().is_some_and(|p| takes.contains(&p))
+        })
+        .collect();
+    if names.len() < 2 {
+        return vec![argv];
+    }
+    names
+        .iter()
+        .map(|&keep| {
+            argv.iter()
+                .enumerate()
+                .filter(|&(i, _)| i == keep || !names.contains(&i))
+                .map(|(_, w)| w.clone())
+                .collect()
+        })
+        .collect()
+}
+
+fn parse_from(mut argv: Vec<OsString>) -> Result<Cli, clap::Error> {
     // `pm2 jlist` and `pm2 prettylist`: every cluster as JSON.
     if argv
         .get(1)
@@ -772,7 +821,39 @@ fn interpreted(mut command: Vec<OsString>, interpreter: Option<&str>, args: &str
 
 #[cfg(test)]
 mod tests {
-    use super::{pm2_words, serve_words};
+    use super::{pm2_words, serve_words, split_names};
+
+    #[test]
+    fn several_names_are_one_command_each() {
+        let split = |line: &str| -> Vec<String> {
+            split_names(line.split_whitespace().map(Into::into).collect())
+                .iter()
+                .map(|a| {
+                    a.iter()
+                        .map(|w| w.to_string_lossy())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect()
+        };
+        assert_eq!(
+            split("herd stop api web"),
+            ["herd stop api", "herd stop web"]
+        );
+        assert_eq!(
+            split("herd reload --update-env api web"),
+            [
+                "herd reload --update-env api",
+                "herd reload --update-env web"
+            ]
+        );
+        assert_eq!(
+            split("herd reload eco.json --only api --env prod"),
+            ["herd reload eco.json --only api --env prod"]
+        );
+        assert_eq!(split("herd scale api 3"), ["herd scale api 3"]);
+        assert_eq!(split("herd stop --name api"), ["herd stop --name api"]);
+    }
 
     fn serve(line: &str) -> String {
         let argv = line.split_whitespace().map(Into::into).collect();

@@ -10,10 +10,22 @@ use herd::config::Settings;
 fn main() -> ExitCode {
     // Before anything could replace the binary on disk (`herd upgrade`).
     herd::os::sys::remember_exe();
-    let cli = match herd::cli::parse() {
-        Ok(cli) => cli,
+    let each = match herd::cli::parse_each() {
+        Ok(each) => each,
         Err(e) => return usage_error(e),
     };
+    // Several names (`herd stop api web`): each in turn; the last failure's code.
+    let mut code = ExitCode::SUCCESS;
+    for cli in each {
+        let c = execute(cli);
+        if c != ExitCode::SUCCESS {
+            code = c;
+        }
+    }
+    code
+}
+
+fn execute(cli: herd::cli::Cli) -> ExitCode {
     match cli.command {
         Command::Guard => ExitCode::from(herd::os::guardian::run() as u8),
         Command::StaticFiles => match herd::builtin::files::run() {

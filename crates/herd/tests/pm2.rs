@@ -423,6 +423,9 @@ fn a_config_file_names_its_apps_for_reload_restart_stop_and_delete() {
     assert!(ok && both(&said, "reloaded"), "{said}");
     let (ok, said) = run("herd reload api --env production");
     assert!(!ok && said.contains("name the file"), "{said}");
+    // Several names, as `pm2 restart api web`.
+    let (ok, said) = run("herd restart api web");
+    assert!(ok && both(&said, "restarted"), "{said}");
 
     // The apps not running start; the others restart.
     let (ok, said) =
