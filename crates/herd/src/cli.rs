@@ -327,12 +327,9 @@ pub struct Target {
 /// Also as PM2 users type them: `herd start ecosystem.config.js` (a config
 /// file where the command would be) and `--env production` (a bare name:
 /// the ecosystem file's `env_production`).
-pub fn parse() -> Result<Cli, clap::Error> {
-    parse_from(std::env::args_os().collect())
-}
-
-/// The command line, once per cluster it names: `herd stop api web` (as
-/// `pm2 stop api web`) is `herd stop api`, then `herd stop web`.
+///
+/// Once per cluster it names: `herd stop api web` (as `pm2 stop api web`)
+/// is `herd stop api`, then `herd stop web`.
 pub fn parse_each() -> Result<Vec<Cli>, clap::Error> {
     split_names(std::env::args_os().collect())
         .into_iter()
