@@ -579,6 +579,51 @@ fn startup_takes_pm2s_platform_word_and_save_force_saves_nothing() {
     );
 }
 
+/// `pm2 start app.ts`: TypeScript runs with the first of bun, tsx and
+/// ts-node on PATH (here a stand-in `tsx`), named after the script; with
+/// none, and for a file no interpreter is known for, the error says what
+/// to do rather than "command not found".
+#[test]
+fn a_typescript_app_runs_with_the_runner_on_path() {
+    let sb = Sandbox::new("ts");
+    let app = sb.app();
+    std::fs::write(
+        app.join("app.ts"),
+        "import http from 'node:http';\nhttp.createServer((_q, s) => s.end('ts\\n')).listen(Number(process.env.PORT));\n",
+    )
+    .unwrap();
+    std::fs::write(app.join("main.lua"), "print('x')\n").unwrap();
+    std::fs::create_dir_all(app.join("bin")).unwrap();
+    // A stand-in for tsx that runs the app's JavaScript part with node.
+    let tsx = app.join("bin/tsx");
+    std::fs::write(
+        &tsx,
+        "#!/bin/sh\nsed -e 's/import http from .node:http.;/const http = require(\"http\");/' \"$1\" > \"$1.$$.js\"\nexec node \"$1.$$.js\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&tsx, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let herd_dir = Path::new(HERD).parent().unwrap().display().to_string();
+    let (ok, said) = sb.run(&format!("PATH={herd_dir}:/usr/bin:/bin herd start app.ts"));
+    assert!(
+        !ok && said.contains("TypeScript runs with bun, tsx or ts-node"),
+        "{said}"
+    );
+    let (ok, said) = sb.run("herd start main.lua");
+    assert!(
+        !ok && said.contains("herd knows no interpreter for it")
+            && !said.contains("command not found"),
+        "{said}"
+    );
+
+    let (ok, said) = sb.run("PATH=$PWD/bin:$PATH herd start app.ts -i 2");
+    assert!(
+        ok && said.contains("app: started") && said.contains("2 workers"),
+        "{said}"
+    );
+    assert_eq!(body(sb.port), "ts\n");
+}
+
 /// The whole answer to one raw request (head and body).
 fn raw(port: u16, req: &str) -> String {
     use std::io::{Read, Write};

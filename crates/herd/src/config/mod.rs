@@ -47,6 +47,10 @@ pub enum ConfigError {
     NotForDispatch(String),
     #[error("command not found: {0}")]
     NotFound(String),
+    #[error(
+        "{0} is a file, but herd knows no interpreter for it and it is not executable: name one (--interpreter PROGRAM), or give the whole command (herd start -- PROGRAM {0}){1}"
+    )]
+    NoInterpreter(String, &'static str),
     #[error("not an executable file: {0}")]
     NotExecutable(String),
     #[error("--cwd {0}: not a directory")]
@@ -1697,7 +1701,19 @@ fn program_of(
         .map(|(_, v)| OsString::from(v))
         .or_else(|| std::env::var_os("PATH"));
     let program = match command.first() {
-        Some(word) => resolve_program(word, cwd, path_var.as_deref())?,
+        Some(word) => resolve_program(word, cwd, path_var.as_deref()).map_err(|e| {
+            // `herd start app.ts` with no TypeScript runner, `main.lua`…
+            let path = cwd.map_or_else(|| PathBuf::from(word), |d| d.join(word));
+            match e {
+                ConfigError::NotFound(shown) if path.is_file() => {
+                    let ts = is_typescript(&shown).then_some(
+                        "; TypeScript runs with bun, tsx or ts-node (none is on PATH), or compile it and start the .js",
+                    );
+                    ConfigError::NoInterpreter(shown, ts.unwrap_or(""))
+                }
+                e => e,
+            }
+        })?,
         None => PathBuf::new(),
     };
     check_script(&program, command, cwd)?;
@@ -1776,6 +1792,15 @@ pub(crate) fn interpreter_of(script: &Path) -> Option<&'static str> {
     }
     match script.extension().and_then(|e| e.to_str()) {
         Some("js" | "mjs" | "cjs") => Some("node"),
+        // PM2 runs TypeScript with bun; tsx and ts-node as well here.
+        Some("ts" | "tsx" | "mts" | "cts") => TS_RUNNERS.iter().copied().find(|r| {
+            resolve_program(
+                &OsString::from(r),
+                None,
+                std::env::var_os("PATH").as_deref(),
+            )
+            .is_ok()
+        }),
         Some("py") => Some("python3"),
         Some("rb") => Some("ruby"),
         Some("pl") => Some("perl"),
@@ -1790,6 +1815,16 @@ pub(crate) fn is_script_name(word: &str) -> bool {
     [".js", ".mjs", ".cjs", ".py", ".rb", ".pl", ".php", ".sh"]
         .iter()
         .any(|ext| word.ends_with(ext))
+        || is_typescript(word)
+}
+
+/// What runs a TypeScript file, in the order tried.
+const TS_RUNNERS: [&str; 3] = ["bun", "tsx", "ts-node"];
+
+fn is_typescript(word: &str) -> bool {
+    [".ts", ".tsx", ".mts", ".cts"]
+        .iter()
+        .any(|ext| word.ends_with(ext) && !word.ends_with(".d.ts"))
 }
 
 /// A directory as an error names it: absolute when it can be.
@@ -1891,7 +1926,7 @@ fn validate_name(n: String) -> Result<String, ConfigError> {
 fn derive_name(command: &[OsString]) -> String {
     const INTERPRETERS: &[&str] = &[
         "node", "nodejs", "bun", "deno", "python", "python3", "ruby", "php", "perl", "java", "uv",
-        "npx",
+        "npx", "tsx", "ts-node",
     ];
     let stem = |s: &OsString| {
         Path::new(s)
