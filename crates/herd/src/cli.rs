@@ -209,6 +209,10 @@ pub enum Command {
         /// Print JSON (every cluster's status) instead of a table.
         #[arg(long)]
         json: bool,
+        /// PM2's `jlist` shape: one object per worker, with `pm2_env` and `monit`,
+        /// for scripts written against `pm2 jlist` (`herd jlist` prints it).
+        #[arg(long, hide = true)]
+        pm2: bool,
     },
     /// Internal: the helper that kills worker process groups if the master dies.
     #[command(name = "__guard", hide = true)]
@@ -375,12 +379,12 @@ fn split_names(argv: Vec<OsString>) -> Vec<Vec<OsString>> {
 }
 
 fn parse_from(mut argv: Vec<OsString>) -> Result<Cli, clap::Error> {
-    // `pm2 jlist` and `pm2 prettylist`: every cluster as JSON.
-    if argv
-        .get(1)
-        .is_some_and(|c| c == "jlist" || c == "prettylist")
-    {
-        argv.splice(1..2, ["list".into(), "--json".into()]);
+    // `pm2 jlist` and `pm2 prettylist` (the same, indented): every worker
+    // as JSON in PM2's shape.
+    if argv.get(1).is_some_and(|c| c == "jlist") {
+        argv.splice(1..2, ["list".into(), "--pm2".into()]);
+    } else if argv.get(1).is_some_and(|c| c == "prettylist") {
+        argv.splice(1..2, ["list".into(), "--pm2".into(), "--json".into()]);
     }
     // `pm2 startOrReload ecosystem.config.js` (deploy scripts' line): a
     // reload by file starts the apps that are not running.

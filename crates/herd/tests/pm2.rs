@@ -284,10 +284,24 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     let (ok, said) = run("GREETING=first herd start app.js -n api -i 1");
     assert!(ok && said.contains("api: started"), "{said}");
     assert!(body(sb.port).starts_with("first"));
-    let (_, said) = run("herd jlist");
+    let (_, said) = run("herd list --json");
     let listed: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
     assert!(
         listed[0]["status"] == "online" && listed[0]["workers"].as_array().map(Vec::len) == Some(1),
+        "{said}"
+    );
+    // `pm2 jlist`'s own shape, for scripts written against it.
+    let (_, said) = run("herd jlist");
+    let listed: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
+    let worker = &listed[0];
+    assert!(
+        worker["name"] == "api"
+            && worker["pm_id"] == 0
+            && worker["pid"].as_u64().is_some_and(|p| p > 0)
+            && worker["monit"]["memory"].as_u64().is_some_and(|m| m > 0)
+            && worker["pm2_env"]["status"] == "online"
+            && worker["pm2_env"]["exec_mode"] == "cluster_mode"
+            && worker["pm2_env"]["restart_time"] == 0,
         "{said}"
     );
     // `pm2 restart 0`: herd's clusters have names, and the error says so.
@@ -309,7 +323,7 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     let (ok, said) = run("herd jlist");
     let listed: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
     assert!(
-        ok && listed[0]["name"] == "api" && listed[0]["status"] == "stopped",
+        ok && listed[0]["name"] == "api" && listed[0]["pm2_env"]["status"] == "stopped",
         "{said}"
     );
     let (ok, said) = run("herd describe api");
@@ -790,7 +804,7 @@ fn a_program_with_options_after_it_and_a_one_word_command_line_start() {
         "{said}"
     );
     assert!(body(sb.port).contains("from worker"), "{said}");
-    let listed = text(&sb.sh("herd jlist && herd show api"));
+    let listed = text(&sb.sh("herd prettylist && herd show api"));
     assert!(listed.contains("\"name\": \"api\""), "{listed}");
     let pid: u32 = listed
         .lines()

@@ -14,7 +14,8 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             json,
             all_hosts,
         } => return status(target.name(), json, all_hosts),
-        Command::List { json } => return list(json),
+        Command::List { pm2: true, json } => return jlist(json),
+        Command::List { json, .. } => return list(json),
         Command::Reload {
             target,
             update_env,
@@ -645,6 +646,88 @@ fn deploy_table(d: &control::DeployStatus) {
     if let Some(a) = &d.analysis {
         crate::outln!("  analysis: {a}");
     }
+}
+
+/// `pm2 jlist`'s shape, for the scripts and exporters written against it
+/// (`pm2 jlist | jq '.[] | select(.pm2_env.status != "online")'`): one
+/// object per worker (PM2's process), `pm_id` counting across clusters,
+/// `monit` (memory bytes, CPU percent) and `pm2_env` (status in PM2's
+/// words, start time in ms, restarts, instances, exec_mode, cwd); a
+/// stopped cluster is one object with pid 0. `pretty`: `pm2 prettylist`.
+fn jlist(pretty: bool) -> Result<i32, ControlError> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut out: Vec<Value> = Vec::new();
+    let entry = |pm_id: usize, pid: u32, name: &str, env: Value, memory: u64, cpu: f64| {
+        serde_json::json!({
+            "pid": pid,
+            "name": name,
+            "pm_id": pm_id,
+            "monit": { "memory": memory, "cpu": cpu },
+            "pm2_env": env,
+        })
+    };
+    for (n, p) in control::running() {
+        let Ok(v) = control::call::<Status>(&n, &p, &Request::Status, |_| {}) else {
+            continue;
+        };
+        let exec_mode = if v.mode == "fork" {
+            "fork_mode"
+        } else {
+            "cluster_mode"
+        };
+        for w in &v.workers {
+            let status = match w.state {
+                WorkerState::Starting => "launching",
+                WorkerState::Ready => "online",
+                WorkerState::Stopping => "stopping",
+                WorkerState::Waiting => "waiting restart",
+                WorkerState::Stopped => "stopped",
+            };
+            let env = serde_json::json!({
+                "name": v.name,
+                "status": status,
+                "pm_id": out.len(),
+                "pm_uptime": now_ms.saturating_sub((w.uptime * 1000.0) as u64),
+                "restart_time": w.restarts,
+                "unstable_restarts": 0,
+                "instances": v.workers.len(),
+                "exec_mode": exec_mode,
+                "NODE_APP_INSTANCE": w.id,
+                "pm_cwd": v.cwd,
+                "pm_exec_path": v.command,
+                "herd_listen": v.listen,
+                "herd_mode": v.mode,
+            });
+            out.push(entry(out.len(), w.pid, &v.name, env, w.memory, w.cpu));
+        }
+    }
+    let running: Vec<String> = out
+        .iter()
+        .filter_map(|e| e["name"].as_str().map(str::to_string))
+        .collect();
+    for c in crate::boot::stopped() {
+        if running.contains(&c.name) {
+            continue;
+        }
+        let env = serde_json::json!({
+            "name": c.name,
+            "status": if c.errored { "errored" } else { "stopped" },
+            "pm_id": out.len(),
+            "restart_time": 0,
+            "unstable_restarts": 0,
+            "instances": 0,
+        });
+        out.push(entry(out.len(), 0, &c.name, env, 0, 0.0));
+    }
+    let text = if pretty {
+        serde_json::to_string_pretty(&out)
+    } else {
+        serde_json::to_string(&out)
+    };
+    crate::outln!("{}", text.unwrap_or_default());
+    Ok(0)
 }
 
 fn list(as_json: bool) -> Result<i32, ControlError> {
