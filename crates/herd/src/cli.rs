@@ -482,6 +482,12 @@ fn serve_words(argv: Vec<OsString>) -> Result<Vec<OsString>, clap::Error> {
             format!("{}: no such directory to serve\n", dir.display()),
         ));
     }
+    if crate::builtin::files::relative(homepage.trim_start_matches('.')).is_err() {
+        return Err(clap::Error::raw(
+            clap::error::ErrorKind::ValueValidation,
+            format!("--homepage {homepage}: not a file in {}\n", dir.display()),
+        ));
+    }
     let port = port.unwrap_or(8080);
     let exe = crate::os::sys::exe_path().unwrap_or_else(|| PathBuf::from("herd"));
     let mut out: Vec<OsString> = vec![argv[0].clone(), "start".into()];
@@ -896,6 +902,7 @@ mod tests {
         );
         assert!(serve("herd serve --basic-auth-username u").starts_with("error:"));
         assert!(serve("herd serve no-such-dir").contains("no such directory to serve"));
+        assert!(serve("herd serve --homepage ../../etc/passwd").contains("not a file in"));
         assert_eq!(serve("herd serve --help"), "herd serve --help");
     }
 
