@@ -246,9 +246,14 @@ fn start_one(args: &RunArgs, warn: bool) -> anyhow::Result<()> {
         if let Some(st) = child.try_wait()? {
             // A job run once (PM2's `--no-autorestart` script): its workers
             // ended before it could be seen ready, and the master with them.
-            if st.success() && !s.autorestart {
+            if st.success() && (!s.autorestart || !s.stop_exit_codes.is_empty()) {
+                let why = if s.autorestart {
+                    "with one of --stop-exit-codes"
+                } else {
+                    "(--autorestart=false)"
+                };
                 crate::outln!(
-                    "{name}: ran and ended: every worker ended (--autorestart=false), so the master stopped; `herd list` shows it as stopped. Last lines of {}:\n{}",
+                    "{name}: ran and ended: every worker ended {why}, so the master stopped; `herd list` shows it as stopped. Last lines of {}:\n{}",
                     log.display(),
                     tail_from(&log, ours_from, 10)
                         .unwrap_or_default()

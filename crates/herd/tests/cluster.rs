@@ -649,6 +649,47 @@ fn without_autorestart_ended_workers_stay_down_and_the_last_ends_the_cluster() {
     assert!(!h.log().contains("restarting worker"), "{}", h.log());
 }
 
+/// PM2's `--stop-exit-codes 0`: a job that ends with a code of the list is
+/// done and stays down; another code is restarted as usual. Worker 0
+/// fails once (code 3, restarted), then ends with 0; the cluster ends
+/// once both did.
+#[test]
+fn a_stop_exit_code_ends_a_worker_for_good_and_others_restart_it() {
+    let dir = std::env::temp_dir().join(format!("herd-stopcodes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let job = format!(
+        "if [ \"$HERD_WORKER_ID\" = 0 ] && mkdir {}/failed-once 2>/dev/null; then exit 3; fi; sleep 0.3; exit 0",
+        dir.display()
+    );
+    let mut h = Herd::start(
+        &[
+            "-i",
+            "2",
+            "--stop-exit-codes",
+            "0,7",
+            "--restart-delay",
+            "10ms",
+        ],
+        &["sh", "-c", &job],
+    );
+    let st = h.wait_exit(T).expect("the cluster did not end");
+    let log = h.log();
+    assert_eq!(st.code(), Some(0), "{log}");
+    assert_eq!(log.matches("restarting worker 0").count(), 1, "{log}");
+    assert!(!log.contains("restarting worker 1"), "{log}");
+    assert_eq!(
+        log.matches("stays down (--stop-exit-codes)").count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        log.contains("no worker is left (--stop-exit-codes)"),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_worker_that_never_gets_ready_is_replaced() {
     // --wait-ready: only READY=1 counts, and `sleep` never sends it.

@@ -240,7 +240,7 @@ const READ: &[&str] = &[
     "cwd", "instances", "env", "max_memory_restart", "kill_timeout", "listen_timeout",
     "wait_ready", "min_uptime", "max_restarts", "restart_delay", "exp_backoff_restart_delay",
     "watch", "ignore_watch", "watch_delay", "cron_restart", "increment_var", "instance_var",
-    "log_file", "autorestart", "exec_mode", "shutdown_with_message",
+    "log_file", "autorestart", "exec_mode", "shutdown_with_message", "stop_exit_codes",
 ];
 
 /// PM2's own keys that herd does not read: ignored, but not misspelt
@@ -251,7 +251,7 @@ const PM2_ONLY: &[&str] = &[
     "pid_file", "vizion", "post_update", "force", "source_map_support",
     "disable_source_map_support", "filter_env", "append_env_to_name", "treekill",
     "automation", "pmx", "autostart", "user", "uid", "gid",
-    "deep_monitoring", "trace", "disable_trace", "port", "max", "stop_exit_codes",
+    "deep_monitoring", "trace", "disable_trace", "port", "max",
 ];
 
 /// `app.key`, with the key herd reads that it is probably a misspelling of.
@@ -374,6 +374,20 @@ fn ecosystem_app(
             "instance_var" => o.instance_var = text(v),
             "log_file" => o.log_file = text(v).map(|f| dir.join(f)),
             "autorestart" => o.autorestart = v.as_bool(),
+            "stop_exit_codes" => {
+                let codes = match v {
+                    Value::Array(a) => a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>(),
+                    v => v.as_u64().map(|c| vec![c]),
+                };
+                let codes = codes.ok_or("stop_exit_codes: a list of exit codes (numbers)")?;
+                o.stop_exit_codes = Some(
+                    codes
+                        .into_iter()
+                        .map(u8::try_from)
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| "stop_exit_codes: exit codes go from 0 to 255")?,
+                );
+            }
             // No signal: the shutdown message alone (`--kill-signal none`).
             "shutdown_with_message" if v.as_bool() == Some(true) => {
                 o.kill_signal = Some(KillSignal(None));
@@ -630,7 +644,7 @@ mod tests {
                 "watch": ["src"], "ignore_watch": ["tmp"], "increment_var": "SHARD",
                 "instance_var": "INSTANCE_ID",
                 "autorestart": false, "namespace": "x", "cron_restart": "0 3 * * *",
-                "instaces": 4, "shutdown_with_message": true
+                "instaces": 4, "shutdown_with_message": true, "stop_exit_codes": [0, 3]
             }, {"name": "worker", "script": "jobs.py", "cwd": "jobs"}]}"#,
         );
         let (api, warning) = select(&p, Some("api"), Some("production")).unwrap();
@@ -653,6 +667,7 @@ mod tests {
         assert_eq!(api.instance_var.as_deref(), Some("INSTANCE_ID"));
         assert_eq!(api.cron_restart.unwrap().0.pattern.to_string(), "0 3 * * *");
         assert_eq!(api.autorestart, Some(false));
+        assert_eq!(api.stop_exit_codes, Some(vec![0, 3]));
         assert_eq!(api.kill_signal, Some(KillSignal(None)));
         let warning = warning.unwrap();
         assert!(

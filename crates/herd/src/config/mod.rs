@@ -535,6 +535,11 @@ options! {
     /// exits is not started again, and the cluster stops once none is left [default: true].
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     autorestart: Option<bool>,
+    /// Exit codes that mean "done" (PM2's --stop-exit-codes): a worker that exits with one
+    /// stays down, as with --autorestart=false; others restart as usual. Comma-separated or
+    /// repeated: --stop-exit-codes 0,3.
+    #[arg(long, value_name = "CODE", value_delimiter = ',', num_args = 1..)]
+    stop_exit_codes: Option<Vec<u8>>,
     /// Delay before restarting a worker after a quick exit; doubles per quick exit in a row
     /// (a worker that ran at least --min-uptime comes back at once) [default: 100ms].
     #[arg(long, value_name = "DUR")]
@@ -853,6 +858,29 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// A set of exit codes (0 to 255), kept in four words so that the policy
+/// stays `Copy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitCodes([u64; 4]);
+
+impl ExitCodes {
+    pub fn of(codes: &[u8]) -> ExitCodes {
+        let mut set = ExitCodes::default();
+        for &c in codes {
+            set.0[usize::from(c / 64)] |= 1 << (c % 64);
+        }
+        set
+    }
+
+    pub fn contains(&self, code: i32) -> bool {
+        u8::try_from(code).is_ok_and(|c| self.0[usize::from(c / 64)] & (1 << (c % 64)) != 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == [0; 4]
+    }
+}
+
 /// Everything the master needs, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -876,6 +904,8 @@ pub struct Settings {
     pub wait_ready: bool,
     /// `--autorestart=false`: a worker that exits stays down.
     pub autorestart: bool,
+    /// `--stop-exit-codes`: a worker that exits with one of these stays down.
+    pub stop_exit_codes: ExitCodes,
     pub restart_delay: Duration,
     pub max_restart_delay: Duration,
     pub max_restarts: u32,
@@ -1480,6 +1510,7 @@ impl Settings {
             ready_timeout,
             wait_ready: o.wait_ready.unwrap_or(false),
             autorestart: o.autorestart.unwrap_or(true),
+            stop_exit_codes: ExitCodes::of(&o.stop_exit_codes.unwrap_or_default()),
             restart_delay: d(o.restart_delay, default::RESTART_DELAY),
             max_restart_delay: d(o.max_restart_delay, default::MAX_RESTART_DELAY),
             max_restarts: o.max_restarts.unwrap_or(default::MAX_RESTARTS),

@@ -202,10 +202,12 @@ pub enum Input {
     Drained {
         epoch: Epoch,
     },
-    /// The process exited; `how` says how ("exited with code 1").
+    /// The process exited; `how` says how ("exited with code 1"), `code`
+    /// is its exit code (none when a signal killed it).
     Exited {
         epoch: Epoch,
         how: String,
+        code: Option<i32>,
     },
     /// Time passed: [`Machine::next_deadline`] may have come.
     Timer,
@@ -369,7 +371,7 @@ impl Machine {
                     terminate(w, now, self.limits.kill_timeout, &mut self.out);
                 }
             }
-            Input::Exited { epoch, how } => self.exited(epoch, how, now),
+            Input::Exited { epoch, how, code } => self.exited(epoch, how, code, now),
             Input::Timer => self.timer(now),
             Input::Reload { slots } => self.reload(slots, Cause::Reload, now),
             Input::ReplaceSlot { slot } => self.reload(Some(vec![slot]), Cause::Replace, now),
@@ -664,7 +666,7 @@ impl Machine {
         self.retiring.push(w);
     }
 
-    fn exited(&mut self, epoch: Epoch, how: String, now: Instant) {
+    fn exited(&mut self, epoch: Epoch, how: String, code: Option<i32>, now: Instant) {
         let Some(slot) = self.find(epoch).map(|w| w.slot) else {
             return;
         };
@@ -717,7 +719,7 @@ impl Machine {
             let ending = if w.not_ready {
                 Ending::NotReady
             } else {
-                Ending::Exited { ran, how }
+                Ending::Exited { ran, how, code }
             };
             self.on_end(slot, &ending, now);
         } else if let Some(w) = s.next.take_if(|w| w.epoch == epoch) {
@@ -746,8 +748,8 @@ impl Machine {
                 tracing::error!("{message}");
                 self.out.push(Action::CrashLoop(message));
             }
-            Decision::StayDown => {
-                tracing::info!("worker {slot} stays down (--autorestart=false)");
+            Decision::StayDown { why } => {
+                tracing::info!("worker {slot} stays down ({why})");
                 let left = self.slots.iter().any(|s| {
                     s.current.is_some()
                         || s.next.is_some()
@@ -755,7 +757,7 @@ impl Machine {
                         || s.start_after.is_some()
                 });
                 if !left && self.reload.is_none() {
-                    tracing::info!("no worker is left (--autorestart=false): stopping");
+                    tracing::info!("no worker is left ({why}): stopping");
                     self.out.push(Action::AllEnded);
                 }
             }

@@ -406,6 +406,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             max_restarts: s.max_restarts,
             ready_timeout: s.ready_timeout,
             autorestart: s.autorestart,
+            stop_exit_codes: s.stop_exit_codes,
         },
         drain_timeout: s.drain_timeout,
         kill_timeout: s.kill_timeout,
@@ -682,8 +683,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         std::thread::sleep(Duration::from_millis(150));
     }
     if sup.give_up {
-        // Ended by itself (a crash loop, or --autorestart=false with no
-        // worker left): `herd list` shows it, `herd restart NAME` starts it
+        // Ended by itself (a crash loop, or --autorestart=false or
+        // --stop-exit-codes with no worker left): `herd list` shows it, `herd restart NAME` starts it
         // again, as PM2 keeps an errored or stopped app.
         let errored = sup.exit_code != 0;
         if let Err(e) = crate::boot::remember_stopped(&sup.s.name, std::process::id(), errored) {
@@ -732,7 +733,8 @@ impl Supervisor {
                     Ok(st) => describe(st),
                     Err(e) => format!("could not be waited for ({e})"),
                 };
-                self.apply(Input::Exited { epoch, how }, None);
+                let code = status.as_ref().ok().and_then(ExitStatus::code);
+                self.apply(Input::Exited { epoch, how, code }, None);
             }
             Event::Ready { epoch, addr } => {
                 if let Some(p) = self.procs.get_mut(&epoch) {

@@ -9,7 +9,9 @@
 //! after `restart_delay`, doubled with each quick exit in a row up to
 //! `max_restart_delay`, and one more than `max_restarts` in a row is a crash
 //! loop, which stops the cluster. With `--autorestart=false` (PM2's
-//! `autorestart: false`) an ended worker stays down.
+//! `autorestart: false`) an ended worker stays down; with
+//! `--stop-exit-codes` (PM2's `stop_exit_codes`), one that exits with one
+//! of those codes does.
 
 use std::time::Duration;
 
@@ -24,14 +26,21 @@ pub struct RestartPolicy {
     pub ready_timeout: Duration,
     /// `false` (`--autorestart=false`): an ended worker stays down.
     pub autorestart: bool,
+    /// `--stop-exit-codes`: a worker that exits with one of these stays down.
+    pub stop_exit_codes: crate::config::ExitCodes,
 }
 
 /// How a worker's life ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
     /// Its process exited (`how`: "exited with status 1", "was killed by
-    /// signal SIGSEGV"…) after running `ran`.
-    Exited { ran: Duration, how: String },
+    /// signal SIGSEGV"…) after running `ran`; `code`: its exit code, if it
+    /// exited rather than died of a signal.
+    Exited {
+        ran: Duration,
+        how: String,
+        code: Option<i32>,
+    },
     /// It was killed for not being ready within the ready time-out.
     NotReady,
     /// It could not be started at all (`why`: the error).
@@ -50,15 +59,24 @@ pub enum Decision {
     Restart { after: Duration },
     /// Stop the cluster; `message` names the cause and what to change.
     CrashLoop { message: String },
-    /// Leave the slot empty (`--autorestart=false`, PM2's `autorestart: false`).
-    StayDown,
+    /// Leave the slot empty (`why`: the setting that says so).
+    StayDown { why: &'static str },
 }
 
 impl RestartPolicy {
     /// Decides what follows `ending` for a slot with `record`, which it updates.
     pub fn on_end(&self, slot: usize, record: &mut Record, ending: &Ending) -> Decision {
         if !self.autorestart {
-            return Decision::StayDown;
+            return Decision::StayDown {
+                why: "--autorestart=false",
+            };
+        }
+        if let Ending::Exited { code: Some(c), .. } = ending
+            && self.stop_exit_codes.contains(*c)
+        {
+            return Decision::StayDown {
+                why: "--stop-exit-codes",
+            };
         }
         let quick = match ending {
             Ending::Exited { ran, .. } => *ran < self.min_uptime,
@@ -116,6 +134,7 @@ mod tests {
             max_restarts: 5,
             ready_timeout: 2000 * MS,
             autorestart: true,
+            stop_exit_codes: crate::config::ExitCodes::default(),
         }
     }
 
@@ -123,6 +142,7 @@ mod tests {
         Ending::Exited {
             ran: ran_ms * MS,
             how: "exited with status 1".into(),
+            code: Some(1),
         }
     }
 
@@ -215,14 +235,53 @@ mod tests {
             Ending::Exited {
                 ran: 5000 * MS,
                 how: "exited with code 0".into(),
+                code: Some(0),
             },
             Ending::Exited {
                 ran: MS,
                 how: "exited with code 1".into(),
+                code: Some(1),
             },
             Ending::NotReady,
         ] {
-            assert_eq!(p.on_end(0, &mut r, &ending), Decision::StayDown);
+            assert_eq!(
+                p.on_end(0, &mut r, &ending),
+                Decision::StayDown {
+                    why: "--autorestart=false"
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_stop_exit_code_stays_down_and_the_others_restart() {
+        let p = RestartPolicy {
+            stop_exit_codes: crate::config::ExitCodes::of(&[0, 3, 255]),
+            ..policy()
+        };
+        let mut r = Record::default();
+        let ended = |code: Option<i32>| Ending::Exited {
+            ran: 5000 * MS,
+            how: "exited".into(),
+            code,
+        };
+        for code in [0, 3, 255] {
+            assert_eq!(
+                p.on_end(0, &mut r, &ended(Some(code))),
+                Decision::StayDown {
+                    why: "--stop-exit-codes"
+                }
+            );
+        }
+        // Another code, a signal (no code), or a code out of range restart.
+        for code in [Some(1), Some(64), None, Some(-1), Some(256)] {
+            assert_eq!(
+                p.on_end(0, &mut r, &ended(code)),
+                Decision::Restart {
+                    after: Duration::ZERO
+                },
+                "{code:?}"
+            );
         }
     }
 

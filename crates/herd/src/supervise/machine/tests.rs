@@ -13,6 +13,7 @@ fn limits() -> Limits {
             max_restarts: 5,
             ready_timeout: 2000 * MS,
             autorestart: true,
+            stop_exit_codes: crate::config::ExitCodes::default(),
         },
         drain_timeout: 3000 * MS,
         kill_timeout: 5000 * MS,
@@ -82,6 +83,7 @@ impl H {
         self.on(Input::Exited {
             epoch,
             how: "exited with code 1".into(),
+            code: Some(1),
         })
     }
 
