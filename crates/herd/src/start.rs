@@ -36,7 +36,29 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| Some(PathBuf::from("herd.toml")).filter(|p| p.is_file()));
     let apps = match (&config, &args.app) {
-        (Some(path), None) => crate::config::apps::names(path, args.env_profile.as_deref())?,
+        (Some(path), None) => {
+            // PM2's `autostart: false`: left out unless `--only` names it.
+            let (all, manual) =
+                crate::config::apps::names_to_start(path, args.env_profile.as_deref())?;
+            for m in &manual {
+                crate::outln!(
+                    "{m}: not started (autostart: false); `herd start {} --only {m}` starts it",
+                    path.display()
+                );
+            }
+            let apps: Vec<String> = all.into_iter().filter(|a| !manual.contains(a)).collect();
+            if apps.is_empty() && !manual.is_empty() {
+                return Ok(());
+            }
+            if apps.len() == 1 && !manual.is_empty() {
+                let mut one = args.clone();
+                one.app = Some(apps[0].clone());
+                one.argv = without_app(&args.argv);
+                one.argv.extend(["--app".into(), apps[0].clone().into()]);
+                return start_one(&one, true);
+            }
+            apps
+        }
         // PM2's `--only api,worker`: each of them.
         (Some(_), Some(list)) if list.contains(',') => list
             .split(',')

@@ -570,6 +570,23 @@ fn a_yaml_process_file_starts_and_runs_as_pm2_runtime_runs_it() {
         !ok && said.contains("line 3") && said.trim_end().lines().count() == 1,
         "{said}"
     );
+
+    // PM2's `autostart: false`: left out of `herd start FILE`, started by `--only`.
+    let later = free_port();
+    let two = format!(
+        "apps:\n  - name: api\n    script: app.js\n    env: {{PORT: {port}}}\n  - name: later\n    script: app.js\n    autostart: false\n    env: {{PORT: {later}}}\n"
+    );
+    std::fs::write(sb.app().join("two.yml"), two).unwrap();
+    let (ok, said) = sb.run("herd start two.yml && herd list");
+    assert!(
+        ok && said.contains("api: started")
+            && said.contains("later: not started (autostart: false)")
+            && !said.lines().any(|l| l.starts_with("later ")),
+        "{said}"
+    );
+    let (ok, said) = sb.run("herd start two.yml --only later");
+    assert!(ok && said.contains("later: started"), "{said}");
+    assert!(body(later).contains("from worker"), "{}", body(later));
 }
 
 /// PM2's `pm2 startup systemd` and `pm2 save --force` (an empty list, so

@@ -23,6 +23,9 @@ pub struct FileApps {
     pub apps: Vec<Options>,
     /// Keys herd does not honour, for one warning.
     pub ignored: Vec<String>,
+    /// Apps with PM2's `autostart: false`: `herd start FILE` leaves them
+    /// out unless `--only` names them.
+    pub manual: Vec<String>,
 }
 
 /// A file name `herd start FILE` reads as a config, as PM2 does.
@@ -106,6 +109,9 @@ pub fn read(path: &Path, profile: Option<&str>) -> Result<FileApps, ConfigError>
             .map_or_else(|| format!("apps[{i}]"), str::to_string);
         let opts = ecosystem_app(app, &dir, profile, &label, &mut out.ignored)
             .map_err(|m| err(format!("{label}: {m}")))?;
+        if app.get("autostart").and_then(Value::as_bool) == Some(false) {
+            out.manual.push(label.clone());
+        }
         out.apps.push(opts);
     }
     if out.apps.is_empty() {
@@ -241,6 +247,7 @@ const READ: &[&str] = &[
     "wait_ready", "min_uptime", "max_restarts", "restart_delay", "exp_backoff_restart_delay",
     "watch", "ignore_watch", "watch_delay", "cron_restart", "increment_var", "instance_var",
     "log_file", "autorestart", "exec_mode", "shutdown_with_message", "stop_exit_codes",
+    "autostart",
 ];
 
 /// PM2's own keys that herd does not read: ignored, but not misspelt
@@ -250,7 +257,7 @@ const PM2_ONLY: &[&str] = &[
     "namespace", "out_file", "error_file", "output", "error", "log", "log_date_format", "log_type",
     "pid_file", "vizion", "post_update", "force", "source_map_support",
     "disable_source_map_support", "filter_env", "append_env_to_name", "treekill",
-    "automation", "pmx", "autostart", "user", "uid", "gid",
+    "automation", "pmx", "user", "uid", "gid",
     "deep_monitoring", "trace", "disable_trace", "port", "max",
 ];
 
@@ -344,6 +351,7 @@ fn ecosystem_app(
                 profile_env = env_of(v).ok_or_else(|| format!("{k} must be an object"))?
             }
             k if k.starts_with("env_") => {} // other profiles
+            "autostart" => {}                // read by `read`, for `herd start FILE`
             "max_memory_restart" => {
                 let s = text(v).unwrap_or_default();
                 o.max_memory = Some(
@@ -557,8 +565,20 @@ pub fn select(
 
 /// The apps' names, when `path` holds apps (not a single cluster's options).
 pub fn names(path: &Path, profile: Option<&str>) -> Result<Vec<String>, ConfigError> {
+    Ok(names_to_start(path, profile)?.0)
+}
+
+/// The apps' names, and those of them PM2's `autostart: false` keeps from
+/// starting with the file.
+pub fn names_to_start(
+    path: &Path,
+    profile: Option<&str>,
+) -> Result<(Vec<String>, Vec<String>), ConfigError> {
     let f = read(path, profile)?;
-    Ok(f.apps.iter().filter_map(|a| a.name.clone()).collect())
+    Ok((
+        f.apps.iter().filter_map(|a| a.name.clone()).collect(),
+        f.manual,
+    ))
 }
 
 #[cfg(test)]
