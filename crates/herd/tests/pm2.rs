@@ -584,6 +584,12 @@ fn a_yaml_process_file_starts_and_runs_as_pm2_runtime_runs_it() {
             && !said.lines().any(|l| l.starts_with("later ")),
         "{said}"
     );
+    let (ok, said) = sb.run("herd reload two.yml");
+    assert!(
+        ok && said.contains("api: reloaded")
+            && said.contains("later: not running (autostart: false)"),
+        "{said}"
+    );
     let (ok, said) = sb.run("herd start two.yml --only later");
     assert!(ok && said.contains("later: started"), "{said}");
     assert!(body(later).contains("from worker"), "{}", body(later));

@@ -264,7 +264,8 @@ fn by_file(
     let profile = picked.profile;
     let usage = |e: &dyn std::fmt::Display| ControlError::Usage(format!("{file}: {e}"));
     let path = std::path::Path::new(file);
-    let named = crate::config::apps::names(path, profile).map_err(|e| usage(&e))?;
+    let (named, manual) =
+        crate::config::apps::names_to_start(path, profile).map_err(|e| usage(&e))?;
     // An ecosystem file of one app may leave its name to its script.
     let (mut names, several) = if named.is_empty() {
         let args = crate::cli::RunArgs {
@@ -302,6 +303,13 @@ fn by_file(
             }),
             Some((_, sock)) => one(name, sock, req),
             None => match req {
+                // PM2's `autostart: false`: only `--only` starts it.
+                Request::Reload { .. } | Request::Restart { .. }
+                    if manual.contains(name) && picked.only.is_none() =>
+                {
+                    crate::outln!("{name}: not running (autostart: false)");
+                    Ok(())
+                }
                 Request::Reload { .. } | Request::Restart { .. } => {
                     start_app(file, several.then_some(name.as_str()), profile)
                 }
