@@ -686,6 +686,12 @@ fn serve_gives_a_directorys_files_as_pm2_serve_does() {
     std::fs::write(site.join("docs/index.html"), "docs").unwrap();
     std::fs::write(site.join(".env"), "SECRET=1").unwrap();
     std::fs::write(sb.app().join("outside.txt"), "outside").unwrap();
+    // A FIFO must not hold a request (or the server) waiting for a writer.
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(site.join("pipe"))
+        .status()
+        .unwrap();
+    assert!(fifo.success());
     let port = free_port();
     let get = |path: &str, headers: &str| {
         raw(
@@ -710,6 +716,8 @@ fn serve_gives_a_directorys_files_as_pm2_serve_does() {
     // Client-side routes get the homepage; a dot-file is as absent.
     assert!(get("/users/42", "").ends_with("<h1>home</h1>"));
     assert!(!get("/.env", "").contains("SECRET"));
+    assert!(get("/pipe", "").starts_with("HTTP/1.1 200")); // --spa: the homepage
+    assert!(get("/pipe", "").ends_with("<h1>home</h1>"));
     for escape in [
         "/../outside.txt",
         "/%2e%2e/outside.txt",

@@ -361,10 +361,20 @@ async fn not_found(site: &Site, req: &Request<Incoming>, head: bool) -> Answer {
 }
 
 async fn send_file(path: &Path, req: &Request<Incoming>, head: bool) -> std::io::Result<Answer> {
-    let mut file = tokio::fs::File::open(path).await?;
+    // O_NONBLOCK: opening a FIFO in the directory must not wait for a
+    // writer (and hold a thread for good); it changes nothing for a file.
+    let mut file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .await?;
     let meta = file.metadata().await?;
     if meta.is_dir() {
         return Err(std::io::Error::from_raw_os_error(libc::EISDIR));
+    }
+    if !meta.is_file() {
+        // A FIFO, socket or device: not a file to send.
+        return Err(std::io::ErrorKind::NotFound.into());
     }
     let len = meta.len();
     let modified = meta.modified().unwrap_or(UNIX_EPOCH);
