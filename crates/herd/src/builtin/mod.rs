@@ -107,8 +107,13 @@ where
                 Ok::<_, std::convert::Infallible>(res)
             }
         });
-        let conn =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+        // A client slow to send its head (slowloris) is let go after 30 s,
+        // as Node's `headersTimeout` does: in the fd modes no proxy
+        // stands in front.
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
