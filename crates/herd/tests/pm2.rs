@@ -757,6 +757,9 @@ fn serve_gives_a_directorys_files_as_pm2_serve_does() {
         "{dir}"
     );
     assert!(get("/docs/", "").ends_with("docs"));
+    // Not an open redirect: `//docs` would send a browser to host `docs`.
+    let dir = get("//docs", "");
+    assert!(dir.contains("location: /docs/\r\n"), "{dir}");
     let (ok, said) = sb.run(&format!("herd reload static-page-server-{port}"));
     assert!(ok && said.contains("reloaded 2 workers"), "{said}");
     assert!(get("/", "").ends_with("<h1>home</h1>"));

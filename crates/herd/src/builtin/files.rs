@@ -309,6 +309,8 @@ async fn answer(site: Arc<Site>, req: Request<Incoming>) -> Answer {
         if !path.ends_with('/') {
             // Relative links in its index resolve against the directory.
             let mut res = text(StatusCode::MOVED_PERMANENTLY, "301 Moved Permanently\n");
+            // One leading slash: `//docs/` would send the browser to host `docs`.
+            let path = format!("/{}", path.trim_start_matches('/'));
             let to = match req.uri().query() {
                 Some(q) => format!("{path}/?{q}"),
                 None => format!("{path}/"),
