@@ -104,28 +104,15 @@ pub enum Refusal {
     Forbidden,
     /// A dot-file: not served, as if absent.
     Hidden,
-    /// A NUL byte, or a percent sign not followed by two hex digits.
+    /// A NUL byte.
     Malformed,
 }
 
 /// The file a request path names, relative to the directory: decoded
-/// once, `.` and empty segments dropped; `..`, dot-files (but
-/// `.well-known`) and NUL refused.
+/// once (a `%` without two hex digits stays as it is), `.` and empty
+/// segments dropped; `..`, dot-files (but `.well-known`) and NUL refused.
 pub fn relative(path: &str) -> Result<PathBuf, Refusal> {
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).ok_or(Refusal::Malformed)?;
-            let s = std::str::from_utf8(hex).map_err(|_| Refusal::Malformed)?;
-            decoded.push(u8::from_str_radix(s, 16).map_err(|_| Refusal::Malformed)?);
-            i += 3;
-        } else {
-            decoded.push(bytes[i]);
-            i += 1;
-        }
-    }
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
     if decoded.contains(&0) {
         return Err(Refusal::Malformed);
     }
@@ -467,8 +454,8 @@ mod tests {
             Ok(PathBuf::from(".well-known/security.txt"))
         );
         assert_eq!(relative("/a%00.html"), Err(Refusal::Malformed));
-        assert_eq!(relative("/a%zz"), Err(Refusal::Malformed));
-        assert_eq!(relative("/a%2"), Err(Refusal::Malformed));
+        assert_eq!(relative("/a%zz"), Ok(PathBuf::from("a%zz")));
+        assert_eq!(relative("/a%2"), Ok(PathBuf::from("a%2")));
     }
 
     #[test]
