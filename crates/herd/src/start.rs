@@ -35,6 +35,8 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
         .config
         .clone()
         .or_else(|| Some(PathBuf::from("herd.toml")).filter(|p| p.is_file()));
+    // Some apps left out: the others are named, even one alone.
+    let mut left_out = false;
     let apps = match (&config, &args.app) {
         (Some(path), None) => {
             // PM2's `autostart: false`: left out unless `--only` names it.
@@ -46,18 +48,8 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
                     path.display()
                 );
             }
-            let apps: Vec<String> = all.into_iter().filter(|a| !manual.contains(a)).collect();
-            if apps.is_empty() && !manual.is_empty() {
-                return Ok(());
-            }
-            if apps.len() == 1 && !manual.is_empty() {
-                let mut one = args.clone();
-                one.app = Some(apps[0].clone());
-                one.argv = without_app(&args.argv);
-                one.argv.extend(["--app".into(), apps[0].clone().into()]);
-                return start_one(&one, true);
-            }
-            apps
+            left_out = !manual.is_empty();
+            all.into_iter().filter(|a| !manual.contains(a)).collect()
         }
         // PM2's `--only api,worker`: each of them.
         (Some(_), Some(list)) if list.contains(',') => list
@@ -68,7 +60,7 @@ pub fn start(args: &RunArgs) -> anyhow::Result<()> {
             .collect(),
         _ => Vec::new(),
     };
-    if apps.len() < 2 {
+    if apps.len() < 2 && !left_out {
         return start_one(args, true);
     }
     let mut failed = Vec::new();
