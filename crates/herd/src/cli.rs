@@ -738,9 +738,7 @@ pub struct RunArgs {
     /// cluster in this shell's environment; a new cluster takes it anyway.
     #[arg(long, hide = true)]
     pub update_env: bool,
-    /// PM2's --time and --merge-logs: herd's log file has both already.
-    #[arg(long, hide = true)]
-    pub time: bool,
+    /// PM2's --merge-logs: herd's log file merges the workers' output already.
     #[arg(long, hide = true)]
     pub merge_logs: bool,
     /// Every setting, each also a `herd.toml` key of the same name; flags win.

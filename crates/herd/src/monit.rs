@@ -341,6 +341,8 @@ mod tests {
             cwd: None,
             reloading: false,
             log_file: None,
+            out_file: None,
+            error_file: None,
             workers: vec![w(0, 5001), w(1, 5002)],
             upstreams: Vec::new(),
             deploy: None,

@@ -10,6 +10,7 @@
 
 use std::io::Write;
 use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -60,19 +61,92 @@ pub fn worker_line(line: &[u8]) -> Option<WorkerLine> {
     })
 }
 
+/// Where one stream of the workers also goes (`--output`, `--error`).
+enum Copy {
+    /// `/dev/null`: nowhere, not even into herd's log, as PM2 users mean it.
+    Drop,
+    /// The lines as the worker printed them, rotated as the log is.
+    File(crate::logfile::RotatingFile),
+}
+
+/// The copies of the workers' stdout and stderr that PM2 users keep apart
+/// from herd's log (`out_file`, `error_file`): the lines as printed, for a
+/// log shipper or `tail -f`, with the time first under `--time`.
+#[derive(Default)]
+pub struct Copies {
+    out: Option<Copy>,
+    err: Option<Copy>,
+    time: bool,
+}
+
+impl Copies {
+    /// Opens the files of `--output` and `--error`; `/dev/stdout` and
+    /// `/dev/stderr` add nothing, since the lines already go there (or to the log).
+    pub fn open(s: &crate::config::Settings) -> Result<Copies, (PathBuf, std::io::Error)> {
+        let open = |path: &Option<PathBuf>| -> Result<Option<Copy>, (PathBuf, std::io::Error)> {
+            let Some(path) = path else {
+                return Ok(None);
+            };
+            let std_stream = ["/dev/stdout", "/dev/stderr", "/dev/fd/1", "/dev/fd/2"];
+            if std_stream.iter().any(|p| path == Path::new(p)) {
+                return Ok(None);
+            }
+            if path == Path::new("/dev/null") {
+                return Ok(Some(Copy::Drop));
+            }
+            crate::logfile::RotatingFile::open(path, s.log_max_size, s.log_keep)
+                .map(|f| Some(Copy::File(f)))
+                .map_err(|e| (path.clone(), e))
+        };
+        Ok(Copies {
+            out: open(&s.out_file)?,
+            err: open(&s.error_file)?,
+            time: s.time,
+        })
+    }
+
+    /// Copies `text` of `stream`; false if the stream is dropped altogether.
+    fn copy(&mut self, stream: Stream, text: &[u8], line: &mut Vec<u8>) -> bool {
+        let copy = match stream {
+            Stream::Out => &mut self.out,
+            Stream::Err => &mut self.err,
+        };
+        match copy {
+            None => true,
+            Some(Copy::Drop) => false,
+            Some(Copy::File(f)) => {
+                let text = if self.time {
+                    line.clear();
+                    let now = crate::proxy::access::rfc3339(std::time::SystemTime::now());
+                    let _ = write!(line, "{now}: ");
+                    line.extend_from_slice(text);
+                    &line[..]
+                } else {
+                    text
+                };
+                f.write_all_lines(text);
+                true
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Output {
     tx: mpsc::Sender<(Stream, usize, Vec<u8>)>,
 }
 
 impl Output {
-    pub fn start() -> Output {
+    pub fn start(mut copies: Copies) -> Output {
         let (tx, mut rx) = mpsc::channel::<(Stream, usize, Vec<u8>)>(1024);
         std::thread::Builder::new()
             .name("herd-output".into())
             .spawn(move || {
                 let mut line = Vec::new();
                 while let Some((stream, slot, text)) = rx.blocking_recv() {
+                    if !copies.copy(stream, &text, &mut line) {
+                        continue;
+                    }
                     line.clear();
                     let _ = write!(line, "[{slot}] ");
                     if crate::logfile::installed() {

@@ -649,7 +649,7 @@ fn log_of(name: Option<&str>) -> anyhow::Result<PathBuf> {
 /// running one) and removes its rotated files, as `pm2 flush` does. The
 /// master keeps appending to the same file.
 pub fn flush(name: Option<&str>) -> anyhow::Result<()> {
-    let paths = match name {
+    let mut paths = match name {
         None | Some("all") => {
             let paths: Vec<PathBuf> = running_logs()?.into_iter().map(|(_, p)| p).collect();
             if paths.is_empty() {
@@ -668,6 +668,7 @@ pub fn flush(name: Option<&str>) -> anyhow::Result<()> {
             vec![path]
         }
     };
+    paths.extend(copies_of(name));
     for path in paths {
         if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
             f.set_len(0)
@@ -681,6 +682,28 @@ pub fn flush(name: Option<&str>) -> anyhow::Result<()> {
         crate::outln!("flushed {}", path.display());
     }
     Ok(())
+}
+
+/// The `--output` and `--error` files of the running cluster `name` (none
+/// or `all`: of every running one) that are files, not `/dev/null`.
+fn copies_of(name: Option<&str>) -> Vec<PathBuf> {
+    let clusters = match name {
+        None | Some("all") => control::running(),
+        Some(n) => control::find(Some(n)).into_iter().collect(),
+    };
+    let mut paths = Vec::new();
+    for (n, sock) in clusters {
+        if let Ok(v) = control::call::<Status>(&n, &sock, &Request::Status, |_| {}) {
+            paths.extend(
+                [v.out_file, v.error_file]
+                    .into_iter()
+                    .flatten()
+                    .map(PathBuf::from)
+                    .filter(|p| p.is_file()),
+            );
+        }
+    }
+    paths
 }
 
 /// Rotated files looked through when following a log.

@@ -70,7 +70,11 @@ impl Ignore {
     /// Whether a change at `path` is ignored: its path under its watched
     /// root, or one of that path's components, matches a pattern.
     pub fn ignored(&self, path: &Path) -> bool {
-        if self.files.iter().any(|f| path.starts_with(f)) {
+        if self
+            .files
+            .iter()
+            .any(|f| path.starts_with(f) || rotated(path, f))
+        {
             return true;
         }
         let rel = self
@@ -81,6 +85,16 @@ impl Ignore {
             .unwrap_or(path);
         self.globs.is_match(rel) || rel.components().any(|c| self.globs.is_match(c.as_os_str()))
     }
+}
+
+/// Whether `path` is `file.N`, one of the rotated copies of a log file.
+fn rotated(path: &Path, file: &Path) -> bool {
+    let name = |p: &Path| p.file_name().and_then(|n| n.to_str()).map(str::to_owned);
+    path.parent() == file.parent()
+        && name(path)
+            .zip(name(file))
+            .and_then(|(n, base)| Some(n.strip_prefix(&base)?.strip_prefix('.')?.to_owned()))
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Watches `roots` on a thread of its own and calls `on_change` with each
@@ -186,6 +200,7 @@ mod tests {
             "/srv/app/dist/bundle.js",
             "/srv/app/src/a.tmp",
             "/srv/app/herd.out",
+            "/srv/app/herd.out.3",
         ] {
             assert!(ig.ignored(Path::new(p)), "{p}");
         }
@@ -193,6 +208,8 @@ mod tests {
             "/srv/app/server.js",
             "/srv/app/src/routes/a.js",
             "/srv/app/logic.js",
+            "/srv/app/herd.out.js",
+            "/srv/app/src/herd.out.1",
         ] {
             assert!(!ig.ignored(Path::new(p)), "{p}");
         }

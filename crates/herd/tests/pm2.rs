@@ -595,6 +595,87 @@ fn a_yaml_process_file_starts_and_runs_as_pm2_runtime_runs_it() {
     assert!(body(later).contains("from worker"), "{}", body(later));
 }
 
+/// PM2's `out_file` / `error_file` (`-o` / `-e`): each stream also goes
+/// to its own file, as the workers printed it (with the time first under
+/// `time: true`), for a log shipper; `herd logs` still has every line,
+/// `herd flush` empties the copies too, and `/dev/null` keeps a stream out
+/// of herd's log altogether.
+#[test]
+fn out_file_and_error_file_get_each_stream_as_pm2_writes_them() {
+    let sb = Sandbox::new("outfile");
+    std::fs::write(
+        sb.app().join("talk.js"),
+        "require('http').createServer((q, s) => { console.error('err ' + q.url); \
+         console.log('out ' + q.url); s.end('ok'); }).listen(process.env.PORT);\n",
+    )
+    .unwrap();
+    let port = free_port();
+    std::fs::write(
+        sb.app().join("ecosystem.config.js"),
+        format!(
+            "module.exports = {{ apps: [{{ name: 'talk', script: 'talk.js', instances: 2, \
+             out_file: 'logs/out.log', error_file: 'logs/err.log', time: true, \
+             env: {{ PORT: {port} }} }}] }};\n"
+        ),
+    )
+    .unwrap();
+    let (ok, said) = sb.run("herd start ecosystem.config.js");
+    assert!(ok && said.contains("talk: started"), "{said}");
+    assert_eq!(http_get(port, "/one").map(|r| r.0).ok(), Some(200));
+    let read = |f: &str| std::fs::read_to_string(sb.app().join("logs").join(f)).unwrap_or_default();
+    assert!(
+        wait_until(T, || read("out.log").contains("out /one")
+            && read("err.log").contains("err /one")),
+        "out.log {:?}, err.log {:?}",
+        read("out.log"),
+        read("err.log")
+    );
+    // `2026-12-04T15:42:23.664Z: out /one`, and nothing of the other stream.
+    let out = read("out.log");
+    assert!(
+        out.lines()
+            .all(|l| l.starts_with("20") && l.contains("Z: out /")),
+        "{out:?}"
+    );
+    assert!(!read("err.log").contains("out /"), "{}", read("err.log"));
+    let (_, said) = sb.run("herd logs talk --nostream --lines 50");
+    assert!(
+        said.contains("out /one") && said.contains("err /one"),
+        "{said}"
+    );
+    let (_, said) = sb.run("herd describe talk");
+    assert!(
+        said.contains("output: ") && said.contains("logs/out.log"),
+        "{said}"
+    );
+    let (ok, said) = sb.run("herd flush talk");
+    assert!(ok && said.contains("logs/err.log"), "{said}");
+    assert_eq!(
+        (read("out.log"), read("err.log")),
+        (String::new(), String::new())
+    );
+    let (ok, said) = sb.run("herd delete talk");
+    assert!(ok, "{said}");
+
+    // `-e /dev/null` on the command line: stderr is kept nowhere.
+    let (ok, said) = sb.run(&format!(
+        "herd start talk.js --name quiet -e /dev/null --listen {port}"
+    ));
+    assert!(ok && said.contains("quiet: started"), "{said}");
+    for path in ["/two", "/three"] {
+        assert_eq!(http_get(port, path).map(|r| r.0).ok(), Some(200));
+    }
+    let mut log = String::new();
+    assert!(
+        wait_until(T, || {
+            log = sb.run("herd logs quiet --nostream --lines 50").1;
+            log.contains("out /three")
+        }),
+        "{log}"
+    );
+    assert!(log.contains("out /two") && !log.contains("err /"), "{log}");
+}
+
 /// PM2's `pm2 startup systemd` and `pm2 save --force` (an empty list, so
 /// that nothing comes back at boot).
 #[test]

@@ -236,7 +236,7 @@ fn evaluate_js(path: &Path) -> Result<Value, ConfigError> {
 
 /// Keys that need nothing from herd: it always merges the workers' output
 /// into one log, and always stamps it.
-const SILENT: &[&str] = &["merge_logs", "combine_logs", "time"];
+const SILENT: &[&str] = &["merge_logs", "combine_logs"];
 
 /// The ecosystem keys herd reads (the arms of `ecosystem_app`), for the
 /// nearest one to a misspelt key.
@@ -247,14 +247,14 @@ const READ: &[&str] = &[
     "wait_ready", "min_uptime", "max_restarts", "restart_delay", "exp_backoff_restart_delay",
     "watch", "ignore_watch", "watch_delay", "cron_restart", "increment_var", "instance_var",
     "log_file", "autorestart", "exec_mode", "shutdown_with_message", "stop_exit_codes",
-    "autostart",
+    "autostart", "out_file", "output", "error_file", "error", "time",
 ];
 
 /// PM2's own keys that herd does not read: ignored, but not misspelt
 /// (`namespace` is not a misspelt `name`).
 #[rustfmt::skip]
 const PM2_ONLY: &[&str] = &[
-    "namespace", "out_file", "error_file", "output", "error", "log", "log_date_format", "log_type",
+    "namespace", "log", "log_date_format", "log_type",
     "pid_file", "vizion", "post_update", "force", "source_map_support",
     "disable_source_map_support", "filter_env", "append_env_to_name", "treekill",
     "automation", "pmx", "user", "uid", "gid",
@@ -381,6 +381,9 @@ fn ecosystem_app(
             "increment_var" => o.increment_var = text(v),
             "instance_var" => o.instance_var = text(v),
             "log_file" => o.log_file = text(v).map(|f| dir.join(f)),
+            "out_file" | "output" => o.output = text(v).map(|f| dir.join(f)),
+            "error_file" | "error" => o.error = text(v).map(|f| dir.join(f)),
+            "time" => o.time = v.as_bool(),
             "autorestart" => o.autorestart = v.as_bool(),
             "stop_exit_codes" => {
                 let codes = match v {

@@ -594,6 +594,18 @@ options! {
     /// Write herd's log and worker output to FILE instead of stdout/stderr.
     #[arg(short = 'l', long, value_name = "FILE", alias = "log")]
     log_file: Option<PathBuf>,
+    /// Also write the workers' stdout to FILE, as they print it (PM2's --output and
+    /// out_file); /dev/null keeps it out of the log as well.
+    #[arg(short = 'o', long, value_name = "FILE", alias = "out-file")]
+    output: Option<PathBuf>,
+    /// Also write the workers' stderr to FILE (PM2's --error and error_file); /dev/null
+    /// keeps it out of the log as well.
+    #[arg(short = 'e', long, value_name = "FILE", alias = "error-file")]
+    error: Option<PathBuf>,
+    /// Begin each line of --output and --error with its time (PM2's --time; the log
+    /// always has it).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    time: Option<bool>,
     /// Rotate the log file past this size [default: 10M].
     #[arg(long, value_name = "SIZE")]
     log_max_size: Option<Size>,
@@ -951,6 +963,10 @@ pub struct Settings {
     pub cron_restart: Option<CronSpec>,
     /// `--log-file`, with its rotation size and how many old files to keep.
     pub log_file: Option<PathBuf>,
+    /// `--output` and `--error`, absolute, with `--time`.
+    pub out_file: Option<PathBuf>,
+    pub error_file: Option<PathBuf>,
+    pub time: bool,
     pub log_max_size: u64,
     pub log_keep: u32,
     /// Preload herd's Node module into the workers (`NODE_OPTIONS=--require`).
@@ -1547,6 +1563,9 @@ impl Settings {
             watch_delay: d(o.watch_delay, default::WATCH_DELAY),
             cron_restart: o.cron_restart,
             log_file: o.log_file,
+            out_file: o.output.map(|p| std::path::absolute(&p).unwrap_or(p)),
+            error_file: o.error.map(|p| std::path::absolute(&p).unwrap_or(p)),
+            time: o.time.unwrap_or(false),
             log_max_size: o.log_max_size.map_or(default::LOG_MAX_SIZE, |s| s.0 as u64),
             log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),
             node_shim,

@@ -540,12 +540,19 @@ fn table(name: &str, v: &Status) {
         duration(v.uptime),
         if v.reloading { " (reloading)" } else { "" }
     );
-    // `pm2 describe`'s script path, exec cwd and log path.
+    // `pm2 describe`'s script path, exec cwd and log paths.
     if let Some(command) = &v.command {
+        let copy = |what: &str, f: &Option<String>| {
+            f.as_deref()
+                .map(|f| format!("; {what}: {f}"))
+                .unwrap_or_default()
+        };
         crate::outln!(
-            "command: {command}; cwd: {}; log: {}",
+            "command: {command}; cwd: {}; log: {}{}{}",
             v.cwd.as_deref().unwrap_or("-"),
-            v.log_file.as_deref().unwrap_or("stderr")
+            v.log_file.as_deref().unwrap_or("stderr"),
+            copy("output", &v.out_file),
+            copy("error", &v.error_file)
         );
     }
     crate::outln!(
@@ -660,7 +667,8 @@ fn deploy_table(d: &control::DeployStatus) {
 /// (`pm2 jlist | jq '.[] | select(.pm2_env.status != "online")'`): one
 /// object per worker (PM2's process), `pm_id` counting across clusters,
 /// `monit` (memory bytes, CPU percent) and `pm2_env` (status in PM2's
-/// words, start time in ms, restarts, instances, exec_mode, cwd); a
+/// words, start time in ms, restarts, instances, exec_mode, cwd, log
+/// paths); a
 /// stopped cluster is one object with pid 0. `pretty`: `pm2 prettylist`.
 fn jlist(pretty: bool) -> Result<i32, ControlError> {
     let now_ms = std::time::SystemTime::now()
@@ -705,6 +713,9 @@ fn jlist(pretty: bool) -> Result<i32, ControlError> {
                 "NODE_APP_INSTANCE": w.id,
                 "pm_cwd": v.cwd,
                 "pm_exec_path": v.command,
+                "pm_log_path": v.log_file,
+                "pm_out_log_path": v.out_file.as_ref().or(v.log_file.as_ref()),
+                "pm_err_log_path": v.error_file.as_ref().or(v.log_file.as_ref()),
                 "herd_listen": v.listen,
                 "herd_mode": v.mode,
             });

@@ -353,6 +353,8 @@ mod tests {
             cwd: None,
             reloading: false,
             log_file: None,
+            out_file: None,
+            error_file: None,
             workers: vec![WorkerRow {
                 id: 0,
                 version: 0,

@@ -128,6 +128,11 @@ pub struct Status {
     pub uptime: f64,
     pub reloading: bool,
     pub log_file: Option<String>,
+    /// `--output` and `--error`: the copies of the workers' stdout and stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_file: Option<String>,
     /// What the workers run (the running version's command line) and where
     /// (`pm2 describe`'s script path and exec cwd); none with only upstreams.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -69,6 +69,11 @@ pub enum SuperviseError {
     },
     #[error(transparent)]
     RunDir(#[from] RunDirError),
+    #[error("cannot open {}: {source}", path.display())]
+    OutputFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start the guardian process: {0}")]
     Guardian(std::io::Error),
     #[error("cannot handle signals: {0}")]
@@ -431,6 +436,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         tracing::info!("cron-restart {}: first reload at {next}", c.pattern());
         c
     });
+    let copies = crate::output::Copies::open(&s)
+        .map_err(|(path, source)| SuperviseError::OutputFile { path, source })?;
     let mut sup = Supervisor {
         m: Machine::new(s.instances, limits),
         procs: HashMap::new(),
@@ -438,7 +445,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         listeners: Some(listeners),
         rundir,
         guardian,
-        output: Output::start(),
+        output: Output::start(copies),
         tx,
         rx,
         up,
@@ -562,10 +569,10 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         );
     }
     if !sup.s.watch.is_empty() {
-        let log = sup
-            .s
-            .log_file
-            .iter()
+        // Writing a log must not count as a change.
+        let log = [&sup.s.log_file, &sup.s.out_file, &sup.s.error_file]
+            .into_iter()
+            .flatten()
             .map(|f| std::path::absolute(f).unwrap_or(f.clone()));
         let ignore =
             crate::watch::Ignore::new(&sup.s.watch, &sup.s.watch_ignore, &log.collect::<Vec<_>>())?;

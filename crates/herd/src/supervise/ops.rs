@@ -825,6 +825,8 @@ impl Supervisor {
             uptime: self.started.elapsed().as_secs_f64(),
             reloading: self.m.reloading(),
             log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),
+            out_file: self.s.out_file.as_ref().map(|p| p.display().to_string()),
+            error_file: self.s.error_file.as_ref().map(|p| p.display().to_string()),
             command: running.map(|s| crate::console::command_line(&s.release.command)),
             cwd: running
                 .and_then(|s| {
