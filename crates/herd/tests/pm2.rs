@@ -813,6 +813,8 @@ fn serve_gives_a_directorys_files_as_pm2_serve_does() {
     }
     let css = get("/app.css", "");
     assert!(css.contains("text/css") && css.ends_with("body{}"), "{css}");
+    // `..` inside the directory is resolved, as nginx does.
+    assert!(get("/docs/../app.css", "").ends_with("body{}"));
     let tag = css
         .lines()
         .find_map(|l| l.strip_prefix("etag: "))

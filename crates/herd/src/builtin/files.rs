@@ -110,20 +110,30 @@ pub enum Refusal {
 
 /// The file a request path names, relative to the directory: decoded
 /// once (a `%` without two hex digits stays as it is), `.` and empty
-/// segments dropped; `..`, dot-files (but `.well-known`) and NUL refused.
+/// segments dropped, `..` removing the segment before it, as nginx
+/// normalizes a path (`/docs/../a.css` is `/a.css`); a `..` that would
+/// leave the directory, dot-files (but `.well-known`) and NUL refused.
 pub fn relative(path: &str) -> Result<PathBuf, Refusal> {
     let decoded: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
     if decoded.contains(&0) {
         return Err(Refusal::Malformed);
     }
-    let mut out = PathBuf::new();
+    let mut segs: Vec<&[u8]> = Vec::new();
     for seg in decoded.split(|&b| b == b'/') {
         match seg {
             b"" | b"." => {}
-            b".." => return Err(Refusal::Forbidden),
-            s if s.starts_with(b".") && s != b".well-known" => return Err(Refusal::Hidden),
-            s => out.push(OsStr::from_bytes(s)),
+            b".." => {
+                segs.pop().ok_or(Refusal::Forbidden)?;
+            }
+            s => segs.push(s),
         }
+    }
+    let mut out = PathBuf::new();
+    for s in segs {
+        if s.starts_with(b".") && s != b".well-known" {
+            return Err(Refusal::Hidden);
+        }
+        out.push(OsStr::from_bytes(s));
     }
     Ok(out)
 }
@@ -444,7 +454,17 @@ mod tests {
         assert_eq!(relative("/"), Ok(PathBuf::new()));
         assert_eq!(relative("/../etc/passwd"), Err(Refusal::Forbidden));
         assert_eq!(relative("/a/%2e%2e/%2e%2e/x"), Err(Refusal::Forbidden));
-        assert_eq!(relative("/a%2f..%2fx"), Err(Refusal::Forbidden));
+        assert_eq!(relative("/a%2f..%2f..%2fx"), Err(Refusal::Forbidden));
+        assert_eq!(relative("/a/b/../../../x"), Err(Refusal::Forbidden));
+        // Inside the directory, `..` is resolved as nginx resolves it.
+        assert_eq!(relative("/a%2f..%2fx"), Ok(PathBuf::from("x")));
+        assert_eq!(relative("/docs/../a.css"), Ok(PathBuf::from("a.css")));
+        assert_eq!(relative("/sub/.."), Ok(PathBuf::new()));
+        assert_eq!(
+            relative("/.git/../index.html"),
+            Ok(PathBuf::from("index.html"))
+        );
+        assert_eq!(relative("/x/./../.env"), Err(Refusal::Hidden));
         // Decoded once: %252e stays the three characters `%2e`.
         assert_eq!(relative("/%252e%252e/x"), Ok(PathBuf::from("%2e%2e/x")));
         assert_eq!(relative("/.env"), Err(Refusal::Hidden));
