@@ -19,6 +19,7 @@ pub mod node;
 pub mod os;
 pub mod output;
 pub mod proxy;
+pub mod python;
 pub mod start;
 pub mod supervise;
 pub mod tail;

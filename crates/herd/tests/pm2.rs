@@ -998,6 +998,68 @@ fn an_express_bin_www_runs_with_node_and_herds_preload() {
     }
 }
 
+/// A Python script whose code names its port (`HTTPServer(("", 5000))`,
+/// Flask's `app.run(port=5000)`) is served there by herd's workers when no
+/// port is given, as PM2 would run it, through herd's Python preload; a
+/// script with a `#!` line runs with its python, executable or not. Unlike
+/// a Node app's, the workers keep `PORT`, so `os.environ["PORT"]` works.
+#[test]
+fn with_no_port_given_a_python_script_is_served_on_the_port_its_code_names() {
+    let sb = Sandbox::new("pyport");
+    let (own, local) = (free_port(), free_port());
+    let server = sb.app().join("server.py");
+    std::fs::write(
+        &server,
+        format!(
+            "#!/usr/bin/env python3\n\
+             import os\n\
+             from http.server import HTTPServer, BaseHTTPRequestHandler\n\
+             class H(BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       b = ('py %d PORT=%s' % (os.getpid(), os.environ.get('PORT'))).encode()\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Length', str(len(b)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(b)\n\
+             HTTPServer(('', {own}), H).serve_forever()\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&server, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (ok, said) = sb.run("unset PORT; herd start server.py -i 2");
+    assert!(
+        ok && said.contains(&format!("proxy mode on 0.0.0.0:{own};")),
+        "{said}"
+    );
+    let answers: std::collections::BTreeSet<String> = (0..8).map(|_| body(own)).collect();
+    assert_eq!(answers.len(), 2, "two workers answer: {answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|b| b.starts_with("py ") && !b.ends_with("PORT=None")),
+        "{answers:?}"
+    );
+    // Flask's development server, on the loopback address it names.
+    std::fs::write(
+        sb.app().join("site.py"),
+        format!(
+            "from flask import Flask\n\
+             app = Flask(__name__)\n\
+             @app.get('/')\n\
+             def root():\n\
+             \x20   return 'flask'\n\
+             app.run(port={local})\n"
+        ),
+    )
+    .unwrap();
+    let (ok, said) = sb.run("unset PORT; herd start site.py -i 2");
+    assert!(
+        ok && said.contains(&format!("proxy mode on 127.0.0.1:{local};")),
+        "{said}"
+    );
+    assert_eq!(body(local), "flask");
+}
+
 /// PM2's cluster mode serves an app on the port its code names, and so
 /// does herd when no port is given (`--listen`, `$PORT`, `env.PORT`): the
 /// workers' `PORT` stays unset, so `process.env.PORT || N` reads N, and the

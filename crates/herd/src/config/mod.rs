@@ -903,7 +903,8 @@ pub struct Settings {
     /// No port was given (`--listen`, the file, `$PORT`) for a Node app in
     /// proxy mode: herd serves it on the port its own `listen()` names, as
     /// PM2's cluster mode does, and binds only once the first worker said
-    /// which (`listen` is the fallback when it names none).
+    /// which (`listen` is the fallback when it names none). A Python script
+    /// is served so too, with herd's Python preload.
     pub port_from_app: bool,
     pub instances: usize,
     pub mode: Mode,
@@ -971,6 +972,9 @@ pub struct Settings {
     pub log_keep: u32,
     /// Preload herd's Node module into the workers (`NODE_OPTIONS=--require`).
     pub node_shim: bool,
+    /// Put herd's Python preload first on a Python command's `PYTHONPATH`
+    /// (unless `--no-node-shim` or `node-shim = false` turns preloads off).
+    pub python_shim: bool,
     /// `--increment-var`: NAME = its value + the worker's id.
     pub increment_var: Option<String>,
     /// `--instance-var`: where the worker's id goes besides HERD_WORKER_ID
@@ -1258,6 +1262,14 @@ mod default {
 }
 
 impl Settings {
+    /// Whether the workers go without `PORT`, so that a Node app's
+    /// `process.env.PORT || 3000` reads 3000. A Python script keeps it: one
+    /// that reads `os.environ["PORT"]` would fail without it, and herd's
+    /// Python preload learns a port written in the code at its bind().
+    pub fn withholds_port(&self) -> bool {
+        self.port_from_app && !self.python_shim
+    }
+
     /// Validates `flags` layered over the config file (`config`, else
     /// `./herd.toml` when present). `no_node_shim` is `--no-node-shim`.
     pub fn resolve(
@@ -1441,6 +1453,10 @@ impl Settings {
             (_, Some(on)) => on,
             _ => is_node(&program),
         };
+        let python_shim = !no_node_shim
+            && o.node_shim != Some(false)
+            && crate::python::is_python(&program)
+            && crate::python::runs_script(&command);
         if !watch.is_empty() && command.is_empty() {
             return Err(ConfigError::WatchWithoutCommand);
         }
@@ -1506,7 +1522,7 @@ impl Settings {
             name,
             name_given,
             port_from_app: mode == Mode::Proxy
-                && node_shim
+                && (node_shim || python_shim)
                 && !command.is_empty()
                 && o.listen.is_none()
                 && tls.is_none()
@@ -1569,6 +1585,7 @@ impl Settings {
             log_max_size: o.log_max_size.map_or(default::LOG_MAX_SIZE, |s| s.0 as u64),
             log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),
             node_shim,
+            python_shim,
             increment_var: o.increment_var,
             instance_var: o.instance_var,
             warnings: warning.into_iter().collect(),
@@ -1721,6 +1738,10 @@ impl Release {
     pub fn is_node(&self) -> bool {
         is_node(&self.program)
     }
+
+    pub fn is_python(&self) -> bool {
+        crate::python::is_python(&self.program)
+    }
 }
 
 /// A command that starts with a script name (`app.js`) needs the script.
@@ -1788,8 +1809,11 @@ fn one_line(command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsString> {
 /// `herd start app.js`, as `pm2 start app.js`: a script that is not an
 /// executable runs with the interpreter its `#!` line names, else the one
 /// its extension names. Express's `bin/www` (no extension, `#!/usr/bin/env
-/// node`) runs with node even when executable, as PM2 runs it: herd's Node
-/// preload then applies, which it would not to `./bin/www` itself.
+/// node`) runs with node even when executable, as PM2 runs it, and a
+/// Python script (Django's `manage.py`) with its python: herd's preload
+/// then applies, which it would not to `./bin/www` itself. Any other
+/// executable file named without a `/` is the file here (`./start.sh`),
+/// not a program of that name on PATH.
 fn with_interpreter(mut command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsString> {
     let Some(first) = command.first() else {
         return command;
@@ -1799,14 +1823,24 @@ fn with_interpreter(mut command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsStr
         return command;
     }
     let executable = matches!(check_executable(&path), Exec::Yes);
+    let preloaded = |w: &OsString| is_node(Path::new(w)) || crate::python::is_python(Path::new(w));
     let interpreter = match shebang_of(&path) {
-        Some(words) if !executable || words.first().is_some_and(|w| is_node(Path::new(w))) => words,
-        Some(_) => return command,
+        Some(words) if !executable || words.first().is_some_and(preloaded) => words,
+        Some(_) => Vec::new(),
         None => match interpreter_of(&path) {
             Some(i) => vec![i.into()],
+            None if executable => Vec::new(),
             None => return command,
         },
     };
+    if interpreter.is_empty() {
+        if !first.to_string_lossy().contains('/') {
+            let mut here = OsString::from("./");
+            here.push(first);
+            command[0] = here;
+        }
+        return command;
+    }
     command.splice(0..0, interpreter);
     command
 }
@@ -2311,7 +2345,7 @@ mod tests {
             words(&["nope.js"])
         );
         // No extension: its `#!` line says (Express's bin/www), executable
-        // or not when that is node; another executable runs as it is.
+        // or not when that is node.
         use std::os::unix::fs::PermissionsExt;
         let file = |name: &str, text: &str, mode: u32| {
             std::fs::write(dir.join(name), text).unwrap();
@@ -2333,10 +2367,22 @@ mod tests {
             with_interpreter(words(&["tool"]), Some(&dir)),
             words(&["python3", "-u", "tool"])
         );
+        // An executable Python script (Django's manage.py) runs with its
+        // python too, for herd's preload; any other executable is the file
+        // here, not a program of that name on PATH.
+        file("manage.py", "#!/usr/bin/env python3\nprint(1)\n", 0o755);
+        assert_eq!(
+            with_interpreter(words(&["manage.py", "runserver"]), Some(&dir)),
+            words(&["python3", "manage.py", "runserver"])
+        );
         file("tool", "#!/bin/sh\nexec x\n", 0o755);
         assert_eq!(
             with_interpreter(words(&["tool"]), Some(&dir)),
-            words(&["tool"])
+            words(&["./tool"])
+        );
+        assert_eq!(
+            with_interpreter(words(&["./tool"]), Some(&dir)),
+            words(&["./tool"])
         );
         file("plain", "no line\n", 0o644);
         assert_eq!(

@@ -322,12 +322,10 @@ impl Supervisor {
         let mut release =
             crate::config::Release::resolve(command, cwd, env).map_err(|e| e.to_string())?;
         release.base_env = running.release.base_env.clone();
-        let shim = release.is_node() && (self.s.node_shim || !stable.release.is_node());
-        let node_options = self
-            .node_shim
-            .as_ref()
-            .filter(|_| shim)
-            .map(|p| crate::node::node_options(p, &release.env));
+        let node = release.is_node() && (self.s.node_shim || !stable.release.is_node());
+        let python = release.is_python()
+            && crate::python::runs_script(&release.command)
+            && (self.s.python_shim || !stable.release.is_python());
         // No deploy runs (else the machine refuses): every slot is stable.
         let stable_slots = self.m.instances();
         let workers = match (plan.workers, plan.canary) {
@@ -336,11 +334,13 @@ impl Supervisor {
             (None, None) => stable_slots,
         };
         Ok((
-            Spec {
+            Spec::new(
                 release,
-                node_options,
-                reuse: Default::default(),
-            },
+                self.preloads.as_ref(),
+                node,
+                python,
+                Default::default(),
+            ),
             by,
             workers,
         ))

@@ -89,8 +89,8 @@ pub enum SuperviseError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Dispatch(#[from] DispatchError),
-    #[error("cannot write the Node preload module: {0}")]
-    NodeShim(std::io::Error),
+    #[error("cannot write herd's preload modules: {0}")]
+    Preload(std::io::Error),
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
     #[error("--access-log: {0}")]
@@ -217,8 +217,8 @@ pub struct Supervisor {
     /// The releases workers run, by version: 0 is `herd run`'s own, others
     /// come with `herd deploy`.
     specs: HashMap<u32, Arc<Spec>>,
-    /// Where herd's Node preload was written, for releases that use it.
-    node_shim: Option<PathBuf>,
+    /// Where herd's preloads were written, for releases that use them.
+    preloads: Option<process::Preloads>,
     /// A canary or blue-green deploy in progress.
     rollout: Option<deploy::Rollout>,
     /// For `/metrics`.
@@ -383,10 +383,10 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         }
         _ => None,
     };
-    let node_shim = if s.command.is_empty() {
+    let preloads = if s.command.is_empty() {
         None
     } else {
-        Some(crate::node::write_shim(rundir.path()).map_err(SuperviseError::NodeShim)?)
+        Some(process::Preloads::write(rundir.path()).map_err(SuperviseError::Preload)?)
     };
     let stable = crate::config::Release {
         command: s.command.clone(),
@@ -395,14 +395,13 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         env: s.env.clone(),
         base_env: None,
     };
-    let stable = Spec {
-        node_options: node_shim
-            .as_ref()
-            .filter(|_| s.node_shim)
-            .map(|p| crate::node::node_options(p, &stable.env)),
-        release: stable,
-        reuse: Default::default(),
-    };
+    let stable = Spec::new(
+        stable,
+        preloads.as_ref(),
+        s.node_shim,
+        s.python_shim,
+        Default::default(),
+    );
     let limits = Limits {
         restart: RestartPolicy {
             min_uptime: s.min_uptime,
@@ -460,7 +459,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         started: Instant::now(),
         dispatcher,
         specs: HashMap::from([(0, Arc::new(stable))]),
-        node_shim,
+        preloads,
         rollout: None,
         reloads: control::Reloads::default(),
         latency: Default::default(),

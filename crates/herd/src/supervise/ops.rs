@@ -48,23 +48,18 @@ impl Supervisor {
             env: s.env,
             base_env: Some(env.into_iter().map(|(k, v)| (k.into(), v.into())).collect()),
         };
-        let node_options = self
-            .node_shim
-            .as_ref()
-            .filter(|_| s.node_shim)
-            .map(|p| crate::node::node_options(p, &release.env));
         let reuse = match self.specs.get(&version) {
             Some(old) if old.release.command == release.command => old.reuse.clone(),
             _ => Default::default(),
         };
-        self.specs.insert(
-            version,
-            std::sync::Arc::new(super::process::Spec {
-                release,
-                node_options,
-                reuse,
-            }),
+        let spec = super::process::Spec::new(
+            release,
+            self.preloads.as_ref(),
+            s.node_shim,
+            s.python_shim,
+            reuse,
         );
+        self.specs.insert(version, std::sync::Arc::new(spec));
         Ok(())
     }
 

@@ -48,15 +48,55 @@ const NOWHERE_AFTER: Duration = Duration::from_secs(7);
 /// the program, so it is said once, not once per worker of a cluster.
 static SAID_NOWHERE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Where herd's preloads were written (none without a command to run).
+pub(super) struct Preloads {
+    node: std::path::PathBuf,
+    python: std::path::PathBuf,
+}
+
+impl Preloads {
+    pub(super) fn write(dir: &std::path::Path) -> std::io::Result<Preloads> {
+        Ok(Preloads {
+            node: crate::node::write_shim(dir)?,
+            python: crate::python::write_shim(dir)?,
+        })
+    }
+}
+
 /// A release as the driver starts it: what to run, and `NODE_OPTIONS`
-/// with herd's preload when it is a Node program.
+/// or `PYTHONPATH` with herd's preload when it is a Node program or a
+/// Python script.
 pub(super) struct Spec {
     pub release: crate::config::Release,
     pub node_options: Option<OsString>,
+    pub python_path: Option<OsString>,
     /// Whether the proxy keeps idle connections to its workers: a program
     /// found to serve one connection at a time is so in every slot and
     /// after a restart.
     pub reuse: Arc<Reuse>,
+}
+
+impl Spec {
+    /// `release` with the preloads asked for (`node`, `python`) when they
+    /// were written.
+    pub(super) fn new(
+        release: crate::config::Release,
+        preloads: Option<&Preloads>,
+        node: bool,
+        python: bool,
+        reuse: Arc<Reuse>,
+    ) -> Spec {
+        Spec {
+            node_options: preloads
+                .filter(|_| node)
+                .map(|p| crate::node::node_options(&p.node, &release.env)),
+            python_path: preloads
+                .filter(|_| python)
+                .map(|p| crate::python::python_path(&p.python, &release.env)),
+            release,
+            reuse,
+        }
+    }
 }
 
 /// What the driver holds for a live worker process, by epoch.
@@ -130,6 +170,10 @@ impl Supervisor {
         if let Some(opts) = &spec.node_options {
             env.retain(|(k, _)| k != "NODE_OPTIONS");
             env.push(("NODE_OPTIONS".into(), opts.clone()));
+        }
+        if let Some(path) = &spec.python_path {
+            env.retain(|(k, _)| k != "PYTHONPATH");
+            env.push(("PYTHONPATH".into(), path.clone()));
         }
         let mut fds = Vec::new();
         // Dispatch mode: the worker's end of its hand-off socket at fd 3,
@@ -684,7 +728,7 @@ fn worker_env(
         .filter(|(k, _)| !STRIP.iter().any(|s| k == s))
         // Served on the app's own port, whose PORT stays unset (a `reload
         // --update-env` from a shell with PORT set changes nothing).
-        .filter(|(k, _)| !(s.port_from_app && k == contract::PORT))
+        .filter(|(k, _)| !(s.withholds_port() && k == contract::PORT))
         .collect();
     let mut set = |k: &str, v: OsString| {
         env.retain(|(ek, _)| ek != k);
@@ -718,7 +762,7 @@ fn worker_env(
     if let Some(p) = port {
         set(contract::PRIVATE_PORT, p.to_string().into());
         // The app's own port: `process.env.PORT || 3000` must read 3000.
-        if !s.port_from_app {
+        if !s.withholds_port() {
             set(contract::PORT, p.to_string().into());
             for (k, before) in PORT_ALIASES {
                 set(k, format!("{before}{p}").into());

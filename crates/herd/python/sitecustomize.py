@@ -1,0 +1,103 @@
+# herd's Python preload: a directory holding this file goes first on the
+# workers' PYTHONPATH, and Python imports it at start-up (`site` imports
+# `sitecustomize`), as herd's Node preload is loaded with NODE_OPTIONS.
+#
+# It lets an unmodified app whose code names its port (Flask's
+# `app.run(port=5000)`, `python -m http.server`, `uvicorn.run(app,
+# port=8000)` on asyncio's loop) take part in herd's proxy mode: the first
+# bind() of a TCP socket to a port (not 0) is the app's public server, and
+# binds 127.0.0.1:$HERD_PORT instead, where herd relays to it. Once it
+# listens, herd hears on its message channel (fd $HERD_IPC_FD) which port
+# the app asked for: with no port given to herd, herd serves the app there,
+# as PM2 would run it. A later bind() to the same port (the other address
+# family of a dual-stack server) gets a loopback port of no consequence.
+# Sockets made outside Python's socket module (uvloop's) are not seen.
+#
+# Then it imports the sitecustomize this one hides (Debian ships one).
+import os
+import sys
+
+
+def _herd_preload():
+    env = os.environ
+    if env.get('HERD_MODE') != 'proxy' or env.get('HERD_WORKER_ID') is None:
+        return
+    try:
+        private = int(env.get('HERD_PORT', ''))
+    except ValueError:
+        return
+    import socket
+
+    orig_bind = socket.socket.bind
+    orig_listen = socket.socket.listen
+    # The port the app asked for, and the socket that now serves it.
+    claimed = {'port': None, 'sock': None, 'host': None, 'said': False}
+
+    def tcp(sock):
+        return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+
+    def loopback(sock, port):
+        if sock.family == socket.AF_INET:
+            return ('127.0.0.1', port)
+        # herd connects to 127.0.0.1: take it on the IPv6 socket too.
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except OSError:
+            pass
+        return ('::ffff:127.0.0.1', port)
+
+    def bind(self, address):
+        if tcp(self) and isinstance(address, tuple) and len(address) >= 2:
+            host, port = address[0], address[1]
+            if isinstance(port, int) and port:
+                if claimed['port'] is None:
+                    claimed.update(port=port, sock=self, host=host)
+                    return orig_bind(self, loopback(self, private))
+                if port == claimed['port']:
+                    return orig_bind(self, loopback(self, 0))
+        return orig_bind(self, address)
+
+    def listen(self, *args):
+        result = orig_listen(self, *args)
+        if self is claimed['sock'] and not claimed['said']:
+            claimed['said'] = True
+            say_listening(claimed['port'], claimed['host'])
+        return result
+
+    def say_listening(port, host):
+        try:
+            fd = int(env.get('HERD_IPC_FD', ''))
+        except ValueError:
+            return
+        import json
+        msg = {'type': 'listening'}
+        if port != private:
+            msg['port'] = port
+            if isinstance(host, str) and host not in ('', '0.0.0.0', '::'):
+                msg['host'] = host
+        try:
+            os.write(fd, (json.dumps(msg) + '\n').encode())
+        except OSError:
+            pass  # no channel: herd finds the port by probing it
+
+    socket.socket.bind = bind
+    socket.socket.listen = listen
+
+
+def _next_sitecustomize():
+    import importlib.machinery
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [p for p in sys.path if os.path.abspath(p or '.') != here]
+    spec = importlib.machinery.PathFinder.find_spec('sitecustomize', rest)
+    if spec is not None and spec.loader is not None:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+
+try:
+    _herd_preload()
+except Exception:  # never stop the app from starting
+    pass
+_next_sitecustomize()
