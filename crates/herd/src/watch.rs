@@ -9,8 +9,18 @@ use std::path::{Path, PathBuf};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use notify::{RecursiveMode, Watcher};
 
-/// Always ignored, as by PM2: dependencies, VCS data, logs (rotated too).
-pub const DEFAULT_IGNORE: &[&str] = &["node_modules", ".git", "*.log", "*.log.[0-9]*"];
+/// Always ignored, as by PM2: dependencies (a virtualenv too), VCS data,
+/// logs (rotated too), and the `__pycache__/*.pyc` Python writes as it
+/// imports, which would reload a Python app once after each start.
+pub const DEFAULT_IGNORE: &[&str] = &[
+    "node_modules",
+    ".git",
+    "*.log",
+    "*.log.[0-9]*",
+    "__pycache__",
+    "*.py[co]",
+    ".venv",
+];
 /// Directories watched at most (inotify watches are a per-user limit).
 const MAX_DIRS: usize = 20_000;
 
@@ -201,6 +211,8 @@ mod tests {
             "/srv/app/src/a.tmp",
             "/srv/app/herd.out",
             "/srv/app/herd.out.3",
+            "/srv/app/__pycache__/helper.cpython-312.pyc",
+            "/srv/app/.venv/lib/site.py",
         ] {
             assert!(ig.ignored(Path::new(p)), "{p}");
         }
