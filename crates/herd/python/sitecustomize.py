@@ -10,7 +10,8 @@
 # listens, herd hears on its message channel (fd $HERD_IPC_FD) which port
 # the app asked for: with no port given to herd, herd serves the app there,
 # as PM2 would run it. A later bind() to the same port (the other address
-# family of a dual-stack server) gets a loopback port of no consequence.
+# family of a dual-stack server) gets a loopback port of no consequence, and
+# a Python program the app starts after that binds what it asks for.
 # Sockets made outside Python's socket module (uvloop's) are not seen.
 #
 # Then it imports the sitecustomize this one hides (Debian ships one).
@@ -22,6 +23,8 @@ def _herd_preload():
     env = os.environ
     if env.get('HERD_MODE') != 'proxy' or env.get('HERD_WORKER_ID') is None:
         return
+    if env.get('HERD_PORT_TAKEN'):
+        return  # a child of the process that serves the worker's port
     try:
         private = int(env.get('HERD_PORT', ''))
     except ValueError:
@@ -51,8 +54,11 @@ def _herd_preload():
             host, port = address[0], address[1]
             if isinstance(port, int) and port:
                 if claimed['port'] is None:
+                    result = orig_bind(self, loopback(self, private))
                     claimed.update(port=port, sock=self, host=host)
-                    return orig_bind(self, loopback(self, private))
+                    # A Python program this one starts binds as it asks.
+                    env['HERD_PORT_TAKEN'] = str(os.getpid())
+                    return result
                 if port == claimed['port']:
                     return orig_bind(self, loopback(self, 0))
         return orig_bind(self, address)

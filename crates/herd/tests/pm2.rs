@@ -1006,22 +1006,28 @@ fn an_express_bin_www_runs_with_node_and_herds_preload() {
 #[test]
 fn with_no_port_given_a_python_script_is_served_on_the_port_its_code_names() {
     let sb = Sandbox::new("pyport");
-    let (own, local) = (free_port(), free_port());
+    let (own, local, child) = (free_port(), free_port(), free_port());
     let server = sb.app().join("server.py");
+    // Worker 0 then starts a Python program that binds a port of its own.
     std::fs::write(
         &server,
         format!(
             "#!/usr/bin/env python3\n\
-             import os\n\
+             import os, subprocess, sys\n\
              from http.server import HTTPServer, BaseHTTPRequestHandler\n\
              class H(BaseHTTPRequestHandler):\n\
              \x20   def do_GET(self):\n\
-             \x20       b = ('py %d PORT=%s' % (os.getpid(), os.environ.get('PORT'))).encode()\n\
+             \x20       b = ('py %d PORT=%s child=%s' % (os.getpid(), os.environ.get('PORT'), bound)).encode()\n\
              \x20       self.send_response(200)\n\
              \x20       self.send_header('Content-Length', str(len(b)))\n\
              \x20       self.end_headers()\n\
              \x20       self.wfile.write(b)\n\
-             HTTPServer(('', {own}), H).serve_forever()\n"
+             server = HTTPServer(('', {own}), H)\n\
+             bound = None\n\
+             if os.environ['HERD_WORKER_ID'] == '0':\n\
+             \x20   child = 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", {child})); print(s.getsockname()[1])'\n\
+             \x20   bound = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True).stdout.strip()\n\
+             server.serve_forever()\n"
         ),
     )
     .unwrap();
@@ -1036,7 +1042,14 @@ fn with_no_port_given_a_python_script_is_served_on_the_port_its_code_names() {
     assert!(
         answers
             .iter()
-            .all(|b| b.starts_with("py ") && !b.ends_with("PORT=None")),
+            .all(|b| b.starts_with("py ") && !b.contains("PORT=None")),
+        "{answers:?}"
+    );
+    // The worker's own child bound the port it asked for, not herd's.
+    assert!(
+        answers
+            .iter()
+            .any(|b| b.ends_with(&format!("child={child}"))),
         "{answers:?}"
     );
     // Flask's development server, on the loopback address it names.

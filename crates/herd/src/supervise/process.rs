@@ -718,6 +718,8 @@ fn worker_env(
         "HERD_ADMIN_TOKEN",
         // What a master hands itself across `herd upgrade`.
         "HERD_UPGRADE",
+        // The Python preload's mark for a worker's children (a nested herd).
+        "HERD_PORT_TAKEN",
     ];
     let base = match &release.base_env {
         Some(env) => env.clone(),
