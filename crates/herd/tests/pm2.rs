@@ -1065,7 +1065,8 @@ fn with_no_port_given_a_python_script_is_served_on_the_port_its_code_names() {
         ),
     )
     .unwrap();
-    let (ok, said) = sb.run("unset PORT; herd start site.py -i 2");
+    // One quoted word, as `pm2 start "python3 site.py"`: plain words, run as such.
+    let (ok, said) = sb.run("unset PORT; herd start \"python3 site.py\" -i 2");
     assert!(
         ok && said.contains(&format!("proxy mode on 127.0.0.1:{local};")),
         "{said}"

@@ -1793,15 +1793,27 @@ fn program_of(
 
 /// `herd start "npm run dev"`, as `pm2 start "npm run dev"`: a whole
 /// command line in one word that names no file runs through `sh -c`,
-/// which also expands its `$PORT`.
+/// which also expands its `$PORT`, unless it is plain words.
 fn one_line(command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsString> {
     let [line] = command.as_slice() else {
         return command;
     };
-    let spaced = line.to_string_lossy().trim().contains(char::is_whitespace);
+    let text = line.to_string_lossy();
+    let spaced = text.trim().contains(char::is_whitespace);
     let path = cwd.map_or_else(|| PathBuf::from(line), |d| d.join(line));
     if !spaced || path.exists() {
         return command;
+    }
+    // Plain words (`node app.js`, `python3 app.py`) are run as such, so that
+    // herd's preloads see the interpreter; anything a shell would read
+    // otherwise (`$PORT`, quotes, `&&`, `A=1 cmd`) goes to sh.
+    let shell = |c: char| "$`'\"\\|&;<>()*?[]{}~#\n".contains(c);
+    let assignment = text
+        .split_whitespace()
+        .next()
+        .is_some_and(|w| w.contains('='));
+    if !text.contains(shell) && !assignment && line.to_str().is_some() {
+        return text.split_whitespace().map(OsString::from).collect();
     }
     vec!["sh".into(), "-c".into(), line.clone()]
 }
@@ -2438,14 +2450,27 @@ mod tests {
     }
 
     #[test]
-    fn a_command_line_in_one_word_runs_through_sh() {
+    fn a_command_line_in_one_word_runs_as_words_or_through_sh() {
         let words = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
         let dir = std::env::temp_dir().join(format!("herd-line-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("my app.js"), "").unwrap();
         assert_eq!(
-            one_line(words(&["npm run dev"]), Some(&dir)),
-            words(&["sh", "-c", "npm run dev"])
+            one_line(words(&["npm run dev -- --port $PORT"]), Some(&dir)),
+            words(&["sh", "-c", "npm run dev -- --port $PORT"])
+        );
+        assert_eq!(
+            one_line(words(&["NODE_ENV=production node app.js"]), Some(&dir)),
+            words(&["sh", "-c", "NODE_ENV=production node app.js"])
+        );
+        assert_eq!(
+            one_line(words(&["npm ci && npm start"]), Some(&dir)),
+            words(&["sh", "-c", "npm ci && npm start"])
+        );
+        // Plain words need no shell, and keep herd's preloads.
+        assert_eq!(
+            one_line(words(&[" node  app.js --port=3000 "]), Some(&dir)),
+            words(&["node", "app.js", "--port=3000"])
         );
         // A file of that name, or several words, stay as they are.
         assert_eq!(
