@@ -351,7 +351,6 @@ fn hints(e: &clap::Error) -> String {
 fn pm2_hint(arg: &str) -> Option<&'static str> {
     let flag = arg.split(['=', ' ']).next().unwrap_or(arg);
     Some(match flag {
-        "--log-date-format" => "herd's log lines always carry their time (ISO 8601, UTC)",
         "--no-daemon" => "`herd run` runs in the foreground, `herd start` in the background",
         "-w" | "--workers" => "the worker count is -i N (--instances), as PM2's",
         "--exp-backoff-restart-delay" => {

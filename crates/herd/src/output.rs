@@ -71,12 +71,17 @@ enum Copy {
 
 /// The copies of the workers' stdout and stderr that PM2 users keep apart
 /// from herd's log (`out_file`, `error_file`): the lines as printed, for a
-/// log shipper or `tail -f`, with the time first under `--time`.
+/// log shipper or `tail -f`, with the time first under `--time`, or as
+/// PM2's JSON objects under `--log-type json`.
 #[derive(Default)]
 pub struct Copies {
     out: Option<Copy>,
     err: Option<Copy>,
+    /// `--time`: RFC 3339 in UTC, or `--log-date-format`'s local time.
     time: bool,
+    format: Option<String>,
+    json: bool,
+    app: String,
 }
 
 impl Copies {
@@ -98,36 +103,59 @@ impl Copies {
                 .map(|f| Some(Copy::File(f)))
                 .map_err(|e| (path.clone(), e))
         };
+        // chrono panics on a format it cannot read; `moment` never makes one.
+        let readable = |f: &&String| {
+            chrono::format::StrftimeItems::new(f).all(|i| i != chrono::format::Item::Error)
+        };
         Ok(Copies {
             out: open(&s.out_file)?,
             err: open(&s.error_file)?,
             time: s.time,
+            format: s.log_date_format.as_ref().filter(readable).cloned(),
+            json: s.log_type == crate::config::LogType::Json,
+            app: s.name.clone(),
         })
     }
 
-    /// Copies `text` of `stream`; false if the stream is dropped altogether.
-    fn copy(&mut self, stream: Stream, text: &[u8], line: &mut Vec<u8>) -> bool {
-        let copy = match stream {
-            Stream::Out => &mut self.out,
-            Stream::Err => &mut self.err,
+    /// Copies `text` of `stream` from worker `slot`; false if the stream is
+    /// dropped altogether.
+    fn copy(&mut self, stream: Stream, slot: usize, text: &[u8], line: &mut Vec<u8>) -> bool {
+        let (copy, kind) = match stream {
+            Stream::Out => (&mut self.out, "out"),
+            Stream::Err => (&mut self.err, "err"),
         };
-        match copy {
-            None => true,
-            Some(Copy::Drop) => false,
-            Some(Copy::File(f)) => {
-                let text = if self.time {
-                    line.clear();
-                    let now = crate::proxy::access::rfc3339(std::time::SystemTime::now());
-                    let _ = write!(line, "{now}: ");
-                    line.extend_from_slice(text);
-                    &line[..]
-                } else {
-                    text
-                };
-                f.write_all_lines(text);
-                true
+        let file = match copy {
+            None => return true,
+            Some(Copy::Drop) => return false,
+            Some(Copy::File(f)) => f,
+        };
+        let stamp = self.time.then(|| match &self.format {
+            Some(f) => chrono::Local::now().format(f).to_string(),
+            None => crate::proxy::access::rfc3339(std::time::SystemTime::now()),
+        });
+        line.clear();
+        if self.json {
+            let message = String::from_utf8_lossy(text);
+            let mut obj = serde_json::json!({
+                "message": message.trim_end_matches(['\n', '\r']),
+                "type": kind,
+                "process_id": slot,
+                "app_name": self.app,
+            });
+            if let Some(t) = stamp {
+                obj["timestamp"] = t.into();
             }
+            let _ = serde_json::to_writer(&mut *line, &obj);
+            line.push(b'\n');
+        } else {
+            if let Some(t) = stamp {
+                line.extend_from_slice(t.as_bytes());
+                line.extend_from_slice(b": ");
+            }
+            line.extend_from_slice(text);
         }
+        file.write_all_lines(line);
+        true
     }
 }
 
@@ -144,7 +172,7 @@ impl Output {
             .spawn(move || {
                 let mut line = Vec::new();
                 while let Some((stream, slot, text)) = rx.blocking_recv() {
-                    if !copies.copy(stream, &text, &mut line) {
+                    if !copies.copy(stream, slot, &text, &mut line) {
                         continue;
                     }
                     line.clear();

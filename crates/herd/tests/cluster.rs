@@ -1042,8 +1042,8 @@ fn bad_input_gets_one_clear_line() {
     assert_one_line_error(&["run", "nope.js"], "script not found: nope.js");
     // PM2 flags herd has no use for say what herd does instead.
     assert_one_line_error(
-        &["start", "app.js", "--log-date-format", "YYYY"],
-        "unexpected argument '--log-date-format' found; herd's log lines always carry their time",
+        &["start", "app.js", "--namespace", "web"],
+        "unexpected argument '--namespace' found; herd has no namespaces",
     );
     assert_one_line_error(
         &["start", "app.js", "--exp-backoff-restart-delay=100"],

@@ -659,7 +659,8 @@ fn out_file_and_error_file_get_each_stream_as_pm2_writes_them() {
 
     // `-e /dev/null` on the command line: stderr is kept nowhere.
     let (ok, said) = sb.run(&format!(
-        "herd start talk.js --name quiet -e /dev/null --listen {port}"
+        "herd start talk.js --name quiet -e /dev/null --listen {port} \
+         -o logs/quiet.json --log-type json --log-date-format 'YYYY [at] HH'"
     ));
     assert!(ok && said.contains("quiet: started"), "{said}");
     for path in ["/two", "/three"] {
@@ -674,6 +675,21 @@ fn out_file_and_error_file_get_each_stream_as_pm2_writes_them() {
         "{log}"
     );
     assert!(log.contains("out /two") && !log.contains("err /"), "{log}");
+    // PM2's `log_type: 'json'`, with `log_date_format` as its timestamp.
+    let json = read("quiet.json");
+    let first: serde_json::Value =
+        serde_json::from_str(json.lines().next().unwrap_or_default()).unwrap_or_default();
+    assert_eq!(first["message"], "out /two", "{json}");
+    assert_eq!(
+        (&first["type"], &first["app_name"]),
+        (&"out".into(), &"quiet".into())
+    );
+    assert!(first["process_id"].is_u64(), "{json}");
+    let stamp = first["timestamp"].as_str().unwrap_or_default();
+    assert!(
+        stamp.len() == 10 && stamp[..4].parse::<u32>().is_ok() && &stamp[4..8] == " at ",
+        "{json}"
+    );
 }
 
 /// PM2's `pm2 startup systemd` and `pm2 save --force` (an empty list, so

@@ -247,14 +247,15 @@ const READ: &[&str] = &[
     "wait_ready", "min_uptime", "max_restarts", "restart_delay", "exp_backoff_restart_delay",
     "watch", "ignore_watch", "watch_delay", "cron_restart", "increment_var", "instance_var",
     "log_file", "autorestart", "exec_mode", "shutdown_with_message", "stop_exit_codes",
-    "autostart", "out_file", "output", "error_file", "error", "time",
+    "autostart", "out_file", "output", "error_file", "error", "time", "log_date_format",
+    "log_type",
 ];
 
 /// PM2's own keys that herd does not read: ignored, but not misspelt
 /// (`namespace` is not a misspelt `name`).
 #[rustfmt::skip]
 const PM2_ONLY: &[&str] = &[
-    "namespace", "log", "log_date_format", "log_type",
+    "namespace", "log",
     "pid_file", "vizion", "post_update", "force", "source_map_support",
     "disable_source_map_support", "filter_env", "append_env_to_name", "treekill",
     "automation", "pmx", "user", "uid", "gid",
@@ -384,6 +385,14 @@ fn ecosystem_app(
             "out_file" | "output" => o.output = text(v).map(|f| dir.join(f)),
             "error_file" | "error" => o.error = text(v).map(|f| dir.join(f)),
             "time" => o.time = v.as_bool(),
+            "log_date_format" => o.log_date_format = text(v),
+            "log_type" => {
+                o.log_type = match text(v).as_deref() {
+                    Some("json") => Some(super::LogType::Json),
+                    Some("raw" | "") | None => Some(super::LogType::Raw),
+                    Some(other) => return Err(format!("log_type: {other:?} is not json")),
+                }
+            }
             "autorestart" => o.autorestart = v.as_bool(),
             "stop_exit_codes" => {
                 let codes = match v {

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use herd_balance::{BackendConfig, StrategyKind};
 
 pub mod apps;
+pub mod moment;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -606,6 +607,14 @@ options! {
     /// always has it).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     time: Option<bool>,
+    /// The time before each line of --output and --error in a moment.js format, in local
+    /// time, as PM2's --log-date-format (`YYYY-MM-DD HH:mm:ss Z`); implies --time.
+    #[arg(long, value_name = "FORMAT")]
+    log_date_format: Option<String>,
+    /// `json`: write each line of --output and --error as PM2's JSON object (message,
+    /// timestamp, type, process_id, app_name), as PM2's --log-type json [default: raw].
+    #[arg(long, value_enum, value_name = "TYPE")]
+    log_type: Option<LogType>,
     /// Rotate the log file past this size [default: 10M].
     #[arg(long, value_name = "SIZE")]
     log_max_size: Option<Size>,
@@ -964,10 +973,13 @@ pub struct Settings {
     pub cron_restart: Option<CronSpec>,
     /// `--log-file`, with its rotation size and how many old files to keep.
     pub log_file: Option<PathBuf>,
-    /// `--output` and `--error`, absolute, with `--time`.
+    /// `--output` and `--error`, absolute, with `--time` (and its
+    /// `--log-date-format`, as a strftime format).
     pub out_file: Option<PathBuf>,
     pub error_file: Option<PathBuf>,
     pub time: bool,
+    pub log_date_format: Option<String>,
+    pub log_type: LogType,
     pub log_max_size: u64,
     pub log_keep: u32,
     /// Preload herd's Node module into the workers (`NODE_OPTIONS=--require`).
@@ -1179,6 +1191,17 @@ pub struct HttpConfig {
     pub limits: Limits,
     /// How long a request waits for a first worker to be ready.
     pub wait_for_backend: Duration,
+}
+
+/// How `--output` and `--error` write a line (PM2's `log_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogType {
+    /// As the worker printed it.
+    #[default]
+    Raw,
+    /// PM2's JSON object: message, timestamp, type, process_id, app_name.
+    Json,
 }
 
 /// The access log's format.
@@ -1581,7 +1604,9 @@ impl Settings {
             log_file: o.log_file,
             out_file: o.output.map(|p| std::path::absolute(&p).unwrap_or(p)),
             error_file: o.error.map(|p| std::path::absolute(&p).unwrap_or(p)),
-            time: o.time.unwrap_or(false),
+            time: o.time.unwrap_or(false) || o.log_date_format.is_some(),
+            log_date_format: o.log_date_format.as_deref().map(moment::to_strftime),
+            log_type: o.log_type.unwrap_or_default(),
             log_max_size: o.log_max_size.map_or(default::LOG_MAX_SIZE, |s| s.0 as u64),
             log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),
             node_shim,
