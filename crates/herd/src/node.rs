@@ -19,12 +19,7 @@ pub fn write_shim(dir: &Path) -> std::io::Result<PathBuf> {
 /// `NODE_OPTIONS` with `--require <path>` ahead of what the workers would
 /// otherwise get (`--env NODE_OPTIONS=…`, else herd's own environment).
 pub fn node_options(path: &Path, env: &[(String, String)]) -> OsString {
-    let given = env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "NODE_OPTIONS")
-        .map(|(_, v)| OsString::from(v))
-        .or_else(|| std::env::var_os("NODE_OPTIONS"));
+    let given = crate::config::worker_var(env, "NODE_OPTIONS");
     // Node splits NODE_OPTIONS like a shell: quote the path.
     let quoted = path
         .to_string_lossy()

@@ -20,12 +20,7 @@ pub fn write_shim(dir: &Path) -> std::io::Result<PathBuf> {
 /// `PYTHONPATH` with `dir` ahead of what the workers would otherwise get
 /// (`--env PYTHONPATH=…`, else herd's own environment).
 pub fn python_path(dir: &Path, env: &[(String, String)]) -> OsString {
-    let given = env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "PYTHONPATH")
-        .map(|(_, v)| OsString::from(v))
-        .or_else(|| std::env::var_os("PYTHONPATH"));
+    let given = crate::config::worker_var(env, "PYTHONPATH");
     let mut path = dir.as_os_str().to_owned();
     if let Some(g) = given.filter(|g| !g.is_empty()) {
         path.push(":");

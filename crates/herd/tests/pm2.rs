@@ -1014,6 +1014,19 @@ fn an_express_bin_www_runs_with_node_and_herds_preload() {
     }
 }
 
+/// Runs `line`, which starts a cluster of two workers on 0.0.0.0:`port`;
+/// returns the answers of both to a few requests.
+fn served_by_two(sb: &Sandbox, line: &str, port: u16) -> std::collections::BTreeSet<String> {
+    let (ok, said) = sb.run(line);
+    assert!(
+        ok && said.contains(&format!("proxy mode on 0.0.0.0:{port};")),
+        "{said}"
+    );
+    let answers: std::collections::BTreeSet<String> = (0..8).map(|_| body(port)).collect();
+    assert_eq!(answers.len(), 2, "two workers answer: {answers:?}");
+    answers
+}
+
 /// A Python script whose code names its port (`HTTPServer(("", 5000))`,
 /// Flask's `app.run(port=5000)`) is served there by herd's workers when no
 /// port is given, as PM2 would run it, through herd's Python preload; a
@@ -1048,13 +1061,7 @@ fn with_no_port_given_a_python_script_is_served_on_the_port_its_code_names() {
     )
     .unwrap();
     std::fs::set_permissions(&server, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let (ok, said) = sb.run("unset PORT; herd start server.py -i 2");
-    assert!(
-        ok && said.contains(&format!("proxy mode on 0.0.0.0:{own};")),
-        "{said}"
-    );
-    let answers: std::collections::BTreeSet<String> = (0..8).map(|_| body(own)).collect();
-    assert_eq!(answers.len(), 2, "two workers answer: {answers:?}");
+    let answers = served_by_two(&sb, "unset PORT; herd start server.py -i 2", own);
     assert!(
         answers
             .iter()
@@ -1106,13 +1113,7 @@ fn with_no_port_given_a_node_app_is_served_on_the_port_its_code_names() {
         ),
     )
     .unwrap();
-    let (ok, said) = sb.run("unset PORT; herd start web.js -i 2 --name zweb");
-    assert!(
-        ok && said.contains(&format!("proxy mode on 0.0.0.0:{own};")),
-        "{said}"
-    );
-    let answers: std::collections::BTreeSet<String> = (0..8).map(|_| body(own)).collect();
-    assert_eq!(answers.len(), 2, "two workers answer: {answers:?}");
+    let answers = served_by_two(&sb, "unset PORT; herd start web.js -i 2 --name zweb", own);
     assert!(
         answers.iter().all(|b| b.ends_with(" PORT=undefined")),
         "{answers:?}"

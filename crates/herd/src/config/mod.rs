@@ -1783,6 +1783,15 @@ fn script_exists(command: &[OsString], cwd: Option<&Path>) -> Result<(), ConfigE
     Ok(())
 }
 
+/// What the workers get in `key`: the last `--env key=…`, else herd's own.
+pub fn worker_var(env: &[(String, String)], key: &str) -> Option<OsString> {
+    env.iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| OsString::from(v))
+        .or_else(|| std::env::var_os(key))
+}
+
 /// The program `command` runs, looked up in `PATH` (the workers' own, if
 /// `env` sets one), and checked.
 fn program_of(
@@ -1790,12 +1799,7 @@ fn program_of(
     cwd: Option<&Path>,
     env: &[(String, String)],
 ) -> Result<PathBuf, ConfigError> {
-    let path_var = env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| OsString::from(v))
-        .or_else(|| std::env::var_os("PATH"));
+    let path_var = worker_var(env, "PATH");
     let program = match command.first() {
         Some(word) => resolve_program(word, cwd, path_var.as_deref()).map_err(|e| {
             // `herd start app.ts` with no TypeScript runner, `main.lua`…
