@@ -203,6 +203,12 @@ pub enum Command {
         #[command(flatten)]
         target: Named,
     },
+    /// Print the pids of a cluster's workers, one per line, as `pm2 pid` does
+    /// (`kill -USR2 $(herd pid api)`); no name or `all`: every running cluster's.
+    Pid {
+        #[command(flatten)]
+        target: Named,
+    },
     /// List the herd clusters of this user: the running ones, then the stopped ones.
     #[command(visible_alias = "ls", aliases = ["l", "ps"])]
     List {

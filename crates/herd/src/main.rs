@@ -57,6 +57,7 @@ fn execute(cli: herd::cli::Cli) -> ExitCode {
         | Command::Promote { .. }
         | Command::Upgrade { .. }
         | Command::Rollback { .. }
+        | Command::Pid { .. }
         | Command::List { .. }) => match herd::control::client::run(cmd) {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {

@@ -170,6 +170,14 @@ fn the_readme_pm2_commands_work_as_written() {
             ["logs", "app", ..] => assert!(said.contains("[0] listening on"), "{said}"),
             ["reload", "app"] => assert!(said.contains("app: reloaded"), "{said}"),
             ["scale", "app", n] => assert!(said.contains(&format!("app: {n} workers")), "{said}"),
+            ["pid", "app"] => {
+                // One per worker (scaled to 3), for `kill -USR2 $(herd pid app)`.
+                let pids: Vec<&str> = said.lines().collect();
+                assert!(
+                    pids.len() == 3 && pids.iter().all(|p| p.parse::<u32>().is_ok_and(|p| p > 1)),
+                    "{said}"
+                );
+            }
             ["describe", "app"] => {
                 // A row per worker (the third may still be starting).
                 let rows = said

@@ -14,6 +14,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             json,
             all_hosts,
         } => return status(target.name(), json, all_hosts),
+        Command::Pid { target } => return pids(target.name()),
         Command::List { pm2: true, json } => return jlist(json),
         Command::List { json, .. } => return list(json),
         Command::Reload {
@@ -514,6 +515,29 @@ fn status(name: Option<&str>, as_json: bool, all_hosts: bool) -> Result<i32, Con
 }
 
 /// `herd status all`: every running cluster.
+/// `pm2 pid NAME`: the pids of the cluster's workers, one per line; none
+/// or `all`: every running cluster's.
+fn pids(name: Option<&str>) -> Result<i32, ControlError> {
+    let clusters = match name {
+        None | Some("all") => control::running(),
+        Some(n) => vec![control::find(Some(n))?],
+    };
+    let named = name.is_some_and(|n| n != "all");
+    for (n, p) in clusters {
+        match control::call::<Status>(&n, &p, &Request::Status, |_| {}) {
+            Ok(v) => {
+                for w in v.workers.iter().filter(|w| w.pid != 0) {
+                    crate::outln!("{}", w.pid);
+                }
+            }
+            // One gone between the listing and the call: the others still count.
+            Err(e) if named => return Err(e),
+            Err(_) => {}
+        }
+    }
+    Ok(0)
+}
+
 fn status_all(as_json: bool) -> Result<i32, ControlError> {
     let all: Vec<Status> = control::running()
         .into_iter()
