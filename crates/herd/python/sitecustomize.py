@@ -6,9 +6,10 @@
 # `app.run(port=5000)`, `python -m http.server`, `uvicorn.run(app,
 # port=8000)` on asyncio's loop) take part in herd's proxy mode: the first
 # bind() of a TCP socket to a port (not 0) is the app's public server, and
-# binds 127.0.0.1:$HERD_PORT instead, where herd relays to it. Once it
-# listens, herd hears on its message channel (fd $HERD_IPC_FD) which port
-# the app asked for: with no port given to herd, herd serves the app there,
+# binds 127.0.0.1:$HERD_PORT instead, where herd relays to it. herd hears
+# on its message channel (fd $HERD_IPC_FD) which port the app asked for, at
+# that bind() and again when the socket listens (which also says the
+# worker is ready): with no port given to herd, herd serves the app there,
 # as PM2 would run it. A later bind() to the same port (the other address
 # family of a dual-stack server) gets a loopback port of no consequence, and
 # a Python program the app starts after that binds what it asks for.
@@ -58,6 +59,9 @@ def _herd_preload():
                     claimed.update(port=port, sock=self, host=host)
                     # A Python program this one starts binds as it asks.
                     env['HERD_PORT_TAKEN'] = str(os.getpid())
+                    # Said now: another process may be the one that listens
+                    # (uvicorn's reloader binds, its server process listens).
+                    say('port', port, host)
                     return result
                 if port == claimed['port']:
                     return orig_bind(self, loopback(self, 0))
@@ -67,16 +71,16 @@ def _herd_preload():
         result = orig_listen(self, *args)
         if self is claimed['sock'] and not claimed['said']:
             claimed['said'] = True
-            say_listening(claimed['port'], claimed['host'])
+            say('listening', claimed['port'], claimed['host'])
         return result
 
-    def say_listening(port, host):
+    def say(kind, port, host):
         try:
             fd = int(env.get('HERD_IPC_FD', ''))
         except ValueError:
             return
         import json
-        msg = {'type': 'listening'}
+        msg = {'type': kind}
         if port != private:
             msg['port'] = port
             if isinstance(host, str) and host not in ('', '0.0.0.0', '::'):

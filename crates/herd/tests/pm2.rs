@@ -1103,6 +1103,23 @@ fn with_no_port_given_a_python_script_is_served_on_the_port_its_code_names() {
         "{said}"
     );
     assert_eq!(body(local), "flask");
+    // uvicorn's reloader binds the socket, and its server process listens.
+    let reloaded = free_port();
+    std::fs::write(
+        sb.app().join("asgi.py"),
+        format!(
+            "import os, uvicorn\n\
+             async def app(scope, receive, send):\n\
+             \x20   body = b'asgi %d' % os.getpid()\n\
+             \x20   length = [(b'content-length', str(len(body)).encode())]\n\
+             \x20   await send({{'type': 'http.response.start', 'status': 200, 'headers': length}})\n\
+             \x20   await send({{'type': 'http.response.body', 'body': body}})\n\
+             if __name__ == '__main__':\n\
+             \x20   uvicorn.run('asgi:app', host='0.0.0.0', port={reloaded}, reload=True)\n"
+        ),
+    )
+    .unwrap();
+    served_by_two(&sb, "unset PORT; herd start asgi.py -i 2", reloaded);
 }
 
 /// PM2's cluster mode serves an app on the port its code names, and so

@@ -276,7 +276,10 @@ impl Supervisor {
         // passed port probe. In dispatch mode only the dispatch socket's
         // `listening` counts.
         let kind = msg.get("type").and_then(Value::as_str);
-        if kind == Some("listening") {
+        // `port` (herd's Python preload, at bind time): where the app asks to
+        // be served, before it listens, maybe in a child process (uvicorn's
+        // reloader binds, its server process listens); not readiness.
+        if matches!(kind, Some("listening" | "port")) {
             let asked = msg.get("port").and_then(Value::as_u64);
             let host = msg.get("host").and_then(Value::as_str);
             self.on_port(Some(epoch), asked, host);
@@ -286,6 +289,9 @@ impl Supervisor {
             // Still without a port (it could not be bound): nothing to hint.
             if let Some(asked) = asked.filter(|_| self.awaiting_port.is_none()) {
                 self.port_hint(epoch, slot, asked);
+            }
+            if kind == Some("port") {
+                return;
             }
         }
         if matches!(kind, Some("ready" | "listening")) {
