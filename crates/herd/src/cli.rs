@@ -203,6 +203,15 @@ pub enum Command {
         #[command(flatten)]
         target: Named,
     },
+    /// Print a worker's environment, one NAME=value per line, as `pm2 env ID` does
+    /// (what it was started with: PORT, HERD_WORKER_ID, --env's…).
+    Env {
+        #[command(flatten)]
+        target: Target,
+        /// The worker's id.
+        #[arg(value_name = "ID", default_value_t = 0)]
+        id: usize,
+    },
     /// Print the pids of a cluster's workers, one per line, as `pm2 pid` does
     /// (`kill -USR2 $(herd pid api)`); no name or `all`: every running cluster's.
     Pid {

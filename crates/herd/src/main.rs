@@ -58,6 +58,7 @@ fn execute(cli: herd::cli::Cli) -> ExitCode {
         | Command::Upgrade { .. }
         | Command::Rollback { .. }
         | Command::Pid { .. }
+        | Command::Env { .. }
         | Command::List { .. }) => match herd::control::client::run(cmd) {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {
@@ -401,9 +402,6 @@ fn pm2_command_hint(cmd: &str) -> Option<&'static str> {
         }
         "reloadLogs" | "logrotate" => {
             "herd rotates its log files itself (--log-max-size, --log-keep), reopens one that logrotate moved within a second, and at once on SIGUSR1"
-        }
-        "env" => {
-            "`herd describe NAME` shows a cluster's workers; its environment is the one it was started in"
         }
         "init" | "ecosystem" => {
             "herd reads PM2's ecosystem files as they are (`herd start ecosystem.config.js`), and a herd.toml is a few lines (see the README)"

@@ -178,6 +178,14 @@ fn the_readme_pm2_commands_work_as_written() {
                     "{said}"
                 );
             }
+            ["env", "0"] => {
+                let port = format!("PORT={}", sb.port);
+                assert!(
+                    said.lines().any(|l| l == "HERD_WORKER_ID=0")
+                        && said.lines().any(|l| l.starts_with("PORT=") && l != port),
+                    "{said}"
+                );
+            }
             ["describe", "app"] => {
                 // A row per worker (the third may still be starting).
                 let rows = said

@@ -15,6 +15,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             all_hosts,
         } => return status(target.name(), json, all_hosts),
         Command::Pid { target } => return pids(target.name()),
+        Command::Env { target, id } => return worker_env(target.name.as_deref(), id),
         Command::List { pm2: true, json } => return jlist(json),
         Command::List { json, .. } => return list(json),
         Command::Reload {
@@ -534,6 +535,37 @@ fn pids(name: Option<&str>) -> Result<i32, ControlError> {
             Err(e) if named => return Err(e),
             Err(_) => {}
         }
+    }
+    Ok(0)
+}
+
+/// `pm2 env ID`: the environment worker `id` was started with, as the
+/// kernel keeps it (`/proc/PID/environ`), one `NAME=value` per line, sorted.
+fn worker_env(name: Option<&str>, id: usize) -> Result<i32, ControlError> {
+    let (n, p) = control::find(name)?;
+    let v: Status = control::call(&n, &p, &Request::Status, |_| {})?;
+    let Some(w) = v.workers.iter().find(|w| w.id == id && w.pid != 0) else {
+        let ids: Vec<String> = v
+            .workers
+            .iter()
+            .filter(|w| w.pid != 0)
+            .map(|w| w.id.to_string())
+            .collect();
+        return Err(ControlError::Usage(format!(
+            "{n} has no running worker {id} (running: {})",
+            if ids.is_empty() {
+                "none".into()
+            } else {
+                ids.join(", ")
+            }
+        )));
+    };
+    let raw = std::fs::read(format!("/proc/{}/environ", w.pid))
+        .map_err(|e| ControlError::Usage(format!("cannot read worker {id}'s environment: {e}")))?;
+    let mut vars: Vec<&[u8]> = raw.split(|&b| b == 0).filter(|v| !v.is_empty()).collect();
+    vars.sort_unstable();
+    for v in vars {
+        crate::outln!("{}", String::from_utf8_lossy(v));
     }
     Ok(0)
 }
