@@ -203,6 +203,12 @@ pub enum Command {
         #[command(flatten)]
         target: Named,
     },
+    /// Set the workers' restart counts back to 0, as `pm2 reset` does; `all`: every
+    /// cluster's (the metrics' counters keep counting).
+    Reset {
+        #[command(flatten)]
+        target: Named,
+    },
     /// Print a worker's environment, one NAME=value per line, as `pm2 env ID` does
     /// (what it was started with: PORT, HERD_WORKER_ID, --env's…).
     Env {

@@ -59,6 +59,7 @@ fn execute(cli: herd::cli::Cli) -> ExitCode {
         | Command::Rollback { .. }
         | Command::Pid { .. }
         | Command::Env { .. }
+        | Command::Reset { .. }
         | Command::List { .. }) => match herd::control::client::run(cmd) {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {
@@ -411,9 +412,6 @@ fn pm2_command_hint(cmd: &str) -> Option<&'static str> {
         }
         "set" | "get" | "conf" | "config" => {
             "herd's settings are its options, on the command line or in herd.toml (pm2-logrotate's max_size and retain are --log-max-size and --log-keep)"
-        }
-        "reset" => {
-            "a master counts its workers' restarts from its start: `herd stop NAME && herd start NAME` starts them at 0"
         }
         "link" | "unlink" | "plus" | "open" => {
             "herd has no hosted dashboard: --admin ADDR serves a web dashboard and Prometheus /metrics, and `herd monit` runs in the terminal"

@@ -1056,10 +1056,6 @@ fn bad_input_gets_one_clear_line() {
         "herd has no modules: what pm2-logrotate does is built in (--log-max-size, --log-keep",
     );
     assert_one_line_error(
-        &["reset", "api"],
-        "`herd stop NAME && herd start NAME` starts them at 0",
-    );
-    assert_one_line_error(
         &["start", "app.js", "--no-vizion"],
         "unexpected argument '--no-vizion' found; herd has no PM2 agent",
     );

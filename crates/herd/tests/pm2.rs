@@ -708,6 +708,30 @@ fn out_file_and_error_file_get_each_stream_as_pm2_writes_them() {
     );
 }
 
+/// `pm2 reset api` after a worker was killed: its restart count goes back
+/// to 0, the worker found by `herd pid`.
+#[test]
+fn reset_sets_the_restart_counts_back_to_0() {
+    let sb = Sandbox::new("reset");
+    sb.pm2_example(|js| js);
+    let (ok, said) = sb.run("herd start app.js -i 1");
+    assert!(ok && said.contains("app: started"), "{said}");
+    let restarts = || {
+        let (_, said) = sb.run("herd status app --json");
+        let v: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
+        v["workers"][0]["restarts"].as_u64()
+    };
+    let (ok, said) = sb.run("kill -9 $(herd pid app)");
+    assert!(ok, "{said}");
+    assert!(wait_until(T, || restarts() == Some(1)), "{:?}", restarts());
+    let (ok, said) = sb.run("herd reset app");
+    assert!(
+        ok && said.contains("app: restart counts set to 0"),
+        "{said}"
+    );
+    assert_eq!(restarts(), Some(0));
+}
+
 /// PM2's `pm2 startup systemd` and `pm2 save --force` (an empty list, so
 /// that nothing comes back at boot).
 #[test]

@@ -15,6 +15,7 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
             all_hosts,
         } => return status(target.name(), json, all_hosts),
         Command::Pid { target } => return pids(target.name()),
+        Command::Reset { target } => (target.name().map(str::to_string), Request::Reset),
         Command::Env { target, id } => return worker_env(target.name.as_deref(), id),
         Command::List { pm2: true, json } => return jlist(json),
         Command::List { json, .. } => return list(json),
@@ -475,6 +476,7 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
             n(answer.rolled_back)
         ),
         Request::Replace { id } => crate::outln!("{name}: worker {id} replaced"),
+        Request::Reset => crate::outln!("{name}: restart counts set to 0"),
         Request::Status | Request::Hosts | Request::Upgrade => {}
     }
     Ok(())

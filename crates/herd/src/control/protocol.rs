@@ -54,6 +54,9 @@ pub enum Request {
     /// Replace worker `id`: its successor first, then it drains (as a
     /// one-slot rolling reload).
     Replace { id: usize },
+    /// Every worker's restart count back to 0 (`pm2 reset`); the metrics'
+    /// counters keep counting.
+    Reset,
     /// A signal (`"SIGUSR2"`) to worker `id`'s main process, or to every worker's.
     Signal {
         signal: String,

@@ -459,6 +459,15 @@ impl Machine {
         }
     }
 
+    /// `herd reset` (`pm2 reset`): every slot's restart count back to 0.
+    /// The counts by cause stay: they are the metrics' counters, which
+    /// never go down.
+    pub fn reset_restarts(&mut self) {
+        for s in &mut self.slots {
+            s.restarts = 0;
+        }
+    }
+
     /// A slot's restarts and how its last worker ended.
     pub fn history(&self, slot: usize) -> (u64, Option<&str>) {
         self.slots

@@ -128,6 +128,11 @@ impl Supervisor {
                 self.apply(Input::Promote, Some(reply));
             }
             Request::Rollback => self.apply(Input::Rollback, Some(reply)),
+            Request::Reset => {
+                self.m.reset_restarts();
+                tracing::info!("restart counts set to 0 (herd reset)");
+                let _ = reply.send(Done::ok().into());
+            }
             // Answered as a reload of that one slot.
             Request::Replace { id } => match self.m.current(id) {
                 Some(w) if self.m.workers().filter(|o| o.slot == id).count() == 1 => {

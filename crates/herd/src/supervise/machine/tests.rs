@@ -153,6 +153,21 @@ fn quick_exits_restart_on_the_timer_with_a_doubling_back_off_up_to_the_cap() {
     }
 }
 
+/// `herd reset`: the slots' restart counts go back to 0; the counts by
+/// cause (the metrics' counters) do not.
+#[test]
+fn reset_zeroes_the_slots_restart_counts_but_not_the_metrics() {
+    let (mut h, e) = H::serving(1, limits());
+    h.at(10).exit(e[0]);
+    h.timer(110);
+    assert_eq!(h.m.history(0).0, 1);
+    let counted = |h: &H| h.m.restarts_by_cause().map(|(_, n)| n).sum::<u64>();
+    assert_eq!(counted(&h), 1);
+    h.m.reset_restarts();
+    assert_eq!(h.m.history(0).0, 0);
+    assert_eq!(counted(&h), 1);
+}
+
 #[test]
 fn one_more_quick_exit_than_max_restarts_is_a_crash_loop() {
     let (mut h, e) = H::serving(1, limits());
