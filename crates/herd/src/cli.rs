@@ -821,18 +821,22 @@ fn interpreted(mut command: Vec<OsString>, interpreter: Option<&str>, args: &str
     let Some(first) = command.first() else {
         return command;
     };
-    let args = args.split_whitespace().map(OsString::from);
+    let args: Vec<OsString> = args.split_whitespace().map(OsString::from).collect();
     let script = crate::config::is_script_name(&first.to_string_lossy());
     let interpreter = match interpreter {
         Some("none") => None,
-        Some(i) => Some(i),
-        None if script => crate::config::interpreter_of(std::path::Path::new(first)),
+        // The program the user names, spaces and all.
+        Some(i) => Some(
+            std::iter::once(OsString::from(i))
+                .chain(args.clone())
+                .collect(),
+        ),
+        None if script => crate::config::interpreter_of(std::path::Path::new(first))
+            .map(|i| crate::config::interpreter_words(i, args.clone())),
         None => None,
     };
     match interpreter {
-        Some(i) => {
-            let mut out = vec![OsString::from(i)];
-            out.extend(args);
+        Some(mut out) => {
             out.extend(command);
             out
         }
@@ -1052,6 +1056,15 @@ mod tests {
             w(&["node", "--inspect", "app.js"])
         );
         assert_eq!(i(&["./api"], Some("none"), ""), w(&["./api"]));
+        // A runnable jar: the JVM's options before `-jar`.
+        assert_eq!(
+            i(&["app.jar", "--debug"], None, "-Xmx512m"),
+            w(&["java", "-Xmx512m", "-jar", "app.jar", "--debug"])
+        );
+        assert_eq!(
+            i(&["app.py"], Some("/opt/my python/bin/python3"), ""),
+            w(&["/opt/my python/bin/python3", "app.py"])
+        );
     }
 
     #[test]

@@ -1869,7 +1869,7 @@ fn with_interpreter(mut command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsStr
         Some(words) if !executable || words.first().is_some_and(preloaded) => words,
         Some(_) => Vec::new(),
         None => match interpreter_of(&path) {
-            Some(i) => vec![i.into()],
+            Some(i) => interpreter_words(i, []),
             None if executable => Vec::new(),
             None => return command,
         },
@@ -1931,15 +1931,33 @@ pub(crate) fn interpreter_of(script: &Path) -> Option<&'static str> {
         Some("pl") => Some("perl"),
         Some("php") => Some("php"),
         Some("sh") => Some("sh"),
+        // A Spring Boot or other runnable jar; the JVM's options go
+        // before `-jar` (see `interpreter_words`).
+        Some("jar") => Some("java -jar"),
         _ => None,
     }
 }
 
+/// An interpreter from [`interpreter_of`] in words, with `options` (PM2's
+/// `--interpreter-args`) after its program: `java -Xmx1g -jar`.
+pub(crate) fn interpreter_words(
+    interpreter: &str,
+    options: impl IntoIterator<Item = OsString>,
+) -> Vec<OsString> {
+    let mut words = interpreter.split(' ').map(OsString::from);
+    let mut out: Vec<OsString> = words.next().into_iter().collect();
+    out.extend(options);
+    out.extend(words);
+    out
+}
+
 /// A file name an interpreter runs (`app.js`, `main.py`…).
 pub(crate) fn is_script_name(word: &str) -> bool {
-    [".js", ".mjs", ".cjs", ".py", ".rb", ".pl", ".php", ".sh"]
-        .iter()
-        .any(|ext| word.ends_with(ext))
+    [
+        ".js", ".mjs", ".cjs", ".py", ".rb", ".pl", ".php", ".sh", ".jar",
+    ]
+    .iter()
+    .any(|ext| word.ends_with(ext))
         || is_typescript(word)
 }
 
@@ -2375,6 +2393,11 @@ mod tests {
         assert_eq!(
             with_interpreter(words(&["app.py"]), Some(&dir)),
             words(&["python3", "app.py"])
+        );
+        std::fs::write(dir.join("app.jar"), "PK").unwrap();
+        assert_eq!(
+            with_interpreter(words(&["app.jar", "--debug"]), Some(&dir)),
+            words(&["java", "-jar", "app.jar", "--debug"])
         );
         // Programs on PATH and missing files are left alone.
         assert_eq!(
