@@ -1866,7 +1866,9 @@ fn with_interpreter(mut command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsStr
     let executable = matches!(check_executable(&path), Exec::Yes);
     let preloaded = |w: &OsString| is_node(Path::new(w)) || crate::python::is_python(Path::new(w));
     let interpreter = match shebang_of(&path) {
-        Some(words) if !executable || words.first().is_some_and(preloaded) => words,
+        Some(words) if !executable || words.first().is_some_and(preloaded) => {
+            python3_for_python(words, std::env::var_os("PATH").as_deref())
+        }
         Some(_) => Vec::new(),
         None => match interpreter_of(&path) {
             Some(i) => interpreter_words(i, []),
@@ -1884,6 +1886,17 @@ fn with_interpreter(mut command: Vec<OsString>, cwd: Option<&Path>) -> Vec<OsStr
     }
     command.splice(0..0, interpreter);
     command
+}
+
+/// `#!/usr/bin/env python` (Django's `manage.py`) where only `python3` is
+/// installed, as on Debian without python-is-python3: python3, as PEP 394
+/// allows, rather than "command not found: python".
+fn python3_for_python(mut words: Vec<OsString>, path: Option<&std::ffi::OsStr>) -> Vec<OsString> {
+    let found = |w: &str| resolve_program(&OsString::from(w), None, path).is_ok();
+    if words.first().is_some_and(|w| w == "python") && !found("python") && found("python3") {
+        words[0] = "python3".into();
+    }
+    words
 }
 
 /// The interpreter and its options a script's `#!` line names, with
@@ -2393,6 +2406,24 @@ mod tests {
         assert_eq!(
             with_interpreter(words(&["app.py"]), Some(&dir)),
             words(&["python3", "app.py"])
+        );
+        // `#!/usr/bin/env python` where only python3 is on PATH.
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("python3"), "").unwrap();
+        std::fs::set_permissions(bin.join("python3"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let python = || words(&["python", "-u"]);
+        assert_eq!(
+            python3_for_python(python(), Some(bin.as_os_str())),
+            words(&["python3", "-u"])
+        );
+        std::fs::write(bin.join("python"), "").unwrap();
+        std::fs::set_permissions(bin.join("python"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        assert_eq!(
+            python3_for_python(python(), Some(bin.as_os_str())),
+            python()
         );
         std::fs::write(dir.join("app.jar"), "PK").unwrap();
         assert_eq!(
