@@ -2538,18 +2538,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("herd-line-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("my app.js"), "").unwrap();
-        assert_eq!(
-            one_line(words(&["npm run dev -- --port $PORT"]), Some(&dir)),
-            words(&["sh", "-c", "npm run dev -- --port $PORT"])
-        );
-        assert_eq!(
-            one_line(words(&["NODE_ENV=production node app.js"]), Some(&dir)),
-            words(&["sh", "-c", "NODE_ENV=production node app.js"])
-        );
-        assert_eq!(
-            one_line(words(&["npm ci && npm start"]), Some(&dir)),
-            words(&["sh", "-c", "npm ci && npm start"])
-        );
+        for line in [
+            "npm run dev -- --port $PORT",
+            "NODE_ENV=production node app.js",
+            "npm ci && npm start",
+        ] {
+            assert_eq!(
+                one_line(words(&[line]), Some(&dir)),
+                words(&["sh", "-c", line])
+            );
+        }
         // Plain words need no shell, and keep herd's preloads.
         assert_eq!(
             one_line(words(&[" node  app.js --port=3000 "]), Some(&dir)),
