@@ -31,11 +31,22 @@ def _herd_preload():
     except ValueError:
         return
     import socket
+    import stat
+    import weakref
+
+    # herd's channel, taken now, before the app opens anything: a Python
+    # program started without it (close_fds) may have another file at that
+    # number by the time it listens, which a message must not go into.
+    try:
+        fd = int(env.get('HERD_IPC_FD', ''))
+        channel = os.dup(fd) if stat.S_ISSOCK(os.fstat(fd).st_mode) else None
+    except (ValueError, OSError):
+        channel = None
 
     orig_bind = socket.socket.bind
     orig_listen = socket.socket.listen
-    # The port the app asked for, and the socket that now serves it.
-    claimed = {'port': None, 'sock': None, 'host': None, 'said': False}
+    # The port the app asked for, and (weakly) the socket that now serves it.
+    claimed = {'port': None, 'sock': lambda: None, 'host': None, 'said': False}
 
     def tcp(sock):
         return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
@@ -56,7 +67,7 @@ def _herd_preload():
             if isinstance(port, int) and port:
                 if claimed['port'] is None:
                     result = orig_bind(self, loopback(self, private))
-                    claimed.update(port=port, sock=self, host=host)
+                    claimed.update(port=port, sock=weakref.ref(self), host=host)
                     # A Python program this one starts binds as it asks.
                     env['HERD_PORT_TAKEN'] = str(os.getpid())
                     # Said now: another process may be the one that listens
@@ -69,15 +80,13 @@ def _herd_preload():
 
     def listen(self, *args):
         result = orig_listen(self, *args)
-        if self is claimed['sock'] and not claimed['said']:
+        if self is claimed['sock']() and not claimed['said']:
             claimed['said'] = True
             say('listening', claimed['port'], claimed['host'])
         return result
 
     def say(kind, port, host):
-        try:
-            fd = int(env.get('HERD_IPC_FD', ''))
-        except ValueError:
+        if channel is None:
             return
         import json
         msg = {'type': kind}
@@ -86,7 +95,7 @@ def _herd_preload():
             if isinstance(host, str) and host not in ('', '0.0.0.0', '::'):
                 msg['host'] = host
         try:
-            os.write(fd, (json.dumps(msg) + '\n').encode())
+            os.write(channel, (json.dumps(msg) + '\n').encode())
         except OSError:
             pass  # no channel: herd finds the port by probing it
 

@@ -1152,6 +1152,38 @@ fn with_no_port_given_a_python_script_is_served_on_the_port_its_code_names() {
     )
     .unwrap();
     served_by_two(&sb, "unset PORT; herd start asgi.py -i 2", reloaded);
+    // A Python program started without herd's channel (subprocess closes
+    // fds) that has other files at its number when it listens: the
+    // preload's message must not go into them.
+    let spawner = free_port();
+    let script = r#"import os, subprocess, sys
+from http.server import HTTPServer, BaseHTTPRequestHandler
+child = """import os, socket
+fds = [os.open(n, os.O_RDWR | os.O_CREAT | os.O_TRUNC) for n in ('f1', 'f2', 'f3')]
+s = socket.socket()
+s.bind(('127.0.0.1', CHILD))
+s.listen()
+print(sum(os.fstat(f).st_size for f in fds))
+"""
+written = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True).stdout.strip()
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = ('written=%s pid=%d' % (written, os.getpid())).encode()
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+HTTPServer(('', SPAWNER), H).serve_forever()
+"#;
+    let script = script
+        .replace("CHILD", &free_port().to_string())
+        .replace("SPAWNER", &spawner.to_string());
+    std::fs::write(sb.app().join("spawner.py"), script).unwrap();
+    let answers = served_by_two(&sb, "unset PORT; herd start spawner.py -i 2", spawner);
+    assert!(
+        answers.iter().all(|b| b.starts_with("written=0 ")),
+        "{answers:?}"
+    );
 }
 
 /// PM2's cluster mode serves an app on the port its code names, and so
