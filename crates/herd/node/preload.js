@@ -29,6 +29,9 @@
 (() => {
   const mode = process.env.HERD_MODE;
   if (!mode || process.env.HERD_WORKER_ID === undefined) return;
+  // A Node program the worker started after taking its port (a helper
+  // server) is not the worker: it listens where it asks.
+  if (process.env.HERD_PORT_TAKEN) return;
   const net = require('net');
   const origListen = net.Server.prototype.listen;
   const servers = new Set();
@@ -53,7 +56,13 @@
 
   // herd's message channel, opened only when the app uses messages (an
   // app that reads fd 4 itself, as examples/node/ipc.js does, keeps it).
-  const ipcFd = Number(process.env.HERD_IPC_FD);
+  // Checked now, before the app opens anything: a Node program started
+  // without it (its fds closed) may have another file at that number later,
+  // which herd's lines must not go into.
+  const ipcFd = (() => {
+    const fd = Number(process.env.HERD_IPC_FD);
+    try { return fd && require('fs').fstatSync(fd).isSocket() ? fd : 0; } catch (_) { return 0; }
+  })();
   // --kill-signal none (PM2's shutdown_with_message): no signal follows
   // herd's shutdown notice, so the channel is read from the start.
   const byMessage = process.env.HERD_SHUTDOWN_MESSAGE === '1';
@@ -127,10 +136,14 @@
   // `asked`: the port the app's own listen() named, for herd to say where
   // the app is served when that is elsewhere (a port written in its code).
   const sayReady = (asked, host) => {
-    const fd = Number(process.env.HERD_IPC_FD);
-    if (!fd) return;
+    if (!ipcFd) return;
     const msg = JSON.stringify(asked ? { type: 'listening', port: asked, host } : { type: 'listening' });
-    try { require('fs').writeSync(fd, msg + '\n'); } catch (_) { /* no channel */ }
+    try { require('fs').writeSync(ipcFd, msg + '\n'); } catch (_) { /* no channel */ }
+  };
+  // The worker's public server is this process's: mark it for its children.
+  const claim = () => {
+    claimed = true;
+    process.env.HERD_PORT_TAKEN = String(process.pid);
   };
 
   // Keep-alive clients across a stop (HAProxy's soft stop): once an HTTP
@@ -238,7 +251,7 @@
     if (!claimed && (mode === 'shared' || mode === 'reuseport') &&
         a0 && typeof a0 === 'object' && Number(a0.fd) === 3) {
       // The app takes herd's socket itself: it is the public server.
-      claimed = true;
+      claim();
       track(this);
       this.once('listening', () => sayReady());
       return origListen.apply(this, args);
@@ -247,7 +260,7 @@
     if (port === null && !(appPort && !claimed && namesNothing(args))) {
       return origListen.apply(this, args);
     }
-    claimed = true;
+    claim();
     const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
     const backlog = args.find((a, i) => i > 0 && typeof a === 'number');
     track(this);

@@ -1067,6 +1067,37 @@ fn served_by_two(sb: &Sandbox, line: &str, port: u16) -> std::collections::BTree
     answers
 }
 
+/// A Node worker that starts a helper server of its own after it listens:
+/// the helper, which inherits herd's preload, binds the port it asks for,
+/// not the worker's.
+#[test]
+fn a_node_workers_own_child_server_listens_where_it_asks() {
+    let sb = Sandbox::new("nodechild");
+    let helper = free_port();
+    let script = r#"const http = require('http');
+const { spawn } = require('child_process');
+http.createServer((q, r) => r.end('main ' + process.pid)).listen(process.env.PORT, () => {
+  if (process.env.HERD_WORKER_ID !== '0') return;
+  const code = "require('http').createServer((q, r) => r.end('helper')).listen(HELPER)";
+  spawn(process.execPath, ['-e', code], { stdio: 'ignore' });
+});
+"#
+    .replace("HELPER", &helper.to_string());
+    std::fs::write(sb.app().join("web.js"), script).unwrap();
+    let (ok, said) = sb.run("herd start web.js -i 2");
+    assert!(ok && said.contains("web: started"), "{said}");
+    let mut got = None;
+    assert!(
+        wait_until(T, || {
+            got = http_get(helper, "/").ok();
+            got.as_ref()
+                .is_some_and(|(s, b)| *s == 200 && b == "helper")
+        }),
+        "{got:?}"
+    );
+    assert!(body(sb.port).starts_with("main "), "{}", body(sb.port));
+}
+
 /// A Python script whose code names its port (`HTTPServer(("", 5000))`,
 /// Flask's `app.run(port=5000)`) is served there by herd's workers when no
 /// port is given, as PM2 would run it, through herd's Python preload; a
