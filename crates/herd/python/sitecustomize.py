@@ -4,7 +4,7 @@
 #
 # It lets an unmodified app whose code names its port (Flask's
 # `app.run(port=5000)`, `python -m http.server`, `uvicorn.run(app,
-# port=8000)` on asyncio's loop) take part in herd's proxy mode: the first
+# port=8000)` on asyncio's loop or uvloop's) take part in herd's proxy mode: the first
 # bind() of a TCP socket to a port (not 0) is the app's public server, and
 # binds 127.0.0.1:$HERD_PORT instead, where herd relays to it. herd hears
 # on its message channel (fd $HERD_IPC_FD) which port the app asked for, at
@@ -13,7 +13,9 @@
 # as PM2 would run it. A later bind() to the same port (the other address
 # family of a dual-stack server) gets a loopback port of no consequence, and
 # a Python program the app starts after that binds what it asks for.
-# Sockets made outside Python's socket module (uvloop's) are not seen.
+# uvloop binds through Python's socket module too (and listens in C, so
+# readiness then comes from herd's own probe); a socket C code binds on its
+# own is not seen.
 #
 # Then it imports the sitecustomize this one hides (Debian ships one).
 import os

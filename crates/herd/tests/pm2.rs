@@ -1183,6 +1183,19 @@ fn with_no_port_given_a_python_script_is_served_on_the_port_its_code_names() {
     )
     .unwrap();
     served_by_two(&sb, "unset PORT; herd start asgi.py -i 2", reloaded);
+    // FastAPI's `uvicorn.run(app, port=…)` on uvloop (what `fastapi[standard]`
+    // installs): uvloop binds through Python's socket module, and listens in C.
+    let looped = free_port();
+    std::fs::write(
+        sb.app().join("fast.py"),
+        format!(
+            "import uvicorn\n\
+             from asgi import app\n\
+             uvicorn.run(app, host='0.0.0.0', port={looped}, loop='uvloop')\n"
+        ),
+    )
+    .unwrap();
+    served_by_two(&sb, "unset PORT; herd start fast.py -i 2", looped);
     // A Python program started without herd's channel (subprocess closes
     // fds) that has other files at its number when it listens: the
     // preload's message must not go into them.
