@@ -69,6 +69,10 @@ def _herd_preload():
             if isinstance(port, int) and port:
                 if claimed['port'] is None:
                     result = orig_bind(self, loopback(self, private))
+                    # Every address, named by its family: '::' (dual-stack
+                    # on Linux) or '0.0.0.0'.
+                    if host in ('', '::', '0.0.0.0'):
+                        host = '::' if self.family == socket.AF_INET6 else '0.0.0.0'
                     claimed.update(port=port, sock=weakref.ref(self), host=host)
                     # A Python program this one starts binds as it asks.
                     env['HERD_PORT_TAKEN'] = str(os.getpid())
@@ -94,7 +98,7 @@ def _herd_preload():
         msg = {'type': kind}
         if port != private:
             msg['port'] = port
-            if isinstance(host, str) and host not in ('', '0.0.0.0', '::'):
+            if isinstance(host, str) and host:
                 msg['host'] = host
         try:
             os.write(channel, (json.dumps(msg) + '\n').encode())

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -1057,9 +1058,19 @@ fn an_express_bin_www_runs_with_node_and_herds_preload() {
 /// Runs `line`, which starts a cluster of two workers on 0.0.0.0:`port`;
 /// returns the answers of both to a few requests.
 fn served_by_two(sb: &Sandbox, line: &str, port: u16) -> std::collections::BTreeSet<String> {
+    served_by_two_at(sb, line, &format!("0.0.0.0:{port}"), port)
+}
+
+/// As [`served_by_two`], with herd saying it serves on `at`.
+fn served_by_two_at(
+    sb: &Sandbox,
+    line: &str,
+    at: &str,
+    port: u16,
+) -> std::collections::BTreeSet<String> {
     let (ok, said) = sb.run(line);
     assert!(
-        ok && said.contains(&format!("proxy mode on 0.0.0.0:{port};")),
+        ok && said.contains(&format!("proxy mode on {at};")),
         "{said}"
     );
     let answers: std::collections::BTreeSet<String> = (0..8).map(|_| body(port)).collect();
@@ -1233,7 +1244,8 @@ HTTPServer(('', SPAWNER), H).serve_forever()
 /// PM2's cluster mode serves an app on the port its code names, and so
 /// does herd when no port is given (`--listen`, `$PORT`, `env.PORT`): the
 /// workers' `PORT` stays unset, so `process.env.PORT || N` reads N, and the
-/// host a `listen()` names is kept.
+/// host a `listen()` names is kept. A `listen()` that names no host is
+/// served on both families, as Node binds it (`[::]`, dual-stack).
 #[test]
 fn with_no_port_given_a_node_app_is_served_on_the_port_its_code_names() {
     let sb = Sandbox::new("ownport");
@@ -1241,22 +1253,40 @@ fn with_no_port_given_a_node_app_is_served_on_the_port_its_code_names() {
     std::fs::write(
         sb.app().join("web.js"),
         format!(
-            "require('http').createServer((q, r) => r.end('web ' + process.pid + ' PORT=' + process.env.PORT))\n\
+            "require('http').createServer((q, r) => r.end('web ' + process.pid + \n\
+             \x20 ' from=' + q.headers['x-forwarded-for'] + ' PORT=' + process.env.PORT))\n\
              .listen(process.env.PORT || {own});\n"
         ),
     )
     .unwrap();
-    let answers = served_by_two(&sb, "unset PORT; herd start web.js -i 2 --name zweb", own);
+    let v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let at = if v6 { "[::]" } else { "0.0.0.0" };
+    let answers = served_by_two_at(
+        &sb,
+        "unset PORT; herd start web.js -i 2 --name zweb",
+        &format!("{at}:{own}"),
+        own,
+    );
+    // An IPv4 client of the dual-stack socket is named by its plain address.
     assert!(
-        answers.iter().all(|b| b.ends_with(" PORT=undefined")),
+        answers
+            .iter()
+            .all(|b| b.ends_with(" from=127.0.0.1 PORT=undefined")),
         "{answers:?}"
     );
+    if v6 {
+        let mut s = std::net::TcpStream::connect(("::1", own)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: v6\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let (status, b) = read_response(s).unwrap();
+        assert!(status == 200 && b.contains(" from=::1 "), "{status} {b}");
+    }
     // The same app again: its port is taken, and the error says by whom
     // (asking every cluster but itself, `web`, listed before `zweb`).
     let (ok, said) = sb.run("unset PORT; timeout 60 herd start web.js -i 2");
     assert!(
         !ok && said.contains(&format!(
-            "cannot listen on 0.0.0.0:{own}: in use by herd cluster \"zweb\""
+            "cannot listen on {at}:{own}: in use by herd cluster \"zweb\""
         )),
         "{said}"
     );

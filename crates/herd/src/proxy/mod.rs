@@ -253,6 +253,9 @@ pub async fn serve(
         };
         match accepted {
             Ok((client, peer)) => {
+                // An IPv4 client of a dual-stack `[::]` listener arrives as
+                // `::ffff:a.b.c.d`: its plain address, for headers and logs.
+                let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 let guard = ActiveGuard::new(active.clone());
                 if let Protocol::Http(h) = &proto
                     && h.tls.is_none()

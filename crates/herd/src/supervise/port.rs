@@ -2,7 +2,7 @@
 //! port given is served where its `listen()` says, as under PM2's cluster
 //! mode, so the master binds only once the first worker has said where.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::{Input, SuperviseError, Supervisor, taken};
@@ -28,18 +28,39 @@ pub(super) struct AwaitingPort {
 }
 
 /// Where the app's `listen(port, host)` asked to be, in herd's terms: an
-/// address literal or `localhost` is kept; any other host (`::`, a name)
-/// gets herd's default address.
+/// address literal or `localhost` is kept; no host or `::` is every
+/// address of both families, as Node (and so PM2's cluster mode) binds a
+/// `listen(3000)`: `[::]`, which takes IPv4 clients too; any other host
+/// (`0.0.0.0`, Python's `""`, a name) gets herd's default address.
 pub(super) fn app_addr(port: u16, host: Option<&str>, default: IpAddr) -> SocketAddr {
     let ip = match host {
         Some("localhost") => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        None => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         Some(h) => match h.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) if v6.is_unspecified() => IpAddr::V6(v6),
             Ok(ip) if !ip.is_unspecified() => ip,
             _ => default,
         },
-        None => default,
     };
     SocketAddr::new(ip, port)
+}
+
+/// Binds the app's address; `[::]` on a host without IPv6 falls back to
+/// `default` (IPv4 only), as Node's own `listen()` does.
+fn bind_app(addr: SocketAddr, default: IpAddr) -> Result<Listeners, ListenError> {
+    let bind = |a| Listeners::bind(Mode::Proxy, a, crate::os::cpus::usable());
+    match bind(addr) {
+        Err(ListenError::Bind { source, .. })
+            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                && matches!(
+                    source.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+                ) =>
+        {
+            bind(SocketAddr::new(default, addr.port()))
+        }
+        r => r,
+    }
 }
 
 impl Supervisor {
@@ -99,8 +120,9 @@ impl Supervisor {
         let named = asked
             .and_then(|a| u16::try_from(a).ok())
             .filter(|&p| Some(p) != private);
-        let addr = named.map_or(self.s.listen, |p| app_addr(p, host, self.s.listen.ip()));
-        let listeners = match Listeners::bind(Mode::Proxy, addr, crate::os::cpus::usable()) {
+        let default = self.s.listen.ip();
+        let addr = named.map_or(self.s.listen, |p| app_addr(p, host, default));
+        let listeners = match bind_app(addr, default) {
             Ok(l) => l,
             Err(e) if self.started.elapsed() >= AT_START => {
                 tracing::error!(
@@ -151,14 +173,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_apps_host_is_kept_unless_it_means_everywhere() {
+    fn the_apps_host_is_kept_and_no_host_means_both_families() {
         let any: IpAddr = "0.0.0.0".parse().unwrap();
         let at = |h| app_addr(3000, h, any).to_string();
-        assert_eq!(at(None), "0.0.0.0:3000");
+        assert_eq!(at(None), "[::]:3000");
         assert_eq!(at(Some("127.0.0.1")), "127.0.0.1:3000");
         assert_eq!(at(Some("localhost")), "127.0.0.1:3000");
-        assert_eq!(at(Some("::")), "0.0.0.0:3000");
+        assert_eq!(at(Some("::")), "[::]:3000");
         assert_eq!(at(Some("0.0.0.0")), "0.0.0.0:3000");
+        assert_eq!(at(Some("")), "0.0.0.0:3000");
         assert_eq!(at(Some("::1")), "[::1]:3000");
         assert_eq!(at(Some("example.com")), "0.0.0.0:3000");
     }
