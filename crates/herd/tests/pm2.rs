@@ -1241,6 +1241,36 @@ HTTPServer(('', SPAWNER), H).serve_forever()
     );
 }
 
+/// A Python worker's `print()` reaches the log as it is called, not in
+/// 8 KiB blocks once the pipe's buffer fills: herd sets `PYTHONUNBUFFERED`
+/// for a Python program, as PM2 does, unless the environment sets it.
+#[test]
+fn a_python_workers_prints_reach_the_log_at_once() {
+    let sb = Sandbox::new("pyprint");
+    std::fs::write(
+        sb.app().join("printer.py"),
+        "import os, time\n\
+         print('printed PYTHONUNBUFFERED=%s' % os.environ.get('PYTHONUNBUFFERED'))\n\
+         time.sleep(300)\n",
+    )
+    .unwrap();
+    let (ok, said) = sb.run("herd start printer.py --mode fork");
+    assert!(ok, "{said}");
+    let mut log = String::new();
+    assert!(
+        wait_until(T, || {
+            log = sb.run("herd logs printer --nostream --lines 20").1;
+            log.contains("printed PYTHONUNBUFFERED=1")
+        }),
+        "{log}"
+    );
+    // Set (even empty, which Python reads as unset): left as given.
+    let (ok, said) = sb.run("PYTHONUNBUFFERED=0 herd start printer.py --mode fork --name kept");
+    assert!(ok, "{said}");
+    let (ok, said) = sb.run("herd env 0 --name kept");
+    assert!(ok && said.contains("PYTHONUNBUFFERED=0"), "{said}");
+}
+
 /// PM2's cluster mode serves an app on the port its code names, and so
 /// does herd when no port is given (`--listen`, `$PORT`, `env.PORT`): the
 /// workers' `PORT` stays unset, so `process.env.PORT || N` reads N, and the

@@ -1764,6 +1764,15 @@ impl Release {
         is_node(&self.program)
     }
 
+    /// Whether the program is Python: `python3 …`, or a console script
+    /// whose `#!` line names python (`gunicorn`, `uvicorn`, `manage.py`).
+    pub fn runs_python(&self) -> bool {
+        crate::python::is_python(&self.program)
+            || shebang_of(&self.program)
+                .and_then(|words| words.into_iter().next())
+                .is_some_and(|w| crate::python::is_python(Path::new(&w)))
+    }
+
     pub fn is_python(&self) -> bool {
         crate::python::is_python(&self.program)
     }
@@ -2392,6 +2401,30 @@ mod tests {
             .map(|EnvPair(k, v)| format!("{k}={v}"))
             .collect();
         assert_eq!(env, ["A=file", "B=file", "B=flag"]);
+    }
+
+    #[test]
+    fn python_programs_are_known_by_name_or_by_their_hash_bang_line() {
+        let dir = std::env::temp_dir().join(format!("herd-py-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let release = |name: &str, head: &str| {
+            let program = dir.join(name);
+            std::fs::write(&program, head).unwrap();
+            Release {
+                command: vec![program.clone().into()],
+                program,
+                cwd: None,
+                env: Vec::new(),
+                base_env: None,
+            }
+        };
+        assert!(release("python3.11", "").runs_python());
+        assert!(release("gunicorn", "#!/usr/local/bin/python3.11\nimport re\n").runs_python());
+        assert!(release("uvicorn", "#!/usr/bin/env python3\n").runs_python());
+        assert!(!release("tool", "#!/bin/sh\n").runs_python());
+        assert!(!release("www", "#!/usr/bin/env node\n").runs_python());
+        assert!(!release("bin", "\x7fELF").runs_python());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

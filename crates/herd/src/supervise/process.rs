@@ -70,6 +70,10 @@ pub(super) struct Spec {
     pub release: crate::config::Release,
     pub node_options: Option<OsString>,
     pub python_path: Option<OsString>,
+    /// A Python program: `PYTHONUNBUFFERED=1` unless the environment sets
+    /// it, as PM2 sets it, so that `print()` reaches the log as it is
+    /// called rather than in 8 KiB blocks (stdout is a pipe).
+    pub unbuffered: bool,
     /// Whether the proxy keeps idle connections to its workers: a program
     /// found to serve one connection at a time is so in every slot and
     /// after a restart.
@@ -93,6 +97,7 @@ impl Spec {
             python_path: preloads
                 .filter(|_| python)
                 .map(|p| crate::python::python_path(&p.python, &release.env)),
+            unbuffered: release.runs_python(),
             release,
             reuse,
         }
@@ -174,6 +179,9 @@ impl Supervisor {
         if let Some(path) = &spec.python_path {
             env.retain(|(k, _)| k != "PYTHONPATH");
             env.push(("PYTHONPATH".into(), path.clone()));
+        }
+        if spec.unbuffered && !env.iter().any(|(k, _)| k == "PYTHONUNBUFFERED") {
+            env.push(("PYTHONUNBUFFERED".into(), "1".into()));
         }
         let mut fds = Vec::new();
         // Dispatch mode: the worker's end of its hand-off socket at fd 3,
