@@ -615,8 +615,9 @@ fn a_yaml_process_file_starts_and_runs_as_pm2_runtime_runs_it() {
 /// PM2's `out_file` / `error_file` (`-o` / `-e`): each stream also goes
 /// to its own file, as the workers printed it (with the time first under
 /// `time: true`), for a log shipper; `herd logs` still has every line,
-/// `herd flush` empties the copies too, and `/dev/null` keeps a stream out
-/// of herd's log altogether.
+/// `herd flush` empties the copies too, and `/dev/null` (or PM2's `NULL`)
+/// keeps a stream out of herd's log altogether. A leading `~` is the home
+/// directory, as PM2 reads it.
 #[test]
 fn out_file_and_error_file_get_each_stream_as_pm2_writes_them() {
     let sb = Sandbox::new("outfile");
@@ -631,12 +632,13 @@ fn out_file_and_error_file_get_each_stream_as_pm2_writes_them() {
         sb.app().join("ecosystem.config.js"),
         format!(
             "module.exports = {{ apps: [{{ name: 'talk', script: 'talk.js', instances: 2, \
-             out_file: 'logs/out.log', error_file: 'logs/err.log', time: true, \
+             out_file: '~/logs/out.log', error_file: 'logs/err.log', time: true, \
              env: {{ PORT: {port} }} }}] }};\n"
         ),
     )
     .unwrap();
-    let (ok, said) = sb.run("herd start ecosystem.config.js");
+    let home = sb.app().display().to_string();
+    let (ok, said) = sb.run(&format!("HOME={home} herd start ecosystem.config.js"));
     assert!(ok && said.contains("talk: started"), "{said}");
     assert_eq!(http_get(port, "/one").map(|r| r.0).ok(), Some(200));
     let read = |f: &str| std::fs::read_to_string(sb.app().join("logs").join(f)).unwrap_or_default();
@@ -674,9 +676,9 @@ fn out_file_and_error_file_get_each_stream_as_pm2_writes_them() {
     let (ok, said) = sb.run("herd delete talk");
     assert!(ok, "{said}");
 
-    // `-e /dev/null` on the command line: stderr is kept nowhere.
+    // `-e NULL` on the command line: stderr is kept nowhere.
     let (ok, said) = sb.run(&format!(
-        "herd start talk.js --name quiet -e /dev/null --listen {port} \
+        "herd start talk.js --name quiet -e NULL --listen {port} \
          -o logs/quiet.json --log-type json --log-date-format 'YYYY [at] HH'"
     ));
     assert!(ok && said.contains("quiet: started"), "{said}");
@@ -692,6 +694,7 @@ fn out_file_and_error_file_get_each_stream_as_pm2_writes_them() {
         "{log}"
     );
     assert!(log.contains("out /two") && !log.contains("err /"), "{log}");
+    assert!(!sb.app().join("NULL").exists());
     // PM2's `log_type: 'json'`, with `log_date_format` as its timestamp.
     let json = read("quiet.json");
     let first: serde_json::Value =

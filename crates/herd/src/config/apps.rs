@@ -332,7 +332,7 @@ fn ecosystem_app(
             "args" => args = words(v),
             "interpreter" | "exec_interpreter" => interpreter = text(v),
             "interpreter_args" | "node_args" => interpreter_args.extend(words(v)),
-            "cwd" => cwd = dir.join(text(v).unwrap_or_default()),
+            "cwd" => cwd = dir.join(super::home_path(Path::new(&text(v).unwrap_or_default()))),
             "instances" => {
                 o.instances = Some(match v {
                     Value::Number(n) => match n.as_i64() {
@@ -381,9 +381,13 @@ fn ecosystem_app(
             }
             "increment_var" => o.increment_var = text(v),
             "instance_var" => o.instance_var = text(v),
-            "log_file" => o.log_file = text(v).map(|f| dir.join(f)),
-            "out_file" | "output" => o.output = text(v).map(|f| dir.join(f)),
-            "error_file" | "error" => o.error = text(v).map(|f| dir.join(f)),
+            "log_file" => o.log_file = text(v).map(|f| dir.join(super::log_path(Path::new(&f)))),
+            "out_file" | "output" => {
+                o.output = text(v).map(|f| dir.join(super::log_path(Path::new(&f))))
+            }
+            "error_file" | "error" => {
+                o.error = text(v).map(|f| dir.join(super::log_path(Path::new(&f))))
+            }
             "time" => o.time = v.as_bool(),
             "log_date_format" => o.log_date_format = text(v),
             "log_type" => {

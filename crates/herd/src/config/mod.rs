@@ -1306,7 +1306,11 @@ impl Settings {
             from.profile.as_deref(),
         )?;
         let given = flags.clone();
-        let o = flags.over(file);
+        let mut o = flags.over(file);
+        o.cwd = o.cwd.map(|p| home_path(&p));
+        for f in [&mut o.log_file, &mut o.output, &mut o.error] {
+            *f = f.take().map(|p| log_path(&p));
+        }
         let command = one_line(o.command.unwrap_or_default(), o.cwd.as_deref());
         script_exists(&command, o.cwd.as_deref())?;
         let command = with_interpreter(command, o.cwd.as_deref());
@@ -1908,6 +1912,29 @@ fn python3_for_python(mut words: Vec<OsString>, path: Option<&std::ffi::OsStr>) 
     words
 }
 
+/// A path as PM2 reads its options' paths: a leading `~` is the home
+/// directory (PM2's `resolveHome`), for a path written where no shell
+/// expands it (a config file, `--output=~/out.log`).
+pub(crate) fn home_path(p: &Path) -> PathBuf {
+    expand_home(p, std::env::var_os("HOME").as_deref())
+}
+
+fn expand_home(p: &Path, home: Option<&std::ffi::OsStr>) -> PathBuf {
+    match (p.strip_prefix("~"), home.filter(|h| !h.is_empty())) {
+        (Ok(rest), Some(home)) => Path::new(home).join(rest),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// A log file's path as PM2 reads it: as [`home_path`], and `NULL` (PM2's
+/// other spelling of `/dev/null`) is `/dev/null`.
+pub(crate) fn log_path(p: &Path) -> PathBuf {
+    if p == Path::new("NULL") {
+        return PathBuf::from("/dev/null");
+    }
+    home_path(p)
+}
+
 /// The interpreter and its options a script's `#!` line names, with
 /// `/usr/bin/env` (and its `-S`) left out: `#!/usr/bin/env node` → `node`.
 fn shebang_of(path: &Path) -> Option<Vec<OsString>> {
@@ -2401,6 +2428,22 @@ mod tests {
             .map(|EnvPair(k, v)| format!("{k}={v}"))
             .collect();
         assert_eq!(env, ["A=file", "B=file", "B=flag"]);
+    }
+
+    #[test]
+    fn a_tilde_is_home_and_null_is_dev_null_as_in_pm2() {
+        let home = Some(std::ffi::OsStr::new("/home/ann"));
+        let at = |p: &str| expand_home(Path::new(p), home);
+        assert_eq!(at("~/logs/out.log"), Path::new("/home/ann/logs/out.log"));
+        assert_eq!(at("~"), Path::new("/home/ann"));
+        assert_eq!(at("logs/~/x"), Path::new("logs/~/x"));
+        assert_eq!(at("~ann/x"), Path::new("~ann/x"));
+        assert_eq!(expand_home(Path::new("~/x"), None), Path::new("~/x"));
+        assert_eq!(log_path(Path::new("NULL")), Path::new("/dev/null"));
+        assert_eq!(
+            log_path(Path::new("/var/log/a.log")),
+            Path::new("/var/log/a.log")
+        );
     }
 
     #[test]
