@@ -248,7 +248,7 @@ const READ: &[&str] = &[
     "watch", "ignore_watch", "watch_delay", "cron_restart", "increment_var", "instance_var",
     "log_file", "autorestart", "exec_mode", "shutdown_with_message", "stop_exit_codes",
     "autostart", "out_file", "output", "error_file", "error", "time", "log_date_format",
-    "log_type",
+    "log_type", "port", "cmd", "command",
 ];
 
 /// PM2's own keys that herd does not read: ignored, but not misspelt
@@ -259,7 +259,7 @@ const PM2_ONLY: &[&str] = &[
     "pid_file", "vizion", "post_update", "force", "source_map_support",
     "disable_source_map_support", "filter_env", "append_env_to_name", "treekill",
     "automation", "pmx", "user", "uid", "gid",
-    "deep_monitoring", "trace", "disable_trace", "port", "max",
+    "deep_monitoring", "trace", "disable_trace", "max",
 ];
 
 /// `app.key`, with the key herd reads that it is probably a misspelling of.
@@ -325,10 +325,15 @@ fn ecosystem_app(
     let mut profile_env: Vec<(String, String)> = Vec::new();
     let mut cwd = dir.to_path_buf();
     let mut fork: Option<bool> = None;
+    let (mut alias, mut port) = (None, None);
     for (key, v) in app {
         match key.as_str() {
             "name" => o.name = text(v),
             "script" => script = text(v),
+            // PM2 reads them as `script` when it has none.
+            "cmd" | "command" => alias = text(v),
+            // PM2's `port: 3000` sets `env.PORT` (over `env` and `env_NAME`).
+            "port" => port = text(v),
             "args" => args = words(v),
             "interpreter" | "exec_interpreter" => interpreter = text(v),
             "interpreter_args" | "node_args" => interpreter_args.extend(words(v)),
@@ -428,8 +433,10 @@ fn ecosystem_app(
             k => ignored.push(ignored_key(label, k)),
         }
     }
-    // `env_production` over `env`.
-    for (k, v) in profile_env {
+    script = script.or(alias);
+    // `env_production` over `env`, and `port` over both.
+    let port = port.map(|p| ("PORT".to_string(), p));
+    for (k, v) in profile_env.into_iter().chain(port) {
         env.retain(|(ek, _)| *ek != k);
         env.push((k, v));
     }
@@ -721,6 +728,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("env_staging"), "{e}");
+    }
+
+    #[test]
+    fn pm2s_port_and_cmd_keys_are_read_as_pm2_reads_them() {
+        let p = temp(
+            "aliases.json",
+            r#"{"apps": [
+                {"name": "api", "cmd": "a.js", "port": 4000, "env": {"PORT": 3000}},
+                {"name": "both", "script": "s.js", "command": "c.js"}
+            ]}"#,
+        );
+        let (api, warning) = select(&p, Some("api"), None).unwrap();
+        assert_eq!(api.command.unwrap(), ["a.js"]);
+        // `port` sets env.PORT, over what `env` says.
+        assert_eq!(api.listen.unwrap().0.port(), 4000);
+        assert!(warning.is_none(), "{warning:?}");
+        let (both, _) = select(&p, Some("both"), None).unwrap();
+        assert_eq!(both.command.unwrap(), ["s.js"]);
     }
 
     #[test]
