@@ -710,6 +710,17 @@ fn out_file_and_error_file_get_each_stream_as_pm2_writes_them() {
         stamp.len() == 10 && stamp[..4].parse::<u32>().is_ok() && &stamp[4..8] == " at ",
         "{json}"
     );
+    // PM2's --disable-logs: both streams to /dev/null, as `-e` above.
+    let (ok, said) = sb.run(&format!(
+        "herd start talk.js --name mute --disable-logs --listen {}",
+        free_port()
+    ));
+    assert!(ok && said.contains("mute: started"), "{said}");
+    let (_, said) = sb.run("herd describe mute");
+    assert!(
+        said.contains("output: /dev/null") && said.contains("error: /dev/null"),
+        "{said}"
+    );
 }
 
 /// `pm2 reset api` after a worker was killed: its restart count goes back

@@ -248,7 +248,7 @@ const READ: &[&str] = &[
     "watch", "ignore_watch", "watch_delay", "cron_restart", "increment_var", "instance_var",
     "log_file", "autorestart", "exec_mode", "shutdown_with_message", "stop_exit_codes",
     "autostart", "out_file", "output", "error_file", "error", "time", "log_date_format",
-    "log_type", "port", "cmd", "command",
+    "log_type", "port", "cmd", "command", "disable_logs",
 ];
 
 /// PM2's own keys that herd does not read: ignored, but not misspelt
@@ -394,6 +394,7 @@ fn ecosystem_app(
                 o.error = text(v).map(|f| dir.join(super::log_path(Path::new(&f))))
             }
             "time" => o.time = v.as_bool(),
+            "disable_logs" => o.disable_logs = v.as_bool(),
             "log_date_format" => o.log_date_format = text(v),
             "log_type" => {
                 o.log_type = match text(v).as_deref() {

@@ -603,6 +603,10 @@ options! {
     /// keeps it out of the log as well.
     #[arg(short = 'e', long, value_name = "FILE", alias = "error-file")]
     error: Option<PathBuf>,
+    /// Keep the workers' output nowhere, not even in herd's log (PM2's
+    /// --disable-logs): --output and --error default to /dev/null.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    disable_logs: Option<bool>,
     /// Begin each line of --output and --error with its time (PM2's --time; the log
     /// always has it).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
@@ -1310,6 +1314,10 @@ impl Settings {
         o.cwd = o.cwd.map(|p| home_path(&p));
         for f in [&mut o.log_file, &mut o.output, &mut o.error] {
             *f = f.take().map(|p| log_path(&p));
+        }
+        if o.disable_logs == Some(true) {
+            o.output.get_or_insert_with(|| PathBuf::from("/dev/null"));
+            o.error.get_or_insert_with(|| PathBuf::from("/dev/null"));
         }
         let command = one_line(o.command.unwrap_or_default(), o.cwd.as_deref());
         script_exists(&command, o.cwd.as_deref())?;
