@@ -366,9 +366,6 @@ fn pm2_hint(arg: &str) -> Option<&'static str> {
         "-f" | "--force" => {
             "a second cluster of the same program needs a name (--name) and a port (--listen) of its own"
         }
-        "--uid" | "--gid" | "--user" => {
-            "workers run as the user that runs herd: run herd as that user (`herd startup`, run as that user, writes its User=)"
-        }
         "--attach" => {
             "`herd run` stays in the foreground with the log; `herd logs NAME -f` follows a started one"
         }

@@ -1255,6 +1255,98 @@ HTTPServer(('', SPAWNER), H).serve_forever()
     );
 }
 
+/// PM2's `--uid` / `--user` (`uid`, `gid` in an ecosystem file): the
+/// workers run as that user, with its HOME, and still reach herd's Python
+/// preload (the app is served on the port its code names) and their
+/// sd_notify socket (`--wait-ready`), which live in a directory of that
+/// user's, gone with the master.
+#[test]
+fn workers_run_as_the_user_given() {
+    let sb = Sandbox::new("user");
+    let port = free_port();
+    std::fs::write(
+        sb.app().join("who.py"),
+        format!(
+            "import os, socket\n\
+             from http.server import HTTPServer, BaseHTTPRequestHandler\n\
+             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+             s.connect(os.environ['NOTIFY_SOCKET'])\n\
+             s.send(b'READY=1')\n\
+             class H(BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       b = ('uid=%d home=%s %d' % (os.getuid(), os.environ['HOME'], os.getpid())).encode()\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Length', str(len(b)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(b)\n\
+             HTTPServer(('', {port}), H).serve_forever()\n"
+        ),
+    )
+    .unwrap();
+    let id = |args: &[&str]| {
+        let out = Command::new("id").args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let line = "unset PORT; herd start -i 2 --user nobody --wait-ready --name who -- /usr/bin/python3 who.py";
+    if id(&["-u"]) != "0" {
+        let (ok, said) = sb.run(line);
+        assert!(
+            !ok && said.contains("only root can run workers as another user"),
+            "{said}"
+        );
+        return;
+    }
+    let answers = served_by_two(&sb, line, port);
+    let nobody = id(&["-u", "nobody"]);
+    let home = String::from_utf8_lossy(
+        &Command::new("getent")
+            .args(["passwd", "nobody"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .split(':')
+    .nth(5)
+    .unwrap_or_default()
+    .to_string();
+    assert!(
+        answers
+            .iter()
+            .all(|b| b.starts_with(&format!("uid={nobody} home={home} "))),
+        "{answers:?}"
+    );
+    let (_, said) = sb.run("herd status who --json");
+    let status: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
+    let master = status["pid"].as_u64().unwrap_or_default();
+    let workers_dir = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("herd-0-workers-{master}-"))
+            })
+    };
+    assert!(master > 0 && workers_dir(), "{said}");
+    let (ok, said) = sb.run("herd delete who");
+    assert!(ok, "{said}");
+    assert!(!workers_dir());
+    // From an ecosystem file, as PM2 spells it; an unknown user is refused.
+    std::fs::write(
+        sb.app().join("ecosystem.config.js"),
+        "module.exports = { apps: [{ name: 'eco', script: 'who.py', interpreter: '/usr/bin/python3', \
+         uid: 'nobody', gid: 'nogroup', instances: 2, exec_mode: 'cluster' }] };\n",
+    )
+    .unwrap();
+    served_by_two(&sb, "unset PORT; herd start ecosystem.config.js", port);
+    let (ok, said) = sb.run("herd start who.py --user no-such-user-here");
+    assert!(
+        !ok && said.contains("--user no-such-user-here: no such user"),
+        "{said}"
+    );
+}
+
 /// A Python worker's `print()` reaches the log as it is called, not in
 /// 8 KiB blocks once the pipe's buffer fills: herd sets `PYTHONUNBUFFERED`
 /// for a Python program, as PM2 does, unless the environment sets it.

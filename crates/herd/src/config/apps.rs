@@ -248,7 +248,7 @@ const READ: &[&str] = &[
     "watch", "ignore_watch", "watch_delay", "cron_restart", "increment_var", "instance_var",
     "log_file", "autorestart", "exec_mode", "shutdown_with_message", "stop_exit_codes",
     "autostart", "out_file", "output", "error_file", "error", "time", "log_date_format",
-    "log_type", "port", "cmd", "command", "disable_logs",
+    "log_type", "port", "cmd", "command", "disable_logs", "user", "uid", "gid",
 ];
 
 /// PM2's own keys that herd does not read: ignored, but not misspelt
@@ -258,7 +258,7 @@ const PM2_ONLY: &[&str] = &[
     "namespace", "log",
     "pid_file", "vizion", "post_update", "force", "source_map_support",
     "disable_source_map_support", "filter_env", "append_env_to_name", "treekill",
-    "automation", "pmx", "user", "uid", "gid",
+    "automation", "pmx",
     "deep_monitoring", "trace", "disable_trace", "max",
 ];
 
@@ -395,6 +395,8 @@ fn ecosystem_app(
             }
             "time" => o.time = v.as_bool(),
             "disable_logs" => o.disable_logs = v.as_bool(),
+            "user" | "uid" => o.user = text(v),
+            "gid" => o.group = text(v),
             "log_date_format" => o.log_date_format = text(v),
             "log_type" => {
                 o.log_type = match text(v).as_deref() {

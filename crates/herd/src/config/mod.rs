@@ -56,6 +56,14 @@ pub enum ConfigError {
     NotExecutable(String),
     #[error("--cwd {0}: not a directory")]
     BadCwd(PathBuf),
+    #[error("--user {0}: no such user")]
+    NoSuchUser(String),
+    #[error("--group {0}: no such group")]
+    NoSuchGroup(String),
+    #[error("--group needs --user (the workers' user, whose group it replaces)")]
+    GroupWithoutUser,
+    #[error("--user {0}: only root can run workers as another user; run herd as {0} instead")]
+    UserNeedsRoot(String),
     #[error("invalid name {0:?}: use letters, digits, '.', '_' or '-' (at most 64)")]
     BadName(String),
     #[error("script not found: {script} (looked in {dir})")]
@@ -607,6 +615,15 @@ options! {
     /// --disable-logs): --output and --error default to /dev/null.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     disable_logs: Option<bool>,
+    /// Run the workers as this user (a name or a uid; PM2's --uid and
+    /// --user), with its primary group, its HOME and no supplementary
+    /// groups. Only root can: the master stays root, as nginx's does.
+    #[arg(long, value_name = "USER", alias = "uid")]
+    user: Option<String>,
+    /// With --user: the workers' group instead of the user's own (a name
+    /// or a gid; PM2's --gid).
+    #[arg(long, value_name = "GROUP", alias = "gid")]
+    group: Option<String>,
     /// Begin each line of --output and --error with its time (PM2's --time; the log
     /// always has it).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
@@ -991,6 +1008,8 @@ pub struct Settings {
     /// Put herd's Python preload first on a Python command's `PYTHONPATH`
     /// (unless `--no-node-shim` or `node-shim = false` turns preloads off).
     pub python_shim: bool,
+    /// `--user`: the workers' user, group and home.
+    pub run_as: Option<RunAs>,
     /// `--increment-var`: NAME = its value + the worker's id.
     pub increment_var: Option<String>,
     /// `--instance-var`: where the worker's id goes besides HERD_WORKER_ID
@@ -1495,6 +1514,7 @@ impl Settings {
         if !watch.is_empty() && command.is_empty() {
             return Err(ConfigError::WatchWithoutCommand);
         }
+        let run_as = run_as(o.user.as_deref(), o.group.as_deref())?;
         let name_given = o.name.is_some();
         let name = match o.name {
             Some(n) => validate_name(n)?,
@@ -1623,6 +1643,7 @@ impl Settings {
             log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),
             node_shim,
             python_shim,
+            run_as,
             increment_var: o.increment_var,
             instance_var: o.instance_var,
             warnings: warning.into_iter().collect(),
@@ -1918,6 +1939,60 @@ fn python3_for_python(mut words: Vec<OsString>, path: Option<&std::ffi::OsStr>) 
         words[0] = "python3".into();
     }
     words
+}
+
+/// Who the workers run as (`--user`, `--group`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    pub name: String,
+    pub home: PathBuf,
+}
+
+/// Looks `--user` and `--group` up (a name, else a number) in the
+/// system's user and group databases.
+fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<RunAs>, ConfigError> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let Some(name) = user else {
+        return match group {
+            Some(_) => Err(ConfigError::GroupWithoutUser),
+            None => Ok(None),
+        };
+    };
+    let by_id = || {
+        name.parse()
+            .ok()
+            .and_then(|n| User::from_uid(Uid::from_raw(n)).ok()?)
+    };
+    let u = match User::from_name(name).ok().flatten().or_else(by_id) {
+        Some(u) => u,
+        None => return Err(ConfigError::NoSuchUser(name.to_string())),
+    };
+    let gid = match group {
+        None => u.gid,
+        Some(g) => {
+            let by_id = || {
+                g.parse()
+                    .ok()
+                    .and_then(|n| Group::from_gid(Gid::from_raw(n)).ok()?)
+            };
+            match Group::from_name(g).ok().flatten().or_else(by_id) {
+                Some(group) => group.gid,
+                None => return Err(ConfigError::NoSuchGroup(g.to_string())),
+            }
+        }
+    };
+    let me = nix::unistd::geteuid();
+    if !me.is_root() && (u.uid != me || gid != nix::unistd::getegid()) {
+        return Err(ConfigError::UserNeedsRoot(name.to_string()));
+    }
+    Ok(Some(RunAs {
+        uid: u.uid.as_raw(),
+        gid: gid.as_raw(),
+        name: u.name,
+        home: u.dir,
+    }))
 }
 
 /// A path as PM2 reads its options' paths: a leading `~` is the home
@@ -2436,6 +2511,27 @@ mod tests {
             .map(|EnvPair(k, v)| format!("{k}={v}"))
             .collect();
         assert_eq!(env, ["A=file", "B=file", "B=flag"]);
+    }
+
+    #[test]
+    fn the_workers_user_is_looked_up_by_name_or_number() {
+        assert!(matches!(
+            run_as(None, Some("x")),
+            Err(ConfigError::GroupWithoutUser)
+        ));
+        assert!(matches!(
+            run_as(Some("no-such-user-here"), None),
+            Err(ConfigError::NoSuchUser(_))
+        ));
+        assert_eq!(run_as(None, None).unwrap(), None);
+        let me = nix::unistd::geteuid().as_raw();
+        // This process's own user, by number: allowed for anyone.
+        let mine = run_as(Some(&me.to_string()), None).unwrap().unwrap();
+        assert_eq!((mine.uid, mine.gid), (me, nix::unistd::getegid().as_raw()));
+        assert!(matches!(
+            run_as(Some(&me.to_string()), Some("no-such-group-here")),
+            Err(ConfigError::NoSuchGroup(_))
+        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! not the pid: masters in other PID namespaces (containers sharing the
 //! directory) have pids this one cannot see, and may have the same pid.
 
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -23,8 +24,15 @@ pub enum RunDirError {
 
 pub struct RunDir {
     path: PathBuf,
+    /// `--user`: where the workers find what they must reach (see
+    /// [`RunDir::for_workers`]), and who they run as.
+    workers: Option<(PathBuf, u32, u32)>,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
+
+/// The file in a master's directory that names its workers' directory, so
+/// that whoever removes the first as stale removes the second too.
+const WORKERS_FILE: &str = "workers";
 
 impl RunDir {
     pub fn create() -> Result<RunDir, RunDirError> {
@@ -61,7 +69,11 @@ impl RunDir {
                 let _ = std::fs::remove_dir_all(&path);
             }
             if std::fs::rename(&tmp, &path).is_ok() {
-                return Ok(RunDir { path, _lock: lock });
+                return Ok(RunDir {
+                    path,
+                    workers: None,
+                    _lock: lock,
+                });
             }
         }
         let _ = std::fs::remove_dir_all(&tmp);
@@ -74,12 +86,72 @@ impl RunDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Workers run as another user (`--user`) cannot reach this private
+    /// directory, so what they must (herd's preloads, their sd_notify
+    /// sockets) goes in a directory of theirs, made here: mode 0700, owned
+    /// by `uid`:`gid`, in the temporary directory.
+    pub fn for_workers(&mut self, uid: u32, gid: u32) -> Result<(), RunDirError> {
+        let name = format!(
+            "herd-{}-workers-{}-{}",
+            nix::unistd::geteuid(),
+            std::process::id(),
+            fastrand::u32(..)
+        );
+        let dir = std::env::temp_dir().join(name);
+        let create = |source| RunDirError::Create {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(create)?;
+        self.workers = Some((dir.clone(), uid, gid));
+        std::fs::write(
+            self.path.join(WORKERS_FILE),
+            dir.as_os_str().as_encoded_bytes(),
+        )
+        .map_err(create)?;
+        self.give(&dir).map_err(create)
+    }
+
+    /// Where the workers' files go: their own directory under `--user`.
+    pub fn workers_path(&self) -> &Path {
+        self.workers.as_ref().map_or(&self.path, |(p, _, _)| p)
+    }
+
+    /// Under `--user`, makes `path` the workers' (a socket they send to).
+    pub fn give(&self, path: &Path) -> std::io::Result<()> {
+        let Some((_, uid, gid)) = self.workers else {
+            return Ok(());
+        };
+        let (uid, gid) = (
+            nix::unistd::Uid::from_raw(uid),
+            nix::unistd::Gid::from_raw(gid),
+        );
+        nix::unistd::chown(path, Some(uid), Some(gid)).map_err(std::io::Error::from)
+    }
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
+        if let Some((dir, _, _)) = &self.workers {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// Removes a stale master's directory, and its workers' if it had one.
+fn remove(dir: &Path) {
+    if let Ok(workers) = std::fs::read(dir.join(WORKERS_FILE)) {
+        let workers = PathBuf::from(std::ffi::OsString::from_vec(workers));
+        if workers.starts_with(std::env::temp_dir()) {
+            let _ = std::fs::remove_dir_all(workers);
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `$XDG_RUNTIME_DIR/herd` or `/tmp/herd-<uid>`: control sockets live
@@ -130,7 +202,7 @@ fn remove_stale(base: &Path) {
         }
         if e.path().join("lock").exists() {
             if lock(&e.path()).is_ok() {
-                let _ = std::fs::remove_dir_all(e.path());
+                remove(&e.path());
             }
             continue;
         }

@@ -295,7 +295,10 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         }
     };
     let bound = listeners.local_addr().unwrap_or(s.listen);
-    let rundir = RunDir::create()?;
+    let mut rundir = RunDir::create()?;
+    if let Some(r) = &s.run_as {
+        rundir.for_workers(r.uid, r.gid)?;
+    }
     let guardian = Guardian::spawn().map_err(SuperviseError::Guardian)?;
     let upgraded = handed.is_some();
     let (control_listener, control_path, name, _name_lock) = match handed {
@@ -386,7 +389,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let preloads = if s.command.is_empty() {
         None
     } else {
-        Some(process::Preloads::write(rundir.path()).map_err(SuperviseError::Preload)?)
+        Some(process::Preloads::write(rundir.workers_path()).map_err(SuperviseError::Preload)?)
     };
     let stable = crate::config::Release {
         command: s.command.clone(),

@@ -151,17 +151,26 @@ impl Supervisor {
                 source: std::io::Error::other("no such release"),
             });
         };
+        let run_as = self.s.run_as.as_ref().map(|r| r.name.clone());
         let spawn_err = |source: std::io::Error| SuperviseError::Spawn {
-            command: spec.release.command[0].to_string_lossy().into_owned(),
+            command: match &run_as {
+                // `--user`: that user may not reach the program or its directory.
+                Some(user) if source.kind() == std::io::ErrorKind::PermissionDenied => format!(
+                    "{} as user {user}",
+                    spec.release.command[0].to_string_lossy()
+                ),
+                _ => spec.release.command[0].to_string_lossy().into_owned(),
+            },
             source,
         };
         let port = match self.s.mode {
             Mode::Proxy => Some(self.free_port().map_err(spawn_err)?),
             _ => None,
         };
-        let notify_path = self.rundir.path().join(format!("n{slot}.{epoch}"));
+        let notify_path = self.rundir.workers_path().join(format!("n{slot}.{epoch}"));
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).map_err(spawn_err)?;
+        self.rundir.give(&notify_path).map_err(spawn_err)?;
 
         let mut env = worker_env(
             &self.s,
@@ -231,6 +240,11 @@ impl Supervisor {
             .kill_on_drop(false);
         if let Some(dir) = &spec.release.cwd {
             cmd.current_dir(dir);
+        }
+        // `--user`: set before herd's own set-up in the child (std does
+        // it first, dropping supplementary groups), and before the chdir.
+        if let Some(r) = &self.s.run_as {
+            cmd.uid(r.uid).gid(r.gid);
         }
         sys::install(
             &mut cmd,
@@ -744,6 +758,12 @@ fn worker_env(
         env.retain(|(ek, _)| ek != k);
         env.push((k.into(), v));
     };
+    // `--user`: that user's, as PM2 sets HOME (`--env` still wins).
+    if let Some(r) = &s.run_as {
+        set("HOME", r.home.clone().into());
+        set("USER", r.name.clone().into());
+        set("LOGNAME", r.name.clone().into());
+    }
     for (k, v) in &release.env {
         set(k, v.into());
     }
