@@ -89,8 +89,10 @@ impl RunDir {
 
     /// Workers run as another user (`--user`) cannot reach this private
     /// directory, so what they must (herd's preloads, their sd_notify
-    /// sockets) goes in a directory of theirs, made here: mode 0700, owned
-    /// by `uid`:`gid`, in the temporary directory.
+    /// sockets) goes in another, made here in the temporary directory:
+    /// still the master's, mode 0711, so they can open what is in it by
+    /// name but neither list nor change it (a worker that could would swap
+    /// a socket for a symlink before the master hands the socket over).
     pub fn for_workers(&mut self, uid: u32, gid: u32) -> Result<(), RunDirError> {
         let name = format!(
             "herd-{}-workers-{}-{}",
@@ -104,16 +106,17 @@ impl RunDir {
             source,
         };
         std::fs::DirBuilder::new()
-            .mode(0o700)
+            .mode(0o711)
             .create(&dir)
             .map_err(create)?;
+        // The umask may have taken bits away.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).map_err(create)?;
         self.workers = Some((dir.clone(), uid, gid));
         std::fs::write(
             self.path.join(WORKERS_FILE),
             dir.as_os_str().as_encoded_bytes(),
         )
-        .map_err(create)?;
-        self.give(&dir).map_err(create)
+        .map_err(create)
     }
 
     /// Where the workers' files go: their own directory under `--user`.
@@ -121,16 +124,15 @@ impl RunDir {
         self.workers.as_ref().map_or(&self.path, |(p, _, _)| p)
     }
 
-    /// Under `--user`, makes `path` the workers' (a socket they send to).
+    /// Under `--user`, makes `path` the workers' (a socket they send to,
+    /// which others cannot: connecting needs write permission on it).
     pub fn give(&self, path: &Path) -> std::io::Result<()> {
         let Some((_, uid, gid)) = self.workers else {
             return Ok(());
         };
-        let (uid, gid) = (
-            nix::unistd::Uid::from_raw(uid),
-            nix::unistd::Gid::from_raw(gid),
-        );
-        nix::unistd::chown(path, Some(uid), Some(gid)).map_err(std::io::Error::from)
+        // Whatever the umask: the owner alone may connect.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
     }
 }
 
