@@ -39,6 +39,10 @@ pub enum Command {
         /// Show when each worker line was written (PM2's --time).
         #[arg(long, visible_alias = "time")]
         timestamps: bool,
+        /// As --timestamps, that time in a moment.js FORMAT, local (PM2's
+        /// --timestamp; its default YYYY-MM-DD-HH:mm:ss).
+        #[arg(long, value_name = "FORMAT", num_args = 0..=1, require_equals = true, default_missing_value = "YYYY-MM-DD-HH:mm:ss")]
+        timestamp: Option<String>,
         /// Only the workers' stderr lines.
         #[arg(long, conflicts_with = "out")]
         err: bool,

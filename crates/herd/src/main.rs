@@ -79,6 +79,7 @@ fn execute(cli: herd::cli::Cli) -> ExitCode {
             follow,
             lines,
             timestamps,
+            timestamp,
             err,
             out,
             json,
@@ -90,7 +91,8 @@ fn execute(cli: herd::cli::Cli) -> ExitCode {
                 _ => None,
             };
             let show = herd::start::Shown {
-                timestamps,
+                timestamps: timestamps || timestamp.is_some(),
+                time_format: timestamp.map(|f| herd::config::moment::to_strftime(&f)),
                 only,
                 json,
             };

@@ -391,7 +391,7 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool, show: Shown) -> anyh
     loop {
         let mut quiet = true;
         for one in &mut followed {
-            match one.step(show, &mut buf)? {
+            match one.step(&show, &mut buf)? {
                 Step::Printed => quiet = false,
                 Step::Quiet => {}
                 Step::ReaderGone => return Ok(()),
@@ -456,7 +456,7 @@ enum Step {
 impl Followed {
     /// Prints what was appended since the last step: across an emptying
     /// (`herd flush`) and a rotation too.
-    fn step(&mut self, show: Shown, buf: &mut Vec<u8>) -> anyhow::Result<Step> {
+    fn step(&mut self, show: &Shown, buf: &mut Vec<u8>) -> anyhow::Result<Step> {
         let emit = |bytes: &[u8], partial: &mut Vec<u8>, prefix: &[u8]| {
             let mut out = Vec::new();
             show.filter(bytes, partial, &mut out, prefix);
@@ -504,10 +504,13 @@ impl Followed {
 }
 
 /// What `herd logs` shows of each line.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Shown {
     /// Keep the time at the start of worker lines.
     pub timestamps: bool,
+    /// Show that time in this strftime format, local (PM2's `--timestamp
+    /// FORMAT`, given in moment.js's).
+    pub time_format: Option<String>,
     /// Only worker lines of this stream.
     pub only: Option<crate::output::Stream>,
     /// Each line as a JSON object, as `pm2 logs --json` prints them.
@@ -543,9 +546,28 @@ impl Shown {
         out.extend_from_slice(prefix);
         match worker {
             Some(w) if !self.timestamps => out.extend_from_slice(&line[w.tag_at..]),
+            Some(w) => match self
+                .time_format
+                .as_deref()
+                .and_then(|f| local_time(&line[..w.tag_at], f))
+            {
+                Some(t) => {
+                    out.extend_from_slice(t.as_bytes());
+                    out.push(b' ');
+                    out.extend_from_slice(&line[w.tag_at..]);
+                }
+                None => out.extend_from_slice(line),
+            },
             _ => out.extend_from_slice(line),
         }
     }
+}
+
+/// A worker line's time (`2026-12-04T15:42:23.664Z `) in `format`, local.
+fn local_time(stamp: &[u8], format: &str) -> Option<String> {
+    let stamp = std::str::from_utf8(stamp).ok()?.trim();
+    let t = chrono::DateTime::parse_from_rfc3339(stamp).ok()?;
+    Some(t.with_timezone(&chrono::Local).format(format).to_string())
 }
 
 /// One log line as PM2's `pm2 logs --json` object: `message`, `timestamp`,
@@ -788,6 +810,24 @@ fn last_lines(text: &[u8], n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_lines_time_shows_in_the_format_asked() {
+        let show = Shown {
+            timestamps: true,
+            // `--timestamp=YYYY`, translated.
+            time_format: Some(crate::config::moment::to_strftime("YYYY")),
+            ..Shown::default()
+        };
+        let (mut out, mut partial) = (Vec::new(), Vec::new());
+        let log = "2026-06-04T13:47:41.031Z [1:err] boom\n\
+                   2026-06-04T13:47:40.898345Z  WARN herd's own\n";
+        show.filter(log.as_bytes(), &mut partial, &mut out, b"");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2026 [1:err] boom\n2026-06-04T13:47:40.898345Z  WARN herd's own\n"
+        );
+    }
 
     #[test]
     fn json_logs_read_as_pm2s() {
