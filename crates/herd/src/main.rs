@@ -318,6 +318,13 @@ fn hints(e: &clap::Error) -> String {
     {
         return format!("; {hint}");
     }
+    // `pm2 deploy ecosystem.config.js production [setup|update|revert]`.
+    if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg)
+        && !arg.starts_with('-')
+        && std::env::args_os().nth(1).is_some_and(|c| c == "deploy")
+    {
+        return "; herd deploy starts a new version beside the running one (--canary PERCENT or --blue-green, the command after --); PM2's deploy (a git pull and a reload over SSH) is left to your CI or script, which ends with `herd reload NAME` on each host".to_string();
+    }
     if let Some(ContextValue::String(cmd)) = e.get(ContextKind::InvalidSubcommand)
         && let Some(hint) = pm2_command_hint(cmd)
     {

@@ -1050,6 +1050,15 @@ fn bad_input_gets_one_clear_line() {
         "herd always backs off: --restart-delay DUR",
     );
     assert_one_line_error(&["kill"], "`herd stop all` ends every one");
+    assert_one_line_error(
+        &["deploy", "ecosystem.config.js", "production", "update"],
+        "PM2's deploy (a git pull and a reload over SSH) is left to your CI",
+    );
+    // PM2's --uid with a user that does not exist.
+    assert_one_line_error(
+        &["run", "--uid", "no-such-user-xyz", "--", DEMO],
+        "--user no-such-user-xyz: no such user",
+    );
     assert_one_line_error(&["init"], "herd reads PM2's ecosystem files as they are");
     assert_one_line_error(
         &["install", "pm2-logrotate"],
