@@ -66,7 +66,7 @@ impl RunDir {
                 if self::lock(&path).is_err() {
                     continue;
                 }
-                let _ = std::fs::remove_dir_all(&path);
+                remove(&path);
             }
             if std::fs::rename(&tmp, &path).is_ok() {
                 return Ok(RunDir {
