@@ -343,6 +343,7 @@ mod tests {
             log_file: None,
             out_file: None,
             error_file: None,
+            user: None,
             workers: vec![w(0, 5001), w(1, 5002)],
             upstreams: Vec::new(),
             deploy: None,

@@ -1315,6 +1315,8 @@ fn workers_run_as_the_user_given() {
             .all(|b| b.starts_with(&format!("uid={nobody} home={home} "))),
         "{answers:?}"
     );
+    let (_, said) = sb.run("herd describe who");
+    assert!(said.contains("; user: nobody"), "{said}");
     let (_, said) = sb.run("herd status who --json");
     let status: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
     let master = status["pid"].as_u64().unwrap_or_default();

@@ -606,11 +606,12 @@ fn table(name: &str, v: &Status) {
                 .unwrap_or_default()
         };
         crate::outln!(
-            "command: {command}; cwd: {}; log: {}{}{}",
+            "command: {command}; cwd: {}; log: {}{}{}{}",
             v.cwd.as_deref().unwrap_or("-"),
             v.log_file.as_deref().unwrap_or("stderr"),
             copy("output", &v.out_file),
-            copy("error", &v.error_file)
+            copy("error", &v.error_file),
+            copy("user", &v.user)
         );
     }
     crate::outln!(
@@ -776,6 +777,7 @@ fn jlist(pretty: bool) -> Result<i32, ControlError> {
                 "pm_err_log_path": v.error_file.as_ref().or(v.log_file.as_ref()),
                 "herd_listen": v.listen,
                 "herd_mode": v.mode,
+                "username": v.user,
             });
             out.push(entry(out.len(), w.pid, &v.name, env, w.memory, w.cpu));
         }

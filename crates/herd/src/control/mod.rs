@@ -355,6 +355,7 @@ mod tests {
             log_file: None,
             out_file: None,
             error_file: None,
+            user: None,
             workers: vec![WorkerRow {
                 id: 0,
                 version: 0,

@@ -136,6 +136,9 @@ pub struct Status {
     pub out_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_file: Option<String>,
+    /// `--user`: who the workers run as (PM2's `username`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// What the workers run (the running version's command line) and where
     /// (`pm2 describe`'s script path and exec cwd); none with only upstreams.
     #[serde(default, skip_serializing_if = "Option::is_none")]

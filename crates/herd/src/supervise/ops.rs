@@ -833,6 +833,7 @@ impl Supervisor {
             log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),
             out_file: self.s.out_file.as_ref().map(|p| p.display().to_string()),
             error_file: self.s.error_file.as_ref().map(|p| p.display().to_string()),
+            user: self.s.run_as.as_ref().map(|r| r.name.clone()),
             command: running.map(|s| crate::console::command_line(&s.release.command)),
             cwd: running
                 .and_then(|s| {
