@@ -53,6 +53,10 @@ pub enum Command {
         /// app_name), as `pm2 logs --json`.
         #[arg(long)]
         json: bool,
+        /// Each line as `timestamp=… app=… id=… type=… message=…`, as
+        /// `pm2 logs --format`.
+        #[arg(long, conflicts_with = "json")]
+        format: bool,
         /// PM2's --nostream (print and exit, which herd logs does without -f) and
         /// --raw (herd's worker lines carry no prefix to strip): accepted, change nothing.
         #[arg(long, hide = true)]

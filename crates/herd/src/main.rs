@@ -83,6 +83,7 @@ fn execute(cli: herd::cli::Cli) -> ExitCode {
             err,
             out,
             json,
+            format,
             ..
         } => {
             let only = match (err, out) {
@@ -94,7 +95,9 @@ fn execute(cli: herd::cli::Cli) -> ExitCode {
                 timestamps: timestamps || timestamp.is_some(),
                 time_format: timestamp.map(|f| herd::config::moment::to_strftime(&f)),
                 only,
-                json,
+                // The same fields, written as `key=value`.
+                json: json || format,
+                format,
             };
             finish(herd::start::logs(target.name(), lines, follow, show))
         }

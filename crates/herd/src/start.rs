@@ -515,6 +515,8 @@ pub struct Shown {
     pub only: Option<crate::output::Stream>,
     /// Each line as a JSON object, as `pm2 logs --json` prints them.
     pub json: bool,
+    /// Each line as `pm2 logs --format` prints them (`key=value`).
+    pub format: bool,
 }
 
 impl Shown {
@@ -540,7 +542,7 @@ impl Shown {
             _ => {}
         }
         if self.json {
-            json_line(line, worker, prefix, out);
+            json_line(line, worker, prefix, self.format, out);
             return;
         }
         out.extend_from_slice(prefix);
@@ -572,11 +574,14 @@ fn local_time(stamp: &[u8], format: &str) -> Option<String> {
 
 /// One log line as PM2's `pm2 logs --json` object: `message`, `timestamp`,
 /// `type` (`out`, `err`, or `herd` for herd's own lines, with their
-/// `level`), `process_id` (the worker's id) and `app_name`.
+/// `level`), `process_id` (the worker's id) and `app_name`; with
+/// `format`, as `pm2 logs --format` prints it instead:
+/// `timestamp=… app=… id=… type=… message=…`.
 fn json_line(
     line: &[u8],
     worker: Option<crate::output::WorkerLine>,
     app: &[u8],
+    format: bool,
     out: &mut Vec<u8>,
 ) {
     let text = String::from_utf8_lossy(line);
@@ -628,7 +633,22 @@ fn json_line(
         "app_name".into(),
         String::from_utf8_lossy(app).into_owned().into(),
     );
-    if serde_json::to_writer(&mut *out, &obj).is_ok() {
+    if format {
+        let field = |k: &str| match obj.get(k) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => String::new(),
+        };
+        let line = format!(
+            "timestamp={} app={} id={} type={} message={}\n",
+            field("timestamp"),
+            field("app_name"),
+            field("process_id"),
+            field("type"),
+            field("message")
+        );
+        out.extend_from_slice(line.as_bytes());
+    } else if serde_json::to_writer(&mut *out, &obj).is_ok() {
         out.push(b'\n');
     }
 }
@@ -826,6 +846,26 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "2026 [1:err] boom\n2026-06-04T13:47:40.898345Z  WARN herd's own\n"
+        );
+    }
+
+    #[test]
+    fn formatted_logs_read_as_pm2s() {
+        let show = Shown {
+            json: true,
+            format: true,
+            ..Shown::default()
+        };
+        let (mut out, mut partial) = (Vec::new(), Vec::new());
+        show.filter(
+            b"2026-12-04T13:47:41.031Z [1:err] boom\n",
+            &mut partial,
+            &mut out,
+            b"api",
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "timestamp=2026-12-04T13:47:41.031Z app=api id=1 type=err message=boom\n"
         );
     }
 
