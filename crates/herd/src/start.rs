@@ -839,14 +839,19 @@ mod tests {
             time_format: Some(crate::config::moment::to_strftime("YYYY")),
             ..Shown::default()
         };
-        let (mut out, mut partial) = (Vec::new(), Vec::new());
         let log = "2026-06-04T13:47:41.031Z [1:err] boom\n\
                    2026-06-04T13:47:40.898345Z  WARN herd's own\n";
-        show.filter(log.as_bytes(), &mut partial, &mut out, b"");
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            shown(&show, log, b""),
             "2026 [1:err] boom\n2026-06-04T13:47:40.898345Z  WARN herd's own\n"
         );
+    }
+
+    /// What `show` prints of `log`, for app `app`.
+    fn shown(show: &Shown, log: &str, app: &[u8]) -> String {
+        let (mut out, mut partial) = (Vec::new(), Vec::new());
+        show.filter(log.as_bytes(), &mut partial, &mut out, app);
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
@@ -856,15 +861,8 @@ mod tests {
             format: true,
             ..Shown::default()
         };
-        let (mut out, mut partial) = (Vec::new(), Vec::new());
-        show.filter(
-            b"2026-12-04T13:47:41.031Z [1:err] boom\n",
-            &mut partial,
-            &mut out,
-            b"api",
-        );
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            shown(&show, "2026-12-04T13:47:41.031Z [1:err] boom\n", b"api"),
             "timestamp=2026-12-04T13:47:41.031Z app=api id=1 type=err message=boom\n"
         );
     }
