@@ -128,6 +128,20 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// `herd logs NAME` once it shows `needle`; the test fails after [`T`].
+fn log_showing(sb: &Sandbox, name: &str, needle: &str) -> String {
+    let cmd = format!("herd logs {name} --nostream --lines 50");
+    let mut log = String::new();
+    assert!(
+        wait_until(T, || {
+            log = sb.run(&cmd).1;
+            log.contains(needle)
+        }),
+        "{log}"
+    );
+    log
+}
+
 fn body(port: u16) -> String {
     let mut got = String::new();
     wait_until(T, || match http_get(port, "/") {
@@ -685,14 +699,7 @@ fn out_file_and_error_file_get_each_stream_as_pm2_writes_them() {
     for path in ["/two", "/three"] {
         assert_eq!(http_get(port, path).map(|r| r.0).ok(), Some(200));
     }
-    let mut log = String::new();
-    assert!(
-        wait_until(T, || {
-            log = sb.run("herd logs quiet --nostream --lines 50").1;
-            log.contains("out /three")
-        }),
-        "{log}"
-    );
+    let log = log_showing(&sb, "quiet", "out /three");
     assert!(log.contains("out /two") && !log.contains("err /"), "{log}");
     assert!(!sb.app().join("NULL").exists());
     // PM2's `log_type: 'json'`, with `log_date_format` as its timestamp.
@@ -1371,14 +1378,7 @@ fn a_python_workers_prints_reach_the_log_at_once() {
     .unwrap();
     let (ok, said) = sb.run("herd start printer.py --mode fork");
     assert!(ok, "{said}");
-    let mut log = String::new();
-    assert!(
-        wait_until(T, || {
-            log = sb.run("herd logs printer --nostream --lines 20").1;
-            log.contains("printed PYTHONUNBUFFERED=1")
-        }),
-        "{log}"
-    );
+    log_showing(&sb, "printer", "printed PYTHONUNBUFFERED=1");
     // Set (even empty, which Python reads as unset): left as given.
     let (ok, said) = sb.run("PYTHONUNBUFFERED=0 herd start printer.py --mode fork --name kept");
     assert!(ok, "{said}");
