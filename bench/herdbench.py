@@ -608,6 +608,135 @@ def syscalls(args):
     report()
 
 
+def http_client(port, n, load, conns=4):
+    """Makes N requests as wrk would (`Host` only), over CONNS keep-alive
+    connections in turn, or one new connection per request; reads each
+    answer whole (Content-Length) before the next round."""
+    req = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+    if load == "new connection":
+        req += b"Connection: close\r\n"
+    req += b"\r\n"
+
+    def answer(s, buf):
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", buf[:end])
+                if not m:
+                    raise RuntimeError(f"an answer without Content-Length: {buf[:end]!r}")
+                whole = end + 4 + int(m.group(1))
+                if len(buf) >= whole:
+                    return buf[whole:]
+            got = s.recv(65536)
+            if not got:
+                raise RuntimeError("the balancer closed the connection")
+            buf += got
+
+    if load == "new connection":
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(req)
+                answer(s, b"")
+        return
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns)]
+    bufs = [b""] * conns
+    try:
+        for _ in range(n // conns):
+            for s in socks:
+                s.sendall(req)
+            for k, s in enumerate(socks):
+                bufs[k] = answer(s, bufs[k])
+    finally:
+        for s in socks:
+            s.close()
+
+
+def callgrind_total(out, skip_main):
+    """Instructions counted in the dump files of one run (`--separate-threads`:
+    one file per thread); SKIP_MAIN leaves out thread 1."""
+    total = 0
+    for f in out.parent.glob(out.name + "*"):
+        text = f.read_text(errors="replace")
+        thread = re.search(r"^thread: (\d+)", text, re.M)
+        summary = re.search(r"^summary: (\d+)", text, re.M)
+        if summary and not (skip_main and thread and thread.group(1) == "1"):
+            total += int(summary.group(1))
+    return total
+
+
+def instructions(args):
+    """User-space instructions per request of each HTTP balancer, counted by
+    valgrind's callgrind: the work of the balancer's own code (and its
+    libraries), apart from the kernel's, and repeatable from run to run
+    whatever else the machine does, unlike CPU seconds. Each balancer runs
+    twice, for N and 5N requests; the difference over 4N requests leaves out
+    starting and stopping."""
+    ensure_tools()
+    if not shutil.which("valgrind"):
+        run(["apt-get", "install", "-y", "-qq", "valgrind"], stdout=subprocess.DEVNULL)
+    work = Path(tempfile.mkdtemp(prefix="herd-callgrind-"))
+    n1, n2 = args.requests, 5 * args.requests
+    rows = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        backends = []
+        stack.callback(lambda: [(p.terminate(), p.wait()) for p in backends])
+        ports = [free_port() for _ in range(WORKERS)]
+        for bp in ports:
+            backends.append(subprocess.Popen([str(DEMO)], env={**os.environ, "PORT": str(bp)},
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for bp in ports:
+            wait_for(lambda: accepts(bp), 10, "herd-demo")
+
+        def setup(kind, port, d):
+            """The balancer's command line: one process, one thread, except
+            herd, whose proxy threads (one per CPU) are all counted."""
+            if kind == "nginx":
+                conf = nginx_conf(d, port, ports)
+                conf.write_text(conf.read_text().replace(
+                    f"worker_processes {os.cpu_count()};", "worker_processes 1;\nmaster_process off;"))
+                return ["nginx", "-c", str(conf), "-p", str(d)], {}
+            if kind == "haproxy":
+                cfg = haproxy_cfg(d, port, ports)
+                cfg.write_text(cfg.read_text().replace(f"nbthread {os.cpu_count()}", "nbthread 1"))
+                return ["haproxy", "-f", str(cfg)], {}
+            ups = [a for bp in ports for a in ("--upstream", f"127.0.0.1:{bp}")]
+            return ([str(HERD), "run", "--listen", f"127.0.0.1:{port}", "--name", f"bench-cg-{os.getpid()}",
+                     "--health-interval", "0", *ups], {"XDG_RUNTIME_DIR": str(d), "XDG_STATE_HOME": str(d)})
+
+        for name, kind in [("nginx", "nginx"), ("haproxy", "haproxy"), ("herd proxy", "herd-proxy")]:
+            for load in ("keep-alive", "new connection"):
+                totals = []
+                for n in (n1, n2):
+                    d = Path(tempfile.mkdtemp(dir=work))
+                    port = free_port()
+                    cmd, env = setup(kind, port, d)
+                    out = d / "callgrind.out"
+                    p = subprocess.Popen(["valgrind", "--tool=callgrind", "--separate-threads=yes",
+                                          f"--callgrind-out-file={out}", *cmd], env={**os.environ, **env},
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+                    try:
+                        wait_for(lambda: accepts(port), 60, f"{name} under valgrind")
+                        http_client(port, n, load)
+                    finally:
+                        os.killpg(p.pid, signal.SIGTERM)
+                        p.wait(timeout=120)
+                    # herd's main thread, the supervisor, serves no request.
+                    # Under valgrind /proc/self/exe is valgrind, so the
+                    # guardian it starts from there dies and is started
+                    # again on every tick: counting it would count that.
+                    totals.append(callgrind_total(out, skip_main=kind.startswith("herd")))
+                per = (totals[1] - totals[0]) / (n2 - n1)
+                rows.append({"setup": name, "kind": kind, "load": load, "per_request": per})
+                log(f"{name}, {load}: {per:,.0f} instructions/request")
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "requests": [n1, n2], "valgrind": version(["valgrind", "--version"])}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "instructions.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report()
+
+
 def results(name):
     """The meta and rows of bench/results/NAME.json, or None before its first run."""
     f = RESULTS / f"{name}.json"
@@ -638,6 +767,33 @@ def syscall_lines():
         name = f"**{r['setup']}**" if r["kind"] == "herd-proxy" else r["setup"]
         segs = f"{r['segments']:.1f}" if "segments" in r else "–"
         out.append(f"| {name} | {r['load']} | {r['per_request']:.2f} | {vs} | {segs} | {top} |")
+    return out + [""]
+
+
+def instruction_lines():
+    if not (got := results("instructions")):
+        return []
+    m, rows = got
+    n1, n2 = m["requests"]
+    out = ["## Instructions per request", "",
+           f"Run {m['date']} with `bench/instructions` (valgrind {m['valgrind']}): each balancer, in front of the same two "
+           "`herd-demo` backends, runs under valgrind's callgrind, which counts the instructions its own code and "
+           "its libraries execute, not the kernel's. It runs twice, for "
+           f"{n1:,} and {n2:,} requests, and the difference is divided by the {n2 - n1:,} requests between, so "
+           "starting and stopping drop out. The requests are wrk's (`Host` only), over 4 keep-alive "
+           "connections, or one new connection each (`Connection: close`). nginx runs as one process "
+           "(`master_process off`, one worker) and HAProxy with one thread; herd's proxy threads are all "
+           "counted, not its main thread (the supervisor, which serves no request). Unlike CPU seconds, "
+           "these counts hardly move from run to run, whatever else the machine does (by at most 1.3% between "
+           "two runs on 2026-12-04); they leave out the kernel, where most of a proxy's time goes on loopback "
+           "(see Syscalls per request).", "",
+           "| setup | load | instructions/request | vs herd |", "|---|---|---|---|"]
+    herd = {r["load"]: r["per_request"] for r in rows if r["kind"] == "herd-proxy"}
+    for r in rows:
+        h = herd.get(r["load"])
+        vs = f"{r['per_request'] / h:.2f}×" if h and r["kind"] != "herd-proxy" else "–"
+        name = f"**{r['setup']}**" if r["kind"] == "herd-proxy" else r["setup"]
+        out.append(f"| {name} | {r['load']} | {r['per_request']:,.0f} | {vs} |")
     return out + [""]
 
 
@@ -1265,12 +1421,14 @@ def report():
     doc += idle_lines()
     doc += tunnel_lines()
     doc += syscall_lines()
+    doc += instruction_lines()
     doc += edge_lines()
     doc += bodies_lines()
     doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 21 minutes, plus the first build)",
             "bench/idle     # memory per idle client connection (about 3 minutes)",
             "bench/tunnels  # memory per idle WebSocket (plain and TLS) and TCP tunnel (about a minute)",
             "bench/syscalls # syscalls and TCP segments per request (about 2 minutes)",
+            "bench/instructions # user-space instructions per request, by callgrind (about 4 minutes)",
             "bench/edge     # TLS and HTTP/2 (about 2 minutes)",
             "bench/bodies   # answers and uploads of 16 KiB to 1 MiB (about 5 minutes)",
             "bench/chaos    # reloads and kills under load (about 5 minutes)", "```", "",
@@ -1451,6 +1609,8 @@ def main():
     i.add_argument("--secs", type=int, default=3)
     y = sub.add_parser("syscalls")
     y.add_argument("--secs", type=int, default=3)
+    n = sub.add_parser("instructions")
+    n.add_argument("--requests", type=int, default=2000, help="requests of the first run (the second makes 5 times as many)")
     e = sub.add_parser("edge")
     e.add_argument("--rounds", type=int, default=3)
     e.add_argument("--secs", type=int, default=3)
@@ -1467,6 +1627,8 @@ def main():
         idle(args)
     elif args.cmd == "syscalls":
         syscalls(args)
+    elif args.cmd == "instructions":
+        instructions(args)
     elif args.cmd == "edge":
         edge(args)
     elif args.cmd == "bodies":
