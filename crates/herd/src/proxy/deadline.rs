@@ -43,17 +43,29 @@ struct Slots {
 /// The sweep's period, and so the deadlines' resolution.
 const TICK: Duration = Duration::from_millis(100);
 
+/// Ticks per second, and nanoseconds per tick.
+const PER_SEC: u64 = 1_000_000_000 / TICK_NANOS;
+const TICK_NANOS: u64 = TICK.as_nanos() as u64;
+
 impl Slots {
     /// Ticks from the epoch to `t`, rounded up (a deadline is never early).
     fn ticks_until(&self, t: Instant) -> u32 {
         let d = t.saturating_duration_since(self.epoch);
-        u32::try_from(d.as_nanos().div_ceil(TICK.as_nanos())).unwrap_or(u32::MAX)
+        let part = u64::from(d.subsec_nanos()).div_ceil(TICK_NANOS);
+        Self::clamp(d.as_secs(), part)
     }
 
     /// Whole ticks elapsed at `t`.
     fn ticks_at(&self, t: Instant) -> u32 {
         let d = t.saturating_duration_since(self.epoch);
-        u32::try_from(d.as_nanos() / TICK.as_nanos()).unwrap_or(u32::MAX)
+        Self::clamp(d.as_secs(), u64::from(d.subsec_nanos()) / TICK_NANOS)
+    }
+
+    /// `secs` and `part` ticks as one count (in u64: a request makes three
+    /// deadlines, and u128 division, as `Duration::as_nanos` needs, is slow).
+    fn clamp(secs: u64, part: u64) -> u32 {
+        let ticks = secs.saturating_mul(PER_SEC).saturating_add(part);
+        u32::try_from(ticks).unwrap_or(u32::MAX)
     }
 }
 
@@ -224,6 +236,45 @@ mod tests {
     impl Wake for Count {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn ticks_are_counted_as_by_nanoseconds() {
+        let epoch = Instant::now();
+        let s = Slots {
+            slots: Vec::new(),
+            free: Vec::new(),
+            stopping: false,
+            epoch,
+            swept_at: epoch,
+            swept: 0,
+        };
+        let tick = TICK.as_nanos();
+        let nanos = [
+            0u64,
+            1,
+            99_999_999,
+            100_000_000,
+            100_000_001,
+            1_000_000_000,
+            1_234_567_891,
+        ];
+        // An hour, 500 days, and 20 years (more ticks than a u32 holds).
+        let far = [
+            3_600u64 * 1_000_000_000,
+            500 * 86_400 * 1_000_000_000,
+            20 * 365 * 86_400 * 1_000_000_000,
+        ];
+        for n in nanos.into_iter().chain(far) {
+            let t = epoch + Duration::from_nanos(n);
+            let up = u32::try_from(u128::from(n).div_ceil(tick)).unwrap_or(u32::MAX);
+            let down = u32::try_from(u128::from(n) / tick).unwrap_or(u32::MAX);
+            assert_eq!(s.ticks_until(t), up, "{n} ns");
+            assert_eq!(s.ticks_at(t), down, "{n} ns");
+        }
+        if let Some(before) = epoch.checked_sub(Duration::from_secs(1)) {
+            assert_eq!(s.ticks_until(before), 0);
         }
     }
 

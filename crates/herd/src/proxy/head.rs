@@ -644,13 +644,27 @@ pub fn drop_expect(out: &mut Vec<u8>) {
 fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
-            let mut b = itoa::Buffer::new();
+            // Into a stack buffer, then one copy: every request writes the
+            // client's address twice (`X-Forwarded-For`, `Forwarded`).
+            let mut b = [0u8; 15];
+            let mut n = 0;
             for (i, o) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push(b'.');
+                    b[n] = b'.';
+                    n += 1;
                 }
-                out.extend_from_slice(b.format(o).as_bytes());
+                if o >= 100 {
+                    b[n] = b'0' + o / 100;
+                    n += 1;
+                }
+                if o >= 10 {
+                    b[n] = b'0' + o / 10 % 10;
+                    n += 1;
+                }
+                b[n] = b'0' + o % 10;
+                n += 1;
             }
+            out.extend_from_slice(&b[..n]);
         }
         IpAddr::V6(_) => {
             let _ = write!(out, "{ip}");
@@ -687,13 +701,30 @@ fn put(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The bytes of a reg-name: unreserved, sub-delims and `%` of pct-encoded
+/// (RFC 3986, 3.2.2). A table, as every request's `Host` goes through it.
+const REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let extra = b"-._~!$&'()*+,;=%";
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
 /// Whether `v` is a valid `Host` (RFC 9110, 7.2: `uri-host [":" port]`, or
 /// empty): RFC 9112, 3.2 has a server refuse any other. A name with `/`, `@`,
 /// spaces or quotes would otherwise reach the app's links and redirects,
 /// and `X-Forwarded-Host`.
 pub(super) fn valid_host(v: &[u8]) -> bool {
-    // unreserved, sub-delims and `%` of pct-encoded (RFC 3986, 3.2.2).
-    let reg = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
+    let reg = |b: &u8| REG_NAME[*b as usize];
     let (host, port) = match v {
         [b'[', ..] => match v.iter().position(|&b| b == b']') {
             // IP-literal: IPv6 (with a zone) or IPvFuture.
@@ -963,6 +994,43 @@ pub fn error_response(out: &mut Vec<u8>, status: u16, reason: &str, body: &str, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_is_written_as_std_writes_it() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let edges = [
+            0u32,
+            1,
+            9,
+            10,
+            99,
+            100,
+            255,
+            0x0a00_0001,
+            0x7f00_0001,
+            u32::MAX,
+        ];
+        let random = (0..2000).map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng as u32
+        });
+        for a in edges.into_iter().chain(random) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(a));
+            let mut out = Vec::new();
+            put_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string().into_bytes());
+        }
+    }
+
+    #[test]
+    fn the_host_table_is_the_rfc_set() {
+        for b in 0..=255u8 {
+            let rfc = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b);
+            assert_eq!(REG_NAME[b as usize], rfc, "byte {b}");
+        }
+    }
 
     fn peer() -> IpAddr {
         "192.0.2.7".parse().unwrap()
