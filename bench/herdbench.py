@@ -74,6 +74,15 @@ def ensure_tools():
     run(["cargo", "build", "--release", "-q", "--manifest-path", str(BENCH / "plot/Cargo.toml")], cwd=ROOT)
 
 
+def apt_install(pkg):
+    """One of Debian's packages, after reading the package lists (a fresh
+    machine has none)."""
+    log("installing:", pkg)
+    run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
+    run(["apt-get", "install", "-y", "-qq", pkg], stdout=subprocess.DEVNULL,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
 AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
 
 
@@ -573,7 +582,7 @@ def syscalls(args):
     the same wrk load (strace slows them; only the counts matter)."""
     ensure_tools()
     if not shutil.which("strace"):
-        run(["apt-get", "install", "-y", "-qq", "strace"], stdout=subprocess.DEVNULL)
+        apt_install("strace")
     work = Path(tempfile.mkdtemp(prefix="herd-strace-"))
     rows = []
     with contextlib.ExitStack() as stack:
@@ -673,7 +682,7 @@ def instructions(args):
     starting and stopping."""
     ensure_tools()
     if not shutil.which("valgrind"):
-        run(["apt-get", "install", "-y", "-qq", "valgrind"], stdout=subprocess.DEVNULL)
+        apt_install("valgrind")
     work = Path(tempfile.mkdtemp(prefix="herd-callgrind-"))
     n1, n2 = args.requests, 5 * args.requests
     rows = []
