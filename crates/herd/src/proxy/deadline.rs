@@ -43,9 +43,10 @@ struct Slots {
 /// The sweep's period, and so the deadlines' resolution.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Ticks per second, and nanoseconds per tick.
-const PER_SEC: u64 = 1_000_000_000 / TICK_NANOS;
+/// Nanoseconds per tick.
 const TICK_NANOS: u64 = TICK.as_nanos() as u64;
+/// Ticks per second.
+const PER_SEC: u64 = 1_000_000_000 / TICK_NANOS;
 
 impl Slots {
     /// Ticks from the epoch to `t`, rounded up (a deadline is never early).

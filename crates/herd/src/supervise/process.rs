@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -115,12 +116,16 @@ pub(super) struct Proc {
     pub ipc: Option<crate::ipc::Channel>,
     /// Dispatch mode: its hand-off counts.
     pub dispatch: Option<Arc<PeerInfo>>,
+    /// Set once it is ready by any path, so that its readiness task stops
+    /// looking at its sockets (dispatch readiness comes from the dispatcher).
+    pub ready: Arc<AtomicBool>,
 }
 
 impl Proc {
     /// A worker that listens on `[::1]` only (Node binding `localhost` where
     /// it resolves to ::1) is proxied there rather than to 127.0.0.1.
     pub(super) fn serving_at(&mut self, addr: Option<SocketAddr>) {
+        self.ready.store(true, Ordering::Relaxed);
         let (Some(addr), Some(t)) = (addr, &self.target) else {
             return;
         };
@@ -290,11 +295,13 @@ impl Supervisor {
             let status = child.wait().await;
             let _ = tx.send(Event::Exited { epoch, status });
         });
+        let ready = Arc::new(AtomicBool::new(false));
         let readiness = tokio::spawn(readiness(
             notify,
             self.probe(port),
             self.tx.clone(),
             (epoch, slot, pid),
+            ready.clone(),
         ));
         let target = port.map(|p| {
             Arc::new(
@@ -319,6 +326,7 @@ impl Supervisor {
                 tasks: vec![readiness.abort_handle()],
                 ipc,
                 dispatch,
+                ready,
             },
         );
         Ok(pid)
@@ -559,11 +567,14 @@ async fn port_open(p: u16) -> SocketAddr {
 /// Reports the worker ready on `READY=1` or when its probe passes,
 /// whichever comes first (the machine times it out), and each `WATCHDOG=1`;
 /// keeps reading for the worker's life so its sd_notify calls never fail.
+/// `ready` is set once the worker is ready by any path: in dispatch mode
+/// the dispatcher says so, and this task goes on reading only.
 async fn readiness(
     sock: UnixDatagram,
     probe: Probe,
     tx: mpsc::UnboundedSender<Event>,
     (epoch, slot, pid): (Epoch, usize, u32),
+    ready: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 4096];
     // Reads one message; true if it says READY=1. Reports WATCHDOG=1, at
@@ -622,7 +633,10 @@ async fn readiness(
         };
         let mut after = LOOK_AFTER;
         tokio::time::sleep(after).await;
-        loop {
+        // A scan of every process and of the socket tables, which grow
+        // with the load: only while the worker is not ready. Dispatch
+        // readiness does not end this task, so it would scan for good.
+        while !ready.load(Ordering::Relaxed) {
             let found = tokio::task::spawn_blocking(move || crate::os::sockets::listening(pgid));
             let Ok(found) = found.await else { break };
             if let Some(why) = elsewhere(probe, &found) {
