@@ -51,7 +51,7 @@ impl RunDir {
         // no other master ever sees it unlocked.
         let tmp = base.join(format!(".new-{pid}-{}", fastrand::u64(..)));
         mkdir(&tmp)?;
-        let lock = lock(&tmp).map_err(|source| RunDirError::Create {
+        let lock = lock_new(&tmp).map_err(|source| RunDirError::Create {
             path: tmp.clone(),
             source,
         })?;
@@ -187,6 +187,23 @@ fn lock(dir: &Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
         .map_err(|(_, e)| std::io::Error::from(e))
 }
 
+/// Locks a directory no other master knows yet. Its lock file is locked
+/// before it takes its name: another master's cleanup takes a free lock as
+/// the sign of a stale directory, and a lock file made then locked could be
+/// seen free in between (two masters starting at once lost their directory
+/// that way).
+fn lock_new(dir: &Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
+    let unnamed = dir.join("lock.new");
+    let f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&unnamed)?;
+    let locked = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| std::io::Error::from(e))?;
+    std::fs::rename(&unnamed, dir.join("lock"))?;
+    Ok(locked)
+}
+
 /// Removes the directories of masters that no longer run: their lock is
 /// free (or, from herd versions without one, their pid is gone).
 fn remove_stale(base: &Path) {
@@ -216,5 +233,33 @@ fn remove_stale(base: &Path) {
         if !alive {
             let _ = std::fs::remove_dir_all(e.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory being made is locked under its lock file's final name
+    /// from the moment that name exists, so a cleanup running beside it
+    /// (another master starting) keeps it.
+    #[test]
+    fn a_directory_being_made_is_never_taken_for_stale() {
+        let base = std::env::temp_dir().join(format!("herd-rundir-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let new = base.join(".new-1-2");
+        std::fs::create_dir(&new).unwrap();
+        let held = lock_new(&new).unwrap();
+        assert!(new.join("lock").exists());
+        assert!(!new.join("lock.new").exists());
+        assert!(lock(&new).is_err(), "another master could take the lock");
+        remove_stale(&base);
+        assert!(new.is_dir(), "the cleanup removed a directory being made");
+        drop(held);
+        // Once its master is gone (its lock free), it is stale.
+        remove_stale(&base);
+        assert!(!new.exists());
+        let _ = std::fs::remove_dir_all(&base);
     }
 }
