@@ -927,7 +927,9 @@ pub fn response(
     out.push(b' ');
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut cl_written = false;
+    // 1xx and 204 answers have no length to give (RFC 9110, 8.6); a client
+    // that believed one would wait for a body that never comes.
+    let mut cl_written = interim || status == 204;
     for h in headers {
         match classify(h.name) {
             Known::Connection | Known::HopByHop | Known::TransferEncoding => {}
@@ -948,6 +950,11 @@ pub fn response(
         }
     }
     if pass_chunked {
+        put(out, "Transfer-Encoding", &te_norm);
+    } else if te && body == Framing::UntilClose {
+        // `gzip` alone, or `chunked, gzip`: passed on as it came, with the
+        // body, ended by the close; without it the client would take the
+        // coded bytes for the content.
         put(out, "Transfer-Encoding", &te_norm);
     } else if rechunk {
         put(out, "Transfer-Encoding", b"chunked");
@@ -1405,6 +1412,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.body, Framing::None);
+        assert_eq!(
+            resp(
+                "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                GET11
+            )
+            .unwrap()
+            .1,
+            "HTTP/1.1 204 No Content\r\n\r\n"
+        );
+        assert_eq!(
+            resp(
+                "HTTP/1.1 103 Early Hints\r\nContent-Length: 0\r\nLink: </a>\r\n\r\n",
+                GET11
+            )
+            .unwrap()
+            .1,
+            "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        );
+        // A coding that is not chunked goes on with a body ended by the close.
+        let (r, out) = resp(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            GET11,
+        )
+        .unwrap();
+        assert_eq!(r.body, Framing::UntilClose);
+        assert!(!r.client_keep_alive);
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\nConnection: close\r\n\r\n"
+        );
         let head = Asked {
             head_method: true,
             ..GET11
