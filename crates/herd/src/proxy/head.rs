@@ -539,7 +539,9 @@ pub fn request(
     if !xfp {
         put(out, "X-Forwarded-Proto", b"http");
     }
-    if !xfh && let Some(h) = host {
+    // An empty `Host` (allowed, RFC 9110, 7.2) names no host to pass on.
+    let named = host.filter(|h| !h.is_empty());
+    if !xfh && let Some(h) = named {
         put(out, "X-Forwarded-Host", h);
     }
     out.extend_from_slice(b"Forwarded: ");
@@ -556,7 +558,7 @@ pub fn request(
         put_ip(out, ip);
         out.extend_from_slice(b";proto=http");
     }
-    if let Some(h) = host {
+    if let Some(h) = named {
         out.extend_from_slice(b";host=\"");
         out.extend(h.iter().filter(|&&c| c != b'"' && c != b'\\'));
         out.push(b'"');
@@ -1252,6 +1254,16 @@ mod tests {
         );
         let (r, _) = req("GET / HTTP/1.0\r\nHost: h\r\n\r\n").unwrap();
         assert!(!r.no_host);
+        let (r, out) = req("GET / HTTP/1.1\r\nHost:\r\n\r\n").unwrap();
+        assert!(!r.no_host);
+        assert!(
+            out.starts_with("GET / HTTP/1.1\r\nHost: \r\nX-Forwarded-For: "),
+            "{out}"
+        );
+        assert!(
+            !out.contains("X-Forwarded-Host") && !out.contains(";host="),
+            "{out}"
+        );
         let (r, _) = req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
         assert!(r.keep_alive);
         let (r, out) =
