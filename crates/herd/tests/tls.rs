@@ -521,6 +521,59 @@ fn an_answer_broken_off_over_tls_is_logged() {
     assert!(h.wait_log(&said, T), "{}", h.log());
 }
 
+/// Over TLS (hyper's path) as through herd's own engine: an answer's
+/// `Content-Length` reaches the client only where it is true. Passed on as
+/// it came, a 204's or one beside chunked framing made curl wait for a body
+/// (HTTP/1.1: "Empty reply from server") or reset the stream (HTTP/2).
+#[test]
+fn lengths_a_backend_should_not_have_sent_do_not_reach_tls_clients() {
+    use std::io::Write;
+    let bport = raw_backend(|mut c, head| {
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let answer: &[u8] = if head.starts_with("GET /204 ") {
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+        } else if head.starts_with("GET /both ") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
+        };
+        let _ = c.write_all(answer);
+    });
+    let (pki, _h, port) = tls_in_front_of("lengths", bport);
+    for flag in ["--http1.1", "--http2"] {
+        for (path, status, length, body) in [
+            ("/204", "204", None, ""),
+            ("/both", "200", None, "ok"),
+            ("/twice", "200", Some(1), "hello"),
+        ] {
+            let out = curl(&pki, "a.test", port, path, &[flag, "-i"]);
+            let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+            let said = format!(
+                "{flag} {path}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{said}");
+            assert!(
+                text.starts_with(&format!(
+                    "HTTP/{}",
+                    if flag == "--http2" { "2 " } else { "1.1 " }
+                )),
+                "{said}"
+            );
+            assert!(text.lines().next().unwrap_or("").contains(status), "{said}");
+            let lengths = text
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+                .count();
+            assert_eq!(lengths, length.unwrap_or(0), "{said}");
+            assert!(
+                text.contains(&format!("\n\n{body}\nhttp_version=")),
+                "{said}"
+            );
+        }
+    }
+}
+
 /// Over TLS (hyper's path) as over plain HTTP (balancer.rs): a worker that
 /// serves one connection at a time is found, and requests on herd's
 /// other proxy thread do not wait for the idle connection it keeps.

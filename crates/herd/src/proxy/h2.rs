@@ -506,6 +506,8 @@ impl HttpProxy {
                     served.target = Some(target.clone());
                     record(resp.status().as_u16());
                     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    let status = resp.status();
+                    fix_length(status, resp.headers_mut());
                     strip_hop_by_hop(resp.headers_mut(), switching);
                     if switching {
                         if let Some(client) = client_upgrade {
@@ -1036,6 +1038,37 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     HeaderName::from_static("http2-settings"),
 ];
+
+/// Leaves the answer's `Content-Length` true of what the client gets, as
+/// herd's own engine writes it (`head::response`): none beside a
+/// `Transfer-Encoding`, which frames the body instead (RFC 9112, 6.3), or on
+/// a 1xx or 204, which has no body (RFC 9110, 8.6), and repeats of one
+/// length (hyper's client took them only if they agree) as one. hyper would
+/// pass them on as they are: a client then waits for a body that never
+/// comes, or, over HTTP/2, resets the stream.
+fn fix_length(status: StatusCode, h: &mut HeaderMap) {
+    let mut values = h.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return;
+    };
+    if h.contains_key(header::TRANSFER_ENCODING)
+        || status == StatusCode::NO_CONTENT
+        || status.is_informational()
+    {
+        h.remove(header::CONTENT_LENGTH);
+    } else if values.next().is_some() || first.as_bytes().contains(&b',') {
+        let one = first
+            .as_bytes()
+            .split(|&b| b == b',')
+            .next()
+            .map(head::trim)
+            .and_then(|v| HeaderValue::from_bytes(v).ok());
+        h.remove(header::CONTENT_LENGTH);
+        if let Some(v) = one {
+            h.insert(header::CONTENT_LENGTH, v);
+        }
+    }
+}
 
 /// Removes headers meant for one hop only, including those the sender
 /// listed in `Connection`; an upgrade keeps `Connection: upgrade` and `Upgrade`.
