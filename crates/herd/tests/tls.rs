@@ -521,30 +521,37 @@ fn an_answer_broken_off_over_tls_is_logged() {
     assert!(h.wait_log(&said, T), "{}", h.log());
 }
 
-/// Over TLS (hyper's path) as through herd's own engine: an answer's
-/// `Content-Length` reaches the client only where it is true. Passed on as
-/// it came, a 204's or one beside chunked framing made curl wait for a body
-/// (HTTP/1.1: "Empty reply from server") or reset the stream (HTTP/2).
+/// Over TLS (hyper's path) as through herd's own engine: odd answers reach
+/// the client as herd's engine passes them. A `Content-Length` only where it
+/// is true: passed on as it came, a 204's or one beside chunked framing made
+/// curl wait for a body (HTTP/1.1: "Empty reply from server") or reset the
+/// stream (HTTP/2). A protocol switch nobody asked for is a 502, not a 101
+/// handed to the client. An HTTP/1.0 answer goes on as HTTP/1.1, herd's own
+/// version; and `curl --http1.0`, which offers only `http/1.0` by ALPN, is
+/// served (the handshake failed).
 #[test]
-fn lengths_a_backend_should_not_have_sent_do_not_reach_tls_clients() {
+fn odd_backend_answers_reach_tls_clients_as_herds_engine_passes_them() {
     use std::io::Write;
     let bport = raw_backend(|mut c, head| {
         let head = String::from_utf8_lossy(&head).into_owned();
-        let answer: &[u8] = if head.starts_with("GET /204 ") {
-            b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
-        } else if head.starts_with("GET /both ") {
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
+        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+        let answer: &[u8] = match path.as_str() {
+            "/204" => b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
+            "/both" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            "/switch" => b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nraw bytes",
+            "/old" => b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
         };
         let _ = c.write_all(answer);
     });
-    let (pki, _h, port) = tls_in_front_of("lengths", bport);
-    for flag in ["--http1.1", "--http2"] {
-        for (path, status, length, body) in [
-            ("/204", "204", None, ""),
-            ("/both", "200", None, "ok"),
-            ("/twice", "200", Some(1), "hello"),
+    let (pki, h, port) = tls_in_front_of("odd", bport);
+    for flag in ["--http1.1", "--http2", "--http1.0"] {
+        for (path, status, lengths, body) in [
+            ("/204", "204", 0, ""),
+            ("/both", "200", 0, "ok"),
+            ("/twice", "200", 1, "hello"),
+            ("/switch", "502", 1, "backend failed\n"),
+            ("/old", "200", 1, "ok"),
         ] {
             let out = curl(&pki, "a.test", port, path, &[flag, "-i"]);
             let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
@@ -553,25 +560,28 @@ fn lengths_a_backend_should_not_have_sent_do_not_reach_tls_clients() {
                 String::from_utf8_lossy(&out.stderr)
             );
             assert!(out.status.success(), "{said}");
-            assert!(
-                text.starts_with(&format!(
-                    "HTTP/{}",
-                    if flag == "--http2" { "2 " } else { "1.1 " }
-                )),
-                "{said}"
-            );
+            let version = match flag {
+                "--http2" => "2 ",
+                "--http1.0" => "1.0 ",
+                _ => "1.1 ",
+            };
+            assert!(text.starts_with(&format!("HTTP/{version}")), "{said}");
             assert!(text.lines().next().unwrap_or("").contains(status), "{said}");
-            let lengths = text
+            let seen = text
                 .lines()
                 .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
                 .count();
-            assert_eq!(lengths, length.unwrap_or(0), "{said}");
+            assert_eq!(seen, lengths, "{said}");
             assert!(
                 text.contains(&format!("\n\n{body}\nhttp_version=")),
                 "{said}"
             );
         }
     }
+    let said = format!(
+        "upstream 127.0.0.1:{bport}: switched protocols (101) though the request asked for no upgrade"
+    );
+    assert!(h.wait_log(&said, T), "{}", h.log());
 }
 
 /// Over TLS (hyper's path) as over plain HTTP (balancer.rs): a worker that

@@ -508,6 +508,9 @@ impl HttpProxy {
                     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                     let status = resp.status();
                     fix_length(status, resp.headers_mut());
+                    // herd's own version, not the backend's (RFC 9110, 6.2);
+                    // hyper answers an HTTP/1.0 client as such by itself.
+                    *resp.version_mut() = Version::HTTP_11;
                     strip_hop_by_hop(resp.headers_mut(), switching);
                     if switching {
                         if let Some(client) = client_upgrade {
@@ -706,6 +709,15 @@ impl HttpProxy {
             };
             sender.head_seen(true);
             match res {
+                // A switch nobody asked for would hand the client's
+                // connection to whatever the backend speaks next: a 502, as
+                // herd's own engine answers (`head::response`).
+                Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrade => {
+                    return Sent::Failed(
+                        "switched protocols (101) though the request asked for no upgrade".into(),
+                        false,
+                    );
+                }
                 Ok(resp) => {
                     let reusable = !upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
                     if resp.body().is_end_stream() && reusable {

@@ -267,7 +267,9 @@ impl Tls {
             None => builder.with_no_client_auth(),
         };
         let mut c = builder.with_cert_resolver(Arc::new(Sni { keys, strict }));
-        c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // `http/1.0` too, as nginx offers it: `curl --http1.0` asks for
+        // nothing else, and without it the handshake would fail.
+        c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
         c.ticketer = tickets.clone();
         c.session_storage = sessions.clone();
         Ok(c)
