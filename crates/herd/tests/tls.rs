@@ -666,6 +666,37 @@ fn a_worker_serving_one_connection_at_a_time_is_found_over_tls() {
     assert!(!log.contains("unhealthy"), "{log}");
 }
 
+/// Over TLS as through herd's own engine: a `Connection` header that names
+/// `Host` or a forwarding header does not remove it (it removed the `Host`,
+/// and the backend got herd's own address instead); other names it lists go.
+#[test]
+fn connection_cannot_strip_host_or_forwarding_headers_over_tls() {
+    use std::io::{Read, Write};
+    let pki = Pki::new("listed");
+    let a = pki.leaf("a.test");
+    let mut args = tls_args(&[&a]);
+    args.extend(["-i".into(), "1".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    let mut s = tls_client(&pki, h.port, "a.test");
+    s.write_all(
+        b"GET /headers HTTP/1.1\r\nHost: a.test\r\nConnection: close, Host, X-Forwarded-For, X-Gone\r\nX-Forwarded-For: 192.0.2.1\r\nX-Gone: 1\r\n\r\n",
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("\nhost: a.test\n"), "{text}");
+    assert!(text.contains("\nx-forwarded-host: a.test\n"), "{text}");
+    assert!(
+        text.contains("\nx-forwarded-for: 192.0.2.1, 127.0.0.1\n"),
+        "{text}"
+    );
+    assert!(!text.contains("x-gone"), "{text}");
+}
+
 #[test]
 fn hostile_http1_over_tls_gets_a_400_and_others_are_served() {
     use std::io::{Read, Write};

@@ -1086,7 +1086,7 @@ fn fix_length(status: StatusCode, h: &mut HeaderMap) {
 /// listed in `Connection`; an upgrade keeps `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     if h.contains_key(header::CONNECTION) {
-        strip_listed(h, keep_upgrade);
+        strip_listed(h);
     }
     for name in &HOP_BY_HOP {
         h.remove(name);
@@ -1116,7 +1116,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Removes the headers named in `Connection` (it allocates, so only when
 /// there is one).
-fn strip_listed(h: &mut HeaderMap, keep_upgrade: bool) {
+fn strip_listed(h: &mut HeaderMap) {
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -1125,7 +1125,8 @@ fn strip_listed(h: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
     for name in listed {
-        if !(keep_upgrade && name == header::UPGRADE) {
+        // As herd's own engine: `Connection: host` keeps the `Host`.
+        if head::listable(name.as_str()) {
             h.remove(&name);
         }
     }

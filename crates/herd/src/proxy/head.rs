@@ -238,6 +238,14 @@ fn classify(name: &str) -> Known {
     }
 }
 
+/// Whether a `Connection` header listing `name` removes it: not for the
+/// headers herd frames, routes or forwards by (`Host`, `Content-Length`,
+/// `X-Forwarded-For`, …), which a client could otherwise strip by naming
+/// them; the hop-by-hop ones go anyway.
+pub(super) fn listable(name: &str) -> bool {
+    classify(name) == Known::Other
+}
+
 /// Whether `name` is one of the headers herd frames by or sets, spelled
 /// with `_` for `-` (`Content_Length`, `X_Forwarded_For`). CGI-style servers
 /// (WSGI, Rack, PHP) read both spellings as one variable, so a client could
