@@ -453,7 +453,7 @@ fn websocket_style_upgrades_are_tunnelled_over_tls() {
 
 #[test]
 fn h2c_upgrades_over_tls_are_not_passed_to_the_backend() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let bport = raw_backend(|mut c, head| {
         let lower = String::from_utf8_lossy(&head).to_ascii_lowercase();
         let _ = if lower.contains("upgrade") || lower.contains("http2-settings") {
@@ -465,15 +465,12 @@ fn h2c_upgrades_over_tls_are_not_passed_to_the_backend() {
         };
     });
     let (pki, _h, port) = tls_in_front_of("h2c", bport);
-    let mut s = tls_client(&pki, port, "a.test");
-    s.write_all(
+    let text = tls_exchange(
+        &pki,
+        port,
         b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
           Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
-    )
-    .unwrap();
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    let text = String::from_utf8_lossy(&got);
+    );
     assert!(
         text.starts_with("HTTP/1.1 200") && text.ends_with("plain\n"),
         "{text}"
@@ -482,16 +479,11 @@ fn h2c_upgrades_over_tls_are_not_passed_to_the_backend() {
 
 #[test]
 fn an_http10_request_without_host_reaches_the_backend_with_one() {
-    use std::io::{Read, Write};
     // Sent on as HTTP/1.1, which must name a host: the backend gets the
     // address the client reached (a strict server answers 400 without).
     let bport = host_echo_backend();
     let (pki, _h, port) = tls_in_front_of("http10", bport);
-    let mut s = tls_client(&pki, port, "a.test");
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    let text = String::from_utf8_lossy(&got);
+    let text = tls_exchange(&pki, port, b"GET / HTTP/1.0\r\n\r\n");
     assert!(
         text.starts_with("HTTP/1.0 200") && text.ends_with(&format!("\r\n\r\n127.0.0.1:{port}")),
         "{text}"
@@ -502,17 +494,12 @@ fn an_http10_request_without_host_reaches_the_backend_with_one() {
 /// its answer's body is named in the log, and the client sees the cut.
 #[test]
 fn an_answer_broken_off_over_tls_is_logged() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let bport = raw_backend(|mut c, _head| {
         let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b");
     });
     let (pki, h, port) = tls_in_front_of("cut", bport);
-    let mut s = tls_client(&pki, port, "a.test");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        .unwrap();
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    let text = String::from_utf8_lossy(&got);
+    let text = tls_exchange(&pki, port, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n");
     assert!(
         text.starts_with("HTTP/1.1 200") && text.ends_with("only ten b"),
         "{text}"
@@ -671,22 +658,14 @@ fn a_worker_serving_one_connection_at_a_time_is_found_over_tls() {
 /// and the backend got herd's own address instead); other names it lists go.
 #[test]
 fn connection_cannot_strip_host_or_forwarding_headers_over_tls() {
-    use std::io::{Read, Write};
     let pki = Pki::new("listed");
-    let a = pki.leaf("a.test");
-    let mut args = tls_args(&[&a]);
-    args.extend(["-i".into(), "1".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let h = Herd::start(&args, &[DEMO]);
-    h.wait_ready(1);
-    let mut s = tls_client(&pki, h.port, "a.test");
-    s.write_all(
+    let h = tls_demo(&pki.leaf("a.test"), &[]);
+    let text = tls_exchange(
+        &pki,
+        h.port,
         b"GET /headers HTTP/1.1\r\nHost: a.test\r\nConnection: close, Host, X-Forwarded-For, X-Gone\r\nX-Forwarded-For: 192.0.2.1\r\nX-Gone: 1\r\n\r\n",
     )
-    .unwrap();
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    .to_ascii_lowercase();
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(text.contains("\nhost: a.test\n"), "{text}");
     assert!(text.contains("\nx-forwarded-host: a.test\n"), "{text}");
@@ -699,24 +678,16 @@ fn connection_cannot_strip_host_or_forwarding_headers_over_tls() {
 
 #[test]
 fn hostile_http1_over_tls_gets_a_400_and_others_are_served() {
-    use std::io::{Read, Write};
     let pki = Pki::new("hostile");
-    let a = pki.leaf("a.test");
-    let mut args = tls_args(&[&a]);
-    args.extend(["-i".into(), "1".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let h = Herd::start(&args, &[DEMO]);
-    h.wait_ready(1);
+    let h = tls_demo(&pki.leaf("a.test"), &[]);
     // Transfer-Encoding beside Content-Length: framed by the chunks (the
     // backend gets a request framed again), and the connection closes.
-    let mut s = tls_client(&pki, h.port, "a.test");
-    s.write_all(
+    let text = tls_exchange(
+        &pki,
+        h.port,
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
     )
-    .unwrap();
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    .to_ascii_lowercase();
     assert!(text.contains("connection: close"), "{text}");
     assert_eq!(text.matches("http/1.1 ").count(), 1, "{text}");
     for raw in [
@@ -729,11 +700,7 @@ fn hostile_http1_over_tls_gets_a_400_and_others_are_served() {
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: evil.test/x?\r\n\r\n",
     ] {
-        let mut s = tls_client(&pki, h.port, "a.test");
-        s.write_all(raw).unwrap();
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got);
-        let text = String::from_utf8_lossy(&got);
+        let text = tls_exchange(&pki, h.port, raw);
         assert!(
             text.starts_with("HTTP/1.1 400"),
             "{:?}: {text}",
@@ -1025,6 +992,16 @@ fn sessions_made_before_the_client_ca_changed_do_not_resume() {
     assert!(h.wait_log("TLS certificates reloaded", T), "{}", h.log());
     let after = s_client(h.port, &resume);
     assert!(!after.contains("Reused,"), "{after}");
+}
+
+/// RAW written to herd over TLS (`a.test`), and all it answers until it closes.
+fn tls_exchange(pki: &Pki, port: u16, raw: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = tls_client(pki, port, "a.test");
+    s.write_all(raw).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 /// One demo worker behind herd speaking TLS with `pair`, and `extra`
