@@ -74,24 +74,53 @@ pub fn socket_path(name: &str) -> PathBuf {
 }
 
 /// Holds a cluster name for as long as it lives: an exclusive `flock` on
-/// `<name>.lock`, which the kernel releases even on `kill -9`.
+/// `<name>.lock`, which the kernel releases even on `kill -9`. A master that
+/// ends removes the file, still holding the lock, so names used once do not
+/// pile up in the runtime directory; [`bind`] checks that the file it
+/// locked is still the one under that name.
 pub struct NameLock {
+    path: PathBuf,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl NameLock {
-    /// The lock this process already holds on `file` (handed across
-    /// `herd upgrade`'s exec: the lock belongs to the open file, which
-    /// stayed open).
-    pub fn held(file: std::fs::File) -> Option<NameLock> {
+    /// The lock this process already holds on `file` for `name` (handed
+    /// across `herd upgrade`'s exec: the lock belongs to the open file,
+    /// which stayed open).
+    pub fn held(name: &str, file: std::fs::File) -> Option<NameLock> {
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .ok()
-            .map(|l| NameLock { _lock: l })
+            .map(|l| NameLock {
+                path: lock_path(name),
+                _lock: l,
+            })
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self._lock.as_raw_fd()
+    }
+}
+
+impl Drop for NameLock {
+    /// Runs before the lock is released: whoever opened the file meanwhile
+    /// finds it gone once they lock it, and opens the name afresh.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn lock_path(name: &str) -> PathBuf {
+    socket_path(name).with_extension("lock")
+}
+
+/// Whether `file` is still the file at `path` (not removed or replaced
+/// since it was opened).
+fn still_at(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -131,25 +160,41 @@ pub fn bind(name: &str) -> Result<(UnixListener, PathBuf, NameLock), ControlErro
         path: path.clone(),
         source,
     };
-    let lock_path = path.with_extension("lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(bind_err)?;
-    let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+    let lock_path = lock_path(name);
+    let mut tries = 0;
+    let lock = loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(bind_err)?;
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(ControlError::NameTaken(name.to_string()));
+            }
+            Err((_, e)) => return Err(bind_err(e.into())),
+        };
+        if still_at(&lock, &lock_path) {
+            break lock;
+        }
+        // Its master ended between our open and our lock, and removed the
+        // file: the name is free, under a new file.
+        tries += 1;
+        if tries == 100 {
             return Err(ControlError::NameTaken(name.to_string()));
         }
-        Err((_, e)) => return Err(bind_err(e.into())),
+    };
+    let held = NameLock {
+        path: lock_path,
+        _lock: lock,
     };
     // The name is ours: any socket file left under it is stale.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(bind_err)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-    Ok((listener, path, NameLock { _lock: lock }))
+    Ok((listener, path, held))
 }
 
 /// Serves the control socket, passing each request to the supervisor.
@@ -461,6 +506,54 @@ mod tests {
         assert!(path.exists(), "the winner's socket was removed");
         let _ = std::fs::remove_file(path);
         let _ = std::fs::remove_file(path.with_extension("lock"));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_name_freed_and_claimed_again_has_one_holder_at_a_time() {
+        // Masters ending remove their lock file; one opening it just then
+        // must not take the removed file's lock beside a newer holder.
+        let _dir = rundir::RunDir::create().unwrap();
+        let name = format!("again-{}", std::process::id());
+        let holders = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (won, both) = (
+            std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        );
+        let rt = tokio::runtime::Handle::current();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (rt, name) = (rt.clone(), name.clone());
+                let (holders, won, both) = (holders.clone(), won.clone(), both.clone());
+                std::thread::spawn(move || {
+                    let _in = rt.enter();
+                    let until = std::time::Instant::now() + Duration::from_secs(2);
+                    while std::time::Instant::now() < until {
+                        if let Ok(claim) = bind(&name) {
+                            use std::sync::atomic::Ordering::SeqCst;
+                            won.fetch_add(1, SeqCst);
+                            if holders.fetch_add(1, SeqCst) > 0 {
+                                both.fetch_add(1, SeqCst);
+                            }
+                            std::thread::yield_now();
+                            holders.fetch_sub(1, SeqCst);
+                            drop(claim);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        use std::sync::atomic::Ordering::SeqCst;
+        assert!(won.load(SeqCst) > 100, "{} claims", won.load(SeqCst));
+        assert_eq!(both.load(SeqCst), 0, "two masters held one name at once");
+        let sock = socket_path(&name);
+        assert!(
+            !lock_path(&name).exists(),
+            "the last holder left its lock file"
+        );
+        let _ = std::fs::remove_file(sock);
     }
 
     #[test]

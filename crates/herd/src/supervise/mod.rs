@@ -304,7 +304,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let (control_listener, control_path, name, _name_lock) = match handed {
         Some(h) => {
             let path = control::socket_path(&h.name);
-            let lock = control::NameLock::held(h.lock)
+            let lock = control::NameLock::held(&h.name, h.lock)
                 .ok_or_else(|| SuperviseError::Handed(std::io::Error::other("the name lock")))?;
             let _ = h.control.set_nonblocking(true);
             let l =
