@@ -114,6 +114,52 @@ fn lock_path(name: &str) -> PathBuf {
     socket_path(name).with_extension("lock")
 }
 
+/// Locks the name lock file at `path` (made if `create`); `None` when
+/// another process holds it (or, without `create`, when there is none).
+fn claim(path: &Path, create: bool) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    use nix::fcntl::{Flock, FlockArg};
+    for _ in 0..100 {
+        let file = match std::fs::OpenOptions::new()
+            .create(create)
+            .truncate(false)
+            .write(true)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) if still_at(&l, path) => return Ok(Some(l)),
+            // Its holder ended between our open and our lock, and removed
+            // the file: the name is free, under a new file.
+            Ok(_) => continue,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, e)) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+/// Removes the lock files no master holds: those of masters killed with
+/// `kill -9`, or kept by herd versions that never removed them. Each is
+/// removed holding its lock, as a master that ends removes its own.
+fn remove_stale_locks() {
+    let Ok(entries) = std::fs::read_dir(rundir::base_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "lock")
+            && e.file_type().is_ok_and(|t| t.is_file())
+            && let Ok(Some(lock)) = claim(&path, false)
+        {
+            let _ = std::fs::remove_file(&path);
+            drop(lock);
+        }
+    }
+}
+
 /// Whether `file` is still the file at `path` (not removed or replaced
 /// since it was opened).
 fn still_at(file: &std::fs::File, path: &Path) -> bool {
@@ -131,6 +177,7 @@ pub fn bind_name(
     name: &str,
     given: bool,
 ) -> Result<(UnixListener, PathBuf, String, NameLock), ControlError> {
+    remove_stale_locks();
     if given {
         let (l, p, lock) = bind(name)?;
         return Ok((l, p, name.to_string(), lock));
@@ -154,37 +201,24 @@ pub fn bind_name(
 /// live socket and then binding would race with another master starting
 /// under the same name; the lock makes the claim atomic.
 pub fn bind(name: &str) -> Result<(UnixListener, PathBuf, NameLock), ControlError> {
-    use nix::fcntl::{Flock, FlockArg};
     let path = socket_path(name);
     let bind_err = |source| ControlError::Bind {
         path: path.clone(),
         source,
     };
     let lock_path = lock_path(name);
-    let mut tries = 0;
-    let lock = loop {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(bind_err)?;
-        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(ControlError::NameTaken(name.to_string()));
-            }
-            Err((_, e)) => return Err(bind_err(e.into())),
-        };
-        if still_at(&lock, &lock_path) {
-            break lock;
+    let mut lock = None;
+    // Another master's sweep (see `remove_stale_locks`) holds a free name's
+    // lock for an instant: a lock still held a few ms later is a master's.
+    for wait in [0, 2, 4, 8] {
+        std::thread::sleep(Duration::from_millis(wait));
+        lock = claim(&lock_path, true).map_err(bind_err)?;
+        if lock.is_some() {
+            break;
         }
-        // Its master ended between our open and our lock, and removed the
-        // file: the name is free, under a new file.
-        tries += 1;
-        if tries == 100 {
-            return Err(ControlError::NameTaken(name.to_string()));
-        }
+    }
+    let Some(lock) = lock else {
+        return Err(ControlError::NameTaken(name.to_string()));
     };
     let held = NameLock {
         path: lock_path,
@@ -553,6 +587,28 @@ mod tests {
             !lock_path(&name).exists(),
             "the last holder left its lock file"
         );
+        let _ = std::fs::remove_file(sock);
+    }
+
+    #[tokio::test]
+    async fn lock_files_no_master_holds_are_swept_and_held_ones_kept() {
+        let _dir = rundir::RunDir::create().unwrap();
+        let pid = std::process::id();
+        let (stale, live) = (format!("stale-{pid}"), format!("live-{pid}"));
+        std::fs::write(lock_path(&stale), b"").unwrap();
+        let (_l, sock, held) = bind(&live).unwrap();
+        remove_stale_locks();
+        assert!(
+            !lock_path(&stale).exists(),
+            "a lock file nobody holds stayed"
+        );
+        assert!(lock_path(&live).exists(), "a held lock file was removed");
+        assert!(
+            matches!(bind(&live), Err(ControlError::NameTaken(_))),
+            "the sweep freed a held name"
+        );
+        drop(held);
+        assert!(!lock_path(&live).exists());
         let _ = std::fs::remove_file(sock);
     }
 
