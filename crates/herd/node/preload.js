@@ -146,6 +146,33 @@
     process.env.HERD_PORT_TAKEN = String(process.pid);
   };
 
+  // A wrapper (`npm start`, a launcher script) runs the app as a child
+  // that shares its stdio; Node gives a child only fds 0 to 2, so the app
+  // would lose herd's socket (fd 3, shared and reuseport) and the channel
+  // its listen() is reported on (fd 4; without it herd cannot serve the
+  // app on the port its code names). Until this process serves the port
+  // itself, such a child gets them, at the same numbers. Children with
+  // stdio of their own (exec, pipes, fork's IPC) are left alone.
+  const passFds = [
+    (mode === 'shared' || mode === 'reuseport') && process.env.LISTEN_FDS ? 3 : 'ignore',
+    ipcFd === 4 ? 4 : 'ignore',
+  ];
+  if (mode !== 'dispatch' && passFds.some((f) => f !== 'ignore')) {
+    const { ChildProcess } = require('child_process');
+    const origSpawn = ChildProcess.prototype.spawn;
+    // Our own stdout and stderr: 'inherit', the fd, or process.stdout.
+    const ours = (io, i) => io === 'inherit' || io === i || (!!io && io.fd === i);
+    ChildProcess.prototype.spawn = function herdSpawn(options) {
+      const io = options && options.stdio;
+      if (!claimed && io === 'inherit') {
+        options = { ...options, stdio: ['inherit', 'inherit', 'inherit', ...passFds] };
+      } else if (!claimed && Array.isArray(io) && io.length === 3 && ours(io[1], 1) && ours(io[2], 2)) {
+        options = { ...options, stdio: [...io, ...passFds] };
+      }
+      return origSpawn.call(this, options);
+    };
+  }
+
   // Keep-alive clients across a stop (HAProxy's soft stop): once an HTTP
   // server stops (herd's SIGTERM, or the app's own server.close(), which
   // since Node 19 closes idle connections at once), every answer says

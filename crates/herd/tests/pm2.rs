@@ -1106,6 +1106,97 @@ fn served_by_two_at(
     answers
 }
 
+/// `herd start npm --name web -- start`, as `pm2 start npm --name web --
+/// start`: npm runs the package's start script (`node app.js`, whose code
+/// names its port) as a child of its own, and herd serves the app on that
+/// port with two workers, as for `herd start app.js`. A Node launcher that
+/// runs the app as its child (stdio shared) hands it herd's socket too, in
+/// shared mode. A script that starts something else gets `PORT`.
+#[test]
+fn npm_start_and_node_launchers_serve_the_apps_own_port() {
+    Command::new("npm")
+        .arg("--version")
+        .output()
+        .expect("npm (.ci/run installs it)");
+    let sb = Sandbox::new("npmstart");
+    let own = free_port();
+    std::fs::write(
+        sb.app().join("app.js"),
+        format!(
+            "require('http').createServer((q, r) => r.end('app ' + process.pid + ' ' + process.ppid))\n\
+             .listen(process.env.PORT || {own});\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        sb.app().join("package.json"),
+        r#"{"name": "npmstart", "version": "1.0.0", "scripts": {"start": "NODE_ENV=production node app.js", "py": "python3 py.py"}}"#,
+    )
+    .unwrap();
+    let v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let at = if v6 { "[::]" } else { "0.0.0.0" };
+    served_by_two_at(
+        &sb,
+        "unset PORT; herd start npm --name web -i 2 -- start",
+        &format!("{at}:{own}"),
+        own,
+    );
+    let (ok, said) = sb.run("herd delete web");
+    assert!(ok, "{said}");
+    // A launcher: the app is its child, sharing its stdio, in shared mode.
+    std::fs::write(
+        sb.app().join("launch.js"),
+        "require('child_process').spawn(process.execPath, ['app.js'], { stdio: 'inherit' })\n\
+         .on('exit', (code) => process.exit(code ?? 1));\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let (ok, said) = sb.run(&format!(
+        "herd start launch.js --mode shared -i 2 --listen 127.0.0.1:{port}"
+    ));
+    assert!(ok && said.contains("shared mode on 127.0.0.1:"), "{said}");
+    let mut answers = std::collections::BTreeSet::new();
+    wait_until(T, || {
+        answers.insert(body(port));
+        answers.len() >= 2
+    });
+    assert_eq!(answers.len(), 2, "two workers answer: {answers:?}");
+    // Served by the launchers' children, not by processes of their own.
+    let (ok, pids) = sb.run("herd pid launch");
+    assert!(ok, "{pids}");
+    for a in &answers {
+        let parent = a.rsplit(' ').next().unwrap_or("");
+        assert!(
+            pids.lines().any(|p| p.trim() == parent),
+            "{a} not a launcher's child: {pids}"
+        );
+    }
+    let (ok, said) = sb.run("herd delete launch");
+    assert!(ok, "{said}");
+    // Not a Node script: PORT, as for any program.
+    std::fs::write(
+        sb.app().join("py.py"),
+        "import os, http.server\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.send_response(200); self.end_headers(); self.wfile.write(b'py')\n\
+         http.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let (ok, said) = sb.run(&format!(
+        "herd start npm --name pyweb --listen {port} -- run py"
+    ));
+    assert!(ok, "{said}");
+    assert!(
+        wait_until(T, || http_get(port, "/")
+            .is_ok_and(|(s, b)| s == 200 && b == "py")),
+        "{said}"
+    );
+    let (ok, said) = sb.run("herd delete pyweb");
+    assert!(ok, "{said}");
+}
+
 /// A Node worker that starts a helper server of its own after it listens:
 /// the helper, which inherits herd's preload, binds the port it asks for,
 /// not the worker's.

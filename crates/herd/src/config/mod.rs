@@ -1505,7 +1505,7 @@ impl Settings {
         let node_shim = match (no_node_shim, o.node_shim) {
             (true, _) => false,
             (_, Some(on)) => on,
-            _ => is_node(&program),
+            _ => is_node(&program) || runs_node_script(&program, &command, cwd.as_deref()),
         };
         let python_shim = !no_node_shim
             && o.node_shim != Some(false)
@@ -1793,8 +1793,10 @@ impl Release {
         })
     }
 
+    /// Node, or a package manager running a script that starts Node.
     pub fn is_node(&self) -> bool {
         is_node(&self.program)
+            || runs_node_script(&self.program, &self.command, self.cwd.as_deref())
     }
 
     /// Whether the program is Python: `python3 …`, or a console script
@@ -2185,6 +2187,58 @@ fn is_node(program: &Path) -> bool {
         })
 }
 
+/// `npm start`, `yarn dev`, `pnpm run start`, `npx next start`: a package
+/// manager (itself a Node program) running a package.json script whose
+/// first word is `node` or a Node program of `node_modules/.bin` (`next`,
+/// `nodemon`, `ts-node`…). herd preloads its module then as for `node
+/// app.js`: the app's `listen()` is found through the manager, which hands
+/// it herd's descriptors. A script that starts something else (`python3
+/// app.py`) gets `PORT` as any program does.
+fn runs_node_script(program: &Path, command: &[OsString], cwd: Option<&Path>) -> bool {
+    let manager = program.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !matches!(manager, "npm" | "npx" | "yarn" | "pnpm") {
+        return false;
+    }
+    let Some(dir) = cwd
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::current_dir().ok())
+    else {
+        return false;
+    };
+    let mut words = command
+        .iter()
+        .skip(1)
+        .filter_map(|w| w.to_str())
+        .filter(|w| !w.starts_with('-'));
+    let first = words.next().unwrap_or("");
+    let node_bin = |name: &str| {
+        !name.contains('/')
+            && shebang_of(&dir.join("node_modules/.bin").join(name))
+                .and_then(|w| w.first().map(|p| is_node(Path::new(p))))
+                .unwrap_or(false)
+    };
+    if manager == "npx" {
+        return node_bin(first);
+    }
+    let script = match first {
+        "run" | "run-script" => words.next().unwrap_or(""),
+        s => s,
+    };
+    let scripts = std::fs::read_to_string(dir.join("package.json"))
+        .ok()
+        .and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok())
+        .and_then(|p| p.get("scripts")?.get(script)?.as_str().map(str::to_owned));
+    let line = match scripts {
+        Some(line) => line,
+        // npm's own default for a package without a start script.
+        None if script == "start" && dir.join("server.js").is_file() => "node server.js".into(),
+        None => return false,
+    };
+    // The first word that is not a `NAME=value` assignment.
+    let run = line.split_whitespace().find(|w| !w.contains('='));
+    run.is_some_and(|w| is_node(Path::new(w)) || node_bin(w))
+}
+
 fn validate_name(n: String) -> Result<String, ConfigError> {
     let ok = !n.is_empty()
         && n.len() <= 64
@@ -2351,6 +2405,53 @@ mod tests {
         for bad in ["", "k", "-1", "1x", "99999999999999999999g"] {
             assert!(bad.parse::<SizeOrZero>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_package_managers_script_is_node_when_it_starts_node() {
+        let dir = std::env::temp_dir().join(format!("herd-npm-script-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("node_modules/.bin")).unwrap();
+        std::fs::write(
+            dir.join("package.json"),
+            r#"{"scripts": {"start": "NODE_ENV=production node app.js", "dev": "next dev",
+                "py": "python3 app.py", "sh": "./run.sh"}}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.join("node_modules/.bin/next"), "#!/usr/bin/env node\n").unwrap();
+        std::fs::write(dir.join("node_modules/.bin/tool"), "#!/bin/sh\n").unwrap();
+        let node = |w: &[&str]| {
+            let command: Vec<OsString> = w.iter().map(OsString::from).collect();
+            runs_node_script(
+                Path::new(&format!("/usr/bin/{}", w[0])),
+                &command,
+                Some(&dir),
+            )
+        };
+        for yes in [
+            &["npm", "start"][..],
+            &["npm", "run", "start"],
+            &["npm", "--silent", "run", "dev"],
+            &["yarn", "dev"],
+            &["pnpm", "run", "dev"],
+            &["npx", "next", "start"],
+        ] {
+            assert!(node(yes), "{yes:?}");
+        }
+        for no in [
+            &["npm", "run", "py"][..],
+            &["npm", "run", "sh"],
+            &["npm", "run", "nope"],
+            &["npx", "tool"],
+            &["make", "start"],
+        ] {
+            assert!(!node(no), "{no:?}");
+        }
+        // npm's default start script, `node server.js`.
+        std::fs::write(dir.join("package.json"), "{}").unwrap();
+        assert!(!node(&["npm", "start"]));
+        std::fs::write(dir.join("server.js"), "").unwrap();
+        assert!(node(&["npm", "start"]));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
