@@ -1143,6 +1143,21 @@ fn npm_start_and_node_launchers_serve_the_apps_own_port() {
     );
     let (ok, said) = sb.run("herd delete web");
     assert!(ok, "{said}");
+    // The same from an ecosystem file in cluster mode.
+    std::fs::write(
+        sb.app().join("ecosystem.config.js"),
+        "module.exports = { apps: [{ name: 'eco', script: 'npm', args: 'start', instances: 2, \
+         exec_mode: 'cluster' }] };\n",
+    )
+    .unwrap();
+    served_by_two_at(
+        &sb,
+        "unset PORT; herd start ecosystem.config.js",
+        &format!("{at}:{own}"),
+        own,
+    );
+    let (ok, said) = sb.run("herd delete eco");
+    assert!(ok, "{said}");
     // A launcher: the app is its child, sharing its stdio, in shared mode.
     std::fs::write(
         sb.app().join("launch.js"),
