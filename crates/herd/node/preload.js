@@ -61,7 +61,11 @@
   // which herd's lines must not go into.
   const ipcFd = (() => {
     const fd = Number(process.env.HERD_IPC_FD);
-    try { return fd && require('fs').fstatSync(fd).isSocket() ? fd : 0; } catch (_) { return 0; }
+    // bigint: a plain fstatSync of a socket leaves its type in the stat
+    // buffer that realpathSync reads (nodejs/node#51142), and Node then took
+    // a symlinked main script (npm's and yarn's bins) at its link's path, so
+    // its relative require()s failed.
+    try { return fd && require('fs').fstatSync(fd, { bigint: true }).isSocket() ? fd : 0; } catch (_) { return 0; }
   })();
   // --kill-signal none (PM2's shutdown_with_message): no signal follows
   // herd's shutdown notice, so the channel is read from the start.

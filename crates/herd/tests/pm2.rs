@@ -1212,6 +1212,45 @@ fn npm_start_and_node_launchers_serve_the_apps_own_port() {
     assert!(ok, "{said}");
 }
 
+/// npm's bins are symbolic links (`node_modules/.bin/srv` to
+/// `../srv/bin/srv.js`), and Node runs them from where the link points, so
+/// their relative `require()`s work: with herd's preload too, in a worker
+/// (a first version of it left Node at the link's path: yarn failed so).
+#[test]
+fn a_symlinked_node_bin_finds_its_own_modules() {
+    let sb = Sandbox::new("nodebin");
+    let pkg = sb.app().join("node_modules/srv");
+    std::fs::create_dir_all(pkg.join("bin")).unwrap();
+    std::fs::create_dir_all(pkg.join("lib")).unwrap();
+    std::fs::create_dir_all(sb.app().join("node_modules/.bin")).unwrap();
+    std::fs::write(
+        pkg.join("lib/answer.js"),
+        "module.exports = 'srv ' + process.pid;\n",
+    )
+    .unwrap();
+    std::fs::write(
+        pkg.join("bin/srv.js"),
+        "#!/usr/bin/env node\n\
+         const answer = require(__dirname + '/../lib/answer');\n\
+         require('http').createServer((q, r) => r.end(answer)).listen(process.env.PORT || 3000);\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        pkg.join("bin/srv.js"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("../srv/bin/srv.js", sb.app().join("node_modules/.bin/srv"))
+        .unwrap();
+    let port = free_port();
+    let answers = served_by_two(
+        &sb,
+        &format!("herd start node_modules/.bin/srv -i 2 --listen {port}"),
+        port,
+    );
+    assert!(answers.iter().all(|a| a.starts_with("srv ")), "{answers:?}");
+}
+
 /// A Node worker that starts a helper server of its own after it listens:
 /// the helper, which inherits herd's preload, binds the port it asks for,
 /// not the worker's.
