@@ -8,7 +8,9 @@
 //   shared,    the server listens on the inherited socket, fd 3
 //   reuseport
 //   proxy      the server listens on 127.0.0.1:$HERD_PORT, where herd relays
-//              to it. With no PORT set (herd serves the app on the port its
+//              to it (on the Unix socket $HERD_SOCKET with --worker-socket
+//              unix, its sockets still showing 127.0.0.1 as their peer).
+//              With no PORT set (herd serves the app on the port its
 //              code names, as PM2's cluster mode does), a listen() that
 //              names no port (`listen(process.env.PORT)`) is that server too.
 // On SIGTERM/SIGINT (when the app has no handler of its own) that server
@@ -44,6 +46,7 @@
   // the app's dotenv may set it) the app's own port is the public one.
   const privatePort = process.env.HERD_PORT || process.env.PORT;
   const appPort = mode === 'proxy' && !process.env.PORT && !!privatePort;
+  const unixPath = mode === 'proxy' ? process.env.HERD_SOCKET : undefined;
 
   // Node's own channel: in dispatch mode the dispatch socket, for the
   // dispatch protocol only (the app's process.send goes to fd 4, below).
@@ -228,6 +231,24 @@
     });
   };
 
+  // A server on herd's Unix socket looks to the app as it would on its
+  // loopback port: address() names that port, and each connection's peer
+  // is 127.0.0.1 (Express's req.ip, rate limiters and loggers read it).
+  const asLoopback = (server) => {
+    const port = Number(privatePort);
+    server.address = () => ({ address: '127.0.0.1', family: 'IPv4', port });
+    const peer = { configurable: true, enumerable: true };
+    server.prependListener('connection', (socket) => {
+      Object.defineProperties(socket, {
+        remoteAddress: { ...peer, value: '127.0.0.1' },
+        remoteFamily: { ...peer, value: 'IPv4' },
+        remotePort: { ...peer, value: 0 },
+        localAddress: { ...peer, value: '127.0.0.1' },
+        localPort: { ...peer, value: port },
+      });
+    });
+  };
+
   const parseAddr = (s) => {
     const m = /^\[?([^\]]*)\]?:(\d+)$/.exec(s || '');
     if (!m) return { address: '0.0.0.0', family: 'IPv4', port: 0 };
@@ -308,6 +329,10 @@
       delete process.env.LISTEN_PID;
       delete process.env.LISTEN_FDNAMES;
       return origListen.call(this, { fd: 3, backlog }, cb);
+    }
+    if (unixPath) {
+      asLoopback(this);
+      return origListen.call(this, { path: unixPath, backlog }, cb);
     }
     if (mode === 'proxy' && privatePort) {
       return origListen.call(this, { port: Number(privatePort), host: '127.0.0.1', backlog }, cb);

@@ -86,6 +86,17 @@ fn proxy_spreads_connections_round_robin() {
 /// and requests it has not read go to the other worker once it is out.
 #[test]
 fn a_stopped_worker_is_taken_out_and_back_when_it_goes_on() {
+    // herd-demo listens on the Unix socket herd offers (`auto`).
+    stopped_worker_taken_out("auto");
+}
+
+/// The same over TCP, which servers that know no `HERD_SOCKET` get.
+#[test]
+fn a_stopped_worker_on_a_port_is_taken_out_and_back_when_it_goes_on() {
+    stopped_worker_taken_out("tcp");
+}
+
+fn stopped_worker_taken_out(socket: &str) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let h = Herd::spawn(
@@ -93,6 +104,7 @@ fn a_stopped_worker_is_taken_out_and_back_when_it_goes_on() {
             .env("HERD_LOG", "info,herd::upstream=debug")
             .args(["run", "--listen", &listen, "-i", "2"])
             .args(["--health-interval", "200ms", "--response-timeout", "60s"])
+            .args(["--worker-socket", socket])
             .args(["--", DEMO]),
         port,
     );
@@ -789,6 +801,96 @@ fn a_worker_on_a_port_of_its_own_is_named() {
     assert!(h.log().contains(&line), "{}", h.log());
 }
 
+/// A Python server that knows only `HERD_SOCKET`, on a Unix socket.
+const UNIX_SERVER: &str = r#"
+import http.server, os, socketserver
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def address_string(self): return "unix"
+    def do_GET(self):
+        b = ("unix %s %s\n" % (os.environ["HERD_WORKER_ID"], self.headers["X-Forwarded-For"])).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+class S(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+S(os.environ["HERD_SOCKET"], H).serve_forever()
+"#;
+
+/// `--worker-socket`: a worker that listens on the Unix socket herd offers
+/// (`HERD_SOCKET`) is proxied there, by default (`auto`) as with `unix`;
+/// `unix` names the port of a worker that listens on one instead; and the
+/// modes with no proxy hop refuse it.
+#[test]
+fn workers_are_proxied_on_the_unix_socket_they_listen_on() {
+    for socket in ["auto", "unix"] {
+        let h = Herd::start(
+            &["-i", "2", "--worker-socket", socket],
+            &["python3", "-c", UNIX_SERVER],
+        );
+        h.wait_ready(2);
+        let mut seen = [false; 2];
+        assert!(
+            wait_until(T, || {
+                let Ok((200, body)) = h.get("/") else {
+                    return false;
+                };
+                let id = if body.starts_with("unix 0 127.0.0.1") {
+                    0
+                } else {
+                    1
+                };
+                assert!(body.starts_with(&format!("unix {id} 127.0.0.1")), "{body}");
+                seen[id] = true;
+                seen == [true, true]
+            }),
+            "{socket}: {}",
+            h.log()
+        );
+        // Keep-alive through herd, with a new connection to the worker
+        // per request (it closes none) or the same one.
+        for _ in 0..20 {
+            let (status, body) = h.get("/").unwrap();
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let own = free_port().to_string();
+    let h = Herd::start(
+        &["-i", "1", "--worker-socket", "unix"],
+        &["python3", "-m", "http.server", "--bind", "127.0.0.1", &own],
+    );
+    let said =
+        format!("it listens on 127.0.0.1:{own}, but herd sends it requests on the Unix socket");
+    assert!(h.wait_log(&said, T), "{}", h.log());
+    assert!(
+        h.log().contains("uvicorn --uds $HERD_SOCKET"),
+        "{}",
+        h.log()
+    );
+    drop(h);
+    for bad in [
+        &["--mode", "shared"][..],
+        &["--protocol", "tcp"],
+        &["--backend-protocol", "h2"],
+    ] {
+        let out = herd_cmd()
+            .args(["run", "--worker-socket", "unix"])
+            .args(bad)
+            .args(["--", DEMO])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {err}");
+        assert!(
+            err.contains("--worker-socket unix is for proxy mode"),
+            "{bad:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{bad:?}: {err}");
+    }
+}
+
 /// Two workers of a server on a fixed port: the second cannot bind, and
 /// herd says why it crash-loops (once) with the `'… $PORT'` way out, which
 /// then serves.
@@ -844,6 +946,27 @@ while True:
         h.wait_ready(1);
         let (status, body) = h.get("/").unwrap();
         assert_eq!((status, body.as_str()), (200, "nodelay=1"), "{mode}");
+    }
+}
+
+/// herd's Node preload serves an app on the Unix socket herd offers, and
+/// the app sees what it would on its loopback port: `address()` names the
+/// port, each connection's peer is 127.0.0.1 (Express's `req.ip`).
+#[test]
+fn a_node_app_on_herds_unix_socket_sees_a_loopback_peer() {
+    const APP: &str = "const s = require('http').createServer((q, r) => r.end(JSON.stringify({\
+        pipe: s._pipeName !== undefined, ip: q.socket.remoteAddress, family: q.socket.remoteFamily,\
+        port: s.address().port === Number(process.env.HERD_PORT) })));\
+        s.listen(process.env.PORT || 3000);";
+    for (socket, pipe) in [("auto", true), ("tcp", false)] {
+        let h = Herd::start(
+            &["-i", "1", "--worker-socket", socket],
+            &["node", "-e", APP],
+        );
+        h.wait_ready(1);
+        let (status, body) = h.get("/").unwrap();
+        let want = format!(r#"{{"pipe":{pipe},"ip":"127.0.0.1","family":"IPv4","port":true}}"#);
+        assert_eq!((status, body), (200, want), "{socket}: {}", h.log());
     }
 }
 

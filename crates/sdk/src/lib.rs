@@ -47,6 +47,9 @@ pub mod env {
     /// Node app served on the port its code names, whose `PORT` stays
     /// unset as under PM2; herd's Node preload listens here for it).
     pub const PRIVATE_PORT: &str = "HERD_PORT";
+    /// Proxy mode with `--worker-socket unix`: the path of the Unix socket
+    /// to serve on, instead of `PORT` (the worker binds it).
+    pub const SOCKET: &str = "HERD_SOCKET";
     /// systemd's readiness socket (`READY=1`).
     pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
     /// systemd socket activation: number of passed fds, starting at fd 3.
@@ -82,6 +85,11 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on {path}: {source}")]
+    BindUnix {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// This worker's slot number, if it runs under herd.
@@ -114,6 +122,20 @@ pub fn listener(fallback_port: u16) -> Result<TcpListener, Error> {
     };
     let addr = SocketAddr::from((ip, port));
     TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })
+}
+
+/// The Unix socket to serve on instead, when herd asks for one (proxy mode
+/// with `--worker-socket unix`, `HERD_SOCKET`): `None` otherwise. Try it
+/// before [`listener`]; a worker that serves there skips the loopback TCP
+/// path between herd and itself.
+pub fn unix_listener() -> Result<Option<std::os::unix::net::UnixListener>, Error> {
+    let Some(path) = std::env::var_os(env::SOCKET) else {
+        return Ok(None);
+    };
+    let path = std::path::PathBuf::from(path);
+    std::os::unix::net::UnixListener::bind(&path)
+        .map(Some)
+        .map_err(|source| Error::BindUnix { path, source })
 }
 
 /// Sends one `sd_notify` message (e.g. `"READY=1"`); a no-op without `NOTIFY_SOCKET`.

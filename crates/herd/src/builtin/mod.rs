@@ -12,6 +12,7 @@ use hyper::body::{Body, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::either::Either;
 
 /// Why a built-in worker could not serve.
 #[derive(Debug, thiserror::Error)]
@@ -24,9 +25,14 @@ pub enum BuiltinError {
     Config(String),
 }
 
+/// A connection, over TCP or a Unix socket.
+type Stream = Either<tokio::net::TcpStream, tokio::net::UnixStream>;
+
 /// Where connections come from: a listening socket, or the master.
 pub enum Source {
     Listener(tokio::net::TcpListener),
+    /// `--worker-socket unix`.
+    Unix(tokio::net::UnixListener),
     Dispatch(herd_sdk::AsyncDispatch),
 }
 
@@ -37,6 +43,10 @@ impl Source {
         Ok(match herd_sdk::dispatch()? {
             Some(d) => Source::Dispatch(d.into_async()?),
             None => {
+                if let Some(l) = herd_sdk::unix_listener()? {
+                    l.set_nonblocking(true)?;
+                    return Ok(Source::Unix(tokio::net::UnixListener::from_std(l)?));
+                }
                 let l = herd_sdk::listener(fallback_port)?;
                 l.set_nonblocking(true)?;
                 Source::Listener(tokio::net::TcpListener::from_std(l)?)
@@ -51,16 +61,23 @@ impl Source {
                 Ok(a) => format!("listening on {a}"),
                 Err(_) => "listening".into(),
             },
+            Source::Unix(l) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            {
+                Some(p) => format!("listening on {p}"),
+                None => "listening".into(),
+            },
             Source::Dispatch(_) => "taking connections from herd (dispatch)".into(),
         }
     }
 
-    async fn accept(
-        &mut self,
-    ) -> std::io::Result<(tokio::net::TcpStream, Option<herd_sdk::ConnGuard>)> {
+    async fn accept(&mut self) -> std::io::Result<(Stream, Option<herd_sdk::ConnGuard>)> {
         match self {
-            Source::Listener(l) => l.accept().await.map(|(s, _)| (s, None)),
-            Source::Dispatch(d) => d.accept().await.map(|(s, g)| (s, Some(g))),
+            Source::Listener(l) => l.accept().await.map(|(s, _)| (Either::Left(s), None)),
+            Source::Unix(l) => l.accept().await.map(|(s, _)| (Either::Right(s), None)),
+            Source::Dispatch(d) => d.accept().await.map(|(s, g)| (Either::Left(s), Some(g))),
         }
     }
 }

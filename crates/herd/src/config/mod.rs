@@ -125,6 +125,14 @@ pub enum ConfigError {
     #[error("--backend-protocol h2 is for proxy mode with --protocol http")]
     H2NeedsHttp,
     #[error(
+        "--worker-socket unix is for proxy mode with --protocol http and --backend-protocol h1"
+    )]
+    UnixNeedsHttp,
+    #[error(
+        "--worker-socket unix cannot be used with --user: the workers would own the socket herd connects to"
+    )]
+    UnixWithUser,
+    #[error(
         "--balance hash:sni picks by the TLS server name of --protocol tcp connections: add --protocol tcp"
     )]
     SniNeedsTcp,
@@ -727,6 +735,12 @@ options! {
     /// prior knowledge, h2c) [default: h1].
     #[arg(long, value_enum, value_name = "PROTOCOL")]
     backend_protocol: Option<BackendProtocol>,
+    /// How the proxy reaches its workers: `tcp`, the loopback port in PORT;
+    /// `unix`, a Unix socket whose path is in HERD_SOCKET (cheaper per
+    /// request); `auto`, the socket for a worker that listens there (herd's
+    /// Node preload and herd-sdk do), else the port [default: auto].
+    #[arg(long, value_enum, value_name = "KIND")]
+    worker_socket: Option<WorkerSocket>,
     /// Redis for messages across hosts (redis://[:PASSWORD@]HOST[:PORT][/DB]): the
     /// workers of clusters of this name on every host share broadcasts and `send HOST/ID`.
     #[arg(long, value_name = "URL")]
@@ -973,6 +987,8 @@ pub struct Settings {
     pub tls: Option<TlsConfig>,
     /// `--backend-protocol h2`: workers speak h2c.
     pub workers_h2: bool,
+    /// `--worker-socket`: how the proxy reaches its workers.
+    pub worker_socket: WorkerSocket,
     /// `--upstream-ca`, absolute.
     pub upstream_ca: Option<PathBuf>,
     /// `--upstream-crl`, absolute.
@@ -1316,6 +1332,24 @@ impl Settings {
         self.port_from_app && !self.python_shim
     }
 
+    /// Whether workers are given a Unix socket to serve on (`HERD_SOCKET`):
+    /// `Some(true)` if they must use it (`--worker-socket unix`),
+    /// `Some(false)` if they may (`auto`: the proxy uses it for those that
+    /// listen there). HTTP/1.1 workers in proxy mode only, and not under
+    /// `--user`, whose workers would own the path herd connects to.
+    pub fn worker_unix(&self) -> Option<bool> {
+        let fits = self.mode == Mode::Proxy
+            && self.protocol == Protocol::Http
+            && !self.workers_h2
+            && self.run_as.is_none();
+        match self.worker_socket {
+            WorkerSocket::Tcp => None,
+            _ if !fits => None,
+            WorkerSocket::Auto => Some(false),
+            WorkerSocket::Unix => Some(true),
+        }
+    }
+
     /// Validates `flags` layered over the config file (`config`, else
     /// `./herd.toml` when present). `no_node_shim` is `--no-node-shim`.
     pub fn resolve(
@@ -1376,6 +1410,14 @@ impl Settings {
             && (o.mode.is_some_and(|m| m != Mode::Proxy) || o.protocol == Some(Protocol::Tcp))
         {
             return Err(ConfigError::H2NeedsHttp);
+        }
+        let worker_socket = o.worker_socket.unwrap_or(WorkerSocket::Auto);
+        if worker_socket == WorkerSocket::Unix
+            && (o.mode.is_some_and(|m| m != Mode::Proxy)
+                || o.protocol == Some(Protocol::Tcp)
+                || workers_h2)
+        {
+            return Err(ConfigError::UnixNeedsHttp);
         }
         let tls = match (o.tls_cert, o.tls_key) {
             (None, None)
@@ -1515,6 +1557,11 @@ impl Settings {
             return Err(ConfigError::WatchWithoutCommand);
         }
         let run_as = run_as(o.user.as_deref(), o.group.as_deref())?;
+        if worker_socket == WorkerSocket::Unix && run_as.is_some() {
+            // Workers of another user would own the path herd connects to,
+            // and could point it at any socket the master may reach.
+            return Err(ConfigError::UnixWithUser);
+        }
         let name_given = o.name.is_some();
         let name = match o.name {
             Some(n) => validate_name(n)?,
@@ -1614,6 +1661,7 @@ impl Settings {
             redis,
             tls,
             workers_h2,
+            worker_socket,
             upstream_ca: o.upstream_ca.map(|p| std::path::absolute(&p).unwrap_or(p)),
             upstream_crl: o.upstream_crl.map(|p| std::path::absolute(&p).unwrap_or(p)),
             upstream_client,
@@ -1656,6 +1704,15 @@ impl Settings {
             no_node_shim,
         })
     }
+}
+
+/// `--worker-socket`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerSocket {
+    Auto,
+    Tcp,
+    Unix,
 }
 
 /// `--backend-protocol`.

@@ -62,6 +62,105 @@ pub fn server_end(ours: SocketAddr, server: SocketAddr) -> Result<Option<ServerE
     parse(&buf[..n])
 }
 
+/// The server end of herd's Unix stream connection `ours` (its fd): `None`
+/// if it is gone. Unix sockets are in the table by inode (`unix_diag`):
+/// the peer of a connection the server has not accepted has no file yet
+/// (inode 0), and what herd sent but the server has not read is still
+/// charged to herd's end (its write queue).
+pub fn unix_server_end(ours: std::os::fd::BorrowedFd<'_>) -> Result<Option<ServerEnd>, DiagError> {
+    unix_server_end_of(inode(ours)?)
+}
+
+/// A socket's inode, by which the Unix socket table knows it.
+pub fn inode(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32> {
+    Ok(nix::sys::stat::fstat(fd)
+        .map_err(std::io::Error::from)?
+        .st_ino as u32)
+}
+
+/// herd's end of a connection to a server on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ours {
+    Tcp(SocketAddr),
+    /// A Unix socket's inode.
+    Unix(u32),
+}
+
+/// The server end of herd's connection from `ours` (to `server`, for TCP).
+pub fn end_of(ours: Ours, server: SocketAddr) -> Result<Option<ServerEnd>, DiagError> {
+    match ours {
+        Ours::Tcp(a) => server_end(a, server),
+        Ours::Unix(inode) => unix_server_end_of(inode),
+    }
+}
+
+/// [`unix_server_end`] by the inode of herd's end.
+pub fn unix_server_end_of(inode: u32) -> Result<Option<ServerEnd>, DiagError> {
+    const UDIAG_SHOW_PEER: u32 = 0x4;
+    const UDIAG_SHOW_RQLEN: u32 = 0x10;
+    let mut m = Vec::with_capacity(NL_HEADER + 24);
+    m.extend_from_slice(&((NL_HEADER + 24) as u32).to_ne_bytes());
+    m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    m.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    m.extend_from_slice(&[0; 8]); // sequence, port id
+    m.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]);
+    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    m.extend_from_slice(&inode.to_ne_bytes());
+    m.extend_from_slice(&(UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    m.extend_from_slice(&[0xff; 8]); // no cookie
+    let s = netlink()?;
+    s.send(&m)?;
+    let mut buf = [0u8; 512];
+    let n = (&s).read(&mut buf)?;
+    parse_unix(&buf[..n])
+}
+
+/// A `unix_diag_msg` (16 bytes) and its attributes: the peer's inode and
+/// the queues.
+fn parse_unix(m: &[u8]) -> Result<Option<ServerEnd>, DiagError> {
+    const UNIX_DIAG_PEER: u16 = 2;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+    const UNIX_DIAG_SHUTDOWN: u16 = 6;
+    let u16_at = |i: usize| m.get(i..i + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    let u32_at = |i: usize| {
+        m.get(i..i + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    match u16_at(4).ok_or(DiagError::Malformed)? {
+        NLMSG_ERROR => match u32_at(NL_HEADER).ok_or(DiagError::Malformed)? as i32 {
+            0 => Err(DiagError::Malformed),
+            e if -e == libc::ENOENT => Ok(None),
+            e => Err(DiagError::Refused(-e)),
+        },
+        SOCK_DIAG_BY_FAMILY => {
+            let end = (u32_at(0).ok_or(DiagError::Malformed)? as usize).min(m.len());
+            let (mut peer, mut unread, mut closed) = (None, 0, false);
+            let mut at = NL_HEADER + 16;
+            while at + 4 <= end {
+                let len = u16_at(at).ok_or(DiagError::Malformed)? as usize;
+                if len < 4 {
+                    return Err(DiagError::Malformed);
+                }
+                match u16_at(at + 2).ok_or(DiagError::Malformed)? {
+                    UNIX_DIAG_PEER => peer = u32_at(at + 4),
+                    // rqueue, then wqueue: herd's bytes the peer holds unread.
+                    UNIX_DIAG_RQLEN => unread = u32_at(at + 8).ok_or(DiagError::Malformed)?,
+                    // The server closed (or shut down) its end: it had
+                    // accepted, and a closed end has no file either.
+                    UNIX_DIAG_SHUTDOWN => closed = m.get(at + 4).is_some_and(|b| b & 1 != 0),
+                    _ => {}
+                }
+                at += (len + 3) & !3;
+            }
+            Ok(peer.filter(|_| !closed).map(|p| ServerEnd {
+                accepted: p != 0,
+                unread,
+            }))
+        }
+        _ => Err(DiagError::Malformed),
+    }
+}
+
 /// How many connections the listening socket on `addr` (or on its port,
 /// any address) queues unaccepted (its backlog), from a dump of this host's
 /// listening TCP sockets: a server that serves one connection at a time
@@ -248,6 +347,45 @@ fn parse(m: &[u8]) -> Result<Option<ServerEnd>, DiagError> {
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn a_unix_connection_is_seen_waiting_then_accepted_then_read() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let dir = std::env::temp_dir().join(format!("herd-diag-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        let path = dir.join("s");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        let mut c = UnixStream::connect(&path).unwrap();
+        let end = |c: &UnixStream| unix_server_end(c.as_fd()).unwrap().unwrap();
+        assert_eq!(
+            end(&c),
+            ServerEnd {
+                accepted: false,
+                unread: 0
+            }
+        );
+        c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let waiting = end(&c);
+        assert!(!waiting.accepted && waiting.unread > 0, "{waiting:?}");
+        let (mut s, _) = l.accept().unwrap();
+        let got = end(&c);
+        assert!(got.accepted && got.unread > 0, "{got:?}");
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf).unwrap();
+        assert_eq!(
+            end(&c),
+            ServerEnd {
+                accepted: true,
+                unread: 0
+            }
+        );
+        drop(s);
+        assert_eq!(unix_server_end(c.as_fd()).unwrap(), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// A connection to `l` is seen waiting, then accepted.
     fn waiting_then_accepted(l: TcpListener) -> SocketAddr {

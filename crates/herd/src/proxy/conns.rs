@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use super::backend::Conn;
+use crate::os::diag::{DiagError, ServerEnd};
+use crate::os::lazy::Socket as _;
 
 use crate::upstream::Target;
 use crate::upstream::reuse::{self, Reuse};
@@ -103,7 +105,7 @@ impl<T> IdleMap<T> {
 }
 
 thread_local! {
-    static BACKENDS: RefCell<IdleMap<TcpStream>> = const { RefCell::new(IdleMap::new()) };
+    static BACKENDS: RefCell<IdleMap<Conn>> = const { RefCell::new(IdleMap::new()) };
     /// [`reuse::turned_off`] when this thread last released.
     static RELEASED: Cell<u64> = const { Cell::new(0) };
     static BUFFERS: RefCell<FreeBuffers> = const { RefCell::new(FreeBuffers { free: Vec::new(), low: 0 }) };
@@ -117,7 +119,7 @@ struct FreeBuffers {
 }
 
 /// An idle connection to `target` that the backend has not closed.
-pub fn take(target: u64) -> Option<TcpStream> {
+pub fn take(target: u64) -> Option<Conn> {
     // The coarse clock: a connection may stay a tick longer than
     // MAX_IDLE_FOR, well within the backends' own idle time-outs.
     let now = super::deadline::now();
@@ -126,7 +128,7 @@ pub fn take(target: u64) -> Option<TcpStream> {
 
 /// Keeps `s` for the next request to `target` on this thread, unless
 /// connections to it are not kept (then `s` closes here).
-pub fn put(target: &Target, s: TcpStream) {
+pub fn put(target: &Target, s: Conn) {
     let now = super::deadline::now();
     BACKENDS.with(|m| m.borrow_mut().put(target.id, &target.reuse, s, now));
 }
@@ -155,7 +157,8 @@ pub async fn serial_slot(
     target: &Target,
     wait: Duration,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    if target.reuse.keeps(super::deadline::now()) || target.pid.is_none() {
+    // (A Unix socket's backlog is not in the TCP table.)
+    if target.reuse.keeps(super::deadline::now()) || target.pid.is_none() || target.unix.is_some() {
         return None;
     }
     let slots = target.slots.get_or_init(|| {
@@ -196,15 +199,18 @@ pub const ACCEPT_CHECKS: u32 = 20;
 /// this thread closes its idle ones at once, the others at their next tick.
 /// A busy worker is looked at again while the connection waits (one look
 /// per program per [`reuse::LOOK_EVERY`]); a remote upstream is not.
-pub fn check_accepted(target: &Target, ours: Option<std::net::SocketAddr>) -> bool {
-    let (Some(ours), Some(pid)) = (ours, target.pid) else {
+pub fn check_accepted(
+    target: &Target,
+    server_end: impl FnOnce() -> Result<Option<ServerEnd>, DiagError>,
+) -> bool {
+    let Some(pid) = target.pid else {
         return false;
     };
     if !target.reuse.may_look(super::deadline::now()) {
         return true; // another request just looked: later
     }
-    match crate::os::diag::accepted(ours, target.addr) {
-        Ok(Some(false)) => {}
+    match server_end() {
+        Ok(Some(e)) if !e.accepted => {}
         Ok(_) => return false,
         Err(e) => {
             tracing::debug!("{}: {e}", target.label);
@@ -253,7 +259,7 @@ pub fn sweep() {
 /// Whether an idle backend connection is still usable. The reactor has
 /// marked it readable if anything (a FIN, stray bytes) arrived while it sat
 /// idle; only then is a read tried, and only a "would block" clears it.
-fn still_open(s: &mut TcpStream) -> bool {
+fn still_open(s: &mut Conn) -> bool {
     let mut cx = Context::from_waker(std::task::Waker::noop());
     match s.poll_read_ready(&mut cx) {
         Poll::Pending => true,

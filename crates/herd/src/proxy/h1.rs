@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use super::backend::Conn;
 
 use super::chunked::{self, Chunked};
 use super::deadline::{self, Deadline, Woke};
@@ -147,7 +147,7 @@ enum Outcome {
     Linger,
     /// The backend switched protocols (101): relay bytes both ways, with
     /// the exchange's state gone (an idle WebSocket holds only the tunnel).
-    Tunnel(Box<(TcpStream, herd_balance::Lease, Arc<Target>)>),
+    Tunnel(Box<(Conn, herd_balance::Lease, Arc<Target>)>),
 }
 
 /// Serves one client connection until it closes, or until its thread
@@ -223,7 +223,7 @@ async fn finish(io: &mut LazyStream, inbox: &mut Inbox, end: Outcome, cap: usize
         Outcome::Tunnel(t) => {
             let (mut b, lease, target) = *t;
             if let Ok(io) = io.registered_mut()
-                && let Ok((to_backend, to_client)) = super::tunnel::relay(io, &mut b).await
+                && let Ok((to_backend, to_client)) = super::tunnel::relay_to(io, &mut b).await
             {
                 let a = &target.answers;
                 a.bytes_to_backend
@@ -615,7 +615,7 @@ async fn exchange(
                 // closes after each answer without saying so): a fresh one.
                 Some(b) if !replay && closed_by_peer(&b) => continue,
                 Some(b) => (b, true),
-                None => match connect(&target, p.cfg.connect_timeout).await {
+                None => match super::backend::connect(&target, p.cfg.connect_timeout).await {
                     Ok(b) => (b, false),
                     Err(e) if super::own_shortage(&target.label, &e) => {
                         let no = (503, "Service Unavailable", super::SHORTAGE);
@@ -905,10 +905,10 @@ async fn exchange(
 /// Whether an idle backend connection has been closed (or has sent bytes
 /// nobody asked for): one `recv` with `MSG_PEEK`, which would block on a
 /// live connection.
-fn closed_by_peer(b: &TcpStream) -> bool {
+fn closed_by_peer(b: &Conn) -> bool {
     let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
     !matches!(
-        socket2::SockRef::from(b).peek(&mut byte),
+        b.sock().peek(&mut byte),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock
     )
 }
@@ -999,7 +999,7 @@ async fn send_body(
     client: &LazyStream,
     inbox: &mut Inbox,
     in_buf: usize,
-    b: &TcpStream,
+    b: &Conn,
     mut left: BodyLeft,
     cap: usize,
     p: &HttpProxy,
@@ -1080,7 +1080,7 @@ async fn send_body(
 /// Reads the answer's head into `rbuf`; interim (1xx) answers go on to
 /// the client as they come (an HTTP/1.0 client gets none).
 async fn read_answer_head(
-    b: &TcpStream,
+    b: &Conn,
     rbuf: &mut Vec<u8>,
     client: &LazyStream,
     asked: Asked,
@@ -1150,7 +1150,7 @@ async fn read_answer_head(
 async fn accept_checked<T>(
     fut: impl std::future::Future<Output = T>,
     fresh: Option<&Target>,
-    b: &TcpStream,
+    b: &Conn,
 ) -> T {
     let mut fresh = fresh.filter(|t| conns::looked_at(t));
     let mut timer: Option<Deadline> = None;
@@ -1169,7 +1169,7 @@ async fn accept_checked<T>(
             }
             timer = None;
             looks += 1;
-            if !conns::check_accepted(t, b.local_addr().ok()) || looks >= conns::ACCEPT_CHECKS {
+            if !conns::check_accepted(t, || b.server_end(t)) || looks >= conns::ACCEPT_CHECKS {
                 fresh = None;
             }
         }
@@ -1191,7 +1191,7 @@ async fn accept_checked<T>(
 async fn unless_stuck<T>(
     fut: impl std::future::Future<Output = T>,
     target: Option<&Target>,
-    b: &TcpStream,
+    b: &Conn,
     stuck: impl FnOnce() -> T,
 ) -> T {
     let target = target.filter(|t| t.pid.is_some());
@@ -1211,10 +1211,7 @@ async fn unless_stuck<T>(
         }
         loop {
             if t.is_stuck() {
-                let unread = b
-                    .local_addr()
-                    .ok()
-                    .and_then(|ours| crate::os::diag::server_end(ours, t.addr).ok().flatten());
+                let unread = b.server_end(t).ok().flatten();
                 let take = stuck.take();
                 return match (unread, take) {
                     (Some(e), Some(s)) if !e.accepted || e.unread > 0 => Poll::Ready(s()),
@@ -1263,7 +1260,7 @@ enum Client {
 async fn watching<T>(
     fut: impl std::future::Future<Output = T>,
     client: &LazyStream,
-    b: &TcpStream,
+    b: &Conn,
     state: &mut Client,
     gone: impl FnOnce() -> T,
 ) -> T {
@@ -1308,7 +1305,7 @@ async fn watching<T>(
                     match peeked {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Ok(0)) => {
-                            let _ = socket2::SockRef::from(b).shutdown(std::net::Shutdown::Write);
+                            let _ = b.sock().shutdown(std::net::Shutdown::Write);
                             *state = Client::HalfClosed;
                             watch = Watch::Off;
                         }
@@ -1359,7 +1356,7 @@ fn broken(got: &io::Result<usize>, left_us: Client) -> Relayed {
 async fn relay_answer(
     p: &HttpProxy,
     client: &LazyStream,
-    b: &TcpStream,
+    b: &Conn,
     rbuf: &mut Vec<u8>,
     head_len: usize,
     out: &mut Vec<u8>,
@@ -1562,19 +1559,6 @@ async fn answer(
     }
 }
 
-async fn connect(t: &Target, timeout: Duration) -> io::Result<TcpStream> {
-    let s = tokio::time::timeout(timeout, TcpStream::connect(t.addr))
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {timeout:?}"),
-            )
-        })??;
-    let _ = s.set_nodelay(true);
-    Ok(s)
-}
-
 /// Waits until `ready` is, or `until` passes (`TimedOut`).
 async fn ready_by(
     until: Instant,
@@ -1646,12 +1630,7 @@ pub(super) const QUICKACK_BELOW: usize = 16 * 1024;
 
 /// More of an answer's body, after a read of `last` bytes: [`read_more`]
 /// when that read was small, else a plain [`read_some_vec`].
-async fn read_rest(
-    b: &TcpStream,
-    v: &mut Vec<u8>,
-    timeout: Duration,
-    last: usize,
-) -> io::Result<usize> {
+async fn read_rest(b: &Conn, v: &mut Vec<u8>, timeout: Duration, last: usize) -> io::Result<usize> {
     if last < QUICKACK_BELOW {
         read_more(b, v, timeout).await
     } else {
@@ -1665,11 +1644,11 @@ async fn read_rest(
 /// (Java's `HttpServer`, Perl's `HTTP::Daemon`) holds the body until that
 /// ACK, which the kernel would otherwise delay by 40 ms on a keep-alive
 /// connection. One syscall, only when an answer arrives in pieces.
-async fn read_more(b: &TcpStream, v: &mut Vec<u8>, timeout: Duration) -> io::Result<usize> {
+async fn read_more(b: &Conn, v: &mut Vec<u8>, timeout: Duration) -> io::Result<usize> {
     if v.len() < v.capacity() {
         match read_drained(b, v) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let _ = socket2::SockRef::from(b).set_tcp_quickack(true);
+                b.quickack();
             }
             r => return r,
         }
@@ -1764,7 +1743,7 @@ async fn write_held(io: &impl Socket, data: &[u8], timeout: Duration) -> io::Res
 /// has nothing more queued after all, what the kernel holds goes out
 /// before herd waits, so a sender that pauses never delays it.
 async fn read_after_held(
-    from: &TcpStream,
+    from: &Conn,
     v: &mut Vec<u8>,
     timeout: Duration,
     to: &impl Socket,

@@ -10,6 +10,8 @@
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
+
+use crate::os::diag::Ours;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -39,7 +41,7 @@ pub struct Sender {
     send: SendRequest<ReqBody>,
     head: Arc<HeadWatch>,
     /// The connection's local end, to a worker (see `head_within`).
-    ours: Option<SocketAddr>,
+    ours: Option<Ours>,
 }
 
 /// hyper skips any number of interim (1xx) answers: a backend sending them
@@ -594,7 +596,7 @@ impl HttpProxy {
     async fn head_within<T>(
         &self,
         sending: impl Future<Output = T>,
-        stuck: Option<(&Target, SocketAddr)>,
+        stuck: Option<(&Target, Ours)>,
     ) -> Result<T, Sent> {
         let until = tokio::time::Instant::now() + self.cfg.response_timeout;
         let timed_out = || {
@@ -618,7 +620,7 @@ impl HttpProxy {
                 return Err(timed_out());
             }
             if target.is_stuck() {
-                return match crate::os::diag::server_end(ours, target.addr) {
+                return match crate::os::diag::end_of(ours, target.addr) {
                     Ok(Some(e)) if !e.accepted || e.unread > 0 => Err(Sent::Stuck),
                     // Read (or not known): it waits, as in nginx.
                     _ => tokio::time::timeout_at(until, sending)
@@ -739,10 +741,7 @@ impl HttpProxy {
 /// and the connection's local end), and asks the kernel whether the backend
 /// accepted it if that takes a moment, as herd's own engine does (see
 /// [`super::conns::check_accepted`]).
-async fn accept_checked<T>(
-    fut: impl Future<Output = T>,
-    fresh: Option<(&Target, SocketAddr)>,
-) -> T {
+async fn accept_checked<T>(fut: impl Future<Output = T>, fresh: Option<(&Target, Ours)>) -> T {
     let Some((target, ours)) = fresh.filter(|(t, _)| super::conns::looked_at(t)) else {
         return fut.await;
     };
@@ -752,7 +751,7 @@ async fn accept_checked<T>(
             v = &mut fut => return v,
             _ = tokio::time::sleep(super::conns::ACCEPT_CHECK_AFTER) => {}
         }
-        if !super::conns::check_accepted(target, Some(ours)) {
+        if !super::conns::check_accepted(target, || crate::os::diag::end_of(ours, target.addr)) {
             break;
         }
     }
@@ -1416,6 +1415,7 @@ const PIECE_GAP: Duration = Duration::from_millis(20);
 enum WireIo {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Unix(tokio::net::UnixStream),
 }
 
 impl Wire {
@@ -1430,10 +1430,22 @@ impl Wire {
         }
     }
 
-    fn tcp(&self) -> &TcpStream {
+    /// herd's end, for the socket-table looks (`os::diag`).
+    fn ours(&self) -> Option<Ours> {
         match &self.io {
-            WireIo::Plain(s) => s,
-            WireIo::Tls(s) => s.get_ref().0,
+            WireIo::Unix(s) => {
+                use std::os::fd::AsFd;
+                crate::os::diag::inode(s.as_fd()).ok().map(Ours::Unix)
+            }
+            _ => self.tcp()?.local_addr().ok().map(Ours::Tcp),
+        }
+    }
+
+    fn tcp(&self) -> Option<&TcpStream> {
+        match &self.io {
+            WireIo::Plain(s) => Some(s),
+            WireIo::Tls(s) => Some(s.get_ref().0),
+            WireIo::Unix(_) => None,
         }
     }
 }
@@ -1462,6 +1474,7 @@ impl AsyncRead for Wire {
         let r = match &mut me.io {
             WireIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             WireIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            WireIo::Unix(s) => Pin::new(s).poll_read(cx, buf),
         };
         if let (Poll::Ready(Ok(())), Some(h)) = (&r, &me.head)
             && !h.seen.load(Ordering::Relaxed)
@@ -1485,7 +1498,9 @@ impl AsyncRead for Wire {
             }
             Poll::Pending if me.answering => {
                 me.answering = false;
-                let _ = socket2::SockRef::from(me.tcp()).set_tcp_quickack(true);
+                if let Some(s) = me.tcp() {
+                    let _ = socket2::SockRef::from(s).set_tcp_quickack(true);
+                }
             }
             _ => {}
         }
@@ -1505,6 +1520,7 @@ impl AsyncWrite for Wire {
         match &mut me.io {
             WireIo::Plain(s) => Pin::new(s).poll_write(cx, data),
             WireIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+            WireIo::Unix(s) => Pin::new(s).poll_write(cx, data),
         }
     }
 
@@ -1512,6 +1528,7 @@ impl AsyncWrite for Wire {
         match &mut self.get_mut().io {
             WireIo::Plain(s) => Pin::new(s).poll_flush(cx),
             WireIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            WireIo::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -1519,6 +1536,7 @@ impl AsyncWrite for Wire {
         match &mut self.get_mut().io {
             WireIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
             WireIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            WireIo::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -1527,6 +1545,10 @@ impl AsyncWrite for Wire {
 /// an h2 backend, else `http/1.1`).
 async fn open(target: &Target, timeout: Duration, tls: &ClientTls) -> Result<Wire, ConnectError> {
     let work = async {
+        if let Some(path) = &target.unix {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            return Ok(Wire::new(WireIo::Unix(s), target));
+        }
         let stream = TcpStream::connect(target.addr).await?;
         let _ = stream.set_nodelay(true);
         let Some(name) = &target.tls else {
@@ -1741,12 +1763,12 @@ async fn connect(
     cfg: &crate::config::HttpConfig,
     upgrades: bool,
     tls: &ClientTls,
-) -> Result<(Sender, Option<SocketAddr>), ConnectError> {
+) -> Result<(Sender, Option<Ours>), ConnectError> {
     // Held by the connection's task: until it closes.
     let slot = super::conns::serial_slot(target, cfg.response_timeout).await;
     let mut stream = open(target, cfg.connect_timeout, tls).await?;
     // Only a worker's connections are looked at (a syscall saved otherwise).
-    let ours = target.pid.and_then(|_| stream.tcp().local_addr().ok());
+    let ours = target.pid.and_then(|_| stream.ours());
     // (TLS to a worker: its socket's unread bytes are not the request's.)
     let plain = ours.filter(|_| target.tls.is_none());
     let head = Arc::new(HeadWatch::default());

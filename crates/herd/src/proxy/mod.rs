@@ -34,6 +34,7 @@ macro_rules! serve_gracefully {
 }
 
 pub mod access;
+mod backend;
 mod chunked;
 mod conns;
 mod deadline;

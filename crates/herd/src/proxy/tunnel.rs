@@ -13,6 +13,7 @@ use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::backend::Conn;
 use super::conns;
 
 /// Bytes read at a time; the thread's HTTP buffers are larger and serve.
@@ -25,6 +26,18 @@ pub async fn relay(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<(u64, u64
     let (ar, aw) = a.split();
     let (br, bw) = b.split();
     tokio::try_join!(one_way(ar, bw), one_way(br, aw))
+}
+
+/// [`relay`] from a client to a backend connection of either kind.
+pub async fn relay_to(a: &mut TcpStream, b: &mut Conn) -> io::Result<(u64, u64)> {
+    match b {
+        Conn::Tcp(b) => relay(a, b).await,
+        Conn::Unix(b) => {
+            let (ar, aw) = a.split();
+            let (br, bw) = b.split();
+            tokio::try_join!(one_way(ar, bw), one_way(br, aw))
+        }
+    }
 }
 
 /// [`relay`] for any two streams (hyper's upgraded connections, TLS ones

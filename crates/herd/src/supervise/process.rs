@@ -35,6 +35,8 @@ use herd_sdk::env as contract;
 /// In fd modes a worker that never speaks sd_notify is taken as ready after this.
 const FD_READY_GRACE: Duration = Duration::from_secs(1);
 /// Interval of the proxy-mode port probe.
+/// `sun_path`'s size, its closing NUL included.
+const UNIX_PATH_MAX: usize = 108;
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 /// A worker not ready this long after its start is looked at, and again
 /// each [`LOOK_EVERY`] (a JVM may bind late): the first time it listens on
@@ -119,9 +121,38 @@ pub(super) struct Proc {
     /// Set once it is ready by any path, so that its readiness task stops
     /// looking at its sockets (dispatch readiness comes from the dispatcher).
     pub ready: Arc<AtomicBool>,
+    /// The Unix socket offered to it (`HERD_SOCKET`), removed when it ends.
+    pub socket: Option<Arc<std::path::Path>>,
+    /// `--worker-socket auto`: whether it serves on [`Proc::socket`] is
+    /// still to be seen, once it is ready.
+    pub settle: bool,
 }
 
 impl Proc {
+    /// `--worker-socket auto`, once it is ready: a worker that bound the
+    /// socket offered to it (herd's Node preload, herd-sdk) is reached
+    /// there; one that did not, on its port.
+    pub(super) fn settle(&mut self) {
+        use std::os::unix::fs::FileTypeExt;
+        if !std::mem::take(&mut self.settle) {
+            return;
+        }
+        let (Some(path), Some(t)) = (&self.socket, &self.target) else {
+            return;
+        };
+        let bound = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+        if bound && t.unix.is_none() {
+            let (name, label) = (t.backend.name().to_string(), t.label.clone());
+            self.target = Some(Arc::new(
+                Target::new(t.addr, name, label, t.backend.config().clone())
+                    .speaking_h2(t.h2)
+                    .reusing(t.reuse.clone())
+                    .run_by(self.pid)
+                    .on_unix(Some(path.clone())),
+            ));
+        }
+    }
+
     /// A worker that listens on `[::1]` only (Node binding `localhost` where
     /// it resolves to ::1) is proxied there rather than to 127.0.0.1.
     pub(super) fn serving_at(&mut self, addr: Option<SocketAddr>) {
@@ -136,7 +167,8 @@ impl Proc {
                 Target::new(addr, name, label, t.backend.config().clone())
                     .speaking_h2(h2)
                     .reusing(t.reuse.clone())
-                    .run_by(self.pid),
+                    .run_by(self.pid)
+                    .on_unix(t.unix.clone()),
             ));
         }
     }
@@ -177,6 +209,22 @@ impl Supervisor {
         let notify = UnixDatagram::bind(&notify_path).map_err(spawn_err)?;
         self.rundir.give(&notify_path).map_err(spawn_err)?;
 
+        // `--worker-socket`: a path the worker may (or, `unix`, must) bind
+        // and serve on instead of its port.
+        let unix: Option<(Arc<std::path::Path>, bool)> = match (port, self.s.worker_unix()) {
+            (Some(_), Some(must)) => {
+                let path = self.rundir.workers_path().join(format!("s{slot}.{epoch}"));
+                let _ = std::fs::remove_file(&path);
+                if path.as_os_str().len() >= UNIX_PATH_MAX {
+                    return Err(spawn_err(std::io::Error::other(format!(
+                        "the Unix socket path {} is too long (set XDG_RUNTIME_DIR to a shorter directory)",
+                        path.display()
+                    ))));
+                }
+                Some((path.into(), must))
+            }
+            _ => None,
+        };
         let mut env = worker_env(
             &self.s,
             &spec.release,
@@ -186,6 +234,9 @@ impl Supervisor {
             self.awaiting_port.is_none(),
             &notify_path,
         );
+        if let Some((path, must)) = &unix {
+            socket_env(&mut env, path, *must);
+        }
         if let Some(opts) = &spec.node_options {
             env.retain(|(k, _)| k != "NODE_OPTIONS");
             env.push(("NODE_OPTIONS".into(), opts.clone()));
@@ -299,6 +350,7 @@ impl Supervisor {
         let readiness = tokio::spawn(readiness(
             notify,
             self.probe(port),
+            unix.clone(),
             self.tx.clone(),
             (epoch, slot, pid),
             ready.clone(),
@@ -313,7 +365,8 @@ impl Supervisor {
                 )
                 .speaking_h2(self.s.workers_h2)
                 .reusing(spec.reuse.clone())
-                .run_by(pid),
+                .run_by(pid)
+                .on_unix(unix.clone().filter(|(_, must)| *must).map(|(p, _)| p)),
             )
         });
         self.procs.insert(
@@ -327,6 +380,8 @@ impl Supervisor {
                 ipc,
                 dispatch,
                 ready,
+                settle: unix.as_ref().is_some_and(|(_, must)| !must),
+                socket: unix.map(|(p, _)| p),
             },
         );
         Ok(pid)
@@ -389,14 +444,19 @@ impl Supervisor {
         if let Some(d) = &self.dispatcher {
             d.serving(stable, split.map(|s| (new, s)));
         } else if self.s.mode == Mode::Proxy {
-            let targets = |epochs: Vec<Epoch>| -> Vec<_> {
+            let mut targets = |epochs: Vec<Epoch>| -> Vec<_> {
                 epochs
                     .iter()
-                    .filter_map(|e| self.procs.get(e)?.target.clone())
+                    .filter_map(|e| {
+                        let p = self.procs.get_mut(e)?;
+                        p.settle();
+                        p.target.clone()
+                    })
                     .collect()
             };
+            let (stable, new) = (targets(stable), split.as_ref().map(|_| targets(new)));
             self.up
-                .set_workers(targets(stable), split.map(|s| (targets(new), s)));
+                .set_workers(stable, split.zip(new).map(|(s, n)| (n, s)));
         }
     }
 
@@ -465,6 +525,9 @@ impl Supervisor {
         kill_group(p.pid, Signal::SIGKILL);
         self.kill_left_behind(&p.notify_path);
         let _ = std::fs::remove_file(&p.notify_path);
+        if let Some(path) = &p.socket {
+            let _ = std::fs::remove_file(path);
+        }
         self.guardian.forget(p.pid);
         if let Some(d) = &self.dispatcher {
             d.remove(epoch);
@@ -548,9 +611,20 @@ enum Probe {
     Dispatch,
 }
 
-/// Where the worker's private port first accepts a connection.
-async fn port_open(p: u16) -> SocketAddr {
+/// Where the worker's private port first accepts a connection; or its Unix
+/// socket (`unix`, and whether only that counts), reported as 127.0.0.1
+/// and the port.
+async fn port_open(p: u16, unix: Option<&(Arc<std::path::Path>, bool)>) -> SocketAddr {
     loop {
+        if let Some((path, must)) = unix {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return SocketAddr::from((Ipv4Addr::LOCALHOST, p));
+            }
+            if *must {
+                tokio::time::sleep(PROBE_EVERY).await;
+                continue;
+            }
+        }
         for ip in [
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -572,6 +646,7 @@ async fn port_open(p: u16) -> SocketAddr {
 async fn readiness(
     sock: UnixDatagram,
     probe: Probe,
+    unix: Option<(Arc<std::path::Path>, bool)>,
     tx: mpsc::UnboundedSender<Event>,
     (epoch, slot, pid): (Epoch, usize, u32),
     ready: Arc<AtomicBool>,
@@ -612,9 +687,9 @@ async fn readiness(
     };
     let probed = async {
         match probe {
-            Probe::Port(p) => Some(port_open(p).await),
+            Probe::Port(p) => Some(port_open(p, unix.as_ref()).await),
             Probe::PortOrGrace(p, d) => tokio::select! {
-                addr = port_open(p) => Some(addr),
+                addr = port_open(p, unix.as_ref()) => Some(addr),
                 () = tokio::time::sleep(d) => None,
             },
             Probe::Grace(d) => {
@@ -639,7 +714,8 @@ async fn readiness(
         while !ready.load(Ordering::Relaxed) {
             let found = tokio::task::spawn_blocking(move || crate::os::sockets::listening(pgid));
             let Ok(found) = found.await else { break };
-            if let Some(why) = elsewhere(probe, &found) {
+            let must = unix.as_ref().filter(|(_, must)| *must).map(|(p, _)| &**p);
+            if let Some(why) = elsewhere(probe, &found, must) {
                 tracing::warn!("worker {slot} (pid {pid}) is not ready after {after:?}: {why}");
                 break;
             }
@@ -668,9 +744,20 @@ async fn readiness(
 /// Why a worker that is not ready may never be, from the addresses its
 /// processes listen on: a server on a port of its own choosing (a port
 /// written in the code, a framework's default) while herd waits on another.
-fn elsewhere(probe: Probe, listening: &[SocketAddr]) -> Option<String> {
+fn elsewhere(
+    probe: Probe,
+    listening: &[SocketAddr],
+    unix: Option<&std::path::Path>,
+) -> Option<String> {
     let shown = || crate::os::sockets::shown(listening);
     match probe {
+        Probe::Port(_) if unix.is_some() && !listening.is_empty() => Some(format!(
+            "it listens on {}, but herd sends it requests on the Unix socket {} (--worker-socket \
+             unix), named in HERD_SOCKET. Make it listen there (gunicorn --bind unix:$HERD_SOCKET, \
+             uvicorn --uds $HERD_SOCKET), or leave out --worker-socket unix",
+            shown(),
+            unix.map(|u| u.display().to_string()).unwrap_or_default()
+        )),
         Probe::Port(p) if !listening.is_empty() && listening.iter().all(|a| a.port() != p) => {
             Some(format!(
                 "it listens on {}, but herd sends it requests on 127.0.0.1:{p}, its PORT. \
@@ -742,6 +829,7 @@ fn worker_env(
         "NODE_UNIQUE_ID",
         contract::DISPATCH_FD,
         contract::PRIVATE_PORT,
+        contract::SOCKET,
         contract::REPORT_OPEN,
         contract::SHUTDOWN_MESSAGE,
         contract::LISTEN_FDS,
@@ -826,6 +914,34 @@ fn worker_env(
     env
 }
 
+/// `HERD_SOCKET`, the Unix socket a worker may serve on; with `must`
+/// (`--worker-socket unix`) servers that can serve there are told so too:
+/// uvicorn binds `--uds` before any port, and gunicorn's command line still
+/// wins over its `GUNICORN_CMD_ARGS`.
+fn socket_env(env: &mut Vec<(OsString, OsString)>, path: &std::path::Path, must: bool) {
+    let mut set = |k: &str, v: OsString| {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.into(), v));
+    };
+    set(contract::SOCKET, path.as_os_str().to_owned());
+    if !must {
+        return;
+    }
+    set("UVICORN_UDS", path.as_os_str().to_owned());
+    let mut args = env
+        .iter()
+        .find(|(k, _)| k == "GUNICORN_CMD_ARGS")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    if !args.is_empty() {
+        args.push(" ");
+    }
+    args.push("--bind=unix:");
+    args.push(path.as_os_str());
+    env.retain(|(k, _)| k != "GUNICORN_CMD_ARGS");
+    env.push(("GUNICORN_CMD_ARGS".into(), args));
+}
+
 pub(super) fn kill_group(pgid: u32, sig: Signal) {
     if pgid > 1 {
         let _ = killpg(Pid::from_raw(pgid as i32), sig);
@@ -844,25 +960,32 @@ mod tests {
     #[test]
     fn a_worker_on_a_port_of_its_own_is_named_and_one_on_its_port_is_not() {
         let own = addrs(&["127.0.0.1:3000"]);
-        let why = elsewhere(Probe::Port(41000), &own).unwrap();
+        let why = elsewhere(Probe::Port(41000), &own, None).unwrap();
         assert!(
             why.contains("127.0.0.1:3000") && why.contains("127.0.0.1:41000"),
             "{why}"
         );
         // Still binding, or on its port (any address), or one more port
         // beside it (metrics): nothing to say.
-        assert_eq!(elsewhere(Probe::Port(41000), &[]), None);
+        assert_eq!(elsewhere(Probe::Port(41000), &[], None), None);
         let both = addrs(&["0.0.0.0:41000", "127.0.0.1:9090"]);
-        assert_eq!(elsewhere(Probe::Port(41000), &both), None);
-        assert_eq!(elsewhere(Probe::Port(41000), &addrs(&["[::]:41000"])), None);
+        assert_eq!(elsewhere(Probe::Port(41000), &both, None), None);
+        assert_eq!(
+            elsewhere(Probe::Port(41000), &addrs(&["[::]:41000"]), None),
+            None
+        );
         // Dispatch mode: any port of its own is the wrong model.
-        let why = elsewhere(Probe::Dispatch, &own).unwrap();
+        let why = elsewhere(Probe::Dispatch, &own, None).unwrap();
         assert!(why.contains("--mode proxy"), "{why}");
-        assert_eq!(elsewhere(Probe::Dispatch, &[]), None);
+        assert_eq!(elsewhere(Probe::Dispatch, &[], None), None);
         // fd modes are ready on their grace; --wait-ready waits on purpose.
-        assert_eq!(elsewhere(Probe::NotifyOnly, &own), None);
+        assert_eq!(elsewhere(Probe::NotifyOnly, &own, None), None);
         let many = addrs(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]);
-        assert!(elsewhere(Probe::Dispatch, &many).unwrap().contains(":3, …"));
+        assert!(
+            elsewhere(Probe::Dispatch, &many, None)
+                .unwrap()
+                .contains(":3, …")
+        );
     }
 
     #[test]

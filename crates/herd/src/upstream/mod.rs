@@ -63,6 +63,9 @@ pub struct Target {
     /// Once connections to it are not kept (see [`reuse`]): the most
     /// herd opens at once, its backlog less one, read once.
     pub slots: std::sync::OnceLock<Option<Arc<tokio::sync::Semaphore>>>,
+    /// A worker that serves on a Unix socket (`--worker-socket unix`): its
+    /// path, connected to instead of `addr`.
+    pub unix: Option<Arc<std::path::Path>>,
 }
 
 impl Target {
@@ -85,6 +88,21 @@ impl Target {
             reuse: Arc::default(),
             pid: None,
             slots: std::sync::OnceLock::new(),
+            unix: None,
+        }
+    }
+
+    /// A worker serving on the Unix socket at `path`.
+    pub fn on_unix(mut self, path: Option<Arc<std::path::Path>>) -> Target {
+        self.unix = path;
+        self
+    }
+
+    /// Where it is reached, for logs: `127.0.0.1:41915` or `unix:/run/…`.
+    pub fn place(&self) -> String {
+        match &self.unix {
+            Some(p) => format!("unix:{}", p.display()),
+            None => self.addr.to_string(),
         }
     }
 
@@ -677,17 +695,42 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
     // is not stuck.
     let progress = t.checked_progress.swap(t.progress(), Relaxed);
     let work = async {
-        let mut s = TcpStream::connect(t.addr).await.map_err(|e| {
+        let refused = |e: std::io::Error| {
             if crate::os::short_of_resources(&e) {
                 Failure::NotMade(e)
             } else {
                 Failure::Backend(e.to_string())
             }
-        })?;
+        };
+        if let Some(unix) = &t.unix {
+            let s = tokio::net::UnixStream::connect(unix)
+                .await
+                .map_err(refused)?;
+            return match &cfg.path {
+                None => match t.pid {
+                    Some(pid) => {
+                        use std::os::fd::AsFd;
+                        let look = || crate::os::diag::unix_server_end(s.as_fd());
+                        let window = cfg.timeout.mul_f64(0.9);
+                        accepted_within(look, t, pid, progress, started, window)
+                            .await
+                            .map_err(Failure::Stuck)
+                    }
+                    None => Ok(()),
+                },
+                Some(path) if t.h2 => Ok(check_h2(s, "localhost", path).await?),
+                Some(path) => Ok(get(s, "localhost", path).await?),
+            };
+        }
+        let s = TcpStream::connect(t.addr).await.map_err(refused)?;
         let Some(path) = &cfg.path else {
             if let Some(pid) = t.pid {
                 let window = cfg.timeout.mul_f64(0.9);
-                return accepted_within(&s, t, pid, progress, started, window)
+                let Ok(ours) = s.local_addr() else {
+                    return Ok(());
+                };
+                let look = || crate::os::diag::server_end(ours, t.addr);
+                return accepted_within(look, t, pid, progress, started, window)
                     .await
                     .map_err(Failure::Stuck);
             }
@@ -697,39 +740,47 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
             // (A TLS backend's check is the connect; `--health-path` is not sent.)
             return Ok(());
         }
+        let host = t.addr.to_string();
         if t.h2 {
-            return Ok(check_h2(s, t, path).await?);
+            return Ok(check_h2(s, &host, path).await?);
         }
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: herd-health-check\r\nConnection: close\r\n\r\n",
-            t.addr
-        );
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = [0u8; 64];
-        let mut got = 0;
-        while got < 12 {
-            let n = s.read(&mut buf[got..]).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
-        let head = String::from_utf8_lossy(&buf[..got]);
-        match head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-        {
-            Some(code) if (200..400).contains(&code) => Ok(()),
-            Some(code) => Err(format!("GET {path} answered {code}").into()),
-            None => Err(format!("GET {path}: no HTTP answer").into()),
-        }
+        Ok(get(s, &host, path).await?)
     };
     tokio::time::timeout(cfg.timeout, work)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", cfg.timeout).into()))
+}
+
+/// `GET PATH` over HTTP/1.1 on `s`: 2xx or 3xx passes.
+async fn get<S>(mut s: S, host: &str, path: &str) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: herd-health-check\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    while got < 12 {
+        let n = s.read(&mut buf[got..]).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    let head = String::from_utf8_lossy(&buf[..got]);
+    match head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+    {
+        Some(code) if (200..400).contains(&code) => Ok(()),
+        Some(code) => Err(format!("GET {path} answered {code}")),
+        None => Err(format!("GET {path}: no HTTP answer")),
+    }
 }
 
 /// A worker's TCP check: the kernel completes the handshake for a process
@@ -741,7 +792,7 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
 /// anything meanwhile (busy, not stuck), or if it sleeps (a server of one
 /// connection at a time, waiting on another).
 async fn accepted_within(
-    s: &TcpStream,
+    server_end: impl Fn() -> Result<Option<crate::os::diag::ServerEnd>, crate::os::diag::DiagError>,
     t: &Target,
     pid: u32,
     progress: u64,
@@ -749,12 +800,9 @@ async fn accepted_within(
     window: std::time::Duration,
 ) -> Result<(), String> {
     const LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(25);
-    let Ok(ours) = s.local_addr() else {
-        return Ok(());
-    };
     loop {
-        match crate::os::diag::accepted(ours, t.addr) {
-            Ok(Some(false)) => {}
+        match server_end() {
+            Ok(Some(e)) if !e.accepted => {}
             // Accepted, not a socket of this host, or not known: passed.
             _ => return Ok(()),
         }
@@ -772,14 +820,17 @@ async fn accepted_within(
 }
 
 /// `GET PATH` to an h2c backend.
-async fn check_h2(s: TcpStream, t: &Target, path: &str) -> Result<(), String> {
+async fn check_h2<S>(s: S, host: &str, path: &str) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(s))
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(format!("http://{}{path}", t.addr))
+    let req = hyper::Request::get(format!("http://{host}{path}"))
         .header(hyper::header::USER_AGENT, "herd-health-check")
         .body(http_body_util::Empty::new())
         .map_err(|e| e.to_string())?;
