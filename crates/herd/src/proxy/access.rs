@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -87,7 +87,7 @@ pub struct Entry<'a> {
     pub bytes: u64,
     #[serde(serialize_with = "secs")]
     pub duration: Duration,
-    pub upstream: Option<SocketAddr>,
+    pub upstream: Option<crate::upstream::Place<'a>>,
     #[serde(serialize_with = "opt_secs")]
     pub upstream_time: Option<Duration>,
     /// The backend's name: `worker-2`, or an upstream's.
@@ -274,7 +274,9 @@ mod tests {
             status: 200,
             bytes: 12,
             duration: Duration::from_micros(1500),
-            upstream: Some("127.0.0.1:4000".parse().unwrap()),
+            upstream: Some(crate::upstream::Place::Tcp(
+                "127.0.0.1:4000".parse().unwrap(),
+            )),
             upstream_time: Some(Duration::from_micros(1200)),
             worker: Some("worker-1"),
             retries: 0,
@@ -308,6 +310,16 @@ mod tests {
             (v["worker"].as_str(), v["duration"].as_f64()),
             (Some("worker-1"), Some(0.0015))
         );
+        assert_eq!(v["upstream"].as_str(), Some("127.0.0.1:4000"));
+        let path = std::path::Path::new("/run/herd/7/s0.1");
+        let on_unix = Entry {
+            upstream: Some(crate::upstream::Place::Unix(path)),
+            ..entry(t)
+        };
+        l.clear();
+        json(&mut l, &on_unix);
+        let v: serde_json::Value = serde_json::from_slice(&l).unwrap();
+        assert_eq!(v["upstream"].as_str(), Some("unix:/run/herd/7/s0.1"));
     }
 
     #[test]

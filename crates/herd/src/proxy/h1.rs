@@ -1860,7 +1860,7 @@ fn note(
         status,
         bytes,
         duration: Duration::from_nanos(p.up.now().saturating_sub(l.started)),
-        upstream: backend.map(|(t, _)| t.addr),
+        upstream: backend.map(|(t, _)| t.place()),
         upstream_time: backend.map(|(_, us)| Duration::from_micros(us)),
         worker: backend.map(|(t, _)| t.backend.name()),
         retries: tries.saturating_sub(1) as u32,

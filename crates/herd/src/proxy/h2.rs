@@ -793,7 +793,7 @@ impl Drop for Ending {
             status: self.status,
             bytes: self.sent,
             duration: l.started.elapsed(),
-            upstream: t.map(|t| t.addr),
+            upstream: t.map(|t| t.place()),
             upstream_time: self.served.upstream_time,
             worker: t.map(|t| t.backend.name()),
             retries: self.served.retries,

@@ -61,7 +61,7 @@ impl TcpProxy {
                 status: 0,
                 bytes: moved.map_or(0, |(a, b)| a + b),
                 duration: started.elapsed(),
-                upstream: Some(c.target.addr),
+                upstream: Some(c.target.place()),
                 upstream_time: Some(c.connected),
                 worker: Some(c.target.backend.name()),
                 retries: (c.tries - 1) as u32,

@@ -34,9 +34,9 @@ use herd_sdk::env as contract;
 
 /// In fd modes a worker that never speaks sd_notify is taken as ready after this.
 const FD_READY_GRACE: Duration = Duration::from_secs(1);
-/// Interval of the proxy-mode port probe.
 /// `sun_path`'s size, its closing NUL included.
 const UNIX_PATH_MAX: usize = 108;
+/// Interval of the proxy-mode port probe.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 /// A worker not ready this long after its start is looked at, and again
 /// each [`LOOK_EVERY`] (a JVM may bind late): the first time it listens on

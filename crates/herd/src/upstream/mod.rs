@@ -31,6 +31,29 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// pool to change after a worker failed it: see [`Upstreams::replaced`].
 const REPLACE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Where a target is reached, as logs show it (nginx's `$upstream_addr`):
+/// `127.0.0.1:41915`, or `unix:/run/…/s0.1` for a worker on its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place<'a> {
+    Tcp(SocketAddr),
+    Unix(&'a std::path::Path),
+}
+
+impl std::fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Tcp(a) => a.fmt(f),
+            Place::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl serde::Serialize for Place<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// One place a connection or request can be sent.
 pub struct Target {
     pub addr: SocketAddr,
@@ -98,11 +121,11 @@ impl Target {
         self
     }
 
-    /// Where it is reached, for logs: `127.0.0.1:41915` or `unix:/run/…`.
-    pub fn place(&self) -> String {
+    /// Where it is reached, for logs.
+    pub fn place(&self) -> Place<'_> {
         match &self.unix {
-            Some(p) => format!("unix:{}", p.display()),
-            None => self.addr.to_string(),
+            Some(p) => Place::Unix(p),
+            None => Place::Tcp(self.addr),
         }
     }
 
