@@ -7,9 +7,9 @@
 //              channel (NODE_CHANNEL_FD) as handles the master accepted
 //   shared,    the server listens on the inherited socket, fd 3
 //   reuseport
-//   proxy      the server listens on 127.0.0.1:$HERD_PORT, where herd relays
-//              to it (on the Unix socket $HERD_SOCKET with --worker-socket
-//              unix, its sockets still showing 127.0.0.1 as their peer).
+//   proxy      the server listens on the Unix socket $HERD_SOCKET (else on
+//              127.0.0.1:$HERD_PORT), where herd relays to it; its sockets
+//              still show 127.0.0.1 and that port as on TCP.
 //              With no PORT set (herd serves the app on the port its
 //              code names, as PM2's cluster mode does), a listen() that
 //              names no port (`listen(process.env.PORT)`) is that server too.

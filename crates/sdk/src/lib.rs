@@ -47,8 +47,9 @@ pub mod env {
     /// Node app served on the port its code names, whose `PORT` stays
     /// unset as under PM2; herd's Node preload listens here for it).
     pub const PRIVATE_PORT: &str = "HERD_PORT";
-    /// Proxy mode with `--worker-socket unix`: the path of the Unix socket
-    /// to serve on, instead of `PORT` (the worker binds it).
+    /// Proxy mode: the path of a Unix socket to serve on instead of `PORT`
+    /// (the worker binds it); herd uses whichever the worker listens on,
+    /// and with `--worker-socket unix` only this.
     pub const SOCKET: &str = "HERD_SOCKET";
     /// systemd's readiness socket (`READY=1`).
     pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";

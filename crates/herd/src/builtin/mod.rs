@@ -31,7 +31,7 @@ type Stream = Either<tokio::net::TcpStream, tokio::net::UnixStream>;
 /// Where connections come from: a listening socket, or the master.
 pub enum Source {
     Listener(tokio::net::TcpListener),
-    /// `--worker-socket unix`.
+    /// Proxy mode's Unix socket (`HERD_SOCKET`).
     Unix(tokio::net::UnixListener),
     Dispatch(herd_sdk::AsyncDispatch),
 }

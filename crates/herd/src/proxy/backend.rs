@@ -1,5 +1,5 @@
 //! A connection to a backend: TCP, or a Unix socket for a worker that
-//! serves on one (`--worker-socket unix`). On loopback a Unix stream
+//! serves on one (`--worker-socket`). On loopback a Unix stream
 //! skips TCP's whole path (segments, ACKs, timers, congestion state): the
 //! kernel's work per request, most of the proxy's CPU, is smaller.
 

@@ -86,7 +86,7 @@ pub struct Target {
     /// Once connections to it are not kept (see [`reuse`]): the most
     /// herd opens at once, its backlog less one, read once.
     pub slots: std::sync::OnceLock<Option<Arc<tokio::sync::Semaphore>>>,
-    /// A worker that serves on a Unix socket (`--worker-socket unix`): its
+    /// A worker that serves on a Unix socket (`--worker-socket`): its
     /// path, connected to instead of `addr`.
     pub unix: Option<Arc<std::path::Path>>,
 }
