@@ -121,17 +121,9 @@ fn parse_unix(m: &[u8]) -> Result<Option<ServerEnd>, DiagError> {
     const UNIX_DIAG_PEER: u16 = 2;
     const UNIX_DIAG_RQLEN: u16 = 4;
     const UNIX_DIAG_SHUTDOWN: u16 = 6;
-    let u16_at = |i: usize| m.get(i..i + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
-    let u32_at = |i: usize| {
-        m.get(i..i + 4)
-            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-    };
+    let (u16_at, u32_at) = (|i| u16_at(m, i), |i| u32_at(m, i));
     match u16_at(4).ok_or(DiagError::Malformed)? {
-        NLMSG_ERROR => match u32_at(NL_HEADER).ok_or(DiagError::Malformed)? as i32 {
-            0 => Err(DiagError::Malformed),
-            e if -e == libc::ENOENT => Ok(None),
-            e => Err(DiagError::Refused(-e)),
-        },
+        NLMSG_ERROR => refusal(m),
         SOCK_DIAG_BY_FAMILY => {
             let end = (u32_at(0).ok_or(DiagError::Malformed)? as usize).min(m.len());
             let (mut peer, mut unread, mut closed) = (None, 0, false);
@@ -319,18 +311,28 @@ fn query(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
     m
 }
 
+fn u16_at(m: &[u8], i: usize) -> Option<u16> {
+    m.get(i..i + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]))
+}
+
+fn u32_at(m: &[u8], i: usize) -> Option<u32> {
+    m.get(i..i + 4)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// An `NLMSG_ERROR` answer: no such socket (gone), or the kernel's refusal.
+fn refusal(m: &[u8]) -> Result<Option<ServerEnd>, DiagError> {
+    match u32_at(m, NL_HEADER).ok_or(DiagError::Malformed)? as i32 {
+        0 => Err(DiagError::Malformed),
+        e if -e == libc::ENOENT => Ok(None),
+        e => Err(DiagError::Refused(-e)),
+    }
+}
+
 fn parse(m: &[u8]) -> Result<Option<ServerEnd>, DiagError> {
-    let u16_at = |i: usize| m.get(i..i + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
-    let u32_at = |i: usize| {
-        m.get(i..i + 4)
-            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    match u16_at(4).ok_or(DiagError::Malformed)? {
-        NLMSG_ERROR => match u32_at(NL_HEADER).ok_or(DiagError::Malformed)? as i32 {
-            0 => Err(DiagError::Malformed),
-            e if -e == libc::ENOENT => Ok(None),
-            e => Err(DiagError::Refused(-e)),
-        },
+    let u32_at = |i| u32_at(m, i);
+    match u16_at(m, 4).ok_or(DiagError::Malformed)? {
+        NLMSG_ERROR => refusal(m),
         SOCK_DIAG_BY_FAMILY => {
             let inode = u32_at(NL_HEADER + INODE_AT).ok_or(DiagError::Malformed)?;
             let unread = u32_at(NL_HEADER + RQUEUE_AT).ok_or(DiagError::Malformed)?;
@@ -492,5 +494,18 @@ mod tests {
         let mut short = vec![0u8; NL_HEADER];
         short[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
         assert!(parse(&short).is_err());
+        assert!(parse_unix(&[]).is_err());
+        assert!(parse_unix(&[0; 20]).is_err());
+        // A unix_diag_msg with an attribute claiming less than its header.
+        let mut bad = vec![0u8; NL_HEADER + 16 + 4];
+        let len = bad.len() as u32;
+        bad[0..4].copy_from_slice(&len.to_ne_bytes());
+        bad[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        assert!(parse_unix(&bad).is_err());
+        // Cut short: no peer attribute, so no server end.
+        bad.truncate(NL_HEADER + 16);
+        let len = bad.len() as u32;
+        bad[0..4].copy_from_slice(&len.to_ne_bytes());
+        assert_eq!(parse_unix(&bad).unwrap(), None);
     }
 }
