@@ -142,14 +142,7 @@ impl Proc {
         };
         let bound = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
         if bound && t.unix.is_none() {
-            let (name, label) = (t.backend.name().to_string(), t.label.clone());
-            self.target = Some(Arc::new(
-                Target::new(t.addr, name, label, t.backend.config().clone())
-                    .speaking_h2(t.h2)
-                    .reusing(t.reuse.clone())
-                    .run_by(self.pid)
-                    .on_unix(Some(path.clone())),
-            ));
+            self.target = Some(t.reached_at(t.addr, Some(path.clone()), self.pid));
         }
     }
 
@@ -161,15 +154,7 @@ impl Proc {
             return;
         };
         if t.addr != addr {
-            let (name, label) = (t.backend.name().to_string(), t.label.clone());
-            let h2 = t.h2;
-            self.target = Some(Arc::new(
-                Target::new(addr, name, label, t.backend.config().clone())
-                    .speaking_h2(h2)
-                    .reusing(t.reuse.clone())
-                    .run_by(self.pid)
-                    .on_unix(t.unix.clone()),
-            ));
+            self.target = Some(t.reached_at(addr, t.unix.clone(), self.pid));
         }
     }
 }

@@ -115,6 +115,25 @@ impl Target {
         }
     }
 
+    /// The same worker (name, settings, shared [`Reuse`](reuse::Reuse)),
+    /// run by `pid`, reached at `addr` or on the Unix socket `unix`: a new
+    /// target, with counts and idle connections of its own.
+    pub fn reached_at(
+        &self,
+        addr: SocketAddr,
+        unix: Option<Arc<std::path::Path>>,
+        pid: u32,
+    ) -> Arc<Target> {
+        let (name, label) = (self.backend.name().to_string(), self.label.clone());
+        Arc::new(
+            Target::new(addr, name, label, self.backend.config().clone())
+                .speaking_h2(self.h2)
+                .reusing(self.reuse.clone())
+                .run_by(pid)
+                .on_unix(unix),
+        )
+    }
+
     /// A worker serving on the Unix socket at `path`.
     pub fn on_unix(mut self, path: Option<Arc<std::path::Path>>) -> Target {
         self.unix = path;
