@@ -36,13 +36,6 @@ pub enum DiagError {
     Refused(i32),
 }
 
-/// Whether the server end of herd's connection from `ours` to `server` has
-/// been accepted: `None` if that end is not a socket of this host (a
-/// remote server, or the connection is gone).
-pub fn accepted(ours: SocketAddr, server: SocketAddr) -> Result<Option<bool>, DiagError> {
-    Ok(server_end(ours, server)?.map(|e| e.accepted))
-}
-
 /// The server end of one of herd's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerEnd {
@@ -349,6 +342,12 @@ fn parse(m: &[u8]) -> Result<Option<ServerEnd>, DiagError> {
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
+
+    /// Whether the server end of the connection from `ours` to `server` has
+    /// been accepted: `None` if it is not a socket of this host.
+    fn accepted(ours: SocketAddr, server: SocketAddr) -> Result<Option<bool>, DiagError> {
+        Ok(server_end(ours, server)?.map(|e| e.accepted))
+    }
 
     #[test]
     fn a_unix_connection_is_seen_waiting_then_accepted_then_read() {
