@@ -760,7 +760,7 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
                     }
                     None => Ok(()),
                 },
-                Some(path) if t.h2 => Ok(check_h2(s, "localhost", path).await?),
+                // (Workers that speak h2c keep their ports: `Settings::worker_unix`.)
                 Some(path) => Ok(get(s, "localhost", path).await?),
             };
         }
