@@ -34,6 +34,21 @@ impl Upstream {
         Upstream { child, port }
     }
 
+    /// One serving on the Unix socket at `path` (herd-demo listens on
+    /// `HERD_SOCKET` when it is set), not on a port.
+    fn on_unix(path: &std::path::Path) -> Upstream {
+        let child = Command::new(DEMO)
+            .env("HERD_SOCKET", path)
+            .env_remove("HERD_WORKER_ID")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let up = std::os::unix::net::UnixStream::connect;
+        assert!(wait_until(T, || up(path).is_ok()));
+        Upstream { child, port: 0 }
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -159,6 +174,67 @@ fn least_conn_and_ewma_steer_away_from_a_slow_backend() {
     let h = lb(&["--balance", "round-robin", &fast.spec(""), &slow.spec("")]);
     let share = slow_share(&h, slow.pid(), 40);
     assert!((0.4..=0.6).contains(&share), "round-robin gave {share}");
+}
+
+/// `--upstream unix:PATH` (nginx's `server unix:`): requests and TCP-mode
+/// connections reach servers on Unix sockets, health checks look at them
+/// there, and logs and `herd status` name them by path.
+#[test]
+fn upstreams_on_unix_sockets_are_balanced_and_checked() {
+    let dir = std::env::temp_dir().join(name("unix-up"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let paths = [dir.join("a.sock"), dir.join("b.sock")];
+    let ups: Vec<_> = paths.iter().map(|p| Upstream::on_unix(p)).collect();
+    let specs: Vec<String> = paths
+        .iter()
+        .map(|p| format!("--upstream=unix:{}", p.display()))
+        .collect();
+    let pids: BTreeSet<u32> = ups.iter().map(Upstream::pid).collect();
+    for proto in ["tcp", "http"] {
+        let n = name("unix-up");
+        let h = lb(&[
+            "--name",
+            &n,
+            "--protocol",
+            proto,
+            "--health-interval",
+            "100ms",
+            "--health-timeout",
+            "200ms",
+            &specs[0],
+            &specs[1],
+        ]);
+        let seen: BTreeSet<u32> = (0..10).map(|_| served_by(&h.get("/").unwrap().1)).collect();
+        assert_eq!(seen, pids, "{proto}: {}", h.log());
+        let status = ok(&herd(&["status", "--name", &n]));
+        for p in &paths {
+            let line = format!("unix:{}: up", p.display());
+            assert!(status.contains(&line), "{proto}: {status}");
+        }
+    }
+    // HTTP health checks over the socket: a stopped server is taken out.
+    let h = lb(&[
+        "--health-path",
+        "/healthz",
+        "--health-interval",
+        "100ms",
+        "--health-timeout",
+        "100ms",
+        "--health-fall",
+        "2",
+        &specs[0],
+        &specs[1],
+    ]);
+    signal(ups[1].pid(), "STOP");
+    let out = format!("upstream unix:{} is unhealthy", paths[1].display());
+    assert!(h.wait_log(&out, T), "{}", h.log());
+    for _ in 0..10 {
+        let (status, body) = h.get("/").unwrap();
+        assert_eq!((status, served_by(&body)), (200, ups[0].pid()));
+    }
+    signal(ups[1].pid(), "CONT");
+    drop(ups);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -674,8 +674,8 @@ options! {
     /// What the proxy speaks: `http` balances per request, `tcp` per connection [default: http].
     #[arg(long, value_enum)]
     protocol: Option<Protocol>,
-    /// A remote backend: ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,backup]
-    /// (repeatable; `upstream = [...]` in the file).
+    /// A remote backend: ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,backup],
+    /// ADDR being HOST:PORT or unix:PATH (repeatable; `upstream = [...]` in the file).
     #[arg(long = "upstream", value_name = "SPEC")]
     #[serde(rename = "upstream")]
     upstreams: Option<Vec<UpstreamSpec>>,
@@ -1040,11 +1040,15 @@ pub struct Settings {
     pub no_node_shim: bool,
 }
 
-/// `--upstream ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,backup]`.
+/// `--upstream ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,backup]`;
+/// ADDR is `HOST:PORT` or `unix:PATH`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSpec {
     pub name: String,
+    /// Unspecified (`0.0.0.0:0`) for one on a Unix socket.
     pub addr: SocketAddr,
+    /// `unix:PATH` (nginx's `server unix:…`): its socket, made absolute.
+    pub unix: Option<PathBuf>,
     pub config: BackendConfig,
     /// `,h2`: it speaks HTTP/2 (h2c, prior knowledge; over TLS, by ALPN).
     pub h2: bool,
@@ -1147,12 +1151,22 @@ impl FromStr for UpstreamSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',').map(str::trim);
-        let name = parts.next().unwrap_or_default().to_string();
-        let addr = name
-            .to_socket_addrs()
-            .map_err(|e| format!("{name:?}: {e} (expected HOST:PORT)"))?
-            .next()
-            .ok_or_else(|| format!("{name:?} resolves to no address"))?;
+        let mut name = parts.next().unwrap_or_default().to_string();
+        let (addr, unix) = match name.strip_prefix("unix:") {
+            Some(path) => {
+                let path = unix_upstream(path).map_err(|why| format!("{name:?}: {why}"))?;
+                name = format!("unix:{}", path.display());
+                (SocketAddr::from(([0, 0, 0, 0], 0)), Some(path))
+            }
+            None => {
+                let addr = name
+                    .to_socket_addrs()
+                    .map_err(|e| format!("{name:?}: {e} (expected HOST:PORT or unix:PATH)"))?
+                    .next()
+                    .ok_or_else(|| format!("{name:?} resolves to no address"))?;
+                (addr, None)
+            }
+        };
         let mut config = BackendConfig::default();
         let (mut h2, mut tls) = (false, false);
         for p in parts {
@@ -1183,14 +1197,37 @@ impl FromStr for UpstreamSpec {
                 }
             }
         }
+        if tls && unix.is_some() {
+            return Err(format!(
+                "{name:?}: tls is for upstreams on a port, not on a Unix socket"
+            ));
+        }
         Ok(UpstreamSpec {
             name,
             addr,
+            unix,
             config,
             h2,
             tls,
         })
     }
+}
+
+/// The socket of a `unix:PATH` upstream, absolute (relative to the
+/// directory herd starts in) and short enough to connect to.
+fn unix_upstream(path: &str) -> Result<PathBuf, String> {
+    if path.is_empty() {
+        return Err("expected unix:PATH".into());
+    }
+    let path = std::path::absolute(path).map_err(|e| e.to_string())?;
+    if path.as_os_str().len() >= crate::os::UNIX_PATH_MAX {
+        return Err(format!(
+            "a Unix socket path is at most 107 bytes ({} is {})",
+            path.display(),
+            path.as_os_str().len()
+        ));
+    }
+    Ok(path)
 }
 
 impl TryFrom<String> for UpstreamSpec {
@@ -2916,5 +2953,24 @@ mod tests {
         assert!("127.0.0.1:1,weight=0".parse::<UpstreamSpec>().is_err());
         assert!("127.0.0.1:1,colour=red".parse::<UpstreamSpec>().is_err());
         assert!("nohost".parse::<UpstreamSpec>().is_err());
+    }
+
+    #[test]
+    fn parses_unix_upstreams() {
+        let u: UpstreamSpec = "unix:/run/app.sock,weight=2,h2".parse().unwrap();
+        assert_eq!(u.unix.as_deref(), Some(Path::new("/run/app.sock")));
+        assert_eq!(u.name, "unix:/run/app.sock");
+        assert!(u.h2 && u.config.weight == 2);
+        // Relative to where herd starts, and named so in logs.
+        let u: UpstreamSpec = "unix:app.sock".parse().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(u.unix, Some(cwd.join("app.sock")));
+        assert_eq!(u.name, format!("unix:{}", cwd.join("app.sock").display()));
+        for bad in ["unix:", "unix:/run/app.sock,tls"] {
+            assert!(bad.parse::<UpstreamSpec>().is_err(), "{bad}");
+        }
+        let long = format!("unix:/{}", "x".repeat(107));
+        let why = long.parse::<UpstreamSpec>().unwrap_err();
+        assert!(why.contains("at most 107 bytes"), "{why}");
     }
 }

@@ -16,6 +16,10 @@ pub mod rundir;
 pub mod sockets;
 pub mod sys;
 
+/// `sun_path`'s size, its closing NUL included: a Unix socket's path is
+/// shorter.
+pub const UNIX_PATH_MAX: usize = 108;
+
 /// Whether `e` is herd's own shortage (descriptors, buffers, memory, local
 /// ports) rather than anything a backend did: a connect failing so says
 /// nothing of the backend's health, as nginx counts no failure for it.

@@ -1312,7 +1312,10 @@ fn to_h2(req: &mut Request<ReqBody>, target: &Target) {
         .headers_mut()
         .remove(header::HOST)
         .and_then(|h| h.to_str().ok().map(str::to_string))
-        .unwrap_or_else(|| target.addr.to_string());
+        .unwrap_or_else(|| match target.unix {
+            Some(_) => "localhost".to_string(),
+            None => target.addr.to_string(),
+        });
     let path = req
         .uri()
         .path_and_query()

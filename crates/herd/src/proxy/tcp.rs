@@ -26,7 +26,7 @@ const MAX_TRIES: usize = 3;
 
 /// A connection to a backend, made for one client.
 struct Opened {
-    upstream: TcpStream,
+    upstream: super::backend::Conn,
     /// Held for the connection's life: it counts as in flight.
     lease: herd_balance::Lease,
     target: Arc<crate::upstream::Target>,
@@ -45,7 +45,7 @@ impl TcpProxy {
         };
         // Both ways; EOF on one side shuts down writing to the other
         // (half-close); returns when both are done.
-        let moved = super::tunnel::relay(&mut client, &mut c.upstream).await;
+        let moved = super::tunnel::relay_to(&mut client, &mut c.upstream).await;
         if let Ok((to_backend, to_client)) = moved {
             let a = &c.target.answers;
             a.bytes_to_backend.fetch_add(to_backend, Relaxed);
@@ -132,23 +132,18 @@ impl TcpProxy {
             };
             tries += 1;
             drop(pool);
-            let connect =
-                tokio::time::timeout(self.connect_timeout, TcpStream::connect(target.addr));
-            match connect.await {
-                Ok(Ok(mut upstream)) => {
+            match super::backend::connect(&target, self.connect_timeout).await {
+                Ok(mut upstream) => {
                     lease.success(self.up.now());
                     target.count_served();
-                    let _ = upstream.set_nodelay(true);
                     // A worker or a local upstream cannot vanish without its
                     // kernel closing the connection; another host can.
-                    if !target.addr.ip().to_canonical().is_loopback() {
-                        let _ = crate::os::listen::probe_idle_peers(&upstream);
-                    }
-                    if !hello.is_empty()
-                        && tokio::io::AsyncWriteExt::write_all(&mut upstream, &hello)
-                            .await
-                            .is_err()
+                    if let super::backend::Conn::Tcp(s) = &upstream
+                        && !target.addr.ip().to_canonical().is_loopback()
                     {
+                        let _ = crate::os::listen::probe_idle_peers(s);
+                    }
+                    if !hello.is_empty() && write_all(&mut upstream, &hello).await.is_err() {
                         return None;
                     }
                     return Some(Opened {
@@ -160,19 +155,24 @@ impl TcpProxy {
                     });
                 }
                 // herd's own shortage: not the backend's failure.
-                Ok(Err(e)) if super::own_shortage(&target.label, &e) => return None,
-                Ok(Err(e)) => {
+                Err(e) if super::own_shortage(&target.label, &e) => return None,
+                Err(e) => {
                     let why = format_args!("cannot connect: {e}");
-                    super::backend_failed(&self.up, &lease, &target.label, &why);
-                }
-                Err(_) => {
-                    let why = format_args!("cannot connect within {:?}", self.connect_timeout);
                     super::backend_failed(&self.up, &lease, &target.label, &why);
                 }
             }
             avoid = Some(lease.backend().clone());
         }
         None
+    }
+}
+
+/// Sends what was read of the client's ClientHello on to the backend.
+async fn write_all(to: &mut super::backend::Conn, b: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    match to {
+        super::backend::Conn::Tcp(s) => s.write_all(b).await,
+        super::backend::Conn::Unix(s) => s.write_all(b).await,
     }
 }
 

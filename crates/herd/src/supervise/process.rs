@@ -34,8 +34,6 @@ use herd_sdk::env as contract;
 
 /// In fd modes a worker that never speaks sd_notify is taken as ready after this.
 const FD_READY_GRACE: Duration = Duration::from_secs(1);
-/// `sun_path`'s size, its closing NUL included.
-const UNIX_PATH_MAX: usize = 108;
 /// Interval of the proxy-mode port probe.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 /// A worker not ready this long after its start is looked at, and again
@@ -200,7 +198,7 @@ impl Supervisor {
             (Some(_), Some(must)) => {
                 let path = self.rundir.workers_path().join(format!("s{slot}.{epoch}"));
                 let _ = std::fs::remove_file(&path);
-                if path.as_os_str().len() >= UNIX_PATH_MAX {
+                if path.as_os_str().len() >= crate::os::UNIX_PATH_MAX {
                     return Err(spawn_err(std::io::Error::other(format!(
                         "the Unix socket path {} is too long (set XDG_RUNTIME_DIR to a shorter directory)",
                         path.display()

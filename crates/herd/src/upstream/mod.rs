@@ -389,7 +389,8 @@ impl Dialect {
         }
     }
 
-    /// An `--upstream`'s: the name is its host, without the port.
+    /// An `--upstream`'s: the name is its host, without the port (one on a
+    /// Unix socket is never `tls`).
     fn of_spec(u: &UpstreamSpec) -> Dialect {
         let host = match u.name.rsplit_once(':') {
             Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
@@ -411,6 +412,7 @@ fn fixed_target(u: &UpstreamSpec) -> Target {
         u.config.clone(),
     )
     .speaking(Dialect::of_spec(u))
+    .on_unix(u.unix.as_deref().map(Arc::from))
 }
 
 impl Upstreams {
@@ -476,6 +478,7 @@ impl Upstreams {
             |t, u| {
                 let d = Dialect::of_spec(u);
                 t.addr == u.addr
+                    && t.unix.as_deref() == u.unix.as_deref()
                     && t.backend.name() == u.name
                     && *t.backend.config() == u.config
                     && t.h2 == d.h2
@@ -760,7 +763,9 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
                     }
                     None => Ok(()),
                 },
-                // (Workers that speak h2c keep their ports: `Settings::worker_unix`.)
+                // (Only `--upstream unix:` ones speak h2c here: workers
+                // that do keep their ports, `Settings::worker_unix`.)
+                Some(path) if t.h2 => Ok(check_h2(s, "localhost", path).await?),
                 Some(path) => Ok(get(s, "localhost", path).await?),
             };
         }
