@@ -819,33 +819,31 @@ S(os.environ["HERD_SOCKET"], H).serve_forever()
 "#;
 
 /// `--worker-socket`: a worker that listens on the Unix socket herd offers
-/// (`HERD_SOCKET`) is proxied there, by default (`auto`) as with `unix`;
-/// `unix` names the port of a worker that listens on one instead; and the
-/// modes with no proxy hop refuse it.
+/// (`HERD_SOCKET`) is proxied there, by default (`auto`) as with `unix`,
+/// and relayed there in TCP mode; `unix` names the port of a worker that
+/// listens on one instead; and the modes with no proxy hop refuse it.
 #[test]
 fn workers_are_proxied_on_the_unix_socket_they_listen_on() {
-    for socket in ["auto", "unix"] {
+    for (socket, proto) in [("auto", "http"), ("unix", "http"), ("auto", "tcp")] {
         let h = Herd::start(
-            &["-i", "2", "--worker-socket", socket],
+            &["-i", "2", "--worker-socket", socket, "--protocol", proto],
             &["python3", "-c", UNIX_SERVER],
         );
         h.wait_ready(2);
+        // (A TCP relay adds no X-Forwarded-For.)
+        let from = if proto == "tcp" { "None" } else { "127.0.0.1" };
         let mut seen = [false; 2];
         assert!(
             wait_until(T, || {
                 let Ok((200, body)) = h.get("/") else {
                     return false;
                 };
-                let id = if body.starts_with("unix 0 127.0.0.1") {
-                    0
-                } else {
-                    1
-                };
-                assert!(body.starts_with(&format!("unix {id} 127.0.0.1")), "{body}");
+                let id = if body.starts_with("unix 0 ") { 0 } else { 1 };
+                assert!(body.starts_with(&format!("unix {id} {from}")), "{body}");
                 seen[id] = true;
                 seen == [true, true]
             }),
-            "{socket}: {}",
+            "{socket} {proto}: {}",
             h.log()
         );
         // Keep-alive through herd, with a new connection to the worker
@@ -869,11 +867,7 @@ fn workers_are_proxied_on_the_unix_socket_they_listen_on() {
         h.log()
     );
     drop(h);
-    for bad in [
-        &["--mode", "shared"][..],
-        &["--protocol", "tcp"],
-        &["--backend-protocol", "h2"],
-    ] {
+    for bad in [&["--mode", "shared"][..], &["--backend-protocol", "h2"]] {
         let out = herd_cmd()
             .args(["run", "--worker-socket", "unix"])
             .args(bad)

@@ -124,9 +124,7 @@ pub enum ConfigError {
     TlsNeedsHttp,
     #[error("--backend-protocol h2 is for proxy mode with --protocol http")]
     H2NeedsHttp,
-    #[error(
-        "--worker-socket unix is for proxy mode with --protocol http and --backend-protocol h1"
-    )]
+    #[error("--worker-socket unix is for proxy mode with --backend-protocol h1")]
     UnixNeedsHttp,
     #[error(
         "--worker-socket unix cannot be used with --user: the workers would own the socket herd connects to"
@@ -1372,13 +1370,11 @@ impl Settings {
     /// Whether workers are given a Unix socket to serve on (`HERD_SOCKET`):
     /// `Some(true)` if they must use it (`--worker-socket unix`),
     /// `Some(false)` if they may (`auto`: the proxy uses it for those that
-    /// listen there). HTTP/1.1 workers in proxy mode only, and not under
-    /// `--user`, whose workers would own the path herd connects to.
+    /// listen there). Proxy mode (HTTP or TCP) with HTTP/1.1 workers only,
+    /// and not under `--user`, whose workers would own the path herd
+    /// connects to.
     pub fn worker_unix(&self) -> Option<bool> {
-        let fits = self.mode == Mode::Proxy
-            && self.protocol == Protocol::Http
-            && !self.workers_h2
-            && self.run_as.is_none();
+        let fits = self.mode == Mode::Proxy && !self.workers_h2 && self.run_as.is_none();
         match self.worker_socket {
             WorkerSocket::Tcp => None,
             _ if !fits => None,
@@ -1450,9 +1446,7 @@ impl Settings {
         }
         let worker_socket = o.worker_socket.unwrap_or(WorkerSocket::Auto);
         if worker_socket == WorkerSocket::Unix
-            && (o.mode.is_some_and(|m| m != Mode::Proxy)
-                || o.protocol == Some(Protocol::Tcp)
-                || workers_h2)
+            && (o.mode.is_some_and(|m| m != Mode::Proxy) || workers_h2)
         {
             return Err(ConfigError::UnixNeedsHttp);
         }
