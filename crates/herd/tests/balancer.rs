@@ -17,6 +17,8 @@ const T: Duration = Duration::from_secs(20);
 struct Upstream {
     child: Child,
     port: u16,
+    /// Where it serves instead of a port, if on a Unix socket.
+    unix: Option<std::path::PathBuf>,
 }
 
 impl Upstream {
@@ -31,7 +33,11 @@ impl Upstream {
             .spawn()
             .unwrap();
         assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", port)).is_ok()));
-        Upstream { child, port }
+        Upstream {
+            child,
+            port,
+            unix: None,
+        }
     }
 
     /// One serving on the Unix socket at `path` (herd-demo listens on
@@ -46,15 +52,27 @@ impl Upstream {
             .unwrap();
         let up = std::os::unix::net::UnixStream::connect;
         assert!(wait_until(T, || up(path).is_ok()));
-        Upstream { child, port: 0 }
+        Upstream {
+            child,
+            port: 0,
+            unix: Some(path.to_path_buf()),
+        }
     }
 
     fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// Its address as `--upstream` takes it and logs show it.
+    fn addr(&self) -> String {
+        match &self.unix {
+            Some(p) => format!("unix:{}", p.display()),
+            None => format!("127.0.0.1:{}", self.port),
+        }
+    }
+
     fn spec(&self, params: &str) -> String {
-        format!("--upstream=127.0.0.1:{}{params}", self.port)
+        format!("--upstream={}{params}", self.addr())
     }
 }
 
@@ -176,19 +194,20 @@ fn least_conn_and_ewma_steer_away_from_a_slow_backend() {
     assert!((0.4..=0.6).contains(&share), "round-robin gave {share}");
 }
 
-/// `--upstream unix:PATH` (nginx's `server unix:`): requests and TCP-mode
-/// connections reach servers on Unix sockets, health checks look at them
-/// there, and logs and `herd status` name them by path.
-#[test]
-fn upstreams_on_unix_sockets_are_balanced_and_checked() {
-    let dir = std::env::temp_dir().join(name("unix-up"));
+/// A fresh directory for Unix sockets, under the system's temporary one.
+fn socket_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(name(tag));
     std::fs::create_dir_all(&dir).unwrap();
-    let paths = [dir.join("a.sock"), dir.join("b.sock")];
-    let ups: Vec<_> = paths.iter().map(|p| Upstream::on_unix(p)).collect();
-    let specs: Vec<String> = paths
-        .iter()
-        .map(|p| format!("--upstream=unix:{}", p.display()))
-        .collect();
+    dir
+}
+
+/// `--upstream unix:PATH` (nginx's `server unix:`): requests and TCP-mode
+/// connections reach servers on Unix sockets, and `herd status` names them
+/// by path (health checks there: the next test).
+#[test]
+fn upstreams_on_unix_sockets_are_balanced() {
+    let dir = socket_dir("unix-up");
+    let ups = [dir.join("a.sock"), dir.join("b.sock")].map(|p| Upstream::on_unix(&p));
     let pids: BTreeSet<u32> = ups.iter().map(Upstream::pid).collect();
     for proto in ["tcp", "http"] {
         let n = name("unix-up");
@@ -197,79 +216,64 @@ fn upstreams_on_unix_sockets_are_balanced_and_checked() {
             &n,
             "--protocol",
             proto,
-            "--health-interval",
-            "100ms",
-            "--health-timeout",
-            "200ms",
-            &specs[0],
-            &specs[1],
+            &ups[0].spec(""),
+            &ups[1].spec(""),
         ]);
         let seen: BTreeSet<u32> = (0..10).map(|_| served_by(&h.get("/").unwrap().1)).collect();
         assert_eq!(seen, pids, "{proto}: {}", h.log());
         let status = ok(&herd(&["status", "--name", &n]));
-        for p in &paths {
-            let line = format!("unix:{}: up", p.display());
+        for u in &ups {
+            let line = format!("{}: up", u.addr());
             assert!(status.contains(&line), "{proto}: {status}");
         }
     }
-    // HTTP health checks over the socket: a stopped server is taken out.
-    let h = lb(&[
-        "--health-path",
-        "/healthz",
-        "--health-interval",
-        "100ms",
-        "--health-timeout",
-        "100ms",
-        "--health-fall",
-        "2",
-        &specs[0],
-        &specs[1],
-    ]);
-    signal(ups[1].pid(), "STOP");
-    let out = format!("upstream unix:{} is unhealthy", paths[1].display());
-    assert!(h.wait_log(&out, T), "{}", h.log());
-    for _ in 0..10 {
-        let (status, body) = h.get("/").unwrap();
-        assert_eq!((status, served_by(&body)), (200, ups[0].pid()));
-    }
-    signal(ups[1].pid(), "CONT");
     drop(ups);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Health checks take a stopped backend out and bring it back, on a port
+/// or on a Unix socket (`--upstream unix:PATH`).
 #[test]
 fn health_checks_take_a_backend_out_and_bring_it_back() {
-    let ups: Vec<_> = (0..2).map(|_| Upstream::start(&[])).collect();
-    let h = lb(&[
-        "--health-path",
-        "/healthz",
-        "--health-interval",
-        "100ms",
-        "--health-timeout",
-        "100ms",
-        "--health-fall",
-        "2",
-        "--health-rise",
-        "2",
-        &ups[0].spec(""),
-        &ups[1].spec(""),
-    ]);
-    signal(ups[1].pid(), "STOP"); // alive, accepting into its backlog, never answering
-    let out = format!("upstream 127.0.0.1:{} is unhealthy", ups[1].port);
-    assert!(h.wait_log(&out, T), "{}", h.log());
-    for _ in 0..20 {
-        let (status, body) = h.get("/").unwrap();
-        assert_eq!(status, 200);
-        assert_eq!(served_by(&body), ups[0].pid());
+    let dir = socket_dir("health");
+    let on_ports: Vec<_> = (0..2).map(|_| Upstream::start(&[])).collect();
+    let on_sockets: Vec<_> = ["a.sock", "b.sock"]
+        .iter()
+        .map(|f| Upstream::on_unix(&dir.join(f)))
+        .collect();
+    for ups in [on_ports, on_sockets] {
+        let h = lb(&[
+            "--health-path",
+            "/healthz",
+            "--health-interval",
+            "100ms",
+            "--health-timeout",
+            "100ms",
+            "--health-fall",
+            "2",
+            "--health-rise",
+            "2",
+            &ups[0].spec(""),
+            &ups[1].spec(""),
+        ]);
+        signal(ups[1].pid(), "STOP"); // alive, accepting into its backlog, never answering
+        let out = format!("upstream {} is unhealthy", ups[1].addr());
+        assert!(h.wait_log(&out, T), "{}", h.log());
+        for _ in 0..20 {
+            let (status, body) = h.get("/").unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(served_by(&body), ups[0].pid());
+        }
+        signal(ups[1].pid(), "CONT");
+        let back = format!("upstream {} is healthy again", ups[1].addr());
+        assert!(h.wait_log(&back, T), "{}", h.log());
+        let seen: BTreeSet<_> = (0..10).map(|_| served_by(&h.get("/").unwrap().1)).collect();
+        assert!(
+            seen.contains(&ups[1].pid()),
+            "the backend did not get traffic back"
+        );
     }
-    signal(ups[1].pid(), "CONT");
-    let back = format!("upstream 127.0.0.1:{} is healthy again", ups[1].port);
-    assert!(h.wait_log(&back, T), "{}", h.log());
-    let seen: BTreeSet<_> = (0..10).map(|_| served_by(&h.get("/").unwrap().1)).collect();
-    assert!(
-        seen.contains(&ups[1].pid()),
-        "the backend did not get traffic back"
-    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A reload reads the config file's upstreams again, as nginx's reload

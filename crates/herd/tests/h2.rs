@@ -102,6 +102,54 @@ fn h2c_workers_and_upstreams_serve_http1_h2c_and_are_health_checked_over_http2()
     assert!(body.starts_with("HTTP/2.0 worker up"), "{body}");
 }
 
+/// An h2c upstream on a Unix socket (`--upstream unix:PATH,h2`): reached
+/// over HTTP/2 there, and health-checked over HTTP/2 (a 404 takes it out).
+#[test]
+fn an_h2c_upstream_on_a_unix_socket_is_served_and_checked_over_http2() {
+    let dir = std::env::temp_dir().join(name("h2-unix"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("h2.sock");
+    let js = "require('node:http2').createServer((q, s) => { \
+              if (q.url === '/missing') { s.statusCode = 404; return s.end(); } \
+              s.end(`HTTP/${q.httpVersion} on unix\\n`); }).listen(process.argv[1]);";
+    let _node = Killed(
+        Command::new("node")
+            .args(["-e", js])
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(T, || std::os::unix::net::UnixStream::connect(
+        &sock
+    )
+    .is_ok()));
+    let spec = format!("--upstream=unix:{},h2", sock.display());
+    let h = Herd::start(&[&spec], &[]);
+    assert!(h.wait_log("listening on", T), "{}", h.log());
+    let url = format!("http://127.0.0.1:{}/", h.port);
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let body = curl(&[version, &url]);
+        assert!(body.starts_with("HTTP/2.0 on unix"), "{version}: {body}");
+    }
+    let checked = Herd::start(
+        &[
+            &spec,
+            "--health-path",
+            "/missing",
+            "--health-interval",
+            "200ms",
+        ],
+        &[],
+    );
+    assert!(
+        checked.wait_log("GET /missing answered 404", T),
+        "{}",
+        checked.log()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// An h2 upstream added by a reload (the config file's list read again):
 /// HTTP/1.1 clients, served until then by herd's own engine, which speaks
 /// neither HTTP/2 nor TLS to backends, reach it on their next connection.
