@@ -125,8 +125,8 @@ pub fn listener(fallback_port: u16) -> Result<TcpListener, Error> {
     TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })
 }
 
-/// The Unix socket to serve on instead, when herd asks for one (proxy mode
-/// with `--worker-socket unix`, `HERD_SOCKET`): `None` otherwise. Try it
+/// The Unix socket to serve on instead, when herd offers one (proxy mode,
+/// `HERD_SOCKET`; unless `--worker-socket tcp`): `None` otherwise. Try it
 /// before [`listener`]; a worker that serves there skips the loopback TCP
 /// path between herd and itself.
 pub fn unix_listener() -> Result<Option<std::os::unix::net::UnixListener>, Error> {

@@ -747,51 +747,32 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
                 Failure::Backend(e.to_string())
             }
         };
-        if let Some(unix) = &t.unix {
-            let s = tokio::net::UnixStream::connect(unix)
-                .await
-                .map_err(refused)?;
-            return match &cfg.path {
-                None => match t.pid {
-                    Some(pid) => {
-                        use std::os::fd::AsFd;
-                        let look = || crate::os::diag::unix_server_end(s.as_fd());
-                        let window = cfg.timeout.mul_f64(0.9);
-                        accepted_within(look, t, pid, progress, started, window)
-                            .await
-                            .map_err(Failure::Stuck)
-                    }
-                    None => Ok(()),
-                },
-                // (Only `--upstream unix:` ones speak h2c here: workers
-                // that do keep their ports, `Settings::worker_unix`.)
-                Some(path) if t.h2 => Ok(check_h2(s, "localhost", path).await?),
-                Some(path) => Ok(get(s, "localhost", path).await?),
-            };
-        }
-        let s = TcpStream::connect(t.addr).await.map_err(refused)?;
-        let Some(path) = &cfg.path else {
-            if let Some(pid) = t.pid {
-                let window = cfg.timeout.mul_f64(0.9);
-                let Ok(ours) = s.local_addr() else {
-                    return Ok(());
-                };
-                let look = || crate::os::diag::server_end(ours, t.addr);
-                return accepted_within(look, t, pid, progress, started, window)
-                    .await
-                    .map_err(Failure::Stuck);
-            }
-            return Ok(());
+        let on = Checked {
+            t,
+            cfg,
+            progress,
+            started,
         };
-        if t.tls.is_some() {
-            // (A TLS backend's check is the connect; `--health-path` is not sent.)
-            return Ok(());
+        match &t.unix {
+            Some(unix) => {
+                let s = tokio::net::UnixStream::connect(unix)
+                    .await
+                    .map_err(refused)?;
+                let look = |s: &tokio::net::UnixStream| {
+                    use std::os::fd::AsFd;
+                    crate::os::diag::unix_server_end(s.as_fd())
+                };
+                on.connection(s, look, "localhost").await
+            }
+            None => {
+                let s = TcpStream::connect(t.addr).await.map_err(refused)?;
+                let look = |s: &TcpStream| match s.local_addr() {
+                    Ok(ours) => crate::os::diag::server_end(ours, t.addr),
+                    Err(_) => Ok(None),
+                };
+                on.connection(s, look, &t.addr.to_string()).await
+            }
         }
-        let host = t.addr.to_string();
-        if t.h2 {
-            return Ok(check_h2(s, &host, path).await?);
-        }
-        Ok(get(s, &host, path).await?)
     };
     tokio::time::timeout(cfg.timeout, work)
         .await
@@ -864,6 +845,50 @@ async fn accepted_within(
     Err(format!(
         "accepted no connection and answered nothing for {window:?}: stopped or stuck"
     ))
+}
+
+/// One health check of `t`, and when it began.
+struct Checked<'a> {
+    t: &'a Target,
+    cfg: &'a HealthConfig,
+    /// [`Target::progress`] when the last check began.
+    progress: u64,
+    started: tokio::time::Instant,
+}
+
+impl Checked<'_> {
+    /// The check on a connection made to the target (TCP or Unix): with no
+    /// `--health-path`, that a worker accepts it (`look` reads the server's
+    /// end from the socket table); else `GET PATH` as `host`, over HTTP/2
+    /// for an h2 target. A TLS target's check is the connect.
+    async fn connection<S>(
+        &self,
+        s: S,
+        look: impl Fn(&S) -> Result<Option<crate::os::diag::ServerEnd>, crate::os::diag::DiagError>,
+        host: &str,
+    ) -> Result<(), Failure>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (t, cfg) = (self.t, self.cfg);
+        let Some(path) = &cfg.path else {
+            let Some(pid) = t.pid else {
+                return Ok(());
+            };
+            let window = cfg.timeout.mul_f64(0.9);
+            return accepted_within(|| look(&s), t, pid, self.progress, self.started, window)
+                .await
+                .map_err(Failure::Stuck);
+        };
+        if t.tls.is_some() {
+            // (`--health-path` is not sent.)
+            return Ok(());
+        }
+        if t.h2 {
+            return Ok(check_h2(s, host, path).await?);
+        }
+        Ok(get(s, host, path).await?)
+    }
 }
 
 /// `GET PATH` to an h2c backend.
