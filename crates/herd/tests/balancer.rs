@@ -231,6 +231,61 @@ fn upstreams_on_unix_sockets_are_balanced() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A server on a Unix socket whose accept queue is full is waited for, as
+/// over TCP, not failed: a full Unix queue refuses a connect at once
+/// (`EAGAIN`), where TCP drops the SYN and the client waits.
+#[test]
+fn a_full_unix_accept_queue_is_waited_for() {
+    // One connection at a time, 50 ms each, and room for one more in its queue.
+    let app = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)
+while True:
+    c = s.accept()[0]
+    d = b""
+    while b"\r\n\r\n" not in d:
+        x = c.recv(4096)
+        if not x: break
+        d += x
+    time.sleep(0.05)
+    try: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    except OSError: pass
+    c.close()
+"#;
+    let dir = socket_dir("full-queue");
+    let path = dir.join("app.sock");
+    let server = Upstream {
+        child: Command::new("python3")
+            .args(["-c", app, s(&path)])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3"),
+        port: 0,
+        unix: Some(path.clone()),
+    };
+    let up = std::os::unix::net::UnixStream::connect;
+    assert!(wait_until(T, || up(&path).is_ok()));
+    for proto in ["http", "tcp"] {
+        let spec = server.spec("");
+        let h = lb(&["--protocol", proto, "--health-interval", "0", &spec]);
+        let port = h.port;
+        let clients: Vec<_> = (0..8)
+            .map(|_| std::thread::spawn(move || http_get(port, "/")))
+            .collect();
+        for c in clients {
+            let got = c.join().unwrap();
+            assert!(
+                matches!(&got, Ok((200, b)) if b == "ok"),
+                "{proto}: {got:?}\n{}",
+                h.log()
+            );
+        }
+        assert!(!h.log().contains("cannot connect"), "{proto}: {}", h.log());
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Health checks take a stopped backend out and bring it back, on a port
 /// or on a Unix socket (`--upstream unix:PATH`).
 #[test]

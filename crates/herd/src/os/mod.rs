@@ -29,3 +29,33 @@ pub fn short_of_resources(e: &std::io::Error) -> bool {
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
     )
 }
+
+/// The longest pause between two tries of [`connect_unix`].
+const FULL_QUEUE_PAUSE: std::time::Duration = std::time::Duration::from_millis(32);
+
+/// Connects to the Unix socket at `path`, waiting while its accept queue
+/// is full; the caller bounds the wait with its connect time-out.
+///
+/// A Unix listener whose queue is full refuses a non-blocking connect at
+/// once (`EAGAIN`), where a TCP one drops the SYN and the client waits. So
+/// a burst onto a busy server with a small backlog would fail as if the
+/// server were down (nginx's "Resource temporarily unavailable" 502s in
+/// front of php-fpm). Tried again instead, after 1 ms doubling to 32 ms:
+/// a busy server queues its clients as over TCP. `full` is set when the
+/// queue was found full, for the time-out's message.
+pub async fn connect_unix(
+    path: &std::path::Path,
+    full: &mut bool,
+) -> std::io::Result<tokio::net::UnixStream> {
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match tokio::net::UnixStream::connect(path).await {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                *full = true;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(FULL_QUEUE_PAUSE);
+            }
+            done => return done,
+        }
+    }
+}

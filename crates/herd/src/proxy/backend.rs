@@ -22,9 +22,12 @@ pub enum Conn {
 
 /// Connects to `t` (its Unix socket if it has one), within `timeout`.
 pub async fn connect(t: &Target, timeout: Duration) -> io::Result<Conn> {
+    let mut full = false;
     let work = async {
         match &t.unix {
-            Some(path) => UnixStream::connect(path).await.map(Conn::Unix),
+            Some(path) => crate::os::connect_unix(path, &mut full)
+                .await
+                .map(Conn::Unix),
             None => {
                 let s = TcpStream::connect(t.addr).await?;
                 let _ = s.set_nodelay(true);
@@ -32,10 +35,16 @@ pub async fn connect(t: &Target, timeout: Duration) -> io::Result<Conn> {
             }
         }
     };
-    tokio::time::timeout(timeout, work).await.map_err(|_| {
+    let done = tokio::time::timeout(timeout, work).await;
+    done.map_err(|_| {
+        let why = if full {
+            " (its accept queue stayed full)"
+        } else {
+            ""
+        };
         io::Error::new(
             io::ErrorKind::TimedOut,
-            format!("connect timed out after {timeout:?}"),
+            format!("connect timed out after {timeout:?}{why}"),
         )
     })?
 }

@@ -1549,7 +1549,7 @@ impl AsyncWrite for Wire {
 async fn open(target: &Target, timeout: Duration, tls: &ClientTls) -> Result<Wire, ConnectError> {
     let work = async {
         if let Some(path) = &target.unix {
-            let s = tokio::net::UnixStream::connect(path).await?;
+            let s = crate::os::connect_unix(path, &mut false).await?;
             return Ok(Wire::new(WireIo::Unix(s), target));
         }
         let stream = TcpStream::connect(target.addr).await?;

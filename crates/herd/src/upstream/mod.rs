@@ -755,7 +755,7 @@ async fn check(t: &Target, cfg: &HealthConfig) -> Result<(), Failure> {
         };
         match &t.unix {
             Some(unix) => {
-                let s = tokio::net::UnixStream::connect(unix)
+                let s = crate::os::connect_unix(unix, &mut false)
                     .await
                     .map_err(refused)?;
                 let look = |s: &tokio::net::UnixStream| {
