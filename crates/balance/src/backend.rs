@@ -32,6 +32,10 @@ pub struct BackendConfig {
     pub backup: bool,
     /// How fast the response-time estimate forgets (peak-EWMA time constant).
     pub ewma_decay: Nanos,
+    /// The most leases it holds at once (nginx's `max_conns`, HAProxy's
+    /// server `maxconn`); a full backend is skipped like a draining one.
+    /// 0: no limit.
+    pub max_conns: u32,
 }
 
 impl Default for BackendConfig {
@@ -43,6 +47,7 @@ impl Default for BackendConfig {
             fail_timeout: 10_000_000_000,
             backup: false,
             ewma_decay: 10_000_000_000,
+            max_conns: 0,
         }
     }
 }
@@ -104,7 +109,7 @@ impl Backend {
     pub fn available(&self, now: Nanos) -> bool {
         let s = self.status.load(Relaxed);
         if s == 0 {
-            return true;
+            return !self.is_full();
         }
         if s & (DRAINING | UNHEALTHY | BUSY) != 0 {
             return false;
@@ -117,7 +122,20 @@ impl Backend {
     /// takes the only server of a group out; see [`crate::Balancer`].)
     #[inline]
     pub fn usable_despite_failures(&self) -> bool {
-        self.status.load(Relaxed) & (DRAINING | UNHEALTHY | BUSY) == 0
+        self.status.load(Relaxed) & (DRAINING | UNHEALTHY | BUSY) == 0 && !self.is_full()
+    }
+
+    /// Whether it holds its `max_conns` leases (never without a limit).
+    #[inline]
+    pub fn is_full(&self) -> bool {
+        self.cfg.max_conns != 0 && self.in_flight.load(Relaxed) >= self.cfg.max_conns
+    }
+
+    /// Whether it holds more than its `max_conns` leases: two picks on two
+    /// threads both saw room for one. The later gives its lease back.
+    #[inline]
+    pub(crate) fn over_limit(&self) -> bool {
+        self.cfg.max_conns != 0 && self.in_flight.load(Relaxed) > self.cfg.max_conns
     }
 
     /// Draining backends get no new picks; leases already taken run on.

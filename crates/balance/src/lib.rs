@@ -4,8 +4,9 @@
 //! pick — shared by herd's proxy and by Rust services balancing their own
 //! outgoing calls across remote nodes (see `examples/rpc_client.rs`).
 //!
-//! - [`Backend`]: state that outlives pool changes (in-flight, passive
-//!   health, draining, response-time estimate), behind `Arc`.
+//! - [`Backend`]: state that outlives pool changes (in-flight and its
+//!   `max_conns` limit, passive health, draining, response-time estimate),
+//!   behind `Arc`.
 //! - [`Strategy`]: how one backend is chosen; small types, one per strategy.
 //! - [`Balancer`]: a backend list plus a strategy, with nginx-style backups.
 //!
@@ -154,6 +155,10 @@ pub enum PickError {
     Empty,
     #[error("every backend is down or draining")]
     AllDown,
+    /// Some backend would take the work but holds its `max_conns`: worth
+    /// waiting for (HAProxy queues such requests), unlike [`AllDown`](Self::AllDown).
+    #[error("every backend that is up holds its max_conns")]
+    Full,
 }
 
 /// A backend list with its strategy. Rebuild it when the list changes; the
@@ -207,6 +212,22 @@ impl Balancer {
     /// Like [`Balancer::pick`], avoiding `avoid` (the backend that just
     /// failed, on a retry) unless it is the only one available.
     pub fn pick_except(&self, ctx: &Ctx<'_>, avoid: Option<&Backend>) -> Result<Lease, PickError> {
+        let lease = self.pick_any(ctx, avoid);
+        match lease {
+            // A race with another thread's pick took the last place.
+            Ok(l) if l.backend().over_limit() => Err(PickError::Full),
+            Err(PickError::AllDown) if self.full() => Err(PickError::Full),
+            other => other,
+        }
+    }
+
+    /// Whether a backend is up but for its `max_conns`.
+    fn full(&self) -> bool {
+        let full = |b: &Arc<Backend>| b.is_full() && !b.is_draining() && b.is_healthy();
+        self.primaries.iter().chain(&self.backups).any(full)
+    }
+
+    fn pick_any(&self, ctx: &Ctx<'_>, avoid: Option<&Backend>) -> Result<Lease, PickError> {
         if self.is_empty() {
             return Err(PickError::Empty);
         }
@@ -292,6 +313,56 @@ mod tests {
         assert!("hash:header:".parse::<StrategyKind>().is_err());
         assert!("hash:body:x".parse::<StrategyKind>().is_err());
         assert!("fastest".parse::<StrategyKind>().is_err());
+    }
+
+    /// `max_conns`: a full backend is skipped by every strategy, even the
+    /// lone one; with all full the pick says `Full` (worth a wait), and a
+    /// lease given back makes room.
+    #[test]
+    fn max_conns_skips_a_full_backend_and_says_full() {
+        let limited = |n: usize| -> Vec<Arc<Backend>> {
+            (0..n)
+                .map(|i| {
+                    let cfg = BackendConfig {
+                        max_conns: 2,
+                        ..Default::default()
+                    };
+                    Arc::new(Backend::new(format!("10.0.0.{i}:80"), cfg))
+                })
+                .collect()
+        };
+        for kind in [
+            "round-robin",
+            "weighted",
+            "least-conn",
+            "random2",
+            "ewma",
+            "ip-hash",
+        ] {
+            let bs = limited(2);
+            let b = Balancer::new(kind.parse().unwrap(), bs.clone());
+            let ctx = Ctx {
+                key: Some(b"k"),
+                ..Ctx::default()
+            };
+            let held: Vec<Lease> = (0..4).map(|_| b.pick(&ctx).unwrap()).collect();
+            assert_eq!((bs[0].in_flight(), bs[1].in_flight()), (2, 2), "{kind}");
+            assert_eq!(b.pick(&ctx).unwrap_err(), PickError::Full, "{kind}");
+            drop(held);
+            assert!(b.pick(&ctx).is_ok(), "{kind}");
+        }
+        // The lone backend too, which passive health never takes out.
+        let bs = limited(1);
+        let b = Balancer::new(StrategyKind::RoundRobin, bs.clone());
+        let held = (
+            b.pick(&Ctx::default()).unwrap(),
+            b.pick(&Ctx::default()).unwrap(),
+        );
+        assert_eq!(b.pick(&Ctx::default()).unwrap_err(), PickError::Full);
+        // Draining is not a wait: the backend is leaving.
+        bs[0].set_draining(true);
+        assert_eq!(b.pick(&Ctx::default()).unwrap_err(), PickError::AllDown);
+        drop(held);
     }
 
     #[test]

@@ -286,6 +286,106 @@ while True:
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `max_conns=N` (nginx's server parameter, HAProxy's server `maxconn`):
+/// a backend holds at most N requests (HTTP) or connections (TCP) at once;
+/// the rest wait for room, up to `--connect-timeout`, then get a 503.
+#[test]
+fn max_conns_queues_requests_then_answers_503() {
+    let ups: Vec<_> = (0..2).map(|_| Upstream::start(&[])).collect();
+    let pids: BTreeSet<u32> = ups.iter().map(Upstream::pid).collect();
+    // Six 300 ms requests at once, one at a time per backend: three rounds.
+    let at_once = |port: u16, n: usize, path: &'static str| {
+        let clients: Vec<_> = (0..n)
+            .map(|_| std::thread::spawn(move || http_get(port, path)))
+            .collect();
+        clients
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .collect::<Vec<_>>()
+    };
+    for proto in ["http", "tcp"] {
+        let h = lb(&[
+            "--protocol",
+            proto,
+            "--health-interval",
+            "0",
+            &ups[0].spec(",max_conns=1"),
+            &ups[1].spec(",max_conns=1"),
+        ]);
+        let start = Instant::now();
+        let got = at_once(h.port, 6, "/slow?ms=300");
+        let took = start.elapsed();
+        let mut per = BTreeMap::new();
+        for g in &got {
+            let (status, body) = g.as_ref().unwrap();
+            assert_eq!(*status, 200, "{proto}: {body}");
+            *per.entry(served_by(body)).or_insert(0) += 1;
+        }
+        assert_eq!(
+            per.keys().copied().collect::<BTreeSet<_>>(),
+            pids,
+            "{proto}"
+        );
+        assert!(
+            took >= Duration::from_millis(900),
+            "{proto}: six answers in {took:?}, so more than one at a time somewhere"
+        );
+    }
+    // Past --connect-timeout in the queue: 503 (HTTP), a closed connection (TCP).
+    let n = name("max-conns");
+    let h = lb(&[
+        "--name",
+        &n,
+        "--connect-timeout",
+        "300ms",
+        "--health-interval",
+        "0",
+        &ups[0].spec(",max_conns=1"),
+    ]);
+    let mut got: Vec<_> = at_once(h.port, 2, "/slow?ms=1500")
+        .into_iter()
+        .map(|g| g.unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(got[0].0, 200, "{got:?}");
+    assert_eq!(
+        got[1],
+        (503, "every backend is at its max_conns\n".into()),
+        "{got:?}"
+    );
+    // Room again once the first is answered.
+    assert_eq!(h.get("/").unwrap().0, 200);
+    let status = ok(&herd(&["status", "--name", &n]));
+    assert!(status.contains("in flight (max_conns 1)"), "{status}");
+
+    // Workers: --worker-max-conns; four 300 ms requests on two workers.
+    let h = Herd::start(&["-i", "2", "--worker-max-conns", "1"], &[DEMO]);
+    h.wait_ready(2);
+    let start = Instant::now();
+    for g in at_once(h.port, 4, "/slow?ms=300") {
+        assert_eq!(g.unwrap().0, 200);
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(600),
+        "four answers in {took:?}"
+    );
+    let (code, err) = run_fail(&[
+        "run",
+        "--mode",
+        "shared",
+        "--worker-max-conns",
+        "1",
+        "--",
+        DEMO,
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--worker-max-conns needs --mode proxy"),
+        "{err}"
+    );
+}
+
 /// Health checks take a stopped backend out and bring it back, on a port
 /// or on a Unix socket (`--upstream unix:PATH`).
 #[test]

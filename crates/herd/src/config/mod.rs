@@ -672,7 +672,7 @@ options! {
     /// What the proxy speaks: `http` balances per request, `tcp` per connection [default: http].
     #[arg(long, value_enum)]
     protocol: Option<Protocol>,
-    /// A remote backend: ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,backup],
+    /// A remote backend: ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,max_conns=N][,backup],
     /// ADDR being HOST:PORT or unix:PATH (repeatable; `upstream = [...]` in the file).
     #[arg(long = "upstream", value_name = "SPEC")]
     #[serde(rename = "upstream")]
@@ -739,6 +739,11 @@ options! {
     /// Node preload and herd-sdk do), else the port [default: auto].
     #[arg(long, value_enum, value_name = "KIND")]
     worker_socket: Option<WorkerSocket>,
+    /// Proxy mode: the most requests (connections with --protocol tcp) each
+    /// worker holds at once, as an upstream's max_conns; the others wait for
+    /// room up to --connect-timeout, then get a 503 [default: no limit].
+    #[arg(long, value_name = "N")]
+    worker_max_conns: Option<u32>,
     /// Redis for messages across hosts (redis://[:PASSWORD@]HOST[:PORT][/DB]): the
     /// workers of clusters of this name on every host share broadcasts and `send HOST/ID`.
     #[arg(long, value_name = "URL")]
@@ -987,6 +992,8 @@ pub struct Settings {
     pub workers_h2: bool,
     /// `--worker-socket`: how the proxy reaches its workers.
     pub worker_socket: WorkerSocket,
+    /// `--worker-max-conns`: each worker's `max_conns` (0: no limit).
+    pub worker_max_conns: u32,
     /// `--upstream-ca`, absolute.
     pub upstream_ca: Option<PathBuf>,
     /// `--upstream-crl`, absolute.
@@ -1038,7 +1045,7 @@ pub struct Settings {
     pub no_node_shim: bool,
 }
 
-/// `--upstream ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,backup]`;
+/// `--upstream ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,max_conns=N][,backup]`;
 /// ADDR is `HOST:PORT` or `unix:PATH`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSpec {
@@ -1181,6 +1188,7 @@ impl FromStr for UpstreamSpec {
                     }
                 }
                 "max_fails" => config.max_fails = num()?,
+                "max_conns" => config.max_conns = num()?,
                 "fail_timeout" => {
                     let d: Dur = v.parse()?;
                     config.fail_timeout = d.0.as_nanos() as u64;
@@ -1190,7 +1198,7 @@ impl FromStr for UpstreamSpec {
                 "tls" if v.is_empty() => tls = true,
                 _ => {
                     return Err(format!(
-                        "unknown upstream parameter {p:?} (weight=N, max_fails=N, fail_timeout=DUR, backup, h2, tls)"
+                        "unknown upstream parameter {p:?} (weight=N, max_fails=N, fail_timeout=DUR, max_conns=N, backup, h2, tls)"
                     ));
                 }
             }
@@ -1547,6 +1555,9 @@ impl Settings {
             if protocol.is_some() {
                 return Err(ConfigError::NeedsProxy("--protocol"));
             }
+            if o.worker_max_conns.is_some() {
+                return Err(ConfigError::NeedsProxy("--worker-max-conns"));
+            }
         }
         let cwd = o.cwd;
         if let Some(dir) = &cwd
@@ -1693,6 +1704,7 @@ impl Settings {
             tls,
             workers_h2,
             worker_socket,
+            worker_max_conns: o.worker_max_conns.unwrap_or(0),
             upstream_ca: o.upstream_ca.map(|p| std::path::absolute(&p).unwrap_or(p)),
             upstream_crl: o.upstream_crl.map(|p| std::path::absolute(&p).unwrap_or(p)),
             upstream_client,
@@ -2936,9 +2948,11 @@ mod tests {
 
     #[test]
     fn parses_upstream_specs() {
-        let u: UpstreamSpec = "127.0.0.1:8080,weight=3,max_fails=2,fail_timeout=30s,backup"
-            .parse()
-            .unwrap();
+        let u: UpstreamSpec =
+            "127.0.0.1:8080,weight=3,max_fails=2,fail_timeout=30s,max_conns=8,backup"
+                .parse()
+                .unwrap();
+        assert_eq!(u.config.max_conns, 8);
         assert_eq!(u.addr, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(u.config.weight, 3);
         assert_eq!(u.config.max_fails, 2);

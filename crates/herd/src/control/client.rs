@@ -677,8 +677,12 @@ fn table(name: &str, v: &Status) {
         );
     }
     for u in &v.upstreams {
+        let limit = match u.max_conns {
+            0 => String::new(),
+            n => format!(" (max_conns {n})"),
+        };
         crate::outln!(
-            "{}: {}, {} in flight, {} requests",
+            "{}: {}, {} in flight{limit}, {} requests",
             u.name,
             match (u.healthy, u.taken_out) {
                 (false, _) => "down",

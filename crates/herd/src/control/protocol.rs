@@ -269,6 +269,9 @@ pub struct UpstreamRow {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub taken_out: bool,
     pub in_flight: u32,
+    /// Its `max_conns` (0: no limit).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_conns: u32,
     /// Requests (HTTP) or connections (TCP) it was given.
     pub requests: u64,
 }

@@ -550,6 +550,7 @@ async fn exchange(
     let mut stale_retries = 0;
     let mut skip_pool = req.upgrade;
     let mut replace_by = None;
+    let mut queued = super::Queued::default();
     'attempt: loop {
         if tries >= MAX_TRIES {
             note(p, &logged, last.0, 0, None, tries);
@@ -564,8 +565,14 @@ async fn exchange(
             p.up.retries
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        let picked = loop {
+            match p.pick(key.as_ref(), split.as_ref(), avoid.as_deref()) {
+                Err(herd_balance::PickError::Full) if queued.wait(p.cfg.connect_timeout).await => {}
+                picked => break picked,
+            }
+        };
         let started = p.up.now();
-        let (lease, target, stats) = match p.pick(key.as_ref(), split.as_ref(), avoid.as_deref()) {
+        let (lease, target, stats) = match picked {
             // Back to the worker that just failed, as the only one left.
             Ok(x)
                 if crate::upstream::Upstreams::came_back(&avoid, x.lease.backend())
@@ -575,6 +582,11 @@ async fn exchange(
                 continue 'attempt;
             }
             Ok(x) => (x.lease, x.target, x.stats),
+            Err(herd_balance::PickError::Full) => {
+                let no = (503, "Service Unavailable", super::ALL_FULL);
+                note(p, &logged, no.0, 0, None, tries);
+                return answer(io, out, no, own_keep, limits.idle_timeout).await;
+            }
             Err(_) if p.up.replaced(avoid.as_deref(), &mut replace_by).await => {
                 avoid = None;
                 continue 'attempt;

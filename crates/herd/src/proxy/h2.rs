@@ -449,6 +449,7 @@ impl HttpProxy {
         // What the client gets if no retry succeeds (nginx answers 502 then).
         let mut last = (StatusCode::BAD_GATEWAY, "no backend could answer\n");
         let mut replace_by = None;
+        let mut queued = super::Queued::default();
         for tries in 0..MAX_TRIES {
             served.retries = tries as u32;
             let Some(req) = next.take() else { break };
@@ -476,13 +477,17 @@ impl HttpProxy {
                         avoid = None;
                     }
                     Ok(p) => break (p.lease, p.target, p.stats),
+                    Err(PickError::Full) if queued.wait(self.cfg.connect_timeout).await => {}
+                    Err(PickError::Full) => {
+                        return error(StatusCode::SERVICE_UNAVAILABLE, super::ALL_FULL);
+                    }
                     Err(_) if self.up.replaced(avoid.as_deref(), &mut replace_by).await => {
                         avoid = None;
                     }
-                    Err(PickError::AllDown | PickError::Empty) if avoid.is_some() => {
+                    Err(_) if avoid.is_some() => {
                         return error(last.0, last.1);
                     }
-                    Err(PickError::AllDown | PickError::Empty) => {
+                    Err(_) => {
                         super::Told::none_available();
                         return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n");
                     }

@@ -511,6 +511,39 @@ impl Told {
 /// The 503 of [`own_shortage`].
 pub(crate) const SHORTAGE: &str = "herd is short of descriptors or ports\n";
 
+/// A 503's body when every backend held its `max_conns` for the whole wait.
+pub(crate) const ALL_FULL: &str = "every backend is at its max_conns\n";
+
+/// The longest pause of a request waiting for room under `max_conns`.
+const QUEUE_PAUSE: Duration = Duration::from_millis(16);
+
+/// A request (or TCP connection) waiting for room at a backend that is up
+/// but holds its `max_conns` (HAProxy's queue, where nginx answers 502 at
+/// once). It looks again after 1 ms, doubling to 16 ms, for at most
+/// `limit` (`--connect-timeout`, as HAProxy's `timeout queue` defaults to
+/// its `timeout connect`). Not first come, first served: the request that
+/// looks when a place frees takes it.
+#[derive(Default)]
+pub(crate) struct Queued {
+    until: Option<tokio::time::Instant>,
+    pause: Duration,
+}
+
+impl Queued {
+    /// Waits before the next look; `false` once `limit` has passed since
+    /// the first.
+    pub(crate) async fn wait(&mut self, limit: Duration) -> bool {
+        let now = tokio::time::Instant::now();
+        let until = *self.until.get_or_insert(now + limit);
+        if now >= until {
+            return false;
+        }
+        self.pause = (self.pause * 2).clamp(Duration::from_millis(1), QUEUE_PAUSE);
+        tokio::time::sleep_until((now + self.pause).min(until)).await;
+        true
+    }
+}
+
 pub fn ip_key(ip: std::net::IpAddr) -> Key<'static> {
     let mut b = [0u8; 16];
     match ip.to_canonical() {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use herd_balance::{Backend, Ctx};
+use herd_balance::{Backend, Ctx, PickError};
 use tokio::net::TcpStream;
 
 use super::ip_key;
@@ -97,6 +97,7 @@ impl TcpProxy {
         let deadline = tokio::time::Instant::now() + self.wait_for_backend;
         let mut tries = 0;
         let mut replace_by = None;
+        let mut queued = super::Queued::default();
         while tries < MAX_TRIES {
             let changed = self.up.changed();
             let pool = self.up.current();
@@ -118,6 +119,11 @@ impl TcpProxy {
                     continue;
                 }
                 Ok(p) => (p.lease, p.target),
+                Err(PickError::Full) if queued.wait(self.connect_timeout).await => continue,
+                Err(PickError::Full) => {
+                    tracing::debug!("every backend held its max_conns; closing a connection");
+                    return None;
+                }
                 Err(_) => {
                     // None ready yet (start-up, restarts): wait a bounded time.
                     if tokio::time::timeout_at(deadline, changed).await.is_err() {

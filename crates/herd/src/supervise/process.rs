@@ -344,7 +344,10 @@ impl Supervisor {
                     SocketAddr::from((Ipv4Addr::LOCALHOST, p)),
                     format!("worker-{slot}"),
                     format!("worker {slot}"),
-                    BackendConfig::default(),
+                    BackendConfig {
+                        max_conns: self.s.worker_max_conns,
+                        ..BackendConfig::default()
+                    },
                 )
                 .speaking_h2(self.s.workers_h2)
                 .reusing(spec.reuse.clone())

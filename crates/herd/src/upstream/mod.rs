@@ -303,7 +303,9 @@ impl Pool {
                         stats: Some(stats.clone()),
                     });
                 }
-                Err(e) => err = e,
+                // Worth a wait if either version only needs room.
+                Err(e) if err != PickError::Full => err = e,
+                Err(_) => {}
             }
         }
         Err(err)
@@ -565,6 +567,7 @@ impl Upstreams {
                 healthy: t.backend.is_healthy(),
                 taken_out: t.backend.is_failed(),
                 in_flight: t.backend.in_flight(),
+                max_conns: t.backend.config().max_conns,
                 requests: t.requests(),
             })
             .collect()
