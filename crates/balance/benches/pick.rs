@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use herd_balance::{Backend, BackendConfig, Balancer, Ctx};
+use herd_balance::{Backend, BackendConfig, Balancer, Ctx, StrategyKind};
 
 fn picks(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
@@ -26,15 +26,9 @@ fn picks(c: &mut Criterion) {
             .collect();
         // Keep some requests in flight so least-conn has real work.
         let held: Vec<_> = backends.iter().step_by(3).map(|b| b.lease(0)).collect();
-        for name in [
-            "round-robin",
-            "weighted",
-            "least-conn",
-            "random2",
-            "ewma",
-            "ip-hash",
-        ] {
-            let bal = Balancer::new(name.parse().unwrap(), backends.clone());
+        for kind in StrategyKind::PLAIN {
+            let name = kind.to_string();
+            let bal = Balancer::new(kind, backends.clone());
             let mut x = 0x9E37_79B9_7F4A_7C15u64;
             group.bench_with_input(BenchmarkId::new(name, n), &n, |bench, _| {
                 bench.iter(|| {

@@ -72,6 +72,19 @@ pub enum KeySource {
 )]
 pub struct UnknownStrategy(pub String);
 
+impl StrategyKind {
+    /// The strategies that take no parameter (the hashes on a header, a
+    /// cookie or the TLS server name take one).
+    pub const PLAIN: [StrategyKind; 6] = [
+        StrategyKind::RoundRobin,
+        StrategyKind::Weighted,
+        StrategyKind::LeastConn,
+        StrategyKind::Random2,
+        StrategyKind::Ewma,
+        StrategyKind::IpHash,
+    ];
+}
+
 impl FromStr for StrategyKind {
     type Err = UnknownStrategy;
     fn from_str(s: &str) -> Result<Self, UnknownStrategy> {
@@ -297,17 +310,20 @@ mod tests {
 
     #[test]
     fn parses_strategy_names() {
-        for s in [
-            "round-robin",
-            "weighted",
-            "least-conn",
-            "random2",
-            "ewma",
-            "ip-hash",
-            "hash:header:x-user",
-            "hash:cookie:session",
-            "hash:sni",
-        ] {
+        let hashes = ["hash:header:x-user", "hash:cookie:session", "hash:sni"];
+        let plain = StrategyKind::PLAIN.map(|k| k.to_string());
+        assert_eq!(
+            plain,
+            [
+                "round-robin",
+                "weighted",
+                "least-conn",
+                "random2",
+                "ewma",
+                "ip-hash"
+            ]
+        );
+        for s in plain.iter().map(String::as_str).chain(hashes) {
             assert_eq!(s.parse::<StrategyKind>().unwrap().to_string(), s);
         }
         assert!("hash:header:".parse::<StrategyKind>().is_err());
@@ -331,16 +347,9 @@ mod tests {
                 })
                 .collect()
         };
-        for kind in [
-            "round-robin",
-            "weighted",
-            "least-conn",
-            "random2",
-            "ewma",
-            "ip-hash",
-        ] {
+        for kind in StrategyKind::PLAIN {
             let bs = limited(2);
-            let b = Balancer::new(kind.parse().unwrap(), bs.clone());
+            let b = Balancer::new(kind.clone(), bs.clone());
             let ctx = Ctx {
                 key: Some(b"k"),
                 ..Ctx::default()

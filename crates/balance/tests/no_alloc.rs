@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use herd_balance::{Backend, BackendConfig, Balancer, Ctx};
+use herd_balance::{Backend, BackendConfig, Balancer, Ctx, StrategyKind};
 
 #[test]
 fn picks_do_not_allocate() {
@@ -15,16 +15,10 @@ fn picks_do_not_allocate() {
             ))
         })
         .collect();
-    for name in [
-        "round-robin",
-        "weighted",
-        "least-conn",
-        "random2",
-        "ewma",
-        "ip-hash",
-        "hash:header:x-user",
-    ] {
-        let b = Balancer::new(name.parse().unwrap(), backends.clone());
+    let header = StrategyKind::HeaderHash("x-user".into());
+    for kind in StrategyKind::PLAIN.into_iter().chain([header]) {
+        let name = kind.to_string();
+        let b = Balancer::new(kind, backends.clone());
         let info = allocation_counter::measure(|| {
             for i in 0..1000u64 {
                 let key = i.to_le_bytes();
