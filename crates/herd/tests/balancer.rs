@@ -357,6 +357,8 @@ fn max_conns_queues_requests_then_answers_503() {
     assert_eq!(h.get("/").unwrap().0, 200);
     let status = ok(&herd(&["status", "--name", &n]));
     assert!(status.contains("in flight (max_conns 1)"), "{status}");
+    let told = "every backend is at its max_conns: none had room within 300ms";
+    assert!(h.log().contains(told), "{}", h.log());
 
     // Workers: --worker-max-conns; four 300 ms requests on two workers.
     let h = Herd::start(&["-i", "2", "--worker-max-conns", "1"], &[DEMO]);

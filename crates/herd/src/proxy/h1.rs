@@ -583,6 +583,7 @@ async fn exchange(
             }
             Ok(x) => (x.lease, x.target, x.stats),
             Err(herd_balance::PickError::Full) => {
+                super::Told::all_full(p.cfg.connect_timeout, "answering 503");
                 let no = (503, "Service Unavailable", super::ALL_FULL);
                 note(p, &logged, no.0, 0, None, tries);
                 return answer(io, out, no, own_keep, limits.idle_timeout).await;

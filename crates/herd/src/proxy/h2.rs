@@ -479,6 +479,7 @@ impl HttpProxy {
                     Ok(p) => break (p.lease, p.target, p.stats),
                     Err(PickError::Full) if queued.wait(self.cfg.connect_timeout).await => {}
                     Err(PickError::Full) => {
+                        super::Told::all_full(self.cfg.connect_timeout, "answering 503");
                         return error(StatusCode::SERVICE_UNAVAILABLE, super::ALL_FULL);
                     }
                     Err(_) if self.up.replaced(avoid.as_deref(), &mut replace_by).await => {

@@ -473,13 +473,15 @@ pub(crate) enum Told {
     Cut,
     /// No backend could be picked: a 503.
     NoneAvailable,
+    /// Every backend held its `max_conns` for the whole wait: a 503.
+    AllFull,
 }
 
 impl Told {
     pub(crate) fn warn(self, label: &str, why: &dyn std::fmt::Display) {
         use crate::os::listen::AcceptErrors;
         type Throttle = std::sync::Mutex<AcceptErrors>;
-        static TOLD: [Throttle; 3] = [const { Throttle::new(AcceptErrors::new()) }; 3];
+        static TOLD: [Throttle; 4] = [const { Throttle::new(AcceptErrors::new()) }; 4];
         let due = TOLD[self as usize]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -488,6 +490,7 @@ impl Told {
             Told::Failed => "backend failures",
             Told::Cut => "answers broken off",
             Told::NoneAvailable => "requests without a backend",
+            Told::AllFull => "requests that waited in vain for room",
         };
         match due {
             Some(1) => tracing::warn!("{label}: {why}"),
@@ -505,6 +508,13 @@ impl Told {
             "no backend is available",
             &"all are taken out, unhealthy or draining; answering 503",
         );
+    }
+
+    /// A request (or TCP connection) waited `limit` for room under
+    /// `max_conns`, as HAProxy logs a queue time-out; `then`, what it got.
+    pub(crate) fn all_full(limit: Duration, then: &str) {
+        let why = format_args!("none had room within {limit:?} (--connect-timeout); {then}");
+        Told::AllFull.warn("every backend is at its max_conns", &why);
     }
 }
 

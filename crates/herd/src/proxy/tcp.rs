@@ -121,7 +121,7 @@ impl TcpProxy {
                 Ok(p) => (p.lease, p.target),
                 Err(PickError::Full) if queued.wait(self.connect_timeout).await => continue,
                 Err(PickError::Full) => {
-                    tracing::debug!("every backend held its max_conns; closing a connection");
+                    super::Told::all_full(self.connect_timeout, "closing a connection");
                     return None;
                 }
                 Err(_) => {
