@@ -147,7 +147,7 @@ enum Outcome {
     Linger,
     /// The backend switched protocols (101): relay bytes both ways, with
     /// the exchange's state gone (an idle WebSocket holds only the tunnel).
-    Tunnel(Box<(Conn, herd_balance::Lease, Arc<Target>)>),
+    Tunnel(Box<(Conn, crate::upstream::Held, Arc<Target>)>),
 }
 
 /// Serves one client connection until it closes, or until its thread
@@ -565,12 +565,16 @@ async fn exchange(
             p.up.retries
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        if queued.barging() {
+            queued.wait(p.cfg.connect_timeout).await;
+        }
         let picked = loop {
             match p.pick(key.as_ref(), split.as_ref(), avoid.as_deref()) {
                 Err(herd_balance::PickError::Full) if queued.wait(p.cfg.connect_timeout).await => {}
                 picked => break picked,
             }
         };
+        queued.served();
         let started = p.up.now();
         let (lease, target, stats) = match picked {
             // Back to the worker that just failed, as the only one left.

@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use herd_balance::{Backend, Ctx, KeySource, Lease, PickError};
+use herd_balance::{Backend, Ctx, KeySource, PickError};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -457,6 +457,9 @@ impl HttpProxy {
                 if !self.some_target().await {
                     return error(StatusCode::SERVICE_UNAVAILABLE, "no worker is ready\n");
                 }
+                if queued.barging() {
+                    queued.wait(self.cfg.connect_timeout).await;
+                }
                 let picked = {
                     let pool = self.up.peek();
                     let key = hash_key(key_source, req.headers(), peer);
@@ -476,7 +479,10 @@ impl HttpProxy {
                     {
                         avoid = None;
                     }
-                    Ok(p) => break (p.lease, p.target, p.stats),
+                    Ok(p) => {
+                        queued.served();
+                        break (p.lease, p.target, p.stats);
+                    }
                     Err(PickError::Full) if queued.wait(self.cfg.connect_timeout).await => {}
                     Err(PickError::Full) => {
                         super::Told::all_full(self.cfg.connect_timeout, "answering 503");
@@ -908,7 +914,7 @@ enum Sent {
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     backend: hyper::upgrade::OnUpgrade,
-    lease: herd_balance::Lease,
+    lease: crate::upstream::Held,
     target: Arc<Target>,
 ) {
     if let (Ok(c), Ok(b)) = (client.await, backend.await)
@@ -1916,7 +1922,7 @@ pub enum RespBody {
     /// its pool.
     Backend {
         inner: Incoming,
-        lease: Option<Lease>,
+        lease: Option<crate::upstream::Held>,
         back: Option<Sender>,
         target: Arc<Target>,
     },

@@ -524,33 +524,69 @@ pub(crate) const SHORTAGE: &str = "herd is short of descriptors or ports\n";
 /// A 503's body when every backend held its `max_conns` for the whole wait.
 pub(crate) const ALL_FULL: &str = "every backend is at its max_conns\n";
 
-/// The longest pause of a request waiting for room under `max_conns`.
-const QUEUE_PAUSE: Duration = Duration::from_millis(16);
+/// How long a waiting request sleeps at most between two looks, should
+/// room come without a lease ending (a backend back from a health check).
+const QUEUE_LOOK: Duration = Duration::from_millis(50);
 
 /// A request (or TCP connection) waiting for room at a backend that is up
 /// but holds its `max_conns` (HAProxy's queue, where nginx answers 502 at
-/// once). It looks again after 1 ms, doubling to 16 ms, for at most
-/// `limit` (`--connect-timeout`, as HAProxy's `timeout queue` defaults to
-/// its `timeout connect`). Not first come, first served: the request that
-/// looks when a place frees takes it.
+/// once). The end of a lease on such a backend wakes the longest waiting
+/// one ([`upstream::ROOM`](crate::upstream::ROOM)), which picks again; it
+/// waits at most `limit` in all (`--connect-timeout`, as HAProxy's
+/// `timeout queue` defaults to its `timeout connect`).
 #[derive(Default)]
 pub(crate) struct Queued {
     until: Option<tokio::time::Instant>,
-    pause: Duration,
+    /// Counted in [`WAITING`](crate::upstream::WAITING).
+    counted: bool,
+    /// Its place in the line for [`ROOM`](crate::upstream::ROOM), kept
+    /// across looks so that one does not send it to the back.
+    place: Option<std::pin::Pin<Box<tokio::sync::futures::Notified<'static>>>>,
 }
 
 impl Queued {
-    /// Waits before the next look; `false` once `limit` has passed since
-    /// the first.
+    /// Whether this request, which has not waited, would get ahead of
+    /// requests already waiting: it waits once behind them first.
+    pub(crate) fn barging(&self) -> bool {
+        self.until.is_none() && crate::upstream::WAITING.load(Ordering::Relaxed) > 0
+    }
+
+    /// Waits for room; `false` once `limit` has passed since the first wait.
     pub(crate) async fn wait(&mut self, limit: Duration) -> bool {
         let now = tokio::time::Instant::now();
         let until = *self.until.get_or_insert(now + limit);
         if now >= until {
+            self.served();
             return false;
         }
-        self.pause = (self.pause * 2).clamp(Duration::from_millis(1), QUEUE_PAUSE);
-        tokio::time::sleep_until((now + self.pause).min(until)).await;
+        if !self.counted {
+            self.counted = true;
+            crate::upstream::WAITING.fetch_add(1, Ordering::Relaxed);
+        }
+        let next = (now + QUEUE_LOOK).min(until);
+        let place = self
+            .place
+            .get_or_insert_with(|| Box::pin(crate::upstream::ROOM.notified()));
+        place.as_mut().enable();
+        if tokio::time::timeout_at(next, place.as_mut()).await.is_ok() {
+            self.place = None; // Woken: its turn is taken.
+        }
         true
+    }
+
+    /// Waits no more: picked, or given up. (A turn it was given and did
+    /// not take goes to the next in line when its place is dropped.)
+    pub(crate) fn served(&mut self) {
+        self.place = None;
+        if std::mem::take(&mut self.counted) {
+            crate::upstream::WAITING.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.served();
     }
 }
 
@@ -562,5 +598,45 @@ pub fn ip_key(ip: std::net::IpAddr) -> Key<'static> {
             Key::Ip(b, 4)
         }
         std::net::IpAddr::V6(v6) => Key::Ip(v6.octets(), 16),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::{ROOM, WAITING};
+
+    /// Requests waiting for room are woken first come, first served, one
+    /// per place freed; one that comes while others wait is behind them.
+    #[tokio::test]
+    async fn queued_requests_are_served_in_turn() {
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut q = Queued::default();
+                assert_eq!(q.barging(), i > 0, "request {i}");
+                // Woken by a place freed, not by a look on its own (50 ms).
+                while q.wait(Duration::from_secs(30)).await && q.place.is_some() {}
+                order.lock().unwrap().push(i);
+                q.served();
+            }));
+            // Each in line before the next comes.
+            while WAITING.load(Ordering::Relaxed) < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        for served in 1..=4 {
+            ROOM.notify_one();
+            while order.lock().unwrap().len() < served {
+                tokio::task::yield_now().await;
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3]);
+        assert_eq!(WAITING.load(Ordering::Relaxed), 0);
     }
 }

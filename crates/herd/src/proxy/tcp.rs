@@ -28,7 +28,7 @@ const MAX_TRIES: usize = 3;
 struct Opened {
     upstream: super::backend::Conn,
     /// Held for the connection's life: it counts as in flight.
-    lease: herd_balance::Lease,
+    lease: crate::upstream::Held,
     target: Arc<crate::upstream::Target>,
     /// From accept to connected.
     connected: Duration,
@@ -99,6 +99,9 @@ impl TcpProxy {
         let mut replace_by = None;
         let mut queued = super::Queued::default();
         while tries < MAX_TRIES {
+            if queued.barging() {
+                queued.wait(self.connect_timeout).await;
+            }
             let changed = self.up.changed();
             let pool = self.up.current();
             let ctx = Ctx {
@@ -118,7 +121,10 @@ impl TcpProxy {
                     avoid = None;
                     continue;
                 }
-                Ok(p) => (p.lease, p.target),
+                Ok(p) => {
+                    queued.served();
+                    (p.lease, p.target)
+                }
                 Err(PickError::Full) if queued.wait(self.connect_timeout).await => continue,
                 Err(PickError::Full) => {
                     super::Told::all_full(self.connect_timeout, "closing a connection");

@@ -234,9 +234,54 @@ struct Canary {
 /// What a pick chose: the lease counts the request in flight; `stats` is
 /// its version's, during a deploy.
 pub struct Picked {
-    pub lease: Lease,
+    pub lease: Held,
     pub target: Arc<Target>,
     pub stats: Option<Arc<AnswerStats>>,
+}
+
+/// Wakes a request waiting for room under `max_conns` when a lease on a
+/// backend that has one ends: one at a time, the longest waiting first
+/// (tokio's `Notify` is first in, first out), as HAProxy's queue serves.
+/// One for the process, which serves one cluster.
+pub static ROOM: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Requests waiting on [`ROOM`]: while there are any, a new request waits
+/// behind them rather than taking a place that frees before they wake.
+pub static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A pick's lease. Its end wakes one waiting request ([`ROOM`]) if its
+/// backend has a `max_conns`, after the count went down: fields are
+/// dropped in order, the lease first.
+pub struct Held {
+    lease: Lease,
+    _room: Roomed,
+}
+
+impl Held {
+    fn new(lease: Lease) -> Held {
+        let limited = lease.backend().config().max_conns != 0;
+        Held {
+            lease,
+            _room: Roomed(limited),
+        }
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = Lease;
+    fn deref(&self) -> &Lease {
+        &self.lease
+    }
+}
+
+struct Roomed(bool);
+
+impl Drop for Roomed {
+    fn drop(&mut self) {
+        if self.0 {
+            ROOM.notify_one();
+        }
+    }
 }
 
 impl Pool {
@@ -280,7 +325,7 @@ impl Pool {
             let lease = self.balancer.pick_except(ctx, avoid)?;
             let target = self.targets[lease.index()].clone();
             return Ok(Picked {
-                lease,
+                lease: Held::new(lease),
                 target,
                 stats: None,
             });
@@ -298,7 +343,7 @@ impl Pool {
                 Ok(lease) => {
                     let target = t[lease.index()].clone();
                     return Ok(Picked {
-                        lease,
+                        lease: Held::new(lease),
                         target,
                         stats: Some(stats.clone()),
                     });
