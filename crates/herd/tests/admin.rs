@@ -457,3 +457,30 @@ fn admin_clients_that_never_finish_a_head_are_let_go() {
         "{took:?}"
     );
 }
+
+/// `herd_proxy_queued`: requests waiting for room under `max_conns`.
+#[test]
+fn the_queue_under_max_conns_is_in_the_metrics() {
+    let admin = free_port();
+    let addr = format!("127.0.0.1:{admin}");
+    let h = Herd::start(
+        &["-i", "1", "--worker-max-conns", "1", "--admin", &addr],
+        &[DEMO],
+    );
+    h.wait_ready(1);
+    let queued = |admin| {
+        value(
+            &parse_metrics(&admin_get(admin, "/metrics", None).1),
+            "herd_proxy_queued{}",
+        )
+    };
+    assert_eq!(queued(admin), 0.0);
+    let port = h.port;
+    let slow = std::thread::spawn(move || http_get(port, "/slow?ms=1500"));
+    assert!(h.wait_log("slow request started", T));
+    let behind = std::thread::spawn(move || http_get(port, "/"));
+    assert!(wait_until(T, || queued(admin) == 1.0));
+    assert_eq!(slow.join().unwrap().unwrap().0, 200);
+    assert_eq!(behind.join().unwrap().unwrap().0, 200);
+    assert_eq!(queued(admin), 0.0);
+}

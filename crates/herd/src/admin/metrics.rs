@@ -226,6 +226,14 @@ impl Collector for Scrape {
             MetricType::Counter,
             [(Vec::new(), ConstCounter::new(self.retries))],
         )?;
+        let queued = crate::upstream::WAITING.load(std::sync::atomic::Ordering::Relaxed);
+        family(
+            &mut enc,
+            "herd_proxy_queued",
+            "Requests (TCP mode: connections) waiting for room under max_conns.",
+            MetricType::Gauge,
+            [(Vec::new(), ConstGauge::new(queued as i64))],
+        )?;
         let backend = |t: &Target| vec![("backend", t.backend.name().to_string())];
         family(
             &mut enc,
