@@ -606,6 +606,17 @@ mod tests {
     use super::*;
     use crate::upstream::{ROOM, WAITING};
 
+    /// Yields until `cond` holds, a bounded number of times.
+    async fn until(cond: impl Fn() -> bool) -> bool {
+        for _ in 0..100_000 {
+            if cond() {
+                return true;
+            }
+            tokio::task::yield_now().await;
+        }
+        cond()
+    }
+
     /// Requests waiting for room are woken first come, first served, one
     /// per place freed; one that comes while others wait is behind them.
     #[tokio::test]
@@ -623,15 +634,11 @@ mod tests {
                 q.served();
             }));
             // Each in line before the next comes.
-            while WAITING.load(Ordering::Relaxed) < i + 1 {
-                tokio::task::yield_now().await;
-            }
+            assert!(until(|| WAITING.load(Ordering::Relaxed) == i + 1).await);
         }
         for served in 1..=4 {
             ROOM.notify_one();
-            while order.lock().unwrap().len() < served {
-                tokio::task::yield_now().await;
-            }
+            assert!(until(|| order.lock().unwrap().len() == served).await);
         }
         for t in tasks {
             t.await.unwrap();
