@@ -234,6 +234,16 @@ impl Collector for Scrape {
             MetricType::Gauge,
             [(Vec::new(), ConstGauge::new(queued as i64))],
         )?;
+        family(
+            &mut enc,
+            "herd_proxy_connections",
+            "Client connections each proxy thread holds, idle ones included.",
+            MetricType::Gauge,
+            crate::proxy::spread::loads()
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| (vec![("thread", i.to_string())], ConstGauge::new(n as i64))),
+        )?;
         let backend = |t: &Target| vec![("backend", t.backend.name().to_string())];
         family(
             &mut enc,

@@ -93,6 +93,11 @@ impl LazyStream {
             .ok_or_else(gone)
     }
 
+    /// Whether it joined an event loop (a thread's: it stays on that thread).
+    pub fn is_registered(&self) -> bool {
+        self.reg.get().is_some()
+    }
+
     /// As [`registered`](Self::registered), mutably (to split it).
     pub fn registered_mut(&mut self) -> io::Result<&mut TcpStream> {
         self.registered()?;
@@ -153,11 +158,6 @@ impl LazyStream {
     #[cfg(test)]
     pub fn new_for_test(s: mio::net::TcpStream) -> LazyStream {
         LazyStream::new(s)
-    }
-
-    #[cfg(test)]
-    fn is_registered(&self) -> bool {
-        self.reg.get().is_some()
     }
 }
 

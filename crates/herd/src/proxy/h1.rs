@@ -138,6 +138,9 @@ enum Head {
     H2,
     Close,
     Refuse(Refusal),
+    /// Between requests, to be served on another proxy thread (see
+    /// [`super::spread`]).
+    Move(usize),
 }
 
 enum Outcome {
@@ -153,7 +156,8 @@ enum Outcome {
 /// Serves one client connection until it closes, or until its thread
 /// stops accepting ([`super::stopping`]) and the request in flight (which
 /// is answered with `Connection: close`) is done.
-/// `active` counts the connection until then.
+/// `active` counts the connection until then. `first`: no request was
+/// served on it yet (else it was handed over between requests).
 ///
 /// A plain `fn` returning an `async move` block, not an `async fn`: an
 /// `async fn` keeps each argument twice in its state (rustc issue 62958),
@@ -164,14 +168,17 @@ pub fn serve(
     mut io: LazyStream,
     peer: IpAddr,
     active: super::ActiveGuard,
+    first: bool,
 ) -> impl Future<Output = ()> + Send {
     // TCP_NODELAY comes from the listening socket (see `listen`).
     async move {
-        let _active = active;
+        let mut active = active;
         let mut inbox = Inbox::default();
-        let mut first = true;
+        let mut first = first;
+        // Once refused by the thread it was to move to (stopping), it stays.
+        let mut movable = true;
         loop {
-            let len = match read_head(&p, &io, &mut inbox, first).await {
+            let len = match read_head(&p, &io, &mut inbox, first, movable).await {
                 Head::Complete(len) => len,
                 Head::H2 => {
                     // Boxed: rare, and the connection's task stays small.
@@ -185,6 +192,21 @@ pub fn serve(
                     return;
                 }
                 Head::Close => break,
+                Head::Move(to) => {
+                    inbox.give_back();
+                    let h = super::spread::Handed {
+                        client: io,
+                        peer: std::net::SocketAddr::new(peer, 0),
+                        guard: active,
+                        fresh: false,
+                    };
+                    match super::spread::hand(to, h) {
+                        Ok(()) => return,
+                        Err(h) => (io, active) = (h.client, h.guard),
+                    }
+                    movable = false;
+                    continue;
+                }
                 Head::Refuse(r) => {
                     // Boxed, like every rare path: an idle task stays small.
                     Box::pin(refuse(&p, &mut io, &mut inbox, r, peer)).await;
@@ -247,7 +269,13 @@ async fn refuse(p: &HttpProxy, io: &mut LazyStream, inbox: &mut Inbox, r: Refusa
 
 /// Reads until `inbox` holds a complete request head. The wait holds no
 /// timer and no buffer: a deadline slot (see [`Deadline`]) and the socket.
-async fn read_head(p: &HttpProxy, io: &LazyStream, inbox: &mut Inbox, first: bool) -> Head {
+async fn read_head(
+    p: &HttpProxy,
+    io: &LazyStream,
+    inbox: &mut Inbox,
+    first: bool,
+    movable: bool,
+) -> Head {
     let limits = &p.cfg.limits;
     let idle_until = deadline::after(if first {
         limits.header_timeout
@@ -299,6 +327,17 @@ async fn read_head(p: &HttpProxy, io: &LazyStream, inbox: &mut Inbox, first: boo
             Ok(0) => return Head::Close,
             Ok(_) => continue,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Between requests, before it joins this thread's event
+                // loop: the connection stays, and may move to a less busy
+                // thread.
+                if movable
+                    && !first
+                    && !begun
+                    && !io.is_registered()
+                    && let Some(to) = super::spread::elsewhere()
+                {
+                    return Head::Move(to);
+                }
                 inbox.release_if_empty();
                 inbox.park();
             }
@@ -1922,7 +1961,7 @@ mod tests {
         let tls = Arc::new(crate::proxy::h2::ClientTls::new(Default::default()).unwrap());
         let p = Arc::new(super::HttpProxy::new(up, cfg, None, tls));
         let active = crate::proxy::ActiveGuard::new(Arc::default());
-        let f = super::serve(p, s, addr.ip(), active);
+        let f = super::serve(p, s, addr.ip(), active, true);
         let size = std::mem::size_of_val(&f);
         // With tokio's task header and trailer (112 bytes) the task then
         // fits in 384 bytes (tasks are 128-aligned); bench/idle measures all.

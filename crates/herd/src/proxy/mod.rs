@@ -44,6 +44,7 @@ pub mod head;
 mod idle;
 #[cfg(test)]
 mod props;
+pub mod spread;
 mod tcp;
 pub mod tls;
 mod tunnel;
@@ -85,18 +86,22 @@ impl Active {
     }
 }
 
-/// Counts a connection in [`Active`] for as long as it lives.
+/// Counts a connection in [`Active`], and on the proxy thread that holds
+/// it (see [`spread`]: a guard is dropped on the thread it is counted on),
+/// for as long as it lives.
 pub(crate) struct ActiveGuard(Arc<Active>);
 
 impl ActiveGuard {
     pub(crate) fn new(active: Arc<Active>) -> ActiveGuard {
         active.count.fetch_add(1, Ordering::AcqRel);
+        spread::add(spread::me());
         ActiveGuard(active)
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        spread::sub(spread::me());
         if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
@@ -168,7 +173,8 @@ pub fn start_threads(
     stop: CancellationToken,
     close_idle: CancellationToken,
 ) -> std::io::Result<()> {
-    for (i, l) in listeners.into_iter().enumerate() {
+    let ends = spread::channels(listeners.len());
+    for ((i, l), inbound) in listeners.into_iter().enumerate().zip(ends) {
         let http = matches!(proto, Protocol::Http(_));
         for set in [
             crate::os::listen::client_speaks_first(&l, http),
@@ -189,6 +195,7 @@ pub fn start_threads(
             .name(format!("herd-proxy-{i}"))
             .spawn(move || {
                 THREAD.with(|t| t.set(i + 1));
+                inbound.join();
                 STOP.with(|s| {
                     let _ = s.set(stop.clone());
                 });
@@ -213,7 +220,7 @@ pub fn start_threads(
                         }
                     });
                     match Listener::new(l) {
-                        Ok(l) => serve(l, proto, active.clone(), stop).await,
+                        Ok(l) => serve(l, proto, active.clone(), stop, inbound).await,
                         Err(e) => tracing::error!("proxy thread {i} cannot listen: {e}"),
                     }
                     STOPPING.with(|s| s.set(true));
@@ -235,12 +242,15 @@ pub fn start_threads(
 }
 
 /// Accepts until `stop` is cancelled, then drops the listener; HTTP
-/// connections are told to finish in-flight requests and close.
-pub async fn serve(
+/// connections are told to finish in-flight requests and close. Serves
+/// too what other threads hand this one, and hands over what this one
+/// accepts while it holds clearly more than another ([`spread`]).
+async fn serve(
     listener: Listener,
     proto: Protocol,
     active: Arc<Active>,
     stop: CancellationToken,
+    mut inbound: spread::Inbound,
 ) {
     // One wait for the stop, not one per accepted connection (each joins
     // and leaves the token's waiter list under its lock).
@@ -249,64 +259,101 @@ pub async fn serve(
     let mut errors = crate::os::listen::AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
-            _ = &mut stopped => return,
+            _ = &mut stopped => break,
             a = listener.accept() => a,
+            Some(h) = inbound.next() => {
+                start(h, &proto, &stop);
+                continue;
+            }
         };
         match accepted {
             Ok((client, peer)) => {
                 // An IPv4 client of a dual-stack `[::]` listener arrives as
                 // `::ffff:a.b.c.d`: its plain address, for headers and logs.
                 let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                let guard = ActiveGuard::new(active.clone());
-                if let Protocol::Http(h) = &proto
-                    && h.tls.is_none()
-                    && !h.h2_backends.load(Ordering::Relaxed)
-                {
-                    // Joins the event loop only if it has to wait (a
-                    // `Connection: close` request seldom does): no wrapper
-                    // future, so an idle connection's task holds `serve`'s
-                    // state alone.
-                    tokio::spawn(h1::serve(h.clone(), client, peer.ip(), guard));
-                    continue;
-                }
-                let client = match client.into_tokio() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("cannot serve a connection: {e}");
-                        continue;
-                    }
+                let mut h = spread::Handed {
+                    client,
+                    peer,
+                    guard: ActiveGuard::new(active.clone()),
+                    fresh: true,
                 };
-                match &proto {
-                    Protocol::Http(h) if h.tls.is_some() => {
-                        if let Some(tls) = h.tls.clone() {
-                            let (h, stop) = (h.clone(), stop.clone());
-                            tokio::spawn(async move {
-                                tls::serve(h, tls, client, peer.ip(), stop).await;
-                                drop(guard);
-                            });
-                        }
-                    }
-                    Protocol::Http(h) => {
-                        let (h, stop) = (h.clone(), stop.clone());
-                        tokio::spawn(async move {
-                            h2::serve_any(h, client, peer.ip(), stop).await;
-                            drop(guard);
-                        });
-                    }
-                    Protocol::Tcp(t) => {
-                        let t = t.clone();
-                        tokio::spawn(async move {
-                            t.relay(client, peer).await;
-                            drop(guard);
-                        });
+                // HTTP/1.1 connections move, if they must, once they stay.
+                if !plain_h1(&proto)
+                    && let Some(to) = spread::elsewhere()
+                {
+                    match spread::hand(to, h) {
+                        Ok(()) => continue,
+                        Err(back) => h = back,
                     }
                 }
+                start(h, &proto, &stop);
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 errors.warn(&e);
                 tokio::time::sleep(crate::os::listen::AcceptErrors::BACKOFF).await;
             }
+        }
+    }
+    // What another thread handed this one before it stopped taking any.
+    for h in inbound.close() {
+        start(h, &proto, &stop);
+    }
+}
+
+/// Whether clients are served by herd's own HTTP/1.1 engine ([`h1`]).
+fn plain_h1(proto: &Protocol) -> bool {
+    matches!(proto, Protocol::Http(h) if h.tls.is_none() && !h.h2_backends.load(Ordering::Relaxed))
+}
+
+/// Serves one client connection on this thread.
+fn start(h: spread::Handed, proto: &Protocol, stop: &CancellationToken) {
+    let spread::Handed {
+        client,
+        peer,
+        guard,
+        fresh,
+    } = h;
+    if let Protocol::Http(h) = proto
+        && plain_h1(proto)
+    {
+        // Joins the event loop only if it has to wait (a
+        // `Connection: close` request seldom does): no wrapper
+        // future, so an idle connection's task holds `serve`'s
+        // state alone.
+        tokio::spawn(h1::serve(h.clone(), client, peer.ip(), guard, fresh));
+        return;
+    }
+    let client = match client.into_tokio() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("cannot serve a connection: {e}");
+            return;
+        }
+    };
+    match proto {
+        Protocol::Http(h) if h.tls.is_some() => {
+            if let Some(tls) = h.tls.clone() {
+                let (h, stop) = (h.clone(), stop.clone());
+                tokio::spawn(async move {
+                    tls::serve(h, tls, client, peer.ip(), stop).await;
+                    drop(guard);
+                });
+            }
+        }
+        Protocol::Http(h) => {
+            let (h, stop) = (h.clone(), stop.clone());
+            tokio::spawn(async move {
+                h2::serve_any(h, client, peer.ip(), stop).await;
+                drop(guard);
+            });
+        }
+        Protocol::Tcp(t) => {
+            let t = t.clone();
+            tokio::spawn(async move {
+                t.relay(client, peer).await;
+                drop(guard);
+            });
         }
     }
 }
