@@ -131,13 +131,6 @@ impl Backend {
         self.cfg.max_conns != 0 && self.in_flight.load(Relaxed) >= self.cfg.max_conns
     }
 
-    /// Whether it holds more than its `max_conns` leases: two picks on two
-    /// threads both saw room for one. The later gives its lease back.
-    #[inline]
-    pub(crate) fn over_limit(&self) -> bool {
-        self.cfg.max_conns != 0 && self.in_flight.load(Relaxed) > self.cfg.max_conns
-    }
-
     /// Draining backends get no new picks; leases already taken run on.
     pub fn set_draining(&self, on: bool) {
         self.set_flag(DRAINING, on);
@@ -189,11 +182,12 @@ impl Backend {
     }
 
     pub(crate) fn lease_at(self: &Arc<Self>, index: usize, now: Nanos) -> Lease {
-        self.in_flight.fetch_add(1, Relaxed);
+        let before = self.in_flight.fetch_add(1, Relaxed);
         Lease {
             backend: self.clone(),
             index,
             started: now,
+            over: self.cfg.max_conns != 0 && before >= self.cfg.max_conns,
         }
     }
 
@@ -297,6 +291,9 @@ pub struct Lease {
     backend: Arc<Backend>,
     index: usize,
     started: Nanos,
+    /// Taken past the backend's `max_conns`: picks on two threads both saw
+    /// room for one, and this one counted second.
+    over: bool,
 }
 
 impl Lease {
@@ -308,6 +305,12 @@ impl Lease {
     /// (`usize::MAX` for a lease taken directly with [`Backend::lease`]).
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// Whether it was taken past the backend's `max_conns` (it is given
+    /// back: only the later of two racing picks is, so one of them wins).
+    pub(crate) fn over_limit(&self) -> bool {
+        self.over
     }
 
     /// The backend answered; `now` is when the answer (headers) arrived.
@@ -349,6 +352,40 @@ mod tests {
         assert_eq!(b.in_flight(), 1, "reporting does not end the lease");
         drop(l2);
         assert_eq!(b.in_flight(), 0);
+    }
+
+    /// Leases taken at once on a `max_conns=1` backend, all held before any
+    /// looks: exactly one is within the limit. (Judged by the count after
+    /// the fact, every one was over it, each racing pick gave its lease
+    /// back, and two requests at once could both wait out their time in
+    /// the queue.)
+    #[test]
+    fn of_racing_leases_past_max_conns_exactly_one_wins() {
+        let cfg = BackendConfig {
+            max_conns: 1,
+            ..BackendConfig::default()
+        };
+        let b = Arc::new(Backend::new("a", cfg));
+        let all = Arc::new(std::sync::Barrier::new(8));
+        let racers: Vec<_> = (0..8)
+            .map(|_| {
+                let (b, all) = (b.clone(), all.clone());
+                std::thread::spawn(move || {
+                    let l = b.lease(0);
+                    all.wait();
+                    !l.over_limit()
+                })
+            })
+            .collect();
+        let won = racers
+            .into_iter()
+            .filter_map(|r| r.join().ok())
+            .filter(|w| *w)
+            .count();
+        assert_eq!(won, 1);
+        assert_eq!(b.in_flight(), 0);
+        let (first, second) = (b.lease(0), b.lease(0));
+        assert!(!first.over_limit() && second.over_limit());
     }
 
     #[test]

@@ -228,7 +228,7 @@ impl Balancer {
         let lease = self.pick_any(ctx, avoid);
         match lease {
             // A race with another thread's pick took the last place.
-            Ok(l) if l.backend().over_limit() => Err(PickError::Full),
+            Ok(l) if l.over_limit() => Err(PickError::Full),
             Err(PickError::AllDown) if self.full() => Err(PickError::Full),
             other => other,
         }
