@@ -344,6 +344,7 @@ mod tests {
             out_file: None,
             error_file: None,
             user: None,
+            worker_max_conns: 0,
             workers: vec![w(0, 5001), w(1, 5002)],
             upstreams: Vec::new(),
             deploy: None,

@@ -361,8 +361,17 @@ fn max_conns_queues_requests_then_answers_503() {
     assert!(h.log().contains(told), "{}", h.log());
 
     // Workers: --worker-max-conns; four 300 ms requests on two workers.
-    let h = Herd::start(&["-i", "2", "--worker-max-conns", "1"], &[DEMO]);
+    let n = name("worker-max-conns");
+    let h = Herd::start(
+        &["-i", "2", "--name", &n, "--worker-max-conns", "1"],
+        &[DEMO],
+    );
     h.wait_ready(2);
+    let status = ok(&herd(&["status", "--name", &n]));
+    assert!(
+        status.contains("max_conns 1: the requests (TCP: connections) each worker holds"),
+        "{status}"
+    );
     let start = Instant::now();
     for g in at_once(h.port, 4, "/slow?ms=300") {
         assert_eq!(g.unwrap().0, 200);

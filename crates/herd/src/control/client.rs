@@ -676,6 +676,12 @@ fn table(name: &str, v: &Status) {
             "out: taken out after failed requests (max_fails); back when a request to it succeeds"
         );
     }
+    if v.worker_max_conns > 0 {
+        crate::outln!(
+            "max_conns {}: the requests (TCP: connections) each worker holds at once; more wait in line",
+            v.worker_max_conns
+        );
+    }
     for u in &v.upstreams {
         let limit = match u.max_conns {
             0 => String::new(),

@@ -435,6 +435,7 @@ mod tests {
             out_file: None,
             error_file: None,
             user: None,
+            worker_max_conns: 0,
             workers: vec![WorkerRow {
                 id: 0,
                 version: 0,

@@ -152,6 +152,9 @@ pub struct Status {
     /// Proxy mode: the remote backends (`--upstream`, and those DNS gave).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<UpstreamRow>,
+    /// `--worker-max-conns`: requests each worker holds at once (0: no limit).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub worker_max_conns: u32,
     /// Rolling reloads that finished, and that were aborted.
     #[serde(default)]
     pub reloads: Reloads,

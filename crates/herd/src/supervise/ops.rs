@@ -845,6 +845,7 @@ impl Supervisor {
                 .map(|d| d.display().to_string()),
             workers: Vec::new(),
             upstreams: self.up.remote_rows(),
+            worker_max_conns: self.s.worker_max_conns,
             deploy: self.deploy_status(),
             reloads: self.reloads,
             restarts: self
