@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -547,21 +547,7 @@ fn clients_are_spread(protocol: &str) {
             .write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HTTP/1.1\r\nHost: t\r\n\r\n")
             .unwrap();
         for _ in 0..2 {
-            let mut line = String::new();
-            c.read_line(&mut line).unwrap();
-            assert!(line.starts_with("HTTP/1.1 200"), "{line:?}");
-            let mut len = 0;
-            loop {
-                let mut h = String::new();
-                c.read_line(&mut h).unwrap();
-                if h == "\r\n" {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-            }
-            c.read_exact(&mut vec![0; len]).unwrap();
+            assert_eq!(read_answer(c).unwrap().0, 200);
         }
     }
     drop(clients);

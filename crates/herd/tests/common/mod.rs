@@ -401,6 +401,12 @@ pub fn ok(out: &Output) -> String {
 pub fn keepalive_get(s: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String, bool)> {
     s.get_mut()
         .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")?;
+    read_answer(s)
+}
+
+/// The next answer on a keep-alive connection: status, body, and whether
+/// the server said `Connection: close`.
+pub fn read_answer(s: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String, bool)> {
     let mut line = String::new();
     s.read_line(&mut line)?;
     let status = line
