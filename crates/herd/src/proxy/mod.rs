@@ -221,7 +221,14 @@ pub fn start_threads(
                     });
                     match Listener::new(l) {
                         Ok(l) => serve(l, proto, active.clone(), stop, inbound).await,
-                        Err(e) => tracing::error!("proxy thread {i} cannot listen: {e}"),
+                        Err(e) => {
+                            tracing::error!("proxy thread {i} cannot listen: {e}");
+                            // Others may have handed it connections already.
+                            let mut inbound = inbound;
+                            for h in inbound.close() {
+                                start(h, &proto, &stop);
+                            }
+                        }
                     }
                     STOPPING.with(|s| s.set(true));
                     // Stopping: this thread's idle connections close now (on
