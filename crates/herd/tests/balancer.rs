@@ -362,8 +362,18 @@ fn max_conns_queues_requests_then_answers_503() {
 
     // Workers: --worker-max-conns; four 300 ms requests on two workers.
     let n = name("worker-max-conns");
+    let admin = free_port();
     let h = Herd::start(
-        &["-i", "2", "--name", &n, "--worker-max-conns", "1"],
+        &[
+            "-i",
+            "2",
+            "--name",
+            &n,
+            "--worker-max-conns",
+            "1",
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+        ],
         &[DEMO],
     );
     h.wait_ready(2);
@@ -372,6 +382,19 @@ fn max_conns_queues_requests_then_answers_503() {
         status.contains("max_conns 1: the requests (TCP: connections) each worker holds"),
         "{status}"
     );
+    // The dashboard's feed gives each worker's limit beside its load.
+    let s = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut feed = BufReader::new(s);
+    let mut line = String::new();
+    while !line.contains("\"backends\"") {
+        line.clear();
+        assert!(feed.read_line(&mut line).unwrap() > 0);
+    }
+    assert_eq!(line.matches("\"max_conns\":1,").count(), 2, "{line}");
+    drop(feed);
     let start = Instant::now();
     for g in at_once(h.port, 4, "/slow?ms=300") {
         assert_eq!(g.unwrap().0, 200);

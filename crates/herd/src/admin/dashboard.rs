@@ -77,6 +77,8 @@ struct BackendRow {
     /// Out by passive health (`max_fails`) until a request succeeds.
     taken_out: bool,
     in_flight: u32,
+    /// Its `max_conns` (0: no limit), shown beside `in_flight`.
+    max_conns: u32,
     rps: Option<f64>,
 }
 
@@ -142,6 +144,7 @@ async fn feed(tx: mpsc::Sender<Bytes>, calls: mpsc::UnboundedSender<Call>, up: A
                 healthy: t.backend.is_healthy(),
                 taken_out: t.backend.is_failed(),
                 in_flight: t.backend.in_flight(),
+                max_conns: t.backend.config().max_conns,
                 rps: delta.zip(secs).map(|(d, s)| d.requests as f64 / s),
             });
             samples.insert(t.id, snap);
