@@ -916,19 +916,31 @@ def h2load(port, conns, secs):
             "errors": int(done.group(3)) + int(done.group(4)), "p50": None, "p99": None, "p999": None}
 
 
-def interleaved(args, setups, what, measure, name):
+def interleaved(args, setups, what, measure, name, warm=None):
     """Starts each setup fresh in every round (setups interleaved), lets
     MEASURE(setup, round) return its rows, then writes them and the run's
-    facts to bench/results/NAME.json and regenerates the report."""
+    facts to bench/results/NAME.json and regenerates the report. With
+    WARM(setup), every setup starts once instead, WARM runs on each, and the
+    rounds measure them warm, interleaved: for apps whose cost per request
+    settles only after a while under the load itself (V8's heap sizing)."""
     work = Path(tempfile.mkdtemp(prefix=f"herd-{name}-"))
     rows = []
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         autogroup = stack.enter_context(no_autogroup())
         stack.callback(shutil.rmtree, work, ignore_errors=True)
+        if warm:
+            for s in setups:
+                log(f"warming: {s.name} ({what})")
+                s.start(work)
+                stack.callback(s.stop)
+                warm(s)
         for r in range(args.rounds):
             for s in setups:
                 log(f"round {r + 1}/{args.rounds}: {s.name} ({what})")
+                if warm:
+                    rows += measure(s, r)
+                    continue
                 s.start(work)
                 try:
                     rows += measure(s, r)
@@ -1017,6 +1029,7 @@ def edge_lines():
 BODY_LOADS = [("GET", 16, "chunked"), ("GET", 64, "chunked"), ("GET", 256, "chunked"), ("GET", 1024, "chunked"),
               ("GET", 64, "length"), ("GET", 1024, "length"), ("POST", 64, None), ("POST", 1024, None)]
 BODY_CONNS = 16
+BODY_WARM = 8  # seconds of each load on each setup before the rounds
 TEMP_FILE = re.compile(r"(upstream response|client request body) is buffered to a temporary file")
 
 
@@ -1033,21 +1046,31 @@ def bodies(args):
     setups = [Setup("herd proxy", "sizes", "herd-proxy", herd=True), Setup("nginx", "sizes", "nginx"),
               Setup("haproxy", "sizes", "haproxy")]
 
+    def url(s, method, kib, framing):
+        path = "1" if method == "POST" else f"{kib}{'?length' if framing == 'length' else ''}"
+        return f"http://127.0.0.1:{s.port}/{path}"
+
+    def warm(s):
+        # Node's cost per request under a load settles only after many
+        # seconds of it (V8 sizes its young generation by what survives):
+        # measured cold, one upload load moved by up to 1.7x between two
+        # runs of 4 s.
+        for method, kib, framing in BODY_LOADS:
+            wrk(s.port, "keep-alive", BODY_CONNS, BODY_WARM, url=url(s, method, kib, framing),
+                post_kib=kib if method == "POST" else None)
+
     def measure(s, r):
-        wrk(s.port, "keep-alive", BODY_CONNS, 1)  # warm-up, unmeasured
         rows = []
         for method, kib, framing in BODY_LOADS:
             before, spooled = ticks(s.balancer()), temp_files(s)
             post = kib if method == "POST" else None
-            path = "1" if post else f"{kib}{'?length' if framing == 'length' else ''}"
-            res = wrk(s.port, "keep-alive", BODY_CONNS, args.secs,
-                      url=f"http://127.0.0.1:{s.port}/{path}", post_kib=post)
+            res = wrk(s.port, "keep-alive", BODY_CONNS, args.secs, url=url(s, method, kib, framing), post_kib=post)
             cpu = (ticks(s.balancer()) - before) / HZ / max(res["requests"], 1) * 1e5
             rows.append({"setup": s.name, "kind": s.kind, "method": method, "kib": kib, "framing": framing, "round": r,
                          **res, "cpu_s_per_100k": cpu, "temp_files": temp_files(s) - spooled})
         return rows
 
-    interleaved(args, setups, "bodies", measure, "bodies")
+    interleaved(args, setups, "bodies", measure, "bodies", warm)
 
 
 def size(kib):
@@ -1063,7 +1086,10 @@ def bodies_lines():
            "proxy, nginx and HAProxy, configured as in the first section, in front of two Node workers of "
            "`bench/apps/sizes.js`, which answer `GET /N` with N KiB (chunked, as Node frames a body written "
            "after `writeHead`; `GET /N?length` with a `Content-Length`, as Express's `res.send` does) and read a "
-           f"request's whole body before answering. Load: `wrk -t2`, keep-alive, {BODY_CONNS} connections. **MB/s** counts the answers' "
+           f"request's whole body before answering. Load: `wrk -t2`, keep-alive, {BODY_CONNS} connections. Each setup starts "
+           f"once and gets {BODY_WARM} s of every load, unmeasured, before the rounds: Node's cost per request under "
+           "a load settles only after many seconds of it (V8 sizes its young generation by what survives), and "
+           "measured cold, one upload load moved by up to 1.7× between two runs of 4 s. **MB/s** counts the answers' "
            "bodies (GET) or the uploads (POST). nginx runs with its defaults for bodies: it buffers answers "
            "(`proxy_buffering`) and uploads (`proxy_request_buffering`) and writes what does not fit its buffers "
            "to temporary files; **spooled** counts the answers and uploads it wrote to disk, from its own "
