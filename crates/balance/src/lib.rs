@@ -225,13 +225,17 @@ impl Balancer {
     /// Like [`Balancer::pick`], avoiding `avoid` (the backend that just
     /// failed, on a retry) unless it is the only one available.
     pub fn pick_except(&self, ctx: &Ctx<'_>, avoid: Option<&Backend>) -> Result<Lease, PickError> {
-        let lease = self.pick_any(ctx, avoid);
-        match lease {
-            // A race with another thread's pick took the last place.
-            Ok(l) if l.over_limit() => Err(PickError::Full),
-            Err(PickError::AllDown) if self.full() => Err(PickError::Full),
-            other => other,
+        // A pick that lost a race for the last place gives its lease back
+        // and looks once more: the winner may already be done, and nobody
+        // else would take the room it left until a waiter's next look.
+        for _ in 0..2 {
+            match self.pick_any(ctx, avoid) {
+                Ok(l) if l.over_limit() => continue,
+                Err(PickError::AllDown) if self.full() => return Err(PickError::Full),
+                other => return other,
+            }
         }
+        Err(PickError::Full)
     }
 
     /// Whether a backend is up but for its `max_conns`.
@@ -372,6 +376,52 @@ mod tests {
         bs[0].set_draining(true);
         assert_eq!(b.pick(&Ctx::default()).unwrap_err(), PickError::AllDown);
         drop(held);
+    }
+
+    /// Stands for another thread: on the first pick it takes the last
+    /// place between the look and the lease; on the next, it is done.
+    struct Racer {
+        winner: std::sync::Mutex<Option<Lease>>,
+        leaves: bool,
+    }
+
+    impl Strategy for Racer {
+        fn pick(&self, backends: &[Arc<Backend>], _: &Ctx<'_>) -> Option<usize> {
+            let mut w = self.winner.lock().unwrap();
+            if w.is_none() {
+                *w = Some(backends[0].lease(0));
+            } else if self.leaves {
+                *w = None;
+            }
+            Some(0)
+        }
+    }
+
+    #[test]
+    fn a_pick_that_loses_the_race_for_the_last_place_looks_again() {
+        for leaves in [true, false] {
+            let one = Arc::new(Backend::new(
+                "10.0.0.1:80",
+                BackendConfig {
+                    max_conns: 1,
+                    ..Default::default()
+                },
+            ));
+            let mut b = Balancer::new(StrategyKind::RoundRobin, vec![one.clone()]);
+            b.strategy = Box::new(Racer {
+                winner: Default::default(),
+                leaves,
+            });
+            let got = b.pick(&Ctx::default());
+            if leaves {
+                // The winner left before the second look: its place is taken.
+                assert!(got.is_ok_and(|l| !l.over_limit()));
+                assert_eq!(one.in_flight(), 0);
+            } else {
+                assert_eq!(got.unwrap_err(), PickError::Full);
+                assert_eq!(one.in_flight(), 1, "the loser's lease was given back");
+            }
+        }
     }
 
     #[test]
