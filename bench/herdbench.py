@@ -421,9 +421,13 @@ def bench(args):
                 s.start(work)
                 try:
                     # Unmeasured, the same for every setup: JIT-compiled
-                    # runtimes (Node) and connection pools settle first.
+                    # runtimes (Node) and connection pools settle first,
+                    # under each load (one second of new connections alone
+                    # left the Node app's p99 in the first keep-alive loads
+                    # up to 1.5x what the same load gave later).
                     if args.warmup > 0:
-                        wrk(s.port, "new connection", 16, args.warmup)
+                        for load, conns in LOADS:
+                            wrk(s.port, load, conns, args.warmup)
                     for load, conns in LOADS:
                         before_c, before_t = s.counts(), ticks(s.balancer())
                         res = wrk(s.port, load, conns, args.secs)
@@ -1469,12 +1473,12 @@ def report():
             "bench/syscalls # syscalls and TCP segments per request (about 2 minutes)",
             "bench/instructions # user-space instructions per request, by callgrind (about 4 minutes)",
             "bench/edge     # TLS and HTTP/2 (about 2 minutes)",
-            "bench/bodies   # answers and uploads of 16 KiB to 1 MiB (about 5 minutes)",
+            "bench/bodies   # answers and uploads of 16 KiB to 1 MiB (about 8 minutes)",
             "bench/chaos    # reloads and kills under load (about 5 minutes)", "```", "",
             "They install what they need (Debian's `wrk`, `nginx`, `haproxy`, `nodejs`; `pm2` from the npm "
-            "registry into `bench/.tools`) and build herd in release mode. Each start of a setup gets one "
-            "unmeasured second of load first (`--warmup`). `bench/run` runs 3 rounds of 5 s per load; "
-            "`--rounds 5` measures longer (the last run), `--secs 2` is quicker (about 10 minutes)."]
+            "registry into `bench/.tools`) and build herd in release mode. Each start of a setup gets two "
+            "unmeasured seconds of every load first (`--warmup`). `bench/run` runs 3 rounds of 5 s per load; "
+            "`--rounds 5` measures longer (the last run), `--secs 2` is quicker (about 17 minutes)."]
     (ROOT / "docs/BENCHMARKS.md").write_text("\n".join(doc) + "\n")
     update_readme(readme)
     if charts and not PLOT.exists():
@@ -1637,7 +1641,7 @@ def main():
     b.add_argument("--rounds", type=int, default=3)
     # Rounds of 1 s left a spread between rounds larger than the margins.
     b.add_argument("--secs", type=int, default=5)
-    b.add_argument("--warmup", type=int, default=1, help="unmeasured seconds of load after each start")
+    b.add_argument("--warmup", type=int, default=2, help="unmeasured seconds of each load after each start")
     b.add_argument("--only", nargs="*", help="setup kinds or apps to run (e.g. dispatch node-cluster)")
     c = sub.add_parser("chaos")
     c.add_argument("--times", type=int, default=20)
