@@ -21,6 +21,8 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 
+use crate::config::Mode;
+
 /// Longer lines are cut into pieces of this size, each prefixed.
 const MAX_LINE: u64 = 16 * 1024;
 
@@ -162,10 +164,12 @@ impl Copies {
 #[derive(Clone)]
 pub struct Output {
     tx: mpsc::Sender<(Stream, usize, Vec<u8>)>,
+    /// For the hint a worker that cannot bind gets.
+    mode: Mode,
 }
 
 impl Output {
-    pub fn start(mut copies: Copies) -> Output {
+    pub fn start(mut copies: Copies, mode: Mode) -> Output {
         let (tx, mut rx) = mpsc::channel::<(Stream, usize, Vec<u8>)>(1024);
         std::thread::Builder::new()
             .name("herd-output".into())
@@ -197,7 +201,7 @@ impl Output {
                 }
             })
             .ok();
-        Output { tx }
+        Output { tx, mode }
     }
 
     /// Copies `reader` line by line until EOF.
@@ -205,7 +209,7 @@ impl Output {
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
-        let tx = self.tx.clone();
+        let (tx, mode) = (self.tx.clone(), self.mode);
         tokio::spawn(async move {
             let mut reader = BufReader::new(reader);
             loop {
@@ -222,7 +226,7 @@ impl Output {
                         }
                         if !IN_USE_SAID.load(Relaxed) && says_in_use(&line) {
                             IN_USE_SAID.store(true, Relaxed);
-                            tracing::warn!("{}", in_use_hint(slot));
+                            tracing::warn!("{}", in_use_hint(slot, mode));
                         }
                         if tx.send((stream, slot, line)).await.is_err() {
                             return;
@@ -250,16 +254,41 @@ fn says_in_use(line: &[u8]) -> bool {
 
 /// Why a worker that cannot bind may be crash-looping: the usual cause is
 /// a server that binds a port of its own choosing rather than the one herd
-/// gives it, so it fights herd and its siblings for it. `$PORT` in the
-/// command needs a shell: a command line in one word gets `sh -c`.
-fn in_use_hint(slot: usize) -> String {
-    format!(
-        "worker {slot} says an address is already in use. A server that binds a port of its own \
-         (one written in its code, or its framework's default such as 8000 or 3000) fights herd \
-         and the other workers for it. Make it listen on $PORT, which herd sets for each worker; \
-         a command line in one word runs through a shell, which expands it: \
-         herd run -- 'python3 -m http.server $PORT'"
-    )
+/// gives it, so it fights herd and its siblings for it. The way out depends
+/// on the mode: only proxy mode gives a worker a port (`$PORT`, which needs
+/// a shell: a command line in one word gets `sh -c`); the fd modes hold the
+/// port in the master and hand over a socket, which the server must take.
+fn in_use_hint(slot: usize, mode: Mode) -> String {
+    let head = format!("worker {slot} says an address is already in use.");
+    match mode {
+        Mode::Proxy => format!(
+            "{head} A server that binds a port of its own (one written in its code, or its \
+             framework's default such as 8000 or 3000) fights herd and the other workers for it. \
+             Make it listen on $PORT, which herd sets for each worker; a command line in one word \
+             runs through a shell, which expands it: herd run -- 'python3 -m http.server $PORT'"
+        ),
+        Mode::Shared | Mode::Reuseport => format!(
+            "{head} In {} mode herd holds the port and hands each worker its listening socket \
+             as fd 3 (LISTEN_FDS=1), so a server that binds the port (or one of its own) itself \
+             finds it taken. Make it accept on fd 3 (gunicorn, uvicorn --fd 3, Node through \
+             herd's preload, systemd socket activation), or run it in proxy mode (the default), \
+             which gives each worker a port of its own in $PORT",
+            mode.as_str()
+        ),
+        Mode::Dispatch => format!(
+            "{head} In dispatch mode herd accepts on the port and passes each connection to a \
+             worker on fd 3 (HERD_DISPATCH_FD), so a server that binds the port (or one of its \
+             own) itself finds it taken. Make it take its connections from herd (Node through \
+             herd's preload, herd-sdk's dispatch()), or run it in proxy mode (the default), which \
+             gives each worker a port of its own in $PORT"
+        ),
+        Mode::Fork => format!(
+            "{head} In fork mode herd holds no port and each worker binds what it likes, so \
+             several workers of a server on one port fight for it. Run one (-i 1), or run it in \
+             proxy mode (the default), which serves every worker on one port and gives each a \
+             port of its own in $PORT"
+        ),
+    }
 }
 
 /// How long a write waits for room in herd's stdout or stderr before
@@ -363,7 +392,7 @@ pub fn lines(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{Stream, in_use_hint, says_in_use, worker_line};
+    use super::{Mode, Stream, in_use_hint, says_in_use, worker_line};
 
     #[test]
     fn servers_that_cannot_bind_are_recognised() {
@@ -378,7 +407,22 @@ mod tests {
             assert!(says_in_use(line.as_bytes()), "{line}");
         }
         assert!(!says_in_use(b"GET / 200 in 3 ms"));
-        assert!(in_use_hint(1).starts_with("worker 1 says"));
+        for mode in [
+            Mode::Proxy,
+            Mode::Shared,
+            Mode::Reuseport,
+            Mode::Dispatch,
+            Mode::Fork,
+        ] {
+            assert!(
+                in_use_hint(1, mode).starts_with("worker 1 says"),
+                "{mode:?}"
+            );
+        }
+        // Only proxy mode gives a worker a port to listen on.
+        assert!(in_use_hint(0, Mode::Proxy).contains("Make it listen on $PORT"));
+        assert!(in_use_hint(0, Mode::Reuseport).contains("accept on fd 3"));
+        assert!(!in_use_hint(0, Mode::Dispatch).contains("Make it listen on $PORT"));
     }
 
     #[test]

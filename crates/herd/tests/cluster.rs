@@ -919,6 +919,26 @@ fn a_worker_that_cannot_bind_gets_a_hint() {
     assert!(matches!(http_get(h.port, "/"), Ok((200, _))), "{}", h.log());
 }
 
+/// In the fd modes the way out is not `$PORT` (herd sets none there) but
+/// the socket herd hands over, or proxy mode.
+#[test]
+fn a_worker_that_cannot_bind_in_shared_mode_gets_the_fd_hint() {
+    let own = free_port().to_string();
+    let h = Herd::start(
+        &["-i", "2", "--mode", "shared"],
+        &["python3", "-m", "http.server", "--bind", "127.0.0.1", &own],
+    );
+    assert!(
+        h.wait_log("says an address is already in use", T),
+        "{}",
+        h.log()
+    );
+    let log = h.log();
+    assert!(log.contains("In shared mode herd holds the port"), "{log}");
+    assert!(log.contains("accept on fd 3"), "{log}");
+    assert!(!log.contains("Make it listen on $PORT"), "{log}");
+}
+
 /// A worker given fd 3 gets connections with `TCP_NODELAY` set, from the
 /// listening socket: one that writes an answer in two pieces without
 /// setting it (uvicorn takes fd 3 for a Unix socket) would otherwise wait

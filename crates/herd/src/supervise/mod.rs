@@ -440,6 +440,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     });
     let copies = crate::output::Copies::open(&s)
         .map_err(|(path, source)| SuperviseError::OutputFile { path, source })?;
+    let mode = s.mode;
     let mut sup = Supervisor {
         m: Machine::new(s.instances, limits),
         procs: HashMap::new(),
@@ -447,7 +448,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         listeners: Some(listeners),
         rundir,
         guardian,
-        output: Output::start(copies),
+        output: Output::start(copies, mode),
         tx,
         rx,
         up,
