@@ -259,6 +259,8 @@ fn says_in_use(line: &[u8]) -> bool {
 /// a shell: a command line in one word gets `sh -c`); the fd modes hold the
 /// port in the master and hand over a socket, which the server must take.
 fn in_use_hint(slot: usize, mode: Mode) -> String {
+    const OR_PROXY: &str =
+        "or run it in proxy mode (the default), which gives each worker a port of its own in $PORT";
     let head = format!("worker {slot} says an address is already in use.");
     match mode {
         Mode::Proxy => format!(
@@ -271,22 +273,18 @@ fn in_use_hint(slot: usize, mode: Mode) -> String {
             "{head} In {} mode herd holds the port and hands each worker its listening socket \
              as fd 3 (LISTEN_FDS=1), so a server that binds the port (or one of its own) itself \
              finds it taken. Make it accept on fd 3 (gunicorn, uvicorn --fd 3, Node through \
-             herd's preload, systemd socket activation), or run it in proxy mode (the default), \
-             which gives each worker a port of its own in $PORT",
+             herd's preload, systemd socket activation), {OR_PROXY}",
             mode.as_str()
         ),
         Mode::Dispatch => format!(
             "{head} In dispatch mode herd accepts on the port and passes each connection to a \
              worker on fd 3 (HERD_DISPATCH_FD), so a server that binds the port (or one of its \
              own) itself finds it taken. Make it take its connections from herd (Node through \
-             herd's preload, herd-sdk's dispatch()), or run it in proxy mode (the default), which \
-             gives each worker a port of its own in $PORT"
+             herd's preload, herd-sdk's dispatch()), {OR_PROXY}"
         ),
         Mode::Fork => format!(
             "{head} In fork mode herd holds no port and each worker binds what it likes, so \
-             several workers of a server on one port fight for it. Run one (-i 1), or run it in \
-             proxy mode (the default), which serves every worker on one port and gives each a \
-             port of its own in $PORT"
+             several workers of a server on one port fight for it. Run one (-i 1), {OR_PROXY}"
         ),
     }
 }
