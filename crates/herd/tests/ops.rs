@@ -95,6 +95,90 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     }
 }
 
+/// herd's Node preload at a stop, where clients reach Node themselves: an
+/// answer in flight says `Connection: close` and the connection closes
+/// after it; behind an answer whose head had already gone out, the
+/// pipelined one waiting its turn says it. (The preload keeps nothing per
+/// request: it finds the answers through the sockets.)
+#[test]
+fn node_answers_in_flight_at_a_stop_close_their_keep_alive_connections() {
+    let dir = std::env::temp_dir().join(format!("herd-node-inflight-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let app = dir.join("app.js");
+    std::fs::write(
+        &app,
+        r#"const http = require('http');
+http.createServer((req, res) => {
+  if (req.url === '/slow') {
+    console.log('slow started');
+    setTimeout(() => res.end('slow done'), 1500);
+  } else if (req.url === '/stream') {
+    res.writeHead(200, { 'Content-Type': 'text/plain' });
+    res.write('part ');
+    console.log('stream started');
+    setTimeout(() => res.end('streamed'), 1500);
+  } else {
+    res.end('quick');
+  }
+}).listen(3000);
+"#,
+    )
+    .unwrap();
+    // (An answer the app has ended is rendered at once, head and all, even
+    // while it waits its turn: it is too late to change.)
+    for mode in ["shared", "dispatch"] {
+        for (path, next) in [("/slow", "/quick"), ("/stream", "/slow")] {
+            let mut h = Herd::start(&["-i", "1", "--mode", mode], &["node", s(&app)]);
+            h.wait_ready(1);
+            let c = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+            c.set_read_timeout(Some(T)).unwrap();
+            let mut c = BufReader::new(c);
+            // Kept alive before the stop.
+            let (status, body, close) = keepalive_get(&mut c).unwrap();
+            assert_eq!((status, body.as_str(), close), (200, "quick", false));
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: t\r\n\r\nGET {next} HTTP/1.1\r\nHost: t\r\n\r\n"
+            );
+            c.get_mut().write_all(req.as_bytes()).unwrap();
+            assert!(h.wait_log("slow started", T), "{}", h.log());
+            h.signal("TERM");
+            let (status, body, close) = read_answer(&mut c).unwrap();
+            if path == "/slow" {
+                // Its head was still unsent: it closes the connection, and
+                // the pipelined request is not answered.
+                assert_eq!(
+                    (status, body.as_str(), close),
+                    (200, "slow done", true),
+                    "{mode}"
+                );
+            } else {
+                // Its head had gone out: the next answer says it.
+                assert_eq!(
+                    (status, body.as_str(), close),
+                    (200, "part streamed", false),
+                    "{mode}"
+                );
+                let (status, body, close) = read_answer(&mut c).unwrap();
+                assert_eq!(
+                    (status, body.as_str(), close),
+                    (200, "slow done", true),
+                    "{mode}"
+                );
+            }
+            let mut rest = Vec::new();
+            let n = std::io::Read::read_to_end(&mut c, &mut rest);
+            assert_eq!(
+                n.ok(),
+                Some(0),
+                "{mode} {path}: not closed after the last answer: {rest:?}"
+            );
+            let st = h.wait_exit(T).expect("master did not exit");
+            assert_eq!(st.code(), Some(0), "{mode} {path}: {}", h.log());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// PM2's `cron_restart`, as a rolling reload: here every 2 s (six fields,
 /// seconds first), with keep-alive clients that see nothing of it.
 #[test]
