@@ -193,7 +193,7 @@
   // Nothing is kept per request: each socket that carried a request is
   // remembered once (a Set lookup per request), and at the stop the answer
   // it is writing (Node's socket._httpMessage) is found through it. A Set
-  // and two listeners per request cost a Node hello-world about 7% of its
+  // and two listeners per request cost a Node hello-world 5% to 13% of its
   // keep-alive throughput. An answer queued behind a pipelined one has no
   // socket yet: those few are kept until they finish.
   const drainHttp = (server) => {
