@@ -195,7 +195,8 @@
   // it is writing (Node's socket._httpMessage) is found through it. A Set
   // and two listeners per request cost a Node hello-world 5% to 13% of its
   // keep-alive throughput. An answer queued behind a pipelined one has no
-  // socket yet: those few are kept until they finish.
+  // socket yet: those few are kept until they finish or their connection
+  // closes.
   const drainHttp = (server) => {
     const closeIdle = server.closeIdleConnections;
     if (typeof closeIdle !== 'function') return; // not HTTP, or Node < 18.2
@@ -219,9 +220,12 @@
           socket.once('close', forgetSocket);
         }
       } else {
+        // Node emits neither `finish` nor `close` on an answer that never
+        // got its socket when the connection dies; the request's `close`
+        // comes then (and after `finish` otherwise).
         queued.add(res);
-        res.once('close', forgetQueued);
         res.once('finish', forgetQueued);
+        req.once('close', () => queued.delete(res));
       }
     });
     const closeAfter = (res) => {

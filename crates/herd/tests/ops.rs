@@ -179,6 +179,78 @@ http.createServer((req, res) => {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The preload keeps each answer waiting behind a pipelined one until it
+/// finishes; one whose connection dies first (Node then emits neither its
+/// `finish` nor its `close`) must be let go too, or a server leaks them.
+/// Node runs the preload from the source tree, with its set made visible.
+#[test]
+fn node_preload_lets_go_of_queued_answers_whose_connection_died() {
+    let dir = std::env::temp_dir().join(format!("herd-node-queued-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = include_str!("../node/preload.js");
+    let marker = "const queued = new Set();";
+    assert!(
+        source.contains(marker),
+        "the preload changed: update this test"
+    );
+    let preload = dir.join("preload.js");
+    let shown = source.replace(marker, &format!("{marker} global.__herdQueued = queued;"));
+    std::fs::write(&preload, shown).unwrap();
+    let app = dir.join("app.js");
+    std::fs::write(
+        &app,
+        r#"const http = require('http'), net = require('net');
+let waited = 0;
+const srv = http.createServer((req, res) => {
+  if (!res.socket) waited++;
+  if (req.url === '/slow') setTimeout(() => res.end('slow'), 50); else res.end('quick');
+});
+srv.listen(3000, () => {
+  const port = srv.address().port;
+  let n = 0;
+  const one = () => {
+    const c = net.connect(port, () => {
+      c.write('GET /slow HTTP/1.1\r\nHost: t\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n');
+      setTimeout(() => c.destroy(), 10);
+    });
+    c.on('error', () => {});
+    c.on('close', () => { if (++n < 40) one(); else settle(Date.now()); });
+  };
+  const settle = (t0) => {
+    const left = global.__herdQueued ? global.__herdQueued.size : -1;
+    if (left === 0 || Date.now() - t0 > 5000) {
+      console.log(`waited ${waited} left ${left}`);
+      process.exit(0);
+    }
+    setTimeout(settle, 20, t0);
+  };
+  one();
+});
+"#,
+    )
+    .unwrap();
+    let out = Command::new("node")
+        .args(["-r", s(&preload), s(&app)])
+        .env("HERD_MODE", "proxy")
+        .env("HERD_WORKER_ID", "0")
+        .env("HERD_PORT", free_port().to_string())
+        .env_remove("PORT")
+        .env_remove("HERD_SOCKET")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counts: Vec<u32> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        matches!(counts[..], [waited, 0] if waited > 0),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// PM2's `cron_restart`, as a rolling reload: here every 2 s (six fields,
 /// seconds first), with keep-alive clients that see nothing of it.
 #[test]
