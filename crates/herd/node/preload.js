@@ -195,17 +195,20 @@
   // it is writing (Node's socket._httpMessage) is found through it. A Set
   // and two listeners per request cost a Node hello-world 5% to 13% of its
   // keep-alive throughput. An answer queued behind a pipelined one has no
-  // socket yet: those few are kept until they finish or their connection
-  // closes.
+  // socket yet: those few are kept, by connection, until they finish or
+  // their connection closes.
   const drainHttp = (server) => {
     const closeIdle = server.closeIdleConnections;
     if (typeof closeIdle !== 'function') return; // not HTTP, or Node < 18.2
     if (drained.has(server)) return;
     drained.add(server);
     const sockets = new Set();
-    const queued = new Set();
-    function forgetSocket() { sockets.delete(this); }
-    function forgetQueued() { queued.delete(this); }
+    // Answers waiting their turn behind a pipelined one, by connection.
+    const queued = new Map();
+    function forgetSocket() {
+      sockets.delete(this);
+      queued.delete(this);
+    }
     let draining = false;
     let graceOver = false;
     server.prependListener('request', (req, res) => {
@@ -213,19 +216,21 @@
         res.setHeader('Connection', 'close');
         return;
       }
-      const socket = res.socket;
-      if (socket) {
-        if (!sockets.has(socket)) {
-          sockets.add(socket);
-          socket.once('close', forgetSocket);
-        }
-      } else {
-        // Node emits neither `finish` nor `close` on an answer that never
-        // got its socket when the connection dies; the request's `close`
-        // comes then (and after `finish` otherwise).
-        queued.add(res);
-        res.once('finish', forgetQueued);
-        req.once('close', () => queued.delete(res));
+      const socket = res.socket || req.socket;
+      if (!socket) return;
+      if (!sockets.has(socket)) {
+        sockets.add(socket);
+        socket.once('close', forgetSocket);
+      }
+      if (!res.socket) {
+        // Let go when it finishes, or with its connection: Node emits
+        // neither `finish` nor `close` on an answer that never got its
+        // socket, and the request's `close` comes as soon as its body is
+        // read.
+        let waiting = queued.get(socket);
+        if (!waiting) queued.set(socket, (waiting = new Set()));
+        waiting.add(res);
+        res.once('finish', () => waiting.delete(res));
       }
     });
     const closeAfter = (res) => {
@@ -235,7 +240,7 @@
       if (!draining) {
         draining = true;
         for (const socket of sockets) closeAfter(socket._httpMessage);
-        for (const res of queued) closeAfter(res);
+        for (const waiting of queued.values()) for (const res of waiting) closeAfter(res);
         sockets.clear();
         queued.clear();
         setTimeout(() => { graceOver = true; closeIdle.call(server); }, IDLE_GRACE_MS).unref();

@@ -98,8 +98,9 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
 /// herd's Node preload at a stop, where clients reach Node themselves: an
 /// answer in flight says `Connection: close` and the connection closes
 /// after it; behind an answer whose head had already gone out, the
-/// pipelined one waiting its turn says it. (The preload keeps nothing per
-/// request: it finds the answers through the sockets.)
+/// pipelined one waiting its turn says it, even once its handler has read
+/// its body. (The preload keeps nothing per request: it finds the answers
+/// through the sockets.)
 #[test]
 fn node_answers_in_flight_at_a_stop_close_their_keep_alive_connections() {
     let dir = std::env::temp_dir().join(format!("herd-node-inflight-{}", std::process::id()));
@@ -117,6 +118,15 @@ http.createServer((req, res) => {
     res.write('part ');
     console.log('stream started');
     setTimeout(() => res.end('streamed'), 1500);
+  } else if (req.url === '/read') {
+    // Node ends (and closes) the request once its body is read, long
+    // before the answer.
+    let n = 0;
+    req.on('data', (d) => { n += d.length; });
+    req.on('end', () => {
+      setImmediate(() => console.log('slow started'));
+      setTimeout(() => res.end(`read ${n}`), 1500);
+    });
   } else {
     res.end('quick');
   }
@@ -127,7 +137,20 @@ http.createServer((req, res) => {
     // (An answer the app has ended is rendered at once, head and all, even
     // while it waits its turn: it is too late to change.)
     for mode in ["shared", "dispatch"] {
-        for (path, next) in [("/slow", "/quick"), ("/stream", "/slow")] {
+        let pipelined = [
+            ("/slow", "GET /quick HTTP/1.1\r\nHost: t\r\n\r\n", ""),
+            (
+                "/stream",
+                "GET /slow HTTP/1.1\r\nHost: t\r\n\r\n",
+                "slow done",
+            ),
+            (
+                "/stream",
+                "POST /read HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nbody",
+                "read 4",
+            ),
+        ];
+        for (path, next, queued) in pipelined {
             let mut h = Herd::start(&["-i", "1", "--mode", mode], &["node", s(&app)]);
             h.wait_ready(1);
             let c = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
@@ -136,9 +159,7 @@ http.createServer((req, res) => {
             // Kept alive before the stop.
             let (status, body, close) = keepalive_get(&mut c).unwrap();
             assert_eq!((status, body.as_str(), close), (200, "quick", false));
-            let req = format!(
-                "GET {path} HTTP/1.1\r\nHost: t\r\n\r\nGET {next} HTTP/1.1\r\nHost: t\r\n\r\n"
-            );
+            let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n{next}");
             c.get_mut().write_all(req.as_bytes()).unwrap();
             assert!(h.wait_log("slow started", T), "{}", h.log());
             h.signal("TERM");
@@ -161,7 +182,7 @@ http.createServer((req, res) => {
                 let (status, body, close) = read_answer(&mut c).unwrap();
                 assert_eq!(
                     (status, body.as_str(), close),
-                    (200, "slow done", true),
+                    (200, queued, true),
                     "{mode}"
                 );
             }
@@ -188,7 +209,7 @@ fn node_preload_lets_go_of_queued_answers_whose_connection_died() {
     let dir = std::env::temp_dir().join(format!("herd-node-queued-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let source = include_str!("../node/preload.js");
-    let marker = "const queued = new Set();";
+    let marker = "const queued = new Map();";
     assert!(
         source.contains(marker),
         "the preload changed: update this test"
