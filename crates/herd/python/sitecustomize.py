@@ -17,6 +17,10 @@
 # readiness then comes from herd's own probe); a socket C code binds on its
 # own is not seen.
 #
+# In the fd modes (shared, reuseport), where clients reach the
+# worker itself, it makes uvicorn stop as herd's Node preload makes Node
+# stop (see _herd_drain_uvicorn).
+#
 # Then it imports the sitecustomize this one hides (Debian ships one).
 import os
 import sys
@@ -109,6 +113,98 @@ def _herd_preload():
     socket.socket.listen = listen
 
 
+def _herd_drain_uvicorn():
+    """On its stop uvicorn closes each idle keep-alive connection at once, so
+    a client whose next request is already on its way gets a reset (HAProxy
+    and herd's Node preload avoid it). Patched here, when uvicorn's HTTP
+    protocols are imported: an idle connection's next answer says
+    `Connection: close`, and one still idle after a second is closed then;
+    connections with a request in flight keep uvicorn's own handling."""
+    env = os.environ
+    if env.get('HERD_MODE') not in ('shared', 'reuseport'):
+        return
+    if env.get('HERD_WORKER_ID') is None:
+        return
+    import importlib.abc
+
+    # Module -> (protocol class, the method after which a new request's
+    # cycle exists and has not started).
+    targets = {
+        'uvicorn.protocols.http.h11_impl': ('H11Protocol', 'handle_events'),
+        'uvicorn.protocols.http.httptools_impl': ('HttpToolsProtocol', 'on_headers_complete'),
+    }
+    grace = 1.0
+
+    def idle(proto):
+        cycle = proto.cycle
+        return cycle is None or cycle.response_complete
+
+    def patch(module):
+        name, begun = targets[module.__name__]
+        cls = getattr(module, name, None)
+        if cls is None or not hasattr(cls, 'shutdown') or not hasattr(cls, begun):
+            return
+        shutdown, begin = cls.shutdown, getattr(cls, begun)
+
+        def close_if_idle(self):
+            if idle(self) and not self.transport.is_closing():
+                shutdown(self)
+
+        def herd_shutdown(self):
+            if idle(self) and not getattr(self, '_herd_draining', False):
+                self._herd_draining = True
+                self.loop.call_later(grace, close_if_idle, self)
+                return
+            shutdown(self)
+
+        def herd_begin(self, *args, **kwargs):
+            result = begin(self, *args, **kwargs)
+            if getattr(self, '_herd_draining', False) and not idle(self):
+                # httptools' cycle then says `Connection: close`; h11 says
+                # it once its connection state has keep-alive disabled.
+                self.cycle.keep_alive = False
+                state = getattr(getattr(self, 'conn', None), '_cstate', None)
+                if state is not None and hasattr(state, 'process_keep_alive_disabled'):
+                    state.process_keep_alive_disabled()
+            return result
+
+        cls.shutdown = herd_shutdown
+        setattr(cls, begun, herd_begin)
+
+    class Loader(importlib.abc.Loader):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):  # get_source, is_package, ...
+            return getattr(self.inner, name)
+
+        def create_module(self, spec):
+            return self.inner.create_module(spec)
+
+        def exec_module(self, module):
+            self.inner.exec_module(module)
+            try:
+                patch(module)
+            except Exception:  # uvicorn changed: keep its own behaviour
+                pass
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname not in targets:
+                return None
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, 'find_spec'):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, 'exec_module'):
+                        spec.loader = Loader(spec.loader)
+                    return spec
+            return None
+
+    sys.meta_path.insert(0, Finder())
+
+
 def _next_sitecustomize():
     import importlib.machinery
     import importlib.util
@@ -121,8 +217,9 @@ def _next_sitecustomize():
         spec.loader.exec_module(module)
 
 
-try:
-    _herd_preload()
-except Exception:  # never stop the app from starting
-    pass
+for _herd_part in (_herd_preload, _herd_drain_uvicorn):
+    try:
+        _herd_part()
+    except Exception:  # never stop the app from starting
+        pass
 _next_sitecustomize()

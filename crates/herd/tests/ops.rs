@@ -56,17 +56,46 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     // Issue 14: the old worker closed idle keep-alive connections while
     // clients were sending on them (about 40 errors per reload in fd modes).
     // hello.js is unmodified and calls server.close() on SIGTERM itself
-    // (herd's Node preload does the rest); app.py drains by itself.
+    // (herd's Node preload does the rest); app.py drains by itself; plain
+    // uvicorn closes idle connections at once when it stops, and herd's
+    // Python preload makes it drain in the fd modes.
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
     let node = format!("{examples}/node/hello.js");
     let python = format!("{examples}/python/app.py");
-    for (lang, cmd) in [("node", &node), ("python3", &python)] {
-        for mode in ["proxy", "shared", "reuseport", "dispatch"] {
-            if lang == "python3" && mode == "dispatch" {
-                continue; // app.py takes a listening socket, not dispatched ones
-            }
+    let dir = std::env::temp_dir().join(format!("herd-karl-asgi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("asgi.py"),
+        "async def app(scope, receive, send):\n    if scope['type'] != 'http':\n        return\n    await send({'type': 'http.response.start', 'status': 200, 'headers': [(b'content-length', b'7')]})\n    await send({'type': 'http.response.body', 'body': b'asgi ok'})\n",
+    )
+    .unwrap();
+    let asgi_dir = dir.to_string_lossy().into_owned();
+    let all = ["proxy", "shared", "reuseport", "dispatch"];
+    // app.py and uvicorn take a listening socket, not dispatched ones.
+    let fd = ["proxy", "shared", "reuseport"];
+    // Both of uvicorn's HTTP implementations (`uvicorn[standard]` brings
+    // httptools; .ci/run installs it).
+    let uvicorn = |http| {
+        [
+            "uvicorn",
+            "--http",
+            http,
+            "--app-dir",
+            &asgi_dir,
+            "asgi:app",
+        ]
+    };
+    let (h11, httptools) = (uvicorn("h11"), uvicorn("httptools"));
+    let apps: [(&str, &[&str], &[&str]); 4] = [
+        ("node", &["node", &node], &all),
+        ("python3", &["python3", &python], &fd),
+        ("uvicorn-h11", &h11, &fd),
+        ("uvicorn-httptools", &httptools, &["shared"]),
+    ];
+    for (lang, cmd, modes) in apps {
+        for &mode in modes {
             let n = name(&format!("karl-{lang}-{mode}"));
-            let h = Herd::start(&["--name", &n, "-i", "2", "--mode", mode], &[lang, cmd]);
+            let h = Herd::start(&["--name", &n, "-i", "2", "--mode", mode], cmd);
             h.wait_ready(2);
             let stop = Arc::new(AtomicBool::new(false));
             let done = Arc::new(AtomicUsize::new(0));
@@ -93,6 +122,7 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
             assert!(good > 100, "{lang} {mode}: only {good} requests made");
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// herd's Node preload at a stop, where clients reach Node themselves: an

@@ -1029,6 +1029,9 @@ pub struct Settings {
     /// Put herd's Python preload first on a Python command's `PYTHONPATH`
     /// (unless `--no-node-shim` or `node-shim = false` turns preloads off).
     pub python_shim: bool,
+    /// In the fd modes, put it first on every worker's `PYTHONPATH`, where
+    /// it makes uvicorn drain (same switches).
+    pub python_drain: bool,
     /// `--user`: the workers' user, group and home.
     pub run_as: Option<RunAs>,
     /// `--increment-var`: NAME = its value + the worker's id.
@@ -1734,6 +1737,7 @@ impl Settings {
             log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),
             node_shim,
             python_shim,
+            python_drain: !no_node_shim && o.node_shim != Some(false) && mode.passes_fd(),
             run_as,
             increment_var: o.increment_var,
             instance_var: o.instance_var,

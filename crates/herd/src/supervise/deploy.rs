@@ -339,6 +339,7 @@ impl Supervisor {
                 self.preloads.as_ref(),
                 node,
                 python,
+                self.s.python_drain,
                 Default::default(),
             ),
             by,

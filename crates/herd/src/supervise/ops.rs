@@ -57,6 +57,7 @@ impl Supervisor {
             self.preloads.as_ref(),
             s.node_shim,
             s.python_shim,
+            s.python_drain,
             reuse,
         );
         self.specs.insert(version, std::sync::Arc::new(spec));

@@ -66,7 +66,9 @@ impl Preloads {
 
 /// A release as the driver starts it: what to run, and `NODE_OPTIONS`
 /// or `PYTHONPATH` with herd's preload when it is a Node program or a
-/// Python script.
+/// Python script. In the fd modes every worker gets `PYTHONPATH` (the
+/// preload makes uvicorn drain there, and a console script such as
+/// `uvicorn` may start through a shell shim, pyenv's, that hides Python).
 pub(super) struct Spec {
     pub release: crate::config::Release,
     pub node_options: Option<OsString>,
@@ -82,15 +84,17 @@ pub(super) struct Spec {
 }
 
 impl Spec {
-    /// `release` with the preloads asked for (`node`, `python`) when they
-    /// were written.
+    /// `release` with the preloads asked for (`node`, `python`, and
+    /// `drain`, Python's for every worker) when they were written.
     pub(super) fn new(
         release: crate::config::Release,
         preloads: Option<&Preloads>,
         node: bool,
         python: bool,
+        drain: bool,
         reuse: Arc<Reuse>,
     ) -> Spec {
+        let python = python || drain;
         Spec {
             node_options: preloads
                 .filter(|_| node)
