@@ -147,7 +147,9 @@ def _herd_drain_uvicorn():
         shutdown, begin = cls.shutdown, getattr(cls, begun)
 
         def close_if_idle(self):
-            if idle(self) and not self.transport.is_closing():
+            transport = self.transport
+            # (A connection upgraded meanwhile belongs to its WebSocket.)
+            if idle(self) and not transport.is_closing() and transport.get_protocol() is self:
                 shutdown(self)
 
         def herd_shutdown(self):
