@@ -1361,16 +1361,10 @@ fn the_readmes_python_and_perl_commands_serve() {
         mojolicious,
         "Mojolicious is needed (Debian's libmojolicious-perl; .ci/run installs it)"
     );
-    let dir = std::env::temp_dir().join(format!("herd-wsgi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = asgi_app_dir("wsgi");
     std::fs::write(
         dir.join("wsgi.py"),
         "def app(environ, start_response):\n    start_response('200 OK', [('Content-Type', 'text/plain')])\n    return [b'wsgi ok']\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("asgi.py"),
-        "async def app(scope, receive, send):\n    if scope['type'] != 'http':\n        return\n    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n    await send({'type': 'http.response.body', 'body': b'asgi ok'})\n",
     )
     .unwrap();
     std::fs::write(

@@ -62,13 +62,7 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
     let node = format!("{examples}/node/hello.js");
     let python = format!("{examples}/python/app.py");
-    let dir = std::env::temp_dir().join(format!("herd-karl-asgi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("asgi.py"),
-        "async def app(scope, receive, send):\n    if scope['type'] != 'http':\n        return\n    await send({'type': 'http.response.start', 'status': 200, 'headers': [(b'content-length', b'7')]})\n    await send({'type': 'http.response.body', 'body': b'asgi ok'})\n",
-    )
-    .unwrap();
+    let dir = asgi_app_dir("karl-asgi");
     let asgi_dir = dir.to_string_lossy().into_owned();
     let all = ["proxy", "shared", "reuseport", "dispatch"];
     // app.py and uvicorn take a listening socket, not dispatched ones.

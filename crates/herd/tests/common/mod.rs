@@ -663,6 +663,19 @@ pub fn s(p: &std::path::Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A fresh directory named after `what` and this test process, holding
+/// `asgi.py`: an ASGI app (uvicorn's `asgi:app`) that answers `asgi ok`.
+pub fn asgi_app_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("herd-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("asgi.py"),
+        "async def app(scope, receive, send):\n    if scope['type'] != 'http':\n        return\n    await send({'type': 'http.response.start', 'status': 200, 'headers': [(b'content-length', b'7')]})\n    await send({'type': 'http.response.body', 'body': b'asgi ok'})\n",
+    )
+    .unwrap();
+    dir
+}
+
 /// A process's resident memory, in KiB (0 once it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
