@@ -1594,8 +1594,9 @@ impl Settings {
             (_, Some(on)) => on,
             _ => is_node(&program) || runs_node_script(&program, &command, cwd.as_deref()),
         };
-        let python_shim = !no_node_shim
-            && o.node_shim != Some(false)
+        // `--no-node-shim` and `node-shim = false` turn every preload off.
+        let preloads_on = !no_node_shim && o.node_shim != Some(false);
+        let python_shim = preloads_on
             && crate::python::is_python(&program)
             && crate::python::runs_script(&command);
         if !watch.is_empty() && command.is_empty() {
@@ -1737,7 +1738,7 @@ impl Settings {
             log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),
             node_shim,
             python_shim,
-            python_drain: !no_node_shim && o.node_shim != Some(false) && mode.passes_fd(),
+            python_drain: preloads_on && mode.passes_fd(),
             run_as,
             increment_var: o.increment_var,
             instance_var: o.instance_var,
