@@ -18,8 +18,8 @@
 # own is not seen.
 #
 # In the fd modes (shared, reuseport), where clients reach the
-# worker itself, it makes uvicorn stop as herd's Node preload makes Node
-# stop (see _herd_drain_uvicorn).
+# worker itself, it makes uvicorn and hypercorn stop as herd's Node preload
+# makes Node stop (see _herd_drain).
 #
 # Then it imports the sitecustomize this one hides (Debian ships one).
 import os
@@ -113,13 +113,15 @@ def _herd_preload():
     socket.socket.listen = listen
 
 
-def _herd_drain_uvicorn():
-    """On its stop uvicorn closes each idle keep-alive connection at once, so
-    a client whose next request is already on its way gets a reset (HAProxy
-    and herd's Node preload avoid it). Patched here, when uvicorn's HTTP
-    protocols are imported: an idle connection's next answer says
-    `Connection: close`, and one still idle after a second is closed then;
-    connections with a request in flight keep uvicorn's own handling."""
+def _herd_drain():
+    """On its stop uvicorn, and hypercorn's asyncio workers, close each idle
+    keep-alive connection at once, so a client whose next request is already
+    on its way gets a reset (HAProxy and herd's Node preload avoid it).
+    Patched here, when their HTTP/1.1 modules are imported: an idle
+    connection's next answer says `Connection: close`, and one still idle
+    after a second is closed then; connections with a request in flight keep
+    the server's own handling. If a server is not as expected, it stays as
+    it is."""
     env = os.environ
     if env.get('HERD_MODE') not in ('shared', 'reuseport'):
         return
@@ -127,51 +129,178 @@ def _herd_drain_uvicorn():
         return
     import importlib.abc
 
-    # Module -> (protocol class, the method after which a new request's
-    # cycle exists and has not started).
-    targets = {
-        'uvicorn.protocols.http.h11_impl': ('H11Protocol', 'handle_events'),
-        'uvicorn.protocols.http.httptools_impl': ('HttpToolsProtocol', 'on_headers_complete'),
-    }
     grace = 1.0
 
-    def idle(proto):
-        cycle = proto.cycle
-        return cycle is None or cycle.response_complete
+    def uvicorn_protocol(name, begun):
+        """uvicorn's protocol class `name`; `begun`: the method after which a
+        new request's cycle exists and has not started."""
 
-    def patch(module):
-        name, begun = targets[module.__name__]
-        cls = getattr(module, name, None)
-        if cls is None or not hasattr(cls, 'shutdown') or not hasattr(cls, begun):
-            return
-        shutdown, begin = cls.shutdown, getattr(cls, begun)
+        def idle(proto):
+            cycle = proto.cycle
+            return cycle is None or cycle.response_complete
 
-        def close_if_idle(self):
-            transport = self.transport
-            # (A connection upgraded meanwhile belongs to its WebSocket.)
-            if idle(self) and not transport.is_closing() and transport.get_protocol() is self:
+        def patch(module):
+            cls = getattr(module, name, None)
+            if cls is None or not hasattr(cls, 'shutdown') or not hasattr(cls, begun):
+                return
+            shutdown, begin = cls.shutdown, getattr(cls, begun)
+
+            def close_if_idle(self):
+                transport = self.transport
+                # (A connection upgraded meanwhile belongs to its WebSocket.)
+                if idle(self) and not transport.is_closing() and transport.get_protocol() is self:
+                    shutdown(self)
+
+            def herd_shutdown(self):
+                if idle(self) and not getattr(self, '_herd_draining', False):
+                    self._herd_draining = True
+                    self.loop.call_later(grace, close_if_idle, self)
+                    return
                 shutdown(self)
 
-        def herd_shutdown(self):
-            if idle(self) and not getattr(self, '_herd_draining', False):
-                self._herd_draining = True
-                self.loop.call_later(grace, close_if_idle, self)
-                return
-            shutdown(self)
+            def herd_begin(self, *args, **kwargs):
+                result = begin(self, *args, **kwargs)
+                if getattr(self, '_herd_draining', False) and not idle(self):
+                    # httptools' cycle then says `Connection: close`; h11
+                    # says it once its connection state has keep-alive
+                    # disabled.
+                    self.cycle.keep_alive = False
+                    state = getattr(getattr(self, 'conn', None), '_cstate', None)
+                    if state is not None and hasattr(state, 'process_keep_alive_disabled'):
+                        state.process_keep_alive_disabled()
+                return result
 
-        def herd_begin(self, *args, **kwargs):
-            result = begin(self, *args, **kwargs)
-            if getattr(self, '_herd_draining', False) and not idle(self):
-                # httptools' cycle then says `Connection: close`; h11 says
-                # it once its connection state has keep-alive disabled.
-                self.cycle.keep_alive = False
-                state = getattr(getattr(self, 'conn', None), '_cstate', None)
-                if state is not None and hasattr(state, 'process_keep_alive_disabled'):
-                    state.process_keep_alive_disabled()
-            return result
+            cls.shutdown = herd_shutdown
+            setattr(cls, begun, herd_begin)
 
-        cls.shutdown = herd_shutdown
-        setattr(cls, begun, herd_begin)
+        return patch
+
+    def hypercorn_worker(module):
+        """hypercorn runs its app in processes it spawns (one by default),
+        which leave SIGTERM to kill them at once: herd signals the worker's
+        whole process group, as systemd and PM2 do. A spawned one now stops
+        on it as the parent would make it stop."""
+        import asyncio
+        import signal
+
+        run = getattr(module, '_run', None)
+        if run is None:
+            return
+
+        def herd_run(main, *args, shutdown_trigger=None, **kwargs):
+            if shutdown_trigger is not None:
+                parent = shutdown_trigger
+
+                async def shutdown_trigger():
+                    term = asyncio.Event()
+                    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, term.set)
+                    waits = [asyncio.ensure_future(parent()), asyncio.ensure_future(term.wait())]
+                    try:
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for w in waits:
+                            w.cancel()
+
+            return run(main, *args, shutdown_trigger=shutdown_trigger, **kwargs)
+
+        module._run = herd_run
+
+    def hypercorn_idle(module):
+        """hypercorn's connection closes once idle past its keep-alive
+        time-out, or at once when the worker is terminated: a second later
+        then, unless a request comes (which cancels the wait)."""
+        import asyncio
+
+        cls = getattr(module, 'TCPServer', None)
+        if cls is None or not hasattr(cls, '_idle_timeout') or not hasattr(cls, '_initiate_server_close'):
+            return
+        own = cls._idle_timeout
+
+        async def herd_idle_timeout(self):
+            terminated = getattr(getattr(self, 'context', None), 'terminated', None)
+            timeout = getattr(getattr(self, 'config', None), 'keep_alive_timeout', None)
+            if terminated is None or timeout is None:
+                return await own(self)
+            # Not wait_for: Python 3.11's swallows a cancel that comes as
+            # the event is set, and a request then waited out the grace.
+            waiter = asyncio.ensure_future(terminated.wait())
+            try:
+                done, _ = await asyncio.wait({waiter}, timeout=timeout)
+            finally:
+                waiter.cancel()
+            if done:
+                await asyncio.sleep(grace)
+            await asyncio.shield(self._initiate_server_close())
+
+        cls._idle_timeout = herd_idle_timeout
+
+    def hypercorn_answer(module):
+        """hypercorn's HTTP/1.1 protocol closes a connection after each
+        answer once the worker is terminated, without saying so. Now an
+        answer begun then says `Connection: close`, and one begun before
+        leaves its connection idle (to be closed as above), for its client
+        may already be sending the next request."""
+        import dataclasses
+
+        cls, response = getattr(module, 'H11Protocol', None), getattr(module, 'Response', None)
+        h11 = getattr(module, 'h11', None)
+        needed = ('stream_send', '_maybe_recycle')
+        if cls is None or response is None or h11 is None or not all(hasattr(cls, n) for n in needed):
+            return
+        if not dataclasses.is_dataclass(response):
+            return
+        send, recycle = cls.stream_send, cls._maybe_recycle
+
+        def terminated(self):
+            event = getattr(getattr(self, 'context', None), 'terminated', None)
+            return event is not None and event.is_set()
+
+        class NotYet:
+            def is_set(self):
+                return False
+
+        class Running:
+            """The worker's context, seen as not yet terminated."""
+
+            terminated = NotYet()
+
+            def __init__(self, context):
+                self._context = context
+
+            def __getattr__(self, name):
+                return getattr(self._context, name)
+
+        async def herd_stream_send(self, event):
+            if isinstance(event, response) and event.status_code >= 200 and terminated(self):
+                headers = list(event.headers) + [(b'connection', b'close')]
+                event = dataclasses.replace(event, headers=headers)
+            return await send(self, event)
+
+        async def herd_maybe_recycle(self):
+            conn = self.connection
+            done = getattr(conn, 'our_state', None) is h11.DONE and getattr(conn, 'their_state', None) is h11.DONE
+            if not (done and terminated(self)):
+                return await recycle(self)
+            # (hypercorn's own reads the context only to decide this.)
+            context = self.context
+            self.context = Running(context)
+            try:
+                return await recycle(self)
+            finally:
+                self.context = context
+
+        cls.stream_send = herd_stream_send
+        cls._maybe_recycle = herd_maybe_recycle
+
+    patches = {
+        'uvicorn.protocols.http.h11_impl': uvicorn_protocol('H11Protocol', 'handle_events'),
+        'uvicorn.protocols.http.httptools_impl': uvicorn_protocol(
+            'HttpToolsProtocol', 'on_headers_complete'
+        ),
+        'hypercorn.asyncio.run': hypercorn_worker,
+        'hypercorn.asyncio.tcp_server': hypercorn_idle,
+        'hypercorn.protocol.h11': hypercorn_answer,
+    }
 
     class Loader(importlib.abc.Loader):
         def __init__(self, inner):
@@ -186,13 +315,13 @@ def _herd_drain_uvicorn():
         def exec_module(self, module):
             self.inner.exec_module(module)
             try:
-                patch(module)
-            except Exception:  # uvicorn changed: keep its own behaviour
+                patches[module.__name__](module)
+            except Exception:  # the server changed: keep its own behaviour
                 pass
 
     class Finder(importlib.abc.MetaPathFinder):
         def find_spec(self, fullname, path, target=None):
-            if fullname not in targets:
+            if fullname not in patches:
                 return None
             for finder in sys.meta_path:
                 if finder is self or not hasattr(finder, 'find_spec'):
@@ -219,7 +348,7 @@ def _next_sitecustomize():
         spec.loader.exec_module(module)
 
 
-for _herd_part in (_herd_preload, _herd_drain_uvicorn):
+for _herd_part in (_herd_preload, _herd_drain):
     try:
         _herd_part()
     except Exception:  # never stop the app from starting

@@ -57,8 +57,9 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     // clients were sending on them (about 40 errors per reload in fd modes).
     // hello.js is unmodified and calls server.close() on SIGTERM itself
     // (herd's Node preload does the rest); app.py drains by itself; plain
-    // uvicorn closes idle connections at once when it stops, and herd's
-    // Python preload makes it drain in the fd modes.
+    // uvicorn and hypercorn close idle connections at once when they stop
+    // (hypercorn's spawned process dies of the SIGTERM herd sends the
+    // group), and herd's Python preload makes them drain in the fd modes.
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
     let node = format!("{examples}/node/hello.js");
     let python = format!("{examples}/python/app.py");
@@ -80,16 +81,20 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
         ]
     };
     let (h11, httptools) = (uvicorn("h11"), uvicorn("httptools"));
-    let apps: [(&str, &[&str], &[&str]); 4] = [
+    // hypercorn takes fd 3 only when told, and its app from the cwd.
+    let hypercorn = ["hypercorn", "--bind", "fd://3", "asgi:app"];
+    let apps: [(&str, &[&str], &[&str]); 5] = [
         ("node", &["node", &node], &all),
         ("python3", &["python3", &python], &fd),
         ("uvicorn-h11", &h11, &fd),
         ("uvicorn-httptools", &httptools, &["shared"]),
+        ("hypercorn", &hypercorn, &["shared", "reuseport"]),
     ];
     for (lang, cmd, modes) in apps {
         for &mode in modes {
             let n = name(&format!("karl-{lang}-{mode}"));
-            let h = Herd::start(&["--name", &n, "-i", "2", "--mode", mode], cmd);
+            let args = ["--name", &n, "-i", "2", "--mode", mode, "--cwd", &asgi_dir];
+            let h = Herd::start(&args, cmd);
             h.wait_ready(2);
             let stop = Arc::new(AtomicBool::new(false));
             let done = Arc::new(AtomicUsize::new(0));

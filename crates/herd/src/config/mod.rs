@@ -1030,7 +1030,7 @@ pub struct Settings {
     /// (unless `--no-node-shim` or `node-shim = false` turns preloads off).
     pub python_shim: bool,
     /// In the fd modes, put it first on every worker's `PYTHONPATH`, where
-    /// it makes uvicorn drain (same switches).
+    /// it makes uvicorn and hypercorn drain (same switches).
     pub python_drain: bool,
     /// `--user`: the workers' user, group and home.
     pub run_as: Option<RunAs>,

@@ -67,8 +67,9 @@ impl Preloads {
 /// A release as the driver starts it: what to run, and `NODE_OPTIONS`
 /// or `PYTHONPATH` with herd's preload when it is a Node program or a
 /// Python script. In the fd modes every worker gets `PYTHONPATH` (the
-/// preload makes uvicorn drain there, and a console script such as
-/// `uvicorn` may start through a shell shim, pyenv's, that hides Python).
+/// preload makes uvicorn and hypercorn drain there, and a console script
+/// such as `uvicorn` may start through a shell shim, pyenv's, that hides
+/// Python).
 pub(super) struct Spec {
     pub release: crate::config::Release,
     pub node_options: Option<OsString>,
