@@ -59,7 +59,8 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     // (herd's Node preload does the rest); app.py drains by itself; plain
     // uvicorn and hypercorn close idle connections at once when they stop
     // (hypercorn's spawned process dies of the SIGTERM herd sends the
-    // group), and herd's Python preload makes them drain in the fd modes.
+    // group), and herd's Python preload makes them drain in the fd modes;
+    // Mojolicious' prefork server drains on SIGQUIT.
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
     let node = format!("{examples}/node/hello.js");
     let python = format!("{examples}/python/app.py");
@@ -83,17 +84,30 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     let (h11, httptools) = (uvicorn("h11"), uvicorn("httptools"));
     // hypercorn takes fd 3 only when told, and its app from the cwd.
     let hypercorn = ["hypercorn", "--bind", "fd://3", "asgi:app"];
-    let apps: [(&str, &[&str], &[&str]); 5] = [
-        ("node", &["node", &node], &all),
-        ("python3", &["python3", &python], &fd),
-        ("uvicorn-h11", &h11, &fd),
-        ("uvicorn-httptools", &httptools, &["shared"]),
-        ("hypercorn", &hypercorn, &["shared", "reuseport"]),
+    // Mojolicious' daemon stops at once on SIGTERM; its prefork server
+    // drains on SIGQUIT, which the README gives for the fd modes.
+    std::fs::write(
+        dir.join("mojo.pl"),
+        "use Mojolicious::Lite;\nget '/' => sub { shift->render(text => 'mojo ok') };\napp->start;\n",
+    )
+    .unwrap();
+    let prefork = ["perl", "mojo.pl", "prefork", "-w", "2"];
+    let quit = ["--kill-signal", "QUIT"];
+    // (name, command, modes, herd's extra flags)
+    type App<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+    let apps: [App; 6] = [
+        ("node", &["node", &node], &all, &[]),
+        ("python3", &["python3", &python], &fd, &[]),
+        ("uvicorn-h11", &h11, &fd, &[]),
+        ("uvicorn-httptools", &httptools, &["shared"], &[]),
+        ("hypercorn", &hypercorn, &["shared", "reuseport"], &[]),
+        ("mojo-prefork", &prefork, &["shared"], &quit),
     ];
-    for (lang, cmd, modes) in apps {
+    for (lang, cmd, modes, flags) in apps {
         for &mode in modes {
             let n = name(&format!("karl-{lang}-{mode}"));
-            let args = ["--name", &n, "-i", "2", "--mode", mode, "--cwd", &asgi_dir];
+            let mut args = vec!["--name", &n, "-i", "2", "--mode", mode, "--cwd", &asgi_dir];
+            args.extend_from_slice(flags);
             let h = Herd::start(&args, cmd);
             h.wait_ready(2);
             let stop = Arc::new(AtomicBool::new(false));
