@@ -19,7 +19,9 @@
 #
 # In the fd modes (shared, reuseport), where clients reach the
 # worker itself, it makes uvicorn and hypercorn stop as herd's Node preload
-# makes Node stop (see _herd_drain).
+# makes Node stop, and in every mode hypercorn's spawned process stop on
+# SIGTERM (see _herd_stop). A worker that is not a Python script gets it
+# only for that (HERD_PYTHON_PRELOAD=stop).
 #
 # Then it imports the sitecustomize this one hides (Debian ships one).
 import os
@@ -30,6 +32,8 @@ def _herd_preload():
     env = os.environ
     if env.get('HERD_MODE') != 'proxy' or env.get('HERD_WORKER_ID') is None:
         return
+    if env.get('HERD_PYTHON_PRELOAD') == 'stop':
+        return  # not a Python script: here only for how it stops
     if env.get('HERD_PORT_TAKEN'):
         return  # a child of the process that serves the worker's port
     try:
@@ -113,20 +117,21 @@ def _herd_preload():
     socket.socket.listen = listen
 
 
-def _herd_drain():
-    """On its stop uvicorn, and hypercorn's asyncio workers, close each idle
-    keep-alive connection at once, so a client whose next request is already
-    on its way gets a reset (HAProxy and herd's Node preload avoid it).
-    Patched here, when their HTTP/1.1 modules are imported: an idle
-    connection's next answer says `Connection: close`, and one still idle
-    after a second is closed then; connections with a request in flight keep
-    the server's own handling. If a server is not as expected, it stays as
-    it is."""
+def _herd_stop():
+    """How Python servers stop, patched when their modules are imported (a
+    server not as expected stays as it is). In every mode hypercorn's
+    spawned process stops on SIGTERM as its parent would make it stop (see
+    hypercorn_worker). In the fd modes, where clients reach the worker
+    itself: on its stop uvicorn, and hypercorn's asyncio workers, close each
+    idle keep-alive connection at once, so a client whose next request is
+    already on its way gets a reset (HAProxy and herd's Node preload avoid
+    it). Here an idle connection's next answer says `Connection: close`, and
+    one still idle after a second is closed then; connections with a request
+    in flight keep the server's own handling."""
     env = os.environ
-    if env.get('HERD_MODE') not in ('shared', 'reuseport'):
-        return
     if env.get('HERD_WORKER_ID') is None:
         return
+    fd_modes = env.get('HERD_MODE') in ('shared', 'reuseport')
     import importlib.abc
 
     grace = 1.0
@@ -177,9 +182,10 @@ def _herd_drain():
 
     def hypercorn_worker(module):
         """hypercorn runs its app in processes it spawns (one by default),
-        which leave SIGTERM to kill them at once: herd signals the worker's
-        whole process group, as systemd and PM2 do. A spawned one now stops
-        on it as the parent would make it stop."""
+        which leave SIGTERM to kill them at once, the app's lifespan
+        shutdown unrun: herd signals the worker's whole process group, as
+        systemd and PM2 do. A spawned one now stops on it as the parent
+        would make it stop."""
         import asyncio
         import signal
 
@@ -292,15 +298,18 @@ def _herd_drain():
         cls.stream_send = herd_stream_send
         cls._maybe_recycle = herd_maybe_recycle
 
-    patches = {
-        'uvicorn.protocols.http.h11_impl': uvicorn_protocol('H11Protocol', 'handle_events'),
-        'uvicorn.protocols.http.httptools_impl': uvicorn_protocol(
-            'HttpToolsProtocol', 'on_headers_complete'
-        ),
-        'hypercorn.asyncio.run': hypercorn_worker,
-        'hypercorn.asyncio.tcp_server': hypercorn_idle,
-        'hypercorn.protocol.h11': hypercorn_answer,
-    }
+    patches = {'hypercorn.asyncio.run': hypercorn_worker}
+    if fd_modes:
+        patches.update(
+            {
+                'uvicorn.protocols.http.h11_impl': uvicorn_protocol('H11Protocol', 'handle_events'),
+                'uvicorn.protocols.http.httptools_impl': uvicorn_protocol(
+                    'HttpToolsProtocol', 'on_headers_complete'
+                ),
+                'hypercorn.asyncio.tcp_server': hypercorn_idle,
+                'hypercorn.protocol.h11': hypercorn_answer,
+            }
+        )
 
     class Loader(importlib.abc.Loader):
         def __init__(self, inner):
@@ -348,7 +357,7 @@ def _next_sitecustomize():
         spec.loader.exec_module(module)
 
 
-for _herd_part in (_herd_preload, _herd_drain):
+for _herd_part in (_herd_preload, _herd_stop):
     try:
         _herd_part()
     except Exception:  # never stop the app from starting

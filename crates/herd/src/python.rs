@@ -1,7 +1,8 @@
 //! herd's Python preload: shipped inside the binary, written to the
 //! master's run directory and put first on the workers' `PYTHONPATH`, so
 //! an unmodified app whose code names its port (`app.run(port=5000)`)
-//! takes part in proxy mode (see `python/sitecustomize.py`).
+//! takes part in proxy mode, and Python servers stop without failing
+//! clients or skipping the app's shutdown (see `python/sitecustomize.py`).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

@@ -138,6 +138,59 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// hypercorn runs the app in a process it spawns, which SIGTERM killed at
+/// once: herd signals the worker's whole group, so the app's lifespan
+/// shutdown (closing pools, flushing) never ran, in every mode. herd's
+/// Python preload, which every worker gets in these modes, makes that
+/// process stop as hypercorn's parent would make it stop.
+#[test]
+fn hypercorn_apps_run_their_lifespan_shutdown_when_herd_stops_them() {
+    let dir = asgi_app_dir("hc-lifespan");
+    std::fs::write(
+        dir.join("life.py"),
+        "import os\nasync def app(scope, receive, send):\n    if scope['type'] == 'lifespan':\n        while True:\n            m = await receive()\n            if m['type'] == 'lifespan.startup':\n                await send({'type': 'lifespan.startup.complete'})\n            else:\n                open(os.path.join(os.path.dirname(__file__), 'shut-%d' % os.getpid()), 'w').close()\n                await send({'type': 'lifespan.shutdown.complete'})\n                return\n    await send({'type': 'http.response.start', 'status': 200, 'headers': [(b'content-length', b'2')]})\n    await send({'type': 'http.response.body', 'body': b'ok'})\n",
+    )
+    .unwrap();
+    let cwd = dir.to_string_lossy().into_owned();
+    let shut = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("shut-")
+            })
+            .count()
+    };
+    let proxy: &[&str] = &["sh", "-c", "exec hypercorn --bind 127.0.0.1:$PORT life:app"];
+    let fd: &[&str] = &["hypercorn", "--bind", "fd://3", "life:app"];
+    for (mode, cmd) in [("proxy", proxy), ("shared", fd)] {
+        let mut h = Herd::start(&["-i", "2", "--mode", mode, "--cwd", &cwd], cmd);
+        h.wait_ready(2);
+        assert!(
+            wait_until(T, || matches!(h.get("/"), Ok((200, _)))),
+            "{}",
+            h.log()
+        );
+        let before = shut();
+        h.signal("TERM");
+        assert!(
+            h.wait_exit(T).is_some(),
+            "{mode}: herd did not stop\n{}",
+            h.log()
+        );
+        assert_eq!(
+            shut() - before,
+            2,
+            "{mode}: lifespan shutdowns run\n{}",
+            h.log()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// herd's Node preload at a stop, where clients reach Node themselves: an
 /// answer in flight says `Connection: close` and the connection closes
 /// after it; behind an answer whose head had already gone out, the

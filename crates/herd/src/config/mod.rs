@@ -1029,9 +1029,11 @@ pub struct Settings {
     /// Put herd's Python preload first on a Python command's `PYTHONPATH`
     /// (unless `--no-node-shim` or `node-shim = false` turns preloads off).
     pub python_shim: bool,
-    /// In the fd modes, put it first on every worker's `PYTHONPATH`, where
-    /// it makes uvicorn and hypercorn drain (same switches).
-    pub python_drain: bool,
+    /// In proxy, shared and reuseport modes, put it first on every worker's
+    /// `PYTHONPATH` for how Python servers stop (same switches): hypercorn's
+    /// spawned process stops on SIGTERM as its parent would make it stop,
+    /// and in the fd modes uvicorn and hypercorn drain their clients.
+    pub python_stop: bool,
     /// `--user`: the workers' user, group and home.
     pub run_as: Option<RunAs>,
     /// `--increment-var`: NAME = its value + the worker's id.
@@ -1738,7 +1740,7 @@ impl Settings {
             log_keep: o.log_keep.unwrap_or(default::LOG_KEEP),
             node_shim,
             python_shim,
-            python_drain: preloads_on && mode.passes_fd(),
+            python_stop: preloads_on && (mode.passes_fd() || mode == Mode::Proxy),
             run_as,
             increment_var: o.increment_var,
             instance_var: o.instance_var,

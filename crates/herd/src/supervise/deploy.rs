@@ -339,7 +339,7 @@ impl Supervisor {
                 self.preloads.as_ref(),
                 node,
                 python,
-                self.s.python_drain,
+                self.s.python_stop,
                 Default::default(),
             ),
             by,

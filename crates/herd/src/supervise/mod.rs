@@ -403,7 +403,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         preloads.as_ref(),
         s.node_shim,
         s.python_shim,
-        s.python_drain,
+        s.python_stop,
         Default::default(),
     );
     let limits = Limits {

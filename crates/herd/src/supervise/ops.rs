@@ -57,7 +57,7 @@ impl Supervisor {
             self.preloads.as_ref(),
             s.node_shim,
             s.python_shim,
-            s.python_drain,
+            s.python_stop,
             reuse,
         );
         self.specs.insert(version, std::sync::Arc::new(spec));

@@ -66,14 +66,17 @@ impl Preloads {
 
 /// A release as the driver starts it: what to run, and `NODE_OPTIONS`
 /// or `PYTHONPATH` with herd's preload when it is a Node program or a
-/// Python script. In the fd modes every worker gets `PYTHONPATH` (the
-/// preload makes uvicorn and hypercorn drain there, and a console script
-/// such as `uvicorn` may start through a shell shim, pyenv's, that hides
-/// Python).
+/// Python script. In proxy, shared and reuseport modes every worker gets
+/// `PYTHONPATH`, for how Python servers stop (a console script such as
+/// `hypercorn` may start through a shell shim, pyenv's, that hides
+/// Python); one that is not a Python script gets only that part.
 pub(super) struct Spec {
     pub release: crate::config::Release,
     pub node_options: Option<OsString>,
     pub python_path: Option<OsString>,
+    /// The Python preload is there only for how the worker stops, not to
+    /// move a script's port (`HERD_PYTHON_PRELOAD=stop`).
+    pub python_stop_only: bool,
     /// A Python program: `PYTHONUNBUFFERED=1` unless the environment sets
     /// it, as PM2 sets it, so that `print()` reaches the log as it is
     /// called rather than in 8 KiB blocks (stdout is a pipe).
@@ -86,17 +89,19 @@ pub(super) struct Spec {
 
 impl Spec {
     /// `release` with the preloads asked for (`node`, `python`, and
-    /// `drain`, Python's for every worker) when they were written.
+    /// `stop`, Python's for every worker) when they were written.
     pub(super) fn new(
         release: crate::config::Release,
         preloads: Option<&Preloads>,
         node: bool,
         python: bool,
-        drain: bool,
+        stop: bool,
         reuse: Arc<Reuse>,
     ) -> Spec {
-        let python = python || drain;
+        let python_stop_only = stop && !python && preloads.is_some();
+        let python = python || stop;
         Spec {
+            python_stop_only,
             node_options: preloads
                 .filter(|_| node)
                 .map(|p| crate::node::node_options(&p.node, &release.env)),
@@ -232,6 +237,9 @@ impl Supervisor {
         if let Some(path) = &spec.python_path {
             env.retain(|(k, _)| k != "PYTHONPATH");
             env.push(("PYTHONPATH".into(), path.clone()));
+            if spec.python_stop_only {
+                env.push(("HERD_PYTHON_PRELOAD".into(), "stop".into()));
+            }
         }
         if spec.unbuffered && !env.iter().any(|(k, _)| k == "PYTHONUNBUFFERED") {
             env.push(("PYTHONUNBUFFERED".into(), "1".into()));
@@ -833,8 +841,10 @@ fn worker_env(
         "HERD_ADMIN_TOKEN",
         // What a master hands itself across `herd upgrade`.
         "HERD_UPGRADE",
-        // The Python preload's mark for a worker's children (a nested herd).
+        // The Python preload's mark for a worker's children (a nested herd),
+        // and what it is there for.
         "HERD_PORT_TAKEN",
+        "HERD_PYTHON_PRELOAD",
     ];
     let base = match &release.base_env {
         Some(env) => env.clone(),
