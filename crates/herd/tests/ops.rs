@@ -169,6 +169,9 @@ fn hypercorn_apps_run_their_lifespan_shutdown_when_herd_stops_them() {
     for (mode, cmd) in [("proxy", proxy), ("shared", fd)] {
         let mut h = Herd::start(&["-i", "2", "--mode", mode, "--cwd", &cwd], cmd);
         h.wait_ready(2);
+        // (In the fd modes a worker is ready after 1 s, app started or
+        // not; a process killed while it starts runs no shutdown.)
+        assert!(h.wait_log_n("Running on", 2, T), "{}", h.log());
         assert!(
             wait_until(T, || matches!(h.get("/"), Ok((200, _)))),
             "{}",
