@@ -199,7 +199,10 @@ def _herd_stop():
 
                 async def shutdown_trigger():
                     term = asyncio.Event()
-                    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, term.set)
+                    try:
+                        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, term.set)
+                    except (NotImplementedError, RuntimeError, ValueError):
+                        return await parent()  # as hypercorn has it
                     waits = [asyncio.ensure_future(parent()), asyncio.ensure_future(term.wait())]
                     try:
                         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
