@@ -1372,11 +1372,7 @@ fn the_readmes_python_and_perl_commands_serve() {
         "from flask import Flask\napp = Flask(__name__)\n@app.get('/')\ndef hi():\n    return 'flask ok'\n",
     )
     .unwrap();
-    std::fs::write(
-        dir.join("mojo.pl"),
-        "use Mojolicious::Lite;\nget '/' => sub { shift->render(text => 'mojo ok') };\napp->start;\n",
-    )
-    .unwrap();
+    write_mojo_app(&dir);
     let cwd = dir.to_string_lossy().into_owned();
     // Plain `uvicorn app:app`, `flask run` and a Mojolicious daemon, two
     // workers: each would bind its framework's default port but for

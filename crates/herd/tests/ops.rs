@@ -86,11 +86,7 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     let hypercorn = ["hypercorn", "--bind", "fd://3", "asgi:app"];
     // Mojolicious' daemon stops at once on SIGTERM; its prefork server
     // drains on SIGQUIT, which the README gives for the fd modes.
-    std::fs::write(
-        dir.join("mojo.pl"),
-        "use Mojolicious::Lite;\nget '/' => sub { shift->render(text => 'mojo ok') };\napp->start;\n",
-    )
-    .unwrap();
+    write_mojo_app(&dir);
     let prefork = ["perl", "mojo.pl", "prefork", "-w", "2"];
     let quit = ["--kill-signal", "QUIT"];
     // (name, command, modes, herd's extra flags)

@@ -676,6 +676,15 @@ pub fn asgi_app_dir(what: &str) -> std::path::PathBuf {
     dir
 }
 
+/// Writes `mojo.pl`, a Mojolicious::Lite app answering `mojo ok`, into `dir`.
+pub fn write_mojo_app(dir: &Path) {
+    std::fs::write(
+        dir.join("mojo.pl"),
+        "use Mojolicious::Lite;\nget '/' => sub { shift->render(text => 'mojo ok') };\napp->start;\n",
+    )
+    .unwrap();
+}
+
 /// A process's resident memory, in KiB (0 once it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
