@@ -98,7 +98,7 @@ impl Spec {
         stop: bool,
         reuse: Arc<Reuse>,
     ) -> Spec {
-        let python_stop_only = stop && !python && preloads.is_some();
+        let python_stop_only = stop && !python;
         let python = python || stop;
         Spec {
             python_stop_only,
