@@ -94,7 +94,13 @@ impl App {
                 human_secs(s.uptime),
                 s.workers.iter().filter(|w| w.state.has_process()).count(),
                 total,
-                if s.reloading { " · reloading" } else { "" }
+                if s.stopping {
+                    " · stopping"
+                } else if s.reloading {
+                    " · reloading"
+                } else {
+                    ""
+                }
             ))
             .style(Style::new().add_modifier(Modifier::BOLD)),
             top,
@@ -340,6 +346,7 @@ mod tests {
             command: None,
             cwd: None,
             reloading: false,
+            stopping: false,
             log_file: None,
             out_file: None,
             error_file: None,

@@ -432,6 +432,46 @@ fn graceful_stop_completes_an_in_flight_slow_request() {
     }
 }
 
+/// While it drains, the master still answers `herd status` and `herd list`,
+/// saying it is stopping, and refuses other requests, rather than leaving
+/// them without an answer (`herd list` hanging) until it exits.
+#[test]
+fn a_stopping_cluster_answers_status_and_refuses_other_requests() {
+    let n = name("stopping");
+    let mut h = Herd::start(&["-i", "1", "-n", &n, "--drain-timeout", "30s"], &[DEMO]);
+    h.wait_ready(1);
+    let port = h.port;
+    let req = std::thread::spawn(move || http_get(port, "/slow?ms=6000"));
+    assert!(h.wait_log("slow request started", T), "{}", h.log());
+    h.signal("TERM");
+    assert!(
+        h.wait_log("waiting for 1 open connections", T),
+        "{}",
+        h.log()
+    );
+    let status = ok(&herd(&["status", &n]));
+    assert!(status.contains("(stopping)"), "{status}");
+    let list = ok(&herd(&["list"]));
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with(n.as_str()) && l.ends_with("stopping")),
+        "{list}"
+    );
+    let reload = herd(&["reload", &n]);
+    let err = String::from_utf8_lossy(&reload.stderr);
+    assert!(!reload.status.success(), "{err}");
+    assert!(err.contains("is stopping"), "{err}");
+    // All answered while the slow request was still being served.
+    assert!(
+        !req.is_finished(),
+        "the drain ended before the answers came"
+    );
+    let (code, body) = req.join().unwrap().expect("in-flight request failed");
+    assert_eq!(code, 200, "{body}");
+    let st = h.wait_exit(T).expect("master did not exit");
+    assert_eq!(st.code(), Some(0), "{}", h.log());
+}
+
 /// A keep-alive client whose request is in flight when a stop begins gets
 /// its answer with `Connection: close`, then the close, rather than an
 /// answer that invites another request.

@@ -596,7 +596,13 @@ fn table(name: &str, v: &Status) {
         crate::console::served(&v.mode, &v.listen),
         v.pid,
         duration(v.uptime),
-        if v.reloading { " (reloading)" } else { "" }
+        if v.stopping {
+            " (stopping)"
+        } else if v.reloading {
+            " (reloading)"
+        } else {
+            ""
+        }
     );
     // `pm2 describe`'s script path, exec cwd and log paths.
     if let Some(command) = &v.command {
@@ -764,6 +770,8 @@ fn jlist(pretty: bool) -> Result<i32, ControlError> {
         };
         for w in &v.workers {
             let status = match w.state {
+                // The cluster drains them before they get the signal.
+                _ if v.stopping && w.state.has_process() => "stopping",
                 WorkerState::Starting => "launching",
                 WorkerState::Ready => "online",
                 WorkerState::Stopping => "stopping",
@@ -826,15 +834,18 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
         .filter(|c| !all.iter().any(|(m, _)| *m == c.name))
         .collect();
     if as_json {
-        // Each running cluster's status with `"status": "online"`, then the
-        // stopped ones, as `pm2 jlist` lists both with PM2's words.
+        // Each running cluster's status with `"status": "online"` (or
+        // `"stopping"`), then the stopped ones, as `pm2 jlist` lists both
+        // with PM2's words.
         let mut out: Vec<Value> = all
             .iter()
             .filter_map(|(n, p)| control::call::<Status>(n, p, &Request::Status, |_| {}).ok())
             .filter_map(|v| serde_json::to_value(v).ok())
             .map(|mut v| {
                 if let Some(o) = v.as_object_mut() {
-                    o.insert("status".into(), "online".into());
+                    let stopping = o.get("stopping").and_then(Value::as_bool) == Some(true);
+                    let status = if stopping { "stopping" } else { "online" };
+                    o.insert("status".into(), status.into());
                 }
                 v
             })
@@ -878,7 +889,11 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
                 v.workers.iter().map(|w| w.restarts).sum::<u64>(),
                 v.workers.iter().map(|w| w.cpu).sum::<f64>(),
                 bytes(v.workers.iter().map(|w| w.memory).sum()),
-                duration(v.uptime)
+                if v.stopping {
+                    "stopping".to_string()
+                } else {
+                    duration(v.uptime)
+                }
             ),
             Err(e) => crate::outln!("{name:<24}  (not answering: {e})"),
         }

@@ -431,6 +431,7 @@ mod tests {
             command: None,
             cwd: None,
             reloading: false,
+            stopping: false,
             log_file: None,
             out_file: None,
             error_file: None,

@@ -130,6 +130,10 @@ pub struct Status {
     /// Seconds.
     pub uptime: f64,
     pub reloading: bool,
+    /// The cluster is stopping: its master drains and stops the workers,
+    /// and answers `status` meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
     pub log_file: Option<String>,
     /// `--output` and `--error`: the copies of the workers' stdout and stderr.
     #[serde(default, skip_serializing_if = "Option::is_none")]

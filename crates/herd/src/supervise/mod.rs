@@ -230,6 +230,12 @@ pub struct Supervisor {
     reload_reply: Option<UnboundedSender<Line>>,
     /// A `herd stop` caller's connection, answered before the master exits.
     stop_reply: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Requests from the control socket and the admin listener; answered
+    /// while the cluster stops too, so `herd status` and `herd list` do not
+    /// hang on a stopping master.
+    calls: mpsc::UnboundedReceiver<Call>,
+    /// The cluster is stopping (see `shutdown`).
+    stopping: bool,
     /// CPU samples of `herd status`, kept by the blocking task that reads `/proc`.
     samples: ops::Samples,
     /// `--watch`: when the reload is due (the changes are quiet by then),
@@ -339,7 +345,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     // Under systemd with WatchdogSec=, the supervisor's own loop pings: a
     // stuck loop stops the pings and systemd restarts the service.
     let systemd_watchdog = systemd_watchdog();
-    let (calls_tx, mut calls) = mpsc::unbounded_channel::<Call>();
+    let (calls_tx, calls) = mpsc::unbounded_channel::<Call>();
     let admin_calls = calls_tx.clone();
     tokio::spawn(control::serve(control_listener, calls_tx));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -471,6 +477,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         ticks: 0,
         reload_reply: None,
         stop_reply: None,
+        calls,
+        stopping: false,
         samples: ops::Samples::default(),
         startup_failures: Some(Vec::new()),
         watch_due: None,
@@ -661,7 +669,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             },
             _ = sleep_until(deadline) => sup.apply(Input::Timer, None),
             _ = sleep_until(sup.watch_due.as_ref().map(|d| d.0)) => sup.on_watch_due(),
-            Some(call) = calls.recv() => {
+            Some(call) = sup.calls.recv() => {
                 if sup.on_call(call) {
                     break;
                 }

@@ -187,6 +187,29 @@ impl Supervisor {
         false
     }
 
+    /// A request that comes while the cluster stops (or, on an upgrade,
+    /// while its workers stop before the exec): `status` is answered as
+    /// ever (it says `stopping`), a second `stop` as the first was, and
+    /// anything else is refused, rather than left without an answer until
+    /// the master exits.
+    pub(super) fn on_call_stopping(&self, call: Call) {
+        let Call { req, reply, .. } = call;
+        let answer = match req {
+            Request::Status => return self.status(reply),
+            Request::Stop if self.stopping => Done {
+                stopping: Some(true),
+                pid: Some(std::process::id()),
+                ..Done::ok()
+            },
+            _ if self.stopping => Done::failed(format!("{} is stopping", self.s.name)),
+            _ => Done::failed(format!(
+                "{} is upgrading in place; try again once it is done",
+                self.s.name
+            )),
+        };
+        let _ = reply.send(answer.into());
+    }
+
     /// `herd signal`: to the main process of worker `id`, or of every
     /// current worker (not its group: a signal such as SIGUSR2 would kill
     /// the helpers of a wrapper that do not handle it).
@@ -831,6 +854,7 @@ impl Supervisor {
             },
             uptime: self.started.elapsed().as_secs_f64(),
             reloading: self.m.reloading(),
+            stopping: self.stopping,
             log_file: self.s.log_file.as_ref().map(|p| p.display().to_string()),
             out_file: self.s.out_file.as_ref().map(|p| p.display().to_string()),
             error_file: self.s.error_file.as_ref().map(|p| p.display().to_string()),

@@ -16,6 +16,7 @@ impl Supervisor {
     /// every worker group, SIGKILL after `--kill-timeout`. A second stop
     /// signal skips to SIGKILL.
     pub(super) async fn shutdown(&mut self, stop: &mut StopSignals) {
+        self.stopping = true;
         self.stop_accepting.cancel();
         // Idle client connections close at once on a stop (an upgrade
         // instead gives them the drain time to send one more request).
@@ -26,29 +27,53 @@ impl Supervisor {
             self.listeners = None;
         }
         let grace = self.s.drain_timeout;
+        let until = tokio::time::Instant::now() + grace;
         let mut hurry = false;
-        if let Some(d) = &self.dispatcher {
+        if self.dispatcher.is_some() {
             // The dispatch thread's copy of the listening socket is then the
             // last: it takes what the kernel queued, closes, and every
             // connection accepted goes to a worker before any SIGTERM.
             self.listeners = None;
-            tokio::select! {
-                _ = d.stop() => {}
-                _ = tokio::time::sleep(grace) => {
-                    tracing::warn!("accepted connections still not taken by a worker after {grace:?}");
+            let taken = async {
+                if let Some(d) = &self.dispatcher {
+                    d.stop().await
                 }
-                _ = stop.recv() => hurry = true,
+            };
+            tokio::pin!(taken);
+            loop {
+                tokio::select! {
+                    _ = &mut taken => break,
+                    _ = tokio::time::sleep_until(until) => {
+                        tracing::warn!("accepted connections still not taken by a worker after {grace:?}");
+                        break;
+                    }
+                    _ = stop.recv() => {
+                        hurry = true;
+                        break;
+                    }
+                    Some(call) = self.calls.recv() => self.on_call_stopping(call),
+                }
             }
         }
         if !hurry && self.s.mode == Mode::Proxy && self.active.get() > 0 {
             tracing::info!("waiting for {} open connections", self.active.get());
             let active = self.active.clone();
-            tokio::select! {
-                _ = active.drained() => {}
-                _ = tokio::time::sleep(grace) => {
-                    tracing::warn!("{} connections still open after {grace:?}", active.get());
+            let drained = active.drained();
+            tokio::pin!(drained);
+            let until = tokio::time::Instant::now() + grace;
+            loop {
+                tokio::select! {
+                    _ = &mut drained => break,
+                    _ = tokio::time::sleep_until(until) => {
+                        tracing::warn!("{} connections still open after {grace:?}", active.get());
+                        break;
+                    }
+                    _ = stop.recv() => {
+                        hurry = true;
+                        break;
+                    }
+                    Some(call) = self.calls.recv() => self.on_call_stopping(call),
                 }
-                _ = stop.recv() => hurry = true,
             }
         }
         self.stop_workers(stop, hurry).await;
@@ -77,6 +102,7 @@ impl Supervisor {
                 }
                 _ = sleep_until(deadline) => self.apply(Input::Timer, None),
                 _ = stop.recv() => self.apply(Input::Hurry, None),
+                Some(call) = self.calls.recv() => self.on_call_stopping(call),
                 _ = tokio::time::sleep_until(limit) => {
                     tracing::warn!("{} still running after SIGKILL", crate::console::count(self.m.live(), "worker"));
                     break;
