@@ -656,6 +656,47 @@ fn crash_loop_stops_with_a_clear_message() {
     assert!(log.contains("[0] booting"), "{log}");
 }
 
+/// A client waiting for the first worker when a crash loop stops the
+/// cluster gets its 503 (TCP mode: the close) at once: a stopping cluster
+/// starts no worker, so the wait no longer holds the drain until it ends.
+#[test]
+fn a_client_waiting_for_a_worker_is_answered_when_a_crash_loop_stops_the_cluster() {
+    for proto in ["http", "tcp"] {
+        let mut h = Herd::start(
+            &[
+                "-i",
+                "1",
+                "--protocol",
+                proto,
+                "--max-restarts",
+                "3",
+                "--restart-delay",
+                "300ms",
+                "--drain-timeout",
+                "60s",
+                "--ready-timeout",
+                "60s",
+            ],
+            &["sh", "-c", "sleep 0.2; exit 3"],
+        );
+        let port = h.port;
+        assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", port)).is_ok()));
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(T)).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: herd\r\n\r\n")
+            .unwrap();
+        let st = h.wait_exit(T).expect("the cluster did not stop");
+        assert_eq!(st.code(), Some(1), "{proto}: {}", h.log());
+        let mut got = String::new();
+        let _ = c.read_to_string(&mut got);
+        if proto == "http" {
+            assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+        } else {
+            assert!(got.is_empty(), "{got}");
+        }
+    }
+}
+
 /// PM2's `--no-autorestart` (`autorestart: false`): a worker that ends
 /// stays down, the others serve, and the cluster ends with the last one.
 #[test]

@@ -414,7 +414,7 @@ impl HttpProxy {
             if !self.up.peek().is_empty() {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            if !pool_changed(deadline, changed).await {
                 return false;
             }
         }
@@ -435,6 +435,21 @@ impl HttpProxy {
             key: key.map(Key::as_slice),
         };
         pool.pick(&ctx, avoid, split.map(Key::as_slice))
+    }
+}
+
+/// Waits for the pool to change (`changed`) until `deadline`; false then,
+/// and at once when a stop begins (or has begun): a stopping cluster starts
+/// no worker, so a request that waits for the first one (a crash loop that
+/// gave up) gets its 503 now instead of holding the drain until `deadline`.
+async fn pool_changed(
+    deadline: tokio::time::Instant,
+    changed: tokio::sync::futures::Notified<'_>,
+) -> bool {
+    let stop = stop_token();
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, changed) => r.is_ok(),
+        _ = stop.cancelled() => false,
     }
 }
 

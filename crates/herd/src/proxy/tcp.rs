@@ -132,11 +132,13 @@ impl TcpProxy {
                 }
                 Err(_) => {
                     // None ready yet (start-up, restarts): wait a bounded time.
-                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                        tracing::warn!(
-                            "no ready backend within {:?}; closing a connection",
-                            self.wait_for_backend
-                        );
+                    if !super::pool_changed(deadline, changed).await {
+                        if !super::stop_token().is_cancelled() {
+                            tracing::warn!(
+                                "no ready backend within {:?}; closing a connection",
+                                self.wait_for_backend
+                            );
+                        }
                         return None;
                     }
                     continue;
