@@ -656,6 +656,31 @@ fn crash_loop_stops_with_a_clear_message() {
     assert!(log.contains("[0] booting"), "{log}");
 }
 
+/// A program that daemonizes (its launcher exits 0 while the server runs
+/// on in a session of its own) is named as such, once, rather than only
+/// as a crash loop of exits with code 0; nothing of it outlives herd.
+#[test]
+fn a_worker_that_daemonizes_is_told_to_stay_in_the_foreground() {
+    let tag = format!("herd-daemon-test-{}", std::process::id());
+    let script = format!("setsid sh -c 'sleep 60; : {tag}' & sleep 0.3; exit 0");
+    let mut h = Herd::start(
+        &["-i", "1", "--max-restarts", "2", "--restart-delay", "10ms"],
+        &["sh", "-c", &script],
+    );
+    let st = h
+        .wait_exit(T)
+        .expect("the crash loop did not stop the cluster");
+    assert_eq!(st.code(), Some(1), "{}", h.log());
+    let log = h.log();
+    assert_eq!(log.matches("it daemonized").count(), 1, "{log}");
+    assert!(log.contains("running in the background"), "{log}");
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &tag])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "left running: {:?}", left);
+}
+
 /// A client waiting for the first worker when a crash loop stops the
 /// cluster gets its 503 (TCP mode: the close) at once: a stopping cluster
 /// starts no worker, so the wait no longer holds the drain until it ends.

@@ -21,6 +21,9 @@ pub fn become_subreaper() -> nix::Result<()> {
 pub struct Adopted {
     pub pid: u32,
     pub zombie: bool,
+    /// Its process group: a worker's own (the worker's pid), or another if
+    /// it left it (`setsid`, as a program that daemonizes does).
+    pub pgrp: u32,
 }
 
 /// The master's children not in `known` (its workers and its guardian).
@@ -29,9 +32,11 @@ pub fn adopted(known: &HashSet<u32>) -> Vec<Adopted> {
         .into_iter()
         .filter(|pid| !known.contains(pid))
         .filter_map(|pid| {
+            let st = stat(pid)?;
             Some(Adopted {
                 pid,
-                zombie: state(pid)? == 'Z',
+                zombie: st.state == 'Z',
+                pgrp: st.pgrp,
             })
         })
         .collect()
@@ -44,6 +49,12 @@ pub fn reap(pid: u32) {
 
 pub fn kill_now(pid: u32) {
     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+/// The command name of `pid` (`/proc/PID/comm`), for messages.
+pub fn name(pid: u32) -> Option<String> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(comm.trim_end().to_string())
 }
 
 /// Whether `pid`'s environment holds `entry` (`KEY=VALUE`): how a worker's
@@ -80,26 +91,29 @@ fn children() -> Vec<u32> {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        if stat(pid).is_some_and(|(_, ppid)| ppid == me) {
+        if stat(pid).is_some_and(|st| st.ppid == me) {
             pids.push(pid);
         }
     }
     pids
 }
 
-fn state(pid: u32) -> Option<char> {
-    stat(pid).map(|(s, _)| s)
+struct Stat {
+    state: char,
+    ppid: u32,
+    pgrp: u32,
 }
 
-/// State and parent from `/proc/PID/stat` (after the command's `)`, which
-/// may itself hold spaces and parentheses).
-fn stat(pid: u32) -> Option<(char, u32)> {
+/// State, parent and process group from `/proc/PID/stat` (after the
+/// command's `)`, which may itself hold spaces and parentheses).
+fn stat(pid: u32) -> Option<Stat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &text[text.rfind(')')? + 1..];
     let mut f = rest.split_whitespace();
     let state = f.next()?.chars().next()?;
     let ppid = f.next()?.parse().ok()?;
-    Some((state, ppid))
+    let pgrp = f.next()?.parse().ok()?;
+    Some(Stat { state, ppid, pgrp })
 }
 
 #[cfg(test)]

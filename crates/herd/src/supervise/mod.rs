@@ -258,6 +258,8 @@ pub struct Supervisor {
     stalls: Vec<stall::Stall>,
     /// A Node app's own port (written in its code) was named in the log.
     port_hinted: bool,
+    /// A worker was found to have daemonized (see `forget`); said once.
+    daemon_hinted: bool,
     /// `port_from_app` until the first worker names its port.
     awaiting_port: Option<port::AwaitingPort>,
     /// What ended the master after its start (the app's port was taken).
@@ -488,6 +490,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         http: None,
         stalls: Vec::new(),
         port_hinted: false,
+        daemon_hinted: false,
         awaiting_port: None,
         failed: None,
     };
@@ -753,7 +756,11 @@ impl Supervisor {
                     Err(e) => format!("could not be waited for ({e})"),
                 };
                 let code = status.as_ref().ok().and_then(ExitStatus::code);
+                let daemon = (code == Some(0)).then(|| self.daemonized(epoch)).flatten();
                 self.apply(Input::Exited { epoch, how, code }, None);
+                if let Some(hint) = daemon {
+                    tracing::warn!("{hint}");
+                }
             }
             Event::Ready { epoch, addr } => {
                 if let Some(p) = self.procs.get_mut(&epoch) {

@@ -19,7 +19,7 @@ use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use super::machine::{Epoch, Group};
+use super::machine::{Epoch, Group, State};
 use super::{Event, SuperviseError, Supervisor};
 use crate::config::{Mode, Settings};
 use crate::dispatch::PeerInfo;
@@ -564,6 +564,38 @@ impl Supervisor {
                 reaper::kill_now(a.pid);
             }
         }
+    }
+
+    /// A worker that ended by itself with code 0 while a process that left
+    /// its process group runs on, reparented to herd, most likely
+    /// daemonized (`hypnotoad`, `php-fpm`, `nginx` and `gunicorn --daemon`
+    /// do by default or when told): what to say about it, once, since
+    /// "exited with code 0" and then a crash loop do not tell. Such a
+    /// process dies with the worker if it kept the worker's environment,
+    /// else at the end of the cluster.
+    pub(super) fn daemonized(&mut self, epoch: Epoch) -> Option<String> {
+        if self.daemon_hinted {
+            return None;
+        }
+        let (slot, pid) = self
+            .m
+            .workers()
+            .find(|w| w.epoch == epoch)
+            .filter(|w| matches!(w.state, State::Starting { .. } | State::Serving))
+            .map(|w| (w.slot, w.pid))?;
+        let known = self.known_pids();
+        let left = reaper::adopted(&known)
+            .into_iter()
+            .find(|a| !a.zombie && a.pgrp != pid && !known.contains(&a.pgrp))?;
+        self.daemon_hinted = true;
+        let name = reaper::name(left.pid).unwrap_or_else(|| "?".into());
+        Some(format!(
+            "worker {slot} (pid {pid}) left process {} ({name}) running in the background: it \
+             daemonized. A worker must stay in the foreground, as under PM2 and systemd: run the \
+             program's foreground mode (hypnotoad -f, php-fpm -F, nginx -g 'daemon off;', \
+             gunicorn without --daemon)",
+            left.pid
+        ))
     }
 
     /// At the end of a stop: every adopted process is a worker's leftover
