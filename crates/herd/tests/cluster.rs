@@ -658,27 +658,33 @@ fn crash_loop_stops_with_a_clear_message() {
 
 /// A program that daemonizes (its launcher exits 0 while the server runs
 /// on in a session of its own) is named as such, once, rather than only
-/// as a crash loop of exits with code 0; nothing of it outlives herd.
+/// as a crash loop of exits with code 0; what it left behind dies with
+/// it, children of the daemon included.
 #[test]
 fn a_worker_that_daemonizes_is_told_to_stay_in_the_foreground() {
-    let tag = format!("herd-daemon-test-{}", std::process::id());
-    let script = format!("setsid sh -c 'sleep 60; : {tag}' & sleep 0.3; exit 0");
+    let secs = 100_000 + std::process::id();
+    let daemon = format!("sleep {secs}");
+    let script = format!("setsid sh -c '{daemon}; exit 0' & sleep 0.3; exit 0");
     let mut h = Herd::start(
-        &["-i", "1", "--max-restarts", "2", "--restart-delay", "10ms"],
+        &["-i", "1", "--restart-delay", "60s"],
         &["sh", "-c", &script],
     );
-    let st = h
-        .wait_exit(T)
-        .expect("the crash loop did not stop the cluster");
-    assert_eq!(st.code(), Some(1), "{}", h.log());
-    let log = h.log();
-    assert_eq!(log.matches("it daemonized").count(), 1, "{log}");
-    assert!(log.contains("running in the background"), "{log}");
-    let left = std::process::Command::new("pgrep")
-        .args(["-f", &tag])
-        .output()
-        .unwrap();
-    assert!(left.stdout.is_empty(), "left running: {:?}", left);
+    assert!(h.wait_log("it daemonized", T), "{}", h.log());
+    assert!(h.log().contains("running in the background"), "{}", h.log());
+    let running = || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", &format!("^{daemon}$")])
+            .output()
+            .unwrap();
+        !out.stdout.is_empty()
+    };
+    // Gone with the worker's exit, while the cluster waits to restart it.
+    assert!(wait_until(T, || !running()), "the daemon's child runs on");
+    assert!(h.child.try_wait().unwrap().is_none(), "{}", h.log());
+    h.signal("TERM");
+    let st = h.wait_exit(T).expect("master did not exit");
+    assert_eq!(st.code(), Some(0), "{}", h.log());
+    assert_eq!(h.log().matches("it daemonized").count(), 1, "{}", h.log());
 }
 
 /// A client waiting for the first worker when a crash loop stops the

@@ -57,6 +57,28 @@ pub fn name(pid: u32) -> Option<String> {
     Some(comm.trim_end().to_string())
 }
 
+/// How long ago `pid` started: `/proc/PID/stat`'s start time (clock ticks
+/// since boot) against `/proc/uptime`.
+pub fn age(pid: u32) -> Option<std::time::Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&t| t > 0)
+        .unwrap_or(100) as f64;
+    let up: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_secs_f64(
+        (up - ticks as f64 / per_sec).max(0.0),
+    ))
+}
+
 /// Whether `pid`'s environment holds `entry` (`KEY=VALUE`): how a worker's
 /// descendants are told apart once they have left its process group.
 pub fn has_env(pid: u32, entry: &[u8]) -> bool {
@@ -138,5 +160,19 @@ mod tests {
         super::reap(pid);
         assert!(!super::adopted(&known).iter().any(|a| a.pid == pid));
         std::mem::forget(child); // already reaped
+    }
+
+    #[test]
+    fn a_process_just_started_is_young_and_this_one_older() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let young = super::age(child.id()).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(young < std::time::Duration::from_secs(2), "{young:?}");
+        let me = super::age(std::process::id()).unwrap();
+        assert!(me >= young, "{me:?} < {young:?}");
     }
 }

@@ -555,47 +555,63 @@ impl Supervisor {
         }
     }
 
+    /// Kills what a worker left behind: each process reparented to herd
+    /// that carries its `NOTIFY_SOCKET`, with its process group when that
+    /// is neither herd's nor a live worker's (a daemon's own workers, not
+    /// reparented to herd until it dies, would otherwise keep its port).
     fn kill_left_behind(&self, notify_path: &std::path::Path) {
         let mut tag = b"NOTIFY_SOCKET=".to_vec();
         tag.extend_from_slice(notify_path.as_os_str().as_encoded_bytes());
-        for a in reaper::adopted(&self.known_pids()) {
+        let known = self.known_pids();
+        let ours = nix::unistd::getpgrp().as_raw() as u32;
+        for a in reaper::adopted(&known) {
             if !a.zombie && reaper::has_env(a.pid, &tag) {
                 tracing::debug!("killing process {}, which a worker left behind", a.pid);
+                if a.pgrp != ours && !known.contains(&a.pgrp) {
+                    kill_group(a.pgrp, Signal::SIGKILL);
+                }
                 reaper::kill_now(a.pid);
             }
         }
     }
 
-    /// A worker that ended by itself with code 0 while a process that left
-    /// its process group runs on, reparented to herd, most likely
-    /// daemonized (`hypnotoad`, `php-fpm`, `nginx` and `gunicorn --daemon`
-    /// do by default or when told): what to say about it, once, since
-    /// "exited with code 0" and then a crash loop do not tell. Such a
-    /// process dies with the worker if it kept the worker's environment,
-    /// else at the end of the cluster.
+    /// A worker that ended by itself with code 0 while processes that left
+    /// its process group, started since it did, run on reparented to herd:
+    /// it daemonized (`hypnotoad`, `php-fpm`, `nginx` and `gunicorn
+    /// --daemon` do, by default or when told). Kills them with the groups
+    /// they lead, as those that kept its environment are killed in
+    /// `forget` (a daemon that writes its process title over it, as nginx
+    /// does, is not told apart that way), and returns what to log about it,
+    /// once: "exited with code 0" and then a crash loop do not tell.
     pub(super) fn daemonized(&mut self, epoch: Epoch) -> Option<String> {
-        if self.daemon_hinted {
-            return None;
-        }
-        let (slot, pid) = self
+        let (slot, pid, age) = self
             .m
             .workers()
             .find(|w| w.epoch == epoch)
             .filter(|w| matches!(w.state, State::Starting { .. } | State::Serving))
-            .map(|w| (w.slot, w.pid))?;
+            .map(|w| (w.slot, w.pid, w.started.elapsed()))?;
         let known = self.known_pids();
-        let left = reaper::adopted(&known)
+        let ours = nix::unistd::getpgrp().as_raw() as u32;
+        let left: Vec<_> = reaper::adopted(&known)
             .into_iter()
-            .find(|a| !a.zombie && a.pgrp != pid && !known.contains(&a.pgrp))?;
-        self.daemon_hinted = true;
-        let name = reaper::name(left.pid).unwrap_or_else(|| "?".into());
-        Some(format!(
+            .filter(|a| !a.zombie && a.pgrp != pid && a.pgrp != ours && !known.contains(&a.pgrp))
+            // Not an older orphan (herd as a container's PID 1 gets all).
+            .filter(|a| reaper::age(a.pid).is_some_and(|t| t <= age + Duration::from_millis(100)))
+            .collect();
+        let first = left.first()?;
+        let name = reaper::name(first.pid).unwrap_or_else(|| "?".into());
+        let hint = format!(
             "worker {slot} (pid {pid}) left process {} ({name}) running in the background: it \
-             daemonized. A worker must stay in the foreground, as under PM2 and systemd: run the \
-             program's foreground mode (hypnotoad -f, php-fpm -F, nginx -g 'daemon off;', \
-             gunicorn without --daemon)",
-            left.pid
-        ))
+             daemonized, and herd killed it. A worker must stay in the foreground, as under PM2 \
+             and systemd: run the program's foreground mode (hypnotoad -f, php-fpm -F, \
+             nginx -g 'daemon off;', gunicorn without --daemon)",
+            first.pid
+        );
+        for a in &left {
+            kill_group(a.pgrp, Signal::SIGKILL);
+            reaper::kill_now(a.pid);
+        }
+        (!std::mem::replace(&mut self.daemon_hinted, true)).then_some(hint)
     }
 
     /// At the end of a stop: every adopted process is a worker's leftover
