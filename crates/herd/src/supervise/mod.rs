@@ -258,7 +258,7 @@ pub struct Supervisor {
     stalls: Vec<stall::Stall>,
     /// A Node app's own port (written in its code) was named in the log.
     port_hinted: bool,
-    /// A worker was found to have daemonized (see `forget`); said once.
+    /// A worker was found to have daemonized (see `daemonized`); said once.
     daemon_hinted: bool,
     /// `port_from_app` until the first worker names its port.
     awaiting_port: Option<port::AwaitingPort>,

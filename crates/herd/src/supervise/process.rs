@@ -578,8 +578,8 @@ impl Supervisor {
     /// A worker that ended by itself with code 0 while processes that left
     /// its process group, started since it did, run on reparented to herd:
     /// it daemonized (`hypnotoad`, `php-fpm`, `nginx` and `gunicorn
-    /// --daemon` do, by default or when told). Kills them with the groups
-    /// they lead, as those that kept its environment are killed in
+    /// --daemon` do, by default or when told). Kills them with their process
+    /// groups, as those that kept its environment are killed in
     /// `forget` (a daemon that writes its process title over it, as nginx
     /// does, is not told apart that way), and returns what to log about it,
     /// once: "exited with code 0" and then a crash loop do not tell.

@@ -27,13 +27,13 @@ impl Supervisor {
             self.listeners = None;
         }
         let grace = self.s.drain_timeout;
-        let until = tokio::time::Instant::now() + grace;
         let mut hurry = false;
         if self.dispatcher.is_some() {
             // The dispatch thread's copy of the listening socket is then the
             // last: it takes what the kernel queued, closes, and every
             // connection accepted goes to a worker before any SIGTERM.
             self.listeners = None;
+            let until = tokio::time::Instant::now() + grace;
             let taken = async {
                 if let Some(d) = &self.dispatcher {
                     d.stop().await
