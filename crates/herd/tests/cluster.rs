@@ -665,10 +665,12 @@ fn a_worker_that_daemonizes_is_told_to_stay_in_the_foreground() {
     let secs = 100_000 + std::process::id();
     let daemon = format!("sleep {secs}");
     let script = format!("setsid sh -c '{daemon}; exit 0' & sleep 0.3; exit 0");
+    // Two workers, so two exits: the log names the first only.
     let mut h = Herd::start(
-        &["-i", "1", "--restart-delay", "60s"],
+        &["-i", "2", "--restart-delay", "60s"],
         &["sh", "-c", &script],
     );
+    assert!(h.wait_log_n("exited with code 0", 2, T), "{}", h.log());
     assert!(h.wait_log("it daemonized", T), "{}", h.log());
     assert!(h.log().contains("running in the background"), "{}", h.log());
     let running = || {
