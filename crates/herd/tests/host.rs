@@ -381,7 +381,14 @@ fn under_systemd_herd_says_ready_pings_the_watchdog_and_says_stopping() {
     let mut got: Vec<String> = Vec::new();
     let mut buf = [0u8; 256];
     let mut next = |got: &mut Vec<String>| {
-        let n = sock.recv(&mut buf).expect("a notification");
+        // A receive with a time-out ends with EINTR when the process is
+        // stopped and continued (or frozen and thawed): not a failure.
+        let n = loop {
+            match sock.recv(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.expect("a notification"),
+            }
+        };
         got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     };
     while !got.iter().any(|m| m.contains("READY=1")) {
