@@ -472,6 +472,49 @@ fn a_stopping_cluster_answers_status_and_refuses_other_requests() {
     assert_eq!(st.code(), Some(0), "{}", h.log());
 }
 
+/// A stop that comes while `herd upgrade` drains wins, as `systemctl stop`
+/// or `docker stop` expect: the master answers `status` during the drain,
+/// then stops instead of re-executing, and the request in flight gets its
+/// answer. By a signal and by `herd stop`.
+#[test]
+fn a_stop_during_an_upgrade_stops_the_cluster_instead() {
+    for by in ["TERM", "stop"] {
+        let n = name("upstop");
+        let mut h = Herd::start(&["-i", "1", "-n", &n, "--drain-timeout", "30s"], &[DEMO]);
+        h.wait_ready(1);
+        let port = h.port;
+        let req = std::thread::spawn(move || http_get(port, "/slow?ms=6000"));
+        assert!(h.wait_log("slow request started", T), "{}", h.log());
+        let upgrade = {
+            let n = n.clone();
+            std::thread::spawn(move || herd(&["upgrade", &n]))
+        };
+        assert!(h.wait_log("upgrading in place", T), "{}", h.log());
+        let status = ok(&herd(&["status", &n]));
+        assert!(status.contains(&n), "{status}");
+        assert!(
+            !req.is_finished(),
+            "{by}: status was answered only after the drain"
+        );
+        if by == "stop" {
+            ok(&herd(&["stop", &n]));
+        } else {
+            h.signal(by);
+        }
+        let (code, body) = req.join().unwrap().expect("in-flight request failed");
+        assert_eq!(code, 200, "{body}");
+        let st = h.wait_exit(T).expect("master did not exit");
+        assert_eq!(st.code(), Some(0), "{}", h.log());
+        let log = h.log();
+        assert!(log.contains("the upgrade is abandoned"), "{log}");
+        assert!(!log.contains("upgraded in place"), "{log}");
+        let out = upgrade.join().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{by}: {err}");
+        assert!(err.contains("is stopping instead"), "{by}: {err}");
+    }
+}
+
 /// A keep-alive client whose request is in flight when a stop begins gets
 /// its answer with `Connection: close`, then the close, rather than an
 /// answer that invites another request.

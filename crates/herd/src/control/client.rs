@@ -966,6 +966,9 @@ fn upgrade(name: &str, path: &std::path::Path) -> Result<(), ControlError> {
         .iter()
         .filter(|w| w.state != WorkerState::Stopping && w.state.has_process())
         .count();
+    // Done once every worker is new: a young master's uptime alone does
+    // not tell the upgraded one from the old.
+    let old: std::collections::HashSet<u32> = before.workers.iter().map(|w| w.pid).collect();
     let asked = std::time::Instant::now();
     match control::call::<Done>(name, path, &Request::Upgrade, |p| {
         crate::outln!("{name}: {p}")
@@ -981,11 +984,16 @@ fn upgrade(name: &str, path: &std::path::Path) -> Result<(), ControlError> {
                     st.pid
                 )));
             }
+            Ok(st) if st.stopping => {
+                return Err(ControlError::Failed(format!(
+                    "{name} is stopping instead: a stop came during the upgrade"
+                )));
+            }
             Ok(st) if st.uptime < asked.elapsed().as_secs_f64() + 0.5 => {
                 let ready = st
                     .workers
                     .iter()
-                    .filter(|w| w.state == WorkerState::Ready)
+                    .filter(|w| w.state == WorkerState::Ready && !old.contains(&w.pid))
                     .count();
                 if ready >= workers {
                     crate::outln!(

@@ -140,12 +140,17 @@ impl Dispatcher {
         let _ = self.tx.send(Cmd::Remove(key));
     }
 
-    /// Stops accepting and resolves once every accepted connection has
-    /// been taken by a worker (or no worker is left to take it).
-    pub async fn stop(&self) {
+    /// Stops accepting now; the future resolves once every accepted
+    /// connection has been taken by a worker (or no worker is left to take
+    /// it). It does not borrow the dispatcher, so the supervisor can serve
+    /// control requests while it waits.
+    pub fn stop(&self) -> impl std::future::Future<Output = ()> + 'static {
         let (done, wait) = oneshot::channel();
-        if self.tx.send(Cmd::Stop(done)).is_ok() {
-            let _ = wait.await;
+        let sent = self.tx.send(Cmd::Stop(done)).is_ok();
+        async move {
+            if sent {
+                let _ = wait.await;
+            }
         }
     }
 }

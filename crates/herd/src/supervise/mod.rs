@@ -684,11 +684,12 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             let _ = r.send(Line::progress(format!("re-executing {}", exe.display())));
         }
         drop(reply); // the caller then waits for the new master's status
-        let why = sup.upgrade(exe, &mut stop).await;
-        // The workers are gone: the master cannot go back. Exit non-zero;
-        // systemd's Restart=on-failure starts it again on the same socket.
-        tracing::error!("upgrade failed: {why}");
-        return Ok(1);
+        if let Some(why) = sup.upgrade(exe, &mut stop).await {
+            // The workers are gone: the master cannot go back. Exit non-zero;
+            // systemd's Restart=on-failure starts it again on the same socket.
+            tracing::error!("upgrade failed: {why}");
+            return Ok(1);
+        }
     }
     let _ = herd_sdk::notify("STOPPING=1");
     sup.shutdown(&mut stop).await;

@@ -171,36 +171,58 @@ impl Supervisor {
                 }
             },
             Request::Stop => {
-                tracing::info!("stop requested on the control socket");
-                let _ = reply.send(
-                    Done {
-                        stopping: Some(true),
-                        pid: Some(std::process::id()),
-                        ..Done::ok()
-                    }
-                    .into(),
-                );
-                self.stop_reply = Some(written);
+                self.accept_stop(reply, written);
                 return true;
             }
         }
         false
     }
 
-    /// A request that comes while the cluster stops (or, on an upgrade,
-    /// while its workers stop before the exec): `status` is answered as
-    /// ever (it says `stopping`), a second `stop` as the first was, and
-    /// anything else is refused, rather than left without an answer until
-    /// the master exits.
-    pub(super) fn on_call_stopping(&self, call: Call) {
-        let Call { req, reply, .. } = call;
+    /// Answers `herd stop`; the connection is kept so that the caller
+    /// learns of the exit.
+    fn accept_stop(
+        &mut self,
+        reply: UnboundedSender<Line>,
+        written: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        tracing::info!("stop requested on the control socket");
+        let _ = reply.send(
+            Done {
+                stopping: Some(true),
+                pid: Some(std::process::id()),
+                ..Done::ok()
+            }
+            .into(),
+        );
+        self.stop_reply = Some(written);
+    }
+
+    /// A request that comes while the cluster stops, or while it drains
+    /// and stops its workers for an upgrade: `status` is answered as ever
+    /// (it says `stopping`), a `stop` as the first was (on an upgrade, it
+    /// abandons the upgrade for a stop, as a stop signal does; true then),
+    /// and anything else is refused, rather than left without an answer
+    /// until the master exits or re-executes.
+    pub(super) fn on_call_stopping(&mut self, call: Call) -> bool {
+        let Call {
+            req,
+            reply,
+            written,
+        } = call;
         let answer = match req {
-            Request::Status => return self.status(reply),
+            Request::Status => {
+                self.status(reply);
+                return false;
+            }
             Request::Stop if self.stopping => Done {
                 stopping: Some(true),
                 pid: Some(std::process::id()),
                 ..Done::ok()
             },
+            Request::Stop => {
+                self.accept_stop(reply, written);
+                return true;
+            }
             _ if self.stopping => Done::failed(format!("{} is stopping", self.s.name)),
             _ => Done::failed(format!(
                 "{} is upgrading in place; try again once it is done",
@@ -208,6 +230,7 @@ impl Supervisor {
             )),
         };
         let _ = reply.send(answer.into());
+        false
     }
 
     /// `herd signal`: to the main process of worker `id`, or of every

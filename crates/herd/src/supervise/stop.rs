@@ -10,7 +10,42 @@ use super::{Event, Supervisor, sleep_until};
 use crate::config::Mode;
 use crate::os::listen::Listeners;
 
+/// How a wait of a stop or of an upgrade ended.
+pub(super) enum Waited {
+    /// What it waited for came.
+    Done,
+    /// Its time-out came first.
+    TimedOut,
+    /// A stop signal came (its name).
+    Signal(&'static str),
+    /// `herd stop` came during an upgrade.
+    Stop,
+}
+
 impl Supervisor {
+    /// Waits for `done` until `until`, answering control requests meanwhile
+    /// (see `on_call_stopping`), and watching for stop signals.
+    pub(super) async fn wait_answering(
+        &mut self,
+        done: impl std::future::Future<Output = ()>,
+        until: tokio::time::Instant,
+        stop: &mut StopSignals,
+    ) -> Waited {
+        tokio::pin!(done);
+        loop {
+            tokio::select! {
+                _ = &mut done => return Waited::Done,
+                _ = tokio::time::sleep_until(until) => return Waited::TimedOut,
+                sig = stop.recv() => return Waited::Signal(sig),
+                Some(call) = self.calls.recv() => {
+                    if self.on_call_stopping(call) {
+                        return Waited::Stop;
+                    }
+                }
+            }
+        }
+    }
+
     /// Stop accepting and let the proxy and the dispatcher finish what they
     /// took (up to `--drain-timeout`), then the machine's stop: SIGTERM to
     /// every worker group, SIGKILL after `--kill-timeout`. A second stop
@@ -28,52 +63,34 @@ impl Supervisor {
         }
         let grace = self.s.drain_timeout;
         let mut hurry = false;
-        if self.dispatcher.is_some() {
+        if let Some(taken) = self.dispatcher.as_ref().map(|d| d.stop()) {
             // The dispatch thread's copy of the listening socket is then the
             // last: it takes what the kernel queued, closes, and every
             // connection accepted goes to a worker before any SIGTERM.
             self.listeners = None;
             let until = tokio::time::Instant::now() + grace;
-            let taken = async {
-                if let Some(d) = &self.dispatcher {
-                    d.stop().await
-                }
-            };
-            tokio::pin!(taken);
-            loop {
-                tokio::select! {
-                    _ = &mut taken => break,
-                    _ = tokio::time::sleep_until(until) => {
-                        tracing::warn!("accepted connections still not taken by a worker after {grace:?}");
-                        break;
-                    }
-                    _ = stop.recv() => {
-                        hurry = true;
-                        break;
-                    }
-                    Some(call) = self.calls.recv() => self.on_call_stopping(call),
-                }
+            match self.wait_answering(taken, until, stop).await {
+                Waited::TimedOut => tracing::warn!(
+                    "accepted connections still not taken by a worker after {grace:?}"
+                ),
+                Waited::Signal(_) => hurry = true,
+                Waited::Done | Waited::Stop => {}
             }
         }
         if !hurry && self.s.mode == Mode::Proxy && self.active.get() > 0 {
             tracing::info!("waiting for {} open connections", self.active.get());
             let active = self.active.clone();
-            let drained = active.drained();
-            tokio::pin!(drained);
             let until = tokio::time::Instant::now() + grace;
-            loop {
-                tokio::select! {
-                    _ = &mut drained => break,
-                    _ = tokio::time::sleep_until(until) => {
-                        tracing::warn!("{} connections still open after {grace:?}", active.get());
-                        break;
-                    }
-                    _ = stop.recv() => {
-                        hurry = true;
-                        break;
-                    }
-                    Some(call) = self.calls.recv() => self.on_call_stopping(call),
-                }
+            match self
+                .wait_answering(async move { active.drained().await }, until, stop)
+                .await
+            {
+                Waited::TimedOut => tracing::warn!(
+                    "{} connections still open after {grace:?}",
+                    self.active.get()
+                ),
+                Waited::Signal(_) => hurry = true,
+                Waited::Done | Waited::Stop => {}
             }
         }
         self.stop_workers(stop, hurry).await;
@@ -84,7 +101,9 @@ impl Supervisor {
 
     /// The machine's stop: SIGTERM to every worker group, SIGKILL after
     /// `--kill-timeout` (at once on a second stop signal); returns when
-    /// they are gone.
+    /// they are gone. On an upgrade (not `stopping` yet), a stop signal or
+    /// `herd stop` meanwhile turns it into the cluster's stop, and a
+    /// second signal skips to SIGKILL.
     pub(super) async fn stop_workers(&mut self, stop: &mut StopSignals, hurry: bool) {
         self.apply(Input::Stop, None);
         if hurry {
@@ -101,13 +120,30 @@ impl Supervisor {
                     }
                 }
                 _ = sleep_until(deadline) => self.apply(Input::Timer, None),
-                _ = stop.recv() => self.apply(Input::Hurry, None),
-                Some(call) = self.calls.recv() => self.on_call_stopping(call),
+                sig = stop.recv() => {
+                    if self.stopping {
+                        self.apply(Input::Hurry, None);
+                    } else {
+                        self.abandon_upgrade(sig);
+                    }
+                }
+                Some(call) = self.calls.recv() => {
+                    if self.on_call_stopping(call) {
+                        self.abandon_upgrade("herd stop");
+                    }
+                }
                 _ = tokio::time::sleep_until(limit) => {
                     tracing::warn!("{} still running after SIGKILL", crate::console::count(self.m.live(), "worker"));
                     break;
                 }
             }
         }
+    }
+
+    /// A stop asked for during an upgrade wins: the master stops instead
+    /// of re-executing, as `systemctl stop` or `docker stop` expect.
+    pub(super) fn abandon_upgrade(&mut self, by: &str) {
+        tracing::info!("{by}: the upgrade is abandoned; stopping gracefully (again to stop now)");
+        self.stopping = true;
     }
 }

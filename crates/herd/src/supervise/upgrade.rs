@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use super::Supervisor;
 use super::signals::StopSignals;
+use super::stop::Waited;
 use crate::os::listen::Listeners;
 
 impl Supervisor {
@@ -58,23 +59,41 @@ impl Supervisor {
 
     /// Lets the proxy finish what it has (each connection's next answer says
     /// `Connection: close`; idle ones close after `--drain-timeout`), stops
-    /// the workers gracefully, then execs `exe`. Returns only if the exec
-    /// failed, with why.
-    pub(super) async fn upgrade(&mut self, exe: PathBuf, stop: &mut StopSignals) -> String {
+    /// the workers gracefully, then execs `exe`. Control requests are
+    /// answered meanwhile. Returns `None` when a stop signal or `herd stop`
+    /// came first (the caller then stops the cluster), else only if the
+    /// exec failed, with why.
+    pub(super) async fn upgrade(&mut self, exe: PathBuf, stop: &mut StopSignals) -> Option<String> {
         tracing::info!("upgrading in place: re-executing {}", exe.display());
         let _ = herd_sdk::notify("RELOADING=1");
         self.stop_accepting.cancel();
         let grace = self.s.drain_timeout;
-        if let Some(d) = &self.dispatcher {
-            let _ = tokio::time::timeout(grace, d.stop()).await;
+        if let Some(taken) = self.dispatcher.as_ref().map(|d| d.stop()) {
+            let until = tokio::time::Instant::now() + grace;
+            let waited = self.wait_answering(taken, until, stop).await;
+            if self.upgrade_stopped(waited) {
+                return None;
+            }
         }
-        let active = self.active.clone();
-        if active.get() > 0 {
-            let _ = tokio::time::timeout(grace, active.drained()).await;
+        for (close_idle, time) in [(false, grace), (true, Duration::from_secs(1))] {
+            if close_idle {
+                self.close_idle.cancel();
+            }
+            if self.active.get() == 0 {
+                break;
+            }
+            let active = self.active.clone();
+            let until = tokio::time::Instant::now() + time;
+            let drained = async move { active.drained().await };
+            let waited = self.wait_answering(drained, until, stop).await;
+            if self.upgrade_stopped(waited) {
+                return None;
+            }
         }
-        self.close_idle.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(1), active.drained()).await;
         self.stop_workers(stop, false).await;
+        if self.stopping {
+            return None;
+        }
         self.end_adopted();
         // The output thread and the access log hand their last lines over.
         std::thread::sleep(Duration::from_millis(150));
@@ -97,7 +116,18 @@ impl Supervisor {
         let mut keep = listen;
         keep.extend([self.control_fd, self.lock_fd]);
         let e = crate::os::sys::exec_self(&exe, &keep, &[("HERD_UPGRADE", handed)]);
-        format!("exec {}: {e}", exe.display())
+        Some(format!("exec {}: {e}", exe.display()))
+    }
+
+    /// Whether a wait of the upgrade's drain ended with a stop, which
+    /// abandons the upgrade.
+    fn upgrade_stopped(&mut self, waited: Waited) -> bool {
+        match waited {
+            Waited::Signal(sig) => self.abandon_upgrade(sig),
+            Waited::Stop => self.abandon_upgrade("herd stop"),
+            Waited::Done | Waited::TimedOut => return false,
+        }
+        true
     }
 }
 
