@@ -286,7 +286,7 @@ const SERVE_HELP: &str = "Also as a PM2 ecosystem app: script: 'serve' with env 
 #[derive(Debug, Args)]
 pub struct DeployArgs {
     #[command(flatten)]
-    pub target: Target,
+    pub target: Named,
     /// Send PERCENT of the requests (connections in dispatch mode) to the new version.
     #[arg(
         long,

@@ -304,7 +304,17 @@ fn usage_error(e: clap::Error) -> ExitCode {
         _ => {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid usage");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let mut first = first.strip_prefix("error: ").unwrap_or(first).to_string();
+            // clap lists the missing arguments on the lines that follow.
+            if e.kind() == ErrorKind::MissingRequiredArgument
+                && let Some(clap::error::ContextValue::Strings(missing)) =
+                    e.get(clap::error::ContextKind::InvalidArg)
+            {
+                first = format!(
+                    "the following required arguments were not provided: {}",
+                    missing.join(", ")
+                );
+            }
             herd::errln!("herd: error: {first}{} (see `herd --help`)", hints(&e));
             ExitCode::from(2)
         }

@@ -1327,6 +1327,11 @@ fn bad_input_gets_one_clear_line() {
         "in fork mode herd opens no port",
     );
     assert_one_line_error(&["stauts"], "`status`");
+    // clap lists what is missing on lines of their own: kept on the one.
+    assert_one_line_error(
+        &["send"],
+        "the following required arguments were not provided: <[HOST/]ID>, <MESSAGE>",
+    );
     // PM2 habits: herd's flags after the script are not passed on unseen,
     // and a missing script file is named.
     assert_one_line_error(

@@ -26,7 +26,8 @@ fn a_canary_gets_its_share_and_a_user_stays_on_one_version() {
     let n = name("canary");
     let h = Herd::start(&["--name", &n, "-i", "2"], &[DEMO]);
     h.wait_ready(2);
-    let out = ok(&herd(&["deploy", "--name", &n, "--canary", "20"]));
+    // The name as every other command takes it: first.
+    let out = ok(&herd(&["deploy", &n, "--canary", "20"]));
     assert!(out.contains("1 worker of the new version started"), "{out}");
     assert!(h.wait_log("worker 2 ready", T), "{}", h.log());
     let new = (0..2000).filter(|_| who(h.port, "") == 2).count();

@@ -163,7 +163,10 @@ pub fn run(cmd: Command) -> Result<i32, ControlError> {
                 promote_after_ms: ms(d.promote_after),
                 window_ms: ms(d.window),
             };
-            (d.target.name, Request::Deploy(Box::new(plan)))
+            (
+                d.target.name().map(str::to_string),
+                Request::Deploy(Box::new(plan)),
+            )
         }
         Command::Monit { .. } => return Ok(2),
         Command::Upgrade { target } => (target.name().map(str::to_string), Request::Upgrade),
