@@ -735,16 +735,42 @@ while True:
     assert!(json.contains("\"taken_out\": true"), "{json}");
 }
 
+/// Bytes that cannot begin a request line (a TLS handshake sent to the
+/// plain port, as a browser sends for `https://` there) get their 400 at
+/// once, as from nginx, not a 408 after the header timeout (10 s here).
+#[test]
+fn a_head_that_cannot_be_http_is_refused_before_it_ends() {
+    let h = Herd::start(&["-i", "1"], &[DEMO]);
+    h.wait_ready(1);
+    let hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\x00\x00\x00";
+    for bytes in [&hello[..], b"GET\x00", b" GET / HTTP/1.1"] {
+        let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let answer = String::from_utf8_lossy(&out);
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{bytes:?} got {answer:?}"
+        );
+    }
+    let (status, _) = h.get("/").unwrap();
+    assert_eq!(status, 200);
+}
+
 #[test]
 fn hostile_requests_get_an_answer_and_everyone_else_is_served() {
     let h = Herd::start(&["-i", "2", "--header-timeout", "300ms"], &[DEMO]);
     h.wait_ready(2);
     // Slow clients are in progress the whole time: one inside its headers,
-    // and two whose first bytes could still be HTTP/2's preface.
+    // two whose first bytes could still be HTTP/2's preface, and one half
+    // of a blank line's CRLF.
     let slow: Vec<TcpStream> = [
         &b"GET / HTTP/1.1\r\nHost: t\r\nX-A: "[..],
         b"P",
         b"PRI * HT",
+        b"\r",
     ]
     .iter()
     .map(|start| {

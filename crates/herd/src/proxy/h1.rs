@@ -311,6 +311,9 @@ async fn read_head(
             if pending.len() >= limits.max_head {
                 return Head::Refuse(head::too_large(pending, limits.max_head));
             }
+            if scanned < 32 && head::cannot_begin_request(pending) {
+                return Head::Refuse(Refusal::BadRequest);
+            }
             scanned = pending.len();
             if !begun {
                 begun = true;

@@ -159,6 +159,46 @@ pub fn leading_blank_lines(b: &[u8]) -> usize {
     }
 }
 
+/// Whether the start of a head not yet whole already cannot be a request
+/// line: its method holds a byte no token may (a TLS handshake sent to a
+/// plain port, binary noise). Such a client is answered 400 at once, as
+/// nginx does, rather than 408 after the header timeout. Only the method's
+/// first 32 bytes are looked at; the full parse judges the rest.
+pub fn cannot_begin_request(b: &[u8]) -> bool {
+    for (i, &c) in b.iter().enumerate().take(32) {
+        match c {
+            b' ' => return i == 0,
+            // Perhaps the first half of a blank line's CRLF.
+            b'\r' if i == 0 && b.len() == 1 => return false,
+            c if is_tchar(c) => {}
+            _ => return true,
+        }
+    }
+    false
+}
+
+/// RFC 9110, 5.6.2: the bytes of a token, such as a method.
+const fn is_tchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric()
+        || matches!(
+            c,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
+
 /// A well-formed request-line version httparse does not read.
 #[derive(Debug, PartialEq, Eq)]
 enum Later {
@@ -1011,6 +1051,33 @@ pub fn error_response(out: &mut Vec<u8>, status: u16, reason: &str, body: &str, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_bytes_no_method_may_hold_end_a_head_early() {
+        for ok in [
+            &b""[..],
+            b"G",
+            b"GET",
+            b"GET ",
+            b"GET /x",
+            b"PRI * HT",
+            b"\r",
+            b"M-SEARCH * HTTP/1.1",
+            b"get /",
+        ] {
+            assert!(!cannot_begin_request(ok), "{ok:?}");
+        }
+        for bad in [
+            &b"\x16\x03\x01"[..],
+            b"GE\x00",
+            b" GET",
+            b"\rX",
+            b"G\tET /",
+            b"{\"a\":1}",
+        ] {
+            assert!(cannot_begin_request(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn an_address_is_written_as_std_writes_it() {
