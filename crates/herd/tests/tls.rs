@@ -137,14 +137,15 @@ fn https_with_alpn_sni_resumption_and_a_redirect_from_plain_http() {
         old.contains("alert handshake failure") || old.contains("alert protocol version"),
         "{old}"
     );
+    // (Plain HTTP gets a 400 it can read: plain_http_on_the_tls_port_is_told_so.)
     let mut raw = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    std::io::Write::write_all(&mut raw, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").unwrap();
+    std::io::Write::write_all(&mut raw, b"\x00\x01garbage\r\n\r\n").unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut got = Vec::new();
     let _ = std::io::Read::read_to_end(&mut raw, &mut got);
     assert!(
         got.is_empty() || got[0] == 0x15,
-        "plain HTTP on the TLS port: {got:?}"
+        "garbage on the TLS port: {got:?}"
     );
     assert!(curl(&pki, "a.test", port, "/", &[]).status.success());
 
@@ -674,6 +675,33 @@ fn connection_cannot_strip_host_or_forwarding_headers_over_tls() {
         "{text}"
     );
     assert!(!text.contains("x-gone"), "{text}");
+}
+
+/// `http://` sent to the TLS port gets nginx's readable 400, a body too
+/// (read away before the close), rather than an empty reply.
+#[test]
+fn plain_http_on_the_tls_port_is_told_so() {
+    use std::io::{Read, Write};
+    let pki = Pki::new("plain");
+    let h = tls_demo(&pki.leaf("a.test"), &[]);
+    let body = "a".repeat(100_000);
+    for req in [
+        "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n".to_string(),
+        format!("POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100000\r\n\r\n{body}"),
+    ] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        assert!(
+            out.ends_with("The plain HTTP request was sent to an HTTPS port.\r\n"),
+            "{out}"
+        );
+    }
+    let out = curl(&pki, "a.test", h.port, "/", &[]);
+    assert!(out.status.success());
 }
 
 #[test]

@@ -391,6 +391,10 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let local = io.local_addr().ok();
+    if plain_http(&io, p.cfg.limits.header_timeout).await {
+        refuse_plain(io).await;
+        return;
+    }
     let handshake = tls.acceptor().accept(io);
     let stream = match tokio::time::timeout(p.cfg.limits.header_timeout, handshake).await {
         Ok(Ok(s)) => s,
@@ -429,6 +433,37 @@ pub async fn serve(
         serve_gracefully!(conn, stop, seen, idle, header);
     }
 }
+
+/// Whether the client began with an HTTP method rather than a TLS record
+/// (whose first byte is 22): `http://` sent to the TLS port. The listener
+/// accepts once bytes have come, so the peek does not wait.
+async fn plain_http(io: &TcpStream, limit: Duration) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout(limit, io.peek(&mut first)).await,
+        Ok(Ok(1)) if first[0].is_ascii_uppercase()
+    )
+}
+
+/// Answers a plain HTTP request on the TLS port as nginx does (`400 The
+/// plain HTTP request was sent to HTTPS port`), where a TLS alert would
+/// leave curl or a browser with an empty reply. What the client sent is
+/// read first (and after, for a second), so that the close does not reset
+/// the answer away.
+async fn refuse_plain(mut io: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // On the heap: the connection's future stays as small for TLS clients.
+    let mut buf = vec![0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(200), io.read(&mut buf)).await;
+    let _ = io.write_all(PLAIN_HTTP.as_bytes()).await;
+    let _ = io.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(1..) = io.read(&mut buf).await {}
+    })
+    .await;
+}
+
+const PLAIN_HTTP: &str = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 51\r\nConnection: close\r\n\r\nThe plain HTTP request was sent to an HTTPS port.\r\n";
 
 /// RFC 9440's `Client-Cert` value: the certificate's DER as a structured
 /// field byte sequence (`:` base64 `:`). Only a certificate the verifier
