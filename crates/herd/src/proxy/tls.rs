@@ -391,12 +391,14 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let local = io.local_addr().ok();
-    if plain_http(&io, p.cfg.limits.header_timeout).await {
+    // One time-out for the peek and the handshake together.
+    let until = tokio::time::Instant::now() + p.cfg.limits.header_timeout;
+    if plain_http(&io, until).await {
         refuse_plain(io).await;
         return;
     }
     let handshake = tls.acceptor().accept(io);
-    let stream = match tokio::time::timeout(p.cfg.limits.header_timeout, handshake).await {
+    let stream = match tokio::time::timeout_at(until, handshake).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             match refused_certificate(&e) {
@@ -437,10 +439,10 @@ pub async fn serve(
 /// Whether the client began with an HTTP method rather than a TLS record
 /// (whose first byte is 22): `http://` sent to the TLS port. The listener
 /// accepts once bytes have come, so the peek does not wait.
-async fn plain_http(io: &TcpStream, limit: Duration) -> bool {
+async fn plain_http(io: &TcpStream, until: tokio::time::Instant) -> bool {
     let mut first = [0u8; 1];
     matches!(
-        tokio::time::timeout(limit, io.peek(&mut first)).await,
+        tokio::time::timeout_at(until, io.peek(&mut first)).await,
         Ok(Ok(1)) if first[0].is_ascii_uppercase()
     )
 }
