@@ -465,6 +465,37 @@ fn health_checks_take_a_backend_out_and_bring_it_back() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Once a check failed, the next ones come after a quarter of the
+/// interval (HAProxy's `fastinter`): with 4 s between checks and 3 to
+/// fail, a stopped backend is out within about 6 s of its stop (without
+/// them, 8 s at the least after its first failed check).
+#[test]
+fn a_failing_backend_is_checked_again_sooner() {
+    let ups: Vec<_> = (0..2).map(|_| Upstream::start(&[])).collect();
+    let h = lb(&[
+        "--health-path",
+        "/healthz",
+        "--health-interval",
+        "4s",
+        "--health-timeout",
+        "200ms",
+        &ups[0].spec(""),
+        &ups[1].spec(""),
+    ]);
+    assert!(h.wait_log("listening on", T), "{}", h.log());
+    let stopped = Instant::now();
+    signal(ups[1].pid(), "STOP");
+    let out = format!("upstream {} is unhealthy", ups[1].addr());
+    assert!(h.wait_log(&out, T), "{}", h.log());
+    let took = stopped.elapsed();
+    signal(ups[1].pid(), "CONT");
+    assert!(
+        took < Duration::from_millis(7500),
+        "out after {took:?}: {}",
+        h.log()
+    );
+}
+
 /// A reload reads the config file's upstreams again, as nginx's reload
 /// reads its `upstream` blocks: `herd reload` and SIGHUP add and remove
 /// them without a restart; a file that no longer loads leaves them as they
