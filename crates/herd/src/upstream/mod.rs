@@ -713,10 +713,13 @@ pub async fn health_loop(up: Arc<Upstreams>, cfg: HealthConfig) {
         let mut checks = tokio::task::JoinSet::new();
         for t in pool.all_targets() {
             let (t, cfg, staying) = (t.clone(), cfg.clone(), staying.clone());
+            // Each check says whether its target is now on its way (a
+            // streak it advanced, not yet complete).
             checks.spawn(async move {
                 match check(&t, &cfg).await {
                     Err(Failure::NotMade(e)) => {
                         tracing::debug!("{}: check not made: {e}", t.label);
+                        return false;
                     }
                     Err(Failure::Backend(why)) => record(&t, Err((why, false)), &cfg),
                     Err(Failure::Stuck(why)) => {
@@ -727,23 +730,25 @@ pub async fn health_loop(up: Arc<Upstreams>, cfg: HealthConfig) {
                                 .fetch_update(Relaxed, Relaxed, |n| (n > 1).then(|| n - 1))
                                 .is_err()
                         {
+                            // Not counted: no quicker checks of it either.
                             tracing::debug!("{}: {why}; kept in, as no other is", t.label);
-                            return;
+                            return false;
                         }
                         record(&t, Err((why, true)), &cfg)
                     }
                     Ok(()) => record(&t, Ok(()), &cfg),
                 }
+                if t.backend.is_healthy() {
+                    t.fail_streak.load(Relaxed) > 0
+                } else {
+                    t.ok_streak.load(Relaxed) > 0
+                }
             });
         }
-        while checks.join_next().await.is_some() {}
-        let moving = pool.all_targets().any(|t| {
-            if t.backend.is_healthy() {
-                t.fail_streak.load(Relaxed) > 0
-            } else {
-                t.ok_streak.load(Relaxed) > 0
-            }
-        });
+        let mut moving = false;
+        while let Some(on_its_way) = checks.join_next().await {
+            moving |= on_its_way.unwrap_or(false);
+        }
         next = began + if moving { fast } else { cfg.interval };
     }
 }
