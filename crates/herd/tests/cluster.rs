@@ -472,6 +472,25 @@ fn a_stopping_cluster_answers_status_and_refuses_other_requests() {
     assert_eq!(st.code(), Some(0), "{}", h.log());
 }
 
+/// Workers close their sockets as they stop, some time before they exit:
+/// the health checks end with the cluster's stop, rather than log each
+/// worker unhealthy on its way out.
+#[test]
+fn a_stop_logs_no_worker_unhealthy() {
+    const SLOW_EXIT: &str = "const s = require('http').createServer((q, r) => r.end('ok'))
+          .listen(Number(process.env.PORT));
+        process.on('SIGTERM', () => { s.close(); setTimeout(() => process.exit(0), 2000); });";
+    let mut h = Herd::start(
+        &["-i", "2", "--health-interval", "200ms"],
+        &["node", "-e", SLOW_EXIT],
+    );
+    h.wait_ready(2);
+    h.signal("TERM");
+    let st = h.wait_exit(T).expect("master did not exit");
+    assert_eq!(st.code(), Some(0), "{}", h.log());
+    assert!(!h.log().contains("unhealthy"), "{}", h.log());
+}
+
 /// A stop that comes while `herd upgrade` drains wins, as `systemctl stop`
 /// or `docker stop` expect: the master answers `status` during the drain,
 /// then stops instead of re-executing, and the request in flight gets its

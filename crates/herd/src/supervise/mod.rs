@@ -542,7 +542,11 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 })
             }
         }
-        tokio::spawn(upstream::health_loop(sup.up.clone(), sup.s.health.clone()));
+        tokio::spawn(upstream::health_loop(
+            sup.up.clone(),
+            sup.s.health.clone(),
+            sup.stop_accepting.clone(),
+        ));
         if let Some(addr) = sup.s.tls.as_ref().and_then(|t| t.redirect) {
             let redirect = std::net::TcpListener::bind(addr)
                 .and_then(|l| l.set_nonblocking(true).map(|()| l))

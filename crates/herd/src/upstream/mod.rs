@@ -692,7 +692,19 @@ impl Upstreams {
 /// `fastinter`: a stopped worker, which every request sent to it waits on,
 /// goes out about twice as soon, and a target that recovered comes back
 /// as soon, while a steady pool is checked no more often.
-pub async fn health_loop(up: Arc<Upstreams>, cfg: HealthConfig) {
+///
+/// It ends when `stop` is cancelled (the cluster stops or upgrades): the
+/// workers then close their sockets as they stop, and checks would only
+/// log them unhealthy.
+pub async fn health_loop(
+    up: Arc<Upstreams>,
+    cfg: HealthConfig,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    stop.run_until_cancelled(check_loop(up, cfg)).await;
+}
+
+async fn check_loop(up: Arc<Upstreams>, cfg: HealthConfig) {
     if cfg.interval.is_zero() {
         return;
     }
