@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::{self, Request, Status};
+use crate::config::relaunch::{self, Relaunch};
+use crate::control::{self, Done, Request, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -72,6 +73,10 @@ pub struct Saved {
     /// Stopped by a crash loop (`herd list`: errored, as PM2 says).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub errored: bool,
+    /// What changed since the master started (scale, promote,
+    /// `--update-env`), which its command line does not say.
+    #[serde(default, skip_serializing_if = "Relaunch::is_empty")]
+    pub relaunch: Relaunch,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]
@@ -100,7 +105,11 @@ pub fn save(force: bool) -> Result<(Vec<String>, PathBuf), BootError> {
                     source,
                 }
             })?;
-        dump.clusters.push(read_master(&name, status.pid)?);
+        let mut saved = read_master(&name, status.pid)?;
+        if let Some(r) = changes(&name, &path) {
+            saved.relaunch = r;
+        }
+        dump.clusters.push(saved);
     }
     let path = dump_path();
     let names = dump.clusters.iter().map(|c| c.name.clone()).collect();
@@ -112,7 +121,15 @@ pub fn save(force: bool) -> Result<(Vec<String>, PathBuf), BootError> {
     Ok((names, path))
 }
 
-/// A master's command line, directory and environment, from `/proc`.
+/// What the running master `name` changed since it started (`None`: it
+/// did not say, as a herd older than this does not).
+pub fn changes(name: &str, path: &Path) -> Option<Relaunch> {
+    let done: Done = control::call(name, path, &Request::Relaunch, |_| {}).ok()?;
+    done.relaunch.map(|r| *r)
+}
+
+/// A master's command line, directory and environment, from `/proc`; the
+/// changes it was started with, from its `HERD_RELAUNCH`.
 fn read_master(name: &str, pid: u32) -> Result<Saved, BootError> {
     let proc_err = |source| BootError::Proc {
         name: name.to_string(),
@@ -129,19 +146,24 @@ fn read_master(name: &str, pid: u32) -> Result<Saved, BootError> {
             .map(|w| String::from_utf8_lossy(w).into_owned())
             .collect()
     };
-    let env = words(&environ)
+    let mut env: BTreeMap<String, String> = words(&environ)
         .into_iter()
         .filter_map(|kv| {
             let (k, v) = kv.split_once('=')?;
             Some((k.to_string(), v.to_string()))
         })
         .collect();
+    let relaunch = env
+        .remove(relaunch::VAR)
+        .and_then(|v| Relaunch::decode(&v))
+        .unwrap_or_default();
     Ok(Saved {
         name: name.to_string(),
         args: words(&cmdline).into_iter().skip(1).collect(),
         cwd,
         env,
         errored: false,
+        relaunch,
     })
 }
 
@@ -218,11 +240,12 @@ fn start_saved(exe: &Path, c: &Saved) -> Result<bool, String> {
         .ok_or("not a `herd run` command line")?;
     args[at] = "start".into();
     // A directory gone since is the likely cause of a failed spawn.
-    let status = std::process::Command::new(exe)
-        .args(&args)
-        .current_dir(&c.cwd)
-        .env_clear()
-        .envs(&c.env)
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&args).current_dir(&c.cwd).env_clear().envs(&c.env);
+    if !c.relaunch.is_empty() {
+        cmd.env(relaunch::VAR, c.relaunch.encode());
+    }
+    let status = cmd
         .status()
         .map_err(|e| format!("cannot start it in {}: {e}", c.cwd.display()))?;
     Ok(status.success())
@@ -265,12 +288,21 @@ fn edit_stopped(change: impl FnOnce(&mut Vec<Saved>)) -> std::io::Result<()> {
 }
 
 /// Records the running master `pid` of `name` before `herd stop` ends it,
-/// or as it gives up by itself (`errored`: on a crash loop).
-pub fn remember_stopped(name: &str, pid: u32, errored: bool) -> Result<(), BootError> {
-    let saved = Saved {
+/// or as it gives up by itself (`errored`: on a crash loop), with what it
+/// `changed` since it started when it said.
+pub fn remember_stopped(
+    name: &str,
+    pid: u32,
+    errored: bool,
+    changed: Option<Relaunch>,
+) -> Result<(), BootError> {
+    let mut saved = Saved {
         errored,
         ..read_master(name, pid)?
     };
+    if let Some(r) = changed {
+        saved.relaunch = r;
+    }
     edit_stopped(|all| {
         all.retain(|c| c.name != name);
         all.push(saved);
@@ -317,6 +349,8 @@ pub fn start_stopped(
     };
     if let Some(env) = env {
         c.env = env.clone();
+        // This environment replaces the one `reload --update-env` gave.
+        c.relaunch.base_env = None;
     }
     let exe = std::env::current_exe().map_err(BootError::OwnBinary)?;
     match start_saved(&exe, &c) {

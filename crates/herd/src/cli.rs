@@ -793,7 +793,15 @@ impl RunArgs {
             app: self.app.clone(),
             profile: self.env_profile.clone(),
         };
-        Settings::resolve(self.opts, &from, self.no_node_shim)
+        // A master started to take over a running cluster (`herd upgrade`,
+        // `herd start NAME`, `herd resurrect`) runs it as it ran.
+        let relaunch = crate::config::relaunch::Relaunch::from_env();
+        let mut opts = self.opts.clone();
+        relaunch.over(&mut opts);
+        let mut s = Settings::resolve(opts, &from, self.no_node_shim)?;
+        s.flags = self.opts;
+        s.relaunch = relaunch;
+        Ok(s)
     }
 
     /// A flag of herd's among the command's words when no `--` separated

@@ -445,6 +445,66 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     assert!(said.contains("no herd cluster is running"), "{said}");
 }
 
+/// What a cluster changed while it ran (a promoted deploy's command,
+/// directory and `--env`, `herd scale`, `reload --update-env`) outlives its
+/// master: `reload --update-env` keeps the release, and `herd upgrade`,
+/// `herd stop` then `herd start NAME`, and `herd save` then `herd
+/// resurrect` bring it back as it ran, as PM2 does, not as it started.
+#[test]
+fn what_a_cluster_changed_outlives_its_master() {
+    let sb = Sandbox::new("changed");
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pm2");
+    let app = std::fs::read_to_string(Path::new(examples).join("app.js")).unwrap();
+    std::fs::write(sb.app().join("app.js"), &app).unwrap();
+    std::fs::create_dir_all(sb.app().join("v2")).unwrap();
+    let two = app.replace("res.end(`", "res.end(`two ");
+    assert_ne!(two, app);
+    std::fs::write(sb.app().join("v2/server.js"), two).unwrap();
+    let run = |line: &str| sb.run(line);
+    let workers = || {
+        let said = run("herd status api --json").1;
+        let v: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
+        v["workers"].as_array().map_or(0, Vec::len)
+    };
+    let as_it_ran = |when: &str| {
+        let b = body(sb.port);
+        assert!(b.starts_with("two green (staging)"), "{when}: {b}");
+        assert_eq!(workers(), 2, "{when}");
+    };
+
+    let (ok, said) = run("GREETING=blue herd start app.js -n api -i 1");
+    assert!(ok, "{said}");
+    assert!(body(sb.port).starts_with("blue (development)"));
+    let (ok, said) = run(
+        "herd deploy api --blue-green --cwd v2 --env GREETING=green -- node server.js && herd promote api",
+    );
+    assert!(ok && said.contains("promoted"), "{said}");
+    let (ok, said) = run("herd scale api 2 && NODE_ENV=staging herd reload api --update-env");
+    assert!(ok && said.contains("reloaded 2 workers"), "{said}");
+    as_it_ran("after the reload with --update-env");
+
+    let (ok, said) = run("herd upgrade api");
+    assert!(ok, "{said}");
+    as_it_ran("after herd upgrade");
+    let (ok, said) = run("herd stop api && cd / && env -u NODE_ENV herd start api");
+    assert!(ok && said.contains("api: started"), "{said}");
+    as_it_ran("after herd stop and herd start");
+    let (ok, said) = run("herd save && herd delete api && herd resurrect");
+    assert!(ok && said.contains("api: started"), "{said}");
+    as_it_ran("after herd save and herd resurrect");
+    // The workers never see how it travels.
+    let (ok, said) = run("herd env 0 --name api");
+    assert!(ok && !said.contains("HERD_RELAUNCH"), "{said}");
+    // `--update-env` on a start takes this shell's environment instead.
+    let (ok, said) = run("herd stop api && NODE_ENV=prod herd start api --update-env");
+    assert!(ok, "{said}");
+    assert!(
+        body(sb.port).starts_with("two green (prod)"),
+        "{}",
+        body(sb.port)
+    );
+}
+
 /// A config file where a name goes, as deploy scripts use PM2's:
 /// `pm2 startOrReload ecosystem.config.js --env production`, and `pm2
 /// reload|restart|stop|delete ecosystem.config.js`, act on each of its apps.

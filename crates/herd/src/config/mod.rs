@@ -19,6 +19,7 @@ use herd_balance::{BackendConfig, StrategyKind};
 
 pub mod apps;
 pub mod moment;
+pub mod relaunch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -1048,6 +1049,9 @@ pub struct Settings {
     /// over the file (`reload --update-env`).
     pub flags: Options,
     pub no_node_shim: bool,
+    /// What changed since the start (scale, promote, `--update-env`),
+    /// here or in the master before this one; it lies over `flags`.
+    pub relaunch: relaunch::Relaunch,
 }
 
 /// `--upstream ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,max_conns=N][,backup]`;
@@ -1752,6 +1756,7 @@ impl Settings {
             },
             flags: given,
             no_node_shim,
+            relaunch: Default::default(),
         })
     }
 }

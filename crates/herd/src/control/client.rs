@@ -480,7 +480,7 @@ fn one(name: &str, path: &std::path::Path, req: &Request) -> Result<(), ControlE
         ),
         Request::Replace { id } => crate::outln!("{name}: worker {id} replaced"),
         Request::Reset => crate::outln!("{name}: restart counts set to 0"),
-        Request::Status | Request::Hosts | Request::Upgrade => {}
+        Request::Status | Request::Hosts | Request::Upgrade | Request::Relaunch => {}
     }
     Ok(())
 }
@@ -924,7 +924,10 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
 fn remember(name: &str, path: &std::path::Path) {
     let done = control::call::<Status>(name, path, &Request::Status, |_| {})
         .map_err(|e| e.to_string())
-        .and_then(|s| crate::boot::remember_stopped(name, s.pid, false).map_err(|e| e.to_string()));
+        .and_then(|s| {
+            let changed = crate::boot::changes(name, path);
+            crate::boot::remember_stopped(name, s.pid, false, changed).map_err(|e| e.to_string())
+        });
     if let Err(e) = done {
         crate::errln!("herd: warning: {name}: `herd start {name}` will not know it: {e}");
     }

@@ -379,7 +379,7 @@ pub fn call<T: serde::de::DeserializeOwned>(
         .map_err(connect_err)?;
     // A status is answered at once by a master that is not stuck; other
     // requests (a reload) take as long as they take, with progress lines.
-    if matches!(req, Request::Status) {
+    if matches!(req, Request::Status | Request::Relaunch) {
         s.set_read_timeout(Some(STATUS_WITHIN))
             .map_err(connect_err)?;
     }
@@ -623,6 +623,20 @@ mod tests {
             r#"{"cmd":"reload"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+        let r: Request = serde_json::from_str(r#"{"cmd":"relaunch"}"#).unwrap();
+        assert_eq!(r, Request::Relaunch);
+        let changed = crate::config::relaunch::Relaunch {
+            instances: Some(3),
+            ..Default::default()
+        };
+        let done = Done {
+            relaunch: Some(Box::new(changed)),
+            ..Done::ok()
+        };
+        assert_eq!(
+            serde_json::to_string(&done).unwrap(),
+            r#"{"ok":true,"relaunch":{"instances":3}}"#
+        );
         let r: Request = serde_json::from_str(r#"{"cmd":"signal","signal":"SIGUSR2"}"#).unwrap();
         assert_eq!(
             r,

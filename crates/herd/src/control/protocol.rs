@@ -54,6 +54,11 @@ pub enum Request {
     /// Replace worker `id`: its successor first, then it drains (as a
     /// one-slot rolling reload).
     Replace { id: usize },
+    /// What changed since the master started (scale, promote,
+    /// `--update-env`), for a master that takes the cluster over: `herd
+    /// stop` records it for `herd start NAME`, `herd save` for `herd
+    /// resurrect`. Answered in `Done`'s `relaunch`.
+    Relaunch,
     /// Every worker's restart count back to 0 (`pm2 reset`); the metrics'
     /// counters keep counting.
     Reset,
@@ -100,6 +105,9 @@ pub struct Done {
     /// `stop`: the master's pid, for the caller to wait for its exit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// `relaunch`: what changed since the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relaunch: Option<Box<crate::config::relaunch::Relaunch>>,
 }
 
 impl Done {

@@ -257,6 +257,30 @@ impl Supervisor {
         }
     }
 
+    /// A deploy was promoted: what it changed (its command, directory and
+    /// `--env`s) is the cluster's now, for `reload --update-env` and for a
+    /// master that takes the cluster over.
+    pub(super) fn promoted(&mut self, r: &Rollout) {
+        let Some(spec) = self.specs.get(&r.version) else {
+            return;
+        };
+        let release = &spec.release;
+        let relaunch = &mut self.s.relaunch;
+        if !r.plan.command.is_empty() {
+            let words = release.command.iter();
+            relaunch.command = Some(words.map(|w| w.to_string_lossy().into_owned()).collect());
+            // Else the next master would take a name from the new command.
+            relaunch.name = Some(self.s.name.clone());
+        }
+        if r.plan.cwd.is_some() {
+            relaunch.cwd.clone_from(&release.cwd);
+        }
+        let pairs = r.plan.env.iter().filter_map(|kv| kv.split_once('='));
+        relaunch
+            .env
+            .extend(pairs.map(|(k, v)| (k.to_string(), v.to_string())));
+    }
+
     /// Checks a deploy against this cluster's mode; resolves what it runs.
     fn plan_release(&self, plan: &DeployPlan) -> Result<(Spec, KeySource, usize), String> {
         if self.s.command.is_empty() {

@@ -404,7 +404,11 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         program: s.program.clone(),
         cwd: s.cwd.clone(),
         env: s.env.clone(),
-        base_env: None,
+        base_env: s
+            .relaunch
+            .base_env
+            .as_ref()
+            .map(|e| e.iter().map(|(k, v)| (k.into(), v.into())).collect()),
     };
     let stable = Spec::new(
         stable,
@@ -714,7 +718,10 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         // --stop-exit-codes with no worker left): `herd list` shows it, `herd restart NAME` starts it
         // again, as PM2 keeps an errored or stopped app.
         let errored = sup.exit_code != 0;
-        if let Err(e) = crate::boot::remember_stopped(&sup.s.name, std::process::id(), errored) {
+        let relaunch = Some(sup.s.relaunch.clone());
+        if let Err(e) =
+            crate::boot::remember_stopped(&sup.s.name, std::process::id(), errored, relaunch)
+        {
             tracing::debug!("not recorded as stopped: {e}");
         }
     }

@@ -34,20 +34,20 @@ impl Supervisor {
         if self.m.deploying().is_some() {
             return Err("a deploy is in progress: promote or roll it back first".into());
         }
-        let s = crate::config::Settings::resolve(
-            self.s.flags.clone(),
-            &self.s.source,
-            self.s.no_node_shim,
-        )
-        .map_err(|e| e.to_string())?;
+        // A promoted deploy's command, directory and `--env` stay.
+        let mut flags = self.s.flags.clone();
+        self.s.relaunch.over(&mut flags);
+        let s = crate::config::Settings::resolve(flags, &self.s.source, self.s.no_node_shim)
+            .map_err(|e| e.to_string())?;
         let version = self.m.stable_version();
         let release = crate::config::Release {
             command: s.command,
             program: s.program,
             cwd: s.cwd,
             env: s.env,
-            base_env: Some(env.into_iter().map(|(k, v)| (k.into(), v.into())).collect()),
+            base_env: Some(env.iter().map(|(k, v)| (k.into(), v.into())).collect()),
         };
+        self.s.relaunch.base_env = Some(env);
         let reuse = match self.specs.get(&version) {
             Some(old) if old.release.command == release.command => old.reuse.clone(),
             _ => Default::default(),
@@ -62,6 +62,15 @@ impl Supervisor {
         );
         self.specs.insert(version, std::sync::Arc::new(spec));
         Ok(())
+    }
+
+    /// What a master that takes this cluster over must know that the
+    /// command line does not say (`herd stop`'s record, `herd save`).
+    fn relaunch(&self) -> Done {
+        Done {
+            relaunch: Some(Box::new(self.s.relaunch.clone())),
+            ..Done::ok()
+        }
     }
 
     /// Handles a control request; true when the cluster must stop.
@@ -114,7 +123,13 @@ impl Supervisor {
                 self.apply(Input::Restart, Some(reply))
             }
             Request::Scale { n } => match self.scale_to(&n) {
-                Ok(to) => self.scale(to, reply),
+                Ok(to) => {
+                    let before = self.m.instances();
+                    self.scale(to, reply);
+                    if self.m.instances() != before {
+                        self.s.relaunch.instances = Some(self.m.instances());
+                    }
+                }
                 Err(e) => {
                     let _ = reply.send(Done::failed(e).into());
                 }
@@ -129,6 +144,9 @@ impl Supervisor {
                 self.apply(Input::Promote, Some(reply));
             }
             Request::Rollback => self.apply(Input::Rollback, Some(reply)),
+            Request::Relaunch => {
+                let _ = reply.send(self.relaunch().into());
+            }
             Request::Reset => {
                 self.m.reset_restarts();
                 tracing::info!("restart counts set to 0 (herd reset)");
@@ -214,6 +232,7 @@ impl Supervisor {
                 self.status(reply);
                 return false;
             }
+            Request::Relaunch => self.relaunch(),
             Request::Stop if self.stopping => Done {
                 stopping: Some(true),
                 pid: Some(std::process::id()),

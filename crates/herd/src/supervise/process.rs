@@ -425,8 +425,11 @@ impl Supervisor {
     /// Republishes the serving workers to the dispatcher or the proxy,
     /// with a deploy's new workers and split apart.
     pub(super) fn publish(&mut self) {
-        if self.m.deploying().is_none() {
-            self.rollout = None; // promoted or rolled back
+        if self.m.deploying().is_none()
+            && let Some(r) = self.rollout.take()
+            && self.m.stable_version() == r.version
+        {
+            self.promoted(&r);
         }
         let split = self.rollout.as_ref().map(|r| Split {
             percent: r.percent(self.m.group_serving(Group::New)),
@@ -887,8 +890,10 @@ fn worker_env(
         "WATCHDOG_PID",
         // The admin listener's secret is herd's, not the app's.
         "HERD_ADMIN_TOKEN",
-        // What a master hands itself across `herd upgrade`.
+        // What a master hands itself across `herd upgrade`, or to the
+        // master that takes its cluster over.
         "HERD_UPGRADE",
+        crate::config::relaunch::VAR,
         // The Python preload's mark for a worker's children (a nested herd),
         // and what it is there for.
         "HERD_PORT_TAKEN",

@@ -44,6 +44,7 @@ impl Supervisor {
         let out = std::process::Command::new(&exe)
             .args(&args)
             .stdin(std::process::Stdio::null())
+            .env(crate::config::relaunch::VAR, self.s.relaunch.encode())
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .env_remove("NOTIFY_SOCKET")
@@ -115,7 +116,11 @@ impl Supervisor {
         );
         let mut keep = listen;
         keep.extend([self.control_fd, self.lock_fd]);
-        let e = crate::os::sys::exec_self(&exe, &keep, &[("HERD_UPGRADE", handed)]);
+        let extra = [
+            ("HERD_UPGRADE", handed),
+            (crate::config::relaunch::VAR, self.s.relaunch.encode()),
+        ];
+        let e = crate::os::sys::exec_self(&exe, &keep, &extra);
         Some(format!("exec {}: {e}", exe.display()))
     }
 
