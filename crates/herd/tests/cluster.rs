@@ -1346,6 +1346,22 @@ fn bad_input_gets_one_clear_line() {
         "in fork mode herd opens no port",
     );
     assert_one_line_error(&["stauts"], "`status`");
+    // Limits past any use, which would overflow a deadline or exhaust
+    // memory at the first request or stop, are refused at the start.
+    assert_one_line_error(
+        &[
+            "run",
+            "--drain-timeout",
+            "18446744073709551615s",
+            "--",
+            DEMO,
+        ],
+        "18446744073709551615s is too long: at most 3650d",
+    );
+    assert_one_line_error(
+        &["run", "--max-headers", "4294967295", "--", DEMO],
+        "--max-headers 4294967295: at most 32767",
+    );
     // clap lists what is missing on lines of their own: kept on the one.
     assert_one_line_error(
         &["send"],

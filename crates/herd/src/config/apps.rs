@@ -306,12 +306,15 @@ fn ecosystem_app(
         match v {
             Value::Number(n) => n
                 .as_u64()
-                .map(|n| Dur(std::time::Duration::from_millis(n)))
-                .ok_or_else(|| format!("{key}: {n} is not a number of milliseconds")),
+                .ok_or_else(|| format!("{key}: {n} is not a number of milliseconds"))
+                .and_then(|n| {
+                    format!("{n}ms")
+                        .parse::<Dur>()
+                        .map_err(|e| format!("{key}: {e}"))
+                }),
             Value::String(s) => s
                 .parse::<u64>()
-                .map(|n| Dur(std::time::Duration::from_millis(n)))
-                .or_else(|_| s.parse::<Dur>())
+                .map_or_else(|_| s.parse::<Dur>(), |n| format!("{n}ms").parse::<Dur>())
                 .map_err(|e| format!("{key}: {e}")),
             _ => Err(format!("{key}: expected milliseconds")),
         }

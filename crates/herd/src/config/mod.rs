@@ -43,6 +43,8 @@ pub enum ConfigError {
     NoCommand,
     #[error("{0} needs --mode proxy")]
     NeedsProxy(&'static str),
+    #[error("--max-headers {0}: at most {MAX_HEADERS}, as HAProxy's tune.http.maxhdr")]
+    TooManyHeaders(usize),
     #[error(
         "--balance {0} needs per-request information the master does not have in dispatch mode; use round-robin, least-conn, random2 or ip-hash (or --mode proxy)"
     )]
@@ -297,11 +299,21 @@ impl FromStr for Dur {
                 "a duration needs a unit: {s}ms (PM2's numbers are milliseconds) or {s}s"
             ));
         }
-        humantime::parse_duration(s)
-            .map(Dur)
-            .map_err(|e| format!("{e} (write durations like 500ms, 5s, 2m)"))
+        let d = humantime::parse_duration(s)
+            .map_err(|e| format!("{e} (write durations like 500ms, 5s, 2m)"))?;
+        if d > MAX_DUR {
+            return Err(format!("{s} is too long: at most 3650d"));
+        }
+        Ok(Dur(d))
     }
 }
+
+/// The most `--max-headers` may be.
+const MAX_HEADERS: usize = 32767;
+
+/// The longest duration herd takes: ten years is past any timeout's use,
+/// and far from where a deadline (now + it) would overflow the clock.
+const MAX_DUR: Duration = Duration::from_secs(3650 * 24 * 3600);
 
 /// A signal as `herd signal` takes it: `SIGUSR2`, `USR2`, `usr2` or `12`.
 pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
@@ -783,7 +795,7 @@ options! {
     /// Largest request head (request line + headers), e.g. 16k (then 431) [default: 16k].
     #[arg(long, value_name = "SIZE")]
     max_header_size: Option<Size>,
-    /// Most request headers (then 431) [default: 100].
+    /// Most request headers (then 431), at most 32767 [default: 100].
     #[arg(long, value_name = "N")]
     max_headers: Option<usize>,
     /// Largest request body, e.g. 10M (then 413, as nginx's `client_max_body_size`);
@@ -1648,6 +1660,10 @@ impl Settings {
             rise: o.health_rise.unwrap_or(default::HEALTH_RISE).max(1),
             fall: o.health_fall.unwrap_or(default::HEALTH_FALL).max(1),
         };
+        // Each proxy thread holds room for that many parsed headers.
+        if let Some(n) = o.max_headers.filter(|&n| n > MAX_HEADERS) {
+            return Err(ConfigError::TooManyHeaders(n));
+        }
         let http = HttpConfig {
             connect_timeout,
             response_timeout: d(o.response_timeout, default::RESPONSE_TIMEOUT),
@@ -2625,6 +2641,12 @@ mod tests {
         );
         assert_eq!("2m".parse::<Dur>().unwrap().0, Duration::from_secs(120));
         assert!("5".parse::<Dur>().is_err());
+        // A deadline this far would overflow the clock (a panic).
+        assert_eq!(
+            "18446744073709551615s".parse::<Dur>(),
+            Err("18446744073709551615s is too long: at most 3650d".into())
+        );
+        assert_eq!("3650d".parse::<Dur>().map(|d| d.0), Ok(MAX_DUR));
     }
 
     #[test]
