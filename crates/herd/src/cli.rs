@@ -311,7 +311,7 @@ pub struct DeployArgs {
     #[arg(short = 'i', long = "instances", value_name = "N")]
     pub workers: Option<usize>,
     /// Roll back when the new version's 5xx rate over the window is above PERCENT and the running one's.
-    #[arg(long, value_name = "PERCENT")]
+    #[arg(long, value_name = "PERCENT", value_parser = percent)]
     pub max_error_rate: Option<f64>,
     /// Roll back when the new version's p99 over the window is above DUR and the running one's.
     #[arg(long, value_name = "DUR")]
@@ -773,6 +773,15 @@ pub struct RunArgs {
     /// Every setting, each also a `herd.toml` key of the same name; flags win.
     #[command(flatten)]
     pub opts: Options,
+}
+
+/// A percent from 0 to 100 (JSON has no NaN or infinity to carry).
+fn percent(s: &str) -> Result<f64, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|p| (0.0..=100.0).contains(p))
+        .ok_or_else(|| "a percent from 0 to 100".to_string())
 }
 
 impl RunArgs {

@@ -259,6 +259,17 @@ fn dispatch_splits_connections_and_the_fd_modes_refuse_what_they_cannot_do() {
     let out = herd(&["deploy", "--name", &s, "--canary", "50", "--by", "ip"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the split is by worker count"), "{err}");
+    // A typo forks no thousands of workers; a limit is a percent.
+    for (args, why) in [
+        (vec!["-i", "99999"], "-i 99999: from 1 to 4095 new workers"),
+        (vec!["--max-error-rate", "nan"], "a percent from 0 to 100"),
+    ] {
+        let mut all = vec!["deploy", "--name", &s, "--canary", "50"];
+        all.extend(args);
+        let out = herd(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{all:?}: {err}");
+    }
     ok(&herd(&["deploy", "--name", &s, "--canary", "50"]));
     assert!(h.wait_log("worker 1 ready", T), "{}", h.log());
     assert!(

@@ -293,6 +293,11 @@ impl Supervisor {
             (Some(p), _) if p > 100 => return Err(format!("--canary {p}: at most 100")),
             _ => {}
         }
+        if let Some(r) = plan.max_error_rate
+            && !(0.0..=100.0).contains(&r)
+        {
+            return Err(format!("--max-error-rate {r}: a percent from 0 to 100"));
+        }
         let by = split_by(plan.by.as_deref())?;
         let analysed = plan.max_error_rate.is_some() || plan.max_p99_ms.is_some();
         match self.s.mode {
@@ -357,6 +362,15 @@ impl Supervisor {
             (None, Some(p)) => (stable_slots * usize::from(p)).div_ceil(100).max(1),
             (None, None) => stable_slots,
         };
+        // As `herd scale`'s: a typo (`-i 99999`) must not fork until the
+        // machine gives out.
+        let most = crate::config::MAX_WORKERS;
+        if workers == 0 || stable_slots + workers > most {
+            return Err(format!(
+                "-i {workers}: from 1 to {} new workers ({stable_slots} running, at most {most} in all)",
+                most.saturating_sub(stable_slots)
+            ));
+        }
         Ok((
             Spec::new(
                 release,
