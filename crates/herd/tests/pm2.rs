@@ -503,6 +503,18 @@ fn what_a_cluster_changed_outlives_its_master() {
         "{}",
         body(sb.port)
     );
+    // SIGTTIN's worker more counts as `herd scale`'s does.
+    let said = run("herd status api --json").1;
+    let v: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
+    let master = v["pid"].as_u64().unwrap_or(0);
+    assert!(run(&format!("kill -TTIN {master}")).0, "{said}");
+    assert!(
+        wait_until(T, || workers() == 3),
+        "{}",
+        run("herd status api").1
+    );
+    let (ok, said) = run("herd stop api && herd start api");
+    assert!(ok && workers() == 3, "{said}");
 }
 
 /// A config file where a name goes, as deploy scripts use PM2's:

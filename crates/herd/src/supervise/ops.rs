@@ -123,13 +123,7 @@ impl Supervisor {
                 self.apply(Input::Restart, Some(reply))
             }
             Request::Scale { n } => match self.scale_to(&n) {
-                Ok(to) => {
-                    let before = self.m.instances();
-                    self.scale(to, reply);
-                    if self.m.instances() != before {
-                        self.s.relaunch.instances = Some(self.m.instances());
-                    }
-                }
+                Ok(to) => self.scale(to, reply),
                 Err(e) => {
                     let _ = reply.send(Done::failed(e).into());
                 }
@@ -820,7 +814,12 @@ impl Supervisor {
     }
 
     fn scale(&mut self, to: usize, reply: UnboundedSender<Line>) {
+        let before = self.m.instances();
         self.apply(Input::Scale { to }, Some(reply));
+        // The next master (upgrade, `herd start NAME`) starts this many.
+        if self.m.instances() != before {
+            self.s.relaunch.instances = Some(self.m.instances());
+        }
         // Slots scaled away take their reuseport socket with them.
         if let Some(Listeners::ReusePort(socks)) = &mut self.listeners {
             socks.truncate(self.m.instances().max(1));
