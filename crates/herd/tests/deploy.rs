@@ -317,3 +317,45 @@ fn a_canary_healthy_for_promote_after_is_promoted_by_itself() {
             && status_json(&n)["workers"].as_array().unwrap().len() == 1
     }));
 }
+
+/// Reuseport mode: a deploy's slot takes its socket with it when it leaves
+/// (promoted or rolled back); the kernel would else go on giving a share
+/// of new connections to a socket no worker accepts on.
+#[test]
+fn in_reuseport_mode_no_connection_waits_on_a_socket_a_deploy_left() {
+    let n = name("rpdeploy");
+    let h = Herd::start(&["--name", &n, "-i", "2", "--mode", "reuseport"], &[DEMO]);
+    h.wait_ready(2);
+    let ready = |count: usize| {
+        let st = status_json(&n);
+        st["workers"]
+            .as_array()
+            .is_some_and(|w| w.len() == count && w.iter().all(|w| w["state"] == "ready"))
+    };
+    // Each on a connection of its own, which the kernel spreads by hash.
+    let answered = || {
+        (0..40)
+            .filter(|_| {
+                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", h.port)) else {
+                    return false;
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut text = String::new();
+                std::io::Write::write_all(
+                    &mut s,
+                    b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+                )
+                .and_then(|()| std::io::Read::read_to_string(&mut s, &mut text))
+                .is_ok()
+                    && text.starts_with("HTTP/1.1 200")
+            })
+            .count()
+    };
+    for end in ["promote", "rollback"] {
+        ok(&herd(&["deploy", "--name", &n, "--canary", "50"]));
+        assert!(wait_until(T, || ready(3)), "{}", h.log());
+        ok(&herd(&[end, "--name", &n]));
+        assert!(wait_until(T, || ready(2)), "{}", h.log());
+        assert_eq!(answered(), 40, "after the {end}: {}", h.log());
+    }
+}

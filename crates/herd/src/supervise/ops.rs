@@ -820,7 +820,13 @@ impl Supervisor {
         if self.m.instances() != before {
             self.s.relaunch.instances = Some(self.m.instances());
         }
-        // Slots scaled away take their reuseport socket with them.
+        self.close_unused_sockets();
+    }
+
+    /// Reuseport mode: slots gone (scaled away, or a deploy's, promoted or
+    /// rolled back) take their socket with them. The kernel would go on
+    /// giving a share of new connections to a socket no worker accepts on.
+    pub(super) fn close_unused_sockets(&mut self) {
         if let Some(Listeners::ReusePort(socks)) = &mut self.listeners {
             socks.truncate(self.m.instances().max(1));
         }

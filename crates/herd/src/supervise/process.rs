@@ -431,6 +431,7 @@ impl Supervisor {
         {
             self.promoted(&r);
         }
+        self.close_unused_sockets();
         let split = self.rollout.as_ref().map(|r| Split {
             percent: r.percent(self.m.group_serving(Group::New)),
             by: r.by.clone(),
