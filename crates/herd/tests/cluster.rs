@@ -245,10 +245,17 @@ fn a_lone_workers_crash_under_keepalive_load_fails_no_request() {
     // once), even ones a young one (restarted after the back-off); never
     // two young ones in a row, which would be a crash loop.
     // Each round first waits for `more` answers since the last one.
-    let crash = |round: usize, count: &dyn Fn() -> usize, more: usize| {
+    // `why` says what the client saw, should its answers stop.
+    let crash = |round: usize, count: &dyn Fn() -> usize, more: usize, why: &dyn Fn() -> String| {
         let (seen, up) = (count(), std::time::Instant::now());
         let grown = Duration::from_millis(if round % 2 == 1 { 300 } else { 0 });
-        assert!(wait_until(T, || count() >= seen + more && up.elapsed() >= grown));
+        assert!(
+            wait_until(T, || count() >= seen + more && up.elapsed() >= grown),
+            "round {round}: {} answers, {seen} before it; {}; log:\n{}",
+            count(),
+            why(),
+            h.log()
+        );
         let pid = h.worker_pids(1)[0];
         signal(pid, "KILL");
         assert!(
@@ -262,7 +269,7 @@ fn a_lone_workers_crash_under_keepalive_load_fails_no_request() {
     let clients = load(h.port, true, stop.clone(), done.clone());
     let answered = || done.load(Ordering::Relaxed);
     for round in 0..4 {
-        crash(round, &answered, 200);
+        crash(round, &answered, 200, &String::new);
     }
     let seen = done.load(Ordering::Relaxed);
     assert!(wait_until(T, || done.load(Ordering::Relaxed) > seen + 200));
@@ -286,8 +293,10 @@ fn a_lone_workers_crash_under_keepalive_load_fails_no_request() {
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0)
     };
+    let why_file = std::path::PathBuf::from(format!("{}.why", s(&stop_file)));
+    let why = || std::fs::read_to_string(&why_file).unwrap_or_else(|_| "client running".into());
     for round in 1..3 {
-        crash(round, &answered, 20);
+        crash(round, &answered, 20, &why);
     }
     let last = answered();
     assert!(
@@ -298,6 +307,7 @@ fn a_lone_workers_crash_under_keepalive_load_fails_no_request() {
     let out = client.wait_with_output().expect("python3");
     let _ = std::fs::remove_file(&stop_file);
     let _ = std::fs::remove_file(&count_file);
+    let _ = std::fs::remove_file(&why_file);
     let said = String::from_utf8_lossy(&out.stdout);
     let ok: usize = said
         .strip_prefix("ok ")
@@ -307,11 +317,18 @@ fn a_lone_workers_crash_under_keepalive_load_fails_no_request() {
 }
 
 /// GETs over one h2c connection, one after another, until the file named
-/// by the second argument exists: `ok N`, or what went wrong. Every 10
-/// answers, the count so far goes to that name plus `.n`.
+/// by the second argument exists: `ok N`, or what went wrong (also in that
+/// name plus `.why`). Every 10 answers, the count so far goes to that name
+/// plus `.n`. Bodies read are acknowledged: without it the connection's
+/// receive window (64 KiB) ends the answers' DATA after about 2,000 of
+/// them, and 128 streams then wait open.
 const H2_IN_A_ROW: &str = r#"
 import os, socket, sys, h2.connection, h2.config, h2.events
 port, stop = int(sys.argv[1]), sys.argv[2]
+def end(why):
+    with open(stop + ".why", "w") as f:
+        f.write(why)
+    sys.exit(print(why))
 s = socket.create_connection(("127.0.0.1", port))
 s.settimeout(30)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -327,17 +344,19 @@ while not os.path.exists(stop) and ok < 100000:
     while status is None:
         data = s.recv(65536)
         if not data:
-            sys.exit(print(f"closed after {ok}"))
+            end(f"closed after {ok}")
         for e in c.receive_data(data):
             if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid:
                 status = dict(e.headers)[b":status"]
             elif isinstance(e, h2.events.StreamReset) and e.stream_id == sid:
-                sys.exit(print(f"stream reset after {ok}"))
+                end(f"stream reset after {ok}")
             elif isinstance(e, h2.events.ConnectionTerminated):
-                sys.exit(print(f"GOAWAY after {ok}"))
+                end(f"GOAWAY after {ok}")
+            elif isinstance(e, h2.events.DataReceived):
+                c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
         s.sendall(c.data_to_send())
     if status != b"200":
-        sys.exit(print(f"status {status.decode()} after {ok}"))
+        end(f"status {status.decode()} after {ok}")
     ok += 1
     if ok % 10 == 0:
         with open(stop + ".n.tmp", "w") as f:
