@@ -1379,7 +1379,11 @@ fn bad_input_gets_one_clear_line() {
     );
     assert_one_line_error(
         &["run", "--max-headers", "4294967295", "--", DEMO],
-        "--max-headers 4294967295: at most 32767",
+        "--max-headers 4294967295: 1 to 32767",
+    );
+    assert_one_line_error(
+        &["run", "--max-headers", "0", "--", DEMO],
+        "--max-headers 0: 1 to 32767",
     );
     // clap lists what is missing on lines of their own: kept on the one.
     assert_one_line_error(

@@ -43,7 +43,9 @@ pub enum ConfigError {
     NoCommand,
     #[error("{0} needs --mode proxy")]
     NeedsProxy(&'static str),
-    #[error("--max-headers {0}: at most {MAX_HEADERS}, as HAProxy's tune.http.maxhdr")]
+    #[error(
+        "--max-headers {0}: 1 to {MAX_HEADERS} (the upper bound is HAProxy's for tune.http.maxhdr)"
+    )]
     TooManyHeaders(usize),
     #[error(
         "--balance {0} needs per-request information the master does not have in dispatch mode; use round-robin, least-conn, random2 or ip-hash (or --mode proxy)"
@@ -1660,8 +1662,9 @@ impl Settings {
             rise: o.health_rise.unwrap_or(default::HEALTH_RISE).max(1),
             fall: o.health_fall.unwrap_or(default::HEALTH_FALL).max(1),
         };
-        // Each proxy thread holds room for that many parsed headers.
-        if let Some(n) = o.max_headers.filter(|&n| n > MAX_HEADERS) {
+        // Each proxy thread holds room for that many parsed headers; with
+        // none, every request that has a header (all but HTTP/1.0's) is a 431.
+        if let Some(n) = o.max_headers.filter(|&n| n == 0 || n > MAX_HEADERS) {
             return Err(ConfigError::TooManyHeaders(n));
         }
         let http = HttpConfig {
@@ -1669,7 +1672,7 @@ impl Settings {
             response_timeout: d(o.response_timeout, default::RESPONSE_TIMEOUT),
             limits: Limits {
                 max_head: o.max_header_size.map_or(default::MAX_HEADER_SIZE, |s| s.0),
-                max_headers: o.max_headers.unwrap_or(default::MAX_HEADERS).max(1),
+                max_headers: o.max_headers.unwrap_or(default::MAX_HEADERS),
                 max_body: o.max_body_size.map(|s| s.0 as u64).filter(|&n| n > 0),
                 request_buffer: o.request_buffer.map_or(default::REQUEST_BUFFER, |s| s.0),
                 header_timeout: d(o.header_timeout, default::HEADER_TIMEOUT),
