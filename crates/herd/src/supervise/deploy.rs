@@ -366,8 +366,14 @@ impl Supervisor {
         // machine gives out.
         let most = crate::config::MAX_WORKERS;
         if workers == 0 || stable_slots + workers > most {
+            // Named as the deploy asked for them: a count, or the canary's share.
+            let asked = match (plan.workers, plan.canary) {
+                (Some(_), _) => format!("-i {workers}"),
+                (None, Some(p)) => format!("--canary {p} ({workers} new workers)"),
+                (None, None) => format!("{workers} new workers, one per running one"),
+            };
             return Err(format!(
-                "-i {workers}: from 1 to {} new workers ({stable_slots} running, at most {most} in all)",
+                "{asked}: from 1 to {} new workers ({stable_slots} running, at most {most} in all)",
                 most.saturating_sub(stable_slots)
             ));
         }
