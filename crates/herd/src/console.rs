@@ -3,10 +3,31 @@
 //! `println!` and `eprintln!` panic when the write fails (a closed pipe: `herd
 //! run … | head`, a terminal that went away, a full disk). A master must
 //! outlive its terminal and its log pipeline, and a CLI piped into `head`
-//! should end quietly, so herd prints only through these.
+//! should end quietly, so herd prints only through these. A command whose
+//! output was lost otherwise (`herd jlist > state.json` on a full disk)
+//! must not say it succeeded: [`lost_output`] tells the binary's edge.
 
 use std::fmt;
 use std::io::{self, Write};
+use std::sync::OnceLock;
+
+/// The first failed write to stdout other than a closed pipe.
+static LOST: OnceLock<io::Error> = OnceLock::new();
+
+/// Why part of stdout was lost, unless only its reader left (`| head`).
+pub fn lost_output() -> Option<&'static io::Error> {
+    LOST.get()
+}
+
+/// Passes the result on, remembering a loss that is not a closed pipe.
+fn noted(r: io::Result<()>) -> io::Result<()> {
+    if let Err(e) = &r
+        && e.kind() != io::ErrorKind::BrokenPipe
+    {
+        let _ = LOST.set(io::Error::new(e.kind(), e.to_string()));
+    }
+    r
+}
 
 /// `println!` that drops the line when stdout is gone.
 #[macro_export]
@@ -22,7 +43,7 @@ macro_rules! errln {
 
 /// One line on stdout; the error tells a follower (`herd logs -f`) to stop.
 pub fn out(args: fmt::Arguments) -> io::Result<()> {
-    writeln!(io::stdout().lock(), "{args}")
+    noted(writeln!(io::stdout().lock(), "{args}"))
 }
 
 /// One line on stderr.
@@ -33,8 +54,12 @@ pub fn err(args: fmt::Arguments) -> io::Result<()> {
 /// Raw bytes on stdout, flushed (a follower's reader wants them now).
 pub fn out_bytes(bytes: &[u8]) -> io::Result<()> {
     let mut o = io::stdout().lock();
-    o.write_all(bytes)?;
-    o.flush()
+    noted(o.write_all(bytes).and_then(|()| o.flush()))
+}
+
+/// What is still buffered on stdout (a last line without its newline).
+pub fn flush_out() -> io::Result<()> {
+    noted(io::stdout().lock().flush())
 }
 
 /// "1 worker", "3 workers": counts in messages read as English.

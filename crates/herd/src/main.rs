@@ -16,10 +16,21 @@ fn main() -> ExitCode {
     };
     // Several names (`herd stop api web`): each in turn; the last failure's code.
     let mut code = ExitCode::SUCCESS;
+    let mut command = true;
     for cli in each {
+        // A master's or a helper's exit code says how its cluster ended.
+        command &= !matches!(&cli.command, Command::Run(a) if !a.check)
+            && !matches!(cli.command, Command::Guard | Command::StaticFiles);
         let c = execute(cli);
         if c != ExitCode::SUCCESS {
             code = c;
+        }
+    }
+    if command {
+        let _ = herd::console::flush_out();
+        if let Some(e) = herd::console::lost_output() {
+            herd::errln!("herd: error: cannot write the output: {e}");
+            return ExitCode::from(1);
         }
     }
     code
@@ -298,7 +309,12 @@ fn usage_error(e: clap::Error) -> ExitCode {
         ErrorKind::DisplayHelp
         | ErrorKind::DisplayVersion
         | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            let _ = e.print();
+            if let Err(w) = e.print()
+                && w.kind() != std::io::ErrorKind::BrokenPipe
+            {
+                herd::errln!("herd: error: cannot write the output: {w}");
+                return ExitCode::from(1);
+            }
             ExitCode::from(e.exit_code() as u8)
         }
         _ => {

@@ -141,8 +141,10 @@ fn cli_into_closed_pipe(args: &[&str], xdg: &Path) -> std::process::Child {
         .unwrap()
 }
 
+/// A closed pipe is a reader that had enough (`| head`): a quiet exit. Any
+/// other lost output (a full disk) is an error, as coreutils' `cat` says.
 #[test]
-fn cli_output_into_a_closed_pipe_ends_quietly() {
+fn cli_output_into_a_closed_pipe_ends_quietly_and_onto_a_full_disk_fails() {
     let dir = tempdir("cli-pipe");
     let name = format!("pipe-{}", std::process::id());
     let log = dir.join("herd.log");
@@ -173,6 +175,30 @@ fn cli_output_into_a_closed_pipe_ends_quietly() {
     ] {
         let mut c = cli_into_closed_pipe(&args, &dir);
         assert_quiet_exit(&mut c, &args);
+    }
+    for args in [
+        vec!["list"],
+        vec!["status", "--name", &name, "--json"],
+        vec!["jlist"],
+        vec!["logs", "--name", &name],
+        vec!["--help"],
+    ] {
+        let out = herd_cmd()
+            .args(&args)
+            .env("XDG_RUNTIME_DIR", &dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1)
+                && err.trim()
+                    == "herd: error: cannot write the output: No space left on device (os error 28)",
+            "`herd {}` onto a full disk: {}, stderr: {err}",
+            args.join(" "),
+            out.status
+        );
     }
 
     // A follower ends once it has something to write and nobody reads.
