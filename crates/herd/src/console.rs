@@ -57,6 +57,21 @@ pub fn out_bytes(bytes: &[u8]) -> io::Result<()> {
     noted(o.write_all(bytes).and_then(|()| o.flush()))
 }
 
+/// Whether stdout is a pipe whose reader left, though nothing was written
+/// since: a follower with nothing new to print ends then (`herd logs -f |
+/// head -1`), as `tail -f` does, rather than at the next line.
+pub fn reader_gone() -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let out = io::stdout();
+    // Errors and hang-ups are reported whatever is asked for.
+    let mut fds = [PollFd::new(out.as_fd(), PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
+}
+
 /// What is still buffered on stdout (a last line without its newline).
 pub fn flush_out() -> io::Result<()> {
     noted(io::stdout().lock().flush())

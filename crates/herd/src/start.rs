@@ -398,6 +398,9 @@ pub fn logs(name: Option<&str>, lines: usize, follow: bool, show: Shown) -> anyh
             }
         }
         if quiet {
+            if crate::console::reader_gone() {
+                return Ok(());
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }

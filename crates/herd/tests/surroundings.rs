@@ -201,7 +201,23 @@ fn cli_output_into_a_closed_pipe_ends_quietly_and_onto_a_full_disk_fails() {
         );
     }
 
-    // A follower ends once it has something to write and nobody reads.
+    // A follower whose reader leaves ends, though the log stays quiet
+    // (`herd logs -f | head -1`), as `tail -f` does.
+    let args = ["logs", "--name", &name, "-f", "--lines", "1"];
+    let mut c = herd_cmd()
+        .args(args)
+        .env("XDG_RUNTIME_DIR", &dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(c.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(c.stdout.take());
+    assert_quiet_exit(&mut c, &args);
+
+    // One that finds the pipe closed ends at its first write.
     let args = ["logs", "--name", &name, "-f"];
     let mut c = cli_into_closed_pipe(&args, &dir);
     h.signal("HUP"); // a reload writes log lines
