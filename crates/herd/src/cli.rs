@@ -557,8 +557,9 @@ fn serve_words(argv: Vec<OsString>) -> Result<Vec<OsString>, clap::Error> {
     Ok(out)
 }
 
-/// Rewrites `--env NAME` to `--env-profile NAME` and a lone config file in
-/// the command's place to `--config FILE`, for `run` and `start`.
+/// Rewrites `--env NAME` to `--env-profile NAME`, PM2's flags herd spells
+/// otherwise, and a lone config file in the command's place to `--config
+/// FILE`, for `run` and `start`.
 fn pm2_words(argv: Vec<OsString>) -> Vec<OsString> {
     let at = 1;
     if !argv.get(at).is_some_and(|a| a == "run" || a == "start") {
@@ -588,6 +589,13 @@ fn pm2_words(argv: Vec<OsString>) -> Vec<OsString> {
         }
         if w == "--shutdown-with-message" {
             out.push("--kill-signal=none".into());
+            i += 1;
+            continue;
+        }
+        // `pm2 start app.js --no-daemon` (a Dockerfile's CMD) keeps PM2 and
+        // the app in the foreground: that is `herd run`.
+        if w == "--no-daemon" {
+            out[at] = "run".into();
             i += 1;
             continue;
         }
@@ -1008,6 +1016,11 @@ mod tests {
             ["herd", "run", "--", "node", "a.js", "--env", "production"]
         );
         assert_eq!(words("herd status api"), ["herd", "status", "api"]);
+        // PM2's foreground start is herd run; after `--` it is the app's.
+        assert_eq!(
+            words("herd start app.js -i 2 --no-daemon -- --no-daemon"),
+            ["herd", "run", "app.js", "-i", "2", "--", "--no-daemon"]
+        );
     }
 
     fn command_of(line: &str) -> (Option<String>, Vec<String>) {

@@ -392,7 +392,6 @@ fn hints(e: &clap::Error) -> String {
 fn pm2_hint(arg: &str) -> Option<&'static str> {
     let flag = arg.split(['=', ' ']).next().unwrap_or(arg);
     Some(match flag {
-        "--no-daemon" => "`herd run` runs in the foreground, `herd start` in the background",
         "-w" | "--workers" => "the worker count is -i N (--instances), as PM2's",
         "--exp-backoff-restart-delay" => {
             "herd always backs off: --restart-delay DUR is the first delay (100ms), doubled after each quick exit up to --max-restart-delay (10s)"

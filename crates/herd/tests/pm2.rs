@@ -644,24 +644,36 @@ fn a_yaml_process_file_starts_and_runs_as_pm2_runtime_runs_it() {
         "{said}"
     );
 
-    // In the foreground, as a container's entry point.
-    let mut fg = sb
-        .command("exec herd run --config process.yml")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(body(port).starts_with("yes"), "{}", body(port));
-    signal(fg.id(), "TERM");
-    let mut status = None;
-    wait_until(T, || {
-        status = fg.try_wait().unwrap();
-        status.is_some()
-    });
-    if status.is_none() {
-        let _ = fg.kill();
+    // In the foreground, as a container's entry point: herd's way, and
+    // the Dockerfiles' `pm2 start process.yml --no-daemon`.
+    for line in [
+        "exec herd run --config process.yml",
+        "exec herd start process.yml --no-daemon",
+    ] {
+        let mut fg = sb
+            .command(line)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(body(port).starts_with("yes"), "{line}: {}", body(port));
+        signal(fg.id(), "TERM");
+        let mut status = None;
+        wait_until(T, || {
+            status = fg.try_wait().unwrap();
+            status.is_some()
+        });
+        if status.is_none() {
+            let _ = fg.kill();
+        }
+        assert!(status.is_some_and(|s| s.success()), "{line}: {status:?}");
+        // Nothing was left behind to run on (a daemonized master would be).
+        let (_, said) = sb.run("herd list");
+        assert!(
+            !said.lines().any(|l| l.starts_with("api ")),
+            "{line}: {said}"
+        );
     }
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
 
     std::fs::write(
         sb.app().join("bad.yaml"),
