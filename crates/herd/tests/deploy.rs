@@ -358,4 +358,10 @@ fn in_reuseport_mode_no_connection_waits_on_a_socket_a_deploy_left() {
         assert!(wait_until(T, || ready(2)), "{}", h.log());
         assert_eq!(answered(), 40, "after the {end}: {}", h.log());
     }
+    // Closing the deploy's socket reset what the kernel had queued on it,
+    // unless the kernel moves such connections: the log says so, once.
+    let migrate = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .is_ok_and(|v| v.trim() == "1");
+    let said = h.log().matches("sysctl net.ipv4.tcp_migrate_req=1").count();
+    assert_eq!(said, usize::from(!migrate), "{}", h.log());
 }

@@ -260,6 +260,8 @@ pub struct Supervisor {
     port_hinted: bool,
     /// A worker was found to have daemonized (see `daemonized`); said once.
     daemon_hinted: bool,
+    /// Reuseport: closing a slot's socket resets its queue; said once.
+    said_queues_reset: bool,
     /// `port_from_app` until the first worker names its port.
     awaiting_port: Option<port::AwaitingPort>,
     /// What ended the master after its start (the app's port was taken).
@@ -494,6 +496,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         http: None,
         stalls: Vec::new(),
         port_hinted: false,
+        said_queues_reset: false,
         daemon_hinted: false,
         awaiting_port: None,
         failed: None,

@@ -828,7 +828,17 @@ impl Supervisor {
     /// giving a share of new connections to a socket no worker accepts on.
     pub(super) fn close_unused_sockets(&mut self) {
         if let Some(Listeners::ReusePort(socks)) = &mut self.listeners {
-            socks.truncate(self.m.instances().max(1));
+            let keep = self.m.instances().max(1);
+            if socks.len() > keep
+                && !self.said_queues_reset
+                && !crate::os::listen::closed_reuseport_queues_migrate()
+            {
+                self.said_queues_reset = true;
+                tracing::warn!(
+                    "reuseport: the connections the kernel had queued on the socket of a slot that is gone (a scale-down, the end of a deploy) are reset as it closes; `sysctl net.ipv4.tcp_migrate_req=1` (Linux 5.14+) has the kernel move them to the other workers' sockets instead"
+                );
+            }
+            socks.truncate(keep);
         }
     }
 
