@@ -2,6 +2,7 @@
 //! port in use is reported at once and nothing is left running.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -129,6 +130,9 @@ impl Listeners {
                     return Err(ListenError::NotReusePort(addr));
                 }
                 sock.set_nonblocking(false).map_err(e)?;
+                // A herd that ended while steering (see `sys::steer_reuseport`)
+                // left its program on the group systemd keeps.
+                let _ = crate::os::sys::unsteer_reuseport(sock.as_fd());
                 let mut all = vec![sock];
                 for _ in 1..slots {
                     all.push(socket(addr, true)?);
@@ -158,7 +162,12 @@ impl Listeners {
             Mode::Proxy => Listeners::Proxy(socks.into_iter().map(Into::into).collect()),
             Mode::Shared => Listeners::Shared(socks.swap_remove(0)),
             Mode::Dispatch => Listeners::Dispatch(socks.swap_remove(0).into()),
-            Mode::Reuseport => Listeners::ReusePort(socks),
+            Mode::Reuseport => {
+                // The new master knows nothing of the old one's steering
+                // (see `sys::steer_reuseport`): every slot gets connections.
+                let _ = crate::os::sys::unsteer_reuseport(socks[0].as_fd());
+                Listeners::ReusePort(socks)
+            }
             Mode::Fork => Listeners::None,
         })
     }
@@ -327,5 +336,43 @@ mod tests {
         }
         assert_eq!(a.failed(t0 + AcceptErrors::WARN_EVERY), Some(500));
         assert_eq!(a.failed(t0 + AcceptErrors::WARN_EVERY), None);
+    }
+
+    /// How many of 60 new connections each socket of a reuseport group got.
+    fn spread(socks: &[Socket]) -> Vec<usize> {
+        let addr = local_addr(&socks[0]).unwrap();
+        let _clients: Vec<_> = (0..60)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let got = |s: &Socket| {
+            s.set_nonblocking(true).unwrap();
+            std::iter::from_fn(|| s.accept().ok()).count()
+        };
+        // The handshakes are done when connect returns (loopback).
+        socks.iter().map(got).collect()
+    }
+
+    #[test]
+    fn steering_gives_new_connections_to_the_first_sockets_only_until_a_new_master_ends_it() {
+        let Listeners::ReusePort(socks) =
+            Listeners::bind(Mode::Reuseport, "127.0.0.1:0".parse().unwrap(), 3).unwrap()
+        else {
+            unreachable!()
+        };
+        crate::os::sys::steer_reuseport(socks[0].as_fd(), 2).unwrap();
+        let got = spread(&socks);
+        assert_eq!(got[2], 0, "{got:?}");
+        assert!(got[0] > 0 && got[1] > 0, "{got:?}");
+        // Steered to one: the others are left alone however they were made.
+        crate::os::sys::steer_reuseport(socks[2].as_fd(), 1).unwrap();
+        assert_eq!(spread(&socks), [60, 0, 0]);
+        // An upgraded master is handed the sockets with the old one's program.
+        let Listeners::ReusePort(socks) = Listeners::handed(Mode::Reuseport, socks).unwrap() else {
+            unreachable!()
+        };
+        let got = spread(&socks);
+        assert!(got.iter().all(|n| *n > 0), "{got:?}");
+        // Nothing to end is not an error.
+        crate::os::sys::unsteer_reuseport(socks[1].as_fd()).unwrap();
     }
 }

@@ -1,7 +1,8 @@
 //! With `lazy`, the only modules with `unsafe`: the code that runs in a
 //! worker between `fork` and `exec`, and passing a connection's fd to a
-//! worker ([`send_fd`], dispatch mode), the guardian's ignored signals, and
-//! reading a listening socket's accept queue ([`accept_queue`]).
+//! worker ([`send_fd`], dispatch mode), the guardian's ignored signals,
+//! reading a listening socket's accept queue ([`accept_queue`]) and steering
+//! a reuseport group's new connections ([`steer_reuseport`]).
 //!
 //! Why it exists: systemd's socket-activation protocol wants `LISTEN_PID`
 //! to be the worker's *own* pid, which only the child knows, and the worker
@@ -304,6 +305,77 @@ pub fn accept_queue(fd: std::os::fd::BorrowedFd<'_>) -> Option<u32> {
     let filled = std::mem::offset_of!(libc::tcp_info, tcpi_unacked) + 4;
     (rc == 0 && len as usize >= filled && info.tcpi_state == LISTEN).then_some(info.tcpi_unacked)
 }
+
+/// Reuseport mode: has the kernel give the new connections of `fd`'s
+/// `SO_REUSEPORT` group only to its first `keep` sockets, at random: a
+/// classic BPF program (`SO_ATTACH_REUSEPORT_CBPF`, Linux 4.5+, no privilege
+/// needed) that returns an index into the group, `random % keep`. The
+/// kernel keeps a group's sockets in the order they began listening and
+/// fills a closed one's place with the last, so herd's lowest slots, the
+/// ones a scale-down keeps, are the first `keep` while the higher ones still
+/// listen. Those then get no new connection, and their workers can accept
+/// what was queued before they are told to stop: nothing is reset when
+/// their sockets close.
+pub fn steer_reuseport(fd: std::os::fd::BorrowedFd<'_>, keep: u32) -> io::Result<()> {
+    // SAFETY: plain integers; the kernel copies the program during the call.
+    let mut prog = [
+        unsafe {
+            libc::BPF_STMT(
+                (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+                (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
+            )
+        },
+        unsafe {
+            libc::BPF_STMT(
+                (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16,
+                keep.max(1),
+            )
+        },
+        unsafe { libc::BPF_STMT((libc::BPF_RET | libc::BPF_A) as u16, 0) },
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as libc::c_ushort,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `prog`, both live for the call, and `fd`
+    // is open (borrowed).
+    check(unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&raw const fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// Ends [`steer_reuseport`]: the kernel spreads by its hash over the whole
+/// group again (`SO_DETACH_REUSEPORT_BPF`, Linux 5.3+). `Ok` when the group
+/// had no program.
+pub fn unsteer_reuseport(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    let zero: libc::c_int = 0;
+    // SAFETY: the option's value is an int that lives for the call, and
+    // `fd` is open (borrowed).
+    match check(unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SOL_SOCKET,
+            SO_DETACH_REUSEPORT_BPF,
+            (&raw const zero).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    }) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
+// include/uapi/asm-generic/socket.h (x86, arm, riscv…); libc has them for
+// Android only.
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
 
 /// The first socket systemd (or `systemd-socket-activate`) passed to this
 /// process (`LISTEN_FDS`, from fd 3), when `LISTEN_PID` names this process:

@@ -260,8 +260,13 @@ pub struct Supervisor {
     port_hinted: bool,
     /// A worker was found to have daemonized (see `daemonized`); said once.
     daemon_hinted: bool,
-    /// Reuseport: closing a slot's socket resets its queue; said once.
+    /// Reuseport: steering could not keep a leaving slot's queue from
+    /// being reset; said once.
     said_queues_reset: bool,
+    /// Reuseport: while the kernel gives new connections only to the slots
+    /// that stay (see `os::sys::steer_reuseport`), the workers leaving on
+    /// the other sockets; the group's program goes once they are all gone.
+    steering: Option<Vec<Epoch>>,
     /// `port_from_app` until the first worker names its port.
     awaiting_port: Option<port::AwaitingPort>,
     /// What ended the master after its start (the app's port was taken).
@@ -497,6 +502,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         stalls: Vec::new(),
         port_hinted: false,
         said_queues_reset: false,
+        steering: None,
         daemon_hinted: false,
         awaiting_port: None,
         failed: None,

@@ -469,11 +469,18 @@ impl Supervisor {
     /// The machine bounds the wait with `--drain-timeout`.
     pub(super) fn drain(&mut self, epoch: Epoch) {
         let tx = self.tx.clone();
-        let Some(p) = self.procs.get_mut(&epoch) else {
+        let Some(p) = self.procs.get(&epoch) else {
             return;
         };
         let (target, dispatch) = (p.target.clone(), p.dispatch.clone());
+        let leaving = self.steer_from(epoch);
+        let Some(p) = self.procs.get_mut(&epoch) else {
+            return;
+        };
         let task = tokio::spawn(async move {
+            if let Some(sock) = leaving {
+                accept_queued(sock).await;
+            }
             if let Some(d) = dispatch {
                 // Out of the serving list already; wait for its answers to
                 // what it was handed, so SIGTERM never races a hand-off.
@@ -515,6 +522,9 @@ impl Supervisor {
 
     /// Releases what a worker whose process exited held.
     pub(super) fn forget(&mut self, epoch: Epoch) {
+        if let Some(left) = &mut self.steering {
+            left.retain(|e| *e != epoch);
+        }
         let Some(p) = self.procs.remove(&epoch) else {
             return;
         };
@@ -1000,6 +1010,28 @@ fn socket_env(env: &mut Vec<(OsString, OsString)>, path: &std::path::Path, must:
 pub(super) fn kill_group(pgid: u32, sig: Signal) {
     if pgid > 1 {
         let _ = killpg(Pid::from_raw(pgid as i32), sig);
+    }
+}
+
+/// How long a leaving reuseport socket is watched once the kernel gives it
+/// no new connection: a handshake begun before then still ends on it, a
+/// round trip later. Then its worker is told to stop when its queue is
+/// empty, or at [`QUEUED_AT_MOST`] if the worker does not accept.
+const QUEUED_SETTLE: Duration = Duration::from_millis(250);
+const QUEUED_AT_MOST: Duration = Duration::from_secs(2);
+
+/// Waits until the worker of a leaving reuseport slot has accepted what the
+/// kernel queued on its socket (see `Supervisor::steer_from`).
+async fn accept_queued(sock: socket2::Socket) {
+    use std::os::fd::AsFd;
+    let since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let queued = sys::accept_queue(sock.as_fd()).unwrap_or(0);
+        let waited = since.elapsed();
+        if (queued == 0 && waited >= QUEUED_SETTLE) || waited >= QUEUED_AT_MOST {
+            return;
+        }
     }
 }
 
