@@ -553,6 +553,74 @@ fn a_stop_during_an_upgrade_stops_the_cluster_instead() {
     }
 }
 
+/// Signals that come while `herd upgrade` runs. A handler does not survive
+/// the exec: until the new master had its own, a SIGHUP ended the master
+/// (workers already gone); before the exec they were dropped unsaid. Now
+/// they wait pending through the exec, a scale is carried over to the new
+/// master, and the others are logged.
+#[test]
+fn signals_during_an_upgrade_neither_end_the_master_nor_vanish() {
+    let n = name("upsig");
+    let mut h = Herd::start(&["-i", "1", "-n", &n, "--drain-timeout", "30s"], &[DEMO]);
+    h.wait_ready(1);
+    let port = h.port;
+    let req = std::thread::spawn(move || http_get(port, "/slow?ms=1500"));
+    assert!(h.wait_log("slow request started", T), "{}", h.log());
+    let upgrade = {
+        let n = n.clone();
+        std::thread::spawn(move || herd(&["upgrade", &n]))
+    };
+    assert!(h.wait_log("upgrading in place", T), "{}", h.log());
+    h.signal("TTIN");
+    h.signal("USR2");
+    // SIGHUPs every millisecond, through the exec, until the upgrade is done.
+    let master = nix::unistd::Pid::from_raw(h.child.id() as i32);
+    let mut sent = 0;
+    while !upgrade.is_finished() && sent < 20_000 {
+        let _ = nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGHUP);
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let out = upgrade.join().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said} {}", h.log());
+    assert!(
+        h.wait_exit(Duration::from_millis(500)).is_none(),
+        "{}",
+        h.log()
+    );
+    let (code, _) = req.join().unwrap().expect("in-flight request failed");
+    assert_eq!(code, 200);
+    let log = h.log();
+    assert!(
+        log.contains("SIGTTIN during the upgrade: the new master starts 2 workers"),
+        "{log}"
+    );
+    assert!(
+        log.contains("SIGUSR2 during the upgrade: already upgrading"),
+        "{log}"
+    );
+    assert!(log.contains("SIGHUP during the upgrade"), "{log}");
+    // The new master runs the 2 workers (after the reload the pending
+    // SIGHUP asks for) and serves.
+    assert!(
+        wait_until(T, || {
+            let st = herd(&["status", &n, "--json"]);
+            serde_json::from_slice::<serde_json::Value>(&st.stdout).is_ok_and(|v| {
+                v["workers"]
+                    .as_array()
+                    .is_some_and(|w| w.len() == 2 && w.iter().all(|w| w["state"] == "ready"))
+            })
+        }),
+        "{}",
+        h.log()
+    );
+    assert_eq!(http_get(port, "/").map(|r| r.0).ok(), Some(200));
+    h.signal("TERM");
+    let st = h.wait_exit(T).expect("master did not exit");
+    assert_eq!(st.code(), Some(0), "{}", h.log());
+}
+
 /// A keep-alive client whose request is in flight when a stop begins gets
 /// its answer with `Connection: close`, then the close, rather than an
 /// answer that invites another request.

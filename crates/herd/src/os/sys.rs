@@ -1,6 +1,7 @@
 //! With `lazy`, the only modules with `unsafe`: the code that runs in a
 //! worker between `fork` and `exec`, and passing a connection's fd to a
-//! worker ([`send_fd`], dispatch mode), the guardian's ignored signals,
+//! worker ([`send_fd`], dispatch mode), the guardian's ignored signals and
+//! the signals blocked across `herd upgrade`'s exec ([`mask_signals`]),
 //! reading a listening socket's accept queue ([`accept_queue`]) and steering
 //! a reuseport group's new connections ([`steer_reuseport`]).
 //!
@@ -195,6 +196,30 @@ pub fn ignore_signals(sigs: &[nix::sys::signal::Signal]) {
         // SAFETY: SIG_IGN installs no handler, so no code runs in signal
         // context; the call only changes this process's disposition.
         let _ = unsafe { signal(s, SigHandler::SigIgn) };
+    }
+}
+
+/// Blocks (`block`) or unblocks `sigs` on the calling thread. A blocked
+/// signal stays pending, across `exec` too, until it is unblocked.
+pub fn mask_signals(sigs: &[libc::c_int], block: bool) -> io::Result<()> {
+    // SAFETY: sigset_t is plain data, emptied by sigemptyset before use;
+    // the calls only change this thread's mask.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in sigs {
+            libc::sigaddset(&mut set, s);
+        }
+        let how = if block {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut())
+    };
+    match rc {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
     }
 }
 

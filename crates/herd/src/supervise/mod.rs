@@ -337,11 +337,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let mut stop = StopSignals::new().map_err(SuperviseError::Signals)?;
     signals::reopen_logs_on_usr1();
     signals::log_unused();
-    let mut sighup = signal(SignalKind::hangup()).map_err(SuperviseError::Signals)?;
-    let mut sigttin =
-        signal(SignalKind::from_raw(libc::SIGTTIN)).map_err(SuperviseError::Signals)?;
-    let mut sigttou =
-        signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(SuperviseError::Signals)?;
+    let mut ops = signals::OpSignals::new().map_err(SuperviseError::Signals)?;
     // Orphans of a worker's descendants come to herd (and, as a container's
     // PID 1, every orphan does): SIGCHLD says one may need reaping.
     if let Err(e) = crate::os::reaper::become_subreaper() {
@@ -350,7 +346,11 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         );
     }
     let mut sigchld = signal(SignalKind::child()).map_err(SuperviseError::Signals)?;
-    let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(SuperviseError::Signals)?;
+    // Every handler is in place: what an upgrading master blocked before
+    // its exec (see `signals::caught`) is taken now.
+    if let Err(e) = crate::os::sys::mask_signals(&signals::caught(), false) {
+        tracing::warn!("cannot unblock signals: {e}");
+    }
     // Under systemd with WatchdogSec=, the supervisor's own loop pings: a
     // stuck loop stops the pings and systemd restarts the service.
     let systemd_watchdog = systemd_watchdog();
@@ -662,15 +662,15 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 tracing::info!("{sig}: stopping gracefully (again to stop now)");
                 break;
             }
-            _ = sighup.recv() => {
+            _ = ops.hup.recv() => {
                 tracing::info!("SIGHUP: rolling reload");
                 sup.reload_tls();
                 sup.reload_upstream_crl();
                 sup.reload_upstreams();
                 sup.apply(Input::Reload { slots: None }, None);
             }
-            _ = sigttin.recv() => sup.scale_signal(1),
-            _ = sigttou.recv() => sup.scale_signal(-1),
+            _ = ops.ttin.recv() => sup.scale_signal(1),
+            _ = ops.ttou.recv() => sup.scale_signal(-1),
             _ = tick.tick() => {
                 sup.on_tick();
                 sup.reap_adopted();
@@ -679,7 +679,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 }
             }
             _ = sigchld.recv() => sup.reap_adopted(),
-            _ = sigusr2.recv() => match sup.upgrade_check() {
+            _ = ops.usr2.recv() => match sup.upgrade_check() {
                 Ok(exe) => {
                     tracing::info!("SIGUSR2: upgrading herd in place");
                     sup.upgrading = Some((exe, None));
@@ -701,7 +701,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             let _ = r.send(Line::progress(format!("re-executing {}", exe.display())));
         }
         drop(reply); // the caller then waits for the new master's status
-        if let Some(why) = sup.upgrade(exe, &mut stop).await {
+        if let Some(why) = sup.upgrade(exe, &mut stop, &mut ops).await {
             // The workers are gone: the master cannot go back. Exit non-zero;
             // systemd's Restart=on-failure starts it again on the same socket.
             tracing::error!("upgrade failed: {why}");

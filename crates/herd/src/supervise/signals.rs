@@ -11,7 +11,17 @@
 //! SIGABRT, SIGTRAP, SIGSYS) keep their default: they mean a bug, not a
 //! message.
 
+use std::task::{Context, Poll, Waker};
+
 use tokio::signal::unix::{Signal, SignalKind, signal};
+
+/// Whether `sig` arrived and was not yet taken, without waiting.
+fn arrived(sig: &mut Signal) -> bool {
+    matches!(
+        sig.poll_recv(&mut Context::from_waker(Waker::noop())),
+        Poll::Ready(Some(()))
+    )
+}
 
 /// Signals that stop the cluster gracefully; a second one stops it at once.
 pub struct StopSignals {
@@ -37,6 +47,71 @@ impl StopSignals {
             _ = self.quit.recv() => "SIGQUIT",
         }
     }
+
+    /// A stop signal that arrived and was not taken, if any.
+    pub fn arrived(&mut self) -> Option<&'static str> {
+        [
+            (&mut self.int, "SIGINT"),
+            (&mut self.term, "SIGTERM"),
+            (&mut self.quit, "SIGQUIT"),
+        ]
+        .into_iter()
+        .find_map(|(s, name)| arrived(s).then_some(name))
+    }
+}
+
+/// The signals that operate a running cluster: SIGHUP reloads, SIGTTIN
+/// and SIGTTOU scale by one, SIGUSR2 upgrades herd in place.
+pub struct OpSignals {
+    pub hup: Signal,
+    pub ttin: Signal,
+    pub ttou: Signal,
+    pub usr2: Signal,
+}
+
+impl OpSignals {
+    pub fn new() -> std::io::Result<OpSignals> {
+        Ok(OpSignals {
+            hup: signal(SignalKind::hangup())?,
+            ttin: signal(SignalKind::from_raw(libc::SIGTTIN))?,
+            ttou: signal(SignalKind::from_raw(libc::SIGTTOU))?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    /// Those that arrived and were not acted on (during an upgrade), by
+    /// name: each kind once, as the kernel merges a kind's arrivals.
+    pub fn arrived(&mut self) -> Vec<&'static str> {
+        [
+            (&mut self.hup, "SIGHUP"),
+            (&mut self.ttin, "SIGTTIN"),
+            (&mut self.ttou, "SIGTTOU"),
+            (&mut self.usr2, "SIGUSR2"),
+        ]
+        .into_iter()
+        .filter_map(|(s, name)| arrived(s).then_some(name))
+        .collect()
+    }
+}
+
+/// Every signal the master catches. A handler does not survive `exec`:
+/// until the upgraded master has its own, each would act by its default
+/// (most end the process; SIGTTIN and SIGTTOU stop it). So `herd upgrade`
+/// blocks them before its exec, they wait pending, and the new master
+/// unblocks them once it has its handlers.
+pub fn caught() -> Vec<libc::c_int> {
+    let mut v = vec![
+        libc::SIGHUP,
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+    ];
+    v.extend(unused().into_iter().map(|(n, _)| n));
+    v
 }
 
 /// Signals herd has no use for, by number and name.

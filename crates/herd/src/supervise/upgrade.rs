@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::Supervisor;
-use super::signals::StopSignals;
+use super::signals::{OpSignals, StopSignals};
 use super::stop::Waited;
 use crate::os::listen::Listeners;
 
@@ -64,7 +64,12 @@ impl Supervisor {
     /// answered meanwhile. Returns `None` when a stop signal or `herd stop`
     /// came first (the caller then stops the cluster), else only if the
     /// exec failed, with why.
-    pub(super) async fn upgrade(&mut self, exe: PathBuf, stop: &mut StopSignals) -> Option<String> {
+    pub(super) async fn upgrade(
+        &mut self,
+        exe: PathBuf,
+        stop: &mut StopSignals,
+        ops: &mut OpSignals,
+    ) -> Option<String> {
         tracing::info!("upgrading in place: re-executing {}", exe.display());
         let _ = herd_sdk::notify("RELOADING=1");
         self.stop_accepting.cancel();
@@ -96,8 +101,21 @@ impl Supervisor {
             return None;
         }
         self.end_adopted();
+        // From here a signal waits for the new master (see `signals::caught`).
+        let caught = super::signals::caught();
+        if let Err(e) = crate::os::sys::mask_signals(&caught, true) {
+            tracing::warn!("cannot block signals across the exec: {e}");
+        }
         // The output thread and the access log hand their last lines over.
         std::thread::sleep(Duration::from_millis(150));
+        // What the handlers caught meanwhile reaches the streams.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if let Some(sig) = stop.arrived() {
+            let _ = crate::os::sys::mask_signals(&caught, false);
+            self.abandon_upgrade(sig);
+            return None;
+        }
+        self.carry_over(ops.arrived());
         let mut listen: Vec<RawFd> = Vec::new();
         if let Some(l) = &self.listeners {
             listen = l.fds();
@@ -121,7 +139,45 @@ impl Supervisor {
             (crate::config::relaunch::VAR, self.s.relaunch.encode()),
         ];
         let e = crate::os::sys::exec_self(&exe, &keep, &extra);
+        let _ = crate::os::sys::mask_signals(&caught, false);
         Some(format!("exec {}: {e}", exe.display()))
+    }
+
+    /// Signals that came while the upgrade ran: a scale is carried over to
+    /// the new master's worker count; a reload or another upgrade is what
+    /// the upgrade does anyway (new workers, configuration and certificates
+    /// read again). Each is logged, not dropped silently.
+    fn carry_over(&mut self, arrived: Vec<&'static str>) {
+        for sig in arrived {
+            let delta = match sig {
+                "SIGTTIN" => "+1",
+                "SIGTTOU" => "-1",
+                "SIGUSR2" => {
+                    tracing::info!("{sig} during the upgrade: already upgrading");
+                    continue;
+                }
+                _ => {
+                    tracing::info!(
+                        "{sig} during the upgrade: the upgrade starts new workers anyway"
+                    );
+                    continue;
+                }
+            };
+            let now = self.s.relaunch.instances.unwrap_or(self.m.instances());
+            match super::machine::scale_target(delta, now) {
+                Ok(to) if !self.s.command.is_empty() => {
+                    self.s.relaunch.instances = Some(to);
+                    tracing::info!(
+                        "{sig} during the upgrade: the new master starts {}",
+                        crate::console::count(to, "worker")
+                    );
+                }
+                Ok(_) => tracing::warn!(
+                    "{sig} during the upgrade: this cluster has no workers (upstreams only)"
+                ),
+                Err(e) => tracing::warn!("{sig} during the upgrade: cannot scale {delta}: {e}"),
+            }
+        }
     }
 
     /// Whether a wait of the upgrade's drain ended with a stop, which
