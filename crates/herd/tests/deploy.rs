@@ -21,6 +21,13 @@ fn status_json(n: &str) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// The cluster has `count` workers, all ready (none leaving).
+fn all_ready(n: &str, count: usize) -> bool {
+    status_json(n)["workers"]
+        .as_array()
+        .is_some_and(|w| w.len() == count && w.iter().all(|w| w["state"] == "ready"))
+}
+
 #[test]
 fn a_canary_gets_its_share_and_a_user_stays_on_one_version() {
     let n = name("canary");
@@ -326,12 +333,6 @@ fn in_reuseport_mode_no_connection_waits_on_a_socket_a_deploy_left() {
     let n = name("rpdeploy");
     let h = Herd::start(&["--name", &n, "-i", "2", "--mode", "reuseport"], &[DEMO]);
     h.wait_ready(2);
-    let ready = |count: usize| {
-        let st = status_json(&n);
-        st["workers"]
-            .as_array()
-            .is_some_and(|w| w.len() == count && w.iter().all(|w| w["state"] == "ready"))
-    };
     // Each on a connection of its own, which the kernel spreads by hash.
     let answered = || {
         (0..40)
@@ -353,9 +354,9 @@ fn in_reuseport_mode_no_connection_waits_on_a_socket_a_deploy_left() {
     };
     for end in ["promote", "rollback"] {
         ok(&herd(&["deploy", "--name", &n, "--canary", "50"]));
-        assert!(wait_until(T, || ready(3)), "{}", h.log());
+        assert!(wait_until(T, || all_ready(&n, 3)), "{}", h.log());
         ok(&herd(&[end, "--name", &n]));
-        assert!(wait_until(T, || ready(2)), "{}", h.log());
+        assert!(wait_until(T, || all_ready(&n, 2)), "{}", h.log());
         assert_eq!(answered(), 40, "after the {end}: {}", h.log());
     }
     // The kernel was steered away from the leaving sockets: nothing to say.
@@ -371,11 +372,6 @@ fn in_reuseport_mode_a_scale_down_under_load_resets_no_connection() {
     let n = name("rpscale");
     let h = Herd::start(&["--name", &n, "-i", "3", "--mode", "reuseport"], &[DEMO]);
     h.wait_ready(3);
-    let workers = |count: usize| {
-        status_json(&n)["workers"]
-            .as_array()
-            .is_some_and(|w| w.len() == count && w.iter().all(|w| w["state"] == "ready"))
-    };
     let stop = Arc::new(AtomicBool::new(false));
     let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let port = h.port;
@@ -413,16 +409,16 @@ fn in_reuseport_mode_a_scale_down_under_load_resets_no_connection() {
         .collect();
     for _ in 0..3 {
         ok(&herd(&["scale", "--name", &n, "1"]));
-        assert!(wait_until(T, || workers(1)), "{}", h.log());
+        assert!(wait_until(T, || all_ready(&n, 1)), "{}", h.log());
         ok(&herd(&["scale", "--name", &n, "3"]));
-        assert!(wait_until(T, || workers(3)), "{}", h.log());
+        assert!(wait_until(T, || all_ready(&n, 3)), "{}", h.log());
     }
     // An upgrade right after a scale-down (perhaps while steering: the new
     // master ends it), and the slots added back get connections again.
     ok(&herd(&["scale", "--name", &n, "1"]));
     ok(&herd(&["upgrade", "--name", &n]));
     ok(&herd(&["scale", "--name", &n, "3"]));
-    assert!(wait_until(T, || workers(3)), "{}", h.log());
+    assert!(wait_until(T, || all_ready(&n, 3)), "{}", h.log());
     eprintln!("DBG {}", h.log());
     assert!(
         wait_until(T, || {
