@@ -616,6 +616,24 @@ fn signals_during_an_upgrade_neither_end_the_master_nor_vanish() {
         h.log()
     );
     assert_eq!(http_get(port, "/").map(|r| r.0).ok(), Some(200));
+    // Nothing stays blocked: not in the master, nor in what it started
+    // (its guardian, its workers), which would inherit the mask.
+    let pid = h.child.id();
+    let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let pids: Vec<String> = kids
+        .split_whitespace()
+        .map(str::to_string)
+        .chain([pid.to_string()])
+        .collect();
+    assert!(pids.len() >= 4, "guardian and 2 workers: {kids}");
+    for p in &pids {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        let blocked = status.lines().find(|l| l.starts_with("SigBlk:"));
+        assert!(
+            blocked.is_none_or(|b| b.ends_with("0000000000000000")),
+            "{p}: {blocked:?}"
+        );
+    }
     h.signal("TERM");
     let st = h.wait_exit(T).expect("master did not exit");
     assert_eq!(st.code(), Some(0), "{}", h.log());

@@ -118,6 +118,7 @@ pub fn run() -> i32 {
     // Its job is to outlive the master: only the pipe's end (or SIGKILL)
     // ends it. A `pkill herd` stops the master, whose exit closes the pipe.
     use Signal::*;
+    let _ = crate::os::sys::clear_signal_mask();
     crate::os::sys::ignore_signals(&[
         SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO,
         SIGPWR, SIGXCPU, SIGPIPE,

@@ -11,9 +11,9 @@
 //! and given its inherited fds at fixed numbers before it runs any code.
 //!
 //! Everything that allocates is done in the parent ([`prepare`]); the child
-//! only makes async-signal-safe calls (setpgid, prctl, getppid, fcntl, dup2,
-//! getpid, execve) on memory prepared before the fork, as
-//! `CommandExt::pre_exec` requires in a multi-threaded program.
+//! only makes async-signal-safe calls (setpgid, prctl, getppid, sigemptyset,
+//! pthread_sigmask, fcntl, dup2, getpid, execve) on memory prepared before
+//! the fork, as `CommandExt::pre_exec` requires in a multi-threaded program.
 #![allow(unsafe_code)]
 
 use std::ffi::{CString, OsString};
@@ -147,6 +147,16 @@ fn child_setup(p: &mut Prepared) -> io::Result<()> {
         if libc::getppid() != p.parent {
             return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }
+        // No signal blocked, as libuv starts Node's children: a mask is
+        // inherited through exec, and one the master's thread had would
+        // reach the app.
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        check(libc::pthread_sigmask(
+            libc::SIG_SETMASK,
+            &none,
+            std::ptr::null_mut(),
+        ))?;
         // Move each fd to a number above every target first, so that
         // placing one cannot overwrite the source of another.
         let floor = p.fds.iter().map(|&(_, t)| t).max().unwrap_or(2) + 1;
@@ -202,6 +212,22 @@ pub fn ignore_signals(sigs: &[nix::sys::signal::Signal]) {
 /// Blocks (`block`) or unblocks `sigs` on the calling thread. A blocked
 /// signal stays pending, across `exec` too, until it is unblocked.
 pub fn mask_signals(sigs: &[libc::c_int], block: bool) -> io::Result<()> {
+    let how = if block {
+        libc::SIG_BLOCK
+    } else {
+        libc::SIG_UNBLOCK
+    };
+    set_mask(how, sigs)
+}
+
+/// Unblocks every signal on the calling thread. The mask is inherited
+/// through `fork` and `exec`: a helper an upgraded master starts before it
+/// unblocks its own (see [`mask_signals`]) would keep them blocked.
+pub fn clear_signal_mask() -> io::Result<()> {
+    set_mask(libc::SIG_SETMASK, &[])
+}
+
+fn set_mask(how: libc::c_int, sigs: &[libc::c_int]) -> io::Result<()> {
     // SAFETY: sigset_t is plain data, emptied by sigemptyset before use;
     // the calls only change this thread's mask.
     let rc = unsafe {
@@ -210,11 +236,6 @@ pub fn mask_signals(sigs: &[libc::c_int], block: bool) -> io::Result<()> {
         for &s in sigs {
             libc::sigaddset(&mut set, s);
         }
-        let how = if block {
-            libc::SIG_BLOCK
-        } else {
-            libc::SIG_UNBLOCK
-        };
         libc::pthread_sigmask(how, &set, std::ptr::null_mut())
     };
     match rc {
