@@ -570,3 +570,48 @@ fn rss_over_3s(pid: u32) -> (u64, u64) {
     });
     (before, most)
 }
+
+/// A parent may start herd with signals blocked (the mask is inherited
+/// through exec). The master unblocks those it handles, so SIGHUP still
+/// reloads, and its workers start with none blocked, as Node's children do.
+#[test]
+fn signals_blocked_by_the_parent_neither_mute_the_master_nor_reach_workers() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut c = Command::new("python3");
+    c.env("XDG_STATE_HOME", test_state()).args([
+        "-c",
+        "import os, signal, sys\n\
+             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGWINCH})\n\
+             os.execv(sys.argv[1], sys.argv[1:])",
+        HERD,
+        "run",
+        "--listen",
+        &listen,
+        "-i",
+        "1",
+        "--",
+        DEMO,
+    ]);
+    let mut h = Herd::spawn(&mut c, port);
+    h.wait_ready(1);
+    let blocked = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap_or(0))
+            .unwrap_or(0)
+    };
+    let master = h.child.id();
+    // SIGHUP is signal 1: bit 0 of the mask.
+    assert_eq!(blocked(master) & 1, 0, "SIGHUP blocked");
+    let worker = parse_hello(&h.get("/").unwrap().1).1;
+    assert_eq!(blocked(worker), 0, "the worker's mask");
+    h.signal("HUP");
+    new_pid_of_worker_0(&h, worker);
+    assert!(h.log().contains("SIGHUP: rolling reload"), "{}", h.log());
+    h.signal("TERM");
+    let st = h.wait_exit(T).expect("master did not exit");
+    assert_eq!(st.code(), Some(0), "{}", h.log());
+}

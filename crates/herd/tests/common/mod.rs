@@ -22,7 +22,7 @@ pub fn herd_cmd() -> Command {
     c
 }
 
-fn test_state() -> PathBuf {
+pub fn test_state() -> PathBuf {
     std::env::temp_dir().join(format!("herd-test-state-{}", std::process::id()))
 }
 pub const DEMO: &str = env!("CARGO_BIN_EXE_herd-demo");
