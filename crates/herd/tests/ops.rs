@@ -1695,3 +1695,72 @@ fn herd_monit_shows_the_workers_and_scales_and_quits_from_its_keys() {
     );
     let _ = tmux(&sock, &["kill-server"]);
 }
+
+/// Reuseport mode: the kernel spreads new connections over every slot's
+/// socket, whether a worker accepts on it or not, so a slot whose worker is
+/// down for good (`--autorestart=false`) had its share wait until the
+/// client gave up. herd steers them to the serving workers' sockets, and
+/// back once the slot serves again.
+#[test]
+fn in_reuseport_mode_a_slot_without_a_worker_gets_no_new_connection() {
+    let n = name("rpdown");
+    let h = Herd::start(
+        &[
+            "--name",
+            &n,
+            "-i",
+            "3",
+            "--mode",
+            "reuseport",
+            "--autorestart=false",
+        ],
+        &[DEMO],
+    );
+    h.wait_ready(3);
+    // The worker ids that answered, each on a connection of its own, or
+    // usize::MAX for one that got no answer within 2 s.
+    let answers = |count: usize| -> Vec<usize> {
+        (0..count)
+            .map(|_| {
+                let mut text = String::new();
+                TcpStream::connect(("127.0.0.1", h.port))
+                    .and_then(|mut s| {
+                        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+                        std::io::Read::read_to_string(&mut s, &mut text)
+                    })
+                    .ok()
+                    .and_then(|_| text.split_once("\r\n\r\n"))
+                    .map_or(usize::MAX, |(_, body)| parse_hello(body).0)
+            })
+            .collect()
+    };
+    // Scaled down and up again before the leaving workers exited: their
+    // sockets come back in their places in the kernel's group, which
+    // steering names by place (see supervise::steer).
+    ok(&herd(&["scale", &n, "1"]));
+    ok(&herd(&["scale", &n, "3"]));
+    assert!(
+        wait_until(T, || h.log().matches("(retired)").count() == 2),
+        "{}",
+        h.log()
+    );
+    let pids = h.worker_pids(3);
+    signal(pids[1], "KILL");
+    assert!(
+        h.wait_log("worker 1 stays down (--autorestart=false)", T),
+        "{}",
+        h.log()
+    );
+    let got = answers(40);
+    assert!(
+        got.iter().all(|&w| w == 0 || w == 2),
+        "{got:?}\n{}",
+        h.log()
+    );
+    // `herd restart` starts the slot again, and it gets its share again.
+    ok(&herd(&["restart", &n]));
+    assert!(wait_until(T, || answers(20).contains(&1)), "{}", h.log());
+    let got = answers(40);
+    assert!(got.iter().all(|&w| w < 3), "{got:?}\n{}", h.log());
+}

@@ -353,19 +353,24 @@ mod tests {
     }
 
     #[test]
-    fn steering_gives_new_connections_to_the_first_sockets_only_until_a_new_master_ends_it() {
+    fn steering_gives_new_connections_to_the_named_sockets_only_until_a_new_master_ends_it() {
         let Listeners::ReusePort(socks) =
             Listeners::bind(Mode::Reuseport, "127.0.0.1:0".parse().unwrap(), 3).unwrap()
         else {
             unreachable!()
         };
-        crate::os::sys::steer_reuseport(socks[0].as_fd(), 2).unwrap();
+        crate::os::sys::steer_reuseport(socks[0].as_fd(), &[0, 1]).unwrap();
         let got = spread(&socks);
         assert_eq!(got[2], 0, "{got:?}");
         assert!(got[0] > 0 && got[1] > 0, "{got:?}");
-        // Steered to one: the others are left alone however they were made.
-        crate::os::sys::steer_reuseport(socks[2].as_fd(), 1).unwrap();
-        assert_eq!(spread(&socks), [60, 0, 0]);
+        // Any of the group's sockets sets its program; any subset.
+        crate::os::sys::steer_reuseport(socks[2].as_fd(), &[0, 2]).unwrap();
+        let got = spread(&socks);
+        assert_eq!(got[1], 0, "{got:?}");
+        assert!(got[0] > 0 && got[2] > 0, "{got:?}");
+        crate::os::sys::steer_reuseport(socks[1].as_fd(), &[2]).unwrap();
+        assert_eq!(spread(&socks), [0, 0, 60]);
+        assert!(crate::os::sys::steer_reuseport(socks[1].as_fd(), &[]).is_err());
         // An upgraded master is handed the sockets with the old one's program.
         let Listeners::ReusePort(socks) = Listeners::handed(Mode::Reuseport, socks).unwrap() else {
             unreachable!()

@@ -350,38 +350,23 @@ pub fn accept_queue(fd: std::os::fd::BorrowedFd<'_>) -> Option<u32> {
 }
 
 /// Reuseport mode: has the kernel give the new connections of `fd`'s
-/// `SO_REUSEPORT` group only to its first `keep` sockets, at random: a
-/// classic BPF program (`SO_ATTACH_REUSEPORT_CBPF`, Linux 4.5+, no privilege
-/// needed) that returns an index into the group, `random % keep`. The
-/// kernel keeps a group's sockets in the order they began listening and
-/// fills a closed one's place with the last, so herd's lowest slots, the
-/// ones a scale-down keeps, are the first `keep` while the higher ones still
-/// listen. Those then get no new connection, and their workers can accept
-/// what was queued before they are told to stop: nothing is reset when
-/// their sockets close.
-pub fn steer_reuseport(fd: std::os::fd::BorrowedFd<'_>, keep: u32) -> io::Result<()> {
-    // SAFETY: plain integers; the kernel copies the program during the call.
-    let mut prog = [
-        unsafe {
-            libc::BPF_STMT(
-                (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
-                (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
-            )
-        },
-        unsafe {
-            libc::BPF_STMT(
-                (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16,
-                keep.max(1),
-            )
-        },
-        unsafe { libc::BPF_STMT((libc::BPF_RET | libc::BPF_A) as u16, 0) },
-    ];
+/// `SO_REUSEPORT` group only to the sockets at the indices `to`, at random:
+/// a classic BPF program (`SO_ATTACH_REUSEPORT_CBPF`, Linux 4.5+, no
+/// privilege needed, see [`steering_program`]). The kernel keeps a group's
+/// sockets in the order they began listening and fills a closed one's place
+/// with the last; herd binds a slot's socket in slot order and closes only
+/// the highest, so a slot's index in the group is its number (see
+/// `supervise::ops::steer`).
+pub fn steer_reuseport(fd: std::os::fd::BorrowedFd<'_>, to: &[u32]) -> io::Result<()> {
+    let mut prog = steering_program(to)
+        .ok_or_else(|| io::Error::other(format!("cannot steer to {} sockets", to.len())))?;
     let fprog = libc::sock_fprog {
+        // At most 2 + 2 × MAX_STEERED instructions.
         len: prog.len() as libc::c_ushort,
         filter: prog.as_mut_ptr(),
     };
     // SAFETY: `fprog` points at `prog`, both live for the call, and `fd`
-    // is open (borrowed).
+    // is open (borrowed); the kernel copies the program.
     check(unsafe {
         libc::setsockopt(
             std::os::fd::AsRawFd::as_raw_fd(&fd),
@@ -392,6 +377,47 @@ pub fn steer_reuseport(fd: std::os::fd::BorrowedFd<'_>, keep: u32) -> io::Result
         )
     })
     .map(drop)
+}
+
+/// The most sockets [`steering_program`] picks among (the kernel takes
+/// 4,096 instructions).
+const MAX_STEERED: usize = 2000;
+
+/// `random % n` (`n` = `to.len()`), then the `to` at that place: the
+/// index of the socket for a new connection. `None` for no socket or more
+/// than [`MAX_STEERED`].
+pub fn steering_program(to: &[u32]) -> Option<Vec<libc::sock_filter>> {
+    let n = u32::try_from(to.len())
+        .ok()
+        .filter(|_| (1..=MAX_STEERED).contains(&to.len()))?;
+    let op = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let mut prog = vec![
+        op(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
+            0,
+            0,
+        ),
+        op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, n, 0, 0),
+    ];
+    if to.iter().zip(0..).all(|(&t, i)| t == i) {
+        // The first n: the remainder is the index.
+        prog.push(op(libc::BPF_RET | libc::BPF_A, 0, 0, 0));
+        return Some(prog);
+    }
+    for (i, &t) in (0..).zip(to) {
+        if i + 1 < n {
+            // Equal: the next instruction returns `t`; else skip it.
+            prog.push(op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, i, 0, 1));
+        }
+        prog.push(op(libc::BPF_RET | libc::BPF_K, t, 0, 0));
+    }
+    Some(prog)
 }
 
 /// Ends [`steer_reuseport`]: the kernel spreads by its hash over the whole

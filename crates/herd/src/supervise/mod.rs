@@ -30,6 +30,7 @@ mod port;
 mod process;
 mod signals;
 mod stall;
+mod steer;
 mod stop;
 mod upgrade;
 
@@ -260,13 +261,15 @@ pub struct Supervisor {
     port_hinted: bool,
     /// A worker was found to have daemonized (see `daemonized`); said once.
     daemon_hinted: bool,
-    /// Reuseport: steering could not keep a leaving slot's queue from
-    /// being reset; said once.
+    /// Reuseport: steering failed; said once.
     said_queues_reset: bool,
-    /// Reuseport: while the kernel gives new connections only to the slots
-    /// that stay (see `os::sys::steer_reuseport`), the workers leaving on
-    /// the other sockets; the group's program goes once they are all gone.
-    steering: Option<Vec<Epoch>>,
+    /// Reuseport: the sockets that get new connections, when not all do
+    /// (see `steer`).
+    steered: Option<Vec<u32>>,
+    /// Reuseport: the sockets of slots gone, lowest first, kept while
+    /// `leaving_workers` run (see `steer`).
+    leaving: Vec<socket2::Socket>,
+    leaving_workers: Vec<Epoch>,
     /// `port_from_app` until the first worker names its port.
     awaiting_port: Option<port::AwaitingPort>,
     /// What ended the master after its start (the app's port was taken).
@@ -502,7 +505,9 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         stalls: Vec::new(),
         port_hinted: false,
         said_queues_reset: false,
-        steering: None,
+        steered: None,
+        leaving: Vec::new(),
+        leaving_workers: Vec::new(),
         daemon_hinted: false,
         awaiting_port: None,
         failed: None,

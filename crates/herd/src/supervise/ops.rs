@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::machine::{self, Epoch, Input, State};
+use super::machine::{self, Input, State};
 use super::{Event, Supervisor, stall};
 use crate::config::Mode;
 use crate::console::count;
@@ -706,7 +706,7 @@ impl Supervisor {
         self.on_cron();
         self.analyse();
         self.watch_accept_queues();
-        self.end_steering();
+        self.close_left_sockets();
         self.ticks += 1;
         if self.ticks.is_multiple_of(2) {
             self.report();
@@ -822,73 +822,6 @@ impl Supervisor {
             self.s.relaunch.instances = Some(self.m.instances());
         }
         self.close_unused_sockets();
-    }
-
-    /// Reuseport mode: slots gone (scaled away, or a deploy's, promoted or
-    /// rolled back) take their socket with them. The kernel would go on
-    /// giving a share of new connections to a socket no worker accepts on.
-    /// (Their leaving workers hold copies until they exit: see `drain`.)
-    pub(super) fn close_unused_sockets(&mut self) {
-        if let Some(Listeners::ReusePort(socks)) = &mut self.listeners {
-            socks.truncate(self.m.instances().max(1));
-        }
-    }
-
-    /// Reuseport mode, a worker leaving with its slot (a scale-down, the end
-    /// of a deploy): the kernel is told to give new connections only to the
-    /// slots that stay, so the worker can accept what was already queued on
-    /// its socket before it is told to stop; closing the socket would reset
-    /// those connections. Returns a copy of that socket, to watch its queue.
-    pub(super) fn steer_from(&mut self, epoch: Epoch) -> Option<socket2::Socket> {
-        let Some(Listeners::ReusePort(socks)) = &self.listeners else {
-            return None;
-        };
-        let keep = self.m.instances().max(1);
-        let slot = self.m.find(epoch)?.slot;
-        let leaving = socks.get(slot).filter(|_| slot >= keep)?;
-        let first = socks[0].as_fd();
-        let steered = (|| {
-            let copy = leaving.try_clone()?;
-            if self.steering.is_none() {
-                // Only where it can be undone (Linux 5.3+): slots added
-                // later would else never get a connection.
-                crate::os::sys::unsteer_reuseport(first)?;
-            }
-            let k = u32::try_from(keep).map_err(std::io::Error::other)?;
-            crate::os::sys::steer_reuseport(first, k)?;
-            Ok::<_, std::io::Error>(copy)
-        })();
-        match steered {
-            Ok(copy) => {
-                self.steering.get_or_insert_default().push(epoch);
-                Some(copy)
-            }
-            Err(e) => {
-                if !self.said_queues_reset && !crate::os::listen::closed_reuseport_queues_migrate()
-                {
-                    self.said_queues_reset = true;
-                    tracing::warn!(
-                        "reuseport: cannot steer new connections away from a leaving slot's socket ({e}): what the kernel queued on it is reset as it closes; `sysctl net.ipv4.tcp_migrate_req=1` (Linux 5.14+) has the kernel move such connections to the other sockets"
-                    );
-                }
-                None
-            }
-        }
-    }
-
-    /// Once a second: the leaving workers of [`Self::steer_from`] have all
-    /// exited (their sockets closed with them), so every slot gets new
-    /// connections again, including ones added since.
-    fn end_steering(&mut self) {
-        if self.steering.as_ref().is_none_or(|left| !left.is_empty()) {
-            return;
-        }
-        self.steering = None;
-        if let Some(Listeners::ReusePort(socks)) = &self.listeners
-            && let Err(e) = crate::os::sys::unsteer_reuseport(socks[0].as_fd())
-        {
-            tracing::warn!("reuseport: cannot end the steering of new connections: {e}");
-        }
     }
 
     /// `herd status`: what the supervisor knows is gathered here; what

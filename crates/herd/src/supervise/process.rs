@@ -264,6 +264,7 @@ impl Supervisor {
             }
             None => None,
         };
+        self.readopt(slot);
         if let Some(l) = &mut self.listeners {
             // Reuseport mode: a slot added by scaling gets its socket.
             l.ensure_reuseport(slot + 1, self.s.listen)?;
@@ -473,13 +474,13 @@ impl Supervisor {
             return;
         };
         let (target, dispatch) = (p.target.clone(), p.dispatch.clone());
-        let leaving = self.steer_from(epoch);
+        let leaving = self.leaving_socket(epoch);
         let Some(p) = self.procs.get_mut(&epoch) else {
             return;
         };
         let task = tokio::spawn(async move {
             if let Some(sock) = leaving {
-                accept_queued(sock).await;
+                super::steer::accept_queued(sock).await;
             }
             if let Some(d) = dispatch {
                 // Out of the serving list already; wait for its answers to
@@ -522,9 +523,7 @@ impl Supervisor {
 
     /// Releases what a worker whose process exited held.
     pub(super) fn forget(&mut self, epoch: Epoch) {
-        if let Some(left) = &mut self.steering {
-            left.retain(|e| *e != epoch);
-        }
+        self.left(epoch);
         let Some(p) = self.procs.remove(&epoch) else {
             return;
         };
@@ -1010,28 +1009,6 @@ fn socket_env(env: &mut Vec<(OsString, OsString)>, path: &std::path::Path, must:
 pub(super) fn kill_group(pgid: u32, sig: Signal) {
     if pgid > 1 {
         let _ = killpg(Pid::from_raw(pgid as i32), sig);
-    }
-}
-
-/// How long a leaving reuseport socket is watched once the kernel gives it
-/// no new connection: a handshake begun before then still ends on it, a
-/// round trip later. Then its worker is told to stop when its queue is
-/// empty, or at [`QUEUED_AT_MOST`] if the worker does not accept.
-const QUEUED_SETTLE: Duration = Duration::from_millis(250);
-const QUEUED_AT_MOST: Duration = Duration::from_secs(2);
-
-/// Waits until the worker of a leaving reuseport slot has accepted what the
-/// kernel queued on its socket (see `Supervisor::steer_from`).
-async fn accept_queued(sock: socket2::Socket) {
-    use std::os::fd::AsFd;
-    let since = tokio::time::Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let queued = sys::accept_queue(sock.as_fd()).unwrap_or(0);
-        let waited = since.elapsed();
-        if (queued == 0 && waited >= QUEUED_SETTLE) || waited >= QUEUED_AT_MOST {
-            return;
-        }
     }
 }
 
