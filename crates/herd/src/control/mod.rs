@@ -232,10 +232,25 @@ pub fn bind(name: &str) -> Result<(UnixListener, PathBuf, NameLock), ControlErro
 }
 
 /// Serves the control socket, passing each request to the supervisor.
-pub async fn serve(listener: UnixListener, calls: mpsc::UnboundedSender<Call>) {
+pub async fn serve(
+    listener: UnixListener,
+    calls: mpsc::UnboundedSender<Call>,
+    mut hold: tokio::sync::watch::Receiver<bool>,
+) {
     let me = nix::unistd::geteuid().as_raw();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => Some(a),
+            Ok(_) = hold.wait_for(|held| *held) => None,
+        };
+        let Some(accepted) = accepted else {
+            // `herd upgrade`'s last moments: connections wait in the queue
+            // for the new master, which is handed this socket (kept open
+            // here), rather than be accepted here and dropped at the exec.
+            let _ = hold.wait_for(|held| !*held).await;
+            continue;
+        };
+        let Ok((stream, _)) = accepted else {
             // Out of descriptors, the connection stays queued and accept
             // fails again at once: wait rather than spin the supervisor's thread.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

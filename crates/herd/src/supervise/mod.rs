@@ -200,6 +200,9 @@ pub struct Supervisor {
     up: Arc<Upstreams>,
     active: Arc<Active>,
     stop_accepting: CancellationToken,
+    /// While true, the control socket accepts nothing (an upgrade's exec
+    /// is imminent).
+    hold_control: tokio::sync::watch::Sender<bool>,
     /// Once cancelled, idle client connections close (with `stop_accepting`
     /// on a stop; after the drain on an upgrade, which keeps them until
     /// their next answer says `Connection: close`).
@@ -359,7 +362,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let systemd_watchdog = systemd_watchdog();
     let (calls_tx, calls) = mpsc::unbounded_channel::<Call>();
     let admin_calls = calls_tx.clone();
-    tokio::spawn(control::serve(control_listener, calls_tx));
+    let (hold_control, held) = tokio::sync::watch::channel(false);
+    tokio::spawn(control::serve(control_listener, calls_tx, held));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (tx, rx) = mpsc::unbounded_channel();
@@ -477,6 +481,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         up,
         active: Arc::new(Active::default()),
         stop_accepting: CancellationToken::new(),
+        hold_control,
         close_idle: CancellationToken::new(),
         control_fd,
         lock_fd,

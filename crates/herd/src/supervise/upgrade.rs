@@ -106,12 +106,15 @@ impl Supervisor {
         if let Err(e) = crate::os::sys::mask_signals(&caught, true) {
             tracing::warn!("cannot block signals across the exec: {e}");
         }
+        // Requests from here on wait for the new master.
+        self.hold_control.send_replace(true);
         // The output thread and the access log hand their last lines over.
         std::thread::sleep(Duration::from_millis(150));
         // What the handlers caught meanwhile reaches the streams.
         tokio::time::sleep(Duration::from_millis(1)).await;
         if let Some(sig) = stop.arrived() {
             let _ = crate::os::sys::mask_signals(&caught, false);
+            self.hold_control.send_replace(false);
             self.abandon_upgrade(sig);
             return None;
         }
@@ -140,6 +143,7 @@ impl Supervisor {
         ];
         let e = crate::os::sys::exec_self(&exe, &keep, &extra);
         let _ = crate::os::sys::mask_signals(&caught, false);
+        self.hold_control.send_replace(false);
         Some(format!("exec {}: {e}", exe.display()))
     }
 
