@@ -25,13 +25,6 @@ pub enum ListenError {
     ForkTakesNoSocket,
 }
 
-/// Whether a closed `SO_REUSEPORT` socket's queued connections move to
-/// the other sockets of its group (`net.ipv4.tcp_migrate_req`, Linux 5.14+,
-/// one setting per network namespace) rather than being reset.
-pub fn closed_reuseport_queues_migrate() -> bool {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "1")
-}
-
 /// Kernel cap applies (`net.core.somaxconn`); ask for plenty.
 const BACKLOG: i32 = 4096;
 

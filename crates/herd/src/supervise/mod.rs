@@ -265,7 +265,7 @@ pub struct Supervisor {
     /// A worker was found to have daemonized (see `daemonized`); said once.
     daemon_hinted: bool,
     /// Reuseport: steering failed; said once.
-    said_queues_reset: bool,
+    said_steer_failed: bool,
     /// Reuseport: the sockets that get new connections, when not all do
     /// (see `steer`).
     steered: Option<Vec<u32>>,
@@ -509,7 +509,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         http: None,
         stalls: Vec::new(),
         port_hinted: false,
-        said_queues_reset: false,
+        said_steer_failed: false,
         steered: None,
         leaving: Vec::new(),
         leaving_workers: Vec::new(),

@@ -74,8 +74,8 @@ impl Supervisor {
                 // Spread by the kernel's hash, as without steering.
                 let _ = crate::os::sys::unsteer_reuseport(first);
                 self.steered = None;
-                if !self.said_queues_reset {
-                    self.said_queues_reset = true;
+                if !self.said_steer_failed {
+                    self.said_steer_failed = true;
                     tracing::warn!(
                         "reuseport: cannot steer new connections to the serving workers' sockets ({e}): a slot without a worker keeps getting its share, and what the kernel queued on a slot's socket that goes away is reset as it closes, unless `sysctl net.ipv4.tcp_migrate_req=1` (Linux 5.14+)"
                     );
