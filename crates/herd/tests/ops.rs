@@ -1722,16 +1722,8 @@ fn in_reuseport_mode_a_slot_without_a_worker_gets_no_new_connection() {
     let answers = |count: usize| -> Vec<usize> {
         (0..count)
             .map(|_| {
-                let mut text = String::new();
-                TcpStream::connect(("127.0.0.1", h.port))
-                    .and_then(|mut s| {
-                        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
-                        std::io::Read::read_to_string(&mut s, &mut text)
-                    })
-                    .ok()
-                    .and_then(|_| text.split_once("\r\n\r\n"))
-                    .map_or(usize::MAX, |(_, body)| parse_hello(body).0)
+                get_within(h.port, Duration::from_secs(2))
+                    .map_or(usize::MAX, |body| parse_hello(&body).0)
             })
             .collect()
     };

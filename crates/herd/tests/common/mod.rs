@@ -520,6 +520,21 @@ pub fn get_with(port: u16, path: &str, headers: &str) -> std::io::Result<(u16, S
     get_host(port, path, "test", headers)
 }
 
+/// `GET /` on a connection of its own, given up after `within`: the body
+/// of a 200 answer, else `None` (no answer in time, or another status).
+pub fn get_within(port: u16, within: Duration) -> Option<String> {
+    let mut text = String::new();
+    TcpStream::connect(("127.0.0.1", port))
+        .and_then(|mut s| {
+            s.set_read_timeout(Some(within))?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+            s.read_to_string(&mut text)
+        })
+        .ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
 /// [`get_with`] naming `host` in the `Host` header.
 pub fn get_host(
     port: u16,
