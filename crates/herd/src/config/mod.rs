@@ -843,6 +843,9 @@ fn strategy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StrategyKin
 /// key herd knows (as clap suggests a flag) instead of every one of them.
 pub(crate) fn toml_message(e: &toml::de::Error) -> String {
     let message = e.message().trim().replace('\n', " ");
+    if let Some(said) = out_of_range(&message) {
+        return said;
+    }
     let Some(rest) = message.strip_prefix("unknown field `") else {
         return message;
     };
@@ -861,6 +864,20 @@ pub(crate) fn toml_message(e: &toml::de::Error) -> String {
             "unknown key `{key}` (the keys are herd run's long options without their dashes: `kill-timeout`, `instances`…)"
         ),
     }
+}
+
+/// An integer past 64 bits reaches serde as an `i128` no field takes, and
+/// serde says so in its own terms ("invalid type: integer `N` as i128,
+/// expected any value"): said plainly instead.
+fn out_of_range(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("invalid type: integer `")?;
+    let (n, expected) = rest.split_once("` as i128, expected ")?;
+    Some(match expected {
+        "any value" => format!("integer `{n}` is out of range (TOML's integers are 64-bit)"),
+        _ => format!(
+            "integer `{n}` is out of range (TOML's integers are 64-bit; expected {expected})"
+        ),
+    })
 }
 
 impl Options {
@@ -2679,6 +2696,22 @@ mod tests {
         assert!(
             e.to_string().ends_with("did you mean `kill-timeout`?"),
             "{e}"
+        );
+        // Past 64 bits: said plainly, not as serde's "i128, expected any value".
+        let e =
+            Options::parse(Path::new("h.toml"), "instances = 99999999999999999999\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "h.toml:1:13: integer `99999999999999999999` is out of range (TOML's integers are 64-bit)"
+        );
+        let e = Options::parse(
+            Path::new("h.toml"),
+            "max-restarts = -99999999999999999999\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "h.toml:1:16: integer `-99999999999999999999` is out of range (TOML's integers are 64-bit; expected u32)"
         );
         // PM2's bare milliseconds: the unit it needs, not "expected a string".
         let e = Options::parse(Path::new("h.toml"), "kill-timeout = 3000\n").unwrap_err();
