@@ -406,7 +406,6 @@ fn in_reuseport_mode_a_scale_down_under_load_resets_no_connection() {
     ok(&herd(&["upgrade", "--name", &n]));
     ok(&herd(&["scale", "--name", &n, "3"]));
     assert!(wait_until(T, || all_ready(&n, 3)), "{}", h.log());
-    eprintln!("DBG {}", h.log());
     assert!(
         wait_until(T, || {
             let seen: std::collections::HashSet<usize> = (0..30).map(|_| who(port, "")).collect();

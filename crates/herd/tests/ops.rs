@@ -1701,6 +1701,105 @@ fn herd_monit_shows_the_workers_and_scales_and_quits_from_its_keys() {
 /// down for good (`--autorestart=false`) had its share wait until the
 /// client gave up. herd steers them to the serving workers' sockets, and
 /// back once the slot serves again.
+/// A worker that `shutdown()`s its listening socket as it stops, as C
+/// servers do to wake threads blocked in `accept`: that ends listening for
+/// every process holding the socket, so a rolling reload left the whole
+/// port (shared mode) or every slot's socket (reuseport) dead for good.
+/// herd listens on it again; in reuseport mode that reorders the kernel's
+/// group, which the steering must follow.
+#[test]
+fn a_worker_that_shuts_its_listening_socket_down_does_not_end_the_port() {
+    const WORKER: &str = r#"
+import os, signal, socket, time
+s = socket.socket(fileno=3)
+wid = os.environ["HERD_WORKER_ID"]
+def stop(*_):
+    s.shutdown(socket.SHUT_RDWR)
+    os._exit(0)
+signal.signal(signal.SIGTERM, stop)
+while True:
+    try:
+        c, _ = s.accept()
+    except OSError:
+        time.sleep(0.01)
+        continue
+    c.recv(65536)
+    body = f"worker {wid} pid {os.getpid()}\n".encode()
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    c.close()
+"#;
+    for mode in ["shared", "reuseport"] {
+        let n = name(&format!("shutl-{mode}"));
+        let h = Herd::start(
+            &[
+                "--name",
+                &n,
+                "-i",
+                "3",
+                "--mode",
+                mode,
+                "--autorestart=false",
+            ],
+            &["python3", "-c", WORKER],
+        );
+        h.wait_ready(3);
+        let answers = |count: usize| -> Vec<usize> {
+            (0..count)
+                .map(|_| {
+                    get_within(h.port, Duration::from_secs(2))
+                        .map_or(usize::MAX, |body| parse_hello(&body).0)
+                })
+                .collect()
+        };
+        let text = ok(&herd(&["reload", "--name", &n]));
+        assert!(text.contains("reloaded 3 workers"), "{mode}: {text}");
+        assert!(
+            h.wait_log("herd listens on it again", T),
+            "{mode}: {}",
+            h.log()
+        );
+        // Every slot serves again (each connection of its own).
+        assert!(
+            wait_until(T, || {
+                let got = answers(30);
+                got.iter().all(|&w| w < 3) && (0..3).all(|w| got.contains(&w))
+            }),
+            "{mode}: {:?}\n{}",
+            answers(30),
+            h.log()
+        );
+        if mode != "reuseport" {
+            continue;
+        }
+        // A new master takes the sockets in the group's order (its old
+        // workers shut them down once more as they stop).
+        ok(&herd(&["upgrade", "--name", &n]));
+        assert!(
+            wait_until(T, || {
+                let got = answers(30);
+                got.iter().all(|&w| w < 3) && (0..3).all(|w| got.contains(&w))
+            }),
+            "{}",
+            h.log()
+        );
+        // With a slot down, new connections go to the others' sockets,
+        // wherever the kernel's group now has them.
+        let pids = h.worker_pids(3);
+        signal(pids[1], "KILL");
+        assert!(
+            h.wait_log("worker 1 stays down (--autorestart=false)", T),
+            "{}",
+            h.log()
+        );
+        let got = answers(40);
+        assert!(
+            got.iter().all(|&w| w == 0 || w == 2),
+            "{got:?}\n{}",
+            h.log()
+        );
+    }
+}
+
 #[test]
 fn in_reuseport_mode_a_slot_without_a_worker_gets_no_new_connection() {
     let n = name("rpdown");

@@ -189,6 +189,34 @@ impl Listeners {
     }
 }
 
+/// Fd modes: listens on `s` again if it stopped, as a `shutdown()` by a
+/// worker holding it makes it (see `supervise::steer`). `Ok(true)`: it had.
+pub fn relisten(s: &Socket) -> std::io::Result<bool> {
+    if crate::os::sys::accept_queue(s.as_fd()).is_some() {
+        return Ok(false);
+    }
+    s.listen(BACKLOG)?;
+    Ok(true)
+}
+
+/// Reuseport mode: every socket of the group stops listening, then each
+/// listens again in the order given, which makes that the group's order
+/// (see `supervise::steer`). What was queued on them is reset.
+pub fn listen_again_in_order(socks: &[Socket]) -> std::io::Result<()> {
+    for s in socks {
+        // One a worker shut down already says ENOTCONN: it is out too.
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    // Each one that can listens, whatever another says.
+    let mut said = Ok(());
+    for s in socks {
+        if let Err(e) = s.listen(BACKLOG) {
+            said = said.and(Err(e));
+        }
+    }
+    said
+}
+
 fn local_addr(s: &Socket) -> Option<SocketAddr> {
     s.local_addr().ok()?.as_socket()
 }
@@ -314,6 +342,21 @@ impl AcceptErrors {
     }
 }
 
+/// How many of 60 new connections each socket of a reuseport group got.
+#[cfg(test)]
+pub(crate) fn spread(socks: &[Socket]) -> Vec<usize> {
+    let addr = local_addr(&socks[0]).unwrap();
+    let _clients: Vec<_> = (0..60)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let got = |s: &Socket| {
+        s.set_nonblocking(true).unwrap();
+        std::iter::from_fn(|| s.accept().ok()).count()
+    };
+    // The handshakes are done when connect returns (loopback).
+    socks.iter().map(got).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,20 +372,6 @@ mod tests {
         }
         assert_eq!(a.failed(t0 + AcceptErrors::WARN_EVERY), Some(500));
         assert_eq!(a.failed(t0 + AcceptErrors::WARN_EVERY), None);
-    }
-
-    /// How many of 60 new connections each socket of a reuseport group got.
-    fn spread(socks: &[Socket]) -> Vec<usize> {
-        let addr = local_addr(&socks[0]).unwrap();
-        let _clients: Vec<_> = (0..60)
-            .map(|_| std::net::TcpStream::connect(addr).unwrap())
-            .collect();
-        let got = |s: &Socket| {
-            s.set_nonblocking(true).unwrap();
-            std::iter::from_fn(|| s.accept().ok()).count()
-        };
-        // The handshakes are done when connect returns (loopback).
-        socks.iter().map(got).collect()
     }
 
     #[test]

@@ -355,8 +355,8 @@ pub fn accept_queue(fd: std::os::fd::BorrowedFd<'_>) -> Option<u32> {
 /// privilege needed, see [`steering_program`]). The kernel keeps a group's
 /// sockets in the order they began listening and fills a closed one's place
 /// with the last; herd binds a slot's socket in slot order and closes only
-/// the highest, so a slot's index in the group is its number (see
-/// `supervise::steer`).
+/// the highest, so a slot's index in the group is its number, unless a
+/// worker shut a socket down (see `supervise::steer`).
 pub fn steer_reuseport(fd: std::os::fd::BorrowedFd<'_>, to: &[u32]) -> io::Result<()> {
     let mut prog = steering_program(to)
         .ok_or_else(|| io::Error::other(format!("cannot steer to {} sockets", to.len())))?;

@@ -273,6 +273,8 @@ pub struct Supervisor {
     /// `leaving_workers` run (see `steer`).
     leaving: Vec<socket2::Socket>,
     leaving_workers: Vec<Epoch>,
+    /// Reuseport: the kernel's order of the group (see `steer`).
+    group: steer::Group,
     /// `port_from_app` until the first worker names its port.
     awaiting_port: Option<port::AwaitingPort>,
     /// What ended the master after its start (the app's port was taken).
@@ -468,6 +470,10 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
     let copies = crate::output::Copies::open(&s)
         .map_err(|(path, source)| SuperviseError::OutputFile { path, source })?;
     let mode = s.mode;
+    let group = match &listeners {
+        Listeners::ReusePort(socks) => steer::Group::in_order(socks.len()),
+        _ => steer::Group::default(),
+    };
     let mut sup = Supervisor {
         m: Machine::new(s.instances, limits),
         procs: HashMap::new(),
@@ -513,6 +519,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         steered: None,
         leaving: Vec::new(),
         leaving_workers: Vec::new(),
+        group,
         daemon_hinted: false,
         awaiting_port: None,
         failed: None,
@@ -789,6 +796,8 @@ impl Supervisor {
                 let code = status.as_ref().ok().and_then(ExitStatus::code);
                 let daemon = (code == Some(0)).then(|| self.daemonized(epoch)).flatten();
                 self.apply(Input::Exited { epoch, how, code }, None);
+                // A server may shut its listening socket down as it ends.
+                self.revive_listeners();
                 if let Some(hint) = daemon {
                     tracing::warn!("{hint}");
                 }

@@ -705,6 +705,7 @@ impl Supervisor {
         self.port_named_none();
         self.on_cron();
         self.analyse();
+        self.revive_listeners();
         self.watch_accept_queues();
         self.close_left_sockets();
         self.ticks += 1;

@@ -269,6 +269,7 @@ impl Supervisor {
             // Reuseport mode: a slot added by scaling gets its socket.
             l.ensure_reuseport(slot + 1, self.s.listen)?;
         }
+        self.bound_sockets();
         let listen_pid = match self.listen_fd(slot) {
             Some(fd) => {
                 fds.push((fd, 3));

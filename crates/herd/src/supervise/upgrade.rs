@@ -123,6 +123,9 @@ impl Supervisor {
         if let Some(l) = &self.listeners {
             listen = l.fds();
         }
+        if let Some(by_place) = self.sockets_by_place() {
+            listen = by_place;
+        }
         let handed = format!(
             "{};name={};control={};lock={};listen={}",
             std::process::id(),
