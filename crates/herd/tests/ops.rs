@@ -1743,14 +1743,6 @@ while True:
             &["python3", "-c", WORKER],
         );
         h.wait_ready(3);
-        let answers = |count: usize| -> Vec<usize> {
-            (0..count)
-                .map(|_| {
-                    get_within(h.port, Duration::from_secs(2))
-                        .map_or(usize::MAX, |body| parse_hello(&body).0)
-                })
-                .collect()
-        };
         let text = ok(&herd(&["reload", "--name", &n]));
         assert!(text.contains("reloaded 3 workers"), "{mode}: {text}");
         assert!(
@@ -1758,14 +1750,10 @@ while True:
             "{mode}: {}",
             h.log()
         );
-        // Every slot serves again (each connection of its own).
         assert!(
-            wait_until(T, || {
-                let got = answers(30);
-                got.iter().all(|&w| w < 3) && (0..3).all(|w| got.contains(&w))
-            }),
+            wait_until(T, || each_answers(h.port, 3)),
             "{mode}: {:?}\n{}",
-            answers(30),
+            worker_ids(h.port, 30),
             h.log()
         );
         if mode != "reuseport" {
@@ -1774,30 +1762,45 @@ while True:
         // A new master takes the sockets in the group's order (its old
         // workers shut them down once more as they stop).
         ok(&herd(&["upgrade", "--name", &n]));
-        assert!(
-            wait_until(T, || {
-                let got = answers(30);
-                got.iter().all(|&w| w < 3) && (0..3).all(|w| got.contains(&w))
-            }),
-            "{}",
-            h.log()
-        );
-        // With a slot down, new connections go to the others' sockets,
-        // wherever the kernel's group now has them.
-        let pids = h.worker_pids(3);
-        signal(pids[1], "KILL");
-        assert!(
-            h.wait_log("worker 1 stays down (--autorestart=false)", T),
-            "{}",
-            h.log()
-        );
-        let got = answers(40);
-        assert!(
-            got.iter().all(|&w| w == 0 || w == 2),
-            "{got:?}\n{}",
-            h.log()
-        );
+        assert!(wait_until(T, || each_answers(h.port, 3)), "{}", h.log());
+        // Wherever the kernel's group now has the sockets.
+        only_serving_slots_get_connections(&h);
     }
+}
+
+/// The worker ids that answered `count` GETs, each on a connection of its
+/// own, or usize::MAX for one that got no answer within 2 s.
+fn worker_ids(port: u16, count: usize) -> Vec<usize> {
+    (0..count)
+        .map(|_| {
+            get_within(port, Duration::from_secs(2)).map_or(usize::MAX, |body| parse_hello(&body).0)
+        })
+        .collect()
+}
+
+/// Each of workers `0..n` answered one of 30 new connections, and every
+/// connection got an answer.
+fn each_answers(port: u16, n: usize) -> bool {
+    let got = worker_ids(port, 30);
+    got.iter().all(|&w| w < n) && (0..n).all(|w| got.contains(&w))
+}
+
+/// Reuseport, 3 workers under `--autorestart=false`: with worker 1 killed,
+/// new connections go to the other slots' sockets only (none hangs).
+fn only_serving_slots_get_connections(h: &Herd) {
+    let pids = h.worker_pids(3);
+    signal(pids[1], "KILL");
+    assert!(
+        h.wait_log("worker 1 stays down (--autorestart=false)", T),
+        "{}",
+        h.log()
+    );
+    let got = worker_ids(h.port, 40);
+    assert!(
+        got.iter().all(|&w| w == 0 || w == 2),
+        "{got:?}\n{}",
+        h.log()
+    );
 }
 
 #[test]
@@ -1816,16 +1819,6 @@ fn in_reuseport_mode_a_slot_without_a_worker_gets_no_new_connection() {
         &[DEMO],
     );
     h.wait_ready(3);
-    // The worker ids that answered, each on a connection of its own, or
-    // usize::MAX for one that got no answer within 2 s.
-    let answers = |count: usize| -> Vec<usize> {
-        (0..count)
-            .map(|_| {
-                get_within(h.port, Duration::from_secs(2))
-                    .map_or(usize::MAX, |body| parse_hello(&body).0)
-            })
-            .collect()
-    };
     // Scaled down and up again before the leaving workers exited: their
     // sockets come back in their places in the kernel's group, which
     // steering names by place (see supervise::steer).
@@ -1836,22 +1829,14 @@ fn in_reuseport_mode_a_slot_without_a_worker_gets_no_new_connection() {
         "{}",
         h.log()
     );
-    let pids = h.worker_pids(3);
-    signal(pids[1], "KILL");
+    only_serving_slots_get_connections(&h);
+    // `herd restart` starts the slot again, and it gets its share again.
+    ok(&herd(&["restart", &n]));
     assert!(
-        h.wait_log("worker 1 stays down (--autorestart=false)", T),
+        wait_until(T, || worker_ids(h.port, 20).contains(&1)),
         "{}",
         h.log()
     );
-    let got = answers(40);
-    assert!(
-        got.iter().all(|&w| w == 0 || w == 2),
-        "{got:?}\n{}",
-        h.log()
-    );
-    // `herd restart` starts the slot again, and it gets its share again.
-    ok(&herd(&["restart", &n]));
-    assert!(wait_until(T, || answers(20).contains(&1)), "{}", h.log());
-    let got = answers(40);
+    let got = worker_ids(h.port, 40);
     assert!(got.iter().all(|&w| w < 3), "{got:?}\n{}", h.log());
 }
