@@ -1768,6 +1768,62 @@ while True:
     }
 }
 
+/// As above, from a worker that goes on draining for a while after its
+/// `shutdown()`: herd looks at the socket often while a worker stops, so
+/// the port is dead for milliseconds, not up to its once-a-second tick.
+#[test]
+fn a_socket_shut_down_by_a_stopping_worker_listens_again_within_milliseconds() {
+    // The worker measures how long the socket it shut down took to listen
+    // again (SO_ACCEPTCONN), then lingers past herd's tick.
+    const WORKER: &str = r#"
+import os, signal, socket, time
+s = socket.socket(fileno=3)
+def stop(*_):
+    s.shutdown(socket.SHUT_RDWR)
+    t0 = time.monotonic()
+    while not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and time.monotonic() - t0 < 5:
+        time.sleep(0.002)
+    print(f"dead for {(time.monotonic() - t0) * 1000:.0f} ms", flush=True)
+    time.sleep(1.5)
+    os._exit(0)
+signal.signal(signal.SIGTERM, stop)
+while True:
+    try:
+        c, _ = s.accept()
+    except OSError:
+        time.sleep(0.01)
+        continue
+    c.recv(65536)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    c.close()
+"#;
+    let n = name("shutfast");
+    let h = Herd::start(
+        &["--name", &n, "-i", "3", "--mode", "shared"],
+        &["python3", "-c", WORKER],
+    );
+    h.wait_ready(3);
+    let text = ok(&herd(&["reload", "--name", &n]));
+    assert!(text.contains("reloaded 3 workers"), "{text}");
+    assert!(h.wait_log_n("dead for", 3, T), "{}", h.log());
+    let dead: Vec<u64> = h
+        .log()
+        .lines()
+        .filter_map(|l| {
+            l.split("dead for ")
+                .nth(1)?
+                .strip_suffix(" ms")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        dead.len() == 3 && dead.iter().all(|&ms| ms < 400),
+        "ms each socket was dead: {dead:?}\n{}",
+        h.log()
+    );
+}
+
 /// The worker ids that answered `count` GETs, each on a connection of its
 /// own, or usize::MAX for one that got no answer within 2 s.
 fn worker_ids(port: u16, count: usize) -> Vec<usize> {

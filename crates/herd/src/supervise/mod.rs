@@ -167,6 +167,8 @@ enum Event {
     Pinged { epoch: Epoch },
     /// A retiring worker has no request in flight any more.
     Drained { epoch: Epoch },
+    /// Fd modes, while a worker stops: is each listening socket listening?
+    CheckListeners,
     /// `--watch`: a file changed.
     Changed(PathBuf),
     /// A line from a worker's message channel.
@@ -813,6 +815,7 @@ impl Supervisor {
             }
             Event::Pinged { epoch } => self.apply(Input::Pinged { epoch }, None),
             Event::Drained { epoch } => self.apply(Input::Drained { epoch }, None),
+            Event::CheckListeners => self.revive_listeners(),
             Event::Message { epoch, msg, credit } => {
                 self.on_message(epoch, msg);
                 drop(credit);

@@ -514,10 +514,28 @@ impl Supervisor {
         };
         let notice = p.ipc.as_ref().map(|ch| ch.shutdown_notice());
         let (pid, signal) = (p.pid, self.s.kill_signal);
+        // Fd modes: a worker may shut its listening socket down as it stops
+        // (see `steer`), for every holder; looked at often until it is gone
+        // at the latest, rather than once a second.
+        let watch = self.s.mode.passes_fd().then(|| {
+            (
+                self.tx.clone(),
+                self.s.kill_timeout + Duration::from_secs(1),
+            )
+        });
         tokio::spawn(async move {
             crate::ipc::notice_written(notice).await;
             if let Some(signal) = signal {
                 kill_group(pid, signal);
+            }
+            if let Some((tx, within)) = watch {
+                let until = tokio::time::Instant::now() + within;
+                while tokio::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if tx.send(Event::CheckListeners).is_err() {
+                        break;
+                    }
+                }
             }
         });
     }

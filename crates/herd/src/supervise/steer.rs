@@ -321,8 +321,9 @@ impl Supervisor {
         self.group.grow_to(all);
     }
 
-    /// Fd modes, once a second and as a worker exits: a listening socket a
-    /// worker shut down (see the module) listens again. What the kernel
+    /// Fd modes, once a second, every 20 ms while a worker stops, and as
+    /// one exits: a listening socket a worker shut down (see the module)
+    /// listens again. What the kernel
     /// had queued on it was reset by the shutdown. A leaving slot's socket
     /// is only taken out of the group: its worker is on its way out. Not
     /// on a stop: a client is better refused than queued for no one (an
