@@ -277,6 +277,8 @@ pub struct Supervisor {
     leaving_workers: Vec<Epoch>,
     /// Reuseport: the kernel's order of the group (see `steer`).
     group: steer::Group,
+    /// When `Event::CheckListeners` last looked.
+    listeners_seen: Instant,
     /// `port_from_app` until the first worker names its port.
     awaiting_port: Option<port::AwaitingPort>,
     /// What ended the master after its start (the app's port was taken).
@@ -522,6 +524,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         leaving: Vec::new(),
         leaving_workers: Vec::new(),
         group,
+        listeners_seen: Instant::now(),
         daemon_hinted: false,
         awaiting_port: None,
         failed: None,
@@ -815,7 +818,13 @@ impl Supervisor {
             }
             Event::Pinged { epoch } => self.apply(Input::Pinged { epoch }, None),
             Event::Drained { epoch } => self.apply(Input::Drained { epoch }, None),
-            Event::CheckListeners => self.revive_listeners(),
+            Event::CheckListeners => {
+                // One look serves every worker stopping at once.
+                if self.listeners_seen.elapsed() >= Duration::from_millis(15) {
+                    self.listeners_seen = Instant::now();
+                    self.revive_listeners();
+                }
+            }
             Event::Message { epoch, msg, credit } => {
                 self.on_message(epoch, msg);
                 drop(credit);
