@@ -54,7 +54,7 @@ pub fn targets(sockets: usize, serving: impl Fn(usize) -> bool, leaving: bool) -
 /// The slots of a reuseport group by place, as the kernel keeps them: a
 /// socket that begins listening goes last, one that stops has the last
 /// take its place. Every slot below the group's size is in it, unless the
-/// order is not known (see [`Group::rejoin`]).
+/// order is not known (see [`Group::shut`]).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Group {
     slots: Vec<usize>,
@@ -323,11 +323,11 @@ impl Supervisor {
 
     /// Fd modes, once a second, every 20 ms while a worker stops, and as
     /// one exits: a listening socket a worker shut down (see the module)
-    /// listens again. What the kernel
-    /// had queued on it was reset by the shutdown. A leaving slot's socket
-    /// is only taken out of the group: its worker is on its way out. Not
-    /// on a stop: a client is better refused than queued for no one (an
-    /// upgrade's new master does want its sockets listening).
+    /// listens again. What the kernel had queued on it was reset by the
+    /// shutdown. A leaving slot's socket is only taken out of the group:
+    /// its worker is on its way out. Not on a stop: a client is better
+    /// refused than queued for no one (an upgrade's new master does want
+    /// its sockets listening).
     pub(super) fn revive_listeners(&mut self) {
         if self.stopping {
             return;
