@@ -1701,20 +1701,22 @@ fn herd_monit_shows_the_workers_and_scales_and_quits_from_its_keys() {
 /// down for good (`--autorestart=false`) had its share wait until the
 /// client gave up. herd steers them to the serving workers' sockets, and
 /// back once the slot serves again.
-/// A worker that `shutdown()`s its listening socket as it stops, as C
-/// servers do to wake threads blocked in `accept`: that ends listening for
-/// every process holding the socket, so a rolling reload left the whole
-/// port (shared mode) or every slot's socket (reuseport) dead for good.
-/// herd listens on it again; in reuseport mode that reorders the kernel's
-/// group, which the steering must follow.
-#[test]
-fn a_worker_that_shuts_its_listening_socket_down_does_not_end_the_port() {
-    const WORKER: &str = r#"
+/// A server that `shutdown()`s its listening socket (fd 3) on SIGTERM and
+/// exits, or with `LINGER` set, says how long the socket took to listen
+/// again (`SO_ACCEPTCONN`) and lingers that many seconds more.
+const SHUTTING_WORKER: &str = r#"
 import os, signal, socket, time
 s = socket.socket(fileno=3)
 wid = os.environ["HERD_WORKER_ID"]
 def stop(*_):
     s.shutdown(socket.SHUT_RDWR)
+    linger = os.environ.get("LINGER")
+    if linger:
+        t0 = time.monotonic()
+        while not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and time.monotonic() - t0 < 5:
+            time.sleep(0.002)
+        print(f"dead for {(time.monotonic() - t0) * 1000:.0f} ms", flush=True)
+        time.sleep(float(linger))
     os._exit(0)
 signal.signal(signal.SIGTERM, stop)
 while True:
@@ -1728,6 +1730,15 @@ while True:
     c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
     c.close()
 "#;
+
+/// A worker that `shutdown()`s its listening socket as it stops, as C
+/// servers do to wake threads blocked in `accept`: that ends listening for
+/// every process holding the socket, so a rolling reload left the whole
+/// port (shared mode) or every slot's socket (reuseport) dead for good.
+/// herd listens on it again; in reuseport mode that reorders the kernel's
+/// group, which the steering must follow.
+#[test]
+fn a_worker_that_shuts_its_listening_socket_down_does_not_end_the_port() {
     for mode in ["shared", "reuseport"] {
         let n = name(&format!("shutl-{mode}"));
         let h = Herd::start(
@@ -1740,7 +1751,7 @@ while True:
                 mode,
                 "--autorestart=false",
             ],
-            &["python3", "-c", WORKER],
+            &["python3", "-c", SHUTTING_WORKER],
         );
         h.wait_ready(3);
         let text = ok(&herd(&["reload", "--name", &n]));
@@ -1773,34 +1784,19 @@ while True:
 /// the port is dead for milliseconds, not up to its once-a-second tick.
 #[test]
 fn a_socket_shut_down_by_a_stopping_worker_listens_again_within_milliseconds() {
-    // The worker measures how long the socket it shut down took to listen
-    // again (SO_ACCEPTCONN), then lingers past herd's tick.
-    const WORKER: &str = r#"
-import os, signal, socket, time
-s = socket.socket(fileno=3)
-def stop(*_):
-    s.shutdown(socket.SHUT_RDWR)
-    t0 = time.monotonic()
-    while not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and time.monotonic() - t0 < 5:
-        time.sleep(0.002)
-    print(f"dead for {(time.monotonic() - t0) * 1000:.0f} ms", flush=True)
-    time.sleep(1.5)
-    os._exit(0)
-signal.signal(signal.SIGTERM, stop)
-while True:
-    try:
-        c, _ = s.accept()
-    except OSError:
-        time.sleep(0.01)
-        continue
-    c.recv(65536)
-    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-    c.close()
-"#;
     let n = name("shutfast");
     let h = Herd::start(
-        &["--name", &n, "-i", "3", "--mode", "shared"],
-        &["python3", "-c", WORKER],
+        &[
+            "--name",
+            &n,
+            "-i",
+            "3",
+            "--mode",
+            "shared",
+            "--env",
+            "LINGER=1.5",
+        ],
+        &["python3", "-c", SHUTTING_WORKER],
     );
     h.wait_ready(3);
     let text = ok(&herd(&["reload", "--name", &n]));
