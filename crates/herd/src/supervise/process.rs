@@ -515,12 +515,14 @@ impl Supervisor {
         let notice = p.ipc.as_ref().map(|ch| ch.shutdown_notice());
         let (pid, signal) = (p.pid, self.s.kill_signal);
         // Fd modes: a worker may shut its listening socket down as it stops
-        // (see `steer`), for every holder; looked at often until it is gone
-        // at the latest, rather than once a second.
+        // (see `steer`), for every holder; looked at often while it is likely
+        // to, as it handles the signal (until SIGKILL, at most 5 s: a long
+        // --kill-timeout would keep this task waking for nothing), rather
+        // than once a second.
         let watch = self.s.mode.passes_fd().then(|| {
             (
                 self.tx.clone(),
-                self.s.kill_timeout + Duration::from_secs(1),
+                (self.s.kill_timeout + Duration::from_secs(1)).min(Duration::from_secs(5)),
             )
         });
         tokio::spawn(async move {

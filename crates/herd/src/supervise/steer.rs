@@ -321,7 +321,7 @@ impl Supervisor {
         self.group.grow_to(all);
     }
 
-    /// Fd modes, once a second, every 20 ms while a worker stops, and as
+    /// Fd modes, once a second, every 20 ms as a worker stops, and as
     /// one exits: a listening socket a worker shut down (see the module)
     /// listens again. What the kernel had queued on it was reset by the
     /// shutdown. A leaving slot's socket is only taken out of the group:
