@@ -84,7 +84,12 @@ impl App {
             f.render_widget(Paragraph::new(format!("{}: connecting…", self.name)), top);
             return;
         };
-        let total: f64 = s.workers.iter().filter_map(|w| w.rps).sum();
+        // (Folded from 0.0: an empty f64 sum is -0.0, shown as "-0".)
+        let total: f64 = s
+            .workers
+            .iter()
+            .filter_map(|w| w.rps)
+            .fold(0.0, |a, b| a + b);
         f.render_widget(
             Paragraph::new(format!(
                 "{}: {} · master pid {} · up {} · {} workers · {:.0} req/s{}",

@@ -672,6 +672,10 @@ fn herd_stop_answers_for_a_cluster_of_upstreams_only() {
     assert!(wait_until(T, || herd(&["status", "--name", &name])
         .status
         .success()));
+    // `herd list` sums no worker's CPU to 0.0%, not -0.0% (an empty f64 sum).
+    let list = String::from_utf8_lossy(&herd(&["list"]).stdout).into_owned();
+    let line = list.lines().find(|l| l.starts_with(&name)).unwrap_or("");
+    assert!(line.contains(" 0.0% ") && !line.contains("-0"), "{list}");
     let out = herd_cmd().args(["stop", "--name", &name]).output().unwrap();
     assert!(
         out.status.success(),

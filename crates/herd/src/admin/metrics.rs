@@ -341,7 +341,7 @@ impl Collector for Scrape {
                     *below = n;
                     Some(mid * here as f64)
                 })
-                .sum::<f64>();
+                .fold(0.0, |a, b| a + b);
             let labels = backend(t);
             e.encode_family(&labels)?
                 .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;

@@ -890,7 +890,8 @@ fn list(as_json: bool) -> Result<i32, ControlError> {
                 v.mode,
                 v.listen,
                 v.workers.iter().map(|w| w.restarts).sum::<u64>(),
-                v.workers.iter().map(|w| w.cpu).sum::<f64>(),
+                // (From 0.0: an empty f64 sum is -0.0, "-0.0%".)
+                v.workers.iter().map(|w| w.cpu).fold(0.0, |a, b| a + b),
                 bytes(v.workers.iter().map(|w| w.memory).sum()),
                 if v.stopping {
                     "stopping".to_string()
