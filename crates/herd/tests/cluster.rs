@@ -1082,6 +1082,53 @@ fn a_worker_on_a_port_of_its_own_is_named() {
     assert!(h.log().contains(&line), "{}", h.log());
 }
 
+/// A command run without a shell names each worker's port and id as
+/// `$PORT` and `${HERD_WORKER_ID}` in its arguments (as `redis-server --port
+/// '$PORT'` would), and herd puts that worker's values there.
+#[test]
+fn per_worker_values_reach_a_command_run_without_a_shell() {
+    const ARGV_SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = ("%s %s\n" % (sys.argv[2], sys.argv[3])).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let h = Herd::start(
+        &["-i", "2"],
+        &[
+            "python3",
+            "-c",
+            ARGV_SERVER,
+            "$PORT",
+            "w${HERD_WORKER_ID}",
+            "$HOME",
+        ],
+    );
+    h.wait_ready(2);
+    let mut seen = BTreeSet::new();
+    assert!(
+        wait_until(T, || {
+            if let Ok((200, body)) = h.get("/") {
+                // Only herd's per-worker variables: `$HOME` stays as it is.
+                assert!(body.ends_with(" $HOME\n"), "{body}");
+                seen.insert(body);
+            }
+            seen.len() == 2
+        }),
+        "{seen:?} {}",
+        h.log()
+    );
+    assert!(
+        seen.contains("w0 $HOME\n") && seen.contains("w1 $HOME\n"),
+        "{seen:?}"
+    );
+}
+
 /// A Python server that knows only `HERD_SOCKET`, on a Unix socket.
 const UNIX_SERVER: &str = r#"
 import http.server, os, socketserver

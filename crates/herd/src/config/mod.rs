@@ -814,7 +814,8 @@ options! {
     /// turns it off [default: on when the command is node].
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     node_shim: Option<bool>,
-    /// The server program and its arguments (put them after `--`).
+    /// The server program and its arguments (put them after `--`); `$PORT` and
+    /// `$HERD_WORKER_ID` in its arguments become each worker's values.
     #[arg(trailing_var_arg = true, value_name = "COMMAND")]
     #[serde(default, deserialize_with = "command_words")]
     command: Option<Vec<OsString>>,

@@ -304,7 +304,7 @@ impl Supervisor {
             &mut cmd,
             ExecSpec {
                 program: spec.release.program.clone(),
-                argv: spec.release.command.clone(),
+                argv: with_worker_values(&spec.release.command, &env),
                 env,
                 listen_pid,
                 fds,
@@ -999,6 +999,63 @@ fn worker_env(
     env
 }
 
+/// The variables whose `$NAME` or `${NAME}` in a worker's arguments become
+/// that worker's values: what herd picks per worker, which a command run
+/// without a shell (several words, herd.toml's `command = [...]`) could
+/// not name otherwise.
+const PER_WORKER: &[&str] = &[contract::PORT, contract::WORKER_ID];
+
+/// `argv` with each `$PORT`, `${PORT}`, `$HERD_WORKER_ID` and
+/// `${HERD_WORKER_ID}` after the program's name replaced by its value in
+/// `env`, as systemd's `ExecStart=` expands variables (`redis-server --port
+/// '$PORT'`). Anything else, a variable `env` lacks (`PORT` in shared mode,
+/// unless herd's own environment had one) included, is left as it is, for
+/// the program or the shell it names.
+fn with_worker_values(argv: &[OsString], env: &[(OsString, OsString)]) -> Vec<OsString> {
+    let value = |name: &str| {
+        PER_WORKER.contains(&name).then_some(())?;
+        env.iter().find(|(k, _)| k == name)?.1.to_str()
+    };
+    let expand = |word: &OsString| -> OsString {
+        let Some(text) = word.to_str().filter(|t| t.contains('$')) else {
+            return word.clone();
+        };
+        let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = rest.find('$') {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            // `${NAME}`, or `$NAME` up to the first byte no name holds.
+            let (name, len) = match after.strip_prefix('{') {
+                Some(inner) => match inner.find('}') {
+                    Some(end) => (&inner[..end], end + 2),
+                    None => ("", 0),
+                },
+                None => {
+                    let end = after.find(|c| !ident(c)).unwrap_or(after.len());
+                    (&after[..end], end)
+                }
+            };
+            match value(name) {
+                Some(v) if len > 0 => {
+                    out.push_str(v);
+                    rest = &after[len..];
+                }
+                _ => {
+                    out.push('$');
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+        out.into()
+    };
+    let mut out: Vec<OsString> = argv.iter().take(1).cloned().collect();
+    out.extend(argv.iter().skip(1).map(expand));
+    out
+}
+
 /// `HERD_SOCKET`, the Unix socket a worker may serve on; with `must`
 /// (`--worker-socket unix`) servers that can serve there are told so too:
 /// uvicorn binds `--uds` before any port, and gunicorn's command line still
@@ -1035,8 +1092,71 @@ pub(super) fn kill_group(pgid: u32, sig: Signal) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Probe, elsewhere, nowhere};
+    use super::{Probe, elsewhere, nowhere, with_worker_values};
+    use std::ffi::OsString;
     use std::net::SocketAddr;
+
+    #[test]
+    fn per_worker_variables_in_arguments_get_the_workers_values() {
+        let env: Vec<(OsString, OsString)> = [
+            ("PORT", "41000"),
+            ("HERD_WORKER_ID", "1"),
+            ("HOME", "/root"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+        let run = |argv: &[&str]| -> Vec<String> {
+            let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+            with_worker_values(&argv, &env)
+                .into_iter()
+                .map(|w| w.into_string().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            run(&[
+                "redis-server",
+                "--port",
+                "$PORT",
+                "--x=${PORT}",
+                "w$HERD_WORKER_ID.log"
+            ]),
+            ["redis-server", "--port", "41000", "--x=41000", "w1.log"]
+        );
+        assert_eq!(
+            run(&["app", "127.0.0.1:$PORT/$PORT"]),
+            ["app", "127.0.0.1:41000/41000"]
+        );
+        // Only herd's per-worker values, whole names, and not the program's name.
+        assert_eq!(
+            run(&[
+                "$PORT",
+                "$HOME",
+                "$PORTS",
+                "${PORT:-80}",
+                "${PORT",
+                "$",
+                "a$",
+                "$$",
+                "${}"
+            ]),
+            [
+                "$PORT",
+                "$HOME",
+                "$PORTS",
+                "${PORT:-80}",
+                "${PORT",
+                "$",
+                "a$",
+                "$$",
+                "${}"
+            ]
+        );
+        // A variable herd did not set (no PORT in shared mode) stays.
+        let none: Vec<(OsString, OsString)> = Vec::new();
+        let argv = vec![OsString::from("app"), OsString::from("$PORT")];
+        assert_eq!(with_worker_values(&argv, &none), argv);
+    }
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
         list.iter().map(|a| a.parse().unwrap()).collect()
