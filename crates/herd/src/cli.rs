@@ -760,7 +760,7 @@ pub struct RunArgs {
     pub no_node_shim: bool,
     /// PM2's --interpreter: the program that runs the script (`bun`,
     /// `python3.12`; `none`: the script runs itself).
-    #[arg(long, value_name = "PROGRAM")]
+    #[arg(long, value_name = "PROGRAM", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub interpreter: Option<String>,
     /// PM2's --node-args (or --interpreter-args): options for the
     /// interpreter, before the script (`--node-args="--max-old-space-size=4096"`).

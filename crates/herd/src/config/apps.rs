@@ -338,7 +338,10 @@ fn ecosystem_app(
             // PM2's `port: 3000` sets `env.PORT` (over `env` and `env_NAME`).
             "port" => port = text(v),
             "args" => args = words(v),
-            "interpreter" | "exec_interpreter" => interpreter = text(v),
+            // An empty one is none, as PM2 reads it (a falsy value).
+            "interpreter" | "exec_interpreter" => {
+                interpreter = text(v).filter(|i| !i.trim().is_empty())
+            }
             "interpreter_args" | "node_args" => interpreter_args.extend(words(v)),
             "cwd" => cwd = dir.join(super::home_path(Path::new(&text(v).unwrap_or_default()))),
             "instances" => {
@@ -742,7 +745,8 @@ mod tests {
             "aliases.json",
             r#"{"apps": [
                 {"name": "api", "cmd": "a.js", "port": 4000, "env": {"PORT": 3000}},
-                {"name": "both", "script": "s.js", "command": "c.js"}
+                {"name": "both", "script": "s.js", "command": "c.js"},
+                {"name": "blank", "script": "b.js", "interpreter": "", "instances": 2}
             ]}"#,
         );
         let (api, warning) = select(&p, Some("api"), None).unwrap();
@@ -752,6 +756,10 @@ mod tests {
         assert!(warning.is_none(), "{warning:?}");
         let (both, _) = select(&p, Some("both"), None).unwrap();
         assert_eq!(both.command.unwrap(), ["s.js"]);
+        // An empty interpreter is none (a falsy value to PM2).
+        let (blank, _) = select(&p, Some("blank"), None).unwrap();
+        assert_eq!(blank.command.unwrap(), ["b.js"]);
+        assert_eq!(blank.mode, None, "a Node app with instances: a cluster");
     }
 
     #[test]
