@@ -1467,6 +1467,20 @@ fn bad_input_gets_one_clear_line() {
         &["run", "--watch=no/such/dir", "--", DEMO],
         "--watch no/such/dir: no such file or directory",
     );
+    // A time-out of nothing would end at once what it times.
+    assert_one_line_error(
+        &["run", "--idle-timeout", "0s", "--", DEMO],
+        "--idle-timeout 0: keep-alive connections would close",
+    );
+    assert_one_line_error(
+        &["run", "--ready-timeout=0", "--", DEMO],
+        "--ready-timeout 0: every worker would be killed before it could listen; give it a length (default 30s)",
+    );
+    // The --interpreter of `--interpreter '' app.js` is missing, not the command.
+    assert_one_line_error(
+        &["run", "--interpreter", "", "app.js"],
+        "a value is required for '--interpreter <PROGRAM>'",
+    );
     assert_one_line_error(
         &["run", "--watch", "--watch-ignore", "a[", "--", DEMO],
         "--watch-ignore \"a[\"",

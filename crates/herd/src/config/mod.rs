@@ -145,6 +145,12 @@ pub enum ConfigError {
         "--listen with --mode fork: in fork mode herd opens no port and the program binds its own; drop --listen (or use another --mode)"
     )]
     ListenInFork,
+    #[error("--{flag} 0: {why}; give it a length (default {default:?})")]
+    ZeroTimeout {
+        flag: &'static str,
+        why: &'static str,
+        default: Duration,
+    },
 }
 
 /// A value TOML may give as a number or a string (`instances = 4` or
@@ -1670,6 +1676,51 @@ impl Settings {
             Instances::Count(n) => n,
             Instances::AllBut(k) => crate::os::cpus::usable().saturating_sub(k).max(1),
         };
+        // Time-outs that cannot be none: each would end at once what it
+        // times (HAProxy reads 0 as no time-out, nginx's keepalive_timeout as
+        // no keep-alive; herd says so rather than guess).
+        for (v, flag, why, default) in [
+            (
+                o.ready_timeout,
+                "ready-timeout",
+                "every worker would be killed before it could listen",
+                default::READY_TIMEOUT,
+            ),
+            (
+                o.connect_timeout,
+                "connect-timeout",
+                "no backend could be connected to",
+                default::CONNECT_TIMEOUT,
+            ),
+            (
+                o.response_timeout,
+                "response-timeout",
+                "no backend's answer could be waited for",
+                default::RESPONSE_TIMEOUT,
+            ),
+            (
+                o.header_timeout,
+                "header-timeout",
+                "a request head arriving in pieces would get 408",
+                default::HEADER_TIMEOUT,
+            ),
+            (
+                o.idle_timeout,
+                "idle-timeout",
+                "keep-alive connections would close under their clients, and a pausing upload get 408",
+                default::IDLE_TIMEOUT,
+            ),
+            (
+                o.health_timeout,
+                "health-timeout",
+                "every health check would fail (--health-interval 0 turns them off)",
+                default::HEALTH_TIMEOUT,
+            ),
+        ] {
+            if v.is_some_and(|d| d.0.is_zero()) {
+                return Err(ConfigError::ZeroTimeout { flag, why, default });
+            }
+        }
         let d = |v: Option<Dur>, default: Duration| v.map_or(default, |d| d.0);
         let ready_timeout = d(o.ready_timeout, default::READY_TIMEOUT);
         let connect_timeout = d(o.connect_timeout, default::CONNECT_TIMEOUT);
