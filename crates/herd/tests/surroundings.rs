@@ -262,10 +262,18 @@ fn signals_herd_does_not_use_are_logged_and_ignored() {
 
     // (SIGUSR2 upgrades herd in place: see tests/host.rs; SIGUSR1 reopens
     // the log files: see below.)
-    for sig in ["ALRM", "PWR", "VTALRM", "RTMIN+3"] {
+    for sig in ["ALRM", "PWR", "VTALRM", "RTMIN+3", "SYS", "TRAP", "ABRT"] {
         h.signal(sig);
     }
-    for name in ["SIGALRM", "SIGPWR", "SIGVTALRM", "SIGRTMIN+3"] {
+    for name in [
+        "SIGALRM",
+        "SIGPWR",
+        "SIGVTALRM",
+        "SIGRTMIN+3",
+        "SIGSYS",
+        "SIGTRAP",
+        "SIGABRT",
+    ] {
         assert!(
             h.wait_log(&format!("{name} received"), T),
             "{name} not logged:\n{}",
@@ -277,7 +285,7 @@ fn signals_herd_does_not_use_are_logged_and_ignored() {
         .into_iter()
         .find(|p| cmdline(*p).contains("__guard"))
         .expect("no guardian process");
-    for sig in ["USR2", "TERM", "INT", "HUP"] {
+    for sig in ["USR2", "TERM", "INT", "HUP", "SYS", "ABRT"] {
         signal(guardian, sig);
     }
     assert!(alive(master), "a stray signal killed the master");

@@ -121,7 +121,7 @@ pub fn run() -> i32 {
     let _ = crate::os::sys::clear_signal_mask();
     crate::os::sys::ignore_signals(&[
         SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO,
-        SIGPWR, SIGXCPU, SIGPIPE,
+        SIGPWR, SIGXCPU, SIGXFSZ, SIGSTKFLT, SIGSYS, SIGTRAP, SIGABRT, SIGPIPE,
     ]);
     let mut groups = BTreeSet::new();
     for line in std::io::stdin().lock().lines() {

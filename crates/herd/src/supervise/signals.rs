@@ -126,6 +126,15 @@ fn unused() -> Vec<(libc::c_int, String)> {
         (libc::SIGXCPU, "SIGXCPU"),
         // Caught, a write past RLIMIT_FSIZE fails with EFBIG instead.
         (libc::SIGXFSZ, "SIGXFSZ"),
+        // Sent by `kill`, these would dump core. One the kernel raises for
+        // a real cause (seccomp's SECCOMP_RET_TRAP, a breakpoint) is forced
+        // through when caught or not, and `abort()` raises SIGABRT again
+        // with the default action after a handler returns. SIGSEGV, SIGBUS,
+        // SIGILL and SIGFPE keep their default: a handler that returns from
+        // a real fault would run the faulting instruction again, forever.
+        (libc::SIGSYS, "SIGSYS"),
+        (libc::SIGTRAP, "SIGTRAP"),
+        (libc::SIGABRT, "SIGABRT"),
     ]
     .into_iter()
     .map(|(n, s)| (n, s.to_string()))
