@@ -623,3 +623,102 @@ fn signals_blocked_by_the_parent_neither_mute_the_master_nor_reach_workers() {
     let st = h.wait_exit(T).expect("master did not exit");
     assert_eq!(st.code(), Some(0), "{}", h.log());
 }
+
+/// systemd-tmpfiles ages `/tmp` (10 days on Fedora, RHEL and Debian 13),
+/// where herd keeps its run directory without `XDG_RUNTIME_DIR`. After a
+/// real `systemd-tmpfiles --clean` over it with every file 20 days old, a
+/// Node cluster still restarts a killed worker (herd's preload, which node
+/// loads at each start, is still there), serves on every worker, and its
+/// name is still taken (its lock file is still there).
+#[test]
+fn a_long_running_cluster_survives_tmpfiles_aging() {
+    if Command::new("systemd-tmpfiles")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no systemd-tmpfiles");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("herd-aging-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let in_tmp = |c: &mut Command| {
+        c.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", &dir);
+    };
+    let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/node/hello.js");
+    let name = name("aging");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = herd_cmd();
+    cmd.args([
+        "run", "--listen", &listen, "-i", "2", "--name", &name, "--", "node",
+    ])
+    .arg(&app);
+    in_tmp(&mut cmd);
+    let h = Herd::spawn(&mut cmd, port);
+    h.wait_ready(2);
+
+    let aged = Command::new("sh")
+        .arg("-c")
+        .arg("find \"$1\" -mindepth 1 -exec touch -h -a -m -d '20 days ago' {} +")
+        .args(["sh", dir.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(aged.success());
+    let conf = dir.with_extension("conf");
+    std::fs::write(&conf, format!("e {} - - - am:10d\n", dir.display())).unwrap();
+    let cleaned = Command::new("systemd-tmpfiles")
+        .arg("--clean")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(cleaned.status.success(), "{cleaned:?}");
+    let _ = std::fs::remove_file(&conf);
+
+    let old = h.worker_pids(2);
+    for &pid in &old {
+        signal(pid, "KILL");
+    }
+    let mut seen = [false; 2];
+    assert!(
+        wait_until(T, || {
+            if let Ok((200, body)) = h.get("/") {
+                let worker = body
+                    .split("worker ")
+                    .nth(1)
+                    .and_then(|w| w.split(' ').next());
+                let pid = body
+                    .split("pid ")
+                    .nth(1)
+                    .and_then(|p| p.trim_end_matches(")\n").parse::<u32>().ok());
+                if let (Some(w), Some(p)) = (worker.and_then(|w| w.parse::<usize>().ok()), pid) {
+                    seen[w] |= !old.contains(&p);
+                }
+            }
+            seen == [true, true]
+        }),
+        "the killed workers did not come back:\n{}",
+        h.log()
+    );
+    // The name is still held: a second cluster under it is refused.
+    let port2 = free_port();
+    let listen2 = format!("127.0.0.1:{port2}");
+    let mut again = herd_cmd();
+    again.args([
+        "run", "--listen", &listen2, "-i", "1", "--name", &name, "--", DEMO,
+    ]);
+    in_tmp(&mut again);
+    let out = again.stdin(Stdio::null()).output().unwrap();
+    assert!(!out.status.success(), "a second {name} ran");
+    let mut status = herd_cmd();
+    status.args(["status", "--name", &name]);
+    in_tmp(&mut status);
+    let out = status.output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("master pid {}", h.child.id())),
+        "herd status: {out:?}"
+    );
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}

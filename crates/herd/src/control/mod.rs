@@ -220,6 +220,9 @@ pub fn bind(name: &str) -> Result<(UnixListener, PathBuf, NameLock), ControlErro
     let Some(lock) = lock else {
         return Err(ControlError::NameTaken(name.to_string()));
     };
+    // The sticky bit keeps systemd-tmpfiles' aging (10 days in /tmp on
+    // Fedora, RHEL, Debian 13) away from the file a long-lived master holds.
+    let _ = std::fs::set_permissions(&lock_path, std::fs::Permissions::from_mode(0o1600));
     let held = NameLock {
         path: lock_path,
         _lock: lock,

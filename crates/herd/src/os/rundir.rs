@@ -28,6 +28,20 @@ pub struct RunDir {
     /// [`RunDir::for_workers`]), and who they run as.
     workers: Option<(PathBuf, u32, u32)>,
     _lock: nix::fcntl::Flock<std::fs::File>,
+    /// Exclusive locks on the directories themselves, held for life:
+    /// systemd-tmpfiles' aging (`/tmp` after 10 days on Fedora, RHEL,
+    /// Debian 13) skips a directory it cannot lock, with all below it. It
+    /// would otherwise remove the preloads workers load at each start, and
+    /// the lock file above, after which the next master took the directory
+    /// for stale and removed the workers' sockets with it.
+    _kept: Vec<nix::fcntl::Flock<std::fs::File>>,
+}
+
+/// Holds an exclusive `flock` on directory `dir` (see `RunDir::_kept`).
+fn keep(dir: &Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
+    let d = std::fs::File::open(dir)?;
+    nix::fcntl::Flock::lock(d, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| std::io::Error::from(e))
 }
 
 /// The file in a master's directory that names its workers' directory, so
@@ -55,6 +69,11 @@ impl RunDir {
             path: tmp.clone(),
             source,
         })?;
+        // (The lock stays with the directory through its rename.)
+        let kept = keep(&tmp).map_err(|source| RunDirError::Create {
+            path: tmp.clone(),
+            source,
+        })?;
         for i in 1..100 {
             let name = match i {
                 1 => pid.to_string(),
@@ -73,6 +92,7 @@ impl RunDir {
                     path,
                     workers: None,
                     _lock: lock,
+                    _kept: vec![kept],
                 });
             }
         }
@@ -111,6 +131,7 @@ impl RunDir {
             .map_err(create)?;
         // The umask may have taken bits away.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).map_err(create)?;
+        self._kept.push(keep(&dir).map_err(create)?);
         self.workers = Some((dir.clone(), uid, gid));
         std::fs::write(
             self.path.join(WORKERS_FILE),
