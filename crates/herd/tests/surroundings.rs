@@ -722,3 +722,54 @@ fn a_long_running_cluster_survives_tmpfiles_aging() {
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A cluster started without `XDG_RUNTIME_DIR` (from cron, a boot unit)
+/// keeps its control socket in `/tmp/herd-UID`; `herd` run where
+/// `XDG_RUNTIME_DIR` is set (a login session) still finds it, and a second
+/// cluster of the same name started there is refused.
+#[test]
+fn clusters_are_found_whichever_runtime_directory_they_started_with() {
+    let tmp = std::env::temp_dir().join(format!("herd-bases-{}", std::process::id()));
+    let xdg = tmp.join("xdg");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&xdg).unwrap();
+    let name = name("bases");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = herd_cmd();
+    cmd.args([
+        "run", "--listen", &listen, "-i", "1", "--name", &name, "--", DEMO,
+    ])
+    .env_remove("XDG_RUNTIME_DIR")
+    .env("TMPDIR", &tmp);
+    let h = Herd::spawn(&mut cmd, port);
+    h.wait_ready(1);
+    let in_session = |args: &[&str]| {
+        herd_cmd()
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .env("TMPDIR", &tmp)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = in_session(&["status", "--name", &name]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("master pid {}", h.child.id())),
+        "herd status: {out:?}"
+    );
+    let listed = in_session(&["list"]);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(&name),
+        "{listed:?}"
+    );
+    let other = format!("127.0.0.1:{}", free_port());
+    let again = in_session(&["run", "--listen", &other, "--name", &name, "--", DEMO]);
+    assert!(!again.status.success(), "a second {name} ran: {again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already"),
+        "{again:?}"
+    );
+    drop(h);
+    let _ = std::fs::remove_dir_all(&tmp);
+}

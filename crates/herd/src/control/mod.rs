@@ -220,6 +220,15 @@ pub fn bind(name: &str) -> Result<(UnixListener, PathBuf, NameLock), ControlErro
     let Some(lock) = lock else {
         return Err(ControlError::NameTaken(name.to_string()));
     };
+    // A master whose control socket is in another of the user's directories
+    // (started where XDG_RUNTIME_DIR differed) holds the name too.
+    let elsewhere = rundir::base_dirs()
+        .into_iter()
+        .skip(1)
+        .any(|d| StdUnixStream::connect(d.join(format!("{name}.sock"))).is_ok());
+    if elsewhere {
+        return Err(ControlError::NameTaken(name.to_string()));
+    }
     // The sticky bit keeps systemd-tmpfiles' aging (10 days in /tmp on
     // Fedora, RHEL, Debian 13) away from the file a long-lived master holds.
     let _ = std::fs::set_permissions(&lock_path, std::fs::Permissions::from_mode(0o1600));
@@ -320,9 +329,10 @@ async fn answer(stream: UnixStream, calls: mpsc::UnboundedSender<Call>) {
 /// masters that died are removed on the way.
 pub fn running() -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(rundir::base_dir()) else {
-        return out;
-    };
+    let entries = rundir::base_dirs()
+        .into_iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten();
     for e in entries.flatten() {
         let path = e.path();
         let Some(name) = path

@@ -177,12 +177,56 @@ fn remove(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// `$XDG_RUNTIME_DIR/herd` or `/tmp/herd-<uid>`: control sockets live
-/// here, each master's private directory below.
+/// `$XDG_RUNTIME_DIR/herd`, or `/tmp/herd-<uid>` without one or when it
+/// ends with the login session (see [`ends_with_session`]): control
+/// sockets live here, each master's private directory below.
 pub fn base_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if Path::new(&d).is_dir() => Path::new(&d).join("herd"),
-        _ => std::env::temp_dir().join(format!("herd-{}", nix::unistd::geteuid())),
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(d)
+            if d.is_dir() && !ends_with_session(&d, nix::unistd::geteuid().as_raw(), lingers) =>
+        {
+            d.join("herd")
+        }
+        _ => tmp_base(),
+    }
+}
+
+fn tmp_base() -> PathBuf {
+    std::env::temp_dir().join(format!("herd-{}", nix::unistd::geteuid()))
+}
+
+/// Every directory a cluster of this user may have its control socket in,
+/// [`base_dir`] first: `$XDG_RUNTIME_DIR/herd`, logind's
+/// `/run/user/<uid>/herd` and `/tmp/herd-<uid>`, so that `herd` in a login
+/// session finds a cluster started from cron or at boot, and the reverse.
+pub fn base_dirs() -> Vec<PathBuf> {
+    let uid = nix::unistd::geteuid();
+    let mut all = vec![base_dir()];
+    let xdg = std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("herd"));
+    let logind = PathBuf::from(format!("/run/user/{uid}/herd"));
+    for d in xdg.into_iter().chain([logind, tmp_base()]) {
+        if !all.contains(&d) && d.is_dir() {
+            all.push(d);
+        }
+    }
+    all
+}
+
+/// Whether `dir` is logind's runtime directory of user `uid`
+/// (`/run/user/<uid>`) for a user who does not linger: logind removes it
+/// at the user's last logout, with every socket in it, while a master
+/// started from that session runs on. Its workers' sockets gone, every
+/// request got 503; its control socket gone, no `herd` command found it.
+pub(crate) fn ends_with_session(dir: &Path, uid: u32, lingers: impl Fn(u32) -> bool) -> bool {
+    dir == Path::new(&format!("/run/user/{uid}")) && !lingers(uid)
+}
+
+/// `loginctl enable-linger`: the user's manager, and its runtime
+/// directory, outlive their sessions.
+fn lingers(uid: u32) -> bool {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => Path::new("/var/lib/systemd/linger").join(u.name).exists(),
+        _ => false,
     }
 }
 
@@ -264,6 +308,26 @@ mod tests {
     /// A directory being made is locked under its lock file's final name
     /// from the moment that name exists, so a cleanup running beside it
     /// (another master starting) keeps it.
+    #[test]
+    fn logind_runtime_directories_of_users_who_do_not_linger_end_with_their_session() {
+        let never = |_| false;
+        let always = |_| true;
+        assert!(ends_with_session(Path::new("/run/user/1000"), 1000, never));
+        assert!(!ends_with_session(
+            Path::new("/run/user/1000"),
+            1000,
+            always
+        ));
+        // Another user's, or a directory logind does not manage.
+        assert!(!ends_with_session(Path::new("/run/user/1001"), 1000, never));
+        assert!(!ends_with_session(Path::new("/tmp/rt"), 1000, never));
+        assert!(!ends_with_session(
+            Path::new("/run/user/1000/x"),
+            1000,
+            never
+        ));
+    }
+
     #[test]
     fn a_directory_being_made_is_never_taken_for_stale() {
         let base = std::env::temp_dir().join(format!("herd-rundir-test-{}", std::process::id()));
