@@ -205,6 +205,7 @@ impl AppHost {
         let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hosts/app.py");
         let mut cmd = net.exec(host, HERD);
         cmd.env("XDG_RUNTIME_DIR", &dir)
+            .env("TMPDIR", &dir)
             .args(["run", "--name", "app", "-i", "1", "--host-name", host])
             .args(["--listen", &format!("{addr}:8080")])
             .args(["--redis", &format!("redis://{INFRA}:6379")])
@@ -271,6 +272,7 @@ fn a_front_follows_dns_over_hosts_survives_a_cut_link_and_hosts_share_redis() {
     let mut front = net.exec("f", HERD);
     front
         .env("XDG_RUNTIME_DIR", &net.dir)
+        .env("TMPDIR", &net.dir)
         .args([
             "run",
             "--name",

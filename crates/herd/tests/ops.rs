@@ -797,6 +797,7 @@ fn start_runs_in_the_background_and_logs_to_a_rotated_file() {
         .args(["logs", "-n", "3"])
         .env("XDG_STATE_HOME", &state)
         .env("XDG_RUNTIME_DIR", &runtime)
+        .env("TMPDIR", &runtime)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -1551,6 +1552,7 @@ fn clusters_are_named_as_pm2_users_type_them_and_all_means_every_one() {
         herd_cmd()
             .args(args)
             .env("XDG_RUNTIME_DIR", &runtime)
+            .env("TMPDIR", &runtime)
             .env("XDG_STATE_HOME", &state)
             .stdin(Stdio::null())
             .output()
@@ -1568,6 +1570,7 @@ fn clusters_are_named_as_pm2_users_type_them_and_all_means_every_one() {
                         "run", "--name", n, "--listen", &listen, "-i", "1", "--", DEMO,
                     ])
                     .env("XDG_RUNTIME_DIR", &runtime)
+                    .env("TMPDIR", &runtime)
                     .env("XDG_STATE_HOME", &state),
                 port,
             );

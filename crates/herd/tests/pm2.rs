@@ -17,7 +17,8 @@ use common::*;
 const T: Duration = Duration::from_secs(30);
 
 /// A directory of its own, with `herd` first on PATH and private
-/// `XDG_RUNTIME_DIR` / `XDG_STATE_HOME`; stops its clusters when dropped.
+/// `XDG_RUNTIME_DIR` / `TMPDIR` / `XDG_STATE_HOME` (herd looks for clusters
+/// in the first two); stops its clusters when dropped.
 struct Sandbox {
     dir: PathBuf,
     port: u16,
@@ -27,14 +28,17 @@ impl Sandbox {
     fn new(tag: &str) -> Sandbox {
         let dir = std::env::temp_dir().join(format!("herd-pm2-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["app", "run", "state"] {
+        for sub in ["app", "run", "state", "tmp"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
-        std::fs::set_permissions(
-            dir.join("run"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
+        // As /tmp, where `--user` workers' directory goes.
+        for (sub, mode) in [("run", 0o700), ("tmp", 0o1777)] {
+            std::fs::set_permissions(
+                dir.join(sub),
+                std::os::unix::fs::PermissionsExt::from_mode(mode),
+            )
+            .unwrap();
+        }
         Sandbox {
             dir,
             port: free_port(),
@@ -86,6 +90,7 @@ impl Sandbox {
             .current_dir(self.app())
             .env("PATH", path)
             .env("XDG_RUNTIME_DIR", self.dir.join("run"))
+            .env("TMPDIR", self.dir.join("tmp"))
             .env("XDG_STATE_HOME", self.dir.join("state"))
             .env("PORT", self.port.to_string())
             .stdin(Stdio::null());
@@ -1564,7 +1569,7 @@ fn workers_run_as_the_user_given() {
     let status: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
     let master = status["pid"].as_u64().unwrap_or_default();
     let workers_dir = || {
-        std::fs::read_dir(std::env::temp_dir())
+        std::fs::read_dir(sb.dir.join("tmp"))
             .unwrap()
             .flatten()
             .any(|e| {

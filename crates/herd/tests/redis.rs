@@ -67,6 +67,7 @@ impl Host {
         let herd = Herd::spawn(
             herd_cmd()
                 .env("XDG_RUNTIME_DIR", &dir)
+                .env("TMPDIR", &dir)
                 .args(["run", "--name", "app", "-i", "2", "--host-name", host])
                 .args(["--redis", redis, "--listen", &format!("127.0.0.1:{port}")])
                 .args(["--", "python3"])

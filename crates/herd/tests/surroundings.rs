@@ -134,6 +134,7 @@ fn cli_into_closed_pipe(args: &[&str], xdg: &Path) -> std::process::Child {
     herd_cmd()
         .args(args)
         .env("XDG_RUNTIME_DIR", xdg)
+        .env("TMPDIR", xdg)
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(Stdio::piped())
@@ -164,7 +165,13 @@ fn cli_output_into_a_closed_pipe_ends_quietly_and_onto_a_full_disk_fails() {
         "--",
         DEMO,
     ];
-    let h = Herd::spawn(herd_cmd().args(args).env("XDG_RUNTIME_DIR", &dir), port);
+    let h = Herd::spawn(
+        herd_cmd()
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &dir)
+            .env("TMPDIR", &dir),
+        port,
+    );
     let pid0 = h.worker_pids(1)[0];
 
     for args in [
@@ -186,6 +193,7 @@ fn cli_output_into_a_closed_pipe_ends_quietly_and_onto_a_full_disk_fails() {
         let out = herd_cmd()
             .args(&args)
             .env("XDG_RUNTIME_DIR", &dir)
+            .env("TMPDIR", &dir)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create("/dev/full").unwrap())
             .output()
@@ -207,6 +215,7 @@ fn cli_output_into_a_closed_pipe_ends_quietly_and_onto_a_full_disk_fails() {
     let mut c = herd_cmd()
         .args(args)
         .env("XDG_RUNTIME_DIR", &dir)
+        .env("TMPDIR", &dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -252,7 +261,8 @@ fn signals_herd_does_not_use_are_logged_and_ignored() {
     let h = Herd::spawn(
         herd_cmd()
             .args(["run", "--listen", &listen, "-i", "1", "--", DEMO])
-            .env("XDG_RUNTIME_DIR", &dir),
+            .env("XDG_RUNTIME_DIR", &dir)
+            .env("TMPDIR", &dir),
         port,
     );
     h.wait_ready(1);
@@ -321,7 +331,8 @@ fn log_files_moved_away_are_reopened_at_their_paths() {
             .arg("--access-log")
             .arg(&access)
             .args(["--", DEMO])
-            .env("XDG_RUNTIME_DIR", &dir),
+            .env("XDG_RUNTIME_DIR", &dir)
+            .env("TMPDIR", &dir),
         port,
     );
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();

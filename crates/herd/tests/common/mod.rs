@@ -342,10 +342,12 @@ pub fn herd(args: &[&str]) -> Output {
     herd_cmd().args(args).stdin(Stdio::null()).output().unwrap()
 }
 
-/// The CLI with its own run directory (`XDG_RUNTIME_DIR`), as on another host.
+/// The CLI with its own run directories (`XDG_RUNTIME_DIR`, and `TMPDIR`,
+/// where herd looks too), as on another host.
 pub fn herd_in(dir: &Path, args: &[&str]) -> Output {
     herd_cmd()
         .env("XDG_RUNTIME_DIR", dir)
+        .env("TMPDIR", dir)
         .args(args)
         .stdin(Stdio::null())
         .output()
