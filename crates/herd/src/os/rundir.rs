@@ -32,8 +32,9 @@ pub struct RunDir {
     /// systemd-tmpfiles' aging (`/tmp` after 10 days on Fedora, RHEL,
     /// Debian 13) skips a directory it cannot lock, with all below it. It
     /// would otherwise remove the preloads workers load at each start, and
-    /// the lock file above, after which the next master took the directory
-    /// for stale and removed the workers' sockets with it.
+    /// the lock file above (a master starting in another PID namespace,
+    /// which cannot see this pid, would then take the directory for stale
+    /// and remove the workers' sockets with it).
     _kept: Vec<nix::fcntl::Flock<std::fs::File>>,
 }
 
@@ -305,9 +306,6 @@ fn remove_stale(base: &Path) {
 mod tests {
     use super::*;
 
-    /// A directory being made is locked under its lock file's final name
-    /// from the moment that name exists, so a cleanup running beside it
-    /// (another master starting) keeps it.
     #[test]
     fn logind_runtime_directories_of_users_who_do_not_linger_end_with_their_session() {
         let never = |_| false;
@@ -328,6 +326,9 @@ mod tests {
         ));
     }
 
+    /// A directory being made is locked under its lock file's final name
+    /// from the moment that name exists, so a cleanup running beside it
+    /// (another master starting) keeps it.
     #[test]
     fn a_directory_being_made_is_never_taken_for_stale() {
         let base = std::env::temp_dir().join(format!("herd-rundir-test-{}", std::process::id()));
