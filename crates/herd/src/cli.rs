@@ -223,7 +223,7 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
         /// The worker's id.
-        #[arg(value_name = "ID", default_value_t = 0)]
+        #[arg(value_name = "ID", default_value_t = 0, value_parser = worker_id)]
         id: usize,
     },
     /// Print the pids of a cluster's workers, one per line, as `pm2 pid` does
@@ -781,6 +781,14 @@ pub struct RunArgs {
     /// Every setting, each also a `herd.toml` key of the same name; flags win.
     #[command(flatten)]
     pub opts: Options,
+}
+
+/// A worker's id; a cluster's name there (`herd env api`) is told where
+/// it goes.
+fn worker_id(s: &str) -> Result<usize, String> {
+    s.parse().map_err(|_| {
+        format!("not a worker id (0, 1, …); a cluster is named with --name: herd env 0 --name {s}")
+    })
 }
 
 /// A percent from 0 to 100 (JSON has no NaN or infinity to carry).

@@ -1476,6 +1476,11 @@ fn bad_input_gets_one_clear_line() {
         &["run", "--ready-timeout=0", "--", DEMO],
         "--ready-timeout 0: every worker would be killed before it could listen; give it a length (default 30s)",
     );
+    // PM2's `pm2 env ID` takes an id; a cluster's name there is told where it goes.
+    assert_one_line_error(
+        &["env", "api"],
+        "not a worker id (0, 1, …); a cluster is named with --name: herd env 0 --name api",
+    );
     // The --interpreter of `--interpreter '' app.js` is missing, not the command.
     assert_one_line_error(
         &["run", "--interpreter", "", "app.js"],
