@@ -40,8 +40,12 @@ pub struct RunDir {
 
 /// Holds an exclusive `flock` on directory `dir` (see `RunDir::_kept`).
 fn keep(dir: &Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
-    let d = std::fs::File::open(dir)?;
-    nix::fcntl::Flock::lock(d, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    exclusive(std::fs::File::open(dir)?)
+}
+
+/// An exclusive `flock` on `f`, or `EWOULDBLOCK` when another holds one.
+fn exclusive(f: std::fs::File) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| std::io::Error::from(e))
 }
 
@@ -249,8 +253,7 @@ fn lock(dir: &Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
         .truncate(false)
         .write(true)
         .open(dir.join("lock"))?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| std::io::Error::from(e))
+    exclusive(f)
 }
 
 /// Locks a directory no other master knows yet. Its lock file is locked
@@ -264,8 +267,7 @@ fn lock_new(dir: &Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
         .create_new(true)
         .write(true)
         .open(&unnamed)?;
-    let locked = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| std::io::Error::from(e))?;
+    let locked = exclusive(f)?;
     std::fs::rename(&unnamed, dir.join("lock"))?;
     Ok(locked)
 }
