@@ -188,6 +188,16 @@ fn execute(cli: herd::cli::Cli) -> ExitCode {
             // Settings first: the log file may come from herd.toml.
             let settings = match args.resolve() {
                 Ok(s) => s,
+                // `herd start api --no-daemon` (PM2's foreground start) of a
+                // stopped cluster runs `api` as a command: say what it is.
+                Err(herd::config::ConfigError::NotFound(c))
+                    if herd::boot::stopped().iter().any(|s| s.name == c) =>
+                {
+                    herd::errln!(
+                        "herd: error: command not found: {c} ({c} is a stopped cluster: `herd start {c}` starts it again, in the background)"
+                    );
+                    return ExitCode::from(1);
+                }
                 Err(e) => {
                     herd::errln!("herd: error: {e}");
                     return ExitCode::from(1);

@@ -394,8 +394,17 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     let (ok, said) = run("herd stop api && GREETING=third herd reload api --update-env");
     assert!(ok && said.contains("api: started"), "{said}");
     assert!(body(sb.port).starts_with("third"), "{}", body(sb.port));
+    // PM2's foreground start names a command, not a cluster: it is said
+    // that `api` is a stopped one.
+    let (ok, said) = run("herd stop api && herd start api --no-daemon");
+    assert!(
+        !ok && said.contains(
+            "command not found: api (api is a stopped cluster: `herd start api` starts it again"
+        ),
+        "{said}"
+    );
     // `pm2 start api --update-env`, as deploy scripts have it.
-    let (ok, said) = run("herd stop api && GREETING=fourth herd start api --update-env");
+    let (ok, said) = run("GREETING=fourth herd start api --update-env");
     assert!(ok && said.contains("api: started"), "{said}");
     assert!(body(sb.port).starts_with("fourth"), "{}", body(sb.port));
 
