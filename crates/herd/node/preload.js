@@ -39,7 +39,7 @@
   const servers = new Set();
   let claimed = false;
   let stopping = false;
-  let dispatch = null; // { server, handle, onconnection }
+  let dispatch = null; // { server, handle }
   let open = 0;
   const reportOpen = process.env.HERD_REPORT_OPEN === '1';
   // Proxy mode: the worker's private port. Without PORT (read now, before
@@ -51,6 +51,11 @@
   // Node's own channel: in dispatch mode the dispatch socket, for the
   // dispatch protocol only (the app's process.send goes to fd 4, below).
   const nodeSend = typeof process.send === 'function' ? process.send.bind(process) : null;
+  // Only the process herd started has the dispatch socket as its channel.
+  // Its Node children (cluster workers, fork()s) have a channel to it, and
+  // must not take that for herd's: the variable goes before any is started.
+  const dispatchChannel = mode === 'dispatch' && !!process.env.HERD_DISPATCH_FD && !!process.channel;
+  if (dispatchChannel) delete process.env.HERD_DISPATCH_FD;
   const send = (msg) => {
     if (process.connected && nodeSend) {
       try { nodeSend(msg); } catch (_) { /* the master is gone */ }
@@ -288,11 +293,16 @@
   // Dispatch: a stand-in for the listening handle, as Node's cluster
   // round-robin gives its workers; net's own connection handler is
   // attached to it by _listen2, so sockets are counted and closed as usual.
-  const listenDispatch = (server, cb) => {
+  // In a cluster primary this is the round-robin handle its workers'
+  // listen() asked for: each worker checks that the port it was given is
+  // the one it asked for (else EADDRINUSE), so the handle names that one.
+  const listenDispatch = (server, port, cb) => {
     if (typeof server._listen2 !== 'function') {
       throw new Error('herd: this Node version has no net.Server._listen2; use --mode shared or proxy');
     }
     const addr = parseAddr(process.env.HERD_LISTEN);
+    const cluster = require('cluster');
+    if (cluster.isPrimary && Object.keys(cluster.workers || {}).length > 0) addr.port = port;
     const handle = {
       listen: () => 0,
       close: () => { stopDispatch(); },
@@ -303,7 +313,7 @@
     if (cb) server.once('listening', cb);
     server._handle = handle;
     server._listen2(addr.address, addr.port, addr.family === 'IPv6' ? 6 : 4, 511);
-    dispatch = { server, handle, onconnection: handle.onconnection };
+    dispatch = { server, handle };
     process.channel.ref();
     send({ herd: 'listening' });
   };
@@ -321,7 +331,9 @@
     if (!msg || msg.cmd !== 'NODE_HERD_CONN' || !handle) return;
     if (!dispatch) { handle.close(); return; }
     // Even after the app closed its server: an accepted connection is served.
-    dispatch.onconnection.call(dispatch.handle, 0, handle);
+    // Looked up each time: a cluster primary's round-robin handle replaces
+    // it with its own, which hands the connection to a cluster worker.
+    dispatch.handle.onconnection(0, handle);
   });
 
   net.Server.prototype.listen = function herdListen(...args) {
@@ -345,10 +357,10 @@
     const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
     const backlog = args.find((a, i) => i > 0 && typeof a === 'number');
     track(this);
-    // A Node child of the worker inherits the variables but not the channel.
-    if (mode === 'dispatch' && process.env.HERD_DISPATCH_FD && process.channel) {
-      delete process.env.HERD_DISPATCH_FD;
-      listenDispatch(this, cb);
+    // A cluster worker's listen() comes here in its primary (Node's
+    // round-robin handle), which takes herd's connections and hands them on.
+    if (dispatchChannel && !dispatch) {
+      listenDispatch(this, port, cb);
       return this;
     }
     const host = hostOf(args);
@@ -377,7 +389,9 @@
     const relay = sig === 'SIGTERM' && process.listenerCount(sig) === 1 &&
       process.listenerCount('SIGINT') > 1;
     const theirs = relay || process.listenerCount(sig) > 1;
-    if (servers.size === 0 && !theirs) {
+    const cluster = require('cluster');
+    const forked = cluster.isPrimary ? Object.values(cluster.workers || {}) : [];
+    if (servers.size === 0 && !theirs && forked.length === 0) {
       // Not a server herd knows of: die of the signal, as without us.
       process.removeAllListeners(sig);
       process.kill(process.pid, sig);
@@ -389,12 +403,18 @@
     }
     if (relay) process.emit('SIGINT', 'SIGINT');
     if (theirs) return; // the app's own handler decides when to exit
+    // A cluster primary (an app that forks its own Node workers) serves
+    // through them: without a handler of its own it would die and take
+    // their requests in flight along. Disconnected, each worker stops
+    // taking connections, finishes the ones it has and exits (cluster
+    // forgets a worker as it is disconnected: they are watched here).
+    if (forked.length > 0) cluster.disconnect();
     // Busy connections close once they answer, idle ones after the grace.
     setInterval(() => {
       for (const s of servers) {
         if (typeof s.closeIdleConnections === 'function') s.closeIdleConnections();
       }
-      if (open === 0) process.exit(0);
+      if (open === 0 && forked.every((w) => w.isDead())) process.exit(0);
     }, 20);
   };
   // The notice without a signal: an app written for PM2's

@@ -188,6 +188,41 @@ fn unmodified_node_app_serves_in_every_mode() {
     }
 }
 
+/// An app that forks its own cluster workers: in dispatch mode they took
+/// the preload's variables for theirs and the cluster was never ready (its
+/// primary then gave them herd's port, which they had not asked for); at a
+/// stop the primary died of the signal and its workers' requests with it.
+#[test]
+fn node_cluster_app_serves_in_every_mode_and_finishes_its_requests_at_a_stop() {
+    let app = example("node/cluster.js");
+    for mode in ["dispatch", "shared", "reuseport", "proxy"] {
+        let mut h = Herd::start(&["-i", "1", "--mode", mode], &["node", &app]);
+        h.wait_ready(1);
+        let mut pids = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let (status, body) = h.get("/").unwrap();
+            assert_eq!(status, 200, "{mode}: {body}");
+            let pid = body.trim().rsplit(' ').next().unwrap();
+            pids.insert(pid.parse::<u32>().unwrap());
+        }
+        // Node's round-robin spreads connections; herd's proxy keeps one.
+        if mode != "proxy" {
+            assert_eq!(pids.len(), 2, "{mode}: {pids:?}");
+        }
+        let port = h.port;
+        let slow = std::thread::spawn(move || http_get(port, "/slow"));
+        assert!(h.wait_log("slow request in", T), "{mode}: {}", h.log());
+        h.signal("TERM");
+        let (status, body) = slow.join().unwrap().unwrap();
+        assert_eq!(status, 200, "{mode}: {body}\n{}", h.log());
+        assert!(body.starts_with("slow answer from"), "{mode}: {body}");
+        let st = h.wait_exit(T).expect("master did not exit");
+        assert_eq!(st.code(), Some(0), "{mode}: {}", h.log());
+        assert!(pids.iter().all(|&p| !alive(p)), "{mode}: {pids:?}");
+        assert!(!h.log().contains("died"), "{mode}: {}", h.log());
+    }
+}
+
 #[test]
 fn node_app_spreads_and_stops_gracefully_in_dispatch_mode() {
     let app = example("node/hello.js");
