@@ -401,7 +401,10 @@
     for (const s of servers) {
       try { s.close(); } catch (_) { /* already closed */ }
     }
-    if (relay) process.emit('SIGINT', 'SIGINT');
+    // The SIGINT comes once the keep-alive clients were told (the grace):
+    // a PM2 app's own stop may end idle connections at once (hapi's does),
+    // under a client sending its next request.
+    if (relay) setTimeout(() => process.emit('SIGINT', 'SIGINT'), servers.size > 0 ? IDLE_GRACE_MS : 0);
     if (theirs) return; // the app's own handler decides when to exit
     // A cluster primary (an app that forks its own Node workers) serves
     // through them: without a handler of its own it would die and take

@@ -51,6 +51,23 @@ fn rolling_reload_under_load_loses_nothing_in_every_mode() {
     }
 }
 
+/// A Node app written for PM2 that stops on SIGINT by itself, closing its
+/// server and ending each idle keep-alive connection at once.
+const PM2_STOP_JS: &str = r#"const http = require('http');
+const idle = new Set();
+const server = http.createServer((req, res) => {
+  idle.delete(req.socket);
+  res.on('finish', () => idle.add(req.socket));
+  res.end(`hello from worker ${process.env.HERD_WORKER_ID} (pid ${process.pid})\n`);
+});
+server.on('connection', (s) => { idle.add(s); s.on('close', () => idle.delete(s)); });
+server.listen(process.env.PORT || 3000);
+process.on('SIGINT', () => {
+  server.close(() => process.exit(0));
+  for (const s of idle) s.end();
+});
+"#;
+
 #[test]
 fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     // Issue 14: the old worker closed idle keep-alive connections while
@@ -60,7 +77,10 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     // uvicorn and hypercorn close idle connections at once when they stop
     // (hypercorn's spawned process dies of the SIGTERM herd sends the
     // group), and herd's Python preload makes them drain in the fd modes;
-    // Mojolicious' prefork server drains on SIGQUIT.
+    // Mojolicious' prefork server drains on SIGQUIT. pm2stop.js, written
+    // for PM2, handles SIGINT only and ends its idle keep-alive connections
+    // itself at once, as hapi's `server.stop()` does: the preload gives it
+    // the SIGINT once its clients were told (about 10 failed per reload).
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
     let node = format!("{examples}/node/hello.js");
     let python = format!("{examples}/python/app.py");
@@ -89,10 +109,13 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     write_mojo_app(&dir);
     let prefork = ["perl", "mojo.pl", "prefork", "-w", "2"];
     let quit = ["--kill-signal", "QUIT"];
+    std::fs::write(dir.join("pm2stop.js"), PM2_STOP_JS).unwrap();
+    let pm2stop = ["node", "pm2stop.js"];
     // (name, command, modes, herd's extra flags)
     type App<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
-    let apps: [App; 6] = [
+    let apps: [App; 7] = [
         ("node", &["node", &node], &all, &[]),
+        ("node-sigint", &pm2stop, &all, &[]),
         ("python3", &["python3", &python], &fd, &[]),
         ("uvicorn-h11", &h11, &fd, &[]),
         ("uvicorn-httptools", &httptools, &["shared"], &[]),
