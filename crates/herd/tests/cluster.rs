@@ -1467,6 +1467,12 @@ fn bad_input_gets_one_clear_line() {
         &["run", "--watch=no/such/dir", "--", DEMO],
         "--watch no/such/dir: no such file or directory",
     );
+    // npm's Node would take the connections meant for the app, which then
+    // never became ready: a crash loop.
+    assert_one_line_error(
+        &["run", "--mode", "dispatch", "--", "npm", "start"],
+        "npm is a Node program that would take dispatch mode's channel",
+    );
     // A time-out of nothing would end at once what it times.
     assert_one_line_error(
         &["run", "--idle-timeout", "0s", "--", DEMO],

@@ -54,6 +54,10 @@ pub enum ConfigError {
     #[error("command not found: {0}")]
     NotFound(String),
     #[error(
+        "{0} is a Node program that would take dispatch mode's channel (connections reach only the process herd starts): give Node the app itself (`node server.js`; a package's command as `node node_modules/.bin/next start`), or use --mode proxy, shared or reuseport"
+    )]
+    ManagerInDispatch(String),
+    #[error(
         "{0} is a file, but herd knows no interpreter for it and it is not executable: name one (--interpreter PROGRAM), or give the whole command (herd start -- PROGRAM {0}){1}"
     )]
     NoInterpreter(String, &'static str),
@@ -1633,6 +1637,13 @@ impl Settings {
         }
         let env: Vec<(String, String)> = o.env.into_iter().map(|EnvPair(k, v)| (k, v)).collect();
         let program = program_of(&command, cwd.as_deref(), &env)?;
+        // npm's Node would read the connections herd sends on Node's IPC
+        // channel, and its child would never get them: a crash loop.
+        if mode == Mode::Dispatch
+            && let Some(manager) = package_manager(&program)
+        {
+            return Err(ConfigError::ManagerInDispatch(manager.to_string()));
+        }
         let node_shim = match (no_node_shim, o.node_shim) {
             (true, _) => false,
             (_, Some(on)) => on,
@@ -2387,6 +2398,14 @@ fn is_node(program: &Path) -> bool {
         })
 }
 
+/// npm, npx, yarn or pnpm: Node programs that run a package's script.
+fn package_manager(program: &Path) -> Option<&str> {
+    program
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| matches!(*n, "npm" | "npx" | "yarn" | "pnpm"))
+}
+
 /// `npm start`, `yarn dev`, `pnpm run start`, `npx next start`: a package
 /// manager (itself a Node program) running a package.json script whose
 /// first word is `node` or a Node program of `node_modules/.bin` (`next`,
@@ -2395,10 +2414,9 @@ fn is_node(program: &Path) -> bool {
 /// it herd's descriptors. A script that starts something else (`python3
 /// app.py`) gets `PORT` as any program does.
 fn runs_node_script(program: &Path, command: &[OsString], cwd: Option<&Path>) -> bool {
-    let manager = program.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    if !matches!(manager, "npm" | "npx" | "yarn" | "pnpm") {
+    let Some(manager) = package_manager(program) else {
         return false;
-    }
+    };
     let Some(dir) = cwd
         .map(Path::to_path_buf)
         .or_else(|| std::env::current_dir().ok())
