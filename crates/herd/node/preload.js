@@ -357,8 +357,9 @@
     const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
     const backlog = args.find((a, i) => i > 0 && typeof a === 'number');
     track(this);
+    // Only the process with herd's channel takes dispatched connections.
     // A cluster worker's listen() comes here in its primary (Node's
-    // round-robin handle), which takes herd's connections and hands them on.
+    // round-robin handle), which takes them and hands them on.
     if (dispatchChannel && !dispatch) {
       listenDispatch(this, port, cb);
       return this;
