@@ -233,22 +233,28 @@ pub fn resurrect(mut report: impl FnMut(&str)) -> Result<usize, BootError> {
 /// Starts one recorded cluster with `herd start`, in its directory and
 /// environment; whether it started (`herd start` says why not on stderr).
 fn start_saved(exe: &Path, c: &Saved) -> Result<bool, String> {
+    let status = saved_command(exe, c, "start")?
+        .status()
+        .map_err(|e| format!("cannot start it in {}: {e}", c.cwd.display()))?;
+    Ok(status.success())
+}
+
+/// `herd VERB …` as the saved cluster `c` ran: its options, directory,
+/// environment and what changed since.
+fn saved_command(exe: &Path, c: &Saved, verb: &str) -> Result<std::process::Command, String> {
     let mut args: Vec<OsString> = c.args.iter().map(OsString::from).collect();
     let at = args
         .iter()
         .position(|a| a == "run")
         .ok_or("not a `herd run` command line")?;
-    args[at] = "start".into();
+    args[at] = verb.into();
     // A directory gone since is the likely cause of a failed spawn.
     let mut cmd = std::process::Command::new(exe);
     cmd.args(&args).current_dir(&c.cwd).env_clear().envs(&c.env);
     if !c.relaunch.is_empty() {
         cmd.env(relaunch::VAR, c.relaunch.encode());
     }
-    let status = cmd
-        .status()
-        .map_err(|e| format!("cannot start it in {}: {e}", c.cwd.display()))?;
-    Ok(status.success())
+    Ok(cmd)
 }
 
 /// Where the stopped clusters are kept: beside `dump.json`.
@@ -363,6 +369,44 @@ pub fn start_stopped(
             path: stopped_path(),
             message: format!("{name}: {why}"),
         }),
+    }
+}
+
+/// `herd start NAME --no-daemon` (PM2's foreground start, a container's
+/// entry point) of the stopped cluster `name`: this process becomes its
+/// master in the foreground, as it ran (`env`: this one instead). The
+/// record stays, as PM2 keeps the app: a running cluster hides it in
+/// `herd list`. Returns only when it cannot.
+pub fn run_stopped(name: &str, env: Option<&BTreeMap<String, String>>) -> BootError {
+    use std::os::unix::process::CommandExt;
+    let Some(mut c) = stopped().into_iter().find(|c| c.name == name) else {
+        return BootError::NotStarted(name.to_string());
+    };
+    if let Some(env) = env {
+        c.env = env.clone();
+        c.relaunch.base_env = None;
+    }
+    // In the foreground the lines go to the terminal (or the container's
+    // log), not to the file `herd start` gave it when none was asked for.
+    let default_log = crate::logfile::default_path(name);
+    if let Some(at) = c
+        .args
+        .windows(2)
+        .position(|w| w[0] == "--log-file" && Path::new(&w[1]) == default_log)
+    {
+        c.args.drain(at..at + 2);
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return BootError::OwnBinary(e),
+    };
+    let message = match saved_command(&exe, &c, "run") {
+        Ok(mut cmd) => format!("cannot run it in {}: {}", c.cwd.display(), cmd.exec()),
+        Err(why) => why.to_string(),
+    };
+    BootError::BadDump {
+        path: stopped_path(),
+        message: format!("{name}: {message}"),
     }
 }
 

@@ -189,12 +189,17 @@ fn execute(cli: herd::cli::Cli) -> ExitCode {
             let settings = match args.resolve() {
                 Ok(s) => s,
                 // `herd start api --no-daemon` (PM2's foreground start) of a
-                // stopped cluster runs `api` as a command: say what it is.
+                // stopped cluster: it runs here, as it ran. With other
+                // words, `api` was taken for a command: say what it is.
                 Err(herd::config::ConfigError::NotFound(c))
                     if herd::boot::stopped().iter().any(|s| s.name == c) =>
                 {
+                    if let Some(why) = herd::start::stopped_in_foreground(&c) {
+                        herd::errln!("herd: error: {why}");
+                        return ExitCode::from(1);
+                    }
                     herd::errln!(
-                        "herd: error: command not found: {c} ({c} is a stopped cluster: `herd start {c}` starts it again, in the background)"
+                        "herd: error: command not found: {c} ({c} is a stopped cluster: `herd start {c}` starts it again, in the background; `herd start {c} --no-daemon`, here)"
                     );
                     return ExitCode::from(1);
                 }

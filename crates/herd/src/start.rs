@@ -113,16 +113,38 @@ fn without_app(argv: &[OsString]) -> Vec<OsString> {
 fn bare_name(args: &RunArgs) -> Option<(String, bool)> {
     // The words as typed: the PM2-style rewrite of `start NAME --update-env`
     // reads NAME as a program (`start --update-env -- NAME`).
+    let (name, update_env) = start_name(std::env::args_os().skip(1).collect())?;
+    (args.config.is_none() && !name.contains('/') && !Path::new(&name).exists())
+        .then_some((name, update_env))
+}
+
+/// `herd start NAME --no-daemon` as typed (the CLI runs it as `herd run
+/// NAME`, and NAME is no command): runs the stopped cluster NAME here, in
+/// the foreground. `None`: other words were typed; else why it cannot.
+pub fn stopped_in_foreground(name: &str) -> Option<crate::boot::BootError> {
     let mut words: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let before = words.len();
+    words.retain(|w| w != "--no-daemon");
+    if words.len() == before {
+        return None;
+    }
+    let (typed, update_env) = start_name(words)?;
+    let env = update_env.then(control::client::caller_env);
+    (typed == name).then(|| crate::boot::run_stopped(name, env.as_ref()))
+}
+
+/// `start NAME` with `--update-env` set aside: NAME, and whether it was there.
+fn start_name(mut words: Vec<OsString>) -> Option<(String, bool)> {
     let before = words.len();
     words.retain(|w| w != "--update-env");
     let update_env = words.len() < before;
     let [start, name] = words.as_slice() else {
         return None;
     };
-    let name = name.to_str()?;
-    (start == "start" && args.config.is_none() && !name.contains('/') && !Path::new(name).exists())
-        .then(|| (name.to_string(), update_env))
+    if start != "start" {
+        return None;
+    }
+    Some((name.to_str()?.to_string(), update_env))
 }
 
 /// `herd start app.js` while cluster `app` runs that very command in the

@@ -394,14 +394,35 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     let (ok, said) = run("herd stop api && GREETING=third herd reload api --update-env");
     assert!(ok && said.contains("api: started"), "{said}");
     assert!(body(sb.port).starts_with("third"), "{}", body(sb.port));
-    // PM2's foreground start names a command, not a cluster: it is said
-    // that `api` is a stopped one.
-    let (ok, said) = run("herd stop api && herd start api --no-daemon");
+    // PM2's foreground start (a container's entry point) of a stopped
+    // cluster: it runs here as it ran, its lines on this terminal, and
+    // stays in the list, stopped, when it ends.
+    let (ok, said) = run("herd stop api");
+    assert!(ok, "{said}");
+    let mut fg = sb
+        .command("exec herd start api --no-daemon > fg.out 2>&1")
+        .spawn()
+        .unwrap();
+    assert!(body(sb.port).starts_with("third"), "{}", body(sb.port));
+    let out = sb.app().join("fg.out");
+    let said = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(said.contains("api: 1 worker, proxy mode"), "{said}");
+    signal(fg.id(), "TERM");
+    let mut status = None;
+    wait_until(T, || {
+        status = fg.try_wait().unwrap();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = fg.kill();
+    }
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let listed = run("herd list").1;
     assert!(
-        !ok && said.contains(
-            "command not found: api (api is a stopped cluster: `herd start api` starts it again"
-        ),
-        "{said}"
+        listed
+            .lines()
+            .any(|l| l.starts_with("api ") && l.ends_with("stopped")),
+        "{listed}"
     );
     // `pm2 start api --update-env`, as deploy scripts have it.
     let (ok, said) = run("GREETING=fourth herd start api --update-env");
