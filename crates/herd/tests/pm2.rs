@@ -147,6 +147,21 @@ fn log_showing(sb: &Sandbox, name: &str, needle: &str) -> String {
     log
 }
 
+/// SIGTERM to a foreground herd; its exit status, or `None` (then killed)
+/// if it did not exit in time.
+fn terminate(fg: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    signal(fg.id(), "TERM");
+    let mut status = None;
+    wait_until(T, || {
+        status = fg.try_wait().unwrap();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = fg.kill();
+    }
+    status
+}
+
 fn body(port: u16) -> String {
     let mut got = String::new();
     wait_until(T, || match http_get(port, "/") {
@@ -407,15 +422,7 @@ fn a_stopped_cluster_starts_again_by_its_name_as_it_ran() {
     let out = sb.app().join("fg.out");
     let said = std::fs::read_to_string(&out).unwrap_or_default();
     assert!(said.contains("api: 1 worker, proxy mode"), "{said}");
-    signal(fg.id(), "TERM");
-    let mut status = None;
-    wait_until(T, || {
-        status = fg.try_wait().unwrap();
-        status.is_some()
-    });
-    if status.is_none() {
-        let _ = fg.kill();
-    }
+    let status = terminate(&mut fg);
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     let listed = run("herd list").1;
     assert!(
@@ -692,15 +699,7 @@ fn a_yaml_process_file_starts_and_runs_as_pm2_runtime_runs_it() {
             .spawn()
             .unwrap();
         assert!(body(port).starts_with("yes"), "{line}: {}", body(port));
-        signal(fg.id(), "TERM");
-        let mut status = None;
-        wait_until(T, || {
-            status = fg.try_wait().unwrap();
-            status.is_some()
-        });
-        if status.is_none() {
-            let _ = fg.kill();
-        }
+        let status = terminate(&mut fg);
         assert!(status.is_some_and(|s| s.success()), "{line}: {status:?}");
         // Nothing was left behind to run on (a daemonized master would be).
         let (_, said) = sb.run("herd list");
