@@ -147,11 +147,13 @@
   // (the app may read that channel itself).
   // `asked`: the port the app's own listen() named, for herd to say where
   // the app is served when that is elsewhere (a port written in its code).
-  const sayReady = (asked, host) => {
+  // (`port` says only that, where readiness comes by another road.)
+  const tell = (type, asked, host) => {
     if (!ipcFd) return;
-    const msg = JSON.stringify(asked ? { type: 'listening', port: asked, host } : { type: 'listening' });
+    const msg = JSON.stringify(asked ? { type, port: asked, host } : { type });
     try { require('fs').writeSync(ipcFd, msg + '\n'); } catch (_) { /* no channel */ }
   };
+  const sayReady = (asked, host) => tell('listening', asked, host);
   // The worker's public server is this process's: mark it for its children.
   const claim = () => {
     claimed = true;
@@ -360,11 +362,12 @@
     // Only the process with herd's channel takes dispatched connections.
     // A cluster worker's listen() comes here in its primary (Node's
     // round-robin handle), which takes them and hands them on.
+    const host = hostOf(args);
     if (dispatchChannel && !dispatch) {
       listenDispatch(this, port, cb);
+      tell('port', port, host);
       return this;
     }
-    const host = hostOf(args);
     if (mode !== 'dispatch') this.once('listening', () => sayReady(port, host));
     if ((mode === 'shared' || mode === 'reuseport') && process.env.LISTEN_FDS) {
       delete process.env.LISTEN_FDS;

@@ -17,7 +17,11 @@
 # readiness then comes from herd's own probe); a socket C code binds on its
 # own is not seen.
 #
-# In the fd modes (shared, reuseport), where clients reach the
+# In the fd modes (shared, reuseport) that first bind() takes herd's socket
+# (fd 3) instead, as the Node preload's listen() does, unless the app took
+# fd 3 itself; the other socket of a dual-stack server is as above.
+#
+# In the fd modes, where clients reach the
 # worker itself, it makes uvicorn and hypercorn stop as herd's Node preload
 # makes Node stop, and in every mode hypercorn's spawned process stop on
 # SIGTERM (see _herd_stop). A worker that is not a Python script gets it
@@ -30,19 +34,31 @@ import sys
 
 def _herd_preload():
     env = os.environ
-    if env.get('HERD_MODE') != 'proxy' or env.get('HERD_WORKER_ID') is None:
+    mode = env.get('HERD_MODE')
+    if env.get('HERD_WORKER_ID') is None:
         return
     if env.get('HERD_PYTHON_PRELOAD') == 'stop':
         return  # not a Python script: here only for how it stops
     if env.get('HERD_PORT_TAKEN'):
         return  # a child of the process that serves the worker's port
-    try:
-        private = int(env.get('HERD_PORT', ''))
-    except ValueError:
-        return
     import socket
     import stat
     import weakref
+
+    # Proxy mode: the worker's private port. The fd modes: herd's socket,
+    # a copy of fd 3 taken now (the app may close or reuse fd 3 later).
+    private, listener = None, None
+    if mode == 'proxy':
+        try:
+            private = int(env.get('HERD_PORT', ''))
+        except ValueError:
+            return
+    elif mode in ('shared', 'reuseport') and env.get('LISTEN_FDS') == '1':
+        listener = _herd_listener(socket)
+        if listener is None:
+            return
+    else:
+        return
 
     # herd's channel, taken now, before the app opens anything: a Python
     # program started without it (close_fds) may have another file at that
@@ -57,6 +73,30 @@ def _herd_preload():
     orig_listen = socket.socket.listen
     # The port the app asked for, and (weakly) the socket that now serves it.
     claimed = {'port': None, 'sock': lambda: None, 'host': None, 'said': False}
+    orig_init = socket.socket.__init__
+
+    if listener is not None:
+        # An app that takes fd 3 itself (`socket.socket(fileno=3)`,
+        # `socket.fromfd(3, ...)`) serves its port there: its own bind()s
+        # are then of other servers, and bind what they ask. Looked at until
+        # the port is claimed either way, then no more.
+        herd_ino = os.fstat(listener.fileno()).st_ino
+
+        def init(self, *args, **kwargs):
+            orig_init(self, *args, **kwargs)
+            fileno = kwargs.get('fileno', args[3] if len(args) > 3 else None)
+            if fileno is None or claimed['port'] is not None:
+                return
+            try:
+                own = os.fstat(self.fileno()).st_ino == herd_ino
+            except OSError:
+                own = False
+            if own:
+                claimed['port'] = 0
+                socket.socket.__init__ = orig_init
+                listener.close()
+
+        socket.socket.__init__ = init
 
     def tcp(sock):
         return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
@@ -76,7 +116,10 @@ def _herd_preload():
             host, port = address[0], address[1]
             if isinstance(port, int) and port:
                 if claimed['port'] is None:
-                    result = orig_bind(self, loopback(self, private))
+                    if listener is None:
+                        result = orig_bind(self, loopback(self, private))
+                    else:
+                        result = take_listener(self)
                     # Every address, named by its family: '::' (dual-stack
                     # on Linux) or '0.0.0.0'.
                     if host in ('', '::', '0.0.0.0'):
@@ -92,6 +135,20 @@ def _herd_preload():
                     return orig_bind(self, loopback(self, 0))
         return orig_bind(self, address)
 
+    def take_listener(sock):
+        """The fd modes: `sock` becomes herd's socket (the same fd number, for
+        an app that noted it), already bound and listening."""
+        os.dup2(listener.fileno(), sock.fileno(), inheritable=False)
+        listener.close()
+        socket.socket.__init__ = orig_init
+        # herd's socket blocks, as a new one does; a timeout the app set
+        # before bind() is made true of it.
+        if sock.gettimeout() is not None:
+            sock.settimeout(sock.gettimeout())
+        # A program the app starts does not own herd's socket.
+        for k in ('LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES'):
+            env.pop(k, None)
+
     def listen(self, *args):
         result = orig_listen(self, *args)
         if self is claimed['sock']() and not claimed['said']:
@@ -100,8 +157,8 @@ def _herd_preload():
         return result
 
     def say(kind, port, host):
-        if channel is None:
-            return
+        if channel is None or (kind == 'port' and listener is not None):
+            return  # (`port` is for proxy mode, where herd binds it)
         import json
         msg = {'type': kind}
         if port != private:
@@ -115,6 +172,23 @@ def _herd_preload():
 
     socket.socket.bind = bind
     socket.socket.listen = listen
+
+
+def _herd_listener(socket):
+    """A copy of fd 3 when it is a listening TCP socket (herd's), else None
+    (a process that did not inherit it)."""
+    try:
+        sock = socket.socket(fileno=os.dup(3))
+    except OSError:
+        return None
+    try:
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+        if tcp and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
 
 
 def _herd_stop():

@@ -1339,6 +1339,120 @@ fn node_and_python_apps_serve_in_every_mode() {
     }
 }
 
+/// In the fd modes herd's Python preload makes the first `bind()` of a
+/// script's server take herd's socket (fd 3), as the Node preload makes
+/// `listen()` take it: a script written for one process (`HTTPServer(("",
+/// 5000))`, asyncio's server on both address families, Flask's `app.run`
+/// with its reloader) runs as N workers on herd's port instead of fighting
+/// for its own. A script that takes fd 3 itself binds its other servers
+/// where it asks, and so does a Python program a worker starts.
+#[test]
+fn python_scripts_that_bind_their_port_serve_on_herds_socket_in_the_fd_modes() {
+    let dir = std::env::temp_dir().join(format!("herd-pyfd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    const ANSWER: &str = "def answer(what):\n\
+        \x20   import os\n\
+        \x20   b = ('%s from worker %s (pid %d)' % (what, os.environ['HERD_WORKER_ID'], os.getpid())).encode()\n\
+        \x20   return b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n%s' % (len(b), b)\n";
+    const HANDLER: &str = "from http.server import HTTPServer, BaseHTTPRequestHandler\n\
+        class H(BaseHTTPRequestHandler):\n\
+        \x20   def do_GET(self):\n\
+        \x20       self.wfile.write(answer(self.server.what))\n";
+    let (own, child, helper) = (free_port(), free_port(), free_port());
+    let apps = [
+        (
+            "plain.py",
+            format!(
+                "{ANSWER}{HANDLER}import os, subprocess, sys\n\
+                 server = HTTPServer(('', {own}), H)\n\
+                 server.what = 'plain'\n\
+                 if os.environ['HERD_WORKER_ID'] == '0':\n\
+                 \x20   code = 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", {child})); print(s.getsockname()[1])'\n\
+                 \x20   server.what = 'child=' + subprocess.run([sys.executable, '-c', code], capture_output=True, text=True).stdout.strip()\n\
+                 server.serve_forever()\n"
+            ),
+        ),
+        (
+            "own.py",
+            format!(
+                "{ANSWER}{HANDLER}import os, socket, threading\n\
+                 main = HTTPServer(None, H, bind_and_activate=False)\n\
+                 main.socket, main.what = socket.fromfd(3, socket.AF_INET, socket.SOCK_STREAM), 'own'\n\
+                 side = HTTPServer(('127.0.0.1', {helper} + int(os.environ['HERD_WORKER_ID'])), H)\n\
+                 side.what = 'helper'\n\
+                 threading.Thread(target=side.serve_forever, daemon=True).start()\n\
+                 main.serve_forever()\n"
+            ),
+        ),
+        (
+            "dual.py",
+            format!(
+                "{ANSWER}import asyncio\n\
+                 async def handle(reader, writer):\n\
+                 \x20   await reader.readuntil(b'\\r\\n\\r\\n')\n\
+                 \x20   writer.write(answer('asyncio'))\n\
+                 \x20   await writer.drain()\n\
+                 \x20   writer.close()\n\
+                 async def main():\n\
+                 \x20   server = await asyncio.start_server(handle, port={own})\n\
+                 \x20   await server.serve_forever()\n\
+                 asyncio.run(main())\n"
+            ),
+        ),
+        (
+            "site.py",
+            format!(
+                "{ANSWER}from flask import Flask\n\
+                 app = Flask(__name__)\n\
+                 @app.get('/')\n\
+                 def root():\n\
+                 \x20   return answer('flask').split(b'\\r\\n\\r\\n', 1)[1]\n\
+                 app.run(port={own}, use_reloader=True)\n"
+            ),
+        ),
+    ];
+    for (file, code) in &apps {
+        std::fs::write(dir.join(file), code).unwrap();
+    }
+    for mode in ["shared", "reuseport"] {
+        for (file, _) in &apps {
+            let path = dir.join(file);
+            let h = Herd::start(&["-i", "2", "--mode", mode], &["python3", s(&path)]);
+            h.wait_ready(2);
+            let pids = h.worker_pids(2);
+            assert_ne!(pids[0], pids[1], "{mode} {file}");
+            let (_, body) = h.get("/").unwrap();
+            let what = file.trim_end_matches(".py");
+            match what {
+                "own" => {
+                    assert!(body.starts_with("own from worker"), "{mode}: {body}");
+                    let (status, side) = http_get(helper, "/").unwrap();
+                    assert_eq!(
+                        (status, side.starts_with("helper from worker 0")),
+                        (200, true)
+                    );
+                }
+                "plain" => {
+                    let worker0 = format!("child={child} from worker 0");
+                    assert!(
+                        wait_until(T, || h.get("/").is_ok_and(|(_, b)| b.starts_with(&worker0))),
+                        "{mode}: worker 0's own program binds the port it asks for\n{}",
+                        h.log()
+                    );
+                }
+                "dual" => assert!(body.starts_with("asyncio from worker"), "{mode}: {body}"),
+                _ => assert!(body.starts_with("flask from worker"), "{mode}: {body}"),
+            }
+            if what != "own" {
+                // The one-line note that the app's own port is not served.
+                let note = format!("the app asks for port {own} in its code");
+                assert!(h.log().contains(&note), "{mode} {file}: {}", h.log());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn instances_max_honours_the_affinity_mask() {
     let port = free_port();

@@ -293,16 +293,15 @@ impl Supervisor {
             .map_err(|e| format!("worker {id} cannot receive: {e}"))
     }
 
-    /// Proxy mode: a Node app whose own `listen()` names a port other than
-    /// its `PORT` (one written in its code, as apps run under PM2's cluster
-    /// mode may have) is served on herd's port instead: the log says so
-    /// once, with how to keep the app's port.
+    /// A Node app or Python script whose own `listen()` or `bind()` names a
+    /// port other than its `PORT` (one written in its code, as apps run
+    /// under PM2's cluster mode may have) is served on herd's port instead:
+    /// the log says so once, with how to keep the app's port.
     fn port_hint(&mut self, epoch: u64, slot: usize, asked: u64) {
-        let Some(given) = self.procs.get(&epoch).and_then(|p| p.port) else {
-            return; // fd modes: no PORT was given to ignore
-        };
+        // (The fd modes give no private port: the app's socket is herd's.)
+        let given = self.procs.get(&epoch).and_then(|p| p.port);
         let public = u64::from(self.s.listen.port());
-        if self.port_hinted || asked == u64::from(given) || asked == public {
+        if self.port_hinted || given.map(u64::from) == Some(asked) || asked == public {
             return;
         }
         self.port_hinted = true;
