@@ -19,13 +19,15 @@
 #
 # In the fd modes (shared, reuseport) that first bind() takes herd's socket
 # (fd 3) instead, as the Node preload's listen() does, unless the app took
-# fd 3 itself; the other socket of a dual-stack server is as above.
+# fd 3 itself; the other socket of a dual-stack server is as above. There
+# this holds for any Python program herd started (`python -m http.server`,
+# hypercorn, `flask run`, through pyenv's shims or not), not only scripts.
 #
 # In the fd modes, where clients reach the
 # worker itself, it makes uvicorn and hypercorn stop as herd's Node preload
 # makes Node stop, and in every mode hypercorn's spawned process stop on
 # SIGTERM (see _herd_stop). A worker that is not a Python script gets it
-# only for that (HERD_PYTHON_PRELOAD=stop).
+# only for that and the fd modes' bind() (HERD_PYTHON_PRELOAD=stop).
 #
 # Then it imports the sitecustomize this one hides (Debian ships one).
 import os
@@ -37,8 +39,14 @@ def _herd_preload():
     mode = env.get('HERD_MODE')
     if env.get('HERD_WORKER_ID') is None:
         return
+    fd_mode = mode in ('shared', 'reuseport') and env.get('LISTEN_FDS') == '1'
     if env.get('HERD_PYTHON_PRELOAD') == 'stop':
-        return  # not a Python script: here only for how it stops
+        # Not a Python script: here for how it stops, and in the fd modes
+        # for the process herd started, which became Python by exec (a
+        # module, a console script, pyenv's shim), not for a Python helper
+        # another program starts.
+        if not (fd_mode and env.get('LISTEN_PID') == str(os.getpid())):
+            return
     if env.get('HERD_PORT_TAKEN'):
         return  # a child of the process that serves the worker's port
     import socket
@@ -53,7 +61,7 @@ def _herd_preload():
             private = int(env.get('HERD_PORT', ''))
         except ValueError:
             return
-    elif mode in ('shared', 'reuseport') and env.get('LISTEN_FDS') == '1':
+    elif fd_mode:
         listener = _herd_listener(socket)
         if listener is None:
             return

@@ -1378,9 +1378,10 @@ fn python_scripts_that_bind_their_port_serve_on_herds_socket_in_the_fd_modes() {
                 "{ANSWER}{HANDLER}import os, socket, threading\n\
                  main = HTTPServer(None, H, bind_and_activate=False)\n\
                  main.socket, main.what = socket.fromfd(3, socket.AF_INET, socket.SOCK_STREAM), 'own'\n\
-                 side = HTTPServer(('127.0.0.1', {helper} + int(os.environ['HERD_WORKER_ID'])), H)\n\
-                 side.what = 'helper'\n\
-                 threading.Thread(target=side.serve_forever, daemon=True).start()\n\
+                 if os.environ['HERD_WORKER_ID'] == '0':\n\
+                 \x20   side = HTTPServer(('127.0.0.1', {helper}), H)\n\
+                 \x20   side.what = 'helper'\n\
+                 \x20   threading.Thread(target=side.serve_forever, daemon=True).start()\n\
                  main.serve_forever()\n"
             ),
         ),
@@ -1447,6 +1448,66 @@ fn python_scripts_that_bind_their_port_serve_on_herds_socket_in_the_fd_modes() {
                 // The one-line note that the app's own port is not served.
                 let note = format!("the app asks for port {own} in its code");
                 assert!(h.log().contains(&note), "{mode} {file}: {}", h.log());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same for a Python program that is not a script, as long as it is
+/// the process herd started (after any exec: a module, a console script,
+/// pyenv's shim): fd 3 is that process's (`LISTEN_PID`). A Python helper
+/// that another program starts (here a Node app, before it listens) binds
+/// the port it asks for.
+#[test]
+fn python_programs_herd_starts_bind_herds_socket_in_the_fd_modes_and_helpers_do_not() {
+    let dir = std::env::temp_dir().join(format!("herd-pyprog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("file.txt"), "a file").unwrap();
+    let (own, helper) = (free_port(), free_port());
+    std::fs::write(
+        dir.join("app.js"),
+        format!(
+            "const id = Number(process.env.HERD_WORKER_ID);\n\
+             const code = 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", {helper})); print(s.getsockname()[1])';\n\
+             const bound = id ? 'none' : require('child_process').spawnSync('python3', ['-c', code]).stdout.toString().trim();\n\
+             require('http').createServer((q, r) => r.end(`helper=${{bound}} from worker ${{id}} (pid ${{process.pid}})`)).listen(3000);\n"
+        ),
+    )
+    .unwrap();
+    let own_s = own.to_string();
+    let module = [
+        "python3",
+        "-m",
+        "http.server",
+        &own_s,
+        "--directory",
+        s(&dir),
+    ];
+    // A shell that execs it stands for a console script's shim (pyenv's).
+    let shim = format!("exec {}", module.join(" "));
+    let node = dir.join("app.js");
+    let commands = [&module[..], &["sh", "-c", &shim], &["node", s(&node)]];
+    for mode in ["shared", "reuseport"] {
+        for (i, cmd) in commands.iter().enumerate() {
+            let h = Herd::start(&["-i", "2", "--mode", mode], cmd);
+            h.wait_ready(2);
+            if i < 2 {
+                assert_eq!(
+                    h.get("/file.txt").unwrap(),
+                    (200, "a file".to_string()),
+                    "{mode} {cmd:?}"
+                );
+                let note = format!("the app asks for port {own} in its code");
+                assert!(h.log().contains(&note), "{mode} {cmd:?}: {}", h.log());
+            } else {
+                h.worker_pids(2);
+                let want = format!("helper={helper} from worker 0");
+                assert!(
+                    wait_until(T, || h.get("/").is_ok_and(|(_, b)| b.starts_with(&want))),
+                    "{mode}: worker 0's helper binds the port it asks for\n{}",
+                    h.log()
+                );
             }
         }
     }
