@@ -186,8 +186,13 @@ def _herd_listener(socket):
     """A copy of fd 3 when it is a listening TCP socket (herd's), else None
     (a process that did not inherit it)."""
     try:
-        sock = socket.socket(fileno=os.dup(3))
+        fd = os.dup(3)
     except OSError:
+        return None
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # not a socket: another file took the number
+        os.close(fd)
         return None
     try:
         tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM

@@ -1065,10 +1065,11 @@ fn a_worker_on_a_port_of_its_own_is_named() {
     assert!(h.wait_log(&said, T), "{}", h.log());
     drop(h);
     // Shared mode takes it as ready after its grace; the clients that
-    // wait on herd's port, never accepted, name it.
+    // wait on herd's port, never accepted, name it. (Without herd's Python
+    // preload, which would put its bind() on herd's socket.)
     let own = free_port().to_string();
     let h = Herd::start(
-        &["-i", "1", "--mode", "shared"],
+        &["-i", "1", "--mode", "shared", "--no-node-shim"],
         &["python3", "-m", "http.server", "--bind", "127.0.0.1", &own],
     );
     h.wait_ready(1);
@@ -1248,12 +1249,13 @@ fn a_worker_that_cannot_bind_gets_a_hint() {
 }
 
 /// In the fd modes the way out is not `$PORT` (herd sets none there) but
-/// the socket herd hands over, or proxy mode.
+/// the socket herd hands over, or proxy mode. (Without herd's Python
+/// preload, which would put the server's bind() on herd's socket.)
 #[test]
 fn a_worker_that_cannot_bind_in_shared_mode_gets_the_fd_hint() {
     let own = free_port().to_string();
     let h = Herd::start(
-        &["-i", "2", "--mode", "shared"],
+        &["-i", "2", "--mode", "shared", "--no-node-shim"],
         &["python3", "-m", "http.server", "--bind", "127.0.0.1", &own],
     );
     assert!(
