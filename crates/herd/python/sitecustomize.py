@@ -209,7 +209,7 @@ def _herd_stop():
     server not as expected stays as it is). In every mode hypercorn's
     spawned process stops on SIGTERM as its parent would make it stop (see
     hypercorn_worker). In the fd modes, where clients reach the worker
-    itself: on its stop uvicorn, and hypercorn's asyncio workers, close each
+    itself: on its stop uvicorn, hypercorn's asyncio workers and aiohttp close each
     idle keep-alive connection at once, so a client whose next request is
     already on its way gets a reset (HAProxy and herd's Node preload avoid
     it). Here an idle connection's next answer says `Connection: close`, and
@@ -388,6 +388,73 @@ def _herd_stop():
         cls.stream_send = herd_stream_send
         cls._maybe_recycle = herd_maybe_recycle
 
+    def aiohttp_closing(message):
+        """The request head `message`, read as asking to close."""
+        try:
+            return message._replace(should_close=True)
+        except (AttributeError, TypeError, ValueError):
+            return message  # (not a request head: an error's)
+
+    # The connections drained, by id (aiohttp's have __slots__), held until
+    # the process ends, which is soon.
+    aiohttp_draining = {}
+
+    def aiohttp_drain(conn):
+        """Every answer on `conn` not yet begun says `Connection: close`."""
+        if id(conn) in aiohttp_draining:
+            return
+        aiohttp_draining[id(conn)] = conn
+        request = getattr(conn, '_current_request', None)
+        if request is not None and hasattr(request, '_message'):
+            request._message = aiohttp_closing(request._message)
+        factory = getattr(conn, '_request_factory', None)
+        if factory is not None:
+            conn._request_factory = lambda message, *args: factory(aiohttp_closing(message), *args)
+
+    def aiohttp_busy(conn):
+        # (Unknown: busy, which keeps aiohttp's own handling.)
+        return getattr(conn, '_request_in_progress', True)
+
+    def aiohttp_protocol(module):
+        """aiohttp's stop (`web.run_app` on SIGTERM) closes each idle
+        keep-alive connection at once. Here an idle one is closed after the
+        grace, and a request that comes meanwhile is answered with
+        `Connection: close` (see aiohttp_server for the first close)."""
+        import asyncio
+
+        cls = getattr(module, 'RequestHandler', None)
+        if cls is None or not hasattr(cls, 'shutdown'):
+            return
+        shutdown = cls.shutdown
+
+        async def herd_shutdown(self, *args, **kwargs):
+            aiohttp_drain(self)
+            if not aiohttp_busy(self):
+                await asyncio.sleep(grace)
+            return await shutdown(self, *args, **kwargs)
+
+        cls.shutdown = herd_shutdown
+
+    def aiohttp_server(module):
+        """aiohttp 3.10 and later close every connection before its
+        shutdown (`Server.pre_shutdown`): now only the busy ones, each after
+        its answer, which says `Connection: close` unless it has begun."""
+        cls = getattr(module, 'Server', None)
+        if cls is None or not hasattr(cls, 'pre_shutdown'):
+            return
+        pre_shutdown = cls.pre_shutdown
+
+        def herd_pre_shutdown(self):
+            conns = getattr(self, '_connections', None)
+            if conns is None:
+                return pre_shutdown(self)
+            for conn in list(conns):
+                aiohttp_drain(conn)
+                if aiohttp_busy(conn):
+                    conn.close()
+
+        cls.pre_shutdown = herd_pre_shutdown
+
     patches = {'hypercorn.asyncio.run': hypercorn_worker}
     if fd_modes:
         patches.update(
@@ -398,6 +465,8 @@ def _herd_stop():
                 ),
                 'hypercorn.asyncio.tcp_server': hypercorn_idle,
                 'hypercorn.protocol.h11': hypercorn_answer,
+                'aiohttp.web_protocol': aiohttp_protocol,
+                'aiohttp.web_server': aiohttp_server,
             }
         )
 

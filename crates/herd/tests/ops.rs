@@ -76,7 +76,8 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     // (herd's Node preload does the rest); app.py drains by itself; plain
     // uvicorn and hypercorn close idle connections at once when they stop
     // (hypercorn's spawned process dies of the SIGTERM herd sends the
-    // group), and herd's Python preload makes them drain in the fd modes;
+    // group), as does aiohttp, and herd's Python preload makes them drain
+    // in the fd modes;
     // Mojolicious' prefork server drains on SIGQUIT. pm2stop.js, written
     // for PM2, handles SIGINT only and ends its idle keep-alive connections
     // itself at once, as hapi's `server.stop()` does: the preload gives it
@@ -111,9 +112,27 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     let quit = ["--kill-signal", "QUIT"];
     std::fs::write(dir.join("pm2stop.js"), PM2_STOP_JS).unwrap();
     let pm2stop = ["node", "pm2stop.js"];
+    // aiohttp's run_app() binds the port its code names (the preload puts
+    // it on herd's socket) and closes idle connections at once when it
+    // stops (8 to 11 failed per reload before the preload made it drain).
+    std::fs::write(
+        dir.join("aio.py"),
+        format!(
+            "import os\n\
+             from aiohttp import web\n\
+             async def hello(request):\n\
+             \x20   return web.Response(text='hello from worker %s (pid %d)' % (os.environ['HERD_WORKER_ID'], os.getpid()))\n\
+             app = web.Application()\n\
+             app.router.add_get('/', hello)\n\
+             web.run_app(app, port={}, print=None)\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let aiohttp = ["python3", "aio.py"];
     // (name, command, modes, herd's extra flags)
     type App<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
-    let apps: [App; 7] = [
+    let apps: [App; 8] = [
         ("node", &["node", &node], &all, &[]),
         ("node-sigint", &pm2stop, &all, &[]),
         ("python3", &["python3", &python], &fd, &[]),
@@ -121,6 +140,7 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
         ("uvicorn-httptools", &httptools, &["shared"], &[]),
         ("hypercorn", &hypercorn, &["shared", "reuseport"], &[]),
         ("mojo-prefork", &prefork, &["shared"], &quit),
+        ("aiohttp", &aiohttp, &["shared", "reuseport"], &[]),
     ];
     for (lang, cmd, modes, flags) in apps {
         for &mode in modes {
