@@ -436,9 +436,9 @@ def _herd_stop():
         cls.shutdown = herd_shutdown
 
     def aiohttp_server(module):
-        """aiohttp 3.10 and later close every connection before its
-        shutdown (`Server.pre_shutdown`): now only the busy ones, each after
-        its answer, which says `Connection: close` unless it has begun."""
+        """Recent aiohttp closes every connection before its shutdown
+        (`Server.pre_shutdown`): now only the busy ones, each after its
+        answer, which says `Connection: close` unless it has begun."""
         cls = getattr(module, 'Server', None)
         if cls is None or not hasattr(cls, 'pre_shutdown'):
             return
