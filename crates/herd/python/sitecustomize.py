@@ -455,6 +455,58 @@ def _herd_stop():
 
         cls.pre_shutdown = herd_pre_shutdown
 
+    def socketserver_stop(module):
+        """socketserver's servers (`http.server`, `wsgiref`) die of SIGTERM,
+        the request in flight with them. One that serves herd's socket in
+        its main thread, a connection at a time and a request per connection
+        (HTTP/1.0, their default), when the app left SIGTERM as it is, now
+        stops taking connections and returns from serve_forever() after the
+        request it handles, as after shutdown(). Not a keep-alive one (it
+        would go on serving its client), nor a threaded one (the Flask and
+        Django development servers: the process ends with its threads)."""
+        import signal
+        import threading
+
+        cls = getattr(module, 'BaseServer', None)
+        serve = getattr(cls, 'serve_forever', None)
+        if serve is None:
+            return
+
+        def herds(sock):
+            try:
+                mine, herd = os.fstat(sock.fileno()), os.fstat(3)
+            except (AttributeError, OSError, ValueError):
+                return False
+            return (mine.st_dev, mine.st_ino) == (herd.st_dev, herd.st_ino)
+
+        def stoppable(server):
+            mixins = tuple(getattr(module, n) for n in ('ThreadingMixIn', 'ForkingMixIn') if hasattr(module, n))
+            if isinstance(server, mixins):
+                return False
+            handler = getattr(server, 'RequestHandlerClass', None)
+            return getattr(handler, 'protocol_version', None) == 'HTTP/1.0'
+
+        def herd_serve_forever(self, *args, **kwargs):
+            main = threading.current_thread() is threading.main_thread()
+            if (
+                main
+                and hasattr(self, '_BaseServer__shutdown_request')
+                and herds(getattr(self, 'socket', None))
+                and stoppable(self)
+            ):
+                try:
+                    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+
+                        def stop(signum, frame):
+                            self._BaseServer__shutdown_request = True
+
+                        signal.signal(signal.SIGTERM, stop)
+                except (ValueError, OSError):
+                    pass
+            return serve(self, *args, **kwargs)
+
+        cls.serve_forever = herd_serve_forever
+
     patches = {'hypercorn.asyncio.run': hypercorn_worker}
     if fd_modes:
         patches.update(
@@ -467,6 +519,7 @@ def _herd_stop():
                 'hypercorn.protocol.h11': hypercorn_answer,
                 'aiohttp.web_protocol': aiohttp_protocol,
                 'aiohttp.web_server': aiohttp_server,
+                'socketserver': socketserver_stop,
             }
         )
 

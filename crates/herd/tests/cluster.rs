@@ -1456,6 +1456,57 @@ fn python_scripts_that_bind_their_port_serve_on_herds_socket_in_the_fd_modes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A stdlib HTTP server (`http.server`, one request per connection in its
+/// main thread) died of the SIGTERM, its request in flight with it: in the
+/// fd modes, where clients reach it directly, herd's Python preload now
+/// makes it stop as its `shutdown()` would, after that request.
+#[test]
+fn a_python_http_server_finishes_its_request_in_flight_at_a_stop_in_the_fd_modes() {
+    let dir = std::env::temp_dir().join(format!("herd-pyslow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let app = dir.join("slow.py");
+    std::fs::write(
+        &app,
+        format!(
+            "import time\n\
+             from http.server import HTTPServer, BaseHTTPRequestHandler\n\
+             class H(BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       print('got', self.path, flush=True)\n\
+             \x20       time.sleep(1)\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Length', '9')\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(b'slow done')\n\
+             HTTPServer(('', {}), H).serve_forever()\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    for mode in ["shared", "reuseport"] {
+        let mut h = Herd::start(&["-i", "1", "--mode", mode], &["python3", s(&app)]);
+        h.wait_ready(1);
+        let port = h.port;
+        let slow = std::thread::spawn(move || http_get(port, "/slow"));
+        assert!(h.wait_log("got /slow", T), "{mode}: {}", h.log());
+        h.signal("TERM");
+        let answer = slow.join().unwrap();
+        assert!(
+            matches!(&answer, Ok((200, b)) if b == "slow done"),
+            "{mode}: {answer:?}\n{}",
+            h.log()
+        );
+        let status = h.wait_exit(T).expect("herd did not stop");
+        assert!(status.success(), "{mode}: {status:?}\n{}", h.log());
+        assert!(
+            h.log().contains("exited with code 0"),
+            "{mode}: {}",
+            h.log()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The same for a Python program that is not a script, as long as it is
 /// the process herd started (after any exec: a module, a console script,
 /// pyenv's shim): fd 3 is that process's (`LISTEN_PID`). A Python helper
