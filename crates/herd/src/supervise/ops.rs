@@ -293,10 +293,10 @@ impl Supervisor {
             .map_err(|e| format!("worker {id} cannot receive: {e}"))
     }
 
-    /// A Node app or Python script whose own `listen()` or `bind()` names a
-    /// port other than its `PORT` (one written in its code, as apps run
-    /// under PM2's cluster mode may have) is served on herd's port instead:
-    /// the log says so once, with how to keep the app's port.
+    /// A Node app or Python program whose own `listen()` or `bind()` names
+    /// a port other than its `PORT`, if it has one (a port written in its
+    /// code, as apps run under PM2's cluster mode may have), is served on
+    /// herd's port instead: the log says so once, with how to keep its port.
     fn port_hint(&mut self, epoch: u64, slot: usize, asked: u64) {
         // (The fd modes give no private port: the app's socket is herd's.)
         let given = self.procs.get(&epoch).and_then(|p| p.port);
