@@ -1280,6 +1280,11 @@ fn a_worker_serving_one_connection_at_a_time_is_not_left_waiting() {
     let log = h.log();
     assert!(log.contains("serves one connection at a time"), "{log}");
     assert!(!log.contains("unhealthy"), "{log}");
+    // Its connections are no longer kept, and it is told so: it closes each
+    // after its answer rather than wait for another request on it.
+    let (status, body) = h.get("/").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.ends_with("connection close\n"), "{body}");
 }
 
 /// The other side: a worker that is busy (Node's event loop in a long

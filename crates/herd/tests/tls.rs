@@ -652,6 +652,11 @@ fn a_worker_serving_one_connection_at_a_time_is_found_over_tls() {
     let log = h.log();
     assert!(log.contains("serves one connection at a time"), "{log}");
     assert!(!log.contains("unhealthy"), "{log}");
+    // Told so, it closes each connection after its answer (balancer.rs).
+    let out = curl(&pki, "a.test", h.port, "/", &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().unwrap_or_default();
+    assert!(first.ends_with("connection close"), "{text}");
 }
 
 /// Over TLS as through herd's own engine: a `Connection` header that names

@@ -591,6 +591,9 @@ async fn exchange(
     let mut tries = 0;
     let mut stale_retries = 0;
     let mut skip_pool = req.upgrade;
+    // `out` says `Connection: close` (to a backend whose connections are
+    // not kept; a retry elsewhere then keeps its connection no more).
+    let mut said_close = false;
     let mut replace_by = None;
     let mut queued = super::Queued::default();
     'attempt: loop {
@@ -667,6 +670,10 @@ async fn exchange(
             None => conns::serial_slot(&target, p.cfg.response_timeout).await,
             Some(_) => None,
         };
+        if pooled.is_none() && !said_close && !req.upgrade && !target.reuse.keeps(deadline::now()) {
+            head::add_close(&mut out);
+            said_close = true;
+        }
         let (b, was_pooled) = loop {
             let (b, was_pooled) = match pooled.take() {
                 // A request that cannot be sent twice does not go out on a

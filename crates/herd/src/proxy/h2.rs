@@ -709,7 +709,14 @@ impl HttpProxy {
             let (mut sender, fresh) = match pooled.take() {
                 Some(s) => (s, None),
                 None => match connect(target, &self.cfg, upgrade, &self.client_tls).await {
-                    Ok((s, ours)) => (s, ours.map(|o| (&**target, o))),
+                    Ok((s, ours)) => {
+                        if !upgrade && !target.reuse.keeps(super::deadline::now()) {
+                            // As herd's own engine does (`head::add_close`).
+                            req.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        }
+                        (s, ours.map(|o| (&**target, o)))
+                    }
                     Err(e) if e.shortage(target) => return Sent::Shortage,
                     Err(e) => return Sent::Unsent(req, e.to_string()),
                 },

@@ -770,7 +770,7 @@ from http.server import HTTPServer, BaseHTTPRequestHandler
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
-        b = f"pid {os.getpid()}\n".encode()
+        b = f"pid {os.getpid()} connection {self.headers.get('Connection', '-')}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(b)))
         self.end_headers()
