@@ -273,7 +273,8 @@ fn in_use_hint(slot: usize, mode: Mode) -> String {
             "{head} In {} mode herd holds the port and hands each worker its listening socket \
              as fd 3 (LISTEN_FDS=1), so a server that binds the port (or one of its own) itself \
              finds it taken. Make it accept on fd 3 (gunicorn, uvicorn --fd 3, hypercorn --bind \
-             fd://3, Node apps and Python scripts through herd's preloads, systemd socket activation), {OR_PROXY}",
+             fd://3, puma --bind-to-activated-sockets only, Node apps and Python scripts through \
+             herd's preloads, systemd socket activation), {OR_PROXY}",
             mode.as_str()
         ),
         Mode::Dispatch => format!(

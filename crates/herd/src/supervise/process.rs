@@ -844,7 +844,8 @@ fn elsewhere(
                 "it listens on {}, but herd sends it requests on 127.0.0.1:{p}, its PORT. \
                  Make it listen on $PORT; a command line in one word runs through a shell, which \
                  expands it (hypercorn: herd run -- 'hypercorn --bind 127.0.0.1:$PORT app:app'; \
-                 Django: herd run -- 'python manage.py runserver $PORT')",
+                 Django: herd run -- 'python manage.py runserver $PORT'; Puma: herd run -- 'puma \
+                 -p $PORT')",
                 shown()
             ))
         }
