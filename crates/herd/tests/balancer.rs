@@ -1287,6 +1287,72 @@ fn a_worker_serving_one_connection_at_a_time_is_not_left_waiting() {
     assert!(body.ends_with("connection close\n"), "{body}");
 }
 
+/// A pool of threads is not a server of one connection at a time, though
+/// it too leaves a new connection waiting while it sleeps: each thread
+/// waits a moment (here 400 ms, Puma's 200 ms) for a next request on the
+/// connection it served before it takes another. Taken for one, Puma in
+/// cluster mode served half of what it serves behind nginx; herd now sees
+/// it holds more connections than it has processes, and keeps them.
+#[test]
+fn a_pool_of_threads_that_waits_on_its_connections_keeps_them() {
+    let script = r#"
+import os, socket, threading
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(os.environ["PORT"])))
+l.listen(16)
+free = threading.Semaphore(2)
+def serve(c):
+    buf = b""
+    c.settimeout(0.4)
+    try:
+        while True:
+            d = c.recv(4096)
+            if not d:
+                break
+            buf += d
+            while b"\r\n\r\n" in buf:
+                _, _, buf = buf.partition(b"\r\n\r\n")
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+    except OSError:
+        pass
+    finally:
+        c.close()
+        free.release()
+while True:
+    free.acquire()
+    c, _ = l.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let h = Herd::spawn(
+        herd_cmd().env("HERD_LOG", "debug").args([
+            "run", "--listen", &listen, "-i", "1", "--", "python3", "-c", script,
+        ]),
+        port,
+    );
+    h.wait_ready(1);
+    // Two requests leave two connections idle, each with a thread waiting
+    // on it; four at once then need two more, which wait unaccepted.
+    for _ in 0..3 {
+        for n in [2, 4] {
+            let all: Vec<_> = (0..n)
+                .map(|_| std::thread::spawn(move || http_get(port, "/")))
+                .collect();
+            for r in all {
+                assert_eq!(r.join().unwrap().unwrap().0, 200);
+            }
+        }
+    }
+    let log = h.log();
+    assert!(
+        log.contains("its processes hold more than one each"),
+        "the check did not run:\n{log}"
+    );
+    assert!(!log.contains("one connection at a time"), "{log}");
+}
+
 /// The other side: a worker that is busy (Node's event loop in a long
 /// computation) leaves new connections unaccepted too, but it is running,
 /// not waiting on a connection, so herd keeps its connections to it.

@@ -7,7 +7,8 @@
 //! `upstream::Reuse`. Safe code: the request and the answer are plain
 //! bytes laid out as `linux/inet_diag.h` says. And whether such a server
 //! is asleep meanwhile (`/proc`, through `procfs`), which tells it from a
-//! busy one.
+//! busy one, and how many connections it holds for how many processes,
+//! which tells it from a pool of threads.
 
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
@@ -153,6 +154,41 @@ fn parse_unix(m: &[u8]) -> Result<Option<ServerEnd>, DiagError> {
 /// beyond (the client retries only a second later).
 pub fn listen_backlog(addr: SocketAddr) -> Result<Option<u32>, DiagError> {
     const TCP_LISTEN: u32 = 10;
+    let mut found = None;
+    dump(addr, 1 << TCP_LISTEN, |msg| {
+        if let Some(backlog) = listener_backlog(msg, addr) {
+            // An exact address beats the wildcard.
+            if found.is_none() || listener_ip(msg, addr) {
+                found = Some(backlog);
+            }
+        }
+    })?;
+    Ok(found)
+}
+
+/// How many connections to `addr` (a server's address on this host) its
+/// server holds accepted. A server of one connection at a time holds at
+/// most one per process; a pool of threads holds several, and may leave a
+/// new one waiting a moment while each thread waits on its own (Puma's
+/// wait 200 ms for a next request on the connection they served).
+pub fn accepted_at(addr: SocketAddr) -> Result<usize, DiagError> {
+    const TCP_ESTABLISHED: u32 = 1;
+    let mut n = 0;
+    dump(addr, 1 << TCP_ESTABLISHED, |msg| {
+        let port = msg.get(4..6).map(|p| u16::from_be_bytes([p[0], p[1]]));
+        if port == Some(addr.port())
+            && listener_ip(msg, addr)
+            && u32_at(msg, INODE_AT).is_some_and(|i| i != 0)
+        {
+            n += 1;
+        }
+    })?;
+    Ok(n)
+}
+
+/// Hands `each` every `inet_diag_msg` of this host's TCP sockets of
+/// `addr`'s family in the `states` (a mask of `1 << TCP_*`).
+fn dump(addr: SocketAddr, states: u32, mut each: impl FnMut(&[u8])) -> Result<(), DiagError> {
     const NLM_F_DUMP: u16 = 0x300;
     const NLMSG_DONE: u16 = 3;
     let s = netlink()?;
@@ -162,11 +198,11 @@ pub fn listen_backlog(addr: SocketAddr) -> Result<Option<u32>, DiagError> {
     };
     let mut req = query(any, any);
     req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req[NL_HEADER + 4..NL_HEADER + 8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    req[NL_HEADER + 4..NL_HEADER + 8].copy_from_slice(&states.to_ne_bytes());
     s.send(&req)?;
     let mut buf = vec![0u8; 32 * 1024];
-    let mut found = None;
-    // Bounded: a host has few listening sockets, a dump a few reads.
+    // Bounded: a few reads for a host's listeners, some hundreds for its
+    // connections under load (only looked at while a worker stalls).
     for _ in 0..1024 {
         let n = (&s).read(&mut buf)?;
         let mut m = &buf[..n];
@@ -177,23 +213,15 @@ pub fn listen_backlog(addr: SocketAddr) -> Result<Option<u32>, DiagError> {
                 return Err(DiagError::Malformed);
             }
             match kind {
-                NLMSG_DONE => return Ok(found),
-                NLMSG_ERROR => return parse(&m[..len]).map(|_| found),
-                SOCK_DIAG_BY_FAMILY => {
-                    let msg = &m[NL_HEADER..len];
-                    if let Some(backlog) = listener_backlog(msg, addr) {
-                        // An exact address beats the wildcard.
-                        if found.is_none() || listener_ip(msg, addr) {
-                            found = Some(backlog);
-                        }
-                    }
-                }
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => return parse(&m[..len]).map(|_| ()),
+                SOCK_DIAG_BY_FAMILY => each(&m[NL_HEADER..len]),
                 _ => {}
             }
             m = &m[((len + 3) & !3).min(m.len())..]; // NLMSG_ALIGN
         }
     }
-    Ok(found)
+    Ok(())
 }
 
 /// The backlog of the listener in `msg` (an `inet_diag_msg`) if it listens
@@ -260,6 +288,27 @@ pub fn asleep(pid: u32) -> Option<bool> {
         }
     }
     Some(true)
+}
+
+/// How many processes `pid` and its descendants are (at most 512).
+pub fn processes(pid: u32) -> usize {
+    let mut todo = vec![pid];
+    let mut n = 0;
+    while let Some(p) = todo.pop() {
+        n += 1;
+        if n >= 512 {
+            break;
+        }
+        let tasks = i32::try_from(p)
+            .ok()
+            .and_then(|p| procfs::process::Process::new(p).ok()?.tasks().ok());
+        for t in tasks.into_iter().flatten().flatten() {
+            if let Ok(kids) = t.children() {
+                todo.extend(kids);
+            }
+        }
+    }
+    n
 }
 
 /// A socket for one query. The kernel answers while it takes the request;
@@ -448,6 +497,35 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(listen_backlog(addr).unwrap(), None);
+    }
+
+    #[test]
+    fn the_connections_a_server_accepted_are_counted() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let _a = TcpStream::connect(addr).unwrap();
+        let _b = TcpStream::connect(addr).unwrap();
+        assert_eq!(accepted_at(addr).unwrap(), 0);
+        let (_sa, _) = l.accept().unwrap();
+        assert_eq!(accepted_at(addr).unwrap(), 1);
+        let (_sb, _) = l.accept().unwrap();
+        assert_eq!(accepted_at(addr).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_process_tree_is_counted() {
+        let mut tree = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while processes(tree.id()) < 3 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let n = processes(tree.id());
+        let _ = tree.kill();
+        let _ = tree.wait();
+        assert_eq!(n, 3);
     }
 
     #[test]

@@ -195,8 +195,11 @@ pub const ACCEPT_CHECKS: u32 = 20;
 /// connection and sleeps meanwhile, its whole process tree, waits on
 /// something else than new connections: the next request on a connection
 /// herd keeps open to it, or some slow call, one connection at a time
-/// either way. Then connections to it are no longer kept (see [`Reuse`]):
-/// this thread closes its idle ones at once, the others at their next tick.
+/// either way, unless its processes hold more connections than they are
+/// (a pool of threads, each waiting a moment on its own connection before
+/// taking another, as Puma's). Then connections to it are no longer kept
+/// (see [`Reuse`]): this thread closes its idle ones at once, the others at
+/// their next tick.
 /// A busy worker is looked at again while the connection waits (one look
 /// per program per [`reuse::LOOK_EVERY`]); a remote upstream is not.
 pub fn check_accepted(
@@ -227,6 +230,16 @@ pub fn check_accepted(
             return true;
         }
         None => return false,
+    }
+    if target.unix.is_none()
+        && crate::os::diag::accepted_at(target.addr)
+            .is_ok_and(|n| n > crate::os::diag::processes(pid))
+    {
+        tracing::debug!(
+            "{}: a new connection waits unaccepted; its processes hold more than one each",
+            target.label
+        );
+        return true;
     }
     if let Some(d) = target.reuse.stop_keeping(super::deadline::now()) {
         tracing::warn!(

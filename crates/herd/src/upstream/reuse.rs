@@ -7,7 +7,9 @@
 //! that connection's idle time-out (2 s), and once the server's short
 //! accept queue filled, its health checks failed and it was taken out.
 //! When a fresh connection's request is found still unaccepted while the
-//! worker sleeps (`os::diag`), the proxy stops keeping connections to that
+//! worker sleeps (`os::diag`), and it holds no more connections than it has
+//! processes (a pool of threads holds several, each waiting a moment on its
+//! own), the proxy stops keeping connections to that
 //! target (and to the other workers of its program, which share this) for a
 //! while and closes each after its answer, which is what nginx does with
 //! every backend unless told `keepalive`; meanwhile new connections to it
