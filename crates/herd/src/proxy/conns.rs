@@ -178,9 +178,10 @@ pub async fn serial_slot(
 }
 
 /// Whether answers on new connections to `target` are to be looked at
-/// ([`check_accepted`]): a worker's, while its connections are kept.
+/// ([`check_accepted`]): a worker's, while its connections are kept, unless
+/// it was found to be a pool of threads in the last [`reuse::POOL_FOR`].
 pub fn looked_at(target: &Target) -> bool {
-    target.pid.is_some() && target.reuse.keeps(super::deadline::now())
+    target.pid.is_some() && target.reuse.looked_at(super::deadline::now())
 }
 
 /// How long an answer on a connection just opened may take before
@@ -197,7 +198,7 @@ pub const ACCEPT_CHECKS: u32 = 20;
 /// herd keeps open to it, or some slow call, one connection at a time
 /// either way, unless its processes hold more connections than they are
 /// (a pool of threads, each waiting a moment on its own connection before
-/// taking another, as Puma's). Then connections to it are no longer kept
+/// taking another, as Puma's: not looked at for a while). Then connections to it are no longer kept
 /// (see [`Reuse`]): this thread closes its idle ones at once, the others at
 /// their next tick.
 /// A busy worker is looked at again while the connection waits (one look
@@ -239,7 +240,8 @@ pub fn check_accepted(
             "{}: a new connection waits unaccepted; its processes hold more than one each",
             target.label
         );
-        return true;
+        target.reuse.found_pool(super::deadline::now());
+        return false;
     }
     if let Some(d) = target.reuse.stop_keeping(super::deadline::now()) {
         tracing::warn!(

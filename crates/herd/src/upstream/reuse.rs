@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 pub const OFF_FIRST: Duration = Duration::from_secs(30);
 /// The longest it stays off.
 pub const OFF_MOST: Duration = Duration::from_secs(600);
+/// A program found to be a pool of threads is not looked at again for this
+/// long: what a look costs (a dump of the host's connections) is not paid
+/// again at each of its stalls.
+pub const POOL_FOR: Duration = Duration::from_secs(30);
 /// At most one look at a program's workers this often, however many
 /// requests wait: a look reads `/proc` for each of their threads, and a
 /// burst of requests to a hung worker must not turn into a burst of those.
@@ -44,12 +48,28 @@ pub struct Reuse {
     relapses: AtomicU32,
     /// When its workers were last looked at (as `off_until`).
     looked_at: AtomicU64,
+    /// Until when (as `off_until`) its workers are not looked at: a pool
+    /// of threads ([`Reuse::found_pool`]).
+    pool_until: AtomicU64,
 }
 
 impl Reuse {
     pub fn keeps(&self, now: Instant) -> bool {
         let until = self.off_until.load(Relaxed);
         until == 0 || ms(now) >= until
+    }
+
+    /// Whether its workers' stalls are worth a look `now`: its connections
+    /// are kept and it was not found to be a pool of threads a while ago.
+    pub fn looked_at(&self, now: Instant) -> bool {
+        self.keeps(now) && ms(now) >= self.pool_until.load(Relaxed)
+    }
+
+    /// Its workers were found to hold several connections each, a pool of
+    /// threads: not looked at for [`POOL_FOR`].
+    pub fn found_pool(&self, now: Instant) {
+        self.pool_until
+            .store(ms(now) + POOL_FOR.as_millis() as u64, Relaxed);
     }
 
     /// Whether a look at its workers may be taken `now` (then it is
@@ -104,6 +124,18 @@ mod tests {
         assert_eq!(off_for(2), OFF_FIRST * 4);
         assert_eq!(off_for(5), OFF_MOST);
         assert_eq!(off_for(u32::MAX), OFF_MOST);
+    }
+
+    #[test]
+    fn a_pool_is_not_looked_at_for_a_while() {
+        let r = Reuse::default();
+        ms(Instant::now()); // the clock's start, before `t`
+        let t = Instant::now();
+        assert!(r.looked_at(t));
+        r.found_pool(t);
+        assert!(!r.looked_at(t + POOL_FOR - Duration::from_millis(1)));
+        assert!(r.looked_at(t + POOL_FOR));
+        assert!(r.keeps(t), "still kept");
     }
 
     #[test]
