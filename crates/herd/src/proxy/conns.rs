@@ -198,9 +198,9 @@ pub const ACCEPT_CHECKS: u32 = 20;
 /// herd keeps open to it, or some slow call, one connection at a time
 /// either way, unless its processes hold more connections than they are
 /// (a pool of threads, each waiting a moment on its own connection before
-/// taking another, as Puma's: not looked at for a while). Then connections to it are no longer kept
-/// (see [`Reuse`]): this thread closes its idle ones at once, the others at
-/// their next tick.
+/// taking another, as Puma's: not looked at for a while). Then connections
+/// to it are no longer kept (see [`Reuse`]): this thread closes its idle
+/// ones at once, the others at their next tick.
 /// A busy worker is looked at again while the connection waits (one look
 /// per program per [`reuse::LOOK_EVERY`]); a remote upstream is not.
 pub fn check_accepted(

@@ -9,14 +9,15 @@
 //! When a fresh connection's request is found still unaccepted while the
 //! worker sleeps (`os::diag`), and it holds no more connections than it has
 //! processes (a pool of threads holds several, each waiting a moment on its
-//! own), the proxy stops keeping connections to that
-//! target (and to the other workers of its program, which share this) for a
-//! while and closes each after its answer, which is what nginx does with
-//! every backend unless told `keepalive`; meanwhile new connections to it
-//! are held to its backlog (`Target::slots`, `proxy::conns::serial_slot`),
-//! so the kernel drops none of their handshakes. Each relapse doubles the while,
-//! so a server that does this for good is asked again ever more rarely,
-//! and one that only stalled once gets its keep-alive back.
+//! own), the proxy stops keeping connections to that target (and to the
+//! other workers of its program, which share this) for a while and closes
+//! each after its answer (its requests say `Connection: close`), which is
+//! what nginx does with every backend unless told `keepalive`; meanwhile
+//! new connections to it are held to its backlog (`Target::slots`,
+//! `proxy::conns::serial_slot`), so the kernel drops none of their
+//! handshakes. Each relapse doubles the while, so a server that does this
+//! for good is asked again ever more rarely, and one that only stalled
+//! once gets its keep-alive back.
 
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
