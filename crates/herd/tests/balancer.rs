@@ -1287,6 +1287,20 @@ fn a_worker_serving_one_connection_at_a_time_is_not_left_waiting() {
     assert!(body.ends_with("connection close\n"), "{body}");
 }
 
+/// herd with one worker running `program`, ready, its log at debug level
+/// (where the looks at a stalled worker are told).
+fn one_worker_logging_debug(program: &[&str]) -> Herd {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = herd_cmd();
+    cmd.env("HERD_LOG", "debug")
+        .args(["run", "--listen", &listen, "-i", "1", "--"])
+        .args(program);
+    let h = Herd::spawn(&mut cmd, port);
+    h.wait_ready(1);
+    h
+}
+
 /// A pool of threads is not a server of one connection at a time, though
 /// it too leaves a new connection waiting while it sleeps: each thread
 /// waits a moment (here 400 ms, Puma's 200 ms) for a next request on the
@@ -1324,15 +1338,8 @@ while True:
     c, _ = l.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let h = Herd::spawn(
-        herd_cmd().env("HERD_LOG", "debug").args([
-            "run", "--listen", &listen, "-i", "1", "--", "python3", "-c", script,
-        ]),
-        port,
-    );
-    h.wait_ready(1);
+    let h = one_worker_logging_debug(&["python3", "-c", script]);
+    let port = h.port;
     // Two requests leave two connections idle, each with a thread waiting
     // on it; four at once then need two more, which wait unaccepted.
     for _ in 0..3 {
@@ -1369,15 +1376,8 @@ http.createServer((req, res) => {
   res.end('ok ' + req.url);
 }).listen(Number(process.env.PORT), '127.0.0.1');
 "#;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let h = Herd::spawn(
-        herd_cmd().env("HERD_LOG", "debug").args([
-            "run", "--listen", &listen, "-i", "1", "--", "node", "-e", script,
-        ]),
-        port,
-    );
-    h.wait_ready(1);
+    let h = one_worker_logging_debug(&["node", "-e", script]);
+    let port = h.port;
     assert_eq!(h.get("/").unwrap().0, 200);
     let spin = std::thread::spawn(move || http_get(port, "/spin"));
     assert!(h.wait_log("spinning", T), "{}", h.log());
