@@ -155,7 +155,7 @@ fn parse_unix(m: &[u8]) -> Result<Option<ServerEnd>, DiagError> {
 pub fn listen_backlog(addr: SocketAddr) -> Result<Option<u32>, DiagError> {
     const TCP_LISTEN: u32 = 10;
     let mut found = None;
-    dump(addr, 1 << TCP_LISTEN, |msg| {
+    dump(addr, 1 << TCP_LISTEN, None, |msg| {
         if let Some(backlog) = listener_backlog(msg, addr) {
             // An exact address beats the wildcard.
             if found.is_none() || listener_ip(msg, addr) {
@@ -174,7 +174,7 @@ pub fn listen_backlog(addr: SocketAddr) -> Result<Option<u32>, DiagError> {
 pub fn accepted_at(addr: SocketAddr) -> Result<usize, DiagError> {
     const TCP_ESTABLISHED: u32 = 1;
     let mut n = 0;
-    dump(addr, 1 << TCP_ESTABLISHED, |msg| {
+    dump(addr, 1 << TCP_ESTABLISHED, Some(addr.port()), |msg| {
         let port = msg.get(4..6).map(|p| u16::from_be_bytes([p[0], p[1]]));
         if port == Some(addr.port())
             && listener_ip(msg, addr)
@@ -187,10 +187,19 @@ pub fn accepted_at(addr: SocketAddr) -> Result<usize, DiagError> {
 }
 
 /// Hands `each` every `inet_diag_msg` of this host's TCP sockets of
-/// `addr`'s family in the `states` (a mask of `1 << TCP_*`).
-fn dump(addr: SocketAddr, states: u32, mut each: impl FnMut(&[u8])) -> Result<(), DiagError> {
+/// `addr`'s family in the `states` (a mask of `1 << TCP_*`), only those
+/// whose local port is `sport` if given: the kernel filters them (as `ss
+/// sport = :N` asks), and a host's thousands of connections are not copied.
+fn dump(
+    addr: SocketAddr,
+    states: u32,
+    sport: Option<u16>,
+    mut each: impl FnMut(&[u8]),
+) -> Result<(), DiagError> {
     const NLM_F_DUMP: u16 = 0x300;
     const NLMSG_DONE: u16 = 3;
+    const INET_DIAG_REQ_BYTECODE: u16 = 1;
+    const INET_DIAG_BC_S_EQ: u8 = 11;
     let s = netlink()?;
     let any = match addr.ip() {
         IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -199,6 +208,19 @@ fn dump(addr: SocketAddr, states: u32, mut each: impl FnMut(&[u8])) -> Result<()
     let mut req = query(any, any);
     req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     req[NL_HEADER + 4..NL_HEADER + 8].copy_from_slice(&states.to_ne_bytes());
+    if let Some(port) = sport {
+        // An attribute holding two `inet_diag_bc_op`s: "local port equal
+        // to the next op's `no`": then 8 bytes on (the end: a match), else
+        // 12 (past it: no match); then the port, in host order.
+        req.extend_from_slice(&12u16.to_ne_bytes());
+        req.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+        req.extend_from_slice(&[INET_DIAG_BC_S_EQ, 8]);
+        req.extend_from_slice(&12u16.to_ne_bytes());
+        req.extend_from_slice(&[0, 0]);
+        req.extend_from_slice(&port.to_ne_bytes());
+        let len = req.len() as u32;
+        req[0..4].copy_from_slice(&len.to_ne_bytes());
+    }
     s.send(&req)?;
     let mut buf = vec![0u8; 32 * 1024];
     // Bounded: a few reads for a host's listeners, some hundreds for its
@@ -510,6 +532,16 @@ mod tests {
         assert_eq!(accepted_at(addr).unwrap(), 1);
         let (_sb, _) = l.accept().unwrap();
         assert_eq!(accepted_at(addr).unwrap(), 2);
+        // Another server's are not counted.
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _c = TcpStream::connect(other.local_addr().unwrap()).unwrap();
+        let (_sc, _) = other.accept().unwrap();
+        assert_eq!(accepted_at(addr).unwrap(), 2);
+        assert_eq!(accepted_at(other.local_addr().unwrap()).unwrap(), 1);
+        // The kernel sent only the server's two ends, of the six.
+        let mut sent = 0;
+        dump(addr, 1 << 1, Some(addr.port()), |_| sent += 1).unwrap();
+        assert_eq!(sent, 2);
     }
 
     #[test]
