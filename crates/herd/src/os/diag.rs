@@ -17,6 +17,8 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// The kernel's `TCP_ESTABLISHED` state.
+const TCP_ESTABLISHED: u32 = 1;
 const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
 /// `struct nlmsghdr`.
@@ -172,7 +174,6 @@ pub fn listen_backlog(addr: SocketAddr) -> Result<Option<u32>, DiagError> {
 /// new one waiting a moment while each thread waits on its own (Puma's
 /// wait 200 ms for a next request on the connection they served).
 pub fn accepted_at(addr: SocketAddr) -> Result<usize, DiagError> {
-    const TCP_ESTABLISHED: u32 = 1;
     let mut n = 0;
     dump(addr, 1 << TCP_ESTABLISHED, Some(addr.port()), |msg| {
         let port = msg.get(4..6).map(|p| u16::from_be_bytes([p[0], p[1]]));
@@ -223,8 +224,8 @@ fn dump(
     }
     s.send(&req)?;
     let mut buf = vec![0u8; 32 * 1024];
-    // Bounded: a few reads for a host's listeners, some hundreds for its
-    // connections under load (only looked at while a worker stalls).
+    // Bounded: a few reads for a host's listeners or one port's
+    // connections.
     for _ in 0..1024 {
         let n = (&s).read(&mut buf)?;
         let mut m = &buf[..n];
@@ -540,7 +541,7 @@ mod tests {
         assert_eq!(accepted_at(other.local_addr().unwrap()).unwrap(), 1);
         // The kernel sent only the server's two ends, of the six.
         let mut sent = 0;
-        dump(addr, 1 << 1, Some(addr.port()), |_| sent += 1).unwrap();
+        dump(addr, 1 << TCP_ESTABLISHED, Some(addr.port()), |_| sent += 1).unwrap();
         assert_eq!(sent, 2);
     }
 
