@@ -823,6 +823,106 @@ fn crash_loop_stops_with_a_clear_message() {
     assert!(log.contains("[0] booting"), "{log}");
 }
 
+/// A server run by a shell script without `exec` (or by `go run`): the
+/// shell dies of herd's SIGTERM at once, and the server it started was
+/// killed with its group then, its requests in flight failed. It is now
+/// given until its SIGKILL was due, as systemd waits for a whole cgroup,
+/// on a reload and on the cluster's stop.
+#[test]
+fn a_server_behind_a_wrapper_finishes_its_requests_when_stopped() {
+    // Proxy mode, whose drain herd cuts short here: the demo behind a
+    // forking wrapper rightly ignores fd 3 (LISTEN_PID names the shell).
+    let wrapped = format!("{DEMO}; exit 0");
+    let n = name("wrapped");
+    let mut h = Herd::start(
+        &["--name", &n, "-i", "1", "--drain-timeout", "100ms"],
+        &["sh", "-c", &wrapped],
+    );
+    h.wait_ready(1);
+    let port = h.port;
+    let slow = move || std::thread::spawn(move || http_get(port, "/slow?ms=1500"));
+    let client = slow();
+    assert!(h.wait_log("slow request started", T), "{}", h.log());
+    ok(&herd(&["reload", "--name", &n]));
+    let (status, body) = client.join().unwrap().expect("the answer, on a reload");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("slow done"), "{body}");
+    let client = slow();
+    assert!(h.wait_log_n("slow request started", 2, T), "{}", h.log());
+    h.signal("TERM");
+    let (status, body) = client.join().unwrap().expect("the answer, on a stop");
+    assert!(
+        status == 200 && body.contains("slow done"),
+        "{status} {body}"
+    );
+    let st = h.wait_exit(T).expect("master did not exit");
+    assert_eq!(st.code(), Some(0), "{}", h.log());
+}
+
+/// What is left of a worker's group that ignores SIGTERM is still killed
+/// at the kill time-out, on a reload while the cluster runs on, and on the
+/// stop, which waits for it, no longer.
+#[test]
+fn what_a_wrapper_leaves_behind_is_killed_at_the_kill_timeout() {
+    let secs = 200_000 + std::process::id();
+    let sleep = format!("sleep {secs}");
+    // The subshell ignores SIGTERM and its `sleep` inherits that; the shell
+    // that waits for it dies of the SIGTERM.
+    let script = format!("(trap '' TERM; exec {sleep}) & wait; exit 0");
+    let n = name("left-behind");
+    let mut h = Herd::start(
+        &[
+            "--name",
+            &n,
+            "-i",
+            "1",
+            "--mode",
+            "shared",
+            "--kill-timeout",
+            "1s",
+        ],
+        &["sh", "-c", &script],
+    );
+    h.wait_ready(1);
+    let sleeps = || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", &format!("^{sleep}$")])
+            .output()
+            .unwrap();
+        let pids = String::from_utf8_lossy(&out.stdout).into_owned();
+        pids.split_whitespace()
+            .map(|p| p.parse::<u32>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let old = sleeps();
+    assert_eq!(old.len(), 1, "{old:?}");
+    ok(&herd(&["reload", "--name", &n]));
+    assert!(alive(old[0]), "killed with its shell: {}", h.log());
+    assert!(
+        wait_until(T, || !alive(old[0])),
+        "it outlived its kill time-out"
+    );
+    assert!(
+        h.log().contains("still run at its kill time-out"),
+        "{}",
+        h.log()
+    );
+    let new = sleeps();
+    assert_eq!(new.len(), 1, "{new:?}");
+    let asked = std::time::Instant::now();
+    h.signal("TERM");
+    assert!(h.wait_log_n("killed by SIGTERM", 2, T), "{}", h.log());
+    assert!(alive(new[0]), "killed with its shell: {}", h.log());
+    let st = h.wait_exit(T).expect("master did not exit");
+    assert_eq!(st.code(), Some(0), "{}", h.log());
+    assert!(!alive(new[0]), "it outlived the stop");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        asked.elapsed()
+    );
+}
+
 /// A program that daemonizes (its launcher exits 0 while the server runs
 /// on in a session of its own) is named as such, once, rather than only
 /// as a crash loop of exits with code 0; what it left behind dies with

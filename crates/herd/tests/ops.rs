@@ -69,19 +69,18 @@ process.on('SIGINT', () => {
 "#;
 
 #[test]
-fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
+fn keepalive_clients_see_no_failure_across_reloads_of_node_python_and_perl_apps() {
     // Issue 14: the old worker closed idle keep-alive connections while
     // clients were sending on them (about 40 errors per reload in fd modes).
     // hello.js is unmodified and calls server.close() on SIGTERM itself
-    // (herd's Node preload does the rest); app.py drains by itself; plain
-    // uvicorn and hypercorn close idle connections at once when they stop
-    // (hypercorn's spawned process dies of the SIGTERM herd sends the
-    // group), as does aiohttp, and herd's Python preload makes them drain
-    // in the fd modes;
-    // Mojolicious' prefork server drains on SIGQUIT. pm2stop.js, written
-    // for PM2, handles SIGINT only and ends its idle keep-alive connections
-    // itself at once, as hapi's `server.stop()` does: the preload gives it
-    // the SIGINT once its clients were told (about 10 failed per reload).
+    // (herd's Node preload does the rest); app.py drains by itself; plain uvicorn and hypercorn close idle connections at
+    // once when they stop (hypercorn's spawned process dies of the SIGTERM
+    // herd sends the group), as does aiohttp, and herd's Python preload
+    // makes them drain in the fd modes; Mojolicious' prefork server drains
+    // on SIGQUIT. pm2stop.js, written for PM2, handles SIGINT only and ends
+    // its idle keep-alive connections itself at once, as hapi's
+    // `server.stop()` does: the preload gives it the SIGINT once its
+    // clients were told (about 10 failed per reload).
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
     let node = format!("{examples}/node/hello.js");
     let python = format!("{examples}/python/app.py");
@@ -132,10 +131,19 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_and_python_apps() {
     let aiohttp = ["python3", "aio.py"];
     // (name, command, modes, herd's extra flags)
     type App<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
-    let apps: [App; 8] = [
+    // app.py run by a shell without `exec`: the shell dies of the SIGTERM
+    // at once, and its group is left to finish the drain.
+    let wrapped = format!("python3 {python}; exit 0");
+    let apps: [App; 9] = [
         ("node", &["node", &node], &all, &[]),
         ("node-sigint", &pm2stop, &all, &[]),
         ("python3", &["python3", &python], &fd, &[]),
+        (
+            "python3-behind-sh",
+            &["sh", "-c", &wrapped],
+            &["shared"],
+            &[],
+        ),
         ("uvicorn-h11", &h11, &fd, &[]),
         ("uvicorn-httptools", &httptools, &["shared"], &[]),
         ("hypercorn", &hypercorn, &["shared", "reuseport"], &[]),

@@ -266,6 +266,8 @@ pub struct Supervisor {
     port_hinted: bool,
     /// A worker was found to have daemonized (see `daemonized`); said once.
     daemon_hinted: bool,
+    /// What is left of the groups of workers that exited of herd's SIGTERM.
+    lingering: Vec<process::Lingering>,
     /// Reuseport: steering failed; said once.
     said_steer_failed: bool,
     /// Reuseport: the sockets that get new connections, when not all do
@@ -526,6 +528,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         group,
         listeners_seen: Instant::now(),
         daemon_hinted: false,
+        lingering: Vec::new(),
         awaiting_port: None,
         failed: None,
     };
@@ -678,8 +681,10 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
 
     while !sup.give_up {
         let deadline = sup.m.next_deadline();
+        let lingering = sup.lingering_until();
         tokio::select! {
             Some(ev) = sup.rx.recv() => sup.on_event(ev),
+            _ = sleep_until(lingering) => sup.end_lingering(false),
             sig = stop.recv() => {
                 tracing::info!("{sig}: stopping gracefully (again to stop now)");
                 break;
@@ -696,11 +701,15 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             _ = tick.tick() => {
                 sup.on_tick();
                 sup.reap_adopted();
+                sup.end_lingering(false);
                 if systemd_watchdog {
                     let _ = herd_sdk::notify("WATCHDOG=1");
                 }
             }
-            _ = sigchld.recv() => sup.reap_adopted(),
+            _ = sigchld.recv() => {
+                sup.reap_adopted();
+                sup.end_lingering(false);
+            }
             _ = ops.usr2.recv() => match sup.upgrade_check() {
                 Ok(exe) => {
                     tracing::info!("SIGUSR2: upgrading herd in place");
@@ -888,7 +897,7 @@ impl Supervisor {
                             kill_group(p.pid, Signal::SIGKILL);
                         }
                     }
-                    Action::Forget { epoch } => self.forget(epoch),
+                    Action::Forget { epoch, linger } => self.forget(epoch, linger),
                     // Tell systemd (Type=notify) when herd itself runs under it.
                     Action::AllReady => {
                         let _ = herd_sdk::ready();

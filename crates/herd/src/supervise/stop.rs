@@ -104,7 +104,7 @@ impl Supervisor {
     /// they are gone. On an upgrade (not `stopping` yet), a stop signal or
     /// `herd stop` meanwhile turns it into the cluster's stop, and a
     /// second signal skips to SIGKILL.
-    pub(super) async fn stop_workers(&mut self, stop: &mut StopSignals, hurry: bool) {
+    pub(super) async fn stop_workers(&mut self, stop: &mut StopSignals, mut hurry: bool) {
         self.apply(Input::Stop, None);
         if hurry {
             self.apply(Input::Hurry, None);
@@ -122,6 +122,7 @@ impl Supervisor {
                 _ = sleep_until(deadline) => self.apply(Input::Timer, None),
                 sig = stop.recv() => {
                     if self.stopping {
+                        hurry = true;
                         self.apply(Input::Hurry, None);
                     } else {
                         self.abandon_upgrade(sig);
@@ -135,6 +136,30 @@ impl Supervisor {
                 _ = tokio::time::sleep_until(limit) => {
                     tracing::warn!("{} still running after SIGKILL", crate::console::count(self.m.live(), "worker"));
                     break;
+                }
+            }
+        }
+        // What is left of the groups of workers that exited of the SIGTERM
+        // (a wrapper's server) finishes its stop too, until its SIGKILL was
+        // due. Nothing tells when a group empties: looked at every 20 ms.
+        loop {
+            self.end_lingering(hurry);
+            if self.lingering.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                sig = stop.recv() => {
+                    if self.stopping {
+                        hurry = true;
+                    } else {
+                        self.abandon_upgrade(sig);
+                    }
+                }
+                Some(call) = self.calls.recv() => {
+                    if self.on_call_stopping(call) {
+                        self.abandon_upgrade("herd stop");
+                    }
                 }
             }
         }
