@@ -274,7 +274,8 @@ fn in_use_hint(slot: usize, mode: Mode) -> String {
              as fd 3 (LISTEN_FDS=1), so a server that binds the port (or one of its own) itself \
              finds it taken. Make it accept on fd 3 (gunicorn, uvicorn --fd 3, hypercorn --bind \
              fd://3, puma --bind-to-activated-sockets only, Node apps and Python scripts through \
-             herd's preloads, systemd socket activation), {OR_PROXY}",
+             herd's preloads, Go's net.FileListener(os.NewFile(3, \"\")), systemd socket \
+             activation), {OR_PROXY}",
             mode.as_str()
         ),
         Mode::Dispatch => format!(
