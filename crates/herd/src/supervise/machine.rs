@@ -264,14 +264,9 @@ pub enum Action {
     Kill {
         epoch: Epoch,
     },
-    /// Its process exited: release what the driver holds for it. `linger`:
-    /// it exited of the SIGTERM herd sent, so what is left of its group (a
-    /// wrapper's child, `go run`'s program) may finish its own stop until
-    /// then, when SIGKILL was due, as systemd waits for a unit's whole
-    /// cgroup; `None`: SIGKILL its group now.
+    /// Its process exited: release what the driver holds for it.
     Forget {
         epoch: Epoch,
-        linger: Option<Instant>,
     },
     /// Every slot served for the first time.
     AllReady,
@@ -681,16 +676,10 @@ impl Machine {
     }
 
     fn exited(&mut self, epoch: Epoch, how: String, code: Option<i32>, now: Instant) {
-        let Some((slot, state)) = self.find(epoch).map(|w| (w.slot, w.state)) else {
+        let Some(slot) = self.find(epoch).map(|w| w.slot) else {
             return;
         };
-        // Not with stop_first: a successor is about to start, and the
-        // group may still hold the port the program binds itself.
-        let linger = match state {
-            State::Terminating { kill_at } if !self.limits.stop_first => kill_at,
-            _ => None,
-        };
-        self.out.push(Action::Forget { epoch, linger });
+        self.out.push(Action::Forget { epoch });
         // Retiring first: a scale-down may have removed its slot.
         if let Some(i) = self.retiring.iter().position(|w| w.epoch == epoch) {
             let w = self.retiring.remove(i);

@@ -266,8 +266,10 @@ pub struct Supervisor {
     port_hinted: bool,
     /// A worker was found to have daemonized (see `daemonized`); said once.
     daemon_hinted: bool,
-    /// What is left of the groups of workers that exited of herd's SIGTERM.
-    lingering: Vec<process::Lingering>,
+    /// Workers whose main process exited of herd's stop signal while the
+    /// rest of their group runs on (see `group_lives_on`), with how it
+    /// exited.
+    lingering: Vec<(Epoch, std::io::Result<ExitStatus>)>,
     /// Reuseport: steering failed; said once.
     said_steer_failed: bool,
     /// Reuseport: the sockets that get new connections, when not all do
@@ -681,10 +683,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
 
     while !sup.give_up {
         let deadline = sup.m.next_deadline();
-        let lingering = sup.lingering_until();
         tokio::select! {
             Some(ev) = sup.rx.recv() => sup.on_event(ev),
-            _ = sleep_until(lingering) => sup.end_lingering(false),
             sig = stop.recv() => {
                 tracing::info!("{sig}: stopping gracefully (again to stop now)");
                 break;
@@ -701,14 +701,14 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             _ = tick.tick() => {
                 sup.on_tick();
                 sup.reap_adopted();
-                sup.end_lingering(false);
+                sup.end_lingering();
                 if systemd_watchdog {
                     let _ = herd_sdk::notify("WATCHDOG=1");
                 }
             }
             _ = sigchld.recv() => {
                 sup.reap_adopted();
-                sup.end_lingering(false);
+                sup.end_lingering();
             }
             _ = ops.usr2.recv() => match sup.upgrade_check() {
                 Ok(exe) => {
@@ -800,21 +800,31 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Supervisor {
+    /// The worker's process group is gone (its main process first): the
+    /// machine learns it exited.
+    fn exited(&mut self, epoch: Epoch, status: std::io::Result<ExitStatus>) {
+        let how = match &status {
+            Ok(st) => describe(st),
+            Err(e) => format!("could not be waited for ({e})"),
+        };
+        let code = status.as_ref().ok().and_then(ExitStatus::code);
+        let daemon = (code == Some(0)).then(|| self.daemonized(epoch)).flatten();
+        self.apply(Input::Exited { epoch, how, code }, None);
+        // A server may shut its listening socket down as it ends.
+        self.revive_listeners();
+        if let Some(hint) = daemon {
+            tracing::warn!("{hint}");
+        }
+    }
+
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Exited { epoch, status } => {
-                let how = match &status {
-                    Ok(st) => describe(st),
-                    Err(e) => format!("could not be waited for ({e})"),
-                };
-                let code = status.as_ref().ok().and_then(ExitStatus::code);
-                let daemon = (code == Some(0)).then(|| self.daemonized(epoch)).flatten();
-                self.apply(Input::Exited { epoch, how, code }, None);
-                // A server may shut its listening socket down as it ends.
-                self.revive_listeners();
-                if let Some(hint) = daemon {
-                    tracing::warn!("{hint}");
+                if self.group_lives_on(epoch) {
+                    self.lingering.push((epoch, status));
+                    return;
                 }
+                self.exited(epoch, status);
             }
             Event::Ready { epoch, addr } => {
                 if let Some(p) = self.procs.get_mut(&epoch) {
@@ -897,7 +907,7 @@ impl Supervisor {
                             kill_group(p.pid, Signal::SIGKILL);
                         }
                     }
-                    Action::Forget { epoch, linger } => self.forget(epoch, linger),
+                    Action::Forget { epoch } => self.forget(epoch),
                     // Tell systemd (Type=notify) when herd itself runs under it.
                     Action::AllReady => {
                         let _ = herd_sdk::ready();

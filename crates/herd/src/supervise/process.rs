@@ -542,10 +542,42 @@ impl Supervisor {
         });
     }
 
-    /// Releases what a worker whose process exited held. With `linger`
-    /// (it exited of herd's SIGTERM), the rest of its group is given until
-    /// then to finish its own stop (see [`Lingering`]).
-    pub(super) fn forget(&mut self, epoch: Epoch, linger: Option<std::time::Instant>) {
+    /// A worker's main process exited of herd's stop signal, and processes
+    /// of its group run on: a shell script that ran the server without
+    /// `exec`, `sh -c 'app; …'` or `go run` dies of the SIGTERM at once
+    /// while the server it started drains. A worker is its whole group, so
+    /// it has not exited yet: as systemd waits for a unit's whole cgroup,
+    /// the machine learns of the exit once the group is empty, and its
+    /// SIGKILL at the kill time-out goes to the group as before.
+    pub(super) fn group_lives_on(&self, epoch: Epoch) -> bool {
+        let terminating = self
+            .m
+            .find(epoch)
+            .is_some_and(|w| matches!(w.state, State::Terminating { kill_at: Some(_) }));
+        terminating && self.procs.get(&epoch).is_some_and(|p| group_alive(p.pid))
+    }
+
+    /// Tells the machine of each lingering worker whose group is empty now,
+    /// or that got its SIGKILL; on each tick and SIGCHLD, and during a stop.
+    pub(super) fn end_lingering(&mut self) {
+        if self.lingering.is_empty() {
+            return;
+        }
+        self.reap_adopted(); // a member that exited is a zombie until then
+        let mut i = 0;
+        while i < self.lingering.len() {
+            let epoch = self.lingering[i].0;
+            if self.group_lives_on(epoch) {
+                i += 1;
+            } else {
+                let (epoch, status) = self.lingering.swap_remove(i);
+                self.exited(epoch, status);
+            }
+        }
+    }
+
+    /// Releases what a worker whose process exited held.
+    pub(super) fn forget(&mut self, epoch: Epoch) {
         self.left(epoch);
         let Some(p) = self.procs.remove(&epoch) else {
             return;
@@ -553,83 +585,20 @@ impl Supervisor {
         for t in &p.tasks {
             t.abort();
         }
+        // Whatever the worker left behind in its group is of no use now and
+        // may hold the port: a worker is its whole process group, and the
+        // descendants that left the group (`setsid`, daemons) but were
+        // reparented to herd and still carry its NOTIFY_SOCKET.
+        kill_group(p.pid, Signal::SIGKILL);
+        self.kill_left_behind(&p.notify_path);
+        let _ = std::fs::remove_file(&p.notify_path);
         if let Some(path) = &p.socket {
             let _ = std::fs::remove_file(path);
         }
+        self.guardian.forget(p.pid);
         if let Some(d) = &self.dispatcher {
             d.remove(epoch);
         }
-        let group = Lingering {
-            pgid: p.pid,
-            until: linger.unwrap_or_else(std::time::Instant::now),
-            notify_path: p.notify_path,
-        };
-        if linger.is_some() && group.alive() {
-            tracing::debug!("worker {} exited; waiting for the rest of its group", p.pid);
-            self.lingering.push(group);
-        } else {
-            self.end_group(group);
-        }
-    }
-
-    /// Ends each lingering group that is empty now, or whose time is up
-    /// (or every one, with `hurry`); on each tick and SIGCHLD, and during
-    /// the cluster's stop.
-    pub(super) fn end_lingering(&mut self, hurry: bool) {
-        if self.lingering.is_empty() {
-            return;
-        }
-        self.reap_adopted(); // a member that exited is a zombie until then
-        let now = std::time::Instant::now();
-        let (done, left) = std::mem::take(&mut self.lingering)
-            .into_iter()
-            .partition(|g| hurry || g.until <= now || !g.alive());
-        self.lingering = left;
-        for g in done {
-            if !hurry && g.alive() {
-                tracing::warn!(
-                    "processes left in the group of worker pid {} still run at its kill time-out; SIGKILL",
-                    g.pgid
-                );
-            }
-            self.end_group(g);
-        }
-    }
-
-    /// When the first lingering group's time is up.
-    pub(super) fn lingering_until(&self) -> Option<std::time::Instant> {
-        self.lingering.iter().map(|g| g.until).min()
-    }
-
-    /// Whatever a worker left behind in its group is of no use now and may
-    /// hold the port: a worker is its whole process group, and the
-    /// descendants that left the group (`setsid`, daemons) but were
-    /// reparented to herd and still carry its NOTIFY_SOCKET.
-    fn end_group(&mut self, g: Lingering) {
-        kill_group(g.pgid, Signal::SIGKILL);
-        self.kill_left_behind(&g.notify_path);
-        let _ = std::fs::remove_file(&g.notify_path);
-        self.guardian.forget(g.pgid);
-    }
-}
-
-/// The rest of a worker's process group after the worker exited of herd's
-/// SIGTERM: a shell script that ran the server without `exec`, or `go run`,
-/// dies of the SIGTERM at once while the server it started drains; it is
-/// given until the SIGKILL that was due (`--kill-timeout` after the
-/// SIGTERM), as systemd waits for a unit's whole cgroup, instead of being
-/// killed with its clients' requests in flight. The guardian keeps it.
-pub(super) struct Lingering {
-    pgid: u32,
-    until: std::time::Instant,
-    notify_path: PathBuf,
-}
-
-impl Lingering {
-    /// A process of the group is alive (reaped zombies are gone; one not
-    /// reaped yet counts until its parent, herd or a member, reaps it).
-    fn alive(&self) -> bool {
-        self.pgid > 1 && killpg(Pid::from_raw(self.pgid as i32), None).is_ok()
     }
 }
 
@@ -1148,6 +1117,12 @@ fn socket_env(env: &mut Vec<(OsString, OsString)>, path: &std::path::Path, must:
     args.push(path.as_os_str());
     env.retain(|(k, _)| k != "GUNICORN_CMD_ARGS");
     env.push(("GUNICORN_CMD_ARGS".into(), args));
+}
+
+/// A process of the group is alive (or a zombie its parent, herd or a
+/// member, has not reaped yet).
+fn group_alive(pgid: u32) -> bool {
+    pgid > 1 && killpg(Pid::from_raw(pgid as i32), None).is_ok()
 }
 
 pub(super) fn kill_group(pgid: u32, sig: Signal) {

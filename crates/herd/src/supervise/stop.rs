@@ -104,7 +104,7 @@ impl Supervisor {
     /// they are gone. On an upgrade (not `stopping` yet), a stop signal or
     /// `herd stop` meanwhile turns it into the cluster's stop, and a
     /// second signal skips to SIGKILL.
-    pub(super) async fn stop_workers(&mut self, stop: &mut StopSignals, mut hurry: bool) {
+    pub(super) async fn stop_workers(&mut self, stop: &mut StopSignals, hurry: bool) {
         self.apply(Input::Stop, None);
         if hurry {
             self.apply(Input::Hurry, None);
@@ -113,16 +113,20 @@ impl Supervisor {
         let limit = tokio::time::Instant::now() + self.s.kill_timeout + Duration::from_secs(5);
         while self.m.live() > 0 {
             let deadline = self.m.next_deadline();
+            // Nothing tells when a lingering group empties: looked at often.
+            let lingering = !self.lingering.is_empty();
             tokio::select! {
                 Some(ev) = self.rx.recv() => {
                     if let Event::Exited { .. } = ev {
                         self.on_event(ev);
                     }
                 }
+                _ = tokio::time::sleep(Duration::from_millis(20)), if lingering => {
+                    self.end_lingering();
+                }
                 _ = sleep_until(deadline) => self.apply(Input::Timer, None),
                 sig = stop.recv() => {
                     if self.stopping {
-                        hurry = true;
                         self.apply(Input::Hurry, None);
                     } else {
                         self.abandon_upgrade(sig);
@@ -136,30 +140,6 @@ impl Supervisor {
                 _ = tokio::time::sleep_until(limit) => {
                     tracing::warn!("{} still running after SIGKILL", crate::console::count(self.m.live(), "worker"));
                     break;
-                }
-            }
-        }
-        // What is left of the groups of workers that exited of the SIGTERM
-        // (a wrapper's server) finishes its stop too, until its SIGKILL was
-        // due. Nothing tells when a group empties: looked at every 20 ms.
-        loop {
-            self.end_lingering(hurry);
-            if self.lingering.is_empty() {
-                break;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                sig = stop.recv() => {
-                    if self.stopping {
-                        hurry = true;
-                    } else {
-                        self.abandon_upgrade(sig);
-                    }
-                }
-                Some(call) = self.calls.recv() => {
-                    if self.on_call_stopping(call) {
-                        self.abandon_upgrade("herd stop");
-                    }
                 }
             }
         }

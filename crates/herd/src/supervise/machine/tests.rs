@@ -139,11 +139,7 @@ fn quick_exits_restart_on_the_timer_with_a_doubling_back_off_up_to_the_cap() {
     for delay in [100, 200, 400, 800, 1000] {
         t += 10;
         let out = h.at(t).exit(epoch);
-        let forget = Action::Forget {
-            epoch,
-            linger: None,
-        };
-        assert!(has(&out, &forget) && has(&out, &Action::Publish));
+        assert!(has(&out, &Action::Forget { epoch }) && has(&out, &Action::Publish));
         assert!(spawns(&out).is_empty(), "not before the back-off");
         assert_eq!(h.deadline(), Some(t + delay));
         assert!(spawns(&h.timer(t + delay - 1)).is_empty());
@@ -317,11 +313,6 @@ fn stop_first_a_reload_stops_each_slots_worker_before_its_successor_starts() {
     h.at(20).on(Input::Drained { epoch: old[0] });
     let out = h.at(30).exit(old[0]);
     assert_eq!(spawns(&out), [(0, 3)], "once it has exited");
-    let forget = Action::Forget {
-        epoch: old[0],
-        linger: None,
-    };
-    assert!(has(&out, &forget), "its group may hold the port: {out:?}");
     assert_eq!(h.m.current(0).map(|w| w.epoch), Some(3));
     assert!(h.m.reloading());
     // The next slot waits for this one's successor to be ready.
@@ -394,11 +385,7 @@ fn a_new_worker_not_ready_in_time_aborts_the_reload_and_the_old_ones_keep_servin
     assert_eq!(h.serving_epochs(), old);
     // Its exit restarts nothing and fails nothing more.
     let out = h.at(2200).exit(3);
-    let forget = Action::Forget {
-        epoch: 3,
-        linger: None,
-    };
-    assert_eq!(out, [forget], "killed: its group goes too");
+    assert_eq!(out, [Action::Forget { epoch: 3 }]);
     assert_eq!(h.m.live(), 2);
 }
 
@@ -448,16 +435,10 @@ fn scaling_down_drains_the_highest_slots_and_scaling_up_meanwhile_starts_new_one
     let out = h.at(20).on(Input::Scale { to: 3 });
     assert_eq!(spawns(&out), [(1, 4), (2, 5)]);
     assert_eq!(h.m.live(), 5);
-    // The drained ones' exits restart nothing; each exited of the SIGTERM
-    // that followed its drain, so its group may finish until the SIGKILL
-    // that was due.
+    // The drained ones' exits restart nothing.
     for e in [old[1], old[2]] {
-        h.at(25).on(Input::Drained { epoch: e });
-        let forget = Action::Forget {
-            epoch: e,
-            linger: Some(h.t0 + Duration::from_millis(25) + limits().kill_timeout),
-        };
-        assert_eq!(h.at(30).exit(e), [forget]);
+        h.on(Input::Drained { epoch: e });
+        assert_eq!(h.at(30).exit(e), [Action::Forget { epoch: e }]);
     }
     assert_eq!(h.m.instances(), 3);
     assert_eq!(h.m.live(), 3);
@@ -583,11 +564,7 @@ fn stop_terminates_every_worker_restarts_nothing_and_kills_after_the_kill_timeou
         ]
     );
     assert_eq!(h.deadline(), Some(5020), "no restart timer any more");
-    let forget = Action::Forget {
-        epoch: e[1],
-        linger: Some(h.t0 + Duration::from_millis(5020)),
-    };
-    assert_eq!(h.at(30).exit(e[1]), [forget]);
+    assert_eq!(h.at(30).exit(e[1]), [Action::Forget { epoch: e[1] }]);
     assert_eq!(h.timer(5020), [Action::Kill { epoch: e[2] }]);
     assert!(
         matches!(&h.on(Input::Reload { slots: None })[..], [Action::ReloadFailed(m)] if m.contains("stopping"))
