@@ -821,7 +821,9 @@ impl Supervisor {
         match ev {
             Event::Exited { epoch, status } => {
                 if self.group_lives_on(epoch) {
+                    // Looked at again once the group's zombies are reaped.
                     self.lingering.push((epoch, status));
+                    self.end_lingering();
                     return;
                 }
                 self.exited(epoch, status);
