@@ -823,6 +823,18 @@ fn crash_loop_stops_with_a_clear_message() {
     assert!(log.contains("[0] booting"), "{log}");
 }
 
+/// The pids of the processes whose whole command line is `cmdline`.
+fn running(cmdline: &str) -> Vec<u32> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("^{cmdline}$")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
 /// A server run by a shell script without `exec` (or by `go run`): the
 /// shell dies of herd's SIGTERM at once, and the server it started was
 /// killed with its group then, its requests in flight failed. It is now
@@ -880,17 +892,7 @@ fn what_a_wrapper_leaves_behind_is_killed_at_the_kill_timeout() {
         &["sh", "-c", &script],
     );
     h.wait_ready(1);
-    let sleeps = || {
-        let out = std::process::Command::new("pgrep")
-            .args(["-f", &format!("^{sleep}$")])
-            .output()
-            .unwrap();
-        let pids = String::from_utf8_lossy(&out.stdout).into_owned();
-        pids.split_whitespace()
-            .map(|p| p.parse::<u32>().unwrap())
-            .collect::<Vec<_>>()
-    };
-    let old = sleeps();
+    let old = running(&sleep);
     assert_eq!(old.len(), 1, "{old:?}");
     let asked = std::time::Instant::now();
     ok(&herd(&["reload", "--name", &n]));
@@ -901,7 +903,7 @@ fn what_a_wrapper_leaves_behind_is_killed_at_the_kill_timeout() {
     );
     assert!(wait_until(T, || !alive(old[0])), "it outlived the reload");
     assert!(h.log().contains("1s after SIGTERM; SIGKILL"), "{}", h.log());
-    let new = sleeps();
+    let new = running(&sleep);
     assert_eq!(new.len(), 1, "{new:?}");
     let asked = std::time::Instant::now();
     h.signal("TERM");
@@ -932,15 +934,11 @@ fn a_worker_that_daemonizes_is_told_to_stay_in_the_foreground() {
     assert!(h.wait_log_n("exited with code 0", 2, T), "{}", h.log());
     assert!(h.wait_log("it daemonized", T), "{}", h.log());
     assert!(h.log().contains("running in the background"), "{}", h.log());
-    let running = || {
-        let out = std::process::Command::new("pgrep")
-            .args(["-f", &format!("^{daemon}$")])
-            .output()
-            .unwrap();
-        !out.stdout.is_empty()
-    };
     // Gone with the worker's exit, while the cluster waits to restart it.
-    assert!(wait_until(T, || !running()), "the daemon's child runs on");
+    assert!(
+        wait_until(T, || running(&daemon).is_empty()),
+        "the daemon's child runs on"
+    );
     assert!(h.child.try_wait().unwrap().is_none(), "{}", h.log());
     h.signal("TERM");
     let st = h.wait_exit(T).expect("master did not exit");
