@@ -903,6 +903,19 @@ fn what_a_wrapper_leaves_behind_is_killed_at_the_kill_timeout() {
     );
     assert!(wait_until(T, || !alive(old[0])), "it outlived the reload");
     assert!(h.log().contains("1s after SIGTERM; SIGKILL"), "{}", h.log());
+    // The log says why the reload waits, though the worker's pid is gone.
+    let log = h.log();
+    let shell = log
+        .split("worker 0 started (pid ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap_or_default();
+    assert!(
+        log.contains(&format!(
+            "worker 0: its main process (pid {shell}) ended; waiting for the processes it started"
+        )),
+        "{log}"
+    );
     let new = running(&sleep);
     assert_eq!(new.len(), 1, "{new:?}");
     let asked = std::time::Instant::now();

@@ -821,6 +821,13 @@ impl Supervisor {
         match ev {
             Event::Exited { epoch, status } => {
                 if self.group_lives_on(epoch) {
+                    if let (Some(w), Some(p)) = (self.m.find(epoch), self.procs.get(&epoch)) {
+                        tracing::info!(
+                            "worker {}: its main process (pid {}) ended; waiting for the processes it started (its group)",
+                            w.slot,
+                            p.pid
+                        );
+                    }
                     // Looked at again once the group's zombies are reaped.
                     self.lingering.push((epoch, status));
                     self.end_lingering();
