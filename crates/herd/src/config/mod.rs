@@ -229,7 +229,9 @@ impl FromStr for Size {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s.parse::<SizeOrZero>()? {
-            SizeOrZero(0) => Err(format!("{s:?} is not a size (write 16384, 16k or 1m)")),
+            SizeOrZero(0) => Err(format!(
+                "{s:?}: a size here is more than 0 (write 16384, 16k or 1m)"
+            )),
             SizeOrZero(n) => Ok(Size(n)),
         }
     }
@@ -260,11 +262,13 @@ impl FromStr for SizeOrZero {
             "g" | "gb" | "gib" => 1024 * 1024 * 1024,
             _ => return Err(format!("{s:?} is not a size (write 16384, 16k or 1m)")),
         };
-        num.parse::<usize>()
-            .ok()
-            .and_then(|n| n.checked_mul(mult))
+        let n = num.parse::<usize>().map_err(|e| match e.kind() {
+            std::num::IntErrorKind::PosOverflow => format!("{s:?} is too large"),
+            _ => format!("{s:?} is not a size (write 16384, 16k or 1m)"),
+        })?;
+        n.checked_mul(mult)
             .map(SizeOrZero)
-            .ok_or_else(|| format!("{s:?} is not a size (write 16384, 16k or 1m)"))
+            .ok_or_else(|| format!("{s:?} is too large"))
     }
 }
 
@@ -2623,6 +2627,13 @@ mod tests {
         for bad in ["", "k", "-1", "1x", "99999999999999999999g"] {
             assert!(bad.parse::<SizeOrZero>().is_err(), "{bad:?}");
         }
+        // The error says what is wrong with a number that is one.
+        for big in ["99999999999999999999", "99999999999999g"] {
+            let e = big.parse::<Size>().unwrap_err();
+            assert!(e.ends_with("is too large"), "{e}");
+        }
+        let e = "0".parse::<Size>().unwrap_err();
+        assert!(e.contains("more than 0"), "{e}");
     }
 
     #[test]
