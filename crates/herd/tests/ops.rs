@@ -747,6 +747,57 @@ fn a_worker_above_max_memory_is_replaced_gracefully() {
     assert_eq!(h.get("/").unwrap().0, 200);
 }
 
+/// A worker is its whole process group: behind a wrapper shell, whose own
+/// process holds a MB or two, the server it started is what `--max-memory`
+/// and `herd status` (memory, connections) count, as systemd counts a
+/// unit's cgroup. Before, both looked at the shell alone.
+#[test]
+fn memory_and_connections_of_a_server_behind_a_wrapper_are_the_workers() {
+    let status = |n: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&herd(&["status", "--name", n, "--json"]))).unwrap()
+    };
+    let wrapped = format!("{DEMO}; exit 0");
+    let n = name("wrapped-memory");
+    let h = Herd::start(
+        &["--name", &n, "-i", "1", "--max-memory", "64M"],
+        &["sh", "-c", &wrapped],
+    );
+    h.wait_ready(1);
+    let before = h.worker_pids(1)[0];
+    let (code, body) = h.get("/alloc?mb=80").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let memory = || status(&n)["workers"][0]["memory"].as_u64().unwrap_or(0);
+    assert!(
+        wait_until(T, || memory() > 80 << 20),
+        "status shows {} bytes",
+        memory()
+    );
+    assert!(h.wait_log("above --max-memory", T), "{}", h.log());
+    assert!(
+        wait_until(T, || h.worker_pids(1)[0] != before),
+        "not replaced: {}",
+        h.log()
+    );
+
+    // Connections, in an fd mode: the Python example behind a shell.
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+    let app = format!("python3 {examples}/python/app.py; exit 0");
+    let n = name("wrapped-conns");
+    let h = Herd::start(
+        &["--name", &n, "-i", "1", "--mode", "shared"],
+        &["sh", "-c", &app],
+    );
+    h.wait_ready(1);
+    let s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut kept = BufReader::new(s);
+    assert_eq!(keepalive_get(&mut kept).unwrap().0, 200);
+    let conns = || status(&n)["workers"][0]["connections"].as_u64();
+    assert_eq!(conns(), Some(1), "one keep-alive connection is open");
+    drop(kept);
+    assert!(wait_until(T, || conns() == Some(0)));
+}
+
 #[test]
 fn a_worker_that_stops_pinging_its_watchdog_is_replaced() {
     let script = r#"

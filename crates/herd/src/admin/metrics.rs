@@ -136,14 +136,14 @@ impl Collector for Scrape {
         family(
             &mut enc,
             "herd_worker_resident_memory_bytes",
-            "The worker process's RSS.",
+            "The RSS of the worker's processes (its process group), summed.",
             MetricType::Gauge,
             current().map(|w| (worker(w.id), ConstGauge::new(w.memory as i64))),
         )?;
         family(
             &mut enc,
             "herd_worker_cpu_seconds",
-            "CPU time the worker process used (user and system).",
+            "CPU time the worker's processes (its process group) used, user and system.",
             MetricType::Counter,
             current().map(|w| (worker(w.id), ConstCounter::new(w.cpu_seconds))),
         )?;

@@ -313,25 +313,10 @@ pub fn asleep(pid: u32) -> Option<bool> {
     Some(true)
 }
 
-/// How many processes `pid` and its descendants are (at most 512).
+/// How many processes worker `pid` is: it and its descendants in its
+/// process group (at most 512).
 pub fn processes(pid: u32) -> usize {
-    let mut todo = vec![pid];
-    let mut n = 0;
-    while let Some(p) = todo.pop() {
-        n += 1;
-        if n >= 512 {
-            break;
-        }
-        let tasks = i32::try_from(p)
-            .ok()
-            .and_then(|p| procfs::process::Process::new(p).ok()?.tasks().ok());
-        for t in tasks.into_iter().flatten().flatten() {
-            if let Ok(kids) = t.children() {
-                todo.extend(kids);
-            }
-        }
-    }
-    n
+    super::usage::members(pid).len().max(1)
 }
 
 /// A socket for one query. The kernel answers while it takes the request;

@@ -3,7 +3,8 @@
 //! sockets that join the event loop only to wait (`lazy`), the guardian
 //! process (`guardian`), usable CPUs (`cpus`), the private runtime directory
 //! (`rundir`), adopted children (`reaper`), what a worker listens on
-//! (`sockets`) and whether a local server accepted a connection (`diag`). `sys` and `lazy` are the only
+//! (`sockets`), what its processes use (`usage`) and whether a local server
+//! accepted a connection (`diag`). `sys` and `lazy` are the only
 //! modules with `unsafe`.
 
 pub mod cpus;
@@ -15,6 +16,7 @@ pub mod reaper;
 pub mod rundir;
 pub mod sockets;
 pub mod sys;
+pub mod usage;
 
 /// `sun_path`'s size, its closing NUL included: a Unix socket's path is
 /// shorter.

@@ -724,14 +724,15 @@ impl Supervisor {
         if self.s.max_memory.is_none() {
             return;
         }
-        let page = procfs::page_size();
+        // The whole group's: a wrapper's or a prefork master's own RSS
+        // says nothing of the server behind it.
         let samples: Vec<_> = self
             .m
             .serving()
             .filter_map(|w| {
                 let p = self.procs.get(&w.epoch)?;
-                let st = procfs::process::Process::new(p.pid as i32).and_then(|p| p.stat());
-                Some((w.epoch, st.map_or(0, |st| st.rss * page)))
+                let u = crate::os::usage::usage(p.pid, None);
+                Some((w.epoch, u.map_or(0, |u| u.rss)))
             })
             .collect();
         for (epoch, rss) in samples {
@@ -952,7 +953,6 @@ fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRo
     // fd and fork modes: the worker's client connections, from /proc.
     let established = fd_mode.then(established_inodes);
     let ticks = procfs::ticks_per_second() as f64;
-    let page = procfs::page_size();
     let Ok(mut samples) = samples.lock() else {
         return Vec::new();
     };
@@ -960,11 +960,15 @@ fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRo
     probes
         .into_iter()
         .map(|w| {
-            let stat = procfs::process::Process::new(w.pid as i32)
-                .and_then(|p| p.stat())
-                .ok();
-            let cpu_ticks = stat.as_ref().map_or(0, |s| s.utime + s.stime);
-            let rss = stat.as_ref().map_or(0, |s| s.rss * page);
+            // Its whole group (see `os::usage`); connections only in the
+            // fd modes, where herd's proxy does not count them.
+            let est = if w.target.is_none() {
+                established.as_ref()
+            } else {
+                None
+            };
+            let used = crate::os::usage::usage(w.pid, est).unwrap_or_default();
+            let (cpu_ticks, rss) = (used.cpu_ticks, used.rss);
             let requests = w.target.as_ref().map(|t| t.requests());
             let now = Instant::now();
             let (cpu, rps) = match samples.get(&w.pid) {
@@ -996,7 +1000,7 @@ fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRo
                 memory: rss,
                 connections: match (&w.target, &established) {
                     (Some(t), _) => Some(t.backend.in_flight() as usize),
-                    (None, Some(est)) => Some(connections_of(w.pid, est)),
+                    (None, Some(_)) => Some(used.connections),
                     (None, None) => None,
                 },
                 requests,
@@ -1029,16 +1033,6 @@ fn established_inodes() -> std::collections::HashSet<u64> {
         .filter(|e| e.state == TcpState::Established && listening.contains(&e.local_address.port()))
         .map(|e| e.inode)
         .collect()
-}
-
-/// How many client connections (see [`established_inodes`]) process `pid` holds.
-fn connections_of(pid: u32, established: &std::collections::HashSet<u64>) -> usize {
-    let Ok(fds) = procfs::process::Process::new(pid as i32).and_then(|p| p.fd()) else {
-        return 0;
-    };
-    fds.flatten()
-        .filter(|fd| matches!(fd.target, procfs::process::FDTarget::Socket(i) if established.contains(&i)))
-        .count()
 }
 
 /// A latency in ms with 0.1 precision.
