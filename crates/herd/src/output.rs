@@ -274,8 +274,8 @@ fn in_use_hint(slot: usize, mode: Mode) -> String {
              as fd 3 (LISTEN_FDS=1), so a server that binds the port (or one of its own) itself \
              finds it taken. Make it accept on fd 3 (gunicorn, uvicorn --fd 3, hypercorn --bind \
              fd://3, puma --bind-to-activated-sockets only, Node apps and Python scripts through \
-             herd's preloads, Go's net.FileListener(os.NewFile(3, \"\")), systemd socket \
-             activation), {OR_PROXY}",
+             herd's preloads, Go's net.FileListener(os.NewFile(3, \"\")), Starman with \
+             --env SERVER_STARTER_PORT=PORT=3, systemd socket activation), {OR_PROXY}",
             mode.as_str()
         ),
         Mode::Dispatch => format!(
@@ -422,6 +422,7 @@ mod tests {
         // Only proxy mode gives a worker a port to listen on.
         assert!(in_use_hint(0, Mode::Proxy).contains("Make it listen on $PORT"));
         assert!(in_use_hint(0, Mode::Reuseport).contains("accept on fd 3"));
+        assert!(in_use_hint(0, Mode::Shared).contains("SERVER_STARTER_PORT=PORT=3"));
         assert!(!in_use_hint(0, Mode::Dispatch).contains("Make it listen on $PORT"));
     }
 
