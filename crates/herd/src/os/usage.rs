@@ -33,11 +33,16 @@ pub struct Usage {
 
 /// Worker `pid`'s processes: it, then its descendants in its process
 /// group (one that left it, as a daemon does, is not the worker's), at
-/// most [`MOST`]. Empty if `pid` is gone.
+/// most [`MOST`]. Once `pid` itself has exited while its group runs on (a
+/// wrapper's server still stopping), the group's processes found in all
+/// of `/proc`. Empty if none is left.
 pub fn members(pid: u32) -> Vec<(Process, Stat)> {
     let Ok(main) = i32::try_from(pid) else {
         return Vec::new();
     };
+    if Process::new(main).is_err() {
+        return left_of(main);
+    }
     let mut out: Vec<(Process, Stat)> = Vec::new();
     let mut todo = vec![main];
     while let Some(p) = todo.pop() {
@@ -64,6 +69,21 @@ pub fn members(pid: u32) -> Vec<(Process, Stat)> {
         out.push((proc_, stat));
     }
     out
+}
+
+/// The processes of group `pgid` whose leader is gone: a walk of all of
+/// `/proc`, taken only then.
+fn left_of(pgid: i32) -> Vec<(Process, Stat)> {
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    all.flatten()
+        .filter_map(|p| {
+            let st = p.stat().ok()?;
+            (st.pgrp == pgid && st.state != 'Z').then_some((p, st))
+        })
+        .take(MOST)
+        .collect()
 }
 
 /// Worker `pid`'s figures; `None` if it is gone. Connections are counted
@@ -135,6 +155,30 @@ mod tests {
         assert_eq!(u.processes, 3, "{u:?}");
         // python's 64 MiB is the worker's, though sh is its main process.
         assert!(u.rss > 64 << 20, "{u:?}");
+        // Its processes die of the SIGKILL (init reaps those sh left).
+        let until = Instant::now() + Duration::from_secs(10);
+        while usage(pid, None).is_some() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(usage(pid, None).is_none(), "gone");
+    }
+
+    #[test]
+    fn a_group_whose_main_process_exited_is_still_counted() {
+        let left = format!("sleep {}", 310_000 + std::process::id());
+        let mut sh = Command::new("sh");
+        sh.args(["-c", &format!("{left} & exit 0")]);
+        std::os::unix::process::CommandExt::process_group(&mut sh, 0);
+        let mut child = sh.spawn().unwrap();
+        let pid = child.id();
+        let _ = child.wait(); // sh is gone; its sleep runs on in its group
+        let u = usage(pid, None);
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let u = u.expect("the group's sleep");
+        assert_eq!(u.processes, 1, "{u:?}");
+        assert!(u.rss > 0, "{u:?}");
     }
 }
