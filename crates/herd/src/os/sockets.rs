@@ -14,13 +14,8 @@ use procfs::process::{FDTarget, Process};
 /// sorted. Empty when `/proc` cannot tell (processes gone, no access).
 pub fn listening(pgid: i32) -> Vec<SocketAddr> {
     let mut inodes = HashSet::new();
-    let Ok(all) = procfs::process::all_processes() else {
-        return Vec::new();
-    };
-    for p in all.flatten() {
-        if p.stat().is_ok_and(|s| s.pgrp == pgid) {
-            sockets_of(&p, &mut inodes);
-        }
+    for (p, _) in super::usage::group(pgid) {
+        sockets_of(&p, &mut inodes);
     }
     if inodes.is_empty() {
         return Vec::new();

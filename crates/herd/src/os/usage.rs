@@ -41,7 +41,7 @@ pub fn members(pid: u32) -> Vec<(Process, Stat)> {
         return Vec::new();
     };
     if Process::new(main).is_err() {
-        return left_of(main);
+        return group(main);
     }
     let mut out: Vec<(Process, Stat)> = Vec::new();
     let mut todo = vec![main];
@@ -71,9 +71,10 @@ pub fn members(pid: u32) -> Vec<(Process, Stat)> {
     out
 }
 
-/// The processes of group `pgid` whose leader is gone: a walk of all of
-/// `/proc`, taken only then.
-fn left_of(pgid: i32) -> Vec<(Process, Stat)> {
+/// The live processes of process group `pgid`, at most [`MOST`]: a walk
+/// of all of `/proc` (a worker's are found from its main process while
+/// that lives).
+pub fn group(pgid: i32) -> Vec<(Process, Stat)> {
     let Ok(all) = procfs::process::all_processes() else {
         return Vec::new();
     };
