@@ -40,17 +40,17 @@ pub fn members(pid: u32) -> Vec<(Process, Stat)> {
     let Ok(main) = i32::try_from(pid) else {
         return Vec::new();
     };
-    if Process::new(main).is_err() {
-        return group(main);
-    }
     let mut out: Vec<(Process, Stat)> = Vec::new();
     let mut todo = vec![main];
     while let Some(p) = todo.pop() {
         if out.len() >= MOST {
             break;
         }
-        // Gone meanwhile: skipped.
+        // A descendant gone meanwhile is skipped.
         let Ok(proc_) = Process::new(p) else {
+            if p == main {
+                return group(main);
+            }
             continue;
         };
         let Ok(stat) = proc_.stat() else {
