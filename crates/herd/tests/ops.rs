@@ -799,6 +799,72 @@ fn memory_and_connections_of_a_server_behind_a_wrapper_are_the_workers() {
 }
 
 #[test]
+fn a_workers_cpu_counter_does_not_step_back_when_a_process_of_it_is_orphaned() {
+    // A process of the worker's group whose parent ends goes to herd (the
+    // subreaper) and out of the walk from the main process, with the CPU
+    // time it used: the counter must keep it (Prometheus reads a drop as a
+    // restart).
+    let dir = std::env::temp_dir().join(format!("herd-orphan-cpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (go, pid_file, script) = (dir.join("go"), dir.join("pid"), dir.join("spin.py"));
+    std::fs::write(
+        &script,
+        r#"import os, sys, time
+go, pid_file = sys.argv[1], sys.argv[2]
+if os.fork() == 0:
+    t = time.process_time()
+    while time.process_time() - t < 0.6:
+        pass
+    with open(pid_file + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(pid_file + ".tmp", pid_file)
+    time.sleep(30)
+    os._exit(0)
+end = time.time() + 30
+while not os.path.exists(go) and time.time() < end:
+    time.sleep(0.02)
+"#,
+    )
+    .unwrap();
+    let cmd = format!(
+        "python3 {} {} {} & exec {DEMO}",
+        script.display(),
+        go.display(),
+        pid_file.display()
+    );
+    let n = name("orphan-cpu");
+    let h = Herd::start(&["--name", &n, "-i", "1"], &["sh", "-c", &cmd]);
+    h.wait_ready(1);
+    let cpu = || {
+        let s: serde_json::Value =
+            serde_json::from_str(&ok(&herd(&["status", "--name", &n, "--json"]))).unwrap();
+        s["workers"][0]["cpu_seconds"].as_f64().unwrap_or(0.0)
+    };
+    assert!(wait_until(T, || pid_file.exists()), "{}", h.log());
+    let spinner = std::fs::read_to_string(&pid_file).unwrap();
+    let before = cpu();
+    assert!(before >= 0.5, "the spinner's time is counted: {before}");
+    std::fs::write(&go, "").unwrap();
+    // Its parent ended: it belongs to herd now.
+    let parent = || {
+        let stat = std::fs::read_to_string(format!("/proc/{spinner}/stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        after.split_whitespace().nth(1).unwrap_or("").to_string()
+    };
+    assert!(
+        wait_until(T, || parent() == h.child.id().to_string()),
+        "the spinner's parent is {}",
+        parent()
+    );
+    let after = cpu();
+    assert!(
+        after >= before,
+        "the counter stepped back: {before} then {after}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_worker_that_stops_pinging_its_watchdog_is_replaced() {
     let script = r#"
 import os, socket, time

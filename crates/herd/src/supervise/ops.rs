@@ -944,9 +944,41 @@ struct Probe {
     recent: Option<crate::upstream::Sample>,
 }
 
-/// Last CPU sample of each worker for `status`, by pid: (when, utime+stime
-/// ticks, requests). Rates are over the time since the previous `status`.
-pub(super) type Samples = std::sync::Arc<std::sync::Mutex<HashMap<u32, (Instant, u64, u64)>>>;
+/// Last sample of each worker for `status`, by pid. Rates are over the time
+/// since the previous `status`.
+pub(super) type Samples = std::sync::Arc<std::sync::Mutex<HashMap<u32, Sample>>>;
+
+#[derive(Clone, Copy)]
+pub(super) struct Sample {
+    at: Instant,
+    /// The group's CPU ticks as `/proc` last gave them.
+    read: u64,
+    /// Ticks the group's sum lost: a process of the group that herd reaped
+    /// (as the subreaper) takes its time with it, where one its parent
+    /// reaped passes it on. Added back, so the counter never steps back
+    /// (Prometheus would take that for a restart).
+    lost: u64,
+    requests: u64,
+}
+
+impl Sample {
+    /// The sample after reading `read` ticks (`None`: nothing could be
+    /// read, which loses nothing).
+    fn next(prev: Option<&Sample>, at: Instant, read: Option<u64>, requests: u64) -> Sample {
+        let read = read.or(prev.map(|p| p.read)).unwrap_or(0);
+        let lost = prev.map_or(0, |p| p.lost + p.read.saturating_sub(read));
+        Sample {
+            at,
+            read,
+            lost,
+            requests,
+        }
+    }
+
+    fn ticks(&self) -> u64 {
+        self.read + self.lost
+    }
+}
 
 /// Reads `/proc` for each worker (blocking; off the supervisor thread).
 fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRow> {
@@ -967,16 +999,20 @@ fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRo
             } else {
                 None
             };
-            let used = crate::os::usage::usage(w.pid, est).unwrap_or_default();
-            let (cpu_ticks, rss) = (used.cpu_ticks, used.rss);
+            let used = crate::os::usage::usage(w.pid, est);
             let requests = w.target.as_ref().map(|t| t.requests());
             let now = Instant::now();
-            let (cpu, rps) = match samples.get(&w.pid) {
-                Some(&(at, t0, r0)) => {
-                    let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+            let prev = samples.get(&w.pid).copied();
+            let read = used.as_ref().map(|u| u.cpu_ticks);
+            let sample = Sample::next(prev.as_ref(), now, read, requests.unwrap_or(0));
+            let used = used.unwrap_or_default();
+            let (cpu_ticks, rss) = (sample.ticks(), used.rss);
+            let (cpu, rps) = match prev {
+                Some(p) => {
+                    let secs = now.duration_since(p.at).as_secs_f64().max(1e-3);
                     (
-                        (cpu_ticks.saturating_sub(t0)) as f64 / ticks / secs * 100.0,
-                        requests.map(|r| r.saturating_sub(r0) as f64 / secs),
+                        (cpu_ticks.saturating_sub(p.ticks())) as f64 / ticks / secs * 100.0,
+                        requests.map(|r| r.saturating_sub(p.requests) as f64 / secs),
                     )
                 }
                 None => {
@@ -987,7 +1023,7 @@ fn measure(probes: Vec<Probe>, fd_mode: bool, samples: &Samples) -> Vec<WorkerRo
                     )
                 }
             };
-            samples.insert(w.pid, (now, cpu_ticks, requests.unwrap_or(0)));
+            samples.insert(w.pid, sample);
             WorkerRow {
                 id: w.slot,
                 version: w.version,
@@ -1038,4 +1074,27 @@ fn established_inodes() -> std::collections::HashSet<u64> {
 /// A latency in ms with 0.1 precision.
 fn ms(d: Option<std::time::Duration>) -> Option<f64> {
     d.map(|d| (d.as_secs_f64() * 1e4).round() / 10.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sample;
+    use std::time::Instant;
+
+    #[test]
+    fn a_workers_cpu_ticks_never_step_back() {
+        let at = Instant::now();
+        let mut s = Sample::next(None, at, Some(100), 0);
+        assert_eq!(s.ticks(), 100);
+        // A process of the group went with its 60 ticks.
+        s = Sample::next(Some(&s), at, Some(40), 0);
+        assert_eq!(s.ticks(), 100);
+        s = Sample::next(Some(&s), at, Some(45), 0);
+        assert_eq!(s.ticks(), 105);
+        // Nothing could be read: the same figure, not a drop.
+        s = Sample::next(Some(&s), at, None, 0);
+        assert_eq!(s.ticks(), 105);
+        s = Sample::next(Some(&s), at, Some(50), 0);
+        assert_eq!(s.ticks(), 110);
+    }
 }
