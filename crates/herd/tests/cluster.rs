@@ -1969,6 +1969,10 @@ fn bad_input_gets_one_clear_line() {
         ],
         "--balance needs --mode proxy",
     );
+    assert_one_line_error(
+        &["run", "--mode", "reuseport", "--accept-proxy", "--", DEMO],
+        "--accept-proxy needs --mode proxy",
+    );
 }
 
 #[test]

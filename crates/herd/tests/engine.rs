@@ -1435,3 +1435,236 @@ fn an_endless_chunk_extension_is_a_malformed_answer() {
         h.log()
     );
 }
+
+/// A backend answering each request with the forwarding headers it got.
+fn forwarded_echo_backend() -> u16 {
+    raw_backend(|mut c, head| {
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let field = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or("-")
+                .trim()
+                .to_string()
+        };
+        let body = format!(
+            "xff={} forwarded={}",
+            field("x-forwarded-for:"),
+            field("forwarded:")
+        );
+        let _ = write!(
+            c,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    })
+}
+
+/// A PROXY protocol version 2 header: `PROXY` from `from` (TCP over IPv4),
+/// or `LOCAL` when `None`.
+fn proxy_v2(from: Option<std::net::SocketAddrV4>) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    match from {
+        Some(a) => {
+            h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+            h.extend_from_slice(&a.ip().octets());
+            h.extend_from_slice(&[127, 0, 0, 1]);
+            h.extend_from_slice(&a.port().to_be_bytes());
+            h.extend_from_slice(&8000u16.to_be_bytes());
+        }
+        None => h.extend_from_slice(&[0x20, 0x00, 0, 0]),
+    }
+    h
+}
+
+const GET_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+
+#[test]
+fn accept_proxy_takes_the_client_address_from_the_proxy_header() {
+    let port = forwarded_echo_backend();
+    let dir = std::env::temp_dir().join(format!("herd-accept-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let access = dir.join("access.log");
+    let h = lb(
+        port,
+        &[
+            "--accept-proxy",
+            "--access-log",
+            s(&access),
+            "--header-timeout",
+            "1s",
+        ],
+    );
+
+    // Version 1, with the request in the same packet.
+    let v1 = [
+        &b"PROXY TCP4 203.0.113.9 127.0.0.1 41000 8000\r\n"[..],
+        GET_CLOSE,
+    ]
+    .concat();
+    let answer = whole_exchange(h.port, &v1);
+    assert!(
+        answer.contains("xff=203.0.113.9 forwarded=for=203.0.113.9"),
+        "{answer}"
+    );
+    // Version 1 over IPv6, arriving in two pieces.
+    let mut c = connect(h.port);
+    c.write_all(b"PROXY TCP6 2001:db8::7 ::1 41000").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.write_all(b" 8000\r\n").unwrap();
+    c.write_all(GET_CLOSE).unwrap();
+    let mut answer = String::new();
+    let _ = c.read_to_string(&mut answer);
+    assert!(answer.contains("xff=2001:db8::7 "), "{answer}");
+    // Version 2, two requests on one kept-alive connection.
+    let from = "198.51.100.4:5000".parse().unwrap();
+    let mut c = connect(h.port);
+    c.write_all(&proxy_v2(Some(from))).unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    for _ in 0..2 {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let (head, body) = read_one(&mut r);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("xff=198.51.100.4 "), "{body}");
+    }
+    drop((r, c));
+    // Version 2's LOCAL (a balancer's health check): the peer's own address.
+    let answer = whole_exchange(h.port, &[proxy_v2(None), GET_CLOSE.to_vec()].concat());
+    assert!(answer.contains("xff=127.0.0.1 "), "{answer}");
+
+    // Without a header (a client that skipped the balancer), or with a bad
+    // one: closed unanswered, and said in the log (the first; then at most
+    // once every 10 s).
+    assert_eq!(whole_exchange(h.port, GET_CLOSE), "");
+    assert!(h.wait_log("no PROXY protocol header", T), "{}", h.log());
+    let bad = [
+        &b"PROXY TCP4 203.0.113.9 127.0.0.1 99999 8000\r\n"[..],
+        GET_CLOSE,
+    ]
+    .concat();
+    assert_eq!(whole_exchange(h.port, &bad), "");
+    // A connection whose header never ends is closed at --header-timeout;
+    // the others are served meanwhile.
+    let mut silent = connect(h.port);
+    silent.write_all(b"PROXY TCP4").unwrap();
+    let answer = whole_exchange(h.port, &v1);
+    assert!(answer.contains("xff=203.0.113.9 "), "{answer}");
+    // Closed (its unread bytes make it a reset), not timed out.
+    let end = silent.read(&mut [0u8; 1]);
+    assert!(
+        matches!(&end, Ok(0))
+            || matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{end:?}"
+    );
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&access)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("203.0.113.9 "))
+            .count()
+            == 2),
+        "access log: {}",
+        std::fs::read_to_string(&access).unwrap_or_default()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn accept_proxy_in_tcp_mode_passes_on_what_follows_the_header() {
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in echo.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 64];
+                while let Ok(n) = c.read(&mut b) {
+                    if n == 0 || c.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let dir = std::env::temp_dir().join(format!("herd-accept-proxy-tcp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let access = dir.join("access.log");
+    let h = lb(
+        port,
+        &[
+            "--protocol",
+            "tcp",
+            "--accept-proxy",
+            "--access-log",
+            s(&access),
+        ],
+    );
+    let mut c = connect(h.port);
+    let from = "198.51.100.4:5000".parse().unwrap();
+    c.write_all(&[proxy_v2(Some(from)), b"hello".to_vec()].concat())
+        .unwrap();
+    let mut back = [0u8; 5];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(
+        &back, b"hello",
+        "the backend got what followed the header, only that"
+    );
+    drop(c);
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&access)
+            .unwrap_or_default()
+            .starts_with("198.51.100.4 ")),
+        "access log: {}",
+        std::fs::read_to_string(&access).unwrap_or_default()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn accept_proxy_behind_haproxy_and_from_curl() {
+    let port = forwarded_echo_backend();
+    let h = lb(port, &["--accept-proxy"]);
+    // curl's own version 1 header, from another loopback address.
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--haproxy-protocol", "--interface", "127.0.0.8"])
+        .arg(format!("http://127.0.0.1:{}/", h.port))
+        .output()
+        .expect("curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains("xff=127.0.0.8 "), "{body}");
+
+    // HAProxy in front, sending version 2 (`send-proxy-v2`).
+    let dir = std::env::temp_dir().join(format!("herd-haproxy-pp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let front = free_port();
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend f\n  bind 127.0.0.1:{front}\n  default_backend b\n\
+             backend b\n  server herd 127.0.0.1:{} send-proxy-v2\n",
+            h.port
+        ),
+    )
+    .unwrap();
+    let mut haproxy = std::process::Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy (.ci/run installs Debian's haproxy)");
+    assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", front)).is_ok()));
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--interface", "127.0.0.7"])
+        .arg(format!("http://127.0.0.1:{front}/"))
+        .output()
+        .expect("curl");
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains("xff=127.0.0.7 "), "{body}");
+}

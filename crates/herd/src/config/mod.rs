@@ -701,6 +701,11 @@ options! {
     /// What the proxy speaks: `http` balances per request, `tcp` per connection [default: http].
     #[arg(long, value_enum)]
     protocol: Option<Protocol>,
+    /// Each client connection begins with a PROXY protocol header (v1 or v2) from a
+    /// load balancer in front (HAProxy's `send-proxy`, nginx's `proxy_protocol`, AWS NLB),
+    /// whose client address herd uses; one without it is closed [default: false].
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    accept_proxy: Option<bool>,
     /// A remote backend: ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,max_conns=N][,backup],
     /// ADDR being HOST:PORT or unix:PATH (repeatable; `upstream = [...]` in the file).
     #[arg(long = "upstream", value_name = "SPEC")]
@@ -1026,6 +1031,8 @@ pub struct Settings {
     pub program: PathBuf,
     pub balance: StrategyKind,
     pub protocol: Protocol,
+    /// `--accept-proxy`: connections begin with a PROXY protocol header.
+    pub accept_proxy: bool,
     pub upstreams: Vec<UpstreamSpec>,
     /// `--upstream-dns` and `--upstream-srv`: what to resolve, and how often.
     pub discovery: Vec<Discovery>,
@@ -1610,6 +1617,9 @@ impl Settings {
             if protocol.is_some() {
                 return Err(ConfigError::NeedsProxy("--protocol"));
             }
+            if o.accept_proxy == Some(true) {
+                return Err(ConfigError::NeedsProxy("--accept-proxy"));
+            }
             if o.worker_max_conns.is_some() {
                 return Err(ConfigError::NeedsProxy("--worker-max-conns"));
             }
@@ -1810,6 +1820,7 @@ impl Settings {
             program,
             balance: balance.unwrap_or(StrategyKind::RoundRobin),
             protocol: protocol.unwrap_or(Protocol::Http),
+            accept_proxy: o.accept_proxy.unwrap_or(false),
             upstreams,
             discovery,
             resolver,

@@ -146,6 +146,51 @@ impl LazyStream {
         }
     }
 
+    /// Looks at what the client sent without taking it, until `enough`
+    /// says the bytes so far suffice, `buf` is full, or the client closed
+    /// (`Ok(0)`); the bytes peeked are in `buf`.
+    pub async fn peek_until(
+        &self,
+        buf: &mut [u8],
+        mut enough: impl FnMut(&[u8]) -> bool,
+    ) -> io::Result<usize> {
+        // `raw` holds the fd registered or not (it never closes it once
+        // registered). Too few bytes read as "would block", which clears a
+        // registered socket's readiness: the next wait is for more.
+        let mut peek = || -> io::Result<usize> {
+            let n = self.raw.peek(buf)?;
+            if n == 0 || n == buf.len() || enough(&buf[..n]) {
+                Ok(n)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        };
+        if self.bare().is_some() {
+            match peek() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return done,
+            }
+        }
+        let s = self.registered()?;
+        loop {
+            s.readable().await?;
+            match s.try_io(Interest::READABLE, &mut peek) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                done => return done,
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes known to be queued (peeked at already).
+    pub fn read_queued(&self, buf: &mut [u8]) -> io::Result<()> {
+        if matches!(self.reg.get(), Some(None)) {
+            return Err(gone());
+        }
+        // Through `raw`, registered or not: the bytes are there, so no
+        // readiness is consumed.
+        std::io::Read::read_exact(&mut &*self.raw, buf)
+    }
+
     /// Closes the sending side (the FIN goes out after what is queued).
     pub fn shutdown_write(&self) -> io::Result<()> {
         match self.reg.get() {

@@ -44,6 +44,7 @@ pub mod head;
 mod idle;
 #[cfg(test)]
 mod props;
+pub mod proxy_protocol;
 pub mod spread;
 mod tcp;
 pub mod tls;
@@ -114,6 +115,16 @@ pub enum Protocol {
     Tcp(Arc<TcpProxy>),
 }
 
+impl Protocol {
+    /// `--accept-proxy`: the time a connection's PROXY header may take.
+    fn accept_proxy(&self) -> Option<Duration> {
+        match self {
+            Protocol::Http(h) => h.accept_proxy,
+            Protocol::Tcp(t) => t.accept_proxy,
+        }
+    }
+}
+
 thread_local! {
     /// Which proxy thread this is (0 elsewhere): picks the connection-pool shard.
     static THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -175,9 +186,10 @@ pub fn start_threads(
 ) -> std::io::Result<()> {
     let ends = spread::channels(listeners.len());
     for ((i, l), inbound) in listeners.into_iter().enumerate().zip(ends) {
-        let http = matches!(proto, Protocol::Http(_));
+        // A balancer in front sends its PROXY header first, in TCP mode too.
+        let first = matches!(proto, Protocol::Http(_)) || proto.accept_proxy().is_some();
         for set in [
-            crate::os::listen::client_speaks_first(&l, http),
+            crate::os::listen::client_speaks_first(&l, first),
             crate::os::listen::probe_idle_peers(&l),
         ] {
             if let Err(e) = set {
@@ -313,8 +325,28 @@ fn plain_h1(proto: &Protocol) -> bool {
     matches!(proto, Protocol::Http(h) if h.tls.is_none() && !h.h2_backends.load(Ordering::Relaxed))
 }
 
-/// Serves one client connection on this thread.
-fn start(h: spread::Handed, proto: &Protocol, stop: &CancellationToken) {
+/// Serves one client connection on this thread; with `--accept-proxy`,
+/// once its PROXY header named the client (a connection handed on between
+/// requests had it read already).
+fn start(mut h: spread::Handed, proto: &Protocol, stop: &CancellationToken) {
+    let Some(within) = proto.accept_proxy().filter(|_| h.fresh) else {
+        return start_now(h, proto, stop);
+    };
+    let (proto, stop) = (proto.clone(), stop.clone());
+    tokio::spawn(async move {
+        match proxy_protocol::read(&h.client, h.peer, within).await {
+            Ok(client) => {
+                h.peer = client;
+                start_now(h, &proto, &stop);
+            }
+            // Closed having sent nothing: a balancer's TCP health check.
+            Err(proxy_protocol::ProxyHeaderError::Closed) => {}
+            Err(e) => Told::NoProxyHeader.warn(&format!("a connection from {}", h.peer), &e),
+        }
+    });
+}
+
+fn start_now(h: spread::Handed, proto: &Protocol, stop: &CancellationToken) {
     let spread::Handed {
         client,
         peer,
@@ -381,6 +413,9 @@ pub struct HttpProxy {
     pub h2_backends: AtomicBool,
     /// For backends marked `tls`.
     pub client_tls: Arc<h2::ClientTls>,
+    /// `--accept-proxy`: each connection begins with a PROXY header, read
+    /// within this time.
+    pub accept_proxy: Option<Duration>,
 }
 
 impl HttpProxy {
@@ -399,6 +434,7 @@ impl HttpProxy {
             log,
             tls: None,
             h2_backends: AtomicBool::new(false),
+            accept_proxy: None,
         }
     }
 
@@ -544,13 +580,15 @@ pub(crate) enum Told {
     NoneAvailable,
     /// Every backend held its `max_conns` for the whole wait: a 503.
     AllFull,
+    /// `--accept-proxy`: a connection without a good PROXY header, closed.
+    NoProxyHeader,
 }
 
 impl Told {
     pub(crate) fn warn(self, label: &str, why: &dyn std::fmt::Display) {
         use crate::os::listen::AcceptErrors;
         type Throttle = std::sync::Mutex<AcceptErrors>;
-        static TOLD: [Throttle; 4] = [const { Throttle::new(AcceptErrors::new()) }; 4];
+        static TOLD: [Throttle; 5] = [const { Throttle::new(AcceptErrors::new()) }; 5];
         let due = TOLD[self as usize]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -560,6 +598,7 @@ impl Told {
             Told::Cut => "answers broken off",
             Told::NoneAvailable => "requests without a backend",
             Told::AllFull => "requests that waited in vain for room",
+            Told::NoProxyHeader => "connections closed for their PROXY header",
         };
         match due {
             Some(1) => tracing::warn!("{label}: {why}"),

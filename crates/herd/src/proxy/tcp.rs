@@ -19,6 +19,8 @@ pub struct TcpProxy {
     pub wait_for_backend: Duration,
     /// `--access-log`: one line per connection.
     pub log: Option<Arc<super::access::AccessLog>>,
+    /// `--accept-proxy`: the time a connection's PROXY header may take.
+    pub accept_proxy: Option<Duration>,
 }
 
 /// Targets tried per connection before giving up on it.

@@ -554,6 +554,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                     Arc::new(client_tls),
                 );
                 h.tls = sup.tls.clone();
+                h.accept_proxy = s.accept_proxy.then_some(s.http.limits.header_timeout);
                 let h2 = s.workers_h2
                     || tls_up
                     || s.upstreams.iter().any(|u| u.h2)
@@ -569,6 +570,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 up: sup.up.clone(),
                 connect_timeout: sup.s.connect_timeout,
                 wait_for_backend: sup.s.ready_timeout,
+                accept_proxy: (sup.s.accept_proxy).then_some(sup.s.http.limits.header_timeout),
             })),
         };
         match &sup.listeners {
