@@ -65,6 +65,53 @@ fn tls_args(pairs: &[&(PathBuf, PathBuf)]) -> Vec<String> {
 }
 
 #[test]
+fn accept_proxy_over_tls_and_on_the_redirect_listener() {
+    let pki = Pki::new("pp");
+    let a = pki.leaf("a.test");
+    let redirect = free_port();
+    let mut args = tls_args(&[&a]);
+    args.extend([
+        "--accept-proxy".into(),
+        "--redirect-http".into(),
+        format!("127.0.0.1:{redirect}"),
+        "-i".into(),
+        "1".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    // curl's PROXY header, then the TLS handshake, HTTP/1.1 and HTTP/2.
+    for flag in ["--http1.1", "--http2"] {
+        let extra = ["--haproxy-protocol", "--interface", "127.0.0.9", flag];
+        let out = curl(&pki, "a.test", h.port, "/headers", &extra);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("x-forwarded-for: 127.0.0.9"),
+            "{flag}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Without the header: no handshake.
+    assert!(!curl(&pki, "a.test", h.port, "/", &[]).status.success());
+    // The redirect listener skips the header too.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", redirect)).unwrap();
+    std::io::Write::write_all(
+        &mut c,
+        b"PROXY TCP4 203.0.113.9 127.0.0.1 41000 80\r\nGET /p HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut c, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 301"), "{answer}");
+    assert!(answer.contains("Location: https://a.test:"), "{answer}");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", redirect)).unwrap();
+    std::io::Write::write_all(&mut c, b"GET /p HTTP/1.1\r\nHost: a.test\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut c, &mut answer);
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+}
+
+#[test]
 fn https_with_alpn_sni_resumption_and_a_redirect_from_plain_http() {
     let pki = Pki::new("main");
     let a = pki.leaf("a.test");

@@ -480,33 +480,51 @@ fn client_cert_field(leaf: &CertificateDer<'_>) -> Option<hyper::header::HeaderV
 }
 
 /// `--redirect-http`: answers every request with a `301` to the same host
-/// and path over HTTPS on `https_port`, then closes.
-pub async fn redirect(listener: tokio::net::TcpListener, https_port: u16) {
+/// and path over HTTPS on `https_port`, then closes. With `accept_proxy`,
+/// each connection's PROXY header is skipped first (the address in it is
+/// of no use here).
+pub async fn redirect(listener: tokio::net::TcpListener, https_port: u16, accept_proxy: bool) {
     loop {
         let Ok((io, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
         tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(10), redirect_one(io, https_port)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                redirect_one(io, https_port, accept_proxy),
+            )
+            .await;
         });
     }
 }
 
-async fn redirect_one(mut io: TcpStream, https_port: u16) -> std::io::Result<()> {
+async fn redirect_one(
+    mut io: TcpStream,
+    https_port: u16,
+    mut accept_proxy: bool,
+) -> std::io::Result<()> {
+    use super::proxy_protocol::{Parsed, parse};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 8192];
-    let mut len = 0;
+    let (mut start, mut len) = (0, 0);
     let answer = loop {
         let n = io.read(&mut buf[len..]).await?;
         if n == 0 {
             return Ok(());
         }
         len += n;
+        if accept_proxy {
+            match parse(&buf[..len]) {
+                Ok(Parsed::More) => continue,
+                Ok(Parsed::Header { len: header, .. }) => (start, accept_proxy) = (header, false),
+                // Closed unanswered, as the main listener closes it.
+                Err(_) => return Ok(()),
+            }
+        }
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf[..len]) {
+        match req.parse(&buf[start..len]) {
             Ok(httparse::Status::Complete(_)) => break redirect_answer(&req, https_port),
             Ok(httparse::Status::Partial) if len < buf.len() => continue,
             _ => break BAD_REQUEST.to_string(),

@@ -598,7 +598,11 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 "plain HTTP on {addr} redirects to https:// on port {}",
                 bound.port()
             );
-            tokio::spawn(proxy::tls::redirect(redirect, bound.port()));
+            tokio::spawn(proxy::tls::redirect(
+                redirect,
+                bound.port(),
+                sup.s.accept_proxy,
+            ));
         }
         if !sup.s.discovery.is_empty() {
             tokio::spawn(upstream::discover::run(
