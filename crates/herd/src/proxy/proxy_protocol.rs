@@ -346,6 +346,36 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any bytes: a header found is no longer than what was read and
+        /// every shorter prefix of it asks for more; bytes after it do not
+        /// change it; and what asks for more never grows past the limits.
+        #[test]
+        fn any_bytes_parse_consistently(
+            v1 in proptest::collection::vec(proptest::sample::select(
+                b"PROXY TCP4 TCP6 UNKNOWN 0123456789.:abcdef \r\n\0".to_vec()), 0..120),
+            v2 in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..16),
+        ) {
+            let v2 = [&V2_SIGNATURE[..], &v2].concat();
+            let v1 = [&V1_PREFIX[..], &v1].concat();
+            for input in [v1, v2] {
+                match parse(&input) {
+                    Ok(Parsed::Header { len, source }) => {
+                        proptest::prop_assert!(len <= input.len());
+                        for n in 0..len {
+                            proptest::prop_assert_eq!(parse(&input[..n]), Ok(Parsed::More));
+                        }
+                        let longer = [&input[..], &tail].concat();
+                        proptest::prop_assert_eq!(parse(&longer), Ok(Parsed::Header { len, source }));
+                    }
+                    Ok(Parsed::More) => proptest::prop_assert!(input.len() < MAX_HEADER),
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
     #[test]
     fn version_2_refusals() {
         let v4 = [192, 0, 2, 7, 10, 0, 0, 1, 0, 1, 0, 2];
