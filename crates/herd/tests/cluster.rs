@@ -1973,6 +1973,10 @@ fn bad_input_gets_one_clear_line() {
         &["run", "--mode", "reuseport", "--accept-proxy", "--", DEMO],
         "--accept-proxy needs --mode proxy",
     );
+    assert_one_line_error(
+        &["run", "--send-proxy", "--", DEMO],
+        "--send-proxy is for --protocol tcp",
+    );
 }
 
 #[test]

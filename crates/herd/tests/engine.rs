@@ -1635,36 +1635,109 @@ fn accept_proxy_behind_haproxy_and_from_curl() {
     assert!(body.contains("xff=127.0.0.8 "), "{body}");
 
     // HAProxy in front, sending version 2 (`send-proxy-v2`).
-    let dir = std::env::temp_dir().join(format!("herd-haproxy-pp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let front = free_port();
-    let cfg = dir.join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  maxconn 100\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-             frontend f\n  bind 127.0.0.1:{front}\n  default_backend b\n\
-             backend b\n  server herd 127.0.0.1:{} send-proxy-v2\n",
-            h.port
-        ),
-    )
-    .unwrap();
-    let mut haproxy = std::process::Command::new("haproxy")
-        .args(["-db", "-f"])
-        .arg(&cfg)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("haproxy (.ci/run installs Debian's haproxy)");
-    assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", front)).is_ok()));
+    let haproxy = HaProxy::start("front", "", h.port, "send-proxy-v2", false);
     let out = std::process::Command::new("curl")
         .args(["-s", "--interface", "127.0.0.7"])
-        .arg(format!("http://127.0.0.1:{front}/"))
+        .arg(format!("http://127.0.0.1:{}/", haproxy.port))
         .output()
         .expect("curl");
-    let _ = haproxy.kill();
-    let _ = haproxy.wait();
-    let _ = std::fs::remove_dir_all(&dir);
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(body.contains("xff=127.0.0.7 "), "{body}");
+}
+
+/// HAProxy in HTTP mode on a free port, sending to `backend`; `bind` and
+/// `server` are extra words for its `bind` and `server` lines; with
+/// `forwardfor`, it adds `X-Forwarded-For`. Killed on drop.
+struct HaProxy {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl HaProxy {
+    fn start(tag: &str, bind: &str, backend: u16, server: &str, forwardfor: bool) -> HaProxy {
+        let dir = std::env::temp_dir().join(format!("herd-haproxy-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  maxconn 100\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+                 frontend f\n  bind 127.0.0.1:{port} {bind}\n  default_backend b\n\
+                 backend b\n  {}\n  server s 127.0.0.1:{backend} {server}\n",
+                if forwardfor { "option forwardfor" } else { "" }
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("haproxy")
+            .args(["-db", "-f"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy (.ci/run installs Debian's haproxy)");
+        assert!(wait_until(T, || TcpStream::connect(("127.0.0.1", port)).is_ok()));
+        HaProxy { child, port, dir }
+    }
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn send_proxy_in_tcp_mode_tells_the_backend_the_client() {
+    // The exact bytes: a backend that echoes what it gets.
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in echo.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 128];
+                while let Ok(n) = c.read(&mut b) {
+                    if n == 0 || c.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let h = lb(
+        port,
+        &["--protocol", "tcp", "--accept-proxy", "--send-proxy=v2"],
+    );
+    let mut c = connect(h.port);
+    let v1 = format!("PROXY TCP4 203.0.113.9 127.0.0.1 41000 {}\r\nhello", h.port);
+    c.write_all(v1.as_bytes()).unwrap();
+    let mut want = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    want.extend_from_slice(&[203, 0, 113, 9, 127, 0, 0, 1]);
+    want.extend_from_slice(&41000u16.to_be_bytes());
+    want.extend_from_slice(&h.port.to_be_bytes());
+    want.extend_from_slice(b"hello");
+    let mut got = vec![0u8; want.len()];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(got, want);
+    drop((c, h));
+
+    // A real reader of each version: HAProxy with `accept-proxy`, whose
+    // `option forwardfor` then names the client to the app.
+    let app = forwarded_echo_backend();
+    for version in ["v1", "v2"] {
+        let haproxy = HaProxy::start(version, "accept-proxy", app, "", true);
+        let flag = format!("--send-proxy={version}");
+        let h = lb(haproxy.port, &["--protocol", "tcp", &flag]);
+        let out = std::process::Command::new("curl")
+            .args(["-s", "--interface", "127.0.0.6"])
+            .arg(format!("http://127.0.0.1:{}/", h.port))
+            .output()
+            .expect("curl");
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(body.contains("xff=127.0.0.6 "), "{version}: {body}");
+    }
 }

@@ -143,6 +143,10 @@ pub enum ConfigError {
         "--balance hash:sni picks by the TLS server name of --protocol tcp connections: add --protocol tcp"
     )]
     SniNeedsTcp,
+    #[error(
+        "--send-proxy is for --protocol tcp (over HTTP herd names the client in X-Forwarded-For and Forwarded)"
+    )]
+    SendProxyNeedsTcp,
     #[error("--increment-var PORT: in proxy mode herd gives each worker its own PORT")]
     IncrementPort,
     #[error(
@@ -218,6 +222,16 @@ pub enum Protocol {
     Http,
     /// Bytes: balanced per connection.
     Tcp,
+}
+
+/// `--send-proxy`: the PROXY protocol header's version for backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    /// Text (nginx's `proxy_protocol on`, HAProxy's `send-proxy`).
+    V1,
+    /// Binary (HAProxy's `send-proxy-v2`).
+    V2,
 }
 
 /// A byte size written like `16384`, `16k`, `16KiB`, `1m`.
@@ -706,6 +720,10 @@ options! {
     /// whose client address herd uses; one without it is closed [default: false].
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     accept_proxy: Option<bool>,
+    /// With --protocol tcp: begin each connection to a backend with a PROXY protocol
+    /// header naming the client, `v1` (text) or `v2` (binary) [default: none; alone: v1].
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "v1", value_name = "VERSION")]
+    send_proxy: Option<SendProxy>,
     /// A remote backend: ADDR[,weight=N][,max_fails=N][,fail_timeout=DUR][,max_conns=N][,backup],
     /// ADDR being HOST:PORT or unix:PATH (repeatable; `upstream = [...]` in the file).
     #[arg(long = "upstream", value_name = "SPEC")]
@@ -1033,6 +1051,8 @@ pub struct Settings {
     pub protocol: Protocol,
     /// `--accept-proxy`: connections begin with a PROXY protocol header.
     pub accept_proxy: bool,
+    /// `--send-proxy`: TCP mode's backend connections begin with one.
+    pub send_proxy: Option<SendProxy>,
     pub upstreams: Vec<UpstreamSpec>,
     /// `--upstream-dns` and `--upstream-srv`: what to resolve, and how often.
     pub discovery: Vec<Discovery>,
@@ -1591,6 +1611,9 @@ impl Settings {
         if balance == Some(StrategyKind::SniHash) && protocol != Some(Protocol::Tcp) {
             return Err(ConfigError::SniNeedsTcp);
         }
+        if o.send_proxy.is_some() && protocol != Some(Protocol::Tcp) {
+            return Err(ConfigError::SendProxyNeedsTcp);
+        }
         if mode != Mode::Proxy {
             if !upstreams.is_empty() {
                 return Err(ConfigError::NeedsProxy("--upstream"));
@@ -1821,6 +1844,7 @@ impl Settings {
             balance: balance.unwrap_or(StrategyKind::RoundRobin),
             protocol: protocol.unwrap_or(Protocol::Http),
             accept_proxy: o.accept_proxy.unwrap_or(false),
+            send_proxy: o.send_proxy,
             upstreams,
             discovery,
             resolver,

@@ -8,6 +8,9 @@
 //! The header is peeked at, parsed here (pure), then exactly its bytes are
 //! read off the socket: what follows stays queued for whichever engine
 //! serves the connection (HTTP/1.1, TLS, h2c, TCP).
+//!
+//! `--send-proxy` writes one ([`header`]) before TCP mode's backend
+//! connections, so the backend learns the client as well.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -73,6 +76,54 @@ pub async fn read(
         // A full buffer still short of a header (cannot be: see MAX_HEADER).
         Ok(Parsed::More) => Err(ProxyHeaderError::TooLong),
         Err(e) => Err(e),
+    }
+}
+
+/// `--send-proxy`: the header that tells a backend the connection it gets
+/// relays one from `client` to `to` (herd's address the client reached).
+/// Addresses of two families (an IPv6 client named by a balancer in front
+/// of an IPv4 listener) are both written as IPv6, as HAProxy does.
+pub fn header(version: crate::config::SendProxy, client: SocketAddr, to: SocketAddr) -> Vec<u8> {
+    let (src, dst) = match (client.ip().to_canonical(), to.ip().to_canonical()) {
+        (s @ IpAddr::V4(_), d @ IpAddr::V4(_)) | (s @ IpAddr::V6(_), d @ IpAddr::V6(_)) => (s, d),
+        (s, d) => (IpAddr::V6(v6(s)), IpAddr::V6(v6(d))),
+    };
+    match version {
+        crate::config::SendProxy::V1 => {
+            let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+            format!(
+                "PROXY {family} {src} {dst} {} {}\r\n",
+                client.port(),
+                to.port()
+            )
+            .into_bytes()
+        }
+        crate::config::SendProxy::V2 => {
+            let mut h = Vec::with_capacity(16 + 36);
+            h.extend_from_slice(V2_SIGNATURE);
+            match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+                    h.extend_from_slice(&s.octets());
+                    h.extend_from_slice(&d.octets());
+                }
+                (s, d) => {
+                    h.extend_from_slice(&[0x21, 0x21, 0, 36]);
+                    h.extend_from_slice(&v6(s).octets());
+                    h.extend_from_slice(&v6(d).octets());
+                }
+            }
+            h.extend_from_slice(&client.port().to_be_bytes());
+            h.extend_from_slice(&to.port().to_be_bytes());
+            h
+        }
+    }
+}
+
+fn v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
     }
 }
 
@@ -234,7 +285,7 @@ fn v2(b: &[u8]) -> Result<Parsed, ProxyHeaderError> {
 mod tests {
     use super::*;
 
-    fn header(len: usize, source: &str) -> Parsed {
+    fn found(len: usize, source: &str) -> Parsed {
         Parsed::Header {
             len,
             source: Some(source.parse().unwrap()),
@@ -244,9 +295,9 @@ mod tests {
     #[test]
     fn version_1_lines() {
         let line = b"PROXY TCP4 192.0.2.7 10.0.0.1 56324 443\r\nGET / HTTP/1.1\r\n";
-        assert_eq!(parse(line), Ok(header(41, "192.0.2.7:56324")));
+        assert_eq!(parse(line), Ok(found(41, "192.0.2.7:56324")));
         let line = b"PROXY TCP6 2001:db8::7 2001:db8::1 65535 80\r\n";
-        assert_eq!(parse(line), Ok(header(line.len(), "[2001:db8::7]:65535")));
+        assert_eq!(parse(line), Ok(found(line.len(), "[2001:db8::7]:65535")));
         let unknown = b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n";
         assert_eq!(
             parse(unknown),
@@ -311,19 +362,19 @@ mod tests {
     fn version_2_headers() {
         let v4 = [192, 0, 2, 7, 10, 0, 0, 1, 0xdc, 0x04, 0x01, 0xbb];
         let h = v2_header(1, 0x11, &v4);
-        assert_eq!(parse(&h), Ok(header(28, "192.0.2.7:56324")));
+        assert_eq!(parse(&h), Ok(found(28, "192.0.2.7:56324")));
         // TLVs after the addresses (AWS's VPC endpoint id) are skipped.
         let mut tlv = v4.to_vec();
         tlv.extend_from_slice(&[0xea, 0x00, 0x03, b'v', b'p', b'c']);
         let mut h = v2_header(1, 0x11, &tlv);
         h.extend_from_slice(b"GET /");
-        assert_eq!(parse(&h), Ok(header(34, "192.0.2.7:56324")));
+        assert_eq!(parse(&h), Ok(found(34, "192.0.2.7:56324")));
         let mut v6 = [0u8; 36];
         v6[..16].copy_from_slice(&"2001:db8::7".parse::<Ipv6Addr>().unwrap().octets());
         v6[32..34].copy_from_slice(&443u16.to_be_bytes());
         assert_eq!(
             parse(&v2_header(1, 0x21, &v6)),
-            Ok(header(52, "[2001:db8::7]:443"))
+            Ok(found(52, "[2001:db8::7]:443"))
         );
         // LOCAL (a health check), UNSPEC and Unix sockets: the peer stands.
         for (command, family, addrs) in [
@@ -374,6 +425,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn headers_written_are_read_back() {
+        use crate::config::SendProxy;
+        let pairs = [
+            ("192.0.2.7:56324", "10.0.0.1:443", "192.0.2.7:56324"),
+            ("[2001:db8::7]:1", "[2001:db8::1]:2", "[2001:db8::7]:1"),
+            // A v4-mapped client (a dual-stack listener) is written as IPv4.
+            ("[::ffff:192.0.2.7]:9", "10.0.0.1:443", "192.0.2.7:9"),
+            // Two families: both as IPv6.
+            ("[2001:db8::7]:1", "10.0.0.1:2", "[2001:db8::7]:1"),
+            ("192.0.2.7:1", "[2001:db8::1]:2", "[::ffff:192.0.2.7]:1"),
+        ];
+        for version in [SendProxy::V1, SendProxy::V2] {
+            for (client, to, read) in pairs {
+                let h = super::header(version, client.parse().unwrap(), to.parse().unwrap());
+                assert_eq!(
+                    parse(&h),
+                    Ok(found(h.len(), read)),
+                    "{version:?} {client} {to}"
+                );
+            }
+        }
+        assert_eq!(
+            super::header(
+                SendProxy::V1,
+                "192.0.2.7:56324".parse().unwrap(),
+                "10.0.0.1:443".parse().unwrap()
+            ),
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 56324 443\r\n"
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct TcpProxy {
     pub log: Option<Arc<super::access::AccessLog>>,
     /// `--accept-proxy`: the time a connection's PROXY header may take.
     pub accept_proxy: Option<Duration>,
+    /// `--send-proxy`: backend connections begin with a PROXY header.
+    pub send_proxy: Option<crate::config::SendProxy>,
 }
 
 /// Targets tried per connection before giving up on it.
@@ -95,6 +97,15 @@ impl TcpProxy {
             Some(name) => name.as_bytes(),
             None => ip.as_slice(),
         };
+        // What each backend connection begins with: the PROXY header
+        // (`--send-proxy`), then what was read of the ClientHello.
+        let first = match self.send_proxy {
+            Some(version) => {
+                let to = client.local_addr().ok()?;
+                [super::proxy_protocol::header(version, peer, to), hello].concat()
+            }
+            None => hello,
+        };
         let mut avoid: Option<Arc<Backend>> = None;
         let deadline = tokio::time::Instant::now() + self.wait_for_backend;
         let mut tries = 0;
@@ -159,7 +170,7 @@ impl TcpProxy {
                     {
                         let _ = crate::os::listen::probe_idle_peers(s);
                     }
-                    if !hello.is_empty() && write_all(&mut upstream, &hello).await.is_err() {
+                    if !first.is_empty() && write_all(&mut upstream, &first).await.is_err() {
                         return None;
                     }
                     return Some(Opened {
@@ -183,7 +194,7 @@ impl TcpProxy {
     }
 }
 
-/// Sends what was read of the client's ClientHello on to the backend.
+/// Sends a backend connection's first bytes.
 async fn write_all(to: &mut super::backend::Conn, b: &[u8]) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
     match to {
