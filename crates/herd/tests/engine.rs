@@ -1460,6 +1460,26 @@ fn forwarded_echo_backend() -> u16 {
     })
 }
 
+/// A TCP backend that sends back every byte it gets.
+fn echo_backend() -> u16 {
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in echo.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 128];
+                while let Ok(n) = c.read(&mut b) {
+                    if n == 0 || c.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
 /// A PROXY protocol version 2 header: `PROXY` from `from` (TCP over IPv4),
 /// or `LOCAL` when `None`.
 fn proxy_v2(from: Option<std::net::SocketAddrV4>) -> Vec<u8> {
@@ -1572,21 +1592,7 @@ fn accept_proxy_takes_the_client_address_from_the_proxy_header() {
 
 #[test]
 fn accept_proxy_in_tcp_mode_passes_on_what_follows_the_header() {
-    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = echo.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in echo.incoming() {
-            let Ok(mut c) = c else { continue };
-            std::thread::spawn(move || {
-                let mut b = [0u8; 64];
-                while let Ok(n) = c.read(&mut b) {
-                    if n == 0 || c.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let port = echo_backend();
     let dir = std::env::temp_dir().join(format!("herd-accept-proxy-tcp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let access = dir.join("access.log");
@@ -1693,21 +1699,7 @@ impl Drop for HaProxy {
 #[test]
 fn send_proxy_in_tcp_mode_tells_the_backend_the_client() {
     // The exact bytes: a backend that echoes what it gets.
-    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = echo.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in echo.incoming() {
-            let Ok(mut c) = c else { continue };
-            std::thread::spawn(move || {
-                let mut b = [0u8; 128];
-                while let Ok(n) = c.read(&mut b) {
-                    if n == 0 || c.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let port = echo_backend();
     let h = lb(
         port,
         &["--protocol", "tcp", "--accept-proxy", "--send-proxy=v2"],
