@@ -1516,6 +1516,14 @@ fn accept_proxy_takes_the_client_address_from_the_proxy_header() {
         ],
     );
 
+    assert!(
+        h.wait_log(
+            "(each connection must begin with a PROXY protocol header)",
+            T
+        ),
+        "{}",
+        h.log()
+    );
     // Version 1, with the request in the same packet.
     let v1 = [
         &b"PROXY TCP4 203.0.113.9 127.0.0.1 41000 8000\r\n"[..],

@@ -665,7 +665,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         );
     }
     tracing::info!(
-        "{}: {}, {}{}{}",
+        "{}: {}, {}{}{}{}",
         sup.s.name,
         crate::console::count(sup.s.instances, "worker"),
         match sup.s.mode {
@@ -678,6 +678,11 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         },
         if activated {
             " (the socket systemd passed)"
+        } else {
+            ""
+        },
+        if sup.s.accept_proxy {
+            " (each connection must begin with a PROXY protocol header)"
         } else {
             ""
         },
