@@ -1599,6 +1599,38 @@ fn accept_proxy_takes_the_client_address_from_the_proxy_header() {
 }
 
 #[test]
+fn a_proxy_header_without_accept_proxy_gets_a_400_and_a_hint() {
+    let port = forwarded_echo_backend();
+    let v1 = [
+        &b"PROXY TCP4 203.0.113.9 127.0.0.1 41000 8000\r\n"[..],
+        GET_CLOSE,
+    ]
+    .concat();
+    let v2 = [
+        proxy_v2(Some("198.51.100.4:5000".parse().unwrap())),
+        GET_CLOSE.to_vec(),
+    ]
+    .concat();
+    let mut h = None;
+    for header in [v1, v2] {
+        // A herd each: the warning is said once every 10 s.
+        let herd = lb(port, &[]);
+        let answer = whole_exchange(herd.port, &header);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(
+            herd.wait_log("it began with a PROXY protocol header", T),
+            "{}",
+            herd.log()
+        );
+        h = Some(herd);
+    }
+    let h = h.unwrap();
+    // Requests whose first word begins alike are not taken for one.
+    let propfind = b"PROPFIND / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    assert!(whole_exchange(h.port, propfind).starts_with("HTTP/1.1 200"));
+}
+
+#[test]
 fn accept_proxy_in_tcp_mode_passes_on_what_follows_the_header() {
     let port = echo_backend();
     let dir = std::env::temp_dir().join(format!("herd-accept-proxy-tcp-{}", std::process::id()));

@@ -263,6 +263,13 @@ async fn finish(io: &mut LazyStream, inbox: &mut Inbox, end: Outcome, cap: usize
 /// Answers a refused request and closes after a lingering read.
 async fn refuse(p: &HttpProxy, io: &mut LazyStream, inbox: &mut Inbox, r: Refusal, peer: IpAddr) {
     note_refused(p, peer, r);
+    if r == Refusal::ProxyHeader {
+        super::Told::UnexpectedProxyHeader.warn(
+            &format!("a connection from {peer}"),
+            &"it began with a PROXY protocol header (a load balancer in front sends them?): \
+              --accept-proxy reads them; answered 400",
+        );
+    }
     let _ = write_all(io, r.response(), p.cfg.limits.idle_timeout).await;
     linger(io, inbox, buffer_size(p)).await;
 }
@@ -291,6 +298,18 @@ async fn read_head(
         // nginx and llhttp do: some clients send a CRLF after a POST body.
         // (Scoped to the `if`: a local living across the wait below would
         // grow every idle connection's future in debug builds.)
+        // A balancer's PROXY header, unasked for (version 2's begins with
+        // blank lines): a 400 that the log explains.
+        if first
+            && !begun
+            && p.accept_proxy.is_none()
+            && matches!(
+                super::proxy_protocol::parse(inbox.pending()),
+                Ok(super::proxy_protocol::Parsed::Header { .. })
+            )
+        {
+            return Head::Refuse(Refusal::ProxyHeader);
+        }
         if let blank @ 1.. = head::leading_blank_lines(inbox.pending()) {
             inbox.consume(blank);
             scanned = 0;

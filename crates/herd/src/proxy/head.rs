@@ -27,13 +27,15 @@ pub enum Refusal {
     Version,
     /// A body larger than `--max-body-size`.
     BodyTooLarge,
+    /// A PROXY protocol header, without `--accept-proxy`: a 400, and a hint.
+    ProxyHeader,
 }
 
 impl Refusal {
     /// The status and body length of [`Refusal::response`], for the access log.
     pub fn logged(self) -> (u16, u64) {
         match self {
-            Refusal::BadRequest => (400, 12),
+            Refusal::BadRequest | Refusal::ProxyHeader => (400, 12),
             Refusal::TooLarge => (431, 23),
             Refusal::UriTooLong => (414, 17),
             Refusal::Timeout => (408, 16),
@@ -45,7 +47,7 @@ impl Refusal {
 
     pub fn response(self) -> &'static [u8] {
         match self {
-            Refusal::BadRequest => b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\nConnection: close\r\n\r\nbad request\n",
+            Refusal::BadRequest | Refusal::ProxyHeader => b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\nConnection: close\r\n\r\nbad request\n",
             Refusal::TooLarge => b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 23\r\nConnection: close\r\n\r\nrequest head too large\n",
             Refusal::UriTooLong => b"HTTP/1.1 414 URI Too Long\r\nContent-Type: text/plain\r\nContent-Length: 17\r\nConnection: close\r\n\r\nrequest too long\n",
             Refusal::Timeout => b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 16\r\nConnection: close\r\n\r\nrequest timeout\n",

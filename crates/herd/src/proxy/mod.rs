@@ -582,13 +582,15 @@ pub(crate) enum Told {
     AllFull,
     /// `--accept-proxy`: a connection without a good PROXY header, closed.
     NoProxyHeader,
+    /// A PROXY header without `--accept-proxy`: a 400.
+    UnexpectedProxyHeader,
 }
 
 impl Told {
     pub(crate) fn warn(self, label: &str, why: &dyn std::fmt::Display) {
         use crate::os::listen::AcceptErrors;
         type Throttle = std::sync::Mutex<AcceptErrors>;
-        static TOLD: [Throttle; 5] = [const { Throttle::new(AcceptErrors::new()) }; 5];
+        static TOLD: [Throttle; 6] = [const { Throttle::new(AcceptErrors::new()) }; 6];
         let due = TOLD[self as usize]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -599,6 +601,7 @@ impl Told {
             Told::NoneAvailable => "requests without a backend",
             Told::AllFull => "requests that waited in vain for room",
             Told::NoProxyHeader => "connections closed for their PROXY header",
+            Told::UnexpectedProxyHeader => "PROXY headers answered 400",
         };
         match due {
             Some(1) => tracing::warn!("{label}: {why}"),
