@@ -179,9 +179,10 @@ fn v1(b: &[u8]) -> Result<Parsed, ProxyHeaderError> {
     if window[cr] == b'\n' {
         return Err(bad("a line ending in a bare LF"));
     }
-    match window.get(cr + 1) {
+    match b.get(cr + 1) {
         None => return Ok(Parsed::More),
-        Some(b'\n') => {}
+        Some(b'\n') if cr + 2 <= V1_MAX => {}
+        Some(b'\n') => return Err(bad("a line longer than 107 bytes")),
         Some(_) => return Err(bad("a CR not followed by LF")),
     }
     let line = std::str::from_utf8(&b[V1_PREFIX.len()..cr]).map_err(|_| bad("not ASCII"))?;
@@ -338,6 +339,13 @@ mod tests {
         }
         let long = [b"PROXY ".as_slice(), &[b'1'; 120]].concat();
         assert!(matches!(parse(&long), Err(ProxyHeaderError::Malformed(_))));
+        // 108 bytes, its CR the 107th: one too many, whole or in pieces.
+        let line = [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 92], b"\r\n"].concat();
+        assert_eq!(line.len(), 108);
+        assert!(matches!(parse(&line), Err(ProxyHeaderError::Malformed(_))));
+        assert_eq!(parse(&line[..107]), Ok(Parsed::More));
+        let fits = [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 91], b"\r\n"].concat();
+        assert!(matches!(parse(&fits), Ok(Parsed::Header { len: 107, .. })));
         // What a client sends straight to herd is no header.
         for plain in [
             &b"GET / HTTP/1.1\r\n"[..],
