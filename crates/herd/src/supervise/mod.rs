@@ -570,7 +570,10 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 up: sup.up.clone(),
                 connect_timeout: sup.s.connect_timeout,
                 wait_for_backend: sup.s.ready_timeout,
-                accept_proxy: (sup.s.accept_proxy).then_some(sup.s.http.limits.header_timeout),
+                accept_proxy: sup
+                    .s
+                    .accept_proxy
+                    .then_some(sup.s.http.limits.header_timeout),
                 send_proxy: sup.s.send_proxy,
             })),
         };
