@@ -953,10 +953,11 @@ pub(super) struct Sample {
     at: Instant,
     /// The group's CPU ticks as `/proc` last gave them.
     read: u64,
-    /// Ticks the group's sum lost: a process of the group that herd reaped
-    /// (as the subreaper) takes its time with it, where one its parent
-    /// reaped passes it on. Added back, so the counter never steps back
-    /// (Prometheus would take that for a restart).
+    /// Ticks the group's sum lost: a process of the group whose parent
+    /// ends goes to herd (the subreaper), out of the walk from the main
+    /// process, with the time it used (where one its parent reaps passes
+    /// it on). Added back, so the counter never steps back (Prometheus
+    /// would take that for a restart).
     lost: u64,
     requests: u64,
 }
