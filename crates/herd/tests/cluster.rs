@@ -1977,6 +1977,50 @@ fn bad_input_gets_one_clear_line() {
         &["run", "--send-proxy", "--", DEMO],
         "--send-proxy is for --protocol tcp",
     );
+    assert_one_line_error(
+        &["run", "--real-ip-from", "10.0.0.0/33", "--", DEMO],
+        "\"10.0.0.0/33\" is not an address or a network",
+    );
+    assert_one_line_error(
+        &["run", "--real-ip-header", "X-Real-IP", "--", DEMO],
+        "--real-ip-header needs --real-ip-from",
+    );
+    assert_one_line_error(
+        &[
+            "run",
+            "--real-ip-from",
+            "10.0.0.1",
+            "--real-ip-header",
+            "X Real",
+            "--",
+            DEMO,
+        ],
+        "--real-ip-header \"X Real\" is not a header name",
+    );
+    assert_one_line_error(
+        &[
+            "run",
+            "--real-ip-from",
+            "10.0.0.1",
+            "--protocol",
+            "tcp",
+            "--",
+            DEMO,
+        ],
+        "--real-ip-from reads the client's address from an HTTP header",
+    );
+    assert_one_line_error(
+        &[
+            "run",
+            "--mode",
+            "shared",
+            "--real-ip-from",
+            "10.0.0.1",
+            "--",
+            DEMO,
+        ],
+        "--real-ip-from needs --mode proxy",
+    );
 }
 
 #[test]

@@ -1734,6 +1734,110 @@ impl Drop for HaProxy {
 }
 
 #[test]
+fn real_ip_from_takes_the_client_a_trusted_balancer_names() {
+    let port = forwarded_echo_backend();
+    let dir = std::env::temp_dir().join(format!("herd-real-ip-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let access = dir.join("access.log");
+    let ask = |port: u16, header: &str| {
+        let req = format!("GET / HTTP/1.1\r\nHost: t\r\n{header}Connection: close\r\n\r\n");
+        whole_exchange(port, req.as_bytes())
+    };
+    // herd's peer here, 127.0.0.1, is the balancer in front; 10.0.0.2 another
+    // one before it. What the client wrote itself (1.1.1.1) is not taken.
+    let h = lb(
+        port,
+        &[
+            "--real-ip-from",
+            "127.0.0.1,10.0.0.0/8",
+            "--access-log",
+            s(&access),
+        ],
+    );
+    let answer = ask(
+        h.port,
+        "X-Forwarded-For: 1.1.1.1, 203.0.113.9, 10.0.0.2\r\n",
+    );
+    assert!(
+        answer
+            .contains("xff=1.1.1.1, 203.0.113.9, 10.0.0.2, 203.0.113.9 forwarded=for=203.0.113.9;"),
+        "{answer}"
+    );
+    // No header, or a word that is not an address: the peer.
+    assert!(ask(h.port, "").contains("xff=127.0.0.1 "));
+    let answer = ask(h.port, "X-Forwarded-For: 203.0.113.9, unknown\r\n");
+    assert!(
+        answer.contains("xff=203.0.113.9, unknown, 127.0.0.1 "),
+        "{answer}"
+    );
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&access)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("203.0.113.9 "))),
+        "access log: {}",
+        std::fs::read_to_string(&access).unwrap_or_default()
+    );
+    drop(h);
+
+    // A header from a peer not listed is the client's own word: not taken.
+    let h = lb(
+        port,
+        &[
+            "--real-ip-from",
+            "10.0.0.0/8",
+            "--real-ip-header",
+            "X-Real-IP",
+        ],
+    );
+    let answer = ask(h.port, "X-Real-IP: 203.0.113.9\r\n");
+    assert!(answer.contains("xff=127.0.0.1 "), "{answer}");
+    drop(h);
+
+    // ip-hash on the client each request names: one client always reaches
+    // the same backend, and the clients are spread over both.
+    let lettered = |letter: &'static str| {
+        backend(Arc::new(move |_, _, c| {
+            write!(c, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{letter}").is_ok()
+        }))
+        .0
+    };
+    let (a, b) = (lettered("A"), lettered("B"));
+    let other = format!("--upstream=127.0.0.1:{b}");
+    let h = lb(
+        a,
+        &[
+            &other,
+            "--balance",
+            "ip-hash",
+            "--real-ip-from",
+            "127.0.0.1",
+            "--real-ip-header",
+            "X-Real-IP",
+        ],
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 1..=16 {
+        let header = format!("X-Real-IP: 203.0.113.{i}\r\n");
+        let answers: Vec<String> = (0..3)
+            .map(|_| {
+                let answer = ask(h.port, &header);
+                answer.rsplit("\r\n\r\n").next().unwrap_or("").to_string()
+            })
+            .collect();
+        assert!(answers.iter().all(|x| x == &answers[0]), "{i}: {answers:?}");
+        seen.insert(answers[0].clone());
+    }
+    assert_eq!(
+        seen,
+        ["A", "B"].map(String::from).into_iter().collect(),
+        "{}",
+        h.log()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn send_proxy_in_tcp_mode_tells_the_backend_the_client() {
     // The exact bytes: a backend that echoes what it gets.
     let port = echo_backend();

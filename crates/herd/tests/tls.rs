@@ -112,6 +112,40 @@ fn accept_proxy_over_tls_and_on_the_redirect_listener() {
 }
 
 #[test]
+fn real_ip_from_over_tls_with_http1_and_http2() {
+    let pki = Pki::new("ri");
+    let a = pki.leaf("a.test");
+    let mut args = tls_args(&[&a]);
+    args.extend(["--real-ip-from", "127.0.0.9", "-i", "1"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    // From the balancer listed (127.0.0.9), its header names the client; from
+    // another address (127.0.0.10), the header is the client's own word.
+    for flag in ["--http1.1", "--http2"] {
+        for (from, xff) in [
+            ("127.0.0.9", "203.0.113.9, 203.0.113.9"),
+            ("127.0.0.10", "203.0.113.9, 127.0.0.10"),
+        ] {
+            let extra = [
+                "--interface",
+                from,
+                "-H",
+                "X-Forwarded-For: 203.0.113.9",
+                flag,
+            ];
+            let out = curl(&pki, "a.test", h.port, "/headers", &extra);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains(&format!("x-forwarded-for: {xff}\n")),
+                "{flag} from {from}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+#[test]
 fn https_with_alpn_sni_resumption_and_a_redirect_from_plain_http() {
     let pki = Pki::new("main");
     let a = pki.leaf("a.test");

@@ -147,6 +147,14 @@ pub enum ConfigError {
         "--send-proxy is for --protocol tcp (over HTTP herd names the client in X-Forwarded-For and Forwarded)"
     )]
     SendProxyNeedsTcp,
+    #[error(
+        "--real-ip-from reads the client's address from an HTTP header: it is for --protocol http"
+    )]
+    RealIpNeedsHttp,
+    #[error("--real-ip-header needs --real-ip-from: the balancers whose header herd may believe")]
+    RealIpHeaderAlone,
+    #[error("--real-ip-header {0:?} is not a header name")]
+    BadRealIpHeader(String),
     #[error("--increment-var PORT: in proxy mode herd gives each worker its own PORT")]
     IncrementPort,
     #[error(
@@ -386,6 +394,61 @@ impl TryFrom<String> for KillSignal {
     fn try_from(s: String) -> Result<Self, String> {
         s.parse()
     }
+}
+
+/// A `--real-ip-from` network: an address alone is itself (`/32`, `/128`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct TrustedNet(pub ipnet::IpNet);
+
+impl FromStr for TrustedNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        s.parse::<ipnet::IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map(TrustedNet)
+            .map_err(|_| {
+                format!(
+                    "{s:?} is not an address or a network (10.0.0.0/8, 192.0.2.1, 2001:db8::/32)"
+                )
+            })
+    }
+}
+
+impl TryFrom<String> for TrustedNet {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// `--real-ip-from` and `--real-ip-header`: whose word on the client's
+/// address herd takes, and the header it reads (see `proxy::real_ip`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RealIp {
+    pub from: Vec<ipnet::IpNet>,
+    /// The header's name, as given.
+    pub header: String,
+    /// It is RFC 7239's `Forwarded`: each element's `for=` names a hop.
+    pub forwarded: bool,
+}
+
+impl RealIp {
+    pub fn new(from: Vec<ipnet::IpNet>, header: &str) -> RealIp {
+        RealIp {
+            from,
+            forwarded: header.eq_ignore_ascii_case("forwarded"),
+            header: header.to_string(),
+        }
+    }
+}
+
+/// A header name (RFC 9110's `token`).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// A `--cron-restart` pattern (PM2's `cron_restart`), in local time: five
@@ -720,6 +783,15 @@ options! {
     /// whose client address herd uses; one without it is closed [default: false].
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     accept_proxy: Option<bool>,
+    /// A balancer in front whose word on the client's address herd takes: ADDR or
+    /// ADDR/LEN (repeatable or comma-separated); a request from it names the client in
+    /// --real-ip-header, as nginx's set_real_ip_from [default: none].
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    real_ip_from: Option<Vec<TrustedNet>>,
+    /// Where a request from --real-ip-from names its client: X-Forwarded-For,
+    /// Forwarded (its for=), X-Real-IP, CF-Connecting-IP, … [default: X-Forwarded-For].
+    #[arg(long, value_name = "NAME")]
+    real_ip_header: Option<String>,
     /// With --protocol tcp: begin each connection to a backend with a PROXY protocol
     /// header naming the client, `v1` (text) or `v2` (binary) [default: none; alone: v1].
     #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "v1", value_name = "VERSION")]
@@ -1355,6 +1427,8 @@ pub struct HttpConfig {
     pub limits: Limits,
     /// How long a request waits for a first worker to be ready.
     pub wait_for_backend: Duration,
+    /// `--real-ip-from`: the balancers whose word on the client herd takes.
+    pub real_ip: Option<RealIp>,
 }
 
 /// How `--output` and `--error` write a line (PM2's `log_type`).
@@ -1614,6 +1688,20 @@ impl Settings {
         if o.send_proxy.is_some() && protocol != Some(Protocol::Tcp) {
             return Err(ConfigError::SendProxyNeedsTcp);
         }
+        let real_ip = match (o.real_ip_from.as_deref(), o.real_ip_header.as_deref()) {
+            (None | Some([]), Some(_)) => return Err(ConfigError::RealIpHeaderAlone),
+            (None | Some([]), None) => None,
+            (Some(_), _) if protocol == Some(Protocol::Tcp) => {
+                return Err(ConfigError::RealIpNeedsHttp);
+            }
+            (Some(from), header) => {
+                let header = header.unwrap_or("X-Forwarded-For").trim();
+                if !is_token(header) {
+                    return Err(ConfigError::BadRealIpHeader(header.to_string()));
+                }
+                Some(RealIp::new(from.iter().map(|n| n.0).collect(), header))
+            }
+        };
         if mode != Mode::Proxy {
             if !upstreams.is_empty() {
                 return Err(ConfigError::NeedsProxy("--upstream"));
@@ -1642,6 +1730,9 @@ impl Settings {
             }
             if o.accept_proxy == Some(true) {
                 return Err(ConfigError::NeedsProxy("--accept-proxy"));
+            }
+            if o.real_ip_from.is_some() {
+                return Err(ConfigError::NeedsProxy("--real-ip-from"));
             }
             if o.worker_max_conns.is_some() {
                 return Err(ConfigError::NeedsProxy("--worker-max-conns"));
@@ -1796,6 +1887,7 @@ impl Settings {
                 idle_timeout: d(o.idle_timeout, default::IDLE_TIMEOUT),
             },
             wait_for_backend: ready_timeout,
+            real_ip,
         };
         let admin = match o.admin {
             Some(ListenAddr(addr)) if !addr.ip().is_loopback() && o.admin_token.is_none() => {
@@ -2843,6 +2935,31 @@ mod tests {
         assert_eq!("0".parse::<Dur>(), Ok(Dur(Duration::ZERO)));
         let c = Options::parse(Path::new("h.toml"), "health-interval = 0\n").unwrap();
         assert_eq!(c.health_interval, Some(Dur(Duration::ZERO)));
+    }
+
+    #[test]
+    fn real_ip_keys_in_the_file() {
+        let text = r#"
+            real-ip-from = ["10.0.0.0/8", "192.0.2.1", "2001:db8::/32"]
+            real-ip-header = "X-Real-IP"
+        "#;
+        let c = Options::parse(Path::new("herd.toml"), text).unwrap();
+        let nets: Vec<String> = c
+            .real_ip_from
+            .unwrap()
+            .iter()
+            .map(|n| n.0.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.1/32", "2001:db8::/32"]);
+        assert_eq!(c.real_ip_header.as_deref(), Some("X-Real-IP"));
+        let bad = "real-ip-from = [\"10.0.0.0/8\", \"lb.internal\"]\n";
+        let e = Options::parse(Path::new("herd.toml"), bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("herd.toml:1:") && e.contains("\"lb.internal\" is not an address"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -441,10 +441,14 @@ async fn exchange(
     let mut out = conns::buffer(cap);
     let pool = p.up.peek();
     let split_source = pool.split_source();
+    let from = head::Sender {
+        peer,
+        real_ip: p.cfg.real_ip.as_ref(),
+    };
     let parsed = head::request(
         &inbox.pending()[..head_len],
         limits.max_headers,
-        peer,
+        from,
         &p.key_source,
         split_source,
         p.log.is_some(),
@@ -461,6 +465,7 @@ async fn exchange(
             return Outcome::Linger;
         }
     };
+    let peer = req.client;
     if req.no_host
         && let Ok(a) = io.local_addr()
     {
@@ -1985,6 +1990,7 @@ mod tests {
                 idle_timeout: secs,
             },
             wait_for_backend: secs,
+            real_ip: None,
         };
         let up = Arc::new(Upstreams::new(herd_balance::StrategyKind::RoundRobin, &[]));
         let tls = Arc::new(crate::proxy::h2::ClientTls::new(Default::default()).unwrap());

@@ -318,6 +318,18 @@ impl HttpProxy {
         local: Option<SocketAddr>,
         via: &Via,
     ) -> (Response<RespBody>, Ending) {
+        // As a trusted balancer in front names the client (`--real-ip-from`).
+        let peer = match &self.cfg.real_ip {
+            Some(r) => super::real_ip::client(
+                r,
+                peer,
+                req.headers()
+                    .get_all(r.header.as_str())
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            ),
+            None => peer,
+        };
         let mut ending = Ending {
             line: self
                 .log

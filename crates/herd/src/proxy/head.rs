@@ -14,6 +14,9 @@ use std::net::IpAddr;
 
 use herd_balance::KeySource;
 
+use super::real_ip;
+use crate::config::RealIp;
+
 /// A request herd answers itself, and closes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -111,6 +114,9 @@ pub struct Request {
     pub no_host: bool,
     /// `Expect: 100-continue`: the client waits for a `100` before its body.
     pub expect_continue: bool,
+    /// The client's address: the peer's, or the one a balancer in front
+    /// named (`--real-ip-from`).
+    pub client: IpAddr,
 }
 
 /// What the proxy needs to know of a response after its head.
@@ -415,10 +421,18 @@ fn transfer_coding(v: &[u8], norm: &mut Vec<u8>) -> bool {
 
 /// Parses the complete request head `head` (through its blank line),
 /// checks it, and writes the head to send to a backend into `out`.
+/// Who sent a request: the connection's peer, and (`--real-ip-from`) the
+/// balancers whose word on the client herd takes.
+#[derive(Debug, Clone, Copy)]
+pub struct Sender<'a> {
+    pub peer: IpAddr,
+    pub real_ip: Option<&'a RealIp>,
+}
+
 pub fn request(
     head: &[u8],
     max_headers: usize,
-    peer: IpAddr,
+    from: Sender<'_>,
     key_source: &KeySource,
     split_source: &KeySource,
     log: bool,
@@ -444,7 +458,7 @@ pub fn request(
                 Some(Later::Minor(at)) => {
                     let mut copy = head.to_vec();
                     copy[at] = b'1';
-                    request(&copy, max_headers, peer, key_source, split_source, log, out)
+                    request(&copy, max_headers, from, key_source, split_source, log, out)
                 }
                 Some(Later::Major) => Err(Refusal::Version),
                 None => Err(Refusal::BadRequest),
@@ -577,7 +591,20 @@ pub fn request(
     if upgrade {
         put(out, "Connection", b"upgrade");
     }
-    let ip = peer.to_canonical();
+    // The client, as a trusted balancer in front names it, stands for the
+    // peer from here on (as with nginx's `realip`).
+    let client = match from.real_ip {
+        Some(r) => real_ip::client(
+            r,
+            from.peer,
+            headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case(&r.header))
+                .map(|h| h.value),
+        ),
+        None => from.peer,
+    };
+    let ip = client.to_canonical();
     // X-Forwarded-For and Forwarded: earlier hops (every line, in order), then this one.
     out.extend_from_slice(b"X-Forwarded-For: ");
     if xff.is_some() {
@@ -654,6 +681,7 @@ pub fn request(
         user_agent,
         no_host: host.is_none(),
         expect_continue,
+        client,
     })
 }
 
@@ -1140,8 +1168,11 @@ mod tests {
         }
     }
 
-    fn peer() -> IpAddr {
-        "192.0.2.7".parse().unwrap()
+    fn peer() -> Sender<'static> {
+        Sender {
+            peer: "192.0.2.7".parse().unwrap(),
+            real_ip: None,
+        }
     }
 
     fn req(head: &str) -> Result<(Request, String), Refusal> {
@@ -1408,6 +1439,38 @@ mod tests {
         // An HTTP2-Settings header alone is hop-by-hop too.
         let (_, out) = req("GET / HTTP/1.1\r\nHost: h\r\nHTTP2-Settings: x\r\n\r\n").unwrap();
         assert!(!out.contains("HTTP2-Settings"), "{out}");
+    }
+
+    #[test]
+    fn a_trusted_balancers_client_stands_for_the_peer() {
+        let r = RealIp::new(vec!["192.0.2.0/24".parse().unwrap()], "X-Forwarded-For");
+        let head = "GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 2001:db8::9\r\n\r\n";
+        let ask = |peer: &str| {
+            let from = Sender {
+                peer: peer.parse().unwrap(),
+                real_ip: Some(&r),
+            };
+            let mut out = Vec::new();
+            let none = KeySource::None;
+            let req = request(head.as_bytes(), 100, from, &none, &none, false, &mut out).unwrap();
+            (req.client.to_string(), String::from_utf8(out).unwrap())
+        };
+        let (client, out) = ask("192.0.2.7");
+        assert_eq!(client, "2001:db8::9");
+        assert!(
+            out.contains("X-Forwarded-For: 2001:db8::9, 2001:db8::9\r\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Forwarded: for=\"[2001:db8::9]\";proto=http"),
+            "{out}"
+        );
+        let (client, out) = ask("198.51.100.1");
+        assert_eq!(client, "198.51.100.1");
+        assert!(
+            out.contains("X-Forwarded-For: 2001:db8::9, 198.51.100.1\r\n"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -45,6 +45,7 @@ mod idle;
 #[cfg(test)]
 mod props;
 pub mod proxy_protocol;
+pub mod real_ip;
 pub mod spread;
 mod tcp;
 pub mod tls;

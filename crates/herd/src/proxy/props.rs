@@ -176,7 +176,7 @@ proptest! {
         body in chunked_body(),
     ) {
         let head = format!("{method} /p HTTP/1.1\r\nHost: h\r\n{}\r\n", headers.concat());
-        let peer = "192.0.2.1".parse().unwrap();
+        let peer = head::Sender { peer: "192.0.2.1".parse().unwrap(), real_ip: None };
         let mut out = Vec::new();
         let Some(end) = head::head_end(head.as_bytes(), 0) else {
             return Ok(()); // never a complete head: herd waits, then 408/431
