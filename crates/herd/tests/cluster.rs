@@ -1982,6 +1982,10 @@ fn bad_input_gets_one_clear_line() {
         "\"10.0.0.0/33\" is not an address or a network",
     );
     assert_one_line_error(
+        &["run", "--accept-proxy=yes", "--", DEMO],
+        "\"yes\" is not an address or a network (10.0.0.0/8, 192.0.2.1, 2001:db8::/32); or true, false",
+    );
+    assert_one_line_error(
         &["run", "--real-ip-header", "X-Real-IP", "--", DEMO],
         "--real-ip-header needs --real-ip-from",
     );

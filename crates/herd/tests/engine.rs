@@ -1627,6 +1627,91 @@ fn a_proxy_header_without_accept_proxy_gets_a_400_and_a_hint() {
     }
 }
 
+/// A connection to herd from `ip` (a loopback address of 127/8).
+fn connect_from(ip: &str, port: u16) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from = std::net::SocketAddr::new(ip.parse().unwrap(), 0);
+    s.bind(&from.into()).unwrap();
+    s.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    let s = TcpStream::from(s);
+    s.set_read_timeout(Some(T)).unwrap();
+    s
+}
+
+fn exchange_from(ip: &str, port: u16, bytes: &[u8]) -> String {
+    let mut c = connect_from(ip, port);
+    c.write_all(bytes).unwrap();
+    let mut all = Vec::new();
+    let _ = c.read_to_end(&mut all);
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[test]
+fn accept_proxy_from_some_addresses_serves_the_others_directly() {
+    let port = forwarded_echo_backend();
+    let h = lb(
+        port,
+        &[
+            "--accept-proxy=127.0.0.9,10.0.0.0/8",
+            "--header-timeout",
+            "1s",
+        ],
+    );
+    let said =
+        "(each connection from 127.0.0.9/32, 10.0.0.0/8 must begin with a PROXY protocol header)";
+    assert!(h.wait_log(said, T), "{}", h.log());
+    let v1 = [
+        &b"PROXY TCP4 203.0.113.9 127.0.0.1 41000 8000\r\n"[..],
+        GET_CLOSE,
+    ]
+    .concat();
+    // The balancer's connections begin with a header naming the client;
+    // one without is closed.
+    let answer = exchange_from("127.0.0.9", h.port, &v1);
+    assert!(answer.contains("xff=203.0.113.9 "), "{answer}");
+    assert_eq!(exchange_from("127.0.0.9", h.port, GET_CLOSE), "");
+    // A client that reaches herd directly is served as itself, and a PROXY
+    // header from it is not believed: a 400, and the log says why.
+    let answer = exchange_from("127.0.0.1", h.port, GET_CLOSE);
+    assert!(answer.contains("xff=127.0.0.1 "), "{answer}");
+    let answer = exchange_from("127.0.0.1", h.port, &v1);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        h.wait_log("but not from an address --accept-proxy names", T),
+        "{}",
+        h.log()
+    );
+    drop(h);
+
+    // TCP mode, before a backend that speaks first (as SMTP, MySQL do): a
+    // direct client is not kept waiting for bytes of its own (TCP mode
+    // defers accepting when every connection begins with a header).
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let greeter = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.write_all(b"220 hello\r\n");
+        }
+    });
+    let h = lb(greeter, &["--protocol", "tcp", "--accept-proxy=127.0.0.9"]);
+    for (from, first) in [
+        ("127.0.0.1", &b""[..]),
+        (
+            "127.0.0.9",
+            b"PROXY TCP4 203.0.113.9 127.0.0.1 41000 8000\r\n",
+        ),
+    ] {
+        let mut c = connect_from(from, h.port);
+        c.write_all(first).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(800)))
+            .unwrap();
+        let mut got = [0u8; 11];
+        let read = c.read_exact(&mut got);
+        assert!(read.is_ok() && &got == b"220 hello\r\n", "{from}: {read:?}");
+    }
+}
+
 #[test]
 fn accept_proxy_in_tcp_mode_passes_on_what_follows_the_header() {
     let port = echo_backend();

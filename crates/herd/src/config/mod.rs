@@ -423,6 +423,85 @@ impl TryFrom<String> for TrustedNet {
     }
 }
 
+/// `--accept-proxy`: which connections begin with a PROXY protocol header:
+/// none, all, or those from some addresses only (HAProxy's `tcp-request
+/// connection expect-proxy layer4 if { src … }`), the others being clients
+/// that reach herd directly. In `herd.toml`: `true`, `false` or a list.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AcceptProxy {
+    #[default]
+    Off,
+    All,
+    From(Vec<ipnet::IpNet>),
+}
+
+impl AcceptProxy {
+    pub fn is_on(&self) -> bool {
+        *self != AcceptProxy::Off
+    }
+
+    /// Whether a connection from `peer` begins with a header.
+    pub fn expects(&self, peer: std::net::IpAddr) -> bool {
+        match self {
+            AcceptProxy::Off => false,
+            AcceptProxy::All => true,
+            AcceptProxy::From(nets) => {
+                let peer = peer.to_canonical();
+                nets.iter().any(|n| n.contains(&peer))
+            }
+        }
+    }
+}
+
+impl FromStr for AcceptProxy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "true" => Ok(AcceptProxy::All),
+            "false" => Ok(AcceptProxy::Off),
+            list => list
+                .split(',')
+                .map(|n| n.parse::<TrustedNet>().map(|n| n.0))
+                .collect::<Result<Vec<_>, _>>()
+                .map(AcceptProxy::From)
+                .map_err(|e| format!("{e}; or true, false")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AcceptProxy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AcceptProxy;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or a list of addresses and networks")
+            }
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<AcceptProxy, E> {
+                Ok(if on {
+                    AcceptProxy::All
+                } else {
+                    AcceptProxy::Off
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<AcceptProxy, E> {
+                s.parse().map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<AcceptProxy, A::Error> {
+                let mut nets = Vec::new();
+                while let Some(n) = seq.next_element::<TrustedNet>()? {
+                    nets.push(n.0);
+                }
+                Ok(AcceptProxy::From(nets))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// `--real-ip-from` and `--real-ip-header`: whose word on the client's
 /// address herd takes, and the header it reads (see `proxy::real_ip`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -780,9 +859,10 @@ options! {
     protocol: Option<Protocol>,
     /// Each client connection begins with a PROXY protocol header (v1 or v2) from a
     /// load balancer in front (HAProxy's `send-proxy`, nginx's `proxy_protocol`, AWS NLB),
-    /// whose client address herd uses; one without it is closed [default: false].
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
-    accept_proxy: Option<bool>,
+    /// whose client address herd uses; one without it is closed. `=CIDR,…`: only
+    /// connections from those addresses do; others are clients themselves [default: false].
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL|CIDR,…")]
+    accept_proxy: Option<AcceptProxy>,
     /// A balancer in front whose word on the client's address herd takes: ADDR or
     /// ADDR/LEN (repeatable or comma-separated); a request from it names the client in
     /// --real-ip-header, as nginx's set_real_ip_from [default: none].
@@ -1121,8 +1201,8 @@ pub struct Settings {
     pub program: PathBuf,
     pub balance: StrategyKind,
     pub protocol: Protocol,
-    /// `--accept-proxy`: connections begin with a PROXY protocol header.
-    pub accept_proxy: bool,
+    /// `--accept-proxy`: which connections begin with a PROXY protocol header.
+    pub accept_proxy: AcceptProxy,
     /// `--send-proxy`: TCP mode's backend connections begin with one.
     pub send_proxy: Option<SendProxy>,
     pub upstreams: Vec<UpstreamSpec>,
@@ -1728,7 +1808,7 @@ impl Settings {
             if protocol.is_some() {
                 return Err(ConfigError::NeedsProxy("--protocol"));
             }
-            if o.accept_proxy == Some(true) {
+            if o.accept_proxy.as_ref().is_some_and(AcceptProxy::is_on) {
                 return Err(ConfigError::NeedsProxy("--accept-proxy"));
             }
             if o.real_ip_from.is_some() {
@@ -1935,7 +2015,7 @@ impl Settings {
             program,
             balance: balance.unwrap_or(StrategyKind::RoundRobin),
             protocol: protocol.unwrap_or(Protocol::Http),
-            accept_proxy: o.accept_proxy.unwrap_or(false),
+            accept_proxy: o.accept_proxy.unwrap_or_default(),
             send_proxy: o.send_proxy,
             upstreams,
             discovery,
@@ -2935,6 +3015,39 @@ mod tests {
         assert_eq!("0".parse::<Dur>(), Ok(Dur(Duration::ZERO)));
         let c = Options::parse(Path::new("h.toml"), "health-interval = 0\n").unwrap();
         assert_eq!(c.health_interval, Some(Dur(Duration::ZERO)));
+    }
+
+    #[test]
+    fn accept_proxy_is_a_switch_or_a_list() {
+        let parse = |text: &str| Options::parse(Path::new("herd.toml"), text);
+        let nets = |list: &[&str]| {
+            let nets = list.iter().map(|n| n.parse::<TrustedNet>().unwrap().0);
+            Some(AcceptProxy::From(nets.collect()))
+        };
+        assert_eq!(
+            parse("accept-proxy = true").unwrap().accept_proxy,
+            Some(AcceptProxy::All)
+        );
+        assert_eq!(
+            parse("accept-proxy = false").unwrap().accept_proxy,
+            Some(AcceptProxy::Off)
+        );
+        let listed = parse("accept-proxy = [\"10.0.0.0/8\", \"192.0.2.1\"]").unwrap();
+        assert_eq!(listed.accept_proxy, nets(&["10.0.0.0/8", "192.0.2.1"]));
+        let one = parse("accept-proxy = \"10.0.0.0/8\"").unwrap();
+        assert_eq!(one.accept_proxy, nets(&["10.0.0.0/8"]));
+        let e = parse("accept-proxy = [\"lb\"]").unwrap_err().to_string();
+        assert!(e.contains("\"lb\" is not an address"), "{e}");
+        assert_eq!("true".parse(), Ok(AcceptProxy::All));
+        assert_eq!(
+            "10.0.0.1,::1"
+                .parse::<AcceptProxy>()
+                .map(|a| a.expects("::1".parse().unwrap())),
+            Ok(true)
+        );
+        let from = AcceptProxy::From(vec!["10.0.0.0/8".parse().unwrap()]);
+        assert!(from.expects("::ffff:10.1.1.1".parse().unwrap()));
+        assert!(!from.expects("192.0.2.1".parse().unwrap()));
     }
 
     #[test]

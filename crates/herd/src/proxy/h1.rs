@@ -264,11 +264,18 @@ async fn finish(io: &mut LazyStream, inbox: &mut Inbox, end: Outcome, cap: usize
 async fn refuse(p: &HttpProxy, io: &mut LazyStream, inbox: &mut Inbox, r: Refusal, peer: IpAddr) {
     note_refused(p, peer, r);
     if r == Refusal::ProxyHeader {
-        super::Told::UnexpectedProxyHeader.warn(
-            &format!("a connection from {peer}"),
-            &"it began with a PROXY protocol header (a load balancer in front sends them?): \
-              --accept-proxy reads them; answered 400",
-        );
+        let why = match p.accept_proxy.as_ref().map(|a| &a.from) {
+            None => {
+                "it began with a PROXY protocol header (a load balancer in front sends them?): \
+                 --accept-proxy reads them; answered 400"
+            }
+            Some(crate::config::AcceptProxy::From(_)) => {
+                "it began with a PROXY protocol header, but not from an address \
+                 --accept-proxy names; answered 400"
+            }
+            Some(_) => "a second PROXY protocol header; answered 400",
+        };
+        super::Told::UnexpectedProxyHeader.warn(&format!("a connection from {peer}"), &why);
     }
     let _ = write_all(io, r.response(), p.cfg.limits.idle_timeout).await;
     linger(io, inbox, buffer_size(p)).await;
@@ -299,10 +306,10 @@ async fn read_head(
         // (Scoped to the `if`: a local living across the wait below would
         // grow every idle connection's future in debug builds.)
         // A balancer's PROXY header, unasked for (version 2's begins with
-        // blank lines): a 400 that the log explains.
+        // blank lines), or where one was read already: a 400 that the log
+        // explains.
         if first
             && !begun
-            && p.accept_proxy.is_none()
             && matches!(
                 super::proxy_protocol::parse(inbox.pending()),
                 Ok(super::proxy_protocol::Parsed::Header { .. })

@@ -59,7 +59,7 @@ use herd_balance::{Backend, Ctx, KeySource, PickError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::HttpConfig;
+use crate::config::{AcceptProxy, HttpConfig};
 use crate::os::lazy::Listener;
 use crate::upstream::{Picked, Upstreams};
 pub use tcp::TcpProxy;
@@ -117,12 +117,29 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// `--accept-proxy`: the time a connection's PROXY header may take.
-    fn accept_proxy(&self) -> Option<Duration> {
+    fn accept_proxy(&self) -> Option<&ExpectProxy> {
         match self {
-            Protocol::Http(h) => h.accept_proxy,
-            Protocol::Tcp(t) => t.accept_proxy,
+            Protocol::Http(h) => h.accept_proxy.as_ref(),
+            Protocol::Tcp(t) => t.accept_proxy.as_ref(),
         }
+    }
+}
+
+/// `--accept-proxy`: the connections that begin with a PROXY header, and
+/// the time one may take to arrive whole (`--header-timeout`).
+#[derive(Debug, Clone)]
+pub struct ExpectProxy {
+    pub from: AcceptProxy,
+    pub within: Duration,
+}
+
+impl ExpectProxy {
+    /// `None` when the flag is off.
+    pub fn new(from: &AcceptProxy, within: Duration) -> Option<ExpectProxy> {
+        from.is_on().then(|| ExpectProxy {
+            from: from.clone(),
+            within,
+        })
     }
 }
 
@@ -187,8 +204,12 @@ pub fn start_threads(
 ) -> std::io::Result<()> {
     let ends = spread::channels(listeners.len());
     for ((i, l), inbound) in listeners.into_iter().enumerate().zip(ends) {
-        // A balancer in front sends its PROXY header first, in TCP mode too.
-        let first = matches!(proto, Protocol::Http(_)) || proto.accept_proxy().is_some();
+        // A balancer in front sends its PROXY header first, in TCP mode too
+        // (unless other clients come directly: they may wait for the server).
+        let first = matches!(proto, Protocol::Http(_))
+            || proto
+                .accept_proxy()
+                .is_some_and(|a| a.from == AcceptProxy::All);
         for set in [
             crate::os::listen::client_speaks_first(&l, first),
             crate::os::listen::probe_idle_peers(&l),
@@ -326,11 +347,15 @@ fn plain_h1(proto: &Protocol) -> bool {
     matches!(proto, Protocol::Http(h) if h.tls.is_none() && !h.h2_backends.load(Ordering::Relaxed))
 }
 
-/// Serves one client connection on this thread; with `--accept-proxy`,
-/// once its PROXY header named the client (a connection handed on between
-/// requests had it read already).
+/// Serves one client connection on this thread; with `--accept-proxy`
+/// (and from an address it names), once its PROXY header named the client
+/// (a connection handed on between requests had it read already).
 fn start(mut h: spread::Handed, proto: &Protocol, stop: &CancellationToken) {
-    let Some(within) = proto.accept_proxy().filter(|_| h.fresh) else {
+    let Some(within) = proto
+        .accept_proxy()
+        .filter(|a| h.fresh && a.from.expects(h.peer.ip()))
+        .map(|a| a.within)
+    else {
         return start_now(h, proto, stop);
     };
     let (proto, stop) = (proto.clone(), stop.clone());
@@ -414,9 +439,8 @@ pub struct HttpProxy {
     pub h2_backends: AtomicBool,
     /// For backends marked `tls`.
     pub client_tls: Arc<h2::ClientTls>,
-    /// `--accept-proxy`: each connection begins with a PROXY header, read
-    /// within this time.
-    pub accept_proxy: Option<Duration>,
+    /// `--accept-proxy`: which connections begin with a PROXY header.
+    pub accept_proxy: Option<ExpectProxy>,
 }
 
 impl HttpProxy {

@@ -19,8 +19,8 @@ pub struct TcpProxy {
     pub wait_for_backend: Duration,
     /// `--access-log`: one line per connection.
     pub log: Option<Arc<super::access::AccessLog>>,
-    /// `--accept-proxy`: the time a connection's PROXY header may take.
-    pub accept_proxy: Option<Duration>,
+    /// `--accept-proxy`: which connections begin with a PROXY header.
+    pub accept_proxy: Option<super::ExpectProxy>,
     /// `--send-proxy`: backend connections begin with a PROXY header.
     pub send_proxy: Option<crate::config::SendProxy>,
 }

@@ -481,14 +481,19 @@ fn client_cert_field(leaf: &CertificateDer<'_>) -> Option<hyper::header::HeaderV
 
 /// `--redirect-http`: answers every request with a `301` to the same host
 /// and path over HTTPS on `https_port`, then closes. With `accept_proxy`,
-/// each connection's PROXY header is skipped first (the address in it is
-/// of no use here).
-pub async fn redirect(listener: tokio::net::TcpListener, https_port: u16, accept_proxy: bool) {
+/// the PROXY header of each connection it names is skipped first (the
+/// address in it is of no use here).
+pub async fn redirect(
+    listener: tokio::net::TcpListener,
+    https_port: u16,
+    accept_proxy: crate::config::AcceptProxy,
+) {
     loop {
-        let Ok((io, _)) = listener.accept().await else {
+        let Ok((io, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
+        let accept_proxy = accept_proxy.expects(peer.ip());
         tokio::spawn(async move {
             let _ = tokio::time::timeout(
                 Duration::from_secs(10),

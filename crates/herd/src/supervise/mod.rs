@@ -39,7 +39,7 @@ use policy::RestartPolicy;
 use process::{Proc, Spec, kill_group};
 use signals::StopSignals;
 
-use crate::config::{Mode, Protocol, Settings};
+use crate::config::{AcceptProxy, Mode, Protocol, Settings};
 use crate::control::{self, Call, ControlError, Done, Line};
 use crate::dispatch::{DispatchError, Dispatcher};
 use crate::os::guardian::Guardian;
@@ -554,7 +554,8 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                     Arc::new(client_tls),
                 );
                 h.tls = sup.tls.clone();
-                h.accept_proxy = s.accept_proxy.then_some(s.http.limits.header_timeout);
+                h.accept_proxy =
+                    proxy::ExpectProxy::new(&s.accept_proxy, s.http.limits.header_timeout);
                 let h2 = s.workers_h2
                     || tls_up
                     || s.upstreams.iter().any(|u| u.h2)
@@ -570,10 +571,10 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
                 up: sup.up.clone(),
                 connect_timeout: sup.s.connect_timeout,
                 wait_for_backend: sup.s.ready_timeout,
-                accept_proxy: sup
-                    .s
-                    .accept_proxy
-                    .then_some(sup.s.http.limits.header_timeout),
+                accept_proxy: proxy::ExpectProxy::new(
+                    &sup.s.accept_proxy,
+                    sup.s.http.limits.header_timeout,
+                ),
                 send_proxy: sup.s.send_proxy,
             })),
         };
@@ -605,7 +606,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
             tokio::spawn(proxy::tls::redirect(
                 redirect,
                 bound.port(),
-                sup.s.accept_proxy,
+                sup.s.accept_proxy.clone(),
             ));
         }
         if !sup.s.discovery.is_empty() {
@@ -684,10 +685,16 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         } else {
             ""
         },
-        if sup.s.accept_proxy {
-            " (each connection must begin with a PROXY protocol header)"
-        } else {
-            ""
+        match &sup.s.accept_proxy {
+            AcceptProxy::Off => String::new(),
+            AcceptProxy::All => " (each connection must begin with a PROXY protocol header)".into(),
+            AcceptProxy::From(nets) => format!(
+                " (each connection from {} must begin with a PROXY protocol header)",
+                nets.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         },
         sup.s
             .source
