@@ -1448,9 +1448,10 @@ fn forwarded_echo_backend() -> u16 {
                 .to_string()
         };
         let body = format!(
-            "xff={} forwarded={}",
+            "xff={} forwarded={} xfp={}",
             field("x-forwarded-for:"),
-            field("forwarded:")
+            field("forwarded:"),
+            field("x-forwarded-proto:")
         );
         let _ = write!(
             c,
@@ -1841,8 +1842,10 @@ fn real_ip_from_takes_the_client_a_trusted_balancer_names() {
     );
     let answer = ask(
         h.port,
-        "X-Forwarded-For: 1.1.1.1, 203.0.113.9, 10.0.0.2\r\n",
+        "X-Forwarded-For: 1.1.1.1, 203.0.113.9, 10.0.0.2\r\nX-Forwarded-Proto: https\r\n",
     );
+    // A balancer named also says which scheme the client used.
+    assert!(answer.contains(" xfp=https"), "{answer}");
     assert!(
         answer
             .contains("xff=1.1.1.1, 203.0.113.9, 10.0.0.2, 203.0.113.9 forwarded=for=203.0.113.9;"),
@@ -1875,8 +1878,29 @@ fn real_ip_from_takes_the_client_a_trusted_balancer_names() {
             "X-Real-IP",
         ],
     );
-    let answer = ask(h.port, "X-Real-IP: 203.0.113.9\r\n");
+    let answer = ask(
+        h.port,
+        "X-Real-IP: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n",
+    );
     assert!(answer.contains("xff=127.0.0.1 "), "{answer}");
+    assert!(answer.ends_with(" xfp=http"), "{answer}");
+    // The same over h2c (served through hyper).
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "-H",
+            "X-Real-IP: 203.0.113.9",
+        ])
+        .args(["-H", "X-Forwarded-Proto: https"])
+        .arg(format!("http://127.0.0.1:{}/", h.port))
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.starts_with("xff=127.0.0.1 ") && answer.ends_with(" xfp=http"),
+        "{answer}"
+    );
     drop(h);
 
     // ip-hash on the client each request names: one client always reaches

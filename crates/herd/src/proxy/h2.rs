@@ -313,21 +313,29 @@ impl HttpProxy {
     /// dropped unanswered: hyper drops it when the client leaves).
     pub(super) async fn handle_h2(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: IpAddr,
         local: Option<SocketAddr>,
         via: &Via,
     ) -> (Response<RespBody>, Ending) {
-        // As a trusted balancer in front names the client (`--real-ip-from`).
+        // As a trusted balancer in front names the client (`--real-ip-from`);
+        // from anyone else, the scheme and host are herd's to say (as in
+        // `head::request`).
         let peer = match &self.cfg.real_ip {
-            Some(r) => super::real_ip::client(
-                r,
-                peer,
-                req.headers()
-                    .get_all(r.header.as_str())
-                    .iter()
-                    .map(|v| v.as_bytes()),
-            ),
+            Some(r) => {
+                if !super::real_ip::trusts(r, peer) {
+                    req.headers_mut().remove(&X_FORWARDED_PROTO);
+                    req.headers_mut().remove(&X_FORWARDED_HOST);
+                }
+                super::real_ip::client(
+                    r,
+                    peer,
+                    req.headers()
+                        .get_all(r.header.as_str())
+                        .iter()
+                        .map(|v| v.as_bytes()),
+                )
+            }
             None => peer,
         };
         let mut ending = Ending {

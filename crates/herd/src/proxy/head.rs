@@ -538,6 +538,26 @@ pub fn request(
         }
     };
 
+    // The client, as a trusted balancer in front names it, stands for the
+    // peer from here on (as with nginx's `realip`). Once balancers are
+    // named, only theirs is the word on the scheme and host the client
+    // asked for (gunicorn's and uvicorn's `--forwarded-allow-ips`).
+    let (client, believed) = match from.real_ip {
+        Some(r) => (
+            real_ip::client(
+                r,
+                from.peer,
+                headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case(&r.header))
+                    .map(|h| h.value),
+            ),
+            real_ip::trusts(r, from.peer),
+        ),
+        None => (from.peer, true),
+    };
+    let (xfp, xfh) = (xfp && believed, xfh && believed);
+
     // The backend's head.
     out.clear();
     out.extend_from_slice(method.as_bytes());
@@ -564,6 +584,7 @@ pub fn request(
                 }
             }
             Known::Trailer if !chunked => {}
+            Known::XForwardedProto | Known::XForwardedHost if !believed => {}
             Known::XForwardedFor => {
                 xff_more |= xff.is_some();
                 xff.get_or_insert(h.value);
@@ -591,19 +612,6 @@ pub fn request(
     if upgrade {
         put(out, "Connection", b"upgrade");
     }
-    // The client, as a trusted balancer in front names it, stands for the
-    // peer from here on (as with nginx's `realip`).
-    let client = match from.real_ip {
-        Some(r) => real_ip::client(
-            r,
-            from.peer,
-            headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case(&r.header))
-                .map(|h| h.value),
-        ),
-        None => from.peer,
-    };
     let ip = client.to_canonical();
     // X-Forwarded-For and Forwarded: earlier hops (every line, in order), then this one.
     out.extend_from_slice(b"X-Forwarded-For: ");
@@ -1444,7 +1452,8 @@ mod tests {
     #[test]
     fn a_trusted_balancers_client_stands_for_the_peer() {
         let r = RealIp::new(vec!["192.0.2.0/24".parse().unwrap()], "X-Forwarded-For");
-        let head = "GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 2001:db8::9\r\n\r\n";
+        let head = "GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 2001:db8::9\r\n\
+                    X-Forwarded-Proto: https\r\nX-Forwarded-Host: a.example\r\n\r\n";
         let ask = |peer: &str| {
             let from = Sender {
                 peer: peer.parse().unwrap(),
@@ -1465,8 +1474,19 @@ mod tests {
             out.contains("Forwarded: for=\"[2001:db8::9]\";proto=http"),
             "{out}"
         );
+        assert!(out.contains("X-Forwarded-Proto: https\r\n"), "{out}");
+        assert!(out.contains("X-Forwarded-Host: a.example\r\n"), "{out}");
+        // Not from a balancer named: its word on the scheme and host is not taken.
         let (client, out) = ask("198.51.100.1");
         assert_eq!(client, "198.51.100.1");
+        assert!(
+            out.contains("X-Forwarded-Proto: http\r\n") && !out.contains("https"),
+            "{out}"
+        );
+        assert!(
+            out.contains("X-Forwarded-Host: h\r\n") && !out.contains("a.example"),
+            "{out}"
+        );
         assert!(
             out.contains("X-Forwarded-For: 2001:db8::9, 198.51.100.1\r\n"),
             "{out}"

@@ -24,8 +24,8 @@ pub fn client<'v, I>(r: &RealIp, peer: IpAddr, lines: I) -> IpAddr
 where
     I: DoubleEndedIterator<Item = &'v [u8]>,
 {
-    let trusted = |ip: IpAddr| r.from.iter().any(|n| n.contains(&ip));
-    if !trusted(peer.to_canonical()) {
+    let trusted = |ip: IpAddr| trusts(r, ip);
+    if !trusted(peer) {
         return peer;
     }
     let mut found = peer;
@@ -50,6 +50,12 @@ where
         }
     }
     found
+}
+
+/// Whether `ip` is one of the balancers named.
+pub fn trusts(r: &RealIp, ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    r.from.iter().any(|n| n.contains(&ip))
 }
 
 /// `for=` of one `Forwarded` element (RFC 7239): `for=192.0.2.60;proto=http`,
