@@ -495,7 +495,12 @@ impl<'de> Deserialize<'de> for AcceptProxy {
                 while let Some(n) = seq.next_element::<TrustedNet>()? {
                     nets.push(n.0);
                 }
-                Ok(AcceptProxy::From(nets))
+                // `[]`: from nowhere, that is off.
+                Ok(if nets.is_empty() {
+                    AcceptProxy::Off
+                } else {
+                    AcceptProxy::From(nets)
+                })
             }
         }
         d.deserialize_any(V)
@@ -3030,6 +3035,10 @@ mod tests {
         );
         assert_eq!(
             parse("accept-proxy = false").unwrap().accept_proxy,
+            Some(AcceptProxy::Off)
+        );
+        assert_eq!(
+            parse("accept-proxy = []").unwrap().accept_proxy,
             Some(AcceptProxy::Off)
         );
         let listed = parse("accept-proxy = [\"10.0.0.0/8\", \"192.0.2.1\"]").unwrap();
