@@ -1986,6 +1986,34 @@ fn bad_input_gets_one_clear_line() {
         "\"yes\" is not an address or a network (10.0.0.0/8, 192.0.2.1, 2001:db8::/32); or true, false",
     );
     assert_one_line_error(
+        &["run", "--rate-limit", "10/h", "--", DEMO],
+        "\"10/h\" is not a rate: write N/s or N/m",
+    );
+    assert_one_line_error(
+        &[
+            "run",
+            "--rate-limit",
+            "10/s",
+            "--protocol",
+            "tcp",
+            "--",
+            DEMO,
+        ],
+        "--rate-limit counts or reads HTTP requests: it is for --protocol http",
+    );
+    assert_one_line_error(
+        &[
+            "run",
+            "--mode",
+            "dispatch",
+            "--rate-limit",
+            "10/s",
+            "--",
+            DEMO,
+        ],
+        "--rate-limit needs --mode proxy",
+    );
+    assert_one_line_error(
         &["run", "--real-ip-header", "X-Real-IP", "--", DEMO],
         "--real-ip-header needs --real-ip-from",
     );
@@ -2011,7 +2039,7 @@ fn bad_input_gets_one_clear_line() {
             "--",
             DEMO,
         ],
-        "--real-ip-from reads the client's address from an HTTP header",
+        "--real-ip-from counts or reads HTTP requests: it is for --protocol http",
     );
     assert_one_line_error(
         &[

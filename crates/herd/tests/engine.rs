@@ -1628,6 +1628,95 @@ fn a_proxy_header_without_accept_proxy_gets_a_400_and_a_hint() {
     }
 }
 
+#[test]
+fn rate_limit_answers_429_past_a_clients_burst_and_spares_the_others() {
+    let port = forwarded_echo_backend();
+    let dir = std::env::temp_dir().join(format!("herd-rate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let access = dir.join("access.log");
+    // The clients are named by the balancer in front (here, the test).
+    let h = lb(
+        port,
+        &[
+            "--rate-limit",
+            "1/m,burst=3",
+            "--real-ip-from",
+            "127.0.0.1",
+            "--real-ip-header",
+            "X-Real-IP",
+            "--access-log",
+            s(&access),
+        ],
+    );
+    let ask = |client: &str| {
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: t\r\nX-Real-IP: {client}\r\nConnection: close\r\n\r\n"
+        );
+        whole_exchange(h.port, req.as_bytes())
+    };
+    // A burst of three; the fourth waits a minute.
+    for _ in 0..3 {
+        let answer = ask("203.0.113.1");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let answer = ask("203.0.113.1");
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("Retry-After: 60\r\n"), "{answer}");
+    // Another client is not held back by the first.
+    assert!(ask("203.0.113.2").starts_with("HTTP/1.1 200"));
+    // A bodiless request's 429 keeps the connection; one with a body closes it.
+    let mut c = connect(h.port);
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    for _ in 0..2 {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Real-IP: 203.0.113.1\r\n\r\n")
+            .unwrap();
+        let (head, body) = read_one(&mut r);
+        assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+        assert_eq!(body, b"too many requests\n");
+    }
+    c.write_all(
+        b"POST / HTTP/1.1\r\nHost: t\r\nX-Real-IP: 203.0.113.1\r\nContent-Length: 3\r\n\r\nabc",
+    )
+    .unwrap();
+    let (head, _) = read_one(&mut r);
+    assert!(
+        head.starts_with("HTTP/1.1 429") && head.contains("Connection: close"),
+        "{head}"
+    );
+    drop((r, c));
+    // Over h2c, served through hyper: the same client, the same answer.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-i",
+            "--http2-prior-knowledge",
+            "-H",
+            "X-Real-IP: 203.0.113.1",
+        ])
+        .arg(format!("http://127.0.0.1:{}/", h.port))
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.starts_with("HTTP/2 429"), "{answer}");
+    assert!(answer.contains("retry-after: "), "{answer}");
+    assert!(
+        h.wait_log("a client at 203.0.113.1: over --rate-limit", T),
+        "{}",
+        h.log()
+    );
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&access)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("203.0.113.1 ") && l.contains("\" 429 "))
+            .count()
+            >= 4),
+        "access log: {}",
+        std::fs::read_to_string(&access).unwrap_or_default()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A connection to herd from `ip` (a loopback address of 127/8).
 fn connect_from(ip: &str, port: u16) -> TcpStream {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();

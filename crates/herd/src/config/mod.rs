@@ -147,10 +147,8 @@ pub enum ConfigError {
         "--send-proxy is for --protocol tcp (over HTTP herd names the client in X-Forwarded-For and Forwarded)"
     )]
     SendProxyNeedsTcp,
-    #[error(
-        "--real-ip-from reads the client's address from an HTTP header: it is for --protocol http"
-    )]
-    RealIpNeedsHttp,
+    #[error("{0} counts or reads HTTP requests: it is for --protocol http")]
+    NeedsHttp(&'static str),
     #[error("--real-ip-header needs --real-ip-from: the balancers whose header herd may believe")]
     RealIpHeaderAlone,
     #[error("--real-ip-header {0:?} is not a header name")]
@@ -504,6 +502,61 @@ impl<'de> Deserialize<'de> for AcceptProxy {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// `--rate-limit N/s|N/m[,burst=N]`: requests per client address (nginx's
+/// `limit_req rate=Nr/s burst=N nodelay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RateLimit {
+    /// Between two requests at the steady rate.
+    pub interval: Duration,
+    /// Requests a client may make at once.
+    pub burst: u32,
+}
+
+impl FromStr for RateLimit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "{s:?} is not a rate: write N/s or N/m, and ,burst=N to allow N at once (10/s,burst=20)"
+            )
+        };
+        let mut parts = s.trim().split(',');
+        let rate = parts.next().unwrap_or_default().trim();
+        let (n, unit) = rate.split_once('/').ok_or_else(bad)?;
+        let n: u32 = n.trim().trim_end_matches('r').parse().map_err(|_| bad())?;
+        let unit = match unit.trim() {
+            "s" | "sec" | "second" => 1,
+            "m" | "min" | "minute" => 60,
+            _ => return Err(bad()),
+        };
+        if n == 0 {
+            return Err(bad());
+        }
+        // A second's worth at once, at least one.
+        let mut burst = n.div_ceil(unit).max(1);
+        for p in parts {
+            match p.trim().split_once('=') {
+                Some(("burst", b)) => {
+                    burst = b.trim().parse().ok().filter(|&b| b > 0).ok_or_else(bad)?
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(RateLimit {
+            interval: Duration::from_secs(unit.into()) / n,
+            burst,
+        })
+    }
+}
+
+impl TryFrom<String> for RateLimit {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }
 
@@ -873,6 +926,10 @@ options! {
     /// --real-ip-header, as nginx's set_real_ip_from [default: none].
     #[arg(long, value_name = "CIDR", value_delimiter = ',')]
     real_ip_from: Option<Vec<TrustedNet>>,
+    /// Requests per client address, N/s or N/m, with ,burst=N at once [default: a
+    /// second's worth]; more get a 429 with Retry-After (nginx's limit_req) [default: none].
+    #[arg(long, value_name = "N/s[,burst=N]")]
+    rate_limit: Option<RateLimit>,
     /// Where a request from --real-ip-from names its client: X-Forwarded-For,
     /// Forwarded (its for=), X-Real-IP, CF-Connecting-IP, … [default: X-Forwarded-For].
     #[arg(long, value_name = "NAME")]
@@ -1514,6 +1571,8 @@ pub struct HttpConfig {
     pub wait_for_backend: Duration,
     /// `--real-ip-from`: the balancers whose word on the client herd takes.
     pub real_ip: Option<RealIp>,
+    /// `--rate-limit`: requests per client address.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// How `--output` and `--error` write a line (PM2's `log_type`).
@@ -1773,11 +1832,14 @@ impl Settings {
         if o.send_proxy.is_some() && protocol != Some(Protocol::Tcp) {
             return Err(ConfigError::SendProxyNeedsTcp);
         }
+        if o.rate_limit.is_some() && protocol == Some(Protocol::Tcp) {
+            return Err(ConfigError::NeedsHttp("--rate-limit"));
+        }
         let real_ip = match (o.real_ip_from.as_deref(), o.real_ip_header.as_deref()) {
             (None | Some([]), Some(_)) => return Err(ConfigError::RealIpHeaderAlone),
             (None | Some([]), None) => None,
             (Some(_), _) if protocol == Some(Protocol::Tcp) => {
-                return Err(ConfigError::RealIpNeedsHttp);
+                return Err(ConfigError::NeedsHttp("--real-ip-from"));
             }
             (Some(from), header) => {
                 let header = header.unwrap_or("X-Forwarded-For").trim();
@@ -1818,6 +1880,9 @@ impl Settings {
             }
             if o.real_ip_from.is_some() {
                 return Err(ConfigError::NeedsProxy("--real-ip-from"));
+            }
+            if o.rate_limit.is_some() {
+                return Err(ConfigError::NeedsProxy("--rate-limit"));
             }
             if o.worker_max_conns.is_some() {
                 return Err(ConfigError::NeedsProxy("--worker-max-conns"));
@@ -1973,6 +2038,7 @@ impl Settings {
             },
             wait_for_backend: ready_timeout,
             real_ip,
+            rate_limit: o.rate_limit,
         };
         let admin = match o.admin {
             Some(ListenAddr(addr)) if !addr.ip().is_loopback() && o.admin_token.is_none() => {
@@ -3057,6 +3123,60 @@ mod tests {
         let from = AcceptProxy::From(vec!["10.0.0.0/8".parse().unwrap()]);
         assert!(from.expects("::ffff:10.1.1.1".parse().unwrap()));
         assert!(!from.expects("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn rate_limits_as_nginx_writes_them() {
+        let r = |s: &str| s.parse::<RateLimit>();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            r("10/s"),
+            Ok(RateLimit {
+                interval: ms(100),
+                burst: 10
+            })
+        );
+        assert_eq!(
+            r("10r/s, burst=25"),
+            Ok(RateLimit {
+                interval: ms(100),
+                burst: 25
+            })
+        );
+        assert_eq!(
+            r("30r/m"),
+            Ok(RateLimit {
+                interval: ms(2000),
+                burst: 1
+            })
+        );
+        assert_eq!(
+            r("600/min"),
+            Ok(RateLimit {
+                interval: ms(100),
+                burst: 10
+            })
+        );
+        for bad in [
+            "",
+            "10",
+            "0/s",
+            "10/h",
+            "10/s,burst=0",
+            "10/s,delay=3",
+            "x/s",
+        ] {
+            let e = r(bad).unwrap_err();
+            assert!(e.contains("is not a rate: write N/s or N/m"), "{bad}: {e}");
+        }
+        let c = Options::parse(Path::new("herd.toml"), "rate-limit = \"5/s,burst=10\"").unwrap();
+        assert_eq!(
+            c.rate_limit,
+            Some(RateLimit {
+                interval: ms(200),
+                burst: 10
+            })
+        );
     }
 
     #[test]

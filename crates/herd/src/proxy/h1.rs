@@ -275,7 +275,7 @@ async fn refuse(p: &HttpProxy, io: &mut LazyStream, inbox: &mut Inbox, r: Refusa
             }
             Some(_) => "a second PROXY protocol header; answered 400",
         };
-        super::Told::UnexpectedProxyHeader.warn(&format!("a connection from {peer}"), &why);
+        super::Told::UnexpectedProxyHeader.warn(format_args!("a connection from {peer}"), &why);
     }
     let _ = write_all(io, r.response(), p.cfg.limits.idle_timeout).await;
     linger(io, inbox, buffer_size(p)).await;
@@ -508,6 +508,19 @@ async fn exchange(
         None => None,
     };
     inbox.consume(head_len);
+
+    // Over its rate (`--rate-limit`): answered here, no backend hears of it.
+    if let Some(rate) = &p.rate
+        && let Err(wait) = rate.check(peer, p.up.now())
+    {
+        let why = "over --rate-limit; answered 429";
+        super::Told::RateLimited.warn(format_args!("a client at {peer}"), &why);
+        let keep = req.keep_alive && req.body == Framing::None && !req.upgrade;
+        head::rate_limited(&mut out, wait, keep);
+        let bytes = head::RATE_LIMITED_BODY.len() as u64;
+        note(p, &logged, 429, bytes, None, 0);
+        return send_own(io, out, keep, limits.idle_timeout).await;
+    }
 
     // Body bytes that came with the head go out with it.
     let pending = inbox.pending();
@@ -1647,6 +1660,12 @@ async fn answer(
     timeout: Duration,
 ) -> Outcome {
     head::error_response(&mut out, status, reason, body, keep);
+    send_own(io, out, keep, timeout).await
+}
+
+/// Writes an answer of herd's own, `out`, and gives `out` back; `keep`:
+/// the connection may serve another request (else it lingers, then closes).
+async fn send_own(io: &LazyStream, out: Vec<u8>, keep: bool, timeout: Duration) -> Outcome {
     let ok = write_all(io, &out, timeout).await.is_ok();
     conns::give_back(out);
     match (ok, keep) {
@@ -1998,6 +2017,7 @@ mod tests {
             },
             wait_for_backend: secs,
             real_ip: None,
+            rate_limit: None,
         };
         let up = Arc::new(Upstreams::new(herd_balance::StrategyKind::RoundRobin, &[]));
         let tls = Arc::new(crate::proxy::h2::ClientTls::new(Default::default()).unwrap());

@@ -383,6 +383,21 @@ impl HttpProxy {
             }
             return r;
         }
+        // Over its rate (`--rate-limit`), as in herd's own engine.
+        if let Some(rate) = &self.rate
+            && let Err(wait) = rate.check(peer, self.up.now())
+        {
+            let why = "over --rate-limit; answered 429";
+            super::Told::RateLimited.warn(format_args!("a client at {peer}"), &why);
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                super::head::RATE_LIMITED_BODY,
+            );
+            let secs = wait.div_ceil(1_000_000_000).max(1);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return r;
+        }
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();

@@ -1098,6 +1098,26 @@ pub fn error_response(out: &mut Vec<u8>, status: u16, reason: &str, body: &str, 
     );
 }
 
+pub const RATE_LIMITED_BODY: &str = "too many requests\n";
+
+/// `--rate-limit`'s answer: `429` and when to try again (whole seconds,
+/// rounded up, as `Retry-After` takes).
+pub fn rate_limited(out: &mut Vec<u8>, retry_after_ns: u64, keep_alive: bool) {
+    let body = RATE_LIMITED_BODY;
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{}\r\n{body}",
+        retry_after_ns.div_ceil(1_000_000_000).max(1),
+        body.len(),
+        if keep_alive {
+            ""
+        } else {
+            "Connection: close\r\n"
+        }
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

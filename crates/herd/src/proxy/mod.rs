@@ -45,6 +45,7 @@ mod idle;
 #[cfg(test)]
 mod props;
 pub mod proxy_protocol;
+pub mod rate;
 pub mod real_ip;
 pub mod spread;
 mod tcp;
@@ -367,7 +368,7 @@ fn start(mut h: spread::Handed, proto: &Protocol, stop: &CancellationToken) {
             }
             // Closed having sent nothing: a balancer's TCP health check.
             Err(proxy_protocol::ProxyHeaderError::Closed) => {}
-            Err(e) => Told::NoProxyHeader.warn(&format!("a connection from {}", h.peer), &e),
+            Err(e) => Told::NoProxyHeader.warn(format_args!("a connection from {}", h.peer), &e),
         }
     });
 }
@@ -441,6 +442,8 @@ pub struct HttpProxy {
     pub client_tls: Arc<h2::ClientTls>,
     /// `--accept-proxy`: which connections begin with a PROXY header.
     pub accept_proxy: Option<ExpectProxy>,
+    /// `--rate-limit`: requests per client address.
+    pub rate: Option<rate::Limiter>,
 }
 
 impl HttpProxy {
@@ -451,7 +454,9 @@ impl HttpProxy {
         client_tls: Arc<h2::ClientTls>,
     ) -> HttpProxy {
         let key_source = up.kind().key_source();
+        let rate = cfg.rate_limit.as_ref().map(rate::Limiter::new);
         HttpProxy {
+            rate,
             client_tls,
             up,
             cfg,
@@ -609,13 +614,17 @@ pub(crate) enum Told {
     NoProxyHeader,
     /// A PROXY header without `--accept-proxy`: a 400.
     UnexpectedProxyHeader,
+    /// `--rate-limit`: a client over its rate, answered 429.
+    RateLimited,
 }
 
 impl Told {
-    pub(crate) fn warn(self, label: &str, why: &dyn std::fmt::Display) {
+    /// `label` is formatted only when said (a flood of refusals costs no
+    /// allocation each).
+    pub(crate) fn warn(self, label: impl std::fmt::Display, why: &dyn std::fmt::Display) {
         use crate::os::listen::AcceptErrors;
         type Throttle = std::sync::Mutex<AcceptErrors>;
-        static TOLD: [Throttle; 6] = [const { Throttle::new(AcceptErrors::new()) }; 6];
+        static TOLD: [Throttle; 7] = [const { Throttle::new(AcceptErrors::new()) }; 7];
         let due = TOLD[self as usize]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -627,6 +636,7 @@ impl Told {
             Told::AllFull => "requests that waited in vain for room",
             Told::NoProxyHeader => "connections closed for their PROXY header",
             Told::UnexpectedProxyHeader => "PROXY headers answered 400",
+            Told::RateLimited => "requests over --rate-limit answered 429",
         };
         match due {
             Some(1) => tracing::warn!("{label}: {why}"),
