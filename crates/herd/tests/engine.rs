@@ -1634,10 +1634,13 @@ fn rate_limit_answers_429_past_a_clients_burst_and_spares_the_others() {
     let dir = std::env::temp_dir().join(format!("herd-rate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let access = dir.join("access.log");
+    let admin = format!("127.0.0.1:{}", free_port());
     // The clients are named by the balancer in front (here, the test).
     let h = lb(
         port,
         &[
+            "--admin",
+            &admin,
             "--rate-limit",
             "1/m,burst=3",
             "--real-ip-from",
@@ -1703,6 +1706,14 @@ fn rate_limit_answers_429_past_a_clients_burst_and_spares_the_others() {
         h.wait_log("a client at 203.0.113.1: over --rate-limit", T),
         "{}",
         h.log()
+    );
+    let metrics = whole_exchange(
+        admin.rsplit(':').next().unwrap().parse().unwrap(),
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        metrics.contains("\nherd_rate_limited_total 5\n"),
+        "{metrics}"
     );
     assert!(
         wait_until(T, || std::fs::read_to_string(&access)

@@ -226,6 +226,18 @@ impl Collector for Scrape {
             MetricType::Counter,
             [(Vec::new(), ConstCounter::new(self.retries))],
         )?;
+        family(
+            &mut enc,
+            "herd_rate_limited",
+            "Requests answered 429 for --rate-limit.",
+            MetricType::Counter,
+            [(
+                Vec::new(),
+                ConstCounter::new(
+                    crate::proxy::rate::REFUSED.load(std::sync::atomic::Ordering::Relaxed),
+                ),
+            )],
+        )?;
         let queued = crate::upstream::WAITING.load(std::sync::atomic::Ordering::Relaxed);
         family(
             &mut enc,

@@ -612,7 +612,8 @@ pub(crate) enum Told {
     AllFull,
     /// `--accept-proxy`: a connection without a good PROXY header, closed.
     NoProxyHeader,
-    /// A PROXY header without `--accept-proxy`: a 400.
+    /// A PROXY header herd did not expect (no `--accept-proxy`, an address
+    /// it does not name, or a second one): a 400.
     UnexpectedProxyHeader,
     /// `--rate-limit`: a client over its rate, answered 429.
     RateLimited,

@@ -15,8 +15,12 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::RateLimit;
+
+/// Requests refused so far, for `/metrics` (one limiter per process).
+pub static REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// Shards of the table: enough that the proxy threads rarely meet on one.
 const SHARDS: usize = 64;
@@ -61,6 +65,7 @@ impl Limiter {
         let due = shard.due.get(&client).map_or(now, |&d| d.max(now));
         let next = due.saturating_add(self.interval);
         if next - now > self.tolerance {
+            REFUSED.fetch_add(1, Ordering::Relaxed);
             return Err(next - now - self.tolerance);
         }
         shard.due.insert(client, next);
