@@ -24,8 +24,12 @@ pub static REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// Shards of the table: enough that the proxy threads rarely meet on one.
 const SHARDS: usize = 64;
-/// How often a shard drops the clients whose due time has passed.
+/// How often a shard drops the clients whose due time has passed; and
+/// sooner once it holds twice as many as after its last sweep (at least
+/// `SWEEP_AT`), so many new clients at once (an IPv6 network's addresses)
+/// cost memory only while each is ahead of the clock, at amortized O(1).
 const SWEEP_EVERY: u64 = 10_000_000_000;
+const SWEEP_AT: usize = 1024;
 
 pub struct Limiter {
     /// ns between two requests at the steady rate.
@@ -35,10 +39,21 @@ pub struct Limiter {
     shards: Box<[Mutex<Shard>]>,
 }
 
-#[derive(Default)]
 struct Shard {
     due: HashMap<IpAddr, u64>,
     swept: u64,
+    /// The size that calls for a sweep.
+    mark: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Shard {
+        Shard {
+            due: HashMap::new(),
+            swept: 0,
+            mark: SWEEP_AT,
+        }
+    }
 }
 
 impl Limiter {
@@ -58,9 +73,10 @@ impl Limiter {
         let mut shard = self.shards[shard_of(client)]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if now.saturating_sub(shard.swept) >= SWEEP_EVERY {
+        if now.saturating_sub(shard.swept) >= SWEEP_EVERY || shard.due.len() >= shard.mark {
             shard.due.retain(|_, due| *due > now);
             shard.swept = now;
+            shard.mark = (shard.due.len() * 2).max(SWEEP_AT);
         }
         let due = shard.due.get(&client).map_or(now, |&d| d.max(now));
         let next = due.saturating_add(self.interval);
@@ -162,6 +178,21 @@ mod tests {
             assert_eq!(l.check(a, SWEEP_EVERY), Ok(()));
         }
         assert_eq!(l.clients(), 1000);
+    }
+
+    #[test]
+    fn many_new_clients_at_once_are_forgotten_as_their_due_time_passes() {
+        // One request each from 200,000 addresses of one IPv6 network, 10
+        // µs apart: each is due again 10 ms later (100/s).
+        let l = limiter(100, 1);
+        let net = u128::from("2001:db8::".parse::<std::net::Ipv6Addr>().unwrap());
+        for i in 0..200_000u64 {
+            let a = IpAddr::V6(std::net::Ipv6Addr::from(net + u128::from(i)));
+            assert_eq!(l.check(a, i * 10_000), Ok(()));
+        }
+        // About 1,000 are ahead of the clock at the end; the table holds a
+        // few times that, not 200,000.
+        assert!(l.clients() < 20 * SWEEP_AT, "{}", l.clients());
     }
 
     #[test]
