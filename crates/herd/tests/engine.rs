@@ -1628,6 +1628,34 @@ fn a_proxy_header_without_accept_proxy_gets_a_400_and_a_hint() {
     }
 }
 
+/// Sends `HEAD` twice then `GET` on one connection and reads until the
+/// `GET`'s answer is whole: herd's own answers to a `HEAD` are heads alone,
+/// so the body text comes once, and the connection stays in step.
+fn heads_then_get(port: u16, headers: &str, body: &str) -> String {
+    let mut c = connect(port);
+    let req = |m: &str| format!("{m} / HTTP/1.1\r\nHost: t\r\n{headers}\r\n");
+    c.write_all(format!("{}{}{}", req("HEAD"), req("HEAD"), req("GET")).as_bytes())
+        .unwrap();
+    let mut all = String::new();
+    let mut b = [0u8; 4096];
+    while all.matches("HTTP/1.1 ").count() < 3 || !all.ends_with(body) {
+        match c.read(&mut b) {
+            Ok(n) if n > 0 => all.push_str(&String::from_utf8_lossy(&b[..n])),
+            _ => break,
+        }
+    }
+    all
+}
+
+#[test]
+fn herds_own_answers_to_head_have_no_body() {
+    // Nothing listens on port 1: each request gets herd's own 502.
+    let h = lb(1, &[]);
+    let all = heads_then_get(h.port, "", "could not connect to a backend\n");
+    assert_eq!(all.matches("HTTP/1.1 502").count(), 3, "{all}");
+    assert_eq!(all.matches("could not connect").count(), 1, "{all}");
+}
+
 #[test]
 fn rate_limit_answers_429_past_a_clients_burst_and_spares_the_others() {
     let port = forwarded_echo_backend();
@@ -1687,6 +1715,9 @@ fn rate_limit_answers_429_past_a_clients_burst_and_spares_the_others() {
         "{head}"
     );
     drop((r, c));
+    let all = heads_then_get(h.port, "X-Real-IP: 203.0.113.1\r\n", "too many requests\n");
+    assert_eq!(all.matches("HTTP/1.1 429").count(), 3, "{all}");
+    assert_eq!(all.matches("too many requests").count(), 1, "{all}");
     // Over h2c, served through hyper: the same client, the same answer.
     let out = std::process::Command::new("curl")
         .args([
@@ -1712,7 +1743,7 @@ fn rate_limit_answers_429_past_a_clients_burst_and_spares_the_others() {
         b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     );
     assert!(
-        metrics.contains("\nherd_rate_limited_total 5\n"),
+        metrics.contains("\nherd_rate_limited_total 8\n"),
         "{metrics}"
     );
     assert!(

@@ -517,6 +517,9 @@ async fn exchange(
         super::Told::RateLimited.warn(format_args!("a client at {peer}"), &why);
         let keep = req.keep_alive && req.body == Framing::None && !req.upgrade;
         head::rate_limited(&mut out, wait, keep);
+        if req.head_method {
+            out.truncate(out.len() - head::RATE_LIMITED_BODY.len());
+        }
         let bytes = head::RATE_LIMITED_BODY.len() as u64;
         note(p, &logged, 429, bytes, None, 0);
         return send_own(io, out, keep, limits.idle_timeout).await;
@@ -643,12 +646,28 @@ async fn exchange(
     'attempt: loop {
         if tries >= MAX_TRIES {
             note(p, &logged, last.0, 0, None, tries);
-            return answer(io, out, last, own_keep, limits.idle_timeout).await;
+            return answer(
+                io,
+                out,
+                last,
+                own_keep,
+                asked.head_method,
+                limits.idle_timeout,
+            )
+            .await;
         }
         if !p.some_target().await {
             let no = (503, "Service Unavailable", "no worker is ready\n");
             note(p, &logged, no.0, 0, None, tries);
-            return answer(io, out, no, own_keep, limits.idle_timeout).await;
+            return answer(
+                io,
+                out,
+                no,
+                own_keep,
+                asked.head_method,
+                limits.idle_timeout,
+            )
+            .await;
         }
         if tries > 0 {
             p.up.retries
@@ -679,7 +698,15 @@ async fn exchange(
                 super::Told::all_full(p.cfg.connect_timeout, "answering 503");
                 let no = (503, "Service Unavailable", super::ALL_FULL);
                 note(p, &logged, no.0, 0, None, tries);
-                return answer(io, out, no, own_keep, limits.idle_timeout).await;
+                return answer(
+                    io,
+                    out,
+                    no,
+                    own_keep,
+                    asked.head_method,
+                    limits.idle_timeout,
+                )
+                .await;
             }
             Err(_) if p.up.replaced(avoid.as_deref(), &mut replace_by).await => {
                 avoid = None;
@@ -687,13 +714,29 @@ async fn exchange(
             }
             Err(_) if avoid.is_some() => {
                 note(p, &logged, last.0, 0, None, tries);
-                return answer(io, out, last, own_keep, limits.idle_timeout).await;
+                return answer(
+                    io,
+                    out,
+                    last,
+                    own_keep,
+                    asked.head_method,
+                    limits.idle_timeout,
+                )
+                .await;
             }
             Err(_) => {
                 super::Told::none_available();
                 let no = (503, "Service Unavailable", "no healthy backend\n");
                 note(p, &logged, no.0, 0, None, tries);
-                return answer(io, out, no, own_keep, limits.idle_timeout).await;
+                return answer(
+                    io,
+                    out,
+                    no,
+                    own_keep,
+                    asked.head_method,
+                    limits.idle_timeout,
+                )
+                .await;
             }
         };
         tries += 1;
@@ -730,7 +773,8 @@ async fn exchange(
                     Err(e) if super::own_shortage(&target.label, &e) => {
                         let no = (503, "Service Unavailable", super::SHORTAGE);
                         note(p, &logged, no.0, 0, None, tries);
-                        return answer(io, out, no, false, limits.idle_timeout).await;
+                        return answer(io, out, no, false, asked.head_method, limits.idle_timeout)
+                            .await;
                     }
                     Err(e) => {
                         let why = format_args!("cannot connect: {e}");
@@ -919,7 +963,7 @@ async fn exchange(
                 }
                 let keep = own_keep && body_end == BodyEnd::Done;
                 note(p, &logged, last.0, 0, None, tries);
-                return answer(io, out, last, keep, limits.idle_timeout).await;
+                return answer(io, out, last, keep, asked.head_method, limits.idle_timeout).await;
             }
         };
         lease.success(now);
@@ -1651,15 +1695,20 @@ async fn relay_answer(
     }
 }
 
-/// A short answer of herd's own; gives `out` back.
+/// A short answer of herd's own (to a `HEAD`, its head alone); gives
+/// `out` back.
 async fn answer(
     io: &LazyStream,
     mut out: Vec<u8>,
     (status, reason, body): (u16, &str, &str),
     keep: bool,
+    head_method: bool,
     timeout: Duration,
 ) -> Outcome {
     head::error_response(&mut out, status, reason, body, keep);
+    if head_method {
+        out.truncate(out.len() - body.len());
+    }
     send_own(io, out, keep, timeout).await
 }
 
