@@ -625,7 +625,11 @@ async fn exchange(
             && !p.h2_backends.load(std::sync::atomic::Ordering::Relaxed),
     };
     // Our own answers keep the connection if the whole request was read.
-    let own_keep = asked.keep_alive && matches!(left, BodyLeft::Done);
+    let own = Own {
+        keep: asked.keep_alive && matches!(left, BodyLeft::Done),
+        head_method: asked.head_method,
+        timeout: limits.idle_timeout,
+    };
 
     // A small body already at hand joins the head: one `send`, not a `writev`.
     let at_hand = whole.as_ref().map_or(in_buf, Vec::len);
@@ -646,28 +650,12 @@ async fn exchange(
     'attempt: loop {
         if tries >= MAX_TRIES {
             note(p, &logged, last.0, 0, None, tries);
-            return answer(
-                io,
-                out,
-                last,
-                own_keep,
-                asked.head_method,
-                limits.idle_timeout,
-            )
-            .await;
+            return answer(io, out, last, own).await;
         }
         if !p.some_target().await {
             let no = (503, "Service Unavailable", "no worker is ready\n");
             note(p, &logged, no.0, 0, None, tries);
-            return answer(
-                io,
-                out,
-                no,
-                own_keep,
-                asked.head_method,
-                limits.idle_timeout,
-            )
-            .await;
+            return answer(io, out, no, own).await;
         }
         if tries > 0 {
             p.up.retries
@@ -698,15 +686,7 @@ async fn exchange(
                 super::Told::all_full(p.cfg.connect_timeout, "answering 503");
                 let no = (503, "Service Unavailable", super::ALL_FULL);
                 note(p, &logged, no.0, 0, None, tries);
-                return answer(
-                    io,
-                    out,
-                    no,
-                    own_keep,
-                    asked.head_method,
-                    limits.idle_timeout,
-                )
-                .await;
+                return answer(io, out, no, own).await;
             }
             Err(_) if p.up.replaced(avoid.as_deref(), &mut replace_by).await => {
                 avoid = None;
@@ -714,29 +694,13 @@ async fn exchange(
             }
             Err(_) if avoid.is_some() => {
                 note(p, &logged, last.0, 0, None, tries);
-                return answer(
-                    io,
-                    out,
-                    last,
-                    own_keep,
-                    asked.head_method,
-                    limits.idle_timeout,
-                )
-                .await;
+                return answer(io, out, last, own).await;
             }
             Err(_) => {
                 super::Told::none_available();
                 let no = (503, "Service Unavailable", "no healthy backend\n");
                 note(p, &logged, no.0, 0, None, tries);
-                return answer(
-                    io,
-                    out,
-                    no,
-                    own_keep,
-                    asked.head_method,
-                    limits.idle_timeout,
-                )
-                .await;
+                return answer(io, out, no, own).await;
             }
         };
         tries += 1;
@@ -773,8 +737,7 @@ async fn exchange(
                     Err(e) if super::own_shortage(&target.label, &e) => {
                         let no = (503, "Service Unavailable", super::SHORTAGE);
                         note(p, &logged, no.0, 0, None, tries);
-                        return answer(io, out, no, false, asked.head_method, limits.idle_timeout)
-                            .await;
+                        return answer(io, out, no, Own { keep: false, ..own }).await;
                     }
                     Err(e) => {
                         let why = format_args!("cannot connect: {e}");
@@ -961,9 +924,9 @@ async fn exchange(
                     avoid = Some(lease.backend().clone());
                     continue 'attempt;
                 }
-                let keep = own_keep && body_end == BodyEnd::Done;
+                let keep = own.keep && body_end == BodyEnd::Done;
                 note(p, &logged, last.0, 0, None, tries);
-                return answer(io, out, last, keep, asked.head_method, limits.idle_timeout).await;
+                return answer(io, out, last, Own { keep, ..own }).await;
             }
         };
         lease.success(now);
@@ -1695,21 +1658,28 @@ async fn relay_answer(
     }
 }
 
-/// A short answer of herd's own (to a `HEAD`, its head alone); gives
-/// `out` back.
+/// How herd's own answer to a request goes out.
+#[derive(Clone, Copy)]
+struct Own {
+    /// The connection may serve another request (the request was read whole).
+    keep: bool,
+    /// It answers a `HEAD`: the head alone.
+    head_method: bool,
+    timeout: Duration,
+}
+
+/// A short answer of herd's own; gives `out` back.
 async fn answer(
     io: &LazyStream,
     mut out: Vec<u8>,
     (status, reason, body): (u16, &str, &str),
-    keep: bool,
-    head_method: bool,
-    timeout: Duration,
+    own: Own,
 ) -> Outcome {
-    head::error_response(&mut out, status, reason, body, keep);
-    if head_method {
+    head::error_response(&mut out, status, reason, body, own.keep);
+    if own.head_method {
         out.truncate(out.len() - body.len());
     }
-    send_own(io, out, keep, timeout).await
+    send_own(io, out, own.keep, own.timeout).await
 }
 
 /// Writes an answer of herd's own, `out`, and gives `out` back; `keep`:
