@@ -516,12 +516,16 @@ async fn exchange(
         let why = "over --rate-limit; answered 429";
         super::Told::RateLimited.warn(format_args!("a client at {peer}"), &why);
         let keep = req.keep_alive && req.body == Framing::None && !req.upgrade;
-        head::rate_limited(&mut out, wait, keep);
-        if req.head_method {
-            out.truncate(out.len() - head::RATE_LIMITED_BODY.len());
-        }
-        let bytes = head::RATE_LIMITED_BODY.len() as u64;
-        note(p, &logged, 429, bytes, None, 0);
+        // Whole seconds, rounded up, as `Retry-After` takes them.
+        let secs = wait.div_ceil(1_000_000_000).max(1);
+        head::own_answer(
+            &mut out,
+            head::RATE_LIMITED,
+            format_args!("Retry-After: {secs}\r\n"),
+            keep,
+            req.head_method,
+        );
+        note(p, &logged, 429, head::RATE_LIMITED.2.len() as u64, None, 0);
         return send_own(io, out, keep, limits.idle_timeout).await;
     }
 
@@ -1669,16 +1673,8 @@ struct Own {
 }
 
 /// A short answer of herd's own; gives `out` back.
-async fn answer(
-    io: &LazyStream,
-    mut out: Vec<u8>,
-    (status, reason, body): (u16, &str, &str),
-    own: Own,
-) -> Outcome {
-    head::error_response(&mut out, status, reason, body, own.keep);
-    if own.head_method {
-        out.truncate(out.len() - body.len());
-    }
+async fn answer(io: &LazyStream, mut out: Vec<u8>, what: (u16, &str, &str), own: Own) -> Outcome {
+    head::own_answer(&mut out, what, format_args!(""), own.keep, own.head_method);
     send_own(io, out, own.keep, own.timeout).await
 }
 

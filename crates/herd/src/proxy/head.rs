@@ -30,7 +30,8 @@ pub enum Refusal {
     Version,
     /// A body larger than `--max-body-size`.
     BodyTooLarge,
-    /// A PROXY protocol header, without `--accept-proxy`: a 400, and a hint.
+    /// A PROXY protocol header herd did not expect (no `--accept-proxy`, an
+    /// address it does not name, a second one): a 400, and a hint.
     ProxyHeader,
 }
 
@@ -1083,12 +1084,21 @@ pub fn response(
     )))
 }
 
-/// A short answer of herd's own.
-pub fn error_response(out: &mut Vec<u8>, status: u16, reason: &str, body: &str, keep_alive: bool) {
+/// A short answer of herd's own: status, reason and body, `extra` header
+/// lines (each ending in CRLF) first; to a `HEAD`, the head alone (RFC
+/// 9110, 9.3.2: a client that reads no body would take it for the next
+/// answer's start).
+pub fn own_answer(
+    out: &mut Vec<u8>,
+    (status, reason, body): (u16, &str, &str),
+    extra: std::fmt::Arguments<'_>,
+    keep_alive: bool,
+    head_method: bool,
+) {
     out.clear();
     let _ = write!(
         out,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{}\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{}\r\n",
         body.len(),
         if keep_alive {
             ""
@@ -1096,27 +1106,13 @@ pub fn error_response(out: &mut Vec<u8>, status: u16, reason: &str, body: &str, 
             "Connection: close\r\n"
         }
     );
+    if !head_method {
+        out.extend_from_slice(body.as_bytes());
+    }
 }
 
-pub const RATE_LIMITED_BODY: &str = "too many requests\n";
-
-/// `--rate-limit`'s answer: `429` and when to try again (whole seconds,
-/// rounded up, as `Retry-After` takes).
-pub fn rate_limited(out: &mut Vec<u8>, retry_after_ns: u64, keep_alive: bool) {
-    let body = RATE_LIMITED_BODY;
-    out.clear();
-    let _ = write!(
-        out,
-        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{}\r\n{body}",
-        retry_after_ns.div_ceil(1_000_000_000).max(1),
-        body.len(),
-        if keep_alive {
-            ""
-        } else {
-            "Connection: close\r\n"
-        }
-    );
-}
+/// `--rate-limit`'s answer, with `Retry-After`.
+pub const RATE_LIMITED: (u16, &str, &str) = (429, "Too Many Requests", "too many requests\n");
 
 #[cfg(test)]
 mod tests {

@@ -24,8 +24,7 @@ pub fn client<'v, I>(r: &RealIp, peer: IpAddr, lines: I) -> IpAddr
 where
     I: DoubleEndedIterator<Item = &'v [u8]>,
 {
-    let trusted = |ip: IpAddr| trusts(r, ip);
-    if !trusted(peer) {
+    if !trusts(r, peer) {
         return peer;
     }
     let mut found = peer;
@@ -44,7 +43,7 @@ where
                 return found;
             };
             found = ip;
-            if !trusted(ip) {
+            if !trusts(r, ip) {
                 return found;
             }
         }
