@@ -414,6 +414,13 @@ impl FromStr for TrustedNet {
     }
 }
 
+/// Whether `ip` is in one of `nets`; an IPv4-mapped IPv6 address (a peer
+/// on a dual-stack listener) as the IPv4 one.
+pub fn in_nets(nets: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    nets.iter().any(|n| n.contains(&ip))
+}
+
 impl TryFrom<String> for TrustedNet {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
@@ -443,10 +450,7 @@ impl AcceptProxy {
         match self {
             AcceptProxy::Off => false,
             AcceptProxy::All => true,
-            AcceptProxy::From(nets) => {
-                let peer = peer.to_canonical();
-                nets.iter().any(|n| n.contains(&peer))
-            }
+            AcceptProxy::From(nets) => in_nets(nets, peer),
         }
     }
 }

@@ -53,8 +53,7 @@ where
 
 /// Whether `ip` is one of the balancers named.
 pub fn trusts(r: &RealIp, ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    r.from.iter().any(|n| n.contains(&ip))
+    crate::config::in_nets(&r.from, ip)
 }
 
 /// `for=` of one `Forwarded` element (RFC 7239): `for=192.0.2.60;proto=http`,
