@@ -516,8 +516,7 @@ async fn exchange(
         let why = "over --rate-limit; answered 429";
         super::Told::RateLimited.warn(format_args!("a client at {peer}"), &why);
         let keep = req.keep_alive && req.body == Framing::None && !req.upgrade;
-        // Whole seconds, rounded up, as `Retry-After` takes them.
-        let secs = wait.div_ceil(1_000_000_000).max(1);
+        let secs = super::rate::retry_after(wait);
         head::own_answer(
             &mut out,
             head::RATE_LIMITED,

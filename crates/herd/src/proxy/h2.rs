@@ -390,7 +390,7 @@ impl HttpProxy {
             let why = "over --rate-limit; answered 429";
             super::Told::RateLimited.warn(format_args!("a client at {peer}"), &why);
             let mut r = error(StatusCode::TOO_MANY_REQUESTS, super::head::RATE_LIMITED.2);
-            let secs = wait.div_ceil(1_000_000_000).max(1);
+            let secs = super::rate::retry_after(wait);
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             return r;

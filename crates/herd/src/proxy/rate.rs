@@ -97,6 +97,11 @@ impl Limiter {
     }
 }
 
+/// `Retry-After` for a wait of `ns`: whole seconds, rounded up, at least 1.
+pub fn retry_after(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000_000).max(1)
+}
+
 /// The shard of an address: a multiplicative hash of its bits (addresses
 /// of one network differ in their last bits).
 fn shard_of(ip: IpAddr) -> usize {
@@ -137,8 +142,10 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(l.check(a, t0), Ok(()));
         }
-        // The sixth at once waits one interval (100 ms).
+        // The sixth at once waits one interval (100 ms): try again in 1 s.
         assert_eq!(l.check(a, t0), Err(100 * MS));
+        assert_eq!(retry_after(100 * MS), 1);
+        assert_eq!(retry_after(2_000 * MS + 1), 3);
         assert_eq!(l.check(a, t0 + 40 * MS), Err(60 * MS));
         // A refused request costs nothing: one interval on, one more goes.
         assert_eq!(l.check(a, t0 + 100 * MS), Ok(()));
