@@ -1759,26 +1759,6 @@ fn rate_limit_answers_429_past_a_clients_burst_and_spares_the_others() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A connection to herd from `ip` (a loopback address of 127/8).
-fn connect_from(ip: &str, port: u16) -> TcpStream {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let from = std::net::SocketAddr::new(ip.parse().unwrap(), 0);
-    s.bind(&from.into()).unwrap();
-    s.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
-        .unwrap();
-    let s = TcpStream::from(s);
-    s.set_read_timeout(Some(T)).unwrap();
-    s
-}
-
-fn exchange_from(ip: &str, port: u16, bytes: &[u8]) -> String {
-    let mut c = connect_from(ip, port);
-    c.write_all(bytes).unwrap();
-    let mut all = Vec::new();
-    let _ = c.read_to_end(&mut all);
-    String::from_utf8_lossy(&all).into_owned()
-}
-
 #[test]
 fn accept_proxy_from_some_addresses_serves_the_others_directly() {
     let port = forwarded_echo_backend();

@@ -109,6 +109,29 @@ fn accept_proxy_over_tls_and_on_the_redirect_listener() {
     let mut answer = Vec::new();
     let _ = std::io::Read::read_to_end(&mut c, &mut answer);
     assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    drop(h);
+
+    // With the balancer named, the redirect listener expects the header
+    // from it only: another client is redirected as it comes.
+    let redirect = free_port();
+    let mut args = tls_args(&[&a]);
+    args.extend([
+        "--accept-proxy=127.0.0.9".into(),
+        "--redirect-http".into(),
+        format!("127.0.0.1:{redirect}"),
+        "-i".into(),
+        "1".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Herd::start(&args, &[DEMO]);
+    h.wait_ready(1);
+    let get = b"GET /p HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    let header = b"PROXY TCP4 203.0.113.9 127.0.0.1 41000 80\r\n";
+    let answer = exchange_from("127.0.0.1", redirect, get);
+    assert!(answer.starts_with("HTTP/1.1 301"), "{answer}");
+    let answer = exchange_from("127.0.0.9", redirect, &[&header[..], get].concat());
+    assert!(answer.starts_with("HTTP/1.1 301"), "{answer}");
+    assert_eq!(exchange_from("127.0.0.9", redirect, get), "");
 }
 
 #[test]

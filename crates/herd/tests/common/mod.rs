@@ -12,6 +12,28 @@ use std::time::{Duration, Instant};
 
 pub const HERD: &str = env!("CARGO_BIN_EXE_herd");
 
+/// A connection to 127.0.0.1:`port` from `ip` (another loopback address
+/// of 127/8), as from another host; reads time out after 20 s.
+pub fn connect_from(ip: &str, port: u16) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from = std::net::SocketAddr::new(ip.parse().unwrap(), 0);
+    s.bind(&from.into()).unwrap();
+    s.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    let s = TcpStream::from(s);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Sends `bytes` from `ip` and reads until the other side closes.
+pub fn exchange_from(ip: &str, port: u16, bytes: &[u8]) -> String {
+    let mut c = connect_from(ip, port);
+    c.write_all(bytes).unwrap();
+    let mut all = Vec::new();
+    let _ = c.read_to_end(&mut all);
+    String::from_utf8_lossy(&all).into_owned()
+}
+
 /// `herd`, with a state directory of this test binary's own unless the
 /// test gives one: `herd stop` records what it stopped there, and a test's
 /// clusters must not show up in the `herd list` of the user running it (or
