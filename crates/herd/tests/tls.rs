@@ -68,18 +68,28 @@ fn tls_args(pairs: &[&(PathBuf, PathBuf)]) -> Vec<String> {
 fn accept_proxy_over_tls_and_on_the_redirect_listener() {
     let pki = Pki::new("pp");
     let a = pki.leaf("a.test");
-    let redirect = free_port();
-    let mut args = tls_args(&[&a]);
-    args.extend([
-        "--accept-proxy".into(),
-        "--redirect-http".into(),
-        format!("127.0.0.1:{redirect}"),
-        "-i".into(),
-        "1".into(),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let h = Herd::start(&args, &[DEMO]);
-    h.wait_ready(1);
+    // A herd with `accept` (`--accept-proxy` or `--accept-proxy=…`) and a
+    // redirect listener; its port.
+    let start = |accept: &str| {
+        let redirect = free_port();
+        let mut args = tls_args(&[&a]);
+        args.extend([
+            accept.into(),
+            "--redirect-http".into(),
+            format!("127.0.0.1:{redirect}"),
+            "-i".into(),
+            "1".into(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let h = Herd::start(&args, &[DEMO]);
+        h.wait_ready(1);
+        (h, redirect)
+    };
+    let get = b"GET /p HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    let header = b"PROXY TCP4 203.0.113.9 127.0.0.1 41000 80\r\n";
+    let with_header = [&header[..], get].concat();
+
+    let (h, redirect) = start("--accept-proxy");
     // curl's PROXY header, then the TLS handshake, HTTP/1.1 and HTTP/2.
     for flag in ["--http1.1", "--http2"] {
         let extra = ["--haproxy-protocol", "--interface", "127.0.0.9", flag];
@@ -93,43 +103,19 @@ fn accept_proxy_over_tls_and_on_the_redirect_listener() {
     }
     // Without the header: no handshake.
     assert!(!curl(&pki, "a.test", h.port, "/", &[]).status.success());
-    // The redirect listener skips the header too.
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", redirect)).unwrap();
-    std::io::Write::write_all(
-        &mut c,
-        b"PROXY TCP4 203.0.113.9 127.0.0.1 41000 80\r\nGET /p HTTP/1.1\r\nHost: a.test\r\n\r\n",
-    )
-    .unwrap();
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut c, &mut answer).unwrap();
+    // The redirect listener skips the header too, and closes a connection without one.
+    let answer = exchange_from("127.0.0.1", redirect, &with_header);
     assert!(answer.starts_with("HTTP/1.1 301"), "{answer}");
     assert!(answer.contains("Location: https://a.test:"), "{answer}");
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", redirect)).unwrap();
-    std::io::Write::write_all(&mut c, b"GET /p HTTP/1.1\r\nHost: a.test\r\n\r\n").unwrap();
-    let mut answer = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut c, &mut answer);
-    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(exchange_from("127.0.0.1", redirect, get), "");
     drop(h);
 
     // With the balancer named, the redirect listener expects the header
     // from it only: another client is redirected as it comes.
-    let redirect = free_port();
-    let mut args = tls_args(&[&a]);
-    args.extend([
-        "--accept-proxy=127.0.0.9".into(),
-        "--redirect-http".into(),
-        format!("127.0.0.1:{redirect}"),
-        "-i".into(),
-        "1".into(),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let h = Herd::start(&args, &[DEMO]);
-    h.wait_ready(1);
-    let get = b"GET /p HTTP/1.1\r\nHost: a.test\r\n\r\n";
-    let header = b"PROXY TCP4 203.0.113.9 127.0.0.1 41000 80\r\n";
+    let (_h, redirect) = start("--accept-proxy=127.0.0.9");
     let answer = exchange_from("127.0.0.1", redirect, get);
     assert!(answer.starts_with("HTTP/1.1 301"), "{answer}");
-    let answer = exchange_from("127.0.0.9", redirect, &[&header[..], get].concat());
+    let answer = exchange_from("127.0.0.9", redirect, &with_header);
     assert!(answer.starts_with("HTTP/1.1 301"), "{answer}");
     assert_eq!(exchange_from("127.0.0.9", redirect, get), "");
 }
