@@ -144,26 +144,22 @@ pub enum Parsed {
 
 /// Parses the header at the start of `b`.
 pub fn parse(b: &[u8]) -> Result<Parsed, ProxyHeaderError> {
-    if b.is_empty() {
-        return Ok(Parsed::More);
+    // The first byte tells most requests apart at once: the HTTP engine
+    // asks this of every new connection's first bytes.
+    let (prefix, parse): (&[u8], fn(&[u8]) -> Result<Parsed, ProxyHeaderError>) = match b.first() {
+        None => return Ok(Parsed::More),
+        Some(b'\r') => (V2_SIGNATURE, v2),
+        Some(b'P') => (V1_PREFIX, v1),
+        Some(_) => return Err(ProxyHeaderError::Missing),
+    };
+    let n = b.len().min(prefix.len());
+    if b[..n] != prefix[..n] {
+        Err(ProxyHeaderError::Missing)
+    } else if n < prefix.len() {
+        Ok(Parsed::More)
+    } else {
+        parse(b)
     }
-    let n = b.len().min(V2_SIGNATURE.len());
-    if b[..n] == V2_SIGNATURE[..n] {
-        return if n < V2_SIGNATURE.len() {
-            Ok(Parsed::More)
-        } else {
-            v2(b)
-        };
-    }
-    let n = b.len().min(V1_PREFIX.len());
-    if b[..n] == V1_PREFIX[..n] {
-        return if n < V1_PREFIX.len() {
-            Ok(Parsed::More)
-        } else {
-            v1(b)
-        };
-    }
-    Err(ProxyHeaderError::Missing)
 }
 
 fn v1(b: &[u8]) -> Result<Parsed, ProxyHeaderError> {
