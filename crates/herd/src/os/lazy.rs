@@ -42,10 +42,18 @@ impl Listener {
 
     /// The next connection (non-blocking, close-on-exec), and its peer.
     pub async fn accept(&self) -> io::Result<(LazyStream, std::net::SocketAddr)> {
+        std::future::poll_fn(|cx| self.poll_accept(cx)).await
+    }
+
+    /// [`Listener::accept`] as a poll, for a loop that waits on more.
+    pub fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(LazyStream, std::net::SocketAddr)>> {
         loop {
-            let mut ready = self.0.readable().await?;
+            let mut ready = std::task::ready!(self.0.poll_read_ready(cx))?;
             if let Ok(r) = ready.try_io(|l| l.get_ref().accept()) {
-                return r.map(|(s, peer)| (LazyStream::new(s), peer));
+                return Poll::Ready(r.map(|(s, peer)| (LazyStream::new(s), peer)));
             }
         }
     }

@@ -127,9 +127,13 @@ impl Inbound {
         });
     }
 
-    /// The next connection another thread handed this one.
-    pub async fn next(&mut self) -> Option<Handed> {
-        self.from.recv().await
+    /// The next connection another thread handed this one (`None`: no
+    /// thread can hand any more).
+    pub fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Handed>> {
+        self.from.poll_recv(cx)
     }
 
     /// Takes no more, and returns what was handed before that, which this
