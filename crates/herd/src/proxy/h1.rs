@@ -215,7 +215,7 @@ pub fn serve(
             };
             first = false;
             // Boxed, so an idle connection's task holds only this loop's state.
-            match Box::pin(exchange(&p, &mut io, &mut inbox, len, peer)).await {
+            match boxed(|| exchange(&p, &mut io, &mut inbox, len, peer)).await {
                 Outcome::KeepAlive => inbox.release_if_empty(),
                 Outcome::Close if inbox.pending().is_empty() => {
                     // The FIN goes out now, with the answer `write_answer`
@@ -234,6 +234,15 @@ pub fn serve(
         }
         inbox.give_back();
     }
+}
+
+/// The future `make` returns, built in its place on the heap. `Box::pin`
+/// of a future builds all of it on the stack and then copies it, whatever
+/// its state holds so far: the exchange's future is 3.5 KB, and that copy
+/// came to about 2% of a request's user-space instructions (callgrind).
+#[inline(always)]
+fn boxed<F: Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// Ends a connection after its last exchange: relays an upgraded one
