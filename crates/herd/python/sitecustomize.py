@@ -24,8 +24,8 @@
 # hypercorn, `flask run`, through pyenv's shims or not), not only scripts.
 #
 # In the fd modes, where clients reach the
-# worker itself, it makes uvicorn and hypercorn stop as herd's Node preload
-# makes Node stop, and in every mode hypercorn's spawned process stop on
+# worker itself, it makes uvicorn, hypercorn, aiohttp and Tornado stop as
+# herd's Node preload makes Node stop, and in every mode hypercorn's spawned process stop on
 # SIGTERM (see _herd_stop). A worker that is not a Python script gets it
 # only for that and the fd modes' bind() (HERD_PYTHON_PRELOAD=stop).
 #
@@ -214,7 +214,9 @@ def _herd_stop():
     already on its way gets a reset (HAProxy and herd's Node preload avoid
     it). Here an idle connection's next answer says `Connection: close`, and
     one still idle after a second is closed then; connections with a request
-    in flight keep the server's own handling."""
+    in flight keep the server's own handling. Tornado and the standard
+    library's servers, which died of SIGTERM there, drain (tornado_stop,
+    socketserver_stop)."""
     env = os.environ
     if env.get('HERD_WORKER_ID') is None:
         return
@@ -507,6 +509,98 @@ def _herd_stop():
 
         cls.serve_forever = herd_serve_forever
 
+    def tornado_stop(module):
+        """Tornado sets no SIGTERM handler: the process died of it with its
+        requests in flight, and its keep-alive clients were reset. When the
+        app left SIGTERM as it is, a Tornado server (any `TCPServer`, as
+        `app.listen()` makes) now stops taking connections on it, answers
+        what is in flight with `Connection: close`, says the same to a
+        request that comes on an idle connection within the grace, closes
+        the connections still idle after it, and the process exits with 0
+        (`SystemExit` out of the event loop) once none is left. A second
+        SIGTERM kills it as before."""
+        import signal
+        import threading
+        import time
+
+        cls = getattr(module, 'TCPServer', None)
+        add_sockets = getattr(cls, 'add_sockets', None)
+        if add_sockets is None:
+            return
+        servers = []
+
+        def conns():
+            # HTTPServer's connections; each stream knows its request's
+            # connection (herd_http1 below).
+            return [c for s in servers for c in list(getattr(s, '_connections', ()))]
+
+        def idle(conn):
+            c = getattr(getattr(conn, 'stream', None), '_herd_http1', None)
+            return (
+                c is None
+                or getattr(c, '_request_start_line', None) is None
+                or c._finish_future.done()
+            )
+
+        def drain(loop):
+            loop.remove_signal_handler(signal.SIGTERM)
+            for s in servers:
+                s.stop()
+                params = getattr(s, 'conn_params', None)
+                if params is not None:
+                    params.no_keep_alive = True
+            for conn in conns():
+                c = getattr(conn.stream, '_herd_http1', None)
+                if not idle(conn) and getattr(c, '_response_start_line', None) is None:
+                    c._disconnect_on_finish = True
+            until = time.monotonic() + grace
+
+            def look():
+                left = conns()
+                if not left:
+                    raise SystemExit(0)
+                if time.monotonic() >= until:
+                    for conn in left:
+                        if idle(conn):
+                            conn.stream.close()
+                loop.call_later(0.05, look)
+
+            look()
+
+        def herd_add_sockets(self, sockets):
+            add_sockets(self, sockets)
+            servers.append(self)
+            if len(servers) > 1 or threading.current_thread() is not threading.main_thread():
+                return
+            try:
+                if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                    from tornado.ioloop import IOLoop
+
+                    loop = IOLoop.current().asyncio_loop
+                    loop.add_signal_handler(signal.SIGTERM, drain, loop)
+            except Exception:  # not as expected: Tornado's own behaviour
+                pass
+
+        cls.add_sockets = herd_add_sockets
+
+    def tornado_http1(module):
+        """Each server-side HTTP/1 connection, on its stream, for
+        tornado_stop to tell the idle ones from the busy."""
+        cls = getattr(module, 'HTTP1Connection', None)
+        init = getattr(cls, '__init__', None)
+        if init is None:
+            return
+
+        def herd_init(self, stream, is_client, *args, **kwargs):
+            init(self, stream, is_client, *args, **kwargs)
+            if not is_client:
+                try:
+                    stream._herd_http1 = self
+                except AttributeError:
+                    pass
+
+        cls.__init__ = herd_init
+
     patches = {'hypercorn.asyncio.run': hypercorn_worker}
     if fd_modes:
         patches.update(
@@ -520,6 +614,8 @@ def _herd_stop():
                 'aiohttp.web_protocol': aiohttp_protocol,
                 'aiohttp.web_server': aiohttp_server,
                 'socketserver': socketserver_stop,
+                'tornado.tcpserver': tornado_stop,
+                'tornado.http1connection': tornado_http1,
             }
         )
 

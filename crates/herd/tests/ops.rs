@@ -76,9 +76,10 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     // (herd's Node preload does the rest); app.py and examples/go drain by
     // themselves; plain uvicorn and hypercorn close idle connections at
     // once when they stop (hypercorn's spawned process dies of the SIGTERM
-    // herd sends the group), as does aiohttp, and herd's Python preload
-    // makes them drain in the fd modes; Mojolicious' prefork server drains
-    // on SIGQUIT. pm2stop.js, written for PM2, handles SIGINT only and ends
+    // herd sends the group), as does aiohttp, Tornado dies of it, and
+    // herd's Python preload makes them drain in the fd modes; Mojolicious'
+    // prefork server drains on SIGQUIT. pm2stop.js, written for PM2,
+    // handles SIGINT only and ends
     // its idle keep-alive connections itself at once, as hapi's
     // `server.stop()` does: the preload gives it the SIGINT once its
     // clients were told (about 10 failed per reload).
@@ -130,6 +131,25 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     )
     .unwrap();
     let aiohttp = ["python3", "aio.py"];
+    // Tornado's `listen()` binds the port its code names, and the process
+    // dies of SIGTERM with its requests (15 to 19 failed per two reloads
+    // of 300 ms requests by hand before the preload made it drain).
+    std::fs::write(
+        dir.join("tor.py"),
+        format!(
+            "import asyncio, os, tornado.web\n\
+             class Hello(tornado.web.RequestHandler):\n\
+             \x20   def get(self):\n\
+             \x20       self.write('hello from worker %s (pid %d)' % (os.environ['HERD_WORKER_ID'], os.getpid()))\n\
+             async def main():\n\
+             \x20   tornado.web.Application([(r'/', Hello)]).listen({})\n\
+             \x20   await asyncio.Event().wait()\n\
+             asyncio.run(main())\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let tornado = ["python3", "tor.py"];
     // examples/go/main.go, built with Go's own toolchain: net/http's
     // Shutdown alone fails clients of the fd modes (15 to 22 per two
     // reloads by hand); the example drains first.
@@ -152,7 +172,7 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     // app.py run by a shell without `exec`: the shell dies of the SIGTERM
     // at once, and its group is left to finish the drain.
     let wrapped = format!("python3 {python}; exit 0");
-    let apps: [App; 10] = [
+    let apps: [App; 11] = [
         ("node", &["node", &node], &all, &[]),
         ("node-sigint", &pm2stop, &all, &[]),
         ("python3", &["python3", &python], &fd, &[]),
@@ -167,6 +187,7 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
         ("hypercorn", &hypercorn, &["shared", "reuseport"], &[]),
         ("mojo-prefork", &prefork, &["shared"], &quit),
         ("aiohttp", &aiohttp, &["shared", "reuseport"], &[]),
+        ("tornado", &tornado, &["shared", "reuseport"], &[]),
         ("go", &[&go_bin], &fd, &[]),
     ];
     for (lang, cmd, modes, flags) in apps {
