@@ -146,10 +146,10 @@ pub enum Parsed {
 pub fn parse(b: &[u8]) -> Result<Parsed, ProxyHeaderError> {
     // The first byte tells most requests apart at once: the HTTP engine
     // asks this of every new connection's first bytes.
-    let (prefix, parse): (&[u8], fn(&[u8]) -> Result<Parsed, ProxyHeaderError>) = match b.first() {
+    let (prefix, v2_header): (&[u8], bool) = match b.first() {
         None => return Ok(Parsed::More),
-        Some(b'\r') => (V2_SIGNATURE, v2),
-        Some(b'P') => (V1_PREFIX, v1),
+        Some(b'\r') => (V2_SIGNATURE, true),
+        Some(b'P') => (V1_PREFIX, false),
         Some(_) => return Err(ProxyHeaderError::Missing),
     };
     let n = b.len().min(prefix.len());
@@ -157,8 +157,10 @@ pub fn parse(b: &[u8]) -> Result<Parsed, ProxyHeaderError> {
         Err(ProxyHeaderError::Missing)
     } else if n < prefix.len() {
         Ok(Parsed::More)
+    } else if v2_header {
+        v2(b)
     } else {
-        parse(b)
+        v1(b)
     }
 }
 
