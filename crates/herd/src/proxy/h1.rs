@@ -215,7 +215,13 @@ pub fn serve(
             };
             first = false;
             // Boxed, so an idle connection's task holds only this loop's state.
-            match boxed(|| exchange(&p, &mut io, &mut inbox, len, peer)).await {
+            let exchanged = {
+                // (A `move` closure: one that borrowed `len` and `peer`
+                // would keep them in every idle connection's state.)
+                let (p, io, inbox) = (&p, &mut io, &mut inbox);
+                boxed(move || exchange(p, io, inbox, len, peer))
+            };
+            match exchanged.await {
                 Outcome::KeepAlive => inbox.release_if_empty(),
                 Outcome::Close if inbox.pending().is_empty() => {
                     // The FIN goes out now, with the answer `write_answer`
