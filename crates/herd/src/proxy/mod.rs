@@ -310,9 +310,8 @@ async fn serve(
         // channel, and the `select!`'s, cost about 1% of a new
         // connection's instructions).
         let next = std::future::poll_fn(|cx| {
-            if run < ACCEPT_RUN
-                && let Poll::Ready(a) = listener.poll_accept(cx)
-            {
+            let accept_first = run < ACCEPT_RUN;
+            if accept_first && let Poll::Ready(a) = listener.poll_accept(cx) {
                 run += 1;
                 return Poll::Ready(Next::Accepted(a));
             }
@@ -326,6 +325,10 @@ async fn serve(
                     Poll::Ready(None) => handed_open = false,
                     Poll::Pending => {}
                 }
+            }
+            if accept_first {
+                // Polled above, and pending: it will wake this task.
+                return Poll::Pending;
             }
             listener.poll_accept(cx).map(Next::Accepted)
         })
