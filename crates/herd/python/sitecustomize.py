@@ -23,10 +23,10 @@
 # this holds for any Python program herd started (`python -m http.server`,
 # hypercorn, `flask run`, through pyenv's shims or not), not only scripts.
 #
-# In the fd modes, where clients reach the
-# worker itself, it makes uvicorn, hypercorn, aiohttp and Tornado stop as
-# herd's Node preload makes Node stop, and in every mode hypercorn's spawned process stop on
-# SIGTERM (see _herd_stop). A worker that is not a Python script gets it
+# In the fd modes, where clients reach the worker itself, it makes uvicorn,
+# hypercorn, aiohttp and Tornado stop as herd's Node preload makes Node
+# stop, and in every mode hypercorn's spawned process stop on SIGTERM (see
+# _herd_stop). A worker that is not a Python script gets it
 # only for that and the fd modes' bind() (HERD_PYTHON_PRELOAD=stop).
 #
 # Then it imports the sitecustomize this one hides (Debian ships one).
@@ -518,7 +518,8 @@ def _herd_stop():
         request that comes on an idle connection within the grace, closes
         the connections still idle after it, and the process exits with 0
         (`SystemExit` out of the event loop) once none is left. A second
-        SIGTERM kills it as before."""
+        SIGTERM kills it as before; a Tornado not as expected exits at once,
+        as the SIGTERM would have ended it."""
         import signal
         import threading
         import time
@@ -544,25 +545,31 @@ def _herd_stop():
 
         def drain(loop):
             loop.remove_signal_handler(signal.SIGTERM)
-            for s in servers:
-                s.stop()
-                params = getattr(s, 'conn_params', None)
-                if params is not None:
-                    params.no_keep_alive = True
-            for conn in conns():
-                c = getattr(conn.stream, '_herd_http1', None)
-                if not idle(conn) and getattr(c, '_response_start_line', None) is None:
-                    c._disconnect_on_finish = True
+            try:
+                for s in servers:
+                    s.stop()
+                    params = getattr(s, 'conn_params', None)
+                    if params is not None:
+                        params.no_keep_alive = True
+                for conn in conns():
+                    c = getattr(conn.stream, '_herd_http1', None)
+                    if not idle(conn) and getattr(c, '_response_start_line', None) is None:
+                        c._disconnect_on_finish = True
+            except Exception:
+                raise SystemExit(0) from None
             until = time.monotonic() + grace
 
             def look():
-                left = conns()
+                try:
+                    left = conns()
+                    if left and time.monotonic() >= until:
+                        for conn in left:
+                            if idle(conn):
+                                conn.stream.close()
+                except Exception:
+                    left = None
                 if not left:
                     raise SystemExit(0)
-                if time.monotonic() >= until:
-                    for conn in left:
-                        if idle(conn):
-                            conn.stream.close()
                 loop.call_later(0.05, look)
 
             look()
