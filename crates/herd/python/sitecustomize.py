@@ -24,7 +24,8 @@
 # hypercorn, `flask run`, through pyenv's shims or not), not only scripts.
 #
 # In the fd modes, where clients reach the worker itself, it makes uvicorn,
-# hypercorn, aiohttp and Tornado stop as herd's Node preload makes Node
+# hypercorn, aiohttp, Tornado and the standard library's HTTP servers (Flask's
+# and Django's development servers) stop as herd's Node preload makes Node
 # stop, and in every mode hypercorn's spawned process stop on SIGTERM (see
 # _herd_stop). A worker that is not a Python script gets it
 # only for that and the fd modes' bind() (HERD_PYTHON_PRELOAD=stop).
@@ -457,21 +458,32 @@ def _herd_stop():
 
         cls.pre_shutdown = herd_pre_shutdown
 
+    # Whether a SIGTERM began the drain of a standard library server
+    # (socketserver_stop), for its handlers' patches to read.
+    stdlib = {'draining': False}
+
     def socketserver_stop(module):
-        """socketserver's servers (`http.server`, `wsgiref`) die of SIGTERM,
-        the request in flight with them. One that serves herd's socket in
-        its main thread, a connection at a time and a request per connection
-        (HTTP/1.0, their default), when the app left SIGTERM as it is, now
-        stops taking connections and returns from serve_forever() after the
-        request it handles, as after shutdown(). Not a keep-alive one (it
-        would go on serving its client), nor a threaded one (the Flask and
-        Django development servers: the process ends with its threads)."""
+        """socketserver's servers (`http.server`, `wsgiref`, Flask's and
+        Django's development servers) die of SIGTERM, the requests in flight
+        with them (a threaded server's threads end with the process). One
+        with an HTTP handler that serves herd's socket from the main thread,
+        threaded or not, when the app left SIGTERM as it is, now stops taking
+        connections at SIGTERM as after shutdown(), lets what is in flight
+        finish (its answers say `Connection: close`: http_server_drain,
+        wsgiref_drain), closes keep-alive connections still idle after the
+        grace, and returns from serve_forever() once every connection it took
+        is closed. A second SIGTERM kills it as before. Not a forking one
+        (its children would lose the grace's thread)."""
         import signal
+        import socket
         import threading
+        import time
+        import weakref
 
         cls = getattr(module, 'BaseServer', None)
         serve = getattr(cls, 'serve_forever', None)
-        if serve is None:
+        verify = getattr(cls, 'verify_request', None)
+        if serve is None or verify is None:
             return
 
         def herds(sock):
@@ -482,32 +494,178 @@ def _herd_stop():
             return (mine.st_dev, mine.st_ino) == (herd.st_dev, herd.st_ino)
 
         def stoppable(server):
-            mixins = tuple(getattr(module, n) for n in ('ThreadingMixIn', 'ForkingMixIn') if hasattr(module, n))
-            if isinstance(server, mixins):
+            forking = getattr(module, 'ForkingMixIn', None)
+            if forking is not None and isinstance(server, forking):
                 return False
-            handler = getattr(server, 'RequestHandlerClass', None)
-            return getattr(handler, 'protocol_version', None) == 'HTTP/1.0'
+            # An HTTP handler: http.server's, or that of `python -m
+            # http.server`, whose module runs as __main__ (not imported,
+            # so patched here).
+            for c in getattr(getattr(server, 'RequestHandlerClass', None), '__mro__', ()):
+                if c.__name__ == 'BaseHTTPRequestHandler' and c.__module__ in ('http.server', '__main__'):
+                    return c.__dict__.get('_herd_drained') or http_handler_drain(c)
+            return False
+
+        def close_idle(drain):
+            """After the grace, ends each handler's wait for a next request
+            (its read sees the end), so its connection closes; a handler
+            with a request in flight ends after its answer."""
+            try:  # SIGTERM is for the main thread, which serves
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            except (AttributeError, OSError, ValueError):
+                pass
+            drain['signalled'].wait()
+            until = time.monotonic() + grace
+            while True:
+                time.sleep(0.05)
+                if time.monotonic() < until:
+                    continue
+                for h in list(drain['handlers']):
+                    if not h.__dict__.get('_herd_busy') and not h.__dict__.get('_herd_shut'):
+                        h._herd_shut = True
+                        try:
+                            h.connection.shutdown(socket.SHUT_RD)
+                        except (AttributeError, OSError):
+                            pass
+
+        def open_left(taken):
+            try:
+                return any(r.fileno() != -1 for r in list(taken))
+            except RuntimeError:  # a handler thread dropped one meanwhile
+                return True
+
+        def herd_verify_request(self, request, client_address):
+            drain = self.__dict__.get('_herd_drain')
+            if drain is not None:
+                drain['taken'].add(request)
+            return verify(self, request, client_address)
 
         def herd_serve_forever(self, *args, **kwargs):
-            main = threading.current_thread() is threading.main_thread()
+            drain = None
             if (
-                main
+                threading.current_thread() is threading.main_thread()
                 and hasattr(self, '_BaseServer__shutdown_request')
                 and herds(getattr(self, 'socket', None))
                 and stoppable(self)
             ):
                 try:
                     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                        # Connections taken (sockets, until closed) and
+                        # their handlers (http_server_drain registers them).
+                        drain = {'taken': weakref.WeakSet(), 'handlers': set(), 'signalled': threading.Event()}
 
                         def stop(signum, frame):
+                            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                            stdlib['draining'] = True
                             self._BaseServer__shutdown_request = True
+                            drain['signalled'].set()
 
+                        # Started now: a thread started from the signal
+                        # handler could wait for a lock the main thread holds.
+                        threading.Thread(target=close_idle, args=(drain,), name='herd-drain', daemon=True).start()
+                        self._herd_drain = drain
                         signal.signal(signal.SIGTERM, stop)
-                except (ValueError, OSError):
+                        # select() wakes every process on a shared socket
+                        # and one takes the connection: the others would
+                        # wait in accept() for the next one (after SIGTERM
+                        # too, as it resumes a call a signal interrupts).
+                        # Non-blocking, their accept() fails and
+                        # serve_forever() goes on (as Node makes the socket).
+                        os.set_blocking(self.socket.fileno(), False)
+                except (ValueError, OSError, RuntimeError):
                     pass
-            return serve(self, *args, **kwargs)
+            served = serve(self, *args, **kwargs)
+            if drain is not None and drain['signalled'].is_set():
+                while open_left(drain['taken']):
+                    time.sleep(0.05)
+            return served
 
         cls.serve_forever = herd_serve_forever
+        cls.verify_request = herd_verify_request
+
+    def http_server_drain(module):
+        http_handler_drain(getattr(module, 'BaseHTTPRequestHandler', None))
+
+    def http_handler_drain(cls):
+        """Tells socketserver_stop which of a drained server's connections
+        wait for a next request (idle) and which have one in flight, and
+        makes the answers it sends while it drains say `Connection: close`
+        (so a keep-alive client sends no more on it). True once patched."""
+        names = ('setup', 'finish', 'parse_request', 'end_headers')
+        setup, finish, parse, end = (getattr(cls, n, None) for n in names)
+        if None in (setup, finish, parse, end):
+            return False
+
+        def drain_of(handler):
+            return getattr(getattr(handler, 'server', None), '__dict__', {}).get('_herd_drain')
+
+        def herd_setup(self):
+            setup(self)
+            drain = drain_of(self)
+            if drain is None:
+                return
+            self._herd_busy = False
+            # On the instance, so a subclass's own handle_one_request
+            # (Django's) is wrapped too; a request is in flight from its
+            # parse to the method's return.
+            one = self.handle_one_request
+
+            def handle_one_request():
+                try:
+                    return one()
+                finally:
+                    self._herd_busy = False
+
+            self.handle_one_request = handle_one_request
+            drain['handlers'].add(self)
+
+        def herd_finish(self):
+            try:
+                finish(self)
+            finally:
+                drain = drain_of(self)
+                if drain is not None:
+                    drain['handlers'].discard(self)
+                    self.__dict__.pop('handle_one_request', None)
+
+        def herd_parse_request(self):
+            if '_herd_busy' in self.__dict__:
+                self._herd_busy = True
+            return parse(self)
+
+        def herd_end_headers(self):
+            buf = getattr(self, '_headers_buffer', None)
+            if stdlib['draining'] and buf and isinstance(buf[0], bytes) and drain_of(self) is not None:
+                status = buf[0].split(b' ', 2)
+                if status[0].startswith(b'HTTP/') and len(status) > 1 and not status[1].startswith(b'1'):
+                    buf[1:] = [h for h in buf[1:] if h[:11].lower() != b'connection:']
+                    buf.append(b'Connection: close\r\n')
+                    self.close_connection = True
+            return end(self)
+
+        cls.setup = herd_setup
+        cls.finish = herd_finish
+        cls.parse_request = herd_parse_request
+        cls.end_headers = herd_end_headers
+        cls._herd_drained = True
+        return True
+
+    def wsgiref_drain(module):
+        """wsgiref's handler writes its answer's head itself: while its
+        server drains, that head says `Connection: close`, which Django's
+        development server (HTTP/1.1) also takes as its cue to close."""
+        cls = getattr(module, 'BaseHandler', None)
+        cleanup = getattr(cls, 'cleanup_headers', None)
+        if cleanup is None:
+            return
+
+        def herd_cleanup_headers(self):
+            cleanup(self)
+            if stdlib['draining']:
+                server = getattr(getattr(self, 'request_handler', None), 'server', None)
+                if getattr(server, '__dict__', {}).get('_herd_drain') is not None:
+                    self.headers['Connection'] = 'close'
+
+        cls.cleanup_headers = herd_cleanup_headers
 
     def tornado_stop(module):
         """Tornado sets no SIGTERM handler: the process died of it with its
@@ -621,6 +779,8 @@ def _herd_stop():
                 'aiohttp.web_protocol': aiohttp_protocol,
                 'aiohttp.web_server': aiohttp_server,
                 'socketserver': socketserver_stop,
+                'http.server': http_server_drain,
+                'wsgiref.handlers': wsgiref_drain,
                 'tornado.tcpserver': tornado_stop,
                 'tornado.http1connection': tornado_http1,
             }

@@ -1610,6 +1610,41 @@ fn a_python_http_server_finishes_its_request_in_flight_at_a_stop_in_the_fd_modes
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Two workers of `python3 -m http.server` (threaded) on the shared
+/// socket: each connection wakes both from select(), one accepts it and
+/// the other waited in accept() for the next, through the SIGTERM too, until
+/// herd's SIGKILL 5 s later (before that, the threaded server died of the
+/// SIGTERM at once). Now both stop by themselves at once, with 0.
+#[test]
+fn threaded_python_http_servers_on_the_shared_socket_stop_at_once_with_0() {
+    let dir = std::env::temp_dir().join(format!("herd-pyshared-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("file.txt"), "a file").unwrap();
+    let port = free_port().to_string();
+    let cmd = [
+        "python3",
+        "-m",
+        "http.server",
+        &port,
+        "--directory",
+        s(&dir),
+    ];
+    let mut h = Herd::start(&["-i", "2", "--mode", "shared"], &cmd);
+    h.wait_ready(2);
+    for _ in 0..4 {
+        assert_eq!(h.get("/file.txt").unwrap(), (200, "a file".to_string()));
+    }
+    let asked = std::time::Instant::now();
+    h.signal("TERM");
+    let status = h.wait_exit(T).expect("herd did not stop");
+    let log = h.log();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(!log.contains("SIGKILL"), "{log}");
+    assert_eq!(log.matches("exited with code 0").count(), 2, "{log}");
+    assert!(asked.elapsed() < Duration::from_secs(3), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The same for a Python program that is not a script, as long as it is
 /// the process herd started (after any exec: a module, a console script,
 /// pyenv's shim): fd 3 is that process's (`LISTEN_PID`). A Python helper

@@ -76,7 +76,8 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     // (herd's Node preload does the rest); app.py and examples/go drain by
     // themselves; plain uvicorn and hypercorn close idle connections at
     // once when they stop (hypercorn's spawned process dies of the SIGTERM
-    // herd sends the group), as does aiohttp, Tornado dies of it, and
+    // herd sends the group), as does aiohttp, Tornado and the standard
+    // library's servers (Flask's `flask run`, `http.server`) die of it, and
     // herd's Python preload makes them drain in the fd modes; Mojolicious'
     // prefork server drains on SIGQUIT. pm2stop.js, written for PM2,
     // handles SIGINT only and ends
@@ -150,6 +151,54 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     )
     .unwrap();
     let tornado = ["python3", "tor.py"];
+    // The standard library's threaded servers died of SIGTERM with their
+    // requests in flight (their threads end with the process): Flask's
+    // development server (a new connection per request), an HTTP/1.1
+    // keep-alive `ThreadingHTTPServer` (as Django's runserver is) and
+    // `python3 -m http.server`, here with keep-alive too (5 to 7 failed per
+    // two reloads under `wrk -c8` by hand before the preload made them
+    // drain).
+    std::fs::write(
+        dir.join("fl.py"),
+        "import os\n\
+         from flask import Flask\n\
+         app = Flask(__name__)\n\
+         @app.get('/')\n\
+         def hi():\n\
+         \x20   return 'flask from worker %s (pid %d)' % (os.environ['HERD_WORKER_ID'], os.getpid())\n",
+    )
+    .unwrap();
+    let flask = ["flask", "--app", "fl", "run"];
+    std::fs::write(
+        dir.join("ka.py"),
+        format!(
+            "import os\n\
+             from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler\n\
+             class H(BaseHTTPRequestHandler):\n\
+             \x20   protocol_version = 'HTTP/1.1'\n\
+             \x20   def do_GET(self):\n\
+             \x20       body = b'hello from worker %d' % os.getpid()\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Length', str(len(body)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(body)\n\
+             \x20   def log_message(self, *args):\n\
+             \x20       pass\n\
+             ThreadingHTTPServer(('', {}), H).serve_forever()\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let threaded_keepalive = ["python3", "ka.py"];
+    let http_server_port = free_port().to_string();
+    let http_server = [
+        "python3",
+        "-m",
+        "http.server",
+        "--protocol",
+        "HTTP/1.1",
+        &http_server_port,
+    ];
     // examples/go/main.go, built with Go's own toolchain: net/http's
     // Shutdown alone fails clients of the fd modes (15 to 22 per two
     // reloads by hand); the example drains first.
@@ -172,7 +221,7 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     // app.py run by a shell without `exec`: the shell dies of the SIGTERM
     // at once, and its group is left to finish the drain.
     let wrapped = format!("python3 {python}; exit 0");
-    let apps: [App; 11] = [
+    let apps: [App; 14] = [
         ("node", &["node", &node], &all, &[]),
         ("node-sigint", &pm2stop, &all, &[]),
         ("python3", &["python3", &python], &fd, &[]),
@@ -188,6 +237,14 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
         ("mojo-prefork", &prefork, &["shared"], &quit),
         ("aiohttp", &aiohttp, &["shared", "reuseport"], &[]),
         ("tornado", &tornado, &["shared", "reuseport"], &[]),
+        ("flask-run", &flask, &["shared"], &[]),
+        (
+            "threading-http-server",
+            &threaded_keepalive,
+            &["shared", "reuseport"],
+            &[],
+        ),
+        ("python3-m-http.server", &http_server, &["reuseport"], &[]),
         ("go", &[&go_bin], &fd, &[]),
     ];
     for (lang, cmd, modes, flags) in apps {
