@@ -458,6 +458,15 @@ def _herd_stop():
 
         cls.pre_shutdown = herd_pre_shutdown
 
+    def herds(sock):
+        """Whether `sock` is herd's socket (fd 3, which the fd modes' bind()
+        put at the socket's own number)."""
+        try:
+            mine, herd = os.fstat(sock.fileno()), os.fstat(3)
+        except (AttributeError, OSError, ValueError):
+            return False
+        return (mine.st_dev, mine.st_ino) == (herd.st_dev, herd.st_ino)
+
     # Whether a SIGTERM began the drain of a standard library server
     # (socketserver_stop), for its handlers' patches to read.
     stdlib = {'draining': False}
@@ -485,13 +494,6 @@ def _herd_stop():
         verify = getattr(cls, 'verify_request', None)
         if serve is None or verify is None:
             return
-
-        def herds(sock):
-            try:
-                mine, herd = os.fstat(sock.fileno()), os.fstat(3)
-            except (AttributeError, OSError, ValueError):
-                return False
-            return (mine.st_dev, mine.st_ino) == (herd.st_dev, herd.st_ino)
 
         def stoppable(server):
             forking = getattr(module, 'ForkingMixIn', None)
@@ -667,6 +669,85 @@ def _herd_stop():
 
         cls.cleanup_headers = herd_cleanup_headers
 
+    def waitress_stop(module):
+        """waitress sets no SIGTERM handler: the process died of it with its
+        requests in flight, and its keep-alive clients were reset. When the
+        app left SIGTERM as it is and one server serves herd's socket from the
+        main thread (`waitress-serve --port=N`, `waitress.serve(app)`), a
+        SIGTERM now stops it taking connections, answers in flight and
+        requests that come within the grace get `Connection: close`
+        (waitress_task), connections still idle after it close as at
+        waitress' own idle time-out, and run() returns as at Ctrl-C once none
+        is left. A second SIGTERM kills it as before."""
+        import signal
+        import threading
+        import time
+
+        cls = getattr(module, 'BaseWSGIServer', None)
+        run = getattr(cls, 'run', None)
+        readable = getattr(cls, 'readable', None)
+        if run is None or readable is None:
+            return
+
+        def herd_readable(self):
+            # Asked on every turn of the server's loop.
+            until = self.__dict__.get('_herd_until')
+            if until is None:
+                return readable(self)
+            channels = list(self.active_channels.values())
+            if not channels:
+                raise SystemExit(0)  # run() ends as at Ctrl-C
+            if time.monotonic() >= until:
+                for c in channels:
+                    if not c.requests and not c.total_outbufs_len:
+                        c.will_close = True
+            return False  # no more accepting
+
+        def herd_run(self):
+            try:
+                if (
+                    threading.current_thread() is threading.main_thread()
+                    and herds(getattr(self, 'socket', None))
+                    and isinstance(getattr(self, 'active_channels', None), dict)
+                    and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+                ):
+
+                    def stop(signum, frame):
+                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                        self._herd_until = time.monotonic() + grace
+                        try:
+                            self.pull_trigger()  # a write to a pipe: ends the wait
+                        except Exception:
+                            pass
+
+                    signal.signal(signal.SIGTERM, stop)
+            except (ValueError, OSError):
+                pass
+            return run(self)
+
+        cls.readable = herd_readable
+        cls.run = herd_run
+
+    def waitress_task(module):
+        """While waitress_stop drains its server, each answer says
+        `Connection: close`: the request is taken as having asked for it,
+        so waitress' own rules write the header and close after the answer
+        (HTTP/1.0 and 1.1 alike)."""
+        cls = getattr(module, 'Task', None)
+        build = getattr(cls, 'build_response_header', None)
+        if build is None:
+            return
+
+        def herd_build_response_header(self):
+            server = getattr(getattr(self, 'channel', None), 'server', None)
+            if getattr(server, '__dict__', {}).get('_herd_until') is not None:
+                headers = getattr(getattr(self, 'request', None), 'headers', None)
+                if isinstance(headers, dict):
+                    headers['CONNECTION'] = 'close'
+            return build(self)
+
+        cls.build_response_header = herd_build_response_header
+
     def tornado_stop(module):
         """Tornado sets no SIGTERM handler: the process died of it with its
         requests in flight, and its keep-alive clients were reset. When the
@@ -782,6 +863,8 @@ def _herd_stop():
                 'http.server': http_server_drain,
                 'wsgiref.handlers': wsgiref_drain,
                 'tornado.tcpserver': tornado_stop,
+                'waitress.server': waitress_stop,
+                'waitress.task': waitress_task,
                 'tornado.http1connection': tornado_http1,
             }
         )

@@ -76,8 +76,9 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     // (herd's Node preload does the rest); app.py and examples/go drain by
     // themselves; plain uvicorn and hypercorn close idle connections at
     // once when they stop (hypercorn's spawned process dies of the SIGTERM
-    // herd sends the group), as does aiohttp, Tornado and the standard
-    // library's servers (Flask's `flask run`, `http.server`) die of it, and
+    // herd sends the group), as does aiohttp, Tornado, waitress and the
+    // standard library's servers (Flask's `flask run`, `http.server`) die of
+    // it, and
     // herd's Python preload makes them drain in the fd modes; Mojolicious'
     // prefork server drains on SIGQUIT. pm2stop.js, written for PM2,
     // handles SIGINT only and ends
@@ -169,6 +170,19 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     )
     .unwrap();
     let flask = ["flask", "--app", "fl", "run"];
+    // waitress sets no SIGTERM handler (20 failed in two reloads under
+    // `wrk -c8` by hand before the preload made it drain).
+    std::fs::write(
+        dir.join("wsgi.py"),
+        "import os\n\
+         def app(environ, start_response):\n\
+         \x20   body = b'hello from worker %d' % os.getpid()\n\
+         \x20   start_response('200 OK', [('Content-Length', str(len(body)))])\n\
+         \x20   return [body]\n",
+    )
+    .unwrap();
+    let waitress_port = format!("--port={}", free_port());
+    let waitress = ["waitress-serve", &waitress_port, "wsgi:app"];
     std::fs::write(
         dir.join("ka.py"),
         format!(
@@ -221,7 +235,7 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     // app.py run by a shell without `exec`: the shell dies of the SIGTERM
     // at once, and its group is left to finish the drain.
     let wrapped = format!("python3 {python}; exit 0");
-    let apps: [App; 14] = [
+    let apps: [App; 15] = [
         ("node", &["node", &node], &all, &[]),
         ("node-sigint", &pm2stop, &all, &[]),
         ("python3", &["python3", &python], &fd, &[]),
@@ -245,6 +259,7 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
             &[],
         ),
         ("python3-m-http.server", &http_server, &["reuseport"], &[]),
+        ("waitress", &waitress, &["shared", "reuseport"], &[]),
         ("go", &[&go_bin], &fd, &[]),
     ];
     for (lang, cmd, modes, flags) in apps {
