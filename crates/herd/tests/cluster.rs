@@ -1610,6 +1610,68 @@ fn a_python_http_server_finishes_its_request_in_flight_at_a_stop_in_the_fd_modes
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A keep-alive (HTTP/1.1) stdlib server in one thread at a stop in the fd
+/// modes: the answer in flight says `Connection: close`, an idle
+/// keep-alive connection is closed (not reset) after the grace, and the
+/// worker exits with 0 (it died of the SIGTERM before).
+#[test]
+fn a_keep_alive_python_http_server_closes_its_connections_at_a_stop_in_the_fd_modes() {
+    let dir = std::env::temp_dir().join(format!("herd-pyka-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let app = dir.join("ka.py");
+    std::fs::write(
+        &app,
+        format!(
+            "import time\n\
+             from http.server import HTTPServer, BaseHTTPRequestHandler\n\
+             class H(BaseHTTPRequestHandler):\n\
+             \x20   protocol_version = 'HTTP/1.1'\n\
+             \x20   def do_GET(self):\n\
+             \x20       print('got', self.path, flush=True)\n\
+             \x20       if self.path == '/slow':\n\
+             \x20           time.sleep(1)\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Length', '4')\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(b'done')\n\
+             HTTPServer(('', {}), H).serve_forever()\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let connect = |port: u16| {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        BufReader::new(s)
+    };
+    for idle in [false, true] {
+        let mut h = Herd::start(&["-i", "1", "--mode", "shared"], &["python3", s(&app)]);
+        h.wait_ready(1);
+        let mut c = connect(h.port);
+        assert_eq!(keepalive_get(&mut c).unwrap(), (200, "done".into(), false));
+        if idle {
+            // The server waits for this connection's next request.
+            h.signal("TERM");
+        } else {
+            c.get_mut()
+                .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+            assert!(h.wait_log("got /slow", T), "{}", h.log());
+            h.signal("TERM");
+            let answer = read_answer(&mut c).unwrap();
+            assert_eq!(answer, (200, "done".into(), true), "{}", h.log());
+        }
+        let mut rest = Vec::new();
+        let read = c.read_to_end(&mut rest);
+        assert!(matches!(read, Ok(0)), "idle={idle}: {read:?} {rest:?}");
+        let status = h.wait_exit(T).expect("herd did not stop");
+        let log = h.log();
+        assert!(status.success(), "{status:?}\n{log}");
+        assert!(log.contains("exited with code 0"), "idle={idle}: {log}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Two workers of `python3 -m http.server` (threaded) on the shared
 /// socket: each connection wakes both from select(), one accepts it and
 /// the other waited in accept() for the next, through the SIGTERM too, until
