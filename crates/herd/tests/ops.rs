@@ -170,19 +170,6 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     )
     .unwrap();
     let flask = ["flask", "--app", "fl", "run"];
-    // waitress sets no SIGTERM handler (20 failed in two reloads under
-    // `wrk -c8` by hand before the preload made it drain).
-    std::fs::write(
-        dir.join("wsgi.py"),
-        "import os\n\
-         def app(environ, start_response):\n\
-         \x20   body = b'hello from worker %d' % os.getpid()\n\
-         \x20   start_response('200 OK', [('Content-Length', str(len(body)))])\n\
-         \x20   return [body]\n",
-    )
-    .unwrap();
-    let waitress_port = format!("--port={}", free_port());
-    let waitress = ["waitress-serve", &waitress_port, "wsgi:app"];
     std::fs::write(
         dir.join("ka.py"),
         format!(
@@ -213,6 +200,19 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
         "HTTP/1.1",
         &http_server_port,
     ];
+    // waitress sets no SIGTERM handler (20 failed in two reloads under
+    // `wrk -c8` by hand before the preload made it drain).
+    std::fs::write(
+        dir.join("wsgi.py"),
+        "import os\n\
+         def app(environ, start_response):\n\
+         \x20   body = b'hello from worker %d' % os.getpid()\n\
+         \x20   start_response('200 OK', [('Content-Length', str(len(body)))])\n\
+         \x20   return [body]\n",
+    )
+    .unwrap();
+    let waitress_port = format!("--port={}", free_port());
+    let waitress = ["waitress-serve", &waitress_port, "wsgi:app"];
     // examples/go/main.go, built with Go's own toolchain: net/http's
     // Shutdown alone fails clients of the fd modes (15 to 22 per two
     // reloads by hand); the example drains first.
