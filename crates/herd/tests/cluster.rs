@@ -1707,7 +1707,8 @@ fn threaded_python_http_servers_on_the_shared_socket_stop_at_once_with_0() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The same for a Python program that is not a script, as long as it is
+/// As `python_scripts_that_bind_their_port_serve_on_herds_socket_in_the_fd_modes`,
+/// for a Python program that is not a script, as long as it is
 /// the process herd started (after any exec: a module, a console script,
 /// pyenv's shim): fd 3 is that process's (`LISTEN_PID`). A Python helper
 /// that another program starts (here a Node app, before it listens) binds
