@@ -467,9 +467,11 @@ def _herd_stop():
             return False
         return (mine.st_dev, mine.st_ino) == (herd.st_dev, herd.st_ino)
 
-    # Whether a SIGTERM began the drain of a standard library server
-    # (socketserver_stop), for its handlers' patches to read.
-    stdlib = {'draining': False}
+    def draining(server):
+        """Whether socketserver_stop drains `server`, a SIGTERM having begun
+        it (for its handlers' patches)."""
+        drain = getattr(server, '__dict__', {}).get('_herd_drain')
+        return drain is not None and drain['signalled'].is_set()
 
     def socketserver_stop(module):
         """socketserver's servers (`http.server`, `wsgiref`, Flask's and
@@ -557,9 +559,8 @@ def _herd_stop():
 
                         def stop(signum, frame):
                             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                            stdlib['draining'] = True
-                            self._BaseServer__shutdown_request = True
                             drain['signalled'].set()
+                            self._BaseServer__shutdown_request = True
 
                         # Started now: a thread started from the signal
                         # handler could wait for a lock the main thread holds.
@@ -636,7 +637,7 @@ def _herd_stop():
 
         def herd_end_headers(self):
             buf = getattr(self, '_headers_buffer', None)
-            if stdlib['draining'] and buf and isinstance(buf[0], bytes) and drain_of(self) is not None:
+            if buf and isinstance(buf[0], bytes) and draining(getattr(self, 'server', None)):
                 status = buf[0].split(b' ', 2)
                 if status[0].startswith(b'HTTP/') and len(status) > 1 and not status[1].startswith(b'1'):
                     buf[1:] = [h for h in buf[1:] if h[:11].lower() != b'connection:']
@@ -662,10 +663,8 @@ def _herd_stop():
 
         def herd_cleanup_headers(self):
             cleanup(self)
-            if stdlib['draining']:
-                server = getattr(getattr(self, 'request_handler', None), 'server', None)
-                if getattr(server, '__dict__', {}).get('_herd_drain') is not None:
-                    self.headers['Connection'] = 'close'
+            if draining(getattr(getattr(self, 'request_handler', None), 'server', None)):
+                self.headers['Connection'] = 'close'
 
         cls.cleanup_headers = herd_cleanup_headers
 
