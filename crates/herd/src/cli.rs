@@ -755,7 +755,8 @@ pub struct RunArgs {
     /// (like `nginx -t`).
     #[arg(long)]
     pub check: bool,
-    /// Do not preload herd's Node module into a `node` command.
+    /// Do not preload herd's Node module into a `node` command (nor its
+    /// Python and Perl preloads into their programs).
     #[arg(long, conflicts_with = "node_shim")]
     pub no_node_shim: bool,
     /// PM2's --interpreter: the program that runs the script (`bun`,

@@ -18,6 +18,7 @@ pub mod monit;
 pub mod node;
 pub mod os;
 pub mod output;
+pub mod perl;
 pub mod proxy;
 pub mod python;
 pub mod start;

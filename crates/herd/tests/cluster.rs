@@ -1672,6 +1672,76 @@ fn a_keep_alive_python_http_server_closes_its_connections_at_a_stop_in_the_fd_mo
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Starman (on fd 3 through `SERVER_STARTER_PORT`) at a stop in the fd
+/// modes, with herd's Perl preload: the answer in flight is given, with
+/// `Connection: close`, a request sent on an idle keep-alive connection
+/// just after the SIGTERM is answered so too, and the worker exits with 0
+/// and without SIGKILL (before, each Starman process ended at once on the
+/// SIGTERM, and both requests were lost).
+#[test]
+fn starman_answers_what_it_was_sent_with_connection_close_at_a_stop_in_the_fd_modes() {
+    let dir = std::env::temp_dir().join(format!("herd-starman-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("app.psgi"),
+        "sub {\n\
+         \x20   my $env = shift;\n\
+         \x20   print STDERR \"got $env->{PATH_INFO}\\n\";\n\
+         \x20   sleep 1 if $env->{PATH_INFO} eq '/slow';\n\
+         \x20   [200, ['Content-Length' => 4], ['done']];\n\
+         }\n",
+    )
+    .unwrap();
+    let app = dir.join("app.psgi");
+    let cmd = ["starman", "--workers", "2", s(&app)];
+    let flags = [
+        "-i",
+        "1",
+        "--mode",
+        "shared",
+        "--env",
+        "SERVER_STARTER_PORT=8000=3",
+    ];
+    for idle in [false, true] {
+        let mut h = Herd::start(&flags, &cmd);
+        h.wait_ready(1);
+        let conn = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut c = BufReader::new(conn);
+        assert_eq!(keepalive_get(&mut c).unwrap(), (200, "done".into(), false));
+        if idle {
+            h.signal("TERM");
+            // Starman's first process says it, as its others get the signal.
+            assert!(h.wait_log("Server closing!", T), "{}", h.log());
+            c.get_mut()
+                .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+        } else {
+            c.get_mut()
+                .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+            assert!(h.wait_log("got /slow", T), "{}", h.log());
+            h.signal("TERM");
+        }
+        let answer = read_answer(&mut c);
+        assert!(
+            matches!(&answer, Ok((200, body, true)) if body == "done"),
+            "idle={idle}: {answer:?}\n{}",
+            h.log()
+        );
+        let mut rest = Vec::new();
+        let read = c.read_to_end(&mut rest);
+        assert!(matches!(read, Ok(0)), "idle={idle}: {read:?} {rest:?}");
+        let status = h.wait_exit(T).expect("herd did not stop");
+        let log = h.log();
+        assert!(status.success(), "{status:?}\n{log}");
+        assert!(log.contains("exited with code 0"), "idle={idle}: {log}");
+        assert!(!log.contains("SIGKILL"), "idle={idle}: {log}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Two workers of `python3 -m http.server` (threaded) on the shared
 /// socket: each connection wakes both from select(), one accepts it and
 /// the other waited in accept() for the next, through the SIGTERM too, until

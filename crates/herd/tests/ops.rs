@@ -79,8 +79,9 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     // herd sends the group), as does aiohttp, Tornado, waitress and the
     // standard library's servers (Flask's `flask run`, `http.server`) die of
     // it, and
-    // herd's Python preload makes them drain in the fd modes; Mojolicious'
-    // prefork server drains on SIGQUIT. pm2stop.js, written for PM2,
+    // herd's Python preload makes them drain in the fd modes; Starman's
+    // processes end at once, and herd's Perl preload makes them drain;
+    // Mojolicious' prefork server drains on SIGQUIT. pm2stop.js, written for PM2,
     // handles SIGINT only and ends
     // its idle keep-alive connections itself at once, as hapi's
     // `server.stop()` does: the preload gives it the SIGINT once its
@@ -213,6 +214,17 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     .unwrap();
     let waitress_port = format!("--port={}", free_port());
     let waitress = ["waitress-serve", &waitress_port, "wsgi:app"];
+    // Starman ends its processes at once on SIGTERM (13 to 27 failed in
+    // two reloads under `wrk -c8` by hand before herd's Perl preload made
+    // it drain); a process serves one connection at a time, so each worker
+    // has as many as there are clients.
+    std::fs::write(
+        dir.join("app.psgi"),
+        "sub { [200, ['Content-Length' => 5], ['hello']] }\n",
+    )
+    .unwrap();
+    let starman = ["starman", "--workers", "8", "app.psgi"];
+    let server_starter = ["--env", "SERVER_STARTER_PORT=8000=3"];
     // examples/go/main.go, built with Go's own toolchain: net/http's
     // Shutdown alone fails clients of the fd modes (15 to 22 per two
     // reloads by hand); the example drains first.
@@ -235,7 +247,7 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
     // app.py run by a shell without `exec`: the shell dies of the SIGTERM
     // at once, and its group is left to finish the drain.
     let wrapped = format!("python3 {python}; exit 0");
-    let apps: [App; 15] = [
+    let apps: [App; 16] = [
         ("node", &["node", &node], &all, &[]),
         ("node-sigint", &pm2stop, &all, &[]),
         ("python3", &["python3", &python], &fd, &[]),
@@ -260,6 +272,12 @@ fn keepalive_clients_see_no_failure_across_reloads_of_node_python_perl_and_go_ap
         ),
         ("python3-m-http.server", &http_server, &["reuseport"], &[]),
         ("waitress", &waitress, &["shared", "reuseport"], &[]),
+        (
+            "starman",
+            &starman,
+            &["shared", "reuseport"],
+            &server_starter,
+        ),
         ("go", &[&go_bin], &fd, &[]),
     ];
     for (lang, cmd, modes, flags) in apps {

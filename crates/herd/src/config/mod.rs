@@ -1066,7 +1066,8 @@ options! {
     request_buffer: Option<SizeOrZero>,
     /// Preload herd's Node module (NODE_OPTIONS=--require) even though the
     /// command is not `node` itself (e.g. a script with a `#!` line); `=false`
-    /// turns it off [default: on when the command is node].
+    /// turns it off, and herd's Python and Perl preloads too [default: on when
+    /// the command is node].
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     node_shim: Option<bool>,
     /// The server program and its arguments (put them after `--`); `$PORT` and
@@ -1326,6 +1327,10 @@ pub struct Settings {
     /// spawned process stops on SIGTERM as its parent would make it stop,
     /// and in the fd modes uvicorn and hypercorn drain their clients.
     pub python_stop: bool,
+    /// In the shared and reuseport modes, load herd's Perl preload into a
+    /// Perl worker (`PERL5OPT`, same switches): Starman then drains its
+    /// clients when it stops.
+    pub perl_stop: bool,
     /// `--user`: the workers' user, group and home.
     pub run_as: Option<RunAs>,
     /// `--increment-var`: NAME = its value + the worker's id.
@@ -2130,6 +2135,7 @@ impl Settings {
             node_shim,
             python_shim,
             python_stop: preloads_on && (mode.passes_fd() || mode == Mode::Proxy),
+            perl_stop: preloads_on && mode.passes_fd(),
             run_as,
             increment_var: o.increment_var,
             instance_var: o.instance_var,
@@ -2303,6 +2309,15 @@ impl Release {
             || shebang_of(&self.program)
                 .and_then(|words| words.into_iter().next())
                 .is_some_and(|w| crate::python::is_python(Path::new(&w)))
+    }
+
+    /// Whether the program is Perl: `perl …`, or a script whose `#!` line
+    /// names perl (`starman`, `plackup`).
+    pub fn runs_perl(&self) -> bool {
+        crate::perl::is_perl(&self.program)
+            || shebang_of(&self.program)
+                .and_then(|words| words.into_iter().next())
+                .is_some_and(|w| crate::perl::is_perl(Path::new(&w)))
     }
 
     pub fn is_python(&self) -> bool {

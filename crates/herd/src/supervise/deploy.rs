@@ -384,6 +384,7 @@ impl Supervisor {
                 node,
                 python,
                 self.s.python_stop,
+                self.s.perl_stop,
                 Default::default(),
             ),
             by,

@@ -440,6 +440,7 @@ pub async fn run(s: Settings) -> Result<i32, SuperviseError> {
         s.node_shim,
         s.python_shim,
         s.python_stop,
+        s.perl_stop,
         Default::default(),
     );
     let limits = Limits {

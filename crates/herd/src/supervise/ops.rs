@@ -58,6 +58,7 @@ impl Supervisor {
             s.node_shim,
             s.python_shim,
             s.python_stop,
+            s.perl_stop,
             reuse,
         );
         self.specs.insert(version, std::sync::Arc::new(spec));

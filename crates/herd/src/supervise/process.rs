@@ -53,6 +53,7 @@ static SAID_NOWHERE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 pub(super) struct Preloads {
     node: std::path::PathBuf,
     python: std::path::PathBuf,
+    perl: std::path::PathBuf,
 }
 
 impl Preloads {
@@ -60,6 +61,7 @@ impl Preloads {
         Ok(Preloads {
             node: crate::node::write_shim(dir)?,
             python: crate::python::write_shim(dir)?,
+            perl: crate::perl::write_shim(dir)?,
         })
     }
 }
@@ -77,6 +79,9 @@ pub(super) struct Spec {
     /// The Python preload is there only for how the worker stops, not to
     /// move a script's port (`HERD_PYTHON_PRELOAD=stop`).
     pub python_stop_only: bool,
+    /// `PERL5LIB` and `PERL5OPT` with herd's Perl preload: a Perl program
+    /// in the `shared` and `reuseport` modes.
+    pub perl: Option<(OsString, OsString)>,
     /// A Python program: `PYTHONUNBUFFERED=1` unless the environment sets
     /// it, as PM2 sets it, so that `print()` reaches the log as it is
     /// called rather than in 8 KiB blocks (stdout is a pipe).
@@ -88,14 +93,16 @@ pub(super) struct Spec {
 }
 
 impl Spec {
-    /// `release` with the preloads asked for (`node`, `python`, and
-    /// `stop`, Python's for every worker) when they were written.
+    /// `release` with the preloads asked for (`node`, `python`, `stop`,
+    /// Python's for every worker, and `perl_stop`, Perl's for a Perl
+    /// program) when they were written.
     pub(super) fn new(
         release: crate::config::Release,
         preloads: Option<&Preloads>,
         node: bool,
         python: bool,
         stop: bool,
+        perl_stop: bool,
         reuse: Arc<Reuse>,
     ) -> Spec {
         let python_stop_only = stop && !python;
@@ -108,6 +115,9 @@ impl Spec {
             python_path: preloads
                 .filter(|_| python)
                 .map(|p| crate::python::python_path(&p.python, &release.env)),
+            perl: preloads
+                .filter(|_| perl_stop && release.runs_perl())
+                .map(|p| crate::perl::perl_env(&p.perl, &release.env)),
             unbuffered: release.runs_python(),
             release,
             reuse,
@@ -240,6 +250,11 @@ impl Supervisor {
             if spec.python_stop_only {
                 env.push(("HERD_PYTHON_PRELOAD".into(), "stop".into()));
             }
+        }
+        if let Some((lib, opt)) = &spec.perl {
+            env.retain(|(k, _)| k != "PERL5LIB" && k != "PERL5OPT");
+            env.push(("PERL5LIB".into(), lib.clone()));
+            env.push(("PERL5OPT".into(), opt.clone()));
         }
         if spec.unbuffered && !env.iter().any(|(k, _)| k == "PYTHONUNBUFFERED") {
             env.push(("PYTHONUNBUFFERED".into(), "1".into()));
