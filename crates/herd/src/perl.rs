@@ -1,7 +1,7 @@
 //! herd's Perl preload: shipped inside the binary, written to the master's
 //! run directory and loaded by a Perl worker of the `shared` and `reuseport`
-//! modes through `PERL5OPT`, so that Starman drains its clients when herd
-//! stops it (see `perl/Herd/Preload.pm`).
+//! modes through `PERL5OPT`, so that Starman and Mojolicious' daemon drain
+//! their clients when herd stops them (see `perl/Herd/Preload.pm`).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

@@ -1672,15 +1672,15 @@ fn a_keep_alive_python_http_server_closes_its_connections_at_a_stop_in_the_fd_mo
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Starman (on fd 3 through `SERVER_STARTER_PORT`) at a stop in the fd
-/// modes, with herd's Perl preload: the answer in flight is given, with
-/// `Connection: close`, a request sent on an idle keep-alive connection
-/// just after the SIGTERM is answered so too, and the worker exits with 0
-/// and without SIGKILL (before, each Starman process ended at once on the
-/// SIGTERM, and both requests were lost).
+/// Starman (on fd 3 through `SERVER_STARTER_PORT`) and Mojolicious'
+/// daemon at a stop in the fd modes, with herd's Perl preload: the answer
+/// in flight is given, with `Connection: close`, a request sent on an idle
+/// keep-alive connection once the stop began is answered so too, and the
+/// worker exits with 0 and without SIGKILL (before, each ended at once on
+/// the SIGTERM, and both requests were lost).
 #[test]
-fn starman_answers_what_it_was_sent_with_connection_close_at_a_stop_in_the_fd_modes() {
-    let dir = std::env::temp_dir().join(format!("herd-starman-{}", std::process::id()));
+fn perl_servers_answer_what_they_were_sent_with_connection_close_at_a_stop_in_the_fd_modes() {
+    let dir = std::env::temp_dir().join(format!("herd-perl-stop-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("app.psgi"),
@@ -1692,52 +1692,79 @@ fn starman_answers_what_it_was_sent_with_connection_close_at_a_stop_in_the_fd_mo
          }\n",
     )
     .unwrap();
-    let app = dir.join("app.psgi");
-    let cmd = ["starman", "--workers", "2", s(&app)];
-    let flags = [
-        "-i",
-        "1",
-        "--mode",
-        "shared",
-        "--env",
-        "SERVER_STARTER_PORT=8000=3",
+    // The event loop's `finish` event is its graceful stop's first step.
+    std::fs::write(
+        dir.join("mojo.pl"),
+        "use Mojolicious::Lite;\n\
+         Mojo::IOLoop->singleton->on(finish => sub { print STDERR \"finishing\\n\" });\n\
+         get '/' => sub { shift->render(text => 'done') };\n\
+         get '/slow' => sub {\n\
+         \x20   my $c = shift;\n\
+         \x20   print STDERR \"got /slow\\n\";\n\
+         \x20   $c->render_later;\n\
+         \x20   Mojo::IOLoop->timer(1 => sub { $c->render(text => 'done') });\n\
+         };\n\
+         app->start;\n",
+    )
+    .unwrap();
+    let (psgi, mojo) = (dir.join("app.psgi"), dir.join("mojo.pl"));
+    let starman = ["starman", "--workers", "2", s(&psgi)];
+    let daemon = ["perl", s(&mojo), "daemon"];
+    let server_starter = ["--env", "SERVER_STARTER_PORT=8000=3"];
+    // (command, herd's extra flags, the log line that says the stop began:
+    // Starman's first process says it as its others get the signal)
+    let servers: [(&[&str], &[&str], &str); 2] = [
+        (&starman, &server_starter, "Server closing!"),
+        (&daemon, &[], "finishing"),
     ];
-    for idle in [false, true] {
-        let mut h = Herd::start(&flags, &cmd);
-        h.wait_ready(1);
-        let conn = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut c = BufReader::new(conn);
-        assert_eq!(keepalive_get(&mut c).unwrap(), (200, "done".into(), false));
-        if idle {
-            h.signal("TERM");
-            // Starman's first process says it, as its others get the signal.
-            assert!(h.wait_log("Server closing!", T), "{}", h.log());
-            c.get_mut()
-                .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    for (cmd, extra, stopping) in servers {
+        for idle in [false, true] {
+            let mut flags = vec!["-i", "1", "--mode", "shared"];
+            flags.extend_from_slice(extra);
+            let mut h = Herd::start(&flags, cmd);
+            h.wait_ready(1);
+            let conn = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
                 .unwrap();
-        } else {
-            c.get_mut()
-                .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-                .unwrap();
-            assert!(h.wait_log("got /slow", T), "{}", h.log());
-            h.signal("TERM");
+            let mut c = BufReader::new(conn);
+            assert_eq!(keepalive_get(&mut c).unwrap(), (200, "done".into(), false));
+            if idle {
+                h.signal("TERM");
+                assert!(h.wait_log(stopping, T), "{}", h.log());
+                c.get_mut()
+                    .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    .unwrap();
+            } else {
+                c.get_mut()
+                    .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+                    .unwrap();
+                assert!(h.wait_log("got /slow", T), "{}", h.log());
+                h.signal("TERM");
+            }
+            let answer = read_answer(&mut c);
+            assert!(
+                matches!(&answer, Ok((200, body, true)) if body == "done"),
+                "{} idle={idle}: {answer:?}\n{}",
+                cmd[0],
+                h.log()
+            );
+            let mut rest = Vec::new();
+            let read = c.read_to_end(&mut rest);
+            assert!(
+                matches!(read, Ok(0)),
+                "{} idle={idle}: {read:?} {rest:?}",
+                cmd[0]
+            );
+            let status = h.wait_exit(T).expect("herd did not stop");
+            let log = h.log();
+            assert!(status.success(), "{status:?}\n{log}");
+            assert!(
+                log.contains("exited with code 0"),
+                "{} idle={idle}: {log}",
+                cmd[0]
+            );
+            assert!(!log.contains("SIGKILL"), "{} idle={idle}: {log}", cmd[0]);
         }
-        let answer = read_answer(&mut c);
-        assert!(
-            matches!(&answer, Ok((200, body, true)) if body == "done"),
-            "idle={idle}: {answer:?}\n{}",
-            h.log()
-        );
-        let mut rest = Vec::new();
-        let read = c.read_to_end(&mut rest);
-        assert!(matches!(read, Ok(0)), "idle={idle}: {read:?} {rest:?}");
-        let status = h.wait_exit(T).expect("herd did not stop");
-        let log = h.log();
-        assert!(status.success(), "{status:?}\n{log}");
-        assert!(log.contains("exited with code 0"), "idle={idle}: {log}");
-        assert!(!log.contains("SIGKILL"), "idle={idle}: {log}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

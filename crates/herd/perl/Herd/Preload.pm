@@ -1,12 +1,17 @@
 # herd's Perl preload: herd puts it in the PERL5OPT (`-MHerd::Preload`) of
 # a Perl worker in the `shared` and `reuseport` modes, where clients reach
-# the worker's own server and herd cannot drain them. It makes Starman,
-# whose processes end at once on SIGTERM (keep-alive clients then lose the
-# request they were sending), stop as herd's other servers do: a process
-# waiting for a connection exits; one serving a connection answers what it
-# was sent with `Connection: close` (a request arriving on its idle
-# connection too, while Starman waits for one), then exits. Until Starman
-# loads, it does nothing but wait for it.
+# the worker's own server and herd cannot drain them. Two servers end at
+# once on SIGTERM, so that keep-alive clients lose the request they were
+# sending; it makes them stop as herd's other servers do:
+# - Starman: a process waiting for a connection exits; one serving a
+#   connection answers what it was sent with `Connection: close` (a request
+#   arriving on its idle connection too, while Starman waits for one), then
+#   exits.
+# - Mojolicious' daemon (`perl app.pl daemon`): it stops accepting, answers
+#   with `Connection: close`, closes connections still idle a second after
+#   the signal, and returns from run() once none is left, as its prefork
+#   workers do on SIGQUIT. A second SIGTERM stops it at once.
+# Until one of them loads, it does nothing but wait for it.
 package Herd::Preload;
 
 use strict;
@@ -14,25 +19,33 @@ use warnings;
 
 our $VERSION = '1';
 
-# A keep-alive wait longer than this is cut into waits this long, to see
-# whether the stop began (SIGTERM waits while a connection is served).
-# Starman's own keep-alive time-out is 1 s.
-my $SLICE = 1;
+# How long, in seconds, an idle keep-alive connection stays open once the
+# stop began, so that a request already on its way gets its answer.
+# Starman's keep-alive waits longer than this (its default is 1 s) are cut
+# into waits this long, to see whether the stop began: SIGTERM waits while
+# Starman serves a connection.
+my $GRACE = 1;
 
 my $mode = $ENV{HERD_MODE} // '';
+# The modules patched once they load, by file.
+my %PATCH = (
+    'Starman/Server.pm'     => \&_patch_starman,
+    'Mojo/Server/Daemon.pm' => \&_patch_mojo,
+);
+
 if ($mode eq 'shared' || $mode eq 'reuseport') {
     unshift @INC, \&_load;
 }
 
-# An @INC hook: Starman's server is loaded from where it is, then patched;
-# the `require` that asked for it gets an empty module. Any other file is
-# left to the rest of @INC.
+# An @INC hook: a module of %PATCH is loaded from where it is, then
+# patched; the `require` that asked for it gets an empty module. Any other
+# file is left to the rest of @INC. It leaves @INC once nothing is left.
 sub _load {
     my (undef, $file) = @_;
-    return unless $file eq 'Starman/Server.pm';
-    @INC = grep { !(ref $_ && $_ == \&_load) } @INC;
-    require Starman::Server;
-    _patch_starman();
+    my $patch = delete $PATCH{$file} or return;
+    @INC = grep { !(ref $_ && $_ == \&_load) } @INC unless %PATCH;
+    require $file;
+    $patch->();
     my $done = "1;\n";
     open my $fh, '<', \$done or return;
     return $fh;
@@ -123,14 +136,52 @@ sub _patch_starman {
     *IO::Select::can_read = sub {
         my ($select, $timeout) = @_;
         return $can_read->(@_)
-            if !$server || !defined $timeout || $timeout <= $SLICE || caller ne 'Starman::Server';
+            if !$server || !defined $timeout || $timeout <= $GRACE || caller ne 'Starman::Server';
         my $end = Time::HiRes::time() + $timeout;
         while (1) {
             my $left = $end - Time::HiRes::time();
             return if $left <= 0 || $stopping->();
-            my @ready = $can_read->($select, $left < $SLICE ? $left : $SLICE);
+            my @ready = $can_read->($select, $left < $GRACE ? $left : $GRACE);
             return @ready if @ready;
         }
+    };
+    return;
+}
+
+# The Mojo::Server::Daemon whose run() is under way (the `daemon` command's;
+# not a prefork server's, nor one a test or user agent only starts).
+our $running;
+
+sub _patch_mojo {
+    no strict 'refs';
+    no warnings 'redefine';
+    my $run = \&Mojo::Server::Daemon::run;
+    *Mojo::Server::Daemon::run = sub {
+        local $running = ref $_[0] eq 'Mojo::Server::Daemon' ? $_[0] : undef;
+        return $run->(@_);
+    };
+    # run() sets SIGTERM to stop the event loop at once, then calls start().
+    my $start = \&Mojo::Server::Daemon::start;
+    *Mojo::Server::Daemon::start = sub {
+        my $daemon = $start->(@_);
+        return $daemon unless $running && $running == $daemon;
+        my $loop = $daemon->ioloop;
+        my $draining = 0;
+        $SIG{TERM} = sub {
+            return $loop->stop if $draining++;
+            $daemon->max_requests(1)->keep_alive_timeout($GRACE);
+            for my $id (keys %{ $daemon->{connections} || {} }) {
+                # An answer not begun says it too (its request came earlier).
+                if (my $tx = $daemon->{connections}{$id}{tx}) {
+                    $tx->res->headers->connection('close')
+                        unless $tx->is_websocket || $tx->{http_state};
+                } elsif (my $stream = $loop->stream($id)) {
+                    $stream->timeout($GRACE);
+                }
+            }
+            $loop->stop_gracefully;
+        };
+        return $daemon;
     };
     return;
 }

@@ -1328,8 +1328,8 @@ pub struct Settings {
     /// and in the fd modes uvicorn and hypercorn drain their clients.
     pub python_stop: bool,
     /// In the shared and reuseport modes, load herd's Perl preload into a
-    /// Perl worker (`PERL5OPT`, same switches): Starman then drains its
-    /// clients when it stops.
+    /// Perl worker (`PERL5OPT`, same switches): Starman and Mojolicious'
+    /// daemon then drain their clients when they stop.
     pub perl_stop: bool,
     /// `--user`: the workers' user, group and home.
     pub run_as: Option<RunAs>,
