@@ -168,6 +168,17 @@ mod tests {
         let mut child = sh.spawn().unwrap();
         let pid = child.id();
         let _ = child.wait(); // sh is gone; its sleep runs on in its group
+        // Once sh's fork has become the sleep: in its exec it may hold no
+        // memory for a moment (rss 0, one run in about ten).
+        let sleeping = || {
+            members(pid)
+                .iter()
+                .any(|(p, _)| p.cmdline().is_ok_and(|c| c.join(" ") == left))
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        while !sleeping() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let (u, n) = (usage(pid, None), members(pid).len());
         let _ = nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(pid as i32),
