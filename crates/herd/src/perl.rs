@@ -40,11 +40,7 @@ pub fn perl_env(dir: &Path, env: &[(String, String)]) -> (OsString, OsString) {
 
 /// `perl`, `perl5.36.0`: the Perl interpreter.
 pub fn is_perl(program: &Path) -> bool {
-    program
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("perl"))
-        .is_some_and(|v| v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+    crate::config::is_versioned(program, "perl")
 }
 
 #[cfg(test)]

@@ -33,11 +33,7 @@ pub fn python_path(dir: &Path, env: &[(String, String)]) -> OsString {
 /// `python`, `python3`, `python3.12`: a program whose scripts herd's
 /// preload can reach.
 pub fn is_python(program: &Path) -> bool {
-    program
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("python"))
-        .is_some_and(|v| v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+    crate::config::is_versioned(program, "python")
 }
 
 /// Whether `python [OPTIONS] SCRIPT …` runs a script, not a module (`-m`)

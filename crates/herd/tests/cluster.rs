@@ -1610,6 +1610,16 @@ fn a_python_http_server_finishes_its_request_in_flight_at_a_stop_in_the_fd_modes
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Sends `GET /slow` on `c` and, once the app says it got it, stops herd:
+/// the answer is in flight at the stop.
+fn term_during_slow_request(h: &Herd, c: &mut BufReader<TcpStream>) {
+    c.get_mut()
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert!(h.wait_log("got /slow", T), "{}", h.log());
+    h.signal("TERM");
+}
+
 /// A keep-alive (HTTP/1.1) stdlib server in one thread at a stop in the fd
 /// modes: the answer in flight says `Connection: close`, an idle
 /// keep-alive connection is closed (not reset) after the grace, and the
@@ -1653,11 +1663,7 @@ fn a_keep_alive_python_http_server_closes_its_connections_at_a_stop_in_the_fd_mo
             // The server waits for this connection's next request.
             h.signal("TERM");
         } else {
-            c.get_mut()
-                .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-                .unwrap();
-            assert!(h.wait_log("got /slow", T), "{}", h.log());
-            h.signal("TERM");
+            term_during_slow_request(&h, &mut c);
             let answer = read_answer(&mut c).unwrap();
             assert_eq!(answer, (200, "done".into(), true), "{}", h.log());
         }
@@ -1735,11 +1741,7 @@ fn perl_servers_answer_what_they_were_sent_with_connection_close_at_a_stop_in_th
                     .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
                     .unwrap();
             } else {
-                c.get_mut()
-                    .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-                    .unwrap();
-                assert!(h.wait_log("got /slow", T), "{}", h.log());
-                h.signal("TERM");
+                term_during_slow_request(&h, &mut c);
             }
             let answer = read_answer(&mut c);
             assert!(

@@ -2305,19 +2305,22 @@ impl Release {
     /// Whether the program is Python: `python3 …`, or a console script
     /// whose `#!` line names python (`gunicorn`, `uvicorn`, `manage.py`).
     pub fn runs_python(&self) -> bool {
-        crate::python::is_python(&self.program)
-            || shebang_of(&self.program)
-                .and_then(|words| words.into_iter().next())
-                .is_some_and(|w| crate::python::is_python(Path::new(&w)))
+        self.runs(crate::python::is_python)
     }
 
     /// Whether the program is Perl: `perl …`, or a script whose `#!` line
     /// names perl (`starman`, `plackup`).
     pub fn runs_perl(&self) -> bool {
-        crate::perl::is_perl(&self.program)
+        self.runs(crate::perl::is_perl)
+    }
+
+    /// Whether the program is an interpreter `is` knows, or a script whose
+    /// `#!` line names one.
+    fn runs(&self, is: fn(&Path) -> bool) -> bool {
+        is(&self.program)
             || shebang_of(&self.program)
                 .and_then(|words| words.into_iter().next())
-                .is_some_and(|w| crate::perl::is_perl(Path::new(&w)))
+                .is_some_and(|w| is(Path::new(&w)))
     }
 
     pub fn is_python(&self) -> bool {
@@ -2688,6 +2691,16 @@ fn check_script(
 
 /// Whether `program` is Node itself (`node`, `nodejs`, `node20`…), the
 /// case where herd preloads its shim without being asked.
+/// `python3.12` for `python`: the interpreter `name`, with or without a
+/// version after it.
+pub(crate) fn is_versioned(program: &Path, name: &str) -> bool {
+    program
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(name))
+        .is_some_and(|v| v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+}
+
 fn is_node(program: &Path) -> bool {
     program
         .file_name()
