@@ -2689,8 +2689,6 @@ fn check_script(
     })
 }
 
-/// Whether `program` is Node itself (`node`, `nodejs`, `node20`…), the
-/// case where herd preloads its shim without being asked.
 /// `python3.12` for `python`: the interpreter `name`, with or without a
 /// version after it.
 pub(crate) fn is_versioned(program: &Path, name: &str) -> bool {
@@ -2701,6 +2699,8 @@ pub(crate) fn is_versioned(program: &Path, name: &str) -> bool {
         .is_some_and(|v| v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
 }
 
+/// Whether `program` is Node itself (`node`, `nodejs`, `node20`…), the
+/// case where herd preloads its shim without being asked.
 fn is_node(program: &Path) -> bool {
     program
         .file_name()
