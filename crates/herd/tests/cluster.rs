@@ -1610,6 +1610,64 @@ fn a_python_http_server_finishes_its_request_in_flight_at_a_stop_in_the_fd_modes
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Mojolicious' daemon, drained by herd's Perl preload at a stop in the fd
+/// modes, tells an open WebSocket that it is going away (a close frame,
+/// 1001) and exits with 0 at once (before, the SIGTERM dropped the
+/// connection without one; a graceful stop that only waited would have
+/// kept it until herd's SIGKILL).
+#[test]
+fn mojolicious_daemon_closes_its_websockets_with_going_away_at_a_stop_in_the_fd_modes() {
+    let dir = std::env::temp_dir().join(format!("herd-mojo-ws-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("ws.pl"),
+        "use Mojolicious::Lite;\n\
+         websocket '/ws' => sub {\n\
+         \x20   my $c = shift;\n\
+         \x20   $c->inactivity_timeout(300);\n\
+         \x20   $c->on(message => sub { $c->send(pop) });\n\
+         };\n\
+         app->start;\n",
+    )
+    .unwrap();
+    let app = dir.join("ws.pl");
+    let mut h = Herd::start(
+        &["-i", "1", "--mode", "shared"],
+        &["perl", s(&app), "daemon"],
+    );
+    h.wait_ready(1);
+    let mut ws = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut c = BufReader::new(ws);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut c, &mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 101"), "{line:?}");
+    while line != "\r\n" {
+        line.clear();
+        std::io::BufRead::read_line(&mut c, &mut line).unwrap();
+    }
+    h.signal("TERM");
+    let mut frame = Vec::new();
+    let read = c.read_to_end(&mut frame);
+    assert!(read.is_ok(), "{read:?}");
+    assert!(
+        frame.starts_with(&[0x88, 0x02, 0x03, 0xe9]),
+        "{frame:?}\n{}",
+        h.log()
+    );
+    let status = h.wait_exit(T).expect("herd did not stop");
+    let log = h.log();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("exited with code 0"), "{log}");
+    assert!(!log.contains("SIGKILL"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Sends `GET /slow` on `c` and, once the app says it got it, stops herd:
 /// the answer is in flight at the stop.
 fn term_during_slow_request(h: &Herd, c: &mut BufReader<TcpStream>) {

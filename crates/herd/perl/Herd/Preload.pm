@@ -10,7 +10,8 @@
 # - Mojolicious' daemon (`perl app.pl daemon`): it stops accepting, answers
 #   with `Connection: close`, closes connections still idle a second after
 #   the signal, and returns from run() once none is left, as its prefork
-#   workers do on SIGQUIT. A second SIGTERM stops it at once.
+#   workers do on SIGQUIT; WebSockets get a close frame (1001, going away).
+#   A second SIGTERM stops it at once.
 # Until one of them loads, it does nothing but wait for it.
 package Herd::Preload;
 
@@ -171,10 +172,14 @@ sub _patch_mojo {
             return $loop->stop if $draining++;
             $daemon->max_requests(1)->keep_alive_timeout($GRACE);
             for my $id (keys %{ $daemon->{connections} || {} }) {
-                # An answer not begun says it too (its request came earlier).
-                if (my $tx = $daemon->{connections}{$id}{tx}) {
-                    $tx->res->headers->connection('close')
-                        unless $tx->is_websocket || $tx->{http_state};
+                # An answer not begun says it too (its request came earlier);
+                # a WebSocket is told the server is going away (1001), as the
+                # SIGTERM closed it at once before.
+                my $tx = $daemon->{connections}{$id}{tx};
+                if ($tx && $tx->is_websocket) {
+                    $tx->finish(1001);
+                } elsif ($tx) {
+                    $tx->res->headers->connection('close') unless $tx->{http_state};
                 } elsif (my $stream = $loop->stream($id)) {
                     $stream->timeout($GRACE);
                 }
