@@ -44,7 +44,8 @@ if ($mode eq 'shared' || $mode eq 'reuseport') {
 sub _load {
     my (undef, $file) = @_;
     my $patch = delete $PATCH{$file} or return;
-    @INC = grep { !(ref $_ && $_ == \&_load) } @INC unless %PATCH;
+    # (An entry of @INC may be an object whose class overloads `==`.)
+    @INC = grep { !(ref $_ eq 'CODE' && $_ == \&_load) } @INC unless %PATCH;
     require $file;
     $patch->();
     my $done = "1;\n";
