@@ -30,6 +30,7 @@ TOOLS = BENCH / ".tools"
 HERD = ROOT / "target/release/herd"
 DEMO = ROOT / "target/release/herd-demo"
 PLOT = BENCH / "plot/target/release/herd-bench-plot"
+RELAY = BENCH / "relay/target/release/herd-uring-relay"
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 HELLO_JS = BENCH / "apps/hello.js"
 SIZES_JS = BENCH / "apps/sizes.js"
@@ -315,6 +316,15 @@ class Setup:
             master = self.spawn([*args, "--", *self.app_cmd()], env)
             self.balancer = lambda: [master.pid]
             self.master = master
+        elif k.startswith("relay-"):
+            # bench/relay on one driver (issue 11's io_uring experiment),
+            # in front of herd-demo backends on Unix sockets, as herd's are.
+            socks = [self.dir / f"w{i}.sock" for i in range(WORKERS)]
+            for sock in socks:
+                self.spawn([str(DEMO)], {**env, "HERD_SOCKET": str(sock)})
+            relay = self.spawn([str(RELAY), k[len("relay-"):], f"127.0.0.1:{self.port}",
+                                str(len(os.sched_getaffinity(0))), *map(str, socks)])
+            self.balancer = lambda: [relay.pid]
         elif k.startswith("node-cluster-"):
             policy = k[len("node-cluster-"):]
             primary = self.spawn(["node", str(CLUSTER_JS)],
@@ -920,13 +930,15 @@ def h2load(port, conns, secs):
             "errors": int(done.group(3)) + int(done.group(4)), "p50": None, "p99": None, "p999": None}
 
 
-def interleaved(args, setups, what, measure, name, warm=None):
+def interleaved(args, setups, what, measure, name, warm=None, rotate=False):
     """Starts each setup fresh in every round (setups interleaved), lets
     MEASURE(setup, round) return its rows, then writes them and the run's
     facts to bench/results/NAME.json and regenerates the report. With
     WARM(setup), every setup starts once instead, WARM runs on each, and the
     rounds measure them warm, interleaved: for apps whose cost per request
-    settles only after a while under the load itself (V8's heap sizing)."""
+    settles only after a while under the load itself (V8's heap sizing).
+    With ROTATE, each round starts one setup further down the list, so no
+    setup always follows the same one."""
     work = Path(tempfile.mkdtemp(prefix=f"herd-{name}-"))
     rows = []
     t0 = time.monotonic()
@@ -940,7 +952,8 @@ def interleaved(args, setups, what, measure, name, warm=None):
                 stack.callback(s.stop)
                 warm(s)
         for r in range(args.rounds):
-            for s in setups:
+            k = r % len(setups) if rotate else 0
+            for s in setups[k:] + setups[:k]:
                 log(f"round {r + 1}/{args.rounds}: {s.name} ({what})")
                 if warm:
                     rows += measure(s, r)
@@ -1022,6 +1035,86 @@ def edge_lines():
             out.append(f"| {load} | {'**' + name + '**' if herd else name} | {rps:,.0f} | "
                        f"{'–' if herd else f'{rps / h_rps:.2f}×'} | {f'{med(p99) / 1000:.2f}' if p99 else '–'} | {cpu:.2f} | "
                        f"{'–' if herd else f'{cpu / h_cpu:.2f}×'} | {sum(r['errors'] for r in rs)} |")
+    return out + [""]
+
+
+# ---------------------------------------------------------------- io_uring
+
+def uring(args):
+    """Issue 11's io_uring experiment: the same small relay (bench/relay)
+    on monoio's epoll driver and on its io_uring driver (as it comes, and
+    with the ring's setup flags for one thread), herd's proxy beside them, in front of the same kind of backends; req/s, CPU, p99 in
+    interleaved rounds, then syscalls per request under strace."""
+    ensure_tools()
+    if not shutil.which("strace"):
+        apt_install("strace")
+    run(["cargo", "build", "--release", "-q", "--manifest-path", str(BENCH / "relay/Cargo.toml")], cwd=ROOT)
+    setups = [Setup("herd proxy", "rust", "herd-proxy", herd=True), Setup("relay on epoll", "rust", "relay-epoll"),
+              Setup("relay on io_uring", "rust", "relay-uring"),
+              Setup("relay on io_uring, tuned", "rust", "relay-uring-tuned")]
+
+    def measure(s, r):
+        rows = []
+        for load, conns in LOADS:
+            wrk(s.port, load, conns, 1)  # warm-up, unmeasured
+        for load, conns in LOADS:
+            before = ticks(s.balancer())
+            res = wrk(s.port, load, conns, args.secs)
+            cpu = (ticks(s.balancer()) - before) / HZ / max(res["requests"], 1) * 1e5
+            rows.append({"setup": s.name, "kind": s.kind, "load": load, "conns": conns, "round": r,
+                         **res, "cpu_s_per_100k": cpu})
+        if r == 0:
+            for load in ("keep-alive", "new connection"):
+                stop = strace_count(s.balancer(), s.dir)
+                res = wrk(s.port, load, 16, 2)
+                total, by_name = stop()
+                top = sorted(by_name.items(), key=lambda kv: -kv[1])[:5]
+                n = max(res["requests"], 1)
+                rows.append({"setup": s.name, "kind": s.kind, "load": load, "strace": True,
+                             "per_request": total / n, "top": {k: round(v / n, 2) for k, v in top}})
+        return rows
+
+    interleaved(args, setups, "io_uring", measure, "uring", rotate=True)
+
+
+def uring_lines():
+    if not (got := results("uring")):
+        return []
+    m, rows = got
+    out = ["## io_uring", "",
+           f"Run {m['date']} with `bench/uring` ({m['rounds']} round{'s' * (m['rounds'] != 1)} of {m['secs']} s, "
+           "interleaved, each round starting one setup further down the list): whether "
+           "io_uring pays for a proxy on this machine. `bench/relay` is one small HTTP/1.1 relay (deferred "
+           "accept, one `SO_REUSEPORT` listener and one runtime per CPU, pooled keep-alive connections to two "
+           "`herd-demo` backends on Unix sockets) written on monoio, a thread-per-core runtime with an io_uring "
+           "driver and an epoll driver behind one API: the same code, run on each driver, so its rows differ "
+           "only in how the relay waits and does its I/O. io_uring runs twice: as monoio sets it up (a ring of "
+           "1,024 entries, no setup flags), and **tuned**, with the flags the kernel offers a ring that one "
+           "thread alone submits to and reaps (`COOP_TASKRUN`, `SINGLE_ISSUER`, `DEFER_TASKRUN`). herd's proxy, in front of the same backends, "
+           "is the yardstick. Medians; **CPU** is the relay's or herd's CPU seconds per 100k requests; **vs "
+           "epoll** divides by the epoll relay's figure. **Syscalls/request** under `strace -f` (2 s, "
+           "16 connections; only the counts mean anything), an io_uring submission counting as one.", "",
+           "| load | setup | req/s | vs epoll | p99 ms | CPU s/100k | vs epoll | errors |", "|---|---|---|---|---|---|---|---|"]
+    timed = [r for r in rows if not r.get("strace")]
+    for load, conns in LOADS:
+        by = {}
+        for r in timed:
+            if r["load"] == load and r["conns"] == conns:
+                by.setdefault(r["setup"], []).append(r)
+        base = by.get("relay on epoll")
+        if not base:
+            continue
+        b_rps, b_cpu = med([r["rps"] for r in base]), med([r["cpu_s_per_100k"] for r in base])
+        for name, rs in by.items():
+            rps, cpu = med([r["rps"] for r in rs]), med([r["cpu_s_per_100k"] for r in rs])
+            p99 = med([r["p99"] for r in rs]) / 1000
+            out.append(f"| {load}, {conns} | {name} | {rps:,.0f} | {rps / b_rps:.2f}× | {p99:.2f} | {cpu:.2f} | "
+                       f"{cpu / b_cpu:.2f}× | {sum(r['errors'] for r in rs)} |")
+    out += ["", "| setup | load | syscalls/request | most frequent (per request) |", "|---|---|---|---|"]
+    for r in rows:
+        if r.get("strace"):
+            top = ", ".join(f"{k} {v}" for k, v in r["top"].items())
+            out.append(f"| {r['setup']} | {r['load']} | {r['per_request']:.2f} | {top} |")
     return out + [""]
 
 
@@ -1467,6 +1560,7 @@ def report():
     doc += instruction_lines()
     doc += edge_lines()
     doc += bodies_lines()
+    doc += uring_lines()
     doc += ["## Reproduce", "", "```sh", "bench/run      # throughput, latency, CPU, fairness (about 21 minutes, plus the first build)",
             "bench/idle     # memory per idle client connection (about 3 minutes)",
             "bench/tunnels  # memory per idle WebSocket (plain and TLS) and TCP tunnel (about a minute)",
@@ -1474,6 +1568,7 @@ def report():
             "bench/instructions # user-space instructions per request, by callgrind (about 4 minutes)",
             "bench/edge     # TLS and HTTP/2 (about 2 minutes)",
             "bench/bodies   # answers and uploads of 16 KiB to 1 MiB (about 8 minutes)",
+            "bench/uring    # io_uring against epoll: one small relay on each (about 7 minutes)",
             "bench/chaos    # reloads and kills under load (about 5 minutes)", "```", "",
             "They install what they need (Debian's `wrk`, `nginx`, `haproxy`, `nodejs`; `pm2` from the npm "
             "registry into `bench/.tools`) and build herd in release mode. Each start of a setup gets two "
@@ -1660,6 +1755,9 @@ def main():
     o = sub.add_parser("bodies")
     o.add_argument("--rounds", type=int, default=3)
     o.add_argument("--secs", type=int, default=3)
+    u = sub.add_parser("uring")
+    u.add_argument("--rounds", type=int, default=3)
+    u.add_argument("--secs", type=int, default=5)
     sub.add_parser("report")
     args = ap.parse_args()
     if args.cmd == "run":
@@ -1676,6 +1774,8 @@ def main():
         edge(args)
     elif args.cmd == "bodies":
         bodies(args)
+    elif args.cmd == "uring":
+        uring(args)
     else:
         report()
 
