@@ -584,6 +584,18 @@ def strace_count(pids, work):
     return stop
 
 
+def strace_load(pids, port, load, secs, work):
+    """Syscalls of PIDS while `wrk -c16` runs LOAD for SECS: the counts per
+    request, and the six most frequent calls per request."""
+    stop = strace_count(pids, work)
+    res = wrk(port, load, 16, secs)
+    total, by_name = stop()
+    n = max(res["requests"], 1)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
+    return {"requests": res["requests"], "syscalls": total, "per_request": total / n,
+            "top": {k: round(v / n, 2) for k, v in top}}
+
+
 def tcp_out_segs():
     """TCP segments the machine has sent (`OutSegs` of /proc/net/snmp): on
     loopback, every packet of the load generator, the balancer and the apps."""
@@ -614,14 +626,8 @@ def syscalls(args):
                     pids = s.balancer()
                     if kind == "nginx":  # the workers do the work; the master waits
                         pids = [p for p in pids if p != pids[0]]
-                    stop = strace_count(pids, work)
-                    res = wrk(s.port, load, 16, args.secs)
-                    total, by_name = stop()
-                    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
-                    rows.append({"setup": name, "kind": kind, "load": load, "requests": res["requests"],
-                                 "syscalls": total, "per_request": total / max(res["requests"], 1),
-                                 "segments": segs,
-                                 "top": {k: round(v / max(res["requests"], 1), 2) for k, v in top}})
+                    rows.append({"setup": name, "kind": kind, "load": load, "segments": segs,
+                                 **strace_load(pids, s.port, load, args.secs, work)})
                     log(f"{name}, {load}: {rows[-1]['per_request']:.2f} syscalls/request {rows[-1]['top']}")
             finally:
                 s.stop()
@@ -1066,13 +1072,8 @@ def uring(args):
                          **res, "cpu_s_per_100k": cpu})
         if r == 0:
             for load in ("keep-alive", "new connection"):
-                stop = strace_count(s.balancer(), s.dir)
-                res = wrk(s.port, load, 16, 2)
-                total, by_name = stop()
-                top = sorted(by_name.items(), key=lambda kv: -kv[1])[:5]
-                n = max(res["requests"], 1)
                 rows.append({"setup": s.name, "kind": s.kind, "load": load, "strace": True,
-                             "per_request": total / n, "top": {k: round(v / n, 2) for k, v in top}})
+                             **strace_load(s.balancer(), s.port, load, 2, s.dir)})
         return rows
 
     interleaved(args, setups, "io_uring", measure, "uring", rotate=True)
