@@ -682,14 +682,15 @@ async fn exchange(
         if queued.barging() {
             queued.wait(p.cfg.connect_timeout).await;
         }
-        let picked = loop {
-            match p.pick(key.as_ref(), split.as_ref(), avoid.as_deref()) {
+        // One clock read: the pick's time is when the attempt starts.
+        let (picked, started) = loop {
+            let now = p.up.now();
+            match p.pick(now, key.as_ref(), split.as_ref(), avoid.as_deref()) {
                 Err(herd_balance::PickError::Full) if queued.wait(p.cfg.connect_timeout).await => {}
-                picked => break picked,
+                picked => break (picked, now),
             }
         };
         queued.served();
-        let started = p.up.now();
         let (lease, target, stats) = match picked {
             // Back to the worker that just failed, as the only one left.
             Ok(x)

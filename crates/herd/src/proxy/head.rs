@@ -646,7 +646,14 @@ pub fn request(
     }
     if let Some(h) = named {
         out.extend_from_slice(b";host=\"");
-        out.extend(h.iter().filter(|&&c| c != b'"' && c != b'\\'));
+        // `valid_host` admits neither (the header and an absolute-form
+        // target's authority both pass it): the filter is a guard, and the
+        // common case one copy rather than a push per byte.
+        if h.iter().any(|&c| c == b'"' || c == b'\\') {
+            out.extend(h.iter().filter(|&&c| c != b'"' && c != b'\\'));
+        } else {
+            out.extend_from_slice(h);
+        }
         out.push(b'"');
     }
     out.extend_from_slice(b"\r\n\r\n");

@@ -530,17 +530,19 @@ impl HttpProxy {
         }
     }
 
-    /// Picks a target for one request; the lease counts it in flight.
-    /// `split` is what a deploy's split hashes on, if it has a key.
+    /// Picks a target for one request at `now` (`Pool::now`); the lease
+    /// counts it in flight. `split` is what a deploy's split hashes on, if
+    /// it has a key.
     fn pick(
         &self,
+        now: u64,
         key: Option<&Key<'_>>,
         split: Option<&Key<'_>>,
         avoid: Option<&Backend>,
     ) -> Result<Picked, PickError> {
         let pool = self.up.peek();
         let ctx = Ctx {
-            now: self.up.now(),
+            now,
             rand: fastrand::u64(..),
             key: key.map(Key::as_slice),
         };
