@@ -530,9 +530,9 @@ impl HttpProxy {
         }
     }
 
-    /// Picks a target for one request at `now` (`Pool::now`); the lease
-    /// counts it in flight. `split` is what a deploy's split hashes on, if
-    /// it has a key.
+    /// Picks a target for one request at `now` (`Upstreams::now`); the
+    /// lease counts it in flight. `split` is what a deploy's split hashes on,
+    /// if it has a key.
     fn pick(
         &self,
         now: u64,
