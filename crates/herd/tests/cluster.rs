@@ -2544,6 +2544,23 @@ fn a_stop_closes_idle_keep_alive_connections_at_once() {
 /// its successor starts, so even one that binds a fixed port of its own
 /// (two at once would fail) is reloaded and restarted. Written for PM2, it
 /// stops on SIGINT: `--kill-signal INT`.
+/// In fork mode herd serves no port: a Node app's `listen()` keeps the
+/// port it names, and the log says nothing about serving it elsewhere.
+#[test]
+fn fork_mode_leaves_a_node_apps_port_alone_and_says_nothing_of_it() {
+    let own = free_port();
+    let js = format!("require('http').createServer((q, r) => r.end('own')).listen({own});");
+    let h = Herd::spawn(
+        herd_cmd()
+            .args(["run", "--mode", "fork", "--name", &name("forkport"), "--"])
+            .args(["node", "-e", &js]),
+        0,
+    );
+    h.wait_ready(1);
+    assert_eq!(http_get(own, "/").ok(), Some((200, "own".to_string())));
+    assert!(!h.log().contains("asks for port"), "{}", h.log());
+}
+
 #[test]
 fn fork_mode_runs_programs_as_they_are_and_stops_each_worker_before_its_successor() {
     const PROGRAM: &str = r#"

@@ -299,10 +299,12 @@ impl Supervisor {
     /// code, as apps run under PM2's cluster mode may have), is served on
     /// herd's port instead: the log says so once, with how to keep its port.
     fn port_hint(&mut self, epoch: u64, slot: usize, asked: u64) {
-        // (The fd modes give no private port: the app's socket is herd's.)
+        // (The fd modes give no private port: the app's socket is herd's.
+        // Fork mode serves no port: the app keeps the one it asks for.)
         let given = self.procs.get(&epoch).and_then(|p| p.port);
         let public = u64::from(self.s.listen.port());
-        if self.port_hinted || given.map(u64::from) == Some(asked) || asked == public {
+        let fork = self.s.mode == crate::config::Mode::Fork;
+        if fork || self.port_hinted || given.map(u64::from) == Some(asked) || asked == public {
             return;
         }
         self.port_hinted = true;
