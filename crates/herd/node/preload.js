@@ -338,7 +338,7 @@
     dispatch.handle.onconnection(0, handle);
   });
 
-  net.Server.prototype.listen = function herdListen(...args) {
+  const herdListenOver = (origListen) => function herdListen(...args) {
     // Every HTTP server the app starts, whatever it listens on (an app
     // may take fd 3 itself), lets its keep-alive clients go gently.
     drainHttp(this);
@@ -384,6 +384,45 @@
     }
     return origListen.apply(this, args);
   };
+  net.Server.prototype.listen = herdListenOver(origListen);
+
+  // Bun runs this module too (BUN_OPTIONS=--preload), in proxy and fork
+  // mode only: it cannot serve a socket it inherits or is handed (it
+  // ignores `listen({fd: 3})`), so herd refuses the other modes for it. Its
+  // node:http Server is not a net.Server, and Bun.serve() (also what an
+  // entry file's `export default { fetch }` calls) binds by itself.
+  const bunServers = [];
+  const patchBun = () => {
+    const http = require('http');
+    const httpListen = http.Server.prototype.listen;
+    if (httpListen !== net.Server.prototype.listen) http.Server.prototype.listen = herdListenOver(httpListen);
+    const serve = Bun.serve;
+    Bun.serve = function herdServe(options, ...rest) {
+      if (claimed || !options || typeof options !== 'object' || options.unix !== undefined ||
+        Number(options.port) === 0 && options.port !== undefined && options.port !== null) {
+        return serve.call(this, options, ...rest);
+      }
+      // Bun's own default port: $BUN_PORT, $PORT, $NODE_PORT, else 3000.
+      const env = process.env;
+      const port = Number(options.port || env.BUN_PORT || env.PORT || env.NODE_PORT || 3000);
+      const host = typeof options.hostname === 'string' ? options.hostname : undefined;
+      // Fork mode: where the app asked.
+      const at = mode !== 'proxy' ? {}
+        : unixPath ? { unix: unixPath, port: undefined, hostname: undefined }
+          : { port: Number(privatePort) || port, hostname: '127.0.0.1' };
+      const props = {};
+      for (const [k, v] of Object.entries(at)) props[k] = { value: v, enumerable: true };
+      claim();
+      const server = serve.call(this, Object.create(options, props), ...rest);
+      bunServers.push(server);
+      servers.add({ close: () => server.stop() });
+      sayReady(port, host);
+      return server;
+    };
+  };
+  if (typeof Bun !== 'undefined' && (mode === 'proxy' || mode === 'fork')) patchBun();
+  // Connections still open on the servers herd stops.
+  const busy = () => bunServers.reduce((n, s) => n + s.pendingRequests + s.pendingWebSockets, open);
 
   const onSignal = (sig) => {
     if (stopping) return;
@@ -421,7 +460,7 @@
       for (const s of servers) {
         if (typeof s.closeIdleConnections === 'function') s.closeIdleConnections();
       }
-      if (open === 0 && forked.every((w) => w.isDead())) process.exit(0);
+      if (busy() === 0 && forked.every((w) => w.isDead())) process.exit(0);
     }, 20);
   };
   // The notice without a signal: an app written for PM2's

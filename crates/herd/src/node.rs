@@ -33,6 +33,20 @@ pub fn node_options(path: &Path, env: &[(String, String)]) -> OsString {
     opts
 }
 
+/// `BUN_OPTIONS` with `--preload=<path>` ahead of the workers' own, for
+/// Bun, which reads no `NODE_OPTIONS` but runs the same module. Bun splits
+/// it on spaces and knows no quotes: a path with white space gets none.
+/// (`--preload <path>`, two words, made `bun run SCRIPT` print its usage.)
+pub fn bun_options(path: &Path, env: &[(String, String)]) -> Option<OsString> {
+    let path = path.to_str().filter(|p| !p.contains(char::is_whitespace))?;
+    let mut opts = OsString::from(format!("--preload={path}"));
+    if let Some(g) = crate::config::worker_var(env, "BUN_OPTIONS").filter(|g| !g.is_empty()) {
+        opts.push(" ");
+        opts.push(g);
+    }
+    Some(opts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,6 +61,20 @@ mod tests {
         assert_eq!(
             o,
             "--require \"/run/a b/herd-preload.js\" --max-old-space-size=64"
+        );
+    }
+
+    #[test]
+    fn bun_options_keep_the_users_and_skip_a_path_with_spaces() {
+        let env = vec![("BUN_OPTIONS".to_string(), "--smol".to_string())];
+        let o = bun_options(Path::new("/run/herd/app/herd-preload.js"), &env);
+        assert_eq!(
+            o.as_deref(),
+            Some("--preload=/run/herd/app/herd-preload.js --smol".as_ref())
+        );
+        assert_eq!(
+            bun_options(Path::new("/run/a b/herd-preload.js"), &env),
+            None
         );
     }
 }

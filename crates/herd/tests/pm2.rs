@@ -1194,6 +1194,75 @@ fn an_express_bin_www_runs_with_node_and_herds_preload() {
     }
 }
 
+/// Bun (PM2's runner for TypeScript, and `--interpreter bun`): herd's
+/// preload runs in it too (`BUN_OPTIONS=--preload`), so `Bun.serve()`, an
+/// entry file's `export default { fetch }` and node:http's `listen()` on a
+/// port written in the code are served on herd's port by every worker, as
+/// `node app.js` is, and a reload fails no request. Bun cannot take a
+/// socket from herd, so the fd modes are refused with a line that says so.
+#[test]
+fn bun_apps_serve_on_herds_port_in_proxy_mode_and_are_refused_the_fd_modes() {
+    Command::new("bun")
+        .arg("--version")
+        .output()
+        .expect("bun (.ci/run installs it from npm)");
+    let sb = Sandbox::new("bun");
+    let own = free_port();
+    std::fs::write(
+        sb.app().join("server.ts"),
+        format!(
+            "export default {{ port: {own}, fetch(): Response {{ return new Response('ts ' + process.pid); }} }};\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        sb.app().join("serve.js"),
+        "Bun.serve({ port: 3000, fetch() { return new Response('serve ' + process.pid); } });\n",
+    )
+    .unwrap();
+    std::fs::write(
+        sb.app().join("www.js"),
+        "require('http').createServer((q, r) => r.end('www ' + process.pid)).listen(3000);\n",
+    )
+    .unwrap();
+    // No port given: herd serves the app on the one its code names.
+    let v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let at = if v6 { "[::]" } else { "0.0.0.0" };
+    let answers = served_by_two_at(
+        &sb,
+        "unset PORT; herd start server.ts -i 2",
+        &format!("{at}:{own}"),
+        own,
+    );
+    assert!(answers.iter().all(|b| b.starts_with("ts ")), "{answers:?}");
+    let (ok, said) = sb.run("herd reload server");
+    assert!(ok && said.contains("reloaded 2 workers"), "{said}");
+    let again: std::collections::BTreeSet<String> = (0..6).map(|_| body(own)).collect();
+    assert!(
+        again.is_disjoint(&answers),
+        "new workers answer: {again:?} {answers:?}"
+    );
+    for (app, want) in [("serve.js", "serve "), ("www.js", "www ")] {
+        let name = app.trim_end_matches(".js");
+        let line = format!("herd start {app} --interpreter bun -i 2");
+        let answers = served_by_two(&sb, &line, sb.port);
+        assert!(answers.iter().all(|b| b.starts_with(want)), "{answers:?}");
+        log_showing(&sb, name, "the app asks for port 3000 in its code");
+        let (ok, said) = sb.run(&format!("herd delete {name}"));
+        assert!(ok, "{said}");
+    }
+    for mode in ["shared", "reuseport", "dispatch"] {
+        let (ok, said) = sb.run(&format!(
+            "herd start server.ts --name b{mode} --mode {mode}"
+        ));
+        assert!(
+            !ok && said.contains("Bun serves only the port or socket it binds itself")
+                && said.contains(&format!("cannot run in {mode} mode: use --mode proxy")),
+            "{mode}: {said}"
+        );
+    }
+}
+
 /// Runs `line`, which starts a cluster of two workers on 0.0.0.0:`port`;
 /// returns the answers of both to a few requests.
 fn served_by_two(sb: &Sandbox, line: &str, port: u16) -> std::collections::BTreeSet<String> {

@@ -58,6 +58,10 @@ pub enum ConfigError {
     )]
     ManagerInDispatch(String),
     #[error(
+        "Bun serves only the port or socket it binds itself (it ignores an inherited socket and takes no handed-over connections), so it cannot run in {0} mode: use --mode proxy (the default)"
+    )]
+    BunNeedsProxy(&'static str),
+    #[error(
         "{0} is a file, but herd knows no interpreter for it and it is not executable: name one (--interpreter PROGRAM), or give the whole command (herd start -- PROGRAM {0}){1}"
     )]
     NoInterpreter(String, &'static str),
@@ -1931,10 +1935,14 @@ impl Settings {
         {
             return Err(ConfigError::ManagerInDispatch(manager.to_string()));
         }
+        let bun = runs_bun(&program);
+        if bun && matches!(mode, Mode::Shared | Mode::Reuseport | Mode::Dispatch) {
+            return Err(ConfigError::BunNeedsProxy(mode.as_str()));
+        }
         let node_shim = match (no_node_shim, o.node_shim) {
             (true, _) => false,
             (_, Some(on)) => on,
-            _ => is_node(&program) || runs_node_script(&program, &command, cwd.as_deref()),
+            _ => bun || is_node(&program) || runs_node_script(&program, &command, cwd.as_deref()),
         };
         // `--no-node-shim` and `node-shim = false` turn every preload off.
         let preloads_on = !no_node_shim && o.node_shim != Some(false);
@@ -2296,9 +2304,11 @@ impl Release {
         })
     }
 
-    /// Node, or a package manager running a script that starts Node.
+    /// Node (or Bun, which runs the same preload), or a package manager
+    /// running a script that starts Node.
     pub fn is_node(&self) -> bool {
         is_node(&self.program)
+            || runs_bun(&self.program)
             || runs_node_script(&self.program, &self.command, self.cwd.as_deref())
     }
 
@@ -2710,6 +2720,15 @@ fn is_node(program: &Path) -> bool {
                 || n.strip_prefix("node")
                     .is_some_and(|v| v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
         })
+}
+
+/// Bun, or a script whose `#!` line names it (`#!/usr/bin/env bun`).
+fn runs_bun(program: &Path) -> bool {
+    let bun = |p: &Path| p.file_name().is_some_and(|n| n == "bun");
+    bun(program)
+        || shebang_of(program)
+            .and_then(|words| words.into_iter().next())
+            .is_some_and(|w| bun(Path::new(&w)))
 }
 
 /// npm, npx, yarn or pnpm: Node programs that run a package's script.

@@ -75,6 +75,8 @@ impl Preloads {
 pub(super) struct Spec {
     pub release: crate::config::Release,
     pub node_options: Option<OsString>,
+    /// `BUN_OPTIONS` with the same module, for Bun (with `node_options`).
+    pub bun_options: Option<OsString>,
     pub python_path: Option<OsString>,
     /// The Python preload is there only for how the worker stops, not to
     /// move a script's port (`HERD_PYTHON_PRELOAD=stop`).
@@ -112,6 +114,9 @@ impl Spec {
             node_options: preloads
                 .filter(|_| node)
                 .map(|p| crate::node::node_options(&p.node, &release.env)),
+            bun_options: preloads
+                .filter(|_| node)
+                .and_then(|p| crate::node::bun_options(&p.node, &release.env)),
             python_path: preloads
                 .filter(|_| python)
                 .map(|p| crate::python::python_path(&p.python, &release.env)),
@@ -243,6 +248,10 @@ impl Supervisor {
         if let Some(opts) = &spec.node_options {
             env.retain(|(k, _)| k != "NODE_OPTIONS");
             env.push(("NODE_OPTIONS".into(), opts.clone()));
+        }
+        if let Some(opts) = &spec.bun_options {
+            env.retain(|(k, _)| k != "BUN_OPTIONS");
+            env.push(("BUN_OPTIONS".into(), opts.clone()));
         }
         if let Some(path) = &spec.python_path {
             env.retain(|(k, _)| k != "PYTHONPATH");
