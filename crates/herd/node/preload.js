@@ -81,8 +81,18 @@
   let channel = null;
   const openChannel = () => {
     if (channel || !ipcFd) return channel;
-    channel = new net.Socket({ fd: ipcFd, readable: true, writable: true });
-    channel.unref();
+    if (typeof Bun === 'undefined') {
+      channel = new net.Socket({ fd: ipcFd, readable: true, writable: true });
+      channel.unref();
+    } else {
+      // Bun's net.Socket reads nothing from a descriptor it is given; a
+      // read stream does (and, as Node's IPC, keeps the process alive).
+      const fs = require('fs');
+      channel = fs.createReadStream(null, { fd: ipcFd, autoClose: false, encoding: 'utf8' });
+      channel.write = (line) => {
+        try { fs.writeSync(ipcFd, line); return true; } catch (_) { return false; }
+      };
+    }
     let buf = '';
     channel.on('data', (d) => {
       buf += d;

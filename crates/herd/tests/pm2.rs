@@ -1198,7 +1198,8 @@ fn an_express_bin_www_runs_with_node_and_herds_preload() {
 /// preload runs in it too (`BUN_OPTIONS=--preload`), so `Bun.serve()`, an
 /// entry file's `export default { fetch }` and node:http's `listen()` on a
 /// port written in the code are served on herd's port by every worker, as
-/// `node app.js` is, and a reload fails no request. Bun cannot take a
+/// `node app.js` is, a reload fails no request, and messages go both
+/// ways (`process.on('message')`, `process.send`). Bun cannot take a
 /// socket from herd, so the fd modes are refused with a line that says so.
 #[test]
 fn bun_apps_serve_on_herds_port_in_proxy_mode_and_are_refused_the_fd_modes() {
@@ -1222,7 +1223,8 @@ fn bun_apps_serve_on_herds_port_in_proxy_mode_and_are_refused_the_fd_modes() {
     .unwrap();
     std::fs::write(
         sb.app().join("www.js"),
-        "require('http').createServer((q, r) => r.end('www ' + process.pid)).listen(3000);\n",
+        "require('http').createServer((q, r) => r.end('www ' + process.pid)).listen(3000);\n\
+         process.on('message', (m) => process.send({ echo: m }));\n",
     )
     .unwrap();
     // No port given: herd serves the app on the one its code names.
@@ -1248,6 +1250,12 @@ fn bun_apps_serve_on_herds_port_in_proxy_mode_and_are_refused_the_fd_modes() {
         let answers = served_by_two(&sb, &line, sb.port);
         assert!(answers.iter().all(|b| b.starts_with(want)), "{answers:?}");
         log_showing(&sb, name, "the app asks for port 3000 in its code");
+        if app == "www.js" {
+            // Messages both ways, as under Node.
+            let (ok, said) = sb.run(r#"herd send --name www 1 '{"ping":1}'"#);
+            assert!(ok, "{said}");
+            log_showing(&sb, name, r#"worker 1 says: {"echo":{"ping":1}}"#);
+        }
         let (ok, said) = sb.run(&format!("herd delete {name}"));
         assert!(ok, "{said}");
     }
