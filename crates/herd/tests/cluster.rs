@@ -2483,6 +2483,60 @@ fn the_readmes_python_and_perl_commands_serve() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Deno: `Deno.serve()` with a port written in the code, and `deno serve`
+/// on an entry file, answer on each worker's port in proxy mode (Deno's own
+/// `DENO_SERVE_ADDRESS`, which needs no permission beyond `--allow-net`),
+/// so two workers serve on herd's port, and a reload swaps them.
+#[test]
+fn deno_serve_answers_on_the_workers_port_whatever_its_code_names() {
+    std::process::Command::new("deno")
+        .arg("--version")
+        .output()
+        .expect("deno (.ci/run installs it from npm)");
+    let dir = std::env::temp_dir().join(format!("herd-deno-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let own = free_port();
+    let srv = dir.join("srv.ts");
+    std::fs::write(
+        &srv,
+        format!("Deno.serve({{ port: {own} }}, () => new Response('srv ' + Deno.pid));\n"),
+    )
+    .unwrap();
+    let main = dir.join("main.ts");
+    std::fs::write(
+        &main,
+        "export default { fetch: () => new Response('main ' + Deno.pid) };\n",
+    )
+    .unwrap();
+    for (sub, file, want) in [("run", &srv, "srv "), ("serve", &main, "main ")] {
+        let n = name("deno");
+        let cmd = ["deno", sub, "--allow-net", s(file)];
+        let h = Herd::start(&["-i", "2", "--name", &n], &cmd);
+        h.wait_ready(2);
+        let answers = |h: &Herd| {
+            let mut got = std::collections::BTreeSet::new();
+            wait_until(T, || {
+                if let Ok((200, b)) = h.get("/") {
+                    got.insert(b);
+                }
+                got.len() >= 2
+            });
+            got
+        };
+        let before = answers(&h);
+        assert_eq!(before.len(), 2, "{sub}: {before:?}\n{}", h.log());
+        assert!(before.iter().all(|b| b.starts_with(want)), "{before:?}");
+        assert!(
+            http_get(own, "/").is_err(),
+            "{sub}: nothing on the code's port"
+        );
+        ok(&herd(&["reload", "--name", &n]));
+        let after = answers(&h);
+        assert!(after.is_disjoint(&before), "{sub}: {before:?} {after:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_script_runs_with_the_interpreter_its_extension_names() {
     // `herd start app.js`, as `pm2 start app.js`: no `node` needed, and

@@ -2318,6 +2318,12 @@ impl Release {
         self.runs(crate::python::is_python)
     }
 
+    /// Whether the program is Deno: `deno run …`, `deno serve …`, or a
+    /// script whose `#!` line names deno.
+    pub fn runs_deno(&self) -> bool {
+        self.runs(|p| p.file_name().is_some_and(|n| n == "deno"))
+    }
+
     /// Whether the program is Perl: `perl …`, or a script whose `#!` line
     /// names perl (`starman`, `plackup`).
     pub fn runs_perl(&self) -> bool {
@@ -2833,8 +2839,11 @@ fn derive_name(command: &[OsString]) -> String {
             return derive_name(&words);
         }
     }
+    // `deno run -A app.ts`, `deno serve main.ts`, `bun run app.ts`.
+    let sub = matches!(prog.as_str(), "deno" | "bun")
+        && command.get(1).is_some_and(|w| w == "run" || w == "serve");
     let pick = if INTERPRETERS.contains(&prog.as_str()) {
-        script_name(&command[1..]).unwrap_or(prog)
+        script_name(&command[1 + usize::from(sub)..]).unwrap_or(prog)
     } else {
         prog
     };
@@ -2853,7 +2862,21 @@ fn derive_name(command: &[OsString]) -> String {
 /// The script or module an interpreter runs: `app.js` in `node app.js`,
 /// `mod` in `python -m mod`; none for inline code (`-e`, `-c`).
 fn script_name(args: &[OsString]) -> Option<String> {
-    const TAKES_VALUE: &[&str] = &["-r", "--require", "--import", "--loader", "-W", "-X"];
+    const TAKES_VALUE: &[&str] = &[
+        "-r",
+        "--require",
+        "--import",
+        "--loader",
+        "-W",
+        "-X",
+        "--preload",
+        // Deno's.
+        "--port",
+        "--host",
+        "--config",
+        "--import-map",
+        "--location",
+    ];
     const INLINE: &[&str] = &["-e", "--eval", "-p", "--print", "-c"];
     let mut it = args.iter().map(|a| a.to_string_lossy());
     while let Some(a) = it.next() {
@@ -3507,6 +3530,10 @@ mod tests {
         assert_eq!(c(&["sh", "-c", "NODE_ENV=production npm start"]), "npm");
         assert_eq!(c(&["sh", "-c", "sleep 1 & exec ./api --port $PORT"]), "api");
         assert_eq!(c(&["bash", "-c", "  "]), "bash");
+        assert_eq!(c(&["deno", "run", "--allow-net", "srv.ts"]), "srv");
+        assert_eq!(c(&["deno", "serve", "--port", "8000", "main.ts"]), "main");
+        assert_eq!(c(&["bun", "run", "app.ts"]), "app");
+        assert_eq!(c(&["bun", "app.ts"]), "app");
     }
 
     #[test]

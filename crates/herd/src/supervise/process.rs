@@ -88,6 +88,9 @@ pub(super) struct Spec {
     /// it, as PM2 sets it, so that `print()` reaches the log as it is
     /// called rather than in 8 KiB blocks (stdout is a pipe).
     pub unbuffered: bool,
+    /// A Deno program: in proxy mode its `Deno.serve()` is pointed at the
+    /// worker's port (`DENO_SERVE_ADDRESS`), whatever port its code names.
+    pub deno: bool,
     /// Whether the proxy keeps idle connections to its workers: a program
     /// found to serve one connection at a time is so in every slot and
     /// after a restart.
@@ -124,6 +127,7 @@ impl Spec {
                 .filter(|_| perl_stop && release.runs_perl())
                 .map(|p| crate::perl::perl_env(&p.perl, &release.env)),
             unbuffered: release.runs_python(),
+            deno: release.runs_deno(),
             release,
             reuse,
         }
@@ -244,6 +248,17 @@ impl Supervisor {
         );
         if let Some((path, must)) = &unix {
             socket_env(&mut env, path, *must);
+        }
+        if let Some(port) = port.filter(|_| spec.deno)
+            && !env.iter().any(|(k, _)| k == "DENO_SERVE_ADDRESS")
+        {
+            // Deno's own override; a Unix path only when the worker must
+            // serve there (Deno asks `--allow-read` and `--allow-write` for it).
+            let addr = match &unix {
+                Some((path, true)) => format!("unix:{}", path.display()),
+                _ => format!("tcp:127.0.0.1:{port}"),
+            };
+            env.push(("DENO_SERVE_ADDRESS".into(), addr.into()));
         }
         if let Some(opts) = &spec.node_options {
             env.retain(|(k, _)| k != "NODE_OPTIONS");
