@@ -422,8 +422,8 @@
           : { port: Number(privatePort) || port, hostname: '127.0.0.1' };
       const props = {};
       for (const [k, v] of Object.entries(at)) props[k] = { value: v, enumerable: true };
-      claim();
       const server = serve.call(this, Object.create(options, props), ...rest);
+      claim();
       bunServers.push(server);
       servers.add({ close: () => server.stop() });
       sayReady(port, host);
