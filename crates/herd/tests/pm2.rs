@@ -1283,6 +1283,11 @@ fn bun_apps_serve_on_herds_port_in_proxy_mode_and_are_refused_the_fd_modes() {
             "{mode}: {said}"
         );
     }
+    // Nor can a deploy bring Bun into a mode it cannot serve.
+    let (ok, said) = sb.run("herd start www.js --name nshared --mode shared -i 1");
+    assert!(ok, "{said}");
+    let (ok, said) = sb.run("herd deploy nshared --canary 50 -- bun www.js");
+    assert!(!ok && said.contains("cannot run in shared mode"), "{said}");
 }
 
 /// Runs `line`, which starts a cluster of two workers on 0.0.0.0:`port`;

@@ -2318,6 +2318,11 @@ impl Release {
         self.runs(crate::python::is_python)
     }
 
+    /// Whether the program is Bun, which only proxy and fork mode serve.
+    pub fn runs_bun(&self) -> bool {
+        runs_bun(&self.program)
+    }
+
     /// Whether the program is Deno: `deno run …`, `deno serve …`, or a
     /// script whose `#!` line names deno.
     pub fn runs_deno(&self) -> bool {

@@ -351,6 +351,13 @@ impl Supervisor {
         let mut release =
             crate::config::Release::resolve(command, cwd, env).map_err(|e| e.to_string())?;
         release.base_env = running.release.base_env.clone();
+        if release.runs_bun()
+            && matches!(self.s.mode, Mode::Shared | Mode::Reuseport | Mode::Dispatch)
+        {
+            return Err(
+                crate::config::ConfigError::BunNeedsProxy(self.s.mode.as_str()).to_string(),
+            );
+        }
         let node = release.is_node() && (self.s.node_shim || !stable.release.is_node());
         let python = release.is_python()
             && crate::python::runs_script(&release.command)
