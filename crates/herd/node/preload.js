@@ -348,6 +348,10 @@
     dispatch.handle.onconnection(0, handle);
   });
 
+  // A node:cluster worker under Bun listens by itself (Bun's cluster shares
+  // a TCP port through SO_REUSEPORT, not through its primary), and two
+  // processes cannot bind one Unix socket: it takes the worker's port.
+  const bunClusterWorker = () => typeof Bun !== 'undefined' && require('cluster').isWorker;
   const herdListenOver = (origListen) => function herdListen(...args) {
     // Every HTTP server the app starts, whatever it listens on (an app
     // may take fd 3 itself), lets its keep-alive clients go gently.
@@ -385,7 +389,7 @@
       delete process.env.LISTEN_FDNAMES;
       return origListen.call(this, { fd: 3, backlog }, cb);
     }
-    if (unixPath) {
+    if (unixPath && !bunClusterWorker()) {
       asLoopback(this);
       return origListen.call(this, { path: unixPath, backlog }, cb);
     }
@@ -418,8 +422,8 @@
       const host = typeof options.hostname === 'string' ? options.hostname : undefined;
       // Fork mode: where the app asked.
       const at = mode !== 'proxy' ? {}
-        : unixPath ? { unix: unixPath, port: undefined, hostname: undefined }
-          : { port: Number(privatePort) || port, hostname: '127.0.0.1' };
+        : unixPath && !bunClusterWorker() ? { unix: unixPath, port: undefined, hostname: undefined }
+          : { port: Number(privatePort) || port, hostname: '127.0.0.1', reusePort: true };
       const props = {};
       for (const [k, v] of Object.entries(at)) props[k] = { value: v, enumerable: true };
       const server = serve.call(this, Object.create(options, props), ...rest);

@@ -1213,7 +1213,8 @@ fn an_express_bin_www_runs_with_node_and_herds_preload() {
 /// entry file's `export default { fetch }` and node:http's `listen()` on a
 /// port written in the code are served on herd's port by every worker, as
 /// `node app.js` is, a reload fails no request, and messages go both
-/// ways (`process.on('message')`, `process.send`). Bun cannot take a
+/// ways (`process.on('message')`, `process.send`); so is an app of Node's
+/// `cluster` module, whose workers listen by themselves. Bun cannot take a
 /// socket from herd, so the fd modes are refused with a line that says so.
 #[test]
 fn bun_apps_serve_on_herds_port_in_proxy_mode_and_are_refused_the_fd_modes() {
@@ -1283,6 +1284,35 @@ fn bun_apps_serve_on_herds_port_in_proxy_mode_and_are_refused_the_fd_modes() {
             "{mode}: {said}"
         );
     }
+    // A node:cluster app: under Bun its workers listen by themselves (on
+    // the herd worker's port, shared through SO_REUSEPORT; herd's pooled
+    // connections keep to the ones they reached).
+    let cluster_js = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/node/cluster.js"
+    );
+    let (ok, said) = sb.run(&format!(
+        "herd start {cluster_js} --name bcluster --interpreter bun -i 2"
+    ));
+    assert!(ok, "{said}");
+    let mut pids = std::collections::BTreeSet::new();
+    wait_until(T, || {
+        pids.insert(body(sb.port));
+        pids.len() >= 2
+    });
+    assert!(
+        pids.len() >= 2
+            && pids
+                .iter()
+                .all(|b| b.starts_with("hello from cluster worker")),
+        "{pids:?}"
+    );
+    // Each of its workers listened (a second one on a Unix socket would
+    // have failed with EADDRINUSE).
+    let (_, log) = sb.run("herd logs bcluster --nostream --lines 200");
+    assert!(!log.contains("already in use"), "{log}");
+    let (ok, said) = sb.run("herd delete bcluster");
+    assert!(ok, "{said}");
     // Nor can a deploy bring Bun into a mode it cannot serve.
     let (ok, said) = sb.run("herd start www.js --name nshared --mode shared -i 1");
     assert!(ok, "{said}");
