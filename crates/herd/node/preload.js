@@ -75,6 +75,10 @@
     // its relative require()s failed.
     try { return fd && require('fs').fstatSync(fd, { bigint: true }).isSocket() ? fd : 0; } catch (_) { return 0; }
   })();
+  // Where herd's listening socket is in the fd modes: 3 (LISTEN_FDS), or
+  // where a wrapper above passed it (below).
+  const listenFd = Number(process.env.HERD_LISTEN_FD) || 3;
+
   // --kill-signal none (PM2's shutdown_with_message): no signal follows
   // herd's shutdown notice, so the channel is read from the start.
   const byMessage = process.env.HERD_SHUTDOWN_MESSAGE === '1';
@@ -170,16 +174,20 @@
     process.env.HERD_PORT_TAKEN = String(process.pid);
   };
 
-  // A wrapper (`npm start`, a launcher script) runs the app as a child
+  // A wrapper (`npm start`, a launcher script, tsx) runs the app as a child
   // that shares its stdio; Node gives a child only fds 0 to 2, so the app
   // would lose herd's socket (fd 3, shared and reuseport) and the channel
   // its listen() is reported on (fd 4; without it herd cannot serve the
   // app on the port its code names). Until this process serves the port
-  // itself, such a child gets them, at the same numbers. Children with
-  // stdio of their own (exec, pipes, fork's IPC) are left alone.
+  // itself, such a child gets them, after its stdio: at 3 and 4, or at 4
+  // and 5 when the child also has Node's IPC at 3 (tsx forks so once this
+  // module gives it a process.send), and HERD_LISTEN_FD and HERD_IPC_FD
+  // say where. Children with stdio of their own (exec, pipes) and cluster
+  // workers (NODE_UNIQUE_ID; their listen() goes through their primary)
+  // are left alone.
   const passFds = [
-    (mode === 'shared' || mode === 'reuseport') && process.env.LISTEN_FDS ? 3 : 'ignore',
-    ipcFd === 4 ? 4 : 'ignore',
+    (mode === 'shared' || mode === 'reuseport') && process.env.LISTEN_FDS ? listenFd : 'ignore',
+    ipcFd || 'ignore',
   ];
   if (mode !== 'dispatch' && passFds.some((f) => f !== 'ignore')) {
     const { ChildProcess } = require('child_process');
@@ -187,11 +195,17 @@
     // Our own stdout and stderr: 'inherit', the fd, or process.stdout.
     const ours = (io, i) => io === 'inherit' || io === i || (!!io && io.fd === i);
     ChildProcess.prototype.spawn = function herdSpawn(options) {
-      const io = options && options.stdio;
-      if (!claimed && io === 'inherit') {
-        options = { ...options, stdio: ['inherit', 'inherit', 'inherit', ...passFds] };
-      } else if (!claimed && Array.isArray(io) && io.length === 3 && ours(io[1], 1) && ours(io[2], 2)) {
-        options = { ...options, stdio: [...io, ...passFds] };
+      const io = options && options.stdio === 'inherit' ? ['inherit', 'inherit', 'inherit'] : options && options.stdio;
+      const env = options && options.envPairs;
+      const shared = !claimed && Array.isArray(io) && ours(io[1], 1) && ours(io[2], 2) &&
+        (io.length === 3 || (io.length === 4 && io[3] === 'ipc' && Array.isArray(env) &&
+          !env.some((kv) => kv.startsWith('NODE_UNIQUE_ID='))));
+      if (!shared) return origSpawn.call(this, options);
+      options = { ...options, stdio: [...io, ...passFds] };
+      if (Array.isArray(env)) {
+        const at = (i) => (passFds[i] === 'ignore' ? [] : [`${i ? 'HERD_IPC_FD' : 'HERD_LISTEN_FD'}=${io.length + i}`]);
+        options.envPairs = env.filter((kv) => !kv.startsWith('HERD_LISTEN_FD=') && !kv.startsWith('HERD_IPC_FD='))
+          .concat(at(0), at(1));
       }
       return origSpawn.call(this, options);
     };
@@ -358,7 +372,7 @@
     drainHttp(this);
     const a0 = args[0];
     if (!claimed && (mode === 'shared' || mode === 'reuseport') &&
-        a0 && typeof a0 === 'object' && Number(a0.fd) === 3) {
+        a0 && typeof a0 === 'object' && Number(a0.fd) === listenFd) {
       // The app takes herd's socket itself: it is the public server.
       claim();
       track(this);
@@ -384,10 +398,16 @@
     }
     if (mode !== 'dispatch') this.once('listening', () => sayReady(port, host));
     if ((mode === 'shared' || mode === 'reuseport') && process.env.LISTEN_FDS) {
+      // A wrapper that forked the app with Node's IPC and without herd's
+      // socket left Node's channel where the socket belongs (a cluster
+      // worker's listen() goes through its primary, which has the socket).
+      if (process.channel && process.channel.fd === listenFd && !require('cluster').isWorker) {
+        throw new Error(`herd: fd ${listenFd} is Node's IPC channel here, not herd's socket: a wrapper forked this process without it. In ${mode} mode run the app with node itself (node --import tsx app.ts), or use --mode proxy`);
+      }
       delete process.env.LISTEN_FDS;
       delete process.env.LISTEN_PID;
       delete process.env.LISTEN_FDNAMES;
-      return origListen.call(this, { fd: 3, backlog }, cb);
+      return origListen.call(this, { fd: listenFd, backlog }, cb);
     }
     if (unixPath && !bunClusterWorker()) {
       asLoopback(this);

@@ -1208,6 +1208,48 @@ fn an_express_bin_www_runs_with_node_and_herds_preload() {
     }
 }
 
+/// A Node program named by itself rather than as `node …` (here tsx, the
+/// TypeScript runner, whose `#!` line names node and which runs the app in
+/// a child): herd's preload reaches the app, so a port written in its code
+/// is served on herd's port by two workers, in proxy mode and in shared
+/// mode, where tsx forks the app with Node's IPC at fd 3 (it sees a
+/// `process.send`) and herd's socket follows it, and messages reach it.
+#[test]
+fn a_node_program_by_its_own_name_gets_the_preload() {
+    Command::new("tsx")
+        .arg("--version")
+        .output()
+        .expect("tsx (.ci/run installs it from npm)");
+    let sb = Sandbox::new("tsx");
+    std::fs::write(
+        sb.app().join("app.ts"),
+        "import http from 'node:http';\nconst port: number = 3000;\n\
+         http.createServer((_q, r) => r.end('tsx ' + process.pid)).listen(port);\n\
+         process.on('message', (m) => process.send?.({ echo: m }));\n",
+    )
+    .unwrap();
+    for mode in ["proxy", "shared"] {
+        let line = format!("herd start app.ts --interpreter tsx --mode {mode} -i 2");
+        let (ok, said) = sb.run(&line);
+        assert!(ok && said.contains(&format!("{mode} mode on")), "{said}");
+        let mut answers = std::collections::BTreeSet::new();
+        wait_until(T, || {
+            answers.insert(body(sb.port));
+            answers.len() >= 2
+        });
+        assert!(
+            answers.len() == 2 && answers.iter().all(|b| b.starts_with("tsx ")),
+            "{mode}: {answers:?}"
+        );
+        log_showing(&sb, "app", "the app asks for port 3000 in its code");
+        let (ok, said) = sb.run(r#"herd send --name app 1 '{"ping":1}'"#);
+        assert!(ok, "{mode}: {said}");
+        log_showing(&sb, "app", r#"worker 1 says: {"echo":{"ping":1}}"#);
+        let (ok, said) = sb.run("herd delete app");
+        assert!(ok, "{mode}: {said}");
+    }
+}
+
 /// Bun (PM2's runner for TypeScript, and `--interpreter bun`): herd's
 /// preload runs in it too (`BUN_OPTIONS=--preload`), so `Bun.serve()`, an
 /// entry file's `export default { fetch }` and node:http's `listen()` on a

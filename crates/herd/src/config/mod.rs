@@ -1942,7 +1942,7 @@ impl Settings {
         let node_shim = match (no_node_shim, o.node_shim) {
             (true, _) => false,
             (_, Some(on)) => on,
-            _ => bun || is_node(&program) || runs_node_script(&program, &command, cwd.as_deref()),
+            _ => bun || runs_node(&program) || runs_node_script(&program, &command, cwd.as_deref()),
         };
         // `--no-node-shim` and `node-shim = false` turn every preload off.
         let preloads_on = !no_node_shim && o.node_shim != Some(false);
@@ -2304,10 +2304,10 @@ impl Release {
         })
     }
 
-    /// Node (or Bun, which runs the same preload), or a package manager
-    /// running a script that starts Node.
+    /// Node or a Node program (`tsx`), Bun (which runs the same preload),
+    /// or a package manager running a script that starts Node.
     pub fn is_node(&self) -> bool {
-        is_node(&self.program)
+        runs_node(&self.program)
             || runs_bun(&self.program)
             || runs_node_script(&self.program, &self.command, self.cwd.as_deref())
     }
@@ -2731,6 +2731,16 @@ fn is_node(program: &Path) -> bool {
                 || n.strip_prefix("node")
                     .is_some_and(|v| v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
         })
+}
+
+/// Node, or a Node program: a script whose `#!` line names node (`tsx`,
+/// `ts-node`, `nodemon`, `next` in `node_modules/.bin`), which starts Node
+/// in its own process or in a child that shares its stdio.
+fn runs_node(program: &Path) -> bool {
+    is_node(program)
+        || shebang_of(program)
+            .and_then(|words| words.into_iter().next())
+            .is_some_and(|w| is_node(Path::new(&w)))
 }
 
 /// Bun, or a script whose `#!` line names it (`#!/usr/bin/env bun`).
