@@ -2593,11 +2593,6 @@ fn a_stop_closes_idle_keep_alive_connections_at_once() {
     );
 }
 
-/// Fork mode (PM2's): a program that serves no port runs as it is, with its
-/// own `PORT` untouched, and a reload or restart stops each worker before
-/// its successor starts, so even one that binds a fixed port of its own
-/// (two at once would fail) is reloaded and restarted. Written for PM2, it
-/// stops on SIGINT: `--kill-signal INT`.
 /// In fork mode herd serves no port: a Node app's `listen()` keeps the
 /// port it names, and the log says nothing about serving it elsewhere.
 #[test]
@@ -2615,6 +2610,11 @@ fn fork_mode_leaves_a_node_apps_port_alone_and_says_nothing_of_it() {
     assert!(!h.log().contains("asks for port"), "{}", h.log());
 }
 
+/// Fork mode (PM2's): a program that serves no port runs as it is, with its
+/// own `PORT` untouched, and a reload or restart stops each worker before
+/// its successor starts, so even one that binds a fixed port of its own
+/// (two at once would fail) is reloaded and restarted. Written for PM2, it
+/// stops on SIGINT: `--kill-signal INT`.
 #[test]
 fn fork_mode_runs_programs_as_they_are_and_stops_each_worker_before_its_successor() {
     const PROGRAM: &str = r#"
